@@ -1,0 +1,11 @@
+"""moe-backend: a phase-aware FP8 Mixture-of-Experts backend for DeepSeek-V3 (engine name `phasemoe`).
+
+Imports stay light (torch only): engines load our plugins in every process.
+"""
+
+from moe_backend.config import MoEConfig
+
+__version__ = "0.1.0"
+ENGINE_NAME = "phasemoe"
+
+__all__ = ["MoEConfig", "ENGINE_NAME", "__version__"]

@@ -1,0 +1,114 @@
+"""`MoEConfig`: the DeepSeek-V3 MoE hyper-parameters the layer, router and kernels need.
+
+Built from a Hugging Face `config.json` (dict or path). Anything the backend does not implement
+is refused with a `ValueError` naming the field, so a model that would be served wrongly never
+loads silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+__all__ = ["MoEConfig", "QUANT_BLOCK"]
+
+# DeepSeek-V3's FP8 checkpoints and every kernel here use 128x128 weight blocks and 1x128
+# activation groups; other block sizes would need other kernels.
+QUANT_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    hidden_size: int = 7168  # H
+    moe_intermediate_size: int = 2048  # I, per expert
+    n_routed_experts: int = 256  # E
+    num_experts_per_tok: int = 8  # top-k
+    n_group: int = 8  # expert groups for group-limited routing
+    topk_group: int = 4  # groups kept per token
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    n_shared_experts: int = 1
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    weight_block_size: tuple[int, int] = (QUANT_BLOCK, QUANT_BLOCK)
+    ue8m0_scales: bool = False  # DeepSeek-V3.1 `scale_fmt: "ue8m0"`: power-of-two scales
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts",
+                     "num_experts_per_tok", "n_group", "topk_group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if self.hidden_size % QUANT_BLOCK:
+            raise ValueError(f"hidden_size must be a multiple of {QUANT_BLOCK} (FP8 1x128 groups), "
+                             f"got {self.hidden_size}")
+        if self.moe_intermediate_size % QUANT_BLOCK:
+            raise ValueError(f"moe_intermediate_size must be a multiple of {QUANT_BLOCK}, "
+                             f"got {self.moe_intermediate_size}")
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by "
+                             f"n_group ({self.n_group})")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+        experts_in_kept_groups = self.topk_group * (self.n_routed_experts // self.n_group)
+        if self.num_experts_per_tok > experts_in_kept_groups:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the "
+                             f"{experts_in_kept_groups} experts in topk_group kept groups")
+        if self.scoring_func != "sigmoid":
+            raise ValueError(f"scoring_func must be 'sigmoid' (DeepSeek-V3), got {self.scoring_func!r}")
+        if self.topk_method != "noaux_tc":
+            raise ValueError(f"topk_method must be 'noaux_tc', got {self.topk_method!r}")
+        if tuple(self.weight_block_size) != (QUANT_BLOCK, QUANT_BLOCK):
+            raise ValueError(f"quantization_config.weight_block_size must be "
+                             f"[{QUANT_BLOCK}, {QUANT_BLOCK}], got {list(self.weight_block_size)}")
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any] | str | os.PathLike) -> "MoEConfig":
+        """Reads a DeepSeek-V3 `config.json` (a dict, a path to the file, or a checkpoint folder)."""
+        if isinstance(cfg, (str, os.PathLike)):
+            path = os.fspath(cfg)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise ValueError(f"cfg: no config file at {path!r}")
+            with open(path) as f:
+                cfg = json.load(f)
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"cfg must be a dict or a path to config.json, got {type(cfg).__name__}")
+
+        known = {f.name for f in fields(cls)} - {"weight_block_size", "ue8m0_scales"}
+        kwargs: dict[str, Any] = {name: cfg[name] for name in known if cfg.get(name) is not None}
+        if "routed_scaling_factor" in kwargs:
+            kwargs["routed_scaling_factor"] = float(kwargs["routed_scaling_factor"])
+        kwargs.update(_read_quantization_config(cfg.get("quantization_config")))
+        return cls(**kwargs)
+
+
+def _read_quantization_config(qcfg: Any) -> dict[str, Any]:
+    if qcfg is None:
+        return {}  # an unquantized checkpoint: weights are quantized on load
+    if not isinstance(qcfg, Mapping):
+        raise ValueError(f"quantization_config must be an object, got {type(qcfg).__name__}")
+    method = qcfg.get("quant_method", "fp8")
+    if method != "fp8":
+        raise ValueError(f"quantization_config.quant_method must be 'fp8', got {method!r}")
+    fmt = qcfg.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ValueError(f"quantization_config.fmt must be 'e4m3', got {fmt!r}")
+    act = qcfg.get("activation_scheme", "dynamic")
+    if act != "dynamic":
+        raise ValueError(f"quantization_config.activation_scheme must be 'dynamic', got {act!r}")
+    scale_fmt = qcfg.get("scale_fmt")
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"quantization_config.scale_fmt must be absent or 'ue8m0', got {scale_fmt!r}")
+    out: dict[str, Any] = {"ue8m0_scales": scale_fmt == "ue8m0"}
+    if "weight_block_size" in qcfg:
+        block = qcfg["weight_block_size"]
+        if not isinstance(block, (list, tuple)) or len(block) != 2:
+            raise ValueError(f"quantization_config.weight_block_size must be [128, 128], got {block!r}")
+        out["weight_block_size"] = tuple(int(b) for b in block)
+    return out

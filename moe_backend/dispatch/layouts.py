@@ -1,0 +1,170 @@
+"""The two grouped layouts the kernels read, built from the router's top-k ids, and the way back.
+
+- contiguous (prefill): rows sorted by local expert, each expert's segment padded to `alignment`
+  rows, padding rows marked -1 in `expert_ids`;
+- masked (decode): `[num_local_experts, max_m, K]` with `masked_m[e]` valid rows per expert.
+
+Both record `row_of_slot[t, j]`, the row that holds token t's j-th expert (-1 when that expert is
+not local), so un-permute + combine is a gather: deterministic, no atomics. Builders never sync
+with the host unless asked for an exactly sized contiguous layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_backend._checks import check_tensor
+
+__all__ = [
+    "ContiguousLayout",
+    "MaskedLayout",
+    "build_contiguous_layout",
+    "build_masked_layout",
+    "permute",
+    "combine",
+]
+
+
+@dataclass(frozen=True)
+class ContiguousLayout:
+    expert_ids: torch.Tensor  # [M] int32: local expert of each row, -1 = padding
+    expert_offsets: torch.Tensor  # [E+1] int32: first row of each expert's padded segment
+    src_token: torch.Tensor  # [M] int64: token each row copies (0 on padding rows: a valid, unused row)
+    row_of_slot: torch.Tensor  # [T, k] int64: row holding (token, slot), -1 = expert not local
+    tokens_per_expert: torch.Tensor  # [E] int32: real rows per expert (before padding)
+
+    def __post_init__(self) -> None:
+        if self.expert_ids.shape != self.src_token.shape:
+            raise ValueError("expert_ids and src_token must have one entry per row")
+
+    @property
+    def num_rows(self) -> int:
+        return self.expert_ids.shape[0]
+
+
+@dataclass(frozen=True)
+class MaskedLayout:
+    masked_m: torch.Tensor  # [E] int32: valid rows per expert (on the device)
+    src_token: torch.Tensor  # [E, max_m] int64: token each row copies (0 past masked_m)
+    row_of_slot: torch.Tensor  # [T, k] int64: flat row e*max_m + r holding (token, slot), -1 = not local
+
+    @property
+    def max_m(self) -> int:
+        return self.src_token.shape[1]
+
+
+def _check_ids(topk_ids: torch.Tensor, num_local_experts: int) -> None:
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
+    if num_local_experts <= 0:
+        raise ValueError(f"num_local_experts must be positive, got {num_local_experts}")
+
+
+def _sort_slots(topk_ids: torch.Tensor, num_local_experts: int, expert_start: int):
+    """Sorts the flat (token, slot) pairs by local expert; non-local slots go last (key E)."""
+    local = topk_ids.reshape(-1).long() - expert_start
+    is_local = (local >= 0) & (local < num_local_experts) & (topk_ids.reshape(-1) >= 0)
+    key = torch.where(is_local, local, torch.full_like(local, num_local_experts))
+    order = torch.argsort(key, stable=True)  # flat slot index, grouped by expert
+    counts = torch.bincount(key, minlength=num_local_experts + 1)[:num_local_experts]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    sorted_key = key[order]
+    in_range = sorted_key < num_local_experts
+    safe_key = sorted_key.clamp(max=num_local_experts - 1)
+    rank = torch.arange(order.numel(), device=order.device) - first_of_expert[safe_key]
+    return order, safe_key, in_range, rank, counts
+
+
+def max_contiguous_rows(num_slots: int, num_local_experts: int, alignment: int) -> int:
+    """Rows a contiguous layout can need, from shapes alone: each non-empty expert pads < alignment."""
+    return num_slots + min(num_local_experts, num_slots) * (alignment - 1)
+
+
+def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
+                            alignment: int = 128, exact_size: bool = True) -> ContiguousLayout:
+    """topk_ids `[T, k]` (global ids; experts `[expert_start, expert_start + E)` are local).
+
+    exact_size=True sizes the layout to the padded total (one host sync: fine for prefill);
+    False uses the shape-only bound `max_contiguous_rows` (no sync, CUDA-graph safe), with the
+    unused tail marked as padding.
+    """
+    _check_ids(topk_ids, num_local_experts)
+    if alignment <= 0:
+        raise ValueError(f"alignment must be positive, got {alignment}")
+    num_tokens, topk = topk_ids.shape
+    device = topk_ids.device
+    order, safe_key, in_range, rank, counts = _sort_slots(topk_ids, num_local_experts, expert_start)
+    padded = (counts + alignment - 1) // alignment * alignment
+    seg_end = torch.cumsum(padded, 0)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=device), seg_end])
+    num_rows = int(seg_end[-1]) if exact_size else max_contiguous_rows(order.numel(), num_local_experts,
+                                                                       alignment)
+    # Non-local slots scatter into one dump row past the end, dropped by the slice.
+    row = torch.where(in_range, offsets[safe_key] + rank, torch.full_like(rank, num_rows))
+    expert_ids = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=device)
+    expert_ids.scatter_(0, row, safe_key.to(torch.int32))
+    src_token = torch.zeros(num_rows + 1, dtype=torch.long, device=device)
+    src_token.scatter_(0, row, order // topk)
+    row_of_slot = torch.empty(order.numel(), dtype=torch.long, device=device)
+    row_of_slot.scatter_(0, order, torch.where(in_range, row, torch.full_like(row, -1)))
+    return ContiguousLayout(
+        expert_ids=expert_ids[:num_rows],
+        expert_offsets=offsets.to(torch.int32),
+        src_token=src_token[:num_rows],
+        row_of_slot=row_of_slot.view(num_tokens, topk),
+        tokens_per_expert=counts.to(torch.int32),
+    )
+
+
+def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
+                        max_m: int | None = None) -> MaskedLayout:
+    """topk_ids `[T, k]` -> masked layout with `max_m` rows per expert (default T: a token visits an
+    expert at most once, so T rows never overflow; no host sync). A smaller `max_m` is checked
+    (one host sync) and overflow raises rather than dropping tokens."""
+    _check_ids(topk_ids, num_local_experts)
+    num_tokens, topk = topk_ids.shape
+    device = topk_ids.device
+    order, safe_key, in_range, rank, counts = _sort_slots(topk_ids, num_local_experts, expert_start)
+    if max_m is None:
+        max_m = max(num_tokens, 1)
+    elif max_m <= 0:
+        raise ValueError(f"max_m must be positive, got {max_m}")
+    if max_m < num_tokens and num_local_experts and int(counts.max()) > max_m:
+        raise ValueError(f"max_m ({max_m}) is smaller than the {int(counts.max())} tokens routed to "
+                         f"one expert; raise max_m")
+    dump = num_local_experts * max_m
+    row = torch.where(in_range & (rank < max_m), safe_key * max_m + rank, torch.full_like(rank, dump))
+    src_token = torch.zeros(dump + 1, dtype=torch.long, device=device)
+    src_token.scatter_(0, row, order // topk)
+    row_of_slot = torch.empty(order.numel(), dtype=torch.long, device=device)
+    row_of_slot.scatter_(0, order, torch.where(row < dump, row, torch.full_like(row, -1)))
+    return MaskedLayout(
+        masked_m=counts.clamp(max=max_m).to(torch.int32),
+        src_token=src_token[:dump].view(num_local_experts, max_m),
+        row_of_slot=row_of_slot.view(num_tokens, topk),
+    )
+
+
+def permute(x: torch.Tensor, layout: ContiguousLayout | MaskedLayout) -> torch.Tensor:
+    """Copies token rows `x [T, ...]` into the layout: `[M, ...]` (contiguous) or `[E, max_m, ...]`."""
+    rows = x.index_select(0, layout.src_token.reshape(-1)) if x.shape[0] else \
+        x.new_zeros((layout.src_token.numel(), *x.shape[1:]))
+    return rows.view(*layout.src_token.shape, *x.shape[1:])
+
+
+def combine(y: torch.Tensor, layout: ContiguousLayout | MaskedLayout, topk_weights: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Un-permute + weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`,
+    fp32 sum, one bf16 rounding. y: `[M, N]` or `[E, max_m, N]`; returns bf16 `[T, N]`."""
+    rows = layout.row_of_slot
+    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(rows.shape))
+    flat = y.reshape(-1, y.shape[-1])
+    gathered = flat.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, -1).float()
+    # Mask the rows, not only the weights: an unwritten row may hold NaN, and 0 * NaN is NaN.
+    gathered = torch.where((rows >= 0).unsqueeze(-1), gathered, 0.0)
+    result = torch.einsum("tk,tkn->tn", topk_weights, gathered)
+    if out is None:
+        return result.to(torch.bfloat16)
+    check_tensor("out", out, dtypes=(torch.bfloat16,), shape=tuple(result.shape), device=y.device)
+    return out.copy_(result)

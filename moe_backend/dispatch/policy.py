@@ -1,0 +1,146 @@
+"""The per-phase policy: which grouped-GEMM kernel serves a batch.
+
+prefill -> the contiguous kernel (tokens sorted by expert; large M tiles pay);
+decode  -> the masked kernel (shape-static, CUDA-graph safe) or the Triton kernel on a
+           shape-static contiguous layout.
+
+Configured by a JSON object (a file, or the `MOE_BACKEND_POLICY` environment variable holding
+either a path or the JSON itself), with optional per-GPU overrides under `"devices"`, keyed by
+`torch.cuda.get_device_name()`, so a calibration on one GPU does not leak onto another:
+
+    {"decode_kernel": "masked", "decode_max_tokens": 256,
+     "devices": {"NVIDIA H100 80GB HBM3": {"decode_kernel": "triton"}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+__all__ = ["KernelChoice", "Policy", "KERNELS", "PHASES"]
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    name: str  # the policy's name for it (a KERNELS key)
+    layout: str  # "contiguous" | "masked"
+    impl: str  # "triton" (ours) | "deepgemm" (optional peer) | "reference" (torch)
+    static_shapes: bool  # layout sized from shapes alone: no host sync, CUDA-graph safe
+
+
+KERNELS: dict[str, KernelChoice] = {
+    "contiguous": KernelChoice("contiguous", "contiguous", "triton", static_shapes=False),
+    "masked": KernelChoice("masked", "masked", "triton", static_shapes=True),
+    "triton": KernelChoice("triton", "contiguous", "triton", static_shapes=True),
+    "deepgemm_contiguous": KernelChoice("deepgemm_contiguous", "contiguous", "deepgemm", False),
+    "deepgemm_masked": KernelChoice("deepgemm_masked", "masked", "deepgemm", True),
+    "reference": KernelChoice("reference", "contiguous", "reference", static_shapes=False),
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    prefill_kernel: str = "contiguous"
+    decode_kernel: str = "masked"
+    # With no phase given, batches of at most this many tokens are treated as decode.
+    decode_max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for key in ("prefill_kernel", "decode_kernel"):
+            value = getattr(self, key)
+            if value not in KERNELS:
+                raise ValueError(f"policy key {key!r}: unknown kernel {value!r}; "
+                                 f"choose one of {sorted(KERNELS)}")
+        if KERNELS[self.decode_kernel].static_shapes is False:
+            raise ValueError(f"policy key 'decode_kernel': {self.decode_kernel!r} sizes its layout with "
+                             f"a host sync, which CUDA graphs of decode batches cannot hold; use one of "
+                             f"{sorted(k for k, c in KERNELS.items() if c.static_shapes)}")
+        if not isinstance(self.decode_max_tokens, int) or self.decode_max_tokens < 0:
+            raise ValueError(f"policy key 'decode_max_tokens': expected an int >= 0, "
+                             f"got {self.decode_max_tokens!r}")
+
+    def phase_of(self, num_tokens: int, phase: str | None = None) -> str:
+        if phase is None:
+            return "decode" if num_tokens <= self.decode_max_tokens else "prefill"
+        if phase not in PHASES:
+            raise ValueError(f"phase: expected one of {PHASES} or None, got {phase!r}")
+        return phase
+
+    def choose(self, num_tokens: int, phase: str | None = None) -> KernelChoice:
+        phase = self.phase_of(num_tokens, phase)
+        choice = KERNELS[self.decode_kernel if phase == "decode" else self.prefill_kernel]
+        if os.environ.get("MOE_BACKEND_PRINT_POLICY"):
+            print(f"[moe_backend] {phase} tokens={num_tokens} -> {choice.name} "
+                  f"({choice.layout}, {choice.impl})", flush=True)
+        return choice
+
+    # ---- configuration ----
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], device_name: str | None = None) -> "Policy":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"policy: expected a JSON object, got {type(data).__name__}")
+        return cls()._updated(data, device_name, where="policy")
+
+    def _updated(self, data: Mapping[str, Any], device_name: str | None, where: str) -> "Policy":
+        allowed = {f.name for f in fields(self)}
+        overrides = {}
+        for key, value in data.items():
+            if key == "devices":
+                continue
+            if key not in allowed:
+                raise ValueError(f"{where}: unknown key {key!r}; allowed keys are "
+                                 f"{sorted(allowed | {'devices'})}")
+            overrides[key] = value
+        policy = replace(self, **overrides)
+        devices = data.get("devices", {})
+        if not isinstance(devices, Mapping):
+            raise ValueError(f"{where} key 'devices': expected an object keyed by GPU name")
+        matched = policy
+        for name, section in devices.items():
+            if not isinstance(section, Mapping) or "devices" in section:
+                raise ValueError(f"{where} key 'devices.{name}': expected an object of policy keys")
+            # Validate every device's section, apply only the matching one.
+            candidate = policy._updated(section, None, where=f"{where} key 'devices.{name}'")
+            if name == device_name:
+                matched = candidate
+        return matched
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, device_name: str | None = None) -> "Policy":
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"policy file {os.fspath(path)!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(data, device_name)
+
+    @classmethod
+    def from_env(cls, device_name: str | None = None) -> "Policy":
+        """`MOE_BACKEND_POLICY`: a path to a JSON file, or the JSON object itself; unset -> defaults."""
+        raw = os.environ.get("MOE_BACKEND_POLICY", "").strip()
+        if device_name is None:
+            device_name = _current_device_name()
+        if not raw:
+            return cls()
+        if raw.startswith("{"):
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"MOE_BACKEND_POLICY is not valid JSON: {exc}") from None
+            return cls.from_dict(data, device_name)
+        if not os.path.isfile(raw):
+            raise ValueError(f"MOE_BACKEND_POLICY: {raw!r} is neither a JSON object nor a file")
+        return cls.from_file(raw, device_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _current_device_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None

@@ -1,0 +1,76 @@
+"""The routed experts, policy-driven: quant -> layout -> GEMM1 -> SiLU*up+quant -> GEMM2 -> combine.
+
+Same signature and function as `moe_backend.reference.routed_experts`; the policy picks the layout
+and the kernel provider per batch (prefill: contiguous; decode: masked or the Triton kernel on a
+shape-static contiguous layout). On CPU the same pipeline runs on the reference GEMMs, so the
+layout and combine code is exercised by the CPU tests too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_backend import ops
+from moe_backend._checks import check_same_device, check_tensor
+from moe_backend.dispatch.layouts import (
+    build_contiguous_layout,
+    build_masked_layout,
+    combine,
+    permute,
+)
+from moe_backend.dispatch.policy import KernelChoice, Policy
+from moe_backend.reference import GROUP, check_activations, check_grouped_gemm_weights
+
+__all__ = ["routed_experts"]
+
+
+def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor,
+                   w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, *, x_scale: torch.Tensor | None = None,
+                   expert_start: int = 0, ue8m0: bool = False, policy: Policy | None = None,
+                   phase: str | None = None, kernel: KernelChoice | None = None) -> torch.Tensor:
+    """x bf16 `[T, H]` (or fp8 with `x_scale` `[T, H/128]`); w13 fp8 `[E, 2I, H]`, w2 fp8 `[E, H, I]`
+    with block scales; topk_weights f32 / topk_ids `[T, k]` where experts
+    `[expert_start, expert_start + E)` are local and other ids (-1, other ranks) contribute nothing.
+    Returns bf16 `[T, H]`, the weighted sum over local experts (fp32 accumulation)."""
+    if x_scale is None:
+        check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
+        if x.shape[-1] % GROUP:
+            raise ValueError(f"x: hidden size ({x.shape[-1]}) must be a multiple of {GROUP}")
+    num_tokens, hidden = x.shape
+    num_experts, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
+    check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2)
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
+    if topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids: expected {num_tokens} rows (tokens), got {topk_ids.shape[0]}")
+    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(topk_ids.shape))
+    check_same_device(x=x, w13_fp8=w13_fp8, w2_fp8=w2_fp8, topk_ids=topk_ids, topk_weights=topk_weights)
+    if num_tokens == 0:
+        return torch.zeros(0, hidden, dtype=torch.bfloat16, device=x.device)
+
+    if kernel is None:
+        kernel = (policy or Policy.from_env()).choose(num_tokens, phase)
+    impl = kernel.impl
+
+    if x_scale is None:
+        x_fp8, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
+    else:
+        x_fp8 = x
+        check_activations(x_fp8, x_scale, ndim=2)
+
+    if kernel.layout == "masked":
+        layout = build_masked_layout(topk_ids, num_experts, expert_start=expert_start)
+        a_fp8, a_scale = permute(x_fp8, layout), permute(x_scale, layout)
+        h = ops.grouped_gemm_masked(a_fp8, a_scale, w13_fp8, w13_scale_inv, layout.masked_m, impl=impl)
+        act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0)
+        y = ops.grouped_gemm_masked(act_fp8, act_scale, w2_fp8, w2_scale_inv, layout.masked_m, impl=impl)
+    else:
+        alignment = ops.contiguous_alignment(impl, x.device)
+        layout = build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,
+                                         alignment=alignment, exact_size=not kernel.static_shapes)
+        a_fp8, a_scale = permute(x_fp8, layout), permute(x_scale, layout)
+        ids = layout.expert_ids
+        h = ops.grouped_gemm_contiguous(a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, impl=impl)
+        act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0)
+        y = ops.grouped_gemm_contiguous(act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, impl=impl)
+    return combine(y, layout, topk_weights)

@@ -1,0 +1,94 @@
+"""Block sizes for the FP8 grouped GEMM: tuned table first, formula otherwise, override always.
+
+Tables are data, one JSON per kernel and device (`configs/<kernel>_<device>.json`, device name as
+`torch.cuda.get_device_name()` with spaces -> `_`), written by `python -m moe_backend tune`:
+    {"meta": {...}, "N=4096,K=7168": {"4": {cfg}, "16": {cfg}, ...}, ...}
+keyed by the weight shape, then by rows per expert (`m`); a call takes the smallest tuned `m` at
+or above its own (the largest past the end). `MOE_BACKEND_PRINT_CONFIG=1` prints each new choice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
+_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SWAP_AB", "num_warps", "num_stages")
+_printed: set = set()
+
+
+def device_file_name(device_name: str) -> str:
+    return device_name.replace(" ", "_").replace("/", "_")
+
+
+def table_path(kernel: str, device_name: str) -> Path:
+    return CONFIG_DIR / f"{kernel}_{device_file_name(device_name)}.json"
+
+
+@lru_cache(maxsize=None)
+def load_table(kernel: str, device_name: str) -> dict:
+    path = table_path(kernel, device_name)
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        table = json.load(f)
+    return {key: {int(m): cfg for m, cfg in by_m.items()} for key, by_m in table.items() if key != "meta"}
+
+
+def formula(m: int, n: int, k: int, *, masked: bool) -> dict:
+    """Rows per expert `m` -> config. Few rows: the GEMM streams weights (memory-bound), so one
+    m-tile covers all of an expert's rows and many n-tiles keep every SM loading; many rows: the
+    largest tiles the tensor cores and shared memory take."""
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=128, GROUP_M=1, SWAP_AB=False, num_warps=4, num_stages=4)
+    if m <= 32:
+        return dict(BLOCK_M=32, BLOCK_N=128, GROUP_M=1, SWAP_AB=False, num_warps=4, num_stages=4)
+    if m <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, SWAP_AB=False, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, SWAP_AB=False, num_warps=8, num_stages=3)
+
+
+def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
+    """Validates an override or table entry; returns it with defaults filled in."""
+    if not isinstance(cfg, dict):
+        raise TypeError(f"config: expected a dict, got {type(cfg).__name__}")
+    unknown = set(cfg) - set(_KEYS)
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}; allowed {list(_KEYS)}")
+    full = dict(GROUP_M=1, SWAP_AB=False, **cfg)
+    for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
+        if key not in full:
+            raise ValueError(f"config: missing {key}")
+    bm, bn = full["BLOCK_M"], full["BLOCK_N"]
+    if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1):
+        raise ValueError(f"config: BLOCK_M and BLOCK_N must be powers of two >= 16, got {bm}, {bn}")
+    if max_block_m is not None and max_block_m % bm:
+        raise ValueError(f"config: BLOCK_M ({bm}) must divide the contiguous alignment ({max_block_m})")
+    return full
+
+
+def get_config(kernel: str, m: int, n: int, k: int, device_name: str, *, masked: bool,
+               override: dict | None = None, max_block_m: int | None = None) -> dict:
+    if override is not None:
+        cfg, source = override, "override"
+    else:
+        by_m = load_table(kernel, device_name).get(f"N={n},K={k}")
+        if by_m:
+            keys = sorted(by_m)
+            pick = next((key for key in keys if key >= m), keys[-1])
+            cfg, source = by_m[pick], f"table m={pick}"
+        else:
+            cfg, source = formula(m, n, k, masked=masked), "formula"
+    cfg = check_config(cfg, max_block_m=max_block_m)
+    if max_block_m is not None and cfg["BLOCK_M"] > max_block_m:
+        cfg["BLOCK_M"] = max_block_m
+    if os.environ.get("MOE_BACKEND_PRINT_CONFIG") == "1":
+        tag = (kernel, m, n, k, source)
+        if tag not in _printed:
+            _printed.add(tag)
+            print(f"[moe_backend] {kernel} m={m} N={n} K={k} on {device_name}: {source} -> {cfg}",
+                  flush=True)
+    return cfg

@@ -1,0 +1,142 @@
+"""The FP8 grouped GEMM kernel shared by both layouts (contiguous and masked).
+
+One Triton kernel, two row->expert maps (a constexpr switch), so the two public ops cannot drift:
+- contiguous: A `[M, K]`, tile rows map to one expert through `expert_ids` (segments are padded
+  to `CONTIGUOUS_ALIGNMENT`, a multiple of BLOCK_M, so a tile never straddles two experts);
+- masked: A `[E, max_m, K]`, program ids enumerate (expert, n-tile, m-tile); m-tiles at or past
+  `masked_m[e]` return at once (grid from shapes only: no host sync, CUDA-graph capturable).
+
+Numerics (docs/design.md): fp32 accumulation, and each 128-wide K block's partial product is
+multiplied by `a_scale[m, kb] * b_scale[n // 128, kb]` before it is added (the per-128-K scale
+promotion), so BLOCK_K is fixed at the scale group, 128.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+SCALE_GROUP = 128
+
+
+@triton.jit
+def _fp8_grouped_gemm_kernel(
+    a_ptr,  # fp8 [M, K] (contiguous) | [E, max_m, K] (masked)
+    a_scale_ptr,  # f32 [M, K/128] | [E, max_m, K/128]
+    b_ptr,  # fp8 [E, N, K]
+    b_scale_ptr,  # f32 [E, ceil(N/128), K/128]
+    c_ptr,  # bf16 [M, N] | [E, max_m, N]
+    expert_ids_ptr,  # int32 [M] (contiguous only)
+    masked_m_ptr,  # int32 [E] (masked only)
+    M,  # rows of one expert's A (masked: max_m) or of all of A (contiguous)
+    N,
+    K,
+    num_m_tiles,
+    num_n_tiles,
+    MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # C^T = B A^T: N fills the MMA's M slot when rows are few
+):
+    pid = tl.program_id(0)
+    num_kb = K // BLOCK_K
+    rows = tl.arange(0, BLOCK_M)
+    if MASKED:
+        # m-tiles of one (expert, n-tile) are neighbours: they share the B tile through L2.
+        tiles_per_expert = num_m_tiles * num_n_tiles
+        expert = pid // tiles_per_expert
+        rem = pid % tiles_per_expert
+        pid_n = rem // num_m_tiles
+        pid_m = rem % num_m_tiles
+        valid_m = tl.load(masked_m_ptr + expert)
+        if pid_m * BLOCK_M >= valid_m:
+            return
+        offs_m = pid_m * BLOCK_M + rows
+        row_ok = offs_m < valid_m
+        expert64 = expert.to(tl.int64)
+        a_ptr += expert64 * M * K
+        a_scale_ptr += expert64 * M * num_kb
+        c_ptr += expert64 * M * N
+    else:
+        # Grouped ordering: GROUP_M m-tiles sweep the n-tiles together (A and B reuse in L2).
+        in_group = GROUP_M * num_n_tiles
+        first_m = (pid // in_group) * GROUP_M
+        group_rows = tl.minimum(num_m_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % group_rows
+        pid_n = (pid % in_group) // group_rows
+        offs_m = pid_m * BLOCK_M + rows
+        ids = tl.load(expert_ids_ptr + offs_m, mask=offs_m < M, other=-1)
+        expert = tl.max(ids, axis=0)
+        if expert < 0:
+            return  # a tile of padding only
+        row_ok = ids == expert
+        expert64 = expert.to(tl.int64)
+    # Rows past the valid ones are clamped, not masked: row m of C depends on row m of A alone,
+    # so whatever they hold never reaches a stored row, and unmasked loads vectorize fully.
+    offs_m = tl.minimum(offs_m, M - 1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_nb = tl.where(n_ok, offs_n, N - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    b_ptr += expert64 * N * K
+    b_scale_ptr += expert64 * tl.cdiv(N, 128) * num_kb
+    as_ptrs = a_scale_ptr + offs_m * num_kb
+    if BLOCK_N <= 128:
+        # One weight-scale row for the whole tile (128 % BLOCK_N == 0 is checked by the launcher).
+        bs_ptrs = b_scale_ptr + ((pid_n * BLOCK_N) // 128) * num_kb
+    else:
+        bs_ptrs = b_scale_ptr + (offs_nb // 128) * num_kb
+    if SWAP_AB:
+        a_ptrs = a_ptr + offs_m[None, :] * K + offs_k[:, None]  # [BK, BM]
+        b_ptrs = b_ptr + offs_nb[:, None] * K + offs_k[None, :]  # [BN, BK]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]  # [BM, BK]
+        b_ptrs = b_ptr + offs_nb[None, :] * K + offs_k[:, None]  # [BK, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, num_kb):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+        a_s = tl.load(as_ptrs + kb)
+        b_s = tl.load(bs_ptrs + kb)
+        if SWAP_AB:
+            if BLOCK_N <= 128:
+                acc += tl.dot(b, a) * (a_s[None, :] * b_s)
+            else:
+                acc += tl.dot(b, a) * a_s[None, :] * b_s[:, None]
+        else:
+            if BLOCK_N <= 128:
+                acc += tl.dot(a, b) * (a_s[:, None] * b_s)
+            else:
+                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    out = acc.to(c_ptr.dtype.element_ty)
+    if SWAP_AB:
+        c_ptrs = c_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(c_ptrs, out, mask=n_ok[:, None] & row_ok[None, :])
+    else:
+        c_ptrs = c_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(c_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
+
+
+def launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, masked_m, *, masked: bool, rows: int,
+           num_experts: int, cfg: dict) -> None:
+    """Launches the kernel with a validated config (see `_gemm_config.GemmConfig`)."""
+    n, k = b_fp8.shape[1], b_fp8.shape[2]
+    num_m_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
+    num_n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    grid_m = num_experts * num_m_tiles if masked else num_m_tiles
+    grid = (grid_m * num_n_tiles,)
+    if grid[0] == 0:
+        return
+    index = masked_m if masked else expert_ids  # the unused pointer argument gets the used one
+    _fp8_grouped_gemm_kernel[grid](
+        a_fp8, a_scale, b_fp8, b_scale, out, index, index,
+        rows, n, k, num_m_tiles, num_n_tiles,
+        MASKED=masked, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=SCALE_GROUP,
+        GROUP_M=cfg.get("GROUP_M", 1), SWAP_AB=bool(cfg.get("SWAP_AB", False)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )

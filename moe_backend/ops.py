@@ -1,0 +1,108 @@
+"""The front door to the grouped-GEMM ops: one signature (the reference's), several providers.
+
+`impl`:
+- "auto": our Triton kernels for CUDA tensors, the torch reference otherwise;
+- "triton": our kernels (`moe_backend/kernels/`); CPU tensors fall back to the reference, which
+  computes the same function;
+- "deepgemm": DeepGEMM, the optional peer (`pip install moe-backend[deepgemm]`), CUDA only;
+- "reference": plain torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from moe_backend import reference
+
+__all__ = [
+    "grouped_gemm_contiguous",
+    "grouped_gemm_masked",
+    "silu_mul_quant",
+    "per_token_group_quant",
+    "contiguous_alignment",
+    "IMPLS",
+]
+
+IMPLS = ("auto", "triton", "deepgemm", "reference")
+# The reference has no alignment need; 128 keeps its layouts shaped like the kernels'.
+_REFERENCE_ALIGNMENT = 128
+
+
+@lru_cache(maxsize=None)
+def _kernel(op: str) -> Callable:
+    try:
+        module = importlib.import_module(f"moe_backend.kernels.{op}")
+    except ImportError as exc:
+        if exc.name in ("triton", "triton.language"):
+            raise ImportError(f"moe_backend: the GPU kernel {op!r} needs Triton; install it with "
+                              f"`pip install triton` (it ships with CUDA builds of torch)") from exc
+        raise
+    return getattr(module, op)
+
+
+def _provider(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "deepgemm":
+        if device.type != "cuda":
+            raise ValueError(f"impl='deepgemm' runs on CUDA tensors only, got tensors on {device}")
+        return impl
+    if impl == "reference" or device.type != "cuda":
+        return "reference"
+    return "triton"
+
+
+def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, impl: str = "auto"):
+    """See `moe_backend.reference.grouped_gemm_contiguous`."""
+    provider = _provider(impl, a_fp8.device)
+    if provider == "triton":
+        return _kernel("grouped_gemm_contiguous")(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
+    if provider == "deepgemm":
+        from moe_backend.providers import deepgemm
+
+        return deepgemm.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
+    return reference.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
+
+
+def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, impl: str = "auto"):
+    """See `moe_backend.reference.grouped_gemm_masked`."""
+    provider = _provider(impl, a_fp8.device)
+    if provider == "triton":
+        return _kernel("grouped_gemm_masked")(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
+    if provider == "deepgemm":
+        from moe_backend.providers import deepgemm
+
+        return deepgemm.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
+    return reference.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
+
+
+def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False):
+    """See `moe_backend.reference.silu_mul_quant`."""
+    if _provider("auto", h.device) == "triton":
+        return _kernel("silu_mul_quant")(h, group, ue8m0)
+    return reference.silu_mul_quant(h, group, ue8m0)
+
+
+def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
+    """See `moe_backend.quant.quantize_fp8_per_token_group`."""
+    if _provider("auto", x.device) == "triton":
+        return _kernel("per_token_group_quant")(x, group, ue8m0)
+    from moe_backend.quant import quantize_fp8_per_token_group
+
+    return quantize_fp8_per_token_group(x, group, ue8m0)
+
+
+def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu") -> int:
+    """Rows each expert's segment is padded to in the contiguous layout, for that provider."""
+    provider = _provider(impl, torch.device(device))
+    if provider == "triton":
+        return importlib.import_module("moe_backend.kernels.grouped_gemm_contiguous").CONTIGUOUS_ALIGNMENT
+    if provider == "deepgemm":
+        from moe_backend.providers import deepgemm
+
+        return deepgemm.contiguous_alignment()
+    return _REFERENCE_ALIGNMENT

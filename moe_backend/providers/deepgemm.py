@@ -1,0 +1,58 @@
+"""DeepGEMM as an optional provider (`pip install moe-backend[deepgemm]`, or the `sgl-deep-gemm`
+wheel, which installs under the same import name). Same signatures as `moe_backend.reference`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from moe_backend import reference
+
+__all__ = ["grouped_gemm_contiguous", "grouped_gemm_masked", "contiguous_alignment"]
+
+
+@lru_cache(maxsize=None)
+def _deep_gemm():
+    try:
+        import deep_gemm
+    except ImportError as exc:
+        raise ImportError("moe_backend: impl='deepgemm' needs DeepGEMM; install it with "
+                          "`pip install moe-backend[deepgemm]` (sgl-deep-gemm) on a Hopper GPU machine"
+                          ) from exc
+    return deep_gemm
+
+
+def _api(*names: str):
+    dg = _deep_gemm()
+    for name in names:
+        if hasattr(dg, name):
+            return getattr(dg, name)
+    raise ImportError(f"moe_backend: this DeepGEMM ({getattr(dg, '__version__', '?')}) has none of "
+                      f"{names}; tested with sgl-deep-gemm 0.1.5")
+
+
+def contiguous_alignment() -> int:
+    return int(_api("get_mk_alignment_for_contiguous_layout", "get_m_alignment_for_contiguous_layout")())
+
+
+def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None):
+    k = reference.check_activations(a_fp8, a_scale, ndim=2)
+    _, n = reference.check_grouped_gemm_weights(b_fp8, b_scale, k)
+    if out is None:
+        out = torch.zeros(a_fp8.shape[0], n, dtype=torch.bfloat16, device=a_fp8.device)
+    gemm = _api("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous")
+    gemm((a_fp8, a_scale), (b_fp8, b_scale), out, expert_ids.to(torch.int32))
+    return out
+
+
+def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, expected_m: int | None = None):
+    k = reference.check_activations(a_fp8, a_scale, ndim=3)
+    num_experts, n = reference.check_grouped_gemm_weights(b_fp8, b_scale, k)
+    if out is None:
+        out = torch.zeros(num_experts, a_fp8.shape[1], n, dtype=torch.bfloat16, device=a_fp8.device)
+    gemm = _api("m_grouped_fp8_gemm_nt_masked", "m_grouped_fp8_fp4_gemm_nt_masked",
+                "m_grouped_gemm_fp8_fp8_bf16_nt_masked")
+    # expected_m only steers DeepGEMM's block-shape heuristic; the row count is a safe default.
+    gemm((a_fp8, a_scale), (b_fp8, b_scale), out, masked_m.to(torch.int32), expected_m or a_fp8.shape[1])
+    return out
