@@ -59,7 +59,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config = MoEConfig.from_hf_config(args.checkpoint)
     else:
         config = MoEConfig()  # DeepSeek-V3's dimensions
-    ep_size = args.ep_size if args.ep_size else (1 if device.type == "cuda" else 8)
+    # On CPU, hold only an EP8 slice of a full-size layer: all 256 experts are 11 GB of FP8.
+    expert_bytes = 3 * config.hidden_size * config.moe_intermediate_size * config.n_routed_experts
+    ep_size = args.ep_size or (1 if device.type == "cuda" or expert_bytes < 2**32 else 8)
     if config.n_routed_experts % ep_size:
         print(f"--ep-size {ep_size} must divide the {config.n_routed_experts} experts", file=sys.stderr)
         return 2
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--layer", type=int, default=3, help="MoE layer index in the checkpoint (default 3)")
     demo.add_argument("--tokens", type=int, default=64, help="tokens in the batch (default 64)")
     demo.add_argument("--ep-size", type=int, default=0,
-                      help="hold 1/EP of the routed experts (default: all on GPU, 1/8 on CPU to fit memory)")
+                      help="hold 1/EP of the routed experts (default: all, or 1/8 of a full-size layer on CPU)")
     demo.add_argument("--reps", type=int, default=3, help="timed repetitions (default 3)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cpu", action="store_true", help="use the reference path even when a GPU is present")

@@ -53,14 +53,14 @@ class Policy:
         for key in ("prefill_kernel", "decode_kernel"):
             value = getattr(self, key)
             if value not in KERNELS:
-                raise ValueError(f"policy key {key!r}: unknown kernel {value!r}; "
+                raise ValueError(f"key {key!r}: unknown kernel {value!r}; "
                                  f"choose one of {sorted(KERNELS)}")
         if KERNELS[self.decode_kernel].static_shapes is False:
-            raise ValueError(f"policy key 'decode_kernel': {self.decode_kernel!r} sizes its layout with "
+            raise ValueError(f"key 'decode_kernel': {self.decode_kernel!r} sizes its layout with "
                              f"a host sync, which CUDA graphs of decode batches cannot hold; use one of "
                              f"{sorted(k for k, c in KERNELS.items() if c.static_shapes)}")
         if not isinstance(self.decode_max_tokens, int) or self.decode_max_tokens < 0:
-            raise ValueError(f"policy key 'decode_max_tokens': expected an int >= 0, "
+            raise ValueError(f"key 'decode_max_tokens': expected an int >= 0, "
                              f"got {self.decode_max_tokens!r}")
 
     def phase_of(self, num_tokens: int, phase: str | None = None) -> str:
@@ -95,7 +95,10 @@ class Policy:
                 raise ValueError(f"{where}: unknown key {key!r}; allowed keys are "
                                  f"{sorted(allowed | {'devices'})}")
             overrides[key] = value
-        policy = replace(self, **overrides)
+        try:
+            policy = replace(self, **overrides)
+        except ValueError as exc:
+            raise ValueError(f"{where} {exc}") from None
         devices = data.get("devices", {})
         if not isinstance(devices, Mapping):
             raise ValueError(f"{where} key 'devices': expected an object keyed by GPU name")

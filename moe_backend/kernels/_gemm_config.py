@@ -58,7 +58,7 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
     unknown = set(cfg) - set(_KEYS)
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)}; allowed {list(_KEYS)}")
-    full = dict(GROUP_M=1, SWAP_AB=False, **cfg)
+    full = {"GROUP_M": 1, "SWAP_AB": False, **cfg}
     for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
         if key not in full:
             raise ValueError(f"config: missing {key}")

@@ -16,10 +16,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_backend.kernels._numerics import round_to_bf16_grid
+
 SCALE_GROUP = 128
 
 
-@triton.jit
+# Row counts stay runtime values (one compiled kernel per config serves every batch size).
+@triton.jit(do_not_specialize=["M", "num_m_tiles", "num_n_tiles"])
 def _fp8_grouped_gemm_kernel(
     a_ptr,  # fp8 [M, K] (contiguous) | [E, max_m, K] (masked)
     a_scale_ptr,  # f32 [M, K/128] | [E, max_m, K/128]
@@ -113,7 +116,7 @@ def _fp8_grouped_gemm_kernel(
                 acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    out = acc.to(c_ptr.dtype.element_ty)
+    out = round_to_bf16_grid(acc).to(c_ptr.dtype.element_ty)
     if SWAP_AB:
         c_ptrs = c_ptr + offs_m[None, :] * N + offs_n[:, None]
         tl.store(c_ptrs, out, mask=n_ok[:, None] & row_ok[None, :])

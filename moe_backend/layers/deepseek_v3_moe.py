@@ -27,6 +27,7 @@ _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_NAME = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 _SHARED_NAME = re.compile(r"^shared_experts\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 _FLOAT_WEIGHTS = (torch.bfloat16, torch.float16, torch.float32)
+_MAX_LISTED = 40  # a wrong prefix on a real layer would otherwise list ~1,500 names
 
 
 def _fp8_nan_count(w: torch.Tensor) -> int:
@@ -153,7 +154,9 @@ class DeepseekV3MoE(nn.Module):
                 loaded.add(key + ".weight")  # reported once, here
         problems.extend(f"missing: {prefix}{n}" for n in sorted(expected - loaded))
         if problems:
-            raise ValueError(f"load_weights: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+            shown = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
+                                              if len(problems) > _MAX_LISTED else [])
+            raise ValueError(f"load_weights: {len(problems)} problem(s):\n  " + "\n  ".join(shown))
         self._loaded = True
 
     def _load_router_tensor(self, name: str, tensor: torch.Tensor, problems: list[str]) -> None:
@@ -291,13 +294,13 @@ def _read_checkpoint_layer(path: str, layer_idx: int, wanted) -> Iterator[tuple[
     else:
         raise ValueError(f"path: {path!r} has neither model.safetensors.index.json nor model.safetensors")
     prefix = f"model.layers.{layer_idx}.mlp."
+    if prefix + "gate.weight" not in weight_map:
+        raise ValueError(f"layer_idx: the checkpoint has no MoE router {prefix}gate.weight "
+                         f"(layer {layer_idx} is dense, or out of range)")
     by_shard: dict[str, list[str]] = defaultdict(list)
     for name, shard in weight_map.items():
         if name.startswith(prefix) and wanted(name[len(prefix):]):
             by_shard[shard].append(name)
-    if not by_shard:
-        raise ValueError(f"layer_idx: the checkpoint has no MoE tensors under {prefix!r} "
-                         f"(a dense layer, or out of range)")
     total = sum(len(v) for v in by_shard.values())
     with progress(total=total, desc=f"loading layer {layer_idx}", unit="tensor") as bar:
         for shard, names in sorted(by_shard.items()):

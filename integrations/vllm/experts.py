@@ -1,0 +1,192 @@
+"""Our routed experts behind vLLM's modular MoE kernel interface (`FusedMoEExpertsModular`).
+
+vLLM's prepare step hands the experts FP8 activations with fp32 `[.., H/128]` scales (1x128
+groups, the numerics of `moe_backend.quant`); the weights are the layer's `w13_weight`
+`[E_local, 2I, H]` (gate rows, then up), `w2_weight` `[E_local, H, I]` and their 128x128 block
+scales (`quant_config.w1_scale` / `w2_scale`, fp32 multipliers).
+
+- `PhaseMoEExperts`, standard format (TP, DeepEP high-throughput, all-gather EP): `[M, H]` tokens
+  with global `topk_ids`; runs `moe_backend.experts.routed_experts`, whose policy picks the kernel
+  per batch, and writes the weighted sum (vLLM's finalize then only copies).
+- `PhaseMoEBatchedExperts`, batched format (DeepEP low-latency, NIXL-EP; decode): `[E_local, T, H]`
+  with the per-expert counts on the device; masked GEMM1 -> SiLU*up+quant -> masked GEMM2 into
+  vLLM's output, unweighted (vLLM's finalize weights and combines). No host sync, sizes from shapes
+  only, GEMM1 output in vLLM's workspace: capturable in CUDA graphs.
+
+This module imports vLLM: the plugin imports it only when the oracle asks for our classes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+from vllm.model_executor.layers.fused_moe.config import (
+    FusedMoEConfig,
+    FusedMoEParallelConfig,
+    FusedMoEQuantConfig,
+)
+from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
+    TopKWeightAndReduceDelegate,
+    TopKWeightAndReduceNoOP,
+)
+from vllm.model_executor.layers.quantization.utils.quant_utils import (
+    QuantKey,
+    kFp8Dynamic128Sym,
+    kFp8Static128BlockSym,
+)
+from vllm.platforms import current_platform
+
+from moe_backend import experts as moe_experts
+from moe_backend import ops
+from moe_backend.dispatch import Policy
+
+__all__ = ["PhaseMoEExperts", "PhaseMoEBatchedExperts"]
+
+BLOCK = 128
+# (weight, activation) quantization: DeepSeek-V3's 128x128 weight blocks, dynamic 1x128 tokens.
+SUPPORTED_QUANT = ((kFp8Static128BlockSym, kFp8Dynamic128Sym),)
+
+
+def _check_quant_config(quant_config: FusedMoEQuantConfig) -> None:
+    if (quant_config.quant_dtype != torch.float8_e4m3fn
+            or list(quant_config.block_shape or ()) != [BLOCK, BLOCK]
+            or quant_config.per_act_token_quant or quant_config.per_out_ch_quant):
+        raise ValueError(f"phasemoe: expected FP8 e4m3 weights in {BLOCK}x{BLOCK} blocks with "
+                         f"dynamic 1x{BLOCK} activation groups; got quant_dtype="
+                         f"{quant_config.quant_dtype}, block_shape={quant_config.block_shape}")
+
+
+def _view(workspace: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The first prod(shape) elements of a vLLM workspace, viewed as `shape`."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    return workspace.reshape(-1)[:numel].view(shape)
+
+
+class _PhaseMoEBase(mk.FusedMoEExpertsModular):
+    """Capabilities shared by both formats (the oracle checks them before construction)."""
+
+    @staticmethod
+    def _supports_current_device() -> bool:
+        # CUDA: our Triton kernels (FP8 tensor cores, sm89+). CPU: the same pipeline on the
+        # reference GEMMs (tests).
+        return (current_platform.is_cuda() and current_platform.has_device_capability(89)
+                ) or current_platform.is_cpu()
+
+    @staticmethod
+    def _supports_no_act_and_mul() -> bool:
+        return False
+
+    @staticmethod
+    def _supports_quant_scheme(weight_key: QuantKey | None,
+                               activation_key: QuantKey | None) -> bool:
+        return (weight_key, activation_key) in SUPPORTED_QUANT
+
+    @staticmethod
+    def _supports_activation(activation: MoEActivation) -> bool:
+        return activation == MoEActivation.SILU
+
+    def _weight_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.w1_scale is not None and self.w2_scale is not None
+        return self.w1_scale, self.w2_scale
+
+
+class PhaseMoEExperts(_PhaseMoEBase):
+    """Standard format: `[M, H]` fp8 tokens, global `topk_ids` `[M, k]`, `expert_map` global->local."""
+
+    def __init__(self, moe_config: FusedMoEConfig, quant_config: FusedMoEQuantConfig):
+        super().__init__(moe_config=moe_config, quant_config=quant_config)
+        _check_quant_config(quant_config)
+        self.policy = Policy.from_env()
+
+    @staticmethod
+    def activation_format() -> mk.FusedMoEActivationFormat:
+        return mk.FusedMoEActivationFormat.Standard
+
+    @staticmethod
+    def _supports_parallel_config(moe_parallel_config: FusedMoEParallelConfig) -> bool:
+        # FlashInfer's NVLink all2alls hand over their own layouts.
+        return not (moe_parallel_config.use_fi_nvl_two_sided_kernels
+                    or moe_parallel_config.use_fi_nvl_one_sided_kernels)
+
+    def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
+        return TopKWeightAndReduceNoOP()  # `apply` already weighted and summed
+
+    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
+                         expert_tokens_meta, activation):
+        # routed_experts sizes its layout per batch from the policy's kernel; vLLM's workspaces
+        # are not used here.
+        return (0,), (0,), (M, K)
+
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+              global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
+              expert_tokens_meta, apply_router_weight_on_input):
+        assert a1q_scale is not None, "phasemoe expects vLLM to quantize the input (1x128 groups)"
+        assert activation == MoEActivation.SILU
+        w13_scale_inv, w2_scale_inv = self._weight_scales()
+        local_ids = topk_ids
+        if expert_map is not None:
+            # Global -> local expert ids; -1 (another rank's expert) contributes nothing.
+            local_ids = expert_map.index_select(0, topk_ids.reshape(-1).long()).view_as(topk_ids)
+        weights = topk_weights.float()
+        if apply_router_weight_on_input:
+            # The prepare step already scaled the input by the (top-1) weight.
+            weights = torch.ones_like(weights)
+        # Under CUDA-graph capture (vLLM's decode batches) the policy must pick a shape-static
+        # kernel; otherwise it decides the phase from the token count.
+        phase = "decode" if _capturing() else None
+        y = moe_experts.routed_experts(
+            hidden_states, w1, w13_scale_inv, w2, w2_scale_inv, weights, local_ids,
+            x_scale=a1q_scale.contiguous(), policy=self.policy, phase=phase)
+        output.copy_(y)
+
+
+class PhaseMoEBatchedExperts(_PhaseMoEBase):
+    """Batched (masked) format: `[E_local, T, H]` fp8 tokens, counts on the device."""
+
+    def __init__(self, moe_config: FusedMoEConfig, quant_config: FusedMoEQuantConfig,
+                 max_num_tokens: int, num_dispatchers: int):
+        super().__init__(moe_config=moe_config, quant_config=quant_config,
+                         max_num_tokens=max_num_tokens, num_dispatchers=num_dispatchers)
+        _check_quant_config(quant_config)
+
+    @staticmethod
+    def activation_format() -> mk.FusedMoEActivationFormat:
+        return mk.FusedMoEActivationFormat.BatchedExperts
+
+    @staticmethod
+    def _supports_parallel_config(moe_parallel_config: FusedMoEParallelConfig) -> bool:
+        return True
+
+    def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
+        return TopKWeightAndReduceDelegate()  # the combine (prepare/finalize) weights the rows
+
+    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
+                         expert_tokens_meta, activation):
+        assert self.max_num_tokens is not None and self.num_dispatchers is not None
+        rows = self.max_num_tokens * self.num_dispatchers
+        # workspace13 holds GEMM1's bf16 output [E, rows, N=2I]; the output is [E, rows, K].
+        return (local_num_experts, rows, N), (0,), (local_num_experts, rows, K)
+
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+              global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
+              expert_tokens_meta, apply_router_weight_on_input):
+        assert expert_tokens_meta is not None and expert_tokens_meta.expert_num_tokens is not None
+        assert a1q_scale is not None and hidden_states.dim() == 3
+        assert activation == MoEActivation.SILU
+        w13_scale_inv, w2_scale_inv = self._weight_scales()
+        num_experts, max_m, n, _, _ = self.moe_problem_size(hidden_states, w1, w2, topk_ids)
+        masked_m = expert_tokens_meta.expert_num_tokens  # [E] int32, on the device
+        h = _view(workspace13, (num_experts, max_m, n))  # bf16 [E, max_m, 2I]
+        ops.grouped_gemm_masked(hidden_states, a1q_scale.contiguous(), w1, w13_scale_inv,
+                                masked_m, out=h)
+        # Rows past masked_m[e] hold stale workspace; they are quantized but never read back.
+        a_fp8, a_scale = ops.silu_mul_quant(h)
+        ops.grouped_gemm_masked(a_fp8, a_scale, w2, w2_scale_inv, masked_m, out=output)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

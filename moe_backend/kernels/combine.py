@@ -1,0 +1,57 @@
+"""Un-permute + top-k weighted combine as a gather: `out[t] = sum_j w[t, j] * y[row_of_slot[t, j]]`.
+
+Deterministic (a fixed j order, no atomics), fp32 sum, one bf16 rounding; rows of -1 (expert not
+local) contribute nothing, and their y rows are never read (they may hold NaN). Works for both
+layouts: y `[M, N]` (contiguous) or `[E, max_m, N]` (masked, flat row e*max_m + r).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_backend.kernels._launch_utils import check_kernel_tensor
+from moe_backend.kernels._numerics import round_to_bf16_grid
+
+__all__ = ["unpermute_combine"]
+
+BLOCK_N = 1024
+
+
+@triton.jit
+def _combine_kernel(y_ptr, rows_ptr, w_ptr, out_ptr, N, TOPK: tl.constexpr, BLOCK_N: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = offs < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        r = tl.load(rows_ptr + t * TOPK + j).to(tl.int64)
+        w = tl.load(w_ptr + t * TOPK + j)
+        row_ok = (offs * 0 + r) >= 0  # a vector mask (scalar masks trip the interpreter)
+        v = tl.load(y_ptr + r * N + offs, mask=ok & row_ok, other=0.0)
+        acc += w * v.to(tl.float32)
+    tl.store(out_ptr + t * N + offs, round_to_bf16_grid(acc).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """y bf16 `[M, N]` or `[E, max_m, N]`; row_of_slot int32/int64 `[T, k]` (flat row of y holding
+    token t's j-th expert, -1 = none); topk_weights f32 `[T, k]`; out bf16 `[T, N]`."""
+    check_kernel_tensor("y", y, dtypes=(torch.bfloat16,), min_dim=2)
+    dev = y.device
+    check_kernel_tensor("row_of_slot", row_of_slot, dev, dtypes=(torch.int32, torch.int64), ndim=2)
+    num_tokens, topk = row_of_slot.shape
+    check_kernel_tensor("topk_weights", topk_weights, dev, dtypes=(torch.float32,), shape=(num_tokens, topk))
+    n = y.shape[-1]
+    if out is None:
+        out = torch.empty((num_tokens, n), dtype=torch.bfloat16, device=dev)
+    else:
+        check_kernel_tensor("out", out, dev, dtypes=(torch.bfloat16,), shape=(num_tokens, n))
+    if num_tokens == 0 or n == 0:
+        return out
+    if topk == 0:
+        return out.zero_()
+    grid = (num_tokens, triton.cdiv(n, BLOCK_N))
+    _combine_kernel[grid](y, row_of_slot, topk_weights, out, n, TOPK=topk, BLOCK_N=BLOCK_N, num_warps=4)
+    return out

@@ -1,0 +1,222 @@
+"""`python -m moe_backend tune`: regenerate the grouped-GEMM config tables for this GPU.
+
+For each DeepSeek-V3 weight shape (EP8 and TP8 slices, w13 and w2) and each rows-per-expert
+bucket, times a small candidate set per kernel (CUDA-graph replay, median) and writes the fastest
+into `moe_backend/kernels/configs/<kernel>_<device>.json` (or --out-dir). Decode buckets tune the
+masked kernel, prefill buckets the contiguous one (the layouts the policy uses in each phase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+# (slice, gemm, experts, N, K)
+SHAPES = [
+    ("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
+    ("tp8", "w13", 256, 512, 7168), ("tp8", "w2", 256, 7168, 256),
+]
+DECODE_ROWS = (1, 4, 16, 32, 64, 128)
+PREFILL_ROWS = (256, 512, 1024, 2048, 4096)
+# Prefill buckets above this many rows in all are skipped on TP8 (256 experts: memory, time).
+MAX_TOTAL_ROWS = 256 * 512
+
+
+def _pow2ceil(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def candidates(m: int, *, masked: bool) -> list[dict]:
+    """A small grid around what the rows-per-expert count needs (see _gemm_config.formula)."""
+    out = []
+    if masked and m <= 128:
+        top = min(max(_pow2ceil(m), 16), 128)
+        for bm in sorted({top, max(16, top // 2)}):
+            for bn, stages in itertools.product((64, 128, 256), (3, 4, 5)):
+                if bn == 256 and stages == 5:
+                    continue
+                warps = (4, 8) if bm * bn >= 128 * 128 else (4,)
+                swaps = (False, True) if bm <= 32 and bn >= 64 else (False,)
+                for w, sw in itertools.product(warps, swaps):
+                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SWAP_AB=sw, num_warps=w,
+                                    num_stages=stages))
+        return out
+    for bm, bn, w, stages, gm in itertools.product((64, 128), (128, 256), (4, 8), (3, 4), (1, 8)):
+        if bm == 64 and w == 8 and bn == 128:
+            continue
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SWAP_AB=False, num_warps=w, num_stages=stages))
+    return out
+
+
+def time_graph(fn, *, warmup_ms: int = 5, rep_ms: int = 30) -> float:
+    """Median µs of one call of `fn`, replayed from a CUDA graph (do_bench flushes L2 between reps)."""
+    import triton
+
+    fn()  # compile / warm outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return 1e3 * triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def make_masked_inputs(e: int, m: int, n: int, k: int, weights=None):
+    """Random FP8 operands of the masked layout: every expert holds m rows (max_m = m)."""
+    from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+
+    b, bs = weights if weights is not None else random_weights(e, n, k)
+    a, a_s = quantize_fp8_per_token_group(torch.randn(e, m, k, device="cuda", dtype=torch.bfloat16))
+    masked_m = torch.full((e,), m, dtype=torch.int32, device="cuda")
+    return a, a_s, b, bs, masked_m
+
+
+def make_contiguous_inputs(e: int, m: int, n: int, k: int, alignment: int, weights=None):
+    from moe_backend.quant import quantize_fp8_per_token_group
+
+    b, bs = weights if weights is not None else random_weights(e, n, k)
+    seg = -(-m // alignment) * alignment
+    ids = torch.full((e, seg), -1, dtype=torch.int32, device="cuda")
+    ids[:, :m] = torch.arange(e, dtype=torch.int32, device="cuda")[:, None]
+    a, a_s = quantize_fp8_per_token_group(torch.randn(e * seg, k, device="cuda", dtype=torch.bfloat16))
+    return a, a_s, b, bs, ids.reshape(-1)
+
+
+def random_weights(e: int, n: int, k: int):
+    """FP8 weights with 128x128 block scales, quantized one expert at a time (fp32 memory)."""
+    from moe_backend.quant import FP8_DTYPE, quantize_fp8_blockwise
+
+    b = torch.empty(e, n, k, dtype=FP8_DTYPE, device="cuda")
+    bs = torch.empty(e, -(-n // 128), k // 128, dtype=torch.float32, device="cuda")
+    for i in range(e):
+        b[i], bs[i] = quantize_fp8_blockwise(torch.randn(n, k, device="cuda") * 0.05)
+    return b, bs
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, file=sys.stderr)
+    except ImportError:
+        return _PlainProgress(total, desc)
+
+
+class _PlainProgress:
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.t0 = total, desc, 0, time.time()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.n == self.total or self.n % max(1, self.total // 20) == 0:
+            print(f"{self.desc}: {self.n}/{self.total} ({time.time() - self.t0:.0f}s)", file=sys.stderr,
+                  flush=True)
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAPES,
+         decode_rows=DECODE_ROWS, prefill_rows=PREFILL_ROWS, out_dir=None, log=None) -> dict:
+    from moe_backend.kernels import _gemm_config
+    from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
+    from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
+
+    device = torch.cuda.get_device_name()
+    jobs = []
+    for kernel in kernels:
+        rows = decode_rows if kernel == "grouped_gemm_masked" else prefill_rows
+        for shape, m in itertools.product(shapes, rows):
+            if shape[2] * m <= MAX_TOTAL_ROWS or shape[2] <= 32:
+                jobs.append((kernel, shape, m))
+    total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked")) for kernel, _, m in jobs)
+    bar = _progress(total, f"tune on {device}")
+    tables: dict = {kernel: {} for kernel in kernels}
+    weights_cache: dict = {}
+    for kernel, (sl, gemm, e, n, k), m in jobs:
+        masked = kernel == "grouped_gemm_masked"
+        key = (e, n, k)
+        if key not in weights_cache:
+            weights_cache.clear()
+            torch.cuda.empty_cache()
+            weights_cache[key] = random_weights(e, n, k)
+        if masked:
+            a, a_s, b, bs, idx = make_masked_inputs(e, m, n, k, weights_cache[key])
+            out = torch.empty(e, m, n, dtype=torch.bfloat16, device="cuda")
+            run = lambda cfg: grouped_gemm_masked(a, a_s, b, bs, idx, out, config=cfg)  # noqa: E731
+        else:
+            a, a_s, b, bs, idx = make_contiguous_inputs(e, m, n, k, CONTIGUOUS_ALIGNMENT, weights_cache[key])
+            out = torch.empty(a.shape[0], n, dtype=torch.bfloat16, device="cuda")
+            run = lambda cfg: grouped_gemm_contiguous(a, a_s, b, bs, idx, out, config=cfg)  # noqa: E731
+        best = None
+        for cfg in candidates(m, masked=masked):
+            try:
+                us = time_graph(lambda: run(cfg))
+            except Exception as exc:  # out of shared memory / registers: not a candidate here
+                us = float("inf")
+                if log:
+                    print(f"{kernel} {sl} {gemm} m={m} {cfg}: {type(exc).__name__}: {str(exc)[:120]}",
+                          file=log, flush=True)
+            if log and us != float("inf"):
+                print(f"{kernel} {sl} {gemm} m={m} {cfg} {us:.1f}us", file=log, flush=True)
+            if best is None or us < best[0]:
+                best = (us, cfg)
+            bar.update(1)
+        bar.set_postfix_str(f"{sl} {gemm} m={m}: {best[0]:.1f}us")
+        tables[kernel].setdefault(f"N={n},K={k}", {})[str(m)] = dict(best[1], us=round(best[0], 1))
+        del a, a_s, out
+    bar.close()
+    import triton
+
+    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__,
+                date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), method="CUDA-graph replay, median")
+    out_dir = out_dir or _gemm_config.CONFIG_DIR
+    paths = []
+    for kernel, table in tables.items():
+        path = Path(out_dir) / _gemm_config.table_path(kernel, device).name
+        # Configs hold launch keys only; the tuned timings go into meta (the loader skips meta).
+        clean = {shape: {m: {k2: v for k2, v in cfg.items() if k2 != "us"} for m, cfg in by_m.items()}
+                 for shape, by_m in table.items()}
+        timings = {shape: {m: cfg["us"] for m, cfg in by_m.items()} for shape, by_m in table.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"meta": dict(meta, tuned_us=timings), **clean}, f, indent=1, sort_keys=True)
+        paths.append(str(path))
+    _gemm_config.load_table.cache_clear()
+    return {"paths": paths, "tables": tables}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_backend tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default="grouped_gemm_masked,grouped_gemm_contiguous")
+    parser.add_argument("--slices", default="ep8,tp8", help="which DeepSeek-V3 slices (ep8, tp8)")
+    parser.add_argument("--decode-rows", default=",".join(map(str, DECODE_ROWS)))
+    parser.add_argument("--prefill-rows", default=",".join(map(str, PREFILL_ROWS)))
+    parser.add_argument("--out-dir", default=None, help="where the JSON tables go (default: the package's)")
+    parser.add_argument("--log", default=None, help="file for every candidate's timing")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    slices = set(args.slices.split(","))
+    log = open(args.log, "w") if args.log else None
+    result = tune(kernels=tuple(args.kernels.split(",")), shapes=[s for s in SHAPES if s[0] in slices],
+                  decode_rows=tuple(int(x) for x in args.decode_rows.split(",") if x),
+                  prefill_rows=tuple(int(x) for x in args.prefill_rows.split(",") if x),
+                  out_dir=args.out_dir, log=log)
+    for path in result["paths"]:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

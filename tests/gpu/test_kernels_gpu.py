@@ -1,0 +1,205 @@
+"""The Triton kernels on the GPU against `moe_backend.reference`: fresh random inputs, poisoned
+(NaN-filled) outputs, real DeepSeek-V3 dimensions plus odd sizes, empty and skewed experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from moe_backend import reference
+from moe_backend.dispatch import layouts
+from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+
+pytestmark = pytest.mark.gpu
+
+# One table of tolerances (relative Frobenius error vs the reference).
+TOL = {"gemm": 2e-3, "combine": 1e-5, "dequant": 1e-6}
+
+
+def _kernels():
+    from moe_backend.kernels import combine, grouped_gemm_contiguous, grouped_gemm_masked
+    from moe_backend.kernels import per_token_group_quant, silu_mul_quant
+    return combine, grouped_gemm_contiguous, grouped_gemm_masked, per_token_group_quant, silu_mul_quant
+
+
+def _rel(out, ref) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def _weights(e, n, k):
+    return quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda") * 0.05)
+
+
+def _acts(shape):
+    return quantize_fp8_per_token_group(torch.randn(*shape, device="cuda"))
+
+
+@dataclass(frozen=True)
+class GemmCase:
+    name: str
+    n: int
+    k: int
+    counts: tuple  # rows per expert
+    max_m: int | None = None  # masked only; default max(counts)
+    config: dict | None = None
+
+
+GEMM_CASES = [
+    GemmCase("ds_w13_decode", 4096, 7168, (0, 1, 4, 16, 3, 0, 7, 2)),
+    GemmCase("ds_w2_decode", 7168, 2048, (1, 0, 5, 9)),
+    GemmCase("tp8_w2_k256", 7168, 256, (3, 0, 1, 64)),
+    GemmCase("odd_nk", 200, 384, (0, 1, 130, 17, 33), max_m=160),
+    GemmCase("odd_727x577", 577, 896, (727, 0, 1)),
+    GemmCase("one_expert", 512, 1024, (0, 0, 300, 0)),
+    GemmCase("swap_ab", 320, 512, (0, 1, 16, 5), config=dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True,
+                                                               num_warps=4, num_stages=4)),
+    GemmCase("wide_n", 400, 512, (40, 0, 1, 70), config=dict(BLOCK_M=64, BLOCK_N=256, num_warps=8,
+                                                             num_stages=3)),
+    GemmCase("big_tiles", 1024, 2048, (300, 129, 0, 1),
+             config=dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)),
+]
+
+
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: c.name)
+def test_grouped_gemm_masked(case: GemmCase) -> None:
+    _, _, masked_mod, _, _ = _kernels()
+    e = len(case.counts)
+    max_m = case.max_m or max(max(case.counts), 1)
+    b, bs = _weights(e, case.n, case.k)
+    a, a_s = _acts((e, max_m, case.k))
+    masked_m = torch.tensor(case.counts, dtype=torch.int32, device="cuda")
+    out = torch.full((e, max_m, case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    masked_mod.grouped_gemm_masked(a, a_s, b, bs, masked_m, out, config=case.config)
+    ref = reference.grouped_gemm_masked(a, a_s, b, bs, masked_m)
+    for i, m in enumerate(case.counts):
+        assert torch.isnan(out[i, m:]).all(), f"expert {i}: rows past masked_m were written"
+        assert torch.isfinite(out[i, :m]).all(), f"expert {i}: valid rows left unwritten"
+    if sum(case.counts):
+        valid = torch.cat([out[i, :m] for i, m in enumerate(case.counts)])
+        valid_ref = torch.cat([ref[i, :m] for i, m in enumerate(case.counts)])
+        assert _rel(valid, valid_ref) <= TOL["gemm"]
+
+
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: c.name)
+def test_grouped_gemm_contiguous(case: GemmCase) -> None:
+    _, contig_mod, _, _, _ = _kernels()
+    align = contig_mod.CONTIGUOUS_ALIGNMENT
+    e = len(case.counts)
+    ids = []
+    for i, c in enumerate(case.counts):
+        ids += [i] * c + [-1] * (-c % align)
+    ids += [-1] * align  # a trailing all-padding segment, as the graph-safe builder leaves
+    expert_ids = torch.tensor(ids, dtype=torch.int32, device="cuda")
+    b, bs = _weights(e, case.n, case.k)
+    a, a_s = _acts((len(ids), case.k))
+    out = torch.full((len(ids), case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    cfg = case.config if case.config is None or case.config["BLOCK_M"] <= align else None
+    contig_mod.grouped_gemm_contiguous(a, a_s, b, bs, expert_ids, out, config=cfg)
+    ref = reference.grouped_gemm_contiguous(a, a_s, b, bs, expert_ids)
+    pad = expert_ids < 0
+    assert torch.isnan(out[pad]).all(), "padding rows were written"
+    assert torch.isfinite(out[~pad]).all(), "valid rows left unwritten"
+    if (~pad).any():
+        assert _rel(out[~pad], ref[~pad]) <= TOL["gemm"]
+
+
+def test_masked_cuda_graph_replay() -> None:
+    """Captured once, replayed with new masked_m values and new activations: no host sync inside."""
+    _, _, masked_mod, _, _ = _kernels()
+    e, max_m, n, k = 8, 64, 512, 1024
+    b, bs = _weights(e, n, k)
+    a, a_s = _acts((e, max_m, k))
+    masked_m = torch.full((e,), max_m, dtype=torch.int32, device="cuda")
+    out = torch.empty((e, max_m, n), dtype=torch.bfloat16, device="cuda")
+    masked_mod.grouped_gemm_masked(a, a_s, b, bs, masked_m, out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        masked_mod.grouped_gemm_masked(a, a_s, b, bs, masked_m, out)
+    for counts in ([0, 1, 64, 3, 17, 0, 40, 2], [5] * 8):
+        new_a, new_s = _acts((e, max_m, k))
+        a.copy_(new_a)
+        a_s.copy_(new_s)
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = reference.grouped_gemm_masked(a, a_s, b, bs, masked_m)
+        for i, m in enumerate(counts):
+            assert torch.isnan(out[i, m:]).all()
+        valid = torch.cat([out[i, :m] for i, m in enumerate(counts)])
+        valid_ref = torch.cat([ref[i, :m] for i, m in enumerate(counts)])
+        assert _rel(valid, valid_ref) <= TOL["gemm"]
+
+
+def _assert_quant_equal(got, want) -> None:
+    (q, s), (rq, rs) = got, want
+    assert torch.equal(s, rs), f"scales differ: max {float((s - rs).abs().max()):.3g}"
+    mismatch = (q.float() != rq.float()).float().mean().item()
+    assert mismatch <= 1e-4, f"{mismatch:.2e} of the fp8 values differ"
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("shape", [(1, 7168), (37, 2048), (3, 5, 384), (0, 256)])
+def test_per_token_group_quant(shape, ue8m0) -> None:
+    *_, ptgq, _ = _kernels()
+    x = (torch.randn(*shape, device="cuda") * 3).bfloat16()
+    if x.numel():
+        x.view(-1, shape[-1])[0, :128] = 0  # the 1e-10 scale floor
+    _assert_quant_equal(ptgq.per_token_group_quant(x, 128, ue8m0),
+                        quantize_fp8_per_token_group(x, 128, ue8m0))
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("shape", [(1, 4096), (129, 512), (4, 16, 4096), (0, 512)])
+def test_silu_mul_quant(shape, ue8m0) -> None:
+    *_, smq = _kernels()
+    h = (torch.randn(*shape, device="cuda") * 4).bfloat16()
+    _assert_quant_equal(smq.silu_mul_quant(h, 128, ue8m0), reference.silu_mul_quant(h, 128, ue8m0))
+
+
+@pytest.mark.parametrize("num_tokens,topk,experts,n", [(1, 8, 32, 7168), (100, 8, 256, 7168), (7, 3, 5, 300)])
+def test_unpermute_combine(num_tokens, topk, experts, n) -> None:
+    combine_mod, *_ = _kernels()
+    topk_ids = torch.stack([torch.randperm(experts + 4)[:topk] for _ in range(num_tokens)]).cuda() - 2
+    weights = torch.rand(num_tokens, topk, device="cuda")
+    layout = layouts.build_masked_layout(topk_ids, experts, max_m=num_tokens)
+    y = torch.randn(experts, num_tokens, n, device="cuda").bfloat16()
+    for i, m in enumerate(layout.masked_m.tolist()):
+        y[i, m:] = float("nan")  # rows the GEMM never wrote must never be read
+    out = combine_mod.unpermute_combine(y, layout.row_of_slot, weights)
+    ref = layouts.combine(y, layout, weights)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) <= TOL["combine"] or (out != ref).float().mean() < 1e-3
+
+
+def test_bad_inputs() -> None:
+    combine_mod, contig_mod, masked_mod, ptgq, smq = _kernels()
+    f8 = torch.float8_e4m3fn
+    a = torch.zeros(2, 4, 256, dtype=f8, device="cuda")
+    b = torch.zeros(2, 8, 256, dtype=f8, device="cuda")
+    ok = dict(a_scale=torch.ones(2, 4, 2, device="cuda"), b_scale=torch.ones(2, 1, 2, device="cuda"),
+              masked_m=torch.zeros(2, dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="masked_m"):
+        masked_mod.grouped_gemm_masked(a, ok["a_scale"], b, ok["b_scale"], ok["masked_m"][:1])
+    with pytest.raises(TypeError, match="a_scale"):
+        masked_mod.grouped_gemm_masked(a, ok["a_scale"].half(), b, ok["b_scale"], ok["masked_m"])
+    with pytest.raises(ValueError, match="b_fp8"):
+        masked_mod.grouped_gemm_masked(a, ok["a_scale"], b[:, :, :128], ok["b_scale"], ok["masked_m"])
+    with pytest.raises(ValueError, match="a_fp8"):
+        masked_mod.grouped_gemm_masked(a.cpu(), ok["a_scale"], b, ok["b_scale"], ok["masked_m"])
+    with pytest.raises(ValueError, match="a_fp8"):
+        contig_mod.grouped_gemm_contiguous(a[0, :, :200], ok["a_scale"][0], b, ok["b_scale"],
+                                           torch.zeros(4, dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="out"):
+        contig_mod.grouped_gemm_contiguous(a[0], ok["a_scale"][0], b, ok["b_scale"],
+                                           torch.zeros(4, dtype=torch.int32, device="cuda"),
+                                           torch.empty(4, 9, dtype=torch.bfloat16, device="cuda"))
+    with pytest.raises(ValueError, match="h"):
+        smq.silu_mul_quant(torch.zeros(3, 300, dtype=torch.bfloat16, device="cuda"))
+    with pytest.raises(TypeError, match="x"):
+        ptgq.per_token_group_quant(torch.zeros(3, 256, dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="topk_weights"):
+        combine_mod.unpermute_combine(torch.zeros(4, 8, dtype=torch.bfloat16, device="cuda"),
+                                      torch.zeros(2, 2, dtype=torch.int64, device="cuda"),
+                                      torch.zeros(2, 3, device="cuda"))

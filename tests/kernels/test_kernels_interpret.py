@@ -1,0 +1,51 @@
+"""The Triton kernels on CPU under TRITON_INTERPRET=1, tiny shapes (cases in _interpret_cases.py).
+
+The variable must be set before Triton and the kernel modules are imported, so the cases run in
+one subprocess; each case is reported as its own test. Skipped when Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="Triton is not installed (the interpreter tests need it)")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CASES = ["masked", "masked_swap_ab", "masked_wide_n", "contiguous", "contiguous_one_expert",
+         "contiguous_bm64", "per_token_group_quant", "silu_mul_quant", "combine", "bad_inputs"]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, str(HERE / "_interpret_cases.py"), *CASES], env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
+        pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_interpreted_kernel(results: dict, case: str) -> None:
+    assert case in results, f"case {case} did not run"
+    if results[case] is not None:
+        pytest.fail(results[case], pytrace=False)
+
+
+def test_cases_listed() -> None:
+    """Every case in _interpret_cases.py is run here."""
+    source = (HERE / "_interpret_cases.py").read_text()
+    defined = {line[len("def case_"):].split("(")[0] for line in source.splitlines()
+               if line.startswith("def case_")}
+    assert defined == set(CASES)

@@ -1,0 +1,158 @@
+"""DeepseekV3MoE on CPU against the independent naive implementation (tests/naive.py)."""
+
+import pytest
+import torch
+
+from moe_backend import MoEConfig
+from moe_backend.dispatch import Policy
+from moe_backend.layers import DeepseekV3MoE
+from moe_backend.random_weights import random_moe_weights
+from naive import moe_forward, rel_err
+from tolerances import LAYER_SAME_QUANT, LAYER_UNQUANTIZED
+
+
+def _layer(config, seed=0, **kwargs):
+    weights = dict(random_moe_weights(config, seed=seed))
+    layer = DeepseekV3MoE(config, **kwargs)
+    layer.load_weights(weights.items())
+    return layer, weights
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 17, 300])
+def test_layer_matches_naive(tiny_config, tokens):
+    layer, weights = _layer(tiny_config, seed=tokens)
+    x = torch.randn(tokens, tiny_config.hidden_size, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert rel_err(out, moe_forward(x, weights, tiny_config, quantize=True)) < LAYER_SAME_QUANT
+    if tokens <= 17:  # the unquantized comparison is slower; a few sizes suffice
+        assert rel_err(out, moe_forward(x, weights, tiny_config, quantize=False)) < LAYER_UNQUANTIZED
+
+
+@pytest.mark.parametrize("kernel", ["contiguous", "masked", "triton", "reference"])
+def test_every_policy_kernel_gives_the_same_answer_on_cpu(tiny_config, kernel):
+    layer, weights = _layer(tiny_config, seed=5)
+    layer.policy = Policy(prefill_kernel=kernel, decode_max_tokens=0)
+    x = torch.randn(23, tiny_config.hidden_size, dtype=torch.bfloat16)
+    assert rel_err(layer(x), moe_forward(x, weights, tiny_config)) < LAYER_SAME_QUANT
+
+
+def test_batch_shapes_and_empty(tiny_config):
+    layer, _ = _layer(tiny_config)
+    x = torch.randn(2, 3, tiny_config.hidden_size, dtype=torch.bfloat16)
+    assert torch.equal(layer(x).view(6, -1), layer(x.view(6, -1)))
+    empty = layer(torch.empty(0, tiny_config.hidden_size, dtype=torch.bfloat16))
+    assert empty.shape == (0, tiny_config.hidden_size) and empty.dtype == torch.bfloat16
+
+
+def test_experts_with_zero_tokens(tiny_config):
+    """One token uses 4 of 16 experts: 12 experts see no rows; the result still matches."""
+    layer, weights = _layer(tiny_config, seed=9)
+    x = torch.randn(1, tiny_config.hidden_size, dtype=torch.bfloat16)
+    assert rel_err(layer(x), moe_forward(x, weights, tiny_config)) < LAYER_SAME_QUANT
+
+
+def test_ep_slices_sum_to_full_layer(tiny_config):
+    weights = dict(random_moe_weights(tiny_config, seed=3))
+    full = DeepseekV3MoE(tiny_config)
+    full.load_weights(weights.items())
+    x = torch.randn(37, tiny_config.hidden_size, dtype=torch.bfloat16)
+    total = torch.zeros(x.shape, dtype=torch.float32)
+    for rank, start in enumerate(range(0, 16, 4)):
+        part = DeepseekV3MoE(tiny_config, expert_range=(start, start + 4), with_shared_experts=rank == 0)
+        part.load_weights(weights.items())  # other slices' experts are skipped, not errors
+        out = part(x)
+        total += out.float()
+        # a slice holds only its experts: compare with the naive layer restricted to them
+        want = moe_forward(x, weights, tiny_config, experts=set(range(start, start + 4)), shared=rank == 0)
+        assert rel_err(out, want) < LAYER_SAME_QUANT
+    # bf16 rounding of each slice (~2e-3 each) bounds the difference
+    assert rel_err(total, full(x)) < 1e-2
+
+
+def test_unquantized_weights_are_quantized_on_load(tiny_config):
+    bf16 = dict(random_moe_weights(tiny_config, seed=4, fp8=False))
+    layer = DeepseekV3MoE(tiny_config)
+    layer.load_weights(bf16.items())
+    assert layer.w13_fp8.dtype == torch.float8_e4m3fn
+    x = torch.randn(9, tiny_config.hidden_size, dtype=torch.bfloat16)
+    # against the naive layer on the weights the layer quantized itself
+    from moe_backend.quant import quantize_fp8_blockwise
+    fp8 = {}
+    for name, t in bf16.items():
+        if name.endswith("proj.weight"):
+            w, s = quantize_fp8_blockwise(t)
+            fp8[name], fp8[name + "_scale_inv"] = w, s
+        else:
+            fp8[name] = t
+    assert rel_err(layer(x), moe_forward(x, fp8, tiny_config)) < LAYER_SAME_QUANT
+
+
+def test_ue8m0_checkpoint(tiny_config):
+    import dataclasses
+
+    config = dataclasses.replace(tiny_config, ue8m0_scales=True)
+    layer = DeepseekV3MoE(config)
+    layer.load_weights(random_moe_weights(config, seed=2, fp8=False))
+    mantissa, _ = torch.frexp(layer.w13_scale_inv)
+    assert bool((mantissa == 0.5).all())
+    x = torch.randn(5, config.hidden_size, dtype=torch.bfloat16)
+    assert torch.isfinite(layer(x).float()).all()
+
+
+class TestBadInput:
+    def test_forward(self, tiny_config):
+        layer, _ = _layer(tiny_config)
+        with pytest.raises(TypeError, match="hidden_states: expected dtype bfloat16"):
+            layer(torch.randn(3, tiny_config.hidden_size))
+        with pytest.raises(ValueError, match="hidden_states: last dim"):
+            layer(torch.randn(3, 100, dtype=torch.bfloat16))
+        bad = torch.randn(3, tiny_config.hidden_size, dtype=torch.bfloat16)
+        bad[1, 5] = float("nan")
+        with pytest.raises(ValueError, match="hidden_states: holds NaN"):
+            layer(bad)
+        with pytest.raises(TypeError, match="hidden_states: expected a torch.Tensor"):
+            layer([1.0, 2.0])
+        if torch.cuda.is_available():
+            with pytest.raises(ValueError, match="hidden_states: expected a tensor on"):
+                layer(bad.cuda())
+        # non-contiguous input is accepted (reshaped), and gives the contiguous answer
+        x = torch.randn(tiny_config.hidden_size, 4, dtype=torch.bfloat16).t()
+        assert torch.equal(layer(x), layer(x.contiguous()))
+
+    def test_forward_before_load(self, tiny_config):
+        with pytest.raises(RuntimeError, match="load_weights"):
+            DeepseekV3MoE(tiny_config)(torch.randn(1, tiny_config.hidden_size, dtype=torch.bfloat16))
+
+    def test_load_lists_every_problem(self, tiny_config):
+        weights = dict(random_moe_weights(tiny_config, seed=1))
+        del weights["experts.3.up_proj.weight"]
+        del weights["experts.5.down_proj.weight_scale_inv"]
+        weights["experts.7.gate_proj.weight"] = weights["experts.7.gate_proj.weight"][:128]
+        weights["experts.99.gate_proj.weight"] = weights["experts.1.gate_proj.weight"]
+        weights["shared_experts.foo.weight"] = torch.zeros(1)
+        w = weights["experts.2.down_proj.weight"].clone()
+        w.view(torch.uint8)[0, 0] = 0x7F  # an FP8 NaN
+        weights["experts.2.down_proj.weight"] = w
+        weights["gate.e_score_correction_bias"] = torch.full((16,), float("nan"))
+        layer = DeepseekV3MoE(tiny_config)
+        with pytest.raises(ValueError) as info:
+            layer.load_weights(weights.items())
+        msg = str(info.value)
+        for needle in ("missing: experts.3.up_proj.weight", "missing: experts.5.down_proj.weight_scale_inv",
+                       "shape: experts.7.gate_proj.weight", "extra: experts.99.gate_proj.weight",
+                       "extra: shared_experts.foo.weight", "nan: experts.2.down_proj.weight",
+                       "nan: gate.e_score_correction_bias"):
+            assert needle in msg, (needle, msg)
+
+    def test_prefix(self, tiny_config):
+        weights = [("model.layers.3.mlp." + n, t) for n, t in random_moe_weights(tiny_config)]
+        DeepseekV3MoE(tiny_config).load_weights(weights, prefix="model.layers.3.mlp.")
+        with pytest.raises(ValueError, match="outside prefix"):
+            DeepseekV3MoE(tiny_config).load_weights(weights, prefix="model.layers.4.mlp.")
+
+    def test_constructor(self, tiny_config):
+        with pytest.raises(ValueError, match="expert_range"):
+            DeepseekV3MoE(tiny_config, expert_range=(4, 20))
+        with pytest.raises(TypeError, match="config"):
+            DeepseekV3MoE({"hidden_size": 256})

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from moe_backend.dispatch import KERNELS, Policy
+
+
+def test_defaults_by_phase_and_size():
+    p = Policy()
+    assert p.choose(4096, "prefill").layout == "contiguous"
+    assert p.choose(1, "decode").name == "masked"
+    assert p.choose(8).name == "masked"  # no phase: small batches are decode
+    assert p.choose(100_000).name == "contiguous"
+    assert all(KERNELS[p.choose(n).name].static_shapes for n in (1, 256))
+
+
+def test_from_env_json_and_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_BACKEND_POLICY", json.dumps({"decode_kernel": "triton", "decode_max_tokens": 64}))
+    p = Policy.from_env(device_name=None)
+    assert p.choose(64).name == "triton" and p.choose(65).name == "contiguous"
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"prefill_kernel": "reference",
+                                "devices": {"NVIDIA H100 80GB HBM3": {"decode_kernel": "triton"}}}))
+    monkeypatch.setenv("MOE_BACKEND_POLICY", str(path))
+    assert Policy.from_env(device_name="NVIDIA H200").decode_kernel == "masked"
+    assert Policy.from_env(device_name="NVIDIA H100 80GB HBM3").decode_kernel == "triton"
+    assert Policy.from_env(device_name="NVIDIA H200").prefill_kernel == "reference"
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"decode_kernal": "masked"}, "decode_kernal"),
+    ({"decode_kernel": "fast"}, "decode_kernel"),
+    ({"decode_kernel": "contiguous"}, "decode_kernel"),  # host sync: not CUDA-graph safe
+    ({"decode_max_tokens": -1}, "decode_max_tokens"),
+    ({"devices": {"H100": {"prefill_kernel": "nope"}}}, "devices.H100"),
+    ({"devices": []}, "devices"),
+])
+def test_invalid_config_names_the_key(config, key, monkeypatch):
+    with pytest.raises(ValueError, match=key):
+        Policy.from_dict(config)
+    monkeypatch.setenv("MOE_BACKEND_POLICY", json.dumps(config))
+    with pytest.raises(ValueError, match=key):
+        Policy.from_env(device_name=None)
+
+
+def test_invalid_env_value(monkeypatch):
+    monkeypatch.setenv("MOE_BACKEND_POLICY", "{not json")
+    with pytest.raises(ValueError, match="MOE_BACKEND_POLICY"):
+        Policy.from_env(device_name=None)
+    monkeypatch.setenv("MOE_BACKEND_POLICY", "/no/such/file.json")
+    with pytest.raises(ValueError, match="MOE_BACKEND_POLICY"):
+        Policy.from_env(device_name=None)
+    with pytest.raises(ValueError, match="phase"):
+        Policy().choose(3, "warmup")

@@ -1,0 +1,15 @@
+"""Every tolerance the tests use, with the reason it is what it is (relative Frobenius error)."""
+
+# fp32 GEMM from the same dequantized operands vs float64: fp32 rounding over K <= 1024 terms.
+REFERENCE_VS_FLOAT64 = 1e-5
+# bf16 output rounding alone is 2^-9 = 2e-3 per element, ~1e-3 as a norm-wise error.
+BF16_OUTPUT = 4e-3
+# Layer vs an independent computation with the same quantized activations: two bf16 roundings
+# (GEMM1 output, final) and fp32 summation order; measured ~2e-3.
+LAYER_SAME_QUANT = 1e-2
+# Layer vs unquantized activations: FP8 e4m3 rounding of activations (3 mantissa bits: ~4% worst
+# case per element, ~2-3% norm-wise) through two GEMMs.
+LAYER_UNQUANTIZED = 6e-2
+# FP8 quantize -> dequantize round trip: e4m3 has 3 mantissa bits, relative step 2^-4 = 6%,
+# mean-square relative error ~ 2^-4/sqrt(12) = 1.8% ... bounded well under 4% for Gaussian data.
+FP8_ROUND_TRIP = 4e-2
