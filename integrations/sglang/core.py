@@ -44,6 +44,8 @@ class PhaseMoeQuantInfo(MoeQuantInfo):
     w13_scale_inv: torch.Tensor  # [E, 2I/128, H/128] fp32 multipliers
     w2_fp8: torch.Tensor  # [E, H, I] fp8 e4m3
     w2_scale_inv: torch.Tensor  # [E, H/128, I/128] fp32 multipliers
+    # Power-of-two activation scales, for checkpoints quantized that way (`scale_fmt: ue8m0`).
+    ue8m0: bool = False
 
     def __post_init__(self) -> None:
         # Metadata checks only (no host sync): this runs on every forward.
@@ -141,7 +143,7 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
             topk_weights = topk_weights * scale
         out = experts.routed_experts(x, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,
                                      topk_weights, d.topk_output.topk_ids, x_scale=x_scale,
-                                     policy=self.policy, phase=_current_phase())
+                                     ue8m0=q.ue8m0, policy=self.policy, phase=_current_phase())
         return StandardCombineInput(hidden_states=out)
 
     # ---- DeepEP normal (prefill): weighted sum over local experts, contiguous kernel ----
@@ -153,7 +155,7 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         # The host list num_recv_tokens_per_expert is not needed: the layout is built from ids.
         out = experts.routed_experts(x, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,
                                      d.topk_weights.float(), d.topk_ids, x_scale=x_scale,
-                                     policy=self.policy, phase="prefill")
+                                     ue8m0=q.ue8m0, policy=self.policy, phase="prefill")
         return DeepEPNormalCombineInput(hidden_states=out, topk_ids=d.topk_ids,
                                         topk_weights=d.topk_weights)
 
@@ -167,11 +169,11 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
                              f"[{q.num_local_experts}, M, H], got {list(x.shape)}")
         x_scale = _activation_scale(x, d.hidden_states_scale, "deepep low-latency")
         if x_scale is None:  # bf16 dispatch
-            x, x_scale = ops.per_token_group_quant(x, GROUP)
+            x, x_scale = ops.per_token_group_quant(x, GROUP, q.ue8m0)
         masked_m = d.masked_m  # [E] int32, on the device: never read on the host
         impl = self.policy.choose(0, "decode").impl
         h = ops.grouped_gemm_masked(x, x_scale, q.w13_fp8, q.w13_scale_inv, masked_m, impl=impl)
-        a_fp8, a_scale = ops.silu_mul_quant(h, GROUP)  # [E, M, I], [E, M, I/128]
+        a_fp8, a_scale = ops.silu_mul_quant(h, GROUP, q.ue8m0)  # [E, M, I], [E, M, I/128]
         out = ops.grouped_gemm_masked(a_fp8, a_scale, q.w2_fp8, q.w2_scale_inv, masked_m, impl=impl)
         return DeepEPLLCombineInput(hidden_states=out, topk_ids=d.topk_ids,
                                     topk_weights=d.topk_weights)

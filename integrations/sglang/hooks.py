@@ -113,5 +113,6 @@ def _around_apply(original, self, layer, dispatch_output, *args, **kwargs):
         w13_scale_inv=layer.w13_weight_scale_inv,
         w2_fp8=layer.w2_weight,
         w2_scale_inv=layer.w2_weight_scale_inv,
+        ue8m0=getattr(self.quant_config, "scale_fmt", None) == "ue8m0",
     )
     return runner.run(dispatch_output, quant_info)

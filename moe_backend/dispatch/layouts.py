@@ -67,7 +67,9 @@ def _sort_slots(topk_ids: torch.Tensor, num_local_experts: int, expert_start: in
     is_local = (local >= 0) & (local < num_local_experts) & (topk_ids.reshape(-1) >= 0)
     key = torch.where(is_local, local, torch.full_like(local, num_local_experts))
     order = torch.argsort(key, stable=True)  # flat slot index, grouped by expert
-    counts = torch.bincount(key, minlength=num_local_experts + 1)[:num_local_experts]
+    # scatter_add, not bincount: CUDA bincount reads the max id back to the host (breaks graphs).
+    counts = torch.zeros(num_local_experts + 1, dtype=torch.long, device=key.device).scatter_add_(
+        0, key, torch.ones_like(key))[:num_local_experts]
     first_of_expert = torch.cumsum(counts, 0) - counts
     sorted_key = key[order]
     in_range = sorted_key < num_local_experts

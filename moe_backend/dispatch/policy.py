@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from typing import Any, Mapping
 
 __all__ = ["KernelChoice", "Policy", "KERNELS", "PHASES"]
@@ -127,6 +128,11 @@ class Policy:
         raw = os.environ.get("MOE_BACKEND_POLICY", "").strip()
         if device_name is None:
             device_name = _current_device_name()
+        return cls._from_env_value(raw, device_name)
+
+    @classmethod
+    @lru_cache(maxsize=16)  # called per forward: parse each distinct setting once
+    def _from_env_value(cls, raw: str, device_name: str | None) -> "Policy":
         if not raw:
             return cls()
         if raw.startswith("{"):
@@ -143,6 +149,7 @@ class Policy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@lru_cache(maxsize=1)
 def _current_device_name() -> str | None:
     import torch
 
