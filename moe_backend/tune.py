@@ -23,8 +23,8 @@ SHAPES = [
     ("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
     ("tp8", "w13", 256, 512, 7168), ("tp8", "w2", 256, 7168, 256),
 ]
-DECODE_ROWS = (1, 4, 16, 32, 64, 128)
-PREFILL_ROWS = (256, 512, 1024, 2048, 4096)
+DECODE_ROWS = (1, 4, 16, 64, 128)
+PREFILL_ROWS = (256, 512, 2048, 4096)
 # Prefill buckets above this many rows in all are skipped on TP8 (256 experts: memory, time).
 MAX_TOTAL_ROWS = 256 * 512
 
@@ -36,23 +36,30 @@ def _pow2ceil(x: int) -> int:
 def candidates(m: int, *, masked: bool) -> list[dict]:
     """A small grid around what the rows-per-expert count needs (see _gemm_config.formula)."""
     out = []
+    depth = ((1, 3), (1, 4), (1, 5), (2, 2), (2, 3))  # (K_UNROLL, num_stages)
     if masked and m <= 128:
         top = min(max(_pow2ceil(m), 16), 128)
         for bm in sorted({top, max(16, top // 2)}):
-            for bn, stages in itertools.product((64, 128, 256), (3, 4, 5)):
-                if bn == 256 and stages == 5:
+            for bn, (unroll, stages) in itertools.product((64, 128, 256), depth):
+                if _smem_bytes(bm, bn, unroll, stages) > 200 * 1024:
                     continue
-                warps = (4, 8) if bm * bn >= 128 * 128 else (4,)
-                swaps = (False, True) if bm <= 32 and bn >= 64 else (False,)
+                warps = (4, 8) if bm * bn >= 64 * 128 else (4,)
+                swaps = (True,) if bm <= 32 else (False, True)
                 for w, sw in itertools.product(warps, swaps):
-                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SWAP_AB=sw, num_warps=w,
-                                    num_stages=stages))
+                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SWAP_AB=sw, K_UNROLL=unroll,
+                                    num_warps=w, num_stages=stages))
         return out
-    for bm, bn, w, stages, gm in itertools.product((64, 128), (128, 256), (4, 8), (3, 4), (1, 8)):
-        if bm == 64 and w == 8 and bn == 128:
+    for bm, bn, w, (unroll, stages), gm in itertools.product((64, 128), (128, 256), (4, 8), depth[:2] + depth[3:],
+                                                             (1, 8)):
+        if (bm == 64 and w == 8 and bn == 128) or _smem_bytes(bm, bn, unroll, stages) > 200 * 1024:
             continue
-        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SWAP_AB=False, num_warps=w, num_stages=stages))
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SWAP_AB=False, K_UNROLL=unroll, num_warps=w,
+                        num_stages=stages))
     return out
+
+
+def _smem_bytes(bm: int, bn: int, unroll: int, stages: int) -> int:
+    return stages * unroll * 128 * (bm + bn)
 
 
 def time_graph(fn, *, warmup_ms: int = 5, rep_ms: int = 30) -> float:

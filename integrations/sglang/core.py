@@ -24,7 +24,14 @@ from sglang.srt.layers.moe.moe_runner.base import (
     MoeQuantInfo,
     MoeRunnerConfig,
 )
+from sglang.srt.layers.moe.token_dispatcher.deepep import (
+    DeepEPLLCombineInput,
+    DeepEPNormalCombineInput,
+)
+from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
+from sglang.srt.layers.moe.topk import TopKOutputChecker
 from sglang.srt.layers.moe.utils import resolve_moe_runner_backend
+from sglang.srt.runtime_context import get_forward
 
 from moe_backend import experts, ops
 from moe_backend.dispatch.policy import Policy
@@ -73,8 +80,6 @@ def _policy() -> Policy:
 def _current_phase() -> str:
     # SGLang's per-forward flag: True for batches with prefill (extend) tokens; graph runners
     # force it False while capturing decode graphs.
-    from sglang.srt.runtime_context import get_forward
-
     return "prefill" if get_forward().is_extend_in_batch else "decode"
 
 
@@ -128,9 +133,6 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
 
     # ---- standard (TP): weighted sum x routed_scaling_factor ----
     def _run_standard(self, d, q: PhaseMoeQuantInfo, runner_config):
-        from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
-        from sglang.srt.layers.moe.topk import TopKOutputChecker
-
         if not TopKOutputChecker.format_is_standard(d.topk_output):
             raise NotImplementedError(f"{BACKEND_NAME}: top-k output {type(d.topk_output).__name__} "
                                       f"is not supported (standard top-k only)")
@@ -148,8 +150,6 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
 
     # ---- DeepEP normal (prefill): weighted sum over local experts, contiguous kernel ----
     def _run_deepep_normal(self, d, q: PhaseMoeQuantInfo):
-        from sglang.srt.layers.moe.token_dispatcher.deepep import DeepEPNormalCombineInput
-
         x = d.hidden_states  # [N, H]
         x_scale = _activation_scale(x, d.hidden_states_scale, "deepep normal")
         # The host list num_recv_tokens_per_expert is not needed: the layout is built from ids.
@@ -161,8 +161,6 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
 
     # ---- DeepEP low-latency (decode): unweighted per-expert rows, masked kernel ----
     def _run_deepep_ll(self, d, q: PhaseMoeQuantInfo):
-        from sglang.srt.layers.moe.token_dispatcher.deepep import DeepEPLLCombineInput
-
         x = d.hidden_states  # [E, M, H]
         if x.dim() != 3 or x.shape[0] != q.num_local_experts:
             raise ValueError(f"{BACKEND_NAME} (deepep low-latency): expected activations "
@@ -170,7 +168,8 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         x_scale = _activation_scale(x, d.hidden_states_scale, "deepep low-latency")
         if x_scale is None:  # bf16 dispatch
             x, x_scale = ops.per_token_group_quant(x, GROUP, q.ue8m0)
-        masked_m = d.masked_m  # [E] int32, on the device: never read on the host
+        x = x.contiguous()  # DeepEP's receive buffer already is; our kernels require it
+        masked_m = d.masked_m.to(torch.int32)  # [E], on the device: never read on the host
         impl = self.policy.choose(0, "decode").impl
         h = ops.grouped_gemm_masked(x, x_scale, q.w13_fp8, q.w13_scale_inv, masked_m, impl=impl)
         a_fp8, a_scale = ops.silu_mul_quant(h, GROUP, q.ue8m0)  # [E, M, I], [E, M, I/128]

@@ -41,7 +41,6 @@ ORACLE_MODULE = "vllm.model_executor.layers.fused_moe.oracle.fp8"
 ENUM_MEMBER = "PHASEMOE"
 # The oracle functions we wrap; modules that imported them by name are rebound too.
 WRAPPED = ("map_fp8_backend", "backend_to_kernel_cls", "convert_to_fp8_moe_kernel_format")
-_PATCHED_FLAG = "_phasemoe_patched"
 
 logger = logging.getLogger("vllm.phasemoe")  # under vLLM's logger: its handlers and levels apply
 _lock = threading.Lock()
@@ -214,7 +213,8 @@ def _rebind(originals: dict[str, Any], replacements: dict[str, Any], skip: Any) 
 
 def patch_fp8_oracle(oracle, *, supported: bool = True, version: str = "") -> None:
     """Teach `vllm.model_executor.layers.fused_moe.oracle.fp8` the `phasemoe` backend. Idempotent."""
-    if getattr(oracle, _PATCHED_FLAG, False):
+    # Checked on the function itself, so that a reloaded oracle (fresh functions) is patched again.
+    if hasattr(oracle.map_fp8_backend, "__phasemoe_original__"):
         return
     originals = {name: getattr(oracle, name) for name in WRAPPED}
     if supported:
@@ -230,7 +230,6 @@ def patch_fp8_oracle(oracle, *, supported: bool = True, version: str = "") -> No
     for name, replacement in replacements.items():
         setattr(oracle, name, replacement)
     _rebind(originals, replacements, skip=oracle)
-    setattr(oracle, _PATCHED_FLAG, True)
 
 
 def _wrap_map(original: Callable, member: Any) -> Callable:

@@ -129,8 +129,10 @@ class PhaseMoEExperts(_PhaseMoEBase):
         w13_scale_inv, w2_scale_inv = self._weight_scales()
         local_ids = topk_ids
         if expert_map is not None:
-            # Global -> local expert ids; -1 (another rank's expert) contributes nothing.
-            local_ids = expert_map.index_select(0, topk_ids.reshape(-1).long()).view_as(topk_ids)
+            # Global -> local expert ids; -1 (another rank's expert, or an id vLLM already
+            # dropped) contributes nothing.
+            mapped = expert_map.index_select(0, topk_ids.reshape(-1).clamp_min(0).long())
+            local_ids = torch.where(topk_ids >= 0, mapped.view_as(topk_ids), -1)
         weights = topk_weights.float()
         if apply_router_weight_on_input:
             # The prepare step already scaled the input by the (top-1) weight.
@@ -179,7 +181,9 @@ class PhaseMoEBatchedExperts(_PhaseMoEBase):
         assert activation == MoEActivation.SILU
         w13_scale_inv, w2_scale_inv = self._weight_scales()
         num_experts, max_m, n, _, _ = self.moe_problem_size(hidden_states, w1, w2, topk_ids)
-        masked_m = expert_tokens_meta.expert_num_tokens  # [E] int32, on the device
+        # [E_local] int32 on the device. DeepEP LL sizes it by local experts, vLLM's naive batched
+        # prepare by global experts (local ones first): a view of the first E_local either way.
+        masked_m = expert_tokens_meta.expert_num_tokens[:num_experts]
         h = _view(workspace13, (num_experts, max_m, n))  # bf16 [E, max_m, 2I]
         ops.grouped_gemm_masked(hidden_states, a1q_scale.contiguous(), w1, w13_scale_inv,
                                 masked_m, out=h)

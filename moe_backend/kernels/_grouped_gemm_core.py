@@ -21,6 +21,27 @@ from moe_backend.kernels._numerics import round_to_bf16_grid
 SCALE_GROUP = 128
 
 
+@triton.jit
+def _scaled_block_dot(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, SWAP_AB: tl.constexpr, SCALAR_BS: tl.constexpr):
+    """One 128-wide K block: its fp32 partial product times a_scale[m, kb] * b_scale[n // 128, kb]."""
+    a = tl.load(a_ptrs)
+    b = tl.load(b_ptrs)
+    a_s = tl.load(as_ptrs)
+    b_s = tl.load(bs_ptrs)
+    # One return at the end: Triton 3.6 also compiles the statements after a constexpr-if return.
+    if SWAP_AB:
+        if SCALAR_BS:
+            p = tl.dot(b, a) * (a_s[None, :] * b_s)
+        else:
+            p = tl.dot(b, a) * a_s[None, :] * b_s[:, None]
+    else:
+        if SCALAR_BS:
+            p = tl.dot(a, b) * (a_s[:, None] * b_s)
+        else:
+            p = tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    return p
+
+
 # Row counts stay runtime values (one compiled kernel per config serves every batch size).
 @triton.jit(do_not_specialize=["M", "num_m_tiles", "num_n_tiles"])
 def _fp8_grouped_gemm_kernel(
@@ -42,6 +63,7 @@ def _fp8_grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,  # C^T = B A^T: N fills the MMA's M slot when rows are few
+    K_UNROLL: tl.constexpr,  # 128-wide K blocks per loop iteration (1 or 2)
 ):
     pid = tl.program_id(0)
     num_kb = K // BLOCK_K
@@ -99,23 +121,15 @@ def _fp8_grouped_gemm_kernel(
         a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]  # [BM, BK]
         b_ptrs = b_ptr + offs_nb[None, :] * K + offs_k[:, None]  # [BK, BN]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, num_kb):
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
-        a_s = tl.load(as_ptrs + kb)
-        b_s = tl.load(bs_ptrs + kb)
-        if SWAP_AB:
-            if BLOCK_N <= 128:
-                acc += tl.dot(b, a) * (a_s[None, :] * b_s)
-            else:
-                acc += tl.dot(b, a) * a_s[None, :] * b_s[:, None]
-        else:
-            if BLOCK_N <= 128:
-                acc += tl.dot(a, b) * (a_s[:, None] * b_s)
-            else:
-                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    for kb in range(0, num_kb, K_UNROLL):
+        acc += _scaled_block_dot(a_ptrs, b_ptrs, as_ptrs + kb, bs_ptrs + kb, SWAP_AB, BLOCK_N <= 128)
+        if K_UNROLL == 2:
+            # A second K block's product issued before the first is scaled in: two MMA groups in
+            # flight per wait instead of one (num_kb % 2 == 0 is checked by the launcher).
+            acc += _scaled_block_dot(a_ptrs + BLOCK_K, b_ptrs + BLOCK_K, as_ptrs + kb + 1,
+                                     bs_ptrs + kb + 1, SWAP_AB, BLOCK_N <= 128)
+        a_ptrs += BLOCK_K * K_UNROLL
+        b_ptrs += BLOCK_K * K_UNROLL
     out = round_to_bf16_grid(acc).to(c_ptr.dtype.element_ty)
     if SWAP_AB:
         c_ptrs = c_ptr + offs_m[None, :] * N + offs_n[:, None]
@@ -141,5 +155,6 @@ def launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, masked_m, *, masked:
         rows, n, k, num_m_tiles, num_n_tiles,
         MASKED=masked, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=SCALE_GROUP,
         GROUP_M=cfg.get("GROUP_M", 1), SWAP_AB=bool(cfg.get("SWAP_AB", False)),
+        K_UNROLL=2 if cfg.get("K_UNROLL", 1) == 2 and (k // SCALE_GROUP) % 2 == 0 else 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

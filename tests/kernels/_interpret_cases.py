@@ -64,6 +64,10 @@ def case_masked_wide_n():
     case_masked(dict(BLOCK_M=32, BLOCK_N=256, num_warps=4, num_stages=2))
 
 
+def case_masked_k_unroll():
+    case_masked(dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, K_UNROLL=2, num_warps=4, num_stages=2))
+
+
 def case_contiguous(cfg=None, counts=(0, 1, 130, 5)):
     gen = torch.Generator().manual_seed(2)
     e, n, k = len(counts), 136, 256
@@ -90,7 +94,7 @@ def case_contiguous_one_expert():
 
 
 def case_contiguous_bm64():
-    case_contiguous(dict(BLOCK_M=64, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=2))
+    case_contiguous(dict(BLOCK_M=64, BLOCK_N=32, GROUP_M=2, K_UNROLL=2, num_warps=4, num_stages=2))
 
 
 def _check_quant(q, s, ref_q, ref_s):

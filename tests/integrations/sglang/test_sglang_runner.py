@@ -105,19 +105,21 @@ def quant_info(weights):
     return PhaseMoeQuantInfo(*weights)
 
 
-def make_runner(case: Case, **overrides):
+def make_config(case: Case):
     from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
+
+    return MoeRunnerConfig(num_experts=case.num_experts, num_local_experts=case.num_experts,
+                           hidden_size=HIDDEN, intermediate_size_per_partition=INTER,
+                           top_k=TOP_K + int(case.fused_shared),
+                           num_fused_shared_experts=int(case.fused_shared),
+                           params_dtype=torch.bfloat16, routed_scaling_factor=ROUTED_SCALING_FACTOR)
+
+
+def make_runner(case: Case):
     from sglang.srt.layers.moe.moe_runner.runner import MoeRunner
     from sglang.srt.layers.moe.utils import resolve_moe_runner_backend
 
-    config = MoeRunnerConfig(num_experts=case.num_experts, num_local_experts=case.num_experts,
-                             hidden_size=HIDDEN, intermediate_size_per_partition=INTER,
-                             top_k=TOP_K + int(case.fused_shared),
-                             num_fused_shared_experts=int(case.fused_shared),
-                             params_dtype=torch.bfloat16, routed_scaling_factor=ROUTED_SCALING_FACTOR)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return MoeRunner(resolve_moe_runner_backend(plugin.BACKEND_NAME), config)
+    return MoeRunner(resolve_moe_runner_backend(plugin.BACKEND_NAME), make_config(case))
 
 
 def standard_dispatch(x, ids, weights, x_scale=None):
@@ -146,7 +148,7 @@ def test_standard_dispatch_matches_reference(case):
     x = make_x(case.num_tokens)
     combine = make_runner(case).run(standard_dispatch(x, ids, topk_weights), quant_info(weights))
 
-    assert combine.format.is_standard()
+    assert combine.format.value == "standard"
     out = combine.hidden_states
     assert out.shape == (case.num_tokens, HIDDEN) and out.dtype == torch.bfloat16
     # Standard combine = weighted sum x routed_scaling_factor (the fused shared expert's weight
@@ -167,7 +169,7 @@ def test_deepep_normal_matches_reference(case):
     dispatch = DeepEPNormalDispatchOutput(x_fp8, x_scale, ids, topk_weights, counts)
     combine = make_runner(case).run(dispatch, quant_info(weights))
 
-    assert combine.format.is_deepep_normal()
+    assert combine.format.value == "deepep_normal"
     assert combine.topk_ids is ids and combine.topk_weights is topk_weights
     out = combine.hidden_states
     assert out.shape == (case.num_tokens, HIDDEN) and out.dtype == torch.bfloat16
@@ -211,7 +213,7 @@ def test_deepep_ll_matches_reference(case, fp8):
                                       max(1, case.num_tokens * TOP_K // case.num_experts))
     combine = make_runner(case).run(dispatch, quant_info(weights))
 
-    assert combine.format.is_deepep_ll()
+    assert combine.format.value == "deepep_ll"
     out = combine.hidden_states
     assert out.shape == (case.num_experts, hidden.shape[1], HIDDEN) and out.dtype == torch.bfloat16
     assert int(masked_m[EMPTY_EXPERT]) == 0
@@ -287,7 +289,7 @@ def test_fp8_method_builds_and_applies_our_runner(moe_flags):
     weights = make_experts(case.num_experts)
     layer = fp8_layer(weights)
     method = fp8_method()
-    method.create_moe_runner(layer, make_runner(case).config)
+    method.create_moe_runner(layer, make_config(case))
     assert isinstance(method.runner.runner_core, PhaseMoeRunnerCore)
 
     ids, topk_weights = make_routing(case)
@@ -302,7 +304,7 @@ def test_fp8_method_without_the_flag_is_untouched(moe_flags):
 
     moe_flags(runner="triton")
     method = fp8_method()
-    method.create_moe_runner(fp8_layer(make_experts(4)), make_runner(Case(1, 4)).config)
+    method.create_moe_runner(fp8_layer(make_experts(4)), make_config(Case(1, 4)))
     assert method.runner.runner_backend is MoeRunnerBackend.TRITON
 
 
@@ -310,7 +312,7 @@ def test_fp8_method_without_the_flag_is_untouched(moe_flags):
                                            ("activation", "silu")])
 def test_fp8_method_unsupported_combinations_raise(moe_flags, problem, match):
     moe_flags(runner="phasemoe", a2a="deepep_v2" if problem == "deepep_v2" else "none")
-    config = make_runner(Case(1, 4)).config
+    config = make_config(Case(1, 4))
     if problem == "activation":
         config.activation = "gelu"
     with pytest.raises(ValueError, match=match):

@@ -54,3 +54,37 @@ def test_phasemoe_invalid_without_plugin(off):
 
 def test_literal_keeps_builtin_order(on, off):
     assert on["literal"] == off["literal"] + [NAME]
+
+
+ENGINE_CONFIG = """
+import os, sys
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())  # loads the plugins, as `vllm serve`
+args = parser.parse_args(["--model", sys.argv[1], "--moe-backend", "phasemoe",
+                          "--skip-tokenizer-init", "--max-model-len", "256"])
+config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
+print("RESULT", config.kernel_config.moe_backend, type(config.quant_config).__name__)
+"""
+
+
+def test_engine_config_from_the_command_line_carries_phasemoe(tmp_path):
+    """`vllm serve <DeepSeek-V3 FP8> --moe-backend phasemoe` up to the engine's VllmConfig, on a
+    tiny DeepSeek-V3-format FP8 checkpoint (the model itself needs a GPU: FP8 linear layers)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    checkpoint = tmp_path / "tiny-dsv3"
+    subprocess.run([sys.executable, str(repo / "examples" / "make_tiny_checkpoint.py"),
+                    str(checkpoint), "--layers", "2", "--shards", "1"], check=True,
+                   capture_output=True)
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
+    env.pop("VLLM_PLUGINS", None)
+    proc = subprocess.run([sys.executable, "-c", ENGINE_CONFIG, str(checkpoint)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-3:] == ["RESULT", NAME, "Fp8Config"]

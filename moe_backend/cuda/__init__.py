@@ -1,0 +1,7 @@
+"""CUDA C++ kernels for Hopper (sm_90a), compiled at first use by `moe_backend.cuda.jit`.
+
+Importing this package is cheap: it needs neither nvcc nor cuda-python until a kernel is built
+or launched. `python -m moe_backend.cuda warmup` compiles the configs DeepSeek-V3 needs.
+Ops live in modules named after them (as in `moe_backend.kernels`):
+`moe_backend.cuda.grouped_gemm_contiguous.grouped_gemm_contiguous`.
+"""

@@ -1,0 +1,17 @@
+// Instantiation template: moe_backend/cuda/grouped_gemm_contiguous.py fills the {{...}} fields
+// (plain text replacement) and the JIT compiles one cubin per (N, K, BLOCK_N, STAGES, GROUP_M).
+#include "grouped_gemm_contiguous.cuh"
+
+using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}>;
+
+extern "C" __global__ void __launch_bounds__(phasemoe::kNumThreads, 1)
+{{KERNEL_NAME}}(const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_a,
+                const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_b,
+                const float* __restrict__ a_scale, const float* __restrict__ b_scale,
+                const int32_t* __restrict__ expert_ids, uint16_t* __restrict__ out, int m) {
+  Gemm::run(tmap_a, tmap_b, a_scale, b_scale, expert_ids, out, m);
+}
+
+// The launcher sizes the launch with its own formula (ContiguousConfig.smem_bytes); this keeps
+// the two in step at compile time, so a drift fails the CPU compile test, not a GPU run.
+static_assert(Gemm::kSmemBytes == {{SMEM_BYTES}}, "launcher and kernel disagree on shared memory");

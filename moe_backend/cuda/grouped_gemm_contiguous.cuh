@@ -1,0 +1,271 @@
+// Contiguous-layout FP8 grouped GEMM for sm_90a (DeepSeek-V3 MoE prefill).
+//
+//   out[m, n] = sum_kb a_scale[m, kb] * b_scale[e, n / 128, kb] * sum_{k in kb} A[m, k] * B[e, n, k]
+//   with e = expert_ids[m]; rows with expert id -1 (segment padding) are not written.
+//
+// A      e4m3 [M, K] row-major (K-major), a_scale fp32 [M, K/128]
+// B      e4m3 [E, N, K] (K-major),        b_scale fp32 [E, ceil(N/128), K/128]
+// out    bf16 [M, N] row-major
+// Precondition (as DeepGEMM's contiguous layout): each expert's segment starts on a multiple of
+// 128 rows, so a 128-row M tile never holds two experts; a tile whose first row is padding is
+// skipped whole.
+//
+// Structure (one CTA per SM, persistent):
+//   warpgroup 2        producer: one thread issues the TMA loads of A [128 x 128] and
+//                      B [BLOCK_N x 128] into a ring of kStages shared-memory stages
+//                      (128-byte swizzle), each stage completing on its `full` mbarrier.
+//   warpgroups 0 and 1 consumers: rows 0-63 and 64-127 of the tile. Per 128-wide K block:
+//                      4 x wgmma m64nBLOCK_Nk32 into a block accumulator, wait, release the
+//                      stage (`empty` mbarrier), then promote: result += a_scale * b_scale *
+//                      block accumulator in fp32 (the per-block scales cannot enter the tensor
+//                      core, so each K block is summed on its own and scaled in registers).
+//   Both roles walk the same tile sequence (TileScheduler), so no tile list is exchanged.
+// Only N, K (and the tiling constants) are compile-time; M is a runtime argument.
+#pragma once
+#include <cstdint>
+
+#include "sm90_ptx.cuh"
+#include "wgmma_fp8.cuh"
+
+namespace phasemoe {
+
+constexpr int kBlockM = 128;          // 2 consumer warpgroups x 64 rows (wgmma M)
+constexpr int kBlockK = 128;          // = the scale block: one promotion per stage
+constexpr int kWgmmaK = 32;           // K of one fp8 wgmma
+constexpr int kNumConsumerWarpgroups = 2;
+constexpr int kNumThreads = 128 * (kNumConsumerWarpgroups + 1);
+constexpr int kScaleBlock = 128;
+// Register split after setmaxnreg: 2 x 128 x 232 + 128 x 40 = 64512 <= 65536.
+constexpr int kConsumerRegs = 232;
+constexpr int kProducerRegs = 40;
+
+template <int kN, int kBlockN, int kGroupM>
+struct TileScheduler {
+  static constexpr int kNumNTiles = (kN + kBlockN - 1) / kBlockN;
+
+  int num_m_tiles;
+  int num_tiles;
+  int next;
+
+  __device__ __forceinline__ explicit TileScheduler(int m)
+      : num_m_tiles((m + kBlockM - 1) / kBlockM), num_tiles(num_m_tiles * kNumNTiles), next(blockIdx.x) {}
+
+  // Tiles are numbered so that kGroupM consecutive M tiles sweep the N tiles together: the CTAs
+  // running at one time share a few experts' weights and a few A row blocks in L2.
+  __device__ __forceinline__ bool next_tile(int& m_tile, int& n_tile) {
+    if (next >= num_tiles) return false;
+    const int t = next;
+    next += gridDim.x;
+    const int per_group = kGroupM * kNumNTiles;
+    const int group = t / per_group;
+    const int first_m = group * kGroupM;
+    const int rows_in_group = min(num_m_tiles - first_m, kGroupM);
+    const int r = t - group * per_group;
+    m_tile = first_m + r % rows_in_group;
+    n_tile = r / rows_in_group;
+    return true;
+  }
+};
+
+template <int kN, int kK, int kBlockN, int kStages, int kGroupM>
+struct GroupedGemmContiguous {
+  static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
+  static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && kBlockN <= 192, "BLOCK_N: multiple of 16 in [64, 192]");
+  static_assert(kStages >= 2, "need at least two pipeline stages");
+
+  static constexpr int kKBlocks = kK / kBlockK;
+  static constexpr int kNScaleBlocks = (kN + kScaleBlock - 1) / kScaleBlock;
+  static constexpr uint32_t kABytes = kBlockM * kBlockK;  // fp8
+  static constexpr uint32_t kBBytes = kBlockN * kBlockK;
+  static constexpr uint32_t kStageBytes = kABytes + kBBytes;
+  static constexpr int kAccRegs = kBlockN / 2;  // fp32 per thread for a 64 x BLOCK_N tile
+  // N tiles that divide (or are multiples of) the 128-column scale block start on a block
+  // boundary: each 8-column chunk's scale block is a compile-time index. Others (112, 160, ...)
+  // straddle up to kScaleSpan blocks, chosen per chunk at run time.
+  static constexpr bool kScaleAligned = (kScaleBlock % kBlockN == 0) || (kBlockN % kScaleBlock == 0);
+  static constexpr int kScaleSpan = kScaleAligned ? (kBlockN + kScaleBlock - 1) / kScaleBlock
+                                                  : (kBlockN + 120 - 1) / kScaleBlock + 1;
+  // Ring of stages, then the barriers; +1024 to align the ring (128-byte swizzle atoms are
+  // 1024 bytes: the descriptors assume 1024-aligned tiles).
+  static constexpr uint32_t kSmemBytes = kStages * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;
+  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "stage tiles must keep 1024-byte alignment");
+  static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block can opt into");
+
+  using Scheduler = TileScheduler<kN, kBlockN, kGroupM>;
+  using Mma = WgmmaFp8<kBlockN>;
+
+  __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
+                                             const float* __restrict__ a_scale, const float* __restrict__ b_scale,
+                                             const int32_t* __restrict__ expert_ids, uint16_t* __restrict__ out,
+                                             int m) {
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>(
+        (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+    uint8_t* smem_a = smem;                       // kStages x [128 x 128] e4m3
+    uint8_t* smem_b = smem + kStages * kABytes;   // kStages x [BLOCK_N x 128] e4m3
+    uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+    uint64_t* empty_bar = full_bar + kStages;
+
+    const int warpgroup = threadIdx.x / 128;
+    const int lane = threadIdx.x % 32;
+
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < kStages; ++s) {
+        sm90::mbar_init(&full_bar[s], 1);                                // the producer's expect_tx
+        sm90::mbar_init(&empty_bar[s], kNumConsumerWarpgroups * 4);      // one arrival per consumer warp
+      }
+      sm90::fence_barrier_init();
+    }
+    __syncthreads();
+
+    if (warpgroup == kNumConsumerWarpgroups) {
+      // ------------------------------- producer -------------------------------------------
+      sm90::setmaxnreg_dec<kProducerRegs>();
+      if (threadIdx.x == kNumConsumerWarpgroups * 128) {
+        sm90::tma_prefetch_descriptor(&tmap_a);
+        sm90::tma_prefetch_descriptor(&tmap_b);
+        Scheduler sched(m);
+        int stage = 0;
+        uint32_t phase = 0;
+        int m_tile, n_tile;
+        while (sched.next_tile(m_tile, n_tile)) {
+          const int expert = expert_ids[m_tile * kBlockM];
+          if (expert < 0) continue;
+#pragma unroll 1
+          for (int kb = 0; kb < kKBlocks; ++kb) {
+            sm90::mbar_wait(&empty_bar[stage], phase ^ 1);
+            // Out-of-bounds box elements (rows past M, columns past N) are zero-filled and
+            // still counted in the transaction bytes.
+            sm90::mbar_arrive_expect_tx(&full_bar[stage], kStageBytes);
+            sm90::tma_load_2d(smem_a + stage * kABytes, &tmap_a, &full_bar[stage], kb * kBlockK, m_tile * kBlockM);
+            sm90::tma_load_3d(smem_b + stage * kBBytes, &tmap_b, &full_bar[stage], kb * kBlockK, n_tile * kBlockN,
+                              expert);
+            if (++stage == kStages) {
+              stage = 0;
+              phase ^= 1;
+            }
+          }
+        }
+      }
+    } else {
+      // ------------------------------- consumers ------------------------------------------
+      sm90::setmaxnreg_inc<kConsumerRegs>();
+      const int warp_in_wg = (threadIdx.x / 32) % 4;
+      // This thread's two accumulator rows within the 128-row tile (wgmma D layout).
+      const int row_in_tile = warpgroup * 64 + warp_in_wg * 16 + lane / 4;
+      const int col_in_chunk = 2 * (lane % 4);
+
+      float acc[kAccRegs];     // one K block, unscaled
+      float result[kAccRegs];  // promoted fp32 sum over K blocks
+#pragma unroll
+      for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.f;
+
+      Scheduler sched(m);
+      int stage = 0;
+      uint32_t phase = 0;
+      int m_tile, n_tile;
+      while (sched.next_tile(m_tile, n_tile)) {
+        const int expert = expert_ids[m_tile * kBlockM];
+        if (expert < 0) continue;
+
+        const int row0 = m_tile * kBlockM + row_in_tile;
+        const int row1 = row0 + 8;
+        // Rows past M read row M-1's scales (their products are never stored).
+        const float* a_scale0 = a_scale + static_cast<int64_t>(min(row0, m - 1)) * kKBlocks;
+        const float* a_scale1 = a_scale + static_cast<int64_t>(min(row1, m - 1)) * kKBlocks;
+        const int n_base = n_tile * kBlockN;
+        const int scale_block0 = n_base / kScaleBlock;
+        const int n_offset = n_base % kScaleBlock;  // 0 when kScaleAligned
+        const float* b_scale_e = b_scale + static_cast<int64_t>(expert) * kNScaleBlocks * kKBlocks;
+        const float* b_scale_rows[kScaleSpan];
+#pragma unroll
+        for (int j = 0; j < kScaleSpan; ++j)
+          b_scale_rows[j] = b_scale_e + min(scale_block0 + j, kNScaleBlocks - 1) * kKBlocks;
+
+#pragma unroll
+        for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
+
+#pragma unroll 1
+        for (int kb = 0; kb < kKBlocks; ++kb) {
+          // Scales first: their global-load latency hides behind the barrier wait and the MMAs.
+          const float sa0 = __ldg(a_scale0 + kb);
+          const float sa1 = __ldg(a_scale1 + kb);
+          float sb[kScaleSpan];
+#pragma unroll
+          for (int j = 0; j < kScaleSpan; ++j) sb[j] = __ldg(b_scale_rows[j] + kb);
+
+          sm90::mbar_wait(&full_bar[stage], phase);
+          const uint64_t desc_a = sm90::smem_desc_kmajor_sw128(smem_a + stage * kABytes + warpgroup * 64 * kBlockK);
+          const uint64_t desc_b = sm90::smem_desc_kmajor_sw128(smem_b + stage * kBBytes);
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+          sm90::wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
+            // +2 per step: 32 bytes of K in the descriptor's 16-byte units.
+            Mma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
+          }
+          sm90::wgmma_commit();
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+          sm90::wgmma_wait<0>();
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+          // The stage's bytes are consumed once this warp's MMAs completed: hand it back.
+          if (lane == 0) sm90::mbar_arrive(&empty_bar[stage]);
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+
+#pragma unroll
+          for (int c = 0; c < kBlockN / 8; ++c) {
+            float sbc;
+            if constexpr (kScaleAligned) {
+              sbc = sb[(8 * c) / kScaleBlock];
+            } else {
+              const int col = n_offset + 8 * c;  // an 8-column chunk never straddles a scale block
+              sbc = sb[0];
+#pragma unroll
+              for (int j = 1; j < kScaleSpan; ++j) sbc = col >= j * kScaleBlock ? sb[j] : sbc;
+            }
+            const float s0 = sa0 * sbc;
+            const float s1 = sa1 * sbc;
+            result[4 * c + 0] = fmaf(s0, acc[4 * c + 0], result[4 * c + 0]);
+            result[4 * c + 1] = fmaf(s0, acc[4 * c + 1], result[4 * c + 1]);
+            result[4 * c + 2] = fmaf(s1, acc[4 * c + 2], result[4 * c + 2]);
+            result[4 * c + 3] = fmaf(s1, acc[4 * c + 3], result[4 * c + 3]);
+          }
+        }
+
+        // Epilogue: bf16 straight from registers. Rows of another expert id (padding) and rows
+        // past M are left untouched; columns past N (last N tile) are dropped.
+        const bool store0 = row0 < m && expert_ids[row0] == expert;
+        const bool store1 = row1 < m && expert_ids[row1] == expert;
+        uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
+        uint16_t* out1 = out + static_cast<int64_t>(row1) * kN;
+#pragma unroll
+        for (int c = 0; c < kBlockN / 8; ++c) {
+          const int col = n_base + 8 * c + col_in_chunk;
+          if constexpr (kN % 2 == 0) {
+            if (col < kN) {
+              if (store0) *reinterpret_cast<uint32_t*>(out0 + col) = sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]);
+              if (store1) *reinterpret_cast<uint32_t*>(out1 + col) = sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]);
+            }
+          } else {
+            if (col < kN) {
+              if (store0) out0[col] = sm90::to_bf16(result[4 * c]);
+              if (store1) out1[col] = sm90::to_bf16(result[4 * c + 2]);
+            }
+            if (col + 1 < kN) {
+              if (store0) out0[col + 1] = sm90::to_bf16(result[4 * c + 1]);
+              if (store1) out1[col + 1] = sm90::to_bf16(result[4 * c + 3]);
+            }
+          }
+        }
+      }
+    }
+  }
+};
+
+}  // namespace phasemoe

@@ -1,0 +1,209 @@
+"""Contiguous FP8 grouped GEMM in CUDA C++ for Hopper (sm_90a): launcher, tile heuristic and
+JIT glue for `grouped_gemm_contiguous.cuh` (design: docs/cuda_kernel.md; numerics and contract:
+docs/design.md).
+
+Order in this file: config + heuristic, kernel spec (cached compile), tensor maps, public op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from moe_backend._checks import check_same_device, check_tensor
+from moe_backend.cuda import jit
+from moe_backend.cuda._gen_wgmma import BLOCK_N_CHOICES
+from moe_backend.quant import FP8_DTYPE
+
+__all__ = ["grouped_gemm_contiguous", "ContiguousConfig", "select_config", "kernel_spec"]
+
+BLOCK_M = 128          # rows per tile: 2 consumer warpgroups x 64; also the segment alignment
+BLOCK_K = 128          # = the scale block
+CONTIGUOUS_ALIGNMENT = BLOCK_M
+SMEM_LIMIT = 232448    # bytes of shared memory one block may opt into on sm_90
+MAX_STAGES = 6         # deeper rings stopped paying in other Hopper GEMMs; unmeasured here
+GROUP_M = 8            # M tiles swept together across N (L2 reuse); unmeasured prior
+# Per-tile fixed cost in column-equivalents (A tile traffic, promotion, epilogue, pipeline fill)
+# used to rank N tiles. An unmeasured prior, to be fitted on the device.
+TILE_OVERHEAD_COLS = 32
+_TEMPLATE = Path(__file__).with_name("grouped_gemm_contiguous.cu")
+
+
+@dataclass(frozen=True)
+class ContiguousConfig:
+    block_n: int           # N tile = wgmma N; one of BLOCK_N_CHOICES
+    num_stages: int        # depth of the shared-memory ring (A + B tile per stage)
+    group_m: int = GROUP_M  # M tiles walked together by the persistent scheduler
+
+    def __post_init__(self) -> None:
+        if self.block_n not in BLOCK_N_CHOICES:
+            raise ValueError(f"config.block_n: must be one of {BLOCK_N_CHOICES}, got {self.block_n}")
+        if not 2 <= self.num_stages <= max_stages(self.block_n):
+            raise ValueError(f"config.num_stages: must lie in [2, {max_stages(self.block_n)}] for "
+                             f"block_n={self.block_n}, got {self.num_stages}")
+        if self.group_m < 1:
+            raise ValueError(f"config.group_m: must be >= 1, got {self.group_m}")
+
+    @property
+    def smem_bytes(self) -> int:
+        """Mirrors GroupedGemmContiguous::kSmemBytes (a static_assert in the rendered source checks it)."""
+        return self.num_stages * (stage_bytes(self.block_n) + 16) + 1024
+
+
+def stage_bytes(block_n: int) -> int:
+    return BLOCK_M * BLOCK_K + block_n * BLOCK_K
+
+
+def max_stages(block_n: int) -> int:
+    return min(MAX_STAGES, (SMEM_LIMIT - 1024) // (stage_bytes(block_n) + 16))
+
+
+def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | None = None,
+                  verbose: bool = False) -> ContiguousConfig:
+    """N tile by formula: minimize (waves of tiles over the SMs) x (columns per tile + fixed
+    cost), ties to the larger tile (fewer re-reads of A). `m` is the row count including padding
+    (no host sync to count real rows); non-power-of-two tiles (112, 160, ...) often fill the last
+    wave better. `override` wins when given."""
+    if override is not None:
+        cfg = override
+    else:
+        m_tiles = max(1, math.ceil(m / BLOCK_M))
+
+        def cost(bn: int) -> tuple[int, int]:
+            waves = math.ceil(m_tiles * math.ceil(n / bn) / num_sms)
+            return waves * (bn + TILE_OVERHEAD_COLS), -bn
+
+        bn = min(BLOCK_N_CHOICES, key=cost)
+        cfg = ContiguousConfig(block_n=bn, num_stages=max_stages(bn))
+    if verbose:
+        print(f"[moe_backend.cuda] grouped_gemm_contiguous m={m} n={n} sms={num_sms}: {cfg}", file=sys.stderr)
+    return cfg
+
+
+@lru_cache(maxsize=None)
+def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAULT_ARCH) -> jit.KernelSpec:
+    """The rendered source for one (N, K, config); M stays a runtime argument."""
+    if k <= 0 or k % BLOCK_K:
+        raise ValueError(f"k: must be a positive multiple of {BLOCK_K}, got {k}")
+    if n <= 0:
+        raise ValueError(f"n: must be positive, got {n}")
+    constants = {"N": n, "K": k, "BLOCK_N": config.block_n, "STAGES": config.num_stages,
+                 "GROUP_M": config.group_m}
+    name = "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}".format(**constants)
+    source = _TEMPLATE.read_text()
+    for field, value in {**constants, "KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes}.items():
+        source = source.replace("{{" + field + "}}", str(value))
+    return jit.KernelSpec(family="grouped_gemm_contiguous", kernel_name=name, source=source,
+                          constants=constants, arch=arch)
+
+
+def warmup_specs(shapes: Iterable[tuple[int, int]], row_counts: Iterable[int], num_sms: int = 132
+                 ) -> list[jit.KernelSpec]:
+    """Distinct specs the heuristic picks for each (N, K) over the given total row counts."""
+    specs = {}
+    for n, k in shapes:
+        for m in row_counts:
+            spec = kernel_spec(n, k, select_config(m, n, num_sms))
+            specs[spec.kernel_name] = spec
+    return list(specs.values())
+
+
+# ------------------------------------------------------------------------------------------
+# Tensor maps (cuTensorMapEncodeTiled) and launch
+
+
+def _tensor_map(ptr: int, dims: list[int], strides_bytes: list[int], box: list[int]):
+    """uint8 (fp8 bytes) tile map, innermost dim first, 128-byte swizzle, zero fill out of bounds."""
+    driver = jit._driver()
+    return jit.check(driver.cuTensorMapEncodeTiled(
+        driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, len(dims), ptr,
+        [driver.cuuint64_t(d) for d in dims], [driver.cuuint64_t(s) for s in strides_bytes],
+        [driver.cuuint32_t(b) for b in box], [driver.cuuint32_t(1)] * len(dims),
+        driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE))
+
+
+def _tma_param(tmap) -> ctypes.Array:
+    return (ctypes.c_uint64 * 16)(*[int(x) for x in tmap.opaque])
+
+
+@lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _check_kernel(dev: torch.device) -> None:
+    if dev.type != "cuda":
+        raise ValueError(f"a_fp8: the CUDA kernel needs a CUDA tensor, got one on {dev} "
+                         f"(use moe_backend.ops, which falls back to the reference on CPU)")
+    if torch.cuda.get_device_capability(dev) != (9, 0):
+        raise ValueError(f"a_fp8: the CUDA grouped GEMM is built for sm_90a (Hopper), got a device of "
+                         f"capability {torch.cuda.get_device_capability(dev)}")
+
+
+def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
+                            b_scale: torch.Tensor, expert_ids: torch.Tensor,
+                            out: torch.Tensor | None = None, *,
+                            config: ContiguousConfig | None = None) -> torch.Tensor:
+    """out[m, :] = A[m] @ B[expert_ids[m]]^T with block scales; rows with id -1 are not written.
+
+    a_fp8 e4m3 `[M, K]` (K % 128 == 0), a_scale f32 `[M, K/128]`, b_fp8 e4m3 `[E, N, K]`,
+    b_scale f32 `[E, ceil(N/128), K/128]`, expert_ids int32 (int64 is converted) `[M]`, each
+    expert's segment starting on a multiple of 128 rows (padding rows -1; ids are not
+    range-checked: that would sync with the host), out bf16 `[M, N]` (allocated zeroed when
+    None, like the reference). All contiguous, on one Hopper GPU. `config` overrides the
+    heuristic (MOE_BACKEND_JIT_VERBOSE=1 prints the choice).
+    """
+    check_tensor("a_fp8", a_fp8, dtypes=(FP8_DTYPE,), ndim=2, contiguous=True)
+    m, k = a_fp8.shape
+    if k == 0 or k % BLOCK_K:
+        raise ValueError(f"a_fp8: K ({k}) must be a positive multiple of {BLOCK_K}")
+    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(m, k // BLOCK_K), contiguous=True)
+    check_tensor("b_fp8", b_fp8, dtypes=(FP8_DTYPE,), ndim=3, contiguous=True)
+    num_experts, n, kb = b_fp8.shape
+    if kb != k:
+        raise ValueError(f"b_fp8: K ({kb}) must equal the activations' K ({k})")
+    check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=(num_experts, -(-n // 128), k // BLOCK_K),
+                 contiguous=True)
+    check_tensor("expert_ids", expert_ids, dtypes=(torch.int32, torch.int64), shape=(m,), contiguous=True)
+    check_same_device(a_fp8=a_fp8, a_scale=a_scale, b_fp8=b_fp8, b_scale=b_scale, expert_ids=expert_ids)
+    dev = a_fp8.device
+    if out is None:
+        out = torch.zeros((m, n), dtype=torch.bfloat16, device=dev)
+    else:
+        check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(m, n), device=dev, contiguous=True)
+    _check_kernel(dev)
+    for name, t in (("a_fp8", a_fp8), ("b_fp8", b_fp8)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name}: TMA needs a 16-byte aligned base address (got a view at offset "
+                             f"{t.data_ptr() % 16} mod 16); pass a fresh tensor")
+    if m == 0 or n == 0 or num_experts == 0:
+        return out
+    if expert_ids.dtype != torch.int32:
+        expert_ids = expert_ids.to(torch.int32)
+
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    cfg = select_config(m, n, _num_sms(index), override=config, verbose=jit._verbose())
+    spec = kernel_spec(n, k, cfg)
+    with torch.cuda.device(index):
+        kernel = jit.load_kernel(spec, index)
+        tmap_a = _tensor_map(a_fp8.data_ptr(), [k, m], [k], [BLOCK_K, BLOCK_M])
+        tmap_b = _tensor_map(b_fp8.data_ptr(), [k, n, num_experts], [k, n * k], [BLOCK_K, cfg.block_n, 1])
+        num_tiles = math.ceil(m / BLOCK_M) * math.ceil(n / cfg.block_n)
+        params = [
+            _tma_param(tmap_a), _tma_param(tmap_b),
+            ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
+            ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
+        ]
+        kernel.launch(grid=(min(_num_sms(index), num_tiles), 1, 1), block=(384, 1, 1), smem=cfg.smem_bytes,
+                      stream=torch.cuda.current_stream(dev).cuda_stream, params=params)
+    return out

@@ -1,0 +1,408 @@
+"""Compile-on-first-use for the CUDA C++ kernels: nvcc -> cubin, cached on disk, loaded through
+the CUDA driver API (`cuda-python`).
+
+Cache entry = `<cache>/<family>/<key>.cubin` plus a sidecar `<key>.json` (sha256 and size of the
+cubin, the nvcc command, ptxas's register/spill report). The key is the sha256 of everything that
+changes the binary: the rendered source, every header in this package, the template constants,
+the target arch, the nvcc version string and the flags. A build happens in a private temp dir
+under a per-key file lock (fcntl), so concurrent processes compile once; the cubin is published
+with an atomic `os.replace`, then the sidecar. An entry whose sidecar is missing or disagrees
+with the cubin (truncated or corrupt file) is rebuilt.
+
+Switches (one `MOE_BACKEND_*` table in the README):
+  MOE_BACKEND_CACHE_DIR      cache root (default ~/.cache/moe_backend/jit)
+  MOE_BACKEND_JIT_VERBOSE=1  print each nvcc command, its time and ptxas's report to stderr
+                             (and the launchers' config choices)
+  MOE_BACKEND_JIT_DEBUG=1    build with -lineinfo and -DPHASEMOE_DEBUG: pipeline waits trap
+                             after 5 s with a message instead of hanging (separate cache keys)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+__all__ = [
+    "KernelSpec", "JITError", "compile_cubin", "load_kernel", "warmup", "cache_dir", "find_nvcc",
+    "find_cuobjdump", "CompiledKernel",
+]
+
+SOURCE_DIR = Path(__file__).resolve().parent
+DEFAULT_ARCH = "sm_90a"
+# -O3 and C++17 for `if constexpr`; ptxas -v reports registers, stack frame and spills, which
+# the sidecar keeps (tests assert 0 spill bytes without a GPU).
+BASE_FLAGS = ("-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xptxas=-v")
+# Last resort when neither CUDA_HOME nor PATH names a toolkit.
+DEFAULT_NVCC = ("/usr/local/cuda/bin/nvcc",)
+# The cache layout version: bump it when the entry format changes.
+_CACHE_FORMAT = 1
+
+
+class JITError(RuntimeError):
+    """nvcc or cuda-python missing, a compile error, or a driver-API failure (message says which)."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled kernel: a rendered .cu source, the extern "C" symbol it defines, and the
+    constants it was rendered with (they are part of the key even though the source holds them,
+    so a key can be read back from the sidecar)."""
+
+    family: str                        # cache sub-directory, e.g. "grouped_gemm_contiguous"
+    kernel_name: str                   # extern "C" __global__ symbol in `source`
+    source: str                        # the rendered translation unit
+    constants: Mapping[str, int] = field(default_factory=dict)
+    arch: str = DEFAULT_ARCH
+    flags: tuple[str, ...] = ()        # extra nvcc flags beyond BASE_FLAGS
+    include_dirs: tuple[Path, ...] = (SOURCE_DIR,)
+
+    def gencode(self) -> str:
+        # The -gencode spelling: `-arch=sm_90a` also runs a plain sm_90 pass that rejects wgmma
+        # and setmaxnreg on some nvcc releases.
+        num = self.arch.removeprefix("sm_")
+        return f"-gencode=arch=compute_{num},code=sm_{num}"
+
+    def nvcc_flags(self) -> tuple[str, ...]:
+        return (*BASE_FLAGS, self.gencode(), *(f"-I{d}" for d in self.include_dirs), *self.flags, *env_flags())
+
+
+def env_flags() -> tuple[str, ...]:
+    """Flags the environment adds (part of the cache key like any other flag)."""
+    if os.environ.get("MOE_BACKEND_JIT_DEBUG", "0") not in ("", "0"):
+        return ("-lineinfo", "-DPHASEMOE_DEBUG=1")
+    return ()
+
+
+# ------------------------------------------------------------------------------------------
+# Toolchain
+
+
+def find_nvcc() -> str:
+    """nvcc from $CUDA_HOME/bin, then $PATH, then /usr/local/cuda/bin; JITError if none."""
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "bin" / "nvcc")
+    on_path = shutil.which("nvcc")
+    if on_path:
+        candidates.append(Path(on_path))
+    candidates += [Path(p) for p in DEFAULT_NVCC]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    raise JITError("nvcc not found: the CUDA kernels are compiled at first use and need the CUDA "
+                   "toolkit (12.3+ for sm_90a). Set CUDA_HOME or put nvcc on PATH.")
+
+
+def find_cuobjdump() -> str | None:
+    """cuobjdump beside nvcc, on PATH, or the copy Triton's wheel ships; None if none."""
+    try:
+        beside = Path(find_nvcc()).resolve().parent / "cuobjdump"
+        if beside.is_file():
+            return str(beside)
+    except JITError:
+        pass
+    on_path = shutil.which("cuobjdump")
+    if on_path:
+        return on_path
+    try:
+        import triton  # noqa: PLC0415 - optional, only for its bundled binutils
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if bundled.is_file():
+            return str(bundled)
+    except ImportError:
+        return None
+    return None
+
+
+@lru_cache(maxsize=None)
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise JITError(f"{nvcc} --version failed: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOE_BACKEND_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "moe_backend" / "jit"
+
+
+def _verbose() -> bool:
+    return os.environ.get("MOE_BACKEND_JIT_VERBOSE", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------------------------
+# Cache key and entries
+
+
+def _headers(include_dirs: Iterable[Path]) -> list[Path]:
+    return sorted(p for d in include_dirs for p in Path(d).glob("*.cuh"))
+
+
+def cache_key(spec: KernelSpec, compiler_id: str) -> str:
+    """sha256 over source, every header the include dirs hold, constants, arch, flags and the
+    compiler's identity (nvcc's version text). Hashing all headers, not just the included ones,
+    can only cause a spurious rebuild, never a stale binary."""
+    h = hashlib.sha256()
+
+    def put(tag: str, data: str | bytes) -> None:
+        data = data.encode() if isinstance(data, str) else data
+        h.update(f"{tag}:{len(data)}:".encode())
+        h.update(data)
+
+    put("format", str(_CACHE_FORMAT))
+    put("kernel", spec.kernel_name)
+    put("source", spec.source)
+    for path in _headers(spec.include_dirs):
+        put(f"header:{path.name}", path.read_bytes())
+    put("constants", json.dumps(dict(spec.constants), sort_keys=True))
+    put("arch", spec.arch)
+    # Flags without the -I paths: where the package is installed does not change the binary
+    # (the headers' bytes are hashed above).
+    put("flags", "\0".join((*BASE_FLAGS, spec.gencode(), *spec.flags, *env_flags())))
+    put("compiler", compiler_id)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    cubin: Path
+    meta: Path
+
+    def read_meta(self) -> dict | None:
+        try:
+            return json.loads(self.meta.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def is_valid(self, key: str) -> bool:
+        """True when the sidecar names this key and the cubin's size and sha256 match it."""
+        meta = self.read_meta()
+        if not meta or meta.get("key") != key or meta.get("format") != _CACHE_FORMAT:
+            return False
+        try:
+            data = self.cubin.read_bytes()
+        except OSError:
+            return False
+        return len(data) == meta.get("size") and hashlib.sha256(data).hexdigest() == meta.get("sha256")
+
+
+def _entry(spec: KernelSpec, key: str) -> CacheEntry:
+    d = cache_dir() / spec.family
+    return CacheEntry(d / f"{key}.cubin", d / f"{key}.json")
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# A compiler takes (source file, cubin path to write, spec) and returns its log text. The
+# default runs nvcc; tests pass a fake one to exercise the cache without a toolkit.
+Compiler = Callable[[Path, Path, KernelSpec], str]
+
+
+def nvcc_compiler(src: Path, cubin: Path, spec: KernelSpec) -> str:
+    nvcc = find_nvcc()
+    cmd = [nvcc, *spec.nvcc_flags(), "-cubin", "-o", str(cubin), str(src)]
+    if _verbose():
+        print(f"[moe_backend.jit] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    log = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        raise JITError(f"nvcc failed for {spec.kernel_name} ({spec.family}, {dict(spec.constants)}):\n{log}")
+    if _verbose():
+        print(f"[moe_backend.jit] {spec.kernel_name}: {time.monotonic() - start:.1f}s\n{log}",
+              file=sys.stderr, flush=True)
+    return log
+
+
+def _compiler_id(compiler: Compiler | None) -> str:
+    if compiler is None:
+        return nvcc_version(find_nvcc())
+    # A custom compiler names itself (part of the key); else its qualified name stands in.
+    ident = getattr(compiler, "compiler_id", None)
+    return ident or getattr(compiler, "__qualname__", type(compiler).__qualname__)
+
+
+def compile_cubin(spec: KernelSpec, compiler: Compiler | None = None) -> Path:
+    """Path of a valid cached cubin for `spec`, compiling it (once across processes) if needed."""
+    key = cache_key(spec, _compiler_id(compiler))
+    entry = _entry(spec, key)
+    if entry.is_valid(key):
+        return entry.cubin
+    with _file_lock(entry.cubin.with_suffix(".lock")):
+        if entry.is_valid(key):  # another process built it while we waited
+            return entry.cubin
+        if entry.cubin.exists() or entry.meta.exists():
+            print(f"[moe_backend.jit] rebuilding invalid cache entry {entry.cubin}", file=sys.stderr)
+        tmp_root = cache_dir() / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{key[:16]}-", dir=tmp_root) as tmp:
+            src = Path(tmp) / f"{spec.kernel_name}.cu"
+            src.write_text(spec.source)
+            out = Path(tmp) / "kernel.cubin"
+            start = time.monotonic()
+            log = (compiler or nvcc_compiler)(src, out, spec)
+            seconds = time.monotonic() - start
+            data = out.read_bytes() if out.exists() else b""
+            if not data:
+                raise JITError(f"compiler produced no cubin for {spec.kernel_name}")
+            meta = {
+                "format": _CACHE_FORMAT, "key": key, "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(), "family": spec.family,
+                "kernel_name": spec.kernel_name, "constants": dict(spec.constants), "arch": spec.arch,
+                "flags": list(spec.nvcc_flags()), "compiler": _compiler_id(compiler),
+                "compile_seconds": round(seconds, 3), "log": log,
+            }
+            meta_tmp = Path(tmp) / "kernel.json"
+            meta_tmp.write_text(json.dumps(meta, indent=1))
+            entry.cubin.parent.mkdir(parents=True, exist_ok=True)
+            # cubin first, sidecar last: a reader trusts the cubin only once a sidecar vouches for
+            # its exact bytes, so a crash between the two renames leaves an entry that is rebuilt.
+            os.replace(out, entry.cubin)
+            os.replace(meta_tmp, entry.meta)
+    return entry.cubin
+
+
+def entry_meta(spec: KernelSpec, compiler: Compiler | None = None) -> dict | None:
+    """The sidecar of `spec`'s cache entry (compile time, ptxas report), or None if not built."""
+    return _entry(spec, cache_key(spec, _compiler_id(compiler))).read_meta()
+
+
+def warmup(specs: Iterable[KernelSpec], progress: bool = True) -> list[Path]:
+    """Compiles (or finds cached) every spec, with a progress bar; returns the cubin paths."""
+    from moe_backend._progress import progress as bar_ctx  # noqa: PLC0415
+
+    specs = list(specs)
+    paths = []
+    with bar_ctx(len(specs), "moe_backend JIT warm-up", unit="kernel", enabled=progress) as bar:
+        for spec in specs:
+            paths.append(compile_cubin(spec))
+            bar.update(1)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------
+# Loading and launching through the driver API
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver  # noqa: PLC0415
+    except ImportError:
+        try:
+            from cuda import cuda as driver  # noqa: PLC0415 - cuda-python < 12.6 spelling
+        except ImportError as e:
+            raise JITError("the CUDA kernels are loaded through cuda-python's driver bindings: "
+                           "pip install 'cuda-python>=12.4' (or cuda-bindings)") from e
+    return driver
+
+
+def check(result):
+    """Unwraps a cuda-python (err, *values) tuple, raising JITError with the driver's error name."""
+    driver = _driver()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        raise JITError(f"CUDA driver error {name.decode() if isinstance(name, bytes) else name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class CompiledKernel:
+    """A loaded CUfunction plus the launch plumbing (kernel params as a void*[] built with ctypes,
+    cuLaunchKernelEx so a cluster shape can be given)."""
+
+    def __init__(self, spec: KernelSpec, cubin: bytes) -> None:
+        driver = _driver()
+        self.spec = spec
+        self._cubin = cubin  # the driver may keep reading the image
+        self.module = check(driver.cuModuleLoadData(cubin))
+        self.function = check(driver.cuModuleGetFunction(self.module, spec.kernel_name.encode()))
+        self._smem_attr = 0
+        self._lock = threading.Lock()
+
+    def set_max_dynamic_smem(self, nbytes: int) -> None:
+        if nbytes > self._smem_attr:
+            with self._lock:
+                driver = _driver()
+                check(driver.cuFuncSetAttribute(
+                    self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    nbytes))
+                self._smem_attr = nbytes
+
+    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int, stream: int,
+               params: list[ctypes._SimpleCData | ctypes.Array], cluster: tuple[int, int, int] = (1, 1, 1)) -> None:
+        driver = _driver()
+        self.set_max_dynamic_smem(smem)
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = block
+        config.sharedMemBytes = smem
+        config.hStream = driver.CUstream(stream)
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster
+        config.attrs = [attr]
+        config.numAttrs = 1
+        # void*[]: one pointer per parameter, each to the bytes the driver copies for it.
+        ptrs = (ctypes.c_void_p * len(params))(*(ctypes.addressof(p) for p in params))
+        check(driver.cuLaunchKernelEx(config, self.function, ctypes.addressof(ptrs), 0))
+
+
+_loaded: dict[tuple[str, int], CompiledKernel] = {}
+_load_lock = threading.Lock()
+
+
+_primary_contexts: dict[int, object] = {}
+
+
+def _ensure_context(device_index: int) -> None:
+    """Makes the device's primary context (the one torch's runtime uses) current on this thread."""
+    driver = _driver()
+    primary = _primary_contexts.get(device_index)
+    if primary is None:
+        check(driver.cuInit(0))
+        dev = check(driver.cuDeviceGet(device_index))
+        primary = _primary_contexts[device_index] = check(driver.cuDevicePrimaryCtxRetain(dev))
+    current = check(driver.cuCtxGetCurrent())
+    if current is None or int(current) != int(primary):
+        check(driver.cuCtxSetCurrent(primary))
+
+
+def load_kernel(spec: KernelSpec, device_index: int) -> CompiledKernel:
+    """Compile (or find cached) and load `spec` on a device; loaded modules are memoized."""
+    cubin = compile_cubin(spec)
+    memo = (str(cubin), device_index)
+    kernel = _loaded.get(memo)
+    if kernel is None:
+        with _load_lock:  # load once per (cubin, device) across threads
+            kernel = _loaded.get(memo)
+            if kernel is None:
+                _ensure_context(device_index)
+                kernel = _loaded[memo] = CompiledKernel(spec, cubin.read_bytes())
+    return kernel

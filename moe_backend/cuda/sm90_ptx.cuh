@@ -1,0 +1,153 @@
+// Thin inline-PTX wrappers for the Hopper (sm_90a) features the kernels use: mbarriers, TMA
+// bulk tensor loads, wgmma fences and shared-memory descriptors, setmaxnreg. Plain PTX rather
+// than CUTLASS/CuTe keeps the JIT free of a multi-MB header tree (compile time, cache key) and
+// keeps every instruction the kernel issues visible in one file.
+#pragma once
+#include <cstdint>
+#ifdef PHASEMOE_DEBUG
+#include <cstdio>
+#endif
+
+namespace phasemoe::sm90 {
+
+// Same size and alignment as the driver's CUtensorMap (built on the host by
+// cuTensorMapEncodeTiled, passed by value as a __grid_constant__ kernel parameter). Declared
+// here so the device code needs no driver header.
+struct alignas(64) TmaDescriptor {
+  uint64_t opaque[16];
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---------------------------------------------------------------------------------------------
+// mbarriers (shared::cta; this kernel launches clusters of 1)
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(arrivals) : "memory");
+}
+
+// Makes the initialized barriers visible to the async proxy (TMA completes on them).
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// One arrival plus the number of bytes the TMA loads of this phase will deliver.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+
+// Spins until the phase with the given parity has completed. A freshly initialized barrier
+// counts its (virtual) preceding phase, parity 1, as complete: producers start waiting on 1.
+// Debug builds (MOE_BACKEND_JIT_DEBUG=1 defines PHASEMOE_DEBUG) trap after 5 s instead of
+// hanging, naming the barrier: a pipeline bug then fails a test instead of eating device time.
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+#ifdef PHASEMOE_DEBUG
+  const uint64_t start = global_timer_ns();
+#endif
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+#ifdef PHASEMOE_DEBUG
+    if (!done && global_timer_ns() - start > 5000000000ull) {
+      printf("phasemoe: mbarrier wait timed out: block %d thread %d smem 0x%x parity %u\n", blockIdx.x,
+             threadIdx.x, smem_addr(bar), parity);
+      __trap();
+    }
+#endif
+  } while (!done);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TMA (bulk tensor copies global -> shared, completing on an mbarrier)
+__device__ __forceinline__ void tma_prefetch_descriptor(const TmaDescriptor* desc) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(desc)) : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0,
+                                            int32_t c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_3d(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0,
+                                            int32_t c1, int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// wgmma
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+
+// Pins an accumulator register in place around the async wgmma window, so the compiler neither
+// reads it early nor moves writes across the fence/wait.
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Shared-memory matrix descriptor for a K-major tile whose rows are exactly 128 bytes (128 fp8)
+// and were written by TMA with 128-byte swizzle; the tile must start on a 1024-byte boundary.
+// Fields: start address >> 4 (bits 0-13), leading byte offset >> 4 (16-29; unused when one
+// wgmma's K slice, 32 bytes, lies inside the 128-byte swizzle row), stride byte offset >> 4
+// (32-45; 8 rows x 128 B = 1024 B between 8-row core matrices), base offset (49-51; 0 for
+// 1024-aligned tiles), layout (62-63; 1 = 128-byte swizzle). Stepping K by 32 bytes adds 2 to
+// the start field: the hardware applies the swizzle to the computed address.
+__device__ __forceinline__ uint64_t smem_desc_kmajor_sw128(const void* tile) {
+  const uint64_t start = (smem_addr(tile) & 0x3FFFFu) >> 4;
+  return start | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Register reallocation between warpgroups (needs a register cap at entry: __launch_bounds__
+// with min-blocks 1, and one role per branch of a single if/else).
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 packing (round to nearest even, as torch's .to(bfloat16)); lo lands at the lower address.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  uint32_t packed;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+  return packed;
+}
+
+__device__ __forceinline__ uint16_t to_bf16(float x) {
+  uint16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return h;
+}
+
+}  // namespace phasemoe::sm90

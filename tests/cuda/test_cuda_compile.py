@@ -1,0 +1,379 @@
+"""CPU/CI checks of the CUDA C++ path: the kernels compile for sm_90a with nvcc (and the SASS
+holds the Hopper instructions they are written for), the JIT cache's keys, atomic publish,
+corruption recovery and cross-process locking, the tile heuristic and the launcher's argument
+checks. No GPU needed; nvcc-dependent tests skip without a toolkit."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_backend.cuda import _gen_wgmma, jit
+from moe_backend.cuda import grouped_gemm_contiguous as ggc
+
+try:
+    jit.find_nvcc()
+    HAVE_NVCC = True
+except jit.JITError:
+    HAVE_NVCC = False
+needs_nvcc = pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not found (CUDA toolkit)")
+CUOBJDUMP = jit.find_cuobjdump()
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "jit-cache"
+    monkeypatch.setenv("MOE_BACKEND_CACHE_DIR", str(root))
+    return root
+
+
+# ------------------------------------------------------------------------------------------
+# The real kernel through nvcc
+
+
+@dataclass(frozen=True)
+class CompileCase:
+    name: str
+    n: int
+    k: int
+    block_n: int | None = None  # None: what the heuristic picks for `rows`
+    rows: int = 32 * 512
+
+
+COMPILE_CASES = [
+    CompileCase("ep8-w13", 4096, 7168),
+    CompileCase("ep8-w2", 7168, 2048),
+    CompileCase("tp8-w13", 512, 7168, rows=256 * 512),
+    # every generated wgmma wrapper assembles, incl. tiles that straddle scale blocks
+    *[CompileCase(f"bn{bn}", 7168, 2048, block_n=bn) for bn in _gen_wgmma.BLOCK_N_CHOICES],
+    CompileCase("odd-n", 1001, 256, block_n=112),  # scalar bf16 epilogue, partial scale block
+]
+
+
+def _spec(case: CompileCase) -> jit.KernelSpec:
+    if case.block_n is None:
+        cfg = ggc.select_config(case.rows, case.n, num_sms=132)
+    else:
+        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n))
+    return ggc.kernel_spec(case.n, case.k, cfg)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: c.name)
+def test_kernel_compiles_for_sm90a(case, cache):
+    spec = _spec(case)
+    cubin = jit.compile_cubin(spec)
+    assert cubin.read_bytes()[:4] == b"\x7fELF"
+    meta = jit.entry_meta(spec)
+    log = meta["log"]
+    print(f"{spec.kernel_name}: {meta['compile_seconds']:.2f}s, "
+          + "; ".join(line.strip() for line in log.splitlines() if "Used" in line or "spill" in line))
+    assert meta["compile_seconds"] < 60
+    # No local memory: the accumulators stay in registers.
+    assert re.search(r"\b0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", log), log
+    # setmaxnreg honoured (C7508 says it was ignored); wgmma not serialized by ptxas.
+    assert "C7508" not in log and "setmaxnreg" not in log.lower(), log
+    assert "serializ" not in log.lower(), log
+    if CUOBJDUMP is None:
+        pytest.skip("no cuobjdump for the SASS checks")
+    sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    bn = spec.constants["BLOCK_N"]
+    # 4 fp8 wgmma (k32 each) per 128-wide K block, N = the tile.
+    assert len(re.findall(rf"QGMMA\.64x{bn}x32\.F32\.E4M3\.E4M3", sass)) == 4, sass[:2000]
+    assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass          # TMA loads of A and B
+    assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
+    assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == 1       # one wait per K block
+    assert not re.search(r"\b(LDL|STL)\b", sass)                  # no local memory
+
+
+@needs_nvcc
+def test_debug_build_compiles(cache, monkeypatch):
+    monkeypatch.setenv("MOE_BACKEND_JIT_DEBUG", "1")
+    spec = _spec(COMPILE_CASES[0])
+    meta = json.loads(jit.compile_cubin(spec).with_suffix(".json").read_text())
+    assert "-DPHASEMOE_DEBUG=1" in meta["flags"]
+
+
+def test_generated_wgmma_header_is_current():
+    assert _gen_wgmma.HEADER.read_text() == _gen_wgmma.render(), \
+        "run `python -m moe_backend.cuda._gen_wgmma` and commit wgmma_fp8.cuh"
+
+
+@needs_nvcc
+def test_nvcc_roundtrip_and_warmup(cache):
+    spec = jit.KernelSpec(family="trivial", kernel_name="phasemoe_trivial",
+                          source='extern "C" __global__ void phasemoe_trivial(float* x) { x[threadIdx.x] += 1.f; }\n',
+                          include_dirs=())
+    paths = jit.warmup([spec], progress=False)
+    assert paths[0].read_bytes()[:4] == b"\x7fELF"
+    meta = jit.entry_meta(spec)
+    assert meta["size"] == paths[0].stat().st_size
+    assert "-gencode=arch=compute_90a,code=sm_90a" in meta["flags"]
+    mtime = paths[0].stat().st_mtime_ns
+    assert jit.compile_cubin(spec) == paths[0] and paths[0].stat().st_mtime_ns == mtime  # cached
+
+
+@needs_nvcc
+def test_compile_error_is_reported(cache):
+    spec = jit.KernelSpec(family="trivial", kernel_name="broken", source="this is not C++\n", include_dirs=())
+    with pytest.raises(jit.JITError, match="nvcc failed for broken"):
+        jit.compile_cubin(spec)
+    assert not list((cache / "trivial").glob("*.cubin"))
+
+
+def test_missing_nvcc_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(jit, "DEFAULT_NVCC", (str(tmp_path / "no-cuda" / "nvcc"),))
+    with pytest.raises(jit.JITError, match="nvcc not found"):
+        jit.find_nvcc()
+
+
+# ------------------------------------------------------------------------------------------
+# The cache, with a fake compiler (no toolkit needed)
+
+
+class FakeCompiler:
+    """Writes a deterministic 'cubin' and counts its invocations (in a file, across processes)."""
+
+    compiler_id = "fake-1"
+
+    def __init__(self, counter: Path, payload: bytes = b"\x7fELF fake cubin " * 64) -> None:
+        self.counter, self.payload = counter, payload
+
+    def __call__(self, src: Path, cubin: Path, spec: jit.KernelSpec) -> str:
+        with open(self.counter, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        cubin.write_bytes(self.payload + spec.source.encode())
+        return "fake log"
+
+    @property
+    def calls(self) -> int:
+        return len(self.counter.read_text().splitlines()) if self.counter.exists() else 0
+
+
+def _fake_spec(tmp_path: Path, **overrides) -> jit.KernelSpec:
+    inc = tmp_path / "inc"
+    inc.mkdir(exist_ok=True)
+    if not (inc / "common.cuh").exists():
+        (inc / "common.cuh").write_text("// header v1\n")
+    fields = dict(family="fake", kernel_name="k", source="// kernel\n", constants={"N": 128},
+                  include_dirs=(inc,))
+    fields.update(overrides)
+    return jit.KernelSpec(**fields)
+
+
+def test_key_covers_everything_that_changes_the_binary(tmp_path, monkeypatch):
+    base = _fake_spec(tmp_path)
+    key = jit.cache_key(base, "nvcc 13.0")
+    assert jit.cache_key(_fake_spec(tmp_path), "nvcc 13.0") == key  # stable
+    variants = {
+        "source": _fake_spec(tmp_path, source="// kernel v2\n"),
+        "constants": _fake_spec(tmp_path, constants={"N": 256}),
+        "flags": _fake_spec(tmp_path, flags=("-lineinfo",)),
+        "arch": _fake_spec(tmp_path, arch="sm_100a"),
+        "kernel name": _fake_spec(tmp_path, kernel_name="k2"),
+    }
+    for what, spec in variants.items():
+        assert jit.cache_key(spec, "nvcc 13.0") != key, what
+    assert jit.cache_key(base, "nvcc 13.1") != key, "compiler version"
+    monkeypatch.setenv("MOE_BACKEND_JIT_DEBUG", "1")
+    assert jit.cache_key(base, "nvcc 13.0") != key, "debug build"
+    monkeypatch.delenv("MOE_BACKEND_JIT_DEBUG")
+    (tmp_path / "inc" / "common.cuh").write_text("// header v2\n")
+    assert jit.cache_key(base, "nvcc 13.0") != key, "included header"
+
+
+def test_key_ignores_install_location(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "h.cuh").write_text("// same\n")
+    spec_a = _fake_spec(tmp_path, include_dirs=(a,))
+    spec_b = _fake_spec(tmp_path, include_dirs=(b,))
+    assert jit.cache_key(spec_a, "x") == jit.cache_key(spec_b, "x")
+
+
+def test_compiles_once_then_hits(cache, tmp_path):
+    fake = FakeCompiler(tmp_path / "calls")
+    spec = _fake_spec(tmp_path)
+    p1 = jit.compile_cubin(spec, compiler=fake)
+    p2 = jit.compile_cubin(spec, compiler=fake)
+    assert p1 == p2 and fake.calls == 1
+    meta = json.loads(p1.with_suffix(".json").read_text())
+    assert meta["size"] == p1.stat().st_size and meta["compiler"] == "fake-1"
+    # atomic publish: nothing left in the build area, only the entry (+ its lock) in the family dir
+    assert not any((cache / "tmp").iterdir())
+    assert sorted(p.suffix for p in p1.parent.iterdir()) == [".cubin", ".json", ".lock"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-byte", "drop-sidecar", "garbage-sidecar", "drop-cubin"])
+def test_corrupt_entry_is_detected_and_rebuilt(cache, tmp_path, damage):
+    fake = FakeCompiler(tmp_path / "calls")
+    spec = _fake_spec(tmp_path)
+    cubin = jit.compile_cubin(spec, compiler=fake)
+    good = cubin.read_bytes()
+    sidecar = cubin.with_suffix(".json")
+    if damage == "truncate":
+        cubin.write_bytes(good[: len(good) // 2])
+    elif damage == "flip-byte":
+        cubin.write_bytes(good[:10] + bytes([good[10] ^ 0xFF]) + good[11:])
+    elif damage == "drop-sidecar":
+        sidecar.unlink()
+    elif damage == "garbage-sidecar":
+        sidecar.write_text("{not json")
+    else:
+        cubin.unlink()
+    assert jit.compile_cubin(spec, compiler=fake) == cubin
+    assert fake.calls == 2 and cubin.read_bytes() == good
+
+
+def test_failed_compile_publishes_nothing(cache, tmp_path):
+    def failing(src, cubin, spec):
+        cubin.write_bytes(b"half a cubin")
+        raise jit.JITError("boom")
+
+    failing.compiler_id = "failing"
+    with pytest.raises(jit.JITError, match="boom"):
+        jit.compile_cubin(_fake_spec(tmp_path), compiler=failing)
+    assert not list(cache.rglob("*.cubin")) and not list(cache.rglob("*.json"))
+
+    def empty(src, cubin, spec):
+        return ""
+
+    empty.compiler_id = "empty"
+    with pytest.raises(jit.JITError, match="no cubin"):
+        jit.compile_cubin(_fake_spec(tmp_path), compiler=empty)
+
+
+_RACE_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from moe_backend.cuda import jit
+
+    counter, inc, go = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+
+    def slow(src, cubin, spec):
+        with open(counter, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        time.sleep(1.0)  # long enough that the other process arrives mid-build
+        cubin.write_bytes(b"\\x7fELF raced " + spec.source.encode())
+        return ""
+    slow.compiler_id = "slow"
+
+    spec = jit.KernelSpec(family="race", kernel_name="k", source="// raced\\n", include_dirs=(inc,))
+    while time.time() < go:
+        time.sleep(0.01)
+    print(jit.compile_cubin(spec, compiler=slow))
+""")
+
+
+def test_two_processes_compile_once(cache, tmp_path):
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    counter = tmp_path / "calls"
+    env = {**os.environ, "MOE_BACKEND_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    import time
+    go = time.time() + 1.5
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE_SCRIPT, str(counter), str(inc), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    paths = {o[0].strip() for o in outs}
+    assert len(paths) == 1
+    assert len(counter.read_text().splitlines()) == 1
+    spec = jit.KernelSpec(family="race", kernel_name="k", source="// raced\n", include_dirs=(inc,))
+    key = jit.cache_key(spec, "slow")
+    assert jit.CacheEntry(Path(paths.pop()), cache / "race" / f"{key}.json").is_valid(key)
+
+
+# ------------------------------------------------------------------------------------------
+# Heuristic and launcher checks (CPU)
+
+
+def test_every_choice_fits_shared_memory():
+    for bn in _gen_wgmma.BLOCK_N_CHOICES:
+        stages = ggc.max_stages(bn)
+        cfg = ggc.ContiguousConfig(bn, stages)
+        assert stages >= 4 and cfg.smem_bytes <= ggc.SMEM_LIMIT
+
+
+@pytest.mark.parametrize("m,n", [(128, 4096), (32 * 512, 4096), (32 * 4096, 7168), (256 * 512, 512),
+                                 (1, 7168), (5 * 128, 256)])
+def test_heuristic_fills_the_machine(m, n):
+    cfg = ggc.select_config(m, n, num_sms=132)
+    assert cfg.block_n in _gen_wgmma.BLOCK_N_CHOICES
+    tiles = -(-m // 128) * -(-n // cfg.block_n)
+    # Never fewer tiles than a smaller choice would give while SMs sit idle in a single wave.
+    smallest = min(_gen_wgmma.BLOCK_N_CHOICES)
+    if tiles < 132:
+        assert cfg.block_n == smallest or -(-m // 128) * -(-n // smallest) <= tiles
+
+
+def test_heuristic_uses_non_power_of_two_tiles():
+    picks = {ggc.select_config(r * 32, n, 132).block_n for r in (256, 512, 2048, 4096) for n in (4096, 7168)}
+    picks |= {ggc.select_config(r * 256, n, 132).block_n for r in (256, 512) for n in (512, 7168)}
+    assert picks - {64, 128}, picks
+
+
+def test_config_override_and_validation():
+    cfg = ggc.ContiguousConfig(112, 4)
+    assert ggc.select_config(10_000, 4096, 132, override=cfg) is cfg
+    with pytest.raises(ValueError, match="config.block_n"):
+        ggc.ContiguousConfig(100, 4)
+    with pytest.raises(ValueError, match="config.num_stages"):
+        ggc.ContiguousConfig(192, 6)
+
+
+def _operands(m=256, n=256, k=256, e=2, device="cpu"):
+    a = torch.zeros(m, k, device=device).to(torch.float8_e4m3fn)
+    a_scale = torch.ones(m, k // 128, device=device)
+    b = torch.zeros(e, n, k, device=device).to(torch.float8_e4m3fn)
+    b_scale = torch.ones(e, -(-n // 128), k // 128, device=device)
+    ids = torch.zeros(m, dtype=torch.int32, device=device)
+    return a, a_scale, b, b_scale, ids
+
+
+@pytest.mark.parametrize("arg,bad,exc", [
+    ("a_fp8", lambda o: o[0].float(), TypeError),
+    ("a_fp8", lambda o: o[0][:, :200], ValueError),
+    ("a_scale", lambda o: o[1][:, :1], ValueError),
+    ("b_fp8", lambda o: o[2][:, :, :128], ValueError),
+    ("b_scale", lambda o: o[3].double(), TypeError),
+    ("expert_ids", lambda o: o[4].float(), TypeError),
+    ("expert_ids", lambda o: o[4][:10], ValueError),
+])
+def test_launcher_errors_name_the_argument(arg, bad, exc):
+    ops = list(_operands())
+    ops[["a_fp8", "a_scale", "b_fp8", "b_scale", "expert_ids"].index(arg)] = bad(ops)
+    with pytest.raises(exc, match=arg):
+        ggc.grouped_gemm_contiguous(*ops)
+
+
+def test_launcher_rejects_cpu_tensors_and_bad_out():
+    ops = _operands()
+    with pytest.raises(ValueError, match="a_fp8: the CUDA kernel needs a CUDA tensor"):
+        ggc.grouped_gemm_contiguous(*ops)
+    with pytest.raises(TypeError, match="out"):
+        ggc.grouped_gemm_contiguous(*ops, out=torch.empty(256, 256))
+
+
+def test_public_api():
+    assert set(ggc.__all__) == {"grouped_gemm_contiguous", "ContiguousConfig", "select_config", "kernel_spec"}
+    from moe_backend import reference
+    ref = list(inspect.signature(reference.grouped_gemm_contiguous).parameters)
+    assert list(inspect.signature(ggc.grouped_gemm_contiguous).parameters)[:len(ref)] == ref
