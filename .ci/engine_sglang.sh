@@ -2,14 +2,14 @@
 # SGLang plugin tests (CPU): create/update the SGLang venv, install moe-backend into it, run
 # tests/integrations/sglang. Idempotent; a fresh machine takes ~5 min (sglang pulls ~11 GB,
 # torch 2.14.1 comes from the local wheel mirror), a warm one ~1 min.
-#   SGLANG_VENV  venv to use (default /work/venvs/sglang)
+#   MOE_BACKEND_SGLANG_VENV  venv to use (default /work/venvs/sglang)
 #   PYTHON       interpreter that creates it (default python3, 3.10+)
 # Extra arguments go to pytest.
 set -euo pipefail
 
 SGLANG_VERSION=0.5.23  # keep in step with integrations/sglang/__init__.py (SGLANG_VERSION)
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${SGLANG_VENV:-/work/venvs/sglang}"
+VENV="${MOE_BACKEND_SGLANG_VENV:-/work/venvs/sglang}"
 PY="${PYTHON:-python3}"
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -68,15 +68,18 @@ def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None
     return reference.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
 
 
-def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, impl: str = "auto"):
-    """See `moe_backend.reference.grouped_gemm_masked`."""
+def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, impl: str = "auto",
+                        expected_m: int | None = None):
+    """See `moe_backend.reference.grouped_gemm_masked`. `expected_m` (typical rows per expert, a
+    host int the engine already knows) only steers the kernel's tile choice; no host sync."""
     provider = _provider(impl, a_fp8.device)
     if provider == "triton":
-        return _kernel("grouped_gemm_masked")(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
+        return _kernel("grouped_gemm_masked")(a_fp8, a_scale, b_fp8, b_scale, masked_m, out,
+                                              expected_m=expected_m)
     if provider == "deepgemm":
         from moe_backend.providers import deepgemm
 
-        return deepgemm.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
+        return deepgemm.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out, expected_m)
     return reference.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
 
 

@@ -165,17 +165,16 @@ class _OracleImportHook(importlib.abc.MetaPathFinder):
         return spec
 
     def _loaded(self, module) -> None:
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
         self._on_loaded(module)
 
 
 def _hook_oracle(on_loaded: Callable[[Any], None]) -> None:
+    # The hook stays: it answers for one module name only, and a reload of the oracle (fresh
+    # functions, fresh Enum) is patched again.
+    sys.meta_path.insert(0, _OracleImportHook(on_loaded))
     module = sys.modules.get(ORACLE_MODULE)
     if module is not None:
         on_loaded(module)
-    else:
-        sys.meta_path.insert(0, _OracleImportHook(on_loaded))
 
 
 def add_enum_member(cls: type, name: str) -> Any:

@@ -38,9 +38,8 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
 )
 from vllm.platforms import current_platform
 
-from moe_backend import experts as moe_experts
-from moe_backend import ops
 from moe_backend.dispatch import Policy
+from moe_backend_integrations.vllm._apply import apply_batched, apply_standard
 
 __all__ = ["PhaseMoEExperts", "PhaseMoEBatchedExperts"]
 
@@ -56,14 +55,6 @@ def _check_quant_config(quant_config: FusedMoEQuantConfig) -> None:
         raise ValueError(f"phasemoe: expected FP8 e4m3 weights in {BLOCK}x{BLOCK} blocks with "
                          f"dynamic 1x{BLOCK} activation groups; got quant_dtype="
                          f"{quant_config.quant_dtype}, block_shape={quant_config.block_shape}")
-
-
-def _view(workspace: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The first prod(shape) elements of a vLLM workspace, viewed as `shape`."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    return workspace.reshape(-1)[:numel].view(shape)
 
 
 class _PhaseMoEBase(mk.FusedMoEExpertsModular):
@@ -127,23 +118,9 @@ class PhaseMoEExperts(_PhaseMoEBase):
         assert a1q_scale is not None, "phasemoe expects vLLM to quantize the input (1x128 groups)"
         assert activation == MoEActivation.SILU
         w13_scale_inv, w2_scale_inv = self._weight_scales()
-        local_ids = topk_ids
-        if expert_map is not None:
-            # Global -> local expert ids; -1 (another rank's expert, or an id vLLM already
-            # dropped) contributes nothing.
-            mapped = expert_map.index_select(0, topk_ids.reshape(-1).clamp_min(0).long())
-            local_ids = torch.where(topk_ids >= 0, mapped.view_as(topk_ids), -1)
-        weights = topk_weights.float()
-        if apply_router_weight_on_input:
-            # The prepare step already scaled the input by the (top-1) weight.
-            weights = torch.ones_like(weights)
-        # Under CUDA-graph capture (vLLM's decode batches) the policy must pick a shape-static
-        # kernel; otherwise it decides the phase from the token count.
-        phase = "decode" if _capturing() else None
-        y = moe_experts.routed_experts(
-            hidden_states, w1, w13_scale_inv, w2, w2_scale_inv, weights, local_ids,
-            x_scale=a1q_scale.contiguous(), policy=self.policy, phase=phase)
-        output.copy_(y)
+        apply_standard(output, hidden_states, a1q_scale, w1, w13_scale_inv, w2, w2_scale_inv,
+                       topk_weights, topk_ids, expert_map, apply_router_weight_on_input,
+                       self.policy)
 
 
 class PhaseMoEBatchedExperts(_PhaseMoEBase):
@@ -180,17 +157,5 @@ class PhaseMoEBatchedExperts(_PhaseMoEBase):
         assert a1q_scale is not None and hidden_states.dim() == 3
         assert activation == MoEActivation.SILU
         w13_scale_inv, w2_scale_inv = self._weight_scales()
-        num_experts, max_m, n, _, _ = self.moe_problem_size(hidden_states, w1, w2, topk_ids)
-        # [E_local] int32 on the device. DeepEP LL sizes it by local experts, vLLM's naive batched
-        # prepare by global experts (local ones first): a view of the first E_local either way.
-        masked_m = expert_tokens_meta.expert_num_tokens[:num_experts]
-        h = _view(workspace13, (num_experts, max_m, n))  # bf16 [E, max_m, 2I]
-        ops.grouped_gemm_masked(hidden_states, a1q_scale.contiguous(), w1, w13_scale_inv,
-                                masked_m, out=h)
-        # Rows past masked_m[e] hold stale workspace; they are quantized but never read back.
-        a_fp8, a_scale = ops.silu_mul_quant(h)
-        ops.grouped_gemm_masked(a_fp8, a_scale, w2, w2_scale_inv, masked_m, out=output)
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        apply_batched(output, hidden_states, a1q_scale, w1, w13_scale_inv, w2, w2_scale_inv,
+                      expert_tokens_meta.expert_num_tokens, workspace13)

@@ -15,3 +15,6 @@ extern "C" __global__ void __launch_bounds__(phasemoe::kNumThreads, 1)
 // The launcher sizes the launch with its own formula (ContiguousConfig.smem_bytes); this keeps
 // the two in step at compile time, so a drift fails the CPU compile test, not a GPU run.
 static_assert(Gemm::kSmemBytes == {{SMEM_BYTES}}, "launcher and kernel disagree on shared memory");
+static_assert(phasemoe::kNumThreads == {{NUM_THREADS}} && phasemoe::kBlockM == {{BLOCK_M}} &&
+                  phasemoe::kBlockK == {{BLOCK_K}},
+              "launcher and kernel disagree on the block shape");

@@ -248,9 +248,11 @@ struct GroupedGemmContiguous {
         for (int c = 0; c < kBlockN / 8; ++c) {
           const int col = n_base + 8 * c + col_in_chunk;
           if constexpr (kN % 2 == 0) {
-            if (col < kN) {
-              if (store0) *reinterpret_cast<uint32_t*>(out0 + col) = sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]);
-              if (store1) *reinterpret_cast<uint32_t*>(out1 + col) = sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]);
+            if (col < kN) {  // N even: col + 1 < N too, and the pair is 4-byte aligned
+              if (store0)
+                *reinterpret_cast<uint32_t*>(out0 + col) = sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]);
+              if (store1)
+                *reinterpret_cast<uint32_t*>(out1 + col) = sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]);
             }
           } else {
             if (col < kN) {

@@ -26,6 +26,7 @@ __all__ = ["grouped_gemm_contiguous", "ContiguousConfig", "select_config", "kern
 
 BLOCK_M = 128          # rows per tile: 2 consumer warpgroups x 64; also the segment alignment
 BLOCK_K = 128          # = the scale block
+NUM_THREADS = 384      # 2 consumer warpgroups + 1 producer warpgroup
 CONTIGUOUS_ALIGNMENT = BLOCK_M
 SMEM_LIMIT = 232448    # bytes of shared memory one block may opt into on sm_90
 MAX_STAGES = 6         # deeper rings stopped paying in other Hopper GEMMs; unmeasured here
@@ -98,7 +99,9 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
                  "GROUP_M": config.group_m}
     name = "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}".format(**constants)
     source = _TEMPLATE.read_text()
-    for field, value in {**constants, "KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes}.items():
+    checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
+               "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}
+    for field, value in {**constants, **checked}.items():
         source = source.replace("{{" + field + "}}", str(value))
     return jit.KernelSpec(family="grouped_gemm_contiguous", kernel_name=name, source=source,
                           constants=constants, arch=arch)
@@ -134,6 +137,26 @@ def _tensor_map(ptr: int, dims: list[int], strides_bytes: list[int], box: list[i
 
 def _tma_param(tmap) -> ctypes.Array:
     return (ctypes.c_uint64 * 16)(*[int(x) for x in tmap.opaque])
+
+
+def num_tiles(m: int, n: int, cfg: ContiguousConfig) -> int:
+    return math.ceil(m / BLOCK_M) * math.ceil(n / cfg.block_n)
+
+
+def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
+                expert_ids: torch.Tensor, out: torch.Tensor, cfg: ContiguousConfig) -> list:
+    """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
+    (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m). Tensor maps: A `[M, K]` in
+    128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first)."""
+    m, k = a_fp8.shape
+    num_experts, n, _ = b_fp8.shape
+    tmap_a = _tensor_map(a_fp8.data_ptr(), [k, m], [k], [BLOCK_K, BLOCK_M])
+    tmap_b = _tensor_map(b_fp8.data_ptr(), [k, n, num_experts], [k, n * k], [BLOCK_K, cfg.block_n, 1])
+    return [
+        _tma_param(tmap_a), _tma_param(tmap_b),
+        ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
+        ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
+    ]
 
 
 @lru_cache(maxsize=None)
@@ -196,14 +219,7 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     spec = kernel_spec(n, k, cfg)
     with torch.cuda.device(index):
         kernel = jit.load_kernel(spec, index)
-        tmap_a = _tensor_map(a_fp8.data_ptr(), [k, m], [k], [BLOCK_K, BLOCK_M])
-        tmap_b = _tensor_map(b_fp8.data_ptr(), [k, n, num_experts], [k, n * k], [BLOCK_K, cfg.block_n, 1])
-        num_tiles = math.ceil(m / BLOCK_M) * math.ceil(n / cfg.block_n)
-        params = [
-            _tma_param(tmap_a), _tma_param(tmap_b),
-            ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
-            ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
-        ]
-        kernel.launch(grid=(min(_num_sms(index), num_tiles), 1, 1), block=(384, 1, 1), smem=cfg.smem_bytes,
-                      stream=torch.cuda.current_stream(dev).cuda_stream, params=params)
+        kernel.launch(grid=(min(_num_sms(index), num_tiles(m, n, cfg)), 1, 1), block=(NUM_THREADS, 1, 1),
+                      smem=cfg.smem_bytes, stream=torch.cuda.current_stream(dev).cuda_stream,
+                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, cfg))
     return out

@@ -374,7 +374,7 @@ class CompiledKernel:
         check(driver.cuLaunchKernelEx(config, self.function, ctypes.addressof(ptrs), 0))
 
 
-_loaded: dict[tuple[str, int], CompiledKernel] = {}
+_loaded: dict[tuple, CompiledKernel] = {}
 _load_lock = threading.Lock()
 
 
@@ -395,14 +395,15 @@ def _ensure_context(device_index: int) -> None:
 
 
 def load_kernel(spec: KernelSpec, device_index: int) -> CompiledKernel:
-    """Compile (or find cached) and load `spec` on a device; loaded modules are memoized."""
-    cubin = compile_cubin(spec)
-    memo = (str(cubin), device_index)
+    """Compile (or find cached) and load `spec` on a device. Memoized in-process on what names
+    the binary, so the launch path never re-hashes sources or re-reads the cache."""
+    memo = (spec.family, spec.kernel_name, spec.source, spec.arch, spec.flags, env_flags(), device_index)
     kernel = _loaded.get(memo)
     if kernel is None:
-        with _load_lock:  # load once per (cubin, device) across threads
+        with _load_lock:  # load once per (binary, device) across threads
             kernel = _loaded.get(memo)
             if kernel is None:
+                cubin = compile_cubin(spec)
                 _ensure_context(device_index)
                 kernel = _loaded[memo] = CompiledKernel(spec, cubin.read_bytes())
     return kernel

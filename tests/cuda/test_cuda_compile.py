@@ -5,6 +5,7 @@ checks. No GPU needed; nvcc-dependent tests skip without a toolkit."""
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import json
 import os
@@ -377,3 +378,118 @@ def test_public_api():
     from moe_backend import reference
     ref = list(inspect.signature(reference.grouped_gemm_contiguous).parameters)
     assert list(inspect.signature(ggc.grouped_gemm_contiguous).parameters)[:len(ref)] == ref
+
+
+class _FakeDriver:
+    """Stands in for cuda.bindings.driver: records cuTensorMapEncodeTiled's arguments."""
+
+    class CUresult:
+        CUDA_SUCCESS = 0
+
+    class _Enum:
+        def __getattr__(self, name):
+            return name
+
+    CUtensorMapDataType = CUtensorMapInterleave = CUtensorMapSwizzle = _Enum()
+    CUtensorMapL2promotion = CUtensorMapFloatOOBfill = _Enum()
+
+    def __init__(self):
+        self.maps = []
+
+    @staticmethod
+    def cuuint64_t(x):
+        return x
+
+    cuuint32_t = cuuint64_t
+
+    def cuTensorMapEncodeTiled(self, dtype, rank, ptr, dims, strides, box, elem_strides, interleave, swizzle,
+                               promotion, oob):
+        self.maps.append(dict(dtype=dtype, rank=rank, ptr=ptr, dims=dims, strides=strides, box=box,
+                              swizzle=swizzle, oob=oob))
+
+        class _Map:
+            opaque = [len(self.maps)] * 16
+        return 0, _Map()
+
+
+def _kparam_sizes(cubin: Path, kernel: str) -> list[int]:
+    """Parameter sizes by ordinal, read from the cubin's EIATTR_KPARAM_INFO records."""
+    elf = subprocess.run([CUOBJDUMP, "-elf", str(cubin)], capture_output=True, text=True, check=True).stdout
+    section = elf[elf.index(f".nv.info.{kernel}"):]
+    found = {int(o, 16): int(sz, 16) for o, sz in
+             re.findall(r"Ordinal\s*:\s*(0x[0-9a-f]+)\s+Offset\s*:\s*0x[0-9a-f]+\s+Size\s*:\s*(0x[0-9a-f]+)", section)}
+    return [found[i] for i in range(len(found))]
+
+
+def test_kernel_args_match_the_kernel_signature(cache, monkeypatch):
+    """The launcher's tensor maps and parameter bytes, checked on CPU tensors with a fake driver,
+    against the parameter sizes nvcc recorded in the cubin (when a toolkit is here)."""
+    fake = _FakeDriver()
+    monkeypatch.setattr(jit, "_driver", lambda: fake)
+    m, n, k, e = 300, 1001, 384, 3
+    a, a_scale, b, b_scale, ids = _operands(m, n, k, e)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    cfg = ggc.ContiguousConfig(112, 4)
+    args = ggc.kernel_args(a, a_scale, b, b_scale, ids, out, cfg)
+    map_a, map_b = fake.maps
+    assert map_a["dims"] == [k, m] and map_a["strides"] == [k] and map_a["box"] == [128, 128]
+    assert map_b["dims"] == [k, n, e] and map_b["strides"] == [k, n * k] and map_b["box"] == [128, 112, 1]
+    assert map_a["swizzle"] == map_b["swizzle"] == "CU_TENSOR_MAP_SWIZZLE_128B"
+    assert map_a["ptr"] == a.data_ptr() and map_b["ptr"] == b.data_ptr()
+    assert [a.value for a in args[2:]] == [a_scale.data_ptr(), b_scale.data_ptr(), ids.data_ptr(),
+                                           out.data_ptr(), m]
+    assert ggc.num_tiles(m, n, cfg) == 3 * 9
+    if not HAVE_NVCC or CUOBJDUMP is None:
+        pytest.skip("no nvcc/cuobjdump to read the kernel's parameter sizes")
+    spec = ggc.kernel_spec(n, k, cfg)
+    assert _kparam_sizes(jit.compile_cubin(spec), spec.kernel_name) == [ctypes.sizeof(p) for p in args]
+
+
+def test_launch_passes_grid_cluster_and_param_pointers(monkeypatch):
+    """CompiledKernel.launch with cuda-python's real structs and the two driver calls stubbed:
+    the config carries grid, block, smem, stream and a 1x1x1 cluster; kernelParams is a void*[]
+    of the parameters' addresses."""
+    driver = pytest.importorskip("cuda.bindings.driver")
+    import threading
+    seen = {}
+
+    def set_attr(function, attr, value):
+        seen["attr"] = (function, attr, value)
+        return (driver.CUresult.CUDA_SUCCESS,)
+
+    def launch(config, function, params, extra):
+        seen["grid"] = (config.gridDimX, config.gridDimY, config.gridDimZ)
+        seen["block"] = (config.blockDimX, config.blockDimY, config.blockDimZ)
+        seen["smem"], seen["stream"] = config.sharedMemBytes, int(config.hStream)
+        attr = config.attrs[0]
+        seen["cluster"] = (attr.id, attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z)
+        seen["ptrs"] = list((ctypes.c_void_p * 3).from_address(params))
+        return (driver.CUresult.CUDA_SUCCESS,)
+
+    monkeypatch.setattr(driver, "cuFuncSetAttribute", set_attr)
+    monkeypatch.setattr(driver, "cuLaunchKernelEx", launch)
+    kernel = object.__new__(jit.CompiledKernel)
+    kernel.function, kernel._smem_attr, kernel._lock = "fn", 0, threading.Lock()
+    params = [(ctypes.c_uint64 * 16)(), ctypes.c_uint64(7), ctypes.c_int32(3)]
+    kernel.launch(grid=(132, 1, 1), block=(384, 1, 1), smem=200_000, stream=0xABC, params=params)
+    assert seen["grid"] == (132, 1, 1) and seen["block"] == (384, 1, 1)
+    assert seen["smem"] == 200_000 and seen["stream"] == 0xABC
+    assert seen["attr"][2] == 200_000
+    assert seen["cluster"] == (driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, 1, 1, 1)
+    assert seen["ptrs"] == [ctypes.addressof(p) for p in params]
+
+
+def test_load_kernel_is_memoized_per_device(monkeypatch, tmp_path):
+    """The launch path compiles/loads once per (binary, device), then only looks up a dict."""
+    calls = []
+    cubin = tmp_path / "k.cubin"
+    cubin.write_bytes(b"\x7fELF")
+    monkeypatch.setattr(jit, "compile_cubin", lambda spec: calls.append("compile") or cubin)
+    monkeypatch.setattr(jit, "_ensure_context", lambda index: calls.append(f"ctx{index}"))
+    monkeypatch.setattr(jit, "CompiledKernel", lambda spec, data: ("loaded", spec.kernel_name, data))
+    monkeypatch.setattr(jit, "_loaded", {})
+    spec = _fake_spec(tmp_path)
+    first = jit.load_kernel(spec, 0)
+    assert jit.load_kernel(spec, 0) is first
+    jit.load_kernel(spec, 1)
+    assert calls == ["compile", "ctx0", "compile", "ctx1"]

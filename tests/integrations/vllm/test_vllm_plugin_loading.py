@@ -64,7 +64,10 @@ values = typing.get_args(KernelConfig.__dataclass_fields__["moe_backend"].type)
 print(values.count("phasemoe"), [m.name for m in oracle.Fp8MoeBackend].count("PHASEMOE"),
       oracle.map_fp8_backend.__wrapped__.__name__ == "map_fp8_backend",
       hasattr(oracle.map_fp8_backend.__wrapped__, "__wrapped__"))
+import importlib
+oracle = importlib.reload(oracle)  # fresh functions and Enum: patched again by the import hook
+print(oracle.map_fp8_backend("phasemoe").name)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-4:] == ["1", "1", "True", "False"]
+    assert out.stdout.split()[-5:] == ["1", "1", "True", "False", "PHASEMOE"]

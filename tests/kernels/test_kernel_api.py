@@ -1,0 +1,64 @@
+"""Pins the kernels' public API: the names and signatures `moe_backend.ops` and the layer call."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+API = {
+    "grouped_gemm_contiguous": "(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None)",
+    "grouped_gemm_masked": "(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, expected_m=None, config=None)",
+    "silu_mul_quant": "(h, group=128, ue8m0=False)",
+    "per_token_group_quant": "(x, group=128, ue8m0=False)",
+    "combine": "(y, row_of_slot, topk_weights, out=None)",
+}
+
+
+def _plain(sig: inspect.Signature) -> str:
+    return str(sig.replace(parameters=[p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()],
+                           return_annotation=inspect.Signature.empty))
+
+
+@pytest.mark.parametrize("module", sorted(API))
+def test_signature(module: str) -> None:
+    mod = importlib.import_module(f"moe_backend.kernels.{module}")
+    name = "unpermute_combine" if module == "combine" else module
+    assert name in mod.__all__
+    assert _plain(inspect.signature(getattr(mod, name))) == API[module]
+
+
+def test_contiguous_alignment() -> None:
+    mod = importlib.import_module("moe_backend.kernels.grouped_gemm_contiguous")
+    assert mod.CONTIGUOUS_ALIGNMENT == 128 and "CONTIGUOUS_ALIGNMENT" in mod.__all__
+
+
+def test_formula_and_override() -> None:
+    from moe_backend.kernels import _gemm_config
+
+    cfg = _gemm_config.get_config("grouped_gemm_masked", 4, 4096, 7168, "no-such-gpu", masked=True)
+    assert cfg["BLOCK_M"] == 16
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        _gemm_config.get_config("grouped_gemm_masked", 4, 4096, 7168, "x", masked=True,
+                                override=dict(BLOCK_M=24, BLOCK_N=128, num_warps=4, num_stages=3))
+    with pytest.raises(ValueError, match="unknown"):
+        _gemm_config.check_config(dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, SPLIT=2))
+
+
+def test_tables_load() -> None:
+    """Shipped tables parse and every entry is a valid config."""
+    from moe_backend.kernels import _gemm_config
+
+    paths = sorted(_gemm_config.CONFIG_DIR.glob("*.json"))
+    assert paths, "no tuned tables shipped"
+    for path in paths:
+        kernel, device = path.stem.split("_NVIDIA", 1)[0], "NVIDIA" + path.stem.split("_NVIDIA", 1)[1]
+        table = _gemm_config.load_table(kernel, device.replace("_", " "))
+        assert table, path
+        for by_m in table.values():
+            for cfg in by_m.values():
+                _gemm_config.check_config(cfg)
