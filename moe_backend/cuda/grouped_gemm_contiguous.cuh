@@ -240,8 +240,18 @@ struct GroupedGemmContiguous {
 
         // Epilogue: bf16 straight from registers. Rows of another expert id (padding) and rows
         // past M are left untouched; columns past N (last N tile) are dropped.
-        const bool store0 = row0 < m && expert_ids[row0] == expert;
-        const bool store1 = row1 < m && expert_ids[row1] == expert;
+        const int id0 = row0 < m ? expert_ids[row0] : -1;
+        const int id1 = row1 < m ? expert_ids[row1] : -1;
+        const bool store0 = id0 == expert;
+        const bool store1 = id1 == expert;
+#ifdef PHASEMOE_DEBUG
+        // A row of another expert inside the tile means a segment did not start on a 128-row
+        // boundary: the layout broke the precondition and that row would silently stay unwritten.
+        if ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert)) {
+          printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
+          __trap();
+        }
+#endif
         uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
         uint16_t* out1 = out + static_cast<int64_t>(row1) * kN;
 #pragma unroll

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-import sys
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -83,9 +83,18 @@ def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | Non
 
         bn = min(BLOCK_N_CHOICES, key=cost)
         cfg = ContiguousConfig(block_n=bn, num_stages=max_stages(bn))
-    if verbose:
-        print(f"[moe_backend.cuda] grouped_gemm_contiguous m={m} n={n} sms={num_sms}: {cfg}", file=sys.stderr)
+    if verbose and (m, n, num_sms, cfg) not in _printed:
+        _printed.add((m, n, num_sms, cfg))
+        print(f"[moe_backend] cuda grouped_gemm_contiguous m={m} N={n} sms={num_sms}: "
+              f"{'override' if override is not None else 'formula'} -> {cfg}", flush=True)
     return cfg
+
+
+_printed: set = set()
+
+
+def _print_config() -> bool:
+    return os.environ.get("MOE_BACKEND_PRINT_CONFIG") == "1"
 
 
 @lru_cache(maxsize=None)
@@ -184,7 +193,7 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     expert's segment starting on a multiple of 128 rows (padding rows -1; ids are not
     range-checked: that would sync with the host), out bf16 `[M, N]` (allocated zeroed when
     None, like the reference). All contiguous, on one Hopper GPU. `config` overrides the
-    heuristic (MOE_BACKEND_JIT_VERBOSE=1 prints the choice).
+    heuristic (MOE_BACKEND_PRINT_CONFIG=1 prints each new choice).
     """
     check_tensor("a_fp8", a_fp8, dtypes=(FP8_DTYPE,), ndim=2, contiguous=True)
     m, k = a_fp8.shape
@@ -215,7 +224,7 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
         expert_ids = expert_ids.to(torch.int32)
 
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    cfg = select_config(m, n, _num_sms(index), override=config, verbose=jit._verbose())
+    cfg = select_config(m, n, _num_sms(index), override=config, verbose=_print_config())
     spec = kernel_spec(n, k, cfg)
     with torch.cuda.device(index):
         kernel = jit.load_kernel(spec, index)

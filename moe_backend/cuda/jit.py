@@ -12,7 +12,6 @@ with the cubin (truncated or corrupt file) is rebuilt.
 Switches (one `MOE_BACKEND_*` table in the README):
   MOE_BACKEND_CACHE_DIR      cache root (default ~/.cache/moe_backend/jit)
   MOE_BACKEND_JIT_VERBOSE=1  print each nvcc command, its time and ptxas's report to stderr
-                             (and the launchers' config choices)
   MOE_BACKEND_JIT_DEBUG=1    build with -lineinfo and -DPHASEMOE_DEBUG: pipeline waits trap
                              after 5 s with a message instead of hanging (separate cache keys)
 """

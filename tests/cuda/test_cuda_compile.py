@@ -493,3 +493,17 @@ def test_load_kernel_is_memoized_per_device(monkeypatch, tmp_path):
     assert jit.load_kernel(spec, 0) is first
     jit.load_kernel(spec, 1)
     assert calls == ["compile", "ctx0", "compile", "ctx1"]
+
+
+def test_config_choice_printed_once(capsys):
+    ggc.select_config(4096, 4096, 132, verbose=True)
+    ggc.select_config(4096, 4096, 132, verbose=True)
+    assert capsys.readouterr().out.count("grouped_gemm_contiguous m=4096 N=4096") == 1
+
+
+@needs_nvcc
+def test_warmup_command(cache, capsys):
+    from moe_backend.cuda.__main__ import main
+    assert main(["warmup", "--slice", "tp8", "--rows", "512"]) == 0
+    assert "2 kernels ready" in capsys.readouterr().out
+    assert len(list((cache / "grouped_gemm_contiguous").glob("*.cubin"))) == 2
