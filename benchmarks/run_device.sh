@@ -14,8 +14,12 @@ python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__ve
 for step in "$@"; do
   t0=$(date +%s)
   case $step in
-    test)  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -x tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
-    tune)  timeout ${TUNE_TIMEOUT:-400} python3 -c "from moe_backend.tune import main; raise SystemExit(main(['--out-dir', '$OUT', '--log', '$OUT/tune.log'] + '${TUNE_ARGS:-}'.split()))" 2>"$OUT/tune.progress" | tail -5; tail -c 300 "$OUT/tune.progress" | tr '\r' '\n' | tail -2 ;;
+    test)  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q tests/gpu/test_kernels_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
+    tune*) # tune, or tune1/tune2: extra arguments from TUNE_ARGS, TUNE1_ARGS, TUNE2_ARGS
+           var="$(echo "$step" | tr a-z A-Z)_ARGS"
+           timeout ${TUNE_TIMEOUT:-400} python3 -c "import sys; from moe_backend.tune import main; raise SystemExit(main(['--out-dir', '$OUT', '--log', '$OUT/$step.log'] + sys.argv[1:]))" ${!var:-} 2>"/tmp/$step.progress" | tail -5
+           tail -c 300 "/tmp/$step.progress" | tr '\r' '\n' | tail -2
+           cp "$OUT"/grouped_gemm_*.json moe_backend/kernels/configs/ 2>/dev/null ;;  # later steps use them
     bench) timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_grouped_gemm.py --json "$OUT/bench.json" --md "$OUT/benchmarks.md" --log "$OUT/bench.log" ${BENCH_ARGS:-} 2>&1 | grep -v "^|" ;;
     layer) timeout ${LAYER_TIMEOUT:-200} python3 benchmarks/bench_layer.py --json "$OUT/layer.json" 2>&1 | tee "$OUT/layer.log" | tail -20 ;;
   esac

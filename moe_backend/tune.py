@@ -33,15 +33,23 @@ def _pow2ceil(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def candidates(m: int, *, masked: bool) -> list[dict]:
+def candidates(m: int, *, masked: bool, k: int = 7168) -> list[dict]:
     """A small grid around what the rows-per-expert count needs (see _gemm_config.formula)."""
     out = []
-    depth = ((1, 3), (1, 4), (1, 5), (2, 2), (2, 3))  # (K_UNROLL, num_stages)
+    depth = ((1, 3), (1, 4), (1, 5), (2, 2), (2, 3), (4, 2))  # (K_UNROLL, num_stages)
+    if k <= 256:
+        # Short K: one program loops over N_LOOP n-tiles with the whole K of A held (see the kernel).
+        for bm, bn, n_loop, stages, w in itertools.product(
+                sorted({min(max(_pow2ceil(m), 16), 128), 64}), (128, 256), (4, 8), (2, 3), (4, 8)):
+            if (bm * bn < 64 * 128 and w == 8) or stages * 256 * bn + 256 * bm > 200 * 1024:
+                continue
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SWAP_AB=False, N_LOOP=n_loop, num_warps=w,
+                            num_stages=stages))
     if masked and m <= 128:
         top = min(max(_pow2ceil(m), 16), 128)
         for bm in sorted({top, max(16, top // 2)}):
             for bn, (unroll, stages) in itertools.product((64, 128, 256), depth):
-                if _smem_bytes(bm, bn, unroll, stages) > 200 * 1024:
+                if _smem_bytes(bm, bn, unroll, stages) > 200 * 1024 or (unroll == 4 and m < 64):
                     continue
                 warps = (4, 8) if bm * bn >= 64 * 128 else (4,)
                 swaps = (True,) if bm <= 32 else (False, True)
@@ -145,7 +153,7 @@ def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAP
         for shape, m in itertools.product(shapes, rows):
             if shape[2] * m <= MAX_TOTAL_ROWS or shape[2] <= 32:
                 jobs.append((kernel, shape, m))
-    total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked")) for kernel, _, m in jobs)
+    total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked", k=shape[4])) for kernel, shape, m in jobs)
     bar = _progress(total, f"tune on {device}")
     tables: dict = {kernel: {} for kernel in kernels}
     weights_cache: dict = {}
@@ -165,7 +173,7 @@ def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAP
             out = torch.empty(a.shape[0], n, dtype=torch.bfloat16, device="cuda")
             run = lambda cfg: grouped_gemm_contiguous(a, a_s, b, bs, idx, out, config=cfg)  # noqa: E731
         best = None
-        for cfg in candidates(m, masked=masked):
+        for cfg in candidates(m, masked=masked, k=k):
             try:
                 us = time_graph(lambda: run(cfg))
             except Exception as exc:  # out of shared memory / registers: not a candidate here
@@ -190,13 +198,18 @@ def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAP
     paths = []
     for kernel, table in tables.items():
         path = Path(out_dir) / _gemm_config.table_path(kernel, device).name
-        # Configs hold launch keys only; the tuned timings go into meta (the loader skips meta).
-        clean = {shape: {m: {k2: v for k2, v in cfg.items() if k2 != "us"} for m, cfg in by_m.items()}
-                 for shape, by_m in table.items()}
-        timings = {shape: {m: cfg["us"] for m, cfg in by_m.items()} for shape, by_m in table.items()}
+        # Merge into the shipped table: a partial run (some shapes or buckets) updates its entries.
+        shipped = path if path.exists() else _gemm_config.table_path(kernel, device)
+        merged = json.loads(shipped.read_text()) if shipped.exists() else {}
+        timings = merged.pop("meta", {}).get("tuned_us", {})
+        for shape, by_m in table.items():
+            for m, cfg in by_m.items():
+                # Configs hold launch keys only; the tuned timings go into meta (the loader skips it).
+                merged.setdefault(shape, {})[m] = {k2: v for k2, v in cfg.items() if k2 != "us"}
+                timings.setdefault(shape, {})[m] = cfg["us"]
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
-            json.dump({"meta": dict(meta, tuned_us=timings), **clean}, f, indent=1, sort_keys=True)
+            json.dump({"meta": dict(meta, tuned_us=timings), **merged}, f, indent=1, sort_keys=True)
         paths.append(str(path))
     _gemm_config.load_table.cache_clear()
     return {"paths": paths, "tables": tables}
@@ -206,6 +219,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_backend tune", description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", default="grouped_gemm_masked,grouped_gemm_contiguous")
     parser.add_argument("--slices", default="ep8,tp8", help="which DeepSeek-V3 slices (ep8, tp8)")
+    parser.add_argument("--gemms", default="w13,w2", help="which GEMMs of each slice (w13, w2)")
     parser.add_argument("--decode-rows", default=",".join(map(str, DECODE_ROWS)))
     parser.add_argument("--prefill-rows", default=",".join(map(str, PREFILL_ROWS)))
     parser.add_argument("--out-dir", default=None, help="where the JSON tables go (default: the package's)")
@@ -214,11 +228,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("tune: needs a CUDA GPU", file=sys.stderr)
         return 2
-    slices = set(args.slices.split(","))
+    slices, gemms = set(args.slices.split(",")), set(args.gemms.split(","))
     log = open(args.log, "w") if args.log else None
-    result = tune(kernels=tuple(args.kernels.split(",")), shapes=[s for s in SHAPES if s[0] in slices],
-                  decode_rows=tuple(int(x) for x in args.decode_rows.split(",") if x),
-                  prefill_rows=tuple(int(x) for x in args.prefill_rows.split(",") if x),
+    result = tune(kernels=tuple(args.kernels.split(",")), shapes=[s for s in SHAPES if s[0] in slices and s[1] in gemms],
+                  decode_rows=tuple(int(x) for x in args.decode_rows.split(",") if x and int(x) > 0),
+                  prefill_rows=tuple(int(x) for x in args.prefill_rows.split(",") if x and int(x) > 0),
                   out_dir=args.out_dir, log=log)
     for path in result["paths"]:
         print(f"wrote {path}")

@@ -47,18 +47,21 @@ def apply_standard(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Ten
 def apply_batched(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor,
                   w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor,
                   w2_scale_inv: torch.Tensor, expert_num_tokens: torch.Tensor,
-                  workspace: torch.Tensor) -> None:
+                  workspace: torch.Tensor, expected_m: int | None = None) -> None:
     """Batched (masked) format. x_fp8 `[E, T, H]` with x_scale f32 `[E, T, H/128]`;
     expert_num_tokens int32 on the device, at least E entries (the first E are this rank's);
     workspace: at least E*T*2I bf16 elements for GEMM1's output. Writes the unweighted rows
-    output bf16 `[E, T, H]`, rows m < expert_num_tokens[e] only. No host sync, sizes from shapes."""
+    output bf16 `[E, T, H]`, rows m < expert_num_tokens[e] only. No host sync, sizes from shapes;
+    expected_m (typical rows per expert, a host int) only steers the kernels' tile choice."""
     num_experts, max_m, _ = x_fp8.shape
     two_i = w13_fp8.shape[1]
     # DeepEP LL sizes the counts by local experts, vLLM's naive batched prepare by global
     # experts (local ones first): a view of the first E either way.
     masked_m = expert_num_tokens[:num_experts]
     h = workspace.reshape(-1)[:num_experts * max_m * two_i].view(num_experts, max_m, two_i)
-    ops.grouped_gemm_masked(x_fp8, x_scale.contiguous(), w13_fp8, w13_scale_inv, masked_m, out=h)
+    ops.grouped_gemm_masked(x_fp8, x_scale.contiguous(), w13_fp8, w13_scale_inv, masked_m, out=h,
+                            expected_m=expected_m)
     # Rows past masked_m[e] hold stale workspace; they are quantized but never read back.
     a_fp8, a_scale = ops.silu_mul_quant(h)
-    ops.grouped_gemm_masked(a_fp8, a_scale, w2_fp8, w2_scale_inv, masked_m, out=output)
+    ops.grouped_gemm_masked(a_fp8, a_scale, w2_fp8, w2_scale_inv, masked_m, out=output,
+                            expected_m=expected_m)

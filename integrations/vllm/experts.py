@@ -36,6 +36,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
     kFp8Dynamic128Sym,
     kFp8Static128BlockSym,
 )
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.platforms import current_platform
 
 from moe_backend.dispatch import Policy
@@ -157,5 +158,18 @@ class PhaseMoEBatchedExperts(_PhaseMoEBase):
         assert a1q_scale is not None and hidden_states.dim() == 3
         assert activation == MoEActivation.SILU
         w13_scale_inv, w2_scale_inv = self._weight_scales()
+        expected_m = _expected_m(global_num_experts, topk_ids.size(-1), hidden_states.size(1))
         apply_batched(output, hidden_states, a1q_scale, w1, w13_scale_inv, w2, w2_scale_inv,
-                      expert_tokens_meta.expert_num_tokens, workspace13)
+                      expert_tokens_meta.expert_num_tokens, workspace13, expected_m)
+
+
+def _expected_m(global_num_experts: int, topk: int, max_m: int) -> int | None:
+    """Typical rows per expert for the masked kernels' tile choice, from the token counts vLLM
+    keeps on the host for DP (no device sync); None when vLLM has no such counts."""
+    if not is_forward_context_available():
+        return None
+    dp_metadata = get_forward_context().dp_metadata
+    if dp_metadata is None or global_num_experts <= 0:
+        return None
+    total_tokens = int(dp_metadata.num_tokens_across_dp_cpu.sum())
+    return max(1, min(max_m, -(-total_tokens * topk // global_num_experts)))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
-_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SWAP_AB", "K_UNROLL", "num_warps", "num_stages")
+_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SWAP_AB", "K_UNROLL", "N_LOOP", "num_warps", "num_stages")
 _printed: set = set()
 
 
@@ -58,15 +58,17 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
     unknown = set(cfg) - set(_KEYS)
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)}; allowed {list(_KEYS)}")
-    full = {"GROUP_M": 1, "SWAP_AB": False, "K_UNROLL": 1, **cfg}
+    full = {"GROUP_M": 1, "SWAP_AB": False, "K_UNROLL": 1, "N_LOOP": 1, **cfg}
     for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
         if key not in full:
             raise ValueError(f"config: missing {key}")
     bm, bn = full["BLOCK_M"], full["BLOCK_N"]
     if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1):
         raise ValueError(f"config: BLOCK_M and BLOCK_N must be powers of two >= 16, got {bm}, {bn}")
-    if full["K_UNROLL"] not in (1, 2):
-        raise ValueError(f"config: K_UNROLL must be 1 or 2, got {full['K_UNROLL']}")
+    if full["K_UNROLL"] not in (1, 2, 4):
+        raise ValueError(f"config: K_UNROLL must be 1, 2 or 4, got {full['K_UNROLL']}")
+    if full["N_LOOP"] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"config: N_LOOP must be 1, 2, 4, 8 or 16, got {full['N_LOOP']}")
     if max_block_m is not None and max_block_m % bm:
         raise ValueError(f"config: BLOCK_M ({bm}) must divide the contiguous alignment ({max_block_m})")
     return full

@@ -63,7 +63,9 @@ def _fp8_grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,  # C^T = B A^T: N fills the MMA's M slot when rows are few
-    K_UNROLL: tl.constexpr,  # 128-wide K blocks per loop iteration (1 or 2)
+    K_UNROLL: tl.constexpr,  # 128-wide K blocks per K-loop iteration (1, 2 or 4)
+    N_LOOP: tl.constexpr,  # n-tiles per program, looped (short-K mode; 1 = one tile, K loop)
+    FULL_KB: tl.constexpr,  # K / 128 when N_LOOP > 1 (1 or 2)
 ):
     pid = tl.program_id(0)
     num_kb = K // BLOCK_K
@@ -101,50 +103,82 @@ def _fp8_grouped_gemm_kernel(
     # Rows past the valid ones are clamped, not masked: row m of C depends on row m of A alone,
     # so whatever they hold never reaches a stored row, and unmasked loads vectorize fully.
     offs_m = tl.minimum(offs_m, M - 1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_nb = tl.where(n_ok, offs_n, N - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     b_ptr += expert64 * N * K
     b_scale_ptr += expert64 * tl.cdiv(N, 128) * num_kb
     as_ptrs = a_scale_ptr + offs_m * num_kb
-    if BLOCK_N <= 128:
-        # One weight-scale row for the whole tile (128 % BLOCK_N == 0 is checked by the launcher).
-        bs_ptrs = b_scale_ptr + ((pid_n * BLOCK_N) // 128) * num_kb
+    if N_LOOP == 1:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_nb = tl.where(n_ok, offs_n, N - 1).to(tl.int64)
+        if BLOCK_N <= 128:
+            # One weight-scale row for the whole tile (128 % BLOCK_N == 0: powers of two).
+            bs_ptrs = b_scale_ptr + ((pid_n * BLOCK_N) // 128) * num_kb
+        else:
+            bs_ptrs = b_scale_ptr + (offs_nb // 128) * num_kb
+        if SWAP_AB:
+            a_ptrs = a_ptr + offs_m[None, :] * K + offs_k[:, None]  # [BK, BM]
+            b_ptrs = b_ptr + offs_nb[:, None] * K + offs_k[None, :]  # [BN, BK]
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]  # [BM, BK]
+            b_ptrs = b_ptr + offs_nb[None, :] * K + offs_k[:, None]  # [BK, BN]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, num_kb, K_UNROLL):
+            # K_UNROLL blocks' products are issued before any is scaled in: that many MMA groups
+            # in flight per wait instead of one (num_kb % K_UNROLL == 0, checked by the launcher).
+            for u in tl.static_range(K_UNROLL):
+                acc += _scaled_block_dot(a_ptrs + u * BLOCK_K, b_ptrs + u * BLOCK_K, as_ptrs + kb + u,
+                                         bs_ptrs + kb + u, SWAP_AB, BLOCK_N <= 128)
+            a_ptrs += BLOCK_K * K_UNROLL
+            b_ptrs += BLOCK_K * K_UNROLL
+        out = round_to_bf16_grid(acc).to(c_ptr.dtype.element_ty)
+        if SWAP_AB:
+            c_ptrs = c_ptr + offs_m[None, :] * N + offs_n[:, None]
+            tl.store(c_ptrs, out, mask=n_ok[:, None] & row_ok[None, :])
+        else:
+            c_ptrs = c_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(c_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
     else:
-        bs_ptrs = b_scale_ptr + (offs_nb // 128) * num_kb
-    if SWAP_AB:
-        a_ptrs = a_ptr + offs_m[None, :] * K + offs_k[:, None]  # [BK, BM]
-        b_ptrs = b_ptr + offs_nb[:, None] * K + offs_k[None, :]  # [BN, BK]
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
+        # Short K (FULL_KB = K/128 <= 2, e.g. TP8's w2 with K = 256): a K loop of one or two steps
+        # leaves the pipeliner nothing to overlap, so the A tile is loaded once and the loop runs
+        # over N_LOOP n-tiles instead: the next weight tiles stream in while this one is
+        # multiplied and stored.
         a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]  # [BM, BK]
-        b_ptrs = b_ptr + offs_nb[None, :] * K + offs_k[:, None]  # [BK, BN]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, num_kb, K_UNROLL):
-        acc += _scaled_block_dot(a_ptrs, b_ptrs, as_ptrs + kb, bs_ptrs + kb, SWAP_AB, BLOCK_N <= 128)
-        if K_UNROLL == 2:
-            # A second K block's product issued before the first is scaled in: two MMA groups in
-            # flight per wait instead of one (num_kb % 2 == 0 is checked by the launcher).
-            acc += _scaled_block_dot(a_ptrs + BLOCK_K, b_ptrs + BLOCK_K, as_ptrs + kb + 1,
-                                     bs_ptrs + kb + 1, SWAP_AB, BLOCK_N <= 128)
-        a_ptrs += BLOCK_K * K_UNROLL
-        b_ptrs += BLOCK_K * K_UNROLL
-    out = round_to_bf16_grid(acc).to(c_ptr.dtype.element_ty)
-    if SWAP_AB:
-        c_ptrs = c_ptr + offs_m[None, :] * N + offs_n[:, None]
-        tl.store(c_ptrs, out, mask=n_ok[:, None] & row_ok[None, :])
-    else:
-        c_ptrs = c_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(c_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
+        a0 = tl.load(a_ptrs)
+        as0 = tl.load(as_ptrs)
+        if FULL_KB == 2:
+            a1 = tl.load(a_ptrs + BLOCK_K)
+            as1 = tl.load(as_ptrs + 1)
+        for j in range(0, N_LOOP):
+            offs_n = (pid_n * N_LOOP + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            offs_nb = tl.where(n_ok, offs_n, N - 1).to(tl.int64)
+            b_ptrs = b_ptr + offs_nb[None, :] * K + offs_k[:, None]  # [BK, BN]
+            bs_ptrs = b_scale_ptr + (offs_nb // 128) * num_kb
+            acc = tl.dot(a0, tl.load(b_ptrs)) * as0[:, None] * tl.load(bs_ptrs)[None, :]
+            if FULL_KB == 2:
+                acc += tl.dot(a1, tl.load(b_ptrs + BLOCK_K)) * as1[:, None] * tl.load(bs_ptrs + 1)[None, :]
+            out = round_to_bf16_grid(acc).to(c_ptr.dtype.element_ty)
+            c_ptrs = c_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(c_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
 
 
 def launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, masked_m, *, masked: bool, rows: int,
            num_experts: int, cfg: dict) -> None:
-    """Launches the kernel with a validated config (see `_gemm_config.GemmConfig`)."""
+    """Launches the kernel with a validated config (`_gemm_config.check_config`). Options that do
+    not apply to this K (K_UNROLL not dividing K/128, N_LOOP with K > 256) fall back safely."""
     n, k = b_fp8.shape[1], b_fp8.shape[2]
+    num_kb = k // SCALE_GROUP
+    unroll = cfg.get("K_UNROLL", 1)
+    while num_kb % unroll:
+        unroll //= 2
+    n_loop = cfg.get("N_LOOP", 1)
+    swap = bool(cfg.get("SWAP_AB", False))
+    if num_kb > 2 or swap:
+        n_loop = 1
     num_m_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
-    num_n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    num_n_tiles = triton.cdiv(triton.cdiv(n, cfg["BLOCK_N"]), n_loop)
     grid_m = num_experts * num_m_tiles if masked else num_m_tiles
     grid = (grid_m * num_n_tiles,)
     if grid[0] == 0:
@@ -154,7 +188,7 @@ def launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, masked_m, *, masked:
         a_fp8, a_scale, b_fp8, b_scale, out, index, index,
         rows, n, k, num_m_tiles, num_n_tiles,
         MASKED=masked, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=SCALE_GROUP,
-        GROUP_M=cfg.get("GROUP_M", 1), SWAP_AB=bool(cfg.get("SWAP_AB", False)),
-        K_UNROLL=2 if cfg.get("K_UNROLL", 1) == 2 and (k // SCALE_GROUP) % 2 == 0 else 1,
+        GROUP_M=cfg.get("GROUP_M", 1), SWAP_AB=swap, K_UNROLL=unroll, N_LOOP=n_loop,
+        FULL_KB=num_kb if n_loop > 1 else 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -61,6 +61,12 @@ GEMM_CASES = [
                                                                  num_warps=4, num_stages=3)),
     GemmCase("k_unroll_odd_kb", 256, 384, (5, 0, 1, 33), config=dict(BLOCK_M=32, BLOCK_N=64, K_UNROLL=2,
                                                                        SWAP_AB=True, num_warps=4, num_stages=2)),
+    GemmCase("n_loop_k256", 7168, 256, (0, 1, 64, 17), config=dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8,
+                                                                     num_warps=4, num_stages=3)),
+    GemmCase("n_loop_k128_ragged_n", 1000, 128, (3, 0, 130, 1), config=dict(BLOCK_M=128, BLOCK_N=256, N_LOOP=4,
+                                                                           num_warps=8, num_stages=2)),
+    GemmCase("k_unroll4", 384, 1024, (0, 1, 100, 64), config=dict(BLOCK_M=64, BLOCK_N=128, K_UNROLL=4,
+                                                                  num_warps=4, num_stages=2)),
     GemmCase("big_tiles", 1024, 2048, (300, 129, 0, 1),
              config=dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)),
 ]
@@ -136,13 +142,13 @@ def test_masked_cuda_graph_replay() -> None:
         assert _rel(valid, valid_ref) <= TOL["gemm"]
 
 
-def _assert_quant_equal(got, want) -> None:
+def _assert_quant_equal(got, want, *, scale_rtol: float = 0.0, max_mismatch: float = 0.0) -> None:
     (q, s), (rq, rs) = got, want
-    assert torch.equal(s, rs), f"scales differ: max {float((s - rs).abs().max()):.3g}"
+    assert torch.allclose(s, rs, rtol=scale_rtol, atol=0), f"scales differ: max {float((s - rs).abs().max()):.3g}"
     if not q.numel():
         return
     mismatch = (q.float() != rq.float()).float().mean().item()
-    assert mismatch <= 1e-4, f"{mismatch:.2e} of the fp8 values differ"
+    assert mismatch <= max_mismatch, f"{mismatch:.2e} of the fp8 values differ"
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])
@@ -161,7 +167,10 @@ def test_per_token_group_quant(shape, ue8m0) -> None:
 def test_silu_mul_quant(shape, ue8m0) -> None:
     *_, smq = _kernels()
     h = (torch.randn(*shape, device="cuda") * 4).bfloat16()
-    _assert_quant_equal(smq.silu_mul_quant(h, 128, ue8m0), reference.silu_mul_quant(h, 128, ue8m0))
+    # The GPU's exp differs from torch's sigmoid by an ulp: scales within 1e-6, and a value sitting
+    # on an fp8 rounding boundary may round the other way (a step of 2^-3 relative, rare).
+    _assert_quant_equal(smq.silu_mul_quant(h, 128, ue8m0), reference.silu_mul_quant(h, 128, ue8m0),
+                        scale_rtol=1e-6, max_mismatch=1e-3)
 
 
 @pytest.mark.parametrize("num_tokens,topk,experts,n", [(1, 8, 32, 7168), (100, 8, 256, 7168), (7, 3, 5, 300)])

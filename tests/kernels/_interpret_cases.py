@@ -68,6 +68,22 @@ def case_masked_k_unroll():
     case_masked(dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, K_UNROLL=2, num_warps=4, num_stages=2))
 
 
+def case_masked_n_loop():
+    gen = torch.Generator().manual_seed(6)
+    e, max_m, n, k = 3, 20, 200, 256  # K = 256: the short-K path; N = 200: a ragged last n-tile
+    b, bs = _weights(e, n, k, gen)
+    a, a_s = _acts((e, max_m, k), gen)
+    masked_m = torch.tensor([0, 20, 3], dtype=torch.int32)
+    out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16)
+    grouped_gemm_masked(a, a_s, b, bs, masked_m, out,
+                        config=dict(BLOCK_M=16, BLOCK_N=64, N_LOOP=2, num_warps=4, num_stages=2))
+    ref = reference.grouped_gemm_masked(a, a_s, b, bs, masked_m)
+    for i, m in enumerate(masked_m.tolist()):
+        assert torch.isnan(out[i, m:]).all() and torch.isfinite(out[i, :m]).all(), i
+    err = _rel(torch.cat([out[1], out[2, :3]]), torch.cat([ref[1], ref[2, :3]]))
+    assert err <= GEMM_RTOL, f"rel err {err:.2e}"
+
+
 def case_contiguous(cfg=None, counts=(0, 1, 130, 5)):
     gen = torch.Generator().manual_seed(2)
     e, n, k = len(counts), 136, 256

@@ -123,7 +123,8 @@ def _check_masked(out, counts, x_fp8, x_scale, weights):
             assert _rel(out[e, :m], want[e, :m]) <= LAYER_SAME_QUANT, e
 
 
-def test_batched_cuda_graph(weights):
+@pytest.mark.parametrize("expected_m", [None, 32])
+def test_batched_cuda_graph(weights, expected_m):
     """Stale (NaN) workspace, counts only on the device, captured once and replayed."""
     from moe_backend_integrations.vllm._apply import apply_batched
 
@@ -136,7 +137,7 @@ def test_batched_cuda_graph(weights):
                            device="cuda")
     out = torch.full((LOCAL_EXPERTS, MAX_M, HIDDEN), float("nan"), dtype=torch.bfloat16, device="cuda")
     run = lambda: apply_batched(out, x_fp8, x_scale, w13, s13, w2, s2, counts_global,  # noqa: E731
-                                workspace)
+                                workspace, expected_m)
     run()
     _check_masked(out, counts, x_fp8, x_scale, weights)
 
