@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from moe_backend import MoEConfig
 from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.random_weights import random_moe_weights

@@ -16,7 +16,7 @@ import logging
 import os
 from importlib import metadata
 
-from moe_backend_integrations.sglang._post_import import when_imported
+from moe_backend_integrations._post_import import when_imported
 
 __all__ = ["register", "check", "BACKEND_NAME", "SGLANG_VERSION"]
 

@@ -18,7 +18,6 @@ warning at load.
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import inspect
 import logging
 import sys
@@ -26,6 +25,7 @@ import threading
 import typing
 from typing import Any, Callable, Literal
 
+from moe_backend_integrations._post_import import when_imported
 from moe_backend_integrations.vllm import BACKEND_NAME, SUPPORTED_VLLM
 
 __all__ = [
@@ -127,54 +127,9 @@ def extend_moe_backend_literal() -> None:
 
 # ---- step 2: the FP8 oracle ----
 
-class _PatchingLoader(importlib.abc.Loader):
-    """Runs the real loader, then `on_loaded(module)` before the importer sees the module."""
-
-    def __init__(self, inner: importlib.abc.Loader, on_loaded: Callable[[Any], None]):
-        self._inner = inner
-        self._on_loaded = on_loaded
-
-    def create_module(self, spec):
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._inner.exec_module(module)
-        self._on_loaded(module)
-
-    def __getattr__(self, name: str):  # get_source, is_package, ... for tracebacks and inspect
-        return getattr(self._inner, name)
-
-
-class _OracleImportHook(importlib.abc.MetaPathFinder):
-    def __init__(self, on_loaded: Callable[[Any], None]):
-        self._on_loaded = on_loaded
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != ORACLE_MODULE:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is not None:
-            spec.loader = _PatchingLoader(spec.loader, self._loaded)
-        return spec
-
-    def _loaded(self, module) -> None:
-        self._on_loaded(module)
-
-
 def _hook_oracle(on_loaded: Callable[[Any], None]) -> None:
-    # The hook stays: it answers for one module name only, and a reload of the oracle (fresh
-    # functions, fresh Enum) is patched again.
-    sys.meta_path.insert(0, _OracleImportHook(on_loaded))
-    module = sys.modules.get(ORACLE_MODULE)
-    if module is not None:
-        on_loaded(module)
+    # Persistent: a reload of the oracle (fresh functions, fresh Enum) is patched again.
+    when_imported(ORACLE_MODULE, on_loaded, persistent=True)
 
 
 def add_enum_member(cls: type, name: str) -> Any:

@@ -1,8 +1,9 @@
 """Run a callback right after a named module finishes importing (or now, if it already has).
 
-Why: SGLang loads plugins in every process (API server, tokenizer, detokenizer, scheduler).
-Importing the MoE runner and FP8 quantization modules eagerly from `register()` would add
-~2-3 s to processes that never build a layer; hooking their import costs nothing there.
+Why: both engines load plugins in every process (API server, tokenizer, detokenizer, workers).
+Importing their MoE / FP8 modules eagerly from `register()` would add 1-3 s to processes that
+never build a layer; hooking those modules' import costs nothing there. Shared by the vLLM and
+SGLang plugins.
 """
 
 from __future__ import annotations
@@ -17,28 +18,33 @@ from typing import Callable
 __all__ = ["when_imported"]
 
 _lock = threading.RLock()
-_pending: dict[str, list[Callable[[ModuleType], None]]] = {}
+# name -> [(callback, persistent)]; persistent callbacks also run on every re-import (a reload).
+_pending: dict[str, list[tuple[Callable[[ModuleType], None], bool]]] = {}
 _finder: "_PostImportFinder | None" = None
 
 
-def when_imported(name: str, callback: Callable[[ModuleType], None]) -> None:
-    """Calls `callback(module)` once `name` is fully imported: now if it is, else after its import."""
+def when_imported(name: str, callback: Callable[[ModuleType], None], *, persistent: bool = False) -> None:
+    """Calls `callback(module)` once `name` is fully imported: now if it is, else after its import.
+    persistent=True keeps watching, so a reload of the module (fresh functions) is handled again."""
     global _finder
     with _lock:
         module = sys.modules.get(name)
-        if module is None:
-            _pending.setdefault(name, []).append(callback)
+        if module is None or persistent:
+            _pending.setdefault(name, []).append((callback, persistent))
             if _finder is None:
                 _finder = _PostImportFinder()
                 sys.meta_path.insert(0, _finder)
-            return
-    callback(module)
+    if module is not None:
+        callback(module)
 
 
 def _fire(name: str, module: ModuleType) -> None:
     with _lock:
-        callbacks = _pending.pop(name, [])
-    for callback in callbacks:
+        entries = _pending.pop(name, [])
+        kept = [entry for entry in entries if entry[1]]
+        if kept:
+            _pending[name] = kept
+    for callback, _ in entries:
         callback(module)
 
 
