@@ -84,7 +84,7 @@ def time_graph(fn, *, warmup_ms: int = 5, rep_ms: int = 30) -> float:
 
 def make_masked_inputs(e: int, m: int, n: int, k: int, weights=None):
     """Random FP8 operands of the masked layout: every expert holds m rows (max_m = m)."""
-    from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+    from moe_backend.quant import quantize_fp8_per_token_group
 
     b, bs = weights if weights is not None else random_weights(e, n, k)
     a, a_s = quantize_fp8_per_token_group(torch.randn(e, m, k, device="cuda", dtype=torch.bfloat16))

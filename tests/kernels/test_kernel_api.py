@@ -62,3 +62,18 @@ def test_tables_load() -> None:
         for by_m in table.values():
             for cfg in by_m.values():
                 _gemm_config.check_config(cfg)
+
+
+@pytest.mark.parametrize("m,masked,k", [(1, True, 7168), (128, True, 7168), (64, True, 256), (512, False, 2048),
+                                        (512, False, 256)])
+def test_tune_candidates_are_valid(m: int, masked: bool, k: int) -> None:
+    """Every candidate the tuner times passes the launcher's checks and fits shared memory."""
+    from moe_backend.kernels import _gemm_config
+    from moe_backend.tune import candidates
+
+    cands = candidates(m, masked=masked, k=k)
+    assert cands
+    for cfg in cands:
+        full = _gemm_config.check_config(cfg, max_block_m=None if masked else 128)
+        per_stage = 128 * full["K_UNROLL"] * (full["BLOCK_M"] + full["BLOCK_N"])
+        assert full["num_stages"] * per_stage <= 200 * 1024 or full["N_LOOP"] > 1
