@@ -12,12 +12,7 @@ import torch
 
 from moe_backend import ops
 from moe_backend._checks import check_same_device, check_tensor
-from moe_backend.dispatch.layouts import (
-    build_contiguous_layout,
-    build_masked_layout,
-    combine,
-    permute,
-)
+from moe_backend.dispatch.layouts import build_contiguous_layout, build_masked_layout, permute
 from moe_backend.dispatch.policy import KernelChoice, Policy
 from moe_backend.reference import GROUP, check_activations, check_grouped_gemm_weights
 
@@ -28,11 +23,13 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
                    w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, *, x_scale: torch.Tensor | None = None,
                    expert_start: int = 0, ue8m0: bool = False, policy: Policy | None = None,
-                   phase: str | None = None, kernel: KernelChoice | None = None) -> torch.Tensor:
+                   phase: str | None = None, kernel: KernelChoice | None = None,
+                   expected_m: int | None = None) -> torch.Tensor:
     """x bf16 `[T, H]` (or fp8 with `x_scale` `[T, H/128]`); w13 fp8 `[E, 2I, H]`, w2 fp8 `[E, H, I]`
     with block scales; topk_weights f32 / topk_ids `[T, k]` where experts
     `[expert_start, expert_start + E)` are local and other ids (-1, other ranks) contribute nothing.
-    Returns bf16 `[T, H]`, the weighted sum over local experts (fp32 accumulation)."""
+    Returns bf16 `[T, H]`, the weighted sum over local experts (fp32 accumulation).
+    `expected_m`: typical rows per local expert (T*k / global experts), a tile-choice hint only."""
     if x_scale is None:
         check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
         if x.shape[-1] % GROUP:
@@ -58,19 +55,25 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
         x_fp8 = x
         check_activations(x_fp8, x_scale, ndim=2)
 
+    if expected_m is None:
+        expected_m = max(1, -(-num_tokens * topk_ids.shape[1] // num_experts))
     if kernel.layout == "masked":
         layout = build_masked_layout(topk_ids, num_experts, expert_start=expert_start)
         a_fp8, a_scale = permute(x_fp8, layout), permute(x_scale, layout)
-        h = ops.grouped_gemm_masked(a_fp8, a_scale, w13_fp8, w13_scale_inv, layout.masked_m, impl=impl)
+        h = ops.grouped_gemm_masked(a_fp8, a_scale, w13_fp8, w13_scale_inv, layout.masked_m, impl=impl,
+                                    expected_m=expected_m)
         act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0)
-        y = ops.grouped_gemm_masked(act_fp8, act_scale, w2_fp8, w2_scale_inv, layout.masked_m, impl=impl)
+        y = ops.grouped_gemm_masked(act_fp8, act_scale, w2_fp8, w2_scale_inv, layout.masked_m, impl=impl,
+                                    expected_m=expected_m)
     else:
         alignment = ops.contiguous_alignment(impl, x.device)
         layout = build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,
                                          alignment=alignment, exact_size=not kernel.static_shapes)
         a_fp8, a_scale = permute(x_fp8, layout), permute(x_scale, layout)
         ids = layout.expert_ids
-        h = ops.grouped_gemm_contiguous(a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, impl=impl)
+        h = ops.grouped_gemm_contiguous(a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, impl=impl,
+                                        expected_m=expected_m)
         act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0)
-        y = ops.grouped_gemm_contiguous(act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, impl=impl)
-    return combine(y, layout, topk_weights)
+        y = ops.grouped_gemm_contiguous(act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, impl=impl,
+                                        expected_m=expected_m)
+    return ops.unpermute_combine(y, layout.row_of_slot, topk_weights)

@@ -23,6 +23,7 @@ __all__ = [
     "grouped_gemm_masked",
     "silu_mul_quant",
     "per_token_group_quant",
+    "unpermute_combine",
     "contiguous_alignment",
     "IMPLS",
 ]
@@ -33,9 +34,9 @@ _REFERENCE_ALIGNMENT = 128
 
 
 @lru_cache(maxsize=None)
-def _kernel(op: str) -> Callable:
+def _kernel(op: str, module: str | None = None) -> Callable:
     try:
-        module = importlib.import_module(f"moe_backend.kernels.{op}")
+        module = importlib.import_module(f"moe_backend.kernels.{module or op}")
     except ImportError as exc:
         if exc.name in ("triton", "triton.language"):
             raise ImportError(f"moe_backend: the GPU kernel {op!r} needs Triton; install it with "
@@ -56,11 +57,13 @@ def _provider(impl: str, device: torch.device) -> str:
     return "triton"
 
 
-def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, impl: str = "auto"):
-    """See `moe_backend.reference.grouped_gemm_contiguous`."""
+def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, impl: str = "auto",
+                            expected_m: int | None = None):
+    """See `moe_backend.reference.grouped_gemm_contiguous`; `expected_m` as in `grouped_gemm_masked`."""
     provider = _provider(impl, a_fp8.device)
     if provider == "triton":
-        return _kernel("grouped_gemm_contiguous")(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
+        return _kernel("grouped_gemm_contiguous")(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out,
+                                                  expected_m=expected_m)
     if provider == "deepgemm":
         from moe_backend.providers import deepgemm
 
@@ -97,6 +100,16 @@ def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False
     from moe_backend.quant import quantize_fp8_per_token_group
 
     return quantize_fp8_per_token_group(x, group, ue8m0)
+
+
+def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """See `moe_backend.dispatch.layouts.combine_rows` (a gather: deterministic, fp32 sum)."""
+    if _provider("auto", y.device) == "triton":
+        return _kernel("unpermute_combine", module="combine")(y, row_of_slot, topk_weights, out)
+    from moe_backend.dispatch.layouts import combine_rows
+
+    return combine_rows(y, row_of_slot, topk_weights, out)
 
 
 def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu") -> int:

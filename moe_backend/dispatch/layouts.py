@@ -24,6 +24,7 @@ __all__ = [
     "build_masked_layout",
     "permute",
     "combine",
+    "combine_rows",
 ]
 
 
@@ -159,7 +160,13 @@ def combine(y: torch.Tensor, layout: ContiguousLayout | MaskedLayout, topk_weigh
             out: torch.Tensor | None = None) -> torch.Tensor:
     """Un-permute + weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`,
     fp32 sum, one bf16 rounding. y: `[M, N]` or `[E, max_m, N]`; returns bf16 `[T, N]`."""
-    rows = layout.row_of_slot
+    return combine_rows(y, layout.row_of_slot, topk_weights, out)
+
+
+def combine_rows(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """`combine` given the row map alone (the torch twin of `kernels.combine.unpermute_combine`)."""
+    rows = row_of_slot
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(rows.shape))
     flat = y.reshape(-1, y.shape[-1])
     gathered = flat.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, -1).float()

@@ -256,7 +256,8 @@ class DeepseekV3MoE(nn.Module):
         policy = self.policy if self.policy is not None else Policy.from_env()
         out = experts_path.routed_experts(
             x, self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv, topk_weights, topk_ids,
-            expert_start=self.expert_start, ue8m0=self.config.ue8m0_scales, policy=policy, phase=phase)
+            expert_start=self.expert_start, ue8m0=self.config.ue8m0_scales, policy=policy, phase=phase,
+            expected_m=max(1, -(-x.shape[0] * self.config.num_experts_per_tok // self.config.n_routed_experts)))
         if self.with_shared_experts:
             out = out + self.shared_expert(x)
         return out.view(hidden_states.shape)
