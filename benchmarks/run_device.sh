@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (repo root): GPU tests, tuning and/or the side-by-side benchmark in one call.
-#   bash benchmarks/run_device.sh [test] [tune] [bench] [layer]
+#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [tune] [bench] [layer]
 # Peers travel in ignored folders: .whl/ (sgl-deep-gemm 0.1.5 + apache-tvm-ffi wheels) and
 # .peer/ (vLLM's fused_moe.py and its tuned JSONs). Logs and tables go to $OUT.
 set -uo pipefail
@@ -10,10 +10,20 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+# The engine glue imports as moe_backend_integrations (a package-dir mapping pip --target lacks).
+mkdir -p /tmp/shim && ln -sfn "$PWD/integrations" /tmp/shim/moe_backend_integrations
+export PYTHONPATH="$PYTHONPATH:/tmp/shim"
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, torch.version.cuda)"
 for step in "$@"; do
   t0=$(date +%s)
   case $step in
+    gputests) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/gpu \
+                tests/integrations/vllm/test_vllm_apply_gpu.py 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
+    demo)  for t in 64 4096; do timeout 120 python3 -m moe_backend demo --tokens $t 2>/dev/null | tee -a "$OUT/demo.log" | tail -2; done ;;
+    cudatest) MOE_BACKEND_JIT_DEBUG=1 timeout ${CUDA_TEST_TIMEOUT:-150} python3 -m pytest -x -q -p no:cacheprovider \
+                tests/cuda -m gpu 2>&1 | tee "$OUT/cudatest.log" | tail -25 ;;
+    cudabench) timeout ${CUDA_BENCH_TIMEOUT:-300} python3 benchmarks/bench_cuda_gemm.py --md "$OUT/cuda_bench.md" \
+                2>"$OUT/cuda_bench.log" | tail -15 ;;
     test)  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q tests/gpu/test_kernels_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
     tune*) # tune, or tune1/tune2: extra arguments from TUNE_ARGS, TUNE1_ARGS, TUNE2_ARGS
            var="$(echo "$step" | tr a-z A-Z)_ARGS"

@@ -1,0 +1,137 @@
+"""Our CUDA (TMA + wgmma) contiguous grouped GEMM side by side with DeepGEMM 0.1.5 and our Triton
+kernel, on the prefill cells of issue 5 (EP8 512/2048/4096 rows per expert, TP8 512), with each
+output checked against the fp32 reference in the same run.
+
+    python benchmarks/bench_cuda_gemm.py [--rows 512,2048,4096] [--md OUT.md]
+
+DeepGEMM is optional (`import deep_gemm`; the bench carries the sgl-deep-gemm wheel to the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+import torch
+import triton
+
+from moe_backend import reference
+from moe_backend.kernels.grouped_gemm_contiguous import grouped_gemm_contiguous as triton_contiguous
+from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+
+# (slice, gemm, experts, N, K)
+SHAPES = [("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
+          ("tp8", "w13", 256, 512, 7168), ("tp8", "w2", 256, 7168, 256)]
+ALIGN = 128
+
+
+def median_us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def check(out, a, a_s, b, bs, ids, experts=(0, 1)) -> float:
+    """Relative error over the rows of a few experts vs the fp32 reference."""
+    num, den = 0.0, 0.0
+    for e in experts:
+        rows = (ids == e).nonzero().squeeze(1)
+        want = reference._expert_gemm(a[rows], a_s[rows], b[e], bs[e]).float()
+        got = out[rows].float()
+        num += float((got - want).norm() ** 2)
+        den += float(want.norm() ** 2)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def run(rows_list, slices) -> list[dict]:
+    from moe_backend.cuda.grouped_gemm_contiguous import grouped_gemm_contiguous as cuda_contiguous
+
+    try:
+        import deep_gemm as dg
+    except ImportError:
+        dg = None
+    cells = []
+    for sl, gemm, e, n, k in SHAPES:
+        if sl not in slices:
+            continue
+        b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5)
+        sfb = dg.transform_sf_into_required_layout(bs, n, k, (1, 128, 128), e, False) if dg else None
+        for rows in rows_list if sl == "ep8" else [512]:
+            # a ragged segment per expert (rows - 37) keeps tile tails in play; padded to 128
+            seg_rows = [rows - 37 if i % 2 else rows for i in range(e)]
+            ids = torch.cat([torch.tensor([i] * r + [-1] * (-(-r // ALIGN) * ALIGN - r), dtype=torch.int32)
+                             for i, r in enumerate(seg_rows)]).cuda()
+            m = ids.numel()
+            a, a_s = quantize_fp8_per_token_group(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            real_rows = sum(seg_rows)
+            flops = 2.0 * real_rows * n * k
+            cell = {"slice": sl, "gemm": gemm, "rows": rows, "E": e, "N": n, "K": k}
+            for name, fn in (
+                ("cuda", lambda o: cuda_contiguous(a, a_s, b, bs, ids, o)),
+                ("triton", lambda o: triton_contiguous(a, a_s, b, bs, ids, o, expected_m=rows)),
+                ("deepgemm", (lambda o: dg.m_grouped_fp8_gemm_nt_contiguous(
+                    (a, dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)),
+                    (b, sfb), o, ids)) if dg else None),
+            ):
+                if fn is None:
+                    continue
+                out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+                try:
+                    fn(out)
+                    torch.cuda.synchronize()
+                    err = check(out, a, a_s, b, bs, ids)
+                    if name == "deepgemm":  # time with the scale layout transformed once, as engines do
+                        sfa = dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)
+                        us = median_us(lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, ids))
+                    else:
+                        us = median_us(lambda: fn(out))
+                    cell[name] = {"us": us, "tflops": flops / us / 1e6, "err": err}
+                except Exception as exc:  # report, keep going: one broken provider must not hide the others
+                    cell[name] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+                print(f"{sl} {gemm} rows={rows} {name}: {cell[name]}", file=sys.stderr, flush=True)
+            cells.append(cell)
+            del a, a_s, ids
+        del b, bs
+        torch.cuda.empty_cache()
+    return cells
+
+
+def render(cells: list[dict]) -> str:
+    env = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+           f"CUDA {torch.version.cuda}, {datetime.date.today().isoformat()}")
+    lines = [f"CUDA contiguous grouped GEMM vs peers ({env}); median µs (do_bench), TFLOPS on real rows, "
+             f"rel err vs fp32 reference; speedup = DeepGEMM µs / ours µs",
+             "",
+             "| slice | gemm | rows/e | ours CUDA µs | TFLOPS | err | Triton µs | DeepGEMM µs | TFLOPS | err | speedup vs DG |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(cell, name, key, spec):
+        v = cell.get(name, {})
+        return format(v[key], spec) if key in v else ("error" if "error" in v else "–")
+
+    for c in cells:
+        speed = (f"{c['deepgemm']['us'] / c['cuda']['us']:.2f}×"
+                 if "us" in c.get("cuda", {}) and "us" in c.get("deepgemm", {}) else "–")
+        lines.append(f"| {c['slice']} | {c['gemm']} | {c['rows']} | {f(c, 'cuda', 'us', '.1f')} | "
+                     f"{f(c, 'cuda', 'tflops', '.0f')} | {f(c, 'cuda', 'err', '.1e')} | {f(c, 'triton', 'us', '.1f')} | "
+                     f"{f(c, 'deepgemm', 'us', '.1f')} | {f(c, 'deepgemm', 'tflops', '.0f')} | "
+                     f"{f(c, 'deepgemm', 'err', '.1e')} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="512,2048,4096")
+    p.add_argument("--slices", default="ep8,tp8")
+    p.add_argument("--md", default=None)
+    args = p.parse_args(argv)
+    cells = run([int(r) for r in args.rows.split(",")], args.slices.split(","))
+    table = render(cells)
+    print(table)
+    if args.md:
+        with open(args.md, "w") as fh:
+            fh.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
