@@ -41,9 +41,10 @@ def _reference_forward(layer, x):
 @pytest.mark.parametrize("kernel", ["contiguous", "masked", "triton"])
 @pytest.mark.parametrize("tokens", [1, 8, 33, 300])
 def test_layer_kernels_match_reference(layer, kernel, tokens):
-    layer.policy = Policy(prefill_kernel="contiguous" if kernel != "reference" else kernel,
-                          decode_kernel=kernel if kernel != "contiguous" else "masked",
-                          decode_max_tokens=0 if kernel == "contiguous" else 1 << 20)
+    if kernel == "contiguous":  # every batch is prefill
+        layer.policy = Policy(prefill_kernel="contiguous", decode_max_tokens=0)
+    else:  # every batch is decode
+        layer.policy = Policy(decode_kernel=kernel, decode_max_tokens=1 << 20)
     x = torch.randn(tokens, CONFIG.hidden_size, device="cuda").to(torch.bfloat16)
     out = layer(x)
     assert out.shape == x.shape and torch.isfinite(out.float()).all()
