@@ -16,7 +16,31 @@ from moe_backend.dispatch.layouts import build_contiguous_layout, build_masked_l
 from moe_backend.dispatch.policy import KernelChoice, Policy
 from moe_backend.reference import GROUP, check_activations, check_grouped_gemm_weights
 
-__all__ = ["routed_experts"]
+__all__ = ["routed_experts", "masked_experts"]
+
+
+def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Tensor,
+                   w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor,
+                   masked_m: torch.Tensor, *, out: torch.Tensor | None = None,
+                   workspace: torch.Tensor | None = None, impl: str = "auto", ue8m0: bool = False,
+                   expected_m: int | None = None) -> torch.Tensor:
+    """The expert MLP on the masked layout (DeepEP low-latency / vLLM batched format).
+
+    a_fp8 `[E, max_m, H]` + a_scale `[E, max_m, H/128]`, masked_m int32 `[E]` on the device.
+    Writes the unweighted rows `out[e, m]` for m < masked_m[e] (bf16 `[E, max_m, H]`); other rows
+    are untouched. workspace: optional bf16 buffer of >= E*max_m*2I elements for GEMM1's output.
+    Shape-static and sync-free: CUDA-graph capturable.
+    """
+    num_experts, max_m, _ = a_fp8.shape
+    h = None
+    if workspace is not None:
+        h = workspace.reshape(-1)[:num_experts * max_m * w13_fp8.shape[1]].view(num_experts, max_m, -1)
+    h = ops.grouped_gemm_masked(a_fp8, a_scale, w13_fp8, w13_scale_inv, masked_m, h, impl=impl,
+                                expected_m=expected_m)
+    # Rows past masked_m[e] hold stale data; they are quantized but never read back.
+    act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0)
+    return ops.grouped_gemm_masked(act_fp8, act_scale, w2_fp8, w2_scale_inv, masked_m, out, impl=impl,
+                                   expected_m=expected_m)
 
 
 def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor,
@@ -60,11 +84,8 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
     if kernel.layout == "masked":
         layout = build_masked_layout(topk_ids, num_experts, expert_start=expert_start)
         a_fp8, a_scale = permute(x_fp8, layout), permute(x_scale, layout)
-        h = ops.grouped_gemm_masked(a_fp8, a_scale, w13_fp8, w13_scale_inv, layout.masked_m, impl=impl,
-                                    expected_m=expected_m)
-        act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0)
-        y = ops.grouped_gemm_masked(act_fp8, act_scale, w2_fp8, w2_scale_inv, layout.masked_m, impl=impl,
-                                    expected_m=expected_m)
+        y = masked_experts(a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m,
+                           impl=impl, ue8m0=ue8m0, expected_m=expected_m)
     else:
         alignment = ops.contiguous_alignment(impl, x.device)
         layout = build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,

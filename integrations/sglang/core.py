@@ -6,8 +6,8 @@
 |                       | ids (-1 = drop; fused shared expert = id E)   | phase from SGLang's batch     | x routed_scaling_factor                        |
 | DeepEP normal         | fp8 `[N, H]` + f32 `[N, H/128]`, int64 local  | `experts.routed_experts`,     | `DeepEPNormalCombineInput` `[N, H]`: weighted  |
 | (prefill)             | ids (-1 = other rank), f32 weights            | phase "prefill" (contiguous)  | sum over local experts, no scaling factor      |
-| DeepEP low-latency    | masked fp8 `[E, M, H]` + f32 `[E, M, H/128]`  | `ops.grouped_gemm_masked` x2  | `DeepEPLLCombineInput` `[E, M, H]`: unweighted |
-| (decode)              | (scales column-major), `masked_m` on device   | + `ops.silu_mul_quant`        | rows (m < masked_m[e]); DeepEP weights them    |
+| DeepEP low-latency    | masked fp8 `[E, M, H]` + f32 `[E, M, H/128]`  | `experts.masked_experts`      | `DeepEPLLCombineInput` `[E, M, H]`: unweighted |
+| (decode)              | (scales column-major), `masked_m` on device   | (masked GEMM, act, GEMM)      | rows (m < masked_m[e]); DeepEP weights them    |
 
 The decode paths launch shape-static work without host syncs, so SGLang can capture them in
 CUDA graphs.
@@ -171,8 +171,8 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         x = x.contiguous()  # DeepEP's receive buffer already is; our kernels require it
         masked_m = d.masked_m.to(torch.int32)  # [E], on the device: never read on the host
         impl = self.policy.choose(0, "decode").impl
-        h = ops.grouped_gemm_masked(x, x_scale, q.w13_fp8, q.w13_scale_inv, masked_m, impl=impl)
-        a_fp8, a_scale = ops.silu_mul_quant(h, GROUP, q.ue8m0)  # [E, M, I], [E, M, I/128]
-        out = ops.grouped_gemm_masked(a_fp8, a_scale, q.w2_fp8, q.w2_scale_inv, masked_m, impl=impl)
+        out = experts.masked_experts(x, x_scale, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,
+                                     masked_m, impl=impl, ue8m0=q.ue8m0,
+                                     expected_m=d.expected_m)
         return DeepEPLLCombineInput(hidden_states=out, topk_ids=d.topk_ids,
                                     topk_weights=d.topk_weights)

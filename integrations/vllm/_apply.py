@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from moe_backend import experts as moe_experts
-from moe_backend import ops
 from moe_backend.dispatch import Policy
 
 __all__ = ["apply_standard", "apply_batched", "capturing"]
@@ -53,15 +52,8 @@ def apply_batched(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tens
     workspace: at least E*T*2I bf16 elements for GEMM1's output. Writes the unweighted rows
     output bf16 `[E, T, H]`, rows m < expert_num_tokens[e] only. No host sync, sizes from shapes;
     expected_m (typical rows per expert, a host int) only steers the kernels' tile choice."""
-    num_experts, max_m, _ = x_fp8.shape
-    two_i = w13_fp8.shape[1]
     # DeepEP LL sizes the counts by local experts, vLLM's naive batched prepare by global
     # experts (local ones first): a view of the first E either way.
-    masked_m = expert_num_tokens[:num_experts]
-    h = workspace.reshape(-1)[:num_experts * max_m * two_i].view(num_experts, max_m, two_i)
-    ops.grouped_gemm_masked(x_fp8, x_scale.contiguous(), w13_fp8, w13_scale_inv, masked_m, out=h,
-                            expected_m=expected_m)
-    # Rows past masked_m[e] hold stale workspace; they are quantized but never read back.
-    a_fp8, a_scale = ops.silu_mul_quant(h)
-    ops.grouped_gemm_masked(a_fp8, a_scale, w2_fp8, w2_scale_inv, masked_m, out=output,
-                            expected_m=expected_m)
+    masked_m = expert_num_tokens[:x_fp8.shape[0]]
+    moe_experts.masked_experts(x_fp8, x_scale.contiguous(), w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
+                               masked_m, out=output, workspace=workspace, expected_m=expected_m)

@@ -67,7 +67,11 @@ struct TileScheduler {
   }
 };
 
-template <int kN, int kK, int kBlockN, int kStages, int kGroupM>
+// kPingPong = 1: the two consumer warpgroups take turns issuing each K block's MMAs (a token
+// passed through named barriers 1 and 2), so warpgroup 1 runs half a K block behind warpgroup 0
+// and one's promotion (fp32 FMAs, ~200 issue slots per warp at BLOCK_N = 192) overlaps the
+// other's MMAs instead of both promoting while the tensor cores idle.
+template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1>
 struct GroupedGemmContiguous {
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && kBlockN <= 192, "BLOCK_N: multiple of 16 in [64, 192]");
@@ -163,6 +167,7 @@ struct GroupedGemmContiguous {
       Scheduler sched(m);
       int stage = 0;
       uint32_t phase = 0;
+      bool issued_any = false;  // ping-pong: warpgroup 0's first K block waits for no token
       int m_tile, n_tile;
       while (sched.next_tile(m_tile, n_tile)) {
         const int expert = expert_ids[m_tile * kBlockM];
@@ -177,6 +182,9 @@ struct GroupedGemmContiguous {
         const int scale_block0 = n_base / kScaleBlock;
         const int n_offset = n_base % kScaleBlock;  // 0 when kScaleAligned
         const float* b_scale_e = b_scale + static_cast<int64_t>(expert) * kNScaleBlocks * kKBlocks;
+        // The epilogue's row guards, loaded now: their latency hides behind the K loop.
+        const int id0 = row0 < m ? expert_ids[row0] : -1;
+        const int id1 = row1 < m ? expert_ids[row1] : -1;
         const float* b_scale_rows[kScaleSpan];
 #pragma unroll
         for (int j = 0; j < kScaleSpan; ++j)
@@ -199,6 +207,15 @@ struct GroupedGemmContiguous {
           const uint64_t desc_b = sm90::smem_desc_kmajor_sw128(smem_b + stage * kBBytes);
 #pragma unroll
           for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+          if constexpr (kPingPong) {
+            // Token: warpgroup 1 issues K block i after warpgroup 0 did; warpgroup 0 issues
+            // K block i+1 after warpgroup 1 issued K block i.
+            if (warpgroup == 0) {
+              if (issued_any) sm90::named_bar_sync(2, 256);
+            } else {
+              sm90::named_bar_sync(1, 256);
+            }
+          }
           sm90::wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
@@ -206,6 +223,10 @@ struct GroupedGemmContiguous {
             Mma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
           }
           sm90::wgmma_commit();
+          if constexpr (kPingPong) {
+            sm90::named_bar_arrive(warpgroup == 0 ? 1 : 2, 256);
+            issued_any = true;
+          }
 #pragma unroll
           for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
           sm90::wgmma_wait<0>();
@@ -240,8 +261,6 @@ struct GroupedGemmContiguous {
 
         // Epilogue: bf16 straight from registers. Rows of another expert id (padding) and rows
         // past M are left untouched; columns past N (last N tile) are dropped.
-        const int id0 = row0 < m ? expert_ids[row0] : -1;
-        const int id1 = row1 < m ? expert_ids[row1] : -1;
         const bool store0 = id0 == expert;
         const bool store1 = id1 == expert;
 #ifdef PHASEMOE_DEBUG
@@ -275,6 +294,10 @@ struct GroupedGemmContiguous {
             }
           }
         }
+      }
+      // Consume warpgroup 1's last token so no barrier arrival is left pending at exit.
+      if constexpr (kPingPong) {
+        if (warpgroup == 0 && issued_any) sm90::named_bar_sync(2, 256);
       }
     }
   }

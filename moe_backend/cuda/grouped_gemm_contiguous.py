@@ -42,6 +42,7 @@ class ContiguousConfig:
     block_n: int           # N tile = wgmma N; one of BLOCK_N_CHOICES
     num_stages: int        # depth of the shared-memory ring (A + B tile per stage)
     group_m: int = GROUP_M  # M tiles walked together by the persistent scheduler
+    pingpong: bool = True   # consumer warpgroups take turns per K block (promotion overlaps MMAs)
 
     def __post_init__(self) -> None:
         if self.block_n not in BLOCK_N_CHOICES:
@@ -105,8 +106,8 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
     if n <= 0:
         raise ValueError(f"n: must be positive, got {n}")
     constants = {"N": n, "K": k, "BLOCK_N": config.block_n, "STAGES": config.num_stages,
-                 "GROUP_M": config.group_m}
-    name = "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}".format(**constants)
+                 "GROUP_M": config.group_m, "PINGPONG": int(config.pingpong)}
+    name = "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}".format(**constants)
     source = _TEMPLATE.read_text()
     checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
                "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}

@@ -125,6 +125,16 @@ __device__ __forceinline__ uint64_t smem_desc_kmajor_sw128(const void* tile) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Named barriers (ids 1..15; id 0 is __syncthreads). `arrive` does not wait; `sync` waits until
+// `threads` threads (arrivals included) reached the barrier.
+__device__ __forceinline__ void named_bar_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(uint32_t id, uint32_t threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Register reallocation between warpgroups (needs a register cap at entry: __launch_bounds__
 // with min-blocks 1, and one role per branch of a single if/else).
 template <int kRegs>
