@@ -58,6 +58,8 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
         check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
         if x.shape[-1] % GROUP:
             raise ValueError(f"x: hidden size ({x.shape[-1]}) must be a multiple of {GROUP}")
+    else:
+        check_activations(x, x_scale, ndim=2)
     num_tokens, hidden = x.shape
     num_experts, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
     check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2)
@@ -77,7 +79,6 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
         x_fp8, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
     else:
         x_fp8 = x
-        check_activations(x_fp8, x_scale, ndim=2)
 
     if expected_m is None:
         expected_m = max(1, -(-num_tokens * topk_ids.shape[1] // num_experts))

@@ -154,3 +154,24 @@ class TestBadInput:
             DeepseekV3MoE(tiny_config, expert_range=(4, 20))
         with pytest.raises(TypeError, match="config"):
             DeepseekV3MoE({"hidden_size": 256})
+
+
+def test_routed_experts_bad_inputs(tiny_config):
+    from moe_backend.experts import routed_experts
+
+    layer, _ = _layer(tiny_config)
+    args = (layer.w13_fp8, layer.w13_scale_inv, layer.w2_fp8, layer.w2_scale_inv)
+    x = torch.randn(4, tiny_config.hidden_size, dtype=torch.bfloat16)
+    ids = torch.zeros(4, 2, dtype=torch.int32)
+    w = torch.ones(4, 2)
+    with pytest.raises(ValueError, match="topk_ids: expected 4 rows"):
+        routed_experts(x, *args, w[:3], ids[:3])
+    with pytest.raises(ValueError, match="topk_weights: expected shape"):
+        routed_experts(x, *args, w[:, :1], ids)
+    with pytest.raises(TypeError, match="a_fp8: expected dtype"):
+        routed_experts(x, *args, w, ids, x_scale=torch.ones(4, 2))
+    with pytest.raises(ValueError, match="x: expected 2 dims"):
+        routed_experts(x[0], *args, w, ids)
+    with pytest.raises(ValueError, match="b_fp8: K"):
+        routed_experts(torch.randn(4, 128, dtype=torch.bfloat16), *args, w, ids)
+    assert routed_experts(x[:0], *args, w[:0], ids[:0]).shape == (0, tiny_config.hidden_size)
