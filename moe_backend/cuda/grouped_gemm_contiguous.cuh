@@ -39,48 +39,113 @@ constexpr int kScaleBlock = 128;
 constexpr int kConsumerRegs = 232;
 constexpr int kProducerRegs = 40;
 
-template <int kN, int kBlockN, int kGroupM>
+// Walks the tiles of one CTA (kCluster = 1) or one cluster (kCluster = 2: a unit is a pair of
+// vertically adjacent M tiles, 2i and 2i + 1, one per CTA, at the same N tile).
+template <int kN, int kBlockN, int kGroupM, int kCluster>
 struct TileScheduler {
   static constexpr int kNumNTiles = (kN + kBlockN - 1) / kBlockN;
+  static constexpr int kGroupUnits = kGroupM / kCluster > 0 ? kGroupM / kCluster : 1;
 
-  int num_m_tiles;
+  int num_m_units;
   int num_tiles;
   int next;
+  int stride;
 
   __device__ __forceinline__ explicit TileScheduler(int m)
-      : num_m_tiles((m + kBlockM - 1) / kBlockM), num_tiles(num_m_tiles * kNumNTiles), next(blockIdx.x) {}
+      : num_m_units(((m + kBlockM - 1) / kBlockM + kCluster - 1) / kCluster),
+        num_tiles(num_m_units * kNumNTiles),
+        next(blockIdx.x / kCluster),
+        stride(gridDim.x / kCluster) {}
 
   // Tiles are numbered so that kGroupM consecutive M tiles sweep the N tiles together: the CTAs
   // running at one time share a few experts' weights and a few A row blocks in L2.
-  __device__ __forceinline__ bool next_tile(int& m_tile, int& n_tile) {
+  __device__ __forceinline__ bool next_tile(int& m_unit, int& n_tile) {
     if (next >= num_tiles) return false;
     const int t = next;
-    next += gridDim.x;
-    const int per_group = kGroupM * kNumNTiles;
+    next += stride;
+    const int per_group = kGroupUnits * kNumNTiles;
     const int group = t / per_group;
-    const int first_m = group * kGroupM;
-    const int rows_in_group = min(num_m_tiles - first_m, kGroupM);
+    const int first_m = group * kGroupUnits;
+    const int rows_in_group = min(num_m_units - first_m, kGroupUnits);
     const int r = t - group * per_group;
-    m_tile = first_m + r % rows_in_group;
+    m_unit = first_m + r % rows_in_group;
     n_tile = r / rows_in_group;
     return true;
   }
 };
 
+// Which expert a CTA's tile belongs to and how its B tile is loaded. kCluster = 1: the tile's
+// own expert (skip when its first row is padding). kCluster = 2: both CTAs read both tiles'
+// first ids, so they agree: skip the pair only when both are padding; when both tiles hold the
+// same expert, each CTA loads half of the B tile and multicasts it to both (B read once from
+// L2 for two M tiles); otherwise each loads its own B. A dead tile in a live pair (padding, or
+// past M) computes on its partner's expert and stores nothing.
+struct TileRole {
+  int expert;       // expert whose weights are loaded (valid when live_pair)
+  bool live;        // this CTA's tile has real rows: store them
+  bool multicast;   // B tile shared by the pair
+};
+
+template <int kCluster>
+__device__ __forceinline__ TileRole tile_role(const int32_t* __restrict__ expert_ids, int m, int m_unit,
+                                              uint32_t rank, bool& live_pair) {
+  TileRole role;
+  if constexpr (kCluster == 1) {
+    role.expert = expert_ids[m_unit * kBlockM];
+    role.live = role.expert >= 0;
+    role.multicast = false;
+    live_pair = role.live;
+  } else {
+    const int first = 2 * m_unit * kBlockM;
+    const int e0 = expert_ids[first];
+    const int e1 = first + kBlockM < m ? expert_ids[first + kBlockM] : -1;
+    const int own = rank == 0 ? e0 : e1;
+    live_pair = e0 >= 0 || e1 >= 0;
+    role.live = own >= 0;
+    role.expert = role.live ? own : (rank == 0 ? e1 : e0);
+    role.multicast = e0 == e1;
+  }
+  return role;
+}
+
+template <int kV>
+struct IntC {
+  static constexpr int value = kV;
+};
+
+// Calls f(IntC<i * kQuantum>) for the runtime index i in [kI, kCount): one instantiation each.
+template <int kI, int kCount, int kQuantum, typename F>
+__device__ __forceinline__ void dispatch_offset(int i, F& f) {
+  if constexpr (kI + 1 >= kCount) {
+    f(IntC<kI * kQuantum>{});
+  } else {
+    if (i == kI) {
+      f(IntC<kI * kQuantum>{});
+    } else {
+      dispatch_offset<kI + 1, kCount, kQuantum>(i, f);
+    }
+  }
+}
+
 // kPingPong = 1: the two consumer warpgroups take turns issuing each K block's MMAs (a token
 // passed through named barriers 1 and 2), so warpgroup 1 runs half a K block behind warpgroup 0
-// and one's promotion (fp32 FMAs, ~200 issue slots per warp at BLOCK_N = 192) overlaps the
-// other's MMAs instead of both promoting while the tensor cores idle.
-template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1>
+// and one's promotion overlaps the other's MMAs.
+// kCluster = 2: clusters of two CTAs on M tiles 2i and 2i + 1 (same N tile); B is multicast when
+// both tiles belong to one expert (TileRole). Every consumer warp releases a stage in both CTAs
+// (a peer may multicast into it), so `empty` counts 2 x 8 arrivals.
+template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1, int kCluster = 1>
 struct GroupedGemmContiguous {
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && kBlockN <= 192, "BLOCK_N: multiple of 16 in [64, 192]");
   static_assert(kStages >= 2, "need at least two pipeline stages");
+  static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
 
   static constexpr int kKBlocks = kK / kBlockK;
   static constexpr int kNScaleBlocks = (kN + kScaleBlock - 1) / kScaleBlock;
   static constexpr uint32_t kABytes = kBlockM * kBlockK;  // fp8
   static constexpr uint32_t kBBytes = kBlockN * kBlockK;
+  static constexpr int kBRowsPerLoad = kBlockN / kCluster;  // the B tensor map's box height
+  static constexpr uint32_t kBLoadBytes = kBRowsPerLoad * kBlockK;
   static constexpr uint32_t kStageBytes = kABytes + kBBytes;
   static constexpr int kAccRegs = kBlockN / 2;  // fp32 per thread for a 64 x BLOCK_N tile
   // N tiles that divide (or are multiples of) the 128-column scale block start on a block
@@ -89,14 +154,40 @@ struct GroupedGemmContiguous {
   static constexpr bool kScaleAligned = (kScaleBlock % kBlockN == 0) || (kBlockN % kScaleBlock == 0);
   static constexpr int kScaleSpan = kScaleAligned ? (kBlockN + kScaleBlock - 1) / kScaleBlock
                                                   : (kBlockN + 120 - 1) / kScaleBlock + 1;
+  static constexpr int kOffQuantum = (kBlockN % 128 == 0) ? 128 : (kBlockN % 64 == 0) ? 64 : (kBlockN % 32 == 0) ? 32 : 16;
+  static constexpr int kNumOffsets = kScaleBlock / kOffQuantum;  // distinct n_base % 128 values
+  static constexpr bool kSplitOffsets = !kScaleAligned && kNumOffsets <= 4;
+  // Epilogue: groups of 4 8-column chunks are transposed inside each lane quad so every lane
+  // stores 16 contiguous bytes (full 32-byte sectors); needs N % 8 == 0 (16-byte row pitch).
+  static constexpr int kVecChunks = (kN % 8 == 0) ? (kBlockN / 8) / 4 * 4 : 0;
   // Ring of stages, then the barriers; +1024 to align the ring (128-byte swizzle atoms are
   // 1024 bytes: the descriptors assume 1024-aligned tiles).
   static constexpr uint32_t kSmemBytes = kStages * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;
-  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "stage tiles must keep 1024-byte alignment");
+  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0 && kBLoadBytes % 1024 == 0,
+                "stage tiles must keep 1024-byte alignment");
   static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block can opt into");
 
-  using Scheduler = TileScheduler<kN, kBlockN, kGroupM>;
+  using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster>;
   using Mma = WgmmaFp8<kBlockN>;
+
+  // 4 x 4 transpose of 32-bit values across the 4 lanes of a quad: on return v[j] holds what
+  // lane j held in v[quad_lane]. Two butterfly stages (xor 1, xor 2), 4 shuffles in all.
+  __device__ __forceinline__ static void quad_transpose(uint32_t (&v)[4], int quad_lane) {
+    const bool b0 = quad_lane & 1;
+#pragma unroll
+    for (int j1 = 0; j1 < 2; ++j1) {
+      const uint32_t send = b0 ? v[2 * j1] : v[2 * j1 + 1];
+      const uint32_t got = __shfl_xor_sync(0xffffffffu, send, 1);
+      if (b0) v[2 * j1] = got; else v[2 * j1 + 1] = got;
+    }
+    const bool b1 = quad_lane & 2;
+#pragma unroll
+    for (int j0 = 0; j0 < 2; ++j0) {
+      const uint32_t send = b1 ? v[j0] : v[2 + j0];
+      const uint32_t got = __shfl_xor_sync(0xffffffffu, send, 2);
+      if (b1) v[j0] = got; else v[2 + j0] = got;
+    }
+  }
 
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
                                              const float* __restrict__ a_scale, const float* __restrict__ b_scale,
@@ -112,15 +203,20 @@ struct GroupedGemmContiguous {
 
     const int warpgroup = threadIdx.x / 128;
     const int lane = threadIdx.x % 32;
+    const uint32_t rank = kCluster == 1 ? 0u : sm90::cluster_ctarank();
 
     if (threadIdx.x == 0) {
       for (int s = 0; s < kStages; ++s) {
-        sm90::mbar_init(&full_bar[s], 1);                                // the producer's expect_tx
-        sm90::mbar_init(&empty_bar[s], kNumConsumerWarpgroups * 4);      // one arrival per consumer warp
+        sm90::mbar_init(&full_bar[s], 1);                                          // the producer's expect_tx
+        sm90::mbar_init(&empty_bar[s], kCluster * kNumConsumerWarpgroups * 4);     // consumer warps (all CTAs)
       }
       sm90::fence_barrier_init();
     }
-    __syncthreads();
+    if constexpr (kCluster > 1) {
+      sm90::cluster_sync();  // the peer's barriers exist before anything multicasts or arrives on them
+    } else {
+      __syncthreads();
+    }
 
     if (warpgroup == kNumConsumerWarpgroups) {
       // ------------------------------- producer -------------------------------------------
@@ -131,10 +227,14 @@ struct GroupedGemmContiguous {
         Scheduler sched(m);
         int stage = 0;
         uint32_t phase = 0;
-        int m_tile, n_tile;
-        while (sched.next_tile(m_tile, n_tile)) {
-          const int expert = expert_ids[m_tile * kBlockM];
-          if (expert < 0) continue;
+        int m_unit, n_tile;
+        while (sched.next_tile(m_unit, n_tile)) {
+          bool live_pair;
+          const TileRole role = tile_role<kCluster>(expert_ids, m, m_unit, rank, live_pair);
+          if (!live_pair) continue;
+          // A dead tile of a pair (padding or past M) loads its partner's rows: valid coordinates,
+          // results never stored.
+          const int m_tile = m_unit * kCluster + static_cast<int>(role.live ? rank : rank ^ 1u);
 #pragma unroll 1
           for (int kb = 0; kb < kKBlocks; ++kb) {
             sm90::mbar_wait(&empty_bar[stage], phase ^ 1);
@@ -142,8 +242,21 @@ struct GroupedGemmContiguous {
             // still counted in the transaction bytes.
             sm90::mbar_arrive_expect_tx(&full_bar[stage], kStageBytes);
             sm90::tma_load_2d(smem_a + stage * kABytes, &tmap_a, &full_bar[stage], kb * kBlockK, m_tile * kBlockM);
-            sm90::tma_load_3d(smem_b + stage * kBBytes, &tmap_b, &full_bar[stage], kb * kBlockK, n_tile * kBlockN,
-                              expert);
+            if constexpr (kCluster == 1) {
+              sm90::tma_load_3d(smem_b + stage * kBBytes, &tmap_b, &full_bar[stage], kb * kBlockK,
+                                n_tile * kBlockN, role.expert);
+            } else {
+              if (role.multicast) {
+                sm90::tma_load_3d_multicast(smem_b + stage * kBBytes + rank * kBLoadBytes, &tmap_b, &full_bar[stage],
+                                            kb * kBlockK, n_tile * kBlockN + rank * kBRowsPerLoad, role.expert,
+                                            static_cast<uint16_t>((1u << kCluster) - 1));
+              } else {
+#pragma unroll
+                for (int h = 0; h < kCluster; ++h)
+                  sm90::tma_load_3d(smem_b + stage * kBBytes + h * kBLoadBytes, &tmap_b, &full_bar[stage],
+                                    kb * kBlockK, n_tile * kBlockN + h * kBRowsPerLoad, role.expert);
+              }
+            }
             if (++stage == kStages) {
               stage = 0;
               phase ^= 1;
@@ -157,7 +270,8 @@ struct GroupedGemmContiguous {
       const int warp_in_wg = (threadIdx.x / 32) % 4;
       // This thread's two accumulator rows within the 128-row tile (wgmma D layout).
       const int row_in_tile = warpgroup * 64 + warp_in_wg * 16 + lane / 4;
-      const int col_in_chunk = 2 * (lane % 4);
+      const int quad_lane = lane % 4;
+      const int col_in_chunk = 2 * quad_lane;
 
       float acc[kAccRegs];     // one K block, unscaled
       float result[kAccRegs];  // promoted fp32 sum over K blocks
@@ -168,10 +282,13 @@ struct GroupedGemmContiguous {
       int stage = 0;
       uint32_t phase = 0;
       bool issued_any = false;  // ping-pong: warpgroup 0's first K block waits for no token
-      int m_tile, n_tile;
-      while (sched.next_tile(m_tile, n_tile)) {
-        const int expert = expert_ids[m_tile * kBlockM];
-        if (expert < 0) continue;
+      int m_unit, n_tile;
+      while (sched.next_tile(m_unit, n_tile)) {
+        bool live_pair;
+        const TileRole role = tile_role<kCluster>(expert_ids, m, m_unit, rank, live_pair);
+        if (!live_pair) continue;
+        const int expert = role.expert;
+        const int m_tile = m_unit * kCluster + static_cast<int>(rank);
 
         const int row0 = m_tile * kBlockM + row_in_tile;
         const int row1 = row0 + 8;
@@ -193,88 +310,124 @@ struct GroupedGemmContiguous {
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
 
+        // The K loop, instantiated per column offset of the tile inside its first scale block
+        // (kOff): aligned tiles have one (0); 192/160/96 have 2-4, each compiled with
+        // compile-time scale indices (no per-chunk selects in the promotion); the others
+        // (80/112/144/176: up to 8 offsets) pass kOff = -1 and select at run time.
+        auto k_loop = [&](auto off_c) {
+          constexpr int kOff = decltype(off_c)::value;
 #pragma unroll 1
-        for (int kb = 0; kb < kKBlocks; ++kb) {
-          // Scales first: their global-load latency hides behind the barrier wait and the MMAs.
-          const float sa0 = __ldg(a_scale0 + kb);
-          const float sa1 = __ldg(a_scale1 + kb);
-          float sb[kScaleSpan];
+          for (int kb = 0; kb < kKBlocks; ++kb) {
+            // Scales first: their global-load latency hides behind the barrier wait and the MMAs.
+            const float sa0 = __ldg(a_scale0 + kb);
+            const float sa1 = __ldg(a_scale1 + kb);
+            float sb[kScaleSpan];
 #pragma unroll
-          for (int j = 0; j < kScaleSpan; ++j) sb[j] = __ldg(b_scale_rows[j] + kb);
+            for (int j = 0; j < kScaleSpan; ++j) sb[j] = __ldg(b_scale_rows[j] + kb);
 
-          sm90::mbar_wait(&full_bar[stage], phase);
-          const uint64_t desc_a = sm90::smem_desc_kmajor_sw128(smem_a + stage * kABytes + warpgroup * 64 * kBlockK);
-          const uint64_t desc_b = sm90::smem_desc_kmajor_sw128(smem_b + stage * kBBytes);
+            sm90::mbar_wait(&full_bar[stage], phase);
+            const uint64_t desc_a = sm90::smem_desc_kmajor_sw128(smem_a + stage * kABytes + warpgroup * 64 * kBlockK);
+            const uint64_t desc_b = sm90::smem_desc_kmajor_sw128(smem_b + stage * kBBytes);
 #pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-          if constexpr (kPingPong) {
-            // Token: warpgroup 1 issues K block i after warpgroup 0 did; warpgroup 0 issues
-            // K block i+1 after warpgroup 1 issued K block i.
-            if (warpgroup == 0) {
-              if (issued_any) sm90::named_bar_sync(2, 256);
+            for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+            if constexpr (kPingPong) {
+              // Token: warpgroup 1 issues K block i after warpgroup 0 did; warpgroup 0 issues
+              // K block i+1 after warpgroup 1 issued K block i.
+              if (warpgroup == 0) {
+                if (issued_any) sm90::named_bar_sync(2, 256);
+              } else {
+                sm90::named_bar_sync(1, 256);
+              }
+            }
+            sm90::wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
+              // +2 per step: 32 bytes of K in the descriptor's 16-byte units.
+              Mma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
+            }
+            sm90::wgmma_commit();
+            if constexpr (kPingPong) {
+              sm90::named_bar_arrive(warpgroup == 0 ? 1 : 2, 256);
+              issued_any = true;
+            }
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+            sm90::wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+            // The stage's bytes are consumed once this warp's MMAs completed: hand it back (in
+            // every CTA of the cluster: a peer's producer may multicast into this stage).
+            if constexpr (kCluster == 1) {
+              if (lane == 0) sm90::mbar_arrive(&empty_bar[stage]);
             } else {
-              sm90::named_bar_sync(1, 256);
+              if (lane < kCluster) sm90::mbar_arrive_cluster(&empty_bar[stage], static_cast<uint32_t>(lane));
+            }
+            if (++stage == kStages) {
+              stage = 0;
+              phase ^= 1;
+            }
+
+#pragma unroll
+            for (int c = 0; c < kBlockN / 8; ++c) {
+              float sbc;
+              if constexpr (kOff >= 0) {
+                sbc = sb[(kOff + 8 * c) / kScaleBlock];  // compile-time index
+              } else {
+                const int col = n_offset + 8 * c;  // an 8-column chunk never straddles a scale block
+                sbc = sb[0];
+#pragma unroll
+                for (int j = 1; j < kScaleSpan; ++j) sbc = col >= j * kScaleBlock ? sb[j] : sbc;
+              }
+              const float s0 = sa0 * sbc;
+              const float s1 = sa1 * sbc;
+              result[4 * c + 0] = fmaf(s0, acc[4 * c + 0], result[4 * c + 0]);
+              result[4 * c + 1] = fmaf(s0, acc[4 * c + 1], result[4 * c + 1]);
+              result[4 * c + 2] = fmaf(s1, acc[4 * c + 2], result[4 * c + 2]);
+              result[4 * c + 3] = fmaf(s1, acc[4 * c + 3], result[4 * c + 3]);
             }
           }
-          sm90::wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
-            // +2 per step: 32 bytes of K in the descriptor's 16-byte units.
-            Mma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
-          }
-          sm90::wgmma_commit();
-          if constexpr (kPingPong) {
-            sm90::named_bar_arrive(warpgroup == 0 ? 1 : 2, 256);
-            issued_any = true;
-          }
-#pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-          sm90::wgmma_wait<0>();
-#pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-          // The stage's bytes are consumed once this warp's MMAs completed: hand it back.
-          if (lane == 0) sm90::mbar_arrive(&empty_bar[stage]);
-          if (++stage == kStages) {
-            stage = 0;
-            phase ^= 1;
-          }
-
-#pragma unroll
-          for (int c = 0; c < kBlockN / 8; ++c) {
-            float sbc;
-            if constexpr (kScaleAligned) {
-              sbc = sb[(8 * c) / kScaleBlock];
-            } else {
-              const int col = n_offset + 8 * c;  // an 8-column chunk never straddles a scale block
-              sbc = sb[0];
-#pragma unroll
-              for (int j = 1; j < kScaleSpan; ++j) sbc = col >= j * kScaleBlock ? sb[j] : sbc;
-            }
-            const float s0 = sa0 * sbc;
-            const float s1 = sa1 * sbc;
-            result[4 * c + 0] = fmaf(s0, acc[4 * c + 0], result[4 * c + 0]);
-            result[4 * c + 1] = fmaf(s0, acc[4 * c + 1], result[4 * c + 1]);
-            result[4 * c + 2] = fmaf(s1, acc[4 * c + 2], result[4 * c + 2]);
-            result[4 * c + 3] = fmaf(s1, acc[4 * c + 3], result[4 * c + 3]);
-          }
+        };
+        if constexpr (kScaleAligned) {
+          k_loop(IntC<0>{});
+        } else if constexpr (kSplitOffsets) {
+          dispatch_offset<0, kNumOffsets, kOffQuantum>(n_offset / kOffQuantum, k_loop);
+        } else {
+          k_loop(IntC<-1>{});
         }
 
-        // Epilogue: bf16 straight from registers. Rows of another expert id (padding) and rows
-        // past M are left untouched; columns past N (last N tile) are dropped.
-        const bool store0 = id0 == expert;
-        const bool store1 = id1 == expert;
+        // Epilogue: bf16 straight from registers. Rows of another expert id (padding), rows past
+        // M and dead tiles of a cluster pair are left untouched; columns past N are dropped.
+        const bool store0 = role.live && id0 == expert;
+        const bool store1 = role.live && id1 == expert;
 #ifdef PHASEMOE_DEBUG
         // A row of another expert inside the tile means a segment did not start on a 128-row
         // boundary: the layout broke the precondition and that row would silently stay unwritten.
-        if ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert)) {
+        if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
           printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
           __trap();
         }
 #endif
         uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
         uint16_t* out1 = out + static_cast<int64_t>(row1) * kN;
+        // Vectorized part: after the quad transpose, lane q holds 8 columns of chunk g + q.
 #pragma unroll
-        for (int c = 0; c < kBlockN / 8; ++c) {
+        for (int g = 0; g < kVecChunks; g += 4) {
+          uint32_t v0[4], v1[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            v0[j] = sm90::pack_bf16x2(result[4 * (g + j) + 0], result[4 * (g + j) + 1]);
+            v1[j] = sm90::pack_bf16x2(result[4 * (g + j) + 2], result[4 * (g + j) + 3]);
+          }
+          quad_transpose(v0, quad_lane);
+          quad_transpose(v1, quad_lane);
+          const int col = n_base + 8 * (g + quad_lane);
+          if (col < kN) {  // N % 8 == 0: the 8 columns are all in or all out
+            if (store0) *reinterpret_cast<uint4*>(out0 + col) = make_uint4(v0[0], v0[1], v0[2], v0[3]);
+            if (store1) *reinterpret_cast<uint4*>(out1 + col) = make_uint4(v1[0], v1[1], v1[2], v1[3]);
+          }
+        }
+#pragma unroll
+        for (int c = kVecChunks; c < kBlockN / 8; ++c) {
           const int col = n_base + 8 * c + col_in_chunk;
           if constexpr (kN % 2 == 0) {
             if (col < kN) {  // N even: col + 1 < N too, and the pair is 4-byte aligned
@@ -299,6 +452,12 @@ struct GroupedGemmContiguous {
       if constexpr (kPingPong) {
         if (warpgroup == 0 && issued_any) sm90::named_bar_sync(2, 256);
       }
+    }
+    if constexpr (kCluster > 1) {
+      __syncwarp();  // the producer warp's lanes reconverge before the .aligned cluster barrier
+      // Stay resident until the peer is done: it arrives on our barriers and multicasts into
+      // our shared memory until its last K block.
+      sm90::cluster_sync();
     }
   }
 };

@@ -32,8 +32,17 @@ SMEM_LIMIT = 232448    # bytes of shared memory one block may opt into on sm_90
 MAX_STAGES = 6         # deeper rings stopped paying in other Hopper GEMMs; unmeasured here
 GROUP_M = 8            # M tiles swept together across N (L2 reuse); unmeasured prior
 # Per-tile fixed cost in column-equivalents (A tile traffic, promotion, epilogue, pipeline fill)
-# used to rank N tiles. An unmeasured prior, to be fitted on the device.
-TILE_OVERHEAD_COLS = 32
+# used to rank N tiles. Fitted on H100 (docs/cuda_kernel.md, v4): 192 beat 128 on TP8 w13
+# (N = 512: 3 tiles, the last one a third empty) by 13%, which needs a cost above 64; 96 keeps
+# 192 for the EP8 cells, where it measured fastest too.
+TILE_OVERHEAD_COLS = 96
+# Tiles the formula picks from: those whose 8-column chunks map to scale blocks at compile time
+# (128-aligned, or 2-4 column offsets each compiled separately). 80/112/144/176 select the
+# scale per chunk at run time: ncu counted 2.5x DeepGEMM's instructions with such selects at
+# 192, and ALU-pipe use of 26% vs 3%. They stay available through `config=`.
+HEURISTIC_BLOCK_N = (64, 96, 128, 160, 192)
+CLUSTER = 1            # 2: CTA pairs multicasting B (ContiguousConfig.cluster); measured slower
+CLUSTER_MIN_PAIRS = 4  # below 8 M tiles, clusters of 1 (dead halves of pairs cost more)
 _TEMPLATE = Path(__file__).with_name("grouped_gemm_contiguous.cu")
 
 
@@ -43,6 +52,7 @@ class ContiguousConfig:
     num_stages: int        # depth of the shared-memory ring (A + B tile per stage)
     group_m: int = GROUP_M  # M tiles walked together by the persistent scheduler
     pingpong: bool = True   # consumer warpgroups take turns per K block (promotion overlaps MMAs)
+    cluster: int = 1        # 2: CTA pairs on M tiles 2i, 2i+1 multicast B when both hold one expert
 
     def __post_init__(self) -> None:
         if self.block_n not in BLOCK_N_CHOICES:
@@ -50,6 +60,8 @@ class ContiguousConfig:
         if not 2 <= self.num_stages <= max_stages(self.block_n):
             raise ValueError(f"config.num_stages: must lie in [2, {max_stages(self.block_n)}] for "
                              f"block_n={self.block_n}, got {self.num_stages}")
+        if self.cluster not in (1, 2):
+            raise ValueError(f"config.cluster: must be 1 or 2, got {self.cluster}")
         if self.group_m < 1:
             raise ValueError(f"config.group_m: must be >= 1, got {self.group_m}")
 
@@ -82,8 +94,11 @@ def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | Non
             waves = math.ceil(m_tiles * math.ceil(n / bn) / num_sms)
             return waves * (bn + TILE_OVERHEAD_COLS), -bn
 
-        bn = min(BLOCK_N_CHOICES, key=cost)
-        cfg = ContiguousConfig(block_n=bn, num_stages=max_stages(bn))
+        bn = min(HEURISTIC_BLOCK_N, key=cost)
+        # CTA pairs multicasting B are correct but measured slower on every cell (docs/cuda_kernel.md,
+        # v3): off by default (CLUSTER = 1) until that is understood.
+        cluster = CLUSTER if m_tiles >= 2 * CLUSTER_MIN_PAIRS else 1
+        cfg = ContiguousConfig(block_n=bn, num_stages=max_stages(bn), cluster=cluster)
     if verbose and (m, n, num_sms, cfg) not in _printed:
         _printed.add((m, n, num_sms, cfg))
         print(f"[moe_backend] cuda grouped_gemm_contiguous m={m} N={n} sms={num_sms}: "
@@ -106,8 +121,8 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
     if n <= 0:
         raise ValueError(f"n: must be positive, got {n}")
     constants = {"N": n, "K": k, "BLOCK_N": config.block_n, "STAGES": config.num_stages,
-                 "GROUP_M": config.group_m, "PINGPONG": int(config.pingpong)}
-    name = "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}".format(**constants)
+                 "GROUP_M": config.group_m, "PINGPONG": int(config.pingpong), "CLUSTER": config.cluster}
+    name = "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}_c{CLUSTER}".format(**constants)
     source = _TEMPLATE.read_text()
     checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
                "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}
@@ -153,6 +168,12 @@ def num_tiles(m: int, n: int, cfg: ContiguousConfig) -> int:
     return math.ceil(m / BLOCK_M) * math.ceil(n / cfg.block_n)
 
 
+def grid_size(m: int, n: int, cfg: ContiguousConfig, num_sms: int) -> int:
+    """Persistent grid: one CTA per SM at most, whole clusters (a cluster walks pair tiles)."""
+    units = math.ceil(math.ceil(m / BLOCK_M) / cfg.cluster) * math.ceil(n / cfg.block_n)
+    return min(num_sms // cfg.cluster, units) * cfg.cluster
+
+
 def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
                 expert_ids: torch.Tensor, out: torch.Tensor, cfg: ContiguousConfig) -> list:
     """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
@@ -161,7 +182,7 @@ def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
     m, k = a_fp8.shape
     num_experts, n, _ = b_fp8.shape
     tmap_a = _tensor_map(a_fp8.data_ptr(), [k, m], [k], [BLOCK_K, BLOCK_M])
-    tmap_b = _tensor_map(b_fp8.data_ptr(), [k, n, num_experts], [k, n * k], [BLOCK_K, cfg.block_n, 1])
+    tmap_b = _tensor_map(b_fp8.data_ptr(), [k, n, num_experts], [k, n * k], [BLOCK_K, cfg.block_n // cfg.cluster, 1])
     return [
         _tma_param(tmap_a), _tma_param(tmap_b),
         ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
@@ -223,13 +244,24 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
         return out
     if expert_ids.dtype != torch.int32:
         expert_ids = expert_ids.to(torch.int32)
+    if out.data_ptr() % 16:  # the epilogue stores 16-byte vectors
+        staged = grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, None, config=config)
+        pad = expert_ids < 0
+        out[~pad] = staged[~pad]
+        return out
 
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     cfg = select_config(m, n, _num_sms(index), override=config, verbose=_print_config())
     spec = kernel_spec(n, k, cfg)
     with torch.cuda.device(index):
         kernel = jit.load_kernel(spec, index)
-        kernel.launch(grid=(min(_num_sms(index), num_tiles(m, n, cfg)), 1, 1), block=(NUM_THREADS, 1, 1),
+        grid = grid_size(m, n, cfg, _num_sms(index))
+        if cfg.cluster > 1:  # GPCs may not hold num_sms / 2 resident pairs
+            resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
+            if resident > 0:
+                grid = min(grid, resident * cfg.cluster)
+        kernel.launch(grid=(grid, 1, 1), block=(NUM_THREADS, 1, 1),
                       smem=cfg.smem_bytes, stream=torch.cuda.current_stream(dev).cuda_stream,
-                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, cfg))
+                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, cfg),
+                      cluster=(cfg.cluster, 1, 1))
     return out

@@ -343,6 +343,7 @@ class CompiledKernel:
         self.module = check(driver.cuModuleLoadData(cubin))
         self.function = check(driver.cuModuleGetFunction(self.module, spec.kernel_name.encode()))
         self._smem_attr = 0
+        self._max_clusters: dict[tuple, int] = {}
         self._lock = threading.Lock()
 
     def set_max_dynamic_smem(self, nbytes: int) -> None:
@@ -353,6 +354,26 @@ class CompiledKernel:
                     self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     nbytes))
                 self._smem_attr = nbytes
+
+    def max_active_clusters(self, block: tuple[int, int, int], smem: int, cluster: tuple[int, int, int]) -> int:
+        """How many clusters of this shape can be resident at once (cuOccupancyMaxActiveClusters);
+        a persistent grid must not exceed it, or the extra clusters run after the others finish."""
+        key = (block, smem, cluster)
+        cached = self._max_clusters.get(key)
+        if cached is None:
+            driver = _driver()
+            self.set_max_dynamic_smem(smem)
+            config = driver.CUlaunchConfig()
+            config.gridDimX, config.gridDimY, config.gridDimZ = cluster
+            config.blockDimX, config.blockDimY, config.blockDimZ = block
+            config.sharedMemBytes = smem
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster
+            config.attrs = [attr]
+            config.numAttrs = 1
+            cached = self._max_clusters[key] = int(check(driver.cuOccupancyMaxActiveClusters(self.function, config)))
+        return cached
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int, stream: int,
                params: list[ctypes._SimpleCData | ctypes.Array], cluster: tuple[int, int, int] = (1, 1, 1)) -> None:

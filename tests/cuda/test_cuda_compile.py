@@ -91,11 +91,14 @@ def test_kernel_compiles_for_sm90a(case, cache):
     sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
     bn = spec.constants["BLOCK_N"]
+    # The K loop is compiled once per column offset inside a scale block for 192/160/96 (2, 4,
+    # 4 copies: compile-time scale indices), once otherwise.
+    copies = {192: 2, 160: 4, 96: 4}.get(bn, 1)
     # 4 fp8 wgmma (k32 each) per 128-wide K block, N = the tile.
-    assert len(re.findall(rf"QGMMA\.64x{bn}x32\.F32\.E4M3\.E4M3", sass)) == 4, sass[:2000]
+    assert len(re.findall(rf"QGMMA\.64x{bn}x32\.F32\.E4M3\.E4M3", sass)) == 4 * copies, sass[:2000]
     assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass          # TMA loads of A and B
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
-    assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == 1       # one wait per K block
+    assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == copies  # one wait per K block
     assert not re.search(r"\b(LDL|STL)\b", sass)                  # no local memory
 
 

@@ -62,6 +62,7 @@ class Case:
     block_n: int | None = None  # force an N tile (None: the heuristic)
     trailing_pad: int = ALIGN
     pad_last: bool = True     # False: M ends mid-tile (TMA zero-fills rows past M)
+    cluster: int | None = None  # force CTA pairs (2) or single CTAs (1); None: the heuristic
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -85,6 +86,13 @@ CASES = [
     Case("all_padding", 256, 256, (0, 0), trailing_pad=3 * ALIGN),
     *[Case(f"block_n_{bn}", 7168, 2048, (257, 0, 128, 31), block_n=bn)
       for bn in (64, 80, 96, 112, 128, 144, 160, 176, 192)],
+    # CTA pairs: (0,1) one expert (B multicast), (2,3) two experts (own loads), (4,5) a live
+    # tile beside a padding tile (dead half stores nothing)
+    *[Case(f"cluster2_block_n_{bn}", 7168, 2048, (257, 0, 128, 31), block_n=bn, cluster=2)
+      for bn in (80, 128, 176, 192)],
+    Case("cluster2_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=128, cluster=2, pad_last=False,
+         trailing_pad=0),
+    Case("cluster1_ep8_w13_ragged", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=192, cluster=1),
 ]
 
 
@@ -94,7 +102,9 @@ def test_matches_reference(case: Case) -> None:
     a, a_scale, b, b_scale, expert_ids = _operands(case.counts, case.n, case.k, trailing_pad=case.trailing_pad,
                                                    pad_last=case.pad_last)
     out = torch.full((expert_ids.numel(), case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    cfg = None if case.block_n is None else ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n))
+    cfg = None
+    if case.block_n is not None:
+        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n), cluster=case.cluster or 1)
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()
     pad = expert_ids < 0

@@ -1,0 +1,76 @@
+"""Device probe for the CUDA grouped GEMM: time config variants on the issue-5
+cells, or launch one cell twice for ncu.  python benchmarks/probe_cuda_gemm.py time|ncu CELL VARIANT"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+
+from moe_backend.cuda import grouped_gemm_contiguous as g
+from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+
+CELLS = {"w13_512": (32, 4096, 7168, 512), "w13_2048": (32, 4096, 7168, 2048), "w13_4096": (32, 4096, 7168, 4096),
+         "w2_512": (32, 7168, 2048, 512), "w2_2048": (32, 7168, 2048, 2048), "w2_4096": (32, 7168, 2048, 4096),
+         "tp8w13": (256, 512, 7168, 512), "tp8w2": (256, 7168, 256, 512)}
+
+
+def operands(e, n, k, rows):
+    b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5)
+    seg = [rows - 37 if i % 2 else rows for i in range(e)]
+    ids = torch.cat([torch.tensor([i] * r + [-1] * (-(-r // 128) * 128 - r), dtype=torch.int32)
+                     for i, r in enumerate(seg)]).cuda()
+    a, a_s = quantize_fp8_per_token_group(torch.randn(ids.numel(), k, device="cuda", dtype=torch.bfloat16))
+    return a, a_s, b, bs, ids, 2.0 * sum(seg) * n * k
+
+
+def parse(v, m, n):
+    """'h' = heuristic; else bn[,pp][,stages][,group_m] e.g. 192,0"""
+    base = g.select_config(m, n, 132)
+    if v == "h":
+        return base
+    f = [int(x) for x in v.split(",")]
+    bn = f[0]
+    pp = bool(f[1]) if len(f) > 1 else True
+    st = f[2] if len(f) > 2 and f[2] else g.max_stages(bn)
+    gm = f[3] if len(f) > 3 and f[3] else g.GROUP_M
+    cl = f[4] if len(f) > 4 else 1
+    return g.ContiguousConfig(bn, st, gm, pp, cl)
+
+
+def main():
+    mode, cells, variants = sys.argv[1], sys.argv[2].split(";"), sys.argv[3].split(";")
+    for c in cells:
+        e, n, k, rows = CELLS[c]
+        a, a_s, b, bs, ids, flops = operands(e, n, k, rows)
+        m = ids.numel()
+        out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        ref = None
+        if mode == "dg":
+            import deep_gemm as dg
+            sfb = dg.transform_sf_into_required_layout(bs, n, k, (1, 128, 128), e, False)
+            sfa = dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)
+            for _ in range(2):
+                dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, ids)
+            torch.cuda.synchronize()
+            continue
+        for v in variants:
+            cfg = parse(v, m, n)
+            fn = lambda: g.grouped_gemm_contiguous(a, a_s, b, bs, ids, out, config=cfg)
+            if mode == "ncu":
+                fn(); fn(); torch.cuda.synchronize()
+                continue
+            out.zero_(); fn(); torch.cuda.synchronize()
+            if ref is None:
+                ref = out.clone()
+                err = 0.0
+            else:
+                err = float((out.float() - ref.float()).norm() / ref.float().norm())
+            us = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+            print(f"{c:9s} {str(cfg):75s} {us:8.1f} us {flops / us / 1e6:6.0f} TF  diff {err:.1e}", flush=True)
+        del a, a_s, b, bs, ids, out, ref
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
