@@ -2,8 +2,12 @@
 
 `impl`:
 - "auto": our Triton kernels for CUDA tensors, the torch reference otherwise;
+- "best": like "auto", but the contiguous GEMM runs our CUDA C++ kernel (`moe_backend/cuda/`)
+  where it can (Hopper, nvcc and cuda-python present): it measured faster than the Triton one on
+  every prefill cell (docs/benchmarks.md);
 - "triton": our kernels (`moe_backend/kernels/`); CPU tensors fall back to the reference, which
   computes the same function;
+- "cuda": our CUDA C++ contiguous GEMM (JIT-compiled with nvcc), CUDA only;
 - "deepgemm": DeepGEMM, the optional peer (`pip install moe-backend[deepgemm]`), CUDA only;
 - "reference": plain torch.
 """
@@ -25,10 +29,11 @@ __all__ = [
     "per_token_group_quant",
     "unpermute_combine",
     "contiguous_alignment",
+    "cuda_kernel_available",
     "IMPLS",
 ]
 
-IMPLS = ("auto", "triton", "deepgemm", "reference")
+IMPLS = ("auto", "best", "triton", "cuda", "deepgemm", "reference")
 # The reference has no alignment need; 128 keeps its layouts shaped like the kernels'.
 _REFERENCE_ALIGNMENT = 128
 
@@ -48,19 +53,43 @@ def _kernel(op: str, module: str | None = None) -> Callable:
 def _provider(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "deepgemm":
+    if impl in ("deepgemm", "cuda"):
         if device.type != "cuda":
-            raise ValueError(f"impl='deepgemm' runs on CUDA tensors only, got tensors on {device}")
+            raise ValueError(f"impl={impl!r} runs on CUDA tensors only, got tensors on {device}")
         return impl
     if impl == "reference" or device.type != "cuda":
         return "reference"
     return "triton"
 
 
+@lru_cache(maxsize=None)
+def cuda_kernel_available(device_index: int = 0) -> bool:
+    """Whether our CUDA C++ GEMM can build and run here: a Hopper GPU, nvcc, cuda-python."""
+    import importlib.util
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(device_index) != (9, 0):
+        return False
+    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
+        return False
+    from moe_backend.cuda import jit
+
+    try:
+        jit.find_nvcc()
+    except jit.JITError:
+        return False
+    return True
+
+
 def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, impl: str = "auto",
                             expected_m: int | None = None):
     """See `moe_backend.reference.grouped_gemm_contiguous`; `expected_m` as in `grouped_gemm_masked`."""
+    if impl == "best" and a_fp8.is_cuda:
+        impl = "cuda" if cuda_kernel_available(a_fp8.device.index or 0) else "triton"
     provider = _provider(impl, a_fp8.device)
+    if provider == "cuda":
+        from moe_backend.cuda.grouped_gemm_contiguous import grouped_gemm_contiguous as cuda_gemm
+
+        return cuda_gemm(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
     if provider == "triton":
         return _kernel("grouped_gemm_contiguous")(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out,
                                                   expected_m=expected_m)
@@ -115,6 +144,10 @@ def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: 
 def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu") -> int:
     """Rows each expert's segment is padded to in the contiguous layout, for that provider."""
     provider = _provider(impl, torch.device(device))
+    if provider == "cuda":
+        from moe_backend.cuda.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT
+
+        return CONTIGUOUS_ALIGNMENT
     if provider == "triton":
         return importlib.import_module("moe_backend.kernels.grouped_gemm_contiguous").CONTIGUOUS_ALIGNMENT
     if provider == "deepgemm":

@@ -27,12 +27,19 @@ def test_layer_matches_naive(tiny_config, tokens):
     assert rel_err(out, moe_forward(x, weights, tiny_config, quantize=False)) < LAYER_UNQUANTIZED
 
 
-@pytest.mark.parametrize("kernel", ["contiguous", "masked", "triton", "reference"])
+@pytest.mark.parametrize("kernel", ["contiguous", "triton_contiguous", "masked", "triton", "reference"])
 def test_every_policy_kernel_gives_the_same_answer_on_cpu(tiny_config, kernel):
     layer, weights = _layer(tiny_config, seed=5)
     layer.policy = Policy(prefill_kernel=kernel, decode_max_tokens=0)
     x = torch.randn(23, tiny_config.hidden_size, dtype=torch.bfloat16)
     assert rel_err(layer(x), moe_forward(x, weights, tiny_config)) < LAYER_SAME_QUANT
+
+
+def test_cuda_only_kernel_refuses_cpu_tensors(tiny_config):
+    layer, _ = _layer(tiny_config)
+    layer.policy = Policy(prefill_kernel="cuda_contiguous", decode_max_tokens=0)
+    with pytest.raises(ValueError, match="runs on CUDA tensors only"):
+        layer(torch.randn(3, tiny_config.hidden_size, dtype=torch.bfloat16))
 
 
 def test_batch_shapes_and_empty(tiny_config):

@@ -29,12 +29,15 @@ PHASES = ("prefill", "decode")
 class KernelChoice:
     name: str  # the policy's name for it (a KERNELS key)
     layout: str  # "contiguous" | "masked"
-    impl: str  # "triton" (ours) | "deepgemm" (optional peer) | "reference" (torch)
+    impl: str  # "best" | "cuda" | "triton" (ours) | "deepgemm" (optional peer) | "reference" (torch)
     static_shapes: bool  # layout sized from shapes alone: no host sync, CUDA-graph safe
 
 
 KERNELS: dict[str, KernelChoice] = {
-    "contiguous": KernelChoice("contiguous", "contiguous", "triton", static_shapes=False),
+    # "best": our CUDA C++ GEMM where it can run (faster on every measured prefill cell), else Triton.
+    "contiguous": KernelChoice("contiguous", "contiguous", "best", static_shapes=False),
+    "cuda_contiguous": KernelChoice("cuda_contiguous", "contiguous", "cuda", static_shapes=False),
+    "triton_contiguous": KernelChoice("triton_contiguous", "contiguous", "triton", static_shapes=False),
     "masked": KernelChoice("masked", "masked", "triton", static_shapes=True),
     "triton": KernelChoice("triton", "contiguous", "triton", static_shapes=True),
     "deepgemm_contiguous": KernelChoice("deepgemm_contiguous", "contiguous", "deepgemm", False),

@@ -38,11 +38,14 @@ def _reference_forward(layer, x):
     return routed.float() + layer.shared_expert(x).float()
 
 
-@pytest.mark.parametrize("kernel", ["contiguous", "masked", "triton"])
+PREFILL_KERNELS = ("contiguous", "cuda_contiguous", "triton_contiguous")
+
+
+@pytest.mark.parametrize("kernel", PREFILL_KERNELS + ("masked", "triton"))
 @pytest.mark.parametrize("tokens", [1, 8, 33, 300])
 def test_layer_kernels_match_reference(layer, kernel, tokens):
-    if kernel == "contiguous":  # every batch is prefill
-        layer.policy = Policy(prefill_kernel="contiguous", decode_max_tokens=0)
+    if kernel in PREFILL_KERNELS:  # every batch is prefill
+        layer.policy = Policy(prefill_kernel=kernel, decode_max_tokens=0)
     else:  # every batch is decode
         layer.policy = Policy(decode_kernel=kernel, decode_max_tokens=1 << 20)
     x = torch.randn(tokens, CONFIG.hidden_size, device="cuda").to(torch.bfloat16)
