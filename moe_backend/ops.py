@@ -35,6 +35,15 @@ __all__ = [
 
 IMPLS = ("auto", "best", "triton", "cuda", "deepgemm", "reference")
 CUDA_MIN_ROWS_PER_EXPERT = 256
+CUDA_MIN_NK = 1024
+
+
+def _cuda_pays(n: int, k: int, expected_m: int | None) -> bool:
+    """Where our CUDA contiguous GEMM beat our Triton one (H100, docs/benchmarks.md): every cell
+    from 256 rows per expert, and EP8's wide GEMMs (N, K >= 1024) from 64 rows; TP8's narrow
+    GEMMs (N = 512 or K = 256) at 64 rows per expert were faster on Triton."""
+    wide = n >= CUDA_MIN_NK and k >= CUDA_MIN_NK
+    return wide or expected_m is None or expected_m >= CUDA_MIN_ROWS_PER_EXPERT
 # The reference has no alignment need; 128 keeps its layouts shaped like the kernels'.
 _REFERENCE_ALIGNMENT = 128
 
@@ -85,10 +94,8 @@ def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None
                             expected_m: int | None = None):
     """See `moe_backend.reference.grouped_gemm_contiguous`; `expected_m` as in `grouped_gemm_masked`."""
     if impl == "best" and a_fp8.is_cuda:
-        # Measured (H100, docs/benchmarks.md): the CUDA kernel wins from 512 rows per expert up;
-        # at 64 rows per expert (TP8, 2k-token prefill) the Triton kernel was faster.
-        big = expected_m is None or expected_m >= CUDA_MIN_ROWS_PER_EXPERT
-        impl = "cuda" if big and cuda_kernel_available(a_fp8.device.index or 0) else "triton"
+        impl = "cuda" if _cuda_pays(b_fp8.shape[1], b_fp8.shape[2], expected_m) and \
+            cuda_kernel_available(a_fp8.device.index or 0) else "triton"
     provider = _provider(impl, a_fp8.device)
     if provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import grouped_gemm_contiguous as cuda_gemm
