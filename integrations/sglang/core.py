@@ -112,14 +112,14 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
 
     def run_from_dispatch(self, dispatch_output, quant_info, runner_config, hooks=None):
         if hooks is not None:
-            raise NotImplementedError(f"{BACKEND_NAME}: LoRA MoE hooks are not supported")
+            raise ValueError(f"{BACKEND_NAME}: LoRA MoE hooks are not supported")
         if not isinstance(quant_info, PhaseMoeQuantInfo):
             raise TypeError(f"{BACKEND_NAME} serves block-FP8 MoE layers only (got "
                             f"{type(quant_info).__name__}); this layer's quantization method is not "
                             f"supported by --moe-runner-backend {BACKEND_NAME}")
         # MoeRunnerConfig is mutated after construction: read it per call.
         if runner_config.no_combine or runner_config.apply_router_weight_on_input:
-            raise NotImplementedError(f"{BACKEND_NAME}: no_combine / apply_router_weight_on_input "
+            raise ValueError(f"{BACKEND_NAME}: no_combine / apply_router_weight_on_input "
                                       f"are not supported")
         fmt = dispatch_output.format
         if fmt.is_standard():
@@ -128,13 +128,13 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
             return self._run_deepep_normal(dispatch_output, quant_info)
         if fmt.is_deepep_ll():
             return self._run_deepep_ll(dispatch_output, quant_info)
-        raise NotImplementedError(f"{BACKEND_NAME}: dispatch format {fmt.value!r} is not supported "
+        raise ValueError(f"{BACKEND_NAME}: dispatch format {fmt.value!r} is not supported "
                                   f"(use --moe-a2a-backend none or deepep)")
 
     # ---- standard (TP): weighted sum x routed_scaling_factor ----
     def _run_standard(self, d, q: PhaseMoeQuantInfo, runner_config):
         if not TopKOutputChecker.format_is_standard(d.topk_output):
-            raise NotImplementedError(f"{BACKEND_NAME}: top-k output {type(d.topk_output).__name__} "
+            raise ValueError(f"{BACKEND_NAME}: top-k output {type(d.topk_output).__name__} "
                                       f"is not supported (standard top-k only)")
         x = d.hidden_states  # [T, H]
         x_scale = _activation_scale(x, d.hidden_states_scale, "standard")

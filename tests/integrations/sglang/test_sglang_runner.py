@@ -262,7 +262,7 @@ def test_unsupported_dispatch_format_is_refused():
         format = DispatchOutputFormat.FLASHINFER
         hidden_states = make_x(1)
 
-    with pytest.raises(NotImplementedError, match="flashinfer"):
+    with pytest.raises(ValueError, match="flashinfer"):
         make_runner(Case(1, 4)).run(FlashinferDispatch(), quant_info(make_experts(4)))
 
 

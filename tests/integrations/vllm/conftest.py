@@ -39,3 +39,15 @@ def run_probe(*flags: str, vllm_plugins: str | None = None) -> dict:
 @pytest.fixture(scope="session")
 def probe():
     return run_probe
+
+
+@pytest.fixture(scope="session")
+def on():
+    """The probe's report with the plugin loaded (VLLM_PLUGINS unset)."""
+    return run_probe()
+
+
+@pytest.fixture(scope="session")
+def off():
+    """The probe's report with every plugin excluded (VLLM_PLUGINS="")."""
+    return run_probe(vllm_plugins="")

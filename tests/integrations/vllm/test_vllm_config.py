@@ -9,16 +9,6 @@ pytest.importorskip("vllm")
 NAME = "phasemoe"
 
 
-@pytest.fixture(scope="module")
-def on(probe):
-    return probe()
-
-
-@pytest.fixture(scope="module")
-def off(probe):
-    return probe(vllm_plugins="")
-
-
 def test_parser_accepts_phasemoe(on):
     assert on["parser"][NAME] == {"ok": NAME}
     assert on["parser"]["PhaseMoE"] == {"ok": NAME}  # vLLM lower-cases the flag's value

@@ -11,16 +11,6 @@ STANDARD = "moe_backend_integrations.vllm.experts.PhaseMoEExperts"
 BATCHED = "moe_backend_integrations.vllm.experts.PhaseMoEBatchedExperts"
 
 
-@pytest.fixture(scope="module")
-def on(probe):
-    return probe()
-
-
-@pytest.fixture(scope="module")
-def off(probe):
-    return probe(vllm_plugins="")
-
-
 def test_selection_returns_our_experts(on):
     assert on["map"][NAME] == {"ok": "PHASEMOE"}
     assert on["kernel_cls"]["PHASEMOE"] == {"ok": [STANDARD, BATCHED]}
