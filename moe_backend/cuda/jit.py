@@ -363,15 +363,7 @@ class CompiledKernel:
         if cached is None:
             driver = _driver()
             self.set_max_dynamic_smem(smem)
-            config = driver.CUlaunchConfig()
-            config.gridDimX, config.gridDimY, config.gridDimZ = cluster
-            config.blockDimX, config.blockDimY, config.blockDimZ = block
-            config.sharedMemBytes = smem
-            attr = driver.CUlaunchAttribute()
-            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster
-            config.attrs = [attr]
-            config.numAttrs = 1
+            config = _launch_config(driver, cluster, block, smem, cluster)
             cached = self._max_clusters[key] = int(check(driver.cuOccupancyMaxActiveClusters(self.function, config)))
         return cached
 
@@ -379,19 +371,26 @@ class CompiledKernel:
                params: list[ctypes._SimpleCData | ctypes.Array], cluster: tuple[int, int, int] = (1, 1, 1)) -> None:
         driver = _driver()
         self.set_max_dynamic_smem(smem)
-        config = driver.CUlaunchConfig()
-        config.gridDimX, config.gridDimY, config.gridDimZ = grid
-        config.blockDimX, config.blockDimY, config.blockDimZ = block
-        config.sharedMemBytes = smem
+        config = _launch_config(driver, grid, block, smem, cluster)
         config.hStream = driver.CUstream(stream)
-        attr = driver.CUlaunchAttribute()
-        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-        attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster
-        config.attrs = [attr]
-        config.numAttrs = 1
         # void*[]: one pointer per parameter, each to the bytes the driver copies for it.
         ptrs = (ctypes.c_void_p * len(params))(*(ctypes.addressof(p) for p in params))
         check(driver.cuLaunchKernelEx(config, self.function, ctypes.addressof(ptrs), 0))
+
+
+def _launch_config(driver, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int,
+                   cluster: tuple[int, int, int]):
+    """A CUlaunchConfig with the cluster-dimension attribute (1x1x1 when not clustering)."""
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid
+    config.blockDimX, config.blockDimY, config.blockDimZ = block
+    config.sharedMemBytes = smem
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster
+    config.attrs = [attr]
+    config.numAttrs = 1
+    return config
 
 
 _loaded: dict[tuple, CompiledKernel] = {}

@@ -254,18 +254,25 @@ class DeepseekV3MoE(nn.Module):
         topk_weights, topk_ids = noaux_tc_route(x, self.gate_weight, self.e_score_correction_bias,
                                                 self.config)
         policy = self.policy if self.policy is not None else Policy.from_env()
+        # Quantize once: the routed and the shared experts read the same FP8 activations.
+        x_fp8, x_scale = ops.per_token_group_quant(x, QUANT_BLOCK, self.config.ue8m0_scales)
         out = experts_path.routed_experts(
-            x, self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv, topk_weights, topk_ids,
-            expert_start=self.expert_start, ue8m0=self.config.ue8m0_scales, policy=policy, phase=phase,
+            x_fp8, self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv, topk_weights, topk_ids,
+            x_scale=x_scale, expert_start=self.expert_start, ue8m0=self.config.ue8m0_scales, policy=policy,
+            phase=phase,
             expected_m=max(1, -(-x.shape[0] * self.config.num_experts_per_tok // self.config.n_routed_experts)))
         if self.with_shared_experts:
-            out = out + self.shared_expert(x)
+            out = out + self.shared_expert(x_fp8, x_scale)
         return out.view(hidden_states.shape)
 
-    def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
-        """The shared expert(s) on every token: one dense FP8 MLP, run as a one-expert grouped GEMM."""
+    def shared_expert(self, x: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The shared expert(s) on every token: one dense FP8 MLP, run as a one-expert grouped GEMM.
+        x: bf16 `[T, H]`, or fp8 with `x_scale` `[T, H/128]` (already quantized)."""
         ue8m0 = self.config.ue8m0_scales
-        x_fp8, x_scale = ops.per_token_group_quant(x, QUANT_BLOCK, ue8m0)
+        if x_scale is None:
+            x_fp8, x_scale = ops.per_token_group_quant(x, QUANT_BLOCK, ue8m0)
+        else:
+            x_fp8 = x
         one_expert = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
         h = ops.grouped_gemm_contiguous(x_fp8, x_scale, self.shared_w13_fp8, self.shared_w13_scale_inv,
                                         one_expert)
