@@ -25,7 +25,7 @@ def operands(e, n, k, rows):
 
 
 def parse(v, m, n):
-    """'h' = heuristic; else bn[,pp][,stages][,group_m] e.g. 192,0"""
+    """'h' = heuristic; else bn[,pp][,stages][,group_m][,cluster][,share_a] e.g. 192,0,0,8,2,1"""
     base = g.select_config(m, n, 132)
     if v == "h":
         return base
@@ -35,7 +35,8 @@ def parse(v, m, n):
     st = f[2] if len(f) > 2 and f[2] else g.max_stages(bn)
     gm = f[3] if len(f) > 3 and f[3] else g.GROUP_M
     cl = f[4] if len(f) > 4 else 1
-    return g.ContiguousConfig(bn, st, gm, pp, cl)
+    mc = "a" if len(f) > 5 and f[5] else "b"
+    return g.ContiguousConfig(bn, st, gm, pp, cl, mc)
 
 
 def main():

@@ -53,9 +53,11 @@ def candidates(m: int, *, masked: bool, k: int = 7168) -> list[dict]:
                     continue
                 warps = (4, 8) if bm * bn >= 64 * 128 else (4,)
                 swaps = (True,) if bm <= 32 else (False, True)
-                for w, sw in itertools.product(warps, swaps):
+                # TMA loads pay where the tiles are large enough to be issue-bound (64+ rows).
+                tmas = (False, True) if bm >= 64 else (False,)
+                for w, sw, tma in itertools.product(warps, swaps, tmas):
                     out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SWAP_AB=sw, K_UNROLL=unroll,
-                                    num_warps=w, num_stages=stages))
+                                    TMA=tma, num_warps=w, num_stages=stages))
         return out
     for bm, bn, w, (unroll, stages), gm in itertools.product((64, 128), (128, 256), (4, 8), depth[:2] + depth[3:],
                                                              (1, 8)):

@@ -56,4 +56,5 @@ def apply_batched(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tens
     # experts (local ones first): a view of the first E either way.
     masked_m = expert_num_tokens[:x_fp8.shape[0]]
     moe_experts.masked_experts(x_fp8, x_scale.contiguous(), w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
-                               masked_m, out=output, workspace=workspace, expected_m=expected_m)
+                               masked_m, out=output, workspace=workspace, impl="best",
+                               expected_m=expected_m)

@@ -2,7 +2,7 @@
 // (plain text replacement) and the JIT compiles one cubin per (N, K, BLOCK_N, STAGES, GROUP_M).
 #include "grouped_gemm_contiguous.cuh"
 
-using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{PINGPONG}}, {{CLUSTER}}>;
+using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{PINGPONG}}, {{CLUSTER}}, {{MCAST_A}}>;
 
 extern "C" __global__ void __launch_bounds__(phasemoe::kNumThreads, 1)
 {{KERNEL_NAME}}(const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_a,

@@ -39,12 +39,14 @@ constexpr int kScaleBlock = 128;
 constexpr int kConsumerRegs = 232;
 constexpr int kProducerRegs = 40;
 
-// Walks the tiles of one CTA (kCluster = 1) or one cluster (kCluster = 2: a unit is a pair of
-// vertically adjacent M tiles, 2i and 2i + 1, one per CTA, at the same N tile).
-template <int kN, int kBlockN, int kGroupM, int kCluster>
+// Walks the tiles of one CTA (kCluster = 1) or one cluster of 2 (a unit is a pair of tiles, one
+// per CTA): kMcastA = 0 pairs vertically adjacent M tiles 2i, 2i + 1 at one N tile (B shared);
+// kMcastA = 1 pairs N tiles 2j, 2j + 1 at one M tile (A shared, always one expert).
+template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA>
 struct TileScheduler {
   static constexpr int kNumNTiles = (kN + kBlockN - 1) / kBlockN;
-  static constexpr int kGroupUnits = kGroupM / kCluster > 0 ? kGroupM / kCluster : 1;
+  static constexpr int kNumNUnits = kMcastA ? (kNumNTiles + kCluster - 1) / kCluster : kNumNTiles;
+  static constexpr int kGroupUnits = kMcastA ? kGroupM : (kGroupM / kCluster > 0 ? kGroupM / kCluster : 1);
 
   int num_m_units;
   int num_tiles;
@@ -52,49 +54,66 @@ struct TileScheduler {
   int stride;
 
   __device__ __forceinline__ explicit TileScheduler(int m)
-      : num_m_units(((m + kBlockM - 1) / kBlockM + kCluster - 1) / kCluster),
-        num_tiles(num_m_units * kNumNTiles),
+      : num_m_units(kMcastA ? (m + kBlockM - 1) / kBlockM
+                            : ((m + kBlockM - 1) / kBlockM + kCluster - 1) / kCluster),
+        num_tiles(num_m_units * kNumNUnits),
         next(blockIdx.x / kCluster),
         stride(gridDim.x / kCluster) {}
 
-  // Tiles are numbered so that kGroupM consecutive M tiles sweep the N tiles together: the CTAs
+  // Tiles are numbered so that kGroupM consecutive M units sweep the N units together: the CTAs
   // running at one time share a few experts' weights and a few A row blocks in L2.
-  __device__ __forceinline__ bool next_tile(int& m_unit, int& n_tile) {
+  __device__ __forceinline__ bool next_tile(int& m_unit, int& n_unit) {
     if (next >= num_tiles) return false;
     const int t = next;
     next += stride;
-    const int per_group = kGroupUnits * kNumNTiles;
+    const int per_group = kGroupUnits * kNumNUnits;
     const int group = t / per_group;
     const int first_m = group * kGroupUnits;
     const int rows_in_group = min(num_m_units - first_m, kGroupUnits);
     const int r = t - group * per_group;
     m_unit = first_m + r % rows_in_group;
-    n_tile = r / rows_in_group;
+    n_unit = r / rows_in_group;
     return true;
   }
 };
 
 // Which expert a CTA's tile belongs to and how its B tile is loaded. kCluster = 1: the tile's
-// own expert (skip when its first row is padding). kCluster = 2: both CTAs read both tiles'
-// first ids, so they agree: skip the pair only when both are padding; when both tiles hold the
-// same expert, each CTA loads half of the B tile and multicasts it to both (B read once from
-// L2 for two M tiles); otherwise each loads its own B. A dead tile in a live pair (padding, or
-// past M) computes on its partner's expert and stores nothing.
+// own expert (skip when its first row is padding). kCluster = 2, B shared (kMcastA = 0): both
+// CTAs read both tiles' first ids, so they agree: skip the pair only when both are padding; when
+// both tiles hold the same expert, each CTA loads half of the B tile and multicasts it to both
+// (B read once from L2 for two M tiles); otherwise each loads its own B. A dead tile in a live
+// pair (padding, or past M) computes on its partner's expert and stores nothing. kCluster = 2, A
+// shared (kMcastA = 1): one M tile, so one expert; each CTA loads half of A for both; a CTA whose
+// N tile lies past N (odd tile count) computes on its partner's B tile and stores nothing.
 struct TileRole {
   int expert;       // expert whose weights are loaded (valid when live_pair)
   bool live;        // this CTA's tile has real rows: store them
   bool multicast;   // B tile shared by the pair
+  int m_tile;       // this CTA's tile (a dead one: the coordinates it loads)
+  int n_tile;
 };
 
-template <int kCluster>
+template <int kCluster, int kMcastA, int kNumNTiles>
 __device__ __forceinline__ TileRole tile_role(const int32_t* __restrict__ expert_ids, int m, int m_unit,
-                                              uint32_t rank, bool& live_pair) {
+                                              int n_unit, uint32_t rank, bool& live_pair) {
   TileRole role;
   if constexpr (kCluster == 1) {
     role.expert = expert_ids[m_unit * kBlockM];
     role.live = role.expert >= 0;
     role.multicast = false;
+    role.m_tile = m_unit;
+    role.n_tile = n_unit;
     live_pair = role.live;
+  } else if constexpr (kMcastA) {
+    role.expert = expert_ids[m_unit * kBlockM];
+    const int n_tile = n_unit * kCluster + static_cast<int>(rank);
+    live_pair = role.expert >= 0;
+    role.live = live_pair && n_tile < kNumNTiles;
+    role.multicast = true;
+    role.m_tile = m_unit;
+    // Past N (odd tile count: only the last pair's second tile): load the partner's B tile
+    // (valid coordinates; nothing is stored).
+    role.n_tile = min(n_tile, kNumNTiles - 1);
   } else {
     const int first = 2 * m_unit * kBlockM;
     const int e0 = expert_ids[first];
@@ -104,6 +123,10 @@ __device__ __forceinline__ TileRole tile_role(const int32_t* __restrict__ expert
     role.live = own >= 0;
     role.expert = role.live ? own : (rank == 0 ? e1 : e0);
     role.multicast = e0 == e1;
+    // A dead tile of a pair (padding or past M) loads its partner's rows: valid coordinates,
+    // results never stored.
+    role.m_tile = m_unit * kCluster + static_cast<int>(role.live ? rank : rank ^ 1u);
+    role.n_tile = n_unit;
   }
   return role;
 }
@@ -133,18 +156,23 @@ __device__ __forceinline__ void dispatch_offset(int i, F& f) {
 // kCluster = 2: clusters of two CTAs on M tiles 2i and 2i + 1 (same N tile); B is multicast when
 // both tiles belong to one expert (TileRole). Every consumer warp releases a stage in both CTAs
 // (a peer may multicast into it), so `empty` counts 2 x 8 arrivals.
-template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1, int kCluster = 1>
+template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1, int kCluster = 1,
+          int kMcastA = 0>
 struct GroupedGemmContiguous {
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && kBlockN <= 192, "BLOCK_N: multiple of 16 in [64, 192]");
   static_assert(kStages >= 2, "need at least two pipeline stages");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
+  static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
 
   static constexpr int kKBlocks = kK / kBlockK;
   static constexpr int kNScaleBlocks = (kN + kScaleBlock - 1) / kScaleBlock;
   static constexpr uint32_t kABytes = kBlockM * kBlockK;  // fp8
   static constexpr uint32_t kBBytes = kBlockN * kBlockK;
-  static constexpr int kBRowsPerLoad = kBlockN / kCluster;  // the B tensor map's box height
+  // Box heights of the tensor maps: the shared operand is loaded in kCluster parts, one per CTA.
+  static constexpr int kARowsPerLoad = kMcastA ? kBlockM / kCluster : kBlockM;
+  static constexpr uint32_t kALoadBytes = kARowsPerLoad * kBlockK;
+  static constexpr int kBRowsPerLoad = kMcastA ? kBlockN : kBlockN / kCluster;
   static constexpr uint32_t kBLoadBytes = kBRowsPerLoad * kBlockK;
   static constexpr uint32_t kStageBytes = kABytes + kBBytes;
   static constexpr int kAccRegs = kBlockN / 2;  // fp32 per thread for a 64 x BLOCK_N tile
@@ -163,11 +191,11 @@ struct GroupedGemmContiguous {
   // Ring of stages, then the barriers; +1024 to align the ring (128-byte swizzle atoms are
   // 1024 bytes: the descriptors assume 1024-aligned tiles).
   static constexpr uint32_t kSmemBytes = kStages * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;
-  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0 && kBLoadBytes % 1024 == 0,
+  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0 && kBLoadBytes % 1024 == 0 && kALoadBytes % 1024 == 0,
                 "stage tiles must keep 1024-byte alignment");
   static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block can opt into");
 
-  using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster>;
+  using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA>;
   using Mma = WgmmaFp8<kBlockN>;
 
   // 4 x 4 transpose of 32-bit values across the 4 lanes of a quad: on return v[j] holds what
@@ -227,22 +255,29 @@ struct GroupedGemmContiguous {
         Scheduler sched(m);
         int stage = 0;
         uint32_t phase = 0;
-        int m_unit, n_tile;
-        while (sched.next_tile(m_unit, n_tile)) {
+        int m_unit, n_unit;
+        while (sched.next_tile(m_unit, n_unit)) {
           bool live_pair;
-          const TileRole role = tile_role<kCluster>(expert_ids, m, m_unit, rank, live_pair);
+          const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(expert_ids, m, m_unit, n_unit,
+                                                                                    rank, live_pair);
           if (!live_pair) continue;
-          // A dead tile of a pair (padding or past M) loads its partner's rows: valid coordinates,
-          // results never stored.
-          const int m_tile = m_unit * kCluster + static_cast<int>(role.live ? rank : rank ^ 1u);
+          const int m_tile = role.m_tile;
+          const int n_tile = role.n_tile;
 #pragma unroll 1
           for (int kb = 0; kb < kKBlocks; ++kb) {
             sm90::mbar_wait(&empty_bar[stage], phase ^ 1);
             // Out-of-bounds box elements (rows past M, columns past N) are zero-filled and
             // still counted in the transaction bytes.
             sm90::mbar_arrive_expect_tx(&full_bar[stage], kStageBytes);
-            sm90::tma_load_2d(smem_a + stage * kABytes, &tmap_a, &full_bar[stage], kb * kBlockK, m_tile * kBlockM);
-            if constexpr (kCluster == 1) {
+            if constexpr (kMcastA) {
+              // This CTA's half of the A tile, into both CTAs; its own whole B tile.
+              sm90::tma_load_2d_multicast(smem_a + stage * kABytes + rank * kALoadBytes, &tmap_a, &full_bar[stage],
+                                          kb * kBlockK, m_tile * kBlockM + static_cast<int>(rank) * kARowsPerLoad,
+                                          static_cast<uint16_t>((1u << kCluster) - 1));
+            } else {
+              sm90::tma_load_2d(smem_a + stage * kABytes, &tmap_a, &full_bar[stage], kb * kBlockK, m_tile * kBlockM);
+            }
+            if constexpr (kCluster == 1 || kMcastA) {
               sm90::tma_load_3d(smem_b + stage * kBBytes, &tmap_b, &full_bar[stage], kb * kBlockK,
                                 n_tile * kBlockN, role.expert);
             } else {
@@ -273,6 +308,9 @@ struct GroupedGemmContiguous {
       const int quad_lane = lane % 4;
       const int col_in_chunk = 2 * quad_lane;
 
+      // Stage-0 shared-memory descriptors of this warpgroup's A rows and of B (loop-invariant).
+      const uint64_t desc_a0 = sm90::smem_desc_kmajor_sw128(smem_a + warpgroup * 64 * kBlockK);
+      const uint64_t desc_b0 = sm90::smem_desc_kmajor_sw128(smem_b);
       float acc[kAccRegs];     // one K block, unscaled
       float result[kAccRegs];  // promoted fp32 sum over K blocks
 #pragma unroll
@@ -282,13 +320,17 @@ struct GroupedGemmContiguous {
       int stage = 0;
       uint32_t phase = 0;
       bool issued_any = false;  // ping-pong: warpgroup 0's first K block waits for no token
-      int m_unit, n_tile;
-      while (sched.next_tile(m_unit, n_tile)) {
+      int m_unit, n_unit;
+      while (sched.next_tile(m_unit, n_unit)) {
         bool live_pair;
-        const TileRole role = tile_role<kCluster>(expert_ids, m, m_unit, rank, live_pair);
+        const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(expert_ids, m, m_unit, n_unit,
+                                                                                  rank, live_pair);
         if (!live_pair) continue;
         const int expert = role.expert;
-        const int m_tile = m_unit * kCluster + static_cast<int>(rank);
+        // Rows this CTA stores (a dead B-shared tile computes on its partner's rows: the guards
+        // below read its own rows' ids, so nothing is stored).
+        const int m_tile = kMcastA ? role.m_tile : m_unit * kCluster + static_cast<int>(rank);
+        const int n_tile = role.n_tile;
 
         const int row0 = m_tile * kBlockM + row_in_tile;
         const int row1 = row0 + 8;
@@ -316,18 +358,28 @@ struct GroupedGemmContiguous {
         // (80/112/144/176: up to 8 offsets) pass kOff = -1 and select at run time.
         auto k_loop = [&](auto off_c) {
           constexpr int kOff = decltype(off_c)::value;
+          // Scales are software-pipelined one K block ahead: block kb's were loaded during block
+          // kb - 1, so a load that misses L1 never stalls the MMA issue (ptxas schedules the
+          // sa * sb products between the wgmmas).
+          float sa0 = __ldg(a_scale0);
+          float sa1 = __ldg(a_scale1);
+          float sb[kScaleSpan];
+#pragma unroll
+          for (int j = 0; j < kScaleSpan; ++j) sb[j] = __ldg(b_scale_rows[j]);
 #pragma unroll 1
           for (int kb = 0; kb < kKBlocks; ++kb) {
-            // Scales first: their global-load latency hides behind the barrier wait and the MMAs.
-            const float sa0 = __ldg(a_scale0 + kb);
-            const float sa1 = __ldg(a_scale1 + kb);
-            float sb[kScaleSpan];
+            const int kb_next = kb + 1 < kKBlocks ? kb + 1 : kb;
+            const float sa0_next = __ldg(a_scale0 + kb_next);
+            const float sa1_next = __ldg(a_scale1 + kb_next);
+            float sb_next[kScaleSpan];
 #pragma unroll
-            for (int j = 0; j < kScaleSpan; ++j) sb[j] = __ldg(b_scale_rows[j] + kb);
+            for (int j = 0; j < kScaleSpan; ++j) sb_next[j] = __ldg(b_scale_rows[j] + kb_next);
 
             sm90::mbar_wait(&full_bar[stage], phase);
-            const uint64_t desc_a = sm90::smem_desc_kmajor_sw128(smem_a + stage * kABytes + warpgroup * 64 * kBlockK);
-            const uint64_t desc_b = sm90::smem_desc_kmajor_sw128(smem_b + stage * kBBytes);
+            // Stage descriptors = the stage-0 descriptors plus the stage's offset in 16-byte units
+            // (the start-address field; smem offsets stay far below its 2^14 x 16 B range).
+            const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * kABytes) >> 4);
+            const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * kBBytes) >> 4);
 #pragma unroll
             for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
             if constexpr (kPingPong) {
@@ -385,6 +437,10 @@ struct GroupedGemmContiguous {
               result[4 * c + 2] = fmaf(s1, acc[4 * c + 2], result[4 * c + 2]);
               result[4 * c + 3] = fmaf(s1, acc[4 * c + 3], result[4 * c + 3]);
             }
+            sa0 = sa0_next;
+            sa1 = sa1_next;
+#pragma unroll
+            for (int j = 0; j < kScaleSpan; ++j) sb[j] = sb_next[j];
           }
         };
         if constexpr (kScaleAligned) {

@@ -41,8 +41,9 @@ TILE_OVERHEAD_COLS = 96
 # scale per chunk at run time: ncu counted 2.5x DeepGEMM's instructions with such selects at
 # 192, and ALU-pipe use of 26% vs 3%. They stay available through `config=`.
 HEURISTIC_BLOCK_N = (64, 96, 128, 160, 192)
-CLUSTER = 1            # 2: CTA pairs multicasting B (ContiguousConfig.cluster); measured slower
-CLUSTER_MIN_PAIRS = 4  # below 8 M tiles, clusters of 1 (dead halves of pairs cost more)
+CLUSTER = 2            # CTA pairs sharing an operand by TMA multicast (`_pairing`); 1 turns them off
+CLUSTER_MIN_PAIRS = 4  # below 8 M tiles, no B-sharing pairs (dead halves of pairs cost more)
+CLUSTER_SHARE_A_ROWS = 1024  # rows per expert from which N-tile pairs share A (measured, see _pairing)
 _TEMPLATE = Path(__file__).with_name("grouped_gemm_contiguous.cu")
 
 
@@ -52,7 +53,9 @@ class ContiguousConfig:
     num_stages: int        # depth of the shared-memory ring (A + B tile per stage)
     group_m: int = GROUP_M  # M tiles walked together by the persistent scheduler
     pingpong: bool = True   # consumer warpgroups take turns per K block (promotion overlaps MMAs)
-    cluster: int = 1        # 2: CTA pairs on M tiles 2i, 2i+1 multicast B when both hold one expert
+    cluster: int = 1        # 2: CTA pairs sharing one operand through TMA multicast (below)
+    multicast: str = "b"    # with cluster=2: "b" = pairs of M tiles 2i, 2i+1 share B (when both hold
+    #                         one expert); "a" = pairs of N tiles 2j, 2j+1 share A (always one expert)
 
     def __post_init__(self) -> None:
         if self.block_n not in BLOCK_N_CHOICES:
@@ -62,6 +65,8 @@ class ContiguousConfig:
                              f"block_n={self.block_n}, got {self.num_stages}")
         if self.cluster not in (1, 2):
             raise ValueError(f"config.cluster: must be 1 or 2, got {self.cluster}")
+        if self.multicast not in ("a", "b"):
+            raise ValueError(f"config.multicast: must be 'a' or 'b', got {self.multicast!r}")
         if self.group_m < 1:
             raise ValueError(f"config.group_m: must be >= 1, got {self.group_m}")
 
@@ -80,11 +85,13 @@ def max_stages(block_n: int) -> int:
 
 
 def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | None = None,
-                  verbose: bool = False) -> ContiguousConfig:
+                  verbose: bool = False, *, k: int | None = None,
+                  num_experts: int | None = None) -> ContiguousConfig:
     """N tile by formula: minimize (waves of tiles over the SMs) x (columns per tile + fixed
     cost), ties to the larger tile (fewer re-reads of A). `m` is the row count including padding
     (no host sync to count real rows); non-power-of-two tiles (112, 160, ...) often fill the last
-    wave better. `override` wins when given."""
+    wave better. CTA pairs with TMA multicast (`_pairing`) when there are tiles to pair.
+    `override` wins when given."""
     if override is not None:
         cfg = override
     else:
@@ -95,15 +102,30 @@ def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | Non
             return waves * (bn + TILE_OVERHEAD_COLS), -bn
 
         bn = min(HEURISTIC_BLOCK_N, key=cost)
-        # CTA pairs multicasting B are correct but measured slower on every cell (docs/cuda_kernel.md,
-        # v3): off by default (CLUSTER = 1) until that is understood.
-        cluster = CLUSTER if m_tiles >= 2 * CLUSTER_MIN_PAIRS else 1
-        cfg = ContiguousConfig(block_n=bn, num_stages=max_stages(bn), cluster=cluster)
+        cluster, multicast, pingpong = _pairing(m_tiles, math.ceil(n / bn), n, k,
+                                                m / num_experts if num_experts else None)
+        cfg = ContiguousConfig(block_n=bn, num_stages=max_stages(bn), cluster=cluster, multicast=multicast,
+                               pingpong=pingpong)
     if verbose and (m, n, num_sms, cfg) not in _printed:
         _printed.add((m, n, num_sms, cfg))
         print(f"[moe_backend] cuda grouped_gemm_contiguous m={m} N={n} sms={num_sms}: "
               f"{'override' if override is not None else 'formula'} -> {cfg}", flush=True)
     return cfg
+
+
+def _pairing(m_tiles: int, n_tiles: int, n: int, k: int | None, rows_per_expert: float | None
+             ) -> tuple[int, str, bool]:
+    """(cluster, multicast, pingpong). Measured on H100 (docs/cuda_kernel.md, v6-v7): CTA pairs
+    beat single CTAs by 5-15% on the EP8 cells once the remote stage release lost its GPU-wide
+    fence; sharing B (M-tile pairs) won at 512 rows per expert, sharing A (N-tile pairs, always
+    one expert) at 2048+; the ping-pong token paid only with B shared on wide GEMMs."""
+    if CLUSTER == 1:
+        return 1, "b", True
+    if rows_per_expert is not None and rows_per_expert >= CLUSTER_SHARE_A_ROWS and n_tiles >= 2:
+        return 2, "a", False
+    if m_tiles >= 2 * CLUSTER_MIN_PAIRS:
+        return 2, "b", n >= 1024 and (k is None or k >= 1024)
+    return 1, "b", True
 
 
 _printed: set = set()
@@ -121,8 +143,10 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
     if n <= 0:
         raise ValueError(f"n: must be positive, got {n}")
     constants = {"N": n, "K": k, "BLOCK_N": config.block_n, "STAGES": config.num_stages,
-                 "GROUP_M": config.group_m, "PINGPONG": int(config.pingpong), "CLUSTER": config.cluster}
-    name = "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}_c{CLUSTER}".format(**constants)
+                 "GROUP_M": config.group_m, "PINGPONG": int(config.pingpong), "CLUSTER": config.cluster,
+                 "MCAST_A": int(config.cluster > 1 and config.multicast == "a")}
+    name = ("phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}_c{CLUSTER}"
+            "_ma{MCAST_A}").format(**constants)
     source = _TEMPLATE.read_text()
     checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
                "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}
@@ -138,7 +162,7 @@ def warmup_specs(shapes: Iterable[tuple[int, int]], row_counts: Iterable[int], n
     specs = {}
     for n, k in shapes:
         for m in row_counts:
-            spec = kernel_spec(n, k, select_config(m, n, num_sms))
+            spec = kernel_spec(n, k, select_config(m, n, num_sms, k=k))
             specs[spec.kernel_name] = spec
     return list(specs.values())
 
@@ -170,7 +194,11 @@ def num_tiles(m: int, n: int, cfg: ContiguousConfig) -> int:
 
 def grid_size(m: int, n: int, cfg: ContiguousConfig, num_sms: int) -> int:
     """Persistent grid: one CTA per SM at most, whole clusters (a cluster walks pair tiles)."""
-    units = math.ceil(math.ceil(m / BLOCK_M) / cfg.cluster) * math.ceil(n / cfg.block_n)
+    m_tiles, n_tiles = math.ceil(m / BLOCK_M), math.ceil(n / cfg.block_n)
+    if cfg.cluster > 1 and cfg.multicast == "a":
+        units = m_tiles * math.ceil(n_tiles / cfg.cluster)
+    else:
+        units = math.ceil(m_tiles / cfg.cluster) * n_tiles
     return min(num_sms // cfg.cluster, units) * cfg.cluster
 
 
@@ -181,8 +209,11 @@ def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
     128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first)."""
     m, k = a_fp8.shape
     num_experts, n, _ = b_fp8.shape
-    tmap_a = _tensor_map(a_fp8.data_ptr(), [k, m], [k], [BLOCK_K, BLOCK_M])
-    tmap_b = _tensor_map(b_fp8.data_ptr(), [k, n, num_experts], [k, n * k], [BLOCK_K, cfg.block_n // cfg.cluster, 1])
+    shares_a = cfg.cluster > 1 and cfg.multicast == "a"  # the shared operand loads in cluster parts
+    a_rows = BLOCK_M // cfg.cluster if shares_a else BLOCK_M
+    b_rows = cfg.block_n if shares_a else cfg.block_n // cfg.cluster
+    tmap_a = _tensor_map(a_fp8.data_ptr(), [k, m], [k], [BLOCK_K, a_rows])
+    tmap_b = _tensor_map(b_fp8.data_ptr(), [k, n, num_experts], [k, n * k], [BLOCK_K, b_rows, 1])
     return [
         _tma_param(tmap_a), _tma_param(tmap_b),
         ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
@@ -251,7 +282,8 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
         return out
 
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    cfg = select_config(m, n, _num_sms(index), override=config, verbose=_print_config())
+    cfg = select_config(m, n, _num_sms(index), override=config, verbose=_print_config(), k=k,
+                        num_experts=num_experts)
     spec = kernel_spec(n, k, cfg)
     with torch.cuda.device(index):
         kernel = jit.load_kernel(spec, index)

@@ -99,6 +99,16 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaDescriptor* desc
       : "memory");
 }
 
+// 2-D multicast (clusters): as tma_load_3d_multicast below.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaDescriptor* desc, uint64_t* bar,
+                                                      int32_t c0, int32_t c1, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "h"(cta_mask)
+      : "memory");
+}
+
 // Multicast variant (clusters): the box lands at the same shared-memory offset in every CTA of
 // `cta_mask`, and each destination's mbarrier at `bar`'s offset receives the complete_tx bytes.
 __device__ __forceinline__ void tma_load_3d_multicast(void* dst, const TmaDescriptor* desc, uint64_t* bar,
@@ -124,11 +134,15 @@ __device__ __forceinline__ void cluster_sync() {
 }
 
 // Arrive on the mbarrier at `bar`'s offset in CTA `cta` of the cluster (may be this CTA).
+// Default (CTA-scope) release semantics: the only thing the arrival publishes is "this stage's
+// shared memory has been read", and the wgmma wait before it already completed those reads.
+// `.release.cluster` compiled to MEMBAR.GPU + error barriers per arrival (SASS), draining every
+// outstanding memory operation of the warp each K block: the multicast kernel ran 0.65-0.9x.
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
   asm volatile(
       "{\n.reg .b32 remote;\n"
       "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}" ::"r"(smem_addr(bar)),
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}" ::"r"(smem_addr(bar)),
       "r"(cta)
       : "memory");
 }

@@ -38,7 +38,9 @@ KERNELS: dict[str, KernelChoice] = {
     "contiguous": KernelChoice("contiguous", "contiguous", "best", static_shapes=False),
     "cuda_contiguous": KernelChoice("cuda_contiguous", "contiguous", "cuda", static_shapes=False),
     "triton_contiguous": KernelChoice("triton_contiguous", "contiguous", "triton", static_shapes=False),
-    "masked": KernelChoice("masked", "masked", "triton", static_shapes=True),
+    # "best" again: Triton, or our CUDA kernel on the shapes where it measured faster (ops.py).
+    "masked": KernelChoice("masked", "masked", "best", static_shapes=True),
+    "triton_masked": KernelChoice("triton_masked", "masked", "triton", static_shapes=True),
     "triton": KernelChoice("triton", "contiguous", "triton", static_shapes=True),
     "deepgemm_contiguous": KernelChoice("deepgemm_contiguous", "contiguous", "deepgemm", False),
     "deepgemm_masked": KernelChoice("deepgemm_masked", "masked", "deepgemm", True),

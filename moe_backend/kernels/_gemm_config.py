@@ -4,7 +4,10 @@ Tables are data, one JSON per kernel and device (`configs/<kernel>_<device>.json
 `torch.cuda.get_device_name()` with spaces -> `_`), written by `python -m moe_backend tune`:
     {"meta": {...}, "N=4096,K=7168": {"4": {cfg}, "16": {cfg}, ...}, ...}
 keyed by the weight shape, then by rows per expert (`m`); a call takes the smallest tuned `m` at
-or above its own (the largest past the end). `MOE_BACKEND_PRINT_CONFIG=1` prints each new choice.
+or above its own (the largest past the end). A Hopper GPU without its own table (H200, H800, ...)
+uses the H100 table: same SM generation, and a tuned tile beats the formula there far more often
+than the bandwidth difference moves the optimum; `python -m moe_backend tune` writes its own.
+`MOE_BACKEND_PRINT_CONFIG=1` prints each new choice and where it came from.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
-_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SWAP_AB", "K_UNROLL", "N_LOOP", "num_warps", "num_stages")
+_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SWAP_AB", "K_UNROLL", "N_LOOP", "TMA", "num_warps", "num_stages")
 _printed: set = set()
+HOPPER_FALLBACK_DEVICE = "NVIDIA H100 80GB HBM3"
 
 
 def device_file_name(device_name: str) -> str:
@@ -58,7 +62,7 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
     unknown = set(cfg) - set(_KEYS)
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)}; allowed {list(_KEYS)}")
-    full = {"GROUP_M": 1, "SWAP_AB": False, "K_UNROLL": 1, "N_LOOP": 1, **cfg}
+    full = {"GROUP_M": 1, "SWAP_AB": False, "K_UNROLL": 1, "N_LOOP": 1, "TMA": False, **cfg}
     for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
         if key not in full:
             raise ValueError(f"config: missing {key}")
@@ -79,11 +83,15 @@ def get_config(kernel: str, m: int, n: int, k: int, device_name: str, *, masked:
     if override is not None:
         cfg, source = override, "override"
     else:
-        by_m = load_table(kernel, device_name).get(f"N={n},K={k}")
+        table, table_device = load_table(kernel, device_name), device_name
+        if not table and device_name.startswith("NVIDIA H") and device_name != HOPPER_FALLBACK_DEVICE:
+            table, table_device = load_table(kernel, HOPPER_FALLBACK_DEVICE), HOPPER_FALLBACK_DEVICE
+        by_m = table.get(f"N={n},K={k}")
         if by_m:
             keys = sorted(by_m)
             pick = next((key for key in keys if key >= m), keys[-1])
-            cfg, source = by_m[pick], f"table m={pick}"
+            cfg = by_m[pick]
+            source = f"table m={pick}" + ("" if table_device == device_name else f" of {table_device}")
         else:
             cfg, source = formula(m, n, k, masked=masked), "formula"
     cfg = check_config(cfg, max_block_m=max_block_m)

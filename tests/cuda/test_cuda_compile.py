@@ -50,6 +50,8 @@ class CompileCase:
     k: int
     block_n: int | None = None  # None: what the heuristic picks for `rows`
     rows: int = 32 * 512
+    cluster: int = 1
+    multicast: str = "b"
 
 
 COMPILE_CASES = [
@@ -59,6 +61,9 @@ COMPILE_CASES = [
     # every generated wgmma wrapper assembles, incl. tiles that straddle scale blocks
     *[CompileCase(f"bn{bn}", 7168, 2048, block_n=bn) for bn in _gen_wgmma.BLOCK_N_CHOICES],
     CompileCase("odd-n", 1001, 256, block_n=112),  # scalar bf16 epilogue, partial scale block
+    # CTA pairs sharing B (M-tile pairs) or A (N-tile pairs) through TMA multicast
+    CompileCase("cluster2-share-b", 4096, 7168, block_n=192, cluster=2, multicast="b"),
+    CompileCase("cluster2-share-a", 7168, 2048, block_n=128, cluster=2, multicast="a"),
 ]
 
 
@@ -66,7 +71,8 @@ def _spec(case: CompileCase) -> jit.KernelSpec:
     if case.block_n is None:
         cfg = ggc.select_config(case.rows, case.n, num_sms=132)
     else:
-        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n))
+        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n), cluster=case.cluster,
+                                   multicast=case.multicast)
     return ggc.kernel_spec(case.n, case.k, cfg)
 
 
@@ -100,6 +106,12 @@ def test_kernel_compiles_for_sm90a(case, cache):
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == copies  # one wait per K block
     assert not re.search(r"\b(LDL|STL)\b", sass)                  # no local memory
+    if spec.constants["CLUSTER"] > 1:
+        # The remote stage release is a plain arrive: a GPU-scope release fence per arrival
+        # (MEMBAR.ALL.GPU before each per-K-block arrive) made the multicast kernel slower than
+        # none. The only fences left belong to the two cluster barriers (start and exit).
+        assert sass.count("MEMBAR.ALL.GPU") == sass.count("UCGABAR_ARV") == 2
+        assert "MULTICAST" in sass
 
 
 @needs_nvcc

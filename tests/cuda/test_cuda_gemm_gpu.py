@@ -63,6 +63,7 @@ class Case:
     trailing_pad: int = ALIGN
     pad_last: bool = True     # False: M ends mid-tile (TMA zero-fills rows past M)
     cluster: int | None = None  # force CTA pairs (2) or single CTAs (1); None: the heuristic
+    multicast: str = "b"      # with cluster 2: the operand the pair shares
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -93,6 +94,13 @@ CASES = [
     Case("cluster2_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=128, cluster=2, pad_last=False,
          trailing_pad=0),
     Case("cluster1_ep8_w13_ragged", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=192, cluster=1),
+    # CTA pairs on N tiles 2j, 2j+1 sharing A: an odd N-tile count (7168 / 192 -> 38, 1001 / 128 ->
+    # 8 with a ragged last tile, 384 / 128 -> 3: the last pair's second CTA is past N), padding
+    # tiles, M ending mid-tile.
+    *[Case(f"cluster2_share_a_block_n_{bn}", n, k, (257, 0, 128, 31), block_n=bn, cluster=2, multicast="a")
+      for bn, n, k in ((192, 7168, 2048), (128, 1001, 384), (128, 384, 256), (96, 4096, 7168))],
+    Case("cluster2_share_a_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=160, cluster=2, multicast="a",
+         pad_last=False, trailing_pad=0),
 ]
 
 
@@ -104,7 +112,8 @@ def test_matches_reference(case: Case) -> None:
     out = torch.full((expert_ids.numel(), case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
     cfg = None
     if case.block_n is not None:
-        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n), cluster=case.cluster or 1)
+        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n), cluster=case.cluster or 1,
+                                   multicast=case.multicast)
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()
     pad = expert_ids < 0

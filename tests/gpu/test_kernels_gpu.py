@@ -69,6 +69,13 @@ GEMM_CASES = [
                                                                   num_warps=4, num_stages=2)),
     GemmCase("big_tiles", 1024, 2048, (300, 129, 0, 1),
              config=dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)),
+    # TMA loads: tiles past an expert's rows read the next expert's (or zero-filled) rows.
+    GemmCase("tma_ragged", 1000, 2048, (300, 129, 0, 1), max_m=320,
+             config=dict(BLOCK_M=128, BLOCK_N=128, K_UNROLL=2, TMA=True, num_warps=8, num_stages=3)),
+    GemmCase("tma_swap_wide", 577, 896, (0, 1, 70, 64), config=dict(BLOCK_M=64, BLOCK_N=256, SWAP_AB=True,
+                                                                     TMA=True, num_warps=8, num_stages=3)),
+    GemmCase("tma_small_m", 7168, 256, (3, 0, 1, 16), config=dict(BLOCK_M=16, BLOCK_N=128, TMA=True,
+                                                                    num_warps=4, num_stages=3)),
 ]
 
 

@@ -1,0 +1,81 @@
+"""Masked FP8 grouped GEMM on our CUDA C++ kernel (sm_90a), for decode batches of 64-256 rows
+per expert (the DeepEP low-latency / vLLM batched layout).
+
+The masked layout `[E, max_m, K]` *is* a contiguous layout when `max_m` is a multiple of the
+kernel's 128-row tile: expert e's rows start at row e * max_m, a tile boundary. So this op views A
+as `[E * max_m, K]`, marks row r of expert e with id e when r < masked_m[e] and -1 otherwise (one
+small device op: no host sync, CUDA-graph capturable), and runs the contiguous kernel. Tiles
+whose first row is padding are skipped, so an expert with 0 rows costs nothing; rows at or past
+`masked_m[e]` are not written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_backend._checks import check_same_device, check_tensor
+from moe_backend.cuda.grouped_gemm_contiguous import BLOCK_M, ContiguousConfig, grouped_gemm_contiguous, max_stages
+from moe_backend.quant import FP8_DTYPE
+
+__all__ = ["grouped_gemm_masked", "supports_max_m", "select_masked_config"]
+
+
+def supports_max_m(max_m: int) -> bool:
+    """Whether a masked layout with this many rows per expert maps onto the kernel's tiles."""
+    return max_m > 0 and max_m % BLOCK_M == 0
+
+
+def select_masked_config(n: int, k: int) -> ContiguousConfig:
+    """The decode shapes' config (H100 sweep at 128 rows per expert, docs/benchmarks.md): 128-wide
+    N tiles walked N-fastest within one expert (group_m 1: an expert's A tile stays hot in L2
+    while its weights stream), single CTAs, no ping-pong token; for a short K (TP8's w2, K = 256,
+    2 K blocks per tile) 192-wide tiles with the token."""
+    block_n = 192 if k <= 256 else 128
+    return ContiguousConfig(block_n, max_stages(block_n), group_m=1, pingpong=k <= 256, cluster=1)
+
+
+def masked_expert_ids(masked_m: torch.Tensor, max_m: int) -> torch.Tensor:
+    """int32 `[E * max_m]`: e for the first masked_m[e] rows of expert e, -1 after them."""
+    num_experts = masked_m.shape[0]
+    rows = torch.arange(max_m, device=masked_m.device, dtype=torch.int32)
+    experts = torch.arange(num_experts, device=masked_m.device, dtype=torch.int32)
+    ids = torch.where(rows[None, :] < masked_m[:, None], experts[:, None], -1)
+    return ids.to(torch.int32).reshape(-1)
+
+
+def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
+                        b_scale: torch.Tensor, masked_m: torch.Tensor, out: torch.Tensor | None = None,
+                        *, config: ContiguousConfig | None = None) -> torch.Tensor:
+    """out[e, m, :] = A[e, m] @ B[e]^T with block scales for m < masked_m[e]; other rows untouched.
+
+    a_fp8 e4m3 `[E, max_m, K]` with max_m a multiple of 128 and K of 128, a_scale f32
+    `[E, max_m, K/128]`, b_fp8 e4m3 `[E, N, K]`, b_scale f32 `[E, ceil(N/128), K/128]`,
+    masked_m int32 `[E]` on the device (values are not range-checked: that would sync), out bf16
+    `[E, max_m, N]` (allocated zeroed when None, like the reference). Contiguous, one Hopper GPU.
+    `config` overrides `select_masked_config`.
+    """
+    check_tensor("a_fp8", a_fp8, dtypes=(FP8_DTYPE,), ndim=3, contiguous=True)
+    num_experts, max_m, k = a_fp8.shape
+    if not supports_max_m(max_m):
+        raise ValueError(f"a_fp8: the CUDA masked GEMM needs max_m (dim 1, got {max_m}) to be a positive "
+                         f"multiple of {BLOCK_M}; use the Triton kernel (impl='triton') for other sizes")
+    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(num_experts, max_m, k // 128),
+                 contiguous=True)
+    check_tensor("b_fp8", b_fp8, dtypes=(FP8_DTYPE,), ndim=3, contiguous=True)
+    if b_fp8.shape[0] != num_experts:
+        raise ValueError(f"b_fp8: expected {num_experts} experts (dim 0 of a_fp8), got {b_fp8.shape[0]}")
+    n = b_fp8.shape[1]
+    check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(num_experts,))
+    check_same_device(a_fp8=a_fp8, masked_m=masked_m)
+    if out is None:
+        out = torch.zeros((num_experts, max_m, n), dtype=torch.bfloat16, device=a_fp8.device)
+    else:
+        check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_experts, max_m, n),
+                     device=a_fp8.device, contiguous=True)
+    if num_experts == 0:
+        return out
+    ids = masked_expert_ids(masked_m, max_m)
+    grouped_gemm_contiguous(a_fp8.view(num_experts * max_m, k), a_scale.view(num_experts * max_m, -1),
+                            b_fp8, b_scale, ids, out.view(num_experts * max_m, n),
+                            config=config or select_masked_config(n, k))
+    return out

@@ -1,0 +1,42 @@
+"""CPU side of the CUDA masked op: the row -> expert map it builds and its argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_backend.quant import FP8_DTYPE
+
+masked = pytest.importorskip("moe_backend.cuda.grouped_gemm_masked")
+
+
+def test_expert_ids_mark_valid_rows_only() -> None:
+    ids = masked.masked_expert_ids(torch.tensor([2, 0, 3], dtype=torch.int32), 4)
+    assert ids.dtype == torch.int32
+    assert ids.tolist() == [0, 0, -1, -1, -1, -1, -1, -1, 2, 2, 2, -1]
+
+
+@pytest.mark.parametrize("max_m", [0, 64, 100, 200])
+def test_max_m_must_be_a_tile_multiple(max_m) -> None:
+    assert not masked.supports_max_m(max_m)
+    a = torch.zeros(2, max_m, 128).to(FP8_DTYPE)
+    with pytest.raises(ValueError, match="max_m"):
+        masked.grouped_gemm_masked(a, torch.ones(2, max_m, 1), torch.zeros(2, 128, 128).to(FP8_DTYPE),
+                                   torch.ones(2, 1, 1), torch.zeros(2, dtype=torch.int32))
+
+
+def test_masked_m_dtype_is_checked() -> None:
+    a = torch.zeros(2, 128, 128).to(FP8_DTYPE)
+    with pytest.raises(TypeError, match="masked_m"):
+        masked.grouped_gemm_masked(a, torch.ones(2, 128, 1), torch.zeros(2, 128, 128).to(FP8_DTYPE),
+                                   torch.ones(2, 1, 1), torch.zeros(2, dtype=torch.int64))
+
+
+def test_best_picks_cuda_only_where_measured_and_tiles_fit() -> None:
+    from moe_backend import ops
+
+    assert ops._cuda_pays_masked(7168, 256, 128, 128)
+    assert not ops._cuda_pays_masked(7168, 256, 128, 64)  # fewer rows: Triton measured faster
+    assert not ops._cuda_pays_masked(7168, 256, 192, 192)  # max_m not a multiple of 128
+    assert ops._cuda_pays_masked(4096, 7168, 256, 128)
+    assert not ops._cuda_pays_masked(512, 7168, 128, 128)  # a shape not in the measured list
