@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (repo root): GPU tests, tuning and/or the side-by-side benchmark in one call.
-#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [tune] [bench] [layer]
+#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [sweep] [tune] [bench] [layer] [permq]
 # Peers travel in ignored folders: .whl/ (sgl-deep-gemm 0.1.5 + apache-tvm-ffi wheels) and
 # .peer/ (vLLM's fused_moe.py and its tuned JSONs). Logs and tables go to $OUT.
 set -uo pipefail
@@ -24,6 +24,11 @@ for step in "$@"; do
                 tests/cuda -m gpu 2>&1 | tee "$OUT/cudatest.log" | tail -25 ;;
     cudabench) timeout ${CUDA_BENCH_TIMEOUT:-300} python3 benchmarks/bench_cuda_gemm.py --md "$OUT/cuda_bench.md" \
                 2>"$OUT/cuda_bench.log" | tail -15 ;;
+    maskedtest) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/cuda/test_cuda_masked_gpu.py \
+                tests/gpu/test_kernels_gpu.py -k "masked or tma" 2>&1 | tee "$OUT/maskedtest.log" | tail -8 ;;
+    sweep) DG_JIT_DEBUG=1 DG_PRINT_CONFIGS=1 timeout ${SWEEP_TIMEOUT:-420} python3 benchmarks/sweep_decode_cells.py \
+                --log "$OUT/sweep.log" ${SWEEP_ARGS:-} > "$OUT/sweep.out" 2>&1
+           grep -E "^(==|  (triton|cuda)|\|)" "$OUT/sweep.out" | tail -40 ;;
     test)  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q tests/gpu/test_kernels_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
     tune*) # tune, or tune1/tune2: extra arguments from TUNE_ARGS, TUNE1_ARGS, TUNE2_ARGS
            var="$(echo "$step" | tr a-z A-Z)_ARGS"
@@ -31,6 +36,7 @@ for step in "$@"; do
            tail -c 300 "/tmp/$step.progress" | tr '\r' '\n' | tail -2
            cp "$OUT"/grouped_gemm_*.json moe_backend/kernels/configs/ 2>/dev/null ;;  # later steps use them
     bench) timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_grouped_gemm.py --json "$OUT/bench.json" --md "$OUT/benchmarks.md" --log "$OUT/bench.log" ${BENCH_ARGS:-} 2>&1 | grep -v "^|" ;;
+    permq) timeout ${PERMQ_TIMEOUT:-300} python3 benchmarks/bench_permute_quant.py --md "$OUT/permute_quant.md" 2>&1 | tail -12 ;;
     layer) timeout ${LAYER_TIMEOUT:-200} python3 benchmarks/bench_layer.py --json "$OUT/layer.json" 2>&1 | tee "$OUT/layer.log" | tail -20 ;;
   esac
   echo "== $step: $(( $(date +%s) - t0 ))s"

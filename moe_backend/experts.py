@@ -1,4 +1,4 @@
-"""The routed experts, policy-driven: quant -> layout -> GEMM1 -> SiLU*up+quant -> GEMM2 -> combine.
+"""The routed experts, policy-driven: layout -> quant+permute -> GEMM1 -> SiLU*up+quant -> GEMM2 -> combine.
 
 Same signature and function as `moe_backend.reference.routed_experts`; the policy picks the layout
 and the kernel provider per batch (prefill: contiguous; decode: masked or the Triton kernel on a
@@ -12,7 +12,8 @@ import torch
 
 from moe_backend import ops
 from moe_backend._checks import check_same_device, check_tensor
-from moe_backend.dispatch.layouts import build_contiguous_layout, build_masked_layout, permute
+from moe_backend.dispatch.layouts import (ContiguousLayout, MaskedLayout, build_contiguous_layout,
+                                         build_masked_layout, permute)
 from moe_backend.dispatch.policy import KernelChoice, Policy
 from moe_backend.reference import GROUP, check_activations, check_grouped_gemm_weights
 
@@ -41,6 +42,16 @@ def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Te
     act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0)
     return ops.grouped_gemm_masked(act_fp8, act_scale, w2_fp8, w2_scale_inv, masked_m, out, impl=impl,
                                    expected_m=expected_m)
+
+
+def _layout_activations(x: torch.Tensor, x_scale: torch.Tensor | None, layout: ContiguousLayout | MaskedLayout,
+                        ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """GEMM1's operand in the layout's rows. bf16 x is quantized straight into them (one pass, no
+    `[T, H]` fp8 intermediate); pre-quantized x (the layer's, shared with the shared expert) is
+    gathered with its scales."""
+    if x_scale is None:
+        return ops.permute_quant(x, layout.src_token, GROUP, ue8m0)
+    return permute(x, layout), permute(x_scale, layout)
 
 
 def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor,
@@ -75,23 +86,18 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
         kernel = (policy or Policy.from_env()).choose(num_tokens, phase)
     impl = kernel.impl
 
-    if x_scale is None:
-        x_fp8, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
-    else:
-        x_fp8 = x
-
     if expected_m is None:
         expected_m = max(1, -(-num_tokens * topk_ids.shape[1] // num_experts))
     if kernel.layout == "masked":
         layout = build_masked_layout(topk_ids, num_experts, expert_start=expert_start)
-        a_fp8, a_scale = permute(x_fp8, layout), permute(x_scale, layout)
+        a_fp8, a_scale = _layout_activations(x, x_scale, layout, ue8m0)
         y = masked_experts(a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m,
                            impl=impl, ue8m0=ue8m0, expected_m=expected_m)
     else:
         alignment = ops.contiguous_alignment(impl, x.device)
         layout = build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,
                                          alignment=alignment, exact_size=not kernel.static_shapes)
-        a_fp8, a_scale = permute(x_fp8, layout), permute(x_scale, layout)
+        a_fp8, a_scale = _layout_activations(x, x_scale, layout, ue8m0)
         ids = layout.expert_ids
         h = ops.grouped_gemm_contiguous(a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, impl=impl,
                                         expected_m=expected_m)

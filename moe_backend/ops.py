@@ -2,12 +2,13 @@
 
 `impl`:
 - "auto": our Triton kernels for CUDA tensors, the torch reference otherwise;
-- "best": like "auto", but the contiguous GEMM runs our CUDA C++ kernel (`moe_backend/cuda/`)
-  where it can (Hopper, nvcc and cuda-python present): it measured faster than the Triton one on
-  every prefill cell (docs/benchmarks.md);
+- "best": like "auto", but the grouped GEMMs run our CUDA C++ kernel (`moe_backend/cuda/`)
+  where it can (Hopper, nvcc and cuda-python present) and measured faster than the Triton one:
+  every prefill cell, and the decode cells listed in CUDA_MASKED_MIN_ROWS (docs/benchmarks.md);
 - "triton": our kernels (`moe_backend/kernels/`); CPU tensors fall back to the reference, which
   computes the same function;
-- "cuda": our CUDA C++ contiguous GEMM (JIT-compiled with nvcc), CUDA only;
+- "cuda": our CUDA C++ GEMM (JIT-compiled with nvcc; the masked layout needs max_m % 128 == 0),
+  CUDA only;
 - "deepgemm": DeepGEMM, the optional peer (`pip install moe-backend[deepgemm]`), CUDA only;
 - "reference": plain torch.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "grouped_gemm_masked",
     "silu_mul_quant",
     "per_token_group_quant",
+    "permute_quant",
     "unpermute_combine",
     "contiguous_alignment",
     "cuda_kernel_available",
@@ -44,6 +46,22 @@ def _cuda_pays(n: int, k: int, expected_m: int | None) -> bool:
     GEMMs (N = 512 or K = 256) at 64 rows per expert were faster on Triton."""
     wide = n >= CUDA_MIN_NK and k >= CUDA_MIN_NK
     return wide or expected_m is None or expected_m >= CUDA_MIN_ROWS_PER_EXPERT
+
+
+# Masked layout (decode): (N, K) -> fewest rows per expert from which our CUDA kernel beat our
+# Triton masked kernel on H100 (benchmarks/sweep_decode_cells.py, docs/benchmarks.md). The CUDA
+# kernel needs max_m % 128 == 0 (its tiles are 128 rows); elsewhere Triton serves.
+# Measured at 128 rows: EP8 w13 369 vs 385 µs, EP8 w2 208 vs 211, TP8 w2 338 vs 396 (TP8 w13: a tie,
+# Triton kept).
+CUDA_MASKED_MIN_ROWS = {(4096, 7168): 128, (7168, 2048): 128, (7168, 256): 128}
+
+
+def _cuda_pays_masked(n: int, k: int, max_m: int, expected_m: int | None) -> bool:
+    from moe_backend.cuda.grouped_gemm_masked import supports_max_m
+
+    rows = expected_m or max_m
+    threshold = CUDA_MASKED_MIN_ROWS.get((n, k))
+    return supports_max_m(max_m) and threshold is not None and rows >= threshold
 # The reference has no alignment need; 128 keeps its layouts shaped like the kernels'.
 _REFERENCE_ALIGNMENT = 128
 
@@ -114,8 +132,17 @@ def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None
 def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, impl: str = "auto",
                         expected_m: int | None = None):
     """See `moe_backend.reference.grouped_gemm_masked`. `expected_m` (typical rows per expert, a
-    host int the engine already knows) only steers the kernel's tile choice; no host sync."""
+    host int the engine already knows) only steers the kernel's tile choice; no host sync.
+    impl="best" runs our CUDA kernel on the cells where it measured faster (CUDA_MASKED_MIN_ROWS)."""
+    if impl == "best" and a_fp8.is_cuda:
+        n, k, max_m = b_fp8.shape[1], b_fp8.shape[2], a_fp8.shape[1]
+        impl = "cuda" if _cuda_pays_masked(n, k, max_m, expected_m) and \
+            cuda_kernel_available(a_fp8.device.index or 0) else "triton"
     provider = _provider(impl, a_fp8.device)
+    if provider == "cuda":
+        from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked as cuda_gemm
+
+        return cuda_gemm(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
     if provider == "triton":
         return _kernel("grouped_gemm_masked")(a_fp8, a_scale, b_fp8, b_scale, masked_m, out,
                                               expected_m=expected_m)
@@ -140,6 +167,16 @@ def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False
     from moe_backend.quant import quantize_fp8_per_token_group
 
     return quantize_fp8_per_token_group(x, group, ue8m0)
+
+
+def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False):
+    """Per-token-group quant fused with the permute into a layout's rows (`layout.src_token`):
+    see `moe_backend.dispatch.layouts.permute_quant`, bit-identical to quant + `permute`."""
+    if _provider("auto", x.device) == "triton":
+        return _kernel("permute_quant")(x, src_token, group, ue8m0)
+    from moe_backend.dispatch.layouts import permute_quant as permute_quant_reference
+
+    return permute_quant_reference(x, src_token, group, ue8m0)
 
 
 def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,

@@ -222,8 +222,11 @@ struct GroupedGemmContiguous {
                                              const int32_t* __restrict__ expert_ids, uint16_t* __restrict__ out,
                                              int m) {
     extern __shared__ uint8_t smem_raw[];
-    uint8_t* smem = reinterpret_cast<uint8_t*>(
-        (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+    // Aligned as an offset from the __shared__ array (not by casting a generic pointer to an
+    // integer): the compiler keeps every derived address in the shared window, instead of
+    // rebuilding the generic address (SR_CgaCtaId, SR_SWINHI) and converting back per K block.
+    const uint32_t raw_addr = sm90::smem_addr(smem_raw);
+    uint8_t* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
     uint8_t* smem_a = smem;                       // kStages x [128 x 128] e4m3
     uint8_t* smem_b = smem + kStages * kABytes;   // kStages x [BLOCK_N x 128] e4m3
     uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_backend._checks import check_tensor
+from moe_backend.quant import quantize_fp8_per_token_group
 
 __all__ = [
     "ContiguousLayout",
@@ -23,6 +24,7 @@ __all__ = [
     "build_contiguous_layout",
     "build_masked_layout",
     "permute",
+    "permute_quant",
     "combine",
     "combine_rows",
 ]
@@ -151,9 +153,25 @@ def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, exper
 
 def permute(x: torch.Tensor, layout: ContiguousLayout | MaskedLayout) -> torch.Tensor:
     """Copies token rows `x [T, ...]` into the layout: `[M, ...]` (contiguous) or `[E, max_m, ...]`."""
-    rows = x.index_select(0, layout.src_token.reshape(-1)) if x.shape[0] else \
-        x.new_zeros((layout.src_token.numel(), *x.shape[1:]))
-    return rows.view(*layout.src_token.shape, *x.shape[1:])
+    return _gather_rows(x, layout.src_token)
+
+
+def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token-group FP8 quant of x `[T, H]`, rows copied as `src_token` (int64, any shape S) says:
+    (a_fp8 `[*S, H]`, a_scale f32 `[*S, H/group]`). The torch twin of
+    `moe_backend.kernels.permute_quant`: quantize, then `permute` each part."""
+    check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    check_tensor("src_token", src_token, dtypes=(torch.int64,), device=x.device)
+    x_fp8, x_scale = quantize_fp8_per_token_group(x, group, ue8m0)
+    return _gather_rows(x_fp8, src_token), _gather_rows(x_scale, src_token)
+
+
+def _gather_rows(x: torch.Tensor, src_token: torch.Tensor) -> torch.Tensor:
+    """`x[src_token]` as `[*src_token.shape, ...]`; all zeros when x has no rows."""
+    rows = x.index_select(0, src_token.reshape(-1)) if x.shape[0] else \
+        x.new_zeros((src_token.numel(), *x.shape[1:]))
+    return rows.view(*src_token.shape, *x.shape[1:])
 
 
 def combine(y: torch.Tensor, layout: ContiguousLayout | MaskedLayout, topk_weights: torch.Tensor,

@@ -3,6 +3,7 @@
 One kernel for both ops (a constexpr switch), so `silu_mul_quant` and `per_token_group_quant`
 round exactly alike: `scale = max(amax, 1e-10) / 448` (UE8M0: rounded up to a power of two by
 bit arithmetic, exact), `q = clamp(x / scale, +-448)` cast to e4m3 with round-to-nearest-even.
+`quantize_groups` is that rounding alone; `permute_quant` calls it too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ from moe_backend.kernels._numerics import round_to_e4m3_grid
 
 FP8_MAX = 448.0
 GROUPS_PER_PROGRAM = 8
+
+
+@triton.jit
+def quantize_groups(x, UE8M0: tl.constexpr):
+    """x fp32 `[G, GROUP]` (one row per group) -> (q fp32 `[G, GROUP]` on the e4m3 grid, scale f32 `[G]`).
+
+    Every kernel that quantizes activations calls this, so they all round alike.
+    """
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.maximum(amax, 1e-10) / 448.0
+    if UE8M0:
+        # Round up to a power of two: carry any mantissa bit into the exponent, clear the mantissa.
+        bits = scale.to(tl.int32, bitcast=True)
+        scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    q = round_to_e4m3_grid(tl.clamp(x / scale[:, None], -448.0, 448.0))
+    return q, scale
 
 
 @triton.jit
@@ -38,13 +55,7 @@ def _group_quant_kernel(
     if SILU_MUL:
         up = tl.load(x_row + C + offs, mask=g_ok[:, None], other=0.0).to(tl.float32)
         x = x / (1.0 + tl.exp(-x)) * up
-    amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.maximum(amax, 1e-10) / 448.0
-    if UE8M0:
-        # Round up to a power of two: carry any mantissa bit into the exponent, clear the mantissa.
-        bits = scale.to(tl.int32, bitcast=True)
-        scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    q = round_to_e4m3_grid(tl.clamp(x / scale[:, None], -448.0, 448.0))
+    q, scale = quantize_groups(x, UE8M0)
     tl.store(q_ptr + row * C + offs, q.to(q_ptr.dtype.element_ty), mask=g_ok[:, None])
     tl.store(s_ptr + row * num_groups + g, scale, mask=g_ok)
 

@@ -19,6 +19,7 @@ from moe_backend.kernels.combine import unpermute_combine  # noqa: E402
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous  # noqa: E402
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
 from moe_backend.kernels.per_token_group_quant import per_token_group_quant  # noqa: E402
+from moe_backend.kernels.permute_quant import permute_quant  # noqa: E402
 from moe_backend.kernels.silu_mul_quant import silu_mul_quant  # noqa: E402
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group  # noqa: E402
 
@@ -167,6 +168,50 @@ def case_bad_inputs():
         assert "expert_ids" in str(exc), exc
     else:
         raise AssertionError("int64 expert_ids accepted")
+
+
+def _check_permute_quant(x, src_token, group=128, ue8m0=False):
+    q, s = permute_quant(x, src_token, group, ue8m0)
+    assert q.shape == (*src_token.shape, x.shape[1]) and s.shape == (*src_token.shape, x.shape[1] // group)
+    rq, rs = layouts.permute_quant(x, src_token, group, ue8m0)
+    assert torch.equal(s, rs), "scales differ from the torch twin"
+    # Values, not bytes: the kernel's e4m3 rounding gives +0 where torch keeps -0 (equal values).
+    assert torch.equal(q.float(), rq.float()), "fp8 values differ from the torch twin"
+    # Byte-exact against the unfused kernel path: same rounding code, rows copied.
+    uq, us = per_token_group_quant(x, group, ue8m0)
+    assert torch.equal(q.view(torch.uint8), uq.view(torch.uint8)[src_token]), "differs from quant + permute"
+    assert torch.equal(s, us[src_token])
+
+
+def case_permute_quant():
+    gen = torch.Generator().manual_seed(7)
+    t, topk, e, h = 9, 3, 5, 384
+    x = torch.randn(t, h, generator=gen) * torch.logspace(-2, 2, t)[:, None]  # per-token magnitudes
+    # Global ids -1..10, local experts 3..7: slots of other ranks and unrouted slots (-1) too.
+    topk_ids = torch.stack([torch.randperm(12, generator=gen)[:topk] for _ in range(t)]) - 1
+    contiguous = layouts.build_contiguous_layout(topk_ids, e, expert_start=3, alignment=4)
+    masked = layouts.build_masked_layout(topk_ids, e, expert_start=3, max_m=t)
+    assert (contiguous.expert_ids < 0).any(), "the case needs padding rows"
+    assert (masked.masked_m < masked.max_m).any(), "the case needs rows past masked_m"
+    assert contiguous.src_token.unique().numel() < contiguous.num_rows, "the case needs repeated tokens"
+    for dtype in (torch.bfloat16, torch.float32):
+        for ue8m0 in (False, True):
+            for layout in (contiguous, masked):
+                _check_permute_quant(x.to(dtype), layout.src_token, 128, ue8m0)
+    _check_permute_quant(x.half(), torch.tensor([[8, 0, 8], [3, 3, 1]]), group=64)
+
+
+def case_permute_quant_empty():
+    x = torch.randn(4, 256).bfloat16()
+    q, s = permute_quant(x, torch.zeros(0, dtype=torch.int64))
+    assert q.shape == (0, 256) and s.shape == (0, 2)
+    q, s = permute_quant(x, torch.zeros(3, 0, dtype=torch.int64))
+    assert q.shape == (3, 0, 256) and s.shape == (3, 0, 2)
+    # No tokens: the layout's rows are all padding (src_token 0) and come back zero, as `permute` gives.
+    q, s = permute_quant(x[:0], torch.zeros(2, 3, dtype=torch.int64))
+    rq, rs = layouts.permute_quant(x[:0], torch.zeros(2, 3, dtype=torch.int64))
+    assert q.shape == (2, 3, 256) and not q.float().any() and not s.any()
+    assert torch.equal(s, rs) and torch.equal(q.float(), rq.float())
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

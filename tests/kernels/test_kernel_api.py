@@ -49,6 +49,20 @@ def test_formula_and_override() -> None:
         _gemm_config.check_config(dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, SPLIT=2))
 
 
+def test_hopper_without_table_uses_the_h100_table(capsys, monkeypatch) -> None:
+    """An H200 (no shipped table) gets the H100 entry, and says so; a non-Hopper GPU the formula."""
+    from moe_backend.kernels import _gemm_config
+
+    monkeypatch.setenv("MOE_BACKEND_PRINT_CONFIG", "1")
+    h100 = _gemm_config.get_config("grouped_gemm_masked", 128, 4096, 7168, _gemm_config.HOPPER_FALLBACK_DEVICE,
+                                   masked=True)
+    h200 = _gemm_config.get_config("grouped_gemm_masked", 128, 4096, 7168, "NVIDIA H200", masked=True)
+    assert h200 == h100
+    assert "of NVIDIA H100 80GB HBM3" in capsys.readouterr().out
+    other = _gemm_config.get_config("grouped_gemm_masked", 128, 4096, 7168, "NVIDIA A100-SXM4-80GB", masked=True)
+    assert other == _gemm_config.check_config(_gemm_config.formula(128, 4096, 7168, masked=True))
+
+
 def test_tables_load() -> None:
     """Shipped tables parse and every entry is a valid config."""
     from moe_backend.kernels import _gemm_config

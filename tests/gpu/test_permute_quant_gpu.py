@@ -1,0 +1,112 @@
+"""permute_quant (per-token-group FP8 quant fused with the permute) on the GPU, DeepSeek-V3 shapes:
+byte-exact against the unfused kernels (per_token_group_quant, then permute), against the torch
+twin within the GPU's division error, and routed_experts' bf16 path against the pre-quantized one
+and the reference. Run on the device: `pytest -m gpu tests/gpu/test_permute_quant_gpu.py`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_backend import ops, reference
+from moe_backend.dispatch import KERNELS, layouts
+from moe_backend.experts import routed_experts
+from moe_backend.tune import random_weights
+
+pytestmark = pytest.mark.gpu
+
+HIDDEN, GLOBAL_EXPERTS, TOPK, TOKENS = 7168, 256, 8, 300
+# Against the torch twin. Triton lowers fp32 `/` to div.full.f32 (within 2 ulp, not always
+# correctly rounded; torch divides exactly), so a scale may differ by an ulp and a value sitting on
+# an fp8 rounding midpoint may round the other way (~2^-19 of them). Against the unfused kernels:
+# the same rounding code, so exact.
+TOL = {"scale_rtol": 2.5e-7, "fp8_mismatch": 1e-5, "layer": 1e-2}
+# name -> (local experts, first local expert, layout)
+LAYOUTS = {
+    "ep8_contiguous": (32, 64, "contiguous"),
+    "tp8_contiguous": (256, 0, "contiguous"),
+    "ep8_contiguous_graph_safe": (32, 224, "static"),  # shape-only size: a long all-padding tail
+    "ep8_masked": (32, 64, "masked"),
+}
+
+
+def _topk_ids(num_tokens: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.rand(num_tokens, GLOBAL_EXPERTS, device="cuda", generator=gen).topk(TOPK, dim=-1).indices
+
+
+def _layout(name: str, topk_ids: torch.Tensor):
+    num_local, start, kind = LAYOUTS[name]
+    if kind == "masked":
+        return layouts.build_masked_layout(topk_ids, num_local, expert_start=start)
+    return layouts.build_contiguous_layout(topk_ids, num_local, expert_start=start, alignment=128,
+                                           exact_size=kind != "static")
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_permute_quant(name: str, ue8m0: bool) -> None:
+    from moe_backend.kernels.per_token_group_quant import per_token_group_quant
+    from moe_backend.kernels.permute_quant import permute_quant
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = (torch.randn(TOKENS, HIDDEN, device="cuda", generator=gen) * 3).bfloat16()
+    layout = _layout(name, _topk_ids(TOKENS))
+    src = layout.src_token
+    q, s = permute_quant(x, src, 128, ue8m0)
+    assert q.shape == (*src.shape, HIDDEN) and s.shape == (*src.shape, HIDDEN // 128)
+
+    uq, us = per_token_group_quant(x, 128, ue8m0)
+    assert torch.equal(q.view(torch.uint8), layouts.permute(uq, layout).view(torch.uint8)), \
+        "differs from per_token_group_quant + permute"
+    assert torch.equal(s, layouts.permute(us, layout))
+
+    rq, rs = layouts.permute_quant(x, src, 128, ue8m0)
+    assert torch.allclose(s, rs, rtol=TOL["scale_rtol"], atol=0), \
+        f"scales differ from the twin: max rel {float(((s - rs).abs() / rs).max()):.2e}"
+    # Values, not bytes: the kernels round tiny negatives to +0 where torch keeps -0.
+    mismatch = (q.float() != rq.float()).float().mean().item()
+    assert mismatch <= TOL["fp8_mismatch"], f"{mismatch:.2e} of the fp8 values differ from the twin"
+
+
+def test_permute_quant_cuda_graph() -> None:
+    """Captured once on a graph-safe layout, replayed with new tokens and new routing."""
+    from moe_backend.kernels.permute_quant import permute_quant
+
+    x = torch.randn(64, HIDDEN, device="cuda").bfloat16()
+    src = _layout("ep8_contiguous_graph_safe", _topk_ids(64)).src_token
+    permute_quant(x, src)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q, s = permute_quant(x, src)
+    for seed in (1, 2):
+        x.copy_(torch.randn_like(x))
+        src.copy_(_layout("ep8_contiguous_graph_safe", _topk_ids(64, seed)).src_token)
+        graph.replay()
+        rq, rs = ops.per_token_group_quant(x)
+        assert torch.equal(q.view(torch.uint8), rq[src].view(torch.uint8)) and torch.equal(s, rs[src])
+
+
+@pytest.fixture(scope="module")
+def ep8_weights():
+    inter = 256
+    return (*random_weights(32, 2 * inter, HIDDEN), *random_weights(32, HIDDEN, inter))
+
+
+@pytest.mark.parametrize("kernel", ["contiguous", "triton_contiguous", "masked", "triton"])
+def test_routed_experts_bf16_x(ep8_weights, kernel: str) -> None:
+    """bf16 x (fused quant + permute) == x quantized first by the kernel (gathered with its scales),
+    bit for bit; and within the layer tolerance of the reference."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(TOKENS, HIDDEN, device="cuda", generator=gen).bfloat16()
+    topk_ids = _topk_ids(TOKENS, seed=4)
+    topk_weights = torch.rand(TOKENS, TOPK, device="cuda", generator=gen)
+    args = (*ep8_weights, topk_weights, topk_ids)
+    fused = routed_experts(x, *args, expert_start=64, kernel=KERNELS[kernel])
+    x_fp8, x_scale = ops.per_token_group_quant(x)
+    unfused = routed_experts(x_fp8, *args, x_scale=x_scale, expert_start=64, kernel=KERNELS[kernel])
+    assert torch.equal(fused, unfused)
+    local_ids = torch.where((topk_ids >= 64) & (topk_ids < 96), topk_ids - 64, -1)
+    ref = reference.routed_experts(x, *ep8_weights, topk_weights, local_ids)
+    err = float((fused.double() - ref.double()).norm() / ref.double().norm())
+    assert torch.isfinite(fused.float()).all() and err < TOL["layer"], err
