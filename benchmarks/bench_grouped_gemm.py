@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from moe_backend import ops  # noqa: E402
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous  # noqa: E402
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
 from moe_backend.quant import dequantize_fp8_blockwise, dequantize_fp8_per_token_group  # noqa: E402
@@ -107,6 +108,15 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
     res["ours_masked_us"] = bench(fn)
     res["ours_masked_err"] = checker.rel([(x, a[x], a_s[x], out[x]) for x in check_e])
 
+    # ours, what the policy runs (ops impl="best"): decode -> masked layout, our CUDA kernel on the
+    # shapes where it measured faster than Triton (max_m % 128 == 0), prefill -> contiguous, CUDA.
+    if rows <= DECODE_MAX_ROWS:
+        fn = lambda: ops.grouped_gemm_masked(a, a_s, b, bs, masked_m, out, impl="best", expected_m=rows)  # noqa: E731
+        res["ours_policy_kernel"] = "cuda m" if ops._cuda_pays_masked(n, k, rows, rows) else "triton m"
+        out.fill_(float("nan"))
+        res["ours_policy_us"] = bench(fn)
+        res["ours_policy_err"] = checker.rel([(x, a[x], a_s[x], out[x]) for x in check_e])
+
     # DeepGEMM masked: the same rows, max_m padded to 64 (0.1.5 returns wrong rows for max_m < 64
     # on this machine: rel err 0.5-1e3 at max_m = 1..16), scales put in its layout beforehand.
     if peers.get("dg") is not None:
@@ -139,6 +149,13 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
     res["ours_contig_us"] = bench(fn)
     seg_rows = lambda x: slice(x * seg, x * seg + rows)  # noqa: E731
     res["ours_contig_err"] = checker.rel([(x, a[seg_rows(x)], a_s[seg_rows(x)], out[seg_rows(x)]) for x in check_e])
+    if rows > DECODE_MAX_ROWS:
+        fn = lambda: ops.grouped_gemm_contiguous(a, a_s, b, bs, ids, out, impl="best", expected_m=rows)  # noqa: E731
+        res["ours_policy_kernel"] = "cuda c" if ops.cuda_kernel_available() else "triton c"
+        out.fill_(float("nan"))
+        res["ours_policy_us"] = bench(fn)
+        res["ours_policy_err"] = checker.rel([(x, a[seg_rows(x)], a_s[seg_rows(x)], out[seg_rows(x)])
+                                              for x in check_e])
     if peers.get("dg") is not None:
         dg = peers["dg"]
         try:
@@ -187,7 +204,8 @@ def derive(res: dict, ceil: dict) -> dict:
     flops = 2.0 * rows * e * n * k
     nbytes = rows * e * k + e * n * k + rows * e * n * 2
     floor_us = max(flops / (ceil["fp8_tflops"] * 1e12), nbytes / (ceil["read_tbs"] * 1e12)) * 1e6
-    ours = {"masked": res.get("ours_masked_us"), "contig": res.get("ours_contig_us")}
+    ours = {"masked": res.get("ours_masked_us"), "contig": res.get("ours_contig_us"),
+            "policy": res.get("ours_policy_us")}
     layout = min((v, key) for key, v in ours.items() if v is not None)
     # A peer counts only where its output passed the same check as ours.
     peers = {key: res.get(f"{key}_us") for key in ("vllm", "dg_masked", "dg_contig")
@@ -205,7 +223,7 @@ def derive(res: dict, ceil: dict) -> dict:
     else:
         d["target"] = "<=1.0x vLLM time"
         d["met"] = d["ratio_vllm"] is not None and d["ratio_vllm"] <= 1.0
-    errs = [res.get(key) for key in ("ours_masked_err", "ours_contig_err")]
+    errs = [res.get(key) for key in ("ours_masked_err", "ours_contig_err", "ours_policy_err")]
     d["ours_err"] = max(x for x in errs if x is not None)
     return d
 
@@ -227,12 +245,14 @@ def render_md(env: dict, ceil: dict, cells: list) -> str:
         "inputs; every output checked against an fp32 dequantized reference (3 experts) in the same run. "
         "Floor = max(FLOPs / FP8 ceiling, bytes / read bandwidth) with bytes = A once + weights of all "
         "experts once + D once. A peer whose output fails the check (rel err > 4e-3) is shown but not "
-        "counted as best peer. DeepGEMM masked runs with max_m = rows rounded up to 64. Ours = the faster of our two layouts (m = masked, max_m = rows; "
-        "c = contiguous, segments padded to 128). Ratio = ours / best peer (lower is better). "
+        "counted as best peer. DeepGEMM masked runs with max_m = rows rounded up to 64. Ours = the fastest of our Triton "
+        "kernel on both layouts (masked, max_m = rows; contiguous, segments padded to 128) and what the policy runs "
+        "(`moe_backend.ops` with impl=\"best\": decode on the masked layout, our CUDA kernel where it measured faster; "
+        "prefill on the contiguous layout, our CUDA kernel). Ratio = ours / best peer (lower is better). "
         "Targets: decode (<= 128 rows/expert) <= 1.03x best peer; prefill >= vLLM Triton speed.", "",
-        "| slice | gemm | rows/e | ours masked µs | ours contig µs | vLLM Triton µs | DG masked µs | "
+        "| slice | gemm | rows/e | Triton masked µs | Triton contig µs | policy µs (kernel) | vLLM Triton µs | DG masked µs | "
         "DG contig µs | ours TFLOPS | ours GB/s | % floor | ours/best peer | ours/vLLM | target met | ours rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         d = c["derived"]
@@ -240,6 +260,7 @@ def render_md(env: dict, ceil: dict, cells: list) -> str:
         mark = lambda key: _fmt(c.get(f"{key}_us")) + (" ◀" if d["ours_layout"] == key.split("_")[-1] else "")  # noqa: E731
         lines.append(
             f"| {c['slice']} | {c['gemm']} | {c['rows']} | {mark('ours_masked')} | {mark('ours_contig')} | "
+            f"{mark('ours_policy')} ({c.get('ours_policy_kernel', '–')}) | "
             f"{_fmt(c.get('vllm_us'))} | {_fmt(c.get('dg_masked_us'))} | {_fmt(c.get('dg_contig_us'))} | "
             f"{_fmt(d['tflops'], '.0f')} | {_fmt(d['gbs'], '.0f')} | {_fmt(d['pct_floor'], '.0f')} | "
             f"{_fmt(d['ratio'], '.3f')} ({d['best_peer'] or '–'}) | {_fmt(d['ratio_vllm'], '.3f')} | "

@@ -46,12 +46,24 @@ def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Te
 
 def _layout_activations(x: torch.Tensor, x_scale: torch.Tensor | None, layout: ContiguousLayout | MaskedLayout,
                         ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """GEMM1's operand in the layout's rows. bf16 x is quantized straight into them (one pass, no
-    `[T, H]` fp8 intermediate); pre-quantized x (the layer's, shared with the shared expert) is
-    gathered with its scales."""
+    """GEMM1's operand in the layout's rows. bf16 x with few layout rows per token is quantized
+    straight into them (one pass, no `[T, H]` fp8 intermediate); otherwise x is quantized once and
+    its fp8 rows gathered. Pre-quantized x (the layer's, shared with the shared expert) is gathered
+    with its scales."""
     if x_scale is None:
-        return ops.permute_quant(x, layout.src_token, GROUP, ue8m0)
+        if fused_permute_quant_pays(x.shape[0], layout.src_token.numel()):
+            return ops.permute_quant(x, layout.src_token, GROUP, ue8m0)
+        x, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
     return permute(x, layout), permute(x_scale, layout)
+
+
+def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
+    """Bytes per hidden element: fused reads bf16 per layout row and writes fp8 (3R); unfused
+    quantizes the tokens (2T read + T write) and gathers fp8 rows (R read + R write): fused moves
+    less while R < 3T. Measured on H100 (docs/benchmarks.md): EP8 at 2048-16384 tokens (R <= 2T)
+    1.24-1.67x faster fused; TP8 (R ~ 9-250 T: 256 experts, segments padded to 128) and EP8 at
+    128 tokens (R = 32T) 0.53-0.88x, so those keep the two passes."""
+    return layout_rows < 3 * num_tokens
 
 
 def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor,

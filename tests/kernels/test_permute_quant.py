@@ -66,10 +66,22 @@ def test_twin_empty() -> None:
     assert q.shape == (2, 0, 256) and s.shape == (2, 0, 2)
 
 
+def test_fused_path_is_chosen_by_bytes_moved() -> None:
+    from moe_backend.experts import fused_permute_quant_pays
+
+    assert fused_permute_quant_pays(2048, 4096)  # EP8, 2048 tokens: measured 1.24x faster fused
+    assert not fused_permute_quant_pays(128, 4096)  # EP8, 128 tokens: padding rows dominate
+    assert not fused_permute_quant_pays(8192, 81280)  # TP8: ~10 layout rows per token
+
+
+@pytest.mark.parametrize("fused_pays", [True, False])
 @pytest.mark.parametrize("kernel", ["contiguous", "masked", "triton", "reference"])
-def test_routed_experts_bf16_x_matches_prequantized(kernel: str) -> None:
-    """bf16 x (fused quant + permute) and x quantized beforehand (gathered with its scales) agree
-    bit for bit on every CPU path."""
+def test_routed_experts_bf16_x_matches_prequantized(kernel: str, fused_pays: bool, monkeypatch) -> None:
+    """bf16 x (fused quant + permute, or quant then gather: both forced) and x quantized beforehand
+    (gathered with its scales) agree bit for bit on every CPU path."""
+    import moe_backend.experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "fused_permute_quant_pays", lambda t, r: fused_pays)
     gen = torch.Generator().manual_seed(1)
     num_tokens, hidden, inter, num_local, expert_start = 19, 256, 128, 8, 4
     w13, w13_s = quantize_fp8_blockwise(torch.randn(num_local, 2 * inter, hidden, generator=gen) * 0.05)
