@@ -25,7 +25,7 @@ def operands(e, n, k, rows):
 
 
 def parse(v, m, n):
-    """'h' = heuristic; else bn[,pp][,stages][,group_m][,cluster][,share_a] e.g. 192,0,0,8,2,1"""
+    """'h' = heuristic; else bn[,pp][,stages][,group_m][,cluster][,share_a][,k_unroll] e.g. 192,0,0,8,2,1,2"""
     base = g.select_config(m, n, 132)
     if v == "h":
         return base
@@ -36,7 +36,8 @@ def parse(v, m, n):
     gm = f[3] if len(f) > 3 and f[3] else g.GROUP_M
     cl = f[4] if len(f) > 4 else 1
     mc = "a" if len(f) > 5 and f[5] else "b"
-    return g.ContiguousConfig(bn, st, gm, pp, cl, mc)
+    u = f[6] if len(f) > 6 else 1
+    return g.ContiguousConfig(bn, st, gm, pp, cl, mc, u)
 
 
 def main():

@@ -36,12 +36,9 @@ def triton_candidates(rows: int, k: int) -> list[dict]:
 
 
 def cuda_candidates() -> list[ContiguousConfig]:
-    single = [ContiguousConfig(bn, max_stages(bn), gm, pp) for bn, pp, gm in
-              itertools.product((96, 128, 160, 192), (True, False), (1, 8))]
-    # CTA pairs on N tiles sharing A through multicast (one M tile per expert at these sizes)
-    pairs = [ContiguousConfig(bn, max_stages(bn), gm, pp, cluster=2, multicast="a") for bn, pp, gm in
-             itertools.product((96, 128, 160, 192), (True, False), (1, 8))]
-    return single + pairs
+    # single CTAs, and CTA pairs on N tiles sharing A through multicast (one M tile per expert)
+    return [ContiguousConfig(bn, max_stages(bn), gm, pp, cluster=cl, multicast="a", k_unroll=u)
+            for bn, pp, gm, cl, u in itertools.product((128, 192), (True, False), (1, 8), (1, 2), (1, 2))]
 
 
 def main(argv=None) -> int:

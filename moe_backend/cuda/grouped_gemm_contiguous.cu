@@ -1,5 +1,6 @@
 // Instantiation template: moe_backend/cuda/grouped_gemm_contiguous.py fills the {{...}} fields
 // (plain text replacement) and the JIT compiles one cubin per (N, K, BLOCK_N, STAGES, GROUP_M).
+#define PHASEMOE_K_UNROLL {{K_UNROLL}}
 #include "grouped_gemm_contiguous.cuh"
 
 using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{PINGPONG}}, {{CLUSTER}}, {{MCAST_A}}>;

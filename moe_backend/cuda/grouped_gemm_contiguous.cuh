@@ -27,8 +27,13 @@
 #include "sm90_ptx.cuh"
 #include "wgmma_fp8.cuh"
 
+#ifndef PHASEMOE_K_UNROLL
+#define PHASEMOE_K_UNROLL 1  // consumer K-loop unroll factor (ContiguousConfig.k_unroll)
+#endif
+
 namespace phasemoe {
 
+constexpr int kKLoopUnroll = PHASEMOE_K_UNROLL;  // the consumer K loop's unroll factor
 constexpr int kBlockM = 128;          // 2 consumer warpgroups x 64 rows (wgmma M)
 constexpr int kBlockK = 128;          // = the scale block: one promotion per stage
 constexpr int kWgmmaK = 32;           // K of one fp8 wgmma
@@ -369,7 +374,7 @@ struct GroupedGemmContiguous {
           float sb[kScaleSpan];
 #pragma unroll
           for (int j = 0; j < kScaleSpan; ++j) sb[j] = __ldg(b_scale_rows[j]);
-#pragma unroll 1
+#pragma unroll kKLoopUnroll
           for (int kb = 0; kb < kKBlocks; ++kb) {
             const int kb_next = kb + 1 < kKBlocks ? kb + 1 : kb;
             const float sa0_next = __ldg(a_scale0 + kb_next);

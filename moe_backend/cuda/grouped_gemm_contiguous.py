@@ -56,6 +56,7 @@ class ContiguousConfig:
     cluster: int = 1        # 2: CTA pairs sharing one operand through TMA multicast (below)
     multicast: str = "b"    # with cluster=2: "b" = pairs of M tiles 2i, 2i+1 share B (when both hold
     #                         one expert); "a" = pairs of N tiles 2j, 2j+1 share A (always one expert)
+    k_unroll: int = 0       # consumer K-loop unroll; 0 = auto (`resolved_k_unroll`)
 
     def __post_init__(self) -> None:
         if self.block_n not in BLOCK_N_CHOICES:
@@ -65,6 +66,16 @@ class ContiguousConfig:
                              f"block_n={self.block_n}, got {self.num_stages}")
         if self.cluster not in (1, 2):
             raise ValueError(f"config.cluster: must be 1 or 2, got {self.cluster}")
+        if self.k_unroll not in (0, 1, 2, 4):
+            raise ValueError(f"config.k_unroll: must be 0 (auto), 1, 2 or 4, got {self.k_unroll}")
+
+    @property
+    def resolved_k_unroll(self) -> int:
+        """2 measured 1-9% faster than 1 (docs/cuda_kernel.md, v8); the tiles that pick scales
+        at run time (80/112/144/176) keep 1: unrolled, 176 spills."""
+        if self.k_unroll:
+            return self.k_unroll
+        return 2 if self.block_n in HEURISTIC_BLOCK_N else 1
         if self.multicast not in ("a", "b"):
             raise ValueError(f"config.multicast: must be 'a' or 'b', got {self.multicast!r}")
         if self.group_m < 1:
@@ -144,9 +155,9 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
         raise ValueError(f"n: must be positive, got {n}")
     constants = {"N": n, "K": k, "BLOCK_N": config.block_n, "STAGES": config.num_stages,
                  "GROUP_M": config.group_m, "PINGPONG": int(config.pingpong), "CLUSTER": config.cluster,
-                 "MCAST_A": int(config.cluster > 1 and config.multicast == "a")}
+                 "MCAST_A": int(config.cluster > 1 and config.multicast == "a"), "K_UNROLL": config.resolved_k_unroll}
     name = ("phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}_c{CLUSTER}"
-            "_ma{MCAST_A}").format(**constants)
+            "_ma{MCAST_A}_u{K_UNROLL}").format(**constants)
     source = _TEMPLATE.read_text()
     checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
                "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}

@@ -99,7 +99,10 @@ def test_kernel_compiles_for_sm90a(case, cache):
     bn = spec.constants["BLOCK_N"]
     # The K loop is compiled once per column offset inside a scale block for 192/160/96 (2, 4,
     # 4 copies: compile-time scale indices), once otherwise.
-    copies = {192: 2, 160: 4, 96: 4}.get(bn, 1)
+    # The K loop is unrolled k_unroll times (plus one remainder copy when K/128 is odd).
+    unroll = min(spec.constants["K_UNROLL"], spec.constants["K"] // 128)
+    unroll += (spec.constants["K"] // 128) % unroll
+    copies = {192: 2, 160: 4, 96: 4}.get(bn, 1) * unroll
     # 4 fp8 wgmma (k32 each) per 128-wide K block, N = the tile.
     assert len(re.findall(rf"QGMMA\.64x{bn}x32\.F32\.E4M3\.E4M3", sass)) == 4 * copies, sass[:2000]
     assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass          # TMA loads of A and B
