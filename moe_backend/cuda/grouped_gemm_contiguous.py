@@ -43,7 +43,6 @@ TILE_OVERHEAD_COLS = 96
 HEURISTIC_BLOCK_N = (64, 96, 128, 160, 192)
 CLUSTER = 2            # CTA pairs sharing an operand by TMA multicast (`_pairing`); 1 turns them off
 CLUSTER_MIN_PAIRS = 4  # below 8 M tiles, no B-sharing pairs (dead halves of pairs cost more)
-CLUSTER_SHARE_A_ROWS = 1024  # rows per expert from which N-tile pairs share A (measured, see _pairing)
 _TEMPLATE = Path(__file__).with_name("grouped_gemm_contiguous.cu")
 
 
@@ -96,8 +95,7 @@ def max_stages(block_n: int) -> int:
 
 
 def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | None = None,
-                  verbose: bool = False, *, k: int | None = None,
-                  num_experts: int | None = None) -> ContiguousConfig:
+                  verbose: bool = False, *, k: int | None = None) -> ContiguousConfig:
     """N tile by formula: minimize (waves of tiles over the SMs) x (columns per tile + fixed
     cost), ties to the larger tile (fewer re-reads of A). `m` is the row count including padding
     (no host sync to count real rows); non-power-of-two tiles (112, 160, ...) often fill the last
@@ -113,8 +111,7 @@ def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | Non
             return waves * (bn + TILE_OVERHEAD_COLS), -bn
 
         bn = min(HEURISTIC_BLOCK_N, key=cost)
-        cluster, multicast, pingpong = _pairing(m_tiles, math.ceil(n / bn), n, k,
-                                                m / num_experts if num_experts else None)
+        cluster, multicast, pingpong = _pairing(m_tiles, n, k)
         cfg = ContiguousConfig(block_n=bn, num_stages=max_stages(bn), cluster=cluster, multicast=multicast,
                                pingpong=pingpong)
     if verbose and (m, n, num_sms, cfg) not in _printed:
@@ -124,19 +121,16 @@ def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | Non
     return cfg
 
 
-def _pairing(m_tiles: int, n_tiles: int, n: int, k: int | None, rows_per_expert: float | None
-             ) -> tuple[int, str, bool]:
-    """(cluster, multicast, pingpong). Measured on H100 (docs/cuda_kernel.md, v6-v7): CTA pairs
-    beat single CTAs by 5-15% on the EP8 cells once the remote stage release lost its GPU-wide
-    fence; sharing B (M-tile pairs) won at 512 rows per expert, sharing A (N-tile pairs, always
-    one expert) at 2048+; the ping-pong token paid only with B shared on wide GEMMs."""
-    if CLUSTER == 1:
+def _pairing(m_tiles: int, n: int, k: int | None) -> tuple[int, str, bool]:
+    """(cluster, multicast, pingpong). Measured on H100 (docs/cuda_kernel.md, v6-v8): CTA pairs
+    sharing B (M-tile pairs) beat single CTAs by 5-15% on the EP8 cells once the remote stage
+    release lost its GPU-wide fence; pairs sharing A (N-tile pairs) were no faster than B-sharing
+    ones with the unrolled K loop (EP8 w13 4096 rows: 8095 vs 7224-7735 µs) and stay opt-in
+    (`multicast="a"`); the ping-pong token paid only on wide GEMMs (TP8 w13, N = 512: 999 µs
+    without, 1057-1099 with)."""
+    if CLUSTER == 1 or m_tiles < 2 * CLUSTER_MIN_PAIRS:
         return 1, "b", True
-    if rows_per_expert is not None and rows_per_expert >= CLUSTER_SHARE_A_ROWS and n_tiles >= 2:
-        return 2, "a", False
-    if m_tiles >= 2 * CLUSTER_MIN_PAIRS:
-        return 2, "b", n >= 1024 and (k is None or k >= 1024)
-    return 1, "b", True
+    return 2, "b", n >= 1024 and (k is None or k >= 1024)
 
 
 _printed: set = set()
@@ -293,8 +287,7 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
         return out
 
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    cfg = select_config(m, n, _num_sms(index), override=config, verbose=_print_config(), k=k,
-                        num_experts=num_experts)
+    cfg = select_config(m, n, _num_sms(index), override=config, verbose=_print_config(), k=k)
     spec = kernel_spec(n, k, cfg)
     with torch.cuda.device(index):
         kernel = jit.load_kernel(spec, index)
