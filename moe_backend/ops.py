@@ -62,6 +62,8 @@ def _cuda_pays_masked(n: int, k: int, max_m: int, expected_m: int | None) -> boo
     rows = expected_m or max_m
     threshold = CUDA_MASKED_MIN_ROWS.get((n, k))
     return supports_max_m(max_m) and threshold is not None and rows >= threshold
+
+
 # The reference has no alignment need; 128 keeps its layouts shaped like the kernels'.
 _REFERENCE_ALIGNMENT = 128
 
