@@ -329,6 +329,8 @@ struct GroupedGemmContiguous {
       uint32_t phase = 0;
       bool issued_any = false;  // ping-pong: warpgroup 0's first K block waits for no token
       int m_unit, n_unit;
+      // Same walk as the producer's, written out again on purpose: a shared "next live tile"
+      // helper carrying TileRole across iterations made ptxas spill at BLOCK_N = 192.
       while (sched.next_tile(m_unit, n_unit)) {
         bool live_pair;
         const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(expert_ids, m, m_unit, n_unit,
