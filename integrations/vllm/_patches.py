@@ -174,38 +174,35 @@ def patch_fp8_oracle(oracle, *, supported: bool = True, version: str = "") -> No
     if supported:
         member = add_enum_member(oracle.Fp8MoeBackend, ENUM_MEMBER)
         replacements = {
-            "map_fp8_backend": _wrap_map(originals["map_fp8_backend"], member),
+            "map_fp8_backend": _wrap_map(originals["map_fp8_backend"], lambda: member),
             "backend_to_kernel_cls": _wrap_kernel_cls(originals["backend_to_kernel_cls"], member),
             "convert_to_fp8_moe_kernel_format": _wrap_convert(
                 originals["convert_to_fp8_moe_kernel_format"], member),
         }
     else:
-        replacements = {"map_fp8_backend": _wrap_map_refusing(originals["map_fp8_backend"], version)}
+        replacements = {"map_fp8_backend": _wrap_map(originals["map_fp8_backend"], _refuse(version))}
     for name, replacement in replacements.items():
         setattr(oracle, name, replacement)
     _rebind(originals, replacements, skip=oracle)
 
 
-def _wrap_map(original: Callable, member: Any) -> Callable:
+def _wrap_map(original: Callable, ours: Callable[[], Any]) -> Callable:
+    """vLLM's fp8 backend mapping, answering `ours()` for our name (the enum member, or a raise
+    on an unsupported vLLM) and deferring to the original for every other name."""
     @functools.wraps(original)
     def map_fp8_backend(runner_backend):
         if runner_backend == BACKEND_NAME:
-            return member
+            return ours()
         return original(runner_backend)
 
     map_fp8_backend.__phasemoe_original__ = original
     return map_fp8_backend
 
 
-def _wrap_map_refusing(original: Callable, version: str) -> Callable:
-    @functools.wraps(original)
-    def map_fp8_backend(runner_backend):
-        if runner_backend == BACKEND_NAME:
-            raise UnsupportedVLLMError(unsupported_message(version))
-        return original(runner_backend)
-
-    map_fp8_backend.__phasemoe_original__ = original
-    return map_fp8_backend
+def _refuse(version: str) -> Callable[[], Any]:
+    def refuse():
+        raise UnsupportedVLLMError(unsupported_message(version))
+    return refuse
 
 
 def _wrap_kernel_cls(original: Callable, member: Any) -> Callable:
