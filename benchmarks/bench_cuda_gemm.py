@@ -16,6 +16,7 @@ import sys
 import torch
 import triton
 
+from _timing import interleaved_us  # noqa: E402  (benchmarks/ is the script's directory)
 from moe_backend import reference
 from moe_backend.kernels.grouped_gemm_contiguous import grouped_gemm_contiguous as triton_contiguous
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
@@ -26,8 +27,7 @@ SHAPES = [("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
 ALIGN = 128
 
 
-def median_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+ROUNDS = 3  # contenders timed in interleaved rounds (benchmarks/_timing.py)
 
 
 def check(out, a, a_s, b, bs, ids, experts=(0, 1)) -> float:
@@ -65,28 +65,31 @@ def run(rows_list, slices) -> list[dict]:
             real_rows = sum(seg_rows)
             flops = 2.0 * real_rows * n * k
             cell = {"slice": sl, "gemm": gemm, "rows": rows, "E": e, "N": n, "K": k}
-            for name, fn in (
-                ("cuda", lambda o: cuda_contiguous(a, a_s, b, bs, ids, o)),
-                ("triton", lambda o: triton_contiguous(a, a_s, b, bs, ids, o, expected_m=rows)),
-                ("deepgemm", (lambda o: dg.m_grouped_fp8_gemm_nt_contiguous(
-                    (a, dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)),
-                    (b, sfb), o, ids)) if dg else None),
-            ):
-                if fn is None:
-                    continue
+            providers = {
+                "cuda": lambda o: cuda_contiguous(a, a_s, b, bs, ids, o),
+                "triton": lambda o: triton_contiguous(a, a_s, b, bs, ids, o, expected_m=rows),
+            }
+            if dg:
+                providers["deepgemm"] = lambda o: dg.m_grouped_fp8_gemm_nt_contiguous(
+                    (a, dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)), (b, sfb), o, ids)
+            timed = {}
+            for name, fn in providers.items():  # correctness first, each on a poisoned output
                 out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
                 try:
                     fn(out)
                     torch.cuda.synchronize()
-                    err = check(out, a, a_s, b, bs, ids)
-                    if name == "deepgemm":  # time with the scale layout transformed once, as engines do
-                        sfa = dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)
-                        us = median_us(lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, ids))
-                    else:
-                        us = median_us(lambda: fn(out))
-                    cell[name] = {"us": us, "tflops": flops / us / 1e6, "err": err}
+                    cell[name] = {"err": check(out, a, a_s, b, bs, ids)}
                 except Exception as exc:  # report, keep going: one broken provider must not hide the others
                     cell[name] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+                    continue
+                if name == "deepgemm":  # timed with the scale layout transformed once, as engines do
+                    sfa = dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)
+                    timed[name] = lambda o=out, sfa=sfa: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), o, ids)
+                else:
+                    timed[name] = lambda fn=fn, o=out: fn(o)
+            for name, t in interleaved_us(timed, rounds=ROUNDS).items():
+                cell[name].update(t, tflops=flops / t["us"] / 1e6)
+            for name in providers:
                 print(f"{sl} {gemm} rows={rows} {name}: {cell[name]}", file=sys.stderr, flush=True)
             cells.append(cell)
             del a, a_s, ids
@@ -98,15 +101,21 @@ def run(rows_list, slices) -> list[dict]:
 def render(cells: list[dict]) -> str:
     env = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
            f"CUDA {torch.version.cuda}, {datetime.date.today().isoformat()}")
-    lines = [f"CUDA contiguous grouped GEMM vs peers ({env}); median µs (do_bench), TFLOPS on real rows, "
-             f"rel err vs fp32 reference; speedup = DeepGEMM µs / ours µs",
+    lines = [f"CUDA contiguous grouped GEMM vs peers ({env}); µs = median of {ROUNDS} interleaved rounds of "
+             f"do_bench medians (range in brackets), TFLOPS on real rows, rel err vs fp32 reference; "
+             f"speedup = DeepGEMM µs / ours µs",
              "",
              "| slice | gemm | rows/e | ours CUDA µs | TFLOPS | err | Triton µs | DeepGEMM µs | TFLOPS | err | speedup vs DG |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(cell, name, key, spec):
         v = cell.get(name, {})
-        return format(v[key], spec) if key in v else ("error" if "error" in v else "–")
+        if key not in v:
+            return "error" if "error" in v else "–"
+        text = format(v[key], spec)
+        if key == "us" and "lo" in v:
+            text += f" [{v['lo']:.0f}–{v['hi']:.0f}]"
+        return text
 
     for c in cells:
         speed = (f"{c['deepgemm']['us'] / c['cuda']['us']:.2f}×"

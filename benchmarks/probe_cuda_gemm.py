@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 import torch
-import triton
+
+from _timing import interleaved_us  # noqa: E402  (benchmarks/ is the script's directory)
 
 from moe_backend.cuda import grouped_gemm_contiguous as g
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
@@ -24,20 +25,23 @@ def operands(e, n, k, rows):
     return a, a_s, b, bs, ids, 2.0 * sum(seg) * n * k
 
 
-def parse(v, m, n):
-    """'h' = heuristic; else bn[,pp][,stages][,group_m][,cluster][,share_a][,k_unroll] e.g. 192,0,0,8,2,1,2"""
-    base = g.select_config(m, n, 132)
+def parse(v, m, n, k):
+    """'h' = heuristic; else bn[,pp][,stages][,group_m][,cluster][,share_a][,k_unroll][,bulk_store][,two_acc]
+    e.g. 128,0,0,8,2,0,2,0,1 (stages 0 = as many as fit)"""
+    base = g.select_config(m, n, 132, k=k)
     if v == "h":
         return base
     f = [int(x) for x in v.split(",")]
     bn = f[0]
     pp = bool(f[1]) if len(f) > 1 else True
-    st = f[2] if len(f) > 2 and f[2] else g.max_stages(bn)
+    bulk = bool(f[7]) if len(f) > 7 else False
+    two_acc = bool(f[8]) if len(f) > 8 else False
+    st = f[2] if len(f) > 2 and f[2] else g.max_stages(bn, bulk)
     gm = f[3] if len(f) > 3 and f[3] else g.GROUP_M
     cl = f[4] if len(f) > 4 else 1
     mc = "a" if len(f) > 5 and f[5] else "b"
     u = f[6] if len(f) > 6 else 1
-    return g.ContiguousConfig(bn, st, gm, pp, cl, mc, u)
+    return g.ContiguousConfig(bn, st, gm, pp, cl, mc, u, bulk, two_acc)
 
 
 def main():
@@ -56,20 +60,27 @@ def main():
                 dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, ids)
             torch.cuda.synchronize()
             continue
+        fns = {}
         for v in variants:
-            cfg = parse(v, m, n)
-            fn = lambda: g.grouped_gemm_contiguous(a, a_s, b, bs, ids, out, config=cfg)
+            if v == "dg":  # DeepGEMM 0.1.5 on the same operands, for a same-run ratio
+                import deep_gemm as dg
+                sfb = dg.transform_sf_into_required_layout(bs, n, k, (1, 128, 128), e, False)
+                sfa = dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)
+                fns["DeepGEMM"] = lambda sfa=sfa, sfb=sfb: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, ids)
+                continue
+            cfg = parse(v, m, n, k)
+            fn = lambda cfg=cfg: g.grouped_gemm_contiguous(a, a_s, b, bs, ids, out, config=cfg)
             if mode == "ncu":
                 fn(); fn(); torch.cuda.synchronize()
                 continue
             out.zero_(); fn(); torch.cuda.synchronize()
             if ref is None:
                 ref = out.clone()
-                err = 0.0
-            else:
-                err = float((out.float() - ref.float()).norm() / ref.float().norm())
-            us = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
-            print(f"{c:9s} {str(cfg):75s} {us:8.1f} us {flops / us / 1e6:6.0f} TF  diff {err:.1e}", flush=True)
+            err = float((out.float() - ref.float()).norm() / ref.float().norm())
+            fns[f"{cfg} diff {err:.1e}"] = fn
+        for name, t in interleaved_us(fns).items():  # rounds A B C A B C: drift hits all alike
+            print(f"{c:9s} {name:90s} {t['us']:8.1f} us [{t['lo']:.0f}-{t['hi']:.0f}] "
+                  f"{flops / t['us'] / 1e6:6.0f} TF", flush=True)
         del a, a_s, b, bs, ids, out, ref
         torch.cuda.empty_cache()
 

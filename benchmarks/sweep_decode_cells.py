@@ -36,9 +36,14 @@ def triton_candidates(rows: int, k: int) -> list[dict]:
 
 
 def cuda_candidates() -> list[ContiguousConfig]:
-    # single CTAs, and CTA pairs on N tiles sharing A through multicast (one M tile per expert)
-    return [ContiguousConfig(bn, max_stages(bn), gm, pp, cluster=cl, multicast="a", k_unroll=u)
-            for bn, pp, gm, cl, u in itertools.product((128, 192), (True, False), (1, 8), (1, 2), (1, 2))]
+    # 128-wide tiles walked N-fastest per expert (group_m 1), single CTAs or N-tile pairs sharing A
+    # through multicast (one M tile per expert); one accumulator, or two (chains of 2 x k_unroll)
+    out = []
+    for cl in (1, 2):
+        out.append(ContiguousConfig(128, max_stages(128), 1, False, cluster=cl, multicast="a", k_unroll=2))
+        out += [ContiguousConfig(128, max_stages(128), 1, False, cluster=cl, multicast="a", k_unroll=u, two_acc=True)
+                for u in (1, 2, 4)]
+    return out
 
 
 def main(argv=None) -> int:

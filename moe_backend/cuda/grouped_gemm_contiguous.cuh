@@ -13,7 +13,8 @@
 // Structure (one CTA per SM, persistent):
 //   warpgroup 2        producer: one thread issues the TMA loads of A [128 x 128] and
 //                      B [BLOCK_N x 128] into a ring of kStages shared-memory stages
-//                      (128-byte swizzle), each stage completing on its `full` mbarrier.
+//                      (128-byte swizzle), a second warp copies the K block's scales next to
+//                      them (cp.async); each stage completes on its `full` mbarrier.
 //   warpgroups 0 and 1 consumers: rows 0-63 and 64-127 of the tile. Per 128-wide K block:
 //                      4 x wgmma m64nBLOCK_Nk32 into a block accumulator, wait, release the
 //                      stage (`empty` mbarrier), then promote: result += a_scale * b_scale *
@@ -34,6 +35,7 @@
 namespace phasemoe {
 
 constexpr int kKLoopUnroll = PHASEMOE_K_UNROLL;  // the consumer K loop's unroll factor
+constexpr int kTwoAccChain = 2 * kKLoopUnroll;   // K blocks per straight-line chain (kTwoAcc)
 constexpr int kBlockM = 128;          // 2 consumer warpgroups x 64 rows (wgmma M)
 constexpr int kBlockK = 128;          // = the scale block: one promotion per stage
 constexpr int kWgmmaK = 32;           // K of one fp8 wgmma
@@ -161,14 +163,23 @@ __device__ __forceinline__ void dispatch_offset(int i, F& f) {
 // kCluster = 2: clusters of two CTAs on M tiles 2i and 2i + 1 (same N tile); B is multicast when
 // both tiles belong to one expert (TileRole). Every consumer warp releases a stage in both CTAs
 // (a peer may multicast into it), so `empty` counts 2 x 8 arrivals.
+// kBulkStore = 1 (needs N % 8 == 0): the epilogue writes each warpgroup's 64 x BLOCK_N tile to a
+// shared-memory buffer and stores its valid rows with one asynchronous bulk copy each, so the
+// next tile's MMAs overlap the stores; 0: 16-byte stores straight from registers.
+// kTwoAcc = 1 (BLOCK_N <= 128): two block accumulators per warpgroup; K block kb + 1's MMAs are
+// issued before K block kb is promoted, so the tensor core never waits for a promotion (three
+// accumulator copies: 3 x BLOCK_N / 2 registers). The ping-pong token is then not used.
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1, int kCluster = 1,
-          int kMcastA = 0>
+          int kMcastA = 0, int kBulkStore = 0, int kTwoAcc = 0>
 struct GroupedGemmContiguous {
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && kBlockN <= 192, "BLOCK_N: multiple of 16 in [64, 192]");
   static_assert(kStages >= 2, "need at least two pipeline stages");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
+  static_assert(kTwoAcc == 0 || (kBlockN <= 128 && kScaleBlock % kBlockN == 0 && kPingPong == 0),
+                "two accumulators: BLOCK_N 64 or 128 (registers), no ping-pong token");
+  static_assert(kBulkStore == 0 || kN % 8 == 0, "bulk-copy epilogue: rows must be 16-byte multiples (N % 8 == 0)");
 
   static constexpr int kKBlocks = kK / kBlockK;
   static constexpr int kNScaleBlocks = (kN + kScaleBlock - 1) / kScaleBlock;
@@ -193,9 +204,22 @@ struct GroupedGemmContiguous {
   // Epilogue: groups of 4 8-column chunks are transposed inside each lane quad so every lane
   // stores 16 contiguous bytes (full 32-byte sectors); needs N % 8 == 0 (16-byte row pitch).
   static constexpr int kVecChunks = (kN % 8 == 0) ? (kBlockN / 8) / 4 * 4 : 0;
-  // Ring of stages, then the barriers; +1024 to align the ring (128-byte swizzle atoms are
-  // 1024 bytes: the descriptors assume 1024-aligned tiles).
-  static constexpr uint32_t kSmemBytes = kStages * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;
+  // Each stage's scales, staged by a producer warp next to the tiles: a_scale of the tile's
+  // 128 rows, then the (<= kScaleSpan) b_scale values of its N tile, padded to 16 bytes.
+  static constexpr uint32_t kScaleStageFloats = kBlockM + 4;
+  static constexpr uint32_t kScaleStageBytes = kScaleStageFloats * sizeof(float);
+  static_assert(kScaleSpan <= 4, "b_scale slots per stage");
+  // Ring of stages, then the scales, then the barriers; +1024 to align the ring (128-byte
+  // swizzle atoms are 1024 bytes: the descriptors assume 1024-aligned tiles).
+  // Bulk-store epilogue: one 64 x BLOCK_N bf16 buffer per consumer warpgroup; rows padded by 16
+  // bytes so the 8 rows one warp writes at a time fall in different banks.
+  static constexpr uint32_t kOutPitch = kBlockN * 2 + 16;
+  static constexpr uint32_t kOutBytes = kBulkStore ? kNumConsumerWarpgroups * 64 * kOutPitch : 0;
+  static constexpr uint32_t kSmemBytes =
+      kStages * (kStageBytes + kScaleStageBytes) + kOutBytes + 2 * kStages * sizeof(uint64_t) + 1024;
+  // `full` completes on the TMA lane's expect_tx arrival plus one cp.async arrival per lane of
+  // the scale warp.
+  static constexpr uint32_t kFullArrivals = 1 + 32;
   static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0 && kBLoadBytes % 1024 == 0 && kALoadBytes % 1024 == 0,
                 "stage tiles must keep 1024-byte alignment");
   static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block can opt into");
@@ -222,6 +246,112 @@ struct GroupedGemmContiguous {
     }
   }
 
+  // Releases `stage` in every CTA of the cluster (a peer's producer may multicast into it).
+  __device__ __forceinline__ static void release_stage(uint64_t* empty_bar, int stage, int lane) {
+    if constexpr (kCluster == 1) {
+      if (lane == 0) sm90::mbar_arrive(&empty_bar[stage]);
+    } else {
+      if (lane < kCluster) sm90::mbar_arrive_cluster(&empty_bar[stage], static_cast<uint32_t>(lane));
+    }
+  }
+
+  __device__ __forceinline__ static void advance(int& stage, uint32_t& phase) {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+
+  // Waits for `stage`, issues its 4 MMAs into `acc` (one commit group) and reads the block's
+  // combined scales for this thread's two rows (their latency hides behind the MMAs).
+  __device__ __forceinline__ static void issue_block(float (&acc)[kAccRegs], float (&scale)[2], uint64_t* full_bar,
+                                                     const float* smem_scales, uint64_t desc_a0, uint64_t desc_b0,
+                                                     int stage, uint32_t phase, int row_in_tile) {
+    sm90::mbar_wait(&full_bar[stage], phase);
+    const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * kABytes) >> 4);
+    const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * kBBytes) >> 4);
+#pragma unroll
+    for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) Mma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
+    sm90::wgmma_commit();
+#pragma unroll
+    for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+    const float* stage_scales = smem_scales + stage * kScaleStageFloats;
+    const float sb = stage_scales[kBlockM];  // one scale block: BLOCK_N divides 128
+    scale[0] = stage_scales[row_in_tile] * sb;
+    scale[1] = stage_scales[row_in_tile + 8] * sb;
+  }
+
+  // Releases a completed K block's stage and promotes the block held in `acc`.
+  __device__ __forceinline__ static void retire_block(float (&acc)[kAccRegs], const float (&scale)[2],
+                                                      float (&result)[kAccRegs], uint64_t* empty_bar, int stage,
+                                                      int lane) {
+#pragma unroll
+    for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+    const float s0 = scale[0];
+    const float s1 = scale[1];
+    release_stage(empty_bar, stage, lane);
+#pragma unroll
+    for (int c = 0; c < kBlockN / 8; ++c) {
+      result[4 * c + 0] = fmaf(s0, acc[4 * c + 0], result[4 * c + 0]);
+      result[4 * c + 1] = fmaf(s0, acc[4 * c + 1], result[4 * c + 1]);
+      result[4 * c + 2] = fmaf(s1, acc[4 * c + 2], result[4 * c + 2]);
+      result[4 * c + 3] = fmaf(s1, acc[4 * c + 3], result[4 * c + 3]);
+    }
+  }
+
+  // kTwoAcc: K blocks [kb, kb + kCount) in straight-line code, even ones in `acc`, odd ones in
+  // `acc_odd`: block i + 1 is issued before block i is waited for and promoted, so only the last
+  // promotion of the chain leaves the tensor core to the other warpgroup. Nothing stays in flight
+  // past the chain: with MMAs in flight across a loop's back edge, ptxas cannot tell which group a
+  // wait_group 1 retired and serializes every wgmma (C7514).
+  template <int kCount, int kI = 0>
+  __device__ __forceinline__ static void mma_chain(float (&acc)[kAccRegs], float (&acc_odd)[kAccRegs],
+                                                   float (&result)[kAccRegs], uint64_t* full_bar,
+                                                   uint64_t* empty_bar, const float* smem_scales, uint64_t desc_a0,
+                                                   uint64_t desc_b0, int& issue_stage, uint32_t& issue_phase,
+                                                   int& stage, uint32_t& phase, int row_in_tile, int lane,
+                                                   float (&scales)[2][2]) {
+    float (&mine)[kAccRegs] = kI % 2 == 0 ? acc : acc_odd;
+    float (&prev)[kAccRegs] = kI % 2 == 0 ? acc_odd : acc;
+    issue_block(mine, scales[kI % 2], full_bar, smem_scales, desc_a0, desc_b0, issue_stage, issue_phase, row_in_tile);
+    advance(issue_stage, issue_phase);
+    if constexpr (kI > 0) {
+      sm90::wgmma_wait<1>();  // block kI - 1 is done; block kI runs meanwhile
+      retire_block(prev, scales[(kI + 1) % 2], result, empty_bar, stage, lane);
+      advance(stage, phase);
+    }
+    if constexpr (kI + 1 < kCount) {
+      mma_chain<kCount, kI + 1>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
+                                issue_stage, issue_phase, stage, phase, row_in_tile, lane, scales);
+    } else {
+      sm90::wgmma_wait<0>();
+      retire_block(mine, scales[kI % 2], result, empty_bar, stage, lane);
+      advance(stage, phase);
+    }
+  }
+
+  // The K loop with two block accumulators: chains of kTwoAccChain K blocks, then the remainder.
+  __device__ __forceinline__ static void k_loop_two_acc(float (&acc)[kAccRegs], float (&acc_odd)[kAccRegs],
+                                                        float (&result)[kAccRegs], uint64_t* full_bar,
+                                                        uint64_t* empty_bar, const float* smem_scales,
+                                                        uint64_t desc_a0, uint64_t desc_b0, int& stage,
+                                                        uint32_t& phase, int row_in_tile, int lane) {
+    constexpr int kChain = kTwoAccChain < kKBlocks ? kTwoAccChain : kKBlocks;
+    int issue_stage = stage;
+    uint32_t issue_phase = phase;
+    float scales[2][2];  // the combined row scales of the blocks in `acc` and `acc_odd`
+#pragma unroll 1
+    for (int kb = 0; kb + kChain <= kKBlocks; kb += kChain)
+      mma_chain<kChain>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0, issue_stage,
+                        issue_phase, stage, phase, row_in_tile, lane, scales);
+    if constexpr (kKBlocks % kChain != 0)
+      mma_chain<kKBlocks % kChain>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
+                                   issue_stage, issue_phase, stage, phase, row_in_tile, lane, scales);
+  }
+
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
                                              const float* __restrict__ a_scale, const float* __restrict__ b_scale,
                                              const int32_t* __restrict__ expert_ids, uint16_t* __restrict__ out,
@@ -234,16 +364,21 @@ struct GroupedGemmContiguous {
     uint8_t* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
     uint8_t* smem_a = smem;                       // kStages x [128 x 128] e4m3
     uint8_t* smem_b = smem + kStages * kABytes;   // kStages x [BLOCK_N x 128] e4m3
-    uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+    uint8_t* smem_out = smem + kStages * kStageBytes;                     // kOutBytes (bulk-store epilogue)
+    float* smem_scales = reinterpret_cast<float*>(smem_out + kOutBytes);  // kStages x kScaleStageFloats
+    uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem_out + kOutBytes + kStages * kScaleStageBytes);
     uint64_t* empty_bar = full_bar + kStages;
 
-    const int warpgroup = threadIdx.x / 128;
+    // Broadcast from lane 0: the compiler then knows the index is warp-uniform and keeps what
+    // derives from it (the consumers' A descriptors, barrier ids) in uniform registers instead
+    // of rebuilding 64-bit descriptors in vector registers and moving them over every K block.
+    const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
     const int lane = threadIdx.x % 32;
     const uint32_t rank = kCluster == 1 ? 0u : sm90::cluster_ctarank();
 
     if (threadIdx.x == 0) {
       for (int s = 0; s < kStages; ++s) {
-        sm90::mbar_init(&full_bar[s], 1);                                          // the producer's expect_tx
+        sm90::mbar_init(&full_bar[s], kFullArrivals);                              // producer warps
         sm90::mbar_init(&empty_bar[s], kCluster * kNumConsumerWarpgroups * 4);     // consumer warps (all CTAs)
       }
       sm90::fence_barrier_init();
@@ -257,9 +392,16 @@ struct GroupedGemmContiguous {
     if (warpgroup == kNumConsumerWarpgroups) {
       // ------------------------------- producer -------------------------------------------
       sm90::setmaxnreg_dec<kProducerRegs>();
-      if (threadIdx.x == kNumConsumerWarpgroups * 128) {
-        sm90::tma_prefetch_descriptor(&tmap_a);
-        sm90::tma_prefetch_descriptor(&tmap_b);
+      // Two producer warps walk the same tiles through the ring: lane 0 of the first issues the
+      // TMA loads of the A and B tiles; the second stages the stage's scales with cp.async (each
+      // lane 4 of the tile's 128 a_scale values, lanes < kScaleSpan one b_scale each). All of it
+      // completes on the stage's `full` barrier, so the consumers read their scales from shared
+      // memory: no global addresses or load latency in their K loop. A warp of its own for the
+      // scales keeps the TMA issue from queueing behind the cp.asyncs when the memory pipe is
+      // busy with the epilogue's stores.
+      const int producer_warp = threadIdx.x / 32 - kNumConsumerWarpgroups * 4;
+      // Calls fill(role, kb, stage) for every K block of this CTA's live tiles once its stage is free.
+      auto for_each_stage = [&](auto&& fill) {
         Scheduler sched(m);
         int stage = 0;
         uint32_t phase = 0;
@@ -269,43 +411,67 @@ struct GroupedGemmContiguous {
           const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(expert_ids, m, m_unit, n_unit,
                                                                                     rank, live_pair);
           if (!live_pair) continue;
-          const int m_tile = role.m_tile;
-          const int n_tile = role.n_tile;
 #pragma unroll 1
           for (int kb = 0; kb < kKBlocks; ++kb) {
             sm90::mbar_wait(&empty_bar[stage], phase ^ 1);
-            // Out-of-bounds box elements (rows past M, columns past N) are zero-filled and
-            // still counted in the transaction bytes.
-            sm90::mbar_arrive_expect_tx(&full_bar[stage], kStageBytes);
-            if constexpr (kMcastA) {
-              // This CTA's half of the A tile, into both CTAs; its own whole B tile.
-              sm90::tma_load_2d_multicast(smem_a + stage * kABytes + rank * kALoadBytes, &tmap_a, &full_bar[stage],
-                                          kb * kBlockK, m_tile * kBlockM + static_cast<int>(rank) * kARowsPerLoad,
-                                          static_cast<uint16_t>((1u << kCluster) - 1));
-            } else {
-              sm90::tma_load_2d(smem_a + stage * kABytes, &tmap_a, &full_bar[stage], kb * kBlockK, m_tile * kBlockM);
-            }
-            if constexpr (kCluster == 1 || kMcastA) {
-              sm90::tma_load_3d(smem_b + stage * kBBytes, &tmap_b, &full_bar[stage], kb * kBlockK,
-                                n_tile * kBlockN, role.expert);
-            } else {
-              if (role.multicast) {
-                sm90::tma_load_3d_multicast(smem_b + stage * kBBytes + rank * kBLoadBytes, &tmap_b, &full_bar[stage],
-                                            kb * kBlockK, n_tile * kBlockN + rank * kBRowsPerLoad, role.expert,
-                                            static_cast<uint16_t>((1u << kCluster) - 1));
-              } else {
-#pragma unroll
-                for (int h = 0; h < kCluster; ++h)
-                  sm90::tma_load_3d(smem_b + stage * kBBytes + h * kBLoadBytes, &tmap_b, &full_bar[stage],
-                                    kb * kBlockK, n_tile * kBlockN + h * kBRowsPerLoad, role.expert);
-              }
-            }
+            fill(role, kb, stage);
             if (++stage == kStages) {
               stage = 0;
               phase ^= 1;
             }
           }
         }
+      };
+      if (producer_warp == 0 && lane == 0) {
+        sm90::tma_prefetch_descriptor(&tmap_a);
+        sm90::tma_prefetch_descriptor(&tmap_b);
+        for_each_stage([&](const TileRole& role, int kb, int stage) {
+          const int m_tile = role.m_tile;
+          const int n_tile = role.n_tile;
+          // Out-of-bounds box elements (rows past M, columns past N) are zero-filled and still
+          // counted in the transaction bytes.
+          sm90::mbar_arrive_expect_tx(&full_bar[stage], kStageBytes);
+          if constexpr (kMcastA) {
+            // This CTA's half of the A tile, into both CTAs; its own whole B tile.
+            sm90::tma_load_2d_multicast(smem_a + stage * kABytes + rank * kALoadBytes, &tmap_a, &full_bar[stage],
+                                        kb * kBlockK, m_tile * kBlockM + static_cast<int>(rank) * kARowsPerLoad,
+                                        static_cast<uint16_t>((1u << kCluster) - 1));
+          } else {
+            sm90::tma_load_2d(smem_a + stage * kABytes, &tmap_a, &full_bar[stage], kb * kBlockK, m_tile * kBlockM);
+          }
+          if constexpr (kCluster == 1 || kMcastA) {
+            sm90::tma_load_3d(smem_b + stage * kBBytes, &tmap_b, &full_bar[stage], kb * kBlockK, n_tile * kBlockN,
+                              role.expert);
+          } else {
+            if (role.multicast) {
+              sm90::tma_load_3d_multicast(smem_b + stage * kBBytes + rank * kBLoadBytes, &tmap_b, &full_bar[stage],
+                                          kb * kBlockK, n_tile * kBlockN + rank * kBRowsPerLoad, role.expert,
+                                          static_cast<uint16_t>((1u << kCluster) - 1));
+            } else {
+#pragma unroll
+              for (int h = 0; h < kCluster; ++h)
+                sm90::tma_load_3d(smem_b + stage * kBBytes + h * kBLoadBytes, &tmap_b, &full_bar[stage],
+                                  kb * kBlockK, n_tile * kBlockN + h * kBRowsPerLoad, role.expert);
+            }
+          }
+        });
+      } else if (producer_warp == 1) {
+        for_each_stage([&](const TileRole& role, int kb, int stage) {
+          float* stage_scales = smem_scales + stage * kScaleStageFloats;
+          // Rows past M are zero-filled (their products are never stored), read from a valid address.
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int row = role.m_tile * kBlockM + lane + 32 * i;
+            sm90::cp_async_4(stage_scales + lane + 32 * i, a_scale + static_cast<int64_t>(row < m ? row : 0) * kKBlocks + kb,
+                             row < m ? 4u : 0u);
+          }
+          if (lane < kScaleSpan) {
+            const int block = min(role.n_tile * kBlockN / kScaleBlock + lane, kNScaleBlocks - 1);
+            sm90::cp_async_4(stage_scales + kBlockM + lane,
+                             b_scale + (static_cast<int64_t>(role.expert) * kNScaleBlocks + block) * kKBlocks + kb, 4u);
+          }
+          sm90::cp_async_mbar_arrive_noinc(&full_bar[stage]);
+        });
       }
     } else {
       // ------------------------------- consumers ------------------------------------------
@@ -320,6 +486,7 @@ struct GroupedGemmContiguous {
       const uint64_t desc_a0 = sm90::smem_desc_kmajor_sw128(smem_a + warpgroup * 64 * kBlockK);
       const uint64_t desc_b0 = sm90::smem_desc_kmajor_sw128(smem_b);
       float acc[kAccRegs];     // one K block, unscaled
+      float acc_odd[kTwoAcc ? kAccRegs : 1];  // kTwoAcc: the odd K blocks' accumulator
       float result[kAccRegs];  // promoted fp32 sum over K blocks
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.f;
@@ -344,20 +511,11 @@ struct GroupedGemmContiguous {
 
         const int row0 = m_tile * kBlockM + row_in_tile;
         const int row1 = row0 + 8;
-        // Rows past M read row M-1's scales (their products are never stored).
-        const float* a_scale0 = a_scale + static_cast<int64_t>(min(row0, m - 1)) * kKBlocks;
-        const float* a_scale1 = a_scale + static_cast<int64_t>(min(row1, m - 1)) * kKBlocks;
         const int n_base = n_tile * kBlockN;
-        const int scale_block0 = n_base / kScaleBlock;
         const int n_offset = n_base % kScaleBlock;  // 0 when kScaleAligned
-        const float* b_scale_e = b_scale + static_cast<int64_t>(expert) * kNScaleBlocks * kKBlocks;
         // The epilogue's row guards, loaded now: their latency hides behind the K loop.
         const int id0 = row0 < m ? expert_ids[row0] : -1;
         const int id1 = row1 < m ? expert_ids[row1] : -1;
-        const float* b_scale_rows[kScaleSpan];
-#pragma unroll
-        for (int j = 0; j < kScaleSpan; ++j)
-          b_scale_rows[j] = b_scale_e + min(scale_block0 + j, kNScaleBlocks - 1) * kKBlocks;
 
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
@@ -367,90 +525,85 @@ struct GroupedGemmContiguous {
         // compile-time scale indices (no per-chunk selects in the promotion); the others
         // (80/112/144/176: up to 8 offsets) pass kOff = -1 and select at run time.
         auto k_loop = [&](auto off_c) {
-          constexpr int kOff = decltype(off_c)::value;
-          // Scales are software-pipelined one K block ahead: block kb's were loaded during block
-          // kb - 1, so a load that misses L1 never stalls the MMA issue (ptxas schedules the
-          // sa * sb products between the wgmmas).
-          float sa0 = __ldg(a_scale0);
-          float sa1 = __ldg(a_scale1);
-          float sb[kScaleSpan];
-#pragma unroll
-          for (int j = 0; j < kScaleSpan; ++j) sb[j] = __ldg(b_scale_rows[j]);
+          [[maybe_unused]] constexpr int kOff = decltype(off_c)::value;
+          if constexpr (kTwoAcc) {
+            k_loop_two_acc(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0, stage, phase,
+                           row_in_tile, lane);
+          } else {
 #pragma unroll kKLoopUnroll
-          for (int kb = 0; kb < kKBlocks; ++kb) {
-            const int kb_next = kb + 1 < kKBlocks ? kb + 1 : kb;
-            const float sa0_next = __ldg(a_scale0 + kb_next);
-            const float sa1_next = __ldg(a_scale1 + kb_next);
-            float sb_next[kScaleSpan];
+            for (int kb = 0; kb < kKBlocks; ++kb) {
+              sm90::mbar_wait(&full_bar[stage], phase);
+              // The stage's scales (staged by a producer warp; shared-memory latency hides behind
+              // the MMAs: the products are used only after the wgmma wait).
+              const float* stage_scales = smem_scales + stage * kScaleStageFloats;
+              const float sa0 = stage_scales[row_in_tile];
+              const float sa1 = stage_scales[row_in_tile + 8];
+              float sb[kScaleSpan];
 #pragma unroll
-            for (int j = 0; j < kScaleSpan; ++j) sb_next[j] = __ldg(b_scale_rows[j] + kb_next);
-
-            sm90::mbar_wait(&full_bar[stage], phase);
-            // Stage descriptors = the stage-0 descriptors plus the stage's offset in 16-byte units
-            // (the start-address field; smem offsets stay far below its 2^14 x 16 B range).
-            const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * kABytes) >> 4);
-            const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * kBBytes) >> 4);
+              for (int j = 0; j < kScaleSpan; ++j) sb[j] = stage_scales[kBlockM + j];
+              // Stage descriptors = the stage-0 descriptors plus the stage's offset in 16-byte units
+              // (the start-address field; smem offsets stay far below its 2^14 x 16 B range).
+              const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * kABytes) >> 4);
+              const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * kBBytes) >> 4);
 #pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-            if constexpr (kPingPong) {
-              // Token: warpgroup 1 issues K block i after warpgroup 0 did; warpgroup 0 issues
-              // K block i+1 after warpgroup 1 issued K block i.
-              if (warpgroup == 0) {
-                if (issued_any) sm90::named_bar_sync(2, 256);
+              for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+              if constexpr (kPingPong) {
+                // Token: warpgroup 1 issues K block i after warpgroup 0 did; warpgroup 0 issues
+                // K block i+1 after warpgroup 1 issued K block i.
+                if (warpgroup == 0) {
+                  if (issued_any) sm90::named_bar_sync(2, 256);
+                } else {
+                  sm90::named_bar_sync(1, 256);
+                }
+              }
+              sm90::wgmma_fence();
+#pragma unroll
+              for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
+                // +2 per step: 32 bytes of K in the descriptor's 16-byte units.
+                Mma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
+              }
+              sm90::wgmma_commit();
+              if constexpr (kPingPong) {
+                sm90::named_bar_arrive(warpgroup == 0 ? 1 : 2, 256);
+                issued_any = true;
+              }
+#pragma unroll
+              for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+              sm90::wgmma_wait<0>();
+#pragma unroll
+              for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+              // The stage's bytes are consumed once this warp's MMAs completed and its scale loads
+              // returned (the arrive releases both): hand it back (in every CTA of the cluster: a
+              // peer's producer may multicast into this stage).
+              if constexpr (kCluster == 1) {
+                if (lane == 0) sm90::mbar_arrive(&empty_bar[stage]);
               } else {
-                sm90::named_bar_sync(1, 256);
+                if (lane < kCluster) sm90::mbar_arrive_cluster(&empty_bar[stage], static_cast<uint32_t>(lane));
+              }
+              if (++stage == kStages) {
+                stage = 0;
+                phase ^= 1;
+              }
+
+#pragma unroll
+              for (int c = 0; c < kBlockN / 8; ++c) {
+                float sbc;
+                if constexpr (kOff >= 0) {
+                  sbc = sb[(kOff + 8 * c) / kScaleBlock];  // compile-time index
+                } else {
+                  const int col = n_offset + 8 * c;  // an 8-column chunk never straddles a scale block
+                  sbc = sb[0];
+#pragma unroll
+                  for (int j = 1; j < kScaleSpan; ++j) sbc = col >= j * kScaleBlock ? sb[j] : sbc;
+                }
+                const float s0 = sa0 * sbc;
+                const float s1 = sa1 * sbc;
+                result[4 * c + 0] = fmaf(s0, acc[4 * c + 0], result[4 * c + 0]);
+                result[4 * c + 1] = fmaf(s0, acc[4 * c + 1], result[4 * c + 1]);
+                result[4 * c + 2] = fmaf(s1, acc[4 * c + 2], result[4 * c + 2]);
+                result[4 * c + 3] = fmaf(s1, acc[4 * c + 3], result[4 * c + 3]);
               }
             }
-            sm90::wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
-              // +2 per step: 32 bytes of K in the descriptor's 16-byte units.
-              Mma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
-            }
-            sm90::wgmma_commit();
-            if constexpr (kPingPong) {
-              sm90::named_bar_arrive(warpgroup == 0 ? 1 : 2, 256);
-              issued_any = true;
-            }
-#pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-            sm90::wgmma_wait<0>();
-#pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-            // The stage's bytes are consumed once this warp's MMAs completed: hand it back (in
-            // every CTA of the cluster: a peer's producer may multicast into this stage).
-            if constexpr (kCluster == 1) {
-              if (lane == 0) sm90::mbar_arrive(&empty_bar[stage]);
-            } else {
-              if (lane < kCluster) sm90::mbar_arrive_cluster(&empty_bar[stage], static_cast<uint32_t>(lane));
-            }
-            if (++stage == kStages) {
-              stage = 0;
-              phase ^= 1;
-            }
-
-#pragma unroll
-            for (int c = 0; c < kBlockN / 8; ++c) {
-              float sbc;
-              if constexpr (kOff >= 0) {
-                sbc = sb[(kOff + 8 * c) / kScaleBlock];  // compile-time index
-              } else {
-                const int col = n_offset + 8 * c;  // an 8-column chunk never straddles a scale block
-                sbc = sb[0];
-#pragma unroll
-                for (int j = 1; j < kScaleSpan; ++j) sbc = col >= j * kScaleBlock ? sb[j] : sbc;
-              }
-              const float s0 = sa0 * sbc;
-              const float s1 = sa1 * sbc;
-              result[4 * c + 0] = fmaf(s0, acc[4 * c + 0], result[4 * c + 0]);
-              result[4 * c + 1] = fmaf(s0, acc[4 * c + 1], result[4 * c + 1]);
-              result[4 * c + 2] = fmaf(s1, acc[4 * c + 2], result[4 * c + 2]);
-              result[4 * c + 3] = fmaf(s1, acc[4 * c + 3], result[4 * c + 3]);
-            }
-            sa0 = sa0_next;
-            sa1 = sa1_next;
-#pragma unroll
-            for (int j = 0; j < kScaleSpan; ++j) sb[j] = sb_next[j];
           }
         };
         if constexpr (kScaleAligned) {
@@ -461,58 +614,110 @@ struct GroupedGemmContiguous {
           k_loop(IntC<-1>{});
         }
 
-        // Epilogue: bf16 straight from registers. Rows of another expert id (padding), rows past
-        // M and dead tiles of a cluster pair are left untouched; columns past N are dropped.
-        const bool store0 = role.live && id0 == expert;
-        const bool store1 = role.live && id1 == expert;
+        if constexpr (kBulkStore) {
+          // Epilogue through shared memory: this warpgroup's 64 rows go to its buffer (16-byte
+          // writes after the quad transpose), then thread t < 64 stores row t with one bulk copy
+          // if it is a row of this tile's expert (padding rows, rows past M, dead tiles of a pair:
+          // untouched; columns past N: not copied). The copies run while the next tile computes.
+          uint8_t* buf = smem_out + warpgroup * 64 * kOutPitch;
+          const int wg_thread = threadIdx.x % 128;
+          const int local_row0 = warp_in_wg * 16 + lane / 4;
+          if (wg_thread < 64) sm90::bulk_wait_read<0>();  // the previous tile's copies have read the buffer
+          sm90::named_bar_sync(3 + warpgroup, 128);
+#pragma unroll
+          for (int g = 0; g < kVecChunks; g += 4) {
+            uint32_t v0[4], v1[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              v0[j] = sm90::pack_bf16x2(result[4 * (g + j) + 0], result[4 * (g + j) + 1]);
+              v1[j] = sm90::pack_bf16x2(result[4 * (g + j) + 2], result[4 * (g + j) + 3]);
+            }
+            quad_transpose(v0, quad_lane);
+            quad_transpose(v1, quad_lane);
+            uint8_t* at = buf + local_row0 * kOutPitch + 16 * (g + quad_lane);
+            sm90::st_shared_v4(at, v0[0], v0[1], v0[2], v0[3]);
+            sm90::st_shared_v4(at + 8 * kOutPitch, v1[0], v1[1], v1[2], v1[3]);
+          }
+#pragma unroll
+          for (int c = kVecChunks; c < kBlockN / 8; ++c) {
+            uint8_t* at = buf + local_row0 * kOutPitch + 2 * (8 * c + col_in_chunk);
+            sm90::st_shared_b32(at, sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]));
+            sm90::st_shared_b32(at + 8 * kOutPitch, sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]));
+          }
+          sm90::fence_proxy_async_shared();  // the writes above, before the bulk engine reads them
+          sm90::named_bar_sync(3 + warpgroup, 128);
+          if (wg_thread < 64) {
+            const int row = m_tile * kBlockM + warpgroup * 64 + wg_thread;
+            if (role.live && row < m && expert_ids[row] == expert) {
+              const uint32_t bytes = 2u * static_cast<uint32_t>(min(kBlockN, kN - n_base));
+              sm90::bulk_store(out + static_cast<int64_t>(row) * kN + n_base, buf + wg_thread * kOutPitch, bytes);
+            }
+            sm90::bulk_commit();
+          }
 #ifdef PHASEMOE_DEBUG
-        // A row of another expert inside the tile means a segment did not start on a 128-row
-        // boundary: the layout broke the precondition and that row would silently stay unwritten.
-        if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
-          printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
-          __trap();
-        }
+          if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
+            printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
+            __trap();
+          }
 #endif
-        uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
-        uint16_t* out1 = out + static_cast<int64_t>(row1) * kN;
-        // Vectorized part: after the quad transpose, lane q holds 8 columns of chunk g + q.
-#pragma unroll
-        for (int g = 0; g < kVecChunks; g += 4) {
-          uint32_t v0[4], v1[4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            v0[j] = sm90::pack_bf16x2(result[4 * (g + j) + 0], result[4 * (g + j) + 1]);
-            v1[j] = sm90::pack_bf16x2(result[4 * (g + j) + 2], result[4 * (g + j) + 3]);
+        } else {
+          // Epilogue: bf16 straight from registers. Rows of another expert id (padding), rows past
+          // M and dead tiles of a cluster pair are left untouched; columns past N are dropped.
+          const bool store0 = role.live && id0 == expert;
+          const bool store1 = role.live && id1 == expert;
+#ifdef PHASEMOE_DEBUG
+          // A row of another expert inside the tile means a segment did not start on a 128-row
+          // boundary: the layout broke the precondition and that row would silently stay unwritten.
+          if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
+            printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
+            __trap();
           }
-          quad_transpose(v0, quad_lane);
-          quad_transpose(v1, quad_lane);
-          const int col = n_base + 8 * (g + quad_lane);
-          if (col < kN) {  // N % 8 == 0: the 8 columns are all in or all out
-            if (store0) *reinterpret_cast<uint4*>(out0 + col) = make_uint4(v0[0], v0[1], v0[2], v0[3]);
-            if (store1) *reinterpret_cast<uint4*>(out1 + col) = make_uint4(v1[0], v1[1], v1[2], v1[3]);
+#endif
+          uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
+          uint16_t* out1 = out + static_cast<int64_t>(row1) * kN;
+          // Vectorized part: after the quad transpose, lane q holds 8 columns of chunk g + q.
+#pragma unroll
+          for (int g = 0; g < kVecChunks; g += 4) {
+            uint32_t v0[4], v1[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              v0[j] = sm90::pack_bf16x2(result[4 * (g + j) + 0], result[4 * (g + j) + 1]);
+              v1[j] = sm90::pack_bf16x2(result[4 * (g + j) + 2], result[4 * (g + j) + 3]);
+            }
+            quad_transpose(v0, quad_lane);
+            quad_transpose(v1, quad_lane);
+            const int col = n_base + 8 * (g + quad_lane);
+            if (col < kN) {  // N % 8 == 0: the 8 columns are all in or all out
+              if (store0) *reinterpret_cast<uint4*>(out0 + col) = make_uint4(v0[0], v0[1], v0[2], v0[3]);
+              if (store1) *reinterpret_cast<uint4*>(out1 + col) = make_uint4(v1[0], v1[1], v1[2], v1[3]);
+            }
+          }
+#pragma unroll
+          for (int c = kVecChunks; c < kBlockN / 8; ++c) {
+            const int col = n_base + 8 * c + col_in_chunk;
+            if constexpr (kN % 2 == 0) {
+              if (col < kN) {  // N even: col + 1 < N too, and the pair is 4-byte aligned
+                if (store0)
+                  *reinterpret_cast<uint32_t*>(out0 + col) = sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]);
+                if (store1)
+                  *reinterpret_cast<uint32_t*>(out1 + col) = sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]);
+              }
+            } else {
+              if (col < kN) {
+                if (store0) out0[col] = sm90::to_bf16(result[4 * c]);
+                if (store1) out1[col] = sm90::to_bf16(result[4 * c + 2]);
+              }
+              if (col + 1 < kN) {
+                if (store0) out0[col + 1] = sm90::to_bf16(result[4 * c + 1]);
+                if (store1) out1[col + 1] = sm90::to_bf16(result[4 * c + 3]);
+              }
+            }
           }
         }
-#pragma unroll
-        for (int c = kVecChunks; c < kBlockN / 8; ++c) {
-          const int col = n_base + 8 * c + col_in_chunk;
-          if constexpr (kN % 2 == 0) {
-            if (col < kN) {  // N even: col + 1 < N too, and the pair is 4-byte aligned
-              if (store0)
-                *reinterpret_cast<uint32_t*>(out0 + col) = sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]);
-              if (store1)
-                *reinterpret_cast<uint32_t*>(out1 + col) = sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]);
-            }
-          } else {
-            if (col < kN) {
-              if (store0) out0[col] = sm90::to_bf16(result[4 * c]);
-              if (store1) out1[col] = sm90::to_bf16(result[4 * c + 2]);
-            }
-            if (col + 1 < kN) {
-              if (store0) out0[col + 1] = sm90::to_bf16(result[4 * c + 1]);
-              if (store1) out1[col + 1] = sm90::to_bf16(result[4 * c + 3]);
-            }
-          }
-        }
+      }
+      // The last bulk stores complete before the CTA (and its shared memory) goes away.
+      if constexpr (kBulkStore) {
+        if (threadIdx.x % 128 < 64) sm90::bulk_wait<0>();
       }
       // Consume warpgroup 1's last token so no barrier arrival is left pending at exit.
       if constexpr (kPingPong) {
@@ -520,7 +725,7 @@ struct GroupedGemmContiguous {
       }
     }
     if constexpr (kCluster > 1) {
-      __syncwarp();  // the producer warp's lanes reconverge before the .aligned cluster barrier
+      __syncwarp();  // the TMA warp's lanes reconverge before the .aligned cluster barrier
       // Stay resident until the peer is done: it arrives on our barriers and multicasts into
       // our shared memory until its last K block.
       sm90::cluster_sync();

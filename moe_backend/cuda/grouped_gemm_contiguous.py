@@ -29,18 +29,19 @@ BLOCK_K = 128          # = the scale block
 NUM_THREADS = 384      # 2 consumer warpgroups + 1 producer warpgroup
 CONTIGUOUS_ALIGNMENT = BLOCK_M
 SMEM_LIMIT = 232448    # bytes of shared memory one block may opt into on sm_90
+# Per stage besides the tiles: the staged scales (128 a_scale + 4 b_scale slots, fp32) and the
+# stage's two mbarriers.
+STAGE_EXTRA_BYTES = (BLOCK_M + 4) * 4 + 16
 MAX_STAGES = 6         # deeper rings stopped paying in other Hopper GEMMs; unmeasured here
 GROUP_M = 8            # M tiles swept together across N (L2 reuse); unmeasured prior
 # Per-tile fixed cost in column-equivalents (A tile traffic, promotion, epilogue, pipeline fill)
-# used to rank N tiles. Fitted on H100 (docs/cuda_kernel.md, v4): 192 beat 128 on TP8 w13
-# (N = 512: 3 tiles, the last one a third empty) by 13%, which needs a cost above 64; 96 keeps
-# 192 for the EP8 cells, where it measured fastest too.
+# used to rank N tiles (fitted on H100 for the one-accumulator kernel, docs/cuda_kernel.md v4).
 TILE_OVERHEAD_COLS = 96
-# Tiles the formula picks from: those whose 8-column chunks map to scale blocks at compile time
-# (128-aligned, or 2-4 column offsets each compiled separately). 80/112/144/176 select the
-# scale per chunk at run time: ncu counted 2.5x DeepGEMM's instructions with such selects at
-# 192, and ALU-pipe use of 26% vs 3%. They stay available through `config=`.
-HEURISTIC_BLOCK_N = (64, 96, 128, 160, 192)
+# Tiles the formula picks from: those the two-accumulator K loop takes (three accumulator copies
+# fit the registers up to 128 columns). With it, 128 beat the one-accumulator kernel's best tile
+# (192, ping-pong) on all 8 issue-5 cells (docs/cuda_kernel.md, v10); 64 fills the SMs when few
+# rows give few tiles. The other tiles stay available through `config=`.
+HEURISTIC_BLOCK_N = (64, 128)
 CLUSTER = 2            # CTA pairs sharing an operand by TMA multicast (`_pairing`); 1 turns them off
 CLUSTER_MIN_PAIRS = 4  # below 8 M tiles, no B-sharing pairs (dead halves of pairs cost more)
 _TEMPLATE = Path(__file__).with_name("grouped_gemm_contiguous.cu")
@@ -56,42 +57,59 @@ class ContiguousConfig:
     multicast: str = "b"    # with cluster=2: "b" = pairs of M tiles 2i, 2i+1 share B (when both hold
     #                         one expert); "a" = pairs of N tiles 2j, 2j+1 share A (always one expert)
     k_unroll: int = 0       # consumer K-loop unroll; 0 = auto (`resolved_k_unroll`)
+    bulk_store: bool = False  # epilogue through shared memory + one bulk copy per row (needs N % 8 == 0;
+    #                          costs a stage of the ring); False: 16-byte stores from registers
+    two_acc: bool = False    # two block accumulators, K block kb+1 issued before kb is promoted
+    #                          (block_n 64/128 only; the ping-pong token is not used with it)
 
     def __post_init__(self) -> None:
         if self.block_n not in BLOCK_N_CHOICES:
             raise ValueError(f"config.block_n: must be one of {BLOCK_N_CHOICES}, got {self.block_n}")
-        if not 2 <= self.num_stages <= max_stages(self.block_n):
-            raise ValueError(f"config.num_stages: must lie in [2, {max_stages(self.block_n)}] for "
-                             f"block_n={self.block_n}, got {self.num_stages}")
+        limit = max_stages(self.block_n, self.bulk_store)
+        if not 2 <= self.num_stages <= limit:
+            raise ValueError(f"config.num_stages: must lie in [2, {limit}] for block_n={self.block_n}"
+                             f"{' with bulk_store' if self.bulk_store else ''}, got {self.num_stages}")
         if self.cluster not in (1, 2):
             raise ValueError(f"config.cluster: must be 1 or 2, got {self.cluster}")
-        if self.k_unroll not in (0, 1, 2, 4):
-            raise ValueError(f"config.k_unroll: must be 0 (auto), 1, 2 or 4, got {self.k_unroll}")
-
-    @property
-    def resolved_k_unroll(self) -> int:
-        """2 measured 1-9% faster than 1 (docs/cuda_kernel.md, v8); the tiles that pick scales
-        at run time (80/112/144/176) keep 1: unrolled, 176 spills."""
-        if self.k_unroll:
-            return self.k_unroll
-        return 2 if self.block_n in HEURISTIC_BLOCK_N else 1
+        if self.k_unroll not in (0, 1, 2, 4, 8):
+            raise ValueError(f"config.k_unroll: must be 0 (auto), 1, 2, 4 or 8, got {self.k_unroll}")
         if self.multicast not in ("a", "b"):
             raise ValueError(f"config.multicast: must be 'a' or 'b', got {self.multicast!r}")
         if self.group_m < 1:
             raise ValueError(f"config.group_m: must be >= 1, got {self.group_m}")
+        if self.two_acc and (self.block_n not in (64, 128) or self.pingpong):
+            raise ValueError(f"config.two_acc: needs block_n 64 or 128 and pingpong=False, got "
+                             f"block_n={self.block_n}, pingpong={self.pingpong}")
+
+    @property
+    def resolved_k_unroll(self) -> int:
+        """One-accumulator loop: 2 measured 1-9% faster than 1 (docs/cuda_kernel.md, v8); the
+        tiles that pick scales at run time (80/112/144/176) keep 1: unrolled, 176 spills. With
+        two accumulators the K blocks go in straight-line chains of 2 x k_unroll (2: chains of
+        4; 1, 2, 4 measured within noise of each other, v10)."""
+        if self.k_unroll:
+            return self.k_unroll
+        return 2 if self.block_n in (64, 96, 128, 160, 192) else 1
 
     @property
     def smem_bytes(self) -> int:
         """Mirrors GroupedGemmContiguous::kSmemBytes (a static_assert in the rendered source checks it)."""
-        return self.num_stages * (stage_bytes(self.block_n) + 16) + 1024
+        return (self.num_stages * (stage_bytes(self.block_n) + STAGE_EXTRA_BYTES)
+                + (out_buffer_bytes(self.block_n) if self.bulk_store else 0) + 1024)
 
 
 def stage_bytes(block_n: int) -> int:
     return BLOCK_M * BLOCK_K + block_n * BLOCK_K
 
 
-def max_stages(block_n: int) -> int:
-    return min(MAX_STAGES, (SMEM_LIMIT - 1024) // (stage_bytes(block_n) + 16))
+def out_buffer_bytes(block_n: int) -> int:
+    """The bulk-store epilogue's buffer: 128 rows of BLOCK_N bf16, each padded by 16 bytes."""
+    return BLOCK_M * (2 * block_n + 16)
+
+
+def max_stages(block_n: int, bulk_store: bool = False) -> int:
+    free = SMEM_LIMIT - 1024 - (out_buffer_bytes(block_n) if bulk_store else 0)
+    return min(MAX_STAGES, free // (stage_bytes(block_n) + STAGE_EXTRA_BYTES))
 
 
 def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | None = None,
@@ -111,9 +129,9 @@ def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | Non
             return waves * (bn + TILE_OVERHEAD_COLS), -bn
 
         bn = min(HEURISTIC_BLOCK_N, key=cost)
-        cluster, multicast, pingpong = _pairing(m_tiles, n, k)
+        cluster, multicast = _pairing(m_tiles)
         cfg = ContiguousConfig(block_n=bn, num_stages=max_stages(bn), cluster=cluster, multicast=multicast,
-                               pingpong=pingpong)
+                               pingpong=False, two_acc=True)
     if verbose and (m, n, num_sms, cfg) not in _printed:
         _printed.add((m, n, num_sms, cfg))
         print(f"[moe_backend] cuda grouped_gemm_contiguous m={m} N={n} sms={num_sms}: "
@@ -121,16 +139,14 @@ def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | Non
     return cfg
 
 
-def _pairing(m_tiles: int, n: int, k: int | None) -> tuple[int, str, bool]:
-    """(cluster, multicast, pingpong). Measured on H100 (docs/cuda_kernel.md, v6-v8): CTA pairs
-    sharing B (M-tile pairs) beat single CTAs by 5-15% on the EP8 cells once the remote stage
-    release lost its GPU-wide fence; pairs sharing A (N-tile pairs) were no faster than B-sharing
-    ones with the unrolled K loop (EP8 w13 4096 rows: 8095 vs 7224-7735 µs) and stay opt-in
-    (`multicast="a"`); the ping-pong token paid only on wide GEMMs (TP8 w13, N = 512: 999 µs
-    without, 1057-1099 with)."""
+def _pairing(m_tiles: int) -> tuple[int, str]:
+    """(cluster, multicast). Measured on H100 (docs/cuda_kernel.md, v6-v8): CTA pairs sharing B
+    (M-tile pairs) beat single CTAs by 5-15% on the EP8 cells once the remote stage release lost
+    its GPU-wide fence; pairs sharing A (N-tile pairs) were no faster than B-sharing ones (EP8 w13
+    4096 rows: 8095 vs 7224-7735 µs) and stay opt-in (`multicast="a"`)."""
     if CLUSTER == 1 or m_tiles < 2 * CLUSTER_MIN_PAIRS:
-        return 1, "b", True
-    return 2, "b", n >= 1024 and (k is None or k >= 1024)
+        return 1, "b"
+    return 2, "b"
 
 
 _printed: set = set()
@@ -147,11 +163,15 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
         raise ValueError(f"k: must be a positive multiple of {BLOCK_K}, got {k}")
     if n <= 0:
         raise ValueError(f"n: must be positive, got {n}")
+    if config.bulk_store and n % 8:
+        raise ValueError(f"config.bulk_store: the bulk-copy epilogue needs N % 8 == 0 (16-byte rows), got N={n}; "
+                         f"pass bulk_store=False")
     constants = {"N": n, "K": k, "BLOCK_N": config.block_n, "STAGES": config.num_stages,
                  "GROUP_M": config.group_m, "PINGPONG": int(config.pingpong), "CLUSTER": config.cluster,
-                 "MCAST_A": int(config.cluster > 1 and config.multicast == "a"), "K_UNROLL": config.resolved_k_unroll}
+                 "MCAST_A": int(config.cluster > 1 and config.multicast == "a"), "K_UNROLL": config.resolved_k_unroll,
+                 "BULK_STORE": int(config.bulk_store), "TWO_ACC": int(config.two_acc)}
     name = ("phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}_c{CLUSTER}"
-            "_ma{MCAST_A}_u{K_UNROLL}").format(**constants)
+            "_ma{MCAST_A}_u{K_UNROLL}_bs{BULK_STORE}_ta{TWO_ACC}").format(**constants)
     source = _TEMPLATE.read_text()
     checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
                "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}

@@ -121,6 +121,54 @@ __device__ __forceinline__ void tma_load_3d_multicast(void* dst, const TmaDescri
 }
 
 // ---------------------------------------------------------------------------------------------
+// cp.async (Ampere-style asynchronous copies) completing on an mbarrier: the producer warp stages
+// the per-K-block scales with them, so no thread waits for their global-memory latency.
+
+// 4 bytes global -> shared; src_bytes = 0 writes a zero without reading (rows past M).
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)),
+               "l"(reinterpret_cast<uint64_t>(src)), "r"(src_bytes)
+               : "memory");
+}
+
+// One arrival on `bar`, made when every cp.async this thread issued before has landed. `.noinc`:
+// the arrival counts against the barrier's expected count (set at init), like a plain arrive.
+__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bulk copies shared -> global (the epilogue's asynchronous stores; no tensor map: one contiguous
+// run of bytes per call, 16-byte aligned at both ends, size a multiple of 16).
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(reinterpret_cast<uint64_t>(dst)),
+               "r"(smem_addr(src)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Waits until this thread's committed bulk copies have read their shared-memory source (the
+// buffer may be rewritten), or, without `.read`, until their writes are done.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
+}
+// Orders this thread's ordinary shared-memory writes before later async-proxy reads (bulk copies).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void st_shared_v4(void* dst, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(smem_addr(dst)), "r"(a), "r"(b), "r"(c), "r"(d)
+               : "memory");
+}
+__device__ __forceinline__ void st_shared_b32(void* dst, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(smem_addr(dst)), "r"(v) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Clusters
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t r;

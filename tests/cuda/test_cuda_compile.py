@@ -52,6 +52,8 @@ class CompileCase:
     rows: int = 32 * 512
     cluster: int = 1
     multicast: str = "b"
+    bulk_store: bool = False  # the epilogue through shared memory + bulk copies
+    two_acc: bool = False     # two block accumulators (BLOCK_N 64/128, no ping-pong token)
 
 
 COMPILE_CASES = [
@@ -64,6 +66,9 @@ COMPILE_CASES = [
     # CTA pairs sharing B (M-tile pairs) or A (N-tile pairs) through TMA multicast
     CompileCase("cluster2-share-b", 4096, 7168, block_n=192, cluster=2, multicast="b"),
     CompileCase("cluster2-share-a", 7168, 2048, block_n=128, cluster=2, multicast="a"),
+    CompileCase("bulk-store", 7168, 2048, block_n=192, cluster=2, bulk_store=True),  # epilogue via bulk copies
+    CompileCase("two-acc", 4096, 7168, block_n=128, cluster=2, two_acc=True),
+    CompileCase("two-acc-bn64", 7168, 2048, block_n=64, two_acc=True),
 ]
 
 
@@ -71,8 +76,9 @@ def _spec(case: CompileCase) -> jit.KernelSpec:
     if case.block_n is None:
         cfg = ggc.select_config(case.rows, case.n, num_sms=132)
     else:
-        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n), cluster=case.cluster,
-                                   multicast=case.multicast)
+        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store), cluster=case.cluster,
+                                   multicast=case.multicast, bulk_store=case.bulk_store,
+                                   pingpong=not case.two_acc, two_acc=case.two_acc)
     return ggc.kernel_spec(case.n, case.k, cfg)
 
 
@@ -100,9 +106,13 @@ def test_kernel_compiles_for_sm90a(case, cache):
     # The K loop is compiled once per column offset inside a scale block for 192/160/96 (2, 4,
     # 4 copies: compile-time scale indices), once otherwise.
     # The K loop is unrolled k_unroll times (plus one remainder copy when K/128 is odd).
-    unroll = min(spec.constants["K_UNROLL"], spec.constants["K"] // 128)
-    unroll += (spec.constants["K"] // 128) % unroll
+    k_blocks = spec.constants["K"] // 128
+    unroll = min(spec.constants["K_UNROLL"], k_blocks)
+    unroll += k_blocks % unroll
     copies = {192: 2, 160: 4, 96: 4}.get(bn, 1) * unroll
+    if spec.constants["TWO_ACC"]:  # straight-line chains of 2 x k_unroll K blocks, plus the remainder
+        chain = min(2 * spec.constants["K_UNROLL"], k_blocks)
+        copies = chain + k_blocks % chain
     # 4 fp8 wgmma (k32 each) per 128-wide K block, N = the tile.
     assert len(re.findall(rf"QGMMA\.64x{bn}x32\.F32\.E4M3\.E4M3", sass)) == 4 * copies, sass[:2000]
     assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass          # TMA loads of A and B
@@ -324,11 +334,28 @@ def test_two_processes_compile_once(cache, tmp_path):
 # Heuristic and launcher checks (CPU)
 
 
-def test_every_choice_fits_shared_memory():
+@pytest.mark.parametrize("bulk", [True, False])
+def test_every_choice_fits_shared_memory(bulk):
     for bn in _gen_wgmma.BLOCK_N_CHOICES:
-        stages = ggc.max_stages(bn)
-        cfg = ggc.ContiguousConfig(bn, stages)
+        stages = ggc.max_stages(bn, bulk)
+        cfg = ggc.ContiguousConfig(bn, stages, bulk_store=bulk)
         assert stages >= 4 and cfg.smem_bytes <= ggc.SMEM_LIMIT
+        with pytest.raises(ValueError, match="config.num_stages"):
+            ggc.ContiguousConfig(bn, stages + 1, bulk_store=bulk)
+
+
+def test_bulk_store_needs_rows_of_16_bytes():
+    cfg = ggc.ContiguousConfig(128, ggc.max_stages(128, True), bulk_store=True)
+    with pytest.raises(ValueError, match="config.bulk_store"):
+        ggc.kernel_spec(1001, 256, cfg)
+    assert ggc.kernel_spec(1024, 256, cfg).constants["BULK_STORE"] == 1
+
+
+def test_two_accumulators_need_a_small_tile_and_no_token():
+    ggc.ContiguousConfig(128, 4, pingpong=False, two_acc=True)
+    for bad in (dict(block_n=192, pingpong=False), dict(block_n=128, pingpong=True)):
+        with pytest.raises(ValueError, match="config.two_acc"):
+            ggc.ContiguousConfig(num_stages=4, two_acc=True, **bad)
 
 
 @pytest.mark.parametrize("m,n", [(128, 4096), (32 * 512, 4096), (32 * 4096, 7168), (256 * 512, 512),
@@ -343,10 +370,12 @@ def test_heuristic_fills_the_machine(m, n):
         assert cfg.block_n == smallest or -(-m // 128) * -(-n // smallest) <= tiles
 
 
-def test_heuristic_uses_non_power_of_two_tiles():
-    picks = {ggc.select_config(r * 32, n, 132).block_n for r in (256, 512, 2048, 4096) for n in (4096, 7168)}
-    picks |= {ggc.select_config(r * 256, n, 132).block_n for r in (256, 512) for n in (512, 7168)}
-    assert picks - {64, 128}, picks
+def test_heuristic_takes_the_two_accumulator_loop():
+    for m, n in [(32 * 512, 4096), (32 * 4096, 7168), (256 * 512, 512), (256 * 512, 7168)]:
+        cfg = ggc.select_config(m, n, 132)
+        assert (cfg.block_n, cfg.two_acc, cfg.pingpong, cfg.cluster) == (128, True, False, 2), cfg
+    small = ggc.select_config(128, 4096, 132)  # one M tile: 64-wide tiles give every SM work
+    assert (small.block_n, small.two_acc, small.cluster) == (64, True, 1), small
 
 
 def test_config_override_and_validation():

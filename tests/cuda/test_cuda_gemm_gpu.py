@@ -64,6 +64,8 @@ class Case:
     pad_last: bool = True     # False: M ends mid-tile (TMA zero-fills rows past M)
     cluster: int | None = None  # force CTA pairs (2) or single CTAs (1); None: the heuristic
     multicast: str = "b"      # with cluster 2: the operand the pair shares
+    bulk_store: bool = False  # the epilogue through shared memory + bulk copies (N % 8 == 0)
+    two_acc: bool = False     # two block accumulators (BLOCK_N 64/128, no ping-pong token)
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -94,6 +96,15 @@ CASES = [
     Case("cluster2_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=128, cluster=2, pad_last=False,
          trailing_pad=0),
     Case("cluster1_ep8_w13_ragged", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=192, cluster=1),
+    # the epilogue through shared memory + one bulk copy per row (padding rows must stay unwritten)
+    *[Case(f"bulk_store_block_n_{bn}_cluster{cl}", n, 2048, (257, 0, 128, 31), block_n=bn, cluster=cl,
+           bulk_store=True) for bn, cl, n in ((192, 2, 7168), (112, 1, 7168), (128, 1, 1000))],
+    Case("bulk_store_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=128, cluster=2, pad_last=False,
+         trailing_pad=0, bulk_store=True),
+    # two block accumulators (K block kb+1 in flight while kb is promoted), odd and even K-block counts
+    *[Case(f"two_acc_block_n_{bn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl,
+           two_acc=True) for bn, cl, n, k in ((128, 2, 7168, 2048), (128, 1, 4096, 7168), (64, 1, 1000, 384),
+                                             (128, 2, 7168, 256), (128, 1, 512, 128))],
     # CTA pairs on N tiles 2j, 2j+1 sharing A: an odd N-tile count (7168 / 192 -> 38, 1001 / 128 ->
     # 8 with a ragged last tile, 384 / 128 -> 3: the last pair's second CTA is past N), padding
     # tiles, M ending mid-tile.
@@ -112,8 +123,9 @@ def test_matches_reference(case: Case) -> None:
     out = torch.full((expert_ids.numel(), case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
     cfg = None
     if case.block_n is not None:
-        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n), cluster=case.cluster or 1,
-                                   multicast=case.multicast)
+        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store),
+                                   cluster=case.cluster or 1, multicast=case.multicast, bulk_store=case.bulk_store,
+                                   pingpong=not case.two_acc, two_acc=case.two_acc)
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()
     pad = expert_ids < 0
