@@ -43,6 +43,10 @@ def cuda_candidates() -> list[ContiguousConfig]:
         out.append(ContiguousConfig(128, max_stages(128), 1, False, cluster=cl, multicast="a", k_unroll=2))
         out += [ContiguousConfig(128, max_stages(128), 1, False, cluster=cl, multicast="a", k_unroll=u, two_acc=True)
                 for u in (1, 2, 4)]
+    # the short-K (K = 256) choice of the one-accumulator kernel: 192 wide, ping-pong, no unroll
+    out.append(ContiguousConfig(192, max_stages(192), 1, True, cluster=1, k_unroll=1))
+    out += [ContiguousConfig(64, max_stages(64), 1, False, cluster=cl, multicast="a", k_unroll=u, two_acc=True)
+            for cl in (1, 2) for u in (1, 2)]
     return out
 
 

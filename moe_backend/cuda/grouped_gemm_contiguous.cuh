@@ -179,6 +179,7 @@ struct GroupedGemmContiguous {
   static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
   static_assert(kTwoAcc == 0 || (kBlockN <= 128 && kScaleBlock % kBlockN == 0 && kPingPong == 0),
                 "two accumulators: BLOCK_N 64 or 128 (registers), no ping-pong token");
+  static_assert(kBulkStore == 0 || kTwoAcc == 0, "the bulk-copy epilogue runs with one accumulator only");
   static_assert(kBulkStore == 0 || kN % 8 == 0, "bulk-copy epilogue: rows must be 16-byte multiples (N % 8 == 0)");
 
   static constexpr int kKBlocks = kK / kBlockK;
@@ -246,6 +247,62 @@ struct GroupedGemmContiguous {
     }
   }
 
+  // kTwoAcc: a finished tile whose epilogue waits until the next tile's first MMAs are issued.
+  struct PendingStore {
+    int row0;
+    int n_base;
+    bool store0;
+    bool store1;
+    bool valid;
+  };
+
+  // Epilogue: bf16 straight from registers to this thread's rows row0 and row0 + 8. Rows not
+  // flagged (another expert's id: padding; past M; dead tiles of a cluster pair) are left
+  // untouched; columns past N are dropped.
+  __device__ __forceinline__ static void store_tile(const float (&result)[kAccRegs], uint16_t* __restrict__ out,
+                                                    int row0, int n_base, bool store0, bool store1, int quad_lane) {
+    const int col_in_chunk = 2 * quad_lane;
+    uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
+    uint16_t* out1 = out0 + 8 * kN;
+    // Vectorized part: after the quad transpose, lane q holds 8 columns of chunk g + q.
+#pragma unroll
+    for (int g = 0; g < kVecChunks; g += 4) {
+      uint32_t v0[4], v1[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        v0[j] = sm90::pack_bf16x2(result[4 * (g + j) + 0], result[4 * (g + j) + 1]);
+        v1[j] = sm90::pack_bf16x2(result[4 * (g + j) + 2], result[4 * (g + j) + 3]);
+      }
+      quad_transpose(v0, quad_lane);
+      quad_transpose(v1, quad_lane);
+      const int col = n_base + 8 * (g + quad_lane);
+      if (col < kN) {  // N % 8 == 0: the 8 columns are all in or all out
+        if (store0) *reinterpret_cast<uint4*>(out0 + col) = make_uint4(v0[0], v0[1], v0[2], v0[3]);
+        if (store1) *reinterpret_cast<uint4*>(out1 + col) = make_uint4(v1[0], v1[1], v1[2], v1[3]);
+      }
+    }
+#pragma unroll
+    for (int c = kVecChunks; c < kBlockN / 8; ++c) {
+      const int col = n_base + 8 * c + col_in_chunk;
+      if constexpr (kN % 2 == 0) {
+        if (col < kN) {  // N even: col + 1 < N too, and the pair is 4-byte aligned
+          if (store0) *reinterpret_cast<uint32_t*>(out0 + col) = sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]);
+          if (store1)
+            *reinterpret_cast<uint32_t*>(out1 + col) = sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]);
+        }
+      } else {
+        if (col < kN) {
+          if (store0) out0[col] = sm90::to_bf16(result[4 * c]);
+          if (store1) out1[col] = sm90::to_bf16(result[4 * c + 2]);
+        }
+        if (col + 1 < kN) {
+          if (store0) out0[col + 1] = sm90::to_bf16(result[4 * c + 1]);
+          if (store1) out1[col + 1] = sm90::to_bf16(result[4 * c + 3]);
+        }
+      }
+    }
+  }
+
   // Releases `stage` in every CTA of the cluster (a peer's producer may multicast into it).
   __device__ __forceinline__ static void release_stage(uint64_t* empty_bar, int stage, int lane) {
     if constexpr (kCluster == 1) {
@@ -307,7 +364,7 @@ struct GroupedGemmContiguous {
   // promotion of the chain leaves the tensor core to the other warpgroup. Nothing stays in flight
   // past the chain: with MMAs in flight across a loop's back edge, ptxas cannot tell which group a
   // wait_group 1 retired and serializes every wgmma (C7514).
-  template <int kCount, int kI = 0>
+  template <int kCount, int kI = 0, bool kFirstIssued = false>
   __device__ __forceinline__ static void mma_chain(float (&acc)[kAccRegs], float (&acc_odd)[kAccRegs],
                                                    float (&result)[kAccRegs], uint64_t* full_bar,
                                                    uint64_t* empty_bar, const float* smem_scales, uint64_t desc_a0,
@@ -316,8 +373,11 @@ struct GroupedGemmContiguous {
                                                    float (&scales)[2][2]) {
     float (&mine)[kAccRegs] = kI % 2 == 0 ? acc : acc_odd;
     float (&prev)[kAccRegs] = kI % 2 == 0 ? acc_odd : acc;
-    issue_block(mine, scales[kI % 2], full_bar, smem_scales, desc_a0, desc_b0, issue_stage, issue_phase, row_in_tile);
-    advance(issue_stage, issue_phase);
+    if constexpr (kI > 0 || !kFirstIssued) {
+      issue_block(mine, scales[kI % 2], full_bar, smem_scales, desc_a0, desc_b0, issue_stage, issue_phase,
+                  row_in_tile);
+      advance(issue_stage, issue_phase);
+    }
     if constexpr (kI > 0) {
       sm90::wgmma_wait<1>();  // block kI - 1 is done; block kI runs meanwhile
       retire_block(prev, scales[(kI + 1) % 2], result, empty_bar, stage, lane);
@@ -333,18 +393,19 @@ struct GroupedGemmContiguous {
     }
   }
 
-  // The K loop with two block accumulators: chains of kTwoAccChain K blocks, then the remainder.
+  // The K loop with two block accumulators after K block 0 was issued into `acc` (scales in
+  // scales[0]): chains of kTwoAccChain K blocks, then the remainder.
   __device__ __forceinline__ static void k_loop_two_acc(float (&acc)[kAccRegs], float (&acc_odd)[kAccRegs],
                                                         float (&result)[kAccRegs], uint64_t* full_bar,
                                                         uint64_t* empty_bar, const float* smem_scales,
-                                                        uint64_t desc_a0, uint64_t desc_b0, int& stage,
-                                                        uint32_t& phase, int row_in_tile, int lane) {
+                                                        uint64_t desc_a0, uint64_t desc_b0, int& issue_stage,
+                                                        uint32_t& issue_phase, int& stage, uint32_t& phase,
+                                                        int row_in_tile, int lane, float (&scales)[2][2]) {
     constexpr int kChain = kTwoAccChain < kKBlocks ? kTwoAccChain : kKBlocks;
-    int issue_stage = stage;
-    uint32_t issue_phase = phase;
-    float scales[2][2];  // the combined row scales of the blocks in `acc` and `acc_odd`
+    mma_chain<kChain, 0, true>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0, issue_stage,
+                               issue_phase, stage, phase, row_in_tile, lane, scales);
 #pragma unroll 1
-    for (int kb = 0; kb + kChain <= kKBlocks; kb += kChain)
+    for (int kb = kChain; kb + kChain <= kKBlocks; kb += kChain)
       mma_chain<kChain>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0, issue_stage,
                         issue_phase, stage, phase, row_in_tile, lane, scales);
     if constexpr (kKBlocks % kChain != 0)
@@ -495,6 +556,7 @@ struct GroupedGemmContiguous {
       int stage = 0;
       uint32_t phase = 0;
       bool issued_any = false;  // ping-pong: warpgroup 0's first K block waits for no token
+      PendingStore prev{0, 0, false, false, false};  // kTwoAcc: the tile whose epilogue is deferred
       int m_unit, n_unit;
       // Same walk as the producer's, written out again on purpose: a shared "next live tile"
       // helper carrying TileRole across iterations made ptxas spill at BLOCK_N = 192.
@@ -517,6 +579,29 @@ struct GroupedGemmContiguous {
         const int id0 = row0 < m ? expert_ids[row0] : -1;
         const int id1 = row1 < m ? expert_ids[row1] : -1;
 
+        if constexpr (kTwoAcc) {
+          // This tile's K block 0 is issued first, then the previous tile's epilogue runs while it
+          // computes (the tensor core is not left idle for the stores), then the rest of the K loop.
+          int issue_stage = stage;
+          uint32_t issue_phase = phase;
+          float scales[2][2];  // the combined row scales of the blocks in `acc` and `acc_odd`
+          issue_block(acc, scales[0], full_bar, smem_scales, desc_a0, desc_b0, issue_stage, issue_phase, row_in_tile);
+          advance(issue_stage, issue_phase);
+          if (prev.valid) store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
+          k_loop_two_acc(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0, issue_stage,
+                         issue_phase, stage, phase, row_in_tile, lane, scales);
+          prev = PendingStore{row0, n_base, role.live && id0 == expert, role.live && id1 == expert, true};
+#ifdef PHASEMOE_DEBUG
+          if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
+            printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
+            __trap();
+          }
+#endif
+          continue;
+        }
+
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
 
@@ -526,10 +611,7 @@ struct GroupedGemmContiguous {
         // (80/112/144/176: up to 8 offsets) pass kOff = -1 and select at run time.
         auto k_loop = [&](auto off_c) {
           [[maybe_unused]] constexpr int kOff = decltype(off_c)::value;
-          if constexpr (kTwoAcc) {
-            k_loop_two_acc(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0, stage, phase,
-                           row_in_tile, lane);
-          } else {
+          {
 #pragma unroll kKLoopUnroll
             for (int kb = 0; kb < kKBlocks; ++kb) {
               sm90::mbar_wait(&full_bar[stage], phase);
@@ -661,8 +743,6 @@ struct GroupedGemmContiguous {
           }
 #endif
         } else {
-          // Epilogue: bf16 straight from registers. Rows of another expert id (padding), rows past
-          // M and dead tiles of a cluster pair are left untouched; columns past N are dropped.
           const bool store0 = role.live && id0 == expert;
           const bool store1 = role.live && id1 == expert;
 #ifdef PHASEMOE_DEBUG
@@ -673,47 +753,11 @@ struct GroupedGemmContiguous {
             __trap();
           }
 #endif
-          uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
-          uint16_t* out1 = out + static_cast<int64_t>(row1) * kN;
-          // Vectorized part: after the quad transpose, lane q holds 8 columns of chunk g + q.
-#pragma unroll
-          for (int g = 0; g < kVecChunks; g += 4) {
-            uint32_t v0[4], v1[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              v0[j] = sm90::pack_bf16x2(result[4 * (g + j) + 0], result[4 * (g + j) + 1]);
-              v1[j] = sm90::pack_bf16x2(result[4 * (g + j) + 2], result[4 * (g + j) + 3]);
-            }
-            quad_transpose(v0, quad_lane);
-            quad_transpose(v1, quad_lane);
-            const int col = n_base + 8 * (g + quad_lane);
-            if (col < kN) {  // N % 8 == 0: the 8 columns are all in or all out
-              if (store0) *reinterpret_cast<uint4*>(out0 + col) = make_uint4(v0[0], v0[1], v0[2], v0[3]);
-              if (store1) *reinterpret_cast<uint4*>(out1 + col) = make_uint4(v1[0], v1[1], v1[2], v1[3]);
-            }
-          }
-#pragma unroll
-          for (int c = kVecChunks; c < kBlockN / 8; ++c) {
-            const int col = n_base + 8 * c + col_in_chunk;
-            if constexpr (kN % 2 == 0) {
-              if (col < kN) {  // N even: col + 1 < N too, and the pair is 4-byte aligned
-                if (store0)
-                  *reinterpret_cast<uint32_t*>(out0 + col) = sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]);
-                if (store1)
-                  *reinterpret_cast<uint32_t*>(out1 + col) = sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]);
-              }
-            } else {
-              if (col < kN) {
-                if (store0) out0[col] = sm90::to_bf16(result[4 * c]);
-                if (store1) out1[col] = sm90::to_bf16(result[4 * c + 2]);
-              }
-              if (col + 1 < kN) {
-                if (store0) out0[col + 1] = sm90::to_bf16(result[4 * c + 1]);
-                if (store1) out1[col + 1] = sm90::to_bf16(result[4 * c + 3]);
-              }
-            }
-          }
+          store_tile(result, out, row0, n_base, store0, store1, quad_lane);
         }
+      }
+      if constexpr (kTwoAcc) {
+        if (prev.valid) store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
       }
       // The last bulk stores complete before the CTA (and its shared memory) goes away.
       if constexpr (kBulkStore) {

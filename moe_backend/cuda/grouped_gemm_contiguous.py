@@ -77,9 +77,9 @@ class ContiguousConfig:
             raise ValueError(f"config.multicast: must be 'a' or 'b', got {self.multicast!r}")
         if self.group_m < 1:
             raise ValueError(f"config.group_m: must be >= 1, got {self.group_m}")
-        if self.two_acc and (self.block_n not in (64, 128) or self.pingpong):
-            raise ValueError(f"config.two_acc: needs block_n 64 or 128 and pingpong=False, got "
-                             f"block_n={self.block_n}, pingpong={self.pingpong}")
+        if self.two_acc and (self.block_n not in (64, 128) or self.pingpong or self.bulk_store):
+            raise ValueError(f"config.two_acc: needs block_n 64 or 128, pingpong=False and bulk_store=False, got "
+                             f"block_n={self.block_n}, pingpong={self.pingpong}, bulk_store={self.bulk_store}")
 
     @property
     def resolved_k_unroll(self) -> int:

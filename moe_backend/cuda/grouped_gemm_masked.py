@@ -26,16 +26,18 @@ def supports_max_m(max_m: int) -> bool:
 
 
 def select_masked_config(n: int, k: int) -> ContiguousConfig:
-    """The decode shapes' config (H100 sweep at 128 rows per expert, docs/benchmarks.md): 128-wide
-    N tiles walked N-fastest within one expert (group_m 1: an expert's A tile stays hot in L2
-    while its weights stream), CTA pairs on N tiles sharing the A tile, two block accumulators
-    (EP8 w2 202.6 µs, w13 368.3 µs; every 128-wide variant landed within 1%: these cells stream
-    weights); for a short K (TP8's w2, K = 256, 2 K blocks per tile) 192-wide single-CTA tiles
-    with the ping-pong token and no K-loop unroll (338 µs measured vs 362 unrolled)."""
+    """The decode shapes' config (H100 sweeps at 128 rows per expert, docs/benchmarks.md): N tiles
+    walked N-fastest within one expert (group_m 1: an expert's A tile stays hot in L2 while its
+    weights stream), two block accumulators. Wide GEMMs: 128-wide tiles, CTA pairs on N tiles
+    sharing the A tile (EP8 w2 202.6 µs, w13 368.3 µs; every 128-wide variant within 1%: these
+    cells stream weights). N = 512 (TP8 w13): 64-wide tiles in pairs (440.5 µs, 4 tiles per expert
+    were too few to spread). K = 256 (TP8 w2, 2 K blocks per tile): 64-wide single CTAs (338.2 µs
+    vs 355.4 for 128-wide pairs)."""
     if k <= 256:
-        return ContiguousConfig(192, max_stages(192), group_m=1, pingpong=True, cluster=1, k_unroll=1)
-    return ContiguousConfig(128, max_stages(128), group_m=1, pingpong=False, cluster=2, multicast="a", k_unroll=2,
-                            two_acc=True)
+        return ContiguousConfig(64, max_stages(64), group_m=1, pingpong=False, cluster=1, k_unroll=2, two_acc=True)
+    block_n = 64 if n <= 512 else 128
+    return ContiguousConfig(block_n, max_stages(block_n), group_m=1, pingpong=False, cluster=2, multicast="a",
+                            k_unroll=2, two_acc=True)
 
 
 def masked_expert_ids(masked_m: torch.Tensor, max_m: int) -> torch.Tensor:

@@ -110,9 +110,9 @@ def test_kernel_compiles_for_sm90a(case, cache):
     unroll = min(spec.constants["K_UNROLL"], k_blocks)
     unroll += k_blocks % unroll
     copies = {192: 2, 160: 4, 96: 4}.get(bn, 1) * unroll
-    if spec.constants["TWO_ACC"]:  # straight-line chains of 2 x k_unroll K blocks, plus the remainder
-        chain = min(2 * spec.constants["K_UNROLL"], k_blocks)
-        copies = chain + k_blocks % chain
+    if spec.constants["TWO_ACC"]:  # straight-line chains of 2 x k_unroll K blocks: the tile's first
+        chain = min(2 * spec.constants["K_UNROLL"], k_blocks)  # (block 0 issued before the epilogue),
+        copies = chain + (chain if k_blocks >= 2 * chain else 0) + k_blocks % chain  # the loop's, the rest
     # 4 fp8 wgmma (k32 each) per 128-wide K block, N = the tile.
     assert len(re.findall(rf"QGMMA\.64x{bn}x32\.F32\.E4M3\.E4M3", sass)) == 4 * copies, sass[:2000]
     assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass          # TMA loads of A and B

@@ -39,4 +39,15 @@ def test_best_picks_cuda_only_where_measured_and_tiles_fit() -> None:
     assert not ops._cuda_pays_masked(7168, 256, 128, 64)  # fewer rows: Triton measured faster
     assert not ops._cuda_pays_masked(7168, 256, 192, 192)  # max_m not a multiple of 128
     assert ops._cuda_pays_masked(4096, 7168, 256, 128)
-    assert not ops._cuda_pays_masked(512, 7168, 128, 128)  # a shape not in the measured list
+    assert ops._cuda_pays_masked(512, 7168, 128, 128)
+    assert not ops._cuda_pays_masked(1024, 7168, 128, 128)  # a shape not in the measured list
+
+
+def test_masked_configs_per_shape() -> None:
+    from moe_backend.cuda.grouped_gemm_masked import select_masked_config
+
+    wide, narrow, short_k = select_masked_config(7168, 2048), select_masked_config(512, 7168), \
+        select_masked_config(7168, 256)
+    assert (wide.block_n, wide.cluster, wide.multicast, wide.two_acc, wide.group_m) == (128, 2, "a", True, 1)
+    assert (narrow.block_n, narrow.cluster) == (64, 2)
+    assert (short_k.block_n, short_k.cluster, short_k.two_acc) == (64, 1, True)
