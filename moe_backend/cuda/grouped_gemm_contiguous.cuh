@@ -247,6 +247,19 @@ struct GroupedGemmContiguous {
     }
   }
 
+  // Chunks g .. g+3 of this thread's two rows as bf16, transposed inside the lane quad: lane q
+  // then holds the 8 columns of chunk g + q (16 contiguous bytes) in v0 (row) and v1 (row + 8).
+  __device__ __forceinline__ static void pack_chunk_group(const float (&result)[kAccRegs], int g, int quad_lane,
+                                                          uint32_t (&v0)[4], uint32_t (&v1)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      v0[j] = sm90::pack_bf16x2(result[4 * (g + j) + 0], result[4 * (g + j) + 1]);
+      v1[j] = sm90::pack_bf16x2(result[4 * (g + j) + 2], result[4 * (g + j) + 3]);
+    }
+    quad_transpose(v0, quad_lane);
+    quad_transpose(v1, quad_lane);
+  }
+
   // kTwoAcc: a finished tile whose epilogue waits until the next tile's first MMAs are issued.
   struct PendingStore {
     int row0;
@@ -264,17 +277,10 @@ struct GroupedGemmContiguous {
     const int col_in_chunk = 2 * quad_lane;
     uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
     uint16_t* out1 = out0 + 8 * kN;
-    // Vectorized part: after the quad transpose, lane q holds 8 columns of chunk g + q.
 #pragma unroll
     for (int g = 0; g < kVecChunks; g += 4) {
       uint32_t v0[4], v1[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        v0[j] = sm90::pack_bf16x2(result[4 * (g + j) + 0], result[4 * (g + j) + 1]);
-        v1[j] = sm90::pack_bf16x2(result[4 * (g + j) + 2], result[4 * (g + j) + 3]);
-      }
-      quad_transpose(v0, quad_lane);
-      quad_transpose(v1, quad_lane);
+      pack_chunk_group(result, g, quad_lane, v0, v1);
       const int col = n_base + 8 * (g + quad_lane);
       if (col < kN) {  // N % 8 == 0: the 8 columns are all in or all out
         if (store0) *reinterpret_cast<uint4*>(out0 + col) = make_uint4(v0[0], v0[1], v0[2], v0[3]);
@@ -610,81 +616,79 @@ struct GroupedGemmContiguous {
         // compile-time scale indices (no per-chunk selects in the promotion); the others
         // (80/112/144/176: up to 8 offsets) pass kOff = -1 and select at run time.
         auto k_loop = [&](auto off_c) {
-          [[maybe_unused]] constexpr int kOff = decltype(off_c)::value;
-          {
+          constexpr int kOff = decltype(off_c)::value;
 #pragma unroll kKLoopUnroll
-            for (int kb = 0; kb < kKBlocks; ++kb) {
-              sm90::mbar_wait(&full_bar[stage], phase);
-              // The stage's scales (staged by a producer warp; shared-memory latency hides behind
-              // the MMAs: the products are used only after the wgmma wait).
-              const float* stage_scales = smem_scales + stage * kScaleStageFloats;
-              const float sa0 = stage_scales[row_in_tile];
-              const float sa1 = stage_scales[row_in_tile + 8];
-              float sb[kScaleSpan];
+          for (int kb = 0; kb < kKBlocks; ++kb) {
+            sm90::mbar_wait(&full_bar[stage], phase);
+            // The stage's scales (staged by a producer warp; shared-memory latency hides behind
+            // the MMAs: the products are used only after the wgmma wait).
+            const float* stage_scales = smem_scales + stage * kScaleStageFloats;
+            const float sa0 = stage_scales[row_in_tile];
+            const float sa1 = stage_scales[row_in_tile + 8];
+            float sb[kScaleSpan];
 #pragma unroll
-              for (int j = 0; j < kScaleSpan; ++j) sb[j] = stage_scales[kBlockM + j];
-              // Stage descriptors = the stage-0 descriptors plus the stage's offset in 16-byte units
-              // (the start-address field; smem offsets stay far below its 2^14 x 16 B range).
-              const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * kABytes) >> 4);
-              const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * kBBytes) >> 4);
+            for (int j = 0; j < kScaleSpan; ++j) sb[j] = stage_scales[kBlockM + j];
+            // Stage descriptors = the stage-0 descriptors plus the stage's offset in 16-byte units
+            // (the start-address field; smem offsets stay far below its 2^14 x 16 B range).
+            const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * kABytes) >> 4);
+            const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * kBBytes) >> 4);
 #pragma unroll
-              for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-              if constexpr (kPingPong) {
-                // Token: warpgroup 1 issues K block i after warpgroup 0 did; warpgroup 0 issues
-                // K block i+1 after warpgroup 1 issued K block i.
-                if (warpgroup == 0) {
-                  if (issued_any) sm90::named_bar_sync(2, 256);
-                } else {
-                  sm90::named_bar_sync(1, 256);
-                }
-              }
-              sm90::wgmma_fence();
-#pragma unroll
-              for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
-                // +2 per step: 32 bytes of K in the descriptor's 16-byte units.
-                Mma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
-              }
-              sm90::wgmma_commit();
-              if constexpr (kPingPong) {
-                sm90::named_bar_arrive(warpgroup == 0 ? 1 : 2, 256);
-                issued_any = true;
-              }
-#pragma unroll
-              for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-              sm90::wgmma_wait<0>();
-#pragma unroll
-              for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-              // The stage's bytes are consumed once this warp's MMAs completed and its scale loads
-              // returned (the arrive releases both): hand it back (in every CTA of the cluster: a
-              // peer's producer may multicast into this stage).
-              if constexpr (kCluster == 1) {
-                if (lane == 0) sm90::mbar_arrive(&empty_bar[stage]);
+            for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+            if constexpr (kPingPong) {
+              // Token: warpgroup 1 issues K block i after warpgroup 0 did; warpgroup 0 issues
+              // K block i+1 after warpgroup 1 issued K block i.
+              if (warpgroup == 0) {
+                if (issued_any) sm90::named_bar_sync(2, 256);
               } else {
-                if (lane < kCluster) sm90::mbar_arrive_cluster(&empty_bar[stage], static_cast<uint32_t>(lane));
+                sm90::named_bar_sync(1, 256);
               }
-              if (++stage == kStages) {
-                stage = 0;
-                phase ^= 1;
-              }
+            }
+            sm90::wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
+              // +2 per step: 32 bytes of K in the descriptor's 16-byte units.
+              Mma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
+            }
+            sm90::wgmma_commit();
+            if constexpr (kPingPong) {
+              sm90::named_bar_arrive(warpgroup == 0 ? 1 : 2, 256);
+              issued_any = true;
+            }
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+            sm90::wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+            // The stage's bytes are consumed once this warp's MMAs completed and its scale loads
+            // returned (the arrive releases both): hand it back (in every CTA of the cluster: a
+            // peer's producer may multicast into this stage).
+            if constexpr (kCluster == 1) {
+              if (lane == 0) sm90::mbar_arrive(&empty_bar[stage]);
+            } else {
+              if (lane < kCluster) sm90::mbar_arrive_cluster(&empty_bar[stage], static_cast<uint32_t>(lane));
+            }
+            if (++stage == kStages) {
+              stage = 0;
+              phase ^= 1;
+            }
 
 #pragma unroll
-              for (int c = 0; c < kBlockN / 8; ++c) {
-                float sbc;
-                if constexpr (kOff >= 0) {
-                  sbc = sb[(kOff + 8 * c) / kScaleBlock];  // compile-time index
-                } else {
-                  const int col = n_offset + 8 * c;  // an 8-column chunk never straddles a scale block
-                  sbc = sb[0];
+            for (int c = 0; c < kBlockN / 8; ++c) {
+              float sbc;
+              if constexpr (kOff >= 0) {
+                sbc = sb[(kOff + 8 * c) / kScaleBlock];  // compile-time index
+              } else {
+                const int col = n_offset + 8 * c;  // an 8-column chunk never straddles a scale block
+                sbc = sb[0];
 #pragma unroll
-                  for (int j = 1; j < kScaleSpan; ++j) sbc = col >= j * kScaleBlock ? sb[j] : sbc;
-                }
-                const float s0 = sa0 * sbc;
-                const float s1 = sa1 * sbc;
-                result[4 * c + 0] = fmaf(s0, acc[4 * c + 0], result[4 * c + 0]);
-                result[4 * c + 1] = fmaf(s0, acc[4 * c + 1], result[4 * c + 1]);
-                result[4 * c + 2] = fmaf(s1, acc[4 * c + 2], result[4 * c + 2]);
-                result[4 * c + 3] = fmaf(s1, acc[4 * c + 3], result[4 * c + 3]);
+                for (int j = 1; j < kScaleSpan; ++j) sbc = col >= j * kScaleBlock ? sb[j] : sbc;
               }
+              const float s0 = sa0 * sbc;
+              const float s1 = sa1 * sbc;
+              result[4 * c + 0] = fmaf(s0, acc[4 * c + 0], result[4 * c + 0]);
+              result[4 * c + 1] = fmaf(s0, acc[4 * c + 1], result[4 * c + 1]);
+              result[4 * c + 2] = fmaf(s1, acc[4 * c + 2], result[4 * c + 2]);
+              result[4 * c + 3] = fmaf(s1, acc[4 * c + 3], result[4 * c + 3]);
             }
           }
         };
@@ -709,13 +713,7 @@ struct GroupedGemmContiguous {
 #pragma unroll
           for (int g = 0; g < kVecChunks; g += 4) {
             uint32_t v0[4], v1[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              v0[j] = sm90::pack_bf16x2(result[4 * (g + j) + 0], result[4 * (g + j) + 1]);
-              v1[j] = sm90::pack_bf16x2(result[4 * (g + j) + 2], result[4 * (g + j) + 3]);
-            }
-            quad_transpose(v0, quad_lane);
-            quad_transpose(v1, quad_lane);
+            pack_chunk_group(result, g, quad_lane, v0, v1);
             uint8_t* at = buf + local_row0 * kOutPitch + 16 * (g + quad_lane);
             sm90::st_shared_v4(at, v0[0], v0[1], v0[2], v0[3]);
             sm90::st_shared_v4(at + 8 * kOutPitch, v1[0], v1[1], v1[2], v1[3]);
