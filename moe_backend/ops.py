@@ -51,8 +51,8 @@ def _cuda_pays(n: int, k: int, expected_m: int | None) -> bool:
 # Masked layout (decode): (N, K) -> fewest rows per expert from which our CUDA kernel beat our
 # Triton masked kernel on H100 (benchmarks/sweep_decode_cells.py, docs/benchmarks.md). The CUDA
 # kernel needs max_m % 128 == 0 (its tiles are 128 rows); elsewhere Triton serves.
-# Measured at 128 rows (two-accumulator kernel, same run as DeepGEMM masked): EP8 w13 366.7 vs
-# 386.2 µs (Triton), EP8 w2 201.7 vs 213.2, TP8 w2 338.2 vs 396.3, TP8 w13 440.5 vs 446.0.
+# Measured at 128 rows (same run, CUDA vs Triton masked): EP8 w13 355.2 vs 388.9 µs, EP8 w2 194.1
+# vs 214.1, TP8 w13 432.6 vs 446.2, TP8 w2 354.2 vs 397.1.
 CUDA_MASKED_MIN_ROWS = {(4096, 7168): 128, (7168, 2048): 128, (7168, 256): 128, (512, 7168): 128}
 
 

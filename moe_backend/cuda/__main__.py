@@ -1,13 +1,15 @@
-"""`python -m moe_backend.cuda warmup [--slice ep8 tp8] [--rows 256 512 2048 4096] [--sms 132]`:
-compiles (or finds in the cache) every grouped-GEMM config the heuristic picks for DeepSeek-V3's
-prefill GEMMs, with a progress bar. Needs nvcc, not a GPU."""
+"""`python -m moe_backend.cuda warmup [--slice ep8 tp8] [--rows 256 512 2048 4096] [--masked-max-m 128 256]
+[--sms 132]`: compiles (or finds in the cache) every grouped-GEMM config the heuristic picks for
+DeepSeek-V3's prefill GEMMs and the masked decode kernels for the given max_m values, with a
+progress bar. Needs nvcc, not a GPU."""
 
 from __future__ import annotations
 
 import argparse
 
 from moe_backend.cuda import jit
-from moe_backend.cuda.grouped_gemm_contiguous import warmup_specs
+from moe_backend.cuda.grouped_gemm_contiguous import kernel_spec, warmup_specs
+from moe_backend.cuda.grouped_gemm_masked import select_masked_config, supports_max_m
 
 # (experts per GPU, [(N, K) of w13, of w2]) for the two single-GPU slices of docs' benchmarks.
 SLICES = {
@@ -23,13 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--slice", nargs="+", choices=sorted(SLICES), default=sorted(SLICES))
     w.add_argument("--rows", nargs="+", type=int, default=[256, 512, 2048, 4096],
                    help="rows per expert to plan for")
+    w.add_argument("--masked-max-m", nargs="*", type=int, default=[128, 256],
+                   help="max_m of the masked decode layouts to plan for (multiples of 128)")
     w.add_argument("--sms", type=int, default=132, help="multiprocessors of the target GPU (H100/H200: 132)")
     args = parser.parse_args(argv)
+    bad = [x for x in args.masked_max_m if not supports_max_m(x)]
+    if bad:
+        parser.error(f"--masked-max-m: the CUDA masked kernel needs multiples of 128, got {bad}")
 
     specs = []
     for name in args.slice:
         experts, shapes = SLICES[name]
         specs += warmup_specs(shapes, [r * experts for r in args.rows], num_sms=args.sms)
+        specs += [kernel_spec(n, k, select_masked_config(n, k), masked_max_m=mm)
+                  for n, k in shapes for mm in args.masked_max_m]
     paths = jit.warmup(specs, progress=True)
     print(f"{len(paths)} kernels ready in {jit.cache_dir()}")
     return 0

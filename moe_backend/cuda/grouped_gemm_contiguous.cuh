@@ -92,6 +92,25 @@ struct TileScheduler {
 // pair (padding, or past M) computes on its partner's expert and stores nothing. kCluster = 2, A
 // shared (kMcastA = 1): one M tile, so one expert; each CTA loads half of A for both; a CTA whose
 // N tile lies past N (odd tile count) computes on its partner's B tile and stores nothing.
+// The expert id of a row (-1: padding, not written). kMaskedMaxM = 0: the contiguous layout's
+// per-row ids. kMaskedMaxM > 0: the masked layout [E, kMaskedMaxM, K] read as a contiguous one,
+// `ids` being masked_m itself: row r belongs to expert r / max_m and is valid while its index in
+// the expert is below masked_m. Reading masked_m directly spares the launch the kernels that
+// would build a per-row id array (several small launches per decode step).
+template <int kMaskedMaxM>
+struct RowIds {
+  const int32_t* __restrict__ ids;
+
+  __device__ __forceinline__ int operator()(int row) const {
+    if constexpr (kMaskedMaxM == 0) {
+      return ids[row];
+    } else {
+      const int e = row / kMaskedMaxM;
+      return row - e * kMaskedMaxM < ids[e] ? e : -1;
+    }
+  }
+};
+
 struct TileRole {
   int expert;       // expert whose weights are loaded (valid when live_pair)
   bool live;        // this CTA's tile has real rows: store them
@@ -100,19 +119,19 @@ struct TileRole {
   int n_tile;
 };
 
-template <int kCluster, int kMcastA, int kNumNTiles>
-__device__ __forceinline__ TileRole tile_role(const int32_t* __restrict__ expert_ids, int m, int m_unit,
+template <int kCluster, int kMcastA, int kNumNTiles, typename Ids>
+__device__ __forceinline__ TileRole tile_role(const Ids& expert_ids, int m, int m_unit,
                                               int n_unit, uint32_t rank, bool& live_pair) {
   TileRole role;
   if constexpr (kCluster == 1) {
-    role.expert = expert_ids[m_unit * kBlockM];
+    role.expert = expert_ids(m_unit * kBlockM);
     role.live = role.expert >= 0;
     role.multicast = false;
     role.m_tile = m_unit;
     role.n_tile = n_unit;
     live_pair = role.live;
   } else if constexpr (kMcastA) {
-    role.expert = expert_ids[m_unit * kBlockM];
+    role.expert = expert_ids(m_unit * kBlockM);
     const int n_tile = n_unit * kCluster + static_cast<int>(rank);
     live_pair = role.expert >= 0;
     role.live = live_pair && n_tile < kNumNTiles;
@@ -123,8 +142,8 @@ __device__ __forceinline__ TileRole tile_role(const int32_t* __restrict__ expert
     role.n_tile = min(n_tile, kNumNTiles - 1);
   } else {
     const int first = 2 * m_unit * kBlockM;
-    const int e0 = expert_ids[first];
-    const int e1 = first + kBlockM < m ? expert_ids[first + kBlockM] : -1;
+    const int e0 = expert_ids(first);
+    const int e1 = first + kBlockM < m ? expert_ids(first + kBlockM) : -1;
     const int own = rank == 0 ? e0 : e1;
     live_pair = e0 >= 0 || e1 >= 0;
     role.live = own >= 0;
@@ -169,8 +188,9 @@ __device__ __forceinline__ void dispatch_offset(int i, F& f) {
 // kTwoAcc = 1 (BLOCK_N <= 128): two block accumulators per warpgroup; K block kb + 1's MMAs are
 // issued before K block kb is promoted, so the tensor core never waits for a promotion (three
 // accumulator copies: 3 x BLOCK_N / 2 registers). The ping-pong token is then not used.
+// kMaskedMaxM > 0: the masked layout with max_m = kMaskedMaxM (`expert_ids` is then masked_m; RowIds).
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1, int kCluster = 1,
-          int kMcastA = 0, int kBulkStore = 0, int kTwoAcc = 0>
+          int kMcastA = 0, int kBulkStore = 0, int kTwoAcc = 0, int kMaskedMaxM = 0>
 struct GroupedGemmContiguous {
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && kBlockN <= 192, "BLOCK_N: multiple of 16 in [64, 192]");
@@ -179,6 +199,7 @@ struct GroupedGemmContiguous {
   static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
   static_assert(kTwoAcc == 0 || (kBlockN <= 128 && kScaleBlock % kBlockN == 0 && kPingPong == 0),
                 "two accumulators: BLOCK_N 64 or 128 (registers), no ping-pong token");
+  static_assert(kMaskedMaxM % kBlockM == 0, "masked layout: max_m must be a multiple of the 128-row tile");
   static_assert(kBulkStore == 0 || kTwoAcc == 0, "the bulk-copy epilogue runs with one accumulator only");
   static_assert(kBulkStore == 0 || kN % 8 == 0, "bulk-copy epilogue: rows must be 16-byte multiples (N % 8 == 0)");
 
@@ -421,8 +442,9 @@ struct GroupedGemmContiguous {
 
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
                                              const float* __restrict__ a_scale, const float* __restrict__ b_scale,
-                                             const int32_t* __restrict__ expert_ids, uint16_t* __restrict__ out,
+                                             const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out,
                                              int m) {
+    const RowIds<kMaskedMaxM> expert_ids{row_ids};
     extern __shared__ uint8_t smem_raw[];
     // Aligned as an offset from the __shared__ array (not by casting a generic pointer to an
     // integer): the compiler keeps every derived address in the shared window, instead of
@@ -582,8 +604,8 @@ struct GroupedGemmContiguous {
         const int n_base = n_tile * kBlockN;
         const int n_offset = n_base % kScaleBlock;  // 0 when kScaleAligned
         // The epilogue's row guards, loaded now: their latency hides behind the K loop.
-        const int id0 = row0 < m ? expert_ids[row0] : -1;
-        const int id1 = row1 < m ? expert_ids[row1] : -1;
+        const int id0 = row0 < m ? expert_ids(row0) : -1;
+        const int id1 = row1 < m ? expert_ids(row1) : -1;
 
         if constexpr (kTwoAcc) {
           // This tile's K block 0 is issued first, then the previous tile's epilogue runs while it
@@ -728,7 +750,7 @@ struct GroupedGemmContiguous {
           sm90::named_bar_sync(3 + warpgroup, 128);
           if (wg_thread < 64) {
             const int row = m_tile * kBlockM + warpgroup * 64 + wg_thread;
-            if (role.live && row < m && expert_ids[row] == expert) {
+            if (role.live && row < m && expert_ids(row) == expert) {
               const uint32_t bytes = 2u * static_cast<uint32_t>(min(kBlockN, kN - n_base));
               sm90::bulk_store(out + static_cast<int64_t>(row) * kN + n_base, buf + wg_thread * kOutPitch, bytes);
             }

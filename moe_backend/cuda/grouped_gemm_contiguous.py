@@ -157,21 +157,25 @@ def _print_config() -> bool:
 
 
 @lru_cache(maxsize=None)
-def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAULT_ARCH) -> jit.KernelSpec:
-    """The rendered source for one (N, K, config); M stays a runtime argument."""
+def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAULT_ARCH,
+                masked_max_m: int = 0) -> jit.KernelSpec:
+    """The rendered source for one (N, K, config); M stays a runtime argument. masked_max_m > 0:
+    the masked layout `[E, max_m, K]`, the kernel reading masked_m in place of per-row ids."""
     if k <= 0 or k % BLOCK_K:
         raise ValueError(f"k: must be a positive multiple of {BLOCK_K}, got {k}")
     if n <= 0:
         raise ValueError(f"n: must be positive, got {n}")
+    if masked_max_m < 0 or masked_max_m % BLOCK_M:
+        raise ValueError(f"masked_max_m: must be 0 or a multiple of {BLOCK_M}, got {masked_max_m}")
     if config.bulk_store and n % 8:
         raise ValueError(f"config.bulk_store: the bulk-copy epilogue needs N % 8 == 0 (16-byte rows), got N={n}; "
                          f"pass bulk_store=False")
     constants = {"N": n, "K": k, "BLOCK_N": config.block_n, "STAGES": config.num_stages,
                  "GROUP_M": config.group_m, "PINGPONG": int(config.pingpong), "CLUSTER": config.cluster,
                  "MCAST_A": int(config.cluster > 1 and config.multicast == "a"), "K_UNROLL": config.resolved_k_unroll,
-                 "BULK_STORE": int(config.bulk_store), "TWO_ACC": int(config.two_acc)}
+                 "BULK_STORE": int(config.bulk_store), "TWO_ACC": int(config.two_acc), "MASKED_MAX_M": masked_max_m}
     name = ("phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}_c{CLUSTER}"
-            "_ma{MCAST_A}_u{K_UNROLL}_bs{BULK_STORE}_ta{TWO_ACC}").format(**constants)
+            "_ma{MCAST_A}_u{K_UNROLL}_bs{BULK_STORE}_ta{TWO_ACC}_mm{MASKED_MAX_M}").format(**constants)
     source = _TEMPLATE.read_text()
     checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
                "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}
@@ -251,7 +255,7 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _check_kernel(dev: torch.device) -> None:
+def check_device(dev: torch.device) -> None:
     if dev.type != "cuda":
         raise ValueError(f"a_fp8: the CUDA kernel needs a CUDA tensor, got one on {dev} "
                          f"(use moe_backend.ops, which falls back to the reference on CPU)")
@@ -291,7 +295,7 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
         out = torch.zeros((m, n), dtype=torch.bfloat16, device=dev)
     else:
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(m, n), device=dev, contiguous=True)
-    _check_kernel(dev)
+    check_device(dev)
     for name, t in (("a_fp8", a_fp8), ("b_fp8", b_fp8)):
         if t.data_ptr() % 16:
             raise ValueError(f"{name}: TMA needs a 16-byte aligned base address (got a view at offset "
@@ -306,9 +310,20 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
         out[~pad] = staged[~pad]
         return out
 
+    return launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=config)
+
+
+def launch(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
+           row_ids: torch.Tensor, out: torch.Tensor, *, config: ContiguousConfig | None,
+           masked_max_m: int = 0) -> torch.Tensor:
+    """Runs the kernel on checked operands (A `[M, K]`, out `[M, N]` 16-byte aligned, int32
+    row_ids: per-row expert ids, or masked_m when masked_max_m > 0)."""
+    m, k = a_fp8.shape
+    n = b_fp8.shape[1]
+    dev = a_fp8.device
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     cfg = select_config(m, n, _num_sms(index), override=config, verbose=_print_config(), k=k)
-    spec = kernel_spec(n, k, cfg)
+    spec = kernel_spec(n, k, cfg, masked_max_m=masked_max_m)
     with torch.cuda.device(index):
         kernel = jit.load_kernel(spec, index)
         grid = grid_size(m, n, cfg, _num_sms(index))
@@ -318,6 +333,6 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
                 grid = min(grid, resident * cfg.cluster)
         kernel.launch(grid=(grid, 1, 1), block=(NUM_THREADS, 1, 1),
                       smem=cfg.smem_bytes, stream=torch.cuda.current_stream(dev).cuda_stream,
-                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, cfg),
+                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg),
                       cluster=(cfg.cluster, 1, 1))
     return out

@@ -3,10 +3,10 @@ per expert (the DeepEP low-latency / vLLM batched layout).
 
 The masked layout `[E, max_m, K]` *is* a contiguous layout when `max_m` is a multiple of the
 kernel's 128-row tile: expert e's rows start at row e * max_m, a tile boundary. So this op views A
-as `[E * max_m, K]`, marks row r of expert e with id e when r < masked_m[e] and -1 otherwise (one
-small device op: no host sync, CUDA-graph capturable), and runs the contiguous kernel. Tiles
-whose first row is padding are skipped, so an expert with 0 rows costs nothing; rows at or past
-`masked_m[e]` are not written.
+as `[E * max_m, K]` and runs the contiguous kernel compiled for this max_m, which reads masked_m
+itself: row r of expert e counts while r < masked_m[e] (no host sync, no per-row id array built
+per call, CUDA-graph capturable). Tiles whose first row is padding are skipped, so an expert with
+0 rows costs nothing; rows at or past `masked_m[e]` are not written.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from moe_backend._checks import check_same_device, check_tensor
-from moe_backend.cuda.grouped_gemm_contiguous import BLOCK_M, ContiguousConfig, grouped_gemm_contiguous, max_stages
+from moe_backend.cuda.grouped_gemm_contiguous import (BLOCK_M, ContiguousConfig, check_device, grouped_gemm_contiguous,
+                                                       launch, max_stages)
 from moe_backend.quant import FP8_DTYPE
 
 __all__ = ["grouped_gemm_masked", "supports_max_m", "select_masked_config"]
@@ -80,8 +81,13 @@ def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch
                      device=a_fp8.device, contiguous=True)
     if num_experts == 0:
         return out
-    ids = masked_expert_ids(masked_m, max_m)
-    grouped_gemm_contiguous(a_fp8.view(num_experts * max_m, k), a_scale.view(num_experts * max_m, -1),
-                            b_fp8, b_scale, ids, out.view(num_experts * max_m, n),
-                            config=config or select_masked_config(n, k))
+    check_device(a_fp8.device)
+    a2, s2, o2 = (a_fp8.view(num_experts * max_m, k), a_scale.view(num_experts * max_m, -1),
+                  out.view(num_experts * max_m, n))
+    cfg = config or select_masked_config(n, k)
+    if a_fp8.data_ptr() % 16 or b_fp8.data_ptr() % 16 or out.data_ptr() % 16:
+        # A view at an odd offset: the contiguous op's checks and staging, on per-row ids.
+        grouped_gemm_contiguous(a2, s2, b_fp8, b_scale, masked_expert_ids(masked_m, max_m), o2, config=cfg)
+    else:  # the kernel reads masked_m itself: no per-row id array to build per call
+        launch(a2, s2, b_fp8, b_scale, masked_m, o2, config=cfg, masked_max_m=max_m)
     return out

@@ -54,6 +54,7 @@ class CompileCase:
     multicast: str = "b"
     bulk_store: bool = False  # the epilogue through shared memory + bulk copies
     two_acc: bool = False     # two block accumulators (BLOCK_N 64/128, no ping-pong token)
+    masked_max_m: int = 0     # > 0: the masked layout, the kernel reading masked_m (RowIds)
 
 
 COMPILE_CASES = [
@@ -69,6 +70,8 @@ COMPILE_CASES = [
     CompileCase("bulk-store", 7168, 2048, block_n=192, cluster=2, bulk_store=True),  # epilogue via bulk copies
     CompileCase("two-acc", 4096, 7168, block_n=128, cluster=2, two_acc=True),
     CompileCase("two-acc-bn64", 7168, 2048, block_n=64, two_acc=True),
+    CompileCase("masked-128", 7168, 2048, block_n=128, cluster=2, multicast="a", two_acc=True, masked_max_m=128),
+    CompileCase("masked-256-bn64", 512, 7168, block_n=64, two_acc=True, masked_max_m=256),
 ]
 
 
@@ -79,7 +82,7 @@ def _spec(case: CompileCase) -> jit.KernelSpec:
         cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store), cluster=case.cluster,
                                    multicast=case.multicast, bulk_store=case.bulk_store,
                                    pingpong=not case.two_acc, two_acc=case.two_acc)
-    return ggc.kernel_spec(case.n, case.k, cfg)
+    return ggc.kernel_spec(case.n, case.k, cfg, masked_max_m=case.masked_max_m)
 
 
 @needs_nvcc
@@ -351,6 +354,14 @@ def test_bulk_store_needs_rows_of_16_bytes():
     assert ggc.kernel_spec(1024, 256, cfg).constants["BULK_STORE"] == 1
 
 
+def test_masked_max_m_is_checked_and_keys_the_kernel():
+    cfg = ggc.ContiguousConfig(128, 4, pingpong=False, two_acc=True)
+    with pytest.raises(ValueError, match="masked_max_m"):
+        ggc.kernel_spec(7168, 2048, cfg, masked_max_m=100)
+    names = {ggc.kernel_spec(7168, 2048, cfg, masked_max_m=mm).kernel_name for mm in (0, 128, 256)}
+    assert len(names) == 3
+
+
 def test_two_accumulators_need_a_small_tile_and_no_token():
     ggc.ContiguousConfig(128, 4, pingpong=False, two_acc=True)
     for bad in (dict(block_n=192, pingpong=False), dict(block_n=128, pingpong=True)):
@@ -551,6 +562,11 @@ def test_config_choice_printed_once(capsys):
 @needs_nvcc
 def test_warmup_command(cache, capsys):
     from moe_backend.cuda.__main__ import main
-    assert main(["warmup", "--slice", "tp8", "--rows", "512"]) == 0
+    assert main(["warmup", "--slice", "tp8", "--rows", "512", "--masked-max-m"]) == 0
     assert "2 kernels ready" in capsys.readouterr().out
     assert len(list((cache / "grouped_gemm_contiguous").glob("*.cubin"))) == 2
+    # the masked decode kernels of both TP8 GEMMs for max_m 128: two more
+    assert main(["warmup", "--slice", "tp8", "--rows", "512", "--masked-max-m", "128"]) == 0
+    assert len(list((cache / "grouped_gemm_contiguous").glob("*.cubin"))) == 4
+    with pytest.raises(SystemExit):
+        main(["warmup", "--masked-max-m", "100"])
