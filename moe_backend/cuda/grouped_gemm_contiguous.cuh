@@ -504,10 +504,7 @@ struct GroupedGemmContiguous {
           for (int kb = 0; kb < kKBlocks; ++kb) {
             sm90::mbar_wait(&empty_bar[stage], phase ^ 1);
             fill(role, kb, stage);
-            if (++stage == kStages) {
-              stage = 0;
-              phase ^= 1;
-            }
+            advance(stage, phase);
           }
         }
       };
@@ -684,15 +681,8 @@ struct GroupedGemmContiguous {
             // The stage's bytes are consumed once this warp's MMAs completed and its scale loads
             // returned (the arrive releases both): hand it back (in every CTA of the cluster: a
             // peer's producer may multicast into this stage).
-            if constexpr (kCluster == 1) {
-              if (lane == 0) sm90::mbar_arrive(&empty_bar[stage]);
-            } else {
-              if (lane < kCluster) sm90::mbar_arrive_cluster(&empty_bar[stage], static_cast<uint32_t>(lane));
-            }
-            if (++stage == kStages) {
-              stage = 0;
-              phase ^= 1;
-            }
+            release_stage(empty_bar, stage, lane);
+            advance(stage, phase);
 
 #pragma unroll
             for (int c = 0; c < kBlockN / 8; ++c) {
