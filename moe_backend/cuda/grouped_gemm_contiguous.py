@@ -264,6 +264,18 @@ def check_device(dev: torch.device) -> None:
                          f"capability {torch.cuda.get_device_capability(dev)}")
 
 
+def check_weights(b_fp8: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[int, int]:
+    """Checks B `[E, N, K]` e4m3 and its scales `[E, ceil(N/128), K/128]` f32 against the
+    activations' K; returns (E, N)."""
+    check_tensor("b_fp8", b_fp8, dtypes=(FP8_DTYPE,), ndim=3, contiguous=True)
+    num_experts, n, kb = b_fp8.shape
+    if kb != k:
+        raise ValueError(f"b_fp8: K ({kb}) must equal the activations' K ({k})")
+    check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=(num_experts, -(-n // 128), k // BLOCK_K),
+                 contiguous=True)
+    return num_experts, n
+
+
 def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
                             b_scale: torch.Tensor, expert_ids: torch.Tensor,
                             out: torch.Tensor | None = None, *,
@@ -282,12 +294,7 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     if k == 0 or k % BLOCK_K:
         raise ValueError(f"a_fp8: K ({k}) must be a positive multiple of {BLOCK_K}")
     check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(m, k // BLOCK_K), contiguous=True)
-    check_tensor("b_fp8", b_fp8, dtypes=(FP8_DTYPE,), ndim=3, contiguous=True)
-    num_experts, n, kb = b_fp8.shape
-    if kb != k:
-        raise ValueError(f"b_fp8: K ({kb}) must equal the activations' K ({k})")
-    check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=(num_experts, -(-n // 128), k // BLOCK_K),
-                 contiguous=True)
+    num_experts, n = check_weights(b_fp8, b_scale, k)
     check_tensor("expert_ids", expert_ids, dtypes=(torch.int32, torch.int64), shape=(m,), contiguous=True)
     check_same_device(a_fp8=a_fp8, a_scale=a_scale, b_fp8=b_fp8, b_scale=b_scale, expert_ids=expert_ids)
     dev = a_fp8.device

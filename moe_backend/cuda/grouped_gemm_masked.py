@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from moe_backend._checks import check_same_device, check_tensor
-from moe_backend.cuda.grouped_gemm_contiguous import (BLOCK_M, ContiguousConfig, check_device, grouped_gemm_contiguous,
-                                                       launch, max_stages)
+from moe_backend.cuda.grouped_gemm_contiguous import (BLOCK_M, ContiguousConfig, check_device, check_weights,
+                                                       grouped_gemm_contiguous, launch, max_stages)
 from moe_backend.quant import FP8_DTYPE
 
 __all__ = ["grouped_gemm_masked", "supports_max_m", "select_masked_config"]
@@ -68,12 +68,12 @@ def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch
                          f"multiple of {BLOCK_M}; use the Triton kernel (impl='triton') for other sizes")
     check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(num_experts, max_m, k // 128),
                  contiguous=True)
-    check_tensor("b_fp8", b_fp8, dtypes=(FP8_DTYPE,), ndim=3, contiguous=True)
-    if b_fp8.shape[0] != num_experts:
-        raise ValueError(f"b_fp8: expected {num_experts} experts (dim 0 of a_fp8), got {b_fp8.shape[0]}")
-    n = b_fp8.shape[1]
+    b_experts, n = check_weights(b_fp8, b_scale, k)
+    if b_experts != num_experts:
+        raise ValueError(f"b_fp8: expected {num_experts} experts (dim 0 of a_fp8), got {b_experts}")
     check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(num_experts,))
-    check_same_device(a_fp8=a_fp8, masked_m=masked_m)
+    # The direct launch below skips the contiguous op's checks: every operand on one device.
+    check_same_device(a_fp8=a_fp8, a_scale=a_scale, b_fp8=b_fp8, b_scale=b_scale, masked_m=masked_m)
     if out is None:
         out = torch.zeros((num_experts, max_m, n), dtype=torch.bfloat16, device=a_fp8.device)
     else:

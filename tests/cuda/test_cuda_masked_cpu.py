@@ -25,6 +25,21 @@ def test_max_m_must_be_a_tile_multiple(max_m) -> None:
                                    torch.ones(2, 1, 1), torch.zeros(2, dtype=torch.int32))
 
 
+def test_weights_are_checked_before_the_direct_launch() -> None:
+    # The op launches the kernel itself (not through the contiguous op): B's K and scales are
+    # checked here, each error naming its argument.
+    a = torch.zeros(2, 128, 128).to(FP8_DTYPE)
+    args = (a, torch.ones(2, 128, 1))
+    masked_m = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="b_fp8"):
+        masked.grouped_gemm_masked(*args, torch.zeros(2, 128, 256).to(FP8_DTYPE), torch.ones(2, 1, 2), masked_m)
+    with pytest.raises(ValueError, match="b_scale"):
+        masked.grouped_gemm_masked(*args, torch.zeros(2, 128, 128).to(FP8_DTYPE), torch.ones(2, 2, 1), masked_m)
+    with pytest.raises(TypeError, match="b_scale"):
+        masked.grouped_gemm_masked(*args, torch.zeros(2, 128, 128).to(FP8_DTYPE),
+                                   torch.ones(2, 1, 1, dtype=torch.float64), masked_m)
+
+
 def test_masked_m_dtype_is_checked() -> None:
     a = torch.zeros(2, 128, 128).to(FP8_DTYPE)
     with pytest.raises(TypeError, match="masked_m"):
