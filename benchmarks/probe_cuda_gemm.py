@@ -27,7 +27,7 @@ def operands(e, n, k, rows):
 
 def parse(v, m, n, k):
     """'h' = heuristic; else bn[,pp][,stages][,group_m][,cluster][,share_a][,k_unroll][,bulk_store][,two_acc]
-    e.g. 128,0,0,8,2,0,2,0,1 (stages 0 = as many as fit)"""
+    [,part_n][,unit_accs], e.g. 128,0,0,8,2,0,2,0,1 or 256,0,0,8,2,0,0,0,1,64 (stages 0 = as many as fit)"""
     base = g.select_config(m, n, 132, k=k)
     if v == "h":
         return base
@@ -41,7 +41,9 @@ def parse(v, m, n, k):
     cl = f[4] if len(f) > 4 else 1
     mc = "a" if len(f) > 5 and f[5] else "b"
     u = f[6] if len(f) > 6 else 1
-    return g.ContiguousConfig(bn, st, gm, pp, cl, mc, u, bulk, two_acc)
+    part = f[9] if len(f) > 9 else 0
+    accs = f[10] if len(f) > 10 else 2
+    return g.ContiguousConfig(bn, st, gm, pp, cl, mc, u, bulk, two_acc, part, accs)
 
 
 def main():

@@ -3,7 +3,7 @@
 #define PHASEMOE_K_UNROLL {{K_UNROLL}}
 #include "grouped_gemm_contiguous.cuh"
 
-using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{PINGPONG}}, {{CLUSTER}}, {{MCAST_A}}, {{BULK_STORE}}, {{TWO_ACC}}, {{MASKED_MAX_M}}>;
+using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{PINGPONG}}, {{CLUSTER}}, {{MCAST_A}}, {{BULK_STORE}}, {{TWO_ACC}}, {{MASKED_MAX_M}}, {{PART_N}}, {{UNIT_ACCS}}>;
 
 extern "C" __global__ void __launch_bounds__(phasemoe::kNumThreads, 1)
 {{KERNEL_NAME}}(const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_a,

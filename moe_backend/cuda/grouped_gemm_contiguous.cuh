@@ -190,15 +190,16 @@ __device__ __forceinline__ void dispatch_offset(int i, F& f) {
 // accumulator copies: 3 x BLOCK_N / 2 registers). The ping-pong token is then not used.
 // kMaskedMaxM > 0: the masked layout with max_m = kMaskedMaxM (`expert_ids` is then masked_m; RowIds).
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1, int kCluster = 1,
-          int kMcastA = 0, int kBulkStore = 0, int kTwoAcc = 0, int kMaskedMaxM = 0>
+          int kMcastA = 0, int kBulkStore = 0, int kTwoAcc = 0, int kMaskedMaxM = 0, int kPartNArg = 0,
+          int kUnitAccs = 2>
 struct GroupedGemmContiguous {
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
-  static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && kBlockN <= 192, "BLOCK_N: multiple of 16 in [64, 192]");
+  static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && (kBlockN <= 192 || (kTwoAcc && kBlockN == 256)),
+                "BLOCK_N: multiple of 16 in [64, 192], or 256 with two accumulators in parts");
   static_assert(kStages >= 2, "need at least two pipeline stages");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
-  static_assert(kTwoAcc == 0 || (kBlockN <= 128 && kScaleBlock % kBlockN == 0 && kPingPong == 0),
-                "two accumulators: BLOCK_N 64 or 128 (registers), no ping-pong token");
+  static_assert(kTwoAcc == 0 || kPingPong == 0, "two accumulators: no ping-pong token");
   static_assert(kMaskedMaxM % kBlockM == 0, "masked layout: max_m must be a multiple of the 128-row tile");
   static_assert(kBulkStore == 0 || kTwoAcc == 0, "the bulk-copy epilogue runs with one accumulator only");
   static_assert(kBulkStore == 0 || kN % 8 == 0, "bulk-copy epilogue: rows must be 16-byte multiples (N % 8 == 0)");
@@ -223,6 +224,23 @@ struct GroupedGemmContiguous {
   static constexpr int kOffQuantum = (kBlockN % 128 == 0) ? 128 : (kBlockN % 64 == 0) ? 64 : (kBlockN % 32 == 0) ? 32 : 16;
   static constexpr int kNumOffsets = kScaleBlock / kOffQuantum;  // distinct n_base % 128 values
   static constexpr bool kSplitOffsets = !kScaleAligned && kNumOffsets <= 4;
+  // Scale blocks a tile can touch given where tiles start (n_base % 128 is a multiple of
+  // kOffQuantum): 1 for 64/128, 2 for 192/256.
+  static constexpr int kTileScaleBlocks = (kScaleBlock - kOffQuantum + kBlockN - 1) / kScaleBlock + 1;
+  // kTwoAcc: the MMA unit's width (kPartNArg = 0: the whole tile). Promoted sum + two part
+  // accumulators must fit the consumer's registers (<= 192 of 232); a part must not straddle a
+  // scale block wherever the tile starts.
+  static constexpr int kPartN = kPartNArg == 0 ? kBlockN : kPartNArg;
+  static constexpr int kParts = kBlockN / kPartN;
+  static constexpr int kPartRegs = kPartN / 2;
+  static constexpr int kPartChunks = kPartN / 8;
+  static constexpr int kOddRegs = kUnitAccs == 2 ? kPartRegs : 1;  // the second unit accumulator
+  static_assert(kUnitAccs == 1 || kUnitAccs == 2, "one or two MMA units in flight per warpgroup");
+  static_assert(kTwoAcc == 0 || ((kPartN == 64 || kPartN == 128) && kBlockN % kPartN == 0 &&
+                                 kOffQuantum % kPartN == 0 && kBlockN / 2 + kUnitAccs * kPartN / 2 <= 192),
+                "two accumulators: parts of 64 or 128 columns that tile BLOCK_N, start on a part boundary "
+                "and fit the registers (BLOCK_N / 2 + UNIT_ACCS x PART_N / 2 <= 192)");
+  static_assert(kTwoAcc || kPartNArg == 0, "parts need two accumulators");
   // Epilogue: groups of 4 8-column chunks are transposed inside each lane quad so every lane
   // stores 16 contiguous bytes (full 32-byte sectors); needs N % 8 == 0 (16-byte row pitch).
   static constexpr int kVecChunks = (kN % 8 == 0) ? (kBlockN / 8) / 4 * 4 : 0;
@@ -247,7 +265,10 @@ struct GroupedGemmContiguous {
   static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block can opt into");
 
   using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA>;
-  using Mma = WgmmaFp8<kBlockN>;
+  // The one-accumulator loop's MMA covers the whole tile (never compiled with kTwoAcc: BLOCK_N 256
+  // has no whole-tile wrapper).
+  using Mma = WgmmaFp8<kTwoAcc ? kPartN : kBlockN>;
+  using PartMma = WgmmaFp8<kPartN>;
 
   // 4 x 4 transpose of 32-bit values across the 4 lanes of a quad: on return v[j] holds what
   // lane j held in v[quad_lane]. Two butterfly stages (xor 1, xor 2), 4 shuffles in all.
@@ -346,98 +367,147 @@ struct GroupedGemmContiguous {
     }
   }
 
-  // Waits for `stage`, issues its 4 MMAs into `acc` (one commit group) and reads the block's
-  // combined scales for this thread's two rows (their latency hides behind the MMAs).
-  __device__ __forceinline__ static void issue_block(float (&acc)[kAccRegs], float (&scale)[2], uint64_t* full_bar,
-                                                     const float* smem_scales, uint64_t desc_a0, uint64_t desc_b0,
-                                                     int stage, uint32_t phase, int row_in_tile) {
-    sm90::mbar_wait(&full_bar[stage], phase);
+  // ---- two block accumulators (kTwoAcc) ---------------------------------------------------
+  // The MMA unit is one part of a K block: kPartN of the tile's columns, 4 wgmmas, one commit
+  // group. Parts narrower than the tile (kParts > 1) let tiles wider than 128 columns keep two
+  // accumulators in flight: the registers hold the tile's promoted sum (BLOCK_N / 2) plus two
+  // part accumulators (kPartN / 2 each) instead of three whole-tile copies.
+
+  // Waits for the stage (first part only), issues part kP of its K block into `acc` and, on the
+  // first part, reads the block's combined scales for this thread's two rows (their latency hides
+  // behind the MMAs). The issue position moves on after the last part.
+  template <int kP>
+  __device__ __forceinline__ static void issue_part(float (&acc)[kPartRegs], float (&scale)[kTileScaleBlocks][2],
+                                                    uint64_t* full_bar, const float* smem_scales, uint64_t desc_a0,
+                                                    uint64_t desc_b0, int& stage, uint32_t& phase, int row_in_tile) {
+    if constexpr (kP == 0) sm90::mbar_wait(&full_bar[stage], phase);
     const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * kABytes) >> 4);
-    const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * kBBytes) >> 4);
+    const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * kBBytes + kP * kPartN * kBlockK) >> 4);
 #pragma unroll
-    for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
+    for (int i = 0; i < kPartRegs; ++i) sm90::fence_operand(acc[i]);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) Mma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
+    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)
+      PartMma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
     sm90::wgmma_commit();
 #pragma unroll
-    for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-    const float* stage_scales = smem_scales + stage * kScaleStageFloats;
-    const float sb = stage_scales[kBlockM];  // one scale block: BLOCK_N divides 128
-    scale[0] = stage_scales[row_in_tile] * sb;
-    scale[1] = stage_scales[row_in_tile + 8] * sb;
-  }
-
-  // Releases a completed K block's stage and promotes the block held in `acc`.
-  __device__ __forceinline__ static void retire_block(float (&acc)[kAccRegs], const float (&scale)[2],
-                                                      float (&result)[kAccRegs], uint64_t* empty_bar, int stage,
-                                                      int lane) {
+    for (int i = 0; i < kPartRegs; ++i) sm90::fence_operand(acc[i]);
+    if constexpr (kP == 0) {
+      const float* stage_scales = smem_scales + stage * kScaleStageFloats;
+      const float sa0 = stage_scales[row_in_tile];
+      const float sa1 = stage_scales[row_in_tile + 8];
 #pragma unroll
-    for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[i]);
-    const float s0 = scale[0];
-    const float s1 = scale[1];
-    release_stage(empty_bar, stage, lane);
-#pragma unroll
-    for (int c = 0; c < kBlockN / 8; ++c) {
-      result[4 * c + 0] = fmaf(s0, acc[4 * c + 0], result[4 * c + 0]);
-      result[4 * c + 1] = fmaf(s0, acc[4 * c + 1], result[4 * c + 1]);
-      result[4 * c + 2] = fmaf(s1, acc[4 * c + 2], result[4 * c + 2]);
-      result[4 * c + 3] = fmaf(s1, acc[4 * c + 3], result[4 * c + 3]);
+      for (int j = 0; j < kTileScaleBlocks; ++j) {
+        const float sb = stage_scales[kBlockM + j];
+        scale[j][0] = sa0 * sb;
+        scale[j][1] = sa1 * sb;
+      }
     }
+    if constexpr (kP == kParts - 1) advance(stage, phase);
   }
 
-  // kTwoAcc: K blocks [kb, kb + kCount) in straight-line code, even ones in `acc`, odd ones in
-  // `acc_odd`: block i + 1 is issued before block i is waited for and promoted, so only the last
-  // promotion of the chain leaves the tensor core to the other warpgroup. Nothing stays in flight
-  // past the chain: with MMAs in flight across a loop's back edge, ptxas cannot tell which group a
-  // wait_group 1 retired and serializes every wgmma (C7514).
+  // Promotes part kP of a completed K block (held in `acc`) into `result`; after the last part
+  // the stage is released and the retire position moves on.
+  template <int kP>
+  __device__ __forceinline__ static void retire_part(float (&acc)[kPartRegs], const float (&scale)[kTileScaleBlocks][2],
+                                                     float (&result)[kAccRegs], int n_offset, uint64_t* empty_bar,
+                                                     int& stage, uint32_t& phase, int lane) {
+#pragma unroll
+    for (int i = 0; i < kPartRegs; ++i) sm90::fence_operand(acc[i]);
+    // The part's scale block: a compile-time index when tiles start on a scale block; 192-wide
+    // tiles start at column 0 or 64 of one, so their parts select at run time (no local memory).
+    float s0 = scale[0][0];
+    float s1 = scale[0][1];
+    if constexpr (kScaleAligned) {
+      s0 = scale[(kP * kPartN) / kScaleBlock][0];
+      s1 = scale[(kP * kPartN) / kScaleBlock][1];
+    } else {
+      const int block = (n_offset + kP * kPartN) / kScaleBlock;
+#pragma unroll
+      for (int j = 1; j < kTileScaleBlocks; ++j) {
+        s0 = block == j ? scale[j][0] : s0;
+        s1 = block == j ? scale[j][1] : s1;
+      }
+    }
+    if constexpr (kP == kParts - 1) release_stage(empty_bar, stage, lane);
+    constexpr int kFirst = kP * kPartChunks;
+#pragma unroll
+    for (int c = 0; c < kPartChunks; ++c) {
+      result[4 * (kFirst + c) + 0] = fmaf(s0, acc[4 * c + 0], result[4 * (kFirst + c) + 0]);
+      result[4 * (kFirst + c) + 1] = fmaf(s0, acc[4 * c + 1], result[4 * (kFirst + c) + 1]);
+      result[4 * (kFirst + c) + 2] = fmaf(s1, acc[4 * c + 2], result[4 * (kFirst + c) + 2]);
+      result[4 * (kFirst + c) + 3] = fmaf(s1, acc[4 * c + 3], result[4 * (kFirst + c) + 3]);
+    }
+    if constexpr (kP == kParts - 1) advance(stage, phase);
+  }
+
+  // Units [0, kCount) of a chain of whole K blocks (unit i = part i % kParts of the chain's K
+  // block i / kParts) in straight-line code, even units in `acc`, odd ones in `acc_odd`: unit
+  // i + 1 is issued before unit i is waited for and promoted, so only the chain's last promotion
+  // leaves the tensor core to the other warpgroup. Nothing stays in flight past the chain: with
+  // MMAs in flight across a loop's back edge, ptxas cannot tell which group a wait_group 1
+  // retired and serializes every wgmma (C7514).
   template <int kCount, int kI = 0, bool kFirstIssued = false>
-  __device__ __forceinline__ static void mma_chain(float (&acc)[kAccRegs], float (&acc_odd)[kAccRegs],
+  __device__ __forceinline__ static void mma_chain(float (&acc)[kPartRegs], float (&acc_odd)[kOddRegs],
                                                    float (&result)[kAccRegs], uint64_t* full_bar,
                                                    uint64_t* empty_bar, const float* smem_scales, uint64_t desc_a0,
                                                    uint64_t desc_b0, int& issue_stage, uint32_t& issue_phase,
-                                                   int& stage, uint32_t& phase, int row_in_tile, int lane,
-                                                   float (&scales)[2][2]) {
-    float (&mine)[kAccRegs] = kI % 2 == 0 ? acc : acc_odd;
-    float (&prev)[kAccRegs] = kI % 2 == 0 ? acc_odd : acc;
-    if constexpr (kI > 0 || !kFirstIssued) {
-      issue_block(mine, scales[kI % 2], full_bar, smem_scales, desc_a0, desc_b0, issue_stage, issue_phase,
-                  row_in_tile);
-      advance(issue_stage, issue_phase);
-    }
+                                                   int& stage, uint32_t& phase, int row_in_tile, int n_offset,
+                                                   int lane, float (&scales)[2][kTileScaleBlocks][2]) {
+    constexpr int kBlock = kI / kParts;  // K block within the chain: its scales are scales[kBlock % 2]
+    if constexpr (kUnitAccs == 1) {
+      // One unit in flight: each is waited for and promoted before the next is issued; the other
+      // warpgroup's MMAs keep the tensor core busy meanwhile.
+      if constexpr (kI > 0 || !kFirstIssued)
+        issue_part<kI % kParts>(acc, scales[kBlock % 2], full_bar, smem_scales, desc_a0, desc_b0, issue_stage,
+                                issue_phase, row_in_tile);
+      sm90::wgmma_wait<0>();
+      retire_part<kI % kParts>(acc, scales[kBlock % 2], result, n_offset, empty_bar, stage, phase, lane);
+      if constexpr (kI + 1 < kCount)
+        mma_chain<kCount, kI + 1>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
+                                  issue_stage, issue_phase, stage, phase, row_in_tile, n_offset, lane, scales);
+      return;
+    } else {
+    float (&mine)[kPartRegs] = kI % 2 == 0 ? acc : acc_odd;
+    float (&prev)[kPartRegs] = kI % 2 == 0 ? acc_odd : acc;
+    if constexpr (kI > 0 || !kFirstIssued)
+      issue_part<kI % kParts>(mine, scales[kBlock % 2], full_bar, smem_scales, desc_a0, desc_b0, issue_stage,
+                              issue_phase, row_in_tile);
     if constexpr (kI > 0) {
-      sm90::wgmma_wait<1>();  // block kI - 1 is done; block kI runs meanwhile
-      retire_block(prev, scales[(kI + 1) % 2], result, empty_bar, stage, lane);
-      advance(stage, phase);
+      sm90::wgmma_wait<1>();  // unit kI - 1 is done; unit kI runs meanwhile
+      retire_part<(kI - 1) % kParts>(prev, scales[((kI - 1) / kParts) % 2], result, n_offset, empty_bar, stage,
+                                     phase, lane);
     }
     if constexpr (kI + 1 < kCount) {
       mma_chain<kCount, kI + 1>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
-                                issue_stage, issue_phase, stage, phase, row_in_tile, lane, scales);
+                                issue_stage, issue_phase, stage, phase, row_in_tile, n_offset, lane, scales);
     } else {
       sm90::wgmma_wait<0>();
-      retire_block(mine, scales[kI % 2], result, empty_bar, stage, lane);
-      advance(stage, phase);
+      retire_part<kI % kParts>(mine, scales[kBlock % 2], result, n_offset, empty_bar, stage, phase, lane);
+    }
     }
   }
 
-  // The K loop with two block accumulators after K block 0 was issued into `acc` (scales in
-  // scales[0]): chains of kTwoAccChain K blocks, then the remainder.
-  __device__ __forceinline__ static void k_loop_two_acc(float (&acc)[kAccRegs], float (&acc_odd)[kAccRegs],
+  // The K loop with two accumulators after the tile's first unit was issued into `acc` (its
+  // scales in scales[0]): chains of kTwoAccChain K blocks, then the remainder.
+  __device__ __forceinline__ static void k_loop_two_acc(float (&acc)[kPartRegs], float (&acc_odd)[kOddRegs],
                                                         float (&result)[kAccRegs], uint64_t* full_bar,
                                                         uint64_t* empty_bar, const float* smem_scales,
                                                         uint64_t desc_a0, uint64_t desc_b0, int& issue_stage,
                                                         uint32_t& issue_phase, int& stage, uint32_t& phase,
-                                                        int row_in_tile, int lane, float (&scales)[2][2]) {
+                                                        int row_in_tile, int n_offset, int lane,
+                                                        float (&scales)[2][kTileScaleBlocks][2]) {
     constexpr int kChain = kTwoAccChain < kKBlocks ? kTwoAccChain : kKBlocks;
-    mma_chain<kChain, 0, true>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0, issue_stage,
-                               issue_phase, stage, phase, row_in_tile, lane, scales);
+    mma_chain<kChain * kParts, 0, true>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
+                                        issue_stage, issue_phase, stage, phase, row_in_tile, n_offset, lane, scales);
 #pragma unroll 1
     for (int kb = kChain; kb + kChain <= kKBlocks; kb += kChain)
-      mma_chain<kChain>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0, issue_stage,
-                        issue_phase, stage, phase, row_in_tile, lane, scales);
+      mma_chain<kChain * kParts>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
+                                 issue_stage, issue_phase, stage, phase, row_in_tile, n_offset, lane, scales);
     if constexpr (kKBlocks % kChain != 0)
-      mma_chain<kKBlocks % kChain>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
-                                   issue_stage, issue_phase, stage, phase, row_in_tile, lane, scales);
+      mma_chain<(kKBlocks % kChain) * kParts>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0,
+                                              desc_b0, issue_stage, issue_phase, stage, phase, row_in_tile,
+                                              n_offset, lane, scales);
   }
 
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
@@ -571,11 +641,11 @@ struct GroupedGemmContiguous {
       // Stage-0 shared-memory descriptors of this warpgroup's A rows and of B (loop-invariant).
       const uint64_t desc_a0 = sm90::smem_desc_kmajor_sw128(smem_a + warpgroup * 64 * kBlockK);
       const uint64_t desc_b0 = sm90::smem_desc_kmajor_sw128(smem_b);
-      float acc[kAccRegs];     // one K block, unscaled
-      float acc_odd[kTwoAcc ? kAccRegs : 1];  // kTwoAcc: the odd K blocks' accumulator
+      float acc[kTwoAcc ? kPartRegs : kAccRegs];  // one K block (kTwoAcc: the even units), unscaled
+      float acc_odd[kTwoAcc ? kOddRegs : 1];      // kTwoAcc: the odd units
       float result[kAccRegs];  // promoted fp32 sum over K blocks
 #pragma unroll
-      for (int i = 0; i < kAccRegs; ++i) acc[i] = 0.f;
+      for (int i = 0; i < (kTwoAcc ? kPartRegs : kAccRegs); ++i) acc[i] = 0.f;
 
       Scheduler sched(m);
       int stage = 0;
@@ -609,14 +679,14 @@ struct GroupedGemmContiguous {
           // computes (the tensor core is not left idle for the stores), then the rest of the K loop.
           int issue_stage = stage;
           uint32_t issue_phase = phase;
-          float scales[2][2];  // the combined row scales of the blocks in `acc` and `acc_odd`
-          issue_block(acc, scales[0], full_bar, smem_scales, desc_a0, desc_b0, issue_stage, issue_phase, row_in_tile);
-          advance(issue_stage, issue_phase);
+          float scales[2][kTileScaleBlocks][2];  // combined row scales of the K blocks in flight
+          issue_part<0>(acc, scales[0], full_bar, smem_scales, desc_a0, desc_b0, issue_stage, issue_phase,
+                        row_in_tile);
           if (prev.valid) store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
 #pragma unroll
           for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
           k_loop_two_acc(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0, issue_stage,
-                         issue_phase, stage, phase, row_in_tile, lane, scales);
+                         issue_phase, stage, phase, row_in_tile, n_offset, lane, scales);
           prev = PendingStore{row0, n_base, role.live && id0 == expert, role.live && id1 == expert, true};
 #ifdef PHASEMOE_DEBUG
           if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
@@ -624,9 +694,7 @@ struct GroupedGemmContiguous {
             __trap();
           }
 #endif
-          continue;
-        }
-
+        } else {
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
 
@@ -764,6 +832,7 @@ struct GroupedGemmContiguous {
           }
 #endif
           store_tile(result, out, row0, n_base, store0, store1, quad_lane);
+        }
         }
       }
       if constexpr (kTwoAcc) {

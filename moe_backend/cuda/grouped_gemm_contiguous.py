@@ -37,11 +37,18 @@ GROUP_M = 8            # M tiles swept together across N (L2 reuse); unmeasured 
 # Per-tile fixed cost in column-equivalents (A tile traffic, promotion, epilogue, pipeline fill)
 # used to rank N tiles (fitted on H100 for the one-accumulator kernel, docs/cuda_kernel.md v4).
 TILE_OVERHEAD_COLS = 96
-# Tiles the formula picks from: those the two-accumulator K loop takes (three accumulator copies
-# fit the registers up to 128 columns). With it, 128 beat the one-accumulator kernel's best tile
-# (192, ping-pong) on all 8 issue-5 cells (docs/cuda_kernel.md, v10); 64 fills the SMs when few
-# rows give few tiles. The other tiles stay available through `config=`.
-HEURISTIC_BLOCK_N = (64, 128)
+# Tiles the formula picks from, all on the two-accumulator (unit-chain) K loop: 64 and 128 whole
+# (two units in flight), and 256 as two 128-wide units, one in flight (the promoted sum, 128
+# registers, plus one 64-register unit). 256 beat 128 on the EP8 and TP8 w13 cells by 7-13%
+# (docs/cuda_kernel.md, v12): half the A traffic per FLOP, the K-block bookkeeping spread over
+# twice the columns. With few K blocks per tile (TP8 w2, K = 256) the wider tile lost (876 vs
+# 991 us), so it needs WIDE_TILE_MIN_K. 64 fills the SMs when few rows give few tiles. The
+# other tiles stay available through `config=`.
+HEURISTIC_BLOCK_N = (64, 128, 256)
+WIDE_TILE = dict(part_n=128, unit_accs=1)  # how the heuristic runs a 256-wide tile
+WIDE_TILE_MIN_K = 1024
+# N tiles a config may name: every wgmma width, and 256 split into 64-column parts (two_acc).
+TILE_N_CHOICES = BLOCK_N_CHOICES + (256,)
 CLUSTER = 2            # CTA pairs sharing an operand by TMA multicast (`_pairing`); 1 turns them off
 CLUSTER_MIN_PAIRS = 4  # below 8 M tiles, no B-sharing pairs (dead halves of pairs cost more)
 _TEMPLATE = Path(__file__).with_name("grouped_gemm_contiguous.cu")
@@ -60,11 +67,16 @@ class ContiguousConfig:
     bulk_store: bool = False  # epilogue through shared memory + one bulk copy per row (needs N % 8 == 0;
     #                          costs a stage of the ring); False: 16-byte stores from registers
     two_acc: bool = False    # two block accumulators, K block kb+1 issued before kb is promoted
-    #                          (block_n 64/128 only; the ping-pong token is not used with it)
+    #                          (the ping-pong token is not used with it)
+    part_n: int = 0          # two_acc: columns per MMA unit (0 = the whole tile); 64 lets 192/256-wide
+    #                          tiles keep two (part) accumulators in the registers
+    unit_accs: int = 2       # two_acc: MMA units in flight per warpgroup: 2 = the next unit is issued
+    #                          before the previous one is promoted; 1 = each is waited for (the other
+    #                          warpgroup fills the gap), which fits 128-wide parts of a 256-wide tile
 
     def __post_init__(self) -> None:
-        if self.block_n not in BLOCK_N_CHOICES:
-            raise ValueError(f"config.block_n: must be one of {BLOCK_N_CHOICES}, got {self.block_n}")
+        if self.block_n not in TILE_N_CHOICES:
+            raise ValueError(f"config.block_n: must be one of {TILE_N_CHOICES}, got {self.block_n}")
         limit = max_stages(self.block_n, self.bulk_store)
         if not 2 <= self.num_stages <= limit:
             raise ValueError(f"config.num_stages: must lie in [2, {limit}] for block_n={self.block_n}"
@@ -77,9 +89,28 @@ class ContiguousConfig:
             raise ValueError(f"config.multicast: must be 'a' or 'b', got {self.multicast!r}")
         if self.group_m < 1:
             raise ValueError(f"config.group_m: must be >= 1, got {self.group_m}")
-        if self.two_acc and (self.block_n not in (64, 128) or self.pingpong or self.bulk_store):
-            raise ValueError(f"config.two_acc: needs block_n 64 or 128, pingpong=False and bulk_store=False, got "
-                             f"block_n={self.block_n}, pingpong={self.pingpong}, bulk_store={self.bulk_store}")
+        if self.two_acc and (self.pingpong or self.bulk_store):
+            raise ValueError(f"config.two_acc: needs pingpong=False and bulk_store=False, got "
+                             f"pingpong={self.pingpong}, bulk_store={self.bulk_store}")
+        if self.unit_accs not in (1, 2):
+            raise ValueError(f"config.unit_accs: must be 1 or 2, got {self.unit_accs}")
+        if self.two_acc and not _parts_fit(self.block_n, self.unit_n, self.unit_accs):
+            raise ValueError(f"config.part_n: two accumulators need MMA units of 64 or 128 columns that tile "
+                             f"block_n, start on a unit boundary in every tile and fit the registers "
+                             f"(block_n / 2 + unit_accs x part_n / 2 <= 192), e.g. block_n 64/128 whole, "
+                             f"128/192/256 in parts of 64, or 256 in parts of 128 with unit_accs=1; got "
+                             f"block_n={self.block_n}, part_n={self.part_n}, unit_accs={self.unit_accs}")
+        if self.part_n and not self.two_acc:
+            raise ValueError(f"config.part_n: MMA units narrower than the tile need two_acc=True, got "
+                             f"part_n={self.part_n}")
+        if self.block_n not in BLOCK_N_CHOICES and not (self.two_acc and self.unit_n < self.block_n):
+            raise ValueError(f"config.block_n: {self.block_n} needs two_acc=True with part_n=64 (no whole-tile "
+                             f"wgmma of that width fits the registers)")
+
+    @property
+    def unit_n(self) -> int:
+        """Columns of one MMA unit (two_acc); the whole tile otherwise."""
+        return self.part_n or self.block_n
 
     @property
     def resolved_k_unroll(self) -> int:
@@ -96,6 +127,17 @@ class ContiguousConfig:
         """Mirrors GroupedGemmContiguous::kSmemBytes (a static_assert in the rendered source checks it)."""
         return (self.num_stages * (stage_bytes(self.block_n) + STAGE_EXTRA_BYTES)
                 + (out_buffer_bytes(self.block_n) if self.bulk_store else 0) + 1024)
+
+
+def _offset_quantum(block_n: int) -> int:
+    """Tiles start at multiples of this inside a 128-column scale block."""
+    return next(q for q in (128, 64, 32, 16) if block_n % q == 0)
+
+
+def _parts_fit(block_n: int, unit_n: int, unit_accs: int = 2) -> bool:
+    """Mirrors the kernel's two-accumulator static_assert."""
+    return (unit_n in (64, 128) and block_n % unit_n == 0 and _offset_quantum(block_n) % unit_n == 0
+            and block_n // 2 + unit_accs * unit_n // 2 <= 192)
 
 
 def stage_bytes(block_n: int) -> int:
@@ -128,10 +170,11 @@ def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | Non
             waves = math.ceil(m_tiles * math.ceil(n / bn) / num_sms)
             return waves * (bn + TILE_OVERHEAD_COLS), -bn
 
-        bn = min(HEURISTIC_BLOCK_N, key=cost)
+        tiles = [bn for bn in HEURISTIC_BLOCK_N if bn <= 128 or (k is not None and k >= WIDE_TILE_MIN_K)]
+        bn = min(tiles, key=cost)
         cluster, multicast = _pairing(m_tiles)
         cfg = ContiguousConfig(block_n=bn, num_stages=max_stages(bn), cluster=cluster, multicast=multicast,
-                               pingpong=False, two_acc=True)
+                               pingpong=False, two_acc=True, **(WIDE_TILE if bn > 128 else {}))
     if verbose and (m, n, num_sms, cfg) not in _printed:
         _printed.add((m, n, num_sms, cfg))
         print(f"[moe_backend] cuda grouped_gemm_contiguous m={m} N={n} sms={num_sms}: "
@@ -173,9 +216,11 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
     constants = {"N": n, "K": k, "BLOCK_N": config.block_n, "STAGES": config.num_stages,
                  "GROUP_M": config.group_m, "PINGPONG": int(config.pingpong), "CLUSTER": config.cluster,
                  "MCAST_A": int(config.cluster > 1 and config.multicast == "a"), "K_UNROLL": config.resolved_k_unroll,
-                 "BULK_STORE": int(config.bulk_store), "TWO_ACC": int(config.two_acc), "MASKED_MAX_M": masked_max_m}
+                 "BULK_STORE": int(config.bulk_store), "TWO_ACC": int(config.two_acc), "MASKED_MAX_M": masked_max_m,
+                 "PART_N": config.part_n if config.two_acc and config.part_n != config.block_n else 0,
+                 "UNIT_ACCS": config.unit_accs if config.two_acc else 2}
     name = ("phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}_c{CLUSTER}"
-            "_ma{MCAST_A}_u{K_UNROLL}_bs{BULK_STORE}_ta{TWO_ACC}_mm{MASKED_MAX_M}").format(**constants)
+            "_ma{MCAST_A}_u{K_UNROLL}_bs{BULK_STORE}_ta{TWO_ACC}_mm{MASKED_MAX_M}_pn{PART_N}_ua{UNIT_ACCS}").format(**constants)
     source = _TEMPLATE.read_text()
     checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
                "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}

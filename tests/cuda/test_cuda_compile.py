@@ -53,7 +53,9 @@ class CompileCase:
     cluster: int = 1
     multicast: str = "b"
     bulk_store: bool = False  # the epilogue through shared memory + bulk copies
-    two_acc: bool = False     # two block accumulators (BLOCK_N 64/128, no ping-pong token)
+    two_acc: bool = False     # two block accumulators (no ping-pong token)
+    part_n: int = 0           # two_acc: MMA units of this many columns (0: the whole tile)
+    unit_accs: int = 2        # two_acc: MMA units in flight per warpgroup
     masked_max_m: int = 0     # > 0: the masked layout, the kernel reading masked_m (RowIds)
 
 
@@ -70,6 +72,10 @@ COMPILE_CASES = [
     CompileCase("bulk-store", 7168, 2048, block_n=192, cluster=2, bulk_store=True),  # epilogue via bulk copies
     CompileCase("two-acc", 4096, 7168, block_n=128, cluster=2, two_acc=True),
     CompileCase("two-acc-bn64", 7168, 2048, block_n=64, two_acc=True),
+    # two accumulators in 64-column parts: 256 and 192 wide (192: run-time scale block per part)
+    CompileCase("two-acc-parts-bn256", 4096, 7168, block_n=256, cluster=2, two_acc=True, part_n=64),
+    CompileCase("two-acc-parts-bn192-odd-n", 1001, 384, block_n=192, two_acc=True, part_n=64),
+    CompileCase("one-unit-parts-bn256", 7168, 2048, block_n=256, cluster=2, two_acc=True, part_n=128, unit_accs=1),
     CompileCase("masked-128", 7168, 2048, block_n=128, cluster=2, multicast="a", two_acc=True, masked_max_m=128),
     CompileCase("masked-256-bn64", 512, 7168, block_n=64, two_acc=True, masked_max_m=256),
 ]
@@ -77,11 +83,12 @@ COMPILE_CASES = [
 
 def _spec(case: CompileCase) -> jit.KernelSpec:
     if case.block_n is None:
-        cfg = ggc.select_config(case.rows, case.n, num_sms=132)
+        cfg = ggc.select_config(case.rows, case.n, num_sms=132, k=case.k)
     else:
         cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store), cluster=case.cluster,
                                    multicast=case.multicast, bulk_store=case.bulk_store,
-                                   pingpong=not case.two_acc, two_acc=case.two_acc)
+                                   pingpong=not case.two_acc, two_acc=case.two_acc, part_n=case.part_n,
+                                   unit_accs=case.unit_accs)
     return ggc.kernel_spec(case.n, case.k, cfg, masked_max_m=case.masked_max_m)
 
 
@@ -113,11 +120,14 @@ def test_kernel_compiles_for_sm90a(case, cache):
     unroll = min(spec.constants["K_UNROLL"], k_blocks)
     unroll += k_blocks % unroll
     copies = {192: 2, 160: 4, 96: 4}.get(bn, 1) * unroll
+    mma_n = bn
     if spec.constants["TWO_ACC"]:  # straight-line chains of 2 x k_unroll K blocks: the tile's first
         chain = min(2 * spec.constants["K_UNROLL"], k_blocks)  # (block 0 issued before the epilogue),
         copies = chain + (chain if k_blocks >= 2 * chain else 0) + k_blocks % chain  # the loop's, the rest
-    # 4 fp8 wgmma (k32 each) per 128-wide K block, N = the tile.
-    assert len(re.findall(rf"QGMMA\.64x{bn}x32\.F32\.E4M3\.E4M3", sass)) == 4 * copies, sass[:2000]
+        mma_n = spec.constants["PART_N"] or bn  # each K block in BLOCK_N / PART_N units, a wait each
+        copies *= bn // mma_n
+    # 4 fp8 wgmma (k32 each) per 128-wide K block (per unit with parts), N = the tile (the part).
+    assert len(re.findall(rf"QGMMA\.64x{mma_n}x32\.F32\.E4M3\.E4M3", sass)) == 4 * copies, sass[:2000]
     assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass          # TMA loads of A and B
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == copies  # one wait per K block
@@ -362,18 +372,39 @@ def test_masked_max_m_is_checked_and_keys_the_kernel():
     assert len(names) == 3
 
 
-def test_two_accumulators_need_a_small_tile_and_no_token():
-    ggc.ContiguousConfig(128, 4, pingpong=False, two_acc=True)
-    for bad in (dict(block_n=192, pingpong=False), dict(block_n=128, pingpong=True)):
-        with pytest.raises(ValueError, match="config.two_acc"):
-            ggc.ContiguousConfig(num_stages=4, two_acc=True, **bad)
+def test_two_accumulators_need_tiles_that_fit_and_no_token():
+    for bn, part, accs in ((64, 0, 2), (128, 0, 2), (128, 64, 2), (192, 64, 2), (256, 64, 2), (256, 128, 1)):
+        ggc.ContiguousConfig(bn, ggc.max_stages(bn), pingpong=False, two_acc=True, part_n=part, unit_accs=accs)
+    with pytest.raises(ValueError, match="config.two_acc"):
+        ggc.ContiguousConfig(128, 4, pingpong=True, two_acc=True)
+    # whole-tile accumulators of 192 columns do not fit the registers (3 x 96); 96-wide parts of a
+    # 192-wide tile would straddle a scale block; 128-wide parts of 256 do not fit (128 + 2 x 64)
+    for bn, part in ((192, 0), (192, 96), (256, 128), (160, 64), (96, 0)):
+        with pytest.raises(ValueError, match="config.part_n"):
+            ggc.ContiguousConfig(bn, 4, pingpong=False, two_acc=True, part_n=part)
+    with pytest.raises(ValueError, match="config.part_n"):
+        ggc.ContiguousConfig(128, 4, part_n=64)  # parts without two accumulators
+    with pytest.raises(ValueError, match="config.unit_accs"):
+        ggc.ContiguousConfig(128, 4, pingpong=False, two_acc=True, unit_accs=3)
+    with pytest.raises(ValueError, match="config.block_n"):
+        ggc.ContiguousConfig(256, 4)  # no whole-tile wgmma of 256 columns
+
+
+def test_parts_key_the_kernel_and_whole_tile_parts_are_the_plain_kernel():
+    base = ggc.ContiguousConfig(128, 4, pingpong=False, two_acc=True)
+    same = ggc.ContiguousConfig(128, 4, pingpong=False, two_acc=True, part_n=128)
+    parts = ggc.ContiguousConfig(128, 4, pingpong=False, two_acc=True, part_n=64)
+    names = [ggc.kernel_spec(7168, 2048, c).kernel_name for c in (base, same, parts)]
+    assert names[0] == names[1] != names[2]
+    assert ggc.kernel_spec(7168, 2048, parts).constants["PART_N"] == 64
 
 
 @pytest.mark.parametrize("m,n", [(128, 4096), (32 * 512, 4096), (32 * 4096, 7168), (256 * 512, 512),
                                  (1, 7168), (5 * 128, 256)])
-def test_heuristic_fills_the_machine(m, n):
-    cfg = ggc.select_config(m, n, num_sms=132)
-    assert cfg.block_n in _gen_wgmma.BLOCK_N_CHOICES
+@pytest.mark.parametrize("k", [256, 7168])
+def test_heuristic_fills_the_machine(m, n, k):
+    cfg = ggc.select_config(m, n, num_sms=132, k=k)
+    assert cfg.block_n in ggc.HEURISTIC_BLOCK_N
     tiles = -(-m // 128) * -(-n // cfg.block_n)
     # Never fewer tiles than a smaller choice would give while SMs sit idle in a single wave.
     smallest = min(_gen_wgmma.BLOCK_N_CHOICES)
@@ -382,10 +413,15 @@ def test_heuristic_fills_the_machine(m, n):
 
 
 def test_heuristic_takes_the_two_accumulator_loop():
-    for m, n in [(32 * 512, 4096), (32 * 4096, 7168), (256 * 512, 512), (256 * 512, 7168)]:
-        cfg = ggc.select_config(m, n, 132)
-        assert (cfg.block_n, cfg.two_acc, cfg.pingpong, cfg.cluster) == (128, True, False, 2), cfg
-    small = ggc.select_config(128, 4096, 132)  # one M tile: 64-wide tiles give every SM work
+    # the issue-5 cells: 256-wide tiles in two 128-wide units where K is long, 128 whole for K = 256
+    for m, n, k in [(32 * 512, 4096, 7168), (32 * 4096, 7168, 2048), (256 * 512, 512, 7168)]:
+        cfg = ggc.select_config(m, n, 132, k=k)
+        assert (cfg.block_n, cfg.part_n, cfg.unit_accs, cfg.two_acc, cfg.pingpong, cfg.cluster) == \
+            (256, 128, 1, True, False, 2), cfg
+    for k in (256, None):  # short (or unknown) K: 128 whole
+        cfg = ggc.select_config(256 * 512, 7168, 132, k=k)
+        assert (cfg.block_n, cfg.part_n, cfg.two_acc, cfg.pingpong, cfg.cluster) == (128, 0, True, False, 2), cfg
+    small = ggc.select_config(128, 4096, 132, k=7168)  # one M tile: 64-wide tiles give every SM work
     assert (small.block_n, small.two_acc, small.cluster) == (64, True, 1), small
 
 

@@ -65,7 +65,9 @@ class Case:
     cluster: int | None = None  # force CTA pairs (2) or single CTAs (1); None: the heuristic
     multicast: str = "b"      # with cluster 2: the operand the pair shares
     bulk_store: bool = False  # the epilogue through shared memory + bulk copies (N % 8 == 0)
-    two_acc: bool = False     # two block accumulators (BLOCK_N 64/128, no ping-pong token)
+    two_acc: bool = False     # two block accumulators (no ping-pong token)
+    part_n: int = 0           # two_acc: MMA units of this many columns (0: the whole tile)
+    unit_accs: int = 2        # two_acc: MMA units in flight per warpgroup
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -105,6 +107,21 @@ CASES = [
     *[Case(f"two_acc_block_n_{bn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl,
            two_acc=True) for bn, cl, n, k in ((128, 2, 7168, 2048), (128, 1, 4096, 7168), (64, 1, 1000, 384),
                                              (128, 2, 7168, 256), (128, 1, 512, 128))],
+    # ... in 64-column parts: 256/192-wide tiles (192 starts at column 0 or 64 of a scale block:
+    # the parts pick their scale block at run time), ragged N, pairs and single CTAs
+    *[Case(f"two_acc_parts_block_n_{bn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl,
+           two_acc=True, part_n=64)
+      for bn, cl, n, k in ((256, 2, 7168, 2048), (256, 1, 4096, 7168), (192, 2, 7168, 2048), (192, 1, 1001, 384),
+                           (256, 2, 1000, 256), (128, 1, 512, 128), (256, 1, 384, 7168))],
+    Case("two_acc_parts_ep8_w13_ragged", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=256, cluster=2,
+         two_acc=True, part_n=64),
+    # one unit in flight: 128-wide parts of a 256-wide tile, 64-wide parts
+    *[Case(f"two_acc_parts_one_unit_block_n_{bn}_part_{pn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn,
+           cluster=cl, two_acc=True, part_n=pn, unit_accs=1)
+      for bn, pn, cl, n, k in ((256, 128, 2, 7168, 2048), (256, 128, 1, 1000, 384), (256, 64, 2, 4096, 7168),
+                               (192, 64, 1, 1001, 256))],
+    Case("two_acc_parts_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=192, cluster=2, pad_last=False,
+         trailing_pad=0, two_acc=True, part_n=64),
     # CTA pairs on N tiles 2j, 2j+1 sharing A: an odd N-tile count (7168 / 192 -> 38, 1001 / 128 ->
     # 8 with a ragged last tile, 384 / 128 -> 3: the last pair's second CTA is past N), padding
     # tiles, M ending mid-tile.
@@ -125,7 +142,8 @@ def test_matches_reference(case: Case) -> None:
     if case.block_n is not None:
         cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store),
                                    cluster=case.cluster or 1, multicast=case.multicast, bulk_store=case.bulk_store,
-                                   pingpong=not case.two_acc, two_acc=case.two_acc)
+                                   pingpong=not case.two_acc, two_acc=case.two_acc, part_n=case.part_n,
+                                   unit_accs=case.unit_accs)
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()
     pad = expert_ids < 0
