@@ -1,8 +1,13 @@
-"""Device probe for the CUDA grouped GEMM: time config variants on the issue-5
-cells, or launch one cell twice for ncu.  python benchmarks/probe_cuda_gemm.py time|ncu CELL VARIANT"""
+"""Device probe for the CUDA grouped GEMM: time config variants on the issue-5 cells (`time`),
+run each for 2 s while nvidia-smi samples SM clock and power (`power`), or launch one cell twice
+for ncu.  python benchmarks/probe_cuda_gemm.py time|power|ncu CELLS VARIANTS"""
 from __future__ import annotations
 
+import dataclasses
+import statistics
+import subprocess
 import sys
+import time
 
 import torch
 
@@ -46,6 +51,46 @@ def parse(v, m, n, k):
     return g.ContiguousConfig(bn, st, gm, pp, cl, mc, u, bulk, two_acc, part, accs)
 
 
+_kernel_spec = g.kernel_spec
+
+
+def with_ablation(bits, fn, *args, **kwargs):
+    """Runs fn with the kernel compiled with -DPHASEMOE_ABLATE=bits (own cache entry)."""
+    if not bits:
+        return fn(*args, **kwargs)
+    g.kernel_spec = lambda *a, **kw: dataclasses.replace(_kernel_spec(*a, **kw),
+                                                         flags=(f"-DPHASEMOE_ABLATE={bits}",))
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        g.kernel_spec = _kernel_spec
+
+
+def power_run(fn, seconds: float = 2.0) -> str:
+    """Calls fn back to back for `seconds` while nvidia-smi samples every 50 ms: median SM clock,
+    power, and the throttle reasons seen (is the kernel held back by the power limit?)."""
+    fn(); torch.cuda.synchronize()
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active",
+                            "--format=csv,noheader,nounits", "-lms", "50"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    start, calls = time.perf_counter(), 0
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev0.record()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            fn()
+        calls += 20
+        torch.cuda.synchronize()
+    ev1.record(); torch.cuda.synchronize()
+    smi.terminate()
+    rows = [r.split(", ") for r in smi.communicate()[0].strip().splitlines() if r.count(",") == 2]
+    rows = rows[len(rows) // 4:]  # drop the ramp
+    clock = statistics.median(float(r[0]) for r in rows)
+    watts = statistics.median(float(r[1]) for r in rows)
+    reasons = sorted({r[2] for r in rows})
+    return f"{1e3 * ev0.elapsed_time(ev1) / calls:8.1f} us/call  sm {clock:.0f} MHz  {watts:.0f} W  throttle {reasons}"
+
+
 def main():
     mode, cells, variants = sys.argv[1], sys.argv[2].split(";"), sys.argv[3].split(";")
     for c in cells:
@@ -70,8 +115,10 @@ def main():
                 sfa = dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)
                 fns["DeepGEMM"] = lambda sfa=sfa, sfb=sfb: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, ids)
                 continue
+            v, _, ablate = v.partition("@")  # "@bits": PHASEMOE_ABLATE (a part left out; wrong results)
             cfg = parse(v, m, n, k)
-            fn = lambda cfg=cfg: g.grouped_gemm_contiguous(a, a_s, b, bs, ids, out, config=cfg)
+            fn = lambda cfg=cfg, ablate=ablate: with_ablation(ablate, g.grouped_gemm_contiguous, a, a_s, b, bs, ids,
+                                                               out, config=cfg)
             if mode == "ncu":
                 fn(); fn(); torch.cuda.synchronize()
                 continue
@@ -79,7 +126,11 @@ def main():
             if ref is None:
                 ref = out.clone()
             err = float((out.float() - ref.float()).norm() / ref.float().norm())
-            fns[f"{cfg} diff {err:.1e}"] = fn
+            fns[f"{cfg}{'@' + ablate if ablate else ''} diff {err:.1e}"] = fn
+        if mode == "power":
+            for name, fn in fns.items():
+                print(f"{c:9s} {name:90s} {power_run(fn)}", flush=True)
+            continue
         for name, t in interleaved_us(fns).items():  # rounds A B C A B C: drift hits all alike
             print(f"{c:9s} {name:90s} {t['us']:8.1f} us [{t['lo']:.0f}-{t['hi']:.0f}] "
                   f"{flops / t['us'] / 1e6:6.0f} TF", flush=True)

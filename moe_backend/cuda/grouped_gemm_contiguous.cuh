@@ -32,8 +32,17 @@
 #define PHASEMOE_K_UNROLL 1  // consumer K-loop unroll factor (ContiguousConfig.k_unroll)
 #endif
 
+// Measurement only (benchmarks/probe_cuda_gemm.py "@bits" variants; results are wrong): leave
+// one part of the work out and time the difference. 1: the promotion FFMAs, 2: the epilogue
+// stores, 4: the MMAs, 8: the scale copies, 16: the TMA loads (the stage completes on a plain
+// arrival). Two-accumulator loop only.
+#ifndef PHASEMOE_ABLATE
+#define PHASEMOE_ABLATE 0
+#endif
+
 namespace phasemoe {
 
+constexpr int kAblate = PHASEMOE_ABLATE;
 constexpr int kKLoopUnroll = PHASEMOE_K_UNROLL;  // the consumer K loop's unroll factor
 constexpr int kTwoAccChain = 2 * kKLoopUnroll;   // K blocks per straight-line chain (kTwoAcc)
 constexpr int kBlockM = 128;          // 2 consumer warpgroups x 64 rows (wgmma M)
@@ -201,7 +210,6 @@ struct GroupedGemmContiguous {
   static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
   static_assert(kTwoAcc == 0 || kPingPong == 0, "two accumulators: no ping-pong token");
   static_assert(kMaskedMaxM % kBlockM == 0, "masked layout: max_m must be a multiple of the 128-row tile");
-  static_assert(kBulkStore == 0 || kTwoAcc == 0, "the bulk-copy epilogue runs with one accumulator only");
   static_assert(kBulkStore == 0 || kN % 8 == 0, "bulk-copy epilogue: rows must be 16-byte multiples (N % 8 == 0)");
 
   static constexpr int kKBlocks = kK / kBlockK;
@@ -244,11 +252,27 @@ struct GroupedGemmContiguous {
   // Epilogue: groups of 4 8-column chunks are transposed inside each lane quad so every lane
   // stores 16 contiguous bytes (full 32-byte sectors); needs N % 8 == 0 (16-byte row pitch).
   static constexpr int kVecChunks = (kN % 8 == 0) ? (kBlockN / 8) / 4 * 4 : 0;
-  // Each stage's scales, staged by a producer warp next to the tiles: a_scale of the tile's
-  // 128 rows, then the (<= kScaleSpan) b_scale values of its N tile, padded to 16 bytes.
-  static constexpr uint32_t kScaleStageFloats = kBlockM + 4;
+  // Each stage's b_scale values (<= kScaleSpan of the N tile), staged by a producer warp next to
+  // the tiles, padded to 16 bytes.
+  static constexpr uint32_t kScaleStageFloats = 4;
   static constexpr uint32_t kScaleStageBytes = kScaleStageFloats * sizeof(float);
   static_assert(kScaleSpan <= 4, "b_scale slots per stage");
+  // a_scale is staged in chunks of kScaleChunk K blocks: each of the tile's 128 rows copies
+  // kScaleChunk consecutive floats (one 32-byte sector for 8) once per chunk. One K block at a
+  // time (4 bytes per row, a sector each) read 8x the L2 sectors and cost EP8 w13 ~20% (the
+  // "@8" ablation). Chunks divide the tile's K blocks, so they never cross a tile.
+  static constexpr int kScaleChunk = kKBlocks % 8 == 0 ? 8 : kKBlocks % 4 == 0 ? 4 : kKBlocks % 2 == 0 ? 2 : 1;
+  // Row pitch in floats: 12 for chunks of 8 (16-byte aligned rows; the 8 rows a warp reads at
+  // once fall in different banks), else 4.
+  static constexpr int kAScalePitch = kScaleChunk == 8 ? 12 : 4;
+  // Chunk slots in a ring: the producer overwrites a slot when it fills the first stage of the
+  // chunk kAScaleSlots later; the `empty` wait of that stage proves the consumers released K
+  // block count - kStages, which is past the old chunk's last block when
+  // kAScaleSlots * kScaleChunk >= kStages + kScaleChunk - 1.
+  static constexpr int kAScaleSlots = (kStages - 1 + kScaleChunk - 1) / kScaleChunk + 1;
+  static constexpr uint32_t kAScaleSlotFloats = kBlockM * kAScalePitch;
+  static constexpr uint32_t kAScaleArea = 12288;  // bytes reserved whatever the chunk (launcher formula)
+  static_assert(kAScaleSlots * kAScaleSlotFloats * sizeof(float) <= kAScaleArea, "a_scale chunk slots");
   // Ring of stages, then the scales, then the barriers; +1024 to align the ring (128-byte
   // swizzle atoms are 1024 bytes: the descriptors assume 1024-aligned tiles).
   // Bulk-store epilogue: one 64 x BLOCK_N bf16 buffer per consumer warpgroup; rows padded by 16
@@ -256,7 +280,7 @@ struct GroupedGemmContiguous {
   static constexpr uint32_t kOutPitch = kBlockN * 2 + 16;
   static constexpr uint32_t kOutBytes = kBulkStore ? kNumConsumerWarpgroups * 64 * kOutPitch : 0;
   static constexpr uint32_t kSmemBytes =
-      kStages * (kStageBytes + kScaleStageBytes) + kOutBytes + 2 * kStages * sizeof(uint64_t) + 1024;
+      kStages * (kStageBytes + kScaleStageBytes) + kOutBytes + kAScaleArea + 2 * kStages * sizeof(uint64_t) + 1024;
   // `full` completes on the TMA lane's expect_tx arrival plus one cp.async arrival per lane of
   // the scale warp.
   static constexpr uint32_t kFullArrivals = 1 + 32;
@@ -309,6 +333,8 @@ struct GroupedGemmContiguous {
     bool store0;
     bool store1;
     bool valid;
+    int bulk_row;      // kBulkStore: the row this thread copies (threads 0-63 of each warpgroup)
+    bool bulk_row_ok;  // ... and whether it is written
   };
 
   // Epilogue: bf16 straight from registers to this thread's rows row0 and row0 + 8. Rows not
@@ -316,6 +342,11 @@ struct GroupedGemmContiguous {
   // untouched; columns past N are dropped.
   __device__ __forceinline__ static void store_tile(const float (&result)[kAccRegs], uint16_t* __restrict__ out,
                                                     int row0, int n_base, bool store0, bool store1, int quad_lane) {
+    if constexpr (kAblate & 2) {
+#pragma unroll
+      for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(const_cast<float&>(result[i]));  // keep the sums
+      return;
+    }
     const int col_in_chunk = 2 * quad_lane;
     uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
     uint16_t* out1 = out0 + 8 * kN;
@@ -351,6 +382,47 @@ struct GroupedGemmContiguous {
     }
   }
 
+  // Epilogue through shared memory (kBulkStore): this warpgroup's 64 rows go to its buffer
+  // (16-byte writes after the quad transpose), then thread t < 64 of the warpgroup copies row t
+  // to `out` with one asynchronous bulk copy when `row_ok` (padding rows, rows past M, dead tiles
+  // of a pair: untouched; columns past N: not copied). No register is held by a pending global
+  // store: a register-sourced store that waits in the memory pipe holds its registers, and the next
+  // wgmma.fence waits for them (measured: the register stores cost EP8 w13 512 rows ~40%).
+  __device__ __forceinline__ static void store_tile_bulk(const float (&result)[kAccRegs], uint8_t* smem_out,
+                                                         uint16_t* __restrict__ out, int warpgroup, int row,
+                                                         int n_base, bool row_ok) {
+    uint8_t* buf = smem_out + warpgroup * 64 * kOutPitch;
+    const int wg_thread = threadIdx.x % 128;
+    const int lane = threadIdx.x % 32;
+    const int quad_lane = lane % 4;
+    const int local_row0 = (wg_thread / 32) * 16 + lane / 4;
+    if (wg_thread < 64) sm90::bulk_wait_read<0>();  // the previous tile's copies have read the buffer
+    sm90::named_bar_sync(3 + warpgroup, 128);
+#pragma unroll
+    for (int g = 0; g < kVecChunks; g += 4) {
+      uint32_t v0[4], v1[4];
+      pack_chunk_group(result, g, quad_lane, v0, v1);
+      uint8_t* at = buf + local_row0 * kOutPitch + 16 * (g + quad_lane);
+      sm90::st_shared_v4(at, v0[0], v0[1], v0[2], v0[3]);
+      sm90::st_shared_v4(at + 8 * kOutPitch, v1[0], v1[1], v1[2], v1[3]);
+    }
+#pragma unroll
+    for (int c = kVecChunks; c < kBlockN / 8; ++c) {
+      uint8_t* at = buf + local_row0 * kOutPitch + 2 * (8 * c + 2 * quad_lane);
+      sm90::st_shared_b32(at, sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]));
+      sm90::st_shared_b32(at + 8 * kOutPitch, sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]));
+    }
+    sm90::fence_proxy_async_shared();  // the writes above, before the bulk engine reads them
+    sm90::named_bar_sync(3 + warpgroup, 128);
+    if (wg_thread < 64) {
+      if (row_ok) {
+        const uint32_t bytes = 2u * static_cast<uint32_t>(min(kBlockN, kN - n_base));
+        sm90::bulk_store(out + static_cast<int64_t>(row) * kN + n_base, buf + wg_thread * kOutPitch, bytes);
+      }
+      sm90::bulk_commit();
+    }
+  }
+
   // Releases `stage` in every CTA of the cluster (a peer's producer may multicast into it).
   __device__ __forceinline__ static void release_stage(uint64_t* empty_bar, int stage, int lane) {
     if constexpr (kCluster == 1) {
@@ -360,11 +432,29 @@ struct GroupedGemmContiguous {
     }
   }
 
-  __device__ __forceinline__ static void advance(int& stage, uint32_t& phase) {
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
+  // A position in the ring of stages: the stage, its barrier phase, and how many K blocks came
+  // before it on this CTA (which a_scale chunk slot holds its scales).
+  struct RingPos {
+    int stage = 0;
+    uint32_t phase = 0;
+    uint32_t count = 0;
+  };
+
+  __device__ __forceinline__ static void advance(RingPos& pos) {
+    ++pos.count;
+    if (++pos.stage == kStages) {
+      pos.stage = 0;
+      pos.phase ^= 1;
     }
+  }
+
+  // This thread's two rows' a_scale for the K block at `pos` (staged by the producer's scale warp).
+  __device__ __forceinline__ static void read_a_scales(const float* a_scales, const RingPos& pos, int row_in_tile,
+                                                       float& sa0, float& sa1) {
+    const float* slot = a_scales + ((pos.count / kScaleChunk) % kAScaleSlots) * kAScaleSlotFloats +
+                        pos.count % kScaleChunk;
+    sa0 = slot[row_in_tile * kAScalePitch];
+    sa1 = slot[(row_in_tile + 8) * kAScalePitch];
   }
 
   // ---- two block accumulators (kTwoAcc) ---------------------------------------------------
@@ -373,45 +463,53 @@ struct GroupedGemmContiguous {
   // accumulators in flight: the registers hold the tile's promoted sum (BLOCK_N / 2) plus two
   // part accumulators (kPartN / 2 each) instead of three whole-tile copies.
 
+  // Shared-memory operands of the unit-chain loop.
+  struct SmemView {
+    uint64_t* full_bar;
+    uint64_t* empty_bar;
+    const float* b_scales;  // per stage: the N tile's b_scale values
+    const float* a_scales;  // a_scale chunk slots
+    uint64_t desc_a0;       // stage-0 descriptors of this warpgroup's A rows and of B
+    uint64_t desc_b0;
+  };
+
   // Waits for the stage (first part only), issues part kP of its K block into `acc` and, on the
   // first part, reads the block's combined scales for this thread's two rows (their latency hides
   // behind the MMAs). The issue position moves on after the last part.
   template <int kP>
   __device__ __forceinline__ static void issue_part(float (&acc)[kPartRegs], float (&scale)[kTileScaleBlocks][2],
-                                                    uint64_t* full_bar, const float* smem_scales, uint64_t desc_a0,
-                                                    uint64_t desc_b0, int& stage, uint32_t& phase, int row_in_tile) {
-    if constexpr (kP == 0) sm90::mbar_wait(&full_bar[stage], phase);
-    const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * kABytes) >> 4);
-    const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * kBBytes + kP * kPartN * kBlockK) >> 4);
+                                                    const SmemView& sv, RingPos& pos, int row_in_tile) {
+    if constexpr (kP == 0) sm90::mbar_wait(&sv.full_bar[pos.stage], pos.phase);
+    const uint64_t desc_a = sv.desc_a0 + static_cast<uint64_t>((pos.stage * kABytes) >> 4);
+    const uint64_t desc_b = sv.desc_b0 + static_cast<uint64_t>((pos.stage * kBBytes + kP * kPartN * kBlockK) >> 4);
 #pragma unroll
     for (int i = 0; i < kPartRegs; ++i) sm90::fence_operand(acc[i]);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)
+    for (int kk = 0; kk < (kAblate & 4 ? 0 : kBlockK / kWgmmaK); ++kk)
       PartMma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
     sm90::wgmma_commit();
 #pragma unroll
     for (int i = 0; i < kPartRegs; ++i) sm90::fence_operand(acc[i]);
     if constexpr (kP == 0) {
-      const float* stage_scales = smem_scales + stage * kScaleStageFloats;
-      const float sa0 = stage_scales[row_in_tile];
-      const float sa1 = stage_scales[row_in_tile + 8];
+      float sa0, sa1;
+      read_a_scales(sv.a_scales, pos, row_in_tile, sa0, sa1);
+      const float* sb = sv.b_scales + pos.stage * kScaleStageFloats;
 #pragma unroll
       for (int j = 0; j < kTileScaleBlocks; ++j) {
-        const float sb = stage_scales[kBlockM + j];
-        scale[j][0] = sa0 * sb;
-        scale[j][1] = sa1 * sb;
+        scale[j][0] = sa0 * sb[j];
+        scale[j][1] = sa1 * sb[j];
       }
     }
-    if constexpr (kP == kParts - 1) advance(stage, phase);
+    if constexpr (kP == kParts - 1) advance(pos);
   }
 
   // Promotes part kP of a completed K block (held in `acc`) into `result`; after the last part
   // the stage is released and the retire position moves on.
   template <int kP>
   __device__ __forceinline__ static void retire_part(float (&acc)[kPartRegs], const float (&scale)[kTileScaleBlocks][2],
-                                                     float (&result)[kAccRegs], int n_offset, uint64_t* empty_bar,
-                                                     int& stage, uint32_t& phase, int lane) {
+                                                     float (&result)[kAccRegs], int n_offset, const SmemView& sv,
+                                                     RingPos& pos, int lane) {
 #pragma unroll
     for (int i = 0; i < kPartRegs; ++i) sm90::fence_operand(acc[i]);
     // The part's scale block: a compile-time index when tiles start on a scale block; 192-wide
@@ -429,85 +527,72 @@ struct GroupedGemmContiguous {
         s1 = block == j ? scale[j][1] : s1;
       }
     }
-    if constexpr (kP == kParts - 1) release_stage(empty_bar, stage, lane);
+    if constexpr (kP == kParts - 1) release_stage(sv.empty_bar, pos.stage, lane);
     constexpr int kFirst = kP * kPartChunks;
 #pragma unroll
-    for (int c = 0; c < kPartChunks; ++c) {
+    for (int c = 0; c < (kAblate & 1 ? 0 : kPartChunks); ++c) {
       result[4 * (kFirst + c) + 0] = fmaf(s0, acc[4 * c + 0], result[4 * (kFirst + c) + 0]);
       result[4 * (kFirst + c) + 1] = fmaf(s0, acc[4 * c + 1], result[4 * (kFirst + c) + 1]);
       result[4 * (kFirst + c) + 2] = fmaf(s1, acc[4 * c + 2], result[4 * (kFirst + c) + 2]);
       result[4 * (kFirst + c) + 3] = fmaf(s1, acc[4 * c + 3], result[4 * (kFirst + c) + 3]);
     }
-    if constexpr (kP == kParts - 1) advance(stage, phase);
+    if constexpr (kP == kParts - 1) advance(pos);
   }
 
   // Units [0, kCount) of a chain of whole K blocks (unit i = part i % kParts of the chain's K
-  // block i / kParts) in straight-line code, even units in `acc`, odd ones in `acc_odd`: unit
-  // i + 1 is issued before unit i is waited for and promoted, so only the chain's last promotion
-  // leaves the tensor core to the other warpgroup. Nothing stays in flight past the chain: with
-  // MMAs in flight across a loop's back edge, ptxas cannot tell which group a wait_group 1
-  // retired and serializes every wgmma (C7514).
+  // block i / kParts) in straight-line code. Two units in flight (kUnitAccs = 2): even units in
+  // `acc`, odd ones in `acc_odd`; unit i + 1 is issued before unit i is waited for and promoted,
+  // so only the chain's last promotion leaves the tensor core to the other warpgroup. Nothing
+  // stays in flight past the chain: with MMAs in flight across a loop's back edge, ptxas cannot
+  // tell which group a wait_group 1 retired and serializes every wgmma (C7514). One unit in
+  // flight (kUnitAccs = 1): each unit is waited for and promoted before the next is issued; the
+  // other warpgroup's MMAs keep the tensor core busy meanwhile.
   template <int kCount, int kI = 0, bool kFirstIssued = false>
   __device__ __forceinline__ static void mma_chain(float (&acc)[kPartRegs], float (&acc_odd)[kOddRegs],
-                                                   float (&result)[kAccRegs], uint64_t* full_bar,
-                                                   uint64_t* empty_bar, const float* smem_scales, uint64_t desc_a0,
-                                                   uint64_t desc_b0, int& issue_stage, uint32_t& issue_phase,
-                                                   int& stage, uint32_t& phase, int row_in_tile, int n_offset,
-                                                   int lane, float (&scales)[2][kTileScaleBlocks][2]) {
+                                                   float (&result)[kAccRegs], const SmemView& sv, RingPos& issue,
+                                                   RingPos& retire, int row_in_tile, int n_offset, int lane,
+                                                   float (&scales)[2][kTileScaleBlocks][2]) {
     constexpr int kBlock = kI / kParts;  // K block within the chain: its scales are scales[kBlock % 2]
     if constexpr (kUnitAccs == 1) {
-      // One unit in flight: each is waited for and promoted before the next is issued; the other
-      // warpgroup's MMAs keep the tensor core busy meanwhile.
       if constexpr (kI > 0 || !kFirstIssued)
-        issue_part<kI % kParts>(acc, scales[kBlock % 2], full_bar, smem_scales, desc_a0, desc_b0, issue_stage,
-                                issue_phase, row_in_tile);
+        issue_part<kI % kParts>(acc, scales[kBlock % 2], sv, issue, row_in_tile);
       sm90::wgmma_wait<0>();
-      retire_part<kI % kParts>(acc, scales[kBlock % 2], result, n_offset, empty_bar, stage, phase, lane);
+      retire_part<kI % kParts>(acc, scales[kBlock % 2], result, n_offset, sv, retire, lane);
       if constexpr (kI + 1 < kCount)
-        mma_chain<kCount, kI + 1>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
-                                  issue_stage, issue_phase, stage, phase, row_in_tile, n_offset, lane, scales);
-      return;
+        mma_chain<kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, n_offset, lane, scales);
     } else {
-    float (&mine)[kPartRegs] = kI % 2 == 0 ? acc : acc_odd;
-    float (&prev)[kPartRegs] = kI % 2 == 0 ? acc_odd : acc;
-    if constexpr (kI > 0 || !kFirstIssued)
-      issue_part<kI % kParts>(mine, scales[kBlock % 2], full_bar, smem_scales, desc_a0, desc_b0, issue_stage,
-                              issue_phase, row_in_tile);
-    if constexpr (kI > 0) {
-      sm90::wgmma_wait<1>();  // unit kI - 1 is done; unit kI runs meanwhile
-      retire_part<(kI - 1) % kParts>(prev, scales[((kI - 1) / kParts) % 2], result, n_offset, empty_bar, stage,
-                                     phase, lane);
-    }
-    if constexpr (kI + 1 < kCount) {
-      mma_chain<kCount, kI + 1>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
-                                issue_stage, issue_phase, stage, phase, row_in_tile, n_offset, lane, scales);
-    } else {
-      sm90::wgmma_wait<0>();
-      retire_part<kI % kParts>(mine, scales[kBlock % 2], result, n_offset, empty_bar, stage, phase, lane);
-    }
+      float (&mine)[kPartRegs] = kI % 2 == 0 ? acc : acc_odd;
+      float (&prev)[kPartRegs] = kI % 2 == 0 ? acc_odd : acc;
+      if constexpr (kI > 0 || !kFirstIssued)
+        issue_part<kI % kParts>(mine, scales[kBlock % 2], sv, issue, row_in_tile);
+      if constexpr (kI > 0) {
+        sm90::wgmma_wait<1>();  // unit kI - 1 is done; unit kI runs meanwhile
+        retire_part<(kI - 1) % kParts>(prev, scales[((kI - 1) / kParts) % 2], result, n_offset, sv, retire, lane);
+      }
+      if constexpr (kI + 1 < kCount) {
+        mma_chain<kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, n_offset, lane, scales);
+      } else {
+        sm90::wgmma_wait<0>();
+        retire_part<kI % kParts>(mine, scales[kBlock % 2], result, n_offset, sv, retire, lane);
+      }
     }
   }
 
   // The K loop with two accumulators after the tile's first unit was issued into `acc` (its
   // scales in scales[0]): chains of kTwoAccChain K blocks, then the remainder.
   __device__ __forceinline__ static void k_loop_two_acc(float (&acc)[kPartRegs], float (&acc_odd)[kOddRegs],
-                                                        float (&result)[kAccRegs], uint64_t* full_bar,
-                                                        uint64_t* empty_bar, const float* smem_scales,
-                                                        uint64_t desc_a0, uint64_t desc_b0, int& issue_stage,
-                                                        uint32_t& issue_phase, int& stage, uint32_t& phase,
-                                                        int row_in_tile, int n_offset, int lane,
+                                                        float (&result)[kAccRegs], const SmemView& sv, RingPos& issue,
+                                                        RingPos& retire, int row_in_tile, int n_offset, int lane,
                                                         float (&scales)[2][kTileScaleBlocks][2]) {
     constexpr int kChain = kTwoAccChain < kKBlocks ? kTwoAccChain : kKBlocks;
-    mma_chain<kChain * kParts, 0, true>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
-                                        issue_stage, issue_phase, stage, phase, row_in_tile, n_offset, lane, scales);
+    mma_chain<kChain * kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, n_offset, lane,
+                                        scales);
 #pragma unroll 1
     for (int kb = kChain; kb + kChain <= kKBlocks; kb += kChain)
-      mma_chain<kChain * kParts>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0,
-                                 issue_stage, issue_phase, stage, phase, row_in_tile, n_offset, lane, scales);
+      mma_chain<kChain * kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, n_offset, lane, scales);
     if constexpr (kKBlocks % kChain != 0)
-      mma_chain<(kKBlocks % kChain) * kParts>(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0,
-                                              desc_b0, issue_stage, issue_phase, stage, phase, row_in_tile,
-                                              n_offset, lane, scales);
+      mma_chain<(kKBlocks % kChain) * kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, n_offset, lane,
+                                              scales);
   }
 
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
@@ -524,8 +609,9 @@ struct GroupedGemmContiguous {
     uint8_t* smem_a = smem;                       // kStages x [128 x 128] e4m3
     uint8_t* smem_b = smem + kStages * kABytes;   // kStages x [BLOCK_N x 128] e4m3
     uint8_t* smem_out = smem + kStages * kStageBytes;                     // kOutBytes (bulk-store epilogue)
-    float* smem_scales = reinterpret_cast<float*>(smem_out + kOutBytes);  // kStages x kScaleStageFloats
-    uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem_out + kOutBytes + kStages * kScaleStageBytes);
+    float* smem_a_scales = reinterpret_cast<float*>(smem_out + kOutBytes);  // kAScaleSlots x [128 x kAScalePitch]
+    float* smem_scales = smem_a_scales + kAScaleArea / sizeof(float);        // kStages x kScaleStageFloats (b_scale)
+    uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem_out + kOutBytes + kAScaleArea + kStages * kScaleStageBytes);
     uint64_t* empty_bar = full_bar + kStages;
 
     // Broadcast from lane 0: the compiler then knows the index is warp-uniform and keeps what
@@ -559,11 +645,10 @@ struct GroupedGemmContiguous {
       // scales keeps the TMA issue from queueing behind the cp.asyncs when the memory pipe is
       // busy with the epilogue's stores.
       const int producer_warp = threadIdx.x / 32 - kNumConsumerWarpgroups * 4;
-      // Calls fill(role, kb, stage) for every K block of this CTA's live tiles once its stage is free.
+      // Calls fill(role, kb, pos) for every K block of this CTA's live tiles once its stage is free.
       auto for_each_stage = [&](auto&& fill) {
         Scheduler sched(m);
-        int stage = 0;
-        uint32_t phase = 0;
+        RingPos pos;
         int m_unit, n_unit;
         while (sched.next_tile(m_unit, n_unit)) {
           bool live_pair;
@@ -572,16 +657,21 @@ struct GroupedGemmContiguous {
           if (!live_pair) continue;
 #pragma unroll 1
           for (int kb = 0; kb < kKBlocks; ++kb) {
-            sm90::mbar_wait(&empty_bar[stage], phase ^ 1);
-            fill(role, kb, stage);
-            advance(stage, phase);
+            sm90::mbar_wait(&empty_bar[pos.stage], pos.phase ^ 1);
+            fill(role, kb, pos);
+            advance(pos);
           }
         }
       };
       if (producer_warp == 0 && lane == 0) {
         sm90::tma_prefetch_descriptor(&tmap_a);
         sm90::tma_prefetch_descriptor(&tmap_b);
-        for_each_stage([&](const TileRole& role, int kb, int stage) {
+        for_each_stage([&](const TileRole& role, int kb, const RingPos& pos) {
+          const int stage = pos.stage;
+          if (kAblate & 16) {
+            sm90::mbar_arrive(&full_bar[stage]);
+            return;
+          }
           const int m_tile = role.m_tile;
           const int n_tile = role.n_tile;
           // Out-of-bounds box elements (rows past M, columns past N) are zero-filled and still
@@ -612,18 +702,33 @@ struct GroupedGemmContiguous {
           }
         });
       } else if (producer_warp == 1) {
-        for_each_stage([&](const TileRole& role, int kb, int stage) {
-          float* stage_scales = smem_scales + stage * kScaleStageFloats;
-          // Rows past M are zero-filled (their products are never stored), read from a valid address.
+        for_each_stage([&](const TileRole& role, int kb, const RingPos& pos) {
+          const int stage = pos.stage;
+          if (kAblate & 8) {
+            sm90::cp_async_mbar_arrive_noinc(&full_bar[stage]);
+            return;
+          }
+          if (kb % kScaleChunk == 0) {
+            // The next kScaleChunk K blocks' a_scale of the tile's rows, lane + 32 i (rows past M
+            // are zero-filled and read from a valid address; their products are never stored).
+            float* slot = smem_a_scales + ((pos.count / kScaleChunk) % kAScaleSlots) * kAScaleSlotFloats;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = role.m_tile * kBlockM + lane + 32 * i;
-            sm90::cp_async_4(stage_scales + lane + 32 * i, a_scale + static_cast<int64_t>(row < m ? row : 0) * kKBlocks + kb,
-                             row < m ? 4u : 0u);
+            for (int i = 0; i < 4; ++i) {
+              const int row = role.m_tile * kBlockM + lane + 32 * i;
+              const float* src = a_scale + static_cast<int64_t>(row < m ? row : 0) * kKBlocks + kb;
+              float* dst = slot + (lane + 32 * i) * kAScalePitch;
+              if constexpr (kScaleChunk >= 4) {
+#pragma unroll
+                for (int c = 0; c < kScaleChunk / 4; ++c) sm90::cp_async_16(dst + 4 * c, src + 4 * c, row < m ? 16u : 0u);
+              } else {
+#pragma unroll
+                for (int c = 0; c < kScaleChunk; ++c) sm90::cp_async_4(dst + c, src + c, row < m ? 4u : 0u);
+              }
+            }
           }
           if (lane < kScaleSpan) {
             const int block = min(role.n_tile * kBlockN / kScaleBlock + lane, kNScaleBlocks - 1);
-            sm90::cp_async_4(stage_scales + kBlockM + lane,
+            sm90::cp_async_4(smem_scales + stage * kScaleStageFloats + lane,
                              b_scale + (static_cast<int64_t>(role.expert) * kNScaleBlocks + block) * kKBlocks + kb, 4u);
           }
           sm90::cp_async_mbar_arrive_noinc(&full_bar[stage]);
@@ -636,7 +741,6 @@ struct GroupedGemmContiguous {
       // This thread's two accumulator rows within the 128-row tile (wgmma D layout).
       const int row_in_tile = warpgroup * 64 + warp_in_wg * 16 + lane / 4;
       const int quad_lane = lane % 4;
-      const int col_in_chunk = 2 * quad_lane;
 
       // Stage-0 shared-memory descriptors of this warpgroup's A rows and of B (loop-invariant).
       const uint64_t desc_a0 = sm90::smem_desc_kmajor_sw128(smem_a + warpgroup * 64 * kBlockK);
@@ -648,8 +752,8 @@ struct GroupedGemmContiguous {
       for (int i = 0; i < (kTwoAcc ? kPartRegs : kAccRegs); ++i) acc[i] = 0.f;
 
       Scheduler sched(m);
-      int stage = 0;
-      uint32_t phase = 0;
+      RingPos pos;  // the K block to retire next (one-accumulator loop: the K block in hand)
+      const SmemView sv{full_bar, empty_bar, smem_scales, smem_a_scales, desc_a0, desc_b0};
       bool issued_any = false;  // ping-pong: warpgroup 0's first K block waits for no token
       PendingStore prev{0, 0, false, false, false};  // kTwoAcc: the tile whose epilogue is deferred
       int m_unit, n_unit;
@@ -673,21 +777,27 @@ struct GroupedGemmContiguous {
         // The epilogue's row guards, loaded now: their latency hides behind the K loop.
         const int id0 = row0 < m ? expert_ids(row0) : -1;
         const int id1 = row1 < m ? expert_ids(row1) : -1;
+        // kBulkStore: thread t < 64 of the warpgroup copies the tile's row warpgroup * 64 + t.
+        const int bulk_row = m_tile * kBlockM + warpgroup * 64 + static_cast<int>(threadIdx.x % 128);
+        const int bulk_id = kBulkStore && threadIdx.x % 128 < 64 && bulk_row < m ? expert_ids(bulk_row) : -1;
 
         if constexpr (kTwoAcc) {
           // This tile's K block 0 is issued first, then the previous tile's epilogue runs while it
           // computes (the tensor core is not left idle for the stores), then the rest of the K loop.
-          int issue_stage = stage;
-          uint32_t issue_phase = phase;
+          RingPos issue = pos;
           float scales[2][kTileScaleBlocks][2];  // combined row scales of the K blocks in flight
-          issue_part<0>(acc, scales[0], full_bar, smem_scales, desc_a0, desc_b0, issue_stage, issue_phase,
-                        row_in_tile);
-          if (prev.valid) store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
+          issue_part<0>(acc, scales[0], sv, issue, row_in_tile);
+          if (prev.valid) {
+            if constexpr (kBulkStore)
+              store_tile_bulk(result, smem_out, out, warpgroup, prev.bulk_row, prev.n_base, prev.bulk_row_ok);
+            else
+              store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
+          }
 #pragma unroll
           for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
-          k_loop_two_acc(acc, acc_odd, result, full_bar, empty_bar, smem_scales, desc_a0, desc_b0, issue_stage,
-                         issue_phase, stage, phase, row_in_tile, n_offset, lane, scales);
-          prev = PendingStore{row0, n_base, role.live && id0 == expert, role.live && id1 == expert, true};
+          k_loop_two_acc(acc, acc_odd, result, sv, issue, pos, row_in_tile, n_offset, lane, scales);
+          prev = PendingStore{row0, n_base, role.live && id0 == expert, role.live && id1 == expert, true, bulk_row,
+                              role.live && bulk_id == expert};
 #ifdef PHASEMOE_DEBUG
           if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
             printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
@@ -706,15 +816,16 @@ struct GroupedGemmContiguous {
           constexpr int kOff = decltype(off_c)::value;
 #pragma unroll kKLoopUnroll
           for (int kb = 0; kb < kKBlocks; ++kb) {
-            sm90::mbar_wait(&full_bar[stage], phase);
+            const int stage = pos.stage;
+            sm90::mbar_wait(&full_bar[stage], pos.phase);
             // The stage's scales (staged by a producer warp; shared-memory latency hides behind
             // the MMAs: the products are used only after the wgmma wait).
+            float sa0, sa1;
+            read_a_scales(smem_a_scales, pos, row_in_tile, sa0, sa1);
             const float* stage_scales = smem_scales + stage * kScaleStageFloats;
-            const float sa0 = stage_scales[row_in_tile];
-            const float sa1 = stage_scales[row_in_tile + 8];
             float sb[kScaleSpan];
 #pragma unroll
-            for (int j = 0; j < kScaleSpan; ++j) sb[j] = stage_scales[kBlockM + j];
+            for (int j = 0; j < kScaleSpan; ++j) sb[j] = stage_scales[j];
             // Stage descriptors = the stage-0 descriptors plus the stage's offset in 16-byte units
             // (the start-address field; smem offsets stay far below its 2^14 x 16 B range).
             const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * kABytes) >> 4);
@@ -750,7 +861,7 @@ struct GroupedGemmContiguous {
             // returned (the arrive releases both): hand it back (in every CTA of the cluster: a
             // peer's producer may multicast into this stage).
             release_stage(empty_bar, stage, lane);
-            advance(stage, phase);
+            advance(pos);
 
 #pragma unroll
             for (int c = 0; c < kBlockN / 8; ++c) {
@@ -781,39 +892,8 @@ struct GroupedGemmContiguous {
         }
 
         if constexpr (kBulkStore) {
-          // Epilogue through shared memory: this warpgroup's 64 rows go to its buffer (16-byte
-          // writes after the quad transpose), then thread t < 64 stores row t with one bulk copy
-          // if it is a row of this tile's expert (padding rows, rows past M, dead tiles of a pair:
-          // untouched; columns past N: not copied). The copies run while the next tile computes.
-          uint8_t* buf = smem_out + warpgroup * 64 * kOutPitch;
-          const int wg_thread = threadIdx.x % 128;
-          const int local_row0 = warp_in_wg * 16 + lane / 4;
-          if (wg_thread < 64) sm90::bulk_wait_read<0>();  // the previous tile's copies have read the buffer
-          sm90::named_bar_sync(3 + warpgroup, 128);
-#pragma unroll
-          for (int g = 0; g < kVecChunks; g += 4) {
-            uint32_t v0[4], v1[4];
-            pack_chunk_group(result, g, quad_lane, v0, v1);
-            uint8_t* at = buf + local_row0 * kOutPitch + 16 * (g + quad_lane);
-            sm90::st_shared_v4(at, v0[0], v0[1], v0[2], v0[3]);
-            sm90::st_shared_v4(at + 8 * kOutPitch, v1[0], v1[1], v1[2], v1[3]);
-          }
-#pragma unroll
-          for (int c = kVecChunks; c < kBlockN / 8; ++c) {
-            uint8_t* at = buf + local_row0 * kOutPitch + 2 * (8 * c + col_in_chunk);
-            sm90::st_shared_b32(at, sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]));
-            sm90::st_shared_b32(at + 8 * kOutPitch, sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]));
-          }
-          sm90::fence_proxy_async_shared();  // the writes above, before the bulk engine reads them
-          sm90::named_bar_sync(3 + warpgroup, 128);
-          if (wg_thread < 64) {
-            const int row = m_tile * kBlockM + warpgroup * 64 + wg_thread;
-            if (role.live && row < m && expert_ids(row) == expert) {
-              const uint32_t bytes = 2u * static_cast<uint32_t>(min(kBlockN, kN - n_base));
-              sm90::bulk_store(out + static_cast<int64_t>(row) * kN + n_base, buf + wg_thread * kOutPitch, bytes);
-            }
-            sm90::bulk_commit();
-          }
+          // The copies run while the next tile computes.
+          store_tile_bulk(result, smem_out, out, warpgroup, bulk_row, n_base, role.live && bulk_id == expert);
 #ifdef PHASEMOE_DEBUG
           if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
             printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
@@ -836,7 +916,12 @@ struct GroupedGemmContiguous {
         }
       }
       if constexpr (kTwoAcc) {
-        if (prev.valid) store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
+        if (prev.valid) {
+          if constexpr (kBulkStore)
+            store_tile_bulk(result, smem_out, out, warpgroup, prev.bulk_row, prev.n_base, prev.bulk_row_ok);
+          else
+            store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
+        }
       }
       // The last bulk stores complete before the CTA (and its shared memory) goes away.
       if constexpr (kBulkStore) {

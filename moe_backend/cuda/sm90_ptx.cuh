@@ -131,6 +131,14 @@ __device__ __forceinline__ void cp_async_4(void* dst, const void* src, uint32_t 
                : "memory");
 }
 
+// 16 bytes global -> shared (both 16-byte aligned); src_bytes = 0 writes zeros without reading.
+// `.cg`: the copy bypasses L1 (the scale chunks are read once per tile).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)),
+               "l"(reinterpret_cast<uint64_t>(src)), "r"(src_bytes)
+               : "memory");
+}
+
 // One arrival on `bar`, made when every cp.async this thread issued before has landed. `.noinc`:
 // the arrival counts against the barrier's expected count (set at init), like a plain arrive.
 __device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint64_t* bar) {

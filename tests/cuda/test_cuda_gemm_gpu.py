@@ -120,6 +120,13 @@ CASES = [
            cluster=cl, two_acc=True, part_n=pn, unit_accs=1)
       for bn, pn, cl, n, k in ((256, 128, 2, 7168, 2048), (256, 128, 1, 1000, 384), (256, 64, 2, 4096, 7168),
                                (192, 64, 1, 1001, 256))],
+    # the bulk-copy epilogue on the unit-chain loop (deferred to the next tile's first unit)
+    *[Case(f"two_acc_bulk_store_block_n_{bn}_part_{pn}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn,
+           cluster=cl, two_acc=True, part_n=pn, unit_accs=accs, bulk_store=True)
+      for bn, pn, accs, cl, n, k in ((256, 128, 1, 2, 7168, 2048), (256, 64, 2, 1, 1000, 384),
+                                     (128, 0, 2, 2, 4096, 7168), (192, 64, 2, 2, 1024, 256))],
+    Case("two_acc_bulk_store_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=256, cluster=2, pad_last=False,
+         trailing_pad=0, two_acc=True, part_n=128, unit_accs=1, bulk_store=True),
     Case("two_acc_parts_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=192, cluster=2, pad_last=False,
          trailing_pad=0, two_acc=True, part_n=64),
     # CTA pairs on N tiles 2j, 2j+1 sharing A: an odd N-tile count (7168 / 192 -> 38, 1001 / 128 ->
