@@ -5,8 +5,12 @@ one after another, the first one measured ran on a cooler chip). Each round is a
 
 from __future__ import annotations
 
+import statistics
+import subprocess
+import time
 from typing import Callable
 
+import torch
 import triton
 
 
@@ -23,3 +27,33 @@ def interleaved_us(fns: dict[str, Callable[[], object]], rounds: int = 3, warmup
         xs = sorted(xs)
         out[name] = {"us": xs[len(xs) // 2], "lo": xs[0], "hi": xs[-1]}
     return out
+
+
+def sustained_us(fn: Callable[[], object], seconds: float = 2.0) -> dict:
+    """Calls fn back to back for `seconds` (no L2 flush, no pauses: the steady state of a long
+    prefill) while nvidia-smi samples every 50 ms: {"us": per call, "mhz": median SM clock,
+    "watts": median board power, "throttle": the throttle-reason masks seen}. An FP8 GEMM on an
+    H100 settles at the 700 W cap with the SM clock lowered (mask 0x4: software power cap), so
+    in that regime the faster kernel is the one that spends less energy per GEMM."""
+    fn()
+    torch.cuda.synchronize()
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active",
+                            "--format=csv,noheader,nounits", "-lms", "50"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    start, calls = time.perf_counter(), 0
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev0.record()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            fn()
+        calls += 10
+        torch.cuda.synchronize()
+    ev1.record()
+    torch.cuda.synchronize()
+    smi.terminate()
+    rows = [r.split(", ") for r in smi.communicate()[0].strip().splitlines() if r.count(",") == 2]
+    rows = rows[len(rows) // 4:] or rows  # drop the ramp
+    return {"us": 1e3 * ev0.elapsed_time(ev1) / calls,
+            "mhz": statistics.median(float(r[0]) for r in rows) if rows else float("nan"),
+            "watts": statistics.median(float(r[1]) for r in rows) if rows else float("nan"),
+            "throttle": sorted({r[2] for r in rows})}

@@ -4,14 +4,11 @@ for ncu.  python benchmarks/probe_cuda_gemm.py time|power|ncu CELLS VARIANTS"""
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 
-from _timing import interleaved_us  # noqa: E402  (benchmarks/ is the script's directory)
+from _timing import interleaved_us, sustained_us  # noqa: E402  (benchmarks/ is the script's directory)
 
 from moe_backend.cuda import grouped_gemm_contiguous as g
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
@@ -66,31 +63,6 @@ def with_ablation(bits, fn, *args, **kwargs):
         g.kernel_spec = _kernel_spec
 
 
-def power_run(fn, seconds: float = 2.0) -> str:
-    """Calls fn back to back for `seconds` while nvidia-smi samples every 50 ms: median SM clock,
-    power, and the throttle reasons seen (is the kernel held back by the power limit?)."""
-    fn(); torch.cuda.synchronize()
-    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active",
-                            "--format=csv,noheader,nounits", "-lms", "50"], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)
-    start, calls = time.perf_counter(), 0
-    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ev0.record()
-    while time.perf_counter() - start < seconds:
-        for _ in range(20):
-            fn()
-        calls += 20
-        torch.cuda.synchronize()
-    ev1.record(); torch.cuda.synchronize()
-    smi.terminate()
-    rows = [r.split(", ") for r in smi.communicate()[0].strip().splitlines() if r.count(",") == 2]
-    rows = rows[len(rows) // 4:]  # drop the ramp
-    clock = statistics.median(float(r[0]) for r in rows)
-    watts = statistics.median(float(r[1]) for r in rows)
-    reasons = sorted({r[2] for r in rows})
-    return f"{1e3 * ev0.elapsed_time(ev1) / calls:8.1f} us/call  sm {clock:.0f} MHz  {watts:.0f} W  throttle {reasons}"
-
-
 def main():
     mode, cells, variants = sys.argv[1], sys.argv[2].split(";"), sys.argv[3].split(";")
     for c in cells:
@@ -129,7 +101,9 @@ def main():
             fns[f"{cfg}{'@' + ablate if ablate else ''} diff {err:.1e}"] = fn
         if mode == "power":
             for name, fn in fns.items():
-                print(f"{c:9s} {name:90s} {power_run(fn)}", flush=True)
+                t = sustained_us(fn)
+                print(f"{c:9s} {name:90s} {t['us']:8.1f} us/call  sm {t['mhz']:.0f} MHz  {t['watts']:.0f} W  "
+                      f"throttle {t['throttle']}", flush=True)
             continue
         for name, t in interleaved_us(fns).items():  # rounds A B C A B C: drift hits all alike
             print(f"{c:9s} {name:90s} {t['us']:8.1f} us [{t['lo']:.0f}-{t['hi']:.0f}] "

@@ -22,7 +22,7 @@ for step in "$@"; do
     demo)  for t in 64 4096; do timeout 120 python3 -m moe_backend demo --tokens $t 2>/dev/null | tee -a "$OUT/demo.log" | tail -2; done ;;
     cudatest) MOE_BACKEND_JIT_DEBUG=1 timeout ${CUDA_TEST_TIMEOUT:-150} python3 -m pytest -x -q -p no:cacheprovider \
                 tests/cuda -m gpu 2>&1 | tee "$OUT/cudatest.log" | tail -25 ;;
-    cudabench) timeout ${CUDA_BENCH_TIMEOUT:-300} python3 benchmarks/bench_cuda_gemm.py --md "$OUT/cuda_bench.md" \
+    cudabench) timeout ${CUDA_BENCH_TIMEOUT:-300} python3 benchmarks/bench_cuda_gemm.py --md "$OUT/cuda_bench.md" ${CUDA_BENCH_ARGS:-} \
                 2>"$OUT/cuda_bench.log" | tail -15 ;;
     maskedtest) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/cuda/test_cuda_masked_gpu.py \
                 tests/gpu/test_kernels_gpu.py -k "masked or tma" 2>&1 | tee "$OUT/maskedtest.log" | tail -8 ;;

@@ -90,8 +90,9 @@ class ContiguousConfig:
             raise ValueError(f"config.multicast: must be 'a' or 'b', got {self.multicast!r}")
         if self.group_m < 1:
             raise ValueError(f"config.group_m: must be >= 1, got {self.group_m}")
-        if self.two_acc and self.pingpong:
-            raise ValueError(f"config.two_acc: needs pingpong=False, got pingpong={self.pingpong}")
+        if self.two_acc and self.pingpong and self.unit_accs != 1:
+            raise ValueError(f"config.two_acc: the ping-pong token needs unit_accs=1 (one unit in flight), got "
+                             f"pingpong={self.pingpong}, unit_accs={self.unit_accs}")
         if self.unit_accs not in (1, 2):
             raise ValueError(f"config.unit_accs: must be 1 or 2, got {self.unit_accs}")
         if self.two_acc and not _parts_fit(self.block_n, self.unit_n, self.unit_accs):

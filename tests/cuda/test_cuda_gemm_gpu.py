@@ -68,6 +68,7 @@ class Case:
     two_acc: bool = False     # two block accumulators (no ping-pong token)
     part_n: int = 0           # two_acc: MMA units of this many columns (0: the whole tile)
     unit_accs: int = 2        # two_acc: MMA units in flight per warpgroup
+    pingpong: bool | None = None  # None: on for the one-accumulator loop, off with two_acc
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -127,6 +128,10 @@ CASES = [
                                      (128, 0, 2, 2, 4096, 7168), (192, 64, 2, 2, 1024, 256))],
     Case("two_acc_bulk_store_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=256, cluster=2, pad_last=False,
          trailing_pad=0, two_acc=True, part_n=128, unit_accs=1, bulk_store=True),
+    # one unit in flight with the ping-pong token (the warpgroups alternate their units)
+    *[Case(f"two_acc_one_unit_pingpong_block_n_{bn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn,
+           cluster=cl, two_acc=True, part_n=128, unit_accs=1, pingpong=True)
+      for bn, cl, n, k in ((256, 2, 7168, 2048), (256, 1, 1000, 384), (128, 2, 4096, 7168))],
     Case("two_acc_parts_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=192, cluster=2, pad_last=False,
          trailing_pad=0, two_acc=True, part_n=64),
     # CTA pairs on N tiles 2j, 2j+1 sharing A: an odd N-tile count (7168 / 192 -> 38, 1001 / 128 ->
@@ -149,7 +154,8 @@ def test_matches_reference(case: Case) -> None:
     if case.block_n is not None:
         cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store),
                                    cluster=case.cluster or 1, multicast=case.multicast, bulk_store=case.bulk_store,
-                                   pingpong=not case.two_acc, two_acc=case.two_acc, part_n=case.part_n,
+                                   pingpong=not case.two_acc if case.pingpong is None else case.pingpong,
+                                   two_acc=case.two_acc, part_n=case.part_n,
                                    unit_accs=case.unit_accs)
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()
