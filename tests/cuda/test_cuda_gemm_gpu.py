@@ -90,6 +90,9 @@ CASES = [
     Case("odd_n", 1001, 384, (5, 129, 0, 1)),
     Case("n_below_tile", 48, 256, (3, 200)),
     Case("all_padding", 256, 256, (0, 0), trailing_pad=3 * ALIGN),
+    # a_scale chunks of 4 K blocks (K/128 = 4 and 12: one 16-byte copy per row and chunk)
+    Case("scale_chunks_of_4_k512", 1024, 512, (257, 0, 128, 31)),
+    Case("scale_chunks_of_4_k1536_pairs", 4096, 1536, _skewed(16, 16 * 96, 4)),
     *[Case(f"block_n_{bn}", 7168, 2048, (257, 0, 128, 31), block_n=bn)
       for bn in (64, 80, 96, 112, 128, 144, 160, 176, 192)],
     # CTA pairs: (0,1) one expert (B multicast), (2,3) two experts (own loads), (4,5) a live
