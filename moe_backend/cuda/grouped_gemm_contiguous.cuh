@@ -200,7 +200,7 @@ __device__ __forceinline__ void dispatch_offset(int i, F& f) {
 // kMaskedMaxM > 0: the masked layout with max_m = kMaskedMaxM (`expert_ids` is then masked_m; RowIds).
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1, int kCluster = 1,
           int kMcastA = 0, int kBulkStore = 0, int kTwoAcc = 0, int kMaskedMaxM = 0, int kPartNArg = 0,
-          int kUnitAccs = 2>
+          int kUnitAccs = 2, int kTmaStore = 0>
 struct GroupedGemmContiguous {
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && (kBlockN <= 192 || (kTwoAcc && kBlockN == 256)),
@@ -212,6 +212,8 @@ struct GroupedGemmContiguous {
                 "two accumulators: the ping-pong token only with one unit in flight");
   static_assert(kMaskedMaxM % kBlockM == 0, "masked layout: max_m must be a multiple of the 128-row tile");
   static_assert(kBulkStore == 0 || kN % 8 == 0, "bulk-copy epilogue: rows must be 16-byte multiples (N % 8 == 0)");
+  static_assert(kTmaStore == 0 || (kTwoAcc && !kBulkStore && kN % 8 == 0 && kBlockN % 64 == 0),
+                "TMA-store epilogue: unit-chain loop, N % 8 == 0, BLOCK_N a multiple of 64");
 
   static constexpr int kKBlocks = kK / kBlockK;
   static constexpr int kNScaleBlocks = (kN + kScaleBlock - 1) / kScaleBlock;
@@ -279,7 +281,10 @@ struct GroupedGemmContiguous {
   // Bulk-store epilogue: one 64 x BLOCK_N bf16 buffer per consumer warpgroup; rows padded by 16
   // bytes so the 8 rows one warp writes at a time fall in different banks.
   static constexpr uint32_t kOutPitch = kBlockN * 2 + 16;
-  static constexpr uint32_t kOutBytes = kBulkStore ? kNumConsumerWarpgroups * 64 * kOutPitch : 0;
+  // TMA-store epilogue: per warpgroup, BLOCK_N / 64 boxes of [64 rows x 64 columns] bf16 (128-byte
+  // rows, 128-byte swizzle: 8 KB each, 1024-byte aligned after the ring).
+  static constexpr uint32_t kOutBytes = kBulkStore ? kNumConsumerWarpgroups * 64 * kOutPitch
+                                        : kTmaStore ? kNumConsumerWarpgroups * 64 * kBlockN * 2 : 0;
   static constexpr uint32_t kSmemBytes =
       kStages * (kStageBytes + kScaleStageBytes) + kOutBytes + kAScaleArea + 2 * kStages * sizeof(uint64_t) + 1024;
   // `full` completes on the TMA lane's expect_tx arrival plus one cp.async arrival per lane of
@@ -336,6 +341,7 @@ struct GroupedGemmContiguous {
     bool valid;
     int bulk_row;      // kBulkStore: the row this thread copies (threads 0-63 of each warpgroup)
     bool bulk_row_ok;  // ... and whether it is written
+    bool rows_ok;      // kTmaStore: this thread's two rows are the tile's expert's or past M
   };
 
   // Epilogue: bf16 straight from registers to this thread's rows row0 and row0 + 8. Rows not
@@ -424,6 +430,46 @@ struct GroupedGemmContiguous {
         const uint32_t bytes = 2u * static_cast<uint32_t>(min(kBlockN, kN - n_base));
         sm90::bulk_store(out + static_cast<int64_t>(row) * kN + n_base, buf + wg_thread * kOutPitch, bytes);
       }
+      sm90::bulk_commit();
+    }
+  }
+
+  // Epilogue through a TMA tensor store (kTmaStore) when every row of this warpgroup's 64 is the
+  // tile's expert's or past M (`rows_ok`, all 128 threads: a warpgroup-wide vote); otherwise (a
+  // tile holding padding rows, which must stay untouched) the register stores. The buffer takes
+  // the map's 128-byte swizzle: 16-byte chunk c of row r at chunk c ^ (r % 8), so the 8 rows a
+  // warp writes at once fall in different banks. One thread issues BLOCK_N / 64 box stores; the
+  // next use of the buffer first waits until they have read it.
+  __device__ __forceinline__ static void store_tile_tma(const float (&result)[kAccRegs], uint8_t* smem_out,
+                                                        const sm90::TmaDescriptor* tmap_out, uint16_t* __restrict__ out,
+                                                        int warpgroup, const PendingStore& tile, bool rows_ok) {
+    const int wg_thread = threadIdx.x % 128;
+    const int lane = threadIdx.x % 32;
+    const int quad_lane = lane % 4;
+    if (wg_thread == 0) sm90::bulk_wait_read<0>();  // the previous boxes have been read
+    if (!sm90::named_bar_sync_and(3 + warpgroup, 128, rows_ok)) {
+      store_tile(result, out, tile.row0, tile.n_base, tile.store0, tile.store1, quad_lane);
+      return;
+    }
+    uint8_t* buf = smem_out + warpgroup * 64 * kBlockN * 2;
+    const int r0 = (wg_thread / 32) * 16 + lane / 4;  // this thread's rows r0 and r0 + 8 (same r % 8)
+    const int sw = r0 % 8;
+#pragma unroll
+    for (int g = 0; g < kVecChunks; g += 4) {
+      uint32_t v0[4], v1[4];
+      pack_chunk_group(result, g, quad_lane, v0, v1);
+      const int chunk = g + quad_lane;  // 8-column chunk of the tile
+      uint8_t* at = buf + (chunk / 8) * 8192 + r0 * 128 + (((chunk % 8) ^ sw) * 16);
+      sm90::st_shared_v4(at, v0[0], v0[1], v0[2], v0[3]);
+      sm90::st_shared_v4(at + 8 * 128, v1[0], v1[1], v1[2], v1[3]);
+    }
+    sm90::fence_proxy_async_shared();  // the writes above, before the TMA engine reads them
+    sm90::named_bar_sync(3 + warpgroup, 128);
+    if (wg_thread == 0) {
+      const int row = tile.row0 - r0;  // the warpgroup's first row (thread 0: r0 = 0)
+#pragma unroll
+      for (int box = 0; box < kBlockN / 64; ++box)
+        if (tile.n_base + box * 64 < kN) sm90::tma_store_2d(tmap_out, buf + box * 8192, tile.n_base + box * 64, row);
       sm90::bulk_commit();
     }
   }
@@ -616,6 +662,7 @@ struct GroupedGemmContiguous {
   }
 
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
+                                             const sm90::TmaDescriptor& tmap_out,
                                              const float* __restrict__ a_scale, const float* __restrict__ b_scale,
                                              const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out,
                                              int m) {
@@ -810,6 +857,8 @@ struct GroupedGemmContiguous {
           if (prev.valid) {
             if constexpr (kBulkStore)
               store_tile_bulk(result, smem_out, out, warpgroup, prev.bulk_row, prev.n_base, prev.bulk_row_ok);
+            else if constexpr (kTmaStore)
+              store_tile_tma(result, smem_out, &tmap_out, out, warpgroup, prev, prev.rows_ok);
             else
               store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
           }
@@ -817,7 +866,8 @@ struct GroupedGemmContiguous {
           for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
           k_loop_two_acc(acc, acc_odd, result, sv, issue, pos, row_in_tile, n_offset, lane, scales);
           prev = PendingStore{row0, n_base, role.live && id0 == expert, role.live && id1 == expert, true, bulk_row,
-                              role.live && bulk_id == expert};
+                              role.live && bulk_id == expert,
+                              role.live && (id0 == expert || row0 >= m) && (id1 == expert || row1 >= m)};
 #ifdef PHASEMOE_DEBUG
           if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
             printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
@@ -939,6 +989,8 @@ struct GroupedGemmContiguous {
         if (prev.valid) {
           if constexpr (kBulkStore)
             store_tile_bulk(result, smem_out, out, warpgroup, prev.bulk_row, prev.n_base, prev.bulk_row_ok);
+          else if constexpr (kTmaStore)
+            store_tile_tma(result, smem_out, &tmap_out, out, warpgroup, prev, prev.rows_ok);
           else
             store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
         }
@@ -946,6 +998,9 @@ struct GroupedGemmContiguous {
       // The last bulk stores complete before the CTA (and its shared memory) goes away.
       if constexpr (kBulkStore) {
         if (threadIdx.x % 128 < 64) sm90::bulk_wait<0>();
+      }
+      if constexpr (kTmaStore) {
+        if (threadIdx.x % 128 == 0) sm90::bulk_wait<0>();  // the last boxes are written before the CTA exits
       }
       // Consume warpgroup 1's last token so no barrier arrival is left pending at exit.
       if constexpr (kPingPong) {

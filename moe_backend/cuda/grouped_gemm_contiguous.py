@@ -74,11 +74,13 @@ class ContiguousConfig:
     unit_accs: int = 2       # two_acc: MMA units in flight per warpgroup: 2 = the next unit is issued
     #                          before the previous one is promoted; 1 = each is waited for (the other
     #                          warpgroup fills the gap), which fits 128-wide parts of a 256-wide tile
+    tma_store: bool = False  # two_acc: epilogue through shared memory and TMA tensor stores (64 x 64 boxes)
+    #                          when a warpgroup's 64 rows are all written; register stores otherwise
 
     def __post_init__(self) -> None:
         if self.block_n not in TILE_N_CHOICES:
             raise ValueError(f"config.block_n: must be one of {TILE_N_CHOICES}, got {self.block_n}")
-        limit = max_stages(self.block_n, self.bulk_store)
+        limit = max_stages(self.block_n, self.bulk_store, self.tma_store)
         if not 2 <= self.num_stages <= limit:
             raise ValueError(f"config.num_stages: must lie in [2, {limit}] for block_n={self.block_n}"
                              f"{' with bulk_store' if self.bulk_store else ''}, got {self.num_stages}")
@@ -93,6 +95,9 @@ class ContiguousConfig:
         if self.two_acc and self.pingpong and self.unit_accs != 1:
             raise ValueError(f"config.two_acc: the ping-pong token needs unit_accs=1 (one unit in flight), got "
                              f"pingpong={self.pingpong}, unit_accs={self.unit_accs}")
+        if self.tma_store and (not self.two_acc or self.bulk_store or self.block_n % 64):
+            raise ValueError(f"config.tma_store: needs two_acc=True, bulk_store=False and block_n a multiple of 64, "
+                             f"got two_acc={self.two_acc}, bulk_store={self.bulk_store}, block_n={self.block_n}")
         if self.unit_accs not in (1, 2):
             raise ValueError(f"config.unit_accs: must be 1 or 2, got {self.unit_accs}")
         if self.two_acc and not _parts_fit(self.block_n, self.unit_n, self.unit_accs):
@@ -127,7 +132,7 @@ class ContiguousConfig:
     def smem_bytes(self) -> int:
         """Mirrors GroupedGemmContiguous::kSmemBytes (a static_assert in the rendered source checks it)."""
         return (self.num_stages * (stage_bytes(self.block_n) + STAGE_EXTRA_BYTES)
-                + (out_buffer_bytes(self.block_n) if self.bulk_store else 0) + A_SCALE_AREA + 1024)
+                + epilogue_buffer_bytes(self.block_n, self.bulk_store, self.tma_store) + A_SCALE_AREA + 1024)
 
 
 def _offset_quantum(block_n: int) -> int:
@@ -150,8 +155,16 @@ def out_buffer_bytes(block_n: int) -> int:
     return BLOCK_M * (2 * block_n + 16)
 
 
-def max_stages(block_n: int, bulk_store: bool = False) -> int:
-    free = SMEM_LIMIT - 1024 - A_SCALE_AREA - (out_buffer_bytes(block_n) if bulk_store else 0)
+def epilogue_buffer_bytes(block_n: int, bulk_store: bool = False, tma_store: bool = False) -> int:
+    """Shared memory the epilogue stages the tile through: padded rows (bulk copies) or the TMA
+    store's swizzled 64 x 64 boxes (128 rows x BLOCK_N bf16)."""
+    if bulk_store:
+        return out_buffer_bytes(block_n)
+    return BLOCK_M * block_n * 2 if tma_store else 0
+
+
+def max_stages(block_n: int, bulk_store: bool = False, tma_store: bool = False) -> int:
+    free = SMEM_LIMIT - 1024 - A_SCALE_AREA - epilogue_buffer_bytes(block_n, bulk_store, tma_store)
     return min(MAX_STAGES, free // (stage_bytes(block_n) + STAGE_EXTRA_BYTES))
 
 
@@ -211,6 +224,8 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
         raise ValueError(f"n: must be positive, got {n}")
     if masked_max_m < 0 or masked_max_m % BLOCK_M:
         raise ValueError(f"masked_max_m: must be 0 or a multiple of {BLOCK_M}, got {masked_max_m}")
+    if config.tma_store and n % 8:
+        raise ValueError(f"config.tma_store: TMA stores need 16-byte rows (N % 8 == 0), got N={n}; pass tma_store=False")
     if config.bulk_store and n % 8:
         raise ValueError(f"config.bulk_store: the bulk-copy epilogue needs N % 8 == 0 (16-byte rows), got N={n}; "
                          f"pass bulk_store=False")
@@ -219,9 +234,9 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
                  "MCAST_A": int(config.cluster > 1 and config.multicast == "a"), "K_UNROLL": config.resolved_k_unroll,
                  "BULK_STORE": int(config.bulk_store), "TWO_ACC": int(config.two_acc), "MASKED_MAX_M": masked_max_m,
                  "PART_N": config.part_n if config.two_acc and config.part_n != config.block_n else 0,
-                 "UNIT_ACCS": config.unit_accs if config.two_acc else 2}
+                 "UNIT_ACCS": config.unit_accs if config.two_acc else 2, "TMA_STORE": int(config.tma_store)}
     name = ("phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}_c{CLUSTER}"
-            "_ma{MCAST_A}_u{K_UNROLL}_bs{BULK_STORE}_ta{TWO_ACC}_mm{MASKED_MAX_M}_pn{PART_N}_ua{UNIT_ACCS}").format(**constants)
+            "_ma{MCAST_A}_u{K_UNROLL}_bs{BULK_STORE}_ta{TWO_ACC}_mm{MASKED_MAX_M}_pn{PART_N}_ua{UNIT_ACCS}_ts{TMA_STORE}").format(**constants)
     source = _TEMPLATE.read_text()
     checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
                "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}
@@ -246,11 +261,12 @@ def warmup_specs(shapes: Iterable[tuple[int, int]], row_counts: Iterable[int], n
 # Tensor maps (cuTensorMapEncodeTiled) and launch
 
 
-def _tensor_map(ptr: int, dims: list[int], strides_bytes: list[int], box: list[int]):
-    """uint8 (fp8 bytes) tile map, innermost dim first, 128-byte swizzle, zero fill out of bounds."""
+def _tensor_map(ptr: int, dims: list[int], strides_bytes: list[int], box: list[int], dtype: str = "UINT8"):
+    """Tile map (uint8 = fp8 bytes, or BFLOAT16), innermost dim first, 128-byte swizzle, zero fill
+    out of bounds (loads) / clipped (stores)."""
     driver = jit._driver()
     return jit.check(driver.cuTensorMapEncodeTiled(
-        driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, len(dims), ptr,
+        getattr(driver.CUtensorMapDataType, f"CU_TENSOR_MAP_DATA_TYPE_{dtype}"), len(dims), ptr,
         [driver.cuuint64_t(d) for d in dims], [driver.cuuint64_t(s) for s in strides_bytes],
         [driver.cuuint32_t(b) for b in box], [driver.cuuint32_t(1)] * len(dims),
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -280,8 +296,9 @@ def grid_size(m: int, n: int, cfg: ContiguousConfig, num_sms: int) -> int:
 def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
                 expert_ids: torch.Tensor, out: torch.Tensor, cfg: ContiguousConfig) -> list:
     """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
-    (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m). Tensor maps: A `[M, K]` in
-    128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first)."""
+    (tmap_a, tmap_b, tmap_out, a_scale*, b_scale*, expert_ids*, out*, m). Tensor maps: A `[M, K]`
+    in 128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first), out
+    `[M, N]` bf16 in 64 x 64 boxes when the config stores through TMA (else A's map again, unused)."""
     m, k = a_fp8.shape
     num_experts, n, _ = b_fp8.shape
     shares_a = cfg.cluster > 1 and cfg.multicast == "a"  # the shared operand loads in cluster parts
@@ -289,8 +306,9 @@ def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
     b_rows = cfg.block_n if shares_a else cfg.block_n // cfg.cluster
     tmap_a = _tensor_map(a_fp8.data_ptr(), [k, m], [k], [BLOCK_K, a_rows])
     tmap_b = _tensor_map(b_fp8.data_ptr(), [k, n, num_experts], [k, n * k], [BLOCK_K, b_rows, 1])
+    tmap_out = _tensor_map(out.data_ptr(), [n, m], [2 * n], [64, 64], dtype="BFLOAT16") if cfg.tma_store else tmap_a
     return [
-        _tma_param(tmap_a), _tma_param(tmap_b),
+        _tma_param(tmap_a), _tma_param(tmap_b), _tma_param(tmap_out),
         ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
         ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
     ]

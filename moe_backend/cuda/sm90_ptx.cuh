@@ -153,6 +153,14 @@ __device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t 
                "r"(smem_addr(src)), "r"(bytes)
                : "memory");
 }
+// TMA tensor store: the 2-D box at (c0, c1) of `desc`'s tensor from shared memory (laid out as
+// the map's swizzle says); elements past the tensor's bounds are not written.
+__device__ __forceinline__ void tma_store_2d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];"
+               ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1)
+               : "memory");
+}
+
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 // Waits until this thread's committed bulk copies have read their shared-memory source (the
 // buffer may be rewritten), or, without `.read`, until their writes are done.
@@ -233,6 +241,18 @@ __device__ __forceinline__ uint64_t smem_desc_kmajor_sw128(const void* tile) {
 // `threads` threads (arrivals included) reached the barrier.
 __device__ __forceinline__ void named_bar_sync(uint32_t id, uint32_t threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+// bar.sync that also ANDs `pred` over the participating threads: true when it held for all.
+__device__ __forceinline__ bool named_bar_sync_and(uint32_t id, uint32_t threads, bool pred) {
+  uint32_t all;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.b32 q, %1, 0;\n"
+      "bar.red.and.pred p, %2, %3, q;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(all)
+      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(threads)
+      : "memory");
+  return all != 0;
 }
 __device__ __forceinline__ void named_bar_arrive(uint32_t id, uint32_t threads) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");

@@ -530,9 +530,20 @@ def test_kernel_args_match_the_kernel_signature(cache, monkeypatch):
     assert map_b["dims"] == [k, n, e] and map_b["strides"] == [k, n * k] and map_b["box"] == [128, 112, 1]
     assert map_a["swizzle"] == map_b["swizzle"] == "CU_TENSOR_MAP_SWIZZLE_128B"
     assert map_a["ptr"] == a.data_ptr() and map_b["ptr"] == b.data_ptr()
-    assert [a.value for a in args[2:]] == [a_scale.data_ptr(), b_scale.data_ptr(), ids.data_ptr(),
+    assert list(args[2]) == list(args[0])  # no TMA-store epilogue: A's map again, unused
+    assert [a.value for a in args[3:]] == [a_scale.data_ptr(), b_scale.data_ptr(), ids.data_ptr(),
                                            out.data_ptr(), m]
     assert ggc.num_tiles(m, n, cfg) == 3 * 9
+    # the TMA-store epilogue's map: out [M, N] bf16 in 64 x 64 boxes, 128-byte swizzle
+    n8 = 1000
+    out8 = torch.empty(m, n8, dtype=torch.bfloat16)
+    b8, b8_scale = b[:, :n8].contiguous(), b_scale
+    tcfg = ggc.ContiguousConfig(256, 3, pingpong=False, two_acc=True, part_n=128, unit_accs=1, tma_store=True)
+    ggc.kernel_args(a, a_scale, b8, b8_scale, ids, out8, tcfg)
+    map_out = fake.maps[-1]
+    assert map_out["dtype"] == "CU_TENSOR_MAP_DATA_TYPE_BFLOAT16" and map_out["ptr"] == out8.data_ptr()
+    assert map_out["dims"] == [n8, m] and map_out["strides"] == [2 * n8] and map_out["box"] == [64, 64]
+    assert map_out["swizzle"] == "CU_TENSOR_MAP_SWIZZLE_128B"
     if not HAVE_NVCC or CUOBJDUMP is None:
         pytest.skip("no nvcc/cuobjdump to read the kernel's parameter sizes")
     spec = ggc.kernel_spec(n, k, cfg)

@@ -69,6 +69,7 @@ class Case:
     part_n: int = 0           # two_acc: MMA units of this many columns (0: the whole tile)
     unit_accs: int = 2        # two_acc: MMA units in flight per warpgroup
     pingpong: bool | None = None  # None: on for the one-accumulator loop, off with two_acc
+    tma_store: bool = False   # two_acc: epilogue through TMA tensor stores where all rows are written
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -135,6 +136,16 @@ CASES = [
     *[Case(f"two_acc_one_unit_pingpong_block_n_{bn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn,
            cluster=cl, two_acc=True, part_n=128, unit_accs=1, pingpong=True)
       for bn, cl, n, k in ((256, 2, 7168, 2048), (256, 1, 1000, 384), (128, 2, 4096, 7168))],
+    # the TMA-store epilogue: whole tiles through 64 x 64 boxes, tiles with padding rows through
+    # register stores (padding must stay NaN), rows past M and columns past N clipped by TMA
+    *[Case(f"tma_store_block_n_{bn}_part_{pn}_cluster{cl}_n{n}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl,
+           two_acc=True, part_n=pn, unit_accs=accs, tma_store=True)
+      for bn, pn, accs, cl, n, k in ((256, 128, 1, 2, 7168, 2048), (256, 128, 1, 1, 1000, 384),
+                                     (128, 0, 2, 2, 4096, 7168), (192, 64, 2, 1, 1024, 256))],
+    Case("tma_store_m_ends_mid_tile", 1000, 2048, (130, 0, 77), block_n=256, cluster=2, pad_last=False,
+         trailing_pad=0, two_acc=True, part_n=128, unit_accs=1, tma_store=True),
+    Case("tma_store_ep8_w13_ragged", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=256, cluster=2, two_acc=True,
+         part_n=128, unit_accs=1, tma_store=True),
     Case("two_acc_parts_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=192, cluster=2, pad_last=False,
          trailing_pad=0, two_acc=True, part_n=64),
     # CTA pairs on N tiles 2j, 2j+1 sharing A: an odd N-tile count (7168 / 192 -> 38, 1001 / 128 ->
@@ -155,11 +166,11 @@ def test_matches_reference(case: Case) -> None:
     out = torch.full((expert_ids.numel(), case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
     cfg = None
     if case.block_n is not None:
-        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store),
+        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store, case.tma_store),
                                    cluster=case.cluster or 1, multicast=case.multicast, bulk_store=case.bulk_store,
                                    pingpong=not case.two_acc if case.pingpong is None else case.pingpong,
                                    two_acc=case.two_acc, part_n=case.part_n,
-                                   unit_accs=case.unit_accs)
+                                   unit_accs=case.unit_accs, tma_store=case.tma_store)
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()
     pad = expert_ids < 0
