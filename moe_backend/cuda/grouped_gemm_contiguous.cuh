@@ -474,6 +474,18 @@ struct GroupedGemmContiguous {
     }
   }
 
+  // kTwoAcc: the deferred epilogue of a finished tile, through the configured path.
+  __device__ __forceinline__ static void store_pending(const float (&result)[kAccRegs], uint8_t* smem_out,
+                                                       const sm90::TmaDescriptor* tmap_out, uint16_t* __restrict__ out,
+                                                       int warpgroup, const PendingStore& tile) {
+    if constexpr (kBulkStore)
+      store_tile_bulk(result, smem_out, out, warpgroup, tile.bulk_row, tile.n_base, tile.bulk_row_ok);
+    else if constexpr (kTmaStore)
+      store_tile_tma(result, smem_out, tmap_out, out, warpgroup, tile, tile.rows_ok);
+    else
+      store_tile(result, out, tile.row0, tile.n_base, tile.store0, tile.store1, threadIdx.x % 4);
+  }
+
   // Releases `stage` in every CTA of the cluster (a peer's producer may multicast into it).
   __device__ __forceinline__ static void release_stage(uint64_t* empty_bar, int stage, int lane) {
     if constexpr (kCluster == 1) {
@@ -854,14 +866,7 @@ struct GroupedGemmContiguous {
           RingPos issue = pos;
           float scales[2][kTileScaleBlocks][2];  // combined row scales of the K blocks in flight
           issue_part<0>(acc, scales[0], sv, issue, row_in_tile);
-          if (prev.valid) {
-            if constexpr (kBulkStore)
-              store_tile_bulk(result, smem_out, out, warpgroup, prev.bulk_row, prev.n_base, prev.bulk_row_ok);
-            else if constexpr (kTmaStore)
-              store_tile_tma(result, smem_out, &tmap_out, out, warpgroup, prev, prev.rows_ok);
-            else
-              store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
-          }
+          if (prev.valid) store_pending(result, smem_out, &tmap_out, out, warpgroup, prev);
 #pragma unroll
           for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
           k_loop_two_acc(acc, acc_odd, result, sv, issue, pos, row_in_tile, n_offset, lane, scales);
@@ -986,14 +991,7 @@ struct GroupedGemmContiguous {
         }
       }
       if constexpr (kTwoAcc) {
-        if (prev.valid) {
-          if constexpr (kBulkStore)
-            store_tile_bulk(result, smem_out, out, warpgroup, prev.bulk_row, prev.n_base, prev.bulk_row_ok);
-          else if constexpr (kTmaStore)
-            store_tile_tma(result, smem_out, &tmap_out, out, warpgroup, prev, prev.rows_ok);
-          else
-            store_tile(result, out, prev.row0, prev.n_base, prev.store0, prev.store1, quad_lane);
-        }
+        if (prev.valid) store_pending(result, smem_out, &tmap_out, out, warpgroup, prev);
       }
       // The last bulk stores complete before the CTA (and its shared memory) goes away.
       if constexpr (kBulkStore) {
