@@ -249,10 +249,10 @@ struct GroupedGemmContiguous {
   static constexpr int kPartChunks = kPartN / 8;
   static constexpr int kOddRegs = kUnitAccs == 2 ? kPartRegs : 1;  // the second unit accumulator
   static_assert(kUnitAccs == 1 || kUnitAccs == 2, "one or two MMA units in flight per warpgroup");
-  static_assert(kTwoAcc == 0 || ((kPartN == 64 || kPartN == 128) && kBlockN % kPartN == 0 &&
-                                 kOffQuantum % kPartN == 0 && kBlockN / 2 + kUnitAccs * kPartN / 2 <= 192),
-                "two accumulators: parts of 64 or 128 columns that tile BLOCK_N, start on a part boundary "
-                "and fit the registers (BLOCK_N / 2 + UNIT_ACCS x PART_N / 2 <= 192)");
+  static_assert(kTwoAcc == 0 || ((kPartN == 64 || kPartN == 128 || kPartN == kBlockN) && kBlockN % kPartN == 0 &&
+                                 (kScaleAligned || kNumOffsets <= 2) && kBlockN / 2 + kUnitAccs * kPartN / 2 <= 192),
+                "two accumulators: units of 64 or 128 columns (or the whole tile) that tile BLOCK_N, tiles "
+                "starting at <= 2 offsets in a scale block, registers: BLOCK_N / 2 + UNIT_ACCS x PART_N / 2 <= 192");
   static_assert(kTwoAcc || kPartNArg == 0, "parts need two accumulators");
   // Epilogue: groups of 4 8-column chunks are transposed inside each lane quad so every lane
   // stores 16 contiguous bytes (full 32-byte sectors); needs N % 8 == 0 (16-byte row pitch).
@@ -585,36 +585,26 @@ struct GroupedGemmContiguous {
   }
 
   // Promotes part kP of a completed K block (held in `acc`) into `result`; after the last part
-  // the stage is released and the retire position moves on.
-  template <int kP>
+  // the stage is released and the retire position moves on. kOff: where the tile starts inside
+  // its first 128-column scale block (0, or 64 for 192-wide tiles; the K loop is compiled once per
+  // value), so every 8-column chunk's scale block is a compile-time index.
+  template <int kP, int kOff>
   __device__ __forceinline__ static void retire_part(float (&acc)[kPartRegs], const float (&scale)[kTileScaleBlocks][2],
-                                                     float (&result)[kAccRegs], int n_offset, const SmemView& sv,
-                                                     RingPos& pos, int lane) {
+                                                     float (&result)[kAccRegs], const SmemView& sv, RingPos& pos,
+                                                     int lane) {
 #pragma unroll
     for (int i = 0; i < kPartRegs; ++i) sm90::fence_operand(acc[i]);
-    // The part's scale block: a compile-time index when tiles start on a scale block; 192-wide
-    // tiles start at column 0 or 64 of one, so their parts select at run time (no local memory).
-    float s0 = scale[0][0];
-    float s1 = scale[0][1];
-    if constexpr (kScaleAligned) {
-      s0 = scale[(kP * kPartN) / kScaleBlock][0];
-      s1 = scale[(kP * kPartN) / kScaleBlock][1];
-    } else {
-      const int block = (n_offset + kP * kPartN) / kScaleBlock;
-#pragma unroll
-      for (int j = 1; j < kTileScaleBlocks; ++j) {
-        s0 = block == j ? scale[j][0] : s0;
-        s1 = block == j ? scale[j][1] : s1;
-      }
-    }
     if constexpr (kP == kParts - 1) release_stage(sv.empty_bar, pos.stage, lane);
     if constexpr (kAblate & 1) {
       // Keep the MMAs (ptxas drops a wgmma whose results are never read): one element, compared.
-      if (acc[0] == 1234.5f) result[0] += s0 * s1;
+      if (acc[0] == 1234.5f) result[0] += scale[0][0] * scale[0][1];
     }
     constexpr int kFirst = kP * kPartChunks;
 #pragma unroll
     for (int c = 0; c < (kAblate & 1 ? 0 : kPartChunks); ++c) {
+      const int block = (kOff + 8 * (kFirst + c)) / kScaleBlock;  // a constant once unrolled
+      const float s0 = scale[block][0];
+      const float s1 = scale[block][1];
       result[4 * (kFirst + c) + 0] = fmaf(s0, acc[4 * c + 0], result[4 * (kFirst + c) + 0]);
       result[4 * (kFirst + c) + 1] = fmaf(s0, acc[4 * c + 1], result[4 * (kFirst + c) + 1]);
       result[4 * (kFirst + c) + 2] = fmaf(s1, acc[4 * c + 2], result[4 * (kFirst + c) + 2]);
@@ -631,19 +621,19 @@ struct GroupedGemmContiguous {
   // tell which group a wait_group 1 retired and serializes every wgmma (C7514). One unit in
   // flight (kUnitAccs = 1): each unit is waited for and promoted before the next is issued; the
   // other warpgroup's MMAs keep the tensor core busy meanwhile.
-  template <int kCount, int kI = 0, bool kFirstIssued = false>
+  template <int kOff, int kCount, int kI = 0, bool kFirstIssued = false>
   __device__ __forceinline__ static void mma_chain(float (&acc)[kPartRegs], float (&acc_odd)[kOddRegs],
                                                    float (&result)[kAccRegs], const SmemView& sv, RingPos& issue,
-                                                   RingPos& retire, int row_in_tile, int n_offset, int lane,
+                                                   RingPos& retire, int row_in_tile, int lane,
                                                    float (&scales)[2][kTileScaleBlocks][2]) {
     constexpr int kBlock = kI / kParts;  // K block within the chain: its scales are scales[kBlock % 2]
     if constexpr (kUnitAccs == 1) {
       if constexpr (kI > 0 || !kFirstIssued)
         issue_part<kI % kParts>(acc, scales[kBlock % 2], sv, issue, row_in_tile);
       sm90::wgmma_wait<0>();
-      retire_part<kI % kParts>(acc, scales[kBlock % 2], result, n_offset, sv, retire, lane);
+      retire_part<kI % kParts, kOff>(acc, scales[kBlock % 2], result, sv, retire, lane);
       if constexpr (kI + 1 < kCount)
-        mma_chain<kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, n_offset, lane, scales);
+        mma_chain<kOff, kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
     } else {
       float (&mine)[kPartRegs] = kI % 2 == 0 ? acc : acc_odd;
       float (&prev)[kPartRegs] = kI % 2 == 0 ? acc_odd : acc;
@@ -651,32 +641,32 @@ struct GroupedGemmContiguous {
         issue_part<kI % kParts>(mine, scales[kBlock % 2], sv, issue, row_in_tile);
       if constexpr (kI > 0) {
         sm90::wgmma_wait<1>();  // unit kI - 1 is done; unit kI runs meanwhile
-        retire_part<(kI - 1) % kParts>(prev, scales[((kI - 1) / kParts) % 2], result, n_offset, sv, retire, lane);
+        retire_part<(kI - 1) % kParts, kOff>(prev, scales[((kI - 1) / kParts) % 2], result, sv, retire, lane);
       }
       if constexpr (kI + 1 < kCount) {
-        mma_chain<kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, n_offset, lane, scales);
+        mma_chain<kOff, kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
       } else {
         sm90::wgmma_wait<0>();
-        retire_part<kI % kParts>(mine, scales[kBlock % 2], result, n_offset, sv, retire, lane);
+        retire_part<kI % kParts, kOff>(mine, scales[kBlock % 2], result, sv, retire, lane);
       }
     }
   }
 
   // The K loop with two accumulators after the tile's first unit was issued into `acc` (its
   // scales in scales[0]): chains of kTwoAccChain K blocks, then the remainder.
+  template <int kOff>
   __device__ __forceinline__ static void k_loop_two_acc(float (&acc)[kPartRegs], float (&acc_odd)[kOddRegs],
                                                         float (&result)[kAccRegs], const SmemView& sv, RingPos& issue,
-                                                        RingPos& retire, int row_in_tile, int n_offset, int lane,
+                                                        RingPos& retire, int row_in_tile, int lane,
                                                         float (&scales)[2][kTileScaleBlocks][2]) {
     constexpr int kChain = kTwoAccChain < kKBlocks ? kTwoAccChain : kKBlocks;
-    mma_chain<kChain * kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, n_offset, lane,
-                                        scales);
+    mma_chain<kOff, kChain * kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
 #pragma unroll 1
     for (int kb = kChain; kb + kChain <= kKBlocks; kb += kChain)
-      mma_chain<kChain * kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, n_offset, lane, scales);
+      mma_chain<kOff, kChain * kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
     if constexpr (kKBlocks % kChain != 0)
-      mma_chain<(kKBlocks % kChain) * kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, n_offset, lane,
-                                              scales);
+      mma_chain<kOff, (kKBlocks % kChain) * kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane,
+                                                    scales);
   }
 
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
@@ -875,7 +865,15 @@ struct GroupedGemmContiguous {
           if (prev.valid) store_pending(result, smem_out, &tmap_out, out, warpgroup, prev);
 #pragma unroll
           for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
-          k_loop_two_acc(acc, acc_odd, result, sv, issue, pos, row_in_tile, n_offset, lane, scales);
+          // Compiled once per column offset of the tile inside its scale block (192: 0 or 64).
+          auto k_loop = [&](auto off_c) {
+            k_loop_two_acc<decltype(off_c)::value>(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales);
+          };
+          if constexpr (kScaleAligned) {
+            k_loop(IntC<0>{});
+          } else {
+            dispatch_offset<0, kNumOffsets, kOffQuantum>(n_offset / kOffQuantum, k_loop);
+          }
           prev = PendingStore{row0, n_base, role.live && id0 == expert, role.live && id1 == expert, true, bulk_row,
                               role.live && bulk_id == expert,
                               role.live && (id0 == expert || row0 >= m) && (id1 == expert || row1 >= m)};

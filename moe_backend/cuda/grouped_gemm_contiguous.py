@@ -101,10 +101,11 @@ class ContiguousConfig:
         if self.unit_accs not in (1, 2):
             raise ValueError(f"config.unit_accs: must be 1 or 2, got {self.unit_accs}")
         if self.two_acc and not _parts_fit(self.block_n, self.unit_n, self.unit_accs):
-            raise ValueError(f"config.part_n: two accumulators need MMA units of 64 or 128 columns that tile "
-                             f"block_n, start on a unit boundary in every tile and fit the registers "
-                             f"(block_n / 2 + unit_accs x part_n / 2 <= 192), e.g. block_n 64/128 whole, "
-                             f"128/192/256 in parts of 64, or 256 in parts of 128 with unit_accs=1; got "
+            raise ValueError(f"config.part_n: two accumulators need MMA units of 64 or 128 columns (or the whole "
+                             f"tile) that tile block_n, tiles that start at <= 2 offsets in a scale block, and "
+                             f"registers (block_n / 2 + unit_accs x part_n / 2 <= 192), e.g. block_n 64/128 "
+                             f"whole, 128/192/256 in parts of 64, 256 in parts of 128 or 192 whole with "
+                             f"unit_accs=1; got "
                              f"block_n={self.block_n}, part_n={self.part_n}, unit_accs={self.unit_accs}")
         if self.part_n and not self.two_acc:
             raise ValueError(f"config.part_n: MMA units narrower than the tile need two_acc=True, got "
@@ -141,8 +142,11 @@ def _offset_quantum(block_n: int) -> int:
 
 
 def _parts_fit(block_n: int, unit_n: int, unit_accs: int = 2) -> bool:
-    """Mirrors the kernel's two-accumulator static_assert."""
-    return (unit_n in (64, 128) and block_n % unit_n == 0 and _offset_quantum(block_n) % unit_n == 0
+    """Mirrors the kernel's two-accumulator static_assert: units of 64 or 128 columns or the whole
+    tile, tiles starting at no more than 2 offsets inside a scale block (the K loop is compiled per
+    offset), and the registers (promoted sum + unit accumulators <= 192 per thread)."""
+    offsets = 1 if 128 % block_n == 0 or block_n % 128 == 0 else 128 // _offset_quantum(block_n)
+    return ((unit_n in (64, 128) or unit_n == block_n) and block_n % unit_n == 0 and offsets <= 2
             and block_n // 2 + unit_accs * unit_n // 2 <= 192)
 
 

@@ -76,6 +76,7 @@ COMPILE_CASES = [
     CompileCase("two-acc-parts-bn256", 4096, 7168, block_n=256, cluster=2, two_acc=True, part_n=64),
     CompileCase("two-acc-parts-bn192-odd-n", 1001, 384, block_n=192, two_acc=True, part_n=64),
     CompileCase("one-unit-parts-bn256", 7168, 2048, block_n=256, cluster=2, two_acc=True, part_n=128, unit_accs=1),
+    CompileCase("one-unit-whole-bn192", 4096, 7168, block_n=192, cluster=2, two_acc=True, unit_accs=1),
     CompileCase("masked-128", 7168, 2048, block_n=128, cluster=2, multicast="a", two_acc=True, masked_max_m=128),
     CompileCase("masked-256-bn64", 512, 7168, block_n=64, two_acc=True, masked_max_m=256),
 ]
@@ -121,13 +122,19 @@ def test_kernel_compiles_for_sm90a(case, cache):
     unroll += k_blocks % unroll
     copies = {192: 2, 160: 4, 96: 4}.get(bn, 1) * unroll
     mma_n = bn
+    issues = copies
     if spec.constants["TWO_ACC"]:  # straight-line chains of 2 x k_unroll K blocks: the tile's first
         chain = min(2 * spec.constants["K_UNROLL"], k_blocks)  # (block 0 issued before the epilogue),
         copies = chain + (chain if k_blocks >= 2 * chain else 0) + k_blocks % chain  # the loop's, the rest
         mma_n = spec.constants["PART_N"] or bn  # each K block in BLOCK_N / PART_N units, a wait each
         copies *= bn // mma_n
+        # 192-wide tiles: the chains compiled per column offset (0, 64); the tile's first unit, issued
+        # before the previous tile's epilogue, once.
+        offsets = 2 if bn == 192 else 1
+        issues = 1 + offsets * (copies - 1)
+        copies *= offsets
     # 4 fp8 wgmma (k32 each) per 128-wide K block (per unit with parts), N = the tile (the part).
-    assert len(re.findall(rf"QGMMA\.64x{mma_n}x32\.F32\.E4M3\.E4M3", sass)) == 4 * copies, sass[:2000]
+    assert len(re.findall(rf"QGMMA\.64x{mma_n}x32\.F32\.E4M3\.E4M3", sass)) == 4 * issues, sass[:2000]
     assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass          # TMA loads of A and B
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == copies  # one wait per K block
@@ -373,12 +380,13 @@ def test_masked_max_m_is_checked_and_keys_the_kernel():
 
 
 def test_two_accumulators_need_tiles_that_fit_and_no_token():
-    for bn, part, accs in ((64, 0, 2), (128, 0, 2), (128, 64, 2), (192, 64, 2), (256, 64, 2), (256, 128, 1)):
+    for bn, part, accs in ((64, 0, 2), (128, 0, 2), (128, 64, 2), (192, 64, 2), (256, 64, 2), (256, 128, 1),
+                           (192, 0, 1)):
         ggc.ContiguousConfig(bn, ggc.max_stages(bn), pingpong=False, two_acc=True, part_n=part, unit_accs=accs)
     with pytest.raises(ValueError, match="config.two_acc"):
         ggc.ContiguousConfig(128, 4, pingpong=True, two_acc=True)
-    # whole-tile accumulators of 192 columns do not fit the registers (3 x 96); 96-wide parts of a
-    # 192-wide tile would straddle a scale block; 128-wide parts of 256 do not fit (128 + 2 x 64)
+    # two whole-tile accumulators of 192 columns do not fit the registers (3 x 96); 96-wide units are
+    # not offered; two 128-wide units of 256 do not fit (128 + 2 x 64); 160 and 96 start at 4 offsets
     for bn, part in ((192, 0), (192, 96), (256, 128), (160, 64), (96, 0)):
         with pytest.raises(ValueError, match="config.part_n"):
             ggc.ContiguousConfig(bn, 4, pingpong=False, two_acc=True, part_n=part)

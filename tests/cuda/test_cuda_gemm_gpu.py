@@ -124,7 +124,7 @@ CASES = [
     *[Case(f"two_acc_parts_one_unit_block_n_{bn}_part_{pn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn,
            cluster=cl, two_acc=True, part_n=pn, unit_accs=1)
       for bn, pn, cl, n, k in ((256, 128, 2, 7168, 2048), (256, 128, 1, 1000, 384), (256, 64, 2, 4096, 7168),
-                               (192, 64, 1, 1001, 256))],
+                               (192, 64, 1, 1001, 256), (192, 0, 2, 7168, 2048), (192, 0, 1, 1000, 384))],
     # the bulk-copy epilogue on the unit-chain loop (deferred to the next tile's first unit)
     *[Case(f"two_acc_bulk_store_block_n_{bn}_part_{pn}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn,
            cluster=cl, two_acc=True, part_n=pn, unit_accs=accs, bulk_store=True)
