@@ -855,6 +855,14 @@ struct GroupedGemmContiguous {
         // kBulkStore: thread t < 64 of the warpgroup copies the tile's row warpgroup * 64 + t.
         const int bulk_row = m_tile * kBlockM + warpgroup * 64 + static_cast<int>(threadIdx.x % 128);
         const int bulk_id = kBulkStore && threadIdx.x % 128 < 64 && bulk_row < m ? expert_ids(bulk_row) : -1;
+#ifdef PHASEMOE_DEBUG
+        // A row of another expert inside the tile means a segment did not start on a 128-row
+        // boundary: the layout broke the precondition and that row would silently stay unwritten.
+        if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
+          printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
+          __trap();
+        }
+#endif
 
         if constexpr (kTwoAcc) {
           // This tile's K block 0 is issued first, then the previous tile's epilogue runs while it
@@ -877,12 +885,6 @@ struct GroupedGemmContiguous {
           prev = PendingStore{row0, n_base, role.live && id0 == expert, role.live && id1 == expert, true, bulk_row,
                               role.live && bulk_id == expert,
                               role.live && (id0 == expert || row0 >= m) && (id1 == expert || row1 >= m)};
-#ifdef PHASEMOE_DEBUG
-          if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
-            printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
-            __trap();
-          }
-#endif
         } else {
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
@@ -973,23 +975,9 @@ struct GroupedGemmContiguous {
         if constexpr (kBulkStore) {
           // The copies run while the next tile computes.
           store_tile_bulk(result, smem_out, out, warpgroup, bulk_row, n_base, role.live && bulk_id == expert);
-#ifdef PHASEMOE_DEBUG
-          if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
-            printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
-            __trap();
-          }
-#endif
         } else {
           const bool store0 = role.live && id0 == expert;
           const bool store1 = role.live && id1 == expert;
-#ifdef PHASEMOE_DEBUG
-          // A row of another expert inside the tile means a segment did not start on a 128-row
-          // boundary: the layout broke the precondition and that row would silently stay unwritten.
-          if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
-            printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
-            __trap();
-          }
-#endif
           store_tile(result, out, row0, n_base, store0, store1, quad_lane);
         }
         }
