@@ -196,9 +196,10 @@ __device__ __forceinline__ void dispatch_offset(int i, F& f) {
 // kBulkStore = 1 (needs N % 8 == 0): the epilogue writes each warpgroup's 64 x BLOCK_N tile to a
 // shared-memory buffer and stores its valid rows with one asynchronous bulk copy each, so the
 // next tile's MMAs overlap the stores; 0: 16-byte stores straight from registers.
-// kTwoAcc = 1 (BLOCK_N <= 128): two block accumulators per warpgroup; K block kb + 1's MMAs are
-// issued before K block kb is promoted, so the tensor core never waits for a promotion (three
-// accumulator copies: 3 x BLOCK_N / 2 registers). The ping-pong token is then not used.
+// kTwoAcc = 1: the unit-chain K loop. Each K block runs as BLOCK_N / kPartN units (kPartNArg = 0:
+// one unit, the whole tile) with kUnitAccs unit accumulators: with two, unit i + 1 is issued
+// before unit i is promoted; with one, each unit is waited for (the ping-pong token optional).
+// kTmaStore = 1: its epilogue through TMA tensor stores (store_tile_tma).
 // kMaskedMaxM > 0: the masked layout with max_m = kMaskedMaxM (`expert_ids` is then masked_m; RowIds).
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1, int kCluster = 1,
           int kMcastA = 0, int kBulkStore = 0, int kTwoAcc = 0, int kMaskedMaxM = 0, int kPartNArg = 0,
@@ -437,19 +438,19 @@ struct GroupedGemmContiguous {
   }
 
   // Epilogue through a TMA tensor store (kTmaStore) when every row of this warpgroup's 64 is the
-  // tile's expert's or past M (`rows_ok`, all 128 threads: a warpgroup-wide vote); otherwise (a
+  // tile's expert's or past M (`tile.rows_ok` of all 128 threads: a warpgroup-wide vote); otherwise (a
   // tile holding padding rows, which must stay untouched) the register stores. The buffer takes
   // the map's 128-byte swizzle: 16-byte chunk c of row r at chunk c ^ (r % 8), so the 8 rows a
   // warp writes at once fall in different banks. One thread issues BLOCK_N / 64 box stores; the
   // next use of the buffer first waits until they have read it.
   __device__ __forceinline__ static void store_tile_tma(const float (&result)[kAccRegs], uint8_t* smem_out,
                                                         const sm90::TmaDescriptor* tmap_out, uint16_t* __restrict__ out,
-                                                        int warpgroup, const PendingStore& tile, bool rows_ok) {
+                                                        int warpgroup, const PendingStore& tile) {
     const int wg_thread = threadIdx.x % 128;
     const int lane = threadIdx.x % 32;
     const int quad_lane = lane % 4;
     if (wg_thread == 0) sm90::bulk_wait_read<0>();  // the previous boxes have been read
-    if (!sm90::named_bar_sync_and(3 + warpgroup, 128, rows_ok)) {
+    if (!sm90::named_bar_sync_and(3 + warpgroup, 128, tile.rows_ok)) {
       store_tile(result, out, tile.row0, tile.n_base, tile.store0, tile.store1, quad_lane);
       return;
     }
@@ -483,7 +484,7 @@ struct GroupedGemmContiguous {
     if constexpr (kBulkStore)
       store_tile_bulk(result, smem_out, out, warpgroup, tile.bulk_row, tile.n_base, tile.bulk_row_ok);
     else if constexpr (kTmaStore)
-      store_tile_tma(result, smem_out, tmap_out, out, warpgroup, tile, tile.rows_ok);
+      store_tile_tma(result, smem_out, tmap_out, out, warpgroup, tile);
     else
       store_tile(result, out, tile.row0, tile.n_base, tile.store0, tile.store1, threadIdx.x % 4);
   }

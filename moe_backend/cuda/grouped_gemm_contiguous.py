@@ -48,7 +48,7 @@ TILE_OVERHEAD_COLS = 96
 HEURISTIC_BLOCK_N = (64, 128, 256)
 WIDE_TILE = dict(part_n=128, unit_accs=1)  # how the heuristic runs a 256-wide tile
 WIDE_TILE_MIN_K = 1024
-# N tiles a config may name: every wgmma width, and 256 split into 64-column parts (two_acc).
+# N tiles a config may name: every wgmma width, and 256 split into MMA units (two_acc, part_n).
 TILE_N_CHOICES = BLOCK_N_CHOICES + (256,)
 CLUSTER = 2            # CTA pairs sharing an operand by TMA multicast (`_pairing`); 1 turns them off
 CLUSTER_MIN_PAIRS = 4  # below 8 M tiles, no B-sharing pairs (dead halves of pairs cost more)
@@ -69,8 +69,8 @@ class ContiguousConfig:
     #                          costs a stage of the ring); False: 16-byte stores from registers
     two_acc: bool = False    # two block accumulators, K block kb+1 issued before kb is promoted
     #                          (the ping-pong token is not used with it)
-    part_n: int = 0          # two_acc: columns per MMA unit (0 = the whole tile); 64 lets 192/256-wide
-    #                          tiles keep two (part) accumulators in the registers
+    part_n: int = 0          # two_acc: columns per MMA unit (0 = the whole tile); narrower units let
+    #                          192/256-wide tiles keep their unit accumulators in the registers
     unit_accs: int = 2       # two_acc: MMA units in flight per warpgroup: 2 = the next unit is issued
     #                          before the previous one is promoted; 1 = each is waited for (the other
     #                          warpgroup fills the gap), which fits 128-wide parts of a 256-wide tile
@@ -111,8 +111,8 @@ class ContiguousConfig:
             raise ValueError(f"config.part_n: MMA units narrower than the tile need two_acc=True, got "
                              f"part_n={self.part_n}")
         if self.block_n not in BLOCK_N_CHOICES and not (self.two_acc and self.unit_n < self.block_n):
-            raise ValueError(f"config.block_n: {self.block_n} needs two_acc=True with part_n=64 (no whole-tile "
-                             f"wgmma of that width fits the registers)")
+            raise ValueError(f"config.block_n: {self.block_n} needs two_acc=True with part_n 64 or 128 (no "
+                             f"whole-tile wgmma of that width fits the registers)")
 
     @property
     def unit_n(self) -> int:
