@@ -57,15 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("ncu (Nsight Compute) is not on the PATH")
     head = "| cell | " + " | ".join(f"{t} ours / DG" for t, _, _ in METRICS) + " | speed vs DG (time) |"
     lines = [head, "|" + "---|" * (len(METRICS) + 2)]
-    for cell in args.cells.split(","):
+    print("\n".join(lines), flush=True)
+    for cell in args.cells.split(","):  # each row as soon as its two profiles are in
         ours, dg = measure("ncu", cell, args.variant), measure("dg", cell, "h")
         cols = " | ".join(f"{ours[t]:.4g} / {dg[t]:.4g}" for t, _, _ in METRICS)
         lines.append(f"| {cell} | {cols} | {dg['µs'] / ours['µs']:.2f}× |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
     if args.log:
-        args.log.write_text(table + "\n")
+        args.log.write_text("\n".join(lines) + "\n")
     return 0
 
 
