@@ -52,12 +52,21 @@ def parse(v, m, n, k):
 _kernel_spec = g.kernel_spec
 
 
+def build_flags(spec):
+    """'@' part of a variant: comma-separated; an integer = PHASEMOE_ABLATE bits, NAME=V =
+    -DPHASEMOE_NAME=V (e.g. CONST_STAGE=0)."""
+    flags = []
+    for item in filter(None, spec.split(",")):
+        name, eq, value = item.partition("=")
+        flags.append(f"-DPHASEMOE_{name}={value}" if eq else f"-DPHASEMOE_ABLATE={item}")
+    return tuple(flags)
+
+
 def with_ablation(bits, fn, *args, **kwargs):
-    """Runs fn with the kernel compiled with -DPHASEMOE_ABLATE=bits (own cache entry)."""
+    """Runs fn with the kernel compiled with the variant's '@' flags (own cache entry)."""
     if not bits:
         return fn(*args, **kwargs)
-    g.kernel_spec = lambda *a, **kw: dataclasses.replace(_kernel_spec(*a, **kw),
-                                                         flags=(f"-DPHASEMOE_ABLATE={bits}",))
+    g.kernel_spec = lambda *a, **kw: dataclasses.replace(_kernel_spec(*a, **kw), flags=build_flags(bits))
     try:
         return fn(*args, **kwargs)
     finally:
@@ -88,7 +97,8 @@ def main():
                 sfa = dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)
                 fns["DeepGEMM"] = lambda sfa=sfa, sfb=sfb: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, ids)
                 continue
-            v, _, ablate = v.partition("@")  # "@bits": PHASEMOE_ABLATE (a part left out; wrong results)
+            # "@bits": PHASEMOE_ABLATE (a part left out; wrong results); "@NAME=V": -DPHASEMOE_NAME=V
+            v, _, ablate = v.partition("@")
             cfg = parse(v, m, n, k)
             fn = lambda cfg=cfg, ablate=ablate: with_ablation(ablate, g.grouped_gemm_contiguous, a, a_s, b, bs, ids,
                                                                out, config=cfg)

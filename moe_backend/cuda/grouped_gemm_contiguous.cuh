@@ -130,19 +130,41 @@ struct TileRole {
   int n_tile;
 };
 
-template <int kCluster, int kMcastA, int kNumNTiles, typename Ids>
-__device__ __forceinline__ TileRole tile_role(const Ids& expert_ids, int m, int m_unit,
-                                              int n_unit, uint32_t rank, bool& live_pair) {
+// The expert ids a unit's role depends on: its M tile's first row's (e1: the pair's second M
+// tile's, B-shared pairs only; -1 past M). Loaded apart from tile_role so that the consumers can
+// load the next unit's ids a tile ahead: loaded at the tile's start, the ids' global-load latency
+// sat between the previous tile's last MMA and this tile's first (SASS: the first wgmma waited
+// on it). `zero` is 0; the consumers pass one the compiler cannot prove to be 0 or warp-uniform:
+// ids loaded from a provably uniform address are moved into uniform registers right after the
+// load (R2UR), which waits for the load there, at the tile boundary, again.
+struct TileIds {
+  int e0;
+  int e1;
+};
+
+template <int kCluster, int kMcastA, typename Ids>
+__device__ __forceinline__ TileIds load_tile_ids(const Ids& expert_ids, int m, int m_unit, int zero = 0) {
+  if constexpr (kCluster == 1 || kMcastA) {
+    return TileIds{expert_ids(m_unit * kBlockM + zero), -1};
+  } else {
+    const int first = 2 * m_unit * kBlockM + zero;
+    return TileIds{expert_ids(first), first + kBlockM < m ? expert_ids(first + kBlockM) : -1};
+  }
+}
+
+template <int kCluster, int kMcastA, int kNumNTiles>
+__device__ __forceinline__ TileRole tile_role(const TileIds& ids, int m_unit, int n_unit, uint32_t rank,
+                                              bool& live_pair) {
   TileRole role;
   if constexpr (kCluster == 1) {
-    role.expert = expert_ids(m_unit * kBlockM);
+    role.expert = ids.e0;
     role.live = role.expert >= 0;
     role.multicast = false;
     role.m_tile = m_unit;
     role.n_tile = n_unit;
     live_pair = role.live;
   } else if constexpr (kMcastA) {
-    role.expert = expert_ids(m_unit * kBlockM);
+    role.expert = ids.e0;
     const int n_tile = n_unit * kCluster + static_cast<int>(rank);
     live_pair = role.expert >= 0;
     role.live = live_pair && n_tile < kNumNTiles;
@@ -152,9 +174,8 @@ __device__ __forceinline__ TileRole tile_role(const Ids& expert_ids, int m, int 
     // (valid coordinates; nothing is stored).
     role.n_tile = min(n_tile, kNumNTiles - 1);
   } else {
-    const int first = 2 * m_unit * kBlockM;
-    const int e0 = expert_ids(first);
-    const int e1 = first + kBlockM < m ? expert_ids(first + kBlockM) : -1;
+    const int e0 = ids.e0;
+    const int e1 = ids.e1;
     const int own = rank == 0 ? e0 : e1;
     live_pair = e0 >= 0 || e1 >= 0;
     role.live = own >= 0;
@@ -728,8 +749,8 @@ struct GroupedGemmContiguous {
         int m_unit, n_unit;
         while (sched.next_tile(m_unit, n_unit)) {
           bool live_pair;
-          const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(expert_ids, m, m_unit, n_unit,
-                                                                                    rank, live_pair);
+          const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(
+              load_tile_ids<kCluster, kMcastA>(expert_ids, m, m_unit), m_unit, n_unit, rank, live_pair);
           if (!live_pair) continue;
 #pragma unroll 1
           for (int kb = 0; kb < kKBlocks; ++kb) {
@@ -832,13 +853,25 @@ struct GroupedGemmContiguous {
       bool issued_any = false;  // ping-pong: warpgroup 0's first K block waits for no token
       const SmemView sv{full_bar, empty_bar, smem_scales, smem_a_scales, desc_a0, desc_b0, warpgroup, &issued_any};
       PendingStore prev{0, 0, false, false, false};  // kTwoAcc: the tile whose epilogue is deferred
-      int m_unit, n_unit;
       // Same walk as the producer's, written out again on purpose: a shared "next live tile"
-      // helper carrying TileRole across iterations made ptxas spill at BLOCK_N = 192.
-      while (sched.next_tile(m_unit, n_unit)) {
+      // helper carrying TileRole across iterations made ptxas spill at BLOCK_N = 192. The next
+      // unit's expert ids are loaded a tile ahead (load_tile_ids).
+      int next_m_unit, next_n_unit;
+      bool more = sched.next_tile(next_m_unit, next_n_unit);
+      // 0 (m >= 0), from the thread index: neither provably 0 nor provably warp-uniform.
+      const int zero = static_cast<int>(threadIdx.x) & (m >> 31);
+      TileIds next_ids{-1, -1};
+      if (more) next_ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, next_m_unit, zero);
+      while (more) {
+        const int m_unit = next_m_unit;
+        const int n_unit = next_n_unit;
+        // Broadcast here, a tile after the load: the ids become warp-uniform only now.
+        const TileIds ids{__shfl_sync(0xffffffffu, next_ids.e0, 0), __shfl_sync(0xffffffffu, next_ids.e1, 0)};
+        more = sched.next_tile(next_m_unit, next_n_unit);
+        if (more) next_ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, next_m_unit, zero);
         bool live_pair;
-        const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(expert_ids, m, m_unit, n_unit,
-                                                                                  rank, live_pair);
+        const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(ids, m_unit, n_unit, rank,
+                                                                                  live_pair);
         if (!live_pair) continue;
         const int expert = role.expert;
         // Rows this CTA stores (a dead B-shared tile computes on its partner's rows: the guards
