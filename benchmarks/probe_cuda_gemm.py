@@ -54,7 +54,7 @@ _kernel_spec = g.kernel_spec
 
 def build_flags(spec):
     """'@' part of a variant: comma-separated; an integer = PHASEMOE_ABLATE bits, NAME=V =
-    -DPHASEMOE_NAME=V (e.g. CONST_STAGE=0)."""
+    -DPHASEMOE_NAME=V (e.g. '@1,DEBUG=1': no promotion FFMAs, debug waits)."""
     flags = []
     for item in filter(None, spec.split(",")):
         name, eq, value = item.partition("=")
