@@ -4,6 +4,11 @@ sets them), and the counters that say what limits a cell: tensor-pipe activity, 
 throughput, DRAM bytes read, L2 sectors the SMs asked for, instructions. Prints a markdown table.
 
     python benchmarks/ncu_compare.py [--cells w13_512,w2_2048] [--variant h] [--log FILE]
+    python benchmarks/ncu_compare.py --ceiling [--cells ...] [--configs "h;192,0,0,8,2,0,1,0,1,0,1"]
+
+--ceiling: for each of our configs, cycles and tensor-pipe activity as built and without the
+promotion FFMAs (the `@1` ablation: results wrong, MMAs kept), next to DeepGEMM's: how much of
+each config's idle time the promotion accounts for, and what is left without it.
 
 Run on the GPU machine (`run_device.sh ncu`); needs `ncu` on the PATH and DeepGEMM importable.
 """
@@ -31,11 +36,18 @@ METRICS = (
 )
 
 
-def measure(mode: str, cell: str, variant: str) -> dict[str, float]:
+# --ceiling: the configs profiled with and without the promotion (probe variant syntax): the
+# heuristic's, 256 wide in 64-wide units two in flight, 192 wide as one unit (DeepGEMM's tile),
+# 128 wide as two whole units in flight.
+CEILING_CONFIGS = "h;256,0,0,8,2,0,1,0,1,64,2;192,0,0,8,2,0,1,0,1,0,1;128,0,0,8,2,0,2,0,1,0,2"
+CEILING_METRICS = METRICS[1:3]
+
+
+def measure(mode: str, cell: str, variant: str, metrics=METRICS) -> dict[str, float]:
     """One profiled launch (the probe launches twice; the first compiles and warms up)."""
     kernel = "regex:phasemoe" if mode == "ncu" else "regex:sm90_fp8"
     cmd = ["ncu", "--clock-control", "none", "--kernel-name", kernel, "--launch-skip", "1", "--launch-count", "1",
-           "--metrics", ",".join(m for _, m, _ in METRICS), "--csv", "--page", "raw", "--print-units", "base",
+           "--metrics", ",".join(m for _, m, _ in metrics), "--csv", "--page", "raw", "--print-units", "base",
            sys.executable, str(HERE / "probe_cuda_gemm.py"), mode, cell, variant]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     # The CSV lines are the quoted ones (header, units, one row per profiled launch); ncu's own
@@ -44,7 +56,20 @@ def measure(mode: str, cell: str, variant: str) -> dict[str, float]:
     if len(rows) < 2:  # no report: the command's own output says why
         raise RuntimeError(f"ncu returned no metrics for {mode} {cell}:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
     values = dict(zip(rows[0], rows[-1]))
-    return {title: float(values[metric].replace(",", "")) * scale for title, metric, scale in METRICS}
+    return {title: float(values[metric].replace(",", "")) * scale for title, metric, scale in metrics}
+
+
+def ceiling_rows(cell: str, configs: str) -> list[str]:
+    """One row per config (and DeepGEMM): M cycles and tensor % as built and with `@1`."""
+    def fmt(r):
+        return f"{r['M cycles']:.3f}, {r['tensor %']:.1f}"
+    rows = []
+    for config in configs.split(";"):
+        built = measure("ncu", cell, config, CEILING_METRICS)
+        bare = measure("ncu", cell, f"{config}@1", CEILING_METRICS)
+        rows.append(f"| {cell} | {config} | {fmt(built)} | {fmt(bare)} |")
+    rows.append(f"| {cell} | DeepGEMM | {fmt(measure('dg', cell, 'h', CEILING_METRICS))} | – |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,9 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", default=",".join(CELLS), help="comma-separated probe cells")
     ap.add_argument("--variant", default="h", help="our config, in probe_cuda_gemm.py's variant syntax")
     ap.add_argument("--log", type=Path, help="also write the table here")
+    ap.add_argument("--ceiling", action="store_true", help="configs with and without the promotion (see above)")
+    ap.add_argument("--configs", default=CEILING_CONFIGS, help="--ceiling: ';'-separated probe variants")
     args = ap.parse_args(argv)
     if shutil.which("ncu") is None:
         raise SystemExit("ncu (Nsight Compute) is not on the PATH")
+    if args.ceiling:
+        lines = ["| cell | config | M cycles, tensor % | without promotion (`@1`) |", "|---|---|---|---|"]
+        print("\n".join(lines), flush=True)
+        for cell in args.cells.split(","):
+            for row in ceiling_rows(cell, args.configs):
+                lines.append(row)
+                print(row, flush=True)
+        if args.log:
+            args.log.write_text("\n".join(lines) + "\n")
+        return 0
     head = "| cell | " + " | ".join(f"{t} ours / DG" for t, _, _ in METRICS) + " | speed vs DG (time) |"
     lines = [head, "|" + "---|" * (len(METRICS) + 2)]
     print("\n".join(lines), flush=True)
