@@ -59,17 +59,22 @@ def measure(mode: str, cell: str, variant: str, metrics=METRICS) -> dict[str, fl
     return {title: float(values[metric].replace(",", "")) * scale for title, metric, scale in metrics}
 
 
-def ceiling_rows(cell: str, configs: str) -> list[str]:
+def compare_row(cell: str, variant: str) -> str:
+    """Ours (`variant`) and DeepGEMM on one cell, each metric as 'ours / DG'."""
+    ours, dg = measure("ncu", cell, variant), measure("dg", cell, "h")
+    cols = " | ".join(f"{ours[t]:.4g} / {dg[t]:.4g}" for t, _, _ in METRICS)
+    return f"| {cell} | {cols} | {dg['µs'] / ours['µs']:.2f}× |"
+
+
+def ceiling_rows(cell: str, configs: str):
     """One row per config (and DeepGEMM): M cycles and tensor % as built and with `@1`."""
     def fmt(r):
         return f"{r['M cycles']:.3f}, {r['tensor %']:.1f}"
-    rows = []
     for config in configs.split(";"):
         built = measure("ncu", cell, config, CEILING_METRICS)
         bare = measure("ncu", cell, f"{config}@1", CEILING_METRICS)
-        rows.append(f"| {cell} | {config} | {fmt(built)} | {fmt(bare)} |")
-    rows.append(f"| {cell} | DeepGEMM | {fmt(measure('dg', cell, 'h', CEILING_METRICS))} | – |")
-    return rows
+        yield f"| {cell} | {config} | {fmt(built)} | {fmt(bare)} |"
+    yield f"| {cell} | DeepGEMM | {fmt(measure('dg', cell, 'h', CEILING_METRICS))} | – |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,24 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if shutil.which("ncu") is None:
         raise SystemExit("ncu (Nsight Compute) is not on the PATH")
+    cells = args.cells.split(",")
     if args.ceiling:
-        lines = ["| cell | config | M cycles, tensor % | without promotion (`@1`) |", "|---|---|---|---|"]
-        print("\n".join(lines), flush=True)
-        for cell in args.cells.split(","):
-            for row in ceiling_rows(cell, args.configs):
-                lines.append(row)
-                print(row, flush=True)
-        if args.log:
-            args.log.write_text("\n".join(lines) + "\n")
-        return 0
-    head = "| cell | " + " | ".join(f"{t} ours / DG" for t, _, _ in METRICS) + " | speed vs DG (time) |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 2)]
+        header = ["| cell | config | M cycles, tensor % | without promotion (`@1`) |", "|---|---|---|---|"]
+        rows = (row for cell in cells for row in ceiling_rows(cell, args.configs))
+    else:
+        header = ["| cell | " + " | ".join(f"{t} ours / DG" for t, _, _ in METRICS) + " | speed vs DG (time) |",
+                  "|" + "---|" * (len(METRICS) + 2)]
+        rows = (compare_row(cell, args.variant) for cell in cells)
+    lines = list(header)
     print("\n".join(lines), flush=True)
-    for cell in args.cells.split(","):  # each row as soon as its two profiles are in
-        ours, dg = measure("ncu", cell, args.variant), measure("dg", cell, "h")
-        cols = " | ".join(f"{ours[t]:.4g} / {dg[t]:.4g}" for t, _, _ in METRICS)
-        lines.append(f"| {cell} | {cols} | {dg['µs'] / ours['µs']:.2f}× |")
-        print(lines[-1], flush=True)
+    for row in rows:  # each row as soon as its profiles are in
+        lines.append(row)
+        print(row, flush=True)
     if args.log:
         args.log.write_text("\n".join(lines) + "\n")
     return 0
