@@ -1,6 +1,7 @@
 """Device probe for the CUDA grouped GEMM: time config variants on the issue-5 cells (`time`),
 run each for 2 s while nvidia-smi samples SM clock and power (`power`), or launch one cell twice
-for ncu.  python benchmarks/probe_cuda_gemm.py time|power|ncu CELLS VARIANTS"""
+for ncu (`ncu`; `dg` launches DeepGEMM).  python benchmarks/probe_cuda_gemm.py time|power|ncu|dg CELLS VARIANTS
+A variant's '@' suffix adds compile flags (build_flags)."""
 from __future__ import annotations
 
 import dataclasses
@@ -62,11 +63,11 @@ def build_flags(spec):
     return tuple(flags)
 
 
-def with_ablation(bits, fn, *args, **kwargs):
+def with_flags(spec, fn, *args, **kwargs):
     """Runs fn with the kernel compiled with the variant's '@' flags (own cache entry)."""
-    if not bits:
+    if not spec:
         return fn(*args, **kwargs)
-    g.kernel_spec = lambda *a, **kw: dataclasses.replace(_kernel_spec(*a, **kw), flags=build_flags(bits))
+    g.kernel_spec = lambda *a, **kw: dataclasses.replace(_kernel_spec(*a, **kw), flags=build_flags(spec))
     try:
         return fn(*args, **kwargs)
     finally:
@@ -98,10 +99,10 @@ def main():
                 fns["DeepGEMM"] = lambda sfa=sfa, sfb=sfb: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, ids)
                 continue
             # "@bits": PHASEMOE_ABLATE (a part left out; wrong results); "@NAME=V": -DPHASEMOE_NAME=V
-            v, _, ablate = v.partition("@")
+            v, _, flags = v.partition("@")
             cfg = parse(v, m, n, k)
-            fn = lambda cfg=cfg, ablate=ablate: with_ablation(ablate, g.grouped_gemm_contiguous, a, a_s, b, bs, ids,
-                                                               out, config=cfg)
+            fn = lambda cfg=cfg, flags=flags: with_flags(flags, g.grouped_gemm_contiguous, a, a_s, b, bs, ids,
+                                                         out, config=cfg)
             if mode == "ncu":
                 fn(); fn(); torch.cuda.synchronize()
                 continue
@@ -109,7 +110,7 @@ def main():
             if ref is None:
                 ref = out.clone()
             err = float((out.float() - ref.float()).norm() / ref.float().norm())
-            fns[f"{cfg}{'@' + ablate if ablate else ''} diff {err:.1e}"] = fn
+            fns[f"{cfg}{'@' + flags if flags else ''} diff {err:.1e}"] = fn
         if mode == "power":
             for name, fn in fns.items():
                 t = sustained_us(fn)
