@@ -30,7 +30,7 @@ def operands(e, n, k, rows):
 
 def parse(v, m, n, k):
     """'h' = heuristic; else bn[,pp][,stages][,group_m][,cluster][,share_a][,k_unroll][,bulk_store][,two_acc]
-    [,part_n][,unit_accs][,tma_store], e.g. 128,0,0,8,2,0,2,0,1 or 256,0,0,8,2,0,0,0,1,64 (stages 0 = as many as fit)"""
+    [,part_n][,unit_accs][,tma_store][,split_tail], e.g. 128,0,0,8,2,0,2,0,1 or 256,0,0,8,2,0,0,0,1,64 (stages 0 = as many as fit)"""
     base = g.select_config(m, n, 132, k=k)
     if v == "h":
         return base
@@ -40,6 +40,7 @@ def parse(v, m, n, k):
     bulk = bool(f[7]) if len(f) > 7 else False
     two_acc = bool(f[8]) if len(f) > 8 else False
     tma = bool(f[11]) if len(f) > 11 else False
+    split = bool(f[12]) if len(f) > 12 else False
     st = f[2] if len(f) > 2 and f[2] else g.max_stages(bn, bulk, tma)
     gm = f[3] if len(f) > 3 and f[3] else g.GROUP_M
     cl = f[4] if len(f) > 4 else 1
@@ -47,7 +48,7 @@ def parse(v, m, n, k):
     u = f[6] if len(f) > 6 else 1
     part = f[9] if len(f) > 9 else 0
     accs = f[10] if len(f) > 10 else 2
-    return g.ContiguousConfig(bn, st, gm, pp, cl, mc, u, bulk, two_acc, part, accs, tma)
+    return g.ContiguousConfig(bn, st, gm, pp, cl, mc, u, bulk, two_acc, part, accs, tma, split)
 
 
 _kernel_spec = g.kernel_spec

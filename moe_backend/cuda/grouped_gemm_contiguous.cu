@@ -3,15 +3,16 @@
 #define PHASEMOE_K_UNROLL {{K_UNROLL}}
 #include "grouped_gemm_contiguous.cuh"
 
-using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{PINGPONG}}, {{CLUSTER}}, {{MCAST_A}}, {{BULK_STORE}}, {{TWO_ACC}}, {{MASKED_MAX_M}}, {{PART_N}}, {{UNIT_ACCS}}, {{TMA_STORE}}>;
+using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{PINGPONG}}, {{CLUSTER}}, {{MCAST_A}}, {{BULK_STORE}}, {{TWO_ACC}}, {{MASKED_MAX_M}}, {{PART_N}}, {{UNIT_ACCS}}, {{TMA_STORE}}, {{SPLIT_TAIL}}>;
 
 extern "C" __global__ void __launch_bounds__(phasemoe::kNumThreads, 1)
 {{KERNEL_NAME}}(const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_a,
                 const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_b,
                 const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_out,
                 const float* __restrict__ a_scale, const float* __restrict__ b_scale,
-                const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m) {
-  Gemm::run(tmap_a, tmap_b, tmap_out, a_scale, b_scale, row_ids, out, m);
+                const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m,
+                float* __restrict__ workspace, int* __restrict__ flags) {
+  Gemm::run(tmap_a, tmap_b, tmap_out, a_scale, b_scale, row_ids, out, m, workspace, flags);
 }
 
 // The launcher sizes the launch with its own formula (ContiguousConfig.smem_bytes); this keeps

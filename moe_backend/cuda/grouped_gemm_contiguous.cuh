@@ -37,7 +37,8 @@
 // values (a wgmma whose accumulator nobody reads included), so each switch keeps the rest alive
 // with a predicated use that never fires; check the SASS of an ablated build before trusting it. 1: the promotion FFMAs, 2: the epilogue
 // stores, 4: the MMAs, 8: the scale copies, 16: the TMA loads (the stage completes on a plain
-// arrival), 32: the bulk copies of the shared-memory epilogue. Two-accumulator loop only.
+// arrival), 32: the bulk copies of the shared-memory epilogue, 64: every other K block's A tile
+// (the L2 reads 2 x 2 clusters would save). Two-accumulator loop only.
 #ifndef PHASEMOE_ABLATE
 #define PHASEMOE_ABLATE 0
 #endif
@@ -57,33 +58,75 @@ constexpr int kScaleBlock = 128;
 constexpr int kConsumerRegs = 232;
 constexpr int kProducerRegs = 40;
 
+// What a CTA computes of a unit: K blocks [kb_begin, kb_begin + kb_count) and what becomes of
+// the sums (the split tail, below): kWhole = the whole K range, stored as usual; kFinalizer = the
+// first K blocks, plus the partial sums of the `others` workers after this one, then stored;
+// kContributor = later K blocks, handed to the unit's finalizer through the workspace.
+struct TilePiece {
+  static constexpr int kWhole = 0;
+  static constexpr int kFinalizer = 1;
+  static constexpr int kContributor = 2;
+  int kb_begin;
+  int kb_count;
+  int kind;
+  int others;
+};
+
 // Walks the tiles of one CTA (kCluster = 1) or one cluster of 2 (a unit is a pair of tiles, one
 // per CTA): kMcastA = 0 pairs vertically adjacent M tiles 2i, 2i + 1 at one N tile (B shared);
 // kMcastA = 1 pairs N tiles 2j, 2j + 1 at one M tile (A shared, always one expert).
-template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA>
+// kSplitTail = 1 (stream-K on the last wave): the units that fill whole waves go round-robin as
+// usual; the last, partial wave's units are cut into chunks of kSplitQuantum K blocks and every
+// worker (CTA or cluster) takes an equal run of consecutive chunks, so the idle SMs of the last
+// wave share its work. A run starts inside a unit at most once (its first piece: a contributor)
+// and ends inside one at most once (its last piece: that unit's finalizer), so a contributor
+// hands its sums over early in its run and the finalizer needs them only at the end of its own.
+template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kKBlocks = 1, int kSplitTail = 0>
 struct TileScheduler {
   static constexpr int kNumNTiles = (kN + kBlockN - 1) / kBlockN;
   static constexpr int kNumNUnits = kMcastA ? (kNumNTiles + kCluster - 1) / kCluster : kNumNTiles;
   static constexpr int kGroupUnits = kMcastA ? kGroupM : (kGroupM / kCluster > 0 ? kGroupM / kCluster : 1);
+  // Tail chunks follow the a_scale chunks (8 K blocks): a piece then starts on a chunk boundary.
+  static constexpr int kSplitQuantum = 8;
+  static constexpr int kChunks = kKBlocks / kSplitQuantum;  // chunks per unit
+  static_assert(!kSplitTail || kKBlocks % kSplitQuantum == 0, "split tail: K / 128 must be a multiple of 8");
 
   int num_m_units;
   int num_tiles;
   int next;
   int stride;
+  int whole_units;  // units walked round-robin (all of them without a split tail)
+  int worker;       // kSplitTail: this CTA's (cluster's) index among the stride workers
+  int chunk;        // kSplitTail: this worker's next tail chunk and the end of its run
+  int chunk_end;
+  int run_len;      // kSplitTail: chunks per worker
 
   __device__ __forceinline__ explicit TileScheduler(int m)
       : num_m_units(kMcastA ? (m + kBlockM - 1) / kBlockM
                             : ((m + kBlockM - 1) / kBlockM + kCluster - 1) / kCluster),
         num_tiles(num_m_units * kNumNUnits),
         next(blockIdx.x / kCluster),
-        stride(gridDim.x / kCluster) {}
+        stride(gridDim.x / kCluster) {
+    whole_units = num_tiles;
+    worker = next;
+    chunk = chunk_end = 0;
+    run_len = 1;
+    if constexpr (kSplitTail) {
+      const int full = num_tiles - num_tiles % stride;
+      const int tail_chunks = (num_tiles - full) * kChunks;
+      const int len = (tail_chunks + stride - 1) / stride;
+      if (tail_chunks > 0 && len < kChunks) {  // else each tail unit takes one worker anyway
+        whole_units = full;
+        run_len = len;
+        chunk = min(worker * len, tail_chunks);
+        chunk_end = min(chunk + len, tail_chunks);
+      }
+    }
+  }
 
   // Tiles are numbered so that kGroupM consecutive M units sweep the N units together: the CTAs
   // running at one time share a few experts' weights and a few A row blocks in L2.
-  __device__ __forceinline__ bool next_tile(int& m_unit, int& n_unit) {
-    if (next >= num_tiles) return false;
-    const int t = next;
-    next += stride;
+  __device__ __forceinline__ void unit_coords(int t, int& m_unit, int& n_unit) const {
     const int per_group = kGroupUnits * kNumNUnits;
     const int group = t / per_group;
     const int first_m = group * kGroupUnits;
@@ -91,7 +134,36 @@ struct TileScheduler {
     const int r = t - group * per_group;
     m_unit = first_m + r % rows_in_group;
     n_unit = r / rows_in_group;
-    return true;
+  }
+
+  __device__ __forceinline__ bool next_tile(int& m_unit, int& n_unit, TilePiece& piece) {
+    if (next < whole_units) {
+      unit_coords(next, m_unit, n_unit);
+      next += stride;
+      piece = TilePiece{0, kKBlocks, TilePiece::kWhole, 0};
+      return true;
+    }
+    if constexpr (kSplitTail) {
+      if (chunk < chunk_end) {
+        const int u = chunk / kChunks;
+        const int unit_end = (u + 1) * kChunks;
+        const int end = min(chunk_end, unit_end);
+        const bool first = chunk == u * kChunks;
+        piece.kb_begin = (chunk - u * kChunks) * kSplitQuantum;
+        piece.kb_count = (end - chunk) * kSplitQuantum;
+        piece.kind = first ? (end == unit_end ? TilePiece::kWhole : TilePiece::kFinalizer) : TilePiece::kContributor;
+        piece.others = (unit_end - 1) / run_len - worker;  // workers after this one holding the unit's rest
+        unit_coords(whole_units + u, m_unit, n_unit);
+        chunk = end;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  __device__ __forceinline__ bool next_tile(int& m_unit, int& n_unit) {
+    TilePiece piece;
+    return next_tile(m_unit, n_unit, piece);
   }
 };
 
@@ -224,7 +296,7 @@ __device__ __forceinline__ void dispatch_offset(int i, F& f) {
 // kMaskedMaxM > 0: the masked layout with max_m = kMaskedMaxM (`expert_ids` is then masked_m; RowIds).
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kPingPong = 1, int kCluster = 1,
           int kMcastA = 0, int kBulkStore = 0, int kTwoAcc = 0, int kMaskedMaxM = 0, int kPartNArg = 0,
-          int kUnitAccs = 2, int kTmaStore = 0>
+          int kUnitAccs = 2, int kTmaStore = 0, int kSplitTail = 0>
 struct GroupedGemmContiguous {
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && (kBlockN <= 192 || (kTwoAcc && kBlockN == 256)),
@@ -238,6 +310,8 @@ struct GroupedGemmContiguous {
   static_assert(kBulkStore == 0 || kN % 8 == 0, "bulk-copy epilogue: rows must be 16-byte multiples (N % 8 == 0)");
   static_assert(kTmaStore == 0 || (kTwoAcc && !kBulkStore && kN % 8 == 0 && kBlockN % 64 == 0),
                 "TMA-store epilogue: unit-chain loop, N % 8 == 0, BLOCK_N a multiple of 64");
+  static_assert(kSplitTail == 0 || (kTwoAcc && kMaskedMaxM == 0 && 8 % kTwoAccChain == 0),
+                "split tail: unit-chain loop, contiguous layout, chains that divide the 8-K-block chunks");
 
   static constexpr int kKBlocks = kK / kBlockK;
   static constexpr int kNScaleBlocks = (kN + kScaleBlock - 1) / kScaleBlock;
@@ -318,7 +392,7 @@ struct GroupedGemmContiguous {
                 "stage tiles must keep 1024-byte alignment");
   static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block can opt into");
 
-  using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA>;
+  using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kKBlocks, kSplitTail>;
   // The one-accumulator loop's MMA covers the whole tile (never compiled with kTwoAcc: BLOCK_N 256
   // has no whole-tile wrapper).
   using Mma = WgmmaFp8<kTwoAcc ? kPartN : kBlockN>;
@@ -675,27 +749,73 @@ struct GroupedGemmContiguous {
   }
 
   // The K loop with two accumulators after the tile's first unit was issued into `acc` (its
-  // scales in scales[0]): chains of kTwoAccChain K blocks, then the remainder.
+  // scales in scales[0]): chains of kTwoAccChain K blocks, then the remainder. `num_kb`: the
+  // K blocks of this piece (kKBlocks, a constant, unless the split tail cut the unit; pieces are
+  // then multiples of 8 K blocks, so of the chain).
   template <int kOff>
   __device__ __forceinline__ static void k_loop_two_acc(float (&acc)[kPartRegs], float (&acc_odd)[kOddRegs],
                                                         float (&result)[kAccRegs], const SmemView& sv, RingPos& issue,
                                                         RingPos& retire, int row_in_tile, int lane,
-                                                        float (&scales)[2][kTileScaleBlocks][2]) {
+                                                        float (&scales)[2][kTileScaleBlocks][2], int num_kb) {
     constexpr int kChain = kTwoAccChain < kKBlocks ? kTwoAccChain : kKBlocks;
     mma_chain<kOff, kChain * kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
 #pragma unroll 1
-    for (int kb = kChain; kb + kChain <= kKBlocks; kb += kChain)
+    for (int kb = kChain; kb + kChain <= (kSplitTail ? num_kb : kKBlocks); kb += kChain)
       mma_chain<kOff, kChain * kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
     if constexpr (kKBlocks % kChain != 0)
       mma_chain<kOff, (kKBlocks % kChain) * kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane,
                                                     scales);
   }
 
+  // Split tail. Each CTA owns one workspace slot: its warpgroups' 64 x BLOCK_N fp32 sums, stored
+  // in the accumulator's register order (thread t's value i at [i / 4][t], 16 bytes each), so
+  // the finalizer's thread t reads back exactly the fragment its own thread t holds: no shuffles,
+  // coalesced 2 KB per step. One flag per (CTA, warpgroup).
+  __device__ __forceinline__ static float4* partial_slot(float* workspace, int cta, int warpgroup) {
+    return reinterpret_cast<float4*>(workspace) + (cta * kNumConsumerWarpgroups + warpgroup) * (kAccRegs / 4) * 128;
+  }
+
+  __device__ __forceinline__ static void hand_over_partial(const float (&result)[kAccRegs], float* workspace,
+                                                           int* flags, int warpgroup) {
+    const int t = threadIdx.x % 128;
+    float4* slot = partial_slot(workspace, blockIdx.x, warpgroup);
+#pragma unroll
+    for (int i = 0; i < kAccRegs / 4; ++i)
+      slot[i * 128 + t] = make_float4(result[4 * i], result[4 * i + 1], result[4 * i + 2], result[4 * i + 3]);
+    sm90::named_bar_sync(3 + warpgroup, 128);  // the warpgroup's writes, before the release
+    if (t == 0) sm90::flag_set_release(&flags[blockIdx.x * kNumConsumerWarpgroups + warpgroup]);
+    __syncwarp();
+  }
+
+  // Adds the partial sums of the `others` workers after this one (same cluster rank) into `result`.
+  __device__ __forceinline__ static void take_partials(float (&result)[kAccRegs], float* workspace, int* flags,
+                                                       int warpgroup, int others) {
+    const int t = threadIdx.x % 128;
+    const int cta0 = static_cast<int>(blockIdx.x);
+    if (t == 0) {
+      for (int j = 1; j <= others; ++j)
+        sm90::flag_wait_acquire_and_clear(&flags[(cta0 + j * kCluster) * kNumConsumerWarpgroups + warpgroup]);
+    }
+    __syncwarp();
+    sm90::named_bar_sync(3 + warpgroup, 128);  // thread 0's acquire, before the warpgroup reads
+    for (int j = 1; j <= others; ++j) {
+      const float4* slot = partial_slot(workspace, cta0 + j * kCluster, warpgroup);
+#pragma unroll
+      for (int i = 0; i < kAccRegs / 4; ++i) {
+        const float4 v = __ldcg(&slot[i * 128 + t]);
+        result[4 * i] += v.x;
+        result[4 * i + 1] += v.y;
+        result[4 * i + 2] += v.z;
+        result[4 * i + 3] += v.w;
+      }
+    }
+  }
+
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
                                              const sm90::TmaDescriptor& tmap_out,
                                              const float* __restrict__ a_scale, const float* __restrict__ b_scale,
                                              const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out,
-                                             int m) {
+                                             int m, float* __restrict__ workspace, int* __restrict__ flags) {
     const RowIds<kMaskedMaxM> expert_ids{row_ids};
     extern __shared__ uint8_t smem_raw[];
     // Aligned as an offset from the __shared__ array (not by casting a generic pointer to an
@@ -747,13 +867,15 @@ struct GroupedGemmContiguous {
         Scheduler sched(m);
         RingPos pos;
         int m_unit, n_unit;
-        while (sched.next_tile(m_unit, n_unit)) {
+        TilePiece piece;
+        while (sched.next_tile(m_unit, n_unit, piece)) {
           bool live_pair;
           const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(
               load_tile_ids<kCluster, kMcastA>(expert_ids, m, m_unit), m_unit, n_unit, rank, live_pair);
           if (!live_pair) continue;
+          const int kb_end = kSplitTail ? piece.kb_begin + piece.kb_count : kKBlocks;
 #pragma unroll 1
-          for (int kb = 0; kb < kKBlocks; ++kb) {
+          for (int kb = kSplitTail ? piece.kb_begin : 0; kb < kb_end; ++kb) {
             sm90::mbar_wait(&empty_bar[pos.stage], pos.phase ^ 1);
             fill(role, kb, pos);
             advance(pos);
@@ -773,8 +895,10 @@ struct GroupedGemmContiguous {
           const int n_tile = role.n_tile;
           // Out-of-bounds box elements (rows past M, columns past N) are zero-filled and still
           // counted in the transaction bytes.
-          sm90::mbar_arrive_expect_tx(&full_bar[stage], kStageBytes);
-          if constexpr (kMcastA) {
+          const bool skip_a = (kAblate & 64) && (kb & 1);
+          sm90::mbar_arrive_expect_tx(&full_bar[stage], skip_a ? kStageBytes - kABytes : kStageBytes);
+          if (skip_a) {
+          } else if constexpr (kMcastA) {
             // This CTA's half of the A tile, into both CTAs; its own whole B tile.
             sm90::tma_load_2d_multicast(smem_a + stage * kABytes + rank * kALoadBytes, &tmap_a, &full_bar[stage],
                                         kb * kBlockK, m_tile * kBlockM + static_cast<int>(rank) * kARowsPerLoad,
@@ -857,7 +981,8 @@ struct GroupedGemmContiguous {
       // helper carrying TileRole across iterations made ptxas spill at BLOCK_N = 192. The next
       // unit's expert ids are loaded a tile ahead (load_tile_ids).
       int next_m_unit, next_n_unit;
-      bool more = sched.next_tile(next_m_unit, next_n_unit);
+      TilePiece next_piece;
+      bool more = sched.next_tile(next_m_unit, next_n_unit, next_piece);
       // 0 (m >= 0), from the thread index: neither provably 0 nor provably warp-uniform.
       const int zero = static_cast<int>(threadIdx.x) & (m >> 31);
       TileIds next_ids{-1, -1};
@@ -865,9 +990,10 @@ struct GroupedGemmContiguous {
       while (more) {
         const int m_unit = next_m_unit;
         const int n_unit = next_n_unit;
+        const TilePiece piece = next_piece;
         // Broadcast here, a tile after the load: the ids become warp-uniform only now.
         const TileIds ids{__shfl_sync(0xffffffffu, next_ids.e0, 0), __shfl_sync(0xffffffffu, next_ids.e1, 0)};
-        more = sched.next_tile(next_m_unit, next_n_unit);
+        more = sched.next_tile(next_m_unit, next_n_unit, next_piece);
         if (more) next_ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, next_m_unit, zero);
         bool live_pair;
         const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(ids, m_unit, n_unit, rank,
@@ -909,12 +1035,21 @@ struct GroupedGemmContiguous {
           for (int i = 0; i < kAccRegs; ++i) result[i] = 0.f;
           // Compiled once per column offset of the tile inside its scale block (192: 0 or 64).
           auto k_loop = [&](auto off_c) {
-            k_loop_two_acc<decltype(off_c)::value>(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales);
+            k_loop_two_acc<decltype(off_c)::value>(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales,
+                                                   piece.kb_count);
           };
           if constexpr (kScaleAligned) {
             k_loop(IntC<0>{});
           } else {
             dispatch_offset<0, kNumOffsets, kOffQuantum>(n_offset / kOffQuantum, k_loop);
+          }
+          if constexpr (kSplitTail) {
+            if (piece.kind == TilePiece::kContributor) {
+              hand_over_partial(result, workspace, flags, warpgroup);
+              prev.valid = false;  // nothing to store: the unit's finalizer stores it
+              continue;
+            }
+            if (piece.kind == TilePiece::kFinalizer) take_partials(result, workspace, flags, warpgroup, piece.others);
           }
           prev = PendingStore{row0, n_base, role.live && id0 == expert, role.live && id1 == expert, true, bulk_row,
                               role.live && bulk_id == expert,

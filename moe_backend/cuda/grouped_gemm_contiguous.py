@@ -76,6 +76,9 @@ class ContiguousConfig:
     #                          warpgroup fills the gap), which fits 128-wide parts of a 256-wide tile
     tma_store: bool = False  # two_acc: epilogue through shared memory and TMA tensor stores (64 x 64 boxes)
     #                          when a warpgroup's 64 rows are all written; register stores otherwise
+    split_tail: bool = False  # two_acc, K/128 a multiple of 8: the last, partial wave's units cut into
+    #                          runs of 8-K-block chunks shared by every SM (stream-K); the partial sums
+    #                          meet in a per-stream fp32 workspace (`_split_buffers`)
 
     def __post_init__(self) -> None:
         if self.block_n not in TILE_N_CHOICES:
@@ -98,6 +101,9 @@ class ContiguousConfig:
         if self.tma_store and (not self.two_acc or self.bulk_store or self.block_n % 64):
             raise ValueError(f"config.tma_store: needs two_acc=True, bulk_store=False and block_n a multiple of 64, "
                              f"got two_acc={self.two_acc}, bulk_store={self.bulk_store}, block_n={self.block_n}")
+        if self.split_tail and (not self.two_acc or self.resolved_k_unroll > 4):
+            raise ValueError(f"config.split_tail: needs two_acc=True and k_unroll <= 4 (chains of at most 8 K "
+                             f"blocks), got two_acc={self.two_acc}, k_unroll={self.k_unroll}")
         if self.unit_accs not in (1, 2):
             raise ValueError(f"config.unit_accs: must be 1 or 2, got {self.unit_accs}")
         if self.two_acc and not _parts_fit(self.block_n, self.unit_n, self.unit_accs):
@@ -230,6 +236,11 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
         raise ValueError(f"masked_max_m: must be 0 or a multiple of {BLOCK_M}, got {masked_max_m}")
     if config.tma_store and n % 8:
         raise ValueError(f"config.tma_store: TMA stores need 16-byte rows (N % 8 == 0), got N={n}; pass tma_store=False")
+    if config.split_tail and (k // BLOCK_K) % 8:
+        raise ValueError(f"config.split_tail: the tail is cut in chunks of 8 K blocks, so K must be a multiple "
+                         f"of 1024, got K={k}; pass split_tail=False")
+    if config.split_tail and masked_max_m:
+        raise ValueError("config.split_tail: the masked layout has no split tail; pass split_tail=False")
     if config.bulk_store and n % 8:
         raise ValueError(f"config.bulk_store: the bulk-copy epilogue needs N % 8 == 0 (16-byte rows), got N={n}; "
                          f"pass bulk_store=False")
@@ -238,9 +249,10 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
                  "MCAST_A": int(config.cluster > 1 and config.multicast == "a"), "K_UNROLL": config.resolved_k_unroll,
                  "BULK_STORE": int(config.bulk_store), "TWO_ACC": int(config.two_acc), "MASKED_MAX_M": masked_max_m,
                  "PART_N": config.part_n if config.two_acc and config.part_n != config.block_n else 0,
-                 "UNIT_ACCS": config.unit_accs if config.two_acc else 2, "TMA_STORE": int(config.tma_store)}
+                 "UNIT_ACCS": config.unit_accs if config.two_acc else 2, "TMA_STORE": int(config.tma_store),
+                 "SPLIT_TAIL": int(config.split_tail)}
     name = ("phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}_c{CLUSTER}"
-            "_ma{MCAST_A}_u{K_UNROLL}_bs{BULK_STORE}_ta{TWO_ACC}_mm{MASKED_MAX_M}_pn{PART_N}_ua{UNIT_ACCS}_ts{TMA_STORE}").format(**constants)
+            "_ma{MCAST_A}_u{K_UNROLL}_bs{BULK_STORE}_ta{TWO_ACC}_mm{MASKED_MAX_M}_pn{PART_N}_ua{UNIT_ACCS}_ts{TMA_STORE}_st{SPLIT_TAIL}").format(**constants)
     source = _TEMPLATE.read_text()
     checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
                "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}
@@ -298,9 +310,11 @@ def grid_size(m: int, n: int, cfg: ContiguousConfig, num_sms: int) -> int:
 
 
 def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
-                expert_ids: torch.Tensor, out: torch.Tensor, cfg: ContiguousConfig) -> list:
+                expert_ids: torch.Tensor, out: torch.Tensor, cfg: ContiguousConfig,
+                split: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
     """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
-    (tmap_a, tmap_b, tmap_out, a_scale*, b_scale*, expert_ids*, out*, m). Tensor maps: A `[M, K]`
+    (tmap_a, tmap_b, tmap_out, a_scale*, b_scale*, expert_ids*, out*, m, workspace*, flags*);
+    `split` = the split tail's (workspace, flags), null pointers without one. Tensor maps: A `[M, K]`
     in 128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first), out
     `[M, N]` bf16 in 64 x 64 boxes when the config stores through TMA (else A's map again, unused)."""
     m, k = a_fp8.shape
@@ -315,7 +329,28 @@ def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
         _tma_param(tmap_a), _tma_param(tmap_b), _tma_param(tmap_out),
         ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
         ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
+        ctypes.c_uint64(split[0].data_ptr() if split else 0), ctypes.c_uint64(split[1].data_ptr() if split else 0),
     ]
+
+
+_split_cache: dict = {}
+
+
+def _split_buffers(dev: torch.device, stream: int, ctas: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split tail's workspace (one 128 x block_n fp32 slot per CTA) and flags (one int32 per
+    CTA and consumer warpgroup, zero between launches: each launch clears what it set). Kept per
+    (device, stream), never freed: GEMMs on one stream run one after another, a CUDA graph keeps
+    the addresses it captured, and kernels on two streams must not share the flags."""
+    key = (dev, stream)
+    floats = ctas * BLOCK_M * block_n
+    bufs = _split_cache.get(key)
+    if bufs is None or bufs[0].numel() < floats or bufs[1].numel() < 2 * ctas:
+        if bufs is not None:
+            torch.cuda.current_stream(dev).synchronize()  # a launch in flight may still use the old flags
+        bufs = (torch.empty(floats, dtype=torch.float32, device=dev),
+                torch.zeros(2 * ctas, dtype=torch.int32, device=dev))
+        _split_cache[key] = bufs
+    return bufs
 
 
 @lru_cache(maxsize=None)
@@ -408,8 +443,10 @@ def launch(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_sc
             resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
             if resident > 0:
                 grid = min(grid, resident * cfg.cluster)
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        split = _split_buffers(dev, stream, grid, cfg.block_n) if cfg.split_tail else None
         kernel.launch(grid=(grid, 1, 1), block=(NUM_THREADS, 1, 1),
-                      smem=cfg.smem_bytes, stream=torch.cuda.current_stream(dev).cuda_stream,
-                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg),
+                      smem=cfg.smem_bytes, stream=stream,
+                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, split),
                       cluster=(cfg.cluster, 1, 1))
     return out

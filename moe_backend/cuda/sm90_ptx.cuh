@@ -212,6 +212,36 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Flags in global memory between CTAs (the split tail: one CTA hands its partial sums to another;
+// all CTAs of the persistent grid are resident, so a wait cannot deadlock on an unscheduled CTA).
+// Release: called by one thread after a barrier of the threads whose writes it publishes (the
+// barrier orders their writes before this thread's release; PTX memory model, causality order).
+__device__ __forceinline__ void flag_set_release(int* flag) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(flag), "r"(1) : "memory");
+}
+
+// Waits until `flag` is set (acquire: the writes published before it are visible to this thread,
+// and to the threads that pass a barrier with it afterwards), then clears it for the next launch.
+__device__ __forceinline__ void flag_wait_acquire_and_clear(int* flag) {
+#ifdef PHASEMOE_DEBUG
+  const uint64_t start = global_timer_ns();
+#endif
+  while (true) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(flag) : "memory");
+    if (v != 0) break;
+#ifdef PHASEMOE_DEBUG
+    if (global_timer_ns() - start > 5000000000ull) {
+      printf("phasemoe: split-tail flag wait timed out: block %d thread %d\n", blockIdx.x, threadIdx.x);
+      __trap();
+    }
+#endif
+    __nanosleep(64);
+  }
+  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;" ::"l"(flag), "r"(0) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
 // wgmma
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }

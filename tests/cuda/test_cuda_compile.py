@@ -5,6 +5,7 @@ checks. No GPU needed; nvcc-dependent tests skip without a toolkit."""
 
 from __future__ import annotations
 
+import dataclasses
 import ctypes
 import inspect
 import json
@@ -57,6 +58,7 @@ class CompileCase:
     part_n: int = 0           # two_acc: MMA units of this many columns (0: the whole tile)
     unit_accs: int = 2        # two_acc: MMA units in flight per warpgroup
     masked_max_m: int = 0     # > 0: the masked layout, the kernel reading masked_m (RowIds)
+    split_tail: bool = False  # the last wave's units shared by all CTAs (stream-K)
 
 
 COMPILE_CASES = [
@@ -77,6 +79,10 @@ COMPILE_CASES = [
     CompileCase("two-acc-parts-bn192-odd-n", 1001, 384, block_n=192, two_acc=True, part_n=64),
     CompileCase("one-unit-parts-bn256", 7168, 2048, block_n=256, cluster=2, two_acc=True, part_n=128, unit_accs=1),
     CompileCase("one-unit-whole-bn192", 4096, 7168, block_n=192, cluster=2, two_acc=True, unit_accs=1),
+    # the split tail (stream-K on the last wave): partial sums handed over through global memory
+    CompileCase("split-tail-ep8-w13", 4096, 7168, block_n=256, cluster=2, two_acc=True, part_n=128, unit_accs=1,
+                split_tail=True),
+    CompileCase("split-tail-ep8-w2-single", 7168, 2048, block_n=128, two_acc=True, split_tail=True),
     CompileCase("masked-128", 7168, 2048, block_n=128, cluster=2, multicast="a", two_acc=True, masked_max_m=128),
     CompileCase("masked-256-bn64", 512, 7168, block_n=64, two_acc=True, masked_max_m=256),
 ]
@@ -89,7 +95,7 @@ def _spec(case: CompileCase) -> jit.KernelSpec:
         cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store), cluster=case.cluster,
                                    multicast=case.multicast, bulk_store=case.bulk_store,
                                    pingpong=not case.two_acc, two_acc=case.two_acc, part_n=case.part_n,
-                                   unit_accs=case.unit_accs)
+                                   unit_accs=case.unit_accs, split_tail=case.split_tail)
     return ggc.kernel_spec(case.n, case.k, cfg, masked_max_m=case.masked_max_m)
 
 
@@ -139,11 +145,19 @@ def test_kernel_compiles_for_sm90a(case, cache):
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == copies  # one wait per K block
     assert not re.search(r"\b(LDL|STL)\b", sass)                  # no local memory
+    # The wgmma descriptors stay in uniform registers: a move from vector registers (R2UR) between
+    # the MMAs meant ptxas could not prove the warp converged (the split tail's lane-0 flag loops
+    # without a __syncwarp did that: 135 R2UR among the MMAs, 10-25% slower on the GPU).
+    mma_lines = [i for i, line in enumerate(sass.splitlines()) if "QGMMA" in line]
+    between = sass.splitlines()[mma_lines[0]:mma_lines[-1]]
+    assert not any("R2UR" in line for line in between), [line for line in between if "R2UR" in line][:4]
     if spec.constants["CLUSTER"] > 1:
         # The remote stage release is a plain arrive: a GPU-scope release fence per arrival
         # (MEMBAR.ALL.GPU before each per-K-block arrive) made the multicast kernel slower than
-        # none. The only fences left belong to the two cluster barriers (start and exit).
-        assert sass.count("MEMBAR.ALL.GPU") == sass.count("UCGABAR_ARV") == 2
+        # none. The only fences left belong to the two cluster barriers (start and exit), and the
+        # split tail's release of a CTA's partial sums (once per launch, not per K block).
+        assert sass.count("UCGABAR_ARV") == 2
+        assert sass.count("MEMBAR.ALL.GPU") == 2 + spec.constants["SPLIT_TAIL"]
         assert "MULTICAST" in sass
 
 
@@ -540,7 +554,7 @@ def test_kernel_args_match_the_kernel_signature(cache, monkeypatch):
     assert map_a["ptr"] == a.data_ptr() and map_b["ptr"] == b.data_ptr()
     assert list(args[2]) == list(args[0])  # no TMA-store epilogue: A's map again, unused
     assert [a.value for a in args[3:]] == [a_scale.data_ptr(), b_scale.data_ptr(), ids.data_ptr(),
-                                           out.data_ptr(), m]
+                                           out.data_ptr(), m, 0, 0]  # no split tail: null workspace, flags
     assert ggc.num_tiles(m, n, cfg) == 3 * 9
     # the TMA-store epilogue's map: out [M, N] bf16 in 64 x 64 boxes, 128-byte swizzle
     n8 = 1000
@@ -625,3 +639,22 @@ def test_warmup_command(cache, capsys):
     assert len(list((cache / "grouped_gemm_contiguous").glob("*.cubin"))) == 4
     with pytest.raises(SystemExit):
         main(["warmup", "--masked-max-m", "100"])
+
+
+def test_split_tail_is_checked_and_keys_the_kernel():
+    """The split tail needs the unit-chain loop, K/128 a multiple of 8 (its chunks) and the
+    contiguous layout; it is a compile-time switch, so it keys the kernel."""
+    with pytest.raises(ValueError, match="config.split_tail"):
+        ggc.ContiguousConfig(128, 4, split_tail=True)  # one-accumulator loop
+    with pytest.raises(ValueError, match="config.split_tail"):
+        ggc.ContiguousConfig(128, 4, pingpong=False, two_acc=True, k_unroll=8, split_tail=True)
+    cfg = ggc.ContiguousConfig(256, 4, cluster=2, pingpong=False, two_acc=True, part_n=128, unit_accs=1,
+                               split_tail=True)
+    with pytest.raises(ValueError, match="config.split_tail.*K=384"):
+        ggc.kernel_spec(4096, 384, cfg)
+    with pytest.raises(ValueError, match="config.split_tail.*masked"):
+        ggc.kernel_spec(4096, 7168, cfg, masked_max_m=128)
+    plain = ggc.kernel_spec(4096, 7168, dataclasses.replace(cfg, split_tail=False))
+    split = ggc.kernel_spec(4096, 7168, cfg)
+    assert split.constants["SPLIT_TAIL"] == 1 and plain.constants["SPLIT_TAIL"] == 0
+    assert split.kernel_name != plain.kernel_name

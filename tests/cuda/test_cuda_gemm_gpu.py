@@ -70,6 +70,7 @@ class Case:
     unit_accs: int = 2        # two_acc: MMA units in flight per warpgroup
     pingpong: bool | None = None  # None: on for the one-accumulator loop, off with two_acc
     tma_store: bool = False   # two_acc: epilogue through TMA tensor stores where all rows are written
+    split_tail: bool = False  # two_acc: the last wave's units cut into K runs shared by all CTAs
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -153,6 +154,19 @@ CASES = [
     # tiles, M ending mid-tile.
     *[Case(f"cluster2_share_a_block_n_{bn}", n, k, (257, 0, 128, 31), block_n=bn, cluster=2, multicast="a")
       for bn, n, k in ((192, 7168, 2048), (128, 1001, 384), (128, 384, 256), (96, 4096, 7168))],
+    # the split tail (stream-K on the last wave). 32 experts x (512 | 475) rows at EP8 w13: 1024
+    # pair units over 66 pairs, the last 34 cut into runs of 4 of their 7 chunks (a finalizer and
+    # one contributor each); 10 M tiles x 16 N tiles on 132 single CTAs: 28 tail units in runs of 2
+    # chunks (up to 4 CTAs per unit), the last M tile all padding (its units skipped by every CTA
+    # of their run); w2 (2 chunks per unit) with pairs holding dead halves; M ending mid-tile.
+    Case("split_tail_ep8_w13_pairs", 4096, 7168, tuple(475 if e % 2 else 512 for e in range(32)), block_n=256,
+         cluster=2, two_acc=True, part_n=128, unit_accs=1, split_tail=True),
+    Case("split_tail_single_ctas_padding_units", 4096, 7168, (300, 0, 500, 200), block_n=256, cluster=1,
+         two_acc=True, part_n=128, unit_accs=1, split_tail=True),
+    Case("split_tail_w2_pairs_dead_halves", 7168, 2048, _skewed(32, 32 * 300, 5) + (257, 0, 128, 31), block_n=256,
+         cluster=2, two_acc=True, part_n=128, unit_accs=1, split_tail=True),
+    Case("split_tail_m_ends_mid_tile_bn128", 1000, 2048, (1300, 0, 777), block_n=128, cluster=1, pad_last=False,
+         trailing_pad=0, two_acc=True, split_tail=True),
     Case("cluster2_share_a_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=160, cluster=2, multicast="a",
          pad_last=False, trailing_pad=0),
 ]
@@ -170,7 +184,8 @@ def test_matches_reference(case: Case) -> None:
                                    cluster=case.cluster or 1, multicast=case.multicast, bulk_store=case.bulk_store,
                                    pingpong=not case.two_acc if case.pingpong is None else case.pingpong,
                                    two_acc=case.two_acc, part_n=case.part_n,
-                                   unit_accs=case.unit_accs, tma_store=case.tma_store)
+                                   unit_accs=case.unit_accs, tma_store=case.tma_store,
+                                   split_tail=case.split_tail)
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()
     pad = expert_ids < 0
@@ -179,6 +194,30 @@ def test_matches_reference(case: Case) -> None:
     if (~pad).any():
         ref = reference.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids)
         assert _rel(out[~pad], ref[~pad]) <= TOL["gemm"]
+
+
+def test_split_tail_repeats_and_leaves_its_flags_clear() -> None:
+    """Each launch clears the flags it set: a second and third launch (same stream, same
+    workspace) must wait for their contributors again, and give the same answer."""
+    ggc = _ggc()
+    a, a_scale, b, b_scale, expert_ids = _operands((300, 0, 500, 200), 4096, 7168)
+    cfg = ggc.ContiguousConfig(256, ggc.max_stages(256), cluster=1, pingpong=False, two_acc=True, part_n=128,
+                               unit_accs=1, split_tail=True)
+    ref = reference.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids)
+    pad = expert_ids < 0
+    first = None
+    for _ in range(3):
+        out = torch.full((expert_ids.numel(), 4096), float("nan"), dtype=torch.bfloat16, device="cuda")
+        ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
+        torch.cuda.synchronize()
+        assert torch.isnan(out[pad]).all()
+        assert _rel(out[~pad], ref[~pad]) <= TOL["gemm"]
+        if first is None:
+            first = out
+        else:
+            assert torch.equal(out[~pad], first[~pad]), "a repeated launch gave a different answer"
+    flags = [bufs[1] for bufs in ggc._split_cache.values()]
+    assert flags and all(int(f.abs().sum()) == 0 for f in flags), "flags left set after the launch"
 
 
 def test_allocates_zeroed_out_and_accepts_int64_ids() -> None:
