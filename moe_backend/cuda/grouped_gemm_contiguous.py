@@ -333,6 +333,41 @@ def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
     ]
 
 
+SPLIT_QUANTUM = 8  # K blocks per split-tail chunk (TileScheduler::kSplitQuantum = the a_scale chunk)
+
+
+def split_tail_plan(num_units: int, workers: int, k_blocks: int) -> list[list[tuple[int, int, int, str, int]]]:
+    """What each worker (CTA, or CTA pair) computes under `split_tail`, as the kernel's
+    TileScheduler walks it: per worker, (unit, kb_begin, kb_count, kind, others) with kind
+    "whole", "finalizer" (adds the partial sums of the `others` workers after it) or
+    "contributor" (hands its sums over). Units of whole waves go round-robin; the last, partial
+    wave's units are cut into chunks of SPLIT_QUANTUM K blocks, each worker taking an equal run;
+    no split when each tail unit would get one worker anyway. For reading a plan and for the
+    CPU tests of its invariants; the GPU tests check the kernel against the reference."""
+    if k_blocks % SPLIT_QUANTUM:
+        raise ValueError(f"k_blocks: the split tail needs a multiple of {SPLIT_QUANTUM}, got {k_blocks}")
+    chunks = k_blocks // SPLIT_QUANTUM
+    full = num_units - num_units % workers
+    tail_chunks = (num_units - full) * chunks
+    run_len = -(-tail_chunks // workers)
+    if tail_chunks == 0 or run_len >= chunks:
+        full, run_len = num_units, 1
+    plan = []
+    for w in range(workers):
+        pieces = [(t, 0, k_blocks, "whole", 0) for t in range(w, full, workers)]
+        c, end = min(w * run_len, tail_chunks), min(w * run_len + run_len, tail_chunks)
+        while full < num_units and c < end:
+            u = c // chunks
+            stop = min(end, (u + 1) * chunks)
+            first = c == u * chunks
+            kind = ("whole" if stop == (u + 1) * chunks else "finalizer") if first else "contributor"
+            others = ((u + 1) * chunks - 1) // run_len - w if kind == "finalizer" else 0
+            pieces.append((full + u, (c - u * chunks) * SPLIT_QUANTUM, (stop - c) * SPLIT_QUANTUM, kind, others))
+            c = stop
+        plan.append(pieces)
+    return plan
+
+
 _split_cache: dict = {}
 
 

@@ -658,3 +658,46 @@ def test_split_tail_is_checked_and_keys_the_kernel():
     split = ggc.kernel_spec(4096, 7168, cfg)
     assert split.constants["SPLIT_TAIL"] == 1 and plain.constants["SPLIT_TAIL"] == 0
     assert split.kernel_name != plain.kernel_name
+
+
+@pytest.mark.parametrize("units,workers,k_blocks", [(1024, 66, 56), (1792, 66, 16), (4096, 66, 56), (160, 132, 56),
+                                                    (8192, 66, 56), (7168, 66, 16), (50, 66, 56), (133, 132, 8),
+                                                    (200, 7, 64), (66, 66, 56)])
+def test_split_tail_plan_covers_every_k_block_once(units, workers, k_blocks):
+    """The schedule's invariants: every K block of every unit computed exactly once; a split
+    unit has one finalizer (its first K blocks) waiting for exactly the workers that hold the
+    rest, all after it; a worker hands over at most one partial, at the start of its run, and
+    finalizes at most one unit, at the end of it (so no worker waits on one still busy with
+    its own earlier pieces); the tail takes fewer chunk-rounds than a whole unit."""
+    plan = ggc.split_tail_plan(units, workers, k_blocks)
+    covered = {}
+    holders = {}
+    for w, pieces in enumerate(plan):
+        for i, (unit, kb0, count, kind, others) in enumerate(pieces):
+            assert count > 0 and kb0 % ggc.SPLIT_QUANTUM == 0 and count % ggc.SPLIT_QUANTUM == 0
+            for kb in range(kb0, kb0 + count):
+                assert (unit, kb) not in covered, f"unit {unit} K block {kb} computed twice"
+                covered[unit, kb] = w
+            holders.setdefault(unit, []).append((w, kb0, kind, others))
+            if kind == "contributor":  # the first piece after the round-robin whole units
+                assert kb0 > 0 and all(p[3] == "whole" and p[0] < units - units % workers for p in pieces[:i])
+            if kind == "finalizer":
+                assert i == len(pieces) - 1 and kb0 == 0
+    assert len(covered) == units * k_blocks
+    for unit, hs in holders.items():
+        if len(hs) == 1:
+            assert hs[0][2] == "whole"
+            continue
+        hs.sort(key=lambda h: h[1])
+        finalizer = hs[0]
+        assert finalizer[2] == "finalizer" and [h[2] for h in hs[1:]] == ["contributor"] * (len(hs) - 1)
+        assert [h[0] for h in hs] == list(range(finalizer[0], finalizer[0] + len(hs)))
+        assert finalizer[3] == len(hs) - 1
+    if any(len(hs) > 1 for hs in holders.values()):  # split: the busiest worker does less than a whole extra unit
+        busiest = max(sum(count for _, _, count, _, _ in pieces) for pieces in plan)
+        assert busiest < k_blocks * (units // workers + 1)
+
+
+def test_split_tail_plan_needs_whole_chunks():
+    with pytest.raises(ValueError, match="k_blocks"):
+        ggc.split_tail_plan(100, 66, 12)
