@@ -393,6 +393,8 @@ struct GroupedGemmContiguous {
   static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block can opt into");
 
   using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kKBlocks, kSplitTail>;
+  static_assert(!kSplitTail || kScaleChunk == Scheduler::kSplitQuantum,
+                "split tail: pieces must start on an a_scale chunk (the scale warp stages a chunk at its first K block)");
   // The one-accumulator loop's MMA covers the whole tile (never compiled with kTwoAcc: BLOCK_N 256
   // has no whole-tile wrapper).
   using Mma = WgmmaFp8<kTwoAcc ? kPartN : kBlockN>;
@@ -784,6 +786,9 @@ struct GroupedGemmContiguous {
       slot[i * 128 + t] = make_float4(result[4 * i], result[4 * i + 1], result[4 * i + 2], result[4 * i + 3]);
     sm90::named_bar_sync(3 + warpgroup, 128);  // the warpgroup's writes, before the release
     if (t == 0) sm90::flag_set_release(&flags[blockIdx.x * kNumConsumerWarpgroups + warpgroup]);
+    // Reconverge after the lane-0 branch: without it ptxas could not prove the warp converged for
+    // the rest of the tile loop and moved every wgmma descriptor through vector registers (R2UR
+    // before each wgmma, 10-25% slower; the compile test checks there is none).
     __syncwarp();
   }
 
@@ -796,7 +801,7 @@ struct GroupedGemmContiguous {
       for (int j = 1; j <= others; ++j)
         sm90::flag_wait_acquire_and_clear(&flags[(cta0 + j * kCluster) * kNumConsumerWarpgroups + warpgroup]);
     }
-    __syncwarp();
+    __syncwarp();  // reconverge after the lane-0 loop (see hand_over_partial)
     sm90::named_bar_sync(3 + warpgroup, 128);  // thread 0's acquire, before the warpgroup reads
     for (int j = 1; j <= others; ++j) {
       const float4* slot = partial_slot(workspace, cta0 + j * kCluster, warpgroup);
@@ -897,14 +902,15 @@ struct GroupedGemmContiguous {
           // counted in the transaction bytes.
           const bool skip_a = (kAblate & 64) && (kb & 1);
           sm90::mbar_arrive_expect_tx(&full_bar[stage], skip_a ? kStageBytes - kABytes : kStageBytes);
-          if (skip_a) {
-          } else if constexpr (kMcastA) {
-            // This CTA's half of the A tile, into both CTAs; its own whole B tile.
-            sm90::tma_load_2d_multicast(smem_a + stage * kABytes + rank * kALoadBytes, &tmap_a, &full_bar[stage],
-                                        kb * kBlockK, m_tile * kBlockM + static_cast<int>(rank) * kARowsPerLoad,
-                                        static_cast<uint16_t>((1u << kCluster) - 1));
-          } else {
-            sm90::tma_load_2d(smem_a + stage * kABytes, &tmap_a, &full_bar[stage], kb * kBlockK, m_tile * kBlockM);
+          if (!skip_a) {
+            if constexpr (kMcastA) {
+              // This CTA's half of the A tile, into both CTAs; its own whole B tile.
+              sm90::tma_load_2d_multicast(smem_a + stage * kABytes + rank * kALoadBytes, &tmap_a, &full_bar[stage],
+                                          kb * kBlockK, m_tile * kBlockM + static_cast<int>(rank) * kARowsPerLoad,
+                                          static_cast<uint16_t>((1u << kCluster) - 1));
+            } else {
+              sm90::tma_load_2d(smem_a + stage * kABytes, &tmap_a, &full_bar[stage], kb * kBlockK, m_tile * kBlockM);
+            }
           }
           if constexpr (kCluster == 1 || kMcastA) {
             sm90::tma_load_3d(smem_b + stage * kBBytes, &tmap_b, &full_bar[stage], kb * kBlockK, n_tile * kBlockN,
