@@ -81,7 +81,7 @@ struct TilePiece {
 // wave share its work. A run starts inside a unit at most once (its first piece: a contributor)
 // and ends inside one at most once (its last piece: that unit's finalizer), so a contributor
 // hands its sums over early in its run and the finalizer needs them only at the end of its own.
-template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kKBlocks = 1, int kSplitTail = 0>
+template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kKBlocks, int kSplitTail>
 struct TileScheduler {
   static constexpr int kNumNTiles = (kN + kBlockN - 1) / kBlockN;
   static constexpr int kNumNUnits = kMcastA ? (kNumNTiles + kCluster - 1) / kCluster : kNumNTiles;
@@ -159,11 +159,6 @@ struct TileScheduler {
       }
     }
     return false;
-  }
-
-  __device__ __forceinline__ bool next_tile(int& m_unit, int& n_unit) {
-    TilePiece piece;
-    return next_tile(m_unit, n_unit, piece);
   }
 };
 

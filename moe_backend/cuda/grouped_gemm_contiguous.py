@@ -52,6 +52,7 @@ WIDE_TILE_MIN_K = 1024
 TILE_N_CHOICES = BLOCK_N_CHOICES + (256,)
 CLUSTER = 2            # CTA pairs sharing an operand by TMA multicast (`_pairing`); 1 turns them off
 CLUSTER_MIN_PAIRS = 4  # below 8 M tiles, no B-sharing pairs (dead halves of pairs cost more)
+SPLIT_QUANTUM = 8      # K blocks per split-tail chunk (TileScheduler::kSplitQuantum = the a_scale chunk)
 _TEMPLATE = Path(__file__).with_name("grouped_gemm_contiguous.cu")
 
 
@@ -236,9 +237,9 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
         raise ValueError(f"masked_max_m: must be 0 or a multiple of {BLOCK_M}, got {masked_max_m}")
     if config.tma_store and n % 8:
         raise ValueError(f"config.tma_store: TMA stores need 16-byte rows (N % 8 == 0), got N={n}; pass tma_store=False")
-    if config.split_tail and (k // BLOCK_K) % 8:
-        raise ValueError(f"config.split_tail: the tail is cut in chunks of 8 K blocks, so K must be a multiple "
-                         f"of 1024, got K={k}; pass split_tail=False")
+    if config.split_tail and (k // BLOCK_K) % SPLIT_QUANTUM:
+        raise ValueError(f"config.split_tail: the tail is cut in chunks of {SPLIT_QUANTUM} K blocks, so K must be a "
+                         f"multiple of {SPLIT_QUANTUM * BLOCK_K}, got K={k}; pass split_tail=False")
     if config.split_tail and masked_max_m:
         raise ValueError("config.split_tail: the masked layout has no split tail; pass split_tail=False")
     if config.bulk_store and n % 8:
@@ -331,9 +332,6 @@ def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
         ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
         ctypes.c_uint64(split[0].data_ptr() if split else 0), ctypes.c_uint64(split[1].data_ptr() if split else 0),
     ]
-
-
-SPLIT_QUANTUM = 8  # K blocks per split-tail chunk (TileScheduler::kSplitQuantum = the a_scale chunk)
 
 
 def split_tail_plan(num_units: int, workers: int, k_blocks: int) -> list[list[tuple[int, int, int, str, int]]]:
