@@ -38,7 +38,11 @@
 // with a predicated use that never fires; check the SASS of an ablated build before trusting it. 1: the promotion FFMAs, 2: the epilogue
 // stores, 4: the MMAs, 8: the scale copies, 16: the TMA loads (the stage completes on a plain
 // arrival), 32: the bulk copies of the shared-memory epilogue, 64: every other K block's A tile
-// (the L2 reads 2 x 2 clusters would save). Two-accumulator loop only.
+// (the L2 reads 2 x 2 clusters would save), 128: the promotion's FFMAs read the unit
+// accumulator as usual but sum into 8 registers instead of the tile's sum, so two 128-wide
+// units fit in flight at 256 wide (unit_accs=2): the promotion's energy kept, its latency
+// hidden behind the warpgroup's own next unit (the most more consumer warpgroups could gain).
+// Two-accumulator loop only.
 #ifndef PHASEMOE_ABLATE
 #define PHASEMOE_ABLATE 0
 #endif
@@ -341,7 +345,8 @@ struct GroupedGemmContiguous {
   static constexpr int kOddRegs = kUnitAccs == 2 ? kPartRegs : 1;  // the second unit accumulator
   static_assert(kUnitAccs == 1 || kUnitAccs == 2, "one or two MMA units in flight per warpgroup");
   static_assert(kTwoAcc == 0 || ((kPartN == 64 || kPartN == 128 || kPartN == kBlockN) && kBlockN % kPartN == 0 &&
-                                 (kScaleAligned || kNumOffsets <= 2) && kBlockN / 2 + kUnitAccs * kPartN / 2 <= 192),
+                                 (kScaleAligned || kNumOffsets <= 2) &&
+                                 ((kAblate & 128) || kBlockN / 2 + kUnitAccs * kPartN / 2 <= 192)),
                 "two accumulators: units of 64 or 128 columns (or the whole tile) that tile BLOCK_N, tiles "
                 "starting at <= 2 offsets in a scale block, registers: BLOCK_N / 2 + UNIT_ACCS x PART_N / 2 <= 192");
   static_assert(kTwoAcc || kPartNArg == 0, "parts need two accumulators");
@@ -693,8 +698,19 @@ struct GroupedGemmContiguous {
       if (acc[0] == 1234.5f) result[0] += scale[0][0] * scale[0][1];
     }
     constexpr int kFirst = kP * kPartChunks;
+    if constexpr (kAblate & 128) {
+      // The promotion's FFMAs, one per accumulator element, summed into result[0..7] only (the
+      // rest of the sum stays zero: no registers), so a second unit accumulator fits.
 #pragma unroll
-    for (int c = 0; c < (kAblate & 1 ? 0 : kPartChunks); ++c) {
+      for (int c = 0; c < kPartChunks; ++c) {
+        const int block = (kOff + 8 * (kFirst + c)) / kScaleBlock;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          result[(4 * c + j) % 8] = fmaf(scale[block][j / 2], acc[4 * c + j], result[(4 * c + j) % 8]);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < (kAblate & (1 | 128) ? 0 : kPartChunks); ++c) {
       const int block = (kOff + 8 * (kFirst + c)) / kScaleBlock;  // a constant once unrolled
       const float s0 = scale[block][0];
       const float s1 = scale[block][1];
