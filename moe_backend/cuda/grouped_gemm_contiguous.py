@@ -35,12 +35,17 @@ STAGE_EXTRA_BYTES = 4 * 4 + 16
 A_SCALE_AREA = 12288
 MAX_STAGES = 6         # deeper rings stopped paying in other Hopper GEMMs; unmeasured here
 GROUP_M = 8            # M tiles swept together across N (L2 reuse); unmeasured prior
-# With at most FEW_N_TILES N tiles, each pair (or CTA) sweeps only its own M tiles' N tiles
-# (group_m = the cluster size): the units sharing an A tile and, at 512 rows per expert, those
-# sharing a B tile then run at the same time on neighbouring SMs. TP8 w13 (N = 512: two 256-wide
-# tiles, 256 experts): 1036 -> 964 us sustained at the 700 W cap, 949 -> 889 interleaved (H100,
-# eighth session); the EP8 cells (16-28 N tiles) were no faster with group_m 2 (fifth session).
+# Two shapes where each pair (or CTA) should sweep only its own M tiles' N tiles (group_m = the
+# cluster size), measured on H100 at the 700 W cap (eighth session, docs/cuda_kernel.md):
+# - at most FEW_N_TILES N tiles: the units sharing an A tile, and at 512 rows per expert those
+#   sharing a B tile, then run at the same time on neighbouring SMs. TP8 w13 (N = 512, two
+#   256-wide tiles): 1036 -> 964-982 us sustained, 949 -> 889-899 interleaved;
+# - at most FEW_K_BLOCKS K blocks (the output is most of the traffic): consecutive units write
+#   consecutive columns of the same rows. TP8 w2 (K = 256): 942 -> 921 sustained, 874 -> 829
+#   interleaved (group_m 4: 923 / 858).
+# The EP8 cells (16-28 N tiles, 16-56 K blocks) are 1-5% slower with group_m 2: they keep GROUP_M.
 FEW_N_TILES = 2
+FEW_K_BLOCKS = 2
 # Per-tile fixed cost in column-equivalents (A tile traffic, promotion, epilogue, pipeline fill)
 # used to rank N tiles (fitted on H100 for the one-accumulator kernel, docs/cuda_kernel.md v4).
 TILE_OVERHEAD_COLS = 96
@@ -204,7 +209,8 @@ def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | Non
         tiles = [bn for bn in HEURISTIC_BLOCK_N if bn <= 128 or (k is not None and k >= WIDE_TILE_MIN_K)]
         bn = min(tiles, key=cost)
         cluster, multicast = _pairing(m_tiles)
-        group_m = cluster if math.ceil(n / bn) <= FEW_N_TILES else GROUP_M
+        few_k_blocks = k is not None and k // BLOCK_K <= FEW_K_BLOCKS
+        group_m = cluster if math.ceil(n / bn) <= FEW_N_TILES or few_k_blocks else GROUP_M
         cfg = ContiguousConfig(block_n=bn, num_stages=max_stages(bn), group_m=group_m, cluster=cluster,
                                multicast=multicast, pingpong=False, two_acc=True,
                                **(WIDE_TILE if bn > 128 else {}))

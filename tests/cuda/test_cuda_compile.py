@@ -443,12 +443,13 @@ def test_heuristic_takes_the_two_accumulator_loop():
     for k in (256, None):  # short (or unknown) K: 128 whole
         cfg = ggc.select_config(256 * 512, 7168, 132, k=k)
         assert (cfg.block_n, cfg.part_n, cfg.two_acc, cfg.pingpong, cfg.cluster) == (128, 0, True, False, 2), cfg
-    # M tiles swept together: the default where N has many tiles; only the pair's own where it has
-    # two (TP8 w13, N = 512), so the units sharing A and B run side by side
+    # M tiles swept together: the default on the EP8 cells; only the pair's own where N has two
+    # tiles (TP8 w13, N = 512) or K two blocks (TP8 w2, K = 256)
     assert ggc.select_config(32 * 512, 4096, 132, k=7168).group_m == ggc.GROUP_M == 8
     assert ggc.select_config(32 * 4096, 7168, 132, k=2048).group_m == 8
     assert ggc.select_config(256 * 512, 512, 132, k=7168).group_m == 2
-    assert ggc.select_config(256 * 512, 7168, 132, k=256).group_m == 8
+    assert ggc.select_config(256 * 512, 7168, 132, k=256).group_m == 2
+    assert ggc.select_config(256 * 512, 7168, 132, k=None).group_m == 8  # K unknown: the default
     small = ggc.select_config(128, 4096, 132, k=7168)  # one M tile: 64-wide tiles give every SM work
     assert (small.block_n, small.two_acc, small.cluster) == (64, True, 1), small
 
