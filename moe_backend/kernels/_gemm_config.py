@@ -4,7 +4,7 @@ Tables are data, one JSON per kernel and device (`configs/<kernel>_<device>.json
 `torch.cuda.get_device_name()` with spaces -> `_`), written by `python -m moe_backend tune`:
     {"meta": {...}, "N=4096,K=7168": {"4": {cfg}, "16": {cfg}, ...}, ...}
 keyed by the weight shape, then by rows per expert (`m`); a call takes the smallest tuned `m` at
-or above its own (the largest past the end). A Hopper GPU without its own table (H200, H800, ...)
+or above its own (the largest past the end). A Hopper GPU without its own table (H800, H100 PCIe, ...)
 uses the H100 table: same SM generation, and a tuned tile beats the formula there far more often
 than the bandwidth difference moves the optimum; `python -m moe_backend tune` writes its own.
 `MOE_BACKEND_PRINT_CONFIG=1` prints each new choice and where it came from.

@@ -50,17 +50,32 @@ def test_formula_and_override() -> None:
 
 
 def test_hopper_without_table_uses_the_h100_table(capsys, monkeypatch) -> None:
-    """An H200 (no shipped table) gets the H100 entry, and says so; a non-Hopper GPU the formula."""
+    """An H800 (no shipped table) gets the H100 entry, and says so; a non-Hopper GPU the formula."""
     from moe_backend.kernels import _gemm_config
 
     monkeypatch.setenv("MOE_BACKEND_PRINT_CONFIG", "1")
     h100 = _gemm_config.get_config("grouped_gemm_masked", 128, 4096, 7168, _gemm_config.HOPPER_FALLBACK_DEVICE,
                                    masked=True)
-    h200 = _gemm_config.get_config("grouped_gemm_masked", 128, 4096, 7168, "NVIDIA H200", masked=True)
-    assert h200 == h100
+    assert not _gemm_config.load_table("grouped_gemm_masked", "NVIDIA H800")
+    h800 = _gemm_config.get_config("grouped_gemm_masked", 128, 4096, 7168, "NVIDIA H800", masked=True)
+    assert h800 == h100
     assert "of NVIDIA H100 80GB HBM3" in capsys.readouterr().out
     other = _gemm_config.get_config("grouped_gemm_masked", 128, 4096, 7168, "NVIDIA A100-SXM4-80GB", masked=True)
     assert other == _gemm_config.check_config(_gemm_config.formula(128, 4096, 7168, masked=True))
+
+
+def test_h200_uses_its_own_table(capsys, monkeypatch) -> None:
+    """The H200 ships its own tuned tables (eighth session), for every DeepSeek-V3 shape of both
+    slices, and a lookup says it read them."""
+    from moe_backend.kernels import _gemm_config
+
+    monkeypatch.setenv("MOE_BACKEND_PRINT_CONFIG", "1")
+    for kernel in ("grouped_gemm_masked", "grouped_gemm_contiguous"):
+        table = _gemm_config.load_table(kernel, "NVIDIA H200")
+        assert {"N=4096,K=7168", "N=7168,K=2048", "N=512,K=7168", "N=7168,K=256"} <= set(table), kernel
+    _gemm_config.get_config("grouped_gemm_masked", 64, 512, 7168, "NVIDIA H200", masked=True)
+    out = capsys.readouterr().out
+    assert "on NVIDIA H200: table m=64 ->" in out and "H100" not in out  # not the H100 fallback
 
 
 def test_tables_load() -> None:
