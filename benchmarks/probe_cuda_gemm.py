@@ -4,6 +4,7 @@ for ncu (`ncu`; `dg` launches DeepGEMM).  python benchmarks/probe_cuda_gemm.py t
 A variant's '@' suffix adds compile flags (build_flags)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 
@@ -53,13 +54,17 @@ def parse(v, m, n, k, relax_registers=False):
     u = f[6] if len(f) > 6 else 1
     part = f[9] if len(f) > 9 else 0
     accs = f[10] if len(f) > 10 else 2
-    if not relax_registers:
+    with _registers_unchecked() if relax_registers else contextlib.nullcontext():
         return g.ContiguousConfig(bn, st, gm, pp, cl, mc, u, bulk, two_acc, part, accs, tma, split)
-    # Ablation 128 sums the promotion into 8 registers, so two 128-wide units fit in flight at
-    # 256 wide: a config the register rule (_parts_fit) rejects for real builds.
+
+
+@contextlib.contextmanager
+def _registers_unchecked():
+    """Ablation 128 sums the promotion into 8 registers, so two 128-wide units fit in flight at
+    256 wide: a config the register rule (`_parts_fit`) rejects for real builds."""
     fits, g._parts_fit = g._parts_fit, lambda *a, **kw: True
     try:
-        return g.ContiguousConfig(bn, st, gm, pp, cl, mc, u, bulk, two_acc, part, accs, tma, split)
+        yield
     finally:
         g._parts_fit = fits
 

@@ -41,7 +41,7 @@
 // (the L2 reads 2 x 2 clusters would save), 128: the promotion's FFMAs read the unit
 // accumulator as usual but sum into 8 registers instead of the tile's sum, so two 128-wide
 // units fit in flight at 256 wide (unit_accs=2): the promotion's energy kept, its latency
-// hidden behind the warpgroup's own next unit (the most more consumer warpgroups could gain).
+// hidden behind the warpgroup's own next unit (a bound on what more consumer warpgroups could gain).
 // Two-accumulator loop only.
 #ifndef PHASEMOE_ABLATE
 #define PHASEMOE_ABLATE 0

@@ -34,7 +34,7 @@ SMEM_LIMIT = 232448    # bytes of shared memory one block may opt into on sm_90
 STAGE_EXTRA_BYTES = 4 * 4 + 16
 A_SCALE_AREA = 12288
 MAX_STAGES = 6         # deeper rings stopped paying in other Hopper GEMMs; unmeasured here
-GROUP_M = 8            # M tiles swept together across N (L2 reuse); unmeasured prior
+GROUP_M = 8            # M tiles swept together across N (L2 reuse); EP8: 4-32 within noise, 2 slower
 # Two shapes where each pair (or CTA) should sweep only its own M tiles' N tiles (group_m = the
 # cluster size), measured on H100 at the 700 W cap (eighth session, docs/cuda_kernel.md):
 # - at most FEW_N_TILES N tiles: the units sharing an A tile, and at 512 rows per expert those
