@@ -139,7 +139,7 @@ def run(rows_list, slices, sustained: bool = False, ceilings: bool = False) -> l
                 for name in ("cuda", "deepgemm") + (CEILINGS if ceilings else ()):
                     if name in timed:
                         cell[name]["sustained"] = sustained_us(timed[name])
-            for name in cell.keys() & (set(providers) | set(CEILINGS)):
+            for name in [n for n in (*providers, *CEILINGS) if n in cell]:
                 print(f"{sl} {gemm} rows={rows} {name}: {cell[name]}", file=sys.stderr, flush=True)
             cells.append(cell)
             del a, a_s, ids
