@@ -62,7 +62,8 @@ def main(argv=None) -> int:
             topk_w, topk_ids = scores.topk(TOPK, dim=-1)
             topk_w = (topk_w / topk_w.sum(-1, keepdim=True)).float()
             # EP8: ids outside [0, 32) belong to other ranks and contribute nothing; TP8: all local.
-            fn = lambda: routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids)  # noqa: E731
+            fn = lambda: routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids,  # noqa: E731
+                                        num_global_experts=GLOBAL_EXPERTS)
             err = None
             if t in (8, 2048):
                 out = fn()

@@ -1,82 +1,206 @@
-"""The routed experts, policy-driven: layout -> quant+permute -> GEMM1 -> SiLU*up+quant -> GEMM2 -> combine.
+"""The routed experts: layout -> quant+permute -> GEMM1 -> SiLU*up+quant -> GEMM2 -> combine.
 
-Same signature and function as `moe_backend.reference.routed_experts`; the policy picks the layout
-and the kernel provider per batch (prefill: contiguous; decode: masked or the Triton kernel on a
-shape-static contiguous layout). On CPU the same pipeline runs on the reference GEMMs, so the
-layout and combine code is exercised by the CPU tests too.
+The public functions check their arguments once, take the batch's `Plan`
+(`moe_backend.dispatch.plan`, cached per shape) and execute it; nothing here chooses a kernel.
+Execution is sync-free with shapes from the plan alone, so a whole call (decode or prefill)
+can be captured in a CUDA graph and replayed with new routing. Padding rows of a layout are
+never zero-filled, gathered, quantized or combined: the layout marks them on the device and
+every kernel skips them. On CPU the same pipeline runs on the reference GEMMs.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 
 from moe_backend import ops
 from moe_backend._checks import check_same_device, check_tensor
-from moe_backend.dispatch.layouts import (ContiguousLayout, MaskedLayout, build_contiguous_layout,
-                                         build_masked_layout, permute)
-from moe_backend.dispatch.policy import KernelChoice, Policy
+from moe_backend.dispatch.plan import GemmPlan, Plan, make_masked_plan, make_plan
+from moe_backend.dispatch.policy import KERNELS, KernelChoice, Policy
 from moe_backend.reference import GROUP, check_activations, check_grouped_gemm_weights
 
-__all__ = ["routed_experts", "masked_experts"]
+__all__ = ["routed_experts", "masked_experts", "run_plan", "run_masked_plan", "recorded_plans"]
+
+_plan_records: list[list[Plan]] = []  # open `recorded_plans` blocks
 
 
+@contextlib.contextmanager
+def recorded_plans() -> Iterator[list[Plan]]:
+    """Collects every plan executed inside the block (tests assert which plan an engine path ran)."""
+    plans: list[Plan] = []
+    _plan_records.append(plans)
+    try:
+        yield plans
+    finally:
+        _plan_records.remove(plans)
+
+
+def _record(plan: Plan) -> None:
+    for plans in _plan_records:
+        plans.append(plan)
+
+
+# ---------------------------------------------------------------- execution (no checks, no choices)
+def _gemm_contiguous(g: GemmPlan, a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, num_experts: int):
+    if g.provider == "triton":
+        from moe_backend.kernels import _grouped_gemm_core
+
+        _grouped_gemm_core.launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, None, masked=False,
+                                  rows=a_fp8.shape[0], num_experts=num_experts, cfg=g.triton_config)
+    elif g.provider == "cuda":
+        from moe_backend.cuda.grouped_gemm_contiguous import launch
+
+        launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=g.config)
+    else:
+        ops.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, impl=g.provider)
+    return out
+
+
+def _gemm_masked(g: GemmPlan, a_fp8, a_scale, b_fp8, b_scale, masked_m, out, expected_m: int):
+    num_experts, max_m, k = a_fp8.shape
+    if g.provider == "triton":
+        from moe_backend.kernels import _grouped_gemm_core
+
+        _grouped_gemm_core.launch(a_fp8, a_scale, b_fp8, b_scale, out, None, masked_m, masked=True,
+                                  rows=max_m, num_experts=num_experts, cfg=g.triton_config)
+    elif g.provider == "cuda":
+        from moe_backend.cuda.grouped_gemm_contiguous import launch
+
+        rows = num_experts * max_m
+        launch(a_fp8.view(rows, k), a_scale.view(rows, -1), b_fp8, b_scale, masked_m,
+               out.view(rows, -1), config=g.config, masked_max_m=max_m)
+    else:
+        ops.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out, impl=g.provider,
+                                expected_m=expected_m)
+    return out
+
+
+def run_masked_plan(plan: Plan, a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Tensor,
+                    w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor,
+                    masked_m: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor | None,
+                    ue8m0: bool) -> torch.Tensor:
+    """Executes a masked-layout plan on checked operands (see `masked_experts`)."""
+    if _plan_records:
+        _record(plan)
+    num_experts, max_m, _ = a_fp8.shape
+    two_i = w13_fp8.shape[1]
+    if workspace is not None:
+        h = workspace.reshape(-1)[:num_experts * max_m * two_i].view(num_experts, max_m, two_i)
+    else:
+        h = torch.empty(num_experts, max_m, two_i, dtype=torch.bfloat16, device=a_fp8.device)
+    _gemm_masked(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, masked_m, h, plan.expected_m)
+    act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0, masked_m=masked_m)
+    return _gemm_masked(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, masked_m, out, plan.expected_m)
+
+
+def _layout_activations(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, src_token: torch.Tensor,
+                        ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """GEMM1's operand in the layout's rows (padding rows are not written)."""
+    if x_scale is None:
+        if plan.fused_permute_quant:
+            return ops.permute_quant(x, src_token, GROUP, ue8m0)
+        x, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
+    return ops.permute_rows(x, x_scale, src_token)
+
+
+def run_plan(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, w13_fp8: torch.Tensor,
+             w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor,
+             topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int, ue8m0: bool,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Executes a standard-format plan on checked operands (see `routed_experts`)."""
+    if _plan_records and plan.layout == "contiguous":
+        _record(plan)  # a masked plan is recorded by run_masked_plan
+    num_experts, two_i, _ = w13_fp8.shape
+    hidden = w2_fp8.shape[1]
+    dev = x.device
+    if plan.layout == "masked":
+        layout = ops.build_masked_layout(topk_ids, num_experts, expert_start=expert_start, max_m=plan.num_rows)
+        a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)
+        y = torch.empty(num_experts, plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
+        run_masked_plan(plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m,
+                        y, None, ue8m0)
+    else:
+        layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,
+                                             alignment=plan.alignment, num_rows=plan.num_rows)
+        a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)
+        ids = layout.expert_ids
+        h = torch.empty(plan.num_rows, two_i, dtype=torch.bfloat16, device=dev)
+        _gemm_contiguous(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts)
+        act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0, expert_ids=ids)
+        y = torch.empty(plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
+        _gemm_contiguous(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts)
+    return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out)
+
+
+# ---------------------------------------------------------------- public entry points (checked)
 def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Tensor,
                    w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor,
                    masked_m: torch.Tensor, *, out: torch.Tensor | None = None,
-                   workspace: torch.Tensor | None = None, impl: str = "auto", ue8m0: bool = False,
-                   expected_m: int | None = None) -> torch.Tensor:
+                   workspace: torch.Tensor | None = None, policy: Policy | None = None,
+                   plan: Plan | None = None, ue8m0: bool = False, expected_m: int | None = None,
+                   impl: str | None = None) -> torch.Tensor:
     """The expert MLP on the masked layout (DeepEP low-latency / vLLM batched format).
 
     a_fp8 `[E, max_m, H]` + a_scale `[E, max_m, H/128]`, masked_m int32 `[E]` on the device.
     Writes the unweighted rows `out[e, m]` for m < masked_m[e] (bf16 `[E, max_m, H]`); other rows
     are untouched. workspace: optional bf16 buffer of >= E*max_m*2I elements for GEMM1's output.
+    The policy's `masked_kernel` (or `plan`, or `impl`: a masked KERNELS name) serves it.
     Shape-static and sync-free: CUDA-graph capturable.
     """
-    num_experts, max_m, _ = a_fp8.shape
-    h = None
-    if workspace is not None:
-        h = workspace.reshape(-1)[:num_experts * max_m * w13_fp8.shape[1]].view(num_experts, max_m, -1)
-    h = ops.grouped_gemm_masked(a_fp8, a_scale, w13_fp8, w13_scale_inv, masked_m, h, impl=impl,
-                                expected_m=expected_m)
-    # Rows past masked_m[e] hold stale data; they are quantized but never read back.
-    act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0)
-    return ops.grouped_gemm_masked(act_fp8, act_scale, w2_fp8, w2_scale_inv, masked_m, out, impl=impl,
-                                   expected_m=expected_m)
+    check_activations(a_fp8, a_scale, ndim=3)
+    num_experts, max_m, hidden = a_fp8.shape
+    e13, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
+    check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2)
+    if e13 != num_experts or w2_fp8.shape[0] != num_experts:
+        raise ValueError(f"w13_fp8 / w2_fp8: expected {num_experts} experts (dim 0 of a_fp8), got "
+                         f"{e13} / {w2_fp8.shape[0]}")
+    check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(num_experts,))
+    check_same_device(a_fp8=a_fp8, w13_fp8=w13_fp8, w2_fp8=w2_fp8, masked_m=masked_m)
+    if out is None:
+        out = torch.zeros(num_experts, max_m, hidden, dtype=torch.bfloat16, device=a_fp8.device)
+    else:
+        check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_experts, max_m, hidden),
+                     device=a_fp8.device, contiguous=True)
+    if workspace is not None and workspace.numel() < num_experts * max_m * two_i:
+        raise ValueError(f"workspace: expected at least {num_experts * max_m * two_i} elements, "
+                         f"got {workspace.numel()}")
+    if num_experts == 0 or max_m == 0:
+        return out
+    if plan is None:
+        policy = policy or Policy.from_env()
+        if impl is not None:
+            policy = _with_kernel(policy, masked_kernel=impl)
+        plan = make_masked_plan(policy, num_experts=num_experts, max_m=max_m, hidden=hidden,
+                                intermediate=two_i // 2, device=a_fp8.device, expected_m=expected_m)
+    return run_masked_plan(plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m,
+                           out, workspace, ue8m0)
 
 
-def _layout_activations(x: torch.Tensor, x_scale: torch.Tensor | None, layout: ContiguousLayout | MaskedLayout,
-                        ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """GEMM1's operand in the layout's rows. bf16 x with few layout rows per token is quantized
-    straight into them (one pass, no `[T, H]` fp8 intermediate); otherwise x is quantized once and
-    its fp8 rows gathered. Pre-quantized x (the layer's, shared with the shared expert) is gathered
-    with its scales."""
-    if x_scale is None:
-        if fused_permute_quant_pays(x.shape[0], layout.src_token.numel()):
-            return ops.permute_quant(x, layout.src_token, GROUP, ue8m0)
-        x, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
-    return permute(x, layout), permute(x_scale, layout)
+def _with_kernel(policy: Policy, **keys: str) -> Policy:
+    from dataclasses import replace
 
-
-def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
-    """Bytes per hidden element: fused reads bf16 per layout row and writes fp8 (3R); unfused
-    quantizes the tokens (2T read + T write) and gathers fp8 rows (R read + R write): fused moves
-    less while R < 3T. Measured on H100 (docs/benchmarks.md): EP8 at 2048-16384 tokens (R <= 2T)
-    1.24-1.67x faster fused; TP8 (R ~ 9-250 T: 256 experts, segments padded to 128) and EP8 at
-    128 tokens (R = 32T) 0.53-0.88x, so those keep the two passes."""
-    return layout_rows < 3 * num_tokens
+    return replace(policy, **keys)
 
 
 def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor,
                    w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, *, x_scale: torch.Tensor | None = None,
                    expert_start: int = 0, ue8m0: bool = False, policy: Policy | None = None,
-                   phase: str | None = None, kernel: KernelChoice | None = None,
-                   expected_m: int | None = None) -> torch.Tensor:
+                   phase: str | None = None, kernel: KernelChoice | str | None = None,
+                   expected_m: int | None = None, num_global_experts: int | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """x bf16 `[T, H]` (or fp8 with `x_scale` `[T, H/128]`); w13 fp8 `[E, 2I, H]`, w2 fp8 `[E, H, I]`
     with block scales; topk_weights f32 / topk_ids `[T, k]` where experts
     `[expert_start, expert_start + E)` are local and other ids (-1, other ranks) contribute nothing.
-    Returns bf16 `[T, H]`, the weighted sum over local experts (fp32 accumulation).
-    `expected_m`: typical rows per local expert (T*k / global experts), a tile-choice hint only."""
+    Returns bf16 `[T, H]` (into `out` when given), the weighted sum over local experts (fp32 sum).
+
+    The plan comes from `policy` (default: `MOE_BACKEND_POLICY`) for this phase, or from `kernel`
+    (a KERNELS name or choice) when given. `expected_m`: typical rows per local expert, a
+    tile-choice hint; default T*k / num_global_experts, the experts of the whole model (callers
+    holding an expert-parallel slice pass it; it defaults to E, the local count, which is right
+    when every expert is local)."""
     if x_scale is None:
         check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
         if x.shape[-1] % GROUP:
@@ -86,34 +210,28 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
     num_tokens, hidden = x.shape
     num_experts, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
     check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2)
+    if w2_fp8.shape[0] != num_experts or w2_fp8.shape[1] != hidden:
+        raise ValueError(f"w2_fp8: expected shape [{num_experts}, {hidden}, {two_i // 2}], got "
+                         f"{list(w2_fp8.shape)}")
     check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
     if topk_ids.shape[0] != num_tokens:
         raise ValueError(f"topk_ids: expected {num_tokens} rows (tokens), got {topk_ids.shape[0]}")
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(topk_ids.shape))
     check_same_device(x=x, w13_fp8=w13_fp8, w2_fp8=w2_fp8, topk_ids=topk_ids, topk_weights=topk_weights)
+    if isinstance(expert_start, bool) or not isinstance(expert_start, int) or expert_start < 0:
+        raise ValueError(f"expert_start: expected an int >= 0, got {expert_start!r}")
+    if out is not None:
+        check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=x.device)
     if num_tokens == 0:
-        return torch.zeros(0, hidden, dtype=torch.bfloat16, device=x.device)
+        return out if out is not None else torch.zeros(0, hidden, dtype=torch.bfloat16, device=x.device)
+    if isinstance(kernel, KernelChoice):
+        kernel = kernel.name
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {sorted(KERNELS)}, got {kernel!r}")
 
-    if kernel is None:
-        kernel = (policy or Policy.from_env()).choose(num_tokens, phase)
-    impl = kernel.impl
-
-    if expected_m is None:
-        expected_m = max(1, -(-num_tokens * topk_ids.shape[1] // num_experts))
-    if kernel.layout == "masked":
-        layout = build_masked_layout(topk_ids, num_experts, expert_start=expert_start)
-        a_fp8, a_scale = _layout_activations(x, x_scale, layout, ue8m0)
-        y = masked_experts(a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m,
-                           impl=impl, ue8m0=ue8m0, expected_m=expected_m)
-    else:
-        alignment = ops.contiguous_alignment(impl, x.device)
-        layout = build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,
-                                         alignment=alignment, exact_size=not kernel.static_shapes)
-        a_fp8, a_scale = _layout_activations(x, x_scale, layout, ue8m0)
-        ids = layout.expert_ids
-        h = ops.grouped_gemm_contiguous(a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, impl=impl,
-                                        expected_m=expected_m)
-        act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0)
-        y = ops.grouped_gemm_contiguous(act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, impl=impl,
-                                        expected_m=expected_m)
-    return ops.unpermute_combine(y, layout.row_of_slot, topk_weights)
+    plan = make_plan(policy or Policy.from_env(), num_tokens=num_tokens, topk=topk_ids.shape[1],
+                     num_experts=num_experts, num_global_experts=num_global_experts or num_experts,
+                     hidden=hidden, intermediate=two_i // 2, device=x.device, phase=phase,
+                     quantized_input=x_scale is not None, expected_m=expected_m, kernel=kernel)
+    return run_plan(plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights,
+                    topk_ids, expert_start, ue8m0, out)

@@ -3,8 +3,8 @@
 `impl`:
 - "auto": our Triton kernels for CUDA tensors, the torch reference otherwise;
 - "best": like "auto", but the grouped GEMMs run our CUDA C++ kernel (`moe_backend/cuda/`)
-  where it can (Hopper, nvcc and cuda-python present) and measured faster than the Triton one:
-  every prefill cell, and the decode cells listed in CUDA_MASKED_MIN_ROWS (docs/benchmarks.md);
+  where it can (Hopper, nvcc and cuda-python present) and measured faster than the Triton one
+  (`moe_backend.dispatch.plan.gemm_provider`, the one place that compares them);
 - "triton": our kernels (`moe_backend/kernels/`); CPU tensors fall back to the reference, which
   computes the same function;
 - "cuda": our CUDA C++ GEMM (JIT-compiled with nvcc; the masked layout needs max_m % 128 == 0),
@@ -29,39 +29,16 @@ __all__ = [
     "silu_mul_quant",
     "per_token_group_quant",
     "permute_quant",
+    "permute_rows",
     "unpermute_combine",
+    "build_contiguous_layout",
+    "build_masked_layout",
     "contiguous_alignment",
     "cuda_kernel_available",
     "IMPLS",
 ]
 
 IMPLS = ("auto", "best", "triton", "cuda", "deepgemm", "reference")
-CUDA_MIN_ROWS_PER_EXPERT = 256
-CUDA_MIN_NK = 1024
-
-
-def _cuda_pays(n: int, k: int, expected_m: int | None) -> bool:
-    """Where our CUDA contiguous GEMM beat our Triton one (H100, docs/benchmarks.md): every cell
-    from 256 rows per expert, and EP8's wide GEMMs (N, K >= 1024) from 64 rows; TP8's narrow
-    GEMMs (N = 512 or K = 256) at 64 rows per expert were faster on Triton."""
-    wide = n >= CUDA_MIN_NK and k >= CUDA_MIN_NK
-    return wide or expected_m is None or expected_m >= CUDA_MIN_ROWS_PER_EXPERT
-
-
-# Masked layout (decode): (N, K) -> fewest rows per expert from which our CUDA kernel beat our
-# Triton masked kernel on H100 (benchmarks/sweep_decode_cells.py, docs/benchmarks.md). The CUDA
-# kernel needs max_m % 128 == 0 (its tiles are 128 rows); elsewhere Triton serves.
-# Measured at 128 rows (same run, CUDA vs Triton masked): EP8 w13 355.2 vs 388.9 µs, EP8 w2 194.1
-# vs 214.1, TP8 w13 432.6 vs 446.2, TP8 w2 354.2 vs 397.1.
-CUDA_MASKED_MIN_ROWS = {(4096, 7168): 128, (7168, 2048): 128, (7168, 256): 128, (512, 7168): 128}
-
-
-def _cuda_pays_masked(n: int, k: int, max_m: int, expected_m: int | None) -> bool:
-    from moe_backend.cuda.grouped_gemm_masked import supports_max_m
-
-    rows = expected_m or max_m
-    threshold = CUDA_MASKED_MIN_ROWS.get((n, k))
-    return supports_max_m(max_m) and threshold is not None and rows >= threshold
 
 
 # The reference has no alignment need; 128 keeps its layouts shaped like the kernels'.
@@ -114,8 +91,10 @@ def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None
                             expected_m: int | None = None):
     """See `moe_backend.reference.grouped_gemm_contiguous`; `expected_m` as in `grouped_gemm_masked`."""
     if impl == "best" and a_fp8.is_cuda:
-        impl = "cuda" if _cuda_pays(b_fp8.shape[1], b_fp8.shape[2], expected_m) and \
-            cuda_kernel_available(a_fp8.device.index or 0) else "triton"
+        from moe_backend.dispatch.plan import gemm_provider
+
+        rows = expected_m or max(1, a_fp8.shape[0] // max(b_fp8.shape[0], 1))
+        impl = gemm_provider("best", "contiguous", b_fp8.shape[1], b_fp8.shape[2], rows, a_fp8.device)
     provider = _provider(impl, a_fp8.device)
     if provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import grouped_gemm_contiguous as cuda_gemm
@@ -135,11 +114,13 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
                         expected_m: int | None = None):
     """See `moe_backend.reference.grouped_gemm_masked`. `expected_m` (typical rows per expert, a
     host int the engine already knows) only steers the kernel's tile choice; no host sync.
-    impl="best" runs our CUDA kernel on the cells where it measured faster (CUDA_MASKED_MIN_ROWS)."""
+    impl="best" runs our CUDA kernel on the cells where it measured faster."""
     if impl == "best" and a_fp8.is_cuda:
-        n, k, max_m = b_fp8.shape[1], b_fp8.shape[2], a_fp8.shape[1]
-        impl = "cuda" if _cuda_pays_masked(n, k, max_m, expected_m) and \
-            cuda_kernel_available(a_fp8.device.index or 0) else "triton"
+        from moe_backend.dispatch.plan import gemm_provider
+
+        max_m = a_fp8.shape[1]
+        impl = gemm_provider("best", "masked", b_fp8.shape[1], b_fp8.shape[2], expected_m or max_m,
+                             a_fp8.device, max_m)
     provider = _provider(impl, a_fp8.device)
     if provider == "cuda":
         from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked as cuda_gemm
@@ -155,8 +136,10 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
     return reference.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
 
 
-def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False):
-    """See `moe_backend.reference.silu_mul_quant`."""
+def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+                   expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None):
+    """See `moe_backend.reference.silu_mul_quant`. `expert_ids` (contiguous layout, -1 = padding)
+    or `masked_m` (masked layout) name the rows that matter; the others may be skipped."""
     if _provider("auto", h.device) == "triton":
         return _kernel("silu_mul_quant")(h, group, ue8m0)
     return reference.silu_mul_quant(h, group, ue8m0)
@@ -179,6 +162,15 @@ def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue
     from moe_backend.dispatch.layouts import permute_quant as permute_quant_reference
 
     return permute_quant_reference(x, src_token, group, ue8m0)
+
+
+def permute_rows(x_fp8: torch.Tensor, x_scale: torch.Tensor, src_token: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized token rows copied into a layout's rows (`src_token`, -1 = padding: unspecified)."""
+    src = src_token.reshape(-1).clamp(min=0)
+    shape = tuple(src_token.shape)
+    return (x_fp8.index_select(0, src).view(*shape, x_fp8.shape[-1]),
+            x_scale.index_select(0, src).view(*shape, x_scale.shape[-1]))
 
 
 def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
@@ -205,3 +197,20 @@ def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu")
 
         return deepgemm.contiguous_alignment()
     return _REFERENCE_ALIGNMENT
+
+
+def build_contiguous_layout(topk_ids: torch.Tensor, num_experts: int, *, expert_start: int = 0,
+                            alignment: int = 128, num_rows: int | None = None):
+    """The contiguous layout on `num_rows` rows (the static bound), without a host sync."""
+    from moe_backend.dispatch import layouts
+
+    return layouts.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,
+                                           alignment=alignment, exact_size=False)
+
+
+def build_masked_layout(topk_ids: torch.Tensor, num_experts: int, *, expert_start: int = 0,
+                        max_m: int | None = None):
+    """The masked layout `[E, max_m]` (default max_m = T), without a host sync."""
+    from moe_backend.dispatch import layouts
+
+    return layouts.build_masked_layout(topk_ids, num_experts, expert_start=expert_start, max_m=max_m)

@@ -8,10 +8,10 @@ from moe_backend.dispatch import KERNELS, Policy
 def test_defaults_by_phase_and_size():
     p = Policy()
     assert p.choose(4096, "prefill").layout == "contiguous"
-    assert p.choose(1, "decode").name == "masked"
-    assert p.choose(8).name == "masked"  # no phase: small batches are decode
+    assert p.choose(1, "decode").name == "contiguous"
+    assert p.choose(8).name == "contiguous"  # no phase: small batches are decode
     assert p.choose(100_000).name == "contiguous"
-    assert all(KERNELS[p.choose(n).name].static_shapes for n in (1, 256))
+    assert p.masked_kernel == "masked" and KERNELS[p.masked_kernel].layout == "masked"
 
 
 def test_from_env_json_and_file(monkeypatch, tmp_path):
@@ -22,7 +22,7 @@ def test_from_env_json_and_file(monkeypatch, tmp_path):
     path.write_text(json.dumps({"prefill_kernel": "reference",
                                 "devices": {"NVIDIA H100 80GB HBM3": {"decode_kernel": "triton"}}}))
     monkeypatch.setenv("MOE_BACKEND_POLICY", str(path))
-    assert Policy.from_env(device_name="NVIDIA H200").decode_kernel == "masked"
+    assert Policy.from_env(device_name="NVIDIA H200").decode_kernel == "contiguous"
     assert Policy.from_env(device_name="NVIDIA H100 80GB HBM3").decode_kernel == "triton"
     assert Policy.from_env(device_name="NVIDIA H200").prefill_kernel == "reference"
 
@@ -30,7 +30,8 @@ def test_from_env_json_and_file(monkeypatch, tmp_path):
 @pytest.mark.parametrize("config, key", [
     ({"decode_kernal": "masked"}, "decode_kernal"),
     ({"decode_kernel": "fast"}, "decode_kernel"),
-    ({"decode_kernel": "contiguous"}, "decode_kernel"),  # host sync: not CUDA-graph safe
+    ({"masked_kernel": "triton"}, "masked_kernel"),  # a contiguous-layout kernel
+    ({"decode_max_tokens": True}, "decode_max_tokens"),
     ({"decode_max_tokens": -1}, "decode_max_tokens"),
     ({"devices": {"H100": {"prefill_kernel": "nope"}}}, "devices.H100"),
     ({"devices": []}, "devices"),
@@ -52,3 +53,11 @@ def test_invalid_env_value(monkeypatch):
         Policy.from_env(device_name=None)
     with pytest.raises(ValueError, match="phase"):
         Policy().choose(3, "warmup")
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("ON", True), ("0", False), ("", False),
+                                       ("no", False)])
+def test_print_policy_switch_has_one_truthiness_rule(value, on, monkeypatch):
+    monkeypatch.setenv("MOE_BACKEND_POLICY", "")
+    monkeypatch.setenv("MOE_BACKEND_PRINT_POLICY", value)
+    assert Policy.from_env(device_name=None).print_plan is on

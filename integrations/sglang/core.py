@@ -16,7 +16,6 @@ CUDA graphs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from sglang.srt.layers.moe.moe_runner.base import (
@@ -72,11 +71,6 @@ class PhaseMoeQuantInfo(MoeQuantInfo):
         return self.w13_fp8.shape[0]
 
 
-@lru_cache(maxsize=1)
-def _policy() -> Policy:
-    return Policy.from_env()
-
-
 def _current_phase() -> str:
     # SGLang's per-forward flag: True for batches with prefill (extend) tokens; graph runners
     # force it False while capturing decode graphs.
@@ -104,7 +98,7 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
 
     def __init__(self, config: MoeRunnerConfig):
         super().__init__(config)
-        self.policy = _policy()
+        self.policy = Policy.from_env()  # cached per setting; each layer's plans come from it
 
     @property
     def runner_backend(self):
@@ -125,7 +119,7 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         if fmt.is_standard():
             return self._run_standard(dispatch_output, quant_info, runner_config)
         if fmt.is_deepep_normal():
-            return self._run_deepep_normal(dispatch_output, quant_info)
+            return self._run_deepep_normal(dispatch_output, quant_info, runner_config)
         if fmt.is_deepep_ll():
             return self._run_deepep_ll(dispatch_output, quant_info)
         raise ValueError(f"{BACKEND_NAME}: dispatch format {fmt.value!r} is not supported "
@@ -149,13 +143,14 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         return StandardCombineInput(hidden_states=out)
 
     # ---- DeepEP normal (prefill): weighted sum over local experts, contiguous kernel ----
-    def _run_deepep_normal(self, d, q: PhaseMoeQuantInfo):
+    def _run_deepep_normal(self, d, q: PhaseMoeQuantInfo, runner_config):
         x = d.hidden_states  # [N, H]
         x_scale = _activation_scale(x, d.hidden_states_scale, "deepep normal")
         # The host list num_recv_tokens_per_expert is not needed: the layout is built from ids.
         out = experts.routed_experts(x, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,
                                      d.topk_weights.float(), d.topk_ids, x_scale=x_scale,
-                                     ue8m0=q.ue8m0, policy=self.policy, phase="prefill")
+                                     ue8m0=q.ue8m0, policy=self.policy, phase="prefill",
+                                     num_global_experts=runner_config.num_experts)
         return DeepEPNormalCombineInput(hidden_states=out, topk_ids=d.topk_ids,
                                         topk_weights=d.topk_weights)
 
@@ -170,9 +165,8 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
             x, x_scale = ops.per_token_group_quant(x, GROUP, q.ue8m0)
         x = x.contiguous()  # DeepEP's receive buffer already is; our kernels require it
         masked_m = d.masked_m.to(torch.int32)  # [E], on the device: never read on the host
-        impl = self.policy.choose(0, "decode").impl
         out = experts.masked_experts(x, x_scale, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,
-                                     masked_m, impl=impl, ue8m0=q.ue8m0,
+                                     masked_m, policy=self.policy, ue8m0=q.ue8m0,
                                      expected_m=d.expected_m)
         return DeepEPLLCombineInput(hidden_states=out, topk_ids=d.topk_ids,
                                     topk_weights=d.topk_weights)

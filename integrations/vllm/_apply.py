@@ -21,10 +21,11 @@ def apply_standard(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Ten
                    w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor,
                    w2_scale_inv: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    expert_map: torch.Tensor | None, weights_on_input: bool,
-                   policy: Policy) -> None:
+                   policy: Policy, num_global_experts: int | None = None) -> None:
     """Standard format. x_fp8 `[M, H]` with x_scale f32 `[M, H/128]`; topk_weights / topk_ids
     (global ids) `[M, k]`; expert_map `[E_global]` global -> local (-1 elsewhere) or None.
-    Writes the weighted sum over this rank's experts into output bf16 `[M, H]`."""
+    Writes the weighted sum over this rank's experts into output bf16 `[M, H]`; the policy's
+    plan for this batch runs it (no host sync: CUDA-graph capturable)."""
     local_ids = topk_ids
     if expert_map is not None:
         # -1 (another rank's expert, or an id vLLM already dropped) contributes nothing.
@@ -34,27 +35,28 @@ def apply_standard(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Ten
     if weights_on_input:
         # vLLM's prepare step already scaled the input by the (top-1) weight.
         weights = torch.ones_like(weights)
-    # Under CUDA-graph capture (vLLM's decode batches) the policy must pick a shape-static
-    # kernel; otherwise it decides the phase from the token count.
+    # vLLM captures decode batches in CUDA graphs; otherwise the policy decides the phase from
+    # the token count.
     phase = "decode" if capturing() else None
-    y = moe_experts.routed_experts(x_fp8, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, weights,
-                                   local_ids, x_scale=x_scale.contiguous(), policy=policy,
-                                   phase=phase)
-    output.copy_(y)
+    moe_experts.routed_experts(x_fp8, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, weights, local_ids,
+                               x_scale=x_scale.contiguous(), policy=policy, phase=phase,
+                               num_global_experts=num_global_experts, out=output)
 
 
 def apply_batched(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor,
                   w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor,
                   w2_scale_inv: torch.Tensor, expert_num_tokens: torch.Tensor,
-                  workspace: torch.Tensor, expected_m: int | None = None) -> None:
+                  workspace: torch.Tensor, expected_m: int | None = None,
+                  policy: Policy | None = None) -> None:
     """Batched (masked) format. x_fp8 `[E, T, H]` with x_scale f32 `[E, T, H/128]`;
     expert_num_tokens int32 on the device, at least E entries (the first E are this rank's);
     workspace: at least E*T*2I bf16 elements for GEMM1's output. Writes the unweighted rows
     output bf16 `[E, T, H]`, rows m < expert_num_tokens[e] only. No host sync, sizes from shapes;
-    expected_m (typical rows per expert, a host int) only steers the kernels' tile choice."""
+    expected_m (typical rows per expert, a host int) only steers the kernels' tile choice; the
+    policy's `masked_kernel` serves it."""
     # DeepEP LL sizes the counts by local experts, vLLM's naive batched prepare by global
     # experts (local ones first): a view of the first E either way.
     masked_m = expert_num_tokens[:x_fp8.shape[0]]
     moe_experts.masked_experts(x_fp8, x_scale.contiguous(), w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
-                               masked_m, out=output, workspace=workspace, impl="best",
+                               masked_m, out=output, workspace=workspace, policy=policy,
                                expected_m=expected_m)

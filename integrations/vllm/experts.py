@@ -6,11 +6,11 @@ groups, the numerics of `moe_backend.quant`); the weights are the layer's `w13_w
 scales (`quant_config.w1_scale` / `w2_scale`, fp32 multipliers).
 
 - `PhaseMoEExperts`, standard format (TP, DeepEP high-throughput, all-gather EP): `[M, H]` tokens
-  with global `topk_ids`; runs `moe_backend.experts.routed_experts`, whose policy picks the kernel
-  per batch, and writes the weighted sum (vLLM's finalize then only copies).
+  with global `topk_ids`; runs `moe_backend.experts.routed_experts`, which executes the policy's
+  plan for the batch, and writes the weighted sum (vLLM's finalize then only copies).
 - `PhaseMoEBatchedExperts`, batched format (DeepEP low-latency, NIXL-EP; decode): `[E_local, T, H]`
-  with the per-expert counts on the device; masked GEMM1 -> SiLU*up+quant -> masked GEMM2 into
-  vLLM's output, unweighted (vLLM's finalize weights and combines). No host sync, sizes from shapes
+  with the per-expert counts on the device; the policy's masked plan (GEMM1 -> SiLU*up+quant ->
+  GEMM2) into vLLM's output, unweighted (vLLM's finalize weights and combines). No host sync, sizes from shapes
   only, GEMM1 output in vLLM's workspace: capturable in CUDA graphs.
 
 This module imports vLLM: the plugin imports it only when the oracle asks for our classes.
@@ -121,7 +121,7 @@ class PhaseMoEExperts(_PhaseMoEBase):
         w13_scale_inv, w2_scale_inv = self._weight_scales()
         apply_standard(output, hidden_states, a1q_scale, w1, w13_scale_inv, w2, w2_scale_inv,
                        topk_weights, topk_ids, expert_map, apply_router_weight_on_input,
-                       self.policy)
+                       self.policy, global_num_experts)
 
 
 class PhaseMoEBatchedExperts(_PhaseMoEBase):
@@ -132,6 +132,7 @@ class PhaseMoEBatchedExperts(_PhaseMoEBase):
         super().__init__(moe_config=moe_config, quant_config=quant_config,
                          max_num_tokens=max_num_tokens, num_dispatchers=num_dispatchers)
         _check_quant_config(quant_config)
+        self.policy = Policy.from_env()
 
     @staticmethod
     def activation_format() -> mk.FusedMoEActivationFormat:
@@ -160,7 +161,7 @@ class PhaseMoEBatchedExperts(_PhaseMoEBase):
         w13_scale_inv, w2_scale_inv = self._weight_scales()
         expected_m = _expected_m(global_num_experts, topk_ids.size(-1), hidden_states.size(1))
         apply_batched(output, hidden_states, a1q_scale, w1, w13_scale_inv, w2, w2_scale_inv,
-                      expert_tokens_meta.expert_num_tokens, workspace13, expected_m)
+                      expert_tokens_meta.expert_num_tokens, workspace13, expected_m, self.policy)
 
 
 def _expected_m(global_num_experts: int, topk: int, max_m: int) -> int | None:

@@ -1,15 +1,17 @@
 """The per-phase policy: which grouped-GEMM kernel serves a batch.
 
-prefill -> the contiguous kernel (tokens sorted by expert; large M tiles pay);
-decode  -> the masked kernel (shape-static, CUDA-graph safe) or the Triton kernel on a
-           shape-static contiguous layout.
+prefill -> the contiguous layout (tokens sorted by expert, segments padded to the M tile; large
+           tiles and our CUDA GEMM pay);
+decode  -> the same layout padded to the small M tile of the decode configs (rows follow T*k);
+masked  -> inputs an engine hands over in the masked layout (DeepEP low-latency, vLLM batched).
+The plan (`moe_backend.dispatch.plan`) turns the choice into providers and launch configs.
 
 Configured by a JSON object (a file, or the `MOE_BACKEND_POLICY` environment variable holding
 either a path or the JSON itself), with optional per-GPU overrides under `"devices"`, keyed by
 `torch.cuda.get_device_name()`, so a calibration on one GPU does not leak onto another:
 
-    {"decode_kernel": "masked", "decode_max_tokens": 256,
-     "devices": {"NVIDIA H100 80GB HBM3": {"decode_kernel": "triton"}}}
+    {"decode_kernel": "triton", "decode_max_tokens": 256, "masked_kernel": "triton_masked",
+     "devices": {"NVIDIA H100 80GB HBM3": {"decode_kernel": "contiguous"}}}
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import Any, Mapping
 
-__all__ = ["KernelChoice", "Policy", "KERNELS", "PHASES"]
+__all__ = ["KernelChoice", "Policy", "KERNELS", "MASKED_KERNELS", "PHASES", "env_flag"]
 
 PHASES = ("prefill", "decode")
 
@@ -30,44 +32,53 @@ class KernelChoice:
     name: str  # the policy's name for it (a KERNELS key)
     layout: str  # "contiguous" | "masked"
     impl: str  # "best" | "cuda" | "triton" (ours) | "deepgemm" (optional peer) | "reference" (torch)
-    static_shapes: bool  # layout sized from shapes alone: no host sync, CUDA-graph safe
 
 
+# Every layout is sized from shapes alone (no host sync), so every choice is CUDA-graph safe.
 KERNELS: dict[str, KernelChoice] = {
-    # "best": our CUDA C++ GEMM where it can run (faster on every measured prefill cell), else Triton.
-    "contiguous": KernelChoice("contiguous", "contiguous", "best", static_shapes=False),
-    "cuda_contiguous": KernelChoice("cuda_contiguous", "contiguous", "cuda", static_shapes=False),
-    "triton_contiguous": KernelChoice("triton_contiguous", "contiguous", "triton", static_shapes=False),
-    # "best" again: Triton, or our CUDA kernel on the shapes where it measured faster (ops.py).
-    "masked": KernelChoice("masked", "masked", "best", static_shapes=True),
-    "triton_masked": KernelChoice("triton_masked", "masked", "triton", static_shapes=True),
-    "triton": KernelChoice("triton", "contiguous", "triton", static_shapes=True),
-    "deepgemm_contiguous": KernelChoice("deepgemm_contiguous", "contiguous", "deepgemm", False),
-    "deepgemm_masked": KernelChoice("deepgemm_masked", "masked", "deepgemm", True),
-    "reference": KernelChoice("reference", "contiguous", "reference", static_shapes=False),
+    # "best": the plan picks our CUDA C++ GEMM or our Triton one per GEMM from the measured
+    # crossovers (kernels/configs/dispatch_thresholds.json).
+    "contiguous": KernelChoice("contiguous", "contiguous", "best"),
+    "cuda_contiguous": KernelChoice("cuda_contiguous", "contiguous", "cuda"),
+    "triton_contiguous": KernelChoice("triton_contiguous", "contiguous", "triton"),
+    "triton": KernelChoice("triton", "contiguous", "triton"),  # the same as triton_contiguous
+    "masked": KernelChoice("masked", "masked", "best"),
+    "triton_masked": KernelChoice("triton_masked", "masked", "triton"),
+    "cuda_masked": KernelChoice("cuda_masked", "masked", "cuda"),
+    "deepgemm_contiguous": KernelChoice("deepgemm_contiguous", "contiguous", "deepgemm"),
+    "deepgemm_masked": KernelChoice("deepgemm_masked", "masked", "deepgemm"),
+    "reference": KernelChoice("reference", "contiguous", "reference"),
 }
+MASKED_KERNELS = tuple(sorted(name for name, c in KERNELS.items() if c.layout == "masked"))
 
 
 @dataclass(frozen=True)
 class Policy:
     prefill_kernel: str = "contiguous"
-    decode_kernel: str = "masked"
+    # Tokens sorted by expert into segments padded to the GEMM's small M tile: rows follow T*k.
+    decode_kernel: str = "contiguous"
     # With no phase given, batches of at most this many tokens are treated as decode.
     decode_max_tokens: int = 256
+    # Inputs an engine hands over already in the masked layout (DeepEP low-latency, vLLM batched).
+    masked_kernel: str = "masked"
+    # Print each new plan (MOE_BACKEND_PRINT_POLICY=1).
+    print_plan: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("prefill_kernel", "decode_kernel"):
+        for key in ("prefill_kernel", "decode_kernel", "masked_kernel"):
             value = getattr(self, key)
-            if value not in KERNELS:
+            if not isinstance(value, str) or value not in KERNELS:
                 raise ValueError(f"key {key!r}: unknown kernel {value!r}; "
                                  f"choose one of {sorted(KERNELS)}")
-        if KERNELS[self.decode_kernel].static_shapes is False:
-            raise ValueError(f"key 'decode_kernel': {self.decode_kernel!r} sizes its layout with "
-                             f"a host sync, which CUDA graphs of decode batches cannot hold; use one of "
-                             f"{sorted(k for k, c in KERNELS.items() if c.static_shapes)}")
-        if not isinstance(self.decode_max_tokens, int) or self.decode_max_tokens < 0:
+        if self.masked_kernel not in MASKED_KERNELS:
+            raise ValueError(f"key 'masked_kernel': {self.masked_kernel!r} does not run the masked layout; "
+                             f"choose one of {list(MASKED_KERNELS)}")
+        if isinstance(self.decode_max_tokens, bool) or not isinstance(self.decode_max_tokens, int) \
+                or self.decode_max_tokens < 0:
             raise ValueError(f"key 'decode_max_tokens': expected an int >= 0, "
                              f"got {self.decode_max_tokens!r}")
+        if not isinstance(self.print_plan, bool):
+            raise ValueError(f"key 'print_plan': expected true or false, got {self.print_plan!r}")
 
     def phase_of(self, num_tokens: int, phase: str | None = None) -> str:
         if phase is None:
@@ -77,12 +88,9 @@ class Policy:
         return phase
 
     def choose(self, num_tokens: int, phase: str | None = None) -> KernelChoice:
+        """The policy's kernel for a batch (the plan, `moe_backend.dispatch.plan`, adds the rest)."""
         phase = self.phase_of(num_tokens, phase)
-        choice = KERNELS[self.decode_kernel if phase == "decode" else self.prefill_kernel]
-        if os.environ.get("MOE_BACKEND_PRINT_POLICY"):
-            print(f"[moe_backend] {phase} tokens={num_tokens} -> {choice.name} "
-                  f"({choice.layout}, {choice.impl})", flush=True)
-        return choice
+        return KERNELS[self.decode_kernel if phase == "decode" else self.prefill_kernel]
 
     # ---- configuration ----
     @classmethod
@@ -133,11 +141,16 @@ class Policy:
         raw = os.environ.get("MOE_BACKEND_POLICY", "").strip()
         if device_name is None:
             device_name = _current_device_name()
-        return cls._from_env_value(raw, device_name)
+        return cls._from_env_value(raw, device_name, env_flag("MOE_BACKEND_PRINT_POLICY"))
 
     @classmethod
-    @lru_cache(maxsize=16)  # called per forward: parse each distinct setting once
-    def _from_env_value(cls, raw: str, device_name: str | None) -> "Policy":
+    @lru_cache(maxsize=16)  # parse each distinct setting once
+    def _from_env_value(cls, raw: str, device_name: str | None, print_plan: bool) -> "Policy":
+        policy = cls._from_json_value(raw, device_name)
+        return replace(policy, print_plan=True) if print_plan else policy
+
+    @classmethod
+    def _from_json_value(cls, raw: str, device_name: str | None) -> "Policy":
         if not raw:
             return cls()
         if raw.startswith("{"):
@@ -152,6 +165,11 @@ class Policy:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def env_flag(name: str) -> bool:
+    """The one truthiness rule of MOE_BACKEND_* switches: 1/true/yes/on (any case) is on."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @lru_cache(maxsize=1)

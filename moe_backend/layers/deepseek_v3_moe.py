@@ -259,8 +259,7 @@ class DeepseekV3MoE(nn.Module):
         out = experts_path.routed_experts(
             x_fp8, self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv, topk_weights, topk_ids,
             x_scale=x_scale, expert_start=self.expert_start, ue8m0=self.config.ue8m0_scales, policy=policy,
-            phase=phase,
-            expected_m=max(1, -(-x.shape[0] * self.config.num_experts_per_tok // self.config.n_routed_experts)))
+            phase=phase, num_global_experts=self.config.n_routed_experts)
         if self.with_shared_experts:
             out = out + self.shared_expert(x_fp8, x_scale)
         return out.view(hidden_states.shape)

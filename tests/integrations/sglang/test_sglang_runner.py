@@ -317,3 +317,46 @@ def test_fp8_method_unsupported_combinations_raise(moe_flags, problem, match):
         config.activation = "gelu"
     with pytest.raises(ValueError, match=match):
         fp8_method(block=problem != "per_tensor").create_moe_runner(fp8_layer(make_experts(4)), config)
+
+
+# ---- every path runs a plan; the policy reaches each ---------------------------------------------
+def _plans_of(run):
+    from moe_backend.experts import recorded_plans
+
+    with recorded_plans() as plans:
+        run()
+    return plans
+
+
+@pytest.mark.parametrize("policy, standard, normal, low_latency", [
+    ("", "contiguous", "contiguous", "masked"),
+    ('{"decode_kernel": "triton", "prefill_kernel": "reference", "masked_kernel": "triton_masked"}',
+     "triton", "reference", "triton_masked"),
+])
+def test_every_dispatch_path_runs_the_policy_plan(monkeypatch, policy, standard, normal, low_latency):
+    from sglang.srt.layers.moe.token_dispatcher.deepep import (DeepEPLLDispatchOutput,
+                                                                DeepEPNormalDispatchOutput)
+
+    monkeypatch.setenv("MOE_BACKEND_POLICY", policy)
+    case = Case(5, 4)
+    weights = make_experts(case.num_experts)
+    ids, topk_weights = make_routing(case)
+    runner = make_runner(case)
+    x = make_x(case.num_tokens)
+    # SGLang's forward flag says decode here: the standard path plans a decode batch.
+    monkeypatch.setattr("moe_backend_integrations.sglang.core._current_phase", lambda: "decode")
+    plans = _plans_of(lambda: runner.run(standard_dispatch(x, ids, topk_weights), quant_info(weights)))
+    assert [(p.kernel, p.phase) for p in plans] == [(standard, "decode")]
+    assert plans[0].num_tokens == case.num_tokens and plans[0].num_experts == case.num_experts
+
+    x_fp8, x_scale = quantize_fp8_per_token_group(x)
+    counts = [int((ids == e).sum()) for e in range(case.num_experts)]
+    normal_dispatch = DeepEPNormalDispatchOutput(x_fp8, x_scale, ids.to(torch.int64), topk_weights, counts)
+    plans = _plans_of(lambda: runner.run(normal_dispatch, quant_info(weights)))
+    assert [(p.kernel, p.phase) for p in plans] == [(normal, "prefill")]
+
+    hidden, scale, masked_m = masked_dispatch(case, ids)
+    ll = DeepEPLLDispatchOutput(hidden, scale, ids, topk_weights, masked_m, 3)
+    plans = _plans_of(lambda: runner.run(ll, quant_info(weights)))
+    assert [(p.kernel, p.layout, p.expected_m, p.num_rows) for p in plans] == \
+        [(low_latency, "masked", 3, hidden.shape[1])]

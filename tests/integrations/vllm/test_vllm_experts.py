@@ -321,3 +321,32 @@ def test_vllm_layer_forward_matches_reference(vllm_layer, cpu_input_quant, num_t
                                    vllm_layer.w2_scale_inv, topk_weights, topk_ids)
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     assert _rel_err(out, ref) <= REL_TOL, _rel_err(out, ref)
+
+
+@pytest.mark.parametrize("policy, standard, batched", [
+    ("", "contiguous", "masked"),
+    ('{"decode_kernel": "triton", "masked_kernel": "triton_masked"}', "triton", "triton_masked"),
+])
+@pytest.mark.parametrize("fmt", ["standard", "batched"])
+def test_each_format_runs_the_policy_plan(vllm_fp8, cpu_input_quant, monkeypatch, policy, standard,
+                                          batched, fmt):
+    """vLLM's standard and batched paths execute a plan from MOE_BACKEND_POLICY (read when vLLM
+    builds the experts), with the global expert count as the tile hint's denominator."""
+    from moe_backend.experts import recorded_plans
+
+    monkeypatch.setenv("MOE_BACKEND_POLICY", policy)
+    v = vllm_fp8
+    case = Case(fmt, 7, ep=True)
+    p = _problem(case)
+    kernel, expert_map, (w13, w2) = _vllm_kernel(v, case, p)
+    with recorded_plans() as plans:
+        kernel.apply(p.x, w13, w2, topk_weights=p.topk_weights, topk_ids=p.topk_ids,
+                     activation=v.MoEActivation.SILU, global_num_experts=case.num_global,
+                     expert_map=expert_map, apply_router_weight_on_input=False)
+    assert len(plans) == 1
+    plan = plans[0]
+    if fmt == "standard":
+        assert (plan.kernel, plan.layout, plan.phase) == (standard, "contiguous", "decode")
+        assert plan.expected_m == -(-case.num_tokens * TOPK // case.num_global)
+    else:
+        assert (plan.kernel, plan.layout, plan.num_rows) == (batched, "masked", MAX_TOKENS)

@@ -1,0 +1,264 @@
+"""One plan per batch shape: every decision about which kernel runs, made once and cached.
+
+`make_plan` resolves (tokens, top-k, experts, hidden, intermediate, phase, device, policy) into a
+`Plan`: the layout (contiguous or masked) and its static row count, each GEMM's provider and
+launch config, the fused steps and the tile-choice hint. The routed-expert pipeline
+(`moe_backend.experts`) and the engine glue only execute plans: no provider is chosen, no
+environment variable read and no config table looked up per call.
+
+Everything a plan holds follows from shapes alone, so executing it needs no host sync: the
+contiguous layout is sized from the bound T*k + E*(alignment - 1) rows, padding rows are
+marked on the device and skipped by every kernel.
+
+The measured crossovers (where our CUDA GEMM beats the Triton one, when the fused permute+quant
+pays) are data: `kernels/configs/dispatch_thresholds.json`, which names the benchmark table
+each came from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_backend.dispatch.policy import KERNELS, Policy
+
+__all__ = ["GemmPlan", "Plan", "make_plan", "make_masked_plan", "thresholds", "gemm_provider",
+           "clear_plan_cache"]
+
+THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
+_REFERENCE_ALIGNMENT = 128  # no kernel constraint; keeps the reference's layouts shaped like the GPU's
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    provider: str  # "cuda" | "triton" | "deepgemm" | "reference"
+    n: int  # output columns
+    k: int  # reduction
+    config: Any = None  # Triton: a launch-config dict frozen as sorted items; CUDA: ContiguousConfig
+
+    @property
+    def triton_config(self) -> dict:
+        return dict(self.config)
+
+
+@dataclass(frozen=True)
+class Plan:
+    kernel: str  # the policy's name for the choice (a KERNELS key)
+    phase: str  # "prefill" | "decode"
+    layout: str  # "contiguous" | "masked"
+    num_tokens: int
+    topk: int
+    num_experts: int  # local experts
+    hidden: int
+    intermediate: int
+    expected_m: int  # typical rows per local expert: the tile-choice hint
+    alignment: int  # contiguous: rows each expert's segment is padded to (a multiple of every BLOCK_M)
+    num_rows: int  # contiguous: the static row bound; masked: max_m (rows per expert)
+    gemm1: GemmPlan  # [rows, H] x w13 [E, 2I, H]^T
+    gemm2: GemmPlan  # [rows, I] x w2 [E, H, I]^T
+    fused_permute_quant: bool  # bf16 tokens quantized straight into the layout's rows
+    device: str
+
+    def describe(self) -> str:
+        def gemm(g: GemmPlan) -> str:
+            cfg = ""
+            if g.provider == "triton" and g.config:
+                c = dict(g.config)
+                cfg = f" {c['BLOCK_M']}x{c['BLOCK_N']}"
+            elif g.provider == "cuda" and g.config is not None:
+                cfg = f" n{g.config.block_n}"
+            return f"{g.provider}{cfg}"
+
+        return (f"{self.phase} T={self.num_tokens} k={self.topk} E={self.num_experts} -> {self.kernel}: "
+                f"{self.layout} rows={self.num_rows} align={self.alignment} expected_m={self.expected_m} "
+                f"gemm1={gemm(self.gemm1)} gemm2={gemm(self.gemm2)} "
+                f"fused_permute_quant={self.fused_permute_quant} on {self.device}")
+
+
+@lru_cache(maxsize=1)
+def thresholds() -> dict:
+    """The measured crossovers (dispatch_thresholds.json), without its "meta" entry."""
+    with open(THRESHOLDS_FILE) as f:
+        data = json.load(f)
+    return {key: value for key, value in data.items() if key != "meta"}
+
+
+def _cuda_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    from moe_backend.ops import cuda_kernel_available
+
+    return cuda_kernel_available(device.index or 0)
+
+
+def _cuda_contiguous_pays(n: int, k: int, expected_m: int) -> bool:
+    t = thresholds()["cuda_contiguous"]
+    wide = n >= t["wide_min_nk"] and k >= t["wide_min_nk"]
+    return wide and expected_m >= t["wide_min_rows_per_expert"] or expected_m >= t["min_rows_per_expert"]
+
+
+def _cuda_masked_pays(n: int, k: int, max_m: int, expected_m: int) -> bool:
+    from moe_backend.cuda.grouped_gemm_masked import supports_max_m
+
+    threshold = thresholds()["cuda_masked_min_rows"].get(f"N={n},K={k}")
+    return supports_max_m(max_m) and threshold is not None and expected_m >= threshold
+
+
+def gemm_provider(impl: str, layout: str, n: int, k: int, expected_m: int, device: torch.device,
+                  max_m: int = 0) -> str:
+    """The provider that serves one GEMM: `impl` as the policy's KernelChoice names it ("best" is
+    resolved here, the one place that compares our kernels)."""
+    if device.type != "cuda" or impl == "reference":
+        if impl in ("cuda", "deepgemm"):
+            raise ValueError(f"impl={impl!r} runs on CUDA tensors only, got tensors on {device}")
+        return "reference"
+    if impl != "best":
+        return impl
+    if not _cuda_available(device):
+        return "triton"
+    if layout == "masked":
+        return "cuda" if _cuda_masked_pays(n, k, max_m, expected_m) else "triton"
+    return "cuda" if _cuda_contiguous_pays(n, k, expected_m) else "triton"
+
+
+def _triton_config(layout: str, expected_m: int, n: int, k: int, device: torch.device) -> tuple:
+    from moe_backend.kernels import _gemm_config
+    from moe_backend.kernels._launch_utils import device_name
+
+    name = device_name(device)
+    if layout == "contiguous":
+        table = _gemm_config.load_table("grouped_gemm_contiguous", name) or \
+            _gemm_config.load_table("grouped_gemm_contiguous", _gemm_config.HOPPER_FALLBACK_DEVICE)
+        tuned_rows = sorted(table.get(f"N={n},K={k}", {}))
+        # The contiguous tables start where prefill does; decode-sized rows take the masked
+        # table's tiles, which the same kernel runs on either layout.
+        kernel = "grouped_gemm_contiguous" if tuned_rows and expected_m >= tuned_rows[0] else "grouped_gemm_masked"
+        cfg = _gemm_config.get_config(kernel, expected_m, n, k, name, masked=kernel.endswith("masked"),
+                                      max_block_m=128)
+    else:
+        cfg = _gemm_config.get_config("grouped_gemm_masked", expected_m, n, k, name, masked=True)
+    return tuple(sorted(cfg.items()))
+
+
+def _cuda_config(layout: str, rows_hint: int, n: int, k: int, device: torch.device):
+    from moe_backend.cuda import grouped_gemm_contiguous as cuda_contiguous
+    from moe_backend.cuda.grouped_gemm_masked import select_masked_config
+
+    if layout == "masked":
+        return select_masked_config(n, k)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return cuda_contiguous.select_config(rows_hint, n, cuda_contiguous._num_sms(index), k=k)
+
+
+def _gemm(provider: str, layout: str, expected_m: int, rows_hint: int, n: int, k: int,
+          device: torch.device) -> GemmPlan:
+    if provider == "triton":
+        return GemmPlan(provider, n, k, _triton_config(layout, expected_m, n, k, device))
+    if provider == "cuda":
+        return GemmPlan(provider, n, k, _cuda_config(layout, rows_hint, n, k, device))
+    return GemmPlan(provider, n, k)
+
+
+def _alignment(gemms: tuple[GemmPlan, ...]) -> int:
+    """Rows per segment: a multiple of every GEMM's M tile (powers of two: their maximum)."""
+    align = 1
+    for g in gemms:
+        if g.provider == "cuda":
+            from moe_backend.cuda.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT
+
+            need = CONTIGUOUS_ALIGNMENT
+        elif g.provider == "deepgemm":
+            from moe_backend.providers import deepgemm
+
+            need = deepgemm.contiguous_alignment()
+        elif g.provider == "triton":
+            need = dict(g.config)["BLOCK_M"]
+        else:
+            need = _REFERENCE_ALIGNMENT
+        align = max(align, need)
+    return align
+
+
+def max_contiguous_rows(num_slots: int, num_experts: int, alignment: int) -> int:
+    """Rows a contiguous layout can need, from shapes alone: each non-empty expert pads < alignment."""
+    return num_slots + min(num_experts, num_slots) * (alignment - 1)
+
+
+def _device_key(device: torch.device) -> tuple[str, int | None]:
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device.type, device.index
+
+
+def make_plan(policy: Policy, *, num_tokens: int, topk: int, num_experts: int, num_global_experts: int,
+              hidden: int, intermediate: int, device: torch.device, phase: str | None = None,
+              quantized_input: bool = False, expected_m: int | None = None,
+              kernel: str | None = None) -> Plan:
+    """The plan for tokens in the standard format ([T, H] + top-k ids). `kernel` (a KERNELS name)
+    overrides the policy's choice. Cached per distinct arguments."""
+    phase = policy.phase_of(num_tokens, phase)
+    name = kernel or (policy.decode_kernel if phase == "decode" else policy.prefill_kernel)
+    if expected_m is None:
+        expected_m = max(1, -(-num_tokens * topk // max(num_global_experts, 1)))
+    plan = _make_plan(policy.print_plan, name, phase, num_tokens, topk, num_experts, hidden, intermediate,
+                      _device_key(device), quantized_input, expected_m)
+    return plan
+
+
+def make_masked_plan(policy: Policy, *, num_experts: int, max_m: int, hidden: int, intermediate: int,
+                     device: torch.device, expected_m: int | None = None) -> Plan:
+    """The plan for an engine's masked input (`[E, max_m, H]` + per-expert counts on the device:
+    DeepEP low-latency, vLLM's batched format): the policy's `masked_kernel`."""
+    expected_m = max(1, min(max_m, expected_m or max_m))
+    return _make_plan(policy.print_plan, policy.masked_kernel, "decode", num_experts * max_m, 0,
+                      num_experts, hidden, intermediate, _device_key(device), True, expected_m, max_m)
+
+
+@lru_cache(maxsize=4096)
+def _make_plan(print_plan: bool, name: str, phase: str, num_tokens: int, topk: int, num_experts: int,
+               hidden: int, intermediate: int, device_key: tuple[str, int | None], quantized_input: bool,
+               expected_m: int, masked_max_m: int = 0) -> Plan:
+    device = torch.device(*device_key) if device_key[1] is not None else torch.device(device_key[0])
+    choice = KERNELS[name]
+    layout = "masked" if masked_max_m else choice.layout
+    if masked_max_m and choice.layout != "masked":
+        raise ValueError(f"policy key 'masked_kernel': {name!r} does not run the masked layout; choose one of "
+                         f"{sorted(k for k, c in KERNELS.items() if c.layout == 'masked')}")
+    two_i = 2 * intermediate
+    if layout == "masked":
+        max_m = masked_max_m or max(num_tokens, 1)
+        rows_hint = max_m
+    else:
+        max_m = 0
+        rows_hint = expected_m * num_experts
+    providers = [gemm_provider(choice.impl, layout, n, k, expected_m, device, max_m)
+                 for n, k in ((two_i, hidden), (hidden, intermediate))]
+    gemm1 = _gemm(providers[0], layout, expected_m, rows_hint, two_i, hidden, device)
+    gemm2 = _gemm(providers[1], layout, expected_m, rows_hint, hidden, intermediate, device)
+    if layout == "masked":
+        alignment, num_rows = 1, max_m
+    else:
+        alignment = _alignment((gemm1, gemm2))
+        num_rows = max_contiguous_rows(num_tokens * topk, num_experts, alignment)
+    # Fused permute+quant reads bf16 per layout row and writes fp8 (3 bytes per element and row);
+    # unfused quantizes the tokens (3 per token) then gathers fp8 rows (2 per row): fused moves
+    # less while rows < the measured multiple of tokens (dispatch_thresholds.json).
+    ratio = thresholds()["fused_permute_quant_max_rows_per_token"]
+    real_rows = min(num_tokens * topk, expected_m * num_experts) if topk else num_rows
+    fused = not quantized_input and real_rows < ratio * num_tokens
+    plan = Plan(kernel=name, phase=phase, layout=layout, num_tokens=num_tokens, topk=topk,
+                num_experts=num_experts, hidden=hidden, intermediate=intermediate, expected_m=expected_m,
+                alignment=alignment, num_rows=num_rows, gemm1=gemm1, gemm2=gemm2,
+                fused_permute_quant=fused, device=str(device))
+    if print_plan:
+        print(f"[moe_backend] plan: {plan.describe()}", flush=True)
+    return plan
+
+
+def clear_plan_cache() -> None:
+    _make_plan.cache_clear()
