@@ -239,6 +239,12 @@ def _print_config() -> bool:
 
 
 @lru_cache(maxsize=None)
+@lru_cache(maxsize=1)
+def _template() -> str:
+    return _TEMPLATE.read_text()
+
+
+@lru_cache(maxsize=256)  # rendering reads and rewrites the whole template: once per variant
 def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAULT_ARCH,
                 masked_max_m: int = 0) -> jit.KernelSpec:
     """The rendered source for one (N, K, config); M stays a runtime argument. masked_max_m > 0:
@@ -268,7 +274,7 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
                  "SPLIT_TAIL": int(config.split_tail)}
     name = ("phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_pp{PINGPONG}_c{CLUSTER}"
             "_ma{MCAST_A}_u{K_UNROLL}_bs{BULK_STORE}_ta{TWO_ACC}_mm{MASKED_MAX_M}_pn{PART_N}_ua{UNIT_ACCS}_ts{TMA_STORE}_st{SPLIT_TAIL}").format(**constants)
-    source = _TEMPLATE.read_text()
+    source = _template()
     checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
                "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}
     for field, value in {**constants, **checked}.items():
@@ -290,6 +296,15 @@ def warmup_specs(shapes: Iterable[tuple[int, int]], row_counts: Iterable[int], n
 
 # ------------------------------------------------------------------------------------------
 # Tensor maps (cuTensorMapEncodeTiled) and launch
+
+
+@lru_cache(maxsize=1024)
+def _tma_param_for(ptr: int, dims: tuple[int, ...], strides_bytes: tuple[int, ...], box: tuple[int, ...],
+                   dtype: str = "UINT8") -> ctypes.Array:
+    """The kernel parameter bytes of a tensor map. A map is a pure function of these arguments,
+    so a cache keyed on them is exact; it spares the driver call on every launch (weights keep
+    their addresses, and the caching allocator hands activations the same ones again)."""
+    return _tma_param(_tensor_map(ptr, list(dims), list(strides_bytes), list(box), dtype))
 
 
 def _tensor_map(ptr: int, dims: list[int], strides_bytes: list[int], box: list[int], dtype: str = "UINT8"):
@@ -337,11 +352,11 @@ def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
     shares_a = cfg.cluster > 1 and cfg.multicast == "a"  # the shared operand loads in cluster parts
     a_rows = BLOCK_M // cfg.cluster if shares_a else BLOCK_M
     b_rows = cfg.block_n if shares_a else cfg.block_n // cfg.cluster
-    tmap_a = _tensor_map(a_fp8.data_ptr(), [k, m], [k], [BLOCK_K, a_rows])
-    tmap_b = _tensor_map(b_fp8.data_ptr(), [k, n, num_experts], [k, n * k], [BLOCK_K, b_rows, 1])
-    tmap_out = _tensor_map(out.data_ptr(), [n, m], [2 * n], [64, 64], dtype="BFLOAT16") if cfg.tma_store else tmap_a
+    tmap_a = _tma_param_for(a_fp8.data_ptr(), (k, m), (k,), (BLOCK_K, a_rows))
+    tmap_b = _tma_param_for(b_fp8.data_ptr(), (k, n, num_experts), (k, n * k), (BLOCK_K, b_rows, 1))
+    tmap_out = _tma_param_for(out.data_ptr(), (n, m), (2 * n,), (64, 64), "BFLOAT16") if cfg.tma_store else tmap_a
     return [
-        _tma_param(tmap_a), _tma_param(tmap_b), _tma_param(tmap_out),
+        tmap_a, tmap_b, tmap_out,
         ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
         ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
         ctypes.c_uint64(split[0].data_ptr() if split else 0), ctypes.c_uint64(split[1].data_ptr() if split else 0),
@@ -400,6 +415,7 @@ def _split_buffers(dev: torch.device, stream: int, ctas: int, block_n: int) -> t
     return bufs
 
 
+@lru_cache(maxsize=None)
 @lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -470,6 +486,20 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     return launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=config)
 
 
+@lru_cache(maxsize=1024)
+def _kernel_and_grid(m: int, n: int, k: int, cfg: ContiguousConfig, masked_max_m: int, index: int,
+                     env_flags: tuple[str, ...]):
+    """The loaded kernel and its persistent grid for one (shape, config, device): built once, so
+    a launch does no rendering, hashing or occupancy query (env_flags: part of the binary's key)."""
+    kernel = jit.load_kernel(kernel_spec(n, k, cfg, masked_max_m=masked_max_m), index)
+    grid = grid_size(m, n, cfg, _num_sms(index))
+    if cfg.cluster > 1:  # GPCs may not hold num_sms / 2 resident pairs
+        resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
+        if resident > 0:
+            grid = min(grid, resident * cfg.cluster)
+    return kernel, grid
+
+
 def launch(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
            row_ids: torch.Tensor, out: torch.Tensor, *, config: ContiguousConfig | None,
            masked_max_m: int = 0) -> torch.Tensor:
@@ -482,14 +512,8 @@ def launch(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_sc
     if a_scale.data_ptr() % 16:  # the scale warp copies 16-byte runs of a row (a view at an odd offset)
         a_scale = a_scale.clone()
     cfg = select_config(m, n, _num_sms(index), override=config, verbose=_print_config(), k=k)
-    spec = kernel_spec(n, k, cfg, masked_max_m=masked_max_m)
     with torch.cuda.device(index):
-        kernel = jit.load_kernel(spec, index)
-        grid = grid_size(m, n, cfg, _num_sms(index))
-        if cfg.cluster > 1:  # GPCs may not hold num_sms / 2 resident pairs
-            resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
-            if resident > 0:
-                grid = min(grid, resident * cfg.cluster)
+        kernel, grid = _kernel_and_grid(m, n, k, cfg, masked_max_m, index, jit.env_flags())
         stream = torch.cuda.current_stream(dev).cuda_stream
         split = _split_buffers(dev, stream, grid, cfg.block_n) if cfg.split_tail else None
         kernel.launch(grid=(grid, 1, 1), block=(NUM_THREADS, 1, 1),

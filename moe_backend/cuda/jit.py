@@ -344,6 +344,7 @@ class CompiledKernel:
         self.function = check(driver.cuModuleGetFunction(self.module, spec.kernel_name.encode()))
         self._smem_attr = 0
         self._max_clusters: dict[tuple, int] = {}
+        self._launch_configs: dict[tuple, object] = {}  # (grid, block, smem, cluster, stream) -> config
         self._lock = threading.Lock()
 
     def set_max_dynamic_smem(self, nbytes: int) -> None:
@@ -370,9 +371,15 @@ class CompiledKernel:
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int, stream: int,
                params: list[ctypes._SimpleCData | ctypes.Array], cluster: tuple[int, int, int] = (1, 1, 1)) -> None:
         driver = _driver()
-        self.set_max_dynamic_smem(smem)
-        config = _launch_config(driver, grid, block, smem, cluster)
-        config.hStream = driver.CUstream(stream)
+        key = (grid, block, smem, cluster, stream)
+        config = self._launch_configs.get(key)
+        if config is None:  # building one is a dozen driver-binding objects: once per shape and stream
+            self.set_max_dynamic_smem(smem)
+            config = _launch_config(driver, grid, block, smem, cluster)
+            config.hStream = driver.CUstream(stream)
+            if len(self._launch_configs) >= 256:
+                self._launch_configs.clear()
+            self._launch_configs[key] = config
         # void*[]: one pointer per parameter, each to the bytes the driver copies for it.
         ptrs = (ctypes.c_void_p * len(params))(*(ctypes.addressof(p) for p in params))
         check(driver.cuLaunchKernelEx(config, self.function, ctypes.addressof(ptrs), 0))

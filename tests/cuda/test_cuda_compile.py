@@ -604,8 +604,12 @@ def test_launch_passes_grid_cluster_and_param_pointers(monkeypatch):
     monkeypatch.setattr(driver, "cuLaunchKernelEx", launch)
     kernel = object.__new__(jit.CompiledKernel)
     kernel.function, kernel._smem_attr, kernel._lock = "fn", 0, threading.Lock()
+    kernel._launch_configs = {}
     params = [(ctypes.c_uint64 * 16)(), ctypes.c_uint64(7), ctypes.c_int32(3)]
     kernel.launch(grid=(132, 1, 1), block=(384, 1, 1), smem=200_000, stream=0xABC, params=params)
+    assert len(kernel._launch_configs) == 1  # built once per (shape, stream), reused after
+    kernel.launch(grid=(132, 1, 1), block=(384, 1, 1), smem=200_000, stream=0xABC, params=params)
+    assert len(kernel._launch_configs) == 1
     assert seen["grid"] == (132, 1, 1) and seen["block"] == (384, 1, 1)
     assert seen["smem"] == 200_000 and seen["stream"] == 0xABC
     assert seen["attr"][2] == 200_000
