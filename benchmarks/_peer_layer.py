@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -145,6 +145,12 @@ class PeerTime:
     us: float | None = None
     relerr: float | None = None
     detail: str = ""  # vLLM: the winning config; DeepGEMM masked: max_m; or why it did not run
+    screened: dict = field(default_factory=dict)  # vLLM: every tuned config's short-run µs
+
+
+def _config_tag(cfg: dict) -> str:
+    return (f"M{cfg['BLOCK_SIZE_M']} N{cfg['BLOCK_SIZE_N']} K{cfg['BLOCK_SIZE_K']} G{cfg['GROUP_SIZE_M']} "
+            f"w{cfg['num_warps']} s{cfg['num_stages']}")
 
 
 def _quantized_rows(rows: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,22 +260,20 @@ class LayerPeers:
             a, a_s = _scatter_rows(moe.slots, self._slot_d, *self.a_rows["w2"])
         c = torch.empty(moe.slots, n, dtype=torch.bfloat16, device=self.device)
         # Screen every tuned config with short timings, then time the fastest one in full.
-        screened = []
+        screened = {}
         for cfg in self.peers["vllm_cfgs"]:
             try:
-                screened.append((bench(lambda: moe(a, a_s, w, w_s, c, cfg), 2, 10), cfg))
+                screened[_config_tag(cfg)] = (bench(lambda: moe(a, a_s, w, w_s, c, cfg), 2, 10), cfg)
             except Exception as exc:
                 print(f"[vllm {gemm}] {cfg}: {type(exc).__name__}: {str(exc)[:160]}", file=self.log, flush=True)
         if not screened:
             return PeerTime(detail="no config ran")
-        _, cfg = min(screened, key=lambda s: s[0])
+        tag, (_, cfg) = min(screened.items(), key=lambda kv: kv[1][0])
         us = bench(lambda: moe(a, a_s, w, w_s, c, cfg), 10, 50)
         c.fill_(float("nan"))
         moe(a, a_s, w, w_s, c, cfg)
         relerr = self._relerr(gemm, lambda e: c[self._slot_d[self._expert_rows(e)]])
-        tag = f"M{cfg['BLOCK_SIZE_M']} N{cfg['BLOCK_SIZE_N']} K{cfg['BLOCK_SIZE_K']} G{cfg['GROUP_SIZE_M']} " \
-              f"w{cfg['num_warps']} s{cfg['num_stages']}"
-        return PeerTime(us, relerr, tag)
+        return PeerTime(us, relerr, tag, {t: v[0] for t, v in screened.items()})
 
     def _dg_contig(self, gemm: str, bench) -> PeerTime:
         dg = self.peers["dg"]
@@ -323,7 +327,8 @@ def best_two_gemms(times: dict) -> dict:
         best[gemm] = min(ok) if ok else None
     if any(b is None for b in best.values()):
         return dict(us=None, which="–", **{g: best[g] for g in GEMMS})
-    return dict(us=sum(best[g][0] for g in GEMMS), which=" + ".join(best[g][1] for g in GEMMS),
+    names = [best[g][1] for g in GEMMS]
+    return dict(us=sum(best[g][0] for g in GEMMS), which=names[0] if len(set(names)) == 1 else " + ".join(names),
                 **{g: best[g] for g in GEMMS})
 
 

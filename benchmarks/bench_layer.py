@@ -64,6 +64,12 @@ def relabel_to_rank(topk_ids: torch.Tensor, rank: int, experts_per_rank: int, nu
     return ((topk_ids.long() - rank * experts_per_rank) % num_experts).to(topk_ids.dtype)
 
 
+def rows_desc(counts: torch.Tensor) -> str:
+    """`14/2.0 (7.0x), 13 idle`: the largest and the mean rows per local expert, experts without rows."""
+    peak, mean = int(counts.max()), float(counts.float().mean())
+    return f"{peak}/{mean:.1f} ({peak / mean if mean else 0.0:.1f}x), {int((counts == 0).sum())} idle"
+
+
 def phase_of(tokens: int) -> str:
     return "decode" if tokens <= DECODE_MAX_TOKENS else "prefill"
 
@@ -98,7 +104,7 @@ def _fmt(x, spec=".1f"):
 
 def summary_table(cells: list) -> list[str]:
     """The short table printed last (and the first table of the docs section)."""
-    lines = ["| slice | routing | T | rows/expert max/mean, idle | layer µs | best peer 2 GEMMs µs (which) | "
+    lines = ["| slice | routing | T | rows/expert max/mean | layer µs | best peer 2 GEMMs µs (which) | "
              "layer/peer | layer/DG contig | floor µs | % floor | eager wall / GPU µs | host µs | rel err | targets |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
@@ -133,7 +139,7 @@ def peer_table(cells: list) -> list[str]:
     return lines
 
 
-def render_section(env: dict, ceil: dict, cells: list, selection: str) -> str:
+def render_section(env: dict, ceil: dict, cells: list, selection: str, skipped: list = ()) -> str:
     met = sum(1 for c in cells if not c["derived"]["misses"])
     lines = [
         f"{MD_HEADING} ({env['device']})", "",
@@ -161,10 +167,12 @@ def render_section(env: dict, ceil: dict, cells: list, selection: str) -> str:
         f"Cells meeting every target: {met} / {len(cells)}.", "",
         "The peers' GEMMs, µs:", "", *peer_table(cells),
     ]
-    skipped = [f"{c['slice']} {c['routing']} {c['tokens']} {p} {g}: {t['detail']}" for c in cells
+    missing = [f"{c['slice']} {c['routing']} {c['tokens']} {p} {g}: {t['detail']}" for c in cells
                for p, per in c.get("peers", {}).items() for g, t in per.items() if t["us"] is None]
+    if missing:
+        lines += ["", "Peer GEMMs that did not run: " + "; ".join(missing) + "."]
     if skipped:
-        lines += ["", "Peer GEMMs that did not run: " + "; ".join(skipped) + "."]
+        lines += ["", "Cells not run (past the run's time budget): " + ", ".join(skipped) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +192,11 @@ def replace_section(doc: str, section: str) -> str:
         sep = "" if not doc or doc.endswith("\n\n") else ("\n" if doc.endswith("\n") else "\n\n")
         return doc + sep + body
     return "".join(lines[:notes]) + body + "\n" + "".join(lines[notes:])
+
+
+def write_section(path: str, section: str) -> None:
+    doc = Path(path)
+    doc.write_text(replace_section(doc.read_text() if doc.exists() else "", section))
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -280,8 +293,7 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
     topk_w, topk_ids, rank = cell_routing(sl, spec, tokens, args.seed, args.ep8_rank)
     counts = _routing.expert_counts(topk_ids, num_experts)
     cell = dict(slice=sl, routing=spec, tokens=tokens, phase=phase_of(tokens), ep8_rank=rank,
-                counts=counts.tolist(), rows_desc=f"{int(counts.max())}/{float(counts.float().mean()):.1f}, "
-                                                  f"{int((counts == 0).sum())}")
+                counts=counts.tolist(), rows_desc=rows_desc(counts))
     cell["floor"] = _peer_layer.layer_floor(counts, tokens, TOPK, HIDDEN, inter, ceil["read_tbs"], ceil["fp8_tflops"])
     x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     w13, w13_s = weights["w13"]
@@ -386,7 +398,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None, help="docs file whose section for this device is written/replaced")
     p.add_argument("--log", default=None)
+    p.add_argument("--from-json", default=None, help="re-render --md and the table from a run's --json (no GPU)")
     args = p.parse_args(argv)
+    if args.from_json:
+        run = json.loads(Path(args.from_json).read_text())
+        if args.md:
+            write_section(args.md, render_section(run["env"], run["ceilings"], run["cells"], run["selection"],
+                                                  run.get("skipped", [])))
+        print("\n".join(summary_table(run["cells"])))
+        return 0
     args.check_tokens = set(_ints(args.check_tokens))
     slices, tokens, routings = args.slices.split(","), _ints(args.tokens), args.routing.split(",")
     for sl in slices:
@@ -412,6 +432,14 @@ def main(argv=None) -> int:
     ceil = measure_ceilings()
     print(f"{env}\nceilings {ceil}", flush=True)
     cells, skipped = [], []
+    selection = f"--slices {args.slices} --tokens {args.tokens} --routing {args.routing}" + \
+        (" --no-peers" if args.no_peers else "") + (" --graph-prefill" if args.graph_prefill else "")
+
+    def save() -> None:  # after every cell: a run cut short keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, selection=selection, cells=cells,
+                                                       skipped=skipped), indent=1, default=float))
+
     for sl in slices:
         num_experts, inter = SLICES[sl]
         weights = {"w13": random_weights(num_experts, 2 * inter, HIDDEN), "w2": random_weights(num_experts, HIDDEN, inter)}
@@ -430,26 +458,18 @@ def main(argv=None) -> int:
                     continue
                 cells.append(cell)
                 d = cell["derived"]
-                print(f"{sl} {spec:9s} T={t:5d} rows {cell['rows_desc']:>14s}: layer {cell['layer_us']:8.1f} us "
+                print(f"{sl} {spec:9s} T={t:5d} rows {cell['rows_desc']:>24s}: layer {cell['layer_us']:8.1f} us "
                       f"({'graph' if cell['layer_graphed'] else 'eager'}) peer {_fmt(cell.get('best_peer_us')):>7s} "
                       f"({cell.get('best_peer_which', '–')}) ratio {_fmt(d['ratio'], '.2f')} floor "
                       f"{cell['floor']['us']:.1f} us ({_fmt(d['pct_floor'], '.0f')}%) wall/gpu "
                       f"{_fmt(cell.get('eager_wall_us'), '.0f')}/{_fmt(cell.get('eager_gpu_us'), '.0f')} "
                       f"err {_fmt(cell.get('relerr'), '.1e')} [{time.time() - t0:.0f}s]", flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, cells=cells, skipped=skipped),
-                                                          indent=1, default=float))
+                save()
         del weights, here
         torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, cells=cells, skipped=skipped),
-                                              indent=1, default=float))
-    selection = f"--slices {args.slices} --tokens {args.tokens} --routing {args.routing}" + \
-        (" --no-peers" if args.no_peers else "") + (" --graph-prefill" if args.graph_prefill else "")
+    save()
     if args.md:
-        section = render_section(env, ceil, cells, selection)
-        path = Path(args.md)
-        path.write_text(replace_section(path.read_text() if path.exists() else "", section))
+        write_section(args.md, render_section(env, ceil, cells, selection, skipped))
     if skipped:
         print(f"\nnot run (past --budget-s {args.budget_s:.0f}): {', '.join(skipped)}")
     print(f"\ntotal {time.time() - t_start:.0f}s; {sum(1 for c in cells if not c['derived']['misses'])}/{len(cells)} "
