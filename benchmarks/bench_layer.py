@@ -70,6 +70,10 @@ def rows_desc(counts: torch.Tensor) -> str:
     return f"{peak}/{mean:.1f} ({peak / mean if mean else 0.0:.1f}x), {int((counts == 0).sum())} idle"
 
 
+def _relerr(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+
+
 def phase_of(tokens: int) -> str:
     return "decode" if tokens <= DECODE_MAX_TOKENS else "prefill"
 
@@ -82,20 +86,34 @@ def derive(cell: dict) -> dict:
              pct_floor=100.0 * floor / us if us else None)
     wall, gpu = cell.get("eager_wall_us"), cell.get("eager_gpu_us")
     d["host_us"] = wall - gpu if wall is not None and gpu is not None else None
+    # A target without its figure (peer not loaded, profiler failed) counts as not shown to be met.
     misses = []
     if cell["phase"] == "decode":
-        if d["ratio"] is None or d["ratio"] > DECODE_RATIO_MAX:
-            misses.append(f"ratio {_fmt(d['ratio'], '.2f')} > {DECODE_RATIO_MAX}")
+        if d["ratio"] is None:
+            misses.append("no peer figure")
+        elif d["ratio"] > DECODE_RATIO_MAX:
+            misses.append(f"{d['ratio']:.2f}x peer > {DECODE_RATIO_MAX}")
         if cell["tokens"] >= FLOOR_FROM_TOKENS and (d["pct_floor"] or 0.0) < DECODE_FLOOR_PCT_MIN:
             misses.append(f"floor {_fmt(d['pct_floor'], '.0f')}% < {DECODE_FLOOR_PCT_MIN:.0f}%")
-    elif d["ratio_dg_contig"] is None or d["ratio_dg_contig"] > PREFILL_RATIO_MAX:
-        misses.append(f"vs DG contig {_fmt(d['ratio_dg_contig'], '.2f')} > {PREFILL_RATIO_MAX}")
-    if d["host_us"] is None or d["host_us"] > HOST_OVERHEAD_MAX_US:
-        misses.append(f"host {_fmt(d['host_us'], '.0f')} µs > {HOST_OVERHEAD_MAX_US:.0f}")
-    if cell.get("relerr") is not None and cell["relerr"] > LAYER_RELERR_MAX:
-        misses.append(f"rel err {cell['relerr']:.1e}")
+    elif d["ratio_dg_contig"] is None:
+        misses.append("no DG contig figure")
+    elif d["ratio_dg_contig"] > PREFILL_RATIO_MAX:
+        misses.append(f"{d['ratio_dg_contig']:.2f}x DG contig > {PREFILL_RATIO_MAX}")
+    if d["host_us"] is None:
+        misses.append("no GPU-time figure")
+    elif d["host_us"] > HOST_OVERHEAD_MAX_US:
+        misses.append(f"host {d['host_us']:.0f} µs > {HOST_OVERHEAD_MAX_US:.0f}")
+    err = layer_relerr(cell)
+    if err is not None and err > LAYER_RELERR_MAX:
+        misses.append(f"rel err {err:.1e}")
     d["misses"] = misses
     return d
+
+
+def layer_relerr(cell: dict) -> float | None:
+    """The worse of the eager call's and the graph replay's rel err vs the reference, if checked."""
+    errs = [cell[key] for key in ("relerr", "relerr_graph") if cell.get(key) is not None]
+    return max(errs) if errs else None
 
 
 def _fmt(x, spec=".1f"):
@@ -116,7 +134,7 @@ def summary_table(cells: list) -> list[str]:
             f"{_fmt(c.get('best_peer_us'))} ({c.get('best_peer_which', '–')}) | {_fmt(d['ratio'], '.2f')} | "
             f"{_fmt(d['ratio_dg_contig'], '.2f')} | {c['floor']['us']:.1f} | {_fmt(d['pct_floor'], '.0f')} | "
             f"{_fmt(c.get('eager_wall_us'), '.0f')} / {_fmt(c.get('eager_gpu_us'), '.0f')} | "
-            f"{_fmt(d['host_us'], '.0f')} | {_fmt(c.get('relerr'), '.1e')} | "
+            f"{_fmt(d['host_us'], '.0f')} | {_fmt(layer_relerr(c), '.1e')} | "
             f"{'met' if not d['misses'] else '**' + '; '.join(d['misses']) + '**'} |")
     return lines
 
@@ -201,17 +219,20 @@ def write_section(path: str, section: str) -> None:
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def graph_us(fn: Callable[[], object], warmup_ms: int = 10, rep_ms: int = 50) -> float:
-    """CUDA-graph replay, do_bench median, µs."""
+def graph_us(fn: Callable[[], object], warmup_ms: int = 10, rep_ms: int = 50,
+             on_output: Callable[[object], None] | None = None) -> float:
+    """CUDA-graph replay, do_bench median, µs; `on_output` sees what the first replay wrote."""
     import triton
 
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        static_out = fn()
     graph.replay()
     torch.cuda.synchronize()
+    if on_output is not None:
+        on_output(static_out)
     return 1e3 * triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
@@ -301,18 +322,24 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
     fn = lambda: routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids)  # noqa: E731
 
     out = fn()  # JIT and warm-up outside any capture
+    ref = None
     if tokens in args.check_tokens:
-        ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids)
-        cell["relerr"] = float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-        del ref
+        ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids).float()
+        cell["relerr"] = _relerr(out, ref)
     del out
+
+    def check_replay(static_out) -> None:  # the graph that is timed computes the same
+        if ref is not None:
+            cell["relerr_graph"] = _relerr(static_out, ref)
+
     if cell["phase"] == "decode" or args.graph_prefill:
         try:
-            cell["layer_us"], cell["layer_graphed"] = graph_us(fn), True
+            cell["layer_us"], cell["layer_graphed"] = graph_us(fn, on_output=check_replay), True
         except Exception as exc:  # a layer with a host sync cannot be captured: time it eagerly
             torch.cuda.synchronize()
             cell["capture_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {spec} {tokens}] capture failed: {cell['capture_error']}", file=log, flush=True)
+    del ref
     if "layer_us" not in cell:
         cell["layer_us"], cell["layer_graphed"] = eager_us(fn), False
     cell["eager_wall_us"] = wall_us(fn, args.eager_calls)
@@ -463,7 +490,7 @@ def main(argv=None) -> int:
                       f"({cell.get('best_peer_which', '–')}) ratio {_fmt(d['ratio'], '.2f')} floor "
                       f"{cell['floor']['us']:.1f} us ({_fmt(d['pct_floor'], '.0f')}%) wall/gpu "
                       f"{_fmt(cell.get('eager_wall_us'), '.0f')}/{_fmt(cell.get('eager_gpu_us'), '.0f')} "
-                      f"err {_fmt(cell.get('relerr'), '.1e')} [{time.time() - t0:.0f}s]", flush=True)
+                      f"err {_fmt(layer_relerr(cell), '.1e')} [{time.time() - t0:.0f}s]", flush=True)
                 save()
         del weights, here
         torch.cuda.empty_cache()

@@ -196,7 +196,13 @@ def toy_bench(monkeypatch):
     monkeypatch.setattr(bench_layer, "TOPK", 4)
     monkeypatch.setattr(bench_layer, "SLICES", {"ep8": (4, 128), "tp8": (32, 128)})
     # Fixed "timings" per contender, so the best-peer choice is known.
-    monkeypatch.setattr(bench_layer, "graph_us", lambda fn, *a: (fn(), 200.0)[1])
+    def graph_us(fn, warmup_ms=10, rep_ms=50, on_output=None):
+        out = fn()
+        if on_output is not None:
+            on_output(out)
+        return 200.0
+
+    monkeypatch.setattr(bench_layer, "graph_us", graph_us)
     monkeypatch.setattr(bench_layer, "eager_us", lambda fn: (fn(), 300.0)[1])
     monkeypatch.setattr(bench_layer, "wall_us", lambda fn, calls: 380.0)
     monkeypatch.setattr(bench_layer, "gpu_kernel_us", lambda fn, calls: (290.0, 12.0))
@@ -227,6 +233,8 @@ def test_one_cell_end_to_end_with_emulated_peers(toy_bench, sl, spec, tokens):
 
     assert cell["phase"] == ("decode" if tokens <= 256 else "prefill")
     assert cell["relerr"] is not None and cell["relerr"] < bench_layer.LAYER_RELERR_MAX
+    if cell["phase"] == "decode":
+        assert cell["relerr_graph"] < bench_layer.LAYER_RELERR_MAX
     assert cell["layer_us"] == (200.0 if cell["phase"] == "decode" else 300.0)
     counts = torch.tensor(cell["counts"])
     assert int(counts.sum()) == cell["floor"]["rows"] > 0
