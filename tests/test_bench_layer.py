@@ -219,7 +219,7 @@ def _toy_weights(num_experts, inter, hidden=256):
     return w
 
 
-@pytest.mark.parametrize("sl,spec,tokens", [("ep8", "zipf:1.2", 24), ("tp8", "uniform", 300)])
+@pytest.mark.parametrize("sl,spec,tokens", [("ep8", "zipf:1.2", 24), ("tp8", "uniform", 260)])
 def test_one_cell_end_to_end_with_emulated_peers(toy_bench, sl, spec, tokens):
     weights = _toy_weights(*toy_bench.SLICES[sl])
     cfgs = [dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3),
@@ -281,3 +281,29 @@ def test_docs_section_from_a_runs_json(toy_bench, tmp_path, capsys):
     assert text.count(f"{bench_layer.MD_HEADING} (Toy GPU)") == 1 and text.index("(Toy GPU)") < text.index("## Notes")
     assert "| tp8 | zipf:1.2 | 16 |" in text and "tp8 uniform 2048" in text
     assert "| tp8 | uniform | 16 |" in capsys.readouterr().out
+
+
+def test_main_writes_json_docs_and_the_table_last(toy_bench, monkeypatch, tmp_path, capsys):
+    import json
+
+    import moe_backend.tune
+
+    def toy_random_weights(e, n, k):
+        q = [quantize_fp8_blockwise(torch.randn(n, k) * 0.05) for _ in range(e)]
+        return torch.stack([t[0] for t in q]), torch.stack([t[1] for t in q])
+
+    monkeypatch.setattr(moe_backend.tune, "random_weights", toy_random_weights)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Toy GPU")
+    monkeypatch.setattr(bench_layer, "measure_ceilings", lambda: dict(read_tbs=4.0, copy_tbs=4.0, fp8_tflops=1000.0))
+    monkeypatch.setattr(bench_layer, "load_peers", lambda log: (dict(dg=_DeepGemmEmulation()),
+                                                                dict(deep_gemm="emulated", vllm_source="–")))
+    doc, run = tmp_path / "benchmarks.md", tmp_path / "layer.json"
+    assert bench_layer.main(["--slices", "tp8,ep8", "--tokens", "8,260", "--routing", "zipf:1.2",
+                             "--check-tokens", "8", "--json", str(run), "--md", str(doc)]) == 0
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert out[-1].startswith("| ep8 | zipf:1.2 | 260 |") and out[-6].startswith("| slice |")
+    saved = json.loads(run.read_text())
+    assert [(c["slice"], c["tokens"]) for c in saved["cells"]] == [("tp8", 8), ("tp8", 260), ("ep8", 8), ("ep8", 260)]
+    assert all(c["peers"]["dg_contig"]["w13"]["us"] == 200.0 for c in saved["cells"])
+    assert saved["cells"][0]["relerr"] < bench_layer.LAYER_RELERR_MAX and saved["skipped"] == []
+    assert "(Toy GPU)" in doc.read_text() and "--slices tp8,ep8" in doc.read_text()
