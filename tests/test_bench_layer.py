@@ -12,7 +12,8 @@ import torch
 
 from benchmarks import _peer_layer, _routing, bench_layer
 from moe_backend import reference
-from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.quant import (dequantize_fp8_blockwise, dequantize_fp8_per_token_group, quantize_fp8_blockwise,
+                               quantize_fp8_per_token_group)
 
 ROUTINGS = [(0.0, 0), (1.2, 1), (0.6, 2)]  # (Zipf exponent, seed): uniform and hot experts
 # The same fp32 products summed in another order (GEMMs of other row counts): a few bf16 roundings
@@ -160,12 +161,13 @@ class _FusedMoeEmulation:
     @staticmethod
     def _run(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, sorted_token_ids_ptr, expert_ids_ptr,
              num_tokens_post_padded_ptr, num_valid_tokens, EM, BLOCK_SIZE_M, top_k, **_):
+        a = dequantize_fp8_per_token_group(a_ptr, a_scale_ptr)
+        b = dequantize_fp8_blockwise(b_ptr, b_scale_ptr)
         blocks = min(EM, int(num_tokens_post_padded_ptr[0])) // BLOCK_SIZE_M
         for blk in range(blocks):
             ids = sorted_token_ids_ptr[blk * BLOCK_SIZE_M:(blk + 1) * BLOCK_SIZE_M].long()
             ids = ids[ids < num_valid_tokens]
-            e = int(expert_ids_ptr[blk])
-            c_ptr[ids] = reference._expert_gemm(a_ptr[ids // top_k], a_scale_ptr[ids // top_k], b_ptr[e], b_scale_ptr[e])
+            c_ptr[ids] = (a[ids // top_k] @ b[int(expert_ids_ptr[blk])].t()).to(c_ptr.dtype)
 
 
 class _DeepGemmEmulation:
@@ -189,12 +191,14 @@ class _DeepGemmEmulation:
 
 @pytest.fixture
 def toy_bench(monkeypatch):
-    """bench_layer at toy size on the CPU: 32 global experts, 8 ranks of 4, hidden 256, I 128, top-4."""
+    """bench_layer at toy size on the CPU: 32 global experts, 8 ranks of 4, hidden 256, I 128, top-4;
+    the peers emulated in torch, every timing a fixed number."""
     monkeypatch.setattr(bench_layer, "DEVICE", "cpu")
     monkeypatch.setattr(bench_layer, "HIDDEN", 256)
     monkeypatch.setattr(bench_layer, "GLOBAL_EXPERTS", 32)
     monkeypatch.setattr(bench_layer, "TOPK", 4)
     monkeypatch.setattr(bench_layer, "SLICES", {"ep8": (4, 128), "tp8": (32, 128)})
+    monkeypatch.setattr(bench_layer, "DECODE_MAX_TOKENS", 16)  # prefill from 17 tokens
     # Fixed "timings" per contender, so the best-peer choice is known.
     def graph_us(fn, warmup_ms=10, rep_ms=50, on_output=None):
         out = fn()
@@ -219,7 +223,7 @@ def _toy_weights(num_experts, inter, hidden=256):
     return w
 
 
-@pytest.mark.parametrize("sl,spec,tokens", [("ep8", "zipf:1.2", 24), ("tp8", "uniform", 260)])
+@pytest.mark.parametrize("sl,spec,tokens", [("ep8", "zipf:1.2", 12), ("tp8", "uniform", 40)])
 def test_one_cell_end_to_end_with_emulated_peers(toy_bench, sl, spec, tokens):
     weights = _toy_weights(*toy_bench.SLICES[sl])
     cfgs = [dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3),
@@ -231,7 +235,7 @@ def test_one_cell_end_to_end_with_emulated_peers(toy_bench, sl, spec, tokens):
     ceil = dict(read_tbs=4.0, fp8_tflops=1000.0, copy_tbs=4.0)
     cell = toy_bench.run_cell(sl, spec, tokens, weights, peers, ceil, args, io.StringIO())
 
-    assert cell["phase"] == ("decode" if tokens <= 256 else "prefill")
+    assert cell["phase"] == ("decode" if tokens <= 16 else "prefill")
     assert cell["relerr"] is not None and cell["relerr"] < bench_layer.LAYER_RELERR_MAX
     if cell["phase"] == "decode":
         assert cell["relerr_graph"] < bench_layer.LAYER_RELERR_MAX
@@ -298,12 +302,12 @@ def test_main_writes_json_docs_and_the_table_last(toy_bench, monkeypatch, tmp_pa
     monkeypatch.setattr(bench_layer, "load_peers", lambda log: (dict(dg=_DeepGemmEmulation()),
                                                                 dict(deep_gemm="emulated", vllm_source="–")))
     doc, run = tmp_path / "benchmarks.md", tmp_path / "layer.json"
-    assert bench_layer.main(["--slices", "tp8,ep8", "--tokens", "8,260", "--routing", "zipf:1.2",
+    assert bench_layer.main(["--slices", "tp8,ep8", "--tokens", "8,40", "--routing", "zipf:1.2",
                              "--check-tokens", "8", "--json", str(run), "--md", str(doc)]) == 0
     out = capsys.readouterr().out.rstrip().splitlines()
-    assert out[-1].startswith("| ep8 | zipf:1.2 | 260 |") and out[-6].startswith("| slice |")
+    assert out[-1].startswith("| ep8 | zipf:1.2 | 40 |") and out[-6].startswith("| slice |")
     saved = json.loads(run.read_text())
-    assert [(c["slice"], c["tokens"]) for c in saved["cells"]] == [("tp8", 8), ("tp8", 260), ("ep8", 8), ("ep8", 260)]
+    assert [(c["slice"], c["tokens"]) for c in saved["cells"]] == [("tp8", 8), ("tp8", 40), ("ep8", 8), ("ep8", 40)]
     assert all(c["peers"]["dg_contig"]["w13"]["us"] == 200.0 for c in saved["cells"])
     assert saved["cells"][0]["relerr"] < bench_layer.LAYER_RELERR_MAX and saved["skipped"] == []
     assert "(Toy GPU)" in doc.read_text() and "--slices tp8,ep8" in doc.read_text()
