@@ -277,7 +277,7 @@ class LayerPeers:
 
     def _dg_contig(self, gemm: str, bench) -> PeerTime:
         dg = self.peers["dg"]
-        w, w_s = self.weights[gemm]
+        w = self.weights[gemm][0]
         n, k = w.shape[1], w.shape[2]
         row, grouped_layout = contiguous_rows(self.expert, self.num_experts,
                                               int(dg.get_mk_alignment_for_contiguous_layout()))
@@ -287,7 +287,8 @@ class LayerPeers:
         sfa = dg.transform_sf_into_required_layout(a_s, m, k, (1, GROUP, GROUP), None, True)
         layout_d = grouped_layout.to(self.device)
         out = torch.empty(m, n, dtype=torch.bfloat16, device=self.device)
-        fn = lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (w, self.peers["dg_sfb"][gemm]), out, layout_d)  # noqa: E731
+        b = (w, self.peers["dg_sfb"][gemm])
+        fn = lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), b, out, layout_d)  # noqa: E731
         us = bench(fn, 10, 50)
         out.fill_(float("nan"))
         fn()
@@ -295,7 +296,7 @@ class LayerPeers:
 
     def _dg_masked(self, gemm: str, bench) -> PeerTime:
         dg = self.peers["dg"]
-        w, w_s = self.weights[gemm]
+        w = self.weights[gemm][0]
         n, k = w.shape[1], w.shape[2]
         rank, masked_m, max_m = masked_rows(self.expert, self.num_experts)
         e = self.num_experts
@@ -308,8 +309,8 @@ class LayerPeers:
         masked_d = masked_m.to(self.device)
         expected_m = max(1, -(-self.rows // e))  # the typical rows per expert, a tile-choice hint
         out = torch.empty(e, max_m, n, dtype=torch.bfloat16, device=self.device)
-        fn = lambda: dg.m_grouped_fp8_fp4_gemm_nt_masked((a, sfa), (w, self.peers["dg_sfb"][gemm]), out,  # noqa: E731
-                                                         masked_d, expected_m)
+        b = (w, self.peers["dg_sfb"][gemm])
+        fn = lambda: dg.m_grouped_fp8_fp4_gemm_nt_masked((a, sfa), b, out, masked_d, expected_m)  # noqa: E731
         us = bench(fn, 10, 50)
         out.fill_(float("nan"))
         fn()

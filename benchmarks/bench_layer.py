@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -128,7 +127,9 @@ def summary_table(cells: list) -> list[str]:
     for c in cells:
         d = c["derived"]
         graphed, decode = c.get("layer_graphed"), c["phase"] == "decode"
-        layer = _fmt(c.get("layer_us")) + (" (eager)" if decode and not graphed else " (graph)" if graphed and not decode else "")
+        # The usual mode (decode graphed, prefill eager) goes unmarked.
+        mode = " (eager)" if decode and not graphed else " (graph)" if graphed and not decode else ""
+        layer = _fmt(c.get("layer_us")) + mode
         lines.append(
             f"| {c['slice']} | {c['routing']} | {c['tokens']} | {c['rows_desc']} | {layer} | "
             f"{_fmt(c.get('best_peer_us'))} ({c.get('best_peer_which', '–')}) | {_fmt(d['ratio'], '.2f')} | "
@@ -469,7 +470,8 @@ def main(argv=None) -> int:
 
     for sl in slices:
         num_experts, inter = SLICES[sl]
-        weights = {"w13": random_weights(num_experts, 2 * inter, HIDDEN), "w2": random_weights(num_experts, HIDDEN, inter)}
+        weights = {"w13": random_weights(num_experts, 2 * inter, HIDDEN),
+                   "w2": random_weights(num_experts, HIDDEN, inter)}
         here = slice_peers(peers, sl, weights, log) if peers else {}
         for spec in routings:
             for t in tokens:
