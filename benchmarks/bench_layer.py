@@ -1,92 +1,509 @@
-"""The whole routed-expert layer (quant -> layout -> GEMM1 -> SiLU*up+quant -> GEMM2 -> combine)
-through `moe_backend.experts.routed_experts`, at the decode and prefill token counts of
-BENCHMARKING.md, on the EP8 slice (32 local experts of 256, I = 2048) and the TP8 slice (256
-experts, I = 256). Random routing (top-8 of 256). CUDA-graph replay where the layer captures
-(decode), plain event timing otherwise; median. Checked against `moe_backend.reference` once per
-slice at a small token count.
+"""The whole routed-expert layer beside the peers' two GEMMs at the same routing (issue 21).
 
-    python benchmarks/bench_layer.py --json $OUT/layer.json
+The layer is `moe_backend.experts.routed_experts` (quant -> layout -> GEMM1 -> SiLU*up+quant ->
+GEMM2 -> combine) on the DeepSeek-V3 slices of BENCHMARKING.md: EP8 (32 local experts of 256,
+I = 2048; the ids are relabelled so that the local experts are those of the busiest rank, the one
+an EP step waits for) and TP8 (256 experts, I = 256). Routing: top-8 of 256, uniform and Zipf-like
+(`benchmarks/_routing.py`). Decode T (<= 256) is timed as CUDA-graph replay, prefill eagerly;
+median of `triton.testing.do_bench`.
+
+Beside it, at the same per-expert row counts, each peer's two GEMMs on operands laid out for it
+beforehand (CUDA-graph replay): vLLM's Triton `fused_moe_kernel` (fastest of its tuned configs),
+DeepGEMM contiguous and masked (`benchmarks/_peer_layer.py`). Also: the layer's floor (bytes of
+the touched experts' weights + activations and intermediate once, at the read bandwidth measured
+in this run; FLOPs at the FP8 ceiling where larger), eager wall time per call beside the GPU kernel
+time (torch.profiler: the sum of the kernels', copies' and memsets' device durations), and the
+layer's rel err vs `moe_backend.reference.routed_experts` at the --check-tokens.
+
+    python -m benchmarks.bench_layer --json $OUT/layer.json --md docs/benchmarks.md
+    python -m benchmarks.bench_layer --slices tp8 --tokens 128,2048 --routing zipf:1.2 --no-peers
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
+import time
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import _peer_layer, _peers, _routing
 
-from moe_backend import reference  # noqa: E402
-from moe_backend.experts import routed_experts  # noqa: E402
-from moe_backend.tune import random_weights  # noqa: E402
-
-SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
-HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
+SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate per expert
+HIDDEN, GLOBAL_EXPERTS, TOPK, RANKS = 7168, 256, 8, 8
 DECODE, PREFILL = (1, 8, 32, 128, 256), (2048, 8192, 16384)
+DECODE_MAX_TOKENS = max(DECODE)
+# Acceptance of issue 21.
+DECODE_RATIO_MAX, DECODE_FLOOR_PCT_MIN, FLOOR_FROM_TOKENS = 1.10, 80.0, 32
+PREFILL_RATIO_MAX, HOST_OVERHEAD_MAX_US = 1.20, 100.0
+# Layer vs reference (tests/tolerances.py LAYER_SAME_QUANT: two bf16 roundings, fp32 order).
+LAYER_RELERR_MAX = 1e-2
+MD_HEADING = "## Whole layer vs the peers' two GEMMs at the same routing"
+DEVICE = "cuda"
 
 
-def time_us(fn, graph: bool) -> tuple[float, bool]:
+# -- pure helpers (tested on the CPU) ---------------------------------------------------------------
+
+def rank_rows(topk_ids: torch.Tensor, experts_per_rank: int, ranks: int) -> torch.Tensor:
+    """int64 `[ranks]`: routed rows each EP rank receives (rank r holds experts [r*E, (r+1)*E))."""
+    ids = topk_ids.reshape(-1).long().cpu()
+    return torch.bincount(ids // experts_per_rank, minlength=ranks)[:ranks]
+
+
+def relabel_to_rank(topk_ids: torch.Tensor, rank: int, experts_per_rank: int, num_experts: int) -> torch.Tensor:
+    """The same routing with expert ids rotated so that rank `rank`'s experts become [0, E): the
+    layer's local experts are then that rank's, and every per-expert count is kept."""
+    return ((topk_ids.long() - rank * experts_per_rank) % num_experts).to(topk_ids.dtype)
+
+
+def rows_desc(counts: torch.Tensor) -> str:
+    """`14/2.0 (7.0x), 13 idle`: the largest and the mean rows per local expert, experts without rows."""
+    peak, mean = int(counts.max()), float(counts.float().mean())
+    return f"{peak}/{mean:.1f} ({peak / mean if mean else 0.0:.1f}x), {int((counts == 0).sum())} idle"
+
+
+def _relerr(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+
+
+def phase_of(tokens: int) -> str:
+    return "decode" if tokens <= DECODE_MAX_TOKENS else "prefill"
+
+
+def derive(cell: dict) -> dict:
+    """Ratios, % of floor and the issue's targets from one cell's measured numbers."""
+    us, floor = cell.get("layer_us"), cell["floor"]["us"]
+    best, dgc = cell.get("best_peer_us"), cell.get("dg_contig_us")
+    d = dict(ratio=us / best if us and best else None, ratio_dg_contig=us / dgc if us and dgc else None,
+             pct_floor=100.0 * floor / us if us else None)
+    wall, gpu = cell.get("eager_wall_us"), cell.get("eager_gpu_us")
+    d["host_us"] = wall - gpu if wall is not None and gpu is not None else None
+    # A target without its figure (peer not loaded, profiler failed) counts as not shown to be met.
+    misses = []
+    if cell["phase"] == "decode":
+        if d["ratio"] is None:
+            misses.append("no peer figure")
+        elif d["ratio"] > DECODE_RATIO_MAX:
+            misses.append(f"{d['ratio']:.2f}x peer > {DECODE_RATIO_MAX}")
+        if cell["tokens"] >= FLOOR_FROM_TOKENS and (d["pct_floor"] or 0.0) < DECODE_FLOOR_PCT_MIN:
+            misses.append(f"floor {_fmt(d['pct_floor'], '.0f')}% < {DECODE_FLOOR_PCT_MIN:.0f}%")
+    elif d["ratio_dg_contig"] is None:
+        misses.append("no DG contig figure")
+    elif d["ratio_dg_contig"] > PREFILL_RATIO_MAX:
+        misses.append(f"{d['ratio_dg_contig']:.2f}x DG contig > {PREFILL_RATIO_MAX}")
+    if d["host_us"] is None:
+        misses.append("no GPU-time figure")
+    elif d["host_us"] > HOST_OVERHEAD_MAX_US:
+        misses.append(f"host {d['host_us']:.0f} µs > {HOST_OVERHEAD_MAX_US:.0f}")
+    err = layer_relerr(cell)
+    if err is not None and err > LAYER_RELERR_MAX:
+        misses.append(f"rel err {err:.1e}")
+    d["misses"] = misses
+    return d
+
+
+def layer_relerr(cell: dict) -> float | None:
+    """The worse of the eager call's and the graph replay's rel err vs the reference, if checked."""
+    errs = [cell[key] for key in ("relerr", "relerr_graph") if cell.get(key) is not None]
+    return max(errs) if errs else None
+
+
+def _fmt(x, spec=".1f"):
+    return "–" if x is None else format(x, spec)
+
+
+def summary_table(cells: list) -> list[str]:
+    """The short table printed last (and the first table of the docs section)."""
+    lines = ["| slice | routing | T | rows/expert max/mean | layer µs | best peer 2 GEMMs µs (which) | "
+             "layer/peer | layer/DG contig | floor µs | % floor | eager wall / GPU µs | host µs | rel err | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        d = c["derived"]
+        graphed, decode = c.get("layer_graphed"), c["phase"] == "decode"
+        # The usual mode (decode graphed, prefill eager) goes unmarked.
+        mode = " (eager)" if decode and not graphed else " (graph)" if graphed and not decode else ""
+        layer = _fmt(c.get("layer_us")) + mode
+        lines.append(
+            f"| {c['slice']} | {c['routing']} | {c['tokens']} | {c['rows_desc']} | {layer} | "
+            f"{_fmt(c.get('best_peer_us'))} ({c.get('best_peer_which', '–')}) | {_fmt(d['ratio'], '.2f')} | "
+            f"{_fmt(d['ratio_dg_contig'], '.2f')} | {c['floor']['us']:.1f} | {_fmt(d['pct_floor'], '.0f')} | "
+            f"{_fmt(c.get('eager_wall_us'), '.0f')} / {_fmt(c.get('eager_gpu_us'), '.0f')} | "
+            f"{_fmt(d['host_us'], '.0f')} | {_fmt(layer_relerr(c), '.1e')} | "
+            f"{'met' if not d['misses'] else '**' + '; '.join(d['misses']) + '**'} |")
+    return lines
+
+
+def peer_table(cells: list) -> list[str]:
+    """µs of every peer GEMM per cell (the best tuned config for vLLM)."""
+    head = " | ".join(f"{p} {g}" for p in _peer_layer.PEERS for g in _peer_layer.GEMMS)
+    lines = [f"| slice | routing | T | {head} |", "|---|---|---|" + "---|" * 6]
+    for c in cells:
+        vals = []
+        for p in _peer_layer.PEERS:
+            for g in _peer_layer.GEMMS:
+                t = c.get("peers", {}).get(p, {}).get(g)
+                if t is None or t["us"] is None:
+                    vals.append("–")
+                else:
+                    bad = t["relerr"] is None or t["relerr"] > _peer_layer.PEER_RELERR_MAX
+                    vals.append(f"{t['us']:.1f}" + (f" (rel err {t['relerr']:.1e})" if bad else ""))
+        lines.append(f"| {c['slice']} | {c['routing']} | {c['tokens']} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def render_section(env: dict, ceil: dict, cells: list, selection: str, skipped: list = ()) -> str:
+    met = sum(1 for c in cells if not c["derived"]["misses"])
+    lines = [
+        f"{MD_HEADING} ({env['device']})", "",
+        f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+        f"DeepGEMM {env['deep_gemm']}; vLLM Triton kernel from `{env['vllm_source']}`; date {env['date']}. "
+        f"Run: `python -m benchmarks.bench_layer {selection}`.", "",
+        f"Ceilings measured in this run: read {ceil['read_tbs']:.2f} TB/s (sum over 2 GB), copy "
+        f"{ceil['copy_tbs']:.2f} TB/s, FP8 `_scaled_mm` {ceil['fp8_tflops']:.0f} TFLOPS.", "",
+        "Layer = `moe_backend.experts.routed_experts` with bf16 x `[T, 7168]` and top-8 of 256 global ids "
+        "(EP8: 32 local experts, I = 2048, ids relabelled so the local experts are the busiest rank's; "
+        "TP8: 256 experts, I = 256). Decode (T <= 256) timed as CUDA-graph replay, prefill eagerly "
+        "(do_bench median, L2 flushed). Peers at the same per-expert rows, each GEMM on operands laid "
+        "out for it beforehand, CUDA-graph replay: vLLM's Triton `fused_moe_kernel` (fastest of its tuned "
+        "configs; only the local slots aligned), DeepGEMM contiguous (segments at its M alignment) and "
+        "masked (max_m = the largest count rounded up to 64); best peer = the faster passing peer per GEMM "
+        f"(rel err <= {_peer_layer.PEER_RELERR_MAX:g} vs an fp32 dequantized reference). Floor = bytes "
+        "(FP8 weights + scales of the experts with >= 1 row, x in and out bf16, the FP8 intermediate "
+        "written and read once) / read bandwidth, or FLOPs / FP8 ceiling where larger. Eager wall = host "
+        "perf_counter over back-to-back calls, one synchronize at the end; GPU = torch.profiler's summed "
+        "device durations of the kernels, copies and memsets per call; host = wall - GPU. Rel err vs "
+        "`reference.routed_experts` at the check token counts. Targets (issue 21): decode layer/peer <= "
+        f"{DECODE_RATIO_MAX} and >= {DECODE_FLOOR_PCT_MIN:.0f}% of floor at T >= {FLOOR_FROM_TOKENS}; "
+        f"prefill layer/DG contig <= {PREFILL_RATIO_MAX}; host <= {HOST_OVERHEAD_MAX_US:.0f} µs.", "",
+        *summary_table(cells), "",
+        f"Cells meeting every target: {met} / {len(cells)}.", "",
+        "The peers' GEMMs, µs:", "", *peer_table(cells),
+    ]
+    missing = [f"{c['slice']} {c['routing']} {c['tokens']} {p} {g}: {t['detail']}" for c in cells
+               for p, per in c.get("peers", {}).items() for g, t in per.items() if t["us"] is None]
+    if missing:
+        lines += ["", "Peer GEMMs that did not run: " + "; ".join(missing) + "."]
+    if skipped:
+        lines += ["", "Cells not run (past the run's time budget): " + ", ".join(skipped) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(doc: str, section: str) -> str:
+    """`doc` with the section of the same heading line replaced by `section` (up to the next `## `
+    heading), or `section` inserted before `## Notes` (appended when there is none)."""
+    heading = section.splitlines()[0]
+    lines = doc.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == heading]
+    body = section if section.endswith("\n") else section + "\n"
+    if starts:
+        i = starts[0]
+        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        return "".join(lines[:i]) + body + ("\n" if j < len(lines) else "") + "".join(lines[j:])
+    notes = next((k for k, line in enumerate(lines) if line.startswith("## Notes")), None)
+    if notes is None:
+        sep = "" if not doc or doc.endswith("\n\n") else ("\n" if doc.endswith("\n") else "\n\n")
+        return doc + sep + body
+    return "".join(lines[:notes]) + body + "\n" + "".join(lines[notes:])
+
+
+def write_section(path: str, section: str) -> None:
+    doc = Path(path)
+    doc.write_text(replace_section(doc.read_text() if doc.exists() else "", section))
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+def graph_us(fn: Callable[[], object], warmup_ms: int = 10, rep_ms: int = 50,
+             on_output: Callable[[object], None] | None = None) -> float:
+    """CUDA-graph replay, do_bench median, µs; `on_output` sees what the first replay wrote."""
     import triton
 
     fn()
     torch.cuda.synchronize()
-    if graph:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    if on_output is not None:
+        on_output(static_out)
+    return 1e3 * triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def eager_us(fn: Callable[[], object]) -> float:
+    import triton
+
+    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def wall_us(fn: Callable[[], object], calls: int) -> float:
+    """Host time per call over `calls` back-to-back calls with one synchronize at the end."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def gpu_kernel_us(fn: Callable[[], object], calls: int) -> tuple[float, float]:
+    """(device µs per call, device activities per call): torch.profiler's kernels, copies and
+    memsets, their durations summed (one stream: they do not overlap)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in device) / calls, len(device) / calls
+
+
+def measure_ceilings() -> dict:
+    """Read and copy bandwidth over 2 GB and the dense FP8 `_scaled_mm` rate, as bench_grouped_gemm."""
+    import triton
+
+    x = torch.randn(2 * 1024**3 // 2, device="cuda", dtype=torch.bfloat16)
+    read_ms = triton.testing.do_bench(lambda: x.sum(), warmup=20, rep=200, return_mode="median")
+    y = torch.empty_like(x)
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=20, rep=200, return_mode="median")
+    nbytes = x.numel() * 2
+    del x, y
+    n = 8192
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    mm_ms = triton.testing.do_bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one,
+                                                             out_dtype=torch.bfloat16),
+                                    warmup=20, rep=200, return_mode="median")
+    del a, b
+    torch.cuda.empty_cache()
+    return dict(read_tbs=nbytes / read_ms / 1e9, copy_tbs=2 * nbytes / copy_ms / 1e9,
+                fp8_tflops=2 * n**3 / mm_ms / 1e9)
+
+
+# -- one cell -------------------------------------------------------------------------------------
+
+def cell_routing(sl: str, spec: str, tokens: int, seed: int, ep8_rank: str):
+    """(topk_weights f32 `[T, 8]`, topk_ids int32 `[T, 8]` on the GPU, rank shown or None)."""
+    topk_w, topk_ids = _routing.route(tokens, GLOBAL_EXPERTS, TOPK, _routing.parse_routing(spec), seed)
+    rank = None
+    if sl == "ep8":
+        per = SLICES["ep8"][0]
+        rank = int(torch.argmax(rank_rows(topk_ids, per, RANKS))) if ep8_rank == "busiest" else int(ep8_rank)
+        topk_ids = relabel_to_rank(topk_ids, rank, per, GLOBAL_EXPERTS)
+    return topk_w.to(DEVICE), topk_ids.to(DEVICE), rank
+
+
+def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: dict, args, log) -> dict:
+    from moe_backend import reference
+    from moe_backend.experts import routed_experts
+    from moe_backend.quant import quantize_fp8_per_token_group
+
+    num_experts, inter = SLICES[sl]
+    topk_w, topk_ids, rank = cell_routing(sl, spec, tokens, args.seed, args.ep8_rank)
+    counts = _routing.expert_counts(topk_ids, num_experts)
+    cell = dict(slice=sl, routing=spec, tokens=tokens, phase=phase_of(tokens), ep8_rank=rank,
+                counts=counts.tolist(), rows_desc=rows_desc(counts))
+    cell["floor"] = _peer_layer.layer_floor(counts, tokens, TOPK, HIDDEN, inter, ceil["read_tbs"], ceil["fp8_tflops"])
+    x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
+    w13, w13_s = weights["w13"]
+    w2, w2_s = weights["w2"]
+    fn = lambda: routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids)  # noqa: E731
+
+    out = fn()  # JIT and warm-up outside any capture
+    ref = None
+    if tokens in args.check_tokens:
+        ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids).float()
+        cell["relerr"] = _relerr(out, ref)
+    del out
+
+    def check_replay(static_out) -> None:  # the graph that is timed computes the same
+        if ref is not None:
+            cell["relerr_graph"] = _relerr(static_out, ref)
+
+    if cell["phase"] == "decode" or args.graph_prefill:
         try:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            g.replay()
+            cell["layer_us"], cell["layer_graphed"] = graph_us(fn, on_output=check_replay), True
+        except Exception as exc:  # a layer with a host sync cannot be captured: time it eagerly
             torch.cuda.synchronize()
-            return 1e3 * triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median"), True
-        except Exception:  # the layer holds a host sync: time it eagerly
-            torch.cuda.synchronize()
-    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"), False
+            cell["capture_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            print(f"[{sl} {spec} {tokens}] capture failed: {cell['capture_error']}", file=log, flush=True)
+    del ref
+    if "layer_us" not in cell:
+        cell["layer_us"], cell["layer_graphed"] = eager_us(fn), False
+    cell["eager_wall_us"] = wall_us(fn, args.eager_calls)
+    try:
+        cell["eager_gpu_us"], cell["eager_device_ops"] = gpu_kernel_us(fn, args.profile_calls)
+    except Exception as exc:
+        cell["profile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        print(f"[{sl} {spec} {tokens}] profiler: {cell['profile_error']}", file=log, flush=True)
+
+    if peers:
+        x_fp8, x_scale = quantize_fp8_per_token_group(x, 128)
+        layer_peers = _peer_layer.LayerPeers(x_fp8, x_scale, topk_ids, weights, peers, log,
+                                             masked_budget_bytes=args.masked_budget_gib * 2**30)
+        times = layer_peers.time_all(lambda f, warm, rep: graph_us(f, warm, rep))  # late-bound: tests swap it
+        cell["peers"] = {p: {g: dataclasses.asdict(t) for g, t in per.items()} for p, per in times.items()}
+        best = _peer_layer.best_two_gemms(times)
+        cell["best_peer_us"], cell["best_peer_which"] = best["us"], best["which"]
+        cell["dg_contig_us"] = _peer_layer.dg_contig_two_gemms(times)
+        del layer_peers, x_fp8, x_scale
+    del x, topk_w, topk_ids
+    torch.cuda.empty_cache()
+    cell["derived"] = derive(cell)
+    return cell
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def load_peers(log) -> tuple[dict, dict]:
+    env = dict(deep_gemm="not loaded", vllm_source="not loaded")
+    peers: dict = {}
+    try:
+        peers["dg"] = _peers.load_deep_gemm()
+        env["deep_gemm"] = _peers.deep_gemm_version()
+    except Exception:
+        print("deep_gemm unavailable:\n" + traceback.format_exc(limit=3), file=log, flush=True)
+    try:
+        peers["vllm"], src = _peers.load_vllm_kernel()
+        env["vllm_source"] = os.path.relpath(src, _peers.ROOT)
+    except Exception:
+        print("vLLM kernel unavailable:\n" + traceback.format_exc(limit=3), file=log, flush=True)
+    return peers, env
+
+
+def slice_peers(peers: dict, sl: str, weights: dict, log) -> dict:
+    """The peers with this slice's vLLM configs and DeepGEMM's B scales in its layout (once)."""
+    num_experts, inter = SLICES[sl]
+    out = dict(peers)
+    if out.get("vllm") is not None:
+        out["vllm_cfgs"] = _peers.vllm_configs(num_experts, inter)
+        if not out["vllm_cfgs"]:
+            print(f"no tuned vLLM configs for E={num_experts} N={inter}", file=log, flush=True)
+            out.pop("vllm")
+    if out.get("dg") is not None:
+        try:
+            out["dg_sfb"] = {g: out["dg"].transform_sf_into_required_layout(
+                bs, b.shape[1], b.shape[2], (1, 128, 128), num_experts, False) for g, (b, bs) in weights.items()}
+        except Exception:
+            print("deep_gemm sfb transform failed:\n" + traceback.format_exc(limit=3), file=log, flush=True)
+            out.pop("dg")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", default=None)
     p.add_argument("--slices", default="ep8,tp8")
+    p.add_argument("--tokens", default=",".join(map(str, DECODE + PREFILL)))
+    p.add_argument("--routing", default="uniform,zipf:0.6",
+                   help="comma list of 'uniform' / 'zipf:A' (zipf:0.6: hot experts 5-10x the mean rows)")
+    p.add_argument("--check-tokens", default="128,2048", help="token counts checked against the reference")
+    p.add_argument("--ep8-rank", default="busiest", help="'busiest' or a rank 0-7 whose experts are local")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eager-calls", type=int, default=20)
+    p.add_argument("--profile-calls", type=int, default=5)
+    p.add_argument("--graph-prefill", action="store_true", help="time prefill as CUDA-graph replay too")
+    p.add_argument("--masked-budget-gib", type=float, default=16.0,
+                   help="skip DeepGEMM masked where its [E, max_m] buffers exceed this")
+    p.add_argument("--budget-s", type=float, default=450.0, help="skip the cells left after this many seconds")
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--json", default=None)
+    p.add_argument("--md", default=None, help="docs file whose section for this device is written/replaced")
+    p.add_argument("--log", default=None)
+    p.add_argument("--from-json", default=None, help="re-render --md and the table from a run's --json (no GPU)")
     args = p.parse_args(argv)
-    rows = []
-    for sl in args.slices.split(","):
-        e, inter = SLICES[sl]
-        w13, w13_s = random_weights(e, 2 * inter, HIDDEN)
-        w2, w2_s = random_weights(e, HIDDEN, inter)
-        for t in DECODE + PREFILL:
-            x = torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16)
-            scores = torch.rand(t, GLOBAL_EXPERTS, device="cuda")
-            topk_w, topk_ids = scores.topk(TOPK, dim=-1)
-            topk_w = (topk_w / topk_w.sum(-1, keepdim=True)).float()
-            # EP8: ids outside [0, 32) belong to other ranks and contribute nothing; TP8: all local.
-            fn = lambda: routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids,  # noqa: E731
-                                        num_global_experts=GLOBAL_EXPERTS)
-            err = None
-            if t in (8, 2048):
-                out = fn()
-                ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids)
-                err = float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-            try:
-                us, graphed = time_us(fn, graph=t <= max(DECODE))
-            except Exception as exc:
-                print(f"{sl} T={t}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                continue
-            rows.append(dict(slice=sl, tokens=t, us=us, graph=graphed, relerr=err))
-            print(f"{sl} T={t:6d}: {us:9.1f} us  graph={graphed}  relerr={err if err is None else f'{err:.1e}'}",
-                  flush=True)
-            del x, scores
-        del w13, w13_s, w2, w2_s
+    if args.from_json:
+        run = json.loads(Path(args.from_json).read_text())
+        if args.md:
+            write_section(args.md, render_section(run["env"], run["ceilings"], run["cells"], run["selection"],
+                                                  run.get("skipped", [])))
+        print("\n".join(summary_table(run["cells"])))
+        return 0
+    args.check_tokens = set(_ints(args.check_tokens))
+    slices, tokens, routings = args.slices.split(","), _ints(args.tokens), args.routing.split(",")
+    for sl in slices:
+        if sl not in SLICES:
+            p.error(f"--slices: expected names from {sorted(SLICES)}, got {sl!r}")
+    for spec in routings:
+        _routing.parse_routing(spec)
+    if args.ep8_rank != "busiest" and not (args.ep8_rank.isdigit() and int(args.ep8_rank) < RANKS):
+        p.error(f"--ep8-rank: expected 'busiest' or 0-{RANKS - 1}, got {args.ep8_rank!r}")
+    import triton
+
+    from moe_backend.tune import random_weights
+
+    t_start = time.time()
+    log = open(args.log, "w") if args.log else sys.stderr
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               cuda=torch.version.cuda, date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               deep_gemm="not loaded", vllm_source="not loaded")
+    peers: dict = {}
+    if not args.no_peers:
+        peers, found = load_peers(log)
+        env.update(found)
+    ceil = measure_ceilings()
+    print(f"{env}\nceilings {ceil}", flush=True)
+    cells, skipped = [], []
+    selection = f"--slices {args.slices} --tokens {args.tokens} --routing {args.routing}" + \
+        (" --no-peers" if args.no_peers else "") + (" --graph-prefill" if args.graph_prefill else "")
+
+    def save() -> None:  # after every cell: a run cut short keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, selection=selection, cells=cells,
+                                                       skipped=skipped), indent=1, default=float))
+
+    for sl in slices:
+        num_experts, inter = SLICES[sl]
+        weights = {"w13": random_weights(num_experts, 2 * inter, HIDDEN),
+                   "w2": random_weights(num_experts, HIDDEN, inter)}
+        here = slice_peers(peers, sl, weights, log) if peers else {}
+        for spec in routings:
+            for t in tokens:
+                if time.time() - t_start > args.budget_s:
+                    skipped.append(f"{sl} {spec} {t}")
+                    continue
+                t0 = time.time()
+                try:
+                    cell = run_cell(sl, spec, t, weights, here, ceil, args, log)
+                except Exception:
+                    print(f"[{sl} {spec} {t}] FAILED:\n{traceback.format_exc(limit=5)}", file=log, flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                cells.append(cell)
+                d = cell["derived"]
+                print(f"{sl} {spec:9s} T={t:5d} rows {cell['rows_desc']:>24s}: layer {cell['layer_us']:8.1f} us "
+                      f"({'graph' if cell['layer_graphed'] else 'eager'}) peer {_fmt(cell.get('best_peer_us')):>7s} "
+                      f"({cell.get('best_peer_which', '–')}) ratio {_fmt(d['ratio'], '.2f')} floor "
+                      f"{cell['floor']['us']:.1f} us ({_fmt(d['pct_floor'], '.0f')}%) wall/gpu "
+                      f"{_fmt(cell.get('eager_wall_us'), '.0f')}/{_fmt(cell.get('eager_gpu_us'), '.0f')} "
+                      f"err {_fmt(layer_relerr(cell), '.1e')} [{time.time() - t0:.0f}s]", flush=True)
+                save()
+        del weights, here
         torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
-    print("\n| slice | tokens | phase | µs | CUDA graph | rel err vs reference |\n|---|---|---|---|---|---|")
-    for r in rows:
-        phase = "decode" if r["tokens"] <= max(DECODE) else "prefill"
-        err = "–" if r["relerr"] is None else f"{r['relerr']:.1e}"
-        print(f"| {r['slice']} | {r['tokens']} | {phase} | {r['us']:.1f} | {'yes' if r['graph'] else 'no'} | {err} |")
+    save()
+    if args.md:
+        write_section(args.md, render_section(env, ceil, cells, selection, skipped))
+    if skipped:
+        print(f"\nnot run (past --budget-s {args.budget_s:.0f}): {', '.join(skipped)}")
+    print(f"\ntotal {time.time() - t_start:.0f}s; {sum(1 for c in cells if not c['derived']['misses'])}/{len(cells)} "
+          "cells meet every target\n")
+    print("\n".join(summary_table(cells)))
     return 0
 
 

@@ -19,7 +19,7 @@ SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
 HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
 
 
-def profile_cell(slice_name: str, tokens: int, weights: dict, reps: int = 5) -> None:
+def profile_cell(slice_name: str, tokens: int, weights: dict, reps: int = 5, host_profile: bool = False) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     e, inter = SLICES[slice_name]
@@ -55,11 +55,26 @@ def profile_cell(slice_name: str, tokens: int, weights: dict, reps: int = 5) -> 
           f"eager wall {wall_us:.1f} us, launches {sum(count.values()) // reps}")
     for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:14]:
         print(f"   {us:8.1f} us  x{count[name] // reps:<3d} {name}")
+    if host_profile:
+        import cProfile
+        import io
+        import pstats
+
+        prof_host = cProfile.Profile()
+        prof_host.enable()
+        for _ in range(reps):
+            call()
+        prof_host.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof_host, stream=text).sort_stats("tottime").print_stats(18)
+        print("\n".join(line for line in text.getvalue().splitlines()[6:] if line.strip()))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default="ep8:128,tp8:128,tp8:256,ep8:2048")
+    p.add_argument("--host", action="store_true", help="also a cProfile of the host side (tottime)")
     args = p.parse_args(argv)
     cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells.split(",")]
     weights = {}
@@ -67,7 +82,7 @@ def main(argv=None) -> int:
         e, inter = SLICES[name]
         weights[name] = (*random_weights(e, 2 * inter, HIDDEN), *random_weights(e, HIDDEN, inter))
     for slice_name, tokens in cells:
-        profile_cell(slice_name, tokens, weights)
+        profile_cell(slice_name, tokens, weights, host_profile=args.host)
     return 0
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (repo root): GPU tests, tuning and/or the side-by-side benchmark in one call.
-#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [sweep] [tune] [bench] [layer] [profile] [permq] [ncu]
+#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [sweep] [tune] [bench] [layer] [graphtests] [profile] [permq] [ncu]
 # Peers travel in ignored folders: .whl/ (sgl-deep-gemm 0.1.5 + apache-tvm-ffi wheels) and
 # .peer/ (vLLM's fused_moe.py and its tuned JSONs). Logs and tables go to $OUT.
 set -uo pipefail
@@ -39,7 +39,11 @@ for step in "$@"; do
     ncu)   timeout ${NCU_TIMEOUT:-400} python3 benchmarks/ncu_compare.py --log "$OUT/ncu_compare.md" ${NCU_ARGS:-} 2>&1 | tail -12 ;;
     permq) timeout ${PERMQ_TIMEOUT:-300} python3 benchmarks/bench_permute_quant.py --md "$OUT/permute_quant.md" 2>&1 | tail -12 ;;
     profile) timeout ${PROFILE_TIMEOUT:-200} python3 -m benchmarks.profile_layer ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -60 ;;
-    layer) timeout ${LAYER_TIMEOUT:-200} python3 benchmarks/bench_layer.py --json "$OUT/layer.json" 2>&1 | tee "$OUT/layer.log" | tail -20 ;;
+    layer) cp docs/benchmarks.md "$OUT/benchmarks.layer.md"  # the docs with the layer section replaced
+           timeout ${LAYER_TIMEOUT:-540} python3 -m benchmarks.bench_layer --json "$OUT/layer.json" \
+                --md "$OUT/benchmarks.layer.md" --log "$OUT/layer.log" ${LAYER_ARGS:-} 2>&1 | tee "$OUT/layer.out" | tail -45 ;;
+    graphtests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_layer_graphs.py \
+                2>&1 | tee "$OUT/graphtests.log" | tail -25 ;;
   esac
   echo "== $step: $(( $(date +%s) - t0 ))s"
 done

@@ -1,0 +1,105 @@
+"""The routed-expert layer has no host sync in either phase (issue 21): `routed_experts` at a decode
+and a prefill token count is captured in a CUDA graph on static buffers, then replayed with new
+activations and new routing copied into them (uniform, Zipf-skewed, every token on one expert,
+nothing local), each replay checked against `moe_backend.reference.routed_experts`. A layout sized
+from the counts seen at capture, or a host read of them, fails here. The same calls run eagerly
+under `torch.cuda.set_sync_debug_mode("error")`, which names the op that synchronizes.
+
+Both DeepSeek-V3 slices at full size: EP8 (32 local experts of 256, I = 2048) and TP8 (256 experts,
+I = 256). Run on the device: `python -m pytest -q tests/gpu/test_layer_graphs.py`."""
+
+import pytest
+import torch
+
+from moe_backend import reference
+from moe_backend.experts import routed_experts
+from tolerances import LAYER_SAME_QUANT
+
+pytestmark = pytest.mark.gpu
+
+HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
+SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
+DECODE_TOKENS, PREFILL_TOKENS = 64, 2048  # under and over the policy's decode limit (256)
+HOT_EXPERT = 3  # local in both slices
+# (name, Zipf exponent, hot expert forced into every token, only non-local ids)
+REPLAYS = [("uniform", 0.0, None, False), ("zipf 1.2", 1.2, None, False),
+           ("one hot expert", 0.0, HOT_EXPERT, False), ("nothing local", 0.0, None, True)]
+
+
+def _rel(got, want):
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+
+
+def _route(tokens, seed, exponent=0.0, hot=None, nonlocal_only_from=None):
+    """(topk_weights f32 `[T, 8]`, topk_ids int32 `[T, 8]`, distinct per token) on the GPU: top-8 of
+    256 drawn without replacement with popularity 1/rank^exponent (Gumbel top-k), `hot` forced
+    into every token, or only ids >= `nonlocal_only_from`."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rank = torch.arange(1, GLOBAL_EXPERTS + 1, device="cuda").float()  # the hottest experts are local
+    u = torch.rand(tokens, GLOBAL_EXPERTS, generator=g, device="cuda").clamp_min(1e-12)
+    keys = -exponent * rank.log() - (-u.log()).log()
+    if hot is not None:
+        keys[:, hot] = float("inf")
+    if nonlocal_only_from is not None:
+        keys[:, :nonlocal_only_from] = -float("inf")
+    ids = keys.topk(TOPK, dim=-1).indices
+    w = torch.rand(tokens, TOPK, generator=g, device="cuda") + 0.1
+    return (w / w.sum(-1, keepdim=True)).float(), ids.int()
+
+
+@pytest.fixture(scope="module", params=sorted(SLICES))
+def expert_slice(request):
+    from moe_backend.tune import random_weights
+
+    num_experts, inter = SLICES[request.param]
+    torch.manual_seed(0)
+    w13 = random_weights(num_experts, 2 * inter, HIDDEN)
+    w2 = random_weights(num_experts, HIDDEN, inter)
+    yield request.param, (*w13, *w2)
+    del w13, w2
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("tokens", [DECODE_TOKENS, PREFILL_TOKENS], ids=["decode", "prefill"])
+def test_layer_graph_replays_new_routing(expert_slice, tokens):
+    name, weights = expert_slice
+    num_experts = SLICES[name][0]
+    x = torch.randn(tokens, HIDDEN, device="cuda").to(torch.bfloat16)
+    topk_w, topk_ids = _route(tokens, seed=0)
+    routed_experts(x, *weights, topk_w, topk_ids)  # JIT and allocator warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = routed_experts(x, *weights, topk_w, topk_ids)
+    for seed, (case, exponent, hot, nothing_local) in enumerate(REPLAYS, start=1):
+        if nothing_local and num_experts == GLOBAL_EXPERTS:
+            continue  # TP8: every expert is local
+        new_w, new_ids = _route(tokens, seed, exponent, hot, num_experts if nothing_local else None)
+        x.copy_(torch.randn(tokens, HIDDEN, device="cuda").to(torch.bfloat16))
+        topk_w.copy_(new_w)
+        topk_ids.copy_(new_ids)
+        out.fill_(float("nan"))  # rows the replay does not write stay NaN
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.routed_experts(x, *weights, topk_w, topk_ids)
+        assert torch.isfinite(out.float()).all(), f"{name} T={tokens} {case}: unwritten or non-finite rows"
+        if nothing_local:
+            assert not out.float().abs().max(), f"{name} T={tokens} {case}: no local expert, output must be 0"
+        else:
+            err = _rel(out, want)
+            assert err <= LAYER_SAME_QUANT, f"{name} T={tokens} {case}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("tokens", [DECODE_TOKENS, PREFILL_TOKENS], ids=["decode", "prefill"])
+def test_layer_eager_call_never_syncs(expert_slice, tokens):
+    name, weights = expert_slice
+    x = torch.randn(tokens, HIDDEN, device="cuda").to(torch.bfloat16)
+    topk_w, topk_ids = _route(tokens, seed=5, exponent=1.2)
+    routed_experts(x, *weights, topk_w, topk_ids)  # first call: JIT, config look-ups
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = routed_experts(x, *weights, topk_w, topk_ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert _rel(out, reference.routed_experts(x, *weights, topk_w, topk_ids)) <= LAYER_SAME_QUANT
