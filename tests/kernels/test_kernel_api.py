@@ -11,7 +11,8 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 API = {
-    "grouped_gemm_contiguous": "(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None)",
+    "grouped_gemm_contiguous": ("(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None, "
+                                "num_rows=None)"),
     "grouped_gemm_masked": "(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, expected_m=None, config=None)",
     "silu_mul_quant": "(h, group=128, ue8m0=False)",
     "per_token_group_quant": "(x, group=128, ue8m0=False)",
