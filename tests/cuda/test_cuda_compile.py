@@ -385,6 +385,21 @@ def test_bulk_store_needs_rows_of_16_bytes():
     assert ggc.kernel_spec(1024, 256, cfg).constants["BULK_STORE"] == 1
 
 
+@needs_nvcc
+@pytest.mark.parametrize("n,k", [(7168, 256), (4096, 7168), (512, 7168)])
+def test_masked_decode_configs_compile_at_max_m_1024(n, k, cache):
+    """The masked op's own configs (group_m 1: the walk that skips an expert's dead M tiles) at a
+    worst-case max_m, single CTAs (K = 256) and A-sharing pairs: they build, without spills."""
+    from moe_backend.cuda.grouped_gemm_masked import select_masked_config
+
+    cfg = select_masked_config(n, k)
+    assert cfg.group_m == 1 and (cfg.cluster == 1 or cfg.multicast == "a")  # the skip's preconditions
+    spec = ggc.kernel_spec(n, k, cfg, masked_max_m=1024)
+    assert jit.compile_cubin(spec).read_bytes()[:4] == b"\x7fELF"
+    log = jit.entry_meta(spec)["log"]
+    assert re.search(r"\b0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", log), log
+
+
 def test_masked_max_m_is_checked_and_keys_the_kernel():
     cfg = ggc.ContiguousConfig(128, 4, pingpong=False, two_acc=True)
     with pytest.raises(ValueError, match="masked_max_m"):
