@@ -63,8 +63,8 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
     unknown = set(cfg) - set(_KEYS)
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)}; allowed {list(_KEYS)}")
-    # PROGRAMS: the persistent grid's size; 0 = the programs the GPU holds at once (the launcher's
-    # count), an override for tests and sweeps.
+    # PROGRAMS: the persistent walk's grid size (masked; contiguous with num_rows); 0 = the programs
+    # the GPU holds at once (the launcher's count), an override for tests and sweeps.
     full = {"GROUP_M": 1, "SWAP_AB": False, "K_UNROLL": 1, "N_LOOP": 1, "TMA": False, "PROGRAMS": 0, **cfg}
     for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
         if key not in full:

@@ -166,6 +166,28 @@ def _gemm_tile(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, a_desc, b_desc, ex
             tl.store(c_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _contiguous_unit(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, expert_ids_ptr, a_desc, b_desc, u, m_tiles,
+                     num_n_tiles, M, N, K,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     SWAP_AB: tl.constexpr, K_UNROLL: tl.constexpr, N_LOOP: tl.constexpr, FULL_KB: tl.constexpr,
+                     USE_TMA: tl.constexpr):
+    """Contiguous layout, unit u of m_tiles x num_n_tiles. Grouped ordering: GROUP_M m-tiles sweep
+    the n-tiles together (A and B reuse in L2). A tile of padding only (ids -1) stores nothing."""
+    in_group = GROUP_M * num_n_tiles
+    first_m = (u // in_group) * GROUP_M
+    group_rows = tl.minimum(m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (u % in_group) % group_rows
+    pid_n = (u % in_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(expert_ids_ptr + offs_m, mask=offs_m < M, other=-1)
+    expert = tl.max(ids, axis=0)
+    if expert >= 0:
+        _gemm_tile(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, a_desc, b_desc, expert, offs_m, ids == expert,
+                   pid_m * BLOCK_M, pid_n, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, K_UNROLL, N_LOOP, FULL_KB,
+                   USE_TMA)
+
+
 # Row counts stay runtime values (one compiled kernel per config serves every batch size).
 @triton.jit(do_not_specialize=["M", "num_m_tiles", "num_n_tiles", "num_experts"])
 def _fp8_grouped_gemm_kernel(
@@ -188,6 +210,7 @@ def _fp8_grouped_gemm_kernel(
     MASKED: tl.constexpr,
     ROW_BOUND: tl.constexpr,  # contiguous: walk only the tiles below *num_rows_ptr
     E_PAD: tl.constexpr,  # masked: a power of two >= num_experts (the prefix-sum vector's length)
+    WIDE_KEY: tl.constexpr,  # masked: units x E_PAD may pass 2^31 (int64 search keys; else int32, half the shuffles)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -200,7 +223,6 @@ def _fp8_grouped_gemm_kernel(
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    rows = tl.arange(0, BLOCK_M)
     if MASKED:
         experts = tl.arange(0, E_PAD)
         valid = tl.load(masked_m_ptr + experts, mask=experts < num_experts, other=0)
@@ -211,15 +233,11 @@ def _fp8_grouped_gemm_kernel(
         # Key: prefix end * E_PAD + index + 1. Ends never decrease with the index, so the largest
         # key at or below u names the last expert ending at or before u; the next one owns u.
         # (The index + 1 < E_PAD: an expert ending at or before a unit u < total is not the last.)
-        key = unit_end.to(tl.int64) * E_PAD + experts + 1
-    else:
-        if ROW_BOUND:
-            used_m_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(num_rows_ptr), 0), M), BLOCK_M)
+        if WIDE_KEY:
+            key = unit_end.to(tl.int64) * E_PAD + experts + 1
         else:
-            used_m_tiles = num_m_tiles
-        total = used_m_tiles * num_n_tiles
-    for u in range(pid, total, num_programs):
-        if MASKED:
+            key = unit_end * E_PAD + experts + 1
+        for u in range(pid, total, num_programs):
             found = tl.max(tl.where(unit_end <= u, key, 0), 0)
             expert = (found % E_PAD).to(tl.int32)
             local = u - (found // E_PAD).to(tl.int32)
@@ -228,28 +246,24 @@ def _fp8_grouped_gemm_kernel(
             # n-tile-major, m-tile-minor: a weight tile's m-tiles run side by side (L2 reuse).
             pid_n = local // expert_m_tiles
             pid_m = local % expert_m_tiles
-            offs_m = pid_m * BLOCK_M + rows
-            row_ok = offs_m < valid_m
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             # First row of the tile in A viewed as [E * max_m, K] (the TMA path's coordinate).
             tile_row0 = expert * M + pid_m * BLOCK_M
             base = expert.to(tl.int64) * M
             _gemm_tile(a_ptr + base * K, a_scale_ptr + base * (K // BLOCK_K), b_ptr, b_scale_ptr, c_ptr + base * N,
-                       a_desc, b_desc, expert, offs_m, row_ok, tile_row0, pid_n, M, N, K,
+                       a_desc, b_desc, expert, offs_m, offs_m < valid_m, tile_row0, pid_n, M, N, K,
                        BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, K_UNROLL, N_LOOP, FULL_KB, USE_TMA)
-        else:
-            # Grouped ordering: GROUP_M m-tiles sweep the n-tiles together (A and B reuse in L2).
-            in_group = GROUP_M * num_n_tiles
-            first_m = (u // in_group) * GROUP_M
-            group_rows = tl.minimum(used_m_tiles - first_m, GROUP_M)
-            pid_m = first_m + (u % in_group) % group_rows
-            pid_n = (u % in_group) // group_rows
-            offs_m = pid_m * BLOCK_M + rows
-            ids = tl.load(expert_ids_ptr + offs_m, mask=offs_m < M, other=-1)
-            expert = tl.max(ids, axis=0)
-            if expert >= 0:  # else a tile of padding only
-                _gemm_tile(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, a_desc, b_desc, expert, offs_m,
-                           ids == expert, pid_m * BLOCK_M, pid_n, M, N, K,
-                           BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, K_UNROLL, N_LOOP, FULL_KB, USE_TMA)
+    elif ROW_BOUND:
+        used_m_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(num_rows_ptr), 0), M), BLOCK_M)
+        for u in range(pid, used_m_tiles * num_n_tiles, num_programs):
+            _contiguous_unit(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, expert_ids_ptr, a_desc, b_desc, u,
+                             used_m_tiles, num_n_tiles, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP_AB,
+                             K_UNROLL, N_LOOP, FULL_KB, USE_TMA)
+    else:
+        # One program per tile (the grid covers them all): no loop, the prefill kernel as it was.
+        _contiguous_unit(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, expert_ids_ptr, a_desc, b_desc, pid,
+                         num_m_tiles, num_n_tiles, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP_AB,
+                         K_UNROLL, N_LOOP, FULL_KB, USE_TMA)
 
 
 def _tma_descriptors(a_fp8, b_fp8, block_m: int, block_n: int):
@@ -324,14 +338,15 @@ def launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, masked_m, *, masked:
     row_bound = num_rows is not None and not masked
     args = (a_fp8, a_scale, b_fp8, b_scale, out, index, index, num_rows if row_bound else index, a_desc, b_desc,
             rows, n, k, num_m_tiles, num_n_tiles, num_experts)
-    meta = dict(MASKED=masked, ROW_BOUND=row_bound, E_PAD=max(16, triton.next_power_of_2(num_experts)),
+    e_pad = max(16, triton.next_power_of_2(num_experts))
+    meta = dict(MASKED=masked, ROW_BOUND=row_bound, E_PAD=e_pad, WIDE_KEY=(bound + 1) * e_pad >= 2**31,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=SCALE_GROUP,
                 GROUP_M=cfg.get("GROUP_M", 1), SWAP_AB=swap, K_UNROLL=unroll, N_LOOP=n_loop,
                 FULL_KB=num_kb if n_loop > 1 else 1, USE_TMA=descs is not None,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     programs = cfg.get("PROGRAMS", 0)
-    if programs <= 0 and not (masked or row_bound):
-        programs = bound  # contiguous without a row count: one program per tile (prefill)
+    if not (masked or row_bound):
+        programs = bound  # contiguous without a row count: one program per tile (prefill), no walk
     elif programs <= 0 and interpreting():
         programs = _INTERPRETER_PROGRAMS
     elif programs <= 0:
