@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (repo root): GPU tests, tuning and/or the side-by-side benchmark in one call.
-#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [sweep] [tune] [bench] [routed] [layer] [permq] [ncu]
+#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [walktest] [sweep] [tune] [bench] [routed] [layer] [permq] [ncu]
 # Peers travel in ignored folders: .whl/ (sgl-deep-gemm 0.1.5 + apache-tvm-ffi wheels) and
 # .peer/ (vLLM's fused_moe.py and its tuned JSONs). Logs and tables go to $OUT.
 set -uo pipefail
@@ -26,6 +26,9 @@ for step in "$@"; do
                 2>"$OUT/cuda_bench.log" | tail -15 ;;
     maskedtest) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/cuda/test_cuda_masked_gpu.py \
                 tests/gpu/test_kernels_gpu.py -k "masked or tma" 2>&1 | tee "$OUT/maskedtest.log" | tail -8 ;;
+    walktest) # the grouped GEMMs' walks over the rows present: Triton (both layouts) and the CUDA masked kernel
+           timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py \
+                tests/cuda/test_cuda_masked_gpu.py 2>&1 | tee "$OUT/walktest.log" | tail -15 ;;
     sweep) DG_JIT_DEBUG=1 DG_PRINT_CONFIGS=1 timeout ${SWEEP_TIMEOUT:-420} python3 benchmarks/sweep_decode_cells.py \
                 --log "$OUT/sweep.log" ${SWEEP_ARGS:-} > "$OUT/sweep.out" 2>&1
            grep -E "^(==|  (triton|cuda)|\|)" "$OUT/sweep.out" | tail -40 ;;
