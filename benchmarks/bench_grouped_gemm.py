@@ -407,6 +407,16 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
                lambda: grouped_gemm_masked(a, a_s, b, bs, counts_dev, out, expected_m=mean_rows),  # noqa: B023
                lambda: [(x, a[x, :counts[x]], a_s[x, :counts[x]], out[x, :counts[x]]) for x in check_e],  # noqa: B023
                lambda: pad_rows_ok(out, counts))  # noqa: B023
+        if args.cuda_masked and max_m % 128 == 0:
+            # Our CUDA kernel on the masked layout (the policy's choice from 128 rows per expert;
+            # compiled per max_m, so opt-in: a JIT build per max_m and shape).
+            from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked as cuda_masked
+
+            out.fill_(float("nan"))
+            record(f"ours_cuda_masked@{max_m}",
+                   lambda: cuda_masked(a, a_s, b, bs, counts_dev, out),  # noqa: B023
+                   lambda: [(x, a[x, :counts[x]], a_s[x, :counts[x]], out[x, :counts[x]]) for x in check_e],  # noqa: B023
+                   lambda: pad_rows_ok(out, counts))  # noqa: B023
         if dg is not None and max_m in dg_ms:
             out_dg = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
             try:
@@ -512,13 +522,16 @@ def derive_routed(res: dict) -> dict:
     # acceptance reads it at 1024 over 128, <= 1.05; a hot expert above 128 rows starts higher).
     d["max_m_span"] = (masked[0], masked[-1]) if len(masked) > 1 else None
     d["max_m_cost"] = us[hi] / us[f"ours_masked@{masked[0]}"] if len(masked) > 1 else None
+    cuda = [m for m in res["max_ms"] if f"ours_cuda_masked@{m}" in us]
+    d["cuda_max_m_cost"] = (us[f"ours_cuda_masked@{cuda[-1]}"] / us[f"ours_cuda_masked@{cuda[0]}"]
+                            if len(cuda) > 1 else None)
     d["ours_err"] = max((v for name, v in err.items() if name.startswith("ours")), default=None)
     d["pad_ok"] = all(res["pad_ok"].values()) if res["pad_ok"] else None
     return d
 
 
 def render_routed(cells: list) -> str:
-    head = ("| slice gemm | mean rows | routing (max/mean, idle) | ours masked µs @max_m | ours contig | "
+    head = ("| slice gemm | mean rows | routing (max/mean, idle) | ours masked µs @max_m | ours CUDA masked | ours contig | "
             "ours contig/BM | vLLM | DG masked @max_m | DG contig | best peer | ours best/peer | "
             "masked@max/peer | max_m cost (hi/lo) | err | pad |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
@@ -526,8 +539,10 @@ def render_routed(cells: list) -> str:
         d, us = c["derived"], c["us"]
         masked = " ".join(f"{m}:{us[f'ours_masked@{m}']:.0f}" for m in c["max_ms"] if f"ours_masked@{m}" in us)
         dgm = " ".join(f"{m}:{us[f'dg_masked@{m}']:.0f}" for m in c["max_ms"] if f"dg_masked@{m}" in us)
+        cuda = " ".join(f"{m}:{us[f'ours_cuda_masked@{m}']:.0f}" for m in c["max_ms"] if f"ours_cuda_masked@{m}" in us)
         lines.append(
             f"| {c['slice']} {c['gemm']} | {c['rows']} | {c['routing']} ({c['describe']}) | {masked or '–'} | "
+            f"{cuda or '–'} | "
             f"{_fmt(us.get('ours_contig'), '.0f')} | {_fmt(us.get('ours_contig_small'), '.0f')} | "
             f"{_fmt(us.get('vllm'), '.0f')} | {dgm or '–'} | {_fmt(us.get('dg_contig'), '.0f')} | "
             f"{d['best_peer'] or '–'} | {_fmt(d['best_ours_vs_peer'], '.3f')} ({d['best_ours'] or '–'}) | "
@@ -621,6 +636,9 @@ def main(argv=None) -> int:
                    help="routed mode: time this many of vLLM's tuned configs, nearest the batch's token count "
                    "first (0 = all of them)")
     p.add_argument("--seed", type=int, default=0, help="routed mode: the routing's seed")
+    p.add_argument("--cuda-masked", action="store_true",
+                   help="routed mode: also our CUDA masked kernel at each max_m (a multiple of 128; one JIT build "
+                   "per max_m and shape)")
     args = p.parse_args(argv)
     routed = args.routings is not None
     defaults = ROUTED_ROWS if routed else ROWS

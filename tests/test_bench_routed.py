@@ -36,6 +36,7 @@ counts[int(torch.argmax(counts))] += 8 * e - int(counts.sum())
 
 class Args:
     vllm_configs = 2
+    cuda_masked = False
 
 res = bg.run_routed_cell("tp8", "w2", e, n, k, 256, 8, "zipf:1.2", counts, [16, 128, 1024], (b, bs),
                          bg.RefChecker(b, bs, experts=()), {}, Args, sys.stderr)
