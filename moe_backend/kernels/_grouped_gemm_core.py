@@ -15,12 +15,13 @@ each program walks work units u = pid, pid + P, pid + 2P, ... below the number o
 hold rows. Masked: every program loads `masked_m` (one [E] vector, no host round trip) and takes
 an inclusive prefix sum of the per-expert unit counts cdiv(masked_m[e], BLOCK_M) * n_tiles in
 registers; unit u belongs to the first expert whose prefix end exceeds u, found by one max-
-reduction over the E prefix ends (ends and expert indices packed in one int64 key, as both grow
-with the index). Doing it in every program costs one 1-4 KB L2 read and a scan of a few hundred
+reduction over the E prefix ends (ends and expert indices packed in one integer key, as both
+grow with the index; int32 unless the layout's unit count needs int64). Doing it in every program costs one 1-4 KB L2 read and a scan of a few hundred
 elements; a separate prefix-sum kernel would add a launch and a dependency to every call.
 Contiguous: units are the layout's m-tiles x n-tiles (GROUP_M ordering); when the caller gives
 the device-side row count in use (`num_rows`), the walk stops there, so the tail of a layout
-sized for the worst case costs nothing; without it the grid is one program per tile, as before.
+sized for the worst case costs nothing; without it (prefill) the grid is one program per tile,
+no loop: the hardware's block scheduler balances the large tiles.
 
 Unit order (masked): an expert's units are n-tile-major, m-tile-minor. The m-tiles of one n-tile
 are consecutive units, i.e. run at the same time on neighbouring programs, so a hot expert's
@@ -260,7 +261,7 @@ def _fp8_grouped_gemm_kernel(
                              used_m_tiles, num_n_tiles, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP_AB,
                              K_UNROLL, N_LOOP, FULL_KB, USE_TMA)
     else:
-        # One program per tile (the grid covers them all): no loop, the prefill kernel as it was.
+        # One program per tile (the grid covers every tile): no loop.
         _contiguous_unit(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, expert_ids_ptr, a_desc, b_desc, pid,
                          num_m_tiles, num_n_tiles, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP_AB,
                          K_UNROLL, N_LOOP, FULL_KB, USE_TMA)
@@ -338,8 +339,9 @@ def launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, masked_m, *, masked:
     row_bound = num_rows is not None and not masked
     args = (a_fp8, a_scale, b_fp8, b_scale, out, index, index, num_rows if row_bound else index, a_desc, b_desc,
             rows, n, k, num_m_tiles, num_n_tiles, num_experts)
-    e_pad = max(16, triton.next_power_of_2(num_experts))
-    meta = dict(MASKED=masked, ROW_BOUND=row_bound, E_PAD=e_pad, WIDE_KEY=(bound + 1) * e_pad >= 2**31,
+    # The expert count only shapes the masked walk (one compiled contiguous kernel for every E).
+    e_pad = max(16, triton.next_power_of_2(num_experts)) if masked else 16
+    meta = dict(MASKED=masked, ROW_BOUND=row_bound, E_PAD=e_pad, WIDE_KEY=masked and (bound + 1) * e_pad >= 2**31,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=SCALE_GROUP,
                 GROUP_M=cfg.get("GROUP_M", 1), SWAP_AB=swap, K_UNROLL=unroll, N_LOOP=n_loop,
                 FULL_KB=num_kb if n_loop > 1 else 1, USE_TMA=descs is not None,
