@@ -560,11 +560,15 @@ def main_routed(args, env, ceil, peers, log) -> int:
         _routing.parse_routing(r)  # a bad spec fails before any GPU work
     max_ms = sorted(int(x) for x in args.max_m.split(",") if x)
     gemms = set(args.gemms.split(","))
-    cells = []
+    cells, skipped = [], []
     t_start = time.time()
+    over = lambda: args.budget_s > 0 and time.time() - t_start > args.budget_s  # noqa: E731
     for sl in args.slices.split(","):
         for gemm, e, n, k, inter in SHAPES[sl]:
             if gemm not in gemms:
+                continue
+            if over():
+                skipped += [f"{sl} {gemm} {r} {x}" for r in rows_by[sl] for x in routings]
                 continue
             weights = random_weights(e, n, k)
             checker = RefChecker(*weights, experts=())
@@ -577,6 +581,9 @@ def main_routed(args, env, ceil, peers, log) -> int:
                     peers["dg_sfb"] = weights[1]
             for mean_rows in rows_by[sl]:
                 for routing in routings:
+                    if over():  # the table below still gets printed within the caller's time limit
+                        skipped.append(f"{sl} {gemm} {mean_rows} {routing}")
+                        continue
                     counts = _routing.zipf_counts(e, mean_rows * e, _routing.parse_routing(routing), seed=args.seed)
                     # One row per token at most: tokens = rows of all 256 routed experts / top-k.
                     counts = cap_counts(counts, mean_rows * ROUTED_EXPERTS // TOPK)
@@ -602,6 +609,8 @@ def main_routed(args, env, ceil, peers, log) -> int:
             del weights, checker
             torch.cuda.empty_cache()
     table = render_routed(cells)
+    if skipped:
+        table += f"\nNot run (--budget-s {args.budget_s:.0f} spent): " + ", ".join(skipped) + "\n"
     if args.md:
         Path(args.md).write_text(
             "# FP8 grouped GEMM under routed (imbalanced) counts, same run\n\n"
@@ -636,6 +645,9 @@ def main(argv=None) -> int:
                    help="routed mode: time this many of vLLM's tuned configs, nearest the batch's token count "
                    "first (0 = all of them)")
     p.add_argument("--seed", type=int, default=0, help="routed mode: the routing's seed")
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="routed mode: start no new cell after this many seconds (0 = no limit), so the table "
+                   "is printed within a device call's time limit")
     p.add_argument("--cuda-masked", action="store_true",
                    help="routed mode: also our CUDA masked kernel at each max_m (a multiple of 128; one JIT build "
                    "per max_m and shape)")

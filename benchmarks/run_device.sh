@@ -42,7 +42,8 @@ for step in "$@"; do
     routed) # imbalanced routing, masked max_m 128-1024 at fixed total rows; peers at the same counts
            timeout ${ROUTED_TIMEOUT:-420} python3 benchmarks/bench_grouped_gemm.py --json "$OUT/routed.json" --md "$OUT/routed.md" \
              --log "$OUT/routed.log" --routings ${ROUTINGS:-uniform,zipf:0.6,zipf:0.9,zipf:1.2} \
-             ${ROUTED_ARGS:---slices ep8,tp8 --ep8-rows 128 --tp8-rows 16 --vllm-configs 3} 2>&1 | grep -v "^|---" ;;
+             --budget-s ${ROUTED_BUDGET:-330} ${ROUTED_ARGS:---slices ep8,tp8 --ep8-rows 128 --tp8-rows 16 --vllm-configs 3} \
+             2>&1 | grep -v "^|---" ;;
     ncu)   timeout ${NCU_TIMEOUT:-400} python3 benchmarks/ncu_compare.py --log "$OUT/ncu_compare.md" ${NCU_ARGS:-} 2>&1 | tail -12 ;;
     permq) timeout ${PERMQ_TIMEOUT:-300} python3 benchmarks/bench_permute_quant.py --md "$OUT/permute_quant.md" 2>&1 | tail -12 ;;
     layer) timeout ${LAYER_TIMEOUT:-200} python3 benchmarks/bench_layer.py --json "$OUT/layer.json" 2>&1 | tee "$OUT/layer.log" | tail -20 ;;

@@ -66,6 +66,42 @@ def test_routed_cell_on_the_interpreter() -> None:
     assert "zipf:1.2 (max/mean" in res["table"] and "| ok |" in res["table"]
 
 
+MAIN_SCRIPT = r"""
+import argparse, json, sys
+import torch
+sys.path.insert(0, "benchmarks")
+import bench_grouped_gemm as bg
+from moe_backend.quant import quantize_fp8_blockwise
+
+bg.DEVICE = "cpu"
+bg.bench = lambda fn: (fn(), 1.0)[1]
+bg.SHAPES = {"tp8": [("w13", 8, 64, 128, 256), ("w2", 8, 72, 256, 256)]}
+bg.random_weights = lambda e, n, k: quantize_fp8_blockwise(torch.randn(e, n, k) * 0.05)
+out = sys.argv[1]
+args = argparse.Namespace(slices="tp8", tp8_rows="4", ep8_rows="", routings="uniform,zipf:1.2", max_m="16,64",
+                          gemms="w2", seed=0, vllm_configs=1, budget_s=0, cuda_masked=False, json=out + ".json",
+                          md=out + ".md")
+bg.main_routed(args, {"device": "cpu", "torch": "", "triton": "", "cuda": "", "deep_gemm": "-", "vllm_source": "-",
+                      "date": ""}, {}, {}, sys.stderr)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_routed_main_writes_json_and_table(tmp_path: Path) -> None:
+    """The routed run's loop: only the chosen GEMM, one cell per routing, JSON after each cell,
+    the markdown table, the short table printed last."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, "-c", MAIN_SCRIPT, str(tmp_path / "routed")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "routed.json").read_text())
+    assert [(c["gemm"], c["routing"]) for c in data["cells"]] == [("w2", "uniform"), ("w2", "zipf:1.2")]
+    assert data["cells"][0]["max_ms"] == [16, 64] and data["cells"][0]["derived"]["max_m_cost"] == 1.0
+    assert proc.stdout.strip().splitlines()[-1].startswith("| tp8 w2 | 4 | zipf:1.2")
+    assert "| tp8 w2 | 4 | uniform" in (tmp_path / "routed.md").read_text()
+
+
 @pytest.mark.parametrize("block_m", [16, 64])
 @pytest.mark.parametrize("gemm", ["w13", "w2"])
 def test_vllm_launcher_per_expert_counts(block_m: int, gemm: str) -> None:
