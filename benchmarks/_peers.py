@@ -51,53 +51,79 @@ def load_vllm_kernel():
     return module.fused_moe_kernel, str(path)
 
 
-def vllm_configs(num_experts: int, intermediate: int) -> list[dict]:
+def vllm_configs(num_experts: int, intermediate: int, near_m: int | None = None, limit: int | None = None) -> list[dict]:
     """Every distinct config of vLLM's tuned fp8 block JSON for this E and N (the strongest Triton
-    peer is the fastest of them per cell, as in BENCHMARKING.md)."""
+    peer is the fastest of them per cell, as in BENCHMARKING.md). With `near_m` (tokens of the
+    batch): ordered by how close their batch-size key lies to it (log scale), so `limit` keeps
+    the configs vLLM itself would pick for this batch and its neighbours (short runs)."""
+    import math
+
     pattern = f"E={num_experts},N={intermediate},device_name=NVIDIA_H*,dtype=fp8_w8a8,block_shape=[[]128,128[]].json"
     files = sorted(glob.glob(str(ROOT / ".peer" / pattern)))
     if not files:
         spec = importlib.util.find_spec("vllm")
         if spec and spec.origin:
             files = sorted(glob.glob(str(Path(spec.origin).parent / "model_executor/layers/fused_moe/configs" / pattern)))
-    seen, out = set(), []
+    distance: dict = {}
+    configs: dict = {}
     for f in files:
         for key, cfg in json.load(open(f)).items():
             if not isinstance(cfg, dict):
                 continue
             tag = json.dumps(cfg, sort_keys=True)
-            if tag not in seen:
-                seen.add(tag)
-                out.append(cfg)
-    return out
+            d = abs(math.log(max(int(key), 1) / max(near_m, 1))) if near_m and key.isdigit() else 0.0
+            if tag not in configs or d < distance[tag]:
+                configs[tag], distance[tag] = cfg, d
+    order = sorted(configs, key=lambda tag: distance[tag]) if near_m else list(configs)
+    return [configs[tag] for tag in order[:limit]]
 
 
 class VllmMoE:
-    """One GEMM of vLLM's fused MoE on a balanced routing: T tokens, top-k, every expert gets
-    exactly `rows` (token, slot) pairs. w13: A is `[T, K]` (top_k=k); w2: A is `[T*k, K]` (top_k=1)."""
+    """One GEMM of vLLM's fused MoE on a routing given as rows (token, slot pairs) per expert:
+    `counts[e]` slots go to expert e, drawn from the T * k slots by a seeded permutation (sorted
+    within an expert, as vLLM's token alignment leaves them). w13: A is `[T, K]` (top_k = k, slot
+    s reads token s // k); w2: A is `[T * k, K]` (top_k = 1). As in vLLM, the id arrays and the
+    grid are sized for the worst case, total + E * (BLOCK_M - 1) rows, and blocks past the padded
+    row count (on the device) exit at once."""
 
-    def __init__(self, kernel, num_experts: int, rows: int, topk: int, gemm: str):
-        self.kernel, self.e, self.rows, self.topk, self.gemm = kernel, num_experts, rows, topk, gemm
-        self.tokens = rows * num_experts // topk
-        self.slots = self.tokens * topk
+    def __init__(self, kernel, counts, topk: int, gemm: str, seed: int = 0, device="cuda"):
+        self.kernel, self.topk, self.gemm, self.device = kernel, topk, gemm, device
+        self.counts = [int(c) for c in counts]
+        self.e = len(self.counts)
+        self.slots = sum(self.counts)
+        if self.slots % topk:
+            raise ValueError(f"counts: {self.slots} slots in all, not a multiple of top-k ({topk})")
+        self.tokens = self.slots // topk
+        perm = torch.randperm(self.slots, generator=torch.Generator().manual_seed(seed))
+        self._slots_of, start = [], 0
+        for c in self.counts:
+            self._slots_of.append(perm[start:start + c].sort().values.to(device))
+            start += c
         self._align: dict = {}
 
-    def expert_of_slot(self) -> torch.Tensor:
-        # Slot s = t*k + j goes to expert s % E: k distinct experts per token, `rows` slots per expert.
-        return torch.arange(self.slots, device="cuda") % self.e
+    def slots_of(self, expert: int) -> torch.Tensor:
+        """int64 `[counts[expert]]`: the rows of C (slots) expert `expert` writes."""
+        return self._slots_of[expert]
 
     def a_rows(self) -> int:
         return self.tokens if self.gemm == "w13" else self.slots
 
+    def a_row_of_slot(self, slots: torch.Tensor) -> torch.Tensor:
+        return slots // self.topk if self.gemm == "w13" else slots
+
     def alignment(self, block_m: int):
         if block_m not in self._align:
-            per = -(-self.rows // block_m) * block_m
-            ids = torch.full((self.e, per), self.slots, dtype=torch.int32, device="cuda")
-            ids[:, :self.rows] = (torch.arange(self.e, device="cuda")[:, None]
-                                  + self.e * torch.arange(self.rows, device="cuda")[None, :]).int()
-            expert_ids = torch.arange(self.e, dtype=torch.int32, device="cuda").repeat_interleave(per // block_m)
-            post = torch.tensor([self.e * per], dtype=torch.int32, device="cuda")
-            self._align[block_m] = (ids.reshape(-1), expert_ids, post)
+            bound = self.slots + self.e * (block_m - 1)
+            ids = torch.full((bound,), self.slots, dtype=torch.int32, device=self.device)
+            expert_ids = torch.full((-(-bound // block_m),), -1, dtype=torch.int32, device=self.device)
+            row = 0
+            for e, slots in enumerate(self._slots_of):
+                padded = -(-slots.numel() // block_m) * block_m
+                ids[row:row + slots.numel()] = slots.int()
+                expert_ids[row // block_m:(row + padded) // block_m] = e
+                row += padded
+            post = torch.tensor([row], dtype=torch.int32, device=self.device)
+            self._align[block_m] = (ids, expert_ids, post)
         return self._align[block_m]
 
     def __call__(self, a, a_scale, b, b_scale, c, cfg: dict) -> None:
@@ -108,7 +134,7 @@ class VllmMoE:
         sorted_ids, expert_ids, post = self.alignment(bm)
         top_k = self.topk if self.gemm == "w13" else 1
         em = sorted_ids.numel()
-        if a.shape[0] < bm:
+        if a.shape[0] < bm:  # vLLM's small-batch cap on the grid
             em = min(em, a.shape[0] * top_k * bm)
         n, k = b.shape[1], b.shape[2]
         grid = (triton.cdiv(em, bm) * triton.cdiv(n, bn),)

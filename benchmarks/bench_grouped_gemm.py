@@ -7,6 +7,17 @@ output checked against an fp32 dequantized reference on a few experts in the sam
 Writes `docs/benchmarks.md` (--md) and a JSON of every number (--json).
 
     python benchmarks/bench_grouped_gemm.py --json $OUT/bench.json --md docs/benchmarks.md
+
+Routed mode (--routings): each cell is (slice, GEMM, mean rows per expert, routing); the routing
+gives per-expert row counts (uniform, or Zipf-like with exponent A: `benchmarks/_routing.py`),
+the same counts for every contender: our masked GEMM on layouts with each --max-m (fixed total
+rows, so the times show what max_m costs), our contiguous GEMM (segments padded to 128, and at
+decode padded to the masked config's BLOCK_M on a static row bound with the rows in use read on
+the device), vLLM's Triton kernel (its launcher fed the same counts) and DeepGEMM masked (at the
+smallest and largest max_m) and contiguous. Rows past each expert's count are checked untouched.
+
+    python benchmarks/bench_grouped_gemm.py --routings uniform,zipf:0.6,zipf:0.9,zipf:1.2 \
+        --slices tp8 --tp8-rows 16 --json $OUT/routed.json
 """
 
 from __future__ import annotations
@@ -29,11 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_backend import ops  # noqa: E402
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous  # noqa: E402
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
+from moe_backend.kernels import _gemm_config  # noqa: E402
+from moe_backend.kernels._launch_utils import device_name  # noqa: E402
 from moe_backend.quant import dequantize_fp8_blockwise, dequantize_fp8_per_token_group  # noqa: E402
 from moe_backend.quant import quantize_fp8_per_token_group  # noqa: E402
 from moe_backend.tune import random_weights  # noqa: E402
 
 import _peers  # noqa: E402
+import _routing  # noqa: E402
 
 SHAPES = {  # slice -> [(gemm, experts, N, K, vLLM JSON's N = intermediate per rank)]
     "ep8": [("w13", 32, 4096, 7168, 2048), ("w2", 32, 7168, 2048, 2048)],
@@ -43,6 +57,12 @@ ROWS = {"ep8": (1, 4, 16, 64, 128, 256, 512, 2048, 4096), "tp8": (1, 4, 16, 64, 
 DECODE_MAX_ROWS = 128
 TOPK = 8
 RELERR_MAX = 2e-3
+# Routed mode (--routings): per-expert counts from a routing, masked layouts at several max_m.
+ROUTINGS = ("uniform", "zipf:0.6", "zipf:0.9", "zipf:1.2")
+MAX_MS = (128, 256, 512, 1024)
+ROUTED_ROWS = {"ep8": (16, 128), "tp8": (16, 128)}
+ROUTED_EXPERTS = 256  # DeepSeek-V3's, of which a slice holds E
+DEVICE = "cuda"  # the routed cells' device (a CPU smoke test runs them under the Triton interpreter)
 
 
 def bench(fn, warmup_ms=10, rep_ms=50) -> float:
@@ -84,12 +104,20 @@ class RefChecker:
 
     def __init__(self, b, bs, experts):
         self.experts = experts
+        self.b, self.bs = b, bs
         self.b_deq = {e: dequantize_fp8_blockwise(b[e], bs[e]) for e in experts}
+
+    def weights(self, e):
+        if e not in self.b_deq:
+            self.b_deq[e] = dequantize_fp8_blockwise(self.b[e], self.bs[e])
+        return self.b_deq[e]
 
     def rel(self, pairs) -> float:
         num = den = 0.0
         for e, a_fp8, a_scale, got in pairs:
-            ref = dequantize_fp8_per_token_group(a_fp8, a_scale) @ self.b_deq[e].t()
+            if got.shape[0] == 0:
+                continue
+            ref = dequantize_fp8_per_token_group(a_fp8, a_scale) @ self.weights(e).t()
             num += float((got.float() - ref).pow(2).sum())
             den += float(ref.pow(2).sum())
         return math.sqrt(num / max(den, 1e-30))
@@ -173,7 +201,7 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
 
     # vLLM Triton fused_moe_kernel: fastest of its tuned configs
     if peers.get("vllm") is not None and rows * e % TOPK == 0:
-        moe = _peers.VllmMoE(peers["vllm"], e, rows, TOPK, gemm)
+        moe = _peers.VllmMoE(peers["vllm"], [rows] * e, TOPK, gemm)
         a, a_s = quantize_fp8_per_token_group(torch.randn(moe.a_rows(), k, device="cuda", dtype=torch.bfloat16))
         c = torch.empty(moe.slots, n, dtype=torch.bfloat16, device="cuda")
         best = None
@@ -190,9 +218,8 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
             res["vllm_us"], res["vllm_cfg"] = best
             c.fill_(float("nan"))
             moe(a, a_s, b, bs, c, best[1])
-            slots = lambda x: x + e * torch.arange(rows, device="cuda")  # noqa: E731
-            a_row = (lambda s: s // TOPK) if gemm == "w13" else (lambda s: s)
-            res["vllm_err"] = checker.rel([(x, a[a_row(slots(x))], a_s[a_row(slots(x))], c[slots(x)])
+            rows_of = lambda x: moe.a_row_of_slot(moe.slots_of(x))  # noqa: E731
+            res["vllm_err"] = checker.rel([(x, a[rows_of(x)], a_s[rows_of(x)], c[moe.slots_of(x)])
                                            for x in check_e])
         del a, a_s, c
     torch.cuda.empty_cache()
@@ -282,16 +309,353 @@ def render_md(env: dict, ceil: dict, cells: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------
+# Routed mode: the same per-expert row counts for every contender of a cell (uniform or Zipf-like
+# imbalanced routing), our masked GEMM at several max_m (the bound an engine fixes for the worst
+# case) at fixed total rows.
+
+
+def cap_counts(counts: torch.Tensor, cap: int) -> torch.Tensor:
+    """Counts with none above `cap` (an expert gets at most one row per token under top-k routing),
+    the excess handed to the experts below the cap in proportion to their counts, the total kept."""
+    counts = counts.clone()
+    total = int(counts.sum())
+    if cap * counts.numel() < total:
+        raise ValueError(f"cap: {counts.numel()} experts of at most {cap} rows cannot hold {total}")
+    while int(counts.max()) > cap:
+        excess = int((counts - cap).clamp_min(0).sum())
+        counts.clamp_(max=cap)
+        room = (cap - counts).double() * (counts > 0).double().clamp_min(1e-3)
+        share = (room / room.sum() * excess).floor().long().clamp(max=cap - counts)
+        counts += share
+        rest = total - int(counts.sum())
+        for x in torch.argsort(room - share.double(), descending=True).tolist():  # largest room first
+            if rest == 0:
+                break
+            if counts[x] < cap:
+                counts[x] += 1
+                rest -= 1
+    return counts
+
+
+def pad_rows_ok(out, counts, chunk: int = 16) -> bool:
+    """Masked output `[E, max_m, N]` poisoned with NaN before the runs: rows at or past counts[e]
+    are still NaN (untouched) and the rows below were written (finite)."""
+    max_m = out.shape[1]
+    rows = torch.arange(max_m, device=out.device)
+    for e0 in range(0, out.shape[0], chunk):
+        part = out[e0:e0 + chunk]
+        pad = rows[None, :] >= counts[e0:e0 + chunk, None].to(out.device)
+        if not bool(torch.isnan(part).all(-1)[pad].all()) or not bool(torch.isfinite(part).all(-1)[~pad].all()):
+            return False
+    return True
+
+
+def contiguous_layout(counts, alignment: int, rows_bound: int | None = None):
+    """(expert_ids int32 `[rows]`, first row of each expert, rows in use): each expert's segment
+    padded to `alignment`; `rows_bound` appends padding up to a static size (ids -1)."""
+    ids, starts, row = [], [], 0
+    for e, c in enumerate(counts.tolist()):
+        starts.append(row)
+        padded = -(-c // alignment) * alignment
+        ids.append(torch.full((padded,), -1, dtype=torch.int32))
+        ids[-1][:c] = e
+        row += padded
+    used = row
+    if rows_bound is not None and rows_bound > used:
+        ids.append(torch.full((rows_bound - used,), -1, dtype=torch.int32))
+    return torch.cat(ids).to(DEVICE), starts, used
+
+
+def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms, weights, checker, peers, args,
+                    log) -> dict:
+    b, bs = weights
+    total = int(counts.sum())
+    top = int(counts.max())
+    res = {"slice": sl, "gemm": gemm, "rows": mean_rows, "routing": routing, "E": e, "N": n, "K": k,
+           "total_rows": total, "max_rows": top, "idle": int((counts == 0).sum()),
+           "describe": _routing.describe(counts), "us": {}, "err": {}, "pad_ok": {}}
+    usable = [m for m in max_ms if m >= top] or [1 << max(6, (top - 1).bit_length())]
+    res["max_ms"] = usable
+    # Checked experts: the hottest, a median one, the coldest with rows (and an idle one for padding).
+    order = torch.argsort(counts, descending=True).tolist()
+    live = [x for x in order if counts[x] > 0]
+    check_e = sorted({live[0], live[len(live) // 2], live[-1]}) if live else []
+    counts_dev = counts.to(torch.int32).to(DEVICE)
+    # The valid rows' activations, shared by every masked layout of the cell.
+    a_rows, s_rows = quantize_fp8_per_token_group(torch.randn(e, max(top, 1), k, device=DEVICE, dtype=torch.bfloat16))
+
+    def record(name, fn, err_pairs, pad_check=None):
+        try:
+            res["us"][name] = bench(fn)
+            res["err"][name] = checker.rel(err_pairs())
+            if pad_check is not None:
+                res["pad_ok"][name] = pad_check()
+        except Exception as exc:
+            res.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            print(f"[{sl} {gemm} {mean_rows} {routing}] {name}: {res['errors'][name]}", file=log, flush=True)
+
+    # ours, masked, at each max_m (the same valid rows)
+    dg = peers.get("dg")
+    dg_ms = {usable[0], usable[-1]}
+    for max_m in usable:
+        a = torch.zeros(e, max_m, k, dtype=a_rows.dtype, device=DEVICE)
+        a_s = torch.ones(e, max_m, k // 128, device=DEVICE)
+        a[:, :top], a_s[:, :top] = a_rows[:, :top], s_rows[:, :top]
+        out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        record(f"ours_masked@{max_m}",
+               lambda: grouped_gemm_masked(a, a_s, b, bs, counts_dev, out, expected_m=mean_rows),  # noqa: B023
+               lambda: [(x, a[x, :counts[x]], a_s[x, :counts[x]], out[x, :counts[x]]) for x in check_e],  # noqa: B023
+               lambda: pad_rows_ok(out, counts))  # noqa: B023
+        if args.cuda_masked and max_m % 128 == 0:
+            # Our CUDA kernel on the masked layout (the policy's choice from 128 rows per expert;
+            # compiled per max_m, so opt-in: a JIT build per max_m and shape).
+            from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked as cuda_masked
+
+            out.fill_(float("nan"))
+            record(f"ours_cuda_masked@{max_m}",
+                   lambda: cuda_masked(a, a_s, b, bs, counts_dev, out),  # noqa: B023
+                   lambda: [(x, a[x, :counts[x]], a_s[x, :counts[x]], out[x, :counts[x]]) for x in check_e],  # noqa: B023
+                   lambda: pad_rows_ok(out, counts))  # noqa: B023
+        if dg is not None and max_m in dg_ms:
+            out_dg = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+            try:
+                sfa = dg.transform_sf_into_required_layout(a_s, max_m, k, (1, 128, 128), e, True)
+                record(f"dg_masked@{max_m}",
+                       lambda: dg.m_grouped_fp8_fp4_gemm_nt_masked((a, sfa), (b, peers["dg_sfb"]), out_dg,  # noqa: B023
+                                                                   counts_dev, mean_rows),
+                       lambda: [(x, a[x, :counts[x]], a_s[x, :counts[x]], out_dg[x, :counts[x]]) for x in check_e])  # noqa: B023
+            except Exception as exc:
+                res.setdefault("errors", {})[f"dg_masked@{max_m}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            del out_dg
+        del a, a_s, out
+        torch.cuda.empty_cache()
+
+    # ours and DeepGEMM, contiguous: segments padded to 128 rows (DeepGEMM's alignment)
+    ids, starts, used = contiguous_layout(counts, CONTIGUOUS_ALIGNMENT)
+    a = torch.zeros(ids.numel(), k, dtype=a_rows.dtype, device=DEVICE)
+    a_s = torch.ones(ids.numel(), k // 128, device=DEVICE)
+    for x in range(e):
+        c = int(counts[x])
+        a[starts[x]:starts[x] + c], a_s[starts[x]:starts[x] + c] = a_rows[x, :c], s_rows[x, :c]
+    seg = lambda x: slice(starts[x], starts[x] + int(counts[x]))  # noqa: E731
+    out = torch.full((ids.numel(), n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    pad = ids < 0
+    record("ours_contig", lambda: grouped_gemm_contiguous(a, a_s, b, bs, ids, out, expected_m=mean_rows),
+           lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
+           lambda: bool(torch.isnan(out[pad]).all()) and bool(torch.isfinite(out[~pad]).all()))
+    if dg is not None:
+        try:
+            sfa = dg.transform_sf_into_required_layout(a_s, ids.numel(), k, (1, 128, 128), None, True)
+            out.fill_(float("nan"))
+            record("dg_contig", lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, peers["dg_sfb"]), out, ids),
+                   lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e])
+        except Exception as exc:
+            res.setdefault("errors", {})["dg_contig"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    del a, a_s, out, ids
+
+    # ours, contiguous with the masked config's small tiles: segments padded to BLOCK_M on a static
+    # bound of total + E * (BLOCK_M - 1) rows, the rows in use read on the device (num_rows)
+    if mean_rows <= DECODE_MAX_ROWS:
+        cfg = _gemm_config.get_config("grouped_gemm_masked", mean_rows, n, k, device_name(b.device), masked=True)
+        bm = cfg["BLOCK_M"]
+        ids, starts, used = contiguous_layout(counts, bm, rows_bound=total + e * (bm - 1))
+        a = torch.zeros(ids.numel(), k, dtype=a_rows.dtype, device=DEVICE)
+        a_s = torch.ones(ids.numel(), k // 128, device=DEVICE)
+        for x in range(e):
+            c = int(counts[x])
+            a[starts[x]:starts[x] + c], a_s[starts[x]:starts[x] + c] = a_rows[x, :c], s_rows[x, :c]
+        num_rows = torch.tensor([used], dtype=torch.int32, device=DEVICE)
+        out = torch.full((ids.numel(), n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        pad = ids < 0
+        res["contig_small_block_m"] = bm
+        record("ours_contig_small",
+               lambda: grouped_gemm_contiguous(a, a_s, b, bs, ids, out, config=cfg, num_rows=num_rows),
+               lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
+               lambda: bool(torch.isnan(out[pad]).all()) and bool(torch.isfinite(out[~pad]).all()))
+        del a, a_s, out, ids
+    del a_rows, s_rows
+
+    # vLLM Triton fused_moe_kernel at the same per-expert counts
+    if peers.get("vllm") is not None and total % TOPK == 0 and total:
+        moe = _peers.VllmMoE(peers["vllm"], counts.tolist(), TOPK, gemm, device=DEVICE)
+        a, a_s = quantize_fp8_per_token_group(torch.randn(moe.a_rows(), k, device=DEVICE, dtype=torch.bfloat16))
+        c = torch.empty(moe.slots, n, dtype=torch.bfloat16, device=DEVICE)
+        best = None
+        limit = None if args.vllm_configs <= 0 else args.vllm_configs
+        for cfg in _peers.vllm_configs(e, inter, near_m=moe.tokens, limit=limit):
+            try:
+                us = bench(lambda: moe(a, a_s, b, bs, c, cfg))  # noqa: B023
+            except Exception as exc:
+                print(f"[{sl} {gemm} {mean_rows} {routing}] vllm {cfg}: {type(exc).__name__}: {str(exc)[:160]}",
+                      file=log, flush=True)
+                continue
+            print(f"[{sl} {gemm} {mean_rows} {routing}] vllm {cfg}: {us:.1f}us", file=log, flush=True)
+            if best is None or us < best[0]:
+                best = (us, cfg)
+        if best is not None:
+            res["us"]["vllm"], res["vllm_cfg"] = best
+            c.fill_(float("nan"))
+            moe(a, a_s, b, bs, c, best[1])
+            rows_of = lambda x: moe.a_row_of_slot(moe.slots_of(x))  # noqa: E731
+            res["err"]["vllm"] = checker.rel([(x, a[rows_of(x)], a_s[rows_of(x)], c[moe.slots_of(x)])
+                                              for x in check_e])
+        del a, a_s, c
+    torch.cuda.empty_cache()
+    return res
+
+
+def derive_routed(res: dict) -> dict:
+    us, err = res["us"], res["err"]
+    ok = lambda name: name in us and err.get(name, 1.0) <= RELERR_MAX * 2  # noqa: E731
+    peers = {name: us[name] for name in us if not name.startswith("ours") and ok(name)}
+    ours = {name: us[name] for name in us if name.startswith("ours")}
+    best_peer = min(peers.items(), key=lambda kv: kv[1]) if peers else (None, None)
+    best_ours = min(ours.items(), key=lambda kv: kv[1]) if ours else (None, None)
+    masked = [m for m in res["max_ms"] if f"ours_masked@{m}" in us]
+    hi = f"ours_masked@{masked[-1]}" if masked else None
+    d = dict(best_peer=best_peer[0], best_peer_us=best_peer[1], best_ours=best_ours[0], best_ours_us=best_ours[1])
+    # Speed relative to the best peer (>= 1: ours faster); acceptance: >= 0.97.
+    d["best_ours_vs_peer"] = best_peer[1] / best_ours[1] if best_peer[1] and best_ours[1] else None
+    d["masked_hi_vs_peer"] = best_peer[1] / us[hi] if best_peer[1] and hi else None
+    # What a larger max_m costs at the same counts: largest over smallest max_m timed (the
+    # acceptance reads it at 1024 over 128, <= 1.05; a hot expert above 128 rows starts higher).
+    d["max_m_span"] = (masked[0], masked[-1]) if len(masked) > 1 else None
+    d["max_m_cost"] = us[hi] / us[f"ours_masked@{masked[0]}"] if len(masked) > 1 else None
+    cuda = [m for m in res["max_ms"] if f"ours_cuda_masked@{m}" in us]
+    d["cuda_max_m_cost"] = (us[f"ours_cuda_masked@{cuda[-1]}"] / us[f"ours_cuda_masked@{cuda[0]}"]
+                            if len(cuda) > 1 else None)
+    d["ours_err"] = max((v for name, v in err.items() if name.startswith("ours")), default=None)
+    d["pad_ok"] = all(res["pad_ok"].values()) if res["pad_ok"] else None
+    return d
+
+
+def render_routed(cells: list) -> str:
+    head = ("| slice gemm | mean rows | routing (max/mean, idle) | ours masked µs @max_m | ours CUDA masked | ours contig | "
+            "ours contig/BM | vLLM | DG masked @max_m | DG contig | best peer | ours best/peer | "
+            "masked@max/peer | max_m cost (hi/lo) | err | pad |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for c in cells:
+        d, us = c["derived"], c["us"]
+        masked = " ".join(f"{m}:{us[f'ours_masked@{m}']:.0f}" for m in c["max_ms"] if f"ours_masked@{m}" in us)
+        dgm = " ".join(f"{m}:{us[f'dg_masked@{m}']:.0f}" for m in c["max_ms"] if f"dg_masked@{m}" in us)
+        cuda = " ".join(f"{m}:{us[f'ours_cuda_masked@{m}']:.0f}" for m in c["max_ms"] if f"ours_cuda_masked@{m}" in us)
+        lines.append(
+            f"| {c['slice']} {c['gemm']} | {c['rows']} | {c['routing']} ({c['describe']}) | {masked or '–'} | "
+            f"{cuda or '–'} | "
+            f"{_fmt(us.get('ours_contig'), '.0f')} | {_fmt(us.get('ours_contig_small'), '.0f')} | "
+            f"{_fmt(us.get('vllm'), '.0f')} | {dgm or '–'} | {_fmt(us.get('dg_contig'), '.0f')} | "
+            f"{d['best_peer'] or '–'} | {_fmt(d['best_ours_vs_peer'], '.3f')} ({d['best_ours'] or '–'}) | "
+            f"{_fmt(d['masked_hi_vs_peer'], '.3f')} | {_fmt(d['max_m_cost'], '.3f')}"
+            f"{' (%d/%d)' % d['max_m_span'][::-1] if d['max_m_span'] else ''} | {_fmt(d['ours_err'], '.1e')} | "
+            f"{'ok' if d['pad_ok'] else ('–' if d['pad_ok'] is None else '**BAD**')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main_routed(args, env, ceil, peers, log) -> int:
+    rows_by = {"ep8": [int(x) for x in args.ep8_rows.split(",") if x],
+               "tp8": [int(x) for x in args.tp8_rows.split(",") if x]}
+    routings = [r for r in args.routings.split(",") if r]
+    for r in routings:
+        _routing.parse_routing(r)  # a bad spec fails before any GPU work
+    max_ms = sorted(int(x) for x in args.max_m.split(",") if x)
+    gemms = set(args.gemms.split(","))
+    cells, skipped = [], []
+    t_start = time.time()
+    over = lambda: args.budget_s > 0 and time.time() - t_start > args.budget_s  # noqa: E731
+    for sl in args.slices.split(","):
+        for gemm, e, n, k, inter in SHAPES[sl]:
+            if gemm not in gemms:
+                continue
+            if over():
+                skipped += [f"{sl} {gemm} {r} {x}" for r in rows_by[sl] for x in routings]
+                continue
+            weights = random_weights(e, n, k)
+            checker = RefChecker(*weights, experts=())
+            if peers.get("dg") is not None:
+                try:
+                    peers["dg_sfb"] = peers["dg"].transform_sf_into_required_layout(weights[1], n, k, (1, 128, 128),
+                                                                                     e, False)
+                except Exception:
+                    print("deep_gemm sfb transform failed:\n" + traceback.format_exc(limit=3), file=log, flush=True)
+                    peers["dg_sfb"] = weights[1]
+            for mean_rows in rows_by[sl]:
+                for routing in routings:
+                    if over():  # the table below still gets printed within the caller's time limit
+                        skipped.append(f"{sl} {gemm} {mean_rows} {routing}")
+                        continue
+                    counts = _routing.zipf_counts(e, mean_rows * e, _routing.parse_routing(routing), seed=args.seed)
+                    # One row per token at most: tokens = rows of all 256 routed experts / top-k.
+                    counts = cap_counts(counts, mean_rows * ROUTED_EXPERTS // TOPK)
+                    t0 = time.time()
+                    try:
+                        res = run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms, weights,
+                                              checker, peers, args, log)
+                    except Exception:
+                        print(f"[{sl} {gemm} {mean_rows} {routing}] FAILED:\n{traceback.format_exc(limit=4)}",
+                              file=log, flush=True)
+                        continue
+                    res["derived"] = d = derive_routed(res)
+                    cells.append(res)
+                    print(f"{sl} {gemm} {mean_rows:4d} {routing:9s} ({res['describe']}): "
+                          + " ".join(f"{name} {v:.1f}" for name, v in res["us"].items())
+                          + f" | best ours/peer {_fmt(d['best_ours_vs_peer'], '.3f')} masked@max/peer "
+                          f"{_fmt(d['masked_hi_vs_peer'], '.3f')} max_m cost {_fmt(d['max_m_cost'], '.3f')} "
+                          f"err {_fmt(d['ours_err'], '.1e')} pad {d['pad_ok']} [{time.time() - t0:.0f}s, "
+                          f"{time.time() - t_start:.0f}s in all]", flush=True)
+                    if args.json:
+                        Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, mode="routed",
+                                                                   cells=cells), indent=1))
+            del weights, checker
+            torch.cuda.empty_cache()
+    table = render_routed(cells)
+    if skipped:
+        table += f"\nNot run (--budget-s {args.budget_s:.0f} spent): " + ", ".join(skipped) + "\n"
+    if args.md:
+        Path(args.md).write_text(
+            "# FP8 grouped GEMM under routed (imbalanced) counts, same run\n\n"
+            f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+            f"DeepGEMM {env['deep_gemm']}; vLLM kernel from `{env['vllm_source']}`; {env['date']}. "
+            "µs, CUDA-graph replay, median. Ratios are speeds relative to the best peer (>= 1: ours "
+            "faster); max_m cost is our masked time at the largest max_m over the smallest (same counts; "
+            "max_m below the hottest expert's rows are skipped). Counts: `zipf_counts`, capped at one row per "
+            "token.\n\n" + table)
+    print(table)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--slices", default="ep8,tp8")
-    p.add_argument("--ep8-rows", default=",".join(map(str, ROWS["ep8"])))
-    p.add_argument("--tp8-rows", default=",".join(map(str, ROWS["tp8"])))
+    p.add_argument("--ep8-rows", default=None, help="rows per expert (routed mode: the mean); default: "
+                   f"{ROWS['ep8']} (routed {ROUTED_ROWS['ep8']})")
+    p.add_argument("--tp8-rows", default=None, help=f"as --ep8-rows; default {ROWS['tp8']} (routed {ROUTED_ROWS['tp8']})")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--log", default=None)
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--routings", default=None,
+                   help="routed mode: comma-separated `uniform` / `zipf:A` (e.g. " + ",".join(ROUTINGS) + "); "
+                   "each cell gets per-expert counts from `_routing.zipf_counts` at mean rows x experts in all, "
+                   "the same for every contender")
+    p.add_argument("--max-m", default=",".join(map(str, MAX_MS)),
+                   help="routed mode: masked layouts' max_m (those below a cell's hottest expert are skipped)")
+    p.add_argument("--gemms", default="w13,w2", help="routed mode: which GEMMs of each slice")
+    p.add_argument("--vllm-configs", type=int, default=4,
+                   help="routed mode: time this many of vLLM's tuned configs, nearest the batch's token count "
+                   "first (0 = all of them)")
+    p.add_argument("--seed", type=int, default=0, help="routed mode: the routing's seed")
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="routed mode: start no new cell after this many seconds (0 = no limit), so the table "
+                   "is printed within a device call's time limit")
+    p.add_argument("--cuda-masked", action="store_true",
+                   help="routed mode: also our CUDA masked kernel at each max_m (a multiple of 128; one JIT build "
+                   "per max_m and shape)")
     args = p.parse_args(argv)
+    routed = args.routings is not None
+    defaults = ROUTED_ROWS if routed else ROWS
+    args.ep8_rows = args.ep8_rows or ",".join(map(str, defaults["ep8"]))
+    args.tp8_rows = args.tp8_rows or ",".join(map(str, defaults["tp8"]))
     import triton
 
     log = open(args.log, "w") if args.log else sys.stderr
@@ -314,6 +678,8 @@ def main(argv=None) -> int:
             print("vLLM kernel unavailable:\n" + traceback.format_exc(limit=3), file=log, flush=True)
     ceil = measure_ceilings()
     print(f"{env}\nceilings {ceil}", flush=True)
+    if routed:
+        return main_routed(args, env, ceil, peers, log)
     rows_by = {"ep8": [int(x) for x in args.ep8_rows.split(",") if x],
                "tp8": [int(x) for x in args.tp8_rows.split(",") if x]}
     cells = []

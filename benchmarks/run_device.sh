@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (repo root): GPU tests, tuning and/or the side-by-side benchmark in one call.
-#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [sweep] [tune] [bench] [layer] [graphtests] [profile] [permq] [ncu]
+#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [walktest] [sweep] [tune] [bench] [routed] [layer] [graphtests] [profile] [permq] [ncu]
 # Peers travel in ignored folders: .whl/ (sgl-deep-gemm 0.1.5 + apache-tvm-ffi wheels) and
 # .peer/ (vLLM's fused_moe.py and its tuned JSONs). Logs and tables go to $OUT.
 set -uo pipefail
@@ -26,6 +26,9 @@ for step in "$@"; do
                 2>"$OUT/cuda_bench.log" | tail -15 ;;
     maskedtest) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/cuda/test_cuda_masked_gpu.py \
                 tests/gpu/test_kernels_gpu.py -k "masked or tma" 2>&1 | tee "$OUT/maskedtest.log" | tail -8 ;;
+    walktest) # the grouped GEMMs' walks over the rows present: Triton (both layouts) and the CUDA masked kernel
+           timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py \
+                tests/cuda/test_cuda_masked_gpu.py 2>&1 | tee "$OUT/walktest.log" | tail -15 ;;
     sweep) DG_JIT_DEBUG=1 DG_PRINT_CONFIGS=1 timeout ${SWEEP_TIMEOUT:-420} python3 benchmarks/sweep_decode_cells.py \
                 --log "$OUT/sweep.log" ${SWEEP_ARGS:-} > "$OUT/sweep.out" 2>&1
            grep -E "^(==|  (triton|cuda)|\|)" "$OUT/sweep.out" | tail -40 ;;
@@ -36,6 +39,11 @@ for step in "$@"; do
            tail -c 300 "/tmp/$step.progress" | tr '\r' '\n' | tail -2
            cp "$OUT"/grouped_gemm_*.json moe_backend/kernels/configs/ 2>/dev/null ;;  # later steps use them
     bench) timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_grouped_gemm.py --json "$OUT/bench.json" --md "$OUT/benchmarks.md" --log "$OUT/bench.log" ${BENCH_ARGS:-} 2>&1 | grep -v "^|" ;;
+    routed) # imbalanced routing, masked max_m 128-1024 at fixed total rows; peers at the same counts
+           timeout ${ROUTED_TIMEOUT:-420} python3 benchmarks/bench_grouped_gemm.py --json "$OUT/routed.json" --md "$OUT/routed.md" \
+             --log "$OUT/routed.log" --routings ${ROUTINGS:-uniform,zipf:0.6,zipf:0.9,zipf:1.2} \
+             --budget-s ${ROUTED_BUDGET:-330} ${ROUTED_ARGS:---slices ep8,tp8 --ep8-rows 128 --tp8-rows 16 --vllm-configs 3} \
+             2>&1 | grep -v "^|---" ;;
     ncu)   timeout ${NCU_TIMEOUT:-400} python3 benchmarks/ncu_compare.py --log "$OUT/ncu_compare.md" ${NCU_ARGS:-} 2>&1 | tail -12 ;;
     permq) timeout ${PERMQ_TIMEOUT:-300} python3 benchmarks/bench_permute_quant.py --md "$OUT/permute_quant.md" 2>&1 | tail -12 ;;
     profile) timeout ${PROFILE_TIMEOUT:-200} python3 -m benchmarks.profile_layer ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -60 ;;

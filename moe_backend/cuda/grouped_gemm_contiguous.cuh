@@ -85,7 +85,9 @@ struct TilePiece {
 // wave share its work. A run starts inside a unit at most once (its first piece: a contributor)
 // and ends inside one at most once (its last piece: that unit's finalizer), so a contributor
 // hands its sums over early in its run and the finalizer needs them only at the end of its own.
-template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kKBlocks, int kSplitTail>
+// kMaskedMaxM > 0 (the masked layout, M-unit-major walk of one M tile per unit): skip_dead_rest.
+template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kKBlocks, int kSplitTail,
+          int kMaskedMaxM = 0>
 struct TileScheduler {
   static constexpr int kNumNTiles = (kN + kBlockN - 1) / kBlockN;
   static constexpr int kNumNUnits = kMcastA ? (kNumNTiles + kCluster - 1) / kCluster : kNumNTiles;
@@ -138,6 +140,22 @@ struct TileScheduler {
     const int r = t - group * per_group;
     m_unit = first_m + r % rows_in_group;
     n_unit = r / rows_in_group;
+  }
+
+  // Called on a unit found dead (its first row is padding). In the masked layout every M tile of
+  // an expert after one past its rows is dead too, up to the next expert's first: jump to this
+  // CTA's first unit there. A layout sized for the worst case (max_m 1024, a few rows per expert)
+  // is mostly dead M tiles; walked one by one, each costs a dependent load of masked_m per CTA
+  // (thousands per CTA on TP8's 256 experts x 112 N tiles), now at most one per expert and CTA.
+  // Needs units numbered M-unit-major (kGroupUnits 1) with one M tile each (kCluster 1, or
+  // A-sharing pairs); elsewhere a no-op. Producer and consumers may skip differently (the
+  // consumers have fetched a unit ahead): they still agree on every live unit.
+  __device__ __forceinline__ void skip_dead_rest(int m_unit) {
+    if constexpr (kMaskedMaxM > 0 && kGroupUnits == 1 && (kCluster == 1 || kMcastA) && !kSplitTail) {
+      constexpr int kTilesPerExpert = kMaskedMaxM / kBlockM;
+      const int next_expert_unit = (m_unit / kTilesPerExpert + 1) * kTilesPerExpert * kNumNUnits;
+      if (next < next_expert_unit) next += (next_expert_unit - next + stride - 1) / stride * stride;
+    }
   }
 
   __device__ __forceinline__ bool next_tile(int& m_unit, int& n_unit, TilePiece& piece) {
@@ -392,7 +410,7 @@ struct GroupedGemmContiguous {
                 "stage tiles must keep 1024-byte alignment");
   static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block can opt into");
 
-  using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kKBlocks, kSplitTail>;
+  using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kKBlocks, kSplitTail, kMaskedMaxM>;
   static_assert(!kSplitTail || kScaleChunk == Scheduler::kSplitQuantum,
                 "split tail: pieces must start on an a_scale chunk (the scale warp stages a chunk at its first K block)");
   // The one-accumulator loop's MMA covers the whole tile (never compiled with kTwoAcc: BLOCK_N 256
@@ -888,7 +906,10 @@ struct GroupedGemmContiguous {
           bool live_pair;
           const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(
               load_tile_ids<kCluster, kMcastA>(expert_ids, m, m_unit), m_unit, n_unit, rank, live_pair);
-          if (!live_pair) continue;
+          if (!live_pair) {
+            sched.skip_dead_rest(m_unit);
+            continue;
+          }
           const int kb_end = kSplitTail ? piece.kb_begin + piece.kb_count : kKBlocks;
 #pragma unroll 1
           for (int kb = kSplitTail ? piece.kb_begin : 0; kb < kb_end; ++kb) {
@@ -1015,7 +1036,11 @@ struct GroupedGemmContiguous {
         bool live_pair;
         const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(ids, m_unit, n_unit, rank,
                                                                                   live_pair);
-        if (!live_pair) continue;
+        if (!live_pair) {
+          // The unit fetched ahead lies before the jump: it is dead as well, or in the next expert.
+          sched.skip_dead_rest(m_unit);
+          continue;
+        }
         const int expert = role.expert;
         // Rows this CTA stores (a dead B-shared tile computes on its partner's rows: the guards
         // below read its own rows' ids, so nothing is stored).

@@ -19,7 +19,8 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
-_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SWAP_AB", "K_UNROLL", "N_LOOP", "TMA", "num_warps", "num_stages")
+_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SWAP_AB", "K_UNROLL", "N_LOOP", "TMA", "PROGRAMS", "num_warps",
+         "num_stages")
 _printed: set = set()
 HOPPER_FALLBACK_DEVICE = "NVIDIA H100 80GB HBM3"
 
@@ -62,7 +63,9 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
     unknown = set(cfg) - set(_KEYS)
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)}; allowed {list(_KEYS)}")
-    full = {"GROUP_M": 1, "SWAP_AB": False, "K_UNROLL": 1, "N_LOOP": 1, "TMA": False, **cfg}
+    # PROGRAMS: the persistent walk's grid size (masked; contiguous with num_rows); 0 = the programs
+    # the GPU holds at once (the launcher's count), an override for tests and sweeps.
+    full = {"GROUP_M": 1, "SWAP_AB": False, "K_UNROLL": 1, "N_LOOP": 1, "TMA": False, "PROGRAMS": 0, **cfg}
     for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
         if key not in full:
             raise ValueError(f"config: missing {key}")
@@ -73,6 +76,9 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
         raise ValueError(f"config: K_UNROLL must be 1, 2 or 4, got {full['K_UNROLL']}")
     if full["N_LOOP"] not in (1, 2, 4, 8, 16):
         raise ValueError(f"config: N_LOOP must be 1, 2, 4, 8 or 16, got {full['N_LOOP']}")
+    if not isinstance(full["PROGRAMS"], int) or full["PROGRAMS"] < 0:
+        raise ValueError(f"config: PROGRAMS must be an int >= 0 (0 = as many as the GPU holds), "
+                         f"got {full['PROGRAMS']!r}")
     if max_block_m is not None and max_block_m % bm:
         raise ValueError(f"config: BLOCK_M ({bm}) must divide the contiguous alignment ({max_block_m})")
     return full

@@ -2,7 +2,10 @@
 
 Each expert's segment is padded to `CONTIGUOUS_ALIGNMENT` rows (padding rows have id -1 and are
 not written), so every BLOCK_M tile (BLOCK_M divides the alignment) holds one expert's rows.
-Kernel: `_grouped_gemm_core`; numerics: docs/design.md.
+A layout sized for the worst case (a static row bound, e.g. T * k + E * (alignment - 1) rows
+under a CUDA graph) ends in tiles of padding only: pass `num_rows` (int32 `[1]` on the device,
+the rows in use) and the kernel walks only the tiles below it, with a persistent grid, so that
+tail costs nothing. Kernel: `_grouped_gemm_core`; numerics: docs/design.md.
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ CONTIGUOUS_ALIGNMENT = 128
 def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
                             b_scale: torch.Tensor, expert_ids: torch.Tensor,
                             out: torch.Tensor | None = None, *, expected_m: int | None = None,
-                            config: dict | None = None) -> torch.Tensor:
+                            config: dict | None = None, num_rows: torch.Tensor | None = None) -> torch.Tensor:
     """out[m, :] = A[m] @ B[expert_ids[m]]^T with block scales; rows with id -1 are not written.
 
     a_fp8 `[M, K]` e4m3 (K % 128 == 0), a_scale f32 `[M, K/128]`, b_fp8 `[E, N, K]`,
     b_scale f32 `[E, ceil(N/128), K/128]`, expert_ids int32 `[M]` (segments aligned to
     CONTIGUOUS_ALIGNMENT; ids are not range-checked: that would sync with the host),
     out bf16 `[M, N]` (allocated zeroed when None, like the reference). `expected_m` (rows per
-    expert; default M/E) picks the tuned config; `config` overrides it.
+    expert; default M/E) picks the tuned config; `config` overrides it. `num_rows` int32 `[1]` on
+    the device (optional): rows at or past it are padding and are neither read nor written (a
+    value above M counts as M); without it every tile is visited and padding tiles exit at once.
     """
     check_kernel_tensor("a_fp8", a_fp8, dtypes=(FP8_DTYPE,), ndim=2)
     dev = a_fp8.device
@@ -44,6 +49,8 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     check_kernel_tensor("b_scale", b_scale, dev, dtypes=(torch.float32,),
                         shape=(num_experts, -(-n // 128), k // 128))
     check_kernel_tensor("expert_ids", expert_ids, dev, dtypes=(torch.int32,), shape=(m,))
+    if num_rows is not None:
+        check_kernel_tensor("num_rows", num_rows, dev, dtypes=(torch.int32,), shape=(1,))
     if out is None:
         out = torch.zeros((m, n), dtype=torch.bfloat16, device=dev)
     else:
@@ -54,5 +61,5 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     cfg = _gemm_config.get_config("grouped_gemm_contiguous", hint, n, k, device_name(dev), masked=False,
                                   override=config, max_block_m=CONTIGUOUS_ALIGNMENT)
     _grouped_gemm_core.launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, None, masked=False,
-                              rows=m, num_experts=num_experts, cfg=cfg)
+                              rows=m, num_experts=num_experts, cfg=cfg, num_rows=num_rows)
     return out

@@ -1,7 +1,9 @@
 """Masked FP8 grouped GEMM (decode): A `[E, max_m, K]`, expert e uses its first `masked_m[e]` rows.
 
-No host sync and a grid from shapes alone, so it captures into a CUDA graph; m-tiles past
-`masked_m[e]` exit at once. Kernel: `_grouped_gemm_core`; numerics: docs/design.md.
+No host sync and a grid from shapes alone, so it captures into a CUDA graph. The kernel reads
+`masked_m` on the device and walks only the tiles that hold rows (a persistent grid over a
+prefix sum of per-expert tile counts), so its cost follows the rows present, not `max_m`.
+Kernel and work walk: `_grouped_gemm_core`; numerics: docs/design.md.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch
 
     a_fp8 `[E, max_m, K]` e4m3 (K % 128 == 0), a_scale f32 `[E, max_m, K/128]`,
     b_fp8 `[E, N, K]` e4m3, b_scale f32 `[E, ceil(N/128), K/128]`, masked_m int32 `[E]` (device),
-    out bf16 `[E, max_m, N]` (allocated zeroed when None, like the reference). `expected_m` (rows per expert the caller expects; default max_m) picks the tuned
-    config; `config` overrides it (keys in `_gemm_config`).
+    out bf16 `[E, max_m, N]` (allocated zeroed when None, like the reference; a given `out` is
+    never filled: rows at or past masked_m[e] keep what they held). Values of masked_m outside
+    [0, max_m] are clamped on the device (checking them would sync). `expected_m` (rows per expert
+    the caller expects; default max_m) picks the tuned config (tile sizes); `config` overrides it
+    (keys in `_gemm_config`).
     """
     check_kernel_tensor("a_fp8", a_fp8, dtypes=(FP8_DTYPE,), ndim=3)
     dev = a_fp8.device

@@ -58,6 +58,7 @@ class CompileCase:
     part_n: int = 0           # two_acc: MMA units of this many columns (0: the whole tile)
     unit_accs: int = 2        # two_acc: MMA units in flight per warpgroup
     masked_max_m: int = 0     # > 0: the masked layout, the kernel reading masked_m (RowIds)
+    group_m: int = ggc.GROUP_M  # 1: the masked op's walk (M-tile-major: an expert's dead M tiles skipped)
     split_tail: bool = False  # the last wave's units shared by all CTAs (stream-K)
 
 
@@ -85,6 +86,10 @@ COMPILE_CASES = [
     CompileCase("split-tail-ep8-w2-single", 7168, 2048, block_n=128, two_acc=True, split_tail=True),
     CompileCase("masked-128", 7168, 2048, block_n=128, cluster=2, multicast="a", two_acc=True, masked_max_m=128),
     CompileCase("masked-256-bn64", 512, 7168, block_n=64, two_acc=True, masked_max_m=256),
+    # the masked op's decode configs (select_masked_config, group_m 1) at worst-case max_m
+    CompileCase("masked-1024-k256-decode", 7168, 256, block_n=64, two_acc=True, masked_max_m=1024, group_m=1),
+    CompileCase("masked-1024-pairs-decode", 4096, 7168, block_n=128, cluster=2, multicast="a", two_acc=True,
+                masked_max_m=1024, group_m=1),
 ]
 
 
@@ -95,7 +100,7 @@ def _spec(case: CompileCase) -> jit.KernelSpec:
         cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store), cluster=case.cluster,
                                    multicast=case.multicast, bulk_store=case.bulk_store,
                                    pingpong=not case.two_acc, two_acc=case.two_acc, part_n=case.part_n,
-                                   unit_accs=case.unit_accs, split_tail=case.split_tail)
+                                   unit_accs=case.unit_accs, split_tail=case.split_tail, group_m=case.group_m)
     return ggc.kernel_spec(case.n, case.k, cfg, masked_max_m=case.masked_max_m)
 
 
@@ -383,6 +388,16 @@ def test_bulk_store_needs_rows_of_16_bytes():
     with pytest.raises(ValueError, match="config.bulk_store"):
         ggc.kernel_spec(1001, 256, cfg)
     assert ggc.kernel_spec(1024, 256, cfg).constants["BULK_STORE"] == 1
+
+
+@pytest.mark.parametrize("n,k", [(7168, 256), (4096, 7168), (512, 7168), (7168, 2048)])
+def test_masked_decode_configs_walk_m_tile_major(n, k):
+    """The masked op's configs meet the dead-tile skip's preconditions (TileScheduler::skip_dead_rest:
+    group_m 1, one M tile per unit), as the decode compile cases above assume."""
+    from moe_backend.cuda.grouped_gemm_masked import select_masked_config
+
+    cfg = select_masked_config(n, k)
+    assert cfg.group_m == 1 and (cfg.cluster == 1 or cfg.multicast == "a") and not cfg.split_tail
 
 
 def test_masked_max_m_is_checked_and_keys_the_kernel():

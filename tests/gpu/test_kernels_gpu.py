@@ -36,6 +36,14 @@ def _acts(shape):
     return quantize_fp8_per_token_group(torch.randn(*shape, device="cuda"))
 
 
+def _zipf_counts(num_experts: int, total: int, exponent: float) -> tuple:
+    """Skewed routing: rows proportional to 1 / rank^exponent over a fixed permutation of the
+    experts (a hot expert several times the mean, a tail of idle ones)."""
+    ranks = torch.randperm(num_experts, generator=torch.Generator().manual_seed(0)).double() + 1
+    p = ranks.pow(-exponent)
+    return tuple((p / p.sum() * total).floor().long().tolist())
+
+
 @dataclass(frozen=True)
 class GemmCase:
     name: str
@@ -76,6 +84,16 @@ GEMM_CASES = [
                                                                      TMA=True, num_warps=8, num_stages=3)),
     GemmCase("tma_small_m", 7168, 256, (3, 0, 1, 16), config=dict(BLOCK_M=16, BLOCK_N=128, TMA=True,
                                                                     num_warps=4, num_stages=3)),
+    # Imbalanced routing on a layout sized for the worst case (the persistent walk, default grid).
+    GemmCase("zipf_tp8_w2_max_m_1024", 7168, 256, _zipf_counts(256, 256 * 16, 1.1), max_m=1024),
+    GemmCase("zipf_tp8_w13_max_m_512", 512, 7168, _zipf_counts(256, 256 * 4, 0.8), max_m=512),
+    GemmCase("hot_expert_ep8_w13", 4096, 7168, (600, 0, 3, 1, 0, 20, 2, 0), max_m=1024),
+    GemmCase("hot_expert_tma", 1000, 2048, (0, 700, 1, 0, 129), max_m=768,
+             config=dict(BLOCK_M=64, BLOCK_N=128, TMA=True, num_warps=4, num_stages=4)),
+    GemmCase("hot_expert_n_loop", 7168, 256, (1, 0, 500, 16), max_m=1024,
+             config=dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=2)),
+    GemmCase("one_program", 640, 1024, (5, 0, 90, 1), max_m=256,
+             config=dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, num_warps=4, num_stages=3, PROGRAMS=1)),
 ]
 
 
@@ -120,6 +138,68 @@ def test_grouped_gemm_contiguous(case: GemmCase) -> None:
     assert torch.isfinite(out[~pad]).all(), "valid rows left unwritten"
     if (~pad).any():
         assert _rel(out[~pad], ref[~pad]) <= TOL["gemm"]
+
+
+def test_masked_walk_under_graph_large_max_m() -> None:
+    """One capture at max_m 512 replayed with all-idle, one-hot-expert (every row of the layout)
+    and skewed counts: the walk is rebuilt from masked_m on the device at every replay."""
+    _, _, masked_mod, _, _ = _kernels()
+    e, max_m, n, k = 16, 512, 1024, 512
+    b, bs = _weights(e, n, k)
+    a, a_s = _acts((e, max_m, k))
+    masked_m = torch.zeros(e, dtype=torch.int32, device="cuda")
+    out = torch.empty((e, max_m, n), dtype=torch.bfloat16, device="cuda")
+    masked_mod.grouped_gemm_masked(a, a_s, b, bs, masked_m, out, expected_m=16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        masked_mod.grouped_gemm_masked(a, a_s, b, bs, masked_m, out, expected_m=16)
+    for counts in ([0] * e, [0] * 5 + [max_m] + [0] * 10, list(_zipf_counts(e, 300, 1.0))):
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = reference.grouped_gemm_masked(a, a_s, b, bs, masked_m)
+        for i, m in enumerate(counts):
+            assert torch.isnan(out[i, m:]).all(), f"{counts}: expert {i} rows past masked_m written"
+            assert torch.isfinite(out[i, :m]).all(), f"{counts}: expert {i} rows left unwritten"
+            if m:
+                assert _rel(out[i, :m], ref[i, :m]) <= TOL["gemm"], f"{counts}: expert {i}"
+
+
+def test_contiguous_num_rows_under_graph() -> None:
+    """A contiguous layout on a static row bound (segments padded to 16 rows): the rows in use
+    come from the device (`num_rows`), the stale ids past them are never visited."""
+    _, contig_mod, _, _, _ = _kernels()
+    e, n, k, block_m, bound = 32, 7168, 256, 16, 2048
+    b, bs = _weights(e, n, k)
+    a, a_s = _acts((bound, k))
+    expert_ids = torch.zeros(bound, dtype=torch.int32, device="cuda")
+    num_rows = torch.zeros(1, dtype=torch.int32, device="cuda")
+    out = torch.empty((bound, n), dtype=torch.bfloat16, device="cuda")
+    cfg = dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, num_warps=4, num_stages=3)
+    call = lambda: contig_mod.grouped_gemm_contiguous(a, a_s, b, bs, expert_ids, out, config=cfg,  # noqa: E731
+                                                      num_rows=num_rows)
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for counts in ((0,) * e, _zipf_counts(e, 500, 1.2), (3,) * e):
+        ids = []
+        for i, c in enumerate(counts):
+            ids += [i] * c + [-1] * (-c % block_m)
+        used = len(ids)
+        stale = torch.arange(bound - used, dtype=torch.int32) % e  # ids a previous batch left
+        expert_ids.copy_(torch.cat([torch.tensor(ids, dtype=torch.int32), stale]))
+        num_rows.fill_(used)
+        out.fill_(float("nan"))
+        graph.replay()
+        assert torch.isnan(out[used:]).all(), f"{counts}: rows past num_rows written"
+        live = torch.arange(bound, device="cuda") < used
+        ref = reference.grouped_gemm_contiguous(a, a_s, b, bs, torch.where(live, expert_ids, -1))
+        valid = live & (expert_ids >= 0)
+        assert torch.isnan(out[live & ~valid]).all(), f"{counts}: padding rows written"
+        assert torch.isfinite(out[valid]).all(), f"{counts}: valid rows left unwritten"
+        if valid.any():
+            assert _rel(out[valid], ref[valid]) <= TOL["gemm"]
 
 
 def test_masked_cuda_graph_replay() -> None:

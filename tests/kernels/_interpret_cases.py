@@ -57,6 +57,67 @@ def case_masked(cfg=None):
     assert err <= GEMM_RTOL, f"rel err {err:.2e}"
 
 
+def _check_masked(counts, max_m, n, k, cfg, seed):
+    """Poisoned output (NaN): rows past masked_m[e] must stay NaN, valid rows must be written,
+    and each expert's rows must match the reference on their own (a unit written to the wrong
+    expert or rows shows up there, not diluted among the right ones). Counts outside [0, max_m]
+    are clamped by the kernel: the reference gets the clamped ones."""
+    gen = torch.Generator().manual_seed(seed)
+    e = len(counts)
+    b, bs = _weights(e, n, k, gen)
+    a, a_s = _acts((e, max_m, k), gen)
+    masked_m = torch.tensor(counts, dtype=torch.int32)
+    out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16)
+    grouped_gemm_masked(a, a_s, b, bs, masked_m, out, config=cfg)
+    clamped = masked_m.clamp(0, max_m)
+    ref = reference.grouped_gemm_masked(a, a_s, b, bs, clamped)
+    for i, m in enumerate(clamped.tolist()):
+        assert torch.isnan(out[i, m:]).all(), f"expert {i}: rows past masked_m were written"
+        assert torch.isfinite(out[i, :m]).all(), f"expert {i}: valid rows not written"
+        if m:
+            err = _rel(out[i, :m], ref[i, :m])
+            assert err <= GEMM_RTOL, f"expert {i}: rel err {err:.2e}"
+
+
+# The persistent walk: few programs (PROGRAMS) each take many units, across expert boundaries.
+_WALK = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def case_masked_hot_expert():
+    # One hot expert (5 m-tiles of one weight tile) among idle and one-row experts, 2 programs.
+    _check_masked((0, 70, 1, 3, 0, 17), 80, 136, 256, dict(_WALK, PROGRAMS=2), seed=11)
+
+
+def case_masked_all_idle():
+    _check_masked((0, 0, 0), 48, 64, 128, dict(_WALK, PROGRAMS=4), seed=12)
+
+
+def case_masked_max_m_far_above_rows():
+    # max_m 512 for at most 5 rows: the walk visits only the tiles that hold rows.
+    _check_masked((2, 0, 5, 1), 512, 200, 128, dict(_WALK, PROGRAMS=3), seed=13)
+
+
+def case_masked_single_row():
+    _check_masked((0, 1, 0), 32, 72, 128, None, seed=14)
+
+
+def case_masked_many_experts():
+    # 37 experts: the prefix-sum vector spans 64 lanes; more programs than units (idle programs).
+    counts = tuple((i * 7) % 5 if i % 3 else 0 for i in range(37))
+    _check_masked(counts, 8, 64, 128, dict(_WALK, BLOCK_N=32, PROGRAMS=500), seed=15)
+
+
+def case_masked_out_of_range_counts():
+    # Clamped on the device: above max_m counts as max_m, negative as 0.
+    _check_masked((40, -3, 7), 24, 64, 128, dict(_WALK, PROGRAMS=2), seed=16)
+
+
+def case_masked_n_loop_walk():
+    # Short K with N_LOOP n-tiles per unit, a hot expert, one program walking everything.
+    _check_masked((33, 0, 2), 40, 200, 256, dict(BLOCK_M=16, BLOCK_N=64, N_LOOP=2, num_warps=4, num_stages=2,
+                                                  PROGRAMS=1), seed=17)
+
+
 def case_masked_swap_ab():
     case_masked(dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, num_warps=4, num_stages=2))
 
@@ -104,6 +165,40 @@ def case_contiguous(cfg=None, counts=(0, 1, 130, 5)):
     assert torch.isfinite(out[~pad]).all(), "valid rows not written"
     err = _rel(out[~pad], ref[~pad])
     assert err <= GEMM_RTOL, f"rel err {err:.2e}"
+
+
+def case_contiguous_num_rows():
+    """A layout sized for the worst case: segments padded to BLOCK_M, then a tail of padding
+    whose ids are set to a real expert (stale data): with `num_rows` the walk must stop before it
+    (rows there stay NaN); every row below is checked per expert."""
+    gen = torch.Generator().manual_seed(8)
+    counts, block_m, n, k = (3, 0, 40, 1, 16), 16, 96, 256
+    e = len(counts)
+    ids = []
+    for i, c in enumerate(counts):
+        ids += [i] * c + [-1] * (-c % block_m)
+    used = len(ids)
+    ids += [2] * (3 * block_m + 5)  # stale ids past the rows in use
+    expert_ids = torch.tensor(ids, dtype=torch.int32)
+    b, bs = _weights(e, n, k, gen)
+    a, a_s = _acts((len(ids), k), gen)
+    ref = reference.grouped_gemm_contiguous(a, a_s, b, bs, torch.where(torch.arange(len(ids)) < used, expert_ids, -1))
+    for cfg in (dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=2, PROGRAMS=3),
+                dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)):
+        out = torch.full((len(ids), n), float("nan"), dtype=torch.bfloat16)
+        grouped_gemm_contiguous(a, a_s, b, bs, expert_ids, out, config=cfg,
+                                num_rows=torch.tensor([used], dtype=torch.int32))
+        assert torch.isnan(out[used:]).all(), "rows past num_rows were written"
+        pad = expert_ids[:used] < 0
+        assert torch.isnan(out[:used][pad]).all(), "padding rows were written"
+        start = 0
+        for i, c in enumerate(counts):
+            rows = slice(start, start + c)
+            assert torch.isfinite(out[rows]).all(), f"expert {i}: valid rows not written"
+            if c:
+                err = _rel(out[rows], ref[rows])
+                assert err <= GEMM_RTOL, f"expert {i}: rel err {err:.2e}"
+            start += c + (-c % block_m)
 
 
 def case_contiguous_one_expert():

@@ -11,7 +11,8 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 API = {
-    "grouped_gemm_contiguous": "(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None)",
+    "grouped_gemm_contiguous": ("(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None, "
+                                "num_rows=None)"),
     "grouped_gemm_masked": "(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, expected_m=None, config=None)",
     "silu_mul_quant": "(h, group=128, ue8m0=False)",
     "per_token_group_quant": "(x, group=128, ue8m0=False)",
@@ -107,3 +108,29 @@ def test_tune_candidates_are_valid(m: int, masked: bool, k: int) -> None:
         full = _gemm_config.check_config(cfg, max_block_m=None if masked else 128)
         per_stage = 128 * full["K_UNROLL"] * (full["BLOCK_M"] + full["BLOCK_N"])
         assert full["num_stages"] * per_stage <= 200 * 1024 or full["N_LOOP"] > 1
+
+
+@pytest.mark.parametrize("n_regs,shared,num_warps,expected", [
+    (168, 55_000, 4, 132 * 3),   # registers bound: 3 x 4 warps x 5376 registers per warp
+    (40, 0, 4, 132 * 12),        # registers bound again at 1280 per warp
+    (32, 200_000, 8, 132 * 1),   # shared memory bound: one block of 200 KB
+    (16, 1_000, 1, 132 * 32),    # the 32-blocks-per-SM bound
+])
+def test_resident_programs(monkeypatch, n_regs, shared, num_warps, expected) -> None:
+    """The persistent grid's size: SMs x the blocks one SM holds (the occupancy calculator's
+    bounds), from a compiled kernel's registers and shared memory."""
+    from types import SimpleNamespace
+
+    from moe_backend.kernels import _grouped_gemm_core as core
+
+    monkeypatch.setattr(core, "_sm_limits", lambda index: (132, 65536, 228 * 1024, 2048))
+    compiled = SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(shared=shared), _init_handles=lambda: None)
+    assert core.resident_programs(compiled, num_warps, 0) == expected
+
+
+def test_programs_override_is_checked() -> None:
+    from moe_backend.kernels import _gemm_config
+
+    assert _gemm_config.check_config(dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3))["PROGRAMS"] == 0
+    with pytest.raises(ValueError, match="PROGRAMS"):
+        _gemm_config.check_config(dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS=-1))

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CASES = ["masked", "masked_swap_ab", "masked_wide_n", "masked_k_unroll", "masked_n_loop", "contiguous", "contiguous_one_expert",
-         "contiguous_bm64", "per_token_group_quant", "silu_mul_quant", "combine", "bad_inputs",
+CASES = ["masked", "masked_swap_ab", "masked_wide_n", "masked_k_unroll", "masked_n_loop", "masked_hot_expert",
+         "masked_all_idle", "masked_max_m_far_above_rows", "masked_single_row", "masked_many_experts",
+         "masked_out_of_range_counts", "masked_n_loop_walk", "contiguous", "contiguous_one_expert",
+         "contiguous_num_rows", "contiguous_bm64", "per_token_group_quant", "silu_mul_quant", "combine", "bad_inputs",
          "permute_quant", "permute_quant_empty"]
 
 

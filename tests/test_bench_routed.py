@@ -1,0 +1,144 @@
+"""CPU smoke test of the routed benchmark (`benchmarks/bench_grouped_gemm.py --routings`): one
+cell's logic (layouts, the padding checks, the reference check, the ratios, the table) on tiny
+shapes, our kernels under the Triton interpreter, so a GPU run does not fail on the bench itself;
+and vLLM's launcher fed per-expert counts (its id arrays, without the peer's kernel)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, "benchmarks")
+import bench_grouped_gemm as bg
+import _routing
+from moe_backend.quant import quantize_fp8_blockwise
+
+bg.DEVICE = "cpu"
+bg.bench = lambda fn: (fn(), 1.0)[1]  # one call, no timing on CPU
+e, n, k = 6, 72, 256
+b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, generator=torch.Generator().manual_seed(0)) * 0.05)
+counts = _routing.zipf_counts(e, 8 * e, 1.2)
+counts[int(torch.argmin(counts))] = 0  # an idle expert
+counts[int(torch.argmax(counts))] += 8 * e - int(counts.sum())
+
+class Args:
+    vllm_configs = 2
+    cuda_masked = False
+
+res = bg.run_routed_cell("tp8", "w2", e, n, k, 256, 8, "zipf:1.2", counts, [16, 128, 1024], (b, bs),
+                         bg.RefChecker(b, bs, experts=()), {}, Args, sys.stderr)
+res["derived"] = bg.derive_routed(res)
+res["table"] = bg.render_routed([res])
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_routed_cell_on_the_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not res.get("errors"), res.get("errors")
+    top = res["max_rows"]
+    assert res["max_ms"] == [m for m in (16, 128, 1024) if m >= top] and res["idle"] >= 1
+    expected = {f"ours_masked@{m}" for m in res["max_ms"]} | {"ours_contig", "ours_contig_small"}
+    assert set(res["us"]) == expected
+    assert all(res["pad_ok"][name] for name in expected), res["pad_ok"]
+    assert all(res["err"][name] <= 2e-3 for name in expected), res["err"]
+    d = res["derived"]
+    assert d["max_m_cost"] == 1.0 and d["pad_ok"] and d["best_peer"] is None  # no peers on CPU
+    assert "zipf:1.2 (max/mean" in res["table"] and "| ok |" in res["table"]
+
+
+MAIN_SCRIPT = r"""
+import argparse, json, sys
+import torch
+sys.path.insert(0, "benchmarks")
+import bench_grouped_gemm as bg
+from moe_backend.quant import quantize_fp8_blockwise
+
+bg.DEVICE = "cpu"
+bg.bench = lambda fn: (fn(), 1.0)[1]
+bg.SHAPES = {"tp8": [("w13", 8, 64, 128, 256), ("w2", 8, 72, 256, 256)]}
+bg.random_weights = lambda e, n, k: quantize_fp8_blockwise(torch.randn(e, n, k) * 0.05)
+out = sys.argv[1]
+args = argparse.Namespace(slices="tp8", tp8_rows="4", ep8_rows="", routings="uniform,zipf:1.2", max_m="16,64",
+                          gemms="w2", seed=0, vllm_configs=1, budget_s=0, cuda_masked=False, json=out + ".json",
+                          md=out + ".md")
+bg.main_routed(args, {"device": "cpu", "torch": "", "triton": "", "cuda": "", "deep_gemm": "-", "vllm_source": "-",
+                      "date": ""}, {}, {}, sys.stderr)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_routed_main_writes_json_and_table(tmp_path: Path) -> None:
+    """The routed run's loop: only the chosen GEMM, one cell per routing, JSON after each cell,
+    the markdown table, the short table printed last."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, "-c", MAIN_SCRIPT, str(tmp_path / "routed")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "routed.json").read_text())
+    assert [(c["gemm"], c["routing"]) for c in data["cells"]] == [("w2", "uniform"), ("w2", "zipf:1.2")]
+    assert data["cells"][0]["max_ms"] == [16, 64] and data["cells"][0]["derived"]["max_m_cost"] == 1.0
+    assert proc.stdout.strip().splitlines()[-1].startswith("| tp8 w2 | 4 | zipf:1.2")
+    assert "| tp8 w2 | 4 | uniform" in (tmp_path / "routed.md").read_text()
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("gemm", ["w13", "w2"])
+def test_vllm_launcher_per_expert_counts(block_m: int, gemm: str) -> None:
+    """The id arrays vLLM's kernel reads, built from per-expert counts: each expert's slots in
+    BLOCK_M blocks labelled with it, sentinels (= slot count) on the padding, every slot once,
+    the grid bound total + E * (BLOCK_M - 1) rows, the padded row count on the device."""
+    import _peers
+
+    counts = [0, 37, 1, 0, 90, 16]
+    moe = _peers.VllmMoE(None, counts, 8, gemm, device="cpu")
+    assert moe.slots == 144 and moe.tokens == 18 and moe.a_rows() == (18 if gemm == "w13" else 144)
+    ids, expert_ids, post = moe.alignment(block_m)
+    assert ids.numel() == moe.slots + len(counts) * (block_m - 1)
+    padded = sum(-(-c // block_m) * block_m for c in counts)
+    assert int(post) == padded
+    assert sorted(ids[ids < moe.slots].tolist()) == list(range(moe.slots))
+    for e, c in enumerate(counts):
+        rows = (torch.repeat_interleave(expert_ids, block_m)[:ids.numel()] == e).nonzero().flatten()
+        assert rows.numel() == -(-c // block_m) * block_m
+        got = ids[rows]
+        assert torch.equal(got[got < moe.slots].long(), moe.slots_of(e)) and (got[c:] == moe.slots).all()
+    assert (expert_ids[padded // block_m:] == -1).all()
+    assert torch.equal(moe.a_row_of_slot(torch.tensor([17])), torch.tensor([2 if gemm == "w13" else 17]))
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.9, 1.2])
+def test_cap_counts(exponent: float) -> None:
+    """One row per token at most: the hot experts are cut to the token count, the total is kept,
+    nobody ends above the cap, the order of popularity survives."""
+    import _routing
+    import bench_grouped_gemm as bg
+
+    counts = _routing.zipf_counts(256, 16 * 256, exponent)
+    capped = bg.cap_counts(counts, 512)
+    assert int(capped.sum()) == 16 * 256 and int(capped.max()) <= 512
+    assert torch.equal(capped, counts) == (int(counts.max()) <= 512)
+    hot = int(torch.argmax(counts))
+    assert int(capped[hot]) == min(int(counts[hot]), 512)
+    with pytest.raises(ValueError, match="cap"):
+        bg.cap_counts(counts, 15)
