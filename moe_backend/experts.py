@@ -43,16 +43,20 @@ def _record(plan: Plan) -> None:
 
 
 # ---------------------------------------------------------------- execution (no checks, no choices)
-def _gemm_contiguous(g: GemmPlan, a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, num_experts: int):
+def _gemm_contiguous(g: GemmPlan, a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, num_experts: int,
+                     rows_in_use: torch.Tensor | None = None):
+    """rows_in_use: int32 `[1]` on the device, the layout's padded total; the rows past it (the
+    static bound's tail) are padding the kernels do not walk."""
     if g.provider == "triton":
         from moe_backend.kernels import _grouped_gemm_core
 
         _grouped_gemm_core.launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, None, masked=False,
-                                  rows=a_fp8.shape[0], num_experts=num_experts, cfg=g.triton_config)
+                                  rows=a_fp8.shape[0], num_experts=num_experts, cfg=g.triton_config,
+                                  num_rows=rows_in_use)
     elif g.provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import launch
 
-        launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=g.config)
+        launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=g.config, rows_in_use=rows_in_use)
     else:
         ops.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, impl=g.provider)
     return out
@@ -126,11 +130,12 @@ def run_plan(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, w13_fp8:
                                              alignment=plan.alignment, num_rows=plan.num_rows)
         a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)
         ids = layout.expert_ids
+        rows_in_use = layout.expert_offsets[num_experts:]  # int32 [1] on the device
         h = torch.empty(plan.num_rows, two_i, dtype=torch.bfloat16, device=dev)
-        _gemm_contiguous(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts)
+        _gemm_contiguous(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use)
         act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0, expert_ids=ids)
         y = torch.empty(plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
-        _gemm_contiguous(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts)
+        _gemm_contiguous(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts, rows_in_use)
     return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out)
 
 

@@ -11,7 +11,11 @@ extern "C" __global__ void __launch_bounds__(phasemoe::kNumThreads, 1)
                 const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_out,
                 const float* __restrict__ a_scale, const float* __restrict__ b_scale,
                 const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m,
-                float* __restrict__ workspace, int* __restrict__ flags) {
+                float* __restrict__ workspace, int* __restrict__ flags,
+                const int32_t* __restrict__ rows_in_use) {
+  // A layout sized by a static bound (no host sync) ends in padding rows: the device-side count
+  // of rows in use, when given, keeps the scheduler off that tail.
+  if (rows_in_use != nullptr) m = max(0, min(m, __ldg(rows_in_use)));
   Gemm::run(tmap_a, tmap_b, tmap_out, a_scale, b_scale, row_ids, out, m, workspace, flags);
 }
 

@@ -341,10 +341,12 @@ def grid_size(m: int, n: int, cfg: ContiguousConfig, num_sms: int) -> int:
 
 def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
                 expert_ids: torch.Tensor, out: torch.Tensor, cfg: ContiguousConfig,
-                split: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
+                split: tuple[torch.Tensor, torch.Tensor] | None = None,
+                rows_in_use: torch.Tensor | None = None) -> list:
     """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
-    (tmap_a, tmap_b, tmap_out, a_scale*, b_scale*, expert_ids*, out*, m, workspace*, flags*);
-    `split` = the split tail's (workspace, flags), null pointers without one. Tensor maps: A `[M, K]`
+    (tmap_a, tmap_b, tmap_out, a_scale*, b_scale*, expert_ids*, out*, m, workspace*, flags*,
+    rows_in_use*); `split` = the split tail's (workspace, flags), null pointers without one;
+    `rows_in_use` int32 [1] on the device (rows of A in use), a null pointer without one. Tensor maps: A `[M, K]`
     in 128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first), out
     `[M, N]` bf16 in 64 x 64 boxes when the config stores through TMA (else A's map again, unused)."""
     m, k = a_fp8.shape
@@ -360,6 +362,7 @@ def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
         ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
         ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
         ctypes.c_uint64(split[0].data_ptr() if split else 0), ctypes.c_uint64(split[1].data_ptr() if split else 0),
+        ctypes.c_uint64(rows_in_use.data_ptr() if rows_in_use is not None else 0),
     ]
 
 
@@ -502,9 +505,10 @@ def _kernel_and_grid(m: int, n: int, k: int, cfg: ContiguousConfig, masked_max_m
 
 def launch(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
            row_ids: torch.Tensor, out: torch.Tensor, *, config: ContiguousConfig | None,
-           masked_max_m: int = 0) -> torch.Tensor:
+           masked_max_m: int = 0, rows_in_use: torch.Tensor | None = None) -> torch.Tensor:
     """Runs the kernel on checked operands (A `[M, K]`, out `[M, N]` 16-byte aligned, int32
-    row_ids: per-row expert ids, or masked_m when masked_max_m > 0)."""
+    row_ids: per-row expert ids, or masked_m when masked_max_m > 0; rows_in_use: optional int32
+    [1] on the device, the rows of A in use, so the tail past it is not walked)."""
     m, k = a_fp8.shape
     n = b_fp8.shape[1]
     dev = a_fp8.device
@@ -518,6 +522,6 @@ def launch(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_sc
         split = _split_buffers(dev, stream, grid, cfg.block_n) if cfg.split_tail else None
         kernel.launch(grid=(grid, 1, 1), block=(NUM_THREADS, 1, 1),
                       smem=cfg.smem_bytes, stream=stream,
-                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, split),
+                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, split, rows_in_use),
                       cluster=(cfg.cluster, 1, 1))
     return out

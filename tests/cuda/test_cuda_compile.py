@@ -564,6 +564,7 @@ def test_kernel_args_match_the_kernel_signature(cache, monkeypatch):
     against the parameter sizes nvcc recorded in the cubin (when a toolkit is here)."""
     fake = _FakeDriver()
     monkeypatch.setattr(jit, "_driver", lambda: fake)
+    ggc._tma_param_for.cache_clear()  # maps are cached by their arguments: build them afresh here
     m, n, k, e = 300, 1001, 384, 3
     a, a_scale, b, b_scale, ids = _operands(m, n, k, e)
     out = torch.empty(m, n, dtype=torch.bfloat16)
@@ -576,7 +577,10 @@ def test_kernel_args_match_the_kernel_signature(cache, monkeypatch):
     assert map_a["ptr"] == a.data_ptr() and map_b["ptr"] == b.data_ptr()
     assert list(args[2]) == list(args[0])  # no TMA-store epilogue: A's map again, unused
     assert [a.value for a in args[3:]] == [a_scale.data_ptr(), b_scale.data_ptr(), ids.data_ptr(),
-                                           out.data_ptr(), m, 0, 0]  # no split tail: null workspace, flags
+                                           out.data_ptr(), m, 0, 0, 0]  # no split tail, no row count: nulls
+    rows_in_use = torch.tensor([128], dtype=torch.int32)
+    with_count = ggc.kernel_args(a, a_scale, b, b_scale, ids, out, cfg, rows_in_use=rows_in_use)
+    assert with_count[-1].value == rows_in_use.data_ptr()
     assert ggc.num_tiles(m, n, cfg) == 3 * 9
     # the TMA-store epilogue's map: out [M, N] bf16 in 64 x 64 boxes, 128-byte swizzle
     n8 = 1000
