@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (repo root): GPU tests, tuning and/or the side-by-side benchmark in one call.
-#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [sweep] [tune] [bench] [layer] [permq] [ncu]
+#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [sweep] [tune] [bench] [layer] [permq] [layout] [ncu]
 # Peers travel in ignored folders: .whl/ (sgl-deep-gemm 0.1.5 + apache-tvm-ffi wheels) and
 # .peer/ (vLLM's fused_moe.py and its tuned JSONs). Logs and tables go to $OUT.
 set -uo pipefail
@@ -38,6 +38,9 @@ for step in "$@"; do
     bench) timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_grouped_gemm.py --json "$OUT/bench.json" --md "$OUT/benchmarks.md" --log "$OUT/bench.log" ${BENCH_ARGS:-} 2>&1 | grep -v "^|" ;;
     ncu)   timeout ${NCU_TIMEOUT:-400} python3 benchmarks/ncu_compare.py --log "$OUT/ncu_compare.md" ${NCU_ARGS:-} 2>&1 | tail -12 ;;
     permq) timeout ${PERMQ_TIMEOUT:-300} python3 benchmarks/bench_permute_quant.py --md "$OUT/permute_quant.md" 2>&1 | tail -12 ;;
+    layout) timeout ${LAYOUT_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_build_layout_gpu.py \
+                tests/gpu/test_permute_quant_gpu.py tests/kernels/test_build_layout.py 2>&1 | tee "$OUT/layout_tests.log" | tail -15
+            timeout ${LAYOUT_BENCH_TIMEOUT:-240} python3 benchmarks/bench_build_layout.py --md "$OUT/build_layout.md" 2>&1 | tail -20 ;;
     layer) timeout ${LAYER_TIMEOUT:-200} python3 benchmarks/bench_layer.py --json "$OUT/layer.json" 2>&1 | tee "$OUT/layer.log" | tail -20 ;;
   esac
   echo "== $step: $(( $(date +%s) - t0 ))s"
