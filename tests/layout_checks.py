@@ -26,20 +26,20 @@ class LayoutCase:
     dtype: torch.dtype = torch.int32
     alignment: int = 16
     max_m: int | None = None  # masked layout; None = the builders' default (T)
-    slots_per_program: int | None = None  # kernel plan override (16: the chunked plan on tiny shapes)
+    slots_per_program: int | None = None  # kernel plan override (32: the chunked plan on tiny shapes)
 
 
 # Tiny shapes (the interpreter is slow); every kind of slot: local, other ranks', -1.
 LAYOUT_CASES = [
     LayoutCase("single_token", 1, 4, 8, 0, "distinct", global_experts=8),
     LayoutCase("ep_slice_int64", 13, 3, 5, 4, "random", low=-1, high=14, dtype=torch.int64, alignment=1),
-    LayoutCase("ep_slice_chunked", 29, 4, 6, 3, "random", low=-1, high=12, slots_per_program=16, max_m=3),
-    LayoutCase("one_expert_align128", 20, 1, 4, 0, "random", low=2, high=3, alignment=128,
-               slots_per_program=16, max_m=7),
+    LayoutCase("ep_slice_chunked", 29, 4, 6, 3, "random", low=-1, high=12, slots_per_program=32, max_m=3),
+    LayoutCase("one_expert_align128", 45, 1, 4, 0, "random", low=2, high=3, alignment=128,
+               slots_per_program=32, max_m=7),
     LayoutCase("empty_experts_align128", 9, 2, 6, 0, "random", low=4, high=6, alignment=128),
-    LayoutCase("no_local_slot", 11, 2, 4, 8, "random", low=-1, high=8, slots_per_program=16),
+    LayoutCase("no_local_slot", 19, 2, 4, 8, "random", low=-1, high=8, slots_per_program=32),
     LayoutCase("no_tokens", 0, 8, 4, 0, "random", low=0, high=4),
-    LayoutCase("many_experts", 6, 8, 40, 0, "distinct", global_experts=48, alignment=4, slots_per_program=16,
+    LayoutCase("many_experts", 6, 8, 40, 0, "distinct", global_experts=48, alignment=4, slots_per_program=32,
                max_m=1),
     LayoutCase("repeated_ids_int64", 17, 3, 3, 1, "random", low=0, high=5, dtype=torch.int64, alignment=8,
                slots_per_program=32),

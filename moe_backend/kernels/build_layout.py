@@ -39,6 +39,14 @@ _PAD_BLOCK = 16  # padding columns per step of the per-expert fill ([E_PAD, _PAD
 _TAIL_BLOCK = 1024  # rows per step of the tail fill
 _SCAN_BLOCK = 16  # chunks per step of the scan
 _INT32_MAX = 2**31 - 1
+# A chunk fills at least one warp: no thread holds a copy of another's slot, which tl.histogram
+# would otherwise have to divide out.
+_MIN_CHUNK = 32
+
+
+def _num_warps(chunk: int) -> int:
+    """Warps that hold a chunk without replication: up to 4 (8 from 2048 slots: the one-program sort)."""
+    return max(1, min(chunk // 32, 8 if chunk >= 2048 else 4))
 
 
 @triton.jit
@@ -239,16 +247,16 @@ def _check_args(topk_ids, num_local_experts, expert_start) -> None:
 
 def _plan(num_slots: int, num_experts: int, slots_per_program: int | None) -> tuple[bool, int]:
     """(one program?, slots per program): one program up to SINGLE_PROGRAM_MAX_SLOTS, else chunks
-    of CHUNK_SLOTS; `slots_per_program` (a power of two >= 16) overrides both."""
+    of CHUNK_SLOTS; `slots_per_program` (a power of two >= 32) overrides both."""
     if slots_per_program is not None:
-        if slots_per_program < 16 or slots_per_program & (slots_per_program - 1):
-            raise ValueError(f"slots_per_program: expected a power of two >= 16, got {slots_per_program}")
+        if slots_per_program < _MIN_CHUNK or slots_per_program & (slots_per_program - 1):
+            raise ValueError(f"slots_per_program: expected a power of two >= {_MIN_CHUNK}, got {slots_per_program}")
         limit, chunk = slots_per_program, slots_per_program
     else:
         limit, chunk = SINGLE_PROGRAM_MAX_SLOTS, CHUNK_SLOTS
     one_program = num_slots <= limit
     if one_program:
-        chunk = max(16, triton.next_power_of_2(num_slots))
+        chunk = max(_MIN_CHUNK, triton.next_power_of_2(num_slots))
     if (num_experts + 1) * chunk > _INT32_MAX:  # sort keys are expert * chunk + position, int32
         raise ValueError(f"num_local_experts ({num_experts}) too large for int32 sort keys")
     return one_program, chunk
@@ -270,18 +278,18 @@ def _launch(topk_ids, num_experts, expert_start, *, masked: bool, alignment: int
         _layout_one_program_kernel[(1,)](
             topk_ids, expert_ids, offsets, counts, src_token, row_of_slot, base,
             num_slots, topk, expert_start, num_experts, alignment, max_m, num_rows,
-            PAD_BLOCK=_PAD_BLOCK, TAIL_BLOCK=_TAIL_BLOCK, num_warps=8 if chunk >= 2048 else 4, **consts)
+            PAD_BLOCK=_PAD_BLOCK, TAIL_BLOCK=_TAIL_BLOCK, num_warps=_num_warps(chunk), **consts)
         return
     num_chunks = triton.cdiv(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks * num_experts, dtype=torch.int32, device=device)
     _count_chunks_kernel[(num_chunks,)](topk_ids, chunk_counts, num_slots, expert_start, num_experts,
-                                        CHUNK=chunk, E_PAD=e_pad, num_warps=4)
+                                        CHUNK=chunk, E_PAD=e_pad, num_warps=_num_warps(chunk))
     _scan_chunks_kernel[(1,)](chunk_counts, offsets, counts, num_chunks, num_experts, alignment, max_m,
                               MASKED=masked, E_PAD=e_pad, SCAN_BLOCK=_SCAN_BLOCK, num_warps=4)
     _place_chunks_kernel[(num_chunks,)](
         topk_ids, chunk_counts, expert_ids, offsets, counts, src_token, row_of_slot,
         num_slots, topk, expert_start, num_experts, max_m, num_rows, max_m if masked else alignment - 1,
-        PAD_BLOCK=_PAD_BLOCK, TAIL_BLOCK=_TAIL_BLOCK, num_warps=4, **consts)
+        PAD_BLOCK=_PAD_BLOCK, TAIL_BLOCK=_TAIL_BLOCK, num_warps=_num_warps(chunk), **consts)
 
 
 def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,

@@ -261,15 +261,15 @@ def case_build_layout():
 
 
 def case_build_layout_both_plans():
-    """One routing through the one-program plan and chunked plans of 16 and 32 slots: same layouts."""
+    """One routing through the one-program plan and chunked plans of 32 and 64 slots: same layouts."""
     topk_ids = make_topk_ids(LAYOUT_CASES[2], seed=3)  # EP slice with -1 and other ranks' ids
     for kwargs in (dict(alignment=8), dict(alignment=1)):
         built = [build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, slots_per_program=spp, **kwargs)
-                 for spp in (None, 16, 32)]
+                 for spp in (None, 32, 64)]
         for other in built[1:]:
             assert_same_layout(other, built[0])
     built = [build_layout.build_masked_layout(topk_ids, 6, expert_start=3, max_m=5, slots_per_program=spp)
-             for spp in (None, 16, 32)]
+             for spp in (None, 32, 64)]
     for other in built[1:]:
         assert_same_layout(other, built[0])
 

@@ -102,7 +102,7 @@ def _bad_build_cases():
         ("start_negative", "masked", (ids, 4), dict(expert_start=-1), ValueError, "expert_start"),
         ("alignment_0", "contiguous", (ids, 4), dict(alignment=0), ValueError, "alignment"),
         ("max_m_0", "masked", (ids, 4), dict(max_m=0), ValueError, "max_m"),
-        ("slots_per_program_24", "contiguous", (ids, 4), dict(slots_per_program=24), ValueError, "slots_per_program"),
+        ("slots_per_program_16", "contiguous", (ids, 4), dict(slots_per_program=16), ValueError, "slots_per_program"),
     ]
 
 
@@ -134,10 +134,11 @@ def test_plan_formula() -> None:
     """Decode-sized batches take one program; prefill chunks; the override picks either."""
     from moe_backend.kernels.build_layout import CHUNK_SLOTS, SINGLE_PROGRAM_MAX_SLOTS, _plan
 
-    assert _plan(1, 32, None) == (True, 16)
+    assert _plan(1, 32, None) == (True, 32)
     assert _plan(256 * 8, 256, None) == (True, 2048)
     assert _plan(SINGLE_PROGRAM_MAX_SLOTS + 1, 256, None) == (False, CHUNK_SLOTS)
-    assert _plan(40, 8, 16) == (False, 16) and _plan(16, 8, 16) == (True, 16)
+    assert _plan(40, 8, 32) == (False, 32) and _plan(32, 8, 32) == (True, 32)
+    assert _plan(40, 8, 64) == (True, 64)
 
 
 @needs_triton
