@@ -33,7 +33,7 @@ from moe_backend.kernels._launch_utils import check_kernel_tensor
 
 __all__ = ["build_contiguous_layout", "build_masked_layout", "SINGLE_PROGRAM_MAX_SLOTS", "CHUNK_SLOTS"]
 
-SINGLE_PROGRAM_MAX_SLOTS = 4096  # up to here one program does everything (one launch)
+SINGLE_PROGRAM_MAX_SLOTS = 2048  # up to here one program does everything (one launch): decode
 CHUNK_SLOTS = 1024  # slots per program of the chunked plan
 _PAD_BLOCK = 16  # padding columns per step of the per-expert fill ([E_PAD, _PAD_BLOCK] tiles)
 _TAIL_BLOCK = 1024  # rows per step of the tail fill
@@ -119,7 +119,8 @@ def _fill_tail(first_row, num_rows, step, expert_ids_ptr, src_ptr, TAIL_BLOCK: t
         tl.store(expert_ids_ptr + rows, tl.full([TAIL_BLOCK], -1, tl.int32), mask=in_tail)
 
 
-@triton.jit
+# Sizes that follow the batch are not specialized on: a new T must not compile a new variant.
+@triton.jit(do_not_specialize=["num_slots", "max_m", "num_rows"])
 def _layout_one_program_kernel(
     ids_ptr,  # [T*k] int32/int64 global expert ids
     expert_ids_ptr,  # contiguous: int32 [M]
@@ -139,7 +140,7 @@ def _layout_one_program_kernel(
     is_expert = e < num_experts
     first_position = tl.cumsum(counts, 0) - counts  # of each expert's first slot in the sorted order
     if MASKED:
-        kept = tl.minimum(counts, max_m)
+        kept = tl.where(counts < max_m, counts, max_m)
         tl.store(counts_ptr + e, kept, mask=is_expert)
         tl.store(base_ptr + e, -first_position, mask=is_expert)
         pad_start = e * max_m + kept
@@ -164,7 +165,7 @@ def _layout_one_program_kernel(
         _fill_tail(tl.sum(padded, axis=0), num_rows, TAIL_BLOCK, expert_ids_ptr, src_ptr, TAIL_BLOCK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _count_chunks_kernel(ids_ptr, chunk_counts_ptr, num_slots, expert_start, num_experts,
                          CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     chunk = tl.program_id(0)
@@ -174,7 +175,7 @@ def _count_chunks_kernel(ids_ptr, chunk_counts_ptr, num_slots, expert_start, num
              mask=e < num_experts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "max_m"])
 def _scan_chunks_kernel(
     chunk_ptr,  # int32 [C, E]: in, slots per chunk and expert; out, the chunk's base (_place_slots)
     offsets_ptr, counts_ptr, num_chunks, num_experts, alignment, max_m,
@@ -188,7 +189,7 @@ def _scan_chunks_kernel(
         ok = ((c0 + c) < num_chunks)[:, None] & is_expert[None, :]
         counts += tl.sum(tl.load(chunk_ptr + (c0 + c)[:, None] * num_experts + e[None, :], mask=ok, other=0), 0)
     if MASKED:
-        tl.store(counts_ptr + e, tl.minimum(counts, max_m), mask=is_expert)
+        tl.store(counts_ptr + e, tl.where(counts < max_m, counts, max_m), mask=is_expert)
         before = tl.zeros([E_PAD], dtype=tl.int32)  # ranks taken by earlier chunks
     else:
         padded = (counts + alignment - 1) // alignment * alignment
@@ -207,7 +208,7 @@ def _scan_chunks_kernel(
         before += tl.sum(h, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots", "max_m", "num_rows", "max_pad"])
 def _place_chunks_kernel(
     ids_ptr, chunk_ptr, expert_ids_ptr, offsets_ptr, counts_ptr, src_ptr, row_of_slot_ptr,
     num_slots, topk, expert_start, num_experts, max_m, num_rows, max_pad,
