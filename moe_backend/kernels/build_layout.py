@@ -11,7 +11,9 @@ Ranks come from sorting keys `expert * CHUNK + position` over a chunk of slots: 
 in the sorted chunk minus the first sorted position of its expert is its rank among the chunk's
 slots of that expert. Two plans, by slot count N = T*k:
 - one program (N <= SINGLE_PROGRAM_MAX_SLOTS: decode): histogram of every slot, offsets by a scan
-  over the experts, one sort, the slots placed, padding filled. One launch.
+  over the experts, one sort, the slots placed, padding filled. One launch. When the padding to
+  fill is large (a masked layout of E*max_m rows) more programs share the fill: each recomputes
+  the histogram (a few KB of ids) rather than waiting for program 0's.
 - chunked (prefill), three launches: 1) each program histograms a chunk of slots into
   `counts[c, e]`; 2) one program scans the counts over chunks and experts, writes the per-expert
   outputs and, per chunk and expert, the row (rank) of the chunk's first slot of that expert minus
@@ -37,6 +39,8 @@ SINGLE_PROGRAM_MAX_SLOTS = 2048  # up to here one program does everything (one l
 CHUNK_SLOTS = 1024  # slots per program of the chunked plan
 _PAD_BLOCK = 16  # padding columns per step of the per-expert fill ([E_PAD, _PAD_BLOCK] tiles)
 _TAIL_BLOCK = 1024  # rows per step of the tail fill
+_FILL_ROWS_PER_PROGRAM = 8192  # one-program plan: padding rows per extra program sharing the fill
+_MAX_FILL_PROGRAMS = 32
 _SCAN_BLOCK = 16  # chunks per step of the scan
 _INT32_MAX = 2**31 - 1
 # A chunk fills at least one warp: no thread holds a copy of another's slot, which tl.histogram
@@ -133,16 +137,19 @@ def _layout_one_program_kernel(
     MASKED: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, PAD_BLOCK: tl.constexpr,
     TAIL_BLOCK: tl.constexpr,
 ):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
     position = tl.arange(0, CHUNK)
     keys = _slot_keys(ids_ptr, position, num_slots, expert_start, num_experts)
     counts = _histogram(keys, num_experts, E_PAD)
     e = tl.arange(0, E_PAD)
     is_expert = e < num_experts
     first_position = tl.cumsum(counts, 0) - counts  # of each expert's first slot in the sorted order
+    writes = is_expert & (e * 0 + pid == 0)  # the other programs only share the padding fill (vector mask)
     if MASKED:
         kept = tl.where(counts < max_m, counts, max_m)
-        tl.store(counts_ptr + e, kept, mask=is_expert)
-        tl.store(base_ptr + e, -first_position, mask=is_expert)
+        tl.store(counts_ptr + e, kept, mask=writes)
+        tl.store(base_ptr + e, -first_position, mask=writes)
         pad_start = e * max_m + kept
         pad_len = tl.where(is_expert, max_m - kept, 0)
         max_pad = max_m
@@ -150,19 +157,22 @@ def _layout_one_program_kernel(
         padded = (counts + alignment - 1) // alignment * alignment
         seg_end = tl.cumsum(padded, 0)
         seg_start = seg_end - padded
-        tl.store(offsets_ptr + e + 1, seg_end, mask=is_expert)
-        tl.store(offsets_ptr + e, seg_start, mask=e == 0)
-        tl.store(counts_ptr + e, counts, mask=is_expert)
-        tl.store(base_ptr + e, seg_start - first_position, mask=is_expert)
+        tl.store(offsets_ptr + e + 1, seg_end, mask=writes)
+        tl.store(offsets_ptr + e, seg_start, mask=writes & (e == 0))
+        tl.store(counts_ptr + e, counts, mask=writes)
+        tl.store(base_ptr + e, seg_start - first_position, mask=writes)
         pad_start = seg_start + counts
         pad_len = padded - counts
         max_pad = alignment - 1
-    tl.debug_barrier()  # base_ptr is read back by other threads of this program
-    _place_slots(keys, 0, base_ptr, expert_ids_ptr, src_ptr, row_of_slot_ptr, num_slots, topk,
-                 num_experts, max_m, MASKED, CHUNK)
-    _fill_padding(pad_start, pad_len, max_pad, 0, PAD_BLOCK, expert_ids_ptr, src_ptr, MASKED, PAD_BLOCK)
+    if pid == 0:
+        tl.debug_barrier()  # base_ptr is read back by other threads of this program
+        _place_slots(keys, 0, base_ptr, expert_ids_ptr, src_ptr, row_of_slot_ptr, num_slots, topk,
+                     num_experts, max_m, MASKED, CHUNK)
+    _fill_padding(pad_start, pad_len, max_pad, pid * PAD_BLOCK, num_programs * PAD_BLOCK, expert_ids_ptr,
+                  src_ptr, MASKED, PAD_BLOCK)
     if not MASKED:
-        _fill_tail(tl.sum(padded, axis=0), num_rows, TAIL_BLOCK, expert_ids_ptr, src_ptr, TAIL_BLOCK)
+        _fill_tail(tl.sum(padded, axis=0) + pid * TAIL_BLOCK, num_rows, num_programs * TAIL_BLOCK, expert_ids_ptr,
+                   src_ptr, TAIL_BLOCK)
 
 
 @triton.jit(do_not_specialize=["num_slots"])
@@ -276,7 +286,8 @@ def _launch(topk_ids, num_experts, expert_start, *, masked: bool, alignment: int
     consts = dict(MASKED=masked, CHUNK=chunk, E_PAD=e_pad)
     if one_program:
         base = torch.empty(num_experts, dtype=torch.int32, device=device)
-        _layout_one_program_kernel[(1,)](
+        fill_programs = min(_MAX_FILL_PROGRAMS, max(1, num_rows // _FILL_ROWS_PER_PROGRAM))
+        _layout_one_program_kernel[(fill_programs,)](
             topk_ids, expert_ids, offsets, counts, src_token, row_of_slot, base,
             num_slots, topk, expert_start, num_experts, alignment, max_m, num_rows,
             PAD_BLOCK=_PAD_BLOCK, TAIL_BLOCK=_TAIL_BLOCK, num_warps=_num_warps(chunk), **consts)

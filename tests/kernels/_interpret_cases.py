@@ -260,6 +260,22 @@ def case_build_layout():
             raise AssertionError(f"{case.name}: {exc}") from exc
 
 
+def case_build_layout_shared_fill():
+    """The one-program plan with several programs sharing the padding fill (as for a large masked
+    layout): every LayoutCase again, with a fill share of 16 rows per program."""
+    saved = build_layout._FILL_ROWS_PER_PROGRAM
+    build_layout._FILL_ROWS_PER_PROGRAM = 16
+    try:
+        for case in LAYOUT_CASES:
+            if case.slots_per_program is None:
+                try:
+                    _layout_pairs(case, seed=4)
+                except AssertionError as exc:
+                    raise AssertionError(f"{case.name}: {exc}") from exc
+    finally:
+        build_layout._FILL_ROWS_PER_PROGRAM = saved
+
+
 def case_build_layout_both_plans():
     """One routing through the one-program plan and chunked plans of 32 and 64 slots: same layouts."""
     topk_ids = make_topk_ids(LAYOUT_CASES[2], seed=3)  # EP slice with -1 and other ranks' ids
