@@ -224,7 +224,7 @@ def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, e
     capturable. See `moe_backend.kernels.build_layout`."""
     if _provider("auto", topk_ids.device) == "triton":
         return _kernel("build_contiguous_layout", module="build_layout")(
-            topk_ids, num_local_experts, expert_start=expert_start, alignment=alignment)
+            topk_ids.contiguous(), num_local_experts, expert_start=expert_start, alignment=alignment)
     from moe_backend.dispatch.layouts import build_contiguous_layout as build_reference
 
     return build_reference(topk_ids, num_local_experts, expert_start=expert_start, alignment=alignment,
@@ -238,7 +238,7 @@ def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, exper
     dropped (row_of_slot -1, masked_m clamped). See `moe_backend.kernels.build_layout`."""
     if _provider("auto", topk_ids.device) == "triton":
         return _kernel("build_masked_layout", module="build_layout")(
-            topk_ids, num_local_experts, expert_start=expert_start, max_m=max_m)
+            topk_ids.contiguous(), num_local_experts, expert_start=expert_start, max_m=max_m)
     from moe_backend.dispatch.layouts import build_masked_layout as build_reference
 
     return build_reference(topk_ids, num_local_experts, expert_start=expert_start, max_m=max_m,
