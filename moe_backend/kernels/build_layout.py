@@ -187,7 +187,8 @@ def _count_chunks_kernel(ids_ptr, chunk_counts_ptr, num_slots, expert_start, num
 
 @triton.jit(do_not_specialize=["num_chunks", "max_m"])
 def _scan_chunks_kernel(
-    chunk_ptr,  # int32 [C, E]: in, slots per chunk and expert; out, the chunk's base (_place_slots)
+    chunk_counts_ptr,  # int32 [C, E]: slots per chunk and expert
+    chunk_base_ptr,  # int32 [C, E]: out, each chunk's base per expert (_place_slots)
     offsets_ptr, counts_ptr, num_chunks, num_experts, alignment, max_m,
     MASKED: tl.constexpr, E_PAD: tl.constexpr, SCAN_BLOCK: tl.constexpr,
 ):
@@ -197,7 +198,8 @@ def _scan_chunks_kernel(
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for c0 in range(0, num_chunks, SCAN_BLOCK):
         ok = ((c0 + c) < num_chunks)[:, None] & is_expert[None, :]
-        counts += tl.sum(tl.load(chunk_ptr + (c0 + c)[:, None] * num_experts + e[None, :], mask=ok, other=0), 0)
+        h = tl.load(chunk_counts_ptr + (c0 + c)[:, None] * num_experts + e[None, :], mask=ok, other=0)
+        counts += tl.sum(h, 0)
     if MASKED:
         tl.store(counts_ptr + e, tl.where(counts < max_m, counts, max_m), mask=is_expert)
         before = tl.zeros([E_PAD], dtype=tl.int32)  # ranks taken by earlier chunks
@@ -210,17 +212,17 @@ def _scan_chunks_kernel(
         before = seg_end - padded  # rows taken by earlier chunks, from the segment's start
     for c0 in range(0, num_chunks, SCAN_BLOCK):
         ok = ((c0 + c) < num_chunks)[:, None] & is_expert[None, :]
-        ptrs = chunk_ptr + (c0 + c)[:, None] * num_experts + e[None, :]
-        h = tl.load(ptrs, mask=ok, other=0)  # [SCAN_BLOCK, E_PAD]
+        offs = (c0 + c)[:, None] * num_experts + e[None, :]
+        h = tl.load(chunk_counts_ptr + offs, mask=ok, other=0)  # [SCAN_BLOCK, E_PAD]
         first_row = tl.cumsum(h, 0) - h + before[None, :]
         first_position = tl.cumsum(h, 1) - h  # in the chunk's sorted order
-        tl.store(ptrs, first_row - first_position, mask=ok)
+        tl.store(chunk_base_ptr + offs, first_row - first_position, mask=ok)
         before += tl.sum(h, 0)
 
 
 @triton.jit(do_not_specialize=["num_slots", "max_m", "num_rows", "max_pad"])
 def _place_chunks_kernel(
-    ids_ptr, chunk_ptr, expert_ids_ptr, offsets_ptr, counts_ptr, src_ptr, row_of_slot_ptr,
+    ids_ptr, chunk_base_ptr, expert_ids_ptr, offsets_ptr, counts_ptr, src_ptr, row_of_slot_ptr,
     num_slots, topk, expert_start, num_experts, max_m, num_rows, max_pad,
     MASKED: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, PAD_BLOCK: tl.constexpr,
     TAIL_BLOCK: tl.constexpr,
@@ -228,7 +230,7 @@ def _place_chunks_kernel(
     chunk = tl.program_id(0)
     num_programs = tl.num_programs(0)
     keys = _slot_keys(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_slots, expert_start, num_experts)
-    _place_slots(keys, chunk * CHUNK, chunk_ptr + chunk * num_experts, expert_ids_ptr, src_ptr,
+    _place_slots(keys, chunk * CHUNK, chunk_base_ptr + chunk * num_experts, expert_ids_ptr, src_ptr,
                  row_of_slot_ptr, num_slots, topk, num_experts, max_m, MASKED, CHUNK)
     e = tl.arange(0, E_PAD)
     is_expert = e < num_experts
@@ -294,12 +296,13 @@ def _launch(topk_ids, num_experts, expert_start, *, masked: bool, alignment: int
         return
     num_chunks = triton.cdiv(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks * num_experts, dtype=torch.int32, device=device)
+    chunk_base = torch.empty_like(chunk_counts)
     _count_chunks_kernel[(num_chunks,)](topk_ids, chunk_counts, num_slots, expert_start, num_experts,
                                         CHUNK=chunk, E_PAD=e_pad, num_warps=_num_warps(chunk))
-    _scan_chunks_kernel[(1,)](chunk_counts, offsets, counts, num_chunks, num_experts, alignment, max_m,
+    _scan_chunks_kernel[(1,)](chunk_counts, chunk_base, offsets, counts, num_chunks, num_experts, alignment, max_m,
                               MASKED=masked, E_PAD=e_pad, SCAN_BLOCK=_SCAN_BLOCK, num_warps=4)
     _place_chunks_kernel[(num_chunks,)](
-        topk_ids, chunk_counts, expert_ids, offsets, counts, src_token, row_of_slot,
+        topk_ids, chunk_base, expert_ids, offsets, counts, src_token, row_of_slot,
         num_slots, topk, expert_start, num_experts, max_m, num_rows, max_m if masked else alignment - 1,
         PAD_BLOCK=_PAD_BLOCK, TAIL_BLOCK=_TAIL_BLOCK, num_warps=_num_warps(chunk), **consts)
 
