@@ -157,10 +157,11 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
 
 def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
                    expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
-                   out: tuple[torch.Tensor, torch.Tensor] | None = None):
+                   used_rows: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """See `moe_backend.reference.silu_mul_quant`: with `expert_ids` or `masked_m` only the rows
-    holding a token are computed (the kernel leaves the others unwritten)."""
-    validity = dict(expert_ids=expert_ids, masked_m=masked_m, out=out)
+    holding a token are computed (the kernel leaves the others unwritten); with `used_rows` (int32
+    `[1]` on the device, e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited."""
+    validity = dict(expert_ids=expert_ids, masked_m=masked_m, used_rows=used_rows, out=out)
     if _provider("auto", h.device) == "triton":
         return _kernel("silu_mul_quant")(h, group, ue8m0, **validity)
     return reference.silu_mul_quant(h, group, ue8m0, **validity)
@@ -176,15 +177,16 @@ def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False
 
 
 def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None):
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None):
     """Per-token-group quant fused with the permute into a layout's rows (`layout.src_token`):
     see `moe_backend.dispatch.layouts.permute_quant`, bit-identical to quant + `permute` on the
-    rows holding a token; padding rows (src_token -1) are left unwritten by the kernel."""
+    rows holding a token; padding rows (src_token -1) are left unwritten by the kernel, and with
+    `used_rows` (e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited."""
     if _provider("auto", x.device) == "triton":
-        return _kernel("permute_quant")(x, src_token, group, ue8m0, out=out)
+        return _kernel("permute_quant")(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
     from moe_backend.dispatch.layouts import permute_quant as permute_quant_reference
 
-    return permute_quant_reference(x, src_token, group, ue8m0, out=out)
+    return permute_quant_reference(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
 
 
 def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,

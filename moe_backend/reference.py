@@ -112,19 +112,25 @@ def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch
 
 def silu_mul_quant(h: torch.Tensor, group: int = GROUP, ue8m0: bool = False, *,
                    expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
-                   out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   used_rows: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """h `[..., 2I]` (gate columns, then up) -> FP8 of `silu(gate) * up` computed in fp32, `[..., I]`
     (written into the pair `out` when given).
 
     Optional row validity, as the kernel's: `expert_ids` int32 `[M]` with h `[M, 2I]` (valid iff
     >= 0) or `masked_m` int32 `[E]` with h `[E, max_m, 2I]` (row r of expert e valid iff r <
-    masked_m[e]); invalid rows come out zero here (the kernel leaves them unwritten)."""
+    masked_m[e]), and `used_rows` int32 `[1]` (flat rows at and past it invalid); invalid rows come
+    out zero here (the kernel leaves them unwritten)."""
     check_tensor("h", h, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=1)
     if h.shape[-1] % (2 * group):
         raise ValueError(f"h: last dim ({h.shape[-1]}) must be 2*I with I a multiple of {group}")
     gate, up = h.float().chunk(2, dim=-1)
     a_fp8, a_scale = quantize_fp8_per_token_group(F.silu(gate) * up, group, ue8m0)
     valid = _valid_rows(h, expert_ids, masked_m)
+    if used_rows is not None:
+        check_tensor("used_rows", used_rows, dtypes=(torch.int32,), shape=(1,), device=h.device)
+        below = torch.arange(a_scale[..., 0].numel(), device=h.device).view(a_scale.shape[:-1]) < used_rows
+        valid = below if valid is None else valid & below
     if valid is not None:
         a_fp8 = torch.where(valid[..., None], a_fp8.view(torch.uint8), 0).view(a_fp8.dtype)
         a_scale = torch.where(valid[..., None], a_scale, 0.0)

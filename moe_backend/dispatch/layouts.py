@@ -167,13 +167,19 @@ def permute(x: torch.Tensor, layout: ContiguousLayout | MaskedLayout) -> torch.T
 
 
 def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token-group FP8 quant of x `[T, H]`, rows copied as `src_token` (int64, any shape S, -1 =
     padding) says: (a_fp8 `[*S, H]`, a_scale f32 `[*S, H/group]`), written into `out` when given.
     The torch twin of `moe_backend.kernels.permute_quant`: quantize, then `permute` each part
-    (padding rows are zeros here; the kernel leaves them unwritten)."""
+    (padding rows are zeros here; the kernel leaves them unwritten). `used_rows` (int32 `[1]`):
+    flat rows at and past it count as padding too."""
     check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
     check_tensor("src_token", src_token, dtypes=(torch.int64,), device=x.device)
+    if used_rows is not None:
+        check_tensor("used_rows", used_rows, dtypes=(torch.int32,), shape=(1,), device=x.device)
+        beyond = torch.arange(src_token.numel(), device=x.device).view(src_token.shape) >= used_rows
+        src_token = src_token.masked_fill(beyond, -1)
     x_fp8, x_scale = quantize_fp8_per_token_group(x, group, ue8m0)
     a_fp8, a_scale = _gather_rows(x_fp8, src_token), _gather_rows(x_scale, src_token)
     if out is None:

@@ -108,9 +108,10 @@ def test_cuda_graph_replay(num_tokens: int) -> None:
 
 def test_padding_rows_never_touched_downstream() -> None:
     """permute_quant and silu_mul_quant on kernel-built layouts leave padding rows poisoned; the
-    rows holding tokens equal the twins'; combine never reads the poisoned rows."""
+    rows holding tokens equal the twins'; combine never reads the poisoned rows. EP8 prefill-sized:
+    the static contiguous layout's tail is most of its rows."""
     num_local, start = SLICES["ep8"]
-    num_tokens, inter = 200, 256
+    num_tokens, inter = 2048, 256
     gen = torch.Generator(device="cuda").manual_seed(9)
     x = torch.randn(num_tokens, HIDDEN, device="cuda", generator=gen).bfloat16()
     topk_ids = _topk_ids(num_tokens, seed=9)
@@ -122,11 +123,13 @@ def test_padding_rows_never_touched_downstream() -> None:
 
     contiguous = ops.build_contiguous_layout(topk_ids, num_local, expert_start=start, alignment=128)
     masked = ops.build_masked_layout(topk_ids, num_local, expert_start=start)
-    for layout, validity in ((contiguous, dict(expert_ids=contiguous.expert_ids)),
+    # The contiguous layout also passes its device-side count of rows in use: the tail is not visited.
+    for layout, validity in ((contiguous, dict(expert_ids=contiguous.expert_ids,
+                                               used_rows=contiguous.expert_offsets[-1:])),
                              (masked, dict(masked_m=masked.masked_m))):
         rows = tuple(layout.src_token.shape)
         real = layout.src_token >= 0
-        q, s = ops.permute_quant(x, layout.src_token, out=poisoned(rows, HIDDEN))
+        q, s = ops.permute_quant(x, layout.src_token, out=poisoned(rows, HIDDEN), used_rows=validity.get("used_rows"))
         assert bool((q[~real].view(torch.uint8) == 0x7F).all()) and bool(s[~real].isnan().all())
         rq, rs = ops.per_token_group_quant(x)
         assert torch.equal(q[real].view(torch.uint8), rq[layout.src_token[real]].view(torch.uint8))

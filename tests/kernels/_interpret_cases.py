@@ -316,6 +316,35 @@ def case_silu_mul_quant_rows():
             _check_quant(all_q, all_s, rq[valid], rs[valid])
 
 
+def case_used_rows():
+    """permute_quant and silu_mul_quant given a device-side row count: programs loop over the rows
+    below it (fewer programs than rows), every valid row below it is written, nothing at or past it
+    (poisoned out), even real rows when the count is cut short on purpose."""
+    gen = torch.Generator().manual_seed(10)
+    topk_ids = torch.randint(-1, 12, (13, 3), generator=gen, dtype=torch.int32)
+    layout = build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, alignment=4)
+    used = int(layout.expert_offsets[-1])
+    assert 0 < used < layout.num_rows, "the case needs an all-padding tail"
+    x = torch.randn(13, 256, generator=gen).bfloat16()
+    h = (torch.randn(layout.num_rows, 512, generator=gen) * 3).bfloat16()
+    for bound in (used, used // 2):
+        used_rows = torch.tensor([bound], dtype=torch.int32)
+        below = torch.arange(layout.num_rows) < bound
+        real = (layout.src_token >= 0) & below
+        q, s = permute_quant(x, layout.src_token, out=_poisoned_quant_out((layout.num_rows, 256), (layout.num_rows, 2)),
+                             used_rows=used_rows)
+        rq, rs = layouts.permute_quant(x, layout.src_token, used_rows=used_rows)
+        assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(s[~real].isnan().all())
+        assert torch.equal(q[real].float(), rq[real].float()) and torch.equal(s[real], rs[real])
+        assert not rs[~real].any(), "the twin: rows past used_rows are padding"
+        a, a_s = silu_mul_quant(h, expert_ids=layout.expert_ids, used_rows=used_rows,
+                                out=_poisoned_quant_out((layout.num_rows, 256), (layout.num_rows, 2)))
+        ra, ras = reference.silu_mul_quant(h, expert_ids=layout.expert_ids, used_rows=used_rows)
+        assert bool((a[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(a_s[~real].isnan().all())
+        _check_quant(a[real], a_s[real], ra[real], ras[real])
+        assert not ras[~real].any()
+
+
 def case_combine_kernel_layouts():
     """combine over kernel-built layouts whose padding rows hold NaN: never read into the sum."""
     gen = torch.Generator().manual_seed(9)

@@ -89,6 +89,10 @@ def test_reference_silu_mul_quant_validity_checks() -> None:
         reference.silu_mul_quant(h, expert_ids=torch.zeros(3, dtype=torch.int32))
     with pytest.raises(TypeError, match="masked_m: expected dtype"):
         reference.silu_mul_quant(h.view(2, 2, 512), masked_m=torch.zeros(2))
+    with pytest.raises(ValueError, match="used_rows: expected shape"):
+        reference.silu_mul_quant(h, used_rows=torch.zeros((), dtype=torch.int32))
+    q, s = reference.silu_mul_quant(h, used_rows=torch.tensor([2], dtype=torch.int32))
+    assert s[:2].all() and not s[2:].any()
 
 
 def _bad_build_cases():

@@ -23,7 +23,7 @@ ROOT = HERE.parents[1]
 CASES = ["masked", "masked_swap_ab", "masked_wide_n", "masked_k_unroll", "masked_n_loop", "contiguous", "contiguous_one_expert",
          "contiguous_bm64", "per_token_group_quant", "silu_mul_quant", "combine", "bad_inputs",
          "permute_quant", "permute_quant_empty", "build_layout", "build_layout_shared_fill", "build_layout_both_plans",
-         "silu_mul_quant_rows", "combine_kernel_layouts"]
+         "silu_mul_quant_rows", "used_rows", "combine_kernel_layouts"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from moe_backend.experts import routed_experts
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-SIGNATURE = "(x, src_token, group=128, ue8m0=False, *, out=None)"
+SIGNATURE = "(x, src_token, group=128, ue8m0=False, *, out=None, used_rows=None)"
 
 
 def _plain(fn) -> str:
@@ -84,6 +84,9 @@ def test_twin_padding_rows_and_out() -> None:
         layouts.permute_quant(x, src, out=(out[0], out[1][:1]))
     with pytest.raises(TypeError, match="out: expected a pair"):
         layouts.permute_quant(x, src, out=out[0])
+    # used_rows: flat rows at and past it count as padding (here the last three).
+    uq, us = ops.permute_quant(x, src, used_rows=torch.tensor([3], dtype=torch.int32))
+    assert torch.equal(us.view(-1, 2)[:3], s.view(-1, 2)[:3]) and not us.view(-1, 2)[3:].any()
 
 
 def test_fused_path_is_chosen_by_bytes_moved() -> None:
@@ -136,6 +139,9 @@ def _bad_cases():
          ValueError, r"out\[0\]: expected shape"),
         ("out_dtype", x, src, dict(out=(torch.empty(4, 256, dtype=torch.float8_e4m3fn), torch.empty(4, 2).half())),
          TypeError, r"out\[1\]: expected dtype"),
+        ("used_rows_int64", x, src, dict(used_rows=torch.tensor([2])), TypeError, "used_rows: expected dtype"),
+        ("used_rows_shape", x, src, dict(used_rows=torch.tensor([2, 3], dtype=torch.int32)), ValueError,
+         "used_rows: expected shape"),
     ]
 
 
@@ -162,7 +168,8 @@ def test_kernel_refuses_cpu_tensors(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("case", [c for c in _bad_cases() if c[0] in ("x_int", "x_3d", "hidden_200", "src_int32",
-                                                                       "src_other_device")], ids=lambda c: c[0])
+                                                                       "src_other_device", "used_rows_int64")],
+                         ids=lambda c: c[0])
 def test_twin_bad_inputs(case) -> None:
     _, x, src, kwargs, error, match = case
     with pytest.raises(error, match=match):
