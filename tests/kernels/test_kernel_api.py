@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 API = {
     "grouped_gemm_contiguous": "(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None)",
     "grouped_gemm_masked": "(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, expected_m=None, config=None)",
-    "silu_mul_quant": "(h, group=128, ue8m0=False, *, expert_ids=None, masked_m=None, used_rows=None, out=None)",
+    "silu_mul_quant": "(h, group=128, ue8m0=False, *, expert_ids=None, masked_m=None, used_rows=None, "
+                      "out=None)",
     "per_token_group_quant": "(x, group=128, ue8m0=False)",
     "combine": "(y, row_of_slot, topk_weights, out=None)",
 }
