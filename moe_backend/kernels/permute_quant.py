@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_backend.kernels._group_quant_core import GROUPS_PER_PROGRAM, quantize_groups
 from moe_backend._checks import check_quant_out
+from moe_backend.kernels._group_quant_core import GROUPS_PER_PROGRAM, quantize_groups
 from moe_backend.kernels._launch_utils import check_kernel_tensor, check_used_rows, persistent_row_programs
 from moe_backend.quant import FP8_DTYPE
 
