@@ -1,7 +1,8 @@
 """Per-token-group FP8 quant + permute into the contiguous layout: unfused (per_token_group_quant,
 then `permute` of x_fp8 and of x_scale) vs fused (`permute_quant`), bf16 x [T, 7168], top-8 of 256
 experts, on the EP8 slice (32 local experts) and the TP8 slice (all 256 local). CUDA-graph replay,
-median of `triton.testing.do_bench` (L2 flushed between reps). Checks the outputs are bit-equal.
+median of `triton.testing.do_bench` (L2 flushed between reps). Checks the outputs are bit-equal on
+the rows holding a token (the fused kernel leaves padding rows unwritten).
 
     python benchmarks/bench_permute_quant.py --md $OUT/permute_quant.md
 """
@@ -35,11 +36,12 @@ def fused(x, layout):
     return ops.permute_quant(x, layout.src_token, GROUP)
 
 
-def moved_gb(num_tokens: int, num_rows: int) -> tuple[float, float]:
-    """Bytes each path must move at least (bf16 read, fp8 + f32 scales written / re-read), in GB."""
+def moved_gb(num_tokens: int, num_rows: int, real_rows: int) -> tuple[float, float]:
+    """Bytes each path must move at least (bf16 read, fp8 + f32 scales written / re-read), in GB:
+    the unfused gather copies every layout row, the fused kernel only the rows holding a token."""
     row_out = HIDDEN + HIDDEN // GROUP * 4
     unfused_bytes = num_tokens * (2 * HIDDEN + row_out) + num_rows * 2 * row_out
-    fused_bytes = num_rows * (2 * HIDDEN + row_out)  # a source row read per layout row (L2 may reuse)
+    fused_bytes = real_rows * (2 * HIDDEN + row_out)  # a source row read per real row (L2 may reuse)
     return unfused_bytes / 1e9, fused_bytes / 1e9
 
 
@@ -48,11 +50,13 @@ def bench_one(num_local: int, num_tokens: int) -> dict:
     topk_ids = torch.rand(num_tokens, GLOBAL_EXPERTS, device="cuda").topk(TOPK, dim=-1).indices
     layout = build_contiguous_layout(topk_ids, num_local, alignment=ops.contiguous_alignment("triton", "cuda"))
     (uq, us), (fq, fs) = unfused(x, layout), fused(x, layout)
-    equal = torch.equal(uq.view(torch.uint8), fq.view(torch.uint8)) and torch.equal(us, fs)
+    real = layout.src_token >= 0
+    equal = torch.equal(uq[real].view(torch.uint8), fq[real].view(torch.uint8)) and torch.equal(us[real], fs[real])
+    real_rows = int(real.sum())
     del uq, us, fq, fs
     unfused_us = time_graph(lambda: unfused(x, layout))
     fused_us = time_graph(lambda: fused(x, layout))
-    gb_unfused, gb_fused = moved_gb(num_tokens, layout.num_rows)
+    gb_unfused, gb_fused = moved_gb(num_tokens, layout.num_rows, real_rows)
     return dict(tokens=num_tokens, rows=layout.num_rows, unfused_us=unfused_us, fused_us=fused_us,
                 unfused_tbs=gb_unfused / unfused_us * 1e3, fused_tbs=gb_fused / fused_us * 1e3, equal=equal)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (repo root): GPU tests, tuning and/or the side-by-side benchmark in one call.
-#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [walktest] [sweep] [tune] [bench] [routed] [layer] [graphtests] [profile] [permq] [ncu]
+#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [walktest] [sweep] [tune] [bench] [routed] [layer] [graphtests] [profile] [permq] [layout] [ncu]
 # Peers travel in ignored folders: .whl/ (sgl-deep-gemm 0.1.5 + apache-tvm-ffi wheels) and
 # .peer/ (vLLM's fused_moe.py and its tuned JSONs). Logs and tables go to $OUT.
 set -uo pipefail
@@ -52,6 +52,9 @@ for step in "$@"; do
                 --md "$OUT/benchmarks.layer.md" --log "$OUT/layer.log" ${LAYER_ARGS:-} 2>&1 | tee "$OUT/layer.out" | tail -45 ;;
     graphtests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_layer_graphs.py \
                 2>&1 | tee "$OUT/graphtests.log" | tail -25 ;;
+    layout) timeout ${LAYOUT_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_build_layout_gpu.py \
+                tests/gpu/test_permute_quant_gpu.py tests/kernels/test_build_layout.py 2>&1 | tee "$OUT/layout_tests.log" | tail -15
+            timeout ${LAYOUT_BENCH_TIMEOUT:-240} python3 benchmarks/bench_build_layout.py --md "$OUT/build_layout.md" 2>&1 | tail -20 ;;
   esac
   echo "== $step: $(( $(date +%s) - t0 ))s"
 done

@@ -39,6 +39,15 @@ def check_tensor(name: str, t: object, *, dtypes: Iterable[torch.dtype] | None =
     return t
 
 
+def check_quant_out(out: object, q_shape: Sequence[int], s_shape: Sequence[int],
+                    device: torch.device | str) -> None:
+    """`out` of a quantizing op: a pair (fp8 e4m3 `q_shape`, f32 `s_shape`) on `device`."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"out: expected a pair (a_fp8, a_scale), got {type(out).__name__}")
+    check_tensor("out[0]", out[0], dtypes=(torch.float8_e4m3fn,), shape=tuple(q_shape), device=device)
+    check_tensor("out[1]", out[1], dtypes=(torch.float32,), shape=tuple(s_shape), device=device)
+
+
 def _same_device(a: torch.device, b: torch.device | str) -> bool:
     b = torch.device(b)
     return a.type == b.type and (b.index is None or a.index == b.index)

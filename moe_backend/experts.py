@@ -100,11 +100,11 @@ def run_masked_plan(plan: Plan, a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_
 
 
 def _layout_activations(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, src_token: torch.Tensor,
-                        ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                        ue8m0: bool, rows_in_use: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GEMM1's operand in the layout's rows (padding rows are not written)."""
     if x_scale is None:
         if plan.fused_permute_quant:
-            return ops.permute_quant(x, src_token, GROUP, ue8m0)
+            return ops.permute_quant(x, src_token, GROUP, ue8m0, used_rows=rows_in_use)
         x, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
     return ops.permute_rows(x, x_scale, src_token)
 
@@ -127,13 +127,13 @@ def run_plan(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, w13_fp8:
                         y, None, ue8m0)
     else:
         layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,
-                                             alignment=plan.alignment, num_rows=plan.num_rows)
-        a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)
-        ids = layout.expert_ids
+                                             alignment=plan.alignment)
         rows_in_use = layout.expert_offsets[num_experts:]  # int32 [1] on the device
+        a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
+        ids = layout.expert_ids
         h = torch.empty(plan.num_rows, two_i, dtype=torch.bfloat16, device=dev)
         _gemm_contiguous(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use)
-        act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0, expert_ids=ids)
+        act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use)
         y = torch.empty(plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
         _gemm_contiguous(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts, rows_in_use)
     return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out)

@@ -137,12 +137,15 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
 
 
 def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
-                   expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None):
-    """See `moe_backend.reference.silu_mul_quant`. `expert_ids` (contiguous layout, -1 = padding)
-    or `masked_m` (masked layout) name the rows that matter; the others may be skipped."""
+                   expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
+                   used_rows: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """See `moe_backend.reference.silu_mul_quant`: with `expert_ids` or `masked_m` only the rows
+    holding a token are computed (the kernel leaves the others unwritten); with `used_rows` (int32
+    `[1]` on the device, e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited."""
+    validity = dict(expert_ids=expert_ids, masked_m=masked_m, used_rows=used_rows, out=out)
     if _provider("auto", h.device) == "triton":
-        return _kernel("silu_mul_quant")(h, group, ue8m0)
-    return reference.silu_mul_quant(h, group, ue8m0)
+        return _kernel("silu_mul_quant")(h, group, ue8m0, **validity)
+    return reference.silu_mul_quant(h, group, ue8m0, **validity)
 
 
 def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
@@ -154,14 +157,17 @@ def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False
     return quantize_fp8_per_token_group(x, group, ue8m0)
 
 
-def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False):
+def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None):
     """Per-token-group quant fused with the permute into a layout's rows (`layout.src_token`):
-    see `moe_backend.dispatch.layouts.permute_quant`, bit-identical to quant + `permute`."""
+    see `moe_backend.dispatch.layouts.permute_quant`, bit-identical to quant + `permute` on the
+    rows holding a token; padding rows (src_token -1) are left unwritten by the kernel, and with
+    `used_rows` (e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited."""
     if _provider("auto", x.device) == "triton":
-        return _kernel("permute_quant")(x, src_token, group, ue8m0)
+        return _kernel("permute_quant")(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
     from moe_backend.dispatch.layouts import permute_quant as permute_quant_reference
 
-    return permute_quant_reference(x, src_token, group, ue8m0)
+    return permute_quant_reference(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
 
 
 def permute_rows(x_fp8: torch.Tensor, x_scale: torch.Tensor, src_token: torch.Tensor
@@ -199,18 +205,32 @@ def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu")
     return _REFERENCE_ALIGNMENT
 
 
-def build_contiguous_layout(topk_ids: torch.Tensor, num_experts: int, *, expert_start: int = 0,
-                            alignment: int = 128, num_rows: int | None = None):
-    """The contiguous layout on `num_rows` rows (the static bound), without a host sync."""
-    from moe_backend.dispatch import layouts
-
-    return layouts.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,
-                                           alignment=alignment, exact_size=False)
+# Layout builders: the Triton kernels on CUDA tensors, their torch twins otherwise (same layout).
 
 
-def build_masked_layout(topk_ids: torch.Tensor, num_experts: int, *, expert_start: int = 0,
+def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
+                            alignment: int = 128):
+    """topk_ids `[T, k]` -> `ContiguousLayout` on the static `max_contiguous_rows(T*k, E, alignment)`
+    rows (padding and the unused tail: expert_ids = src_token = -1). No host sync: CUDA-graph
+    capturable. See `moe_backend.kernels.build_layout`."""
+    if _provider("auto", topk_ids.device) == "triton":
+        return _kernel("build_contiguous_layout", module="build_layout")(
+            topk_ids.contiguous(), num_local_experts, expert_start=expert_start, alignment=alignment)
+    from moe_backend.dispatch.layouts import build_contiguous_layout as build_reference
+
+    return build_reference(topk_ids, num_local_experts, expert_start=expert_start, alignment=alignment,
+                           exact_size=False)
+
+
+def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
                         max_m: int | None = None):
-    """The masked layout `[E, max_m]` (default max_m = T), without a host sync."""
-    from moe_backend.dispatch import layouts
+    """topk_ids `[T, k]` -> `MaskedLayout` with `max_m` rows per expert (default max(T, 1), which
+    never overflows). No host sync: an expert's slots past max_m (in (token, slot) order) are
+    dropped (row_of_slot -1, masked_m clamped). See `moe_backend.kernels.build_layout`."""
+    if _provider("auto", topk_ids.device) == "triton":
+        return _kernel("build_masked_layout", module="build_layout")(
+            topk_ids.contiguous(), num_local_experts, expert_start=expert_start, max_m=max_m)
+    from moe_backend.dispatch.layouts import build_masked_layout as build_reference
 
-    return layouts.build_masked_layout(topk_ids, num_experts, expert_start=expert_start, max_m=max_m)
+    return build_reference(topk_ids, num_local_experts, expert_start=expert_start, max_m=max_m,
+                           drop_overflow=True)

@@ -57,6 +57,9 @@ def test_contiguous_layout(tokens, topk, experts, local, exact_size, skew):
         assert int(layout.tokens_per_expert[e]) == len(pairs)
     local_mask = (topk_ids >= start) & (topk_ids < stop)
     assert bool((layout.row_of_slot[~local_mask] == -1).all())
+    # Padding rows (in segments and the tail) copy no token: src_token -1 exactly where expert_ids is.
+    assert torch.equal(layout.src_token < 0, layout.expert_ids < 0)
+    assert bool((layout.src_token[layout.src_token < 0] == -1).all())
     if exact_size:
         assert layout.num_rows == offsets[-1]
     else:
@@ -75,6 +78,7 @@ def test_masked_layout(tokens, topk, experts, local):
         assert layout.src_token[e, :len(pairs)].tolist() == [t for t, _ in pairs]
         for r, (t, j) in enumerate(pairs):
             assert int(layout.row_of_slot[t, j]) == e * layout.max_m + r
+        assert layout.src_token[e, len(pairs):].tolist() == [-1] * (layout.max_m - len(pairs))
 
 
 def test_masked_overflow_raises_instead_of_dropping():
@@ -82,6 +86,29 @@ def test_masked_overflow_raises_instead_of_dropping():
     with pytest.raises(ValueError, match="max_m"):
         build_masked_layout(topk_ids, 2, max_m=4)
     assert build_masked_layout(topk_ids, 2, max_m=6).masked_m.tolist() == [6, 0]
+
+
+def test_masked_overflow_dropped_on_request():
+    """drop_overflow=True (no host sync, as the kernel): each expert keeps its first max_m slots in
+    (token, slot) order; the rest map to no row and so contribute nothing to combine."""
+    topk_ids = torch.tensor([[0, 1], [1, 0], [0, 2], [0, 1]], dtype=torch.int32)
+    layout = build_masked_layout(topk_ids, 2, max_m=2, drop_overflow=True)
+    assert layout.masked_m.tolist() == [2, 2]
+    assert layout.src_token.tolist() == [[0, 1], [0, 1]]
+    assert layout.row_of_slot.tolist() == [[0, 2], [3, 1], [-1, -1], [-1, -1]]
+
+
+def test_permute_zeroes_padding_rows():
+    topk_ids = torch.tensor([[0, 2], [2, 3]], dtype=torch.int32)
+    x = torch.randn(2, 8)
+    contiguous = build_contiguous_layout(topk_ids, 3, alignment=4, exact_size=False)
+    y = permute(x, contiguous)
+    pad = contiguous.src_token < 0
+    assert pad.any() and not y[pad].any()
+    assert torch.equal(y[~pad], x[contiguous.src_token[~pad]])
+    masked = build_masked_layout(topk_ids, 3)
+    assert masked.src_token.tolist() == [[0, -1], [-1, -1], [0, 1]]
+    assert not permute(x, masked)[1].any() and torch.equal(permute(x, masked)[2], x)
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "masked"])
@@ -118,3 +145,5 @@ def test_bad_inputs():
         build_masked_layout(torch.zeros(4, dtype=torch.int32), 4)
     with pytest.raises(ValueError, match="num_local_experts"):
         build_masked_layout(torch.zeros(2, 2, dtype=torch.int32), 0)
+    with pytest.raises(ValueError, match="expert_start"):
+        build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4, expert_start=-1)

@@ -1,12 +1,17 @@
 """The two grouped layouts the kernels read, built from the router's top-k ids, and the way back.
 
 - contiguous (prefill): rows sorted by local expert, each expert's segment padded to `alignment`
-  rows, padding rows marked -1 in `expert_ids`;
-- masked (decode): `[num_local_experts, max_m, K]` with `masked_m[e]` valid rows per expert.
+  rows, padding rows marked -1 in `expert_ids` and `src_token`;
+- masked (decode): `[num_local_experts, max_m, K]` with `masked_m[e]` valid rows per expert
+  (`src_token` -1 past it).
+
+Padding rows copy no token: `permute` gives them zeros, the kernels leave them unwritten, and no
+later step reads them.
 
 Both record `row_of_slot[t, j]`, the row that holds token t's j-th expert (-1 when that expert is
 not local), so un-permute + combine is a gather: deterministic, no atomics. Builders never sync
-with the host unless asked for an exactly sized contiguous layout.
+with the host unless asked for an exactly sized contiguous layout (or a masked one that must not
+drop overflow). These are the torch twins of `moe_backend.kernels.build_layout` (bit-identical).
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_backend._checks import check_tensor
-from moe_backend.quant import quantize_fp8_per_token_group
+from moe_backend._checks import check_quant_out, check_tensor
+from moe_backend.quant import FP8_DTYPE, quantize_fp8_per_token_group
 
 __all__ = [
     "ContiguousLayout",
@@ -34,7 +39,7 @@ __all__ = [
 class ContiguousLayout:
     expert_ids: torch.Tensor  # [M] int32: local expert of each row, -1 = padding
     expert_offsets: torch.Tensor  # [E+1] int32: first row of each expert's padded segment
-    src_token: torch.Tensor  # [M] int64: token each row copies (0 on padding rows: a valid, unused row)
+    src_token: torch.Tensor  # [M] int64: token each row copies, -1 = padding (copies nothing)
     row_of_slot: torch.Tensor  # [T, k] int64: row holding (token, slot), -1 = expert not local
     tokens_per_expert: torch.Tensor  # [E] int32: real rows per expert (before padding)
 
@@ -50,7 +55,7 @@ class ContiguousLayout:
 @dataclass(frozen=True)
 class MaskedLayout:
     masked_m: torch.Tensor  # [E] int32: valid rows per expert (on the device)
-    src_token: torch.Tensor  # [E, max_m] int64: token each row copies (0 past masked_m)
+    src_token: torch.Tensor  # [E, max_m] int64: token each row copies, -1 past masked_m
     row_of_slot: torch.Tensor  # [T, k] int64: flat row e*max_m + r holding (token, slot), -1 = not local
 
     @property
@@ -58,10 +63,12 @@ class MaskedLayout:
         return self.src_token.shape[1]
 
 
-def _check_ids(topk_ids: torch.Tensor, num_local_experts: int) -> None:
+def _check_ids(topk_ids: torch.Tensor, num_local_experts: int, expert_start: int) -> None:
     check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
     if num_local_experts <= 0:
         raise ValueError(f"num_local_experts must be positive, got {num_local_experts}")
+    if expert_start < 0:
+        raise ValueError(f"expert_start must be non-negative, got {expert_start}")
 
 
 def _sort_slots(topk_ids: torch.Tensor, num_local_experts: int, expert_start: int):
@@ -94,7 +101,7 @@ def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, e
     False uses the shape-only bound `max_contiguous_rows` (no sync, CUDA-graph safe), with the
     unused tail marked as padding.
     """
-    _check_ids(topk_ids, num_local_experts)
+    _check_ids(topk_ids, num_local_experts, expert_start)
     if alignment <= 0:
         raise ValueError(f"alignment must be positive, got {alignment}")
     num_tokens, topk = topk_ids.shape
@@ -109,7 +116,7 @@ def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, e
     row = torch.where(in_range, offsets[safe_key] + rank, torch.full_like(rank, num_rows))
     expert_ids = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=device)
     expert_ids.scatter_(0, row, safe_key.to(torch.int32))
-    src_token = torch.zeros(num_rows + 1, dtype=torch.long, device=device)
+    src_token = torch.full((num_rows + 1,), -1, dtype=torch.long, device=device)
     src_token.scatter_(0, row, order // topk)
     row_of_slot = torch.empty(order.numel(), dtype=torch.long, device=device)
     row_of_slot.scatter_(0, order, torch.where(in_range, row, torch.full_like(row, -1)))
@@ -123,11 +130,13 @@ def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, e
 
 
 def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                        max_m: int | None = None) -> MaskedLayout:
+                        max_m: int | None = None, drop_overflow: bool = False) -> MaskedLayout:
     """topk_ids `[T, k]` -> masked layout with `max_m` rows per expert (default T: a token visits an
     expert at most once, so T rows never overflow; no host sync). A smaller `max_m` is checked
-    (one host sync) and overflow raises rather than dropping tokens."""
-    _check_ids(topk_ids, num_local_experts)
+    (one host sync) and overflow raises rather than dropping tokens; with `drop_overflow=True`
+    (no sync, what the kernel does) an expert keeps its first `max_m` slots in (token, slot) order,
+    the others get `row_of_slot` -1 and contribute nothing."""
+    _check_ids(topk_ids, num_local_experts, expert_start)
     num_tokens, topk = topk_ids.shape
     device = topk_ids.device
     order, safe_key, in_range, rank, counts = _sort_slots(topk_ids, num_local_experts, expert_start)
@@ -135,12 +144,12 @@ def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, exper
         max_m = max(num_tokens, 1)
     elif max_m <= 0:
         raise ValueError(f"max_m must be positive, got {max_m}")
-    if max_m < num_tokens and num_local_experts and int(counts.max()) > max_m:
+    if not drop_overflow and max_m < num_tokens and int(counts.max()) > max_m:
         raise ValueError(f"max_m ({max_m}) is smaller than the {int(counts.max())} tokens routed to "
                          f"one expert; raise max_m")
     dump = num_local_experts * max_m
     row = torch.where(in_range & (rank < max_m), safe_key * max_m + rank, torch.full_like(rank, dump))
-    src_token = torch.zeros(dump + 1, dtype=torch.long, device=device)
+    src_token = torch.full((dump + 1,), -1, dtype=torch.long, device=device)
     src_token.scatter_(0, row, order // topk)
     row_of_slot = torch.empty(order.numel(), dtype=torch.long, device=device)
     row_of_slot.scatter_(0, order, torch.where(row < dump, row, torch.full_like(row, -1)))
@@ -152,25 +161,43 @@ def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, exper
 
 
 def permute(x: torch.Tensor, layout: ContiguousLayout | MaskedLayout) -> torch.Tensor:
-    """Copies token rows `x [T, ...]` into the layout: `[M, ...]` (contiguous) or `[E, max_m, ...]`."""
+    """Copies token rows `x [T, ...]` into the layout: `[M, ...]` (contiguous) or `[E, max_m, ...]`;
+    padding rows (src_token -1) are zeros."""
     return _gather_rows(x, layout.src_token)
 
 
-def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False
+def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token-group FP8 quant of x `[T, H]`, rows copied as `src_token` (int64, any shape S) says:
-    (a_fp8 `[*S, H]`, a_scale f32 `[*S, H/group]`). The torch twin of
-    `moe_backend.kernels.permute_quant`: quantize, then `permute` each part."""
+    """Per-token-group FP8 quant of x `[T, H]`, rows copied as `src_token` (int64, any shape S, -1 =
+    padding) says: (a_fp8 `[*S, H]`, a_scale f32 `[*S, H/group]`), written into `out` when given.
+    The torch twin of `moe_backend.kernels.permute_quant`: quantize, then `permute` each part
+    (padding rows are zeros here; the kernel leaves them unwritten). `used_rows` (int32 `[1]`):
+    flat rows at and past it count as padding too."""
     check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
     check_tensor("src_token", src_token, dtypes=(torch.int64,), device=x.device)
+    if used_rows is not None:
+        check_tensor("used_rows", used_rows, dtypes=(torch.int32,), shape=(1,), device=x.device)
+        beyond = torch.arange(src_token.numel(), device=x.device).view(src_token.shape) >= used_rows
+        src_token = src_token.masked_fill(beyond, -1)
     x_fp8, x_scale = quantize_fp8_per_token_group(x, group, ue8m0)
-    return _gather_rows(x_fp8, src_token), _gather_rows(x_scale, src_token)
+    a_fp8, a_scale = _gather_rows(x_fp8, src_token), _gather_rows(x_scale, src_token)
+    if out is None:
+        return a_fp8, a_scale
+    check_quant_out(out, a_fp8.shape, a_scale.shape, x.device)
+    return out[0].copy_(a_fp8), out[1].copy_(a_scale)
 
 
 def _gather_rows(x: torch.Tensor, src_token: torch.Tensor) -> torch.Tensor:
-    """`x[src_token]` as `[*src_token.shape, ...]`; all zeros when x has no rows."""
-    rows = x.index_select(0, src_token.reshape(-1)) if x.shape[0] else \
-        x.new_zeros((src_token.numel(), *x.shape[1:]))
+    """`x[src_token]` as `[*src_token.shape, ...]`, zeros where src_token is -1 (padding)."""
+    src = src_token.reshape(-1)
+    if x.shape[0]:
+        rows = x.index_select(0, src.clamp(min=0))
+        pad = (src < 0).view(-1, *([1] * (x.dim() - 1)))
+        bits = rows.view(torch.uint8) if rows.dtype == FP8_DTYPE else rows  # `where` on fp8: not on every device
+        rows = torch.where(pad, torch.zeros((), dtype=bits.dtype, device=x.device), bits).view(rows.dtype)
+    else:
+        rows = x.new_zeros((src.numel(), *x.shape[1:]))
     return rows.view(*src_token.shape, *x.shape[1:])
 
 

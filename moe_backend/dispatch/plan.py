@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moe_backend.dispatch.layouts import max_contiguous_rows
 from moe_backend.dispatch.policy import KERNELS, Policy
 
 __all__ = ["GemmPlan", "Plan", "make_plan", "make_masked_plan", "thresholds", "gemm_provider",
@@ -182,11 +183,6 @@ def _alignment(gemms: tuple[GemmPlan, ...]) -> int:
             need = _REFERENCE_ALIGNMENT
         align = max(align, need)
     return align
-
-
-def max_contiguous_rows(num_slots: int, num_experts: int, alignment: int) -> int:
-    """Rows a contiguous layout can need, from shapes alone: each non-empty expert pads < alignment."""
-    return num_slots + min(num_experts, num_slots) * (alignment - 1)
 
 
 def _device_key(device: torch.device) -> tuple[str, int | None]:

@@ -36,3 +36,27 @@ def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return "interpreter"
     return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_used_rows(used_rows, device: torch.device) -> None:
+    """A device-side row count: int32 `[1]` on `device` (read by the kernel, never by the host)."""
+    check_kernel_tensor("used_rows", used_rows, device, dtypes=(torch.int32,), shape=(1,))
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# Row-looping launches: about this many programs per SM (along both grid axes) keep every SM busy.
+PROGRAMS_PER_SM = 16
+INTERPRETER_ROW_PROGRAMS = 3  # few, so every program loops over several rows
+
+
+def persistent_row_programs(device: torch.device, num_rows: int, programs_per_row: int) -> int:
+    """Programs along the row axis for a kernel whose programs loop over rows (bounded by a
+    device-side count): enough to fill the GPU, never more than the rows."""
+    if device.type != "cuda":
+        return max(1, min(num_rows, INTERPRETER_ROW_PROGRAMS))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(num_rows, _sm_count(index) * PROGRAMS_PER_SM // max(1, programs_per_row)))

@@ -53,15 +53,20 @@ def test_permute_quant(name: str, ue8m0: bool) -> None:
     x = (torch.randn(TOKENS, HIDDEN, device="cuda", generator=gen) * 3).bfloat16()
     layout = _layout(name, _topk_ids(TOKENS))
     src = layout.src_token
-    q, s = permute_quant(x, src, 128, ue8m0)
+    out = (torch.full((*src.shape, HIDDEN), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn),
+           torch.full((*src.shape, HIDDEN // 128), float("nan"), device="cuda"))
+    q, s = permute_quant(x, src, 128, ue8m0, out=out)
     assert q.shape == (*src.shape, HIDDEN) and s.shape == (*src.shape, HIDDEN // 128)
+    real = src >= 0  # padding rows (src_token -1) are never written: still poisoned
+    assert bool((q[~real].view(torch.uint8) == 0x7F).all()) and bool(s[~real].isnan().all())
+    q, s = q[real], s[real]
 
     uq, us = per_token_group_quant(x, 128, ue8m0)
-    assert torch.equal(q.view(torch.uint8), layouts.permute(uq, layout).view(torch.uint8)), \
+    assert torch.equal(q.view(torch.uint8), layouts.permute(uq, layout)[real].view(torch.uint8)), \
         "differs from per_token_group_quant + permute"
-    assert torch.equal(s, layouts.permute(us, layout))
+    assert torch.equal(s, layouts.permute(us, layout)[real])
 
-    rq, rs = layouts.permute_quant(x, src, 128, ue8m0)
+    rq, rs = (t[real] for t in layouts.permute_quant(x, src, 128, ue8m0))
     assert torch.allclose(s, rs, rtol=TOL["scale_rtol"], atol=0), \
         f"scales differ from the twin: max rel {float(((s - rs).abs() / rs).max()):.2e}"
     # Values, not bytes: the kernels round tiny negatives to +0 where torch keeps -0.
@@ -84,7 +89,9 @@ def test_permute_quant_cuda_graph() -> None:
         src.copy_(_layout("ep8_contiguous_graph_safe", _topk_ids(64, seed)).src_token)
         graph.replay()
         rq, rs = ops.per_token_group_quant(x)
-        assert torch.equal(q.view(torch.uint8), rq[src].view(torch.uint8)) and torch.equal(s, rs[src])
+        real = src >= 0
+        assert torch.equal(q[real].view(torch.uint8), rq[src[real]].view(torch.uint8))
+        assert torch.equal(s[real], rs[src[real]])
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,18 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: layout_checks
 
 import torch  # noqa: E402
+from layout_checks import (LAYOUT_CASES, assert_same_layout, check_contiguous_layout,  # noqa: E402
+                           check_masked_layout, make_topk_ids)
 
 from moe_backend import reference  # noqa: E402
 from moe_backend.dispatch import layouts  # noqa: E402
+from moe_backend.kernels import build_layout  # noqa: E402
 from moe_backend.kernels.combine import unpermute_combine  # noqa: E402
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous  # noqa: E402
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
@@ -265,17 +270,31 @@ def case_bad_inputs():
         raise AssertionError("int64 expert_ids accepted")
 
 
+POISON_BYTE = 0x7F  # e4m3 NaN: a padding row still holding it was never written
+
+
+def _poisoned_quant_out(q_shape, s_shape):
+    return (torch.full(q_shape, POISON_BYTE, dtype=torch.uint8).view(torch.float8_e4m3fn),
+            torch.full(s_shape, float("nan")))
+
+
 def _check_permute_quant(x, src_token, group=128, ue8m0=False):
-    q, s = permute_quant(x, src_token, group, ue8m0)
-    assert q.shape == (*src_token.shape, x.shape[1]) and s.shape == (*src_token.shape, x.shape[1] // group)
+    shapes = (*src_token.shape, x.shape[1]), (*src_token.shape, x.shape[1] // group)
+    out = _poisoned_quant_out(*shapes)
+    q, s = permute_quant(x, src_token, group, ue8m0, out=out)
+    assert q is out[0] and s is out[1] and q.shape == shapes[0] and s.shape == shapes[1]
+    real = src_token >= 0
+    assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(s[~real].isnan().all()), \
+        "padding rows were written"
     rq, rs = layouts.permute_quant(x, src_token, group, ue8m0)
-    assert torch.equal(s, rs), "scales differ from the torch twin"
+    assert torch.equal(s[real], rs[real]), "scales differ from the torch twin"
     # Values, not bytes: the kernel's e4m3 rounding gives +0 where torch keeps -0 (equal values).
-    assert torch.equal(q.float(), rq.float()), "fp8 values differ from the torch twin"
+    assert torch.equal(q[real].float(), rq[real].float()), "fp8 values differ from the torch twin"
     # Byte-exact against the unfused kernel path: same rounding code, rows copied.
     uq, us = per_token_group_quant(x, group, ue8m0)
-    assert torch.equal(q.view(torch.uint8), uq.view(torch.uint8)[src_token]), "differs from quant + permute"
-    assert torch.equal(s, us[src_token])
+    assert torch.equal(q[real].view(torch.uint8), uq.view(torch.uint8)[src_token[real]]), \
+        "differs from quant + permute"
+    assert torch.equal(s[real], us[src_token[real]])
 
 
 def case_permute_quant():
@@ -284,16 +303,17 @@ def case_permute_quant():
     x = torch.randn(t, h, generator=gen) * torch.logspace(-2, 2, t)[:, None]  # per-token magnitudes
     # Global ids -1..10, local experts 3..7: slots of other ranks and unrouted slots (-1) too.
     topk_ids = torch.stack([torch.randperm(12, generator=gen)[:topk] for _ in range(t)]) - 1
-    contiguous = layouts.build_contiguous_layout(topk_ids, e, expert_start=3, alignment=4)
-    masked = layouts.build_masked_layout(topk_ids, e, expert_start=3, max_m=t)
+    contiguous = build_layout.build_contiguous_layout(topk_ids, e, expert_start=3, alignment=4)
+    masked = build_layout.build_masked_layout(topk_ids, e, expert_start=3, max_m=t)
     assert (contiguous.expert_ids < 0).any(), "the case needs padding rows"
     assert (masked.masked_m < masked.max_m).any(), "the case needs rows past masked_m"
-    assert contiguous.src_token.unique().numel() < contiguous.num_rows, "the case needs repeated tokens"
+    real = contiguous.src_token[contiguous.src_token >= 0]
+    assert real.unique().numel() < real.numel(), "the case needs repeated tokens"
     for dtype in (torch.bfloat16, torch.float32):
         for ue8m0 in (False, True):
             for layout in (contiguous, masked):
                 _check_permute_quant(x.to(dtype), layout.src_token, 128, ue8m0)
-    _check_permute_quant(x.half(), torch.tensor([[8, 0, 8], [3, 3, 1]]), group=64)
+    _check_permute_quant(x.half(), torch.tensor([[8, 0, -1], [3, 3, 1]]), group=64)
 
 
 def case_permute_quant_empty():
@@ -302,11 +322,138 @@ def case_permute_quant_empty():
     assert q.shape == (0, 256) and s.shape == (0, 2)
     q, s = permute_quant(x, torch.zeros(3, 0, dtype=torch.int64))
     assert q.shape == (3, 0, 256) and s.shape == (3, 0, 2)
-    # No tokens: the layout's rows are all padding (src_token 0) and come back zero, as `permute` gives.
-    q, s = permute_quant(x[:0], torch.zeros(2, 3, dtype=torch.int64))
-    rq, rs = layouts.permute_quant(x[:0], torch.zeros(2, 3, dtype=torch.int64))
-    assert q.shape == (2, 3, 256) and not q.float().any() and not s.any()
-    assert torch.equal(s, rs) and torch.equal(q.float(), rq.float())
+    # No tokens: the layout's rows are all padding (src_token -1): nothing is written.
+    out = _poisoned_quant_out((2, 3, 256), (2, 3, 2))
+    q, s = permute_quant(x[:0], torch.full((2, 3), -1), out=out)
+    assert q.shape == (2, 3, 256) and bool((q.view(torch.uint8) == POISON_BYTE).all()) and s.isnan().all()
+
+
+def _layout_pairs(case, seed=0):
+    """(kernel, twin) for both layouts of a LayoutCase, checked against the invariants."""
+    topk_ids = make_topk_ids(case, seed)
+    args = (topk_ids, case.num_local)
+    kernel = build_layout.build_contiguous_layout(*args, expert_start=case.expert_start, alignment=case.alignment,
+                                                  slots_per_program=case.slots_per_program)
+    twin = layouts.build_contiguous_layout(*args, expert_start=case.expert_start, alignment=case.alignment,
+                                           exact_size=False)
+    check_contiguous_layout(kernel, topk_ids, case.num_local, case.expert_start, case.alignment)
+    assert_same_layout(kernel, twin)
+    max_m = case.max_m or max(case.tokens, 1)
+    kernel = build_layout.build_masked_layout(*args, expert_start=case.expert_start, max_m=case.max_m,
+                                              slots_per_program=case.slots_per_program)
+    twin = layouts.build_masked_layout(*args, expert_start=case.expert_start, max_m=case.max_m, drop_overflow=True)
+    check_masked_layout(kernel, topk_ids, case.num_local, case.expert_start, max_m)
+    assert_same_layout(kernel, twin)
+
+
+def case_build_layout():
+    """Every LayoutCase, kernel == twin bit for bit and the invariants; errors name the case."""
+    for case in LAYOUT_CASES:
+        try:
+            _layout_pairs(case)
+        except AssertionError as exc:
+            raise AssertionError(f"{case.name}: {exc}") from exc
+
+
+def case_build_layout_shared_fill():
+    """The one-program plan with several programs sharing the padding fill (as for a large masked
+    layout): every LayoutCase again, with a fill share of 16 rows per program."""
+    saved = build_layout._FILL_ROWS_PER_PROGRAM
+    build_layout._FILL_ROWS_PER_PROGRAM = 16
+    try:
+        for case in LAYOUT_CASES:
+            if case.slots_per_program is None:
+                try:
+                    _layout_pairs(case, seed=4)
+                except AssertionError as exc:
+                    raise AssertionError(f"{case.name}: {exc}") from exc
+    finally:
+        build_layout._FILL_ROWS_PER_PROGRAM = saved
+
+
+def case_build_layout_both_plans():
+    """One routing through the one-program plan and chunked plans of 32 and 64 slots: same layouts."""
+    topk_ids = make_topk_ids(LAYOUT_CASES[2], seed=3)  # EP slice with -1 and other ranks' ids
+    for kwargs in (dict(alignment=8), dict(alignment=1)):
+        built = [build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, slots_per_program=spp, **kwargs)
+                 for spp in (None, 32, 64)]
+        for other in built[1:]:
+            assert_same_layout(other, built[0])
+    built = [build_layout.build_masked_layout(topk_ids, 6, expert_start=3, max_m=5, slots_per_program=spp)
+             for spp in (None, 32, 64)]
+    for other in built[1:]:
+        assert_same_layout(other, built[0])
+
+
+def case_silu_mul_quant_rows():
+    """Row validity: only the rows a layout fills are computed and written (poisoned out), and they
+    equal the reference's; without validity every row is (the existing behaviour)."""
+    gen = torch.Generator().manual_seed(8)
+    topk_ids = torch.randint(-1, 9, (7, 2), generator=gen, dtype=torch.int32)
+    contiguous = build_layout.build_contiguous_layout(topk_ids, 5, expert_start=2, alignment=4)
+    masked = build_layout.build_masked_layout(topk_ids, 5, expert_start=2, max_m=3)
+    for layout, kwargs, rows in ((contiguous, dict(expert_ids=contiguous.expert_ids), (contiguous.num_rows,)),
+                                 (masked, dict(masked_m=masked.masked_m), (5, 3))):
+        valid = layout.src_token >= 0
+        assert valid.any() and not valid.all(), "the case needs both kinds of rows"
+        h = (torch.randn(*rows, 2 * 256, generator=gen) * 4).bfloat16()
+        h[~valid] = float("nan")  # padding rows of GEMM1's output hold anything
+        for ue8m0 in (False, True):
+            out = _poisoned_quant_out((*rows, 256), (*rows, 2))
+            q, s = silu_mul_quant(h, 128, ue8m0, out=out, **kwargs)
+            assert q is out[0] and s is out[1]
+            assert bool((q[~valid].view(torch.uint8) == POISON_BYTE).all()) and bool(s[~valid].isnan().all()), \
+                "invalid rows were written"
+            rq, rs = reference.silu_mul_quant(h, 128, ue8m0, **kwargs)
+            _check_quant(q[valid], s[valid], rq[valid], rs[valid])
+            assert not rq[~valid].float().any() and not rs[~valid].any(), "the twin zeroes invalid rows"
+            all_q, all_s = silu_mul_quant(h[valid], 128, ue8m0)  # no validity: every row
+            _check_quant(all_q, all_s, rq[valid], rs[valid])
+
+
+def case_used_rows():
+    """permute_quant and silu_mul_quant given a device-side row count: programs loop over the rows
+    below it (fewer programs than rows), every valid row below it is written, nothing at or past it
+    (poisoned out), even real rows when the count is cut short on purpose."""
+    gen = torch.Generator().manual_seed(10)
+    topk_ids = torch.randint(-1, 12, (13, 3), generator=gen, dtype=torch.int32)
+    layout = build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, alignment=4)
+    used = int(layout.expert_offsets[-1])
+    assert 0 < used < layout.num_rows, "the case needs an all-padding tail"
+    x = torch.randn(13, 256, generator=gen).bfloat16()
+    h = (torch.randn(layout.num_rows, 512, generator=gen) * 3).bfloat16()
+    for bound in (used, used // 2):
+        used_rows = torch.tensor([bound], dtype=torch.int32)
+        below = torch.arange(layout.num_rows) < bound
+        real = (layout.src_token >= 0) & below
+        q, s = permute_quant(x, layout.src_token, out=_poisoned_quant_out((layout.num_rows, 256), (layout.num_rows, 2)),
+                             used_rows=used_rows)
+        rq, rs = layouts.permute_quant(x, layout.src_token, used_rows=used_rows)
+        assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(s[~real].isnan().all())
+        assert torch.equal(q[real].float(), rq[real].float()) and torch.equal(s[real], rs[real])
+        assert not rs[~real].any(), "the twin: rows past used_rows are padding"
+        a, a_s = silu_mul_quant(h, expert_ids=layout.expert_ids, used_rows=used_rows,
+                                out=_poisoned_quant_out((layout.num_rows, 256), (layout.num_rows, 2)))
+        ra, ras = reference.silu_mul_quant(h, expert_ids=layout.expert_ids, used_rows=used_rows)
+        assert bool((a[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(a_s[~real].isnan().all())
+        _check_quant(a[real], a_s[real], ra[real], ras[real])
+        assert not ras[~real].any()
+
+
+def case_combine_kernel_layouts():
+    """combine over kernel-built layouts whose padding rows hold NaN: never read into the sum."""
+    gen = torch.Generator().manual_seed(9)
+    t, topk, n = 9, 3, 200
+    topk_ids = torch.randint(-1, 12, (t, topk), generator=gen)
+    weights = torch.rand(t, topk, generator=gen)
+    for layout in (build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, alignment=8),
+                   build_layout.build_masked_layout(topk_ids, 6, expert_start=3, max_m=2)):  # some dropped
+        y = torch.randn(*layout.src_token.shape, n, generator=gen).bfloat16()
+        y[layout.src_token < 0] = float("nan")
+        out = unpermute_combine(y, layout.row_of_slot, weights)
+        ref = layouts.combine(y, layout, weights)
+        assert torch.isfinite(out.float()).all(), "a padding row was read"
+        assert _rel(out, ref) <= 1e-2
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

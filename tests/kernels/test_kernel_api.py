@@ -14,7 +14,8 @@ API = {
     "grouped_gemm_contiguous": ("(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None, "
                                 "num_rows=None)"),
     "grouped_gemm_masked": "(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, expected_m=None, config=None)",
-    "silu_mul_quant": "(h, group=128, ue8m0=False)",
+    "silu_mul_quant": "(h, group=128, ue8m0=False, *, expert_ids=None, masked_m=None, used_rows=None, "
+                      "out=None)",
     "per_token_group_quant": "(x, group=128, ue8m0=False)",
     "combine": "(y, row_of_slot, topk_weights, out=None)",
 }
@@ -31,6 +32,15 @@ def test_signature(module: str) -> None:
     name = "unpermute_combine" if module == "combine" else module
     assert name in mod.__all__
     assert _plain(inspect.signature(getattr(mod, name))) == API[module]
+
+
+def test_build_layout_signatures() -> None:
+    mod = importlib.import_module("moe_backend.kernels.build_layout")
+    assert {"build_contiguous_layout", "build_masked_layout"} <= set(mod.__all__)
+    assert _plain(inspect.signature(mod.build_contiguous_layout)) == \
+        "(topk_ids, num_local_experts, *, expert_start=0, alignment=128, slots_per_program=None)"
+    assert _plain(inspect.signature(mod.build_masked_layout)) == \
+        "(topk_ids, num_local_experts, *, expert_start=0, max_m=None, slots_per_program=None)"
 
 
 def test_contiguous_alignment() -> None:

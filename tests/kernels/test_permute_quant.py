@@ -17,7 +17,7 @@ from moe_backend.experts import routed_experts
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-SIGNATURE = "(x, src_token, group=128, ue8m0=False)"
+SIGNATURE = "(x, src_token, group=128, ue8m0=False, *, out=None, used_rows=None)"
 
 
 def _plain(fn) -> str:
@@ -60,10 +60,33 @@ def test_twin_is_quant_then_permute(kind: str, ue8m0: bool) -> None:
 
 def test_twin_empty() -> None:
     x = torch.randn(0, 256)
-    q, s = layouts.permute_quant(x, torch.zeros(3, dtype=torch.int64))  # no tokens: rows of zeros
+    q, s = layouts.permute_quant(x, torch.full((3,), -1))  # no tokens: every row is padding, zeros
     assert q.shape == (3, 256) and s.shape == (3, 2) and not q.float().any() and not s.any()
     q, s = layouts.permute_quant(torch.randn(4, 256), torch.zeros(2, 0, dtype=torch.int64))
     assert q.shape == (2, 0, 256) and s.shape == (2, 0, 2)
+
+
+def test_twin_padding_rows_and_out() -> None:
+    """Padding rows (src_token -1) come out zero from the twin, the real rows as quant + gather;
+    `out` is written in place and returned."""
+    x = (torch.randn(5, 256) * 2).bfloat16()
+    src = torch.tensor([[3, -1, 0], [-1, -1, 4]])
+    q, s = layouts.permute_quant(x, src)
+    x_fp8, x_scale = quantize_fp8_per_token_group(x)
+    real = src >= 0
+    assert torch.equal(q[real].view(torch.uint8), x_fp8[src[real]].view(torch.uint8))
+    assert torch.equal(s[real], x_scale[src[real]])
+    assert not q[~real].float().any() and not s[~real].any()
+    out = (torch.empty_like(q), torch.full_like(s, float("nan")))
+    oq, os_ = ops.permute_quant(x, src, out=out)
+    assert oq is out[0] and os_ is out[1] and torch.equal(os_, s)
+    with pytest.raises(ValueError, match=r"out\[1\]"):
+        layouts.permute_quant(x, src, out=(out[0], out[1][:1]))
+    with pytest.raises(TypeError, match="out: expected a pair"):
+        layouts.permute_quant(x, src, out=out[0])
+    # used_rows: flat rows at and past it count as padding (here the last three).
+    uq, us = ops.permute_quant(x, src, used_rows=torch.tensor([3], dtype=torch.int32))
+    assert torch.equal(us.view(-1, 2)[:3], s.view(-1, 2)[:3]) and not us.view(-1, 2)[3:].any()
 
 
 def test_fused_path_is_chosen_by_bytes_moved() -> None:
@@ -112,6 +135,13 @@ def _bad_cases():
         ("src_list", x, [0, 1], {}, TypeError, "src_token"),
         ("src_strided", x, torch.arange(8)[::2], {}, ValueError, "src_token: expected a contiguous"),
         ("src_other_device", x, src.to("meta"), {}, ValueError, "src_token: expected a tensor on cpu"),
+        ("out_shape", x, src, dict(out=(torch.empty(3, 256, dtype=torch.float8_e4m3fn), torch.empty(4, 2))),
+         ValueError, r"out\[0\]: expected shape"),
+        ("out_dtype", x, src, dict(out=(torch.empty(4, 256, dtype=torch.float8_e4m3fn), torch.empty(4, 2).half())),
+         TypeError, r"out\[1\]: expected dtype"),
+        ("used_rows_int64", x, src, dict(used_rows=torch.tensor([2])), TypeError, "used_rows: expected dtype"),
+        ("used_rows_shape", x, src, dict(used_rows=torch.tensor([2, 3], dtype=torch.int32)), ValueError,
+         "used_rows: expected shape"),
     ]
 
 
@@ -138,7 +168,8 @@ def test_kernel_refuses_cpu_tensors(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("case", [c for c in _bad_cases() if c[0] in ("x_int", "x_3d", "hidden_200", "src_int32",
-                                                                       "src_other_device")], ids=lambda c: c[0])
+                                                                       "src_other_device", "used_rows_int64")],
+                         ids=lambda c: c[0])
 def test_twin_bad_inputs(case) -> None:
     _, x, src, kwargs, error, match = case
     with pytest.raises(error, match=match):

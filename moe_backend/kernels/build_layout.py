@@ -1,0 +1,369 @@
+"""The contiguous and masked layouts built from the router's top-k ids on the device.
+
+No host sync and no data-dependent shape: every output is sized from (T, k, E, alignment | max_m)
+alone, so the build can be captured in a CUDA graph. Deterministic, no atomics: a slot is one
+(token, j) pair with flat index s = t*k + j, and a local slot's rank within its expert is the
+number of earlier slots (flat order) routed to the same expert, exactly as the torch twins'
+stable sort (`moe_backend.dispatch.layouts`) gives. Its row is `expert_offsets[e] + rank`
+(contiguous) or `e*max_m + rank` (masked; ranks >= max_m are dropped).
+
+Ranks come from sorting keys `expert * CHUNK + position` over a chunk of slots: a slot's position
+in the sorted chunk minus the first sorted position of its expert is its rank among the chunk's
+slots of that expert. Two plans, by slot count N = T*k:
+- one program (N <= SINGLE_PROGRAM_MAX_SLOTS: decode): histogram of every slot, offsets by a scan
+  over the experts, one sort, the slots placed, padding filled. One launch. When the padding to
+  fill is large (a masked layout of E*max_m rows) more programs share the fill: each recomputes
+  the histogram (a few KB of ids) rather than waiting for program 0's.
+- chunked (prefill), three launches: 1) each program histograms a chunk of slots into
+  `counts[c, e]`; 2) one program scans the counts over chunks and experts, writes the per-expert
+  outputs and, per chunk and expert, the row (rank) of the chunk's first slot of that expert minus
+  that slot's sorted position; 3) each program sorts its chunk and places its slots, and all
+  programs share the padding fill.
+
+Padding: rows of a contiguous segment past its expert's count and the unused tail of the static
+row bound get `expert_ids = src_token = -1`; masked rows past `masked_m[e]` get `src_token = -1`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_backend.dispatch.layouts import ContiguousLayout, MaskedLayout, max_contiguous_rows
+from moe_backend.kernels._launch_utils import check_kernel_tensor
+
+__all__ = ["build_contiguous_layout", "build_masked_layout", "SINGLE_PROGRAM_MAX_SLOTS", "CHUNK_SLOTS"]
+
+SINGLE_PROGRAM_MAX_SLOTS = 2048  # up to here one program does everything (one launch): decode
+CHUNK_SLOTS = 1024  # slots per program of the chunked plan
+_PAD_BLOCK = 16  # padding columns per step of the per-expert fill ([E_PAD, _PAD_BLOCK] tiles)
+_TAIL_BLOCK = 1024  # rows per step of the tail fill
+_FILL_ROWS_PER_PROGRAM = 8192  # one-program plan: padding rows per extra program sharing the fill
+_MAX_FILL_PROGRAMS = 32
+_SCAN_BLOCK = 16  # chunks per step of the scan
+_INT32_MAX = 2**31 - 1
+# A chunk fills at least one warp: no thread holds a copy of another's slot, which tl.histogram
+# would otherwise have to divide out.
+_MIN_CHUNK = 32
+
+
+def _num_warps(chunk: int) -> int:
+    """Warps that hold a chunk without replication: up to 4 (8 from 2048 slots: the one-program sort)."""
+    return max(1, min(chunk // 32, 8 if chunk >= 2048 else 4))
+
+
+@triton.jit
+def _slot_keys(ids_ptr, slot, num_slots, expert_start, num_experts):
+    """Local expert of each slot; num_experts (sorts last) for -1, other ranks' and past-the-end slots."""
+    ids = tl.load(ids_ptr + slot, mask=slot < num_slots, other=-1).to(tl.int64)
+    local = ids - expert_start
+    is_local = (ids >= 0) & (local >= 0) & (local < num_experts)
+    return tl.where(is_local, local, num_experts).to(tl.int32)
+
+
+@triton.jit
+def _histogram(keys, num_experts, E_PAD: tl.constexpr):
+    """Slots per local expert, `[E_PAD]` (zero past num_experts)."""
+    is_local = keys < num_experts
+    # Non-local keys are binned at 0 and taken back off: tl.histogram's bins must cover every value.
+    hist = tl.histogram(tl.where(is_local, keys, 0), E_PAD)
+    not_local = tl.sum(tl.where(is_local, 0, 1), axis=0)
+    return tl.where(tl.arange(0, E_PAD) == 0, hist - not_local, hist)
+
+
+@triton.jit
+def _place_slots(keys, slot0, base_ptr, expert_ids_ptr, src_ptr, row_of_slot_ptr, num_slots, topk,
+                 num_experts, max_m, MASKED: tl.constexpr, CHUNK: tl.constexpr):
+    """Writes row_of_slot for the chunk's slots and src_token (+ expert_ids) for their rows.
+
+    base_ptr `[E]`: per expert, the row (contiguous) or rank (masked) of the chunk's first slot of
+    that expert minus its position in the chunk's sorted order."""
+    position = tl.arange(0, CHUNK)
+    order = tl.sort(keys * CHUNK + position)  # keys are unique: the sort is deterministic
+    expert = order // CHUNK
+    slot = slot0 + order % CHUNK
+    is_local = expert < num_experts
+    # .cg: the one-program plan wrote base_ptr in this program; read it from L2, past L1.
+    base = tl.load(base_ptr + expert, mask=is_local, other=0, cache_modifier=".cg")
+    if MASKED:
+        rank = base + position
+        placed = is_local & (rank < max_m)  # overflow past max_m is dropped
+        row = expert * max_m + rank
+    else:
+        placed = is_local
+        row = base + position
+    tl.store(row_of_slot_ptr + slot, tl.where(placed, row, -1).to(tl.int64), mask=slot < num_slots)
+    tl.store(src_ptr + row, (slot // topk).to(tl.int64), mask=placed)
+    if not MASKED:
+        tl.store(expert_ids_ptr + row, expert, mask=placed)
+
+
+@triton.jit
+def _fill_padding(pad_start, pad_len, max_pad, first, step, expert_ids_ptr, src_ptr,
+                  MASKED: tl.constexpr, PAD_BLOCK: tl.constexpr):
+    """Rows `pad_start[e] + j` for j < pad_len[e] (`[E_PAD]` vectors) become padding; this program
+    takes the column blocks first, first + step, ... below max_pad."""
+    for j0 in range(first, max_pad, step):
+        j = j0 + tl.arange(0, PAD_BLOCK)
+        rows = pad_start[:, None] + j[None, :]
+        is_pad = j[None, :] < pad_len[:, None]
+        tl.store(src_ptr + rows, tl.full(rows.shape, -1, tl.int64), mask=is_pad)
+        if not MASKED:
+            tl.store(expert_ids_ptr + rows, tl.full(rows.shape, -1, tl.int32), mask=is_pad)
+
+
+@triton.jit
+def _fill_tail(first_row, num_rows, step, expert_ids_ptr, src_ptr, TAIL_BLOCK: tl.constexpr):
+    """Rows first_row, ... < num_rows (the unused tail of a contiguous layout) become padding."""
+    for r0 in range(first_row, num_rows, step):
+        rows = r0 + tl.arange(0, TAIL_BLOCK)
+        in_tail = rows < num_rows
+        tl.store(src_ptr + rows, tl.full([TAIL_BLOCK], -1, tl.int64), mask=in_tail)
+        tl.store(expert_ids_ptr + rows, tl.full([TAIL_BLOCK], -1, tl.int32), mask=in_tail)
+
+
+# Sizes that follow the batch are not specialized on: a new T must not compile a new variant.
+@triton.jit(do_not_specialize=["num_slots", "max_m", "num_rows"])
+def _layout_one_program_kernel(
+    ids_ptr,  # [T*k] int32/int64 global expert ids
+    expert_ids_ptr,  # contiguous: int32 [M]
+    offsets_ptr,  # contiguous: int32 [E+1]
+    counts_ptr,  # contiguous: tokens_per_expert int32 [E]; masked: masked_m int32 [E]
+    src_ptr,  # int64 [M] or [E*max_m]
+    row_of_slot_ptr,  # int64 [T*k]
+    base_ptr,  # int32 [E] workspace
+    num_slots, topk, expert_start, num_experts, alignment, max_m, num_rows,
+    MASKED: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, PAD_BLOCK: tl.constexpr,
+    TAIL_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    position = tl.arange(0, CHUNK)
+    keys = _slot_keys(ids_ptr, position, num_slots, expert_start, num_experts)
+    counts = _histogram(keys, num_experts, E_PAD)
+    e = tl.arange(0, E_PAD)
+    is_expert = e < num_experts
+    first_position = tl.cumsum(counts, 0) - counts  # of each expert's first slot in the sorted order
+    writes = is_expert & (e * 0 + pid == 0)  # the other programs only share the padding fill (vector mask)
+    if MASKED:
+        kept = tl.where(counts < max_m, counts, max_m)
+        tl.store(counts_ptr + e, kept, mask=writes)
+        tl.store(base_ptr + e, -first_position, mask=writes)
+        pad_start = e * max_m + kept
+        pad_len = tl.where(is_expert, max_m - kept, 0)
+        max_pad = max_m
+    else:
+        padded = (counts + alignment - 1) // alignment * alignment
+        seg_end = tl.cumsum(padded, 0)
+        seg_start = seg_end - padded
+        tl.store(offsets_ptr + e + 1, seg_end, mask=writes)
+        tl.store(offsets_ptr + e, seg_start, mask=writes & (e == 0))
+        tl.store(counts_ptr + e, counts, mask=writes)
+        tl.store(base_ptr + e, seg_start - first_position, mask=writes)
+        pad_start = seg_start + counts
+        pad_len = padded - counts
+        max_pad = alignment - 1
+    if pid == 0:
+        tl.debug_barrier()  # base_ptr is read back by other threads of this program
+        _place_slots(keys, 0, base_ptr, expert_ids_ptr, src_ptr, row_of_slot_ptr, num_slots, topk,
+                     num_experts, max_m, MASKED, CHUNK)
+    _fill_padding(pad_start, pad_len, max_pad, pid * PAD_BLOCK, num_programs * PAD_BLOCK, expert_ids_ptr,
+                  src_ptr, MASKED, PAD_BLOCK)
+    if not MASKED:
+        _fill_tail(tl.sum(padded, axis=0) + pid * TAIL_BLOCK, num_rows, num_programs * TAIL_BLOCK, expert_ids_ptr,
+                   src_ptr, TAIL_BLOCK)
+
+
+@triton.jit(do_not_specialize=["num_slots"])
+def _count_chunks_kernel(ids_ptr, chunk_counts_ptr, num_slots, expert_start, num_experts,
+                         CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+    chunk = tl.program_id(0)
+    keys = _slot_keys(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_slots, expert_start, num_experts)
+    e = tl.arange(0, E_PAD)
+    tl.store(chunk_counts_ptr + chunk * num_experts + e, _histogram(keys, num_experts, E_PAD),
+             mask=e < num_experts)
+
+
+@triton.jit(do_not_specialize=["num_chunks", "max_m"])
+def _scan_chunks_kernel(
+    chunk_counts_ptr,  # int32 [C, E]: slots per chunk and expert
+    chunk_base_ptr,  # int32 [C, E]: out, each chunk's base per expert (_place_slots)
+    offsets_ptr, counts_ptr, num_chunks, num_experts, alignment, max_m,
+    MASKED: tl.constexpr, E_PAD: tl.constexpr, SCAN_BLOCK: tl.constexpr,
+):
+    e = tl.arange(0, E_PAD)
+    is_expert = e < num_experts
+    c = tl.arange(0, SCAN_BLOCK)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, num_chunks, SCAN_BLOCK):
+        ok = ((c0 + c) < num_chunks)[:, None] & is_expert[None, :]
+        h = tl.load(chunk_counts_ptr + (c0 + c)[:, None] * num_experts + e[None, :], mask=ok, other=0)
+        counts += tl.sum(h, 0)
+    if MASKED:
+        tl.store(counts_ptr + e, tl.where(counts < max_m, counts, max_m), mask=is_expert)
+        before = tl.zeros([E_PAD], dtype=tl.int32)  # ranks taken by earlier chunks
+    else:
+        padded = (counts + alignment - 1) // alignment * alignment
+        seg_end = tl.cumsum(padded, 0)
+        tl.store(offsets_ptr + e + 1, seg_end, mask=is_expert)
+        tl.store(offsets_ptr + e, seg_end - padded, mask=e == 0)
+        tl.store(counts_ptr + e, counts, mask=is_expert)
+        before = seg_end - padded  # rows taken by earlier chunks, from the segment's start
+    for c0 in range(0, num_chunks, SCAN_BLOCK):
+        ok = ((c0 + c) < num_chunks)[:, None] & is_expert[None, :]
+        offs = (c0 + c)[:, None] * num_experts + e[None, :]
+        h = tl.load(chunk_counts_ptr + offs, mask=ok, other=0)  # [SCAN_BLOCK, E_PAD]
+        first_row = tl.cumsum(h, 0) - h + before[None, :]
+        first_position = tl.cumsum(h, 1) - h  # in the chunk's sorted order
+        tl.store(chunk_base_ptr + offs, first_row - first_position, mask=ok)
+        before += tl.sum(h, 0)
+
+
+@triton.jit(do_not_specialize=["num_slots", "max_m", "num_rows", "max_pad"])
+def _place_chunks_kernel(
+    ids_ptr, chunk_base_ptr, expert_ids_ptr, offsets_ptr, counts_ptr, src_ptr, row_of_slot_ptr,
+    num_slots, topk, expert_start, num_experts, max_m, num_rows, max_pad,
+    MASKED: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, PAD_BLOCK: tl.constexpr,
+    TAIL_BLOCK: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    keys = _slot_keys(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_slots, expert_start, num_experts)
+    _place_slots(keys, chunk * CHUNK, chunk_base_ptr + chunk * num_experts, expert_ids_ptr, src_ptr,
+                 row_of_slot_ptr, num_slots, topk, num_experts, max_m, MASKED, CHUNK)
+    e = tl.arange(0, E_PAD)
+    is_expert = e < num_experts
+    counts = tl.load(counts_ptr + e, mask=is_expert, other=0)
+    if MASKED:
+        pad_start = e * max_m + counts
+        pad_len = tl.where(is_expert, max_m - counts, 0)
+    else:
+        seg_start = tl.load(offsets_ptr + e, mask=is_expert, other=0)
+        pad_start = seg_start + counts
+        pad_len = tl.load(offsets_ptr + e + 1, mask=is_expert, other=0) - pad_start
+    _fill_padding(pad_start, pad_len, max_pad, chunk * PAD_BLOCK, num_programs * PAD_BLOCK,
+                  expert_ids_ptr, src_ptr, MASKED, PAD_BLOCK)
+    if not MASKED:
+        used_rows = tl.load(offsets_ptr + num_experts)
+        _fill_tail(used_rows + chunk * TAIL_BLOCK, num_rows, num_programs * TAIL_BLOCK, expert_ids_ptr,
+                   src_ptr, TAIL_BLOCK)
+
+
+def _check_args(topk_ids, num_local_experts, expert_start) -> None:
+    check_kernel_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
+    if not isinstance(num_local_experts, int) or num_local_experts <= 0:
+        raise ValueError(f"num_local_experts: expected a positive int, got {num_local_experts!r}")
+    if not isinstance(expert_start, int) or expert_start < 0:
+        raise ValueError(f"expert_start: expected a non-negative int, got {expert_start!r}")
+
+
+def _plan(num_slots: int, num_experts: int, slots_per_program: int | None) -> tuple[bool, int]:
+    """(one program?, slots per program): one program up to SINGLE_PROGRAM_MAX_SLOTS, else chunks
+    of CHUNK_SLOTS; `slots_per_program` (a power of two >= 32) overrides both."""
+    if slots_per_program is not None:
+        if slots_per_program < _MIN_CHUNK or slots_per_program & (slots_per_program - 1):
+            raise ValueError(f"slots_per_program: expected a power of two >= {_MIN_CHUNK}, got {slots_per_program}")
+        limit, chunk = slots_per_program, slots_per_program
+    else:
+        limit, chunk = SINGLE_PROGRAM_MAX_SLOTS, CHUNK_SLOTS
+    one_program = num_slots <= limit
+    if one_program:
+        chunk = max(_MIN_CHUNK, triton.next_power_of_2(num_slots))
+    if (num_experts + 1) * chunk > _INT32_MAX:  # sort keys are expert * chunk + position, int32
+        raise ValueError(f"num_local_experts ({num_experts}) too large for int32 sort keys")
+    return one_program, chunk
+
+
+def _launch(topk_ids, num_experts, expert_start, *, masked: bool, alignment: int, max_m: int,
+            num_rows: int, expert_ids, offsets, counts, src_token, row_of_slot, slots_per_program) -> None:
+    num_slots = topk_ids.numel()
+    topk = topk_ids.shape[1]
+    one_program, chunk = _plan(num_slots, num_experts, slots_per_program)
+    e_pad = max(16, triton.next_power_of_2(num_experts))  # tiles of at least 16 lanes
+    device = topk_ids.device
+    # Unused pointers of the masked plan still need a tensor.
+    expert_ids = expert_ids if expert_ids is not None else counts
+    offsets = offsets if offsets is not None else counts
+    consts = dict(MASKED=masked, CHUNK=chunk, E_PAD=e_pad)
+    if one_program:
+        base = torch.empty(num_experts, dtype=torch.int32, device=device)
+        fill_programs = min(_MAX_FILL_PROGRAMS, max(1, num_rows // _FILL_ROWS_PER_PROGRAM))
+        _layout_one_program_kernel[(fill_programs,)](
+            topk_ids, expert_ids, offsets, counts, src_token, row_of_slot, base,
+            num_slots, topk, expert_start, num_experts, alignment, max_m, num_rows,
+            PAD_BLOCK=_PAD_BLOCK, TAIL_BLOCK=_TAIL_BLOCK, num_warps=_num_warps(chunk), **consts)
+        return
+    num_chunks = triton.cdiv(num_slots, chunk)
+    chunk_counts = torch.empty(num_chunks * num_experts, dtype=torch.int32, device=device)
+    chunk_base = torch.empty_like(chunk_counts)
+    _count_chunks_kernel[(num_chunks,)](topk_ids, chunk_counts, num_slots, expert_start, num_experts,
+                                        CHUNK=chunk, E_PAD=e_pad, num_warps=_num_warps(chunk))
+    _scan_chunks_kernel[(1,)](chunk_counts, chunk_base, offsets, counts, num_chunks, num_experts, alignment, max_m,
+                              MASKED=masked, E_PAD=e_pad, SCAN_BLOCK=_SCAN_BLOCK, num_warps=4)
+    _place_chunks_kernel[(num_chunks,)](
+        topk_ids, chunk_base, expert_ids, offsets, counts, src_token, row_of_slot,
+        num_slots, topk, expert_start, num_experts, max_m, num_rows, max_m if masked else alignment - 1,
+        PAD_BLOCK=_PAD_BLOCK, TAIL_BLOCK=_TAIL_BLOCK, num_warps=_num_warps(chunk), **consts)
+
+
+def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
+                            alignment: int = 128, slots_per_program: int | None = None) -> ContiguousLayout:
+    """topk_ids int32/int64 `[T, k]` (global ids; experts `[expert_start, expert_start + E)` are
+    local, others and -1 are dropped) -> `ContiguousLayout` on `M = max_contiguous_rows(T*k, E,
+    alignment)` rows, bit-identical to `dispatch.layouts.build_contiguous_layout(...,
+    exact_size=False)`: expert_ids int32 `[M]`, expert_offsets int32 `[E+1]`, src_token int64 `[M]`
+    (-1 on padding rows and the unused tail), row_of_slot int64 `[T, k]`, tokens_per_expert int32
+    `[E]`. No host sync. `slots_per_program` overrides the plan (module docstring)."""
+    _check_args(topk_ids, num_local_experts, expert_start)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise ValueError(f"alignment: expected a positive int, got {alignment!r}")
+    num_tokens, topk = topk_ids.shape
+    num_slots = num_tokens * topk
+    num_rows = max_contiguous_rows(num_slots, num_local_experts, alignment)
+    if num_rows > _INT32_MAX:
+        raise ValueError(f"topk_ids: {num_slots} slots need {num_rows} rows, more than int32 row indices hold")
+    device = topk_ids.device
+    expert_ids = torch.empty(num_rows, dtype=torch.int32, device=device)
+    offsets = torch.empty(num_local_experts + 1, dtype=torch.int32, device=device)
+    counts = torch.empty(num_local_experts, dtype=torch.int32, device=device)
+    src_token = torch.empty(num_rows, dtype=torch.int64, device=device)
+    row_of_slot = torch.empty((num_tokens, topk), dtype=torch.int64, device=device)
+    if num_slots == 0:  # no slots, no rows
+        offsets.zero_()
+        counts.zero_()
+    else:
+        _launch(topk_ids, num_local_experts, expert_start, masked=False, alignment=alignment, max_m=1,
+                num_rows=num_rows, expert_ids=expert_ids, offsets=offsets, counts=counts, src_token=src_token,
+                row_of_slot=row_of_slot, slots_per_program=slots_per_program)
+    return ContiguousLayout(expert_ids=expert_ids, expert_offsets=offsets, src_token=src_token,
+                            row_of_slot=row_of_slot, tokens_per_expert=counts)
+
+
+def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
+                        max_m: int | None = None, slots_per_program: int | None = None) -> MaskedLayout:
+    """topk_ids `[T, k]` as in `build_contiguous_layout` -> `MaskedLayout` with `max_m` rows per
+    expert (default max(T, 1): never overflows, a token visits an expert once), bit-identical to
+    `dispatch.layouts.build_masked_layout(..., drop_overflow=True)`: masked_m int32 `[E]` (clamped
+    to max_m), src_token int64 `[E, max_m]` (-1 past masked_m), row_of_slot int64 `[T, k]`.
+    Slots ranked >= max_m within their expert are dropped (row_of_slot -1), without a host sync."""
+    _check_args(topk_ids, num_local_experts, expert_start)
+    num_tokens, topk = topk_ids.shape
+    if max_m is None:
+        max_m = max(num_tokens, 1)
+    elif not isinstance(max_m, int) or max_m <= 0:
+        raise ValueError(f"max_m: expected a positive int, got {max_m!r}")
+    if num_local_experts * max_m > _INT32_MAX:
+        raise ValueError(f"max_m: {num_local_experts} experts x {max_m} rows exceed int32 row indices")
+    device = topk_ids.device
+    masked_m = torch.empty(num_local_experts, dtype=torch.int32, device=device)
+    src_token = torch.empty((num_local_experts, max_m), dtype=torch.int64, device=device)
+    row_of_slot = torch.empty((num_tokens, topk), dtype=torch.int64, device=device)
+    if topk_ids.numel() == 0:
+        masked_m.zero_()
+        src_token.fill_(-1)
+    else:
+        _launch(topk_ids, num_local_experts, expert_start, masked=True, alignment=1, max_m=max_m,
+                num_rows=num_local_experts * max_m, expert_ids=None, offsets=None, counts=masked_m,
+                src_token=src_token, row_of_slot=row_of_slot, slots_per_program=slots_per_program)
+    return MaskedLayout(masked_m=masked_m, src_token=src_token, row_of_slot=row_of_slot)
