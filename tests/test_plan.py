@@ -98,3 +98,14 @@ def test_every_kernel_name_plans():
                 _plan(kernel=name, num_tokens=3 + len(name))
         else:
             assert _plan(kernel=name, num_tokens=3 + len(name)).kernel == name
+
+
+@pytest.mark.parametrize("kernel", ["contiguous", "masked", "reference"])
+def test_a_batch_with_no_local_expert_gives_zeros(kernel):
+    """An EP rank whose experts no token chose: every slot is another rank's (or dropped)."""
+    w13, w13_s = quantize_fp8_blockwise(torch.randn(2, 256, 256) / 16)
+    w2, w2_s = quantize_fp8_blockwise(torch.randn(2, 256, 128) / 16)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    ids = torch.tensor([[5, 6], [7, -1], [4, 3]])
+    out = experts.routed_experts(x, w13, w13_s, w2, w2_s, torch.rand(3, 2), ids, kernel=kernel)
+    assert out.shape == (3, 256) and torch.equal(out, torch.zeros_like(out))

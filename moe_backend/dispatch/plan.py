@@ -29,7 +29,7 @@ from moe_backend.dispatch.layouts import max_contiguous_rows
 from moe_backend.dispatch.policy import KERNELS, Policy
 
 __all__ = ["GemmPlan", "Plan", "make_plan", "make_masked_plan", "thresholds", "gemm_provider",
-           "clear_plan_cache"]
+           "fused_permute_quant_pays", "clear_plan_cache"]
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
 _REFERENCE_ALIGNMENT = 128  # no kernel constraint; keeps the reference's layouts shaped like the GPU's
@@ -185,6 +185,13 @@ def _alignment(gemms: tuple[GemmPlan, ...]) -> int:
     return align
 
 
+def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
+    """Fused permute+quant reads bf16 per layout row and writes fp8 (3 bytes per element and row);
+    unfused quantizes the tokens (3 per token) then gathers fp8 rows (2 per row): fused moves
+    less while rows < the measured multiple of tokens (dispatch_thresholds.json)."""
+    return layout_rows < thresholds()["fused_permute_quant_max_rows_per_token"] * num_tokens
+
+
 def _device_key(device: torch.device) -> tuple[str, int | None]:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -241,12 +248,8 @@ def _make_plan(print_plan: bool, name: str, phase: str, num_tokens: int, topk: i
     else:
         alignment = _alignment((gemm1, gemm2))
         num_rows = max_contiguous_rows(num_tokens * topk, num_experts, alignment)
-    # Fused permute+quant reads bf16 per layout row and writes fp8 (3 bytes per element and row);
-    # unfused quantizes the tokens (3 per token) then gathers fp8 rows (2 per row): fused moves
-    # less while rows < the measured multiple of tokens (dispatch_thresholds.json).
-    ratio = thresholds()["fused_permute_quant_max_rows_per_token"]
     real_rows = min(num_tokens * topk, expected_m * num_experts) if topk else num_rows
-    fused = not quantized_input and real_rows < ratio * num_tokens
+    fused = not quantized_input and fused_permute_quant_pays(num_tokens, real_rows)
     plan = Plan(kernel=name, phase=phase, layout=layout, num_tokens=num_tokens, topk=topk,
                 num_experts=num_experts, hidden=hidden, intermediate=intermediate, expected_m=expected_m,
                 alignment=alignment, num_rows=num_rows, gemm1=gemm1, gemm2=gemm2,

@@ -90,7 +90,7 @@ def test_twin_padding_rows_and_out() -> None:
 
 
 def test_fused_path_is_chosen_by_bytes_moved() -> None:
-    from moe_backend.experts import fused_permute_quant_pays
+    from moe_backend.dispatch.plan import fused_permute_quant_pays
 
     assert fused_permute_quant_pays(2048, 4096)  # EP8, 2048 tokens: measured 1.24x faster fused
     assert not fused_permute_quant_pays(128, 4096)  # EP8, 128 tokens: padding rows dominate
@@ -102,9 +102,10 @@ def test_fused_path_is_chosen_by_bytes_moved() -> None:
 def test_routed_experts_bf16_x_matches_prequantized(kernel: str, fused_pays: bool, monkeypatch) -> None:
     """bf16 x (fused quant + permute, or quant then gather: both forced) and x quantized beforehand
     (gathered with its scales) agree bit for bit on every CPU path."""
-    import moe_backend.experts as experts_mod
+    from moe_backend.dispatch import plan as plan_mod
 
-    monkeypatch.setattr(experts_mod, "fused_permute_quant_pays", lambda t, r: fused_pays)
+    monkeypatch.setattr(plan_mod, "fused_permute_quant_pays", lambda t, r: fused_pays)
+    plan_mod.clear_plan_cache()  # plans are cached: resolve them again under the patched rule
     gen = torch.Generator().manual_seed(1)
     num_tokens, hidden, inter, num_local, expert_start = 19, 256, 128, 8, 4
     w13, w13_s = quantize_fp8_blockwise(torch.randn(num_local, 2 * inter, hidden, generator=gen) * 0.05)
@@ -117,6 +118,7 @@ def test_routed_experts_bf16_x_matches_prequantized(kernel: str, fused_pays: boo
     x_fp8, x_scale = quantize_fp8_per_token_group(x)
     unfused = routed_experts(x_fp8, *args, x_scale=x_scale, expert_start=expert_start, kernel=KERNELS[kernel])
     assert torch.equal(fused, unfused) and fused.float().abs().sum() > 0
+    plan_mod.clear_plan_cache()
 
 
 def _bad_cases():
