@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from moe_backend import ops
-from moe_backend._checks import check_same_device, check_tensor
+from moe_backend._checks import (check_bool, check_finite_rows, check_int, check_same_device, check_tensor,
+                                 finite_checks_enabled)
 from moe_backend.dispatch.layouts import (ContiguousLayout, MaskedLayout, build_contiguous_layout,
                                          build_masked_layout, permute)
-from moe_backend.dispatch.policy import KernelChoice, Policy
+from moe_backend.dispatch.policy import PHASES, KernelChoice, Policy
 from moe_backend.reference import GROUP, check_activations, check_grouped_gemm_weights
 
 __all__ = ["routed_experts", "masked_experts"]
@@ -32,6 +33,15 @@ def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Te
     are untouched. workspace: optional bf16 buffer of >= E*max_m*2I elements for GEMM1's output.
     Shape-static and sync-free: CUDA-graph capturable.
     """
+    check_tensor("a_fp8", a_fp8, ndim=3)
+    check_tensor("masked_m", masked_m, dtypes=(torch.int32, torch.int64), shape=(a_fp8.shape[0],),
+                 device=a_fp8.device)
+    if workspace is not None:
+        check_tensor("workspace", workspace, dtypes=(torch.bfloat16,), device=a_fp8.device)
+        if workspace.numel() < a_fp8.shape[0] * a_fp8.shape[1] * w13_fp8.shape[1]:
+            raise ValueError(f"workspace: expected >= {a_fp8.shape[0] * a_fp8.shape[1] * w13_fp8.shape[1]} "
+                             f"elements (E * max_m * 2I), got {workspace.numel()}")
+    check_bool("ue8m0", ue8m0)
     num_experts, max_m, _ = a_fp8.shape
     h = None
     if workspace is not None:
@@ -77,6 +87,15 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
     `[expert_start, expert_start + E)` are local and other ids (-1, other ranks) contribute nothing.
     Returns bf16 `[T, H]`, the weighted sum over local experts (fp32 accumulation).
     `expected_m`: typical rows per local expert (T*k / global experts), a tile-choice hint only."""
+    check_int("expert_start", expert_start, minimum=0)
+    check_bool("ue8m0", ue8m0)
+    check_int("expected_m", expected_m, minimum=1, optional=True)
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"policy: expected a Policy or None, got {type(policy).__name__}")
+    if kernel is not None and not isinstance(kernel, KernelChoice):
+        raise TypeError(f"kernel: expected a KernelChoice or None, got {type(kernel).__name__}")
+    if phase is not None and phase not in PHASES:
+        raise ValueError(f"phase: expected one of {PHASES} or None, got {phase!r}")
     if x_scale is None:
         check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
         if x.shape[-1] % GROUP:
@@ -91,6 +110,8 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
         raise ValueError(f"topk_ids: expected {num_tokens} rows (tokens), got {topk_ids.shape[0]}")
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(topk_ids.shape))
     check_same_device(x=x, w13_fp8=w13_fp8, w2_fp8=w2_fp8, topk_ids=topk_ids, topk_weights=topk_weights)
+    if x_scale is None and finite_checks_enabled(x):  # CPU, or MOE_BACKEND_CHECK_FINITE=1 (a host sync)
+        check_finite_rows("x", x)
     if num_tokens == 0:
         return torch.zeros(0, hidden, dtype=torch.bfloat16, device=x.device)
 

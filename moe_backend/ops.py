@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from moe_backend import reference
+from moe_backend._checks import check_gemm_args, check_quant_args, check_tensor
 
 __all__ = [
     "grouped_gemm_contiguous",
@@ -113,6 +114,7 @@ def cuda_kernel_available(device_index: int = 0) -> bool:
 def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, impl: str = "auto",
                             expected_m: int | None = None):
     """See `moe_backend.reference.grouped_gemm_contiguous`; `expected_m` as in `grouped_gemm_masked`."""
+    check_gemm_args(a_fp8, b_fp8, impl, expected_m, IMPLS)
     if impl == "best" and a_fp8.is_cuda:
         impl = "cuda" if _cuda_pays(b_fp8.shape[1], b_fp8.shape[2], expected_m) and \
             cuda_kernel_available(a_fp8.device.index or 0) else "triton"
@@ -136,6 +138,7 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
     """See `moe_backend.reference.grouped_gemm_masked`. `expected_m` (typical rows per expert, a
     host int the engine already knows) only steers the kernel's tile choice; no host sync.
     impl="best" runs our CUDA kernel on the cells where it measured faster (CUDA_MASKED_MIN_ROWS)."""
+    check_gemm_args(a_fp8, b_fp8, impl, expected_m, IMPLS)
     if impl == "best" and a_fp8.is_cuda:
         n, k, max_m = b_fp8.shape[1], b_fp8.shape[2], a_fp8.shape[1]
         impl = "cuda" if _cuda_pays_masked(n, k, max_m, expected_m) and \
@@ -157,6 +160,7 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
 
 def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False):
     """See `moe_backend.reference.silu_mul_quant`."""
+    check_quant_args("h", h, group, ue8m0)
     if _provider("auto", h.device) == "triton":
         return _kernel("silu_mul_quant")(h, group, ue8m0)
     return reference.silu_mul_quant(h, group, ue8m0)
@@ -164,6 +168,7 @@ def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False):
 
 def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
     """See `moe_backend.quant.quantize_fp8_per_token_group`."""
+    check_quant_args("x", x, group, ue8m0)
     if _provider("auto", x.device) == "triton":
         return _kernel("per_token_group_quant")(x, group, ue8m0)
     from moe_backend.quant import quantize_fp8_per_token_group
@@ -174,6 +179,8 @@ def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False
 def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False):
     """Per-token-group quant fused with the permute into a layout's rows (`layout.src_token`):
     see `moe_backend.dispatch.layouts.permute_quant`, bit-identical to quant + `permute`."""
+    check_quant_args("x", x, group, ue8m0)
+    check_tensor("src_token", src_token, dtypes=(torch.int64,), device=x.device)
     if _provider("auto", x.device) == "triton":
         return _kernel("permute_quant")(x, src_token, group, ue8m0)
     from moe_backend.dispatch.layouts import permute_quant as permute_quant_reference
@@ -184,6 +191,10 @@ def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue
 def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """See `moe_backend.dispatch.layouts.combine_rows` (a gather: deterministic, fp32 sum)."""
+    check_tensor("y", y, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=2)
+    check_tensor("row_of_slot", row_of_slot, dtypes=(torch.int32, torch.int64), ndim=2, device=y.device)
+    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(row_of_slot.shape),
+                 device=y.device)
     if _provider("auto", y.device) == "triton":
         return _kernel("unpermute_combine", module="combine")(y, row_of_slot, topk_weights, out)
     from moe_backend.dispatch.layouts import combine_rows
@@ -193,6 +204,8 @@ def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: 
 
 def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu") -> int:
     """Rows each expert's segment is padded to in the contiguous layout, for that provider."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a torch.device or a string, got {type(device).__name__}")
     provider = _provider(impl, torch.device(device))
     if provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT

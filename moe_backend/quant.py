@@ -15,6 +15,7 @@ from moe_backend._checks import check_tensor
 __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
+    "SCALE_CEIL",
     "quantize_fp8_per_token_group",
     "dequantize_fp8_per_token_group",
     "quantize_fp8_blockwise",
@@ -25,12 +26,18 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 # A group of zeros still needs a finite, non-zero scale; 1e-10 keeps 0 * scale == 0 exact.
 SCALE_FLOOR = 1e-10
+# The largest scale: a power of two (so UE8M0 holds it) with 448 * scale < fp32 max, so every
+# dequantized value stays finite. Groups whose amax exceeds 448 * 2^119 (~3e38, or overflowed to
+# inf inside SiLU*up) saturate at +-448 * SCALE_CEIL instead of turning into inf/NaN.
+SCALE_CEIL = 2.0 ** 119
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def _scale_from_amax(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
-    scale = amax.float().clamp_min(SCALE_FLOOR) / FP8_MAX
+    # Capping the scale, not pre-scaling the inputs: an out-of-range product saturates either way,
+    # and every group below the cap (all ordinary inputs) keeps the exact same scale and values.
+    scale = (amax.float().clamp_min(SCALE_FLOOR) / FP8_MAX).clamp_max(SCALE_CEIL)
     if ue8m0:
         # Round up so the quantized values stay within +-448.
         scale = torch.exp2(torch.ceil(torch.log2(scale)))

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CASES = ["masked", "masked_swap_ab", "masked_wide_n", "masked_k_unroll", "masked_n_loop", "contiguous", "contiguous_one_expert",
-         "contiguous_bm64", "per_token_group_quant", "silu_mul_quant", "combine", "bad_inputs",
+         "contiguous_bm64", "per_token_group_quant", "silu_mul_quant", "quant_extremes", "combine", "bad_inputs",
          "permute_quant", "permute_quant_empty"]
 
 
