@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_backend._checks import check_tensor
+from moe_backend._checks import check_bool, check_int, check_tensor
 
 __all__ = [
     "FP8_DTYPE",
@@ -52,6 +52,8 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group: int = 128, ue8m0: bool 
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[..., K]` (K a multiple of `group`) -> (x_fp8 `[..., K]`, x_scale fp32 `[..., K/group]`)."""
     check_tensor("x", x, dtypes=_FLOAT_INPUTS, min_dim=1)
+    check_int("group", group, minimum=1)
+    check_bool("ue8m0", ue8m0)
     k = x.shape[-1]
     if k % group:
         raise ValueError(f"x: last dim ({k}) must be a multiple of the group size {group}")
@@ -80,6 +82,8 @@ def quantize_fp8_blockwise(w: torch.Tensor, block: int = 128, ue8m0: bool = Fals
     N and K need not be multiples of `block`: edge blocks are scaled over the rows/columns they hold.
     """
     check_tensor("w", w, dtypes=_FLOAT_INPUTS, min_dim=2)
+    check_int("block", block, minimum=1)
+    check_bool("ue8m0", ue8m0)
     n, k = w.shape[-2:]
     nb, kb = -(-n // block), -(-k // block)
     wf = w.float()

@@ -7,6 +7,7 @@ import json
 import os
 import re
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -14,7 +15,8 @@ from torch import nn
 
 from moe_backend import experts as experts_path
 from moe_backend import ops
-from moe_backend._checks import check_finite_rows, check_output_rows, check_tensor, finite_checks_enabled
+from moe_backend._checks import (check_finite_rows, check_int, check_output_rows, check_tensor,
+                                 finite_checks_enabled)
 from moe_backend._progress import progress
 from moe_backend.config import QUANT_BLOCK, MoEConfig
 from moe_backend.dispatch.policy import PHASES, Policy
@@ -267,7 +269,11 @@ class DeepseekV3MoE(nn.Module):
 
     def load_from_checkpoint(self, path: str | os.PathLike, layer_idx: int) -> None:
         """Reads only layer `layer_idx`'s MoE tensors (`model.layers.{L}.mlp.*`, local experts only)
-        from a sharded safetensors checkpoint folder (`model.safetensors.index.json`)."""
+        from a sharded safetensors checkpoint folder (`model.safetensors.index.json`). Errors name
+        the index or shard file and the tensor; a failed load changes nothing (see load_weights)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a checkpoint folder path, got {type(path).__name__}")
+        check_int("layer_idx", layer_idx, minimum=0)
         self.load_weights(_read_checkpoint_layer(os.fspath(path), layer_idx, self._belongs_here),
                           prefix=f"model.layers.{layer_idx}.mlp.")
 
@@ -349,10 +355,9 @@ def _read_checkpoint_layer(path: str, layer_idx: int, wanted) -> Iterator[tuple[
         raise ValueError(f"path: {path!r} is not a checkpoint folder")
     index_file = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index_file):
-        with open(index_file) as f:
-            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        weight_map = _read_weight_map(index_file)
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+        with _open_shard(safe_open, path, "model.safetensors") as f:
             weight_map = {name: "model.safetensors" for name in f.keys()}
     else:
         raise ValueError(f"path: {path!r} has neither model.safetensors.index.json nor model.safetensors")
@@ -367,7 +372,51 @@ def _read_checkpoint_layer(path: str, layer_idx: int, wanted) -> Iterator[tuple[
     total = sum(len(v) for v in by_shard.values())
     with progress(total=total, desc=f"loading layer {layer_idx}", unit="tensor") as bar:
         for shard, names in sorted(by_shard.items()):
-            with safe_open(os.path.join(path, shard), framework="pt") as f:
+            shard_path = os.path.join(path, shard)
+            with _open_shard(safe_open, path, shard) as f:
+                present = set(f.keys())
+                absent = [n for n in names if n not in present]
+                if absent:
+                    raise ValueError(f"{shard_path}: the index maps {len(absent)} tensor(s) to this shard "
+                                     f"but it lacks them: {', '.join(absent[:5])}"
+                                     f"{', ...' if len(absent) > 5 else ''}")
                 for name in names:
-                    yield name, f.get_tensor(name)
+                    try:
+                        tensor = f.get_tensor(name)
+                    except Exception as exc:  # safetensors raises its own error type for bad data
+                        raise ValueError(f"{shard_path}: tensor {name} cannot be read (truncated or "
+                                         f"corrupt shard?): {exc}") from exc
+                    yield name, tensor
                     bar.update(1)
+
+
+def _read_weight_map(index_file: str) -> dict[str, str]:
+    try:
+        with open(index_file, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{index_file}: not valid JSON: {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index_file}: expected an object with a \"weight_map\" of tensor name -> "
+                         f"shard file name")
+    for shard in set(weight_map.values()):
+        # A shard name is a file inside the checkpoint folder, never a path out of it.
+        if os.path.isabs(shard) or os.path.normpath(shard).startswith(".."):
+            raise ValueError(f"{index_file}: shard {shard!r} is not a file name inside the checkpoint")
+    return weight_map
+
+
+@contextmanager
+def _open_shard(safe_open, folder: str, shard: str):
+    shard_path = os.path.join(folder, shard)
+    if not os.path.isfile(shard_path):
+        raise ValueError(f"{shard_path}: shard file is missing (named by the checkpoint index)")
+    try:
+        handle = safe_open(shard_path, framework="pt")
+    except Exception as exc:  # a corrupt or truncated header: safetensors' own error type
+        raise ValueError(f"{shard_path}: not a readable safetensors file (truncated or corrupt "
+                         f"header?): {exc}") from exc
+    with handle as f:
+        yield f
