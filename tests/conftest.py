@@ -16,6 +16,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # Figures some tests report (e.g. the hypothesis case counts of tests/test_properties.py).
+    for line in getattr(config, "moe_backend_summary", []):
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def tiny_config():
     from moe_backend import MoEConfig

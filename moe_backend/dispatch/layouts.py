@@ -187,7 +187,11 @@ def combine_rows(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch
     rows = row_of_slot
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(rows.shape))
     flat = y.reshape(-1, y.shape[-1])
-    gathered = flat.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, -1).float()
+    if flat.shape[0] == 0:
+        # No local rows at all (an EP rank none of whose tokens' experts are local): every slot is -1.
+        flat = flat.new_zeros(1, flat.shape[-1])
+    # The explicit width, not -1: with no tokens the view would be ambiguous.
+    gathered = flat.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, flat.shape[-1]).float()
     # Mask the rows, not only the weights: an unwritten row may hold NaN, and 0 * NaN is NaN.
     gathered = torch.where((rows >= 0).unsqueeze(-1), gathered, 0.0)
     result = torch.einsum("tk,tkn->tn", topk_weights, gathered)
