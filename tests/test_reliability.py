@@ -569,3 +569,18 @@ def test_overflow_error_names_input_and_rows(tiny_layer):
     x[1, 4] = math.inf
     with pytest.raises(ValueError, match=r"hidden_states: holds NaN/Inf values in 1 row\(s\) \[1\]"):
         tiny_layer(x)
+
+
+def test_scale_cap_is_one_value_everywhere():
+    """The torch quantizer, the Triton core and the tests agree on the cap: 2^119, a power of two
+    (UE8M0 holds it) whose 448 multiple is finite in fp32 while 2^120's is not."""
+    from moe_backend import quant
+    from quant_extremes import SCALE_CEIL
+
+    assert quant.SCALE_CEIL == SCALE_CEIL == 2.0 ** 119
+    f32_max = torch.finfo(torch.float32).max
+    assert 448 * SCALE_CEIL < f32_max < 448 * 2 * SCALE_CEIL
+    if importlib.util.find_spec("triton") is not None:
+        from moe_backend.kernels import _group_quant_core
+
+        assert float(_group_quant_core.SCALE_CEIL.value) == SCALE_CEIL

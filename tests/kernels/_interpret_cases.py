@@ -23,6 +23,9 @@ from moe_backend.kernels.permute_quant import permute_quant  # noqa: E402
 from moe_backend.kernels.silu_mul_quant import silu_mul_quant  # noqa: E402
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from quant_extremes import SUBNORMAL_ROW, check_no_overflow, extreme_rows, gate_up_pairs  # noqa: E402
+
 GEMM_RTOL = 2e-3  # vs the fp32 dequantized reference (design.md)
 # The interpreter runs the fp8 dot on CPU through numpy: same values, so the same bound holds.
 
@@ -135,31 +138,8 @@ def case_silu_mul_quant():
         _check_quant(*silu_mul_quant(h, 128, ue8m0), *reference.silu_mul_quant(h, 128, ue8m0))
 
 
-def _extreme_rows(dtype: torch.dtype, cols: int) -> torch.Tensor:
-    """Rows of `cols` values at the dtype's edges: +-max, min normal, smallest subnormal, zero, and
-    one huge element among ordinary ones (the rest must keep their precision)."""
-    info = torch.finfo(dtype)
-    gen = torch.Generator().manual_seed(11)
-    ordinary = torch.randn(cols, generator=gen)
-    rows = [torch.full((cols,), v) for v in (info.max, -info.max, info.tiny, info.tiny / 2 ** 7, 0.0)]
-    alternating = torch.full((cols,), info.max)
-    alternating[1::2] = -info.max
-    rows.append(alternating)
-    spike = ordinary.clone()
-    spike[3] = info.max
-    rows += [spike, ordinary * (info.max / 8), ordinary]
-    return torch.stack(rows).to(dtype)
-
-
-_SUBNORMAL_ROW = 3  # `_extreme_rows`' smallest-subnormal row
-
-
 def _check_no_overflow(q, s, ref_q, ref_s, exact_rows):
-    assert torch.isfinite(s).all() and (s > 0).all(), "a scale is not finite and positive"
-    assert torch.isfinite(q.float()).all(), "an fp8 value is NaN"
-    dequant = q.float() * s.repeat_interleave(q.shape[-1] // s.shape[-1], dim=-1)
-    assert torch.isfinite(dequant).all(), "a dequantized value overflows fp32"
-    assert (s <= 2.0 ** 119).all(), "a scale exceeds the cap"
+    check_no_overflow(q, s)
     # As the reference even at the extremes (both cap the scale at the same power of two), to the
     # ordinary tolerance (the kernel's SiLU may differ from torch's by an ulp); rows fed subnormals
     # are exempt: the GPU may flush them to zero (FTZ).
@@ -170,15 +150,16 @@ def case_quant_extremes():
     """Every value a bf16 / fp16 / fp32 tensor can hold: the fp32 paths never overflow to inf/NaN."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for ue8m0 in (False, True):
-            gate_up = torch.cartesian_prod(torch.arange(9), torch.arange(9))  # every (gate, up) pair
-            rows = _extreme_rows(dtype, 128)
-            h = torch.cat([rows[gate_up[:, 0]], rows[gate_up[:, 1]]], dim=-1)  # [81, 256]
-            normal_pairs = (gate_up != _SUBNORMAL_ROW).all(dim=1)
+            h, normal_pairs = gate_up_pairs(dtype)  # [81, 256]: every (gate, up) pair of extremes
             _check_no_overflow(*silu_mul_quant(h, 128, ue8m0), *reference.silu_mul_quant(h, 128, ue8m0),
                                normal_pairs)
+            rows = extreme_rows(dtype, 128)
+            normal_rows = torch.arange(len(rows)) != SUBNORMAL_ROW
             _check_no_overflow(*per_token_group_quant(rows, 128, ue8m0),
-                               *quantize_fp8_per_token_group(rows, 128, ue8m0),
-                               torch.arange(len(rows)) != _SUBNORMAL_ROW)
+                               *quantize_fp8_per_token_group(rows, 128, ue8m0), normal_rows)
+            src = torch.arange(len(rows)).flip(0)  # permute_quant shares the rounding core
+            _check_no_overflow(*permute_quant(rows, src, 128, ue8m0), *layouts.permute_quant(rows, src, 128, ue8m0),
+                               normal_rows.flip(0))
 
 
 def case_combine():
