@@ -58,7 +58,9 @@ CASES: Counter = Counter()  # property -> examples run (each one that returned p
 def report(request):
     yield
     total = sum(CASES.values())
-    failed = request.session.testsfailed  # a failing property stops at its first (shrunk) divergence
+    # A diverging property fails its test (hypothesis stops at the first, shrunk, counterexample).
+    failed = sum(getattr(item, "moe_backend_failed", False) for item in request.session.items
+                 if item.module is request.module)
     line = (f"hypothesis profile {PROFILE} on {DEVICE}: " + ", ".join(f"{k} {v}" for k, v in sorted(CASES.items()))
             + f"; {total} cases passed, {failed} propert{'y' if failed == 1 else 'ies'} diverged")
     print(line)  # shown with -s

@@ -20,7 +20,7 @@ from typing import Callable
 import pytest
 import torch
 
-from moe_backend import MoEConfig, ops
+from moe_backend import MoEConfig, ops, reference
 from moe_backend import experts as moe_experts
 from moe_backend.dispatch import Policy, layouts
 from moe_backend.layers import DeepseekV3MoE
@@ -349,6 +349,12 @@ CASES: list[Case] = [
          lambda env: layouts.build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4, alignment=0)),
     Case("layouts.build_masked_layout", "`max_m` below the busiest expert", ValueError, "max_m",
          lambda env: layouts.build_masked_layout(torch.zeros(4, 1, dtype=torch.int32), 4, max_m=2)),
+    Case("layouts.build_contiguous_layout", "`num_local_experts` a float", TypeError, "num_local_experts",
+         lambda env: layouts.build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4.0)),
+    Case("layouts.build_masked_layout", "`max_m` a float", TypeError, "max_m",
+         lambda env: layouts.build_masked_layout(torch.zeros(4, 1, dtype=torch.int32), 4, max_m=8.0)),
+    Case("reference.silu_mul_quant", "`ue8m0` a string", TypeError, "ue8m0",
+         lambda env: reference.silu_mul_quant(torch.randn(2, 256), 128, "false")),
     # ---- engine glue (run where the engine or its free-standing glue imports) ----
     Case("vllm apply_standard", "`topk_ids` of floats", TypeError, "topk_ids", _vllm_apply_standard),
     Case("vllm apply_batched", "`expert_num_tokens` shorter than the local experts", ValueError,
@@ -525,8 +531,6 @@ def test_scale_cap_keeps_ordinary_inputs_bit_identical(ue8m0):
 
 
 def test_reference_silu_mul_quant_never_overflows_for_bf16_extremes():
-    from moe_backend import reference
-
     info = torch.finfo(torch.bfloat16)
     values = torch.tensor([info.max, -info.max, info.tiny, -info.tiny, info.smallest_normal * 2 ** -7, 0.0, 1.0,
                            -1e20, 1e20, 3e4])
@@ -545,7 +549,6 @@ def test_reference_silu_mul_quant_never_overflows_for_bf16_extremes():
 def test_overflowing_rows_do_not_touch_other_rows(tiny_layer):
     """Unchecked (the reference, as the GPU runs without MOE_BACKEND_CHECK_FINITE): a row that
     overflows changes no other row, and the quantizers give no NaN for it."""
-    from moe_backend import reference
 
     layer = tiny_layer
     x = torch.randn(6, 256, dtype=torch.bfloat16)

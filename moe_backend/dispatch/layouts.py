@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_backend._checks import check_tensor
+from moe_backend._checks import check_int, check_tensor
 from moe_backend.quant import quantize_fp8_per_token_group
 
 __all__ = [
@@ -58,10 +58,12 @@ class MaskedLayout:
         return self.src_token.shape[1]
 
 
-def _check_ids(topk_ids: torch.Tensor, num_local_experts: int) -> None:
+def _check_ids(topk_ids: torch.Tensor, num_local_experts: int, expert_start: int) -> None:
     check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
+    check_int("num_local_experts", num_local_experts)
     if num_local_experts <= 0:
         raise ValueError(f"num_local_experts must be positive, got {num_local_experts}")
+    check_int("expert_start", expert_start, minimum=0)
 
 
 def _sort_slots(topk_ids: torch.Tensor, num_local_experts: int, expert_start: int):
@@ -94,7 +96,8 @@ def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, e
     False uses the shape-only bound `max_contiguous_rows` (no sync, CUDA-graph safe), with the
     unused tail marked as padding.
     """
-    _check_ids(topk_ids, num_local_experts)
+    _check_ids(topk_ids, num_local_experts, expert_start)
+    check_int("alignment", alignment)
     if alignment <= 0:
         raise ValueError(f"alignment must be positive, got {alignment}")
     num_tokens, topk = topk_ids.shape
@@ -127,7 +130,8 @@ def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, exper
     """topk_ids `[T, k]` -> masked layout with `max_m` rows per expert (default T: a token visits an
     expert at most once, so T rows never overflow; no host sync). A smaller `max_m` is checked
     (one host sync) and overflow raises rather than dropping tokens."""
-    _check_ids(topk_ids, num_local_experts)
+    _check_ids(topk_ids, num_local_experts, expert_start)
+    check_int("max_m", max_m, optional=True)
     num_tokens, topk = topk_ids.shape
     device = topk_ids.device
     order, safe_key, in_range, rank, counts = _sort_slots(topk_ids, num_local_experts, expert_start)
