@@ -238,7 +238,8 @@ def _print_config() -> bool:
     return os.environ.get("MOE_BACKEND_PRINT_CONFIG") == "1"
 
 
-@lru_cache(maxsize=None)
+# Bounded: masked_max_m follows the masked layout's max_m, which an engine may vary per batch.
+@lru_cache(maxsize=1024)
 def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAULT_ARCH,
                 masked_max_m: int = 0) -> jit.KernelSpec:
     """The rendered source for one (N, K, config); M stays a runtime argument. masked_max_m > 0:
