@@ -405,8 +405,6 @@ def test_tiny_checkpoint_loads(tiny_checkpoint, tiny_layer):
 def test_bad_input_is_named(case: Case, tmp_path, tiny_layer, tiny_checkpoint):
     if case.needs and importlib.util.find_spec(case.needs) is None:
         pytest.skip(f"needs {case.needs}")
-    if case.entry.startswith("sglang"):
-        pytest.importorskip("sglang")
     with pytest.raises(case.error) as info:
         case.run(Env(tmp_path, tiny_layer, tiny_checkpoint))
     assert case.names in str(info.value), f"the message does not name {case.names!r}: {info.value}"
