@@ -3,6 +3,7 @@ was expected, so a bad call fails at the boundary instead of deep inside a kerne
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Sequence
 
 import torch
@@ -65,3 +66,75 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.float()).all()):
         bad = int((~torch.isfinite(t.float())).sum())
         raise ValueError(f"{name}: holds {bad} NaN/Inf values")
+
+
+# The non-finite policy (docs/reliability.md): on the checked path -- CPU tensors, or any device
+# with MOE_BACKEND_CHECK_FINITE=1 -- a NaN/Inf input, or a finite input whose result overflows,
+# raises a ValueError naming the input. Unchecked (GPU, no host sync), rows stay independent: a bad
+# row never changes another row, and the quantizers saturate instead of producing NaN.
+def finite_checks_enabled(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or os.environ.get("MOE_BACKEND_CHECK_FINITE", "0") not in ("", "0")
+
+
+def _row_summary(bad_rows: torch.Tensor) -> str:
+    rows = bad_rows.nonzero().squeeze(1)
+    shown = ", ".join(str(r) for r in rows[:8].tolist()) + (", ..." if rows.numel() > 8 else "")
+    return f"{rows.numel()} row(s) [{shown}]"
+
+
+def check_finite_rows(name: str, x: torch.Tensor) -> None:
+    """ValueError naming `name` and its first bad rows when 2-D `x` holds NaN/Inf (a host sync)."""
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: holds NaN/Inf values in {_row_summary(bad)}")
+
+
+def check_output_rows(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    """ValueError naming input `name` when a row of `out` is NaN/Inf although that row of `x` was
+    finite: its magnitude overflowed the FP8 experts' range (a host sync)."""
+    bad = ~torch.isfinite(out.reshape(x.shape[0], -1)).all(dim=-1)
+    if bool(bad.any()):
+        amax = float(x[bad].abs().max())
+        raise ValueError(
+            f"{name}: {_row_summary(bad)} overflow inside the experts (max |{name}| in them = "
+            f"{amax:.3g}): an intermediate exceeds fp32/bf16 range, so the output would be Inf/NaN; "
+            f"the activations are far outside DeepSeek-V3's range (scale them down)")
+
+
+def check_int(name: str, value: object, *, minimum: int | None = None, optional: bool = False) -> None:
+    """TypeError unless `value` is an int (bools refused: `True` for a count is a bug), ValueError
+    below `minimum`; None passes when `optional`."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        want = "an int or None" if optional else "an int"
+        raise TypeError(f"{name}: expected {want}, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def check_gemm_args(a_fp8: object, b_fp8: object, impl: object, expected_m: object,
+                    impls: Sequence[str]) -> None:
+    """The grouped GEMMs' front-door checks: types only (no host sync); each provider checks
+    shapes and dtypes."""
+    check_tensor("a_fp8", a_fp8)
+    check_tensor("b_fp8", b_fp8)
+    if not isinstance(impl, str):
+        raise TypeError(f"impl: expected one of {tuple(impls)}, got {type(impl).__name__} {impl!r}")
+    check_int("expected_m", expected_m, minimum=1, optional=True)
+
+
+def check_quant_args(name: str, x: object, group: object, ue8m0: object) -> None:
+    check_tensor(name, x)
+    check_int("group", group, minimum=1)
+    check_bool("ue8m0", ue8m0)

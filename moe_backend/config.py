@@ -8,6 +8,7 @@ loads silently.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -38,11 +39,25 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts",
                      "num_experts_per_tok", "n_group", "topk_group"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.n_shared_experts < 0:
-            raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("n_shared_experts", self.n_shared_experts, minimum=0)
+        factor = self.routed_scaling_factor
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool):
+            raise TypeError(f"routed_scaling_factor must be a number, got {type(factor).__name__} {factor!r}")
+        if not math.isfinite(factor) or factor <= 0:
+            # A NaN/inf factor would turn every output NaN/inf without an error.
+            raise ValueError(f"routed_scaling_factor must be finite and > 0, got {factor!r}")
+        for name in ("norm_topk_prob", "ue8m0_scales"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("scoring_func", "topk_method"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
+        block = self.weight_block_size
+        if not isinstance(block, (tuple, list)) or len(block) != 2 or \
+                any(not isinstance(b, int) or isinstance(b, bool) for b in block):
+            raise TypeError(f"quantization_config.weight_block_size must be two ints "
+                            f"[{QUANT_BLOCK}, {QUANT_BLOCK}], got {block!r}")
         if self.hidden_size % QUANT_BLOCK:
             raise ValueError(f"hidden_size must be a multiple of {QUANT_BLOCK} (FP8 1x128 groups), "
                              f"got {self.hidden_size}")
@@ -54,6 +69,11 @@ class MoEConfig:
                              f"n_group ({self.n_group})")
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+        if self.n_routed_experts // self.n_group < 2:
+            # A group's strength is the sum of its two best experts' scores.
+            raise ValueError(f"n_group ({self.n_group}) must leave at least 2 experts per group "
+                             f"(n_routed_experts is {self.n_routed_experts}): the router ranks groups "
+                             f"by their top-2 scores")
         experts_in_kept_groups = self.topk_group * (self.n_routed_experts // self.n_group)
         if self.num_experts_per_tok > experts_in_kept_groups:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the "
@@ -75,17 +95,31 @@ class MoEConfig:
                 path = os.path.join(path, "config.json")
             if not os.path.isfile(path):
                 raise ValueError(f"cfg: no config file at {path!r}")
-            with open(path) as f:
-                cfg = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cfg: {path!r} is not valid JSON: {exc}") from None
+            if not isinstance(cfg, Mapping):
+                raise ValueError(f"cfg: {path!r} holds a JSON {type(cfg).__name__}, expected an object")
         if not isinstance(cfg, Mapping):
             raise TypeError(f"cfg must be a dict or a path to config.json, got {type(cfg).__name__}")
 
         known = {f.name for f in fields(cls)} - {"weight_block_size", "ue8m0_scales"}
         kwargs: dict[str, Any] = {name: cfg[name] for name in known if cfg.get(name) is not None}
-        if "routed_scaling_factor" in kwargs:
-            kwargs["routed_scaling_factor"] = float(kwargs["routed_scaling_factor"])
+        factor = kwargs.get("routed_scaling_factor")
+        if isinstance(factor, int) and not isinstance(factor, bool):
+            kwargs["routed_scaling_factor"] = float(factor)  # JSON writes 2.0 as 2
         kwargs.update(_read_quantization_config(cfg.get("quantization_config")))
         return cls(**kwargs)
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    # bool is an int subclass: `true` in a config is a typo for a count, never a count.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _read_quantization_config(qcfg: Any) -> dict[str, Any]:
@@ -110,5 +144,5 @@ def _read_quantization_config(qcfg: Any) -> dict[str, Any]:
         block = qcfg["weight_block_size"]
         if not isinstance(block, (list, tuple)) or len(block) != 2:
             raise ValueError(f"quantization_config.weight_block_size must be [128, 128], got {block!r}")
-        out["weight_block_size"] = tuple(int(b) for b in block)
+        out["weight_block_size"] = tuple(block)  # element types checked by MoEConfig
     return out

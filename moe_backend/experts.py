@@ -16,9 +16,10 @@ from typing import Iterator
 import torch
 
 from moe_backend import ops
-from moe_backend._checks import check_same_device, check_tensor
+from moe_backend._checks import (check_bool, check_finite_rows, check_int, check_same_device, check_tensor,
+                                 finite_checks_enabled)
 from moe_backend.dispatch.plan import GemmPlan, Plan, make_masked_plan, make_plan
-from moe_backend.dispatch.policy import KERNELS, KernelChoice, Policy
+from moe_backend.dispatch.policy import KERNELS, PHASES, KernelChoice, Policy
 from moe_backend.reference import GROUP, check_activations, check_grouped_gemm_weights
 
 __all__ = ["routed_experts", "masked_experts", "run_plan", "run_masked_plan", "recorded_plans"]
@@ -154,6 +155,7 @@ def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Te
     The policy's `masked_kernel` (or `plan`, or `impl`: a masked KERNELS name) serves it.
     Shape-static and sync-free: CUDA-graph capturable.
     """
+    check_tensor("a_fp8", a_fp8, ndim=3)
     check_activations(a_fp8, a_scale, ndim=3)
     num_experts, max_m, hidden = a_fp8.shape
     e13, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
@@ -161,16 +163,22 @@ def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Te
     if e13 != num_experts or w2_fp8.shape[0] != num_experts:
         raise ValueError(f"w13_fp8 / w2_fp8: expected {num_experts} experts (dim 0 of a_fp8), got "
                          f"{e13} / {w2_fp8.shape[0]}")
-    check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(num_experts,))
+    check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(num_experts,), device=a_fp8.device)
+    check_bool("ue8m0", ue8m0)
+    check_int("expected_m", expected_m, minimum=1, optional=True)
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"policy: expected a Policy or None, got {type(policy).__name__}")
     check_same_device(a_fp8=a_fp8, w13_fp8=w13_fp8, w2_fp8=w2_fp8, masked_m=masked_m)
     if out is None:
         out = torch.zeros(num_experts, max_m, hidden, dtype=torch.bfloat16, device=a_fp8.device)
     else:
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_experts, max_m, hidden),
                      device=a_fp8.device, contiguous=True)
-    if workspace is not None and workspace.numel() < num_experts * max_m * two_i:
-        raise ValueError(f"workspace: expected at least {num_experts * max_m * two_i} elements, "
-                         f"got {workspace.numel()}")
+    if workspace is not None:
+        check_tensor("workspace", workspace, dtypes=(torch.bfloat16,), device=a_fp8.device)
+        if workspace.numel() < num_experts * max_m * two_i:
+            raise ValueError(f"workspace: expected >= {num_experts * max_m * two_i} elements (E * max_m * 2I), "
+                             f"got {workspace.numel()}")
     if num_experts == 0 or max_m == 0:
         return out
     if plan is None:
@@ -206,6 +214,16 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
     tile-choice hint; default T*k / num_global_experts, the experts of the whole model (callers
     holding an expert-parallel slice pass it; it defaults to E, the local count, which is right
     when every expert is local)."""
+    check_int("expert_start", expert_start, minimum=0)
+    check_bool("ue8m0", ue8m0)
+    check_int("expected_m", expected_m, minimum=1, optional=True)
+    check_int("num_global_experts", num_global_experts, minimum=1, optional=True)
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"policy: expected a Policy or None, got {type(policy).__name__}")
+    if kernel is not None and not isinstance(kernel, (KernelChoice, str)):
+        raise TypeError(f"kernel: expected a KernelChoice, a KERNELS name or None, got {type(kernel).__name__}")
+    if phase is not None and phase not in PHASES:
+        raise ValueError(f"phase: expected one of {PHASES} or None, got {phase!r}")
     if x_scale is None:
         check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
         if x.shape[-1] % GROUP:
@@ -223,10 +241,10 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
         raise ValueError(f"topk_ids: expected {num_tokens} rows (tokens), got {topk_ids.shape[0]}")
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(topk_ids.shape))
     check_same_device(x=x, w13_fp8=w13_fp8, w2_fp8=w2_fp8, topk_ids=topk_ids, topk_weights=topk_weights)
-    if isinstance(expert_start, bool) or not isinstance(expert_start, int) or expert_start < 0:
-        raise ValueError(f"expert_start: expected an int >= 0, got {expert_start!r}")
     if out is not None:
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=x.device)
+    if x_scale is None and finite_checks_enabled(x):  # CPU, or MOE_BACKEND_CHECK_FINITE=1 (a host sync)
+        check_finite_rows("x", x)
     if num_tokens == 0:
         return out if out is not None else torch.zeros(0, hidden, dtype=torch.bfloat16, device=x.device)
     if isinstance(kernel, KernelChoice):

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from moe_backend import reference
+from moe_backend._checks import check_gemm_args, check_quant_args, check_tensor
 
 __all__ = [
     "grouped_gemm_contiguous",
@@ -90,6 +91,7 @@ def cuda_kernel_available(device_index: int = 0) -> bool:
 def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, impl: str = "auto",
                             expected_m: int | None = None):
     """See `moe_backend.reference.grouped_gemm_contiguous`; `expected_m` as in `grouped_gemm_masked`."""
+    check_gemm_args(a_fp8, b_fp8, impl, expected_m, IMPLS)
     if impl == "best" and a_fp8.is_cuda:
         from moe_backend.dispatch.plan import gemm_provider
 
@@ -115,6 +117,7 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
     """See `moe_backend.reference.grouped_gemm_masked`. `expected_m` (typical rows per expert, a
     host int the engine already knows) only steers the kernel's tile choice; no host sync.
     impl="best" runs our CUDA kernel on the cells where it measured faster."""
+    check_gemm_args(a_fp8, b_fp8, impl, expected_m, IMPLS)
     if impl == "best" and a_fp8.is_cuda:
         from moe_backend.dispatch.plan import gemm_provider
 
@@ -143,6 +146,7 @@ def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
     holding a token are computed (the kernel leaves the others unwritten); with `used_rows` (int32
     `[1]` on the device, e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited."""
     validity = dict(expert_ids=expert_ids, masked_m=masked_m, used_rows=used_rows, out=out)
+    check_quant_args("h", h, group, ue8m0)
     if _provider("auto", h.device) == "triton":
         return _kernel("silu_mul_quant")(h, group, ue8m0, **validity)
     return reference.silu_mul_quant(h, group, ue8m0, **validity)
@@ -150,6 +154,7 @@ def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
 
 def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
     """See `moe_backend.quant.quantize_fp8_per_token_group`."""
+    check_quant_args("x", x, group, ue8m0)
     if _provider("auto", x.device) == "triton":
         return _kernel("per_token_group_quant")(x, group, ue8m0)
     from moe_backend.quant import quantize_fp8_per_token_group
@@ -163,6 +168,8 @@ def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue
     see `moe_backend.dispatch.layouts.permute_quant`, bit-identical to quant + `permute` on the
     rows holding a token; padding rows (src_token -1) are left unwritten by the kernel, and with
     `used_rows` (e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited."""
+    check_quant_args("x", x, group, ue8m0)
+    check_tensor("src_token", src_token, dtypes=(torch.int64,), device=x.device)
     if _provider("auto", x.device) == "triton":
         return _kernel("permute_quant")(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
     from moe_backend.dispatch.layouts import permute_quant as permute_quant_reference
@@ -182,6 +189,10 @@ def permute_rows(x_fp8: torch.Tensor, x_scale: torch.Tensor, src_token: torch.Te
 def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """See `moe_backend.dispatch.layouts.combine_rows` (a gather: deterministic, fp32 sum)."""
+    check_tensor("y", y, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=2)
+    check_tensor("row_of_slot", row_of_slot, dtypes=(torch.int32, torch.int64), ndim=2, device=y.device)
+    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(row_of_slot.shape),
+                 device=y.device)
     if _provider("auto", y.device) == "triton":
         return _kernel("unpermute_combine", module="combine")(y, row_of_slot, topk_weights, out)
     from moe_backend.dispatch.layouts import combine_rows
@@ -191,6 +202,8 @@ def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: 
 
 def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu") -> int:
     """Rows each expert's segment is padded to in the contiguous layout, for that provider."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a torch.device or a string, got {type(device).__name__}")
     provider = _provider(impl, torch.device(device))
     if provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from moe_backend._checks import check_tensor
+from moe_backend._checks import check_bool, check_int, check_tensor
 
 __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
+    "SCALE_CEIL",
     "quantize_fp8_per_token_group",
     "dequantize_fp8_per_token_group",
     "quantize_fp8_blockwise",
@@ -25,12 +26,18 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 # A group of zeros still needs a finite, non-zero scale; 1e-10 keeps 0 * scale == 0 exact.
 SCALE_FLOOR = 1e-10
+# The largest scale: a power of two (so UE8M0 holds it) with 448 * scale < fp32 max, so every
+# dequantized value stays finite. Groups whose amax exceeds 448 * 2^119 (~3e38, or overflowed to
+# inf inside SiLU*up) saturate at +-448 * SCALE_CEIL instead of turning into inf/NaN.
+SCALE_CEIL = 2.0 ** 119
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def _scale_from_amax(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
-    scale = amax.float().clamp_min(SCALE_FLOOR) / FP8_MAX
+    # Capping the scale, not pre-scaling the inputs: an out-of-range product saturates either way,
+    # and every group below the cap (all ordinary inputs) keeps the exact same scale and values.
+    scale = (amax.float().clamp_min(SCALE_FLOOR) / FP8_MAX).clamp_max(SCALE_CEIL)
     if ue8m0:
         # Round up so the quantized values stay within +-448.
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
@@ -45,6 +52,8 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group: int = 128, ue8m0: bool 
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[..., K]` (K a multiple of `group`) -> (x_fp8 `[..., K]`, x_scale fp32 `[..., K/group]`)."""
     check_tensor("x", x, dtypes=_FLOAT_INPUTS, min_dim=1)
+    check_int("group", group, minimum=1)
+    check_bool("ue8m0", ue8m0)
     k = x.shape[-1]
     if k % group:
         raise ValueError(f"x: last dim ({k}) must be a multiple of the group size {group}")
@@ -73,6 +82,8 @@ def quantize_fp8_blockwise(w: torch.Tensor, block: int = 128, ue8m0: bool = Fals
     N and K need not be multiples of `block`: edge blocks are scaled over the rows/columns they hold.
     """
     check_tensor("w", w, dtypes=_FLOAT_INPUTS, min_dim=2)
+    check_int("block", block, minimum=1)
+    check_bool("ue8m0", ue8m0)
     n, k = w.shape[-2:]
     nb, kb = -(-n // block), -(-k // block)
     wf = w.float()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_backend._checks import check_quant_out, check_same_device, check_tensor
+from moe_backend._checks import check_bool, check_int, check_quant_out, check_same_device, check_tensor
 from moe_backend.quant import (
     FP8_DTYPE,
     dequantize_fp8_blockwise,
@@ -122,6 +122,8 @@ def silu_mul_quant(h: torch.Tensor, group: int = GROUP, ue8m0: bool = False, *,
     masked_m[e]), and `used_rows` int32 `[1]` (flat rows at and past it invalid); invalid rows come
     out zero here (the kernel leaves them unwritten)."""
     check_tensor("h", h, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=1)
+    check_int("group", group, minimum=1)
+    check_bool("ue8m0", ue8m0)
     if h.shape[-1] % (2 * group):
         raise ValueError(f"h: last dim ({h.shape[-1]}) must be 2*I with I a multiple of {group}")
     gate, up = h.float().chunk(2, dim=-1)
@@ -170,6 +172,7 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
     experts of another rank) contribute nothing. Returns bf16 `[T, H]`:
     `sum_j topk_weights[t, j] * MLP_{topk_ids[t, j]}(x[t])`, summed in fp32.
     """
+    check_bool("ue8m0", ue8m0)
     if x_scale is None:
         check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
         x_fp8, x_scale = quantize_fp8_per_token_group(x, GROUP, ue8m0)

@@ -16,6 +16,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Lets a module-scoped fixture count its own failed tests (tests/test_properties.py's report).
+    outcome = yield
+    if call.when == "call" and outcome.get_result().failed:
+        item.moe_backend_failed = True
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # Figures some tests report (e.g. the hypothesis case counts of tests/test_properties.py).
+    for line in getattr(config, "moe_backend_summary", []):
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def tiny_config():
     from moe_backend import MoEConfig

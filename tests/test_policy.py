@@ -31,7 +31,6 @@ def test_from_env_json_and_file(monkeypatch, tmp_path):
     ({"decode_kernal": "masked"}, "decode_kernal"),
     ({"decode_kernel": "fast"}, "decode_kernel"),
     ({"masked_kernel": "triton"}, "masked_kernel"),  # a contiguous-layout kernel
-    ({"decode_max_tokens": True}, "decode_max_tokens"),
     ({"decode_max_tokens": -1}, "decode_max_tokens"),
     ({"devices": {"H100": {"prefill_kernel": "nope"}}}, "devices.H100"),
     ({"devices": []}, "devices"),

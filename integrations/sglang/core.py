@@ -55,6 +55,12 @@ class PhaseMoeQuantInfo(MoeQuantInfo):
 
     def __post_init__(self) -> None:
         # Metadata checks only (no host sync): this runs on every forward.
+        for name in ("w13_fp8", "w13_scale_inv", "w2_fp8", "w2_scale_inv"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"{BACKEND_NAME}: {name} must be a torch.Tensor, got "
+                                f"{type(getattr(self, name)).__name__}")
+        if not isinstance(self.ue8m0, bool):
+            raise TypeError(f"{BACKEND_NAME}: ue8m0 must be a bool, got {self.ue8m0!r}")
         for name in ("w13_fp8", "w2_fp8"):
             t = getattr(self, name)
             if t.dtype != FP8_DTYPE or t.dim() != 3:
@@ -65,6 +71,10 @@ class PhaseMoeQuantInfo(MoeQuantInfo):
             if t.dtype != torch.float32:
                 raise TypeError(f"{BACKEND_NAME}: {name} must hold fp32 block scales, got {t.dtype}"
                                 f" (UE8M0-packed scales are DeepGEMM's layout, not supported)")
+        experts_13, experts_2 = self.w13_fp8.shape[0], self.w2_fp8.shape[0]
+        if experts_13 != experts_2 or self.w13_fp8.shape[2] != self.w2_fp8.shape[1]:
+            raise ValueError(f"{BACKEND_NAME}: w13_fp8 {list(self.w13_fp8.shape)} and w2_fp8 "
+                             f"{list(self.w2_fp8.shape)} do not describe one set of experts [E, 2I, H] / [E, H, I]")
 
     @property
     def num_local_experts(self) -> int:

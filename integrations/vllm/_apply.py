@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 from moe_backend import experts as moe_experts
+from moe_backend._checks import check_bool, check_int, check_tensor
 from moe_backend.dispatch import Policy
+from moe_backend.quant import FP8_DTYPE
 
 __all__ = ["apply_standard", "apply_batched", "capturing"]
 
@@ -26,6 +28,18 @@ def apply_standard(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Ten
     (global ids) `[M, k]`; expert_map `[E_global]` global -> local (-1 elsewhere) or None.
     Writes the weighted sum over this rank's experts into output bf16 `[M, H]`; the policy's
     plan for this batch runs it (no host sync: CUDA-graph capturable)."""
+    # The engine boundary: metadata checks only (no host sync), so a wrong tensor from the engine
+    # is named here instead of failing inside a kernel.
+    check_tensor("hidden_states", x_fp8, dtypes=(FP8_DTYPE,), ndim=2)
+    check_tensor("a1q_scale", x_scale, dtypes=(torch.float32,), device=x_fp8.device)
+    check_tensor("output", output, dtypes=(torch.bfloat16,), shape=tuple(x_fp8.shape), device=x_fp8.device)
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2, device=x_fp8.device)
+    check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), device=x_fp8.device)
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, dtypes=(torch.int32, torch.int64), ndim=1, device=x_fp8.device)
+    check_bool("apply_router_weight_on_input", weights_on_input)
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy: expected a moe_backend Policy, got {type(policy).__name__}")
     local_ids = topk_ids
     if expert_map is not None:
         # -1 (another rank's expert, or an id vLLM already dropped) contributes nothing.
@@ -54,6 +68,16 @@ def apply_batched(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tens
     output bf16 `[E, T, H]`, rows m < expert_num_tokens[e] only. No host sync, sizes from shapes;
     expected_m (typical rows per expert, a host int) only steers the kernels' tile choice; the
     policy's `masked_kernel` serves it."""
+    check_tensor("hidden_states", x_fp8, dtypes=(FP8_DTYPE,), ndim=3)
+    check_tensor("a1q_scale", x_scale, dtypes=(torch.float32,), ndim=3, device=x_fp8.device)
+    check_tensor("output", output, dtypes=(torch.bfloat16,), shape=tuple(x_fp8.shape), device=x_fp8.device)
+    check_tensor("expert_num_tokens", expert_num_tokens, dtypes=(torch.int32, torch.int64), ndim=1,
+                 device=x_fp8.device)
+    if expert_num_tokens.shape[0] < x_fp8.shape[0]:
+        raise ValueError(f"expert_num_tokens: expected >= {x_fp8.shape[0]} entries (one per local "
+                         f"expert), got {expert_num_tokens.shape[0]}")
+    check_tensor("workspace13", workspace, dtypes=(torch.bfloat16,), device=x_fp8.device)
+    check_int("expected_m", expected_m, minimum=1, optional=True)
     # DeepEP LL sizes the counts by local experts, vLLM's naive batched prepare by global
     # experts (local ones first): a view of the first E either way.
     masked_m = expert_num_tokens[:x_fp8.shape[0]]

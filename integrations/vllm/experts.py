@@ -82,7 +82,10 @@ class _PhaseMoEBase(mk.FusedMoEExpertsModular):
         return activation == MoEActivation.SILU
 
     def _weight_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.w1_scale is not None and self.w2_scale is not None
+        # Raised, not asserted: `python -O` strips asserts, and a None scale would then reach a kernel.
+        if self.w1_scale is None or self.w2_scale is None:
+            raise ValueError("phasemoe: the layer's w1_scale / w2_scale (128x128 block scales) are "
+                             "missing; only block-FP8 checkpoints are served")
         return self.w1_scale, self.w2_scale
 
 
@@ -116,8 +119,9 @@ class PhaseMoEExperts(_PhaseMoEBase):
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
               expert_tokens_meta, apply_router_weight_on_input):
-        assert a1q_scale is not None, "phasemoe expects vLLM to quantize the input (1x128 groups)"
-        assert activation == MoEActivation.SILU
+        if a1q_scale is None:
+            raise ValueError("phasemoe: a1q_scale is None; vLLM must quantize the input (1x128 groups)")
+        _check_activation(activation)
         w13_scale_inv, w2_scale_inv = self._weight_scales()
         apply_standard(output, hidden_states, a1q_scale, w1, w13_scale_inv, w2, w2_scale_inv,
                        topk_weights, topk_ids, expert_map, apply_router_weight_on_input,
@@ -155,13 +159,20 @@ class PhaseMoEBatchedExperts(_PhaseMoEBase):
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
               expert_tokens_meta, apply_router_weight_on_input):
-        assert expert_tokens_meta is not None and expert_tokens_meta.expert_num_tokens is not None
-        assert a1q_scale is not None and hidden_states.dim() == 3
-        assert activation == MoEActivation.SILU
+        if expert_tokens_meta is None or expert_tokens_meta.expert_num_tokens is None:
+            raise ValueError("phasemoe: the batched format needs expert_tokens_meta.expert_num_tokens")
+        if a1q_scale is None:
+            raise ValueError("phasemoe: a1q_scale is None; vLLM must quantize the input (1x128 groups)")
+        _check_activation(activation)
         w13_scale_inv, w2_scale_inv = self._weight_scales()
         expected_m = _expected_m(global_num_experts, topk_ids.size(-1), hidden_states.size(1))
         apply_batched(output, hidden_states, a1q_scale, w1, w13_scale_inv, w2, w2_scale_inv,
                       expert_tokens_meta.expert_num_tokens, workspace13, expected_m, self.policy)
+
+
+def _check_activation(activation: MoEActivation) -> None:
+    if activation != MoEActivation.SILU:
+        raise ValueError(f"phasemoe: activation must be SiLU (DeepSeek-V3), got {activation}")
 
 
 def _expected_m(global_num_experts: int, topk: int, max_m: int) -> int | None:

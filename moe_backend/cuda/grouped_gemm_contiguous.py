@@ -238,13 +238,13 @@ def _print_config() -> bool:
     return os.environ.get("MOE_BACKEND_PRINT_CONFIG") == "1"
 
 
-@lru_cache(maxsize=None)
 @lru_cache(maxsize=1)
 def _template() -> str:
     return _TEMPLATE.read_text()
 
 
-@lru_cache(maxsize=256)  # rendering reads and rewrites the whole template: once per variant
+# Bounded: masked_max_m follows the masked layout's max_m, which an engine may vary per batch.
+@lru_cache(maxsize=1024)
 def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAULT_ARCH,
                 masked_max_m: int = 0) -> jit.KernelSpec:
     """The rendered source for one (N, K, config); M stays a runtime argument. masked_max_m > 0:
@@ -418,7 +418,6 @@ def _split_buffers(dev: torch.device, stream: int, ctas: int, block_n: int) -> t
     return bufs
 
 
-@lru_cache(maxsize=None)
 @lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

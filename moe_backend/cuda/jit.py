@@ -7,7 +7,9 @@ changes the binary: the rendered source, every header in this package, the templ
 the target arch, the nvcc version string and the flags. A build happens in a private temp dir
 under a per-key file lock (fcntl), so concurrent processes compile once; the cubin is published
 with an atomic `os.replace`, then the sidecar. An entry whose sidecar is missing or disagrees
-with the cubin (truncated or corrupt file) is rebuilt.
+with the cubin (truncated or corrupt file) is rebuilt. A cache directory that cannot be written
+(read-only, full, not a directory) is replaced, for the rest of the process, by a fresh temporary
+one, with a warning naming both; valid entries already in a read-only cache are still used.
 
 Switches (one `MOE_BACKEND_*` table in the README):
   MOE_BACKEND_CACHE_DIR      cache root (default ~/.cache/moe_backend/jit)
@@ -19,6 +21,7 @@ Switches (one `MOE_BACKEND_*` table in the README):
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -201,9 +205,31 @@ class CacheEntry:
         return len(data) == meta.get("size") and hashlib.sha256(data).hexdigest() == meta.get("sha256")
 
 
-def _entry(spec: KernelSpec, key: str) -> CacheEntry:
-    d = cache_dir() / spec.family
+def _entry(spec: KernelSpec, key: str, root: Path | None = None) -> CacheEntry:
+    d = (root or _writable_root()) / spec.family
     return CacheEntry(d / f"{key}.cubin", d / f"{key}.json")
+
+
+# Write failures that mean "this directory cannot hold the cache" (as opposed to a compile error).
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+               errno.EEXIST, errno.EFBIG}
+_fallback_roots: dict[Path, Path] = {}  # configured cache dir -> this process's temporary stand-in
+
+
+def _writable_root() -> Path:
+    configured = cache_dir()
+    return _fallback_roots.get(configured, configured)
+
+
+def _fall_back(configured: Path, exc: OSError) -> Path:
+    if configured not in _fallback_roots:
+        tmp = Path(tempfile.mkdtemp(prefix="moe_backend-jit-"))
+        _fallback_roots[configured] = tmp
+        warnings.warn(f"moe_backend JIT cache {configured} cannot be written ({exc.strerror or exc}); "
+                      f"compiling into the temporary directory {tmp} for this process (set "
+                      f"MOE_BACKEND_CACHE_DIR to a writable directory to keep the kernels)",
+                      RuntimeWarning, stacklevel=3)
+    return _fallback_roots[configured]
 
 
 @contextmanager
@@ -248,8 +274,23 @@ def _compiler_id(compiler: Compiler | None) -> str:
 
 def compile_cubin(spec: KernelSpec, compiler: Compiler | None = None) -> Path:
     """Path of a valid cached cubin for `spec`, compiling it (once across processes) if needed."""
-    key = cache_key(spec, _compiler_id(compiler))
-    entry = _entry(spec, key)
+    compiler_id = _compiler_id(compiler)
+    key = cache_key(spec, compiler_id)
+    configured = cache_dir()
+    root = _writable_root()
+    entry = _entry(spec, key, configured)
+    if entry.is_valid(key):  # also serves a read-only cache that already holds the kernel
+        return entry.cubin
+    try:
+        return _build(spec, key, compiler, compiler_id, root)
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE or root != configured:
+            raise
+        return _build(spec, key, compiler, compiler_id, _fall_back(configured, exc))
+
+
+def _build(spec: KernelSpec, key: str, compiler: Compiler | None, compiler_id: str, root: Path) -> Path:
+    entry = _entry(spec, key, root)
     if entry.is_valid(key):
         return entry.cubin
     with _file_lock(entry.cubin.with_suffix(".lock")):
@@ -257,7 +298,7 @@ def compile_cubin(spec: KernelSpec, compiler: Compiler | None = None) -> Path:
             return entry.cubin
         if entry.cubin.exists() or entry.meta.exists():
             print(f"[moe_backend.jit] rebuilding invalid cache entry {entry.cubin}", file=sys.stderr)
-        tmp_root = cache_dir() / "tmp"
+        tmp_root = root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f"{key[:16]}-", dir=tmp_root) as tmp:
             src = Path(tmp) / f"{spec.kernel_name}.cu"
@@ -273,7 +314,7 @@ def compile_cubin(spec: KernelSpec, compiler: Compiler | None = None) -> Path:
                 "format": _CACHE_FORMAT, "key": key, "size": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(), "family": spec.family,
                 "kernel_name": spec.kernel_name, "constants": dict(spec.constants), "arch": spec.arch,
-                "flags": list(spec.nvcc_flags()), "compiler": _compiler_id(compiler),
+                "flags": list(spec.nvcc_flags()), "compiler": compiler_id,
                 "compile_seconds": round(seconds, 3), "log": log,
             }
             meta_tmp = Path(tmp) / "kernel.json"
@@ -288,7 +329,9 @@ def compile_cubin(spec: KernelSpec, compiler: Compiler | None = None) -> Path:
 
 def entry_meta(spec: KernelSpec, compiler: Compiler | None = None) -> dict | None:
     """The sidecar of `spec`'s cache entry (compile time, ptxas report), or None if not built."""
-    return _entry(spec, cache_key(spec, _compiler_id(compiler))).read_meta()
+    key = cache_key(spec, _compiler_id(compiler))
+    configured = _entry(spec, key, cache_dir())
+    return configured.read_meta() if configured.meta.exists() else _entry(spec, key).read_meta()
 
 
 def warmup(specs: Iterable[KernelSpec], progress: bool = True) -> list[Path]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_backend._checks import check_quant_out, check_tensor
+from moe_backend._checks import check_int, check_quant_out, check_tensor
 from moe_backend.quant import FP8_DTYPE, quantize_fp8_per_token_group
 
 __all__ = [
@@ -65,10 +65,10 @@ class MaskedLayout:
 
 def _check_ids(topk_ids: torch.Tensor, num_local_experts: int, expert_start: int) -> None:
     check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
+    check_int("num_local_experts", num_local_experts)
     if num_local_experts <= 0:
         raise ValueError(f"num_local_experts must be positive, got {num_local_experts}")
-    if expert_start < 0:
-        raise ValueError(f"expert_start must be non-negative, got {expert_start}")
+    check_int("expert_start", expert_start, minimum=0)
 
 
 def _sort_slots(topk_ids: torch.Tensor, num_local_experts: int, expert_start: int):
@@ -102,6 +102,7 @@ def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, e
     unused tail marked as padding.
     """
     _check_ids(topk_ids, num_local_experts, expert_start)
+    check_int("alignment", alignment)
     if alignment <= 0:
         raise ValueError(f"alignment must be positive, got {alignment}")
     num_tokens, topk = topk_ids.shape
@@ -137,6 +138,7 @@ def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, exper
     (no sync, what the kernel does) an expert keeps its first `max_m` slots in (token, slot) order,
     the others get `row_of_slot` -1 and contribute nothing."""
     _check_ids(topk_ids, num_local_experts, expert_start)
+    check_int("max_m", max_m, optional=True)
     num_tokens, topk = topk_ids.shape
     device = topk_ids.device
     order, safe_key, in_range, rank, counts = _sort_slots(topk_ids, num_local_experts, expert_start)
@@ -214,7 +216,11 @@ def combine_rows(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch
     rows = row_of_slot
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(rows.shape))
     flat = y.reshape(-1, y.shape[-1])
-    gathered = flat.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, -1).float()
+    if flat.shape[0] == 0:
+        # No local rows at all (an EP rank none of whose tokens' experts are local): every slot is -1.
+        flat = flat.new_zeros(1, flat.shape[-1])
+    # The explicit width, not -1: with no tokens the view would be ambiguous.
+    gathered = flat.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, flat.shape[-1]).float()
     # Mask the rows, not only the weights: an unwritten row may hold NaN, and 0 * NaN is NaN.
     gathered = torch.where((rows >= 0).unsqueeze(-1), gathered, 0.0)
     result = torch.einsum("tk,tkn->tn", topk_weights, gathered)

@@ -67,14 +67,19 @@ class Policy:
     def __post_init__(self) -> None:
         for key in ("prefill_kernel", "decode_kernel", "masked_kernel"):
             value = getattr(self, key)
-            if not isinstance(value, str) or value not in KERNELS:
+            if not isinstance(value, str):  # a list or dict would not even hash for the lookup
+                raise TypeError(f"key {key!r}: expected a kernel name (string), got "
+                                f"{type(value).__name__} {value!r}")
+            if value not in KERNELS:
                 raise ValueError(f"key {key!r}: unknown kernel {value!r}; "
                                  f"choose one of {sorted(KERNELS)}")
         if self.masked_kernel not in MASKED_KERNELS:
             raise ValueError(f"key 'masked_kernel': {self.masked_kernel!r} does not run the masked layout; "
                              f"choose one of {list(MASKED_KERNELS)}")
-        if isinstance(self.decode_max_tokens, bool) or not isinstance(self.decode_max_tokens, int) \
-                or self.decode_max_tokens < 0:
+        if isinstance(self.decode_max_tokens, bool) or not isinstance(self.decode_max_tokens, int):
+            raise TypeError(f"key 'decode_max_tokens': expected an int >= 0, got "
+                            f"{type(self.decode_max_tokens).__name__} {self.decode_max_tokens!r}")
+        if self.decode_max_tokens < 0:
             raise ValueError(f"key 'decode_max_tokens': expected an int >= 0, "
                              f"got {self.decode_max_tokens!r}")
         if not isinstance(self.print_plan, bool):
@@ -103,6 +108,8 @@ class Policy:
         allowed = {f.name for f in fields(self)}
         overrides = {}
         for key, value in data.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: keys must be strings, got {key!r}")
             if key == "devices":
                 continue
             if key not in allowed:
@@ -111,8 +118,8 @@ class Policy:
             overrides[key] = value
         try:
             policy = replace(self, **overrides)
-        except ValueError as exc:
-            raise ValueError(f"{where} {exc}") from None
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{where} {exc}") from None
         devices = data.get("devices", {})
         if not isinstance(devices, Mapping):
             raise ValueError(f"{where} key 'devices': expected an object keyed by GPU name")

@@ -1,7 +1,7 @@
 """Per-token, per-128-column FP8 quantization, optionally fused behind SiLU(gate) * up.
 
 One kernel for both ops (a constexpr switch), so `silu_mul_quant` and `per_token_group_quant`
-round exactly alike: `scale = max(amax, 1e-10) / 448` (UE8M0: rounded up to a power of two by
+round exactly alike: `scale = min(max(amax, 1e-10) / 448, 2^119)` (UE8M0: rounded up to a power of two by
 bit arithmetic, exact), `q = clamp(x / scale, +-448)` cast to e4m3 with round-to-nearest-even.
 `quantize_groups` is that rounding alone; `permute_quant` calls it too.
 
@@ -22,6 +22,8 @@ from moe_backend.kernels._launch_utils import persistent_row_programs
 from moe_backend.kernels._numerics import round_to_e4m3_grid
 
 FP8_MAX = 448.0
+# moe_backend.quant.SCALE_CEIL: the largest power of two with 448 * it finite in fp32.
+SCALE_CEIL = tl.constexpr(2.0 ** 119)
 GROUPS_PER_PROGRAM = 8
 
 
@@ -32,7 +34,9 @@ def quantize_groups(x, UE8M0: tl.constexpr):
     Every kernel that quantizes activations calls this, so they all round alike.
     """
     amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.maximum(amax, 1e-10) / 448.0
+    # Capped, not pre-scaled: a SiLU*up product past fp32 (inf) saturates at +-448 either way, and
+    # groups under the cap (every ordinary input) keep bit-identical scales and values.
+    scale = tl.minimum(tl.maximum(amax, 1e-10) / 448.0, SCALE_CEIL)
     if UE8M0:
         # Round up to a power of two: carry any mantissa bit into the exponent, clear the mantissa.
         bits = scale.to(tl.int32, bitcast=True)

@@ -7,17 +7,19 @@ import json
 import os
 import re
 from collections import defaultdict
-from typing import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from moe_backend import experts as experts_path
 from moe_backend import ops
-from moe_backend._checks import check_tensor
+from moe_backend._checks import (check_finite_rows, check_int, check_output_rows, check_tensor,
+                                 finite_checks_enabled)
 from moe_backend._progress import progress
 from moe_backend.config import QUANT_BLOCK, MoEConfig
-from moe_backend.dispatch.policy import Policy
+from moe_backend.dispatch.policy import PHASES, Policy
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.quant import FP8_DTYPE, quantize_fp8_blockwise
 
@@ -27,6 +29,9 @@ _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_NAME = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 _SHARED_NAME = re.compile(r"^shared_experts\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 _FLOAT_WEIGHTS = (torch.bfloat16, torch.float16, torch.float32)
+_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_FP8_DTYPES = tuple(d for d in (torch.float8_e4m3fn, torch.float8_e5m2, getattr(torch, "float8_e4m3fnuz", None),
+                                getattr(torch, "float8_e5m2fnuz", None)) if d is not None)
 _MAX_LISTED = 40  # a wrong prefix on a real layer would otherwise list ~1,500 names
 
 
@@ -49,6 +54,18 @@ class DeepseekV3MoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy: expected a moe_backend.dispatch.Policy or None, got "
+                            f"{type(policy).__name__} (build one with Policy.from_dict)")
+        if not isinstance(with_shared_experts, bool):
+            raise TypeError(f"with_shared_experts: expected a bool, got {with_shared_experts!r}")
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device: expected a torch.device, a string or None, got {type(device).__name__}")
+        if expert_range is not None:
+            if not isinstance(expert_range, (tuple, list)) or len(expert_range) != 2:
+                raise TypeError(f"expert_range: expected a (start, stop) pair of ints, got {expert_range!r}")
+            if any(not isinstance(v, int) or isinstance(v, bool) for v in expert_range):
+                raise TypeError(f"expert_range: start and stop must be ints, got {expert_range!r}")
         start, stop = expert_range if expert_range is not None else (0, config.n_routed_experts)
         if not 0 <= start < stop <= config.n_routed_experts:
             raise ValueError(f"expert_range: expected 0 <= start < stop <= {config.n_routed_experts}, "
@@ -105,13 +122,29 @@ class DeepseekV3MoE(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], prefix: str = "") -> None:
         """Loads Hugging Face-named tensors (relative to the MoE block, after `prefix`): FP8 weights
         with their `weight_scale_inv`, or bf16/fp32 weights (quantized here). Experts outside this
-        slice are skipped. Raises ValueError listing every missing, extra or mis-shaped tensor."""
+        slice are skipped. Raises ValueError listing every missing, extra or mis-shaped tensor.
+
+        Transactional: every tensor is validated (and bf16 weights quantized) into a staging list
+        first; the layer's buffers change only once the whole set is valid. A failed call leaves
+        the layer exactly as it was (loaded or not); an error while copying leaves it unloaded."""
+        if isinstance(weights, Mapping):
+            raise TypeError("weights: expected an iterable of (name, tensor) pairs, got a "
+                            f"{type(weights).__name__}; pass weights.items()")
+        if isinstance(weights, (str, bytes, torch.Tensor)) or not isinstance(weights, Iterable):
+            raise TypeError(f"weights: expected an iterable of (name, tensor) pairs, got {type(weights).__name__}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix: expected a string, got {type(prefix).__name__}")
         expected = self._expected_names()
         loaded: set[str] = set()
         problems: list[str] = []
+        staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer view, validated source)
         pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # projection -> weight/scale
 
-        for full_name, tensor in weights:
+        for position, item in enumerate(weights):
+            if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
+                raise TypeError(f"weights: item {position} is {type(item).__name__} "
+                                f"{_short_repr(item)}, expected a (name: str, tensor) pair")
+            full_name, tensor = item
             if prefix and not full_name.startswith(prefix):
                 problems.append(f"extra: {full_name} (outside prefix {prefix!r})")
                 continue
@@ -120,7 +153,10 @@ class DeepseekV3MoE(nn.Module):
                 problems.append(f"bad value: {full_name} is a {type(tensor).__name__}, not a tensor")
                 continue
             if name in ("gate.weight", "gate.e_score_correction_bias"):
-                self._load_router_tensor(name, tensor, problems)
+                if name in loaded:
+                    problems.append(f"extra: {full_name} (given twice)")
+                    continue
+                self._stage_router_tensor(name, tensor, problems, staged)
                 loaded.add(name)
                 continue
             match = _EXPERT_NAME.match(name) or _SHARED_NAME.match(name)
@@ -143,7 +179,7 @@ class DeepseekV3MoE(nn.Module):
             pending[key][match.groups()[-1]] = tensor
             entry = pending[key]
             if "weight" in entry and (entry["weight"].dtype != FP8_DTYPE or "weight_scale_inv" in entry):
-                self._load_projection(key, pending.pop(key), problems)
+                self._stage_projection(key, pending.pop(key), problems, staged)
                 loaded.add(key + ".weight")
 
         for key, entry in pending.items():
@@ -156,21 +192,30 @@ class DeepseekV3MoE(nn.Module):
         if problems:
             shown = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
                                               if len(problems) > _MAX_LISTED else [])
-            raise ValueError(f"load_weights: {len(problems)} problem(s):\n  " + "\n  ".join(shown))
+            raise ValueError(f"load_weights: {len(problems)} problem(s), the layer is unchanged:\n  "
+                             + "\n  ".join(shown))
+        # Commit. Until every copy lands the layer is marked unloaded, so an error here (a device
+        # fault) can never leave a mix of old and new weights that forward would use.
+        self._loaded = False
+        with torch.no_grad():
+            for target, source in staged:
+                target.copy_(source)
         self._loaded = True
 
-    def _load_router_tensor(self, name: str, tensor: torch.Tensor, problems: list[str]) -> None:
+    def _stage_router_tensor(self, name: str, tensor: torch.Tensor, problems: list[str],
+                             staged: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         target = self.gate_weight if name == "gate.weight" else self.e_score_correction_bias
         if tuple(tensor.shape) != tuple(target.shape):
             problems.append(f"shape: {name} is {list(tensor.shape)}, expected {list(target.shape)}")
-        elif not tensor.is_floating_point() or tensor.dtype == FP8_DTYPE:
+        elif not tensor.is_floating_point() or tensor.dtype in _FP8_DTYPES:
             problems.append(f"dtype: {name} is {tensor.dtype}, expected a float tensor")
         elif not bool(torch.isfinite(tensor).all()):
             problems.append(f"nan: {name} holds NaN/Inf values")
         else:
-            target.copy_(tensor)
+            staged.append((target, tensor))
 
-    def _load_projection(self, key: str, entry: dict[str, torch.Tensor], problems: list[str]) -> None:
+    def _stage_projection(self, key: str, entry: dict[str, torch.Tensor], problems: list[str],
+                          staged: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         shared = key.startswith("shared_experts.")
         proj = key.rsplit(".", 1)[1]
         shape = self._projection_shape(proj, shared)
@@ -184,8 +229,12 @@ class DeepseekV3MoE(nn.Module):
                 problems.append(f"shape: {key}.weight_scale_inv is {list(scale.shape)}, "
                                 f"expected {list(scale_shape)}")
                 return
-            if not scale.is_floating_point() or not bool(torch.isfinite(scale.float()).all()) \
-                    or bool((scale <= 0).any()):
+            if scale.dtype not in _SCALE_DTYPES:
+                # An fp8 or integer scale would be converted silently and lose the block's magnitude.
+                problems.append(f"dtype: {key}.weight_scale_inv is {scale.dtype}, expected float32 "
+                                f"(or bf16/fp16/fp64)")
+                return
+            if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
                 problems.append(f"nan: {key}.weight_scale_inv must hold finite positive scales")
                 return
             if (bad := _fp8_nan_count(weight)):
@@ -211,17 +260,20 @@ class DeepseekV3MoE(nn.Module):
             w13, w13_s, w2, w2_s = self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv
             index = int(key.split(".")[1]) - self.expert_start
         if proj == "down_proj":
-            w2[index].copy_(weight)
-            w2_s[index].copy_(scale)
+            staged += [(w2[index], weight), (w2_s[index], scale)]
         else:
             rows = shape[0]
             half = 0 if proj == "gate_proj" else 1  # w13 holds gate rows, then up rows
-            w13[index, half * rows:(half + 1) * rows].copy_(weight)
-            w13_s[index, half * rows // QUANT_BLOCK:(half + 1) * rows // QUANT_BLOCK].copy_(scale)
+            staged += [(w13[index, half * rows:(half + 1) * rows], weight),
+                       (w13_s[index, half * rows // QUANT_BLOCK:(half + 1) * rows // QUANT_BLOCK], scale)]
 
     def load_from_checkpoint(self, path: str | os.PathLike, layer_idx: int) -> None:
         """Reads only layer `layer_idx`'s MoE tensors (`model.layers.{L}.mlp.*`, local experts only)
-        from a sharded safetensors checkpoint folder (`model.safetensors.index.json`)."""
+        from a sharded safetensors checkpoint folder (`model.safetensors.index.json`). Errors name
+        the index or shard file and the tensor; a failed load changes nothing (see load_weights)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a checkpoint folder path, got {type(path).__name__}")
+        check_int("layer_idx", layer_idx, minimum=0)
         self.load_weights(_read_checkpoint_layer(os.fspath(path), layer_idx, self._belongs_here),
                           prefix=f"model.layers.{layer_idx}.mlp.")
 
@@ -244,12 +296,14 @@ class DeepseekV3MoE(nn.Module):
         if hidden_states.shape[-1] != hidden:
             raise ValueError(f"hidden_states: last dim must be hidden_size {hidden}, "
                              f"got shape {list(hidden_states.shape)}")
+        if phase is not None and phase not in PHASES:
+            raise ValueError(f"phase: expected one of {PHASES} or None, got {phase!r}")
         x = hidden_states.reshape(-1, hidden)
         if x.shape[0] == 0:
             return hidden_states.new_empty(hidden_states.shape)
-        if (x.device.type == "cpu" or os.environ.get("MOE_BACKEND_CHECK_FINITE") == "1") \
-                and not bool(torch.isfinite(x).all()):
-            raise ValueError("hidden_states: holds NaN/Inf values")
+        checked = finite_checks_enabled(x)
+        if checked:
+            check_finite_rows("hidden_states", x)
 
         topk_weights, topk_ids = noaux_tc_route(x, self.gate_weight, self.e_score_correction_bias,
                                                 self.config)
@@ -262,6 +316,8 @@ class DeepseekV3MoE(nn.Module):
             phase=phase, num_global_experts=self.config.n_routed_experts)
         if self.with_shared_experts:
             out = out + self.shared_expert(x_fp8, x_scale)
+        if checked:
+            check_output_rows("hidden_states", x, out)
         return out.view(hidden_states.shape)
 
     def shared_expert(self, x: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,6 +336,11 @@ class DeepseekV3MoE(nn.Module):
                                            one_expert)
 
 
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _blocks(n: int) -> int:
     return -(-n // QUANT_BLOCK)
 
@@ -293,10 +354,9 @@ def _read_checkpoint_layer(path: str, layer_idx: int, wanted) -> Iterator[tuple[
         raise ValueError(f"path: {path!r} is not a checkpoint folder")
     index_file = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index_file):
-        with open(index_file) as f:
-            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        weight_map = _read_weight_map(index_file)
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+        with _open_shard(safe_open, path, "model.safetensors") as f:
             weight_map = {name: "model.safetensors" for name in f.keys()}
     else:
         raise ValueError(f"path: {path!r} has neither model.safetensors.index.json nor model.safetensors")
@@ -311,7 +371,51 @@ def _read_checkpoint_layer(path: str, layer_idx: int, wanted) -> Iterator[tuple[
     total = sum(len(v) for v in by_shard.values())
     with progress(total=total, desc=f"loading layer {layer_idx}", unit="tensor") as bar:
         for shard, names in sorted(by_shard.items()):
-            with safe_open(os.path.join(path, shard), framework="pt") as f:
+            shard_path = os.path.join(path, shard)
+            with _open_shard(safe_open, path, shard) as f:
+                present = set(f.keys())
+                absent = [n for n in names if n not in present]
+                if absent:
+                    raise ValueError(f"{shard_path}: the index maps {len(absent)} tensor(s) to this shard "
+                                     f"but it lacks them: {', '.join(absent[:5])}"
+                                     f"{', ...' if len(absent) > 5 else ''}")
                 for name in names:
-                    yield name, f.get_tensor(name)
+                    try:
+                        tensor = f.get_tensor(name)
+                    except Exception as exc:  # safetensors raises its own error type for bad data
+                        raise ValueError(f"{shard_path}: tensor {name} cannot be read (truncated or "
+                                         f"corrupt shard?): {exc}") from exc
+                    yield name, tensor
                     bar.update(1)
+
+
+def _read_weight_map(index_file: str) -> dict[str, str]:
+    try:
+        with open(index_file, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{index_file}: not valid JSON: {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index_file}: expected an object with a \"weight_map\" of tensor name -> "
+                         f"shard file name")
+    for shard in set(weight_map.values()):
+        # A shard name is a file inside the checkpoint folder, never a path out of it.
+        if os.path.isabs(shard) or os.path.normpath(shard).startswith(".."):
+            raise ValueError(f"{index_file}: shard {shard!r} is not a file name inside the checkpoint")
+    return weight_map
+
+
+@contextmanager
+def _open_shard(safe_open, folder: str, shard: str):
+    shard_path = os.path.join(folder, shard)
+    if not os.path.isfile(shard_path):
+        raise ValueError(f"{shard_path}: shard file is missing (named by the checkpoint index)")
+    try:
+        handle = safe_open(shard_path, framework="pt")
+    except Exception as exc:  # a corrupt or truncated header: safetensors' own error type
+        raise ValueError(f"{shard_path}: not a readable safetensors file (truncated or corrupt "
+                         f"header?): {exc}") from exc
+    with handle as f:
+        yield f

@@ -6,9 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_backend._checks import check_tensor
 from moe_backend.config import MoEConfig
 
 __all__ = ["noaux_tc_route"]
+
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def noaux_tc_route(hidden: torch.Tensor, gate_weight: torch.Tensor, correction_bias: torch.Tensor,
@@ -18,6 +21,14 @@ def noaux_tc_route(hidden: torch.Tensor, gate_weight: torch.Tensor, correction_b
 
     Scores are computed in fp32 (the logits decide which experts run; bf16 would flip near-ties).
     """
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    # Shape, dtype and device only: no host sync on the decode path.
+    check_tensor("hidden", hidden, dtypes=_FLOATS, ndim=2)
+    check_tensor("gate_weight", gate_weight, dtypes=_FLOATS,
+                 shape=(config.n_routed_experts, hidden.shape[1]), device=hidden.device)
+    check_tensor("correction_bias", correction_bias, dtypes=_FLOATS, shape=(config.n_routed_experts,),
+                 device=hidden.device)
     num_tokens = hidden.shape[0]
     num_experts, n_group = config.n_routed_experts, config.n_group
     scores = torch.sigmoid(F.linear(hidden.float(), gate_weight.float()))  # [T, E]

@@ -28,6 +28,9 @@ from moe_backend.kernels.permute_quant import permute_quant  # noqa: E402
 from moe_backend.kernels.silu_mul_quant import silu_mul_quant  # noqa: E402
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from quant_extremes import SUBNORMAL_ROW, check_no_overflow, extreme_rows, gate_up_pairs  # noqa: E402
+
 GEMM_RTOL = 2e-3  # vs the fp32 dequantized reference (design.md)
 # The interpreter runs the fp8 dot on CPU through numpy: same values, so the same bound holds.
 
@@ -233,6 +236,30 @@ def case_silu_mul_quant():
     h = (torch.randn(7, 2 * 256, generator=gen) * 4).bfloat16()
     for ue8m0 in (False, True):
         _check_quant(*silu_mul_quant(h, 128, ue8m0), *reference.silu_mul_quant(h, 128, ue8m0))
+
+
+def _check_no_overflow(q, s, ref_q, ref_s, exact_rows):
+    check_no_overflow(q, s)
+    # As the reference even at the extremes (both cap the scale at the same power of two), to the
+    # ordinary tolerance (the kernel's SiLU may differ from torch's by an ulp); rows fed subnormals
+    # are exempt: the GPU may flush them to zero (FTZ).
+    _check_quant(q[exact_rows], s[exact_rows], ref_q[exact_rows], ref_s[exact_rows])
+
+
+def case_quant_extremes():
+    """Every value a bf16 / fp16 / fp32 tensor can hold: the fp32 paths never overflow to inf/NaN."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for ue8m0 in (False, True):
+            h, normal_pairs = gate_up_pairs(dtype)  # [81, 256]: every (gate, up) pair of extremes
+            _check_no_overflow(*silu_mul_quant(h, 128, ue8m0), *reference.silu_mul_quant(h, 128, ue8m0),
+                               normal_pairs)
+            rows = extreme_rows(dtype, 128)
+            normal_rows = torch.arange(len(rows)) != SUBNORMAL_ROW
+            _check_no_overflow(*per_token_group_quant(rows, 128, ue8m0),
+                               *quantize_fp8_per_token_group(rows, 128, ue8m0), normal_rows)
+            src = torch.arange(len(rows)).flip(0)  # permute_quant shares the rounding core
+            _check_no_overflow(*permute_quant(rows, src, 128, ue8m0), *layouts.permute_quant(rows, src, 128, ue8m0),
+                               normal_rows.flip(0))
 
 
 def case_combine():

@@ -23,7 +23,7 @@ ROOT = HERE.parents[1]
 CASES = ["masked", "masked_swap_ab", "masked_wide_n", "masked_k_unroll", "masked_n_loop", "masked_hot_expert",
          "masked_all_idle", "masked_max_m_far_above_rows", "masked_single_row", "masked_many_experts",
          "masked_out_of_range_counts", "masked_n_loop_walk", "contiguous", "contiguous_one_expert",
-         "contiguous_num_rows", "contiguous_bm64", "per_token_group_quant", "silu_mul_quant", "combine", "bad_inputs",
+         "contiguous_num_rows", "contiguous_bm64", "per_token_group_quant", "silu_mul_quant", "quant_extremes", "combine", "bad_inputs",
          "permute_quant", "permute_quant_empty", "build_layout", "build_layout_shared_fill", "build_layout_both_plans",
          "silu_mul_quant_rows", "used_rows", "combine_kernel_layouts"]
 

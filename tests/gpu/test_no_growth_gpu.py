@@ -1,0 +1,105 @@
+"""No growth on the GPU: 10,000 eager layer calls with varying token counts, then 10,000 CUDA-graph
+replays of decode batches, leave device memory (allocated and reserved), the in-process caches
+(tests/cache_sizes.py) and the Triton kernels' compiled specializations at their warm-up sizes.
+Prints the figures. Run on the device:
+`python -m pytest tests/gpu/test_no_growth_gpu.py -q -s`."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from cache_sizes import cache_sizes, triton_kernel_variants
+from moe_backend import MoEConfig
+from moe_backend.dispatch import Policy
+from moe_backend.experts import routed_experts
+from moe_backend.layers import DeepseekV3MoE
+from moe_backend.layers.router import noaux_tc_route
+from moe_backend.random_weights import random_moe_weights
+
+pytestmark = pytest.mark.gpu
+
+CONFIG = MoEConfig(hidden_size=1024, moe_intermediate_size=384, n_routed_experts=64, num_experts_per_tok=8,
+                   n_group=8, topk_group=4, routed_scaling_factor=2.5, n_shared_experts=1)
+CALLS = 10_000
+REPLAYS = 10_000
+TOKEN_COUNTS = [*range(1, 65), 100, 128, 200, 255, 256, 257, 300, 512, 1000, 2048]
+GRAPH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def _snapshot() -> dict:
+    torch.cuda.synchronize()
+    gc.collect()
+    return dict(allocated=torch.cuda.memory_allocated(), reserved=torch.cuda.memory_reserved(),
+                caches=cache_sizes(), triton=triton_kernel_variants())
+
+
+def _report(label: str, before: dict, after: dict) -> None:
+    mib = 2 ** 20
+    print(f"\n{label}: allocated {before['allocated'] / mib:.1f} -> {after['allocated'] / mib:.1f} MiB, "
+          f"reserved {before['reserved'] / mib:.1f} -> {after['reserved'] / mib:.1f} MiB, "
+          f"caches {sum(v[0] for v in before['caches'].values())} -> "
+          f"{sum(v[0] for v in after['caches'].values())} entries, Triton specializations "
+          f"{sum(before['triton'].values())} -> {sum(after['triton'].values())}")
+    print("  caches: " + ", ".join(f"{k.removeprefix('moe_backend.')}={v[0]}" for k, v in after["caches"].items()))
+
+
+def _assert_no_growth(before: dict, after: dict) -> None:
+    assert after["allocated"] <= before["allocated"], "device memory still allocated after the calls"
+    assert after["reserved"] <= before["reserved"], "the caching allocator reserved more"
+    assert after["caches"] == before["caches"], {k: (before["caches"].get(k), v)
+                                                 for k, v in after["caches"].items() if before["caches"].get(k) != v}
+    assert after["triton"] == before["triton"], "a Triton kernel compiled new specializations"
+
+
+@pytest.fixture(scope="module")
+def layer():
+    m = DeepseekV3MoE(CONFIG, device="cuda")
+    m.load_weights(random_moe_weights(CONFIG, seed=0, device="cuda"))
+    return m
+
+
+def test_eager_calls_with_varying_tokens(layer):
+    layer.policy = Policy()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = {t: torch.randn(t, CONFIG.hidden_size, generator=gen, device="cuda").bfloat16() for t in TOKEN_COUNTS}
+    for t in TOKEN_COUNTS:  # warm-up: every kernel specialization and allocator bucket
+        layer(inputs[t])
+    before = _snapshot()
+    for i in range(CALLS):
+        layer(inputs[TOKEN_COUNTS[i % len(TOKEN_COUNTS)]])
+    after = _snapshot()
+    _report(f"{CALLS} eager layer calls, {len(TOKEN_COUNTS)} token counts 1..{TOKEN_COUNTS[-1]}", before, after)
+    _assert_no_growth(before, after)
+
+
+@pytest.mark.parametrize("kernel", ["masked", "triton"])
+def test_graph_replays_of_decode_batches(layer, kernel):
+    choice = Policy(decode_kernel=kernel).choose(1, "decode")
+    args = (layer.w13_fp8, layer.w13_scale_inv, layer.w2_fp8, layer.w2_scale_inv)
+    graphs = []
+    pool = torch.cuda.graph_pool_handle()
+    for tokens in GRAPH_SIZES:
+        x = torch.randn(tokens, CONFIG.hidden_size, device="cuda").bfloat16()
+        w, ids = noaux_tc_route(x, layer.gate_weight, layer.e_score_correction_bias, CONFIG)
+        routed_experts(x, *args, w, ids, kernel=choice)  # JIT outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = routed_experts(x, *args, w, ids, kernel=choice)
+        graphs.append((graph, x, out))
+    for graph, _, _ in graphs:
+        graph.replay()
+    before = _snapshot()
+    for i in range(REPLAYS):
+        graph, x, _ = graphs[i % len(graphs)]
+        if i % 997 == 0:
+            x.normal_()  # new tokens in the captured buffer now and then
+        graph.replay()
+    after = _snapshot()
+    _report(f"{REPLAYS} CUDA-graph replays ({kernel}), batch sizes {GRAPH_SIZES}", before, after)
+    _assert_no_growth(before, after)
+    for _, _, out in graphs:
+        assert torch.isfinite(out.float()).all()
