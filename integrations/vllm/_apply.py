@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from moe_backend import experts as moe_experts
+from moe_backend.ab import shadow as ab_shadow
 from moe_backend.dispatch import Policy
 
 __all__ = ["apply_standard", "apply_batched", "capturing"]
@@ -40,6 +41,7 @@ def apply_standard(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Ten
     y = moe_experts.routed_experts(x_fp8, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, weights,
                                    local_ids, x_scale=x_scale.contiguous(), policy=policy,
                                    phase=phase)
+    ab_shadow.observe_routed(y, x_fp8, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), weights, local_ids, x_scale=x_scale, phase=phase)
     output.copy_(y)
 
 
@@ -58,3 +60,4 @@ def apply_batched(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tens
     moe_experts.masked_experts(x_fp8, x_scale.contiguous(), w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
                                masked_m, out=output, workspace=workspace, impl="best",
                                expected_m=expected_m)
+    ab_shadow.observe_masked(output, x_fp8, x_scale, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), masked_m, expected_m=expected_m)
