@@ -138,7 +138,9 @@ def run_compare(settings: CompareSettings) -> dict:
                 times: dict[str, list[float]] = {name: [] for name in calls}
                 for _ in range(settings.rounds):
                     for name, call in calls.items():
-                        times[name].append(time_us(call, device))
+                        # CPU: the divergence call above was the warm-up; one timed call is enough there.
+                        times[name].append(time_us(call, device, reps=1, warmup=False) if device.type == "cpu"
+                                           else time_us(call, device))
                 for b in backends:
                     row = results[b.name]
                     if b.name in times:

@@ -12,9 +12,9 @@ import torch
 __all__ = ["time_us", "measure_ceilings", "moe_work"]
 
 
-def time_us(fn: Callable[[], object], device: torch.device, *, reps: int = 3) -> float:
+def time_us(fn: Callable[[], object], device: torch.device, *, reps: int = 3, warmup: bool = True) -> float:
     """Median µs of one call. CUDA: `triton.testing.do_bench` (L2 flushed between calls), or CUDA
-    events when Triton is absent; CPU: wall clock over `reps` calls after one warm-up."""
+    events when Triton is absent; CPU: wall clock over `reps` calls (after one warm-up call)."""
     if device.type == "cuda":
         try:
             import triton
@@ -32,7 +32,8 @@ def time_us(fn: Callable[[], object], device: torch.device, *, reps: int = 3) ->
             stop.synchronize()
             samples.append(1e3 * start.elapsed_time(stop))
         return statistics.median(samples)
-    fn()
+    if warmup:
+        fn()
     samples = []
     for _ in range(max(reps, 1)):
         start = time.perf_counter()

@@ -80,5 +80,7 @@ def cdf_plot(path: str, title: str, xlabel: str, samples: dict[str, Sequence[flo
         xs = sorted(xs)
         if xs:
             ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=f"{label} (n={len(xs)})")
+        else:
+            ax.plot([], [], label=f"{label} (no samples)")
     ax.legend(fontsize=8)
     return _save(plt, fig, path)

@@ -105,6 +105,7 @@ def stream_completion(server: ServerSpec, prompt: str, index: int, *, max_tokens
     try:
         conn, path = _connection(server.v1 + "/completions", max(0.05, deadline - start))
         conn.request("POST", path, body=json.dumps(payload).encode(), headers=_headers(server))
+        sock = conn.sock  # the response takes it over (conn.sock becomes None) when the server closes
         resp = conn.getresponse()
         if resp.status != 200:
             detail = resp.read(300).decode(errors="replace").strip().replace("\n", " ")
@@ -115,7 +116,7 @@ def stream_completion(server: ServerSpec, prompt: str, index: int, *, max_tokens
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout()
-            conn.sock.settimeout(remaining)
+            sock.settimeout(remaining)
             line = resp.readline()
             if not line:
                 break  # the server closed the stream

@@ -78,7 +78,9 @@ def policy_section(rows: list[dict], tolerance: float | None = None) -> dict:
                 total[win["kernel"]] += win["time_us"]
         return _pick(wins, total)
 
-    decode_cells = [c for (_, t), c in by_cell.items() if t <= max(boundary, 1)]
+    # The decode kernel also serves every CUDA-graph-captured batch (engines mark those decode
+    # whatever their size), so it is chosen over the default decode range at least.
+    decode_cells = [c for (_, t), c in by_cell.items() if t <= max(boundary, default.decode_max_tokens)]
     prefill_cells = [c for (_, t), c in by_cell.items() if t > boundary]
     return {"prefill_kernel": tally(prefill_cells, False) or default.prefill_kernel,
             "decode_kernel": tally(decode_cells, True) or default.decode_kernel,
