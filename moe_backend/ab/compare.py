@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,7 @@ class CompareSettings:
     checkpoint: str | None = None
     layer: int | None = None
     progress: bool = True
+    time_budget_s: float | None = None  # no new cell starts after this long; the report says what was left
     meta: dict = field(default_factory=dict)
 
 
@@ -95,6 +97,8 @@ def run_compare(settings: CompareSettings) -> dict:
     ceilings = measure_ceilings(device)
     layer = _checkpoint_layer(settings) if settings.checkpoint else None
     rows: list[dict] = []
+    not_run: list[str] = []
+    started = time.monotonic()
     total = len(settings.slices) * len(settings.tokens) * max(1, len(backends))
     with progress(total=total, desc="compare", unit="cell", enabled=settings.progress) as bar:
         for si, s in enumerate(settings.slices):
@@ -104,6 +108,9 @@ def run_compare(settings: CompareSettings) -> dict:
             else:
                 weights = random_slice_weights(s, device, seed=settings.seed + 1000 * si)
             for tokens in settings.tokens:
+                if settings.time_budget_s is not None and time.monotonic() - started > settings.time_budget_s:
+                    not_run.append(f"{s.name}/{tokens}")
+                    continue
                 seed = settings.seed + 7919 * tokens + 1000 * si
                 gen = torch.Generator(device=device).manual_seed(seed)
                 x = torch.randn(tokens, s.hidden, generator=gen, device=device).to(torch.bfloat16)
@@ -159,7 +166,8 @@ def run_compare(settings: CompareSettings) -> dict:
                 slices=[vars(s) for s in settings.slices], tokens=list(settings.tokens),
                 backends=[b.name for b in backends], descriptions={b.name: b.description for b in backends},
                 policy=Policy.from_env(_device_name(device)).to_dict(), versions=_versions(),
-                checkpoint=settings.checkpoint, layer=settings.layer)
+                checkpoint=settings.checkpoint, layer=settings.layer, not_run=not_run,
+                elapsed_s=round(time.monotonic() - started, 1))
     return {"meta": meta, "skipped": skipped, "rows": rows}
 
 
@@ -220,6 +228,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="compare-report", help="output folder (report.md, results.json, *.png)")
     p.add_argument("--emit-policy", metavar="FILE", help="write the winners as a MOE_BACKEND_POLICY file "
                                                          "(merged into FILE's 'devices' if it exists)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new cell after this long; the report lists the cells not run")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.set_defaults(ab_command=cmd_compare)
     return p
@@ -244,6 +254,7 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
                            routing=routing, device=device, seed=args.seed,
                            rounds=args.rounds or (3 if device.type == "cuda" else 1), tolerance=args.tolerance,
                            checkpoint=args.checkpoint, layer=args.layer if args.checkpoint else None,
+                           time_budget_s=args.time_budget,
                            meta={"command": "python -m moe_backend compare " + " ".join(sys.argv[2:])})
 
 

@@ -70,6 +70,9 @@ def render_markdown(result: dict, plot_files: list[str], plot_note: str | None =
         lines.append(f"- ceilings measured in this run: copy {c['copy_gbs']:.0f} GB/s (read+write)"
                      + (f", FP8 GEMM {c['fp8_tflops']:.0f} TFLOPS" if "fp8_tflops" in c else "")
                      + "; floor = max(FLOPs / FP8 peak, bytes / copy bandwidth)")
+    if meta.get("not_run"):
+        lines.append(f"- **incomplete**: the time budget ran out after {meta['elapsed_s']} s; cells not run: "
+                     + ", ".join(meta["not_run"]))
     lines += ["", "## Backends", "", "| backend | what | status |", "|---|---|---|"]
     for name in meta["backends"]:
         lines.append(f"| {name} | {meta['descriptions'][name]} | ran |")
