@@ -11,6 +11,7 @@ import torch
 
 from moe_backend.ab.cli import add_ab_parsers
 
+
 def _version(module: str) -> str | None:
     if importlib.util.find_spec(module) is None:
         return None
