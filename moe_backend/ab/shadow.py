@@ -26,6 +26,7 @@ import torch
 from moe_backend.ab.backends import Backend, get_backend
 from moe_backend.ab.divergence import divergence
 from moe_backend.ab.shadow_metrics import ShadowSink
+from moe_backend.dispatch.policy import Policy
 
 __all__ = ["Shadow", "ShadowTarget", "parse_shadow_spec", "from_env", "shadow_arg", "observe_routed", "observe_masked",
            "observe_layer"]
@@ -91,6 +92,8 @@ class Shadow:
             raise TypeError("targets: expected a 'backend:rate' spec or a list of ShadowTarget")
         self._backends: list[tuple[Backend, float]] = [(get_backend(t.backend), t.rate) for t in self.targets]
         self._rng = random.Random(seed)
+        # Labels batches without a phase by the process's policy, read once (this runs per MoE call).
+        self._policy = Policy.from_env()
         self.sink = ShadowSink(registry, log_path)
         self._layers: dict[int, str] = {}  # w13 address -> layer label, in first-call order
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -132,9 +135,7 @@ class Shadow:
             return
         w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv = _weights(experts)
         label, chosen = self._begin(layer, w13_fp8)
-        from moe_backend.dispatch.policy import Policy
-
-        phase = Policy.from_env().phase_of(x.shape[0], phase)
+        phase = self._policy.phase_of(x.shape[0], phase)
         for b, _ in self._backends:
             self.sink.call(label, b.name, phase)
         for b in chosen:
