@@ -93,6 +93,8 @@ def run_compare(settings: CompareSettings) -> dict:
     from moe_backend.dispatch.policy import Policy
 
     device = settings.device
+    # Cells are labelled prefill/decode as the active policy would see them without an engine's phase.
+    active_policy = Policy.from_env(_device_name(device))
     backends, skipped = _resolve(settings.backends, device)
     ceilings = measure_ceilings(device)
     layer = _checkpoint_layer(settings) if settings.checkpoint else None
@@ -116,7 +118,7 @@ def run_compare(settings: CompareSettings) -> dict:
                 x = torch.randn(tokens, s.hidden, generator=gen, device=device).to(torch.bfloat16)
                 topk_weights, topk_ids = _routing(settings, s, x, layer, seed)
                 x_fp8, x_scale = ops.per_token_group_quant(x, 128)
-                phase = Policy().phase_of(tokens)
+                phase = active_policy.phase_of(tokens)
                 local = (topk_ids >= 0) & (topk_ids < s.local_experts)
                 pairs = int(local.sum())
                 active = int(torch.unique(topk_ids[local]).numel())
@@ -165,7 +167,7 @@ def run_compare(settings: CompareSettings) -> dict:
                 seed=settings.seed, rounds=settings.rounds, tolerance=settings.tolerance,
                 slices=[vars(s) for s in settings.slices], tokens=list(settings.tokens),
                 backends=[b.name for b in backends], descriptions={b.name: b.description for b in backends},
-                policy=Policy.from_env(_device_name(device)).to_dict(), versions=_versions(),
+                policy=active_policy.to_dict(), versions=_versions(),
                 checkpoint=settings.checkpoint, layer=settings.layer, not_run=not_run,
                 elapsed_s=round(time.monotonic() - started, 1))
     return {"meta": meta, "skipped": skipped, "rows": rows}
@@ -255,7 +257,21 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
                            rounds=args.rounds or (3 if device.type == "cuda" else 1), tolerance=args.tolerance,
                            checkpoint=args.checkpoint, layer=args.layer if args.checkpoint else None,
                            time_budget_s=args.time_budget,
-                           meta={"command": "python -m moe_backend compare " + " ".join(sys.argv[2:])})
+                           meta={"command": _command(args)})
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The run as a command line with every setting spelled out (the report's reproduction line)."""
+    parts = ["python -m moe_backend compare"]
+    for key in ("backends", "slice", "size", "checkpoint", "layer", "tokens", "routing", "rounds", "tolerance",
+                "seed", "time_budget"):
+        value = getattr(args, key, None)
+        if value is None or (key == "layer" and not args.checkpoint) or (key == "rounds" and not value):
+            continue
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts + (["--cpu"] if args.cpu else []))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
