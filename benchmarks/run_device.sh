@@ -39,13 +39,13 @@ for step in "$@"; do
     bench) timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_grouped_gemm.py --json "$OUT/bench.json" --md "$OUT/benchmarks.md" --log "$OUT/bench.log" ${BENCH_ARGS:-} 2>&1 | grep -v "^|" ;;
     ncu)   timeout ${NCU_TIMEOUT:-400} python3 benchmarks/ncu_compare.py --log "$OUT/ncu_compare.md" ${NCU_ARGS:-} 2>&1 | tail -12 ;;
     permq) timeout ${PERMQ_TIMEOUT:-300} python3 benchmarks/bench_permute_quant.py --md "$OUT/permute_quant.md" 2>&1 | tail -12 ;;
-    abtests) timeout ${TEST_TIMEOUT:-180} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_shadow_gpu.py 2>&1 \
+    abtests) timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_shadow_gpu.py 2>&1 \
                 | tee "$OUT/abtests.log" | tail -8 ;;
-    abcompare) mkdir -p "$OUT/compare"; timeout ${COMPARE_TIMEOUT:-360} python3 -m moe_backend compare --slice ep8,tp8 \
-                --out "$OUT/compare" --emit-policy "$OUT/compare/policy.json" --time-budget ${COMPARE_BUDGET:-240} \
+    abcompare) mkdir -p "$OUT/compare"; timeout ${COMPARE_TIMEOUT:-300} python3 -m moe_backend compare --slice ep8,tp8 \
+                --out "$OUT/compare" --emit-policy "$OUT/compare/policy.json" --time-budget ${COMPARE_BUDGET:-200} \
                 ${COMPARE_ARGS:-} 2>"$OUT/compare.progress"; tail -c 400 "$OUT/compare.progress" | tr '\r' '\n' | tail -2
                grep -E "^(- \*\*|\| (ep8|tp8) \|)" "$OUT/compare/report.md" | head -40; rm -f "$OUT/compare.progress" ;;
-    abshadow) for b in triton deepgemm; do timeout ${SHADOW_TIMEOUT:-120} python3 benchmarks/bench_shadow_overhead.py \
+    abshadow) for b in triton $(python3 -c "import deep_gemm" 2>/dev/null && echo deepgemm); do timeout ${SHADOW_TIMEOUT:-120} python3 benchmarks/bench_shadow_overhead.py \
                 --backend $b 2>&1 | tee -a "$OUT/shadow_overhead.log" | tail -6; done ;;
     layer) timeout ${LAYER_TIMEOUT:-200} python3 benchmarks/bench_layer.py --json "$OUT/layer.json" 2>&1 | tee "$OUT/layer.log" | tail -20 ;;
   esac

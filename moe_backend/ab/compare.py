@@ -102,14 +102,17 @@ def run_compare(settings: CompareSettings) -> dict:
     not_run: list[str] = []
     started = time.monotonic()
     total = len(settings.slices) * len(settings.tokens) * max(1, len(backends))
+    if layer is not None:
+        slice_weights = [checkpoint_slice_weights(s, layer.w13_fp8, layer.w13_scale_inv, layer.w2_fp8,
+                                                  layer.w2_scale_inv) for s in settings.slices]
+    else:
+        slice_weights = [random_slice_weights(s, device, seed=settings.seed + 1000 * si)
+                         for si, s in enumerate(settings.slices)]
     with progress(total=total, desc="compare", unit="cell", enabled=settings.progress) as bar:
-        for si, s in enumerate(settings.slices):
-            if layer is not None:
-                weights = checkpoint_slice_weights(s, layer.w13_fp8, layer.w13_scale_inv, layer.w2_fp8,
-                                                   layer.w2_scale_inv)
-            else:
-                weights = random_slice_weights(s, device, seed=settings.seed + 1000 * si)
-            for tokens in settings.tokens:
+        # Token counts outermost: a time budget that runs out cuts the largest batches of every
+        # slice rather than a whole slice.
+        for tokens in settings.tokens:
+            for si, (s, weights) in enumerate(zip(settings.slices, slice_weights)):
                 if settings.time_budget_s is not None and time.monotonic() - started > settings.time_budget_s:
                     not_run.append(f"{s.name}/{tokens}")
                     continue
@@ -160,9 +163,8 @@ def run_compare(settings: CompareSettings) -> dict:
                     rows.append(row)
                     bar.update(1)
                 del oracle, calls
-            del weights
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    del slice_weights
+    rows.sort(key=lambda r: [s.name for s in settings.slices].index(r["slice"]))  # stable: tokens stay in order
     meta = dict(settings.meta, device=_device_name(device), ceilings=ceilings, routing=str(settings.routing),
                 seed=settings.seed, rounds=settings.rounds, tolerance=settings.tolerance,
                 slices=[vars(s) for s in settings.slices], tokens=list(settings.tokens),

@@ -125,7 +125,7 @@ def render_markdown(result: dict, plot_files: list[str], plot_note: str | None =
                          f"{_fmt(r.get('max_abs'), '.2e')} | "
                          f"{_pct(r.get('argmax_agreement'))} | {flag} |")
     lines += ["", "## Plots", ""]
-    lines += [f"![{f}]({f})" for f in plot_files] or [f"(none: {plot_note})"]
+    lines += [f"![{f}]({f})" for f in plot_files] or [f"(none: {plot_note or 'no cell ran'})"]
     lines += ["", "TFLOPS count 2·pairs·3·I·H (pairs: routed (token, local expert) pairs); GB/s counts the fp8 "
               "activations and the active experts' weights read once and the bf16 output written once.", ""]
     return "\n".join(lines)

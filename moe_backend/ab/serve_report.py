@@ -116,7 +116,8 @@ def write_serve_report(run: dict, out_dir: str) -> tuple[list[str], str]:
                      f"{agree['first_divergent_token_min']}")
         lines += ["", "| request | first divergent char | token | A around it | B around it |", "|---|---|---|---|---|"]
         for d in agree["divergent"][:20]:
-            lines.append(f"| {d['index']} | {d['char']} | {d['token']} | `{d['a']!r}` | `{d['b']!r}` |")
+            a, b = (repr(d[k]).replace("|", "\\|").replace("`", "'") for k in ("a", "b"))
+            lines.append(f"| {d['index']} | {d['char']} | {d['token']} | `{a}` | `{b}` |")
     note = matplotlib_missing()
     paths = []
     if note is None:

@@ -143,3 +143,14 @@ def test_compare_cli_subprocess_prints_skips(tmp_path):
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "skipped deepgemm" in proc.stdout and "compare" in proc.stderr
+
+
+def test_time_budget_reports_what_was_not_run(tmp_path):
+    rc = main(["compare", "--cpu", "--backends", "reference", "--slice", "ep8,tp8", "--tokens", "16,32",
+               "--time-budget", "0", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["rows"] == []
+    # Token counts outermost: a budget cuts the largest batches of every slice, not a whole slice.
+    assert result["meta"]["not_run"] == ["ep8-small/16", "tp8-small/16", "ep8-small/32", "tp8-small/32"]
+    assert "**incomplete**" in (tmp_path / "report.md").read_text()
