@@ -98,7 +98,7 @@ class Shadow:
         self._layers: dict[int, str] = {}  # w13 address -> layer label, in first-call order
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending: deque = deque()
-        self._warned: set[str] = set()
+        self._warned: set[tuple[str, str]] = set()  # (backend, exception type) already reported
         self.calls = 0
         self.sampled = 0
 
@@ -193,6 +193,11 @@ class Shadow:
         if side is None:
             side = self._streams[device] = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))  # the served output is complete
+        # The serving stream may free and reuse these while the side stream still reads them; marked
+        # before any launch, so a shadow that fails half-way is covered too.
+        for t in (primary, *inputs):
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                t.record_stream(side)
         start, stop, done = (torch.cuda.Event(enable_timing=t) for t in (True, True, False))
         host = torch.empty(4, dtype=torch.float32, pin_memory=True)
         with torch.cuda.stream(side):
@@ -205,10 +210,6 @@ class Shadow:
             rows = valid.sum().float() if valid is not None else stats["rel_err"].new_full((), primary.shape[0])
             host.copy_(torch.stack([*stats.values(), rows]), non_blocking=True)
             done.record()
-        # The serving stream may free or reuse these while the side stream still reads them.
-        for t in (primary, *inputs):
-            if isinstance(t, torch.Tensor) and t.is_cuda:
-                t.record_stream(side)
         self._pending.append((done, start, stop, host, label, backend.name, phase))
 
     def _drain(self, wait: bool = False) -> None:
