@@ -95,6 +95,8 @@ def render_markdown(result: dict, plot_files: list[str], plot_note: str | None =
         lines.append(f"All backends that ran are within the tolerance (relative error ≤ {tol:g}).")
     for r in failed:
         lines.append(f"- **FAILED: {r['backend']}** on {r['slice']} at {r['tokens']} tokens: `{r['error']}`")
+    for r in (r for r in rows if "skipped" in r):
+        lines.append(f"- skipped {r['backend']} on {r['slice']} at {r['tokens']} tokens: {r['skipped']}")
     lines += ["", f"Expected from FP8 rounding alone: ~1e-3 between correct kernels (they round GEMM1's output to "
               f"bf16 and re-quantize it to FP8 at different points); above {tol:g} is a bug or a wrong layout.", ""]
 
@@ -116,7 +118,8 @@ def render_markdown(result: dict, plot_files: list[str], plot_note: str | None =
         for r in rows:
             if r["slice"] != s["name"]:
                 continue
-            flag = "**DIVERGES**" if r.get("diverges") else ("**FAILED**" if "error" in r else "")
+            flag = "**DIVERGES**" if r.get("diverges") else ("**FAILED**" if "error" in r else
+                                                             ("skipped (memory)" if "skipped" in r else ""))
             if winners.get((r["slice"], r["tokens"])) is r:
                 flag = (flag + " winner").strip()
             lines.append(f"| {r['tokens']} | {r['phase']} | {r['backend']} | {r.get('kernel') or '–'} | "

@@ -124,3 +124,19 @@ def test_policy_from_winners():
     # Nothing valid: the defaults.
     assert policy_section([_row("wrong", "masked", 8, 1, rel=1.0)]) == {
         "prefill_kernel": "contiguous", "decode_kernel": "masked", "decode_max_tokens": 256}
+
+
+def test_masked_layout_cells_that_outgrow_the_gpu_are_skipped(monkeypatch):
+    from types import SimpleNamespace
+
+    from moe_backend.ab.compare import _masked_buffers_too_big
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=141 * 2**30))
+    ep8, tp8 = parse_slices("ep8,tp8", MoEConfig())
+    cuda = torch.device("cuda")
+    masked, contiguous = KERNELS["masked"], KERNELS["contiguous"]
+    assert _masked_buffers_too_big(masked, ep8, 16384, cuda) is None  # 32 x 16384 rows: ~15 GiB
+    assert _masked_buffers_too_big(masked, tp8, 2048, cuda) is None
+    assert "~89 GiB" in _masked_buffers_too_big(masked, tp8, 16384, cuda)  # 256 x 16384 rows
+    assert _masked_buffers_too_big(contiguous, tp8, 16384, cuda) is None
+    assert _masked_buffers_too_big(masked, tp8, 16384, torch.device("cpu")) is None
