@@ -234,3 +234,18 @@ def test_layers_are_labelled_in_first_call_order(weights, counting):
     assert get("moe_backend_shadow_calls_total", {"layer": "0", "backend": "counting", "phase": "decode"}) == 2
     assert get("moe_backend_shadow_calls_total", {"layer": "1", "backend": "counting", "phase": "decode"}) == 1
     assert get("moe_backend_shadow_calls_total", {"layer": "L61", "backend": "counting", "phase": "decode"}) == 1
+
+
+def test_layer_shadow_argument_is_checked_at_construction():
+    from moe_backend import MoEConfig
+
+    cfg = MoEConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=8, num_experts_per_tok=2,
+                    n_group=2, topk_group=1)
+    with pytest.raises(ValueError, match="shadow: backend: unknown name 'bogus'"):
+        DeepseekV3MoE(cfg, shadow="bogus:0.1")
+    with pytest.raises(ValueError, match=r"shadow: the rate of 'triton:2' must be a number in \(0, 1\]"):
+        DeepseekV3MoE(cfg, shadow="triton:2")
+    with pytest.raises(TypeError, match="shadow: expected a Shadow"):
+        DeepseekV3MoE(cfg, shadow=0.01)
+    assert isinstance(DeepseekV3MoE(cfg, shadow="triton:0.5").shadow, Shadow)
+    assert DeepseekV3MoE(cfg).shadow is None
