@@ -61,7 +61,10 @@ def test_compare_flags_a_perturbed_backend(tmp_path, perturbed, monkeypatch):
     data = json.loads(policy_file.read_text())
     policy = Policy.from_dict(data, device_name="cpu")
     assert policy.decode_kernel == "triton"  # the only shape-static kernel of the run, in decode range
-    assert policy.prefill_kernel in ("reference", "triton")
+    if policy.decode_max_tokens < 40:  # CPU timings decide the boundary; past it, a kernel that ran
+        assert policy.prefill_kernel in ("reference", "triton")
+    else:  # no cell above the boundary: prefill keeps the default
+        assert policy.prefill_kernel == Policy().prefill_kernel
     monkeypatch.setenv("MOE_BACKEND_POLICY", str(policy_file))
     assert Policy.from_env(device_name="cpu") == policy  # accepted as is through the env var
 
