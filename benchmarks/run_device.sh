@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (repo root): GPU tests, tuning and/or the side-by-side benchmark in one call.
 #   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [walktest] [sweep] [tune] [bench] [routed] [layer] [graphtests] [profile] [permq] [layout] [ncu]
+#                                 [abtests] [abcompare] [abshadow]
 # Peers travel in ignored folders: .whl/ (sgl-deep-gemm 0.1.5 + apache-tvm-ffi wheels) and
 # .peer/ (vLLM's fused_moe.py and its tuned JSONs). Logs and tables go to $OUT.
 set -uo pipefail
@@ -55,6 +56,14 @@ for step in "$@"; do
     layout) timeout ${LAYOUT_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_build_layout_gpu.py \
                 tests/gpu/test_permute_quant_gpu.py tests/kernels/test_build_layout.py 2>&1 | tee "$OUT/layout_tests.log" | tail -15
             timeout ${LAYOUT_BENCH_TIMEOUT:-240} python3 benchmarks/bench_build_layout.py --md "$OUT/build_layout.md" 2>&1 | tail -20 ;;
+    abtests) timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_shadow_gpu.py 2>&1 \
+                | tee "$OUT/abtests.log" | tail -8 ;;
+    abcompare) mkdir -p "$OUT/compare"; timeout ${COMPARE_TIMEOUT:-300} python3 -m moe_backend compare --slice ep8,tp8 \
+                --out "$OUT/compare" --emit-policy "$OUT/compare/policy.json" --time-budget ${COMPARE_BUDGET:-200} \
+                ${COMPARE_ARGS:-} 2>"$OUT/compare.progress"; tail -c 400 "$OUT/compare.progress" | tr '\r' '\n' | tail -2
+               grep -E "^(- \*\*|\| (ep8|tp8) \|)" "$OUT/compare/report.md" | head -40; rm -f "$OUT/compare.progress" ;;
+    abshadow) for b in triton $(python3 -c "import deep_gemm" 2>/dev/null && echo deepgemm); do timeout ${SHADOW_TIMEOUT:-120} python3 benchmarks/bench_shadow_overhead.py \
+                --backend $b 2>&1 | tee -a "$OUT/shadow_overhead.log" | tail -6; done ;;
   esac
   echo "== $step: $(( $(date +%s) - t0 ))s"
 done

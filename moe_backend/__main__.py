@@ -1,4 +1,4 @@
-"""`python -m moe_backend {info,demo,tune}`."""
+"""`python -m moe_backend {info,demo,tune,compare,ab-serve}`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 import time
 
 import torch
+
+from moe_backend.ab.cli import add_ab_parsers
 
 
 def _version(module: str) -> str | None:
@@ -146,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--cpu", action="store_true", help="use the reference path even when a GPU is present")
     tune = sub.add_parser("tune", help="regenerate the kernels' tuned configs on this GPU")
     tune.add_argument("rest", nargs=argparse.REMAINDER)
+    add_ab_parsers(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "ab_command"):
+        return args.ab_command(args)
     return {"info": cmd_info, "demo": cmd_demo, "tune": cmd_tune}[args.command](args)
 
 

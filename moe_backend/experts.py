@@ -152,7 +152,8 @@ def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Te
     a_fp8 `[E, max_m, H]` + a_scale `[E, max_m, H/128]`, masked_m int32 `[E]` on the device.
     Writes the unweighted rows `out[e, m]` for m < masked_m[e] (bf16 `[E, max_m, H]`); other rows
     are untouched. workspace: optional bf16 buffer of >= E*max_m*2I elements for GEMM1's output.
-    The policy's `masked_kernel` (or `plan`, or `impl`: a masked KERNELS name) serves it.
+    The policy's `masked_kernel` serves it, or `plan`, or `impl` (a provider: best, triton, cuda,
+    deepgemm, reference; or a masked KERNELS name).
     Shape-static and sync-free: CUDA-graph capturable.
     """
     check_tensor("a_fp8", a_fp8, ndim=3)
@@ -184,11 +185,16 @@ def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Te
     if plan is None:
         policy = policy or Policy.from_env()
         if impl is not None:
-            policy = _with_kernel(policy, masked_kernel=impl)
+            policy = _with_kernel(policy, masked_kernel=_MASKED_BY_IMPL.get(impl, impl))
         plan = make_masked_plan(policy, num_experts=num_experts, max_m=max_m, hidden=hidden,
                                 intermediate=two_i // 2, device=a_fp8.device, expected_m=expected_m)
     return run_masked_plan(plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m,
                            out, workspace, ue8m0)
+
+
+# `impl` as the ops name providers, for callers of masked_experts that pick a provider.
+_MASKED_BY_IMPL = {"auto": "masked", "best": "masked", "triton": "triton_masked", "cuda": "cuda_masked",
+                   "deepgemm": "deepgemm_masked", "reference": "reference_masked"}
 
 
 def _with_kernel(policy: Policy, **keys: str) -> Policy:

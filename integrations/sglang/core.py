@@ -33,6 +33,7 @@ from sglang.srt.layers.moe.utils import resolve_moe_runner_backend
 from sglang.srt.runtime_context import get_forward
 
 from moe_backend import experts, ops
+from moe_backend.ab import shadow as ab_shadow
 from moe_backend.dispatch.policy import Policy
 from moe_backend.quant import FP8_DTYPE
 from moe_backend_integrations.sglang import BACKEND_NAME
@@ -150,6 +151,7 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         out = experts.routed_experts(x, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,
                                      topk_weights, d.topk_output.topk_ids, x_scale=x_scale,
                                      ue8m0=q.ue8m0, policy=self.policy, phase=_current_phase())
+        ab_shadow.observe_routed(out, x, q, topk_weights, d.topk_output.topk_ids, x_scale=x_scale, ue8m0=q.ue8m0, phase=_current_phase())
         return StandardCombineInput(hidden_states=out)
 
     # ---- DeepEP normal (prefill): weighted sum over local experts, contiguous kernel ----
@@ -161,6 +163,7 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
                                      d.topk_weights.float(), d.topk_ids, x_scale=x_scale,
                                      ue8m0=q.ue8m0, policy=self.policy, phase="prefill",
                                      num_global_experts=runner_config.num_experts)
+        ab_shadow.observe_routed(out, x, q, d.topk_weights.float(), d.topk_ids, x_scale=x_scale, ue8m0=q.ue8m0, phase="prefill")
         return DeepEPNormalCombineInput(hidden_states=out, topk_ids=d.topk_ids,
                                         topk_weights=d.topk_weights)
 
@@ -178,5 +181,6 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         out = experts.masked_experts(x, x_scale, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,
                                      masked_m, policy=self.policy, ue8m0=q.ue8m0,
                                      expected_m=d.expected_m)
+        ab_shadow.observe_masked(out, x, x_scale, q, masked_m, ue8m0=q.ue8m0, expected_m=d.expected_m)
         return DeepEPLLCombineInput(hidden_states=out, topk_ids=d.topk_ids,
                                     topk_weights=d.topk_weights)

@@ -9,6 +9,7 @@ import torch
 
 from moe_backend import experts as moe_experts
 from moe_backend._checks import check_bool, check_int, check_tensor
+from moe_backend.ab import shadow as ab_shadow
 from moe_backend.dispatch import Policy
 from moe_backend.quant import FP8_DTYPE
 
@@ -52,9 +53,10 @@ def apply_standard(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Ten
     # vLLM captures decode batches in CUDA graphs; otherwise the policy decides the phase from
     # the token count.
     phase = "decode" if capturing() else None
-    moe_experts.routed_experts(x_fp8, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, weights, local_ids,
-                               x_scale=x_scale.contiguous(), policy=policy, phase=phase,
-                               num_global_experts=num_global_experts, out=output)
+    y = moe_experts.routed_experts(x_fp8, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, weights, local_ids,
+                                   x_scale=x_scale.contiguous(), policy=policy, phase=phase,
+                                   num_global_experts=num_global_experts, out=output)
+    ab_shadow.observe_routed(y, x_fp8, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), weights, local_ids, x_scale=x_scale, phase=phase)
 
 
 def apply_batched(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor,
@@ -84,3 +86,4 @@ def apply_batched(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tens
     moe_experts.masked_experts(x_fp8, x_scale.contiguous(), w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
                                masked_m, out=output, workspace=workspace, policy=policy,
                                expected_m=expected_m)
+    ab_shadow.observe_masked(output, x_fp8, x_scale, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), masked_m, expected_m=expected_m)

@@ -48,6 +48,7 @@ KERNELS: dict[str, KernelChoice] = {
     "deepgemm_contiguous": KernelChoice("deepgemm_contiguous", "contiguous", "deepgemm"),
     "deepgemm_masked": KernelChoice("deepgemm_masked", "masked", "deepgemm"),
     "reference": KernelChoice("reference", "contiguous", "reference"),
+    "reference_masked": KernelChoice("reference_masked", "masked", "reference"),
 }
 MASKED_KERNELS = tuple(sorted(name for name, c in KERNELS.items() if c.layout == "masked"))
 

@@ -18,6 +18,7 @@ from moe_backend import ops
 from moe_backend._checks import (check_finite_rows, check_int, check_output_rows, check_tensor,
                                  finite_checks_enabled)
 from moe_backend._progress import progress
+from moe_backend.ab import shadow as ab_shadow
 from moe_backend.config import QUANT_BLOCK, MoEConfig
 from moe_backend.dispatch.policy import PHASES, Policy
 from moe_backend.layers.router import noaux_tc_route
@@ -45,12 +46,14 @@ class DeepseekV3MoE(nn.Module):
 
     expert_range: `(start, stop)` of the routed experts held here (an expert-parallel slice);
     tokens routed elsewhere contribute nothing. with_shared_experts: whether this slice adds the
-    shared expert (exactly one slice of an EP group should).
+    shared expert (exactly one slice of an EP group should). shadow: a `moe_backend.ab.shadow.Shadow`
+    or a 'backend:rate' spec that also runs a sampled fraction of calls on another backend and
+    records the divergence (docs/ab-testing.md); None leaves it to MOE_BACKEND_SHADOW.
     """
 
     def __init__(self, config: MoEConfig, policy: Policy | None = None, *,
                  expert_range: tuple[int, int] | None = None, with_shared_experts: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, shadow=None) -> None:
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -94,6 +97,7 @@ class DeepseekV3MoE(nn.Module):
             self.register_buffer("shared_w2_scale_inv",
                                  torch.empty(1, _blocks(hidden), _blocks(shared_inter), **f32))
         self._loaded = False
+        self.shadow = ab_shadow.shadow_arg(shadow)  # None: MOE_BACKEND_SHADOW decides per call
 
     @property
     def num_local_experts(self) -> int:
@@ -314,6 +318,7 @@ class DeepseekV3MoE(nn.Module):
             x_fp8, self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv, topk_weights, topk_ids,
             x_scale=x_scale, expert_start=self.expert_start, ue8m0=self.config.ue8m0_scales, policy=policy,
             phase=phase, num_global_experts=self.config.n_routed_experts)
+        ab_shadow.observe_layer(self, out, x_fp8, x_scale, topk_weights, topk_ids, phase)
         if self.with_shared_experts:
             out = out + self.shared_expert(x_fp8, x_scale)
         if checked:

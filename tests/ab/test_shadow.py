@@ -1,0 +1,251 @@
+"""Shadow mode on CPU: the sampling rate, the served output left bit-identical, Prometheus metrics
+scraped over HTTP, JSON lines, bad settings, failures that never reach serving."""
+
+import json
+import math
+import urllib.request
+
+import pytest
+import torch
+
+prom = pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from moe_backend.ab import shadow as ab_shadow  # noqa: E402
+from moe_backend.ab.backends import register_backend, unregister_backend  # noqa: E402
+from moe_backend.ab.shadow import Shadow, parse_shadow_spec  # noqa: E402
+from moe_backend.layers import DeepseekV3MoE  # noqa: E402
+from moe_backend.random_weights import random_moe_weights  # noqa: E402
+
+H, I, E = 256, 128, 4
+
+
+@pytest.fixture
+def weights():
+    from moe_backend.ab.slices import SliceSpec, random_slice_weights
+
+    return random_slice_weights(SliceSpec("t", H, I, E, E, 2), torch.device("cpu"), seed=0)
+
+
+def _batch(tokens, seed=0):
+    from moe_backend import ops
+    from moe_backend.ab.routing import make_routing, parse_routing
+
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    tw, ids = make_routing(parse_routing("uniform"), tokens, E, 2, seed=seed)
+    x_fp8, x_scale = ops.per_token_group_quant(x, 128)
+    return x_fp8, x_scale, tw, ids
+
+
+@pytest.fixture
+def counting():
+    """A cheap shadow backend that counts its calls and returns zeros (relative error 1)."""
+    calls = []
+
+    def fn(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return torch.zeros(x.shape[0], H, dtype=torch.bfloat16)
+
+    def masked_fn(a_fp8, *args, **kwargs):
+        calls.append(a_fp8.shape[0])
+        return torch.zeros(*a_fp8.shape[:2], H, dtype=torch.bfloat16)
+
+    register_backend("counting", fn, masked_fn=masked_fn)
+    yield calls
+    unregister_backend("counting")
+
+
+@pytest.fixture
+def perturbed():
+    def fn(x, *args, **kwargs):
+        from moe_backend.ab.backends import get_backend
+
+        return (get_backend("reference").routed(x, *args, **kwargs).float() * 1.05).to(torch.bfloat16)
+
+    register_backend("perturbed", fn)
+    yield "perturbed"
+    unregister_backend("perturbed")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "expected 'backend:rate'"), ("deepgemm", "is not 'backend:rate'"), ("deepgemm:0", r"in \(0, 1\]"),
+    ("deepgemm:1.5", r"in \(0, 1\]"), ("deepgemm:abc", r"in \(0, 1\]"), ("nope:0.1", "unknown name 'nope'"),
+    ("triton:0.1,triton:0.2", "given twice"), (":0.1", "is not 'backend:rate'"),
+])
+def test_bad_specs(spec, message, monkeypatch):
+    with pytest.raises(ValueError, match=message) as exc:
+        parse_shadow_spec(spec)
+    assert "MOE_BACKEND_SHADOW" in str(exc.value)
+    if spec:
+        monkeypatch.setenv("MOE_BACKEND_SHADOW", spec)
+        with pytest.raises(ValueError, match="MOE_BACKEND_SHADOW"):
+            ab_shadow.from_env()
+
+
+def test_env_settings(monkeypatch, tmp_path):
+    monkeypatch.delenv("MOE_BACKEND_SHADOW", raising=False)
+    assert ab_shadow.from_env() is None
+    monkeypatch.setenv("MOE_BACKEND_SHADOW", "deepgemm:0.01,triton:0.5")
+    monkeypatch.setenv("MOE_BACKEND_SHADOW_SEED", "seven")
+    with pytest.raises(ValueError, match="MOE_BACKEND_SHADOW_SEED"):
+        ab_shadow.from_env()
+    monkeypatch.setenv("MOE_BACKEND_SHADOW_SEED", "7")
+    monkeypatch.setenv("MOE_BACKEND_SHADOW_LOG", str(tmp_path / "no" / "dir.jsonl"))
+    with pytest.raises(ValueError, match="MOE_BACKEND_SHADOW_LOG"):
+        ab_shadow.from_env()
+    monkeypatch.delenv("MOE_BACKEND_SHADOW_LOG")
+    s = ab_shadow.from_env()
+    assert [(t.backend, t.rate) for t in s.targets] == [("deepgemm", 0.01), ("triton", 0.5)]
+    assert ab_shadow.from_env() is s  # built once per setting
+    with pytest.raises(TypeError, match="shadow: expected"):
+        ab_shadow.shadow_arg(0.1)
+
+
+def test_sampling_rate_is_honoured(weights, counting):
+    rate, calls = 0.05, 4000
+    x_fp8, x_scale, tw, ids = _batch(1)
+    primary = torch.zeros(1, H, dtype=torch.bfloat16)
+    s = Shadow(f"counting:{rate}", seed=11, registry=prom.CollectorRegistry())
+    for _ in range(calls):
+        s.observe_routed(primary, x_fp8, weights, tw, ids, x_scale=x_scale)
+    mean, sd = rate * calls, math.sqrt(calls * rate * (1 - rate))
+    assert abs(len(counting) - mean) < 5 * sd, (len(counting), mean, sd)  # 5 sigma: fails 1 in 1.7 million
+    assert s.calls == calls and s.sampled == len(counting)
+    # Seeded: the same seed samples the same calls, another seed others.
+    picks = []
+    for seed in (11, 11, 12):
+        s = Shadow(f"counting:{rate}", seed=seed, registry=prom.CollectorRegistry())
+        picks.append([s._sample() != [] for _ in range(500)])
+    assert picks[0] == picks[1] != picks[2]
+
+
+def test_layer_output_bit_identical_and_metrics_over_http(weights, perturbed, tmp_path):
+    from moe_backend import MoEConfig
+
+    cfg = MoEConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=8, num_experts_per_tok=2,
+                    n_group=2, topk_group=1)
+    registry = prom.CollectorRegistry()
+    log = tmp_path / "shadow.jsonl"
+    shadow = Shadow(f"{perturbed}:1.0,reference:1.0", registry=registry, log_path=str(log))
+    on = DeepseekV3MoE(cfg, shadow=shadow)
+    off = DeepseekV3MoE(cfg)
+    for layer in (on, off):
+        layer.load_weights(random_moe_weights(cfg, seed=4))
+    x = torch.randn(2, 9, H).to(torch.bfloat16)
+    for _ in range(3):
+        y_on, y_off = on(x), off(x)
+        assert torch.equal(y_on, y_off)  # bit-identical: the shadow never writes the served output
+    y_prefill = on(torch.randn(300, H).to(torch.bfloat16))  # past decode_max_tokens: the prefill phase
+    assert y_prefill.shape == (300, H)
+
+    server, thread = prom.start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10).read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+
+    def value(name, backend, phase, **extra):
+        return samples[(name, tuple(sorted(dict(layer="0", backend=backend, phase=phase, **extra).items())))]
+
+    for backend in (perturbed, "reference"):
+        assert value("moe_backend_shadow_calls_total", backend, "decode") == 3
+        assert value("moe_backend_shadow_samples_total", backend, "decode") == 3
+        assert value("moe_backend_shadow_samples_total", backend, "prefill") == 1
+        assert value("moe_backend_shadow_latency_seconds_count", backend, "decode") == 3
+        assert value("moe_backend_shadow_latency_seconds_sum", backend, "decode") > 0
+    # The 5% perturbation lands in the (2e-2, 5e-2] or (5e-2, 0.1] buckets; the reference pipeline
+    # differs from the served one by rounding only (<= 1e-2).
+    assert value("moe_backend_shadow_relative_error_bucket", perturbed, "decode", le="0.02") == 0
+    assert value("moe_backend_shadow_relative_error_bucket", perturbed, "decode", le="0.1") == 3
+    assert value("moe_backend_shadow_relative_error_bucket", "reference", "decode", le="0.01") == 3
+    assert value("moe_backend_shadow_argmax_agreement_bucket", perturbed, "decode", le="0.9") == 0
+
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 8 and {ln["backend"] for ln in lines} == {perturbed, "reference"}
+    bad = [ln for ln in lines if ln["backend"] == perturbed]
+    assert all(0.04 < ln["rel_err"] < 0.06 and ln["argmax_agreement"] > 0.9 for ln in bad)
+    assert {ln["rows"] for ln in lines} == {18, 300} and {ln["phase"] for ln in lines} == {"decode", "prefill"}
+    shadow.sink.close()
+
+
+def test_vllm_paths_bit_identical_with_shadow_on(weights, counting, monkeypatch):
+    """The vLLM apply functions (free of vLLM) with MOE_BACKEND_SHADOW on and off."""
+    from moe_backend.dispatch.layouts import build_masked_layout
+    from moe_backend.dispatch.policy import Policy
+    from moe_backend_integrations.vllm._apply import apply_batched, apply_standard
+
+    x_fp8, x_scale, tw, ids = _batch(12, seed=3)
+    layout = build_masked_layout(ids, E)
+    a_fp8, a_scale = x_fp8[layout.src_token.clamp_min(0).long()], x_scale[layout.src_token.clamp_min(0).long()]
+    a_fp8, a_scale = a_fp8.view(E, -1, H), a_scale.view(E, -1, H // 128)
+    outs = {}
+    for setting in ("", "counting:1.0"):
+        monkeypatch.setenv("MOE_BACKEND_SHADOW", setting)
+        std = torch.full((12, H), float("nan"), dtype=torch.bfloat16)
+        apply_standard(std, x_fp8, x_scale, *weights, tw, ids, None, False, Policy())
+        batched = torch.full((E, a_fp8.shape[1], H), float("nan"), dtype=torch.bfloat16)
+        workspace = torch.empty(E * a_fp8.shape[1] * 2 * I, dtype=torch.bfloat16)
+        apply_batched(batched, a_fp8, a_scale, *weights, layout.masked_m, workspace)
+        outs[setting] = (std, batched)
+    assert len(counting) == 2  # one standard, one batched shadow run
+    assert torch.equal(outs[""][0], outs["counting:1.0"][0])
+    assert torch.equal(outs[""][1].nan_to_num(7.0), outs["counting:1.0"][1].nan_to_num(7.0))
+
+
+def test_failures_and_capture_never_reach_serving(weights, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    register_backend("broken", broken)
+    try:
+        registry = prom.CollectorRegistry()
+        s = Shadow("broken:1.0", registry=registry)
+        x_fp8, x_scale, tw, ids = _batch(3)
+        primary = torch.zeros(3, H, dtype=torch.bfloat16)
+        for _ in range(3):
+            s.observe_routed(primary, x_fp8, weights, tw, ids, x_scale=x_scale)  # must not raise
+        assert registry.get_sample_value("moe_backend_shadow_errors_total",
+                                         {"backend": "broken", "error": "RuntimeError"}) == 3
+        assert capsys.readouterr().err.count("kernel exploded") == 1  # warned once
+        with pytest.raises(TypeError, match="experts: expected"):  # our hook called wrongly: a bug, raised
+            s.observe_routed(primary, x_fp8, 3, tw, ids)
+        monkeypatch.setattr(ab_shadow, "_capturing", lambda: True)
+        s.observe_routed(primary, x_fp8, weights, tw, ids, x_scale=x_scale)
+        assert registry.get_sample_value("moe_backend_shadow_skipped_total",
+                                         {"backend": "broken", "reason": "graph_capture"}) == 1
+        assert s.calls == 3  # nothing sampled, nothing drawn while capturing
+    finally:
+        unregister_backend("broken")
+
+
+def test_layers_are_labelled_in_first_call_order(weights, counting):
+    registry = prom.CollectorRegistry()
+    s = Shadow("counting:1.0", registry=registry)
+    other = tuple(w.clone() for w in weights)
+    x_fp8, x_scale, tw, ids = _batch(2)
+    primary = torch.zeros(2, H, dtype=torch.bfloat16)
+    for w in (other, weights, other):
+        s.observe_routed(primary, x_fp8, w, tw, ids, x_scale=x_scale)
+    s.observe_routed(primary, x_fp8, weights, tw, ids, x_scale=x_scale, layer="L61")
+    get = registry.get_sample_value
+    assert get("moe_backend_shadow_calls_total", {"layer": "0", "backend": "counting", "phase": "decode"}) == 2
+    assert get("moe_backend_shadow_calls_total", {"layer": "1", "backend": "counting", "phase": "decode"}) == 1
+    assert get("moe_backend_shadow_calls_total", {"layer": "L61", "backend": "counting", "phase": "decode"}) == 1
+
+
+def test_layer_shadow_argument_is_checked_at_construction():
+    from moe_backend import MoEConfig
+
+    cfg = MoEConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=8, num_experts_per_tok=2,
+                    n_group=2, topk_group=1)
+    with pytest.raises(ValueError, match="shadow: backend: unknown name 'bogus'"):
+        DeepseekV3MoE(cfg, shadow="bogus:0.1")
+    with pytest.raises(ValueError, match=r"shadow: the rate of 'triton:2' must be a number in \(0, 1\]"):
+        DeepseekV3MoE(cfg, shadow="triton:2")
+    with pytest.raises(TypeError, match="shadow: expected a Shadow"):
+        DeepseekV3MoE(cfg, shadow=0.01)
+    assert isinstance(DeepseekV3MoE(cfg, shadow="triton:0.5").shadow, Shadow)
+    assert DeepseekV3MoE(cfg).shadow is None

@@ -1,0 +1,92 @@
+"""Shadow mode on the GPU: side stream, served output bit-identical, results read back without a
+host sync on the serving stream, nothing run during CUDA-graph capture. Run on the device."""
+
+import pytest
+import torch
+
+from moe_backend import MoEConfig
+from moe_backend.layers import DeepseekV3MoE
+from moe_backend.random_weights import random_moe_weights
+
+prom = pytest.importorskip("prometheus_client")
+pytestmark = pytest.mark.gpu
+
+CONFIG = MoEConfig(hidden_size=1024, moe_intermediate_size=384, n_routed_experts=64, num_experts_per_tok=8,
+                   n_group=8, topk_group=4, routed_scaling_factor=2.5, n_shared_experts=1)
+
+
+@pytest.fixture(scope="module")
+def layers():
+    from moe_backend.ab.shadow import Shadow
+
+    registry = prom.CollectorRegistry()
+    shadow = Shadow("triton:1.0,reference:1.0", registry=registry)
+    on, off = DeepseekV3MoE(CONFIG, device="cuda", shadow=shadow), DeepseekV3MoE(CONFIG, device="cuda")
+    for layer in (on, off):
+        layer.load_weights(random_moe_weights(CONFIG, seed=0, device="cuda"))
+    return on, off, shadow, registry
+
+
+@pytest.mark.parametrize("tokens", [1, 33, 300, 2048])
+def test_served_output_bit_identical_and_shadow_close(layers, tokens):
+    on, off, shadow, registry = layers
+    before = registry.get_sample_value("moe_backend_shadow_samples_total",
+                                       {"layer": "0", "backend": "triton", "phase": "decode" if tokens <= 256
+                                        else "prefill"}) or 0
+    x = torch.randn(tokens, CONFIG.hidden_size, device="cuda").to(torch.bfloat16)
+    for _ in range(3):
+        assert torch.equal(on(x), off(x))
+    shadow.flush()
+    phase = "decode" if tokens <= 256 else "prefill"
+    labels = {"layer": "0", "backend": "triton", "phase": phase}
+    assert registry.get_sample_value("moe_backend_shadow_samples_total", labels) == before + 3
+    # Our Triton kernels against the served policy kernels: FP8 rounding only (layer tolerance 1e-2).
+    assert registry.get_sample_value("moe_backend_shadow_relative_error_bucket", dict(labels, le="0.01")) >= before + 3
+    assert registry.get_sample_value("moe_backend_shadow_latency_seconds_sum", labels) > 0
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the side stream was left
+
+
+def test_results_come_back_without_blocking_serving(layers):
+    """observe() returns before the shadow finishes; the next call or flush() records it."""
+    on, _, shadow, _ = layers
+    shadow.flush()
+    x = torch.randn(512, CONFIG.hidden_size, device="cuda").to(torch.bfloat16)
+    on(x)
+    assert len(shadow._pending) >= 1  # queued on the side stream, not waited for
+    shadow.flush()
+    assert not shadow._pending
+
+
+def test_nothing_runs_during_graph_capture(monkeypatch):
+    from moe_backend.ab import shadow as ab_shadow
+    from moe_backend.dispatch import Policy
+    from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+    from moe_backend_integrations.vllm._apply import apply_standard
+
+    registry = prom.CollectorRegistry()
+    monkeypatch.setattr(ab_shadow, "from_env", lambda: s)
+    s = ab_shadow.Shadow("triton:1.0", registry=registry)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13, s13 = quantize_fp8_blockwise(torch.randn(8, 512, 1024, device="cuda", generator=g) / 32)
+    w2, s2 = quantize_fp8_blockwise(torch.randn(8, 1024, 256, device="cuda", generator=g) / 32)
+    x_fp8, x_scale = quantize_fp8_per_token_group(torch.randn(16, 1024, device="cuda").to(torch.bfloat16))
+    ids = torch.randint(0, 8, (16, 2), device="cuda", dtype=torch.int32)
+    weights = torch.rand(16, 2, device="cuda")
+    out, eager = (torch.empty(16, 1024, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    run = lambda o: apply_standard(o, x_fp8, x_scale, w13, s13, w2, s2, weights, ids, None, False, Policy())  # noqa
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(out)  # warm up outside the capture (one shadow sample, on a side stream)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(out)
+    graph.replay()
+    run(eager)
+    s.flush()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert registry.get_sample_value("moe_backend_shadow_skipped_total",
+                                     {"backend": "triton", "reason": "graph_capture"}) == 1
+    assert s.sampled == 2  # the warm-up and the eager call; not the capture
