@@ -60,7 +60,7 @@ def test_compare_flags_a_perturbed_backend(tmp_path, perturbed, monkeypatch):
 
     data = json.loads(policy_file.read_text())
     policy = Policy.from_dict(data, device_name="cpu")
-    assert policy.decode_kernel == "triton"  # the only shape-static kernel of the run, in decode range
+    assert policy.decode_kernel in ("reference", "triton")  # CPU timings pick one of the valid kernels
     if policy.decode_max_tokens < 40:  # CPU timings decide the boundary; past it, a kernel that ran
         assert policy.prefill_kernel in ("reference", "triton")
     else:  # no cell above the boundary: prefill keeps the default
