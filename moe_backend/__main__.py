@@ -83,6 +83,10 @@ def add_demo(subparsers) -> None:
     parser.add_argument("--reps", type=int_range(1, 10000), default=3,
                         help="timed repetitions, 1..10000 (default 3)")
     parser.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0, help="random seed (default 0)")
+    parser.add_argument("--threads", type=int_range(0, 1024), default=1,
+                        help="CPU threads for torch, 0 = torch's default (default 1: the reference path's "
+                             "small GEMMs gain little from more, and on a busy machine spinning OpenMP "
+                             "threads slow it down several-fold)")
     parser.add_argument("--cpu", action="store_true", help="use the reference path even when a GPU is present")
     parser.set_defaults(run=run_demo)
 

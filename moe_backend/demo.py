@@ -180,6 +180,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from moe_backend.random_weights import random_moe_weights
 
     setup_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if gpu else "cpu")
     if args.checkpoint is not None:

@@ -103,6 +103,7 @@ BAD_ARGUMENTS = [
     (["demo", "--ep-size", "3"], ["argument --ep-size", "does not divide", "1, 2, 4, 8, 16, 32, 64, 128, 256"]),
     (["demo", "--checkpoint", CHECKPOINT, "--ep-size", "32"], ["argument --ep-size", "1, 2, 4, 8, 16"]),
     (["demo", "--seed", "-1"], ["argument --seed", "0..2147483647"]),
+    (["demo", "--threads", "-1"], ["argument --threads", "0..1024"]),
     (["demo", "--size", "huge"], ["argument --size", "'reduced', 'full'"]),
     (["demo", "--checkpoint", CHECKPOINT, "--size", "full"], ["argument --size", "not with --checkpoint"]),
     (["demo", "--checkpoint", "/no/such/folder"], ["argument --checkpoint", "is not a folder"]),
