@@ -60,4 +60,4 @@ else
     "${PIP[@]}" torch
   fi
 fi
-"$VENV/bin/python" -c "import torch; print('[torch] installed torch', torch.__version__, '| CUDA', torch.version.cuda or 'none')" >&2
+"$VENV/bin/python" -W ignore -c "import torch; print('[torch] installed torch', torch.__version__, '| CUDA', torch.version.cuda or 'none')" >&2
