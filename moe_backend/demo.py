@@ -33,11 +33,12 @@ FULL_CONFIG = MoEConfig()
 CPU_EXPERT_BYTES = 2**32
 
 # Where each grouped-GEMM provider lives: `moe_backend.ops` looks these functions up at call time.
-_PROVIDERS = {
-    "reference (torch)": "moe_backend.reference",
+REFERENCE = "reference (torch)"
+_PROVIDER_MODULES = {
+    REFERENCE: ("moe_backend.reference",),
     "Triton (ours)": ("moe_backend.kernels.grouped_gemm_contiguous", "moe_backend.kernels.grouped_gemm_masked"),
     "CUDA C++ (ours)": ("moe_backend.cuda.grouped_gemm_contiguous", "moe_backend.cuda.grouped_gemm_masked"),
-    "DeepGEMM": "moe_backend.providers.deepgemm",
+    "DeepGEMM": ("moe_backend.providers.deepgemm",),
 }
 _GEMMS = ("grouped_gemm_contiguous", "grouped_gemm_masked")
 
@@ -77,10 +78,10 @@ class ProviderTrace:
         from moe_backend.dispatch.policy import Policy
 
         patched: list[tuple[object, str, object]] = []
-        for provider, modules in _PROVIDERS.items():
-            if provider != "reference (torch)" and not self.gpu:
+        for provider, modules in _PROVIDER_MODULES.items():
+            if provider != REFERENCE and not self.gpu:
                 continue
-            for module_name in (modules,) if isinstance(modules, str) else modules:
+            for module_name in modules:
                 try:
                     module = importlib.import_module(module_name)
                 except ImportError:

@@ -80,6 +80,43 @@ def test_demo_empty_batch(tiny_checkpoint, capsys):
     assert "tokens: 0;" in out and "ran:    no grouped GEMM" in out
 
 
+def test_provider_trace_restores_what_it_wraps(tiny_config):
+    """With every provider wrapped (as on a GPU), a CPU forward is traced as the reference, and
+    leaving the trace puts back the original functions."""
+    import torch
+
+    from moe_backend import ops, reference
+    from moe_backend.demo import _GEMMS, _PROVIDER_MODULES, ProviderTrace
+    from moe_backend.dispatch.policy import Policy
+    from moe_backend.layers import DeepseekV3MoE
+    from moe_backend.random_weights import random_moe_weights
+
+    def originals():
+        found = {("Policy", "choose"): Policy.choose}
+        for modules in _PROVIDER_MODULES.values():
+            for name in modules:
+                try:
+                    module = importlib.import_module(name)
+                except ImportError:
+                    continue
+                found.update({(name, op): getattr(module, op) for op in _GEMMS if hasattr(module, op)})
+        return found
+
+    layer = DeepseekV3MoE(tiny_config)
+    layer.load_weights(random_moe_weights(tiny_config))
+    before = originals()
+    trace = ProviderTrace({layer.w13_fp8.data_ptr(): "routed experts"}, gpu=True)
+    with trace.active():
+        assert reference.grouped_gemm_masked is not before[("moe_backend.reference", "grouped_gemm_masked")]
+        layer(torch.randn(5, tiny_config.hidden_size, dtype=torch.bfloat16))
+    assert originals() == before
+    assert ops._kernel.cache_info().currsize == 0  # no wrapped Triton function left cached
+    assert dict(trace.gemms) == {("routed experts", "grouped_gemm_masked", "reference (torch)"): 1,
+                                 ("other", "grouped_gemm_masked", "reference (torch)"): 1,
+                                 ("other", "grouped_gemm_contiguous", "reference (torch)"): 2}
+    assert [(phase, tokens, choice.name) for phase, tokens, choice in trace.choices] == [("decode", 5, "masked")]
+
+
 @pytest.mark.slow
 def test_demo_full_size_cpu():
     """DeepSeek-V3's dimensions on CPU (an EP8 slice): minutes of weight generation, hence slow."""
