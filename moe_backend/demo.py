@@ -29,6 +29,8 @@ __all__ = ["REDUCED_CONFIG", "checkpoint_moe_layers", "run", "ProviderTrace"]
 # that all 256 experts are generated and run on a CPU in seconds.
 REDUCED_CONFIG = MoEConfig(hidden_size=512, moe_intermediate_size=128)
 FULL_CONFIG = MoEConfig()
+_NEEDS_SAFETENSORS = ("argument --checkpoint: reading a checkpoint needs safetensors "
+                      "(pip install safetensors, or this package's [checkpoint] extra)")
 # A CPU holds only an expert-parallel slice of a layer whose routed experts exceed this many bytes.
 CPU_EXPERT_BYTES = 2**32
 
@@ -159,8 +161,7 @@ def _check_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser)
         config = MoEConfig.from_hf_config(path)
         layers = checkpoint_moe_layers(path)
     except ImportError:
-        parser.error("argument --checkpoint: reading a checkpoint needs safetensors "
-                     "(pip install safetensors, or the package's [checkpoint] extra)")
+        parser.error(_NEEDS_SAFETENSORS)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         parser.error(f"argument --checkpoint: {path!r}: {exc}")
     if not layers:
@@ -218,6 +219,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.checkpoint is not None:
         try:
             layer.load_from_checkpoint(args.checkpoint, args.layer)
+        except ImportError:
+            parser.error(_NEEDS_SAFETENSORS)
         except ValueError as exc:
             parser.error(f"argument --checkpoint: layer {args.layer} does not load: {exc}")
     else:
