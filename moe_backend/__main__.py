@@ -1,13 +1,17 @@
-"""`python -m moe_backend {info,demo,tune,compare,ab-serve}`."""
+"""`python -m moe_backend {info,demo,tune,compare,ab-serve}`.
+
+Each subcommand is registered by one `add_<name>(subparsers)` function that builds its parser and
+sets `run` (a function of the parsed arguments and that parser, returning the exit status).
+The layer and the kernels are imported inside `run`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import sys
-import time
 
-import torch
+from moe_backend._cli import add_subcommand, int_range, new_parser
 
 from moe_backend.ab.cli import add_ab_parsers
 
@@ -24,7 +28,9 @@ def _version(module: str) -> str | None:
         return "present"
 
 
-def cmd_info(_: argparse.Namespace) -> int:
+def run_info(_: argparse.Namespace, __: argparse.ArgumentParser) -> int:
+    import torch
+
     from moe_backend import __version__
     from moe_backend.dispatch.policy import Policy
 
@@ -42,117 +48,82 @@ def cmd_info(_: argparse.Namespace) -> int:
     print(f"kernels     {'Triton FP8 grouped GEMMs (contiguous, masked)' if kernels_ok else 'reference (torch)'}")
     print("peers       " + ", ".join(f"{name}: {_version(mod) or 'not installed'}" for name, mod in
                                      (("DeepGEMM", "deep_gemm"), ("vLLM", "vllm"), ("SGLang", "sglang"))))
-    policy = Policy.from_env()
-    print(f"policy      {policy.to_dict()}")
+    print(f"policy      {Policy.from_env().to_dict()}")
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from moe_backend import reference
-    from moe_backend._progress import progress
-    from moe_backend.config import MoEConfig
-    from moe_backend.dispatch.policy import Policy
-    from moe_backend.layers import DeepseekV3MoE
-    from moe_backend.layers.router import noaux_tc_route
-    from moe_backend.random_weights import random_moe_weights
-
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    if args.checkpoint:
-        config = MoEConfig.from_hf_config(args.checkpoint)
-    else:
-        config = MoEConfig()  # DeepSeek-V3's dimensions
-    # On CPU, hold only an EP8 slice of a full-size layer: all 256 experts are 11 GB of FP8.
-    expert_bytes = 3 * config.hidden_size * config.moe_intermediate_size * config.n_routed_experts
-    ep_size = args.ep_size or (1 if device.type == "cuda" or expert_bytes < 2**32 else 8)
-    if config.n_routed_experts % ep_size:
-        print(f"--ep-size {ep_size} must divide the {config.n_routed_experts} experts", file=sys.stderr)
-        return 2
-    per_rank = config.n_routed_experts // ep_size
-    expert_range = (0, per_rank)
-    print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU: reference path'})")
-    print(f"layer: hidden={config.hidden_size} intermediate={config.moe_intermediate_size} "
-          f"experts={config.n_routed_experts} top-{config.num_experts_per_tok}; this process holds experts "
-          f"[0, {per_rank}) (EP slice 1 of {ep_size}) + the shared expert")
-    layer = DeepseekV3MoE(config, expert_range=expert_range, device=device)
-    if args.checkpoint:
-        layer.load_from_checkpoint(args.checkpoint, args.layer)
-    else:
-        names = 2 + per_rank * 6 + 6
-        with progress(total=names, desc="generating random FP8 weights", unit="tensor") as bar:
-            def counted():
-                for item in random_moe_weights(config, seed=args.seed, experts=range(*expert_range),
-                                               device=device):
-                    bar.update(1)
-                    yield item
-            layer.load_weights(counted())
-
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    x = torch.randn(args.tokens, config.hidden_size, generator=gen, device=device).to(torch.bfloat16)
-    out = layer(x)  # warm-up (JIT compile on GPU)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    reps = args.reps
-    start = time.perf_counter()
-    for _ in range(reps):
-        out = layer(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = (time.perf_counter() - start) / reps
-
-    # The oracle: the reference experts + shared expert, from the same router output.
-    topk_weights, topk_ids = noaux_tc_route(x, layer.gate_weight, layer.e_score_correction_bias, config)
-    ref = reference.routed_experts(x, layer.w13_fp8, layer.w13_scale_inv, layer.w2_fp8, layer.w2_scale_inv,
-                                   topk_weights, topk_ids, ue8m0=config.ue8m0_scales).float()
-    ref += _shared_reference(layer, x)
-    err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    local = ((topk_ids >= 0) & (topk_ids < per_rank)).sum().item()
-    print(f"tokens={args.tokens} routed pairs on this slice={local}/{topk_ids.numel()} "
-          f"kernel={Policy.from_env().choose(args.tokens).name}")
-    print(f"time per forward: {elapsed * 1e3:.3f} ms   relative error vs reference: {err:.2e}")
-    return 0 if err < 1e-2 else 1
+def add_info(subparsers) -> None:
+    parser = add_subcommand(subparsers, "info", "versions, GPU, available kernels and peers, the active policy")
+    parser.set_defaults(run=run_info)
 
 
-def _shared_reference(layer, x: torch.Tensor) -> torch.Tensor:
-    from moe_backend import reference
+def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from moe_backend import demo
 
-    if not layer.with_shared_experts:
-        return torch.zeros_like(x, dtype=torch.float32)
-    ids = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
-    ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    return reference.routed_experts(x, layer.shared_w13_fp8, layer.shared_w13_scale_inv, layer.shared_w2_fp8,
-                                    layer.shared_w2_scale_inv, ones, ids,
-                                    ue8m0=layer.config.ue8m0_scales).float()
+    return demo.run(args, parser)
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
-    try:
-        from moe_backend import tune
-    except ImportError as exc:
-        print(f"tune is unavailable: {exc}", file=sys.stderr)
-        return 2
-    return tune.main(args.rest)
+def add_demo(subparsers) -> None:
+    parser = add_subcommand(
+        subparsers, "demo", "run a DeepSeek-V3-shaped MoE layer and check it against the reference",
+        description="Runs one DeepSeek-V3 MoE layer (random FP8 weights, or a layer of a checkpoint), times "
+                    "it, checks it against the torch reference and prints which policy kernel and which "
+                    "GEMM provider ran. On CPU the default is a reduced layer (DeepSeek-V3's router, a "
+                    "smaller expert MLP); on a GPU the full size.")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="a DeepSeek-V3-format FP8 checkpoint folder (default: random weights)")
+    parser.add_argument("--layer", type=int_range(0), default=None,
+                        help="MoE layer of the checkpoint (default: its first MoE layer)")
+    parser.add_argument("--size", choices=("reduced", "full"), default=None,
+                        help="random weights' dimensions: reduced (hidden 512, intermediate 128) or full "
+                             "(DeepSeek-V3's 7168, 2048); default: full on a GPU, reduced on CPU")
+    parser.add_argument("--tokens", type=int_range(0, 65536), default=64,
+                        help="tokens in the batch, 0..65536 (default 64; 0 = an empty batch)")
+    parser.add_argument("--ep-size", type=int_range(1, 1024), default=None,
+                        help="hold 1/EP of the routed experts; must divide their count (default: all, "
+                             "or 1/8 of a full-size layer on CPU)")
+    parser.add_argument("--reps", type=int_range(1, 10000), default=3,
+                        help="timed repetitions, 1..10000 (default 3)")
+    parser.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0, help="random seed (default 0)")
+    parser.add_argument("--threads", type=int_range(0, 1024), default=1,
+                        help="CPU threads for torch, 0 = torch's default (default 1: the reference path's "
+                             "small GEMMs gain little from more, and on a busy machine spinning OpenMP "
+                             "threads slow it down several-fold)")
+    parser.add_argument("--cpu", action="store_true", help="use the reference path even when a GPU is present")
+    parser.set_defaults(run=run_demo)
+
+
+def run_tune(args: argparse.Namespace, _: argparse.ArgumentParser) -> int:
+    from moe_backend import tune
+
+    return tune.run(args)
+
+
+def add_tune(subparsers) -> None:
+    from moe_backend import tune
+
+    parser = add_subcommand(subparsers, "tune", "regenerate the kernels' tuned configs on this GPU")
+    tune.add_arguments(parser)
+    parser.set_defaults(run=run_tune)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("python -m moe_backend", __doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_info(subparsers)
+    add_demo(subparsers)
+    add_tune(subparsers)
+    add_ab_parsers(subparsers)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_backend", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, GPU, available kernels and peers, the active policy")
-    demo = sub.add_parser("demo", help="run a DeepSeek-V3-shaped MoE layer and check it against the reference")
-    demo.add_argument("--checkpoint", help="a DeepSeek-V3-format FP8 checkpoint folder (default: random weights)")
-    demo.add_argument("--layer", type=int, default=3, help="MoE layer index in the checkpoint (default 3)")
-    demo.add_argument("--tokens", type=int, default=64, help="tokens in the batch (default 64)")
-    demo.add_argument("--ep-size", type=int, default=0,
-                      help="hold 1/EP of the routed experts (default: all, or 1/8 of a full-size layer on CPU)")
-    demo.add_argument("--reps", type=int, default=3, help="timed repetitions (default 3)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--cpu", action="store_true", help="use the reference path even when a GPU is present")
-    tune = sub.add_parser("tune", help="regenerate the kernels' tuned configs on this GPU")
-    tune.add_argument("rest", nargs=argparse.REMAINDER)
-    add_ab_parsers(sub)
-    args = parser.parse_args(argv)
-    if hasattr(args, "ab_command"):
-        return args.ab_command(args)
-    return {"info": cmd_info, "demo": cmd_demo, "tune": cmd_tune}[args.command](args)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # The subcommand's parser reports it, so the usage shown is that subcommand's.
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args.run(args, args.parser)
 
 
 if __name__ == "__main__":

@@ -217,28 +217,51 @@ def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAP
     return {"paths": paths, "tables": tables}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_backend tune", description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", default="grouped_gemm_masked,grouped_gemm_contiguous")
-    parser.add_argument("--slices", default="ep8,tp8", help="which DeepSeek-V3 slices (ep8, tp8)")
-    parser.add_argument("--gemms", default="w13,w2", help="which GEMMs of each slice (w13, w2)")
-    parser.add_argument("--decode-rows", default=",".join(map(str, DECODE_ROWS)))
-    parser.add_argument("--prefill-rows", default=",".join(map(str, PREFILL_ROWS)))
+TUNABLE_KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moe_backend._cli import csv_of, csv_of_ints
+
+    parser.add_argument("--kernels", type=csv_of(TUNABLE_KERNELS), default=",".join(TUNABLE_KERNELS),
+                        help="which kernels (default: both)")
+    parser.add_argument("--slices", type=csv_of(("ep8", "tp8")), default="ep8,tp8",
+                        help="which DeepSeek-V3 slices (ep8, tp8)")
+    parser.add_argument("--gemms", type=csv_of(("w13", "w2")), default="w13,w2",
+                        help="which GEMMs of each slice (w13, w2)")
+    parser.add_argument("--decode-rows", type=csv_of_ints(1, 65536), default=",".join(map(str, DECODE_ROWS)),
+                        help="rows-per-expert buckets of the masked kernel")
+    parser.add_argument("--prefill-rows", type=csv_of_ints(1, 65536), default=",".join(map(str, PREFILL_ROWS)),
+                        help="rows-per-expert buckets of the contiguous kernel")
     parser.add_argument("--out-dir", default=None, help="where the JSON tables go (default: the package's)")
     parser.add_argument("--log", default=None, help="file for every candidate's timing")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("tune: needs a CUDA GPU", file=sys.stderr)
         return 2
-    slices, gemms = set(args.slices.split(",")), set(args.gemms.split(","))
-    log = open(args.log, "w") if args.log else None
-    result = tune(kernels=tuple(args.kernels.split(",")), shapes=[s for s in SHAPES if s[0] in slices and s[1] in gemms],
-                  decode_rows=tuple(int(x) for x in args.decode_rows.split(",") if x and int(x) > 0),
-                  prefill_rows=tuple(int(x) for x in args.prefill_rows.split(",") if x and int(x) > 0),
+    slices, gemms = set(args.slices), set(args.gemms)
+    try:
+        log = open(args.log, "w") if args.log else None
+    except OSError as exc:
+        print(f"python -m moe_backend tune: error: argument --log: cannot write {args.log!r}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    result = tune(kernels=tuple(args.kernels), shapes=[s for s in SHAPES if s[0] in slices and s[1] in gemms],
+                  decode_rows=tuple(args.decode_rows), prefill_rows=tuple(args.prefill_rows),
                   out_dir=args.out_dir, log=log)
     for path in result["paths"]:
         print(f"wrote {path}")
     return 0
+
+
+def main(argv=None) -> int:
+    from moe_backend._cli import new_parser
+
+    parser = new_parser("python -m moe_backend tune", __doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/naive.py, tests/tolerance
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (Hopper, e.g. H100 or H200, for the FP8 kernels)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -50,6 +50,18 @@ def test_batch_shapes_and_empty(tiny_config):
     assert empty.shape == (0, tiny_config.hidden_size) and empty.dtype == torch.bfloat16
 
 
+def test_router_on_an_empty_batch(tiny_config):
+    """The demo's oracle routes the batch itself: zero tokens give `[0, k]` weights and ids."""
+    from moe_backend.layers.router import noaux_tc_route
+
+    layer, _ = _layer(tiny_config)
+    weights, ids = noaux_tc_route(torch.empty(0, tiny_config.hidden_size, dtype=torch.bfloat16),
+                                  layer.gate_weight, layer.e_score_correction_bias, tiny_config)
+    k = tiny_config.num_experts_per_tok
+    assert weights.shape == (0, k) and weights.dtype == torch.float32
+    assert ids.shape == (0, k) and ids.dtype == torch.int32
+
+
 def test_experts_with_zero_tokens(tiny_config):
     """One token uses 4 of 16 experts: 12 experts see no rows; the result still matches."""
     layer, weights = _layer(tiny_config, seed=9)

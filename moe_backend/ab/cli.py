@@ -12,3 +12,9 @@ def add_ab_parsers(subparsers) -> None:
 
     add_compare_parser(subparsers)
     add_ab_serve_parser(subparsers)
+    # The CLI's conventions (moe_backend._cli): no abbreviated flags, each subcommand reports its
+    # own mistakes, `run(args, parser)` returns the exit status.
+    for name in ("compare", "ab-serve"):
+        parser = subparsers.choices[name]
+        parser.allow_abbrev = False
+        parser.set_defaults(parser=parser, run=lambda args, _parser: args.ab_command(args))

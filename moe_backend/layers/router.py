@@ -34,7 +34,9 @@ def noaux_tc_route(hidden: torch.Tensor, gate_weight: torch.Tensor, correction_b
     scores = torch.sigmoid(F.linear(hidden.float(), gate_weight.float()))  # [T, E]
     choice = scores + correction_bias.float()
     # A group's strength is the sum of its two best biased scores.
-    group_scores = choice.view(num_tokens, n_group, -1).topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+    # The group width is spelled out: `view(..., -1)` cannot infer it for an empty batch.
+    group_scores = choice.view(num_tokens, n_group, num_experts // n_group).topk(
+        2, dim=-1).values.sum(-1)  # [T, n_group]
     kept_groups = group_scores.topk(config.topk_group, dim=-1, sorted=False).indices
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
     expert_mask = group_mask.repeat_interleave(num_experts // n_group, dim=1)

@@ -1,5 +1,5 @@
-"""DeepGEMM as an optional provider (`pip install moe-backend[deepgemm]`, or the `sgl-deep-gemm`
-wheel, which installs under the same import name). Same signatures as `moe_backend.reference`."""
+"""DeepGEMM as an optional provider (the `sgl-deep-gemm` wheel, this package's `[deepgemm]` extra, which
+installs under the import name `deep_gemm`). Same signatures as `moe_backend.reference`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _deep_gemm():
         import deep_gemm
     except ImportError as exc:
         raise ImportError("moe_backend: impl='deepgemm' needs DeepGEMM; install it with "
-                          "`pip install moe-backend[deepgemm]` (sgl-deep-gemm) on a Hopper GPU machine"
+                          "`pip install sgl-deep-gemm==0.1.5` (this package's [deepgemm] extra) on a Hopper GPU machine"
                           ) from exc
     return deep_gemm
 

@@ -114,3 +114,24 @@ def test_other_sglang_version_is_refused_loudly(tmp_path):
     assert not res["choice"]
     assert "0.5.23" in res["error"] and "0.5.22" in res["error"]
     assert "FAILED" in stderr
+
+
+def test_any_version_override(tmp_path):
+    """`MOE_BACKEND_SGLANG_ANY_VERSION=1` (docs/sglang.md, README): the choice is offered anyway."""
+    res, stderr = run_probe(WRONG_VERSION, tmp_path, MOE_BACKEND_SGLANG_ANY_VERSION="1")
+    assert res["choice"] and res["error"] == ""
+    assert "0.5.22 is not the tested 0.5.23" in stderr
+
+
+def test_the_docs_check_command(tmp_path):
+    """docs/sglang.md's one-line check, run exactly as written there, prints True."""
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "sglang.md").read_text()
+    commands = [line for line in docs.splitlines() if line.startswith('python -c "from sglang.srt.plugins')]
+    assert len(commands) == 1, "docs/sglang.md should hold the check command on one line"
+    env = {k: v for k, v in os.environ.items() if k != "SGLANG_PLUGINS"}
+    proc = subprocess.run(["bash", "-c", commands[0].replace("python ", f"{sys.executable} ", 1)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True"

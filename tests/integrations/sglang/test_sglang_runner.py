@@ -6,6 +6,7 @@ quantized inputs on both sides, so only summation order and bf16 rounding differ
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -155,6 +156,19 @@ def test_standard_dispatch_matches_reference(case):
     # 1/scale then comes out as exactly its MLP).
     ref = reference.routed_experts(x, *weights, topk_weights, ids).float() * ROUTED_SCALING_FACTOR
     assert rel_err(out, ref) <= LAYER_SAME_QUANT
+
+
+@pytest.mark.parametrize("extend, phase", [(True, "prefill"), (False, "decode")])
+def test_standard_dispatch_phase_comes_from_the_batch(monkeypatch, capsys, extend, phase):
+    """docs/sglang.md: the policy's phase is SGLang's `is_extend_in_batch`, not the token count."""
+    from sglang.srt.runtime_context import get_forward
+
+    monkeypatch.setenv("MOE_BACKEND_PRINT_POLICY", "1")
+    case = Case(7, 4)
+    ids, topk_weights = make_routing(case)
+    with get_forward().scoped(is_extend_in_batch=extend):
+        make_runner(case).run(standard_dispatch(make_x(7), ids, topk_weights), quant_info(make_experts(4)))
+    assert f"[moe_backend] {phase} tokens=7 ->" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", [Case(0, 4)] + [c for c in CASES if not c.fused_shared], ids=str)
@@ -308,15 +322,66 @@ def test_fp8_method_without_the_flag_is_untouched(moe_flags):
     assert method.runner.runner_backend is MoeRunnerBackend.TRITON
 
 
-@pytest.mark.parametrize("problem,match", [("per_tensor", "block"), ("deepep_v2", "deepep_v2"),
-                                           ("activation", "silu")])
-def test_fp8_method_unsupported_combinations_raise(moe_flags, problem, match):
-    moe_flags(runner="phasemoe", a2a="deepep_v2" if problem == "deepep_v2" else "none")
+# (problem, a2a backend, text of the ValueError): every refusal docs/sglang.md lists for model build.
+REFUSED_AT_BUILD = [
+    ("per_tensor", "none", "block"), ("mxfp8", "none", "MXFP8/FP4"), ("fp4", "none", "MXFP8/FP4"),
+    ("activation", "none", "silu"), ("swiglu_limit", "none", "swiglu_limit"),
+    ("apply_router_weight_on_input", "none", "apply_router_weight_on_input"),
+    ("deepep_jit_off", "deepep", "DeepGEMM JIT off"), ("deepep_ue8m0", "deepep", "UE8M0"),
+] + [(a2a, a2a, f"--moe-a2a-backend {a2a}") for a2a in ("deepep_v2", "mooncake", "nixl", "mori", "flashinfer")]
+
+
+@pytest.mark.parametrize("problem,a2a,match", REFUSED_AT_BUILD, ids=[p for p, _, _ in REFUSED_AT_BUILD])
+def test_fp8_method_unsupported_combinations_raise(moe_flags, monkeypatch, problem, a2a, match):
+    from sglang.srt.layers import deep_gemm_wrapper
+
+    moe_flags(runner="phasemoe", a2a=a2a)
     config = make_config(Case(1, 4))
+    method = fp8_method(block=problem != "per_tensor")
     if problem == "activation":
         config.activation = "gelu"
-    with pytest.raises(ValueError, match=match):
-        fp8_method(block=problem != "per_tensor").create_moe_runner(fp8_layer(make_experts(4)), config)
+    elif problem == "swiglu_limit":
+        config.swiglu_limit = 7.0
+    elif problem == "apply_router_weight_on_input":
+        config.apply_router_weight_on_input = True
+    elif problem == "mxfp8":
+        method.use_mxfp8 = True
+    elif problem == "fp4":
+        method.is_fp4_expert = True
+    # DeepEP's two conditions, each alone (the other one set to the supported value).
+    monkeypatch.setattr(deep_gemm_wrapper, "ENABLE_JIT_DEEPGEMM", problem != "deepep_jit_off")
+    monkeypatch.setattr(deep_gemm_wrapper, "DEEPGEMM_SCALE_UE8M0", problem == "deepep_ue8m0")
+    with pytest.raises(ValueError, match=re.escape(match)):
+        method.create_moe_runner(fp8_layer(make_experts(4)), config)
+
+
+def test_deepep_with_supported_settings_builds(moe_flags, monkeypatch):
+    """The control for the DeepEP refusals above: JIT on, fp32 scales -> our runner is built."""
+    from moe_backend_integrations.sglang.core import PhaseMoeRunnerCore
+    from sglang.srt.layers import deep_gemm_wrapper
+
+    moe_flags(runner="phasemoe", a2a="deepep")
+    monkeypatch.setattr(deep_gemm_wrapper, "ENABLE_JIT_DEEPGEMM", True)
+    monkeypatch.setattr(deep_gemm_wrapper, "DEEPGEMM_SCALE_UE8M0", False)
+    method = fp8_method()
+    method.create_moe_runner(fp8_layer(make_experts(4)), make_config(Case(1, 4)))
+    assert isinstance(method.runner.runner_core, PhaseMoeRunnerCore)
+
+
+@pytest.mark.parametrize("problem", ["lora", "no_combine"])
+def test_lora_and_no_combine_are_refused_at_run_time(problem):
+    case = Case(7, 4)
+    runner = make_runner(case)
+    ids, topk_weights = make_routing(case)
+    dispatch = standard_dispatch(make_x(7), ids, topk_weights)
+    info = quant_info(make_experts(case.num_experts))
+    if problem == "lora":
+        with pytest.raises(ValueError, match="LoRA"):
+            runner.runner_core.run_from_dispatch(dispatch, info, runner.config, hooks=object())
+    else:
+        runner.config.no_combine = True
+        with pytest.raises(ValueError, match="no_combine"):
+            runner.run(dispatch, info)
 
 
 # ---- every path runs a plan; the policy reaches each ---------------------------------------------
