@@ -109,3 +109,15 @@ def test_a_batch_with_no_local_expert_gives_zeros(kernel):
     ids = torch.tensor([[5, 6], [7, -1], [4, 3]])
     out = experts.routed_experts(x, w13, w13_s, w2, w2_s, torch.rand(3, 2), ids, kernel=kernel)
     assert out.shape == (3, 256) and torch.equal(out, torch.zeros_like(out))
+
+
+def test_cuda_masked_layouts_we_build_are_sized_in_128_row_tiles(monkeypatch):
+    """A masked layout built from top-k ids for our CUDA kernel is padded to its 128-row tiles."""
+    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "cuda" if impl == "cuda" else "reference")
+    monkeypatch.setattr(plan_mod, "_gemm", lambda provider, *a, **k: plan_mod.GemmPlan(provider, 1, 1))
+    plan_mod.clear_plan_cache()
+    try:
+        assert _plan(kernel="cuda_masked", num_tokens=5).num_rows == 128
+        assert _plan(kernel="triton_masked", num_tokens=5).num_rows == 5
+    finally:
+        plan_mod.clear_plan_cache()

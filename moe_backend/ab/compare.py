@@ -22,6 +22,7 @@ from moe_backend.ab.backends import Backend, backend_names, get_backend
 from moe_backend.ab.divergence import as_floats, divergence
 from moe_backend.ab.measure import measure_ceilings, moe_work, time_us
 from moe_backend.ab.routing import RoutingSpec, make_routing, parse_routing
+from moe_backend.ab.divergence import cell_tolerance
 from moe_backend.ab.slices import SliceSpec, checkpoint_slice_weights, parse_slices, random_slice_weights
 
 __all__ = ["CompareSettings", "run_compare", "add_compare_parser", "cmd_compare", "LAYER_TOLERANCE"]
@@ -164,7 +165,7 @@ def run_compare(settings: CompareSettings) -> dict:
                         us = sorted(times[b.name])[len(times[b.name]) // 2]
                         row.update(time_us=us, tflops=flops / us / 1e6, gbps=nbytes / us / 1e3,
                                    floor_pct=100.0 * floor_us / us if floor_us else None)
-                        row["diverges"] = not row["rel_err"] <= settings.tolerance
+                        row["diverges"] = not row["rel_err"] <= cell_tolerance(settings.tolerance, pairs)
                     rows.append(row)
                     bar.update(1)
                 del oracle, calls

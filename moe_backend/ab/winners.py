@@ -13,6 +13,7 @@ import json
 import os
 from collections import defaultdict
 
+from moe_backend.ab.divergence import cell_tolerance
 from moe_backend.dispatch.policy import KERNELS, Policy
 
 __all__ = ["cell_winners", "policy_section", "write_policy", "DECODE_SLACK"]
@@ -47,7 +48,8 @@ def policy_section(rows: list[dict], tolerance: float | None = None) -> dict:
     (rows of registered backends carry no policy kernel and cannot be emitted). Keys with no
     valid evidence keep the defaults."""
     if tolerance is not None:
-        rows = [dict(r, diverges=not r.get("rel_err", float("inf")) <= tolerance) for r in rows]
+        rows = [dict(r, diverges=not r.get("rel_err", float("inf")) <= cell_tolerance(tolerance, r.get("pairs", 1 << 20)))
+                for r in rows]
     candidates = [r for r in rows if _valid(r) and r.get("kernel") in KERNELS]
     by_cell: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in candidates:

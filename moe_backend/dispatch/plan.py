@@ -243,6 +243,11 @@ def _make_plan(print_plan: bool, name: str, phase: str, num_tokens: int, topk: i
                  for n, k in ((two_i, hidden), (hidden, intermediate))]
     gemm1 = _gemm(providers[0], layout, expected_m, rows_hint, two_i, hidden, device)
     gemm2 = _gemm(providers[1], layout, expected_m, rows_hint, hidden, intermediate, device)
+    if layout == "masked" and not masked_max_m and "cuda" in (gemm1.provider, gemm2.provider):
+        # Our CUDA kernel tiles the masked layout in 128-row blocks: a layout we build is sized so.
+        from moe_backend.cuda.grouped_gemm_contiguous import BLOCK_M as CUDA_BLOCK_M
+
+        max_m = -(-max_m // CUDA_BLOCK_M) * CUDA_BLOCK_M
     if layout == "masked":
         alignment, num_rows = 1, max_m
     else:
