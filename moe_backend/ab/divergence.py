@@ -54,6 +54,6 @@ def as_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 def cell_tolerance(tolerance: float, pairs: int) -> float:
     """The relative-error bound a cell with `pairs` routed (token, expert) pairs is held to. The
     error is FP8 re-quantization noise averaged over the pairs' outputs: with a handful of pairs
-    it spreads by ~1/sqrt(pairs) around its level (one pair on the H200 measured 1.15e-2 for every
-    correct kernel, DeepGEMM's included), so small cells get proportionally more room."""
+    it spreads by ~1/sqrt(pairs) around its level (every correct kernel, DeepGEMM's included,
+    exceeds 1e-2 on single-pair cells: docs/ab-testing.md), so small cells get more room."""
     return tolerance * (1.0 + 2.0 / max(pairs, 1) ** 0.5)
