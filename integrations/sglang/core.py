@@ -3,7 +3,8 @@
 | dispatch (SGLang)     | input                                         | ours                          | returns                                        |
 |-----------------------|-----------------------------------------------|-------------------------------|------------------------------------------------|
 | standard (TP)         | bf16 `[T, H]`, topk f32/int32 `[T, k]` local  | `experts.routed_experts`,     | `StandardCombineInput` `[T, H]`: weighted sum  |
-|                       | ids (-1 = drop; fused shared expert = id E)   | phase from SGLang's batch     | x routed_scaling_factor                        |
+|                       | ids (-1 = drop; fused shared expert = id E)   | phase from SGLang's batch     | x routed_scaling_factor on CUDA (the model     |
+|                       |                                               |                               | applies it itself elsewhere)                   |
 | DeepEP normal         | fp8 `[N, H]` + f32 `[N, H/128]`, int64 local  | `experts.routed_experts`,     | `DeepEPNormalCombineInput` `[N, H]`: weighted  |
 | (prefill)             | ids (-1 = other rank), f32 weights            | phase "prefill" (contiguous)  | sum over local experts, no scaling factor      |
 | DeepEP low-latency    | masked fp8 `[E, M, H]` + f32 `[E, M, H/128]`  | `experts.masked_experts`      | `DeepEPLLCombineInput` `[E, M, H]`: unweighted |
@@ -31,6 +32,7 @@ from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
 from sglang.srt.layers.moe.topk import TopKOutputChecker
 from sglang.srt.layers.moe.utils import resolve_moe_runner_backend
 from sglang.srt.runtime_context import get_forward
+from sglang.srt.utils import is_cuda, is_musa
 
 from moe_backend import experts, ops
 from moe_backend.ab import shadow as ab_shadow
@@ -80,6 +82,14 @@ class PhaseMoeQuantInfo(MoeQuantInfo):
     @property
     def num_local_experts(self) -> int:
         return self.w13_fp8.shape[0]
+
+
+def runner_applies_routed_scaling() -> bool:
+    """Whether the standard combine must carry routed_scaling_factor. SGLang's DeepSeek model
+    multiplies the experts' output by it itself off CUDA/MUSA (models/deepseek_v2.py, after
+    `self.experts(...)`), and its own runners apply it only on CUDA-like devices: applying it
+    here elsewhere would scale the routed output twice."""
+    return is_cuda() or is_musa()
 
 
 def _current_phase() -> str:
@@ -145,7 +155,7 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         x_scale = _activation_scale(x, d.hidden_states_scale, "standard")
         topk_weights = d.topk_output.topk_weights.float()  # [T, k]
         scale = runner_config.routed_scaling_factor
-        if scale is not None and scale != 1.0:
+        if scale is not None and scale != 1.0 and runner_applies_routed_scaling():
             # Folded into the fp32 weights so the output is rounded to bf16 once.
             topk_weights = topk_weights * scale
         out = experts.routed_experts(x, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,

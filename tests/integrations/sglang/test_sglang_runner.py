@@ -142,8 +142,16 @@ def test_runner_uses_our_core():
     assert runner.runner_core.runner_backend.value == "phasemoe"
 
 
+@pytest.fixture
+def on_cuda(monkeypatch):
+    """SGLang's platform as CUDA (the runner carries routed_scaling_factor there)."""
+    import moe_backend_integrations.sglang.core as core
+
+    monkeypatch.setattr(core, "is_cuda", lambda: True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_standard_dispatch_matches_reference(case):
+def test_standard_dispatch_matches_reference(case, on_cuda):
     weights = make_experts(case.num_experts)
     ids, topk_weights = make_routing(case)
     x = make_x(case.num_tokens)
@@ -163,12 +171,15 @@ def test_standard_dispatch_phase_comes_from_the_batch(monkeypatch, capsys, exten
     """docs/sglang.md: the policy's phase is SGLang's `is_extend_in_batch`, not the token count."""
     from sglang.srt.runtime_context import get_forward
 
+    from moe_backend.dispatch.plan import clear_plan_cache
+
     monkeypatch.setenv("MOE_BACKEND_PRINT_POLICY", "1")
+    clear_plan_cache()  # each new plan is printed once: resolve it afresh here
     case = Case(7, 4)
     ids, topk_weights = make_routing(case)
     with get_forward().scoped(is_extend_in_batch=extend):
         make_runner(case).run(standard_dispatch(make_x(7), ids, topk_weights), quant_info(make_experts(4)))
-    assert f"[moe_backend] {phase} tokens=7 ->" in capsys.readouterr().out
+    assert f"[moe_backend] plan: {phase} T=7 " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", [Case(0, 4)] + [c for c in CASES if not c.fused_shared], ids=str)
@@ -295,7 +306,7 @@ def fp8_layer(weights) -> torch.nn.Module:
     return layer
 
 
-def test_fp8_method_builds_and_applies_our_runner(moe_flags):
+def test_fp8_method_builds_and_applies_our_runner(moe_flags, on_cuda):
     from moe_backend_integrations.sglang.core import PhaseMoeRunnerCore
 
     moe_flags(runner="phasemoe")
@@ -382,6 +393,26 @@ def test_lora_and_no_combine_are_refused_at_run_time(problem):
         runner.config.no_combine = True
         with pytest.raises(ValueError, match="no_combine"):
             runner.run(dispatch, info)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "musa", "cpu"])
+def test_routed_scaling_factor_applied_exactly_once(monkeypatch, platform):
+    """What SGLang's DeepSeek model ends with: the standard combine, times routed_scaling_factor
+    where the model applies it itself (off CUDA and MUSA). Once on every platform branch."""
+    import moe_backend_integrations.sglang.core as core
+
+    monkeypatch.setattr(core, "is_cuda", lambda: platform == "cuda")
+    monkeypatch.setattr(core, "is_musa", lambda: platform == "musa")
+    case = Case(9, 4)
+    weights = make_experts(case.num_experts)
+    ids, topk_weights = make_routing(case)
+    x = make_x(case.num_tokens)
+    out = make_runner(case).run(standard_dispatch(x, ids, topk_weights), quant_info(weights)).hidden_states.float()
+    model_applies = platform not in ("cuda", "musa")  # models/deepseek_v2.py, after self.experts(...)
+    final = out * ROUTED_SCALING_FACTOR if model_applies else out
+    ref = reference.routed_experts(x, *weights, topk_weights, ids).float() * ROUTED_SCALING_FACTOR
+    assert rel_err(final, ref) <= LAYER_SAME_QUANT
+    assert rel_err(final, ref * ROUTED_SCALING_FACTOR) > 0.5  # the double scaling this guards against
 
 
 # ---- every path runs a plan; the policy reaches each ---------------------------------------------
