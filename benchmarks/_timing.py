@@ -57,3 +57,25 @@ def sustained_us(fn: Callable[[], object], seconds: float = 2.0) -> dict:
             "mhz": statistics.median(float(r[0]) for r in rows) if rows else float("nan"),
             "watts": statistics.median(float(r[1]) for r in rows) if rows else float("nan"),
             "throttle": sorted({r[2] for r in rows})}
+
+
+def measure_ceilings() -> dict:
+    """The ceilings a floor is computed from, measured in the same run: read and copy bandwidth
+    over 2 GB (TB/s; copy counts bytes read plus written) and the dense FP8 `_scaled_mm` rate."""
+    x = torch.randn(2 * 1024**3 // 2, device="cuda", dtype=torch.bfloat16)
+    read_ms = triton.testing.do_bench(lambda: x.sum(), warmup=20, rep=200, return_mode="median")
+    y = torch.empty_like(x)
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=20, rep=200, return_mode="median")
+    nbytes = x.numel() * 2
+    del x, y
+    n = 8192
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    mm_ms = triton.testing.do_bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one,
+                                                             out_dtype=torch.bfloat16),
+                                    warmup=20, rep=200, return_mode="median")
+    del a, b
+    torch.cuda.empty_cache()
+    return dict(read_tbs=nbytes / read_ms / 1e9, copy_tbs=2 * nbytes / copy_ms / 1e9,
+                fp8_tflops=2 * n**3 / mm_ms / 1e9)

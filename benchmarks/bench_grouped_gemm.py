@@ -47,6 +47,7 @@ from moe_backend.quant import quantize_fp8_per_token_group  # noqa: E402
 from moe_backend.tune import random_weights  # noqa: E402
 
 import _peers  # noqa: E402
+from _timing import measure_ceilings  # noqa: E402
 import _routing  # noqa: E402
 
 SHAPES = {  # slice -> [(gemm, experts, N, K, vLLM JSON's N = intermediate per rank)]
@@ -76,27 +77,6 @@ def bench(fn, warmup_ms=10, rep_ms=50) -> float:
     graph.replay()
     torch.cuda.synchronize()
     return 1e3 * triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-
-
-def measure_ceilings() -> dict:
-    import triton
-
-    x = torch.randn(2 * 1024**3 // 2, device="cuda", dtype=torch.bfloat16)  # 2 GB
-    read_ms = triton.testing.do_bench(lambda: x.sum(), warmup=20, rep=200, return_mode="median")
-    y = torch.empty_like(x)
-    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=20, rep=200, return_mode="median")
-    nbytes = x.numel() * 2
-    del x, y
-    n = 8192
-    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
-    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
-    one = torch.ones((), device="cuda")
-    mm_ms = triton.testing.do_bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one,
-                                                             out_dtype=torch.bfloat16),
-                                    warmup=20, rep=200, return_mode="median")
-    torch.cuda.empty_cache()
-    return dict(read_tbs=nbytes / read_ms / 1e9, copy_tbs=2 * nbytes / copy_ms / 1e9,
-                fp8_tflops=2 * n**3 / mm_ms / 1e9)
 
 
 class RefChecker:

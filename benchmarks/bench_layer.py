@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from benchmarks import _peer_layer, _peers, _routing
+from benchmarks._timing import measure_ceilings
 
 SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate per expert
 HIDDEN, GLOBAL_EXPERTS, TOPK, RANKS = 7168, 256, 8, 8
@@ -268,29 +269,6 @@ def gpu_kernel_us(fn: Callable[[], object], calls: int) -> tuple[float, float]:
         torch.cuda.synchronize()
     device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     return sum(e.time_range.elapsed_us() for e in device) / calls, len(device) / calls
-
-
-def measure_ceilings() -> dict:
-    """Read and copy bandwidth over 2 GB and the dense FP8 `_scaled_mm` rate, as bench_grouped_gemm."""
-    import triton
-
-    x = torch.randn(2 * 1024**3 // 2, device="cuda", dtype=torch.bfloat16)
-    read_ms = triton.testing.do_bench(lambda: x.sum(), warmup=20, rep=200, return_mode="median")
-    y = torch.empty_like(x)
-    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=20, rep=200, return_mode="median")
-    nbytes = x.numel() * 2
-    del x, y
-    n = 8192
-    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
-    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
-    one = torch.ones((), device="cuda")
-    mm_ms = triton.testing.do_bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one,
-                                                             out_dtype=torch.bfloat16),
-                                    warmup=20, rep=200, return_mode="median")
-    del a, b
-    torch.cuda.empty_cache()
-    return dict(read_tbs=nbytes / read_ms / 1e9, copy_tbs=2 * nbytes / copy_ms / 1e9,
-                fp8_tflops=2 * n**3 / mm_ms / 1e9)
 
 
 # -- one cell -------------------------------------------------------------------------------------
