@@ -112,24 +112,34 @@ def test_full_cache_disk_falls_back(tmp_path):
     _assert_fell_back(paths, errs, cache)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
+def _read_only(cache: Path, on: bool) -> None:
+    """Makes the cache read-only, or writable again. Root writes through permission bits, so for
+    root the directories and files are made immutable (`chattr +i`), which stops root too."""
+    paths = [cache, *cache.rglob("*")]
+    if os.geteuid() == 0:
+        done = subprocess.run(["chattr", "+i" if on else "-i", *map(str, paths)], capture_output=True)
+        if done.returncode and on:
+            subprocess.run(["chattr", "-i", *map(str, paths)], capture_output=True)
+            pytest.skip(f"running as root, and chattr cannot make the cache immutable here: {done.stderr!r}")
+        return
+    for p in paths:
+        p.chmod((stat.S_IRUSR | stat.S_IXUSR if p.is_dir() else stat.S_IRUSR) if on else stat.S_IRWXU)
+
+
 def test_read_only_cache_falls_back_and_still_serves_its_entries(tmp_path):
     cache = tmp_path / "cache"
     (built,), _, _ = _race("fake", cache, tmp_path, processes=1)
-    for d in [cache, *(p for p in cache.rglob("*") if p.is_dir())]:
-        d.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    _read_only(cache, True)
     try:
         # A kernel the read-only cache holds is served from it, no warning.
         paths, calls, errs = _race("fake", cache, tmp_path, processes=1)
         assert paths == [built] and calls == 1 and not any("cannot be written" in e for e in errs)
         # A kernel it lacks is compiled into a temporary directory, with a warning.
-        Path(built).with_suffix(".json").chmod(stat.S_IRUSR)
         (tmp_path / "inc" / "extra.cuh").write_text("// changes the key\n")
         paths, _, errs = _race("fake", cache, tmp_path, processes=2)
         _assert_fell_back(paths, errs, cache)
     finally:
-        for d in [cache, *(p for p in cache.rglob("*") if p.is_dir())]:
-            d.chmod(stat.S_IRWXU)
+        _read_only(cache, False)
 
 
 def test_fallback_in_process_warns_once(tmp_path, monkeypatch):
