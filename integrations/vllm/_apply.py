@@ -25,14 +25,18 @@ def apply_standard(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Ten
                    w2_scale_inv: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    expert_map: torch.Tensor | None, weights_on_input: bool,
                    policy: Policy, num_global_experts: int | None = None) -> None:
-    """Standard format. x_fp8 `[M, H]` with x_scale f32 `[M, H/128]`; topk_weights / topk_ids
+    """Standard format. x_fp8 `[M, H]` with x_scale f32 `[M, H/128]` (or bf16 tokens and
+    x_scale None: quantized here, as the reference does); topk_weights / topk_ids
     (global ids) `[M, k]`; expert_map `[E_global]` global -> local (-1 elsewhere) or None.
     Writes the weighted sum over this rank's experts into output bf16 `[M, H]`; the policy's
     plan for this batch runs it (no host sync: CUDA-graph capturable)."""
     # The engine boundary: metadata checks only (no host sync), so a wrong tensor from the engine
     # is named here instead of failing inside a kernel.
-    check_tensor("hidden_states", x_fp8, dtypes=(FP8_DTYPE,), ndim=2)
-    check_tensor("a1q_scale", x_scale, dtypes=(torch.float32,), device=x_fp8.device)
+    if x_scale is None:  # unquantized tokens (CPU: experts.expects_unquantized_inputs)
+        check_tensor("hidden_states", x_fp8, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    else:
+        check_tensor("hidden_states", x_fp8, dtypes=(FP8_DTYPE,), ndim=2)
+        check_tensor("a1q_scale", x_scale, dtypes=(torch.float32,), device=x_fp8.device)
     check_tensor("output", output, dtypes=(torch.bfloat16,), shape=tuple(x_fp8.shape), device=x_fp8.device)
     check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2, device=x_fp8.device)
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), device=x_fp8.device)
@@ -54,7 +58,7 @@ def apply_standard(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Ten
     # the token count.
     phase = "decode" if capturing() else None
     y = moe_experts.routed_experts(x_fp8, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, weights, local_ids,
-                                   x_scale=x_scale.contiguous(), policy=policy, phase=phase,
+                                   x_scale=None if x_scale is None else x_scale.contiguous(), policy=policy, phase=phase,
                                    num_global_experts=num_global_experts, out=output)
     ab_shadow.observe_routed(y, x_fp8, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), weights, local_ids, x_scale=x_scale, phase=phase)
 

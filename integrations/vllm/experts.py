@@ -110,6 +110,12 @@ class PhaseMoEExperts(_PhaseMoEBase):
     def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
         return TopKWeightAndReduceNoOP()  # `apply` already weighted and summed
 
+    @property
+    def expects_unquantized_inputs(self) -> bool:
+        # vLLM quantizes MoE inputs with a Triton kernel, which a CPU has not: there the bf16
+        # tokens come through and our own quantizer (moe_backend.quant, in routed_experts) runs.
+        return current_platform.is_cpu()
+
     def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
                          expert_tokens_meta, activation):
         # routed_experts sizes its layout per batch from the policy's kernel; vLLM's workspaces
@@ -119,7 +125,7 @@ class PhaseMoEExperts(_PhaseMoEBase):
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
               global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
               expert_tokens_meta, apply_router_weight_on_input):
-        if a1q_scale is None:
+        if a1q_scale is None and not self.expects_unquantized_inputs:
             raise ValueError("phasemoe: a1q_scale is None; vLLM must quantize the input (1x128 groups)")
         _check_activation(activation)
         w13_scale_inv, w2_scale_inv = self._weight_scales()

@@ -350,3 +350,18 @@ def test_each_format_runs_the_policy_plan(vllm_fp8, cpu_input_quant, monkeypatch
         assert plan.expected_m == -(-case.num_tokens * TOPK // case.num_global)
     else:
         assert (plan.kernel, plan.layout, plan.num_rows) == (batched, "masked", MAX_TOKENS)
+
+
+def test_standard_format_on_cpu_quantizes_inputs_itself(vllm_fp8):
+    """No test fixture for the input quantization here: on CPU our experts ask vLLM for the bf16
+    tokens (`expects_unquantized_inputs`) and quantize them with moe_backend's quantizer, since
+    vLLM's own input quantization is a Triton kernel."""
+    v = vllm_fp8
+    case = Case("standard", 7, ep=True)
+    p = _problem(case)
+    kernel, expert_map, (w13, w2) = _vllm_kernel(v, case, p)
+    assert kernel.impl.fused_experts.expects_unquantized_inputs
+    out = kernel.apply(p.x, w13, w2, topk_weights=p.topk_weights, topk_ids=p.topk_ids,
+                       activation=v.MoEActivation.SILU, global_num_experts=case.num_global,
+                       expert_map=expert_map, apply_router_weight_on_input=False)
+    assert _rel_err(out, _reference(p)) <= REL_TOL
