@@ -1,10 +1,12 @@
-"""The two AROUND hooks on SGLang's `Fp8MoEMethod` (see PATCHES.md for why they exist).
+"""The three AROUND hooks on SGLang's `Fp8MoEMethod` (see PATCHES.md for why they exist).
 
 SGLang 0.5.23's `Fp8MoEMethod.create_moe_runner` builds a `MoeRunner` only for a fixed list of
 built-in backend names, and its `apply` builds quant info only for those; a registered runner
 core is never reached from the FP8 path on its own. For `--moe-runner-backend phasemoe` and a
-block-FP8 layer the hooks build our runner and hand it the layer's weights; every other case
-falls through to the original methods untouched.
+block-FP8 layer the hooks build our runner and hand it the layer's weights. On CPU,
+`process_weights_after_loading_block_quant` repacks the experts for AMX (or asserts AMX is
+there); our runner reads the checkpoint layout, so for phasemoe that repack is skipped. Every
+other case falls through to the original methods untouched.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ logger = logging.getLogger(__name__)
 
 _CREATE_TARGET = "sglang.srt.layers.quantization.fp8.Fp8MoEMethod.create_moe_runner"
 _APPLY_TARGET = "sglang.srt.layers.quantization.fp8.Fp8MoEMethod.apply"
+_PROCESS_TARGET = "sglang.srt.layers.quantization.fp8.Fp8MoEMethod.process_weights_after_loading_block_quant"
 _installed = False
 
 
 def install_fp8_hooks(fp8: ModuleType) -> None:
-    """Registers and applies both hooks; raises unless SGLang reports them applied."""
+    """Registers and applies the hooks; raises unless SGLang reports them applied."""
     global _installed
     if _installed:
         return
@@ -35,10 +38,11 @@ def install_fp8_hooks(fp8: ModuleType) -> None:
     source = HookSource(plugin_name=BACKEND_NAME, dist_name="moe-backend")
     HookRegistry.register(_CREATE_TARGET, _around_create_moe_runner, HookType.AROUND, source=source)
     HookRegistry.register(_APPLY_TARGET, _around_apply, HookType.AROUND, source=source)
+    HookRegistry.register(_PROCESS_TARGET, _around_process_block_quant, HookType.AROUND, source=source)
     # Idempotent: targets already patched (by an earlier call or by load_plugins) are skipped.
     HookRegistry.apply_hooks()
     patched = getattr(HookRegistry, "_patched", set())
-    missing = [t for t in (_CREATE_TARGET, _APPLY_TARGET) if t not in patched]
+    missing = [t for t in (_CREATE_TARGET, _APPLY_TARGET, _PROCESS_TARGET) if t not in patched]
     if missing:
         raise RuntimeError(f"SGLang's HookRegistry did not apply {missing} (see its log above)")
     _installed = True
@@ -116,3 +120,13 @@ def _around_apply(original, self, layer, dispatch_output, *args, **kwargs):
         ue8m0=getattr(self.quant_config, "scale_fmt", None) == "ue8m0",
     )
     return runner.run(dispatch_output, quant_info)
+
+
+def _around_process_block_quant(original, self, layer, *args, **kwargs):
+    import sglang.srt.layers.quantization.fp8 as fp8
+    from sglang.srt.layers.moe.utils import get_moe_runner_backend
+
+    # fp8._is_cpu: the flag the original's AMX branch tests (set at import from the CPU engine).
+    if getattr(fp8, "_is_cpu", False) and _is_ours(get_moe_runner_backend()):
+        return None  # our runner reads the checkpoint layout: no AMX repack (nor AMX needed)
+    return original(self, layer, *args, **kwargs)

@@ -456,3 +456,29 @@ def test_every_dispatch_path_runs_the_policy_plan(monkeypatch, policy, standard,
     plans = _plans_of(lambda: runner.run(ll, quant_info(weights)))
     assert [(p.kernel, p.layout, p.expected_m, p.num_rows) for p in plans] == \
         [(low_latency, "masked", 3, hidden.shape[1])]
+
+
+def test_cpu_weight_processing_keeps_the_checkpoint_layout_for_phasemoe(moe_flags, monkeypatch):
+    """On CPU, SGLang's FP8 MoE weight processing repacks the experts for AMX (or asserts AMX):
+    with phasemoe selected the plugin skips it, the weights stay as loaded, and the layer runs."""
+    import sglang.srt.layers.quantization.fp8 as fp8_module
+
+    # SGLang's CPU engine (SGLANG_USE_CPU_ENGINE=1 sets this at import), on a CPU without AMX.
+    monkeypatch.setattr(fp8_module, "_is_cpu", True)
+    monkeypatch.setattr(fp8_module, "_is_cpu_amx_available", False)
+    moe_flags(runner="phasemoe")
+    case = Case(7, 4)
+    weights = make_experts(case.num_experts)
+    layer = fp8_layer([t.clone() for t in weights])
+    method = fp8_method()
+    method.process_weights_after_loading(layer)  # without the hook: "requires that CPU has AMX"
+    assert all(torch.equal(getattr(layer, n), w) for n, w in
+               zip(("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv"), weights))
+    method.create_moe_runner(layer, make_config(case))
+    ids, topk_weights = make_routing(case)
+    x = make_x(case.num_tokens)
+    out = method.apply(layer, standard_dispatch(x, ids, topk_weights)).hidden_states
+    assert rel_err(out, reference.routed_experts(x, *weights, topk_weights, ids)) <= LAYER_SAME_QUANT  # CPU: unscaled
+    moe_flags(runner="triton")
+    with pytest.raises(AssertionError, match="AMX"):  # other runners keep SGLang's own processing
+        fp8_method().process_weights_after_loading(fp8_layer([t.clone() for t in weights]))
