@@ -28,6 +28,37 @@ def _version(module: str) -> str | None:
         return "present"
 
 
+def _kernel_families(torch) -> list[tuple[str, str]]:
+    """Every kernel family the plans can pick, each with whether it runs here and, if not, why."""
+    gpu = torch.cuda.is_available()
+    hopper = gpu and torch.cuda.get_device_capability(0) == (9, 0)
+    triton = _version("triton")
+    if not gpu:
+        triton_why = "not here (needs a CUDA GPU; FP8 tensor cores from sm_89)"
+    elif triton is None:
+        triton_why = "not here (pip install triton)"
+    else:
+        triton_why = f"available (triton {triton}): grouped GEMMs, layout builders, quant, combine"
+    if not hopper:
+        cuda_why = "not here (needs a Hopper GPU, sm_90a)"
+    elif importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
+        cuda_why = "not here (pip install cuda-bindings: the JIT loads cubins through the driver API)"
+    else:
+        from moe_backend.cuda import jit
+
+        try:
+            cuda_why = f"available (nvcc {jit.find_nvcc()}, cache {jit.cache_dir()})"
+        except jit.JITError as exc:
+            cuda_why = f"not here ({exc})"
+    deepgemm = _version("deep_gemm")
+    deepgemm_why = ("not installed (pip install 'moe-backend[deepgemm]')" if deepgemm is None else
+                    f"installed ({deepgemm})" + ("" if hopper else ", but needs a Hopper GPU"))
+    return [("reference (torch)", "available: the oracle, and every GEMM without a GPU"),
+            ("Triton (ours)", triton_why),
+            ("CUDA C++ grouped GEMM (ours, JIT)", cuda_why),
+            ("DeepGEMM (optional peer provider)", deepgemm_why)]
+
+
 def run_info(_: argparse.Namespace, __: argparse.ArgumentParser) -> int:
     import torch
 
@@ -44,8 +75,8 @@ def run_info(_: argparse.Namespace, __: argparse.ArgumentParser) -> int:
               f"{props.total_memory / 2**30:.0f} GiB")
     else:
         print("GPU         none (the layer runs on the torch reference path)")
-    kernels_ok = torch.cuda.is_available() and _version("triton") is not None
-    print(f"kernels     {'Triton FP8 grouped GEMMs (contiguous, masked)' if kernels_ok else 'reference (torch)'}")
+    for i, (family, why) in enumerate(_kernel_families(torch)):
+        print(f"{'kernels' if i == 0 else '':<11} {family}: {why}")
     print("peers       " + ", ".join(f"{name}: {_version(mod) or 'not installed'}" for name, mod in
                                      (("DeepGEMM", "deep_gemm"), ("vLLM", "vllm"), ("SGLang", "sglang"))))
     print(f"policy      {Policy.from_env().to_dict()}")

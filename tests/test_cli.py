@@ -35,6 +35,11 @@ def test_info():
     assert proc.returncode == 0, proc.stderr
     for word in ("torch", "triton", "GPU", "kernels", "peers", "policy"):
         assert word in proc.stdout
+    # Every kernel family, with why it does not run here (this CPU machine).
+    assert "reference (torch): available" in proc.stdout
+    assert "Triton (ours): not here (needs a CUDA GPU" in proc.stdout
+    assert "CUDA C++ grouped GEMM (ours, JIT): not here (needs a Hopper GPU, sm_90a)" in proc.stdout
+    assert "DeepGEMM (optional peer provider): " in proc.stdout
 
 
 def test_default_demo_on_cpu_is_reduced_and_says_the_reference_ran():
