@@ -169,3 +169,23 @@ def deep_gemm_version() -> str:
         return version("sgl-deep-gemm")
     except Exception:  # metadata is optional; the version is only printed
         return "?"
+
+
+def load_peers(log) -> tuple[dict, dict]:
+    """({"dg": deep_gemm, "vllm": fused_moe_kernel} for the peers that load, {"deep_gemm": version,
+    "vllm_source": path} for the run's environment line); why a peer did not load goes to `log`."""
+    import traceback
+
+    env = dict(deep_gemm="not loaded", vllm_source="not loaded")
+    peers: dict = {}
+    try:
+        peers["dg"] = load_deep_gemm()
+        env["deep_gemm"] = deep_gemm_version()
+    except Exception:
+        print("deep_gemm unavailable:\n" + traceback.format_exc(limit=3), file=log, flush=True)
+    try:
+        peers["vllm"], src = load_vllm_kernel()
+        env["vllm_source"] = os.path.relpath(src, ROOT)
+    except Exception:
+        print("vLLM kernel unavailable:\n" + traceback.format_exc(limit=3), file=log, flush=True)
+    return peers, env

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_backend import ops  # noqa: E402
+from moe_backend.dispatch.plan import gemm_provider  # noqa: E402
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous  # noqa: E402
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
 from moe_backend.kernels import _gemm_config  # noqa: E402
@@ -120,7 +120,8 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
     # shapes where it measured faster than Triton (max_m % 128 == 0), prefill -> contiguous, CUDA.
     if rows <= DECODE_MAX_ROWS:
         fn = lambda: ops.grouped_gemm_masked(a, a_s, b, bs, masked_m, out, impl="best", expected_m=rows)  # noqa: E731
-        res["ours_policy_kernel"] = "cuda m" if ops._cuda_pays_masked(n, k, rows, rows) else "triton m"
+        provider = gemm_provider("best", "masked", n, k, rows, a.device, rows)
+        res["ours_policy_kernel"] = "cuda m" if provider == "cuda" else "triton m"
         out.fill_(float("nan"))
         res["ours_policy_us"] = bench(fn)
         res["ours_policy_err"] = checker.rel([(x, a[x], a_s[x], out[x]) for x in check_e])
@@ -644,18 +645,11 @@ def main(argv=None) -> int:
                deep_gemm="not loaded", vllm_source="not loaded")
     peers: dict = {}
     if not args.no_peers:
-        try:
-            peers["dg"] = _peers.load_deep_gemm()
-            env["deep_gemm"] = _peers.deep_gemm_version()
-        except Exception:
-            print("deep_gemm unavailable:\n" + traceback.format_exc(limit=3), file=log, flush=True)
-        try:
-            peers["vllm"], src = _peers.load_vllm_kernel()
-            env["vllm_source"] = os.path.relpath(src, Path(__file__).resolve().parents[1])
+        peers, found = _peers.load_peers(log)
+        env.update(found)
+        if "vllm" in peers:
             peers["vllm_cfgs"] = {(e, inter): _peers.vllm_configs(e, inter)
                                   for shapes in SHAPES.values() for _, e, _, _, inter in shapes}
-        except Exception:
-            print("vLLM kernel unavailable:\n" + traceback.format_exc(limit=3), file=log, flush=True)
     ceil = measure_ceilings()
     print(f"{env}\nceilings {ceil}", flush=True)
     if routed:

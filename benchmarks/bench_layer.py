@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 import traceback
@@ -298,7 +297,9 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
     x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     w13, w13_s = weights["w13"]
     w2, w2_s = weights["w2"]
-    fn = lambda: routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids)  # noqa: E731
+    # The model's expert count is the tile hint's denominator (an EP8 slice holds 32 of 256).
+    fn = lambda: routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids,  # noqa: E731
+                                num_global_experts=GLOBAL_EXPERTS)
 
     out = fn()  # JIT and warm-up outside any capture
     ref = None
@@ -347,19 +348,7 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
 # -- main -----------------------------------------------------------------------------------------
 
 def load_peers(log) -> tuple[dict, dict]:
-    env = dict(deep_gemm="not loaded", vllm_source="not loaded")
-    peers: dict = {}
-    try:
-        peers["dg"] = _peers.load_deep_gemm()
-        env["deep_gemm"] = _peers.deep_gemm_version()
-    except Exception:
-        print("deep_gemm unavailable:\n" + traceback.format_exc(limit=3), file=log, flush=True)
-    try:
-        peers["vllm"], src = _peers.load_vllm_kernel()
-        env["vllm_source"] = os.path.relpath(src, _peers.ROOT)
-    except Exception:
-        print("vLLM kernel unavailable:\n" + traceback.format_exc(limit=3), file=log, flush=True)
-    return peers, env
+    return _peers.load_peers(log)
 
 
 def slice_peers(peers: dict, sl: str, weights: dict, log) -> dict:

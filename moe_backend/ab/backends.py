@@ -102,7 +102,9 @@ class Backend:
                 raise ValueError(f"backend {self.name!r} was registered without masked_fn, so it "
                                  f"cannot run the masked (batched) format")
             return self.masked_fn(*args, ue8m0=ue8m0, expected_m=expected_m)
-        impl = (self.kernel or self._policy().choose(0, "decode")).impl
+        if self.kernel is None:  # a policy: its masked_kernel, as the engine paths run it
+            return experts.masked_experts(*args, policy=self._policy(), ue8m0=ue8m0, expected_m=expected_m)
+        impl = self.kernel.name if self.kernel.layout == "masked" else self.kernel.impl
         return experts.masked_experts(*args, impl=impl, ue8m0=ue8m0, expected_m=expected_m)
 
 

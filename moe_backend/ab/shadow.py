@@ -112,16 +112,23 @@ class Shadow:
         # Layers first run in model order, so the first-call order of their weights numbers them.
         return self._layers.setdefault(w13_fp8.data_ptr(), str(len(self._layers)))
 
-    def _begin(self, layer, w13_fp8) -> tuple[str, list[Backend]]:
+    def _begin(self, layer, experts) -> tuple[str, list[Backend], tuple] | None:
+        """A served call's bookkeeping: None while a CUDA graph is being captured (nothing may run
+        beside it then), else (layer label, the backends sampled this call, the four weights)."""
+        if _capturing():
+            for b, _ in self._backends:
+                self.sink.skipped(b.name, "graph_capture")
+            return None
+        weights = _weights(experts)
         self._drain()
-        label = self._layer(layer, w13_fp8)
+        label = self._layer(layer, weights[0])
         self.calls += 1
         chosen = self._sample()
         if chosen and len(self._pending) >= MAX_PENDING:
             for b in chosen:
                 self.sink.skipped(b.name, "backlog")
-            return label, []
-        return label, chosen
+            chosen = []
+        return label, chosen, weights
 
     # ---- the two formats ----
     def observe_routed(self, primary: torch.Tensor, x, experts, topk_weights, topk_ids, *, x_scale=None,
@@ -129,12 +136,10 @@ class Shadow:
                        expected_m: int | None = None, layer=None) -> None:
         """After a served `routed_experts` call: its output `primary` `[T, H]` and arguments, the four
         weight tensors as `experts` (see `_weights`)."""
-        if _capturing():
-            for b, _ in self._backends:
-                self.sink.skipped(b.name, "graph_capture")
+        started = self._begin(layer, experts)
+        if started is None:
             return
-        w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv = _weights(experts)
-        label, chosen = self._begin(layer, w13_fp8)
+        label, chosen, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv) = started
         phase = self._policy.phase_of(x.shape[0], phase)
         for b, _ in self._backends:
             self.sink.call(label, b.name, phase)
@@ -148,12 +153,10 @@ class Shadow:
                        expected_m: int | None = None, layer=None) -> None:
         """After a served `masked_experts` call: its output `primary` `[E, max_m, H]` and arguments;
         only rows m < masked_m[e] are compared (the others are not outputs)."""
-        if _capturing():
-            for b, _ in self._backends:
-                self.sink.skipped(b.name, "graph_capture")
+        started = self._begin(layer, experts)
+        if started is None:
             return
-        w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv = _weights(experts)
-        label, chosen = self._begin(layer, w13_fp8)
+        label, chosen, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv) = started
         for b, _ in self._backends:
             self.sink.call(label, b.name, "decode")
         max_m = a_fp8.shape[1]
