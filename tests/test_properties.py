@@ -38,7 +38,7 @@ from tolerances import layer_same_quant  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=20_000, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("gpu", max_examples=200, deadline=None, print_blob=True,
+settings.register_profile("gpu", max_examples=100, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILE = os.environ.get("MOE_BACKEND_HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "gpu"):
