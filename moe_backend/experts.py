@@ -89,6 +89,12 @@ def run_masked_plan(plan: Plan, a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_
     """Executes a masked-layout plan on checked operands (see `masked_experts`)."""
     if _plan_records:
         _record(plan)
+    return _execute_masked(plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out,
+                           workspace, ue8m0)
+
+
+def _execute_masked(plan: Plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out,
+                    workspace, ue8m0: bool) -> torch.Tensor:
     num_experts, max_m, _ = a_fp8.shape
     two_i = w13_fp8.shape[1]
     if workspace is not None:
@@ -115,8 +121,14 @@ def run_plan(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, w13_fp8:
              topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int, ue8m0: bool,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """Executes a standard-format plan on checked operands (see `routed_experts`)."""
-    if _plan_records and plan.layout == "contiguous":
-        _record(plan)  # a masked plan is recorded by run_masked_plan
+    if _plan_records:
+        _record(plan)
+    return _execute_plan(plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids,
+                         expert_start, ue8m0, out)
+
+
+def _execute_plan(plan: Plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids,
+                  expert_start: int, ue8m0: bool, out: torch.Tensor | None) -> torch.Tensor:
     num_experts, two_i, _ = w13_fp8.shape
     hidden = w2_fp8.shape[1]
     dev = x.device
@@ -124,7 +136,7 @@ def run_plan(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, w13_fp8:
         layout = ops.build_masked_layout(topk_ids, num_experts, expert_start=expert_start, max_m=plan.num_rows)
         a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)
         y = torch.empty(num_experts, plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
-        run_masked_plan(plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m,
+        _execute_masked(plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m,
                         y, None, ue8m0)
     else:
         layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,
@@ -258,9 +270,19 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {sorted(KERNELS)}, got {kernel!r}")
 
-    plan = make_plan(policy or Policy.from_env(), num_tokens=num_tokens, topk=topk_ids.shape[1],
+    policy = policy or Policy.from_env()
+    plan = make_plan(policy, num_tokens=num_tokens, topk=topk_ids.shape[1],
                      num_experts=num_experts, num_global_experts=num_global_experts or num_experts,
                      hidden=hidden, intermediate=two_i // 2, device=x.device, phase=phase,
                      quantized_input=x_scale is not None, expected_m=expected_m, kernel=kernel)
+    if plan.graph_plan is not None and not torch.cuda.is_current_stream_capturing():
+        from moe_backend.eager_graphs import run_graphed
+
+        y = run_graphed(plan, _execute_plan, policy.graph_max_tokens, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8,
+                        w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0, out)
+        if y is not None:
+            if _plan_records:
+                _record(plan.graph_plan)
+            return y
     return run_plan(plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights,
                     topk_ids, expert_start, ue8m0, out)

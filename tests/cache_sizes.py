@@ -11,6 +11,7 @@ import sys
 _DICTS = {
     "moe_backend.cuda.jit": ("_loaded", "_primary_contexts", "_fallback_roots"),
     "moe_backend.cuda.grouped_gemm_contiguous": ("_split_cache",),
+    "moe_backend.eager_graphs": ("_graphs", "_static", "_pools", "_eager_once"),
 }
 
 

@@ -121,3 +121,26 @@ def test_cuda_masked_layouts_we_build_are_sized_in_128_row_tiles(monkeypatch):
         assert _plan(kernel="triton_masked", num_tokens=5).num_rows == 5
     finally:
         plan_mod.clear_plan_cache()
+
+
+def test_token_bucket_rounds_up_to_few_sizes():
+    from moe_backend.dispatch.plan import token_bucket
+
+    assert [token_bucket(t, 2048) for t in (1, 2, 3, 5, 100, 256, 257, 300, 2047, 2048)] == \
+        [1, 2, 4, 8, 128, 256, 512, 512, 2048, 2048]
+    assert token_bucket(2049, 2048) == 0 and token_bucket(0, 2048) == 0  # past the limit / empty: no graph
+    assert token_bucket(5, 0) == 0  # graphs off
+    assert token_bucket(290, 300) == 300  # never past the limit (the static buffers' size)
+    assert len({token_bucket(t, 2048) for t in range(1, 2049)}) == 9 + 7  # powers of two, then steps of 256
+
+
+def test_cpu_plans_carry_no_graph():
+    plan = make_plan(Policy(), num_tokens=8, topk=2, num_experts=4, num_global_experts=4, hidden=256,
+                     intermediate=128, device=torch.device("cpu"))
+    assert plan.graph_plan is None
+
+
+@pytest.mark.parametrize("value, error", [(-1, ValueError), (True, TypeError), ("8", TypeError), (1.5, TypeError)])
+def test_graph_max_tokens_is_checked(value, error):
+    with pytest.raises(error, match="graph_max_tokens"):
+        Policy(graph_max_tokens=value)

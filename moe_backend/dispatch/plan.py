@@ -18,7 +18,7 @@ each came from.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from moe_backend.dispatch.layouts import max_contiguous_rows
 from moe_backend.dispatch.policy import KERNELS, Policy
 
 __all__ = ["GemmPlan", "Plan", "make_plan", "make_masked_plan", "thresholds", "gemm_provider",
-           "fused_permute_quant_pays", "clear_plan_cache"]
+           "fused_permute_quant_pays", "clear_plan_cache", "token_bucket"]
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
 _REFERENCE_ALIGNMENT = 128  # no kernel constraint; keeps the reference's layouts shaped like the GPU's
@@ -64,6 +64,9 @@ class Plan:
     gemm2: GemmPlan  # [rows, I] x w2 [E, H, I]^T
     fused_permute_quant: bool  # bf16 tokens quantized straight into the layout's rows
     device: str
+    # An eager call replays this plan (tokens rounded up to a bucket) as a CUDA graph
+    # (`moe_backend.eager_graphs`); None: launched kernel by kernel.
+    graph_plan: "Plan | None" = None
 
     def describe(self) -> str:
         def gemm(g: GemmPlan) -> str:
@@ -78,7 +81,8 @@ class Plan:
         return (f"{self.phase} T={self.num_tokens} k={self.topk} E={self.num_experts} -> {self.kernel}: "
                 f"{self.layout} rows={self.num_rows} align={self.alignment} expected_m={self.expected_m} "
                 f"gemm1={gemm(self.gemm1)} gemm2={gemm(self.gemm2)} "
-                f"fused_permute_quant={self.fused_permute_quant} on {self.device}")
+                f"fused_permute_quant={self.fused_permute_quant} on {self.device}"
+                + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else ""))
 
 
 @lru_cache(maxsize=1)
@@ -198,6 +202,24 @@ def _device_key(device: torch.device) -> tuple[str, int | None]:
     return device.type, device.index
 
 
+# Graph buckets: powers of two up to the decode range, then multiples of this many tokens.
+GRAPH_BUCKET_STEP = 256
+# Providers whose kernels are ours and capture-safe (no host sync, no JIT during replay).
+_GRAPHABLE_PROVIDERS = frozenset({"triton", "cuda"})
+
+
+def token_bucket(num_tokens: int, max_tokens: int) -> int:
+    """The token count an eager call's graph is captured at (>= num_tokens), or 0 (no graph):
+    few buckets bound the graphs per layer; the padding tokens route nowhere."""
+    if num_tokens <= 0 or num_tokens > max_tokens:
+        return 0
+    if num_tokens <= GRAPH_BUCKET_STEP:
+        bucket = 1 << (num_tokens - 1).bit_length()
+    else:
+        bucket = -(-num_tokens // GRAPH_BUCKET_STEP) * GRAPH_BUCKET_STEP
+    return min(bucket, max_tokens)
+
+
 def make_plan(policy: Policy, *, num_tokens: int, topk: int, num_experts: int, num_global_experts: int,
               hidden: int, intermediate: int, device: torch.device, phase: str | None = None,
               quantized_input: bool = False, expected_m: int | None = None,
@@ -206,11 +228,12 @@ def make_plan(policy: Policy, *, num_tokens: int, topk: int, num_experts: int, n
     overrides the policy's choice. Cached per distinct arguments."""
     phase = policy.phase_of(num_tokens, phase)
     name = kernel or (policy.decode_kernel if phase == "decode" else policy.prefill_kernel)
+    graph_tokens = token_bucket(num_tokens, policy.graph_max_tokens) if device.type == "cuda" else 0
+    graph_expected_m = expected_m or max(1, -(-graph_tokens * topk // max(num_global_experts, 1)))
     if expected_m is None:
         expected_m = max(1, -(-num_tokens * topk // max(num_global_experts, 1)))
-    plan = _make_plan(policy.print_plan, name, phase, num_tokens, topk, num_experts, hidden, intermediate,
-                      _device_key(device), quantized_input, expected_m)
-    return plan
+    return _make_plan(policy.print_plan, name, phase, num_tokens, topk, num_experts, hidden, intermediate,
+                      _device_key(device), quantized_input, expected_m, 0, graph_tokens, graph_expected_m)
 
 
 def make_masked_plan(policy: Policy, *, num_experts: int, max_m: int, hidden: int, intermediate: int,
@@ -225,7 +248,7 @@ def make_masked_plan(policy: Policy, *, num_experts: int, max_m: int, hidden: in
 @lru_cache(maxsize=4096)
 def _make_plan(print_plan: bool, name: str, phase: str, num_tokens: int, topk: int, num_experts: int,
                hidden: int, intermediate: int, device_key: tuple[str, int | None], quantized_input: bool,
-               expected_m: int, masked_max_m: int = 0) -> Plan:
+               expected_m: int, masked_max_m: int = 0, graph_tokens: int = 0, graph_expected_m: int = 0) -> Plan:
     device = torch.device(*device_key) if device_key[1] is not None else torch.device(device_key[0])
     choice = KERNELS[name]
     layout = "masked" if masked_max_m else choice.layout
@@ -259,6 +282,10 @@ def _make_plan(print_plan: bool, name: str, phase: str, num_tokens: int, topk: i
                 num_experts=num_experts, hidden=hidden, intermediate=intermediate, expected_m=expected_m,
                 alignment=alignment, num_rows=num_rows, gemm1=gemm1, gemm2=gemm2,
                 fused_permute_quant=fused, device=str(device))
+    if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
+        graph_plan = _make_plan(print_plan, name, phase, graph_tokens, topk, num_experts, hidden, intermediate,
+                                device_key, quantized_input, graph_expected_m)
+        plan = replace(plan, graph_plan=graph_plan)
     if print_plan:
         print(f"[moe_backend] plan: {plan.describe()}", flush=True)
     return plan

@@ -11,7 +11,7 @@ either a path or the JSON itself), with optional per-GPU overrides under `"devic
 `torch.cuda.get_device_name()`, so a calibration on one GPU does not leak onto another:
 
     {"decode_kernel": "triton", "decode_max_tokens": 256, "masked_kernel": "triton_masked",
-     "devices": {"NVIDIA H100 80GB HBM3": {"decode_kernel": "contiguous"}}}
+     "graph_max_tokens": 0, "devices": {"NVIDIA H100 80GB HBM3": {"decode_kernel": "contiguous"}}}
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ class Policy:
     decode_max_tokens: int = 256
     # Inputs an engine hands over already in the masked layout (DeepEP low-latency, vLLM batched).
     masked_kernel: str = "masked"
+    # Eager CUDA calls of at most this many tokens replay a CUDA graph captured once per token
+    # bucket (kernel launches cost more host time than the kernels take at decode and small
+    # prefill); 0 turns it off. Memory: one pool holding one call's intermediates at this size.
+    graph_max_tokens: int = 2048
     # Print each new plan (MOE_BACKEND_PRINT_POLICY=1).
     print_plan: bool = False
 
@@ -77,12 +81,12 @@ class Policy:
         if self.masked_kernel not in MASKED_KERNELS:
             raise ValueError(f"key 'masked_kernel': {self.masked_kernel!r} does not run the masked layout; "
                              f"choose one of {list(MASKED_KERNELS)}")
-        if isinstance(self.decode_max_tokens, bool) or not isinstance(self.decode_max_tokens, int):
-            raise TypeError(f"key 'decode_max_tokens': expected an int >= 0, got "
-                            f"{type(self.decode_max_tokens).__name__} {self.decode_max_tokens!r}")
-        if self.decode_max_tokens < 0:
-            raise ValueError(f"key 'decode_max_tokens': expected an int >= 0, "
-                             f"got {self.decode_max_tokens!r}")
+        for key in ("decode_max_tokens", "graph_max_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"key {key!r}: expected an int >= 0, got {type(value).__name__} {value!r}")
+            if value < 0:
+                raise ValueError(f"key {key!r}: expected an int >= 0, got {value!r}")
         if not isinstance(self.print_plan, bool):
             raise ValueError(f"key 'print_plan': expected true or false, got {self.print_plan!r}")
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from moe_backend import reference
-from moe_backend.experts import routed_experts
+from moe_backend import eager_graphs
+from moe_backend.dispatch.plan import token_bucket
+from moe_backend.experts import recorded_plans, routed_experts
 from tolerances import LAYER_SAME_QUANT
 
 pytestmark = pytest.mark.gpu
@@ -103,3 +105,31 @@ def test_layer_eager_call_never_syncs(expert_slice, tokens):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert _rel(out, reference.routed_experts(x, *weights, topk_w, topk_ids)) <= LAYER_SAME_QUANT
+
+
+def test_eager_calls_replay_a_graph_per_bucket(expert_slice):
+    """An eager call's second sight of a shape replays the graph of its token bucket: the plan it
+    records is the bucket's, the result matches the reference, rows past the call's tokens never
+    leak into it, results already returned are not overwritten by later calls, and `out=` is
+    honoured. Token counts go down as well as up (the ids past a call's tokens are reset)."""
+    name, weights = expert_slice
+    eager_graphs.clear()
+    kept = []
+    for step, tokens in enumerate([300, 37, 64, 5, 2048, 37, 1]):
+        x = torch.randn(tokens, HIDDEN, device="cuda").to(torch.bfloat16)
+        topk_w, topk_ids = _route(tokens, seed=20 + step, exponent=1.2 if step % 2 else 0.0)
+        routed_experts(x, *weights, topk_w, topk_ids)  # a plan's first call runs eagerly
+        out = torch.full((tokens, HIDDEN), float("nan"), dtype=torch.bfloat16, device="cuda")
+        with recorded_plans() as plans:
+            got = routed_experts(x, *weights, topk_w, topk_ids, out=out if step % 2 else None)
+        assert [p.num_tokens for p in plans] == [token_bucket(tokens, 2048)], f"{name} T={tokens}: {plans}"
+        if step % 2:
+            assert got.data_ptr() == out.data_ptr()
+        want = reference.routed_experts(x, *weights, topk_w, topk_ids)
+        assert got.shape == (tokens, HIDDEN) and torch.isfinite(got.float()).all()
+        err = _rel(got, want)
+        assert err <= LAYER_SAME_QUANT, f"{name} T={tokens}: rel err {err:.2e}"
+        kept.append((got, got.clone()))
+    for got, copy in kept:
+        assert torch.equal(got, copy), "a later call overwrote a result already returned"
+    assert eager_graphs.cache_sizes()["graphs"] == len({token_bucket(t, 2048) for t in [300, 37, 64, 5, 2048, 1]})

@@ -1,0 +1,169 @@
+"""Eager calls of the routed experts served by CUDA graphs.
+
+An eager call launches about eight kernels, and their Python launch cost (argument binding,
+specialization keys, packing) is larger than the kernels' own time at decode and small prefill.
+When the plan carries a `graph_plan` (`moe_backend.dispatch.plan.token_bucket`), the call copies
+its inputs into static buffers, replays that plan's graph, and copies the rows it asked for out:
+four small copies and one replay instead of the pipeline's launches.
+
+- One graph per (bucket plan, weights, expert offset, scale format), captured on first use after
+  a warm-up run (JIT compiles and occupancy look-ups happen outside the capture).
+- Static buffers are sized for the policy's `graph_max_tokens` and shared by every layer on a
+  (device, stream): each bucket's graph works on leading views of them. Tokens past the call's
+  count carry id -1, so they route nowhere; their output rows are never copied out.
+- Every graph allocates from one memory pool per device. Replays run one at a time on a stream,
+  and nothing a graph leaves behind lives in the pool (its output is the static buffer), so
+  graphs may reuse each other's intermediates in any order.
+- A capture that fails (an operation that cannot be captured) is remembered and that key runs
+  eagerly from then on, with one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from moe_backend.dispatch.plan import Plan
+
+__all__ = ["run_graphed", "clear", "cache_sizes", "MAX_GRAPHS"]
+
+# Graphs kept (least recently used dropped first): 61 MoE layers x the default policy's buckets fit.
+MAX_GRAPHS = 1024
+
+
+@dataclass
+class _StaticIO:
+    x: torch.Tensor  # [capacity, H] in the caller's dtype (fp8 when prequantized)
+    x_scale: torch.Tensor | None  # [capacity, H/128] f32 when prequantized
+    ids: torch.Tensor  # [capacity, k]; -1 past the rows in use
+    weights: torch.Tensor  # [capacity, k] f32
+    out: torch.Tensor  # [capacity, H] bf16
+    dirty_rows: int = 0  # rows of `ids` that may hold ids other than -1
+
+
+_static: dict[tuple, _StaticIO] = {}
+# key -> (bucket plan, graph or None when its capture failed). The key holds the plan's id (hashing
+# a plan per call costs more than the copies); the value keeps the plan alive so the id stays its own.
+_graphs: OrderedDict[tuple, tuple[Plan, torch.cuda.CUDAGraph | None]] = OrderedDict()
+_pools: dict[int, tuple] = {}
+_eager_once: dict[int, Plan] = {}  # plans (by id, kept alive here) that have run eagerly once
+
+
+def clear() -> None:
+    """Drops every graph, pool and static buffer (tests; freeing memory)."""
+    _graphs.clear()
+    _eager_once.clear()
+    _static.clear()
+    _pools.clear()
+
+
+def cache_sizes() -> dict[str, int]:
+    return {"graphs": len(_graphs), "static_buffers": len(_static), "pools": len(_pools),
+            "plans_seen": len(_eager_once)}
+
+
+def _static_io(capacity: int, x: torch.Tensor, x_scale: torch.Tensor | None, ids: torch.Tensor,
+               stream: torch.cuda.Stream) -> _StaticIO:
+    key = (x.device.index, stream.cuda_stream, capacity, x.shape[1], x.dtype, x_scale is None, ids.shape[1],
+           ids.dtype)
+    io = _static.get(key)
+    if io is None:
+        dev, hidden, topk = x.device, x.shape[1], ids.shape[1]
+        # Zeros, not empty: rows past a call's tokens are read (never used) by whole-tensor steps.
+        io = _StaticIO(
+            x=torch.zeros(capacity, hidden, dtype=x.dtype, device=dev),
+            x_scale=None if x_scale is None else torch.ones(capacity, x_scale.shape[1], dtype=torch.float32,
+                                                            device=dev),
+            ids=torch.full((capacity, topk), -1, dtype=ids.dtype, device=dev),
+            weights=torch.zeros(capacity, topk, dtype=torch.float32, device=dev),
+            out=torch.empty(capacity, hidden, dtype=torch.bfloat16, device=dev))
+        _static[key] = io
+    return io
+
+
+def _pool(device_index: int):
+    if device_index not in _pools:
+        _pools[device_index] = torch.cuda.graph_pool_handle()
+    return _pools[device_index]
+
+
+def run_graphed(plan: Plan, execute: Callable[..., torch.Tensor], capacity: int, x: torch.Tensor,
+                x_scale: torch.Tensor | None, w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor,
+                w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor, expert_start: int, ue8m0: bool,
+                out: torch.Tensor | None) -> torch.Tensor | None:
+    """Runs `plan.graph_plan` as a graph on checked operands; returns the [T, H] result, or None
+    when this key cannot be graphed (the caller then runs the plan eagerly).
+
+    execute(plan, x, x_scale, w13, w13_s, w2, w2_s, topk_weights, topk_ids, expert_start, ue8m0, out)
+    runs a plan's kernels (`moe_backend.experts` passes its executor)."""
+    if id(plan) not in _eager_once:
+        # The first call of a plan runs eagerly: it compiles that plan's own kernels, which a later
+        # capture of this shape by the caller (an engine's decode graphs) then finds ready.
+        _eager_once[id(plan)] = plan
+        return None
+    bucket_plan = plan.graph_plan
+    tokens, bucket = x.shape[0], bucket_plan.num_tokens
+    stream = torch.cuda.current_stream(x.device)
+    io = _static_io(capacity, x, x_scale, topk_ids, stream)
+    key = (id(bucket_plan), stream.cuda_stream, w13_fp8.data_ptr(), w13_scale_inv.data_ptr(), w2_fp8.data_ptr(),
+           w2_scale_inv.data_ptr(), expert_start, ue8m0, x.dtype, topk_ids.shape[1], topk_ids.dtype)
+    entry = _graphs.get(key)
+    graph = False if entry is None else entry[1]
+    if graph is None:
+        return None
+    # Inputs into the static buffers; ids past this call's tokens back to -1.
+    io.x[:tokens].copy_(x)
+    if x_scale is not None:
+        io.x_scale[:tokens].copy_(x_scale)
+    if io.dirty_rows > tokens:
+        io.ids[tokens:io.dirty_rows].fill_(-1)
+    io.ids[:tokens].copy_(topk_ids)
+    io.weights[:tokens].copy_(topk_weights)
+    io.dirty_rows = tokens
+    if graph is False:
+        graph = _capture(bucket_plan, execute, io, bucket, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
+                         expert_start, ue8m0, stream)
+        _graphs[key] = (bucket_plan, graph)
+        while len(_graphs) > MAX_GRAPHS:
+            _graphs.popitem(last=False)
+        if graph is None:
+            return None
+    else:
+        _graphs.move_to_end(key)
+    graph.replay()
+    if out is not None:
+        return out.copy_(io.out[:tokens])
+    return io.out[:tokens].clone()
+
+
+def _capture(plan: Plan, execute, io: _StaticIO, bucket: int, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
+             expert_start: int, ue8m0: bool, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph | None:
+    args = (plan, io.x[:bucket], None if io.x_scale is None else io.x_scale[:bucket], w13_fp8, w13_scale_inv,
+            w2_fp8, w2_scale_inv, io.weights[:bucket], io.ids[:bucket], expert_start, ue8m0, io.out[:bucket])
+    # Warm-up on a side stream (compiles, occupancy look-ups, lazy inits stay out of the capture).
+    side = torch.cuda.Stream(device=io.x.device)
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):
+        execute(*args)
+    stream.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # capture_begin/end rather than torch.cuda.graph(), which synchronizes the device and empties
+    # the allocator's cache on entry: the side stream already waits for the caller's work.
+    try:
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=_pool(io.x.device.index))
+            try:
+                execute(*args)
+            finally:
+                graph.capture_end()
+    except Exception as exc:  # any capture failure: this key launches kernel by kernel
+        warnings.warn(f"moe_backend: eager calls of plan [{plan.describe()}] run without a CUDA graph: "
+                      f"capture failed ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=3)
+        return None
+    stream.wait_stream(side)
+    return graph
