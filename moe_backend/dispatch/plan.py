@@ -189,11 +189,15 @@ def _alignment(gemms: tuple[GemmPlan, ...]) -> int:
     return align
 
 
-def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
-    """Fused permute+quant reads bf16 per layout row and writes fp8 (3 bytes per element and row);
-    unfused quantizes the tokens (3 per token) then gathers fp8 rows (2 per row): fused moves
-    less while rows < the measured multiple of tokens (dispatch_thresholds.json)."""
-    return layout_rows < thresholds()["fused_permute_quant_max_rows_per_token"] * num_tokens
+def fused_permute_quant_pays(num_tokens: int, layout_rows: int, gathered_rows: int | None = None) -> bool:
+    """Fused permute+quant reads bf16 and writes fp8 for each layout row in use (3 bytes per
+    element and row; padding rows are skipped); unfused quantizes each token once (3 per token),
+    then gathers fp8 rows over the layout's static bound (2 per gathered row, padding included).
+    The measured crossover (dispatch_thresholds.json: fused faster while rows < c x tokens, on a
+    layout without padding) fixes the fused cost per row at 2 + 3/c bytes."""
+    gathered = layout_rows if gathered_rows is None else gathered_rows
+    per_row = 2 + 3 / thresholds()["fused_permute_quant_max_rows_per_token"]
+    return per_row * layout_rows < 3 * num_tokens + 2 * gathered
 
 
 def _device_key(device: torch.device) -> tuple[str, int | None]:
@@ -277,7 +281,8 @@ def _make_plan(print_plan: bool, name: str, phase: str, num_tokens: int, topk: i
         alignment = _alignment((gemm1, gemm2))
         num_rows = max_contiguous_rows(num_tokens * topk, num_experts, alignment)
     real_rows = min(num_tokens * topk, expected_m * num_experts) if topk else num_rows
-    fused = not quantized_input and fused_permute_quant_pays(num_tokens, real_rows)
+    gathered = num_rows * (num_experts if layout == "masked" else 1)
+    fused = not quantized_input and fused_permute_quant_pays(num_tokens, real_rows, gathered)
     plan = Plan(kernel=name, phase=phase, layout=layout, num_tokens=num_tokens, topk=topk,
                 num_experts=num_experts, hidden=hidden, intermediate=intermediate, expected_m=expected_m,
                 alignment=alignment, num_rows=num_rows, gemm1=gemm1, gemm2=gemm2,
