@@ -34,7 +34,7 @@ from moe_backend.layers.router import noaux_tc_route  # noqa: E402
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group  # noqa: E402
 from moe_backend.random_weights import random_moe_weights  # noqa: E402
 from naive import rel_err  # noqa: E402
-from tolerances import layer_same_quant  # noqa: E402
+from tolerances import LAYER_SAME_QUANT_ONE_GROUP, layer_same_quant  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=20_000, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -230,7 +230,10 @@ def test_routed_experts_match_reference(hidden: int, inter: int, ue8m0: bool, ke
     no_local = ~_local_slots(r).any(dim=1)
     assert not out.cpu()[no_local].any(), "a token without local experts got a nonzero row"
     if tokens and ref.float().norm() > 0:
-        assert rel_err(out.cpu(), ref) < layer_same_quant(int(_local_slots(r).sum()))
+        bound = layer_same_quant(int(_local_slots(r).sum()))
+        if DEVICE.type == "cuda" and min(hidden, inter) == 128:
+            bound = max(bound, LAYER_SAME_QUANT_ONE_GROUP)
+        assert rel_err(out.cpu(), ref) < bound
     CASES["routed_experts vs reference"] += 1
 
 

@@ -18,6 +18,13 @@ def layer_same_quant(pairs: int) -> float:
     from moe_backend.ab.divergence import cell_tolerance
 
     return cell_tolerance(LAYER_SAME_QUANT, pairs)
+# The same on the GPU when a dimension is a single 128-element scale group (hidden or
+# intermediate = 128, the property tests' smallest shapes): one group scale per row, so a scale the
+# kernel rounds differently moves every element of that row; measured 1.3e-2 on an H200 over 269
+# tokens on one expert (tests/test_properties.py, GPU profile), against ~5e-3 at DeepSeek-V3 sizes.
+LAYER_SAME_QUANT_ONE_GROUP = 2e-2
+
+
 # Layer vs unquantized activations: FP8 e4m3 rounding of activations (3 mantissa bits: ~4% worst
 # case per element, ~2-3% norm-wise) through two GEMMs.
 LAYER_UNQUANTIZED = 6e-2
