@@ -65,7 +65,7 @@ for step in "$@"; do
                 ${COMPARE_ARGS:-} 2>"$OUT/compare.progress"; tail -c 400 "$OUT/compare.progress" | tr '\r' '\n' | tail -2
                grep -E "^(- \*\*|\| (ep8|tp8) \|)" "$OUT/compare/report.md" | head -40; rm -f "$OUT/compare.progress" ;;
     abshadow) for b in triton $(python3 -c "import deep_gemm" 2>/dev/null && echo deepgemm); do timeout ${SHADOW_TIMEOUT:-120} python3 benchmarks/bench_shadow_overhead.py \
-                --backend $b 2>&1 | tee -a "$OUT/shadow_overhead.log" | tail -6; done ;;
+                --backend $b ${SHADOW_ARGS:-} 2>&1 | tee -a "$OUT/shadow_overhead.log" | tail -6; done ;;
   esac
   echo "== $step: $(( $(date +%s) - t0 ))s"
 done
