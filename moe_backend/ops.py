@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from moe_backend import reference
 from moe_backend._checks import check_gemm_args, check_quant_args, check_tensor
+from moe_backend.constants import LAYOUT_ALIGNMENT, QUANT_BLOCK
+from moe_backend.providers import torch_reference
 
 __all__ = [
     "grouped_gemm_contiguous",
@@ -40,10 +41,6 @@ __all__ = [
 ]
 
 IMPLS = ("auto", "best", "triton", "cuda", "deepgemm", "reference")
-
-
-# The reference has no alignment need; 128 keeps its layouts shaped like the kernels'.
-_REFERENCE_ALIGNMENT = 128
 
 
 @lru_cache(maxsize=None)
@@ -109,7 +106,7 @@ def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None
         from moe_backend.providers import deepgemm
 
         return deepgemm.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
-    return reference.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
+    return torch_reference.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
 
 
 def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, impl: str = "auto",
@@ -136,10 +133,10 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
         from moe_backend.providers import deepgemm
 
         return deepgemm.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out, expected_m)
-    return reference.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
+    return torch_reference.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
 
 
-def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+def silu_mul_quant(h: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
                    expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
                    used_rows: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """See `moe_backend.reference.silu_mul_quant`: with `expert_ids` or `masked_m` only the rows
@@ -149,10 +146,10 @@ def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
     check_quant_args("h", h, group, ue8m0)
     if _provider("auto", h.device) == "triton":
         return _kernel("silu_mul_quant")(h, group, ue8m0, **validity)
-    return reference.silu_mul_quant(h, group, ue8m0, **validity)
+    return torch_reference.silu_mul_quant(h, group, ue8m0, **validity)
 
 
-def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
+def per_token_group_quant(x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False):
     """See `moe_backend.quant.quantize_fp8_per_token_group`."""
     check_quant_args("x", x, group, ue8m0)
     if _provider("auto", x.device) == "triton":
@@ -162,7 +159,7 @@ def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False
     return quantize_fp8_per_token_group(x, group, ue8m0)
 
 
-def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
                   out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None):
     """Per-token-group quant fused with the permute into a layout's rows (`layout.src_token`):
     see `moe_backend.dispatch.layouts.permute_quant`, bit-identical to quant + `permute` on the
@@ -215,14 +212,14 @@ def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu")
         from moe_backend.providers import deepgemm
 
         return deepgemm.contiguous_alignment()
-    return _REFERENCE_ALIGNMENT
+    return LAYOUT_ALIGNMENT
 
 
 # Layout builders: the Triton kernels on CUDA tensors, their torch twins otherwise (same layout).
 
 
 def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                            alignment: int = 128):
+                            alignment: int = LAYOUT_ALIGNMENT):
     """topk_ids `[T, k]` -> `ContiguousLayout` on the static `max_contiguous_rows(T*k, E, alignment)`
     rows (padding and the unused tail: expert_ids = src_token = -1). No host sync: CUDA-graph
     capturable. See `moe_backend.kernels.build_layout`."""

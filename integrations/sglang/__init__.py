@@ -16,11 +16,11 @@ import logging
 import os
 from importlib import metadata
 
+from moe_backend.constants import BACKEND_NAME
 from moe_backend_integrations._post_import import when_imported
 
 __all__ = ["register", "check", "BACKEND_NAME", "SGLANG_VERSION"]
 
-BACKEND_NAME = "phasemoe"
 SGLANG_VERSION = "0.5.23"
 ANY_VERSION_ENV = "MOE_BACKEND_SGLANG_ANY_VERSION"
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from moe_backend._checks import check_int, check_quant_out, check_tensor
-from moe_backend.quant import FP8_DTYPE, quantize_fp8_per_token_group
+from moe_backend.constants import FP8_DTYPE, LAYOUT_ALIGNMENT, QUANT_BLOCK
+from moe_backend.quant import quantize_fp8_per_token_group
 
 __all__ = [
     "ContiguousLayout",
@@ -94,7 +95,7 @@ def max_contiguous_rows(num_slots: int, num_local_experts: int, alignment: int) 
 
 
 def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                            alignment: int = 128, exact_size: bool = True) -> ContiguousLayout:
+                            alignment: int = LAYOUT_ALIGNMENT, exact_size: bool = True) -> ContiguousLayout:
     """topk_ids `[T, k]` (global ids; experts `[expert_start, expert_start + E)` are local).
 
     exact_size=True sizes the layout to the padded total (one host sync: fine for prefill);
@@ -168,7 +169,7 @@ def permute(x: torch.Tensor, layout: ContiguousLayout | MaskedLayout) -> torch.T
     return _gather_rows(x, layout.src_token)
 
 
-def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
                   out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token-group FP8 quant of x `[T, H]`, rows copied as `src_token` (int64, any shape S, -1 =
