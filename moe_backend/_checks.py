@@ -3,12 +3,12 @@ was expected, so a bad call fails at the boundary instead of deep inside a kerne
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Sequence
 
 import torch
 
 from moe_backend.constants import FP8_DTYPE, QUANT_BLOCK
+from moe_backend.env import ENV
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -78,7 +78,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 # raises a ValueError naming the input. Unchecked (GPU, no host sync), rows stay independent: a bad
 # row never changes another row, and the quantizers saturate instead of producing NaN.
 def finite_checks_enabled(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" or os.environ.get("MOE_BACKEND_CHECK_FINITE", "0") not in ("", "0")
+    return t.device.type == "cpu" or ENV.check_finite
 
 
 def _row_summary(bad_rows: torch.Tensor) -> str:
