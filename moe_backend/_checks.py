@@ -172,13 +172,13 @@ def check_grouped_gemm_weights(b_fp8: object, b_scale: object, k: int) -> tuple[
 def check_expert_weights(w13_fp8: object, w13_scale_inv: object, w2_fp8: object, w2_scale_inv: object,
                          hidden: int) -> tuple[int, int]:
     """The experts' MLP: w13 fp8 `[E, 2I, H]` (gate rows, then up rows), w2 fp8 `[E, H, I]`, block
-    scales beside them; returns (E, I)."""
+    scales beside them; returns (E, 2I), w13's (E, N)."""
     num_experts, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
     check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2)
     if w2_fp8.shape[:2] != (num_experts, hidden):
         raise ValueError(f"w2_fp8: expected shape [{num_experts}, {hidden}, {two_i // 2}], "
                          f"got {list(w2_fp8.shape)}")
-    return num_experts, two_i // 2
+    return num_experts, two_i
 
 
 def check_token_activations(x: object, x_scale: object) -> int:

@@ -160,10 +160,9 @@ def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Te
     check_tensor("a_fp8", a_fp8, ndim=3)
     check_activations(a_fp8, a_scale, ndim=3)
     num_experts, max_m, hidden = a_fp8.shape
-    e13, intermediate = check_expert_weights(w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, hidden)
+    e13, two_i = check_expert_weights(w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, hidden)
     if e13 != num_experts:
         raise ValueError(f"w13_fp8 / w2_fp8: expected {num_experts} experts (dim 0 of a_fp8), got {e13}")
-    two_i = 2 * intermediate
     check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(num_experts,), device=a_fp8.device)
     check_bool("ue8m0", ue8m0)
     check_int("expected_m", expected_m, minimum=1, optional=True)
@@ -232,7 +231,7 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
         raise ValueError(f"phase: expected one of {PHASES} or None, got {phase!r}")
     hidden = check_token_activations(x, x_scale)
     num_tokens = x.shape[0]
-    num_experts, intermediate = check_expert_weights(w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, hidden)
+    num_experts, two_i = check_expert_weights(w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, hidden)
     check_topk(topk_ids, topk_weights, num_tokens)
     check_same_device(x=x, w13_fp8=w13_fp8, w2_fp8=w2_fp8, topk_ids=topk_ids, topk_weights=topk_weights)
     if out is not None:
@@ -248,7 +247,7 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
 
     plan = make_plan(policy or Policy.from_env(), num_tokens=num_tokens, topk=topk_ids.shape[1],
                      num_experts=num_experts, num_global_experts=num_global_experts or num_experts,
-                     hidden=hidden, intermediate=intermediate, device=x.device, phase=phase,
+                     hidden=hidden, intermediate=two_i // 2, device=x.device, phase=phase,
                      quantized_input=x_scale is not None, expected_m=expected_m, kernel=kernel)
     return run_plan(plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights,
                     topk_ids, expert_start, ue8m0, out)
