@@ -185,16 +185,17 @@ def permute_rows(x_fp8: torch.Tensor, x_scale: torch.Tensor, src_token: torch.Te
 
 def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """See `moe_backend.dispatch.layouts.combine_rows` (a gather: deterministic, fp32 sum)."""
+    """Un-permute + top-k weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`
+    (see `moe_backend.dispatch.layouts.unpermute_combine`; a gather: deterministic, fp32 sum)."""
     check_tensor("y", y, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=2)
     check_tensor("row_of_slot", row_of_slot, dtypes=(torch.int32, torch.int64), ndim=2, device=y.device)
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(row_of_slot.shape),
                  device=y.device)
     if _provider("auto", y.device) == "triton":
-        return _kernel("unpermute_combine", module="combine")(y, row_of_slot, topk_weights, out)
-    from moe_backend.dispatch.layouts import combine_rows
+        return _kernel("unpermute_combine")(y, row_of_slot, topk_weights, out)
+    from moe_backend.dispatch.layouts import unpermute_combine as unpermute_combine_torch
 
-    return combine_rows(y, row_of_slot, topk_weights, out)
+    return unpermute_combine_torch(y, row_of_slot, topk_weights, out)
 
 
 def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu") -> int:

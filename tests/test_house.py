@@ -214,3 +214,17 @@ def test_constants_import_no_torch():
     code = "import sys, moe_backend.constants; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_unpermute_combine_has_one_name():
+    """The op is `unpermute_combine` in every layer (kernel, ops, torch twin); `dispatch.combine`
+    is the one alias, kept because the public `moe_backend.dispatch` API names it."""
+    defined = {node.name for p in _modules(PACKAGE) for node in ast.walk(ast.parse(p.read_text()))
+               if isinstance(node, ast.FunctionDef) and "combine" in node.name}
+    assert defined == {"unpermute_combine", "combine", "_combine_kernel"}
+    from moe_backend import ops
+    from moe_backend.dispatch import layouts
+
+    assert (PACKAGE / "kernels" / "unpermute_combine.py").is_file()  # the kernel's file carries the name
+
+    assert ops.unpermute_combine.__name__ == layouts.unpermute_combine.__name__ == "unpermute_combine"

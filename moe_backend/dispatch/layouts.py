@@ -32,7 +32,7 @@ __all__ = [
     "permute",
     "permute_quant",
     "combine",
-    "combine_rows",
+    "unpermute_combine",
 ]
 
 
@@ -204,16 +204,12 @@ def _gather_rows(x: torch.Tensor, src_token: torch.Tensor) -> torch.Tensor:
     return rows.view(*src_token.shape, *x.shape[1:])
 
 
-def combine(y: torch.Tensor, layout: ContiguousLayout | MaskedLayout, topk_weights: torch.Tensor,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Un-permute + weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`,
-    fp32 sum, one bf16 rounding. y: `[M, N]` or `[E, max_m, N]`; returns bf16 `[T, N]`."""
-    return combine_rows(y, layout.row_of_slot, topk_weights, out)
-
-
-def combine_rows(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """`combine` given the row map alone (the torch twin of `kernels.combine.unpermute_combine`)."""
+    fp32 sum, one bf16 rounding; rows of -1 contribute nothing (their y rows are never used). y:
+    `[M, N]` or `[E, max_m, N]` (flat rows); returns bf16 `[T, N]`. The torch twin of
+    `moe_backend.kernels.unpermute_combine`."""
     rows = row_of_slot
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(rows.shape))
     flat = y.reshape(-1, y.shape[-1])
@@ -229,3 +225,9 @@ def combine_rows(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch
         return result.to(torch.bfloat16)
     check_tensor("out", out, dtypes=(torch.bfloat16,), shape=tuple(result.shape), device=y.device)
     return out.copy_(result)
+
+
+def combine(y: torch.Tensor, layout: ContiguousLayout | MaskedLayout, topk_weights: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """`unpermute_combine` over a layout's `row_of_slot` (the public `moe_backend.dispatch.combine`)."""
+    return unpermute_combine(y, layout.row_of_slot, topk_weights, out)
