@@ -13,7 +13,7 @@ __all__ = [
     "BACKEND_NAME",
     "QUANT_BLOCK",
     "LAYOUT_ALIGNMENT",
-    "FP8_DTYPE",
+    "FP8_DTYPE",  # noqa: F822  (built on first access by __getattr__ below)
     "FP8_MAX",
     "SCALE_FLOOR",
     "SCALE_CEIL",

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_backend._checks import (check_activations, check_grouped_gemm_weights, check_same_device,
-                                 check_tensor)
+from moe_backend._checks import check_activations, check_grouped_gemm_weights, check_same_device, check_tensor
 from moe_backend.constants import QUANT_BLOCK
 from moe_backend.quant import dequantize_fp8_blockwise, dequantize_fp8_per_token_group
 
