@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from benchmarks import _peers
+from moe_backend.constants import QUANT_BLOCK as GROUP
 
 __all__ = ["local_slots", "vllm_alignment", "contiguous_rows", "masked_rows", "layer_floor",
            "VllmRoutedMoE", "LayerPeers", "PeerTime", "best_two_gemms", "dg_contig_two_gemms",
@@ -26,7 +27,6 @@ __all__ = ["local_slots", "vllm_alignment", "contiguous_rows", "masked_rows", "l
 
 GEMMS = ("w13", "w2")
 PEERS = ("vllm", "dg_contig", "dg_masked")
-GROUP = 128
 # A peer GEMM counts only if its output matches the fp32 dequantized reference: one FP8 GEMM with a
 # bf16 output measures ~2e-3 (BENCHMARKING.md), so twice that.
 PEER_RELERR_MAX = 4e-3

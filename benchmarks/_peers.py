@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch
 
+from moe_backend.env import ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 _JIT_FUNCTIONS = ("write_zeros_to_output", "fused_moe_kernel")
 
 
 def _vllm_source() -> Path:
-    env = os.environ.get("MOE_BACKEND_VLLM_FUSED_MOE")
-    if env:
-        return Path(env)
+    if ENV.vllm_fused_moe is not None:
+        return ENV.vllm_fused_moe
     local = ROOT / ".peer" / "fused_moe.py"
     if local.exists():
         return local

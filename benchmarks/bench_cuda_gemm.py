@@ -28,12 +28,12 @@ import triton
 
 from _timing import interleaved_us, sustained_us  # noqa: E402  (benchmarks/ is the script's directory)
 from moe_backend import reference
+from moe_backend.constants import DEEPSEEK_V3_GEMM_SHAPES
 from moe_backend.kernels.grouped_gemm_contiguous import grouped_gemm_contiguous as triton_contiguous
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
 
 # (slice, gemm, experts, N, K)
-SHAPES = [("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
-          ("tp8", "w13", 256, 512, 7168), ("tp8", "w2", 256, 7168, 256)]
+SHAPES = DEEPSEEK_V3_GEMM_SHAPES
 ALIGN = 128
 
 

@@ -14,11 +14,11 @@ import torch
 import triton
 
 from moe_backend import reference
+from moe_backend.constants import DEEPSEEK_V3_GEMM_SHAPES
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
 
-SHAPES = [("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
-          ("tp8", "w13", 256, 512, 7168), ("tp8", "w2", 256, 7168, 256)]
+SHAPES = DEEPSEEK_V3_GEMM_SHAPES
 
 
 def graph_us(fn) -> float:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_backend import ops  # noqa: E402
+from moe_backend.constants import DEEPSEEK_V3_GEMM_SHAPES
 from moe_backend.dispatch.plan import gemm_provider  # noqa: E402
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous  # noqa: E402
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
@@ -51,8 +52,8 @@ from _timing import measure_ceilings  # noqa: E402
 import _routing  # noqa: E402
 
 SHAPES = {  # slice -> [(gemm, experts, N, K, vLLM JSON's N = intermediate per rank)]
-    "ep8": [("w13", 32, 4096, 7168, 2048), ("w2", 32, 7168, 2048, 2048)],
-    "tp8": [("w13", 256, 512, 7168, 256), ("w2", 256, 7168, 256, 256)],
+    sl: [(s.gemm, s.experts, s.n, s.k, s.intermediate) for s in DEEPSEEK_V3_GEMM_SHAPES if s.slice == sl]
+    for sl in ("ep8", "tp8")
 }
 ROWS = {"ep8": (1, 4, 16, 64, 128, 256, 512, 2048, 4096), "tp8": (1, 4, 16, 64, 128, 256, 512)}
 DECODE_MAX_ROWS = 128

@@ -19,10 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_backend import ops  # noqa: E402
+from moe_backend.constants import DEEPSEEK_V3_EXPERTS, DEEPSEEK_V3_HIDDEN, DEEPSEEK_V3_TOPK, QUANT_BLOCK  # noqa: E402
 from moe_backend.dispatch.layouts import build_contiguous_layout, permute  # noqa: E402
 from moe_backend.tune import time_graph  # noqa: E402
 
-HIDDEN, GLOBAL_EXPERTS, TOPK, GROUP = 7168, 256, 8, 128
+HIDDEN, GLOBAL_EXPERTS, TOPK, GROUP = DEEPSEEK_V3_HIDDEN, DEEPSEEK_V3_EXPERTS, DEEPSEEK_V3_TOPK, QUANT_BLOCK
 SLICES = {"ep8": 32, "tp8": 256}  # local experts, the first at global id 0
 TOKENS = (128, 2048, 8192, 16384)
 

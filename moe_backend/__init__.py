@@ -4,8 +4,9 @@ Imports stay light (torch only): engines load our plugins in every process.
 """
 
 from moe_backend.config import MoEConfig
+from moe_backend.constants import BACKEND_NAME
 
 __version__ = "0.1.0"
-ENGINE_NAME = "phasemoe"
+ENGINE_NAME = BACKEND_NAME
 
 __all__ = ["MoEConfig", "ENGINE_NAME", "__version__"]

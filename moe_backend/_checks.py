@@ -3,10 +3,15 @@ was expected, so a bad call fails at the boundary instead of deep inside a kerne
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Sequence
 
 import torch
+
+from moe_backend.constants import FP8_DTYPE, QUANT_BLOCK
+from moe_backend.env import ENV
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_tensor(name: str, t: object, *, dtypes: Iterable[torch.dtype] | None = None,
@@ -73,7 +78,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 # raises a ValueError naming the input. Unchecked (GPU, no host sync), rows stay independent: a bad
 # row never changes another row, and the quantizers saturate instead of producing NaN.
 def finite_checks_enabled(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" or os.environ.get("MOE_BACKEND_CHECK_FINITE", "0") not in ("", "0")
+    return t.device.type == "cpu" or ENV.check_finite
 
 
 def _row_summary(bad_rows: torch.Tensor) -> str:
@@ -138,3 +143,58 @@ def check_quant_args(name: str, x: object, group: object, ue8m0: object) -> None
     check_tensor(name, x)
     check_int("group", group, minimum=1)
     check_bool("ue8m0", ue8m0)
+
+
+# The FP8 grouped-GEMM operands, as every provider (reference, Triton, DeepGEMM) and the experts take them.
+
+
+def check_activations(a_fp8: object, a_scale: object, ndim: int) -> int:
+    """A fp8 `[..., K]` (K a multiple of 128) + fp32 `[..., K/128]`; returns K."""
+    check_tensor("a_fp8", a_fp8, dtypes=(FP8_DTYPE,), ndim=ndim)
+    k = a_fp8.shape[-1]
+    if k == 0 or k % QUANT_BLOCK:
+        raise ValueError(f"a_fp8: K ({k}) must be a positive multiple of {QUANT_BLOCK}")
+    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(*a_fp8.shape[:-1], k // QUANT_BLOCK))
+    return k
+
+
+def check_grouped_gemm_weights(b_fp8: object, b_scale: object, k: int) -> tuple[int, int]:
+    """B fp8 `[E, N, K]` + fp32 `[E, ceil(N/128), K/128]`; returns (E, N)."""
+    check_tensor("b_fp8", b_fp8, dtypes=(FP8_DTYPE,), ndim=3)
+    num_experts, n, kb = b_fp8.shape
+    if kb != k:
+        raise ValueError(f"b_fp8: K ({kb}) must equal the activations' K ({k})")
+    check_tensor("b_scale", b_scale, dtypes=(torch.float32,),
+                 shape=(num_experts, -(-n // QUANT_BLOCK), k // QUANT_BLOCK))
+    return num_experts, n
+
+
+def check_expert_weights(w13_fp8: object, w13_scale_inv: object, w2_fp8: object, w2_scale_inv: object,
+                         hidden: int) -> tuple[int, int]:
+    """The experts' MLP: w13 fp8 `[E, 2I, H]` (gate rows, then up rows), w2 fp8 `[E, H, I]`, block
+    scales beside them; returns (E, 2I), w13's (E, N)."""
+    num_experts, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
+    check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2)
+    if w2_fp8.shape[:2] != (num_experts, hidden):
+        raise ValueError(f"w2_fp8: expected shape [{num_experts}, {hidden}, {two_i // 2}], "
+                         f"got {list(w2_fp8.shape)}")
+    return num_experts, two_i
+
+
+def check_token_activations(x: object, x_scale: object) -> int:
+    """Token rows: bf16/fp16/fp32 x `[T, H]`, or fp8 x with fp32 `x_scale` `[T, H/128]` (already
+    quantized); H a multiple of 128. Returns H."""
+    if x_scale is None:
+        check_tensor("x", x, dtypes=_FLOAT_DTYPES, ndim=2)
+        if x.shape[-1] % QUANT_BLOCK:
+            raise ValueError(f"x: hidden size ({x.shape[-1]}) must be a multiple of {QUANT_BLOCK}")
+        return x.shape[-1]
+    return check_activations(x, x_scale, ndim=2)
+
+
+def check_topk(topk_ids: object, topk_weights: object, num_tokens: int) -> None:
+    """topk_ids int32/int64 `[T, k]`, topk_weights fp32 `[T, k]`."""
+    check_tensor("topk_ids", topk_ids, dtypes=_INDEX_DTYPES, ndim=2)
+    if topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids: expected {num_tokens} rows (tokens), got {topk_ids.shape[0]}")
+    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(topk_ids.shape))

@@ -13,19 +13,18 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["MoEConfig", "QUANT_BLOCK"]
+from moe_backend.constants import (DEEPSEEK_V3_EXPERTS, DEEPSEEK_V3_HIDDEN, DEEPSEEK_V3_INTERMEDIATE,
+                                   DEEPSEEK_V3_TOPK, QUANT_BLOCK)
 
-# DeepSeek-V3's FP8 checkpoints and every kernel here use 128x128 weight blocks and 1x128
-# activation groups; other block sizes would need other kernels.
-QUANT_BLOCK = 128
+__all__ = ["MoEConfig", "QUANT_BLOCK"]
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    hidden_size: int = 7168  # H
-    moe_intermediate_size: int = 2048  # I, per expert
-    n_routed_experts: int = 256  # E
-    num_experts_per_tok: int = 8  # top-k
+    hidden_size: int = DEEPSEEK_V3_HIDDEN  # H
+    moe_intermediate_size: int = DEEPSEEK_V3_INTERMEDIATE  # I, per expert
+    n_routed_experts: int = DEEPSEEK_V3_EXPERTS  # E
+    num_experts_per_tok: int = DEEPSEEK_V3_TOPK  # top-k
     n_group: int = 8  # expert groups for group-limited routing
     topk_group: int = 4  # groups kept per token
     routed_scaling_factor: float = 2.5

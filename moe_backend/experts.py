@@ -16,11 +16,12 @@ from typing import Iterator
 import torch
 
 from moe_backend import ops
-from moe_backend._checks import (check_bool, check_finite_rows, check_int, check_same_device, check_tensor,
+from moe_backend._checks import (check_activations, check_bool, check_expert_weights, check_finite_rows,
+                                 check_int, check_same_device, check_tensor, check_token_activations, check_topk,
                                  finite_checks_enabled)
+from moe_backend.constants import QUANT_BLOCK as GROUP
 from moe_backend.dispatch.plan import GemmPlan, Plan, make_masked_plan, make_plan
 from moe_backend.dispatch.policy import KERNELS, PHASES, KernelChoice, Policy
-from moe_backend.reference import GROUP, check_activations, check_grouped_gemm_weights
 
 __all__ = ["routed_experts", "masked_experts", "run_plan", "run_masked_plan", "recorded_plans"]
 
@@ -171,11 +172,9 @@ def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Te
     check_tensor("a_fp8", a_fp8, ndim=3)
     check_activations(a_fp8, a_scale, ndim=3)
     num_experts, max_m, hidden = a_fp8.shape
-    e13, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
-    check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2)
-    if e13 != num_experts or w2_fp8.shape[0] != num_experts:
-        raise ValueError(f"w13_fp8 / w2_fp8: expected {num_experts} experts (dim 0 of a_fp8), got "
-                         f"{e13} / {w2_fp8.shape[0]}")
+    e13, two_i = check_expert_weights(w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, hidden)
+    if e13 != num_experts:
+        raise ValueError(f"w13_fp8 / w2_fp8: expected {num_experts} experts (dim 0 of a_fp8), got {e13}")
     check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(num_experts,), device=a_fp8.device)
     check_bool("ue8m0", ue8m0)
     check_int("expected_m", expected_m, minimum=1, optional=True)
@@ -242,22 +241,10 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
         raise TypeError(f"kernel: expected a KernelChoice, a KERNELS name or None, got {type(kernel).__name__}")
     if phase is not None and phase not in PHASES:
         raise ValueError(f"phase: expected one of {PHASES} or None, got {phase!r}")
-    if x_scale is None:
-        check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
-        if x.shape[-1] % GROUP:
-            raise ValueError(f"x: hidden size ({x.shape[-1]}) must be a multiple of {GROUP}")
-    else:
-        check_activations(x, x_scale, ndim=2)
-    num_tokens, hidden = x.shape
-    num_experts, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
-    check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2)
-    if w2_fp8.shape[0] != num_experts or w2_fp8.shape[1] != hidden:
-        raise ValueError(f"w2_fp8: expected shape [{num_experts}, {hidden}, {two_i // 2}], got "
-                         f"{list(w2_fp8.shape)}")
-    check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
-    if topk_ids.shape[0] != num_tokens:
-        raise ValueError(f"topk_ids: expected {num_tokens} rows (tokens), got {topk_ids.shape[0]}")
-    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(topk_ids.shape))
+    hidden = check_token_activations(x, x_scale)
+    num_tokens = x.shape[0]
+    num_experts, two_i = check_expert_weights(w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, hidden)
+    check_topk(topk_ids, topk_weights, num_tokens)
     check_same_device(x=x, w13_fp8=w13_fp8, w2_fp8=w2_fp8, topk_ids=topk_ids, topk_weights=topk_weights)
     if out is not None:
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=x.device)

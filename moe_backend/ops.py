@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from moe_backend import reference
 from moe_backend._checks import check_gemm_args, check_quant_args, check_tensor
+from moe_backend.constants import LAYOUT_ALIGNMENT, QUANT_BLOCK
+from moe_backend.providers import torch_reference
 
 __all__ = [
     "grouped_gemm_contiguous",
@@ -40,10 +41,6 @@ __all__ = [
 ]
 
 IMPLS = ("auto", "best", "triton", "cuda", "deepgemm", "reference")
-
-
-# The reference has no alignment need; 128 keeps its layouts shaped like the kernels'.
-_REFERENCE_ALIGNMENT = 128
 
 
 @lru_cache(maxsize=None)
@@ -109,7 +106,7 @@ def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None
         from moe_backend.providers import deepgemm
 
         return deepgemm.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
-    return reference.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
+    return torch_reference.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
 
 
 def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, impl: str = "auto",
@@ -136,10 +133,10 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
         from moe_backend.providers import deepgemm
 
         return deepgemm.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out, expected_m)
-    return reference.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
+    return torch_reference.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
 
 
-def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+def silu_mul_quant(h: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
                    expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
                    used_rows: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """See `moe_backend.reference.silu_mul_quant`: with `expert_ids` or `masked_m` only the rows
@@ -149,10 +146,10 @@ def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
     check_quant_args("h", h, group, ue8m0)
     if _provider("auto", h.device) == "triton":
         return _kernel("silu_mul_quant")(h, group, ue8m0, **validity)
-    return reference.silu_mul_quant(h, group, ue8m0, **validity)
+    return torch_reference.silu_mul_quant(h, group, ue8m0, **validity)
 
 
-def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
+def per_token_group_quant(x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False):
     """See `moe_backend.quant.quantize_fp8_per_token_group`."""
     check_quant_args("x", x, group, ue8m0)
     if _provider("auto", x.device) == "triton":
@@ -162,7 +159,7 @@ def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False
     return quantize_fp8_per_token_group(x, group, ue8m0)
 
 
-def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
                   out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None):
     """Per-token-group quant fused with the permute into a layout's rows (`layout.src_token`):
     see `moe_backend.dispatch.layouts.permute_quant`, bit-identical to quant + `permute` on the
@@ -188,16 +185,17 @@ def permute_rows(x_fp8: torch.Tensor, x_scale: torch.Tensor, src_token: torch.Te
 
 def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """See `moe_backend.dispatch.layouts.combine_rows` (a gather: deterministic, fp32 sum)."""
+    """Un-permute + top-k weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`
+    (see `moe_backend.dispatch.layouts.unpermute_combine`; a gather: deterministic, fp32 sum)."""
     check_tensor("y", y, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=2)
     check_tensor("row_of_slot", row_of_slot, dtypes=(torch.int32, torch.int64), ndim=2, device=y.device)
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(row_of_slot.shape),
                  device=y.device)
     if _provider("auto", y.device) == "triton":
-        return _kernel("unpermute_combine", module="combine")(y, row_of_slot, topk_weights, out)
-    from moe_backend.dispatch.layouts import combine_rows
+        return _kernel("unpermute_combine")(y, row_of_slot, topk_weights, out)
+    from moe_backend.dispatch.layouts import unpermute_combine as unpermute_combine_torch
 
-    return combine_rows(y, row_of_slot, topk_weights, out)
+    return unpermute_combine_torch(y, row_of_slot, topk_weights, out)
 
 
 def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu") -> int:
@@ -215,14 +213,14 @@ def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu")
         from moe_backend.providers import deepgemm
 
         return deepgemm.contiguous_alignment()
-    return _REFERENCE_ALIGNMENT
+    return LAYOUT_ALIGNMENT
 
 
 # Layout builders: the Triton kernels on CUDA tensors, their torch twins otherwise (same layout).
 
 
 def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                            alignment: int = 128):
+                            alignment: int = LAYOUT_ALIGNMENT):
     """topk_ids `[T, k]` -> `ContiguousLayout` on the static `max_contiguous_rows(T*k, E, alignment)`
     rows (padding and the unused tail: expert_ids = src_token = -1). No host sync: CUDA-graph
     capturable. See `moe_backend.kernels.build_layout`."""

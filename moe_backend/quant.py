@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moe_backend._checks import check_bool, check_int, check_tensor
+from moe_backend.constants import FP8_DTYPE, FP8_MAX, QUANT_BLOCK, SCALE_CEIL, SCALE_FLOOR
 
 __all__ = [
     "FP8_DTYPE",
@@ -21,15 +22,6 @@ __all__ = [
     "quantize_fp8_blockwise",
     "dequantize_fp8_blockwise",
 ]
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-# A group of zeros still needs a finite, non-zero scale; 1e-10 keeps 0 * scale == 0 exact.
-SCALE_FLOOR = 1e-10
-# The largest scale: a power of two (so UE8M0 holds it) with 448 * scale < fp32 max, so every
-# dequantized value stays finite. Groups whose amax exceeds 448 * 2^119 (~3e38, or overflowed to
-# inf inside SiLU*up) saturate at +-448 * SCALE_CEIL instead of turning into inf/NaN.
-SCALE_CEIL = 2.0 ** 119
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -48,7 +40,7 @@ def _to_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def quantize_fp8_per_token_group(x: torch.Tensor, group: int = 128, ue8m0: bool = False
+def quantize_fp8_per_token_group(x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[..., K]` (K a multiple of `group`) -> (x_fp8 `[..., K]`, x_scale fp32 `[..., K/group]`)."""
     check_tensor("x", x, dtypes=_FLOAT_INPUTS, min_dim=1)
@@ -63,7 +55,7 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group: int = 128, ue8m0: bool 
     return x_fp8, scale
 
 
-def dequantize_fp8_per_token_group(x_fp8: torch.Tensor, x_scale: torch.Tensor, group: int = 128
+def dequantize_fp8_per_token_group(x_fp8: torch.Tensor, x_scale: torch.Tensor, group: int = QUANT_BLOCK
                                    ) -> torch.Tensor:
     """Inverse of `quantize_fp8_per_token_group`, in fp32."""
     check_tensor("x_fp8", x_fp8, dtypes=(FP8_DTYPE,), min_dim=1)
@@ -75,7 +67,7 @@ def dequantize_fp8_per_token_group(x_fp8: torch.Tensor, x_scale: torch.Tensor, g
     return x_fp8.float() * scale
 
 
-def quantize_fp8_blockwise(w: torch.Tensor, block: int = 128, ue8m0: bool = False
+def quantize_fp8_blockwise(w: torch.Tensor, block: int = QUANT_BLOCK, ue8m0: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """w `[..., N, K]` -> (w_fp8 `[..., N, K]`, w_scale_inv fp32 `[..., ceil(N/block), ceil(K/block)]`).
 
@@ -94,7 +86,7 @@ def quantize_fp8_blockwise(w: torch.Tensor, block: int = 128, ue8m0: bool = Fals
     return w_fp8, scale
 
 
-def dequantize_fp8_blockwise(w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, block: int = 128
+def dequantize_fp8_blockwise(w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, block: int = QUANT_BLOCK
                              ) -> torch.Tensor:
     """Inverse of `quantize_fp8_blockwise`, in fp32."""
     check_tensor("w_fp8", w_fp8, dtypes=(FP8_DTYPE,), min_dim=2)

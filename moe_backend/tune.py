@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
+from moe_backend.constants import DEEPSEEK_V3_GEMM_SHAPES, DEEPSEEK_V3_HIDDEN
+
 # (slice, gemm, experts, N, K)
-SHAPES = [
-    ("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
-    ("tp8", "w13", 256, 512, 7168), ("tp8", "w2", 256, 7168, 256),
-]
+SHAPES = DEEPSEEK_V3_GEMM_SHAPES
 DECODE_ROWS = (1, 4, 16, 64, 128)
 PREFILL_ROWS = (256, 512, 2048, 4096)
 # Prefill buckets above this many rows in all are skipped on TP8 (256 experts: memory, time).
@@ -33,7 +32,7 @@ def _pow2ceil(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def candidates(m: int, *, masked: bool, k: int = 7168) -> list[dict]:
+def candidates(m: int, *, masked: bool, k: int = DEEPSEEK_V3_HIDDEN) -> list[dict]:
     """A small grid around what the rows-per-expert count needs (see _gemm_config.formula)."""
     out = []
     depth = ((1, 3), (1, 4), (1, 5), (2, 2), (2, 3), (4, 2))  # (K_UNROLL, num_stages)

@@ -13,16 +13,16 @@ Pinned to `sglang==0.5.23`: the Fp8MoEMethod hooks touch private names (see PATC
 from __future__ import annotations
 
 import logging
-import os
 from importlib import metadata
 
+from moe_backend.constants import BACKEND_NAME
+from moe_backend.env import ENV
 from moe_backend_integrations._post_import import when_imported
 
 __all__ = ["register", "check", "BACKEND_NAME", "SGLANG_VERSION"]
 
-BACKEND_NAME = "phasemoe"
 SGLANG_VERSION = "0.5.23"
-ANY_VERSION_ENV = "MOE_BACKEND_SGLANG_ANY_VERSION"
+ANY_VERSION_ENV = "MOE_BACKEND_SGLANG_ANY_VERSION"  # ENV.sglang_any_version (named in messages)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def register() -> None:
         _fail("version", exc)
         return
     if version != SGLANG_VERSION:
-        if os.environ.get(ANY_VERSION_ENV) != "1":
+        if not ENV.sglang_any_version:
             _fail("version", RuntimeError(
                 f"moe-backend's SGLang plugin supports sglang=={SGLANG_VERSION} only (found "
                 f"{version}); `--moe-runner-backend {BACKEND_NAME}` stays unavailable. Install "

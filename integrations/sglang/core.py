@@ -37,12 +37,11 @@ from sglang.srt.utils import is_cuda, is_musa
 from moe_backend import experts, ops
 from moe_backend.ab import shadow as ab_shadow
 from moe_backend.dispatch.policy import Policy
+from moe_backend.constants import QUANT_BLOCK
 from moe_backend.quant import FP8_DTYPE
 from moe_backend_integrations.sglang import BACKEND_NAME
 
 __all__ = ["PhaseMoeRunnerCore", "PhaseMoeQuantInfo"]
-
-GROUP = 128
 
 
 @dataclass
@@ -185,7 +184,7 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
                              f"[{q.num_local_experts}, M, H], got {list(x.shape)}")
         x_scale = _activation_scale(x, d.hidden_states_scale, "deepep low-latency")
         if x_scale is None:  # bf16 dispatch
-            x, x_scale = ops.per_token_group_quant(x, GROUP, q.ue8m0)
+            x, x_scale = ops.per_token_group_quant(x, QUANT_BLOCK, q.ue8m0)
         x = x.contiguous()  # DeepEP's receive buffer already is; our kernels require it
         masked_m = d.masked_m.to(torch.int32)  # [E], on the device: never read on the host
         out = experts.masked_experts(x, x_scale, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,

@@ -9,10 +9,11 @@ the FP8 MoE oracle alone until vLLM imports it. Every private symbol touched is 
 
 from __future__ import annotations
 
+from moe_backend.constants import BACKEND_NAME
+
 __all__ = ["register", "BACKEND_NAME", "SUPPORTED_VLLM"]
 
-# The value of `--moe-backend` / `KernelConfig.moe_backend`.
-BACKEND_NAME = "phasemoe"
+# BACKEND_NAME: the value of `--moe-backend` / `KernelConfig.moe_backend`.
 # The patched symbols are private to vLLM: only this release line was read and tested.
 SUPPORTED_VLLM = "0.33."
 

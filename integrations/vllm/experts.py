@@ -39,22 +39,22 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.platforms import current_platform
 
+from moe_backend.constants import QUANT_BLOCK
 from moe_backend.dispatch import Policy
 from moe_backend_integrations.vllm._apply import apply_batched, apply_standard
 
 __all__ = ["PhaseMoEExperts", "PhaseMoEBatchedExperts"]
 
-BLOCK = 128
 # (weight, activation) quantization: DeepSeek-V3's 128x128 weight blocks, dynamic 1x128 tokens.
 SUPPORTED_QUANT = ((kFp8Static128BlockSym, kFp8Dynamic128Sym),)
 
 
 def _check_quant_config(quant_config: FusedMoEQuantConfig) -> None:
     if (quant_config.quant_dtype != torch.float8_e4m3fn
-            or list(quant_config.block_shape or ()) != [BLOCK, BLOCK]
+            or list(quant_config.block_shape or ()) != [QUANT_BLOCK, QUANT_BLOCK]
             or quant_config.per_act_token_quant or quant_config.per_out_ch_quant):
-        raise ValueError(f"phasemoe: expected FP8 e4m3 weights in {BLOCK}x{BLOCK} blocks with "
-                         f"dynamic 1x{BLOCK} activation groups; got quant_dtype="
+        raise ValueError(f"phasemoe: expected FP8 e4m3 weights in {QUANT_BLOCK}x{QUANT_BLOCK} blocks with "
+                         f"dynamic 1x{QUANT_BLOCK} activation groups; got quant_dtype="
                          f"{quant_config.quant_dtype}, block_shape={quant_config.block_shape}")
 
 

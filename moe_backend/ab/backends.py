@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from moe_backend import experts
+from moe_backend.constants import BACKEND_NAME
 from moe_backend.dispatch.policy import KERNELS, KernelChoice, Policy
 
 __all__ = ["Backend", "get_backend", "backend_names", "register_backend", "unregister_backend"]
@@ -109,7 +110,7 @@ class Backend:
 
 
 def _builtins() -> dict[str, Backend]:
-    out = {"phasemoe": Backend("phasemoe", "ours, by the active policy (MOE_BACKEND_POLICY or the defaults)"),
+    out = {BACKEND_NAME: Backend(BACKEND_NAME, "ours, by the active policy (MOE_BACKEND_POLICY or the defaults)"),
            "deepgemm": Backend("deepgemm", "DeepGEMM: contiguous kernel for prefill, masked for decode",
                                policy=DEEPGEMM_POLICY)}
     for name, kernel in KERNELS.items():

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 from moe_backend.ab.plots import bar_plot, line_plot, matplotlib_missing
 from moe_backend.ab.winners import cell_winners
+from moe_backend.constants import BACKEND_NAME
 
 __all__ = ["write_compare_report", "render_markdown"]
 
@@ -60,7 +61,7 @@ def render_markdown(result: dict, plot_files: list[str], plot_note: str | None =
              f"- routing: {meta['routing']}; seed {meta['seed']}; timing: median of {meta['rounds']} interleaved "
              f"round(s) per cell" + (", each a CUDA-event median over ~50 ms (L2 flushed)" if meta["ceilings"] else
                                      ", wall clock (CPU: times are not representative of a GPU)"),
-             f"- active policy (phasemoe): `{meta['policy']}`"]
+             f"- active policy ({BACKEND_NAME}): `{meta['policy']}`"]
     if meta.get("checkpoint"):
         lines.append(f"- weights: checkpoint `{meta['checkpoint']}`, layer {meta['layer']}")
     else:
@@ -104,8 +105,8 @@ def render_markdown(result: dict, plot_files: list[str], plot_note: str | None =
 
     winners = cell_winners(rows)
     lines += ["## Winners (fastest within tolerance)", "",
-              "| slice | tokens | phase | winner | kernel | µs | vs phasemoe |", "|---|---|---|---|---|---|---|"]
-    ours = {(r["slice"], r["tokens"]): r for r in rows if r["backend"] == "phasemoe" and "time_us" in r}
+              f"| slice | tokens | phase | winner | kernel | µs | vs {BACKEND_NAME} |", "|---|---|---|---|---|---|---|"]
+    ours = {(r["slice"], r["tokens"]): r for r in rows if r["backend"] == BACKEND_NAME and "time_us" in r}
     for (slice_name, tokens), w in winners.items():
         base = ours.get((slice_name, tokens))
         ratio = f"{base['time_us'] / w['time_us']:.2f}x" if base else "–"

@@ -13,7 +13,6 @@ stream); at most `MAX_PENDING` shadow runs are in flight, further samples are sk
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -27,6 +26,7 @@ from moe_backend.ab.backends import Backend, get_backend
 from moe_backend.ab.divergence import divergence
 from moe_backend.ab.shadow_metrics import ShadowSink
 from moe_backend.dispatch.policy import Policy
+from moe_backend.env import ENV
 
 __all__ = ["Shadow", "ShadowTarget", "parse_shadow_spec", "from_env", "shadow_arg", "observe_routed", "observe_masked",
            "observe_layer"]
@@ -233,20 +233,16 @@ class Shadow:
 
 
 @lru_cache(maxsize=8)
-def _from_spec(spec: str, seed_text: str, log_path: str) -> Shadow:
-    try:
-        seed = int(seed_text or 0)
-    except ValueError:
-        raise ValueError(f"MOE_BACKEND_SHADOW_SEED: expected an int, got {seed_text!r}") from None
-    return Shadow(parse_shadow_spec(spec), seed=seed, log_path=log_path or None)
+def _from_spec(spec: str, seed: int, log_path: str | None) -> Shadow:
+    return Shadow(parse_shadow_spec(spec), seed=seed, log_path=log_path)
 
 
 def from_env() -> Shadow | None:
     """The process's Shadow from MOE_BACKEND_SHADOW (None when unset), built once per setting."""
-    spec = os.environ.get("MOE_BACKEND_SHADOW", "")
+    spec = ENV.shadow
     if not spec:
         return None
-    return _from_spec(spec, os.environ.get("MOE_BACKEND_SHADOW_SEED", ""), os.environ.get("MOE_BACKEND_SHADOW_LOG", ""))
+    return _from_spec(spec, ENV.shadow_seed, ENV.shadow_log)
 
 
 def shadow_arg(shadow) -> Shadow | None:
@@ -259,8 +255,7 @@ def shadow_arg(shadow) -> Shadow | None:
             parse_shadow_spec(shadow, "shadow")
         except ValueError as exc:
             raise ValueError(str(exc)) from None
-        return _from_spec(shadow, os.environ.get("MOE_BACKEND_SHADOW_SEED", ""),
-                          os.environ.get("MOE_BACKEND_SHADOW_LOG", ""))
+        return _from_spec(shadow, ENV.shadow_seed, ENV.shadow_log)
     raise TypeError(f"shadow: expected a Shadow, a 'backend:rate' spec or None, got {type(shadow).__name__}")
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from moe_backend.config import QUANT_BLOCK, MoEConfig
+from moe_backend.config import MoEConfig
+from moe_backend.constants import QUANT_BLOCK
 from moe_backend.quant import FP8_DTYPE, quantize_fp8_blockwise
 
 __all__ = ["SliceSpec", "parse_slices", "random_slice_weights", "checkpoint_slice_weights"]

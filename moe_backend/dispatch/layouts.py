@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from moe_backend._checks import check_int, check_quant_out, check_tensor
-from moe_backend.quant import FP8_DTYPE, quantize_fp8_per_token_group
+from moe_backend.constants import FP8_DTYPE, LAYOUT_ALIGNMENT, QUANT_BLOCK
+from moe_backend.quant import quantize_fp8_per_token_group
 
 __all__ = [
     "ContiguousLayout",
@@ -31,7 +32,7 @@ __all__ = [
     "permute",
     "permute_quant",
     "combine",
-    "combine_rows",
+    "unpermute_combine",
 ]
 
 
@@ -94,7 +95,7 @@ def max_contiguous_rows(num_slots: int, num_local_experts: int, alignment: int) 
 
 
 def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                            alignment: int = 128, exact_size: bool = True) -> ContiguousLayout:
+                            alignment: int = LAYOUT_ALIGNMENT, exact_size: bool = True) -> ContiguousLayout:
     """topk_ids `[T, k]` (global ids; experts `[expert_start, expert_start + E)` are local).
 
     exact_size=True sizes the layout to the padded total (one host sync: fine for prefill);
@@ -168,7 +169,7 @@ def permute(x: torch.Tensor, layout: ContiguousLayout | MaskedLayout) -> torch.T
     return _gather_rows(x, layout.src_token)
 
 
-def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
                   out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token-group FP8 quant of x `[T, H]`, rows copied as `src_token` (int64, any shape S, -1 =
@@ -203,16 +204,12 @@ def _gather_rows(x: torch.Tensor, src_token: torch.Tensor) -> torch.Tensor:
     return rows.view(*src_token.shape, *x.shape[1:])
 
 
-def combine(y: torch.Tensor, layout: ContiguousLayout | MaskedLayout, topk_weights: torch.Tensor,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Un-permute + weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`,
-    fp32 sum, one bf16 rounding. y: `[M, N]` or `[E, max_m, N]`; returns bf16 `[T, N]`."""
-    return combine_rows(y, layout.row_of_slot, topk_weights, out)
-
-
-def combine_rows(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """`combine` given the row map alone (the torch twin of `kernels.combine.unpermute_combine`)."""
+    fp32 sum, one bf16 rounding; rows of -1 contribute nothing (their y rows are never used). y:
+    `[M, N]` or `[E, max_m, N]` (flat rows); returns bf16 `[T, N]`. The torch twin of
+    `moe_backend.kernels.unpermute_combine`."""
     rows = row_of_slot
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(rows.shape))
     flat = y.reshape(-1, y.shape[-1])
@@ -228,3 +225,9 @@ def combine_rows(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch
         return result.to(torch.bfloat16)
     check_tensor("out", out, dtypes=(torch.bfloat16,), shape=tuple(result.shape), device=y.device)
     return out.copy_(result)
+
+
+def combine(y: torch.Tensor, layout: ContiguousLayout | MaskedLayout, topk_weights: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """`unpermute_combine` over a layout's `row_of_slot` (the public `moe_backend.dispatch.combine`)."""
+    return unpermute_combine(y, layout.row_of_slot, topk_weights, out)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moe_backend.constants import LAYOUT_ALIGNMENT
 from moe_backend.dispatch.layouts import max_contiguous_rows
 from moe_backend.dispatch.policy import KERNELS, Policy
 
@@ -32,7 +33,6 @@ __all__ = ["GemmPlan", "Plan", "make_plan", "make_masked_plan", "thresholds", "g
            "fused_permute_quant_pays", "clear_plan_cache", "token_bucket"]
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
-_REFERENCE_ALIGNMENT = 128  # no kernel constraint; keeps the reference's layouts shaped like the GPU's
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def _alignment(gemms: tuple[GemmPlan, ...]) -> int:
         elif g.provider == "triton":
             need = dict(g.config)["BLOCK_M"]
         else:
-            need = _REFERENCE_ALIGNMENT
+            need = LAYOUT_ALIGNMENT
         align = max(align, need)
     return align
 

@@ -22,7 +22,9 @@ from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import Any, Mapping
 
-__all__ = ["KernelChoice", "Policy", "KERNELS", "MASKED_KERNELS", "PHASES", "env_flag"]
+from moe_backend.env import ENV
+
+__all__ = ["KernelChoice", "Policy", "KERNELS", "MASKED_KERNELS", "PHASES"]
 
 PHASES = ("prefill", "decode")
 
@@ -150,10 +152,10 @@ class Policy:
     @classmethod
     def from_env(cls, device_name: str | None = None) -> "Policy":
         """`MOE_BACKEND_POLICY`: a path to a JSON file, or the JSON object itself; unset -> defaults."""
-        raw = os.environ.get("MOE_BACKEND_POLICY", "").strip()
+        raw = ENV.policy
         if device_name is None:
             device_name = _current_device_name()
-        return cls._from_env_value(raw, device_name, env_flag("MOE_BACKEND_PRINT_POLICY"))
+        return cls._from_env_value(raw, device_name, ENV.print_policy)
 
     @classmethod
     @lru_cache(maxsize=16)  # parse each distinct setting once
@@ -177,11 +179,6 @@ class Policy:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def env_flag(name: str) -> bool:
-    """The one truthiness rule of MOE_BACKEND_* switches: 1/true/yes/on (any case) is on."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @lru_cache(maxsize=1)

@@ -13,9 +13,10 @@ than the bandwidth difference moves the optimum; `python -m moe_backend tune` wr
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
+
+from moe_backend.env import ENV
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
@@ -103,7 +104,7 @@ def get_config(kernel: str, m: int, n: int, k: int, device_name: str, *, masked:
     cfg = check_config(cfg, max_block_m=max_block_m)
     if max_block_m is not None and cfg["BLOCK_M"] > max_block_m:
         cfg["BLOCK_M"] = max_block_m
-    if os.environ.get("MOE_BACKEND_PRINT_CONFIG") == "1":
+    if ENV.print_config:
         tag = (kernel, m, n, k, source)
         if tag not in _printed:
             _printed.add(tag)

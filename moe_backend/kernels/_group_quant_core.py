@@ -18,12 +18,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_backend import constants
 from moe_backend.kernels._launch_utils import persistent_row_programs
 from moe_backend.kernels._numerics import round_to_e4m3_grid
 
-FP8_MAX = 448.0
-# moe_backend.quant.SCALE_CEIL: the largest power of two with 448 * it finite in fp32.
-SCALE_CEIL = tl.constexpr(2.0 ** 119)
+# The quantizer's numbers (moe_backend.constants), as compile-time constants of the kernels.
+FP8_MAX = tl.constexpr(constants.FP8_MAX)
+SCALE_FLOOR = tl.constexpr(constants.SCALE_FLOOR)
+SCALE_CEIL = tl.constexpr(constants.SCALE_CEIL)
 GROUPS_PER_PROGRAM = 8
 
 
@@ -36,12 +38,12 @@ def quantize_groups(x, UE8M0: tl.constexpr):
     amax = tl.max(tl.abs(x), axis=1)
     # Capped, not pre-scaled: a SiLU*up product past fp32 (inf) saturates at +-448 either way, and
     # groups under the cap (every ordinary input) keep bit-identical scales and values.
-    scale = tl.minimum(tl.maximum(amax, 1e-10) / 448.0, SCALE_CEIL)
+    scale = tl.minimum(tl.maximum(amax, SCALE_FLOOR) / FP8_MAX, SCALE_CEIL)
     if UE8M0:
         # Round up to a power of two: carry any mantissa bit into the exponent, clear the mantissa.
         bits = scale.to(tl.int32, bitcast=True)
         scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    q = round_to_e4m3_grid(tl.clamp(x / scale[:, None], -448.0, 448.0))
+    q = round_to_e4m3_grid(tl.clamp(x / scale[:, None], -FP8_MAX, FP8_MAX))
     return q, scale
 
 

@@ -45,10 +45,11 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_backend.constants import QUANT_BLOCK
 from moe_backend.kernels._launch_utils import interpreting
 from moe_backend.kernels._numerics import round_to_bf16_grid
 
-SCALE_GROUP = 128
+SCALE_GROUP = QUANT_BLOCK  # one A scale per token and one B scale per block, per 128-wide K step
 
 
 @triton.jit

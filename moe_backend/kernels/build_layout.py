@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_backend.constants import LAYOUT_ALIGNMENT
 from moe_backend.dispatch.layouts import ContiguousLayout, MaskedLayout, max_contiguous_rows
 from moe_backend.kernels._launch_utils import check_kernel_tensor
 
@@ -308,7 +309,7 @@ def _launch(topk_ids, num_experts, expert_start, *, masked: bool, alignment: int
 
 
 def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                            alignment: int = 128, slots_per_program: int | None = None) -> ContiguousLayout:
+                            alignment: int = LAYOUT_ALIGNMENT, slots_per_program: int | None = None) -> ContiguousLayout:
     """topk_ids int32/int64 `[T, k]` (global ids; experts `[expert_start, expert_start + E)` are
     local, others and -1 are dropped) -> `ContiguousLayout` on `M = max_contiguous_rows(T*k, E,
     alignment)` rows, bit-identical to `dispatch.layouts.build_contiguous_layout(...,

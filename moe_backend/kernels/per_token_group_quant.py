@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_backend.constants import QUANT_BLOCK
 from moe_backend.kernels import _group_quant_core
 from moe_backend.kernels._launch_utils import check_kernel_tensor
 from moe_backend.quant import FP8_DTYPE
@@ -11,7 +12,7 @@ from moe_backend.quant import FP8_DTYPE
 __all__ = ["per_token_group_quant"]
 
 
-def per_token_group_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False
+def per_token_group_quant(x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[..., K]` bf16/fp16/fp32 (K % group == 0) -> (x_fp8 `[..., K]`, x_scale f32 `[..., K/group]`).
 

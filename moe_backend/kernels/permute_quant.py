@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from moe_backend._checks import check_quant_out
+from moe_backend.constants import QUANT_BLOCK
 from moe_backend.kernels._group_quant_core import GROUPS_PER_PROGRAM, quantize_groups
 from moe_backend.kernels._launch_utils import check_kernel_tensor, check_used_rows, persistent_row_programs
 from moe_backend.quant import FP8_DTYPE
@@ -64,7 +65,7 @@ def _permute_quant_kernel(
                            GROUP, GROUPS_PER_PROG)
 
 
-def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
                   out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[T, H]` bf16/fp16/fp32 (H % group == 0), src_token int64 of any shape S (values in

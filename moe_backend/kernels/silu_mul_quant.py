@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moe_backend._checks import check_quant_out
+from moe_backend.constants import QUANT_BLOCK
 from moe_backend.kernels import _group_quant_core
 from moe_backend.kernels._launch_utils import check_kernel_tensor, check_used_rows
 from moe_backend.quant import FP8_DTYPE
@@ -18,7 +19,7 @@ from moe_backend.quant import FP8_DTYPE
 __all__ = ["silu_mul_quant"]
 
 
-def silu_mul_quant(h: torch.Tensor, group: int = 128, ue8m0: bool = False, *,
+def silu_mul_quant(h: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
                    expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
                    used_rows: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:

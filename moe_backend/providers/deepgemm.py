@@ -1,5 +1,5 @@
 """DeepGEMM as an optional provider (the `sgl-deep-gemm` wheel, this package's `[deepgemm]` extra, which
-installs under the import name `deep_gemm`). Same signatures as `moe_backend.reference`."""
+installs under the import name `deep_gemm`). Same signatures as the torch reference (`moe_backend.reference`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-from moe_backend import reference
+from moe_backend._checks import check_activations, check_grouped_gemm_weights
 
 __all__ = ["grouped_gemm_contiguous", "grouped_gemm_masked", "contiguous_alignment"]
 
@@ -39,8 +39,8 @@ def contiguous_alignment() -> int:
 
 
 def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None):
-    k = reference.check_activations(a_fp8, a_scale, ndim=2)
-    _, n = reference.check_grouped_gemm_weights(b_fp8, b_scale, k)
+    k = check_activations(a_fp8, a_scale, ndim=2)
+    _, n = check_grouped_gemm_weights(b_fp8, b_scale, k)
     if out is None:
         out = torch.zeros(a_fp8.shape[0], n, dtype=torch.bfloat16, device=a_fp8.device)
     gemm = _api("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous")
@@ -49,8 +49,8 @@ def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None
 
 
 def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, expected_m: int | None = None):
-    k = reference.check_activations(a_fp8, a_scale, ndim=3)
-    num_experts, n = reference.check_grouped_gemm_weights(b_fp8, b_scale, k)
+    k = check_activations(a_fp8, a_scale, ndim=3)
+    num_experts, n = check_grouped_gemm_weights(b_fp8, b_scale, k)
     if out is None:
         out = torch.zeros(num_experts, a_fp8.shape[1], n, dtype=torch.bfloat16, device=a_fp8.device)
     gemm = _api("m_grouped_fp8_gemm_nt_masked", "m_grouped_fp8_fp4_gemm_nt_masked",

@@ -20,7 +20,7 @@ from layout_checks import (LAYOUT_CASES, assert_same_layout, check_contiguous_la
 from moe_backend import reference  # noqa: E402
 from moe_backend.dispatch import layouts  # noqa: E402
 from moe_backend.kernels import build_layout  # noqa: E402
-from moe_backend.kernels.combine import unpermute_combine  # noqa: E402
+from moe_backend.kernels.unpermute_combine import unpermute_combine  # noqa: E402
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous  # noqa: E402
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
 from moe_backend.kernels.per_token_group_quant import per_token_group_quant  # noqa: E402
