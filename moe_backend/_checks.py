@@ -60,10 +60,15 @@ def _same_device(a: torch.device, b: torch.device | str) -> bool:
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len({(d.type, d.index) for d in devices.values()}) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"tensors must be on one device: {listing}")
+    first = None
+    for t in tensors.values():  # runs on every call: compare devices before building any message
+        if t is None:
+            continue
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            listing = ", ".join(f"{n} on {v.device}" for n, v in tensors.items() if v is not None)
+            raise ValueError(f"tensors must be on one device: {listing}")
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
