@@ -21,8 +21,7 @@ __all__ = ["WeightSource", "read_config", "tensors_under", "stack_fp8_experts", 
 
 WeightSource = Union[str, os.PathLike, Callable[[str], Iterable[tuple[str, torch.Tensor]]]]
 
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\."
-                     r"(weight|weight_scale_inv)$")
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def _check_source(name: str, source: object) -> None:
@@ -123,8 +122,8 @@ def hf_config(config: Mapping[str, Any]):
 def load_model(source: WeightSource, config: Mapping[str, Any] | None = None, *, device="cpu",
                dtype: torch.dtype = torch.bfloat16, attn_implementation: str | None = None):
     """A transformers causal LM of the checkpoint's architecture (DeepSeek-V3 or Qwen3-MoE) holding
-    every checkpoint tensor; the FP8 routed experts are dequantized to `dtype`, so transformers'
-    own experts compute them. config: the `config.json` dict (default: the folder's).
+    every checkpoint tensor; FP8 weights (the routed experts) are dequantized to `dtype`, so
+    transformers' own experts compute them. config: the `config.json` dict (default: the folder's).
     Raises ValueError naming any missing, extra or mis-shaped tensor."""
     try:
         from transformers import AutoModelForCausalLM
@@ -149,31 +148,39 @@ def load_model(source: WeightSource, config: Mapping[str, Any] | None = None, *,
     loaded: set[str] = set()
     placed: set[tuple[int, int, str]] = set()  # (layer, expert, projection)
     problems: list[str] = []
-    pending: dict[tuple[int, int, str], dict[str, torch.Tensor]] = defaultdict(dict)
+    pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # module -> FP8 weight / its scales
+
+    def place(name: str, tensor: torch.Tensor) -> None:
+        match = _EXPERT.match(name)
+        if match:
+            if _place_expert(model, int(match[1]), int(match[2]), match[3], tensor, problems):
+                placed.add((int(match[1]), int(match[2]), match[3]))
+            return
+        target = state.get(name)
+        if target is None:
+            problems.append(f"extra: {name}")
+        elif tuple(target.shape) != tuple(tensor.shape):
+            problems.append(f"shape: {name} is {list(tensor.shape)}, the model expects {list(target.shape)}")
+        else:
+            target.copy_(tensor)
+            loaded.add(name)
+
     with torch.no_grad():
         for name, tensor in tensors_under(source):
-            match = _EXPERT.match(name)
-            if match:
-                layer, expert, proj, kind = int(match[1]), int(match[2]), match[3], match[4]
-                entry = pending[(layer, expert, proj)]
+            # Any FP8 weight (routed experts here; every linear in the released checkpoints) is
+            # dequantized with its 128x128 block scales once both have arrived.
+            if name.endswith(".weight_scale_inv") or (name.endswith(".weight") and tensor.dtype == FP8_DTYPE):
+                module, kind = name.rsplit(".", 1)
+                entry = pending[module]
                 entry[kind] = tensor
-                if "weight" in entry and (entry["weight"].dtype != FP8_DTYPE or "weight_scale_inv" in entry):
-                    weight = entry.pop("weight")
-                    if weight.dtype == FP8_DTYPE:
-                        weight = dequantize_fp8_blockwise(weight.to(device), entry.pop("weight_scale_inv").to(device))
-                    if _place_expert(model, layer, expert, proj, weight, problems):
-                        placed.add((layer, expert, proj))
-                    del pending[(layer, expert, proj)]
+                if len(entry) == 2:
+                    del pending[module]
+                    place(module + ".weight", dequantize_fp8_blockwise(entry["weight"].to(device),
+                                                                      entry["weight_scale_inv"].to(device)))
                 continue
-            target = state.get(name)
-            if target is None:
-                problems.append(f"extra: {name}")
-            elif tuple(target.shape) != tuple(tensor.shape):
-                problems.append(f"shape: {name} is {list(tensor.shape)}, the model expects {list(target.shape)}")
-            else:
-                target.copy_(tensor)
-                loaded.add(name)
-    problems += [f"missing: model.layers.{l}.mlp.experts.{e}.{p}.weight" for (l, e, p) in pending]
+            place(name, tensor)
+    for module, entry in pending.items():
+        problems.append(f"missing: {module}.weight_scale_inv" if "weight" in entry else f"missing: {module}.weight")
     for prefix, experts in _expert_modules(model):
         layer = int(prefix.split(".")[2])
         absent = [(e, p) for e in range(_num_experts(experts)) for p in ("gate_proj", "up_proj", "down_proj")

@@ -70,6 +70,30 @@ def test_load_model_holds_the_checkpoint(dsv3):
                        _layer_tensors(path, 1)["gate.e_score_correction_bias"])
 
 
+def test_load_model_dequantizes_any_fp8_linear(dsv3):
+    """The released checkpoints store every linear in FP8, not only the routed experts."""
+    from moe_backend.quant import quantize_fp8_blockwise
+
+    path, model = dsv3
+    name = "model.layers.0.self_attn.o_proj.weight"
+
+    def source(prefix):
+        for n, tensor in checkpoint.tensors_under(path, prefix):
+            if n == name:
+                w_fp8, scale = quantize_fp8_blockwise(tensor)
+                yield n + "_scale_inv", scale  # the scales first: the order must not matter
+                yield n, w_fp8
+            else:
+                yield n, tensor
+
+    loaded = checkpoint.load_model(source, checkpoint.read_config(path))
+    want = dict(checkpoint.tensors_under(path, name))[name]
+    got = loaded.get_parameter(name)
+    w_fp8, scale = quantize_fp8_blockwise(want)
+    assert torch.equal(got, dequantize_fp8_blockwise(w_fp8, scale).to(torch.bfloat16))
+    assert not torch.equal(got, want)  # really the FP8 values
+
+
 def test_load_model_names_missing_extra_and_misshaped_tensors(dsv3):
     path, _ = dsv3
     config = checkpoint.read_config(path)
@@ -88,6 +112,8 @@ def test_load_model_names_missing_extra_and_misshaped_tensors(dsv3):
         checkpoint.load_model(source_with("", {"model.layers.0.mlp.bogus": torch.zeros(1)}), config)
     with pytest.raises(ValueError, match=r"shape: model\.norm\.weight is \[3\]"):
         checkpoint.load_model(source_with("", {"model.norm.weight": torch.ones(3)}), config)
+    with pytest.raises(ValueError, match=r"missing: model\.layers\.1\.mlp\.experts\.2\.down_proj\.weight_scale_inv"):
+        checkpoint.load_model(source_with("model.layers.1.mlp.experts.2.down_proj.weight_scale_inv", {}), config)
     with pytest.raises(ValueError, match="config: required"):
         checkpoint.load_model(source_with("", {}))
     with pytest.raises(TypeError, match="source"):
