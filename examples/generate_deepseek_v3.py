@@ -43,7 +43,9 @@ MAX_MEAN_KL = 1e-2
 # embeddings the FP8 activation rounding alone flips many top-1s; a trained model's predictions are
 # peaked and each of its 61 layers is a small part of its stream. The real-size run emulates the
 # latter; the negative control proves the comparison still sees the MoE layers.
-STREAM_SCALE = {"tiny": 1.0, "real": 32.0}
+STREAM_SCALE = {"tiny": 1.0, "real": 128.0}
+# Batch, prompt length, new tokens: the real-size run compares 8 x 159 positions, 8 x 31 of them decode.
+SHAPES = {"tiny": (2, 32, 16), "real": (8, 128, 32)}
 
 
 def real_config(num_layers: int, num_experts: int = 256) -> dict:
@@ -174,15 +176,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=None, help="random model: routed experts "
                         "(default 16 tiny, 256 real)")
     parser.add_argument("--stream-scale", type=float, default=None,
-                        help="random model: token-embedding std (default 1 tiny, 32 real; see STREAM_SCALE)")
+                        help="random model: token-embedding std (default 1 tiny, 128 real; see STREAM_SCALE)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--prompt-len", type=int, default=96)
-    parser.add_argument("--new-tokens", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=None, help="sequences (default 2 tiny, 8 real)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="default 32 tiny, 128 real")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 16 tiny, 32 real")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="exit 1 unless the acceptance criteria hold")
     parser.add_argument("--json", help="also write the summary to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, default in zip(("batch", "prompt_len", "new_tokens"), SHAPES[args.size]):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

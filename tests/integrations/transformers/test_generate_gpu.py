@@ -3,7 +3,8 @@
 memory) through transformers, with our layers vs transformers' own experts on the dequantized
 weights: top-1 agreement >= 99% over >= 512 positions, mean KL <= 1e-2, prefill and decode on our
 layers, the kernels logged, and a negative control that must fail. Same as
-`python -m examples.generate_deepseek_v3 --size real --device cuda --check`."""
+`python -m examples.generate_deepseek_v3 --size real --device cuda --check` (run_device.sh step
+`e2e`); it holds ~90 GB of GPU memory, so it lives outside tests/gpu."""
 
 import pytest
 import torch
