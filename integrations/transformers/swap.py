@@ -27,7 +27,8 @@ from moe_backend import experts as experts_path
 from moe_backend import reference
 from moe_backend.dispatch.policy import Policy
 from moe_backend.layers import DeepseekV3MoE
-from moe_backend_integrations.transformers.checkpoint import WeightSource, _check_source, stack_fp8_experts, tensors_under
+from moe_backend_integrations.transformers.checkpoint import (WeightSource, _check_source, stack_fp8_experts,
+                                                               tensors_under)
 
 __all__ = ["MoESwap", "PhaseMoEBlock", "FP8Experts", "moe_blocks", "swap_moe_blocks", "use_backend_experts",
            "use_reference_experts"]
@@ -177,15 +178,16 @@ def _device_of(module: nn.Module) -> torch.device:
 def swap_moe_blocks(model: nn.Module, weights: WeightSource, *, policy: Policy | None = None) -> MoESwap:
     """Every MoE block of a transformers DeepSeek-V3 model becomes our `DeepseekV3MoE` with the
     weights' FP8 routed experts and router. FP8 shared experts (the released checkpoints') run in
-    our layer too; bf16 ones (the tiny checkpoints') stay transformers' bf16 MLP, as engines run them. weights: the checkpoint folder or a source callable (see `checkpoint`). policy: the
+    our layer too; bf16 ones (the tiny checkpoints') stay transformers' bf16 MLP, as engines run
+    them. weights: the checkpoint folder or a source callable (see `checkpoint`). policy: the
     layers' Policy (None: MOE_BACKEND_POLICY)."""
     if policy is not None and not isinstance(policy, Policy):
         raise TypeError(f"policy: expected a moe_backend.dispatch.Policy or None, got {type(policy).__name__}")
-    if getattr(model.config, "model_type", None) != "deepseek_v3":
-        raise ValueError(f"model: swap_moe_blocks needs a DeepSeek-V3 model (our layer implements its sigmoid, "
-                         f"group-limited router), got {getattr(model.config, 'model_type', None)!r}; "
-                         f"use use_backend_experts for other routers")
     swap, blocks = _start(model, weights, "deepseek_v3_moe")
+    if model.config.model_type != "deepseek_v3":
+        raise ValueError(f"model: swap_moe_blocks needs a DeepSeek-V3 model (our layer implements its sigmoid, "
+                         f"group-limited router), got {model.config.model_type!r}; use use_backend_experts "
+                         f"for other routers")
     config = MoEConfig.from_hf_config(model.config.to_dict())
     parents = dict(model.named_modules())
     try:
