@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 
 from moe_backend._cli import add_subcommand, int_range, new_parser
@@ -64,6 +65,7 @@ def run_info(_: argparse.Namespace, __: argparse.ArgumentParser) -> int:
 
     from moe_backend import __version__
     from moe_backend.dispatch.policy import Policy
+    from moe_backend.env import VARIABLES
 
     print(f"moe-backend {__version__}")
     print(f"python      {sys.version.split()[0]}")
@@ -80,6 +82,8 @@ def run_info(_: argparse.Namespace, __: argparse.ArgumentParser) -> int:
     print("peers       " + ", ".join(f"{name}: {_version(mod) or 'not installed'}" for name, mod in
                                      (("DeepGEMM", "deep_gemm"), ("vLLM", "vllm"), ("SGLang", "sglang"))))
     print(f"policy      {Policy.from_env().to_dict()}")
+    set_here = [f"{v.name}={os.environ[v.name]!r}" for v in VARIABLES if v.name in os.environ]
+    print(f"environment {', '.join(set_here) or 'no MOE_BACKEND_* variable set'} (README's table)")
     return 0
 
 

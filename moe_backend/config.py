@@ -13,8 +13,13 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from moe_backend.constants import (DEEPSEEK_V3_EXPERTS, DEEPSEEK_V3_HIDDEN, DEEPSEEK_V3_INTERMEDIATE,
-                                   DEEPSEEK_V3_TOPK, QUANT_BLOCK)
+from moe_backend.constants import (
+    DEEPSEEK_V3_EXPERTS,
+    DEEPSEEK_V3_HIDDEN,
+    DEEPSEEK_V3_INTERMEDIATE,
+    DEEPSEEK_V3_TOPK,
+    QUANT_BLOCK,
+)
 
 __all__ = ["MoEConfig", "QUANT_BLOCK"]
 

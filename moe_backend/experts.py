@@ -16,9 +16,18 @@ from typing import Iterator
 import torch
 
 from moe_backend import ops
-from moe_backend._checks import (check_activations, check_bool, check_expert_weights, check_finite_rows,
-                                 check_int, check_same_device, check_tensor, check_token_activations, check_topk,
-                                 finite_checks_enabled)
+from moe_backend._checks import (
+    check_activations,
+    check_bool,
+    check_expert_weights,
+    check_finite_rows,
+    check_int,
+    check_same_device,
+    check_tensor,
+    check_token_activations,
+    check_topk,
+    finite_checks_enabled,
+)
 from moe_backend.constants import QUANT_BLOCK as GROUP
 from moe_backend.dispatch.plan import GemmPlan, Plan, make_masked_plan, make_plan
 from moe_backend.dispatch.policy import KERNELS, PHASES, KernelChoice, Policy

@@ -11,8 +11,8 @@ from typing import Iterator
 
 import torch
 
-from moe_backend.config import MoEConfig
-from moe_backend.constants import FP8_DTYPE, FP8_MAX, QUANT_BLOCK
+from moe_backend.config import QUANT_BLOCK, MoEConfig
+from moe_backend.quant import FP8_DTYPE, FP8_MAX
 
 __all__ = ["random_moe_weights"]
 

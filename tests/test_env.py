@@ -160,3 +160,15 @@ def test_env_imports_nothing_heavy():
     code = "import sys, moe_backend.env; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_info_lists_the_variables_set(monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("MOE_BACKEND_PRINT_CONFIG", "on")
+    monkeypatch.delenv("MOE_BACKEND_POLICY", raising=False)
+    out = subprocess.run([sys.executable, "-m", "moe_backend", "info"], capture_output=True, text=True,
+                         check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("environment"))
+    assert "MOE_BACKEND_PRINT_CONFIG='on'" in line and "MOE_BACKEND_POLICY" not in line

@@ -36,8 +36,8 @@ from sglang.srt.utils import is_cuda, is_musa
 
 from moe_backend import experts, ops
 from moe_backend.ab import shadow as ab_shadow
-from moe_backend.dispatch.policy import Policy
 from moe_backend.constants import QUANT_BLOCK
+from moe_backend.dispatch.policy import Policy
 from moe_backend.quant import FP8_DTYPE
 from moe_backend_integrations.sglang import BACKEND_NAME
 

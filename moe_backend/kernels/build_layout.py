@@ -309,7 +309,8 @@ def _launch(topk_ids, num_experts, expert_start, *, masked: bool, alignment: int
 
 
 def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                            alignment: int = LAYOUT_ALIGNMENT, slots_per_program: int | None = None) -> ContiguousLayout:
+                            alignment: int = LAYOUT_ALIGNMENT, slots_per_program: int | None = None
+                            ) -> ContiguousLayout:
     """topk_ids int32/int64 `[T, k]` (global ids; experts `[expert_start, expert_start + E)` are
     local, others and -1 are dropped) -> `ContiguousLayout` on `M = max_contiguous_rows(T*k, E,
     alignment)` rows, bit-identical to `dispatch.layouts.build_contiguous_layout(...,
