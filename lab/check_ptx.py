@@ -2,7 +2,8 @@
 can produce for the DeepSeek-V3 shapes (EP8 I=2048 and TP8 I=256, hidden 7168; contiguous
 prefill and masked decode) is rendered by the package's own JIT (`kernel_spec`) and compiled to
 PTX with `nvcc -ptx` for sm_90a (no GPU needed). The normalized PTX (comments, line and file
-directives dropped, the kernel's own name replaced) is hashed per config.
+directives dropped, the kernel's own name replaced, parameters the body never reads dropped and
+the others numbered in order) is hashed per config.
 
     python lab/check_ptx.py --save lab/ptx_manifest.json [--keep DIR]   # record
     python lab/check_ptx.py --check lab/ptx_manifest.json [--keep DIR]  # compare, exit 1 on a change
@@ -75,7 +76,20 @@ def normalized_ptx(spec: jit.KernelSpec, keep: Path | None) -> str:
         (keep / f"{spec.kernel_name}.ptx").write_text(text)
     lines = [line for line in text.splitlines()
              if line.strip() and not line.lstrip().startswith(("//", ".loc", ".file"))]
-    return re.sub(re.escape(spec.kernel_name), "KERNEL", "\n".join(lines)) + "\n"
+    return _rename_params(re.sub(re.escape(spec.kernel_name), "KERNEL", "\n".join(lines)) + "\n")
+
+
+def _rename_params(ptx: str) -> str:
+    """Drops the declarations of parameters the body never reads and numbers the others in
+    declaration order: a kernel that lost unused parameters normalizes like the one before."""
+    declared = re.findall(r"^\s*\.param .*?(KERNEL_param_\d+)\b", ptx, flags=re.M)
+    used = [p for p in declared if len(re.findall(rf"\b{p}\b", ptx)) > 1]
+    kept = [line.rstrip(",") for line in ptx.splitlines()
+            if not any(re.search(rf"\b{p}\b", line) for p in set(declared) - set(used)) or ".param" not in line]
+    out = "\n".join(kept) + "\n"
+    for i, p in enumerate(used):
+        out = re.sub(rf"\b{p}\b", f"P{i}", out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,8 @@ using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES
 extern "C" __global__ void __launch_bounds__(phasemoe::kNumThreads, 1)
 {{KERNEL_NAME}}(const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_a,
                 const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_b,
-                const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_out,
                 const float* __restrict__ a_scale, const float* __restrict__ b_scale,
                 const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m,
-                float* __restrict__ workspace, int* __restrict__ flags,
                 const int32_t* __restrict__ rows_in_use) {
   // A layout sized by a static bound (no host sync) ends in padding rows: the device-side count
   // of rows in use, when given, keeps the scheduler off that tail.

@@ -99,22 +99,19 @@ def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
                 expert_ids: torch.Tensor, out: torch.Tensor, cfg: ContiguousConfig,
                 rows_in_use: torch.Tensor | None = None) -> list:
     """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
-    (tmap_a, tmap_b, tmap_out, a_scale*, b_scale*, expert_ids*, out*, m, workspace*, flags*,
-    rows_in_use*). tmap_out, workspace and flags are unused by the shipped kernel (A's map again,
-    null pointers); rows_in_use: int32 [1] on the device (rows of A in use) or a null pointer.
-    Tensor maps: A `[M, K]` in 128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes
-    (innermost dim first); the operand a CTA pair shares is loaded in halves, one per CTA."""
+    (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m, rows_in_use*); rows_in_use: int32
+    [1] on the device (rows of A in use) or a null pointer. Tensor maps: A `[M, K]` in 128 x 128
+    boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first); the operand a CTA pair
+    shares is loaded in halves, one per CTA."""
     m, k = a_fp8.shape
     num_experts, n, _ = b_fp8.shape
     a_rows = BLOCK_M // cfg.cluster if cfg.shares_a else BLOCK_M
     b_rows = cfg.block_n if cfg.shares_a else cfg.block_n // cfg.cluster
-    tmap_a = _tma_param_for(a_fp8.data_ptr(), (k, m), (k,), (BLOCK_K, a_rows))
-    tmap_b = _tma_param_for(b_fp8.data_ptr(), (k, n, num_experts), (k, n * k), (BLOCK_K, b_rows, 1))
     return [
-        tmap_a, tmap_b, tmap_a,
+        _tma_param_for(a_fp8.data_ptr(), (k, m), (k,), (BLOCK_K, a_rows)),
+        _tma_param_for(b_fp8.data_ptr(), (k, n, num_experts), (k, n * k), (BLOCK_K, b_rows, 1)),
         ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
         ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
-        ctypes.c_uint64(0), ctypes.c_uint64(0),
         ctypes.c_uint64(rows_in_use.data_ptr() if rows_in_use is not None else 0),
     ]
 
