@@ -3,7 +3,7 @@
 The accumulator is N/2 fp32 registers per thread and PTX needs every one named in the operand
 list, so each N is its own asm statement; generating them keeps the wrappers identical in form.
 Run `python -m moe_backend.cuda._gen_wgmma` after changing `UNIT_N_CHOICES`;
-tests/cuda/test_cuda_compile.py fails while the committed header is stale.
+tests/cuda/test_kernel_build.py fails while the committed header is stale.
 """
 
 from __future__ import annotations

@@ -133,7 +133,8 @@ struct GroupedGemmContiguous {
     } else {
       sm90::setmaxnreg_inc<kConsumerRegs>();
       // Per live tile: the first MMA unit, then the previous tile's deferred store, then the rest
-      // of the K loop.
+      // of the K loop. Kept in run(): moved into a function of its own, the loop compiles to PTX
+      // with other register numbering than the binary the benchmark tables measured.
       const int warp_in_wg = (threadIdx.x / 32) % 4;
       // This thread's two accumulator rows within the 128-row tile (wgmma D layout).
       const int row_in_tile = warpgroup * 64 + warp_in_wg * 16 + lane / 4;
