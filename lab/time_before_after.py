@@ -46,7 +46,8 @@ def cells(num_sms: int = NUM_SMS):
         for layout, rows, cfg in runs:
             twin = lab_twin(cfg)
             max_m = rows if layout == "masked" else 0
-            mine, theirs = kernel_spec(n, k, cfg, masked_max_m=max_m), variants.kernel_spec(n, k, twin, masked_max_m=max_m)
+            mine = kernel_spec(n, k, cfg, masked_max_m=max_m)
+            theirs = variants.kernel_spec(n, k, twin, masked_max_m=max_m)
             if _key(mine) != _key(theirs) or theirs.constants["K_UNROLL"] != (2 if cfg.block_n <= 128 else 1):
                 raise RuntimeError(f"{sl} {gemm}: {mine.kernel_name} has no lab twin ({theirs.kernel_name})")
             out.append((f"{sl} {gemm} {rows}", layout, e, rows, n, k, cfg, twin))
@@ -95,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{t['package']['us']:.1f} [{t['package']['lo']:.0f}–{t['package']['hi']:.0f}] | "
               f"{t['pre']['us']:.1f} [{t['pre']['lo']:.0f}–{t['pre']['hi']:.0f}] | "
               f"{t['package']['us'] / t['pre']['us']:.3f} |", flush=True)
-        del a, a_s, b, bs, ids, outs
-        torch.cuda.empty_cache()
     return 0
 
 

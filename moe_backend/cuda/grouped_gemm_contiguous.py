@@ -8,14 +8,19 @@ from __future__ import annotations
 import torch
 
 from moe_backend._checks import check_same_device, check_tensor
-from moe_backend.cuda.config import BLOCK_K, BLOCK_M, CONTIGUOUS_ALIGNMENT, ContiguousConfig, max_stages
+# `X as X`: names re-exported for the callers that import them from here (the layer pipeline,
+# the plan, the ops front door), as before the package was split by role.
+from moe_backend.cuda.config import BLOCK_K, ContiguousConfig
+from moe_backend.cuda.config import BLOCK_M as BLOCK_M
+from moe_backend.cuda.config import CONTIGUOUS_ALIGNMENT as CONTIGUOUS_ALIGNMENT
+from moe_backend.cuda.config import max_stages as max_stages
 from moe_backend.cuda.heuristic import select_config
-from moe_backend.cuda.launch import _num_sms, check_device, check_weights, kernel_spec, launch
+from moe_backend.cuda.launch import _num_sms as _num_sms
+from moe_backend.cuda.launch import check_device, check_weights, kernel_spec
+from moe_backend.cuda.launch import launch as launch
 from moe_backend.quant import FP8_DTYPE
 
 __all__ = ["grouped_gemm_contiguous", "ContiguousConfig", "select_config", "kernel_spec"]
-# Also importable from here for the layer pipeline and the plan: BLOCK_M, CONTIGUOUS_ALIGNMENT,
-# max_stages, launch, check_device, check_weights, _num_sms.
 
 
 def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,

@@ -191,7 +191,7 @@ def test_ep8_timing(rows_per_expert, which, n, k) -> None:
         times.append(start.elapsed_time(end) * 1e3 / 10)
     us = sorted(times)[len(times) // 2]
     rows = sum(counts)
-    cfg = ggc.select_config(expert_ids.numel(), n, torch.cuda.get_device_properties(0).multi_processor_count)
+    cfg = ggc.select_config(expert_ids.numel(), n, torch.cuda.get_device_properties(0).multi_processor_count, k=k)
     print(f"\n[cuda contiguous] {torch.cuda.get_device_name()} EP8 {which} {rows_per_expert} rows/expert "
           f"{cfg}: {us:.0f} µs, {2 * rows * n * k / us / 1e6:.0f} TFLOPS")
     ref_rows = slice(0, 2 * ALIGN)  # spot-check two tiles against the reference (full check is slow)
