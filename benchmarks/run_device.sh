@@ -30,7 +30,7 @@ for step in "$@"; do
     walktest) # the grouped GEMMs' walks over the rows present: Triton (both layouts) and the CUDA masked kernel
            timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py \
                 tests/cuda/test_cuda_masked_gpu.py 2>&1 | tee "$OUT/walktest.log" | tail -15 ;;
-    sweep) DG_JIT_DEBUG=1 DG_PRINT_CONFIGS=1 timeout ${SWEEP_TIMEOUT:-420} python3 benchmarks/sweep_decode_cells.py \
+    sweep) DG_JIT_DEBUG=1 DG_PRINT_CONFIGS=1 timeout ${SWEEP_TIMEOUT:-420} python3 -m lab.sweep_decode_cells \
                 --log "$OUT/sweep.log" ${SWEEP_ARGS:-} > "$OUT/sweep.out" 2>&1
            grep -E "^(==|  (triton|cuda)|\|)" "$OUT/sweep.out" | tail -40 ;;
     test)  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q tests/gpu/test_kernels_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
@@ -45,7 +45,7 @@ for step in "$@"; do
              --log "$OUT/routed.log" --routings ${ROUTINGS:-uniform,zipf:0.6,zipf:0.9,zipf:1.2} \
              --budget-s ${ROUTED_BUDGET:-330} ${ROUTED_ARGS:---slices ep8,tp8 --ep8-rows 128 --tp8-rows 16 --vllm-configs 3} \
              2>&1 | grep -v "^|---" ;;
-    ncu)   timeout ${NCU_TIMEOUT:-400} python3 benchmarks/ncu_compare.py --log "$OUT/ncu_compare.md" ${NCU_ARGS:-} 2>&1 | tail -12 ;;
+    ncu)   timeout ${NCU_TIMEOUT:-400} python3 -m lab.ncu_compare --log "$OUT/ncu_compare.md" ${NCU_ARGS:-} 2>&1 | tail -12 ;;
     permq) timeout ${PERMQ_TIMEOUT:-300} python3 benchmarks/bench_permute_quant.py --md "$OUT/permute_quant.md" 2>&1 | tail -12 ;;
     profile) timeout ${PROFILE_TIMEOUT:-200} python3 -m benchmarks.profile_layer ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -60 ;;
     layer) cp docs/benchmarks.md "$OUT/benchmarks.layer.md"  # the docs with the layer section replaced

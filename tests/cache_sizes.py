@@ -9,8 +9,8 @@ import sys
 
 # Module-level dicts that memoize per kernel / device / stream (named so a new one is seen here).
 _DICTS = {
-    "moe_backend.cuda.jit": ("_loaded", "_primary_contexts", "_fallback_roots"),
-    "moe_backend.cuda.grouped_gemm_contiguous": ("_split_cache",),
+    "moe_backend.cuda.jit": ("_fallback_roots",),
+    "moe_backend.cuda.driver": ("_loaded", "_primary_contexts"),
     "moe_backend.eager_graphs": ("_graphs", "_static", "_pools", "_eager_once"),
 }
 

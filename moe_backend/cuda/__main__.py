@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 
 from moe_backend.cuda import jit
-from moe_backend.cuda.grouped_gemm_contiguous import kernel_spec, warmup_specs
-from moe_backend.cuda.grouped_gemm_masked import select_masked_config, supports_max_m
+from moe_backend.cuda.grouped_gemm_masked import supports_max_m
+from moe_backend.cuda.heuristic import select_masked_config
+from moe_backend.cuda.launch import kernel_spec, warmup_specs
 
 # (experts per GPU, [(N, K) of w13, of w2]) for the two single-GPU slices of docs' benchmarks.
 SLICES = {

@@ -1,22 +1,19 @@
-// Instantiation template: moe_backend/cuda/grouped_gemm_contiguous.py fills the {{...}} fields
-// (plain text replacement) and the JIT compiles one cubin per (N, K, BLOCK_N, STAGES, GROUP_M).
-#define PHASEMOE_K_UNROLL {{K_UNROLL}}
+// Instantiation template: moe_backend/cuda/launch.py fills the {{...}} fields (plain text
+// replacement) and the JIT compiles one cubin per (N, K, config, masked max_m).
 #include "grouped_gemm_contiguous.cuh"
 
-using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{PINGPONG}}, {{CLUSTER}}, {{MCAST_A}}, {{BULK_STORE}}, {{TWO_ACC}}, {{MASKED_MAX_M}}, {{PART_N}}, {{UNIT_ACCS}}, {{TMA_STORE}}, {{SPLIT_TAIL}}>;
+using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{CLUSTER}}, {{MCAST_A}}, {{MASKED_MAX_M}}>;
 
 extern "C" __global__ void __launch_bounds__(phasemoe::kNumThreads, 1)
 {{KERNEL_NAME}}(const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_a,
                 const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_b,
-                const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_out,
                 const float* __restrict__ a_scale, const float* __restrict__ b_scale,
                 const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m,
-                float* __restrict__ workspace, int* __restrict__ flags,
                 const int32_t* __restrict__ rows_in_use) {
   // A layout sized by a static bound (no host sync) ends in padding rows: the device-side count
   // of rows in use, when given, keeps the scheduler off that tail.
   if (rows_in_use != nullptr) m = max(0, min(m, __ldg(rows_in_use)));
-  Gemm::run(tmap_a, tmap_b, tmap_out, a_scale, b_scale, row_ids, out, m, workspace, flags);
+  Gemm::run(tmap_a, tmap_b, a_scale, b_scale, row_ids, out, m);
 }
 
 // The launcher sizes the launch with its own formula (ContiguousConfig.smem_bytes); this keeps

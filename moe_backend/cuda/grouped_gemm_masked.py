@@ -14,8 +14,10 @@ from __future__ import annotations
 import torch
 
 from moe_backend._checks import check_same_device, check_tensor
-from moe_backend.cuda.grouped_gemm_contiguous import (BLOCK_M, ContiguousConfig, check_device, check_weights,
-                                                       grouped_gemm_contiguous, launch, max_stages)
+from moe_backend.cuda.config import BLOCK_M, ContiguousConfig
+from moe_backend.cuda.grouped_gemm_contiguous import grouped_gemm_contiguous
+from moe_backend.cuda.heuristic import select_masked_config
+from moe_backend.cuda.launch import check_device, check_weights, launch
 from moe_backend.quant import FP8_DTYPE
 
 __all__ = ["grouped_gemm_masked", "supports_max_m", "select_masked_config"]
@@ -24,21 +26,6 @@ __all__ = ["grouped_gemm_masked", "supports_max_m", "select_masked_config"]
 def supports_max_m(max_m: int) -> bool:
     """Whether a masked layout with this many rows per expert maps onto the kernel's tiles."""
     return max_m > 0 and max_m % BLOCK_M == 0
-
-
-def select_masked_config(n: int, k: int) -> ContiguousConfig:
-    """The decode shapes' config (H100 sweeps at 128 rows per expert, docs/benchmarks.md): N tiles
-    walked N-fastest within one expert (group_m 1: an expert's A tile stays hot in L2 while its
-    weights stream), two block accumulators. Wide GEMMs: 128-wide tiles, CTA pairs on N tiles
-    sharing the A tile (EP8 w2 202.6 µs, w13 368.3 µs; every 128-wide variant within 1%: these
-    cells stream weights). N = 512 (TP8 w13): 64-wide tiles in pairs (440.5 µs, 4 tiles per expert
-    were too few to spread). K = 256 (TP8 w2, 2 K blocks per tile): 64-wide single CTAs (338.2 µs
-    vs 355.4 for 128-wide pairs)."""
-    if k <= 256:
-        return ContiguousConfig(64, max_stages(64), group_m=1, pingpong=False, cluster=1, k_unroll=2, two_acc=True)
-    block_n = 64 if n <= 512 else 128
-    return ContiguousConfig(block_n, max_stages(block_n), group_m=1, pingpong=False, cluster=2, multicast="a",
-                            k_unroll=2, two_acc=True)
 
 
 def masked_expert_ids(masked_m: torch.Tensor, max_m: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-// Thin inline-PTX wrappers for the Hopper (sm_90a) features the kernels use: mbarriers, TMA
+// Thin inline-PTX wrappers for the Hopper (sm_90a) features the kernel uses: mbarriers, TMA
 // bulk tensor loads, wgmma fences and shared-memory descriptors, setmaxnreg. Plain PTX rather
 // than CUTLASS/CuTe keeps the JIT free of a multi-MB header tree (compile time, cache key) and
 // keeps every instruction the kernel issues visible in one file.
@@ -22,7 +22,7 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// mbarriers (shared::cta; this kernel launches clusters of 1)
+// mbarriers of this CTA (the arrive on a peer CTA's barrier is under Clusters)
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(arrivals) : "memory");
 }
@@ -146,45 +146,6 @@ __device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint64_t* bar) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bulk copies shared -> global (the epilogue's asynchronous stores; no tensor map: one contiguous
-// run of bytes per call, 16-byte aligned at both ends, size a multiple of 16).
-__device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(reinterpret_cast<uint64_t>(dst)),
-               "r"(smem_addr(src)), "r"(bytes)
-               : "memory");
-}
-// TMA tensor store: the 2-D box at (c0, c1) of `desc`'s tensor from shared memory (laid out as
-// the map's swizzle says); elements past the tensor's bounds are not written.
-__device__ __forceinline__ void tma_store_2d(const TmaDescriptor* desc, const void* src, int32_t c0, int32_t c1) {
-  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];"
-               ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(src)), "r"(c0), "r"(c1)
-               : "memory");
-}
-
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-// Waits until this thread's committed bulk copies have read their shared-memory source (the
-// buffer may be rewritten), or, without `.read`, until their writes are done.
-template <int kPending>
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void bulk_wait() {
-  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
-}
-// Orders this thread's ordinary shared-memory writes before later async-proxy reads (bulk copies).
-__device__ __forceinline__ void fence_proxy_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-__device__ __forceinline__ void st_shared_v4(void* dst, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(smem_addr(dst)), "r"(a), "r"(b), "r"(c), "r"(d)
-               : "memory");
-}
-__device__ __forceinline__ void st_shared_b32(void* dst, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;" ::"r"(smem_addr(dst)), "r"(v) : "memory");
-}
-
-// ---------------------------------------------------------------------------------------------
 // Clusters
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t r;
@@ -200,8 +161,8 @@ __device__ __forceinline__ void cluster_sync() {
 // Arrive on the mbarrier at `bar`'s offset in CTA `cta` of the cluster (may be this CTA).
 // Default (CTA-scope) release semantics: the only thing the arrival publishes is "this stage's
 // shared memory has been read", and the wgmma wait before it already completed those reads.
-// `.release.cluster` compiled to MEMBAR.GPU + error barriers per arrival (SASS), draining every
-// outstanding memory operation of the warp each K block: the multicast kernel ran 0.65-0.9x.
+// `.release.cluster` would compile to a GPU-wide fence per arrival, draining every outstanding
+// memory operation of the warp each K block.
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
   asm volatile(
       "{\n.reg .b32 remote;\n"
@@ -209,36 +170,6 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta)
       "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}" ::"r"(smem_addr(bar)),
       "r"(cta)
       : "memory");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Flags in global memory between CTAs (the split tail: one CTA hands its partial sums to another;
-// all CTAs of the persistent grid are resident, so a wait cannot deadlock on an unscheduled CTA).
-// Release: called by one thread after a barrier of the threads whose writes it publishes (the
-// barrier orders their writes before this thread's release; PTX memory model, causality order).
-__device__ __forceinline__ void flag_set_release(int* flag) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(flag), "r"(1) : "memory");
-}
-
-// Waits until `flag` is set (acquire: the writes published before it are visible to this thread,
-// and to the threads that pass a barrier with it afterwards), then clears it for the next launch.
-__device__ __forceinline__ void flag_wait_acquire_and_clear(int* flag) {
-#ifdef PHASEMOE_DEBUG
-  const uint64_t start = global_timer_ns();
-#endif
-  while (true) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(flag) : "memory");
-    if (v != 0) break;
-#ifdef PHASEMOE_DEBUG
-    if (global_timer_ns() - start > 5000000000ull) {
-      printf("phasemoe: split-tail flag wait timed out: block %d thread %d\n", blockIdx.x, threadIdx.x);
-      __trap();
-    }
-#endif
-    __nanosleep(64);
-  }
-  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;" ::"l"(flag), "r"(0) : "memory");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,28 +195,6 @@ __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"
 __device__ __forceinline__ uint64_t smem_desc_kmajor_sw128(const void* tile) {
   const uint64_t start = (smem_addr(tile) & 0x3FFFFu) >> 4;
   return start | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Named barriers (ids 1..15; id 0 is __syncthreads). `arrive` does not wait; `sync` waits until
-// `threads` threads (arrivals included) reached the barrier.
-__device__ __forceinline__ void named_bar_sync(uint32_t id, uint32_t threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-// bar.sync that also ANDs `pred` over the participating threads: true when it held for all.
-__device__ __forceinline__ bool named_bar_sync_and(uint32_t id, uint32_t threads, bool pred) {
-  uint32_t all;
-  asm volatile(
-      "{\n.reg .pred p, q;\nsetp.ne.b32 q, %1, 0;\n"
-      "bar.red.and.pred p, %2, %3, q;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(all)
-      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(threads)
-      : "memory");
-  return all != 0;
-}
-__device__ __forceinline__ void named_bar_arrive(uint32_t id, uint32_t threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The CUDA C++ contiguous grouped GEMM on a Hopper GPU against `moe_backend.reference`: fresh
 random inputs, NaN-poisoned outputs (padding rows must stay NaN, real rows must be written),
 DeepSeek-V3 shapes (K = 2048 / 7168), 1 and 256 experts, segments that are not multiples of the
-tile, empty experts, every N tile the heuristic can pick, and a µs / TFLOPS line for the EP8 cells.
+tile, empty experts, every N tile and CTA pairing a config can name, and a µs / TFLOPS line for the EP8 cells.
 
 First run on a new build: MOE_BACKEND_JIT_DEBUG=1 turns a pipeline hang into a trap after 5 s.
 """
@@ -59,18 +59,12 @@ class Case:
     n: int
     k: int
     counts: tuple             # real rows per expert (each segment padded to 128)
-    block_n: int | None = None  # force an N tile (None: the heuristic)
+    block_n: int | None = None  # force a config with this N tile (None: the heuristic)
     trailing_pad: int = ALIGN
     pad_last: bool = True     # False: M ends mid-tile (TMA zero-fills rows past M)
-    cluster: int | None = None  # force CTA pairs (2) or single CTAs (1); None: the heuristic
+    cluster: int = 1          # with block_n: CTA pairs (2) or single CTAs (1)
     multicast: str = "b"      # with cluster 2: the operand the pair shares
-    bulk_store: bool = False  # the epilogue through shared memory + bulk copies (N % 8 == 0)
-    two_acc: bool = False     # two block accumulators (no ping-pong token)
-    part_n: int = 0           # two_acc: MMA units of this many columns (0: the whole tile)
-    unit_accs: int = 2        # two_acc: MMA units in flight per warpgroup
-    pingpong: bool | None = None  # None: on for the one-accumulator loop, off with two_acc
-    tma_store: bool = False   # two_acc: epilogue through TMA tensor stores where all rows are written
-    split_tail: bool = False  # two_acc: the last wave's units cut into K runs shared by all CTAs
+    group_m: int = 8          # with block_n: M units walked together (1: M-unit-major)
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -95,79 +89,22 @@ CASES = [
     # a_scale chunks of 4 K blocks (K/128 = 4 and 12: one 16-byte copy per row and chunk)
     Case("scale_chunks_of_4_k512", 1024, 512, (257, 0, 128, 31)),
     Case("scale_chunks_of_4_k1536_pairs", 4096, 1536, _skewed(16, 16 * 96, 4)),
-    *[Case(f"block_n_{bn}", 7168, 2048, (257, 0, 128, 31), block_n=bn)
-      for bn in (64, 80, 96, 112, 128, 144, 160, 176, 192)],
-    # CTA pairs: (0,1) one expert (B multicast), (2,3) two experts (own loads), (4,5) a live
-    # tile beside a padding tile (dead half stores nothing)
-    *[Case(f"cluster2_block_n_{bn}", 7168, 2048, (257, 0, 128, 31), block_n=bn, cluster=2)
-      for bn in (80, 128, 176, 192)],
-    Case("cluster2_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=128, cluster=2, pad_last=False,
-         trailing_pad=0),
-    Case("cluster1_ep8_w13_ragged", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=192, cluster=1),
-    # the epilogue through shared memory + one bulk copy per row (padding rows must stay unwritten)
-    *[Case(f"bulk_store_block_n_{bn}_cluster{cl}", n, 2048, (257, 0, 128, 31), block_n=bn, cluster=cl,
-           bulk_store=True) for bn, cl, n in ((192, 2, 7168), (112, 1, 7168), (128, 1, 1000))],
-    Case("bulk_store_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=128, cluster=2, pad_last=False,
-         trailing_pad=0, bulk_store=True),
-    # two block accumulators (K block kb+1 in flight while kb is promoted), odd and even K-block counts
-    *[Case(f"two_acc_block_n_{bn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl,
-           two_acc=True) for bn, cl, n, k in ((128, 2, 7168, 2048), (128, 1, 4096, 7168), (64, 1, 1000, 384),
-                                             (128, 2, 7168, 256), (128, 1, 512, 128))],
-    # ... in 64-column parts: 256/192-wide tiles (192 starts at column 0 or 64 of a scale block:
-    # the parts pick their scale block at run time), ragged N, pairs and single CTAs
-    *[Case(f"two_acc_parts_block_n_{bn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl,
-           two_acc=True, part_n=64)
-      for bn, cl, n, k in ((256, 2, 7168, 2048), (256, 1, 4096, 7168), (192, 2, 7168, 2048), (192, 1, 1001, 384),
-                           (256, 2, 1000, 256), (128, 1, 512, 128), (256, 1, 384, 7168))],
-    Case("two_acc_parts_ep8_w13_ragged", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=256, cluster=2,
-         two_acc=True, part_n=64),
-    # one unit in flight: 128-wide parts of a 256-wide tile, 64-wide parts
-    *[Case(f"two_acc_parts_one_unit_block_n_{bn}_part_{pn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn,
-           cluster=cl, two_acc=True, part_n=pn, unit_accs=1)
-      for bn, pn, cl, n, k in ((256, 128, 2, 7168, 2048), (256, 128, 1, 1000, 384), (256, 64, 2, 4096, 7168),
-                               (192, 64, 1, 1001, 256), (192, 0, 2, 7168, 2048), (192, 0, 1, 1000, 384))],
-    # the bulk-copy epilogue on the unit-chain loop (deferred to the next tile's first unit)
-    *[Case(f"two_acc_bulk_store_block_n_{bn}_part_{pn}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn,
-           cluster=cl, two_acc=True, part_n=pn, unit_accs=accs, bulk_store=True)
-      for bn, pn, accs, cl, n, k in ((256, 128, 1, 2, 7168, 2048), (256, 64, 2, 1, 1000, 384),
-                                     (128, 0, 2, 2, 4096, 7168), (192, 64, 2, 2, 1024, 256))],
-    Case("two_acc_bulk_store_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=256, cluster=2, pad_last=False,
-         trailing_pad=0, two_acc=True, part_n=128, unit_accs=1, bulk_store=True),
-    # one unit in flight with the ping-pong token (the warpgroups alternate their units)
-    *[Case(f"two_acc_one_unit_pingpong_block_n_{bn}_k{k}_cluster{cl}", n, k, (257, 0, 128, 31), block_n=bn,
-           cluster=cl, two_acc=True, part_n=128, unit_accs=1, pingpong=True)
-      for bn, cl, n, k in ((256, 2, 7168, 2048), (256, 1, 1000, 384), (128, 2, 4096, 7168))],
-    # the TMA-store epilogue: whole tiles through 64 x 64 boxes, tiles with padding rows through
-    # register stores (padding must stay NaN), rows past M and columns past N clipped by TMA
-    *[Case(f"tma_store_block_n_{bn}_part_{pn}_cluster{cl}_n{n}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl,
-           two_acc=True, part_n=pn, unit_accs=accs, tma_store=True)
-      for bn, pn, accs, cl, n, k in ((256, 128, 1, 2, 7168, 2048), (256, 128, 1, 1, 1000, 384),
-                                     (128, 0, 2, 2, 4096, 7168), (192, 64, 2, 1, 1024, 256))],
-    Case("tma_store_m_ends_mid_tile", 1000, 2048, (130, 0, 77), block_n=256, cluster=2, pad_last=False,
-         trailing_pad=0, two_acc=True, part_n=128, unit_accs=1, tma_store=True),
-    Case("tma_store_ep8_w13_ragged", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=256, cluster=2, two_acc=True,
-         part_n=128, unit_accs=1, tma_store=True),
-    Case("two_acc_parts_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=192, cluster=2, pad_last=False,
-         trailing_pad=0, two_acc=True, part_n=64),
-    # CTA pairs on N tiles 2j, 2j+1 sharing A: an odd N-tile count (7168 / 192 -> 38, 1001 / 128 ->
-    # 8 with a ragged last tile, 384 / 128 -> 3: the last pair's second CTA is past N), padding
-    # tiles, M ending mid-tile.
-    *[Case(f"cluster2_share_a_block_n_{bn}", n, k, (257, 0, 128, 31), block_n=bn, cluster=2, multicast="a")
-      for bn, n, k in ((192, 7168, 2048), (128, 1001, 384), (128, 384, 256), (96, 4096, 7168))],
-    # the split tail (stream-K on the last wave). 32 experts x (512 | 475) rows at EP8 w13: 1024
-    # pair units over 66 pairs, the last 34 cut into runs of 4 of their 7 chunks (a finalizer and
-    # one contributor each); 10 M tiles x 16 N tiles on 132 single CTAs: 28 tail units in runs of 2
-    # chunks (up to 4 CTAs per unit), the last M tile all padding (its units skipped by every CTA
-    # of their run); w2 (2 chunks per unit) with pairs holding dead halves; M ending mid-tile.
-    Case("split_tail_ep8_w13_pairs", 4096, 7168, tuple(475 if e % 2 else 512 for e in range(32)), block_n=256,
-         cluster=2, two_acc=True, part_n=128, unit_accs=1, split_tail=True),
-    Case("split_tail_single_ctas_padding_units", 4096, 7168, (300, 0, 500, 200), block_n=256, cluster=1,
-         two_acc=True, part_n=128, unit_accs=1, split_tail=True),
-    Case("split_tail_w2_pairs_dead_halves", 7168, 2048, _skewed(32, 32 * 300, 5) + (257, 0, 128, 31), block_n=256,
-         cluster=2, two_acc=True, part_n=128, unit_accs=1, split_tail=True),
-    Case("split_tail_m_ends_mid_tile_bn128", 1000, 2048, (1300, 0, 777), block_n=128, cluster=1, pad_last=False,
-         trailing_pad=0, two_acc=True, split_tail=True),
-    Case("cluster2_share_a_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=160, cluster=2, multicast="a",
+    # every N tile alone and in pairs sharing B: (0,1) one expert (B multicast), (2,3) two experts
+    # (own loads), (4,5) a live tile beside a padding tile (the dead half stores nothing); odd and
+    # even K-block counts, ragged N
+    *[Case(f"block_n_{bn}_cluster{cl}_n{n}_k{k}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl)
+      for bn in (64, 128, 256) for cl in (1, 2) for n, k in ((7168, 2048), (1000, 384))],
+    Case("block_n_256_k7168_ep8_ragged_single", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=256),
+    *[Case(f"block_n_{bn}_pairs_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=bn, cluster=2, pad_last=False,
+           trailing_pad=0) for bn in (128, 256)],
+    # the pair's own M tiles only (group_m = the cluster, the TP8 choice) and M-unit-major single CTAs
+    Case("group_m_2_pairs_k256", 7168, 256, _skewed(64, 64 * 40, 6), block_n=128, cluster=2, group_m=2),
+    Case("group_m_1_single", 512, 7168, _skewed(64, 64 * 40, 7), block_n=64, group_m=1),
+    # CTA pairs on N tiles 2j, 2j+1 sharing A: an odd N-tile count (1001 / 128 -> 8 with a ragged
+    # last tile, 384 / 128 -> 3: the last pair's second CTA is past N), padding tiles, M ending mid-tile
+    *[Case(f"share_a_block_n_{bn}_n{n}", n, k, (257, 0, 128, 31), block_n=bn, cluster=2, multicast="a", group_m=1)
+      for bn, n, k in ((128, 7168, 2048), (128, 1001, 384), (128, 384, 256), (64, 512, 7168))],
+    Case("share_a_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=128, cluster=2, multicast="a",
          pad_last=False, trailing_pad=0),
 ]
 
@@ -180,12 +117,8 @@ def test_matches_reference(case: Case) -> None:
     out = torch.full((expert_ids.numel(), case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
     cfg = None
     if case.block_n is not None:
-        cfg = ggc.ContiguousConfig(case.block_n, ggc.max_stages(case.block_n, case.bulk_store, case.tma_store),
-                                   cluster=case.cluster or 1, multicast=case.multicast, bulk_store=case.bulk_store,
-                                   pingpong=not case.two_acc if case.pingpong is None else case.pingpong,
-                                   two_acc=case.two_acc, part_n=case.part_n,
-                                   unit_accs=case.unit_accs, tma_store=case.tma_store,
-                                   split_tail=case.split_tail)
+        cfg = ggc.ContiguousConfig(case.block_n, group_m=case.group_m, cluster=case.cluster,
+                                   multicast=case.multicast)
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()
     pad = expert_ids < 0
@@ -194,30 +127,6 @@ def test_matches_reference(case: Case) -> None:
     if (~pad).any():
         ref = reference.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids)
         assert _rel(out[~pad], ref[~pad]) <= TOL["gemm"]
-
-
-def test_split_tail_repeats_and_leaves_its_flags_clear() -> None:
-    """Each launch clears the flags it set: a second and third launch (same stream, same
-    workspace) must wait for their contributors again, and give the same answer."""
-    ggc = _ggc()
-    a, a_scale, b, b_scale, expert_ids = _operands((300, 0, 500, 200), 4096, 7168)
-    cfg = ggc.ContiguousConfig(256, ggc.max_stages(256), cluster=1, pingpong=False, two_acc=True, part_n=128,
-                               unit_accs=1, split_tail=True)
-    ref = reference.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids)
-    pad = expert_ids < 0
-    first = None
-    for _ in range(3):
-        out = torch.full((expert_ids.numel(), 4096), float("nan"), dtype=torch.bfloat16, device="cuda")
-        ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
-        torch.cuda.synchronize()
-        assert torch.isnan(out[pad]).all()
-        assert _rel(out[~pad], ref[~pad]) <= TOL["gemm"]
-        if first is None:
-            first = out
-        else:
-            assert torch.equal(out[~pad], first[~pad]), "a repeated launch gave a different answer"
-    flags = [bufs[1] for bufs in ggc._split_cache.values()]
-    assert flags and all(int(f.abs().sum()) == 0 for f in flags), "flags left set after the launch"
 
 
 def test_allocates_zeroed_out_and_accepts_int64_ids() -> None:
@@ -282,7 +191,7 @@ def test_ep8_timing(rows_per_expert, which, n, k) -> None:
         times.append(start.elapsed_time(end) * 1e3 / 10)
     us = sorted(times)[len(times) // 2]
     rows = sum(counts)
-    cfg = ggc.select_config(expert_ids.numel(), n, torch.cuda.get_device_properties(0).multi_processor_count)
+    cfg = ggc.select_config(expert_ids.numel(), n, torch.cuda.get_device_properties(0).multi_processor_count, k=k)
     print(f"\n[cuda contiguous] {torch.cuda.get_device_name()} EP8 {which} {rows_per_expert} rows/expert "
           f"{cfg}: {us:.0f} µs, {2 * rows * n * k / us / 1e6:.0f} TFLOPS")
     ref_rows = slice(0, 2 * ALIGN)  # spot-check two tiles against the reference (full check is slow)

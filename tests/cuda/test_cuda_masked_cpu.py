@@ -59,13 +59,3 @@ def test_best_picks_cuda_only_where_measured_and_tiles_fit() -> None:
     # Contiguous: every cell from 256 rows per expert, the wide GEMMs from 64.
     assert plan._cuda_contiguous_pays(7168, 256, 256) and not plan._cuda_contiguous_pays(7168, 256, 128)
     assert plan._cuda_contiguous_pays(4096, 7168, 64) and not plan._cuda_contiguous_pays(4096, 7168, 32)
-
-
-def test_masked_configs_per_shape() -> None:
-    from moe_backend.cuda.grouped_gemm_masked import select_masked_config
-
-    wide, narrow, short_k = select_masked_config(7168, 2048), select_masked_config(512, 7168), \
-        select_masked_config(7168, 256)
-    assert (wide.block_n, wide.cluster, wide.multicast, wide.two_acc, wide.group_m) == (128, 2, "a", True, 1)
-    assert (narrow.block_n, narrow.cluster) == (64, 2)
-    assert (short_k.block_n, short_k.cluster, short_k.two_acc) == (64, 1, True)

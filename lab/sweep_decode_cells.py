@@ -3,7 +3,9 @@ Triton masked candidates (incl. TMA loads), our CUDA kernel on the masked layout
 ping-pong setting, and DeepGEMM masked, side by side on the same inputs. Prints the fastest
 candidates per cell and checks each kind's best against the fp32 reference.
 
-    python benchmarks/sweep_decode_cells.py [--rows 128] [--cells ep8-w13,...] [--log FILE]
+    python -m lab.sweep_decode_cells [--rows 128] [--cells ep8-w13,...] [--log FILE]
+
+Unshipped (lab/): the CUDA candidates are lab/cuda_variants configs, not the package's.
 """
 
 from __future__ import annotations
@@ -15,10 +17,16 @@ import sys
 import torch
 
 from benchmarks.bench_decode_cells import SHAPES, graph_us, rel
-from moe_backend.cuda.grouped_gemm_contiguous import ContiguousConfig, max_stages
-from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked as cuda_masked
+from lab.cuda_variants.variants import ContiguousConfig, launch, max_stages
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked as triton_masked
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+
+
+def cuda_masked(a, a_s, b, bs, masked_m, out, config):
+    """The lab kernel on the masked layout (viewed as a contiguous one: max_m rows per expert)."""
+    e, rows, k = a.shape
+    return launch(a.view(e * rows, k), a_s.view(e * rows, -1), b, bs, masked_m, out.view(e * rows, -1),
+                  config=config, masked_max_m=rows)
 
 
 def triton_candidates(rows: int, k: int) -> list[dict]:

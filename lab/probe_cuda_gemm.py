@@ -1,7 +1,8 @@
 """Device probe for the CUDA grouped GEMM: time config variants on the issue-5 cells (`time`),
 run each for 2 s while nvidia-smi samples SM clock and power (`power`), or launch one cell twice
-for ncu (`ncu`; `dg` launches DeepGEMM).  python benchmarks/probe_cuda_gemm.py time|power|ncu|dg CELLS VARIANTS
-A variant's '@' suffix adds compile flags (build_flags)."""
+for ncu (`ncu`; `dg` launches DeepGEMM).  python -m lab.probe_cuda_gemm time|power|ncu|dg CELLS VARIANTS
+A variant's '@' suffix adds compile flags (build_flags). Unshipped (lab/): it runs the experiment
+kernel of lab/cuda_variants, whose module it patches for the '@' builds."""
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,8 @@ import sys
 
 import torch
 
-from _timing import interleaved_us, sustained_us  # noqa: E402  (benchmarks/ is the script's directory)
-
-from moe_backend.cuda import grouped_gemm_contiguous as g
+from benchmarks._timing import interleaved_us, sustained_us
+from lab.cuda_variants import variants as g
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
 
 CELLS = {"w13_512": (32, 4096, 7168, 512), "w13_2048": (32, 4096, 7168, 2048), "w13_4096": (32, 4096, 7168, 4096),

@@ -1,0 +1,27 @@
+// Instantiation template (lab, unshipped): lab/cuda_variants/variants.py fills the {{...}} fields
+// (plain text replacement) and the JIT compiles one cubin per (N, K, BLOCK_N, STAGES, GROUP_M).
+#define PHASEMOE_K_UNROLL {{K_UNROLL}}
+#include "grouped_gemm_variants.cuh"
+
+using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{PINGPONG}}, {{CLUSTER}}, {{MCAST_A}}, {{BULK_STORE}}, {{TWO_ACC}}, {{MASKED_MAX_M}}, {{PART_N}}, {{UNIT_ACCS}}, {{TMA_STORE}}, {{SPLIT_TAIL}}>;
+
+extern "C" __global__ void __launch_bounds__(phasemoe::kNumThreads, 1)
+{{KERNEL_NAME}}(const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_a,
+                const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_b,
+                const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_out,
+                const float* __restrict__ a_scale, const float* __restrict__ b_scale,
+                const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m,
+                float* __restrict__ workspace, int* __restrict__ flags,
+                const int32_t* __restrict__ rows_in_use) {
+  // A layout sized by a static bound (no host sync) ends in padding rows: the device-side count
+  // of rows in use, when given, keeps the scheduler off that tail.
+  if (rows_in_use != nullptr) m = max(0, min(m, __ldg(rows_in_use)));
+  Gemm::run(tmap_a, tmap_b, tmap_out, a_scale, b_scale, row_ids, out, m, workspace, flags);
+}
+
+// The launcher sizes the launch with its own formula (ContiguousConfig.smem_bytes); this keeps
+// the two in step at compile time, so a drift fails the CPU compile test, not a GPU run.
+static_assert(Gemm::kSmemBytes == {{SMEM_BYTES}}, "launcher and kernel disagree on shared memory");
+static_assert(phasemoe::kNumThreads == {{NUM_THREADS}} && phasemoe::kBlockM == {{BLOCK_M}} &&
+                  phasemoe::kBlockK == {{BLOCK_K}},
+              "launcher and kernel disagree on the block shape");

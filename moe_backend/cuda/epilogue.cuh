@@ -1,0 +1,102 @@
+// Epilogue: a finished 64 x BLOCK_N fp32 sum (per consumer warpgroup) to bf16 rows of `out`,
+// straight from registers. A tile's store is deferred until the next tile's first MMAs are
+// issued, so the tensor core is not left idle while the stores drain.
+#pragma once
+#include <cstdint>
+
+#include "kernel_traits.cuh"
+#include "sm90_ptx.cuh"
+
+namespace phasemoe {
+
+template <typename T>
+struct Epilogue {
+  // A finished tile whose store waits for the next tile's first MMAs.
+  struct PendingStore {
+    int row0;     // this thread's first row (the second is row0 + 8)
+    int n_base;   // the tile's first column
+    bool store0;  // row0 is the tile's expert's (not padding, not past M, not a dead tile of a pair)
+    bool store1;  // ... and row0 + 8
+    bool valid;   // a tile is pending
+  };
+
+  // 4 x 4 transpose of 32-bit values across the 4 lanes of a quad: on return v[j] holds what
+  // lane j held in v[quad_lane]. Two butterfly stages (xor 1, xor 2), 4 shuffles in all.
+  __device__ __forceinline__ static void quad_transpose(uint32_t (&v)[4], int quad_lane) {
+    const bool b0 = quad_lane & 1;
+#pragma unroll
+    for (int j1 = 0; j1 < 2; ++j1) {
+      const uint32_t send = b0 ? v[2 * j1] : v[2 * j1 + 1];
+      const uint32_t got = __shfl_xor_sync(0xffffffffu, send, 1);
+      if (b0) v[2 * j1] = got; else v[2 * j1 + 1] = got;
+    }
+    const bool b1 = quad_lane & 2;
+#pragma unroll
+    for (int j0 = 0; j0 < 2; ++j0) {
+      const uint32_t send = b1 ? v[j0] : v[2 + j0];
+      const uint32_t got = __shfl_xor_sync(0xffffffffu, send, 2);
+      if (b1) v[j0] = got; else v[2 + j0] = got;
+    }
+  }
+
+  // Chunks g .. g+3 of this thread's two rows as bf16, transposed inside the lane quad: lane q
+  // then holds the 8 columns of chunk g + q (16 contiguous bytes) in v0 (row) and v1 (row + 8).
+  __device__ __forceinline__ static void pack_chunk_group(const float (&result)[T::kAccRegs], int g, int quad_lane,
+                                                          uint32_t (&v0)[4], uint32_t (&v1)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      v0[j] = sm90::pack_bf16x2(result[4 * (g + j) + 0], result[4 * (g + j) + 1]);
+      v1[j] = sm90::pack_bf16x2(result[4 * (g + j) + 2], result[4 * (g + j) + 3]);
+    }
+    quad_transpose(v0, quad_lane);
+    quad_transpose(v1, quad_lane);
+  }
+
+  // bf16 straight from registers to this thread's rows row0 and row0 + 8. Rows not flagged
+  // (another expert's id: padding; past M; dead tiles of a cluster pair) are left untouched;
+  // columns past N are dropped.
+  __device__ __forceinline__ static void store_tile(const float (&result)[T::kAccRegs], uint16_t* __restrict__ out,
+                                                    int row0, int n_base, bool store0, bool store1, int quad_lane) {
+    constexpr int kN = T::kN;
+    const int col_in_chunk = 2 * quad_lane;
+    uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
+    uint16_t* out1 = out0 + 8 * kN;
+#pragma unroll
+    for (int g = 0; g < T::kVecChunks; g += 4) {
+      uint32_t v0[4], v1[4];
+      pack_chunk_group(result, g, quad_lane, v0, v1);
+      const int col = n_base + 8 * (g + quad_lane);
+      if (col < kN) {  // N % 8 == 0: the 8 columns are all in or all out
+        if (store0) *reinterpret_cast<uint4*>(out0 + col) = make_uint4(v0[0], v0[1], v0[2], v0[3]);
+        if (store1) *reinterpret_cast<uint4*>(out1 + col) = make_uint4(v1[0], v1[1], v1[2], v1[3]);
+      }
+    }
+#pragma unroll
+    for (int c = T::kVecChunks; c < T::kBlockN / 8; ++c) {
+      const int col = n_base + 8 * c + col_in_chunk;
+      if constexpr (kN % 2 == 0) {
+        if (col < kN) {  // N even: col + 1 < N too, and the pair is 4-byte aligned
+          if (store0) *reinterpret_cast<uint32_t*>(out0 + col) = sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]);
+          if (store1)
+            *reinterpret_cast<uint32_t*>(out1 + col) = sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]);
+        }
+      } else {
+        if (col < kN) {
+          if (store0) out0[col] = sm90::to_bf16(result[4 * c]);
+          if (store1) out1[col] = sm90::to_bf16(result[4 * c + 2]);
+        }
+        if (col + 1 < kN) {
+          if (store0) out0[col + 1] = sm90::to_bf16(result[4 * c + 1]);
+          if (store1) out1[col + 1] = sm90::to_bf16(result[4 * c + 3]);
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ static void store_pending(const float (&result)[T::kAccRegs], uint16_t* __restrict__ out,
+                                                       const PendingStore& tile) {
+    store_tile(result, out, tile.row0, tile.n_base, tile.store0, tile.store1, threadIdx.x % 4);
+  }
+};
+
+}  // namespace phasemoe

@@ -1,0 +1,77 @@
+"""Which `ContiguousConfig` the CUDA grouped GEMM runs: by formula from the shape, no autotuning on
+the hot path. `select_config` serves the contiguous layout (prefill), `select_masked_config` the
+masked one (decode). Both are what `moe_backend.dispatch.plan` records in a plan; `config=` on
+the ops overrides them, and MOE_BACKEND_PRINT_CONFIG=1 prints each new contiguous choice."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from moe_backend.cuda.config import BLOCK_K, BLOCK_M, GROUP_M, ContiguousConfig
+
+__all__ = ["select_config", "select_masked_config"]
+
+# Tiles the formula picks from: 64 fills the SMs when few rows give few tiles; 256 halves the A
+# traffic per FLOP where K is long enough to spread its per-K-block work (WIDE_TILE_MIN_K).
+HEURISTIC_BLOCK_N = (64, 128, 256)
+WIDE_TILE_MIN_K = 1024
+# Per-tile fixed cost in column-equivalents (A tile traffic, promotion, epilogue, pipeline fill)
+# used to rank N tiles; with it the formula picks the tiles of docs/benchmarks.md, "Our CUDA C++
+# contiguous GEMM vs DeepGEMM (issue 5)" (256 for EP8 and TP8 w13, 128 for TP8 w2).
+TILE_OVERHEAD_COLS = 96
+# CTA pairs sharing B by TMA multicast from this many pairs of M tiles (dead halves of pairs
+# cost more than the shared loads save below it).
+CLUSTER_MIN_PAIRS = 4
+# Where each pair walks only its own M tiles across N (group_m = the cluster size): at most
+# FEW_N_TILES N tiles (the units sharing an A tile then run on neighbouring SMs at one time) or
+# at most FEW_K_BLOCKS K blocks (the output is most of the traffic: consecutive units write
+# consecutive columns of the same rows). The TP8 cells; EP8 keeps GROUP_M.
+FEW_N_TILES = 2
+FEW_K_BLOCKS = 2
+
+_printed: set = set()
+
+
+def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | None = None,
+                  verbose: bool = False, *, k: int | None = None) -> ContiguousConfig:
+    """The contiguous layout's config. N tile by formula: minimize (waves of tiles over the SMs)
+    x (columns per tile + fixed cost), ties to the larger tile (fewer re-reads of A); `m` is the
+    row count including padding (no host sync to count real rows). CTA pairs sharing B once
+    there are enough M tiles to pair. `override` wins when given."""
+    if override is not None:
+        cfg = override
+    else:
+        m_tiles = max(1, math.ceil(m / BLOCK_M))
+
+        def cost(bn: int) -> tuple[int, int]:
+            waves = math.ceil(m_tiles * math.ceil(n / bn) / num_sms)
+            return waves * (bn + TILE_OVERHEAD_COLS), -bn
+
+        tiles = [bn for bn in HEURISTIC_BLOCK_N if bn <= 128 or (k is not None and k >= WIDE_TILE_MIN_K)]
+        bn = min(tiles, key=cost)
+        cluster = 2 if m_tiles >= 2 * CLUSTER_MIN_PAIRS else 1
+        few_k_blocks = k is not None and k // BLOCK_K <= FEW_K_BLOCKS
+        group_m = cluster if math.ceil(n / bn) <= FEW_N_TILES or few_k_blocks else GROUP_M
+        cfg = ContiguousConfig(block_n=bn, group_m=group_m, cluster=cluster)
+    if verbose and (m, n, num_sms, cfg) not in _printed:
+        _printed.add((m, n, num_sms, cfg))
+        print(f"[moe_backend] cuda grouped_gemm_contiguous m={m} N={n} sms={num_sms}: "
+              f"{'override' if override is not None else 'formula'} -> {cfg}", flush=True)
+    return cfg
+
+
+def select_masked_config(n: int, k: int) -> ContiguousConfig:
+    """The masked layout's config (decode: 64-256 rows per expert; docs/benchmarks.md, "Decode
+    cells at 128 rows per expert: config sweep"). N tiles walked N-fastest within one expert
+    (group_m 1: an expert's A tile stays hot in L2 while its weights stream, and the scheduler
+    can skip an expert's dead M tiles). Wide GEMMs: 128-wide tiles in CTA pairs sharing the A
+    tile; N = 512: 64-wide pairs (128-wide gives too few tiles per expert to spread); K = 256 (two
+    K blocks per tile): 64-wide single CTAs."""
+    if k <= 256:
+        return ContiguousConfig(64, group_m=1, cluster=1)
+    return ContiguousConfig(64 if n <= 512 else 128, group_m=1, cluster=2, multicast="a")
+
+
+def print_config() -> bool:
+    return os.environ.get("MOE_BACKEND_PRINT_CONFIG") == "1"

@@ -1,0 +1,103 @@
+// Compile-time shape of one grouped-GEMM kernel: the block shape, the thread roles, the MMA
+// unit and the shared-memory layout that producer, mainloop and epilogue agree on. Only N, K and
+// the tiling are compile-time; M (the row count) stays a runtime argument.
+#pragma once
+#include <cstdint>
+
+namespace phasemoe {
+
+constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 rows (wgmma M)
+constexpr int kBlockK = 128;  // = the scale block: one promotion per stage
+constexpr int kWgmmaK = 32;   // K of one fp8 wgmma
+constexpr int kNumConsumerWarpgroups = 2;
+constexpr int kNumThreads = 128 * (kNumConsumerWarpgroups + 1);
+constexpr int kScaleBlock = 128;
+// Register split after setmaxnreg: 2 x 128 x 232 + 128 x 40 = 64512 <= 65536.
+constexpr int kConsumerRegs = 232;
+constexpr int kProducerRegs = 40;
+
+// kMcastA = 0 with kCluster = 2: pairs of M tiles share B; kMcastA = 1: pairs of N tiles share A.
+// kMaskedMaxM > 0: the masked layout [E, kMaskedMaxM, K] read as a contiguous one.
+template <int kN_, int kK_, int kBlockN_, int kStages_, int kGroupM_, int kCluster_, int kMcastA_, int kMaskedMaxM_>
+struct KernelTraits {
+  static constexpr int kN = kN_;
+  static constexpr int kK = kK_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kGroupM = kGroupM_;
+  static constexpr int kCluster = kCluster_;
+  static constexpr int kMcastA = kMcastA_;
+  static constexpr int kMaskedMaxM = kMaskedMaxM_;
+
+  static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
+  static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 256, "BLOCK_N: 64, 128 or 256");
+  static_assert(kStages >= 2, "need at least two pipeline stages");
+  static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
+  static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
+  static_assert(kMaskedMaxM % kBlockM == 0, "masked layout: max_m must be a multiple of the 128-row tile");
+
+  static constexpr int kKBlocks = kK / kBlockK;
+  static constexpr int kNScaleBlocks = (kN + kScaleBlock - 1) / kScaleBlock;
+  static constexpr uint32_t kABytes = kBlockM * kBlockK;  // fp8
+  static constexpr uint32_t kBBytes = kBlockN * kBlockK;
+  // Box heights of the tensor maps: the shared operand is loaded in kCluster parts, one per CTA.
+  static constexpr int kARowsPerLoad = kMcastA ? kBlockM / kCluster : kBlockM;
+  static constexpr uint32_t kALoadBytes = kARowsPerLoad * kBlockK;
+  static constexpr int kBRowsPerLoad = kMcastA ? kBlockN : kBlockN / kCluster;
+  static constexpr uint32_t kBLoadBytes = kBRowsPerLoad * kBlockK;
+  static constexpr uint32_t kStageBytes = kABytes + kBBytes;
+  static constexpr int kAccRegs = kBlockN / 2;  // fp32 per thread for a 64 x BLOCK_N tile
+  // Tiles start on a scale block (BLOCK_N divides 128 or is a multiple of it), so each 8-column
+  // chunk's scale block is a compile-time index.
+  static constexpr int kTileScaleBlocks = (kBlockN + kScaleBlock - 1) / kScaleBlock;
+
+  // The MMA unit: one part of a K block, 4 wgmmas into its own accumulator, then promoted into
+  // the tile's fp32 sum. Promoted sum + unit accumulators must fit 192 of the 232 registers: 64
+  // and 128 run whole with two units in flight (the next issued before the last is promoted);
+  // 256 runs as two 128-wide parts with one in flight (the other warpgroup fills the gap).
+  static constexpr int kPartN = kBlockN > 128 ? 128 : kBlockN;
+  static constexpr int kParts = kBlockN / kPartN;
+  static constexpr int kPartRegs = kPartN / 2;
+  static constexpr int kPartChunks = kPartN / 8;
+  static constexpr int kUnitsInFlight = kParts == 1 ? 2 : 1;
+  static constexpr int kOddRegs = kUnitsInFlight == 2 ? kPartRegs : 1;  // the second unit accumulator
+  static_assert(kBlockN / 2 + kUnitsInFlight * kPartN / 2 <= 192, "promoted sum + unit accumulators exceed 192 registers");
+  // K blocks per straight-line chain of the K loop (nothing in flight across its back edge).
+  static constexpr int kChainKBlocks = kParts == 1 ? 4 : 2;
+
+  // Epilogue: groups of 4 8-column chunks are transposed inside each lane quad so every lane
+  // stores 16 contiguous bytes (full 32-byte sectors); needs N % 8 == 0 (16-byte row pitch).
+  static constexpr int kVecChunks = (kN % 8 == 0) ? (kBlockN / 8) / 4 * 4 : 0;
+
+  // Each stage's b_scale values (kTileScaleBlocks of the N tile), staged by a producer warp next
+  // to the tiles, padded to 16 bytes.
+  static constexpr uint32_t kScaleStageFloats = 4;
+  static constexpr uint32_t kScaleStageBytes = kScaleStageFloats * sizeof(float);
+  // a_scale is staged in chunks of kScaleChunk K blocks: each of the tile's 128 rows copies
+  // kScaleChunk consecutive floats (one 32-byte sector for 8) once per chunk; one K block at a
+  // time would read 8x the L2 sectors. Chunks divide the tile's K blocks, so never cross a tile.
+  static constexpr int kScaleChunk = kKBlocks % 8 == 0 ? 8 : kKBlocks % 4 == 0 ? 4 : kKBlocks % 2 == 0 ? 2 : 1;
+  // Row pitch in floats: 12 for chunks of 8 (16-byte aligned rows; the 8 rows a warp reads at
+  // once fall in different banks), else 4.
+  static constexpr int kAScalePitch = kScaleChunk == 8 ? 12 : 4;
+  // Chunk slots in a ring: the producer overwrites a slot when it fills the first stage of the
+  // chunk kAScaleSlots later; the `empty` wait of that stage proves the consumers released K
+  // block count - kStages, which is past the old chunk's last block when
+  // kAScaleSlots * kScaleChunk >= kStages + kScaleChunk - 1.
+  static constexpr int kAScaleSlots = (kStages - 1 + kScaleChunk - 1) / kScaleChunk + 1;
+  static constexpr uint32_t kAScaleSlotFloats = kBlockM * kAScalePitch;
+  static constexpr uint32_t kAScaleArea = 12288;  // bytes reserved whatever the chunk (launcher formula)
+  static_assert(kAScaleSlots * kAScaleSlotFloats * sizeof(float) <= kAScaleArea, "a_scale chunk slots");
+  // Ring of stages, then the a_scale slots, the b_scale slots and the barriers; +1024 to align
+  // the ring (128-byte swizzle atoms are 1024 bytes: the descriptors assume 1024-aligned tiles).
+  static constexpr uint32_t kSmemBytes =
+      kStages * (kStageBytes + kScaleStageBytes) + kAScaleArea + 2 * kStages * sizeof(uint64_t) + 1024;
+  // `full` completes on the TMA lane's expect_tx arrival plus one cp.async arrival per lane of
+  // the scale warp.
+  static constexpr uint32_t kFullArrivals = 1 + 32;
+  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0 && kBLoadBytes % 1024 == 0 && kALoadBytes % 1024 == 0,
+                "stage tiles must keep 1024-byte alignment");
+  static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block can opt into");
+};
+
+}  // namespace phasemoe

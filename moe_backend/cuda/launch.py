@@ -1,0 +1,196 @@
+"""Building and launching the CUDA grouped GEMM: the rendered source per (N, K, config) for the JIT
+(`kernel_spec`), the TMA tensor maps and kernel parameters, the persistent grid, and `launch` on
+checked operands. The ops (`grouped_gemm_contiguous`, `grouped_gemm_masked`) check arguments and
+call `launch`; the layer pipeline calls it directly with the config its plan holds."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from moe_backend._checks import check_tensor
+from moe_backend.cuda import driver, jit
+from moe_backend.cuda.config import BLOCK_K, BLOCK_M, NUM_THREADS, ContiguousConfig
+from moe_backend.cuda.heuristic import print_config, select_config
+from moe_backend.quant import FP8_DTYPE
+
+__all__ = ["kernel_spec", "warmup_specs", "kernel_args", "grid_size", "launch", "check_device", "check_weights"]
+
+_TEMPLATE = Path(__file__).with_name("grouped_gemm_contiguous.cu")
+
+
+@lru_cache(maxsize=1)
+def _template() -> str:
+    return _TEMPLATE.read_text()
+
+
+# Bounded: masked_max_m follows the masked layout's max_m, which an engine may vary per batch.
+@lru_cache(maxsize=1024)
+def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAULT_ARCH,
+                masked_max_m: int = 0) -> jit.KernelSpec:
+    """The rendered source for one (N, K, config); M stays a runtime argument. masked_max_m > 0:
+    the masked layout `[E, max_m, K]`, the kernel reading masked_m in place of per-row ids."""
+    if k <= 0 or k % BLOCK_K:
+        raise ValueError(f"k: must be a positive multiple of {BLOCK_K}, got {k}")
+    if n <= 0:
+        raise ValueError(f"n: must be positive, got {n}")
+    if masked_max_m < 0 or masked_max_m % BLOCK_M:
+        raise ValueError(f"masked_max_m: must be 0 or a multiple of {BLOCK_M}, got {masked_max_m}")
+    constants = {"N": n, "K": k, "BLOCK_N": config.block_n, "STAGES": config.num_stages, "GROUP_M": config.group_m,
+                 "CLUSTER": config.cluster, "MCAST_A": int(config.shares_a), "MASKED_MAX_M": masked_max_m}
+    name = ("phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_c{CLUSTER}_ma{MCAST_A}"
+            "_mm{MASKED_MAX_M}").format(**constants)
+    source = _template()
+    checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
+               "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}
+    for field, value in {**constants, **checked}.items():
+        source = source.replace("{{" + field + "}}", str(value))
+    return jit.KernelSpec(family="grouped_gemm_contiguous", kernel_name=name, source=source,
+                          constants=constants, arch=arch)
+
+
+def warmup_specs(shapes: Iterable[tuple[int, int]], row_counts: Iterable[int], num_sms: int = 132
+                 ) -> list[jit.KernelSpec]:
+    """Distinct specs the heuristic picks for each (N, K) over the given total row counts."""
+    specs = {}
+    for n, k in shapes:
+        for m in row_counts:
+            spec = kernel_spec(n, k, select_config(m, n, num_sms, k=k))
+            specs[spec.kernel_name] = spec
+    return list(specs.values())
+
+
+# ------------------------------------------------------------------------------------------
+# Tensor maps (cuTensorMapEncodeTiled) and kernel parameters
+
+
+@lru_cache(maxsize=1024)
+def _tma_param_for(ptr: int, dims: tuple[int, ...], strides_bytes: tuple[int, ...], box: tuple[int, ...]
+                   ) -> ctypes.Array:
+    """The kernel parameter bytes of a tensor map. A map is a pure function of these arguments,
+    so a cache keyed on them is exact; it spares the driver call on every launch (weights keep
+    their addresses, and the caching allocator hands activations the same ones again)."""
+    return _tma_param(_tensor_map(ptr, list(dims), list(strides_bytes), list(box)))
+
+
+def _tensor_map(ptr: int, dims: list[int], strides_bytes: list[int], box: list[int]):
+    """fp8 (as uint8) tile map, innermost dim first, 128-byte swizzle, zero fill out of bounds."""
+    drv = driver.bindings()
+    return driver.check(drv.cuTensorMapEncodeTiled(
+        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, len(dims), ptr,
+        [drv.cuuint64_t(d) for d in dims], [drv.cuuint64_t(s) for s in strides_bytes],
+        [drv.cuuint32_t(b) for b in box], [drv.cuuint32_t(1)] * len(dims),
+        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE))
+
+
+def _tma_param(tmap) -> ctypes.Array:
+    return (ctypes.c_uint64 * 16)(*[int(x) for x in tmap.opaque])
+
+
+def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
+                expert_ids: torch.Tensor, out: torch.Tensor, cfg: ContiguousConfig,
+                rows_in_use: torch.Tensor | None = None) -> list:
+    """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
+    (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m, rows_in_use*); rows_in_use: int32
+    [1] on the device (rows of A in use) or a null pointer. Tensor maps: A `[M, K]` in 128 x 128
+    boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first); the operand a CTA pair
+    shares is loaded in halves, one per CTA."""
+    m, k = a_fp8.shape
+    num_experts, n, _ = b_fp8.shape
+    a_rows = BLOCK_M // cfg.cluster if cfg.shares_a else BLOCK_M
+    b_rows = cfg.block_n if cfg.shares_a else cfg.block_n // cfg.cluster
+    return [
+        _tma_param_for(a_fp8.data_ptr(), (k, m), (k,), (BLOCK_K, a_rows)),
+        _tma_param_for(b_fp8.data_ptr(), (k, n, num_experts), (k, n * k), (BLOCK_K, b_rows, 1)),
+        ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
+        ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
+        ctypes.c_uint64(rows_in_use.data_ptr() if rows_in_use is not None else 0),
+    ]
+
+
+def num_tiles(m: int, n: int, cfg: ContiguousConfig) -> int:
+    return math.ceil(m / BLOCK_M) * math.ceil(n / cfg.block_n)
+
+
+def grid_size(m: int, n: int, cfg: ContiguousConfig, num_sms: int) -> int:
+    """Persistent grid: one CTA per SM at most, whole clusters (a cluster walks pair tiles)."""
+    m_tiles, n_tiles = math.ceil(m / BLOCK_M), math.ceil(n / cfg.block_n)
+    if cfg.shares_a:
+        units = m_tiles * math.ceil(n_tiles / cfg.cluster)
+    else:
+        units = math.ceil(m_tiles / cfg.cluster) * n_tiles
+    return min(num_sms // cfg.cluster, units) * cfg.cluster
+
+
+# ------------------------------------------------------------------------------------------
+# Checks shared by the ops, and the launch
+
+
+@lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def check_device(dev: torch.device) -> None:
+    if dev.type != "cuda":
+        raise ValueError(f"a_fp8: the CUDA kernel needs a CUDA tensor, got one on {dev} "
+                         f"(use moe_backend.ops, which falls back to the reference on CPU)")
+    if torch.cuda.get_device_capability(dev) != (9, 0):
+        raise ValueError(f"a_fp8: the CUDA grouped GEMM is built for sm_90a (Hopper), got a device of "
+                         f"capability {torch.cuda.get_device_capability(dev)}")
+
+
+def check_weights(b_fp8: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[int, int]:
+    """Checks B `[E, N, K]` e4m3 and its scales `[E, ceil(N/128), K/128]` f32 against the
+    activations' K; returns (E, N)."""
+    check_tensor("b_fp8", b_fp8, dtypes=(FP8_DTYPE,), ndim=3, contiguous=True)
+    num_experts, n, kb = b_fp8.shape
+    if kb != k:
+        raise ValueError(f"b_fp8: K ({kb}) must equal the activations' K ({k})")
+    check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=(num_experts, -(-n // 128), k // BLOCK_K),
+                 contiguous=True)
+    return num_experts, n
+
+
+@lru_cache(maxsize=1024)
+def _kernel_and_grid(m: int, n: int, k: int, cfg: ContiguousConfig, masked_max_m: int, index: int,
+                     env_flags: tuple[str, ...]):
+    """The loaded kernel and its persistent grid for one (shape, config, device): built once, so
+    a launch does no rendering, hashing or occupancy query (env_flags: part of the binary's key)."""
+    kernel = driver.load_kernel(kernel_spec(n, k, cfg, masked_max_m=masked_max_m), index)
+    grid = grid_size(m, n, cfg, _num_sms(index))
+    if cfg.cluster > 1:  # GPCs may not hold num_sms / 2 resident pairs
+        resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
+        if resident > 0:
+            grid = min(grid, resident * cfg.cluster)
+    return kernel, grid
+
+
+def launch(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
+           row_ids: torch.Tensor, out: torch.Tensor, *, config: ContiguousConfig | None,
+           masked_max_m: int = 0, rows_in_use: torch.Tensor | None = None) -> torch.Tensor:
+    """Runs the kernel on checked operands (A `[M, K]`, out `[M, N]` 16-byte aligned, int32
+    row_ids: per-row expert ids, or masked_m when masked_max_m > 0; rows_in_use: optional int32
+    [1] on the device, the rows of A in use, so the tail past it is not walked)."""
+    m, k = a_fp8.shape
+    n = b_fp8.shape[1]
+    dev = a_fp8.device
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if a_scale.data_ptr() % 16:  # the scale warp copies 16-byte runs of a row (a view at an odd offset)
+        a_scale = a_scale.clone()
+    cfg = select_config(m, n, _num_sms(index), override=config, verbose=print_config(), k=k)
+    with torch.cuda.device(index):
+        kernel, grid = _kernel_and_grid(m, n, k, cfg, masked_max_m, index, jit.env_flags())
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        kernel.launch(grid=(grid, 1, 1), block=(NUM_THREADS, 1, 1), smem=cfg.smem_bytes, stream=stream,
+                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use),
+                      cluster=(cfg.cluster, 1, 1))
+    return out

@@ -1,0 +1,251 @@
+// The pipeline through the ring of shared-memory stages. Producer side: one lane issues the TMA
+// loads of a K block's A [128 x 128] and B [BLOCK_N x 128] tiles (128-byte swizzle), a second
+// warp copies its scales next to them (cp.async); both complete on the stage's `full` mbarrier.
+// Consumer side (warpgroups 0 and 1: rows 0-63 and 64-127): per K block and MMA unit, 4 x wgmma
+// m64nPART_Nk32 into a unit accumulator, then the promotion result += a_scale * b_scale * unit in
+// fp32 (the per-block scales cannot enter the tensor core, so each K block is summed on its own
+// and scaled in registers), then the stage goes back to the producer (`empty` mbarrier).
+#pragma once
+#include <cstdint>
+
+#include "kernel_traits.cuh"
+#include "scheduler.cuh"
+#include "sm90_ptx.cuh"
+#include "wgmma_fp8.cuh"
+
+namespace phasemoe {
+
+// A position in the ring of stages: the stage, its barrier phase, and how many K blocks came
+// before it on this CTA (which a_scale chunk slot holds its scales).
+struct RingPos {
+  int stage = 0;
+  uint32_t phase = 0;
+  uint32_t count = 0;
+};
+
+template <typename T>
+struct Mainloop {
+  using PartMma = WgmmaFp8<T::kPartN>;
+
+  __device__ __forceinline__ static void advance(RingPos& pos) {
+    ++pos.count;
+    if (++pos.stage == T::kStages) {
+      pos.stage = 0;
+      pos.phase ^= 1;
+    }
+  }
+
+  // ---- producer ----------------------------------------------------------------------------
+
+  // The TMA lane: A and B tiles of K block `kb` into `stage`. Out-of-bounds box elements (rows
+  // past M, columns past N) are zero-filled and still counted in the transaction bytes.
+  __device__ __forceinline__ static void load_tiles(uint8_t* smem_a, uint8_t* smem_b, uint64_t* full_bar,
+                                                    const sm90::TmaDescriptor& tmap_a,
+                                                    const sm90::TmaDescriptor& tmap_b, const TileRole& role,
+                                                    int kb, int stage, uint32_t rank) {
+    const int m_tile = role.m_tile;
+    const int n_tile = role.n_tile;
+    sm90::mbar_arrive_expect_tx(&full_bar[stage], T::kStageBytes);
+    if constexpr (T::kMcastA) {
+      // This CTA's half of the A tile, into both CTAs; its own whole B tile.
+      sm90::tma_load_2d_multicast(smem_a + stage * T::kABytes + rank * T::kALoadBytes, &tmap_a, &full_bar[stage],
+                                  kb * kBlockK, m_tile * kBlockM + static_cast<int>(rank) * T::kARowsPerLoad,
+                                  static_cast<uint16_t>((1u << T::kCluster) - 1));
+    } else {
+      sm90::tma_load_2d(smem_a + stage * T::kABytes, &tmap_a, &full_bar[stage], kb * kBlockK, m_tile * kBlockM);
+    }
+    if constexpr (T::kCluster == 1 || T::kMcastA) {
+      sm90::tma_load_3d(smem_b + stage * T::kBBytes, &tmap_b, &full_bar[stage], kb * kBlockK, n_tile * T::kBlockN,
+                        role.expert);
+    } else {
+      if (role.multicast) {
+        sm90::tma_load_3d_multicast(smem_b + stage * T::kBBytes + rank * T::kBLoadBytes, &tmap_b, &full_bar[stage],
+                                    kb * kBlockK, n_tile * T::kBlockN + rank * T::kBRowsPerLoad, role.expert,
+                                    static_cast<uint16_t>((1u << T::kCluster) - 1));
+      } else {
+#pragma unroll
+        for (int h = 0; h < T::kCluster; ++h)
+          sm90::tma_load_3d(smem_b + stage * T::kBBytes + h * T::kBLoadBytes, &tmap_b, &full_bar[stage],
+                            kb * kBlockK, n_tile * T::kBlockN + h * T::kBRowsPerLoad, role.expert);
+      }
+    }
+  }
+
+  // The scale warp: at the first K block of a chunk, the chunk's a_scale of the tile's rows
+  // (lane + 32 i; rows past M are zero-filled and read from a valid address, their products are
+  // never stored); every K block, lanes < kTileScaleBlocks copy one b_scale each. A warp of its
+  // own keeps the TMA issue from queueing behind the cp.asyncs while the epilogue's stores fill
+  // the memory pipe.
+  __device__ __forceinline__ static void load_scales(float* smem_a_scales, float* smem_scales, uint64_t* full_bar,
+                                                     const float* __restrict__ a_scale,
+                                                     const float* __restrict__ b_scale, const TileRole& role, int kb,
+                                                     const RingPos& pos, int m, int lane) {
+    const int stage = pos.stage;
+    if (kb % T::kScaleChunk == 0) {
+      float* slot = smem_a_scales + ((pos.count / T::kScaleChunk) % T::kAScaleSlots) * T::kAScaleSlotFloats;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = role.m_tile * kBlockM + lane + 32 * i;
+        const float* src = a_scale + static_cast<int64_t>(row < m ? row : 0) * T::kKBlocks + kb;
+        float* dst = slot + (lane + 32 * i) * T::kAScalePitch;
+        if constexpr (T::kScaleChunk >= 4) {
+#pragma unroll
+          for (int c = 0; c < T::kScaleChunk / 4; ++c) sm90::cp_async_16(dst + 4 * c, src + 4 * c, row < m ? 16u : 0u);
+        } else {
+#pragma unroll
+          for (int c = 0; c < T::kScaleChunk; ++c) sm90::cp_async_4(dst + c, src + c, row < m ? 4u : 0u);
+        }
+      }
+    }
+    if (lane < T::kTileScaleBlocks) {
+      const int block = min(role.n_tile * T::kBlockN / kScaleBlock + lane, T::kNScaleBlocks - 1);
+      sm90::cp_async_4(smem_scales + stage * T::kScaleStageFloats + lane,
+                       b_scale + (static_cast<int64_t>(role.expert) * T::kNScaleBlocks + block) * T::kKBlocks + kb, 4u);
+    }
+    sm90::cp_async_mbar_arrive_noinc(&full_bar[stage]);
+  }
+
+  // ---- consumers ---------------------------------------------------------------------------
+
+  // What the consumer loop works with: shared-memory operands of this warpgroup.
+  struct SmemView {
+    uint64_t* full_bar;
+    uint64_t* empty_bar;
+    const float* b_scales;  // per stage: the N tile's b_scale values
+    const float* a_scales;  // a_scale chunk slots
+    uint64_t desc_a0;       // stage-0 descriptors of this warpgroup's A rows and of B
+    uint64_t desc_b0;
+  };
+
+  // Releases `stage` in every CTA of the cluster (a peer's producer may multicast into it).
+  __device__ __forceinline__ static void release_stage(uint64_t* empty_bar, int stage, int lane) {
+    if constexpr (T::kCluster == 1) {
+      if (lane == 0) sm90::mbar_arrive(&empty_bar[stage]);
+    } else {
+      if (lane < T::kCluster) sm90::mbar_arrive_cluster(&empty_bar[stage], static_cast<uint32_t>(lane));
+    }
+  }
+
+  // This thread's two rows' a_scale for the K block at `pos` (staged by the producer's scale warp).
+  __device__ __forceinline__ static void read_a_scales(const float* a_scales, const RingPos& pos, int row_in_tile,
+                                                       float& sa0, float& sa1) {
+    const float* slot = a_scales + ((pos.count / T::kScaleChunk) % T::kAScaleSlots) * T::kAScaleSlotFloats +
+                        pos.count % T::kScaleChunk;
+    sa0 = slot[row_in_tile * T::kAScalePitch];
+    sa1 = slot[(row_in_tile + 8) * T::kAScalePitch];
+  }
+
+  // Waits for the stage (first part only), issues part kP of its K block into `acc` and, on the
+  // first part, reads the block's combined scales for this thread's two rows (their latency hides
+  // behind the MMAs). The issue position moves on after the last part.
+  template <int kP>
+  __device__ __forceinline__ static void issue_part(float (&acc)[T::kPartRegs],
+                                                    float (&scale)[T::kTileScaleBlocks][2], const SmemView& sv,
+                                                    RingPos& pos, int row_in_tile) {
+    if constexpr (kP == 0) sm90::mbar_wait(&sv.full_bar[pos.stage], pos.phase);
+    // Stage descriptors = the stage-0 descriptors plus the stage's offset in 16-byte units.
+    const uint64_t desc_a = sv.desc_a0 + static_cast<uint64_t>((pos.stage * T::kABytes) >> 4);
+    const uint64_t desc_b =
+        sv.desc_b0 + static_cast<uint64_t>((pos.stage * T::kBBytes + kP * T::kPartN * kBlockK) >> 4);
+#pragma unroll
+    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)  // +2 per step: 32 bytes of K in 16-byte units
+      PartMma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
+    sm90::wgmma_commit();
+#pragma unroll
+    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+    if constexpr (kP == 0) {
+      float sa0, sa1;
+      read_a_scales(sv.a_scales, pos, row_in_tile, sa0, sa1);
+      const float* sb = sv.b_scales + pos.stage * T::kScaleStageFloats;
+#pragma unroll
+      for (int j = 0; j < T::kTileScaleBlocks; ++j) {
+        scale[j][0] = sa0 * sb[j];
+        scale[j][1] = sa1 * sb[j];
+      }
+    }
+    if constexpr (kP == T::kParts - 1) advance(pos);
+  }
+
+  // Promotes part kP of a completed K block (held in `acc`) into `result`; after the last part
+  // the stage is released and the retire position moves on.
+  template <int kP>
+  __device__ __forceinline__ static void retire_part(float (&acc)[T::kPartRegs],
+                                                     const float (&scale)[T::kTileScaleBlocks][2],
+                                                     float (&result)[T::kAccRegs], const SmemView& sv, RingPos& pos,
+                                                     int lane) {
+#pragma unroll
+    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+    if constexpr (kP == T::kParts - 1) release_stage(sv.empty_bar, pos.stage, lane);
+    constexpr int kFirst = kP * T::kPartChunks;
+#pragma unroll
+    for (int c = 0; c < T::kPartChunks; ++c) {
+      const int block = (8 * (kFirst + c)) / kScaleBlock;  // a constant once unrolled
+      const float s0 = scale[block][0];
+      const float s1 = scale[block][1];
+      result[4 * (kFirst + c) + 0] = fmaf(s0, acc[4 * c + 0], result[4 * (kFirst + c) + 0]);
+      result[4 * (kFirst + c) + 1] = fmaf(s0, acc[4 * c + 1], result[4 * (kFirst + c) + 1]);
+      result[4 * (kFirst + c) + 2] = fmaf(s1, acc[4 * c + 2], result[4 * (kFirst + c) + 2]);
+      result[4 * (kFirst + c) + 3] = fmaf(s1, acc[4 * c + 3], result[4 * (kFirst + c) + 3]);
+    }
+    if constexpr (kP == T::kParts - 1) advance(pos);
+  }
+
+  // Units [0, kCount) of a chain of whole K blocks (unit i = part i % kParts of the chain's K
+  // block i / kParts) in straight-line code. Two units in flight: even units in `acc`, odd ones
+  // in `acc_odd`; unit i + 1 is issued before unit i is waited for and promoted, so only the
+  // chain's last promotion leaves the tensor core to the other warpgroup. Nothing stays in
+  // flight past the chain: with MMAs in flight across a loop's back edge, ptxas cannot tell which
+  // group a wait_group 1 retired and serializes every wgmma (C7514). One unit in flight: each
+  // unit is waited for and promoted before the next is issued; the other warpgroup's MMAs keep
+  // the tensor core busy meanwhile.
+  template <int kCount, int kI = 0, bool kFirstIssued = false>
+  __device__ __forceinline__ static void mma_chain(float (&acc)[T::kPartRegs], float (&acc_odd)[T::kOddRegs],
+                                                   float (&result)[T::kAccRegs], const SmemView& sv, RingPos& issue,
+                                                   RingPos& retire, int row_in_tile, int lane,
+                                                   float (&scales)[2][T::kTileScaleBlocks][2]) {
+    constexpr int kParts = T::kParts;
+    constexpr int kBlock = kI / kParts;  // K block within the chain: its scales are scales[kBlock % 2]
+    if constexpr (T::kUnitsInFlight == 1) {
+      if constexpr (kI > 0 || !kFirstIssued) issue_part<kI % kParts>(acc, scales[kBlock % 2], sv, issue, row_in_tile);
+      sm90::wgmma_wait<0>();
+      retire_part<kI % kParts>(acc, scales[kBlock % 2], result, sv, retire, lane);
+      if constexpr (kI + 1 < kCount)
+        mma_chain<kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+    } else {
+      float (&mine)[T::kPartRegs] = kI % 2 == 0 ? acc : acc_odd;
+      float (&prev)[T::kPartRegs] = kI % 2 == 0 ? acc_odd : acc;
+      if constexpr (kI > 0 || !kFirstIssued) issue_part<kI % kParts>(mine, scales[kBlock % 2], sv, issue, row_in_tile);
+      if constexpr (kI > 0) {
+        sm90::wgmma_wait<1>();  // unit kI - 1 is done; unit kI runs meanwhile
+        retire_part<(kI - 1) % kParts>(prev, scales[((kI - 1) / kParts) % 2], result, sv, retire, lane);
+      }
+      if constexpr (kI + 1 < kCount) {
+        mma_chain<kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+      } else {
+        sm90::wgmma_wait<0>();
+        retire_part<kI % kParts>(mine, scales[kBlock % 2], result, sv, retire, lane);
+      }
+    }
+  }
+
+  // The K loop of one tile after its first unit was issued into `acc` (its scales in
+  // scales[0]): chains of kChainKBlocks K blocks, then the remainder.
+  __device__ __forceinline__ static void k_loop(float (&acc)[T::kPartRegs], float (&acc_odd)[T::kOddRegs],
+                                                float (&result)[T::kAccRegs], const SmemView& sv, RingPos& issue,
+                                                RingPos& retire, int row_in_tile, int lane,
+                                                float (&scales)[2][T::kTileScaleBlocks][2]) {
+    constexpr int kChain = T::kChainKBlocks < T::kKBlocks ? T::kChainKBlocks : T::kKBlocks;
+    mma_chain<kChain * T::kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+#pragma unroll 1
+    for (int kb = kChain; kb + kChain <= T::kKBlocks; kb += kChain)
+      mma_chain<kChain * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+    if constexpr (T::kKBlocks % kChain != 0)
+      mma_chain<(T::kKBlocks % kChain) * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane,
+                                                     scales);
+  }
+};
+
+}  // namespace phasemoe

@@ -1,0 +1,165 @@
+// Tile scheduling of the persistent grouped GEMM: which units (tiles, or pairs of tiles for a
+// cluster of 2) a CTA walks, in which order, which expert each belongs to, and the masked
+// layout's walk over live tiles only. Producer and consumers walk the same sequence, so no tile
+// list is exchanged between them.
+#pragma once
+#include <cstdint>
+
+#include "kernel_traits.cuh"
+
+namespace phasemoe {
+
+// Walks the units of one CTA (kCluster = 1) or one cluster of 2 (a unit is a pair of tiles, one
+// per CTA): kMcastA = 0 pairs vertically adjacent M tiles 2i, 2i + 1 at one N tile (B shared);
+// kMcastA = 1 pairs N tiles 2j, 2j + 1 at one M tile (A shared, always one expert).
+template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM>
+struct TileScheduler {
+  static constexpr int kNumNTiles = (kN + kBlockN - 1) / kBlockN;
+  static constexpr int kNumNUnits = kMcastA ? (kNumNTiles + kCluster - 1) / kCluster : kNumNTiles;
+  static constexpr int kGroupUnits = kMcastA ? kGroupM : (kGroupM / kCluster > 0 ? kGroupM / kCluster : 1);
+
+  int num_m_units;
+  int num_tiles;
+  int next;
+  int stride;
+
+  __device__ __forceinline__ explicit TileScheduler(int m)
+      : num_m_units(kMcastA ? (m + kBlockM - 1) / kBlockM
+                            : ((m + kBlockM - 1) / kBlockM + kCluster - 1) / kCluster),
+        num_tiles(num_m_units * kNumNUnits),
+        next(blockIdx.x / kCluster),
+        stride(gridDim.x / kCluster) {}
+
+  // Units are numbered so that kGroupM consecutive M units sweep the N units together: the CTAs
+  // running at one time share a few experts' weights and a few A row blocks in L2.
+  __device__ __forceinline__ void unit_coords(int t, int& m_unit, int& n_unit) const {
+    const int per_group = kGroupUnits * kNumNUnits;
+    const int group = t / per_group;
+    const int first_m = group * kGroupUnits;
+    const int rows_in_group = min(num_m_units - first_m, kGroupUnits);
+    const int r = t - group * per_group;
+    m_unit = first_m + r % rows_in_group;
+    n_unit = r / rows_in_group;
+  }
+
+  // Called on a unit found dead (its first row is padding). In the masked layout every M tile of
+  // an expert after one past its rows is dead too, up to the next expert's first: jump to this
+  // CTA's first unit there. A layout sized for the worst case (large max_m, a few rows per
+  // expert) is mostly dead M tiles; walked one by one, each would cost a dependent load of
+  // masked_m per CTA, now at most one per expert and CTA. Needs units numbered M-unit-major
+  // (kGroupUnits 1) with one M tile each (kCluster 1, or A-sharing pairs); elsewhere a no-op.
+  // Producer and consumers may skip differently (the consumers have fetched a unit ahead): they
+  // still agree on every live unit.
+  __device__ __forceinline__ void skip_dead_rest(int m_unit) {
+    if constexpr (kMaskedMaxM > 0 && kGroupUnits == 1 && (kCluster == 1 || kMcastA)) {
+      constexpr int kTilesPerExpert = kMaskedMaxM / kBlockM;
+      const int next_expert_unit = (m_unit / kTilesPerExpert + 1) * kTilesPerExpert * kNumNUnits;
+      if (next < next_expert_unit) next += (next_expert_unit - next + stride - 1) / stride * stride;
+    }
+  }
+
+  __device__ __forceinline__ bool next_tile(int& m_unit, int& n_unit) {
+    if (next < num_tiles) {
+      unit_coords(next, m_unit, n_unit);
+      next += stride;
+      return true;
+    }
+    return false;
+  }
+};
+
+// The expert id of a row (-1: padding, not written). kMaskedMaxM = 0: the contiguous layout's
+// per-row ids. kMaskedMaxM > 0: the masked layout [E, kMaskedMaxM, K] read as a contiguous one,
+// `ids` being masked_m itself: row r belongs to expert r / max_m and is valid while its index in
+// the expert is below masked_m. Reading masked_m directly spares the launch the kernels that
+// would build a per-row id array (several small launches per decode step).
+template <int kMaskedMaxM>
+struct RowIds {
+  const int32_t* __restrict__ ids;
+
+  __device__ __forceinline__ int operator()(int row) const {
+    if constexpr (kMaskedMaxM == 0) {
+      return ids[row];
+    } else {
+      const int e = row / kMaskedMaxM;
+      return row - e * kMaskedMaxM < ids[e] ? e : -1;
+    }
+  }
+};
+
+// Which expert a CTA's tile belongs to and how its B tile is loaded. kCluster = 1: the tile's
+// own expert (skip when its first row is padding). kCluster = 2, B shared (kMcastA = 0): both
+// CTAs read both tiles' first ids, so they agree: skip the pair only when both are padding; when
+// both tiles hold the same expert, each CTA loads half of the B tile and multicasts it to both
+// (B read once from L2 for two M tiles); otherwise each loads its own B. A dead tile in a live
+// pair (padding, or past M) computes on its partner's expert and stores nothing. kCluster = 2, A
+// shared (kMcastA = 1): one M tile, so one expert; each CTA loads half of A for both; a CTA whose
+// N tile lies past N (odd tile count) computes on its partner's B tile and stores nothing.
+struct TileRole {
+  int expert;       // expert whose weights are loaded (valid when live_pair)
+  bool live;        // this CTA's tile has real rows: store them
+  bool multicast;   // B tile shared by the pair
+  int m_tile;       // this CTA's tile (a dead one: the coordinates it loads)
+  int n_tile;
+};
+
+// The expert ids a unit's role depends on: its M tile's first row's (e1: the pair's second M
+// tile's, B-shared pairs only; -1 past M). Loaded apart from tile_role so that the consumers can
+// load the next unit's ids a tile ahead: loaded at the tile's start, the ids' global-load latency
+// would sit between the previous tile's last MMA and this tile's first. `zero` is 0; the
+// consumers pass one the compiler cannot prove to be 0 or warp-uniform: ids loaded from a
+// provably uniform address are moved into uniform registers right after the load (R2UR), which
+// waits for the load there, at the tile boundary, again.
+struct TileIds {
+  int e0;
+  int e1;
+};
+
+template <int kCluster, int kMcastA, typename Ids>
+__device__ __forceinline__ TileIds load_tile_ids(const Ids& expert_ids, int m, int m_unit, int zero = 0) {
+  if constexpr (kCluster == 1 || kMcastA) {
+    return TileIds{expert_ids(m_unit * kBlockM + zero), -1};
+  } else {
+    const int first = 2 * m_unit * kBlockM + zero;
+    return TileIds{expert_ids(first), first + kBlockM < m ? expert_ids(first + kBlockM) : -1};
+  }
+}
+
+template <int kCluster, int kMcastA, int kNumNTiles>
+__device__ __forceinline__ TileRole tile_role(const TileIds& ids, int m_unit, int n_unit, uint32_t rank,
+                                              bool& live_pair) {
+  TileRole role;
+  if constexpr (kCluster == 1) {
+    role.expert = ids.e0;
+    role.live = role.expert >= 0;
+    role.multicast = false;
+    role.m_tile = m_unit;
+    role.n_tile = n_unit;
+    live_pair = role.live;
+  } else if constexpr (kMcastA) {
+    role.expert = ids.e0;
+    const int n_tile = n_unit * kCluster + static_cast<int>(rank);
+    live_pair = role.expert >= 0;
+    role.live = live_pair && n_tile < kNumNTiles;
+    role.multicast = true;
+    role.m_tile = m_unit;
+    // Past N (odd tile count: only the last pair's second tile): load the partner's B tile
+    // (valid coordinates; nothing is stored).
+    role.n_tile = min(n_tile, kNumNTiles - 1);
+  } else {
+    const int e0 = ids.e0;
+    const int e1 = ids.e1;
+    const int own = rank == 0 ? e0 : e1;
+    live_pair = e0 >= 0 || e1 >= 0;
+    role.live = own >= 0;
+    role.expert = role.live ? own : (rank == 0 ? e1 : e0);
+    role.multicast = e0 == e1;
+    // A dead tile of a pair (padding or past M) loads its partner's rows: valid coordinates,
+    // results never stored.
+    role.m_tile = m_unit * kCluster + static_cast<int>(role.live ? rank : rank ^ 1u);
+    role.n_tile = n_unit;
+  }
+  return role;
+}
+
+}  // namespace phasemoe

@@ -1,0 +1,104 @@
+"""The config the CUDA grouped GEMM runs (CPU only): `ContiguousConfig`'s checks and defaults,
+the contiguous formula on the DeepSeek-V3 cells, and the masked decode configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_backend.cuda import config as cfgmod
+from moe_backend.cuda.config import BLOCK_N_CHOICES, ContiguousConfig, max_stages
+from moe_backend.cuda.heuristic import GROUP_M, HEURISTIC_BLOCK_N, select_config, select_masked_config
+from moe_backend.cuda.launch import kernel_spec
+
+
+def test_every_tile_fits_shared_memory_and_defaults_to_a_full_ring():
+    for bn in BLOCK_N_CHOICES:
+        stages = max_stages(bn)
+        cfg = ContiguousConfig(bn)
+        assert cfg.num_stages == stages >= 4 and cfg.smem_bytes <= cfgmod.SMEM_LIMIT
+        with pytest.raises(ValueError, match="config.num_stages"):
+            ContiguousConfig(bn, stages + 1)
+    assert (max_stages(64), max_stages(128), max_stages(256)) == (6, 6, 4)
+
+
+@pytest.mark.parametrize("field,value", [("block_n", 192), ("num_stages", 1), ("group_m", 0), ("cluster", 4),
+                                         ("multicast", "c")])
+def test_config_fields_are_checked(field, value):
+    args = {"block_n": 128, field: value}
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        ContiguousConfig(**args)
+
+
+def test_config_override_wins():
+    cfg = ContiguousConfig(64, 3)
+    assert select_config(10_000, 4096, 132, override=cfg) is cfg
+
+
+def test_heuristic_on_the_deepseek_cells():
+    # 256-wide tiles where K is long, CTA pairs sharing B once there are 8 M tiles to pair
+    for m, n, k in [(32 * 512, 4096, 7168), (32 * 4096, 7168, 2048), (256 * 512, 512, 7168)]:
+        cfg = select_config(m, n, 132, k=k)
+        assert (cfg.block_n, cfg.cluster, cfg.multicast, cfg.num_stages) == (256, 2, "b", 4), cfg
+    for k in (256, None):  # short (or unknown) K: 128
+        cfg = select_config(256 * 512, 7168, 132, k=k)
+        assert (cfg.block_n, cfg.cluster) == (128, 2), cfg
+    # M tiles swept together: the default on the EP8 cells; only the pair's own where N has two
+    # tiles (TP8 w13, N = 512) or K two blocks (TP8 w2, K = 256)
+    assert select_config(32 * 512, 4096, 132, k=7168).group_m == GROUP_M == 8
+    assert select_config(32 * 4096, 7168, 132, k=2048).group_m == 8
+    assert select_config(256 * 512, 512, 132, k=7168).group_m == 2
+    assert select_config(256 * 512, 7168, 132, k=256).group_m == 2
+    assert select_config(256 * 512, 7168, 132, k=None).group_m == 8  # K unknown: the default
+    small = select_config(128, 4096, 132, k=7168)  # one M tile: 64-wide tiles give every SM work
+    assert (small.block_n, small.cluster) == (64, 1), small
+
+
+@pytest.mark.parametrize("m,n", [(128, 4096), (32 * 512, 4096), (32 * 4096, 7168), (256 * 512, 512),
+                                 (1, 7168), (5 * 128, 256)])
+@pytest.mark.parametrize("k", [256, 7168])
+def test_heuristic_fills_the_machine(m, n, k):
+    cfg = select_config(m, n, num_sms=132, k=k)
+    assert cfg.block_n in HEURISTIC_BLOCK_N
+    tiles = -(-m // 128) * -(-n // cfg.block_n)
+    # Never fewer tiles than the smallest choice would give while SMs sit idle in a single wave.
+    smallest = min(HEURISTIC_BLOCK_N)
+    if tiles < 132:
+        assert cfg.block_n == smallest or -(-m // 128) * -(-n // smallest) <= tiles
+
+
+def test_config_choice_printed_once(capsys):
+    select_config(4096, 4096, 132, verbose=True)
+    select_config(4096, 4096, 132, verbose=True)
+    assert capsys.readouterr().out.count("grouped_gemm_contiguous m=4096 N=4096") == 1
+
+
+@pytest.mark.parametrize("n,k", [(7168, 256), (4096, 7168), (512, 7168), (7168, 2048)])
+def test_masked_decode_configs_walk_m_tile_major(n, k):
+    """The masked configs meet the dead-tile skip's preconditions (TileScheduler::skip_dead_rest:
+    group_m 1, one M tile per unit)."""
+    cfg = select_masked_config(n, k)
+    assert cfg.group_m == 1 and (cfg.cluster == 1 or cfg.multicast == "a")
+
+
+def test_masked_configs_per_shape():
+    wide, narrow, short_k = select_masked_config(7168, 2048), select_masked_config(512, 7168), \
+        select_masked_config(7168, 256)
+    assert (wide.block_n, wide.cluster, wide.multicast, wide.group_m) == (128, 2, "a", 1)
+    assert (narrow.block_n, narrow.cluster, narrow.multicast) == (64, 2, "a")
+    assert (short_k.block_n, short_k.cluster) == (64, 1)
+
+
+def test_masked_max_m_is_checked_and_keys_the_kernel():
+    cfg = ContiguousConfig(128)
+    with pytest.raises(ValueError, match="masked_max_m"):
+        kernel_spec(7168, 2048, cfg, masked_max_m=100)
+    names = {kernel_spec(7168, 2048, cfg, masked_max_m=mm).kernel_name for mm in (0, 128, 256)}
+    assert len(names) == 3
+
+
+def test_every_field_keys_the_kernel():
+    base = ContiguousConfig(128)
+    variants = [ContiguousConfig(256), ContiguousConfig(128, 4), ContiguousConfig(128, group_m=1),
+                ContiguousConfig(128, cluster=2), ContiguousConfig(128, cluster=2, multicast="a")]
+    names = {kernel_spec(7168, 2048, c).kernel_name for c in [base, *variants]}
+    assert len(names) == 1 + len(variants)
