@@ -11,6 +11,7 @@ every kernel skips them. On CPU the same pipeline runs on the reference GEMMs.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -25,6 +26,9 @@ from moe_backend.reference import GROUP, check_activations, check_grouped_gemm_w
 __all__ = ["routed_experts", "masked_experts", "run_plan", "run_masked_plan", "recorded_plans"]
 
 _plan_records: list[list[Plan]] = []  # open `recorded_plans` blocks
+# MOE_BACKEND_PLAN_LOG=PATH: one line per executed plan appended to PATH, from every process
+# (tests/e2e count the plans an engine's server ran while answering a request).
+_PLAN_LOG = os.environ.get("MOE_BACKEND_PLAN_LOG") or None
 
 
 @contextlib.contextmanager
@@ -41,6 +45,10 @@ def recorded_plans() -> Iterator[list[Plan]]:
 def _record(plan: Plan) -> None:
     for plans in _plan_records:
         plans.append(plan)
+    if _PLAN_LOG is not None:
+        # One short write in append mode: lines from several processes do not interleave.
+        with open(_PLAN_LOG, "a") as f:
+            f.write(f"{os.getpid()} {plan.phase} T={plan.num_tokens} {plan.kernel}\n")
 
 
 # ---------------------------------------------------------------- execution (no checks, no choices)
@@ -87,7 +95,7 @@ def run_masked_plan(plan: Plan, a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_
                     masked_m: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor | None,
                     ue8m0: bool) -> torch.Tensor:
     """Executes a masked-layout plan on checked operands (see `masked_experts`)."""
-    if _plan_records:
+    if _plan_records or _PLAN_LOG is not None:
         _record(plan)
     num_experts, max_m, _ = a_fp8.shape
     two_i = w13_fp8.shape[1]
@@ -115,7 +123,7 @@ def run_plan(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, w13_fp8:
              topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int, ue8m0: bool,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """Executes a standard-format plan on checked operands (see `routed_experts`)."""
-    if _plan_records and plan.layout == "contiguous":
+    if (_plan_records or _PLAN_LOG is not None) and plan.layout == "contiguous":
         _record(plan)  # a masked plan is recorded by run_masked_plan
     num_experts, two_i, _ = w13_fp8.shape
     hidden = w2_fp8.shape[1]
