@@ -175,15 +175,17 @@ def layer_tensors(config: dict[str, Any], layer: int, seed: int, device="cpu"
             yield p + f"mlp.shared_experts.{proj}.weight", _bf16(shape, gen, device, shape[1] ** -0.5)
 
 
-def checkpoint_tensors(config: dict[str, Any], seed: int = 0, device="cpu",
-                       layers: range | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint (or only `layers`' and the embeddings'), generated on `device`;
-    each layer's values depend only on (seed, layer)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    h, vocab = config["hidden_size"], config["vocab_size"]
-    yield "model.embed_tokens.weight", _bf16((vocab, h), gen, device, 1.0)
-    yield "model.norm.weight", _norm(h, gen, device)
-    yield "lm_head.weight", _bf16((vocab, h), gen, device, h ** -0.5)
+def checkpoint_tensors(config: dict[str, Any], seed: int = 0, device="cpu", layers: range | None = None,
+                       embedding_std: float = 1.0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint generated on `device`, or with `layers` only those decoder
+    layers' (no embeddings); each layer's values depend only on (seed, layer). embedding_std: the
+    token embeddings' scale, the residual stream's size relative to each layer's update."""
+    if layers is None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        h, vocab = config["hidden_size"], config["vocab_size"]
+        yield "model.embed_tokens.weight", _bf16((vocab, h), gen, device, embedding_std)
+        yield "model.norm.weight", _norm(h, gen, device)
+        yield "lm_head.weight", _bf16((vocab, h), gen, device, h ** -0.5)
     for layer in layers if layers is not None else range(config["num_hidden_layers"]):
         yield from layer_tensors(config, layer, seed, device)
 

@@ -1,0 +1,44 @@
+"""examples/generate_deepseek_v3.py: its CPU logic at tiny size (the GPU acceptance run uses the same
+code at DeepSeek-V3's sizes: tests/gpu/test_transformers_e2e_gpu.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+
+from examples import generate_deepseek_v3 as example  # noqa: E402
+
+
+def test_tiny_run_reports_phases_kernels_and_a_failing_negative_control(tmp_path, capsys):
+    summary = tmp_path / "summary.json"
+    rc = example.main(["--batch", "2", "--prompt-len", "10", "--new-tokens", "4", "--check",
+                       "--json", str(summary)])
+    out = capsys.readouterr().out
+    verdict = json.loads(summary.read_text())
+    checks = verdict["checks"]
+    # 2 x 13 positions: too few for the acceptance, so the run must fail, saying why.
+    assert rc == 1 and not verdict["passed"] and "RESULT FAIL" in out
+    assert not checks["positions >= 512"]
+    assert verdict["agreement"]["positions"] == 2 * 13 and verdict["agreement"]["decode_positions"] == 2 * 3
+    assert checks["our layers ran in prefill and decode"] and checks["plans recorded for both phases"]
+    assert verdict["calls"] == {"prefill": 2, "decode": 2 * 3}
+    assert checks["the negative control fails the criteria"]
+    assert verdict["control"]["mean_kl"] > 10 * verdict["agreement"]["mean_kl"]
+    assert any(line.startswith("prefill T=20 ") for line in verdict["kernels"])
+    assert any(line.startswith("decode T=2 ") for line in verdict["kernels"])
+    for phrase in ("transformers (bf16): prefill", "moe_backend (FP8): prefill", "ms/step", "agreement:",
+                   "kernels our layers ran"):
+        assert phrase in out
+
+
+def test_real_config_is_deepseek_v3s():
+    config = example.real_config(3)
+    assert (config["hidden_size"], config["n_routed_experts"], config["num_experts_per_tok"],
+            config["moe_intermediate_size"], config["n_group"], config["topk_group"]) == (7168, 256, 8, 2048, 8, 4)
+    assert (config["num_attention_heads"], config["kv_lora_rank"], config["qk_rope_head_dim"],
+            config["vocab_size"], config["intermediate_size"]) == (128, 512, 64, 129280, 18432)
+    assert config["first_k_dense_replace"] == 1 and config["num_hidden_layers"] == 3
+    assert example.STREAM_SCALE["real"] > example.STREAM_SCALE["tiny"] == 1.0
