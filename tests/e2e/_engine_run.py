@@ -232,8 +232,7 @@ def serve(engine: str, model: str, prompt: list[int], max_tokens: int, top: int,
         t1 = time.monotonic()
         answer = (vllm_request if engine == "vllm" else sglang_request)(base, model, prompt, max_tokens, top)
         request = time.monotonic() - t1
-        time.sleep(0.5)  # the answer can arrive before the last plan line is flushed by another process
-        answer["plans"] = _plan_lines()[mark:]
+        answer["plans"] = _plan_lines()[mark:]  # each line is written before its forward returns
     finally:
         _stop(server)
     return {**answer, "startup_s": startup, "request_s": request}
