@@ -28,6 +28,7 @@ class Variable:
 VARIABLES: tuple[Variable, ...] = (
     Variable("MOE_BACKEND_POLICY", "the default policy", "library"),
     Variable("MOE_BACKEND_PRINT_POLICY", "0", "library"),
+    Variable("MOE_BACKEND_PLAN_LOG", "none", "library"),
     Variable("MOE_BACKEND_SHADOW", "off", "library"),
     Variable("MOE_BACKEND_SHADOW_LOG", "none", "library"),
     Variable("MOE_BACKEND_SHADOW_SEED", "0", "library"),
@@ -74,6 +75,11 @@ class Env:
     @property
     def print_policy(self) -> bool:
         return flag("MOE_BACKEND_PRINT_POLICY")
+
+    @property
+    def plan_log(self) -> str | None:
+        """MOE_BACKEND_PLAN_LOG: a file every process appends one line per executed plan to (tests)."""
+        return text("MOE_BACKEND_PLAN_LOG") or None
 
     @property
     def shadow(self) -> str:

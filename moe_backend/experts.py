@@ -11,6 +11,7 @@ every kernel skips them. On CPU the same pipeline runs on the reference GEMMs.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -31,10 +32,14 @@ from moe_backend._checks import (
 from moe_backend.constants import QUANT_BLOCK as GROUP
 from moe_backend.dispatch.plan import GemmPlan, Plan, make_masked_plan, make_plan
 from moe_backend.dispatch.policy import KERNELS, PHASES, KernelChoice, Policy
+from moe_backend.env import ENV
 
 __all__ = ["routed_experts", "masked_experts", "run_plan", "run_masked_plan", "recorded_plans"]
 
 _plan_records: list[list[Plan]] = []  # open `recorded_plans` blocks
+# MOE_BACKEND_PLAN_LOG=PATH: one line per executed plan appended to PATH, from every process
+# (tests/e2e count the plans an engine's server ran while answering a request).
+_PLAN_LOG = ENV.plan_log
 
 
 @contextlib.contextmanager
@@ -51,6 +56,10 @@ def recorded_plans() -> Iterator[list[Plan]]:
 def _record(plan: Plan) -> None:
     for plans in _plan_records:
         plans.append(plan)
+    if _PLAN_LOG is not None:
+        # One short write in append mode: lines from several processes do not interleave.
+        with open(_PLAN_LOG, "a") as f:
+            f.write(f"{os.getpid()} {plan.phase} T={plan.num_tokens} {plan.kernel}\n")
 
 
 # ---------------------------------------------------------------- execution (no checks, no choices)
@@ -97,7 +106,7 @@ def run_masked_plan(plan: Plan, a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_
                     masked_m: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor | None,
                     ue8m0: bool) -> torch.Tensor:
     """Executes a masked-layout plan on checked operands (see `masked_experts`)."""
-    if _plan_records:
+    if _plan_records or _PLAN_LOG is not None:
         _record(plan)
     return _execute_masked(plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out,
                            workspace, ue8m0)
@@ -131,7 +140,7 @@ def run_plan(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, w13_fp8:
              topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int, ue8m0: bool,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """Executes a standard-format plan on checked operands (see `routed_experts`)."""
-    if _plan_records:
+    if _plan_records or _PLAN_LOG is not None:
         _record(plan)
     return _execute_plan(plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids,
                          expert_start, ue8m0, out)
@@ -277,7 +286,7 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
         y = run_graphed(plan, _execute_plan, policy.graph_max_tokens, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8,
                         w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0, out)
         if y is not None:
-            if _plan_records:
+            if _plan_records or _PLAN_LOG is not None:
                 _record(plan.graph_plan)
             return y
     return run_plan(plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights,

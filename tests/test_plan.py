@@ -1,6 +1,9 @@
 """The per-batch plan: one place decides layout, providers, configs and fused steps; cached."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,3 +150,34 @@ def test_cpu_plans_carry_no_graph():
 def test_graph_max_tokens_is_checked(value, error):
     with pytest.raises(error, match="graph_max_tokens"):
         Policy(graph_max_tokens=value)
+
+
+@pytest.mark.parametrize("kernel", ["contiguous", "masked"])
+def test_plan_log_has_one_line_per_executed_plan(kernel, monkeypatch, tmp_path):
+    """MOE_BACKEND_PLAN_LOG (tests/e2e count an engine's plans with it): every execution appends a
+    line, cached plans included; without it nothing is written."""
+    log = tmp_path / "plans.log"
+    w13, w13_s = quantize_fp8_blockwise(torch.randn(2, 256, 256) / 16)
+    w2, w2_s = quantize_fp8_blockwise(torch.randn(2, 256, 128) / 16)
+    ids = torch.tensor([[0, 1], [1, -1], [0, 1]])
+
+    def run(num_tokens):
+        x = torch.randn(num_tokens, 256, dtype=torch.bfloat16)
+        experts.routed_experts(x, w13, w13_s, w2, w2_s, torch.rand(num_tokens, 2), ids[:num_tokens], kernel=kernel)
+
+    monkeypatch.setattr(experts, "_PLAN_LOG", None)
+    run(3)
+    assert not log.exists()
+    monkeypatch.setattr(experts, "_PLAN_LOG", str(log))
+    for num_tokens in (3, 1, 1):
+        run(num_tokens)
+    lines = log.read_text().splitlines()
+    assert [line.split()[2:] for line in lines] == [["T=3", kernel], ["T=1", kernel], ["T=1", kernel]]
+    assert {line.split()[0] for line in lines} == {str(os.getpid())}
+
+
+def test_plan_log_path_comes_from_the_environment(tmp_path):
+    env = dict(os.environ, MOE_BACKEND_PLAN_LOG=str(tmp_path / "p.log"))
+    code = "import moe_backend.experts as e; print(e._PLAN_LOG)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(tmp_path / "p.log")

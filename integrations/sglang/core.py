@@ -3,8 +3,8 @@
 | dispatch (SGLang)     | input                                         | ours                          | returns                                        |
 |-----------------------|-----------------------------------------------|-------------------------------|------------------------------------------------|
 | standard (TP)         | bf16 `[T, H]`, topk f32/int32 `[T, k]` local  | `experts.routed_experts`,     | `StandardCombineInput` `[T, H]`: weighted sum  |
-|                       | ids (-1 = drop; fused shared expert = id E)   | phase from SGLang's batch     | x routed_scaling_factor on CUDA (the model     |
-|                       |                                               |                               | applies it itself elsewhere)                   |
+|                       | ids (-1 = drop; fused shared expert = id E)   | phase from SGLang's batch     | x routed_scaling_factor on CUDA, MUSA, XPU     |
+|                       |                                               |                               | (the model applies it itself elsewhere)        |
 | DeepEP normal         | fp8 `[N, H]` + f32 `[N, H/128]`, int64 local  | `experts.routed_experts`,     | `DeepEPNormalCombineInput` `[N, H]`: weighted  |
 | (prefill)             | ids (-1 = other rank), f32 weights            | phase "prefill" (contiguous)  | sum over local experts, no scaling factor      |
 | DeepEP low-latency    | masked fp8 `[E, M, H]` + f32 `[E, M, H/128]`  | `experts.masked_experts`      | `DeepEPLLCombineInput` `[E, M, H]`: unweighted |
@@ -32,7 +32,7 @@ from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
 from sglang.srt.layers.moe.topk import TopKOutputChecker
 from sglang.srt.layers.moe.utils import resolve_moe_runner_backend
 from sglang.srt.runtime_context import get_forward
-from sglang.srt.utils import is_cuda, is_musa
+from sglang.srt.utils import is_cuda, is_musa, is_xpu
 
 from moe_backend import experts, ops
 from moe_backend.ab import shadow as ab_shadow
@@ -85,10 +85,10 @@ class PhaseMoeQuantInfo(MoeQuantInfo):
 
 def runner_applies_routed_scaling() -> bool:
     """Whether the standard combine must carry routed_scaling_factor. SGLang's DeepSeek model
-    multiplies the experts' output by it itself off CUDA/MUSA (models/deepseek_v2.py, after
-    `self.experts(...)`), and its own runners apply it only on CUDA-like devices: applying it
-    here elsewhere would scale the routed output twice."""
-    return is_cuda() or is_musa()
+    multiplies the experts' output by it itself except on CUDA, MUSA and XPU (models/deepseek_v2.py,
+    `forward_normal` after `self.experts(...)`), where its runners apply it: the combine carries
+    it exactly there, so that it is applied once on every platform."""
+    return is_cuda() or is_musa() or is_xpu()
 
 
 def _current_phase() -> str:

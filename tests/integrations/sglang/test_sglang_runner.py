@@ -395,24 +395,44 @@ def test_lora_and_no_combine_are_refused_at_run_time(problem):
             runner.run(dispatch, info)
 
 
-@pytest.mark.parametrize("platform", ["cuda", "musa", "cpu"])
+@pytest.mark.parametrize("platform", ["cuda", "musa", "xpu", "cpu"])
 def test_routed_scaling_factor_applied_exactly_once(monkeypatch, platform):
     """What SGLang's DeepSeek model ends with: the standard combine, times routed_scaling_factor
-    where the model applies it itself (off CUDA and MUSA). Once on every platform branch."""
+    where the model applies it itself (except on CUDA, MUSA and XPU). Once on every platform branch."""
     import moe_backend_integrations.sglang.core as core
 
-    monkeypatch.setattr(core, "is_cuda", lambda: platform == "cuda")
-    monkeypatch.setattr(core, "is_musa", lambda: platform == "musa")
+    # raising=False: the plugin before the fix had no such names, and must fail on the scaling.
+    monkeypatch.setattr(core, "is_cuda", lambda: platform == "cuda", raising=False)
+    monkeypatch.setattr(core, "is_musa", lambda: platform == "musa", raising=False)
+    monkeypatch.setattr(core, "is_xpu", lambda: platform == "xpu", raising=False)
     case = Case(9, 4)
     weights = make_experts(case.num_experts)
     ids, topk_weights = make_routing(case)
     x = make_x(case.num_tokens)
     out = make_runner(case).run(standard_dispatch(x, ids, topk_weights), quant_info(weights)).hidden_states.float()
-    model_applies = platform not in ("cuda", "musa")  # models/deepseek_v2.py, after self.experts(...)
+    model_applies = platform not in ("cuda", "musa", "xpu")  # models/deepseek_v2.py forward_normal
     final = out * ROUTED_SCALING_FACTOR if model_applies else out
     ref = reference.routed_experts(x, *weights, topk_weights, ids).float() * ROUTED_SCALING_FACTOR
     assert rel_err(final, ref) <= LAYER_SAME_QUANT
     assert rel_err(final, ref * ROUTED_SCALING_FACTOR) > 0.5  # the double scaling this guards against
+
+
+def test_routed_scaling_factor_applied_once_on_this_machine():
+    """Nothing patched: this machine's platform (CPU in CI) and the condition under which SGLang's
+    DeepSeek model multiplies the experts' output by routed_scaling_factor, read from the model's
+    own module flags (models/deepseek_v2.py, the standard forward after `self.experts(...)`). The
+    plugin before the fix scaled in the combine as well: on CPU the output came out 2.5x too big."""
+    from sglang.srt.models import deepseek_v2 as model
+
+    case = Case(9, 4)
+    weights = make_experts(case.num_experts)
+    ids, topk_weights = make_routing(case)
+    x = make_x(case.num_tokens)
+    out = make_runner(case).run(standard_dispatch(x, ids, topk_weights), quant_info(weights)).hidden_states.float()
+    model_applies = not model._is_cuda and not model._is_musa and not model._is_xpu and not model._use_aiter
+    final = out * ROUTED_SCALING_FACTOR if model_applies else out
+    ref = reference.routed_experts(x, *weights, topk_weights, ids).float() * ROUTED_SCALING_FACTOR
+    assert rel_err(final, ref) <= LAYER_SAME_QUANT, f"model applies the factor itself: {model_applies}"
 
 
 # ---- every path runs a plan; the policy reaches each ---------------------------------------------
