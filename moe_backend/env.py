@@ -42,6 +42,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MOE_BACKEND_TORCH", "auto", "./dev, .ci/install_torch.sh"),
     Variable("MOE_BACKEND_VLLM_VENV", "/work/venvs/vllm", "./dev, .ci/engine_vllm.sh"),
     Variable("MOE_BACKEND_SGLANG_VENV", "/work/venvs/sglang", "./dev, .ci/engine_sglang.sh"),
+    Variable("MOE_BACKEND_E2E_VLLM_VENV", "/work/venvs/e2e-vllm", ".ci/engine_e2e.sh"),
+    Variable("MOE_BACKEND_E2E_SGLANG_DIR", "/work/venvs/e2e-sglang", ".ci/engine_e2e.sh"),
+    Variable("MOE_BACKEND_E2E_VLLM_PYTHON", "set by .ci/engine_e2e.sh", "tests/e2e"),
+    Variable("MOE_BACKEND_E2E_SGLANG_PYTHON", "set by .ci/engine_e2e.sh", "tests/e2e"),
+    Variable("MOE_BACKEND_E2E_SGLANG_LIB", "set by .ci/engine_e2e.sh", "tests/e2e"),
     Variable("MOE_BACKEND_HYPOTHESIS_PROFILE", "ci", "tests/test_properties.py"),
     Variable("MOE_BACKEND_VLLM_FUSED_MOE", ".peer/fused_moe.py, else the installed vllm's", "benchmarks"),
 )

@@ -26,6 +26,8 @@ ORACLE_USERS = {
     "moe_backend/providers/torch_reference.py": "the ops' CPU / impl='reference' provider",
     # Tools that check our output against the oracle; nothing serving a model imports them.
     "moe_backend/demo.py": "`python -m moe_backend demo` reports the layer's error vs the oracle",
+    "integrations/transformers/swap.py": "use_reference_experts: transformers with the oracle's experts, the "
+                                         "independent reference the end-to-end tests compare engines against",
     "moe_backend/ab/compare.py": "the A/B harness measures each backend's divergence from the oracle",
     # Test support, once it exists (random weights, input builders for tests and benchmarks).
     "moe_backend/testing.py": "helpers for tests and benchmarks",
