@@ -2,9 +2,9 @@
 kernel, on the prefill cells of issue 5 (EP8 512/2048/4096 rows per expert, TP8 512), with each
 output checked against the fp32 reference in the same run.
 
-    python benchmarks/bench_cuda_gemm.py [--rows 512,2048,4096] [--md OUT.md] [--sustained] [--ceilings]
+    python -m benchmarks.bench_cuda_gemm [--rows 512,2048,4096] [--md OUT.md] [--sustained] [--ceilings]
 
---sustained also runs ours and DeepGEMM back to back for 2 s each (`_timing.sustained_us`): the
+--sustained also runs ours and DeepGEMM back to back for 2 s each (`moe_backend.testing.sustained_us`): the
 steady state of a long prefill, where the chip sits at its power cap and the SM clock drops.
 
 --ceilings adds NVIDIA's own FP8 GEMMs (cuBLASLt through torch) on the *dense* problem with the
@@ -26,7 +26,7 @@ import sys
 import torch
 import triton
 
-from _timing import interleaved_us, sustained_us  # noqa: E402  (benchmarks/ is the script's directory)
+from moe_backend.testing import interleaved_us, sustained_us
 from moe_backend import reference
 from moe_backend.kernels.grouped_gemm_contiguous import grouped_gemm_contiguous as triton_contiguous
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
@@ -37,7 +37,7 @@ SHAPES = [("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
 ALIGN = 128
 
 
-ROUNDS = 3  # contenders timed in interleaved rounds (benchmarks/_timing.py)
+ROUNDS = 3  # contenders timed in interleaved rounds (moe_backend.testing.interleaved_us)
 CHECK_ROWS = 256  # rows of the dense ceilings checked against the fp32 reference
 CEILINGS = ("cublas_block", "cublas_tensor", "cublas_fast")
 

@@ -2,7 +2,7 @@
 Triton masked kernel, our CUDA contiguous kernel (segments of exactly `rows`), DeepGEMM 0.1.5
 masked, side by side, each output checked against the fp32 reference in the same run.
 
-    python benchmarks/bench_decode_cells.py [--rows 64,128] [--md OUT.md]
+    python -m benchmarks.bench_decode_cells [--rows 64,128] [--md OUT.md]
 """
 
 from __future__ import annotations
@@ -16,18 +16,14 @@ import triton
 from moe_backend import reference
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.testing import time_graph
 
 SHAPES = [("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
           ("tp8", "w13", 256, 512, 7168), ("tp8", "w2", 256, 7168, 256)]
 
 
 def graph_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3
+    return time_graph(fn, warmup_ms=25, rep_ms=100)
 
 
 def rel(out_rows, a, a_s, b, bs) -> float:

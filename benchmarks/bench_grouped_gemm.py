@@ -6,17 +6,17 @@ Ours (masked and contiguous layouts) against the peers in the same process: vLLM
 output checked against an fp32 dequantized reference on a few experts in the same run.
 Writes `docs/benchmarks.md` (--md) and a JSON of every number (--json).
 
-    python benchmarks/bench_grouped_gemm.py --json $OUT/bench.json --md docs/benchmarks.md
+    python -m benchmarks.bench_grouped_gemm --json $OUT/bench.json --md docs/benchmarks.md
 
 Routed mode (--routings): each cell is (slice, GEMM, mean rows per expert, routing); the routing
-gives per-expert row counts (uniform, or Zipf-like with exponent A: `benchmarks/_routing.py`),
+gives per-expert row counts (uniform, or Zipf-like with exponent A: `moe_backend.testing.zipf_counts`),
 the same counts for every contender: our masked GEMM on layouts with each --max-m (fixed total
 rows, so the times show what max_m costs), our contiguous GEMM (segments padded to 128, and at
 decode padded to the masked config's BLOCK_M on a static row bound with the rows in use read on
 the device), vLLM's Triton kernel (its launcher fed the same counts) and DeepGEMM masked (at the
 smallest and largest max_m) and contiguous. Rows past each expert's count are checked untouched.
 
-    python benchmarks/bench_grouped_gemm.py --routings uniform,zipf:0.6,zipf:0.9,zipf:1.2 \
+    python -m benchmarks.bench_grouped_gemm --routings uniform,zipf:0.6,zipf:0.9,zipf:1.2 \
         --slices tp8 --tp8-rows 16 --json $OUT/routed.json
 """
 
@@ -33,22 +33,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from moe_backend import ops  # noqa: E402
-from moe_backend.dispatch.plan import gemm_provider  # noqa: E402
-from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous  # noqa: E402
-from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
-from moe_backend.kernels import _gemm_config  # noqa: E402
-from moe_backend.kernels._launch_utils import device_name  # noqa: E402
-from moe_backend.quant import dequantize_fp8_blockwise, dequantize_fp8_per_token_group  # noqa: E402
-from moe_backend.quant import quantize_fp8_per_token_group  # noqa: E402
-from moe_backend.tune import random_weights  # noqa: E402
-
-import _peers  # noqa: E402
-from _timing import measure_ceilings  # noqa: E402
-import _routing  # noqa: E402
+from benchmarks import _peers
+from moe_backend import ops, testing
+from moe_backend.dispatch.plan import gemm_provider
+from moe_backend.kernels import _gemm_config
+from moe_backend.kernels._launch_utils import device_name
+from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
+from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
+from moe_backend.quant import dequantize_fp8_blockwise, dequantize_fp8_per_token_group, quantize_fp8_per_token_group
+from moe_backend.testing import measure_ceilings, random_fp8_weights, time_graph
 
 SHAPES = {  # slice -> [(gemm, experts, N, K, vLLM JSON's N = intermediate per rank)]
     "ep8": [("w13", 32, 4096, 7168, 2048), ("w2", 32, 7168, 2048, 2048)],
@@ -67,16 +60,8 @@ DEVICE = "cuda"  # the routed cells' device (a CPU smoke test runs them under th
 
 
 def bench(fn, warmup_ms=10, rep_ms=50) -> float:
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return 1e3 * triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    """CUDA-graph replay, do_bench median, µs (the CPU smoke test swaps this name for one call)."""
+    return time_graph(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
 class RefChecker:
@@ -248,7 +233,7 @@ def render_md(env: dict, ceil: dict, cells: list) -> str:
         f"loaded at run time, fastest of its tuned fp8 block configs per cell); date {env['date']}.", "",
         f"Ceilings measured in this run: read {ceil['read_tbs']:.2f} TB/s (sum over 2 GB), D2D copy "
         f"{ceil['copy_tbs']:.2f} TB/s (read+write), FP8 `_scaled_mm` {ceil['fp8_tflops']:.0f} TFLOPS.", "",
-        "Method: `python benchmarks/bench_grouped_gemm.py` (`benchmarks/run_device.sh` on the GPU machine); "
+        "Method: `python -m benchmarks.bench_grouped_gemm` (`benchmarks/run_device.sh` on the GPU machine); "
         "CUDA-graph replay, median of `triton.testing.do_bench` (L2 flushed between reps); random "
         "inputs; every output checked against an fp32 dequantized reference (3 experts) in the same run. "
         "Floor = max(FLOPs / FP8 ceiling, bytes / read bandwidth) with bytes = A once + weights of all "
@@ -355,7 +340,7 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
     top = int(counts.max())
     res = {"slice": sl, "gemm": gemm, "rows": mean_rows, "routing": routing, "E": e, "N": n, "K": k,
            "total_rows": total, "max_rows": top, "idle": int((counts == 0).sum()),
-           "describe": _routing.describe(counts), "us": {}, "err": {}, "pad_ok": {}}
+           "describe": testing.describe_counts(counts), "us": {}, "err": {}, "pad_ok": {}}
     usable = [m for m in max_ms if m >= top] or [1 << max(6, (top - 1).bit_length())]
     res["max_ms"] = usable
     # Checked experts: the hottest, a median one, the coldest with rows (and an idle one for padding).
@@ -538,7 +523,7 @@ def main_routed(args, env, ceil, peers, log) -> int:
                "tp8": [int(x) for x in args.tp8_rows.split(",") if x]}
     routings = [r for r in args.routings.split(",") if r]
     for r in routings:
-        _routing.parse_routing(r)  # a bad spec fails before any GPU work
+        testing.parse_routing_exponent(r)  # a bad spec fails before any GPU work
     max_ms = sorted(int(x) for x in args.max_m.split(",") if x)
     gemms = set(args.gemms.split(","))
     cells, skipped = [], []
@@ -551,7 +536,7 @@ def main_routed(args, env, ceil, peers, log) -> int:
             if over():
                 skipped += [f"{sl} {gemm} {r} {x}" for r in rows_by[sl] for x in routings]
                 continue
-            weights = random_weights(e, n, k)
+            weights = random_fp8_weights(e, n, k)
             checker = RefChecker(*weights, experts=())
             if peers.get("dg") is not None:
                 try:
@@ -565,7 +550,7 @@ def main_routed(args, env, ceil, peers, log) -> int:
                     if over():  # the table below still gets printed within the caller's time limit
                         skipped.append(f"{sl} {gemm} {mean_rows} {routing}")
                         continue
-                    counts = _routing.zipf_counts(e, mean_rows * e, _routing.parse_routing(routing), seed=args.seed)
+                    counts = testing.zipf_counts(e, mean_rows * e, testing.parse_routing_exponent(routing), seed=args.seed)
                     # One row per token at most: tokens = rows of all 256 routed experts / top-k.
                     counts = cap_counts(counts, mean_rows * ROUTED_EXPERTS // TOPK)
                     t0 = time.time()
@@ -617,7 +602,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--routings", default=None,
                    help="routed mode: comma-separated `uniform` / `zipf:A` (e.g. " + ",".join(ROUTINGS) + "); "
-                   "each cell gets per-expert counts from `_routing.zipf_counts` at mean rows x experts in all, "
+                   "each cell gets per-expert counts from `moe_backend.testing.zipf_counts` at mean rows x experts in all, "
                    "the same for every contender")
     p.add_argument("--max-m", default=",".join(map(str, MAX_MS)),
                    help="routed mode: masked layouts' max_m (those below a cell's hottest expert are skipped)")
@@ -659,7 +644,7 @@ def main(argv=None) -> int:
     cells = []
     for sl in args.slices.split(","):
         for gemm, e, n, k, inter in SHAPES[sl]:
-            weights = random_weights(e, n, k)
+            weights = random_fp8_weights(e, n, k)
             checker = RefChecker(*weights, experts=(0, e // 2, e - 1))
             if peers.get("dg") is not None:
                 try:

@@ -4,7 +4,7 @@ experts, on the EP8 slice (32 local experts) and the TP8 slice (all 256 local). 
 median of `triton.testing.do_bench` (L2 flushed between reps). Checks the outputs are bit-equal on
 the rows holding a token (the fused kernel leaves padding rows unwritten).
 
-    python benchmarks/bench_permute_quant.py --md $OUT/permute_quant.md
+    python -m benchmarks.bench_permute_quant --md $OUT/permute_quant.md
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moe_backend import ops  # noqa: E402
-from moe_backend.dispatch.layouts import build_contiguous_layout, permute  # noqa: E402
-from moe_backend.tune import time_graph  # noqa: E402
+from moe_backend import ops
+from moe_backend.dispatch.layouts import build_contiguous_layout, permute
+from moe_backend.testing import time_graph
 
 HIDDEN, GLOBAL_EXPERTS, TOPK, GROUP = 7168, 256, 8, 128
 SLICES = {"ep8": 32, "tp8": 256}  # local experts, the first at global id 0

@@ -3,8 +3,8 @@ the same inputs (`probe_cuda_gemm.py ncu|dg`), `--clock-control none` (the clock
 sets them), and the counters that say what limits a cell: tensor-pipe activity, L2 and DRAM
 throughput, DRAM bytes read, L2 sectors the SMs asked for, instructions. Prints a markdown table.
 
-    python benchmarks/ncu_compare.py [--cells w13_512,w2_2048] [--variant h] [--log FILE]
-    python benchmarks/ncu_compare.py --ceiling [--cells ...] [--configs "h;192,0,0,8,2,0,1,0,1,0,1"]
+    python -m benchmarks.ncu_compare [--cells w13_512,w2_2048] [--variant h] [--log FILE]
+    python -m benchmarks.ncu_compare --ceiling [--cells ...] [--configs "h;192,0,0,8,2,0,1,0,1,0,1"]
 
 --ceiling: for each of our configs, cycles and tensor-pipe activity as built and without the
 promotion FFMAs (the `@1` ablation: results wrong, MMAs kept), next to DeepGEMM's: how much of
@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # `python -m benchmarks.probe_cuda_gemm` runs from here
 CELLS = ("w13_512", "w13_2048", "w13_4096", "w2_512", "w2_2048", "w2_4096", "tp8w13", "tp8w2")
 # (column title, metric, scale applied to the base-unit value)
 METRICS = (
@@ -48,8 +48,8 @@ def measure(mode: str, cell: str, variant: str, metrics=METRICS) -> dict[str, fl
     kernel = "regex:phasemoe" if mode == "ncu" else "regex:sm90_fp8"
     cmd = ["ncu", "--clock-control", "none", "--kernel-name", kernel, "--launch-skip", "1", "--launch-count", "1",
            "--metrics", ",".join(m for _, m, _ in metrics), "--csv", "--page", "raw", "--print-units", "base",
-           sys.executable, str(HERE / "probe_cuda_gemm.py"), mode, cell, variant]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+           sys.executable, "-m", "benchmarks.probe_cuda_gemm", mode, cell, variant]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     # The CSV lines are the quoted ones (header, units, one row per profiled launch); ncu's own
     # "==PROF==" lines and the program's output are not.
     rows = list(csv.reader(line for line in run.stdout.splitlines() if line.startswith('"')))

@@ -1,6 +1,6 @@
 """Device probe for the CUDA grouped GEMM: time config variants on the issue-5 cells (`time`),
 run each for 2 s while nvidia-smi samples SM clock and power (`power`), or launch one cell twice
-for ncu (`ncu`; `dg` launches DeepGEMM).  python benchmarks/probe_cuda_gemm.py time|power|ncu|dg CELLS VARIANTS
+for ncu (`ncu`; `dg` launches DeepGEMM).  python -m benchmarks.probe_cuda_gemm time|power|ncu|dg CELLS VARIANTS
 A variant's '@' suffix adds compile flags (build_flags)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from _timing import interleaved_us, sustained_us  # noqa: E402  (benchmarks/ is the script's directory)
+from moe_backend.testing import interleaved_us, sustained_us
 
 from moe_backend.cuda import grouped_gemm_contiguous as g
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group

@@ -3,7 +3,7 @@ Triton masked candidates (incl. TMA loads), our CUDA kernel on the masked layout
 ping-pong setting, and DeepGEMM masked, side by side on the same inputs. Prints the fastest
 candidates per cell and checks each kind's best against the fp32 reference.
 
-    python benchmarks/sweep_decode_cells.py [--rows 128] [--cells ep8-w13,...] [--log FILE]
+    python -m benchmarks.sweep_decode_cells [--rows 128] [--cells ep8-w13,...] [--log FILE]
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import torch
 
 from moe_backend import MoEConfig
 from moe_backend.quant import quantize_fp8_blockwise
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
 
 TINY_CONFIG: dict[str, Any] = {
     "architectures": ["DeepseekV3ForCausalLM"],

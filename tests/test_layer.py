@@ -5,7 +5,7 @@ import torch
 
 from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
 from naive import moe_forward, rel_err
 from tolerances import LAYER_SAME_QUANT, LAYER_UNQUANTIZED
 

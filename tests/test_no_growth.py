@@ -14,7 +14,7 @@ import torch
 from cache_sizes import cache_sizes
 from moe_backend import MoEConfig
 from moe_backend.layers import DeepseekV3MoE
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
 
 CALLS = 10_000
 # Token counts cycled through: decode sizes, odd sizes, and prefill sizes past decode_max_tokens.

@@ -32,7 +32,7 @@ from moe_backend.dispatch import Policy, layouts  # noqa: E402
 from moe_backend.layers import DeepseekV3MoE  # noqa: E402
 from moe_backend.layers.router import noaux_tc_route  # noqa: E402
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group  # noqa: E402
-from moe_backend.random_weights import random_moe_weights  # noqa: E402
+from moe_backend.testing import random_moe_weights  # noqa: E402
 from naive import rel_err  # noqa: E402
 from tolerances import layer_same_quant  # noqa: E402
 

@@ -26,7 +26,7 @@ from moe_backend.dispatch import Policy, layouts
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 

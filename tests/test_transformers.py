@@ -5,7 +5,7 @@ import torch
 
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.quant import dequantize_fp8_blockwise
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
 from naive import rel_err
 from tolerances import LAYER_UNQUANTIZED
 

@@ -15,7 +15,7 @@ from moe_backend.ab import shadow as ab_shadow  # noqa: E402
 from moe_backend.ab.backends import register_backend, unregister_backend  # noqa: E402
 from moe_backend.ab.shadow import Shadow, parse_shadow_spec  # noqa: E402
 from moe_backend.layers import DeepseekV3MoE  # noqa: E402
-from moe_backend.random_weights import random_moe_weights  # noqa: E402
+from moe_backend.testing import random_moe_weights  # noqa: E402
 
 H, I, E = 256, 128, 4
 

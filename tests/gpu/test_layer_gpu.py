@@ -10,7 +10,7 @@ from moe_backend.experts import routed_experts
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend import reference
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
 
 pytestmark = pytest.mark.gpu
 

@@ -49,12 +49,12 @@ def _route(tokens, seed, exponent=0.0, hot=None, nonlocal_only_from=None):
 
 @pytest.fixture(scope="module", params=sorted(SLICES))
 def expert_slice(request):
-    from moe_backend.tune import random_weights
+    from moe_backend.testing import random_fp8_weights
 
     num_experts, inter = SLICES[request.param]
     torch.manual_seed(0)
-    w13 = random_weights(num_experts, 2 * inter, HIDDEN)
-    w2 = random_weights(num_experts, HIDDEN, inter)
+    w13 = random_fp8_weights(num_experts, 2 * inter, HIDDEN)
+    w2 = random_fp8_weights(num_experts, HIDDEN, inter)
     yield request.param, (*w13, *w2)
     del w13, w2
     torch.cuda.empty_cache()
