@@ -13,7 +13,7 @@ MOE_BACKEND_HYPOTHESIS_PROFILE=gpu timeout 100 python3 -m pytest -q -s -p no:cac
 mkdir -p "$F/compare"; timeout 210 python3 -m moe_backend compare --slice ep8,tp8 --out "$F/compare" \
   --emit-policy "$F/compare/policy.json" --time-budget 150 2>"$F/compare.progress"
 grep -E "^(- \*\*|\| (ep8|tp8) \|)" "$F/compare/report.md" | head -30
-timeout 90 python3 benchmarks/bench_shadow_overhead.py --backend triton 2>&1 | tee "$F/shadow_overhead.log" | tail -5
+timeout 90 python3 -m benchmarks.bench_shadow_overhead --backend triton 2>&1 | tee "$F/shadow_overhead.log" | tail -5
 cp docs/benchmarks.md "$F/benchmarks.layer.md"
 timeout 110 python3 -m benchmarks.bench_layer --slices tp8 --tokens 1,32,128,256,2048,16384 --routing uniform,zipf:0.6 \
   --budget-s 80 --json "$F/layer_tp8.json" --md "$F/benchmarks.layer.md" --log "$F/layer_tp8.log" 2>&1 | tail -16
