@@ -44,7 +44,7 @@ DECODE_MAX_TOKENS = max(DECODE)
 # Acceptance of issue 21.
 DECODE_RATIO_MAX, DECODE_FLOOR_PCT_MIN, FLOOR_FROM_TOKENS = 1.10, 80.0, 32
 PREFILL_RATIO_MAX, HOST_OVERHEAD_MAX_US = 1.20, 100.0
-# Layer vs reference (tests/tolerances.py LAYER_SAME_QUANT: two bf16 roundings, fp32 order).
+# Layer vs reference (tests/helpers/tolerances.py LAYER_SAME_QUANT: two bf16 roundings, fp32 order).
 LAYER_RELERR_MAX = 1e-2
 MD_HEADING = "## Whole layer vs the peers' two GEMMs at the same routing"
 DEVICE = "cuda"

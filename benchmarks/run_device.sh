@@ -18,22 +18,23 @@ python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__ve
 for step in "$@"; do
   t0=$(date +%s)
   case $step in
-    gputests) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/gpu \
-                tests/integrations/vllm/test_vllm_apply_gpu.py 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
+    gputests) # every test marked gpu outside tests/cuda (the cudatest step's)
+           timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/cuda \
+                2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
     demo)  for t in 64 4096; do timeout 120 python3 -m moe_backend demo --tokens $t 2>/dev/null | tee -a "$OUT/demo.log" | tail -2; done ;;
     cudatest) MOE_BACKEND_JIT_DEBUG=1 timeout ${CUDA_TEST_TIMEOUT:-150} python3 -m pytest -x -q -p no:cacheprovider \
                 tests/cuda -m gpu 2>&1 | tee "$OUT/cudatest.log" | tail -25 ;;
     cudabench) timeout ${CUDA_BENCH_TIMEOUT:-300} python3 -m benchmarks.bench_cuda_gemm --md "$OUT/cuda_bench.md" ${CUDA_BENCH_ARGS:-} \
                 2>"$OUT/cuda_bench.log" | tail -15 ;;
     maskedtest) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/cuda/test_cuda_masked_gpu.py \
-                tests/gpu/test_kernels_gpu.py -k "masked or tma" 2>&1 | tee "$OUT/maskedtest.log" | tail -8 ;;
+                tests/kernels/test_kernels_gpu.py -k "masked or tma" 2>&1 | tee "$OUT/maskedtest.log" | tail -8 ;;
     walktest) # the grouped GEMMs' walks over the rows present: Triton (both layouts) and the CUDA masked kernel
-           timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py \
+           timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_kernels_gpu.py \
                 tests/cuda/test_cuda_masked_gpu.py 2>&1 | tee "$OUT/walktest.log" | tail -15 ;;
     sweep) DG_JIT_DEBUG=1 DG_PRINT_CONFIGS=1 timeout ${SWEEP_TIMEOUT:-420} python3 -m benchmarks.sweep_decode_cells \
                 --log "$OUT/sweep.log" ${SWEEP_ARGS:-} > "$OUT/sweep.out" 2>&1
            grep -E "^(==|  (triton|cuda)|\|)" "$OUT/sweep.out" | tail -40 ;;
-    test)  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q tests/gpu/test_kernels_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
+    test)  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q tests/kernels/test_kernels_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
     tune*) # tune, or tune1/tune2: extra arguments from TUNE_ARGS, TUNE1_ARGS, TUNE2_ARGS
            var="$(echo "$step" | tr a-z A-Z)_ARGS"
            timeout ${TUNE_TIMEOUT:-400} python3 -c "import sys; from moe_backend.tune import main; raise SystemExit(main(['--out-dir', '$OUT', '--log', '$OUT/$step.log'] + sys.argv[1:]))" ${!var:-} 2>"/tmp/$step.progress" | tail -5
@@ -53,12 +54,12 @@ for step in "$@"; do
                 --md "$OUT/benchmarks.layer.md" --log "$OUT/layer.log" ${LAYER_ARGS:-} 2>&1 | tee "$OUT/layer.out" | tail -45 ;;
     properties) MOE_BACKEND_HYPOTHESIS_PROFILE=gpu timeout ${PROPERTIES_TIMEOUT:-200} python3 -m pytest -q -s -p no:cacheprovider \
                 tests/test_properties.py 2>&1 | tee "$OUT/properties_gpu.log" | grep -E "hypothesis profile|passed|failed|Falsifying" | tail -6 ;;
-    graphtests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_layer_graphs.py \
+    graphtests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/layers/test_layer_graphs.py \
                 2>&1 | tee "$OUT/graphtests.log" | tail -25 ;;
-    layout) timeout ${LAYOUT_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_build_layout_gpu.py \
-                tests/gpu/test_permute_quant_gpu.py tests/kernels/test_build_layout.py 2>&1 | tee "$OUT/layout_tests.log" | tail -15
+    layout) timeout ${LAYOUT_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_build_layout_gpu.py \
+                tests/kernels/test_permute_quant_gpu.py tests/kernels/test_build_layout.py 2>&1 | tee "$OUT/layout_tests.log" | tail -15
             timeout ${LAYOUT_BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_build_layout --md "$OUT/build_layout.md" 2>&1 | tail -20 ;;
-    abtests) timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_shadow_gpu.py 2>&1 \
+    abtests) timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/ab/test_shadow_gpu.py 2>&1 \
                 | tee "$OUT/abtests.log" | tail -8 ;;
     abcompare) mkdir -p "$OUT/compare"; timeout ${COMPARE_TIMEOUT:-300} python3 -m moe_backend compare --slice ep8,tp8 \
                 --out "$OUT/compare" --emit-policy "$OUT/compare/policy.json" --time-budget ${COMPARE_BUDGET:-200} \

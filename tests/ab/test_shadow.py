@@ -8,14 +8,14 @@ import urllib.request
 import pytest
 import torch
 
-prom = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from moe_backend.ab import shadow as ab_shadow
+from moe_backend.ab.backends import register_backend, unregister_backend
+from moe_backend.ab.shadow import Shadow, parse_shadow_spec
+from moe_backend.layers import DeepseekV3MoE
+from moe_backend.testing import random_moe_weights
 
-from moe_backend.ab import shadow as ab_shadow  # noqa: E402
-from moe_backend.ab.backends import register_backend, unregister_backend  # noqa: E402
-from moe_backend.ab.shadow import Shadow, parse_shadow_spec  # noqa: E402
-from moe_backend.layers import DeepseekV3MoE  # noqa: E402
-from moe_backend.testing import random_moe_weights  # noqa: E402
+prom = pytest.importorskip("prometheus_client")
+text_string_to_metric_families = pytest.importorskip("prometheus_client.parser").text_string_to_metric_families
 
 H, I, E = 256, 128, 4
 

@@ -19,7 +19,7 @@ from benchmarks import _peers
 from benchmarks import bench_grouped_gemm as bg
 from moe_backend import testing
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import json, sys

@@ -1,7 +1,7 @@
 """permute_quant (per-token-group FP8 quant fused with the permute) on the GPU, DeepSeek-V3 shapes:
 byte-exact against the unfused kernels (per_token_group_quant, then permute), against the torch
 twin within the GPU's division error, and routed_experts' bf16 path against the pre-quantized one
-and the reference. Run on the device: `pytest -m gpu tests/gpu/test_permute_quant_gpu.py`."""
+and the reference. Run on the device: `pytest -m gpu tests/kernels/test_permute_quant_gpu.py`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DeepseekV3MoE on CPU against the independent naive implementation (tests/naive.py)."""
+"""DeepseekV3MoE on CPU against the independent naive implementation (tests/helpers/naive.py)."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch
 from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.testing import random_moe_weights
-from naive import moe_forward, rel_err
-from tolerances import LAYER_SAME_QUANT, LAYER_UNQUANTIZED
+from tests.helpers.naive import moe_forward, rel_err
+from tests.helpers.tolerances import LAYER_SAME_QUANT, LAYER_UNQUANTIZED
 
 
 def _layer(config, seed=0, **kwargs):

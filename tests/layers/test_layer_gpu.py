@@ -1,5 +1,5 @@
 """The whole layer on the GPU (our kernels through the policy) against the reference path, and the
-decode path under CUDA-graph capture. Run on the device: `pytest -m gpu tests/gpu`."""
+decode path under CUDA-graph capture. Run on the device: `pytest -m gpu tests/layers`."""
 
 import pytest
 import torch

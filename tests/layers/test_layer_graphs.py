@@ -6,14 +6,14 @@ from the counts seen at capture, or a host read of them, fails here. The same ca
 under `torch.cuda.set_sync_debug_mode("error")`, which names the op that synchronizes.
 
 Both DeepSeek-V3 slices at full size: EP8 (32 local experts of 256, I = 2048) and TP8 (256 experts,
-I = 256). Run on the device: `python -m pytest -q tests/gpu/test_layer_graphs.py`."""
+I = 256). Run on the device: `python -m pytest -q tests/layers/test_layer_graphs.py`."""
 
 import pytest
 import torch
 
 from moe_backend import reference
 from moe_backend.experts import routed_experts
-from tolerances import LAYER_SAME_QUANT
+from tests.helpers.tolerances import LAYER_SAME_QUANT
 
 pytestmark = pytest.mark.gpu
 

@@ -13,7 +13,7 @@ from moe_backend import MoEConfig
 from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.testing import random_moe_weights
-from naive import rel_err
+from tests.helpers.naive import rel_err
 
 pytestmark = pytest.mark.gpu
 

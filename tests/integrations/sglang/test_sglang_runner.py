@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import moe_backend_integrations.sglang as plugin
+from moe_backend import reference
+from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from tests.helpers.tolerances import LAYER_SAME_QUANT
+
 pytest.importorskip("sglang")
-
-from moe_backend import reference  # noqa: E402
-from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group  # noqa: E402
-from tolerances import LAYER_SAME_QUANT  # noqa: E402  (tests/tolerances.py, via tests/conftest.py)
-
-import moe_backend_integrations.sglang as plugin  # noqa: E402
 
 HIDDEN, INTER, TOP_K = 256, 256, 2
 ROUTED_SCALING_FACTOR = 2.5
