@@ -26,10 +26,10 @@ import sys
 import torch
 import triton
 
-from moe_backend.testing import interleaved_us, sustained_us
 from moe_backend import reference
 from moe_backend.kernels.grouped_gemm_contiguous import grouped_gemm_contiguous as triton_contiguous
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.testing import interleaved_us, sustained_us
 
 # (slice, gemm, experts, N, K)
 SHAPES = [("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
@@ -142,8 +142,8 @@ def run(rows_list, slices, sustained: bool = False, ceilings: bool = False) -> l
             for name in [n for n in (*providers, *CEILINGS) if n in cell]:
                 print(f"{sl} {gemm} rows={rows} {name}: {cell[name]}", file=sys.stderr, flush=True)
             cells.append(cell)
-            del a, a_s, ids
-        del b, bs
+            a = a_s = ids = None
+        b = bs = None
         torch.cuda.empty_cache()
     return cells
 
@@ -155,7 +155,8 @@ def render(cells: list[dict]) -> str:
              f"do_bench medians (range in brackets), TFLOPS on real rows, rel err vs fp32 reference; "
              f"speedup = DeepGEMM µs / ours µs",
              "",
-             "| slice | gemm | rows/e | ours CUDA µs | TFLOPS | err | Triton µs | DeepGEMM µs | TFLOPS | err | speedup vs DG |",
+             "| slice | gemm | rows/e | ours CUDA µs | TFLOPS | err | Triton µs | DeepGEMM µs | TFLOPS | err "
+             "| speedup vs DG |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(cell, name, key, spec):
@@ -172,7 +173,8 @@ def render(cells: list[dict]) -> str:
         speed = (f"{c['deepgemm']['us'] / c['cuda']['us']:.2f}×"
                  if "us" in c.get("cuda", {}) and "us" in c.get("deepgemm", {}) else "–")
         lines.append(f"| {c['slice']} | {c['gemm']} | {c['rows']} | {f(c, 'cuda', 'us', '.1f')} | "
-                     f"{f(c, 'cuda', 'tflops', '.0f')} | {f(c, 'cuda', 'err', '.1e')} | {f(c, 'triton', 'us', '.1f')} | "
+                     f"{f(c, 'cuda', 'tflops', '.0f')} | {f(c, 'cuda', 'err', '.1e')} | "
+                     f"{f(c, 'triton', 'us', '.1f')} | "
                      f"{f(c, 'deepgemm', 'us', '.1f')} | {f(c, 'deepgemm', 'tflops', '.0f')} | "
                      f"{f(c, 'deepgemm', 'err', '.1e')} | {speed} |")
     if sustained:

@@ -11,7 +11,6 @@ import argparse
 import sys
 
 import torch
-import triton
 
 from moe_backend import reference
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
@@ -42,7 +41,8 @@ def main(argv=None) -> int:
         import deep_gemm as dg
     except ImportError:
         dg = None
-    lines = ["| slice | gemm | rows/e | Triton masked µs | CUDA contig µs | DeepGEMM masked µs | best ours / DG | errs (T, C, DG) |",
+    lines = ["| slice | gemm | rows/e | Triton masked µs | CUDA contig µs | DeepGEMM masked µs | best ours / DG "
+             "| errs (T, C, DG) |",
              "|---|---|---|---|---|---|---|---|"]
     for sl, gemm, e, n, k in SHAPES:
         b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             errs = ", ".join(f"{res[key][1]:.1e}" if key in res else "–" for key in ("T", "C", "DG"))
             lines.append(f"| {sl} | {gemm} | {rows} | {cell('T')} | {cell('C')} | {cell('DG')} | {ratio} | {errs} |")
             print(lines[-1], flush=True)
-        del b, bs
+        b = bs = None
         torch.cuda.empty_cache()
     table = "\n".join(lines) + "\n"
     print(table)

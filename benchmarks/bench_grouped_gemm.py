@@ -126,11 +126,11 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
             res["dg_masked_us"] = bench(fn)
             res["dg_masked_max_m"] = dg_m
             res["dg_masked_err"] = checker.rel([(x, a[x], a_s[x], out_dg[x, :rows]) for x in check_e])
-            del a_dg, s_dg, out_dg
+            a_dg = s_dg = out_dg = None
         except Exception as exc:
             res["dg_masked_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {gemm} {rows}] deepgemm masked: {res['dg_masked_error']}", file=log, flush=True)
-    del a, a_s, out
+    a = a_s = out = None
 
     # ours, contiguous (segments padded to CONTIGUOUS_ALIGNMENT = DeepGEMM's alignment)
     seg = -(-rows // CONTIGUOUS_ALIGNMENT) * CONTIGUOUS_ALIGNMENT
@@ -163,7 +163,7 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
         except Exception as exc:
             res["dg_contig_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {gemm} {rows}] deepgemm contiguous: {res['dg_contig_error']}", file=log, flush=True)
-    del a, a_s, out, ids
+    a = a_s = out = ids = None
 
     # vLLM Triton fused_moe_kernel: fastest of its tuned configs
     if peers.get("vllm") is not None and rows * e % TOPK == 0:
@@ -187,7 +187,7 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
             rows_of = lambda x: moe.a_row_of_slot(moe.slots_of(x))  # noqa: E731
             res["vllm_err"] = checker.rel([(x, a[rows_of(x)], a_s[rows_of(x)], c[moe.slots_of(x)])
                                            for x in check_e])
-        del a, a_s, c
+        a = a_s = c = None
     torch.cuda.empty_cache()
     return res
 
@@ -238,13 +238,15 @@ def render_md(env: dict, ceil: dict, cells: list) -> str:
         "inputs; every output checked against an fp32 dequantized reference (3 experts) in the same run. "
         "Floor = max(FLOPs / FP8 ceiling, bytes / read bandwidth) with bytes = A once + weights of all "
         "experts once + D once. A peer whose output fails the check (rel err > 4e-3) is shown but not "
-        "counted as best peer. DeepGEMM masked runs with max_m = rows rounded up to 64. Ours = the fastest of our Triton "
-        "kernel on both layouts (masked, max_m = rows; contiguous, segments padded to 128) and what the policy runs "
-        "(`moe_backend.ops` with impl=\"best\": decode on the masked layout, our CUDA kernel where it measured faster; "
+        "counted as best peer. DeepGEMM masked runs with max_m = rows rounded up to 64. "
+        "Ours = the fastest of our Triton kernel on both layouts (masked, max_m = rows; contiguous, "
+        "segments padded to 128) and what the policy runs (`moe_backend.ops` with impl=\"best\": "
+        "decode on the masked layout, our CUDA kernel where it measured faster; "
         "prefill on the contiguous layout, our CUDA kernel). Ratio = ours / best peer (lower is better). "
         "Targets: decode (<= 128 rows/expert) <= 1.03x best peer; prefill >= vLLM Triton speed.", "",
-        "| slice | gemm | rows/e | Triton masked µs | Triton contig µs | policy µs (kernel) | vLLM Triton µs | DG masked µs | "
-        "DG contig µs | ours TFLOPS | ours GB/s | % floor | ours/best peer | ours/vLLM | target met | ours rel err |",
+        "| slice | gemm | rows/e | Triton masked µs | Triton contig µs | policy µs (kernel) | vLLM Triton µs | "
+        "DG masked µs | DG contig µs | ours TFLOPS | ours GB/s | % floor | ours/best peer | ours/vLLM | "
+        "target met | ours rel err |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
@@ -393,8 +395,8 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
                        lambda: [(x, a[x, :counts[x]], a_s[x, :counts[x]], out_dg[x, :counts[x]]) for x in check_e])  # noqa: B023
             except Exception as exc:
                 res.setdefault("errors", {})[f"dg_masked@{max_m}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            del out_dg
-        del a, a_s, out
+            out_dg = None
+        a = a_s = out = None
         torch.cuda.empty_cache()
 
     # ours and DeepGEMM, contiguous: segments padded to 128 rows (DeepGEMM's alignment)
@@ -418,7 +420,7 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
                    lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e])
         except Exception as exc:
             res.setdefault("errors", {})["dg_contig"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    del a, a_s, out, ids
+    a = a_s = out = ids = None
 
     # ours, contiguous with the masked config's small tiles: segments padded to BLOCK_M on a static
     # bound of total + E * (BLOCK_M - 1) rows, the rows in use read on the device (num_rows)
@@ -439,8 +441,8 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
                lambda: grouped_gemm_contiguous(a, a_s, b, bs, ids, out, config=cfg, num_rows=num_rows),
                lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
                lambda: bool(torch.isnan(out[pad]).all()) and bool(torch.isfinite(out[~pad]).all()))
-        del a, a_s, out, ids
-    del a_rows, s_rows
+        a = a_s = out = ids = None
+    a_rows = s_rows = None
 
     # vLLM Triton fused_moe_kernel at the same per-expert counts
     if peers.get("vllm") is not None and total % TOPK == 0 and total:
@@ -466,7 +468,7 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
             rows_of = lambda x: moe.a_row_of_slot(moe.slots_of(x))  # noqa: E731
             res["err"]["vllm"] = checker.rel([(x, a[rows_of(x)], a_s[rows_of(x)], c[moe.slots_of(x)])
                                               for x in check_e])
-        del a, a_s, c
+        a = a_s = c = None
     torch.cuda.empty_cache()
     return res
 
@@ -497,8 +499,8 @@ def derive_routed(res: dict) -> dict:
 
 
 def render_routed(cells: list) -> str:
-    head = ("| slice gemm | mean rows | routing (max/mean, idle) | ours masked µs @max_m | ours CUDA masked | ours contig | "
-            "ours contig/BM | vLLM | DG masked @max_m | DG contig | best peer | ours best/peer | "
+    head = ("| slice gemm | mean rows | routing (max/mean, idle) | ours masked µs @max_m | ours CUDA masked "
+            "| ours contig | ours contig/BM | vLLM | DG masked @max_m | DG contig | best peer | ours best/peer | "
             "masked@max/peer | max_m cost (hi/lo) | err | pad |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for c in cells:
@@ -572,7 +574,7 @@ def main_routed(args, env, ceil, peers, log) -> int:
                     if args.json:
                         Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, mode="routed",
                                                                    cells=cells), indent=1))
-            del weights, checker
+            weights = checker = None
             torch.cuda.empty_cache()
     table = render_routed(cells)
     if skipped:
@@ -595,15 +597,16 @@ def main(argv=None) -> int:
     p.add_argument("--slices", default="ep8,tp8")
     p.add_argument("--ep8-rows", default=None, help="rows per expert (routed mode: the mean); default: "
                    f"{ROWS['ep8']} (routed {ROUTED_ROWS['ep8']})")
-    p.add_argument("--tp8-rows", default=None, help=f"as --ep8-rows; default {ROWS['tp8']} (routed {ROUTED_ROWS['tp8']})")
+    p.add_argument("--tp8-rows", default=None,
+                   help=f"as --ep8-rows; default {ROWS['tp8']} (routed {ROUTED_ROWS['tp8']})")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--log", default=None)
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--routings", default=None,
                    help="routed mode: comma-separated `uniform` / `zipf:A` (e.g. " + ",".join(ROUTINGS) + "); "
-                   "each cell gets per-expert counts from `moe_backend.testing.zipf_counts` at mean rows x experts in all, "
-                   "the same for every contender")
+                   "each cell gets per-expert counts from `moe_backend.testing.zipf_counts` at mean rows x "
+                   "experts in all, the same for every contender")
     p.add_argument("--max-m", default=",".join(map(str, MAX_MS)),
                    help="routed mode: masked layouts' max_m (those below a cell's hottest expert are skipped)")
     p.add_argument("--gemms", default="w13,w2", help="routed mode: which GEMMs of each slice")
@@ -668,7 +671,7 @@ def main(argv=None) -> int:
                       f"floor% {d['pct_floor']:.0f} err {d['ours_err']:.1e} [{time.time() - t0:.0f}s]", flush=True)
                 if args.json:
                     Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, cells=cells), indent=1))
-            del weights, checker
+            weights = checker = None
             torch.cuda.empty_cache()
     md = render_md(env, ceil, cells)
     if args.md:

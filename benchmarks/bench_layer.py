@@ -296,7 +296,7 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
     if tokens in args.check_tokens:
         ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids).float()
         cell["relerr"] = _relerr(out, ref)
-    del out
+    out = None
 
     def check_replay(static_out) -> None:  # the graph that is timed computes the same
         if ref is not None:
@@ -309,7 +309,7 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
             torch.cuda.synchronize()
             cell["capture_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {spec} {tokens}] capture failed: {cell['capture_error']}", file=log, flush=True)
-    del ref
+    ref = None
     if "layer_us" not in cell:
         cell["layer_us"], cell["layer_graphed"] = eager_us(fn), False
     cell["eager_wall_us"] = wall_us(fn, args.eager_calls)
@@ -328,8 +328,8 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
         best = _peer_layer.best_two_gemms(times)
         cell["best_peer_us"], cell["best_peer_which"] = best["us"], best["which"]
         cell["dg_contig_us"] = _peer_layer.dg_contig_two_gemms(times)
-        del layer_peers, x_fp8, x_scale
-    del x, topk_w, topk_ids
+        layer_peers = x_fp8 = x_scale = None
+    x = topk_w = topk_ids = None
     torch.cuda.empty_cache()
     cell["derived"] = derive(cell)
     return cell
@@ -451,7 +451,7 @@ def main(argv=None) -> int:
                       f"{_fmt(cell.get('eager_wall_us'), '.0f')}/{_fmt(cell.get('eager_gpu_us'), '.0f')} "
                       f"err {_fmt(layer_relerr(cell), '.1e')} [{time.time() - t0:.0f}s]", flush=True)
                 save()
-        del weights, here
+        weights = here = None
         torch.cuda.empty_cache()
     save()
     if args.md:

@@ -51,7 +51,7 @@ def bench_one(num_local: int, num_tokens: int) -> dict:
     real = layout.src_token >= 0
     equal = torch.equal(uq[real].view(torch.uint8), fq[real].view(torch.uint8)) and torch.equal(us[real], fs[real])
     real_rows = int(real.sum())
-    del uq, us, fq, fs
+    uq = us = fq = fs = None
     unfused_us = time_graph(lambda: unfused(x, layout))
     fused_us = time_graph(lambda: fused(x, layout))
     gb_unfused, gb_fused = moved_gb(num_tokens, layout.num_rows, real_rows)

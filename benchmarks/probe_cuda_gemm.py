@@ -10,10 +10,9 @@ import sys
 
 import torch
 
-from moe_backend.testing import interleaved_us, sustained_us
-
 from moe_backend.cuda import grouped_gemm_contiguous as g
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.testing import interleaved_us, sustained_us
 
 CELLS = {"w13_512": (32, 4096, 7168, 512), "w13_2048": (32, 4096, 7168, 2048), "w13_4096": (32, 4096, 7168, 4096),
          "w2_512": (32, 7168, 2048, 512), "w2_2048": (32, 7168, 2048, 2048), "w2_4096": (32, 7168, 2048, 4096),
@@ -36,7 +35,8 @@ def _ablates(spec, bit):
 
 def parse(v, m, n, k, relax_registers=False):
     """'h' = heuristic; else bn[,pp][,stages][,group_m][,cluster][,share_a][,k_unroll][,bulk_store][,two_acc]
-    [,part_n][,unit_accs][,tma_store][,split_tail], e.g. 128,0,0,8,2,0,2,0,1 or 256,0,0,8,2,0,0,0,1,64 (stages 0 = as many as fit)"""
+    [,part_n][,unit_accs][,tma_store][,split_tail], e.g. 128,0,0,8,2,0,2,0,1 or 256,0,0,8,2,0,0,0,1,64
+    (stages 0 = as many as fit)"""
     base = g.select_config(m, n, 132, k=k)
     if v == "h":
         return base
@@ -120,12 +120,17 @@ def main():
             # "@bits": PHASEMOE_ABLATE (a part left out; wrong results); "@NAME=V": -DPHASEMOE_NAME=V
             v, _, flags = v.partition("@")
             cfg = parse(v, m, n, k, relax_registers=_ablates(flags, 128))
-            fn = lambda cfg=cfg, flags=flags: with_flags(flags, g.grouped_gemm_contiguous, a, a_s, b, bs, ids,
-                                                         out, config=cfg)
+            def fn(cfg=cfg, flags=flags):
+                return with_flags(flags, g.grouped_gemm_contiguous, a, a_s, b, bs, ids, out, config=cfg)
+
             if mode == "ncu":
-                fn(); fn(); torch.cuda.synchronize()
+                fn()
+                fn()
+                torch.cuda.synchronize()
                 continue
-            out.zero_(); fn(); torch.cuda.synchronize()
+            out.zero_()
+            fn()
+            torch.cuda.synchronize()
             if ref is None:
                 ref = out.clone()
             err = float((out.float() - ref.float()).norm() / ref.float().norm())
@@ -139,7 +144,7 @@ def main():
         for name, t in interleaved_us(fns).items():  # rounds A B C A B C: drift hits all alike
             print(f"{c:9s} {name:90s} {t['us']:8.1f} us [{t['lo']:.0f}-{t['hi']:.0f}] "
                   f"{flops / t['us'] / 1e6:6.0f} TF", flush=True)
-        del a, a_s, b, bs, ids, out, ref
+        a = a_s = b = bs = ids = out = ref = None
         torch.cuda.empty_cache()
 
 

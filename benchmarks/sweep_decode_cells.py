@@ -105,8 +105,8 @@ def main(argv=None) -> int:
             if best:
                 summary.append(f"| {sl} | {gemm} | {rows} | {dg_us:.1f} | {best[0]:.1f} ({best[1]}) | "
                                f"{best[0] / dg_us:.3f} | {best[3]:.1e} |")
-            del a, a_s, out
-        del b, bs
+            a = a_s = out = None
+        b = bs = None
         torch.cuda.empty_cache()
     print("\n| slice | gemm | rows/e | DeepGEMM µs | best ours µs | ours / DG | err |\n|---|---|---|---|---|---|---|")
     print("\n".join(summary))

@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
-from tests.helpers.cache_sizes import cache_sizes
 from moe_backend import MoEConfig
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.testing import random_moe_weights
+from tests.helpers.cache_sizes import cache_sizes
 
 CALLS = 10_000
 # Token counts cycled through: decode sizes, odd sizes, and prefill sizes past decode_max_tokens.

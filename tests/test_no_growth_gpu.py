@@ -11,13 +11,13 @@ import gc
 import pytest
 import torch
 
-from tests.helpers.cache_sizes import cache_sizes, triton_kernel_variants
 from moe_backend import MoEConfig
 from moe_backend.dispatch import Policy
 from moe_backend.experts import routed_experts
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.testing import random_moe_weights
+from tests.helpers.cache_sizes import cache_sizes, triton_kernel_variants
 
 pytestmark = pytest.mark.gpu
 

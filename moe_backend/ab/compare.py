@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_backend.ab.backends import Backend, backend_names, get_backend
-from moe_backend.ab.divergence import as_floats, divergence
+from moe_backend.ab.divergence import as_floats, cell_tolerance, divergence
 from moe_backend.ab.measure import measure_ceilings, moe_work, time_us
 from moe_backend.ab.routing import RoutingSpec, make_routing, parse_routing
-from moe_backend.ab.divergence import cell_tolerance
 from moe_backend.ab.slices import SliceSpec, checkpoint_slice_weights, parse_slices, random_slice_weights
 
 __all__ = ["CompareSettings", "run_compare", "add_compare_parser", "cmd_compare", "LAYER_TOLERANCE"]

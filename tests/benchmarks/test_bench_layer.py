@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from benchmarks import _peer_layer, bench_layer
-from moe_backend import testing
-from moe_backend import reference
-from moe_backend.quant import (dequantize_fp8_blockwise, dequantize_fp8_per_token_group, quantize_fp8_blockwise,
-                               quantize_fp8_per_token_group)
+from moe_backend import reference, testing
+from moe_backend.quant import (
+    dequantize_fp8_blockwise,
+    dequantize_fp8_per_token_group,
+    quantize_fp8_blockwise,
+    quantize_fp8_per_token_group,
+)
 
 ROUTINGS = [(0.0, 0), (1.2, 1), (0.6, 2)]  # (Zipf exponent, seed): uniform and hot experts
 # The same fp32 products summed in another order (GEMMs of other row counts): a few bf16 roundings

@@ -22,8 +22,13 @@ from moe_backend.kernels.per_token_group_quant import per_token_group_quant
 from moe_backend.kernels.permute_quant import permute_quant
 from moe_backend.kernels.silu_mul_quant import silu_mul_quant
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
-from tests.helpers.layout_checks import (LAYOUT_CASES, assert_same_layout, check_contiguous_layout,
-                                         check_masked_layout, make_topk_ids)
+from tests.helpers.layout_checks import (
+    LAYOUT_CASES,
+    assert_same_layout,
+    check_contiguous_layout,
+    check_masked_layout,
+    make_topk_ids,
+)
 from tests.helpers.quant_extremes import SUBNORMAL_ROW, check_no_overflow, extreme_rows, gate_up_pairs
 
 GEMM_RTOL = 2e-3  # vs the fp32 dequantized reference (design.md)

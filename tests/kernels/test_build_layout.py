@@ -9,11 +9,16 @@ import importlib.util
 
 import pytest
 import torch
-from tests.helpers.layout_checks import (LAYOUT_CASES, assert_same_layout, check_contiguous_layout, check_masked_layout,
-                           make_topk_ids)
 
 from moe_backend import ops, reference
 from moe_backend.dispatch import layouts
+from tests.helpers.layout_checks import (
+    LAYOUT_CASES,
+    assert_same_layout,
+    check_contiguous_layout,
+    check_masked_layout,
+    make_topk_ids,
+)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers.layout_checks import assert_same_layout, check_contiguous_layout, check_masked_layout
 
 from moe_backend import ops, reference
 from moe_backend.dispatch import layouts
 from moe_backend.kernels import build_layout
+from tests.helpers.layout_checks import assert_same_layout, check_contiguous_layout, check_masked_layout
 
 pytestmark = pytest.mark.gpu
 

@@ -19,8 +19,13 @@ TOL = {"gemm": 2e-3, "combine": 1e-5, "dequant": 1e-6}
 
 
 def _kernels():
-    from moe_backend.kernels import combine, grouped_gemm_contiguous, grouped_gemm_masked
-    from moe_backend.kernels import per_token_group_quant, silu_mul_quant
+    from moe_backend.kernels import (
+        combine,
+        grouped_gemm_contiguous,
+        grouped_gemm_masked,
+        per_token_group_quant,
+        silu_mul_quant,
+    )
     return combine, grouped_gemm_contiguous, grouped_gemm_masked, per_token_group_quant, silu_mul_quant
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
-
 import torch
 
 from moe_backend import reference

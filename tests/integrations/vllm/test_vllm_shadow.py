@@ -5,7 +5,6 @@ Runs in the vLLM venv; skipped where vLLM is not installed."""
 from __future__ import annotations
 
 import pytest
-
 import torch
 
 from moe_backend.ab import shadow as ab_shadow
