@@ -12,7 +12,6 @@ import importlib.util
 import sys
 
 from moe_backend._cli import add_subcommand, int_range, new_parser
-
 from moe_backend.ab.cli import add_ab_parsers
 
 

@@ -16,8 +16,14 @@ from typing import Iterator
 import torch
 
 from moe_backend import ops
-from moe_backend._checks import (check_bool, check_finite_rows, check_int, check_same_device, check_tensor,
-                                 finite_checks_enabled)
+from moe_backend._checks import (
+    check_bool,
+    check_finite_rows,
+    check_int,
+    check_same_device,
+    check_tensor,
+    finite_checks_enabled,
+)
 from moe_backend.dispatch.plan import GemmPlan, Plan, make_masked_plan, make_plan
 from moe_backend.dispatch.policy import KERNELS, PHASES, KernelChoice, Policy
 from moe_backend.reference import GROUP, check_activations, check_grouped_gemm_weights

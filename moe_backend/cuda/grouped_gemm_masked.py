@@ -14,8 +14,15 @@ from __future__ import annotations
 import torch
 
 from moe_backend._checks import check_same_device, check_tensor
-from moe_backend.cuda.grouped_gemm_contiguous import (BLOCK_M, ContiguousConfig, check_device, check_weights,
-                                                       grouped_gemm_contiguous, launch, max_stages)
+from moe_backend.cuda.grouped_gemm_contiguous import (
+    BLOCK_M,
+    ContiguousConfig,
+    check_device,
+    check_weights,
+    grouped_gemm_contiguous,
+    launch,
+    max_stages,
+)
 from moe_backend.quant import FP8_DTYPE
 
 __all__ = ["grouped_gemm_masked", "supports_max_m", "select_masked_config"]

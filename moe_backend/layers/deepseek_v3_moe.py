@@ -15,8 +15,7 @@ from torch import nn
 
 from moe_backend import experts as experts_path
 from moe_backend import ops
-from moe_backend._checks import (check_finite_rows, check_int, check_output_rows, check_tensor,
-                                 finite_checks_enabled)
+from moe_backend._checks import check_finite_rows, check_int, check_output_rows, check_tensor, finite_checks_enabled
 from moe_backend._progress import progress
 from moe_backend.ab import shadow as ab_shadow
 from moe_backend.config import QUANT_BLOCK, MoEConfig

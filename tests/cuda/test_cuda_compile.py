@@ -5,8 +5,8 @@ checks. No GPU needed; nvcc-dependent tests skip without a toolkit."""
 
 from __future__ import annotations
 
-import dataclasses
 import ctypes
+import dataclasses
 import inspect
 import json
 import os
