@@ -49,8 +49,8 @@ _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 def _random_fp8_weight(rows: int, cols: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
     # Values use about a quarter of the fp8 range; scales vary x0.5..x1.5 per 128x128 block (a
     # uniform scale would hide scale-indexing bugs), sized so activations stay of unit order.
-    w_fp8 = (torch.randn(rows, cols, generator=gen, device=device) * (FP8_MAX / 4)).clamp(-FP8_MAX, FP8_MAX).to(
-        FP8_DTYPE
+    w_fp8 = (
+        (torch.randn(rows, cols, generator=gen, device=device) * (FP8_MAX / 4)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     )
     nb, kb = -(-rows // QUANT_BLOCK), -(-cols // QUANT_BLOCK)
     base = 4.0 / (FP8_MAX * math.sqrt(cols))
