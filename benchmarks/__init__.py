@@ -1,2 +1,1 @@
-"""Benchmarks, run from the repository root as `python -m benchmarks.<name>` (the older scripts
-also run as `python benchmarks/<name>.py`)."""
+"""Benchmarks, run from the repository root as `python -m benchmarks.<name>`."""

@@ -6,7 +6,7 @@ bound (segments padded to `--alignment`) and masked layout (max_m = T). CUDA-gra
 the fused permute_quant of bf16 x [T, 7168] into the static contiguous layout, one program per row
 vs looping programs bounded by the device-side `used_rows` (the tail of the static bound skipped).
 
-    python benchmarks/bench_build_layout.py --md $OUT/build_layout.md
+    python -m benchmarks.bench_build_layout --md $OUT/build_layout.md
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moe_backend import ops  # noqa: E402
-from moe_backend.dispatch import layouts  # noqa: E402
-from moe_backend.kernels import build_layout  # noqa: E402
-from moe_backend.tune import time_graph  # noqa: E402
+from moe_backend import ops
+from moe_backend.dispatch import layouts
+from moe_backend.kernels import build_layout
+from moe_backend.testing import time_graph
 
 GLOBAL_EXPERTS, TOPK, HIDDEN = 256, 8, 7168
 SLICES = {"ep8": (32, 64), "tp8": (256, 0)}  # local experts, first local id

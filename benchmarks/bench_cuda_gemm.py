@@ -2,9 +2,9 @@
 kernel, on the prefill cells of issue 5 (EP8 512/2048/4096 rows per expert, TP8 512), with each
 output checked against the fp32 reference in the same run.
 
-    python benchmarks/bench_cuda_gemm.py [--rows 512,2048,4096] [--md OUT.md] [--sustained] [--ceilings]
+    python -m benchmarks.bench_cuda_gemm [--rows 512,2048,4096] [--md OUT.md] [--sustained] [--ceilings]
 
---sustained also runs ours and DeepGEMM back to back for 2 s each (`_timing.sustained_us`): the
+--sustained also runs ours and DeepGEMM back to back for 2 s each (`moe_backend.testing.sustained_us`): the
 steady state of a long prefill, where the chip sits at its power cap and the SM clock drops.
 
 --ceilings adds NVIDIA's own FP8 GEMMs (cuBLASLt through torch) on the *dense* problem with the
@@ -26,18 +26,18 @@ import sys
 import torch
 import triton
 
-from _timing import interleaved_us, sustained_us  # noqa: E402  (benchmarks/ is the script's directory)
 from moe_backend import reference
 from moe_backend.constants import DEEPSEEK_V3_GEMM_SHAPES
 from moe_backend.kernels.grouped_gemm_contiguous import grouped_gemm_contiguous as triton_contiguous
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.testing import interleaved_us, sustained_us
 
 # (slice, gemm, experts, N, K)
 SHAPES = DEEPSEEK_V3_GEMM_SHAPES
 ALIGN = 128
 
 
-ROUNDS = 3  # contenders timed in interleaved rounds (benchmarks/_timing.py)
+ROUNDS = 3  # contenders timed in interleaved rounds (moe_backend.testing.interleaved_us)
 CHECK_ROWS = 256  # rows of the dense ceilings checked against the fp32 reference
 CEILINGS = ("cublas_block", "cublas_tensor", "cublas_fast")
 
@@ -142,8 +142,8 @@ def run(rows_list, slices, sustained: bool = False, ceilings: bool = False) -> l
             for name in [n for n in (*providers, *CEILINGS) if n in cell]:
                 print(f"{sl} {gemm} rows={rows} {name}: {cell[name]}", file=sys.stderr, flush=True)
             cells.append(cell)
-            del a, a_s, ids
-        del b, bs
+            a = a_s = ids = None
+        b = bs = None
         torch.cuda.empty_cache()
     return cells
 
@@ -155,7 +155,8 @@ def render(cells: list[dict]) -> str:
              f"do_bench medians (range in brackets), TFLOPS on real rows, rel err vs fp32 reference; "
              f"speedup = DeepGEMM µs / ours µs",
              "",
-             "| slice | gemm | rows/e | ours CUDA µs | TFLOPS | err | Triton µs | DeepGEMM µs | TFLOPS | err | speedup vs DG |",
+             "| slice | gemm | rows/e | ours CUDA µs | TFLOPS | err | Triton µs | DeepGEMM µs | TFLOPS | err "
+             "| speedup vs DG |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(cell, name, key, spec):
@@ -172,7 +173,8 @@ def render(cells: list[dict]) -> str:
         speed = (f"{c['deepgemm']['us'] / c['cuda']['us']:.2f}×"
                  if "us" in c.get("cuda", {}) and "us" in c.get("deepgemm", {}) else "–")
         lines.append(f"| {c['slice']} | {c['gemm']} | {c['rows']} | {f(c, 'cuda', 'us', '.1f')} | "
-                     f"{f(c, 'cuda', 'tflops', '.0f')} | {f(c, 'cuda', 'err', '.1e')} | {f(c, 'triton', 'us', '.1f')} | "
+                     f"{f(c, 'cuda', 'tflops', '.0f')} | {f(c, 'cuda', 'err', '.1e')} | "
+                     f"{f(c, 'triton', 'us', '.1f')} | "
                      f"{f(c, 'deepgemm', 'us', '.1f')} | {f(c, 'deepgemm', 'tflops', '.0f')} | "
                      f"{f(c, 'deepgemm', 'err', '.1e')} | {speed} |")
     if sustained:

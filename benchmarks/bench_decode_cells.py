@@ -2,7 +2,7 @@
 Triton masked kernel, our CUDA contiguous kernel (segments of exactly `rows`), DeepGEMM 0.1.5
 masked, side by side, each output checked against the fp32 reference in the same run.
 
-    python benchmarks/bench_decode_cells.py [--rows 64,128] [--md OUT.md]
+    python -m benchmarks.bench_decode_cells [--rows 64,128] [--md OUT.md]
 """
 
 from __future__ import annotations
@@ -11,23 +11,18 @@ import argparse
 import sys
 
 import torch
-import triton
 
 from moe_backend import reference
 from moe_backend.constants import DEEPSEEK_V3_GEMM_SHAPES
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.testing import time_graph
 
 SHAPES = DEEPSEEK_V3_GEMM_SHAPES
 
 
 def graph_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3
+    return time_graph(fn, warmup_ms=25, rep_ms=100)
 
 
 def rel(out_rows, a, a_s, b, bs) -> float:
@@ -46,7 +41,8 @@ def main(argv=None) -> int:
         import deep_gemm as dg
     except ImportError:
         dg = None
-    lines = ["| slice | gemm | rows/e | Triton masked µs | CUDA contig µs | DeepGEMM masked µs | best ours / DG | errs (T, C, DG) |",
+    lines = ["| slice | gemm | rows/e | Triton masked µs | CUDA contig µs | DeepGEMM masked µs | best ours / DG "
+             "| errs (T, C, DG) |",
              "|---|---|---|---|---|---|---|---|"]
     for sl, gemm, e, n, k in SHAPES:
         b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5)
@@ -87,7 +83,7 @@ def main(argv=None) -> int:
             errs = ", ".join(f"{res[key][1]:.1e}" if key in res else "–" for key in ("T", "C", "DG"))
             lines.append(f"| {sl} | {gemm} | {rows} | {cell('T')} | {cell('C')} | {cell('DG')} | {ratio} | {errs} |")
             print(lines[-1], flush=True)
-        del b, bs
+        b = bs = None
         torch.cuda.empty_cache()
     table = "\n".join(lines) + "\n"
     print(table)

@@ -6,17 +6,17 @@ Ours (masked and contiguous layouts) against the peers in the same process: vLLM
 output checked against an fp32 dequantized reference on a few experts in the same run.
 Writes `docs/benchmarks.md` (--md) and a JSON of every number (--json).
 
-    python benchmarks/bench_grouped_gemm.py --json $OUT/bench.json --md docs/benchmarks.md
+    python -m benchmarks.bench_grouped_gemm --json $OUT/bench.json --md docs/benchmarks.md
 
 Routed mode (--routings): each cell is (slice, GEMM, mean rows per expert, routing); the routing
-gives per-expert row counts (uniform, or Zipf-like with exponent A: `benchmarks/_routing.py`),
+gives per-expert row counts (uniform, or Zipf-like with exponent A: `moe_backend.testing.zipf_counts`),
 the same counts for every contender: our masked GEMM on layouts with each --max-m (fixed total
 rows, so the times show what max_m costs), our contiguous GEMM (segments padded to 128, and at
 decode padded to the masked config's BLOCK_M on a static row bound with the rows in use read on
 the device), vLLM's Triton kernel (its launcher fed the same counts) and DeepGEMM masked (at the
 smallest and largest max_m) and contiguous. Rows past each expert's count are checked untouched.
 
-    python benchmarks/bench_grouped_gemm.py --routings uniform,zipf:0.6,zipf:0.9,zipf:1.2 \
+    python -m benchmarks.bench_grouped_gemm --routings uniform,zipf:0.6,zipf:0.9,zipf:1.2 \
         --slices tp8 --tp8-rows 16 --json $OUT/routed.json
 """
 
@@ -33,23 +33,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from moe_backend import ops  # noqa: E402
+from benchmarks import _peers
+from moe_backend import ops, testing
 from moe_backend.constants import DEEPSEEK_V3_GEMM_SHAPES
-from moe_backend.dispatch.plan import gemm_provider  # noqa: E402
-from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous  # noqa: E402
-from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
-from moe_backend.kernels import _gemm_config  # noqa: E402
-from moe_backend.kernels._launch_utils import device_name  # noqa: E402
-from moe_backend.quant import dequantize_fp8_blockwise, dequantize_fp8_per_token_group  # noqa: E402
-from moe_backend.quant import quantize_fp8_per_token_group  # noqa: E402
-from moe_backend.tune import random_weights  # noqa: E402
-
-import _peers  # noqa: E402
-from _timing import measure_ceilings  # noqa: E402
-import _routing  # noqa: E402
+from moe_backend.dispatch.plan import gemm_provider
+from moe_backend.kernels import _gemm_config
+from moe_backend.kernels._launch_utils import device_name
+from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
+from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
+from moe_backend.quant import dequantize_fp8_blockwise, dequantize_fp8_per_token_group, quantize_fp8_per_token_group
+from moe_backend.testing import measure_ceilings, random_fp8_weights, time_graph
 
 SHAPES = {  # slice -> [(gemm, experts, N, K, vLLM JSON's N = intermediate per rank)]
     sl: [(s.gemm, s.experts, s.n, s.k, s.intermediate) for s in DEEPSEEK_V3_GEMM_SHAPES if s.slice == sl]
@@ -68,16 +61,8 @@ DEVICE = "cuda"  # the routed cells' device (a CPU smoke test runs them under th
 
 
 def bench(fn, warmup_ms=10, rep_ms=50) -> float:
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return 1e3 * triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    """CUDA-graph replay, do_bench median, µs (the CPU smoke test swaps this name for one call)."""
+    return time_graph(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
 class RefChecker:
@@ -142,11 +127,11 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
             res["dg_masked_us"] = bench(fn)
             res["dg_masked_max_m"] = dg_m
             res["dg_masked_err"] = checker.rel([(x, a[x], a_s[x], out_dg[x, :rows]) for x in check_e])
-            del a_dg, s_dg, out_dg
+            a_dg = s_dg = out_dg = None
         except Exception as exc:
             res["dg_masked_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {gemm} {rows}] deepgemm masked: {res['dg_masked_error']}", file=log, flush=True)
-    del a, a_s, out
+    a = a_s = out = None
 
     # ours, contiguous (segments padded to CONTIGUOUS_ALIGNMENT = DeepGEMM's alignment)
     seg = -(-rows // CONTIGUOUS_ALIGNMENT) * CONTIGUOUS_ALIGNMENT
@@ -179,7 +164,7 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
         except Exception as exc:
             res["dg_contig_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {gemm} {rows}] deepgemm contiguous: {res['dg_contig_error']}", file=log, flush=True)
-    del a, a_s, out, ids
+    a = a_s = out = ids = None
 
     # vLLM Triton fused_moe_kernel: fastest of its tuned configs
     if peers.get("vllm") is not None and rows * e % TOPK == 0:
@@ -203,7 +188,7 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
             rows_of = lambda x: moe.a_row_of_slot(moe.slots_of(x))  # noqa: E731
             res["vllm_err"] = checker.rel([(x, a[rows_of(x)], a_s[rows_of(x)], c[moe.slots_of(x)])
                                            for x in check_e])
-        del a, a_s, c
+        a = a_s = c = None
     torch.cuda.empty_cache()
     return res
 
@@ -249,18 +234,20 @@ def render_md(env: dict, ceil: dict, cells: list) -> str:
         f"loaded at run time, fastest of its tuned fp8 block configs per cell); date {env['date']}.", "",
         f"Ceilings measured in this run: read {ceil['read_tbs']:.2f} TB/s (sum over 2 GB), D2D copy "
         f"{ceil['copy_tbs']:.2f} TB/s (read+write), FP8 `_scaled_mm` {ceil['fp8_tflops']:.0f} TFLOPS.", "",
-        "Method: `python benchmarks/bench_grouped_gemm.py` (`benchmarks/run_device.sh` on the GPU machine); "
+        "Method: `python -m benchmarks.bench_grouped_gemm` (`benchmarks/run_device.sh` on the GPU machine); "
         "CUDA-graph replay, median of `triton.testing.do_bench` (L2 flushed between reps); random "
         "inputs; every output checked against an fp32 dequantized reference (3 experts) in the same run. "
         "Floor = max(FLOPs / FP8 ceiling, bytes / read bandwidth) with bytes = A once + weights of all "
         "experts once + D once. A peer whose output fails the check (rel err > 4e-3) is shown but not "
-        "counted as best peer. DeepGEMM masked runs with max_m = rows rounded up to 64. Ours = the fastest of our Triton "
-        "kernel on both layouts (masked, max_m = rows; contiguous, segments padded to 128) and what the policy runs "
-        "(`moe_backend.ops` with impl=\"best\": decode on the masked layout, our CUDA kernel where it measured faster; "
+        "counted as best peer. DeepGEMM masked runs with max_m = rows rounded up to 64. "
+        "Ours = the fastest of our Triton kernel on both layouts (masked, max_m = rows; contiguous, "
+        "segments padded to 128) and what the policy runs (`moe_backend.ops` with impl=\"best\": "
+        "decode on the masked layout, our CUDA kernel where it measured faster; "
         "prefill on the contiguous layout, our CUDA kernel). Ratio = ours / best peer (lower is better). "
         "Targets: decode (<= 128 rows/expert) <= 1.03x best peer; prefill >= vLLM Triton speed.", "",
-        "| slice | gemm | rows/e | Triton masked µs | Triton contig µs | policy µs (kernel) | vLLM Triton µs | DG masked µs | "
-        "DG contig µs | ours TFLOPS | ours GB/s | % floor | ours/best peer | ours/vLLM | target met | ours rel err |",
+        "| slice | gemm | rows/e | Triton masked µs | Triton contig µs | policy µs (kernel) | vLLM Triton µs | "
+        "DG masked µs | DG contig µs | ours TFLOPS | ours GB/s | % floor | ours/best peer | ours/vLLM | "
+        "target met | ours rel err |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
@@ -356,7 +343,7 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
     top = int(counts.max())
     res = {"slice": sl, "gemm": gemm, "rows": mean_rows, "routing": routing, "E": e, "N": n, "K": k,
            "total_rows": total, "max_rows": top, "idle": int((counts == 0).sum()),
-           "describe": _routing.describe(counts), "us": {}, "err": {}, "pad_ok": {}}
+           "describe": testing.describe_counts(counts), "us": {}, "err": {}, "pad_ok": {}}
     usable = [m for m in max_ms if m >= top] or [1 << max(6, (top - 1).bit_length())]
     res["max_ms"] = usable
     # Checked experts: the hottest, a median one, the coldest with rows (and an idle one for padding).
@@ -409,8 +396,8 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
                        lambda: [(x, a[x, :counts[x]], a_s[x, :counts[x]], out_dg[x, :counts[x]]) for x in check_e])  # noqa: B023
             except Exception as exc:
                 res.setdefault("errors", {})[f"dg_masked@{max_m}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            del out_dg
-        del a, a_s, out
+            out_dg = None
+        a = a_s = out = None
         torch.cuda.empty_cache()
 
     # ours and DeepGEMM, contiguous: segments padded to 128 rows (DeepGEMM's alignment)
@@ -434,7 +421,7 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
                    lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e])
         except Exception as exc:
             res.setdefault("errors", {})["dg_contig"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    del a, a_s, out, ids
+    a = a_s = out = ids = None
 
     # ours, contiguous with the masked config's small tiles: segments padded to BLOCK_M on a static
     # bound of total + E * (BLOCK_M - 1) rows, the rows in use read on the device (num_rows)
@@ -455,8 +442,8 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
                lambda: grouped_gemm_contiguous(a, a_s, b, bs, ids, out, config=cfg, num_rows=num_rows),
                lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
                lambda: bool(torch.isnan(out[pad]).all()) and bool(torch.isfinite(out[~pad]).all()))
-        del a, a_s, out, ids
-    del a_rows, s_rows
+        a = a_s = out = ids = None
+    a_rows = s_rows = None
 
     # vLLM Triton fused_moe_kernel at the same per-expert counts
     if peers.get("vllm") is not None and total % TOPK == 0 and total:
@@ -482,7 +469,7 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
             rows_of = lambda x: moe.a_row_of_slot(moe.slots_of(x))  # noqa: E731
             res["err"]["vllm"] = checker.rel([(x, a[rows_of(x)], a_s[rows_of(x)], c[moe.slots_of(x)])
                                               for x in check_e])
-        del a, a_s, c
+        a = a_s = c = None
     torch.cuda.empty_cache()
     return res
 
@@ -513,8 +500,8 @@ def derive_routed(res: dict) -> dict:
 
 
 def render_routed(cells: list) -> str:
-    head = ("| slice gemm | mean rows | routing (max/mean, idle) | ours masked µs @max_m | ours CUDA masked | ours contig | "
-            "ours contig/BM | vLLM | DG masked @max_m | DG contig | best peer | ours best/peer | "
+    head = ("| slice gemm | mean rows | routing (max/mean, idle) | ours masked µs @max_m | ours CUDA masked "
+            "| ours contig | ours contig/BM | vLLM | DG masked @max_m | DG contig | best peer | ours best/peer | "
             "masked@max/peer | max_m cost (hi/lo) | err | pad |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for c in cells:
@@ -539,7 +526,7 @@ def main_routed(args, env, ceil, peers, log) -> int:
                "tp8": [int(x) for x in args.tp8_rows.split(",") if x]}
     routings = [r for r in args.routings.split(",") if r]
     for r in routings:
-        _routing.parse_routing(r)  # a bad spec fails before any GPU work
+        testing.parse_routing_exponent(r)  # a bad spec fails before any GPU work
     max_ms = sorted(int(x) for x in args.max_m.split(",") if x)
     gemms = set(args.gemms.split(","))
     cells, skipped = [], []
@@ -552,7 +539,7 @@ def main_routed(args, env, ceil, peers, log) -> int:
             if over():
                 skipped += [f"{sl} {gemm} {r} {x}" for r in rows_by[sl] for x in routings]
                 continue
-            weights = random_weights(e, n, k)
+            weights = random_fp8_weights(e, n, k)
             checker = RefChecker(*weights, experts=())
             if peers.get("dg") is not None:
                 try:
@@ -566,7 +553,7 @@ def main_routed(args, env, ceil, peers, log) -> int:
                     if over():  # the table below still gets printed within the caller's time limit
                         skipped.append(f"{sl} {gemm} {mean_rows} {routing}")
                         continue
-                    counts = _routing.zipf_counts(e, mean_rows * e, _routing.parse_routing(routing), seed=args.seed)
+                    counts = testing.zipf_counts(e, mean_rows * e, testing.parse_routing_exponent(routing), seed=args.seed)
                     # One row per token at most: tokens = rows of all 256 routed experts / top-k.
                     counts = cap_counts(counts, mean_rows * ROUTED_EXPERTS // TOPK)
                     t0 = time.time()
@@ -588,7 +575,7 @@ def main_routed(args, env, ceil, peers, log) -> int:
                     if args.json:
                         Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, mode="routed",
                                                                    cells=cells), indent=1))
-            del weights, checker
+            weights = checker = None
             torch.cuda.empty_cache()
     table = render_routed(cells)
     if skipped:
@@ -611,15 +598,16 @@ def main(argv=None) -> int:
     p.add_argument("--slices", default="ep8,tp8")
     p.add_argument("--ep8-rows", default=None, help="rows per expert (routed mode: the mean); default: "
                    f"{ROWS['ep8']} (routed {ROUTED_ROWS['ep8']})")
-    p.add_argument("--tp8-rows", default=None, help=f"as --ep8-rows; default {ROWS['tp8']} (routed {ROUTED_ROWS['tp8']})")
+    p.add_argument("--tp8-rows", default=None,
+                   help=f"as --ep8-rows; default {ROWS['tp8']} (routed {ROUTED_ROWS['tp8']})")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--log", default=None)
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--routings", default=None,
                    help="routed mode: comma-separated `uniform` / `zipf:A` (e.g. " + ",".join(ROUTINGS) + "); "
-                   "each cell gets per-expert counts from `_routing.zipf_counts` at mean rows x experts in all, "
-                   "the same for every contender")
+                   "each cell gets per-expert counts from `moe_backend.testing.zipf_counts` at mean rows x "
+                   "experts in all, the same for every contender")
     p.add_argument("--max-m", default=",".join(map(str, MAX_MS)),
                    help="routed mode: masked layouts' max_m (those below a cell's hottest expert are skipped)")
     p.add_argument("--gemms", default="w13,w2", help="routed mode: which GEMMs of each slice")
@@ -660,7 +648,7 @@ def main(argv=None) -> int:
     cells = []
     for sl in args.slices.split(","):
         for gemm, e, n, k, inter in SHAPES[sl]:
-            weights = random_weights(e, n, k)
+            weights = random_fp8_weights(e, n, k)
             checker = RefChecker(*weights, experts=(0, e // 2, e - 1))
             if peers.get("dg") is not None:
                 try:
@@ -684,7 +672,7 @@ def main(argv=None) -> int:
                       f"floor% {d['pct_floor']:.0f} err {d['ours_err']:.1e} [{time.time() - t0:.0f}s]", flush=True)
                 if args.json:
                     Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, cells=cells), indent=1))
-            del weights, checker
+            weights = checker = None
             torch.cuda.empty_cache()
     md = render_md(env, ceil, cells)
     if args.md:

@@ -4,7 +4,7 @@ The layer is `moe_backend.experts.routed_experts` (quant -> layout -> GEMM1 -> S
 GEMM2 -> combine) on the DeepSeek-V3 slices of BENCHMARKING.md: EP8 (32 local experts of 256,
 I = 2048; the ids are relabelled so that the local experts are those of the busiest rank, the one
 an EP step waits for) and TP8 (256 experts, I = 256). Routing: top-8 of 256, uniform and Zipf-like
-(`benchmarks/_routing.py`). Decode T (<= 256) is timed as CUDA-graph replay, prefill eagerly;
+(`moe_backend.testing.random_topk`). Decode T (<= 256) is timed as CUDA-graph replay, prefill eagerly;
 median of `triton.testing.do_bench`.
 
 Beside it, at the same per-expert row counts, each peer's two GEMMs on operands laid out for it
@@ -33,8 +33,9 @@ from typing import Callable
 
 import torch
 
-from benchmarks import _peer_layer, _peers, _routing
-from benchmarks._timing import measure_ceilings
+from benchmarks import _peer_layer, _peers
+from moe_backend import testing
+from moe_backend.testing import measure_ceilings, time_graph
 
 SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate per expert
 HIDDEN, GLOBAL_EXPERTS, TOPK, RANKS = 7168, 256, 8, 8
@@ -43,7 +44,7 @@ DECODE_MAX_TOKENS = max(DECODE)
 # Acceptance of issue 21.
 DECODE_RATIO_MAX, DECODE_FLOOR_PCT_MIN, FLOOR_FROM_TOKENS = 1.10, 80.0, 32
 PREFILL_RATIO_MAX, HOST_OVERHEAD_MAX_US = 1.20, 100.0
-# Layer vs reference (tests/tolerances.py LAYER_SAME_QUANT: two bf16 roundings, fp32 order).
+# Layer vs reference (tests/helpers/tolerances.py LAYER_SAME_QUANT: two bf16 roundings, fp32 order).
 LAYER_RELERR_MAX = 1e-2
 MD_HEADING = "## Whole layer vs the peers' two GEMMs at the same routing"
 DEVICE = "cuda"
@@ -223,19 +224,8 @@ def write_section(path: str, section: str) -> None:
 
 def graph_us(fn: Callable[[], object], warmup_ms: int = 10, rep_ms: int = 50,
              on_output: Callable[[object], None] | None = None) -> float:
-    """CUDA-graph replay, do_bench median, µs; `on_output` sees what the first replay wrote."""
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    if on_output is not None:
-        on_output(static_out)
-    return 1e3 * triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    """CUDA-graph replay, do_bench median, µs (the CPU tests swap this name for a stand-in)."""
+    return time_graph(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, on_output=on_output)
 
 
 def eager_us(fn: Callable[[], object]) -> float:
@@ -275,7 +265,7 @@ def gpu_kernel_us(fn: Callable[[], object], calls: int) -> tuple[float, float]:
 
 def cell_routing(sl: str, spec: str, tokens: int, seed: int, ep8_rank: str):
     """(topk_weights f32 `[T, 8]`, topk_ids int32 `[T, 8]` on the GPU, rank shown or None)."""
-    topk_w, topk_ids = _routing.route(tokens, GLOBAL_EXPERTS, TOPK, _routing.parse_routing(spec), seed)
+    topk_w, topk_ids = testing.random_topk(tokens, GLOBAL_EXPERTS, TOPK, testing.parse_routing_exponent(spec), seed)
     rank = None
     if sl == "ep8":
         per = SLICES["ep8"][0]
@@ -291,7 +281,7 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
 
     num_experts, inter = SLICES[sl]
     topk_w, topk_ids, rank = cell_routing(sl, spec, tokens, args.seed, args.ep8_rank)
-    counts = _routing.expert_counts(topk_ids, num_experts)
+    counts = testing.expert_counts(topk_ids, num_experts)
     cell = dict(slice=sl, routing=spec, tokens=tokens, phase=phase_of(tokens), ep8_rank=rank,
                 counts=counts.tolist(), rows_desc=rows_desc(counts))
     cell["floor"] = _peer_layer.layer_floor(counts, tokens, TOPK, HIDDEN, inter, ceil["read_tbs"], ceil["fp8_tflops"])
@@ -307,7 +297,7 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
     if tokens in args.check_tokens:
         ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids).float()
         cell["relerr"] = _relerr(out, ref)
-    del out
+    out = None
 
     def check_replay(static_out) -> None:  # the graph that is timed computes the same
         if ref is not None:
@@ -320,7 +310,7 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
             torch.cuda.synchronize()
             cell["capture_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {spec} {tokens}] capture failed: {cell['capture_error']}", file=log, flush=True)
-    del ref
+    ref = None
     if "layer_us" not in cell:
         cell["layer_us"], cell["layer_graphed"] = eager_us(fn), False
     cell["eager_wall_us"] = wall_us(fn, args.eager_calls)
@@ -339,8 +329,8 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
         best = _peer_layer.best_two_gemms(times)
         cell["best_peer_us"], cell["best_peer_which"] = best["us"], best["which"]
         cell["dg_contig_us"] = _peer_layer.dg_contig_two_gemms(times)
-        del layer_peers, x_fp8, x_scale
-    del x, topk_w, topk_ids
+        layer_peers = x_fp8 = x_scale = None
+    x = topk_w = topk_ids = None
     torch.cuda.empty_cache()
     cell["derived"] = derive(cell)
     return cell
@@ -409,12 +399,12 @@ def main(argv=None) -> int:
         if sl not in SLICES:
             p.error(f"--slices: expected names from {sorted(SLICES)}, got {sl!r}")
     for spec in routings:
-        _routing.parse_routing(spec)
+        testing.parse_routing_exponent(spec)
     if args.ep8_rank != "busiest" and not (args.ep8_rank.isdigit() and int(args.ep8_rank) < RANKS):
         p.error(f"--ep8-rank: expected 'busiest' or 0-{RANKS - 1}, got {args.ep8_rank!r}")
     import triton
 
-    from moe_backend.tune import random_weights
+    from moe_backend.testing import random_fp8_weights
 
     t_start = time.time()
     log = open(args.log, "w") if args.log else sys.stderr
@@ -438,8 +428,8 @@ def main(argv=None) -> int:
 
     for sl in slices:
         num_experts, inter = SLICES[sl]
-        weights = {"w13": random_weights(num_experts, 2 * inter, HIDDEN),
-                   "w2": random_weights(num_experts, HIDDEN, inter)}
+        weights = {"w13": random_fp8_weights(num_experts, 2 * inter, HIDDEN),
+                   "w2": random_fp8_weights(num_experts, HIDDEN, inter)}
         here = slice_peers(peers, sl, weights, log) if peers else {}
         for spec in routings:
             for t in tokens:
@@ -462,7 +452,7 @@ def main(argv=None) -> int:
                       f"{_fmt(cell.get('eager_wall_us'), '.0f')}/{_fmt(cell.get('eager_gpu_us'), '.0f')} "
                       f"err {_fmt(layer_relerr(cell), '.1e')} [{time.time() - t0:.0f}s]", flush=True)
                 save()
-        del weights, here
+        weights = here = None
         torch.cuda.empty_cache()
     save()
     if args.md:

@@ -4,7 +4,7 @@ experts, on the EP8 slice (32 local experts) and the TP8 slice (all 256 local). 
 median of `triton.testing.do_bench` (L2 flushed between reps). Checks the outputs are bit-equal on
 the rows holding a token (the fused kernel leaves padding rows unwritten).
 
-    python benchmarks/bench_permute_quant.py --md $OUT/permute_quant.md
+    python -m benchmarks.bench_permute_quant --md $OUT/permute_quant.md
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moe_backend import ops  # noqa: E402
-from moe_backend.constants import DEEPSEEK_V3_EXPERTS, DEEPSEEK_V3_HIDDEN, DEEPSEEK_V3_TOPK, QUANT_BLOCK  # noqa: E402
-from moe_backend.dispatch.layouts import build_contiguous_layout, permute  # noqa: E402
-from moe_backend.tune import time_graph  # noqa: E402
+from moe_backend import ops
+from moe_backend.constants import DEEPSEEK_V3_EXPERTS, DEEPSEEK_V3_HIDDEN, DEEPSEEK_V3_TOPK, QUANT_BLOCK
+from moe_backend.dispatch.layouts import build_contiguous_layout, permute
+from moe_backend.testing import time_graph
 
 HIDDEN, GLOBAL_EXPERTS, TOPK, GROUP = DEEPSEEK_V3_HIDDEN, DEEPSEEK_V3_EXPERTS, DEEPSEEK_V3_TOPK, QUANT_BLOCK
 SLICES = {"ep8": 32, "tp8": 256}  # local experts, the first at global id 0
@@ -54,7 +52,7 @@ def bench_one(num_local: int, num_tokens: int) -> dict:
     real = layout.src_token >= 0
     equal = torch.equal(uq[real].view(torch.uint8), fq[real].view(torch.uint8)) and torch.equal(us[real], fs[real])
     real_rows = int(real.sum())
-    del uq, us, fq, fs
+    uq = us = fq = fs = None
     unfused_us = time_graph(lambda: unfused(x, layout))
     fused_us = time_graph(lambda: fused(x, layout))
     gb_unfused, gb_fused = moved_gb(num_tokens, layout.num_rows, real_rows)

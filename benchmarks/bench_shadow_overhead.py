@@ -3,7 +3,7 @@ shadow mode off and on at a given rate, in interleaved blocks (off, on, off, on,
 drift lands on both. Prints the overhead as a percentage of layer time per batch size, and
 `PASS`/`FAIL` against the 1% budget of docs/ab-testing.md.
 
-    python benchmarks/bench_shadow_overhead.py [--backend triton] [--rate 0.01] [--tokens 128,4096]
+    python -m benchmarks.bench_shadow_overhead [--backend triton] [--rate 0.01] [--tokens 128,4096]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from moe_backend.ab.backends import get_backend
     from moe_backend.ab.shadow import Shadow
     from moe_backend.layers import DeepseekV3MoE
-    from moe_backend.random_weights import random_moe_weights
+    from moe_backend.testing import random_moe_weights
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", default="triton", help="the shadow backend (default triton; 'deepgemm' when present)")

@@ -1,7 +1,7 @@
 """Where the routed-expert layer's time goes: one torch.profiler trace per (slice, tokens), the
 kernels' device time summed by name, and the host time of one eager call beside it.
 
-    python benchmarks/profile_layer.py --cells ep8:128,tp8:256,ep8:8192
+    python -m benchmarks.profile_layer --cells ep8:128,tp8:256,ep8:8192
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 
 from moe_backend.experts import routed_experts
-from moe_backend.tune import random_weights
+from moe_backend.testing import random_fp8_weights
 
 SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
 HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     weights = {}
     for name in sorted({s for s, _ in cells}):
         e, inter = SLICES[name]
-        weights[name] = (*random_weights(e, 2 * inter, HIDDEN), *random_weights(e, HIDDEN, inter))
+        weights[name] = (*random_fp8_weights(e, 2 * inter, HIDDEN), *random_fp8_weights(e, HIDDEN, inter))
     for slice_name, tokens in cells:
         profile_cell(slice_name, tokens, weights, host_profile=args.host)
     return 0

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from moe_backend import MoEConfig
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
 
 __all__ = ["ARCHS", "tiny_config", "checkpoint_tensors", "bf16_linear_names", "write_tokenizer",
            "make_tiny_checkpoint"]

@@ -13,7 +13,6 @@ import os
 import sys
 
 from moe_backend._cli import add_subcommand, int_range, new_parser
-
 from moe_backend.ab.cli import add_ab_parsers
 
 

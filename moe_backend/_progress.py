@@ -12,6 +12,7 @@ from typing import Iterator
 class _PlainBar:
     def __init__(self, total: int, desc: str, unit: str) -> None:
         self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self.postfix = ""
         self._last = -1.0
         self._start = time.monotonic()
 
@@ -21,7 +22,11 @@ class _PlainBar:
         if pct - self._last >= 10 or self.n == self.total:
             self._last = pct
             print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({pct:.0f}%, "
-                  f"{time.monotonic() - self._start:.1f}s)", file=sys.stderr, flush=True)
+                  f"{time.monotonic() - self._start:.1f}s){', ' + self.postfix if self.postfix else ''}",
+                  file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, s: str) -> None:
+        self.postfix = s
 
 
 @contextmanager
@@ -40,4 +45,7 @@ def progress(total: int, desc: str, unit: str = "it", enabled: bool = True) -> I
 
 class _NullBar:
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
         pass

@@ -183,7 +183,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from moe_backend._progress import progress
     from moe_backend.layers import DeepseekV3MoE
     from moe_backend.layers.router import noaux_tc_route
-    from moe_backend.random_weights import random_moe_weights
+    from moe_backend.testing import random_moe_weights
 
     setup_start = time.perf_counter()
     if args.threads:

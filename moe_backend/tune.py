@@ -12,7 +12,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -71,91 +70,12 @@ def _smem_bytes(bm: int, bn: int, unroll: int, stages: int) -> int:
     return stages * unroll * 128 * (bm + bn)
 
 
-def time_graph(fn, *, warmup_ms: int = 5, rep_ms: int = 30) -> float:
-    """Median µs of one call of `fn`, replayed from a CUDA graph (do_bench flushes L2 between reps)."""
-    import triton
-
-    fn()  # compile / warm outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return 1e3 * triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-
-
-def make_masked_inputs(e: int, m: int, n: int, k: int, weights=None):
-    """Random FP8 operands of the masked layout: every expert holds m rows (max_m = m)."""
-    from moe_backend.quant import quantize_fp8_per_token_group
-
-    b, bs = weights if weights is not None else random_weights(e, n, k)
-    a, a_s = quantize_fp8_per_token_group(torch.randn(e, m, k, device="cuda", dtype=torch.bfloat16))
-    masked_m = torch.full((e,), m, dtype=torch.int32, device="cuda")
-    return a, a_s, b, bs, masked_m
-
-
-def make_contiguous_inputs(e: int, m: int, n: int, k: int, alignment: int, weights=None):
-    from moe_backend.quant import quantize_fp8_per_token_group
-
-    b, bs = weights if weights is not None else random_weights(e, n, k)
-    seg = -(-m // alignment) * alignment
-    ids = torch.full((e, seg), -1, dtype=torch.int32, device="cuda")
-    ids[:, :m] = torch.arange(e, dtype=torch.int32, device="cuda")[:, None]
-    a, a_s = quantize_fp8_per_token_group(torch.randn(e * seg, k, device="cuda", dtype=torch.bfloat16))
-    return a, a_s, b, bs, ids.reshape(-1)
-
-
-def random_weights(e: int, n: int, k: int):
-    """FP8 weights with 128x128 block scales, quantized one expert at a time (fp32 memory)."""
-    from moe_backend.quant import FP8_DTYPE, quantize_fp8_blockwise
-
-    b = torch.empty(e, n, k, dtype=FP8_DTYPE, device="cuda")
-    bs = torch.empty(e, -(-n // 128), k // 128, dtype=torch.float32, device="cuda")
-    for i in range(e):
-        b[i], bs[i] = quantize_fp8_blockwise(torch.randn(n, k, device="cuda") * 0.05)
-    return b, bs
-
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, file=sys.stderr)
-    except ImportError:
-        return _PlainProgress(total, desc)
-
-
-class _PlainProgress:
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n, self.t0 = total, desc, 0, time.time()
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        if self.n == self.total or self.n % max(1, self.total // 20) == 0:
-            print(f"{self.desc}: {self.n}/{self.total} ({time.time() - self.t0:.0f}s)", file=sys.stderr,
-                  flush=True)
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAPES,
-         decode_rows=DECODE_ROWS, prefill_rows=PREFILL_ROWS, out_dir=None, log=None) -> dict:
-    from moe_backend.kernels import _gemm_config
+def _time_candidates(kernels, jobs, bar, log) -> dict:
+    """{kernel: {"N=..,K=..": {m: best config with its µs}}} for each (kernel, shape, m) job."""
     from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
     from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
+    from moe_backend.testing import make_contiguous_inputs, make_masked_inputs, random_fp8_weights, time_graph
 
-    device = torch.cuda.get_device_name()
-    jobs = []
-    for kernel in kernels:
-        rows = decode_rows if kernel == "grouped_gemm_masked" else prefill_rows
-        for shape, m in itertools.product(shapes, rows):
-            if shape[2] * m <= MAX_TOTAL_ROWS or shape[2] <= 32:
-                jobs.append((kernel, shape, m))
-    total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked", k=shape[4])) for kernel, shape, m in jobs)
-    bar = _progress(total, f"tune on {device}")
     tables: dict = {kernel: {} for kernel in kernels}
     weights_cache: dict = {}
     for kernel, (sl, gemm, e, n, k), m in jobs:
@@ -164,19 +84,19 @@ def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAP
         if key not in weights_cache:
             weights_cache.clear()
             torch.cuda.empty_cache()
-            weights_cache[key] = random_weights(e, n, k)
+            weights_cache[key] = random_fp8_weights(e, n, k)
         if masked:
             a, a_s, b, bs, idx = make_masked_inputs(e, m, n, k, weights_cache[key])
             out = torch.empty(e, m, n, dtype=torch.bfloat16, device="cuda")
-            run = lambda cfg: grouped_gemm_masked(a, a_s, b, bs, idx, out, config=cfg)  # noqa: E731
+            gemm_fn = grouped_gemm_masked
         else:
             a, a_s, b, bs, idx = make_contiguous_inputs(e, m, n, k, CONTIGUOUS_ALIGNMENT, weights_cache[key])
             out = torch.empty(a.shape[0], n, dtype=torch.bfloat16, device="cuda")
-            run = lambda cfg: grouped_gemm_contiguous(a, a_s, b, bs, idx, out, config=cfg)  # noqa: E731
+            gemm_fn = grouped_gemm_contiguous
         best = None
         for cfg in candidates(m, masked=masked, k=k):
             try:
-                us = time_graph(lambda: run(cfg))
+                us = time_graph(lambda: gemm_fn(a, a_s, b, bs, idx, out, config=cfg))
             except Exception as exc:  # out of shared memory / registers: not a candidate here
                 us = float("inf")
                 if log:
@@ -189,10 +109,27 @@ def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAP
             bar.update(1)
         bar.set_postfix_str(f"{sl} {gemm} m={m}: {best[0]:.1f}us")
         tables[kernel].setdefault(f"N={n},K={k}", {})[str(m)] = dict(best[1], us=round(best[0], 1))
-        del a, a_s, out
-    bar.close()
+        a = a_s = out = None  # freed before the next job's inputs are drawn
+    return tables
+
+
+def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAPES,
+         decode_rows=DECODE_ROWS, prefill_rows=PREFILL_ROWS, out_dir=None, log=None) -> dict:
     import triton
 
+    from moe_backend._progress import progress
+    from moe_backend.kernels import _gemm_config
+
+    device = torch.cuda.get_device_name()
+    jobs = []
+    for kernel in kernels:
+        rows = decode_rows if kernel == "grouped_gemm_masked" else prefill_rows
+        for shape, m in itertools.product(shapes, rows):
+            if shape[2] * m <= MAX_TOTAL_ROWS or shape[2] <= 32:
+                jobs.append((kernel, shape, m))
+    total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked", k=shape[4])) for kernel, shape, m in jobs)
+    with progress(total, f"tune on {device}", unit="config") as bar:
+        tables = _time_candidates(kernels, jobs, bar, log)
     meta = dict(device=device, torch=torch.__version__, triton=triton.__version__,
                 date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), method="CUDA-graph replay, median")
     out_dir = out_dir or _gemm_config.CONFIG_DIR

@@ -42,6 +42,7 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, moe_backend; print(sorted(m for m in ('triton', 'safetensors', 'vllm', 'sglang') if m in sys.modules))"
+    code = ("import sys, moe_backend; "
+            "print(sorted(m for m in ('triton', 'safetensors', 'vllm', 'sglang') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -92,9 +92,8 @@ def test_provider_trace_restores_what_it_wraps(tiny_config):
 
     from moe_backend import ops, reference
     from moe_backend.demo import _GEMMS, _PROVIDER_MODULES, ProviderTrace
-    from moe_backend.dispatch.policy import Policy
     from moe_backend.layers import DeepseekV3MoE
-    from moe_backend.random_weights import random_moe_weights
+    from moe_backend.testing import random_moe_weights
 
     def originals():
         found = {}

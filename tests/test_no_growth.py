@@ -1,7 +1,7 @@
 """No growth: 10,000 layer calls with varying token counts and phases leave every in-process cache
-(plan/config/JIT memo, policy parse cache; tests/cache_sizes.py lists them) at its warm-up size,
+(plan/config/JIT memo, policy parse cache; tests/helpers/cache_sizes.py lists them) at its warm-up size,
 and leak no Python objects. CPU, a tiny layer; the GPU variant (device memory, CUDA-graph
-replays, Triton specializations) is tests/gpu/test_no_growth_gpu.py."""
+replays, Triton specializations) is tests/test_no_growth_gpu.py."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
-from cache_sizes import cache_sizes
 from moe_backend import MoEConfig
 from moe_backend.layers import DeepseekV3MoE
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
+from tests.helpers.cache_sizes import cache_sizes
 
 CALLS = 10_000
 # Token counts cycled through: decode sizes, odd sizes, and prefill sizes past decode_max_tokens.

@@ -22,19 +22,19 @@ from collections import Counter
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis", reason="pip install 'moe-backend[test]' (hypothesis)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from moe_backend import MoEConfig, reference
+from moe_backend import experts as moe_experts
+from moe_backend.dispatch import Policy, layouts
+from moe_backend.layers import DeepseekV3MoE
+from moe_backend.layers.router import noaux_tc_route
+from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.testing import random_moe_weights
+from tests.helpers.naive import rel_err
+from tests.helpers.tolerances import LAYER_SAME_QUANT_ONE_GROUP, layer_same_quant
 
-from moe_backend import MoEConfig, reference  # noqa: E402
-from moe_backend import experts as moe_experts  # noqa: E402
-from moe_backend.dispatch import Policy, layouts  # noqa: E402
-from moe_backend.layers import DeepseekV3MoE  # noqa: E402
-from moe_backend.layers.router import noaux_tc_route  # noqa: E402
-from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group  # noqa: E402
-from moe_backend.random_weights import random_moe_weights  # noqa: E402
-from naive import rel_err  # noqa: E402
-from tolerances import LAYER_SAME_QUANT_ONE_GROUP, layer_same_quant  # noqa: E402
+hypothesis = pytest.importorskip("hypothesis", reason="pip install 'moe-backend[test]' (hypothesis)")
+st = pytest.importorskip("hypothesis.strategies")
+HealthCheck, given, settings = hypothesis.HealthCheck, hypothesis.given, hypothesis.settings
 
 settings.register_profile("ci", max_examples=25, deadline=20_000, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1,7 +1,7 @@
 """Every public entry point x a bad input -> the error it raises (docs/reliability.md, one row per case).
 
 The table below is the single source: each row is a test, and `test_doc_table_matches` checks the
-doc lists exactly these rows (`python tests/test_reliability.py` prints the doc's table). Each
+doc lists exactly these rows (`python -m tests.test_reliability` prints the doc's table). Each
 error must be a ValueError/TypeError (RuntimeError for calling forward before loading) whose
 message names the argument, field or file (`names`).
 """
@@ -26,7 +26,7 @@ from moe_backend.dispatch import Policy, layouts
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
@@ -427,7 +427,7 @@ def _doc_rows() -> list[tuple[str, str, str]]:
 
 def test_doc_table_matches():
     """docs/reliability.md lists exactly these rows, in this order (regenerate with
-    `python tests/test_reliability.py`)."""
+    `python -m tests.test_reliability`)."""
     assert _doc_rows() == [c.row for c in CASES]
 
 
@@ -576,7 +576,7 @@ def test_scale_cap_is_one_value_everywhere():
     """The torch quantizer, the Triton core and the tests agree on the cap: 2^119, a power of two
     (UE8M0 holds it) whose 448 multiple is finite in fp32 while 2^120's is not."""
     from moe_backend import quant
-    from quant_extremes import SCALE_CEIL
+    from tests.helpers.quant_extremes import SCALE_CEIL
 
     assert quant.SCALE_CEIL == SCALE_CEIL == 2.0 ** 119
     f32_max = torch.finfo(torch.float32).max

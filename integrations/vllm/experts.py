@@ -19,8 +19,8 @@ This module imports vLLM: the plugin imports it only when the oracle asks for ou
 from __future__ import annotations
 
 import torch
-
 import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import (
     FusedMoEConfig,
@@ -36,7 +36,6 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
     kFp8Dynamic128Sym,
     kFp8Static128BlockSym,
 )
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.platforms import current_platform
 
 from moe_backend.constants import QUANT_BLOCK

@@ -19,16 +19,15 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_backend.ab.backends import Backend, backend_names, get_backend
-from moe_backend.ab.divergence import as_floats, divergence
+from moe_backend.ab.divergence import as_floats, cell_tolerance, divergence
 from moe_backend.ab.measure import measure_ceilings, moe_work, time_us
 from moe_backend.ab.routing import RoutingSpec, make_routing, parse_routing
-from moe_backend.ab.divergence import cell_tolerance
 from moe_backend.ab.slices import SliceSpec, checkpoint_slice_weights, parse_slices, random_slice_weights
 
 __all__ = ["CompareSettings", "run_compare", "add_compare_parser", "cmd_compare", "LAYER_TOLERANCE"]
 
 # A layer against the reference may differ by FP8 rounding of intermediate activations and bf16
-# output rounding: the project's tolerance for that is a relative error of 1e-2 (tests/tolerances.py).
+# output rounding: the project's tolerance for that is a relative error of 1e-2 (tests/helpers/tolerances.py).
 LAYER_TOLERANCE = 1e-2
 GPU_TOKENS = (1, 8, 32, 128, 256, 2048, 8192, 16384)
 CPU_TOKENS = (1, 8, 64)

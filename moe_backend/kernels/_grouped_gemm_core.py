@@ -16,8 +16,9 @@ hold rows. Masked: every program loads `masked_m` (one [E] vector, no host round
 an inclusive prefix sum of the per-expert unit counts cdiv(masked_m[e], BLOCK_M) * n_tiles in
 registers; unit u belongs to the first expert whose prefix end exceeds u, found by one max-
 reduction over the E prefix ends (ends and expert indices packed in one integer key, as both
-grow with the index; int32 unless the layout's unit count needs int64). Doing it in every program costs one 1-4 KB L2 read and a scan of a few hundred
-elements; a separate prefix-sum kernel would add a launch and a dependency to every call.
+grow with the index; int32 unless the layout's unit count needs int64). Doing it in every program
+costs one 1-4 KB L2 read and a scan of a few hundred elements; a separate prefix-sum kernel would
+add a launch and a dependency to every call.
 Contiguous: units are the layout's m-tiles x n-tiles (GROUP_M ordering); when the caller gives
 the device-side row count in use (`num_rows`), the walk stops there, so the tail of a layout
 sized for the worst case costs nothing; without it (prefill) the grid is one program per tile,

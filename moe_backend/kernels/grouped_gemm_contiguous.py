@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_backend.kernels import _grouped_gemm_core, _gemm_config
+from moe_backend.kernels import _gemm_config, _grouped_gemm_core
 from moe_backend.kernels._launch_utils import check_kernel_tensor, device_name
 from moe_backend.quant import FP8_DTYPE
 

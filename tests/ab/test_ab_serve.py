@@ -9,8 +9,7 @@ import pytest
 from moe_backend.__main__ import main
 from moe_backend.ab.serve_client import ServerSpec, load_prompts, run_ab, stream_completion
 from moe_backend.ab.serve_report import agreement, first_divergence, server_stats
-
-from openai_stub import StubServer
+from tests.ab.openai_stub import StubServer
 
 PROMPTS = [f"the quick brown fox number {i} jumps over the lazy dog" + (" [flaky]" if i % 3 == 2 else "")
            for i in range(8)] + \

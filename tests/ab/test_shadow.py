@@ -8,23 +8,23 @@ import urllib.request
 import pytest
 import torch
 
+from moe_backend.ab import shadow as ab_shadow
+from moe_backend.ab.backends import register_backend, unregister_backend
+from moe_backend.ab.shadow import Shadow, parse_shadow_spec
+from moe_backend.layers import DeepseekV3MoE
+from moe_backend.testing import random_moe_weights
+
 prom = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+text_string_to_metric_families = pytest.importorskip("prometheus_client.parser").text_string_to_metric_families
 
-from moe_backend.ab import shadow as ab_shadow  # noqa: E402
-from moe_backend.ab.backends import register_backend, unregister_backend  # noqa: E402
-from moe_backend.ab.shadow import Shadow, parse_shadow_spec  # noqa: E402
-from moe_backend.layers import DeepseekV3MoE  # noqa: E402
-from moe_backend.random_weights import random_moe_weights  # noqa: E402
-
-H, I, E = 256, 128, 4
+H, INTER, E = 256, 128, 4
 
 
 @pytest.fixture
 def weights():
     from moe_backend.ab.slices import SliceSpec, random_slice_weights
 
-    return random_slice_weights(SliceSpec("t", H, I, E, E, 2), torch.device("cpu"), seed=0)
+    return random_slice_weights(SliceSpec("t", H, INTER, E, E, 2), torch.device("cpu"), seed=0)
 
 
 def _batch(tokens, seed=0):
@@ -122,7 +122,7 @@ def test_sampling_rate_is_honoured(weights, counting):
 def test_layer_output_bit_identical_and_metrics_over_http(weights, perturbed, tmp_path):
     from moe_backend import MoEConfig
 
-    cfg = MoEConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=8, num_experts_per_tok=2,
+    cfg = MoEConfig(hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=8, num_experts_per_tok=2,
                     n_group=2, topk_group=1)
     registry = prom.CollectorRegistry()
     log = tmp_path / "shadow.jsonl"
@@ -187,7 +187,7 @@ def test_vllm_paths_bit_identical_with_shadow_on(weights, counting, monkeypatch)
         std = torch.full((12, H), float("nan"), dtype=torch.bfloat16)
         apply_standard(std, x_fp8, x_scale, *weights, tw, ids, None, False, Policy())
         batched = torch.full((E, a_fp8.shape[1], H), float("nan"), dtype=torch.bfloat16)
-        workspace = torch.empty(E * a_fp8.shape[1] * 2 * I, dtype=torch.bfloat16)
+        workspace = torch.empty(E * a_fp8.shape[1] * 2 * INTER, dtype=torch.bfloat16)
         apply_batched(batched, a_fp8, a_scale, *weights, layout.masked_m, workspace)
         outs[setting] = (std, batched)
     assert len(counting) == 2  # one standard, one batched shadow run
@@ -239,7 +239,7 @@ def test_layers_are_labelled_in_first_call_order(weights, counting):
 def test_layer_shadow_argument_is_checked_at_construction():
     from moe_backend import MoEConfig
 
-    cfg = MoEConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=8, num_experts_per_tok=2,
+    cfg = MoEConfig(hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=8, num_experts_per_tok=2,
                     n_group=2, topk_group=1)
     with pytest.raises(ValueError, match="shadow: backend: unknown name 'bogus'"):
         DeepseekV3MoE(cfg, shadow="bogus:0.1")

@@ -1,6 +1,7 @@
-"""Tiny-shape kernel checks run under TRITON_INTERPRET=1 (CPU). Run as a script by
-test_kernels_interpret.py in a subprocess, because the variable must be set before Triton and the
-kernel modules are imported; prints one JSON line {case: null | "error text"}."""
+"""Tiny-shape kernel checks run under TRITON_INTERPRET=1 (CPU). Run by test_kernels_interpret.py in a
+subprocess, `TRITON_INTERPRET=1 python -m tests.kernels._interpret_cases [CASE ...]` from the
+repository root, because the variable must be set before Triton and the kernel modules are
+imported; prints one JSON line {case: null | "error text"}."""
 
 from __future__ import annotations
 
@@ -8,28 +9,27 @@ import json
 import os
 import sys
 import traceback
-from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: layout_checks
+import torch
 
-import torch  # noqa: E402
-from layout_checks import (LAYOUT_CASES, assert_same_layout, check_contiguous_layout,  # noqa: E402
-                           check_masked_layout, make_topk_ids)
-
-from moe_backend import reference  # noqa: E402
-from moe_backend.dispatch import layouts  # noqa: E402
-from moe_backend.kernels import build_layout  # noqa: E402
-from moe_backend.kernels.unpermute_combine import unpermute_combine  # noqa: E402
-from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous  # noqa: E402
-from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
-from moe_backend.kernels.per_token_group_quant import per_token_group_quant  # noqa: E402
-from moe_backend.kernels.permute_quant import permute_quant  # noqa: E402
-from moe_backend.kernels.silu_mul_quant import silu_mul_quant  # noqa: E402
-from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
-from quant_extremes import SUBNORMAL_ROW, check_no_overflow, extreme_rows, gate_up_pairs  # noqa: E402
+from moe_backend import reference
+from moe_backend.dispatch import layouts
+from moe_backend.kernels import build_layout
+from moe_backend.kernels.unpermute_combine import unpermute_combine
+from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
+from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
+from moe_backend.kernels.per_token_group_quant import per_token_group_quant
+from moe_backend.kernels.permute_quant import permute_quant
+from moe_backend.kernels.silu_mul_quant import silu_mul_quant
+from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from tests.helpers.layout_checks import (
+    LAYOUT_CASES,
+    assert_same_layout,
+    check_contiguous_layout,
+    check_masked_layout,
+    make_topk_ids,
+)
+from tests.helpers.quant_extremes import SUBNORMAL_ROW, check_no_overflow, extreme_rows, gate_up_pairs
 
 GEMM_RTOL = 2e-3  # vs the fp32 dequantized reference (design.md)
 # The interpreter runs the fp8 dot on CPU through numpy: same values, so the same bound holds.
@@ -486,6 +486,9 @@ def case_combine_kernel_layouts():
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1 (set before Triton is imported): "
+                 "TRITON_INTERPRET=1 python -m tests.kernels._interpret_cases [CASE ...]")
     wanted = sys.argv[1:] or list(CASES)
     results = {}
     for name in wanted:

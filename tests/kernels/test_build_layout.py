@@ -1,7 +1,7 @@
 """The layout builders' front door (`ops.build_contiguous_layout` / `ops.build_masked_layout`): the
 torch twins on CPU, the Triton kernel on CUDA, the same layout either way; the kernel's argument
 checks; silu_mul_quant's row validity through ops. The kernel's layouts run under the interpreter
-(_interpret_cases.py: build_layout*) and on the GPU (tests/gpu/test_build_layout_gpu.py)."""
+(_interpret_cases.py: build_layout*) and on the GPU (tests/kernels/test_build_layout_gpu.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ import importlib.util
 
 import pytest
 import torch
-from layout_checks import (LAYOUT_CASES, assert_same_layout, check_contiguous_layout, check_masked_layout,
-                           make_topk_ids)
 
 from moe_backend import ops, reference
 from moe_backend.dispatch import layouts
+from tests.helpers.layout_checks import (
+    LAYOUT_CASES,
+    assert_same_layout,
+    check_contiguous_layout,
+    check_masked_layout,
+    make_topk_ids,
+)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -148,12 +153,7 @@ def test_plan_formula() -> None:
 @needs_triton
 def test_benchmark_script_imports_and_needs_a_gpu(monkeypatch) -> None:
     """benchmarks/bench_build_layout.py imports on CPU and refuses to run without CUDA (exit 2)."""
-    import importlib.util as util
-    from pathlib import Path
+    from benchmarks import bench_build_layout
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_build_layout.py"
-    spec = util.spec_from_file_location("bench_build_layout", path)
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert module.main(["--tokens", "8"]) == 2
+    assert bench_build_layout.main(["--tokens", "8"]) == 2

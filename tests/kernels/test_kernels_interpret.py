@@ -32,7 +32,7 @@ CASES = ["masked", "masked_swap_ab", "masked_wide_n", "masked_k_unroll", "masked
 def results() -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.run([sys.executable, str(HERE / "_interpret_cases.py"), *CASES], env=env,
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels._interpret_cases", *CASES], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:

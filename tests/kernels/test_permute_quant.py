@@ -1,7 +1,7 @@
 """permute_quant (per-token-group FP8 quant fused with the permute into a layout) on CPU: its torch
 twin, the ops front door, routed_experts' bf16 path, and the kernel's argument checks. The kernel's
 numerics run under the interpreter (_interpret_cases.py: permute_quant*) and on the GPU
-(tests/gpu/test_permute_quant_gpu.py)."""
+(tests/kernels/test_permute_quant_gpu.py)."""
 
 from __future__ import annotations
 

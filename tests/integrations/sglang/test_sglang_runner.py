@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import moe_backend_integrations.sglang as plugin
+from moe_backend import reference
+from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from tests.helpers.tolerances import LAYER_SAME_QUANT
+
 pytest.importorskip("sglang")
-
-from moe_backend import reference  # noqa: E402
-from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group  # noqa: E402
-from tolerances import LAYER_SAME_QUANT  # noqa: E402  (tests/tolerances.py, via tests/conftest.py)
-
-import moe_backend_integrations.sglang as plugin  # noqa: E402
 
 HIDDEN, INTER, TOP_K = 256, 256, 2
 ROUTED_SCALING_FACTOR = 2.5
@@ -368,8 +367,9 @@ def test_fp8_method_unsupported_combinations_raise(moe_flags, monkeypatch, probl
 
 def test_deepep_with_supported_settings_builds(moe_flags, monkeypatch):
     """The control for the DeepEP refusals above: JIT on, fp32 scales -> our runner is built."""
-    from moe_backend_integrations.sglang.core import PhaseMoeRunnerCore
     from sglang.srt.layers import deep_gemm_wrapper
+
+    from moe_backend_integrations.sglang.core import PhaseMoeRunnerCore
 
     moe_flags(runner="phasemoe", a2a="deepep")
     monkeypatch.setattr(deep_gemm_wrapper, "ENABLE_JIT_DEEPGEMM", True)
@@ -450,8 +450,7 @@ def _plans_of(run):
      "triton", "reference", "triton_masked"),
 ])
 def test_every_dispatch_path_runs_the_policy_plan(monkeypatch, policy, standard, normal, low_latency):
-    from sglang.srt.layers.moe.token_dispatcher.deepep import (DeepEPLLDispatchOutput,
-                                                                DeepEPNormalDispatchOutput)
+    from sglang.srt.layers.moe.token_dispatcher.deepep import DeepEPLLDispatchOutput, DeepEPNormalDispatchOutput
 
     monkeypatch.setenv("MOE_BACKEND_POLICY", policy)
     case = Case(5, 4)

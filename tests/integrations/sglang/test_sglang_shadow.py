@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_backend.ab import shadow as ab_shadow
+from moe_backend.quant import quantize_fp8_per_token_group
+from tests.integrations.sglang import test_sglang_runner as base  # its case builders; skips without sglang
+
 pytest.importorskip("sglang")
 prom = pytest.importorskip("prometheus_client")
-
-import test_sglang_runner as base  # noqa: E402  (same folder: the runner tests' builders)
-from moe_backend.ab import shadow as ab_shadow  # noqa: E402
-from moe_backend.quant import quantize_fp8_per_token_group  # noqa: E402
 
 registered = base.registered  # the plugin registration fixture (autouse there, module-scoped)
 CASE = base.Case(33, 5)

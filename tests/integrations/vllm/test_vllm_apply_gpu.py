@@ -10,7 +10,7 @@ import torch
 from moe_backend import reference
 from moe_backend.dispatch import Policy
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
-from tolerances import LAYER_SAME_QUANT
+from tests.helpers.tolerances import LAYER_SAME_QUANT
 
 pytestmark = pytest.mark.gpu
 

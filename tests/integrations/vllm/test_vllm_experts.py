@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
+import torch
+
+from moe_backend import reference
+from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from tests.helpers.tolerances import LAYER_SAME_QUANT
 
 pytest.importorskip("vllm")
-
-import torch  # noqa: E402
-
-from moe_backend import reference  # noqa: E402
-from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group  # noqa: E402
-from tolerances import LAYER_SAME_QUANT  # noqa: E402  (tests/, put on sys.path by tests/conftest.py)
 
 REL_TOL = LAYER_SAME_QUANT  # 1e-2, see the module docstring
 HIDDEN, INTER, TOPK = 256, 256, 2

@@ -5,14 +5,13 @@ Runs in the vLLM venv; skipped where vLLM is not installed."""
 from __future__ import annotations
 
 import pytest
+import torch
+
+from moe_backend.ab import shadow as ab_shadow
+from tests.integrations.vllm.test_vllm_experts import HIDDEN, TOPK, cpu_input_quant, vllm_fp8, vllm_layer  # noqa: F401
 
 pytest.importorskip("vllm")
 prom = pytest.importorskip("prometheus_client")
-
-import torch  # noqa: E402
-
-from moe_backend.ab import shadow as ab_shadow  # noqa: E402
-from test_vllm_experts import HIDDEN, TOPK, cpu_input_quant, vllm_fp8, vllm_layer  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("num_tokens", [5, 300])

@@ -1,4 +1,4 @@
-"""The quantizers' fp32 paths on the GPU at the edges of bf16/fp16/fp32 (tests/quant_extremes.py):
+"""The quantizers' fp32 paths on the GPU at the edges of bf16/fp16/fp32 (tests/helpers/quant_extremes.py):
 no Inf/NaN anywhere, and the torch reference's values except where a subnormal input may be
 flushed to zero. The same checks run on CPU under the Triton interpreter (case_quant_extremes)."""
 
@@ -10,7 +10,7 @@ import torch
 from moe_backend import reference
 from moe_backend.dispatch import layouts
 from moe_backend.quant import quantize_fp8_per_token_group
-from quant_extremes import SUBNORMAL_ROW, check_no_overflow, extreme_rows, gate_up_pairs
+from tests.helpers.quant_extremes import SUBNORMAL_ROW, check_no_overflow, extreme_rows, gate_up_pairs
 
 pytestmark = pytest.mark.gpu
 

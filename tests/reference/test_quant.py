@@ -8,8 +8,8 @@ from moe_backend.quant import (
     quantize_fp8_blockwise,
     quantize_fp8_per_token_group,
 )
-from naive import rel_err
-from tolerances import FP8_ROUND_TRIP
+from tests.helpers.naive import rel_err
+from tests.helpers.tolerances import FP8_ROUND_TRIP
 
 
 @pytest.mark.parametrize("shape", [(1, 128), (5, 384), (3, 7, 256)])

@@ -12,8 +12,8 @@ import torch
 from moe_backend import MoEConfig
 from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
-from moe_backend.random_weights import random_moe_weights
-from naive import rel_err
+from moe_backend.testing import random_moe_weights
+from tests.helpers.naive import rel_err
 
 pytestmark = pytest.mark.gpu
 

@@ -1,7 +1,7 @@
 """permute_quant (per-token-group FP8 quant fused with the permute) on the GPU, DeepSeek-V3 shapes:
 byte-exact against the unfused kernels (per_token_group_quant, then permute), against the torch
 twin within the GPU's division error, and routed_experts' bf16 path against the pre-quantized one
-and the reference. Run on the device: `pytest -m gpu tests/gpu/test_permute_quant_gpu.py`."""
+and the reference. Run on the device: `pytest -m gpu tests/kernels/test_permute_quant_gpu.py`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from moe_backend import ops, reference
 from moe_backend.dispatch import KERNELS, layouts
 from moe_backend.experts import routed_experts
-from moe_backend.tune import random_weights
+from moe_backend.testing import random_fp8_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -97,7 +97,7 @@ def test_permute_quant_cuda_graph() -> None:
 @pytest.fixture(scope="module")
 def ep8_weights():
     inter = 256
-    return (*random_weights(32, 2 * inter, HIDDEN), *random_weights(32, HIDDEN, inter))
+    return (*random_fp8_weights(32, 2 * inter, HIDDEN), *random_fp8_weights(32, HIDDEN, inter))
 
 
 @pytest.mark.parametrize("kernel", ["contiguous", "triton_contiguous", "masked", "triton"])

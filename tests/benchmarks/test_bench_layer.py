@@ -10,10 +10,14 @@ import math
 import pytest
 import torch
 
-from benchmarks import _peer_layer, _routing, bench_layer
-from moe_backend import reference
-from moe_backend.quant import (dequantize_fp8_blockwise, dequantize_fp8_per_token_group, quantize_fp8_blockwise,
-                               quantize_fp8_per_token_group)
+from benchmarks import _peer_layer, bench_layer
+from moe_backend import reference, testing
+from moe_backend.quant import (
+    dequantize_fp8_blockwise,
+    dequantize_fp8_per_token_group,
+    quantize_fp8_blockwise,
+    quantize_fp8_per_token_group,
+)
 
 ROUTINGS = [(0.0, 0), (1.2, 1), (0.6, 2)]  # (Zipf exponent, seed): uniform and hot experts
 # The same fp32 products summed in another order (GEMMs of other row counts): a few bf16 roundings
@@ -26,7 +30,7 @@ def _rel(got, want):
 
 
 def _routed(tokens, num_experts, topk, exponent, seed):
-    return _routing.route(tokens, num_experts, topk, exponent, seed)[1]
+    return testing.random_topk(tokens, num_experts, topk, exponent, seed)[1]
 
 
 @pytest.mark.parametrize("exponent,seed", ROUTINGS)
@@ -34,7 +38,7 @@ def _routed(tokens, num_experts, topk, exponent, seed):
 def test_local_slots_are_the_routing_grouped_by_expert(exponent, seed, expert_start):
     ids = _routed(50, 32, 4, exponent, seed)
     slot, expert = _peer_layer.local_slots(ids, 8, expert_start)
-    counts = _routing.expert_counts(ids, 8, expert_start)
+    counts = testing.expert_counts(ids, 8, expert_start)
     assert torch.equal(torch.bincount(expert, minlength=8), counts)
     assert torch.equal(ids.reshape(-1)[slot].long() - expert_start, expert)
     assert bool((expert[1:] >= expert[:-1]).all())  # grouped by expert
@@ -51,7 +55,7 @@ def test_vllm_alignment_holds_each_experts_slots_padded(exponent, seed, block_m)
     num_slots = tokens * topk
     sorted_ids, block_expert, total = _peer_layer.vllm_alignment(slot, expert, num_experts, num_slots, block_m)
     assert sorted_ids.numel() == total == block_expert.numel() * block_m
-    counts = _routing.expert_counts(ids, num_experts)
+    counts = testing.expert_counts(ids, num_experts)
     blocks = sorted_ids.view(-1, block_m)
     for e in range(num_experts):
         mine = blocks[block_expert == e].reshape(-1)
@@ -68,7 +72,7 @@ def test_contiguous_and_masked_layouts_hold_the_routed_rows(exponent, seed):
     torch.manual_seed(seed)
     ids = _routed(40, 32, 4, exponent, seed)
     slot, expert = _peer_layer.local_slots(ids, num_experts)
-    counts = _routing.expert_counts(ids, num_experts)
+    counts = testing.expert_counts(ids, num_experts)
     a = torch.randn(slot.numel(), k)
     a_fp8, a_s = quantize_fp8_per_token_group(a)
     b_fp8, b_s = quantize_fp8_blockwise(torch.randn(num_experts * n, k).view(num_experts, n, k))
@@ -108,14 +112,14 @@ def test_layer_floor_counts_touched_experts_activations_and_intermediate():
 
 def test_ep8_relabel_keeps_every_count_and_picks_the_busiest_rank():
     ids = _routed(64, 256, 8, 1.2, 3)
-    per_rank = _routing.expert_counts(ids, 256).view(8, 32).sum(1)
+    per_rank = testing.expert_counts(ids, 256).view(8, 32).sum(1)
     assert torch.equal(bench_layer.rank_rows(ids, 32, 8), per_rank)
     rank = int(per_rank.argmax())
     moved = bench_layer.relabel_to_rank(ids, rank, 32, 256)
     assert moved.dtype == ids.dtype
-    assert torch.equal(_routing.expert_counts(moved, 32), _routing.expert_counts(ids, 32, 32 * rank))
-    assert torch.equal(torch.sort(_routing.expert_counts(moved, 256)).values,
-                       torch.sort(_routing.expert_counts(ids, 256)).values)
+    assert torch.equal(testing.expert_counts(moved, 32), testing.expert_counts(ids, 32, 32 * rank))
+    assert torch.equal(torch.sort(testing.expert_counts(moved, 256)).values,
+                       torch.sort(testing.expert_counts(ids, 256)).values)
 
 
 def _cell(phase, tokens, us, best, dgc, floor_us, wall, gpu, relerr=None):
@@ -243,7 +247,7 @@ def test_one_cell_end_to_end_with_emulated_peers(toy_bench, sl, spec, tokens):
     counts = torch.tensor(cell["counts"])
     assert int(counts.sum()) == cell["floor"]["rows"] > 0
     if sl == "ep8":  # the local experts are the busiest rank's
-        _, ids = _routing.route(tokens, 32, 4, _routing.parse_routing(spec), 0)
+        _, ids = testing.random_topk(tokens, 32, 4, testing.parse_routing_exponent(spec), 0)
         assert int(counts.sum()) == int(bench_layer.rank_rows(ids, 4, 8).max())
     for peer in ("vllm", "dg_contig"):
         for gemm in _peer_layer.GEMMS:
@@ -290,13 +294,13 @@ def test_docs_section_from_a_runs_json(toy_bench, tmp_path, capsys):
 def test_main_writes_json_docs_and_the_table_last(toy_bench, monkeypatch, tmp_path, capsys):
     import json
 
-    import moe_backend.tune
+    import moe_backend.testing
 
     def toy_random_weights(e, n, k):
         q = [quantize_fp8_blockwise(torch.randn(n, k) * 0.05) for _ in range(e)]
         return torch.stack([t[0] for t in q]), torch.stack([t[1] for t in q])
 
-    monkeypatch.setattr(moe_backend.tune, "random_weights", toy_random_weights)
+    monkeypatch.setattr(moe_backend.testing, "random_fp8_weights", toy_random_weights)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Toy GPU")
     monkeypatch.setattr(bench_layer, "measure_ceilings", lambda: dict(read_tbs=4.0, copy_tbs=4.0, fp8_tflops=1000.0))
     monkeypatch.setattr(bench_layer, "load_peers", lambda log: (dict(dg=_DeepGemmEmulation()),

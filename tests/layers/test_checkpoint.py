@@ -8,7 +8,7 @@ import torch
 from moe_backend import MoEConfig
 from moe_backend.layers import DeepseekV3MoE
 
-_EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "make_tiny_checkpoint.py")
+_EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "make_tiny_checkpoint.py")
 
 
 def _make_tiny_checkpoint():

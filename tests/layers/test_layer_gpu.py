@@ -1,16 +1,15 @@
 """The whole layer on the GPU (our kernels through the policy) against the reference path, and the
-decode path under CUDA-graph capture. Run on the device: `pytest -m gpu tests/gpu`."""
+decode path under CUDA-graph capture. Run on the device: `pytest -m gpu tests/layers`."""
 
 import pytest
 import torch
 
-from moe_backend import MoEConfig
+from moe_backend import MoEConfig, reference
 from moe_backend.dispatch import Policy
 from moe_backend.experts import routed_experts
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
-from moe_backend import reference
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
 
 pytestmark = pytest.mark.gpu
 

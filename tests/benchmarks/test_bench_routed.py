@@ -15,22 +15,24 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import _peers
+from benchmarks import bench_grouped_gemm as bg
+from moe_backend import testing
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import json, sys
 import torch
-sys.path.insert(0, "benchmarks")
-import bench_grouped_gemm as bg
-import _routing
+from benchmarks import bench_grouped_gemm as bg
+from moe_backend import testing
 from moe_backend.quant import quantize_fp8_blockwise
 
 bg.DEVICE = "cpu"
 bg.bench = lambda fn: (fn(), 1.0)[1]  # one call, no timing on CPU
 e, n, k = 6, 72, 256
 b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, generator=torch.Generator().manual_seed(0)) * 0.05)
-counts = _routing.zipf_counts(e, 8 * e, 1.2)
+counts = testing.zipf_counts(e, 8 * e, 1.2)
 counts[int(torch.argmin(counts))] = 0  # an idle expert
 counts[int(torch.argmax(counts))] += 8 * e - int(counts.sum())
 
@@ -69,14 +71,13 @@ def test_routed_cell_on_the_interpreter() -> None:
 MAIN_SCRIPT = r"""
 import argparse, json, sys
 import torch
-sys.path.insert(0, "benchmarks")
-import bench_grouped_gemm as bg
+from benchmarks import bench_grouped_gemm as bg
 from moe_backend.quant import quantize_fp8_blockwise
 
 bg.DEVICE = "cpu"
 bg.bench = lambda fn: (fn(), 1.0)[1]
 bg.SHAPES = {"tp8": [("w13", 8, 64, 128, 256), ("w2", 8, 72, 256, 256)]}
-bg.random_weights = lambda e, n, k: quantize_fp8_blockwise(torch.randn(e, n, k) * 0.05)
+bg.random_fp8_weights = lambda e, n, k: quantize_fp8_blockwise(torch.randn(e, n, k) * 0.05)
 out = sys.argv[1]
 args = argparse.Namespace(slices="tp8", tp8_rows="4", ep8_rows="", routings="uniform,zipf:1.2", max_m="16,64",
                           gemms="w2", seed=0, vllm_configs=1, budget_s=0, cuda_masked=False, json=out + ".json",
@@ -108,8 +109,6 @@ def test_vllm_launcher_per_expert_counts(block_m: int, gemm: str) -> None:
     """The id arrays vLLM's kernel reads, built from per-expert counts: each expert's slots in
     BLOCK_M blocks labelled with it, sentinels (= slot count) on the padding, every slot once,
     the grid bound total + E * (BLOCK_M - 1) rows, the padded row count on the device."""
-    import _peers
-
     counts = [0, 37, 1, 0, 90, 16]
     moe = _peers.VllmMoE(None, counts, 8, gemm, device="cpu")
     assert moe.slots == 144 and moe.tokens == 18 and moe.a_rows() == (18 if gemm == "w13" else 144)
@@ -131,10 +130,7 @@ def test_vllm_launcher_per_expert_counts(block_m: int, gemm: str) -> None:
 def test_cap_counts(exponent: float) -> None:
     """One row per token at most: the hot experts are cut to the token count, the total is kept,
     nobody ends above the cap, the order of popularity survives."""
-    import _routing
-    import bench_grouped_gemm as bg
-
-    counts = _routing.zipf_counts(256, 16 * 256, exponent)
+    counts = testing.zipf_counts(256, 16 * 256, exponent)
     capped = bg.cap_counts(counts, 512)
     assert int(capped.sum()) == 16 * 256 and int(capped.max()) <= 512
     assert torch.equal(capped, counts) == (int(counts.max()) <= 512)

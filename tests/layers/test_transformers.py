@@ -5,12 +5,12 @@ import torch
 
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.quant import dequantize_fp8_blockwise
-from moe_backend.random_weights import random_moe_weights
-from naive import rel_err
-from tolerances import LAYER_UNQUANTIZED
+from moe_backend.testing import random_moe_weights
+from tests.helpers.naive import rel_err
+from tests.helpers.tolerances import LAYER_UNQUANTIZED
 
 modeling = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
-from transformers import DeepseekV3Config  # noqa: E402
+DeepseekV3Config = pytest.importorskip("transformers").DeepseekV3Config
 
 
 def test_matches_transformers_deepseek_v3_moe(tiny_config):

@@ -6,7 +6,7 @@ from the counts seen at capture, or a host read of them, fails here. The same ca
 under `torch.cuda.set_sync_debug_mode("error")`, which names the op that synchronizes.
 
 Both DeepSeek-V3 slices at full size: EP8 (32 local experts of 256, I = 2048) and TP8 (256 experts,
-I = 256). Run on the device: `python -m pytest -q tests/gpu/test_layer_graphs.py`."""
+I = 256). Run on the device: `python -m pytest -q tests/layers/test_layer_graphs.py`."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from moe_backend import reference
 from moe_backend import eager_graphs
 from moe_backend.dispatch.plan import token_bucket
 from moe_backend.experts import recorded_plans, routed_experts
-from tolerances import LAYER_SAME_QUANT
+from tests.helpers.tolerances import LAYER_SAME_QUANT
 
 pytestmark = pytest.mark.gpu
 
@@ -51,12 +51,12 @@ def _route(tokens, seed, exponent=0.0, hot=None, nonlocal_only_from=None):
 
 @pytest.fixture(scope="module", params=sorted(SLICES))
 def expert_slice(request):
-    from moe_backend.tune import random_weights
+    from moe_backend.testing import random_fp8_weights
 
     num_experts, inter = SLICES[request.param]
     torch.manual_seed(0)
-    w13 = random_weights(num_experts, 2 * inter, HIDDEN)
-    w2 = random_weights(num_experts, HIDDEN, inter)
+    w13 = random_fp8_weights(num_experts, 2 * inter, HIDDEN)
+    w2 = random_fp8_weights(num_experts, HIDDEN, inter)
     yield request.param, (*w13, *w2)
     del w13, w2
     torch.cuda.empty_cache()

@@ -1,8 +1,8 @@
 """No growth on the GPU: 10,000 eager layer calls with varying token counts, then 10,000 CUDA-graph
 replays of decode batches, leave device memory (allocated and reserved), the in-process caches
-(tests/cache_sizes.py) and the Triton kernels' compiled specializations at their warm-up sizes.
+(tests/helpers/cache_sizes.py) and the Triton kernels' compiled specializations at their warm-up sizes.
 Prints the figures. Run on the device:
-`python -m pytest tests/gpu/test_no_growth_gpu.py -q -s`."""
+`python -m pytest tests/test_no_growth_gpu.py -q -s`."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import gc
 import pytest
 import torch
 
-from cache_sizes import cache_sizes, triton_kernel_variants
 from moe_backend import MoEConfig
 from moe_backend.dispatch import Policy
 from moe_backend.experts import routed_experts
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
+from tests.helpers.cache_sizes import cache_sizes, triton_kernel_variants
 
 pytestmark = pytest.mark.gpu
 

@@ -1,5 +1,5 @@
 """Inputs at the edges of what a float tensor holds, for the quantizers' no-overflow checks
-(tests/kernels/_interpret_cases.py on CPU, tests/gpu/test_quant_extremes_gpu.py on the device)."""
+(tests/kernels/_interpret_cases.py on CPU, tests/kernels/test_quant_extremes_gpu.py on the device)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import torch
 
 from moe_backend import MoEConfig
 from moe_backend.layers import DeepseekV3MoE
-from moe_backend.random_weights import random_moe_weights
+from moe_backend.testing import random_moe_weights
 
 prom = pytest.importorskip("prometheus_client")
 pytestmark = pytest.mark.gpu

@@ -10,8 +10,8 @@ from moe_backend.quant import (
     quantize_fp8_blockwise,
     quantize_fp8_per_token_group,
 )
-from naive import rel_err
-from tolerances import BF16_OUTPUT, REFERENCE_VS_FLOAT64
+from tests.helpers.naive import rel_err
+from tests.helpers.tolerances import BF16_OUTPUT, REFERENCE_VS_FLOAT64
 
 
 def _operands(m, n, k, num_experts, *, shape_a=None, seed=0):

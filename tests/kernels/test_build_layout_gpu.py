@@ -3,17 +3,17 @@ TP8 slices): bit-identical to the torch twins (run on the same GPU) and checked 
 invariants, for decode and prefill batch sizes, uniform and skewed routing, both plans, int32 and
 int64 ids; captured in a CUDA graph and replayed with new routing; the layouts fed to
 permute_quant / silu_mul_quant / combine with padding rows poisoned. Run on the device:
-`pytest -m gpu tests/gpu/test_build_layout_gpu.py`."""
+`pytest -m gpu tests/kernels/test_build_layout_gpu.py`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from layout_checks import assert_same_layout, check_contiguous_layout, check_masked_layout
 
 from moe_backend import ops, reference
 from moe_backend.dispatch import layouts
 from moe_backend.kernels import build_layout
+from tests.helpers.layout_checks import assert_same_layout, check_contiguous_layout, check_masked_layout
 
 pytestmark = pytest.mark.gpu
 
@@ -138,7 +138,7 @@ def test_padding_rows_never_touched_downstream() -> None:
         a, a_s = ops.silu_mul_quant(h, out=poisoned(rows, inter), **validity)
         assert bool((a[~real].view(torch.uint8) == 0x7F).all()) and bool(a_s[~real].isnan().all())
         ra, ras = reference.silu_mul_quant(h, **validity)
-        # The GPU's exp differs from torch's by an ulp (tests/gpu/test_kernels_gpu.py): scales within
+        # The GPU's exp differs from torch's by an ulp (tests/kernels/test_kernels_gpu.py): scales within
         # 1e-6, a rare fp8 value on a rounding boundary the other way.
         assert torch.allclose(a_s[real], ras[real], rtol=1e-6, atol=0)
         assert (a[real].float() != ra[real].float()).float().mean() < 1e-3

@@ -1,13 +1,13 @@
-"""DeepseekV3MoE on CPU against the independent naive implementation (tests/naive.py)."""
+"""DeepseekV3MoE on CPU against the independent naive implementation (tests/helpers/naive.py)."""
 
 import pytest
 import torch
 
 from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
-from moe_backend.random_weights import random_moe_weights
-from naive import moe_forward, rel_err
-from tolerances import LAYER_SAME_QUANT, LAYER_UNQUANTIZED
+from moe_backend.testing import random_moe_weights
+from tests.helpers.naive import moe_forward, rel_err
+from tests.helpers.tolerances import LAYER_SAME_QUANT, LAYER_UNQUANTIZED
 
 
 def _layer(config, seed=0, **kwargs):

@@ -1,0 +1,63 @@
+"""moe_backend.testing on CPU: the input builders' layouts, the routing generators' guarantees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_backend import testing
+from moe_backend.quant import FP8_DTYPE
+
+
+def test_random_fp8_weights_shapes_and_block_scales():
+    b, bs = testing.random_fp8_weights(3, 200, 256, device="cpu")
+    assert b.shape == (3, 200, 256) and b.dtype == FP8_DTYPE
+    assert bs.shape == (3, 2, 2) and bs.dtype == torch.float32 and (bs > 0).all()
+    assert not torch.equal(b[0].float(), b[1].float())  # each expert drawn on its own
+
+
+def test_masked_inputs_every_expert_holds_m_rows():
+    a, a_s, b, bs, masked_m = testing.make_masked_inputs(2, 5, 128, 256, device="cpu")
+    assert a.shape == (2, 5, 256) and a_s.shape == (2, 5, 2) and b.shape == (2, 128, 256)
+    assert masked_m.tolist() == [5, 5] and masked_m.dtype == torch.int32
+
+
+def test_contiguous_inputs_pad_each_segment_with_minus_one():
+    weights = testing.random_fp8_weights(3, 128, 128, device="cpu")
+    a, a_s, b, bs, ids = testing.make_contiguous_inputs(3, 5, 128, 128, 16, weights, device="cpu")
+    assert b is weights[0] and a.shape == (48, 128) and ids.shape == (48,)
+    assert ids.view(3, 16)[:, :5].tolist() == [[0] * 5, [1] * 5, [2] * 5]
+    assert (ids.view(3, 16)[:, 5:] == -1).all()
+
+
+@pytest.mark.parametrize("spec, exponent", [("uniform", 0.0), ("zipf:0", 0.0), ("zipf:1.2", 1.2), ("zipf:4", 4.0)])
+def test_parse_routing_exponent(spec, exponent):
+    assert testing.parse_routing_exponent(spec) == exponent
+
+
+@pytest.mark.parametrize("spec", ["zipf:", "zipf:-1", "zipf:5", "zipf:x", "normal", ""])
+def test_parse_routing_exponent_rejects(spec):
+    with pytest.raises(ValueError, match="uniform"):
+        testing.parse_routing_exponent(spec)
+
+
+@pytest.mark.parametrize("exponent", [0.0, 1.2])
+def test_random_topk_distinct_per_token_and_seeded(exponent):
+    w, ids = testing.random_topk(37, 16, 4, exponent, seed=3)
+    assert ids.shape == (37, 4) and ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert all(len(set(row)) == 4 for row in ids.tolist())
+    assert torch.allclose(w.sum(-1), torch.ones(37))
+    assert torch.equal(ids, testing.random_topk(37, 16, 4, exponent, seed=3)[1])
+    assert testing.random_topk(0, 16, 4, exponent)[1].shape == (0, 4)
+
+
+def test_zipf_skews_and_counts_sum():
+    flat, skewed = testing.zipf_counts(64, 6400, 0.0), testing.zipf_counts(64, 6400, 1.2)
+    assert int(flat.sum()) == int(skewed.sum()) == 6400
+    assert int(flat.max()) - int(flat.min()) <= 1 and int(skewed.max()) > 4 * 100
+    assert testing.describe_counts(torch.tensor([0, 2, 4, 2])) == "max/mean 2.0x, idle 1"
+
+
+def test_expert_counts_of_a_slice():
+    ids = torch.tensor([[0, 5], [5, 7], [-1, 6]])
+    assert testing.expert_counts(ids, 3, expert_start=5).tolist() == [2, 1, 1]
