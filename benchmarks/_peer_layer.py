@@ -21,9 +21,21 @@ import torch
 from benchmarks import _peers
 from moe_backend.constants import QUANT_BLOCK as GROUP
 
-__all__ = ["local_slots", "vllm_alignment", "contiguous_rows", "masked_rows", "layer_floor",
-           "VllmRoutedMoE", "LayerPeers", "PeerTime", "best_two_gemms", "dg_contig_two_gemms",
-           "GEMMS", "PEERS", "PEER_RELERR_MAX"]
+__all__ = [
+    "local_slots",
+    "vllm_alignment",
+    "contiguous_rows",
+    "masked_rows",
+    "layer_floor",
+    "VllmRoutedMoE",
+    "LayerPeers",
+    "PeerTime",
+    "best_two_gemms",
+    "dg_contig_two_gemms",
+    "GEMMS",
+    "PEERS",
+    "PEER_RELERR_MAX",
+]
 
 GEMMS = ("w13", "w2")
 PEERS = ("vllm", "dg_contig", "dg_masked")
@@ -34,8 +46,7 @@ PEER_RELERR_MAX = 4e-3
 DG_MASKED_ROWS = 64
 
 
-def local_slots(topk_ids: torch.Tensor, num_experts: int, expert_start: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def local_slots(topk_ids: torch.Tensor, num_experts: int, expert_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(slot int64 `[R]`, expert int64 `[R]`) on the CPU: the (token, j) pairs routed to experts
     `[expert_start, expert_start + E)`, slot = token * k + j, expert local; grouped by expert, in
     slot order within an expert (the order every layout below keeps)."""
@@ -58,8 +69,9 @@ def _padded_segments(counts: torch.Tensor, multiple: int) -> tuple[torch.Tensor,
     return padded, torch.cumsum(padded, 0) - padded
 
 
-def vllm_alignment(slot: torch.Tensor, expert: torch.Tensor, num_experts: int, num_slots: int,
-                   block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def vllm_alignment(
+    slot: torch.Tensor, expert: torch.Tensor, num_experts: int, num_slots: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """vLLM's token alignment rebuilt on the CPU: (sorted_token_ids int32 `[P]`, expert id per
     block_m block int32 `[P / block_m]`, P). Each expert's slots, padded with `num_slots` (an
     invalid slot the kernel masks) to a multiple of block_m; experts without rows get no block."""
@@ -72,8 +84,7 @@ def vllm_alignment(slot: torch.Tensor, expert: torch.Tensor, num_experts: int, n
     return sorted_ids, block_expert, total
 
 
-def contiguous_rows(expert: torch.Tensor, num_experts: int, alignment: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def contiguous_rows(expert: torch.Tensor, num_experts: int, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepGEMM's contiguous layout: (row of each local row int64 `[R]`, grouped_layout int32 `[M]`:
     the expert of each row, -1 on the padding that rounds each expert's segment up to `alignment`)."""
     counts = torch.bincount(expert, minlength=num_experts)
@@ -84,8 +95,9 @@ def contiguous_rows(expert: torch.Tensor, num_experts: int, alignment: int
     return row, grouped_layout
 
 
-def masked_rows(expert: torch.Tensor, num_experts: int, multiple: int = DG_MASKED_ROWS
-                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def masked_rows(
+    expert: torch.Tensor, num_experts: int, multiple: int = DG_MASKED_ROWS
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The masked layout sized for this batch: (row within its expert int64 `[R]`, masked_m int32
     `[E]`, max_m = the largest count rounded up to `multiple`, at least `multiple`)."""
     counts = torch.bincount(expert, minlength=num_experts)
@@ -94,8 +106,9 @@ def masked_rows(expert: torch.Tensor, num_experts: int, multiple: int = DG_MASKE
     return _rank_in_expert(expert, counts), counts.int(), max_m
 
 
-def layer_floor(counts: torch.Tensor, tokens: int, topk: int, hidden: int, inter: int,
-                read_tbs: float, fp8_tflops: float) -> dict:
+def layer_floor(
+    counts: torch.Tensor, tokens: int, topk: int, hidden: int, inter: int, read_tbs: float, fp8_tflops: float
+) -> dict:
     """The layer's floor for one routing: the bytes that must move once over the read bandwidth,
     or the FLOPs over the FP8 ceiling where that is larger.
 
@@ -115,8 +128,15 @@ def layer_floor(counts: torch.Tensor, tokens: int, topk: int, hidden: int, inter
     flops = 6.0 * rows * hidden * inter
     mem_us = nbytes / (read_tbs * 1e12) * 1e6
     flop_us = flops / (fp8_tflops * 1e12) * 1e6
-    return dict(bytes=nbytes, weight_bytes=weights, flops=flops, touched_experts=touched, rows=rows,
-                us=max(mem_us, flop_us), bound="memory" if mem_us >= flop_us else "compute")
+    return dict(
+        bytes=nbytes,
+        weight_bytes=weights,
+        flops=flops,
+        touched_experts=touched,
+        rows=rows,
+        us=max(mem_us, flop_us),
+        bound="memory" if mem_us >= flop_us else "compute",
+    )
 
 
 class VllmRoutedMoE(_peers.VllmMoE):
@@ -124,8 +144,17 @@ class VllmRoutedMoE(_peers.VllmMoE):
     built from the routed slots (only local experts' slots: the EP rank's share of the work).
     w13: A is x `[T, H]` (top_k = k, C row = slot); w2: A is the intermediate by slot `[T*k, I]`."""
 
-    def __init__(self, kernel, slot: torch.Tensor, expert: torch.Tensor, num_experts: int,
-                 num_slots: int, topk: int, gemm: str, device: torch.device | str = "cuda"):
+    def __init__(
+        self,
+        kernel,
+        slot: torch.Tensor,
+        expert: torch.Tensor,
+        num_experts: int,
+        num_slots: int,
+        topk: int,
+        gemm: str,
+        device: torch.device | str = "cuda",
+    ):
         self.kernel, self.e, self.topk, self.gemm, self.device = kernel, num_experts, topk, gemm, device
         self.slots, self.tokens = num_slots, num_slots // topk
         self.rows = None  # counts vary per expert: see `slot` / `expert`
@@ -149,8 +178,10 @@ class PeerTime:
 
 
 def _config_tag(cfg: dict) -> str:
-    return (f"M{cfg['BLOCK_SIZE_M']} N{cfg['BLOCK_SIZE_N']} K{cfg['BLOCK_SIZE_K']} G{cfg['GROUP_SIZE_M']} "
-            f"w{cfg['num_warps']} s{cfg['num_stages']}")
+    return (
+        f"M{cfg['BLOCK_SIZE_M']} N{cfg['BLOCK_SIZE_N']} K{cfg['BLOCK_SIZE_K']} G{cfg['GROUP_SIZE_M']} "
+        f"w{cfg['num_warps']} s{cfg['num_stages']}"
+    )
 
 
 def _quantized_rows(rows: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +190,9 @@ def _quantized_rows(rows: int, k: int, device: torch.device) -> tuple[torch.Tens
     return quantize_fp8_per_token_group(torch.randn(rows, k, device=device, dtype=torch.bfloat16), GROUP)
 
 
-def _scatter_rows(rows: int, index: torch.Tensor, a_fp8: torch.Tensor, a_scale: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _scatter_rows(
+    rows: int, index: torch.Tensor, a_fp8: torch.Tensor, a_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 `[rows, K]`, f32 scales `[rows, K/128]`) holding `a_fp8[i]` at row `index[i]`; the
     other rows zero with scale 1 (padding the peer masks or never reads)."""
     out = torch.zeros(rows, a_fp8.shape[1], dtype=a_fp8.dtype, device=a_fp8.device)
@@ -177,8 +209,16 @@ class LayerPeers:
     per routed (local) slot; all layouts hold the same rows, so their outputs are checked against
     one fp32 reference on the hottest expert and one other."""
 
-    def __init__(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, topk_ids: torch.Tensor,
-                 weights: dict, peers: dict, log, masked_budget_bytes: float = 16 * 2**30):
+    def __init__(
+        self,
+        x_fp8: torch.Tensor,
+        x_scale: torch.Tensor,
+        topk_ids: torch.Tensor,
+        weights: dict,
+        peers: dict,
+        log,
+        masked_budget_bytes: float = 16 * 2**30,
+    ):
         self.weights, self.peers, self.log = weights, peers, log
         self.num_experts, _, self.hidden = weights["w13"][0].shape
         self.inter = weights["w2"][0].shape[2]
@@ -190,10 +230,12 @@ class LayerPeers:
         self.device = x_fp8.device
         slot_d, token_d = self.slot.to(self.device), (self.slot // self.topk).to(self.device)
         act_fp8, act_scale = _quantized_rows(max(self.rows, 1), self.inter, self.device)
-        act_fp8, act_scale = act_fp8[:self.rows], act_scale[:self.rows]
+        act_fp8, act_scale = act_fp8[: self.rows], act_scale[: self.rows]
         # Operand rows per local row, expert-grouped (the order every layout keeps).
-        self.a_rows = {"w13": (x_fp8.index_select(0, token_d), x_scale.index_select(0, token_d)),
-                       "w2": (act_fp8, act_scale)}
+        self.a_rows = {
+            "w13": (x_fp8.index_select(0, token_d), x_scale.index_select(0, token_d)),
+            "w2": (act_fp8, act_scale),
+        }
         self.x = (x_fp8, x_scale)
         self._slot_d = slot_d
         busy = torch.argsort(self.counts, descending=True)
@@ -210,8 +252,10 @@ class LayerPeers:
             rows = self._expert_rows(e)
             a, a_s = self.a_rows[gemm]
             w, w_s = self.weights[gemm]
-            self._ref[(gemm, e)] = (dequantize_fp8_per_token_group(a[rows], a_s[rows], GROUP)
-                                    @ dequantize_fp8_blockwise(w[e], w_s[e], GROUP).t())
+            self._ref[(gemm, e)] = (
+                dequantize_fp8_per_token_group(a[rows], a_s[rows], GROUP)
+                @ dequantize_fp8_blockwise(w[e], w_s[e], GROUP).t()
+            )
         return self._ref[(gemm, e)]
 
     def _relerr(self, gemm: str, rows_of: Callable[[int], torch.Tensor]) -> float:
@@ -223,7 +267,7 @@ class LayerPeers:
         return math.sqrt(num / max(den, 1e-30))
 
     def _expert_rows(self, e: int) -> slice:
-        return slice(int(self.counts[:e].sum()), int(self.counts[:e + 1].sum()))
+        return slice(int(self.counts[:e].sum()), int(self.counts[: e + 1].sum()))
 
     # -- the peers --------------------------------------------------------------------------------
     def time_all(self, bench: Callable[..., float]) -> dict:
@@ -252,8 +296,16 @@ class LayerPeers:
     def _vllm(self, gemm: str, bench) -> PeerTime:
         w, w_s = self.weights[gemm]
         n = w.shape[1]
-        moe = VllmRoutedMoE(self.peers["vllm"], self.slot, self.expert, self.num_experts,
-                            self.tokens * self.topk, self.topk, gemm, self.device)
+        moe = VllmRoutedMoE(
+            self.peers["vllm"],
+            self.slot,
+            self.expert,
+            self.num_experts,
+            self.tokens * self.topk,
+            self.topk,
+            gemm,
+            self.device,
+        )
         if gemm == "w13":
             a, a_s = self.x
         else:  # the intermediate indexed by slot; rows of other ranks' slots are never read
@@ -279,8 +331,9 @@ class LayerPeers:
         dg = self.peers["dg"]
         w = self.weights[gemm][0]
         n, k = w.shape[1], w.shape[2]
-        row, grouped_layout = contiguous_rows(self.expert, self.num_experts,
-                                              int(dg.get_mk_alignment_for_contiguous_layout()))
+        row, grouped_layout = contiguous_rows(
+            self.expert, self.num_experts, int(dg.get_mk_alignment_for_contiguous_layout())
+        )
         m = grouped_layout.numel()
         row_d = row.to(self.device)
         a, a_s = _scatter_rows(m, row_d, *self.a_rows[gemm])
@@ -314,7 +367,7 @@ class LayerPeers:
         us = bench(fn, 10, 50)
         out.fill_(float("nan"))
         fn()
-        relerr = self._relerr(gemm, lambda x: out[x, :int(self.counts[x])])
+        relerr = self._relerr(gemm, lambda x: out[x, : int(self.counts[x])])
         return PeerTime(us, relerr, f"max_m={max_m} expected_m={expected_m}")
 
 
@@ -323,14 +376,21 @@ def best_two_gemms(times: dict) -> dict:
     entries}, or us None when some GEMM has no passing peer."""
     best = {}
     for gemm in GEMMS:
-        ok = [(t.us, name) for name, per in times.items() for g, t in per.items()
-              if g == gemm and t.us is not None and t.relerr is not None and t.relerr <= PEER_RELERR_MAX]
+        ok = [
+            (t.us, name)
+            for name, per in times.items()
+            for g, t in per.items()
+            if g == gemm and t.us is not None and t.relerr is not None and t.relerr <= PEER_RELERR_MAX
+        ]
         best[gemm] = min(ok) if ok else None
     if any(b is None for b in best.values()):
         return dict(us=None, which="–", **{g: best[g] for g in GEMMS})
     names = [best[g][1] for g in GEMMS]
-    return dict(us=sum(best[g][0] for g in GEMMS), which=names[0] if len(set(names)) == 1 else " + ".join(names),
-                **{g: best[g] for g in GEMMS})
+    return dict(
+        us=sum(best[g][0] for g in GEMMS),
+        which=names[0] if len(set(names)) == 1 else " + ".join(names),
+        **{g: best[g] for g in GEMMS},
+    )
 
 
 def dg_contig_two_gemms(times: dict) -> float | None:

@@ -43,7 +43,7 @@ def load_vllm_kernel():
     for node in ast.parse(src).body:
         if isinstance(node, ast.FunctionDef) and node.name in _JIT_FUNCTIONS:
             start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
-            parts += lines[start:node.end_lineno] + ["", ""]
+            parts += lines[start : node.end_lineno] + ["", ""]
     tmp = Path(tempfile.mkdtemp(prefix="peer_vllm_")) / "vllm_fused_moe_peer.py"
     tmp.write_text("\n".join(parts))
     spec = importlib.util.spec_from_file_location("vllm_fused_moe_peer", tmp)
@@ -52,7 +52,9 @@ def load_vllm_kernel():
     return module.fused_moe_kernel, str(path)
 
 
-def vllm_configs(num_experts: int, intermediate: int, near_m: int | None = None, limit: int | None = None) -> list[dict]:
+def vllm_configs(
+    num_experts: int, intermediate: int, near_m: int | None = None, limit: int | None = None
+) -> list[dict]:
     """Every distinct config of vLLM's tuned fp8 block JSON for this E and N (the strongest Triton
     peer is the fastest of them per cell, as in BENCHMARKING.md). With `near_m` (tokens of the
     batch): ordered by how close their batch-size key lies to it (log scale), so `limit` keeps
@@ -64,7 +66,9 @@ def vllm_configs(num_experts: int, intermediate: int, near_m: int | None = None,
     if not files:
         spec = importlib.util.find_spec("vllm")
         if spec and spec.origin:
-            files = sorted(glob.glob(str(Path(spec.origin).parent / "model_executor/layers/fused_moe/configs" / pattern)))
+            files = sorted(
+                glob.glob(str(Path(spec.origin).parent / "model_executor/layers/fused_moe/configs" / pattern))
+            )
     distance: dict = {}
     configs: dict = {}
     for f in files:
@@ -98,7 +102,7 @@ class VllmMoE:
         perm = torch.randperm(self.slots, generator=torch.Generator().manual_seed(seed))
         self._slots_of, start = [], 0
         for c in self.counts:
-            self._slots_of.append(perm[start:start + c].sort().values.to(device))
+            self._slots_of.append(perm[start : start + c].sort().values.to(device))
             start += c
         self._align: dict = {}
 
@@ -120,8 +124,8 @@ class VllmMoE:
             row = 0
             for e, slots in enumerate(self._slots_of):
                 padded = -(-slots.numel() // block_m) * block_m
-                ids[row:row + slots.numel()] = slots.int()
-                expert_ids[row // block_m:(row + padded) // block_m] = e
+                ids[row : row + slots.numel()] = slots.int()
+                expert_ids[row // block_m : (row + padded) // block_m] = e
                 row += padded
             post = torch.tensor([row], dtype=torch.int32, device=self.device)
             self._align[block_m] = (ids, expert_ids, post)
@@ -140,20 +144,54 @@ class VllmMoE:
         n, k = b.shape[1], b.shape[2]
         grid = (triton.cdiv(em, bm) * triton.cdiv(n, bn),)
         self.kernel[grid](
-            a_ptr=a, b_ptr=b, c_ptr=c, b_bias_ptr=None, a_scale_ptr=a_scale, b_scale_ptr=b_scale,
-            topk_weights_ptr=None, sorted_token_ids_ptr=sorted_ids, expert_ids_ptr=expert_ids,
-            num_tokens_post_padded_ptr=post, N=n, K=k, EM=em, num_valid_tokens=self.slots,
-            stride_am=a.stride(0), stride_ak=a.stride(1), stride_be=b.stride(0), stride_bk=b.stride(2),
-            stride_bn=b.stride(1), stride_cm=c.stride(0), stride_cn=c.stride(1),
-            stride_asm=a_scale.stride(0), stride_ask=a_scale.stride(1), stride_bse=b_scale.stride(0),
-            stride_bsk=b_scale.stride(2), stride_bsn=b_scale.stride(1), stride_bbe=0, stride_bbn=0,
-            group_n=128, group_k=128, naive_block_assignment=False,
-            BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=min(cfg["BLOCK_SIZE_K"], 128),
-            GROUP_SIZE_M=cfg["GROUP_SIZE_M"], SPLIT_K=1, MUL_ROUTED_WEIGHT=False, top_k=top_k,
-            compute_type=tl.bfloat16, use_fp8_w8a8=True, use_int8_w8a8=False, use_int8_w8a16=False,
-            per_channel_quant=False, HAS_BIAS=False,
+            a_ptr=a,
+            b_ptr=b,
+            c_ptr=c,
+            b_bias_ptr=None,
+            a_scale_ptr=a_scale,
+            b_scale_ptr=b_scale,
+            topk_weights_ptr=None,
+            sorted_token_ids_ptr=sorted_ids,
+            expert_ids_ptr=expert_ids,
+            num_tokens_post_padded_ptr=post,
+            N=n,
+            K=k,
+            EM=em,
+            num_valid_tokens=self.slots,
+            stride_am=a.stride(0),
+            stride_ak=a.stride(1),
+            stride_be=b.stride(0),
+            stride_bk=b.stride(2),
+            stride_bn=b.stride(1),
+            stride_cm=c.stride(0),
+            stride_cn=c.stride(1),
+            stride_asm=a_scale.stride(0),
+            stride_ask=a_scale.stride(1),
+            stride_bse=b_scale.stride(0),
+            stride_bsk=b_scale.stride(2),
+            stride_bsn=b_scale.stride(1),
+            stride_bbe=0,
+            stride_bbn=0,
+            group_n=128,
+            group_k=128,
+            naive_block_assignment=False,
+            BLOCK_SIZE_M=bm,
+            BLOCK_SIZE_N=bn,
+            BLOCK_SIZE_K=min(cfg["BLOCK_SIZE_K"], 128),
+            GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
+            SPLIT_K=1,
+            MUL_ROUTED_WEIGHT=False,
+            top_k=top_k,
+            compute_type=tl.bfloat16,
+            use_fp8_w8a8=True,
+            use_int8_w8a8=False,
+            use_int8_w8a16=False,
+            per_channel_quant=False,
+            HAS_BIAS=False,
             SWAP_AB=bool(torch.cuda.get_device_capability() == (9, 0) and bm < 64 and bn >= 64),
-            USE_TD=False, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            USE_TD=False,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
 
 

@@ -48,26 +48,41 @@ def bench_one(num_local: int, start: int, num_tokens: int, alignment: int) -> di
     (q1, s1), (q2, s2) = per_row(), bounded()
     equal = equal and torch.equal(q1[real].view(torch.uint8), q2[real].view(torch.uint8))
     equal = equal and torch.equal(s1[real], s2[real])
-    return dict(tokens=num_tokens, equal=equal, twin_c=time_graph(twin_c), kernel_c=time_graph(kernel_c),
-                twin_m=time_graph(twin_m), kernel_m=time_graph(kernel_m), rows=layout.num_rows,
-                used=int(layout.expert_offsets[-1]), pq_rows=time_graph(per_row), pq_used=time_graph(bounded))
+    return dict(
+        tokens=num_tokens,
+        equal=equal,
+        twin_c=time_graph(twin_c),
+        kernel_c=time_graph(kernel_c),
+        twin_m=time_graph(twin_m),
+        kernel_m=time_graph(kernel_m),
+        rows=layout.num_rows,
+        used=int(layout.expert_offsets[-1]),
+        pq_rows=time_graph(per_row),
+        pq_used=time_graph(bounded),
+    )
 
 
 def table(results: dict, alignment: int) -> str:
     import triton
 
-    lines = [f"## Layout build: torch twins vs Triton builders ({torch.cuda.get_device_name()})", "",
-             f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
-             f"{datetime.date.today().isoformat()}. Top-{TOPK} of {GLOBAL_EXPERTS} uniform; contiguous on the "
-             f"static row bound, segments padded to {alignment}; masked max_m = T. CUDA-graph replay, median µs.", "",
-             "| slice | T | contiguous twin | contiguous kernel | masked twin | masked kernel | rows used / bound | "
-             "permute_quant per row | permute_quant used_rows | bit-equal |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"## Layout build: torch twins vs Triton builders ({torch.cuda.get_device_name()})",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
+        f"{datetime.date.today().isoformat()}. Top-{TOPK} of {GLOBAL_EXPERTS} uniform; contiguous on the "
+        f"static row bound, segments padded to {alignment}; masked max_m = T. CUDA-graph replay, median µs.",
+        "",
+        "| slice | T | contiguous twin | contiguous kernel | masked twin | masked kernel | rows used / bound | "
+        "permute_quant per row | permute_quant used_rows | bit-equal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for name, rows in results.items():
         for r in rows:
-            lines.append(f"| {name} | {r['tokens']} | {r['twin_c']:.1f} | {r['kernel_c']:.1f} | {r['twin_m']:.1f} | "
-                         f"{r['kernel_m']:.1f} | {r['used']} / {r['rows']} | {r['pq_rows']:.1f} | {r['pq_used']:.1f} | "
-                         f"{'yes' if r['equal'] else '**NO**'} |")
+            lines.append(
+                f"| {name} | {r['tokens']} | {r['twin_c']:.1f} | {r['kernel_c']:.1f} | {r['twin_m']:.1f} | "
+                f"{r['kernel_m']:.1f} | {r['used']} / {r['rows']} | {r['pq_rows']:.1f} | {r['pq_used']:.1f} | "
+                f"{'yes' if r['equal'] else '**NO**'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -87,10 +102,13 @@ def main(argv=None) -> int:
         for t in map(int, args.tokens.split(",")):
             r = bench_one(*SLICES[name], t, args.alignment)
             results[name].append(r)
-            print(f"{name} T={t:6d}: contiguous twin {r['twin_c']:7.1f} us, kernel {r['kernel_c']:7.1f} us; masked "
-                  f"twin {r['twin_m']:7.1f} us, kernel {r['kernel_m']:7.1f} us; permute_quant per row "
-                  f"{r['pq_rows']:7.1f} us, used_rows {r['pq_used']:7.1f} us; equal={r['equal']}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{name} T={t:6d}: contiguous twin {r['twin_c']:7.1f} us, kernel {r['kernel_c']:7.1f} us; masked "
+                f"twin {r['twin_m']:7.1f} us, kernel {r['kernel_m']:7.1f} us; permute_quant per row "
+                f"{r['pq_rows']:7.1f} us, used_rows {r['pq_used']:7.1f} us; equal={r['equal']}",
+                file=sys.stderr,
+                flush=True,
+            )
             torch.cuda.empty_cache()
     md = table(results, args.alignment)
     print(md)

@@ -53,19 +53,32 @@ def dense_ceilings(a, a_s, b, bs) -> dict:
     bs0_padded = F.pad(bs0, (0, -bs0.shape[1] % 4))
     one = torch.ones((), device=a.device)
     want_block = reference._expert_gemm(a[:CHECK_ROWS], a_s[:CHECK_ROWS], b0, bs0).float()
-    want_plain = (a[:CHECK_ROWS].float() @ b0.float().t())
+    want_plain = a[:CHECK_ROWS].float() @ b0.float().t()
 
     def rel(got, want):
         return float((got[:CHECK_ROWS].float() - want).norm() / want.norm())
 
     return {
-        "cublas_block": (lambda: F.scaled_mm(a, b0.t(), a_s_m_major, F.ScalingType.BlockWise1x128, bs0_padded.t(),
-                                             F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16),
-                         lambda out: rel(out, want_block)),
-        "cublas_tensor": (lambda: torch._scaled_mm(a, b0.t(), one, one, out_dtype=torch.bfloat16),
-                          lambda out: rel(out, want_plain)),
-        "cublas_fast": (lambda: torch._scaled_mm(a, b0.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
-                        lambda out: rel(out, want_plain)),
+        "cublas_block": (
+            lambda: F.scaled_mm(
+                a,
+                b0.t(),
+                a_s_m_major,
+                F.ScalingType.BlockWise1x128,
+                bs0_padded.t(),
+                F.ScalingType.BlockWise128x128,
+                output_dtype=torch.bfloat16,
+            ),
+            lambda out: rel(out, want_block),
+        ),
+        "cublas_tensor": (
+            lambda: torch._scaled_mm(a, b0.t(), one, one, out_dtype=torch.bfloat16),
+            lambda out: rel(out, want_plain),
+        ),
+        "cublas_fast": (
+            lambda: torch._scaled_mm(a, b0.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
+            lambda out: rel(out, want_plain),
+        ),
     }
 
 
@@ -92,13 +105,17 @@ def run(rows_list, slices, sustained: bool = False, ceilings: bool = False) -> l
     for sl, gemm, e, n, k in SHAPES:
         if sl not in slices:
             continue
-        b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5)
+        b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) / k**0.5)
         sfb = dg.transform_sf_into_required_layout(bs, n, k, (1, 128, 128), e, False) if dg else None
         for rows in rows_list if sl == "ep8" else [512]:
             # a ragged segment per expert (rows - 37) keeps tile tails in play; padded to 128
             seg_rows = [rows - 37 if i % 2 else rows for i in range(e)]
-            ids = torch.cat([torch.tensor([i] * r + [-1] * (-(-r // ALIGN) * ALIGN - r), dtype=torch.int32)
-                             for i, r in enumerate(seg_rows)]).cuda()
+            ids = torch.cat(
+                [
+                    torch.tensor([i] * r + [-1] * (-(-r // ALIGN) * ALIGN - r), dtype=torch.int32)
+                    for i, r in enumerate(seg_rows)
+                ]
+            ).cuda()
             m = ids.numel()
             a, a_s = quantize_fp8_per_token_group(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
             real_rows = sum(seg_rows)
@@ -110,7 +127,8 @@ def run(rows_list, slices, sustained: bool = False, ceilings: bool = False) -> l
             }
             if dg:
                 providers["deepgemm"] = lambda o: dg.m_grouped_fp8_gemm_nt_contiguous(
-                    (a, dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)), (b, sfb), o, ids)
+                    (a, dg.transform_sf_into_required_layout(a_s, m, k, (1, 128, 128), None, True)), (b, sfb), o, ids
+                )
             timed = {}
             for name, fn in providers.items():  # correctness first, each on a poisoned output
                 out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
@@ -149,15 +167,19 @@ def run(rows_list, slices, sustained: bool = False, ceilings: bool = False) -> l
 
 
 def render(cells: list[dict]) -> str:
-    env = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-           f"CUDA {torch.version.cuda}, {datetime.date.today().isoformat()}")
-    lines = [f"CUDA contiguous grouped GEMM vs peers ({env}); µs = median of {ROUNDS} interleaved rounds of "
-             f"do_bench medians (range in brackets), TFLOPS on real rows, rel err vs fp32 reference; "
-             f"speedup = DeepGEMM µs / ours µs",
-             "",
-             "| slice | gemm | rows/e | ours CUDA µs | TFLOPS | err | Triton µs | DeepGEMM µs | TFLOPS | err "
-             "| speedup vs DG |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    env = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"CUDA {torch.version.cuda}, {datetime.date.today().isoformat()}"
+    )
+    lines = [
+        f"CUDA contiguous grouped GEMM vs peers ({env}); µs = median of {ROUNDS} interleaved rounds of "
+        f"do_bench medians (range in brackets), TFLOPS on real rows, rel err vs fp32 reference; "
+        f"speedup = DeepGEMM µs / ours µs",
+        "",
+        "| slice | gemm | rows/e | ours CUDA µs | TFLOPS | err | Triton µs | DeepGEMM µs | TFLOPS | err "
+        "| speedup vs DG |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def f(cell, name, key, spec):
         v = cell.get(name, {})
@@ -170,32 +192,47 @@ def render(cells: list[dict]) -> str:
 
     sustained = [c for c in cells if "sustained" in c.get("cuda", {}) and "sustained" in c.get("deepgemm", {})]
     for c in cells:
-        speed = (f"{c['deepgemm']['us'] / c['cuda']['us']:.2f}×"
-                 if "us" in c.get("cuda", {}) and "us" in c.get("deepgemm", {}) else "–")
-        lines.append(f"| {c['slice']} | {c['gemm']} | {c['rows']} | {f(c, 'cuda', 'us', '.1f')} | "
-                     f"{f(c, 'cuda', 'tflops', '.0f')} | {f(c, 'cuda', 'err', '.1e')} | "
-                     f"{f(c, 'triton', 'us', '.1f')} | "
-                     f"{f(c, 'deepgemm', 'us', '.1f')} | {f(c, 'deepgemm', 'tflops', '.0f')} | "
-                     f"{f(c, 'deepgemm', 'err', '.1e')} | {speed} |")
+        speed = (
+            f"{c['deepgemm']['us'] / c['cuda']['us']:.2f}×"
+            if "us" in c.get("cuda", {}) and "us" in c.get("deepgemm", {})
+            else "–"
+        )
+        lines.append(
+            f"| {c['slice']} | {c['gemm']} | {c['rows']} | {f(c, 'cuda', 'us', '.1f')} | "
+            f"{f(c, 'cuda', 'tflops', '.0f')} | {f(c, 'cuda', 'err', '.1e')} | "
+            f"{f(c, 'triton', 'us', '.1f')} | "
+            f"{f(c, 'deepgemm', 'us', '.1f')} | {f(c, 'deepgemm', 'tflops', '.0f')} | "
+            f"{f(c, 'deepgemm', 'err', '.1e')} | {speed} |"
+        )
     if sustained:
-        lines += ["", "Sustained: each kernel back to back for 2 s (no L2 flush), SM clock and board power sampled "
-                  "by nvidia-smi (median); throttle 0x4 = software power cap.", "",
-                  "| slice | gemm | rows/e | ours µs | MHz | W | DeepGEMM µs | MHz | W | speedup vs DG |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Sustained: each kernel back to back for 2 s (no L2 flush), SM clock and board power sampled "
+            "by nvidia-smi (median); throttle 0x4 = software power cap.",
+            "",
+            "| slice | gemm | rows/e | ours µs | MHz | W | DeepGEMM µs | MHz | W | speedup vs DG |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in sustained:
             o, d = c["cuda"]["sustained"], c["deepgemm"]["sustained"]
-            lines.append(f"| {c['slice']} | {c['gemm']} | {c['rows']} | {o['us']:.1f} | {o['mhz']:.0f} | "
-                         f"{o['watts']:.0f} | {d['us']:.1f} | {d['mhz']:.0f} | {d['watts']:.0f} | "
-                         f"{d['us'] / o['us']:.2f}× |")
+            lines.append(
+                f"| {c['slice']} | {c['gemm']} | {c['rows']} | {o['us']:.1f} | {o['mhz']:.0f} | "
+                f"{o['watts']:.0f} | {d['us']:.1f} | {d['mhz']:.0f} | {d['watts']:.0f} | "
+                f"{d['us'] / o['us']:.2f}× |"
+            )
     ceil = [c for c in cells if any(name in c for name in CEILINGS) and "us" in c.get("deepgemm", {})]
     if ceil:
-        lines += ["", "Ceilings: cuBLASLt FP8 GEMMs (torch) on the dense problem with the same rows, N and K and one "
-                  "weight matrix; each cell is DeepGEMM's time / the contender's (> 1: faster than DeepGEMM), "
-                  "interleaved rounds, then sustained (2 s each, SM clock) where measured; rel err vs the fp32 reference of "
-                  "the same format.", "",
-                  "| slice | gemm | rows/e | ours | cuBLAS block-scaled | cuBLAS per-tensor | cuBLAS per-tensor, "
-                  "fast accum (no promotion) | errs (block / tensor / fast) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Ceilings: cuBLASLt FP8 GEMMs (torch) on the dense problem with the same rows, N and K and one "
+            "weight matrix; each cell is DeepGEMM's time / the contender's (> 1: faster than DeepGEMM), "
+            "interleaved rounds, then sustained (2 s each, SM clock) where measured; rel err vs the fp32 reference of "
+            "the same format.",
+            "",
+            "| slice | gemm | rows/e | ours | cuBLAS block-scaled | cuBLAS per-tensor | cuBLAS per-tensor, "
+            "fast accum (no promotion) | errs (block / tensor / fast) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
 
         def vs_dg(c, name):
             v, d = c.get(name, {}), c["deepgemm"]
@@ -208,8 +245,10 @@ def render(cells: list[dict]) -> str:
 
         for c in ceil:
             errs = " / ".join(f"{c[n]['err']:.1e}" if "err" in c.get(n, {}) else "–" for n in CEILINGS)
-            lines.append(f"| {c['slice']} | {c['gemm']} | {c['rows']} | {vs_dg(c, 'cuda')} | "
-                         f"{' | '.join(vs_dg(c, n) for n in CEILINGS)} | {errs} |")
+            lines.append(
+                f"| {c['slice']} | {c['gemm']} | {c['rows']} | {vs_dg(c, 'cuda')} | "
+                f"{' | '.join(vs_dg(c, n) for n in CEILINGS)} | {errs} |"
+            )
         errors = {c[n]["error"] for c in ceil for n in CEILINGS if "error" in c.get(n, {})}
         lines += [f"- error: {e}" for e in sorted(errors)]
     return "\n".join(lines) + "\n"

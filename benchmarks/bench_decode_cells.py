@@ -41,19 +41,23 @@ def main(argv=None) -> int:
         import deep_gemm as dg
     except ImportError:
         dg = None
-    lines = ["| slice | gemm | rows/e | Triton masked µs | CUDA contig µs | DeepGEMM masked µs | best ours / DG "
-             "| errs (T, C, DG) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| slice | gemm | rows/e | Triton masked µs | CUDA contig µs | DeepGEMM masked µs | best ours / DG "
+        "| errs (T, C, DG) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for sl, gemm, e, n, k in SHAPES:
-        b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5)
+        b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) / k**0.5)
         sfb = dg.transform_sf_into_required_layout(bs, n, k, (1, 128, 128), e, False) if dg else None
         for rows in [int(r) for r in args.rows.split(",")]:
             a, a_s = quantize_fp8_per_token_group(torch.randn(e, rows, k, device="cuda", dtype=torch.bfloat16))
             masked_m = torch.full((e,), rows, dtype=torch.int32, device="cuda")
             res = {}
             out = torch.full((e, rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-            res["T"] = (graph_us(lambda: grouped_gemm_masked(a, a_s, b, bs, masked_m, out, expected_m=rows)),
-                        rel(out[1], a[1], a_s[1], b[1], bs[1]))
+            res["T"] = (
+                graph_us(lambda: grouped_gemm_masked(a, a_s, b, bs, masked_m, out, expected_m=rows)),
+                rel(out[1], a[1], a_s[1], b[1], bs[1]),
+            )
             a2, s2 = a.view(e * rows, k), a_s.view(e * rows, k // 128)
             seg = -(-rows // 128) * 128
             if seg != rows:  # segments must start on 128-row boundaries: pad each with -1 rows
@@ -67,16 +71,19 @@ def main(argv=None) -> int:
             ids = ids.view(-1)
             out2 = torch.full((e * seg, n), float("nan"), dtype=torch.bfloat16, device="cuda")
             try:
-                res["C"] = (graph_us(lambda: cuda_gemm(a2, s2, b, bs, ids, out2)),
-                            rel(out2[seg:seg + rows], a[1], a_s[1], b[1], bs[1]))
+                res["C"] = (
+                    graph_us(lambda: cuda_gemm(a2, s2, b, bs, ids, out2)),
+                    rel(out2[seg : seg + rows], a[1], a_s[1], b[1], bs[1]),
+                )
             except Exception as exc:
                 print(f"cuda {sl} {gemm} {rows}: {exc}", file=sys.stderr)
             if dg is not None and rows % 64 == 0:
                 out3 = torch.full((e, rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
                 sfa = dg.transform_sf_into_required_layout(a_s, rows, k, (1, 128, 128), e, True)
-                res["DG"] = (graph_us(lambda: dg.m_grouped_fp8_fp4_gemm_nt_masked((a, sfa), (b, sfb), out3,
-                                                                                  masked_m, rows)),
-                             rel(out3[1], a[1], a_s[1], b[1], bs[1]))
+                res["DG"] = (
+                    graph_us(lambda: dg.m_grouped_fp8_fp4_gemm_nt_masked((a, sfa), (b, sfb), out3, masked_m, rows)),
+                    rel(out3[1], a[1], a_s[1], b[1], bs[1]),
+                )
             best = min(v[0] for key, v in res.items() if key != "DG")
             ratio = f"{best / res['DG'][0]:.3f}" if "DG" in res else "–"
             cell = lambda key: f"{res[key][0]:.1f}" if key in res else "–"  # noqa: E731

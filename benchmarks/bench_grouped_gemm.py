@@ -149,8 +149,7 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
         res["ours_policy_kernel"] = "cuda c" if ops.cuda_kernel_available() else "triton c"
         out.fill_(float("nan"))
         res["ours_policy_us"] = bench(fn)
-        res["ours_policy_err"] = checker.rel([(x, a[seg_rows(x)], a_s[seg_rows(x)], out[seg_rows(x)])
-                                              for x in check_e])
+        res["ours_policy_err"] = checker.rel([(x, a[seg_rows(x)], a_s[seg_rows(x)], out[seg_rows(x)]) for x in check_e])
     if peers.get("dg") is not None:
         dg = peers["dg"]
         try:
@@ -159,8 +158,9 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
             out.fill_(float("nan"))
             fn = lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, ids)  # noqa: E731
             res["dg_contig_us"] = bench(fn)
-            res["dg_contig_err"] = checker.rel([(x, a[seg_rows(x)], a_s[seg_rows(x)], out[seg_rows(x)])
-                                                for x in check_e])
+            res["dg_contig_err"] = checker.rel(
+                [(x, a[seg_rows(x)], a_s[seg_rows(x)], out[seg_rows(x)]) for x in check_e]
+            )
         except Exception as exc:
             res["dg_contig_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {gemm} {rows}] deepgemm contiguous: {res['dg_contig_error']}", file=log, flush=True)
@@ -186,8 +186,7 @@ def run_cell(sl, gemm, e, n, k, inter, rows, weights, checker, peers, log) -> di
             c.fill_(float("nan"))
             moe(a, a_s, b, bs, c, best[1])
             rows_of = lambda x: moe.a_row_of_slot(moe.slots_of(x))  # noqa: E731
-            res["vllm_err"] = checker.rel([(x, a[rows_of(x)], a_s[rows_of(x)], c[moe.slots_of(x)])
-                                           for x in check_e])
+            res["vllm_err"] = checker.rel([(x, a[rows_of(x)], a_s[rows_of(x)], c[moe.slots_of(x)]) for x in check_e])
         a = a_s = c = None
     torch.cuda.empty_cache()
     return res
@@ -198,19 +197,33 @@ def derive(res: dict, ceil: dict) -> dict:
     flops = 2.0 * rows * e * n * k
     nbytes = rows * e * k + e * n * k + rows * e * n * 2
     floor_us = max(flops / (ceil["fp8_tflops"] * 1e12), nbytes / (ceil["read_tbs"] * 1e12)) * 1e6
-    ours = {"masked": res.get("ours_masked_us"), "contig": res.get("ours_contig_us"),
-            "policy": res.get("ours_policy_us")}
+    ours = {
+        "masked": res.get("ours_masked_us"),
+        "contig": res.get("ours_contig_us"),
+        "policy": res.get("ours_policy_us"),
+    }
     layout = min((v, key) for key, v in ours.items() if v is not None)
     # A peer counts only where its output passed the same check as ours.
-    peers = {key: res.get(f"{key}_us") for key in ("vllm", "dg_masked", "dg_contig")
-             if res.get(f"{key}_err") is not None and res[f"{key}_err"] <= RELERR_MAX * 2}
+    peers = {
+        key: res.get(f"{key}_us")
+        for key in ("vllm", "dg_masked", "dg_contig")
+        if res.get(f"{key}_err") is not None and res[f"{key}_err"] <= RELERR_MAX * 2
+    }
     peers = {key: v for key, v in peers.items() if v is not None}
     best_peer = min(peers.items(), key=lambda kv: kv[1]) if peers else (None, None)
     us = layout[0]
-    d = dict(ours_us=us, ours_layout=layout[1], tflops=flops / us / 1e6, gbs=nbytes / us / 1e3,
-             pct_floor=100 * floor_us / us, floor_us=floor_us, best_peer=best_peer[0],
-             best_peer_us=best_peer[1], ratio=us / best_peer[1] if best_peer[1] else None,
-             ratio_vllm=us / peers["vllm"] if "vllm" in peers else None)
+    d = dict(
+        ours_us=us,
+        ours_layout=layout[1],
+        tflops=flops / us / 1e6,
+        gbs=nbytes / us / 1e3,
+        pct_floor=100 * floor_us / us,
+        floor_us=floor_us,
+        best_peer=best_peer[0],
+        best_peer_us=best_peer[1],
+        ratio=us / best_peer[1] if best_peer[1] else None,
+        ratio_vllm=us / peers["vllm"] if "vllm" in peers else None,
+    )
     if rows <= DECODE_MAX_ROWS:
         d["target"] = "<=1.03x best peer"
         d["met"] = d["ratio"] is not None and d["ratio"] <= 1.03
@@ -228,12 +241,15 @@ def _fmt(x, spec=".1f"):
 
 def render_md(env: dict, ceil: dict, cells: list) -> str:
     lines = [
-        "# Benchmarks: FP8 grouped GEMM (ours vs peers, same run)", "",
+        "# Benchmarks: FP8 grouped GEMM (ours vs peers, same run)",
+        "",
         f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
         f"DeepGEMM {env['deep_gemm']}; vLLM Triton kernel from `{env['vllm_source']}` (vllm 0.33.0 source, "
-        f"loaded at run time, fastest of its tuned fp8 block configs per cell); date {env['date']}.", "",
+        f"loaded at run time, fastest of its tuned fp8 block configs per cell); date {env['date']}.",
+        "",
         f"Ceilings measured in this run: read {ceil['read_tbs']:.2f} TB/s (sum over 2 GB), D2D copy "
-        f"{ceil['copy_tbs']:.2f} TB/s (read+write), FP8 `_scaled_mm` {ceil['fp8_tflops']:.0f} TFLOPS.", "",
+        f"{ceil['copy_tbs']:.2f} TB/s (read+write), FP8 `_scaled_mm` {ceil['fp8_tflops']:.0f} TFLOPS.",
+        "",
         "Method: `python -m benchmarks.bench_grouped_gemm` (`benchmarks/run_device.sh` on the GPU machine); "
         "CUDA-graph replay, median of `triton.testing.do_bench` (L2 flushed between reps); random "
         "inputs; every output checked against an fp32 dequantized reference (3 experts) in the same run. "
@@ -241,10 +257,11 @@ def render_md(env: dict, ceil: dict, cells: list) -> str:
         "experts once + D once. A peer whose output fails the check (rel err > 4e-3) is shown but not "
         "counted as best peer. DeepGEMM masked runs with max_m = rows rounded up to 64. "
         "Ours = the fastest of our Triton kernel on both layouts (masked, max_m = rows; contiguous, "
-        "segments padded to 128) and what the policy runs (`moe_backend.ops` with impl=\"best\": "
+        'segments padded to 128) and what the policy runs (`moe_backend.ops` with impl="best": '
         "decode on the masked layout, our CUDA kernel where it measured faster; "
         "prefill on the contiguous layout, our CUDA kernel). Ratio = ours / best peer (lower is better). "
-        "Targets: decode (<= 128 rows/expert) <= 1.03x best peer; prefill >= vLLM Triton speed.", "",
+        "Targets: decode (<= 128 rows/expert) <= 1.03x best peer; prefill >= vLLM Triton speed.",
+        "",
         "| slice | gemm | rows/e | Triton masked µs | Triton contig µs | policy µs (kernel) | vLLM Triton µs | "
         "DG masked µs | DG contig µs | ours TFLOPS | ours GB/s | % floor | ours/best peer | ours/vLLM | "
         "target met | ours rel err |",
@@ -260,11 +277,20 @@ def render_md(env: dict, ceil: dict, cells: list) -> str:
             f"{_fmt(c.get('vllm_us'))} | {_fmt(c.get('dg_masked_us'))} | {_fmt(c.get('dg_contig_us'))} | "
             f"{_fmt(d['tflops'], '.0f')} | {_fmt(d['gbs'], '.0f')} | {_fmt(d['pct_floor'], '.0f')} | "
             f"{_fmt(d['ratio'], '.3f')} ({d['best_peer'] or '–'}) | {_fmt(d['ratio_vllm'], '.3f')} | "
-            f"{'yes' if d['met'] else '**no**'} | {_fmt(err, '.1e')} |")
-    wrong = [f"{c['slice']} {c['gemm']} {c['rows']} {key[:-4]} ({c[key]:.1e})" for c in cells
-             for key in ("vllm_err", "dg_masked_err", "dg_contig_err") if c.get(key, 0) > RELERR_MAX * 2]
-    errors = [f"{c['slice']} {c['gemm']} {c['rows']} {key[:-6]}: {c[key]}" for c in cells
-              for key in ("dg_masked_error", "dg_contig_error") if key in c]
+            f"{'yes' if d['met'] else '**no**'} | {_fmt(err, '.1e')} |"
+        )
+    wrong = [
+        f"{c['slice']} {c['gemm']} {c['rows']} {key[:-4]} ({c[key]:.1e})"
+        for c in cells
+        for key in ("vllm_err", "dg_masked_err", "dg_contig_err")
+        if c.get(key, 0) > RELERR_MAX * 2
+    ]
+    errors = [
+        f"{c['slice']} {c['gemm']} {c['rows']} {key[:-6]}: {c[key]}"
+        for c in cells
+        for key in ("dg_masked_error", "dg_contig_error")
+        if key in c
+    ]
     missed = [c for c in cells if not c["derived"]["met"]]
     if wrong:
         lines += ["", "Peer outputs that failed the check (not counted): " + ", ".join(wrong) + "."]
@@ -272,9 +298,16 @@ def render_md(env: dict, ceil: dict, cells: list) -> str:
         lines += ["", "Peer calls that raised: " + "; ".join(errors) + "."]
     lines += ["", f"Cells meeting their target: {len(cells) - len(missed)} / {len(cells)}."]
     if missed:
-        lines.append("Misses: " + ", ".join(f"{c['slice']} {c['gemm']} {c['rows']} "
-                                            f"({c['derived']['ratio']:.3f}x best peer)" if c['derived']['ratio'] else
-                                            f"{c['slice']} {c['gemm']} {c['rows']}" for c in missed) + ".")
+        lines.append(
+            "Misses: "
+            + ", ".join(
+                f"{c['slice']} {c['gemm']} {c['rows']} ({c['derived']['ratio']:.3f}x best peer)"
+                if c["derived"]["ratio"]
+                else f"{c['slice']} {c['gemm']} {c['rows']}"
+                for c in missed
+            )
+            + "."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -313,8 +346,8 @@ def pad_rows_ok(out, counts, chunk: int = 16) -> bool:
     max_m = out.shape[1]
     rows = torch.arange(max_m, device=out.device)
     for e0 in range(0, out.shape[0], chunk):
-        part = out[e0:e0 + chunk]
-        pad = rows[None, :] >= counts[e0:e0 + chunk, None].to(out.device)
+        part = out[e0 : e0 + chunk]
+        pad = rows[None, :] >= counts[e0 : e0 + chunk, None].to(out.device)
         if not bool(torch.isnan(part).all(-1)[pad].all()) or not bool(torch.isfinite(part).all(-1)[~pad].all()):
             return False
     return True
@@ -336,14 +369,28 @@ def contiguous_layout(counts, alignment: int, rows_bound: int | None = None):
     return torch.cat(ids).to(DEVICE), starts, used
 
 
-def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms, weights, checker, peers, args,
-                    log) -> dict:
+def run_routed_cell(
+    sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms, weights, checker, peers, args, log
+) -> dict:
     b, bs = weights
     total = int(counts.sum())
     top = int(counts.max())
-    res = {"slice": sl, "gemm": gemm, "rows": mean_rows, "routing": routing, "E": e, "N": n, "K": k,
-           "total_rows": total, "max_rows": top, "idle": int((counts == 0).sum()),
-           "describe": testing.describe_counts(counts), "us": {}, "err": {}, "pad_ok": {}}
+    res = {
+        "slice": sl,
+        "gemm": gemm,
+        "rows": mean_rows,
+        "routing": routing,
+        "E": e,
+        "N": n,
+        "K": k,
+        "total_rows": total,
+        "max_rows": top,
+        "idle": int((counts == 0).sum()),
+        "describe": testing.describe_counts(counts),
+        "us": {},
+        "err": {},
+        "pad_ok": {},
+    }
     usable = [m for m in max_ms if m >= top] or [1 << max(6, (top - 1).bit_length())]
     res["max_ms"] = usable
     # Checked experts: the hottest, a median one, the coldest with rows (and an idle one for padding).
@@ -372,28 +419,39 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
         a_s = torch.ones(e, max_m, k // 128, device=DEVICE)
         a[:, :top], a_s[:, :top] = a_rows[:, :top], s_rows[:, :top]
         out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        record(f"ours_masked@{max_m}",
-               lambda: grouped_gemm_masked(a, a_s, b, bs, counts_dev, out, expected_m=mean_rows),  # noqa: B023
-               lambda: [(x, a[x, :counts[x]], a_s[x, :counts[x]], out[x, :counts[x]]) for x in check_e],  # noqa: B023
-               lambda: pad_rows_ok(out, counts))  # noqa: B023
+        record(
+            f"ours_masked@{max_m}",
+            lambda: grouped_gemm_masked(a, a_s, b, bs, counts_dev, out, expected_m=mean_rows),  # noqa: B023
+            lambda: [(x, a[x, : counts[x]], a_s[x, : counts[x]], out[x, : counts[x]]) for x in check_e],  # noqa: B023
+            lambda: pad_rows_ok(out, counts),
+        )  # noqa: B023
         if args.cuda_masked and max_m % 128 == 0:
             # Our CUDA kernel on the masked layout (the policy's choice from 128 rows per expert;
             # compiled per max_m, so opt-in: a JIT build per max_m and shape).
             from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked as cuda_masked
 
             out.fill_(float("nan"))
-            record(f"ours_cuda_masked@{max_m}",
-                   lambda: cuda_masked(a, a_s, b, bs, counts_dev, out),  # noqa: B023
-                   lambda: [(x, a[x, :counts[x]], a_s[x, :counts[x]], out[x, :counts[x]]) for x in check_e],  # noqa: B023
-                   lambda: pad_rows_ok(out, counts))  # noqa: B023
+            record(
+                f"ours_cuda_masked@{max_m}",
+                lambda: cuda_masked(a, a_s, b, bs, counts_dev, out),  # noqa: B023
+                lambda: [(x, a[x, : counts[x]], a_s[x, : counts[x]], out[x, : counts[x]]) for x in check_e],  # noqa: B023
+                lambda: pad_rows_ok(out, counts),
+            )  # noqa: B023
         if dg is not None and max_m in dg_ms:
             out_dg = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
             try:
                 sfa = dg.transform_sf_into_required_layout(a_s, max_m, k, (1, 128, 128), e, True)
-                record(f"dg_masked@{max_m}",
-                       lambda: dg.m_grouped_fp8_fp4_gemm_nt_masked((a, sfa), (b, peers["dg_sfb"]), out_dg,  # noqa: B023
-                                                                   counts_dev, mean_rows),
-                       lambda: [(x, a[x, :counts[x]], a_s[x, :counts[x]], out_dg[x, :counts[x]]) for x in check_e])  # noqa: B023
+                record(
+                    f"dg_masked@{max_m}",
+                    lambda: dg.m_grouped_fp8_fp4_gemm_nt_masked(
+                        (a, sfa),
+                        (b, peers["dg_sfb"]),
+                        out_dg,  # noqa: B023
+                        counts_dev,
+                        mean_rows,
+                    ),
+                    lambda: [(x, a[x, : counts[x]], a_s[x, : counts[x]], out_dg[x, : counts[x]]) for x in check_e],
+                )  # noqa: B023
             except Exception as exc:
                 res.setdefault("errors", {})[f"dg_masked@{max_m}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             out_dg = None
@@ -406,19 +464,25 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
     a_s = torch.ones(ids.numel(), k // 128, device=DEVICE)
     for x in range(e):
         c = int(counts[x])
-        a[starts[x]:starts[x] + c], a_s[starts[x]:starts[x] + c] = a_rows[x, :c], s_rows[x, :c]
+        a[starts[x] : starts[x] + c], a_s[starts[x] : starts[x] + c] = a_rows[x, :c], s_rows[x, :c]
     seg = lambda x: slice(starts[x], starts[x] + int(counts[x]))  # noqa: E731
     out = torch.full((ids.numel(), n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     pad = ids < 0
-    record("ours_contig", lambda: grouped_gemm_contiguous(a, a_s, b, bs, ids, out, expected_m=mean_rows),
-           lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
-           lambda: bool(torch.isnan(out[pad]).all()) and bool(torch.isfinite(out[~pad]).all()))
+    record(
+        "ours_contig",
+        lambda: grouped_gemm_contiguous(a, a_s, b, bs, ids, out, expected_m=mean_rows),
+        lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
+        lambda: bool(torch.isnan(out[pad]).all()) and bool(torch.isfinite(out[~pad]).all()),
+    )
     if dg is not None:
         try:
             sfa = dg.transform_sf_into_required_layout(a_s, ids.numel(), k, (1, 128, 128), None, True)
             out.fill_(float("nan"))
-            record("dg_contig", lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, peers["dg_sfb"]), out, ids),
-                   lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e])
+            record(
+                "dg_contig",
+                lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, peers["dg_sfb"]), out, ids),
+                lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
+            )
         except Exception as exc:
             res.setdefault("errors", {})["dg_contig"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     a = a_s = out = ids = None
@@ -433,15 +497,17 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
         a_s = torch.ones(ids.numel(), k // 128, device=DEVICE)
         for x in range(e):
             c = int(counts[x])
-            a[starts[x]:starts[x] + c], a_s[starts[x]:starts[x] + c] = a_rows[x, :c], s_rows[x, :c]
+            a[starts[x] : starts[x] + c], a_s[starts[x] : starts[x] + c] = a_rows[x, :c], s_rows[x, :c]
         num_rows = torch.tensor([used], dtype=torch.int32, device=DEVICE)
         out = torch.full((ids.numel(), n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
         pad = ids < 0
         res["contig_small_block_m"] = bm
-        record("ours_contig_small",
-               lambda: grouped_gemm_contiguous(a, a_s, b, bs, ids, out, config=cfg, num_rows=num_rows),
-               lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
-               lambda: bool(torch.isnan(out[pad]).all()) and bool(torch.isfinite(out[~pad]).all()))
+        record(
+            "ours_contig_small",
+            lambda: grouped_gemm_contiguous(a, a_s, b, bs, ids, out, config=cfg, num_rows=num_rows),
+            lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
+            lambda: bool(torch.isnan(out[pad]).all()) and bool(torch.isfinite(out[~pad]).all()),
+        )
         a = a_s = out = ids = None
     a_rows = s_rows = None
 
@@ -456,8 +522,11 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
             try:
                 us = bench(lambda: moe(a, a_s, b, bs, c, cfg))  # noqa: B023
             except Exception as exc:
-                print(f"[{sl} {gemm} {mean_rows} {routing}] vllm {cfg}: {type(exc).__name__}: {str(exc)[:160]}",
-                      file=log, flush=True)
+                print(
+                    f"[{sl} {gemm} {mean_rows} {routing}] vllm {cfg}: {type(exc).__name__}: {str(exc)[:160]}",
+                    file=log,
+                    flush=True,
+                )
                 continue
             print(f"[{sl} {gemm} {mean_rows} {routing}] vllm {cfg}: {us:.1f}us", file=log, flush=True)
             if best is None or us < best[0]:
@@ -467,8 +536,7 @@ def run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms
             c.fill_(float("nan"))
             moe(a, a_s, b, bs, c, best[1])
             rows_of = lambda x: moe.a_row_of_slot(moe.slots_of(x))  # noqa: E731
-            res["err"]["vllm"] = checker.rel([(x, a[rows_of(x)], a_s[rows_of(x)], c[moe.slots_of(x)])
-                                              for x in check_e])
+            res["err"]["vllm"] = checker.rel([(x, a[rows_of(x)], a_s[rows_of(x)], c[moe.slots_of(x)]) for x in check_e])
         a = a_s = c = None
     torch.cuda.empty_cache()
     return res
@@ -492,17 +560,20 @@ def derive_routed(res: dict) -> dict:
     d["max_m_span"] = (masked[0], masked[-1]) if len(masked) > 1 else None
     d["max_m_cost"] = us[hi] / us[f"ours_masked@{masked[0]}"] if len(masked) > 1 else None
     cuda = [m for m in res["max_ms"] if f"ours_cuda_masked@{m}" in us]
-    d["cuda_max_m_cost"] = (us[f"ours_cuda_masked@{cuda[-1]}"] / us[f"ours_cuda_masked@{cuda[0]}"]
-                            if len(cuda) > 1 else None)
+    d["cuda_max_m_cost"] = (
+        us[f"ours_cuda_masked@{cuda[-1]}"] / us[f"ours_cuda_masked@{cuda[0]}"] if len(cuda) > 1 else None
+    )
     d["ours_err"] = max((v for name, v in err.items() if name.startswith("ours")), default=None)
     d["pad_ok"] = all(res["pad_ok"].values()) if res["pad_ok"] else None
     return d
 
 
 def render_routed(cells: list) -> str:
-    head = ("| slice gemm | mean rows | routing (max/mean, idle) | ours masked µs @max_m | ours CUDA masked "
-            "| ours contig | ours contig/BM | vLLM | DG masked @max_m | DG contig | best peer | ours best/peer | "
-            "masked@max/peer | max_m cost (hi/lo) | err | pad |")
+    head = (
+        "| slice gemm | mean rows | routing (max/mean, idle) | ours masked µs @max_m | ours CUDA masked "
+        "| ours contig | ours contig/BM | vLLM | DG masked @max_m | DG contig | best peer | ours best/peer | "
+        "masked@max/peer | max_m cost (hi/lo) | err | pad |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for c in cells:
         d, us = c["derived"], c["us"]
@@ -517,13 +588,16 @@ def render_routed(cells: list) -> str:
             f"{d['best_peer'] or '–'} | {_fmt(d['best_ours_vs_peer'], '.3f')} ({d['best_ours'] or '–'}) | "
             f"{_fmt(d['masked_hi_vs_peer'], '.3f')} | {_fmt(d['max_m_cost'], '.3f')}"
             f"{' (%d/%d)' % d['max_m_span'][::-1] if d['max_m_span'] else ''} | {_fmt(d['ours_err'], '.1e')} | "
-            f"{'ok' if d['pad_ok'] else ('–' if d['pad_ok'] is None else '**BAD**')} |")
+            f"{'ok' if d['pad_ok'] else ('–' if d['pad_ok'] is None else '**BAD**')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main_routed(args, env, ceil, peers, log) -> int:
-    rows_by = {"ep8": [int(x) for x in args.ep8_rows.split(",") if x],
-               "tp8": [int(x) for x in args.tp8_rows.split(",") if x]}
+    rows_by = {
+        "ep8": [int(x) for x in args.ep8_rows.split(",") if x],
+        "tp8": [int(x) for x in args.tp8_rows.split(",") if x],
+    }
     routings = [r for r in args.routings.split(",") if r]
     for r in routings:
         testing.parse_routing_exponent(r)  # a bad spec fails before any GPU work
@@ -543,8 +617,9 @@ def main_routed(args, env, ceil, peers, log) -> int:
             checker = RefChecker(*weights, experts=())
             if peers.get("dg") is not None:
                 try:
-                    peers["dg_sfb"] = peers["dg"].transform_sf_into_required_layout(weights[1], n, k, (1, 128, 128),
-                                                                                     e, False)
+                    peers["dg_sfb"] = peers["dg"].transform_sf_into_required_layout(
+                        weights[1], n, k, (1, 128, 128), e, False
+                    )
                 except Exception:
                     print("deep_gemm sfb transform failed:\n" + traceback.format_exc(limit=3), file=log, flush=True)
                     peers["dg_sfb"] = weights[1]
@@ -553,28 +628,52 @@ def main_routed(args, env, ceil, peers, log) -> int:
                     if over():  # the table below still gets printed within the caller's time limit
                         skipped.append(f"{sl} {gemm} {mean_rows} {routing}")
                         continue
-                    counts = testing.zipf_counts(e, mean_rows * e, testing.parse_routing_exponent(routing), seed=args.seed)
+                    counts = testing.zipf_counts(
+                        e, mean_rows * e, testing.parse_routing_exponent(routing), seed=args.seed
+                    )
                     # One row per token at most: tokens = rows of all 256 routed experts / top-k.
                     counts = cap_counts(counts, mean_rows * ROUTED_EXPERTS // TOPK)
                     t0 = time.time()
                     try:
-                        res = run_routed_cell(sl, gemm, e, n, k, inter, mean_rows, routing, counts, max_ms, weights,
-                                              checker, peers, args, log)
+                        res = run_routed_cell(
+                            sl,
+                            gemm,
+                            e,
+                            n,
+                            k,
+                            inter,
+                            mean_rows,
+                            routing,
+                            counts,
+                            max_ms,
+                            weights,
+                            checker,
+                            peers,
+                            args,
+                            log,
+                        )
                     except Exception:
-                        print(f"[{sl} {gemm} {mean_rows} {routing}] FAILED:\n{traceback.format_exc(limit=4)}",
-                              file=log, flush=True)
+                        print(
+                            f"[{sl} {gemm} {mean_rows} {routing}] FAILED:\n{traceback.format_exc(limit=4)}",
+                            file=log,
+                            flush=True,
+                        )
                         continue
                     res["derived"] = d = derive_routed(res)
                     cells.append(res)
-                    print(f"{sl} {gemm} {mean_rows:4d} {routing:9s} ({res['describe']}): "
-                          + " ".join(f"{name} {v:.1f}" for name, v in res["us"].items())
-                          + f" | best ours/peer {_fmt(d['best_ours_vs_peer'], '.3f')} masked@max/peer "
-                          f"{_fmt(d['masked_hi_vs_peer'], '.3f')} max_m cost {_fmt(d['max_m_cost'], '.3f')} "
-                          f"err {_fmt(d['ours_err'], '.1e')} pad {d['pad_ok']} [{time.time() - t0:.0f}s, "
-                          f"{time.time() - t_start:.0f}s in all]", flush=True)
+                    print(
+                        f"{sl} {gemm} {mean_rows:4d} {routing:9s} ({res['describe']}): "
+                        + " ".join(f"{name} {v:.1f}" for name, v in res["us"].items())
+                        + f" | best ours/peer {_fmt(d['best_ours_vs_peer'], '.3f')} masked@max/peer "
+                        f"{_fmt(d['masked_hi_vs_peer'], '.3f')} max_m cost {_fmt(d['max_m_cost'], '.3f')} "
+                        f"err {_fmt(d['ours_err'], '.1e')} pad {d['pad_ok']} [{time.time() - t0:.0f}s, "
+                        f"{time.time() - t_start:.0f}s in all]",
+                        flush=True,
+                    )
                     if args.json:
-                        Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, mode="routed",
-                                                                   cells=cells), indent=1))
+                        Path(args.json).write_text(
+                            json.dumps(dict(env=env, ceilings=ceil, mode="routed", cells=cells), indent=1)
+                        )
             weights = checker = None
             torch.cuda.empty_cache()
     table = render_routed(cells)
@@ -588,7 +687,8 @@ def main_routed(args, env, ceil, peers, log) -> int:
             "µs, CUDA-graph replay, median. Ratios are speeds relative to the best peer (>= 1: ours "
             "faster); max_m cost is our masked time at the largest max_m over the smallest (same counts; "
             "max_m below the hottest expert's rows are skipped). Counts: `zipf_counts`, capped at one row per "
-            "token.\n\n" + table)
+            "token.\n\n" + table
+        )
     print(table)
     return 0
 
@@ -596,31 +696,52 @@ def main_routed(args, env, ceil, peers, log) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--slices", default="ep8,tp8")
-    p.add_argument("--ep8-rows", default=None, help="rows per expert (routed mode: the mean); default: "
-                   f"{ROWS['ep8']} (routed {ROUTED_ROWS['ep8']})")
-    p.add_argument("--tp8-rows", default=None,
-                   help=f"as --ep8-rows; default {ROWS['tp8']} (routed {ROUTED_ROWS['tp8']})")
+    p.add_argument(
+        "--ep8-rows",
+        default=None,
+        help=f"rows per expert (routed mode: the mean); default: {ROWS['ep8']} (routed {ROUTED_ROWS['ep8']})",
+    )
+    p.add_argument(
+        "--tp8-rows", default=None, help=f"as --ep8-rows; default {ROWS['tp8']} (routed {ROUTED_ROWS['tp8']})"
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--log", default=None)
     p.add_argument("--no-peers", action="store_true")
-    p.add_argument("--routings", default=None,
-                   help="routed mode: comma-separated `uniform` / `zipf:A` (e.g. " + ",".join(ROUTINGS) + "); "
-                   "each cell gets per-expert counts from `moe_backend.testing.zipf_counts` at mean rows x "
-                   "experts in all, the same for every contender")
-    p.add_argument("--max-m", default=",".join(map(str, MAX_MS)),
-                   help="routed mode: masked layouts' max_m (those below a cell's hottest expert are skipped)")
+    p.add_argument(
+        "--routings",
+        default=None,
+        help="routed mode: comma-separated `uniform` / `zipf:A` (e.g. " + ",".join(ROUTINGS) + "); "
+        "each cell gets per-expert counts from `moe_backend.testing.zipf_counts` at mean rows x "
+        "experts in all, the same for every contender",
+    )
+    p.add_argument(
+        "--max-m",
+        default=",".join(map(str, MAX_MS)),
+        help="routed mode: masked layouts' max_m (those below a cell's hottest expert are skipped)",
+    )
     p.add_argument("--gemms", default="w13,w2", help="routed mode: which GEMMs of each slice")
-    p.add_argument("--vllm-configs", type=int, default=4,
-                   help="routed mode: time this many of vLLM's tuned configs, nearest the batch's token count "
-                   "first (0 = all of them)")
+    p.add_argument(
+        "--vllm-configs",
+        type=int,
+        default=4,
+        help="routed mode: time this many of vLLM's tuned configs, nearest the batch's token count "
+        "first (0 = all of them)",
+    )
     p.add_argument("--seed", type=int, default=0, help="routed mode: the routing's seed")
-    p.add_argument("--budget-s", type=float, default=0,
-                   help="routed mode: start no new cell after this many seconds (0 = no limit), so the table "
-                   "is printed within a device call's time limit")
-    p.add_argument("--cuda-masked", action="store_true",
-                   help="routed mode: also our CUDA masked kernel at each max_m (a multiple of 128; one JIT build "
-                   "per max_m and shape)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="routed mode: start no new cell after this many seconds (0 = no limit), so the table "
+        "is printed within a device call's time limit",
+    )
+    p.add_argument(
+        "--cuda-masked",
+        action="store_true",
+        help="routed mode: also our CUDA masked kernel at each max_m (a multiple of 128; one JIT build "
+        "per max_m and shape)",
+    )
     args = p.parse_args(argv)
     routed = args.routings is not None
     defaults = ROUTED_ROWS if routed else ROWS
@@ -629,22 +750,31 @@ def main(argv=None) -> int:
     import triton
 
     log = open(args.log, "w") if args.log else sys.stderr
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               cuda=torch.version.cuda, date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               deep_gemm="not loaded", vllm_source="not loaded")
+    env = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        deep_gemm="not loaded",
+        vllm_source="not loaded",
+    )
     peers: dict = {}
     if not args.no_peers:
         peers, found = _peers.load_peers(log)
         env.update(found)
         if "vllm" in peers:
-            peers["vllm_cfgs"] = {(e, inter): _peers.vllm_configs(e, inter)
-                                  for shapes in SHAPES.values() for _, e, _, _, inter in shapes}
+            peers["vllm_cfgs"] = {
+                (e, inter): _peers.vllm_configs(e, inter) for shapes in SHAPES.values() for _, e, _, _, inter in shapes
+            }
     ceil = measure_ceilings()
     print(f"{env}\nceilings {ceil}", flush=True)
     if routed:
         return main_routed(args, env, ceil, peers, log)
-    rows_by = {"ep8": [int(x) for x in args.ep8_rows.split(",") if x],
-               "tp8": [int(x) for x in args.tp8_rows.split(",") if x]}
+    rows_by = {
+        "ep8": [int(x) for x in args.ep8_rows.split(",") if x],
+        "tp8": [int(x) for x in args.tp8_rows.split(",") if x],
+    }
     cells = []
     for sl in args.slices.split(","):
         for gemm, e, n, k, inter in SHAPES[sl]:
@@ -652,7 +782,9 @@ def main(argv=None) -> int:
             checker = RefChecker(*weights, experts=(0, e // 2, e - 1))
             if peers.get("dg") is not None:
                 try:
-                    peers["dg_sfb"] = peers["dg"].transform_sf_into_required_layout(weights[1], n, k, (1, 128, 128), e, False)
+                    peers["dg_sfb"] = peers["dg"].transform_sf_into_required_layout(
+                        weights[1], n, k, (1, 128, 128), e, False
+                    )
                 except Exception:
                     print("deep_gemm sfb transform failed:\n" + traceback.format_exc(limit=3), file=log, flush=True)
                     peers["dg_sfb"] = weights[1]
@@ -666,10 +798,13 @@ def main(argv=None) -> int:
                 res["derived"] = derive(res, ceil)
                 cells.append(res)
                 d = res["derived"]
-                print(f"{sl} {gemm} {rows:5d}: ours {d['ours_us']:8.1f}us ({d['ours_layout']}) "
-                      f"vllm {_fmt(res.get('vllm_us'))} dgm {_fmt(res.get('dg_masked_us'))} "
-                      f"dgc {_fmt(res.get('dg_contig_us'))} ratio {_fmt(d['ratio'], '.3f')} "
-                      f"floor% {d['pct_floor']:.0f} err {d['ours_err']:.1e} [{time.time() - t0:.0f}s]", flush=True)
+                print(
+                    f"{sl} {gemm} {rows:5d}: ours {d['ours_us']:8.1f}us ({d['ours_layout']}) "
+                    f"vllm {_fmt(res.get('vllm_us'))} dgm {_fmt(res.get('dg_masked_us'))} "
+                    f"dgc {_fmt(res.get('dg_contig_us'))} ratio {_fmt(d['ratio'], '.3f')} "
+                    f"floor% {d['pct_floor']:.0f} err {d['ours_err']:.1e} [{time.time() - t0:.0f}s]",
+                    flush=True,
+                )
                 if args.json:
                     Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, cells=cells), indent=1))
             weights = checker = None

@@ -52,6 +52,7 @@ DEVICE = "cuda"
 
 # -- pure helpers (tested on the CPU) ---------------------------------------------------------------
 
+
 def rank_rows(topk_ids: torch.Tensor, experts_per_rank: int, ranks: int) -> torch.Tensor:
     """int64 `[ranks]`: routed rows each EP rank receives (rank r holds experts [r*E, (r+1)*E))."""
     ids = topk_ids.reshape(-1).long().cpu()
@@ -82,8 +83,11 @@ def derive(cell: dict) -> dict:
     """Ratios, % of floor and the issue's targets from one cell's measured numbers."""
     us, floor = cell.get("layer_us"), cell["floor"]["us"]
     best, dgc = cell.get("best_peer_us"), cell.get("dg_contig_us")
-    d = dict(ratio=us / best if us and best else None, ratio_dg_contig=us / dgc if us and dgc else None,
-             pct_floor=100.0 * floor / us if us else None)
+    d = dict(
+        ratio=us / best if us and best else None,
+        ratio_dg_contig=us / dgc if us and dgc else None,
+        pct_floor=100.0 * floor / us if us else None,
+    )
     wall, gpu = cell.get("eager_wall_us"), cell.get("eager_gpu_us")
     d["host_us"] = wall - gpu if wall is not None and gpu is not None else None
     # A target without its figure (peer not loaded, profiler failed) counts as not shown to be met.
@@ -122,9 +126,11 @@ def _fmt(x, spec=".1f"):
 
 def summary_table(cells: list) -> list[str]:
     """The short table printed last (and the first table of the docs section)."""
-    lines = ["| slice | routing | T | rows/expert max/mean | layer µs | best peer 2 GEMMs µs (which) | "
-             "layer/peer | layer/DG contig | floor µs | % floor | eager wall / GPU µs | host µs | rel err | targets |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| slice | routing | T | rows/expert max/mean | layer µs | best peer 2 GEMMs µs (which) | "
+        "layer/peer | layer/DG contig | floor µs | % floor | eager wall / GPU µs | host µs | rel err | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in cells:
         d = c["derived"]
         graphed, decode = c.get("layer_graphed"), c["phase"] == "decode"
@@ -137,7 +143,8 @@ def summary_table(cells: list) -> list[str]:
             f"{_fmt(d['ratio_dg_contig'], '.2f')} | {c['floor']['us']:.1f} | {_fmt(d['pct_floor'], '.0f')} | "
             f"{_fmt(c.get('eager_wall_us'), '.0f')} / {_fmt(c.get('eager_gpu_us'), '.0f')} | "
             f"{_fmt(d['host_us'], '.0f')} | {_fmt(layer_relerr(c), '.1e')} | "
-            f"{'met' if not d['misses'] else '**' + '; '.join(d['misses']) + '**'} |")
+            f"{'met' if not d['misses'] else '**' + '; '.join(d['misses']) + '**'} |"
+        )
     return lines
 
 
@@ -162,12 +169,15 @@ def peer_table(cells: list) -> list[str]:
 def render_section(env: dict, ceil: dict, cells: list, selection: str, skipped: list = ()) -> str:
     met = sum(1 for c in cells if not c["derived"]["misses"])
     lines = [
-        f"{MD_HEADING} ({env['device']})", "",
+        f"{MD_HEADING} ({env['device']})",
+        "",
         f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
         f"DeepGEMM {env['deep_gemm']}; vLLM Triton kernel from `{env['vllm_source']}`; date {env['date']}. "
-        f"Run: `python -m benchmarks.bench_layer {selection}`.", "",
+        f"Run: `python -m benchmarks.bench_layer {selection}`.",
+        "",
         f"Ceilings measured in this run: read {ceil['read_tbs']:.2f} TB/s (sum over 2 GB), copy "
-        f"{ceil['copy_tbs']:.2f} TB/s, FP8 `_scaled_mm` {ceil['fp8_tflops']:.0f} TFLOPS.", "",
+        f"{ceil['copy_tbs']:.2f} TB/s, FP8 `_scaled_mm` {ceil['fp8_tflops']:.0f} TFLOPS.",
+        "",
         "Layer = `moe_backend.experts.routed_experts` with bf16 x `[T, 7168]` and top-8 of 256 global ids "
         "(EP8: 32 local experts, I = 2048, ids relabelled so the local experts are the busiest rank's; "
         "TP8: 256 experts, I = 256). Decode (T <= 256) timed as CUDA-graph replay, prefill eagerly "
@@ -179,17 +189,28 @@ def render_section(env: dict, ceil: dict, cells: list, selection: str, skipped: 
         "(FP8 weights + scales of the experts with >= 1 row, x in and out bf16, the FP8 intermediate "
         "written and read once) / read bandwidth, or FLOPs / FP8 ceiling where larger. Eager wall = host "
         "perf_counter over back-to-back calls, one synchronize at the end (eager calls of <= 2048 tokens "
-        "replay their token bucket's CUDA graph: `moe_backend.eager_graphs`, policy key graph_max_tokens); GPU = torch.profiler's summed "
-        "device durations of the kernels, copies and memsets per call; host = wall - GPU. Rel err vs "
+        "replay their token bucket's CUDA graph: `moe_backend.eager_graphs`, policy key graph_max_tokens); "
+        "GPU = torch.profiler's summed device durations of the kernels, copies and memsets per call; "
+        "host = wall - GPU. Rel err vs "
         "`reference.routed_experts` at the check token counts. Targets (issue 21): decode layer/peer <= "
         f"{DECODE_RATIO_MAX} and >= {DECODE_FLOOR_PCT_MIN:.0f}% of floor at T >= {FLOOR_FROM_TOKENS}; "
-        f"prefill layer/DG contig <= {PREFILL_RATIO_MAX}; host <= {HOST_OVERHEAD_MAX_US:.0f} µs.", "",
-        *summary_table(cells), "",
-        f"Cells meeting every target: {met} / {len(cells)}.", "",
-        "The peers' GEMMs, µs:", "", *peer_table(cells),
+        f"prefill layer/DG contig <= {PREFILL_RATIO_MAX}; host <= {HOST_OVERHEAD_MAX_US:.0f} µs.",
+        "",
+        *summary_table(cells),
+        "",
+        f"Cells meeting every target: {met} / {len(cells)}.",
+        "",
+        "The peers' GEMMs, µs:",
+        "",
+        *peer_table(cells),
     ]
-    missing = [f"{c['slice']} {c['routing']} {c['tokens']} {p} {g}: {t['detail']}" for c in cells
-               for p, per in c.get("peers", {}).items() for g, t in per.items() if t["us"] is None]
+    missing = [
+        f"{c['slice']} {c['routing']} {c['tokens']} {p} {g}: {t['detail']}"
+        for c in cells
+        for p, per in c.get("peers", {}).items()
+        for g, t in per.items()
+        if t["us"] is None
+    ]
     if missing:
         lines += ["", "Peer GEMMs that did not run: " + "; ".join(missing) + "."]
     if skipped:
@@ -222,8 +243,10 @@ def write_section(path: str, section: str) -> None:
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def graph_us(fn: Callable[[], object], warmup_ms: int = 10, rep_ms: int = 50,
-             on_output: Callable[[object], None] | None = None) -> float:
+
+def graph_us(
+    fn: Callable[[], object], warmup_ms: int = 10, rep_ms: int = 50, on_output: Callable[[object], None] | None = None
+) -> float:
     """CUDA-graph replay, do_bench median, µs (the CPU tests swap this name for a stand-in)."""
     return time_graph(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, on_output=on_output)
 
@@ -263,6 +286,7 @@ def gpu_kernel_us(fn: Callable[[], object], calls: int) -> tuple[float, float]:
 
 # -- one cell -------------------------------------------------------------------------------------
 
+
 def cell_routing(sl: str, spec: str, tokens: int, seed: int, ep8_rank: str):
     """(topk_weights f32 `[T, 8]`, topk_ids int32 `[T, 8]` on the GPU, rank shown or None)."""
     topk_w, topk_ids = testing.random_topk(tokens, GLOBAL_EXPERTS, TOPK, testing.parse_routing_exponent(spec), seed)
@@ -282,15 +306,30 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
     num_experts, inter = SLICES[sl]
     topk_w, topk_ids, rank = cell_routing(sl, spec, tokens, args.seed, args.ep8_rank)
     counts = testing.expert_counts(topk_ids, num_experts)
-    cell = dict(slice=sl, routing=spec, tokens=tokens, phase=phase_of(tokens), ep8_rank=rank,
-                counts=counts.tolist(), rows_desc=rows_desc(counts))
+    cell = dict(
+        slice=sl,
+        routing=spec,
+        tokens=tokens,
+        phase=phase_of(tokens),
+        ep8_rank=rank,
+        counts=counts.tolist(),
+        rows_desc=rows_desc(counts),
+    )
     cell["floor"] = _peer_layer.layer_floor(counts, tokens, TOPK, HIDDEN, inter, ceil["read_tbs"], ceil["fp8_tflops"])
     x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     w13, w13_s = weights["w13"]
     w2, w2_s = weights["w2"]
     # The model's expert count is the tile hint's denominator (an EP8 slice holds 32 of 256).
-    fn = lambda: routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids,  # noqa: E731
-                                num_global_experts=GLOBAL_EXPERTS)
+    fn = lambda: routed_experts(
+        x,
+        w13,
+        w13_s,
+        w2,
+        w2_s,
+        topk_w,
+        topk_ids,  # noqa: E731
+        num_global_experts=GLOBAL_EXPERTS,
+    )
 
     out = fn()  # JIT and warm-up outside any capture
     ref = None
@@ -322,8 +361,9 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
 
     if peers:
         x_fp8, x_scale = quantize_fp8_per_token_group(x, 128)
-        layer_peers = _peer_layer.LayerPeers(x_fp8, x_scale, topk_ids, weights, peers, log,
-                                             masked_budget_bytes=args.masked_budget_gib * 2**30)
+        layer_peers = _peer_layer.LayerPeers(
+            x_fp8, x_scale, topk_ids, weights, peers, log, masked_budget_bytes=args.masked_budget_gib * 2**30
+        )
         times = layer_peers.time_all(lambda f, warm, rep: graph_us(f, warm, rep))  # late-bound: tests swap it
         cell["peers"] = {p: {g: dataclasses.asdict(t) for g, t in per.items()} for p, per in times.items()}
         best = _peer_layer.best_two_gemms(times)
@@ -337,6 +377,7 @@ def run_cell(sl: str, spec: str, tokens: int, weights: dict, peers: dict, ceil: 
 
 
 # -- main -----------------------------------------------------------------------------------------
+
 
 def load_peers(log) -> tuple[dict, dict]:
     return _peers.load_peers(log)
@@ -353,8 +394,12 @@ def slice_peers(peers: dict, sl: str, weights: dict, log) -> dict:
             out.pop("vllm")
     if out.get("dg") is not None:
         try:
-            out["dg_sfb"] = {g: out["dg"].transform_sf_into_required_layout(
-                bs, b.shape[1], b.shape[2], (1, 128, 128), num_experts, False) for g, (b, bs) in weights.items()}
+            out["dg_sfb"] = {
+                g: out["dg"].transform_sf_into_required_layout(
+                    bs, b.shape[1], b.shape[2], (1, 128, 128), num_experts, False
+                )
+                for g, (b, bs) in weights.items()
+            }
         except Exception:
             print("deep_gemm sfb transform failed:\n" + traceback.format_exc(limit=3), file=log, flush=True)
             out.pop("dg")
@@ -369,16 +414,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--slices", default="ep8,tp8")
     p.add_argument("--tokens", default=",".join(map(str, DECODE + PREFILL)))
-    p.add_argument("--routing", default="uniform,zipf:0.6",
-                   help="comma list of 'uniform' / 'zipf:A' (zipf:0.6: hot experts 5-10x the mean rows)")
+    p.add_argument(
+        "--routing",
+        default="uniform,zipf:0.6",
+        help="comma list of 'uniform' / 'zipf:A' (zipf:0.6: hot experts 5-10x the mean rows)",
+    )
     p.add_argument("--check-tokens", default="128,2048", help="token counts checked against the reference")
     p.add_argument("--ep8-rank", default="busiest", help="'busiest' or a rank 0-7 whose experts are local")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eager-calls", type=int, default=20)
     p.add_argument("--profile-calls", type=int, default=5)
     p.add_argument("--graph-prefill", action="store_true", help="time prefill as CUDA-graph replay too")
-    p.add_argument("--masked-budget-gib", type=float, default=16.0,
-                   help="skip DeepGEMM masked where its [E, max_m] buffers exceed this")
+    p.add_argument(
+        "--masked-budget-gib",
+        type=float,
+        default=16.0,
+        help="skip DeepGEMM masked where its [E, max_m] buffers exceed this",
+    )
     p.add_argument("--budget-s", type=float, default=450.0, help="skip the cells left after this many seconds")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--json", default=None)
@@ -389,8 +441,10 @@ def main(argv=None) -> int:
     if args.from_json:
         run = json.loads(Path(args.from_json).read_text())
         if args.md:
-            write_section(args.md, render_section(run["env"], run["ceilings"], run["cells"], run["selection"],
-                                                  run.get("skipped", [])))
+            write_section(
+                args.md,
+                render_section(run["env"], run["ceilings"], run["cells"], run["selection"], run.get("skipped", [])),
+            )
         print("\n".join(summary_table(run["cells"])))
         return 0
     args.check_tokens = set(_ints(args.check_tokens))
@@ -408,9 +462,15 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     log = open(args.log, "w") if args.log else sys.stderr
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               cuda=torch.version.cuda, date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               deep_gemm="not loaded", vllm_source="not loaded")
+    env = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        deep_gemm="not loaded",
+        vllm_source="not loaded",
+    )
     peers: dict = {}
     if not args.no_peers:
         peers, found = load_peers(log)
@@ -418,18 +478,28 @@ def main(argv=None) -> int:
     ceil = measure_ceilings()
     print(f"{env}\nceilings {ceil}", flush=True)
     cells, skipped = [], []
-    selection = f"--slices {args.slices} --tokens {args.tokens} --routing {args.routing}" + \
-        (" --no-peers" if args.no_peers else "") + (" --graph-prefill" if args.graph_prefill else "")
+    selection = (
+        f"--slices {args.slices} --tokens {args.tokens} --routing {args.routing}"
+        + (" --no-peers" if args.no_peers else "")
+        + (" --graph-prefill" if args.graph_prefill else "")
+    )
 
     def save() -> None:  # after every cell: a run cut short keeps what it measured
         if args.json:
-            Path(args.json).write_text(json.dumps(dict(env=env, ceilings=ceil, selection=selection, cells=cells,
-                                                       skipped=skipped), indent=1, default=float))
+            Path(args.json).write_text(
+                json.dumps(
+                    dict(env=env, ceilings=ceil, selection=selection, cells=cells, skipped=skipped),
+                    indent=1,
+                    default=float,
+                )
+            )
 
     for sl in slices:
         num_experts, inter = SLICES[sl]
-        weights = {"w13": random_fp8_weights(num_experts, 2 * inter, HIDDEN),
-                   "w2": random_fp8_weights(num_experts, HIDDEN, inter)}
+        weights = {
+            "w13": random_fp8_weights(num_experts, 2 * inter, HIDDEN),
+            "w2": random_fp8_weights(num_experts, HIDDEN, inter),
+        }
         here = slice_peers(peers, sl, weights, log) if peers else {}
         for spec in routings:
             for t in tokens:
@@ -445,12 +515,15 @@ def main(argv=None) -> int:
                     continue
                 cells.append(cell)
                 d = cell["derived"]
-                print(f"{sl} {spec:9s} T={t:5d} rows {cell['rows_desc']:>24s}: layer {cell['layer_us']:8.1f} us "
-                      f"({'graph' if cell['layer_graphed'] else 'eager'}) peer {_fmt(cell.get('best_peer_us')):>7s} "
-                      f"({cell.get('best_peer_which', '–')}) ratio {_fmt(d['ratio'], '.2f')} floor "
-                      f"{cell['floor']['us']:.1f} us ({_fmt(d['pct_floor'], '.0f')}%) wall/gpu "
-                      f"{_fmt(cell.get('eager_wall_us'), '.0f')}/{_fmt(cell.get('eager_gpu_us'), '.0f')} "
-                      f"err {_fmt(layer_relerr(cell), '.1e')} [{time.time() - t0:.0f}s]", flush=True)
+                print(
+                    f"{sl} {spec:9s} T={t:5d} rows {cell['rows_desc']:>24s}: layer {cell['layer_us']:8.1f} us "
+                    f"({'graph' if cell['layer_graphed'] else 'eager'}) peer {_fmt(cell.get('best_peer_us')):>7s} "
+                    f"({cell.get('best_peer_which', '–')}) ratio {_fmt(d['ratio'], '.2f')} floor "
+                    f"{cell['floor']['us']:.1f} us ({_fmt(d['pct_floor'], '.0f')}%) wall/gpu "
+                    f"{_fmt(cell.get('eager_wall_us'), '.0f')}/{_fmt(cell.get('eager_gpu_us'), '.0f')} "
+                    f"err {_fmt(layer_relerr(cell), '.1e')} [{time.time() - t0:.0f}s]",
+                    flush=True,
+                )
                 save()
         weights = here = None
         torch.cuda.empty_cache()
@@ -459,8 +532,10 @@ def main(argv=None) -> int:
         write_section(args.md, render_section(env, ceil, cells, selection, skipped))
     if skipped:
         print(f"\nnot run (past --budget-s {args.budget_s:.0f}): {', '.join(skipped)}")
-    print(f"\ntotal {time.time() - t_start:.0f}s; {sum(1 for c in cells if not c['derived']['misses'])}/{len(cells)} "
-          "cells meet every target\n")
+    print(
+        f"\ntotal {time.time() - t_start:.0f}s; {sum(1 for c in cells if not c['derived']['misses'])}/{len(cells)} "
+        "cells meet every target\n"
+    )
     print("\n".join(summary_table(cells)))
     return 0
 

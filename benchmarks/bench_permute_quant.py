@@ -56,25 +56,38 @@ def bench_one(num_local: int, num_tokens: int) -> dict:
     unfused_us = time_graph(lambda: unfused(x, layout))
     fused_us = time_graph(lambda: fused(x, layout))
     gb_unfused, gb_fused = moved_gb(num_tokens, layout.num_rows, real_rows)
-    return dict(tokens=num_tokens, rows=layout.num_rows, unfused_us=unfused_us, fused_us=fused_us,
-                unfused_tbs=gb_unfused / unfused_us * 1e3, fused_tbs=gb_fused / fused_us * 1e3, equal=equal)
+    return dict(
+        tokens=num_tokens,
+        rows=layout.num_rows,
+        unfused_us=unfused_us,
+        fused_us=fused_us,
+        unfused_tbs=gb_unfused / unfused_us * 1e3,
+        fused_tbs=gb_fused / fused_us * 1e3,
+        equal=equal,
+    )
 
 
 def table(results: dict) -> str:
     import triton
 
-    lines = [f"## permute_quant vs per_token_group_quant + permute ({torch.cuda.get_device_name()})", "",
-             f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
-             f"{datetime.date.today().isoformat()}. H = {HIDDEN}, top-{TOPK} of {GLOBAL_EXPERTS}, contiguous "
-             f"layout (128-row segments); CUDA-graph replay, median. TB/s: the bytes each path must move "
-             f"(`moved_gb`) over its time.", "",
-             "| slice | T | layout rows | unfused µs | fused µs | speedup | unfused TB/s | fused TB/s | bit-equal |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"## permute_quant vs per_token_group_quant + permute ({torch.cuda.get_device_name()})",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
+        f"{datetime.date.today().isoformat()}. H = {HIDDEN}, top-{TOPK} of {GLOBAL_EXPERTS}, contiguous "
+        f"layout (128-row segments); CUDA-graph replay, median. TB/s: the bytes each path must move "
+        f"(`moved_gb`) over its time.",
+        "",
+        "| slice | T | layout rows | unfused µs | fused µs | speedup | unfused TB/s | fused TB/s | bit-equal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for name, rows in results.items():
         for r in rows:
-            lines.append(f"| {name} | {r['tokens']} | {r['rows']} | {r['unfused_us']:.1f} | {r['fused_us']:.1f} | "
-                         f"{r['unfused_us'] / r['fused_us']:.2f}x | {r['unfused_tbs']:.2f} | {r['fused_tbs']:.2f} | "
-                         f"{'yes' if r['equal'] else '**NO**'} |")
+            lines.append(
+                f"| {name} | {r['tokens']} | {r['rows']} | {r['unfused_us']:.1f} | {r['fused_us']:.1f} | "
+                f"{r['unfused_us'] / r['fused_us']:.2f}x | {r['unfused_tbs']:.2f} | {r['fused_tbs']:.2f} | "
+                f"{'yes' if r['equal'] else '**NO**'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -93,8 +106,12 @@ def main(argv=None) -> int:
         for t in map(int, args.tokens.split(",")):
             r = bench_one(SLICES[name], t)
             results[name].append(r)
-            print(f"{name} T={t:6d} rows={r['rows']:7d}: unfused {r['unfused_us']:8.1f} us, fused "
-                  f"{r['fused_us']:8.1f} us, equal={r['equal']}", file=sys.stderr, flush=True)
+            print(
+                f"{name} T={t:6d} rows={r['rows']:7d}: unfused {r['unfused_us']:8.1f} us, fused "
+                f"{r['fused_us']:8.1f} us, equal={r['equal']}",
+                file=sys.stderr,
+                flush=True,
+            )
             torch.cuda.empty_cache()
     md = table(results)
     print(md)

@@ -51,9 +51,11 @@ def main(argv=None) -> int:
     config = MoEConfig()
     layer = DeepseekV3MoE(config, expert_range=(0, 32), device="cuda")  # EP8 slice + the shared expert
     layer.load_weights(random_moe_weights(config, seed=0, experts=range(32), device="cuda"))
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; DeepSeek-V3 EP8 layer (32 of 256 experts "
-          f"+ shared); shadow {args.backend}:{args.rate:g}; {args.blocks} interleaved off/on blocks of "
-          f"~{args.seconds:g} s each")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; DeepSeek-V3 EP8 layer (32 of 256 experts "
+        f"+ shared); shadow {args.backend}:{args.rate:g}; {args.blocks} interleaved off/on blocks of "
+        f"~{args.seconds:g} s each"
+    )
     print("| tokens | layer µs (off) | layer µs (on) | overhead | shadow runs | shadow µs (mean) | budget 1% |")
     print("|---|---|---|---|---|---|---|")
     worst = 0.0
@@ -85,9 +87,11 @@ def main(argv=None) -> int:
         labels = {"layer": "0", "backend": args.backend, "phase": "decode" if tokens <= 256 else "prefill"}
         lat_sum = registry.get_sample_value("moe_backend_shadow_latency_seconds_sum", labels) or 0.0
         lat_n = registry.get_sample_value("moe_backend_shadow_latency_seconds_count", labels) or 1.0
-        print(f"| {tokens} | {1e6 * t_off:.1f} | {1e6 * t_on:.1f} | {100 * overhead:+.2f}% | {runs} of "
-              f"{args.blocks * calls} | {1e6 * lat_sum / lat_n:.1f} | {'PASS' if overhead <= 0.01 else 'FAIL'} |",
-              flush=True)
+        print(
+            f"| {tokens} | {1e6 * t_off:.1f} | {1e6 * t_on:.1f} | {100 * overhead:+.2f}% | {runs} of "
+            f"{args.blocks * calls} | {1e6 * lat_sum / lat_n:.1f} | {'PASS' if overhead <= 0.01 else 'FAIL'} |",
+            flush=True,
+        )
     print(f"worst overhead {100 * worst:+.2f}% of layer time at rate {args.rate:g}")
     return 0
 

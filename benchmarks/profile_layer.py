@@ -52,8 +52,10 @@ def profile_cell(slice_name: str, tokens: int, weights: dict, reps: int = 5, hos
             by_name[evt.name[:70]] += evt.device_time_total / reps
             count[evt.name[:70]] += 1
     gpu_us = sum(by_name.values())
-    print(f"== {slice_name} T={tokens}: GPU kernels {gpu_us:.1f} us, host issue {host_us:.1f} us, "
-          f"eager wall {wall_us:.1f} us, launches {sum(count.values()) // reps}")
+    print(
+        f"== {slice_name} T={tokens}: GPU kernels {gpu_us:.1f} us, host issue {host_us:.1f} us, "
+        f"eager wall {wall_us:.1f} us, launches {sum(count.values()) // reps}"
+    )
     for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:14]:
         print(f"   {us:8.1f} us  x{count[name] // reps:<3d} {name}")
     if host_profile:

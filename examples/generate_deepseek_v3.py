@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -28,11 +27,13 @@ from collections import Counter
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # make_tiny_checkpoint, as a script or -m
-import make_tiny_checkpoint  # noqa: E402
+from moe_backend.experts import recorded_plans
+from moe_backend_integrations.transformers import checkpoint, compare, swap
 
-from moe_backend.experts import recorded_plans  # noqa: E402
-from moe_backend_integrations.transformers import checkpoint, compare, swap  # noqa: E402
+try:  # python -m examples.generate_deepseek_v3 (repo root)
+    from examples import make_tiny_checkpoint
+except ImportError:  # python examples/generate_deepseek_v3.py: its folder is on the path
+    import make_tiny_checkpoint
 
 # The acceptance criteria of `--check` (issue 25).
 MIN_POSITIONS = 512
@@ -50,22 +51,38 @@ SHAPES = {"tiny": (2, 32, 16), "real": (8, 128, 32)}
 
 def real_config(num_layers: int, num_experts: int = 256) -> dict:
     """DeepSeek-V3's shapes (config.json of deepseek-ai/DeepSeek-V3) with `num_layers` layers."""
-    config = make_tiny_checkpoint.tiny_config("deepseek_v3", num_layers=num_layers, hidden_size=7168,
-                                              num_experts=num_experts, top_k=8, moe_intermediate_size=2048,
-                                              vocab_size=129280)
-    config.update(intermediate_size=18432, n_group=8, topk_group=4, num_attention_heads=128,
-                  num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                  qk_rope_head_dim=64, v_head_dim=128)
+    config = make_tiny_checkpoint.tiny_config(
+        "deepseek_v3",
+        num_layers=num_layers,
+        hidden_size=7168,
+        num_experts=num_experts,
+        top_k=8,
+        moe_intermediate_size=2048,
+        vocab_size=129280,
+    )
+    config.update(
+        intermediate_size=18432,
+        n_group=8,
+        topk_group=4,
+        num_attention_heads=128,
+        num_key_value_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+    )
     return config
 
 
 def memory_source(config: dict, seed: int, device, stream_scale: float = 1.0):
     """A weight source generating the model's tensors on `device` when asked (nothing on disk)."""
+
     def source(prefix: str):
         match = re.match(r"model\.layers\.(\d+)\.", prefix)
         layers = range(int(match[1]), int(match[1]) + 1) if match else None
-        return make_tiny_checkpoint.checkpoint_tensors(config, seed, device, layers=layers,
-                                                       embedding_std=stream_scale)
+        return make_tiny_checkpoint.checkpoint_tensors(config, seed, device, layers=layers, embedding_std=stream_scale)
+
     return source
 
 
@@ -75,8 +92,7 @@ def build(args) -> tuple[dict, object]:
     if args.size == "real":
         config = real_config(args.layers, args.experts or 256)
     else:
-        config = make_tiny_checkpoint.tiny_config("deepseek_v3", num_layers=args.layers,
-                                                  num_experts=args.experts or 16)
+        config = make_tiny_checkpoint.tiny_config("deepseek_v3", num_layers=args.layers, num_experts=args.experts or 16)
     scale = args.stream_scale if args.stream_scale is not None else STREAM_SCALE[args.size]
     return config, memory_source(config, args.seed, args.device, scale)
 
@@ -84,20 +100,25 @@ def build(args) -> tuple[dict, object]:
 def _timings(name: str, run: compare.Run) -> str:
     tokens = run.tokens.shape[0] * run.prompt_len
     steps = max(run.decode_steps, 1)
-    return (f"{name:>24}: prefill {run.prefill_s * 1e3:9.1f} ms ({tokens} tokens), decode "
-            f"{run.decode_s / steps * 1e3:8.2f} ms/step ({run.decode_steps} steps x {run.tokens.shape[0]} seqs)")
+    return (
+        f"{name:>24}: prefill {run.prefill_s * 1e3:9.1f} ms ({tokens} tokens), decode "
+        f"{run.decode_s / steps * 1e3:8.2f} ms/step ({run.decode_steps} steps x {run.tokens.shape[0]} seqs)"
+    )
 
 
 def _same_prefix(a: compare.Run, b: compare.Run) -> float:
     """The fraction of generated tokens before each sequence's first difference."""
-    differs = (a.tokens[:, a.prompt_len:] != b.tokens[:, b.prompt_len:].to(a.tokens.device)).int()
+    differs = (a.tokens[:, a.prompt_len :] != b.tokens[:, b.prompt_len :].to(a.tokens.device)).int()
     first = torch.where(differs.any(1), differs.argmax(1), differs.shape[1])
     return float(first.float().mean() / differs.shape[1])
 
 
 def _passes(agreement: compare.Agreement) -> bool:
-    return (agreement.positions >= MIN_POSITIONS and agreement.top1_agreement >= MIN_TOP1_AGREEMENT
-            and agreement.mean_kl <= MAX_MEAN_KL)
+    return (
+        agreement.positions >= MIN_POSITIONS
+        and agreement.top1_agreement >= MIN_TOP1_AGREEMENT
+        and agreement.mean_kl <= MAX_MEAN_KL
+    )
 
 
 def _double_routed_output(swapped: swap.MoESwap) -> None:
@@ -112,10 +133,12 @@ def run(args) -> dict:
     config, source = build(args)
     started = time.perf_counter()
     model = checkpoint.load_model(source, config, device=device)
-    print(f"model: {config['model_type']} hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-          f"{config['n_routed_experts']} experts top-{config['num_experts_per_tok']}, moe_intermediate "
-          f"{config['moe_intermediate_size']}, vocab {config['vocab_size']} on {device} "
-          f"(built in {time.perf_counter() - started:.1f} s)")
+    print(
+        f"model: {config['model_type']} hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"{config['n_routed_experts']} experts top-{config['num_experts_per_tok']}, moe_intermediate "
+        f"{config['moe_intermediate_size']}, vocab {config['vocab_size']} on {device} "
+        f"(built in {time.perf_counter() - started:.1f} s)"
+    )
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, config["vocab_size"], (args.batch, args.prompt_len), generator=gen).to(device)
 
@@ -139,17 +162,25 @@ def run(args) -> dict:
     print(_timings("transformers (bf16)", baseline))
     print(_timings("moe_backend (FP8)", generated))
     same = _same_prefix(baseline, generated)
-    print(f"greedy tokens: {same:.1%} of the generated tokens precede each sequence's first difference "
-          f"(free-running; near-ties make this a weak check, the teacher-forced one is below)")
+    print(
+        f"greedy tokens: {same:.1%} of the generated tokens precede each sequence's first difference "
+        f"(free-running; near-ties make this a weak check, the teacher-forced one is below)"
+    )
     print(f"our MoE blocks ran: {dict(calls)} (calls per phase)")
     print("kernels our layers ran (plan: executions):")
     for line, count in sorted(kernels.items()):
         print(f"  {line}: {count}")
     print(f"agreement: {result}")
-    verdict = {"agreement": result.as_dict(), "calls": dict(calls), "kernels": dict(kernels),
-               "greedy_same_prefix": same,
-               "timings_s": {"baseline": [baseline.prefill_s, baseline.decode_s],
-                             "ours": [generated.prefill_s, generated.decode_s]}}
+    verdict = {
+        "agreement": result.as_dict(),
+        "calls": dict(calls),
+        "kernels": dict(kernels),
+        "greedy_same_prefix": same,
+        "timings_s": {
+            "baseline": [baseline.prefill_s, baseline.decode_s],
+            "ours": [generated.prefill_s, generated.decode_s],
+        },
+    }
     if args.check:
         print(f"negative control (routed output doubled): {control}")
         checks = {
@@ -170,13 +201,22 @@ def run(args) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a DeepSeek-V3-format FP8 checkpoint folder (default: random)")
-    parser.add_argument("--size", choices=("tiny", "real"), default="tiny",
-                        help="the random model's sizes: tiny (hidden 256) or DeepSeek-V3's (hidden 7168)")
+    parser.add_argument(
+        "--size",
+        choices=("tiny", "real"),
+        default="tiny",
+        help="the random model's sizes: tiny (hidden 256) or DeepSeek-V3's (hidden 7168)",
+    )
     parser.add_argument("--layers", type=int, default=3, help="random model: decoder layers (the first dense)")
-    parser.add_argument("--experts", type=int, default=None, help="random model: routed experts "
-                        "(default 16 tiny, 256 real)")
-    parser.add_argument("--stream-scale", type=float, default=None,
-                        help="random model: token-embedding std (default 1 tiny, 128 real; see STREAM_SCALE)")
+    parser.add_argument(
+        "--experts", type=int, default=None, help="random model: routed experts (default 16 tiny, 256 real)"
+    )
+    parser.add_argument(
+        "--stream-scale",
+        type=float,
+        default=None,
+        help="random model: token-embedding std (default 1 tiny, 128 real; see STREAM_SCALE)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=None, help="sequences (default 2 tiny, 8 real)")
     parser.add_argument("--prompt-len", type=int, default=None, help="default 32 tiny, 128 real")

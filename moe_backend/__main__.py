@@ -51,12 +51,17 @@ def _kernel_families(torch) -> list[tuple[str, str]]:
         except jit.JITError as exc:
             cuda_why = f"not here ({exc})"
     deepgemm = _version("deep_gemm")
-    deepgemm_why = ("not installed (pip install 'moe-backend[deepgemm]')" if deepgemm is None else
-                    f"installed ({deepgemm})" + ("" if hopper else ", but needs a Hopper GPU"))
-    return [("reference (torch)", "available: the oracle, and every GEMM without a GPU"),
-            ("Triton (ours)", triton_why),
-            ("CUDA C++ grouped GEMM (ours, JIT)", cuda_why),
-            ("DeepGEMM (optional peer provider)", deepgemm_why)]
+    deepgemm_why = (
+        "not installed (pip install 'moe-backend[deepgemm]')"
+        if deepgemm is None
+        else f"installed ({deepgemm})" + ("" if hopper else ", but needs a Hopper GPU")
+    )
+    return [
+        ("reference (torch)", "available: the oracle, and every GEMM without a GPU"),
+        ("Triton (ours)", triton_why),
+        ("CUDA C++ grouped GEMM (ours, JIT)", cuda_why),
+        ("DeepGEMM (optional peer provider)", deepgemm_why),
+    ]
 
 
 def run_info(_: argparse.Namespace, __: argparse.ArgumentParser) -> int:
@@ -72,14 +77,21 @@ def run_info(_: argparse.Namespace, __: argparse.ArgumentParser) -> int:
     print(f"triton      {_version('triton') or 'not installed'}")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        print(f"GPU         {props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
-              f"{props.total_memory / 2**30:.0f} GiB")
+        print(
+            f"GPU         {props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+            f"{props.total_memory / 2**30:.0f} GiB"
+        )
     else:
         print("GPU         none (the layer runs on the torch reference path)")
     for i, (family, why) in enumerate(_kernel_families(torch)):
         print(f"{'kernels' if i == 0 else '':<11} {family}: {why}")
-    print("peers       " + ", ".join(f"{name}: {_version(mod) or 'not installed'}" for name, mod in
-                                     (("DeepGEMM", "deep_gemm"), ("vLLM", "vllm"), ("SGLang", "sglang"))))
+    print(
+        "peers       "
+        + ", ".join(
+            f"{name}: {_version(mod) or 'not installed'}"
+            for name, mod in (("DeepGEMM", "deep_gemm"), ("vLLM", "vllm"), ("SGLang", "sglang"))
+        )
+    )
     print(f"policy      {Policy.from_env().to_dict()}")
     set_here = [f"{v.name}={os.environ[v.name]!r}" for v in VARIABLES if v.name in os.environ]
     print(f"environment {', '.join(set_here) or 'no MOE_BACKEND_* variable set'} (README's table)")
@@ -99,30 +111,50 @@ def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def add_demo(subparsers) -> None:
     parser = add_subcommand(
-        subparsers, "demo", "run a DeepSeek-V3-shaped MoE layer and check it against the reference",
+        subparsers,
+        "demo",
+        "run a DeepSeek-V3-shaped MoE layer and check it against the reference",
         description="Runs one DeepSeek-V3 MoE layer (random FP8 weights, or a layer of a checkpoint), times "
-                    "it, checks it against the torch reference and prints which policy kernel and which "
-                    "GEMM provider ran. On CPU the default is a reduced layer (DeepSeek-V3's router, a "
-                    "smaller expert MLP); on a GPU the full size.")
-    parser.add_argument("--checkpoint", metavar="PATH",
-                        help="a DeepSeek-V3-format FP8 checkpoint folder (default: random weights)")
-    parser.add_argument("--layer", type=int_range(0), default=None,
-                        help="MoE layer of the checkpoint (default: its first MoE layer)")
-    parser.add_argument("--size", choices=("reduced", "full"), default=None,
-                        help="random weights' dimensions: reduced (hidden 512, intermediate 128) or full "
-                             "(DeepSeek-V3's 7168, 2048); default: full on a GPU, reduced on CPU")
-    parser.add_argument("--tokens", type=int_range(0, 65536), default=64,
-                        help="tokens in the batch, 0..65536 (default 64; 0 = an empty batch)")
-    parser.add_argument("--ep-size", type=int_range(1, 1024), default=None,
-                        help="hold 1/EP of the routed experts; must divide their count (default: all, "
-                             "or 1/8 of a full-size layer on CPU)")
-    parser.add_argument("--reps", type=int_range(1, 10000), default=3,
-                        help="timed repetitions, 1..10000 (default 3)")
+        "it, checks it against the torch reference and prints which policy kernel and which "
+        "GEMM provider ran. On CPU the default is a reduced layer (DeepSeek-V3's router, a "
+        "smaller expert MLP); on a GPU the full size.",
+    )
+    parser.add_argument(
+        "--checkpoint", metavar="PATH", help="a DeepSeek-V3-format FP8 checkpoint folder (default: random weights)"
+    )
+    parser.add_argument(
+        "--layer", type=int_range(0), default=None, help="MoE layer of the checkpoint (default: its first MoE layer)"
+    )
+    parser.add_argument(
+        "--size",
+        choices=("reduced", "full"),
+        default=None,
+        help="random weights' dimensions: reduced (hidden 512, intermediate 128) or full "
+        "(DeepSeek-V3's 7168, 2048); default: full on a GPU, reduced on CPU",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int_range(0, 65536),
+        default=64,
+        help="tokens in the batch, 0..65536 (default 64; 0 = an empty batch)",
+    )
+    parser.add_argument(
+        "--ep-size",
+        type=int_range(1, 1024),
+        default=None,
+        help="hold 1/EP of the routed experts; must divide their count (default: all, "
+        "or 1/8 of a full-size layer on CPU)",
+    )
+    parser.add_argument("--reps", type=int_range(1, 10000), default=3, help="timed repetitions, 1..10000 (default 3)")
     parser.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0, help="random seed (default 0)")
-    parser.add_argument("--threads", type=int_range(0, 1024), default=1,
-                        help="CPU threads for torch, 0 = torch's default (default 1: the reference path's "
-                             "small GEMMs gain little from more, and on a busy machine spinning OpenMP "
-                             "threads slow it down several-fold)")
+    parser.add_argument(
+        "--threads",
+        type=int_range(0, 1024),
+        default=1,
+        help="CPU threads for torch, 0 = torch's default (default 1: the reference path's "
+        "small GEMMs gain little from more, and on a busy machine spinning OpenMP "
+        "threads slow it down several-fold)",
+    )
     parser.add_argument("--cpu", action="store_true", help="use the reference path even when a GPU is present")
     parser.set_defaults(run=run_demo)
 

@@ -14,10 +14,17 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_tensor(name: str, t: object, *, dtypes: Iterable[torch.dtype] | None = None,
-                 shape: Sequence[int | None] | None = None, ndim: int | None = None,
-                 min_dim: int | None = None, device: torch.device | str | None = None,
-                 contiguous: bool = False) -> torch.Tensor:
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dtypes: Iterable[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
+    ndim: int | None = None,
+    min_dim: int | None = None,
+    device: torch.device | str | None = None,
+    contiguous: bool = False,
+) -> torch.Tensor:
     """Raises TypeError/ValueError naming `name` unless `t` is a tensor matching every constraint.
 
     `shape` entries of None match any size.
@@ -40,13 +47,14 @@ def check_tensor(name: str, t: object, *, dtypes: Iterable[torch.dtype] | None =
     if device is not None and t.device != torch.device(device) and not _same_device(t.device, device):
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
     if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous()), got strides "
-                         f"{list(t.stride())} for shape {list(t.shape)}")
+        raise ValueError(
+            f"{name}: expected a contiguous tensor (call .contiguous()), got strides "
+            f"{list(t.stride())} for shape {list(t.shape)}"
+        )
     return t
 
 
-def check_quant_out(out: object, q_shape: Sequence[int], s_shape: Sequence[int],
-                    device: torch.device | str) -> None:
+def check_quant_out(out: object, q_shape: Sequence[int], s_shape: Sequence[int], device: torch.device | str) -> None:
     """`out` of a quantizing op: a pair (fp8 e4m3 `q_shape`, f32 `s_shape`) on `device`."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError(f"out: expected a pair (a_fp8, a_scale), got {type(out).__name__}")
@@ -108,7 +116,8 @@ def check_output_rows(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         raise ValueError(
             f"{name}: {_row_summary(bad)} overflow inside the experts (max |{name}| in them = "
             f"{amax:.3g}): an intermediate exceeds fp32/bf16 range, so the output would be Inf/NaN; "
-            f"the activations are far outside DeepSeek-V3's range (scale them down)")
+            f"the activations are far outside DeepSeek-V3's range (scale them down)"
+        )
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None, optional: bool = False) -> None:
@@ -133,8 +142,7 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
 
 
-def check_gemm_args(a_fp8: object, b_fp8: object, impl: object, expected_m: object,
-                    impls: Sequence[str]) -> None:
+def check_gemm_args(a_fp8: object, b_fp8: object, impl: object, expected_m: object, impls: Sequence[str]) -> None:
     """The grouped GEMMs' front-door checks: types only (no host sync); each provider checks
     shapes and dtypes."""
     check_tensor("a_fp8", a_fp8)
@@ -169,20 +177,21 @@ def check_grouped_gemm_weights(b_fp8: object, b_scale: object, k: int) -> tuple[
     num_experts, n, kb = b_fp8.shape
     if kb != k:
         raise ValueError(f"b_fp8: K ({kb}) must equal the activations' K ({k})")
-    check_tensor("b_scale", b_scale, dtypes=(torch.float32,),
-                 shape=(num_experts, -(-n // QUANT_BLOCK), k // QUANT_BLOCK))
+    check_tensor(
+        "b_scale", b_scale, dtypes=(torch.float32,), shape=(num_experts, -(-n // QUANT_BLOCK), k // QUANT_BLOCK)
+    )
     return num_experts, n
 
 
-def check_expert_weights(w13_fp8: object, w13_scale_inv: object, w2_fp8: object, w2_scale_inv: object,
-                         hidden: int) -> tuple[int, int]:
+def check_expert_weights(
+    w13_fp8: object, w13_scale_inv: object, w2_fp8: object, w2_scale_inv: object, hidden: int
+) -> tuple[int, int]:
     """The experts' MLP: w13 fp8 `[E, 2I, H]` (gate rows, then up rows), w2 fp8 `[E, H, I]`, block
     scales beside them; returns (E, 2I), w13's (E, N)."""
     num_experts, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
     check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2)
     if w2_fp8.shape[:2] != (num_experts, hidden):
-        raise ValueError(f"w2_fp8: expected shape [{num_experts}, {hidden}, {two_i // 2}], "
-                         f"got {list(w2_fp8.shape)}")
+        raise ValueError(f"w2_fp8: expected shape [{num_experts}, {hidden}, {two_i // 2}], got {list(w2_fp8.shape)}")
     return num_experts, two_i
 
 

@@ -36,8 +36,7 @@ def csv_of(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
         items = tuple(item.strip() for item in text.split(",") if item.strip())
         unknown = [item for item in items if item not in choices]
         if not items or unknown:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list of {', '.join(choices)}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}, got {text!r}")
         return items
 
     parse.__name__ = "list"
@@ -53,8 +52,7 @@ def csv_of_ints(low: int, high: int) -> Callable[[str], tuple[int, ...]]:
         except ValueError:
             items = ()
         if not items or any(not low <= item <= high for item in items):
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list of integers {low}..{high}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers {low}..{high}, got {text!r}")
         return items
 
     parse.__name__ = "list"

@@ -21,9 +21,12 @@ class _PlainBar:
         pct = 100.0 * self.n / self.total if self.total else 100.0
         if pct - self._last >= 10 or self.n == self.total:
             self._last = pct
-            print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({pct:.0f}%, "
-                  f"{time.monotonic() - self._start:.1f}s){', ' + self.postfix if self.postfix else ''}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{self.desc}: {self.n}/{self.total} {self.unit} ({pct:.0f}%, "
+                f"{time.monotonic() - self._start:.1f}s){', ' + self.postfix if self.postfix else ''}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def set_postfix_str(self, s: str) -> None:
         self.postfix = s

@@ -41,8 +41,14 @@ class MoEConfig:
     ue8m0_scales: bool = False  # DeepSeek-V3.1 `scale_fmt: "ue8m0"`: power-of-two scales
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts",
-                     "num_experts_per_tok", "n_group", "topk_group"):
+        for name in (
+            "hidden_size",
+            "moe_intermediate_size",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+        ):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("n_shared_experts", self.n_shared_experts, minimum=0)
         factor = self.routed_scaling_factor
@@ -58,37 +64,50 @@ class MoEConfig:
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
         block = self.weight_block_size
-        if not isinstance(block, (tuple, list)) or len(block) != 2 or \
-                any(not isinstance(b, int) or isinstance(b, bool) for b in block):
-            raise TypeError(f"quantization_config.weight_block_size must be two ints "
-                            f"[{QUANT_BLOCK}, {QUANT_BLOCK}], got {block!r}")
+        if (
+            not isinstance(block, (tuple, list))
+            or len(block) != 2
+            or any(not isinstance(b, int) or isinstance(b, bool) for b in block)
+        ):
+            raise TypeError(
+                f"quantization_config.weight_block_size must be two ints [{QUANT_BLOCK}, {QUANT_BLOCK}], got {block!r}"
+            )
         if self.hidden_size % QUANT_BLOCK:
-            raise ValueError(f"hidden_size must be a multiple of {QUANT_BLOCK} (FP8 1x128 groups), "
-                             f"got {self.hidden_size}")
+            raise ValueError(
+                f"hidden_size must be a multiple of {QUANT_BLOCK} (FP8 1x128 groups), got {self.hidden_size}"
+            )
         if self.moe_intermediate_size % QUANT_BLOCK:
-            raise ValueError(f"moe_intermediate_size must be a multiple of {QUANT_BLOCK}, "
-                             f"got {self.moe_intermediate_size}")
+            raise ValueError(
+                f"moe_intermediate_size must be a multiple of {QUANT_BLOCK}, got {self.moe_intermediate_size}"
+            )
         if self.n_routed_experts % self.n_group:
-            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by "
-                             f"n_group ({self.n_group})")
+            raise ValueError(
+                f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"
+            )
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
         if self.n_routed_experts // self.n_group < 2:
             # A group's strength is the sum of its two best experts' scores.
-            raise ValueError(f"n_group ({self.n_group}) must leave at least 2 experts per group "
-                             f"(n_routed_experts is {self.n_routed_experts}): the router ranks groups "
-                             f"by their top-2 scores")
+            raise ValueError(
+                f"n_group ({self.n_group}) must leave at least 2 experts per group "
+                f"(n_routed_experts is {self.n_routed_experts}): the router ranks groups "
+                f"by their top-2 scores"
+            )
         experts_in_kept_groups = self.topk_group * (self.n_routed_experts // self.n_group)
         if self.num_experts_per_tok > experts_in_kept_groups:
-            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the "
-                             f"{experts_in_kept_groups} experts in topk_group kept groups")
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the "
+                f"{experts_in_kept_groups} experts in topk_group kept groups"
+            )
         if self.scoring_func != "sigmoid":
             raise ValueError(f"scoring_func must be 'sigmoid' (DeepSeek-V3), got {self.scoring_func!r}")
         if self.topk_method != "noaux_tc":
             raise ValueError(f"topk_method must be 'noaux_tc', got {self.topk_method!r}")
         if tuple(self.weight_block_size) != (QUANT_BLOCK, QUANT_BLOCK):
-            raise ValueError(f"quantization_config.weight_block_size must be "
-                             f"[{QUANT_BLOCK}, {QUANT_BLOCK}], got {list(self.weight_block_size)}")
+            raise ValueError(
+                f"quantization_config.weight_block_size must be "
+                f"[{QUANT_BLOCK}, {QUANT_BLOCK}], got {list(self.weight_block_size)}"
+            )
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any] | str | os.PathLike) -> "MoEConfig":

@@ -44,7 +44,7 @@ SCALE_FLOOR = 1e-10
 # The largest scale: a power of two (so UE8M0 holds it) with 448 * scale < fp32 max, so every
 # dequantized value stays finite. Groups whose amax exceeds 448 * 2^119 (~3e38, or overflowed to
 # inf inside SiLU*up) saturate at +-448 * SCALE_CEIL instead of turning into inf/NaN.
-SCALE_CEIL = 2.0 ** 119
+SCALE_CEIL = 2.0**119
 
 # DeepSeek-V3 (and V3.1 / R1): hidden size, per-expert intermediate size, routed experts, top-k.
 DEEPSEEK_V3_HIDDEN = 7168
@@ -71,8 +71,10 @@ class GemmShape(NamedTuple):
 
 
 def _slice_shapes(slice_name: str, experts: int, intermediate: int) -> tuple[GemmShape, GemmShape]:
-    return (GemmShape(slice_name, "w13", experts, 2 * intermediate, DEEPSEEK_V3_HIDDEN),
-            GemmShape(slice_name, "w2", experts, DEEPSEEK_V3_HIDDEN, intermediate))
+    return (
+        GemmShape(slice_name, "w13", experts, 2 * intermediate, DEEPSEEK_V3_HIDDEN),
+        GemmShape(slice_name, "w2", experts, DEEPSEEK_V3_HIDDEN, intermediate),
+    )
 
 
 # EP8: (32, 4096, 7168) and (32, 7168, 2048); TP8: (256, 512, 7168) and (256, 7168, 256).

@@ -29,8 +29,10 @@ __all__ = ["REDUCED_CONFIG", "checkpoint_moe_layers", "run", "ProviderTrace"]
 # that all 256 experts are generated and run on a CPU in seconds.
 REDUCED_CONFIG = MoEConfig(hidden_size=512, moe_intermediate_size=128)
 FULL_CONFIG = MoEConfig()
-_NEEDS_SAFETENSORS = ("argument --checkpoint: reading a checkpoint needs safetensors "
-                      "(pip install safetensors, or this package's [checkpoint] extra)")
+_NEEDS_SAFETENSORS = (
+    "argument --checkpoint: reading a checkpoint needs safetensors "
+    "(pip install safetensors, or this package's [checkpoint] extra)"
+)
 # A CPU holds only an expert-parallel slice of a layer whose routed experts exceed this many bytes.
 CPU_EXPERT_BYTES = 2**32
 
@@ -106,7 +108,9 @@ class ProviderTrace:
                 # Our kernels are launched by the plan's executor, not through the wrapped functions.
                 for gemm in (plan.gemm1, plan.gemm2):
                     if gemm.provider in ("triton", "cuda"):
-                        self.gemms[("routed experts", f"grouped_gemm_{plan.layout}", _PLAN_PROVIDER[gemm.provider])] += 1
+                        self.gemms[
+                            ("routed experts", f"grouped_gemm_{plan.layout}", _PLAN_PROVIDER[gemm.provider])
+                        ] += 1
         finally:
             for owner, name, original in reversed(patched):
                 setattr(owner, name, original)
@@ -117,9 +121,11 @@ class ProviderTrace:
         if not self.plans:
             lines.append("policy: not consulted (an empty batch returns before routing)")
         for plan in self.plans:
-            lines.append(f"policy: {plan.phase} batch of {plan.num_tokens} tokens -> kernel {plan.kernel!r} "
-                         f"({plan.layout} layout, GEMM1 on {_PLAN_PROVIDER[plan.gemm1.provider]}, "
-                         f"GEMM2 on {_PLAN_PROVIDER[plan.gemm2.provider]})")
+            lines.append(
+                f"policy: {plan.phase} batch of {plan.num_tokens} tokens -> kernel {plan.kernel!r} "
+                f"({plan.layout} layout, GEMM1 on {_PLAN_PROVIDER[plan.gemm1.provider]}, "
+                f"GEMM2 on {_PLAN_PROVIDER[plan.gemm2.provider]})"
+            )
             lines.append(f"plan:   {plan.describe()}")
         if not self.gemms:
             lines.append("ran:    no grouped GEMM")
@@ -145,8 +151,12 @@ def checkpoint_moe_layers(path: str) -> list[int]:
     layers = set()
     for name in names:
         parts = name.split(".")
-        if len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[3:] == ["mlp", "gate", "weight"] \
-                and parts[2].isdigit():
+        if (
+            len(parts) == 6
+            and parts[:2] == ["model", "layers"]
+            and parts[3:] == ["mlp", "gate", "weight"]
+            and parts[2].isdigit()
+        ):
             layers.add(int(parts[2]))
     return sorted(layers)
 
@@ -157,8 +167,10 @@ def _check_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
     path = args.checkpoint
     if not os.path.isdir(path):
-        parser.error(f"argument --checkpoint: {path!r} is not a folder (expected a DeepSeek-V3-format "
-                     f"checkpoint: config.json + safetensors)")
+        parser.error(
+            f"argument --checkpoint: {path!r} is not a folder (expected a DeepSeek-V3-format "
+            f"checkpoint: config.json + safetensors)"
+        )
     if not os.path.isfile(os.path.join(path, "config.json")):
         parser.error(f"argument --checkpoint: {path!r} has no config.json")
     try:
@@ -173,8 +185,9 @@ def _check_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if args.layer is None:
         args.layer = layers[0]
     elif args.layer not in layers:
-        parser.error(f"argument --layer: {args.layer} is not a MoE layer of this checkpoint; "
-                     f"choose one of {ranges(layers)}")
+        parser.error(
+            f"argument --layer: {args.layer} is not a MoE layer of this checkpoint; choose one of {ranges(layers)}"
+        )
     return config
 
 
@@ -200,15 +213,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error("argument --layer: only with --checkpoint (random weights make a single layer)")
         size = args.size or ("full" if gpu else "reduced")
         config = FULL_CONFIG if size == "full" else REDUCED_CONFIG
-        what = f"random weights, {size} size" + ("" if gpu or size == "full" else
-                                                    " (on CPU; --size full for DeepSeek-V3's dimensions)")
+        what = f"random weights, {size} size" + (
+            "" if gpu or size == "full" else " (on CPU; --size full for DeepSeek-V3's dimensions)"
+        )
     num_experts = config.n_routed_experts
     expert_bytes = 3 * config.hidden_size * config.moe_intermediate_size * num_experts
     ep_size = args.ep_size or (1 if gpu or expert_bytes < CPU_EXPERT_BYTES else 8)
     if num_experts % ep_size:
         divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-        parser.error(f"argument --ep-size: {ep_size} does not divide the layer's {num_experts} experts; "
-                     f"choose one of {', '.join(map(str, divisors))}")
+        parser.error(
+            f"argument --ep-size: {ep_size} does not divide the layer's {num_experts} experts; "
+            f"choose one of {', '.join(map(str, divisors))}"
+        )
     per_rank = num_experts // ep_size
 
     if gpu:
@@ -216,9 +232,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         why = "--cpu" if torch.cuda.is_available() else "no GPU"
         print(f"device: cpu ({why}: every GEMM runs on the torch reference)")
-    print(f"layer:  {what}: hidden={config.hidden_size} intermediate={config.moe_intermediate_size} "
-          f"experts={num_experts} top-{config.num_experts_per_tok} of {config.topk_group}/{config.n_group} "
-          f"groups; this process holds experts [0, {per_rank}) (EP slice 1 of {ep_size}) + the shared expert")
+    print(
+        f"layer:  {what}: hidden={config.hidden_size} intermediate={config.moe_intermediate_size} "
+        f"experts={num_experts} top-{config.num_experts_per_tok} of {config.topk_group}/{config.n_group} "
+        f"groups; this process holds experts [0, {per_rank}) (EP slice 1 of {ep_size}) + the shared expert"
+    )
     layer = DeepseekV3MoE(config, expert_range=(0, per_rank), device=device)
     if args.checkpoint is not None:
         try:
@@ -230,10 +248,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         names = 2 + per_rank * 6 + 6
         with progress(total=names, desc="generating random FP8 weights", unit="tensor") as bar:
+
             def counted():
                 for item in random_moe_weights(config, seed=args.seed, experts=range(per_rank), device=device):
                     bar.update(1)
                     yield item
+
             layer.load_weights(counted())
     setup = time.perf_counter() - setup_start
 
@@ -241,8 +261,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     x = torch.randn(args.tokens, config.hidden_size, generator=gen, device=device).to(torch.bfloat16)
     labels = {layer.w13_fp8.data_ptr(): "routed experts", layer.w2_fp8.data_ptr(): "routed experts"}
     if layer.with_shared_experts:
-        labels.update({layer.shared_w13_fp8.data_ptr(): "shared expert",
-                       layer.shared_w2_fp8.data_ptr(): "shared expert"})
+        labels.update(
+            {layer.shared_w13_fp8.data_ptr(): "shared expert", layer.shared_w2_fp8.data_ptr(): "shared expert"}
+        )
     trace = ProviderTrace(labels, gpu=gpu)
     with trace.active():
         out = layer(x)  # also the warm-up (JIT compilation on a GPU)
@@ -257,16 +278,26 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     # The oracle: the reference experts + shared expert, from the same router output.
     topk_weights, topk_ids = noaux_tc_route(x, layer.gate_weight, layer.e_score_correction_bias, config)
-    ref = reference.routed_experts(x, layer.w13_fp8, layer.w13_scale_inv, layer.w2_fp8, layer.w2_scale_inv,
-                                   topk_weights, topk_ids, ue8m0=config.ue8m0_scales).float()
+    ref = reference.routed_experts(
+        x,
+        layer.w13_fp8,
+        layer.w13_scale_inv,
+        layer.w2_fp8,
+        layer.w2_scale_inv,
+        topk_weights,
+        topk_ids,
+        ue8m0=config.ue8m0_scales,
+    ).float()
     ref += _shared_reference(layer, x)
     err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     local = ((topk_ids >= 0) & (topk_ids < per_rank)).sum().item()
     print(f"tokens: {args.tokens}; routed (token, expert) pairs on this slice: {local}/{topk_ids.numel()}")
     for line in trace.describe():
         print(line)
-    print(f"set-up (weights): {setup:.1f} s   time per forward: {elapsed * 1e3:.3f} ms   "
-          f"relative error vs reference: {err:.2e}")
+    print(
+        f"set-up (weights): {setup:.1f} s   time per forward: {elapsed * 1e3:.3f} ms   "
+        f"relative error vs reference: {err:.2e}"
+    )
     if err >= 1e-2:
         print("FAILED: the layer's output differs from the reference by more than 1e-2", file=sys.stderr)
         return 1
@@ -280,6 +311,13 @@ def _shared_reference(layer, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x, dtype=torch.float32)
     ids = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
     ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    return reference.routed_experts(x, layer.shared_w13_fp8, layer.shared_w13_scale_inv, layer.shared_w2_fp8,
-                                    layer.shared_w2_scale_inv, ones, ids,
-                                    ue8m0=layer.config.ue8m0_scales).float()
+    return reference.routed_experts(
+        x,
+        layer.shared_w13_fp8,
+        layer.shared_w13_scale_inv,
+        layer.shared_w2_fp8,
+        layer.shared_w2_scale_inv,
+        ones,
+        ids,
+        ue8m0=layer.config.ue8m0_scales,
+    ).float()

@@ -62,25 +62,31 @@ def clear() -> None:
 
 
 def cache_sizes() -> dict[str, int]:
-    return {"graphs": len(_graphs), "static_buffers": len(_static), "pools": len(_pools),
-            "plans_seen": len(_eager_once)}
+    return {
+        "graphs": len(_graphs),
+        "static_buffers": len(_static),
+        "pools": len(_pools),
+        "plans_seen": len(_eager_once),
+    }
 
 
-def _static_io(capacity: int, x: torch.Tensor, x_scale: torch.Tensor | None, ids: torch.Tensor,
-               stream: torch.cuda.Stream) -> _StaticIO:
-    key = (x.device.index, stream.cuda_stream, capacity, x.shape[1], x.dtype, x_scale is None, ids.shape[1],
-           ids.dtype)
+def _static_io(
+    capacity: int, x: torch.Tensor, x_scale: torch.Tensor | None, ids: torch.Tensor, stream: torch.cuda.Stream
+) -> _StaticIO:
+    key = (x.device.index, stream.cuda_stream, capacity, x.shape[1], x.dtype, x_scale is None, ids.shape[1], ids.dtype)
     io = _static.get(key)
     if io is None:
         dev, hidden, topk = x.device, x.shape[1], ids.shape[1]
         # Zeros, not empty: rows past a call's tokens are read (never used) by whole-tensor steps.
         io = _StaticIO(
             x=torch.zeros(capacity, hidden, dtype=x.dtype, device=dev),
-            x_scale=None if x_scale is None else torch.ones(capacity, x_scale.shape[1], dtype=torch.float32,
-                                                            device=dev),
+            x_scale=None
+            if x_scale is None
+            else torch.ones(capacity, x_scale.shape[1], dtype=torch.float32, device=dev),
             ids=torch.full((capacity, topk), -1, dtype=ids.dtype, device=dev),
             weights=torch.zeros(capacity, topk, dtype=torch.float32, device=dev),
-            out=torch.empty(capacity, hidden, dtype=torch.bfloat16, device=dev))
+            out=torch.empty(capacity, hidden, dtype=torch.bfloat16, device=dev),
+        )
         _static[key] = io
     return io
 
@@ -91,11 +97,22 @@ def _pool(device_index: int):
     return _pools[device_index]
 
 
-def run_graphed(plan: Plan, execute: Callable[..., torch.Tensor], capacity: int, x: torch.Tensor,
-                x_scale: torch.Tensor | None, w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor,
-                w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor, expert_start: int, ue8m0: bool,
-                out: torch.Tensor | None) -> torch.Tensor | None:
+def run_graphed(
+    plan: Plan,
+    execute: Callable[..., torch.Tensor],
+    capacity: int,
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    w13_fp8: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2_fp8: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_start: int,
+    ue8m0: bool,
+    out: torch.Tensor | None,
+) -> torch.Tensor | None:
     """Runs `plan.graph_plan` as a graph on checked operands; returns the [T, H] result, or None
     when this key cannot be graphed (the caller then runs the plan eagerly).
 
@@ -110,8 +127,19 @@ def run_graphed(plan: Plan, execute: Callable[..., torch.Tensor], capacity: int,
     tokens, bucket = x.shape[0], bucket_plan.num_tokens
     stream = torch.cuda.current_stream(x.device)
     io = _static_io(capacity, x, x_scale, topk_ids, stream)
-    key = (id(bucket_plan), stream.cuda_stream, w13_fp8.data_ptr(), w13_scale_inv.data_ptr(), w2_fp8.data_ptr(),
-           w2_scale_inv.data_ptr(), expert_start, ue8m0, x.dtype, topk_ids.shape[1], topk_ids.dtype)
+    key = (
+        id(bucket_plan),
+        stream.cuda_stream,
+        w13_fp8.data_ptr(),
+        w13_scale_inv.data_ptr(),
+        w2_fp8.data_ptr(),
+        w2_scale_inv.data_ptr(),
+        expert_start,
+        ue8m0,
+        x.dtype,
+        topk_ids.shape[1],
+        topk_ids.dtype,
+    )
     entry = _graphs.get(key)
     graph = False if entry is None else entry[1]
     if graph is None:
@@ -121,13 +149,14 @@ def run_graphed(plan: Plan, execute: Callable[..., torch.Tensor], capacity: int,
     if x_scale is not None:
         io.x_scale[:tokens].copy_(x_scale)
     if io.dirty_rows > tokens:
-        io.ids[tokens:io.dirty_rows].fill_(-1)
+        io.ids[tokens : io.dirty_rows].fill_(-1)
     io.ids[:tokens].copy_(topk_ids)
     io.weights[:tokens].copy_(topk_weights)
     io.dirty_rows = tokens
     if graph is False:
-        graph = _capture(bucket_plan, execute, io, bucket, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
-                         expert_start, ue8m0, stream)
+        graph = _capture(
+            bucket_plan, execute, io, bucket, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, expert_start, ue8m0, stream
+        )
         _graphs[key] = (bucket_plan, graph)
         while len(_graphs) > MAX_GRAPHS:
             _graphs.popitem(last=False)
@@ -141,10 +170,33 @@ def run_graphed(plan: Plan, execute: Callable[..., torch.Tensor], capacity: int,
     return io.out[:tokens].clone()
 
 
-def _capture(plan: Plan, execute, io: _StaticIO, bucket: int, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
-             expert_start: int, ue8m0: bool, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph | None:
-    args = (plan, io.x[:bucket], None if io.x_scale is None else io.x_scale[:bucket], w13_fp8, w13_scale_inv,
-            w2_fp8, w2_scale_inv, io.weights[:bucket], io.ids[:bucket], expert_start, ue8m0, io.out[:bucket])
+def _capture(
+    plan: Plan,
+    execute,
+    io: _StaticIO,
+    bucket: int,
+    w13_fp8,
+    w13_scale_inv,
+    w2_fp8,
+    w2_scale_inv,
+    expert_start: int,
+    ue8m0: bool,
+    stream: torch.cuda.Stream,
+) -> torch.cuda.CUDAGraph | None:
+    args = (
+        plan,
+        io.x[:bucket],
+        None if io.x_scale is None else io.x_scale[:bucket],
+        w13_fp8,
+        w13_scale_inv,
+        w2_fp8,
+        w2_scale_inv,
+        io.weights[:bucket],
+        io.ids[:bucket],
+        expert_start,
+        ue8m0,
+        io.out[:bucket],
+    )
     # Warm-up on a side stream (compiles, occupancy look-ups, lazy inits stay out of the capture).
     side = torch.cuda.Stream(device=io.x.device)
     side.wait_stream(stream)
@@ -162,8 +214,12 @@ def _capture(plan: Plan, execute, io: _StaticIO, bucket: int, w13_fp8, w13_scale
             finally:
                 graph.capture_end()
     except Exception as exc:  # any capture failure: this key launches kernel by kernel
-        warnings.warn(f"moe_backend: eager calls of plan [{plan.describe()}] run without a CUDA graph: "
-                      f"capture failed ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"moe_backend: eager calls of plan [{plan.describe()}] run without a CUDA graph: "
+            f"capture failed ({type(exc).__name__}: {exc})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     stream.wait_stream(side)
     return graph

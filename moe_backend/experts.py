@@ -63,16 +63,36 @@ def _record(plan: Plan) -> None:
 
 
 # ---------------------------------------------------------------- execution (no checks, no choices)
-def _gemm_contiguous(g: GemmPlan, a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, num_experts: int,
-                     rows_in_use: torch.Tensor | None = None):
+def _gemm_contiguous(
+    g: GemmPlan,
+    a_fp8,
+    a_scale,
+    b_fp8,
+    b_scale,
+    expert_ids,
+    out,
+    num_experts: int,
+    rows_in_use: torch.Tensor | None = None,
+):
     """rows_in_use: int32 `[1]` on the device, the layout's padded total; the rows past it (the
     static bound's tail) are padding the kernels do not walk."""
     if g.provider == "triton":
         from moe_backend.kernels import _grouped_gemm_core
 
-        _grouped_gemm_core.launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, None, masked=False,
-                                  rows=a_fp8.shape[0], num_experts=num_experts, cfg=g.triton_config,
-                                  num_rows=rows_in_use)
+        _grouped_gemm_core.launch(
+            a_fp8,
+            a_scale,
+            b_fp8,
+            b_scale,
+            out,
+            expert_ids,
+            None,
+            masked=False,
+            rows=a_fp8.shape[0],
+            num_experts=num_experts,
+            cfg=g.triton_config,
+            num_rows=rows_in_use,
+        )
     elif g.provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import launch
 
@@ -87,37 +107,66 @@ def _gemm_masked(g: GemmPlan, a_fp8, a_scale, b_fp8, b_scale, masked_m, out, exp
     if g.provider == "triton":
         from moe_backend.kernels import _grouped_gemm_core
 
-        _grouped_gemm_core.launch(a_fp8, a_scale, b_fp8, b_scale, out, None, masked_m, masked=True,
-                                  rows=max_m, num_experts=num_experts, cfg=g.triton_config)
+        _grouped_gemm_core.launch(
+            a_fp8,
+            a_scale,
+            b_fp8,
+            b_scale,
+            out,
+            None,
+            masked_m,
+            masked=True,
+            rows=max_m,
+            num_experts=num_experts,
+            cfg=g.triton_config,
+        )
     elif g.provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import launch
 
         rows = num_experts * max_m
-        launch(a_fp8.view(rows, k), a_scale.view(rows, -1), b_fp8, b_scale, masked_m,
-               out.view(rows, -1), config=g.config, masked_max_m=max_m)
+        launch(
+            a_fp8.view(rows, k),
+            a_scale.view(rows, -1),
+            b_fp8,
+            b_scale,
+            masked_m,
+            out.view(rows, -1),
+            config=g.config,
+            masked_max_m=max_m,
+        )
     else:
-        ops.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out, impl=g.provider,
-                                expected_m=expected_m)
+        ops.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out, impl=g.provider, expected_m=expected_m)
     return out
 
 
-def run_masked_plan(plan: Plan, a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Tensor,
-                    w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor,
-                    masked_m: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor | None,
-                    ue8m0: bool) -> torch.Tensor:
+def run_masked_plan(
+    plan: Plan,
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w13_fp8: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2_fp8: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    masked_m: torch.Tensor,
+    out: torch.Tensor,
+    workspace: torch.Tensor | None,
+    ue8m0: bool,
+) -> torch.Tensor:
     """Executes a masked-layout plan on checked operands (see `masked_experts`)."""
     if _plan_records or _PLAN_LOG is not None:
         _record(plan)
-    return _execute_masked(plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out,
-                           workspace, ue8m0)
+    return _execute_masked(
+        plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out, workspace, ue8m0
+    )
 
 
-def _execute_masked(plan: Plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out,
-                    workspace, ue8m0: bool) -> torch.Tensor:
+def _execute_masked(
+    plan: Plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out, workspace, ue8m0: bool
+) -> torch.Tensor:
     num_experts, max_m, _ = a_fp8.shape
     two_i = w13_fp8.shape[1]
     if workspace is not None:
-        h = workspace.reshape(-1)[:num_experts * max_m * two_i].view(num_experts, max_m, two_i)
+        h = workspace.reshape(-1)[: num_experts * max_m * two_i].view(num_experts, max_m, two_i)
     else:
         h = torch.empty(num_experts, max_m, two_i, dtype=torch.bfloat16, device=a_fp8.device)
     _gemm_masked(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, masked_m, h, plan.expected_m)
@@ -125,8 +174,14 @@ def _execute_masked(plan: Plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, 
     return _gemm_masked(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, masked_m, out, plan.expected_m)
 
 
-def _layout_activations(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, src_token: torch.Tensor,
-                        ue8m0: bool, rows_in_use: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _layout_activations(
+    plan: Plan,
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    src_token: torch.Tensor,
+    ue8m0: bool,
+    rows_in_use: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GEMM1's operand in the layout's rows (padding rows are not written)."""
     if x_scale is None:
         if plan.fused_permute_quant:
@@ -135,19 +190,42 @@ def _layout_activations(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | Non
     return ops.permute_rows(x, x_scale, src_token)
 
 
-def run_plan(plan: Plan, x: torch.Tensor, x_scale: torch.Tensor | None, w13_fp8: torch.Tensor,
-             w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor,
-             topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int, ue8m0: bool,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+def run_plan(
+    plan: Plan,
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    w13_fp8: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2_fp8: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_start: int,
+    ue8m0: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Executes a standard-format plan on checked operands (see `routed_experts`)."""
     if _plan_records or _PLAN_LOG is not None:
         _record(plan)
-    return _execute_plan(plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids,
-                         expert_start, ue8m0, out)
+    return _execute_plan(
+        plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0, out
+    )
 
 
-def _execute_plan(plan: Plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids,
-                  expert_start: int, ue8m0: bool, out: torch.Tensor | None) -> torch.Tensor:
+def _execute_plan(
+    plan: Plan,
+    x,
+    x_scale,
+    w13_fp8,
+    w13_scale_inv,
+    w2_fp8,
+    w2_scale_inv,
+    topk_weights,
+    topk_ids,
+    expert_start: int,
+    ue8m0: bool,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
     num_experts, two_i, _ = w13_fp8.shape
     hidden = w2_fp8.shape[1]
     dev = x.device
@@ -155,11 +233,11 @@ def _execute_plan(plan: Plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_sca
         layout = ops.build_masked_layout(topk_ids, num_experts, expert_start=expert_start, max_m=plan.num_rows)
         a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)
         y = torch.empty(num_experts, plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
-        _execute_masked(plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m,
-                        y, None, ue8m0)
+        _execute_masked(
+            plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m, y, None, ue8m0
+        )
     else:
-        layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start,
-                                             alignment=plan.alignment)
+        layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start, alignment=plan.alignment)
         rows_in_use = layout.expert_offsets[num_experts:]  # int32 [1] on the device
         a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
         ids = layout.expert_ids
@@ -172,12 +250,23 @@ def _execute_plan(plan: Plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_sca
 
 
 # ---------------------------------------------------------------- public entry points (checked)
-def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Tensor,
-                   w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor,
-                   masked_m: torch.Tensor, *, out: torch.Tensor | None = None,
-                   workspace: torch.Tensor | None = None, policy: Policy | None = None,
-                   plan: Plan | None = None, ue8m0: bool = False, expected_m: int | None = None,
-                   impl: str | None = None) -> torch.Tensor:
+def masked_experts(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w13_fp8: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2_fp8: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    masked_m: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+    policy: Policy | None = None,
+    plan: Plan | None = None,
+    ue8m0: bool = False,
+    expected_m: int | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
     """The expert MLP on the masked layout (DeepEP low-latency / vLLM batched format).
 
     a_fp8 `[E, max_m, H]` + a_scale `[E, max_m, H/128]`, masked_m int32 `[E]` on the device.
@@ -202,28 +291,50 @@ def masked_experts(a_fp8: torch.Tensor, a_scale: torch.Tensor, w13_fp8: torch.Te
     if out is None:
         out = torch.zeros(num_experts, max_m, hidden, dtype=torch.bfloat16, device=a_fp8.device)
     else:
-        check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_experts, max_m, hidden),
-                     device=a_fp8.device, contiguous=True)
+        check_tensor(
+            "out",
+            out,
+            dtypes=(torch.bfloat16,),
+            shape=(num_experts, max_m, hidden),
+            device=a_fp8.device,
+            contiguous=True,
+        )
     if workspace is not None:
         check_tensor("workspace", workspace, dtypes=(torch.bfloat16,), device=a_fp8.device)
         if workspace.numel() < num_experts * max_m * two_i:
-            raise ValueError(f"workspace: expected >= {num_experts * max_m * two_i} elements (E * max_m * 2I), "
-                             f"got {workspace.numel()}")
+            raise ValueError(
+                f"workspace: expected >= {num_experts * max_m * two_i} elements (E * max_m * 2I), "
+                f"got {workspace.numel()}"
+            )
     if num_experts == 0 or max_m == 0:
         return out
     if plan is None:
         policy = policy or Policy.from_env()
         if impl is not None:
             policy = _with_kernel(policy, masked_kernel=_MASKED_BY_IMPL.get(impl, impl))
-        plan = make_masked_plan(policy, num_experts=num_experts, max_m=max_m, hidden=hidden,
-                                intermediate=two_i // 2, device=a_fp8.device, expected_m=expected_m)
-    return run_masked_plan(plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m,
-                           out, workspace, ue8m0)
+        plan = make_masked_plan(
+            policy,
+            num_experts=num_experts,
+            max_m=max_m,
+            hidden=hidden,
+            intermediate=two_i // 2,
+            device=a_fp8.device,
+            expected_m=expected_m,
+        )
+    return run_masked_plan(
+        plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out, workspace, ue8m0
+    )
 
 
 # `impl` as the ops name providers, for callers of masked_experts that pick a provider.
-_MASKED_BY_IMPL = {"auto": "masked", "best": "masked", "triton": "triton_masked", "cuda": "cuda_masked",
-                   "deepgemm": "deepgemm_masked", "reference": "reference_masked"}
+_MASKED_BY_IMPL = {
+    "auto": "masked",
+    "best": "masked",
+    "triton": "triton_masked",
+    "cuda": "cuda_masked",
+    "deepgemm": "deepgemm_masked",
+    "reference": "reference_masked",
+}
 
 
 def _with_kernel(policy: Policy, **keys: str) -> Policy:
@@ -232,13 +343,25 @@ def _with_kernel(policy: Policy, **keys: str) -> Policy:
     return replace(policy, **keys)
 
 
-def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor,
-                   w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights: torch.Tensor,
-                   topk_ids: torch.Tensor, *, x_scale: torch.Tensor | None = None,
-                   expert_start: int = 0, ue8m0: bool = False, policy: Policy | None = None,
-                   phase: str | None = None, kernel: KernelChoice | str | None = None,
-                   expected_m: int | None = None, num_global_experts: int | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+def routed_experts(
+    x: torch.Tensor,
+    w13_fp8: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2_fp8: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    x_scale: torch.Tensor | None = None,
+    expert_start: int = 0,
+    ue8m0: bool = False,
+    policy: Policy | None = None,
+    phase: str | None = None,
+    kernel: KernelChoice | str | None = None,
+    expected_m: int | None = None,
+    num_global_experts: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x bf16 `[T, H]` (or fp8 with `x_scale` `[T, H/128]`); w13 fp8 `[E, 2I, H]`, w2 fp8 `[E, H, I]`
     with block scales; topk_weights f32 / topk_ids `[T, k]` where experts
     `[expert_start, expert_start + E)` are local and other ids (-1, other ranks) contribute nothing.
@@ -276,18 +399,43 @@ def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.
         raise ValueError(f"kernel: expected one of {sorted(KERNELS)}, got {kernel!r}")
 
     policy = policy or Policy.from_env()
-    plan = make_plan(policy, num_tokens=num_tokens, topk=topk_ids.shape[1],
-                     num_experts=num_experts, num_global_experts=num_global_experts or num_experts,
-                     hidden=hidden, intermediate=two_i // 2, device=x.device, phase=phase,
-                     quantized_input=x_scale is not None, expected_m=expected_m, kernel=kernel)
+    plan = make_plan(
+        policy,
+        num_tokens=num_tokens,
+        topk=topk_ids.shape[1],
+        num_experts=num_experts,
+        num_global_experts=num_global_experts or num_experts,
+        hidden=hidden,
+        intermediate=two_i // 2,
+        device=x.device,
+        phase=phase,
+        quantized_input=x_scale is not None,
+        expected_m=expected_m,
+        kernel=kernel,
+    )
     if plan.graph_plan is not None and not torch.cuda.is_current_stream_capturing():
         from moe_backend.eager_graphs import run_graphed
 
-        y = run_graphed(plan, _execute_plan, policy.graph_max_tokens, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8,
-                        w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0, out)
+        y = run_graphed(
+            plan,
+            _execute_plan,
+            policy.graph_max_tokens,
+            x,
+            x_scale,
+            w13_fp8,
+            w13_scale_inv,
+            w2_fp8,
+            w2_scale_inv,
+            topk_weights,
+            topk_ids,
+            expert_start,
+            ue8m0,
+            out,
+        )
         if y is not None:
             if _plan_records or _PLAN_LOG is not None:
                 _record(plan.graph_plan)
             return y
-    return run_plan(plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights,
-                    topk_ids, expert_start, ue8m0, out)
+    return run_plan(
+        plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0, out
+    )

@@ -49,8 +49,10 @@ def _kernel(op: str, module: str | None = None) -> Callable:
         module = importlib.import_module(f"moe_backend.kernels.{module or op}")
     except ImportError as exc:
         if exc.name in ("triton", "triton.language"):
-            raise ImportError(f"moe_backend: the GPU kernel {op!r} needs Triton; install it with "
-                              f"`pip install triton` (it ships with CUDA builds of torch)") from exc
+            raise ImportError(
+                f"moe_backend: the GPU kernel {op!r} needs Triton; install it with "
+                f"`pip install triton` (it ships with CUDA builds of torch)"
+            ) from exc
         raise
     return getattr(module, op)
 
@@ -85,8 +87,9 @@ def cuda_kernel_available(device_index: int = 0) -> bool:
     return True
 
 
-def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, impl: str = "auto",
-                            expected_m: int | None = None):
+def grouped_gemm_contiguous(
+    a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, impl: str = "auto", expected_m: int | None = None
+):
     """See `moe_backend.reference.grouped_gemm_contiguous`; `expected_m` as in `grouped_gemm_masked`."""
     check_gemm_args(a_fp8, b_fp8, impl, expected_m, IMPLS)
     if impl == "best" and a_fp8.is_cuda:
@@ -100,8 +103,9 @@ def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None
 
         return cuda_gemm(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
     if provider == "triton":
-        return _kernel("grouped_gemm_contiguous")(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out,
-                                                  expected_m=expected_m)
+        return _kernel("grouped_gemm_contiguous")(
+            a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, expected_m=expected_m
+        )
     if provider == "deepgemm":
         from moe_backend.providers import deepgemm
 
@@ -109,8 +113,9 @@ def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None
     return torch_reference.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
 
 
-def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, impl: str = "auto",
-                        expected_m: int | None = None):
+def grouped_gemm_masked(
+    a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, impl: str = "auto", expected_m: int | None = None
+):
     """See `moe_backend.reference.grouped_gemm_masked`. `expected_m` (typical rows per expert, a
     host int the engine already knows) only steers the kernel's tile choice; no host sync.
     impl="best" runs our CUDA kernel on the cells where it measured faster."""
@@ -119,16 +124,14 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
         from moe_backend.dispatch.plan import gemm_provider
 
         max_m = a_fp8.shape[1]
-        impl = gemm_provider("best", "masked", b_fp8.shape[1], b_fp8.shape[2], expected_m or max_m,
-                             a_fp8.device, max_m)
+        impl = gemm_provider("best", "masked", b_fp8.shape[1], b_fp8.shape[2], expected_m or max_m, a_fp8.device, max_m)
     provider = _provider(impl, a_fp8.device)
     if provider == "cuda":
         from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked as cuda_gemm
 
         return cuda_gemm(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
     if provider == "triton":
-        return _kernel("grouped_gemm_masked")(a_fp8, a_scale, b_fp8, b_scale, masked_m, out,
-                                              expected_m=expected_m)
+        return _kernel("grouped_gemm_masked")(a_fp8, a_scale, b_fp8, b_scale, masked_m, out, expected_m=expected_m)
     if provider == "deepgemm":
         from moe_backend.providers import deepgemm
 
@@ -136,9 +139,16 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, i
     return torch_reference.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
 
 
-def silu_mul_quant(h: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
-                   expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
-                   used_rows: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+def silu_mul_quant(
+    h: torch.Tensor,
+    group: int = QUANT_BLOCK,
+    ue8m0: bool = False,
+    *,
+    expert_ids: torch.Tensor | None = None,
+    masked_m: torch.Tensor | None = None,
+    used_rows: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
     """See `moe_backend.reference.silu_mul_quant`: with `expert_ids` or `masked_m` only the rows
     holding a token are computed (the kernel leaves the others unwritten); with `used_rows` (int32
     `[1]` on the device, e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited."""
@@ -159,8 +169,15 @@ def per_token_group_quant(x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool
     return quantize_fp8_per_token_group(x, group, ue8m0)
 
 
-def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None):
+def permute_quant(
+    x: torch.Tensor,
+    src_token: torch.Tensor,
+    group: int = QUANT_BLOCK,
+    ue8m0: bool = False,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    used_rows: torch.Tensor | None = None,
+):
     """Per-token-group quant fused with the permute into a layout's rows (`layout.src_token`):
     see `moe_backend.dispatch.layouts.permute_quant`, bit-identical to quant + `permute` on the
     rows holding a token; padding rows (src_token -1) are left unwritten by the kernel, and with
@@ -174,23 +191,26 @@ def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = QUANT_B
     return permute_quant_reference(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
 
 
-def permute_rows(x_fp8: torch.Tensor, x_scale: torch.Tensor, src_token: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def permute_rows(
+    x_fp8: torch.Tensor, x_scale: torch.Tensor, src_token: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized token rows copied into a layout's rows (`src_token`, -1 = padding: unspecified)."""
     src = src_token.reshape(-1).clamp(min=0)
     shape = tuple(src_token.shape)
-    return (x_fp8.index_select(0, src).view(*shape, x_fp8.shape[-1]),
-            x_scale.index_select(0, src).view(*shape, x_scale.shape[-1]))
+    return (
+        x_fp8.index_select(0, src).view(*shape, x_fp8.shape[-1]),
+        x_scale.index_select(0, src).view(*shape, x_scale.shape[-1]),
+    )
 
 
-def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+def unpermute_combine(
+    y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Un-permute + top-k weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`
     (see `moe_backend.dispatch.layouts.unpermute_combine`; a gather: deterministic, fp32 sum)."""
     check_tensor("y", y, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=2)
     check_tensor("row_of_slot", row_of_slot, dtypes=(torch.int32, torch.int64), ndim=2, device=y.device)
-    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(row_of_slot.shape),
-                 device=y.device)
+    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(row_of_slot.shape), device=y.device)
     if _provider("auto", y.device) == "triton":
         return _kernel("unpermute_combine")(y, row_of_slot, topk_weights, out)
     from moe_backend.dispatch.layouts import unpermute_combine as unpermute_combine_torch
@@ -219,29 +239,33 @@ def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu")
 # Layout builders: the Triton kernels on CUDA tensors, their torch twins otherwise (same layout).
 
 
-def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                            alignment: int = LAYOUT_ALIGNMENT):
+def build_contiguous_layout(
+    topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0, alignment: int = LAYOUT_ALIGNMENT
+):
     """topk_ids `[T, k]` -> `ContiguousLayout` on the static `max_contiguous_rows(T*k, E, alignment)`
     rows (padding and the unused tail: expert_ids = src_token = -1). No host sync: CUDA-graph
     capturable. See `moe_backend.kernels.build_layout`."""
     if _provider("auto", topk_ids.device) == "triton":
         return _kernel("build_contiguous_layout", module="build_layout")(
-            topk_ids.contiguous(), num_local_experts, expert_start=expert_start, alignment=alignment)
+            topk_ids.contiguous(), num_local_experts, expert_start=expert_start, alignment=alignment
+        )
     from moe_backend.dispatch.layouts import build_contiguous_layout as build_reference
 
-    return build_reference(topk_ids, num_local_experts, expert_start=expert_start, alignment=alignment,
-                           exact_size=False)
+    return build_reference(
+        topk_ids, num_local_experts, expert_start=expert_start, alignment=alignment, exact_size=False
+    )
 
 
-def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                        max_m: int | None = None):
+def build_masked_layout(
+    topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0, max_m: int | None = None
+):
     """topk_ids `[T, k]` -> `MaskedLayout` with `max_m` rows per expert (default max(T, 1), which
     never overflows). No host sync: an expert's slots past max_m (in (token, slot) order) are
     dropped (row_of_slot -1, masked_m clamped). See `moe_backend.kernels.build_layout`."""
     if _provider("auto", topk_ids.device) == "triton":
         return _kernel("build_masked_layout", module="build_layout")(
-            topk_ids.contiguous(), num_local_experts, expert_start=expert_start, max_m=max_m)
+            topk_ids.contiguous(), num_local_experts, expert_start=expert_start, max_m=max_m
+        )
     from moe_backend.dispatch.layouts import build_masked_layout as build_reference
 
-    return build_reference(topk_ids, num_local_experts, expert_start=expert_start, max_m=max_m,
-                           drop_overflow=True)
+    return build_reference(topk_ids, num_local_experts, expert_start=expert_start, max_m=max_m, drop_overflow=True)

@@ -40,8 +40,9 @@ def _to_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def quantize_fp8_per_token_group(x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token_group(
+    x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[..., K]` (K a multiple of `group`) -> (x_fp8 `[..., K]`, x_scale fp32 `[..., K/group]`)."""
     check_tensor("x", x, dtypes=_FLOAT_INPUTS, min_dim=1)
     check_int("group", group, minimum=1)
@@ -55,8 +56,9 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group: int = QUANT_BLOCK, ue8m
     return x_fp8, scale
 
 
-def dequantize_fp8_per_token_group(x_fp8: torch.Tensor, x_scale: torch.Tensor, group: int = QUANT_BLOCK
-                                   ) -> torch.Tensor:
+def dequantize_fp8_per_token_group(
+    x_fp8: torch.Tensor, x_scale: torch.Tensor, group: int = QUANT_BLOCK
+) -> torch.Tensor:
     """Inverse of `quantize_fp8_per_token_group`, in fp32."""
     check_tensor("x_fp8", x_fp8, dtypes=(FP8_DTYPE,), min_dim=1)
     k = x_fp8.shape[-1]
@@ -67,8 +69,9 @@ def dequantize_fp8_per_token_group(x_fp8: torch.Tensor, x_scale: torch.Tensor, g
     return x_fp8.float() * scale
 
 
-def quantize_fp8_blockwise(w: torch.Tensor, block: int = QUANT_BLOCK, ue8m0: bool = False
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_blockwise(
+    w: torch.Tensor, block: int = QUANT_BLOCK, ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """w `[..., N, K]` -> (w_fp8 `[..., N, K]`, w_scale_inv fp32 `[..., ceil(N/block), ceil(K/block)]`).
 
     N and K need not be multiples of `block`: edge blocks are scaled over the rows/columns they hold.
@@ -86,8 +89,7 @@ def quantize_fp8_blockwise(w: torch.Tensor, block: int = QUANT_BLOCK, ue8m0: boo
     return w_fp8, scale
 
 
-def dequantize_fp8_blockwise(w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, block: int = QUANT_BLOCK
-                             ) -> torch.Tensor:
+def dequantize_fp8_blockwise(w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, block: int = QUANT_BLOCK) -> torch.Tensor:
     """Inverse of `quantize_fp8_blockwise`, in fp32."""
     check_tensor("w_fp8", w_fp8, dtypes=(FP8_DTYPE,), min_dim=2)
     n, k = w_fp8.shape[-2:]

@@ -38,11 +38,13 @@ def candidates(m: int, *, masked: bool, k: int = DEEPSEEK_V3_HIDDEN) -> list[dic
     if k <= 256:
         # Short K: one program loops over N_LOOP n-tiles with the whole K of A held (see the kernel).
         for bm, bn, n_loop, stages, w in itertools.product(
-                sorted({min(max(_pow2ceil(m), 16), 128), 64}), (128, 256), (4, 8), (2, 3), (4, 8)):
+            sorted({min(max(_pow2ceil(m), 16), 128), 64}), (128, 256), (4, 8), (2, 3), (4, 8)
+        ):
             if (bm * bn < 64 * 128 and w == 8) or stages * 256 * bn + 256 * bm > 200 * 1024:
                 continue
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SWAP_AB=False, N_LOOP=n_loop, num_warps=w,
-                            num_stages=stages))
+            out.append(
+                dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SWAP_AB=False, N_LOOP=n_loop, num_warps=w, num_stages=stages)
+            )
     if masked and m <= 128:
         top = min(max(_pow2ceil(m), 16), 128)
         for bm in sorted({top, max(16, top // 2)}):
@@ -54,15 +56,27 @@ def candidates(m: int, *, masked: bool, k: int = DEEPSEEK_V3_HIDDEN) -> list[dic
                 # TMA loads pay where the tiles are large enough to be issue-bound (64+ rows).
                 tmas = (False, True) if bm >= 64 else (False,)
                 for w, sw, tma in itertools.product(warps, swaps, tmas):
-                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SWAP_AB=sw, K_UNROLL=unroll,
-                                    TMA=tma, num_warps=w, num_stages=stages))
+                    out.append(
+                        dict(
+                            BLOCK_M=bm,
+                            BLOCK_N=bn,
+                            GROUP_M=1,
+                            SWAP_AB=sw,
+                            K_UNROLL=unroll,
+                            TMA=tma,
+                            num_warps=w,
+                            num_stages=stages,
+                        )
+                    )
         return out
-    for bm, bn, w, (unroll, stages), gm in itertools.product((64, 128), (128, 256), (4, 8), depth[:2] + depth[3:],
-                                                             (1, 8)):
+    for bm, bn, w, (unroll, stages), gm in itertools.product(
+        (64, 128), (128, 256), (4, 8), depth[:2] + depth[3:], (1, 8)
+    ):
         if (bm == 64 and w == 8 and bn == 128) or _smem_bytes(bm, bn, unroll, stages) > 200 * 1024:
             continue
-        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SWAP_AB=False, K_UNROLL=unroll, num_warps=w,
-                        num_stages=stages))
+        out.append(
+            dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SWAP_AB=False, K_UNROLL=unroll, num_warps=w, num_stages=stages)
+        )
     return out
 
 
@@ -100,8 +114,11 @@ def _time_candidates(kernels, jobs, bar, log) -> dict:
             except Exception as exc:  # out of shared memory / registers: not a candidate here
                 us = float("inf")
                 if log:
-                    print(f"{kernel} {sl} {gemm} m={m} {cfg}: {type(exc).__name__}: {str(exc)[:120]}",
-                          file=log, flush=True)
+                    print(
+                        f"{kernel} {sl} {gemm} m={m} {cfg}: {type(exc).__name__}: {str(exc)[:120]}",
+                        file=log,
+                        flush=True,
+                    )
             if log and us != float("inf"):
                 print(f"{kernel} {sl} {gemm} m={m} {cfg} {us:.1f}us", file=log, flush=True)
             if best is None or us < best[0]:
@@ -113,8 +130,14 @@ def _time_candidates(kernels, jobs, bar, log) -> dict:
     return tables
 
 
-def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAPES,
-         decode_rows=DECODE_ROWS, prefill_rows=PREFILL_ROWS, out_dir=None, log=None) -> dict:
+def tune(
+    kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"),
+    shapes=SHAPES,
+    decode_rows=DECODE_ROWS,
+    prefill_rows=PREFILL_ROWS,
+    out_dir=None,
+    log=None,
+) -> dict:
     import triton
 
     from moe_backend._progress import progress
@@ -130,8 +153,13 @@ def tune(kernels=("grouped_gemm_masked", "grouped_gemm_contiguous"), shapes=SHAP
     total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked", k=shape[4])) for kernel, shape, m in jobs)
     with progress(total, f"tune on {device}", unit="config") as bar:
         tables = _time_candidates(kernels, jobs, bar, log)
-    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__,
-                date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), method="CUDA-graph replay, median")
+    meta = dict(
+        device=device,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        method="CUDA-graph replay, median",
+    )
     out_dir = out_dir or _gemm_config.CONFIG_DIR
     paths = []
     for kernel, table in tables.items():
@@ -159,16 +187,30 @@ TUNABLE_KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moe_backend._cli import csv_of, csv_of_ints
 
-    parser.add_argument("--kernels", type=csv_of(TUNABLE_KERNELS), default=",".join(TUNABLE_KERNELS),
-                        help="which kernels (default: both)")
-    parser.add_argument("--slices", type=csv_of(("ep8", "tp8")), default="ep8,tp8",
-                        help="which DeepSeek-V3 slices (ep8, tp8)")
-    parser.add_argument("--gemms", type=csv_of(("w13", "w2")), default="w13,w2",
-                        help="which GEMMs of each slice (w13, w2)")
-    parser.add_argument("--decode-rows", type=csv_of_ints(1, 65536), default=",".join(map(str, DECODE_ROWS)),
-                        help="rows-per-expert buckets of the masked kernel")
-    parser.add_argument("--prefill-rows", type=csv_of_ints(1, 65536), default=",".join(map(str, PREFILL_ROWS)),
-                        help="rows-per-expert buckets of the contiguous kernel")
+    parser.add_argument(
+        "--kernels",
+        type=csv_of(TUNABLE_KERNELS),
+        default=",".join(TUNABLE_KERNELS),
+        help="which kernels (default: both)",
+    )
+    parser.add_argument(
+        "--slices", type=csv_of(("ep8", "tp8")), default="ep8,tp8", help="which DeepSeek-V3 slices (ep8, tp8)"
+    )
+    parser.add_argument(
+        "--gemms", type=csv_of(("w13", "w2")), default="w13,w2", help="which GEMMs of each slice (w13, w2)"
+    )
+    parser.add_argument(
+        "--decode-rows",
+        type=csv_of_ints(1, 65536),
+        default=",".join(map(str, DECODE_ROWS)),
+        help="rows-per-expert buckets of the masked kernel",
+    )
+    parser.add_argument(
+        "--prefill-rows",
+        type=csv_of_ints(1, 65536),
+        default=",".join(map(str, PREFILL_ROWS)),
+        help="rows-per-expert buckets of the contiguous kernel",
+    )
     parser.add_argument("--out-dir", default=None, help="where the JSON tables go (default: the package's)")
     parser.add_argument("--log", default=None, help="file for every candidate's timing")
 
@@ -181,12 +223,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         log = open(args.log, "w") if args.log else None
     except OSError as exc:
-        print(f"python -m moe_backend tune: error: argument --log: cannot write {args.log!r}: {exc.strerror}",
-              file=sys.stderr)
+        print(
+            f"python -m moe_backend tune: error: argument --log: cannot write {args.log!r}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 2
-    result = tune(kernels=tuple(args.kernels), shapes=[s for s in SHAPES if s[0] in slices and s[1] in gemms],
-                  decode_rows=tuple(args.decode_rows), prefill_rows=tuple(args.prefill_rows),
-                  out_dir=args.out_dir, log=log)
+    result = tune(
+        kernels=tuple(args.kernels),
+        shapes=[s for s in SHAPES if s[0] in slices and s[1] in gemms],
+        decode_rows=tuple(args.decode_rows),
+        prefill_rows=tuple(args.prefill_rows),
+        out_dir=args.out_dir,
+        log=log,
+    )
     for path in result["paths"]:
         print(f"wrote {path}")
     return 0

@@ -30,6 +30,13 @@ def tiny_config():
     from moe_backend import MoEConfig
 
     # DeepSeek-V3's structure at toy size: 16 experts in 4 groups, top-4 from the best 2 groups.
-    return MoEConfig(hidden_size=256, moe_intermediate_size=256, n_routed_experts=16,
-                     num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-                     n_shared_experts=1)
+    return MoEConfig(
+        hidden_size=256,
+        moe_intermediate_size=256,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        n_shared_experts=1,
+    )

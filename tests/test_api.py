@@ -11,8 +11,12 @@ def test_public_names():
     assert moe_backend.ENGINE_NAME == "phasemoe"
     assert callable(moe_backend.MoEConfig.from_hf_config)
     assert {"DeepseekV3MoE"} <= set(layers.__all__)
-    for name in ("quantize_fp8_blockwise", "quantize_fp8_per_token_group",
-                 "dequantize_fp8_blockwise", "dequantize_fp8_per_token_group"):
+    for name in (
+        "quantize_fp8_blockwise",
+        "quantize_fp8_per_token_group",
+        "dequantize_fp8_blockwise",
+        "dequantize_fp8_per_token_group",
+    ):
         assert name in quant.__all__
     for name in ("grouped_gemm_contiguous", "grouped_gemm_masked", "silu_mul_quant", "routed_experts"):
         assert name in reference.__all__
@@ -33,16 +37,19 @@ def test_signatures():
         assert list(inspect.signature(fn).parameters)[:4] == ["a_fp8", "a_scale", "b_fp8", "b_scale"]
     # the ops front door mirrors the reference
     from moe_backend import ops
+
     for name in ("grouped_gemm_contiguous", "grouped_gemm_masked"):
         ref_params = list(inspect.signature(getattr(reference, name)).parameters)
-        assert list(inspect.signature(getattr(ops, name)).parameters)[:len(ref_params)] == ref_params
+        assert list(inspect.signature(getattr(ops, name)).parameters)[: len(ref_params)] == ref_params
 
 
 def test_import_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, moe_backend; "
-            "print(sorted(m for m in ('triton', 'safetensors', 'vllm', 'sglang') if m in sys.modules))")
+    code = (
+        "import sys, moe_backend; "
+        "print(sorted(m for m in ('triton', 'safetensors', 'vllm', 'sglang') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

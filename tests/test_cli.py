@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(*args, timeout=600, **kwargs):
-    return subprocess.run([sys.executable, "-m", "moe_backend", *args], capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "moe_backend", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,12 @@ def test_demo_on_tiny_checkpoint(tiny_checkpoint):
     assert "loading layer 1" in proc.stderr  # the progress bar
 
 
-@pytest.mark.parametrize("tokens, phase, kernel, layout", [(300, "prefill", "contiguous", "contiguous"),
-                                                           (5, "decode", "contiguous", "contiguous")])
+@pytest.mark.parametrize(
+    "tokens, phase, kernel, layout",
+    [(300, "prefill", "contiguous", "contiguous"), (5, "decode", "contiguous", "contiguous")],
+)
 def test_demo_reports_what_ran(tiny_checkpoint, capsys, tokens, phase, kernel, layout):
-    assert main(["demo", "--checkpoint", tiny_checkpoint, "--tokens", str(tokens), "--reps", "1",
-                 "--cpu"]) == 0
+    assert main(["demo", "--checkpoint", tiny_checkpoint, "--tokens", str(tokens), "--reps", "1", "--cpu"]) == 0
     out = capsys.readouterr().out
     assert f"policy: {phase} batch of {tokens} tokens -> kernel {kernel!r} ({layout} layout" in out
     assert f"ran:    routed experts: grouped_gemm_{layout} x2 on reference (torch)" in out
@@ -115,8 +117,10 @@ def test_provider_trace_restores_what_it_wraps(tiny_config):
         layer(torch.randn(5, tiny_config.hidden_size, dtype=torch.bfloat16))
     assert originals() == before
     assert ops._kernel.cache_info().currsize == 0  # no wrapped Triton function left cached
-    assert dict(trace.gemms) == {("routed experts", "grouped_gemm_contiguous", "reference (torch)"): 1,
-                                 ("other", "grouped_gemm_contiguous", "reference (torch)"): 3}
+    assert dict(trace.gemms) == {
+        ("routed experts", "grouped_gemm_contiguous", "reference (torch)"): 1,
+        ("other", "grouped_gemm_contiguous", "reference (torch)"): 3,
+    }
     assert [(p.phase, p.num_tokens, p.kernel) for p in trace.plans] == [("decode", 5, "contiguous")]
 
 
@@ -183,8 +187,10 @@ def test_bad_argument_from_the_command_line():
     proc = _run("demo", "--tokens", "-3")
     assert proc.returncode == 2
     assert proc.stderr.startswith("usage: python -m moe_backend demo ")
-    assert proc.stderr.strip().splitlines()[-1] == \
-        "python -m moe_backend demo: error: argument --tokens: expected an integer 0..65536, got -3"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "python -m moe_backend demo: error: argument --tokens: expected an integer 0..65536, got -3"
+    )
 
 
 def test_help_exits_zero():
@@ -194,12 +200,16 @@ def test_help_exits_zero():
         assert exc.value.code == 0
 
 
-@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["-h"], 0), (["help"], 0), (["frobnicate"], 2),
-                                        ([], 2)])
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["-h"], 0), (["help"], 0), (["frobnicate"], 2), ([], 2)])
 def test_dev_script_usage(argv, code):
     """`./dev`'s own argument handling, which runs before it touches any virtual environment."""
-    proc = subprocess.run(["bash", str(REPO / "dev"), *argv], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, MOE_BACKEND_VENV="/nonexistent/venv-never-created"))
+    proc = subprocess.run(
+        ["bash", str(REPO / "dev"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, MOE_BACKEND_VENV="/nonexistent/venv-never-created"),
+    )
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert "usage: ./dev" in (proc.stdout if code == 0 else proc.stderr)
     assert not os.path.exists("/nonexistent/venv-never-created")

@@ -37,9 +37,15 @@ def test_readme_table_equals_env_list():
 
 def _repository_files() -> list[Path]:
     files = [ROOT / "README.md", ROOT / "dev", ROOT / "pyproject.toml"]
-    for folder, patterns in (("moe_backend", ("*.py",)), ("integrations", ("*.py", "*.md")),
-                             ("benchmarks", ("*.py", "*.sh")), ("tests", ("*.py",)), (".ci", ("*",)),
-                             ("docs", ("*.md",)), ("examples", ("*",))):
+    for folder, patterns in (
+        ("moe_backend", ("*.py",)),
+        ("integrations", ("*.py", "*.md")),
+        ("benchmarks", ("*.py", "*.sh")),
+        ("tests", ("*.py",)),
+        (".ci", ("*",)),
+        ("docs", ("*.md",)),
+        ("examples", ("*",)),
+    ):
         for pattern in patterns:
             files += [p for p in (ROOT / folder).rglob(pattern) if p.is_file() and "__pycache__" not in p.parts]
     return [p for p in files if p.exists()]
@@ -95,9 +101,22 @@ def test_the_reader_check_can_fail(tmp_path):
 SWITCHES = [v.name for v in VARIABLES if v.default == "0" and v.name != "MOE_BACKEND_SHADOW_SEED"]
 
 
-@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("ON", True), (" yes ", True), ("on", True),
-                                       ("0", False), ("", False), ("no", False), ("false", False),
-                                       ("off", False), ("2", False)])
+@pytest.mark.parametrize(
+    "value, on",
+    [
+        ("1", True),
+        ("true", True),
+        ("ON", True),
+        (" yes ", True),
+        ("on", True),
+        ("0", False),
+        ("", False),
+        ("no", False),
+        ("false", False),
+        ("off", False),
+        ("2", False),
+    ],
+)
 @pytest.mark.parametrize("name", SWITCHES)
 def test_every_switch_has_one_truthiness_rule(name, value, on, monkeypatch):
     monkeypatch.setenv(name, value)
@@ -107,8 +126,11 @@ def test_every_switch_has_one_truthiness_rule(name, value, on, monkeypatch):
 
 
 def test_switches_cover_the_library_flags():
-    flags = {name for name, value in vars(env.Env).items() if isinstance(value, property)
-             and value.fget.__annotations__.get("return") == "bool"}
+    flags = {
+        name
+        for name, value in vars(env.Env).items()
+        if isinstance(value, property) and value.fget.__annotations__.get("return") == "bool"
+    }
     assert {f"MOE_BACKEND_{f.upper()}" for f in flags} == set(SWITCHES)
 
 
@@ -168,7 +190,8 @@ def test_info_lists_the_variables_set(monkeypatch):
 
     monkeypatch.setenv("MOE_BACKEND_PRINT_CONFIG", "on")
     monkeypatch.delenv("MOE_BACKEND_POLICY", raising=False)
-    out = subprocess.run([sys.executable, "-m", "moe_backend", "info"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "moe_backend", "info"], capture_output=True, text=True, check=True
+    ).stdout
     line = next(x for x in out.splitlines() if x.startswith("environment"))
     assert "MOE_BACKEND_PRINT_CONFIG='on'" in line and "MOE_BACKEND_POLICY" not in line

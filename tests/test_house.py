@@ -27,7 +27,7 @@ ORACLE_USERS = {
     # Tools that check our output against the oracle; nothing serving a model imports them.
     "moe_backend/demo.py": "`python -m moe_backend demo` reports the layer's error vs the oracle",
     "integrations/transformers/swap.py": "use_reference_experts: transformers with the oracle's experts, the "
-                                         "independent reference the end-to-end tests compare engines against",
+    "independent reference the end-to-end tests compare engines against",
     "moe_backend/ab/compare.py": "the A/B harness measures each backend's divergence from the oracle",
     # Test support, once it exists (random weights, input builders for tests and benchmarks).
     "moe_backend/testing.py": "helpers for tests and benchmarks",
@@ -69,13 +69,17 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package[:len(package) - node.level + 1]
+                anchor = package[: len(package) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             found.append((base, id(node) in top_level))
             found += [(f"{base}.{alias.name}", id(node) in top_level) for alias in node.names]
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str) and getattr(node.func, "attr", getattr(node.func, "id", ""))
-              in ("import_module", "__import__")):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("import_module", "__import__")
+        ):
             found.append((node.args[0].value, False))
     return found
 
@@ -86,17 +90,24 @@ def _is_oracle(name: str) -> bool:
 
 def _production_modules() -> list[Path]:
     oracle_dir = PACKAGE / "reference"
-    return [p for p in _modules(PACKAGE) + _modules(INTEGRATIONS)
-            if oracle_dir not in p.parents and str(p.relative_to(ROOT)) not in ORACLE_USERS]
+    return [
+        p
+        for p in _modules(PACKAGE) + _modules(INTEGRATIONS)
+        if oracle_dir not in p.parents and str(p.relative_to(ROOT)) not in ORACLE_USERS
+    ]
 
 
 def test_the_rule_sees_every_import_form(tmp_path, monkeypatch):
     """The checker itself: each way of spelling the import is caught (else the rule could not fail)."""
-    spellings = ["import moe_backend.reference", "from moe_backend import reference",
-                 "from moe_backend.reference.gemm import expert_gemm", "from . import reference",
-                 "from .reference import routed_experts",
-                 "import importlib\nimportlib.import_module('moe_backend.reference')",
-                 "def f():\n    from moe_backend import reference"]
+    spellings = [
+        "import moe_backend.reference",
+        "from moe_backend import reference",
+        "from moe_backend.reference.gemm import expert_gemm",
+        "from . import reference",
+        "from .reference import routed_experts",
+        "import importlib\nimportlib.import_module('moe_backend.reference')",
+        "def f():\n    from moe_backend import reference",
+    ]
     fake_root = tmp_path
     (fake_root / "moe_backend").mkdir()
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake_root)
@@ -109,8 +120,9 @@ def test_the_rule_sees_every_import_form(tmp_path, monkeypatch):
 
 
 def test_production_never_imports_the_oracle():
-    offenders = [f"{p.relative_to(ROOT)}: {name}" for p in _production_modules()
-                 for name, _ in _imports(p) if _is_oracle(name)]
+    offenders = [
+        f"{p.relative_to(ROOT)}: {name}" for p in _production_modules() for name, _ in _imports(p) if _is_oracle(name)
+    ]
     assert not offenders, "production modules importing moe_backend.reference:\n" + "\n".join(offenders)
 
 
@@ -127,25 +139,41 @@ def test_allowed_oracle_users_exist():
 
 
 def test_serving_imports_leave_the_oracle_unloaded():
-    code = ("import sys\n"
-            "import moe_backend.ops, moe_backend.experts, moe_backend.layers, moe_backend.dispatch.plan\n"
-            "import moe_backend.providers.deepgemm, moe_backend.providers.torch_reference\n"
-            "print(sorted(m for m in sys.modules if m.startswith('moe_backend.reference')))")
+    code = (
+        "import sys\n"
+        "import moe_backend.ops, moe_backend.experts, moe_backend.layers, moe_backend.dispatch.plan\n"
+        "import moe_backend.providers.deepgemm, moe_backend.providers.torch_reference\n"
+        "print(sorted(m for m in sys.modules if m.startswith('moe_backend.reference')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_the_oracle_builds_only_on_the_base():
     oracle_dir = PACKAGE / "reference"
-    bad = [f"{p.relative_to(ROOT)}: {name}" for p in _modules(oracle_dir) for name, _ in _imports(p)
-           if name.startswith("moe_backend") and not _is_oracle(name)
-           and not any(name == b or name.startswith(b + ".") for b in ORACLE_BASE)
-           and name != "moe_backend"]
+    bad = [
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in _modules(oracle_dir)
+        for name, _ in _imports(p)
+        if name.startswith("moe_backend")
+        and not _is_oracle(name)
+        and not any(name == b or name.startswith(b + ".") for b in ORACLE_BASE)
+        and name != "moe_backend"
+    ]
     assert not bad, "the oracle imports beyond constants/_checks/quant:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("name", ["grouped_gemm_contiguous", "grouped_gemm_masked", "silu_mul_quant",
-                                  "routed_experts", "expert_gemm", "_expert_gemm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "grouped_gemm_contiguous",
+        "grouped_gemm_masked",
+        "silu_mul_quant",
+        "routed_experts",
+        "expert_gemm",
+        "_expert_gemm",
+    ],
+)
 def test_reference_names_importable(name):
     from moe_backend import reference
 
@@ -154,19 +182,31 @@ def test_reference_names_importable(name):
 
 def _string_constants(path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text())
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-    return [(n.lineno, n.value) for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    return [
+        (n.lineno, n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+    ]
 
 
 def test_backend_name_defined_once():
     from moe_backend import constants
 
-    spelled = [f"{p.relative_to(ROOT)}:{line}" for p in _modules(PACKAGE) + _modules(INTEGRATIONS)
-               if p != PACKAGE / "constants.py" for line, value in _string_constants(p)
-               if value == constants.BACKEND_NAME]
+    spelled = [
+        f"{p.relative_to(ROOT)}:{line}"
+        for p in _modules(PACKAGE) + _modules(INTEGRATIONS)
+        if p != PACKAGE / "constants.py"
+        for line, value in _string_constants(p)
+        if value == constants.BACKEND_NAME
+    ]
     assert not spelled, "write moe_backend.constants.BACKEND_NAME instead of the literal:\n" + "\n".join(spelled)
 
 
@@ -205,8 +245,11 @@ def test_constants_match_torch():
     assert constants.FP8_MAX == float(torch.finfo(constants.FP8_DTYPE).max)
     assert constants.SCALE_CEIL * constants.FP8_MAX < torch.finfo(torch.float32).max
     assert [tuple(s) for s in constants.DEEPSEEK_V3_GEMM_SHAPES] == [
-        ("ep8", "w13", 32, 4096, 7168), ("ep8", "w2", 32, 7168, 2048),
-        ("tp8", "w13", 256, 512, 7168), ("tp8", "w2", 256, 7168, 256)]
+        ("ep8", "w13", 32, 4096, 7168),
+        ("ep8", "w2", 32, 7168, 2048),
+        ("tp8", "w13", 256, 512, 7168),
+        ("tp8", "w2", 256, 7168, 256),
+    ]
     assert [s.intermediate for s in constants.DEEPSEEK_V3_GEMM_SHAPES] == [2048, 2048, 256, 256]
     with pytest.raises(AttributeError, match="no attribute 'NOPE'"):
         constants.NOPE  # noqa: B018
@@ -221,8 +264,12 @@ def test_constants_import_no_torch():
 def test_unpermute_combine_has_one_name():
     """The op is `unpermute_combine` in every layer (kernel, ops, torch twin); `dispatch.combine`
     is the one alias, kept because the public `moe_backend.dispatch` API names it."""
-    defined = {node.name for p in _modules(PACKAGE) for node in ast.walk(ast.parse(p.read_text()))
-               if isinstance(node, ast.FunctionDef) and "combine" in node.name}
+    defined = {
+        node.name
+        for p in _modules(PACKAGE)
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.FunctionDef) and "combine" in node.name
+    }
     assert defined == {"unpermute_combine", "combine", "_combine_kernel"}
     from moe_backend import ops
     from moe_backend.dispatch import layouts

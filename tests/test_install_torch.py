@@ -43,11 +43,15 @@ def machine(tmp_path):
             _executable(fake_bin / "nvidia-smi", '#!/bin/sh\necho "GPU 0: NVIDIA H200 (UUID: GPU-0)"\n')
         if local_wheel:
             (wheels / f"torch-2.13.0+cpu-{tag}-{tag}-manylinux_2_28_{os.uname().machine}.whl").touch()
-        env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", PIP_FIND_LINKS=str(wheels),
-                   MOE_BACKEND_TORCH=torch_env, REAL_PYTHON=sys.executable,
-                   CPU_INDEX_RC="0" if cpu_index_ok else "1")
-        proc = subprocess.run(["bash", str(SCRIPT), str(venv)], env=env, capture_output=True, text=True,
-                              timeout=60)
+        env = dict(
+            os.environ,
+            PATH=f"{fake_bin}:{os.environ['PATH']}",
+            PIP_FIND_LINKS=str(wheels),
+            MOE_BACKEND_TORCH=torch_env,
+            REAL_PYTHON=sys.executable,
+            CPU_INDEX_RC="0" if cpu_index_ok else "1",
+        )
+        proc = subprocess.run(["bash", str(SCRIPT), str(venv)], env=env, capture_output=True, text=True, timeout=60)
         log = venv / "bin" / "pip.log"
         pips = [line for line in log.read_text().splitlines() if line.startswith("install")] if log.exists() else []
         return proc.returncode, proc.stderr, pips

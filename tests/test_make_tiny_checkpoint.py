@@ -24,8 +24,7 @@ def _module():
 def test_checkpoint_is_complete_fp8_experts_bf16_rest(tmp_path, arch):
     from safetensors import safe_open
 
-    config = _module().make_tiny_checkpoint(str(tmp_path), arch=arch, num_layers=2, shards=2, num_experts=8,
-                                            top_k=2)
+    config = _module().make_tiny_checkpoint(str(tmp_path), arch=arch, num_layers=2, shards=2, num_experts=8, top_k=2)
     on_disk = json.loads((tmp_path / "config.json").read_text())
     assert on_disk == config and on_disk["model_type"] == arch
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -45,10 +44,15 @@ def test_checkpoint_is_complete_fp8_experts_bf16_rest(tmp_path, arch):
         assert scale.dtype == torch.float32
         assert tuple(scale.shape) == tuple(-(-d // 128) for d in tensors[name].shape)
     for name, tensor in tensors.items():
-        if name.endswith("proj.weight") and name not in fp8 or name.endswith("mqa.weight") or \
-                name.endswith("mlp.gate.weight") or name == "lm_head.weight":
+        if (
+            name.endswith("proj.weight")
+            and name not in fp8
+            or name.endswith("mqa.weight")
+            or name.endswith("mlp.gate.weight")
+            or name == "lm_head.weight"
+        ):
             assert tensor.dtype == torch.bfloat16, name
-            assert name[:-len(".weight")] in ignored, name  # every bf16 linear is listed
+            assert name[: -len(".weight")] in ignored, name  # every bf16 linear is listed
     assert all(name + ".weight" in tensors for name in ignored)
     if arch == "deepseek_v3":
         assert config["kv_lora_rank"] + config["qk_rope_head_dim"] == 576  # vLLM's CPU MLA kernel
@@ -77,8 +81,13 @@ def test_same_seed_same_tensors_and_bad_arguments(tmp_path):
     config = m.tiny_config("qwen3_moe", num_layers=1)
     a, b = dict(m.checkpoint_tensors(config, seed=3)), dict(m.checkpoint_tensors(config, seed=3))
     c = dict(m.checkpoint_tensors(config, seed=4))
-    same = [torch.equal(a[n].view(torch.uint8) if a[n].dtype == FP8_DTYPE else a[n],
-                        b[n].view(torch.uint8) if b[n].dtype == FP8_DTYPE else b[n]) for n in a]
+    same = [
+        torch.equal(
+            a[n].view(torch.uint8) if a[n].dtype == FP8_DTYPE else a[n],
+            b[n].view(torch.uint8) if b[n].dtype == FP8_DTYPE else b[n],
+        )
+        for n in a
+    ]
     assert all(same)
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
     with pytest.raises(ValueError, match="arch"):
@@ -93,8 +102,25 @@ def test_same_seed_same_tensors_and_bad_arguments(tmp_path):
 
 def test_command_line(tmp_path):
     m = _module()
-    m.main([str(tmp_path / "q"), "--arch", "qwen3_moe", "--layers", "1", "--experts", "4", "--top-k", "2",
-            "--hidden-size", "128", "--seed", "5", "--shards", "1"])
+    m.main(
+        [
+            str(tmp_path / "q"),
+            "--arch",
+            "qwen3_moe",
+            "--layers",
+            "1",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--hidden-size",
+            "128",
+            "--seed",
+            "5",
+            "--shards",
+            "1",
+        ]
+    )
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert (config["num_experts"], config["num_experts_per_tok"], config["hidden_size"]) == (4, 2, 128)
     assert os.path.isfile(tmp_path / "q" / "tokenizer.json")

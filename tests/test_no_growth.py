@@ -32,8 +32,15 @@ def test_ten_thousand_calls_keep_caches_bounded(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference on tiny shapes: threads only add overhead
     try:
-        config = MoEConfig(hidden_size=128, moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
-                           n_group=2, topk_group=1, n_shared_experts=1)
+        config = MoEConfig(
+            hidden_size=128,
+            moe_intermediate_size=128,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+        )
         layer = DeepseekV3MoE(config)
         layer.load_weights(random_moe_weights(config, seed=0))
         gen = torch.Generator().manual_seed(0)
@@ -63,9 +70,11 @@ def test_ten_thousand_calls_keep_caches_bounded(monkeypatch):
         assert maxsize is None or entries <= maxsize, name
     # A leaked tensor or layout per call would add >= CALLS objects.
     assert objects_after - objects_before < 500, (objects_before, objects_after)
-    print(f"\n{CALLS} calls, token counts {TOKEN_COUNTS[0]}..{TOKEN_COUNTS[-1]}: caches "
-          f"{ {k.removeprefix('moe_backend.'): v[0] for k, v in caches_after.items()} }, gc objects "
-          f"{objects_before} -> {objects_after}, RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB")
+    print(
+        f"\n{CALLS} calls, token counts {TOKEN_COUNTS[0]}..{TOKEN_COUNTS[-1]}: caches "
+        f"{ {k.removeprefix('moe_backend.'): v[0] for k, v in caches_after.items()} }, gc objects "
+        f"{objects_before} -> {objects_after}, RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB"
+    )
     assert rss_after - rss_before < 64 * 2**20  # a per-call leak of [T, 128] bf16 would pass 100 MiB
 
 

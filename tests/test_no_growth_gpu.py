@@ -21,8 +21,16 @@ from tests.helpers.cache_sizes import cache_sizes, triton_kernel_variants
 
 pytestmark = pytest.mark.gpu
 
-CONFIG = MoEConfig(hidden_size=1024, moe_intermediate_size=384, n_routed_experts=64, num_experts_per_tok=8,
-                   n_group=8, topk_group=4, routed_scaling_factor=2.5, n_shared_experts=1)
+CONFIG = MoEConfig(
+    hidden_size=1024,
+    moe_intermediate_size=384,
+    n_routed_experts=64,
+    num_experts_per_tok=8,
+    n_group=8,
+    topk_group=4,
+    routed_scaling_factor=2.5,
+    n_shared_experts=1,
+)
 CALLS = 10_000
 REPLAYS = 10_000
 TOKEN_COUNTS = [*range(1, 65), 100, 128, 200, 255, 256, 257, 300, 512, 1000, 2048]
@@ -32,25 +40,32 @@ GRAPH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 def _snapshot() -> dict:
     torch.cuda.synchronize()
     gc.collect()
-    return dict(allocated=torch.cuda.memory_allocated(), reserved=torch.cuda.memory_reserved(),
-                caches=cache_sizes(), triton=triton_kernel_variants())
+    return dict(
+        allocated=torch.cuda.memory_allocated(),
+        reserved=torch.cuda.memory_reserved(),
+        caches=cache_sizes(),
+        triton=triton_kernel_variants(),
+    )
 
 
 def _report(label: str, before: dict, after: dict) -> None:
-    mib = 2 ** 20
-    print(f"\n{label}: allocated {before['allocated'] / mib:.1f} -> {after['allocated'] / mib:.1f} MiB, "
-          f"reserved {before['reserved'] / mib:.1f} -> {after['reserved'] / mib:.1f} MiB, "
-          f"caches {sum(v[0] for v in before['caches'].values())} -> "
-          f"{sum(v[0] for v in after['caches'].values())} entries, Triton specializations "
-          f"{sum(before['triton'].values())} -> {sum(after['triton'].values())}")
+    mib = 2**20
+    print(
+        f"\n{label}: allocated {before['allocated'] / mib:.1f} -> {after['allocated'] / mib:.1f} MiB, "
+        f"reserved {before['reserved'] / mib:.1f} -> {after['reserved'] / mib:.1f} MiB, "
+        f"caches {sum(v[0] for v in before['caches'].values())} -> "
+        f"{sum(v[0] for v in after['caches'].values())} entries, Triton specializations "
+        f"{sum(before['triton'].values())} -> {sum(after['triton'].values())}"
+    )
     print("  caches: " + ", ".join(f"{k.removeprefix('moe_backend.')}={v[0]}" for k, v in after["caches"].items()))
 
 
 def _assert_no_growth(before: dict, after: dict) -> None:
     assert after["allocated"] <= before["allocated"], "device memory still allocated after the calls"
     assert after["reserved"] <= before["reserved"], "the caching allocator reserved more"
-    assert after["caches"] == before["caches"], {k: (before["caches"].get(k), v)
-                                                 for k, v in after["caches"].items() if before["caches"].get(k) != v}
+    assert after["caches"] == before["caches"], {
+        k: (before["caches"].get(k), v) for k, v in after["caches"].items() if before["caches"].get(k) != v
+    }
     assert after["triton"] == before["triton"], "a Triton kernel compiled new specializations"
 
 

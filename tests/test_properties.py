@@ -36,10 +36,21 @@ hypothesis = pytest.importorskip("hypothesis", reason="pip install 'moe-backend[
 st = pytest.importorskip("hypothesis.strategies")
 HealthCheck, given, settings = hypothesis.HealthCheck, hypothesis.given, hypothesis.settings
 
-settings.register_profile("ci", max_examples=25, deadline=20_000, derandomize=True, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("gpu", max_examples=100, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=20_000,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "gpu",
+    max_examples=100,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 PROFILE = os.environ.get("MOE_BACKEND_HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "gpu"):
     raise ValueError(f"MOE_BACKEND_HYPOTHESIS_PROFILE: expected 'ci' or 'gpu', got {PROFILE!r}")
@@ -48,8 +59,11 @@ if PROFILE == "gpu" and not torch.cuda.is_available():
     pytest.skip("MOE_BACKEND_HYPOTHESIS_PROFILE=gpu needs a CUDA device", allow_module_level=True)
 DEVICE = torch.device("cuda" if PROFILE == "gpu" else "cpu")
 # Kernels the policy may pick; on CPU every one runs its layout on the reference GEMMs.
-KERNELS = (["contiguous", "triton_contiguous", "triton", "masked", "triton_masked"] if PROFILE == "gpu"
-           else ["contiguous", "triton", "masked", "reference"])
+KERNELS = (
+    ["contiguous", "triton_contiguous", "triton", "masked", "triton_masked"]
+    if PROFILE == "gpu"
+    else ["contiguous", "triton", "masked", "reference"]
+)
 
 CASES: Counter = Counter()  # property -> examples run (each one that returned passed)
 
@@ -59,10 +73,14 @@ def report(request):
     yield
     total = sum(CASES.values())
     # A diverging property fails its test (hypothesis stops at the first, shrunk, counterexample).
-    failed = sum(getattr(item, "moe_backend_failed", False) for item in request.session.items
-                 if item.module is request.module)
-    line = (f"hypothesis profile {PROFILE} on {DEVICE}: " + ", ".join(f"{k} {v}" for k, v in sorted(CASES.items()))
-            + f"; {total} cases passed, {failed} propert{'y' if failed == 1 else 'ies'} diverged")
+    failed = sum(
+        getattr(item, "moe_backend_failed", False) for item in request.session.items if item.module is request.module
+    )
+    line = (
+        f"hypothesis profile {PROFILE} on {DEVICE}: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(CASES.items()))
+        + f"; {total} cases passed, {failed} propert{'y' if failed == 1 else 'ies'} diverged"
+    )
     print(line)  # shown with -s
     # and in the summary (tests/conftest.py prints these lines at the end of any run)
     request.config.moe_backend_summary = [*getattr(request.config, "moe_backend_summary", []), line]
@@ -113,8 +131,9 @@ def _local_slots(r: Routing) -> torch.Tensor:
 # ------------------------------------------------------------------ layouts
 @given(r=routings(), alignment=st.sampled_from([1, 8, 128]), exact=st.booleans())
 def test_contiguous_layout_invariants_and_round_trip(r: Routing, alignment: int, exact: bool):
-    layout = layouts.build_contiguous_layout(r.topk_ids.to(DEVICE), r.num_local, expert_start=r.expert_start,
-                                             alignment=alignment, exact_size=exact)
+    layout = layouts.build_contiguous_layout(
+        r.topk_ids.to(DEVICE), r.num_local, expert_start=r.expert_start, alignment=alignment, exact_size=exact
+    )
     ids, local = r.topk_ids.long(), _local_slots(r)
     row_of_slot = layout.row_of_slot.cpu()
     expert_ids, src_token = layout.expert_ids.cpu().long(), layout.src_token.cpu()
@@ -124,8 +143,9 @@ def test_contiguous_layout_invariants_and_round_trip(r: Routing, alignment: int,
     assert torch.equal(counts, want_counts)
     assert bool((offsets % alignment == 0).all()) and bool((offsets.diff() >= counts).all())
     padded_total = int(((counts + alignment - 1) // alignment * alignment).sum())
-    assert layout.num_rows == (padded_total if exact else
-                               layouts.max_contiguous_rows(ids.numel(), r.num_local, alignment))
+    assert layout.num_rows == (
+        padded_total if exact else layouts.max_contiguous_rows(ids.numel(), r.num_local, alignment)
+    )
     # Every local slot owns one row of its expert, holding its token; nothing else is used.
     assert bool((row_of_slot[~local] == -1).all())
     rows = row_of_slot[local]
@@ -146,8 +166,7 @@ def test_masked_layout_invariants_and_round_trip(r: Routing, tight: bool):
     ids, local = r.topk_ids.long(), _local_slots(r)
     counts = torch.bincount((ids[local] - r.expert_start), minlength=r.num_local)
     max_m = max(1, int(counts.max())) if tight and counts.numel() else None
-    layout = layouts.build_masked_layout(r.topk_ids.to(DEVICE), r.num_local, expert_start=r.expert_start,
-                                         max_m=max_m)
+    layout = layouts.build_masked_layout(r.topk_ids.to(DEVICE), r.num_local, expert_start=r.expert_start, max_m=max_m)
     assert torch.equal(layout.masked_m.cpu().long(), counts)
     row_of_slot = layout.row_of_slot.cpu()
     assert bool((row_of_slot[~local] == -1).all())
@@ -179,7 +198,7 @@ def _check_round_trip(r: Routing, layout) -> None:
     assert torch.isfinite(out.float()).all()
     assert out.shape == want.shape
     if tokens:  # one bf16 rounding of an fp32 sum of at most k terms
-        assert (out.float() - want.float()).abs().max().item() <= 2 ** -8 * want.float().abs().max().item()
+        assert (out.float() - want.float()).abs().max().item() <= 2**-8 * want.float().abs().max().item()
 
 
 # ------------------------------------------------------------------ routed experts vs reference
@@ -190,10 +209,11 @@ def _expert_weights(num_local: int, hidden: int, inter: int, ue8m0: bool):
     key = (num_local, hidden, inter, ue8m0)
     if key not in _WEIGHTS:
         gen = torch.Generator().manual_seed(hash(key) % 2**31)
-        w13 = torch.randn(num_local, 2 * inter, hidden, generator=gen) / hidden ** 0.5
-        w2 = torch.randn(num_local, hidden, inter, generator=gen) / inter ** 0.5
-        _WEIGHTS[key] = tuple(t.to(DEVICE) for t in (*quantize_fp8_blockwise(w13, 128, ue8m0),
-                                                      *quantize_fp8_blockwise(w2, 128, ue8m0)))
+        w13 = torch.randn(num_local, 2 * inter, hidden, generator=gen) / hidden**0.5
+        w2 = torch.randn(num_local, hidden, inter, generator=gen) / inter**0.5
+        _WEIGHTS[key] = tuple(
+            t.to(DEVICE) for t in (*quantize_fp8_blockwise(w13, 128, ue8m0), *quantize_fp8_blockwise(w2, 128, ue8m0))
+        )
     return _WEIGHTS[key]
 
 
@@ -203,10 +223,15 @@ MASKED_MAX_TOKENS = 4096 if PROFILE == "gpu" else 512
 
 
 @settings(max_examples=max(10, settings().max_examples * 3 // 5))
-@given(hidden=st.sampled_from([128, 256]), inter=st.sampled_from([128, 256]), ue8m0=st.booleans(),
-       kernel=st.sampled_from(KERNELS), prequantized=st.booleans(), data=st.data())
-def test_routed_experts_match_reference(hidden: int, inter: int, ue8m0: bool, kernel: str, prequantized: bool,
-                                        data):
+@given(
+    hidden=st.sampled_from([128, 256]),
+    inter=st.sampled_from([128, 256]),
+    ue8m0=st.booleans(),
+    kernel=st.sampled_from(KERNELS),
+    prequantized=st.booleans(),
+    data=st.data(),
+)
+def test_routed_experts_match_reference(hidden: int, inter: int, ue8m0: bool, kernel: str, prequantized: bool, data):
     masked = kernel in ("masked", "triton_masked")
     r = data.draw(routings(max_tokens=MASKED_MAX_TOKENS if masked else 4096), label="routing")
     tokens, k = r.topk_ids.shape
@@ -215,16 +240,26 @@ def test_routed_experts_match_reference(hidden: int, inter: int, ue8m0: bool, ke
     w = torch.rand(tokens, k, generator=gen).to(DEVICE)
     weights = _expert_weights(r.num_local, hidden, inter, ue8m0)
     ids = r.topk_ids.to(DEVICE)
-    x_in, x_scale = (quantize_fp8_per_token_group(x, 128, ue8m0) if prequantized else (x, None))
+    x_in, x_scale = quantize_fp8_per_token_group(x, 128, ue8m0) if prequantized else (x, None)
     static = kernel in ("masked", "triton_masked", "triton")  # decode kernels: forced by decode_max_tokens
-    policy = Policy(prefill_kernel="contiguous" if static else kernel, decode_kernel=kernel if static else "masked",
-                    decode_max_tokens=4096 if static else 0)
-    out = moe_experts.routed_experts(x_in, *weights, w, ids, x_scale=x_scale, expert_start=r.expert_start,
-                                     ue8m0=ue8m0, policy=policy)
+    policy = Policy(
+        prefill_kernel="contiguous" if static else kernel,
+        decode_kernel=kernel if static else "masked",
+        decode_max_tokens=4096 if static else 0,
+    )
+    out = moe_experts.routed_experts(
+        x_in, *weights, w, ids, x_scale=x_scale, expert_start=r.expert_start, ue8m0=ue8m0, policy=policy
+    )
     # The reference numbers experts locally: shift the ids (non-local ones fall outside [0, E)).
     local_ids = torch.where(ids >= 0, ids.long() - r.expert_start, -1)
-    ref = reference.routed_experts(x_in.cpu(), *(t.cpu() for t in weights), w.cpu(), local_ids.cpu(),
-                                   x_scale=None if x_scale is None else x_scale.cpu(), ue8m0=ue8m0)
+    ref = reference.routed_experts(
+        x_in.cpu(),
+        *(t.cpu() for t in weights),
+        w.cpu(),
+        local_ids.cpu(),
+        x_scale=None if x_scale is None else x_scale.cpu(),
+        ue8m0=ue8m0,
+    )
     assert out.shape == (tokens, hidden) and out.dtype == torch.bfloat16
     assert torch.isfinite(out.float()).all()
     no_local = ~_local_slots(r).any(dim=1)
@@ -244,21 +279,36 @@ _LAYERS: dict = {}
 def _layer(num_experts: int, slices: int, rank: int, ue8m0: bool) -> DeepseekV3MoE:
     key = (num_experts, slices, rank, ue8m0)
     if key not in _LAYERS:
-        config = MoEConfig(hidden_size=128, moe_intermediate_size=128, n_routed_experts=num_experts,
-                           num_experts_per_tok=min(4, num_experts // 2), n_group=num_experts // 4 or 1,
-                           topk_group=max(1, num_experts // 8), ue8m0_scales=ue8m0)
+        config = MoEConfig(
+            hidden_size=128,
+            moe_intermediate_size=128,
+            n_routed_experts=num_experts,
+            num_experts_per_tok=min(4, num_experts // 2),
+            n_group=num_experts // 4 or 1,
+            topk_group=max(1, num_experts // 8),
+            ue8m0_scales=ue8m0,
+        )
         local = num_experts // slices
-        layer = DeepseekV3MoE(config, expert_range=(rank * local, (rank + 1) * local),
-                              with_shared_experts=rank == 0, device=DEVICE)
-        layer.load_weights(random_moe_weights(config, seed=num_experts, experts=range(rank * local, (rank + 1) * local),
-                                              with_shared_experts=rank == 0))
+        layer = DeepseekV3MoE(
+            config, expert_range=(rank * local, (rank + 1) * local), with_shared_experts=rank == 0, device=DEVICE
+        )
+        layer.load_weights(
+            random_moe_weights(
+                config, seed=num_experts, experts=range(rank * local, (rank + 1) * local), with_shared_experts=rank == 0
+            )
+        )
         _LAYERS[key] = layer
     return _LAYERS[key]
 
 
 @settings(max_examples=max(8, settings().max_examples // 3))
-@given(tokens=st.one_of(st.integers(0, 16), st.integers(0, 4096)), num_experts=st.sampled_from([8, 16]),
-       slices=st.sampled_from([1, 2, 4]), ue8m0=st.booleans(), data=st.data())
+@given(
+    tokens=st.one_of(st.integers(0, 16), st.integers(0, 4096)),
+    num_experts=st.sampled_from([8, 16]),
+    slices=st.sampled_from([1, 2, 4]),
+    ue8m0=st.booleans(),
+    data=st.data(),
+)
 def test_layer_matches_reference(tokens: int, num_experts: int, slices: int, ue8m0: bool, data):
     rank = data.draw(st.integers(0, slices - 1))
     layer = _layer(num_experts, slices, rank, ue8m0)
@@ -271,17 +321,29 @@ def test_layer_matches_reference(tokens: int, num_experts: int, slices: int, ue8
         return
     cpu = {n: b.cpu() for n, b in layer.named_buffers()}
     ids_w, ids = noaux_tc_route(x.cpu(), cpu["gate_weight"], cpu["e_score_correction_bias"], layer.config)
-    local_ids = torch.where((ids >= layer.expert_start) & (ids < layer.expert_stop), ids.long() - layer.expert_start, -1)
-    ref = reference.routed_experts(x.cpu(), cpu["w13_fp8"], cpu["w13_scale_inv"], cpu["w2_fp8"], cpu["w2_scale_inv"],
-                                   ids_w, local_ids, ue8m0=ue8m0).float()
+    local_ids = torch.where(
+        (ids >= layer.expert_start) & (ids < layer.expert_stop), ids.long() - layer.expert_start, -1
+    )
+    ref = reference.routed_experts(
+        x.cpu(), cpu["w13_fp8"], cpu["w13_scale_inv"], cpu["w2_fp8"], cpu["w2_scale_inv"], ids_w, local_ids, ue8m0=ue8m0
+    ).float()
     if layer.with_shared_experts:
         ones = torch.ones(tokens, 1)
-        ref += reference.routed_experts(x.cpu(), cpu["shared_w13_fp8"], cpu["shared_w13_scale_inv"],
-                                        cpu["shared_w2_fp8"], cpu["shared_w2_scale_inv"], ones,
-                                        torch.zeros(tokens, 1, dtype=torch.int64), ue8m0=ue8m0).float()
+        ref += reference.routed_experts(
+            x.cpu(),
+            cpu["shared_w13_fp8"],
+            cpu["shared_w13_scale_inv"],
+            cpu["shared_w2_fp8"],
+            cpu["shared_w2_scale_inv"],
+            ones,
+            torch.zeros(tokens, 1, dtype=torch.int64),
+            ue8m0=ue8m0,
+        ).float()
     if ref.norm() > 0:
         # Same quantized activations; bf16 roundings of the routed and shared parts, summed.
-        pairs = int(((ids >= layer.expert_start) & (ids < layer.expert_stop)).sum()) + tokens * layer.with_shared_experts
+        pairs = (
+            int(((ids >= layer.expert_start) & (ids < layer.expert_stop)).sum()) + tokens * layer.with_shared_experts
+        )
         # hidden = 128: one scale group per row (tests/tolerances.py, LAYER_SAME_QUANT_ONE_GROUP)
         bound = max(layer_same_quant(pairs), LAYER_SAME_QUANT_ONE_GROUP if DEVICE.type == "cuda" else 0.0)
         assert rel_err(out.cpu(), ref) < bound

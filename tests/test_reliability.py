@@ -30,11 +30,28 @@ from moe_backend.testing import random_moe_weights
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
-TINY = dict(hidden_size=256, moe_intermediate_size=256, n_routed_experts=16, num_experts_per_tok=4,
-            n_group=4, topk_group=2, routed_scaling_factor=2.5, n_shared_experts=1)
-HF_TINY = {**TINY, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True,
-           "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                   "weight_block_size": [128, 128]}}
+TINY = dict(
+    hidden_size=256,
+    moe_intermediate_size=256,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    n_shared_experts=1,
+)
+HF_TINY = {
+    **TINY,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "norm_topk_prob": True,
+    "quantization_config": {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    },
+}
 LAYER = 0
 PREFIX = f"model.layers.{LAYER}.mlp."
 
@@ -84,22 +101,38 @@ class Env:
         layer = self.layer
         x = self.x() if x is None else x
         ids = torch.randint(0, 16, (x.shape[0], 4), dtype=torch.int32)
-        args = dict(x=x, w13_fp8=layer.w13_fp8, w13_scale_inv=layer.w13_scale_inv, w2_fp8=layer.w2_fp8,
-                    w2_scale_inv=layer.w2_scale_inv, topk_weights=torch.rand(x.shape[0], 4), topk_ids=ids)
+        args = dict(
+            x=x,
+            w13_fp8=layer.w13_fp8,
+            w13_scale_inv=layer.w13_scale_inv,
+            w2_fp8=layer.w2_fp8,
+            w2_scale_inv=layer.w2_scale_inv,
+            topk_weights=torch.rand(x.shape[0], 4),
+            topk_ids=ids,
+        )
         args.update(kwargs)
         return moe_experts.routed_experts(**args)
 
     def gemm(self, **kwargs):
         a_fp8, a_scale = quantize_fp8_per_token_group(self.x(8))
         layer = self.layer
-        args = dict(a_fp8=a_fp8, a_scale=a_scale, b_fp8=layer.w13_fp8, b_scale=layer.w13_scale_inv,
-                    expert_ids=torch.zeros(8, dtype=torch.int32))
+        args = dict(
+            a_fp8=a_fp8,
+            a_scale=a_scale,
+            b_fp8=layer.w13_fp8,
+            b_scale=layer.w13_scale_inv,
+            expert_ids=torch.zeros(8, dtype=torch.int32),
+        )
         args.update(kwargs)
         return ops.grouped_gemm_contiguous(**args)
 
     def route(self, **kwargs):
-        args = dict(hidden=self.x(3).float(), gate_weight=self.layer.gate_weight,
-                    correction_bias=self.layer.e_score_correction_bias, config=self.config)
+        args = dict(
+            hidden=self.x(3).float(),
+            gate_weight=self.layer.gate_weight,
+            correction_bias=self.layer.e_score_correction_bias,
+            config=self.config,
+        )
         args.update(kwargs)
         return noaux_tc_route(**args)
 
@@ -121,7 +154,7 @@ class Case:
 def _truncate(path: Path) -> None:
     shard = path / "model-00002-of-00002.safetensors"
     data = shard.read_bytes()
-    shard.write_bytes(data[:len(data) - 1000])
+    shard.write_bytes(data[: len(data) - 1000])
 
 
 def _corrupt_header(path: Path) -> None:
@@ -154,13 +187,13 @@ def _then_load(damage: Callable[[Path], None]) -> Callable[[Env], None]:
         path = env.checkpoint()
         damage(path)
         env.load(path)
+
     return run
 
 
 def _fp8_scales(env: Env) -> None:
     weights = env.weights()
-    bad = [(n, t.to(torch.float8_e4m3fn) if n == "experts.2.down_proj.weight_scale_inv" else t)
-           for n, t in weights]
+    bad = [(n, t.to(torch.float8_e4m3fn) if n == "experts.2.down_proj.weight_scale_inv" else t) for n, t in weights]
     DeepseekV3MoE(env.config).load_weights(bad)
 
 
@@ -169,9 +202,20 @@ def _vllm_apply_standard(env: Env) -> None:
 
     layer = env.layer
     x_fp8, x_scale = quantize_fp8_per_token_group(env.x(3))
-    apply_standard(torch.empty(3, 256, dtype=torch.bfloat16), x_fp8, x_scale, layer.w13_fp8,
-                   layer.w13_scale_inv, layer.w2_fp8, layer.w2_scale_inv, torch.rand(3, 4),
-                   torch.zeros(3, 4, dtype=torch.float32), None, False, Policy())
+    apply_standard(
+        torch.empty(3, 256, dtype=torch.bfloat16),
+        x_fp8,
+        x_scale,
+        layer.w13_fp8,
+        layer.w13_scale_inv,
+        layer.w2_fp8,
+        layer.w2_scale_inv,
+        torch.rand(3, 4),
+        torch.zeros(3, 4, dtype=torch.float32),
+        None,
+        False,
+        Policy(),
+    )
 
 
 def _vllm_apply_batched(env: Env) -> None:
@@ -179,17 +223,29 @@ def _vllm_apply_batched(env: Env) -> None:
 
     layer = env.layer
     x_fp8, x_scale = quantize_fp8_per_token_group(torch.randn(16, 2, 256).bfloat16())
-    apply_batched(torch.empty(16, 2, 256, dtype=torch.bfloat16), x_fp8, x_scale, layer.w13_fp8,
-                  layer.w13_scale_inv, layer.w2_fp8, layer.w2_scale_inv,
-                  torch.zeros(8, dtype=torch.int32), torch.empty(16 * 2 * 512, dtype=torch.bfloat16))
+    apply_batched(
+        torch.empty(16, 2, 256, dtype=torch.bfloat16),
+        x_fp8,
+        x_scale,
+        layer.w13_fp8,
+        layer.w13_scale_inv,
+        layer.w2_fp8,
+        layer.w2_scale_inv,
+        torch.zeros(8, dtype=torch.int32),
+        torch.empty(16 * 2 * 512, dtype=torch.bfloat16),
+    )
 
 
 def _sglang_quant_info(env: Env) -> None:
     from moe_backend_integrations.sglang.core import PhaseMoeQuantInfo
 
     layer = env.layer
-    PhaseMoeQuantInfo(w13_fp8=layer.w13_fp8, w13_scale_inv=layer.w13_scale_inv.numpy(),
-                      w2_fp8=layer.w2_fp8, w2_scale_inv=layer.w2_scale_inv)
+    PhaseMoeQuantInfo(
+        w13_fp8=layer.w13_fp8,
+        w13_scale_inv=layer.w13_scale_inv.numpy(),
+        w2_fp8=layer.w2_fp8,
+        w2_scale_inv=layer.w2_scale_inv,
+    )
 
 
 def _policy_file(text: str) -> Callable[[Env], object]:
@@ -197,6 +253,7 @@ def _policy_file(text: str) -> Callable[[Env], object]:
         path = env.tmp / "policy.json"
         path.write_text(text)
         return Policy.from_file(path)
+
     return run
 
 
@@ -212,155 +269,464 @@ _NOT_ON_CPU = "meta"  # a device the CPU tensors are not on, without needing a G
 
 CASES: list[Case] = [
     # ---- config ----
-    Case("MoEConfig.from_hf_config", "`n_shared_experts` is a string (\"1\")", TypeError, "n_shared_experts",
-         _hf(n_shared_experts="1")),
-    Case("MoEConfig.from_hf_config", "`n_shared_experts` is not an integer (1.5)", TypeError, "n_shared_experts",
-         _hf(n_shared_experts=1.5)),
-    Case("MoEConfig.from_hf_config", "`n_group` == `n_routed_experts` (no top-2 per group)", ValueError, "n_group",
-         _hf(n_group=16, topk_group=8)),
+    Case(
+        "MoEConfig.from_hf_config",
+        '`n_shared_experts` is a string ("1")',
+        TypeError,
+        "n_shared_experts",
+        _hf(n_shared_experts="1"),
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
+        "`n_shared_experts` is not an integer (1.5)",
+        TypeError,
+        "n_shared_experts",
+        _hf(n_shared_experts=1.5),
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
+        "`n_group` == `n_routed_experts` (no top-2 per group)",
+        ValueError,
+        "n_group",
+        _hf(n_group=16, topk_group=8),
+    ),
     Case("MoEConfig.from_hf_config", "`topk_group` > `n_group`", ValueError, "topk_group", _hf(topk_group=5)),
-    Case("MoEConfig.from_hf_config", "`weight_block_size` not numeric ([\"128\", \"128\"])", TypeError,
-         "weight_block_size", _hf(**{"quantization_config.weight_block_size": ["128", "128"]})),
-    Case("MoEConfig.from_hf_config", "`routed_scaling_factor` a string (\"2.5\")", TypeError,
-         "routed_scaling_factor", _hf(routed_scaling_factor="2.5")),
-    Case("MoEConfig.from_hf_config", "`routed_scaling_factor` NaN", ValueError, "routed_scaling_factor",
-         _hf(routed_scaling_factor=math.nan)),
-    Case("MoEConfig.from_hf_config", "`routed_scaling_factor` Infinity in config.json", ValueError,
-         "routed_scaling_factor",
-         lambda env: MoEConfig.from_hf_config(env.config_file(
-             json.dumps(env.hf()).replace('"routed_scaling_factor": 2.5', '"routed_scaling_factor": Infinity')))),
-    Case("MoEConfig.from_hf_config", "a bool where an int is expected (`hidden_size: true`)", TypeError,
-         "hidden_size", _hf(hidden_size=True)),
-    Case("MoEConfig.from_hf_config", "`num_experts_per_tok` 0", ValueError, "num_experts_per_tok",
-         _hf(num_experts_per_tok=0)),
-    Case("MoEConfig.from_hf_config", "`norm_topk_prob` a string", TypeError, "norm_topk_prob",
-         _hf(norm_topk_prob="yes")),
-    Case("MoEConfig.from_hf_config", "malformed config JSON", ValueError, "config.json",
-         lambda env: MoEConfig.from_hf_config(env.config_file('{"hidden_size": 256,'))),
-    Case("MoEConfig.from_hf_config", "config.json holds a list", ValueError, "config.json",
-         lambda env: MoEConfig.from_hf_config(env.config_file("[1, 2]"))),
-    Case("MoEConfig.from_hf_config", "`cfg` neither a dict nor a path (42)", TypeError, "cfg",
-         lambda env: MoEConfig.from_hf_config(42)),
+    Case(
+        "MoEConfig.from_hf_config",
+        '`weight_block_size` not numeric (["128", "128"])',
+        TypeError,
+        "weight_block_size",
+        _hf(**{"quantization_config.weight_block_size": ["128", "128"]}),
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
+        '`routed_scaling_factor` a string ("2.5")',
+        TypeError,
+        "routed_scaling_factor",
+        _hf(routed_scaling_factor="2.5"),
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
+        "`routed_scaling_factor` NaN",
+        ValueError,
+        "routed_scaling_factor",
+        _hf(routed_scaling_factor=math.nan),
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
+        "`routed_scaling_factor` Infinity in config.json",
+        ValueError,
+        "routed_scaling_factor",
+        lambda env: MoEConfig.from_hf_config(
+            env.config_file(
+                json.dumps(env.hf()).replace('"routed_scaling_factor": 2.5', '"routed_scaling_factor": Infinity')
+            )
+        ),
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
+        "a bool where an int is expected (`hidden_size: true`)",
+        TypeError,
+        "hidden_size",
+        _hf(hidden_size=True),
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
+        "`num_experts_per_tok` 0",
+        ValueError,
+        "num_experts_per_tok",
+        _hf(num_experts_per_tok=0),
+    ),
+    Case(
+        "MoEConfig.from_hf_config", "`norm_topk_prob` a string", TypeError, "norm_topk_prob", _hf(norm_topk_prob="yes")
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
+        "malformed config JSON",
+        ValueError,
+        "config.json",
+        lambda env: MoEConfig.from_hf_config(env.config_file('{"hidden_size": 256,')),
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
+        "config.json holds a list",
+        ValueError,
+        "config.json",
+        lambda env: MoEConfig.from_hf_config(env.config_file("[1, 2]")),
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
+        "`cfg` neither a dict nor a path (42)",
+        TypeError,
+        "cfg",
+        lambda env: MoEConfig.from_hf_config(42),
+    ),
     # ---- checkpoint loading ----
-    Case("DeepseekV3MoE.load_from_checkpoint", "truncated shard", ValueError, "model-00002-of-00002.safetensors",
-         _then_load(_truncate)),
-    Case("DeepseekV3MoE.load_from_checkpoint", "corrupt shard header", ValueError,
-         "model-00001-of-00002.safetensors", _then_load(_corrupt_header)),
-    Case("DeepseekV3MoE.load_from_checkpoint", "index names a tensor its shard lacks", ValueError,
-         f"model-00001-of-00002.safetensors: the index maps 1 tensor(s) to this shard but it lacks them: "
-         f"{PREFIX}experts.1.up_proj.weight", _then_load(_drop_from_shard)),
-    Case("DeepseekV3MoE.load_from_checkpoint", "malformed index JSON", ValueError, "model.safetensors.index.json",
-         _then_load(lambda p: _edit_index(p, text='{"weight_map": {'))),
-    Case("DeepseekV3MoE.load_from_checkpoint", "index without a `weight_map` object", ValueError,
-         "model.safetensors.index.json", _then_load(lambda p: _edit_index(p, weight_map=[1, 2]))),
-    Case("DeepseekV3MoE.load_from_checkpoint", "index names a missing shard file", ValueError,
-         "model-00002-of-00002.safetensors",
-         _then_load(lambda p: (p / "model-00002-of-00002.safetensors").unlink())),
-    Case("DeepseekV3MoE.load_from_checkpoint", "`layer_idx` a string", TypeError, "layer_idx",
-         lambda env: env.layer.load_from_checkpoint(env.tmp, "0")),
+    Case(
+        "DeepseekV3MoE.load_from_checkpoint",
+        "truncated shard",
+        ValueError,
+        "model-00002-of-00002.safetensors",
+        _then_load(_truncate),
+    ),
+    Case(
+        "DeepseekV3MoE.load_from_checkpoint",
+        "corrupt shard header",
+        ValueError,
+        "model-00001-of-00002.safetensors",
+        _then_load(_corrupt_header),
+    ),
+    Case(
+        "DeepseekV3MoE.load_from_checkpoint",
+        "index names a tensor its shard lacks",
+        ValueError,
+        f"model-00001-of-00002.safetensors: the index maps 1 tensor(s) to this shard but it lacks them: "
+        f"{PREFIX}experts.1.up_proj.weight",
+        _then_load(_drop_from_shard),
+    ),
+    Case(
+        "DeepseekV3MoE.load_from_checkpoint",
+        "malformed index JSON",
+        ValueError,
+        "model.safetensors.index.json",
+        _then_load(lambda p: _edit_index(p, text='{"weight_map": {')),
+    ),
+    Case(
+        "DeepseekV3MoE.load_from_checkpoint",
+        "index without a `weight_map` object",
+        ValueError,
+        "model.safetensors.index.json",
+        _then_load(lambda p: _edit_index(p, weight_map=[1, 2])),
+    ),
+    Case(
+        "DeepseekV3MoE.load_from_checkpoint",
+        "index names a missing shard file",
+        ValueError,
+        "model-00002-of-00002.safetensors",
+        _then_load(lambda p: (p / "model-00002-of-00002.safetensors").unlink()),
+    ),
+    Case(
+        "DeepseekV3MoE.load_from_checkpoint",
+        "`layer_idx` a string",
+        TypeError,
+        "layer_idx",
+        lambda env: env.layer.load_from_checkpoint(env.tmp, "0"),
+    ),
     # ---- the layer ----
-    Case("DeepseekV3MoE.load_weights", "a dict instead of (name, tensor) pairs", TypeError, "weights",
-         lambda env: DeepseekV3MoE(env.config).load_weights(dict(env.weights()))),
-    Case("DeepseekV3MoE.load_weights", "an item that is not a (name, tensor) pair", TypeError, "weights: item 1",
-         lambda env: DeepseekV3MoE(env.config).load_weights([env.weights()[0], "gate.weight"])),
-    Case("DeepseekV3MoE.load_weights", "scales stored in fp8", ValueError, "experts.2.down_proj.weight_scale_inv",
-         _fp8_scales),
-    Case("DeepseekV3MoE.load_weights", "a tensor of the wrong shape", ValueError, "experts.0.gate_proj.weight",
-         lambda env: DeepseekV3MoE(env.config).load_weights(
-             env.weights(**{"experts.0.gate_proj.weight": torch.zeros(128, 256, dtype=torch.float8_e4m3fn)}))),
-    Case("DeepseekV3MoE", "`policy` not a Policy (a dict)", TypeError, "policy",
-         _bad_layer(policy={"decode_kernel": "masked"})),
+    Case(
+        "DeepseekV3MoE.load_weights",
+        "a dict instead of (name, tensor) pairs",
+        TypeError,
+        "weights",
+        lambda env: DeepseekV3MoE(env.config).load_weights(dict(env.weights())),
+    ),
+    Case(
+        "DeepseekV3MoE.load_weights",
+        "an item that is not a (name, tensor) pair",
+        TypeError,
+        "weights: item 1",
+        lambda env: DeepseekV3MoE(env.config).load_weights([env.weights()[0], "gate.weight"]),
+    ),
+    Case(
+        "DeepseekV3MoE.load_weights",
+        "scales stored in fp8",
+        ValueError,
+        "experts.2.down_proj.weight_scale_inv",
+        _fp8_scales,
+    ),
+    Case(
+        "DeepseekV3MoE.load_weights",
+        "a tensor of the wrong shape",
+        ValueError,
+        "experts.0.gate_proj.weight",
+        lambda env: DeepseekV3MoE(env.config).load_weights(
+            env.weights(**{"experts.0.gate_proj.weight": torch.zeros(128, 256, dtype=torch.float8_e4m3fn)})
+        ),
+    ),
+    Case(
+        "DeepseekV3MoE",
+        "`policy` not a Policy (a dict)",
+        TypeError,
+        "policy",
+        _bad_layer(policy={"decode_kernel": "masked"}),
+    ),
     Case("DeepseekV3MoE", "`expert_range` with floats", TypeError, "expert_range", _bad_layer(expert_range=(0.0, 8.0))),
-    Case("DeepseekV3MoE", "`expert_range` with three elements", TypeError, "expert_range",
-         _bad_layer(expert_range=(0, 4, 8))),
-    Case("DeepseekV3MoE", "`expert_range` empty or past the experts", ValueError, "expert_range",
-         _bad_layer(expert_range=(8, 20))),
-    Case("DeepseekV3MoE", "`with_shared_experts` not a bool", TypeError, "with_shared_experts",
-         _bad_layer(with_shared_experts=1)),
-    Case("DeepseekV3MoE.forward", "NaN in `hidden_states`", ValueError, "hidden_states",
-         lambda env: env.layer(env.x().index_fill_(1, torch.tensor([7]), math.nan))),
-    Case("DeepseekV3MoE.forward", "`hidden_states` ~1e20 (overflows inside the experts)", ValueError,
-         "hidden_states", lambda env: env.layer(env.x() * 1e20)),
-    Case("DeepseekV3MoE.forward", "`hidden_states` fp32", TypeError, "hidden_states",
-         lambda env: env.layer(env.x().float())),
-    Case("DeepseekV3MoE.forward", "`phase` not prefill/decode", ValueError, "phase",
-         lambda env: env.layer(env.x(), phase="warmup")),
-    Case("DeepseekV3MoE.forward", "called before loading weights", RuntimeError, "load_weights",
-         lambda env: DeepseekV3MoE(env.config)(env.x())),
+    Case(
+        "DeepseekV3MoE",
+        "`expert_range` with three elements",
+        TypeError,
+        "expert_range",
+        _bad_layer(expert_range=(0, 4, 8)),
+    ),
+    Case(
+        "DeepseekV3MoE",
+        "`expert_range` empty or past the experts",
+        ValueError,
+        "expert_range",
+        _bad_layer(expert_range=(8, 20)),
+    ),
+    Case(
+        "DeepseekV3MoE",
+        "`with_shared_experts` not a bool",
+        TypeError,
+        "with_shared_experts",
+        _bad_layer(with_shared_experts=1),
+    ),
+    Case(
+        "DeepseekV3MoE.forward",
+        "NaN in `hidden_states`",
+        ValueError,
+        "hidden_states",
+        lambda env: env.layer(env.x().index_fill_(1, torch.tensor([7]), math.nan)),
+    ),
+    Case(
+        "DeepseekV3MoE.forward",
+        "`hidden_states` ~1e20 (overflows inside the experts)",
+        ValueError,
+        "hidden_states",
+        lambda env: env.layer(env.x() * 1e20),
+    ),
+    Case(
+        "DeepseekV3MoE.forward",
+        "`hidden_states` fp32",
+        TypeError,
+        "hidden_states",
+        lambda env: env.layer(env.x().float()),
+    ),
+    Case(
+        "DeepseekV3MoE.forward",
+        "`phase` not prefill/decode",
+        ValueError,
+        "phase",
+        lambda env: env.layer(env.x(), phase="warmup"),
+    ),
+    Case(
+        "DeepseekV3MoE.forward",
+        "called before loading weights",
+        RuntimeError,
+        "load_weights",
+        lambda env: DeepseekV3MoE(env.config)(env.x()),
+    ),
     # ---- router ----
-    Case("noaux_tc_route", "gate of the wrong shape", ValueError, "gate_weight",
-         lambda env: env.route(gate_weight=torch.zeros(16, 128))),
-    Case("noaux_tc_route", "gate of an integer dtype", TypeError, "gate_weight",
-         lambda env: env.route(gate_weight=torch.zeros(16, 256, dtype=torch.int32))),
-    Case("noaux_tc_route", "gate on another device", ValueError, "gate_weight",
-         lambda env: env.route(gate_weight=torch.zeros(16, 256, device=_NOT_ON_CPU))),
-    Case("noaux_tc_route", "correction bias of the wrong shape", ValueError, "correction_bias",
-         lambda env: env.route(correction_bias=torch.zeros(8))),
+    Case(
+        "noaux_tc_route",
+        "gate of the wrong shape",
+        ValueError,
+        "gate_weight",
+        lambda env: env.route(gate_weight=torch.zeros(16, 128)),
+    ),
+    Case(
+        "noaux_tc_route",
+        "gate of an integer dtype",
+        TypeError,
+        "gate_weight",
+        lambda env: env.route(gate_weight=torch.zeros(16, 256, dtype=torch.int32)),
+    ),
+    Case(
+        "noaux_tc_route",
+        "gate on another device",
+        ValueError,
+        "gate_weight",
+        lambda env: env.route(gate_weight=torch.zeros(16, 256, device=_NOT_ON_CPU)),
+    ),
+    Case(
+        "noaux_tc_route",
+        "correction bias of the wrong shape",
+        ValueError,
+        "correction_bias",
+        lambda env: env.route(correction_bias=torch.zeros(8)),
+    ),
     Case("noaux_tc_route", "`config` not a MoEConfig", TypeError, "config", lambda env: env.route(config=TINY)),
     # ---- policy ----
-    Case("Policy.from_dict", "kernel name given as a list", TypeError, "decode_kernel",
-         lambda env: Policy.from_dict({"decode_kernel": ["masked"]})),
-    Case("Policy.from_dict", "boolean for an integer (`decode_max_tokens: true`)", TypeError, "decode_max_tokens",
-         lambda env: Policy.from_dict({"decode_max_tokens": True})),
-    Case("Policy.from_dict", "integer given as a string", TypeError, "decode_max_tokens",
-         lambda env: Policy.from_dict({"decode_max_tokens": "256"})),
-    Case("Policy.from_dict", "negative `decode_max_tokens`", ValueError, "decode_max_tokens",
-         lambda env: Policy.from_dict({"decode_max_tokens": -1})),
-    Case("Policy.from_dict", "a per-device value of the wrong type", TypeError, "devices.H100",
-         lambda env: Policy.from_dict({"devices": {"H100": {"decode_max_tokens": [1]}}})),
-    Case("Policy.from_dict", "unknown key", ValueError, "decode_kernels",
-         lambda env: Policy.from_dict({"decode_kernels": "masked"})),
+    Case(
+        "Policy.from_dict",
+        "kernel name given as a list",
+        TypeError,
+        "decode_kernel",
+        lambda env: Policy.from_dict({"decode_kernel": ["masked"]}),
+    ),
+    Case(
+        "Policy.from_dict",
+        "boolean for an integer (`decode_max_tokens: true`)",
+        TypeError,
+        "decode_max_tokens",
+        lambda env: Policy.from_dict({"decode_max_tokens": True}),
+    ),
+    Case(
+        "Policy.from_dict",
+        "integer given as a string",
+        TypeError,
+        "decode_max_tokens",
+        lambda env: Policy.from_dict({"decode_max_tokens": "256"}),
+    ),
+    Case(
+        "Policy.from_dict",
+        "negative `decode_max_tokens`",
+        ValueError,
+        "decode_max_tokens",
+        lambda env: Policy.from_dict({"decode_max_tokens": -1}),
+    ),
+    Case(
+        "Policy.from_dict",
+        "a per-device value of the wrong type",
+        TypeError,
+        "devices.H100",
+        lambda env: Policy.from_dict({"devices": {"H100": {"decode_max_tokens": [1]}}}),
+    ),
+    Case(
+        "Policy.from_dict",
+        "unknown key",
+        ValueError,
+        "decode_kernels",
+        lambda env: Policy.from_dict({"decode_kernels": "masked"}),
+    ),
     Case("Policy.from_file", "malformed policy JSON", ValueError, "policy.json", _policy_file("{decode")),
     # ---- ops ----
     Case("ops.grouped_gemm_contiguous", "`impl` not a string", TypeError, "impl", lambda env: env.gemm(impl=3)),
     Case("ops.grouped_gemm_contiguous", "unknown `impl`", ValueError, "impl", lambda env: env.gemm(impl="fast")),
-    Case("ops.grouped_gemm_contiguous", "`expected_m` a bool", TypeError, "expected_m",
-         lambda env: env.gemm(expected_m=True)),
-    Case("ops.grouped_gemm_contiguous", "`a_fp8` in bf16", TypeError, "a_fp8",
-         lambda env: env.gemm(a_fp8=env.x(8))),
-    Case("ops.grouped_gemm_contiguous", "`expert_ids` out of range", ValueError, "expert_ids",
-         lambda env: env.gemm(expert_ids=torch.full((8,), 99, dtype=torch.int32))),
-    Case("ops.silu_mul_quant", "`group` a string", TypeError, "group",
-         lambda env: ops.silu_mul_quant(torch.randn(2, 512), "128")),
-    Case("ops.per_token_group_quant", "`ue8m0` a string", TypeError, "ue8m0",
-         lambda env: ops.per_token_group_quant(env.x(), 128, "yes")),
+    Case(
+        "ops.grouped_gemm_contiguous",
+        "`expected_m` a bool",
+        TypeError,
+        "expected_m",
+        lambda env: env.gemm(expected_m=True),
+    ),
+    Case("ops.grouped_gemm_contiguous", "`a_fp8` in bf16", TypeError, "a_fp8", lambda env: env.gemm(a_fp8=env.x(8))),
+    Case(
+        "ops.grouped_gemm_contiguous",
+        "`expert_ids` out of range",
+        ValueError,
+        "expert_ids",
+        lambda env: env.gemm(expert_ids=torch.full((8,), 99, dtype=torch.int32)),
+    ),
+    Case(
+        "ops.silu_mul_quant",
+        "`group` a string",
+        TypeError,
+        "group",
+        lambda env: ops.silu_mul_quant(torch.randn(2, 512), "128"),
+    ),
+    Case(
+        "ops.per_token_group_quant",
+        "`ue8m0` a string",
+        TypeError,
+        "ue8m0",
+        lambda env: ops.per_token_group_quant(env.x(), 128, "yes"),
+    ),
     Case("ops.per_token_group_quant", "`x` a list", TypeError, "x", lambda env: ops.per_token_group_quant([1.0])),
-    Case("ops.unpermute_combine", "`topk_weights` in bf16", TypeError, "topk_weights",
-         lambda env: ops.unpermute_combine(torch.zeros(4, 256, dtype=torch.bfloat16), torch.zeros(2, 2).long(),
-                                           torch.zeros(2, 2, dtype=torch.bfloat16))),
-    Case("quant.quantize_fp8_per_token_group", "`group` 0", ValueError, "group",
-         lambda env: quantize_fp8_per_token_group(env.x(), 0)),
-    Case("quant.quantize_fp8_blockwise", "`block` a float", TypeError, "block",
-         lambda env: quantize_fp8_blockwise(torch.randn(128, 128), 128.0)),
+    Case(
+        "ops.unpermute_combine",
+        "`topk_weights` in bf16",
+        TypeError,
+        "topk_weights",
+        lambda env: ops.unpermute_combine(
+            torch.zeros(4, 256, dtype=torch.bfloat16), torch.zeros(2, 2).long(), torch.zeros(2, 2, dtype=torch.bfloat16)
+        ),
+    ),
+    Case(
+        "quant.quantize_fp8_per_token_group",
+        "`group` 0",
+        ValueError,
+        "group",
+        lambda env: quantize_fp8_per_token_group(env.x(), 0),
+    ),
+    Case(
+        "quant.quantize_fp8_blockwise",
+        "`block` a float",
+        TypeError,
+        "block",
+        lambda env: quantize_fp8_blockwise(torch.randn(128, 128), 128.0),
+    ),
     # ---- experts and layouts ----
-    Case("experts.routed_experts", "negative `expert_start`", ValueError, "expert_start",
-         lambda env: env.routed(expert_start=-1)),
+    Case(
+        "experts.routed_experts",
+        "negative `expert_start`",
+        ValueError,
+        "expert_start",
+        lambda env: env.routed(expert_start=-1),
+    ),
     Case("experts.routed_experts", "`policy` a string", TypeError, "policy", lambda env: env.routed(policy="masked")),
-    Case("experts.routed_experts", "Inf in `x` (CPU: checked)", ValueError, "x",
-         lambda env: env.routed(x=env.x().index_fill_(1, torch.tensor([0]), math.inf))),
-    Case("experts.routed_experts", "`topk_ids` of floats", TypeError, "topk_ids",
-         lambda env: env.routed(topk_ids=torch.zeros(4, 4))),
+    Case(
+        "experts.routed_experts",
+        "Inf in `x` (CPU: checked)",
+        ValueError,
+        "x",
+        lambda env: env.routed(x=env.x().index_fill_(1, torch.tensor([0]), math.inf)),
+    ),
+    Case(
+        "experts.routed_experts",
+        "`topk_ids` of floats",
+        TypeError,
+        "topk_ids",
+        lambda env: env.routed(topk_ids=torch.zeros(4, 4)),
+    ),
     Case("experts.routed_experts", "`phase` unknown", ValueError, "phase", lambda env: env.routed(phase="both")),
-    Case("experts.masked_experts", "`masked_m` with the wrong length", ValueError, "masked_m",
-         lambda env: moe_experts.masked_experts(
-             *quantize_fp8_per_token_group(torch.randn(16, 2, 256)), env.layer.w13_fp8, env.layer.w13_scale_inv,
-             env.layer.w2_fp8, env.layer.w2_scale_inv, torch.zeros(3, dtype=torch.int32))),
-    Case("layouts.build_contiguous_layout", "`alignment` 0", ValueError, "alignment",
-         lambda env: layouts.build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4, alignment=0)),
-    Case("layouts.build_masked_layout", "`max_m` below the busiest expert", ValueError, "max_m",
-         lambda env: layouts.build_masked_layout(torch.zeros(4, 1, dtype=torch.int32), 4, max_m=2)),
-    Case("layouts.build_contiguous_layout", "`num_local_experts` a float", TypeError, "num_local_experts",
-         lambda env: layouts.build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4.0)),
-    Case("layouts.build_masked_layout", "`max_m` a float", TypeError, "max_m",
-         lambda env: layouts.build_masked_layout(torch.zeros(4, 1, dtype=torch.int32), 4, max_m=8.0)),
-    Case("reference.silu_mul_quant", "`ue8m0` a string", TypeError, "ue8m0",
-         lambda env: reference.silu_mul_quant(torch.randn(2, 256), 128, "false")),
+    Case(
+        "experts.masked_experts",
+        "`masked_m` with the wrong length",
+        ValueError,
+        "masked_m",
+        lambda env: moe_experts.masked_experts(
+            *quantize_fp8_per_token_group(torch.randn(16, 2, 256)),
+            env.layer.w13_fp8,
+            env.layer.w13_scale_inv,
+            env.layer.w2_fp8,
+            env.layer.w2_scale_inv,
+            torch.zeros(3, dtype=torch.int32),
+        ),
+    ),
+    Case(
+        "layouts.build_contiguous_layout",
+        "`alignment` 0",
+        ValueError,
+        "alignment",
+        lambda env: layouts.build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4, alignment=0),
+    ),
+    Case(
+        "layouts.build_masked_layout",
+        "`max_m` below the busiest expert",
+        ValueError,
+        "max_m",
+        lambda env: layouts.build_masked_layout(torch.zeros(4, 1, dtype=torch.int32), 4, max_m=2),
+    ),
+    Case(
+        "layouts.build_contiguous_layout",
+        "`num_local_experts` a float",
+        TypeError,
+        "num_local_experts",
+        lambda env: layouts.build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4.0),
+    ),
+    Case(
+        "layouts.build_masked_layout",
+        "`max_m` a float",
+        TypeError,
+        "max_m",
+        lambda env: layouts.build_masked_layout(torch.zeros(4, 1, dtype=torch.int32), 4, max_m=8.0),
+    ),
+    Case(
+        "reference.silu_mul_quant",
+        "`ue8m0` a string",
+        TypeError,
+        "ue8m0",
+        lambda env: reference.silu_mul_quant(torch.randn(2, 256), 128, "false"),
+    ),
     # ---- engine glue (run where the engine or its free-standing glue imports) ----
     Case("vllm apply_standard", "`topk_ids` of floats", TypeError, "topk_ids", _vllm_apply_standard),
-    Case("vllm apply_batched", "`expert_num_tokens` shorter than the local experts", ValueError,
-         "expert_num_tokens", _vllm_apply_batched),
-    Case("sglang PhaseMoeQuantInfo", "a scale that is not a tensor", TypeError, "w13_scale_inv",
-         _sglang_quant_info, needs="sglang"),
+    Case(
+        "vllm apply_batched",
+        "`expert_num_tokens` shorter than the local experts",
+        ValueError,
+        "expert_num_tokens",
+        _vllm_apply_batched,
+    ),
+    Case(
+        "sglang PhaseMoeQuantInfo",
+        "a scale that is not a tensor",
+        TypeError,
+        "w13_scale_inv",
+        _sglang_quant_info,
+        needs="sglang",
+    ),
 ]
 
 
@@ -376,8 +742,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("reliability-ckpt")
     tensors = {PREFIX + n: t.contiguous() for n, t in random_moe_weights(config, seed=1)}
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     weight_map = {}
     for shard, shard_names in shards.items():
         save_file({n: tensors[n] for n in shard_names}, path / shard)
@@ -445,8 +813,7 @@ def _buffers(layer: DeepseekV3MoE) -> dict[str, torch.Tensor]:
 
 
 def _bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
+    return a.keys() == b.keys() and all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
 
 
 @pytest.mark.parametrize("damage", ["wrong_shape_last", "nan_scale_last", "read_error_midway", "fp8_scale_first"])
@@ -470,7 +837,7 @@ def test_failed_reload_leaves_the_layer_exactly_as_it_was(tiny_layer, damage):
         new[idx] = (new[idx][0], new[idx][1].to(torch.float8_e4m3fn))
 
     def read_error_midway():
-        yield from new[:len(new) // 2]
+        yield from new[: len(new) // 2]
         raise OSError("shard read failed")  # a checkpoint read failing half-way
 
     source = read_error_midway() if damage == "read_error_midway" else new
@@ -530,8 +897,9 @@ def test_scale_cap_keeps_ordinary_inputs_bit_identical(ue8m0):
 
 def test_reference_silu_mul_quant_never_overflows_for_bf16_extremes():
     info = torch.finfo(torch.bfloat16)
-    values = torch.tensor([info.max, -info.max, info.tiny, -info.tiny, info.smallest_normal * 2 ** -7, 0.0, 1.0,
-                           -1e20, 1e20, 3e4])
+    values = torch.tensor(
+        [info.max, -info.max, info.tiny, -info.tiny, info.smallest_normal * 2**-7, 0.0, 1.0, -1e20, 1e20, 3e4]
+    )
     pairs = torch.cartesian_prod(values, values)  # every (gate, up) pair, one pair per row
     h = pairs.repeat_interleave(128, dim=1).bfloat16()  # [100, 256]: gate group, then up group
     for ue8m0 in (False, True):
@@ -540,8 +908,8 @@ def test_reference_silu_mul_quant_never_overflows_for_bf16_extremes():
         assert torch.isfinite(s).all() and (s > 0).all() and torch.isfinite(deq).all()
         # A product past fp32 saturates at +-448 * 2^119, with the product's sign.
         product = torch.nn.functional.silu(pairs[:, 0].double()) * pairs[:, 1].double()
-        huge = product.abs() > 448 * 2.0 ** 119
-        assert huge.any() and torch.equal(deq[huge, 0].double(), 448 * 2.0 ** 119 * product[huge].sign())
+        huge = product.abs() > 448 * 2.0**119
+        assert huge.any() and torch.equal(deq[huge, 0].double(), 448 * 2.0**119 * product[huge].sign())
 
 
 def test_overflowing_rows_do_not_touch_other_rows(tiny_layer):
@@ -578,7 +946,7 @@ def test_scale_cap_is_one_value_everywhere():
     from moe_backend import quant
     from tests.helpers.quant_extremes import SCALE_CEIL
 
-    assert quant.SCALE_CEIL == SCALE_CEIL == 2.0 ** 119
+    assert quant.SCALE_CEIL == SCALE_CEIL == 2.0**119
     f32_max = torch.finfo(torch.float32).max
     assert 448 * SCALE_CEIL < f32_max < 448 * 2 * SCALE_CEIL
     if importlib.util.find_spec("triton") is not None:

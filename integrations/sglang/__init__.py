@@ -50,20 +50,24 @@ def register() -> None:
         return
     if version != SGLANG_VERSION:
         if not ENV.sglang_any_version:
-            _fail("version", RuntimeError(
-                f"moe-backend's SGLang plugin supports sglang=={SGLANG_VERSION} only (found "
-                f"{version}); `--moe-runner-backend {BACKEND_NAME}` stays unavailable. Install "
-                f"sglang=={SGLANG_VERSION}, or set {ANY_VERSION_ENV}=1 to try anyway."))
+            _fail(
+                "version",
+                RuntimeError(
+                    f"moe-backend's SGLang plugin supports sglang=={SGLANG_VERSION} only (found "
+                    f"{version}); `--moe-runner-backend {BACKEND_NAME}` stays unavailable. Install "
+                    f"sglang=={SGLANG_VERSION}, or set {ANY_VERSION_ENV}=1 to try anyway."
+                ),
+            )
             return
-        logger.warning("%s: sglang %s is not the tested %s (%s=1 is set)", BACKEND_NAME, version,
-                       SGLANG_VERSION, ANY_VERSION_ENV)
+        logger.warning(
+            "%s: sglang %s is not the tested %s (%s=1 is set)", BACKEND_NAME, version, SGLANG_VERSION, ANY_VERSION_ENV
+        )
 
     _step("choices", _add_choice)
     when_imported(_MODULE_MOE_UTILS, lambda mod: _step("backend_name", _register_backend_name, mod))
     when_imported(_MODULE_RUNNER, lambda mod: _step("runner_core", _register_runner_core, mod))
     when_imported(_MODULE_FP8, lambda mod: _step("fp8_hooks", _install_fp8_hooks, mod))
-    logger.info("%s: moe-backend SGLang plugin registered (pinned to sglang==%s)",
-                BACKEND_NAME, SGLANG_VERSION)
+    logger.info("%s: moe-backend SGLang plugin registered (pinned to sglang==%s)", BACKEND_NAME, SGLANG_VERSION)
 
 
 def check() -> None:
@@ -75,8 +79,9 @@ def check() -> None:
 
 def _fail(step: str, exc: BaseException) -> None:
     _failures.setdefault(step, exc)
-    logger.error("%s: SGLang plugin step %r FAILED: %s", BACKEND_NAME, step, exc,
-                 exc_info=(type(exc), exc, exc.__traceback__))
+    logger.error(
+        "%s: SGLang plugin step %r FAILED: %s", BACKEND_NAME, step, exc, exc_info=(type(exc), exc, exc.__traceback__)
+    )
 
 
 def _step(name: str, fn, *args) -> None:
@@ -116,8 +121,9 @@ def _register_runner_core(runner) -> None:
     if registered is _make_runner_core:
         return
     if registered is not None:
-        raise RuntimeError(f"another plugin already registered an MoE runner core named "
-                           f"{BACKEND_NAME!r} ({registered!r})")
+        raise RuntimeError(
+            f"another plugin already registered an MoE runner core named {BACKEND_NAME!r} ({registered!r})"
+        )
     runner.register_moe_runner_core(BACKEND_NAME, _make_runner_core)
 
 

@@ -59,24 +59,30 @@ class PhaseMoeQuantInfo(MoeQuantInfo):
         # Metadata checks only (no host sync): this runs on every forward.
         for name in ("w13_fp8", "w13_scale_inv", "w2_fp8", "w2_scale_inv"):
             if not isinstance(getattr(self, name), torch.Tensor):
-                raise TypeError(f"{BACKEND_NAME}: {name} must be a torch.Tensor, got "
-                                f"{type(getattr(self, name)).__name__}")
+                raise TypeError(
+                    f"{BACKEND_NAME}: {name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}"
+                )
         if not isinstance(self.ue8m0, bool):
             raise TypeError(f"{BACKEND_NAME}: ue8m0 must be a bool, got {self.ue8m0!r}")
         for name in ("w13_fp8", "w2_fp8"):
             t = getattr(self, name)
             if t.dtype != FP8_DTYPE or t.dim() != 3:
-                raise TypeError(f"{BACKEND_NAME}: {name} must be float8_e4m3fn [E, N, K], got "
-                                f"{t.dtype} {list(t.shape)}")
+                raise TypeError(
+                    f"{BACKEND_NAME}: {name} must be float8_e4m3fn [E, N, K], got {t.dtype} {list(t.shape)}"
+                )
         for name in ("w13_scale_inv", "w2_scale_inv"):
             t = getattr(self, name)
             if t.dtype != torch.float32:
-                raise TypeError(f"{BACKEND_NAME}: {name} must hold fp32 block scales, got {t.dtype}"
-                                f" (UE8M0-packed scales are DeepGEMM's layout, not supported)")
+                raise TypeError(
+                    f"{BACKEND_NAME}: {name} must hold fp32 block scales, got {t.dtype}"
+                    f" (UE8M0-packed scales are DeepGEMM's layout, not supported)"
+                )
         experts_13, experts_2 = self.w13_fp8.shape[0], self.w2_fp8.shape[0]
         if experts_13 != experts_2 or self.w13_fp8.shape[2] != self.w2_fp8.shape[1]:
-            raise ValueError(f"{BACKEND_NAME}: w13_fp8 {list(self.w13_fp8.shape)} and w2_fp8 "
-                             f"{list(self.w2_fp8.shape)} do not describe one set of experts [E, 2I, H] / [E, H, I]")
+            raise ValueError(
+                f"{BACKEND_NAME}: w13_fp8 {list(self.w13_fp8.shape)} and w2_fp8 "
+                f"{list(self.w2_fp8.shape)} do not describe one set of experts [E, 2I, H] / [E, H, I]"
+            )
 
     @property
     def num_local_experts(self) -> int:
@@ -106,9 +112,11 @@ def _activation_scale(x: torch.Tensor, x_scale: torch.Tensor | None, where: str)
     if x_scale is None:
         raise TypeError(f"{BACKEND_NAME} ({where}): fp8 activations came without scales")
     if x_scale.dtype != torch.float32:
-        raise TypeError(f"{BACKEND_NAME} ({where}): activation scales are {x_scale.dtype}; only fp32 "
-                        f"per-128-column scales are supported (UE8M0-packed int32 scales, as DeepEP "
-                        f"sends on Blackwell, are not)")
+        raise TypeError(
+            f"{BACKEND_NAME} ({where}): activation scales are {x_scale.dtype}; only fp32 "
+            f"per-128-column scales are supported (UE8M0-packed int32 scales, as DeepEP "
+            f"sends on Blackwell, are not)"
+        )
     # DeepEP LL hands the scales column-major in the last two dims; our kernels read row-major.
     return x_scale.contiguous()
 
@@ -128,13 +136,14 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         if hooks is not None:
             raise ValueError(f"{BACKEND_NAME}: LoRA MoE hooks are not supported")
         if not isinstance(quant_info, PhaseMoeQuantInfo):
-            raise TypeError(f"{BACKEND_NAME} serves block-FP8 MoE layers only (got "
-                            f"{type(quant_info).__name__}); this layer's quantization method is not "
-                            f"supported by --moe-runner-backend {BACKEND_NAME}")
+            raise TypeError(
+                f"{BACKEND_NAME} serves block-FP8 MoE layers only (got "
+                f"{type(quant_info).__name__}); this layer's quantization method is not "
+                f"supported by --moe-runner-backend {BACKEND_NAME}"
+            )
         # MoeRunnerConfig is mutated after construction: read it per call.
         if runner_config.no_combine or runner_config.apply_router_weight_on_input:
-            raise ValueError(f"{BACKEND_NAME}: no_combine / apply_router_weight_on_input "
-                                      f"are not supported")
+            raise ValueError(f"{BACKEND_NAME}: no_combine / apply_router_weight_on_input are not supported")
         fmt = dispatch_output.format
         if fmt.is_standard():
             return self._run_standard(dispatch_output, quant_info, runner_config)
@@ -142,14 +151,16 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
             return self._run_deepep_normal(dispatch_output, quant_info, runner_config)
         if fmt.is_deepep_ll():
             return self._run_deepep_ll(dispatch_output, quant_info)
-        raise ValueError(f"{BACKEND_NAME}: dispatch format {fmt.value!r} is not supported "
-                                  f"(use --moe-a2a-backend none or deepep)")
+        raise ValueError(
+            f"{BACKEND_NAME}: dispatch format {fmt.value!r} is not supported (use --moe-a2a-backend none or deepep)"
+        )
 
     # ---- standard (TP): weighted sum x routed_scaling_factor ----
     def _run_standard(self, d, q: PhaseMoeQuantInfo, runner_config):
         if not TopKOutputChecker.format_is_standard(d.topk_output):
-            raise ValueError(f"{BACKEND_NAME}: top-k output {type(d.topk_output).__name__} "
-                                      f"is not supported (standard top-k only)")
+            raise ValueError(
+                f"{BACKEND_NAME}: top-k output {type(d.topk_output).__name__} is not supported (standard top-k only)"
+            )
         x = d.hidden_states  # [T, H]
         x_scale = _activation_scale(x, d.hidden_states_scale, "standard")
         topk_weights = d.topk_output.topk_weights.float()  # [T, k]
@@ -157,10 +168,22 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         if scale is not None and scale != 1.0 and runner_applies_routed_scaling():
             # Folded into the fp32 weights so the output is rounded to bf16 once.
             topk_weights = topk_weights * scale
-        out = experts.routed_experts(x, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,
-                                     topk_weights, d.topk_output.topk_ids, x_scale=x_scale,
-                                     ue8m0=q.ue8m0, policy=self.policy, phase=_current_phase())
-        ab_shadow.observe_routed(out, x, q, topk_weights, d.topk_output.topk_ids, x_scale=x_scale, ue8m0=q.ue8m0, phase=_current_phase())
+        out = experts.routed_experts(
+            x,
+            q.w13_fp8,
+            q.w13_scale_inv,
+            q.w2_fp8,
+            q.w2_scale_inv,
+            topk_weights,
+            d.topk_output.topk_ids,
+            x_scale=x_scale,
+            ue8m0=q.ue8m0,
+            policy=self.policy,
+            phase=_current_phase(),
+        )
+        ab_shadow.observe_routed(
+            out, x, q, topk_weights, d.topk_output.topk_ids, x_scale=x_scale, ue8m0=q.ue8m0, phase=_current_phase()
+        )
         return StandardCombineInput(hidden_states=out)
 
     # ---- DeepEP normal (prefill): weighted sum over local experts, contiguous kernel ----
@@ -168,28 +191,49 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         x = d.hidden_states  # [N, H]
         x_scale = _activation_scale(x, d.hidden_states_scale, "deepep normal")
         # The host list num_recv_tokens_per_expert is not needed: the layout is built from ids.
-        out = experts.routed_experts(x, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,
-                                     d.topk_weights.float(), d.topk_ids, x_scale=x_scale,
-                                     ue8m0=q.ue8m0, policy=self.policy, phase="prefill",
-                                     num_global_experts=runner_config.num_experts)
-        ab_shadow.observe_routed(out, x, q, d.topk_weights.float(), d.topk_ids, x_scale=x_scale, ue8m0=q.ue8m0, phase="prefill")
-        return DeepEPNormalCombineInput(hidden_states=out, topk_ids=d.topk_ids,
-                                        topk_weights=d.topk_weights)
+        out = experts.routed_experts(
+            x,
+            q.w13_fp8,
+            q.w13_scale_inv,
+            q.w2_fp8,
+            q.w2_scale_inv,
+            d.topk_weights.float(),
+            d.topk_ids,
+            x_scale=x_scale,
+            ue8m0=q.ue8m0,
+            policy=self.policy,
+            phase="prefill",
+            num_global_experts=runner_config.num_experts,
+        )
+        ab_shadow.observe_routed(
+            out, x, q, d.topk_weights.float(), d.topk_ids, x_scale=x_scale, ue8m0=q.ue8m0, phase="prefill"
+        )
+        return DeepEPNormalCombineInput(hidden_states=out, topk_ids=d.topk_ids, topk_weights=d.topk_weights)
 
     # ---- DeepEP low-latency (decode): unweighted per-expert rows, masked kernel ----
     def _run_deepep_ll(self, d, q: PhaseMoeQuantInfo):
         x = d.hidden_states  # [E, M, H]
         if x.dim() != 3 or x.shape[0] != q.num_local_experts:
-            raise ValueError(f"{BACKEND_NAME} (deepep low-latency): expected activations "
-                             f"[{q.num_local_experts}, M, H], got {list(x.shape)}")
+            raise ValueError(
+                f"{BACKEND_NAME} (deepep low-latency): expected activations "
+                f"[{q.num_local_experts}, M, H], got {list(x.shape)}"
+            )
         x_scale = _activation_scale(x, d.hidden_states_scale, "deepep low-latency")
         if x_scale is None:  # bf16 dispatch
             x, x_scale = ops.per_token_group_quant(x, QUANT_BLOCK, q.ue8m0)
         x = x.contiguous()  # DeepEP's receive buffer already is; our kernels require it
         masked_m = d.masked_m.to(torch.int32)  # [E], on the device: never read on the host
-        out = experts.masked_experts(x, x_scale, q.w13_fp8, q.w13_scale_inv, q.w2_fp8, q.w2_scale_inv,
-                                     masked_m, policy=self.policy, ue8m0=q.ue8m0,
-                                     expected_m=d.expected_m)
+        out = experts.masked_experts(
+            x,
+            x_scale,
+            q.w13_fp8,
+            q.w13_scale_inv,
+            q.w2_fp8,
+            q.w2_scale_inv,
+            masked_m,
+            policy=self.policy,
+            ue8m0=q.ue8m0,
+            expected_m=d.expected_m,
+        )
         ab_shadow.observe_masked(out, x, x_scale, q, masked_m, ue8m0=q.ue8m0, expected_m=d.expected_m)
-        return DeepEPLLCombineInput(hidden_states=out, topk_ids=d.topk_ids,
-                                    topk_weights=d.topk_weights)
+        return DeepEPLLCombineInput(hidden_states=out, topk_ids=d.topk_ids, topk_weights=d.topk_weights)

@@ -61,8 +61,10 @@ def check_fp8_layer_supported(method, moe_runner_config) -> None:
     if getattr(method, "use_mxfp8", False) or getattr(method, "is_fp4_expert", False):
         problems.append("MXFP8/FP4 experts (phasemoe serves FP8 e4m3 weights with 128x128 block scales)")
     elif not method.block_quant or list(method.weight_block_size or []) != [128, 128]:
-        problems.append(f"weight_block_size={method.weight_block_size} (phasemoe needs block-FP8 "
-                        f"with 128x128 blocks, as in DeepSeek-V3's checkpoint)")
+        problems.append(
+            f"weight_block_size={method.weight_block_size} (phasemoe needs block-FP8 "
+            f"with 128x128 blocks, as in DeepSeek-V3's checkpoint)"
+        )
     cfg = moe_runner_config
     if cfg.activation != "silu" or not cfg.is_gated:
         problems.append(f"activation={cfg.activation!r}, is_gated={cfg.is_gated} (needs gated silu)")
@@ -74,17 +76,23 @@ def check_fp8_layer_supported(method, moe_runner_config) -> None:
     a2a = get_moe_a2a_backend()
     if a2a.is_deepep():
         if not deep_gemm_wrapper.ENABLE_JIT_DEEPGEMM:
-            problems.append("--moe-a2a-backend deepep with SGLang's DeepGEMM JIT off: SGLang 0.5.23 "
-                            "routes FP8 DeepEP layers to the MoE runner only when it is on "
-                            "(SGLANG_ENABLE_JIT_DEEPGEMM=1 and sgl-deep-gemm installed)")
+            problems.append(
+                "--moe-a2a-backend deepep with SGLang's DeepGEMM JIT off: SGLang 0.5.23 "
+                "routes FP8 DeepEP layers to the MoE runner only when it is on "
+                "(SGLANG_ENABLE_JIT_DEEPGEMM=1 and sgl-deep-gemm installed)"
+            )
         if deep_gemm_wrapper.DEEPGEMM_SCALE_UE8M0:
             problems.append("DeepEP with UE8M0-packed activation scales (Blackwell) is not supported")
     elif not a2a.is_none():
-        problems.append(f"--moe-a2a-backend {a2a.value} (phasemoe supports none (TP) and deepep; "
-                        f"deepep_v2 dispatches into DeepGEMM's own layout)")
+        problems.append(
+            f"--moe-a2a-backend {a2a.value} (phasemoe supports none (TP) and deepep; "
+            f"deepep_v2 dispatches into DeepGEMM's own layout)"
+        )
     if problems:
-        raise ValueError(f"--moe-runner-backend {BACKEND_NAME} cannot serve MoE layer "
-                         f"{getattr(cfg, 'layer_id', None)}: " + "; ".join(problems))
+        raise ValueError(
+            f"--moe-runner-backend {BACKEND_NAME} cannot serve MoE layer "
+            f"{getattr(cfg, 'layer_id', None)}: " + "; ".join(problems)
+        )
 
 
 def _around_create_moe_runner(original, self, layer, moe_runner_config, *args, **kwargs):

@@ -12,8 +12,16 @@ Nothing is imported from transformers until a function runs.
 
 from __future__ import annotations
 
-__all__ = ["load_model", "read_config", "tensors_under", "swap_moe_blocks", "use_backend_experts",
-           "use_reference_experts", "moe_blocks", "MoESwap"]
+__all__ = [
+    "load_model",
+    "read_config",
+    "tensors_under",
+    "swap_moe_blocks",
+    "use_backend_experts",
+    "use_reference_experts",
+    "moe_blocks",
+    "MoESwap",
+]
 
 
 def __getattr__(name: str):

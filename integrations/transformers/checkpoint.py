@@ -26,8 +26,10 @@ _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up
 
 def _check_source(name: str, source: object) -> None:
     if not (isinstance(source, (str, os.PathLike)) or callable(source)):
-        raise TypeError(f"{name}: expected a checkpoint folder path or a callable prefix -> (name, tensor) "
-                        f"pairs, got {type(source).__name__}")
+        raise TypeError(
+            f"{name}: expected a checkpoint folder path or a callable prefix -> (name, tensor) "
+            f"pairs, got {type(source).__name__}"
+        )
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -76,20 +78,29 @@ def tensors_under(source: WeightSource, prefix: str = "") -> Iterator[tuple[str,
                 yield name, f.get_tensor(name)
 
 
-def stack_fp8_experts(tensors: Mapping[str, torch.Tensor], num_experts: int, device=None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def stack_fp8_experts(
+    tensors: Mapping[str, torch.Tensor], num_experts: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One MoE block's FP8 routed experts (names relative to the block: `experts.{e}.up_proj.weight`,
     `...weight_scale_inv`) stacked as the kernels read them: w13_fp8 `[E, 2I, H]` (gate rows, then
     up), w13_scale_inv `[E, 2I/128, H/128]`, w2_fp8 `[E, H, I]`, w2_scale_inv `[E, H/128, I/128]`."""
-    missing = [f"experts.{e}.{p}.{k}" for e in range(num_experts) for p in ("gate_proj", "up_proj", "down_proj")
-               for k in ("weight", "weight_scale_inv") if f"experts.{e}.{p}.{k}" not in tensors]
+    missing = [
+        f"experts.{e}.{p}.{k}"
+        for e in range(num_experts)
+        for p in ("gate_proj", "up_proj", "down_proj")
+        for k in ("weight", "weight_scale_inv")
+        if f"experts.{e}.{p}.{k}" not in tensors
+    ]
     if missing:
         raise ValueError(f"tensors: {len(missing)} routed-expert tensor(s) missing, e.g. {missing[:3]}")
-    not_fp8 = [n for n, t in tensors.items() if n.startswith("experts.") and n.endswith(".weight")
-               and t.dtype != FP8_DTYPE]
+    not_fp8 = [
+        n for n, t in tensors.items() if n.startswith("experts.") and n.endswith(".weight") and t.dtype != FP8_DTYPE
+    ]
     if not_fp8:
-        raise ValueError(f"tensors: routed experts must be FP8 e4m3 with weight_scale_inv, got "
-                         f"{tensors[not_fp8[0]].dtype} for {not_fp8[0]}")
+        raise ValueError(
+            f"tensors: routed experts must be FP8 e4m3 with weight_scale_inv, got "
+            f"{tensors[not_fp8[0]].dtype} for {not_fp8[0]}"
+        )
 
     def get(e: int, proj: str, kind: str) -> torch.Tensor:
         t = tensors[f"experts.{e}.{proj}.{kind}"]
@@ -99,10 +110,15 @@ def stack_fp8_experts(tensors: Mapping[str, torch.Tensor], num_experts: int, dev
     if inter % 128:
         # gate and up share w13's scale rows only when each fills whole 128-row blocks
         raise ValueError(f"tensors: moe_intermediate_size ({inter}) must be a multiple of 128")
-    w13 = torch.stack([torch.cat([get(e, "gate_proj", "weight"), get(e, "up_proj", "weight")])
-                       for e in range(num_experts)])
-    w13_scale = torch.stack([torch.cat([get(e, "gate_proj", "weight_scale_inv"),
-                                        get(e, "up_proj", "weight_scale_inv")]) for e in range(num_experts)])
+    w13 = torch.stack(
+        [torch.cat([get(e, "gate_proj", "weight"), get(e, "up_proj", "weight")]) for e in range(num_experts)]
+    )
+    w13_scale = torch.stack(
+        [
+            torch.cat([get(e, "gate_proj", "weight_scale_inv"), get(e, "up_proj", "weight_scale_inv")])
+            for e in range(num_experts)
+        ]
+    )
     w2 = torch.stack([get(e, "down_proj", "weight") for e in range(num_experts)])
     w2_scale = torch.stack([get(e, "down_proj", "weight_scale_inv") for e in range(num_experts)])
     return w13, w13_scale.float(), w2, w2_scale.float()
@@ -119,8 +135,14 @@ def hf_config(config: Mapping[str, Any]):
     return AutoConfig.for_model(config["model_type"], **fields)
 
 
-def load_model(source: WeightSource, config: Mapping[str, Any] | None = None, *, device="cpu",
-               dtype: torch.dtype = torch.bfloat16, attn_implementation: str | None = None):
+def load_model(
+    source: WeightSource,
+    config: Mapping[str, Any] | None = None,
+    *,
+    device="cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str | None = None,
+):
     """A transformers causal LM of the checkpoint's architecture (DeepSeek-V3 or Qwen3-MoE) holding
     every checkpoint tensor; FP8 weights (the routed experts) are dequantized to `dtype`, so
     transformers' own experts compute them. config: the `config.json` dict (default: the folder's).
@@ -143,8 +165,7 @@ def load_model(source: WeightSource, config: Mapping[str, Any] | None = None, *,
         except TypeError:  # transformers before 4.56 names it torch_dtype
             model = AutoModelForCausalLM.from_config(hf_config(config), torch_dtype=dtype, **kwargs)
     model.eval()
-    state = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers()
-                                                  if n in model.state_dict()}}
+    state = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in model.state_dict()}}
     loaded: set[str] = set()
     placed: set[tuple[int, int, str]] = set()  # (layer, expert, projection)
     problems: list[str] = []
@@ -175,16 +196,22 @@ def load_model(source: WeightSource, config: Mapping[str, Any] | None = None, *,
                 entry[kind] = tensor
                 if len(entry) == 2:
                     del pending[module]
-                    place(module + ".weight", dequantize_fp8_blockwise(entry["weight"].to(device),
-                                                                      entry["weight_scale_inv"].to(device)))
+                    place(
+                        module + ".weight",
+                        dequantize_fp8_blockwise(entry["weight"].to(device), entry["weight_scale_inv"].to(device)),
+                    )
                 continue
             place(name, tensor)
     for module, entry in pending.items():
         problems.append(f"missing: {module}.weight_scale_inv" if "weight" in entry else f"missing: {module}.weight")
     for prefix, experts in _expert_modules(model):
         layer = int(prefix.split(".")[2])
-        absent = [(e, p) for e in range(_num_experts(experts)) for p in ("gate_proj", "up_proj", "down_proj")
-                  if (layer, e, p) not in placed]
+        absent = [
+            (e, p)
+            for e in range(_num_experts(experts))
+            for p in ("gate_proj", "up_proj", "down_proj")
+            if (layer, e, p) not in placed
+        ]
         problems += [f"missing: {prefix}.{e}.{p}.weight" for e, p in absent]
         if not absent:
             loaded.update(f"{prefix}.{n}" for n, _ in experts.named_parameters())
@@ -220,13 +247,17 @@ def _place_expert(model, layer: int, expert: int, proj: str, weight: torch.Tenso
         return False
     if hasattr(experts, "gate_up_proj"):
         inter = experts.down_proj.shape[-1]
-        target = {"gate_proj": experts.gate_up_proj[expert, :inter], "up_proj": experts.gate_up_proj[expert, inter:],
-                  "down_proj": experts.down_proj[expert]}[proj]
+        target = {
+            "gate_proj": experts.gate_up_proj[expert, :inter],
+            "up_proj": experts.gate_up_proj[expert, inter:],
+            "down_proj": experts.down_proj[expert],
+        }[proj]
     else:
         target = getattr(experts[expert], proj).weight
     if tuple(target.shape) != tuple(weight.shape):
-        problems.append(f"shape: {prefix}.{expert}.{proj}.weight is {list(weight.shape)}, "
-                        f"the model expects {list(target.shape)}")
+        problems.append(
+            f"shape: {prefix}.{expert}.{proj}.weight is {list(weight.shape)}, the model expects {list(target.shape)}"
+        )
         return False
     target.copy_(weight)
     return True

@@ -53,7 +53,7 @@ def _run(model, prompt: torch.Tensor, new_tokens: int, forced: torch.Tensor | No
     tokens = [prompt]
     start = time.perf_counter()
     for step in range(new_tokens):
-        nxt = forced[:, step:step + 1] if forced is not None else logits[-1][:, -1:].argmax(-1)
+        nxt = forced[:, step : step + 1] if forced is not None else logits[-1][:, -1:].argmax(-1)
         tokens.append(nxt)
         if step == new_tokens - 1:
             break
@@ -77,9 +77,10 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int) -> Run:
 def teacher_forced(model, reference: Run) -> Run:
     """The model fed the reference's tokens the way generation feeds them (the prompt as one
     prefill, every later token as a KV-cached decode step)."""
-    prompt = reference.tokens[:, :reference.prompt_len]
-    return _run(model, prompt, reference.tokens.shape[1] - reference.prompt_len,
-                reference.tokens[:, reference.prompt_len:])
+    prompt = reference.tokens[:, : reference.prompt_len]
+    return _run(
+        model, prompt, reference.tokens.shape[1] - reference.prompt_len, reference.tokens[:, reference.prompt_len :]
+    )
 
 
 @dataclass
@@ -96,10 +97,12 @@ class Agreement:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"{self.positions} positions ({self.decode_positions} decode): top-1 agreement "
-                f"{self.top1_agreement:.2%}, max |Δ logprob| {self.max_abs_dlogprob:.3g}, mean KL "
-                f"{self.mean_kl:.3g}, top-1 mismatches where the reference is confident: "
-                f"{self.confident_top1_mismatches} of {self.confident_positions}")
+        return (
+            f"{self.positions} positions ({self.decode_positions} decode): top-1 agreement "
+            f"{self.top1_agreement:.2%}, max |Δ logprob| {self.max_abs_dlogprob:.3g}, mean KL "
+            f"{self.mean_kl:.3g}, top-1 mismatches where the reference is confident: "
+            f"{self.confident_top1_mismatches} of {self.confident_positions}"
+        )
 
 
 def agreement(reference: Run, candidate: Run, margin: float = 0.5) -> Agreement:
@@ -116,7 +119,12 @@ def agreement(reference: Run, candidate: Run, margin: float = 0.5) -> Agreement:
     confident = (top2[..., 0] - top2[..., 1]) >= margin
     same = ref.argmax(-1) == got.argmax(-1)
     kl = (ref.exp() * (ref - got)).sum(-1)
-    return Agreement(positions=same.numel(), decode_positions=reference.decode_steps * same.shape[0],
-                     max_abs_dlogprob=float(dlogprob.max()), top1_agreement=float(same.float().mean()),
-                     confident_positions=int(confident.sum()),
-                     confident_top1_mismatches=int((confident & ~same).sum()), mean_kl=float(kl.mean()))
+    return Agreement(
+        positions=same.numel(),
+        decode_positions=reference.decode_steps * same.shape[0],
+        max_abs_dlogprob=float(dlogprob.max()),
+        top1_agreement=float(same.float().mean()),
+        confident_positions=int(confident.sum()),
+        confident_top1_mismatches=int((confident & ~same).sum()),
+        mean_kl=float(kl.mean()),
+    )

@@ -22,16 +22,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_backend import MoEConfig
+from moe_backend import MoEConfig, reference
 from moe_backend import experts as experts_path
-from moe_backend import reference
 from moe_backend.dispatch.policy import Policy
 from moe_backend.layers import DeepseekV3MoE
-from moe_backend_integrations.transformers.checkpoint import (WeightSource, _check_source, stack_fp8_experts,
-                                                               tensors_under)
+from moe_backend_integrations.transformers.checkpoint import (
+    WeightSource,
+    _check_source,
+    stack_fp8_experts,
+    tensors_under,
+)
 
-__all__ = ["MoESwap", "PhaseMoEBlock", "FP8Experts", "moe_blocks", "swap_moe_blocks", "use_backend_experts",
-           "use_reference_experts"]
+__all__ = [
+    "MoESwap",
+    "PhaseMoEBlock",
+    "FP8Experts",
+    "moe_blocks",
+    "swap_moe_blocks",
+    "use_backend_experts",
+    "use_reference_experts",
+]
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.mlp$")
 _SUPPORTED = ("deepseek_v3", "qwen3_moe")
@@ -68,8 +78,16 @@ class FP8Experts(nn.Module):
     top_k_weights [T, k]) -> [T, H]`) over the checkpoint's FP8 weights. impl: "backend" (our
     pipeline, plan by the policy) or "reference" (`moe_backend.reference`)."""
 
-    def __init__(self, w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor,
-                 w2_scale_inv: torch.Tensor, impl: str, calls: Counter, policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        w13_fp8: torch.Tensor,
+        w13_scale_inv: torch.Tensor,
+        w2_fp8: torch.Tensor,
+        w2_scale_inv: torch.Tensor,
+        impl: str,
+        calls: Counter,
+        policy: Policy | None = None,
+    ) -> None:
         super().__init__()
         if impl not in ("backend", "reference"):
             raise ValueError(f"impl: expected 'backend' or 'reference', got {impl!r}")
@@ -84,18 +102,29 @@ class FP8Experts(nn.Module):
         e, two_i, h = self.w13_fp8.shape
         return f"impl={self.impl}, experts={e}, hidden={h}, intermediate={two_i // 2}"
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         self.calls[self.phase] += 1
         x = hidden_states.reshape(-1, hidden_states.shape[-1]).to(torch.bfloat16)
         ids = top_k_index.reshape(x.shape[0], -1)
         weights = top_k_weights.reshape(ids.shape).float()  # Qwen3-MoE's router rounds them to bf16
         if self.impl == "reference":
-            out = reference.routed_experts(x, self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv,
-                                           weights, ids)
+            out = reference.routed_experts(
+                x, self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv, weights, ids
+            )
         else:
-            out = experts_path.routed_experts(x, self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv,
-                                              weights, ids, policy=self.policy, phase=self.phase)
+            out = experts_path.routed_experts(
+                x,
+                self.w13_fp8,
+                self.w13_scale_inv,
+                self.w2_fp8,
+                self.w2_scale_inv,
+                weights,
+                ids,
+                policy=self.policy,
+                phase=self.phase,
+            )
         return out.to(hidden_states.dtype).view(hidden_states.shape)
 
 
@@ -185,17 +214,20 @@ def swap_moe_blocks(model: nn.Module, weights: WeightSource, *, policy: Policy |
         raise TypeError(f"policy: expected a moe_backend.dispatch.Policy or None, got {type(policy).__name__}")
     swap, blocks = _start(model, weights, "deepseek_v3_moe")
     if model.config.model_type != "deepseek_v3":
-        raise ValueError(f"model: swap_moe_blocks needs a DeepSeek-V3 model (our layer implements its sigmoid, "
-                         f"group-limited router), got {model.config.model_type!r}; use use_backend_experts "
-                         f"for other routers")
+        raise ValueError(
+            f"model: swap_moe_blocks needs a DeepSeek-V3 model (our layer implements its sigmoid, "
+            f"group-limited router), got {model.config.model_type!r}; use use_backend_experts "
+            f"for other routers"
+        )
     config = MoEConfig.from_hf_config(model.config.to_dict())
     parents = dict(model.named_modules())
     try:
         for _, name, block in blocks:
             prefix = name + "."
             tensors = list(tensors_under(weights, prefix))
-            shared_fp8 = any(n.startswith(prefix + "shared_experts.") and n.endswith("weight_scale_inv")
-                             for n, _ in tensors)
+            shared_fp8 = any(
+                n.startswith(prefix + "shared_experts.") and n.endswith("weight_scale_inv") for n, _ in tensors
+            )
             keep_shared = config.n_shared_experts > 0 and not shared_fp8
             if keep_shared:
                 tensors = [(n, t) for n, t in tensors if not n.startswith(prefix + "shared_experts.")]
@@ -231,7 +263,7 @@ def _swap_experts(model: nn.Module, weights: WeightSource, impl: str, policy: Po
     try:
         for _, name, block in blocks:
             prefix = name + "."
-            tensors = {n[len(prefix):]: t for n, t in tensors_under(weights, prefix + "experts.")}
+            tensors = {n[len(prefix) :]: t for n, t in tensors_under(weights, prefix + "experts.")}
             num_experts = _num_experts(block.experts)
             device = _device_of(block)
             experts = FP8Experts(*stack_fp8_experts(tensors, num_experts, device), impl, swap.calls, policy)
@@ -248,6 +280,7 @@ def _phase_hook(experts: FP8Experts):
     def hook(_block, args):
         if args:
             experts.phase = _phase_of(args[0])
+
     return hook
 
 
@@ -255,8 +288,9 @@ def _num_experts(experts: nn.Module) -> int:
     # transformers 5's fused experts module is called as experts(x, top_k_index, top_k_weights);
     # 4.x's ModuleList is walked expert by expert by the block, which leaves nothing to swap.
     if not hasattr(experts, "gate_up_proj"):
-        raise ValueError(f"model: the routed experts are a {type(experts).__name__}, expected transformers "
-                         f"5's fused experts module (gate_up_proj [E, 2I, H]); swap_moe_blocks swaps whole "
-                         f"blocks on older versions")
+        raise ValueError(
+            f"model: the routed experts are a {type(experts).__name__}, expected transformers "
+            f"5's fused experts module (gate_up_proj [E, 2I, H]); swap_moe_blocks swaps whole "
+            f"blocks on older versions"
+        )
     return experts.gate_up_proj.shape[0]
-

@@ -20,11 +20,21 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def apply_standard(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor,
-                   w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor,
-                   w2_scale_inv: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                   expert_map: torch.Tensor | None, weights_on_input: bool,
-                   policy: Policy, num_global_experts: int | None = None) -> None:
+def apply_standard(
+    output: torch.Tensor,
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w13_fp8: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2_fp8: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    weights_on_input: bool,
+    policy: Policy,
+    num_global_experts: int | None = None,
+) -> None:
     """Standard format. x_fp8 `[M, H]` with x_scale f32 `[M, H/128]` (or bf16 tokens and
     x_scale None: quantized here, as the reference does); topk_weights / topk_ids
     (global ids) `[M, k]`; expert_map `[E_global]` global -> local (-1 elsewhere) or None.
@@ -57,17 +67,38 @@ def apply_standard(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Ten
     # vLLM captures decode batches in CUDA graphs; otherwise the policy decides the phase from
     # the token count.
     phase = "decode" if capturing() else None
-    y = moe_experts.routed_experts(x_fp8, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, weights, local_ids,
-                                   x_scale=None if x_scale is None else x_scale.contiguous(), policy=policy, phase=phase,
-                                   num_global_experts=num_global_experts, out=output)
-    ab_shadow.observe_routed(y, x_fp8, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), weights, local_ids, x_scale=x_scale, phase=phase)
+    y = moe_experts.routed_experts(
+        x_fp8,
+        w13_fp8,
+        w13_scale_inv,
+        w2_fp8,
+        w2_scale_inv,
+        weights,
+        local_ids,
+        x_scale=None if x_scale is None else x_scale.contiguous(),
+        policy=policy,
+        phase=phase,
+        num_global_experts=num_global_experts,
+        out=output,
+    )
+    ab_shadow.observe_routed(
+        y, x_fp8, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), weights, local_ids, x_scale=x_scale, phase=phase
+    )
 
 
-def apply_batched(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor,
-                  w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor, w2_fp8: torch.Tensor,
-                  w2_scale_inv: torch.Tensor, expert_num_tokens: torch.Tensor,
-                  workspace: torch.Tensor, expected_m: int | None = None,
-                  policy: Policy | None = None) -> None:
+def apply_batched(
+    output: torch.Tensor,
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w13_fp8: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2_fp8: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    expert_num_tokens: torch.Tensor,
+    workspace: torch.Tensor,
+    expected_m: int | None = None,
+    policy: Policy | None = None,
+) -> None:
     """Batched (masked) format. x_fp8 `[E, T, H]` with x_scale f32 `[E, T, H/128]`;
     expert_num_tokens int32 on the device, at least E entries (the first E are this rank's);
     workspace: at least E*T*2I bf16 elements for GEMM1's output. Writes the unweighted rows
@@ -77,17 +108,30 @@ def apply_batched(output: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tens
     check_tensor("hidden_states", x_fp8, dtypes=(FP8_DTYPE,), ndim=3)
     check_tensor("a1q_scale", x_scale, dtypes=(torch.float32,), ndim=3, device=x_fp8.device)
     check_tensor("output", output, dtypes=(torch.bfloat16,), shape=tuple(x_fp8.shape), device=x_fp8.device)
-    check_tensor("expert_num_tokens", expert_num_tokens, dtypes=(torch.int32, torch.int64), ndim=1,
-                 device=x_fp8.device)
+    check_tensor("expert_num_tokens", expert_num_tokens, dtypes=(torch.int32, torch.int64), ndim=1, device=x_fp8.device)
     if expert_num_tokens.shape[0] < x_fp8.shape[0]:
-        raise ValueError(f"expert_num_tokens: expected >= {x_fp8.shape[0]} entries (one per local "
-                         f"expert), got {expert_num_tokens.shape[0]}")
+        raise ValueError(
+            f"expert_num_tokens: expected >= {x_fp8.shape[0]} entries (one per local "
+            f"expert), got {expert_num_tokens.shape[0]}"
+        )
     check_tensor("workspace13", workspace, dtypes=(torch.bfloat16,), device=x_fp8.device)
     check_int("expected_m", expected_m, minimum=1, optional=True)
     # DeepEP LL sizes the counts by local experts, vLLM's naive batched prepare by global
     # experts (local ones first): a view of the first E either way.
-    masked_m = expert_num_tokens[:x_fp8.shape[0]]
-    moe_experts.masked_experts(x_fp8, x_scale.contiguous(), w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
-                               masked_m, out=output, workspace=workspace, policy=policy,
-                               expected_m=expected_m)
-    ab_shadow.observe_masked(output, x_fp8, x_scale, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), masked_m, expected_m=expected_m)
+    masked_m = expert_num_tokens[: x_fp8.shape[0]]
+    moe_experts.masked_experts(
+        x_fp8,
+        x_scale.contiguous(),
+        w13_fp8,
+        w13_scale_inv,
+        w2_fp8,
+        w2_scale_inv,
+        masked_m,
+        out=output,
+        workspace=workspace,
+        policy=policy,
+        expected_m=expected_m,
+    )
+    ab_shadow.observe_masked(
+        output, x_fp8, x_scale, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), masked_m, expected_m=expected_m
+    )

@@ -62,11 +62,13 @@ def is_supported_version(version: str) -> bool:
 
 
 def unsupported_message(version: str) -> str:
-    return (f"--moe-backend {BACKEND_NAME}: this moe-backend release supports vLLM "
-            f"{SUPPORTED_VLLM}x only (it patches private vLLM symbols, see "
-            f"moe_backend_integrations/vllm/PATCHES.md); found vLLM {version}. Install "
-            f"vllm=={SUPPORTED_VLLM}* or a moe-backend release built for vLLM {version}, or pick "
-            f"another --moe-backend.")
+    return (
+        f"--moe-backend {BACKEND_NAME}: this moe-backend release supports vLLM "
+        f"{SUPPORTED_VLLM}x only (it patches private vLLM symbols, see "
+        f"moe_backend_integrations/vllm/PATCHES.md); found vLLM {version}. Install "
+        f"vllm=={SUPPORTED_VLLM}* or a moe-backend release built for vLLM {version}, or pick "
+        f"another --moe-backend."
+    )
 
 
 def install(version: str | None = None) -> None:
@@ -79,14 +81,17 @@ def install(version: str | None = None) -> None:
     version = version or vllm_version()
     supported = is_supported_version(version)
     if not supported:
-        logger.warning("moe-backend: vLLM %s is not supported by the %r plugin (built for %sx); "
-                       "--moe-backend %s will be refused.", version, BACKEND_NAME, SUPPORTED_VLLM,
-                       BACKEND_NAME)
+        logger.warning(
+            "moe-backend: vLLM %s is not supported by the %r plugin (built for %sx); --moe-backend %s will be refused.",
+            version,
+            BACKEND_NAME,
+            SUPPORTED_VLLM,
+            BACKEND_NAME,
+        )
         try:
             extend_moe_backend_literal()
         except Exception:  # the config classes changed shape: the parser will reject the name
-            logger.warning("moe-backend: could not register %r with vLLM %s", BACKEND_NAME,
-                           version, exc_info=True)
+            logger.warning("moe-backend: could not register %r with vLLM %s", BACKEND_NAME, version, exc_info=True)
             return
     else:
         # The tested release: a failure here is a bug of ours and must not pass silently.
@@ -95,6 +100,7 @@ def install(version: str | None = None) -> None:
 
 
 # ---- step 1: the name ----
+
 
 def _set_field_type(cls: type, name: str, tp: Any) -> None:
     cls.__dataclass_fields__[name].type = tp
@@ -109,8 +115,9 @@ def extend_moe_backend_literal() -> None:
 
     values = typing.get_args(KernelConfig.__dataclass_fields__["moe_backend"].type)
     if not values:
-        raise TypeError(f"KernelConfig.moe_backend is not a Literal "
-                        f"({KernelConfig.__dataclass_fields__['moe_backend'].type!r})")
+        raise TypeError(
+            f"KernelConfig.moe_backend is not a Literal ({KernelConfig.__dataclass_fields__['moe_backend'].type!r})"
+        )
     if BACKEND_NAME not in values:
         extended = Literal[(*values, BACKEND_NAME)]  # type: ignore[valid-type]
         _set_field_type(KernelConfig, "moe_backend", extended)
@@ -126,6 +133,7 @@ def extend_moe_backend_literal() -> None:
 
 
 # ---- step 2: the FP8 oracle ----
+
 
 def _hook_oracle(on_loaded: Callable[[Any], None]) -> None:
     # Persistent: a reload of the oracle (fresh functions, fresh Enum) is patched again.
@@ -176,8 +184,7 @@ def patch_fp8_oracle(oracle, *, supported: bool = True, version: str = "") -> No
         replacements = {
             "map_fp8_backend": _wrap_map(originals["map_fp8_backend"], lambda: member),
             "backend_to_kernel_cls": _wrap_kernel_cls(originals["backend_to_kernel_cls"], member),
-            "convert_to_fp8_moe_kernel_format": _wrap_convert(
-                originals["convert_to_fp8_moe_kernel_format"], member),
+            "convert_to_fp8_moe_kernel_format": _wrap_convert(originals["convert_to_fp8_moe_kernel_format"], member),
         }
     else:
         replacements = {"map_fp8_backend": _wrap_map(originals["map_fp8_backend"], _refuse(version))}
@@ -189,6 +196,7 @@ def patch_fp8_oracle(oracle, *, supported: bool = True, version: str = "") -> No
 def _wrap_map(original: Callable, ours: Callable[[], Any]) -> Callable:
     """vLLM's fp8 backend mapping, answering `ours()` for our name (the enum member, or a raise
     on an unsupported vLLM) and deferring to the original for every other name."""
+
     @functools.wraps(original)
     def map_fp8_backend(runner_backend):
         if runner_backend == BACKEND_NAME:
@@ -202,6 +210,7 @@ def _wrap_map(original: Callable, ours: Callable[[], Any]) -> Callable:
 def _refuse(version: str) -> Callable[[], Any]:
     def refuse():
         raise UnsupportedVLLMError(unsupported_message(version))
+
     return refuse
 
 
@@ -233,13 +242,14 @@ def _wrap_convert(original: Callable, member: Any) -> Callable:
         layer = bound.arguments["layer"]
         block = getattr(layer, "weight_block_size", None)
         if block is None or list(block) != [128, 128]:
-            raise ValueError(f"--moe-backend {BACKEND_NAME} runs FP8 MoE layers with 128x128 "
-                             f"block-quantized weights (DeepSeek-V3 style); this layer has "
-                             f"weight_block_size={block}. Pick another --moe-backend.")
+            raise ValueError(
+                f"--moe-backend {BACKEND_NAME} runs FP8 MoE layers with 128x128 "
+                f"block-quantized weights (DeepSeek-V3 style); this layer has "
+                f"weight_block_size={block}. Pick another --moe-backend."
+            )
         # vLLM's layout is ours: w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I], fp32
         # multiplier block scales `*_weight_scale_inv`. Nothing to convert.
-        return tuple(bound.arguments[name].contiguous()
-                     for name in ("w13", "w2", "w13_scale", "w2_scale"))
+        return tuple(bound.arguments[name].contiguous() for name in ("w13", "w2", "w13_scale", "w2_scale"))
 
     convert_to_fp8_moe_kernel_format.__phasemoe_original__ = original
     return convert_to_fp8_moe_kernel_format

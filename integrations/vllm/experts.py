@@ -49,12 +49,17 @@ SUPPORTED_QUANT = ((kFp8Static128BlockSym, kFp8Dynamic128Sym),)
 
 
 def _check_quant_config(quant_config: FusedMoEQuantConfig) -> None:
-    if (quant_config.quant_dtype != torch.float8_e4m3fn
-            or list(quant_config.block_shape or ()) != [QUANT_BLOCK, QUANT_BLOCK]
-            or quant_config.per_act_token_quant or quant_config.per_out_ch_quant):
-        raise ValueError(f"phasemoe: expected FP8 e4m3 weights in {QUANT_BLOCK}x{QUANT_BLOCK} blocks with "
-                         f"dynamic 1x{QUANT_BLOCK} activation groups; got quant_dtype="
-                         f"{quant_config.quant_dtype}, block_shape={quant_config.block_shape}")
+    if (
+        quant_config.quant_dtype != torch.float8_e4m3fn
+        or list(quant_config.block_shape or ()) != [QUANT_BLOCK, QUANT_BLOCK]
+        or quant_config.per_act_token_quant
+        or quant_config.per_out_ch_quant
+    ):
+        raise ValueError(
+            f"phasemoe: expected FP8 e4m3 weights in {QUANT_BLOCK}x{QUANT_BLOCK} blocks with "
+            f"dynamic 1x{QUANT_BLOCK} activation groups; got quant_dtype="
+            f"{quant_config.quant_dtype}, block_shape={quant_config.block_shape}"
+        )
 
 
 class _PhaseMoEBase(mk.FusedMoEExpertsModular):
@@ -64,16 +69,14 @@ class _PhaseMoEBase(mk.FusedMoEExpertsModular):
     def _supports_current_device() -> bool:
         # CUDA: our Triton kernels (FP8 tensor cores, sm89+). CPU: the same pipeline on the
         # reference GEMMs (tests).
-        return (current_platform.is_cuda() and current_platform.has_device_capability(89)
-                ) or current_platform.is_cpu()
+        return (current_platform.is_cuda() and current_platform.has_device_capability(89)) or current_platform.is_cpu()
 
     @staticmethod
     def _supports_no_act_and_mul() -> bool:
         return False
 
     @staticmethod
-    def _supports_quant_scheme(weight_key: QuantKey | None,
-                               activation_key: QuantKey | None) -> bool:
+    def _supports_quant_scheme(weight_key: QuantKey | None, activation_key: QuantKey | None) -> bool:
         return (weight_key, activation_key) in SUPPORTED_QUANT
 
     @staticmethod
@@ -83,8 +86,10 @@ class _PhaseMoEBase(mk.FusedMoEExpertsModular):
     def _weight_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         # Raised, not asserted: `python -O` strips asserts, and a None scale would then reach a kernel.
         if self.w1_scale is None or self.w2_scale is None:
-            raise ValueError("phasemoe: the layer's w1_scale / w2_scale (128x128 block scales) are "
-                             "missing; only block-FP8 checkpoints are served")
+            raise ValueError(
+                "phasemoe: the layer's w1_scale / w2_scale (128x128 block scales) are "
+                "missing; only block-FP8 checkpoints are served"
+            )
         return self.w1_scale, self.w2_scale
 
 
@@ -103,8 +108,9 @@ class PhaseMoEExperts(_PhaseMoEBase):
     @staticmethod
     def _supports_parallel_config(moe_parallel_config: FusedMoEParallelConfig) -> bool:
         # FlashInfer's NVLink all2alls hand over their own layouts.
-        return not (moe_parallel_config.use_fi_nvl_two_sided_kernels
-                    or moe_parallel_config.use_fi_nvl_one_sided_kernels)
+        return not (
+            moe_parallel_config.use_fi_nvl_two_sided_kernels or moe_parallel_config.use_fi_nvl_one_sided_kernels
+        )
 
     def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
         return TopKWeightAndReduceNoOP()  # `apply` already weighted and summed
@@ -115,31 +121,62 @@ class PhaseMoEExperts(_PhaseMoEBase):
         # tokens come through and our own quantizer (moe_backend.quant, in routed_experts) runs.
         return current_platform.is_cpu()
 
-    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
-                         expert_tokens_meta, activation):
+    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts, expert_tokens_meta, activation):
         # routed_experts sizes its layout per batch from the policy's kernel; vLLM's workspaces
         # are not used here.
         return (0,), (0,), (M, K)
 
-    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-              global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
-              expert_tokens_meta, apply_router_weight_on_input):
+    def apply(
+        self,
+        output,
+        hidden_states,
+        w1,
+        w2,
+        topk_weights,
+        topk_ids,
+        activation,
+        global_num_experts,
+        expert_map,
+        a1q_scale,
+        a2_scale,
+        workspace13,
+        workspace2,
+        expert_tokens_meta,
+        apply_router_weight_on_input,
+    ):
         if a1q_scale is None and not self.expects_unquantized_inputs:
             raise ValueError("phasemoe: a1q_scale is None; vLLM must quantize the input (1x128 groups)")
         _check_activation(activation)
         w13_scale_inv, w2_scale_inv = self._weight_scales()
-        apply_standard(output, hidden_states, a1q_scale, w1, w13_scale_inv, w2, w2_scale_inv,
-                       topk_weights, topk_ids, expert_map, apply_router_weight_on_input,
-                       self.policy, global_num_experts)
+        apply_standard(
+            output,
+            hidden_states,
+            a1q_scale,
+            w1,
+            w13_scale_inv,
+            w2,
+            w2_scale_inv,
+            topk_weights,
+            topk_ids,
+            expert_map,
+            apply_router_weight_on_input,
+            self.policy,
+            global_num_experts,
+        )
 
 
 class PhaseMoEBatchedExperts(_PhaseMoEBase):
     """Batched (masked) format: `[E_local, T, H]` fp8 tokens, counts on the device."""
 
-    def __init__(self, moe_config: FusedMoEConfig, quant_config: FusedMoEQuantConfig,
-                 max_num_tokens: int, num_dispatchers: int):
-        super().__init__(moe_config=moe_config, quant_config=quant_config,
-                         max_num_tokens=max_num_tokens, num_dispatchers=num_dispatchers)
+    def __init__(
+        self, moe_config: FusedMoEConfig, quant_config: FusedMoEQuantConfig, max_num_tokens: int, num_dispatchers: int
+    ):
+        super().__init__(
+            moe_config=moe_config,
+            quant_config=quant_config,
+            max_num_tokens=max_num_tokens,
+            num_dispatchers=num_dispatchers,
+        )
         _check_quant_config(quant_config)
         self.policy = Policy.from_env()
 
@@ -154,16 +191,30 @@ class PhaseMoEBatchedExperts(_PhaseMoEBase):
     def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
         return TopKWeightAndReduceDelegate()  # the combine (prepare/finalize) weights the rows
 
-    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
-                         expert_tokens_meta, activation):
+    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts, expert_tokens_meta, activation):
         assert self.max_num_tokens is not None and self.num_dispatchers is not None
         rows = self.max_num_tokens * self.num_dispatchers
         # workspace13 holds GEMM1's bf16 output [E, rows, N=2I]; the output is [E, rows, K].
         return (local_num_experts, rows, N), (0,), (local_num_experts, rows, K)
 
-    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-              global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
-              expert_tokens_meta, apply_router_weight_on_input):
+    def apply(
+        self,
+        output,
+        hidden_states,
+        w1,
+        w2,
+        topk_weights,
+        topk_ids,
+        activation,
+        global_num_experts,
+        expert_map,
+        a1q_scale,
+        a2_scale,
+        workspace13,
+        workspace2,
+        expert_tokens_meta,
+        apply_router_weight_on_input,
+    ):
         if expert_tokens_meta is None or expert_tokens_meta.expert_num_tokens is None:
             raise ValueError("phasemoe: the batched format needs expert_tokens_meta.expert_num_tokens")
         if a1q_scale is None:
@@ -171,8 +222,19 @@ class PhaseMoEBatchedExperts(_PhaseMoEBase):
         _check_activation(activation)
         w13_scale_inv, w2_scale_inv = self._weight_scales()
         expected_m = _expected_m(global_num_experts, topk_ids.size(-1), hidden_states.size(1))
-        apply_batched(output, hidden_states, a1q_scale, w1, w13_scale_inv, w2, w2_scale_inv,
-                      expert_tokens_meta.expert_num_tokens, workspace13, expected_m, self.policy)
+        apply_batched(
+            output,
+            hidden_states,
+            a1q_scale,
+            w1,
+            w13_scale_inv,
+            w2,
+            w2_scale_inv,
+            expert_tokens_meta.expert_num_tokens,
+            workspace13,
+            expected_m,
+            self.policy,
+        )
 
 
 def _check_activation(activation: MoEActivation) -> None:

@@ -83,8 +83,19 @@ class Backend:
                 return _INSTALL["triton"]
         return None
 
-    def routed(self, x, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, *,
-               phase: str | None = None, **kwargs) -> torch.Tensor:
+    def routed(
+        self,
+        x,
+        w13_fp8,
+        w13_scale_inv,
+        w2_fp8,
+        w2_scale_inv,
+        topk_weights,
+        topk_ids,
+        *,
+        phase: str | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """`routed_experts` on this backend (kwargs: x_scale, expert_start, ue8m0, expected_m)."""
         args = (x, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids)
         if self.fn is not None:
@@ -93,15 +104,28 @@ class Backend:
             return experts.routed_experts(*args, kernel=self.kernel, phase=phase, **kwargs)
         return experts.routed_experts(*args, policy=self._policy(), phase=phase, **kwargs)
 
-    def masked(self, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, *,
-               ue8m0: bool = False, expected_m: int | None = None) -> torch.Tensor:
+    def masked(
+        self,
+        a_fp8,
+        a_scale,
+        w13_fp8,
+        w13_scale_inv,
+        w2_fp8,
+        w2_scale_inv,
+        masked_m,
+        *,
+        ue8m0: bool = False,
+        expected_m: int | None = None,
+    ) -> torch.Tensor:
         """`masked_experts` on this backend (the batched / DeepEP low-latency format). Builtins run
         their decode kernel's provider; a registered backend needs a `masked_fn`."""
         args = (a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m)
         if self.fn is not None:
             if self.masked_fn is None:
-                raise ValueError(f"backend {self.name!r} was registered without masked_fn, so it "
-                                 f"cannot run the masked (batched) format")
+                raise ValueError(
+                    f"backend {self.name!r} was registered without masked_fn, so it "
+                    f"cannot run the masked (batched) format"
+                )
             return self.masked_fn(*args, ue8m0=ue8m0, expected_m=expected_m)
         if self.kernel is None:  # a policy: its masked_kernel, as the engine paths run it
             return experts.masked_experts(*args, policy=self._policy(), ue8m0=ue8m0, expected_m=expected_m)
@@ -110,12 +134,14 @@ class Backend:
 
 
 def _builtins() -> dict[str, Backend]:
-    out = {BACKEND_NAME: Backend(BACKEND_NAME, "ours, by the active policy (MOE_BACKEND_POLICY or the defaults)"),
-           "deepgemm": Backend("deepgemm", "DeepGEMM: contiguous kernel for prefill, masked for decode",
-                               policy=DEEPGEMM_POLICY)}
+    out = {
+        BACKEND_NAME: Backend(BACKEND_NAME, "ours, by the active policy (MOE_BACKEND_POLICY or the defaults)"),
+        "deepgemm": Backend(
+            "deepgemm", "DeepGEMM: contiguous kernel for prefill, masked for decode", policy=DEEPGEMM_POLICY
+        ),
+    }
     for name, kernel in KERNELS.items():
-        out[name] = Backend(name, f"policy kernel {name!r} ({kernel.layout} layout, {kernel.impl})",
-                            kernel=kernel)
+        out[name] = Backend(name, f"policy kernel {name!r} ({kernel.layout} layout, {kernel.impl})", kernel=kernel)
     return out
 
 
@@ -136,8 +162,14 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def register_backend(name: str, fn: RoutedFn, *, masked_fn: MaskedFn | None = None,
-                     description: str = "registered at run time", replace: bool = False) -> Backend:
+def register_backend(
+    name: str,
+    fn: RoutedFn,
+    *,
+    masked_fn: MaskedFn | None = None,
+    description: str = "registered at run time",
+    replace: bool = False,
+) -> Backend:
     """Adds a backend under `name`. `fn` has `moe_backend.experts.routed_experts`' signature
     (positional tensors; keyword x_scale, expert_start, ue8m0, phase, expected_m) and returns bf16
     `[T, H]`; `masked_fn` (optional) has `masked_experts`' and serves shadow mode's batched format."""
@@ -159,4 +191,3 @@ def unregister_backend(name: str) -> None:
     if name not in _REGISTERED:
         raise ValueError(f"name: {name!r} is not a registered backend (registered: {sorted(_REGISTERED)})")
     del _REGISTERED[name]
-

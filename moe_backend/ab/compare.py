@@ -104,11 +104,14 @@ def run_compare(settings: CompareSettings) -> dict:
     started = time.monotonic()
     total = len(settings.slices) * len(settings.tokens) * max(1, len(backends))
     if layer is not None:
-        slice_weights = [checkpoint_slice_weights(s, layer.w13_fp8, layer.w13_scale_inv, layer.w2_fp8,
-                                                  layer.w2_scale_inv) for s in settings.slices]
+        slice_weights = [
+            checkpoint_slice_weights(s, layer.w13_fp8, layer.w13_scale_inv, layer.w2_fp8, layer.w2_scale_inv)
+            for s in settings.slices
+        ]
     else:
-        slice_weights = [random_slice_weights(s, device, seed=settings.seed + 1000 * si)
-                         for si, s in enumerate(settings.slices)]
+        slice_weights = [
+            random_slice_weights(s, device, seed=settings.seed + 1000 * si) for si, s in enumerate(settings.slices)
+        ]
     with progress(total=total, desc="compare", unit="cell", enabled=settings.progress) as bar:
         # Token counts outermost: a time budget that runs out cuts the largest batches of every
         # slice rather than a whole slice.
@@ -129,16 +132,21 @@ def run_compare(settings: CompareSettings) -> dict:
                 flops, nbytes = moe_work(pairs, active, tokens, s.hidden, s.intermediate)
                 floor_us = None
                 if ceilings:
-                    floor_us = max(nbytes / (ceilings["copy_gbs"] * 1e3),
-                                   flops / (ceilings["fp8_tflops"] * 1e6) if "fp8_tflops" in ceilings else 0.0)
+                    floor_us = max(
+                        nbytes / (ceilings["copy_gbs"] * 1e3),
+                        flops / (ceilings["fp8_tflops"] * 1e6) if "fp8_tflops" in ceilings else 0.0,
+                    )
                 oracle = reference.routed_experts(x_fp8, *weights, topk_weights, topk_ids, x_scale=x_scale)
                 expected_m = max(1, -(-tokens * s.topk // s.num_experts))
                 cell = dict(slice=s.name, tokens=tokens, phase=phase, pairs=pairs, active_experts=active)
                 calls, results = {}, {}
                 for b in backends:
+
                     def call(b=b):
-                        return b.routed(x_fp8, *weights, topk_weights, topk_ids, x_scale=x_scale,
-                                        phase=phase, expected_m=expected_m)
+                        return b.routed(
+                            x_fp8, *weights, topk_weights, topk_ids, x_scale=x_scale, phase=phase, expected_m=expected_m
+                        )
+
                     choice = b.choice(tokens, phase)
                     row = dict(cell, backend=b.name, kernel=choice.name if choice else None)
                     too_big = _masked_buffers_too_big(choice, s, tokens, device)
@@ -156,27 +164,46 @@ def run_compare(settings: CompareSettings) -> dict:
                 for _ in range(settings.rounds):
                     for name, call in calls.items():
                         # CPU: the divergence call above was the warm-up; one timed call is enough there.
-                        times[name].append(time_us(call, device, reps=1, warmup=False) if device.type == "cpu"
-                                           else time_us(call, device))
+                        times[name].append(
+                            time_us(call, device, reps=1, warmup=False)
+                            if device.type == "cpu"
+                            else time_us(call, device)
+                        )
                 for b in backends:
                     row = results[b.name]
                     if b.name in times:
                         us = sorted(times[b.name])[len(times[b.name]) // 2]
-                        row.update(time_us=us, tflops=flops / us / 1e6, gbps=nbytes / us / 1e3,
-                                   floor_pct=100.0 * floor_us / us if floor_us else None)
+                        row.update(
+                            time_us=us,
+                            tflops=flops / us / 1e6,
+                            gbps=nbytes / us / 1e3,
+                            floor_pct=100.0 * floor_us / us if floor_us else None,
+                        )
                         row["diverges"] = not row["rel_err"] <= cell_tolerance(settings.tolerance, pairs)
                     rows.append(row)
                     bar.update(1)
                 del oracle, calls
     del slice_weights
     rows.sort(key=lambda r: [s.name for s in settings.slices].index(r["slice"]))  # stable: tokens stay in order
-    meta = dict(settings.meta, device=_device_name(device), ceilings=ceilings, routing=str(settings.routing),
-                seed=settings.seed, rounds=settings.rounds, tolerance=settings.tolerance,
-                slices=[vars(s) for s in settings.slices], tokens=list(settings.tokens),
-                backends=[b.name for b in backends], descriptions={b.name: b.description for b in backends},
-                policy=active_policy.to_dict(), versions=_versions(),
-                checkpoint=settings.checkpoint, layer=settings.layer, not_run=not_run,
-                elapsed_s=round(time.monotonic() - started, 1))
+    meta = dict(
+        settings.meta,
+        device=_device_name(device),
+        ceilings=ceilings,
+        routing=str(settings.routing),
+        seed=settings.seed,
+        rounds=settings.rounds,
+        tolerance=settings.tolerance,
+        slices=[vars(s) for s in settings.slices],
+        tokens=list(settings.tokens),
+        backends=[b.name for b in backends],
+        descriptions={b.name: b.description for b in backends},
+        policy=active_policy.to_dict(),
+        versions=_versions(),
+        checkpoint=settings.checkpoint,
+        layer=settings.layer,
+        not_run=not_run,
+        elapsed_s=round(time.monotonic() - started, 1),
+    )
     return {"meta": meta, "skipped": skipped, "rows": rows}
 
 
@@ -190,8 +217,10 @@ def _masked_buffers_too_big(choice, s: SliceSpec, tokens: int, device: torch.dev
     limit = MASKED_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory
     if need <= limit:
         return None
-    return (f"the masked layout needs ~{need / 2**30:.0f} GiB here ({s.local_experts} experts x {tokens} rows), "
-            f"over {MASKED_MEMORY_FRACTION:.0%} of the GPU's memory")
+    return (
+        f"the masked layout needs ~{need / 2**30:.0f} GiB here ({s.local_experts} experts x {tokens} rows), "
+        f"over {MASKED_MEMORY_FRACTION:.0%} of the GPU's memory"
+    )
 
 
 def _device_name(device: torch.device) -> str:
@@ -213,9 +242,14 @@ def _version(module: str, dist: str | None = None) -> str | None:
 def _versions() -> dict[str, str]:
     from moe_backend import __version__
 
-    return {"moe-backend": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "cuda": torch.version.cuda or "none", "triton": _version("triton") or "not installed",
-            "deep_gemm": _version("deep_gemm", "sgl-deep-gemm") or "not installed"}
+    return {
+        "moe-backend": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "triton": _version("triton") or "not installed",
+        "deep_gemm": _version("deep_gemm", "sgl-deep-gemm") or "not installed",
+    }
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -229,30 +263,58 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("compare", help="time and check every available MoE backend on the same inputs; "
-                                              "Markdown report + plots (+ a policy file)",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default="all",
-                   help=f"comma-separated names, or 'all' (default). Names: {', '.join(backend_names())}")
-    p.add_argument("--slice", default="ep8,tp8", help="epN, tpN, full, or a config.json path (comma-separated; "
-                                                      "default ep8,tp8)")
-    p.add_argument("--size", choices=("auto", "small", "full"), default="auto",
-                   help="small: CPU-sized slices (H 256, experts/16, I/8); auto (default): small on CPU, full on GPU")
+    p = subparsers.add_parser(
+        "compare",
+        help="time and check every available MoE backend on the same inputs; Markdown report + plots (+ a policy file)",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument(
+        "--backends",
+        default="all",
+        help=f"comma-separated names, or 'all' (default). Names: {', '.join(backend_names())}",
+    )
+    p.add_argument(
+        "--slice", default="ep8,tp8", help="epN, tpN, full, or a config.json path (comma-separated; default ep8,tp8)"
+    )
+    p.add_argument(
+        "--size",
+        choices=("auto", "small", "full"),
+        default="auto",
+        help="small: CPU-sized slices (H 256, experts/16, I/8); auto (default): small on CPU, full on GPU",
+    )
     p.add_argument("--checkpoint", help="a DeepSeek-V3-format FP8 checkpoint folder: its layer's real weights")
     p.add_argument("--layer", type=int, default=3, help="the checkpoint's MoE layer (default 3)")
-    p.add_argument("--tokens", type=lambda t: _int_list(t, "--tokens"),
-                   help=f"token counts (default GPU {','.join(map(str, GPU_TOKENS))}; CPU {','.join(map(str, CPU_TOKENS))})")
-    p.add_argument("--routing", help="uniform (default), zipf:A, a file of top-k ids (.pt/.npy/.json), or router "
-                                     "(the checkpoint's gate; default with --checkpoint)")
+    p.add_argument(
+        "--tokens",
+        type=lambda t: _int_list(t, "--tokens"),
+        help=f"token counts (default GPU {','.join(map(str, GPU_TOKENS))}; CPU {','.join(map(str, CPU_TOKENS))})",
+    )
+    p.add_argument(
+        "--routing",
+        help="uniform (default), zipf:A, a file of top-k ids (.pt/.npy/.json), or router "
+        "(the checkpoint's gate; default with --checkpoint)",
+    )
     p.add_argument("--rounds", type=int, default=0, help="timing rounds per cell, interleaved (default GPU 3, CPU 1)")
-    p.add_argument("--tolerance", type=float, default=LAYER_TOLERANCE,
-                   help=f"relative error vs the reference above which a backend is flagged (default {LAYER_TOLERANCE:g})")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=LAYER_TOLERANCE,
+        help=f"relative error vs the reference above which a backend is flagged (default {LAYER_TOLERANCE:g})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="compare-report", help="output folder (report.md, results.json, *.png)")
-    p.add_argument("--emit-policy", metavar="FILE", help="write the winners as a MOE_BACKEND_POLICY file "
-                                                         "(merged into FILE's 'devices' if it exists)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="start no new cell after this long; the report lists the cells not run")
+    p.add_argument(
+        "--emit-policy",
+        metavar="FILE",
+        help="write the winners as a MOE_BACKEND_POLICY file (merged into FILE's 'devices' if it exists)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no new cell after this long; the report lists the cells not run",
+    )
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.set_defaults(ab_command=cmd_compare)
     return p
@@ -273,19 +335,38 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
     if args.rounds < 0 or not 0 < args.tolerance:
         raise ValueError("--rounds must be >= 0 and --tolerance > 0")
     tokens = args.tokens or list(CPU_TOKENS if small else GPU_TOKENS)
-    return CompareSettings(backends=names, slices=parse_slices(args.slice, base, small=small), tokens=tokens,
-                           routing=routing, device=device, seed=args.seed,
-                           rounds=args.rounds or (3 if device.type == "cuda" else 1), tolerance=args.tolerance,
-                           checkpoint=args.checkpoint, layer=args.layer if args.checkpoint else None,
-                           time_budget_s=args.time_budget,
-                           meta={"command": _command(args)})
+    return CompareSettings(
+        backends=names,
+        slices=parse_slices(args.slice, base, small=small),
+        tokens=tokens,
+        routing=routing,
+        device=device,
+        seed=args.seed,
+        rounds=args.rounds or (3 if device.type == "cuda" else 1),
+        tolerance=args.tolerance,
+        checkpoint=args.checkpoint,
+        layer=args.layer if args.checkpoint else None,
+        time_budget_s=args.time_budget,
+        meta={"command": _command(args)},
+    )
 
 
 def _command(args: argparse.Namespace) -> str:
     """The run as a command line with every setting spelled out (the report's reproduction line)."""
     parts = ["python -m moe_backend compare"]
-    for key in ("backends", "slice", "size", "checkpoint", "layer", "tokens", "routing", "rounds", "tolerance",
-                "seed", "time_budget"):
+    for key in (
+        "backends",
+        "slice",
+        "size",
+        "checkpoint",
+        "layer",
+        "tokens",
+        "routing",
+        "rounds",
+        "tolerance",
+        "seed",
+        "time_budget",
+    ):
         value = getattr(args, key, None)
         if value is None or (key == "layer" and not args.checkpoint) or (key == "rounds" and not value):
             continue

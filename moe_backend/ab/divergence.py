@@ -16,8 +16,7 @@ __all__ = ["cell_tolerance", "divergence", "as_floats", "METRICS"]
 METRICS = ("rel_err", "max_abs", "argmax_agreement")
 
 
-def divergence(out: torch.Tensor, ref: torch.Tensor, valid_rows: torch.Tensor | None = None
-               ) -> dict[str, torch.Tensor]:
+def divergence(out: torch.Tensor, ref: torch.Tensor, valid_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """out, ref `[..., H]` of one shape; valid_rows bool over the leading dims (None: all rows).
     Returns 0-dim fp32 tensors on the device (no host sync: the caller reads them when ready)."""
     if out.shape != ref.shape:
@@ -34,8 +33,11 @@ def divergence(out: torch.Tensor, ref: torch.Tensor, valid_rows: torch.Tensor | 
     ref_norm = torch.where(valid[:, None], b, 0.0).norm()
     diff_norm = diff.norm()
     # Both zero (no local tokens) is agreement, not 0/0.
-    rel = torch.where(ref_norm > 0, diff_norm / ref_norm.clamp_min(1e-30),
-                      torch.where(diff_norm > 0, torch.full_like(diff_norm, float("inf")), 0.0))
+    rel = torch.where(
+        ref_norm > 0,
+        diff_norm / ref_norm.clamp_min(1e-30),
+        torch.where(diff_norm > 0, torch.full_like(diff_norm, float("inf")), 0.0),
+    )
     if a.shape[0] == 0:
         agree = torch.ones((), device=a.device)
         max_abs = torch.zeros((), device=a.device)

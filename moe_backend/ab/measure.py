@@ -65,8 +65,7 @@ def measure_ceilings(device: torch.device) -> dict[str, float] | None:
     return out
 
 
-def moe_work(pairs: int, active_experts: int, num_tokens: int, hidden: int, intermediate: int
-             ) -> tuple[float, float]:
+def moe_work(pairs: int, active_experts: int, num_tokens: int, hidden: int, intermediate: int) -> tuple[float, float]:
     """(FLOPs, bytes) that one routed-experts call must spend: two GEMMs per (token, local expert)
     pair, 2·pairs·(2I·H + H·I); fp8 activations read once, each active expert's fp8 weights read
     once (block scales are <1% and left out), the bf16 output written once."""

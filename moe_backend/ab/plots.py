@@ -39,9 +39,18 @@ def _save(plt, fig, path: str) -> str:
     return os.path.basename(path)
 
 
-def line_plot(path: str, title: str, xlabel: str, ylabel: str,
-              series: dict[str, tuple[Sequence[float], Sequence[float]]], *, logx: bool = True,
-              logy: bool = True, shade_below: float | None = None, shade_label: str = "") -> str:
+def line_plot(
+    path: str,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    logx: bool = True,
+    logy: bool = True,
+    shade_below: float | None = None,
+    shade_label: str = "",
+) -> str:
     """One line per series {label: (xs, ys)}; shade_below shades x <= that value (e.g. decode)."""
     plt, fig, ax = _figure(title, xlabel, ylabel)
     for label, (xs, ys) in series.items():
@@ -56,8 +65,17 @@ def line_plot(path: str, title: str, xlabel: str, ylabel: str,
     return _save(plt, fig, path)
 
 
-def bar_plot(path: str, title: str, ylabel: str, groups: list[str], bars: dict[str, list[float]], *,
-             logy: bool = True, hline: float | None = None, hline_label: str = "") -> str:
+def bar_plot(
+    path: str,
+    title: str,
+    ylabel: str,
+    groups: list[str],
+    bars: dict[str, list[float]],
+    *,
+    logy: bool = True,
+    hline: float | None = None,
+    hline_label: str = "",
+) -> str:
     """Grouped bars: for each label in `bars`, one bar per group."""
     plt, fig, ax = _figure(title, "", ylabel)
     width = 0.8 / max(1, len(bars))

@@ -29,7 +29,8 @@ class RoutingSpec:
 
     def __str__(self) -> str:
         return {"uniform": "uniform", "zipf": f"zipf:{self.exponent:g}", "router": "router"}.get(
-            self.kind, f"file:{self.path}")
+            self.kind, f"file:{self.path}"
+        )
 
 
 def parse_routing(spec: str) -> RoutingSpec:
@@ -67,13 +68,22 @@ def _load_ids(path: str) -> torch.Tensor:
             except (json.JSONDecodeError, TypeError, ValueError) as exc:
                 raise ValueError(f"routing file {path!r}: expected a JSON list of lists of ints: {exc}") from None
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0 or ids.is_floating_point():
-        raise ValueError(f"routing file {path!r}: expected int top-k ids of shape [T, k] with T > 0, got "
-                         f"{getattr(ids, 'dtype', type(ids).__name__)} {list(getattr(ids, 'shape', []))}")
+        raise ValueError(
+            f"routing file {path!r}: expected int top-k ids of shape [T, k] with T > 0, got "
+            f"{getattr(ids, 'dtype', type(ids).__name__)} {list(getattr(ids, 'shape', []))}"
+        )
     return ids.to(torch.int64)
 
 
-def make_routing(spec: RoutingSpec, num_tokens: int, num_experts: int, topk: int, *, seed: int = 0,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def make_routing(
+    spec: RoutingSpec,
+    num_tokens: int,
+    num_experts: int,
+    topk: int,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_weights f32 `[T, k]`, each row summing to 1; topk_ids int32 `[T, k]`, global ids in
     `[0, num_experts)`, distinct per token), drawn on the CPU and moved to `device`."""
     if spec.kind == "router":
@@ -84,14 +94,17 @@ def make_routing(spec: RoutingSpec, num_tokens: int, num_experts: int, topk: int
         if ids.shape[1] != topk:
             raise ValueError(f"routing file {spec.path!r}: holds top-{ids.shape[1]} ids, the layer is top-{topk}")
         if int(ids.min()) < 0 or int(ids.max()) >= num_experts:
-            raise ValueError(f"routing file {spec.path!r}: ids must lie in [0, {num_experts}), got "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"routing file {spec.path!r}: ids must lie in [0, {num_experts}), got "
+                f"[{int(ids.min())}, {int(ids.max())}]"
+            )
         ids = ids[torch.arange(num_tokens) % ids.shape[0]]
     else:
         ranks = torch.randperm(num_experts, generator=g).double() + 1.0
         popularity = ranks.pow(-spec.exponent)
-        ids = torch.multinomial(popularity.expand(max(num_tokens, 1), -1), topk, replacement=False,
-                                generator=g)[:num_tokens]
+        ids = torch.multinomial(popularity.expand(max(num_tokens, 1), -1), topk, replacement=False, generator=g)[
+            :num_tokens
+        ]
     weights = torch.rand(num_tokens, topk, generator=g) + 0.1
     weights = weights / weights.sum(-1, keepdim=True)
     return weights.float().to(device), ids.to(torch.int32).to(device)

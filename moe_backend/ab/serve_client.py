@@ -92,15 +92,30 @@ def discover_model(server: ServerSpec, timeout: float = 10.0) -> str:
         conn.close()
 
 
-def stream_completion(server: ServerSpec, prompt: str, index: int, *, max_tokens: int, temperature: float,
-                      timeout: float, stop_at: float, t0: float) -> RequestResult:
+def stream_completion(
+    server: ServerSpec,
+    prompt: str,
+    index: int,
+    *,
+    max_tokens: int,
+    temperature: float,
+    timeout: float,
+    stop_at: float,
+    t0: float,
+) -> RequestResult:
     """One streamed completion. timeout bounds the whole request; stop_at (time.monotonic) is the
     run's end: a request still streaming then is cut and reported as "stopped"."""
     start = time.monotonic()
     result = RequestResult(server.label, index, start - t0)
     deadline = min(start + timeout, stop_at)
-    payload = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-               "stream": True, "stream_options": {"include_usage": True}}
+    payload = {
+        "model": server.model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     conn = None
     try:
         conn, path = _connection(server.v1 + "/completions", max(0.05, deadline - start))
@@ -156,9 +171,18 @@ def stream_completion(server: ServerSpec, prompt: str, index: int, *, max_tokens
     return result
 
 
-def run_ab(servers: list[ServerSpec], prompts: list[str], *, requests: int | None = None, concurrency: int = 8,
-           max_tokens: int = 64, temperature: float = 0.0, timeout: float = 60.0, duration: float = 600.0,
-           progress: bool = True) -> dict:
+def run_ab(
+    servers: list[ServerSpec],
+    prompts: list[str],
+    *,
+    requests: int | None = None,
+    concurrency: int = 8,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    timeout: float = 60.0,
+    duration: float = 600.0,
+    progress: bool = True,
+) -> dict:
     """Sends prompts[0..requests) (cycled) to every server, at most `concurrency` in flight per
     server, starting no request after `duration` seconds. Returns {"results": [RequestResult],
     "wall_s": {label: first start -> last end}, "settings": {...}}."""
@@ -175,11 +199,20 @@ def run_ab(servers: list[ServerSpec], prompts: list[str], *, requests: int | Non
     lock = threading.Lock()
 
     with progress_bar(total=total * len(servers), desc="ab-serve", unit="req", enabled=progress) as bar:
+
         def serve_one(server: ServerSpec, index: int) -> None:
             if time.monotonic() >= stop_at:
                 return  # never started: the run's duration is over
-            r = stream_completion(server, prompts[index % len(prompts)], index, max_tokens=max_tokens,
-                                  temperature=temperature, timeout=timeout, stop_at=stop_at, t0=t0)
+            r = stream_completion(
+                server,
+                prompts[index % len(prompts)],
+                index,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                timeout=timeout,
+                stop_at=stop_at,
+                t0=t0,
+            )
             with lock:
                 results.append(r)
                 bar.update(1)
@@ -198,10 +231,20 @@ def run_ab(servers: list[ServerSpec], prompts: list[str], *, requests: int | Non
         ends = [r.start_s + (r.e2e_s or 0.0) for r in mine]
         wall[s.label] = (max(ends) - min(r.start_s for r in mine)) if mine else 0.0
     results.sort(key=lambda r: (r.index, r.server))
-    return {"results": results, "wall_s": wall, "not_started": total * len(servers) - len(results),
-            "settings": dict(requests=total, concurrency=concurrency, max_tokens=max_tokens,
-                             temperature=temperature, timeout=timeout, duration=duration,
-                             servers={s.label: {"url": s.url, "model": s.model} for s in servers})}
+    return {
+        "results": results,
+        "wall_s": wall,
+        "not_started": total * len(servers) - len(results),
+        "settings": dict(
+            requests=total,
+            concurrency=concurrency,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            timeout=timeout,
+            duration=duration,
+            servers={s.label: {"url": s.url, "model": s.model} for s in servers},
+        ),
+    }
 
 
 def load_prompts(path: str) -> list[str]:
@@ -218,7 +261,7 @@ def load_prompts(path: str) -> list[str]:
                 try:
                     prompts.append(str(json.loads(line)["prompt"]))
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"--prompts {path}:{n}: a JSON line needs a \"prompt\" field") from None
+                    raise ValueError(f'--prompts {path}:{n}: a JSON line needs a "prompt" field') from None
             else:
                 prompts.append(line.replace("\\n", "\n"))
     if not prompts:
@@ -227,12 +270,17 @@ def load_prompts(path: str) -> list[str]:
 
 
 def add_ab_serve_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("ab-serve", help="send the same completions to two OpenAI-compatible servers; "
-                                               "TTFT, inter-token latency, throughput, output agreement",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "ab-serve",
+        help="send the same completions to two OpenAI-compatible servers; "
+        "TTFT, inter-token latency, throughput, output agreement",
+        description=__doc__.splitlines()[0],
+    )
     p.add_argument("--a", required=True, metavar="URL", help="server A, e.g. http://host:8000 (or .../v1)")
     p.add_argument("--b", required=True, metavar="URL", help="server B")
-    p.add_argument("--prompts", required=True, metavar="FILE", help="one prompt per line, or JSON lines {\"prompt\": ...}")
+    p.add_argument(
+        "--prompts", required=True, metavar="FILE", help='one prompt per line, or JSON lines {"prompt": ...}'
+    )
     p.add_argument("--label-a", default="A")
     p.add_argument("--label-b", default="B")
     p.add_argument("--model", help="model name for both (default: each server's first listed model)")
@@ -242,7 +290,9 @@ def add_ab_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy, so outputs are comparable")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    p.add_argument("--duration", type=float, default=600.0, help="no request starts after this many seconds (default 600)")
+    p.add_argument(
+        "--duration", type=float, default=600.0, help="no request starts after this many seconds (default 600)"
+    )
     p.add_argument("--out", default="ab-serve-report", help="output folder (report.md, results.jsonl, *.png)")
     p.set_defaults(ab_command=cmd_ab_serve)
     return p
@@ -260,9 +310,16 @@ def cmd_ab_serve(args: argparse.Namespace) -> int:
             spec = ServerSpec(label, url, args.model, args.api_key)
             _connection(spec.v1, 1.0)  # validates the URL
             servers.append(spec if args.model else ServerSpec(label, url, discover_model(spec), args.api_key))
-        run = run_ab(servers, prompts, requests=args.requests or None, concurrency=args.concurrency,
-                     max_tokens=args.max_tokens, temperature=args.temperature, timeout=args.timeout,
-                     duration=args.duration)
+        run = run_ab(
+            servers,
+            prompts,
+            requests=args.requests or None,
+            concurrency=args.concurrency,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            timeout=args.timeout,
+            duration=args.duration,
+        )
     except ValueError as exc:
         print(f"ab-serve: {exc}", file=sys.stderr)
         return 2

@@ -37,8 +37,14 @@ def server_stats(run: dict, label: str) -> dict:
     e2e = [r.e2e_s for r in ok]
     tokens = sum(r.output_tokens for r in ok)
     wall = run["wall_s"].get(label) or 0.0
-    out = {"sent": len(mine), "ok": len(ok), "errors": errors, "output_tokens": tokens,
-           "tokens_per_s": tokens / wall if wall else None, "requests_per_s": len(ok) / wall if wall else None}
+    out = {
+        "sent": len(mine),
+        "ok": len(ok),
+        "errors": errors,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / wall if wall else None,
+        "requests_per_s": len(ok) / wall if wall else None,
+    }
     for name, xs in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
         for q in (0.5, 0.9, 0.99):
             out[f"{name}_p{int(q * 100)}_ms"] = None if not xs else 1e3 * _pct(xs, q)
@@ -71,13 +77,24 @@ def agreement(run: dict, label_a: str, label_b: str) -> dict:
     for a, b in pairs:
         char, token = first_divergence(a.chunks, b.text)
         if char is not None:
-            divergent.append({"index": a.index, "char": char, "token": token,
-                              "a": a.text[max(0, char - 20):char + 40], "b": b.text[max(0, char - 20):char + 40]})
+            divergent.append(
+                {
+                    "index": a.index,
+                    "char": char,
+                    "token": token,
+                    "a": a.text[max(0, char - 20) : char + 40],
+                    "b": b.text[max(0, char - 20) : char + 40],
+                }
+            )
     tokens = [d["token"] for d in divergent]
-    return {"compared": len(pairs), "exact": len(pairs) - len(divergent),
-            "exact_rate": (len(pairs) - len(divergent)) / len(pairs) if pairs else None,
-            "first_divergent_token_median": statistics.median(tokens) if tokens else None,
-            "first_divergent_token_min": min(tokens) if tokens else None, "divergent": divergent}
+    return {
+        "compared": len(pairs),
+        "exact": len(pairs) - len(divergent),
+        "exact_rate": (len(pairs) - len(divergent)) / len(pairs) if pairs else None,
+        "first_divergent_token_median": statistics.median(tokens) if tokens else None,
+        "first_divergent_token_min": min(tokens) if tokens else None,
+        "divergent": divergent,
+    }
 
 
 def _fmt(v, spec=".1f") -> str:
@@ -90,30 +107,46 @@ def write_serve_report(run: dict, out_dir: str) -> tuple[list[str], str]:
     stats = {label: server_stats(run, label) for label in labels}
     agree = agreement(run, labels[0], labels[1])
     s = run["settings"]
-    lines = ["# A/B serving comparison", "",
-             *(f"- {label}: {info['url']} (model `{info['model']}`)" for label, info in s["servers"].items()),
-             f"- {s['requests']} requests per server, {s['concurrency']} in flight per server, max_tokens "
-             f"{s['max_tokens']}, temperature {s['temperature']}, timeout {s['timeout']:g} s, duration {s['duration']:g} s"
-             + (f"; {run['not_started']} request(s) not started (duration reached)" if run["not_started"] else ""),
-             "", "## Latency and throughput", "",
-             "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    rows = [("completed / sent", lambda st: f"{st['ok']} / {st['sent']}"),
-            ("errors", lambda st: ", ".join(f"{k}: {v}" for k, v in sorted(st["errors"].items())) or "none")]
+    lines = [
+        "# A/B serving comparison",
+        "",
+        *(f"- {label}: {info['url']} (model `{info['model']}`)" for label, info in s["servers"].items()),
+        f"- {s['requests']} requests per server, {s['concurrency']} in flight per server, max_tokens "
+        f"{s['max_tokens']}, temperature {s['temperature']}, timeout {s['timeout']:g} s, duration {s['duration']:g} s"
+        + (f"; {run['not_started']} request(s) not started (duration reached)" if run["not_started"] else ""),
+        "",
+        "## Latency and throughput",
+        "",
+        "| | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    rows = [
+        ("completed / sent", lambda st: f"{st['ok']} / {st['sent']}"),
+        ("errors", lambda st: ", ".join(f"{k}: {v}" for k, v in sorted(st["errors"].items())) or "none"),
+    ]
     for name, what in (("ttft", "TTFT"), ("itl", "inter-token"), ("e2e", "request")):
         for q in ("p50", "p90", "p99"):
             rows.append((f"{what} {q} (ms)", lambda st, k=f"{name}_{q}_ms": _fmt(st[k])))
-    rows += [("output tokens/s", lambda st: _fmt(st["tokens_per_s"])),
-             ("completed requests/s", lambda st: _fmt(st["requests_per_s"], ".2f"))]
+    rows += [
+        ("output tokens/s", lambda st: _fmt(st["tokens_per_s"])),
+        ("completed requests/s", lambda st: _fmt(st["requests_per_s"], ".2f")),
+    ]
     lines += [f"| {title} | " + " | ".join(fn(stats[label]) for label in labels) + " |" for title, fn in rows]
     a_ttft, b_ttft = (stats[label]["ttft_p50_ms"] for label in labels)
     if a_ttft and b_ttft:
         lines += ["", f"{labels[1]} / {labels[0]} median TTFT: {b_ttft / a_ttft:.2f}x"]
-    lines += ["", "## Output agreement", "",
-              f"- compared (both completed): {agree['compared']}; identical: {agree['exact']}"
-              + (f" ({agree['exact_rate']:.1%})" if agree["exact_rate"] is not None else "")]
+    lines += [
+        "",
+        "## Output agreement",
+        "",
+        f"- compared (both completed): {agree['compared']}; identical: {agree['exact']}"
+        + (f" ({agree['exact_rate']:.1%})" if agree["exact_rate"] is not None else ""),
+    ]
     if agree["divergent"]:
-        lines.append(f"- first divergent token: median {agree['first_divergent_token_median']}, earliest "
-                     f"{agree['first_divergent_token_min']}")
+        lines.append(
+            f"- first divergent token: median {agree['first_divergent_token_median']}, earliest "
+            f"{agree['first_divergent_token_min']}"
+        )
         lines += ["", "| request | first divergent char | token | A around it | B around it |", "|---|---|---|---|---|"]
         for d in agree["divergent"][:20]:
             a, b = (repr(d[k]).replace("|", "\\|").replace("`", "'") for k in ("a", "b"))
@@ -123,19 +156,27 @@ def write_serve_report(run: dict, out_dir: str) -> tuple[list[str], str]:
     if note is None:
         ok = [r for r in run["results"] if r.ok]
         for name, title, values in (
-                ("ttft_cdf.png", "time to first token", lambda r: [1e3 * r.ttft_s] if r.ttft_s is not None else []),
-                ("itl_cdf.png", "inter-token latency", lambda r: [1e3 * g for g in r.itl_s]),
-                ("e2e_cdf.png", "request latency", lambda r: [1e3 * r.e2e_s])):
+            ("ttft_cdf.png", "time to first token", lambda r: [1e3 * r.ttft_s] if r.ttft_s is not None else []),
+            ("itl_cdf.png", "inter-token latency", lambda r: [1e3 * g for g in r.itl_s]),
+            ("e2e_cdf.png", "request latency", lambda r: [1e3 * r.e2e_s]),
+        ):
             samples = {label: [v for r in ok if r.server == label for v in values(r)] for label in labels}
             paths.append(os.path.join(out_dir, cdf_plot(os.path.join(out_dir, name), title, "ms", samples)))
-    lines += ["", "## Plots", ""] + ([f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths]
-                                     or [f"(none: {note})"])
-    lines += ["", "TTFT: request sent to first streamed text; inter-token: gaps between streamed chunks; "
-              "errors and timeouts are excluded from the latency figures and counted above.", ""]
+    lines += ["", "## Plots", ""] + (
+        [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths] or [f"(none: {note})"]
+    )
+    lines += [
+        "",
+        "TTFT: request sent to first streamed text; inter-token: gaps between streamed chunks; "
+        "errors and timeouts are excluded from the latency figures and counted above.",
+        "",
+    ]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
-    summary = "; ".join(f"{label}: {st['ok']}/{st['sent']} ok, TTFT p50 {_fmt(st['ttft_p50_ms'])} ms, "
-                        f"{_fmt(st['tokens_per_s'])} tok/s" for label, st in stats.items())
+    summary = "; ".join(
+        f"{label}: {st['ok']}/{st['sent']} ok, TTFT p50 {_fmt(st['ttft_p50_ms'])} ms, {_fmt(st['tokens_per_s'])} tok/s"
+        for label, st in stats.items()
+    )
     summary += f"; identical outputs {agree['exact']}/{agree['compared']}"
     return [path] + paths, summary

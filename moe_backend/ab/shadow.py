@@ -28,8 +28,16 @@ from moe_backend.ab.shadow_metrics import ShadowSink
 from moe_backend.dispatch.policy import Policy
 from moe_backend.env import ENV
 
-__all__ = ["Shadow", "ShadowTarget", "parse_shadow_spec", "from_env", "shadow_arg", "observe_routed", "observe_masked",
-           "observe_layer"]
+__all__ = [
+    "Shadow",
+    "ShadowTarget",
+    "parse_shadow_spec",
+    "from_env",
+    "shadow_arg",
+    "observe_routed",
+    "observe_masked",
+    "observe_layer",
+]
 
 MAX_PENDING = 32
 
@@ -73,8 +81,10 @@ def _weights(experts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     try:
         return experts.w13_fp8, experts.w13_scale_inv, experts.w2_fp8, experts.w2_scale_inv
     except AttributeError:
-        raise TypeError(f"experts: expected (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv) or an object with "
-                        f"those attributes, got {type(experts).__name__}") from None
+        raise TypeError(
+            f"experts: expected (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv) or an object with "
+            f"those attributes, got {type(experts).__name__}"
+        ) from None
 
 
 def _capturing() -> bool:
@@ -85,8 +95,9 @@ class Shadow:
     """Samples MoE calls and runs them on the target backends. `observe_*` never raise into
     serving: a failing shadow run is counted (`moe_backend_shadow_errors_total`) and warned once."""
 
-    def __init__(self, targets: str | list[ShadowTarget], *, seed: int = 0, registry=None,
-                 log_path: str | None = None) -> None:
+    def __init__(
+        self, targets: str | list[ShadowTarget], *, seed: int = 0, registry=None, log_path: str | None = None
+    ) -> None:
         self.targets = parse_shadow_spec(targets, "shadow") if isinstance(targets, str) else list(targets)
         if not self.targets or not all(isinstance(t, ShadowTarget) for t in self.targets):
             raise TypeError("targets: expected a 'backend:rate' spec or a list of ShadowTarget")
@@ -131,9 +142,21 @@ class Shadow:
         return label, chosen, weights
 
     # ---- the two formats ----
-    def observe_routed(self, primary: torch.Tensor, x, experts, topk_weights, topk_ids, *, x_scale=None,
-                       expert_start: int = 0, ue8m0: bool = False, phase: str | None = None,
-                       expected_m: int | None = None, layer=None) -> None:
+    def observe_routed(
+        self,
+        primary: torch.Tensor,
+        x,
+        experts,
+        topk_weights,
+        topk_ids,
+        *,
+        x_scale=None,
+        expert_start: int = 0,
+        ue8m0: bool = False,
+        phase: str | None = None,
+        expected_m: int | None = None,
+        layer=None,
+    ) -> None:
         """After a served `routed_experts` call: its output `primary` `[T, H]` and arguments, the four
         weight tensors as `experts` (see `_weights`)."""
         started = self._begin(layer, experts)
@@ -144,13 +167,41 @@ class Shadow:
         for b, _ in self._backends:
             self.sink.call(label, b.name, phase)
         for b in chosen:
-            self._run(b, label, phase, primary, None, lambda b=b: b.routed(
-                x, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids,
-                x_scale=None if x_scale is None else x_scale.contiguous(), expert_start=expert_start,
-                ue8m0=ue8m0, phase=phase, expected_m=expected_m), (x, x_scale, topk_weights, topk_ids))
+            self._run(
+                b,
+                label,
+                phase,
+                primary,
+                None,
+                lambda b=b: b.routed(
+                    x,
+                    w13_fp8,
+                    w13_scale_inv,
+                    w2_fp8,
+                    w2_scale_inv,
+                    topk_weights,
+                    topk_ids,
+                    x_scale=None if x_scale is None else x_scale.contiguous(),
+                    expert_start=expert_start,
+                    ue8m0=ue8m0,
+                    phase=phase,
+                    expected_m=expected_m,
+                ),
+                (x, x_scale, topk_weights, topk_ids),
+            )
 
-    def observe_masked(self, primary: torch.Tensor, a_fp8, a_scale, experts, masked_m, *, ue8m0: bool = False,
-                       expected_m: int | None = None, layer=None) -> None:
+    def observe_masked(
+        self,
+        primary: torch.Tensor,
+        a_fp8,
+        a_scale,
+        experts,
+        masked_m,
+        *,
+        ue8m0: bool = False,
+        expected_m: int | None = None,
+        layer=None,
+    ) -> None:
         """After a served `masked_experts` call: its output `primary` `[E, max_m, H]` and arguments;
         only rows m < masked_m[e] are compared (the others are not outputs)."""
         started = self._begin(layer, experts)
@@ -161,12 +212,30 @@ class Shadow:
             self.sink.call(label, b.name, "decode")
         max_m = a_fp8.shape[1]
         for b in chosen:
+
             def valid(masked_m=masked_m):
-                counts = masked_m[:a_fp8.shape[0]].to(torch.int64)
+                counts = masked_m[: a_fp8.shape[0]].to(torch.int64)
                 return torch.arange(max_m, device=counts.device)[None, :] < counts[:, None]  # [E, max_m]
-            self._run(b, label, "decode", primary, valid, lambda b=b: b.masked(
-                a_fp8.contiguous(), a_scale.contiguous(), w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv,
-                masked_m[:a_fp8.shape[0]], ue8m0=ue8m0, expected_m=expected_m), (a_fp8, a_scale, masked_m))
+
+            self._run(
+                b,
+                label,
+                "decode",
+                primary,
+                valid,
+                lambda b=b: b.masked(
+                    a_fp8.contiguous(),
+                    a_scale.contiguous(),
+                    w13_fp8,
+                    w13_scale_inv,
+                    w2_fp8,
+                    w2_scale_inv,
+                    masked_m[: a_fp8.shape[0]],
+                    ue8m0=ue8m0,
+                    expected_m=expected_m,
+                ),
+                (a_fp8, a_scale, masked_m),
+            )
 
     # ---- running and reading back ----
     def _run(self, backend: Backend, label: str, phase: str, primary: torch.Tensor, valid_fn, fn, inputs) -> None:
@@ -187,8 +256,12 @@ class Shadow:
             self.sink.error(backend.name, kind)
             if (backend.name, kind) not in self._warned:
                 self._warned.add((backend.name, kind))
-                print(f"[moe_backend] shadow backend {backend.name!r} failed ({kind}: {str(exc)[:200]}); "
-                      f"counted in moe_backend_shadow_errors_total, serving is unaffected", file=sys.stderr, flush=True)
+                print(
+                    f"[moe_backend] shadow backend {backend.name!r} failed ({kind}: {str(exc)[:200]}); "
+                    f"counted in moe_backend_shadow_errors_total, serving is unaffected",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _run_cuda(self, backend, label, phase, primary, valid_fn, fn, inputs) -> None:
         device = primary.device
@@ -224,8 +297,16 @@ class Shadow:
 
     def _record(self, label, name, phase, rows, latency_s, stats) -> None:
         rel, max_abs, agree = stats
-        self.sink.record(layer=label, backend=name, phase=phase, rows=rows, latency_s=latency_s, rel_err=rel,
-                         max_abs=max_abs, argmax_agreement=agree)
+        self.sink.record(
+            layer=label,
+            backend=name,
+            phase=phase,
+            rows=rows,
+            latency_s=latency_s,
+            rel_err=rel,
+            max_abs=max_abs,
+            argmax_agreement=agree,
+        )
 
     def flush(self) -> None:
         """Waits for every shadow run in flight and records it (tests; shutdown)."""
@@ -275,8 +356,17 @@ def observe_layer(layer, out: torch.Tensor, x_fp8, x_scale, topk_weights, topk_i
     computation on either backend, so it is left out of the comparison)."""
     s = _resolve(layer.shadow)
     if s is not None:
-        s.observe_routed(out, x_fp8, layer, topk_weights, topk_ids, x_scale=x_scale, expert_start=layer.expert_start,
-                         ue8m0=layer.config.ue8m0_scales, phase=phase)
+        s.observe_routed(
+            out,
+            x_fp8,
+            layer,
+            topk_weights,
+            topk_ids,
+            x_scale=x_scale,
+            expert_start=layer.expert_start,
+            ue8m0=layer.config.ue8m0_scales,
+            phase=phase,
+        )
 
 
 def observe_masked(primary, *args, shadow=None, **kwargs) -> None:

@@ -45,16 +45,33 @@ def _metrics(registry) -> dict | None:
             "registry": registry,
             "calls": prom.Counter(f"{p}_calls", "MoE calls seen by shadow mode (sampled or not)", LABELS, **kw),
             "samples": prom.Counter(f"{p}_samples", "MoE calls also run on the shadow backend", LABELS, **kw),
-            "latency": prom.Histogram(f"{p}_latency_seconds", "shadow backend time per MoE call (on its side "
-                                      "stream, concurrent with serving)", LABELS, buckets=_LATENCY_BUCKETS, **kw),
-            "rel_err": prom.Histogram(f"{p}_relative_error", "||shadow - served|| / ||served|| per MoE call",
-                                      LABELS, buckets=_REL_ERR_BUCKETS, **kw),
-            "max_abs": prom.Histogram(f"{p}_max_abs_error", "max |shadow - served| per MoE call", LABELS,
-                                      buckets=_MAX_ABS_BUCKETS, **kw),
-            "agreement": prom.Histogram(f"{p}_argmax_agreement", "fraction of output rows whose argmax agrees",
-                                        LABELS, buckets=_AGREEMENT_BUCKETS, **kw),
-            "skipped": prom.Counter(f"{p}_skipped", "sampled calls not run (graph capture, backlog)",
-                                    ("backend", "reason"), **kw),
+            "latency": prom.Histogram(
+                f"{p}_latency_seconds",
+                "shadow backend time per MoE call (on its side stream, concurrent with serving)",
+                LABELS,
+                buckets=_LATENCY_BUCKETS,
+                **kw,
+            ),
+            "rel_err": prom.Histogram(
+                f"{p}_relative_error",
+                "||shadow - served|| / ||served|| per MoE call",
+                LABELS,
+                buckets=_REL_ERR_BUCKETS,
+                **kw,
+            ),
+            "max_abs": prom.Histogram(
+                f"{p}_max_abs_error", "max |shadow - served| per MoE call", LABELS, buckets=_MAX_ABS_BUCKETS, **kw
+            ),
+            "agreement": prom.Histogram(
+                f"{p}_argmax_agreement",
+                "fraction of output rows whose argmax agrees",
+                LABELS,
+                buckets=_AGREEMENT_BUCKETS,
+                **kw,
+            ),
+            "skipped": prom.Counter(
+                f"{p}_skipped", "sampled calls not run (graph capture, backlog)", ("backend", "reason"), **kw
+            ),
             "errors": prom.Counter(f"{p}_errors", "shadow runs that raised", ("backend", "error"), **kw),
         }
         _METRICS_BY_REGISTRY[id(registry)] = found
@@ -68,8 +85,12 @@ class ShadowSink:
     def __init__(self, registry=None, log_path: str | None = None) -> None:
         self._metrics = _metrics(registry)
         if self._metrics is None:
-            print("[moe_backend] shadow mode: prometheus_client is not installed, metrics are off "
-                  "(pip install moe-backend[ab])", file=sys.stderr, flush=True)
+            print(
+                "[moe_backend] shadow mode: prometheus_client is not installed, metrics are off "
+                "(pip install moe-backend[ab])",
+                file=sys.stderr,
+                flush=True,
+            )
         self._fd = None
         if log_path:
             try:
@@ -98,8 +119,18 @@ class ShadowSink:
         if self._metrics is not None:
             self._child("errors", (backend, error)).inc()
 
-    def record(self, *, layer: str, backend: str, phase: str, rows: int, latency_s: float, rel_err: float,
-               max_abs: float, argmax_agreement: float) -> None:
+    def record(
+        self,
+        *,
+        layer: str,
+        backend: str,
+        phase: str,
+        rows: int,
+        latency_s: float,
+        rel_err: float,
+        max_abs: float,
+        argmax_agreement: float,
+    ) -> None:
         labels = (layer, backend, phase)
         if self._metrics is not None:
             self._child("samples", labels).inc()
@@ -108,9 +139,20 @@ class ShadowSink:
             self._child("max_abs", labels).observe(max_abs)
             self._child("agreement", labels).observe(argmax_agreement)
         if self._fd is not None:
-            line = json.dumps({"time": round(time.time(), 6), "pid": os.getpid(), "layer": layer, "backend": backend,
-                               "phase": phase, "rows": rows, "latency_s": latency_s, "rel_err": rel_err,
-                               "max_abs": max_abs, "argmax_agreement": argmax_agreement})
+            line = json.dumps(
+                {
+                    "time": round(time.time(), 6),
+                    "pid": os.getpid(),
+                    "layer": layer,
+                    "backend": backend,
+                    "phase": phase,
+                    "rows": rows,
+                    "latency_s": latency_s,
+                    "rel_err": rel_err,
+                    "max_abs": max_abs,
+                    "argmax_agreement": argmax_agreement,
+                }
+            )
             os.write(self._fd, (line + "\n").encode())  # one O_APPEND write: lines of processes never interleave
 
     def close(self) -> None:

@@ -39,10 +39,15 @@ class SliceSpec:
         """CPU size: H 256, experts / 16, I / 8 (a multiple of 128), top-k halved (at least 2)."""
         shrink = max(1, self.num_experts // 16)
         inter = max(QUANT_BLOCK, -(-self.intermediate // 8 // QUANT_BLOCK) * QUANT_BLOCK)
-        return replace(self, name=f"{self.name}-small", hidden=min(self.hidden, 256), intermediate=inter,
-                       num_experts=max(self.num_experts // shrink, 2),
-                       local_experts=max(self.local_experts // shrink, 1),
-                       topk=max(2, min(self.topk // 2, self.num_experts // shrink)))
+        return replace(
+            self,
+            name=f"{self.name}-small",
+            hidden=min(self.hidden, 256),
+            intermediate=inter,
+            num_experts=max(self.num_experts // shrink, 2),
+            local_experts=max(self.local_experts // shrink, 1),
+            topk=max(2, min(self.topk // 2, self.num_experts // shrink)),
+        )
 
 
 def parse_slices(spec: str, base: MoEConfig, *, small: bool = False) -> list[SliceSpec]:
@@ -61,19 +66,40 @@ def parse_slices(spec: str, base: MoEConfig, *, small: bool = False) -> list[Sli
             if kind == "ep":
                 if base.n_routed_experts % n:
                     raise ValueError(f"slice {item!r}: {n} must divide the {base.n_routed_experts} experts")
-                s = SliceSpec(item, base.hidden_size, base.moe_intermediate_size, base.n_routed_experts,
-                              base.n_routed_experts // n, base.num_experts_per_tok)
+                s = SliceSpec(
+                    item,
+                    base.hidden_size,
+                    base.moe_intermediate_size,
+                    base.n_routed_experts,
+                    base.n_routed_experts // n,
+                    base.num_experts_per_tok,
+                )
             else:
                 if base.moe_intermediate_size % (n * QUANT_BLOCK):
-                    raise ValueError(f"slice {item!r}: the intermediate size {base.moe_intermediate_size} / {n} "
-                                     f"must be a multiple of {QUANT_BLOCK} (FP8 weight blocks)")
-                s = SliceSpec(item, base.hidden_size, base.moe_intermediate_size // n, base.n_routed_experts,
-                              base.n_routed_experts, base.num_experts_per_tok, tp=n)
+                    raise ValueError(
+                        f"slice {item!r}: the intermediate size {base.moe_intermediate_size} / {n} "
+                        f"must be a multiple of {QUANT_BLOCK} (FP8 weight blocks)"
+                    )
+                s = SliceSpec(
+                    item,
+                    base.hidden_size,
+                    base.moe_intermediate_size // n,
+                    base.n_routed_experts,
+                    base.n_routed_experts,
+                    base.num_experts_per_tok,
+                    tp=n,
+                )
         elif item.endswith(".json") and os.path.isfile(item):
             cfg = MoEConfig.from_hf_config(item)
             name = os.path.basename(os.path.dirname(os.path.abspath(item))) or "config"
-            s = SliceSpec(name, cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts,
-                          cfg.n_routed_experts, cfg.num_experts_per_tok)
+            s = SliceSpec(
+                name,
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+                cfg.n_routed_experts,
+                cfg.n_routed_experts,
+                cfg.num_experts_per_tok,
+            )
         else:
             raise ValueError(f"slice {item!r}: expected epN, tpN, full or an existing config.json path")
         out.append(s.shrunk() if small else s)
@@ -98,18 +124,19 @@ def random_slice_weights(s: SliceSpec, device: torch.device, seed: int = 0) -> t
     return w13, w13_s, w2, w2_s
 
 
-def checkpoint_slice_weights(s: SliceSpec, w13: torch.Tensor, w13_s: torch.Tensor, w2: torch.Tensor,
-                             w2_s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def checkpoint_slice_weights(
+    s: SliceSpec, w13: torch.Tensor, w13_s: torch.Tensor, w2: torch.Tensor, w2_s: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """A slice of a loaded layer's experts (ids from 0): the first `local_experts`, and for TP the
     first rank's shard of the intermediate dimension (gate rows [0, I/tp), up rows [I, I + I/tp),
     w2 columns [0, I/tp)), as each rank of a TP deployment holds it."""
     if w13.shape[0] < s.local_experts:
         raise ValueError(f"slice {s.name}: needs {s.local_experts} experts, {w13.shape[0]} were loaded")
-    w13, w13_s, w2, w2_s = (t[:s.local_experts] for t in (w13, w13_s, w2, w2_s))
+    w13, w13_s, w2, w2_s = (t[: s.local_experts] for t in (w13, w13_s, w2, w2_s))
     if s.tp == 1:
         return w13, w13_s, w2, w2_s
     full_i, part = w2.shape[2], s.intermediate
     fb, pb = full_i // QUANT_BLOCK, part // QUANT_BLOCK
-    w13 = torch.cat([w13[:, :part], w13[:, full_i:full_i + part]], dim=1).contiguous()
-    w13_s = torch.cat([w13_s[:, :pb], w13_s[:, fb:fb + pb]], dim=1).contiguous()
+    w13 = torch.cat([w13[:, :part], w13[:, full_i : full_i + part]], dim=1).contiguous()
+    w13_s = torch.cat([w13_s[:, :pb], w13_s[:, fb : fb + pb]], dim=1).contiguous()
     return w13, w13_s, w2[:, :, :part].contiguous(), w2_s[:, :, :pb].contiguous()

@@ -48,8 +48,10 @@ def policy_section(rows: list[dict], tolerance: float | None = None) -> dict:
     (rows of registered backends carry no policy kernel and cannot be emitted). Keys with no
     valid evidence keep the defaults."""
     if tolerance is not None:
-        rows = [dict(r, diverges=not r.get("rel_err", float("inf")) <= cell_tolerance(tolerance, r.get("pairs", 1 << 20)))
-                for r in rows]
+        rows = [
+            dict(r, diverges=not r.get("rel_err", float("inf")) <= cell_tolerance(tolerance, r.get("pairs", 1 << 20)))
+            for r in rows
+        ]
     candidates = [r for r in rows if _valid(r) and r.get("kernel") in KERNELS]
     by_cell: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in candidates:
@@ -74,15 +76,20 @@ def policy_section(rows: list[dict], tolerance: float | None = None) -> dict:
     boundary = 0
     for tokens in sorted({t for (_, t) in by_cell}):
         cells = [c for (_, t), c in by_cell.items() if t == tokens]
-        if not all(any(r["kernel"] == decode_kernel and r["time_us"] <= DECODE_SLACK * min(x["time_us"] for x in c)
-                       for r in c) for c in cells):
+        if not all(
+            any(r["kernel"] == decode_kernel and r["time_us"] <= DECODE_SLACK * min(x["time_us"] for x in c) for r in c)
+            for c in cells
+        ):
             break
         boundary = tokens
     if not by_cell:
         boundary = default.decode_max_tokens
     prefill_kernel = tally([c for (_, t), c in by_cell.items() if t > boundary])
-    return {"prefill_kernel": prefill_kernel or default.prefill_kernel, "decode_kernel": decode_kernel,
-            "decode_max_tokens": boundary}
+    return {
+        "prefill_kernel": prefill_kernel or default.prefill_kernel,
+        "decode_kernel": decode_kernel,
+        "decode_max_tokens": boundary,
+    }
 
 
 def write_policy(path: str, device_name: str, section: dict) -> dict:

@@ -24,10 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("warmup", help="compile the kernels a DeepSeek-V3 prefill needs")
     w.add_argument("--slice", nargs="+", choices=sorted(SLICES), default=sorted(SLICES))
-    w.add_argument("--rows", nargs="+", type=int, default=[256, 512, 2048, 4096],
-                   help="rows per expert to plan for")
-    w.add_argument("--masked-max-m", nargs="*", type=int, default=[128, 256],
-                   help="max_m of the masked decode layouts to plan for (multiples of 128)")
+    w.add_argument("--rows", nargs="+", type=int, default=[256, 512, 2048, 4096], help="rows per expert to plan for")
+    w.add_argument(
+        "--masked-max-m",
+        nargs="*",
+        type=int,
+        default=[128, 256],
+        help="max_m of the masked decode layouts to plan for (multiples of 128)",
+    )
     w.add_argument("--sms", type=int, default=132, help="multiprocessors of the target GPU (H100/H200: 132)")
     args = parser.parse_args(argv)
     bad = [x for x in args.masked_max_m if not supports_max_m(x)]
@@ -38,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.slice:
         experts, shapes = SLICES[name]
         specs += warmup_specs(shapes, [r * experts for r in args.rows], num_sms=args.sms)
-        specs += [kernel_spec(n, k, select_masked_config(n, k), masked_max_m=mm)
-                  for n, k in shapes for mm in args.masked_max_m]
+        specs += [
+            kernel_spec(n, k, select_masked_config(n, k), masked_max_m=mm)
+            for n, k in shapes
+            for mm in args.masked_max_m
+        ]
     paths = jit.warmup(specs, progress=True)
     print(f"{len(paths)} kernels ready in {jit.cache_dir()}")
     return 0

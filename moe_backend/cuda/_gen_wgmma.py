@@ -20,10 +20,13 @@ HEADER = Path(__file__).with_name("wgmma_fp8.cuh")
 def _wrapper(n: int) -> str:
     regs = n // 2
     # 8 operands a line keeps the header readable at N = 128 (64 accumulator registers).
-    d_list = '"\n        "'.join(", ".join(f"%{i}" for i in range(j, min(j + 8, regs))) + ("," if j + 8 < regs else "")
-                                for j in range(0, regs, 8))
-    outs = ",\n          ".join(", ".join(f'"+f"(d[{i}])' for i in range(j, min(j + 8, regs)))
-                                 for j in range(0, regs, 8))
+    d_list = '"\n        "'.join(
+        ", ".join(f"%{i}" for i in range(j, min(j + 8, regs))) + ("," if j + 8 < regs else "")
+        for j in range(0, regs, 8)
+    )
+    outs = ",\n          ".join(
+        ", ".join(f'"+f"(d[{i}])' for i in range(j, min(j + 8, regs))) for j in range(0, regs, 8)
+    )
     return f"""
 template <>
 struct WgmmaFp8<{n}> {{

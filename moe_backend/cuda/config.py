@@ -9,19 +9,19 @@ from dataclasses import dataclass
 
 __all__ = ["ContiguousConfig", "max_stages", "BLOCK_M", "BLOCK_K", "BLOCK_N_CHOICES", "CONTIGUOUS_ALIGNMENT"]
 
-BLOCK_M = 128          # rows per tile: 2 consumer warpgroups x 64; also the segment alignment
-BLOCK_K = 128          # = the scale block
-NUM_THREADS = 384      # 2 consumer warpgroups + 1 producer warpgroup
+BLOCK_M = 128  # rows per tile: 2 consumer warpgroups x 64; also the segment alignment
+BLOCK_K = 128  # = the scale block
+NUM_THREADS = 384  # 2 consumer warpgroups + 1 producer warpgroup
 CONTIGUOUS_ALIGNMENT = BLOCK_M
 # N tiles: 64 and 128 run as one MMA unit, 256 as two 128-wide units (KernelTraits::kPartN).
 BLOCK_N_CHOICES = (64, 128, 256)
-SMEM_LIMIT = 232448    # bytes of shared memory one block may opt into on sm_90
+SMEM_LIMIT = 232448  # bytes of shared memory one block may opt into on sm_90
 # Per stage besides the tiles: the staged b_scale values (4 fp32 slots) and the stage's two
 # mbarriers; once per kernel the ring of a_scale chunk slots (kAScaleArea).
 STAGE_EXTRA_BYTES = 4 * 4 + 16
 A_SCALE_AREA = 12288
-MAX_STAGES = 6         # deeper rings stopped paying in other Hopper GEMMs; unmeasured here
-GROUP_M = 8            # M tiles swept together across N (L2 reuse)
+MAX_STAGES = 6  # deeper rings stopped paying in other Hopper GEMMs; unmeasured here
+GROUP_M = 8  # M tiles swept together across N (L2 reuse)
 
 
 def stage_bytes(block_n: int) -> int:
@@ -36,11 +36,11 @@ def max_stages(block_n: int) -> int:
 
 @dataclass(frozen=True)
 class ContiguousConfig:
-    block_n: int            # N tile; one of BLOCK_N_CHOICES
-    num_stages: int = 0     # depth of the shared-memory ring (A + B tile per stage); 0 = as many as fit
+    block_n: int  # N tile; one of BLOCK_N_CHOICES
+    num_stages: int = 0  # depth of the shared-memory ring (A + B tile per stage); 0 = as many as fit
     group_m: int = GROUP_M  # M units walked together by the persistent scheduler (1: M-unit-major)
-    cluster: int = 1        # 2: CTA pairs sharing one operand through TMA multicast (below)
-    multicast: str = "b"    # with cluster=2: "b" = pairs of M tiles 2i, 2i+1 share B (when both hold
+    cluster: int = 1  # 2: CTA pairs sharing one operand through TMA multicast (below)
+    multicast: str = "b"  # with cluster=2: "b" = pairs of M tiles 2i, 2i+1 share B (when both hold
     #                         one expert); "a" = pairs of N tiles 2j, 2j+1 share A (always one expert)
 
     def __post_init__(self) -> None:
@@ -50,8 +50,10 @@ class ContiguousConfig:
         if self.num_stages == 0:
             object.__setattr__(self, "num_stages", limit)
         if not 2 <= self.num_stages <= limit:
-            raise ValueError(f"config.num_stages: must lie in [2, {limit}] for block_n={self.block_n} "
-                             f"(0: as many as fit), got {self.num_stages}")
+            raise ValueError(
+                f"config.num_stages: must lie in [2, {limit}] for block_n={self.block_n} "
+                f"(0: as many as fit), got {self.num_stages}"
+            )
         if self.group_m < 1:
             raise ValueError(f"config.group_m: must be >= 1, got {self.group_m}")
         if self.cluster not in (1, 2):

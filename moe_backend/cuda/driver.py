@@ -20,8 +20,10 @@ def bindings():
         try:
             from cuda import cuda as driver  # noqa: PLC0415 - cuda-python < 12.6 spelling
         except ImportError as e:
-            raise JITError("the CUDA kernels are loaded through cuda-python's driver bindings: "
-                           "pip install 'cuda-python>=12.4' (or cuda-bindings)") from e
+            raise JITError(
+                "the CUDA kernels are loaded through cuda-python's driver bindings: "
+                "pip install 'cuda-python>=12.4' (or cuda-bindings)"
+            ) from e
     return driver
 
 
@@ -56,9 +58,13 @@ class CompiledKernel:
         if nbytes > self._smem_attr:
             with self._lock:
                 driver = bindings()
-                check(driver.cuFuncSetAttribute(
-                    self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    nbytes))
+                check(
+                    driver.cuFuncSetAttribute(
+                        self.function,
+                        driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        nbytes,
+                    )
+                )
                 self._smem_attr = nbytes
 
     def max_active_clusters(self, block: tuple[int, int, int], smem: int, cluster: tuple[int, int, int]) -> int:
@@ -73,8 +79,15 @@ class CompiledKernel:
             cached = self._max_clusters[key] = int(check(driver.cuOccupancyMaxActiveClusters(self.function, config)))
         return cached
 
-    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int, stream: int,
-               params: list[ctypes._SimpleCData | ctypes.Array], cluster: tuple[int, int, int] = (1, 1, 1)) -> None:
+    def launch(
+        self,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        smem: int,
+        stream: int,
+        params: list[ctypes._SimpleCData | ctypes.Array],
+        cluster: tuple[int, int, int] = (1, 1, 1),
+    ) -> None:
         driver = bindings()
         key = (grid, block, smem, cluster, stream)
         config = self._launch_configs.get(key)
@@ -90,8 +103,9 @@ class CompiledKernel:
         check(driver.cuLaunchKernelEx(config, self.function, ctypes.addressof(ptrs), 0))
 
 
-def _launch_config(driver, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int,
-                   cluster: tuple[int, int, int]):
+def _launch_config(
+    driver, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int, cluster: tuple[int, int, int]
+):
     """A CUlaunchConfig with the cluster-dimension attribute (1x1x1 when not clustering)."""
     config = driver.CUlaunchConfig()
     config.gridDimX, config.gridDimY, config.gridDimZ = grid

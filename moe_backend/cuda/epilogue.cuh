@@ -28,14 +28,20 @@ struct Epilogue {
     for (int j1 = 0; j1 < 2; ++j1) {
       const uint32_t send = b0 ? v[2 * j1] : v[2 * j1 + 1];
       const uint32_t got = __shfl_xor_sync(0xffffffffu, send, 1);
-      if (b0) v[2 * j1] = got; else v[2 * j1 + 1] = got;
+      if (b0)
+        v[2 * j1] = got;
+      else
+        v[2 * j1 + 1] = got;
     }
     const bool b1 = quad_lane & 2;
 #pragma unroll
     for (int j0 = 0; j0 < 2; ++j0) {
       const uint32_t send = b1 ? v[j0] : v[2 + j0];
       const uint32_t got = __shfl_xor_sync(0xffffffffu, send, 2);
-      if (b1) v[j0] = got; else v[2 + j0] = got;
+      if (b1)
+        v[j0] = got;
+      else
+        v[2 + j0] = got;
     }
   }
 

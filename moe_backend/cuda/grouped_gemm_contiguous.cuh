@@ -35,12 +35,12 @@ struct GroupedGemmContiguous {
 
   // Where each part of the dynamic shared memory lives (layout: KernelTraits::kSmemBytes).
   struct Smem {
-    uint8_t* a;        // kStages x [128 x 128] e4m3
-    uint8_t* b;        // kStages x [BLOCK_N x 128] e4m3
-    float* a_scales;   // kAScaleSlots x [128 x kAScalePitch]
-    float* b_scales;   // kStages x kScaleStageFloats
-    uint64_t* full;    // kStages mbarriers: the stage is loaded
-    uint64_t* empty;   // kStages mbarriers: the stage is released by every consumer warp
+    uint8_t* a;       // kStages x [128 x 128] e4m3
+    uint8_t* b;       // kStages x [BLOCK_N x 128] e4m3
+    float* a_scales;  // kAScaleSlots x [128 x kAScalePitch]
+    float* b_scales;  // kStages x kScaleStageFloats
+    uint64_t* full;   // kStages mbarriers: the stage is loaded
+    uint64_t* empty;  // kStages mbarriers: the stage is released by every consumer warp
   };
 
   // The producer warpgroup: the TMA lane and the scale warp walk the same live tiles through the
@@ -91,9 +91,9 @@ struct GroupedGemmContiguous {
     const uint32_t raw_addr = sm90::smem_addr(smem_raw);
     uint8_t* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
     float* a_scales = reinterpret_cast<float*>(smem + kStages * T::kStageBytes);
-    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * T::kStageBytes + T::kAScaleArea +
-                                                 kStages * T::kScaleStageBytes);
-    return Smem{smem, smem + kStages * T::kABytes, a_scales, a_scales + T::kAScaleArea / sizeof(float), full,
+    uint64_t* full =
+        reinterpret_cast<uint64_t*>(smem + kStages * T::kStageBytes + T::kAScaleArea + kStages * T::kScaleStageBytes);
+    return Smem{smem,          smem + kStages * T::kABytes, a_scales, a_scales + T::kAScaleArea / sizeof(float), full,
                 full + kStages};
   }
 
@@ -102,7 +102,7 @@ struct GroupedGemmContiguous {
   __device__ __forceinline__ static void init_barriers(const Smem& s) {
     if (threadIdx.x == 0) {
       for (int i = 0; i < kStages; ++i) {
-        sm90::mbar_init(&s.full[i], T::kFullArrivals);                         // producer warps
+        sm90::mbar_init(&s.full[i], T::kFullArrivals);                        // producer warps
         sm90::mbar_init(&s.empty[i], kCluster * kNumConsumerWarpgroups * 4);  // consumer warps (all CTAs)
       }
       sm90::fence_barrier_init();

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from moe_backend._checks import check_same_device, check_tensor
+
 # `X as X`: names re-exported for the callers that import them from here (the layer pipeline,
 # the plan, the ops front door), as before the package was split by role.
 from moe_backend.cuda.config import BLOCK_K, ContiguousConfig
@@ -23,10 +24,16 @@ from moe_backend.quant import FP8_DTYPE
 __all__ = ["grouped_gemm_contiguous", "ContiguousConfig", "select_config", "kernel_spec"]
 
 
-def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
-                            b_scale: torch.Tensor, expert_ids: torch.Tensor,
-                            out: torch.Tensor | None = None, *,
-                            config: ContiguousConfig | None = None) -> torch.Tensor:
+def grouped_gemm_contiguous(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    expert_ids: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    config: ContiguousConfig | None = None,
+) -> torch.Tensor:
     """out[m, :] = A[m] @ B[expert_ids[m]]^T with block scales; rows with id -1 are not written.
 
     a_fp8 e4m3 `[M, K]` (K % 128 == 0), a_scale f32 `[M, K/128]`, b_fp8 e4m3 `[E, N, K]`,
@@ -52,8 +59,10 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     check_device(dev)
     for name, t in (("a_fp8", a_fp8), ("b_fp8", b_fp8)):
         if t.data_ptr() % 16:
-            raise ValueError(f"{name}: TMA needs a 16-byte aligned base address (got a view at offset "
-                             f"{t.data_ptr() % 16} mod 16); pass a fresh tensor")
+            raise ValueError(
+                f"{name}: TMA needs a 16-byte aligned base address (got a view at offset "
+                f"{t.data_ptr() % 16} mod 16); pass a fresh tensor"
+            )
     if m == 0 or n == 0 or num_experts == 0:
         return out
     if expert_ids.dtype != torch.int32:

@@ -37,9 +37,16 @@ def masked_expert_ids(masked_m: torch.Tensor, max_m: int) -> torch.Tensor:
     return ids.to(torch.int32).reshape(-1)
 
 
-def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
-                        b_scale: torch.Tensor, masked_m: torch.Tensor, out: torch.Tensor | None = None,
-                        *, config: ContiguousConfig | None = None) -> torch.Tensor:
+def grouped_gemm_masked(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    masked_m: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    config: ContiguousConfig | None = None,
+) -> torch.Tensor:
     """out[e, m, :] = A[e, m] @ B[e]^T with block scales for m < masked_m[e]; other rows untouched.
 
     a_fp8 e4m3 `[E, max_m, K]` with max_m a multiple of 128 and K of 128, a_scale f32
@@ -51,10 +58,11 @@ def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch
     check_tensor("a_fp8", a_fp8, dtypes=(FP8_DTYPE,), ndim=3, contiguous=True)
     num_experts, max_m, k = a_fp8.shape
     if not supports_max_m(max_m):
-        raise ValueError(f"a_fp8: the CUDA masked GEMM needs max_m (dim 1, got {max_m}) to be a positive "
-                         f"multiple of {BLOCK_M}; use the Triton kernel (impl='triton') for other sizes")
-    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(num_experts, max_m, k // 128),
-                 contiguous=True)
+        raise ValueError(
+            f"a_fp8: the CUDA masked GEMM needs max_m (dim 1, got {max_m}) to be a positive "
+            f"multiple of {BLOCK_M}; use the Triton kernel (impl='triton') for other sizes"
+        )
+    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(num_experts, max_m, k // 128), contiguous=True)
     b_experts, n = check_weights(b_fp8, b_scale, k)
     if b_experts != num_experts:
         raise ValueError(f"b_fp8: expected {num_experts} experts (dim 0 of a_fp8), got {b_experts}")
@@ -64,13 +72,17 @@ def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch
     if out is None:
         out = torch.zeros((num_experts, max_m, n), dtype=torch.bfloat16, device=a_fp8.device)
     else:
-        check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_experts, max_m, n),
-                     device=a_fp8.device, contiguous=True)
+        check_tensor(
+            "out", out, dtypes=(torch.bfloat16,), shape=(num_experts, max_m, n), device=a_fp8.device, contiguous=True
+        )
     if num_experts == 0:
         return out
     check_device(a_fp8.device)
-    a2, s2, o2 = (a_fp8.view(num_experts * max_m, k), a_scale.view(num_experts * max_m, -1),
-                  out.view(num_experts * max_m, n))
+    a2, s2, o2 = (
+        a_fp8.view(num_experts * max_m, k),
+        a_scale.view(num_experts * max_m, -1),
+        out.view(num_experts * max_m, n),
+    )
     cfg = config or select_masked_config(n, k)
     if a_fp8.data_ptr() % 16 or b_fp8.data_ptr() % 16 or out.data_ptr() % 16:
         # A view at an odd offset: the contiguous op's checks and staging, on per-row ids.

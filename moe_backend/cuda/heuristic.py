@@ -33,8 +33,15 @@ FEW_K_BLOCKS = 2
 _printed: set = set()
 
 
-def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | None = None,
-                  verbose: bool = False, *, k: int | None = None) -> ContiguousConfig:
+def select_config(
+    m: int,
+    n: int,
+    num_sms: int,
+    override: ContiguousConfig | None = None,
+    verbose: bool = False,
+    *,
+    k: int | None = None,
+) -> ContiguousConfig:
     """The contiguous layout's config. N tile by formula: minimize (waves of tiles over the SMs)
     x (columns per tile + fixed cost), ties to the larger tile (fewer re-reads of A); `m` is the
     row count including padding (no host sync to count real rows). CTA pairs sharing B once
@@ -56,8 +63,11 @@ def select_config(m: int, n: int, num_sms: int, override: ContiguousConfig | Non
         cfg = ContiguousConfig(block_n=bn, group_m=group_m, cluster=cluster)
     if verbose and (m, n, num_sms, cfg) not in _printed:
         _printed.add((m, n, num_sms, cfg))
-        print(f"[moe_backend] cuda grouped_gemm_contiguous m={m} N={n} sms={num_sms}: "
-              f"{'override' if override is not None else 'formula'} -> {cfg}", flush=True)
+        print(
+            f"[moe_backend] cuda grouped_gemm_contiguous m={m} N={n} sms={num_sms}: "
+            f"{'override' if override is not None else 'formula'} -> {cfg}",
+            flush=True,
+        )
     return cfg
 
 

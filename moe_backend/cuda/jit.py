@@ -60,12 +60,12 @@ class KernelSpec:
     constants it was rendered with (they are part of the key even though the source holds them,
     so a key can be read back from the sidecar)."""
 
-    family: str                        # cache sub-directory, e.g. "grouped_gemm_contiguous"
-    kernel_name: str                   # extern "C" __global__ symbol in `source`
-    source: str                        # the rendered translation unit
+    family: str  # cache sub-directory, e.g. "grouped_gemm_contiguous"
+    kernel_name: str  # extern "C" __global__ symbol in `source`
+    source: str  # the rendered translation unit
     constants: Mapping[str, int] = field(default_factory=dict)
     arch: str = DEFAULT_ARCH
-    flags: tuple[str, ...] = ()        # extra nvcc flags beyond BASE_FLAGS
+    flags: tuple[str, ...] = ()  # extra nvcc flags beyond BASE_FLAGS
     include_dirs: tuple[Path, ...] = (SOURCE_DIR,)
 
     def gencode(self) -> str:
@@ -102,8 +102,10 @@ def find_nvcc() -> str:
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)
-    raise JITError("nvcc not found: the CUDA kernels are compiled at first use and need the CUDA "
-                   "toolkit (12.3+ for sm_90a). Set CUDA_HOME or put nvcc on PATH.")
+    raise JITError(
+        "nvcc not found: the CUDA kernels are compiled at first use and need the CUDA "
+        "toolkit (12.3+ for sm_90a). Set CUDA_HOME or put nvcc on PATH."
+    )
 
 
 def find_cuobjdump() -> str | None:
@@ -119,6 +121,7 @@ def find_cuobjdump() -> str | None:
         return on_path
     try:
         import triton  # noqa: PLC0415 - optional, only for its bundled binutils
+
         bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
         if bundled.is_file():
             return str(bundled)
@@ -206,8 +209,16 @@ def _entry(spec: KernelSpec, key: str, root: Path | None = None) -> CacheEntry:
 
 
 # Write failures that mean "this directory cannot hold the cache" (as opposed to a compile error).
-_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
-               errno.EEXIST, errno.EFBIG}
+_UNWRITABLE = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EFBIG,
+}
 _fallback_roots: dict[Path, Path] = {}  # configured cache dir -> this process's temporary stand-in
 
 
@@ -220,10 +231,13 @@ def _fall_back(configured: Path, exc: OSError) -> Path:
     if configured not in _fallback_roots:
         tmp = Path(tempfile.mkdtemp(prefix="moe_backend-jit-"))
         _fallback_roots[configured] = tmp
-        warnings.warn(f"moe_backend JIT cache {configured} cannot be written ({exc.strerror or exc}); "
-                      f"compiling into the temporary directory {tmp} for this process (set "
-                      f"MOE_BACKEND_CACHE_DIR to a writable directory to keep the kernels)",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"moe_backend JIT cache {configured} cannot be written ({exc.strerror or exc}); "
+            f"compiling into the temporary directory {tmp} for this process (set "
+            f"MOE_BACKEND_CACHE_DIR to a writable directory to keep the kernels)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return _fallback_roots[configured]
 
 
@@ -254,8 +268,9 @@ def nvcc_compiler(src: Path, cubin: Path, spec: KernelSpec) -> str:
     if proc.returncode != 0:
         raise JITError(f"nvcc failed for {spec.kernel_name} ({spec.family}, {dict(spec.constants)}):\n{log}")
     if _verbose():
-        print(f"[moe_backend.jit] {spec.kernel_name}: {time.monotonic() - start:.1f}s\n{log}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[moe_backend.jit] {spec.kernel_name}: {time.monotonic() - start:.1f}s\n{log}", file=sys.stderr, flush=True
+        )
     return log
 
 
@@ -306,11 +321,18 @@ def _build(spec: KernelSpec, key: str, compiler: Compiler | None, compiler_id: s
             if not data:
                 raise JITError(f"compiler produced no cubin for {spec.kernel_name}")
             meta = {
-                "format": _CACHE_FORMAT, "key": key, "size": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(), "family": spec.family,
-                "kernel_name": spec.kernel_name, "constants": dict(spec.constants), "arch": spec.arch,
-                "flags": list(spec.nvcc_flags()), "compiler": compiler_id,
-                "compile_seconds": round(seconds, 3), "log": log,
+                "format": _CACHE_FORMAT,
+                "key": key,
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "family": spec.family,
+                "kernel_name": spec.kernel_name,
+                "constants": dict(spec.constants),
+                "arch": spec.arch,
+                "flags": list(spec.nvcc_flags()),
+                "compiler": compiler_id,
+                "compile_seconds": round(seconds, 3),
+                "log": log,
             }
             meta_tmp = Path(tmp) / "kernel.json"
             meta_tmp.write_text(json.dumps(meta, indent=1))

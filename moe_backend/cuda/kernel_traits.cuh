@@ -61,7 +61,8 @@ struct KernelTraits {
   static constexpr int kPartChunks = kPartN / 8;
   static constexpr int kUnitsInFlight = kParts == 1 ? 2 : 1;
   static constexpr int kOddRegs = kUnitsInFlight == 2 ? kPartRegs : 1;  // the second unit accumulator
-  static_assert(kBlockN / 2 + kUnitsInFlight * kPartN / 2 <= 192, "promoted sum + unit accumulators exceed 192 registers");
+  static_assert(kBlockN / 2 + kUnitsInFlight * kPartN / 2 <= 192,
+                "promoted sum + unit accumulators exceed 192 registers");
   // K blocks per straight-line chain of the K loop (nothing in flight across its back edge).
   static constexpr int kChainKBlocks = kParts == 1 ? 4 : 2;
 

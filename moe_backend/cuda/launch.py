@@ -31,8 +31,9 @@ def _template() -> str:
 
 # Bounded: masked_max_m follows the masked layout's max_m, which an engine may vary per batch.
 @lru_cache(maxsize=1024)
-def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAULT_ARCH,
-                masked_max_m: int = 0) -> jit.KernelSpec:
+def kernel_spec(
+    n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAULT_ARCH, masked_max_m: int = 0
+) -> jit.KernelSpec:
     """The rendered source for one (N, K, config); M stays a runtime argument. masked_max_m > 0:
     the masked layout `[E, max_m, K]`, the kernel reading masked_m in place of per-row ids."""
     if k <= 0 or k % BLOCK_K:
@@ -41,21 +42,37 @@ def kernel_spec(n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAUL
         raise ValueError(f"n: must be positive, got {n}")
     if masked_max_m < 0 or masked_max_m % BLOCK_M:
         raise ValueError(f"masked_max_m: must be 0 or a multiple of {BLOCK_M}, got {masked_max_m}")
-    constants = {"N": n, "K": k, "BLOCK_N": config.block_n, "STAGES": config.num_stages, "GROUP_M": config.group_m,
-                 "CLUSTER": config.cluster, "MCAST_A": int(config.shares_a), "MASKED_MAX_M": masked_max_m}
-    name = ("phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_c{CLUSTER}_ma{MCAST_A}"
-            "_mm{MASKED_MAX_M}").format(**constants)
+    constants = {
+        "N": n,
+        "K": k,
+        "BLOCK_N": config.block_n,
+        "STAGES": config.num_stages,
+        "GROUP_M": config.group_m,
+        "CLUSTER": config.cluster,
+        "MCAST_A": int(config.shares_a),
+        "MASKED_MAX_M": masked_max_m,
+    }
+    name = (
+        "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_c{CLUSTER}_ma{MCAST_A}_mm{MASKED_MAX_M}"
+    ).format(**constants)
     source = _template()
-    checked = {"KERNEL_NAME": name, "SMEM_BYTES": config.smem_bytes, "NUM_THREADS": NUM_THREADS,
-               "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K}
+    checked = {
+        "KERNEL_NAME": name,
+        "SMEM_BYTES": config.smem_bytes,
+        "NUM_THREADS": NUM_THREADS,
+        "BLOCK_M": BLOCK_M,
+        "BLOCK_K": BLOCK_K,
+    }
     for field, value in {**constants, **checked}.items():
         source = source.replace("{{" + field + "}}", str(value))
-    return jit.KernelSpec(family="grouped_gemm_contiguous", kernel_name=name, source=source,
-                          constants=constants, arch=arch)
+    return jit.KernelSpec(
+        family="grouped_gemm_contiguous", kernel_name=name, source=source, constants=constants, arch=arch
+    )
 
 
-def warmup_specs(shapes: Iterable[tuple[int, int]], row_counts: Iterable[int], num_sms: int = 132
-                 ) -> list[jit.KernelSpec]:
+def warmup_specs(
+    shapes: Iterable[tuple[int, int]], row_counts: Iterable[int], num_sms: int = 132
+) -> list[jit.KernelSpec]:
     """Distinct specs the heuristic picks for each (N, K) over the given total row counts."""
     specs = {}
     for n, k in shapes:
@@ -70,8 +87,9 @@ def warmup_specs(shapes: Iterable[tuple[int, int]], row_counts: Iterable[int], n
 
 
 @lru_cache(maxsize=1024)
-def _tma_param_for(ptr: int, dims: tuple[int, ...], strides_bytes: tuple[int, ...], box: tuple[int, ...]
-                   ) -> ctypes.Array:
+def _tma_param_for(
+    ptr: int, dims: tuple[int, ...], strides_bytes: tuple[int, ...], box: tuple[int, ...]
+) -> ctypes.Array:
     """The kernel parameter bytes of a tensor map. A map is a pure function of these arguments,
     so a cache keyed on them is exact; it spares the driver call on every launch (weights keep
     their addresses, and the caching allocator hands activations the same ones again)."""
@@ -81,23 +99,37 @@ def _tma_param_for(ptr: int, dims: tuple[int, ...], strides_bytes: tuple[int, ..
 def _tensor_map(ptr: int, dims: list[int], strides_bytes: list[int], box: list[int]):
     """fp8 (as uint8) tile map, innermost dim first, 128-byte swizzle, zero fill out of bounds."""
     drv = driver.bindings()
-    return driver.check(drv.cuTensorMapEncodeTiled(
-        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, len(dims), ptr,
-        [drv.cuuint64_t(d) for d in dims], [drv.cuuint64_t(s) for s in strides_bytes],
-        [drv.cuuint32_t(b) for b in box], [drv.cuuint32_t(1)] * len(dims),
-        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-        drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
-        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE))
+    return driver.check(
+        drv.cuTensorMapEncodeTiled(
+            drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            len(dims),
+            ptr,
+            [drv.cuuint64_t(d) for d in dims],
+            [drv.cuuint64_t(s) for s in strides_bytes],
+            [drv.cuuint32_t(b) for b in box],
+            [drv.cuuint32_t(1)] * len(dims),
+            drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+            drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+            drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    )
 
 
 def _tma_param(tmap) -> ctypes.Array:
     return (ctypes.c_uint64 * 16)(*[int(x) for x in tmap.opaque])
 
 
-def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
-                expert_ids: torch.Tensor, out: torch.Tensor, cfg: ContiguousConfig,
-                rows_in_use: torch.Tensor | None = None) -> list:
+def kernel_args(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    expert_ids: torch.Tensor,
+    out: torch.Tensor,
+    cfg: ContiguousConfig,
+    rows_in_use: torch.Tensor | None = None,
+) -> list:
     """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
     (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m, rows_in_use*); rows_in_use: int32
     [1] on the device (rows of A in use) or a null pointer. Tensor maps: A `[M, K]` in 128 x 128
@@ -110,8 +142,11 @@ def kernel_args(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
     return [
         _tma_param_for(a_fp8.data_ptr(), (k, m), (k,), (BLOCK_K, a_rows)),
         _tma_param_for(b_fp8.data_ptr(), (k, n, num_experts), (k, n * k), (BLOCK_K, b_rows, 1)),
-        ctypes.c_uint64(a_scale.data_ptr()), ctypes.c_uint64(b_scale.data_ptr()),
-        ctypes.c_uint64(expert_ids.data_ptr()), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(m),
+        ctypes.c_uint64(a_scale.data_ptr()),
+        ctypes.c_uint64(b_scale.data_ptr()),
+        ctypes.c_uint64(expert_ids.data_ptr()),
+        ctypes.c_uint64(out.data_ptr()),
+        ctypes.c_int32(m),
         ctypes.c_uint64(rows_in_use.data_ptr() if rows_in_use is not None else 0),
     ]
 
@@ -141,11 +176,15 @@ def _num_sms(index: int) -> int:
 
 def check_device(dev: torch.device) -> None:
     if dev.type != "cuda":
-        raise ValueError(f"a_fp8: the CUDA kernel needs a CUDA tensor, got one on {dev} "
-                         f"(use moe_backend.ops, which falls back to the reference on CPU)")
+        raise ValueError(
+            f"a_fp8: the CUDA kernel needs a CUDA tensor, got one on {dev} "
+            f"(use moe_backend.ops, which falls back to the reference on CPU)"
+        )
     if torch.cuda.get_device_capability(dev) != (9, 0):
-        raise ValueError(f"a_fp8: the CUDA grouped GEMM is built for sm_90a (Hopper), got a device of "
-                         f"capability {torch.cuda.get_device_capability(dev)}")
+        raise ValueError(
+            f"a_fp8: the CUDA grouped GEMM is built for sm_90a (Hopper), got a device of "
+            f"capability {torch.cuda.get_device_capability(dev)}"
+        )
 
 
 def check_weights(b_fp8: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[int, int]:
@@ -155,14 +194,16 @@ def check_weights(b_fp8: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[i
     num_experts, n, kb = b_fp8.shape
     if kb != k:
         raise ValueError(f"b_fp8: K ({kb}) must equal the activations' K ({k})")
-    check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=(num_experts, -(-n // 128), k // BLOCK_K),
-                 contiguous=True)
+    check_tensor(
+        "b_scale", b_scale, dtypes=(torch.float32,), shape=(num_experts, -(-n // 128), k // BLOCK_K), contiguous=True
+    )
     return num_experts, n
 
 
 @lru_cache(maxsize=1024)
-def _kernel_and_grid(m: int, n: int, k: int, cfg: ContiguousConfig, masked_max_m: int, index: int,
-                     env_flags: tuple[str, ...]):
+def _kernel_and_grid(
+    m: int, n: int, k: int, cfg: ContiguousConfig, masked_max_m: int, index: int, env_flags: tuple[str, ...]
+):
     """The loaded kernel and its persistent grid for one (shape, config, device): built once, so
     a launch does no rendering, hashing or occupancy query (env_flags: part of the binary's key)."""
     kernel = driver.load_kernel(kernel_spec(n, k, cfg, masked_max_m=masked_max_m), index)
@@ -174,9 +215,18 @@ def _kernel_and_grid(m: int, n: int, k: int, cfg: ContiguousConfig, masked_max_m
     return kernel, grid
 
 
-def launch(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
-           row_ids: torch.Tensor, out: torch.Tensor, *, config: ContiguousConfig | None,
-           masked_max_m: int = 0, rows_in_use: torch.Tensor | None = None) -> torch.Tensor:
+def launch(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    row_ids: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    config: ContiguousConfig | None,
+    masked_max_m: int = 0,
+    rows_in_use: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Runs the kernel on checked operands (A `[M, K]`, out `[M, N]` 16-byte aligned, int32
     row_ids: per-row expert ids, or masked_m when masked_max_m > 0; rows_in_use: optional int32
     [1] on the device, the rows of A in use, so the tail past it is not walked)."""
@@ -190,7 +240,12 @@ def launch(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_sc
     with torch.cuda.device(index):
         kernel, grid = _kernel_and_grid(m, n, k, cfg, masked_max_m, index, jit.env_flags())
         stream = torch.cuda.current_stream(dev).cuda_stream
-        kernel.launch(grid=(grid, 1, 1), block=(NUM_THREADS, 1, 1), smem=cfg.smem_bytes, stream=stream,
-                      params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use),
-                      cluster=(cfg.cluster, 1, 1))
+        kernel.launch(
+            grid=(grid, 1, 1),
+            block=(NUM_THREADS, 1, 1),
+            smem=cfg.smem_bytes,
+            stream=stream,
+            params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use),
+            cluster=(cfg.cluster, 1, 1),
+        )
     return out

@@ -41,8 +41,8 @@ struct Mainloop {
   // past M, columns past N) are zero-filled and still counted in the transaction bytes.
   __device__ __forceinline__ static void load_tiles(uint8_t* smem_a, uint8_t* smem_b, uint64_t* full_bar,
                                                     const sm90::TmaDescriptor& tmap_a,
-                                                    const sm90::TmaDescriptor& tmap_b, const TileRole& role,
-                                                    int kb, int stage, uint32_t rank) {
+                                                    const sm90::TmaDescriptor& tmap_b, const TileRole& role, int kb,
+                                                    int stage, uint32_t rank) {
     const int m_tile = role.m_tile;
     const int n_tile = role.n_tile;
     sm90::mbar_arrive_expect_tx(&full_bar[stage], T::kStageBytes);
@@ -65,8 +65,8 @@ struct Mainloop {
       } else {
 #pragma unroll
         for (int h = 0; h < T::kCluster; ++h)
-          sm90::tma_load_3d(smem_b + stage * T::kBBytes + h * T::kBLoadBytes, &tmap_b, &full_bar[stage],
-                            kb * kBlockK, n_tile * T::kBlockN + h * T::kBRowsPerLoad, role.expert);
+          sm90::tma_load_3d(smem_b + stage * T::kBBytes + h * T::kBLoadBytes, &tmap_b, &full_bar[stage], kb * kBlockK,
+                            n_tile * T::kBlockN + h * T::kBRowsPerLoad, role.expert);
       }
     }
   }
@@ -129,8 +129,8 @@ struct Mainloop {
   // This thread's two rows' a_scale for the K block at `pos` (staged by the producer's scale warp).
   __device__ __forceinline__ static void read_a_scales(const float* a_scales, const RingPos& pos, int row_in_tile,
                                                        float& sa0, float& sa1) {
-    const float* slot = a_scales + ((pos.count / T::kScaleChunk) % T::kAScaleSlots) * T::kAScaleSlotFloats +
-                        pos.count % T::kScaleChunk;
+    const float* slot =
+        a_scales + ((pos.count / T::kScaleChunk) % T::kAScaleSlots) * T::kAScaleSlotFloats + pos.count % T::kScaleChunk;
     sa0 = slot[row_in_tile * T::kAScalePitch];
     sa1 = slot[(row_in_tile + 8) * T::kAScalePitch];
   }
@@ -139,9 +139,8 @@ struct Mainloop {
   // first part, reads the block's combined scales for this thread's two rows (their latency hides
   // behind the MMAs). The issue position moves on after the last part.
   template <int kP>
-  __device__ __forceinline__ static void issue_part(float (&acc)[T::kPartRegs],
-                                                    float (&scale)[T::kTileScaleBlocks][2], const SmemView& sv,
-                                                    RingPos& pos, int row_in_tile) {
+  __device__ __forceinline__ static void issue_part(float (&acc)[T::kPartRegs], float (&scale)[T::kTileScaleBlocks][2],
+                                                    const SmemView& sv, RingPos& pos, int row_in_tile) {
     if constexpr (kP == 0) sm90::mbar_wait(&sv.full_bar[pos.stage], pos.phase);
     // Stage descriptors = the stage-0 descriptors plus the stage's offset in 16-byte units.
     const uint64_t desc_a = sv.desc_a0 + static_cast<uint64_t>((pos.stage * T::kABytes) >> 4);
@@ -243,8 +242,7 @@ struct Mainloop {
     for (int kb = kChain; kb + kChain <= T::kKBlocks; kb += kChain)
       mma_chain<kChain * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
     if constexpr (T::kKBlocks % kChain != 0)
-      mma_chain<(T::kKBlocks % kChain) * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane,
-                                                     scales);
+      mma_chain<(T::kKBlocks % kChain) * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
   }
 };
 

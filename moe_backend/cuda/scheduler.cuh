@@ -24,8 +24,7 @@ struct TileScheduler {
   int stride;
 
   __device__ __forceinline__ explicit TileScheduler(int m)
-      : num_m_units(kMcastA ? (m + kBlockM - 1) / kBlockM
-                            : ((m + kBlockM - 1) / kBlockM + kCluster - 1) / kCluster),
+      : num_m_units(kMcastA ? (m + kBlockM - 1) / kBlockM : ((m + kBlockM - 1) / kBlockM + kCluster - 1) / kCluster),
         num_tiles(num_m_units * kNumNUnits),
         next(blockIdx.x / kCluster),
         stride(gridDim.x / kCluster) {}
@@ -96,10 +95,10 @@ struct RowIds {
 // shared (kMcastA = 1): one M tile, so one expert; each CTA loads half of A for both; a CTA whose
 // N tile lies past N (odd tile count) computes on its partner's B tile and stores nothing.
 struct TileRole {
-  int expert;       // expert whose weights are loaded (valid when live_pair)
-  bool live;        // this CTA's tile has real rows: store them
-  bool multicast;   // B tile shared by the pair
-  int m_tile;       // this CTA's tile (a dead one: the coordinates it loads)
+  int expert;      // expert whose weights are loaded (valid when live_pair)
+  bool live;       // this CTA's tile has real rows: store them
+  bool multicast;  // B tile shared by the pair
+  int m_tile;      // this CTA's tile (a dead one: the coordinates it loads)
   int n_tile;
 };
 

@@ -38,8 +38,7 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 
 // One arrival plus the number of bytes the TMA loads of this phase will deliver.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
 
 // Spins until the phase with the given parity has completed. A freshly initialized barrier
@@ -67,8 +66,8 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "memory");
 #ifdef PHASEMOE_DEBUG
     if (!done && global_timer_ns() - start > 5000000000ull) {
-      printf("phasemoe: mbarrier wait timed out: block %d thread %d smem 0x%x parity %u\n", blockIdx.x,
-             threadIdx.x, smem_addr(bar), parity);
+      printf("phasemoe: mbarrier wait timed out: block %d thread %d smem 0x%x parity %u\n", blockIdx.x, threadIdx.x,
+             smem_addr(bar), parity);
       __trap();
     }
 #endif
@@ -90,8 +89,8 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDescriptor* desc
       : "memory");
 }
 
-__device__ __forceinline__ void tma_load_3d(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0,
-                                            int32_t c1, int32_t c2) {
+__device__ __forceinline__ void tma_load_3d(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0, int32_t c1,
+                                            int32_t c2) {
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(smem_addr(dst)),
@@ -100,8 +99,8 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaDescriptor* desc
 }
 
 // 2-D multicast (clusters): as tma_load_3d_multicast below.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaDescriptor* desc, uint64_t* bar,
-                                                      int32_t c0, int32_t c1, uint16_t cta_mask) {
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0,
+                                                      int32_t c1, uint16_t cta_mask) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
       " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_addr(dst)),
@@ -111,8 +110,8 @@ __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaDescri
 
 // Multicast variant (clusters): the box lands at the same shared-memory offset in every CTA of
 // `cta_mask`, and each destination's mbarrier at `bar`'s offset receives the complete_tx bytes.
-__device__ __forceinline__ void tma_load_3d_multicast(void* dst, const TmaDescriptor* desc, uint64_t* bar,
-                                                      int32_t c0, int32_t c1, int32_t c2, uint16_t cta_mask) {
+__device__ __forceinline__ void tma_load_3d_multicast(void* dst, const TmaDescriptor* desc, uint64_t* bar, int32_t c0,
+                                                      int32_t c1, int32_t c2, uint16_t cta_mask) {
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
       " [%0], [%1, {%3, %4, %5}], [%2], %6;" ::"r"(smem_addr(dst)),

@@ -80,7 +80,8 @@ def _sort_slots(topk_ids: torch.Tensor, num_local_experts: int, expert_start: in
     order = torch.argsort(key, stable=True)  # flat slot index, grouped by expert
     # scatter_add, not bincount: CUDA bincount reads the max id back to the host (breaks graphs).
     counts = torch.zeros(num_local_experts + 1, dtype=torch.long, device=key.device).scatter_add_(
-        0, key, torch.ones_like(key))[:num_local_experts]
+        0, key, torch.ones_like(key)
+    )[:num_local_experts]
     first_of_expert = torch.cumsum(counts, 0) - counts
     sorted_key = key[order]
     in_range = sorted_key < num_local_experts
@@ -94,8 +95,14 @@ def max_contiguous_rows(num_slots: int, num_local_experts: int, alignment: int) 
     return num_slots + min(num_local_experts, num_slots) * (alignment - 1)
 
 
-def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                            alignment: int = LAYOUT_ALIGNMENT, exact_size: bool = True) -> ContiguousLayout:
+def build_contiguous_layout(
+    topk_ids: torch.Tensor,
+    num_local_experts: int,
+    *,
+    expert_start: int = 0,
+    alignment: int = LAYOUT_ALIGNMENT,
+    exact_size: bool = True,
+) -> ContiguousLayout:
     """topk_ids `[T, k]` (global ids; experts `[expert_start, expert_start + E)` are local).
 
     exact_size=True sizes the layout to the padded total (one host sync: fine for prefill);
@@ -112,8 +119,7 @@ def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, e
     padded = (counts + alignment - 1) // alignment * alignment
     seg_end = torch.cumsum(padded, 0)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=device), seg_end])
-    num_rows = int(seg_end[-1]) if exact_size else max_contiguous_rows(order.numel(), num_local_experts,
-                                                                       alignment)
+    num_rows = int(seg_end[-1]) if exact_size else max_contiguous_rows(order.numel(), num_local_experts, alignment)
     # Non-local slots scatter into one dump row past the end, dropped by the slice.
     row = torch.where(in_range, offsets[safe_key] + rank, torch.full_like(rank, num_rows))
     expert_ids = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=device)
@@ -131,8 +137,14 @@ def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, e
     )
 
 
-def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                        max_m: int | None = None, drop_overflow: bool = False) -> MaskedLayout:
+def build_masked_layout(
+    topk_ids: torch.Tensor,
+    num_local_experts: int,
+    *,
+    expert_start: int = 0,
+    max_m: int | None = None,
+    drop_overflow: bool = False,
+) -> MaskedLayout:
     """topk_ids `[T, k]` -> masked layout with `max_m` rows per expert (default T: a token visits an
     expert at most once, so T rows never overflow; no host sync). A smaller `max_m` is checked
     (one host sync) and overflow raises rather than dropping tokens; with `drop_overflow=True`
@@ -148,8 +160,9 @@ def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, exper
     elif max_m <= 0:
         raise ValueError(f"max_m must be positive, got {max_m}")
     if not drop_overflow and max_m < num_tokens and int(counts.max()) > max_m:
-        raise ValueError(f"max_m ({max_m}) is smaller than the {int(counts.max())} tokens routed to "
-                         f"one expert; raise max_m")
+        raise ValueError(
+            f"max_m ({max_m}) is smaller than the {int(counts.max())} tokens routed to one expert; raise max_m"
+        )
     dump = num_local_experts * max_m
     row = torch.where(in_range & (rank < max_m), safe_key * max_m + rank, torch.full_like(rank, dump))
     src_token = torch.full((dump + 1,), -1, dtype=torch.long, device=device)
@@ -169,9 +182,15 @@ def permute(x: torch.Tensor, layout: ContiguousLayout | MaskedLayout) -> torch.T
     return _gather_rows(x, layout.src_token)
 
 
-def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def permute_quant(
+    x: torch.Tensor,
+    src_token: torch.Tensor,
+    group: int = QUANT_BLOCK,
+    ue8m0: bool = False,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    used_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token-group FP8 quant of x `[T, H]`, rows copied as `src_token` (int64, any shape S, -1 =
     padding) says: (a_fp8 `[*S, H]`, a_scale f32 `[*S, H/group]`), written into `out` when given.
     The torch twin of `moe_backend.kernels.permute_quant`: quantize, then `permute` each part
@@ -204,8 +223,9 @@ def _gather_rows(x: torch.Tensor, src_token: torch.Tensor) -> torch.Tensor:
     return rows.view(*src_token.shape, *x.shape[1:])
 
 
-def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+def unpermute_combine(
+    y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Un-permute + weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`,
     fp32 sum, one bf16 rounding; rows of -1 contribute nothing (their y rows are never used). y:
     `[M, N]` or `[E, max_m, N]` (flat rows); returns bf16 `[T, N]`. The torch twin of
@@ -227,7 +247,11 @@ def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: 
     return out.copy_(result)
 
 
-def combine(y: torch.Tensor, layout: ContiguousLayout | MaskedLayout, topk_weights: torch.Tensor,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def combine(
+    y: torch.Tensor,
+    layout: ContiguousLayout | MaskedLayout,
+    topk_weights: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`unpermute_combine` over a layout's `row_of_slot` (the public `moe_backend.dispatch.combine`)."""
     return unpermute_combine(y, layout.row_of_slot, topk_weights, out)

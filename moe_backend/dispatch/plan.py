@@ -29,8 +29,17 @@ from moe_backend.constants import LAYOUT_ALIGNMENT
 from moe_backend.dispatch.layouts import max_contiguous_rows
 from moe_backend.dispatch.policy import KERNELS, Policy
 
-__all__ = ["GemmPlan", "Plan", "make_plan", "make_masked_plan", "thresholds", "gemm_provider",
-           "fused_permute_quant_pays", "clear_plan_cache", "token_bucket"]
+__all__ = [
+    "GemmPlan",
+    "Plan",
+    "make_plan",
+    "make_masked_plan",
+    "thresholds",
+    "gemm_provider",
+    "fused_permute_quant_pays",
+    "clear_plan_cache",
+    "token_bucket",
+]
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
 
@@ -78,11 +87,13 @@ class Plan:
                 cfg = f" n{g.config.block_n}"
             return f"{g.provider}{cfg}"
 
-        return (f"{self.phase} T={self.num_tokens} k={self.topk} E={self.num_experts} -> {self.kernel}: "
-                f"{self.layout} rows={self.num_rows} align={self.alignment} expected_m={self.expected_m} "
-                f"gemm1={gemm(self.gemm1)} gemm2={gemm(self.gemm2)} "
-                f"fused_permute_quant={self.fused_permute_quant} on {self.device}"
-                + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else ""))
+        return (
+            f"{self.phase} T={self.num_tokens} k={self.topk} E={self.num_experts} -> {self.kernel}: "
+            f"{self.layout} rows={self.num_rows} align={self.alignment} expected_m={self.expected_m} "
+            f"gemm1={gemm(self.gemm1)} gemm2={gemm(self.gemm2)} "
+            f"fused_permute_quant={self.fused_permute_quant} on {self.device}"
+            + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else "")
+        )
 
 
 @lru_cache(maxsize=1)
@@ -114,8 +125,7 @@ def _cuda_masked_pays(n: int, k: int, max_m: int, expected_m: int) -> bool:
     return supports_max_m(max_m) and threshold is not None and expected_m >= threshold
 
 
-def gemm_provider(impl: str, layout: str, n: int, k: int, expected_m: int, device: torch.device,
-                  max_m: int = 0) -> str:
+def gemm_provider(impl: str, layout: str, n: int, k: int, expected_m: int, device: torch.device, max_m: int = 0) -> str:
     """The provider that serves one GEMM: `impl` as the policy's KernelChoice names it ("best" is
     resolved here, the one place that compares our kernels)."""
     if device.type != "cuda" or impl == "reference":
@@ -137,14 +147,14 @@ def _triton_config(layout: str, expected_m: int, n: int, k: int, device: torch.d
 
     name = device_name(device)
     if layout == "contiguous":
-        table = _gemm_config.load_table("grouped_gemm_contiguous", name) or \
-            _gemm_config.load_table("grouped_gemm_contiguous", _gemm_config.HOPPER_FALLBACK_DEVICE)
+        table = _gemm_config.load_table("grouped_gemm_contiguous", name) or _gemm_config.load_table(
+            "grouped_gemm_contiguous", _gemm_config.HOPPER_FALLBACK_DEVICE
+        )
         tuned_rows = sorted(table.get(f"N={n},K={k}", {}))
         # The contiguous tables start where prefill does; decode-sized rows take the masked
         # table's tiles, which the same kernel runs on either layout.
         kernel = "grouped_gemm_contiguous" if tuned_rows and expected_m >= tuned_rows[0] else "grouped_gemm_masked"
-        cfg = _gemm_config.get_config(kernel, expected_m, n, k, name, masked=kernel.endswith("masked"),
-                                      max_block_m=128)
+        cfg = _gemm_config.get_config(kernel, expected_m, n, k, name, masked=kernel.endswith("masked"), max_block_m=128)
     else:
         cfg = _gemm_config.get_config("grouped_gemm_masked", expected_m, n, k, name, masked=True)
     return tuple(sorted(cfg.items()))
@@ -160,8 +170,9 @@ def _cuda_config(layout: str, rows_hint: int, n: int, k: int, device: torch.devi
     return cuda_contiguous.select_config(rows_hint, n, cuda_contiguous._num_sms(index), k=k)
 
 
-def _gemm(provider: str, layout: str, expected_m: int, rows_hint: int, n: int, k: int,
-          device: torch.device) -> GemmPlan:
+def _gemm(
+    provider: str, layout: str, expected_m: int, rows_hint: int, n: int, k: int, device: torch.device
+) -> GemmPlan:
     if provider == "triton":
         return GemmPlan(provider, n, k, _triton_config(layout, expected_m, n, k, device))
     if provider == "cuda":
@@ -224,10 +235,21 @@ def token_bucket(num_tokens: int, max_tokens: int) -> int:
     return min(bucket, max_tokens)
 
 
-def make_plan(policy: Policy, *, num_tokens: int, topk: int, num_experts: int, num_global_experts: int,
-              hidden: int, intermediate: int, device: torch.device, phase: str | None = None,
-              quantized_input: bool = False, expected_m: int | None = None,
-              kernel: str | None = None) -> Plan:
+def make_plan(
+    policy: Policy,
+    *,
+    num_tokens: int,
+    topk: int,
+    num_experts: int,
+    num_global_experts: int,
+    hidden: int,
+    intermediate: int,
+    device: torch.device,
+    phase: str | None = None,
+    quantized_input: bool = False,
+    expected_m: int | None = None,
+    kernel: str | None = None,
+) -> Plan:
     """The plan for tokens in the standard format ([T, H] + top-k ids). `kernel` (a KERNELS name)
     overrides the policy's choice. Cached per distinct arguments."""
     phase = policy.phase_of(num_tokens, phase)
@@ -236,29 +258,78 @@ def make_plan(policy: Policy, *, num_tokens: int, topk: int, num_experts: int, n
     graph_expected_m = expected_m or max(1, -(-graph_tokens * topk // max(num_global_experts, 1)))
     if expected_m is None:
         expected_m = max(1, -(-num_tokens * topk // max(num_global_experts, 1)))
-    return _make_plan(policy.print_plan, name, phase, num_tokens, topk, num_experts, hidden, intermediate,
-                      _device_key(device), quantized_input, expected_m, 0, graph_tokens, graph_expected_m)
+    return _make_plan(
+        policy.print_plan,
+        name,
+        phase,
+        num_tokens,
+        topk,
+        num_experts,
+        hidden,
+        intermediate,
+        _device_key(device),
+        quantized_input,
+        expected_m,
+        0,
+        graph_tokens,
+        graph_expected_m,
+    )
 
 
-def make_masked_plan(policy: Policy, *, num_experts: int, max_m: int, hidden: int, intermediate: int,
-                     device: torch.device, expected_m: int | None = None) -> Plan:
+def make_masked_plan(
+    policy: Policy,
+    *,
+    num_experts: int,
+    max_m: int,
+    hidden: int,
+    intermediate: int,
+    device: torch.device,
+    expected_m: int | None = None,
+) -> Plan:
     """The plan for an engine's masked input (`[E, max_m, H]` + per-expert counts on the device:
     DeepEP low-latency, vLLM's batched format): the policy's `masked_kernel`."""
     expected_m = max(1, min(max_m, expected_m or max_m))
-    return _make_plan(policy.print_plan, policy.masked_kernel, "decode", num_experts * max_m, 0,
-                      num_experts, hidden, intermediate, _device_key(device), True, expected_m, max_m)
+    return _make_plan(
+        policy.print_plan,
+        policy.masked_kernel,
+        "decode",
+        num_experts * max_m,
+        0,
+        num_experts,
+        hidden,
+        intermediate,
+        _device_key(device),
+        True,
+        expected_m,
+        max_m,
+    )
 
 
 @lru_cache(maxsize=4096)
-def _make_plan(print_plan: bool, name: str, phase: str, num_tokens: int, topk: int, num_experts: int,
-               hidden: int, intermediate: int, device_key: tuple[str, int | None], quantized_input: bool,
-               expected_m: int, masked_max_m: int = 0, graph_tokens: int = 0, graph_expected_m: int = 0) -> Plan:
+def _make_plan(
+    print_plan: bool,
+    name: str,
+    phase: str,
+    num_tokens: int,
+    topk: int,
+    num_experts: int,
+    hidden: int,
+    intermediate: int,
+    device_key: tuple[str, int | None],
+    quantized_input: bool,
+    expected_m: int,
+    masked_max_m: int = 0,
+    graph_tokens: int = 0,
+    graph_expected_m: int = 0,
+) -> Plan:
     device = torch.device(*device_key) if device_key[1] is not None else torch.device(device_key[0])
     choice = KERNELS[name]
     layout = "masked" if masked_max_m else choice.layout
     if masked_max_m and choice.layout != "masked":
-        raise ValueError(f"policy key 'masked_kernel': {name!r} does not run the masked layout; choose one of "
-                         f"{sorted(k for k, c in KERNELS.items() if c.layout == 'masked')}")
+        raise ValueError(
+            f"policy key 'masked_kernel': {name!r} does not run the masked layout; choose one of "
+            f"{sorted(k for k, c in KERNELS.items() if c.layout == 'masked')}"
+        )
     two_i = 2 * intermediate
     if layout == "masked":
         max_m = masked_max_m or max(num_tokens, 1)
@@ -266,8 +337,10 @@ def _make_plan(print_plan: bool, name: str, phase: str, num_tokens: int, topk: i
     else:
         max_m = 0
         rows_hint = expected_m * num_experts
-    providers = [gemm_provider(choice.impl, layout, n, k, expected_m, device, max_m)
-                 for n, k in ((two_i, hidden), (hidden, intermediate))]
+    providers = [
+        gemm_provider(choice.impl, layout, n, k, expected_m, device, max_m)
+        for n, k in ((two_i, hidden), (hidden, intermediate))
+    ]
     gemm1 = _gemm(providers[0], layout, expected_m, rows_hint, two_i, hidden, device)
     gemm2 = _gemm(providers[1], layout, expected_m, rows_hint, hidden, intermediate, device)
     if layout == "masked" and not masked_max_m and "cuda" in (gemm1.provider, gemm2.provider):
@@ -283,13 +356,37 @@ def _make_plan(print_plan: bool, name: str, phase: str, num_tokens: int, topk: i
     real_rows = min(num_tokens * topk, expected_m * num_experts) if topk else num_rows
     gathered = num_rows * (num_experts if layout == "masked" else 1)
     fused = not quantized_input and fused_permute_quant_pays(num_tokens, real_rows, gathered)
-    plan = Plan(kernel=name, phase=phase, layout=layout, num_tokens=num_tokens, topk=topk,
-                num_experts=num_experts, hidden=hidden, intermediate=intermediate, expected_m=expected_m,
-                alignment=alignment, num_rows=num_rows, gemm1=gemm1, gemm2=gemm2,
-                fused_permute_quant=fused, device=str(device))
+    plan = Plan(
+        kernel=name,
+        phase=phase,
+        layout=layout,
+        num_tokens=num_tokens,
+        topk=topk,
+        num_experts=num_experts,
+        hidden=hidden,
+        intermediate=intermediate,
+        expected_m=expected_m,
+        alignment=alignment,
+        num_rows=num_rows,
+        gemm1=gemm1,
+        gemm2=gemm2,
+        fused_permute_quant=fused,
+        device=str(device),
+    )
     if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
-        graph_plan = _make_plan(print_plan, name, phase, graph_tokens, topk, num_experts, hidden, intermediate,
-                                device_key, quantized_input, graph_expected_m)
+        graph_plan = _make_plan(
+            print_plan,
+            name,
+            phase,
+            graph_tokens,
+            topk,
+            num_experts,
+            hidden,
+            intermediate,
+            device_key,
+            quantized_input,
+            graph_expected_m,
+        )
         plan = replace(plan, graph_plan=graph_plan)
     if print_plan:
         print(f"[moe_backend] plan: {plan.describe()}", flush=True)

@@ -75,14 +75,14 @@ class Policy:
         for key in ("prefill_kernel", "decode_kernel", "masked_kernel"):
             value = getattr(self, key)
             if not isinstance(value, str):  # a list or dict would not even hash for the lookup
-                raise TypeError(f"key {key!r}: expected a kernel name (string), got "
-                                f"{type(value).__name__} {value!r}")
+                raise TypeError(f"key {key!r}: expected a kernel name (string), got {type(value).__name__} {value!r}")
             if value not in KERNELS:
-                raise ValueError(f"key {key!r}: unknown kernel {value!r}; "
-                                 f"choose one of {sorted(KERNELS)}")
+                raise ValueError(f"key {key!r}: unknown kernel {value!r}; choose one of {sorted(KERNELS)}")
         if self.masked_kernel not in MASKED_KERNELS:
-            raise ValueError(f"key 'masked_kernel': {self.masked_kernel!r} does not run the masked layout; "
-                             f"choose one of {list(MASKED_KERNELS)}")
+            raise ValueError(
+                f"key 'masked_kernel': {self.masked_kernel!r} does not run the masked layout; "
+                f"choose one of {list(MASKED_KERNELS)}"
+            )
         for key in ("decode_max_tokens", "graph_max_tokens"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -120,8 +120,7 @@ class Policy:
             if key == "devices":
                 continue
             if key not in allowed:
-                raise ValueError(f"{where}: unknown key {key!r}; allowed keys are "
-                                 f"{sorted(allowed | {'devices'})}")
+                raise ValueError(f"{where}: unknown key {key!r}; allowed keys are {sorted(allowed | {'devices'})}")
             overrides[key] = value
         try:
             policy = replace(self, **overrides)

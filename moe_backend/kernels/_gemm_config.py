@@ -20,8 +20,7 @@ from moe_backend.env import ENV
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
-_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SWAP_AB", "K_UNROLL", "N_LOOP", "TMA", "PROGRAMS", "num_warps",
-         "num_stages")
+_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SWAP_AB", "K_UNROLL", "N_LOOP", "TMA", "PROGRAMS", "num_warps", "num_stages")
 _printed: set = set()
 HOPPER_FALLBACK_DEVICE = "NVIDIA H100 80GB HBM3"
 
@@ -78,15 +77,25 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
     if full["N_LOOP"] not in (1, 2, 4, 8, 16):
         raise ValueError(f"config: N_LOOP must be 1, 2, 4, 8 or 16, got {full['N_LOOP']}")
     if not isinstance(full["PROGRAMS"], int) or full["PROGRAMS"] < 0:
-        raise ValueError(f"config: PROGRAMS must be an int >= 0 (0 = as many as the GPU holds), "
-                         f"got {full['PROGRAMS']!r}")
+        raise ValueError(
+            f"config: PROGRAMS must be an int >= 0 (0 = as many as the GPU holds), got {full['PROGRAMS']!r}"
+        )
     if max_block_m is not None and max_block_m % bm:
         raise ValueError(f"config: BLOCK_M ({bm}) must divide the contiguous alignment ({max_block_m})")
     return full
 
 
-def get_config(kernel: str, m: int, n: int, k: int, device_name: str, *, masked: bool,
-               override: dict | None = None, max_block_m: int | None = None) -> dict:
+def get_config(
+    kernel: str,
+    m: int,
+    n: int,
+    k: int,
+    device_name: str,
+    *,
+    masked: bool,
+    override: dict | None = None,
+    max_block_m: int | None = None,
+) -> dict:
     if override is not None:
         cfg, source = override, "override"
     else:
@@ -108,6 +117,5 @@ def get_config(kernel: str, m: int, n: int, k: int, device_name: str, *, masked:
         tag = (kernel, m, n, k, source)
         if tag not in _printed:
             _printed.add(tag)
-            print(f"[moe_backend] {kernel} m={m} N={n} K={k} on {device_name}: {source} -> {cfg}",
-                  flush=True)
+            print(f"[moe_backend] {kernel} m={m} N={n} K={k} on {device_name}: {source} -> {cfg}", flush=True)
     return cfg

@@ -78,28 +78,78 @@ def _group_quant_kernel(
         end = tl.load(used_rows_ptr).to(tl.int64)
         end = tl.where(end < num_rows, end, num_rows)
         for row in range(tl.program_id(0).to(tl.int64), end, tl.num_programs(0)):
-            _quantize_row_if_valid(x_ptr, q_ptr, s_ptr, valid_ptr, row, x_row_stride, C, num_groups,
-                                   rows_per_expert, SILU_MUL, UE8M0, GROUP, GROUPS_PER_PROG, ROWS_VALID_IF)
+            _quantize_row_if_valid(
+                x_ptr,
+                q_ptr,
+                s_ptr,
+                valid_ptr,
+                row,
+                x_row_stride,
+                C,
+                num_groups,
+                rows_per_expert,
+                SILU_MUL,
+                UE8M0,
+                GROUP,
+                GROUPS_PER_PROG,
+                ROWS_VALID_IF,
+            )
     else:
-        _quantize_row_if_valid(x_ptr, q_ptr, s_ptr, valid_ptr, tl.program_id(0).to(tl.int64), x_row_stride, C,
-                               num_groups, rows_per_expert, SILU_MUL, UE8M0, GROUP, GROUPS_PER_PROG, ROWS_VALID_IF)
+        _quantize_row_if_valid(
+            x_ptr,
+            q_ptr,
+            s_ptr,
+            valid_ptr,
+            tl.program_id(0).to(tl.int64),
+            x_row_stride,
+            C,
+            num_groups,
+            rows_per_expert,
+            SILU_MUL,
+            UE8M0,
+            GROUP,
+            GROUPS_PER_PROG,
+            ROWS_VALID_IF,
+        )
 
 
 @triton.jit
-def _quantize_row_if_valid(x_ptr, q_ptr, s_ptr, valid_ptr, row, x_row_stride, C, num_groups, rows_per_expert,
-                           SILU_MUL: tl.constexpr, UE8M0: tl.constexpr, GROUP: tl.constexpr,
-                           GROUPS_PER_PROG: tl.constexpr, ROWS_VALID_IF: tl.constexpr):
+def _quantize_row_if_valid(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    valid_ptr,
+    row,
+    x_row_stride,
+    C,
+    num_groups,
+    rows_per_expert,
+    SILU_MUL: tl.constexpr,
+    UE8M0: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUPS_PER_PROG: tl.constexpr,
+    ROWS_VALID_IF: tl.constexpr,
+):
     if ROWS_VALID_IF == "always":
-        _quantize_row(x_ptr, q_ptr, s_ptr, row, x_row_stride, C, num_groups, SILU_MUL, UE8M0, GROUP,
-                      GROUPS_PER_PROG)
+        _quantize_row(x_ptr, q_ptr, s_ptr, row, x_row_stride, C, num_groups, SILU_MUL, UE8M0, GROUP, GROUPS_PER_PROG)
     elif _row_is_valid(row, valid_ptr, rows_per_expert, ROWS_VALID_IF):
-        _quantize_row(x_ptr, q_ptr, s_ptr, row, x_row_stride, C, num_groups, SILU_MUL, UE8M0, GROUP,
-                      GROUPS_PER_PROG)
+        _quantize_row(x_ptr, q_ptr, s_ptr, row, x_row_stride, C, num_groups, SILU_MUL, UE8M0, GROUP, GROUPS_PER_PROG)
 
 
 @triton.jit
-def _quantize_row(x_ptr, q_ptr, s_ptr, row, x_row_stride, C, num_groups, SILU_MUL: tl.constexpr,
-                  UE8M0: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr):
+def _quantize_row(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    row,
+    x_row_stride,
+    C,
+    num_groups,
+    SILU_MUL: tl.constexpr,
+    UE8M0: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUPS_PER_PROG: tl.constexpr,
+):
     g = tl.program_id(1) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
     g_ok = g < num_groups
     offs = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [GPP, GROUP]
@@ -113,20 +163,51 @@ def _quantize_row(x_ptr, q_ptr, s_ptr, row, x_row_stride, C, num_groups, SILU_MU
     tl.store(s_ptr + row * num_groups + g, scale, mask=g_ok)
 
 
-def launch(x2d, q2d, s2d, *, cols: int, silu_mul: bool, ue8m0: bool, group: int,
-           expert_ids=None, masked_m=None, rows_per_expert: int = 1, used_rows=None) -> None:
+def launch(
+    x2d,
+    q2d,
+    s2d,
+    *,
+    cols: int,
+    silu_mul: bool,
+    ue8m0: bool,
+    group: int,
+    expert_ids=None,
+    masked_m=None,
+    rows_per_expert: int = 1,
+    used_rows=None,
+) -> None:
     """Quantizes every row of x2d, or only the valid ones given `expert_ids` `[R]` or `masked_m`
     (with `rows_per_expert`), and only those below `used_rows[0]`: see the module docstring."""
     rows = x2d.shape[0]
     num_groups = cols // group
     if rows == 0 or num_groups == 0:
         return
-    valid, rows_valid_if = (expert_ids, "expert_id") if expert_ids is not None else \
-        (masked_m, "masked_m") if masked_m is not None else (x2d, "always")
+    valid, rows_valid_if = (
+        (expert_ids, "expert_id")
+        if expert_ids is not None
+        else (masked_m, "masked_m")
+        if masked_m is not None
+        else (x2d, "always")
+    )
     group_blocks = triton.cdiv(num_groups, GROUPS_PER_PROGRAM)
     row_programs = rows if used_rows is None else persistent_row_programs(x2d.device, rows, group_blocks)
     _group_quant_kernel[(row_programs, group_blocks)](
-        x2d, q2d, s2d, valid, used_rows if used_rows is not None else valid, x2d.stride(0), cols, num_groups,
-        rows_per_expert, rows, SILU_MUL=silu_mul, UE8M0=ue8m0, GROUP=group, GROUPS_PER_PROG=GROUPS_PER_PROGRAM,
-        ROWS_VALID_IF=rows_valid_if, USED_ROWS=used_rows is not None, num_warps=4,
+        x2d,
+        q2d,
+        s2d,
+        valid,
+        used_rows if used_rows is not None else valid,
+        x2d.stride(0),
+        cols,
+        num_groups,
+        rows_per_expert,
+        rows,
+        SILU_MUL=silu_mul,
+        UE8M0=ue8m0,
+        GROUP=group,
+        GROUPS_PER_PROG=GROUPS_PER_PROGRAM,
+        ROWS_VALID_IF=rows_valid_if,
+        USED_ROWS=used_rows is not None,
+        num_warps=4,
     )

@@ -81,10 +81,31 @@ def _scaled_product(a, b, a_s, b_s, SWAP_AB: tl.constexpr, SCALAR_BS: tl.constex
 
 
 @triton.jit
-def _gemm_tile(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, a_desc, b_desc, expert, offs_m, row_ok, tile_row0,
-               pid_n, M, N, K,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-               K_UNROLL: tl.constexpr, N_LOOP: tl.constexpr, FULL_KB: tl.constexpr, USE_TMA: tl.constexpr):
+def _gemm_tile(
+    a_ptr,
+    a_scale_ptr,
+    b_ptr,
+    b_scale_ptr,
+    c_ptr,
+    a_desc,
+    b_desc,
+    expert,
+    offs_m,
+    row_ok,
+    tile_row0,
+    pid_n,
+    M,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    K_UNROLL: tl.constexpr,
+    N_LOOP: tl.constexpr,
+    FULL_KB: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
     """One work unit: rows `offs_m` (BLOCK_M of them, `row_ok` marks the ones stored) of the
     pointers' layout times expert `expert`'s n-tile `pid_n` (N_LOOP > 1: n-tiles
     pid_n * N_LOOP ... + N_LOOP - 1)."""
@@ -117,9 +138,15 @@ def _gemm_tile(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, a_desc, b_desc, ex
             for kb in range(0, num_kb, K_UNROLL):
                 for u in tl.static_range(K_UNROLL):
                     k0 = (kb + u) * BLOCK_K
-                    acc += _scaled_product(a_desc.load([tile_row0, k0]), b_desc.load([b_row0, k0]),
-                                           tl.load(as_ptrs + kb + u), tl.load(bs_ptrs + kb + u),
-                                           SWAP_AB, BLOCK_N <= 128, True)
+                    acc += _scaled_product(
+                        a_desc.load([tile_row0, k0]),
+                        b_desc.load([b_row0, k0]),
+                        tl.load(as_ptrs + kb + u),
+                        tl.load(bs_ptrs + kb + u),
+                        SWAP_AB,
+                        BLOCK_N <= 128,
+                        True,
+                    )
         else:
             if SWAP_AB:
                 a_ptrs = a_ptr + offs_m[None, :] * K + offs_k[:, None]  # [BK, BM]
@@ -132,9 +159,15 @@ def _gemm_tile(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, a_desc, b_desc, ex
                 # groups in flight per wait instead of one (num_kb % K_UNROLL == 0, checked by the
                 # launcher).
                 for u in tl.static_range(K_UNROLL):
-                    acc += _scaled_product(tl.load(a_ptrs + u * BLOCK_K), tl.load(b_ptrs + u * BLOCK_K),
-                                           tl.load(as_ptrs + kb + u), tl.load(bs_ptrs + kb + u),
-                                           SWAP_AB, BLOCK_N <= 128, False)
+                    acc += _scaled_product(
+                        tl.load(a_ptrs + u * BLOCK_K),
+                        tl.load(b_ptrs + u * BLOCK_K),
+                        tl.load(as_ptrs + kb + u),
+                        tl.load(bs_ptrs + kb + u),
+                        SWAP_AB,
+                        BLOCK_N <= 128,
+                        False,
+                    )
                 a_ptrs += BLOCK_K * K_UNROLL
                 b_ptrs += BLOCK_K * K_UNROLL
         out = round_to_bf16_grid(acc).to(c_ptr.dtype.element_ty)
@@ -170,11 +203,31 @@ def _gemm_tile(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, a_desc, b_desc, ex
 
 
 @triton.jit
-def _contiguous_unit(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, expert_ids_ptr, a_desc, b_desc, u, m_tiles,
-                     num_n_tiles, M, N, K,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     SWAP_AB: tl.constexpr, K_UNROLL: tl.constexpr, N_LOOP: tl.constexpr, FULL_KB: tl.constexpr,
-                     USE_TMA: tl.constexpr):
+def _contiguous_unit(
+    a_ptr,
+    a_scale_ptr,
+    b_ptr,
+    b_scale_ptr,
+    c_ptr,
+    expert_ids_ptr,
+    a_desc,
+    b_desc,
+    u,
+    m_tiles,
+    num_n_tiles,
+    M,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    K_UNROLL: tl.constexpr,
+    N_LOOP: tl.constexpr,
+    FULL_KB: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
     """Contiguous layout, unit u of m_tiles x num_n_tiles. Grouped ordering: GROUP_M m-tiles sweep
     the n-tiles together (A and B reuse in L2). A tile of padding only (ids -1) stores nothing."""
     in_group = GROUP_M * num_n_tiles
@@ -186,9 +239,31 @@ def _contiguous_unit(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, expert_ids_p
     ids = tl.load(expert_ids_ptr + offs_m, mask=offs_m < M, other=-1)
     expert = tl.max(ids, axis=0)
     if expert >= 0:
-        _gemm_tile(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, a_desc, b_desc, expert, offs_m, ids == expert,
-                   pid_m * BLOCK_M, pid_n, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, K_UNROLL, N_LOOP, FULL_KB,
-                   USE_TMA)
+        _gemm_tile(
+            a_ptr,
+            a_scale_ptr,
+            b_ptr,
+            b_scale_ptr,
+            c_ptr,
+            a_desc,
+            b_desc,
+            expert,
+            offs_m,
+            ids == expert,
+            pid_m * BLOCK_M,
+            pid_n,
+            M,
+            N,
+            K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            SWAP_AB,
+            K_UNROLL,
+            N_LOOP,
+            FULL_KB,
+            USE_TMA,
+        )
 
 
 # Row counts stay runtime values (one compiled kernel per config serves every batch size).
@@ -253,20 +328,86 @@ def _fp8_grouped_gemm_kernel(
             # First row of the tile in A viewed as [E * max_m, K] (the TMA path's coordinate).
             tile_row0 = expert * M + pid_m * BLOCK_M
             base = expert.to(tl.int64) * M
-            _gemm_tile(a_ptr + base * K, a_scale_ptr + base * (K // BLOCK_K), b_ptr, b_scale_ptr, c_ptr + base * N,
-                       a_desc, b_desc, expert, offs_m, offs_m < valid_m, tile_row0, pid_n, M, N, K,
-                       BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, K_UNROLL, N_LOOP, FULL_KB, USE_TMA)
+            _gemm_tile(
+                a_ptr + base * K,
+                a_scale_ptr + base * (K // BLOCK_K),
+                b_ptr,
+                b_scale_ptr,
+                c_ptr + base * N,
+                a_desc,
+                b_desc,
+                expert,
+                offs_m,
+                offs_m < valid_m,
+                tile_row0,
+                pid_n,
+                M,
+                N,
+                K,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                SWAP_AB,
+                K_UNROLL,
+                N_LOOP,
+                FULL_KB,
+                USE_TMA,
+            )
     elif ROW_BOUND:
         used_m_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(num_rows_ptr), 0), M), BLOCK_M)
         for u in range(pid, used_m_tiles * num_n_tiles, num_programs):
-            _contiguous_unit(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, expert_ids_ptr, a_desc, b_desc, u,
-                             used_m_tiles, num_n_tiles, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP_AB,
-                             K_UNROLL, N_LOOP, FULL_KB, USE_TMA)
+            _contiguous_unit(
+                a_ptr,
+                a_scale_ptr,
+                b_ptr,
+                b_scale_ptr,
+                c_ptr,
+                expert_ids_ptr,
+                a_desc,
+                b_desc,
+                u,
+                used_m_tiles,
+                num_n_tiles,
+                M,
+                N,
+                K,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                GROUP_M,
+                SWAP_AB,
+                K_UNROLL,
+                N_LOOP,
+                FULL_KB,
+                USE_TMA,
+            )
     else:
         # One program per tile (the grid covers every tile): no loop.
-        _contiguous_unit(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, expert_ids_ptr, a_desc, b_desc, pid,
-                         num_m_tiles, num_n_tiles, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP_AB,
-                         K_UNROLL, N_LOOP, FULL_KB, USE_TMA)
+        _contiguous_unit(
+            a_ptr,
+            a_scale_ptr,
+            b_ptr,
+            b_scale_ptr,
+            c_ptr,
+            expert_ids_ptr,
+            a_desc,
+            b_desc,
+            pid,
+            num_m_tiles,
+            num_n_tiles,
+            M,
+            N,
+            K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            GROUP_M,
+            SWAP_AB,
+            K_UNROLL,
+            N_LOOP,
+            FULL_KB,
+            USE_TMA,
+        )
 
 
 def _tma_descriptors(a_fp8, b_fp8, block_m: int, block_n: int):
@@ -279,8 +420,10 @@ def _tma_descriptors(a_fp8, b_fp8, block_m: int, block_n: int):
     except ImportError:  # Triton before 3.4
         return None
     k = a_fp8.shape[-1]
-    return (TensorDescriptor.from_tensor(a_fp8.view(-1, k), [block_m, SCALE_GROUP]),
-            TensorDescriptor.from_tensor(b_fp8.view(-1, k), [block_n, SCALE_GROUP]))
+    return (
+        TensorDescriptor.from_tensor(a_fp8.view(-1, k), [block_m, SCALE_GROUP]),
+        TensorDescriptor.from_tensor(b_fp8.view(-1, k), [block_n, SCALE_GROUP]),
+    )
 
 
 # Interpreter runs (CPU tests) have no SMs: a few programs, so that each walks several units.
@@ -291,9 +434,12 @@ _INTERPRETER_PROGRAMS = 3
 def _sm_limits(device_index: int) -> tuple:
     """(SMs, registers per SM, shared-memory bytes per SM, threads per SM) of a CUDA device."""
     p = torch.cuda.get_device_properties(device_index)
-    return (p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
-            getattr(p, "shared_memory_per_multiprocessor", 228 * 1024),
-            getattr(p, "max_threads_per_multi_processor", 2048))
+    return (
+        p.multi_processor_count,
+        getattr(p, "regs_per_multiprocessor", 65536),
+        getattr(p, "shared_memory_per_multiprocessor", 228 * 1024),
+        getattr(p, "max_threads_per_multi_processor", 2048),
+    )
 
 
 _resident: dict = {}
@@ -312,8 +458,21 @@ def resident_programs(compiled, num_warps: int, device_index: int) -> int:
     return sms * max(1, min(by_regs, by_smem, by_threads, 32))
 
 
-def launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, masked_m, *, masked: bool, rows: int,
-           num_experts: int, cfg: dict, num_rows=None) -> None:
+def launch(
+    a_fp8,
+    a_scale,
+    b_fp8,
+    b_scale,
+    out,
+    expert_ids,
+    masked_m,
+    *,
+    masked: bool,
+    rows: int,
+    num_experts: int,
+    cfg: dict,
+    num_rows=None,
+) -> None:
     """Launches the kernel with a validated config (`_gemm_config.check_config`). Options that do
     not apply to this K (K_UNROLL not dividing K/128, N_LOOP with K > 256) or device (TMA where
     the tensors do not allow it) fall back safely. `num_rows` (contiguous only): int32 [1] on the
@@ -339,15 +498,43 @@ def launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, masked_m, *, masked:
         return
     index = masked_m if masked else expert_ids  # the unused pointer arguments get the used one
     row_bound = num_rows is not None and not masked
-    args = (a_fp8, a_scale, b_fp8, b_scale, out, index, index, num_rows if row_bound else index, a_desc, b_desc,
-            rows, n, k, num_m_tiles, num_n_tiles, num_experts)
+    args = (
+        a_fp8,
+        a_scale,
+        b_fp8,
+        b_scale,
+        out,
+        index,
+        index,
+        num_rows if row_bound else index,
+        a_desc,
+        b_desc,
+        rows,
+        n,
+        k,
+        num_m_tiles,
+        num_n_tiles,
+        num_experts,
+    )
     # The expert count only shapes the masked walk (one compiled contiguous kernel for every E).
     e_pad = max(16, triton.next_power_of_2(num_experts)) if masked else 16
-    meta = dict(MASKED=masked, ROW_BOUND=row_bound, E_PAD=e_pad, WIDE_KEY=masked and (bound + 1) * e_pad >= 2**31,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=SCALE_GROUP,
-                GROUP_M=cfg.get("GROUP_M", 1), SWAP_AB=swap, K_UNROLL=unroll, N_LOOP=n_loop,
-                FULL_KB=num_kb if n_loop > 1 else 1, USE_TMA=descs is not None,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    meta = dict(
+        MASKED=masked,
+        ROW_BOUND=row_bound,
+        E_PAD=e_pad,
+        WIDE_KEY=masked and (bound + 1) * e_pad >= 2**31,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=SCALE_GROUP,
+        GROUP_M=cfg.get("GROUP_M", 1),
+        SWAP_AB=swap,
+        K_UNROLL=unroll,
+        N_LOOP=n_loop,
+        FULL_KB=num_kb if n_loop > 1 else 1,
+        USE_TMA=descs is not None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     programs = cfg.get("PROGRAMS", 0)
     if not (masked or row_bound):
         programs = bound  # contiguous without a row count: one program per tile (prefill), no walk
@@ -356,8 +543,13 @@ def launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, masked_m, *, masked:
     elif programs <= 0:
         dev = a_fp8.device.index if a_fp8.device.index is not None else torch.cuda.current_device()
         # Occupancy depends on the compiled kernel only (its constexprs and specialization).
-        key = (dev, tuple(sorted(meta.items())), n % 16 == 0, k % 16 == 0,
-               tuple(t.data_ptr() % 16 == 0 for t in (a_fp8, a_scale, b_fp8, b_scale, out)))
+        key = (
+            dev,
+            tuple(sorted(meta.items())),
+            n % 16 == 0,
+            k % 16 == 0,
+            tuple(t.data_ptr() % 16 == 0 for t in (a_fp8, a_scale, b_fp8, b_scale, out)),
+        )
         if key not in _resident:
             compiled = _fp8_grouped_gemm_kernel.warmup(*args, grid=(1,), **meta)
             _resident[key] = resident_programs(compiled, cfg["num_warps"], dev)

@@ -20,8 +20,10 @@ def check_kernel_tensor(name: str, t, device: torch.device | None = None, **cons
     on the same device as the first operand."""
     check_tensor(name, t, contiguous=True, **constraints)
     if t.device.type != "cuda" and not interpreting():
-        raise ValueError(f"{name}: the Triton kernels need a CUDA tensor, got one on {t.device} "
-                         f"(use moe_backend.ops, which falls back to the reference on CPU)")
+        raise ValueError(
+            f"{name}: the Triton kernels need a CUDA tensor, got one on {t.device} "
+            f"(use moe_backend.ops, which falls back to the reference on CPU)"
+        )
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (as the first operand), got {t.device}")
     return t

@@ -74,8 +74,20 @@ def _histogram(keys, num_experts, E_PAD: tl.constexpr):
 
 
 @triton.jit
-def _place_slots(keys, slot0, base_ptr, expert_ids_ptr, src_ptr, row_of_slot_ptr, num_slots, topk,
-                 num_experts, max_m, MASKED: tl.constexpr, CHUNK: tl.constexpr):
+def _place_slots(
+    keys,
+    slot0,
+    base_ptr,
+    expert_ids_ptr,
+    src_ptr,
+    row_of_slot_ptr,
+    num_slots,
+    topk,
+    num_experts,
+    max_m,
+    MASKED: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """Writes row_of_slot for the chunk's slots and src_token (+ expert_ids) for their rows.
 
     base_ptr `[E]`: per expert, the row (contiguous) or rank (masked) of the chunk's first slot of
@@ -101,8 +113,9 @@ def _place_slots(keys, slot0, base_ptr, expert_ids_ptr, src_ptr, row_of_slot_ptr
 
 
 @triton.jit
-def _fill_padding(pad_start, pad_len, max_pad, first, step, expert_ids_ptr, src_ptr,
-                  MASKED: tl.constexpr, PAD_BLOCK: tl.constexpr):
+def _fill_padding(
+    pad_start, pad_len, max_pad, first, step, expert_ids_ptr, src_ptr, MASKED: tl.constexpr, PAD_BLOCK: tl.constexpr
+):
     """Rows `pad_start[e] + j` for j < pad_len[e] (`[E_PAD]` vectors) become padding; this program
     takes the column blocks first, first + step, ... below max_pad."""
     for j0 in range(first, max_pad, step):
@@ -134,8 +147,17 @@ def _layout_one_program_kernel(
     src_ptr,  # int64 [M] or [E*max_m]
     row_of_slot_ptr,  # int64 [T*k]
     base_ptr,  # int32 [E] workspace
-    num_slots, topk, expert_start, num_experts, alignment, max_m, num_rows,
-    MASKED: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, PAD_BLOCK: tl.constexpr,
+    num_slots,
+    topk,
+    expert_start,
+    num_experts,
+    alignment,
+    max_m,
+    num_rows,
+    MASKED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    E_PAD: tl.constexpr,
+    PAD_BLOCK: tl.constexpr,
     TAIL_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -167,31 +189,65 @@ def _layout_one_program_kernel(
         max_pad = alignment - 1
     if pid == 0:
         tl.debug_barrier()  # base_ptr is read back by other threads of this program
-        _place_slots(keys, 0, base_ptr, expert_ids_ptr, src_ptr, row_of_slot_ptr, num_slots, topk,
-                     num_experts, max_m, MASKED, CHUNK)
-    _fill_padding(pad_start, pad_len, max_pad, pid * PAD_BLOCK, num_programs * PAD_BLOCK, expert_ids_ptr,
-                  src_ptr, MASKED, PAD_BLOCK)
+        _place_slots(
+            keys,
+            0,
+            base_ptr,
+            expert_ids_ptr,
+            src_ptr,
+            row_of_slot_ptr,
+            num_slots,
+            topk,
+            num_experts,
+            max_m,
+            MASKED,
+            CHUNK,
+        )
+    _fill_padding(
+        pad_start,
+        pad_len,
+        max_pad,
+        pid * PAD_BLOCK,
+        num_programs * PAD_BLOCK,
+        expert_ids_ptr,
+        src_ptr,
+        MASKED,
+        PAD_BLOCK,
+    )
     if not MASKED:
-        _fill_tail(tl.sum(padded, axis=0) + pid * TAIL_BLOCK, num_rows, num_programs * TAIL_BLOCK, expert_ids_ptr,
-                   src_ptr, TAIL_BLOCK)
+        _fill_tail(
+            tl.sum(padded, axis=0) + pid * TAIL_BLOCK,
+            num_rows,
+            num_programs * TAIL_BLOCK,
+            expert_ids_ptr,
+            src_ptr,
+            TAIL_BLOCK,
+        )
 
 
 @triton.jit(do_not_specialize=["num_slots"])
-def _count_chunks_kernel(ids_ptr, chunk_counts_ptr, num_slots, expert_start, num_experts,
-                         CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+def _count_chunks_kernel(
+    ids_ptr, chunk_counts_ptr, num_slots, expert_start, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr
+):
     chunk = tl.program_id(0)
     keys = _slot_keys(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_slots, expert_start, num_experts)
     e = tl.arange(0, E_PAD)
-    tl.store(chunk_counts_ptr + chunk * num_experts + e, _histogram(keys, num_experts, E_PAD),
-             mask=e < num_experts)
+    tl.store(chunk_counts_ptr + chunk * num_experts + e, _histogram(keys, num_experts, E_PAD), mask=e < num_experts)
 
 
 @triton.jit(do_not_specialize=["num_chunks", "max_m"])
 def _scan_chunks_kernel(
     chunk_counts_ptr,  # int32 [C, E]: slots per chunk and expert
     chunk_base_ptr,  # int32 [C, E]: out, each chunk's base per expert (_place_slots)
-    offsets_ptr, counts_ptr, num_chunks, num_experts, alignment, max_m,
-    MASKED: tl.constexpr, E_PAD: tl.constexpr, SCAN_BLOCK: tl.constexpr,
+    offsets_ptr,
+    counts_ptr,
+    num_chunks,
+    num_experts,
+    alignment,
+    max_m,
+    MASKED: tl.constexpr,
+    E_PAD: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
 ):
     e = tl.arange(0, E_PAD)
     is_expert = e < num_experts
@@ -223,16 +279,43 @@ def _scan_chunks_kernel(
 
 @triton.jit(do_not_specialize=["num_slots", "max_m", "num_rows", "max_pad"])
 def _place_chunks_kernel(
-    ids_ptr, chunk_base_ptr, expert_ids_ptr, offsets_ptr, counts_ptr, src_ptr, row_of_slot_ptr,
-    num_slots, topk, expert_start, num_experts, max_m, num_rows, max_pad,
-    MASKED: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, PAD_BLOCK: tl.constexpr,
+    ids_ptr,
+    chunk_base_ptr,
+    expert_ids_ptr,
+    offsets_ptr,
+    counts_ptr,
+    src_ptr,
+    row_of_slot_ptr,
+    num_slots,
+    topk,
+    expert_start,
+    num_experts,
+    max_m,
+    num_rows,
+    max_pad,
+    MASKED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    E_PAD: tl.constexpr,
+    PAD_BLOCK: tl.constexpr,
     TAIL_BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     num_programs = tl.num_programs(0)
     keys = _slot_keys(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_slots, expert_start, num_experts)
-    _place_slots(keys, chunk * CHUNK, chunk_base_ptr + chunk * num_experts, expert_ids_ptr, src_ptr,
-                 row_of_slot_ptr, num_slots, topk, num_experts, max_m, MASKED, CHUNK)
+    _place_slots(
+        keys,
+        chunk * CHUNK,
+        chunk_base_ptr + chunk * num_experts,
+        expert_ids_ptr,
+        src_ptr,
+        row_of_slot_ptr,
+        num_slots,
+        topk,
+        num_experts,
+        max_m,
+        MASKED,
+        CHUNK,
+    )
     e = tl.arange(0, E_PAD)
     is_expert = e < num_experts
     counts = tl.load(counts_ptr + e, mask=is_expert, other=0)
@@ -243,12 +326,22 @@ def _place_chunks_kernel(
         seg_start = tl.load(offsets_ptr + e, mask=is_expert, other=0)
         pad_start = seg_start + counts
         pad_len = tl.load(offsets_ptr + e + 1, mask=is_expert, other=0) - pad_start
-    _fill_padding(pad_start, pad_len, max_pad, chunk * PAD_BLOCK, num_programs * PAD_BLOCK,
-                  expert_ids_ptr, src_ptr, MASKED, PAD_BLOCK)
+    _fill_padding(
+        pad_start,
+        pad_len,
+        max_pad,
+        chunk * PAD_BLOCK,
+        num_programs * PAD_BLOCK,
+        expert_ids_ptr,
+        src_ptr,
+        MASKED,
+        PAD_BLOCK,
+    )
     if not MASKED:
         used_rows = tl.load(offsets_ptr + num_experts)
-        _fill_tail(used_rows + chunk * TAIL_BLOCK, num_rows, num_programs * TAIL_BLOCK, expert_ids_ptr,
-                   src_ptr, TAIL_BLOCK)
+        _fill_tail(
+            used_rows + chunk * TAIL_BLOCK, num_rows, num_programs * TAIL_BLOCK, expert_ids_ptr, src_ptr, TAIL_BLOCK
+        )
 
 
 def _check_args(topk_ids, num_local_experts, expert_start) -> None:
@@ -276,8 +369,22 @@ def _plan(num_slots: int, num_experts: int, slots_per_program: int | None) -> tu
     return one_program, chunk
 
 
-def _launch(topk_ids, num_experts, expert_start, *, masked: bool, alignment: int, max_m: int,
-            num_rows: int, expert_ids, offsets, counts, src_token, row_of_slot, slots_per_program) -> None:
+def _launch(
+    topk_ids,
+    num_experts,
+    expert_start,
+    *,
+    masked: bool,
+    alignment: int,
+    max_m: int,
+    num_rows: int,
+    expert_ids,
+    offsets,
+    counts,
+    src_token,
+    row_of_slot,
+    slots_per_program,
+) -> None:
     num_slots = topk_ids.numel()
     topk = topk_ids.shape[1]
     one_program, chunk = _plan(num_slots, num_experts, slots_per_program)
@@ -291,26 +398,83 @@ def _launch(topk_ids, num_experts, expert_start, *, masked: bool, alignment: int
         base = torch.empty(num_experts, dtype=torch.int32, device=device)
         fill_programs = min(_MAX_FILL_PROGRAMS, max(1, num_rows // _FILL_ROWS_PER_PROGRAM))
         _layout_one_program_kernel[(fill_programs,)](
-            topk_ids, expert_ids, offsets, counts, src_token, row_of_slot, base,
-            num_slots, topk, expert_start, num_experts, alignment, max_m, num_rows,
-            PAD_BLOCK=_PAD_BLOCK, TAIL_BLOCK=_TAIL_BLOCK, num_warps=_num_warps(chunk), **consts)
+            topk_ids,
+            expert_ids,
+            offsets,
+            counts,
+            src_token,
+            row_of_slot,
+            base,
+            num_slots,
+            topk,
+            expert_start,
+            num_experts,
+            alignment,
+            max_m,
+            num_rows,
+            PAD_BLOCK=_PAD_BLOCK,
+            TAIL_BLOCK=_TAIL_BLOCK,
+            num_warps=_num_warps(chunk),
+            **consts,
+        )
         return
     num_chunks = triton.cdiv(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks * num_experts, dtype=torch.int32, device=device)
     chunk_base = torch.empty_like(chunk_counts)
-    _count_chunks_kernel[(num_chunks,)](topk_ids, chunk_counts, num_slots, expert_start, num_experts,
-                                        CHUNK=chunk, E_PAD=e_pad, num_warps=_num_warps(chunk))
-    _scan_chunks_kernel[(1,)](chunk_counts, chunk_base, offsets, counts, num_chunks, num_experts, alignment, max_m,
-                              MASKED=masked, E_PAD=e_pad, SCAN_BLOCK=_SCAN_BLOCK, num_warps=4)
+    _count_chunks_kernel[(num_chunks,)](
+        topk_ids,
+        chunk_counts,
+        num_slots,
+        expert_start,
+        num_experts,
+        CHUNK=chunk,
+        E_PAD=e_pad,
+        num_warps=_num_warps(chunk),
+    )
+    _scan_chunks_kernel[(1,)](
+        chunk_counts,
+        chunk_base,
+        offsets,
+        counts,
+        num_chunks,
+        num_experts,
+        alignment,
+        max_m,
+        MASKED=masked,
+        E_PAD=e_pad,
+        SCAN_BLOCK=_SCAN_BLOCK,
+        num_warps=4,
+    )
     _place_chunks_kernel[(num_chunks,)](
-        topk_ids, chunk_base, expert_ids, offsets, counts, src_token, row_of_slot,
-        num_slots, topk, expert_start, num_experts, max_m, num_rows, max_m if masked else alignment - 1,
-        PAD_BLOCK=_PAD_BLOCK, TAIL_BLOCK=_TAIL_BLOCK, num_warps=_num_warps(chunk), **consts)
+        topk_ids,
+        chunk_base,
+        expert_ids,
+        offsets,
+        counts,
+        src_token,
+        row_of_slot,
+        num_slots,
+        topk,
+        expert_start,
+        num_experts,
+        max_m,
+        num_rows,
+        max_m if masked else alignment - 1,
+        PAD_BLOCK=_PAD_BLOCK,
+        TAIL_BLOCK=_TAIL_BLOCK,
+        num_warps=_num_warps(chunk),
+        **consts,
+    )
 
 
-def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                            alignment: int = LAYOUT_ALIGNMENT, slots_per_program: int | None = None
-                            ) -> ContiguousLayout:
+def build_contiguous_layout(
+    topk_ids: torch.Tensor,
+    num_local_experts: int,
+    *,
+    expert_start: int = 0,
+    alignment: int = LAYOUT_ALIGNMENT,
+    slots_per_program: int | None = None,
+) -> ContiguousLayout:
     """topk_ids int32/int64 `[T, k]` (global ids; experts `[expert_start, expert_start + E)` are
     local, others and -1 are dropped) -> `ContiguousLayout` on `M = max_contiguous_rows(T*k, E,
     alignment)` rows, bit-identical to `dispatch.layouts.build_contiguous_layout(...,
@@ -335,15 +499,38 @@ def build_contiguous_layout(topk_ids: torch.Tensor, num_local_experts: int, *, e
         offsets.zero_()
         counts.zero_()
     else:
-        _launch(topk_ids, num_local_experts, expert_start, masked=False, alignment=alignment, max_m=1,
-                num_rows=num_rows, expert_ids=expert_ids, offsets=offsets, counts=counts, src_token=src_token,
-                row_of_slot=row_of_slot, slots_per_program=slots_per_program)
-    return ContiguousLayout(expert_ids=expert_ids, expert_offsets=offsets, src_token=src_token,
-                            row_of_slot=row_of_slot, tokens_per_expert=counts)
+        _launch(
+            topk_ids,
+            num_local_experts,
+            expert_start,
+            masked=False,
+            alignment=alignment,
+            max_m=1,
+            num_rows=num_rows,
+            expert_ids=expert_ids,
+            offsets=offsets,
+            counts=counts,
+            src_token=src_token,
+            row_of_slot=row_of_slot,
+            slots_per_program=slots_per_program,
+        )
+    return ContiguousLayout(
+        expert_ids=expert_ids,
+        expert_offsets=offsets,
+        src_token=src_token,
+        row_of_slot=row_of_slot,
+        tokens_per_expert=counts,
+    )
 
 
-def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0,
-                        max_m: int | None = None, slots_per_program: int | None = None) -> MaskedLayout:
+def build_masked_layout(
+    topk_ids: torch.Tensor,
+    num_local_experts: int,
+    *,
+    expert_start: int = 0,
+    max_m: int | None = None,
+    slots_per_program: int | None = None,
+) -> MaskedLayout:
     """topk_ids `[T, k]` as in `build_contiguous_layout` -> `MaskedLayout` with `max_m` rows per
     expert (default max(T, 1): never overflows, a token visits an expert once), bit-identical to
     `dispatch.layouts.build_masked_layout(..., drop_overflow=True)`: masked_m int32 `[E]` (clamped
@@ -365,7 +552,19 @@ def build_masked_layout(topk_ids: torch.Tensor, num_local_experts: int, *, exper
         masked_m.zero_()
         src_token.fill_(-1)
     else:
-        _launch(topk_ids, num_local_experts, expert_start, masked=True, alignment=1, max_m=max_m,
-                num_rows=num_local_experts * max_m, expert_ids=None, offsets=None, counts=masked_m,
-                src_token=src_token, row_of_slot=row_of_slot, slots_per_program=slots_per_program)
+        _launch(
+            topk_ids,
+            num_local_experts,
+            expert_start,
+            masked=True,
+            alignment=1,
+            max_m=max_m,
+            num_rows=num_local_experts * max_m,
+            expert_ids=None,
+            offsets=None,
+            counts=masked_m,
+            src_token=src_token,
+            row_of_slot=row_of_slot,
+            slots_per_program=slots_per_program,
+        )
     return MaskedLayout(masked_m=masked_m, src_token=src_token, row_of_slot=row_of_slot)

@@ -22,10 +22,18 @@ __all__ = ["grouped_gemm_contiguous", "CONTIGUOUS_ALIGNMENT"]
 CONTIGUOUS_ALIGNMENT = 128
 
 
-def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
-                            b_scale: torch.Tensor, expert_ids: torch.Tensor,
-                            out: torch.Tensor | None = None, *, expected_m: int | None = None,
-                            config: dict | None = None, num_rows: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_gemm_contiguous(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    expert_ids: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    expected_m: int | None = None,
+    config: dict | None = None,
+    num_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """out[m, :] = A[m] @ B[expert_ids[m]]^T with block scales; rows with id -1 are not written.
 
     a_fp8 `[M, K]` e4m3 (K % 128 == 0), a_scale f32 `[M, K/128]`, b_fp8 `[E, N, K]`,
@@ -46,8 +54,7 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     if b_fp8.shape[2] != k:
         raise ValueError(f"b_fp8: K ({b_fp8.shape[2]}) must equal a_fp8's K ({k})")
     num_experts, n = b_fp8.shape[0], b_fp8.shape[1]
-    check_kernel_tensor("b_scale", b_scale, dev, dtypes=(torch.float32,),
-                        shape=(num_experts, -(-n // 128), k // 128))
+    check_kernel_tensor("b_scale", b_scale, dev, dtypes=(torch.float32,), shape=(num_experts, -(-n // 128), k // 128))
     check_kernel_tensor("expert_ids", expert_ids, dev, dtypes=(torch.int32,), shape=(m,))
     if num_rows is not None:
         check_kernel_tensor("num_rows", num_rows, dev, dtypes=(torch.int32,), shape=(1,))
@@ -58,8 +65,28 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     if m == 0 or n == 0 or num_experts == 0:
         return out
     hint = expected_m or max(1, m // num_experts)
-    cfg = _gemm_config.get_config("grouped_gemm_contiguous", hint, n, k, device_name(dev), masked=False,
-                                  override=config, max_block_m=CONTIGUOUS_ALIGNMENT)
-    _grouped_gemm_core.launch(a_fp8, a_scale, b_fp8, b_scale, out, expert_ids, None, masked=False,
-                              rows=m, num_experts=num_experts, cfg=cfg, num_rows=num_rows)
+    cfg = _gemm_config.get_config(
+        "grouped_gemm_contiguous",
+        hint,
+        n,
+        k,
+        device_name(dev),
+        masked=False,
+        override=config,
+        max_block_m=CONTIGUOUS_ALIGNMENT,
+    )
+    _grouped_gemm_core.launch(
+        a_fp8,
+        a_scale,
+        b_fp8,
+        b_scale,
+        out,
+        expert_ids,
+        None,
+        masked=False,
+        rows=m,
+        num_experts=num_experts,
+        cfg=cfg,
+        num_rows=num_rows,
+    )
     return out

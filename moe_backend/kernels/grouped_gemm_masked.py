@@ -19,9 +19,17 @@ __all__ = ["grouped_gemm_masked"]
 _INDEX = (torch.int32,)
 
 
-def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
-                        b_scale: torch.Tensor, masked_m: torch.Tensor, out: torch.Tensor | None = None,
-                        *, expected_m: int | None = None, config: dict | None = None) -> torch.Tensor:
+def grouped_gemm_masked(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    masked_m: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    expected_m: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """out[e, m, :] = A[e, m] @ B[e]^T with block scales, for m < masked_m[e]; other rows untouched.
 
     a_fp8 `[E, max_m, K]` e4m3 (K % 128 == 0), a_scale f32 `[E, max_m, K/128]`,
@@ -40,11 +48,9 @@ def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch
     check_kernel_tensor("a_scale", a_scale, dev, dtypes=(torch.float32,), shape=(num_experts, max_m, k // 128))
     check_kernel_tensor("b_fp8", b_fp8, dev, dtypes=(FP8_DTYPE,), ndim=3)
     if b_fp8.shape[0] != num_experts or b_fp8.shape[2] != k:
-        raise ValueError(f"b_fp8: expected shape [{num_experts}, N, {k}] (E and K of a_fp8), "
-                         f"got {list(b_fp8.shape)}")
+        raise ValueError(f"b_fp8: expected shape [{num_experts}, N, {k}] (E and K of a_fp8), got {list(b_fp8.shape)}")
     n = b_fp8.shape[1]
-    check_kernel_tensor("b_scale", b_scale, dev, dtypes=(torch.float32,),
-                        shape=(num_experts, -(-n // 128), k // 128))
+    check_kernel_tensor("b_scale", b_scale, dev, dtypes=(torch.float32,), shape=(num_experts, -(-n // 128), k // 128))
     check_kernel_tensor("masked_m", masked_m, dev, dtypes=_INDEX, shape=(num_experts,))
     if out is None:
         out = torch.zeros((num_experts, max_m, n), dtype=torch.bfloat16, device=dev)
@@ -52,8 +58,10 @@ def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch
         check_kernel_tensor("out", out, dev, dtypes=(torch.bfloat16,), shape=(num_experts, max_m, n))
     if num_experts == 0 or max_m == 0 or n == 0:
         return out
-    cfg = _gemm_config.get_config("grouped_gemm_masked", expected_m or max_m, n, k, device_name(dev),
-                                  masked=True, override=config)
-    _grouped_gemm_core.launch(a_fp8, a_scale, b_fp8, b_scale, out, None, masked_m, masked=True,
-                              rows=max_m, num_experts=num_experts, cfg=cfg)
+    cfg = _gemm_config.get_config(
+        "grouped_gemm_masked", expected_m or max_m, n, k, device_name(dev), masked=True, override=config
+    )
+    _grouped_gemm_core.launch(
+        a_fp8, a_scale, b_fp8, b_scale, out, None, masked_m, masked=True, rows=max_m, num_experts=num_experts, cfg=cfg
+    )
     return out

@@ -12,8 +12,9 @@ from moe_backend.quant import FP8_DTYPE
 __all__ = ["per_token_group_quant"]
 
 
-def per_token_group_quant(x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_group_quant(
+    x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[..., K]` bf16/fp16/fp32 (K % group == 0) -> (x_fp8 `[..., K]`, x_scale f32 `[..., K/group]`).
 
     Same numerics as `moe_backend.quant.quantize_fp8_per_token_group`.
@@ -26,6 +27,13 @@ def per_token_group_quant(x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool
         raise ValueError(f"x: last dim ({k}) must be a multiple of the group size {group}")
     x_fp8 = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
     x_scale = torch.empty((*x.shape[:-1], k // group), dtype=torch.float32, device=x.device)
-    _group_quant_core.launch(x.reshape(-1, k), x_fp8.view(-1, k), x_scale.view(-1, k // group),
-                             cols=k, silu_mul=False, ue8m0=ue8m0, group=group)
+    _group_quant_core.launch(
+        x.reshape(-1, k),
+        x_fp8.view(-1, k),
+        x_scale.view(-1, k // group),
+        cols=k,
+        silu_mul=False,
+        ue8m0=ue8m0,
+        group=group,
+    )
     return x_fp8, x_scale

@@ -27,8 +27,18 @@ __all__ = ["permute_quant"]
 
 
 @triton.jit
-def _permute_quant_row(x_ptr, src_ptr, q_ptr, s_ptr, row, H, num_groups, UE8M0: tl.constexpr,
-                       GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr):
+def _permute_quant_row(
+    x_ptr,
+    src_ptr,
+    q_ptr,
+    s_ptr,
+    row,
+    H,
+    num_groups,
+    UE8M0: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUPS_PER_PROG: tl.constexpr,
+):
     src = tl.load(src_ptr + row)
     if src >= 0:
         g = tl.program_id(1) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
@@ -61,13 +71,20 @@ def _permute_quant_kernel(
         for row in range(tl.program_id(0).to(tl.int64), end, tl.num_programs(0)):
             _permute_quant_row(x_ptr, src_ptr, q_ptr, s_ptr, row, H, num_groups, UE8M0, GROUP, GROUPS_PER_PROG)
     else:
-        _permute_quant_row(x_ptr, src_ptr, q_ptr, s_ptr, tl.program_id(0).to(tl.int64), H, num_groups, UE8M0,
-                           GROUP, GROUPS_PER_PROG)
+        _permute_quant_row(
+            x_ptr, src_ptr, q_ptr, s_ptr, tl.program_id(0).to(tl.int64), H, num_groups, UE8M0, GROUP, GROUPS_PER_PROG
+        )
 
 
-def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None, used_rows: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def permute_quant(
+    x: torch.Tensor,
+    src_token: torch.Tensor,
+    group: int = QUANT_BLOCK,
+    ue8m0: bool = False,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    used_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[T, H]` bf16/fp16/fp32 (H % group == 0), src_token int64 of any shape S (values in
     `[0, T)` or -1 for padding, not checked: no host sync) -> (a_fp8 `[*S, H]`, a_scale f32
     `[*S, H/group]`), allocated or the pair `out`.
@@ -100,8 +117,18 @@ def permute_quant(x: torch.Tensor, src_token: torch.Tensor, group: int = QUANT_B
     group_blocks = triton.cdiv(num_groups, GROUPS_PER_PROGRAM)
     row_programs = num_rows if used_rows is None else persistent_row_programs(x.device, num_rows, group_blocks)
     _permute_quant_kernel[(row_programs, group_blocks)](
-        x, src_token, a_fp8, a_scale, used_rows if used_rows is not None else src_token, hidden, num_groups,
-        num_rows, UE8M0=ue8m0, GROUP=group, GROUPS_PER_PROG=GROUPS_PER_PROGRAM, USED_ROWS=used_rows is not None,
+        x,
+        src_token,
+        a_fp8,
+        a_scale,
+        used_rows if used_rows is not None else src_token,
+        hidden,
+        num_groups,
+        num_rows,
+        UE8M0=ue8m0,
+        GROUP=group,
+        GROUPS_PER_PROG=GROUPS_PER_PROGRAM,
+        USED_ROWS=used_rows is not None,
         num_warps=4,
     )
     return a_fp8, a_scale

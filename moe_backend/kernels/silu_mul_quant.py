@@ -19,10 +19,16 @@ from moe_backend.quant import FP8_DTYPE
 __all__ = ["silu_mul_quant"]
 
 
-def silu_mul_quant(h: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
-                   expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
-                   used_rows: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_quant(
+    h: torch.Tensor,
+    group: int = QUANT_BLOCK,
+    ue8m0: bool = False,
+    *,
+    expert_ids: torch.Tensor | None = None,
+    masked_m: torch.Tensor | None = None,
+    used_rows: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """h `[..., 2I]` (gate columns, then up; I % group == 0) -> (a_fp8 `[..., I]`, a_scale f32
     `[..., I/group]`), `a = silu(gate) * up` computed in fp32 (as `moe_backend.reference`),
     allocated or the pair `out`.
@@ -63,7 +69,17 @@ def silu_mul_quant(h: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = Fals
         a_fp8, a_scale = out
         check_kernel_tensor("out[0]", a_fp8, h.device)
         check_kernel_tensor("out[1]", a_scale, h.device)
-    _group_quant_core.launch(h.reshape(-1, two_i), a_fp8.view(-1, i), a_scale.view(-1, i // group),
-                             cols=i, silu_mul=True, ue8m0=ue8m0, group=group, expert_ids=expert_ids,
-                             masked_m=masked_m, rows_per_expert=rows_per_expert, used_rows=used_rows)
+    _group_quant_core.launch(
+        h.reshape(-1, two_i),
+        a_fp8.view(-1, i),
+        a_scale.view(-1, i // group),
+        cols=i,
+        silu_mul=True,
+        ue8m0=ue8m0,
+        group=group,
+        expert_ids=expert_ids,
+        masked_m=masked_m,
+        rows_per_expert=rows_per_expert,
+        used_rows=used_rows,
+    )
     return a_fp8, a_scale

@@ -34,8 +34,9 @@ def _combine_kernel(y_ptr, rows_ptr, w_ptr, out_ptr, N, TOPK: tl.constexpr, BLOC
     tl.store(out_ptr + t * N + offs, round_to_bf16_grid(acc).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def unpermute_combine(y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+def unpermute_combine(
+    y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """y bf16 `[M, N]` or `[E, max_m, N]`; row_of_slot int32/int64 `[T, k]` (flat row of y holding
     token t's j-th expert, -1 = none); topk_weights f32 `[T, k]`; out bf16 `[T, N]`."""
     check_kernel_tensor("y", y, dtypes=(torch.bfloat16,), min_dim=2)

@@ -36,11 +36,13 @@ def read_checkpoint_layer(path: str, layer_idx: int, wanted) -> Iterator[tuple[s
         raise ValueError(f"path: {path!r} has neither model.safetensors.index.json nor model.safetensors")
     prefix = f"model.layers.{layer_idx}.mlp."
     if prefix + "gate.weight" not in weight_map:
-        raise ValueError(f"layer_idx: the checkpoint has no MoE router {prefix}gate.weight "
-                         f"(layer {layer_idx} is dense, or out of range)")
+        raise ValueError(
+            f"layer_idx: the checkpoint has no MoE router {prefix}gate.weight "
+            f"(layer {layer_idx} is dense, or out of range)"
+        )
     by_shard: dict[str, list[str]] = defaultdict(list)
     for name, shard in weight_map.items():
-        if name.startswith(prefix) and wanted(name[len(prefix):]):
+        if name.startswith(prefix) and wanted(name[len(prefix) :]):
             by_shard[shard].append(name)
     total = sum(len(v) for v in by_shard.values())
     with progress(total=total, desc=f"loading layer {layer_idx}", unit="tensor") as bar:
@@ -50,15 +52,18 @@ def read_checkpoint_layer(path: str, layer_idx: int, wanted) -> Iterator[tuple[s
                 present = set(f.keys())
                 absent = [n for n in names if n not in present]
                 if absent:
-                    raise ValueError(f"{shard_path}: the index maps {len(absent)} tensor(s) to this shard "
-                                     f"but it lacks them: {', '.join(absent[:5])}"
-                                     f"{', ...' if len(absent) > 5 else ''}")
+                    raise ValueError(
+                        f"{shard_path}: the index maps {len(absent)} tensor(s) to this shard "
+                        f"but it lacks them: {', '.join(absent[:5])}"
+                        f"{', ...' if len(absent) > 5 else ''}"
+                    )
                 for name in names:
                     try:
                         tensor = f.get_tensor(name)
                     except Exception as exc:  # safetensors raises its own error type for bad data
-                        raise ValueError(f"{shard_path}: tensor {name} cannot be read (truncated or "
-                                         f"corrupt shard?): {exc}") from exc
+                        raise ValueError(
+                            f"{shard_path}: tensor {name} cannot be read (truncated or corrupt shard?): {exc}"
+                        ) from exc
                     yield name, tensor
                     bar.update(1)
 
@@ -71,9 +76,9 @@ def _read_weight_map(index_file: str) -> dict[str, str]:
         raise ValueError(f"{index_file}: not valid JSON: {exc}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise ValueError(f"{index_file}: expected an object with a \"weight_map\" of tensor name -> "
-                         f"shard file name")
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ValueError(f'{index_file}: expected an object with a "weight_map" of tensor name -> shard file name')
     for shard in set(weight_map.values()):
         # A shard name is a file inside the checkpoint folder, never a path out of it.
         if os.path.isabs(shard) or os.path.normpath(shard).startswith(".."):
@@ -89,7 +94,8 @@ def _open_shard(safe_open, folder: str, shard: str):
     try:
         handle = safe_open(shard_path, framework="pt")
     except Exception as exc:  # a corrupt or truncated header: safetensors' own error type
-        raise ValueError(f"{shard_path}: not a readable safetensors file (truncated or corrupt "
-                         f"header?): {exc}") from exc
+        raise ValueError(
+            f"{shard_path}: not a readable safetensors file (truncated or corrupt header?): {exc}"
+        ) from exc
     with handle as f:
         yield f

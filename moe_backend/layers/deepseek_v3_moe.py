@@ -30,15 +30,24 @@ class DeepseekV3MoE(WeightLoading, nn.Module):
     records the divergence (docs/ab-testing.md); None leaves it to MOE_BACKEND_SHADOW.
     """
 
-    def __init__(self, config: MoEConfig, policy: Policy | None = None, *,
-                 expert_range: tuple[int, int] | None = None, with_shared_experts: bool = True,
-                 device: torch.device | str | None = None, shadow=None) -> None:
+    def __init__(
+        self,
+        config: MoEConfig,
+        policy: Policy | None = None,
+        *,
+        expert_range: tuple[int, int] | None = None,
+        with_shared_experts: bool = True,
+        device: torch.device | str | None = None,
+        shadow=None,
+    ) -> None:
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"policy: expected a moe_backend.dispatch.Policy or None, got "
-                            f"{type(policy).__name__} (build one with Policy.from_dict)")
+            raise TypeError(
+                f"policy: expected a moe_backend.dispatch.Policy or None, got "
+                f"{type(policy).__name__} (build one with Policy.from_dict)"
+            )
         if not isinstance(with_shared_experts, bool):
             raise TypeError(f"with_shared_experts: expected a bool, got {with_shared_experts!r}")
         if device is not None and not isinstance(device, (str, torch.device)):
@@ -50,8 +59,9 @@ class DeepseekV3MoE(WeightLoading, nn.Module):
                 raise TypeError(f"expert_range: start and stop must be ints, got {expert_range!r}")
         start, stop = expert_range if expert_range is not None else (0, config.n_routed_experts)
         if not 0 <= start < stop <= config.n_routed_experts:
-            raise ValueError(f"expert_range: expected 0 <= start < stop <= {config.n_routed_experts}, "
-                             f"got {expert_range}")
+            raise ValueError(
+                f"expert_range: expected 0 <= start < stop <= {config.n_routed_experts}, got {expert_range}"
+            )
         self.config = config
         self.policy = policy
         self.expert_start, self.expert_stop = start, stop
@@ -65,18 +75,18 @@ class DeepseekV3MoE(WeightLoading, nn.Module):
         self.register_buffer("gate_weight", torch.empty(config.n_routed_experts, hidden, **f32))
         self.register_buffer("e_score_correction_bias", torch.empty(config.n_routed_experts, **f32))
         self.register_buffer("w13_fp8", torch.empty(local, 2 * inter, hidden, **fp8))  # [E, 2I, H]
-        self.register_buffer("w13_scale_inv",
-                             torch.empty(local, scale_blocks(2 * inter), scale_blocks(hidden), **f32))
+        self.register_buffer("w13_scale_inv", torch.empty(local, scale_blocks(2 * inter), scale_blocks(hidden), **f32))
         self.register_buffer("w2_fp8", torch.empty(local, hidden, inter, **fp8))  # [E, H, I]
-        self.register_buffer("w2_scale_inv",
-                             torch.empty(local, scale_blocks(hidden), scale_blocks(inter), **f32))
+        self.register_buffer("w2_scale_inv", torch.empty(local, scale_blocks(hidden), scale_blocks(inter), **f32))
         if self.with_shared_experts:
             self.register_buffer("shared_w13_fp8", torch.empty(1, 2 * shared_inter, hidden, **fp8))
-            self.register_buffer("shared_w13_scale_inv",
-                                 torch.empty(1, scale_blocks(2 * shared_inter), scale_blocks(hidden), **f32))
+            self.register_buffer(
+                "shared_w13_scale_inv", torch.empty(1, scale_blocks(2 * shared_inter), scale_blocks(hidden), **f32)
+            )
             self.register_buffer("shared_w2_fp8", torch.empty(1, hidden, shared_inter, **fp8))
-            self.register_buffer("shared_w2_scale_inv",
-                                 torch.empty(1, scale_blocks(hidden), scale_blocks(shared_inter), **f32))
+            self.register_buffer(
+                "shared_w2_scale_inv", torch.empty(1, scale_blocks(hidden), scale_blocks(shared_inter), **f32)
+            )
         self._loaded = False
         self.shadow = ab_shadow.shadow_arg(shadow)  # None: MOE_BACKEND_SHADOW decides per call
 
@@ -86,20 +96,22 @@ class DeepseekV3MoE(WeightLoading, nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"hidden={c.hidden_size}, intermediate={c.moe_intermediate_size}, "
-                f"experts=[{self.expert_start}, {self.expert_stop}) of {c.n_routed_experts}, "
-                f"top{c.num_experts_per_tok}, shared={self.with_shared_experts}")
+        return (
+            f"hidden={c.hidden_size}, intermediate={c.moe_intermediate_size}, "
+            f"experts=[{self.expert_start}, {self.expert_stop}) of {c.n_routed_experts}, "
+            f"top{c.num_experts_per_tok}, shared={self.with_shared_experts}"
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, phase: str | None = None) -> torch.Tensor:
         if not self._loaded:
             raise RuntimeError("DeepseekV3MoE: call load_weights() or load_from_checkpoint() first")
         hidden = self.config.hidden_size
-        check_tensor("hidden_states", hidden_states, dtypes=(torch.bfloat16,), min_dim=1,
-                     device=self.w13_fp8.device)
+        check_tensor("hidden_states", hidden_states, dtypes=(torch.bfloat16,), min_dim=1, device=self.w13_fp8.device)
         if hidden_states.shape[-1] != hidden:
-            raise ValueError(f"hidden_states: last dim must be hidden_size {hidden}, "
-                             f"got shape {list(hidden_states.shape)}")
+            raise ValueError(
+                f"hidden_states: last dim must be hidden_size {hidden}, got shape {list(hidden_states.shape)}"
+            )
         if phase is not None and phase not in PHASES:
             raise ValueError(f"phase: expected one of {PHASES} or None, got {phase!r}")
         x = hidden_states.reshape(-1, hidden)
@@ -109,15 +121,25 @@ class DeepseekV3MoE(WeightLoading, nn.Module):
         if checked:
             check_finite_rows("hidden_states", x)
 
-        topk_weights, topk_ids = noaux_tc_route(x, self.gate_weight, self.e_score_correction_bias,
-                                                self.config)
+        topk_weights, topk_ids = noaux_tc_route(x, self.gate_weight, self.e_score_correction_bias, self.config)
         policy = self.policy if self.policy is not None else Policy.from_env()
         # Quantize once: the routed and the shared experts read the same FP8 activations.
         x_fp8, x_scale = ops.per_token_group_quant(x, QUANT_BLOCK, self.config.ue8m0_scales)
         out = experts_path.routed_experts(
-            x_fp8, self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv, topk_weights, topk_ids,
-            x_scale=x_scale, expert_start=self.expert_start, ue8m0=self.config.ue8m0_scales, policy=policy,
-            phase=phase, num_global_experts=self.config.n_routed_experts)
+            x_fp8,
+            self.w13_fp8,
+            self.w13_scale_inv,
+            self.w2_fp8,
+            self.w2_scale_inv,
+            topk_weights,
+            topk_ids,
+            x_scale=x_scale,
+            expert_start=self.expert_start,
+            ue8m0=self.config.ue8m0_scales,
+            policy=policy,
+            phase=phase,
+            num_global_experts=self.config.n_routed_experts,
+        )
         ab_shadow.observe_layer(self, out, x_fp8, x_scale, topk_weights, topk_ids, phase)
         if self.with_shared_experts:
             out = out + self.shared_expert(x_fp8, x_scale)
@@ -134,8 +156,6 @@ class DeepseekV3MoE(WeightLoading, nn.Module):
         else:
             x_fp8 = x
         one_expert = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
-        h = ops.grouped_gemm_contiguous(x_fp8, x_scale, self.shared_w13_fp8, self.shared_w13_scale_inv,
-                                        one_expert)
+        h = ops.grouped_gemm_contiguous(x_fp8, x_scale, self.shared_w13_fp8, self.shared_w13_scale_inv, one_expert)
         a_fp8, a_scale = ops.silu_mul_quant(h, QUANT_BLOCK, ue8m0)
-        return ops.grouped_gemm_contiguous(a_fp8, a_scale, self.shared_w2_fp8, self.shared_w2_scale_inv,
-                                           one_expert)
+        return ops.grouped_gemm_contiguous(a_fp8, a_scale, self.shared_w2_fp8, self.shared_w2_scale_inv, one_expert)

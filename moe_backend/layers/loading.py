@@ -23,8 +23,16 @@ _EXPERT_NAME = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(wei
 _SHARED_NAME = re.compile(r"^shared_experts\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 _FLOAT_WEIGHTS = (torch.bfloat16, torch.float16, torch.float32)
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_FP8_DTYPES = tuple(d for d in (torch.float8_e4m3fn, torch.float8_e5m2, getattr(torch, "float8_e4m3fnuz", None),
-                                getattr(torch, "float8_e5m2fnuz", None)) if d is not None)
+_FP8_DTYPES = tuple(
+    d
+    for d in (
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        getattr(torch, "float8_e4m3fnuz", None),
+        getattr(torch, "float8_e5m2fnuz", None),
+    )
+    if d is not None
+)
 _MAX_LISTED = 40  # a wrong prefix on a real layer would otherwise list ~1,500 names
 
 
@@ -70,8 +78,10 @@ class WeightLoading:
         first; the layer's buffers change only once the whole set is valid. A failed call leaves
         the layer exactly as it was (loaded or not); an error while copying leaves it unloaded."""
         if isinstance(weights, Mapping):
-            raise TypeError("weights: expected an iterable of (name, tensor) pairs, got a "
-                            f"{type(weights).__name__}; pass weights.items()")
+            raise TypeError(
+                "weights: expected an iterable of (name, tensor) pairs, got a "
+                f"{type(weights).__name__}; pass weights.items()"
+            )
         if isinstance(weights, (str, bytes, torch.Tensor)) or not isinstance(weights, Iterable):
             raise TypeError(f"weights: expected an iterable of (name, tensor) pairs, got {type(weights).__name__}")
         if not isinstance(prefix, str):
@@ -84,13 +94,15 @@ class WeightLoading:
 
         for position, item in enumerate(weights):
             if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
-                raise TypeError(f"weights: item {position} is {type(item).__name__} "
-                                f"{_short_repr(item)}, expected a (name: str, tensor) pair")
+                raise TypeError(
+                    f"weights: item {position} is {type(item).__name__} "
+                    f"{_short_repr(item)}, expected a (name: str, tensor) pair"
+                )
             full_name, tensor = item
             if prefix and not full_name.startswith(prefix):
                 problems.append(f"extra: {full_name} (outside prefix {prefix!r})")
                 continue
-            name = full_name[len(prefix):]
+            name = full_name[len(prefix) :]
             if not isinstance(tensor, torch.Tensor):
                 problems.append(f"bad value: {full_name} is a {type(tensor).__name__}, not a tensor")
                 continue
@@ -132,10 +144,12 @@ class WeightLoading:
                 loaded.add(key + ".weight")  # reported once, here
         problems.extend(f"missing: {prefix}{n}" for n in sorted(expected - loaded))
         if problems:
-            shown = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
-                                              if len(problems) > _MAX_LISTED else [])
-            raise ValueError(f"load_weights: {len(problems)} problem(s), the layer is unchanged:\n  "
-                             + "\n  ".join(shown))
+            shown = problems[:_MAX_LISTED] + (
+                [f"... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []
+            )
+            raise ValueError(
+                f"load_weights: {len(problems)} problem(s), the layer is unchanged:\n  " + "\n  ".join(shown)
+            )
         # Commit. Until every copy lands the layer is marked unloaded, so an error here (a device
         # fault) can never leave a mix of old and new weights that forward would use.
         self._loaded = False
@@ -144,8 +158,9 @@ class WeightLoading:
                 target.copy_(source)
         self._loaded = True
 
-    def _stage_router_tensor(self, name: str, tensor: torch.Tensor, problems: list[str],
-                             staged: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _stage_router_tensor(
+        self, name: str, tensor: torch.Tensor, problems: list[str], staged: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         target = self.gate_weight if name == "gate.weight" else self.e_score_correction_bias
         if tuple(tensor.shape) != tuple(target.shape):
             problems.append(f"shape: {name} is {list(tensor.shape)}, expected {list(target.shape)}")
@@ -156,8 +171,13 @@ class WeightLoading:
         else:
             staged.append((target, tensor))
 
-    def _stage_projection(self, key: str, entry: dict[str, torch.Tensor], problems: list[str],
-                          staged: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _stage_projection(
+        self,
+        key: str,
+        entry: dict[str, torch.Tensor],
+        problems: list[str],
+        staged: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
         shared = key.startswith("shared_experts.")
         proj = key.rsplit(".", 1)[1]
         shape = self._projection_shape(proj, shared)
@@ -168,18 +188,16 @@ class WeightLoading:
         if weight.dtype == FP8_DTYPE:
             scale_shape = (scale_blocks(shape[0]), scale_blocks(shape[1]))
             if tuple(scale.shape) != scale_shape:
-                problems.append(f"shape: {key}.weight_scale_inv is {list(scale.shape)}, "
-                                f"expected {list(scale_shape)}")
+                problems.append(f"shape: {key}.weight_scale_inv is {list(scale.shape)}, expected {list(scale_shape)}")
                 return
             if scale.dtype not in _SCALE_DTYPES:
                 # An fp8 or integer scale would be converted silently and lose the block's magnitude.
-                problems.append(f"dtype: {key}.weight_scale_inv is {scale.dtype}, expected float32 "
-                                f"(or bf16/fp16/fp64)")
+                problems.append(f"dtype: {key}.weight_scale_inv is {scale.dtype}, expected float32 (or bf16/fp16/fp64)")
                 return
             if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
                 problems.append(f"nan: {key}.weight_scale_inv must hold finite positive scales")
                 return
-            if (bad := _fp8_nan_count(weight)):
+            if bad := _fp8_nan_count(weight):
                 problems.append(f"nan: {key}.weight holds {bad} NaN values")
                 return
             scale = scale.float()
@@ -196,8 +214,13 @@ class WeightLoading:
             return
 
         if shared:
-            w13, w13_s, w2, w2_s, index = (self.shared_w13_fp8, self.shared_w13_scale_inv,
-                                           self.shared_w2_fp8, self.shared_w2_scale_inv, 0)
+            w13, w13_s, w2, w2_s, index = (
+                self.shared_w13_fp8,
+                self.shared_w13_scale_inv,
+                self.shared_w2_fp8,
+                self.shared_w2_scale_inv,
+                0,
+            )
         else:
             w13, w13_s, w2, w2_s = self.w13_fp8, self.w13_scale_inv, self.w2_fp8, self.w2_scale_inv
             index = int(key.split(".")[1]) - self.expert_start
@@ -206,8 +229,10 @@ class WeightLoading:
         else:
             rows = shape[0]
             half = 0 if proj == "gate_proj" else 1  # w13 holds gate rows, then up rows
-            staged += [(w13[index, half * rows:(half + 1) * rows], weight),
-                       (w13_s[index, half * rows // QUANT_BLOCK:(half + 1) * rows // QUANT_BLOCK], scale)]
+            staged += [
+                (w13[index, half * rows : (half + 1) * rows], weight),
+                (w13_s[index, half * rows // QUANT_BLOCK : (half + 1) * rows // QUANT_BLOCK], scale),
+            ]
 
     def load_from_checkpoint(self, path: str | os.PathLike, layer_idx: int) -> None:
         """Reads only layer `layer_idx`'s MoE tensors (`model.layers.{L}.mlp.*`, local experts only)
@@ -216,8 +241,10 @@ class WeightLoading:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path: expected a checkpoint folder path, got {type(path).__name__}")
         check_int("layer_idx", layer_idx, minimum=0)
-        self.load_weights(read_checkpoint_layer(os.fspath(path), layer_idx, self._belongs_here),
-                          prefix=f"model.layers.{layer_idx}.mlp.")
+        self.load_weights(
+            read_checkpoint_layer(os.fspath(path), layer_idx, self._belongs_here),
+            prefix=f"model.layers.{layer_idx}.mlp.",
+        )
 
     def _belongs_here(self, name: str) -> bool:
         """Whether a tensor name (relative to the MoE block) belongs to this slice."""

@@ -19,9 +19,10 @@ def _deep_gemm():
     try:
         import deep_gemm
     except ImportError as exc:
-        raise ImportError("moe_backend: impl='deepgemm' needs DeepGEMM; install it with "
-                          "`pip install sgl-deep-gemm==0.1.5` (this package's [deepgemm] extra) on a Hopper GPU machine"
-                          ) from exc
+        raise ImportError(
+            "moe_backend: impl='deepgemm' needs DeepGEMM; install it with "
+            "`pip install sgl-deep-gemm==0.1.5` (this package's [deepgemm] extra) on a Hopper GPU machine"
+        ) from exc
     return deep_gemm
 
 
@@ -30,8 +31,10 @@ def _api(*names: str):
     for name in names:
         if hasattr(dg, name):
             return getattr(dg, name)
-    raise ImportError(f"moe_backend: this DeepGEMM ({getattr(dg, '__version__', '?')}) has none of "
-                      f"{names}; tested with sgl-deep-gemm 0.1.5")
+    raise ImportError(
+        f"moe_backend: this DeepGEMM ({getattr(dg, '__version__', '?')}) has none of "
+        f"{names}; tested with sgl-deep-gemm 0.1.5"
+    )
 
 
 def contiguous_alignment() -> int:
@@ -53,8 +56,9 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, expe
     num_experts, n = check_grouped_gemm_weights(b_fp8, b_scale, k)
     if out is None:
         out = torch.zeros(num_experts, a_fp8.shape[1], n, dtype=torch.bfloat16, device=a_fp8.device)
-    gemm = _api("m_grouped_fp8_gemm_nt_masked", "m_grouped_fp8_fp4_gemm_nt_masked",
-                "m_grouped_gemm_fp8_fp8_bf16_nt_masked")
+    gemm = _api(
+        "m_grouped_fp8_gemm_nt_masked", "m_grouped_fp8_fp4_gemm_nt_masked", "m_grouped_gemm_fp8_fp8_bf16_nt_masked"
+    )
     max_m = a_fp8.shape[1]
     padded_m = -(-max_m // _MASKED_ROW_BLOCK) * _MASKED_ROW_BLOCK
     if padded_m != max_m:

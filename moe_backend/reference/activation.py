@@ -12,10 +12,16 @@ from moe_backend.quant import quantize_fp8_per_token_group
 __all__ = ["silu_mul_quant"]
 
 
-def silu_mul_quant(h: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False, *,
-                   expert_ids: torch.Tensor | None = None, masked_m: torch.Tensor | None = None,
-                   used_rows: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_quant(
+    h: torch.Tensor,
+    group: int = QUANT_BLOCK,
+    ue8m0: bool = False,
+    *,
+    expert_ids: torch.Tensor | None = None,
+    masked_m: torch.Tensor | None = None,
+    used_rows: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """h `[..., 2I]` (gate columns, then up) -> FP8 of `silu(gate) * up` computed in fp32, `[..., I]`
     (written into the pair `out` when given).
 
@@ -44,8 +50,7 @@ def silu_mul_quant(h: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = Fals
     return out[0].copy_(a_fp8), out[1].copy_(a_scale)
 
 
-def _valid_rows(h: torch.Tensor, expert_ids: torch.Tensor | None, masked_m: torch.Tensor | None
-                ) -> torch.Tensor | None:
+def _valid_rows(h: torch.Tensor, expert_ids: torch.Tensor | None, masked_m: torch.Tensor | None) -> torch.Tensor | None:
     """bool `h.shape[:-1]`: the rows a layout fills (None: all)."""
     if expert_ids is not None and masked_m is not None:
         raise ValueError("expert_ids, masked_m: give at most one row validity")

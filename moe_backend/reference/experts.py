@@ -13,10 +13,18 @@ from moe_backend.reference.gemm import expert_gemm
 __all__ = ["routed_experts"]
 
 
-def routed_experts(x: torch.Tensor, w13_fp8: torch.Tensor, w13_scale_inv: torch.Tensor,
-                   w2_fp8: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights: torch.Tensor,
-                   topk_ids: torch.Tensor, *, x_scale: torch.Tensor | None = None,
-                   ue8m0: bool = False) -> torch.Tensor:
+def routed_experts(
+    x: torch.Tensor,
+    w13_fp8: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2_fp8: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    x_scale: torch.Tensor | None = None,
+    ue8m0: bool = False,
+) -> torch.Tensor:
     """The routed experts' weighted sum, one expert at a time.
 
     x: bf16 `[T, H]`, or fp8 `[T, H]` with `x_scale` fp32 `[T, H/128]` (already quantized).

@@ -13,8 +13,7 @@ __all__ = ["expert_gemm", "grouped_gemm_contiguous", "grouped_gemm_masked"]
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def expert_gemm(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
-                b_scale: torch.Tensor) -> torch.Tensor:
+def expert_gemm(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
     """One expert: `[m, K] x [N, K]^T` in fp32 from dequantized operands -> bf16 `[m, N]`."""
     a = dequantize_fp8_per_token_group(a_fp8, a_scale, QUANT_BLOCK)
     b = dequantize_fp8_blockwise(b_fp8, b_scale, QUANT_BLOCK)
@@ -28,9 +27,14 @@ def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Ten
     return out
 
 
-def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
-                            b_scale: torch.Tensor, expert_ids: torch.Tensor,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_gemm_contiguous(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    expert_ids: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Contiguous layout: row m of A `[M, K]` multiplies expert `expert_ids[m]` of B `[E, N, K]`.
 
     Rows with expert id -1 (segment padding) are not written. Returns bf16 `[M, N]`.
@@ -40,8 +44,10 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     check_tensor("expert_ids", expert_ids, dtypes=_INDEX_DTYPES, shape=(a_fp8.shape[0],))
     check_same_device(a_fp8=a_fp8, a_scale=a_scale, b_fp8=b_fp8, b_scale=b_scale, expert_ids=expert_ids)
     if expert_ids.numel() and (int(expert_ids.min()) < -1 or int(expert_ids.max()) >= num_experts):
-        raise ValueError(f"expert_ids: values must lie in [-1, {num_experts}), got "
-                         f"[{int(expert_ids.min())}, {int(expert_ids.max())}]")
+        raise ValueError(
+            f"expert_ids: values must lie in [-1, {num_experts}), got "
+            f"[{int(expert_ids.min())}, {int(expert_ids.max())}]"
+        )
     out = _check_out(out, (a_fp8.shape[0], n), a_fp8)
     for e in torch.unique(expert_ids).tolist():
         if e < 0:
@@ -51,9 +57,14 @@ def grouped_gemm_contiguous(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: t
     return out
 
 
-def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
-                        b_scale: torch.Tensor, masked_m: torch.Tensor,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_gemm_masked(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    masked_m: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Masked layout: A `[E, max_m, K]`, expert e uses its first `masked_m[e]` rows.
 
     Rows at and past `masked_m[e]` are not written. Returns bf16 `[E, max_m, N]`.
@@ -66,8 +77,9 @@ def grouped_gemm_masked(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch
     check_tensor("masked_m", masked_m, dtypes=_INDEX_DTYPES, shape=(num_experts,))
     check_same_device(a_fp8=a_fp8, a_scale=a_scale, b_fp8=b_fp8, b_scale=b_scale, masked_m=masked_m)
     if num_experts and (int(masked_m.min()) < 0 or int(masked_m.max()) > max_m):
-        raise ValueError(f"masked_m: values must lie in [0, {max_m}], got "
-                         f"[{int(masked_m.min())}, {int(masked_m.max())}]")
+        raise ValueError(
+            f"masked_m: values must lie in [0, {max_m}], got [{int(masked_m.min())}, {int(masked_m.max())}]"
+        )
     out = _check_out(out, (num_experts, max_m, n), a_fp8)
     for e, m in enumerate(masked_m.tolist()):
         if m:

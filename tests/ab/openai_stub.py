@@ -16,8 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class StubServer:
-    def __init__(self, *, token_delay: float = 0.0, flaky: bool = False, diverge_at: int | None = None,
-                 model: str = "stub-model"):
+    def __init__(
+        self, *, token_delay: float = 0.0, flaky: bool = False, diverge_at: int | None = None, model: str = "stub-model"
+    ):
         self.token_delay, self.flaky, self.diverge_at, self.model = token_delay, flaky, diverge_at, model
         self.counter = itertools.count(1)
         self.requests: list[dict] = []
@@ -50,7 +51,7 @@ class StubServer:
                 if stub.flaky and "[flaky]" in req["prompt"]:
                     self.send_error(500, "injected failure")
                     return
-                words = req["prompt"].split()[::-1][:req["max_tokens"]]
+                words = req["prompt"].split()[::-1][: req["max_tokens"]]
                 if stub.diverge_at is not None and "diverge" in req["prompt"] and len(words) > stub.diverge_at:
                     words[stub.diverge_at] = "DIFFERENT"
                 self.send_response(200)
@@ -61,8 +62,12 @@ class StubServer:
                         time.sleep(3.0)
                     for i, word in enumerate(words):
                         time.sleep(stub.token_delay)
-                        chunk = {"id": f"cmpl-{n}", "object": "text_completion", "model": stub.model,
-                                 "choices": [{"index": 0, "text": (" " if i else "") + word, "finish_reason": None}]}
+                        chunk = {
+                            "id": f"cmpl-{n}",
+                            "object": "text_completion",
+                            "model": stub.model,
+                            "choices": [{"index": 0, "text": (" " if i else "") + word, "finish_reason": None}],
+                        }
                         self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                         self.wfile.flush()
                     usage = {"id": f"cmpl-{n}", "choices": [], "usage": {"completion_tokens": len(words)}}

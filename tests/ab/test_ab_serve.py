@@ -11,9 +11,9 @@ from moe_backend.ab.serve_client import ServerSpec, load_prompts, run_ab, stream
 from moe_backend.ab.serve_report import agreement, first_divergence, server_stats
 from tests.ab.openai_stub import StubServer
 
-PROMPTS = [f"the quick brown fox number {i} jumps over the lazy dog" + (" [flaky]" if i % 3 == 2 else "")
-           for i in range(8)] + \
-          ["please diverge here at some point in this long sentence", "hang forever please"]
+PROMPTS = [
+    f"the quick brown fox number {i} jumps over the lazy dog" + (" [flaky]" if i % 3 == 2 else "") for i in range(8)
+] + ["please diverge here at some point in this long sentence", "hang forever please"]
 
 
 def test_ab_serve_report(tmp_path):
@@ -21,8 +21,27 @@ def test_ab_serve_report(tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     with StubServer() as a, StubServer(token_delay=0.02, flaky=True, diverge_at=2) as b:
         start = time.monotonic()
-        rc = main(["ab-serve", "--a", a.url, "--b", b.url + "/v1/", "--prompts", str(prompts), "--concurrency", "3",
-                   "--timeout", "1.0", "--duration", "20", "--max-tokens", "16", "--out", str(tmp_path / "out")])
+        rc = main(
+            [
+                "ab-serve",
+                "--a",
+                a.url,
+                "--b",
+                b.url + "/v1/",
+                "--prompts",
+                str(prompts),
+                "--concurrency",
+                "3",
+                "--timeout",
+                "1.0",
+                "--duration",
+                "20",
+                "--max-tokens",
+                "16",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
         elapsed = time.monotonic() - start
     assert rc == 0
     assert elapsed < 8, elapsed  # the hanging request is cut by its 1 s timeout
@@ -55,9 +74,14 @@ def test_agreement_and_first_divergence():
     assert first_divergence(["a", " b"], "a b c") == (3, 2)  # A stopped early
     assert first_divergence(["ab", "cd"], "ab") == (2, 1)
     with StubServer() as a, StubServer(diverge_at=1, token_delay=0.01) as b:
-        run = run_ab([ServerSpec("A", a.url, "stub-model"), ServerSpec("B", b.url, "stub-model")],
-                     ["one two three", "diverge two three four"], concurrency=2, timeout=5, duration=5,
-                     progress=False)
+        run = run_ab(
+            [ServerSpec("A", a.url, "stub-model"), ServerSpec("B", b.url, "stub-model")],
+            ["one two three", "diverge two three four"],
+            concurrency=2,
+            timeout=5,
+            duration=5,
+            progress=False,
+        )
     agree = agreement(run, "A", "B")
     assert agree["compared"] == 2 and agree["exact"] == 1 and agree["exact_rate"] == 0.5
     assert agree["divergent"][0]["token"] == 1 and agree["first_divergent_token_min"] == 1
@@ -71,8 +95,14 @@ def test_duration_and_unreachable_server(tmp_path):
     with StubServer(token_delay=0.2) as slow:
         dead = ServerSpec("dead", "http://127.0.0.1:9", "stub-model")  # discard port: refused
         start = time.monotonic()
-        run = run_ab([ServerSpec("slow", slow.url, "stub-model"), dead], ["a b c d e f"] * 6, concurrency=1,
-                     timeout=10, duration=0.5, progress=False)
+        run = run_ab(
+            [ServerSpec("slow", slow.url, "stub-model"), dead],
+            ["a b c d e f"] * 6,
+            concurrency=1,
+            timeout=10,
+            duration=0.5,
+            progress=False,
+        )
         assert time.monotonic() - start < 3
     slow_results = [r for r in run["results"] if r.server == "slow"]
     assert run["not_started"] >= 4 and slow_results
@@ -82,11 +112,20 @@ def test_duration_and_unreachable_server(tmp_path):
 
 def test_stream_errors_and_bad_inputs(tmp_path):
     with StubServer() as a:
-        r = stream_completion(ServerSpec("A", a.url, "wrong-model"), "x y", 0, max_tokens=4, temperature=0,
-                              timeout=2, stop_at=time.monotonic() + 5, t0=time.monotonic())
+        r = stream_completion(
+            ServerSpec("A", a.url, "wrong-model"),
+            "x y",
+            0,
+            max_tokens=4,
+            temperature=0,
+            timeout=2,
+            stop_at=time.monotonic() + 5,
+            t0=time.monotonic(),
+        )
         assert not r.ok and r.error.startswith("http 404")
-        assert main(["ab-serve", "--a", a.url, "--b", "ftp://nowhere", "--prompts", __file__, "--out",
-                     str(tmp_path)]) == 2
+        assert (
+            main(["ab-serve", "--a", a.url, "--b", "ftp://nowhere", "--prompts", __file__, "--out", str(tmp_path)]) == 2
+        )
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "first"}\nsecond line\\nwith a newline\n\n')
     assert load_prompts(str(path)) == ["first", "second line\nwith a newline"]

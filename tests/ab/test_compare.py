@@ -34,8 +34,22 @@ def perturbed():
 
 def test_compare_flags_a_perturbed_backend(tmp_path, perturbed, monkeypatch):
     out, policy_file = tmp_path / "report", tmp_path / "policy.json"
-    rc = main(["compare", "--cpu", "--backends", f"reference,{perturbed},triton,deepgemm", "--slice", "ep8,tp8",
-               "--tokens", "16,40", "--out", str(out), "--emit-policy", str(policy_file)])
+    rc = main(
+        [
+            "compare",
+            "--cpu",
+            "--backends",
+            f"reference,{perturbed},triton,deepgemm",
+            "--slice",
+            "ep8,tp8",
+            "--tokens",
+            "16,40",
+            "--out",
+            str(out),
+            "--emit-policy",
+            str(policy_file),
+        ]
+    )
     assert rc == 0
     report = (out / "report.md").read_text()
     assert f"**DIVERGES: {perturbed}**" in report
@@ -73,9 +87,12 @@ def test_emit_policy_merges_devices(tmp_path):
     from moe_backend.ab.winners import write_policy
 
     path = tmp_path / "p.json"
-    write_policy(str(path), "GPU A", {"prefill_kernel": "contiguous", "decode_kernel": "triton", "decode_max_tokens": 64})
-    write_policy(str(path), "GPU B", {"prefill_kernel": "triton_contiguous", "decode_kernel": "masked",
-                                      "decode_max_tokens": 128})
+    write_policy(
+        str(path), "GPU A", {"prefill_kernel": "contiguous", "decode_kernel": "triton", "decode_max_tokens": 64}
+    )
+    write_policy(
+        str(path), "GPU B", {"prefill_kernel": "triton_contiguous", "decode_kernel": "masked", "decode_max_tokens": 128}
+    )
     data = json.loads(path.read_text())
     assert Policy.from_dict(data, "GPU A").decode_kernel == "triton"
     assert Policy.from_dict(data, "GPU B").decode_max_tokens == 128
@@ -87,11 +104,28 @@ def test_emit_policy_merges_devices(tmp_path):
 
 
 def test_compare_on_a_checkpoint_layer(tmp_path):
-    proc = subprocess.run([sys.executable, "examples/make_tiny_checkpoint.py", str(tmp_path / "ckpt")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "examples/make_tiny_checkpoint.py", str(tmp_path / "ckpt")], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
-    rc = main(["compare", "--cpu", "--checkpoint", str(tmp_path / "ckpt"), "--layer", "1", "--slice", "ep2,tp2",
-               "--backends", "reference,phasemoe", "--tokens", "24", "--out", str(tmp_path / "r")])
+    rc = main(
+        [
+            "compare",
+            "--cpu",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--layer",
+            "1",
+            "--slice",
+            "ep2,tp2",
+            "--backends",
+            "reference,phasemoe",
+            "--tokens",
+            "24",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "r" / "results.json").read_text())
     assert result["meta"]["routing"] == "router"
@@ -100,13 +134,16 @@ def test_compare_on_a_checkpoint_layer(tmp_path):
     assert all(not r["diverges"] for r in result["rows"]), result["rows"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--backends", "nope"], "unknown name 'nope'"),
-    (["--slice", "ep7"], "must divide"),
-    (["--slice", "tp32"], "multiple of 128"),
-    (["--routing", "zipf:9"], "0 <= A <= 4"),
-    (["--routing", "router"], "needs --checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backends", "nope"], "unknown name 'nope'"),
+        (["--slice", "ep7"], "must divide"),
+        (["--slice", "tp32"], "multiple of 128"),
+        (["--routing", "zipf:9"], "0 <= A <= 4"),
+        (["--routing", "router"], "needs --checkpoint"),
+    ],
+)
 def test_compare_bad_arguments(tmp_path, capsys, args, message):
     assert main(["compare", "--cpu", "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
@@ -141,16 +178,47 @@ def test_backend_registry():
 def test_compare_cli_subprocess_prints_skips(tmp_path):
     """The real entry point (progress bar on stderr, skipped peers on stdout)."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "moe_backend", "compare", "--backends", "reference,deepgemm",
-                           "--slice", "tp8", "--tokens", "4", "--out", str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_backend",
+            "compare",
+            "--backends",
+            "reference,deepgemm",
+            "--slice",
+            "tp8",
+            "--tokens",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "skipped deepgemm" in proc.stdout and "compare" in proc.stderr
 
 
 def test_time_budget_reports_what_was_not_run(tmp_path):
-    rc = main(["compare", "--cpu", "--backends", "reference", "--slice", "ep8,tp8", "--tokens", "16,32",
-               "--time-budget", "0", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "compare",
+            "--cpu",
+            "--backends",
+            "reference",
+            "--slice",
+            "ep8,tp8",
+            "--tokens",
+            "16,32",
+            "--time-budget",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["rows"] == []

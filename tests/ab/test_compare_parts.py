@@ -26,8 +26,10 @@ def test_routing_uniform_zipf_and_file(tmp_path):
     assert all(len(set(row)) == 8 for row in ids.tolist()[:200])  # distinct experts per token
     _, zipf = make_routing(parse_routing("zipf:1.2"), 4096, 256, 8, seed=1)
     assert _max_over_mean(zipf, 256) > 3 * _max_over_mean(ids, 256)
-    assert torch.equal(make_routing(parse_routing("zipf:1.2"), 64, 256, 8, seed=5)[1],
-                       make_routing(parse_routing("zipf:1.2"), 64, 256, 8, seed=5)[1])
+    assert torch.equal(
+        make_routing(parse_routing("zipf:1.2"), 64, 256, 8, seed=5)[1],
+        make_routing(parse_routing("zipf:1.2"), 64, 256, 8, seed=5)[1],
+    )
     path = tmp_path / "ids.json"
     path.write_text(json.dumps([[0, 1], [2, 3], [4, 5]]))
     _, from_file = make_routing(parse_routing(str(path)), 7, 8, 2)
@@ -48,7 +50,12 @@ def test_slices_of_deepseek_v3():
     assert (ep8.local_experts, ep8.num_experts, ep8.intermediate, ep8.hidden, ep8.topk) == (32, 256, 2048, 7168, 8)
     assert (tp8.local_experts, tp8.num_experts, tp8.intermediate, tp8.tp) == (256, 256, 256, 8)
     small_ep8, small_tp8 = parse_slices("ep8,tp8", MoEConfig(), small=True)
-    assert (small_ep8.local_experts, small_ep8.num_experts, small_ep8.intermediate, small_ep8.hidden) == (2, 16, 256, 256)
+    assert (small_ep8.local_experts, small_ep8.num_experts, small_ep8.intermediate, small_ep8.hidden) == (
+        2,
+        16,
+        256,
+        256,
+    )
     assert (small_tp8.local_experts, small_tp8.intermediate, small_tp8.topk) == (16, 128, 4)
     assert parse_slices("full", MoEConfig())[0].local_experts == 256
     for bad, msg in (("ep3", "must divide"), ("tp3", "multiple of 128"), ("xx", "expected epN"), ("", "ep8,tp8")):
@@ -57,8 +64,14 @@ def test_slices_of_deepseek_v3():
 
 
 def test_config_json_slice(tmp_path):
-    cfg = {"hidden_size": 256, "moe_intermediate_size": 128, "n_routed_experts": 8, "num_experts_per_tok": 2,
-           "n_group": 2, "topk_group": 1}
+    cfg = {
+        "hidden_size": 256,
+        "moe_intermediate_size": 128,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     (s,) = parse_slices(str(tmp_path / "config.json"), MoEConfig())
     assert (s.hidden, s.intermediate, s.local_experts, s.topk) == (256, 128, 8, 2)
@@ -66,11 +79,29 @@ def test_config_json_slice(tmp_path):
 
 def test_tp_shard_of_checkpoint_weights():
     """Rank 0's TP2 shard: gate rows [0, I/2), up rows [I, I + I/2), w2 columns [0, I/2)."""
-    full = parse_slices("full", MoEConfig(hidden_size=256, moe_intermediate_size=256, n_routed_experts=4,
-                                          num_experts_per_tok=2, n_group=2, topk_group=1))[0]
+    full = parse_slices(
+        "full",
+        MoEConfig(
+            hidden_size=256,
+            moe_intermediate_size=256,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+        ),
+    )[0]
     w13, w13_s, w2, w2_s = random_slice_weights(full, torch.device("cpu"), seed=3)
-    tp2 = parse_slices("tp2", MoEConfig(hidden_size=256, moe_intermediate_size=256, n_routed_experts=4,
-                                        num_experts_per_tok=2, n_group=2, topk_group=1))[0]
+    tp2 = parse_slices(
+        "tp2",
+        MoEConfig(
+            hidden_size=256,
+            moe_intermediate_size=256,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+        ),
+    )[0]
     s13, s13_s, s2, s2_s = checkpoint_slice_weights(tp2, w13, w13_s, w2, w2_s)
     assert s13.shape == (4, 256, 256) and s2.shape == (4, 256, 128)
     d13, ds13 = dequantize_fp8_blockwise(w13, w13_s), dequantize_fp8_blockwise(s13, s13_s)
@@ -99,17 +130,33 @@ def test_divergence_metrics():
 
 
 def _row(backend, kernel, tokens, us, rel=1e-3, slice_name="ep8"):
-    return dict(slice=slice_name, tokens=tokens, phase="decode" if tokens <= 256 else "prefill", backend=backend,
-                kernel=kernel, time_us=us, rel_err=rel, diverges=rel > 1e-2)
+    return dict(
+        slice=slice_name,
+        tokens=tokens,
+        phase="decode" if tokens <= 256 else "prefill",
+        backend=backend,
+        kernel=kernel,
+        time_us=us,
+        rel_err=rel,
+        diverges=rel > 1e-2,
+    )
 
 
 def test_policy_from_winners():
     rows = []
     for t in (1, 8, 128, 256):  # decode: the masked kernel best, static
-        rows += [_row("masked", "masked", t, 10), _row("contiguous", "contiguous", t, 11), _row("triton", "triton", t, 12)]
+        rows += [
+            _row("masked", "masked", t, 10),
+            _row("contiguous", "contiguous", t, 11),
+            _row("triton", "triton", t, 12),
+        ]
     for t in (2048, 8192):  # prefill: contiguous far ahead; the wrong kernel is fastest but diverges
-        rows += [_row("masked", "masked", t, 200), _row("contiguous", "contiguous", t, 100),
-                 _row("wrong", "triton_contiguous", t, 50, rel=0.5), _row("custom", None, t, 1)]
+        rows += [
+            _row("masked", "masked", t, 200),
+            _row("contiguous", "contiguous", t, 100),
+            _row("wrong", "triton_contiguous", t, 50, rel=0.5),
+            _row("custom", None, t, 1),
+        ]
     section = policy_section(rows)
     assert section == {"prefill_kernel": "contiguous", "decode_kernel": "masked", "decode_max_tokens": 256}
     Policy.from_dict({"devices": {"X": section}}, "X")
@@ -117,14 +164,20 @@ def test_policy_from_winners():
     assert winners[("ep8", 8192)]["backend"] == "custom"  # registered backends win cells, not policies
     assert all(w["backend"] != "wrong" for w in winners.values())
     # The decode winner 9% behind from 128 tokens: it still wins the decode range, up to 8 tokens.
-    slow = [dict(r, time_us=r["time_us"] * (1.2 if r["tokens"] >= 128 and r["kernel"] == "masked" else 1.0))
-            for r in rows if r["kernel"]]
+    slow = [
+        dict(r, time_us=r["time_us"] * (1.2 if r["tokens"] >= 128 and r["kernel"] == "masked" else 1.0))
+        for r in rows
+        if r["kernel"]
+    ]
     section = policy_section(slow)
     assert section["decode_max_tokens"] == 8 and section["decode_kernel"] == "masked"
     assert section["prefill_kernel"] == "contiguous"
     # Nothing valid: the defaults.
     assert policy_section([_row("wrong", "masked", 8, 1, rel=1.0)]) == {
-        "prefill_kernel": "contiguous", "decode_kernel": "contiguous", "decode_max_tokens": 256}
+        "prefill_kernel": "contiguous",
+        "decode_kernel": "contiguous",
+        "decode_max_tokens": 256,
+    }
 
 
 def test_masked_layout_cells_that_outgrow_the_gpu_are_skipped(monkeypatch):

@@ -67,11 +67,19 @@ def perturbed():
     unregister_backend("perturbed")
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "expected 'backend:rate'"), ("deepgemm", "is not 'backend:rate'"), ("deepgemm:0", r"in \(0, 1\]"),
-    ("deepgemm:1.5", r"in \(0, 1\]"), ("deepgemm:abc", r"in \(0, 1\]"), ("nope:0.1", "unknown name 'nope'"),
-    ("triton:0.1,triton:0.2", "given twice"), (":0.1", "is not 'backend:rate'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "expected 'backend:rate'"),
+        ("deepgemm", "is not 'backend:rate'"),
+        ("deepgemm:0", r"in \(0, 1\]"),
+        ("deepgemm:1.5", r"in \(0, 1\]"),
+        ("deepgemm:abc", r"in \(0, 1\]"),
+        ("nope:0.1", "unknown name 'nope'"),
+        ("triton:0.1,triton:0.2", "given twice"),
+        (":0.1", "is not 'backend:rate'"),
+    ],
+)
 def test_bad_specs(spec, message, monkeypatch):
     with pytest.raises(ValueError, match=message) as exc:
         parse_shadow_spec(spec)
@@ -122,8 +130,9 @@ def test_sampling_rate_is_honoured(weights, counting):
 def test_layer_output_bit_identical_and_metrics_over_http(weights, perturbed, tmp_path):
     from moe_backend import MoEConfig
 
-    cfg = MoEConfig(hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=8, num_experts_per_tok=2,
-                    n_group=2, topk_group=1)
+    cfg = MoEConfig(
+        hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1
+    )
     registry = prom.CollectorRegistry()
     log = tmp_path / "shadow.jsonl"
     shadow = Shadow(f"{perturbed}:1.0,reference:1.0", registry=registry, log_path=str(log))
@@ -207,15 +216,21 @@ def test_failures_and_capture_never_reach_serving(weights, capsys, monkeypatch):
         primary = torch.zeros(3, H, dtype=torch.bfloat16)
         for _ in range(3):
             s.observe_routed(primary, x_fp8, weights, tw, ids, x_scale=x_scale)  # must not raise
-        assert registry.get_sample_value("moe_backend_shadow_errors_total",
-                                         {"backend": "broken", "error": "RuntimeError"}) == 3
+        assert (
+            registry.get_sample_value("moe_backend_shadow_errors_total", {"backend": "broken", "error": "RuntimeError"})
+            == 3
+        )
         assert capsys.readouterr().err.count("kernel exploded") == 1  # warned once
         with pytest.raises(TypeError, match="experts: expected"):  # our hook called wrongly: a bug, raised
             s.observe_routed(primary, x_fp8, 3, tw, ids)
         monkeypatch.setattr(ab_shadow, "_capturing", lambda: True)
         s.observe_routed(primary, x_fp8, weights, tw, ids, x_scale=x_scale)
-        assert registry.get_sample_value("moe_backend_shadow_skipped_total",
-                                         {"backend": "broken", "reason": "graph_capture"}) == 1
+        assert (
+            registry.get_sample_value(
+                "moe_backend_shadow_skipped_total", {"backend": "broken", "reason": "graph_capture"}
+            )
+            == 1
+        )
         assert s.calls == 3  # nothing sampled, nothing drawn while capturing
     finally:
         unregister_backend("broken")
@@ -239,8 +254,9 @@ def test_layers_are_labelled_in_first_call_order(weights, counting):
 def test_layer_shadow_argument_is_checked_at_construction():
     from moe_backend import MoEConfig
 
-    cfg = MoEConfig(hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=8, num_experts_per_tok=2,
-                    n_group=2, topk_group=1)
+    cfg = MoEConfig(
+        hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1
+    )
     with pytest.raises(ValueError, match="shadow: backend: unknown name 'bogus'"):
         DeepseekV3MoE(cfg, shadow="bogus:0.1")
     with pytest.raises(ValueError, match=r"shadow: the rate of 'triton:2' must be a number in \(0, 1\]"):

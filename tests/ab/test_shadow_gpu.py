@@ -11,8 +11,16 @@ from moe_backend.testing import random_moe_weights
 prom = pytest.importorskip("prometheus_client")
 pytestmark = pytest.mark.gpu
 
-CONFIG = MoEConfig(hidden_size=1024, moe_intermediate_size=384, n_routed_experts=64, num_experts_per_tok=8,
-                   n_group=8, topk_group=4, routed_scaling_factor=2.5, n_shared_experts=1)
+CONFIG = MoEConfig(
+    hidden_size=1024,
+    moe_intermediate_size=384,
+    n_routed_experts=64,
+    num_experts_per_tok=8,
+    n_group=8,
+    topk_group=4,
+    routed_scaling_factor=2.5,
+    n_shared_experts=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +38,13 @@ def layers():
 @pytest.mark.parametrize("tokens", [1, 33, 300, 2048])
 def test_served_output_bit_identical_and_shadow_close(layers, tokens):
     on, off, shadow, registry = layers
-    before = registry.get_sample_value("moe_backend_shadow_samples_total",
-                                       {"layer": "0", "backend": "triton", "phase": "decode" if tokens <= 256
-                                        else "prefill"}) or 0
+    before = (
+        registry.get_sample_value(
+            "moe_backend_shadow_samples_total",
+            {"layer": "0", "backend": "triton", "phase": "decode" if tokens <= 256 else "prefill"},
+        )
+        or 0
+    )
     x = torch.randn(tokens, CONFIG.hidden_size, device="cuda").to(torch.bfloat16)
     for _ in range(3):
         assert torch.equal(on(x), off(x))
@@ -87,6 +99,8 @@ def test_nothing_runs_during_graph_capture(monkeypatch):
     s.flush()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
-    assert registry.get_sample_value("moe_backend_shadow_skipped_total",
-                                     {"backend": "triton", "reason": "graph_capture"}) == 1
+    assert (
+        registry.get_sample_value("moe_backend_shadow_skipped_total", {"backend": "triton", "reason": "graph_capture"})
+        == 1
+    )
     assert s.sampled == 2  # the warm-up and the eager call; not the capture

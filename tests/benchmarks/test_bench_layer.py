@@ -61,7 +61,7 @@ def test_vllm_alignment_holds_each_experts_slots_padded(exponent, seed, block_m)
         mine = blocks[block_expert == e].reshape(-1)
         valid = mine[mine < num_slots].long()
         assert valid.numel() == counts[e]  # the same rows as the layer sees
-        assert bool((mine[valid.numel():] == num_slots).all())  # padding after the rows
+        assert bool((mine[valid.numel() :] == num_slots).all())  # padding after the rows
         assert bool((ids.reshape(-1)[valid] == e).all())
         assert mine.numel() == -(-int(counts[e]) // block_m) * block_m  # empty experts: no block
 
@@ -76,8 +76,16 @@ def test_contiguous_and_masked_layouts_hold_the_routed_rows(exponent, seed):
     a = torch.randn(slot.numel(), k)
     a_fp8, a_s = quantize_fp8_per_token_group(a)
     b_fp8, b_s = quantize_fp8_blockwise(torch.randn(num_experts * n, k).view(num_experts, n, k))
-    want = torch.cat([reference._expert_gemm(a_fp8[i:i + 1], a_s[i:i + 1], b_fp8[e], b_s[e])
-                      for i, e in enumerate(expert.tolist())]) if slot.numel() else torch.zeros(0, n)
+    want = (
+        torch.cat(
+            [
+                reference._expert_gemm(a_fp8[i : i + 1], a_s[i : i + 1], b_fp8[e], b_s[e])
+                for i, e in enumerate(expert.tolist())
+            ]
+        )
+        if slot.numel()
+        else torch.zeros(0, n)
+    )
 
     row, grouped_layout = _peer_layer.contiguous_rows(expert, num_experts, 128)
     assert grouped_layout.numel() % 128 == 0
@@ -89,8 +97,9 @@ def test_contiguous_and_masked_layouts_hold_the_routed_rows(exponent, seed):
     rank, masked_m, max_m = _peer_layer.masked_rows(expert, num_experts)
     assert torch.equal(masked_m.long(), counts) and max_m % 64 == 0 and max_m >= int(counts.max())
     a_m, s_m = _peer_layer._scatter_rows(num_experts * max_m, expert * max_m + rank, a_fp8, a_s)
-    got = reference.grouped_gemm_masked(a_m.view(num_experts, max_m, k), s_m.view(num_experts, max_m, -1),
-                                        b_fp8, b_s, masked_m)[expert, rank]
+    got = reference.grouped_gemm_masked(
+        a_m.view(num_experts, max_m, k), s_m.view(num_experts, max_m, -1), b_fp8, b_s, masked_m
+    )[expert, rank]
     assert _rel(got, want) <= SAME_PRODUCTS
 
 
@@ -118,13 +127,23 @@ def test_ep8_relabel_keeps_every_count_and_picks_the_busiest_rank():
     moved = bench_layer.relabel_to_rank(ids, rank, 32, 256)
     assert moved.dtype == ids.dtype
     assert torch.equal(testing.expert_counts(moved, 32), testing.expert_counts(ids, 32, 32 * rank))
-    assert torch.equal(torch.sort(testing.expert_counts(moved, 256)).values,
-                       torch.sort(testing.expert_counts(ids, 256)).values)
+    assert torch.equal(
+        torch.sort(testing.expert_counts(moved, 256)).values, torch.sort(testing.expert_counts(ids, 256)).values
+    )
 
 
 def _cell(phase, tokens, us, best, dgc, floor_us, wall, gpu, relerr=None):
-    return dict(phase=phase, tokens=tokens, layer_us=us, best_peer_us=best, dg_contig_us=dgc,
-                floor={"us": floor_us}, eager_wall_us=wall, eager_gpu_us=gpu, relerr=relerr)
+    return dict(
+        phase=phase,
+        tokens=tokens,
+        layer_us=us,
+        best_peer_us=best,
+        dg_contig_us=dgc,
+        floor={"us": floor_us},
+        eager_wall_us=wall,
+        eager_gpu_us=gpu,
+        relerr=relerr,
+    )
 
 
 def test_targets_follow_the_issue():
@@ -155,6 +174,7 @@ def test_docs_section_is_replaced_not_duplicated():
 
 # -- one cell end to end at toy size, the peers emulated in torch --------------------------------
 
+
 class _FusedMoeEmulation:
     """The contract of vLLM's fused_moe_kernel as the launcher drives it: block b of sorted_token_ids
     multiplies expert expert_ids[b]; C row = slot, A row = slot // top_k; slots >= num_valid skipped."""
@@ -163,13 +183,26 @@ class _FusedMoeEmulation:
         return self._run
 
     @staticmethod
-    def _run(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, sorted_token_ids_ptr, expert_ids_ptr,
-             num_tokens_post_padded_ptr, num_valid_tokens, EM, BLOCK_SIZE_M, top_k, **_):
+    def _run(
+        a_ptr,
+        b_ptr,
+        c_ptr,
+        a_scale_ptr,
+        b_scale_ptr,
+        sorted_token_ids_ptr,
+        expert_ids_ptr,
+        num_tokens_post_padded_ptr,
+        num_valid_tokens,
+        EM,
+        BLOCK_SIZE_M,
+        top_k,
+        **_,
+    ):
         a = dequantize_fp8_per_token_group(a_ptr, a_scale_ptr)
         b = dequantize_fp8_blockwise(b_ptr, b_scale_ptr)
         blocks = min(EM, int(num_tokens_post_padded_ptr[0])) // BLOCK_SIZE_M
         for blk in range(blocks):
-            ids = sorted_token_ids_ptr[blk * BLOCK_SIZE_M:(blk + 1) * BLOCK_SIZE_M].long()
+            ids = sorted_token_ids_ptr[blk * BLOCK_SIZE_M : (blk + 1) * BLOCK_SIZE_M].long()
             ids = ids[ids < num_valid_tokens]
             c_ptr[ids] = (a[ids // top_k] @ b[int(expert_ids_ptr[blk])].t()).to(c_ptr.dtype)
 
@@ -203,6 +236,7 @@ def toy_bench(monkeypatch):
     monkeypatch.setattr(bench_layer, "TOPK", 4)
     monkeypatch.setattr(bench_layer, "SLICES", {"ep8": (4, 128), "tp8": (32, 128)})
     monkeypatch.setattr(bench_layer, "DECODE_MAX_TOKENS", 16)  # prefill from 17 tokens
+
     # Fixed "timings" per contender, so the best-peer choice is known.
     def graph_us(fn, warmup_ms=10, rep_ms=50, on_output=None):
         out = fn()
@@ -230,12 +264,25 @@ def _toy_weights(num_experts, inter, hidden=256):
 @pytest.mark.parametrize("sl,spec,tokens", [("ep8", "zipf:1.2", 12), ("tp8", "uniform", 40)])
 def test_one_cell_end_to_end_with_emulated_peers(toy_bench, sl, spec, tokens):
     weights = _toy_weights(*toy_bench.SLICES[sl])
-    cfgs = [dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3),
-            dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3)]
-    peers = dict(vllm=_FusedMoeEmulation(), vllm_cfgs=cfgs, dg=_DeepGemmEmulation(masked_garbage=True),
-                 dg_sfb={g: bs for g, (_, bs) in weights.items()})
-    args = argparse.Namespace(seed=0, ep8_rank="busiest", check_tokens={tokens}, graph_prefill=False,
-                              eager_calls=2, profile_calls=1, masked_budget_gib=1.0)
+    cfgs = [
+        dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3),
+        dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3),
+    ]
+    peers = dict(
+        vllm=_FusedMoeEmulation(),
+        vllm_cfgs=cfgs,
+        dg=_DeepGemmEmulation(masked_garbage=True),
+        dg_sfb={g: bs for g, (_, bs) in weights.items()},
+    )
+    args = argparse.Namespace(
+        seed=0,
+        ep8_rank="busiest",
+        check_tokens={tokens},
+        graph_prefill=False,
+        eager_calls=2,
+        profile_calls=1,
+        masked_budget_gib=1.0,
+    )
     ceil = dict(read_tbs=4.0, fp8_tflops=1000.0, copy_tbs=4.0)
     cell = toy_bench.run_cell(sl, spec, tokens, weights, peers, ceil, args, io.StringIO())
 
@@ -271,16 +318,30 @@ def test_docs_section_from_a_runs_json(toy_bench, tmp_path, capsys):
 
     weights = _toy_weights(*toy_bench.SLICES["tp8"])
     peers = dict(dg=_DeepGemmEmulation(), dg_sfb={g: bs for g, (_, bs) in weights.items()})
-    args = argparse.Namespace(seed=0, ep8_rank="busiest", check_tokens=set(), graph_prefill=False,
-                              eager_calls=2, profile_calls=1, masked_budget_gib=1.0)
+    args = argparse.Namespace(
+        seed=0,
+        ep8_rank="busiest",
+        check_tokens=set(),
+        graph_prefill=False,
+        eager_calls=2,
+        profile_calls=1,
+        masked_budget_gib=1.0,
+    )
     ceil = dict(read_tbs=4.0, fp8_tflops=1000.0, copy_tbs=4.0)
-    cells = [toy_bench.run_cell("tp8", spec, 16, weights, peers, ceil, args, io.StringIO())
-             for spec in ("uniform", "zipf:1.2")]
-    env = dict(device="Toy GPU", torch="t", triton="tr", cuda="c", date="today", deep_gemm="emulated",
-               vllm_source="not loaded")
+    cells = [
+        toy_bench.run_cell("tp8", spec, 16, weights, peers, ceil, args, io.StringIO())
+        for spec in ("uniform", "zipf:1.2")
+    ]
+    env = dict(
+        device="Toy GPU", torch="t", triton="tr", cuda="c", date="today", deep_gemm="emulated", vllm_source="not loaded"
+    )
     run = tmp_path / "layer.json"
-    run.write_text(json.dumps(dict(env=env, ceilings=ceil, selection="--slices tp8", cells=cells,
-                                   skipped=["tp8 uniform 2048"]), default=float))
+    run.write_text(
+        json.dumps(
+            dict(env=env, ceilings=ceil, selection="--slices tp8", cells=cells, skipped=["tp8 uniform 2048"]),
+            default=float,
+        )
+    )
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## Notes\n\n- n\n")
     for _ in range(2):  # the second run replaces the section
@@ -303,11 +364,31 @@ def test_main_writes_json_docs_and_the_table_last(toy_bench, monkeypatch, tmp_pa
     monkeypatch.setattr(moe_backend.testing, "random_fp8_weights", toy_random_weights)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Toy GPU")
     monkeypatch.setattr(bench_layer, "measure_ceilings", lambda: dict(read_tbs=4.0, copy_tbs=4.0, fp8_tflops=1000.0))
-    monkeypatch.setattr(bench_layer, "load_peers", lambda log: (dict(dg=_DeepGemmEmulation()),
-                                                                dict(deep_gemm="emulated", vllm_source="–")))
+    monkeypatch.setattr(
+        bench_layer,
+        "load_peers",
+        lambda log: (dict(dg=_DeepGemmEmulation()), dict(deep_gemm="emulated", vllm_source="–")),
+    )
     doc, run = tmp_path / "benchmarks.md", tmp_path / "layer.json"
-    assert bench_layer.main(["--slices", "tp8,ep8", "--tokens", "8,40", "--routing", "zipf:1.2",
-                             "--check-tokens", "8", "--json", str(run), "--md", str(doc)]) == 0
+    assert (
+        bench_layer.main(
+            [
+                "--slices",
+                "tp8,ep8",
+                "--tokens",
+                "8,40",
+                "--routing",
+                "zipf:1.2",
+                "--check-tokens",
+                "8",
+                "--json",
+                str(run),
+                "--md",
+                str(doc),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.rstrip().splitlines()
     assert out[-1].startswith("| ep8 | zipf:1.2 | 40 |") and out[-6].startswith("| slice |")
     saved = json.loads(run.read_text())

@@ -50,10 +50,14 @@ print(json.dumps(res))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_routed_cell_on_the_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not res.get("errors"), res.get("errors")
@@ -91,10 +95,19 @@ bg.main_routed(args, {"device": "cpu", "torch": "", "triton": "", "cuda": "", "d
 def test_routed_main_writes_json_and_table(tmp_path: Path) -> None:
     """The routed run's loop: only the chosen GEMM, one cell per routing, JSON after each cell,
     the markdown table, the short table printed last."""
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.run([sys.executable, "-c", MAIN_SCRIPT, str(tmp_path / "routed")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", MAIN_SCRIPT, str(tmp_path / "routed")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads((tmp_path / "routed.json").read_text())
     assert [(c["gemm"], c["routing"]) for c in data["cells"]] == [("w2", "uniform"), ("w2", "zipf:1.2")]
@@ -118,11 +131,11 @@ def test_vllm_launcher_per_expert_counts(block_m: int, gemm: str) -> None:
     assert int(post) == padded
     assert sorted(ids[ids < moe.slots].tolist()) == list(range(moe.slots))
     for e, c in enumerate(counts):
-        rows = (torch.repeat_interleave(expert_ids, block_m)[:ids.numel()] == e).nonzero().flatten()
+        rows = (torch.repeat_interleave(expert_ids, block_m)[: ids.numel()] == e).nonzero().flatten()
         assert rows.numel() == -(-c // block_m) * block_m
         got = ids[rows]
         assert torch.equal(got[got < moe.slots].long(), moe.slots_of(e)) and (got[c:] == moe.slots).all()
-    assert (expert_ids[padded // block_m:] == -1).all()
+    assert (expert_ids[padded // block_m :] == -1).all()
     assert torch.equal(moe.a_row_of_slot(torch.tensor([17])), torch.tensor([2 if gemm == "w13" else 17]))
 
 

@@ -24,6 +24,7 @@ def fake_compiler(counter: Path):
         time.sleep(0.5)  # long enough that the other processes arrive mid-build
         cubin.write_bytes(b"\x7fELF raced " * 32 + spec.source.encode())
         return ""
+
     compile_.compiler_id = "fake-race"
     return compile_
 
@@ -33,6 +34,7 @@ def counting_nvcc(counter: Path):
         with open(counter, "a") as f:
             f.write(f"{os.getpid()}\n")
         return jit.nvcc_compiler(src, cubin, spec)
+
     compile_.compiler_id = jit.nvcc_version(jit.find_nvcc())  # the real key, as the default compiler
     return compile_
 
@@ -48,6 +50,7 @@ def main() -> None:
             if str(self).startswith(root):
                 raise OSError(errno.ENOSPC, "No space left on device", str(self))
             return real_write_text(self, *args, **kwargs)
+
         Path.write_text = write_text
     if mode == "nvcc":
         spec = jit.KernelSpec(family="race", kernel_name="phasemoe_race", source=TRIVIAL, include_dirs=())

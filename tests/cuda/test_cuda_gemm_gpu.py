@@ -26,6 +26,7 @@ ALIGN = 128
 
 def _ggc():
     from moe_backend.cuda import grouped_gemm_contiguous as ggc
+
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the CUDA grouped GEMM is built for sm_90a (Hopper)")
     return ggc
@@ -58,13 +59,13 @@ class Case:
     name: str
     n: int
     k: int
-    counts: tuple             # real rows per expert (each segment padded to 128)
+    counts: tuple  # real rows per expert (each segment padded to 128)
     block_n: int | None = None  # force a config with this N tile (None: the heuristic)
     trailing_pad: int = ALIGN
-    pad_last: bool = True     # False: M ends mid-tile (TMA zero-fills rows past M)
-    cluster: int = 1          # with block_n: CTA pairs (2) or single CTAs (1)
-    multicast: str = "b"      # with cluster 2: the operand the pair shares
-    group_m: int = 8          # with block_n: M units walked together (1: M-unit-major)
+    pad_last: bool = True  # False: M ends mid-tile (TMA zero-fills rows past M)
+    cluster: int = 1  # with block_n: CTA pairs (2) or single CTAs (1)
+    multicast: str = "b"  # with cluster 2: the operand the pair shares
+    group_m: int = 8  # with block_n: M units walked together (1: M-unit-major)
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -92,33 +93,59 @@ CASES = [
     # every N tile alone and in pairs sharing B: (0,1) one expert (B multicast), (2,3) two experts
     # (own loads), (4,5) a live tile beside a padding tile (the dead half stores nothing); odd and
     # even K-block counts, ragged N
-    *[Case(f"block_n_{bn}_cluster{cl}_n{n}_k{k}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl)
-      for bn in (64, 128, 256) for cl in (1, 2) for n, k in ((7168, 2048), (1000, 384))],
+    *[
+        Case(f"block_n_{bn}_cluster{cl}_n{n}_k{k}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl)
+        for bn in (64, 128, 256)
+        for cl in (1, 2)
+        for n, k in ((7168, 2048), (1000, 384))
+    ],
     Case("block_n_256_k7168_ep8_ragged_single", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=256),
-    *[Case(f"block_n_{bn}_pairs_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=bn, cluster=2, pad_last=False,
-           trailing_pad=0) for bn in (128, 256)],
+    *[
+        Case(
+            f"block_n_{bn}_pairs_m_ends_mid_tile",
+            1024,
+            2048,
+            (130, 0, 77),
+            block_n=bn,
+            cluster=2,
+            pad_last=False,
+            trailing_pad=0,
+        )
+        for bn in (128, 256)
+    ],
     # the pair's own M tiles only (group_m = the cluster, the TP8 choice) and M-unit-major single CTAs
     Case("group_m_2_pairs_k256", 7168, 256, _skewed(64, 64 * 40, 6), block_n=128, cluster=2, group_m=2),
     Case("group_m_1_single", 512, 7168, _skewed(64, 64 * 40, 7), block_n=64, group_m=1),
     # CTA pairs on N tiles 2j, 2j+1 sharing A: an odd N-tile count (1001 / 128 -> 8 with a ragged
     # last tile, 384 / 128 -> 3: the last pair's second CTA is past N), padding tiles, M ending mid-tile
-    *[Case(f"share_a_block_n_{bn}_n{n}", n, k, (257, 0, 128, 31), block_n=bn, cluster=2, multicast="a", group_m=1)
-      for bn, n, k in ((128, 7168, 2048), (128, 1001, 384), (128, 384, 256), (64, 512, 7168))],
-    Case("share_a_m_ends_mid_tile", 1024, 2048, (130, 0, 77), block_n=128, cluster=2, multicast="a",
-         pad_last=False, trailing_pad=0),
+    *[
+        Case(f"share_a_block_n_{bn}_n{n}", n, k, (257, 0, 128, 31), block_n=bn, cluster=2, multicast="a", group_m=1)
+        for bn, n, k in ((128, 7168, 2048), (128, 1001, 384), (128, 384, 256), (64, 512, 7168))
+    ],
+    Case(
+        "share_a_m_ends_mid_tile",
+        1024,
+        2048,
+        (130, 0, 77),
+        block_n=128,
+        cluster=2,
+        multicast="a",
+        pad_last=False,
+        trailing_pad=0,
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_matches_reference(case: Case) -> None:
     ggc = _ggc()
-    a, a_scale, b, b_scale, expert_ids = _operands(case.counts, case.n, case.k, trailing_pad=case.trailing_pad,
-                                                   pad_last=case.pad_last)
+    a, a_scale, b, b_scale, expert_ids = _operands(
+        case.counts, case.n, case.k, trailing_pad=case.trailing_pad, pad_last=case.pad_last
+    )
     out = torch.full((expert_ids.numel(), case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
     cfg = None
     if case.block_n is not None:
-        cfg = ggc.ContiguousConfig(case.block_n, group_m=case.group_m, cluster=case.cluster,
-                                   multicast=case.multicast)
+        cfg = ggc.ContiguousConfig(case.block_n, group_m=case.group_m, cluster=case.cluster, multicast=case.multicast)
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()
     pad = expert_ids < 0
@@ -192,8 +219,10 @@ def test_ep8_timing(rows_per_expert, which, n, k) -> None:
     us = sorted(times)[len(times) // 2]
     rows = sum(counts)
     cfg = ggc.select_config(expert_ids.numel(), n, torch.cuda.get_device_properties(0).multi_processor_count, k=k)
-    print(f"\n[cuda contiguous] {torch.cuda.get_device_name()} EP8 {which} {rows_per_expert} rows/expert "
-          f"{cfg}: {us:.0f} µs, {2 * rows * n * k / us / 1e6:.0f} TFLOPS")
+    print(
+        f"\n[cuda contiguous] {torch.cuda.get_device_name()} EP8 {which} {rows_per_expert} rows/expert "
+        f"{cfg}: {us:.0f} µs, {2 * rows * n * k / us / 1e6:.0f} TFLOPS"
+    )
     ref_rows = slice(0, 2 * ALIGN)  # spot-check two tiles against the reference (full check is slow)
     ref = reference.grouped_gemm_contiguous(a[ref_rows], a_scale[ref_rows], b, b_scale, expert_ids[ref_rows])
     assert _rel(out[ref_rows], ref) <= TOL["gemm"]

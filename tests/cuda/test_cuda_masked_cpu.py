@@ -21,8 +21,13 @@ def test_max_m_must_be_a_tile_multiple(max_m) -> None:
     assert not masked.supports_max_m(max_m)
     a = torch.zeros(2, max_m, 128).to(FP8_DTYPE)
     with pytest.raises(ValueError, match="max_m"):
-        masked.grouped_gemm_masked(a, torch.ones(2, max_m, 1), torch.zeros(2, 128, 128).to(FP8_DTYPE),
-                                   torch.ones(2, 1, 1), torch.zeros(2, dtype=torch.int32))
+        masked.grouped_gemm_masked(
+            a,
+            torch.ones(2, max_m, 1),
+            torch.zeros(2, 128, 128).to(FP8_DTYPE),
+            torch.ones(2, 1, 1),
+            torch.zeros(2, dtype=torch.int32),
+        )
 
 
 def test_weights_are_checked_before_the_direct_launch() -> None:
@@ -36,15 +41,21 @@ def test_weights_are_checked_before_the_direct_launch() -> None:
     with pytest.raises(ValueError, match="b_scale"):
         masked.grouped_gemm_masked(*args, torch.zeros(2, 128, 128).to(FP8_DTYPE), torch.ones(2, 2, 1), masked_m)
     with pytest.raises(TypeError, match="b_scale"):
-        masked.grouped_gemm_masked(*args, torch.zeros(2, 128, 128).to(FP8_DTYPE),
-                                   torch.ones(2, 1, 1, dtype=torch.float64), masked_m)
+        masked.grouped_gemm_masked(
+            *args, torch.zeros(2, 128, 128).to(FP8_DTYPE), torch.ones(2, 1, 1, dtype=torch.float64), masked_m
+        )
 
 
 def test_masked_m_dtype_is_checked() -> None:
     a = torch.zeros(2, 128, 128).to(FP8_DTYPE)
     with pytest.raises(TypeError, match="masked_m"):
-        masked.grouped_gemm_masked(a, torch.ones(2, 128, 1), torch.zeros(2, 128, 128).to(FP8_DTYPE),
-                                   torch.ones(2, 1, 1), torch.zeros(2, dtype=torch.int64))
+        masked.grouped_gemm_masked(
+            a,
+            torch.ones(2, 128, 1),
+            torch.zeros(2, 128, 128).to(FP8_DTYPE),
+            torch.ones(2, 1, 1),
+            torch.zeros(2, dtype=torch.int64),
+        )
 
 
 def test_best_picks_cuda_only_where_measured_and_tiles_fit() -> None:

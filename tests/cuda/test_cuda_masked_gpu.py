@@ -19,6 +19,7 @@ def _op():
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the CUDA grouped GEMM is built for sm_90a (Hopper)")
     from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked
+
     return grouped_gemm_masked
 
 
@@ -31,17 +32,20 @@ def _check(out, ref, masked_m) -> None:
             assert float((got - want).norm() / want.norm()) <= TOL, f"expert {e}"
 
 
-@pytest.mark.parametrize("max_m,n,k,counts", [
-    (128, 4096, 7168, [128, 0, 1, 77, 128, 5]),
-    (256, 7168, 2048, [256, 129, 0, 255]),
-    (128, 7168, 256, [3, 128, 0, 64, 127, 1, 1, 100]),
-    (128, 1000, 384, [50, 128]),  # N not a multiple of any tile
-    # max_m far above the rows (the dead M tiles of an expert are skipped): single CTAs (K = 256)
-    # and A-sharing pairs, hot experts across several M tiles, idle ones, rows ending on a tile edge
-    (1024, 7168, 256, [0, 1000, 3, 0, 0, 128, 129, 1, 0, 17, 256, 0, 0, 0, 5, 1024]),
-    (1024, 4096, 7168, [0, 2, 700, 0, 1, 0, 0, 384]),
-    (512, 512, 7168, [0] * 30 + [300, 1]),
-])
+@pytest.mark.parametrize(
+    "max_m,n,k,counts",
+    [
+        (128, 4096, 7168, [128, 0, 1, 77, 128, 5]),
+        (256, 7168, 2048, [256, 129, 0, 255]),
+        (128, 7168, 256, [3, 128, 0, 64, 127, 1, 1, 100]),
+        (128, 1000, 384, [50, 128]),  # N not a multiple of any tile
+        # max_m far above the rows (the dead M tiles of an expert are skipped): single CTAs (K = 256)
+        # and A-sharing pairs, hot experts across several M tiles, idle ones, rows ending on a tile edge
+        (1024, 7168, 256, [0, 1000, 3, 0, 0, 128, 129, 1, 0, 17, 256, 0, 0, 0, 5, 1024]),
+        (1024, 4096, 7168, [0, 2, 700, 0, 1, 0, 0, 384]),
+        (512, 512, 7168, [0] * 30 + [300, 1]),
+    ],
+)
 def test_matches_reference(max_m, n, k, counts) -> None:
     op = _op()
     torch.manual_seed(max_m + n + k)

@@ -21,8 +21,9 @@ def test_every_tile_fits_shared_memory_and_defaults_to_a_full_ring():
     assert (max_stages(64), max_stages(128), max_stages(256)) == (6, 6, 4)
 
 
-@pytest.mark.parametrize("field,value", [("block_n", 192), ("num_stages", 1), ("group_m", 0), ("cluster", 4),
-                                         ("multicast", "c")])
+@pytest.mark.parametrize(
+    "field,value", [("block_n", 192), ("num_stages", 1), ("group_m", 0), ("cluster", 4), ("multicast", "c")]
+)
 def test_config_fields_are_checked(field, value):
     args = {"block_n": 128, field: value}
     with pytest.raises(ValueError, match=f"config.{field}"):
@@ -53,8 +54,9 @@ def test_heuristic_on_the_deepseek_cells():
     assert (small.block_n, small.cluster) == (64, 1), small
 
 
-@pytest.mark.parametrize("m,n", [(128, 4096), (32 * 512, 4096), (32 * 4096, 7168), (256 * 512, 512),
-                                 (1, 7168), (5 * 128, 256)])
+@pytest.mark.parametrize(
+    "m,n", [(128, 4096), (32 * 512, 4096), (32 * 4096, 7168), (256 * 512, 512), (1, 7168), (5 * 128, 256)]
+)
 @pytest.mark.parametrize("k", [256, 7168])
 def test_heuristic_fills_the_machine(m, n, k):
     cfg = select_config(m, n, num_sms=132, k=k)
@@ -81,8 +83,11 @@ def test_masked_decode_configs_walk_m_tile_major(n, k):
 
 
 def test_masked_configs_per_shape():
-    wide, narrow, short_k = select_masked_config(7168, 2048), select_masked_config(512, 7168), \
-        select_masked_config(7168, 256)
+    wide, narrow, short_k = (
+        select_masked_config(7168, 2048),
+        select_masked_config(512, 7168),
+        select_masked_config(7168, 256),
+    )
     assert (wide.block_n, wide.cluster, wide.multicast, wide.group_m) == (128, 2, "a", 1)
     assert (narrow.block_n, narrow.cluster, narrow.multicast) == (64, 2, "a")
     assert (short_k.block_n, short_k.cluster) == (64, 1)
@@ -98,7 +103,12 @@ def test_masked_max_m_is_checked_and_keys_the_kernel():
 
 def test_every_field_keys_the_kernel():
     base = ContiguousConfig(128)
-    variants = [ContiguousConfig(256), ContiguousConfig(128, 4), ContiguousConfig(128, group_m=1),
-                ContiguousConfig(128, cluster=2), ContiguousConfig(128, cluster=2, multicast="a")]
+    variants = [
+        ContiguousConfig(256),
+        ContiguousConfig(128, 4),
+        ContiguousConfig(128, group_m=1),
+        ContiguousConfig(128, cluster=2),
+        ContiguousConfig(128, cluster=2, multicast="a"),
+    ]
     names = {kernel_spec(7168, 2048, c).kernel_name for c in [base, *variants]}
     assert len(names) == 1 + len(variants)

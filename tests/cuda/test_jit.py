@@ -25,9 +25,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @needs_nvcc
 def test_nvcc_roundtrip_and_warmup(cache):
-    spec = jit.KernelSpec(family="trivial", kernel_name="phasemoe_trivial",
-                          source='extern "C" __global__ void phasemoe_trivial(float* x) { x[threadIdx.x] += 1.f; }\n',
-                          include_dirs=())
+    spec = jit.KernelSpec(
+        family="trivial",
+        kernel_name="phasemoe_trivial",
+        source='extern "C" __global__ void phasemoe_trivial(float* x) { x[threadIdx.x] += 1.f; }\n',
+        include_dirs=(),
+    )
     paths = jit.warmup([spec], progress=False)
     assert paths[0].read_bytes()[:4] == b"\x7fELF"
     meta = jit.entry_meta(spec)
@@ -54,7 +57,6 @@ def test_missing_nvcc_message(monkeypatch, tmp_path):
         jit.find_nvcc()
 
 
-
 class FakeCompiler:
     """Writes a deterministic 'cubin' and counts its invocations (in a file, across processes)."""
 
@@ -79,8 +81,7 @@ def _fake_spec(tmp_path: Path, **overrides) -> jit.KernelSpec:
     inc.mkdir(exist_ok=True)
     if not (inc / "common.cuh").exists():
         (inc / "common.cuh").write_text("// header v1\n")
-    fields = dict(family="fake", kernel_name="k", source="// kernel\n", constants={"N": 128},
-                  include_dirs=(inc,))
+    fields = dict(family="fake", kernel_name="k", source="// kernel\n", constants={"N": 128}, include_dirs=(inc,))
     fields.update(overrides)
     return jit.KernelSpec(**fields)
 
@@ -196,10 +197,18 @@ def test_two_processes_compile_once(cache, tmp_path):
     counter = tmp_path / "calls"
     env = {**os.environ, "MOE_BACKEND_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
     import time
+
     go = time.time() + 1.5
-    procs = [subprocess.Popen([sys.executable, "-c", _RACE_SCRIPT, str(counter), str(inc), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACE_SCRIPT, str(counter), str(inc), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     paths = {o[0].strip() for o in outs}

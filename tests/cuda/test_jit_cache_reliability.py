@@ -36,12 +36,22 @@ def _race(mode: str, cache: Path, tmp_path: Path, processes: int = PROCESSES) ->
     inc = tmp_path / "inc"
     inc.mkdir(exist_ok=True)
     counter = tmp_path / "calls"
-    env = {**os.environ, "MOE_BACKEND_CACHE_DIR": str(cache),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "MOE_BACKEND_CACHE_DIR": str(cache),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    }
     go = time.time() + 2.0  # after every interpreter has started
-    procs = [subprocess.Popen([sys.executable, str(WORKER), mode, str(counter), str(inc), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(processes)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), mode, str(counter), str(inc), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(processes)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     calls = len(counter.read_text().splitlines()) if counter.exists() else 0
@@ -151,6 +161,7 @@ def test_fallback_in_process_warns_once(tmp_path, monkeypatch):
     def fake(src, cubin, spec):
         cubin.write_bytes(b"\x7fELF " + spec.source.encode())
         return ""
+
     fake.compiler_id = "fake-once"
     specs = [jit.KernelSpec(family="f", kernel_name="k", source=f"// {i}\n", include_dirs=()) for i in range(3)]
     with pytest.warns(RuntimeWarning, match="cannot be written") as record:

@@ -43,14 +43,20 @@ COMPILE_CASES = [
     CompileCase("tp8-w2-k256", 7168, 256, rows=256 * 512),
     CompileCase("few-rows-bn64", 4096, 7168, rows=128),
     # every N tile alone and in B-sharing pairs; odd N (scalar epilogue, partial scale block)
-    *[CompileCase(f"bn{bn}-cluster{cl}", 7168, 2048, ContiguousConfig(bn, cluster=cl))
-      for bn in (64, 128, 256) for cl in (1, 2)],
+    *[
+        CompileCase(f"bn{bn}-cluster{cl}", 7168, 2048, ContiguousConfig(bn, cluster=cl))
+        for bn in (64, 128, 256)
+        for cl in (1, 2)
+    ],
     CompileCase("odd-n-bn128", 1001, 384, ContiguousConfig(128)),
     CompileCase("odd-n-bn256-pairs", 1001, 1152, ContiguousConfig(256, cluster=2)),
     CompileCase("share-a-bn128", 7168, 2048, ContiguousConfig(128, cluster=2, multicast="a")),
     # the masked decode configs (group_m 1: the dead-tile skip) at worst-case max_m
-    *[CompileCase(f"masked-{n}x{k}-max{mm}", n, k, select_masked_config(n, k), masked_max_m=mm)
-      for n, k in ((7168, 256), (4096, 7168), (512, 7168)) for mm in (128, 1024)],
+    *[
+        CompileCase(f"masked-{n}x{k}-max{mm}", n, k, select_masked_config(n, k), masked_max_m=mm)
+        for n, k in ((7168, 256), (4096, 7168), (512, 7168))
+        for mm in (128, 1024)
+    ],
 ]
 
 
@@ -75,8 +81,7 @@ def test_kernel_compiles_for_sm90a(case, cache):
     assert "serializ" not in log.lower(), log
     if CUOBJDUMP is None:
         pytest.skip("no cuobjdump for the SASS checks")
-    sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True,
-                          check=True).stdout
+    sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     bn = spec.constants["BLOCK_N"]
     k_blocks = spec.constants["K"] // 128
     unit_n = min(bn, 128)  # KernelTraits::kPartN: 256-wide tiles run as two 128-wide units
@@ -86,14 +91,14 @@ def test_kernel_compiles_for_sm90a(case, cache):
     units = (chain + (chain if k_blocks >= 2 * chain else 0) + k_blocks % chain) * (bn // unit_n)
     # 4 fp8 wgmma (k32 each) per unit.
     assert len(re.findall(rf"QGMMA\.64x{unit_n}x32\.F32\.E4M3\.E4M3", sass)) == 4 * units, sass[:2000]
-    assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass          # TMA loads of A and B
+    assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass  # TMA loads of A and B
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == units  # one wait per unit
-    assert not re.search(r"\b(LDL|STL)\b", sass)                  # no local memory
+    assert not re.search(r"\b(LDL|STL)\b", sass)  # no local memory
     # The wgmma descriptors stay in uniform registers: a move from vector registers (R2UR) between
     # the MMAs would mean ptxas could not prove the warp converged.
     mma_lines = [i for i, line in enumerate(sass.splitlines()) if "QGMMA" in line]
-    between = sass.splitlines()[mma_lines[0]:mma_lines[-1]]
+    between = sass.splitlines()[mma_lines[0] : mma_lines[-1]]
     assert not any("R2UR" in line for line in between), [line for line in between if "R2UR" in line][:4]
     if spec.constants["CLUSTER"] > 1:
         # The remote stage release is a plain arrive: the only fences belong to the two cluster
@@ -112,13 +117,15 @@ def test_debug_build_compiles(cache, monkeypatch):
 
 
 def test_generated_wgmma_header_is_current():
-    assert _gen_wgmma.HEADER.read_text() == _gen_wgmma.render(), \
+    assert _gen_wgmma.HEADER.read_text() == _gen_wgmma.render(), (
         "run `python -m moe_backend.cuda._gen_wgmma` and commit wgmma_fp8.cuh"
+    )
 
 
 @needs_nvcc
 def test_warmup_command(cache, capsys):
     from moe_backend.cuda.__main__ import main
+
     assert main(["warmup", "--slice", "tp8", "--rows", "512", "--masked-max-m"]) == 0
     assert "2 kernels ready" in capsys.readouterr().out
     assert len(list((cache / "grouped_gemm_contiguous").glob("*.cubin"))) == 2

@@ -35,15 +35,18 @@ def _operands(m=256, n=256, k=256, e=2, device="cpu"):
     return a, a_scale, b, b_scale, ids
 
 
-@pytest.mark.parametrize("arg,bad,exc", [
-    ("a_fp8", lambda o: o[0].float(), TypeError),
-    ("a_fp8", lambda o: o[0][:, :200], ValueError),
-    ("a_scale", lambda o: o[1][:, :1], ValueError),
-    ("b_fp8", lambda o: o[2][:, :, :128], ValueError),
-    ("b_scale", lambda o: o[3].double(), TypeError),
-    ("expert_ids", lambda o: o[4].float(), TypeError),
-    ("expert_ids", lambda o: o[4][:10], ValueError),
-])
+@pytest.mark.parametrize(
+    "arg,bad,exc",
+    [
+        ("a_fp8", lambda o: o[0].float(), TypeError),
+        ("a_fp8", lambda o: o[0][:, :200], ValueError),
+        ("a_scale", lambda o: o[1][:, :1], ValueError),
+        ("b_fp8", lambda o: o[2][:, :, :128], ValueError),
+        ("b_scale", lambda o: o[3].double(), TypeError),
+        ("expert_ids", lambda o: o[4].float(), TypeError),
+        ("expert_ids", lambda o: o[4][:10], ValueError),
+    ],
+)
 def test_launcher_errors_name_the_argument(arg, bad, exc):
     ops = list(_operands())
     ops[["a_fp8", "a_scale", "b_fp8", "b_scale", "expert_ids"].index(arg)] = bad(ops)
@@ -62,8 +65,9 @@ def test_launcher_rejects_cpu_tensors_and_bad_out():
 def test_public_api():
     assert set(ggc.__all__) == {"grouped_gemm_contiguous", "ContiguousConfig", "select_config", "kernel_spec"}
     from moe_backend import reference
+
     ref = list(inspect.signature(reference.grouped_gemm_contiguous).parameters)
-    assert list(inspect.signature(ggc.grouped_gemm_contiguous).parameters)[:len(ref)] == ref
+    assert list(inspect.signature(ggc.grouped_gemm_contiguous).parameters)[: len(ref)] == ref
 
 
 class _FakeDriver:
@@ -88,22 +92,29 @@ class _FakeDriver:
 
     cuuint32_t = cuuint64_t
 
-    def cuTensorMapEncodeTiled(self, dtype, rank, ptr, dims, strides, box, elem_strides, interleave, swizzle,
-                               promotion, oob):
-        self.maps.append(dict(dtype=dtype, rank=rank, ptr=ptr, dims=dims, strides=strides, box=box,
-                              swizzle=swizzle, oob=oob))
+    def cuTensorMapEncodeTiled(
+        self, dtype, rank, ptr, dims, strides, box, elem_strides, interleave, swizzle, promotion, oob
+    ):
+        self.maps.append(
+            dict(dtype=dtype, rank=rank, ptr=ptr, dims=dims, strides=strides, box=box, swizzle=swizzle, oob=oob)
+        )
 
         class _Map:
             opaque = [len(self.maps)] * 16
+
         return 0, _Map()
 
 
 def _kparam_sizes(cubin: Path, kernel: str) -> list[int]:
     """Parameter sizes by ordinal, read from the cubin's EIATTR_KPARAM_INFO records."""
     elf = subprocess.run([CUOBJDUMP, "-elf", str(cubin)], capture_output=True, text=True, check=True).stdout
-    section = elf[elf.index(f".nv.info.{kernel}"):]
-    found = {int(o, 16): int(sz, 16) for o, sz in
-             re.findall(r"Ordinal\s*:\s*(0x[0-9a-f]+)\s+Offset\s*:\s*0x[0-9a-f]+\s+Size\s*:\s*(0x[0-9a-f]+)", section)}
+    section = elf[elf.index(f".nv.info.{kernel}") :]
+    found = {
+        int(o, 16): int(sz, 16)
+        for o, sz in re.findall(
+            r"Ordinal\s*:\s*(0x[0-9a-f]+)\s+Offset\s*:\s*0x[0-9a-f]+\s+Size\s*:\s*(0x[0-9a-f]+)", section
+        )
+    }
     return [found[i] for i in range(len(found))]
 
 
@@ -123,8 +134,14 @@ def test_kernel_args_match_the_kernel_signature(cache, monkeypatch):
     assert map_b["dims"] == [k, n, e] and map_b["strides"] == [k, n * k] and map_b["box"] == [128, 128, 1]
     assert map_a["swizzle"] == map_b["swizzle"] == "CU_TENSOR_MAP_SWIZZLE_128B"
     assert map_a["ptr"] == a.data_ptr() and map_b["ptr"] == b.data_ptr()
-    assert [a.value for a in args[2:]] == [a_scale.data_ptr(), b_scale.data_ptr(), ids.data_ptr(),
-                                           out.data_ptr(), m, 0]  # no row count: a null pointer
+    assert [a.value for a in args[2:]] == [
+        a_scale.data_ptr(),
+        b_scale.data_ptr(),
+        ids.data_ptr(),
+        out.data_ptr(),
+        m,
+        0,
+    ]  # no row count: a null pointer
     rows_in_use = torch.tensor([128], dtype=torch.int32)
     with_count = launch.kernel_args(a, a_scale, b, b_scale, ids, out, cfg, rows_in_use=rows_in_use)
     assert with_count[-1].value == rows_in_use.data_ptr()
@@ -144,6 +161,7 @@ def test_launch_passes_grid_cluster_and_param_pointers(monkeypatch):
     of the parameters' addresses."""
     bindings = pytest.importorskip("cuda.bindings.driver")
     import threading
+
     seen = {}
 
     def set_attr(function, attr, value):

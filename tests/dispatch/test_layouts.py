@@ -17,7 +17,7 @@ CASES = [
 def _topk_ids(tokens, topk, experts, seed, skew=False):
     g = torch.Generator().manual_seed(seed)
     if skew:  # every token picks expert 0 plus random others
-        rest = torch.stack([torch.randperm(experts - 1, generator=g)[:topk - 1] + 1 for _ in range(tokens)])
+        rest = torch.stack([torch.randperm(experts - 1, generator=g)[: topk - 1] + 1 for _ in range(tokens)])
         return torch.cat([torch.zeros(tokens, 1, dtype=torch.long), rest], 1).int()
     return torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)]).int()
 
@@ -40,8 +40,9 @@ def test_contiguous_layout(tokens, topk, experts, local, exact_size, skew):
     topk_ids = _topk_ids(tokens, topk, experts, seed=tokens, skew=skew)
     start, stop = local
     alignment = 4
-    layout = build_contiguous_layout(topk_ids, stop - start, expert_start=start, alignment=alignment,
-                                     exact_size=exact_size)
+    layout = build_contiguous_layout(
+        topk_ids, stop - start, expert_start=start, alignment=alignment, exact_size=exact_size
+    )
     expected = _expected_rows(topk_ids, start, stop)
     offsets = layout.expert_offsets.tolist()
     for e, pairs in expected.items():
@@ -49,8 +50,9 @@ def test_contiguous_layout(tokens, topk, experts, local, exact_size, skew):
         assert offsets[e] % alignment == 0
         assert offsets[e + 1] - offsets[e] == -(-len(pairs) // alignment) * alignment
         assert layout.expert_ids[seg].tolist() == [e] * len(pairs)
-        assert layout.expert_ids[offsets[e] + len(pairs):offsets[e + 1]].tolist() == \
-            [-1] * (offsets[e + 1] - offsets[e] - len(pairs))
+        assert layout.expert_ids[offsets[e] + len(pairs) : offsets[e + 1]].tolist() == [-1] * (
+            offsets[e + 1] - offsets[e] - len(pairs)
+        )
         assert layout.src_token[seg].tolist() == [t for t, _ in pairs]
         for r, (t, j) in zip(seg, pairs):
             assert int(layout.row_of_slot[t, j]) == r
@@ -64,7 +66,7 @@ def test_contiguous_layout(tokens, topk, experts, local, exact_size, skew):
         assert layout.num_rows == offsets[-1]
     else:
         assert layout.num_rows == max_contiguous_rows(tokens * topk, stop - start, alignment) >= offsets[-1]
-        assert bool((layout.expert_ids[offsets[-1]:] == -1).all())
+        assert bool((layout.expert_ids[offsets[-1] :] == -1).all())
 
 
 @pytest.mark.parametrize("tokens, topk, experts, local", CASES)
@@ -75,10 +77,10 @@ def test_masked_layout(tokens, topk, experts, local):
     assert layout.max_m == tokens
     for e, pairs in _expected_rows(topk_ids, start, stop).items():
         assert int(layout.masked_m[e]) == len(pairs)
-        assert layout.src_token[e, :len(pairs)].tolist() == [t for t, _ in pairs]
+        assert layout.src_token[e, : len(pairs)].tolist() == [t for t, _ in pairs]
         for r, (t, j) in enumerate(pairs):
             assert int(layout.row_of_slot[t, j]) == e * layout.max_m + r
-        assert layout.src_token[e, len(pairs):].tolist() == [-1] * (layout.max_m - len(pairs))
+        assert layout.src_token[e, len(pairs) :].tolist() == [-1] * (layout.max_m - len(pairs))
 
 
 def test_masked_overflow_raises_instead_of_dropping():
@@ -132,7 +134,7 @@ def test_permute_combine_round_trip(kind):
             y[e, m:] = float("nan")
     out = combine(y, layout, weights)
     local = (topk_ids < 4).float()
-    want = ((weights * local).sum(1, keepdim=True) * x.float())
+    want = (weights * local).sum(1, keepdim=True) * x.float()
     assert torch.isfinite(out.float()).all()
     assert torch.allclose(out.float(), want, rtol=8e-3, atol=1e-6)
     assert torch.equal(out[2].float(), torch.zeros(256))

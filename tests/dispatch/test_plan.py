@@ -18,8 +18,9 @@ CPU = torch.device("cpu")
 
 
 def _plan(policy=None, **kw):
-    args = dict(num_tokens=128, topk=8, num_experts=32, num_global_experts=256, hidden=256,
-                intermediate=128, device=CPU)
+    args = dict(
+        num_tokens=128, topk=8, num_experts=32, num_global_experts=256, hidden=256, intermediate=128, device=CPU
+    )
     args.update(kw)
     return make_plan(policy or Policy(), **args)
 
@@ -46,11 +47,19 @@ def test_phase_and_kernel_override():
 
 
 def test_masked_plan_follows_masked_kernel():
-    p = make_masked_plan(Policy(masked_kernel="triton_masked"), num_experts=4, max_m=256, hidden=256,
-                         intermediate=128, device=CPU, expected_m=9)
+    p = make_masked_plan(
+        Policy(masked_kernel="triton_masked"),
+        num_experts=4,
+        max_m=256,
+        hidden=256,
+        intermediate=128,
+        device=CPU,
+        expected_m=9,
+    )
     assert p.kernel == "triton_masked" and p.layout == "masked" and p.num_rows == 256 and p.expected_m == 9
-    assert make_masked_plan(Policy(), num_experts=4, max_m=256, hidden=256, intermediate=128,
-                            device=CPU).expected_m == 256  # no hint: the bound
+    assert (
+        make_masked_plan(Policy(), num_experts=4, max_m=256, hidden=256, intermediate=128, device=CPU).expected_m == 256
+    )  # no hint: the bound
 
 
 def test_fused_permute_quant_follows_rows_per_token():
@@ -84,15 +93,16 @@ def test_print_plan(capsys):
 def test_every_plan_computes_the_reference(kernel, num_tokens, expert_start, local):
     torch.manual_seed(num_tokens)
     hidden, inter, global_e = 256, 128, 8
-    w13, w13_s = quantize_fp8_blockwise(torch.randn(local, 2 * inter, hidden) / hidden ** 0.5)
-    w2, w2_s = quantize_fp8_blockwise(torch.randn(local, hidden, inter) / inter ** 0.5)
+    w13, w13_s = quantize_fp8_blockwise(torch.randn(local, 2 * inter, hidden) / hidden**0.5)
+    w2, w2_s = quantize_fp8_blockwise(torch.randn(local, hidden, inter) / inter**0.5)
     x = torch.randn(num_tokens, hidden, dtype=torch.bfloat16)
     scores = torch.rand(num_tokens, global_e)
     w, ids = scores.topk(2, dim=-1)
     w = (w / w.sum(-1, keepdim=True)).float()
     ids[0, 0] = -1  # a dropped slot
-    out = experts.routed_experts(x, w13, w13_s, w2, w2_s, w, ids, expert_start=expert_start,
-                                 kernel=kernel, num_global_experts=global_e)
+    out = experts.routed_experts(
+        x, w13, w13_s, w2, w2_s, w, ids, expert_start=expert_start, kernel=kernel, num_global_experts=global_e
+    )
     ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, w, torch.where(ids >= 0, ids - expert_start, -1))
     assert torch.equal(out, ref) or (out.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()
 
@@ -132,8 +142,18 @@ def test_cuda_masked_layouts_we_build_are_sized_in_128_row_tiles(monkeypatch):
 def test_token_bucket_rounds_up_to_few_sizes():
     from moe_backend.dispatch.plan import token_bucket
 
-    assert [token_bucket(t, 2048) for t in (1, 2, 3, 5, 100, 256, 257, 300, 2047, 2048)] == \
-        [1, 2, 4, 8, 128, 256, 512, 512, 2048, 2048]
+    assert [token_bucket(t, 2048) for t in (1, 2, 3, 5, 100, 256, 257, 300, 2047, 2048)] == [
+        1,
+        2,
+        4,
+        8,
+        128,
+        256,
+        512,
+        512,
+        2048,
+        2048,
+    ]
     assert token_bucket(2049, 2048) == 0 and token_bucket(0, 2048) == 0  # past the limit / empty: no graph
     assert token_bucket(5, 0) == 0  # graphs off
     assert token_bucket(290, 300) == 300  # never past the limit (the static buffers' size)
@@ -141,8 +161,16 @@ def test_token_bucket_rounds_up_to_few_sizes():
 
 
 def test_cpu_plans_carry_no_graph():
-    plan = make_plan(Policy(), num_tokens=8, topk=2, num_experts=4, num_global_experts=4, hidden=256,
-                     intermediate=128, device=torch.device("cpu"))
+    plan = make_plan(
+        Policy(),
+        num_tokens=8,
+        topk=2,
+        num_experts=4,
+        num_global_experts=4,
+        hidden=256,
+        intermediate=128,
+        device=torch.device("cpu"),
+    )
     assert plan.graph_plan is None
 
 

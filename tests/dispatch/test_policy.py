@@ -19,22 +19,26 @@ def test_from_env_json_and_file(monkeypatch, tmp_path):
     p = Policy.from_env(device_name=None)
     assert p.choose(64).name == "triton" and p.choose(65).name == "contiguous"
     path = tmp_path / "policy.json"
-    path.write_text(json.dumps({"prefill_kernel": "reference",
-                                "devices": {"NVIDIA H100 80GB HBM3": {"decode_kernel": "triton"}}}))
+    path.write_text(
+        json.dumps({"prefill_kernel": "reference", "devices": {"NVIDIA H100 80GB HBM3": {"decode_kernel": "triton"}}})
+    )
     monkeypatch.setenv("MOE_BACKEND_POLICY", str(path))
     assert Policy.from_env(device_name="NVIDIA H200").decode_kernel == "contiguous"
     assert Policy.from_env(device_name="NVIDIA H100 80GB HBM3").decode_kernel == "triton"
     assert Policy.from_env(device_name="NVIDIA H200").prefill_kernel == "reference"
 
 
-@pytest.mark.parametrize("config, key", [
-    ({"decode_kernal": "masked"}, "decode_kernal"),
-    ({"decode_kernel": "fast"}, "decode_kernel"),
-    ({"masked_kernel": "triton"}, "masked_kernel"),  # a contiguous-layout kernel
-    ({"decode_max_tokens": -1}, "decode_max_tokens"),
-    ({"devices": {"H100": {"prefill_kernel": "nope"}}}, "devices.H100"),
-    ({"devices": []}, "devices"),
-])
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ({"decode_kernal": "masked"}, "decode_kernal"),
+        ({"decode_kernel": "fast"}, "decode_kernel"),
+        ({"masked_kernel": "triton"}, "masked_kernel"),  # a contiguous-layout kernel
+        ({"decode_max_tokens": -1}, "decode_max_tokens"),
+        ({"devices": {"H100": {"prefill_kernel": "nope"}}}, "devices.H100"),
+        ({"devices": []}, "devices"),
+    ],
+)
 def test_invalid_config_names_the_key(config, key, monkeypatch):
     with pytest.raises(ValueError, match=key):
         Policy.from_dict(config)
@@ -54,8 +58,9 @@ def test_invalid_env_value(monkeypatch):
         Policy().choose(3, "warmup")
 
 
-@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("ON", True), ("0", False), ("", False),
-                                       ("no", False)])
+@pytest.mark.parametrize(
+    "value, on", [("1", True), ("true", True), ("ON", True), ("0", False), ("", False), ("no", False)]
+)
 def test_print_policy_switch_has_one_truthiness_rule(value, on, monkeypatch):
     monkeypatch.setenv("MOE_BACKEND_POLICY", "")
     monkeypatch.setenv("MOE_BACKEND_PRINT_POLICY", value)

@@ -41,16 +41,27 @@ def _plan_lines() -> list[str]:
 
 
 def _position(index: int, token: int, logprob: float, top: dict[int, float]) -> dict:
-    return {"index": index, "token": int(token), "logprob": float(logprob),
-            "top": {str(int(t)): float(lp) for t, lp in top.items()}}
+    return {
+        "index": index,
+        "token": int(token),
+        "logprob": float(logprob),
+        "top": {str(int(t)): float(lp) for t, lp in top.items()},
+    }
 
 
 # ---------------------------------------------------------------- vLLM
 def _vllm_engine_kwargs() -> dict:
     # custom_ops none: the CPU rotary custom op gave wrong DeepSeek logits; native torch ops instead.
-    return dict(moe_backend="phasemoe", dtype="bfloat16", max_model_len=MAX_MODEL_LEN,
-                kv_cache_memory_bytes=KV_CACHE_BYTES, compilation_config={"custom_ops": ["none"]},
-                enforce_eager=True, max_num_seqs=4, seed=0)
+    return dict(
+        moe_backend="phasemoe",
+        dtype="bfloat16",
+        max_model_len=MAX_MODEL_LEN,
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
+        compilation_config={"custom_ops": ["none"]},
+        enforce_eager=True,
+        max_num_seqs=4,
+        seed=0,
+    )
 
 
 def vllm_offline(model: str, prompt: list[int], max_tokens: int, top: int) -> dict:
@@ -61,8 +72,7 @@ def vllm_offline(model: str, prompt: list[int], max_tokens: int, top: int) -> di
     startup = time.monotonic() - t0
     mark = len(_plan_lines())
     t1 = time.monotonic()
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=top,
-                            prompt_logprobs=top)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=top, prompt_logprobs=top)
     (result,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     request = time.monotonic() - t1
     plans = _plan_lines()[mark:]
@@ -71,26 +81,57 @@ def vllm_offline(model: str, prompt: list[int], max_tokens: int, top: int) -> di
     positions = []
     for t in range(1, len(prompt)):
         entry = result.prompt_logprobs[t]
-        positions.append(_position(t, prompt[t], entry[prompt[t]].logprob,
-                                   {tok: lp.logprob for tok, lp in entry.items()}))
+        positions.append(
+            _position(t, prompt[t], entry[prompt[t]].logprob, {tok: lp.logprob for tok, lp in entry.items()})
+        )
     for i, (token, entry) in enumerate(zip(output, completion.logprobs)):
-        positions.append(_position(len(prompt) + i, token, entry[token].logprob,
-                                   {tok: lp.logprob for tok, lp in entry.items()}))
+        positions.append(
+            _position(len(prompt) + i, token, entry[token].logprob, {tok: lp.logprob for tok, lp in entry.items()})
+        )
     return {"output": output, "positions": positions, "plans": plans, "startup_s": startup, "request_s": request}
 
 
 def vllm_server_argv(model: str, port: int) -> list[str]:
     kw = _vllm_engine_kwargs()
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1",
-            "--port", str(port), "--moe-backend", kw["moe_backend"], "--dtype", kw["dtype"],
-            "--max-model-len", str(kw["max_model_len"]), "--kv-cache-memory-bytes", str(kw["kv_cache_memory_bytes"]),
-            "--compilation-config", json.dumps(kw["compilation_config"]), "--enforce-eager",
-            "--max-num-seqs", str(kw["max_num_seqs"]), "--seed", str(kw["seed"])]
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--moe-backend",
+        kw["moe_backend"],
+        "--dtype",
+        kw["dtype"],
+        "--max-model-len",
+        str(kw["max_model_len"]),
+        "--kv-cache-memory-bytes",
+        str(kw["kv_cache_memory_bytes"]),
+        "--compilation-config",
+        json.dumps(kw["compilation_config"]),
+        "--enforce-eager",
+        "--max-num-seqs",
+        str(kw["max_num_seqs"]),
+        "--seed",
+        str(kw["seed"]),
+    ]
 
 
 def vllm_request(base: str, model: str, prompt: list[int], max_tokens: int, top: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "logprobs": top, "prompt_logprobs": top, "return_tokens_as_token_ids": True}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "logprobs": top,
+        "prompt_logprobs": top,
+        "return_tokens_as_token_ids": True,
+    }
     choice = _post(base + "/v1/completions", body)["choices"][0]
 
     def token_id(key: str) -> int:  # "token_id:123" with return_tokens_as_token_ids
@@ -110,10 +151,18 @@ def vllm_request(base: str, model: str, prompt: list[int], max_tokens: int, top:
 # ---------------------------------------------------------------- SGLang
 def _sglang_engine_kwargs() -> dict:
     # torch_native attention: SGLang's CPU engine without AMX kernels; one small request.
-    return dict(device="cpu", attention_backend="torch_native", moe_runner_backend="phasemoe",
-                disable_cuda_graph=True, max_total_tokens=SGLANG_MAX_TOKENS, max_running_requests=4,
-                chunked_prefill_size=MAX_MODEL_LEN, mem_fraction_static=0.05, random_seed=0,
-                skip_server_warmup=True)
+    return dict(
+        device="cpu",
+        attention_backend="torch_native",
+        moe_runner_backend="phasemoe",
+        disable_cuda_graph=True,
+        max_total_tokens=SGLANG_MAX_TOKENS,
+        max_running_requests=4,
+        chunked_prefill_size=MAX_MODEL_LEN,
+        mem_fraction_static=0.05,
+        random_seed=0,
+        skip_server_warmup=True,
+    )
 
 
 def _sglang_positions(prompt: list[int], meta: dict) -> tuple[list[int], list[dict]]:
@@ -131,8 +180,13 @@ def _sglang_positions(prompt: list[int], meta: dict) -> tuple[list[int], list[di
 
 
 def _sglang_request_fields(prompt: list[int], max_tokens: int, top: int) -> dict:
-    return {"input_ids": prompt, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": top,
-            "sampling_params": {"temperature": 0.0, "max_new_tokens": max_tokens, "ignore_eos": True}}
+    return {
+        "input_ids": prompt,
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "top_logprobs_num": top,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": max_tokens, "ignore_eos": True},
+    }
 
 
 def sglang_offline(model: str, prompt: list[int], max_tokens: int, top: int) -> dict:
@@ -155,13 +209,35 @@ def sglang_offline(model: str, prompt: list[int], max_tokens: int, top: int) -> 
 
 def sglang_server_argv(model: str, port: int) -> list[str]:
     kw = _sglang_engine_kwargs()
-    return [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--host", "127.0.0.1",
-            "--port", str(port), "--device", kw["device"], "--attention-backend", kw["attention_backend"],
-            "--moe-runner-backend", kw["moe_runner_backend"], "--disable-cuda-graph",
-            "--max-total-tokens", str(kw["max_total_tokens"]), "--max-running-requests", str(kw["max_running_requests"]),
-            "--chunked-prefill-size", str(kw["chunked_prefill_size"]),
-            "--mem-fraction-static", str(kw["mem_fraction_static"]), "--random-seed", str(kw["random_seed"]),
-            "--skip-server-warmup"]
+    return [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        kw["device"],
+        "--attention-backend",
+        kw["attention_backend"],
+        "--moe-runner-backend",
+        kw["moe_runner_backend"],
+        "--disable-cuda-graph",
+        "--max-total-tokens",
+        str(kw["max_total_tokens"]),
+        "--max-running-requests",
+        str(kw["max_running_requests"]),
+        "--chunked-prefill-size",
+        str(kw["chunked_prefill_size"]),
+        "--mem-fraction-static",
+        str(kw["mem_fraction_static"]),
+        "--random-seed",
+        str(kw["random_seed"]),
+        "--skip-server-warmup",
+    ]
 
 
 def sglang_request(base: str, model: str, prompt: list[int], max_tokens: int, top: int) -> dict:
@@ -206,8 +282,9 @@ def _stop(server: subprocess.Popen) -> None:
     server.wait()
 
 
-def serve(engine: str, model: str, prompt: list[int], max_tokens: int, top: int, start_timeout: float,
-          log_path: str) -> dict:
+def serve(
+    engine: str, model: str, prompt: list[int], max_tokens: int, top: int, start_timeout: float, log_path: str
+) -> dict:
     port = _free_loopback_port()
     argv = (vllm_server_argv if engine == "vllm" else sglang_server_argv)(model, port)
     base = f"http://127.0.0.1:{port}"
@@ -252,8 +329,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     prompt = [int(t) for t in args.prompt.split(",")]
     if args.mode == "serve":
-        result = serve(args.engine, args.model, prompt, args.max_tokens, args.top, args.start_timeout,
-                       args.server_log or args.out + ".server.log")
+        result = serve(
+            args.engine,
+            args.model,
+            prompt,
+            args.max_tokens,
+            args.top,
+            args.start_timeout,
+            args.server_log or args.out + ".server.log",
+        )
     else:
         run = vllm_offline if args.engine == "vllm" else sglang_offline
         result = run(args.model, prompt, args.max_tokens, args.top)

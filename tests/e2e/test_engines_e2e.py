@@ -92,13 +92,32 @@ def engine_env(engine: str, plan_log: Path) -> dict[str, str]:
 def run_engine(engine: str, mode: str, model: Path, out_dir: Path) -> dict:
     out = out_dir / "result.json"
     log = out_dir / "run.log"
-    argv = [engine_python(engine), str(RUNNER), engine, mode, str(model), str(out),
-            "--prompt", ",".join(map(str, prompt_ids())), "--max-tokens", str(MAX_TOKENS), "--top", str(TOP),
-            "--start-timeout", str(RUN_TIMEOUT_S - 90)]
+    argv = [
+        engine_python(engine),
+        str(RUNNER),
+        engine,
+        mode,
+        str(model),
+        str(out),
+        "--prompt",
+        ",".join(map(str, prompt_ids())),
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--top",
+        str(TOP),
+        "--start-timeout",
+        str(RUN_TIMEOUT_S - 90),
+    ]
     with open(log, "w") as log_file:
         # A session of its own: on timeout the whole tree (server, engine core, workers) is killed.
-        proc = subprocess.Popen(argv, env=engine_env(engine, out_dir / "plans.log"), stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=engine_env(engine, out_dir / "plans.log"),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -120,8 +139,9 @@ def _tail(path: Path, chars: int = 6000) -> str:
 _models: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
 
 
-def reference_logprobs(arch: str, folder: Path, tokens: list[int], dtype: torch.dtype = torch.float32,
-                       expert_scale: float = 1.0) -> torch.Tensor:
+def reference_logprobs(
+    arch: str, folder: Path, tokens: list[int], dtype: torch.dtype = torch.float32, expert_scale: float = 1.0
+) -> torch.Tensor:
     """float32 `[len(tokens), vocab]`: row t is the reference's log-distribution of token t+1, the
     model computed in `dtype`. expert_scale multiplies the routed experts' output (a deliberately
     wrong model)."""
@@ -166,15 +186,24 @@ def compare(result: dict, ref: torch.Tensor, ref_bf16: torch.Tensor) -> dict:
         deltas.append(max(abs(lp - row[t].item()) for t, lp in reported.items()))
         spreads.append(max(abs(row[t].item() - row_bf16[t].item()) for t in reported))
         top2, top2_bf16 = row.topk(2), row_bf16.topk(2)
-        if min((top2.values[0] - top2.values[1]).item(), (top2_bf16.values[0] - top2_bf16.values[1]).item()) >= MIN_MARGIN:
+        if (
+            min((top2.values[0] - top2.values[1]).item(), (top2_bf16.values[0] - top2_bf16.values[1]).item())
+            >= MIN_MARGIN
+        ):
             confident += 1
             engine_top1 = max(pos["top"].items(), key=lambda kv: kv[1])[0]
             agree += int(engine_top1) == top2.indices[0].item()
     over = [i for i, (d, s) in enumerate(zip(deltas, spreads)) if d > MAX_DELTA + s]
     widened = sum(s > MAX_DELTA / 2 for s in spreads)
-    return {"max_delta": max(deltas), "over": over, "widened": widened, "checked": len(deltas),
-            "confident": confident, "agree": agree,
-            "max_delta_stable": max((d for d, s in zip(deltas, spreads) if s <= MAX_DELTA / 2), default=0.0)}
+    return {
+        "max_delta": max(deltas),
+        "over": over,
+        "widened": widened,
+        "checked": len(deltas),
+        "confident": confident,
+        "agree": agree,
+        "max_delta_stable": max((d for d, s in zip(deltas, spreads) if s <= MAX_DELTA / 2), default=0.0),
+    }
 
 
 def moe_layers(config: dict) -> int:
@@ -203,17 +232,22 @@ def test_engine_matches_reference(engine, arch, mode, checkpoints, tmp_path, req
     ref = reference_logprobs(arch, folder, tokens)
     ref_bf16 = reference_logprobs(arch, folder, tokens, torch.bfloat16)
     stats = compare(result, ref, ref_bf16)
-    distorted = compare(result, reference_logprobs(arch, folder, tokens, expert_scale=DISTORTION),
-                        reference_logprobs(arch, folder, tokens, torch.bfloat16, expert_scale=DISTORTION))
+    distorted = compare(
+        result,
+        reference_logprobs(arch, folder, tokens, expert_scale=DISTORTION),
+        reference_logprobs(arch, folder, tokens, torch.bfloat16, expert_scale=DISTORTION),
+    )
 
     plans = plan_counts(result["plans"])
     layers = moe_layers(config)
-    summary = (f"e2e {engine} {arch} {mode}: max|dlogprob| {stats['max_delta']:.3f} at {stats['checked']} positions "
-               f"({stats['max_delta_stable']:.3f} where the fp32 and bf16 references agree; "
-               f"{stats['widened']} router near-tie positions widened); top-1 equal at {stats['agree']}/"
-               f"{stats['confident']} positions with margin >= {MIN_MARGIN}; experts x{DISTORTION}: max "
-               f"{distorted['max_delta']:.2f}, {len(distorted['over'])} positions over; plans prefill "
-               f"{plans[PROMPT_LEN]} decode {plans[1]}; start {result['startup_s']:.0f} s, request {result['request_s']:.1f} s")
+    summary = (
+        f"e2e {engine} {arch} {mode}: max|dlogprob| {stats['max_delta']:.3f} at {stats['checked']} positions "
+        f"({stats['max_delta_stable']:.3f} where the fp32 and bf16 references agree; "
+        f"{stats['widened']} router near-tie positions widened); top-1 equal at {stats['agree']}/"
+        f"{stats['confident']} positions with margin >= {MIN_MARGIN}; experts x{DISTORTION}: max "
+        f"{distorted['max_delta']:.2f}, {len(distorted['over'])} positions over; plans prefill "
+        f"{plans[PROMPT_LEN]} decode {plans[1]}; start {result['startup_s']:.0f} s, request {result['request_s']:.1f} s"
+    )
     request.config.moe_backend_summary = [*getattr(request.config, "moe_backend_summary", []), summary]
 
     assert not stats["over"], (f"positions {stats['over']} over the bound", summary)

@@ -34,23 +34,27 @@ LAYOUT_CASES = [
     LayoutCase("single_token", 1, 4, 8, 0, "distinct", global_experts=8),
     LayoutCase("ep_slice_int64", 13, 3, 5, 4, "random", low=-1, high=14, dtype=torch.int64, alignment=1),
     LayoutCase("ep_slice_chunked", 29, 4, 6, 3, "random", low=-1, high=12, slots_per_program=32, max_m=3),
-    LayoutCase("one_expert_align128", 45, 1, 4, 0, "random", low=2, high=3, alignment=128,
-               slots_per_program=32, max_m=7),
+    LayoutCase(
+        "one_expert_align128", 45, 1, 4, 0, "random", low=2, high=3, alignment=128, slots_per_program=32, max_m=7
+    ),
     LayoutCase("empty_experts_align128", 9, 2, 6, 0, "random", low=4, high=6, alignment=128),
     LayoutCase("no_local_slot", 19, 2, 4, 8, "random", low=-1, high=8, slots_per_program=32),
     LayoutCase("no_tokens", 0, 8, 4, 0, "random", low=0, high=4),
-    LayoutCase("many_experts", 6, 8, 40, 0, "distinct", global_experts=48, alignment=4, slots_per_program=32,
-               max_m=1),
-    LayoutCase("repeated_ids_int64", 17, 3, 3, 1, "random", low=0, high=5, dtype=torch.int64, alignment=8,
-               slots_per_program=32),
+    LayoutCase("many_experts", 6, 8, 40, 0, "distinct", global_experts=48, alignment=4, slots_per_program=32, max_m=1),
+    LayoutCase(
+        "repeated_ids_int64", 17, 3, 3, 1, "random", low=0, high=5, dtype=torch.int64, alignment=8, slots_per_program=32
+    ),
 ]
 
 
 def make_topk_ids(case: LayoutCase, seed: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     if case.ids == "distinct":
-        ids = torch.stack([torch.randperm(case.global_experts, generator=gen)[:case.topk]
-                           for _ in range(case.tokens)]) if case.tokens else torch.zeros(0, case.topk)
+        ids = (
+            torch.stack([torch.randperm(case.global_experts, generator=gen)[: case.topk] for _ in range(case.tokens)])
+            if case.tokens
+            else torch.zeros(0, case.topk)
+        )
     else:
         ids = torch.randint(case.low, case.high, (case.tokens, case.topk), generator=gen)
     return ids.to(case.dtype).contiguous().to(device)
@@ -67,8 +71,9 @@ def _local_slots(topk_ids: torch.Tensor, num_local: int, expert_start: int):
     return local, rank
 
 
-def check_contiguous_layout(layout: ContiguousLayout, topk_ids: torch.Tensor, num_local: int,
-                            expert_start: int, alignment: int) -> None:
+def check_contiguous_layout(
+    layout: ContiguousLayout, topk_ids: torch.Tensor, num_local: int, expert_start: int, alignment: int
+) -> None:
     """Invariants of a layout on the static row bound, from topk_ids alone."""
     num_tokens, topk = topk_ids.shape
     expert_ids, offsets = layout.expert_ids.cpu(), layout.expert_offsets.cpu().long()
@@ -98,8 +103,9 @@ def check_contiguous_layout(layout: ContiguousLayout, topk_ids: torch.Tensor, nu
     assert bool((expert_ids[pad] == -1).all()) and bool((src_token[pad] == -1).all()), "padding rows"
 
 
-def check_masked_layout(layout: MaskedLayout, topk_ids: torch.Tensor, num_local: int, expert_start: int,
-                        max_m: int) -> None:
+def check_masked_layout(
+    layout: MaskedLayout, topk_ids: torch.Tensor, num_local: int, expert_start: int, max_m: int
+) -> None:
     """Invariants of a masked layout that drops overflow, from topk_ids alone."""
     num_tokens, topk = topk_ids.shape
     masked_m, src_token = layout.masked_m.cpu(), layout.src_token.cpu()

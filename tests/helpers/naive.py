@@ -25,10 +25,10 @@ def fake_quant_row(v):
     v = v.to(torch.float32)
     out = torch.empty_like(v, dtype=torch.float64)
     for g in range(0, v.numel(), 128):
-        chunk = v[g:g + 128]
+        chunk = v[g : g + 128]
         scale = max(float(chunk.abs().max()), 1e-10) / FP8_MAX
         q = (chunk / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        out[g:g + 128] = q.to(torch.float64) * scale
+        out[g : g + 128] = q.to(torch.float64) * scale
     return out
 
 
@@ -40,12 +40,14 @@ def route(x, gate_weight, bias, cfg):
         logits = gate_weight.to(torch.float64) @ x[t].to(torch.float64)
         scores = 1 / (1 + torch.exp(-logits))
         biased = scores + bias.to(torch.float64)
-        group_strength = [sorted(biased[g * experts_per_group:(g + 1) * experts_per_group].tolist())[-2:]
-                          for g in range(cfg.n_group)]
+        group_strength = [
+            sorted(biased[g * experts_per_group : (g + 1) * experts_per_group].tolist())[-2:]
+            for g in range(cfg.n_group)
+        ]
         group_strength = [sum(s) for s in group_strength]
-        kept = sorted(range(cfg.n_group), key=lambda g: -group_strength[g])[:cfg.topk_group]
+        kept = sorted(range(cfg.n_group), key=lambda g: -group_strength[g])[: cfg.topk_group]
         candidates = [e for e in range(cfg.n_routed_experts) if e // experts_per_group in kept]
-        chosen = sorted(candidates, key=lambda e: -float(biased[e]))[:cfg.num_experts_per_tok]
+        chosen = sorted(candidates, key=lambda e: -float(biased[e]))[: cfg.num_experts_per_tok]
         w = torch.tensor([float(scores[e]) for e in chosen], dtype=torch.float64)
         if cfg.norm_topk_prob:
             w = w / w.sum()
@@ -68,6 +70,7 @@ def mlp(x_row, w_gate, w_up, w_down, quantize):
 def moe_forward(x, weights, cfg, quantize=True, experts=None, shared=True):
     """x [T, H]; weights: dict of HF names -> tensors (FP8 + scale_inv). Returns float64 [T, H].
     `experts`: only these routed experts contribute (an EP slice); `shared`: add the shared expert."""
+
     def proj(prefix):
         return dequant_weight(weights[f"{prefix}.weight"], weights[f"{prefix}.weight_scale_inv"])
 

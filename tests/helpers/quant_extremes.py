@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 SUBNORMAL_ROW = 3  # `extreme_rows`' smallest-subnormal row (a GPU may flush it to zero)
-SCALE_CEIL = 2.0 ** 119  # moe_backend.quant.SCALE_CEIL, restated: the test pins the value
+SCALE_CEIL = 2.0**119  # moe_backend.quant.SCALE_CEIL, restated: the test pins the value
 
 
 def extreme_rows(dtype: torch.dtype, cols: int) -> torch.Tensor:
@@ -15,7 +15,7 @@ def extreme_rows(dtype: torch.dtype, cols: int) -> torch.Tensor:
     info = torch.finfo(dtype)
     gen = torch.Generator().manual_seed(11)
     ordinary = torch.randn(cols, generator=gen)
-    rows = [torch.full((cols,), v) for v in (info.max, -info.max, info.tiny, info.tiny / 2 ** 7, 0.0)]
+    rows = [torch.full((cols,), v) for v in (info.max, -info.max, info.tiny, info.tiny / 2**7, 0.0)]
     alternating = torch.full((cols,), info.max)
     alternating[1::2] = -info.max
     rows.append(alternating)

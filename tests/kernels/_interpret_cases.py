@@ -15,12 +15,12 @@ import torch
 from moe_backend import reference
 from moe_backend.dispatch import layouts
 from moe_backend.kernels import build_layout
-from moe_backend.kernels.unpermute_combine import unpermute_combine
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
 from moe_backend.kernels.per_token_group_quant import per_token_group_quant
 from moe_backend.kernels.permute_quant import permute_quant
 from moe_backend.kernels.silu_mul_quant import silu_mul_quant
+from moe_backend.kernels.unpermute_combine import unpermute_combine
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
 from tests.helpers.layout_checks import (
     LAYOUT_CASES,
@@ -122,8 +122,9 @@ def case_masked_out_of_range_counts():
 
 def case_masked_n_loop_walk():
     # Short K with N_LOOP n-tiles per unit, a hot expert, one program walking everything.
-    _check_masked((33, 0, 2), 40, 200, 256, dict(BLOCK_M=16, BLOCK_N=64, N_LOOP=2, num_warps=4, num_stages=2,
-                                                  PROGRAMS=1), seed=17)
+    _check_masked(
+        (33, 0, 2), 40, 200, 256, dict(BLOCK_M=16, BLOCK_N=64, N_LOOP=2, num_warps=4, num_stages=2, PROGRAMS=1), seed=17
+    )
 
 
 def case_masked_swap_ab():
@@ -145,8 +146,9 @@ def case_masked_n_loop():
     a, a_s = _acts((e, max_m, k), gen)
     masked_m = torch.tensor([0, 20, 3], dtype=torch.int32)
     out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16)
-    grouped_gemm_masked(a, a_s, b, bs, masked_m, out,
-                        config=dict(BLOCK_M=16, BLOCK_N=64, N_LOOP=2, num_warps=4, num_stages=2))
+    grouped_gemm_masked(
+        a, a_s, b, bs, masked_m, out, config=dict(BLOCK_M=16, BLOCK_N=64, N_LOOP=2, num_warps=4, num_stages=2)
+    )
     ref = reference.grouped_gemm_masked(a, a_s, b, bs, masked_m)
     for i, m in enumerate(masked_m.tolist()):
         assert torch.isnan(out[i, m:]).all() and torch.isfinite(out[i, :m]).all(), i
@@ -191,11 +193,14 @@ def case_contiguous_num_rows():
     b, bs = _weights(e, n, k, gen)
     a, a_s = _acts((len(ids), k), gen)
     ref = reference.grouped_gemm_contiguous(a, a_s, b, bs, torch.where(torch.arange(len(ids)) < used, expert_ids, -1))
-    for cfg in (dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=2, PROGRAMS=3),
-                dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)):
+    for cfg in (
+        dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=2, PROGRAMS=3),
+        dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+    ):
         out = torch.full((len(ids), n), float("nan"), dtype=torch.bfloat16)
-        grouped_gemm_contiguous(a, a_s, b, bs, expert_ids, out, config=cfg,
-                                num_rows=torch.tensor([used], dtype=torch.int32))
+        grouped_gemm_contiguous(
+            a, a_s, b, bs, expert_ids, out, config=cfg, num_rows=torch.tensor([used], dtype=torch.int32)
+        )
         assert torch.isnan(out[used:]).all(), "rows past num_rows were written"
         pad = expert_ids[:used] < 0
         assert torch.isnan(out[:used][pad]).all(), "padding rows were written"
@@ -251,15 +256,18 @@ def case_quant_extremes():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for ue8m0 in (False, True):
             h, normal_pairs = gate_up_pairs(dtype)  # [81, 256]: every (gate, up) pair of extremes
-            _check_no_overflow(*silu_mul_quant(h, 128, ue8m0), *reference.silu_mul_quant(h, 128, ue8m0),
-                               normal_pairs)
+            _check_no_overflow(*silu_mul_quant(h, 128, ue8m0), *reference.silu_mul_quant(h, 128, ue8m0), normal_pairs)
             rows = extreme_rows(dtype, 128)
             normal_rows = torch.arange(len(rows)) != SUBNORMAL_ROW
-            _check_no_overflow(*per_token_group_quant(rows, 128, ue8m0),
-                               *quantize_fp8_per_token_group(rows, 128, ue8m0), normal_rows)
+            _check_no_overflow(
+                *per_token_group_quant(rows, 128, ue8m0), *quantize_fp8_per_token_group(rows, 128, ue8m0), normal_rows
+            )
             src = torch.arange(len(rows)).flip(0)  # permute_quant shares the rounding core
-            _check_no_overflow(*permute_quant(rows, src, 128, ue8m0), *layouts.permute_quant(rows, src, 128, ue8m0),
-                               normal_rows.flip(0))
+            _check_no_overflow(
+                *permute_quant(rows, src, 128, ue8m0),
+                *layouts.permute_quant(rows, src, 128, ue8m0),
+                normal_rows.flip(0),
+            )
 
 
 def case_combine():
@@ -281,16 +289,26 @@ def case_combine():
 def case_bad_inputs():
     a = torch.zeros(2, 4, 200, dtype=torch.float8_e4m3fn)
     try:
-        grouped_gemm_masked(a, torch.zeros(2, 4, 2), torch.zeros(2, 8, 200, dtype=torch.float8_e4m3fn),
-                            torch.zeros(2, 1, 2), torch.zeros(2, dtype=torch.int32))
+        grouped_gemm_masked(
+            a,
+            torch.zeros(2, 4, 2),
+            torch.zeros(2, 8, 200, dtype=torch.float8_e4m3fn),
+            torch.zeros(2, 1, 2),
+            torch.zeros(2, dtype=torch.int32),
+        )
     except ValueError as exc:
         assert "a_fp8" in str(exc), exc
     else:
         raise AssertionError("K=200 accepted")
     a = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
     try:
-        grouped_gemm_contiguous(a, torch.zeros(4, 1), torch.zeros(2, 8, 128, dtype=torch.float8_e4m3fn),
-                                torch.zeros(2, 1, 1), torch.zeros(4, dtype=torch.int64))
+        grouped_gemm_contiguous(
+            a,
+            torch.zeros(4, 1),
+            torch.zeros(2, 8, 128, dtype=torch.float8_e4m3fn),
+            torch.zeros(2, 1, 1),
+            torch.zeros(4, dtype=torch.int64),
+        )
     except TypeError as exc:
         assert "expert_ids" in str(exc), exc
     else:
@@ -301,8 +319,10 @@ POISON_BYTE = 0x7F  # e4m3 NaN: a padding row still holding it was never written
 
 
 def _poisoned_quant_out(q_shape, s_shape):
-    return (torch.full(q_shape, POISON_BYTE, dtype=torch.uint8).view(torch.float8_e4m3fn),
-            torch.full(s_shape, float("nan")))
+    return (
+        torch.full(q_shape, POISON_BYTE, dtype=torch.uint8).view(torch.float8_e4m3fn),
+        torch.full(s_shape, float("nan")),
+    )
 
 
 def _check_permute_quant(x, src_token, group=128, ue8m0=False):
@@ -311,16 +331,16 @@ def _check_permute_quant(x, src_token, group=128, ue8m0=False):
     q, s = permute_quant(x, src_token, group, ue8m0, out=out)
     assert q is out[0] and s is out[1] and q.shape == shapes[0] and s.shape == shapes[1]
     real = src_token >= 0
-    assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(s[~real].isnan().all()), \
+    assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(s[~real].isnan().all()), (
         "padding rows were written"
+    )
     rq, rs = layouts.permute_quant(x, src_token, group, ue8m0)
     assert torch.equal(s[real], rs[real]), "scales differ from the torch twin"
     # Values, not bytes: the kernel's e4m3 rounding gives +0 where torch keeps -0 (equal values).
     assert torch.equal(q[real].float(), rq[real].float()), "fp8 values differ from the torch twin"
     # Byte-exact against the unfused kernel path: same rounding code, rows copied.
     uq, us = per_token_group_quant(x, group, ue8m0)
-    assert torch.equal(q[real].view(torch.uint8), uq.view(torch.uint8)[src_token[real]]), \
-        "differs from quant + permute"
+    assert torch.equal(q[real].view(torch.uint8), uq.view(torch.uint8)[src_token[real]]), "differs from quant + permute"
     assert torch.equal(s[real], us[src_token[real]])
 
 
@@ -359,15 +379,18 @@ def _layout_pairs(case, seed=0):
     """(kernel, twin) for both layouts of a LayoutCase, checked against the invariants."""
     topk_ids = make_topk_ids(case, seed)
     args = (topk_ids, case.num_local)
-    kernel = build_layout.build_contiguous_layout(*args, expert_start=case.expert_start, alignment=case.alignment,
-                                                  slots_per_program=case.slots_per_program)
-    twin = layouts.build_contiguous_layout(*args, expert_start=case.expert_start, alignment=case.alignment,
-                                           exact_size=False)
+    kernel = build_layout.build_contiguous_layout(
+        *args, expert_start=case.expert_start, alignment=case.alignment, slots_per_program=case.slots_per_program
+    )
+    twin = layouts.build_contiguous_layout(
+        *args, expert_start=case.expert_start, alignment=case.alignment, exact_size=False
+    )
     check_contiguous_layout(kernel, topk_ids, case.num_local, case.expert_start, case.alignment)
     assert_same_layout(kernel, twin)
     max_m = case.max_m or max(case.tokens, 1)
-    kernel = build_layout.build_masked_layout(*args, expert_start=case.expert_start, max_m=case.max_m,
-                                              slots_per_program=case.slots_per_program)
+    kernel = build_layout.build_masked_layout(
+        *args, expert_start=case.expert_start, max_m=case.max_m, slots_per_program=case.slots_per_program
+    )
     twin = layouts.build_masked_layout(*args, expert_start=case.expert_start, max_m=case.max_m, drop_overflow=True)
     check_masked_layout(kernel, topk_ids, case.num_local, case.expert_start, max_m)
     assert_same_layout(kernel, twin)
@@ -402,12 +425,16 @@ def case_build_layout_both_plans():
     """One routing through the one-program plan and chunked plans of 32 and 64 slots: same layouts."""
     topk_ids = make_topk_ids(LAYOUT_CASES[2], seed=3)  # EP slice with -1 and other ranks' ids
     for kwargs in (dict(alignment=8), dict(alignment=1)):
-        built = [build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, slots_per_program=spp, **kwargs)
-                 for spp in (None, 32, 64)]
+        built = [
+            build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, slots_per_program=spp, **kwargs)
+            for spp in (None, 32, 64)
+        ]
         for other in built[1:]:
             assert_same_layout(other, built[0])
-    built = [build_layout.build_masked_layout(topk_ids, 6, expert_start=3, max_m=5, slots_per_program=spp)
-             for spp in (None, 32, 64)]
+    built = [
+        build_layout.build_masked_layout(topk_ids, 6, expert_start=3, max_m=5, slots_per_program=spp)
+        for spp in (None, 32, 64)
+    ]
     for other in built[1:]:
         assert_same_layout(other, built[0])
 
@@ -419,8 +446,10 @@ def case_silu_mul_quant_rows():
     topk_ids = torch.randint(-1, 9, (7, 2), generator=gen, dtype=torch.int32)
     contiguous = build_layout.build_contiguous_layout(topk_ids, 5, expert_start=2, alignment=4)
     masked = build_layout.build_masked_layout(topk_ids, 5, expert_start=2, max_m=3)
-    for layout, kwargs, rows in ((contiguous, dict(expert_ids=contiguous.expert_ids), (contiguous.num_rows,)),
-                                 (masked, dict(masked_m=masked.masked_m), (5, 3))):
+    for layout, kwargs, rows in (
+        (contiguous, dict(expert_ids=contiguous.expert_ids), (contiguous.num_rows,)),
+        (masked, dict(masked_m=masked.masked_m), (5, 3)),
+    ):
         valid = layout.src_token >= 0
         assert valid.any() and not valid.all(), "the case needs both kinds of rows"
         h = (torch.randn(*rows, 2 * 256, generator=gen) * 4).bfloat16()
@@ -429,8 +458,9 @@ def case_silu_mul_quant_rows():
             out = _poisoned_quant_out((*rows, 256), (*rows, 2))
             q, s = silu_mul_quant(h, 128, ue8m0, out=out, **kwargs)
             assert q is out[0] and s is out[1]
-            assert bool((q[~valid].view(torch.uint8) == POISON_BYTE).all()) and bool(s[~valid].isnan().all()), \
+            assert bool((q[~valid].view(torch.uint8) == POISON_BYTE).all()) and bool(s[~valid].isnan().all()), (
                 "invalid rows were written"
+            )
             rq, rs = reference.silu_mul_quant(h, 128, ue8m0, **kwargs)
             _check_quant(q[valid], s[valid], rq[valid], rs[valid])
             assert not rq[~valid].float().any() and not rs[~valid].any(), "the twin zeroes invalid rows"
@@ -453,14 +483,22 @@ def case_used_rows():
         used_rows = torch.tensor([bound], dtype=torch.int32)
         below = torch.arange(layout.num_rows) < bound
         real = (layout.src_token >= 0) & below
-        q, s = permute_quant(x, layout.src_token, out=_poisoned_quant_out((layout.num_rows, 256), (layout.num_rows, 2)),
-                             used_rows=used_rows)
+        q, s = permute_quant(
+            x,
+            layout.src_token,
+            out=_poisoned_quant_out((layout.num_rows, 256), (layout.num_rows, 2)),
+            used_rows=used_rows,
+        )
         rq, rs = layouts.permute_quant(x, layout.src_token, used_rows=used_rows)
         assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(s[~real].isnan().all())
         assert torch.equal(q[real].float(), rq[real].float()) and torch.equal(s[real], rs[real])
         assert not rs[~real].any(), "the twin: rows past used_rows are padding"
-        a, a_s = silu_mul_quant(h, expert_ids=layout.expert_ids, used_rows=used_rows,
-                                out=_poisoned_quant_out((layout.num_rows, 256), (layout.num_rows, 2)))
+        a, a_s = silu_mul_quant(
+            h,
+            expert_ids=layout.expert_ids,
+            used_rows=used_rows,
+            out=_poisoned_quant_out((layout.num_rows, 256), (layout.num_rows, 2)),
+        )
         ra, ras = reference.silu_mul_quant(h, expert_ids=layout.expert_ids, used_rows=used_rows)
         assert bool((a[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(a_s[~real].isnan().all())
         _check_quant(a[real], a_s[real], ra[real], ras[real])
@@ -473,8 +511,10 @@ def case_combine_kernel_layouts():
     t, topk, n = 9, 3, 200
     topk_ids = torch.randint(-1, 12, (t, topk), generator=gen)
     weights = torch.rand(t, topk, generator=gen)
-    for layout in (build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, alignment=8),
-                   build_layout.build_masked_layout(topk_ids, 6, expert_start=3, max_m=2)):  # some dropped
+    for layout in (
+        build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, alignment=8),
+        build_layout.build_masked_layout(topk_ids, 6, expert_start=3, max_m=2),
+    ):  # some dropped
         y = torch.randn(*layout.src_token.shape, n, generator=gen).bfloat16()
         y[layout.src_token < 0] = float("nan")
         out = unpermute_combine(y, layout.row_of_slot, weights)
@@ -487,8 +527,10 @@ CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case
 
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("run with TRITON_INTERPRET=1 (set before Triton is imported): "
-                 "TRITON_INTERPRET=1 python -m tests.kernels._interpret_cases [CASE ...]")
+        sys.exit(
+            "run with TRITON_INTERPRET=1 (set before Triton is imported): "
+            "TRITON_INTERPRET=1 python -m tests.kernels._interpret_cases [CASE ...]"
+        )
     wanted = sys.argv[1:] or list(CASES)
     results = {}
     for name in wanted:

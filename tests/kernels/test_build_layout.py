@@ -29,27 +29,38 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 def test_ops_builders(case, device: str) -> None:
     """CPU: the twins on the static row bound (no sync); CUDA: the kernel, bit-identical to them."""
     topk_ids = make_topk_ids(case, seed=1, device=device)
-    contiguous = ops.build_contiguous_layout(topk_ids, case.num_local, expert_start=case.expert_start,
-                                             alignment=case.alignment)
+    contiguous = ops.build_contiguous_layout(
+        topk_ids, case.num_local, expert_start=case.expert_start, alignment=case.alignment
+    )
     assert contiguous.src_token.device == topk_ids.device
     check_contiguous_layout(contiguous, topk_ids, case.num_local, case.expert_start, case.alignment)
     cpu_ids = topk_ids.cpu()
-    assert_same_layout(contiguous, layouts.build_contiguous_layout(
-        cpu_ids, case.num_local, expert_start=case.expert_start, alignment=case.alignment, exact_size=False))
+    assert_same_layout(
+        contiguous,
+        layouts.build_contiguous_layout(
+            cpu_ids, case.num_local, expert_start=case.expert_start, alignment=case.alignment, exact_size=False
+        ),
+    )
     masked = ops.build_masked_layout(topk_ids, case.num_local, expert_start=case.expert_start, max_m=case.max_m)
     check_masked_layout(masked, topk_ids, case.num_local, case.expert_start, case.max_m or max(case.tokens, 1))
-    assert_same_layout(masked, layouts.build_masked_layout(
-        cpu_ids, case.num_local, expert_start=case.expert_start, max_m=case.max_m, drop_overflow=True))
+    assert_same_layout(
+        masked,
+        layouts.build_masked_layout(
+            cpu_ids, case.num_local, expert_start=case.expert_start, max_m=case.max_m, drop_overflow=True
+        ),
+    )
 
 
 def test_twin_exact_size_is_the_static_layout_cut() -> None:
     """exact_size=True (one host sync) is the static layout without its all-padding tail."""
     case = LAYOUT_CASES[2]
     topk_ids = make_topk_ids(case, seed=2)
-    static = layouts.build_contiguous_layout(topk_ids, case.num_local, expert_start=case.expert_start,
-                                             alignment=case.alignment, exact_size=False)
-    exact = layouts.build_contiguous_layout(topk_ids, case.num_local, expert_start=case.expert_start,
-                                            alignment=case.alignment)
+    static = layouts.build_contiguous_layout(
+        topk_ids, case.num_local, expert_start=case.expert_start, alignment=case.alignment, exact_size=False
+    )
+    exact = layouts.build_contiguous_layout(
+        topk_ids, case.num_local, expert_start=case.expert_start, alignment=case.alignment
+    )
     used = int(static.expert_offsets[-1])
     assert exact.num_rows == used < static.num_rows
     assert torch.equal(exact.expert_ids, static.expert_ids[:used])
@@ -65,13 +76,16 @@ def test_ops_silu_mul_quant_row_validity(device: str) -> None:
     topk_ids = torch.randint(-1, 9, (11, 2), generator=gen, dtype=torch.int32).to(device)
     contiguous = ops.build_contiguous_layout(topk_ids, 5, expert_start=2, alignment=4)
     masked = ops.build_masked_layout(topk_ids, 5, expert_start=2, max_m=3)
-    for kwargs, rows, valid in ((dict(expert_ids=contiguous.expert_ids), (contiguous.num_rows,),
-                                 contiguous.src_token >= 0),
-                                (dict(masked_m=masked.masked_m), (5, 3), masked.src_token >= 0)):
+    for kwargs, rows, valid in (
+        (dict(expert_ids=contiguous.expert_ids), (contiguous.num_rows,), contiguous.src_token >= 0),
+        (dict(masked_m=masked.masked_m), (5, 3), masked.src_token >= 0),
+    ):
         assert valid.any() and not valid.all()
         h = (torch.randn(*rows, 512, generator=gen) * 3).bfloat16().to(device)
-        out = (torch.full((*rows, 256), 0x7F, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn),
-               torch.full((*rows, 2), float("nan"), device=device))
+        out = (
+            torch.full((*rows, 256), 0x7F, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn),
+            torch.full((*rows, 2), float("nan"), device=device),
+        )
         q, s = ops.silu_mul_quant(h, 128, False, out=out, **kwargs)
         assert q is out[0] and s is out[1]
         all_q, all_s = ops.silu_mul_quant(h, 128, False)
@@ -86,8 +100,9 @@ def test_ops_silu_mul_quant_row_validity(device: str) -> None:
 def test_reference_silu_mul_quant_validity_checks() -> None:
     h = torch.randn(4, 512)
     with pytest.raises(ValueError, match="at most one"):
-        reference.silu_mul_quant(h, expert_ids=torch.zeros(4, dtype=torch.int32),
-                                 masked_m=torch.zeros(4, dtype=torch.int32))
+        reference.silu_mul_quant(
+            h, expert_ids=torch.zeros(4, dtype=torch.int32), masked_m=torch.zeros(4, dtype=torch.int32)
+        )
     with pytest.raises(ValueError, match=r"h: expected \[E, max_m, 2I\]"):
         reference.silu_mul_quant(h, masked_m=torch.zeros(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="expert_ids: expected shape"):
@@ -105,8 +120,14 @@ def _bad_build_cases():
     return [  # (id, builder, args, kwargs, error, match)
         ("ids_float", "contiguous", (ids.float(), 4), {}, TypeError, "topk_ids: expected dtype"),
         ("ids_1d", "masked", (ids.view(-1), 4), {}, ValueError, "topk_ids: expected 2 dims"),
-        ("ids_strided", "contiguous", (torch.zeros(4, 4, dtype=torch.int32)[:, ::2], 4), {}, ValueError,
-         "topk_ids: expected a contiguous"),
+        (
+            "ids_strided",
+            "contiguous",
+            (torch.zeros(4, 4, dtype=torch.int32)[:, ::2], 4),
+            {},
+            ValueError,
+            "topk_ids: expected a contiguous",
+        ),
         ("experts_0", "contiguous", (ids, 0), {}, ValueError, "num_local_experts"),
         ("start_negative", "masked", (ids, 4), dict(expert_start=-1), ValueError, "expert_start"),
         ("alignment_0", "contiguous", (ids, 4), dict(alignment=0), ValueError, "alignment"),

@@ -32,15 +32,18 @@ def _topk_ids(num_tokens: int, seed: int = 0, skew: float = 0.0, dtype=torch.int
 
 
 def _check_both(topk_ids, num_local, start, alignment, max_m=None, slots_per_program=None, check=True):
-    kernel = build_layout.build_contiguous_layout(topk_ids, num_local, expert_start=start, alignment=alignment,
-                                                  slots_per_program=slots_per_program)
-    twin = layouts.build_contiguous_layout(topk_ids, num_local, expert_start=start, alignment=alignment,
-                                           exact_size=False)
+    kernel = build_layout.build_contiguous_layout(
+        topk_ids, num_local, expert_start=start, alignment=alignment, slots_per_program=slots_per_program
+    )
+    twin = layouts.build_contiguous_layout(
+        topk_ids, num_local, expert_start=start, alignment=alignment, exact_size=False
+    )
     assert_same_layout(kernel, twin)
     if check:
         check_contiguous_layout(kernel, topk_ids, num_local, start, alignment)
-    kernel = build_layout.build_masked_layout(topk_ids, num_local, expert_start=start, max_m=max_m,
-                                              slots_per_program=slots_per_program)
+    kernel = build_layout.build_masked_layout(
+        topk_ids, num_local, expert_start=start, max_m=max_m, slots_per_program=slots_per_program
+    )
     twin = layouts.build_masked_layout(topk_ids, num_local, expert_start=start, max_m=max_m, drop_overflow=True)
     assert_same_layout(kernel, twin)
     if check:
@@ -101,8 +104,10 @@ def test_cuda_graph_replay(num_tokens: int) -> None:
     for seed in (1, 2):
         topk_ids.copy_(_topk_ids(num_tokens, seed, skew=2.0 * seed))
         graph.replay()
-        assert_same_layout(contiguous, layouts.build_contiguous_layout(
-            topk_ids, num_local, expert_start=start, alignment=16, exact_size=False))
+        assert_same_layout(
+            contiguous,
+            layouts.build_contiguous_layout(topk_ids, num_local, expert_start=start, alignment=16, exact_size=False),
+        )
         assert_same_layout(masked, layouts.build_masked_layout(topk_ids, num_local, expert_start=start))
 
 
@@ -118,15 +123,18 @@ def test_padding_rows_never_touched_downstream() -> None:
     weights = torch.rand(num_tokens, TOPK, device="cuda", generator=gen)
 
     def poisoned(shape, cols):
-        return (torch.full((*shape, cols), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn),
-                torch.full((*shape, cols // 128), float("nan"), device="cuda"))
+        return (
+            torch.full((*shape, cols), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn),
+            torch.full((*shape, cols // 128), float("nan"), device="cuda"),
+        )
 
     contiguous = ops.build_contiguous_layout(topk_ids, num_local, expert_start=start, alignment=128)
     masked = ops.build_masked_layout(topk_ids, num_local, expert_start=start)
     # The contiguous layout also passes its device-side count of rows in use: the tail is not visited.
-    for layout, validity in ((contiguous, dict(expert_ids=contiguous.expert_ids,
-                                               used_rows=contiguous.expert_offsets[-1:])),
-                             (masked, dict(masked_m=masked.masked_m))):
+    for layout, validity in (
+        (contiguous, dict(expert_ids=contiguous.expert_ids, used_rows=contiguous.expert_offsets[-1:])),
+        (masked, dict(masked_m=masked.masked_m)),
+    ):
         rows = tuple(layout.src_token.shape)
         real = layout.src_token >= 0
         q, s = ops.permute_quant(x, layout.src_token, out=poisoned(rows, HIDDEN), used_rows=validity.get("used_rows"))

@@ -11,19 +11,23 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 API = {
-    "grouped_gemm_contiguous": ("(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None, "
-                                "num_rows=None)"),
+    "grouped_gemm_contiguous": (
+        "(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None, num_rows=None)"
+    ),
     "grouped_gemm_masked": "(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, expected_m=None, config=None)",
-    "silu_mul_quant": "(h, group=128, ue8m0=False, *, expert_ids=None, masked_m=None, used_rows=None, "
-                      "out=None)",
+    "silu_mul_quant": "(h, group=128, ue8m0=False, *, expert_ids=None, masked_m=None, used_rows=None, out=None)",
     "per_token_group_quant": "(x, group=128, ue8m0=False)",
     "unpermute_combine": "(y, row_of_slot, topk_weights, out=None)",
 }
 
 
 def _plain(sig: inspect.Signature) -> str:
-    return str(sig.replace(parameters=[p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()],
-                           return_annotation=inspect.Signature.empty))
+    return str(
+        sig.replace(
+            parameters=[p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()],
+            return_annotation=inspect.Signature.empty,
+        )
+    )
 
 
 @pytest.mark.parametrize("module", sorted(API))
@@ -36,10 +40,14 @@ def test_signature(module: str) -> None:
 def test_build_layout_signatures() -> None:
     mod = importlib.import_module("moe_backend.kernels.build_layout")
     assert {"build_contiguous_layout", "build_masked_layout"} <= set(mod.__all__)
-    assert _plain(inspect.signature(mod.build_contiguous_layout)) == \
-        "(topk_ids, num_local_experts, *, expert_start=0, alignment=128, slots_per_program=None)"
-    assert _plain(inspect.signature(mod.build_masked_layout)) == \
-        "(topk_ids, num_local_experts, *, expert_start=0, max_m=None, slots_per_program=None)"
+    assert (
+        _plain(inspect.signature(mod.build_contiguous_layout))
+        == "(topk_ids, num_local_experts, *, expert_start=0, alignment=128, slots_per_program=None)"
+    )
+    assert (
+        _plain(inspect.signature(mod.build_masked_layout))
+        == "(topk_ids, num_local_experts, *, expert_start=0, max_m=None, slots_per_program=None)"
+    )
 
 
 def test_contiguous_alignment() -> None:
@@ -53,8 +61,15 @@ def test_formula_and_override() -> None:
     cfg = _gemm_config.get_config("grouped_gemm_masked", 4, 4096, 7168, "no-such-gpu", masked=True)
     assert cfg["BLOCK_M"] == 16
     with pytest.raises(ValueError, match="BLOCK_M"):
-        _gemm_config.get_config("grouped_gemm_masked", 4, 4096, 7168, "x", masked=True,
-                                override=dict(BLOCK_M=24, BLOCK_N=128, num_warps=4, num_stages=3))
+        _gemm_config.get_config(
+            "grouped_gemm_masked",
+            4,
+            4096,
+            7168,
+            "x",
+            masked=True,
+            override=dict(BLOCK_M=24, BLOCK_N=128, num_warps=4, num_stages=3),
+        )
     with pytest.raises(ValueError, match="unknown"):
         _gemm_config.check_config(dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, SPLIT=2))
 
@@ -64,8 +79,9 @@ def test_hopper_without_table_uses_the_h100_table(capsys, monkeypatch) -> None:
     from moe_backend.kernels import _gemm_config
 
     monkeypatch.setenv("MOE_BACKEND_PRINT_CONFIG", "1")
-    h100 = _gemm_config.get_config("grouped_gemm_masked", 128, 4096, 7168, _gemm_config.HOPPER_FALLBACK_DEVICE,
-                                   masked=True)
+    h100 = _gemm_config.get_config(
+        "grouped_gemm_masked", 128, 4096, 7168, _gemm_config.HOPPER_FALLBACK_DEVICE, masked=True
+    )
     assert not _gemm_config.load_table("grouped_gemm_masked", "NVIDIA H800")
     h800 = _gemm_config.get_config("grouped_gemm_masked", 128, 4096, 7168, "NVIDIA H800", masked=True)
     assert h800 == h100
@@ -104,8 +120,9 @@ def test_tables_load() -> None:
                 _gemm_config.check_config(cfg)
 
 
-@pytest.mark.parametrize("m,masked,k", [(1, True, 7168), (128, True, 7168), (64, True, 256), (512, False, 2048),
-                                        (512, False, 256)])
+@pytest.mark.parametrize(
+    "m,masked,k", [(1, True, 7168), (128, True, 7168), (64, True, 256), (512, False, 2048), (512, False, 256)]
+)
 def test_tune_candidates_are_valid(m: int, masked: bool, k: int) -> None:
     """Every candidate the tuner times passes the launcher's checks and fits shared memory."""
     from moe_backend.kernels import _gemm_config
@@ -119,12 +136,15 @@ def test_tune_candidates_are_valid(m: int, masked: bool, k: int) -> None:
         assert full["num_stages"] * per_stage <= 200 * 1024 or full["N_LOOP"] > 1
 
 
-@pytest.mark.parametrize("n_regs,shared,num_warps,expected", [
-    (168, 55_000, 4, 132 * 3),   # registers bound: 3 x 4 warps x 5376 registers per warp
-    (40, 0, 4, 132 * 12),        # registers bound again at 1280 per warp
-    (32, 200_000, 8, 132 * 1),   # shared memory bound: one block of 200 KB
-    (16, 1_000, 1, 132 * 32),    # the 32-blocks-per-SM bound
-])
+@pytest.mark.parametrize(
+    "n_regs,shared,num_warps,expected",
+    [
+        (168, 55_000, 4, 132 * 3),  # registers bound: 3 x 4 warps x 5376 registers per warp
+        (40, 0, 4, 132 * 12),  # registers bound again at 1280 per warp
+        (32, 200_000, 8, 132 * 1),  # shared memory bound: one block of 200 KB
+        (16, 1_000, 1, 132 * 32),  # the 32-blocks-per-SM bound
+    ],
+)
 def test_resident_programs(monkeypatch, n_regs, shared, num_warps, expected) -> None:
     """The persistent grid's size: SMs x the blocks one SM holds (the occupancy calculator's
     bounds), from a compiled kernel's registers and shared memory."""

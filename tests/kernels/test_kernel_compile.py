@@ -27,24 +27,53 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
 
     bm, bn, tma = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.get("TMA", False)
     n_loop = cfg.get("N_LOOP", 1)
-    signature = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32",
-                 "c_ptr": "*bf16", "expert_ids_ptr": "*i32", "masked_m_ptr": "*i32", "num_rows_ptr": "*i32",
-                 "a_desc": f"tensordesc<fp8e4nv[{bm}, 128]>" if tma else "constexpr",
-                 "b_desc": f"tensordesc<fp8e4nv[{bn}, 128]>" if tma else "constexpr",
-                 "M": "i32", "N": "i32", "K": "i32", "num_m_tiles": "i32", "num_n_tiles": "i32", "num_experts": "i32"}
-    consts = dict(MASKED=mode == "masked", ROW_BOUND=mode == "row_bound",
-                  E_PAD=max(16, triton.next_power_of_2(num_experts)), WIDE_KEY=False, BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_K=128, GROUP_M=cfg.get("GROUP_M", 1), SWAP_AB=cfg.get("SWAP_AB", False),
-                  K_UNROLL=cfg.get("K_UNROLL", 1), N_LOOP=n_loop, FULL_KB=2 if n_loop > 1 else 1, USE_TMA=tma)
+    signature = {
+        "a_ptr": "*fp8e4nv",
+        "a_scale_ptr": "*fp32",
+        "b_ptr": "*fp8e4nv",
+        "b_scale_ptr": "*fp32",
+        "c_ptr": "*bf16",
+        "expert_ids_ptr": "*i32",
+        "masked_m_ptr": "*i32",
+        "num_rows_ptr": "*i32",
+        "a_desc": f"tensordesc<fp8e4nv[{bm}, 128]>" if tma else "constexpr",
+        "b_desc": f"tensordesc<fp8e4nv[{bn}, 128]>" if tma else "constexpr",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+        "num_m_tiles": "i32",
+        "num_n_tiles": "i32",
+        "num_experts": "i32",
+    }
+    consts = dict(
+        MASKED=mode == "masked",
+        ROW_BOUND=mode == "row_bound",
+        E_PAD=max(16, triton.next_power_of_2(num_experts)),
+        WIDE_KEY=False,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=128,
+        GROUP_M=cfg.get("GROUP_M", 1),
+        SWAP_AB=cfg.get("SWAP_AB", False),
+        K_UNROLL=cfg.get("K_UNROLL", 1),
+        N_LOOP=n_loop,
+        FULL_KB=2 if n_loop > 1 else 1,
+        USE_TMA=tma,
+    )
     if not tma:
         consts.update(a_desc=None, b_desc=None)
     signature.update({name: "constexpr" for name in consts})
     index = {name: i for i, name in enumerate(kernel.arg_names)}
     aligned = [name for name, t in signature.items() if t.startswith("*")] + ["N", "K"]
-    src = ASTSource(fn=kernel, signature=signature, constexprs={(index[n],): v for n, v in consts.items()},
-                    attrs={(index[n],): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    src = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(index[n],): v for n, v in consts.items()},
+        attrs={(index[n],): [["tt.divisibility", 16]] for n in aligned},
+    )
+    return triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    )
 
 
 def _h200_configs() -> list:
@@ -61,10 +90,11 @@ def _h200_configs() -> list:
     return out
 
 
-CASES = ([("masked", cfg) for cfg in _h200_configs()]
-         + [("row_bound", dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, K_UNROLL=2, num_warps=4, num_stages=3)),
-            ("row_bound", dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=2)),
-            ("tile", dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, K_UNROLL=2, num_warps=8, num_stages=3))])
+CASES = [("masked", cfg) for cfg in _h200_configs()] + [
+    ("row_bound", dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, K_UNROLL=2, num_warps=4, num_stages=3)),
+    ("row_bound", dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=2)),
+    ("tile", dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, K_UNROLL=2, num_warps=8, num_stages=3)),
+]
 
 
 @pytest.mark.parametrize("mode,cfg", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
@@ -83,6 +113,7 @@ def test_compiles_for_sm90a(mode: str, cfg: dict, tmp_path: Path) -> None:
         pytest.skip("no cuobjdump for the resource check")
     cubin = tmp_path / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
-    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout
+    usage = subprocess.run(
+        [str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
     assert re.search(r"STACK:0\b", usage), f"local memory (spills): {usage}"

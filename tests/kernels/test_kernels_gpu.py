@@ -19,8 +19,14 @@ TOL = {"gemm": 2e-3, "combine": 1e-5, "dequant": 1e-6}
 
 
 def _kernels():
-    from moe_backend.kernels import grouped_gemm_contiguous, grouped_gemm_masked, unpermute_combine
-    from moe_backend.kernels import per_token_group_quant, silu_mul_quant
+    from moe_backend.kernels import (
+        grouped_gemm_contiguous,
+        grouped_gemm_masked,
+        per_token_group_quant,
+        silu_mul_quant,
+        unpermute_combine,
+    )
+
     return unpermute_combine, grouped_gemm_contiguous, grouped_gemm_masked, per_token_group_quant, silu_mul_quant
 
 
@@ -61,39 +67,107 @@ GEMM_CASES = [
     GemmCase("odd_nk", 200, 384, (0, 1, 130, 17, 33), max_m=160),
     GemmCase("odd_727x577", 577, 896, (727, 0, 1)),
     GemmCase("one_expert", 512, 1024, (0, 0, 300, 0)),
-    GemmCase("swap_ab", 320, 512, (0, 1, 16, 5), config=dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True,
-                                                               num_warps=4, num_stages=4)),
-    GemmCase("wide_n", 400, 512, (40, 0, 1, 70), config=dict(BLOCK_M=64, BLOCK_N=256, num_warps=8,
-                                                             num_stages=3)),
-    GemmCase("k_unroll", 640, 2048, (0, 1, 70, 16), config=dict(BLOCK_M=64, BLOCK_N=128, K_UNROLL=2,
-                                                                 num_warps=4, num_stages=3)),
-    GemmCase("k_unroll_odd_kb", 256, 384, (5, 0, 1, 33), config=dict(BLOCK_M=32, BLOCK_N=64, K_UNROLL=2,
-                                                                       SWAP_AB=True, num_warps=4, num_stages=2)),
-    GemmCase("n_loop_k256", 7168, 256, (0, 1, 64, 17), config=dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8,
-                                                                     num_warps=4, num_stages=3)),
-    GemmCase("n_loop_k128_ragged_n", 1000, 128, (3, 0, 130, 1), config=dict(BLOCK_M=128, BLOCK_N=256, N_LOOP=4,
-                                                                           num_warps=8, num_stages=2)),
-    GemmCase("k_unroll4", 384, 1024, (0, 1, 100, 64), config=dict(BLOCK_M=64, BLOCK_N=128, K_UNROLL=4,
-                                                                  num_warps=4, num_stages=2)),
-    GemmCase("big_tiles", 1024, 2048, (300, 129, 0, 1),
-             config=dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)),
+    GemmCase(
+        "swap_ab",
+        320,
+        512,
+        (0, 1, 16, 5),
+        config=dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, num_warps=4, num_stages=4),
+    ),
+    GemmCase("wide_n", 400, 512, (40, 0, 1, 70), config=dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3)),
+    GemmCase(
+        "k_unroll",
+        640,
+        2048,
+        (0, 1, 70, 16),
+        config=dict(BLOCK_M=64, BLOCK_N=128, K_UNROLL=2, num_warps=4, num_stages=3),
+    ),
+    GemmCase(
+        "k_unroll_odd_kb",
+        256,
+        384,
+        (5, 0, 1, 33),
+        config=dict(BLOCK_M=32, BLOCK_N=64, K_UNROLL=2, SWAP_AB=True, num_warps=4, num_stages=2),
+    ),
+    GemmCase(
+        "n_loop_k256",
+        7168,
+        256,
+        (0, 1, 64, 17),
+        config=dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=3),
+    ),
+    GemmCase(
+        "n_loop_k128_ragged_n",
+        1000,
+        128,
+        (3, 0, 130, 1),
+        config=dict(BLOCK_M=128, BLOCK_N=256, N_LOOP=4, num_warps=8, num_stages=2),
+    ),
+    GemmCase(
+        "k_unroll4",
+        384,
+        1024,
+        (0, 1, 100, 64),
+        config=dict(BLOCK_M=64, BLOCK_N=128, K_UNROLL=4, num_warps=4, num_stages=2),
+    ),
+    GemmCase(
+        "big_tiles",
+        1024,
+        2048,
+        (300, 129, 0, 1),
+        config=dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
+    ),
     # TMA loads: tiles past an expert's rows read the next expert's (or zero-filled) rows.
-    GemmCase("tma_ragged", 1000, 2048, (300, 129, 0, 1), max_m=320,
-             config=dict(BLOCK_M=128, BLOCK_N=128, K_UNROLL=2, TMA=True, num_warps=8, num_stages=3)),
-    GemmCase("tma_swap_wide", 577, 896, (0, 1, 70, 64), config=dict(BLOCK_M=64, BLOCK_N=256, SWAP_AB=True,
-                                                                     TMA=True, num_warps=8, num_stages=3)),
-    GemmCase("tma_small_m", 7168, 256, (3, 0, 1, 16), config=dict(BLOCK_M=16, BLOCK_N=128, TMA=True,
-                                                                    num_warps=4, num_stages=3)),
+    GemmCase(
+        "tma_ragged",
+        1000,
+        2048,
+        (300, 129, 0, 1),
+        max_m=320,
+        config=dict(BLOCK_M=128, BLOCK_N=128, K_UNROLL=2, TMA=True, num_warps=8, num_stages=3),
+    ),
+    GemmCase(
+        "tma_swap_wide",
+        577,
+        896,
+        (0, 1, 70, 64),
+        config=dict(BLOCK_M=64, BLOCK_N=256, SWAP_AB=True, TMA=True, num_warps=8, num_stages=3),
+    ),
+    GemmCase(
+        "tma_small_m",
+        7168,
+        256,
+        (3, 0, 1, 16),
+        config=dict(BLOCK_M=16, BLOCK_N=128, TMA=True, num_warps=4, num_stages=3),
+    ),
     # Imbalanced routing on a layout sized for the worst case (the persistent walk, default grid).
     GemmCase("zipf_tp8_w2_max_m_1024", 7168, 256, _zipf_counts(256, 256 * 16, 1.1), max_m=1024),
     GemmCase("zipf_tp8_w13_max_m_512", 512, 7168, _zipf_counts(256, 256 * 4, 0.8), max_m=512),
     GemmCase("hot_expert_ep8_w13", 4096, 7168, (600, 0, 3, 1, 0, 20, 2, 0), max_m=1024),
-    GemmCase("hot_expert_tma", 1000, 2048, (0, 700, 1, 0, 129), max_m=768,
-             config=dict(BLOCK_M=64, BLOCK_N=128, TMA=True, num_warps=4, num_stages=4)),
-    GemmCase("hot_expert_n_loop", 7168, 256, (1, 0, 500, 16), max_m=1024,
-             config=dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=2)),
-    GemmCase("one_program", 640, 1024, (5, 0, 90, 1), max_m=256,
-             config=dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, num_warps=4, num_stages=3, PROGRAMS=1)),
+    GemmCase(
+        "hot_expert_tma",
+        1000,
+        2048,
+        (0, 700, 1, 0, 129),
+        max_m=768,
+        config=dict(BLOCK_M=64, BLOCK_N=128, TMA=True, num_warps=4, num_stages=4),
+    ),
+    GemmCase(
+        "hot_expert_n_loop",
+        7168,
+        256,
+        (1, 0, 500, 16),
+        max_m=1024,
+        config=dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=2),
+    ),
+    GemmCase(
+        "one_program",
+        640,
+        1024,
+        (5, 0, 90, 1),
+        max_m=256,
+        config=dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, num_warps=4, num_stages=3, PROGRAMS=1),
+    ),
 ]
 
 
@@ -176,8 +250,16 @@ def test_contiguous_num_rows_under_graph() -> None:
     num_rows = torch.zeros(1, dtype=torch.int32, device="cuda")
     out = torch.empty((bound, n), dtype=torch.bfloat16, device="cuda")
     cfg = dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, num_warps=4, num_stages=3)
-    call = lambda: contig_mod.grouped_gemm_contiguous(a, a_s, b, bs, expert_ids, out, config=cfg,  # noqa: E731
-                                                      num_rows=num_rows)
+    call = lambda: contig_mod.grouped_gemm_contiguous(
+        a,
+        a_s,
+        b,
+        bs,
+        expert_ids,
+        out,
+        config=cfg,  # noqa: E731
+        num_rows=num_rows,
+    )
     call()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -245,8 +327,7 @@ def test_per_token_group_quant(shape, ue8m0) -> None:
     x = (torch.randn(*shape, device="cuda") * 3).bfloat16()
     if x.numel():
         x.view(-1, shape[-1])[0, :128] = 0  # the 1e-10 scale floor
-    _assert_quant_equal(ptgq.per_token_group_quant(x, 128, ue8m0),
-                        quantize_fp8_per_token_group(x, 128, ue8m0))
+    _assert_quant_equal(ptgq.per_token_group_quant(x, 128, ue8m0), quantize_fp8_per_token_group(x, 128, ue8m0))
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])
@@ -256,8 +337,9 @@ def test_silu_mul_quant(shape, ue8m0) -> None:
     h = (torch.randn(*shape, device="cuda") * 4).bfloat16()
     # The GPU's exp differs from torch's sigmoid by an ulp: scales within 1e-6, and a value sitting
     # on an fp8 rounding boundary may round the other way (a step of 2^-3 relative, rare).
-    _assert_quant_equal(smq.silu_mul_quant(h, 128, ue8m0), reference.silu_mul_quant(h, 128, ue8m0),
-                        scale_rtol=1e-6, max_mismatch=1e-3)
+    _assert_quant_equal(
+        smq.silu_mul_quant(h, 128, ue8m0), reference.silu_mul_quant(h, 128, ue8m0), scale_rtol=1e-6, max_mismatch=1e-3
+    )
 
 
 @pytest.mark.parametrize("num_tokens,topk,experts,n", [(1, 8, 32, 7168), (100, 8, 256, 7168), (7, 3, 5, 300)])
@@ -280,8 +362,11 @@ def test_bad_inputs() -> None:
     f8 = torch.float8_e4m3fn
     a = torch.zeros(2, 4, 256, dtype=f8, device="cuda")
     b = torch.zeros(2, 8, 256, dtype=f8, device="cuda")
-    ok = dict(a_scale=torch.ones(2, 4, 2, device="cuda"), b_scale=torch.ones(2, 1, 2, device="cuda"),
-              masked_m=torch.zeros(2, dtype=torch.int32, device="cuda"))
+    ok = dict(
+        a_scale=torch.ones(2, 4, 2, device="cuda"),
+        b_scale=torch.ones(2, 1, 2, device="cuda"),
+        masked_m=torch.zeros(2, dtype=torch.int32, device="cuda"),
+    )
     with pytest.raises(ValueError, match="masked_m"):
         masked_mod.grouped_gemm_masked(a, ok["a_scale"], b, ok["b_scale"], ok["masked_m"][:1])
     with pytest.raises(TypeError, match="a_scale"):
@@ -291,17 +376,25 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="a_fp8"):
         masked_mod.grouped_gemm_masked(a.cpu(), ok["a_scale"], b, ok["b_scale"], ok["masked_m"])
     with pytest.raises(ValueError, match="a_fp8"):
-        contig_mod.grouped_gemm_contiguous(a[0, :, :200], ok["a_scale"][0], b, ok["b_scale"],
-                                           torch.zeros(4, dtype=torch.int32, device="cuda"))
+        contig_mod.grouped_gemm_contiguous(
+            a[0, :, :200], ok["a_scale"][0], b, ok["b_scale"], torch.zeros(4, dtype=torch.int32, device="cuda")
+        )
     with pytest.raises(ValueError, match="out"):
-        contig_mod.grouped_gemm_contiguous(a[0], ok["a_scale"][0], b, ok["b_scale"],
-                                           torch.zeros(4, dtype=torch.int32, device="cuda"),
-                                           torch.empty(4, 9, dtype=torch.bfloat16, device="cuda"))
+        contig_mod.grouped_gemm_contiguous(
+            a[0],
+            ok["a_scale"][0],
+            b,
+            ok["b_scale"],
+            torch.zeros(4, dtype=torch.int32, device="cuda"),
+            torch.empty(4, 9, dtype=torch.bfloat16, device="cuda"),
+        )
     with pytest.raises(ValueError, match="h"):
         smq.silu_mul_quant(torch.zeros(3, 300, dtype=torch.bfloat16, device="cuda"))
     with pytest.raises(TypeError, match="x"):
         ptgq.per_token_group_quant(torch.zeros(3, 256, dtype=torch.int32, device="cuda"))
     with pytest.raises(ValueError, match="topk_weights"):
-        combine_mod.unpermute_combine(torch.zeros(4, 8, dtype=torch.bfloat16, device="cuda"),
-                                      torch.zeros(2, 2, dtype=torch.int64, device="cuda"),
-                                      torch.zeros(2, 3, device="cuda"))
+        combine_mod.unpermute_combine(
+            torch.zeros(4, 8, dtype=torch.bfloat16, device="cuda"),
+            torch.zeros(2, 2, dtype=torch.int64, device="cuda"),
+            torch.zeros(2, 3, device="cuda"),
+        )

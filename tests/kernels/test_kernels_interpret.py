@@ -15,25 +15,60 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="Triton is not installed (the interpreter tests need it)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="Triton is not installed (the interpreter tests need it)"
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CASES = ["masked", "masked_swap_ab", "masked_wide_n", "masked_k_unroll", "masked_n_loop", "masked_hot_expert",
-         "masked_all_idle", "masked_max_m_far_above_rows", "masked_single_row", "masked_many_experts",
-         "masked_out_of_range_counts", "masked_n_loop_walk", "contiguous", "contiguous_one_expert",
-         "contiguous_num_rows", "contiguous_bm64", "per_token_group_quant", "silu_mul_quant", "quant_extremes", "combine", "bad_inputs",
-         "permute_quant", "permute_quant_empty", "build_layout", "build_layout_shared_fill", "build_layout_both_plans",
-         "silu_mul_quant_rows", "used_rows", "combine_kernel_layouts"]
+CASES = [
+    "masked",
+    "masked_swap_ab",
+    "masked_wide_n",
+    "masked_k_unroll",
+    "masked_n_loop",
+    "masked_hot_expert",
+    "masked_all_idle",
+    "masked_max_m_far_above_rows",
+    "masked_single_row",
+    "masked_many_experts",
+    "masked_out_of_range_counts",
+    "masked_n_loop_walk",
+    "contiguous",
+    "contiguous_one_expert",
+    "contiguous_num_rows",
+    "contiguous_bm64",
+    "per_token_group_quant",
+    "silu_mul_quant",
+    "quant_extremes",
+    "combine",
+    "bad_inputs",
+    "permute_quant",
+    "permute_quant_empty",
+    "build_layout",
+    "build_layout_shared_fill",
+    "build_layout_both_plans",
+    "silu_mul_quant_rows",
+    "used_rows",
+    "combine_kernel_layouts",
+]
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels._interpret_cases", *CASES], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernels._interpret_cases", *CASES],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
         pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -50,6 +85,5 @@ def test_interpreted_kernel(results: dict, case: str) -> None:
 def test_cases_listed() -> None:
     """Every case in _interpret_cases.py is run here."""
     source = (HERE / "_interpret_cases.py").read_text()
-    defined = {line[len("def case_"):].split("(")[0] for line in source.splitlines()
-               if line.startswith("def case_")}
+    defined = {line[len("def case_") :].split("(")[0] for line in source.splitlines() if line.startswith("def case_")}
     assert defined == set(CASES)

@@ -22,16 +22,22 @@ SIGNATURE = "(x, src_token, group=128, ue8m0=False, *, out=None, used_rows=None)
 
 def _plain(fn) -> str:
     sig = inspect.signature(fn)
-    return str(sig.replace(parameters=[p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()],
-                           return_annotation=inspect.Signature.empty))
+    return str(
+        sig.replace(
+            parameters=[p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()],
+            return_annotation=inspect.Signature.empty,
+        )
+    )
 
 
 def _layouts(num_tokens=11, topk=4, num_local=6, expert_start=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     # Global ids -1..13: slots of other ranks and unrouted slots (-1) among the local ones.
     topk_ids = torch.stack([torch.randperm(15, generator=gen)[:topk] for _ in range(num_tokens)]) - 1
-    return (layouts.build_contiguous_layout(topk_ids, num_local, expert_start=expert_start, alignment=8),
-            layouts.build_masked_layout(topk_ids, num_local, expert_start=expert_start))
+    return (
+        layouts.build_contiguous_layout(topk_ids, num_local, expert_start=expert_start, alignment=8),
+        layouts.build_masked_layout(topk_ids, num_local, expert_start=expert_start),
+    )
 
 
 @needs_triton
@@ -144,13 +150,31 @@ def _bad_cases():
         ("src_list", x, [0, 1], {}, TypeError, "src_token"),
         ("src_strided", x, torch.arange(8)[::2], {}, ValueError, "src_token: expected a contiguous"),
         ("src_other_device", x, src.to("meta"), {}, ValueError, "src_token: expected a tensor on cpu"),
-        ("out_shape", x, src, dict(out=(torch.empty(3, 256, dtype=torch.float8_e4m3fn), torch.empty(4, 2))),
-         ValueError, r"out\[0\]: expected shape"),
-        ("out_dtype", x, src, dict(out=(torch.empty(4, 256, dtype=torch.float8_e4m3fn), torch.empty(4, 2).half())),
-         TypeError, r"out\[1\]: expected dtype"),
+        (
+            "out_shape",
+            x,
+            src,
+            dict(out=(torch.empty(3, 256, dtype=torch.float8_e4m3fn), torch.empty(4, 2))),
+            ValueError,
+            r"out\[0\]: expected shape",
+        ),
+        (
+            "out_dtype",
+            x,
+            src,
+            dict(out=(torch.empty(4, 256, dtype=torch.float8_e4m3fn), torch.empty(4, 2).half())),
+            TypeError,
+            r"out\[1\]: expected dtype",
+        ),
         ("used_rows_int64", x, src, dict(used_rows=torch.tensor([2])), TypeError, "used_rows: expected dtype"),
-        ("used_rows_shape", x, src, dict(used_rows=torch.tensor([2, 3], dtype=torch.int32)), ValueError,
-         "used_rows: expected shape"),
+        (
+            "used_rows_shape",
+            x,
+            src,
+            dict(used_rows=torch.tensor([2, 3], dtype=torch.int32)),
+            ValueError,
+            "used_rows: expected shape",
+        ),
     ]
 
 
@@ -176,9 +200,15 @@ def test_kernel_refuses_cpu_tensors(monkeypatch) -> None:
         permute_quant(torch.randn(4, 256).bfloat16(), torch.zeros(2, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("case", [c for c in _bad_cases() if c[0] in ("x_int", "x_3d", "hidden_200", "src_int32",
-                                                                       "src_other_device", "used_rows_int64")],
-                         ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case",
+    [
+        c
+        for c in _bad_cases()
+        if c[0] in ("x_int", "x_3d", "hidden_200", "src_int32", "src_other_device", "used_rows_int64")
+    ],
+    ids=lambda c: c[0],
+)
 def test_twin_bad_inputs(case) -> None:
     _, x, src, kwargs, error, match = case
     with pytest.raises(error, match=match):

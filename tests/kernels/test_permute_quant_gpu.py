@@ -39,8 +39,9 @@ def _layout(name: str, topk_ids: torch.Tensor):
     num_local, start, kind = LAYOUTS[name]
     if kind == "masked":
         return layouts.build_masked_layout(topk_ids, num_local, expert_start=start)
-    return layouts.build_contiguous_layout(topk_ids, num_local, expert_start=start, alignment=128,
-                                           exact_size=kind != "static")
+    return layouts.build_contiguous_layout(
+        topk_ids, num_local, expert_start=start, alignment=128, exact_size=kind != "static"
+    )
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])
@@ -53,8 +54,10 @@ def test_permute_quant(name: str, ue8m0: bool) -> None:
     x = (torch.randn(TOKENS, HIDDEN, device="cuda", generator=gen) * 3).bfloat16()
     layout = _layout(name, _topk_ids(TOKENS))
     src = layout.src_token
-    out = (torch.full((*src.shape, HIDDEN), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn),
-           torch.full((*src.shape, HIDDEN // 128), float("nan"), device="cuda"))
+    out = (
+        torch.full((*src.shape, HIDDEN), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn),
+        torch.full((*src.shape, HIDDEN // 128), float("nan"), device="cuda"),
+    )
     q, s = permute_quant(x, src, 128, ue8m0, out=out)
     assert q.shape == (*src.shape, HIDDEN) and s.shape == (*src.shape, HIDDEN // 128)
     real = src >= 0  # padding rows (src_token -1) are never written: still poisoned
@@ -62,13 +65,15 @@ def test_permute_quant(name: str, ue8m0: bool) -> None:
     q, s = q[real], s[real]
 
     uq, us = per_token_group_quant(x, 128, ue8m0)
-    assert torch.equal(q.view(torch.uint8), layouts.permute(uq, layout)[real].view(torch.uint8)), \
+    assert torch.equal(q.view(torch.uint8), layouts.permute(uq, layout)[real].view(torch.uint8)), (
         "differs from per_token_group_quant + permute"
+    )
     assert torch.equal(s, layouts.permute(us, layout)[real])
 
     rq, rs = (t[real] for t in layouts.permute_quant(x, src, 128, ue8m0))
-    assert torch.allclose(s, rs, rtol=TOL["scale_rtol"], atol=0), \
+    assert torch.allclose(s, rs, rtol=TOL["scale_rtol"], atol=0), (
         f"scales differ from the twin: max rel {float(((s - rs).abs() / rs).max()):.2e}"
+    )
     # Values, not bytes: the kernels round tiny negatives to +0 where torch keeps -0.
     mismatch = (q.float() != rq.float()).float().mean().item()
     assert mismatch <= TOL["fp8_mismatch"], f"{mismatch:.2e} of the fp8 values differ from the twin"

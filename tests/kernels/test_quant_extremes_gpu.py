@@ -35,8 +35,12 @@ def test_quantizers_never_overflow(dtype, ue8m0):
     _as_reference(silu_mul_quant(h.cuda(), 128, ue8m0), reference.silu_mul_quant(h, 128, ue8m0), normal_pairs)
     rows = extreme_rows(dtype, 128)
     normal_rows = torch.arange(len(rows)) != SUBNORMAL_ROW
-    _as_reference(per_token_group_quant(rows.cuda(), 128, ue8m0), quantize_fp8_per_token_group(rows, 128, ue8m0),
-                  normal_rows)
+    _as_reference(
+        per_token_group_quant(rows.cuda(), 128, ue8m0), quantize_fp8_per_token_group(rows, 128, ue8m0), normal_rows
+    )
     src = torch.arange(len(rows)).flip(0)
-    _as_reference(permute_quant(rows.cuda(), src.cuda(), 128, ue8m0), layouts.permute_quant(rows, src, 128, ue8m0),
-                  normal_rows.flip(0))
+    _as_reference(
+        permute_quant(rows.cuda(), src.cuda(), 128, ue8m0),
+        layouts.permute_quant(rows, src, 128, ue8m0),
+        normal_rows.flip(0),
+    )

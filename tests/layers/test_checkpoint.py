@@ -48,13 +48,15 @@ def test_load_from_checkpoint_equals_loading_from_memory(checkpoint, expert_rang
     for name, shard in index["weight_map"].items():
         if name.startswith(prefix):
             with safe_open(os.path.join(checkpoint, shard), framework="pt") as f:
-                tensors.append((name[len(prefix):], f.get_tensor(name)))
+                tensors.append((name[len(prefix) :], f.get_tensor(name)))
     from_memory = DeepseekV3MoE(config, expert_range=expert_range)
     from_memory.load_weights(tensors)
 
     for (name, a), (_, b) in zip(from_disk.state_dict().items(), from_memory.state_dict().items()):
-        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), name
+        assert torch.equal(
+            a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+            b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b,
+        ), name
     x = torch.randn(13, config.hidden_size, dtype=torch.bfloat16)
     assert torch.equal(from_disk(x), from_memory(x))
 

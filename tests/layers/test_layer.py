@@ -55,8 +55,12 @@ def test_router_on_an_empty_batch(tiny_config):
     from moe_backend.layers.router import noaux_tc_route
 
     layer, _ = _layer(tiny_config)
-    weights, ids = noaux_tc_route(torch.empty(0, tiny_config.hidden_size, dtype=torch.bfloat16),
-                                  layer.gate_weight, layer.e_score_correction_bias, tiny_config)
+    weights, ids = noaux_tc_route(
+        torch.empty(0, tiny_config.hidden_size, dtype=torch.bfloat16),
+        layer.gate_weight,
+        layer.e_score_correction_bias,
+        tiny_config,
+    )
     k = tiny_config.num_experts_per_tok
     assert weights.shape == (0, k) and weights.dtype == torch.float32
     assert ids.shape == (0, k) and ids.dtype == torch.int32
@@ -95,6 +99,7 @@ def test_unquantized_weights_are_quantized_on_load(tiny_config):
     x = torch.randn(9, tiny_config.hidden_size, dtype=torch.bfloat16)
     # against the naive layer on the weights the layer quantized itself
     from moe_backend.quant import quantize_fp8_blockwise
+
     fp8 = {}
     for name, t in bf16.items():
         if name.endswith("proj.weight"):
@@ -156,10 +161,15 @@ class TestBadInput:
         with pytest.raises(ValueError) as info:
             layer.load_weights(weights.items())
         msg = str(info.value)
-        for needle in ("missing: experts.3.up_proj.weight", "missing: experts.5.down_proj.weight_scale_inv",
-                       "shape: experts.7.gate_proj.weight", "extra: experts.99.gate_proj.weight",
-                       "extra: shared_experts.foo.weight", "nan: experts.2.down_proj.weight",
-                       "nan: gate.e_score_correction_bias"):
+        for needle in (
+            "missing: experts.3.up_proj.weight",
+            "missing: experts.5.down_proj.weight_scale_inv",
+            "shape: experts.7.gate_proj.weight",
+            "extra: experts.99.gate_proj.weight",
+            "extra: shared_experts.foo.weight",
+            "nan: experts.2.down_proj.weight",
+            "nan: gate.e_score_correction_bias",
+        ):
             assert needle in msg, (needle, msg)
 
     def test_prefix(self, tiny_config):

@@ -14,8 +14,16 @@ from moe_backend.testing import random_moe_weights
 pytestmark = pytest.mark.gpu
 
 # DeepSeek-V3's routing (256 experts would be slow to generate here): 64 experts, 8 groups, top-8.
-CONFIG = MoEConfig(hidden_size=1024, moe_intermediate_size=384, n_routed_experts=64, num_experts_per_tok=8,
-                   n_group=8, topk_group=4, routed_scaling_factor=2.5, n_shared_experts=1)
+CONFIG = MoEConfig(
+    hidden_size=1024,
+    moe_intermediate_size=384,
+    n_routed_experts=64,
+    num_experts_per_tok=8,
+    n_group=8,
+    topk_group=4,
+    routed_scaling_factor=2.5,
+    n_shared_experts=1,
+)
 # Kernel vs reference: each FP8 GEMM within 2e-3, plus bf16 roundings of the intermediate.
 LAYER_KERNEL_VS_REFERENCE = 1e-2
 
@@ -58,8 +66,7 @@ def test_ep_slice_on_gpu():
     part.load_weights(random_moe_weights(CONFIG, seed=0, device="cuda"))
     x = torch.randn(40, CONFIG.hidden_size, device="cuda").to(torch.bfloat16)
     w, ids = noaux_tc_route(x, part.gate_weight, part.e_score_correction_bias, CONFIG)
-    want = reference.routed_experts(x, part.w13_fp8, part.w13_scale_inv, part.w2_fp8, part.w2_scale_inv,
-                                    w, ids - 16)
+    want = reference.routed_experts(x, part.w13_fp8, part.w13_scale_inv, part.w2_fp8, part.w2_scale_inv, w, ids - 16)
     assert _rel(part(x), want) < LAYER_KERNEL_VS_REFERENCE
 
 

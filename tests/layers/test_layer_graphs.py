@@ -11,8 +11,7 @@ I = 256). Run on the device: `python -m pytest -q tests/layers/test_layer_graphs
 import pytest
 import torch
 
-from moe_backend import reference
-from moe_backend import eager_graphs
+from moe_backend import eager_graphs, reference
 from moe_backend.dispatch.plan import token_bucket
 from moe_backend.experts import recorded_plans, routed_experts
 from tests.helpers.tolerances import LAYER_SAME_QUANT
@@ -24,8 +23,12 @@ SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
 DECODE_TOKENS, PREFILL_TOKENS = 64, 2048  # under and over the policy's decode limit (256)
 HOT_EXPERT = 3  # local in both slices
 # (name, Zipf exponent, hot expert forced into every token, only non-local ids)
-REPLAYS = [("uniform", 0.0, None, False), ("zipf 1.2", 1.2, None, False),
-           ("one hot expert", 0.0, HOT_EXPERT, False), ("nothing local", 0.0, None, True)]
+REPLAYS = [
+    ("uniform", 0.0, None, False),
+    ("zipf 1.2", 1.2, None, False),
+    ("one hot expert", 0.0, HOT_EXPERT, False),
+    ("nothing local", 0.0, None, True),
+]
 
 
 def _rel(got, want):

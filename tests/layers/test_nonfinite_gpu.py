@@ -17,8 +17,16 @@ from tests.helpers.naive import rel_err
 
 pytestmark = pytest.mark.gpu
 
-CONFIG = MoEConfig(hidden_size=1024, moe_intermediate_size=384, n_routed_experts=64, num_experts_per_tok=8,
-                   n_group=8, topk_group=4, routed_scaling_factor=2.5, n_shared_experts=1)
+CONFIG = MoEConfig(
+    hidden_size=1024,
+    moe_intermediate_size=384,
+    n_routed_experts=64,
+    num_experts_per_tok=8,
+    n_group=8,
+    topk_group=4,
+    routed_scaling_factor=2.5,
+    n_shared_experts=1,
+)
 # Other rows with and without a bad row: the same kernels and tiles (same token count), so only a
 # different row order inside an expert's segment could change a sum's order.
 OTHER_ROWS = 1e-3
@@ -49,8 +57,11 @@ def test_checked_path_names_the_input(layer, bad, monkeypatch):
 @pytest.mark.parametrize("bad", ["nan", "overflow"])
 def test_unchecked_bad_row_leaves_other_rows(layer, kernel, bad, monkeypatch):
     monkeypatch.delenv("MOE_BACKEND_CHECK_FINITE", raising=False)
-    layer.policy = (Policy(prefill_kernel=kernel, decode_max_tokens=0) if kernel == "contiguous"
-                    else Policy(decode_kernel=kernel, decode_max_tokens=1 << 20))
+    layer.policy = (
+        Policy(prefill_kernel=kernel, decode_max_tokens=0)
+        if kernel == "contiguous"
+        else Policy(decode_kernel=kernel, decode_max_tokens=1 << 20)
+    )
     x = torch.randn(40, CONFIG.hidden_size, device="cuda").bfloat16()
     clean = layer(x)
     x_bad = x.clone()

@@ -17,7 +17,7 @@ from tests.helpers.tolerances import BF16_OUTPUT, REFERENCE_VS_FLOAT64
 def _operands(m, n, k, num_experts, *, shape_a=None, seed=0):
     torch.manual_seed(seed)
     a_fp8, a_scale = quantize_fp8_per_token_group(torch.randn(*(shape_a or (m,)), k))
-    b_fp8, b_scale = quantize_fp8_blockwise(torch.randn(num_experts, n, k) / k ** 0.5)
+    b_fp8, b_scale = quantize_fp8_blockwise(torch.randn(num_experts, n, k) / k**0.5)
     return a_fp8, a_scale, b_fp8, b_scale
 
 
@@ -86,8 +86,8 @@ def test_routed_experts_matches_grouped_gemms():
     torch.manual_seed(1)
     t, h, i, e, k = 11, 256, 256, 5, 2
     x = torch.randn(t, h, dtype=torch.bfloat16)
-    w13_fp8, w13_s = quantize_fp8_blockwise(torch.randn(e, 2 * i, h) / h ** 0.5)
-    w2_fp8, w2_s = quantize_fp8_blockwise(torch.randn(e, h, i) / i ** 0.5)
+    w13_fp8, w13_s = quantize_fp8_blockwise(torch.randn(e, 2 * i, h) / h**0.5)
+    w2_fp8, w2_s = quantize_fp8_blockwise(torch.randn(e, h, i) / i**0.5)
     topk_ids = torch.stack([torch.randperm(e - 1)[:k] for _ in range(t)]).int()  # expert e-1: no tokens
     topk_ids[0, 1] = -1  # a slot routed to another rank
     topk_w = torch.rand(t, k)
@@ -100,15 +100,17 @@ def test_routed_experts_matches_grouped_gemms():
             if ex < 0:
                 continue
             ids = torch.zeros(1, dtype=torch.int32)
-            hh = reference.grouped_gemm_contiguous(x_fp8[tok:tok + 1], x_s[tok:tok + 1], w13_fp8[ex:ex + 1],
-                                                   w13_s[ex:ex + 1], ids)
+            hh = reference.grouped_gemm_contiguous(
+                x_fp8[tok : tok + 1], x_s[tok : tok + 1], w13_fp8[ex : ex + 1], w13_s[ex : ex + 1], ids
+            )
             a_fp8, a_s = reference.silu_mul_quant(hh)
-            y = reference.grouped_gemm_contiguous(a_fp8, a_s, w2_fp8[ex:ex + 1], w2_s[ex:ex + 1], ids)
+            y = reference.grouped_gemm_contiguous(a_fp8, a_s, w2_fp8[ex : ex + 1], w2_s[ex : ex + 1], ids)
             want[tok] += float(topk_w[tok, slot]) * y[0].double()
     assert rel_err(out, want) < BF16_OUTPUT
     # pre-quantized input gives the same answer
-    assert torch.equal(reference.routed_experts(x_fp8, w13_fp8, w13_s, w2_fp8, w2_s, topk_w, topk_ids,
-                                                x_scale=x_s), out)
+    assert torch.equal(
+        reference.routed_experts(x_fp8, w13_fp8, w13_s, w2_fp8, w2_s, topk_w, topk_ids, x_scale=x_s), out
+    )
 
 
 def test_bad_inputs_name_the_argument():
@@ -125,8 +127,10 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="K \\(100\\)"):
         reference.grouped_gemm_contiguous(a_fp8[:, :100], a_scale[:, :1], b_fp8, b_scale, ids)
     with pytest.raises(ValueError, match="out: expected shape"):
-        reference.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, ids,
-                                          torch.empty(3, 128, dtype=torch.bfloat16))
+        reference.grouped_gemm_contiguous(
+            a_fp8, a_scale, b_fp8, b_scale, ids, torch.empty(3, 128, dtype=torch.bfloat16)
+        )
     with pytest.raises(ValueError, match="masked_m: values"):
-        reference.grouped_gemm_masked(a_fp8.view(2, 2, 256), a_scale.view(2, 2, 2), b_fp8, b_scale,
-                                      torch.tensor([3, 0], dtype=torch.int32))
+        reference.grouped_gemm_masked(
+            a_fp8.view(2, 2, 256), a_scale.view(2, 2, 2), b_fp8, b_scale, torch.tensor([3, 0], dtype=torch.int32)
+        )

@@ -74,11 +74,12 @@ print("RESULT " + json.dumps({"choice": "phasemoe" in MOE_RUNNER_BACKEND_CHOICES
 def run_probe(script: str, tmp_path, **env_overrides) -> tuple[dict, str]:
     env = {k: v for k, v in os.environ.items() if k != "SGLANG_PLUGINS"}
     env.update(env_overrides)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"probe failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULT "):]), proc.stderr
+    return json.loads(lines[-1][len("RESULT ") :]), proc.stderr
 
 
 def test_entry_point_declared():
@@ -131,7 +132,13 @@ def test_the_docs_check_command(tmp_path):
     commands = [line for line in docs.splitlines() if line.startswith('python -c "from sglang.srt.plugins')]
     assert len(commands) == 1, "docs/sglang.md should hold the check command on one line"
     env = {k: v for k, v in os.environ.items() if k != "SGLANG_PLUGINS"}
-    proc = subprocess.run(["bash", "-c", commands[0].replace("python ", f"{sys.executable} ", 1)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "-c", commands[0].replace("python ", f"{sys.executable} ", 1)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "True"

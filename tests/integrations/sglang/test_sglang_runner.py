@@ -34,8 +34,10 @@ class Case:
         return f"T{self.num_tokens}-E{self.num_experts}{'-shared' if self.fused_shared else ''}"
 
 
-CASES = [Case(t, e) for t in (1, 7, 33) for e in (4, 5)] + [Case(7, 5, fused_shared=True),
-                                                            Case(33, 5, fused_shared=True)]
+CASES = [Case(t, e) for t in (1, 7, 33) for e in (4, 5)] + [
+    Case(7, 5, fused_shared=True),
+    Case(33, 5, fused_shared=True),
+]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -70,8 +72,8 @@ def moe_flags():
 
 def make_experts(num_experts: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    w13 = torch.randn(num_experts, 2 * INTER, HIDDEN, generator=g) / HIDDEN ** 0.5
-    w2 = torch.randn(num_experts, HIDDEN, INTER, generator=g) / INTER ** 0.5
+    w13 = torch.randn(num_experts, 2 * INTER, HIDDEN, generator=g) / HIDDEN**0.5
+    w2 = torch.randn(num_experts, HIDDEN, INTER, generator=g) / INTER**0.5
     w13_fp8, w13_scale_inv = quantize_fp8_blockwise(w13)
     w2_fp8, w2_scale_inv = quantize_fp8_blockwise(w2)
     return w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv
@@ -82,8 +84,11 @@ def make_routing(case: Case, seed: int = 1, drop: bool = True):
     g = torch.Generator().manual_seed(seed)
     routed = case.num_experts - (1 if case.fused_shared else 0)
     pool = torch.tensor([e for e in range(routed) if e != EMPTY_EXPERT])
-    ids = torch.stack([pool[torch.randperm(len(pool), generator=g)[:TOP_K]]
-                       for _ in range(case.num_tokens)]) if case.num_tokens else torch.empty(0, TOP_K, dtype=torch.long)
+    ids = (
+        torch.stack([pool[torch.randperm(len(pool), generator=g)[:TOP_K]] for _ in range(case.num_tokens)])
+        if case.num_tokens
+        else torch.empty(0, TOP_K, dtype=torch.long)
+    )
     weights = torch.rand(case.num_tokens, TOP_K, generator=g) + 0.1
     if drop and case.num_tokens > 1:
         ids[1, 0] = -1  # dropped slot / expert on another rank
@@ -108,11 +113,16 @@ def quant_info(weights):
 def make_config(case: Case):
     from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
 
-    return MoeRunnerConfig(num_experts=case.num_experts, num_local_experts=case.num_experts,
-                           hidden_size=HIDDEN, intermediate_size_per_partition=INTER,
-                           top_k=TOP_K + int(case.fused_shared),
-                           num_fused_shared_experts=int(case.fused_shared),
-                           params_dtype=torch.bfloat16, routed_scaling_factor=ROUTED_SCALING_FACTOR)
+    return MoeRunnerConfig(
+        num_experts=case.num_experts,
+        num_local_experts=case.num_experts,
+        hidden_size=HIDDEN,
+        intermediate_size_per_partition=INTER,
+        top_k=TOP_K + int(case.fused_shared),
+        num_fused_shared_experts=int(case.fused_shared),
+        params_dtype=torch.bfloat16,
+        routed_scaling_factor=ROUTED_SCALING_FACTOR,
+    )
 
 
 def make_runner(case: Case):
@@ -126,8 +136,9 @@ def standard_dispatch(x, ids, weights, x_scale=None):
     from sglang.srt.layers.moe.token_dispatcher.standard import StandardDispatchOutput
     from sglang.srt.layers.moe.topk import StandardTopKOutput
 
-    topk = StandardTopKOutput(topk_weights=weights, topk_ids=ids.to(torch.int32),
-                              router_logits=torch.zeros(x.shape[0], 8))
+    topk = StandardTopKOutput(
+        topk_weights=weights, topk_ids=ids.to(torch.int32), router_logits=torch.zeros(x.shape[0], 8)
+    )
     return StandardDispatchOutput(hidden_states=x, hidden_states_scale=x_scale, topk_output=topk)
 
 
@@ -233,8 +244,9 @@ def test_deepep_ll_matches_reference(case, fp8):
     weights = make_experts(case.num_experts)
     ids, topk_weights = make_routing(case)
     hidden, scale, masked_m = masked_dispatch(case, ids, fp8)
-    dispatch = DeepEPLLDispatchOutput(hidden, scale, ids, topk_weights, masked_m,
-                                      max(1, case.num_tokens * TOP_K // case.num_experts))
+    dispatch = DeepEPLLDispatchOutput(
+        hidden, scale, ids, topk_weights, masked_m, max(1, case.num_tokens * TOP_K // case.num_experts)
+    )
     combine = make_runner(case).run(dispatch, quant_info(weights))
 
     assert combine.format.value == "deepep_ll"
@@ -275,8 +287,9 @@ def test_other_quant_info_is_refused():
     w13, _, w2, _ = make_experts(case.num_experts)
     ids, topk_weights = make_routing(case)
     with pytest.raises(TypeError, match="block-FP8"):
-        make_runner(case).run(standard_dispatch(make_x(7), ids, topk_weights),
-                              TritonMoeQuantInfo(w13_weight=w13, w2_weight=w2))
+        make_runner(case).run(
+            standard_dispatch(make_x(7), ids, topk_weights), TritonMoeQuantInfo(w13_weight=w13, w2_weight=w2)
+        )
 
 
 def test_unsupported_dispatch_format_is_refused():
@@ -294,8 +307,7 @@ def test_unsupported_dispatch_format_is_refused():
 def fp8_method(block: bool = True):
     from sglang.srt.layers.quantization.fp8 import Fp8Config, Fp8MoEMethod
 
-    return Fp8MoEMethod(Fp8Config(is_checkpoint_fp8_serialized=True,
-                                  weight_block_size=[128, 128] if block else None))
+    return Fp8MoEMethod(Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=[128, 128] if block else None))
 
 
 def fp8_layer(weights) -> torch.nn.Module:
@@ -334,10 +346,14 @@ def test_fp8_method_without_the_flag_is_untouched(moe_flags):
 
 # (problem, a2a backend, text of the ValueError): every refusal docs/sglang.md lists for model build.
 REFUSED_AT_BUILD = [
-    ("per_tensor", "none", "block"), ("mxfp8", "none", "MXFP8/FP4"), ("fp4", "none", "MXFP8/FP4"),
-    ("activation", "none", "silu"), ("swiglu_limit", "none", "swiglu_limit"),
+    ("per_tensor", "none", "block"),
+    ("mxfp8", "none", "MXFP8/FP4"),
+    ("fp4", "none", "MXFP8/FP4"),
+    ("activation", "none", "silu"),
+    ("swiglu_limit", "none", "swiglu_limit"),
     ("apply_router_weight_on_input", "none", "apply_router_weight_on_input"),
-    ("deepep_jit_off", "deepep", "DeepGEMM JIT off"), ("deepep_ue8m0", "deepep", "UE8M0"),
+    ("deepep_jit_off", "deepep", "DeepGEMM JIT off"),
+    ("deepep_ue8m0", "deepep", "UE8M0"),
 ] + [(a2a, a2a, f"--moe-a2a-backend {a2a}") for a2a in ("deepep_v2", "mooncake", "nixl", "mori", "flashinfer")]
 
 
@@ -444,11 +460,18 @@ def _plans_of(run):
     return plans
 
 
-@pytest.mark.parametrize("policy, standard, normal, low_latency", [
-    ("", "contiguous", "contiguous", "masked"),
-    ('{"decode_kernel": "triton", "prefill_kernel": "reference", "masked_kernel": "triton_masked"}',
-     "triton", "reference", "triton_masked"),
-])
+@pytest.mark.parametrize(
+    "policy, standard, normal, low_latency",
+    [
+        ("", "contiguous", "contiguous", "masked"),
+        (
+            '{"decode_kernel": "triton", "prefill_kernel": "reference", "masked_kernel": "triton_masked"}',
+            "triton",
+            "reference",
+            "triton_masked",
+        ),
+    ],
+)
 def test_every_dispatch_path_runs_the_policy_plan(monkeypatch, policy, standard, normal, low_latency):
     from sglang.srt.layers.moe.token_dispatcher.deepep import DeepEPLLDispatchOutput, DeepEPNormalDispatchOutput
 
@@ -473,8 +496,9 @@ def test_every_dispatch_path_runs_the_policy_plan(monkeypatch, policy, standard,
     hidden, scale, masked_m = masked_dispatch(case, ids)
     ll = DeepEPLLDispatchOutput(hidden, scale, ids, topk_weights, masked_m, 3)
     plans = _plans_of(lambda: runner.run(ll, quant_info(weights)))
-    assert [(p.kernel, p.layout, p.expected_m, p.num_rows) for p in plans] == \
-        [(low_latency, "masked", 3, hidden.shape[1])]
+    assert [(p.kernel, p.layout, p.expected_m, p.num_rows) for p in plans] == [
+        (low_latency, "masked", 3, hidden.shape[1])
+    ]
 
 
 def test_cpu_weight_processing_keeps_the_checkpoint_layout_for_phasemoe(moe_flags, monkeypatch):
@@ -491,8 +515,10 @@ def test_cpu_weight_processing_keeps_the_checkpoint_layout_for_phasemoe(moe_flag
     layer = fp8_layer([t.clone() for t in weights])
     method = fp8_method()
     method.process_weights_after_loading(layer)  # without the hook: "requires that CPU has AMX"
-    assert all(torch.equal(getattr(layer, n), w) for n, w in
-               zip(("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv"), weights))
+    assert all(
+        torch.equal(getattr(layer, n), w)
+        for n, w in zip(("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv"), weights)
+    )
     method.create_moe_runner(layer, make_config(case))
     ids, topk_weights = make_routing(case)
     x = make_x(case.num_tokens)

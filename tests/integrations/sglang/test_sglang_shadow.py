@@ -47,11 +47,21 @@ def test_served_output_bit_identical_with_shadow(fmt, phase, monkeypatch):
     assert torch.equal(on, off)
 
     assert shadow.sampled == 1
-    samples = [s for m in registry.collect() if m.name == "moe_backend_shadow_samples" for s in m.samples
-               if s.name.endswith("_total")]
+    samples = [
+        s
+        for m in registry.collect()
+        if m.name == "moe_backend_shadow_samples"
+        for s in m.samples
+        if s.name.endswith("_total")
+    ]
     assert len(samples) == 1 and samples[0].value == 1
     if phase:
         assert samples[0].labels["phase"] == phase
-    rel = [s for m in registry.collect() if m.name == "moe_backend_shadow_relative_error" for s in m.samples
-           if s.name.endswith("_bucket") and s.labels["le"] == "0.01"]
+    rel = [
+        s
+        for m in registry.collect()
+        if m.name == "moe_backend_shadow_relative_error"
+        for s in m.samples
+        if s.name.endswith("_bucket") and s.labels["le"] == "0.01"
+    ]
     assert rel[0].value == 1  # the reference vs the served kernels: rounding only

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
-
-from examples import generate_deepseek_v3 as example  # noqa: E402
+from examples import generate_deepseek_v3 as example
 
 
 def test_tiny_run_reports_phases_kernels_and_a_failing_negative_control(tmp_path, capsys):
     summary = tmp_path / "summary.json"
-    rc = example.main(["--batch", "2", "--prompt-len", "10", "--new-tokens", "4", "--check",
-                       "--json", str(summary)])
+    rc = example.main(["--batch", "2", "--prompt-len", "10", "--new-tokens", "4", "--check", "--json", str(summary)])
     out = capsys.readouterr().out
     verdict = json.loads(summary.read_text())
     checks = verdict["checks"]
@@ -29,16 +24,32 @@ def test_tiny_run_reports_phases_kernels_and_a_failing_negative_control(tmp_path
     assert verdict["control"]["mean_kl"] > 10 * verdict["agreement"]["mean_kl"]
     assert any(line.startswith("prefill T=20 ") for line in verdict["kernels"])
     assert any(line.startswith("decode T=2 ") for line in verdict["kernels"])
-    for phrase in ("transformers (bf16): prefill", "moe_backend (FP8): prefill", "ms/step", "agreement:",
-                   "kernels our layers ran"):
+    for phrase in (
+        "transformers (bf16): prefill",
+        "moe_backend (FP8): prefill",
+        "ms/step",
+        "agreement:",
+        "kernels our layers ran",
+    ):
         assert phrase in out
 
 
 def test_real_config_is_deepseek_v3s():
     config = example.real_config(3)
-    assert (config["hidden_size"], config["n_routed_experts"], config["num_experts_per_tok"],
-            config["moe_intermediate_size"], config["n_group"], config["topk_group"]) == (7168, 256, 8, 2048, 8, 4)
-    assert (config["num_attention_heads"], config["kv_lora_rank"], config["qk_rope_head_dim"],
-            config["vocab_size"], config["intermediate_size"]) == (128, 512, 64, 129280, 18432)
+    assert (
+        config["hidden_size"],
+        config["n_routed_experts"],
+        config["num_experts_per_tok"],
+        config["moe_intermediate_size"],
+        config["n_group"],
+        config["topk_group"],
+    ) == (7168, 256, 8, 2048, 8, 4)
+    assert (
+        config["num_attention_heads"],
+        config["kv_lora_rank"],
+        config["qk_rope_head_dim"],
+        config["vocab_size"],
+        config["intermediate_size"],
+    ) == (128, 512, 64, 129280, 18432)
     assert config["first_k_dense_replace"] == 1 and config["num_hidden_layers"] == 3
     assert example.STREAM_SCALE["real"] > example.STREAM_SCALE["tiny"] == 1.0

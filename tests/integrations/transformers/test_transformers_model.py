@@ -10,13 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
-pytest.importorskip("safetensors")
-
-from moe_backend.experts import recorded_plans  # noqa: E402
-from moe_backend.layers import DeepseekV3MoE  # noqa: E402
-from moe_backend.quant import dequantize_fp8_blockwise  # noqa: E402
-from moe_backend_integrations.transformers import checkpoint, compare, swap  # noqa: E402
+from moe_backend.experts import recorded_plans
+from moe_backend.layers import DeepseekV3MoE
+from moe_backend.quant import dequantize_fp8_blockwise
+from moe_backend_integrations.transformers import checkpoint, compare, swap
 
 REPO = Path(__file__).resolve().parents[3]
 # Issue 25's end-to-end criteria: the engines are held to these against the same reference.
@@ -54,7 +51,7 @@ def _prompt(vocab: int, batch: int = 2, length: int = 12, seed: int = 0) -> torc
 
 def _layer_tensors(path: str, layer: int) -> dict[str, torch.Tensor]:
     prefix = f"model.layers.{layer}.mlp."
-    return {n[len(prefix):]: t for n, t in checkpoint.tensors_under(path, prefix)}
+    return {n[len(prefix) :]: t for n, t in checkpoint.tensors_under(path, prefix)}
 
 
 def test_load_model_holds_the_checkpoint(dsv3):
@@ -64,10 +61,12 @@ def test_load_model_holds_the_checkpoint(dsv3):
     inter = experts.down_proj.shape[-1]
     up = dequantize_fp8_blockwise(tensors["experts.5.up_proj.weight"], tensors["experts.5.up_proj.weight_scale_inv"])
     assert torch.equal(experts.gate_up_proj[5, inter:], up.to(torch.bfloat16))
-    assert torch.equal(model.model.layers[2].mlp.shared_experts.down_proj.weight,
-                       tensors["shared_experts.down_proj.weight"])
-    assert torch.equal(model.model.layers[1].mlp.gate.e_score_correction_bias,
-                       _layer_tensors(path, 1)["gate.e_score_correction_bias"])
+    assert torch.equal(
+        model.model.layers[2].mlp.shared_experts.down_proj.weight, tensors["shared_experts.down_proj.weight"]
+    )
+    assert torch.equal(
+        model.model.layers[1].mlp.gate.e_score_correction_bias, _layer_tensors(path, 1)["gate.e_score_correction_bias"]
+    )
 
 
 def test_load_model_dequantizes_any_fp8_linear(dsv3):
@@ -104,6 +103,7 @@ def test_load_model_names_missing_extra_and_misshaped_tensors(dsv3):
                 if name != drop:
                     yield name, add.pop(name, tensor)
             yield from add.items()
+
         return source
 
     with pytest.raises(ValueError, match=r"missing: model\.layers\.2\.mlp\.experts\.3\.up_proj\.weight"):
@@ -190,8 +190,14 @@ def test_our_experts_ran_in_prefill_and_decode_of_generate(dsv3):
     path, model = dsv3
     prompt = _prompt(model.config.vocab_size, batch=2, length=9, seed=4)
     with swap.swap_moe_blocks(model, path) as ours, recorded_plans() as plans:
-        out = model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=True,
-                             pad_token_id=model.config.eos_token_id)
+        out = model.generate(
+            prompt,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=model.config.eos_token_id,
+        )
     assert out.shape == (2, 13)
     # one prefill and three KV-cached decode steps, in each of the two MoE blocks
     assert dict(ours.calls) == {"prefill": 2, "decode": 6}

@@ -53,21 +53,18 @@ def config_facts(report: dict) -> None:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     values = [NAME, "PhaseMoE", "phasemo", "triton", "deep_gemm"]
-    report["kernel_config"] = {v: _try(lambda v=v: KernelConfig(moe_backend=v).moe_backend)
-                               for v in values}
-    report["vllm_config"] = _try(
-        lambda: VllmConfig(kernel_config={"moe_backend": NAME}).kernel_config.moe_backend)
+    report["kernel_config"] = {v: _try(lambda v=v: KernelConfig(moe_backend=v).moe_backend) for v in values}
+    report["vllm_config"] = _try(lambda: VllmConfig(kernel_config={"moe_backend": NAME}).kernel_config.moe_backend)
     report["speculative_annotation"] = repr(SpeculativeConfig.__pydantic_fields__["moe_backend"].annotation)
-    report["pickle"] = _try(
-        lambda: pickle.loads(pickle.dumps(KernelConfig(moe_backend=NAME))).moe_backend)
+    report["pickle"] = _try(lambda: pickle.loads(pickle.dumps(KernelConfig(moe_backend=NAME))).moe_backend)
 
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
     action = next(a for a in parser._actions if "--moe-backend" in a.option_strings)
     report["parser_choices"] = list(action.choices)
-    report["parser"] = {v: _try(lambda v=v: parser.parse_args(["--moe-backend", v]).moe_backend)
-                        for v in values}
-    report["parser_kernel_config_json"] = _try(lambda: parser.parse_args(
-        ["--kernel-config", json.dumps({"moe_backend": NAME})]).kernel_config.moe_backend)
+    report["parser"] = {v: _try(lambda v=v: parser.parse_args(["--moe-backend", v]).moe_backend) for v in values}
+    report["parser_kernel_config_json"] = _try(
+        lambda: parser.parse_args(["--kernel-config", json.dumps({"moe_backend": NAME})]).kernel_config.moe_backend
+    )
 
 
 def _moe_config(moe_backend: str, batched: bool):
@@ -81,17 +78,36 @@ def _moe_config(moe_backend: str, batched: bool):
 
     if batched:  # DeepEP low-latency over 2 DP ranks: vLLM's batched activation format
         parallel = FusedMoEParallelConfig(
-            tp_size=1, pcp_size=1, dp_size=2, ep_size=2, tp_rank=0, pcp_rank=0, dp_rank=0,
-            ep_rank=0, sp_size=1, use_ep=True, all2all_backend="deepep_low_latency",
-            enable_eplb=False)
+            tp_size=1,
+            pcp_size=1,
+            dp_size=2,
+            ep_size=2,
+            tp_rank=0,
+            pcp_rank=0,
+            dp_rank=0,
+            ep_rank=0,
+            sp_size=1,
+            use_ep=True,
+            all2all_backend="deepep_low_latency",
+            enable_eplb=False,
+        )
         assert parallel.use_batched_activation_format
     else:
         parallel = FusedMoEParallelConfig.make_no_parallel()
     return FusedMoEConfig(
-        num_experts=8, experts_per_token=2, hidden_dim=256, intermediate_size=256,
-        num_local_experts=8 // parallel.ep_size, num_logical_experts=8,
-        activation=MoEActivation.SILU, device="cpu", routing_method=RoutingMethodType.DeepSeekV3,
-        moe_parallel_config=parallel, in_dtype=torch.bfloat16, moe_backend=moe_backend)
+        num_experts=8,
+        experts_per_token=2,
+        hidden_dim=256,
+        intermediate_size=256,
+        num_local_experts=8 // parallel.ep_size,
+        num_logical_experts=8,
+        activation=MoEActivation.SILU,
+        device="cpu",
+        routing_method=RoutingMethodType.DeepSeekV3,
+        moe_parallel_config=parallel,
+        in_dtype=torch.bfloat16,
+        moe_backend=moe_backend,
+    )
 
 
 def oracle_facts(report: dict) -> None:
@@ -107,8 +123,8 @@ def oracle_facts(report: dict) -> None:
     report["enum_members"] = [m.name for m in oracle.Fp8MoeBackend]
     report["map"] = {n: _try(lambda n=n: oracle.map_fp8_backend(n).name) for n in names}
     report["kernel_cls"] = {
-        m.name: _try(lambda m=m: [_qualname(c) for c in oracle.backend_to_kernel_cls(m)])
-        for m in oracle.Fp8MoeBackend}
+        m.name: _try(lambda m=m: [_qualname(c) for c in oracle.backend_to_kernel_cls(m)]) for m in oracle.Fp8MoeBackend
+    }
 
     from vllm.config import VllmConfig, set_current_vllm_config
 
@@ -118,10 +134,8 @@ def oracle_facts(report: dict) -> None:
         return [backend.name, cls and _qualname(cls)]
 
     for batched in (False, True):
-        report["select_batched" if batched else "select"] = {
-            n: _try(lambda n=n: select(n, batched)) for n in names}
-    report["select_per_tensor"] = _try(
-        lambda: select(NAME, False, (kFp8StaticTensorSym, kFp8DynamicTensorSym)))
+        report["select_batched" if batched else "select"] = {n: _try(lambda n=n: select(n, batched)) for n in names}
+    report["select_per_tensor"] = _try(lambda: select(NAME, False, (kFp8StaticTensorSym, kFp8DynamicTensorSym)))
 
     # Imported after the patch when not already (--import-quant-first): both paths must rebind.
     import vllm.model_executor.layers.quantization.fp8  # noqa: F401

@@ -27,11 +27,13 @@ def run_probe(*flags: str, vllm_plugins: str | None = None) -> dict:
         env.pop("VLLM_PLUGINS", None)
         if vllm_plugins is not None:
             env["VLLM_PLUGINS"] = vllm_plugins
-        proc = subprocess.run([sys.executable, str(PROBE), *flags], env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, str(PROBE), *flags], env=env, capture_output=True, text=True, timeout=600
+        )
         if proc.returncode != 0:
-            raise AssertionError(f"probe {flags} VLLM_PLUGINS={vllm_plugins!r} exited "
-                                 f"{proc.returncode}:\n{proc.stderr[-4000:]}")
+            raise AssertionError(
+                f"probe {flags} VLLM_PLUGINS={vllm_plugins!r} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+            )
         _cache[key] = json.loads(proc.stdout.strip().splitlines()[-1])
     return _cache[key]
 

@@ -15,9 +15,9 @@ from tests.helpers.tolerances import LAYER_SAME_QUANT
 pytestmark = pytest.mark.gpu
 
 HIDDEN, INTER, TOPK = 1024, 512, 8
-LOCAL_EXPERTS, GLOBAL_EXPERTS = 8, 32   # EP: this rank holds global experts 8..15
+LOCAL_EXPERTS, GLOBAL_EXPERTS = 8, 32  # EP: this rank holds global experts 8..15
 FIRST_LOCAL = 8
-MAX_M = 128                              # DeepEP low-latency's default rows per expert
+MAX_M = 128  # DeepEP low-latency's default rows per expert
 
 
 def _rel(a, b):
@@ -27,10 +27,8 @@ def _rel(a, b):
 @pytest.fixture(scope="module")
 def weights():
     g = torch.Generator(device="cuda").manual_seed(0)
-    w13, s13 = quantize_fp8_blockwise(
-        torch.randn(LOCAL_EXPERTS, 2 * INTER, HIDDEN, device="cuda", generator=g) / 32)
-    w2, s2 = quantize_fp8_blockwise(
-        torch.randn(LOCAL_EXPERTS, HIDDEN, INTER, device="cuda", generator=g) / 32)
+    w13, s13 = quantize_fp8_blockwise(torch.randn(LOCAL_EXPERTS, 2 * INTER, HIDDEN, device="cuda", generator=g) / 32)
+    w2, s2 = quantize_fp8_blockwise(torch.randn(LOCAL_EXPERTS, HIDDEN, INTER, device="cuda", generator=g) / 32)
     return w13, s13, w2, s2
 
 
@@ -44,8 +42,9 @@ def _routing(num_tokens, seed):
 
 def _expert_map():
     expert_map = torch.full((GLOBAL_EXPERTS,), -1, dtype=torch.int32, device="cuda")
-    expert_map[FIRST_LOCAL:FIRST_LOCAL + LOCAL_EXPERTS] = torch.arange(
-        LOCAL_EXPERTS, dtype=torch.int32, device="cuda")
+    expert_map[FIRST_LOCAL : FIRST_LOCAL + LOCAL_EXPERTS] = torch.arange(
+        LOCAL_EXPERTS, dtype=torch.int32, device="cuda"
+    )
     return expert_map
 
 
@@ -63,8 +62,7 @@ def test_standard_eager(weights, num_tokens):
     x_fp8, x_scale = quantize_fp8_per_token_group(x)
     topk_weights, topk_ids = _routing(num_tokens, seed=num_tokens)
     out = torch.empty(num_tokens, HIDDEN, dtype=torch.bfloat16, device="cuda")
-    apply_standard(out, x_fp8, x_scale, w13, s13, w2, s2, topk_weights, topk_ids, _expert_map(),
-                   False, Policy())
+    apply_standard(out, x_fp8, x_scale, w13, s13, w2, s2, topk_weights, topk_ids, _expert_map(), False, Policy())
     want = reference.routed_experts(x, w13, s13, w2, s2, topk_weights, _local_ids(topk_ids))
     assert _rel(out, want) <= LAYER_SAME_QUANT
 
@@ -80,8 +78,20 @@ def test_standard_cuda_graph(weights):
     topk_weights, topk_ids = _routing(num_tokens, seed=1)
     expert_map, out = _expert_map(), torch.empty(num_tokens, HIDDEN, dtype=torch.bfloat16, device="cuda")
     policy = Policy()
-    run = lambda: apply_standard(out, x_fp8, x_scale, w13, s13, w2, s2, topk_weights,  # noqa: E731
-                                 topk_ids, expert_map, False, policy)
+    run = lambda: apply_standard(
+        out,
+        x_fp8,
+        x_scale,
+        w13,
+        s13,
+        w2,
+        s2,
+        topk_weights,  # noqa: E731
+        topk_ids,
+        expert_map,
+        False,
+        policy,
+    )
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -103,8 +113,7 @@ def test_standard_cuda_graph(weights):
 
 def _masked_problem(seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    counts = torch.randint(1, MAX_M + 1, (LOCAL_EXPERTS,), device="cuda", generator=g,
-                           dtype=torch.int32)
+    counts = torch.randint(1, MAX_M + 1, (LOCAL_EXPERTS,), device="cuda", generator=g, dtype=torch.int32)
     counts[3] = 0
     counts[5] = MAX_M
     x = torch.randn(LOCAL_EXPERTS, MAX_M, HIDDEN, device="cuda", generator=g)
@@ -133,11 +142,20 @@ def test_batched_cuda_graph(weights, expected_m):
     # vLLM's naive batched prepare sizes the counts by global experts: only the first E are read.
     counts_global = torch.full((GLOBAL_EXPERTS,), 7, dtype=torch.int32, device="cuda")
     counts_global[:LOCAL_EXPERTS] = counts
-    workspace = torch.full((LOCAL_EXPERTS, MAX_M, 2 * INTER), float("nan"), dtype=torch.bfloat16,
-                           device="cuda")
+    workspace = torch.full((LOCAL_EXPERTS, MAX_M, 2 * INTER), float("nan"), dtype=torch.bfloat16, device="cuda")
     out = torch.full((LOCAL_EXPERTS, MAX_M, HIDDEN), float("nan"), dtype=torch.bfloat16, device="cuda")
-    run = lambda: apply_batched(out, x_fp8, x_scale, w13, s13, w2, s2, counts_global,  # noqa: E731
-                                workspace, expected_m)
+    run = lambda: apply_batched(
+        out,
+        x_fp8,
+        x_scale,
+        w13,
+        s13,
+        w2,
+        s2,
+        counts_global,  # noqa: E731
+        workspace,
+        expected_m,
+    )
     run()
     _check_masked(out, counts, x_fp8, x_scale, weights)
 

@@ -71,13 +71,24 @@ def test_engine_config_from_the_command_line_carries_phasemoe(tmp_path):
 
     repo = Path(__file__).resolve().parents[3]
     checkpoint = tmp_path / "tiny-dsv3"
-    subprocess.run([sys.executable, str(repo / "examples" / "make_tiny_checkpoint.py"),
-                    str(checkpoint), "--layers", "2", "--shards", "1"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(repo / "examples" / "make_tiny_checkpoint.py"),
+            str(checkpoint),
+            "--layers",
+            "2",
+            "--shards",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
     env.pop("VLLM_PLUGINS", None)
-    proc = subprocess.run([sys.executable, "-c", ENGINE_CONFIG, str(checkpoint)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINE_CONFIG, str(checkpoint)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-3:] == ["RESULT", NAME, "Fp8Config"]
 
@@ -115,13 +126,24 @@ def test_llm_constructor_carries_phasemoe(tmp_path):
 
     repo = Path(__file__).resolve().parents[3]
     checkpoint = tmp_path / "tiny-dsv3"
-    subprocess.run([sys.executable, str(repo / "examples" / "make_tiny_checkpoint.py"),
-                    str(checkpoint), "--layers", "2", "--shards", "1"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(repo / "examples" / "make_tiny_checkpoint.py"),
+            str(checkpoint),
+            "--layers",
+            "2",
+            "--shards",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
     env.pop("VLLM_PLUGINS", None)
-    proc = subprocess.run([sys.executable, "-c", LLM_CONSTRUCTOR, str(checkpoint)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", LLM_CONSTRUCTOR, str(checkpoint)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-3:] == ["RESULT", NAME, "Fp8Config"]
 

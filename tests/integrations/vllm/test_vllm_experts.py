@@ -35,9 +35,9 @@ MAX_TOKENS = 64  # batched format: rows per expert
 
 @dataclass(frozen=True)
 class Case:
-    fmt: str            # "standard" | "batched"
+    fmt: str  # "standard" | "batched"
     num_tokens: int
-    ep: bool = False    # 8 global experts, this rank holds 4 of them
+    ep: bool = False  # 8 global experts, this rank holds 4 of them
     # Standard+EP: this rank holds global 4..7 (expert_map); batched: rank 0 holds 0..3.
 
     @property
@@ -53,9 +53,14 @@ class Case:
 
 
 CASES = [
-    Case("standard", 1), Case("standard", 7), Case("standard", 33),
-    Case("standard", 7, ep=True), Case("standard", 33, ep=True),
-    Case("batched", 1, ep=True), Case("batched", 7, ep=True), Case("batched", 33, ep=True),
+    Case("standard", 1),
+    Case("standard", 7),
+    Case("standard", 33),
+    Case("standard", 7, ep=True),
+    Case("standard", 33, ep=True),
+    Case("batched", 1, ep=True),
+    Case("batched", 7, ep=True),
+    Case("batched", 33, ep=True),
 ]
 
 
@@ -82,10 +87,16 @@ def vllm_fp8():
     )
 
     return SimpleNamespace(
-        mk=mk, utils=fused_moe_utils, MoEActivation=MoEActivation, FusedMoEConfig=FusedMoEConfig,
-        FusedMoEParallelConfig=FusedMoEParallelConfig, RoutingMethodType=RoutingMethodType,
-        oracle=oracle, BatchedPrepareAndFinalize=BatchedPrepareAndFinalize,
-        keys=(kFp8Static128BlockSym, kFp8Dynamic128Sym))
+        mk=mk,
+        utils=fused_moe_utils,
+        MoEActivation=MoEActivation,
+        FusedMoEConfig=FusedMoEConfig,
+        FusedMoEParallelConfig=FusedMoEParallelConfig,
+        RoutingMethodType=RoutingMethodType,
+        oracle=oracle,
+        BatchedPrepareAndFinalize=BatchedPrepareAndFinalize,
+        keys=(kFp8Static128BlockSym, kFp8Dynamic128Sym),
+    )
 
 
 @pytest.fixture
@@ -101,21 +112,50 @@ def cpu_input_quant(vllm_fp8, monkeypatch):
 def _moe_config(v, case: Case):
     if case.fmt == "batched":
         parallel = v.FusedMoEParallelConfig(
-            tp_size=1, pcp_size=1, dp_size=2, ep_size=2, tp_rank=0, pcp_rank=0, dp_rank=0,
-            ep_rank=0, sp_size=1, use_ep=True, all2all_backend="deepep_low_latency",
-            enable_eplb=False)
+            tp_size=1,
+            pcp_size=1,
+            dp_size=2,
+            ep_size=2,
+            tp_rank=0,
+            pcp_rank=0,
+            dp_rank=0,
+            ep_rank=0,
+            sp_size=1,
+            use_ep=True,
+            all2all_backend="deepep_low_latency",
+            enable_eplb=False,
+        )
     elif case.ep:  # EP without DP: no all2all, vLLM passes expert_map to the experts
         parallel = v.FusedMoEParallelConfig(
-            tp_size=1, pcp_size=1, dp_size=1, ep_size=2, tp_rank=0, pcp_rank=0, dp_rank=0,
-            ep_rank=1, sp_size=1, use_ep=True, all2all_backend="allgather_reducescatter",
-            enable_eplb=False)
+            tp_size=1,
+            pcp_size=1,
+            dp_size=1,
+            ep_size=2,
+            tp_rank=0,
+            pcp_rank=0,
+            dp_rank=0,
+            ep_rank=1,
+            sp_size=1,
+            use_ep=True,
+            all2all_backend="allgather_reducescatter",
+            enable_eplb=False,
+        )
     else:
         parallel = v.FusedMoEParallelConfig.make_no_parallel()
     return v.FusedMoEConfig(
-        num_experts=case.num_global, experts_per_token=TOPK, hidden_dim=HIDDEN,
-        intermediate_size=INTER, num_local_experts=LOCAL_EXPERTS, num_logical_experts=case.num_global,
-        activation=v.MoEActivation.SILU, device="cpu", routing_method=v.RoutingMethodType.DeepSeekV3,
-        moe_parallel_config=parallel, in_dtype=torch.bfloat16, moe_backend="phasemoe")
+        num_experts=case.num_global,
+        experts_per_token=TOPK,
+        hidden_dim=HIDDEN,
+        intermediate_size=INTER,
+        num_local_experts=LOCAL_EXPERTS,
+        num_logical_experts=case.num_global,
+        activation=v.MoEActivation.SILU,
+        device="cpu",
+        routing_method=v.RoutingMethodType.DeepSeekV3,
+        moe_parallel_config=parallel,
+        in_dtype=torch.bfloat16,
+        moe_backend="phasemoe",
+    )
 
 
 def _problem(case: Case, seed: int = 0):
@@ -126,15 +166,23 @@ def _problem(case: Case, seed: int = 0):
     # Local expert 2 gets no token; off-rank experts (EP) are drawn too.
     empty = case.first_local + 2
     candidates = torch.tensor([e for e in range(case.num_global) if e != empty])
-    topk_ids = torch.stack([candidates[torch.randperm(len(candidates), generator=g)[:TOPK]]
-                            for _ in range(case.num_tokens)])
+    topk_ids = torch.stack(
+        [candidates[torch.randperm(len(candidates), generator=g)[:TOPK]] for _ in range(case.num_tokens)]
+    )
     topk_ids[0, 0] = case.first_local  # at least one local hit, so the reference is not all zero
     topk_weights = torch.rand(case.num_tokens, TOPK, generator=g)
     local = topk_ids - case.first_local
     local_ids = torch.where((local >= 0) & (local < LOCAL_EXPERTS), local, -1)
-    return SimpleNamespace(w13=w13, w13_scale_inv=w13_scale_inv, w2=w2, w2_scale_inv=w2_scale_inv,
-                           x=x, topk_ids=topk_ids.to(torch.int32), topk_weights=topk_weights,
-                           local_ids=local_ids.to(torch.int32))
+    return SimpleNamespace(
+        w13=w13,
+        w13_scale_inv=w13_scale_inv,
+        w2=w2,
+        w2_scale_inv=w2_scale_inv,
+        x=x,
+        topk_ids=topk_ids.to(torch.int32),
+        topk_weights=topk_weights,
+        local_ids=local_ids.to(torch.int32),
+    )
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -142,8 +190,9 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _reference(p, topk_ids=None) -> torch.Tensor:
-    return reference.routed_experts(p.x, p.w13, p.w13_scale_inv, p.w2, p.w2_scale_inv,
-                                    p.topk_weights, p.local_ids if topk_ids is None else topk_ids)
+    return reference.routed_experts(
+        p.x, p.w13, p.w13_scale_inv, p.w2, p.w2_scale_inv, p.topk_weights, p.local_ids if topk_ids is None else topk_ids
+    )
 
 
 def _vllm_kernel(v, case: Case, p):
@@ -152,22 +201,30 @@ def _vllm_kernel(v, case: Case, p):
     assert backend.name == "PHASEMOE"
     layer = SimpleNamespace(weight_block_size=[128, 128])
     w13, w2, w13_scale, w2_scale = v.oracle.convert_to_fp8_moe_kernel_format(
-        fp8_backend=backend, layer=layer, w13=p.w13, w2=p.w2, w13_scale=p.w13_scale_inv,
-        w2_scale=p.w2_scale_inv, w13_input_scale=None, w2_input_scale=None)
+        fp8_backend=backend,
+        layer=layer,
+        w13=p.w13,
+        w2=p.w2,
+        w13_scale=p.w13_scale_inv,
+        w2_scale=p.w2_scale_inv,
+        w13_input_scale=None,
+        w2_input_scale=None,
+    )
     quant_config = v.oracle.make_fp8_moe_quant_config(
-        fp8_backend=backend, w1_scale=w13_scale, w2_scale=w2_scale, a1_scale=None, a2_scale=None,
-        block_shape=[128, 128])
+        fp8_backend=backend, w1_scale=w13_scale, w2_scale=w2_scale, a1_scale=None, a2_scale=None, block_shape=[128, 128]
+    )
     if case.fmt == "standard":
         kernel = v.oracle.make_fp8_moe_kernel(quant_config, moe_config, experts_cls, backend)
     else:
         prepare_finalize = v.BatchedPrepareAndFinalize(
-            max_num_tokens=MAX_TOKENS, num_local_experts=LOCAL_EXPERTS, num_dispatchers=1, rank=0)
+            max_num_tokens=MAX_TOKENS, num_local_experts=LOCAL_EXPERTS, num_dispatchers=1, rank=0
+        )
         experts = experts_cls(moe_config, quant_config, max_num_tokens=MAX_TOKENS, num_dispatchers=1)
         kernel = v.mk.FusedMoEKernel(prepare_finalize, experts)
     expert_map = None
     if case.fmt == "standard" and case.ep:
         expert_map = torch.full((case.num_global,), -1, dtype=torch.int32)
-        expert_map[case.first_local:case.first_local + LOCAL_EXPERTS] = torch.arange(LOCAL_EXPERTS, dtype=torch.int32)
+        expert_map[case.first_local : case.first_local + LOCAL_EXPERTS] = torch.arange(LOCAL_EXPERTS, dtype=torch.int32)
     return kernel, expert_map, (w13, w2)
 
 
@@ -179,9 +236,17 @@ def test_experts_through_vllm_match_reference(vllm_fp8, cpu_input_quant, case):
     type_name = type(kernel.impl.fused_experts).__name__
     assert type_name == ("PhaseMoEExperts" if case.fmt == "standard" else "PhaseMoEBatchedExperts")
 
-    out = kernel.apply(p.x, w13, w2, topk_weights=p.topk_weights, topk_ids=p.topk_ids,
-                       activation=v.MoEActivation.SILU, global_num_experts=case.num_global,
-                       expert_map=expert_map, apply_router_weight_on_input=False)
+    out = kernel.apply(
+        p.x,
+        w13,
+        w2,
+        topk_weights=p.topk_weights,
+        topk_ids=p.topk_ids,
+        activation=v.MoEActivation.SILU,
+        global_num_experts=case.num_global,
+        expert_map=expert_map,
+        apply_router_weight_on_input=False,
+    )
     ref = _reference(p)
     assert out.shape == (case.num_tokens, HIDDEN) and out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
@@ -202,8 +267,13 @@ def test_batched_apply_ignores_rows_past_counts(vllm_fp8):
     moe_config = _moe_config(v, case)
     _, experts_cls = v.oracle.select_fp8_moe_backend(moe_config, *v.keys)
     quant_config = v.oracle.make_fp8_moe_quant_config(
-        fp8_backend=v.oracle.Fp8MoeBackend.PHASEMOE, w1_scale=p.w13_scale_inv,
-        w2_scale=p.w2_scale_inv, a1_scale=None, a2_scale=None, block_shape=[128, 128])
+        fp8_backend=v.oracle.Fp8MoeBackend.PHASEMOE,
+        w1_scale=p.w13_scale_inv,
+        w2_scale=p.w2_scale_inv,
+        a1_scale=None,
+        a2_scale=None,
+        block_shape=[128, 128],
+    )
     experts = experts_cls(moe_config, quant_config, max_num_tokens=MAX_TOKENS, num_dispatchers=1)
 
     counts = torch.tensor([5, 0, 3, MAX_TOKENS], dtype=torch.int32)  # one empty, one full
@@ -211,23 +281,44 @@ def test_batched_apply_ignores_rows_past_counts(vllm_fp8):
     a = torch.randn(LOCAL_EXPERTS, MAX_TOKENS, HIDDEN, generator=g)
     a_fp8, a_scale = quantize_fp8_per_token_group(a, 128)
     ws13_shape, ws2_shape, out_shape = experts.workspace_shapes(
-        MAX_TOKENS, 2 * INTER, HIDDEN, TOPK, case.num_global, LOCAL_EXPERTS, None,
-        v.MoEActivation.SILU)
+        MAX_TOKENS, 2 * INTER, HIDDEN, TOPK, case.num_global, LOCAL_EXPERTS, None, v.MoEActivation.SILU
+    )
     output = torch.full(out_shape, float("nan"), dtype=torch.bfloat16)
     workspace13 = torch.full(ws13_shape, float("nan"), dtype=torch.bfloat16)
     workspace2 = torch.full(ws2_shape, float("nan"), dtype=torch.bfloat16)
     meta = v.mk.ExpertTokensMetadata(expert_num_tokens=counts, expert_num_tokens_cpu=None)
-    experts.apply(output, a_fp8, p.w13, p.w2, p.topk_weights, p.topk_ids, v.MoEActivation.SILU,
-                  case.num_global, None, a_scale, None, workspace13, workspace2, meta, False)
+    experts.apply(
+        output,
+        a_fp8,
+        p.w13,
+        p.w2,
+        p.topk_weights,
+        p.topk_ids,
+        v.MoEActivation.SILU,
+        case.num_global,
+        None,
+        a_scale,
+        None,
+        workspace13,
+        workspace2,
+        meta,
+        False,
+    )
 
     for e, m in enumerate(counts.tolist()):
         if m == 0:
             continue
-        h = reference.grouped_gemm_masked(a_fp8[e:e + 1, :m], a_scale[e:e + 1, :m], p.w13[e:e + 1],
-                                          p.w13_scale_inv[e:e + 1], torch.tensor([m], dtype=torch.int32))
+        h = reference.grouped_gemm_masked(
+            a_fp8[e : e + 1, :m],
+            a_scale[e : e + 1, :m],
+            p.w13[e : e + 1],
+            p.w13_scale_inv[e : e + 1],
+            torch.tensor([m], dtype=torch.int32),
+        )
         act_fp8, act_scale = reference.silu_mul_quant(h)
-        y = reference.grouped_gemm_masked(act_fp8, act_scale, p.w2[e:e + 1], p.w2_scale_inv[e:e + 1],
-                                          torch.tensor([m], dtype=torch.int32))
+        y = reference.grouped_gemm_masked(
+            act_fp8, act_scale, p.w2[e : e + 1], p.w2_scale_inv[e : e + 1], torch.tensor([m], dtype=torch.int32)
+        )
         assert torch.isfinite(output[e, :m]).all()
         assert _rel_err(output[e, :m], y[0]) <= REL_TOL
 
@@ -239,11 +330,19 @@ def test_convert_refuses_non_block_layers(vllm_fp8):
     for layer in (SimpleNamespace(), SimpleNamespace(weight_block_size=[1, 128])):
         with pytest.raises(ValueError, match="128x128 block-quantized"):
             v.oracle.convert_to_fp8_moe_kernel_format(
-                fp8_backend=v.oracle.Fp8MoeBackend.PHASEMOE, layer=layer, w13=w, w2=w,
-                w13_scale=s, w2_scale=s, w13_input_scale=None, w2_input_scale=None)
+                fp8_backend=v.oracle.Fp8MoeBackend.PHASEMOE,
+                layer=layer,
+                w13=w,
+                w2=w,
+                w13_scale=s,
+                w2_scale=s,
+                w13_input_scale=None,
+                w2_input_scale=None,
+            )
 
 
 # ---- vLLM's own FP8 MoE layer (FusedMoEFactory -> Fp8MoEMethod) with --moe-backend phasemoe ----
+
 
 @pytest.fixture(scope="module")
 def vllm_layer(vllm_fp8):
@@ -264,24 +363,39 @@ def vllm_layer(vllm_fp8):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                         distributed_init_method=f"tcp://127.0.0.1:{port}")
+            init_distributed_environment(
+                world_size=1, rank=0, local_rank=0, backend="gloo", distributed_init_method=f"tcp://127.0.0.1:{port}"
+            )
             initialize_model_parallel(1, 1)
-        quant_config = Fp8Config(is_checkpoint_fp8_serialized=True, activation_scheme="dynamic",
-                                 weight_block_size=[128, 128])
+        quant_config = Fp8Config(
+            is_checkpoint_fp8_serialized=True, activation_scheme="dynamic", weight_block_size=[128, 128]
+        )
         runner = FusedMoEFactory(
-            num_experts=LOCAL_EXPERTS, top_k=TOPK, hidden_size=HIDDEN, intermediate_size=INTER,
-            params_dtype=torch.bfloat16, renormalize=False, quant_config=quant_config,
-            prefix="model.layers.3.mlp.experts")
+            num_experts=LOCAL_EXPERTS,
+            top_k=TOPK,
+            hidden_size=HIDDEN,
+            intermediate_size=INTER,
+            params_dtype=torch.bfloat16,
+            renormalize=False,
+            quant_config=quant_config,
+            prefix="model.layers.3.mlp.experts",
+        )
 
     g = torch.Generator().manual_seed(3)
-    proj = {name: [quantize_fp8_blockwise(torch.randn(*shape, generator=g) / 16)
-                   for _ in range(LOCAL_EXPERTS)]
-            for name, shape in (("gate_proj", (INTER, HIDDEN)), ("up_proj", (INTER, HIDDEN)),
-                                ("down_proj", (HIDDEN, INTER)))}
-    checkpoint = [(f"{e}.{name}.{suffix}", pair[i])
-                  for name, pairs in proj.items() for e, pair in enumerate(pairs)
-                  for i, suffix in enumerate(("weight", "weight_scale_inv"))]
+    proj = {
+        name: [quantize_fp8_blockwise(torch.randn(*shape, generator=g) / 16) for _ in range(LOCAL_EXPERTS)]
+        for name, shape in (
+            ("gate_proj", (INTER, HIDDEN)),
+            ("up_proj", (INTER, HIDDEN)),
+            ("down_proj", (HIDDEN, INTER)),
+        )
+    }
+    checkpoint = [
+        (f"{e}.{name}.{suffix}", pair[i])
+        for name, pairs in proj.items()
+        for e, pair in enumerate(pairs)
+        for i, suffix in enumerate(("weight", "weight_scale_inv"))
+    ]
     list(runner.load_weights(checkpoint))
     experts = runner.routed_experts
     experts.quant_method.process_weights_after_loading(experts)
@@ -289,8 +403,14 @@ def vllm_layer(vllm_fp8):
     stack = lambda name, i: torch.stack([pair[i] for pair in proj[name]])  # noqa: E731
     w13 = torch.cat([stack("gate_proj", 0), stack("up_proj", 0)], dim=1)
     w13_scale_inv = torch.cat([stack("gate_proj", 1), stack("up_proj", 1)], dim=1)
-    return SimpleNamespace(config=config, experts=experts, w13=w13, w13_scale_inv=w13_scale_inv,
-                           w2=stack("down_proj", 0), w2_scale_inv=stack("down_proj", 1))
+    return SimpleNamespace(
+        config=config,
+        experts=experts,
+        w13=w13,
+        w13_scale_inv=w13_scale_inv,
+        w2=stack("down_proj", 0),
+        w2_scale_inv=stack("down_proj", 1),
+    )
 
 
 def test_vllm_layer_selects_phasemoe_and_keeps_checkpoint_layout(vllm_layer):
@@ -316,19 +436,22 @@ def test_vllm_layer_forward_matches_reference(vllm_layer, cpu_input_quant, num_t
     topk_weights = torch.rand(num_tokens, TOPK, generator=g)
     with set_current_vllm_config(vllm_layer.config):
         out = vllm_layer.experts.forward_modular(x, topk_weights, topk_ids)
-    ref = reference.routed_experts(x, vllm_layer.w13, vllm_layer.w13_scale_inv, vllm_layer.w2,
-                                   vllm_layer.w2_scale_inv, topk_weights, topk_ids)
+    ref = reference.routed_experts(
+        x, vllm_layer.w13, vllm_layer.w13_scale_inv, vllm_layer.w2, vllm_layer.w2_scale_inv, topk_weights, topk_ids
+    )
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     assert _rel_err(out, ref) <= REL_TOL, _rel_err(out, ref)
 
 
-@pytest.mark.parametrize("policy, standard, batched", [
-    ("", "contiguous", "masked"),
-    ('{"decode_kernel": "triton", "masked_kernel": "triton_masked"}', "triton", "triton_masked"),
-])
+@pytest.mark.parametrize(
+    "policy, standard, batched",
+    [
+        ("", "contiguous", "masked"),
+        ('{"decode_kernel": "triton", "masked_kernel": "triton_masked"}', "triton", "triton_masked"),
+    ],
+)
 @pytest.mark.parametrize("fmt", ["standard", "batched"])
-def test_each_format_runs_the_policy_plan(vllm_fp8, cpu_input_quant, monkeypatch, policy, standard,
-                                          batched, fmt):
+def test_each_format_runs_the_policy_plan(vllm_fp8, cpu_input_quant, monkeypatch, policy, standard, batched, fmt):
     """vLLM's standard and batched paths execute a plan from MOE_BACKEND_POLICY (read when vLLM
     builds the experts), with the global expert count as the tile hint's denominator."""
     from moe_backend.experts import recorded_plans
@@ -339,9 +462,17 @@ def test_each_format_runs_the_policy_plan(vllm_fp8, cpu_input_quant, monkeypatch
     p = _problem(case)
     kernel, expert_map, (w13, w2) = _vllm_kernel(v, case, p)
     with recorded_plans() as plans:
-        kernel.apply(p.x, w13, w2, topk_weights=p.topk_weights, topk_ids=p.topk_ids,
-                     activation=v.MoEActivation.SILU, global_num_experts=case.num_global,
-                     expert_map=expert_map, apply_router_weight_on_input=False)
+        kernel.apply(
+            p.x,
+            w13,
+            w2,
+            topk_weights=p.topk_weights,
+            topk_ids=p.topk_ids,
+            activation=v.MoEActivation.SILU,
+            global_num_experts=case.num_global,
+            expert_map=expert_map,
+            apply_router_weight_on_input=False,
+        )
     assert len(plans) == 1
     plan = plans[0]
     if fmt == "standard":
@@ -360,7 +491,15 @@ def test_standard_format_on_cpu_quantizes_inputs_itself(vllm_fp8):
     p = _problem(case)
     kernel, expert_map, (w13, w2) = _vllm_kernel(v, case, p)
     assert kernel.impl.fused_experts.expects_unquantized_inputs
-    out = kernel.apply(p.x, w13, w2, topk_weights=p.topk_weights, topk_ids=p.topk_ids,
-                       activation=v.MoEActivation.SILU, global_num_experts=case.num_global,
-                       expert_map=expert_map, apply_router_weight_on_input=False)
+    out = kernel.apply(
+        p.x,
+        w13,
+        w2,
+        topk_weights=p.topk_weights,
+        topk_ids=p.topk_ids,
+        activation=v.MoEActivation.SILU,
+        global_num_experts=case.num_global,
+        expert_map=expert_map,
+        apply_router_weight_on_input=False,
+    )
     assert _rel_err(out, _reference(p)) <= REL_TOL

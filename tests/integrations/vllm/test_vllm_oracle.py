@@ -22,8 +22,7 @@ def test_selection_returns_our_experts(on):
 def test_builtin_answers_unchanged(on, off, key):
     extra = {"map": NAME, "kernel_cls": "PHASEMOE", "select": NAME, "select_batched": NAME}[key]
     assert set(on[key]) == set(off[key]) | {extra}
-    changed = {name: (off[key][name], on[key][name])
-               for name in off[key] if on[key][name] != off[key][name]}
+    changed = {name: (off[key][name], on[key][name]) for name in off[key] if on[key][name] != off[key][name]}
     assert not changed
     assert len(off[key]) > 15  # every built-in name / member was asked
 
@@ -55,7 +54,7 @@ def test_names_imported_from_the_oracle_are_rebound(probe, flags):
 def test_other_vllm_versions_are_refused_when_the_flag_is_used(probe, off):
     report = probe("--install-version", "0.34.0", vllm_plugins="")
     assert report["installed"] and NAME in report["literal"]  # the flag parses ...
-    error = report["map"][NAME]["error"]                       # ... and is refused clearly
+    error = report["map"][NAME]["error"]  # ... and is refused clearly
     assert error.startswith("UnsupportedVLLMError") and "0.34.0" in error and "0.33" in error
     assert "UnsupportedVLLMError" in report["select"][NAME]["error"]
     assert "PHASEMOE" not in report["enum_members"]

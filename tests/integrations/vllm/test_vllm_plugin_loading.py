@@ -21,13 +21,16 @@ def test_entry_point_is_declared():
     assert ours[0].dist is not None and ours[0].dist.name == "moe-backend"
 
 
-@pytest.mark.parametrize(("vllm_plugins", "loaded"), [
-    (None, True),                                    # unset: every plugin
-    (NAME, True),
-    (f"lora_filesystem_resolver,{NAME}", True),
-    ("", False),                                     # an allow-list matching nothing
-    ("lora_filesystem_resolver", False),             # another plugin only
-])
+@pytest.mark.parametrize(
+    ("vllm_plugins", "loaded"),
+    [
+        (None, True),  # unset: every plugin
+        (NAME, True),
+        (f"lora_filesystem_resolver,{NAME}", True),
+        ("", False),  # an allow-list matching nothing
+        ("lora_filesystem_resolver", False),  # another plugin only
+    ],
+)
 def test_vllm_loader_honours_vllm_plugins(probe, vllm_plugins, loaded):
     report = probe("--quick", vllm_plugins=vllm_plugins)
     assert report["installed"] is loaded
@@ -43,8 +46,10 @@ def test_loading_is_lazy(probe):
 
 
 def test_import_is_light():
-    code = ("import sys, moe_backend_integrations.vllm as p; "
-            "print(callable(p.register), 'vllm' in sys.modules, 'torch' in sys.modules)")
+    code = (
+        "import sys, moe_backend_integrations.vllm as p; "
+        "print(callable(p.register), 'vllm' in sys.modules, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False", "False"]
 
