@@ -22,17 +22,30 @@ slots of that expert. Two plans, by slot count N = T*k:
 
 Padding: rows of a contiguous segment past its expert's count and the unused tail of the static
 row bound get `expert_ids = src_token = -1`; masked rows past `masked_m[e]` get `src_token = -1`.
+
+Code: the one-program kernel in `_layout_one_program`, the chunked plan's kernels in
+`_layout_chunked`, their shared device helpers in `_layout_slot_ops`; this module plans and launches.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from moe_backend.constants import LAYOUT_ALIGNMENT
 from moe_backend.dispatch.layouts import ContiguousLayout, MaskedLayout, max_contiguous_rows
 from moe_backend.kernels._launch_utils import check_kernel_tensor
+from moe_backend.kernels._layout_chunked import _count_chunks_kernel, _place_chunks_kernel, _scan_chunks_kernel
+from moe_backend.kernels._layout_one_program import _layout_one_program_kernel
+
+# The device helpers stay importable from here (tests and tools name them by this module).
+from moe_backend.kernels._layout_slot_ops import (  # noqa: F401
+    _fill_padding,
+    _fill_tail,
+    _histogram,
+    _place_slots,
+    _slot_keys,
+)
 
 __all__ = ["build_contiguous_layout", "build_masked_layout", "SINGLE_PROGRAM_MAX_SLOTS", "CHUNK_SLOTS"]
 
@@ -52,296 +65,6 @@ _MIN_CHUNK = 32
 def _num_warps(chunk: int) -> int:
     """Warps that hold a chunk without replication: up to 4 (8 from 2048 slots: the one-program sort)."""
     return max(1, min(chunk // 32, 8 if chunk >= 2048 else 4))
-
-
-@triton.jit
-def _slot_keys(ids_ptr, slot, num_slots, expert_start, num_experts):
-    """Local expert of each slot; num_experts (sorts last) for -1, other ranks' and past-the-end slots."""
-    ids = tl.load(ids_ptr + slot, mask=slot < num_slots, other=-1).to(tl.int64)
-    local = ids - expert_start
-    is_local = (ids >= 0) & (local >= 0) & (local < num_experts)
-    return tl.where(is_local, local, num_experts).to(tl.int32)
-
-
-@triton.jit
-def _histogram(keys, num_experts, E_PAD: tl.constexpr):
-    """Slots per local expert, `[E_PAD]` (zero past num_experts)."""
-    is_local = keys < num_experts
-    # Non-local keys are binned at 0 and taken back off: tl.histogram's bins must cover every value.
-    hist = tl.histogram(tl.where(is_local, keys, 0), E_PAD)
-    not_local = tl.sum(tl.where(is_local, 0, 1), axis=0)
-    return tl.where(tl.arange(0, E_PAD) == 0, hist - not_local, hist)
-
-
-@triton.jit
-def _place_slots(
-    keys,
-    slot0,
-    base_ptr,
-    expert_ids_ptr,
-    src_ptr,
-    row_of_slot_ptr,
-    num_slots,
-    topk,
-    num_experts,
-    max_m,
-    MASKED: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    """Writes row_of_slot for the chunk's slots and src_token (+ expert_ids) for their rows.
-
-    base_ptr `[E]`: per expert, the row (contiguous) or rank (masked) of the chunk's first slot of
-    that expert minus its position in the chunk's sorted order."""
-    position = tl.arange(0, CHUNK)
-    order = tl.sort(keys * CHUNK + position)  # keys are unique: the sort is deterministic
-    expert = order // CHUNK
-    slot = slot0 + order % CHUNK
-    is_local = expert < num_experts
-    # .cg: the one-program plan wrote base_ptr in this program; read it from L2, past L1.
-    base = tl.load(base_ptr + expert, mask=is_local, other=0, cache_modifier=".cg")
-    if MASKED:
-        rank = base + position
-        placed = is_local & (rank < max_m)  # overflow past max_m is dropped
-        row = expert * max_m + rank
-    else:
-        placed = is_local
-        row = base + position
-    tl.store(row_of_slot_ptr + slot, tl.where(placed, row, -1).to(tl.int64), mask=slot < num_slots)
-    tl.store(src_ptr + row, (slot // topk).to(tl.int64), mask=placed)
-    if not MASKED:
-        tl.store(expert_ids_ptr + row, expert, mask=placed)
-
-
-@triton.jit
-def _fill_padding(
-    pad_start, pad_len, max_pad, first, step, expert_ids_ptr, src_ptr, MASKED: tl.constexpr, PAD_BLOCK: tl.constexpr
-):
-    """Rows `pad_start[e] + j` for j < pad_len[e] (`[E_PAD]` vectors) become padding; this program
-    takes the column blocks first, first + step, ... below max_pad."""
-    for j0 in range(first, max_pad, step):
-        j = j0 + tl.arange(0, PAD_BLOCK)
-        rows = pad_start[:, None] + j[None, :]
-        is_pad = j[None, :] < pad_len[:, None]
-        tl.store(src_ptr + rows, tl.full(rows.shape, -1, tl.int64), mask=is_pad)
-        if not MASKED:
-            tl.store(expert_ids_ptr + rows, tl.full(rows.shape, -1, tl.int32), mask=is_pad)
-
-
-@triton.jit
-def _fill_tail(first_row, num_rows, step, expert_ids_ptr, src_ptr, TAIL_BLOCK: tl.constexpr):
-    """Rows first_row, ... < num_rows (the unused tail of a contiguous layout) become padding."""
-    for r0 in range(first_row, num_rows, step):
-        rows = r0 + tl.arange(0, TAIL_BLOCK)
-        in_tail = rows < num_rows
-        tl.store(src_ptr + rows, tl.full([TAIL_BLOCK], -1, tl.int64), mask=in_tail)
-        tl.store(expert_ids_ptr + rows, tl.full([TAIL_BLOCK], -1, tl.int32), mask=in_tail)
-
-
-# Sizes that follow the batch are not specialized on: a new T must not compile a new variant.
-@triton.jit(do_not_specialize=["num_slots", "max_m", "num_rows"])
-def _layout_one_program_kernel(
-    ids_ptr,  # [T*k] int32/int64 global expert ids
-    expert_ids_ptr,  # contiguous: int32 [M]
-    offsets_ptr,  # contiguous: int32 [E+1]
-    counts_ptr,  # contiguous: tokens_per_expert int32 [E]; masked: masked_m int32 [E]
-    src_ptr,  # int64 [M] or [E*max_m]
-    row_of_slot_ptr,  # int64 [T*k]
-    base_ptr,  # int32 [E] workspace
-    num_slots,
-    topk,
-    expert_start,
-    num_experts,
-    alignment,
-    max_m,
-    num_rows,
-    MASKED: tl.constexpr,
-    CHUNK: tl.constexpr,
-    E_PAD: tl.constexpr,
-    PAD_BLOCK: tl.constexpr,
-    TAIL_BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    position = tl.arange(0, CHUNK)
-    keys = _slot_keys(ids_ptr, position, num_slots, expert_start, num_experts)
-    counts = _histogram(keys, num_experts, E_PAD)
-    e = tl.arange(0, E_PAD)
-    is_expert = e < num_experts
-    first_position = tl.cumsum(counts, 0) - counts  # of each expert's first slot in the sorted order
-    writes = is_expert & (e * 0 + pid == 0)  # the other programs only share the padding fill (vector mask)
-    if MASKED:
-        kept = tl.where(counts < max_m, counts, max_m)
-        tl.store(counts_ptr + e, kept, mask=writes)
-        tl.store(base_ptr + e, -first_position, mask=writes)
-        pad_start = e * max_m + kept
-        pad_len = tl.where(is_expert, max_m - kept, 0)
-        max_pad = max_m
-    else:
-        padded = (counts + alignment - 1) // alignment * alignment
-        seg_end = tl.cumsum(padded, 0)
-        seg_start = seg_end - padded
-        tl.store(offsets_ptr + e + 1, seg_end, mask=writes)
-        tl.store(offsets_ptr + e, seg_start, mask=writes & (e == 0))
-        tl.store(counts_ptr + e, counts, mask=writes)
-        tl.store(base_ptr + e, seg_start - first_position, mask=writes)
-        pad_start = seg_start + counts
-        pad_len = padded - counts
-        max_pad = alignment - 1
-    if pid == 0:
-        tl.debug_barrier()  # base_ptr is read back by other threads of this program
-        _place_slots(
-            keys,
-            0,
-            base_ptr,
-            expert_ids_ptr,
-            src_ptr,
-            row_of_slot_ptr,
-            num_slots,
-            topk,
-            num_experts,
-            max_m,
-            MASKED,
-            CHUNK,
-        )
-    _fill_padding(
-        pad_start,
-        pad_len,
-        max_pad,
-        pid * PAD_BLOCK,
-        num_programs * PAD_BLOCK,
-        expert_ids_ptr,
-        src_ptr,
-        MASKED,
-        PAD_BLOCK,
-    )
-    if not MASKED:
-        _fill_tail(
-            tl.sum(padded, axis=0) + pid * TAIL_BLOCK,
-            num_rows,
-            num_programs * TAIL_BLOCK,
-            expert_ids_ptr,
-            src_ptr,
-            TAIL_BLOCK,
-        )
-
-
-@triton.jit(do_not_specialize=["num_slots"])
-def _count_chunks_kernel(
-    ids_ptr, chunk_counts_ptr, num_slots, expert_start, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr
-):
-    chunk = tl.program_id(0)
-    keys = _slot_keys(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_slots, expert_start, num_experts)
-    e = tl.arange(0, E_PAD)
-    tl.store(chunk_counts_ptr + chunk * num_experts + e, _histogram(keys, num_experts, E_PAD), mask=e < num_experts)
-
-
-@triton.jit(do_not_specialize=["num_chunks", "max_m"])
-def _scan_chunks_kernel(
-    chunk_counts_ptr,  # int32 [C, E]: slots per chunk and expert
-    chunk_base_ptr,  # int32 [C, E]: out, each chunk's base per expert (_place_slots)
-    offsets_ptr,
-    counts_ptr,
-    num_chunks,
-    num_experts,
-    alignment,
-    max_m,
-    MASKED: tl.constexpr,
-    E_PAD: tl.constexpr,
-    SCAN_BLOCK: tl.constexpr,
-):
-    e = tl.arange(0, E_PAD)
-    is_expert = e < num_experts
-    c = tl.arange(0, SCAN_BLOCK)
-    counts = tl.zeros([E_PAD], dtype=tl.int32)
-    for c0 in range(0, num_chunks, SCAN_BLOCK):
-        ok = ((c0 + c) < num_chunks)[:, None] & is_expert[None, :]
-        h = tl.load(chunk_counts_ptr + (c0 + c)[:, None] * num_experts + e[None, :], mask=ok, other=0)
-        counts += tl.sum(h, 0)
-    if MASKED:
-        tl.store(counts_ptr + e, tl.where(counts < max_m, counts, max_m), mask=is_expert)
-        before = tl.zeros([E_PAD], dtype=tl.int32)  # ranks taken by earlier chunks
-    else:
-        padded = (counts + alignment - 1) // alignment * alignment
-        seg_end = tl.cumsum(padded, 0)
-        tl.store(offsets_ptr + e + 1, seg_end, mask=is_expert)
-        tl.store(offsets_ptr + e, seg_end - padded, mask=e == 0)
-        tl.store(counts_ptr + e, counts, mask=is_expert)
-        before = seg_end - padded  # rows taken by earlier chunks, from the segment's start
-    for c0 in range(0, num_chunks, SCAN_BLOCK):
-        ok = ((c0 + c) < num_chunks)[:, None] & is_expert[None, :]
-        offs = (c0 + c)[:, None] * num_experts + e[None, :]
-        h = tl.load(chunk_counts_ptr + offs, mask=ok, other=0)  # [SCAN_BLOCK, E_PAD]
-        first_row = tl.cumsum(h, 0) - h + before[None, :]
-        first_position = tl.cumsum(h, 1) - h  # in the chunk's sorted order
-        tl.store(chunk_base_ptr + offs, first_row - first_position, mask=ok)
-        before += tl.sum(h, 0)
-
-
-@triton.jit(do_not_specialize=["num_slots", "max_m", "num_rows", "max_pad"])
-def _place_chunks_kernel(
-    ids_ptr,
-    chunk_base_ptr,
-    expert_ids_ptr,
-    offsets_ptr,
-    counts_ptr,
-    src_ptr,
-    row_of_slot_ptr,
-    num_slots,
-    topk,
-    expert_start,
-    num_experts,
-    max_m,
-    num_rows,
-    max_pad,
-    MASKED: tl.constexpr,
-    CHUNK: tl.constexpr,
-    E_PAD: tl.constexpr,
-    PAD_BLOCK: tl.constexpr,
-    TAIL_BLOCK: tl.constexpr,
-):
-    chunk = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    keys = _slot_keys(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_slots, expert_start, num_experts)
-    _place_slots(
-        keys,
-        chunk * CHUNK,
-        chunk_base_ptr + chunk * num_experts,
-        expert_ids_ptr,
-        src_ptr,
-        row_of_slot_ptr,
-        num_slots,
-        topk,
-        num_experts,
-        max_m,
-        MASKED,
-        CHUNK,
-    )
-    e = tl.arange(0, E_PAD)
-    is_expert = e < num_experts
-    counts = tl.load(counts_ptr + e, mask=is_expert, other=0)
-    if MASKED:
-        pad_start = e * max_m + counts
-        pad_len = tl.where(is_expert, max_m - counts, 0)
-    else:
-        seg_start = tl.load(offsets_ptr + e, mask=is_expert, other=0)
-        pad_start = seg_start + counts
-        pad_len = tl.load(offsets_ptr + e + 1, mask=is_expert, other=0) - pad_start
-    _fill_padding(
-        pad_start,
-        pad_len,
-        max_pad,
-        chunk * PAD_BLOCK,
-        num_programs * PAD_BLOCK,
-        expert_ids_ptr,
-        src_ptr,
-        MASKED,
-        PAD_BLOCK,
-    )
-    if not MASKED:
-        used_rows = tl.load(offsets_ptr + num_experts)
-        _fill_tail(
-            used_rows + chunk * TAIL_BLOCK, num_rows, num_programs * TAIL_BLOCK, expert_ids_ptr, src_ptr, TAIL_BLOCK
-        )
 
 
 def _check_args(topk_ids, num_local_experts, expert_start) -> None:

@@ -1,0 +1,218 @@
+"""The FP8 grouped GEMM's Triton kernel: the persistent work walk over the contiguous or masked
+layout (the walk and unit order: `_grouped_gemm_core`'s docstring); one unit's tile math is
+`_grouped_gemm_tile._gemm_tile`. Launched by `_grouped_gemm_core.launch`."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moe_backend.kernels._grouped_gemm_tile import _gemm_tile
+
+
+@triton.jit
+def _contiguous_unit(
+    a_ptr,
+    a_scale_ptr,
+    b_ptr,
+    b_scale_ptr,
+    c_ptr,
+    expert_ids_ptr,
+    a_desc,
+    b_desc,
+    u,
+    m_tiles,
+    num_n_tiles,
+    M,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    K_UNROLL: tl.constexpr,
+    N_LOOP: tl.constexpr,
+    FULL_KB: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """Contiguous layout, unit u of m_tiles x num_n_tiles. Grouped ordering: GROUP_M m-tiles sweep
+    the n-tiles together (A and B reuse in L2). A tile of padding only (ids -1) stores nothing."""
+    in_group = GROUP_M * num_n_tiles
+    first_m = (u // in_group) * GROUP_M
+    group_rows = tl.minimum(m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (u % in_group) % group_rows
+    pid_n = (u % in_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(expert_ids_ptr + offs_m, mask=offs_m < M, other=-1)
+    expert = tl.max(ids, axis=0)
+    if expert >= 0:
+        _gemm_tile(
+            a_ptr,
+            a_scale_ptr,
+            b_ptr,
+            b_scale_ptr,
+            c_ptr,
+            a_desc,
+            b_desc,
+            expert,
+            offs_m,
+            ids == expert,
+            pid_m * BLOCK_M,
+            pid_n,
+            M,
+            N,
+            K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            SWAP_AB,
+            K_UNROLL,
+            N_LOOP,
+            FULL_KB,
+            USE_TMA,
+        )
+
+
+# Row counts stay runtime values (one compiled kernel per config serves every batch size).
+@triton.jit(do_not_specialize=["M", "num_m_tiles", "num_n_tiles", "num_experts"])
+def _fp8_grouped_gemm_kernel(
+    a_ptr,  # fp8 [M, K] (contiguous) | [E, max_m, K] (masked)
+    a_scale_ptr,  # f32 [M, K/128] | [E, max_m, K/128]
+    b_ptr,  # fp8 [E, N, K]
+    b_scale_ptr,  # f32 [E, ceil(N/128), K/128]
+    c_ptr,  # bf16 [M, N] | [E, max_m, N]
+    expert_ids_ptr,  # int32 [M] (contiguous only)
+    masked_m_ptr,  # int32 [E] (masked only)
+    num_rows_ptr,  # int32 [1]: rows of the contiguous layout in use (ROW_BOUND only)
+    a_desc,  # TMA descriptor over A as [rows, K], box [BLOCK_M, 128] (USE_TMA only, else None)
+    b_desc,  # TMA descriptor over B as [E * N, K], box [BLOCK_N, 128] (USE_TMA only, else None)
+    M,  # rows of one expert's A (masked: max_m) or of all of A (contiguous)
+    N,
+    K,
+    num_m_tiles,  # contiguous: m-tiles of A (masked: unused)
+    num_n_tiles,  # n-units per expert (n-tiles / N_LOOP)
+    num_experts,
+    MASKED: tl.constexpr,
+    ROW_BOUND: tl.constexpr,  # contiguous: walk only the tiles below *num_rows_ptr
+    E_PAD: tl.constexpr,  # masked: a power of two >= num_experts (the prefix-sum vector's length)
+    WIDE_KEY: tl.constexpr,  # masked: units x E_PAD may pass 2^31 (int64 search keys; else int32, half the shuffles)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # C^T = B A^T: N fills the MMA's M slot when rows are few
+    K_UNROLL: tl.constexpr,  # 128-wide K blocks per K-loop iteration (1, 2 or 4)
+    N_LOOP: tl.constexpr,  # n-tiles per program, looped (short-K mode; 1 = one tile, K loop)
+    FULL_KB: tl.constexpr,  # K / 128 when N_LOOP > 1 (1 or 2)
+    USE_TMA: tl.constexpr,  # A and B tiles through TMA (Hopper): async bulk copies, no address math
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    if MASKED:
+        experts = tl.arange(0, E_PAD)
+        valid = tl.load(masked_m_ptr + experts, mask=experts < num_experts, other=0)
+        # Counts outside [0, max_m] would address other experts' rows: clamped (no sync to check).
+        valid = tl.minimum(tl.maximum(valid, 0), M)
+        unit_end = tl.cumsum(tl.cdiv(valid, BLOCK_M) * num_n_tiles, 0)  # inclusive prefix ends
+        total = tl.max(unit_end, 0)
+        # Key: prefix end * E_PAD + index + 1. Ends never decrease with the index, so the largest
+        # key at or below u names the last expert ending at or before u; the next one owns u.
+        # (The index + 1 < E_PAD: an expert ending at or before a unit u < total is not the last.)
+        if WIDE_KEY:
+            key = unit_end.to(tl.int64) * E_PAD + experts + 1
+        else:
+            key = unit_end * E_PAD + experts + 1
+        for u in range(pid, total, num_programs):
+            found = tl.max(tl.where(unit_end <= u, key, 0), 0)
+            expert = (found % E_PAD).to(tl.int32)
+            local = u - (found // E_PAD).to(tl.int32)
+            valid_m = tl.minimum(tl.maximum(tl.load(masked_m_ptr + expert), 0), M)
+            expert_m_tiles = tl.cdiv(valid_m, BLOCK_M)
+            # n-tile-major, m-tile-minor: a weight tile's m-tiles run side by side (L2 reuse).
+            pid_n = local // expert_m_tiles
+            pid_m = local % expert_m_tiles
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            # First row of the tile in A viewed as [E * max_m, K] (the TMA path's coordinate).
+            tile_row0 = expert * M + pid_m * BLOCK_M
+            base = expert.to(tl.int64) * M
+            _gemm_tile(
+                a_ptr + base * K,
+                a_scale_ptr + base * (K // BLOCK_K),
+                b_ptr,
+                b_scale_ptr,
+                c_ptr + base * N,
+                a_desc,
+                b_desc,
+                expert,
+                offs_m,
+                offs_m < valid_m,
+                tile_row0,
+                pid_n,
+                M,
+                N,
+                K,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                SWAP_AB,
+                K_UNROLL,
+                N_LOOP,
+                FULL_KB,
+                USE_TMA,
+            )
+    elif ROW_BOUND:
+        used_m_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(num_rows_ptr), 0), M), BLOCK_M)
+        for u in range(pid, used_m_tiles * num_n_tiles, num_programs):
+            _contiguous_unit(
+                a_ptr,
+                a_scale_ptr,
+                b_ptr,
+                b_scale_ptr,
+                c_ptr,
+                expert_ids_ptr,
+                a_desc,
+                b_desc,
+                u,
+                used_m_tiles,
+                num_n_tiles,
+                M,
+                N,
+                K,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                GROUP_M,
+                SWAP_AB,
+                K_UNROLL,
+                N_LOOP,
+                FULL_KB,
+                USE_TMA,
+            )
+    else:
+        # One program per tile (the grid covers every tile): no loop.
+        _contiguous_unit(
+            a_ptr,
+            a_scale_ptr,
+            b_ptr,
+            b_scale_ptr,
+            c_ptr,
+            expert_ids_ptr,
+            a_desc,
+            b_desc,
+            pid,
+            num_m_tiles,
+            num_n_tiles,
+            M,
+            N,
+            K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            GROUP_M,
+            SWAP_AB,
+            K_UNROLL,
+            N_LOOP,
+            FULL_KB,
+            USE_TMA,
+        )

@@ -1,0 +1,159 @@
+"""One work unit of the FP8 grouped GEMM (`_grouped_gemm_core`): the fp32 product of a BLOCK_M-row
+tile of A and one expert's weight tile, each 128-wide K block scaled in before it is added
+(numerics: docs/design.md), rounded to bf16 and stored. Called by `_grouped_gemm_kernel`."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moe_backend.kernels._numerics import round_to_bf16_grid
+
+
+@triton.jit
+def _scaled_product(a, b, a_s, b_s, SWAP_AB: tl.constexpr, SCALAR_BS: tl.constexpr, ROW_TILES: tl.constexpr):
+    """One 128-wide K block's fp32 partial product times a_scale[m, kb] * b_scale[n // 128, kb].
+    Pointer loads shape the tiles for the dot: a [BM, BK] and b [BK, BN], or b [BN, BK] and
+    a [BK, BM] with SWAP_AB. TMA tiles arrive as stored (ROW_TILES): a [BM, BK], b [BN, BK]."""
+    # One return at the end: Triton 3.6 also compiles the statements after a constexpr-if return.
+    if SWAP_AB:
+        if ROW_TILES:
+            d = tl.dot(b, tl.trans(a))
+        else:
+            d = tl.dot(b, a)
+        if SCALAR_BS:
+            p = d * (a_s[None, :] * b_s)
+        else:
+            p = d * a_s[None, :] * b_s[:, None]
+    else:
+        if ROW_TILES:
+            d = tl.dot(a, tl.trans(b))
+        else:
+            d = tl.dot(a, b)
+        if SCALAR_BS:
+            p = d * (a_s[:, None] * b_s)
+        else:
+            p = d * a_s[:, None] * b_s[None, :]
+    return p
+
+
+@triton.jit
+def _gemm_tile(
+    a_ptr,
+    a_scale_ptr,
+    b_ptr,
+    b_scale_ptr,
+    c_ptr,
+    a_desc,
+    b_desc,
+    expert,
+    offs_m,
+    row_ok,
+    tile_row0,
+    pid_n,
+    M,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    K_UNROLL: tl.constexpr,
+    N_LOOP: tl.constexpr,
+    FULL_KB: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """One work unit: rows `offs_m` (BLOCK_M of them, `row_ok` marks the ones stored) of the
+    pointers' layout times expert `expert`'s n-tile `pid_n` (N_LOOP > 1: n-tiles
+    pid_n * N_LOOP ... + N_LOOP - 1)."""
+    num_kb = K // BLOCK_K
+    expert64 = expert.to(tl.int64)
+    # Rows past the valid ones are clamped, not masked: row m of C depends on row m of A alone,
+    # so whatever they hold never reaches a stored row, and unmasked loads vectorize fully.
+    offs_m = tl.minimum(offs_m, M - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    b_ptr += expert64 * N * K
+    b_scale_ptr += expert64 * tl.cdiv(N, 128) * num_kb
+    as_ptrs = a_scale_ptr + offs_m * num_kb
+    if N_LOOP == 1:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_nb = tl.where(n_ok, offs_n, N - 1).to(tl.int64)
+        if BLOCK_N <= 128:
+            # One weight-scale row for the whole tile (128 % BLOCK_N == 0: powers of two).
+            bs_ptrs = b_scale_ptr + ((pid_n * BLOCK_N) // 128) * num_kb
+        else:
+            bs_ptrs = b_scale_ptr + (offs_nb // 128) * num_kb
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if USE_TMA:
+            # Rows past the tile's valid ones (next expert's, or zero-filled past the end) and
+            # columns past N only reach rows/columns that are never stored.
+            b_row0 = expert * N + pid_n * BLOCK_N
+            for kb in range(0, num_kb, K_UNROLL):
+                for u in tl.static_range(K_UNROLL):
+                    k0 = (kb + u) * BLOCK_K
+                    acc += _scaled_product(
+                        a_desc.load([tile_row0, k0]),
+                        b_desc.load([b_row0, k0]),
+                        tl.load(as_ptrs + kb + u),
+                        tl.load(bs_ptrs + kb + u),
+                        SWAP_AB,
+                        BLOCK_N <= 128,
+                        True,
+                    )
+        else:
+            if SWAP_AB:
+                a_ptrs = a_ptr + offs_m[None, :] * K + offs_k[:, None]  # [BK, BM]
+                b_ptrs = b_ptr + offs_nb[:, None] * K + offs_k[None, :]  # [BN, BK]
+            else:
+                a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]  # [BM, BK]
+                b_ptrs = b_ptr + offs_nb[None, :] * K + offs_k[:, None]  # [BK, BN]
+            for kb in range(0, num_kb, K_UNROLL):
+                # K_UNROLL blocks' products are issued before any is scaled in: that many MMA
+                # groups in flight per wait instead of one (num_kb % K_UNROLL == 0, checked by the
+                # launcher).
+                for u in tl.static_range(K_UNROLL):
+                    acc += _scaled_product(
+                        tl.load(a_ptrs + u * BLOCK_K),
+                        tl.load(b_ptrs + u * BLOCK_K),
+                        tl.load(as_ptrs + kb + u),
+                        tl.load(bs_ptrs + kb + u),
+                        SWAP_AB,
+                        BLOCK_N <= 128,
+                        False,
+                    )
+                a_ptrs += BLOCK_K * K_UNROLL
+                b_ptrs += BLOCK_K * K_UNROLL
+        out = round_to_bf16_grid(acc).to(c_ptr.dtype.element_ty)
+        if SWAP_AB:
+            c_ptrs = c_ptr + offs_m[None, :] * N + offs_n[:, None]
+            tl.store(c_ptrs, out, mask=n_ok[:, None] & row_ok[None, :])
+        else:
+            c_ptrs = c_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(c_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
+    else:
+        # Short K (FULL_KB = K/128 <= 2, e.g. TP8's w2 with K = 256): a K loop of one or two steps
+        # leaves the pipeliner nothing to overlap, so the A tile is loaded once and the loop runs
+        # over N_LOOP n-tiles instead: the next weight tiles stream in while this one is
+        # multiplied and stored.
+        a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]  # [BM, BK]
+        a0 = tl.load(a_ptrs)
+        as0 = tl.load(as_ptrs)
+        if FULL_KB == 2:
+            a1 = tl.load(a_ptrs + BLOCK_K)
+            as1 = tl.load(as_ptrs + 1)
+        for j in range(0, N_LOOP):
+            offs_n = (pid_n * N_LOOP + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            offs_nb = tl.where(n_ok, offs_n, N - 1).to(tl.int64)
+            b_ptrs = b_ptr + offs_nb[None, :] * K + offs_k[:, None]  # [BK, BN]
+            bs_ptrs = b_scale_ptr + (offs_nb // 128) * num_kb
+            acc = tl.dot(a0, tl.load(b_ptrs)) * as0[:, None] * tl.load(bs_ptrs)[None, :]
+            if FULL_KB == 2:
+                acc += tl.dot(a1, tl.load(b_ptrs + BLOCK_K)) * as1[:, None] * tl.load(bs_ptrs + 1)[None, :]
+            out = round_to_bf16_grid(acc).to(c_ptr.dtype.element_ty)
+            c_ptrs = c_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(c_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
