@@ -6,9 +6,9 @@ the ops overrides them, and MOE_BACKEND_PRINT_CONFIG=1 prints each new contiguou
 from __future__ import annotations
 
 import math
-import os
 
 from moe_backend.cuda.config import BLOCK_K, BLOCK_M, GROUP_M, ContiguousConfig
+from moe_backend.env import ENV
 
 __all__ = ["select_config", "select_masked_config"]
 
@@ -84,4 +84,4 @@ def select_masked_config(n: int, k: int) -> ContiguousConfig:
 
 
 def print_config() -> bool:
-    return os.environ.get("MOE_BACKEND_PRINT_CONFIG") == "1"
+    return ENV.print_config

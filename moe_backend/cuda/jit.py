@@ -37,6 +37,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
+from moe_backend.env import ENV
+
 __all__ = ["KernelSpec", "JITError", "compile_cubin", "warmup", "cache_dir", "find_nvcc", "find_cuobjdump"]
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -80,7 +82,7 @@ class KernelSpec:
 
 def env_flags() -> tuple[str, ...]:
     """Flags the environment adds (part of the cache key like any other flag)."""
-    if os.environ.get("MOE_BACKEND_JIT_DEBUG", "0") not in ("", "0"):
+    if ENV.jit_debug:
         return ("-lineinfo", "-DPHASEMOE_DEBUG=1")
     return ()
 
@@ -139,12 +141,11 @@ def nvcc_version(nvcc: str) -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MOE_BACKEND_CACHE_DIR")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "moe_backend" / "jit"
+    return ENV.cache_dir
 
 
 def _verbose() -> bool:
-    return os.environ.get("MOE_BACKEND_JIT_VERBOSE", "0") not in ("", "0")
+    return ENV.jit_verbose
 
 
 # ------------------------------------------------------------------------------------------
