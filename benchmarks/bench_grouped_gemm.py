@@ -4,9 +4,9 @@ Ours (masked and contiguous layouts) against the peers in the same process: vLLM
 `fused_moe_kernel` (fastest of all its tuned H200/H100 configs per cell) and DeepGEMM 0.1.5
 (contiguous and masked). CUDA-graph replay, median (do_bench, L2 flushed between reps); every
 output checked against an fp32 dequantized reference on a few experts in the same run.
-Writes `docs/benchmarks.md` (--md) and a JSON of every number (--json).
+Writes a Markdown report (--md: a whole file; its tables go into docs/benchmarks.md by hand) and a JSON of every number (--json).
 
-    python -m benchmarks.bench_grouped_gemm --json $OUT/bench.json --md docs/benchmarks.md
+    python -m benchmarks.bench_grouped_gemm --json $OUT/bench.json --md $OUT/benchmarks.md
 
 Routed mode (--routings): each cell is (slice, GEMM, mean rows per expert, routing); the routing
 gives per-expert row counts (uniform, or Zipf-like with exponent A: `moe_backend.testing.zipf_counts`),
