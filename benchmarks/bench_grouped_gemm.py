@@ -4,7 +4,8 @@ Ours (masked and contiguous layouts) against the peers in the same process: vLLM
 `fused_moe_kernel` (fastest of all its tuned H200/H100 configs per cell) and DeepGEMM 0.1.5
 (contiguous and masked). CUDA-graph replay, median (do_bench, L2 flushed between reps); every
 output checked against an fp32 dequantized reference on a few experts in the same run.
-Writes a Markdown report (--md: a whole file; its tables go into docs/benchmarks.md by hand) and a JSON of every number (--json).
+Writes a Markdown report (--md: a whole file; its tables go into docs/benchmarks.md by hand)
+and a JSON of every number (--json).
 
     python -m benchmarks.bench_grouped_gemm --json $OUT/bench.json --md $OUT/benchmarks.md
 
