@@ -117,7 +117,7 @@ def run_graphed(
     when this key cannot be graphed (the caller then runs the plan eagerly).
 
     execute(plan, x, x_scale, w13, w13_s, w2, w2_s, topk_weights, topk_ids, expert_start, ue8m0, out)
-    runs a plan's kernels (`moe_backend.experts` passes its executor)."""
+    runs a plan's kernels (`moe_backend.experts` passes `moe_backend.plan_execution`'s executor)."""
     if id(plan) not in _eager_once:
         # The first call of a plan runs eagerly: it compiles that plan's own kernels, which a later
         # capture of this shape by the caller (an engine's decode graphs) then finds ready.

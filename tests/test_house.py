@@ -28,7 +28,7 @@ ORACLE_USERS = {
     "moe_backend/demo.py": "`python -m moe_backend demo` reports the layer's error vs the oracle",
     "integrations/transformers/swap.py": "use_reference_experts: transformers with the oracle's experts, the "
     "independent reference the end-to-end tests compare engines against",
-    "moe_backend/ab/compare.py": "the A/B harness measures each backend's divergence from the oracle",
+    "moe_backend/ab/sweep.py": "the A/B harness (`compare`) measures each backend's divergence from the oracle",
     # Test support, once it exists (random weights, input builders for tests and benchmarks).
     "moe_backend/testing.py": "helpers for tests and benchmarks",
 }

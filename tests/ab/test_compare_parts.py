@@ -183,7 +183,7 @@ def test_policy_from_winners():
 def test_masked_layout_cells_that_outgrow_the_gpu_are_skipped(monkeypatch):
     from types import SimpleNamespace
 
-    from moe_backend.ab.compare import _masked_buffers_too_big
+    from moe_backend.ab.sweep import _masked_buffers_too_big
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=141 * 2**30))
     ep8, tp8 = parse_slices("ep8,tp8", MoEConfig())

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from moe_backend import experts, reference
+from moe_backend import experts, plan_execution, reference
 from moe_backend.dispatch import plan as plan_mod
 from moe_backend.dispatch.plan import make_masked_plan, make_plan, max_contiguous_rows, thresholds
 from moe_backend.dispatch.policy import KERNELS, Policy
@@ -193,10 +193,10 @@ def test_plan_log_has_one_line_per_executed_plan(kernel, monkeypatch, tmp_path):
         x = torch.randn(num_tokens, 256, dtype=torch.bfloat16)
         experts.routed_experts(x, w13, w13_s, w2, w2_s, torch.rand(num_tokens, 2), ids[:num_tokens], kernel=kernel)
 
-    monkeypatch.setattr(experts, "_PLAN_LOG", None)
+    monkeypatch.setattr(plan_execution, "_PLAN_LOG", None)
     run(3)
     assert not log.exists()
-    monkeypatch.setattr(experts, "_PLAN_LOG", str(log))
+    monkeypatch.setattr(plan_execution, "_PLAN_LOG", str(log))
     for num_tokens in (3, 1, 1):
         run(num_tokens)
     lines = log.read_text().splitlines()
@@ -206,6 +206,6 @@ def test_plan_log_has_one_line_per_executed_plan(kernel, monkeypatch, tmp_path):
 
 def test_plan_log_path_comes_from_the_environment(tmp_path):
     env = dict(os.environ, MOE_BACKEND_PLAN_LOG=str(tmp_path / "p.log"))
-    code = "import moe_backend.experts as e; print(e._PLAN_LOG)"
+    code = "import moe_backend.plan_execution as e; print(e._PLAN_LOG)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(tmp_path / "p.log")

@@ -1,0 +1,241 @@
+"""Plan execution: layout -> quant+permute -> GEMM1 -> SiLU*up+quant -> GEMM2 -> combine.
+
+Runs a `Plan` (`moe_backend.dispatch.plan`) on operands `moe_backend.experts` has already checked;
+nothing here checks an argument or chooses a kernel. Execution is sync-free with shapes from the
+plan alone, so a whole call (decode or prefill) can be captured in a CUDA graph and replayed with
+new routing. Padding rows of a layout are never zero-filled, gathered, quantized or combined: the
+layout marks them on the device and every kernel skips them. On CPU the same pipeline runs on the
+reference GEMMs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+from moe_backend import ops
+from moe_backend.constants import QUANT_BLOCK as GROUP
+from moe_backend.dispatch.plan import GemmPlan, Plan
+from moe_backend.env import ENV
+
+__all__ = ["run_plan", "run_masked_plan", "recorded_plans", "record_executed"]
+
+_plan_records: list[list[Plan]] = []  # open `recorded_plans` blocks
+# MOE_BACKEND_PLAN_LOG=PATH: one line per executed plan appended to PATH, from every process
+# (tests/e2e count the plans an engine's server ran while answering a request).
+_PLAN_LOG = ENV.plan_log
+
+
+@contextlib.contextmanager
+def recorded_plans() -> Iterator[list[Plan]]:
+    """Collects every plan executed inside the block (tests assert which plan an engine path ran)."""
+    plans: list[Plan] = []
+    _plan_records.append(plans)
+    try:
+        yield plans
+    finally:
+        _plan_records.remove(plans)
+
+
+def record_executed(plan: Plan) -> None:
+    """Records a plan run outside `run_plan` (a graph replay) for `recorded_plans` and the plan log."""
+    if _plan_records or _PLAN_LOG is not None:
+        _record(plan)
+
+
+def _record(plan: Plan) -> None:
+    for plans in _plan_records:
+        plans.append(plan)
+    if _PLAN_LOG is not None:
+        # One short write in append mode: lines from several processes do not interleave.
+        with open(_PLAN_LOG, "a") as f:
+            f.write(f"{os.getpid()} {plan.phase} T={plan.num_tokens} {plan.kernel}\n")
+
+
+def _gemm_contiguous(
+    g: GemmPlan,
+    a_fp8,
+    a_scale,
+    b_fp8,
+    b_scale,
+    expert_ids,
+    out,
+    num_experts: int,
+    rows_in_use: torch.Tensor | None = None,
+):
+    """rows_in_use: int32 `[1]` on the device, the layout's padded total; the rows past it (the
+    static bound's tail) are padding the kernels do not walk."""
+    if g.provider == "triton":
+        from moe_backend.kernels import _grouped_gemm_core
+
+        _grouped_gemm_core.launch(
+            a_fp8,
+            a_scale,
+            b_fp8,
+            b_scale,
+            out,
+            expert_ids,
+            None,
+            masked=False,
+            rows=a_fp8.shape[0],
+            num_experts=num_experts,
+            cfg=g.triton_config,
+            num_rows=rows_in_use,
+        )
+    elif g.provider == "cuda":
+        from moe_backend.cuda.grouped_gemm_contiguous import launch
+
+        launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=g.config, rows_in_use=rows_in_use)
+    else:
+        ops.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, impl=g.provider)
+    return out
+
+
+def _gemm_masked(g: GemmPlan, a_fp8, a_scale, b_fp8, b_scale, masked_m, out, expected_m: int):
+    num_experts, max_m, k = a_fp8.shape
+    if g.provider == "triton":
+        from moe_backend.kernels import _grouped_gemm_core
+
+        _grouped_gemm_core.launch(
+            a_fp8,
+            a_scale,
+            b_fp8,
+            b_scale,
+            out,
+            None,
+            masked_m,
+            masked=True,
+            rows=max_m,
+            num_experts=num_experts,
+            cfg=g.triton_config,
+        )
+    elif g.provider == "cuda":
+        from moe_backend.cuda.grouped_gemm_contiguous import launch
+
+        rows = num_experts * max_m
+        launch(
+            a_fp8.view(rows, k),
+            a_scale.view(rows, -1),
+            b_fp8,
+            b_scale,
+            masked_m,
+            out.view(rows, -1),
+            config=g.config,
+            masked_max_m=max_m,
+        )
+    else:
+        ops.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out, impl=g.provider, expected_m=expected_m)
+    return out
+
+
+def run_masked_plan(
+    plan: Plan,
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w13_fp8: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2_fp8: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    masked_m: torch.Tensor,
+    out: torch.Tensor,
+    workspace: torch.Tensor | None,
+    ue8m0: bool,
+) -> torch.Tensor:
+    """Executes a masked-layout plan on checked operands (see `masked_experts`)."""
+    if _plan_records or _PLAN_LOG is not None:
+        _record(plan)
+    return _execute_masked(
+        plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out, workspace, ue8m0
+    )
+
+
+def _execute_masked(
+    plan: Plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out, workspace, ue8m0: bool
+) -> torch.Tensor:
+    num_experts, max_m, _ = a_fp8.shape
+    two_i = w13_fp8.shape[1]
+    if workspace is not None:
+        h = workspace.reshape(-1)[: num_experts * max_m * two_i].view(num_experts, max_m, two_i)
+    else:
+        h = torch.empty(num_experts, max_m, two_i, dtype=torch.bfloat16, device=a_fp8.device)
+    _gemm_masked(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, masked_m, h, plan.expected_m)
+    act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0, masked_m=masked_m)
+    return _gemm_masked(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, masked_m, out, plan.expected_m)
+
+
+def _layout_activations(
+    plan: Plan,
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    src_token: torch.Tensor,
+    ue8m0: bool,
+    rows_in_use: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GEMM1's operand in the layout's rows (padding rows are not written)."""
+    if x_scale is None:
+        if plan.fused_permute_quant:
+            return ops.permute_quant(x, src_token, GROUP, ue8m0, used_rows=rows_in_use)
+        x, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
+    return ops.permute_rows(x, x_scale, src_token)
+
+
+def run_plan(
+    plan: Plan,
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    w13_fp8: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2_fp8: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_start: int,
+    ue8m0: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Executes a standard-format plan on checked operands (see `routed_experts`)."""
+    if _plan_records or _PLAN_LOG is not None:
+        _record(plan)
+    return _execute_plan(
+        plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0, out
+    )
+
+
+def _execute_plan(
+    plan: Plan,
+    x,
+    x_scale,
+    w13_fp8,
+    w13_scale_inv,
+    w2_fp8,
+    w2_scale_inv,
+    topk_weights,
+    topk_ids,
+    expert_start: int,
+    ue8m0: bool,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    num_experts, two_i, _ = w13_fp8.shape
+    hidden = w2_fp8.shape[1]
+    dev = x.device
+    if plan.layout == "masked":
+        layout = ops.build_masked_layout(topk_ids, num_experts, expert_start=expert_start, max_m=plan.num_rows)
+        a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)
+        y = torch.empty(num_experts, plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
+        _execute_masked(
+            plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m, y, None, ue8m0
+        )
+    else:
+        layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start, alignment=plan.alignment)
+        rows_in_use = layout.expert_offsets[num_experts:]  # int32 [1] on the device
+        a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
+        ids = layout.expert_ids
+        h = torch.empty(plan.num_rows, two_i, dtype=torch.bfloat16, device=dev)
+        _gemm_contiguous(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use)
+        act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use)
+        y = torch.empty(plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
+        _gemm_contiguous(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts, rows_in_use)
+    return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out)
