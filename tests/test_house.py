@@ -277,3 +277,18 @@ def test_unpermute_combine_has_one_name():
     assert (PACKAGE / "kernels" / "unpermute_combine.py").is_file()  # the kernel's file carries the name
 
     assert ops.unpermute_combine.__name__ == layouts.unpermute_combine.__name__ == "unpermute_combine"
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject.toml lists the packages explicitly (two roots, one renamed): a package folder it
+    misses installs from a checkout but not from the wheel."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for name, folder in config["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *rel)))
+    assert found == listed, f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
