@@ -67,7 +67,9 @@ for step in "$@"; do
     abcompare) mkdir -p "$OUT/compare"; timeout ${COMPARE_TIMEOUT:-300} python3 -m moe_backend compare --slice ep8,tp8 \
                 --out "$OUT/compare" --emit-policy "$OUT/compare/policy.json" --time-budget ${COMPARE_BUDGET:-200} \
                 ${COMPARE_ARGS:-} 2>"$OUT/compare.progress"; tail -c 400 "$OUT/compare.progress" | tr '\r' '\n' | tail -2
-               grep -E "^(- \*\*|\| (ep8|tp8) \|)" "$OUT/compare/report.md" | head -40; rm -f "$OUT/compare.progress" ;;
+               grep -E "^(- \*\*|\| (ep8|tp8) \|)" "$OUT/compare/report.md" | head -40; rm -f "$OUT/compare.progress"
+               # one archive: a call returns at most 8 files, and the report comes with its plots
+               tar czf "$OUT/compare.tgz" -C "$OUT" compare && rm -rf "$OUT/compare" ;;
     abshadow) for b in triton $(python3 -c "import deep_gemm" 2>/dev/null && echo deepgemm); do timeout ${SHADOW_TIMEOUT:-120} python3 -m benchmarks.bench_shadow_overhead \
                 --backend $b ${SHADOW_ARGS:-} 2>&1 | tee -a "$OUT/shadow_overhead.log" | tail -6; done ;;
   esac

@@ -1,0 +1,32 @@
+"""The statistics behind benchmarks.bench_shadow_overhead's verdict (the timing itself needs a GPU)."""
+
+import random
+
+import pytest
+
+from benchmarks.bench_shadow_overhead import median_interval, verdict
+
+
+def test_median_interval_brackets_the_median_by_order_statistics():
+    values = list(range(1, 21))  # n = 20: the 95% interval is the 6th and 15th values
+    median, low, high = median_interval([float(v) for v in values])
+    assert median == 10.5 and (low, high) == (6.0, 15.0)
+    assert median_interval([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)  # too few values: min and max
+
+
+def test_median_interval_covers_the_true_median_at_the_stated_rate():
+    rng = random.Random(0)
+    trials, covered = 400, 0
+    for _ in range(trials):
+        sample = [rng.gauss(0.005, 0.03) for _ in range(20)]
+        _, low, high = median_interval(sample)
+        covered += low <= 0.005 <= high
+    assert covered / trials >= 0.93  # nominal >= 95%; a wrong rank choice lands far below
+
+
+def test_verdict_needs_the_whole_interval_on_one_side():
+    assert verdict(-0.004, 0.008, 0.01) == "PASS"
+    assert verdict(0.012, 0.03, 0.01) == "FAIL"
+    assert verdict(-0.02, 0.05, 0.01) == "UNRESOLVED"
+    with pytest.raises(ValueError, match="values"):
+        median_interval([])
