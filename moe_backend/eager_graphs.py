@@ -11,9 +11,10 @@ four small copies and one replay instead of the pipeline's launches.
 - Static buffers are sized for the policy's `graph_max_tokens` and shared by every layer on a
   (device, stream): each bucket's graph works on leading views of them. Tokens past the call's
   count carry id -1, so they route nowhere; their output rows are never copied out.
-- Every graph allocates from one memory pool per device. Replays run one at a time on a stream,
-  and nothing a graph leaves behind lives in the pool (its output is the static buffer), so
-  graphs may reuse each other's intermediates in any order.
+- Every graph allocates from one memory pool per (device, stream). Replays on a stream run one
+  at a time, and nothing a graph leaves behind lives in the pool (its output is the static
+  buffer), so graphs of one stream may reuse each other's intermediates in any order; graphs of
+  different streams (shadow mode's side stream) may run at once and never share a pool.
 - A capture that fails (an operation that cannot be captured) is remembered and that key runs
   eagerly from then on, with one warning.
 """
@@ -49,7 +50,7 @@ _static: dict[tuple, _StaticIO] = {}
 # key -> (bucket plan, graph or None when its capture failed). The key holds the plan's id (hashing
 # a plan per call costs more than the copies); the value keeps the plan alive so the id stays its own.
 _graphs: OrderedDict[tuple, tuple[Plan, torch.cuda.CUDAGraph | None]] = OrderedDict()
-_pools: dict[int, tuple] = {}
+_pools: dict[tuple[int, int], tuple] = {}  # (device, serving stream) -> pool
 _eager_once: dict[int, Plan] = {}  # plans (by id, kept alive here) that have run eagerly once
 
 
@@ -91,10 +92,14 @@ def _static_io(
     return io
 
 
-def _pool(device_index: int):
-    if device_index not in _pools:
-        _pools[device_index] = torch.cuda.graph_pool_handle()
-    return _pools[device_index]
+def _pool(device_index: int, stream_id: int):
+    """One pool per (device, stream): graphs replayed on one stream run one at a time, so they may
+    share intermediates; a graph on another stream (shadow mode's side stream, an engine's second
+    stream) can run at the same time and must not."""
+    key = (device_index, stream_id)
+    if key not in _pools:
+        _pools[key] = torch.cuda.graph_pool_handle()
+    return _pools[key]
 
 
 def run_graphed(
@@ -208,7 +213,7 @@ def _capture(
     # the allocator's cache on entry: the side stream already waits for the caller's work.
     try:
         with torch.cuda.stream(side):
-            graph.capture_begin(pool=_pool(io.x.device.index))
+            graph.capture_begin(pool=_pool(io.x.device.index, stream.cuda_stream))
             try:
                 execute(*args)
             finally:
