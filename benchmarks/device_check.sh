@@ -5,10 +5,7 @@
 # gets at most what is left. Logs are tarred into $OUT/check.tgz (a call returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; F="$OUT/check"; mkdir -p "$F"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-mkdir -p /tmp/shim && ln -sfn "$PWD/integrations" /tmp/shim/moe_backend_integrations && export PYTHONPATH="$PYTHONPATH:/tmp/shim"
+source benchmarks/_device_env.sh
 START=$(date +%s); BUDGET=${BUDGET_S:-420}
 step() {  # step NAME MAX_SECONDS COMMAND...
   local name=$1 max=$2; shift 2

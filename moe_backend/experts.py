@@ -25,6 +25,7 @@ from moe_backend._checks import (
 )
 from moe_backend.dispatch.plan import Plan, make_masked_plan, make_plan
 from moe_backend.dispatch.policy import KERNELS, PHASES, KernelChoice, Policy
+from moe_backend.eager_graphs import run_graphed
 from moe_backend.plan_execution import _execute_plan, record_executed, recorded_plans, run_masked_plan, run_plan
 
 __all__ = ["routed_experts", "masked_experts", "run_plan", "run_masked_plan", "recorded_plans"]
@@ -195,8 +196,6 @@ def routed_experts(
         kernel=kernel,
     )
     if plan.graph_plan is not None and not torch.cuda.is_current_stream_capturing():
-        from moe_backend.eager_graphs import run_graphed
-
         y = run_graphed(
             plan,
             _execute_plan,
