@@ -1,4 +1,4 @@
-"""Device helpers shared by both plans of `build_layout` (one program and chunked): a chunk's
+"""Device helpers shared by both plans of `build_layout` (one launch and chunked): a chunk's
 slot keys, its per-expert histogram, placing its slots by rank, and the padding fills."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _place_slots(
     expert = order // CHUNK
     slot = slot0 + order % CHUNK
     is_local = expert < num_experts
-    # .cg: the one-program plan wrote base_ptr in this program; read it from L2, past L1.
+    # .cg: base_ptr comes from the scan launch; read it from L2, past L1.
     base = tl.load(base_ptr + expert, mask=is_local, other=0, cache_modifier=".cg")
     if MASKED:
         rank = base + position

@@ -10,10 +10,10 @@ stable sort (`moe_backend.dispatch.layouts`) gives. Its row is `expert_offsets[e
 Ranks come from sorting keys `expert * CHUNK + position` over a chunk of slots: a slot's position
 in the sorted chunk minus the first sorted position of its expert is its rank among the chunk's
 slots of that expert. Two plans, by slot count N = T*k:
-- one program (N <= SINGLE_PROGRAM_MAX_SLOTS: decode): histogram of every slot, offsets by a scan
-  over the experts, one sort, the slots placed, padding filled. One launch. When the padding to
-  fill is large (a masked layout of E*max_m rows) more programs share the fill: each recomputes
-  the histogram (a few KB of ids) rather than waiting for program 0's.
+- one launch (N <= ONE_LAUNCH_MAX_SLOTS: decode): the experts are split among the programs; each
+  histograms every slot and scans the experts (a few KB of ids: cheaper than waiting for another
+  program's), then ranks its own experts' slots by a running count, places them and fills their
+  padding. No sort.
 - chunked (prefill), three launches: 1) each program histograms a chunk of slots into
   `counts[c, e]`; 2) one program scans the counts over chunks and experts, writes the per-expert
   outputs and, per chunk and expert, the row (rank) of the chunk's first slot of that expert minus
@@ -23,7 +23,7 @@ slots of that expert. Two plans, by slot count N = T*k:
 Padding: rows of a contiguous segment past its expert's count and the unused tail of the static
 row bound get `expert_ids = src_token = -1`; masked rows past `masked_m[e]` get `src_token = -1`.
 
-Code: the one-program kernel in `_layout_one_program`, the chunked plan's kernels in
+Code: the one-launch kernel in `_layout_one_launch`, the chunked plan's kernels in
 `_layout_chunked`, their shared device helpers in `_layout_slot_ops`; this module plans and launches.
 """
 
@@ -36,7 +36,7 @@ from moe_backend.constants import LAYOUT_ALIGNMENT
 from moe_backend.dispatch.layouts import ContiguousLayout, MaskedLayout, max_contiguous_rows
 from moe_backend.kernels._launch_utils import check_kernel_tensor
 from moe_backend.kernels._layout_chunked import _count_chunks_kernel, _place_chunks_kernel, _scan_chunks_kernel
-from moe_backend.kernels._layout_one_program import _layout_one_program_kernel
+from moe_backend.kernels._layout_one_launch import _layout_one_launch_kernel
 
 # The device helpers stay importable from here (tests and tools name them by this module).
 from moe_backend.kernels._layout_slot_ops import (  # noqa: F401
@@ -47,24 +47,25 @@ from moe_backend.kernels._layout_slot_ops import (  # noqa: F401
     _slot_keys,
 )
 
-__all__ = ["build_contiguous_layout", "build_masked_layout", "SINGLE_PROGRAM_MAX_SLOTS", "CHUNK_SLOTS"]
+__all__ = ["build_contiguous_layout", "build_masked_layout", "ONE_LAUNCH_MAX_SLOTS", "CHUNK_SLOTS"]
 
-SINGLE_PROGRAM_MAX_SLOTS = 2048  # up to here one program does everything (one launch): decode
+ONE_LAUNCH_MAX_SLOTS = 2048  # up to here one launch does everything: decode
 CHUNK_SLOTS = 1024  # slots per program of the chunked plan
-_PAD_BLOCK = 16  # padding columns per step of the per-expert fill ([E_PAD, _PAD_BLOCK] tiles)
+EXPERTS_PER_PROGRAM = 8  # one-launch plan: experts each program places (256 experts: 32 programs)
+_PAD_BLOCK = 16  # padding columns per step of the chunked plan's fill ([E_PAD, _PAD_BLOCK] tiles)
+_OWN_PAD_BLOCK = 64  # padding columns per step of the one-launch fill ([EXPERTS_PER_PROGRAM, 64] tiles)
 _TAIL_BLOCK = 1024  # rows per step of the tail fill
-_FILL_ROWS_PER_PROGRAM = 8192  # one-program plan: padding rows per extra program sharing the fill
-_MAX_FILL_PROGRAMS = 32
 _SCAN_BLOCK = 16  # chunks per step of the scan
 _INT32_MAX = 2**31 - 1
 # A chunk fills at least one warp: no thread holds a copy of another's slot, which tl.histogram
 # would otherwise have to divide out.
 _MIN_CHUNK = 32
+_ONE_LAUNCH_MIN_CHUNK = 128  # fills the one-launch plan's 4 warps
 
 
 def _num_warps(chunk: int) -> int:
-    """Warps that hold a chunk without replication: up to 4 (8 from 2048 slots: the one-program sort)."""
-    return max(1, min(chunk // 32, 8 if chunk >= 2048 else 4))
+    """Warps that hold a chunk without replication: up to 4."""
+    return max(1, min(chunk // 32, 4))
 
 
 def _check_args(topk_ids, num_local_experts, expert_start) -> None:
@@ -76,20 +77,20 @@ def _check_args(topk_ids, num_local_experts, expert_start) -> None:
 
 
 def _plan(num_slots: int, num_experts: int, slots_per_program: int | None) -> tuple[bool, int]:
-    """(one program?, slots per program): one program up to SINGLE_PROGRAM_MAX_SLOTS, else chunks
-    of CHUNK_SLOTS; `slots_per_program` (a power of two >= 32) overrides both."""
+    """(one launch?, slots per program): one launch up to ONE_LAUNCH_MAX_SLOTS, else chunks of
+    CHUNK_SLOTS; `slots_per_program` (a power of two >= 32) overrides both."""
     if slots_per_program is not None:
         if slots_per_program < _MIN_CHUNK or slots_per_program & (slots_per_program - 1):
             raise ValueError(f"slots_per_program: expected a power of two >= {_MIN_CHUNK}, got {slots_per_program}")
         limit, chunk = slots_per_program, slots_per_program
     else:
-        limit, chunk = SINGLE_PROGRAM_MAX_SLOTS, CHUNK_SLOTS
-    one_program = num_slots <= limit
-    if one_program:
-        chunk = max(_MIN_CHUNK, triton.next_power_of_2(num_slots))
+        limit, chunk = ONE_LAUNCH_MAX_SLOTS, CHUNK_SLOTS
+    one_launch = num_slots <= limit
+    if one_launch:
+        chunk = max(_ONE_LAUNCH_MIN_CHUNK, triton.next_power_of_2(num_slots))
     if (num_experts + 1) * chunk > _INT32_MAX:  # sort keys are expert * chunk + position, int32
         raise ValueError(f"num_local_experts ({num_experts}) too large for int32 sort keys")
-    return one_program, chunk
+    return one_launch, chunk
 
 
 def _launch(
@@ -110,24 +111,21 @@ def _launch(
 ) -> None:
     num_slots = topk_ids.numel()
     topk = topk_ids.shape[1]
-    one_program, chunk = _plan(num_slots, num_experts, slots_per_program)
+    one_launch, chunk = _plan(num_slots, num_experts, slots_per_program)
     e_pad = max(16, triton.next_power_of_2(num_experts))  # tiles of at least 16 lanes
     device = topk_ids.device
     # Unused pointers of the masked plan still need a tensor.
     expert_ids = expert_ids if expert_ids is not None else counts
     offsets = offsets if offsets is not None else counts
     consts = dict(MASKED=masked, CHUNK=chunk, E_PAD=e_pad)
-    if one_program:
-        base = torch.empty(num_experts, dtype=torch.int32, device=device)
-        fill_programs = min(_MAX_FILL_PROGRAMS, max(1, num_rows // _FILL_ROWS_PER_PROGRAM))
-        _layout_one_program_kernel[(fill_programs,)](
+    if one_launch:
+        _layout_one_launch_kernel[(triton.cdiv(num_experts, EXPERTS_PER_PROGRAM),)](
             topk_ids,
             expert_ids,
             offsets,
             counts,
             src_token,
             row_of_slot,
-            base,
             num_slots,
             topk,
             expert_start,
@@ -135,7 +133,8 @@ def _launch(
             alignment,
             max_m,
             num_rows,
-            PAD_BLOCK=_PAD_BLOCK,
+            EXPERTS_PER_PROG=EXPERTS_PER_PROGRAM,
+            PAD_BLOCK=_OWN_PAD_BLOCK,
             TAIL_BLOCK=_TAIL_BLOCK,
             num_warps=_num_warps(chunk),
             **consts,

@@ -406,10 +406,10 @@ def case_build_layout():
 
 
 def case_build_layout_shared_fill():
-    """The one-program plan with several programs sharing the padding fill (as for a large masked
-    layout): every LayoutCase again, with a fill share of 16 rows per program."""
-    saved = build_layout._FILL_ROWS_PER_PROGRAM
-    build_layout._FILL_ROWS_PER_PROGRAM = 16
+    """The one-launch plan with its experts split among several programs, the last one partly past
+    the experts (as for 256 experts): every LayoutCase again, with 2 experts per program."""
+    saved = build_layout.EXPERTS_PER_PROGRAM
+    build_layout.EXPERTS_PER_PROGRAM = 2
     try:
         for case in LAYOUT_CASES:
             if case.slots_per_program is None:
@@ -418,11 +418,11 @@ def case_build_layout_shared_fill():
                 except AssertionError as exc:
                     raise AssertionError(f"{case.name}: {exc}") from exc
     finally:
-        build_layout._FILL_ROWS_PER_PROGRAM = saved
+        build_layout.EXPERTS_PER_PROGRAM = saved
 
 
 def case_build_layout_both_plans():
-    """One routing through the one-program plan and chunked plans of 32 and 64 slots: same layouts."""
+    """One routing through the one-launch plan and chunked plans of 32 and 64 slots: same layouts."""
     topk_ids = make_topk_ids(LAYOUT_CASES[2], seed=3)  # EP slice with -1 and other ranks' ids
     for kwargs in (dict(alignment=8), dict(alignment=1)):
         built = [

@@ -69,7 +69,7 @@ def test_int32_ids(num_tokens: int) -> None:
 
 @pytest.mark.parametrize("num_tokens,slots_per_program", [(128, 32), (256, 256), (2048, 512)])
 def test_plans_agree(num_tokens: int, slots_per_program: int) -> None:
-    """The one-program and chunked plans give the same layout (the default plan is the other one)."""
+    """The one-launch and chunked plans give the same layout (the default plan is the other one)."""
     for name, (num_local, start) in SLICES.items():
         topk_ids = _topk_ids(num_tokens, seed=5)
         _check_both(topk_ids, num_local, start, 16, slots_per_program=slots_per_program)
@@ -91,7 +91,7 @@ def test_edge_routings() -> None:
 
 @pytest.mark.parametrize("num_tokens", [128, 2048])
 def test_cuda_graph_replay(num_tokens: int) -> None:
-    """Both plans captured once (decode: one program; prefill: chunked) and replayed with new routing."""
+    """Both plans captured once (decode: one launch; prefill: chunked) and replayed with new routing."""
     num_local, start = SLICES["ep8"]
     topk_ids = _topk_ids(num_tokens)
     ops.build_contiguous_layout(topk_ids, num_local, expert_start=start, alignment=16)  # compile outside
