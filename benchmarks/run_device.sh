@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (repo root): GPU tests, tuning and/or the side-by-side benchmark in one call.
 #   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [walktest] [sweep] [tune] [bench] [routed] [layer] [graphtests] [profile] [permq] [layout] [ncu]
-#                                 [abtests] [abcompare] [abshadow] [properties] [e2e]
+#                                 [abtests] [abcompare] [abshadow] [properties] [e2e] [policytest]
 # Peers travel in ignored folders: .whl/ (sgl-deep-gemm 0.1.5 + apache-tvm-ffi wheels) and
 # .peer/ (vLLM's fused_moe.py and its tuned JSONs). Logs and tables go to $OUT.
 set -uo pipefail
@@ -50,6 +50,9 @@ for step in "$@"; do
     e2e)   # issue 25: a real-size DeepSeek-V3 model through transformers, our layers vs transformers' experts
            MOE_BACKEND_PRINT_POLICY=1 timeout ${E2E_TIMEOUT:-300} python3 -m examples.generate_deepseek_v3 --size real \
              --device cuda --check --json "$OUT/e2e_transformers.json" 2>&1 | tee "$OUT/e2e_transformers.log" | tail -40 ;;
+    policytest) # issue 22: the policy's decode layout vs the other one with a hot expert (prints the times)
+           timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -s -p no:cacheprovider tests/dispatch/test_policy_hot_expert_gpu.py \
+                2>&1 | tee "$OUT/policytest.log" | grep -E "hot expert|passed|failed|Error" | tail -12 ;;
     graphtests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/layers/test_layer_graphs.py \
                 2>&1 | tee "$OUT/graphtests.log" | tail -25 ;;
     layout) timeout ${LAYOUT_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_build_layout_gpu.py \
