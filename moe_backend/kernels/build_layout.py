@@ -51,7 +51,10 @@ __all__ = ["build_contiguous_layout", "build_masked_layout", "ONE_LAUNCH_MAX_SLO
 
 ONE_LAUNCH_MAX_SLOTS = 2048  # up to here one launch does everything: decode
 CHUNK_SLOTS = 1024  # slots per program of the chunked plan
-EXPERTS_PER_PROGRAM = 8  # one-launch plan: experts each program places (256 experts: 32 programs)
+EXPERTS_PER_PROGRAM = 8  # one-launch plan: at most this many experts per program (256 experts: 32 programs)
+# One-launch plan: a program holds [chunk, experts per program] running counts; this many elements
+# per program keep them in registers (larger tiles spill), so big chunks take fewer experts each.
+_ONE_LAUNCH_TILE = 4096
 _PAD_BLOCK = 16  # padding columns per step of the chunked plan's fill ([E_PAD, _PAD_BLOCK] tiles)
 _OWN_PAD_BLOCK = 64  # padding columns per step of the one-launch fill ([EXPERTS_PER_PROGRAM, 64] tiles)
 _TAIL_BLOCK = 1024  # rows per step of the tail fill
@@ -66,6 +69,12 @@ _ONE_LAUNCH_MIN_CHUNK = 128  # fills the one-launch plan's 4 warps
 def _num_warps(chunk: int) -> int:
     """Warps that hold a chunk without replication: up to 4."""
     return max(1, min(chunk // 32, 4))
+
+
+def _one_launch_shape(chunk: int) -> tuple[int, int]:
+    """(experts per program, warps) of the one-launch plan for a chunk of slots."""
+    experts = max(2, min(EXPERTS_PER_PROGRAM, _ONE_LAUNCH_TILE // chunk))
+    return experts, max(4, min(chunk // 32, 8))
 
 
 def _check_args(topk_ids, num_local_experts, expert_start) -> None:
@@ -119,7 +128,8 @@ def _launch(
     offsets = offsets if offsets is not None else counts
     consts = dict(MASKED=masked, CHUNK=chunk, E_PAD=e_pad)
     if one_launch:
-        _layout_one_launch_kernel[(triton.cdiv(num_experts, EXPERTS_PER_PROGRAM),)](
+        experts_per_program, warps = _one_launch_shape(chunk)
+        _layout_one_launch_kernel[(triton.cdiv(num_experts, experts_per_program),)](
             topk_ids,
             expert_ids,
             offsets,
@@ -133,10 +143,10 @@ def _launch(
             alignment,
             max_m,
             num_rows,
-            EXPERTS_PER_PROG=EXPERTS_PER_PROGRAM,
+            EXPERTS_PER_PROG=experts_per_program,
             PAD_BLOCK=_OWN_PAD_BLOCK,
             TAIL_BLOCK=_TAIL_BLOCK,
-            num_warps=_num_warps(chunk),
+            num_warps=warps,
             **consts,
         )
         return

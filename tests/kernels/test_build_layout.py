@@ -163,13 +163,16 @@ def test_kernel_refuses_cpu_tensors(monkeypatch) -> None:
 def test_plan_formula() -> None:
     """Decode-sized batches take one launch (slots padded to fill its 4 warps); prefill chunks; the
     override picks either."""
-    from moe_backend.kernels.build_layout import CHUNK_SLOTS, ONE_LAUNCH_MAX_SLOTS, _plan
+    from moe_backend.kernels.build_layout import CHUNK_SLOTS, ONE_LAUNCH_MAX_SLOTS, _one_launch_shape, _plan
 
     assert _plan(1, 32, None) == (True, 128)
     assert _plan(256 * 8, 256, None) == (True, 2048)
     assert _plan(ONE_LAUNCH_MAX_SLOTS + 1, 256, None) == (False, CHUNK_SLOTS)
     assert _plan(40, 8, 32) == (False, 32) and _plan(32, 8, 32) == (True, 128)
     assert _plan(40, 8, 64) == (True, 128)
+    # One launch: fewer experts per program as the chunk grows (the running counts stay in registers).
+    assert _one_launch_shape(128) == (8, 4) and _one_launch_shape(1024) == (4, 8)
+    assert _one_launch_shape(2048) == (2, 8)
 
 
 @needs_triton
