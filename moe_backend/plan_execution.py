@@ -65,9 +65,11 @@ def _gemm_contiguous(
     out,
     num_experts: int,
     rows_in_use: torch.Tensor | None = None,
+    a_rows: torch.Tensor | None = None,
 ):
     """rows_in_use: int32 `[1]` on the device, the layout's padded total; the rows past it (the
-    static bound's tail) are padding the kernels do not walk."""
+    static bound's tail) are padding the kernels do not walk. a_rows (Triton only, `plan.gather_a`):
+    the layout's src_token, A being the unpermuted token rows."""
     if g.provider == "triton":
         from moe_backend.kernels import _grouped_gemm_core
 
@@ -80,10 +82,11 @@ def _gemm_contiguous(
             expert_ids,
             None,
             masked=False,
-            rows=a_fp8.shape[0],
+            rows=expert_ids.shape[0],
             num_experts=num_experts,
             cfg=g.triton_config,
             num_rows=rows_in_use,
+            a_rows=a_rows,
         )
     elif g.provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import launch
@@ -231,10 +234,15 @@ def _execute_plan(
     else:
         layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start, alignment=plan.alignment)
         rows_in_use = layout.expert_offsets[num_experts:]  # int32 [1] on the device
-        a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
+        if plan.gather_a:  # GEMM1 reads the token rows through src_token
+            a_fp8, a_scale = (x, x_scale) if x_scale is not None else ops.per_token_group_quant(x, GROUP, ue8m0)
+            a_rows = layout.src_token
+        else:
+            a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
+            a_rows = None
         ids = layout.expert_ids
         h = torch.empty(plan.num_rows, two_i, dtype=torch.bfloat16, device=dev)
-        _gemm_contiguous(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use)
+        _gemm_contiguous(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use, a_rows)
         act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use)
         y = torch.empty(plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
         _gemm_contiguous(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts, rows_in_use)

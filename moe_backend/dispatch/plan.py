@@ -10,9 +10,8 @@ Everything a plan holds follows from shapes alone, so executing it needs no host
 contiguous layout is sized from the bound T*k + E*(alignment - 1) rows, padding rows are
 marked on the device and skipped by every kernel.
 
-The measured crossovers (where our CUDA GEMM beats the Triton one, when the fused permute+quant
-pays) are data: `kernels/configs/dispatch_thresholds.json`, which names the benchmark table
-each came from.
+The measured crossovers (our CUDA GEMM vs the Triton one, the fused permute+quant) are data:
+`kernels/configs/dispatch_thresholds.json`, which names the benchmark table each came from.
 """
 
 from __future__ import annotations
@@ -73,6 +72,7 @@ class Plan:
     gemm2: GemmPlan  # [rows, I] x w2 [E, H, I]^T
     fused_permute_quant: bool  # bf16 tokens quantized straight into the layout's rows
     device: str
+    gather_a: bool = False  # GEMM1 reads token rows through src_token: no permuted copy of them
     # An eager call replays this plan (tokens rounded up to a bucket) as a CUDA graph
     # (`moe_backend.eager_graphs`); None: launched kernel by kernel.
     graph_plan: "Plan | None" = None
@@ -91,7 +91,7 @@ class Plan:
             f"{self.phase} T={self.num_tokens} k={self.topk} E={self.num_experts} -> {self.kernel}: "
             f"{self.layout} rows={self.num_rows} align={self.alignment} expected_m={self.expected_m} "
             f"gemm1={gemm(self.gemm1)} gemm2={gemm(self.gemm2)} "
-            f"fused_permute_quant={self.fused_permute_quant} on {self.device}"
+            f"fused_permute_quant={self.fused_permute_quant} gather_a={self.gather_a} on {self.device}"
             + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else "")
         )
 
@@ -355,7 +355,9 @@ def _make_plan(
         num_rows = max_contiguous_rows(num_tokens * topk, num_experts, alignment)
     real_rows = min(num_tokens * topk, expected_m * num_experts) if topk else num_rows
     gathered = num_rows * (num_experts if layout == "masked" else 1)
-    fused = not quantized_input and fused_permute_quant_pays(num_tokens, real_rows, gathered)
+    # Our Triton GEMM loads A row by row (so through src_token) unless its config uses TMA.
+    gather_a = layout == "contiguous" and gemm1.provider == "triton" and not gemm1.triton_config.get("TMA")
+    fused = not (quantized_input or gather_a) and fused_permute_quant_pays(num_tokens, real_rows, gathered)
     plan = Plan(
         kernel=name,
         phase=phase,
@@ -372,6 +374,7 @@ def _make_plan(
         gemm2=gemm2,
         fused_permute_quant=fused,
         device=str(device),
+        gather_a=gather_a,
     )
     if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
         graph_plan = _make_plan(

@@ -120,11 +120,14 @@ def launch(
     num_experts: int,
     cfg: dict,
     num_rows=None,
+    a_rows=None,
 ) -> None:
     """Launches the kernel with a validated config (`_gemm_config.check_config`). Options that do
     not apply to this K (K_UNROLL not dividing K/128, N_LOOP with K > 256) or device (TMA where
     the tensors do not allow it) fall back safely. `num_rows` (contiguous only): int32 [1] on the
-    device, the rows of A in use; the walk stops there."""
+    device, the rows of A in use; the walk stops there. `a_rows` (contiguous only): int64 `[rows]`,
+    the row of `a_fp8` each layout row reads (-1 = padding), so A need not be permuted first; A
+    is then loaded row by row (no TMA)."""
     n, k = b_fp8.shape[1], b_fp8.shape[2]
     num_kb = k // SCALE_GROUP
     unroll = cfg.get("K_UNROLL", 1)
@@ -134,8 +137,9 @@ def launch(
     swap = bool(cfg.get("SWAP_AB", False))
     if num_kb > 2 or swap:
         n_loop = 1
+    gather = a_rows is not None and not masked
     descs = None
-    if cfg.get("TMA", False) and n_loop == 1:
+    if cfg.get("TMA", False) and n_loop == 1 and not gather:
         descs = _tma_descriptors(a_fp8, b_fp8, cfg["BLOCK_M"], cfg["BLOCK_N"])
     a_desc, b_desc = descs or (None, None)
     num_m_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
@@ -148,6 +152,7 @@ def launch(
     row_bound = num_rows is not None and not masked
     args = (
         a_fp8,
+        a_rows if gather else index,
         a_scale,
         b_fp8,
         b_scale,
@@ -180,6 +185,7 @@ def launch(
         N_LOOP=n_loop,
         FULL_KB=num_kb if n_loop > 1 else 1,
         USE_TMA=descs is not None,
+        GATHER_A=gather,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -13,6 +13,7 @@ from moe_backend.kernels._grouped_gemm_tile import _gemm_tile
 @triton.jit
 def _contiguous_unit(
     a_ptr,
+    a_rows_ptr,
     a_scale_ptr,
     b_ptr,
     b_scale_ptr,
@@ -35,6 +36,7 @@ def _contiguous_unit(
     N_LOOP: tl.constexpr,
     FULL_KB: tl.constexpr,
     USE_TMA: tl.constexpr,
+    GATHER_A: tl.constexpr,
 ):
     """Contiguous layout, unit u of m_tiles x num_n_tiles. Grouped ordering: GROUP_M m-tiles sweep
     the n-tiles together (A and B reuse in L2). A tile of padding only (ids -1) stores nothing."""
@@ -49,6 +51,7 @@ def _contiguous_unit(
     if expert >= 0:
         _gemm_tile(
             a_ptr,
+            a_rows_ptr,
             a_scale_ptr,
             b_ptr,
             b_scale_ptr,
@@ -71,14 +74,16 @@ def _contiguous_unit(
             N_LOOP,
             FULL_KB,
             USE_TMA,
+            GATHER_A,
         )
 
 
 # Row counts stay runtime values (one compiled kernel per config serves every batch size).
 @triton.jit(do_not_specialize=["M", "num_m_tiles", "num_n_tiles", "num_experts"])
 def _fp8_grouped_gemm_kernel(
-    a_ptr,  # fp8 [M, K] (contiguous) | [E, max_m, K] (masked)
-    a_scale_ptr,  # f32 [M, K/128] | [E, max_m, K/128]
+    a_ptr,  # fp8 [M, K] (contiguous) | [E, max_m, K] (masked); GATHER_A: [T, K]
+    a_rows_ptr,  # int64 [M]: the row of A each layout row reads, -1 = padding (GATHER_A only)
+    a_scale_ptr,  # f32 [M, K/128] | [E, max_m, K/128]; GATHER_A: [T, K/128]
     b_ptr,  # fp8 [E, N, K]
     b_scale_ptr,  # f32 [E, ceil(N/128), K/128]
     c_ptr,  # bf16 [M, N] | [E, max_m, N]
@@ -106,6 +111,7 @@ def _fp8_grouped_gemm_kernel(
     N_LOOP: tl.constexpr,  # n-tiles per program, looped (short-K mode; 1 = one tile, K loop)
     FULL_KB: tl.constexpr,  # K / 128 when N_LOOP > 1 (1 or 2)
     USE_TMA: tl.constexpr,  # A and B tiles through TMA (Hopper): async bulk copies, no address math
+    GATHER_A: tl.constexpr,  # contiguous: A's rows read through a_rows_ptr (the permute folded in)
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -138,6 +144,7 @@ def _fp8_grouped_gemm_kernel(
             base = expert.to(tl.int64) * M
             _gemm_tile(
                 a_ptr + base * K,
+                a_rows_ptr,
                 a_scale_ptr + base * (K // BLOCK_K),
                 b_ptr,
                 b_scale_ptr,
@@ -160,12 +167,14 @@ def _fp8_grouped_gemm_kernel(
                 N_LOOP,
                 FULL_KB,
                 USE_TMA,
+                False,
             )
     elif ROW_BOUND:
         used_m_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(num_rows_ptr), 0), M), BLOCK_M)
         for u in range(pid, used_m_tiles * num_n_tiles, num_programs):
             _contiguous_unit(
                 a_ptr,
+                a_rows_ptr,
                 a_scale_ptr,
                 b_ptr,
                 b_scale_ptr,
@@ -188,11 +197,13 @@ def _fp8_grouped_gemm_kernel(
                 N_LOOP,
                 FULL_KB,
                 USE_TMA,
+                GATHER_A,
             )
     else:
         # One program per tile (the grid covers every tile): no loop.
         _contiguous_unit(
             a_ptr,
+            a_rows_ptr,
             a_scale_ptr,
             b_ptr,
             b_scale_ptr,
@@ -215,4 +226,5 @@ def _fp8_grouped_gemm_kernel(
             N_LOOP,
             FULL_KB,
             USE_TMA,
+            GATHER_A,
         )

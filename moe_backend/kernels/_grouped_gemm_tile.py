@@ -40,6 +40,7 @@ def _scaled_product(a, b, a_s, b_s, SWAP_AB: tl.constexpr, SCALAR_BS: tl.constex
 @triton.jit
 def _gemm_tile(
     a_ptr,
+    a_rows_ptr,
     a_scale_ptr,
     b_ptr,
     b_scale_ptr,
@@ -62,19 +63,26 @@ def _gemm_tile(
     N_LOOP: tl.constexpr,
     FULL_KB: tl.constexpr,
     USE_TMA: tl.constexpr,
+    GATHER_A: tl.constexpr,
 ):
     """One work unit: rows `offs_m` (BLOCK_M of them, `row_ok` marks the ones stored) of the
     pointers' layout times expert `expert`'s n-tile `pid_n` (N_LOOP > 1: n-tiles
-    pid_n * N_LOOP ... + N_LOOP - 1)."""
+    pid_n * N_LOOP ... + N_LOOP - 1). GATHER_A: row m's operand is A's row `a_rows_ptr[m]`
+    (the token it copies; -1, padding, reads row 0 and is never stored), not row m."""
     num_kb = K // BLOCK_K
     expert64 = expert.to(tl.int64)
     # Rows past the valid ones are clamped, not masked: row m of C depends on row m of A alone,
     # so whatever they hold never reaches a stored row, and unmasked loads vectorize fully.
     offs_m = tl.minimum(offs_m, M - 1).to(tl.int64)
+    if GATHER_A:
+        tl.static_assert(not USE_TMA, "a gathered A is loaded row by row, not through TMA")
+        a_rows = tl.maximum(tl.load(a_rows_ptr + offs_m), 0)
+    else:
+        a_rows = offs_m
     offs_k = tl.arange(0, BLOCK_K)
     b_ptr += expert64 * N * K
     b_scale_ptr += expert64 * tl.cdiv(N, 128) * num_kb
-    as_ptrs = a_scale_ptr + offs_m * num_kb
+    as_ptrs = a_scale_ptr + a_rows * num_kb
     if N_LOOP == 1:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -106,10 +114,10 @@ def _gemm_tile(
                     )
         else:
             if SWAP_AB:
-                a_ptrs = a_ptr + offs_m[None, :] * K + offs_k[:, None]  # [BK, BM]
+                a_ptrs = a_ptr + a_rows[None, :] * K + offs_k[:, None]  # [BK, BM]
                 b_ptrs = b_ptr + offs_nb[:, None] * K + offs_k[None, :]  # [BN, BK]
             else:
-                a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]  # [BM, BK]
+                a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]  # [BM, BK]
                 b_ptrs = b_ptr + offs_nb[None, :] * K + offs_k[:, None]  # [BK, BN]
             for kb in range(0, num_kb, K_UNROLL):
                 # K_UNROLL blocks' products are issued before any is scaled in: that many MMA
@@ -139,7 +147,7 @@ def _gemm_tile(
         # leaves the pipeliner nothing to overlap, so the A tile is loaded once and the loop runs
         # over N_LOOP n-tiles instead: the next weight tiles stream in while this one is
         # multiplied and stored.
-        a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]  # [BM, BK]
+        a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]  # [BM, BK]
         a0 = tl.load(a_ptrs)
         as0 = tl.load(as_ptrs)
         if FULL_KB == 2:

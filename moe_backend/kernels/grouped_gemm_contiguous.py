@@ -33,6 +33,7 @@ def grouped_gemm_contiguous(
     expected_m: int | None = None,
     config: dict | None = None,
     num_rows: torch.Tensor | None = None,
+    a_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[m, :] = A[m] @ B[expert_ids[m]]^T with block scales; rows with id -1 are not written.
 
@@ -43,13 +44,23 @@ def grouped_gemm_contiguous(
     expert; default M/E) picks the tuned config; `config` overrides it. `num_rows` int32 `[1]` on
     the device (optional): rows at or past it are padding and are neither read nor written (a
     value above M counts as M); without it every tile is visited and padding tiles exit at once.
+    `a_rows` int64 `[M]` (optional; a layout's `src_token`): layout row m reads A's row
+    `a_rows[m]` (-1: padding), so a_fp8 `[T, K]` and a_scale `[T, K/128]` are the unpermuted
+    token rows; such configs load A without TMA.
     """
     check_kernel_tensor("a_fp8", a_fp8, dtypes=(FP8_DTYPE,), ndim=2)
     dev = a_fp8.device
-    m, k = a_fp8.shape
+    a_rows_total, k = a_fp8.shape
     if k == 0 or k % 128:
         raise ValueError(f"a_fp8: K ({k}) must be a positive multiple of 128")
-    check_kernel_tensor("a_scale", a_scale, dev, dtypes=(torch.float32,), shape=(m, k // 128))
+    check_kernel_tensor("a_scale", a_scale, dev, dtypes=(torch.float32,), shape=(a_rows_total, k // 128))
+    if a_rows is None:
+        m = a_rows_total
+    else:
+        check_kernel_tensor("a_rows", a_rows, dev, dtypes=(torch.int64,), ndim=1)
+        m = a_rows.shape[0]
+        if a_rows_total == 0 and m:
+            raise ValueError("a_fp8: no rows to gather from, but a_rows names rows")
     check_kernel_tensor("b_fp8", b_fp8, dev, dtypes=(FP8_DTYPE,), ndim=3)
     if b_fp8.shape[2] != k:
         raise ValueError(f"b_fp8: K ({b_fp8.shape[2]}) must equal a_fp8's K ({k})")
@@ -88,5 +99,6 @@ def grouped_gemm_contiguous(
         num_experts=num_experts,
         cfg=cfg,
         num_rows=num_rows,
+        a_rows=a_rows,
     )
     return out

@@ -139,6 +139,30 @@ def test_cuda_masked_layouts_we_build_are_sized_in_128_row_tiles(monkeypatch):
         plan_mod.clear_plan_cache()
 
 
+def test_gemm1_gathers_its_rows_where_its_triton_config_allows(monkeypatch):
+    """Triton GEMM1 without TMA reads the token rows through src_token (no permute, nothing fused
+    into one); a TMA config, another provider or the masked layout permutes as before."""
+    tma = {"n": False}
+
+    def fake_gemm(provider, layout, expected_m, rows_hint, n, k, device):
+        cfg = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, TMA=tma["n"])
+        return plan_mod.GemmPlan(provider, n, k, tuple(sorted(cfg.items())) if provider == "triton" else None)
+
+    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "triton" if impl != "reference" else impl)
+    monkeypatch.setattr(plan_mod, "_gemm", fake_gemm)
+    plan_mod.clear_plan_cache()
+    try:
+        gathers = _plan(kernel="triton")
+        assert gathers.gather_a and not gathers.fused_permute_quant and "gather_a=True" in gathers.describe()
+        assert not _plan(kernel="triton_masked").gather_a
+        assert not _plan(kernel="reference").gather_a
+        tma["n"] = True
+        plan_mod.clear_plan_cache()
+        assert not _plan(kernel="triton").gather_a
+    finally:
+        plan_mod.clear_plan_cache()
+
+
 def test_token_bucket_rounds_up_to_few_sizes():
     from moe_backend.dispatch.plan import token_bucket
 

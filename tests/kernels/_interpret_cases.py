@@ -214,6 +214,40 @@ def case_contiguous_num_rows():
             start += c + (-c % block_m)
 
 
+def case_contiguous_gather_a():
+    """A read through `a_rows` (the layout's src_token: tokens repeated, out of order, -1 on
+    padding) gives bit for bit what the same kernel gives on A permuted beforehand, with and without
+    a row count, plain and SWAP_AB tiles; padding rows and the tail past num_rows stay unwritten."""
+    gen = torch.Generator().manual_seed(11)
+    counts, block_m, n, k, tokens = (3, 0, 20, 1), 16, 80, 256, 9
+    ids, src = [], []
+    for i, c in enumerate(counts):
+        ids += [i] * c + [-1] * (-c % block_m)
+        src += torch.randint(0, tokens, (c,), generator=gen).tolist() + [-1] * (-c % block_m)
+    used = len(ids)
+    ids += [-1] * 7  # the static bound's tail
+    src += [-1] * 7
+    expert_ids = torch.tensor(ids, dtype=torch.int32)
+    a_rows = torch.tensor(src, dtype=torch.int64)
+    b, bs = _weights(len(counts), n, k, gen)
+    x, x_s = _acts((tokens, k), gen)
+    permuted, permuted_s = x[a_rows.clamp(min=0)], x_s[a_rows.clamp(min=0)]
+    num_rows = torch.tensor([used], dtype=torch.int32)
+    for cfg in (
+        dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=2, PROGRAMS=3),
+        dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, K_UNROLL=2, num_warps=4, num_stages=2),
+    ):
+        for rows in (None, num_rows):
+            want = torch.full((len(ids), n), float("nan"), dtype=torch.bfloat16)
+            grouped_gemm_contiguous(permuted, permuted_s, b, bs, expert_ids, want, config=cfg, num_rows=rows)
+            got = torch.full_like(want, float("nan"))
+            grouped_gemm_contiguous(x, x_s, b, bs, expert_ids, got, config=cfg, num_rows=rows, a_rows=a_rows)
+            assert torch.equal(got.isnan(), want.isnan()), f"{cfg}: other rows written"
+            assert torch.isnan(got[expert_ids < 0]).all(), f"{cfg}: padding rows written"
+            valid = ~want.isnan()
+            assert valid.any() and torch.equal(got[valid], want[valid]), f"{cfg}: gathered A differs"
+
+
 def case_contiguous_one_expert():
     case_contiguous(counts=(0, 0, 300))
 

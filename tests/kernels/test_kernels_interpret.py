@@ -37,6 +37,7 @@ CASES = [
     "contiguous",
     "contiguous_one_expert",
     "contiguous_num_rows",
+    "contiguous_gather_a",
     "contiguous_bm64",
     "per_token_group_quant",
     "silu_mul_quant",
