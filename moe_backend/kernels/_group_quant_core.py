@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from moe_backend import constants
-from moe_backend.kernels._launch_utils import persistent_row_programs
+from moe_backend.kernels._launch_utils import resident_grid
 from moe_backend.kernels._numerics import round_to_e4m3_grid
 
 # The quantizer's numbers (moe_backend.constants), as compile-time constants of the kernels.
@@ -233,9 +233,7 @@ def launch(
         if masked_m is not None
         else (x2d, "always")
     )
-    blocks = triton.cdiv(rows * num_groups, config.items_per_program)
-    programs = blocks if used_rows is None else persistent_row_programs(x2d.device, blocks, 1)
-    _group_quant_kernel[(programs,)](
+    args = (
         x2d,
         q2d,
         s2d,
@@ -244,6 +242,8 @@ def launch(
         x2d.stride(0),
         rows_per_expert,
         rows,
+    )
+    meta = dict(
         C=cols,
         NUM_GROUPS=num_groups,
         SILU_MUL=silu_mul,
@@ -254,3 +254,6 @@ def launch(
         USED_ROWS=used_rows is not None,
         num_warps=config.num_warps,
     )
+    blocks = triton.cdiv(rows * num_groups, config.items_per_program)
+    programs = blocks if used_rows is None else resident_grid(_group_quant_kernel, args, meta, blocks, x2d.device)
+    _group_quant_kernel[(programs,)](*args, **meta)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from moe_backend._checks import check_quant_out
-from moe_backend.kernels._launch_utils import check_kernel_tensor, check_used_rows, persistent_row_programs
+from moe_backend.kernels._launch_utils import check_kernel_tensor, check_used_rows, resident_grid
 from moe_backend.quant import FP8_DTYPE
 
 __all__ = ["permute_rows"]
@@ -204,9 +204,7 @@ def permute_rows(
     even = chunk >= min(MIN_EVEN_CHUNK, row_words)
     if not even:
         chunk = min(triton.next_power_of_2(row_words), MAX_CHUNK_WORDS)
-    blocks = triton.cdiv(num_rows, config.rows_per_program)
-    programs = blocks if used_rows is None else persistent_row_programs(x_fp8.device, blocks, 1)
-    _permute_rows_kernel[(programs,)](
+    args = (
         x_fp8.view(_WORD_DTYPES[width]),
         x_scale,
         src_token,
@@ -214,6 +212,8 @@ def permute_rows(
         a_scale,
         used_rows if used_rows is not None else src_token,
         num_rows,
+    )
+    meta = dict(
         ROW_WORDS=row_words,
         CHUNK=chunk,
         NUM_SCALES=num_scales,
@@ -223,4 +223,7 @@ def permute_rows(
         USED_ROWS=used_rows is not None,
         num_warps=config.num_warps,
     )
+    blocks = triton.cdiv(num_rows, config.rows_per_program)
+    programs = blocks if used_rows is None else resident_grid(_permute_rows_kernel, args, meta, blocks, x_fp8.device)
+    _permute_rows_kernel[(programs,)](*args, **meta)
     return a_fp8, a_scale
