@@ -83,15 +83,6 @@ def resident_programs(compiled, num_warps: int, device_index: int) -> int:
 _resident_grids: dict = {}
 
 
-def _specialization(arg):
-    """What Triton specializes a launch argument on (pointers: 16-byte alignment; ints: % 16, == 1)."""
-    if isinstance(arg, torch.Tensor):
-        return arg.data_ptr() % 16 == 0
-    if isinstance(arg, int):
-        return arg % 16 == 0, arg == 1
-    return arg
-
-
 def resident_grid(kernel, args: tuple, meta: dict, num_blocks: int, device: torch.device) -> int:
     """Programs for a kernel whose programs loop over `num_blocks` blocks (bounded by a device-side
     count, blocks pid, pid + P, ...): as many as the GPU holds at once, from the compiled kernel's
@@ -101,8 +92,11 @@ def resident_grid(kernel, args: tuple, meta: dict, num_blocks: int, device: torc
     if device.type != "cuda":
         return max(1, min(num_blocks, INTERPRETER_ROW_PROGRAMS))
     index = device.index if device.index is not None else torch.cuda.current_device()
-    # Occupancy depends on the compiled kernel only: its constexprs and its arguments' specialization.
-    key = (kernel, index, tuple(sorted(meta.items())), tuple(_specialization(a) for a in args))
+    # Occupancy follows the compiled kernel: its constexprs and its pointers' alignment. Integer
+    # arguments are left out (a row count would make a key per token count; their % 16
+    # specialization barely moves registers, and a grid a little off costs time, never results).
+    aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+    key = (kernel, index, tuple(sorted(meta.items())), aligned)
     if key not in _resident_grids:
         compiled = kernel.warmup(*args, grid=(1,), **meta)
         _resident_grids[key] = resident_programs(compiled, meta["num_warps"], index)

@@ -160,7 +160,7 @@ def test_resident_programs(monkeypatch, n_regs, shared, num_warps, expected) -> 
 
 def test_resident_grid(monkeypatch) -> None:
     """A looping kernel's grid: the resident count of its compiled build (compiled once per
-    constexprs and argument specialization), capped by the blocks; a few programs on CPU."""
+    constexprs and pointer alignment, not per row count), capped by the blocks; a few programs on CPU."""
     from types import SimpleNamespace
 
     import torch
@@ -182,8 +182,10 @@ def test_resident_grid(monkeypatch) -> None:
     assert utils.resident_grid(kernel, (torch.empty(4), 7168, 3), meta, 10**6, cuda) == 132 * 12
     assert utils.resident_grid(kernel, (torch.empty(4), 7168, 3), meta, 50, cuda) == 50
     assert len(builds) == 1, "one build per constexprs and specialization"
+    utils.resident_grid(kernel, (torch.empty(4), 7169, 3), meta, 10**6, cuda)  # ints: not part of the key
+    assert len(builds) == 1
     utils.resident_grid(kernel, (torch.empty(4), 7168, 3), dict(ROWS=8, num_warps=4), 10**6, cuda)
-    utils.resident_grid(kernel, (torch.empty(4), 7169, 3), meta, 10**6, cuda)
+    utils.resident_grid(kernel, (torch.empty(5, dtype=torch.uint8)[1:], 7168, 3), meta, 10**6, cuda)  # misaligned
     assert len(builds) == 3
     assert utils.resident_grid(kernel, (), meta, 10**6, torch.device("cpu")) == utils.INTERPRETER_ROW_PROGRAMS
 
