@@ -38,7 +38,7 @@ SCALE_CEIL = tl.constexpr(constants.SCALE_CEIL)
 # Groups of one row per program in `permute_quant`'s row kernel (this file's kernel takes flat items).
 GROUPS_PER_PROGRAM = 8
 # Flat item indices are int32 (cheap division by num_groups); launches above this many items refuse.
-MAX_ITEMS = 2**31 - 2**20
+MAX_LAUNCH_ITEMS = 2**31 - 2**20
 
 
 @triton.jit
@@ -75,7 +75,7 @@ class QuantLaunchConfig:
 # (8 KB of bf16 = 32 groups of 128); SiLU*up reads gate and up, so half the items carry as much.
 # Small launches shrink the block so the grid still spreads over every SM (~132 on Hopper).
 TARGET_INPUT_BYTES = 8192
-MIN_ITEMS, MAX_ITEMS_PER_PROGRAM = 8, 64
+MIN_ITEMS_PER_PROGRAM, MAX_ITEMS_PER_PROGRAM = 8, 64
 MIN_PROGRAMS = 4 * 132
 DEFAULT_NUM_WARPS = 4
 
@@ -87,10 +87,10 @@ def quant_launch_config(
     TARGET_INPUT_BYTES, halved while the launch would have fewer than MIN_PROGRAMS programs."""
     bytes_per_item = group * elem_bytes * (2 if silu_mul else 1)
     items = MAX_ITEMS_PER_PROGRAM
-    while items > MIN_ITEMS and items * bytes_per_item > TARGET_INPUT_BYTES:
+    while items > MIN_ITEMS_PER_PROGRAM and items * bytes_per_item > TARGET_INPUT_BYTES:
         items //= 2
     total = rows * num_groups
-    while items > MIN_ITEMS and triton.cdiv(total, items) < MIN_PROGRAMS:
+    while items > MIN_ITEMS_PER_PROGRAM and triton.cdiv(total, items) < MIN_PROGRAMS:
         items //= 2
     return QuantLaunchConfig(items, DEFAULT_NUM_WARPS)
 
@@ -220,8 +220,8 @@ def launch(
     num_groups = cols // group
     if rows == 0 or num_groups == 0:
         return
-    if rows * num_groups > MAX_ITEMS:
-        raise ValueError(f"x: {rows} rows of {num_groups} groups exceed one launch's {MAX_ITEMS} items")
+    if rows * num_groups > MAX_LAUNCH_ITEMS:
+        raise ValueError(f"x: {rows} rows of {num_groups} groups exceed one launch's {MAX_LAUNCH_ITEMS} items")
     if x2d.stride(-1) != 1 or not q2d.is_contiguous() or not s2d.is_contiguous():
         raise ValueError("x2d: expected unit column stride, q2d and s2d contiguous")
     if config is None:

@@ -40,15 +40,15 @@ def test_launch_config_formula(rows, num_groups, silu_mul, expected) -> None:
 @pytest.mark.parametrize("silu_mul", [False, True])
 @pytest.mark.parametrize("group", [32, 128, 256])
 def test_launch_config_bounds(silu_mul: bool, group: int) -> None:
-    """Always a power of two within [MIN_ITEMS, MAX_ITEMS_PER_PROGRAM], reading at most the target
+    """Always a power of two within [MIN_ITEMS_PER_PROGRAM, MAX_ITEMS_PER_PROGRAM], reading at most the target
     unless at the minimum, and never a smaller block for a larger launch."""
     core = _core()
     previous = 0
     for rows in (1, 7, 64, 128, 1000, 4096, 16384, 163584):
         items = core.quant_launch_config(rows, 7, group=group, silu_mul=silu_mul).items_per_program
-        assert core.MIN_ITEMS <= items <= core.MAX_ITEMS_PER_PROGRAM and items & (items - 1) == 0
+        assert core.MIN_ITEMS_PER_PROGRAM <= items <= core.MAX_ITEMS_PER_PROGRAM and items & (items - 1) == 0
         read = items * group * 2 * (2 if silu_mul else 1)
-        assert read <= core.TARGET_INPUT_BYTES or items == core.MIN_ITEMS
+        assert read <= core.TARGET_INPUT_BYTES or items == core.MIN_ITEMS_PER_PROGRAM
         assert items >= previous
         previous = items
 
@@ -60,7 +60,7 @@ def test_launch_config_is_checked(items: int, warps: int) -> None:
 
 
 def test_launch_refuses_too_many_items() -> None:
-    """Item indices are int32: a launch past MAX_ITEMS refuses before touching memory (meta tensors)."""
+    """Item indices are int32: a launch past MAX_LAUNCH_ITEMS refuses before touching memory (meta tensors)."""
     core = _core()
     x = torch.empty(2**22, 2**17, dtype=torch.bfloat16, device="meta")
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device="meta")
