@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (repo root): GPU tests, tuning and/or the side-by-side benchmark in one call.
-#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [walktest] [sweep] [tune] [bench] [routed] [layer] [graphtests] [profile] [permq] [layout] [ncu]
+#   bash benchmarks/run_device.sh [test] [gputests] [demo] [cudatest] [cudabench] [maskedtest] [walktest] [sweep] [tune] [bench] [routed] [layer] [graphtests] [profile] [permq] [quantgather] [layout] [ncu]
 #                                 [abtests] [abcompare] [abshadow] [properties] [e2e] [policytest]
 # Peers travel in ignored folders: .whl/ (sgl-deep-gemm 0.1.5 + apache-tvm-ffi wheels) and
 # .peer/ (vLLM's fused_moe.py and its tuned JSONs). Logs and tables go to $OUT.
@@ -41,6 +41,11 @@ for step in "$@"; do
              2>&1 | grep -v "^|---" ;;
     ncu)   timeout ${NCU_TIMEOUT:-400} python3 -m lab.ncu_compare --log "$OUT/ncu_compare.md" ${NCU_ARGS:-} 2>&1 | tail -12 ;;
     permq) timeout ${PERMQ_TIMEOUT:-300} python3 -m benchmarks.bench_permute_quant --md "$OUT/permute_quant.md" 2>&1 | tail -12 ;;
+    quantgather) # the flat-item quant and the permute_rows gather: GPU tests, then the lab sweep (< 2 min)
+           timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_group_quant_gpu.py \
+                tests/kernels/test_permute_rows_gpu.py 2>&1 | tee "$OUT/quantgather_tests.log" | tail -8
+           timeout ${QUANTGATHER_TIMEOUT:-240} python3 -m lab.sweep_quant_gather --json "$OUT/sweep_quant_gather.json" \
+                2>&1 | tee "$OUT/sweep_quant_gather.log" | tail -40 ;;
     profile) timeout ${PROFILE_TIMEOUT:-200} python3 -m benchmarks.profile_layer ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -60 ;;
     layer) cp docs/benchmarks.md "$OUT/benchmarks.layer.md"  # the docs with the layer section replaced
            timeout ${LAYER_TIMEOUT:-540} python3 -m benchmarks.bench_layer --json "$OUT/layer.json" \

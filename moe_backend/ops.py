@@ -192,9 +192,17 @@ def permute_quant(
 
 
 def permute_rows(
-    x_fp8: torch.Tensor, x_scale: torch.Tensor, src_token: torch.Tensor
+    x_fp8: torch.Tensor, x_scale: torch.Tensor, src_token: torch.Tensor, *, used_rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantized token rows copied into a layout's rows (`src_token`, -1 = padding: unspecified)."""
+    """Quantized token rows copied into a layout's rows (`src_token`, -1 = padding: unspecified).
+    CUDA tensors: one gather kernel (`moe_backend.kernels.permute_rows`) that leaves padding rows
+    unwritten and, given `used_rows` (int32 `[1]` on the device, e.g. `layout.expert_offsets[-1:]`),
+    does not visit the rows past it; CPU: a torch gather (padding rows copy token 0)."""
+    check_tensor("x_fp8", x_fp8, min_dim=1)
+    check_tensor("src_token", src_token, dtypes=(torch.int64,), device=x_fp8.device)
+    if _provider("auto", x_fp8.device) == "triton":
+        # An engine's pre-quantized x may arrive strided (e.g. column-major scales): copy it once.
+        return _kernel("permute_rows")(x_fp8.contiguous(), x_scale.contiguous(), src_token, used_rows=used_rows)
     src = src_token.reshape(-1).clamp(min=0)
     shape = tuple(src_token.shape)
     return (

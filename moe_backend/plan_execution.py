@@ -182,7 +182,7 @@ def _layout_activations(
         if plan.fused_permute_quant:
             return ops.permute_quant(x, src_token, GROUP, ue8m0, used_rows=rows_in_use)
         x, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
-    return ops.permute_rows(x, x_scale, src_token)
+    return ops.permute_rows(x, x_scale, src_token, used_rows=rows_in_use)
 
 
 def run_plan(

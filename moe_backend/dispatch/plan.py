@@ -200,15 +200,13 @@ def _alignment(gemms: tuple[GemmPlan, ...]) -> int:
     return align
 
 
-def fused_permute_quant_pays(num_tokens: int, layout_rows: int, gathered_rows: int | None = None) -> bool:
+def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
     """Fused permute+quant reads bf16 and writes fp8 for each layout row in use (3 bytes per
-    element and row; padding rows are skipped); unfused quantizes each token once (3 per token),
-    then gathers fp8 rows over the layout's static bound (2 per gathered row, padding included).
-    The measured crossover (dispatch_thresholds.json: fused faster while rows < c x tokens, on a
-    layout without padding) fixes the fused cost per row at 2 + 3/c bytes."""
-    gathered = layout_rows if gathered_rows is None else gathered_rows
+    element and row); unfused quantizes each token once (3 per token), then gathers the fp8 rows
+    in use (2 per row); both skip padding rows. The measured crossover (dispatch_thresholds.json:
+    fused faster while rows < c x tokens) fixes the fused cost per row at 2 + 3/c bytes."""
     per_row = 2 + 3 / thresholds()["fused_permute_quant_max_rows_per_token"]
-    return per_row * layout_rows < 3 * num_tokens + 2 * gathered
+    return per_row * layout_rows < 3 * num_tokens + 2 * layout_rows
 
 
 def _device_key(device: torch.device) -> tuple[str, int | None]:
@@ -354,10 +352,9 @@ def _make_plan(
         alignment = _alignment((gemm1, gemm2))
         num_rows = max_contiguous_rows(num_tokens * topk, num_experts, alignment)
     real_rows = min(num_tokens * topk, expected_m * num_experts) if topk else num_rows
-    gathered = num_rows * (num_experts if layout == "masked" else 1)
     # Our Triton GEMM loads A row by row (so through src_token) unless its config uses TMA.
     gather_a = layout == "contiguous" and gemm1.provider == "triton" and not gemm1.triton_config.get("TMA")
-    fused = not (quantized_input or gather_a) and fused_permute_quant_pays(num_tokens, real_rows, gathered)
+    fused = not (quantized_input or gather_a) and fused_permute_quant_pays(num_tokens, real_rows)
     plan = Plan(
         kernel=name,
         phase=phase,

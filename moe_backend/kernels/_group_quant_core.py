@@ -5,28 +5,40 @@ round exactly alike: `scale = min(max(amax, 1e-10) / 448, 2^119)` (UE8M0: rounde
 bit arithmetic, exact), `q = clamp(x / scale, +-448)` cast to e4m3 with round-to-nearest-even.
 `quantize_groups` is that rounding alone; `permute_quant` calls it too.
 
-Rows can carry a validity (the layouts' padding): `ROWS_VALID_IF` "expert_id" reads one int32 per
-row (valid iff >= 0, a contiguous layout's expert_ids), "masked_m" one int32 per group of
-`rows_per_expert` rows (row r valid iff r % rows_per_expert < masked_m[r // rows_per_expert]).
-An invalid row's program returns at once: nothing is read or written. With `used_rows` (int32 [1]
-on the device; rows at and past it are padding) a fixed number of programs loop over the rows below
-it instead of one program per row, so an all-padding tail costs nothing.
+Work is cut into flat items `f = row * num_groups + g` (one group of one row), and a program takes
+`items_per_program` consecutive items: a row of 2 groups (SiLU*up of the TP8 slice, I = 256) and a
+row of 56 (x of DeepSeek-V3, H = 7168) both fill whole programs, where one program per row would
+leave most of its lanes idle on narrow rows. Items and warps per program come from
+`quant_launch_config`.
+
+Rows can carry a validity (the layouts' padding), applied per item as a mask: `ROWS_VALID_IF`
+"expert_id" reads one int32 per row (valid iff >= 0, a contiguous layout's expert_ids), "masked_m"
+one int32 per group of `rows_per_expert` rows (row r valid iff r % rows_per_expert <
+masked_m[r // rows_per_expert]). An invalid row's items are neither read nor written. With
+`used_rows` (int32 [1] on the device; rows at and past it are padding) a fixed number of programs
+loop over the item blocks below `used_rows * num_groups` instead of one program per block, so an
+all-padding tail costs nothing.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import triton
 import triton.language as tl
 
 from moe_backend import constants
-from moe_backend.kernels._launch_utils import persistent_row_programs
+from moe_backend.kernels._launch_utils import resident_grid
 from moe_backend.kernels._numerics import round_to_e4m3_grid
 
 # The quantizer's numbers (moe_backend.constants), as compile-time constants of the kernels.
 FP8_MAX = tl.constexpr(constants.FP8_MAX)
 SCALE_FLOOR = tl.constexpr(constants.SCALE_FLOOR)
 SCALE_CEIL = tl.constexpr(constants.SCALE_CEIL)
+# Groups of one row per program in `permute_quant`'s row kernel (this file's kernel takes flat items).
 GROUPS_PER_PROGRAM = 8
+# Flat item indices are int32 (cheap division by num_groups); launches above this many items refuse.
+MAX_LAUNCH_ITEMS = 2**31 - 2**20
 
 
 @triton.jit
@@ -47,120 +59,141 @@ def quantize_groups(x, UE8M0: tl.constexpr):
     return q, scale
 
 
-@triton.jit
-def _row_is_valid(row, valid_ptr, rows_per_expert, ROWS_VALID_IF: tl.constexpr):
-    if ROWS_VALID_IF == "expert_id":
-        return tl.load(valid_ptr + row) >= 0
-    else:
-        return row % rows_per_expert < tl.load(valid_ptr + row // rows_per_expert)
+@dataclass(frozen=True)
+class QuantLaunchConfig:
+    items_per_program: int  # (row, group) items one program quantizes per block: a power of two
+    num_warps: int
+
+    def __post_init__(self):
+        if self.items_per_program < 1 or self.items_per_program & (self.items_per_program - 1):
+            raise ValueError(f"items_per_program: expected a power of two, got {self.items_per_program}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
 
 
-@triton.jit(do_not_specialize=["num_rows"])
-def _group_quant_kernel(
-    x_ptr,  # [R, C] (plain) or [R, 2C] (SILU_MUL: gate columns, then up)
-    q_ptr,  # fp8 [R, C]
-    s_ptr,  # f32 [R, C / GROUP]
-    valid_ptr,  # int32: expert_ids [R] or masked_m [R / rows_per_expert] (ROWS_VALID_IF)
-    used_rows_ptr,  # USED_ROWS: int32 [1], rows at and past it are padding
-    x_row_stride,
-    C,
-    num_groups,
-    rows_per_expert,
-    num_rows,
-    SILU_MUL: tl.constexpr,
-    UE8M0: tl.constexpr,
-    GROUP: tl.constexpr,
-    GROUPS_PER_PROG: tl.constexpr,
-    ROWS_VALID_IF: tl.constexpr,
-    USED_ROWS: tl.constexpr,
-):
-    if USED_ROWS:
-        end = tl.load(used_rows_ptr).to(tl.int64)
-        end = tl.where(end < num_rows, end, num_rows)
-        for row in range(tl.program_id(0).to(tl.int64), end, tl.num_programs(0)):
-            _quantize_row_if_valid(
-                x_ptr,
-                q_ptr,
-                s_ptr,
-                valid_ptr,
-                row,
-                x_row_stride,
-                C,
-                num_groups,
-                rows_per_expert,
-                SILU_MUL,
-                UE8M0,
-                GROUP,
-                GROUPS_PER_PROG,
-                ROWS_VALID_IF,
-            )
-    else:
-        _quantize_row_if_valid(
-            x_ptr,
-            q_ptr,
-            s_ptr,
-            valid_ptr,
-            tl.program_id(0).to(tl.int64),
-            x_row_stride,
-            C,
-            num_groups,
-            rows_per_expert,
-            SILU_MUL,
-            UE8M0,
-            GROUP,
-            GROUPS_PER_PROG,
-            ROWS_VALID_IF,
-        )
+# Defaults by formula. A program should read a few KB so its loads keep enough bytes in flight
+# (8 KB of bf16 = 32 groups of 128); SiLU*up reads gate and up, so half the items carry as much.
+# Small launches shrink the block so the grid still spreads over every SM (~132 on Hopper).
+TARGET_INPUT_BYTES = 8192
+MIN_ITEMS_PER_PROGRAM, MAX_ITEMS_PER_PROGRAM = 8, 64
+MIN_PROGRAMS = 4 * 132
+DEFAULT_NUM_WARPS = 4
+
+
+def quant_launch_config(
+    rows: int, num_groups: int, *, group: int = 128, silu_mul: bool = False, elem_bytes: int = 2
+) -> QuantLaunchConfig:
+    """Items per program and warps for `rows` rows of `num_groups` groups: the block that reads about
+    TARGET_INPUT_BYTES, halved while the launch would have fewer than MIN_PROGRAMS programs."""
+    bytes_per_item = group * elem_bytes * (2 if silu_mul else 1)
+    items = MAX_ITEMS_PER_PROGRAM
+    while items > MIN_ITEMS_PER_PROGRAM and items * bytes_per_item > TARGET_INPUT_BYTES:
+        items //= 2
+    total = rows * num_groups
+    while items > MIN_ITEMS_PER_PROGRAM and triton.cdiv(total, items) < MIN_PROGRAMS:
+        items //= 2
+    return QuantLaunchConfig(items, DEFAULT_NUM_WARPS)
 
 
 @triton.jit
-def _quantize_row_if_valid(
+def _quantize_items(
     x_ptr,
     q_ptr,
     s_ptr,
     valid_ptr,
-    row,
+    block,
+    end,
     x_row_stride,
-    C,
-    num_groups,
     rows_per_expert,
+    C: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
     SILU_MUL: tl.constexpr,
     UE8M0: tl.constexpr,
     GROUP: tl.constexpr,
-    GROUPS_PER_PROG: tl.constexpr,
+    ITEMS: tl.constexpr,
     ROWS_VALID_IF: tl.constexpr,
 ):
-    if ROWS_VALID_IF == "always":
-        _quantize_row(x_ptr, q_ptr, s_ptr, row, x_row_stride, C, num_groups, SILU_MUL, UE8M0, GROUP, GROUPS_PER_PROG)
-    elif _row_is_valid(row, valid_ptr, rows_per_expert, ROWS_VALID_IF):
-        _quantize_row(x_ptr, q_ptr, s_ptr, row, x_row_stride, C, num_groups, SILU_MUL, UE8M0, GROUP, GROUPS_PER_PROG)
+    """Items `[block * ITEMS, (block + 1) * ITEMS)` below `end` (all int32), of valid rows only."""
+    f = block * ITEMS + tl.arange(0, ITEMS)
+    row = f // NUM_GROUPS
+    g = f - row * NUM_GROUPS
+    ok = f < end
+    if ROWS_VALID_IF == "expert_id":
+        ok = ok & (tl.load(valid_ptr + row, mask=ok, other=-1) >= 0)
+    elif ROWS_VALID_IF == "masked_m":
+        ok = ok & (row % rows_per_expert < tl.load(valid_ptr + row // rows_per_expert, mask=ok, other=0))
+    cols = tl.arange(0, GROUP)[None, :]
+    # x rows may be strided (x_row_stride); q and s are contiguous, so item f sits at f * GROUP and f.
+    x_offs = row.to(tl.int64)[:, None] * x_row_stride + (g * GROUP)[:, None] + cols  # [ITEMS, GROUP]
+    x = tl.load(x_ptr + x_offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    if SILU_MUL:
+        up = tl.load(x_ptr + C + x_offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        x = x / (1.0 + tl.exp(-x)) * up
+    q, scale = quantize_groups(x, UE8M0)
+    q_offs = f.to(tl.int64)[:, None] * GROUP + cols
+    tl.store(q_ptr + q_offs, q.to(q_ptr.dtype.element_ty), mask=ok[:, None])
+    tl.store(s_ptr + f, scale, mask=ok)
 
 
-@triton.jit
-def _quantize_row(
-    x_ptr,
-    q_ptr,
-    s_ptr,
-    row,
+@triton.jit(do_not_specialize=["num_rows", "rows_per_expert"])
+def _group_quant_kernel(
+    x_ptr,  # [R, C] (plain) or [R, 2C] (SILU_MUL: gate columns, then up), rows x_row_stride apart
+    q_ptr,  # fp8 [R, C], contiguous
+    s_ptr,  # f32 [R, C / GROUP], contiguous
+    valid_ptr,  # int32: expert_ids [R] or masked_m [R / rows_per_expert] (ROWS_VALID_IF)
+    used_rows_ptr,  # USED_ROWS: int32 [1], rows at and past it are padding
     x_row_stride,
-    C,
-    num_groups,
+    rows_per_expert,
+    num_rows,
+    C: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
     SILU_MUL: tl.constexpr,
     UE8M0: tl.constexpr,
     GROUP: tl.constexpr,
-    GROUPS_PER_PROG: tl.constexpr,
+    ITEMS: tl.constexpr,
+    ROWS_VALID_IF: tl.constexpr,
+    USED_ROWS: tl.constexpr,
 ):
-    g = tl.program_id(1) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
-    g_ok = g < num_groups
-    offs = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [GPP, GROUP]
-    x_row = x_ptr + row * x_row_stride
-    x = tl.load(x_row + offs, mask=g_ok[:, None], other=0.0).to(tl.float32)
-    if SILU_MUL:
-        up = tl.load(x_row + C + offs, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        x = x / (1.0 + tl.exp(-x)) * up
-    q, scale = quantize_groups(x, UE8M0)
-    tl.store(q_ptr + row * C + offs, q.to(q_ptr.dtype.element_ty), mask=g_ok[:, None])
-    tl.store(s_ptr + row * num_groups + g, scale, mask=g_ok)
+    if USED_ROWS:
+        used = tl.load(used_rows_ptr)
+        used = tl.where(used < num_rows, used, num_rows)
+        end = tl.maximum(used, 0) * NUM_GROUPS
+        for block in range(tl.program_id(0), tl.cdiv(end, ITEMS), tl.num_programs(0)):
+            _quantize_items(
+                x_ptr,
+                q_ptr,
+                s_ptr,
+                valid_ptr,
+                block,
+                end,
+                x_row_stride,
+                rows_per_expert,
+                C,
+                NUM_GROUPS,
+                SILU_MUL,
+                UE8M0,
+                GROUP,
+                ITEMS,
+                ROWS_VALID_IF,
+            )
+    else:
+        _quantize_items(
+            x_ptr,
+            q_ptr,
+            s_ptr,
+            valid_ptr,
+            tl.program_id(0),
+            num_rows * NUM_GROUPS,
+            x_row_stride,
+            rows_per_expert,
+            C,
+            NUM_GROUPS,
+            SILU_MUL,
+            UE8M0,
+            GROUP,
+            ITEMS,
+            ROWS_VALID_IF,
+        )
 
 
 def launch(
@@ -176,13 +209,23 @@ def launch(
     masked_m=None,
     rows_per_expert: int = 1,
     used_rows=None,
+    config: QuantLaunchConfig | None = None,
 ) -> None:
-    """Quantizes every row of x2d, or only the valid ones given `expert_ids` `[R]` or `masked_m`
-    (with `rows_per_expert`), and only those below `used_rows[0]`: see the module docstring."""
+    """Quantizes every row of x2d `[R, >= cols]` (`[R, >= 2 * cols]` with silu_mul; any row stride,
+    unit column stride) into the contiguous q2d `[R, cols]` and s2d `[R, cols / group]`, or only the
+    valid rows given `expert_ids` `[R]` or `masked_m` (with `rows_per_expert`), and only those below
+    `used_rows[0]`: see the module docstring. `config`: items and warps per program (default
+    `quant_launch_config`)."""
     rows = x2d.shape[0]
     num_groups = cols // group
     if rows == 0 or num_groups == 0:
         return
+    if rows * num_groups > MAX_LAUNCH_ITEMS:
+        raise ValueError(f"x: {rows} rows of {num_groups} groups exceed one launch's {MAX_LAUNCH_ITEMS} items")
+    if x2d.stride(-1) != 1 or not q2d.is_contiguous() or not s2d.is_contiguous():
+        raise ValueError("x2d: expected unit column stride, q2d and s2d contiguous")
+    if config is None:
+        config = quant_launch_config(rows, num_groups, group=group, silu_mul=silu_mul, elem_bytes=x2d.element_size())
     valid, rows_valid_if = (
         (expert_ids, "expert_id")
         if expert_ids is not None
@@ -190,24 +233,27 @@ def launch(
         if masked_m is not None
         else (x2d, "always")
     )
-    group_blocks = triton.cdiv(num_groups, GROUPS_PER_PROGRAM)
-    row_programs = rows if used_rows is None else persistent_row_programs(x2d.device, rows, group_blocks)
-    _group_quant_kernel[(row_programs, group_blocks)](
+    args = (
         x2d,
         q2d,
         s2d,
         valid,
         used_rows if used_rows is not None else valid,
         x2d.stride(0),
-        cols,
-        num_groups,
         rows_per_expert,
         rows,
+    )
+    meta = dict(
+        C=cols,
+        NUM_GROUPS=num_groups,
         SILU_MUL=silu_mul,
         UE8M0=ue8m0,
         GROUP=group,
-        GROUPS_PER_PROG=GROUPS_PER_PROGRAM,
+        ITEMS=config.items_per_program,
         ROWS_VALID_IF=rows_valid_if,
         USED_ROWS=used_rows is not None,
-        num_warps=4,
+        num_warps=config.num_warps,
     )
+    blocks = triton.cdiv(rows * num_groups, config.items_per_program)
+    programs = blocks if used_rows is None else resident_grid(_group_quant_kernel, args, meta, blocks, x2d.device)
+    _group_quant_kernel[(programs,)](*args, **meta)

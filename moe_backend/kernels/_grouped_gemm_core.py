@@ -43,8 +43,6 @@ this module holds the host side (launch, TMA descriptors, persistent-grid occupa
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import triton
 
@@ -53,7 +51,7 @@ from moe_backend.constants import QUANT_BLOCK
 # The device functions stay importable from here (tests and tools name them by this module).
 from moe_backend.kernels._grouped_gemm_kernel import _contiguous_unit, _fp8_grouped_gemm_kernel  # noqa: F401
 from moe_backend.kernels._grouped_gemm_tile import _gemm_tile, _scaled_product  # noqa: F401
-from moe_backend.kernels._launch_utils import interpreting
+from moe_backend.kernels._launch_utils import interpreting, resident_programs
 
 SCALE_GROUP = QUANT_BLOCK  # one A scale per token and one B scale per block, per 128-wide K step
 
@@ -78,32 +76,7 @@ def _tma_descriptors(a_fp8, b_fp8, block_m: int, block_n: int):
 _INTERPRETER_PROGRAMS = 3
 
 
-@lru_cache(maxsize=None)
-def _sm_limits(device_index: int) -> tuple:
-    """(SMs, registers per SM, shared-memory bytes per SM, threads per SM) of a CUDA device."""
-    p = torch.cuda.get_device_properties(device_index)
-    return (
-        p.multi_processor_count,
-        getattr(p, "regs_per_multiprocessor", 65536),
-        getattr(p, "shared_memory_per_multiprocessor", 228 * 1024),
-        getattr(p, "max_threads_per_multi_processor", 2048),
-    )
-
-
 _resident: dict = {}
-
-
-def resident_programs(compiled, num_warps: int, device_index: int) -> int:
-    """Programs the whole GPU holds at once for a compiled kernel: SMs x per-SM occupancy, limited
-    by registers (allocated per warp in units of 256), shared memory (1 KB reserved per block)
-    and threads (the same bound the CUDA occupancy calculator applies)."""
-    sms, regs, smem, threads = _sm_limits(device_index)
-    compiled._init_handles()
-    regs_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256
-    by_regs = regs // (regs_per_warp * num_warps)
-    by_smem = smem // (compiled.metadata.shared + 1024) if compiled.metadata.shared else 32
-    by_threads = threads // (32 * num_warps)
-    return sms * max(1, min(by_regs, by_smem, by_threads, 32))
 
 
 def launch(

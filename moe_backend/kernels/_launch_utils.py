@@ -55,6 +55,54 @@ PROGRAMS_PER_SM = 16
 INTERPRETER_ROW_PROGRAMS = 3  # few, so every program loops over several rows
 
 
+@lru_cache(maxsize=None)
+def _sm_limits(device_index: int) -> tuple:
+    """(SMs, registers per SM, shared-memory bytes per SM, threads per SM) of a CUDA device."""
+    p = torch.cuda.get_device_properties(device_index)
+    return (
+        p.multi_processor_count,
+        getattr(p, "regs_per_multiprocessor", 65536),
+        getattr(p, "shared_memory_per_multiprocessor", 228 * 1024),
+        getattr(p, "max_threads_per_multi_processor", 2048),
+    )
+
+
+def resident_programs(compiled, num_warps: int, device_index: int) -> int:
+    """Programs the whole GPU holds at once for a compiled kernel: SMs x per-SM occupancy, limited
+    by registers (allocated per warp in units of 256), shared memory (1 KB reserved per block)
+    and threads (the same bound the CUDA occupancy calculator applies)."""
+    sms, regs, smem, threads = _sm_limits(device_index)
+    compiled._init_handles()
+    regs_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256
+    by_regs = regs // (regs_per_warp * num_warps)
+    by_smem = smem // (compiled.metadata.shared + 1024) if compiled.metadata.shared else 32
+    by_threads = threads // (32 * num_warps)
+    return sms * max(1, min(by_regs, by_smem, by_threads, 32))
+
+
+_resident_grids: dict = {}
+
+
+def resident_grid(kernel, args: tuple, meta: dict, num_blocks: int, device: torch.device) -> int:
+    """Programs for a kernel whose programs loop over `num_blocks` blocks (bounded by a device-side
+    count, blocks pid, pid + P, ...): as many as the GPU holds at once, from the compiled kernel's
+    occupancy, so all run in one wave and their equal shares end together (a grid past the resident
+    count would leave the late programs' shares running on a part-empty GPU); never more than the
+    blocks. `args` and `meta` as for the launch (`meta` holds num_warps)."""
+    if device.type != "cuda":
+        return max(1, min(num_blocks, INTERPRETER_ROW_PROGRAMS))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    # Occupancy follows the compiled kernel: its constexprs and its pointers' alignment. Integer
+    # arguments are left out (a row count would make a key per token count; their % 16
+    # specialization barely moves registers, and a grid a little off costs time, never results).
+    aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+    key = (kernel, index, tuple(sorted(meta.items())), aligned)
+    if key not in _resident_grids:
+        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        _resident_grids[key] = resident_programs(compiled, meta["num_warps"], index)
+    return max(1, min(num_blocks, _resident_grids[key]))
+
+
 def persistent_row_programs(device: torch.device, num_rows: int, programs_per_row: int) -> int:
     """Programs along the row axis for a kernel whose programs loop over rows (bounded by a
     device-side count): enough to fill the GPU, never more than the rows."""

@@ -67,9 +67,9 @@ def test_fused_permute_quant_follows_rows_per_token():
     ep = _plan(num_experts=32, num_global_experts=256)  # ~T rows: fused pays
     # 8 rows per token and little padding (8 experts): quantize each token once, then gather.
     dense = _plan(num_tokens=4096, num_experts=8, num_global_experts=8)
-    # 8 rows per token but the static bound is mostly padding, which only the gather walks.
+    # 8 rows per token, the static bound mostly padding: neither path touches the padding.
     padded = _plan(num_experts=256, num_global_experts=256)
-    assert ratio == 3 and ep.fused_permute_quant and not dense.fused_permute_quant and padded.fused_permute_quant
+    assert ratio == 3 and ep.fused_permute_quant and not dense.fused_permute_quant and not padded.fused_permute_quant
     assert not _plan(quantized_input=True).fused_permute_quant  # nothing left to quantize
 
 

@@ -12,6 +12,7 @@ _DICTS = {
     "moe_backend.cuda.jit": ("_fallback_roots",),
     "moe_backend.cuda.driver": ("_loaded", "_primary_contexts"),
     "moe_backend.eager_graphs": ("_graphs", "_static", "_pools", "_eager_once"),
+    "moe_backend.kernels._launch_utils": ("_resident_grids",),
 }
 
 

@@ -14,11 +14,12 @@ import torch
 
 from moe_backend import reference
 from moe_backend.dispatch import layouts
-from moe_backend.kernels import build_layout
+from moe_backend.kernels import _group_quant_core, build_layout
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
 from moe_backend.kernels.per_token_group_quant import per_token_group_quant
 from moe_backend.kernels.permute_quant import permute_quant
+from moe_backend.kernels.permute_rows import GatherLaunchConfig, permute_rows
 from moe_backend.kernels.silu_mul_quant import silu_mul_quant
 from moe_backend.kernels.unpermute_combine import unpermute_combine
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
@@ -537,6 +538,189 @@ def case_used_rows():
         assert bool((a[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(a_s[~real].isnan().all())
         _check_quant(a[real], a_s[real], ra[real], ras[real])
         assert not ras[~real].any()
+
+
+# The flat-item quant kernel (_group_quant_core): blocks of (row, group) items straddle rows.
+QUANT_ITEM_CONFIGS = (
+    _group_quant_core.QuantLaunchConfig(8, 2),
+    _group_quant_core.QuantLaunchConfig(16, 4),
+    _group_quant_core.QuantLaunchConfig(64, 4),
+)
+
+
+def _silu_mul_twin(h, group, ue8m0):
+    """The kernel's SiLU formula, `g / (1 + exp(-g)) * up` in fp32, then the torch quantizer: under
+    the interpreter (numpy fp32, correctly rounded) the kernel must match it bit for bit."""
+    gate, up = h.float().chunk(2, dim=-1)
+    return quantize_fp8_per_token_group(gate / (1 + torch.exp(-gate)) * up, group, ue8m0)
+
+
+def _check_quant_exact(q, s, rq, rs, what):
+    assert torch.equal(s, rs), f"{what}: scales differ"
+    # Values, not bytes: the kernel's e4m3 rounding gives +0 where torch may keep -0 (equal values).
+    assert torch.equal(q.float(), rq.float()), f"{what}: fp8 values differ"
+
+
+def _quant_launch(x2d, cols, silu_mul, ue8m0, cfg, out=None, **validity):
+    rows = x2d.shape[0]
+    q, s = out if out is not None else _poisoned_quant_out((rows, cols), (rows, cols // 128))
+    _group_quant_core.launch(x2d, q, s, cols=cols, silu_mul=silu_mul, ue8m0=ue8m0, group=128, config=cfg, **validity)
+    return q, s
+
+
+def case_quant_flat_items():
+    """Every row quantized (no validity) for 1, 2, 3, 7 and 56 groups per row, 13 rows (no block
+    size divides the items), each launch config and the default: bit-identical to the torch
+    quantizer (plain) and to the twin of the kernel's SiLU formula (SiLU*up)."""
+    gen = torch.Generator().manual_seed(20)
+    rows = 13
+    for num_groups in (1, 2, 3, 7, 56):
+        cols = 128 * num_groups
+        x = (torch.randn(rows, cols, generator=gen) * torch.logspace(-3, 3, rows)[:, None]).bfloat16()
+        x[0, :128] = 0  # the 1e-10 scale floor
+        h = (torch.randn(rows, 2 * cols, generator=gen) * 4).bfloat16()
+        for ue8m0 in (False, True):
+            ref = quantize_fp8_per_token_group(x, 128, ue8m0)
+            silu_ref = _silu_mul_twin(h, 128, ue8m0)
+            for cfg in (*QUANT_ITEM_CONFIGS, None):
+                what = f"groups {num_groups}, ue8m0 {ue8m0}, {cfg}"
+                _check_quant_exact(*_quant_launch(x, cols, False, ue8m0, cfg), *ref, what)
+                _check_quant_exact(*_quant_launch(h, cols, True, ue8m0, cfg), *silu_ref, f"silu {what}")
+            _check_quant_exact(*per_token_group_quant(x, 128, ue8m0), *ref, f"op, groups {num_groups}")
+            _check_quant_exact(*silu_mul_quant(h, 128, ue8m0), *silu_ref, f"op silu, groups {num_groups}")
+
+
+def case_quant_validity_modes():
+    """Each row validity (always, expert_id, masked_m), with and without a device row count (the
+    count cut short on purpose too), 2, 3 and 7 groups per row, blocks straddling rows: valid rows
+    below the count bit-identical to the twin, every other row left poisoned (never written)."""
+    gen = torch.Generator().manual_seed(21)
+    num_experts, rows_per_expert = 4, 5
+    rows = num_experts * rows_per_expert
+    expert_ids = torch.tensor([i % 3 - (i % 4 == 1) for i in range(rows)], dtype=torch.int32)  # -1 on some
+    masked_m = torch.tensor([0, 5, 2, 4], dtype=torch.int32)  # empty, full, ragged
+    masked_valid = (torch.arange(rows) % rows_per_expert) < masked_m.repeat_interleave(rows_per_expert)
+    modes = {
+        "always": ({}, torch.ones(rows, dtype=torch.bool)),
+        "expert_id": (dict(expert_ids=expert_ids), expert_ids >= 0),
+        "masked_m": (dict(masked_m=masked_m, rows_per_expert=rows_per_expert), masked_valid),
+    }
+    for num_groups in (2, 3, 7):
+        cols = 128 * num_groups
+        h = (torch.randn(rows, 2 * cols, generator=gen) * 3).bfloat16()
+        x = h[:, :cols].contiguous()
+        for mode, (validity, valid) in modes.items():
+            h_in = h.clone()
+            h_in[~valid] = float("nan")  # invalid rows hold anything: never read into a valid one
+            x_in = h_in[:, :cols].contiguous()
+            for used in (None, rows - 3, 7, 0):
+                used_rows = None if used is None else torch.tensor([used], dtype=torch.int32)
+                kept = valid & (torch.arange(rows) < (rows if used is None else used))
+                for cfg in QUANT_ITEM_CONFIGS[:2]:
+                    for silu_mul, src, ref in (
+                        (False, x_in, quantize_fp8_per_token_group(x, 128, False)),
+                        (True, h_in, _silu_mul_twin(h, 128, False)),
+                    ):
+                        what = f"{mode}, used {used}, groups {num_groups}, silu {silu_mul}, {cfg}"
+                        q, s = _quant_launch(src, cols, silu_mul, False, cfg, used_rows=used_rows, **validity)
+                        assert bool((q[~kept].view(torch.uint8) == POISON_BYTE).all()), f"{what}: rows written"
+                        assert bool(s[~kept].isnan().all()), f"{what}: scales of invalid rows written"
+                        _check_quant_exact(q[kept], s[kept], ref[0][kept], ref[1][kept], what)
+
+
+def case_quant_row_stride():
+    """x rows further apart than their columns (a view into a wider buffer; SiLU*up's gate and up
+    read from a [R, 2C] window of a wider row): the stride is honoured, output contiguous."""
+    gen = torch.Generator().manual_seed(22)
+    rows, cols = 9, 384
+    wide = (torch.randn(rows, 2 * cols + 256, generator=gen) * 2).bfloat16()
+    x, h = wide[:, 128 : 128 + cols], wide[:, : 2 * cols]
+    assert x.stride(0) != cols and not h.is_contiguous()
+    for cfg in (*QUANT_ITEM_CONFIGS, None):
+        _check_quant_exact(
+            *_quant_launch(x, cols, False, False, cfg),
+            *quantize_fp8_per_token_group(x.contiguous(), 128, False),
+            f"strided x, {cfg}",
+        )
+        _check_quant_exact(
+            *_quant_launch(h, cols, True, True, cfg),
+            *_silu_mul_twin(h.contiguous(), 128, True),
+            f"strided h, {cfg}",
+        )
+
+
+def _gather_inputs(num_tokens, hidden, num_scales, gen):
+    x = torch.randn(num_tokens, hidden, generator=gen) * 40
+    return x.to(torch.float8_e4m3fn), torch.rand(num_tokens, num_scales, generator=gen) + 0.5
+
+
+def _check_permute_rows(x_fp8, x_scale, src_token, used=None, cfg=None):
+    """Poisoned out; rows holding a token (below `used`) == torch's gather byte for byte, all others untouched."""
+    shapes = (*src_token.shape, x_fp8.shape[1]), (*src_token.shape, x_scale.shape[1])
+    out = _poisoned_quant_out(*shapes)
+    used_rows = None if used is None else torch.tensor([used], dtype=torch.int32)
+    q, s = permute_rows(x_fp8, x_scale, src_token, out=out, used_rows=used_rows, config=cfg)
+    assert q is out[0] and s is out[1] and q.shape == shapes[0] and s.shape == shapes[1]
+    below = torch.arange(src_token.numel()).view(src_token.shape) < (src_token.numel() if used is None else used)
+    real = (src_token >= 0) & below
+    what = f"src {list(src_token.shape)}, used {used}, {cfg}"
+    assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()), f"{what}: padding rows were written"
+    assert bool(s[~real].isnan().all()), f"{what}: padding scales were written"
+    src = src_token[real]
+    assert torch.equal(q[real].view(torch.uint8), x_fp8.index_select(0, src).view(torch.uint8)), f"{what}: rows"
+    assert torch.equal(s[real], x_scale.index_select(0, src)), f"{what}: scales"
+
+
+GATHER_CONFIGS = (None, GatherLaunchConfig(1, 2), GatherLaunchConfig(4, 4), GatherLaunchConfig(16, 4))
+
+
+def case_permute_rows():
+    """Both layouts of a routing with repeated tokens, padding and other ranks' slots; rows moved as
+    int64 (H % 8 == 0), int32 (a view 4 bytes off), int16 and bytes, and a row whose word count has
+    no power-of-two divisor (masked chunks)."""
+    gen = torch.Generator().manual_seed(23)
+    t, topk = 9, 3
+    topk_ids = torch.stack([torch.randperm(12, generator=gen)[:topk] for _ in range(t)]) - 1
+    contiguous = build_layout.build_contiguous_layout(topk_ids, 5, expert_start=3, alignment=4)
+    masked = build_layout.build_masked_layout(topk_ids, 5, expert_start=3, max_m=t)
+    assert (contiguous.src_token < 0).any() and (masked.src_token < 0).any(), "the case needs padding rows"
+    for hidden, num_scales in ((384, 3), (200, 2), (130, 1), (7, 1)):
+        x_fp8, x_scale = _gather_inputs(t, hidden, num_scales, gen)
+        for layout in (contiguous, masked):
+            for cfg in GATHER_CONFIGS:
+                _check_permute_rows(x_fp8, x_scale, layout.src_token, cfg=cfg)
+    buffer, x_scale = _gather_inputs(t + 1, 388, 3, gen)
+    x_fp8 = buffer.view(-1)[4 : 4 + t * 388].view(t, 388)  # 4-byte aligned only: int32 words
+    _check_permute_rows(x_fp8, x_scale[:t].contiguous(), contiguous.src_token, cfg=GatherLaunchConfig(2, 4))
+
+
+def case_permute_rows_used_rows():
+    """A device row count: programs loop over the row blocks below it; nothing at or past it is
+    written (the count at the rows in use, cut short, zero, past the end)."""
+    gen = torch.Generator().manual_seed(24)
+    topk_ids = torch.randint(-1, 12, (13, 3), generator=gen, dtype=torch.int32)
+    layout = build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, alignment=4)
+    used = int(layout.expert_offsets[-1])
+    assert 0 < used < layout.num_rows, "the case needs an all-padding tail"
+    x_fp8, x_scale = _gather_inputs(13, 256, 2, gen)
+    for bound in (used, used // 2, 0, layout.num_rows + 5):
+        for cfg in GATHER_CONFIGS:
+            _check_permute_rows(x_fp8, x_scale, layout.src_token, used=bound, cfg=cfg)
+
+
+def case_permute_rows_edges():
+    """No valid row, a single row, no rows, no tokens."""
+    gen = torch.Generator().manual_seed(25)
+    x_fp8, x_scale = _gather_inputs(4, 256, 2, gen)
+    _check_permute_rows(x_fp8, x_scale, torch.full((3, 5), -1))
+    _check_permute_rows(x_fp8, x_scale, torch.full((6,), -1), used=6)
+    _check_permute_rows(x_fp8, x_scale, torch.tensor([2]))
+    _check_permute_rows(x_fp8, x_scale, torch.tensor([2]), used=1, cfg=GatherLaunchConfig(8, 2))
+    q, s = permute_rows(x_fp8, x_scale, torch.zeros(0, dtype=torch.int64))
+    assert q.shape == (0, 256) and s.shape == (0, 2)
+    out = _poisoned_quant_out((2, 256), (2, 2))
+    q, s = permute_rows(x_fp8[:0], x_scale[:0], torch.full((2,), -1), out=out)
+    assert bool((q.view(torch.uint8) == POISON_BYTE).all()) and bool(s.isnan().all())
 
 
 def case_combine_kernel_layouts():

@@ -17,6 +17,7 @@ API = {
     "grouped_gemm_masked": "(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, expected_m=None, config=None)",
     "silu_mul_quant": "(h, group=128, ue8m0=False, *, expert_ids=None, masked_m=None, used_rows=None, out=None)",
     "per_token_group_quant": "(x, group=128, ue8m0=False)",
+    "permute_rows": "(x_fp8, x_scale, src_token, *, out=None, used_rows=None, config=None)",
     "unpermute_combine": "(y, row_of_slot, topk_weights, out=None)",
 }
 
@@ -150,11 +151,43 @@ def test_resident_programs(monkeypatch, n_regs, shared, num_warps, expected) -> 
     bounds), from a compiled kernel's registers and shared memory."""
     from types import SimpleNamespace
 
-    from moe_backend.kernels import _grouped_gemm_core as core
+    from moe_backend.kernels import _launch_utils as core
 
     monkeypatch.setattr(core, "_sm_limits", lambda index: (132, 65536, 228 * 1024, 2048))
     compiled = SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(shared=shared), _init_handles=lambda: None)
     assert core.resident_programs(compiled, num_warps, 0) == expected
+
+
+def test_resident_grid(monkeypatch) -> None:
+    """A looping kernel's grid: the resident count of its compiled build (compiled once per
+    constexprs and pointer alignment, not per row count), capped by the blocks; a few programs on CPU."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moe_backend.kernels import _launch_utils as utils
+
+    monkeypatch.setattr(utils, "_sm_limits", lambda index: (132, 65536, 228 * 1024, 2048))
+    monkeypatch.setattr(utils, "_resident_grids", {})
+    builds = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **meta):
+            builds.append(meta)
+            return SimpleNamespace(n_regs=40, metadata=SimpleNamespace(shared=0), _init_handles=lambda: None)
+
+    kernel, cuda = Kernel(), torch.device("cuda", 0)
+    meta = dict(ROWS=4, num_warps=4)
+    assert utils.resident_grid(kernel, (torch.empty(4), 7168, 100), meta, 10**6, cuda) == 132 * 12  # 40 regs
+    assert utils.resident_grid(kernel, (torch.empty(4), 7168, 3), meta, 10**6, cuda) == 132 * 12
+    assert utils.resident_grid(kernel, (torch.empty(4), 7168, 3), meta, 50, cuda) == 50
+    assert len(builds) == 1, "one build per constexprs and specialization"
+    utils.resident_grid(kernel, (torch.empty(4), 7169, 3), meta, 10**6, cuda)  # ints: not part of the key
+    assert len(builds) == 1
+    utils.resident_grid(kernel, (torch.empty(4), 7168, 3), dict(ROWS=8, num_warps=4), 10**6, cuda)
+    utils.resident_grid(kernel, (torch.empty(5, dtype=torch.uint8)[1:], 7168, 3), meta, 10**6, cuda)  # misaligned
+    assert len(builds) == 3
+    assert utils.resident_grid(kernel, (), meta, 10**6, torch.device("cpu")) == utils.INTERPRETER_ROW_PROGRAMS
 
 
 def test_programs_override_is_checked() -> None:

@@ -52,6 +52,12 @@ CASES = [
     "silu_mul_quant_rows",
     "used_rows",
     "combine_kernel_layouts",
+    "quant_flat_items",
+    "quant_validity_modes",
+    "quant_row_stride",
+    "permute_rows",
+    "permute_rows_used_rows",
+    "permute_rows_edges",
 ]
 
 
