@@ -29,6 +29,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
     n_loop = cfg.get("N_LOOP", 1)
     signature = {
         "a_ptr": "*fp8e4nv",
+        "a_rows_ptr": "*i64",
         "a_scale_ptr": "*fp32",
         "b_ptr": "*fp8e4nv",
         "b_scale_ptr": "*fp32",
@@ -47,7 +48,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
     }
     consts = dict(
         MASKED=mode == "masked",
-        ROW_BOUND=mode == "row_bound",
+        ROW_BOUND=mode.startswith("row_bound"),
         E_PAD=max(16, triton.next_power_of_2(num_experts)),
         WIDE_KEY=False,
         BLOCK_M=bm,
@@ -59,6 +60,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
         N_LOOP=n_loop,
         FULL_KB=2 if n_loop > 1 else 1,
         USE_TMA=tma,
+        GATHER_A=mode.endswith("gather_a"),  # A's rows read through the layout's src_token
     )
     if not tma:
         consts.update(a_desc=None, b_desc=None)
@@ -94,6 +96,8 @@ CASES = [("masked", cfg) for cfg in _h200_configs()] + [
     ("row_bound", dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, K_UNROLL=2, num_warps=4, num_stages=3)),
     ("row_bound", dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=2)),
     ("tile", dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, K_UNROLL=2, num_warps=8, num_stages=3)),
+    ("row_bound_gather_a", dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, K_UNROLL=2, num_warps=4, num_stages=3)),
+    ("row_bound_gather_a", dict(BLOCK_M=64, BLOCK_N=128, K_UNROLL=2, num_warps=4, num_stages=3)),
 ]
 
 
