@@ -12,7 +12,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 API = {
     "grouped_gemm_contiguous": (
-        "(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None, num_rows=None)"
+        "(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, expected_m=None, config=None, num_rows=None, "
+        "a_rows=None)"
     ),
     "grouped_gemm_masked": "(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, expected_m=None, config=None)",
     "silu_mul_quant": "(h, group=128, ue8m0=False, *, expert_ids=None, masked_m=None, used_rows=None, out=None)",
