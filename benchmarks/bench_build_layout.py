@@ -1,4 +1,4 @@
-"""Layout build from top-k ids: the torch twins (`dispatch.layouts`, ~15 small kernels) vs the Triton
+"""Layout build from top-k ids: the torch twins (`moe_backend.reference`, ~15 small kernels) vs the Triton
 builders (`kernels.build_layout`: one launch for decode, three for prefill), top-8 of 256 experts on
 the EP8 slice (32 local experts) and the TP8 slice (all 256), contiguous layout on the static row
 bound (segments padded to `--alignment`) and masked layout (max_m = T). CUDA-graph replay, median of
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from moe_backend import ops
-from moe_backend.dispatch import layouts
 from moe_backend.kernels import build_layout
+from moe_backend.reference import layouts
 from moe_backend.testing import time_graph
 
 GLOBAL_EXPERTS, TOPK, HIDDEN = 256, 8, 7168

@@ -18,7 +18,7 @@ import torch
 
 from moe_backend import ops
 from moe_backend.constants import DEEPSEEK_V3_EXPERTS, DEEPSEEK_V3_HIDDEN, DEEPSEEK_V3_TOPK, QUANT_BLOCK
-from moe_backend.dispatch.layouts import build_contiguous_layout, permute
+from moe_backend.reference import build_contiguous_layout, permute
 from moe_backend.testing import time_graph
 
 HIDDEN, GLOBAL_EXPERTS, TOPK, GROUP = DEEPSEEK_V3_HIDDEN, DEEPSEEK_V3_EXPERTS, DEEPSEEK_V3_TOPK, QUANT_BLOCK

@@ -179,16 +179,14 @@ def permute_quant(
     used_rows: torch.Tensor | None = None,
 ):
     """Per-token-group quant fused with the permute into a layout's rows (`layout.src_token`):
-    see `moe_backend.dispatch.layouts.permute_quant`, bit-identical to quant + `permute` on the
+    see `moe_backend.reference.permute_quant`, bit-identical to quant + `permute` on the
     rows holding a token; padding rows (src_token -1) are left unwritten by the kernel, and with
     `used_rows` (e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited."""
     check_quant_args("x", x, group, ue8m0)
     check_tensor("src_token", src_token, dtypes=(torch.int64,), device=x.device)
     if _provider("auto", x.device) == "triton":
         return _kernel("permute_quant")(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
-    from moe_backend.dispatch.layouts import permute_quant as permute_quant_reference
-
-    return permute_quant_reference(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
+    return torch_reference.permute_quant(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
 
 
 def permute_rows(
@@ -215,15 +213,13 @@ def unpermute_combine(
     y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Un-permute + top-k weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`
-    (see `moe_backend.dispatch.layouts.unpermute_combine`; a gather: deterministic, fp32 sum)."""
+    (see `moe_backend.reference.unpermute_combine`; a gather: deterministic, fp32 sum)."""
     check_tensor("y", y, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=2)
     check_tensor("row_of_slot", row_of_slot, dtypes=(torch.int32, torch.int64), ndim=2, device=y.device)
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(row_of_slot.shape), device=y.device)
     if _provider("auto", y.device) == "triton":
         return _kernel("unpermute_combine")(y, row_of_slot, topk_weights, out)
-    from moe_backend.dispatch.layouts import unpermute_combine as unpermute_combine_torch
-
-    return unpermute_combine_torch(y, row_of_slot, topk_weights, out)
+    return torch_reference.unpermute_combine(y, row_of_slot, topk_weights, out)
 
 
 def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu") -> int:
@@ -244,7 +240,8 @@ def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu")
     return LAYOUT_ALIGNMENT
 
 
-# Layout builders: the Triton kernels on CUDA tensors, their torch twins otherwise (same layout).
+# Layout builders: the Triton kernels on CUDA tensors, their torch twins (`moe_backend.reference`)
+# otherwise (same layout).
 
 
 def build_contiguous_layout(
@@ -257,9 +254,7 @@ def build_contiguous_layout(
         return _kernel("build_contiguous_layout", module="build_layout")(
             topk_ids.contiguous(), num_local_experts, expert_start=expert_start, alignment=alignment
         )
-    from moe_backend.dispatch.layouts import build_contiguous_layout as build_reference
-
-    return build_reference(
+    return torch_reference.build_contiguous_layout(
         topk_ids, num_local_experts, expert_start=expert_start, alignment=alignment, exact_size=False
     )
 
@@ -274,6 +269,6 @@ def build_masked_layout(
         return _kernel("build_masked_layout", module="build_layout")(
             topk_ids.contiguous(), num_local_experts, expert_start=expert_start, max_m=max_m
         )
-    from moe_backend.dispatch.layouts import build_masked_layout as build_reference
-
-    return build_reference(topk_ids, num_local_experts, expert_start=expert_start, max_m=max_m, drop_overflow=True)
+    return torch_reference.build_masked_layout(
+        topk_ids, num_local_experts, expert_start=expert_start, max_m=max_m, drop_overflow=True
+    )

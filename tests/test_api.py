@@ -3,7 +3,7 @@
 import inspect
 
 import moe_backend
-from moe_backend import dispatch, layers, quant, reference
+from moe_backend import dispatch, layers, ops, quant, reference
 
 
 def test_public_names():
@@ -20,8 +20,19 @@ def test_public_names():
         assert name in quant.__all__
     for name in ("grouped_gemm_contiguous", "grouped_gemm_masked", "silu_mul_quant", "routed_experts"):
         assert name in reference.__all__
-    for name in ("build_contiguous_layout", "build_masked_layout", "permute", "combine", "Policy"):
-        assert name in dispatch.__all__
+    for name in ("build_contiguous_layout", "build_masked_layout", "permute", "permute_quant", "unpermute_combine"):
+        assert name in reference.__all__
+    # dispatch: the layouts' data format and the policy; the builders are ops' (kernels) and the reference's (twins)
+    assert set(dispatch.__all__) == {
+        "ContiguousLayout",
+        "MaskedLayout",
+        "max_contiguous_rows",
+        "Policy",
+        "KernelChoice",
+        "KERNELS",
+    }
+    for name in ("build_contiguous_layout", "build_masked_layout", "permute_quant", "unpermute_combine"):
+        assert name in ops.__all__
 
 
 def test_signatures():
@@ -36,8 +47,6 @@ def test_signatures():
     for fn in (reference.grouped_gemm_contiguous, reference.grouped_gemm_masked):
         assert list(inspect.signature(fn).parameters)[:4] == ["a_fp8", "a_scale", "b_fp8", "b_scale"]
     # the ops front door mirrors the reference
-    from moe_backend import ops
-
     for name in ("grouped_gemm_contiguous", "grouped_gemm_masked"):
         ref_params = list(inspect.signature(getattr(reference, name)).parameters)
         assert list(inspect.signature(getattr(ops, name)).parameters)[: len(ref_params)] == ref_params

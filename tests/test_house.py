@@ -2,7 +2,8 @@
 
 - no production module imports the oracle (`moe_backend.reference`), except the one named door
   the ops' CPU path goes through, and that one only inside its functions;
-- the oracle itself builds only on the package's base (constants, checks, the FP8 format);
+- the oracle itself builds only on the package's base (constants, checks, the FP8 format, the
+  layouts' data format);
 - the shared numbers live in `moe_backend.constants` alone (the engine name, the FP8 max).
 """
 
@@ -33,8 +34,9 @@ ORACLE_USERS = {
     "moe_backend/testing.py": "helpers for tests and benchmarks",
 }
 LAZY_ONLY = {"moe_backend/providers/torch_reference.py"}
-# What the oracle may build on: the package's base, never a module that executes a layer.
-ORACLE_BASE = {"moe_backend._checks", "moe_backend.constants", "moe_backend.quant"}
+# What the oracle may build on: the package's base, never a module that executes a layer. The
+# layouts' data format is base: the twins return the same dataclasses the kernels do.
+ORACLE_BASE = {"moe_backend._checks", "moe_backend.constants", "moe_backend.quant", "moe_backend.dispatch.layouts"}
 
 
 def _modules(root: Path) -> list[Path]:
@@ -132,6 +134,31 @@ def test_the_door_opens_only_when_called():
         assert not eager, f"{rel} imports the oracle at module level: {eager}"
 
 
+def test_the_door_forwards_to_the_oracle(monkeypatch):
+    """Each door function has the reference's parameters (names, kinds, defaults) and looks its
+    function up on the reference package at call time, so a wrapper installed there sees the call."""
+    import inspect
+
+    from moe_backend import reference
+    from moe_backend.providers import torch_reference
+
+    for name in torch_reference.__all__:
+        want = inspect.signature(getattr(reference, name)).parameters
+        for param in inspect.signature(getattr(torch_reference, name)).parameters.values():
+            if param.kind is param.VAR_KEYWORD:
+                continue  # options passed on as given (silu_mul_quant's row validity)
+            assert param.name in want and want[param.name].kind == param.kind, (name, param.name)
+            if param.default is not param.empty:
+                assert param.default == want[param.name].default, (name, param.name)
+        seen = []
+        monkeypatch.setattr(reference, name, lambda *args, _name=name, **kwargs: seen.append(_name) or _name)
+        args = [None] * sum(
+            p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+            for p in inspect.signature(getattr(torch_reference, name)).parameters.values()
+        )
+        assert getattr(torch_reference, name)(*args) == name and seen == [name]
+
+
 def test_allowed_oracle_users_exist():
     """The allow-list names real files (a stale entry would hide nothing, but would mislead)."""
     missing = [rel for rel in ORACLE_USERS if not (ROOT / rel).exists() and rel != "moe_backend/testing.py"]
@@ -160,7 +187,7 @@ def test_the_oracle_builds_only_on_the_base():
         and not any(name == b or name.startswith(b + ".") for b in ORACLE_BASE)
         and name != "moe_backend"
     ]
-    assert not bad, "the oracle imports beyond constants/_checks/quant:\n" + "\n".join(bad)
+    assert not bad, "the oracle imports beyond constants/_checks/quant/dispatch.layouts:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize(
@@ -172,6 +199,12 @@ def test_the_oracle_builds_only_on_the_base():
         "routed_experts",
         "expert_gemm",
         "_expert_gemm",
+        "build_contiguous_layout",
+        "build_masked_layout",
+        "permute",
+        "permute_quant",
+        "unpermute_combine",
+        "combine",
     ],
 )
 def test_reference_names_importable(name):
@@ -262,8 +295,8 @@ def test_constants_import_no_torch():
 
 
 def test_unpermute_combine_has_one_name():
-    """The op is `unpermute_combine` in every layer (kernel, ops, torch twin); `dispatch.combine`
-    is the one alias, kept because the public `moe_backend.dispatch` API names it."""
+    """The op is `unpermute_combine` in every layer (kernel, ops, torch twin); the reference's
+    `combine` is the one other name: the same over a layout rather than its `row_of_slot`."""
     defined = {
         node.name
         for p in _modules(PACKAGE)
@@ -271,12 +304,14 @@ def test_unpermute_combine_has_one_name():
         if isinstance(node, ast.FunctionDef) and "combine" in node.name
     }
     assert defined == {"unpermute_combine", "combine", "_combine_kernel"}
-    from moe_backend import ops
-    from moe_backend.dispatch import layouts
+    from moe_backend import ops, reference
+    from moe_backend.providers import torch_reference
 
     assert (PACKAGE / "kernels" / "unpermute_combine.py").is_file()  # the kernel's file carries the name
-
-    assert ops.unpermute_combine.__name__ == layouts.unpermute_combine.__name__ == "unpermute_combine"
+    names = {
+        fn.__name__ for fn in (ops.unpermute_combine, torch_reference.unpermute_combine, reference.unpermute_combine)
+    }
+    assert names == {"unpermute_combine"}
 
 
 def test_every_package_is_in_the_wheel():

@@ -24,10 +24,11 @@ import torch
 
 from moe_backend import MoEConfig, reference
 from moe_backend import experts as moe_experts
-from moe_backend.dispatch import Policy, layouts
+from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.reference import layouts
 from moe_backend.testing import random_moe_weights
 from tests.helpers.naive import rel_err
 from tests.helpers.tolerances import LAYER_SAME_QUANT_ONE_GROUP, layer_same_quant

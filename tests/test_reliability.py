@@ -22,7 +22,7 @@ import torch
 
 from moe_backend import MoEConfig, ops, reference
 from moe_backend import experts as moe_experts
-from moe_backend.dispatch import Policy, layouts
+from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
@@ -676,32 +676,32 @@ CASES: list[Case] = [
         ),
     ),
     Case(
-        "layouts.build_contiguous_layout",
+        "reference.build_contiguous_layout",
         "`alignment` 0",
         ValueError,
         "alignment",
-        lambda env: layouts.build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4, alignment=0),
+        lambda env: reference.build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4, alignment=0),
     ),
     Case(
-        "layouts.build_masked_layout",
+        "reference.build_masked_layout",
         "`max_m` below the busiest expert",
         ValueError,
         "max_m",
-        lambda env: layouts.build_masked_layout(torch.zeros(4, 1, dtype=torch.int32), 4, max_m=2),
+        lambda env: reference.build_masked_layout(torch.zeros(4, 1, dtype=torch.int32), 4, max_m=2),
     ),
     Case(
-        "layouts.build_contiguous_layout",
+        "reference.build_contiguous_layout",
         "`num_local_experts` a float",
         TypeError,
         "num_local_experts",
-        lambda env: layouts.build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4.0),
+        lambda env: reference.build_contiguous_layout(torch.zeros(2, 2, dtype=torch.int32), 4.0),
     ),
     Case(
-        "layouts.build_masked_layout",
+        "reference.build_masked_layout",
         "`max_m` a float",
         TypeError,
         "max_m",
-        lambda env: layouts.build_masked_layout(torch.zeros(4, 1, dtype=torch.int32), 4, max_m=8.0),
+        lambda env: reference.build_masked_layout(torch.zeros(4, 1, dtype=torch.int32), 4, max_m=8.0),
     ),
     Case(
         "reference.silu_mul_quant",

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "kernel_traits.cuh"
+#include "scheduler.cuh"
 #include "sm90_ptx.cuh"
 
 namespace phasemoe {
@@ -19,6 +20,37 @@ struct Epilogue {
     bool store1;  // ... and row0 + 8
     bool valid;   // a tile is pending
   };
+
+  // This thread's two rows of a tile and their expert ids (-1 past M).
+  struct TileRows {
+    int row0;    // the first row (the second is row0 + 8)
+    int n_base;  // the tile's first column
+    int id0;     // expert id of row0
+    int id1;     // ... of row0 + 8
+  };
+
+  // The rows a CTA stores are its own tile's, also when the tile is dead: a dead B-shared tile
+  // computes on its partner's rows (role.m_tile), but its guards read its own rows' ids, so
+  // nothing is stored.
+  template <typename Ids>
+  __device__ __forceinline__ static TileRows load_rows(const TileRole& role, int m_unit, uint32_t rank, int row_in_tile,
+                                                       const Ids& expert_ids, int m) {
+    const int m_tile = T::kMcastA ? role.m_tile : m_unit * T::kCluster + static_cast<int>(rank);
+    const int row0 = m_tile * kBlockM + row_in_tile;
+    const int row1 = row0 + 8;
+    const int n_base = role.n_tile * T::kBlockN;
+    const int id0 = row0 < m ? expert_ids(row0) : -1;
+    const int id1 = row1 < m ? expert_ids(row1) : -1;
+#ifdef PHASEMOE_DEBUG
+    // A row of another expert inside a live tile means a segment did not start on a 128-row
+    // boundary: the layout broke the precondition and that row would silently stay unwritten.
+    if (role.live && ((id0 >= 0 && id0 != role.expert) || (id1 >= 0 && id1 != role.expert))) {
+      printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, role.expert);
+      __trap();
+    }
+#endif
+    return {row0, n_base, id0, id1};
+  }
 
   // 4 x 4 transpose of 32-bit values across the 4 lanes of a quad: on return v[j] holds what
   // lane j held in v[quad_lane]. Two butterfly stages (xor 1, xor 2), 4 shuffles in all.

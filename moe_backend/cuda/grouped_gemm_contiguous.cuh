@@ -49,6 +49,7 @@ struct GroupedGemmContiguous {
                                                  const sm90::TmaDescriptor& tmap_b, const float* __restrict__ a_scale,
                                                  const float* __restrict__ b_scale, const Ids& expert_ids, int m,
                                                  uint32_t rank, int lane) {
+    sm90::setmaxnreg_dec<kProducerRegs>();
     const int producer_warp = threadIdx.x / 32 - kNumConsumerWarpgroups * 4;
     auto for_each_stage = [&](auto&& fill) {
       Scheduler sched(m);
@@ -83,6 +84,32 @@ struct GroupedGemmContiguous {
     }
   }
 
+  // A tile's first MMA unit, then the previous tile's deferred store, and a cleared sum.
+  __device__ __forceinline__ static void start_tile(float (&acc)[T::kPartRegs],
+                                                    float (&scales)[2][T::kTileScaleBlocks][2],
+                                                    float (&result)[T::kAccRegs], const typename Loop::SmemView& sv,
+                                                    RingPos& issue, int row_in_tile,
+                                                    const typename Epi::PendingStore& prev,
+                                                    uint16_t* __restrict__ out) {
+    Loop::template issue_part<0>(acc, scales[0], sv, issue, row_in_tile);
+    if (prev.valid) Epi::store_pending(result, out, prev);
+    Loop::clear(result);
+  }
+
+  // The warpgroup index, broadcast from lane 0: the compiler then knows it is warp-uniform and
+  // keeps what derives from it (the consumers' A descriptors, barrier ids) in uniform registers.
+  __device__ __forceinline__ static int uniform_warpgroup() {
+    return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
+  }
+
+  // What a consumer warpgroup reads of the shared memory, with the stage-0 descriptors of its A
+  // rows and of B (loop-invariant).
+  __device__ __forceinline__ static typename Loop::SmemView consumer_view(const Smem& s, int warpgroup) {
+    const uint64_t desc_a0 = sm90::smem_desc_kmajor_sw128(s.a + warpgroup * 64 * kBlockK);
+    const uint64_t desc_b0 = sm90::smem_desc_kmajor_sw128(s.b);
+    return {s.full, s.empty, s.b_scales, s.a_scales, desc_a0, desc_b0};
+  }
+
   // The dynamic shared memory, 1024-aligned, cut into its parts (layout: KernelTraits::kSmemBytes).
   __device__ __forceinline__ static Smem carve_smem() {
     extern __shared__ uint8_t smem_raw[];
@@ -98,7 +125,7 @@ struct GroupedGemmContiguous {
   }
 
   // Thread 0 initializes the ring's barriers (the consumers' arrivals come from every CTA of the
-  // cluster: a peer may multicast into a stage).
+  // cluster: a peer may multicast into a stage), then the whole CTA (cluster) waits for them.
   __device__ __forceinline__ static void init_barriers(const Smem& s) {
     if (threadIdx.x == 0) {
       for (int i = 0; i < kStages; ++i) {
@@ -107,6 +134,20 @@ struct GroupedGemmContiguous {
       }
       sm90::fence_barrier_init();
     }
+    if constexpr (kCluster > 1) {
+      sm90::cluster_sync();  // the peer's barriers exist before anything multicasts or arrives on them
+    } else {
+      __syncthreads();
+    }
+  }
+
+  // Stay resident until the cluster's peer is done: it arrives on our barriers and multicasts
+  // into our shared memory until its last K block.
+  __device__ __forceinline__ static void leave_cluster() {
+    if constexpr (kCluster > 1) {
+      __syncwarp();  // the TMA warp's lanes reconverge before the .aligned cluster barrier
+      sm90::cluster_sync();
+    }
   }
 
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
@@ -114,103 +155,53 @@ struct GroupedGemmContiguous {
                                              const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m) {
     const Ids expert_ids{row_ids};
     const Smem s = carve_smem();
-    // Broadcast from lane 0: the compiler then knows the index is warp-uniform and keeps what
-    // derives from it (the consumers' A descriptors, barrier ids) in uniform registers.
-    const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
+    const int warpgroup = uniform_warpgroup();
     const int lane = threadIdx.x % 32;
     const uint32_t rank = kCluster == 1 ? 0u : sm90::cluster_ctarank();
-
     init_barriers(s);
-    if constexpr (kCluster > 1) {
-      sm90::cluster_sync();  // the peer's barriers exist before anything multicasts or arrives on them
-    } else {
-      __syncthreads();
-    }
-
     if (warpgroup == kNumConsumerWarpgroups) {
-      sm90::setmaxnreg_dec<kProducerRegs>();
       produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, rank, lane);
     } else {
-      sm90::setmaxnreg_inc<kConsumerRegs>();
-      // Per live tile: the first MMA unit, then the previous tile's deferred store, then the rest
-      // of the K loop. Kept in run(): moved into a function of its own, the loop compiles to PTX
+      // The consumers, kept in run(): moved into a function of its own, this loop compiles to PTX
       // with other register numbering than the binary the benchmark tables measured.
-      const int warp_in_wg = (threadIdx.x / 32) % 4;
-      // This thread's two accumulator rows within the 128-row tile (wgmma D layout).
-      const int row_in_tile = warpgroup * 64 + warp_in_wg * 16 + lane / 4;
-      // Stage-0 shared-memory descriptors of this warpgroup's A rows and of B (loop-invariant).
-      const uint64_t desc_a0 = sm90::smem_desc_kmajor_sw128(s.a + warpgroup * 64 * kBlockK);
-      const uint64_t desc_b0 = sm90::smem_desc_kmajor_sw128(s.b);
+      sm90::setmaxnreg_inc<kConsumerRegs>();
+      const int row_in_tile = Loop::row_in_tile(warpgroup, lane);
+      const typename Loop::SmemView sv = consumer_view(s, warpgroup);
       float acc[T::kPartRegs];     // the even MMA units, unscaled
       float acc_odd[T::kOddRegs];  // the odd ones (two units in flight)
       float result[T::kAccRegs];   // promoted fp32 sum over K blocks
-#pragma unroll
-      for (int i = 0; i < T::kPartRegs; ++i) acc[i] = 0.f;
-
+      Loop::clear(acc);
       Scheduler sched(m);
       RingPos pos;  // the K block to retire next
-      const typename Loop::SmemView sv{s.full, s.empty, s.b_scales, s.a_scales, desc_a0, desc_b0};
       typename Epi::PendingStore prev{0, 0, false, false, false};
-      // Same walk as the producer's, written out again on purpose: a shared "next live tile"
-      // helper carrying TileRole across iterations made ptxas spill. The next unit's expert ids
-      // are loaded a tile ahead (load_tile_ids).
       int next_m_unit, next_n_unit;
-      bool more = sched.next_tile(next_m_unit, next_n_unit);
-      // 0 (m >= 0), from the thread index: neither provably 0 nor provably warp-uniform.
-      const int zero = static_cast<int>(threadIdx.x) & (m >> 31);
+      const int zero = opaque_zero(m);
       TileIds next_ids{-1, -1};
-      if (more) next_ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, next_m_unit, zero);
+      bool more = next_tile_ahead<kCluster, kMcastA>(sched, next_m_unit, next_n_unit, next_ids, expert_ids, m, zero);
       while (more) {
-        const int m_unit = next_m_unit;
-        const int n_unit = next_n_unit;
-        // Broadcast here, a tile after the load: the ids become warp-uniform only now.
-        const TileIds ids{__shfl_sync(0xffffffffu, next_ids.e0, 0), __shfl_sync(0xffffffffu, next_ids.e1, 0)};
-        more = sched.next_tile(next_m_unit, next_n_unit);
-        if (more) next_ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, next_m_unit, zero);
+        const int m_unit = next_m_unit, n_unit = next_n_unit;
+        const TileIds ids = warp_uniform(next_ids);
+        more = next_tile_ahead<kCluster, kMcastA>(sched, next_m_unit, next_n_unit, next_ids, expert_ids, m, zero);
         bool live_pair;
         const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(ids, m_unit, n_unit, rank, live_pair);
         if (!live_pair) {
-          // The unit fetched ahead lies before the jump: it is dead as well, or in the next expert.
           sched.skip_dead_rest(m_unit);
           continue;
         }
-        const int expert = role.expert;
-        // Rows this CTA stores (a dead B-shared tile computes on its partner's rows: the guards
-        // below read its own rows' ids, so nothing is stored).
-        const int m_tile = kMcastA ? role.m_tile : m_unit * kCluster + static_cast<int>(rank);
-        const int row0 = m_tile * kBlockM + row_in_tile;
-        const int row1 = row0 + 8;
-        const int n_base = role.n_tile * kBlockN;
         // The epilogue's row guards, loaded now: their latency hides behind the K loop.
-        const int id0 = row0 < m ? expert_ids(row0) : -1;
-        const int id1 = row1 < m ? expert_ids(row1) : -1;
-#ifdef PHASEMOE_DEBUG
-        // A row of another expert inside the tile means a segment did not start on a 128-row
-        // boundary: the layout broke the precondition and that row would silently stay unwritten.
-        if (role.live && ((id0 >= 0 && id0 != expert) || (id1 >= 0 && id1 != expert))) {
-          printf("phasemoe: expert segment not 128-row aligned near row %d (tile expert %d)\n", row0, expert);
-          __trap();
-        }
-#endif
+        const typename Epi::TileRows rows = Epi::load_rows(role, m_unit, rank, row_in_tile, expert_ids, m);
         RingPos issue = pos;
         float scales[2][T::kTileScaleBlocks][2];  // combined row scales of the K blocks in flight
-        Loop::template issue_part<0>(acc, scales[0], sv, issue, row_in_tile);
-        if (prev.valid) Epi::store_pending(result, out, prev);
-#pragma unroll
-        for (int i = 0; i < T::kAccRegs; ++i) result[i] = 0.f;
+        start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out);
         // Called through a closure, as in the binary the benchmark tables measured: a direct call
         // numbers the registers differently (lab/check_ptx.py compares the PTX).
         [&] { Loop::k_loop(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales); }();
-        prev = typename Epi::PendingStore{row0, n_base, role.live && id0 == expert, role.live && id1 == expert, true};
+        prev = typename Epi::PendingStore{rows.row0, rows.n_base, role.live && rows.id0 == role.expert,
+                                          role.live && rows.id1 == role.expert, true};
       }
       if (prev.valid) Epi::store_pending(result, out, prev);
     }
-    if constexpr (kCluster > 1) {
-      __syncwarp();  // the TMA warp's lanes reconverge before the .aligned cluster barrier
-      // Stay resident until the peer is done: it arrives on our barriers and multicasts into
-      // our shared memory until its last K block.
-      sm90::cluster_sync();
-    }
+    leave_cluster();
   }
 };
 

@@ -27,6 +27,13 @@ template <typename T>
 struct Mainloop {
   using PartMma = WgmmaFp8<T::kPartN>;
 
+  // Zeroes an accumulator (unrolled: it stays in registers).
+  template <int kRegs>
+  __device__ __forceinline__ static void clear(float (&regs)[kRegs]) {
+#pragma unroll
+    for (int i = 0; i < kRegs; ++i) regs[i] = 0.f;
+  }
+
   __device__ __forceinline__ static void advance(RingPos& pos) {
     ++pos.count;
     if (++pos.stage == T::kStages) {
@@ -106,6 +113,13 @@ struct Mainloop {
   }
 
   // ---- consumers ---------------------------------------------------------------------------
+
+  // This thread's first accumulator row within the 128-row tile (wgmma D layout; the second is 8
+  // rows below).
+  __device__ __forceinline__ static int row_in_tile(int warpgroup, int lane) {
+    const int warp_in_wg = (threadIdx.x / 32) % 4;
+    return warpgroup * 64 + warp_in_wg * 16 + lane / 4;
+  }
 
   // What the consumer loop works with: shared-memory operands of this warpgroup.
   struct SmemView {

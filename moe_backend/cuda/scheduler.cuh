@@ -47,8 +47,8 @@ struct TileScheduler {
   // expert) is mostly dead M tiles; walked one by one, each would cost a dependent load of
   // masked_m per CTA, now at most one per expert and CTA. Needs units numbered M-unit-major
   // (kGroupUnits 1) with one M tile each (kCluster 1, or A-sharing pairs); elsewhere a no-op.
-  // Producer and consumers may skip differently (the consumers have fetched a unit ahead): they
-  // still agree on every live unit.
+  // Producer and consumers may skip differently (the unit the consumers fetched ahead lies before
+  // the jump: it is dead as well, or in the next expert): they still agree on every live unit.
   __device__ __forceinline__ void skip_dead_rest(int m_unit) {
     if constexpr (kMaskedMaxM > 0 && kGroupUnits == 1 && (kCluster == 1 || kMcastA)) {
       constexpr int kTilesPerExpert = kMaskedMaxM / kBlockM;
@@ -114,6 +114,10 @@ struct TileIds {
   int e1;
 };
 
+// 0 for m >= 0, from the thread index: neither provably 0 nor provably warp-uniform (the `zero`
+// load_tile_ids takes).
+__device__ __forceinline__ int opaque_zero(int m) { return static_cast<int>(threadIdx.x) & (m >> 31); }
+
 template <int kCluster, int kMcastA, typename Ids>
 __device__ __forceinline__ TileIds load_tile_ids(const Ids& expert_ids, int m, int m_unit, int zero = 0) {
   if constexpr (kCluster == 1 || kMcastA) {
@@ -122,6 +126,23 @@ __device__ __forceinline__ TileIds load_tile_ids(const Ids& expert_ids, int m, i
     const int first = 2 * m_unit * kBlockM + zero;
     return TileIds{expert_ids(first), first + kBlockM < m ? expert_ids(first + kBlockM) : -1};
   }
+}
+
+// The consumers' walk: the next unit, and its ids loaded now, a tile ahead of their use (loaded at
+// the tile's start, their latency would sit between the previous tile's last MMA and this one's
+// first). The same walk as the producer's, written out again on purpose: a shared "next live
+// tile" helper carrying TileRole across iterations made ptxas spill.
+template <int kCluster, int kMcastA, typename Scheduler, typename Ids>
+__device__ __forceinline__ bool next_tile_ahead(Scheduler& sched, int& m_unit, int& n_unit, TileIds& ids,
+                                                const Ids& expert_ids, int m, int zero) {
+  const bool more = sched.next_tile(m_unit, n_unit);
+  if (more) ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, m_unit, zero);
+  return more;
+}
+
+// Lane 0's ids in every lane, a tile after their load: warp-uniform only from here on.
+__device__ __forceinline__ TileIds warp_uniform(const TileIds& ids) {
+  return TileIds{__shfl_sync(0xffffffffu, ids.e0, 0), __shfl_sync(0xffffffffu, ids.e1, 0)};
 }
 
 template <int kCluster, int kMcastA, int kNumNTiles>

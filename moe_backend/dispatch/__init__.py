@@ -1,22 +1,16 @@
-"""Layouts (contiguous / masked), their inverse, and the per-phase kernel policy."""
+"""The layouts' data format (contiguous / masked) and the per-phase kernel policy.
 
-from moe_backend.dispatch.layouts import (
-    ContiguousLayout,
-    MaskedLayout,
-    build_contiguous_layout,
-    build_masked_layout,
-    combine,
-    permute,
-)
+Layouts are built by `moe_backend.ops.build_contiguous_layout` / `build_masked_layout`; their
+plain-torch twins live in the reference (`moe_backend.reference`).
+"""
+
+from moe_backend.dispatch.layouts import ContiguousLayout, MaskedLayout, max_contiguous_rows
 from moe_backend.dispatch.policy import KERNELS, KernelChoice, Policy
 
 __all__ = [
     "ContiguousLayout",
     "MaskedLayout",
-    "build_contiguous_layout",
-    "build_masked_layout",
-    "permute",
-    "combine",
+    "max_contiguous_rows",
     "Policy",
     "KernelChoice",
     "KERNELS",

@@ -4,7 +4,7 @@ No host sync and no data-dependent shape: every output is sized from (T, k, E, a
 alone, so the build can be captured in a CUDA graph. Deterministic, no atomics: a slot is one
 (token, j) pair with flat index s = t*k + j, and a local slot's rank within its expert is the
 number of earlier slots (flat order) routed to the same expert, exactly as the torch twins'
-stable sort (`moe_backend.dispatch.layouts`) gives. Its row is `expert_offsets[e] + rank`
+stable sort (`moe_backend.reference.layouts`) gives. Its row is `expert_offsets[e] + rank`
 (contiguous) or `e*max_m + rank` (masked; ranks >= max_m are dropped).
 
 Ranks come from sorting keys `expert * CHUNK + position` over a chunk of slots: a slot's position
@@ -209,7 +209,7 @@ def build_contiguous_layout(
 ) -> ContiguousLayout:
     """topk_ids int32/int64 `[T, k]` (global ids; experts `[expert_start, expert_start + E)` are
     local, others and -1 are dropped) -> `ContiguousLayout` on `M = max_contiguous_rows(T*k, E,
-    alignment)` rows, bit-identical to `dispatch.layouts.build_contiguous_layout(...,
+    alignment)` rows, bit-identical to `reference.build_contiguous_layout(...,
     exact_size=False)`: expert_ids int32 `[M]`, expert_offsets int32 `[E+1]`, src_token int64 `[M]`
     (-1 on padding rows and the unused tail), row_of_slot int64 `[T, k]`, tokens_per_expert int32
     `[E]`. No host sync. `slots_per_program` overrides the plan (module docstring)."""
@@ -265,7 +265,7 @@ def build_masked_layout(
 ) -> MaskedLayout:
     """topk_ids `[T, k]` as in `build_contiguous_layout` -> `MaskedLayout` with `max_m` rows per
     expert (default max(T, 1): never overflows, a token visits an expert once), bit-identical to
-    `dispatch.layouts.build_masked_layout(..., drop_overflow=True)`: masked_m int32 `[E]` (clamped
+    `reference.build_masked_layout(..., drop_overflow=True)`: masked_m int32 `[E]` (clamped
     to max_m), src_token int64 `[E, max_m]` (-1 past masked_m), row_of_slot int64 `[T, k]`.
     Slots ranked >= max_m within their expert are dropped (row_of_slot -1), without a host sync."""
     _check_args(topk_ids, num_local_experts, expert_start)

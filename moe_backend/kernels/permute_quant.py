@@ -4,7 +4,7 @@ Unfused, bf16 activations take two passes: quantize `[T, H]` (write fp8 + scales
 the fp8 rows into the layout (read them back, write again). Here each layout row reads its source
 token's bf16 row and writes its fp8 row and scales directly: no `[T, H]` intermediate. Rounding is
 `_group_quant_core.quantize_groups`, so the result is bit-identical to `per_token_group_quant`
-followed by `moe_backend.dispatch.layouts.permute` on every row that copies a token. Padding rows
+followed by `moe_backend.reference.permute` on every row that copies a token. Padding rows
 (src_token -1) are neither read nor written: their program returns at once. Given `used_rows` (a
 device-side count, e.g. a contiguous layout's `expert_offsets[-1:]`: on the static row bound the
 rows past it are all padding), a fixed number of programs loop over the rows below it instead, so

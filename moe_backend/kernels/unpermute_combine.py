@@ -2,7 +2,8 @@
 
 Deterministic (a fixed j order, no atomics), fp32 sum, one bf16 rounding; rows of -1 (expert not
 local) contribute nothing, and their y rows are never read (they may hold NaN). Works for both
-layouts: y `[M, N]` (contiguous) or `[E, max_m, N]` (masked, flat row e*max_m + r).
+layouts: y `[M, N]` (contiguous) or `[E, max_m, N]` (masked, flat row e*max_m + r). Its torch
+twin: `moe_backend.reference.unpermute_combine`.
 """
 
 from __future__ import annotations

@@ -182,8 +182,8 @@ def test_layer_output_bit_identical_and_metrics_over_http(weights, perturbed, tm
 
 def test_vllm_paths_bit_identical_with_shadow_on(weights, counting, monkeypatch):
     """The vLLM apply functions (free of vLLM) with MOE_BACKEND_SHADOW on and off."""
-    from moe_backend.dispatch.layouts import build_masked_layout
     from moe_backend.dispatch.policy import Policy
+    from moe_backend.reference import build_masked_layout
     from moe_backend_integrations.vllm._apply import apply_batched, apply_standard
 
     x_fp8, x_scale, tw, ids = _batch(12, seed=3)

@@ -13,7 +13,6 @@ import traceback
 import torch
 
 from moe_backend import reference
-from moe_backend.dispatch import layouts
 from moe_backend.kernels import _group_quant_core, build_layout
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
@@ -23,6 +22,7 @@ from moe_backend.kernels.permute_rows import GatherLaunchConfig, permute_rows
 from moe_backend.kernels.silu_mul_quant import silu_mul_quant
 from moe_backend.kernels.unpermute_combine import unpermute_combine
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.reference import layouts
 from tests.helpers.layout_checks import (
     LAYOUT_CASES,
     assert_same_layout,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_backend import ops, reference
-from moe_backend.dispatch import layouts
+from moe_backend.reference import layouts
 from tests.helpers.layout_checks import (
     LAYOUT_CASES,
     assert_same_layout,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from moe_backend import ops, reference
-from moe_backend.dispatch import layouts
 from moe_backend.kernels import build_layout
+from moe_backend.reference import layouts
 from tests.helpers.layout_checks import assert_same_layout, check_contiguous_layout, check_masked_layout
 
 pytestmark = pytest.mark.gpu

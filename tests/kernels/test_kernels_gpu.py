@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moe_backend import reference
-from moe_backend.dispatch import layouts
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.reference import layouts
 
 pytestmark = pytest.mark.gpu
 

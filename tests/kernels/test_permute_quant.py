@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from moe_backend import ops
-from moe_backend.dispatch import KERNELS, layouts
+from moe_backend.dispatch import KERNELS
 from moe_backend.experts import routed_experts
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from moe_backend.reference import layouts
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 SIGNATURE = "(x, src_token, group=128, ue8m0=False, *, out=None, used_rows=None)"

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moe_backend import ops, reference
-from moe_backend.dispatch import KERNELS, layouts
+from moe_backend.dispatch import KERNELS
 from moe_backend.experts import routed_experts
+from moe_backend.reference import layouts
 from moe_backend.testing import random_fp8_weights
 
 pytestmark = pytest.mark.gpu

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_backend import ops
-from moe_backend.dispatch import layouts
+from moe_backend.reference import layouts
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 H = 7168  # DeepSeek-V3's hidden size: 7 KB of fp8 and 56 scales per row

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moe_backend import reference
-from moe_backend.dispatch import layouts
 from moe_backend.quant import quantize_fp8_per_token_group
+from moe_backend.reference import layouts
 from tests.helpers.quant_extremes import SUBNORMAL_ROW, check_no_overflow, extreme_rows, gate_up_pairs
 
 pytestmark = pytest.mark.gpu
