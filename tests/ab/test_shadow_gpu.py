@@ -69,6 +69,54 @@ def test_results_come_back_without_blocking_serving(layers):
     assert not shadow._pending
 
 
+def test_sampled_calls_never_sync_the_host(layers, monkeypatch):
+    """A sampled call and the read-back on later calls: no host sync of any kind inside the hook
+    (torch's sync debug mode raises on stream/device syncs and blocking copies; event waits and
+    scalar reads are patched to raise), and results still arrive. Triton only: the reference
+    backend reads expert ids on the host (a sync of the side stream, which waits for serving)."""
+    from moe_backend.ab import shadow as ab_shadow
+
+    on, off, _, _ = layers
+    registry = prom.CollectorRegistry()
+    shadow = ab_shadow.Shadow("triton:1.0", registry=registry)
+    monkeypatch.setattr(on, "shadow", shadow)
+    x = torch.randn(64, CONFIG.hidden_size, device="cuda").to(torch.bfloat16)
+    on(x)  # warm: plans, graphs and the read-back buffer exist before the guarded calls
+    shadow.flush()
+
+    def refuse(name):
+        def raising(*args, **kwargs):
+            raise AssertionError(f"{name} called on the serving path")
+
+        return raising
+
+    original = ab_shadow.observe_layer
+
+    def guarded(*args, **kwargs):
+        with monkeypatch.context() as m:
+            for owner, name in [
+                (torch.cuda.Event, "synchronize"),
+                (torch.cuda.Stream, "synchronize"),
+                (torch.cuda, "synchronize"),
+                (torch.Tensor, "item"),
+            ]:
+                m.setattr(owner, name, refuse(f"{getattr(owner, '__name__', owner)}.{name}"))
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                original(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(ab_shadow, "observe_layer", guarded)
+    labels = {"layer": "0", "backend": "triton", "phase": "decode"}
+    before = registry.get_sample_value("moe_backend_shadow_samples_total", labels) or 0
+    for _ in range(5):
+        assert torch.equal(on(x), off(x))
+    monkeypatch.setattr(ab_shadow, "observe_layer", original)
+    shadow.flush()
+    assert registry.get_sample_value("moe_backend_shadow_samples_total", labels) == before + 5
+
+
 def test_nothing_runs_during_graph_capture(monkeypatch):
     from moe_backend.ab import shadow as ab_shadow
     from moe_backend.dispatch import Policy
