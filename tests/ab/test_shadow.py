@@ -357,4 +357,8 @@ def test_divergence_sums_match_the_device_metrics():
     assert math.isnan(from_sums(divergence_sums(out, ref).tolist())["rel_err"])  # the NaN row counts
     assert from_sums(divergence_sums(out, ref, valid).tolist())["rel_err"] < 0.02
     empty = torch.zeros(0, H, dtype=torch.bfloat16)
-    assert from_sums(divergence_sums(empty, empty).tolist()) == {"rel_err": 0.0, "max_abs": 0.0, "argmax_agreement": 1.0}
+    assert from_sums(divergence_sums(empty, empty).tolist()) == {
+        "rel_err": 0.0,
+        "max_abs": 0.0,
+        "argmax_agreement": 1.0,
+    }
