@@ -1,10 +1,13 @@
 """Shadow mode's cost to serving: the DeepSeek-V3 layer (EP8 slice + shared expert) timed with
 shadow mode off and on at a given rate, in adjacent pairs of blocks whose order alternates
-(off-on, on-off, ...) so clock drift lands on both sides. Prints, per batch size, the median of
-the pairs' overheads with its distribution-free 95% interval, the overhead expected from the
-shadow's own time (rate x shadow time / layer time), and a verdict against the 1% budget of
-docs/ab-testing.md: PASS when the interval lies under it, FAIL when above, UNRESOLVED when the
-run's spread straddles it.
+(off-on, on-off, ...) so clock drift lands on both sides. Both paths are warm before timing: the
+layer's and the shadow backend's kernels compiled and graphs captured (on the side stream every
+Shadow shares), and the timed Shadow's own first sample taken. Prints, per batch size, the median
+of the pairs' overheads with its distribution-free 95% interval, the overhead over all calls (what
+a user feels on average), the overhead expected from the shadow's own time (rate x shadow time /
+layer time), the hook's host time per call (off, not sampled, sampled: where the rest goes), and
+a verdict against the 1% budget of docs/ab-testing.md: PASS when the interval lies under it, FAIL
+when above, UNRESOLVED when the run's spread straddles it.
 
     python -m benchmarks.bench_shadow_overhead [--backend triton] [--rate 0.01] [--tokens 128,4096]
 """
