@@ -206,7 +206,17 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
             phase="prefill",
             num_global_experts=runner_config.num_experts,
         )
-        ab_shadow.observe_routed(out, x, q, topk_weights, d.topk_ids, x_scale=x_scale, ue8m0=q.ue8m0, phase="prefill")
+        ab_shadow.observe_routed(
+            out,
+            x,
+            q,
+            topk_weights,
+            d.topk_ids,
+            x_scale=x_scale,
+            ue8m0=q.ue8m0,
+            phase="prefill",
+            num_global_experts=runner_config.num_experts,
+        )
         return DeepEPNormalCombineInput(hidden_states=out, topk_ids=d.topk_ids, topk_weights=d.topk_weights)
 
     # ---- DeepEP low-latency (decode): unweighted per-expert rows, masked kernel ----

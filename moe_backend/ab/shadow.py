@@ -162,7 +162,8 @@ class Shadow:
 
     @property
     def calls(self) -> int:
-        """Calls seen (sampled or not), less the sampled calls that fell in a graph capture."""
+        """Calls seen, sampled or not (one that reaches the slow path while a CUDA graph is being
+        captured is not counted)."""
         return self._calls_before + self._armed - self._countdown
 
     # ---- sampling ----
@@ -259,6 +260,7 @@ class Shadow:
         ue8m0: bool = False,
         phase: str | None = None,
         expected_m: int | None = None,
+        num_global_experts: int | None = None,
         layer=None,
     ) -> None:
         """After a served `routed_experts` call: its output `primary` `[T, H]` and arguments, the four
@@ -266,11 +268,34 @@ class Shadow:
         if self._skip(experts, x.shape[0], phase, layer):
             return
         self._routed_due(
-            primary, x, experts, topk_weights, topk_ids, x_scale, expert_start, ue8m0, phase, expected_m, layer
+            primary,
+            x,
+            experts,
+            topk_weights,
+            topk_ids,
+            x_scale,
+            expert_start,
+            ue8m0,
+            phase,
+            expected_m,
+            num_global_experts,
+            layer,
         )
 
     def _routed_due(
-        self, primary, x, experts, topk_weights, topk_ids, x_scale, expert_start, ue8m0, phase, expected_m, layer
+        self,
+        primary,
+        x,
+        experts,
+        topk_weights,
+        topk_ids,
+        x_scale,
+        expert_start,
+        ue8m0,
+        phase,
+        expected_m,
+        num_global_experts,
+        layer,
     ) -> None:
         started = self._begin(experts, x.shape[0], phase, layer)
         if started is None:
@@ -297,6 +322,7 @@ class Shadow:
                     ue8m0=ue8m0,
                     phase=phase,
                     expected_m=expected_m,
+                    num_global_experts=num_global_experts,
                 ),
                 (x, x_scale, topk_weights, topk_ids),
             )
@@ -507,6 +533,7 @@ def observe_layer(layer, out: torch.Tensor, x_fp8, x_scale, topk_weights, topk_i
         layer.config.ue8m0_scales,
         phase,
         None,
+        layer.config.n_routed_experts,
         None,
     )
 

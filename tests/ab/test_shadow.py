@@ -362,3 +362,27 @@ def test_divergence_sums_match_the_device_metrics():
         "max_abs": 0.0,
         "argmax_agreement": 1.0,
     }
+
+
+def test_the_shadow_gets_the_served_calls_tile_hint(monkeypatch):
+    """An expert-parallel layer serves with the model's expert count as the tile hint's
+    denominator; its shadow run must too, or it times other tiles than that backend would serve."""
+    from moe_backend import MoEConfig
+    from moe_backend.ab import backends
+
+    cfg = MoEConfig(
+        hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1
+    )
+    seen = []
+    served = backends.experts.routed_experts
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_global_experts"))
+        return served(*args, **kwargs)
+
+    monkeypatch.setattr(backends.experts, "routed_experts", spy)
+    layer = DeepseekV3MoE(cfg, expert_range=(0, 4), shadow=Shadow("phasemoe:1.0", registry=prom.CollectorRegistry()))
+    layer.load_weights(random_moe_weights(cfg, seed=1, experts=range(4)))
+    layer(torch.randn(5, H).to(torch.bfloat16))
+    layer.shadow.flush()
+    assert seen == [8, 8]  # the served call, then its shadow run
