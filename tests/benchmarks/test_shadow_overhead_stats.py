@@ -62,3 +62,14 @@ def test_the_whole_procedure_runs_on_a_small_cpu_layer(capsys):
     assert int(runs) > 0 and int(total) == 200  # one 'on' block of the minimum 200 calls, some sampled
     off, plain, sampled = (v.strip() for v in row[9].split("/"))
     assert float(off) > 0 and float(plain) > 0 and sampled != "-"
+
+
+def test_the_hook_benchmark_times_both_hooks_unsampled(capsys, monkeypatch):
+    from benchmarks.bench_shadow_hook import main
+
+    monkeypatch.delenv("MOE_BACKEND_SHADOW", raising=False)
+    assert main(["--calls", "300", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| observe_")]
+    assert len(rows) == 2 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert "were sampled" not in out  # the 'on' rows time calls that are not sampled
