@@ -1,4 +1,5 @@
-"""The statistics behind benchmarks.bench_shadow_overhead's verdict (the timing itself needs a GPU)."""
+"""The statistics behind benchmarks.bench_shadow_overhead's verdict, its whole procedure on a small
+CPU layer (its figures need the GPU), and benchmarks.bench_shadow_hook."""
 
 import random
 
