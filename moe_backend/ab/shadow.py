@@ -171,7 +171,8 @@ class Shadow:
         """Calls up to and including the next sampled one: geometric, P(gap = k) = (1-r)^(k-1) r."""
         if rate >= 1.0:
             return 1
-        return 1 + int(math.log(1.0 - self._rng.random()) / math.log1p(-rate))
+        gap = math.log(1.0 - self._rng.random()) / math.log1p(-rate)
+        return 1 + int(min(gap, 2.0**62))  # a vanishing rate: never, in practice (and no overflow)
 
     def _arm(self) -> None:
         self._armed = self._countdown = min(min(self._due_in), FLUSH_EVERY)
