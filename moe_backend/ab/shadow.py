@@ -263,9 +263,12 @@ class Shadow:
         expected_m: int | None = None,
         num_global_experts: int | None = None,
         layer=None,
+        copy_inputs: bool = False,
     ) -> None:
         """After a served `routed_experts` call: its output `primary` `[T, H]` and arguments, the four
-        weight tensors as `experts` (see `_weights`)."""
+        weight tensors as `experts` (see `_weights`). copy_inputs: the caller may overwrite these
+        buffers on the serving stream right after (an engine's workspace, a receive buffer), so
+        a sampled call on CUDA hands the side stream copies taken in stream order."""
         if self._skip(experts, x.shape[0], phase, layer):
             return
         self._routed_due(
@@ -281,6 +284,7 @@ class Shadow:
             expected_m,
             num_global_experts,
             layer,
+            copy_inputs,
         )
 
     def _routed_due(
@@ -297,12 +301,18 @@ class Shadow:
         expected_m,
         num_global_experts,
         layer,
+        copy_inputs,
     ) -> None:
         started = self._begin(experts, x.shape[0], phase, layer)
         if started is None:
             return
         label, chosen, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv) = started
         phase = self._policy.phase_of(x.shape[0], phase)
+        if chosen and copy_inputs and primary.is_cuda:
+            copies = self._copies(chosen, (primary, x, x_scale, topk_weights, topk_ids))
+            if copies is None:
+                return
+            primary, x, x_scale, topk_weights, topk_ids = copies
         for b in chosen:
             self._run(
                 b,
@@ -339,15 +349,22 @@ class Shadow:
         ue8m0: bool = False,
         expected_m: int | None = None,
         layer=None,
+        copy_inputs: bool = False,
     ) -> None:
         """After a served `masked_experts` call: its output `primary` `[E, max_m, H]` and arguments;
-        only rows m < masked_m[e] are compared (the others are not outputs)."""
+        only rows m < masked_m[e] are compared (the others are not outputs). copy_inputs: as in
+        `observe_routed`."""
         if self._skip(experts, 0, "decode", layer):
             return
         started = self._begin(experts, 0, "decode", layer)
         if started is None:
             return
         label, chosen, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv) = started
+        if chosen and copy_inputs and primary.is_cuda:
+            copies = self._copies(chosen, (primary, a_fp8, a_scale, masked_m))
+            if copies is None:
+                return
+            primary, a_fp8, a_scale, masked_m = copies
         max_m = a_fp8.shape[1]
         for b in chosen:
 
@@ -376,6 +393,28 @@ class Shadow:
             )
 
     # ---- running and reading back ----
+    def _copies(self, chosen: list[Backend], tensors: tuple) -> tuple | None:
+        """Copies of a sampled call's tensors, queued on the serving stream (so they hold what the
+        served call saw); None, counted as an error of each chosen backend, if they fail."""
+        try:
+            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in tensors)
+        except Exception as exc:  # noqa: BLE001 - out of memory for the copies must not fail serving
+            for b in chosen:
+                self._failed(b, exc)
+            return None
+
+    def _failed(self, backend: Backend, exc: Exception) -> None:
+        kind = type(exc).__name__
+        self.sink.error(backend.name, kind)
+        if (backend.name, kind) not in self._warned:
+            self._warned.add((backend.name, kind))
+            print(
+                f"[moe_backend] shadow backend {backend.name!r} failed ({kind}: {str(exc)[:200]}); "
+                f"counted in moe_backend_shadow_errors_total, serving is unaffected",
+                file=sys.stderr,
+                flush=True,
+            )
+
     def _run(self, backend: Backend, label: str, phase: str, primary: torch.Tensor, valid_fn, fn, inputs) -> None:
         try:
             if primary.is_cuda:
@@ -389,16 +428,7 @@ class Shadow:
                 stats, rows = _finished(divergence_sums(out, primary, valid).tolist())
                 self._record(label, backend.name, phase, rows, latency, stats)
         except Exception as exc:  # noqa: BLE001 - a shadow failure must never fail the served request
-            kind = type(exc).__name__
-            self.sink.error(backend.name, kind)
-            if (backend.name, kind) not in self._warned:
-                self._warned.add((backend.name, kind))
-                print(
-                    f"[moe_backend] shadow backend {backend.name!r} failed ({kind}: {str(exc)[:200]}); "
-                    f"counted in moe_backend_shadow_errors_total, serving is unaffected",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            self._failed(backend, exc)
 
     def _host_row(self, device: torch.device) -> tuple[torch.Tensor, tuple] | None:
         """A free row of the device's pinned read-back buffer (allocated on first use), or None
@@ -505,9 +535,12 @@ def _resolve(shadow) -> Shadow | None:
 
 
 def observe_routed(primary, *args, shadow=None, **kwargs) -> None:
-    """The engine hook after a served `routed_experts` call (a no-op unless shadow mode is on)."""
+    """The engine hook after a served `routed_experts` call (a no-op unless shadow mode is on).
+    Engines reuse their buffers (vLLM's workspace, DeepEP's receive buffers), so a sampled call's
+    tensors are copied for the side stream unless `copy_inputs=False`."""
     s = _resolve(shadow)
     if s is not None:
+        kwargs.setdefault("copy_inputs", True)
         s.observe_routed(primary, *args, **kwargs)
 
 
@@ -536,11 +569,14 @@ def observe_layer(layer, out: torch.Tensor, x_fp8, x_scale, topk_weights, topk_i
         None,
         layer.config.n_routed_experts,
         None,
+        False,  # the layer's tensors are its own, fresh per call: record_stream covers them
     )
 
 
 def observe_masked(primary, *args, shadow=None, **kwargs) -> None:
-    """The engine hook after a served `masked_experts` call (a no-op unless shadow mode is on)."""
+    """The engine hook after a served `masked_experts` call (a no-op unless shadow mode is on);
+    copies as `observe_routed`."""
     s = _resolve(shadow)
     if s is not None:
+        kwargs.setdefault("copy_inputs", True)
         s.observe_masked(primary, *args, **kwargs)
