@@ -71,7 +71,8 @@ for step in "$@"; do
                grep -E "^(- \*\*|\| (ep8|tp8) \|)" "$OUT/compare/report.md" | head -40; rm -f "$OUT/compare.progress"
                # one archive: a call returns at most 8 files, and the report comes with its plots
                tar czf "$OUT/compare.tgz" -C "$OUT" compare && rm -rf "$OUT/compare" ;;
-    abshadow) for b in triton $(python3 -c "import deep_gemm" 2>/dev/null && echo deepgemm); do timeout ${SHADOW_TIMEOUT:-120} python3 -m benchmarks.bench_shadow_overhead \
+    abshadow) timeout 60 python3 -m benchmarks.bench_shadow_hook 2>&1 | tee -a "$OUT/shadow_overhead.log" | tail -4
+              for b in triton $(python3 -c "import deep_gemm" 2>/dev/null && echo deepgemm); do timeout ${SHADOW_TIMEOUT:-120} python3 -m benchmarks.bench_shadow_overhead \
                 --backend $b ${SHADOW_ARGS:-} 2>&1 | tee -a "$OUT/shadow_overhead.log" | tail -6; done ;;
   esac
   echo "== $step: $(( $(date +%s) - t0 ))s"

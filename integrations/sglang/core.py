@@ -191,13 +191,14 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
         x = d.hidden_states  # [N, H]
         x_scale = _activation_scale(x, d.hidden_states_scale, "deepep normal")
         # The host list num_recv_tokens_per_expert is not needed: the layout is built from ids.
+        topk_weights = d.topk_weights.float()  # once: the shadow hook reads the same tensor
         out = experts.routed_experts(
             x,
             q.w13_fp8,
             q.w13_scale_inv,
             q.w2_fp8,
             q.w2_scale_inv,
-            d.topk_weights.float(),
+            topk_weights,
             d.topk_ids,
             x_scale=x_scale,
             ue8m0=q.ue8m0,
@@ -206,7 +207,15 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
             num_global_experts=runner_config.num_experts,
         )
         ab_shadow.observe_routed(
-            out, x, q, d.topk_weights.float(), d.topk_ids, x_scale=x_scale, ue8m0=q.ue8m0, phase="prefill"
+            out,
+            x,
+            q,
+            topk_weights,
+            d.topk_ids,
+            x_scale=x_scale,
+            ue8m0=q.ue8m0,
+            phase="prefill",
+            num_global_experts=runner_config.num_experts,
         )
         return DeepEPNormalCombineInput(hidden_states=out, topk_ids=d.topk_ids, topk_weights=d.topk_weights)
 

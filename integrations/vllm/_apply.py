@@ -82,7 +82,14 @@ def apply_standard(
         out=output,
     )
     ab_shadow.observe_routed(
-        y, x_fp8, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), weights, local_ids, x_scale=x_scale, phase=phase
+        y,
+        x_fp8,
+        (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv),
+        weights,
+        local_ids,
+        x_scale=x_scale,
+        phase=phase,
+        num_global_experts=num_global_experts,
     )
 
 

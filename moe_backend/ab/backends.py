@@ -94,15 +94,23 @@ class Backend:
         topk_ids,
         *,
         phase: str | None = None,
+        num_global_experts: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """`routed_experts` on this backend (kwargs: x_scale, expert_start, ue8m0, expected_m)."""
+        """`routed_experts` on this backend (kwargs: x_scale, expert_start, ue8m0, expected_m).
+        num_global_experts (the model's experts, for an expert-parallel slice) steers the tile
+        hint as in the served call; registered functions keep routed_experts' documented keywords
+        and do not get it."""
         args = (x, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids)
         if self.fn is not None:
             return self.fn(*args, phase=phase, **kwargs)
         if self.kernel is not None:
-            return experts.routed_experts(*args, kernel=self.kernel, phase=phase, **kwargs)
-        return experts.routed_experts(*args, policy=self._policy(), phase=phase, **kwargs)
+            return experts.routed_experts(
+                *args, kernel=self.kernel, phase=phase, num_global_experts=num_global_experts, **kwargs
+            )
+        return experts.routed_experts(
+            *args, policy=self._policy(), phase=phase, num_global_experts=num_global_experts, **kwargs
+        )
 
     def masked(
         self,

@@ -11,41 +11,71 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cell_tolerance", "divergence", "as_floats", "METRICS"]
+__all__ = ["cell_tolerance", "divergence", "divergence_sums", "from_sums", "as_floats", "METRICS", "SUMS"]
 
 METRICS = ("rel_err", "max_abs", "argmax_agreement")
+SUMS = ("diff_norm", "ref_norm", "max_abs", "argmax_same", "rows")
+
+
+def divergence_sums(out: torch.Tensor, ref: torch.Tensor, valid_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The sums behind `divergence`, as one fp32 `[5]` tensor on the device: ||out - ref||,
+    ||ref||, max |out - ref|, rows whose argmax agree, valid rows (all over the valid rows only).
+    A dozen small kernels and no host sync: shadow mode copies these five numbers back and turns
+    them into the metrics on the host (`from_sums`), off the serving stream."""
+    if out.shape != ref.shape:
+        raise ValueError(f"out: shape {list(out.shape)} differs from ref's {list(ref.shape)}")
+    hidden = out.shape[-1]
+    a, b = out.reshape(-1, hidden), ref.reshape(-1, hidden)
+    if a.shape[0] == 0 or hidden == 0:
+        return torch.zeros(len(SUMS), dtype=torch.float32, device=a.device)
+    diff = a.float() - b
+    same = a.argmax(-1) == b.argmax(-1)
+    if valid_rows is None:
+        rows = diff.new_full((), a.shape[0])
+    else:
+        valid = valid_rows.reshape(-1).to(device=a.device, dtype=torch.bool)
+        if valid.numel() != a.shape[0]:
+            raise ValueError(f"valid_rows: expected {a.shape[0]} entries, got {valid.numel()}")
+        # where, not a product: rows that are not outputs may hold NaN (uninitialized buffers).
+        diff = torch.where(valid[:, None], diff, 0.0)
+        b = torch.where(valid[:, None], b, 0.0)
+        same = same & valid
+        rows = valid.sum()
+    return torch.stack(
+        [
+            torch.linalg.vector_norm(diff),
+            torch.linalg.vector_norm(b, dtype=torch.float32),
+            torch.linalg.vector_norm(diff, ord=float("inf")),
+            same.sum(),
+            rows,
+        ]
+    ).float()
+
+
+def from_sums(sums) -> dict[str, float]:
+    """`divergence`'s metrics as floats from `divergence_sums`' five values, read back to the host."""
+    diff_norm, ref_norm, max_abs, same, rows = (float(v) for v in sums)
+    if ref_norm > 0:
+        rel = diff_norm / ref_norm
+    elif diff_norm == 0:  # both zero (no local tokens) is agreement, not 0/0
+        rel = 0.0
+    else:  # a zero reference: any difference is infinitely far; NaN stays NaN
+        rel = float("inf") if diff_norm > 0 else float("nan")
+    agree = same / rows if rows > 0 else 1.0
+    return {"rel_err": rel, "max_abs": max_abs, "argmax_agreement": agree}
 
 
 def divergence(out: torch.Tensor, ref: torch.Tensor, valid_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """out, ref `[..., H]` of one shape; valid_rows bool over the leading dims (None: all rows).
     Returns 0-dim fp32 tensors on the device (no host sync: the caller reads them when ready)."""
-    if out.shape != ref.shape:
-        raise ValueError(f"out: shape {list(out.shape)} differs from ref's {list(ref.shape)}")
-    hidden = out.shape[-1]
-    a, b = out.reshape(-1, hidden).float(), ref.reshape(-1, hidden).float()
-    if valid_rows is None:
-        valid = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
-    else:
-        valid = valid_rows.reshape(-1).to(device=a.device, dtype=torch.bool)
-        if valid.numel() != a.shape[0]:
-            raise ValueError(f"valid_rows: expected {a.shape[0]} entries, got {valid.numel()}")
-    diff = torch.where(valid[:, None], a - b, 0.0)
-    ref_norm = torch.where(valid[:, None], b, 0.0).norm()
-    diff_norm = diff.norm()
+    diff_norm, ref_norm, max_abs, same, rows = divergence_sums(out, ref, valid_rows).unbind()
     # Both zero (no local tokens) is agreement, not 0/0.
     rel = torch.where(
         ref_norm > 0,
         diff_norm / ref_norm.clamp_min(1e-30),
         torch.where(diff_norm > 0, torch.full_like(diff_norm, float("inf")), 0.0),
     )
-    if a.shape[0] == 0:
-        agree = torch.ones((), device=a.device)
-        max_abs = torch.zeros((), device=a.device)
-    else:
-        same = (a.argmax(-1) == b.argmax(-1)) & valid
-        agree = same.sum().float() / valid.sum().clamp_min(1).float()
-        agree = torch.where(valid.any(), agree, 1.0)
-        max_abs = diff.abs().max()
+    agree = torch.where(rows > 0, same / rows.clamp_min(1), 1.0)
     return {"rel_err": rel, "max_abs": max_abs, "argmax_agreement": agree}
 
 

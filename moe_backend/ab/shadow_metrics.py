@@ -107,9 +107,9 @@ class ShadowSink:
             child = self._counters[key] = self._metrics[name].labels(*labels)
         return child
 
-    def call(self, layer: str, backend: str, phase: str) -> None:
+    def call(self, layer: str, backend: str, phase: str, n: int = 1) -> None:
         if self._metrics is not None:
-            self._child("calls", (layer, backend, phase)).inc()
+            self._child("calls", (layer, backend, phase)).inc(n)
 
     def skipped(self, backend: str, reason: str) -> None:
         if self._metrics is not None:

@@ -265,3 +265,124 @@ def test_layer_shadow_argument_is_checked_at_construction():
         DeepseekV3MoE(cfg, shadow=0.01)
     assert isinstance(DeepseekV3MoE(cfg, shadow="triton:0.5").shadow, Shadow)
     assert DeepseekV3MoE(cfg).shadow is None
+
+
+def test_a_call_not_sampled_does_no_host_work(weights, counting, monkeypatch):
+    """Shadow mode's cost on the calls it does not sample is host work on the serving path: no
+    torch op (allocation, copy, reduction), no CUDA query or sync, no random draw per call, no
+    metric update per call (the calls counter is published in batches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moe_backend.ab.shadow_metrics import ShadowSink
+
+    x_fp8, x_scale, tw, ids = _batch(2)
+    primary = torch.zeros(2, H, dtype=torch.bfloat16)
+    registry = prom.CollectorRegistry()
+    s = Shadow("counting:1e-6", seed=3, registry=registry)
+    counts = {}
+
+    def counted(name, original):
+        def wrapper(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for owner, name in [
+        (torch.cuda, "is_available"),
+        (torch.cuda, "is_current_stream_capturing"),
+        (torch.cuda, "synchronize"),
+        (torch.cuda.Event, "synchronize"),
+        (torch.cuda.Event, "query"),
+        (torch.Tensor, "item"),
+        (torch.Tensor, "tolist"),
+        (type(s._rng), "random"),
+        (ShadowSink, "call"),
+    ]:
+        monkeypatch.setattr(owner, name, counted(name, getattr(owner, name)))
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts["torch op"] = counts.get("torch op", 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    calls = 2000
+    with Ops():
+        for _ in range(calls):
+            s.observe_routed(primary, x_fp8, weights, tw, ids, x_scale=x_scale)
+    assert s.sampled == 0 and not counting  # rate 1e-6, seeded: none of these calls is sampled
+    assert s.calls == calls
+    assert counts.get("torch op", 0) == 0
+    for per_call in ("synchronize", "query", "item", "tolist", "random"):
+        assert counts.get(per_call, 0) == 0, (per_call, counts)
+    # The slow path (a capture check, publishing the calls counter) runs every FLUSH_EVERY calls.
+    for batched in ("is_available", "is_current_stream_capturing", "call"):
+        assert counts.get(batched, 0) <= calls // ab_shadow.FLUSH_EVERY, (batched, counts)
+    s.flush()
+    calls_total = registry.get_sample_value(
+        "moe_backend_shadow_calls_total", {"layer": "0", "backend": "counting", "phase": "decode"}
+    )
+    assert calls_total == calls  # batched, none lost
+
+
+def test_geometric_gaps_sample_each_call_independently():
+    """The countdown's gaps give each call the same chance, whatever the calls before it: the
+    sampled fraction of calls right after a sample equals the rate too (no dead time, no burst)."""
+    rate, calls = 0.2, 20000
+    s = Shadow(f"reference:{rate}", seed=5, registry=prom.CollectorRegistry())
+    picks = [s._sample() != [] for _ in range(calls)]
+    after = [b for a, b in zip(picks, picks[1:]) if a]
+    sd = math.sqrt(rate * (1 - rate))
+    assert abs(sum(picks) / calls - rate) < 5 * sd / math.sqrt(calls)
+    assert abs(sum(after) / len(after) - rate) < 5 * sd / math.sqrt(len(after))
+    # Two backends draw independently: both sampled on one call at rate^2.
+    s = Shadow("reference:0.5,triton:0.5", seed=5, registry=prom.CollectorRegistry())
+    both = sum(len(s._sample()) == 2 for _ in range(calls))
+    assert abs(both / calls - 0.25) < 5 * math.sqrt(0.25 * 0.75 / calls)
+
+
+def test_divergence_sums_match_the_device_metrics():
+    from moe_backend.ab.divergence import divergence, divergence_sums, from_sums
+
+    g = torch.Generator().manual_seed(2)
+    ref = torch.randn(4, 6, H, generator=g).to(torch.bfloat16)
+    out = (ref.float() + 0.01 * torch.randn(4, 6, H, generator=g)).to(torch.bfloat16)
+    out[1, 2] = float("nan")  # a row that is not an output may hold anything
+    valid = torch.ones(4, 6, dtype=torch.bool)
+    valid[1, 2:] = False
+    for v in (valid, None):
+        device_side = {k: float(t) for k, t in divergence(out, ref, v).items()}
+        host_side = from_sums(divergence_sums(out, ref, v).tolist())
+        assert host_side == pytest.approx(device_side, rel=1e-6, nan_ok=True)
+    assert math.isnan(from_sums(divergence_sums(out, ref).tolist())["rel_err"])  # the NaN row counts
+    assert from_sums(divergence_sums(out, ref, valid).tolist())["rel_err"] < 0.02
+    empty = torch.zeros(0, H, dtype=torch.bfloat16)
+    assert from_sums(divergence_sums(empty, empty).tolist()) == {
+        "rel_err": 0.0,
+        "max_abs": 0.0,
+        "argmax_agreement": 1.0,
+    }
+
+
+def test_the_shadow_gets_the_served_calls_tile_hint(monkeypatch):
+    """An expert-parallel layer serves with the model's expert count as the tile hint's
+    denominator; its shadow run must too, or it times other tiles than that backend would serve."""
+    from moe_backend import MoEConfig
+    from moe_backend.ab import backends
+
+    cfg = MoEConfig(
+        hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1
+    )
+    seen = []
+    served = backends.experts.routed_experts
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_global_experts"))
+        return served(*args, **kwargs)
+
+    monkeypatch.setattr(backends.experts, "routed_experts", spy)
+    layer = DeepseekV3MoE(cfg, expert_range=(0, 4), shadow=Shadow("phasemoe:1.0", registry=prom.CollectorRegistry()))
+    layer.load_weights(random_moe_weights(cfg, seed=1, experts=range(4)))
+    layer(torch.randn(5, H).to(torch.bfloat16))
+    layer.shadow.flush()
+    assert seen == [8, 8]  # the served call, then its shadow run

@@ -69,6 +69,86 @@ def test_results_come_back_without_blocking_serving(layers):
     assert not shadow._pending
 
 
+def test_sampled_calls_never_sync_the_host(layers, monkeypatch):
+    """A sampled call and the read-back on later calls: no host sync of any kind inside the hook
+    (torch's sync debug mode raises on stream/device syncs and blocking copies; event waits and
+    scalar reads are patched to raise), and results still arrive. Triton only: the reference
+    backend reads expert ids on the host (a sync of the side stream, which waits for serving)."""
+    from moe_backend.ab import shadow as ab_shadow
+
+    on, off, _, _ = layers
+    registry = prom.CollectorRegistry()
+    shadow = ab_shadow.Shadow("triton:1.0", registry=registry)
+    monkeypatch.setattr(on, "shadow", shadow)
+    x = torch.randn(64, CONFIG.hidden_size, device="cuda").to(torch.bfloat16)
+    for _ in range(3):  # warm: plans run once eagerly, graphs captured, the read-back buffer made
+        on(x)
+    shadow.flush()
+
+    def refuse(name):
+        def raising(*args, **kwargs):
+            raise AssertionError(f"{name} called on the serving path")
+
+        return raising
+
+    original = ab_shadow.observe_layer
+
+    def guarded(*args, **kwargs):
+        with monkeypatch.context() as m:
+            for owner, name in [
+                (torch.cuda.Event, "synchronize"),
+                (torch.cuda.Stream, "synchronize"),
+                (torch.cuda, "synchronize"),
+                (torch.Tensor, "item"),
+            ]:
+                m.setattr(owner, name, refuse(f"{getattr(owner, '__name__', owner)}.{name}"))
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                original(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(ab_shadow, "observe_layer", guarded)
+    labels = {"layer": "0", "backend": "triton", "phase": "decode"}
+    before = registry.get_sample_value("moe_backend_shadow_samples_total", labels) or 0
+    for _ in range(5):
+        assert torch.equal(on(x), off(x))
+    monkeypatch.setattr(ab_shadow, "observe_layer", original)
+    shadow.flush()
+    assert registry.get_sample_value("moe_backend_shadow_samples_total", labels) == before + 5
+
+
+def test_engine_buffers_overwritten_right_after_do_not_reach_the_shadow(monkeypatch):
+    """vLLM's output is a workspace the next layer overwrites on the serving stream while the
+    side stream may still be reading it: the engine hook hands the side stream copies taken in
+    stream order, so the comparison is against what was served."""
+    from moe_backend.ab import shadow as ab_shadow
+    from moe_backend.dispatch import Policy
+    from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+    from moe_backend_integrations.vllm._apply import apply_standard
+
+    registry = prom.CollectorRegistry()
+    s = ab_shadow.Shadow("triton:1.0", registry=registry)
+    monkeypatch.setattr(ab_shadow, "from_env", lambda: s)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w13, s13 = quantize_fp8_blockwise(torch.randn(8, 512, 1024, device="cuda", generator=g) / 32)
+    w2, s2 = quantize_fp8_blockwise(torch.randn(8, 1024, 256, device="cuda", generator=g) / 32)
+    workspace = torch.empty(200, 1024, dtype=torch.bfloat16, device="cuda")
+    for _ in range(4):
+        x = torch.randn(200, 1024, device="cuda", generator=g).to(torch.bfloat16)
+        ids = torch.randint(0, 8, (200, 2), device="cuda", dtype=torch.int32, generator=g)
+        weights = torch.rand(200, 2, device="cuda", generator=g)
+        x_fp8, x_scale = quantize_fp8_per_token_group(x)
+        apply_standard(workspace, x_fp8, x_scale, w13, s13, w2, s2, weights, ids, None, False, Policy())
+        # The serving stream reuses every buffer at once, before the side stream can have read them.
+        for buffer in (workspace, x_fp8, x_scale, weights, ids):
+            buffer.zero_()
+    s.flush()
+    labels = {"layer": "0", "backend": "triton", "phase": "decode"}
+    assert registry.get_sample_value("moe_backend_shadow_samples_total", labels) == 4
+    assert registry.get_sample_value("moe_backend_shadow_relative_error_bucket", dict(labels, le="0.01")) == 4
+
+
 def test_nothing_runs_during_graph_capture(monkeypatch):
     from moe_backend.ab import shadow as ab_shadow
     from moe_backend.dispatch import Policy

@@ -1,4 +1,5 @@
-"""The statistics behind benchmarks.bench_shadow_overhead's verdict (the timing itself needs a GPU)."""
+"""The statistics behind benchmarks.bench_shadow_overhead's verdict, its whole procedure on a small
+CPU layer (its figures need the GPU), and benchmarks.bench_shadow_hook."""
 
 import random
 
@@ -30,3 +31,46 @@ def test_verdict_needs_the_whole_interval_on_one_side():
     assert verdict(-0.02, 0.05, 0.01) == "UNRESOLVED"
     with pytest.raises(ValueError, match="values"):
         median_interval([])
+
+
+def test_the_whole_procedure_runs_on_a_small_cpu_layer(capsys):
+    """The GPU run's procedure end to end (warm-ups, pairs, hook timing, the table) on a small CPU
+    layer, so the one device run cannot fail on a slip of this script."""
+    from benchmarks.bench_shadow_overhead import main
+
+    assert (
+        main(
+            [
+                "--small-cpu",
+                "--backend",
+                "reference",
+                "--rate",
+                "0.2",
+                "--tokens",
+                "3",
+                "--blocks",
+                "1",
+                "--seconds",
+                "0.001",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("| 3 |")).split("|")
+    assert row[-2].strip() in ("PASS", "FAIL", "UNRESOLVED")
+    runs, _, total = row[7].split()[:3]
+    assert int(runs) > 0 and int(total) == 200  # one 'on' block of the minimum 200 calls, some sampled
+    off, plain, sampled = (v.strip() for v in row[9].split("/"))
+    assert float(off) > 0 and float(plain) > 0 and sampled != "-"
+
+
+def test_the_hook_benchmark_times_both_hooks_unsampled(capsys, monkeypatch):
+    from benchmarks.bench_shadow_hook import main
+
+    monkeypatch.delenv("MOE_BACKEND_SHADOW", raising=False)
+    assert main(["--calls", "300", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| observe_")]
+    assert len(rows) == 2 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert "were sampled" not in out  # the 'on' rows time calls that are not sampled
