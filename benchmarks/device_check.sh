@@ -1,24 +1,48 @@
 #!/usr/bin/env bash
-# One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the
-# real-size end-to-end model through transformers, the GPU property profile, the CUDA kernel's GPU
-# tests and the quantizer/combine GPU tests, in that order; a step starts only with time left and
-# gets at most what is left. Logs are tarred into $OUT/check.tgz (a call returns at most 8 files).
+# One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
+# named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests); a step
+# starts only with at least 30 s left and gets at most min(its own limit, what is left). With
+# GATE=1 a failing `graphtests` step stops the run (nothing after it is worth timing). Logs, the
+# layer benchmark's JSON and docs section, the sweep's JSON are tarred into $OUT/check.tgz (a call
+# returns at most 8 files).
+#   CHECK_STEPS="graphtests kerneltests layer abshadow" BUDGET_S=560 bash benchmarks/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; F="$OUT/check"; mkdir -p "$F"
 source benchmarks/_device_env.sh
 START=$(date +%s); BUDGET=${BUDGET_S:-420}
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 step() {  # step NAME MAX_SECONDS COMMAND...
   local name=$1 max=$2; shift 2
-  local left=$(( BUDGET - ($(date +%s) - START) ))
-  if (( left < 30 )); then echo "== $name: skipped (budget)"; return; fi
-  local t0=$(date +%s)
-  timeout $(( max < left ? max : left )) "$@" > "$F/$name.log" 2>&1
-  echo "== $name: rc $? in $(( $(date +%s) - t0 ))s"; tail -n "${TAIL:-6}" "$F/$name.log"
+  local left_s; left_s=$(left)
+  if (( left_s < 30 )); then echo "== $name: skipped (budget)"; return 0; fi
+  local t0=$(date +%s) rc
+  timeout $(( max < left_s ? max : left_s )) "$@" > "$F/$name.log" 2>&1; rc=$?
+  echo "== $name: rc $rc in $(( $(date +%s) - t0 ))s"; tail -n "${TAIL:-6}" "$F/$name.log"
+  return $rc
 }
-TAIL=14 step e2e 200 env MOE_BACKEND_PRINT_POLICY=1 python3 -m examples.generate_deepseek_v3 --size real --device cuda \
-  --check --batch 4 --prompt-len 128 --new-tokens 16 --json "$F/e2e_transformers.json"
-step properties 130 env MOE_BACKEND_HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -s -p no:cacheprovider \
-  tests/test_properties.py
-step cudatest 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/cuda
-step quanttests 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests -k "quant or combine"
+python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, torch.version.cuda)"
+for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
+  case $name in
+    e2e) TAIL=14 step e2e 200 env MOE_BACKEND_PRINT_POLICY=1 python3 -m examples.generate_deepseek_v3 --size real \
+           --device cuda --check --batch 4 --prompt-len 128 --new-tokens 16 --json "$F/e2e_transformers.json" ;;
+    properties) step properties 130 env MOE_BACKEND_HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -s -p no:cacheprovider \
+           tests/test_properties.py ;;
+    cudatest) step cudatest 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/cuda ;;
+    quanttests) step quanttests 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests -k "quant or combine" ;;
+    graphtests) step graphtests 90 python3 -m pytest -q -p no:cacheprovider tests/layers/test_layer_graphs.py \
+           || { [[ ${GATE:-0} == 1 ]] && { echo "graph tests failed: stopping"; break; }; } ;;
+    kerneltests) # the kernels', the layer's, the policy's and shadow mode's GPU tests (not tests/cuda, not e2e)
+           TAIL=4 step kerneltests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/dispatch \
+           tests/layers/test_layer_gpu.py tests/layers/test_nonfinite_gpu.py tests/ab/test_shadow_gpu.py ;;
+    layer) cp docs/benchmarks.md "$F/benchmarks.layer.md"
+           TAIL=40 step layer "${LAYER_MAX_S:-420}" python3 -m benchmarks.bench_layer --json "$F/layer.json" \
+           --md "$F/benchmarks.layer.md" --log "$F/layer.detail.log" --budget-s "${LAYER_BUDGET_S:-330}" ${LAYER_ARGS:-} ;;
+    profile) TAIL=60 step profile 60 python3 -m benchmarks.profile_layer ${PROFILE_ARGS:-} ;;
+    abshadow) TAIL=12 step abshadow "${SHADOW_MAX_S:-150}" bash -c 'for b in triton $(python3 -c "import deep_gemm" \
+           2>/dev/null && echo deepgemm); do python3 -m benchmarks.bench_shadow_overhead --backend $b '"${SHADOW_ARGS:-}"'; done' ;;
+    sweep) TAIL=40 step sweep 130 python3 -m lab.sweep_quant_gather --json "$F/sweep_quant_gather.json" ;;
+    *) echo "== $name: unknown step" ;;
+  esac
+done
+echo "== total $(( $(date +%s) - START ))s"
 tar czf "$OUT/check.tgz" -C "$OUT" check
