@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     from prometheus_client import CollectorRegistry
 
     from moe_backend import MoEConfig, ops
-    from moe_backend.ab import shadow as ab_shadow
+    from moe_backend.ab import shadow_hooks
+    from moe_backend.ab.shadow import Shadow
     from moe_backend.constants import QUANT_BLOCK
     from moe_backend.env import ENV
     from moe_backend.layers import DeepseekV3MoE
@@ -61,13 +62,13 @@ def main(argv=None) -> int:
     out = torch.zeros(4, hidden, dtype=torch.bfloat16)
     experts = (layer.w13_fp8, layer.w13_scale_inv, layer.w2_fp8, layer.w2_scale_inv)
     # A rate no call of this run reaches (seeded: the first sample lies far past it).
-    never = ab_shadow.Shadow("reference:1e-12", seed=0, registry=CollectorRegistry())
+    never = Shadow("reference:1e-12", seed=0, registry=CollectorRegistry())
 
     def layer_hook():
-        ab_shadow.observe_layer(layer, out, x_fp8, x_scale, weights, ids, None)
+        shadow_hooks.observe_layer(layer, out, x_fp8, x_scale, weights, ids, None)
 
     def engine_hook():
-        ab_shadow.observe_routed(out, x_fp8, experts, weights, ids, x_scale=x_scale, shadow=shadow)
+        shadow_hooks.observe_routed(out, x_fp8, experts, weights, ids, x_scale=x_scale, shadow=shadow)
 
     print(
         f"{platform.processor() or platform.machine()}, python {platform.python_version()}, torch {torch.__version__}; "

@@ -46,9 +46,9 @@ def _latency(registry, labels) -> tuple[float, float]:
 def _hook_host_time(layer, x, shadow, calls: int) -> tuple[float, float | None]:
     """Host seconds the layer spends in shadow mode's hook per call: (calls not sampled, sampled
     calls or None when none was), over one block of `calls` with `layer.shadow = shadow`."""
-    from moe_backend.ab import shadow as ab_shadow
+    from moe_backend.ab import shadow_hooks
 
-    hook = ab_shadow.observe_layer
+    hook = shadow_hooks.observe_layer
     plain, sampled = [], []
 
     def timed(*args):
@@ -59,11 +59,11 @@ def _hook_host_time(layer, x, shadow, calls: int) -> tuple[float, float | None]:
         (sampled if shadow is not None and shadow.sampled != before else plain).append(spent)
 
     layer.shadow = shadow
-    ab_shadow.observe_layer = timed  # the layer looks the hook up on the module at each call
+    shadow_hooks.observe_layer = timed  # the layer looks the hook up on the module at each call
     try:
         _block(layer, x, calls)
     finally:
-        ab_shadow.observe_layer = hook
+        shadow_hooks.observe_layer = hook
     return sum(plain) / max(len(plain), 1), (sum(sampled) / len(sampled) if sampled else None)
 
 

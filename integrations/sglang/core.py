@@ -35,7 +35,7 @@ from sglang.srt.runtime_context import get_forward
 from sglang.srt.utils import is_cuda, is_musa, is_xpu
 
 from moe_backend import experts, ops
-from moe_backend.ab import shadow as ab_shadow
+from moe_backend.ab import shadow_hooks
 from moe_backend.constants import QUANT_BLOCK
 from moe_backend.dispatch.policy import Policy
 from moe_backend.quant import FP8_DTYPE
@@ -181,7 +181,7 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
             policy=self.policy,
             phase=_current_phase(),
         )
-        ab_shadow.observe_routed(
+        shadow_hooks.observe_routed(
             out, x, q, topk_weights, d.topk_output.topk_ids, x_scale=x_scale, ue8m0=q.ue8m0, phase=_current_phase()
         )
         return StandardCombineInput(hidden_states=out)
@@ -206,7 +206,7 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
             phase="prefill",
             num_global_experts=runner_config.num_experts,
         )
-        ab_shadow.observe_routed(
+        shadow_hooks.observe_routed(
             out,
             x,
             q,
@@ -244,5 +244,5 @@ class PhaseMoeRunnerCore(DispatchMoeRunnerCore):
             ue8m0=q.ue8m0,
             expected_m=d.expected_m,
         )
-        ab_shadow.observe_masked(out, x, x_scale, q, masked_m, ue8m0=q.ue8m0, expected_m=d.expected_m)
+        shadow_hooks.observe_masked(out, x, x_scale, q, masked_m, ue8m0=q.ue8m0, expected_m=d.expected_m)
         return DeepEPLLCombineInput(hidden_states=out, topk_ids=d.topk_ids, topk_weights=d.topk_weights)

@@ -9,7 +9,7 @@ import torch
 
 from moe_backend import experts as moe_experts
 from moe_backend._checks import check_bool, check_int, check_tensor
-from moe_backend.ab import shadow as ab_shadow
+from moe_backend.ab import shadow_hooks
 from moe_backend.dispatch import Policy
 from moe_backend.quant import FP8_DTYPE
 
@@ -81,7 +81,7 @@ def apply_standard(
         num_global_experts=num_global_experts,
         out=output,
     )
-    ab_shadow.observe_routed(
+    shadow_hooks.observe_routed(
         y,
         x_fp8,
         (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv),
@@ -139,6 +139,6 @@ def apply_batched(
         policy=policy,
         expected_m=expected_m,
     )
-    ab_shadow.observe_masked(
+    shadow_hooks.observe_masked(
         output, x_fp8, x_scale, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv), masked_m, expected_m=expected_m
     )

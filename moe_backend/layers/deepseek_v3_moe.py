@@ -10,7 +10,7 @@ from torch import nn
 from moe_backend import experts as experts_path
 from moe_backend import ops
 from moe_backend._checks import check_finite_rows, check_output_rows, check_tensor, finite_checks_enabled
-from moe_backend.ab import shadow as ab_shadow
+from moe_backend.ab import shadow_hooks
 from moe_backend.config import MoEConfig
 from moe_backend.constants import FP8_DTYPE, QUANT_BLOCK
 from moe_backend.dispatch.policy import PHASES, Policy
@@ -88,7 +88,7 @@ class DeepseekV3MoE(WeightLoading, nn.Module):
                 "shared_w2_scale_inv", torch.empty(1, scale_blocks(hidden), scale_blocks(shared_inter), **f32)
             )
         self._loaded = False
-        self.shadow = ab_shadow.shadow_arg(shadow)  # None: MOE_BACKEND_SHADOW decides per call
+        self.shadow = shadow_hooks.shadow_arg(shadow)  # None: MOE_BACKEND_SHADOW decides per call
 
     @property
     def num_local_experts(self) -> int:
@@ -140,7 +140,7 @@ class DeepseekV3MoE(WeightLoading, nn.Module):
             phase=phase,
             num_global_experts=self.config.n_routed_experts,
         )
-        ab_shadow.observe_layer(self, out, x_fp8, x_scale, topk_weights, topk_ids, phase)
+        shadow_hooks.observe_layer(self, out, x_fp8, x_scale, topk_weights, topk_ids, phase)
         if self.with_shared_experts:
             out = out + self.shared_expert(x_fp8, x_scale)
         if checked:

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from moe_backend.ab import shadow as ab_shadow
+from moe_backend.ab import shadow_hooks
 from moe_backend.ab.backends import register_backend, unregister_backend
 from moe_backend.ab.shadow import Shadow, parse_shadow_spec
+from moe_backend.ab.shadow_sampling import FLUSH_EVERY
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.testing import random_moe_weights
 
@@ -87,26 +89,26 @@ def test_bad_specs(spec, message, monkeypatch):
     if spec:
         monkeypatch.setenv("MOE_BACKEND_SHADOW", spec)
         with pytest.raises(ValueError, match="MOE_BACKEND_SHADOW"):
-            ab_shadow.from_env()
+            shadow_hooks.from_env()
 
 
 def test_env_settings(monkeypatch, tmp_path):
     monkeypatch.delenv("MOE_BACKEND_SHADOW", raising=False)
-    assert ab_shadow.from_env() is None
+    assert shadow_hooks.from_env() is None
     monkeypatch.setenv("MOE_BACKEND_SHADOW", "deepgemm:0.01,triton:0.5")
     monkeypatch.setenv("MOE_BACKEND_SHADOW_SEED", "seven")
     with pytest.raises(ValueError, match="MOE_BACKEND_SHADOW_SEED"):
-        ab_shadow.from_env()
+        shadow_hooks.from_env()
     monkeypatch.setenv("MOE_BACKEND_SHADOW_SEED", "7")
     monkeypatch.setenv("MOE_BACKEND_SHADOW_LOG", str(tmp_path / "no" / "dir.jsonl"))
     with pytest.raises(ValueError, match="MOE_BACKEND_SHADOW_LOG"):
-        ab_shadow.from_env()
+        shadow_hooks.from_env()
     monkeypatch.delenv("MOE_BACKEND_SHADOW_LOG")
-    s = ab_shadow.from_env()
+    s = shadow_hooks.from_env()
     assert [(t.backend, t.rate) for t in s.targets] == [("deepgemm", 0.01), ("triton", 0.5)]
-    assert ab_shadow.from_env() is s  # built once per setting
+    assert shadow_hooks.from_env() is s  # built once per setting
     with pytest.raises(TypeError, match="shadow: expected"):
-        ab_shadow.shadow_arg(0.1)
+        shadow_hooks.shadow_arg(0.1)
 
 
 def test_sampling_rate_is_honoured(weights, counting):
@@ -223,7 +225,7 @@ def test_failures_and_capture_never_reach_serving(weights, capsys, monkeypatch):
         assert capsys.readouterr().err.count("kernel exploded") == 1  # warned once
         with pytest.raises(TypeError, match="experts: expected"):  # our hook called wrongly: a bug, raised
             s.observe_routed(primary, x_fp8, 3, tw, ids)
-        monkeypatch.setattr(ab_shadow, "_capturing", lambda: True)
+        monkeypatch.setattr(ab_shadow, "capturing", lambda: True)
         s.observe_routed(primary, x_fp8, weights, tw, ids, x_scale=x_scale)
         assert (
             registry.get_sample_value(
@@ -317,7 +319,7 @@ def test_a_call_not_sampled_does_no_host_work(weights, counting, monkeypatch):
         assert counts.get(per_call, 0) == 0, (per_call, counts)
     # The slow path (a capture check, publishing the calls counter) runs every FLUSH_EVERY calls.
     for batched in ("is_available", "is_current_stream_capturing", "call"):
-        assert counts.get(batched, 0) <= calls // ab_shadow.FLUSH_EVERY, (batched, counts)
+        assert counts.get(batched, 0) <= calls // FLUSH_EVERY, (batched, counts)
     s.flush()
     calls_total = registry.get_sample_value(
         "moe_backend_shadow_calls_total", {"layer": "0", "backend": "counting", "phase": "decode"}

@@ -74,11 +74,12 @@ def test_sampled_calls_never_sync_the_host(layers, monkeypatch):
     (torch's sync debug mode raises on stream/device syncs and blocking copies; event waits and
     scalar reads are patched to raise), and results still arrive. Triton only: the reference
     backend reads expert ids on the host (a sync of the side stream, which waits for serving)."""
-    from moe_backend.ab import shadow as ab_shadow
+    from moe_backend.ab import shadow_hooks
+    from moe_backend.ab.shadow import Shadow
 
     on, off, _, _ = layers
     registry = prom.CollectorRegistry()
-    shadow = ab_shadow.Shadow("triton:1.0", registry=registry)
+    shadow = Shadow("triton:1.0", registry=registry)
     monkeypatch.setattr(on, "shadow", shadow)
     x = torch.randn(64, CONFIG.hidden_size, device="cuda").to(torch.bfloat16)
     for _ in range(3):  # warm: plans run once eagerly, graphs captured, the read-back buffer made
@@ -91,7 +92,7 @@ def test_sampled_calls_never_sync_the_host(layers, monkeypatch):
 
         return raising
 
-    original = ab_shadow.observe_layer
+    original = shadow_hooks.observe_layer
 
     def guarded(*args, **kwargs):
         with monkeypatch.context() as m:
@@ -108,12 +109,12 @@ def test_sampled_calls_never_sync_the_host(layers, monkeypatch):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(ab_shadow, "observe_layer", guarded)
+    monkeypatch.setattr(shadow_hooks, "observe_layer", guarded)
     labels = {"layer": "0", "backend": "triton", "phase": "decode"}
     before = registry.get_sample_value("moe_backend_shadow_samples_total", labels) or 0
     for _ in range(5):
         assert torch.equal(on(x), off(x))
-    monkeypatch.setattr(ab_shadow, "observe_layer", original)
+    monkeypatch.setattr(shadow_hooks, "observe_layer", original)
     shadow.flush()
     assert registry.get_sample_value("moe_backend_shadow_samples_total", labels) == before + 5
 
@@ -122,14 +123,15 @@ def test_engine_buffers_overwritten_right_after_do_not_reach_the_shadow(monkeypa
     """vLLM's output is a workspace the next layer overwrites on the serving stream while the
     side stream may still be reading it: the engine hook hands the side stream copies taken in
     stream order, so the comparison is against what was served."""
-    from moe_backend.ab import shadow as ab_shadow
+    from moe_backend.ab import shadow_hooks
+    from moe_backend.ab.shadow import Shadow
     from moe_backend.dispatch import Policy
     from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
     from moe_backend_integrations.vllm._apply import apply_standard
 
     registry = prom.CollectorRegistry()
-    s = ab_shadow.Shadow("triton:1.0", registry=registry)
-    monkeypatch.setattr(ab_shadow, "from_env", lambda: s)
+    s = Shadow("triton:1.0", registry=registry)
+    monkeypatch.setattr(shadow_hooks, "from_env", lambda: s)
     g = torch.Generator(device="cuda").manual_seed(1)
     w13, s13 = quantize_fp8_blockwise(torch.randn(8, 512, 1024, device="cuda", generator=g) / 32)
     w2, s2 = quantize_fp8_blockwise(torch.randn(8, 1024, 256, device="cuda", generator=g) / 32)
@@ -150,14 +152,15 @@ def test_engine_buffers_overwritten_right_after_do_not_reach_the_shadow(monkeypa
 
 
 def test_nothing_runs_during_graph_capture(monkeypatch):
-    from moe_backend.ab import shadow as ab_shadow
+    from moe_backend.ab import shadow_hooks
+    from moe_backend.ab.shadow import Shadow
     from moe_backend.dispatch import Policy
     from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
     from moe_backend_integrations.vllm._apply import apply_standard
 
     registry = prom.CollectorRegistry()
-    monkeypatch.setattr(ab_shadow, "from_env", lambda: s)
-    s = ab_shadow.Shadow("triton:1.0", registry=registry)
+    monkeypatch.setattr(shadow_hooks, "from_env", lambda: s)
+    s = Shadow("triton:1.0", registry=registry)
     g = torch.Generator(device="cuda").manual_seed(0)
     w13, s13 = quantize_fp8_blockwise(torch.randn(8, 512, 1024, device="cuda", generator=g) / 32)
     w2, s2 = quantize_fp8_blockwise(torch.randn(8, 1024, 256, device="cuda", generator=g) / 32)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_backend.ab import shadow as ab_shadow
+from moe_backend.ab import shadow_hooks
+from moe_backend.ab.shadow import Shadow
 from moe_backend.quant import quantize_fp8_per_token_group
 from tests.integrations.sglang import test_sglang_runner as base  # its case builders; skips without sglang
 
@@ -41,8 +42,8 @@ def test_served_output_bit_identical_with_shadow(fmt, phase, monkeypatch):
     off = base.make_runner(CASE).run(make(), base.quant_info(weights)).hidden_states.clone()
 
     registry = prom.CollectorRegistry()
-    shadow = ab_shadow.Shadow("reference:1.0", registry=registry)
-    monkeypatch.setattr(ab_shadow, "from_env", lambda: shadow)
+    shadow = Shadow("reference:1.0", registry=registry)
+    monkeypatch.setattr(shadow_hooks, "from_env", lambda: shadow)
     on = base.make_runner(CASE).run(make(), base.quant_info(weights)).hidden_states
     assert torch.equal(on, off)
 

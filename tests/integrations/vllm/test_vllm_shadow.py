@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_backend.ab import shadow as ab_shadow
+from moe_backend.ab import shadow_hooks
+from moe_backend.ab.shadow import Shadow
 from tests.integrations.vllm.test_vllm_experts import HIDDEN, TOPK, cpu_input_quant, vllm_fp8, vllm_layer  # noqa: F401
 
 pytest.importorskip("vllm")
@@ -26,8 +27,8 @@ def test_vllm_layer_output_bit_identical_with_shadow(vllm_layer, cpu_input_quant
     with set_current_vllm_config(vllm_layer.config):
         off = vllm_layer.experts.forward_modular(x, topk_weights, topk_ids).clone()
         registry = prom.CollectorRegistry()
-        shadow = ab_shadow.Shadow("reference:1.0", registry=registry)
-        monkeypatch.setattr(ab_shadow, "from_env", lambda: shadow)
+        shadow = Shadow("reference:1.0", registry=registry)
+        monkeypatch.setattr(shadow_hooks, "from_env", lambda: shadow)
         on = vllm_layer.experts.forward_modular(x, topk_weights, topk_ids)
     assert torch.equal(on, off)
     assert shadow.sampled == 1
