@@ -183,7 +183,7 @@ def _run_quant(shape: Shape, rep_ms: int) -> dict:
         configs[config_label((items, warps))] = _time(lambda: core.launch(x, q, s, config=cfg, **args), rep_ms)
         equal &= torch.equal(q[valid].view(torch.uint8), old_q[valid].view(torch.uint8))
         equal &= torch.equal(s[valid].view(torch.int32), old_s[valid].view(torch.int32))
-    default = core.quant_launch_config(rows, cols // GROUP, group=GROUP, silu_mul=silu)
+    default = core.quant_launch_config(rows, cols // GROUP)
     nbytes = moved_bytes(shape, valid_rows)
     return dict(
         shape=shape.name,

@@ -71,24 +71,20 @@ class QuantLaunchConfig:
             raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
 
 
-# Defaults by formula. A program should read a few KB so its loads keep enough bytes in flight
-# (8 KB of bf16 = 32 groups of 128); SiLU*up reads gate and up, so half the items carry as much.
-# Small launches shrink the block so the grid still spreads over every SM (~132 on Hopper).
-TARGET_INPUT_BYTES = 8192
-MIN_ITEMS_PER_PROGRAM, MAX_ITEMS_PER_PROGRAM = 8, 64
+# 16 (row, group) items per program with 4 warps: the fastest or within 2% of it for x quant
+# (T = 2048, 16384) and for SiLU*up quant at both slices' shapes (docs/benchmarks.md, "Activation
+# quant and the row gather"). Small launches shrink the block so the grid still spreads over
+# every SM (~132 on Hopper).
+ITEMS_PER_PROGRAM = 16
+MIN_ITEMS_PER_PROGRAM = 8
 MIN_PROGRAMS = 4 * 132
 DEFAULT_NUM_WARPS = 4
 
 
-def quant_launch_config(
-    rows: int, num_groups: int, *, group: int = 128, silu_mul: bool = False, elem_bytes: int = 2
-) -> QuantLaunchConfig:
-    """Items per program and warps for `rows` rows of `num_groups` groups: the block that reads about
-    TARGET_INPUT_BYTES, halved while the launch would have fewer than MIN_PROGRAMS programs."""
-    bytes_per_item = group * elem_bytes * (2 if silu_mul else 1)
-    items = MAX_ITEMS_PER_PROGRAM
-    while items > MIN_ITEMS_PER_PROGRAM and items * bytes_per_item > TARGET_INPUT_BYTES:
-        items //= 2
+def quant_launch_config(rows: int, num_groups: int) -> QuantLaunchConfig:
+    """Items per program and warps for `rows` rows of `num_groups` groups: ITEMS_PER_PROGRAM,
+    halved while the launch would have fewer than MIN_PROGRAMS programs."""
+    items = ITEMS_PER_PROGRAM
     total = rows * num_groups
     while items > MIN_ITEMS_PER_PROGRAM and triton.cdiv(total, items) < MIN_PROGRAMS:
         items //= 2
@@ -225,7 +221,7 @@ def launch(
     if x2d.stride(-1) != 1 or not q2d.is_contiguous() or not s2d.is_contiguous():
         raise ValueError("x2d: expected unit column stride, q2d and s2d contiguous")
     if config is None:
-        config = quant_launch_config(rows, num_groups, group=group, silu_mul=silu_mul, elem_bytes=x2d.element_size())
+        config = quant_launch_config(rows, num_groups)
     valid, rows_valid_if = (
         (expert_ids, "expert_id")
         if expert_ids is not None
