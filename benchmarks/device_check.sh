@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
-# named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests); a step
+# named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
+# graphtests kerneltests othertests layer profile abshadow sweep); a step
 # starts only with at least 30 s left and gets at most min(its own limit, what is left). With
 # GATE=1 a failing `graphtests` step stops the run (nothing after it is worth timing). Logs, the
 # layer benchmark's JSON and docs section, the sweep's JSON are tarred into $OUT/check.tgz (a call
@@ -34,6 +35,9 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     kerneltests) # the kernels', the layer's, the policy's and shadow mode's GPU tests (not tests/cuda, not e2e)
            TAIL=4 step kerneltests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/dispatch \
            tests/layers/test_layer_gpu.py tests/layers/test_nonfinite_gpu.py tests/ab/test_shadow_gpu.py ;;
+    othertests) # the GPU tests outside kerneltests, graphtests and cudatest: engines' GPU paths, no-growth, generate
+           TAIL=4 step othertests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/integrations \
+           tests/test_no_growth_gpu.py ;;
     layer) cp docs/benchmarks.md "$F/benchmarks.layer.md"
            TAIL=40 step layer "${LAYER_MAX_S:-420}" python3 -m benchmarks.bench_layer --json "$F/layer.json" \
            --md "$F/benchmarks.layer.md" --log "$F/layer.detail.log" --budget-s "${LAYER_BUDGET_S:-330}" ${LAYER_ARGS:-} ;;
