@@ -217,8 +217,9 @@ def _device_key(device: torch.device) -> tuple[str, int | None]:
 
 # Graph buckets: powers of two up to the decode range, then multiples of this many tokens.
 GRAPH_BUCKET_STEP = 256
-# Providers whose kernels are ours and capture-safe (no host sync, no JIT during replay).
-_GRAPHABLE_PROVIDERS = frozenset({"triton", "cuda"})
+# Capture-safe providers (no host sync; JIT runs in the warm-up call before the capture): ours
+# and DeepGEMM's, so the A/B backends and a DeepGEMM shadow replay graphs as the served path does.
+_GRAPHABLE_PROVIDERS = frozenset({"triton", "cuda", "deepgemm"})
 
 
 def token_bucket(num_tokens: int, max_tokens: int) -> int:

@@ -8,6 +8,8 @@ under `torch.cuda.set_sync_debug_mode("error")`, which names the op that synchro
 Both DeepSeek-V3 slices at full size: EP8 (32 local experts of 256, I = 2048) and TP8 (256 experts,
 I = 256). Run on the device: `python -m pytest -q tests/layers/test_layer_graphs.py`."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -136,3 +138,25 @@ def test_eager_calls_replay_a_graph_per_bucket(expert_slice):
     for got, copy in kept:
         assert torch.equal(got, copy), "a later call overwrote a result already returned"
     assert eager_graphs.cache_sizes()["graphs"] == len({token_bucket(t, 2048) for t in [300, 37, 64, 5, 2048, 1]})
+
+
+@pytest.mark.parametrize("kernel,tokens", [("deepgemm_masked", DECODE_TOKENS), ("deepgemm_contiguous", PREFILL_TOKENS)])
+def test_deepgemm_eager_calls_replay_a_graph(expert_slice, kernel, tokens):
+    """DeepGEMM's kernels (JIT-compiled by the warm-up run before the capture) are captured like
+    ours: an eager call of a DeepGEMM plan replays its bucket's graph, no capture fails (that would
+    warn), and every replay matches the reference with new routing."""
+    pytest.importorskip("deep_gemm")
+    name, weights = expert_slice
+    eager_graphs.clear()
+    for step in range(3):  # the plan's eager first call, then the capture, then a replay
+        x = torch.randn(tokens, HIDDEN, device="cuda").to(torch.bfloat16)
+        topk_w, topk_ids = _route(tokens, seed=40 + step, exponent=0.6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with recorded_plans() as plans:
+                got = routed_experts(x, *weights, topk_w, topk_ids, kernel=kernel)
+        if step:
+            assert [p.num_tokens for p in plans] == [token_bucket(tokens, 2048)], f"{name} {kernel}: {plans}"
+        err = _rel(got, reference.routed_experts(x, *weights, topk_w, topk_ids))
+        assert err <= LAYER_SAME_QUANT, f"{name} {kernel} T={tokens} call {step}: rel err {err:.2e}"
+    assert eager_graphs.cache_sizes()["graphs"] == 1
