@@ -188,8 +188,9 @@ def render_section(env: dict, ceil: dict, cells: list, selection: str, skipped: 
         f"(rel err <= {_peer_layer.PEER_RELERR_MAX:g} vs an fp32 dequantized reference). Floor = bytes "
         "(FP8 weights + scales of the experts with >= 1 row, x in and out bf16, the FP8 intermediate "
         "written and read once) / read bandwidth, or FLOPs / FP8 ceiling where larger. Eager wall = host "
-        "perf_counter over back-to-back calls, one synchronize at the end (eager calls of <= 2048 tokens "
-        "replay their token bucket's CUDA graph: `moe_backend.eager_graphs`, policy key graph_max_tokens); "
+        "perf_counter over back-to-back calls, one synchronize at the end, median of 5 such runs (eager "
+        "calls of <= 2048 tokens replay their token bucket's CUDA graph: `moe_backend.eager_graphs`, "
+        "policy key graph_max_tokens); "
         "GPU = torch.profiler's summed device durations of the kernels, copies and memsets per call; "
         "host = wall - GPU. Rel err vs "
         "`reference.routed_experts` at the check token counts. Targets (issue 21): decode layer/peer <= "
@@ -257,15 +258,20 @@ def eager_us(fn: Callable[[], object]) -> float:
     return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def wall_us(fn: Callable[[], object], calls: int) -> float:
-    """Host time per call over `calls` back-to-back calls with one synchronize at the end."""
+def wall_us(fn: Callable[[], object], calls: int, repeats: int = 5) -> float:
+    """Wall time per call over `calls` back-to-back calls with one synchronize at the end; the
+    median of `repeats` such runs, so one host hiccup (a GC pause, a page fault) in a short run
+    does not count as every call's host time."""
     fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - start) / calls
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        runs.append(1e6 * (time.perf_counter() - start) / calls)
+    return sorted(runs)[len(runs) // 2]
 
 
 def gpu_kernel_us(fn: Callable[[], object], calls: int) -> tuple[float, float]:
