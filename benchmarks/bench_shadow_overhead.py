@@ -67,6 +67,43 @@ def _hook_host_time(layer, x, shadow, calls: int) -> tuple[float, float | None]:
     return sum(plain) / max(len(plain), 1), (sum(sampled) / len(sampled) if sampled else None)
 
 
+def profile_sampled_hook(layer, x, backend: str, calls: int) -> str:
+    """cProfile of shadow mode's hook over `calls` calls that are all sampled (rate 1, a Shadow of its
+    own), the serving thread's side only: the top functions by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    from prometheus_client import CollectorRegistry
+
+    from moe_backend.ab import shadow_hooks
+    from moe_backend.ab.shadow import Shadow
+
+    shadow = Shadow(f"{backend}:1.0", registry=CollectorRegistry())
+    hook, profiler = shadow_hooks.observe_layer, cProfile.Profile()
+
+    def profiled(*args):
+        profiler.enable()
+        try:
+            hook(*args)
+        finally:
+            profiler.disable()
+
+    layer.shadow = shadow
+    shadow_hooks.observe_layer = profiled
+    try:
+        _block(layer, x, calls)
+    finally:
+        shadow_hooks.observe_layer = hook
+        shadow.flush()
+        layer.shadow = None
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(20)
+    return f"{shadow.sampled} sampled calls profiled\n" + "\n".join(
+        line for line in text.getvalue().splitlines() if line.strip()
+    )
+
+
 def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """(median, low, high): the median of `values` and the order statistics that bracket the true
     median with at least `confidence` whatever the distribution (binomial, p = 1/2); with too few
@@ -113,6 +150,13 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="128,4096")
     p.add_argument("--seconds", type=float, default=0.5, help="per block (default 0.5)")
     p.add_argument("--blocks", type=int, default=20, help="off/on pairs (default 20)")
+    p.add_argument(
+        "--profile-sampled",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the table, N sampled calls (rate 1) under cProfile: where a sampled call's host time goes",
+    )
     p.add_argument(
         "--small-cpu",
         action="store_true",
@@ -203,6 +247,11 @@ def main(argv=None) -> int:
             flush=True,
         )
     print(f"worst overhead {100 * worst:+.2f}% of layer time at rate {args.rate:g}")
+    if args.profile_sampled:
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            x = torch.randn(tokens, config.hidden_size, device=device).to(torch.bfloat16)
+            print(f"\n== {tokens} tokens: the hook's host time on sampled calls ({args.backend})")
+            print(profile_sampled_hook(layer, x, args.backend, args.profile_sampled))
     return 0
 
 

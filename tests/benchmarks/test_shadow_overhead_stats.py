@@ -52,11 +52,15 @@ def test_the_whole_procedure_runs_on_a_small_cpu_layer(capsys):
                 "1",
                 "--seconds",
                 "0.001",
+                "--profile-sampled",
+                "3",
             ]
         )
         == 0
     )
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    assert "3 sampled calls profiled" in out and "cumulative" in out  # the sampled calls' profile
+    lines = out.splitlines()
     row = next(line for line in lines if line.startswith("| 3 |")).split("|")
     assert row[-2].strip() in ("PASS", "FAIL", "UNRESOLVED")
     runs, _, total = row[7].split()[:3]
