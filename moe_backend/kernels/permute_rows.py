@@ -132,7 +132,7 @@ class GatherLaunchConfig:
 
 
 # A block of about TARGET_BLOCK_BYTES (4 rows of DeepSeek-V3's 7 KB) gives each thread several
-# 16-byte loads in flight: within 3% of the sweep's best at both slices (docs/benchmarks.md,
+# 16-byte loads in flight: within 4% of the sweep's best at both slices (docs/benchmarks.md,
 # "Activation quant and the row gather"); halved while the grid would not cover the SMs a few times.
 TARGET_BLOCK_BYTES = 32768
 MAX_ROWS_PER_PROGRAM = 16
