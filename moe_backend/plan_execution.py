@@ -176,13 +176,17 @@ def _layout_activations(
     src_token: torch.Tensor,
     ue8m0: bool,
     rows_in_use: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GEMM1's operand in the layout's rows (padding rows are not written)."""
-    if x_scale is None:
-        if plan.fused_permute_quant:
-            return ops.permute_quant(x, src_token, GROUP, ue8m0, used_rows=rows_in_use)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GEMM1's operand (a_fp8, a_scale, a_rows): the token rows and the layout's src_token when
+    GEMM1 gathers them itself (`plan.gather_a`), else the rows copied into the layout (padding rows
+    not written) and None."""
+    if x_scale is None and (plan.gather_a or not plan.fused_permute_quant):
         x, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
-    return ops.permute_rows(x, x_scale, src_token, used_rows=rows_in_use)
+    if plan.gather_a:
+        return x, x_scale, src_token
+    if x_scale is None:
+        return (*ops.permute_quant(x, src_token, GROUP, ue8m0, used_rows=rows_in_use), None)
+    return (*ops.permute_rows(x, x_scale, src_token, used_rows=rows_in_use), None)
 
 
 def run_plan(
@@ -226,7 +230,7 @@ def _execute_plan(
     dev = x.device
     if plan.layout == "masked":
         layout = ops.build_masked_layout(topk_ids, num_experts, expert_start=expert_start, max_m=plan.num_rows)
-        a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)
+        a_fp8, a_scale, _ = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)
         y = torch.empty(num_experts, plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
         _execute_masked(
             plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m, y, None, ue8m0
@@ -234,12 +238,7 @@ def _execute_plan(
     else:
         layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start, alignment=plan.alignment)
         rows_in_use = layout.expert_offsets[num_experts:]  # int32 [1] on the device
-        if plan.gather_a:  # GEMM1 reads the token rows through src_token
-            a_fp8, a_scale = (x, x_scale) if x_scale is not None else ops.per_token_group_quant(x, GROUP, ue8m0)
-            a_rows = layout.src_token
-        else:
-            a_fp8, a_scale = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
-            a_rows = None
+        a_fp8, a_scale, a_rows = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
         ids = layout.expert_ids
         h = torch.empty(plan.num_rows, two_i, dtype=torch.bfloat16, device=dev)
         _gemm_contiguous(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use, a_rows)
