@@ -1,8 +1,8 @@
 """One plan per batch shape: every decision about which kernel runs, made once and cached.
 
 `make_plan` resolves (tokens, top-k, experts, hidden, intermediate, phase, device, policy) into a
-`Plan`: the layout (contiguous or masked) and its static row count, each GEMM's provider and
-launch config, the fused steps and the tile-choice hint. The routed-expert pipeline
+`Plan`: the layout (contiguous, masked, or none for decode's smallest batches) and its static row
+count, each GEMM's provider and launch config, the fused steps and the tile-choice hint. The routed-expert pipeline
 (`moe_backend.experts`) and the engine glue only execute plans: no provider is chosen, no
 environment variable read and no config table looked up per call.
 
@@ -16,15 +16,21 @@ The measured crossovers (our CUDA GEMM vs the Triton one, the fused permute+quan
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from moe_backend.constants import LAYOUT_ALIGNMENT
+from moe_backend.dispatch.gemm_choice import (
+    GemmPlan,
+    fused_permute_quant_pays,
+    gemm_plan,
+    gemm_provider,
+    segment_alignment,
+    thresholds,
+    token_config,
+    token_gemv_pays,
+)
 from moe_backend.dispatch.layouts import max_contiguous_rows
 from moe_backend.dispatch.policy import KERNELS, Policy
 
@@ -40,26 +46,12 @@ __all__ = [
     "token_bucket",
 ]
 
-THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
-
-
-@dataclass(frozen=True)
-class GemmPlan:
-    provider: str  # "cuda" | "triton" | "deepgemm" | "reference"
-    n: int  # output columns
-    k: int  # reduction
-    config: Any = None  # Triton: a launch-config dict frozen as sorted items; CUDA: ContiguousConfig
-
-    @property
-    def triton_config(self) -> dict:
-        return dict(self.config)
-
 
 @dataclass(frozen=True)
 class Plan:
     kernel: str  # the policy's name for the choice (a KERNELS key)
     phase: str  # "prefill" | "decode"
-    layout: str  # "contiguous" | "masked"
+    layout: str  # "contiguous" | "masked" | "tokens" (no layout: `moe_backend.kernels.token_experts`)
     num_tokens: int
     topk: int
     num_experts: int  # local experts
@@ -80,7 +72,9 @@ class Plan:
     def describe(self) -> str:
         def gemm(g: GemmPlan) -> str:
             cfg = ""
-            if g.provider == "triton" and g.config:
+            if self.layout == "tokens":
+                cfg = " gemv" if g.provider == "triton" else ""
+            elif g.provider == "triton" and g.config:
                 c = dict(g.config)
                 cfg = f" {c['BLOCK_M']}x{c['BLOCK_N']}"
             elif g.provider == "cuda" and g.config is not None:
@@ -94,119 +88,6 @@ class Plan:
             f"fused_permute_quant={self.fused_permute_quant} gather_a={self.gather_a} on {self.device}"
             + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else "")
         )
-
-
-@lru_cache(maxsize=1)
-def thresholds() -> dict:
-    """The measured crossovers (dispatch_thresholds.json), without its "meta" entry."""
-    with open(THRESHOLDS_FILE) as f:
-        data = json.load(f)
-    return {key: value for key, value in data.items() if key != "meta"}
-
-
-def _cuda_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    from moe_backend.ops import cuda_kernel_available
-
-    return cuda_kernel_available(device.index or 0)
-
-
-def _cuda_contiguous_pays(n: int, k: int, expected_m: int) -> bool:
-    t = thresholds()["cuda_contiguous"]
-    wide = n >= t["wide_min_nk"] and k >= t["wide_min_nk"]
-    return wide and expected_m >= t["wide_min_rows_per_expert"] or expected_m >= t["min_rows_per_expert"]
-
-
-def _cuda_masked_pays(n: int, k: int, max_m: int, expected_m: int) -> bool:
-    from moe_backend.cuda.grouped_gemm_masked import supports_max_m
-
-    threshold = thresholds()["cuda_masked_min_rows"].get(f"N={n},K={k}")
-    return supports_max_m(max_m) and threshold is not None and expected_m >= threshold
-
-
-def gemm_provider(impl: str, layout: str, n: int, k: int, expected_m: int, device: torch.device, max_m: int = 0) -> str:
-    """The provider that serves one GEMM: `impl` as the policy's KernelChoice names it ("best" is
-    resolved here, the one place that compares our kernels)."""
-    if device.type != "cuda" or impl == "reference":
-        if impl in ("cuda", "deepgemm"):
-            raise ValueError(f"impl={impl!r} runs on CUDA tensors only, got tensors on {device}")
-        return "reference"
-    if impl != "best":
-        return impl
-    if not _cuda_available(device):
-        return "triton"
-    if layout == "masked":
-        return "cuda" if _cuda_masked_pays(n, k, max_m, expected_m) else "triton"
-    return "cuda" if _cuda_contiguous_pays(n, k, expected_m) else "triton"
-
-
-def _triton_config(layout: str, expected_m: int, n: int, k: int, device: torch.device) -> tuple:
-    from moe_backend.kernels import _gemm_config
-    from moe_backend.kernels._launch_utils import device_name
-
-    name = device_name(device)
-    if layout == "contiguous":
-        table = _gemm_config.load_table("grouped_gemm_contiguous", name) or _gemm_config.load_table(
-            "grouped_gemm_contiguous", _gemm_config.HOPPER_FALLBACK_DEVICE
-        )
-        tuned_rows = sorted(table.get(f"N={n},K={k}", {}))
-        # The contiguous tables start where prefill does; decode-sized rows take the masked
-        # table's tiles, which the same kernel runs on either layout.
-        kernel = "grouped_gemm_contiguous" if tuned_rows and expected_m >= tuned_rows[0] else "grouped_gemm_masked"
-        cfg = _gemm_config.get_config(kernel, expected_m, n, k, name, masked=kernel.endswith("masked"), max_block_m=128)
-    else:
-        cfg = _gemm_config.get_config("grouped_gemm_masked", expected_m, n, k, name, masked=True)
-    return tuple(sorted(cfg.items()))
-
-
-def _cuda_config(layout: str, rows_hint: int, n: int, k: int, device: torch.device):
-    from moe_backend.cuda import grouped_gemm_contiguous as cuda_contiguous
-    from moe_backend.cuda.grouped_gemm_masked import select_masked_config
-
-    if layout == "masked":
-        return select_masked_config(n, k)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return cuda_contiguous.select_config(rows_hint, n, cuda_contiguous._num_sms(index), k=k)
-
-
-def _gemm(
-    provider: str, layout: str, expected_m: int, rows_hint: int, n: int, k: int, device: torch.device
-) -> GemmPlan:
-    if provider == "triton":
-        return GemmPlan(provider, n, k, _triton_config(layout, expected_m, n, k, device))
-    if provider == "cuda":
-        return GemmPlan(provider, n, k, _cuda_config(layout, rows_hint, n, k, device))
-    return GemmPlan(provider, n, k)
-
-
-def _alignment(gemms: tuple[GemmPlan, ...]) -> int:
-    """Rows per segment: a multiple of every GEMM's M tile (powers of two: their maximum)."""
-    align = 1
-    for g in gemms:
-        if g.provider == "cuda":
-            from moe_backend.cuda.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT
-
-            need = CONTIGUOUS_ALIGNMENT
-        elif g.provider == "deepgemm":
-            from moe_backend.providers import deepgemm
-
-            need = deepgemm.contiguous_alignment()
-        elif g.provider == "triton":
-            need = dict(g.config)["BLOCK_M"]
-        else:
-            need = LAYOUT_ALIGNMENT
-        align = max(align, need)
-    return align
-
-
-def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
-    """Fused permute+quant reads bf16 and writes fp8 for each layout row in use (3 bytes per
-    element and row); unfused quantizes each token once (3 per token), then gathers the fp8 rows
-    in use (2 per row); both skip padding rows. The measured crossover (dispatch_thresholds.json:
-    fused faster while rows < c x tokens) fixes the fused cost per row at 2 + 3/c bytes."""
-    per_row = 2 + 3 / thresholds()["fused_permute_quant_max_rows_per_token"]
-    return per_row * layout_rows < 3 * num_tokens + 2 * layout_rows
 
 
 def _device_key(device: torch.device) -> tuple[str, int | None]:
@@ -330,18 +211,21 @@ def _make_plan(
             f"{sorted(k for k, c in KERNELS.items() if c.layout == 'masked')}"
         )
     two_i = 2 * intermediate
+    impl = choice.impl
+    if layout == "contiguous" and impl == "best" and phase == "decode" and token_gemv_pays(num_tokens, device):
+        layout, impl = "tokens", "triton"
     if layout == "masked":
         max_m = masked_max_m or max(num_tokens, 1)
         rows_hint = max_m
     else:
         max_m = 0
         rows_hint = expected_m * num_experts
-    providers = [
-        gemm_provider(choice.impl, layout, n, k, expected_m, device, max_m)
-        for n, k in ((two_i, hidden), (hidden, intermediate))
-    ]
-    gemm1 = _gemm(providers[0], layout, expected_m, rows_hint, two_i, hidden, device)
-    gemm2 = _gemm(providers[1], layout, expected_m, rows_hint, hidden, intermediate, device)
+    shapes = ((two_i, hidden), (hidden, intermediate))
+    providers = [gemm_provider(impl, layout, n, k, expected_m, device, max_m) for n, k in shapes]
+    gemm1 = gemm_plan(providers[0], layout, expected_m, rows_hint, two_i, hidden, device)
+    gemm2 = gemm_plan(providers[1], layout, expected_m, rows_hint, hidden, intermediate, device)
+    if layout == "tokens" and gemm1.provider == "triton":
+        gemm1 = replace(gemm1, config=token_config(hidden, intermediate, device))
     if layout == "masked" and not masked_max_m and "cuda" in (gemm1.provider, gemm2.provider):
         # Our CUDA kernel tiles the masked layout in 128-row blocks: a layout we build is sized so.
         from moe_backend.cuda.grouped_gemm_contiguous import BLOCK_M as CUDA_BLOCK_M
@@ -349,13 +233,15 @@ def _make_plan(
         max_m = -(-max_m // CUDA_BLOCK_M) * CUDA_BLOCK_M
     if layout == "masked":
         alignment, num_rows = 1, max_m
+    elif layout == "tokens":
+        alignment, num_rows = 1, num_tokens * topk  # GEMM1's output rows: one per (token, slot)
     else:
-        alignment = _alignment((gemm1, gemm2))
+        alignment = segment_alignment((gemm1, gemm2))
         num_rows = max_contiguous_rows(num_tokens * topk, num_experts, alignment)
     real_rows = min(num_tokens * topk, expected_m * num_experts) if topk else num_rows
     # Our Triton GEMM loads A row by row (so through src_token) unless its config uses TMA.
     gather_a = layout == "contiguous" and gemm1.provider == "triton" and not gemm1.triton_config.get("TMA")
-    fused = not (quantized_input or gather_a) and fused_permute_quant_pays(num_tokens, real_rows)
+    fused = layout != "tokens" and not (quantized_input or gather_a) and fused_permute_quant_pays(num_tokens, real_rows)
     plan = Plan(
         kernel=name,
         phase=phase,

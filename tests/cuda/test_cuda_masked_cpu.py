@@ -59,14 +59,14 @@ def test_masked_m_dtype_is_checked() -> None:
 
 
 def test_best_picks_cuda_only_where_measured_and_tiles_fit() -> None:
-    from moe_backend.dispatch import plan
+    from moe_backend.dispatch import gemm_choice
 
-    assert plan._cuda_masked_pays(7168, 256, 128, 128)
-    assert not plan._cuda_masked_pays(7168, 256, 128, 64)  # fewer rows: Triton measured faster
-    assert not plan._cuda_masked_pays(7168, 256, 192, 192)  # max_m not a multiple of 128
-    assert plan._cuda_masked_pays(4096, 7168, 256, 128)
-    assert plan._cuda_masked_pays(512, 7168, 128, 128)
-    assert not plan._cuda_masked_pays(1024, 7168, 128, 128)  # a shape not in the measured list
+    assert gemm_choice.cuda_masked_pays(7168, 256, 128, 128)
+    assert not gemm_choice.cuda_masked_pays(7168, 256, 128, 64)  # fewer rows: Triton measured faster
+    assert not gemm_choice.cuda_masked_pays(7168, 256, 192, 192)  # max_m not a multiple of 128
+    assert gemm_choice.cuda_masked_pays(4096, 7168, 256, 128)
+    assert gemm_choice.cuda_masked_pays(512, 7168, 128, 128)
+    assert not gemm_choice.cuda_masked_pays(1024, 7168, 128, 128)  # a shape not in the measured list
     # Contiguous: every cell from 256 rows per expert, the wide GEMMs from 64.
-    assert plan._cuda_contiguous_pays(7168, 256, 256) and not plan._cuda_contiguous_pays(7168, 256, 128)
-    assert plan._cuda_contiguous_pays(4096, 7168, 64) and not plan._cuda_contiguous_pays(4096, 7168, 32)
+    assert gemm_choice.cuda_contiguous_pays(7168, 256, 256) and not gemm_choice.cuda_contiguous_pays(7168, 256, 128)
+    assert gemm_choice.cuda_contiguous_pays(4096, 7168, 64) and not gemm_choice.cuda_contiguous_pays(4096, 7168, 32)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moe_backend import experts, plan_execution, reference
+from moe_backend.dispatch import gemm_choice
 from moe_backend.dispatch import plan as plan_mod
 from moe_backend.dispatch.plan import make_masked_plan, make_plan, max_contiguous_rows, thresholds
 from moe_backend.dispatch.policy import KERNELS, Policy
@@ -74,7 +75,7 @@ def test_fused_permute_quant_follows_rows_per_token():
 
 
 def test_thresholds_are_data_naming_their_source():
-    data = json.loads(plan_mod.THRESHOLDS_FILE.read_text())
+    data = json.loads(gemm_choice.THRESHOLDS_FILE.read_text())
     for key in ("cuda_contiguous", "cuda_masked_min_rows", "fused_permute_quant_max_rows_per_token"):
         assert key in data and "docs/benchmarks.md" in data["meta"][key]
 
@@ -130,7 +131,7 @@ def test_a_batch_with_no_local_expert_gives_zeros(kernel):
 def test_cuda_masked_layouts_we_build_are_sized_in_128_row_tiles(monkeypatch):
     """A masked layout built from top-k ids for our CUDA kernel is padded to its 128-row tiles."""
     monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "cuda" if impl == "cuda" else "reference")
-    monkeypatch.setattr(plan_mod, "_gemm", lambda provider, *a, **k: plan_mod.GemmPlan(provider, 1, 1))
+    monkeypatch.setattr(plan_mod, "gemm_plan", lambda provider, *a, **k: plan_mod.GemmPlan(provider, 1, 1))
     plan_mod.clear_plan_cache()
     try:
         assert _plan(kernel="cuda_masked", num_tokens=5).num_rows == 128
@@ -149,7 +150,7 @@ def test_gemm1_gathers_its_rows_where_its_triton_config_allows(monkeypatch):
         return plan_mod.GemmPlan(provider, n, k, tuple(sorted(cfg.items())) if provider == "triton" else None)
 
     monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "triton" if impl != "reference" else impl)
-    monkeypatch.setattr(plan_mod, "_gemm", fake_gemm)
+    monkeypatch.setattr(plan_mod, "gemm_plan", fake_gemm)
     plan_mod.clear_plan_cache()
     try:
         gathers = _plan(kernel="triton")
@@ -233,3 +234,52 @@ def test_plan_log_path_comes_from_the_environment(tmp_path):
     code = "import moe_backend.plan_execution as e; print(e._PLAN_LOG)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(tmp_path / "p.log")
+
+
+def test_small_decode_batches_run_without_a_layout(monkeypatch):
+    """On a GPU the default ("contiguous", impl "best") plan runs decode batches up to the measured
+    `token_gemv_max_tokens` through token_experts (layout "tokens": no layout, nothing fused or
+    gathered); prefill, larger batches, an explicit kernel and CPU tensors keep their layouts."""
+    fake_cfg = object()
+    monkeypatch.setattr(plan_mod, "token_config", lambda *a: fake_cfg)
+
+    def fake_gemm(provider, layout, *args):
+        cfg = tuple(sorted(dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3).items()))
+        return plan_mod.GemmPlan(provider, 1, 1, cfg if provider == "triton" and layout != "tokens" else None)
+
+    monkeypatch.setattr(plan_mod, "gemm_plan", fake_gemm)
+    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "triton" if impl != "reference" else impl)
+    plan_mod.clear_plan_cache()
+    cuda = torch.device("cuda", 0)
+    limit = thresholds()["token_gemv_max_tokens"]
+    try:
+        small = _plan(num_tokens=limit, device=cuda)
+        assert small.layout == "tokens" and small.gemm1.config is fake_cfg
+        assert small.num_rows == limit * 8 and not small.fused_permute_quant and not small.gather_a
+        assert "gemm1=triton gemv" in small.describe()
+        assert small.graph_plan is not None and small.graph_plan.layout == "tokens"
+        assert _plan(num_tokens=limit + 1, device=cuda).layout == "contiguous"
+        assert _plan(num_tokens=1, device=cuda, phase="prefill").layout == "contiguous"
+        assert _plan(num_tokens=1, device=cuda, kernel="triton").layout == "contiguous"
+        assert _plan(num_tokens=1, device=cuda, kernel="masked").layout == "masked"
+        assert _plan(num_tokens=1).layout == "contiguous"  # CPU
+        assert _plan(num_tokens=64, device=cuda, kernel="token_gemv").layout == "tokens"  # forced
+    finally:
+        plan_mod.clear_plan_cache()
+
+
+def test_token_gemv_on_cpu_is_the_reference():
+    """The "token_gemv" kernel on CPU tensors runs the reference's routed_experts on the local ids."""
+    gen = torch.Generator().manual_seed(3)
+    w13, w13_s = quantize_fp8_blockwise(torch.randn(4, 256, 256, generator=gen) * 0.05)
+    w2, w2_s = quantize_fp8_blockwise(torch.randn(4, 256, 128, generator=gen) * 0.05)
+    x = torch.randn(3, 256, generator=gen).bfloat16()
+    ids = torch.tensor([[5, 6], [7, -1], [4, 9]])
+    weights = torch.rand(3, 2, generator=gen)
+    with plan_execution.recorded_plans() as plans:
+        out = experts.routed_experts(
+            x, w13, w13_s, w2, w2_s, weights, ids, expert_start=4, kernel=KERNELS["token_gemv"]
+        )
+    assert plans[0].layout == "tokens" and plans[0].gemm1.provider == "reference"
+    local = torch.where((ids >= 4) & (ids < 8), ids - 4, -1)
+    assert torch.equal(out, reference.routed_experts(x, w13, w13_s, w2, w2_s, weights, local))

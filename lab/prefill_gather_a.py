@@ -1,0 +1,131 @@
+"""Device experiment: at prefill, is it cheaper for GEMM1 to read its A rows through src_token
+(the Triton kernel's GATHER_A, no permuted copy) than to gather them first and run the CUDA GEMM?
+
+For each (slice, tokens, routing) the whole routed pipeline (`plan_execution.run_plan`) is timed
+as a CUDA-graph replay under plan variants that differ only in GEMM1's provider / operand prep:
+  policy     the plan the policy makes (CUDA GEMMs at these sizes, x gathered into the layout)
+  g1triton   GEMM1 on our Triton kernel over the gathered rows (its tuned contiguous config)
+  g1gather   GEMM1 on our Triton kernel reading token rows through src_token (no gather)
+  allgather  both GEMMs on Triton, GEMM1 gathering
+Timed interleaved (rounds of A B C D), checked against the policy plan's output (rel err).
+
+    python -m lab.prefill_gather_a                         # GPU, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
+HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
+
+
+def _variants(plan, device):
+    from moe_backend.dispatch import gemm_choice, plan as plan_mod
+
+    def triton_gemm(g):
+        rows_hint = plan.expected_m
+        return gemm_choice.gemm_plan("triton", "contiguous", rows_hint, rows_hint, g.n, g.k, device)
+
+    g1 = triton_gemm(plan.gemm1)
+    g2 = triton_gemm(plan.gemm2)
+    out = {"policy": plan}
+
+    def with_gemms(gemm1, gemm2, gather):
+        align = gemm_choice.segment_alignment((gemm1, gemm2))
+        rows = plan_mod.max_contiguous_rows(plan.num_tokens * plan.topk, plan.num_experts, align)
+        return dataclasses.replace(
+            plan,
+            gemm1=gemm1,
+            gemm2=gemm2,
+            alignment=align,
+            num_rows=rows,
+            gather_a=gather,
+            fused_permute_quant=False,
+            graph_plan=None,
+        )
+
+    no_tma = dataclasses.replace(g1, config=tuple((k, v) for k, v in g1.config if k != "TMA"))
+    out["g1triton"] = with_gemms(g1, plan.gemm2, False)
+    out["g1gather"] = with_gemms(no_tma, plan.gemm2, True)
+    out["allgather"] = with_gemms(no_tma, g2, True)
+    return out
+
+
+def main() -> None:
+    from moe_backend.dispatch import Policy
+    from moe_backend.dispatch.plan import make_plan
+    from moe_backend.plan_execution import run_plan
+    from moe_backend.testing import interleaved_us, random_fp8_weights, random_topk
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", default="2048,16384")
+    p.add_argument("--routing", default="0.6,0")
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    rows = []
+    for slice_name, (e, inter) in SLICES.items():
+        w13, w13_s = random_fp8_weights(e, 2 * inter, HIDDEN)
+        w2, w2_s = random_fp8_weights(e, HIDDEN, inter)
+        for tokens in map(int, args.tokens.split(",")):
+            for alpha in map(float, args.routing.split(",")):
+                x = torch.randn(tokens, HIDDEN, device=dev, dtype=torch.bfloat16)
+                tw, ti = random_topk(tokens, GLOBAL_EXPERTS, TOPK, alpha, seed=tokens, device=dev)
+                plan = make_plan(
+                    Policy(graph_max_tokens=0),
+                    num_tokens=tokens,
+                    topk=TOPK,
+                    num_experts=e,
+                    num_global_experts=GLOBAL_EXPERTS,
+                    hidden=HIDDEN,
+                    intermediate=inter,
+                    device=dev,
+                    phase="prefill",
+                )
+                variants = _variants(plan, dev)
+                outs, fns = {}, {}
+                for name, vp in variants.items():
+
+                    def fn(vp=vp):
+                        return run_plan(vp, x, None, w13, w13_s, w2, w2_s, tw, ti, 0, False)
+
+                    outs[name] = fn().float()
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        fn()
+                    fns[name] = graph.replay
+                times = interleaved_us(fns, rounds=3, warmup_ms=10, rep_ms=40)
+                ref = outs["policy"]
+                for name, vp in variants.items():
+                    err = float((outs[name] - ref).norm() / ref.norm())
+                    rows.append(
+                        (
+                            slice_name,
+                            tokens,
+                            alpha,
+                            name,
+                            times[name]["us"],
+                            times[name]["us"] / times["policy"]["us"],
+                            err,
+                            vp.describe(),
+                        )
+                    )
+                    print(
+                        f"{slice_name} T={tokens} zipf={alpha} {name:10s} {times[name]['us']:9.1f} us "
+                        f"x{times[name]['us'] / times['policy']['us']:.3f} err {err:.1e} | {vp.describe()}",
+                        flush=True,
+                    )
+                del fns, outs
+                torch.cuda.empty_cache()
+    print("\nslice tokens zipf variant us vs_policy")
+    for r in rows:
+        print(f"{r[0]} {r[1]} {r[2]} {r[3]} {r[4]:.1f} {r[5]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

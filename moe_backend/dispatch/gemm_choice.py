@@ -1,0 +1,174 @@
+"""Which provider and launch config serve one grouped GEMM, and the measured crossovers behind
+the choice (`kernels/configs/dispatch_thresholds.json`, each entry naming its benchmark table).
+`moe_backend.dispatch.plan` assembles these per-GEMM choices into a batch's `Plan`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_backend.constants import LAYOUT_ALIGNMENT
+
+__all__ = [
+    "GemmPlan",
+    "THRESHOLDS_FILE",
+    "thresholds",
+    "gemm_provider",
+    "gemm_plan",
+    "segment_alignment",
+    "cuda_contiguous_pays",
+    "cuda_masked_pays",
+    "fused_permute_quant_pays",
+    "token_gemv_pays",
+    "token_config",
+]
+
+THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    provider: str  # "cuda" | "triton" | "deepgemm" | "reference"
+    n: int  # output columns
+    k: int  # reduction
+    config: Any = None  # Triton: a launch-config dict frozen as sorted items; CUDA: ContiguousConfig
+
+    @property
+    def triton_config(self) -> dict:
+        return dict(self.config)
+
+
+@lru_cache(maxsize=1)
+def thresholds() -> dict:
+    """The measured crossovers (dispatch_thresholds.json), without its "meta" entry."""
+    with open(THRESHOLDS_FILE) as f:
+        data = json.load(f)
+    return {key: value for key, value in data.items() if key != "meta"}
+
+
+def _cuda_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    from moe_backend.ops import cuda_kernel_available
+
+    return cuda_kernel_available(device.index or 0)
+
+
+def cuda_contiguous_pays(n: int, k: int, expected_m: int) -> bool:
+    t = thresholds()["cuda_contiguous"]
+    wide = n >= t["wide_min_nk"] and k >= t["wide_min_nk"]
+    return wide and expected_m >= t["wide_min_rows_per_expert"] or expected_m >= t["min_rows_per_expert"]
+
+
+def cuda_masked_pays(n: int, k: int, max_m: int, expected_m: int) -> bool:
+    from moe_backend.cuda.grouped_gemm_masked import supports_max_m
+
+    threshold = thresholds()["cuda_masked_min_rows"].get(f"N={n},K={k}")
+    return supports_max_m(max_m) and threshold is not None and expected_m >= threshold
+
+
+def gemm_provider(impl: str, layout: str, n: int, k: int, expected_m: int, device: torch.device, max_m: int = 0) -> str:
+    """The provider that serves one GEMM: `impl` as the policy's KernelChoice names it ("best" is
+    resolved here, the one place that compares our kernels)."""
+    if device.type != "cuda" or impl == "reference":
+        if impl in ("cuda", "deepgemm"):
+            raise ValueError(f"impl={impl!r} runs on CUDA tensors only, got tensors on {device}")
+        return "reference"
+    if impl != "best":
+        return impl
+    if not _cuda_available(device):
+        return "triton"
+    if layout == "masked":
+        return "cuda" if cuda_masked_pays(n, k, max_m, expected_m) else "triton"
+    return "cuda" if cuda_contiguous_pays(n, k, expected_m) else "triton"
+
+
+def _triton_config(layout: str, expected_m: int, n: int, k: int, device: torch.device) -> tuple:
+    from moe_backend.kernels import _gemm_config
+    from moe_backend.kernels._launch_utils import device_name
+
+    name = device_name(device)
+    if layout == "contiguous":
+        table = _gemm_config.load_table("grouped_gemm_contiguous", name) or _gemm_config.load_table(
+            "grouped_gemm_contiguous", _gemm_config.HOPPER_FALLBACK_DEVICE
+        )
+        tuned_rows = sorted(table.get(f"N={n},K={k}", {}))
+        # The contiguous tables start where prefill does; decode-sized rows take the masked
+        # table's tiles, which the same kernel runs on either layout.
+        kernel = "grouped_gemm_contiguous" if tuned_rows and expected_m >= tuned_rows[0] else "grouped_gemm_masked"
+        cfg = _gemm_config.get_config(kernel, expected_m, n, k, name, masked=kernel.endswith("masked"), max_block_m=128)
+    else:
+        cfg = _gemm_config.get_config("grouped_gemm_masked", expected_m, n, k, name, masked=True)
+    return tuple(sorted(cfg.items()))
+
+
+def token_config(hidden: int, intermediate: int, device: torch.device):
+    """The launch config of `moe_backend.kernels.token_experts` (both its launches) for this shape."""
+    from moe_backend.kernels._launch_utils import device_name
+    from moe_backend.kernels.token_experts import config_for
+
+    return config_for(hidden, intermediate, device_name(device))
+
+
+def _cuda_config(layout: str, rows_hint: int, n: int, k: int, device: torch.device):
+    from moe_backend.cuda import grouped_gemm_contiguous as cuda_contiguous
+    from moe_backend.cuda.grouped_gemm_masked import select_masked_config
+
+    if layout == "masked":
+        return select_masked_config(n, k)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return cuda_contiguous.select_config(rows_hint, n, cuda_contiguous._num_sms(index), k=k)
+
+
+def gemm_plan(
+    provider: str, layout: str, expected_m: int, rows_hint: int, n: int, k: int, device: torch.device
+) -> GemmPlan:
+    if layout == "tokens":  # `moe_backend.kernels.token_experts`: one launch config for both GEMMs
+        return GemmPlan(provider, n, k)
+    if provider == "triton":
+        return GemmPlan(provider, n, k, _triton_config(layout, expected_m, n, k, device))
+    if provider == "cuda":
+        return GemmPlan(provider, n, k, _cuda_config(layout, rows_hint, n, k, device))
+    return GemmPlan(provider, n, k)
+
+
+def segment_alignment(gemms: tuple[GemmPlan, ...]) -> int:
+    """Rows per segment: a multiple of every GEMM's M tile (powers of two: their maximum)."""
+    align = 1
+    for g in gemms:
+        if g.provider == "cuda":
+            from moe_backend.cuda.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT
+
+            need = CONTIGUOUS_ALIGNMENT
+        elif g.provider == "deepgemm":
+            from moe_backend.providers import deepgemm
+
+            need = deepgemm.contiguous_alignment()
+        elif g.provider == "triton":
+            need = dict(g.config)["BLOCK_M"]
+        else:
+            need = LAYOUT_ALIGNMENT
+        align = max(align, need)
+    return align
+
+
+def token_gemv_pays(num_tokens: int, device: torch.device) -> bool:
+    """A decode batch this small runs the routed experts without a layout in two launches
+    (`moe_backend.kernels.token_experts`), where every (token, expert) pair reads that expert's
+    weights once; the measured crossover is `token_gemv_max_tokens` (dispatch_thresholds.json)."""
+    return device.type == "cuda" and num_tokens <= thresholds()["token_gemv_max_tokens"]
+
+
+def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
+    """Fused permute+quant reads bf16 and writes fp8 for each layout row in use (3 bytes per
+    element and row); unfused quantizes each token once (3 per token), then gathers the fp8 rows
+    in use (2 per row); both skip padding rows. The measured crossover (dispatch_thresholds.json:
+    fused faster while rows < c x tokens) fixes the fused cost per row at 2 + 3/c bytes."""
+    per_row = 2 + 3 / thresholds()["fused_permute_quant_max_rows_per_token"]
+    return per_row * layout_rows < 3 * num_tokens + 2 * layout_rows
