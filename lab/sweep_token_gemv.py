@@ -32,7 +32,12 @@ def main() -> None:
     p.add_argument("--tokens", default="1,2,4,8,16,32")
     p.add_argument("--sweep-tokens", default="1,8")
     p.add_argument("--json", default=None)
+    p.add_argument("--from-json", default=None, help="print the docs table of a run's --json (no GPU)")
     args = p.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            print(render(json.load(f)))
+        return
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     results = {"device": torch.cuda.get_device_name(), "sweep": [], "cells": []}
@@ -138,6 +143,23 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def render(results: dict) -> str:
+    """The docs/benchmarks.md table of a run: the token path (tuned config) beside the contiguous
+    pipeline at the same routing, both CUDA-graph replays."""
+    lines = [
+        "| slice | T | routing | local slots | contiguous pipeline µs | token_experts µs | ratio | rel err |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in results["cells"]:
+        err = max(c["errs"].values())
+        routing = f"zipf:{c['zipf']}" if c["zipf"] else "uniform"
+        lines.append(
+            f"| {c['slice'].upper()} | {c['tokens']} | {routing} | {c['local_slots']} | {c['contiguous_us']:.1f} | "
+            f"{c['token_best_us']:.1f} | {c['token_best_us'] / c['contiguous_us']:.2f} | {err:.1e} |"
+        )
+    return "\n".join(lines)
 
 
 def _write_table(table: dict) -> None:
