@@ -45,8 +45,7 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     abshadow) TAIL=12 step abshadow "${SHADOW_MAX_S:-150}" bash -c 'for b in triton $(python3 -c "import deep_gemm" \
            2>/dev/null && echo deepgemm); do python3 -m benchmarks.bench_shadow_overhead --backend $b '"${SHADOW_ARGS:-}"'; done' ;;
     sweep) TAIL=40 step sweep 130 python3 -m lab.sweep_quant_gather --json "$F/sweep_quant_gather.json" ;;
-    tokensweep) TAIL=30 step tokensweep 170 python3 -m lab.sweep_token_gemv --json "$F/token_gemv.json"
-           cp moe_backend/kernels/configs/token_gemv_*.json "$F/" 2>/dev/null ;;
+    tokensweep) TAIL=30 step tokensweep 170 python3 -m lab.sweep_token_gemv --json "$F/token_gemv.json" ;;
     *) echo "== $name: unknown step" ;;
   esac
 done

@@ -1,4 +1,4 @@
-"""Device sweep of the layout-free decode path (`moe_backend.kernels.token_experts`) against the
+"""Device sweep of the layout-free decode experiment (`lab/token_experts.py`) against the
 contiguous pipeline at the same routing, both CUDA-graphed, for the DeepSeek-V3 EP8 and TP8
 slices: the launch configs at T = 1 and 8, then every token count with the best config. Checks
 each output against the reference on the CPU in the same run.
@@ -24,7 +24,7 @@ def main() -> None:
     from moe_backend import reference
     from moe_backend.dispatch import Policy
     from moe_backend.dispatch.plan import make_plan
-    from moe_backend.kernels.token_experts import DEFAULT_CONFIG, TokenGemvConfig, token_experts
+    from lab.token_experts import DEFAULT_CONFIG, TokenGemvConfig, token_experts
     from moe_backend.plan_execution import run_plan
     from moe_backend.testing import random_fp8_weights, random_topk, time_graph
 
@@ -41,13 +41,6 @@ def main() -> None:
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     results = {"device": torch.cuda.get_device_name(), "sweep": [], "cells": []}
-    table = {
-        "meta": {
-            "what": "token_experts launch config per (hidden, intermediate): the fastest summed over T = "
-            f"{args.sweep_tokens} (Zipf 0.6 routing), CUDA-graphed, written by lab/sweep_token_gemv.py",
-            "source": "docs/benchmarks.md, 'Decode without a layout (token_experts)'",
-        }
-    }
     for slice_name, (e, inter) in SLICES.items():
         w13, w13_s = random_fp8_weights(e, 2 * inter, HIDDEN)
         w2, w2_s = random_fp8_weights(e, HIDDEN, inter)
@@ -79,8 +72,6 @@ def main() -> None:
                 flush=True,
             )
         best = TokenGemvConfig(*min(summed, key=summed.get))  # fastest over the sweep's token counts
-        table[f"H={HIDDEN},I={inter}"] = dict(best.__dict__)
-        _write_table(table)
         print(f"{slice_name}: tuned {best}", flush=True)
         for tokens in map(int, args.tokens.split(",")):
             for alpha in (0.6, 0.0):
@@ -114,9 +105,9 @@ def main() -> None:
                     lambda: token_experts(x, None, w13, w13_s, w2, w2_s, tw, ti, 0, False, None, best),
                     on_output=keep("best"),
                 )
+                local = ti.long().cpu()
+                local = torch.where(local < e, local, -1)
                 if tokens <= 8:  # the CPU reference; above, the token path against the contiguous one
-                    local = ti.long().cpu()
-                    local = torch.where(local < e, local, -1)
                     ref = reference.routed_experts(x.cpu(), *cpu_w, tw.cpu(), local).float()
                 else:
                     ref = outs.pop("contiguous")
@@ -160,13 +151,6 @@ def render(results: dict) -> str:
             f"{c['token_best_us']:.1f} | {c['token_best_us'] / c['contiguous_us']:.2f} | {err:.1e} |"
         )
     return "\n".join(lines)
-
-
-def _write_table(table: dict) -> None:
-    from moe_backend.kernels._gemm_config import table_path
-
-    path = table_path("token_gemv", torch.cuda.get_device_name())
-    path.write_text(json.dumps(table, indent=1) + "\n")
 
 
 if __name__ == "__main__":

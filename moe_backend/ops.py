@@ -33,7 +33,6 @@ __all__ = [
     "permute_quant",
     "permute_rows",
     "unpermute_combine",
-    "token_experts",
     "build_contiguous_layout",
     "build_masked_layout",
     "contiguous_alignment",
@@ -221,37 +220,6 @@ def unpermute_combine(
     if _provider("auto", y.device) == "triton":
         return _kernel("unpermute_combine")(y, row_of_slot, topk_weights, out)
     return torch_reference.unpermute_combine(y, row_of_slot, topk_weights, out)
-
-
-def token_experts(
-    x,
-    x_scale,
-    w13_fp8,
-    w13_scale_inv,
-    w2_fp8,
-    w2_scale_inv,
-    topk_weights,
-    topk_ids,
-    expert_start,
-    ue8m0,
-    out=None,
-    config=None,
-) -> torch.Tensor:
-    """The routed experts of a few tokens without a layout (`moe_backend.kernels.token_experts`:
-    two launches, the combine inside the second); topk_ids are global (local = id - expert_start);
-    config: a `TokenGemvConfig` (the plan's) or None. CPU: the reference's `routed_experts` on the
-    local ids."""
-    if _provider("auto", x.device) == "triton":
-        if x_scale is not None:
-            x_scale = x_scale.contiguous()  # an engine's pre-quantized scales may arrive strided
-        weights = (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv)
-        return _kernel("token_experts")(x, x_scale, *weights, topk_weights, topk_ids, expert_start, ue8m0, out, config)
-    local = topk_ids.long() - expert_start
-    local = torch.where((local >= 0) & (local < w13_fp8.shape[0]), local, -1)
-    result = torch_reference.routed_experts(
-        x, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, local, x_scale=x_scale, ue8m0=ue8m0
-    )
-    return result if out is None else out.copy_(result)
 
 
 def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu") -> int:

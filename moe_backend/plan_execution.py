@@ -1,6 +1,4 @@
-"""Plan execution: layout -> quant+permute -> GEMM1 -> SiLU*up+quant -> GEMM2 -> combine, or, for
-decode's smallest batches (layout "tokens"), GEMM1 per (token, slot) -> GEMM2 with SiLU*up+quant
-and the combine inside it.
+"""Plan execution: layout -> quant+permute -> GEMM1 -> SiLU*up+quant -> GEMM2 -> combine.
 
 Runs a `Plan` (`moe_backend.dispatch.plan`) on operands `moe_backend.experts` has already checked;
 nothing here checks an argument or chooses a kernel. Execution is sync-free with shapes from the
@@ -230,9 +228,6 @@ def _execute_plan(
     num_experts, two_i, _ = w13_fp8.shape
     hidden = w2_fp8.shape[1]
     dev = x.device
-    if plan.layout == "tokens":
-        args = (x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0)
-        return ops.token_experts(*args, out, plan.gemm1.config)
     if plan.layout == "masked":
         layout = ops.build_masked_layout(topk_ids, num_experts, expert_start=expert_start, max_m=plan.num_rows)
         a_fp8, a_scale, _ = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)

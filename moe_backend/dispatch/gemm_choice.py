@@ -25,8 +25,6 @@ __all__ = [
     "cuda_contiguous_pays",
     "cuda_masked_pays",
     "fused_permute_quant_pays",
-    "token_gemv_pays",
-    "token_config",
 ]
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
@@ -108,14 +106,6 @@ def _triton_config(layout: str, expected_m: int, n: int, k: int, device: torch.d
     return tuple(sorted(cfg.items()))
 
 
-def token_config(hidden: int, intermediate: int, device: torch.device):
-    """The launch config of `moe_backend.kernels.token_experts` (both its launches) for this shape."""
-    from moe_backend.kernels._launch_utils import device_name
-    from moe_backend.kernels.token_experts import config_for
-
-    return config_for(hidden, intermediate, device_name(device))
-
-
 def _cuda_config(layout: str, rows_hint: int, n: int, k: int, device: torch.device):
     from moe_backend.cuda import grouped_gemm_contiguous as cuda_contiguous
     from moe_backend.cuda.grouped_gemm_masked import select_masked_config
@@ -129,8 +119,6 @@ def _cuda_config(layout: str, rows_hint: int, n: int, k: int, device: torch.devi
 def gemm_plan(
     provider: str, layout: str, expected_m: int, rows_hint: int, n: int, k: int, device: torch.device
 ) -> GemmPlan:
-    if layout == "tokens":  # `moe_backend.kernels.token_experts`: one launch config for both GEMMs
-        return GemmPlan(provider, n, k)
     if provider == "triton":
         return GemmPlan(provider, n, k, _triton_config(layout, expected_m, n, k, device))
     if provider == "cuda":
@@ -156,13 +144,6 @@ def segment_alignment(gemms: tuple[GemmPlan, ...]) -> int:
             need = LAYOUT_ALIGNMENT
         align = max(align, need)
     return align
-
-
-def token_gemv_pays(num_tokens: int, device: torch.device) -> bool:
-    """A decode batch this small runs the routed experts without a layout in two launches
-    (`moe_backend.kernels.token_experts`), where every (token, expert) pair reads that expert's
-    weights once; the measured crossover is `token_gemv_max_tokens` (dispatch_thresholds.json)."""
-    return device.type == "cuda" and num_tokens <= thresholds()["token_gemv_max_tokens"]
 
 
 def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:

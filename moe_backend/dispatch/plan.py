@@ -1,8 +1,8 @@
 """One plan per batch shape: every decision about which kernel runs, made once and cached.
 
 `make_plan` resolves (tokens, top-k, experts, hidden, intermediate, phase, device, policy) into a
-`Plan`: the layout (contiguous, masked, or none for decode's smallest batches) and its static row
-count, each GEMM's provider and launch config, the fused steps and the tile-choice hint. The routed-expert pipeline
+`Plan`: the layout (contiguous or masked) and its static row count, each GEMM's provider and
+launch config, the fused steps and the tile-choice hint. The routed-expert pipeline
 (`moe_backend.experts`) and the engine glue only execute plans: no provider is chosen, no
 environment variable read and no config table looked up per call.
 
@@ -28,8 +28,6 @@ from moe_backend.dispatch.gemm_choice import (
     gemm_provider,
     segment_alignment,
     thresholds,
-    token_config,
-    token_gemv_pays,
 )
 from moe_backend.dispatch.layouts import max_contiguous_rows
 from moe_backend.dispatch.policy import KERNELS, Policy
@@ -51,7 +49,7 @@ __all__ = [
 class Plan:
     kernel: str  # the policy's name for the choice (a KERNELS key)
     phase: str  # "prefill" | "decode"
-    layout: str  # "contiguous" | "masked" | "tokens" (no layout: `moe_backend.kernels.token_experts`)
+    layout: str  # "contiguous" | "masked"
     num_tokens: int
     topk: int
     num_experts: int  # local experts
@@ -72,9 +70,7 @@ class Plan:
     def describe(self) -> str:
         def gemm(g: GemmPlan) -> str:
             cfg = ""
-            if self.layout == "tokens":
-                cfg = " gemv" if g.provider == "triton" else ""
-            elif g.provider == "triton" and g.config:
+            if g.provider == "triton" and g.config:
                 c = dict(g.config)
                 cfg = f" {c['BLOCK_M']}x{c['BLOCK_N']}"
             elif g.provider == "cuda" and g.config is not None:
@@ -211,9 +207,6 @@ def _make_plan(
             f"{sorted(k for k, c in KERNELS.items() if c.layout == 'masked')}"
         )
     two_i = 2 * intermediate
-    impl = choice.impl
-    if layout == "contiguous" and impl == "best" and phase == "decode" and token_gemv_pays(num_tokens, device):
-        layout, impl = "tokens", "triton"
     if layout == "masked":
         max_m = masked_max_m or max(num_tokens, 1)
         rows_hint = max_m
@@ -221,11 +214,9 @@ def _make_plan(
         max_m = 0
         rows_hint = expected_m * num_experts
     shapes = ((two_i, hidden), (hidden, intermediate))
-    providers = [gemm_provider(impl, layout, n, k, expected_m, device, max_m) for n, k in shapes]
+    providers = [gemm_provider(choice.impl, layout, n, k, expected_m, device, max_m) for n, k in shapes]
     gemm1 = gemm_plan(providers[0], layout, expected_m, rows_hint, two_i, hidden, device)
     gemm2 = gemm_plan(providers[1], layout, expected_m, rows_hint, hidden, intermediate, device)
-    if layout == "tokens" and gemm1.provider == "triton":
-        gemm1 = replace(gemm1, config=token_config(hidden, intermediate, device))
     if layout == "masked" and not masked_max_m and "cuda" in (gemm1.provider, gemm2.provider):
         # Our CUDA kernel tiles the masked layout in 128-row blocks: a layout we build is sized so.
         from moe_backend.cuda.grouped_gemm_contiguous import BLOCK_M as CUDA_BLOCK_M
@@ -233,15 +224,13 @@ def _make_plan(
         max_m = -(-max_m // CUDA_BLOCK_M) * CUDA_BLOCK_M
     if layout == "masked":
         alignment, num_rows = 1, max_m
-    elif layout == "tokens":
-        alignment, num_rows = 1, num_tokens * topk  # GEMM1's output rows: one per (token, slot)
     else:
         alignment = segment_alignment((gemm1, gemm2))
         num_rows = max_contiguous_rows(num_tokens * topk, num_experts, alignment)
     real_rows = min(num_tokens * topk, expected_m * num_experts) if topk else num_rows
     # Our Triton GEMM loads A row by row (so through src_token) unless its config uses TMA.
     gather_a = layout == "contiguous" and gemm1.provider == "triton" and not gemm1.triton_config.get("TMA")
-    fused = layout != "tokens" and not (quantized_input or gather_a) and fused_permute_quant_pays(num_tokens, real_rows)
+    fused = not (quantized_input or gather_a) and fused_permute_quant_pays(num_tokens, real_rows)
     plan = Plan(
         kernel=name,
         phase=phase,

@@ -32,7 +32,7 @@ PHASES = ("prefill", "decode")
 @dataclass(frozen=True)
 class KernelChoice:
     name: str  # the policy's name for it (a KERNELS key)
-    layout: str  # "contiguous" | "masked" | "tokens" (no layout)
+    layout: str  # "contiguous" | "masked"
     impl: str  # "best" | "cuda" | "triton" (ours) | "deepgemm" (optional peer) | "reference" (torch)
 
 
@@ -51,9 +51,6 @@ KERNELS: dict[str, KernelChoice] = {
     "deepgemm_masked": KernelChoice("deepgemm_masked", "masked", "deepgemm"),
     "reference": KernelChoice("reference", "contiguous", "reference"),
     "reference_masked": KernelChoice("reference_masked", "masked", "reference"),
-    # A few decode tokens without a layout, two launches; "contiguous" ("best") picks it by itself
-    # below the measured `token_gemv_max_tokens`.
-    "token_gemv": KernelChoice("token_gemv", "tokens", "triton"),
 }
 MASKED_KERNELS = tuple(sorted(name for name, c in KERNELS.items() if c.layout == "masked"))
 

@@ -20,7 +20,6 @@ __all__ = [
     "unpermute_combine",
     "build_contiguous_layout",
     "build_masked_layout",
-    "routed_experts",
 ]
 
 
@@ -61,12 +60,4 @@ def build_contiguous_layout(
 def build_masked_layout(topk_ids, num_local_experts, *, expert_start=0, max_m=None, drop_overflow=False):
     return _oracle().build_masked_layout(
         topk_ids, num_local_experts, expert_start=expert_start, max_m=max_m, drop_overflow=drop_overflow
-    )
-
-
-def routed_experts(
-    x, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, *, x_scale=None, ue8m0=False
-):
-    return _oracle().routed_experts(
-        x, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, x_scale=x_scale, ue8m0=ue8m0
     )

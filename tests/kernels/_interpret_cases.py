@@ -20,7 +20,6 @@ from moe_backend.kernels.per_token_group_quant import per_token_group_quant
 from moe_backend.kernels.permute_quant import permute_quant
 from moe_backend.kernels.permute_rows import GatherLaunchConfig, permute_rows
 from moe_backend.kernels.silu_mul_quant import silu_mul_quant
-from moe_backend.kernels.token_experts import TokenGemvConfig, token_experts
 from moe_backend.kernels.unpermute_combine import unpermute_combine
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
 from moe_backend.reference import layouts
@@ -740,60 +739,6 @@ def case_combine_kernel_layouts():
         ref = layouts.combine(y, layout, weights)
         assert torch.isfinite(out.float()).all(), "a padding row was read"
         assert _rel(out, ref) <= 1e-2
-
-
-def _check_token_experts(num_tokens, topk, ids, prequantized, ue8m0, cfg=None, seed=0):
-    """token_experts vs the reference's routed_experts on the local ids. Poisoned out: every row
-    written (a token with no local expert gets zeros). Both GEMMs' N (512, 384) span several column
-    blocks and several 128-row scale blocks."""
-    gen = torch.Generator().manual_seed(seed)
-    e, hidden, inter, start = 5, 384, 256, 2
-    w13, w13_s = _weights(e, 2 * inter, hidden, gen)
-    w2, w2_s = _weights(e, hidden, inter, gen)
-    x = torch.randn(num_tokens, hidden, generator=gen).bfloat16()
-    weights = torch.rand(num_tokens, topk, generator=gen) + 0.1
-    ids = torch.tensor(ids, dtype=torch.int32).view(num_tokens, topk)
-    local = ids.long() - start
-    local = torch.where((local >= 0) & (local < e), local, -1)
-    x_in, x_scale = quantize_fp8_per_token_group(x, 128, ue8m0) if prequantized else (x, None)
-    ref = reference.routed_experts(x_in, w13, w13_s, w2, w2_s, weights, local, x_scale=x_scale, ue8m0=ue8m0)
-    out = torch.full((num_tokens, hidden), float("nan"), dtype=torch.bfloat16)
-    kwargs = {} if cfg is None else {"config": cfg}
-    token_experts(x_in, x_scale, w13, w13_s, w2, w2_s, weights, ids, start, ue8m0, out, **kwargs)
-    assert torch.isfinite(out).all(), "rows left unwritten"
-    no_local = ~((local >= 0).any(dim=1))
-    assert (out[no_local] == 0).all(), "a token with no local expert must get zeros"
-    # Same quantized x; the kernel's fp32 sums run in another order than the reference's, which can
-    # move GEMM1's bf16 output by an ulp and flip an FP8 rounding of the activation (a 6% step of one
-    # element): LAYER_SAME_QUANT (tests/helpers/tolerances.py).
-    err = _rel(out, ref)
-    assert err <= 1e-2, f"rel err {err:.2e}"
-
-
-def case_token_experts():
-    """Global ids with expert_start 2 of 5 local experts: other ranks' experts (0, 1, 7, 9), -1
-    (graph padding), a token with no local expert, x prequantized or bf16, e4m3 and UE8M0 scales."""
-    ids = [2, 6, 0, -1, 3, 4, 5, 6, 7, 9, 1, -1, 6, 2, 3, 4]
-    for prequantized in (True, False):
-        for ue8m0 in (False, True):
-            _check_token_experts(4, 4, ids, prequantized, ue8m0)
-
-
-def case_token_experts_single_token():
-    """T = 1, k = 1, and configs whose column blocks (16, 128) differ from the default's, with the
-    second launch's flat (slot, block) walk and its per-slot branch."""
-    _check_token_experts(1, 1, [4], True, False)
-    for flat in (True, False):
-        cfg = TokenGemvConfig(16, 128, 2, 2, flat_down=flat)
-        _check_token_experts(3, 2, [2, 3, 4, 5, 6, 2], True, False, cfg, seed=1)
-    _check_token_experts(
-        4,
-        4,
-        [2, 6, 0, -1, 3, 4, 5, 6, 7, 9, 1, -1, 6, 2, 3, 4],
-        False,
-        True,
-        TokenGemvConfig(32, 32, 4, 4, flat_down=False),
-    )
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

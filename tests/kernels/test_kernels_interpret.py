@@ -58,8 +58,6 @@ CASES = [
     "permute_rows",
     "permute_rows_used_rows",
     "permute_rows_edges",
-    "token_experts",
-    "token_experts_single_token",
 ]
 
 

@@ -1,4 +1,9 @@
-"""The routed experts of a few tokens in two launches, without a layout: `token_experts`.
+"""Experiment (not shipped): the routed experts of a few tokens in two launches, without a layout.
+
+Measured slower than the shipped contiguous pipeline in every decode cell it was tried on
+(docs/benchmarks.md, "Decode without a layout (lab/token_experts.py)"): each program walks its
+K blocks one dependent load after another, so the weight stream is latency-bound. Kept here with
+`lab/sweep_token_gemv.py` as the starting point for a split-K version.
 
 At decode's smallest batches every launch costs more than its work, and a layout (sort tokens by
 expert, pad, gather) is work nobody needs when each token's k experts are read once anyway. So:
@@ -11,29 +16,26 @@ expert, pad, gather) is work nobody needs when each token's k experts are read o
   registers (the same rounding as `silu_mul_quant`), times `w2[e]^T`, rounded to bf16 as a GEMM
   writes y, weighted and summed in fp32 in slot order: the combine, deterministic.
 
-Each (token, expert) pair reads that expert's weights once, so this pays only while few tokens
-share an expert (the plan's `token_gemv_max_tokens`). Products are fp32 multiply-adds on the
+Each (token, expert) pair reads that expert's weights once, so this could pay only while few
+tokens share an expert. Products are fp32 multiply-adds on the
 dequantized fp8 values, one scale pair per 128-column group, as the grouped GEMMs accumulate.
 Its torch twin: `moe_backend.reference.routed_experts`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
 from moe_backend.constants import FP8_DTYPE, QUANT_BLOCK
-from moe_backend.kernels._gemm_config import table_path
 from moe_backend.kernels._group_quant_core import quantize_groups
-from moe_backend.kernels._launch_utils import check_kernel_tensor, device_name
+from moe_backend.kernels._launch_utils import check_kernel_tensor
 from moe_backend.kernels._numerics import round_to_bf16_grid
 
-__all__ = ["token_experts", "TokenGemvConfig", "DEFAULT_CONFIG", "config_for"]
+__all__ = ["token_experts", "TokenGemvConfig", "DEFAULT_CONFIG"]
 
 
 @dataclass(frozen=True)
@@ -54,22 +56,6 @@ class TokenGemvConfig:
 
 
 DEFAULT_CONFIG = TokenGemvConfig(up_block_n=32, down_block_n=32, num_warps=4, num_stages=4)
-
-
-def config_for(hidden: int, inter: int, device_name: str) -> TokenGemvConfig:
-    """The tuned config for this shape on this GPU (`configs/token_gemv_<GPU>.json`, written by
-    `lab/sweep_token_gemv.py`), else DEFAULT_CONFIG."""
-    return _tuned(device_name).get(f"H={hidden},I={inter}", DEFAULT_CONFIG)
-
-
-@lru_cache(maxsize=None)
-def _tuned(device_name: str) -> dict:
-    path = table_path("token_gemv", device_name)
-    if not path.exists():
-        return {}
-    with open(path) as f:
-        table = json.load(f)
-    return {key: TokenGemvConfig(**cfg) for key, cfg in table.items() if key != "meta"}
 
 
 @triton.jit
@@ -201,7 +187,7 @@ def token_experts(
     `[E, 2I, H]`, w2 fp8 `[E, H, I]` with their 128x128 block scales; topk_weights f32 `[T, k]`;
     topk_ids `[T, k]` global ids (local expert = id - expert_start, others skipped). Returns bf16
     `[T, H]` (into `out` when given): `sum_j w[t, j] * MLP_e(x[t])` over the local slots.
-    config: None = the tuned one for the shape (`config_for`)."""
+    config: None = DEFAULT_CONFIG."""
     dev = x.device
     scaled = x_scale is not None
     check_kernel_tensor("x", x, dtypes=(FP8_DTYPE,) if scaled else (torch.bfloat16,), ndim=2)
@@ -231,7 +217,7 @@ def token_experts(
     if topk == 0 or num_experts == 0:
         return out.zero_()
     if config is None:
-        config = config_for(hidden, inter, device_name(dev))
+        config = DEFAULT_CONFIG
     h = torch.empty(num_tokens * topk, two_i, dtype=torch.bfloat16, device=dev)
     meta = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     _up_kernel[(num_tokens * topk, triton.cdiv(two_i, config.up_block_n))](
