@@ -16,8 +16,11 @@ import torch
 
 SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
 HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
-# (up_block_n, down_block_n, num_warps, num_stages, flat_down)
-CANDIDATES = [*itertools.product((16, 32, 64), (16, 32, 64), (2, 4), (4,), (True, False)), (32, 32, 4, 3, True)]
+# (up_block_n, down_block_n, num_warps, num_stages, flat_down, up_split_k)
+CANDIDATES = [
+    *itertools.product((16, 32, 64), (16, 32, 64), (4,), (4,), (True, False), (1, 4, 8)),
+    *itertools.product((16, 32), (16, 32), (2,), (4,), (True, False), (4, 8)),
+]
 
 
 def main() -> None:

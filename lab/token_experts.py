@@ -47,6 +47,9 @@ class TokenGemvConfig:
     # Second launch: one flat loop over (slot, 128-column block) with masked loads, which the
     # software pipeliner overlaps across slots; False: a branch per slot around its own loop.
     flat_down: bool = True
+    # First launch: K (hidden) split over this many programs per (slot, columns), each writing fp32
+    # partial sums that the second launch adds in a fixed order (more loads in flight per weight row).
+    up_split_k: int = 1
 
     def __post_init__(self):
         for name in ("up_block_n", "down_block_n"):
@@ -71,7 +74,7 @@ def _up_kernel(
     w_ptr,  # [E, N, H] fp8
     ws_ptr,  # [E, ceil(N/128), H/128] f32
     ids_ptr,  # [T*k] global expert ids
-    h_ptr,  # [T*k, N] bf16
+    h_ptr,  # [T*k, SPLIT_K, N] f32 partial sums
     expert_start,
     num_experts,
     N,
@@ -80,8 +83,10 @@ def _up_kernel(
     X_SCALED: tl.constexpr,
     UE8M0: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     slot = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(2)
     e, local = _local_expert(ids_ptr, slot, expert_start, num_experts)
     if local:
         token = slot // TOPK
@@ -91,23 +96,37 @@ def _up_kernel(
         KB: tl.constexpr = H // 128
         w_rows = w_ptr + e * N * H + n.to(tl.int64)[:, None] * H + cols[None, :]
         ws_row = ws_ptr + (e * tl.cdiv(N, 128) + tl.program_id(1) * BLOCK_N // 128) * KB
+        KB_PER_SPLIT: tl.constexpr = (KB + SPLIT_K - 1) // SPLIT_K
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for kb in range(KB):
-            a = tl.load(x_ptr + token * H + kb * 128 + cols).to(tl.float32)
+        for i in range(KB_PER_SPLIT):
+            kb = split * KB_PER_SPLIT + i
+            kb_ok = (cols * 0 + kb) < KB  # a vector mask (scalar masks trip the interpreter)
+            a = tl.load(x_ptr + token * H + kb * 128 + cols, mask=kb_ok, other=0.0).to(tl.float32)
             if X_SCALED:
-                a_scale = tl.load(xs_ptr + token * KB + kb)
+                a_scale = tl.sum(tl.load(xs_ptr + token * KB + kb + cols * 0, mask=kb_ok & (cols == 0), other=0.0))
             else:
                 q, s = quantize_groups(a[None, :], UE8M0)
                 a = tl.reshape(q, (128,))
                 a_scale = tl.sum(s, axis=0)
-            w = tl.load(w_rows + kb * 128, mask=n_ok[:, None], other=0.0).to(tl.float32)
-            acc += tl.sum(w * a[None, :], axis=1) * (a_scale * tl.load(ws_row + kb))
-        tl.store(h_ptr + slot * N + n, round_to_bf16_grid(acc).to(h_ptr.dtype.element_ty), mask=n_ok)
+            w = tl.load(w_rows + kb * 128, mask=n_ok[:, None] & kb_ok[None, :], other=0.0).to(tl.float32)
+            b_scale = tl.sum(tl.load(ws_row + kb + cols * 0, mask=kb_ok & (cols == 0), other=0.0))
+            acc += tl.sum(w * a[None, :], axis=1) * (a_scale * b_scale)
+        tl.store(h_ptr + (slot * SPLIT_K + split) * N + n, acc, mask=n_ok)
+
+
+@triton.jit
+def _gemm1_output(ptr, mask, row_stride, SPLIT_K: tl.constexpr):
+    """128 columns of GEMM1's output: its SPLIT_K fp32 partial sums added in a fixed order, rounded to
+    bf16 as a GEMM writes its output."""
+    acc = tl.load(ptr, mask=mask, other=0.0)
+    for p in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ptr + p * row_stride, mask=mask, other=0.0)
+    return round_to_bf16_grid(acc)
 
 
 @triton.jit(do_not_specialize=["expert_start"])
 def _down_kernel(
-    h_ptr,  # [T*k, 2I] bf16: gate columns, then up
+    h_ptr,  # [T*k, SPLIT_K, 2I] f32 partial sums: gate columns, then up
     w_ptr,  # [E, N, I] fp8 (N = H)
     ws_ptr,  # [E, ceil(N/128), I/128] f32
     ids_ptr,  # [T*k] global expert ids
@@ -121,6 +140,7 @@ def _down_kernel(
     UE8M0: tl.constexpr,
     BLOCK_N: tl.constexpr,
     FLAT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,9 +157,9 @@ def _down_kernel(
             e, local = _local_expert(ids_ptr, slot, expert_start, num_experts)
             e = tl.where(local, e, 0)
             col_ok = (cols * 0 + local.to(tl.int32)) > 0  # vector masks (scalar masks trip the interpreter)
-            h_row = h_ptr + slot * (2 * INTER) + kb * 128 + cols
-            gate = tl.load(h_row, mask=col_ok, other=0.0).to(tl.float32)
-            up = tl.load(h_row + INTER, mask=col_ok, other=0.0).to(tl.float32)
+            h_row = h_ptr + slot * SPLIT_K * (2 * INTER) + kb * 128 + cols
+            gate = _gemm1_output(h_row, col_ok, 2 * INTER, SPLIT_K)
+            up = _gemm1_output(h_row + INTER, col_ok, 2 * INTER, SPLIT_K)
             q, s = quantize_groups((gate / (1.0 + tl.exp(-gate)) * up)[None, :], UE8M0)
             w_offs = e * N * INTER + n.to(tl.int64)[:, None] * INTER + kb * 128 + cols[None, :]
             w = tl.load(w_ptr + w_offs, mask=n_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
@@ -157,11 +177,11 @@ def _down_kernel(
             if local:
                 w_rows = w_ptr + e * N * INTER + n.to(tl.int64)[:, None] * INTER + cols[None, :]
                 ws_row = ws_ptr + (e * tl.cdiv(N, 128) + tl.program_id(1) * BLOCK_N // 128) * KB
-                h_row = h_ptr + slot * (2 * INTER) + cols
+                h_row = h_ptr + slot * SPLIT_K * (2 * INTER) + cols
                 acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
                 for kb in range(KB):
-                    gate = tl.load(h_row + kb * 128).to(tl.float32)
-                    up = tl.load(h_row + INTER + kb * 128).to(tl.float32)
+                    gate = _gemm1_output(h_row + kb * 128, cols >= 0, 2 * INTER, SPLIT_K)
+                    up = _gemm1_output(h_row + INTER + kb * 128, cols >= 0, 2 * INTER, SPLIT_K)
                     q, s = quantize_groups((gate / (1.0 + tl.exp(-gate)) * up)[None, :], UE8M0)
                     w = tl.load(w_rows + kb * 128, mask=n_ok[:, None], other=0.0).to(tl.float32)
                     acc += tl.sum(w * q, axis=1) * (tl.sum(s, axis=0) * tl.load(ws_row + kb))
@@ -218,9 +238,10 @@ def token_experts(
         return out.zero_()
     if config is None:
         config = DEFAULT_CONFIG
-    h = torch.empty(num_tokens * topk, two_i, dtype=torch.bfloat16, device=dev)
+    split_k = max(1, min(config.up_split_k, hidden // 128))
+    h = torch.empty(num_tokens * topk, split_k, two_i, dtype=torch.float32, device=dev)
     meta = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    _up_kernel[(num_tokens * topk, triton.cdiv(two_i, config.up_block_n))](
+    _up_kernel[(num_tokens * topk, triton.cdiv(two_i, config.up_block_n), split_k)](
         x,
         x_scale if scaled else x,
         w13_fp8,
@@ -235,6 +256,7 @@ def token_experts(
         X_SCALED=scaled,
         UE8M0=ue8m0,
         BLOCK_N=config.up_block_n,
+        SPLIT_K=split_k,
         **meta,
     )
     _down_kernel[(num_tokens, triton.cdiv(hidden, config.down_block_n))](
@@ -252,6 +274,7 @@ def token_experts(
         UE8M0=ue8m0,
         BLOCK_N=config.down_block_n,
         FLAT=config.flat_down,
+        SPLIT_K=split_k,
         **meta,
     )
     return out
