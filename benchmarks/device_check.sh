@@ -26,8 +26,10 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
   case $name in
     e2e) TAIL=14 step e2e 200 env MOE_BACKEND_PRINT_POLICY=1 python3 -m examples.generate_deepseek_v3 --size real \
            --device cuda --check --batch 4 --prompt-len 128 --new-tokens 16 --json "$F/e2e_transformers.json" ;;
-    properties) step properties 130 env MOE_BACKEND_HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -s -p no:cacheprovider \
-           tests/test_properties.py ;;
+    properties) # the property-like history first, in the same session (a failure names the diverging stage)
+           git log -1 --format="code %h" 2>/dev/null; ls moe_backend/kernels/configs/
+           step properties 160 env MOE_BACKEND_HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -s -p no:cacheprovider \
+           tests/layers/test_layer_history_gpu.py tests/test_properties.py ;;
     cudatest) step cudatest 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/cuda ;;
     quanttests) step quanttests 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests -k "quant or combine" ;;
     graphtests) step graphtests 90 python3 -m pytest -q -p no:cacheprovider tests/layers/test_layer_graphs.py \
