@@ -22,16 +22,16 @@ from collections import Counter
 import pytest
 import torch
 
-from moe_backend import MoEConfig, reference
 from moe_backend import experts as moe_experts
+from moe_backend import reference
 from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
 from moe_backend.reference import layouts
-from moe_backend.testing import random_moe_weights
 from tests.helpers.layer_diagnosis import diagnose_layer_call
 from tests.helpers.naive import rel_err
+from tests.helpers.property_layers import property_layer
 from tests.helpers.tolerances import LAYER_SAME_QUANT_ONE_GROUP, layer_same_quant
 
 hypothesis = pytest.importorskip("hypothesis", reason="pip install 'moe-backend[test]' (hypothesis)")
@@ -281,25 +281,7 @@ _LAYERS: dict = {}
 def _layer(num_experts: int, slices: int, rank: int, ue8m0: bool) -> DeepseekV3MoE:
     key = (num_experts, slices, rank, ue8m0)
     if key not in _LAYERS:
-        config = MoEConfig(
-            hidden_size=128,
-            moe_intermediate_size=128,
-            n_routed_experts=num_experts,
-            num_experts_per_tok=min(4, num_experts // 2),
-            n_group=num_experts // 4 or 1,
-            topk_group=max(1, num_experts // 8),
-            ue8m0_scales=ue8m0,
-        )
-        local = num_experts // slices
-        layer = DeepseekV3MoE(
-            config, expert_range=(rank * local, (rank + 1) * local), with_shared_experts=rank == 0, device=DEVICE
-        )
-        layer.load_weights(
-            random_moe_weights(
-                config, seed=num_experts, experts=range(rank * local, (rank + 1) * local), with_shared_experts=rank == 0
-            )
-        )
-        _LAYERS[key] = layer
+        _LAYERS[key] = property_layer(num_experts, slices, rank, ue8m0, DEVICE)
     return _LAYERS[key]
 
 

@@ -17,15 +17,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_backend import MoEConfig, reference
 from moe_backend import experts as moe_experts
+from moe_backend import reference
 from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
-from moe_backend.testing import random_moe_weights
 from tests.helpers.layer_diagnosis import diagnose_layer_call
 from tests.helpers.naive import rel_err
+from tests.helpers.property_layers import property_layer
 from tests.helpers.tolerances import LAYER_SAME_QUANT_ONE_GROUP, layer_same_quant
 
 pytestmark = pytest.mark.gpu
@@ -85,26 +85,6 @@ def _routed_call(step: int, kernel: str, case: tuple, weights, ue8m0: bool, preq
         assert err < bound, f"history step {step} {kernel} {case} ue8m0={ue8m0}: rel err {err:.4f}"
 
 
-def _layer(num_experts: int, slices: int, rank: int, ue8m0: bool) -> DeepseekV3MoE:
-    """The property test's layer (tests/test_properties.py `_layer`), built the same way."""
-    config = MoEConfig(
-        hidden_size=128,
-        moe_intermediate_size=128,
-        n_routed_experts=num_experts,
-        num_experts_per_tok=min(4, num_experts // 2),
-        n_group=num_experts // 4 or 1,
-        topk_group=max(1, num_experts // 8),
-        ue8m0_scales=ue8m0,
-    )
-    local = num_experts // slices
-    experts = range(rank * local, (rank + 1) * local)
-    layer = DeepseekV3MoE(
-        config, expert_range=(experts.start, experts.stop), with_shared_experts=rank == 0, device="cuda"
-    )
-    layer.load_weights(random_moe_weights(config, seed=num_experts, experts=experts, with_shared_experts=rank == 0))
-    return layer
-
-
 def _check_layer_call(layer: DeepseekV3MoE, tokens: int, where: str) -> None:
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens)).bfloat16().cuda()
     out = layer(x)
@@ -153,7 +133,7 @@ def test_layer_after_the_property_history():
                     weights = _weights(num_local, hidden, inter, ue8m0, seed=step)
                 _routed_call(step, kernel, case, weights, ue8m0, prequantized)
                 del weights
-    layers = {spec: _layer(*spec) for spec in LAYERS}
+    layers = {spec: property_layer(*spec, "cuda") for spec in LAYERS}
     for spec, layer in layers.items():
         for tokens in LAYER_TOKENS:
             _check_layer_call(layer, tokens, f"layer {spec}")
