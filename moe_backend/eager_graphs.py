@@ -30,7 +30,7 @@ import torch
 
 from moe_backend.dispatch.plan import Plan
 
-__all__ = ["run_graphed", "clear", "cache_sizes", "MAX_GRAPHS"]
+__all__ = ["run_graphed", "clear", "cache_sizes", "bucket_args", "MAX_GRAPHS"]
 
 # Graphs kept (least recently used dropped first): 61 MoE layers x the default policy's buckets fit.
 MAX_GRAPHS = 1024
@@ -175,6 +175,14 @@ def run_graphed(
     return io.out[:tokens].clone()
 
 
+def bucket_args(plan: Plan, io: _StaticIO, bucket: int, *weights, expert_start: int, ue8m0: bool) -> tuple:
+    """The executor's arguments for a bucket's graph: leading views of the static buffers; weights
+    are (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv)."""
+    x_scale = None if io.x_scale is None else io.x_scale[:bucket]
+    routing = (io.weights[:bucket], io.ids[:bucket])
+    return (plan, io.x[:bucket], x_scale, *weights, *routing, expert_start, ue8m0, io.out[:bucket])
+
+
 def _capture(
     plan: Plan,
     execute,
@@ -188,20 +196,8 @@ def _capture(
     ue8m0: bool,
     stream: torch.cuda.Stream,
 ) -> torch.cuda.CUDAGraph | None:
-    args = (
-        plan,
-        io.x[:bucket],
-        None if io.x_scale is None else io.x_scale[:bucket],
-        w13_fp8,
-        w13_scale_inv,
-        w2_fp8,
-        w2_scale_inv,
-        io.weights[:bucket],
-        io.ids[:bucket],
-        expert_start,
-        ue8m0,
-        io.out[:bucket],
-    )
+    weights = (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv)
+    args = bucket_args(plan, io, bucket, *weights, expert_start=expert_start, ue8m0=ue8m0)
     # Warm-up on a side stream (compiles, occupancy look-ups, lazy inits stay out of the capture).
     side = torch.cuda.Stream(device=io.x.device)
     side.wait_stream(stream)

@@ -37,20 +37,7 @@ def emulated(monkeypatch):
     captured = []
 
     def capture(plan, execute, io, bucket, w13, w13_s, w2, w2_s, expert_start, ue8m0, stream):
-        args = (
-            plan,
-            io.x[:bucket],
-            None if io.x_scale is None else io.x_scale[:bucket],
-            w13,
-            w13_s,
-            w2,
-            w2_s,
-            io.weights[:bucket],
-            io.ids[:bucket],
-            expert_start,
-            ue8m0,
-            io.out[:bucket],
-        )
+        args = eager_graphs.bucket_args(plan, io, bucket, w13, w13_s, w2, w2_s, expert_start=expert_start, ue8m0=ue8m0)
         captured.append(_ReplayedPlan(execute, args))
         return captured[-1]
 
