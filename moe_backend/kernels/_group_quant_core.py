@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from moe_backend import constants
-from moe_backend.kernels._launch_utils import resident_grid
+from moe_backend.kernels._launch_utils import check_per_program, resident_grid
 from moe_backend.kernels._numerics import round_to_e4m3_grid
 
 # The quantizer's numbers (moe_backend.constants), as compile-time constants of the kernels.
@@ -65,10 +65,7 @@ class QuantLaunchConfig:
     num_warps: int
 
     def __post_init__(self):
-        if self.items_per_program < 1 or self.items_per_program & (self.items_per_program - 1):
-            raise ValueError(f"items_per_program: expected a power of two, got {self.items_per_program}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
+        check_per_program("items_per_program", self.items_per_program, self.num_warps)
 
 
 # 16 (row, group) items per program with 4 warps: the fastest or within 2% of it for x quant

@@ -29,6 +29,15 @@ def check_kernel_tensor(name: str, t, device: torch.device | None = None, **cons
     return t
 
 
+def check_per_program(name: str, per_program: int, num_warps: int) -> None:
+    """A row-looping launch config: `per_program` (rows or items per block) a power of two, and a
+    warp count Triton launches."""
+    if per_program < 1 or per_program & (per_program - 1):
+        raise ValueError(f"{name}: expected a power of two, got {per_program}")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {num_warps}")
+
+
 @lru_cache(maxsize=None)
 def _cuda_name(index: int) -> str:
     return torch.cuda.get_device_name(index)

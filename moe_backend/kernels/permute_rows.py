@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from moe_backend._checks import check_quant_out
-from moe_backend.kernels._launch_utils import check_kernel_tensor, check_used_rows, resident_grid
+from moe_backend.kernels._launch_utils import check_kernel_tensor, check_per_program, check_used_rows, resident_grid
 from moe_backend.quant import FP8_DTYPE
 
 __all__ = ["permute_rows"]
@@ -125,10 +125,7 @@ class GatherLaunchConfig:
     num_warps: int
 
     def __post_init__(self):
-        if self.rows_per_program < 1 or self.rows_per_program & (self.rows_per_program - 1):
-            raise ValueError(f"rows_per_program: expected a power of two, got {self.rows_per_program}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
+        check_per_program("rows_per_program", self.rows_per_program, self.num_warps)
 
 
 # A block of about TARGET_BLOCK_BYTES (4 rows of DeepSeek-V3's 7 KB) gives each thread several
