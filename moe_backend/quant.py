@@ -29,7 +29,10 @@ _FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 def _scale_from_amax(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
     # Capping the scale, not pre-scaling the inputs: an out-of-range product saturates either way,
     # and every group below the cap (all ordinary inputs) keeps the exact same scale and values.
-    scale = (amax.float().clamp_min(SCALE_FLOOR) / FP8_MAX).clamp_max(SCALE_CEIL)
+    # Divided by a tensor, not a Python number: on CUDA torch turns division by a CPU scalar into a
+    # multiply by its reciprocal (an ulp off), and the kernels and the CPU divide exactly (IEEE).
+    amax = amax.float().clamp_min(SCALE_FLOOR)
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_max(SCALE_CEIL)
     if ue8m0:
         # Round up so the quantized values stay within +-448.
         scale = torch.exp2(torch.ceil(torch.log2(scale)))

@@ -1,8 +1,9 @@
 """Per-token, per-128-column FP8 quantization, optionally fused behind SiLU(gate) * up.
 
 One kernel for both ops (a constexpr switch), so `silu_mul_quant` and `per_token_group_quant`
-round exactly alike: `scale = min(max(amax, 1e-10) / 448, 2^119)` (UE8M0: rounded up to a power of two by
-bit arithmetic, exact), `q = clamp(x / scale, +-448)` cast to e4m3 with round-to-nearest-even.
+round exactly alike, and as the torch reference does (IEEE divisions):
+`scale = min(max(amax, 1e-10) / 448, 2^119)` (UE8M0: rounded up to a power of two by bit
+arithmetic, exact), `q = clamp(x / scale, +-448)` cast to e4m3 with round-to-nearest-even.
 `quantize_groups` is that rounding alone; `permute_quant` calls it too.
 
 Work is cut into flat items `f = row * num_groups + g` (one group of one row), and a program takes
@@ -50,12 +51,24 @@ def quantize_groups(x, UE8M0: tl.constexpr):
     amax = tl.max(tl.abs(x), axis=1)
     # Capped, not pre-scaled: a SiLU*up product past fp32 (inf) saturates at +-448 either way, and
     # groups under the cap (every ordinary input) keep bit-identical scales and values.
-    scale = tl.minimum(tl.maximum(amax, SCALE_FLOOR) / FP8_MAX, SCALE_CEIL)
+    # Correctly rounded divisions, as torch's: Triton's `/` is approximate (up to 2 ulp), and a
+    # quotient one ulp off flips the e4m3 ties that bf16 inputs hit often (x * 448 / amax exactly on
+    # a midpoint), a few values per row.
+    scale = tl.minimum(tl.div_rn(tl.maximum(amax, SCALE_FLOOR), FP8_MAX), SCALE_CEIL)
     if UE8M0:
         # Round up to a power of two: carry any mantissa bit into the exponent, clear the mantissa.
         bits = scale.to(tl.int32, bitcast=True)
         scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    q = round_to_e4m3_grid(tl.clamp(x / scale[:, None], -FP8_MAX, FP8_MAX))
+    # x / scale per element without div_rn's cost (it made the quant compute-bound): the rounded
+    # reciprocal, then one FMA correction (Markstein), which gives the correctly rounded quotient.
+    # Past the fp8 range the value saturates anyway, and an infinite x * recip (an fp32-overflowing
+    # SiLU*up product) would turn the correction into NaN: those keep the plain product.
+    scale_2d = scale[:, None]
+    recip = tl.div_rn(tl.full(scale_2d.shape, 1.0, tl.float32), scale_2d)
+    quotient = x * recip
+    corrected = tl.fma(tl.fma(-quotient, scale_2d, x), recip, quotient)
+    quotient = tl.where(tl.abs(quotient) <= 2 * FP8_MAX, corrected, quotient)
+    q = round_to_e4m3_grid(tl.clamp(quotient, -FP8_MAX, FP8_MAX))
     return q, scale
 
 
