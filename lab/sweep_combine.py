@@ -1,0 +1,157 @@
+"""Device sweep of the un-permute + weighted combine (`kernels/unpermute_combine.py`): every
+(tokens per program, columns per program, warps) candidate at the DeepSeek-V3 slices, beside the
+default and a torch copy of the same bytes (the floor).
+
+Why: at EP8 a token has one local slot on average, so a program of one token and 1024 columns
+moves 2 KB per chain of dependent loads (its ids, then a row), and the prefill combine runs at
+about half the copy bandwidth (docs/benchmarks.md, "Where the prefill layer's time goes"). More
+tokens or columns per program put more loads in flight.
+
+Shapes: EP8 (32 local experts of 256) and TP8 (all 256) contiguous layouts of uniform top-8
+routing at T = 128, 2048 and 16384 tokens, y bf16 `[rows, 7168]` with NaN in its padding rows.
+Each candidate is a CUDA-graph replay, median of `triton.testing.do_bench` (L2 flushed), and its
+output is compared with the default's byte for byte. Bytes that must move: every local slot's
+row read once, every output row written once.
+
+    python -m lab.sweep_combine --json $OUT/sweep_combine.json     # GPU, about a minute
+    python -m lab.sweep_combine --list                             # CPU: shapes, candidates
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import sys
+import time
+
+HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
+SLICES = {"EP8": (32, 64), "TP8": (256, 0)}  # local experts, first local expert
+TOKENS = (128, 2048, 16384)
+# (tokens, columns, warps) per program, at most 64 fp32 sums per thread (more would spill).
+CANDIDATES = [
+    c for c in itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096), (2, 4, 8)) if c[0] * c[1] <= 64 * 32 * c[2]
+]
+
+
+def label(cfg: tuple[int, int, int]) -> str:
+    return "{}x{}x{}".format(*cfg)
+
+
+def _time(fn, rep_ms: int) -> float:
+    from moe_backend.testing import time_graph
+
+    return time_graph(fn, warmup_ms=3, rep_ms=rep_ms)
+
+
+def _floor_us(nbytes: int, rep_ms: int) -> float:
+    import torch
+
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_(0, 256)
+    dst = torch.empty_like(src)
+    return _time(lambda: dst.copy_(src), rep_ms)
+
+
+def run_shape(slice_name: str, tokens: int, rep_ms: int) -> dict:
+    import torch
+
+    from moe_backend import ops
+    from moe_backend.kernels import unpermute_combine as mod
+
+    num_local, start = SLICES[slice_name]
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    topk_ids = torch.rand(tokens, GLOBAL_EXPERTS, device="cuda", generator=gen).topk(TOPK, dim=-1).indices
+    layout = ops.build_contiguous_layout(topk_ids, num_local, expert_start=start, alignment=128)
+    weights = torch.rand(tokens, TOPK, device="cuda", generator=gen)
+    y = torch.randn(layout.num_rows, HIDDEN, device="cuda", generator=gen).bfloat16()
+    y[layout.src_token < 0] = float("nan")
+    rows = layout.row_of_slot
+    local_slots = int((rows >= 0).sum())
+    nbytes = (local_slots + tokens) * HIDDEN * 2
+    default_cfg = mod.combine_launch_config(tokens, HIDDEN)
+    default = mod.unpermute_combine(y, rows, weights)
+    out = torch.empty_like(default)
+    configs, equal = {}, True
+    for cfg in CANDIDATES:
+        launch = mod.CombineLaunchConfig(*cfg)
+        out.fill_(float("nan"))
+        configs[label(cfg)] = _time(lambda: mod.unpermute_combine(y, rows, weights, out, config=launch), rep_ms)
+        equal &= torch.equal(out.view(torch.int16), default.view(torch.int16))
+    result = dict(
+        shape=f"{slice_name} T={tokens}",
+        local_slots=local_slots,
+        bytes=nbytes,
+        floor_us=_floor_us(nbytes, rep_ms),
+        default=label((default_cfg.tokens_per_program, default_cfg.block_n, default_cfg.num_warps)),
+        configs=configs,
+        equal=bool(equal),
+    )
+    return result
+
+
+def render(results: list[dict]) -> str:
+    lines = [
+        "| shape | local slots | MB | floor µs | default (cfg) µs | best (cfg) µs | best / floor "
+        "| default / best | equal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        best = min(r["configs"], key=r["configs"].get)
+        best_us, default_us = r["configs"][best], r["configs"][r["default"]]
+        lines.append(
+            f"| {r['shape']} | {r['local_slots']} | {r['bytes'] / 1e6:.0f} | {r['floor_us']:.1f} "
+            f"| {default_us:.1f} ({r['default']}) | {best_us:.1f} ({best}) | {best_us / r['floor_us']:.2f} "
+            f"| {default_us / best_us:.2f}x | {'yes' if r['equal'] else '**NO**'} |"
+        )
+    labels = [label(c) for c in CANDIDATES]
+    lines += ["", "µs per candidate (tokens x columns x warps per program; ratio to the floor)", ""]
+    for r in results:
+        ranked = sorted(labels, key=lambda c: r["configs"][c])
+        cells = ", ".join(f"{c} {r['configs'][c]:.1f} ({r['configs'][c] / r['floor_us']:.2f})" for c in ranked[:8])
+        lines.append(f"- {r['shape']}: {cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--list", action="store_true", help="print the shapes and candidates only (no GPU)")
+    p.add_argument("--rep-ms", type=int, default=10, help="do_bench's timing window per candidate (default 10)")
+    args = p.parse_args(argv)
+    shapes = [(s, t) for s in SLICES for t in TOKENS]
+    if args.list:
+        print("shapes:", ", ".join(f"{s} T={t}" for s, t in shapes))
+        print("candidates:", " ".join(label(c) for c in CANDIDATES))
+        return 0
+
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU (--list runs on CPU)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    header = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"CUDA {torch.version.cuda}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"CUDA-graph replay, do_bench median, L2 flushed; floor = torch copy of the same bytes"
+    )
+    print(header, flush=True)
+    results = []
+    for slice_name, tokens in shapes:
+        t0 = time.perf_counter()
+        results.append(run_shape(slice_name, tokens, args.rep_ms))
+        torch.cuda.empty_cache()  # TP8 T=16384's y is 2.3 GB
+        print(f"  {slice_name} T={tokens}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    print(render(results))
+    elapsed = time.perf_counter() - start
+    print(f"elapsed {elapsed:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header=header, elapsed_s=elapsed, results=results), f, indent=1)
+    return 0 if all(r["equal"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
