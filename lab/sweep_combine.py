@@ -27,6 +27,7 @@ import sys
 import time
 
 HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
+DEVICE = "cuda"  # a CPU smoke test of run_shape sets "cpu" (with TRITON_INTERPRET=1)
 SLICES = {"EP8": (32, 64), "TP8": (256, 0)}  # local experts, first local expert
 TOKENS = (128, 2048, 16384)
 # (tokens, columns, warps) per program, at most 64 fp32 sums per thread (more would spill).
@@ -48,7 +49,7 @@ def _time(fn, rep_ms: int) -> float:
 def _floor_us(nbytes: int, rep_ms: int) -> float:
     import torch
 
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_(0, 256)
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE).random_(0, 256)
     dst = torch.empty_like(src)
     return _time(lambda: dst.copy_(src), rep_ms)
 
@@ -60,11 +61,11 @@ def run_shape(slice_name: str, tokens: int, rep_ms: int) -> dict:
     from moe_backend.kernels import unpermute_combine as mod
 
     num_local, start = SLICES[slice_name]
-    gen = torch.Generator(device="cuda").manual_seed(tokens)
-    topk_ids = torch.rand(tokens, GLOBAL_EXPERTS, device="cuda", generator=gen).topk(TOPK, dim=-1).indices
+    gen = torch.Generator(device=DEVICE).manual_seed(tokens)
+    topk_ids = torch.rand(tokens, GLOBAL_EXPERTS, device=DEVICE, generator=gen).topk(TOPK, dim=-1).indices
     layout = ops.build_contiguous_layout(topk_ids, num_local, expert_start=start, alignment=128)
-    weights = torch.rand(tokens, TOPK, device="cuda", generator=gen)
-    y = torch.randn(layout.num_rows, HIDDEN, device="cuda", generator=gen).bfloat16()
+    weights = torch.rand(tokens, TOPK, device=DEVICE, generator=gen)
+    y = torch.randn(layout.num_rows, HIDDEN, device=DEVICE, generator=gen).bfloat16()
     y[layout.src_token < 0] = float("nan")
     rows = layout.row_of_slot
     local_slots = int((rows >= 0).sum())

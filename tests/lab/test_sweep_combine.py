@@ -1,0 +1,85 @@
+"""lab/sweep_combine.py's CPU side: the candidate grid, the tables, `--list`, and `run_shape` end to
+end under the Triton interpreter at toy sizes (timing stubbed), so the device step does not fail
+on a typo."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab import sweep_combine as sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_candidates_hold_at_most_64_sums_per_thread() -> None:
+    assert (1, 1024, 4) in sweep.CANDIDATES  # the default
+    assert all(t * n <= 64 * 32 * w for t, n, w in sweep.CANDIDATES)
+    assert (8, 4096, 2) not in sweep.CANDIDATES and (8, 1024, 4) in sweep.CANDIDATES
+    assert len(set(sweep.CANDIDATES)) == len(sweep.CANDIDATES)
+
+
+def test_render() -> None:
+    configs = {sweep.label(c): 10.0 - 0.1 * i for i, c in enumerate(sweep.CANDIDATES)}
+    best = sweep.label(sweep.CANDIDATES[-1])
+    result = dict(
+        shape="EP8 T=16384",
+        local_slots=16000,
+        bytes=4_000_000,
+        floor_us=2.0,
+        default="1x1024x4",
+        configs=configs,
+        equal=False,
+    )
+    lines = sweep.render([result]).splitlines()
+    assert lines[2].startswith(f"| EP8 T=16384 | 16000 | 4 | 2.0 | {configs['1x1024x4']:.1f} (1x1024x4) ")
+    assert f"({best})" in lines[2] and lines[2].endswith("| **NO** |")
+    assert lines[-1].startswith(f"- EP8 T=16384: {best} ")
+
+
+def test_list_runs_without_gpu(capsys) -> None:
+    assert sweep.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "EP8 T=16384" in out and "1x1024x4" in out
+
+
+SMOKE = """
+import json, sys
+import lab.sweep_combine as sweep
+sweep.DEVICE = "cpu"
+sweep.HIDDEN, sweep.GLOBAL_EXPERTS, sweep.TOPK = 384, 16, 4
+sweep.SLICES = {"EP8": (4, 8), "TP8": (16, 0)}
+sweep.CANDIDATES = [(1, 128, 1), (2, 256, 2), (4, 128, 4)]
+sweep._time = lambda fn, rep_ms: (fn(), 1.0)[1]
+sweep._floor_us = lambda nbytes, rep_ms: 0.5
+from moe_backend.kernels import unpermute_combine as mod
+mod.combine_launch_config = lambda t, n: mod.CombineLaunchConfig(1, 128, 1)
+out = [sweep.run_shape(s, 7, 1) for s in ("EP8", "TP8")]
+print(sweep.render(out), file=sys.stderr)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_run_shape_under_the_interpreter() -> None:
+    """Both slices at toy sizes on CPU: every candidate launches and gives the default's bytes."""
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    )
+    proc = subprocess.run([sys.executable, "-c", SMOKE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["equal"] for r in results] == [True, True]
+    assert [sorted(r["configs"]) for r in results] == [["1x128x1", "2x256x2", "4x128x4"]] * 2
+    assert all(r["default"] == "1x128x1" for r in results)
+    ep8, tp8 = results
+    assert 0 < ep8["local_slots"] < tp8["local_slots"] == 7 * 4
+    assert tp8["bytes"] == (7 * 4 + 7) * 384 * 2
