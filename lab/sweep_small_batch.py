@@ -1,0 +1,141 @@
+"""Device sweep: at decode batches of 1-8 tokens, do narrower n-tiles fill the GPU and make the
+whole routed layer faster?
+
+Why: the decode tiles come from tables tuned with every expert holding rows (m rows per expert,
+all E experts). At T = 1 only T * k = 8 slots are routed: TP8's GEMM1 (N = 512) then has
+8 experts x 4 n-tiles of 128 = 32 work units for 132 SMs, EP8's (N = 4096) about one local
+expert's 32, so each busy SM streams ~0.9 MB of weights alone and the layer sits at 20-48% of
+its memory floor (docs/benchmarks.md, the layer table). Narrower n-tiles (BLOCK_N 64, 32, 16)
+multiply the units that stream weights at once.
+
+For each (slice, tokens, routing) the whole routed pipeline (`plan_execution.run_plan`, bf16 x)
+is timed as a CUDA-graph replay under the policy's decode plan and variants that change only
+BLOCK_N (and num_stages) of GEMM1 and/or GEMM2, rounds interleaved; every variant's output is
+compared with the policy plan's (rel err). "units" counts GEMM1's work units at the routing
+drawn (active local experts x n-tiles).
+
+    python -m lab.sweep_small_batch                       # GPU, about two minutes
+    python -m lab.sweep_small_batch --list                # CPU: the variants
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
+HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
+# name -> (GEMM1 changes, GEMM2 changes) to the policy plan's Triton configs
+VARIANTS = {
+    "policy": ({}, {}),
+    "g1n64": ({"BLOCK_N": 64}, {}),
+    "g1n32": ({"BLOCK_N": 32}, {}),
+    "g1n16": ({"BLOCK_N": 16}, {}),
+    "g1n32s5": ({"BLOCK_N": 32, "num_stages": 5}, {}),
+    "g2n64": ({}, {"BLOCK_N": 64}),
+    "g2n32": ({}, {"BLOCK_N": 32}),
+    "g1n32g2n64": ({"BLOCK_N": 32}, {"BLOCK_N": 64}),
+    "g1n16g2n32": ({"BLOCK_N": 16}, {"BLOCK_N": 32}),
+}
+
+
+def _with(g, changes: dict):
+    if not changes:
+        return g
+    if g.provider != "triton":
+        return None  # only the Triton configs are varied
+    cfg = dict(g.config) | changes
+    return dataclasses.replace(g, config=tuple(sorted(cfg.items())))
+
+
+def variants(plan) -> dict:
+    out = {}
+    for name, (c1, c2) in VARIANTS.items():
+        g1, g2 = _with(plan.gemm1, c1), _with(plan.gemm2, c2)
+        if g1 is not None and g2 is not None:
+            out[name] = dataclasses.replace(plan, gemm1=g1, gemm2=g2, graph_plan=None)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", default="1,2,4,8")
+    p.add_argument("--routing", default="0.6,0", help="Zipf exponents (0: uniform)")
+    p.add_argument("--list", action="store_true", help="print the variants only (no GPU)")
+    args = p.parse_args(argv)
+    if args.list:
+        for name, (c1, c2) in VARIANTS.items():
+            print(f"{name:12s} GEMM1 {c1 or 'as planned'}  GEMM2 {c2 or 'as planned'}")
+        return 0
+
+    import torch
+
+    from moe_backend.dispatch import Policy
+    from moe_backend.dispatch.plan import make_plan
+    from moe_backend.plan_execution import run_plan
+    from moe_backend.testing import interleaved_us, random_fp8_weights, random_topk
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU (--list runs on CPU)", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    table = []
+    for slice_name, (e, inter) in SLICES.items():
+        w13, w13_s = random_fp8_weights(e, 2 * inter, HIDDEN)
+        w2, w2_s = random_fp8_weights(e, HIDDEN, inter)
+        for tokens in map(int, args.tokens.split(",")):
+            for alpha in map(float, args.routing.split(",")):
+                x = torch.randn(tokens, HIDDEN, device=dev, dtype=torch.bfloat16)
+                tw, ti = random_topk(tokens, GLOBAL_EXPERTS, TOPK, alpha, seed=tokens, device=dev)
+                plan = make_plan(
+                    Policy(),
+                    num_tokens=tokens,
+                    topk=TOPK,
+                    num_experts=e,
+                    num_global_experts=GLOBAL_EXPERTS,
+                    hidden=HIDDEN,
+                    intermediate=inter,
+                    device=dev,
+                    phase="decode",
+                )
+                local = ti[(ti >= 0) & (ti < e)]
+                active = int(local.unique().numel())
+                outs, fns, plans = {}, {}, variants(plan)
+                for name, vp in plans.items():
+
+                    def fn(vp=vp):
+                        return run_plan(vp, x, None, w13, w13_s, w2, w2_s, tw, ti, 0, False)
+
+                    outs[name] = fn().float()
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        fn()
+                    fns[name] = graph.replay
+                times = interleaved_us(fns, rounds=3, warmup_ms=5, rep_ms=20)
+                ref = outs["policy"]
+                base = times["policy"]["us"]
+                for name, vp in plans.items():
+                    bn1 = dict(vp.gemm1.config).get("BLOCK_N", 0) if vp.gemm1.provider == "triton" else 0
+                    units = active * -(-2 * inter // bn1) if bn1 else 0
+                    err = float((outs[name] - ref).norm() / ref.norm().clamp_min(1e-30))
+                    us = times[name]["us"]
+                    table.append((slice_name, tokens, alpha, int(local.numel()), name, units, us, us / base, err))
+                    print(
+                        f"{slice_name} T={tokens} zipf={alpha} slots={int(local.numel())} {name:11s} units {units:4d} "
+                        f"{us:8.1f} us x{us / base:.3f} err {err:.1e} | {vp.describe()}",
+                        flush=True,
+                    )
+                del fns, outs
+        torch.cuda.empty_cache()
+    print("\n| slice | T | zipf | local slots | variant | GEMM1 units | µs | vs policy | rel err vs policy |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]:.1f} | {r[7]:.3f} | {r[8]:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
