@@ -14,13 +14,20 @@ import torch
 
 from moe_backend import experts as moe_experts
 from moe_backend import ops, reference
-from moe_backend.dispatch import Policy
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.quant import quantize_fp8_per_token_group
 from tests.helpers.naive import rel_err
 from tests.helpers.property_layers import property_layer
 from tests.helpers.tolerances import LAYER_SAME_QUANT_ONE_GROUP, layer_same_quant
-from tests.layers.test_layer_history_gpu import HISTORY, KERNELS, LAYER_TOKENS, LAYERS, _weights
+from tests.layers.test_layer_history_gpu import (
+    HISTORY,
+    KERNELS,
+    LAYER_TOKENS,
+    LAYERS,
+    _weights,
+    kernel_policy,
+    routed_inputs,
+)
 
 DUMPS: list[dict] = []
 
@@ -34,23 +41,16 @@ def _quant_compare(x: torch.Tensor, ue8m0: bool) -> str:
     torch_gpu_equal = torch.equal(s_gpu_torch.cpu(), s_cpu) and torch.equal(
         q_gpu_torch.cpu().view(torch.uint8), q_cpu.view(torch.uint8)
     )
-    return f"quant: codes differing/row {codes[:8]}, max scale ratio-1 {ratio:.2e}, torch-on-GPU == CPU {torch_gpu_equal}"
+    return (
+        f"quant: codes differing/row {codes[:8]}, max scale ratio-1 {ratio:.2e}, "
+        f"torch-on-GPU == CPU {torch_gpu_equal}"
+    )
 
 
 def _routed_step(step, kernel, case, weights, ue8m0, prequantized):
-    num_local, k, hidden, _inter, tokens = case
-    gen = torch.Generator().manual_seed(step)
-    ids = torch.rand(tokens, num_local, generator=gen).argsort(dim=1)[:, :k]
-    ids = torch.where(torch.rand(ids.shape, generator=gen) < 0.2, -1, ids).to(torch.int32 if step % 2 else torch.int64)
-    x = torch.randn(tokens, hidden, generator=gen).bfloat16().cuda()
-    w = torch.rand(tokens, k, generator=gen).cuda()
+    ids, x, w = routed_inputs(step, case)
     x_in, x_scale = quantize_fp8_per_token_group(x, 128, ue8m0) if prequantized else (x, None)
-    static = kernel in ("masked", "triton_masked", "triton")
-    policy = Policy(
-        prefill_kernel="contiguous" if static else kernel,
-        decode_kernel=kernel if static else "masked",
-        decode_max_tokens=4096 if static else 0,
-    )
+    policy = kernel_policy(kernel)
 
     def run(xi):
         return moe_experts.routed_experts(xi, *weights, w, ids.cuda(), x_scale=x_scale, ue8m0=ue8m0, policy=policy)
@@ -113,7 +113,8 @@ def _layer_step(layer, spec, tokens):
         return None
     q_dev, s_dev = ops.per_token_group_quant(x, 128, ue8m0)
     lines = [f"layer {spec} T={tokens}: err {err:.4f} (bound {bound:.3f})"]
-    lines.append(f"  repeated {rel_err(layer(x).cpu(), ref):.4f}, fresh x copy {rel_err(layer(x.clone()).cpu(), ref):.4f}")
+    again, fresh = rel_err(layer(x).cpu(), ref), rel_err(layer(x.clone()).cpu(), ref)
+    lines.append(f"  repeated {again:.4f}, fresh x copy {fresh:.4f}")
     lines.append(f"  vs reference fed the device's FP8 x: {rel_err(out.cpu(), ref_of(q_dev.cpu(), s_dev.cpu())):.4f}")
     lines.append("  " + _quant_compare(x, ue8m0))
     if len(DUMPS) < 6:

@@ -19,8 +19,7 @@ import dataclasses
 
 import torch
 
-SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
-HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
+from lab._plan_variants import GLOBAL_EXPERTS, HIDDEN, SLICES, TOPK, slice_plan, time_plans
 
 
 def _variants(plan, device):
@@ -57,9 +56,7 @@ def _variants(plan, device):
 
 def main() -> None:
     from moe_backend.dispatch import Policy
-    from moe_backend.dispatch.plan import make_plan
-    from moe_backend.plan_execution import run_plan
-    from moe_backend.testing import interleaved_us, random_fp8_weights, random_topk
+    from moe_backend.testing import random_fp8_weights, random_topk
 
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="2048,16384")
@@ -75,31 +72,9 @@ def main() -> None:
             for alpha in map(float, args.routing.split(",")):
                 x = torch.randn(tokens, HIDDEN, device=dev, dtype=torch.bfloat16)
                 tw, ti = random_topk(tokens, GLOBAL_EXPERTS, TOPK, alpha, seed=tokens, device=dev)
-                plan = make_plan(
-                    Policy(graph_max_tokens=0),
-                    num_tokens=tokens,
-                    topk=TOPK,
-                    num_experts=e,
-                    num_global_experts=GLOBAL_EXPERTS,
-                    hidden=HIDDEN,
-                    intermediate=inter,
-                    device=dev,
-                    phase="prefill",
-                )
+                plan = slice_plan(slice_name, tokens, "prefill", dev, Policy(graph_max_tokens=0))
                 variants = _variants(plan, dev)
-                outs, fns = {}, {}
-                for name, vp in variants.items():
-
-                    def fn(vp=vp):
-                        return run_plan(vp, x, None, w13, w13_s, w2, w2_s, tw, ti, 0, False)
-
-                    outs[name] = fn().float()
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        fn()
-                    fns[name] = graph.replay
-                times = interleaved_us(fns, rounds=3, warmup_ms=10, rep_ms=40)
+                times, outs = time_plans(variants, (x, w13, w13_s, w2, w2_s, tw, ti))
                 ref = outs["policy"]
                 for name, vp in variants.items():
                     err = float((outs[name] - ref).norm() / ref.norm())
@@ -120,7 +95,7 @@ def main() -> None:
                         f"x{times[name]['us'] / times['policy']['us']:.3f} err {err:.1e} | {vp.describe()}",
                         flush=True,
                     )
-                del fns, outs
+                del outs
                 torch.cuda.empty_cache()
     print("\nslice tokens zipf variant us vs_policy")
     for r in rows:

@@ -20,11 +20,9 @@ row read once, every output row written once.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
-import sys
-import time
+
+from lab._sweep_run import copy_floor_us, graph_us, run_sweep
 
 HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
 DEVICE = "cuda"  # a CPU smoke test of run_shape sets "cpu" (with TRITON_INTERPRET=1)
@@ -41,17 +39,11 @@ def label(cfg: tuple[int, int, int]) -> str:
 
 
 def _time(fn, rep_ms: int) -> float:
-    from moe_backend.testing import time_graph
-
-    return time_graph(fn, warmup_ms=3, rep_ms=rep_ms)
+    return graph_us(fn, rep_ms)
 
 
 def _floor_us(nbytes: int, rep_ms: int) -> float:
-    import torch
-
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE).random_(0, 256)
-    dst = torch.empty_like(src)
-    return _time(lambda: dst.copy_(src), rep_ms)
+    return copy_floor_us(nbytes, rep_ms, DEVICE)
 
 
 def run_shape(slice_name: str, tokens: int, rep_ms: int) -> dict:
@@ -126,33 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         print("candidates:", " ".join(label(c) for c in CANDIDATES))
         return 0
 
-    import torch
-    import triton
-
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU (--list runs on CPU)", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    header = (
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"CUDA {torch.version.cuda}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"CUDA-graph replay, do_bench median, L2 flushed; floor = torch copy of the same bytes"
+    return run_sweep(
+        shapes, lambda shape: run_shape(*shape, args.rep_ms), lambda shape: "{} T={}".format(*shape), render, args.json
     )
-    print(header, flush=True)
-    results = []
-    for slice_name, tokens in shapes:
-        t0 = time.perf_counter()
-        results.append(run_shape(slice_name, tokens, args.rep_ms))
-        torch.cuda.empty_cache()  # TP8 T=16384's y is 2.3 GB
-        print(f"  {slice_name} T={tokens}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    print(render(results))
-    elapsed = time.perf_counter() - start
-    print(f"elapsed {elapsed:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header=header, elapsed_s=elapsed, results=results), f, indent=1)
-    return 0 if all(r["equal"] for r in results) else 1
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -24,12 +24,11 @@ to the first on valid rows; new gather == index_select on rows holding a token).
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import sys
-import time
 from dataclasses import dataclass
+
+from lab._sweep_run import copy_floor_us, graph_us, run_sweep
 
 HIDDEN, GLOBAL_EXPERTS, TOPK, GROUP = 7168, 256, 8, 128
 DEVICE = "cuda"  # a CPU smoke test of the run functions sets "cpu" (with TRITON_INTERPRET=1)
@@ -124,18 +123,11 @@ def _layout(shape: Shape):
 
 
 def _time(fn, rep_ms: int) -> float:
-    from moe_backend.testing import time_graph
-
-    return time_graph(fn, warmup_ms=3, rep_ms=rep_ms)
+    return graph_us(fn, rep_ms)
 
 
 def _floor_us(nbytes: int, rep_ms: int) -> float:
-    """A torch D2D copy reading and writing `nbytes` in all (nbytes / 2 each way)."""
-    import torch
-
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE).random_(0, 256)
-    dst = torch.empty_like(src)
-    return _time(lambda: dst.copy_(src), rep_ms)
+    return copy_floor_us(nbytes, rep_ms, DEVICE)
 
 
 def _poison(q, s) -> None:
@@ -282,34 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name:24s} {s.kind:10s} baseline: {baseline_name(s):12s} candidates: {labels}")
         return 0
 
-    import torch
-    import triton
+    def run_one(shape: Shape) -> dict:
+        return (_run_gather if shape.kind == "gather" else _run_quant)(shape, args.rep_ms)
 
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU (--list runs on CPU)", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    header = (
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"CUDA {torch.version.cuda}, {datetime.date.today().isoformat()}; CUDA-graph replay, do_bench median, "
-        f"L2 flushed; floor = torch copy of the same bytes"
-    )
-    print(header, flush=True)
-    results = []
-    for shape in shapes:
-        t0 = time.perf_counter()
-        r = (_run_gather if shape.kind == "gather" else _run_quant)(shape, args.rep_ms)
-        results.append(r)
-        print(f"  {shape.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        torch.cuda.empty_cache()
-    print(render(results))
-    elapsed = time.perf_counter() - start
-    print(f"elapsed {elapsed:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header=header, elapsed_s=elapsed, results=results), f, indent=1)
-    return 0 if all(r["equal"] for r in results) else 1
-
+    return run_sweep(shapes, run_one, lambda shape: shape.name, render, args.json)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -24,8 +24,8 @@ import argparse
 import dataclasses
 import sys
 
-SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
-HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
+from lab._plan_variants import GLOBAL_EXPERTS, HIDDEN, SLICES, TOPK, slice_plan, time_plans
+
 # name -> (GEMM1 changes, GEMM2 changes) to the policy plan's Triton configs
 VARIANTS = {
     "policy": ({}, {}),
@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from moe_backend.dispatch import Policy
-    from moe_backend.dispatch.plan import make_plan
-    from moe_backend.plan_execution import run_plan
-    from moe_backend.testing import interleaved_us, random_fp8_weights, random_topk
+    from moe_backend.testing import random_fp8_weights, random_topk
 
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (--list runs on CPU)", file=sys.stderr)
@@ -89,32 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             for alpha in map(float, args.routing.split(",")):
                 x = torch.randn(tokens, HIDDEN, device=dev, dtype=torch.bfloat16)
                 tw, ti = random_topk(tokens, GLOBAL_EXPERTS, TOPK, alpha, seed=tokens, device=dev)
-                plan = make_plan(
-                    Policy(),
-                    num_tokens=tokens,
-                    topk=TOPK,
-                    num_experts=e,
-                    num_global_experts=GLOBAL_EXPERTS,
-                    hidden=HIDDEN,
-                    intermediate=inter,
-                    device=dev,
-                    phase="decode",
-                )
+                plans = variants(slice_plan(slice_name, tokens, "decode", dev))
                 local = ti[(ti >= 0) & (ti < e)]
                 active = int(local.unique().numel())
-                outs, fns, plans = {}, {}, variants(plan)
-                for name, vp in plans.items():
-
-                    def fn(vp=vp):
-                        return run_plan(vp, x, None, w13, w13_s, w2, w2_s, tw, ti, 0, False)
-
-                    outs[name] = fn().float()
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        fn()
-                    fns[name] = graph.replay
-                times = interleaved_us(fns, rounds=3, warmup_ms=5, rep_ms=20)
+                times, outs = time_plans(plans, (x, w13, w13_s, w2, w2_s, tw, ti), rep_ms=20, warmup_ms=5)
                 ref = outs["policy"]
                 base = times["policy"]["us"]
                 for name, vp in plans.items():
@@ -128,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{us:8.1f} us x{us / base:.3f} err {err:.1e} | {vp.describe()}",
                         flush=True,
                     )
-                del fns, outs
+                del outs
         torch.cuda.empty_cache()
     print("\n| slice | T | zipf | local slots | variant | GEMM1 units | µs | vs policy | rel err vs policy |")
     print("|---|---|---|---|---|---|---|---|---|")

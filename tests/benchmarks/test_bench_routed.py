@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +15,7 @@ import torch
 from benchmarks import _peers
 from benchmarks import bench_grouped_gemm as bg
 from moe_backend import testing
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.interpreter import run_interpreted
 
 SCRIPT = r"""
 import json, sys
@@ -50,14 +46,7 @@ print(json.dumps(res))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_routed_cell_on_the_interpreter() -> None:
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_interpreted("-c", SCRIPT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not res.get("errors"), res.get("errors")
@@ -95,19 +84,7 @@ bg.main_routed(args, {"device": "cpu", "torch": "", "triton": "", "cuda": "", "d
 def test_routed_main_writes_json_and_table(tmp_path: Path) -> None:
     """The routed run's loop: only the chosen GEMM, one cell per routing, JSON after each cell,
     the markdown table, the short table printed last."""
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", MAIN_SCRIPT, str(tmp_path / "routed")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_interpreted("-c", MAIN_SCRIPT, str(tmp_path / "routed"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads((tmp_path / "routed.json").read_text())
     assert [(c["gemm"], c["routing"]) for c in data["cells"]] == [("w2", "uniform"), ("w2", "zipf:1.2")]

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.interpreter import run_interpreted
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="Triton is not installed (the interpreter tests need it)"
 )
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+
 CASES = [
     "masked",
     "masked_swap_ab",
@@ -64,19 +63,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels._interpret_cases", *CASES],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_interpreted("-m", "tests.kernels._interpret_cases", *CASES)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
         pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")

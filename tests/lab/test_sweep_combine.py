@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from lab import sweep_combine as sweep
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.interpreter import run_interpreted
 
 
 def test_candidates_hold_at_most_64_sums_per_thread() -> None:
@@ -69,12 +64,7 @@ print(json.dumps(out))
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_run_shape_under_the_interpreter() -> None:
     """Both slices at toy sizes on CPU: every candidate launches and gives the default's bytes."""
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-    )
-    proc = subprocess.run([sys.executable, "-c", SMOKE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_interpreted("-c", SMOKE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["equal"] for r in results] == [True, True]

@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from lab import sweep_quant_gather as sweep
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.interpreter import run_interpreted
 
 
 def _result(shape: str, kind: str, configs: dict, default: str, equal: bool = True) -> dict:
@@ -94,12 +89,7 @@ print(json.dumps(out))
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_run_functions_under_the_interpreter() -> None:
     """Both run functions at toy sizes on CPU: every candidate launches and matches its baseline."""
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-    )
-    proc = subprocess.run([sys.executable, "-c", SMOKE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_interpreted("-c", SMOKE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["equal"] for r in results] == [True, True, True]

@@ -57,20 +57,30 @@ def _weights(num_local: int, hidden: int, inter: int, ue8m0: bool, seed: int):
     return tuple(t.cuda() for t in (*quantize_fp8_blockwise(w13, 128, ue8m0), *quantize_fp8_blockwise(w2, 128, ue8m0)))
 
 
-def _routed_call(step: int, kernel: str, case: tuple, weights, ue8m0: bool, prequantized: bool) -> None:
+def routed_inputs(step: int, case: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """History step `step`'s (topk ids on the CPU, some -1; x bf16 and topk weights on the GPU)."""
     num_local, k, hidden, _inter, tokens = case
     gen = torch.Generator().manual_seed(step)
     ids = torch.rand(tokens, num_local, generator=gen).argsort(dim=1)[:, :k]
     ids = torch.where(torch.rand(ids.shape, generator=gen) < 0.2, -1, ids).to(torch.int32 if step % 2 else torch.int64)
     x = torch.randn(tokens, hidden, generator=gen).bfloat16().cuda()
-    w = torch.rand(tokens, k, generator=gen).cuda()
-    x_in, x_scale = quantize_fp8_per_token_group(x, 128, ue8m0) if prequantized else (x, None)
+    return ids, x, torch.rand(tokens, k, generator=gen).cuda()
+
+
+def kernel_policy(kernel: str) -> Policy:
+    """A policy that runs `kernel` at every token count of the history."""
     static = kernel in ("masked", "triton_masked", "triton")
-    policy = Policy(
+    return Policy(
         prefill_kernel="contiguous" if static else kernel,
         decode_kernel=kernel if static else "masked",
         decode_max_tokens=4096 if static else 0,
     )
+
+
+def _routed_call(step: int, kernel: str, case: tuple, weights, ue8m0: bool, prequantized: bool) -> None:
+    ids, x, w = routed_inputs(step, case)
+    x_in, x_scale = quantize_fp8_per_token_group(x, 128, ue8m0) if prequantized else (x, None)
+    policy = kernel_policy(kernel)
     out = moe_experts.routed_experts(x_in, *weights, w, ids.cuda(), x_scale=x_scale, ue8m0=ue8m0, policy=policy)
     ref = reference.routed_experts(
         x_in.cpu(),

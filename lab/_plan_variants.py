@@ -1,0 +1,51 @@
+"""Shared by the lab's whole-pipeline experiments (prefill_gather_a, sweep_small_batch): a slice's
+plan for one batch, and plan variants timed side by side as CUDA-graph replays of `run_plan`."""
+
+from __future__ import annotations
+
+HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
+SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
+
+
+def slice_plan(slice_name: str, tokens: int, phase: str, device, policy=None):
+    """The policy's plan (default `Policy()`) for `tokens` tokens on a DeepSeek-V3 slice."""
+    from moe_backend.dispatch import Policy
+    from moe_backend.dispatch.plan import make_plan
+
+    num_local, inter = SLICES[slice_name]
+    return make_plan(
+        policy or Policy(),
+        num_tokens=tokens,
+        topk=TOPK,
+        num_experts=num_local,
+        num_global_experts=GLOBAL_EXPERTS,
+        hidden=HIDDEN,
+        intermediate=inter,
+        device=device,
+        phase=phase,
+    )
+
+
+def time_plans(plans: dict, operands: tuple, *, rep_ms: int = 40, warmup_ms: int = 10) -> tuple[dict, dict]:
+    """Each plan's routed pipeline on the same operands `(x, w13, w13_s, w2, w2_s, topk_weights,
+    topk_ids)` (bf16 x, expert offset 0, fp32 scales): run once for its output (fp32), captured in
+    a CUDA graph, then all replays timed in interleaved rounds. Returns ({name: times}, {name: out})."""
+    import torch
+
+    from moe_backend.plan_execution import run_plan
+    from moe_backend.testing import interleaved_us
+
+    x, w13, w13_s, w2, w2_s, tw, ti = operands
+    outs, fns = {}, {}
+    for name, plan in plans.items():
+
+        def fn(plan=plan):
+            return run_plan(plan, x, None, w13, w13_s, w2, w2_s, tw, ti, 0, False)
+
+        outs[name] = fn().float()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        fns[name] = graph.replay
+    return interleaved_us(fns, rounds=3, warmup_ms=warmup_ms, rep_ms=rep_ms), outs

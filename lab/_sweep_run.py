@@ -1,0 +1,58 @@
+"""Shared by the copy-bound kernel sweeps (sweep_quant_gather, sweep_combine): the timing of one
+contender, the copy floor, and the run loop (header, one result per shape, table, JSON)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from typing import Callable
+
+
+def graph_us(fn, rep_ms: int) -> float:
+    """fn as a CUDA-graph replay: do_bench's median, L2 flushed, in µs."""
+    from moe_backend.testing import time_graph
+
+    return time_graph(fn, warmup_ms=3, rep_ms=rep_ms)
+
+
+def copy_floor_us(nbytes: int, rep_ms: int, device: str = "cuda") -> float:
+    """A torch D2D copy reading and writing `nbytes` in all (nbytes / 2 each way)."""
+    import torch
+
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_(0, 256)
+    dst = torch.empty_like(src)
+    return graph_us(lambda: dst.copy_(src), rep_ms)
+
+
+def run_sweep(shapes: list, run_one: Callable, name_of: Callable, render: Callable, json_path: str | None) -> int:
+    """Runs `run_one(shape)` for each shape on the GPU (a result dict with an "equal" entry),
+    prints the header, each shape's seconds, `render(results)`; writes the JSON when asked.
+    Returns 0 when every result's outputs were equal, 1 otherwise, 2 without a GPU."""
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU (--list runs on CPU)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    header = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"CUDA {torch.version.cuda}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"CUDA-graph replay, do_bench median, L2 flushed; floor = torch copy of the same bytes"
+    )
+    print(header, flush=True)
+    results = []
+    for shape in shapes:
+        t0 = time.perf_counter()
+        results.append(run_one(shape))
+        torch.cuda.empty_cache()
+        print(f"  {name_of(shape)}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    print(render(results))
+    elapsed = time.perf_counter() - start
+    print(f"elapsed {elapsed:.0f} s")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(header=header, elapsed_s=elapsed, results=results), f, indent=1)
+    return 0 if all(r["equal"] for r in results) else 1
