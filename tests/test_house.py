@@ -296,13 +296,12 @@ def test_constants_import_no_torch():
 
 def test_unpermute_combine_has_one_name():
     """The op is `unpermute_combine` in every layer (kernel, ops, torch twin); the reference's
-    `combine` is the one other name: the same over a layout rather than its `row_of_slot`
-    (the kernel's launch-config chooser, `combine_launch_config`, names no op)."""
+    `combine` is the one other name: the same over a layout rather than its `row_of_slot`."""
     defined = {
         node.name
         for p in _modules(PACKAGE)
         for node in ast.walk(ast.parse(p.read_text()))
-        if isinstance(node, ast.FunctionDef) and "combine" in node.name and not node.name.endswith("_launch_config")
+        if isinstance(node, ast.FunctionDef) and "combine" in node.name
     }
     assert defined == {"unpermute_combine", "combine", "_combine_kernel"}
     from moe_backend import ops, reference

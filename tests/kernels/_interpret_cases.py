@@ -741,41 +741,6 @@ def case_combine_kernel_layouts():
         assert _rel(out, ref) <= 1e-2
 
 
-def case_combine_launch_configs():
-    """Every (tokens, columns, warps) cut of the combine gives the default's bytes, writes every
-    output row (poisoned first), tokens not a multiple of the block and columns not of block_n;
-    bad configs are refused by name."""
-    from moe_backend.kernels.unpermute_combine import CombineLaunchConfig
-
-    gen = torch.Generator().manual_seed(11)
-    t, topk, n = 7, 4, 300
-    topk_ids = torch.randint(-1, 10, (t, topk), generator=gen)
-    weights = torch.rand(t, topk, generator=gen)
-    layout = build_layout.build_contiguous_layout(topk_ids, 8, expert_start=1, alignment=4)
-    y = torch.randn(*layout.src_token.shape, n, generator=gen).bfloat16()
-    y[layout.src_token < 0] = float("nan")
-    default = unpermute_combine(y, layout.row_of_slot, weights)
-    assert _rel(default, layouts.combine(y, layout, weights)) <= 1e-2
-    for tokens, block_n, warps in ((1, 128, 1), (2, 256, 2), (4, 128, 4), (8, 512, 2), (16, 1024, 8)):
-        out = torch.full((t, n), float("nan"), dtype=torch.bfloat16)
-        cfg = CombineLaunchConfig(tokens, block_n, warps)
-        unpermute_combine(y, layout.row_of_slot, weights, out, config=cfg)
-        assert torch.equal(out.view(torch.int16), default.view(torch.int16)), cfg
-    for bad, word in (((3, 128, 4), "tokens_per_program"), ((1, 100, 4), "block_n"), ((1, 128, 3), "num_warps")):
-        try:
-            CombineLaunchConfig(*bad)
-        except ValueError as exc:
-            assert word in str(exc), exc
-        else:
-            raise AssertionError(f"{bad} accepted")
-    try:
-        unpermute_combine(y, layout.row_of_slot, weights, config=(1, 128, 4))
-    except TypeError as exc:
-        assert "config" in str(exc)
-    else:
-        raise AssertionError("a tuple config accepted")
-
-
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":

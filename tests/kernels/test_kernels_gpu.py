@@ -357,26 +357,6 @@ def test_unpermute_combine(num_tokens, topk, experts, n) -> None:
     assert _rel(out, ref) <= TOL["combine"] or (out != ref).float().mean() < 1e-3
 
 
-@pytest.mark.parametrize("num_local,expert_start", [(32, 64), (256, 0)])  # EP8 and TP8 slices
-def test_unpermute_combine_every_launch_config_alike(num_local, expert_start) -> None:
-    """The combine's launch configs (those lab/sweep_combine.py times) give the default's bytes on
-    a contiguous layout at DeepSeek-V3's hidden size, every output row written (poisoned first)."""
-    combine_mod, *_ = _kernels()
-    tokens, n = 300, 7168
-    topk_ids = torch.rand(tokens, 256, device="cuda").topk(8, dim=-1).indices
-    layout = layouts.build_contiguous_layout(topk_ids, num_local, expert_start=expert_start, alignment=128)
-    weights = torch.rand(tokens, 8, device="cuda")
-    y = torch.randn(*layout.src_token.shape, n, device="cuda").bfloat16()
-    y[layout.src_token < 0] = float("nan")
-    default = combine_mod.unpermute_combine(y, layout.row_of_slot, weights)
-    assert _rel(default, layouts.combine(y, layout, weights)) <= TOL["combine"]
-    for cut in ((1, 1024, 4), (2, 1024, 4), (4, 1024, 8), (1, 2048, 8), (8, 512, 4), (4, 2048, 8)):
-        cfg = combine_mod.CombineLaunchConfig(*cut)
-        out = torch.full((tokens, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-        combine_mod.unpermute_combine(y, layout.row_of_slot, weights, out, config=cfg)
-        assert torch.equal(out.view(torch.int16), default.view(torch.int16)), cfg
-
-
 def test_bad_inputs() -> None:
     combine_mod, contig_mod, masked_mod, ptgq, smq = _kernels()
     f8 = torch.float8_e4m3fn

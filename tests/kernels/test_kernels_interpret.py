@@ -51,7 +51,6 @@ CASES = [
     "silu_mul_quant_rows",
     "used_rows",
     "combine_kernel_layouts",
-    "combine_launch_configs",
     "quant_flat_items",
     "quant_validity_modes",
     "quant_row_stride",

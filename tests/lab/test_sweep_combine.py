@@ -1,6 +1,7 @@
 """lab/sweep_combine.py's CPU side: the candidate grid, the tables, `--list`, and `run_shape` end to
-end under the Triton interpreter at toy sizes (timing stubbed), so the device step does not fail
-on a typo."""
+end under the Triton interpreter at toy sizes (timing stubbed): every cut of lab/combine_tiles.py
+gives the shipped combine's bytes, every output row written, token and column counts not multiples
+of the cut."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tests.helpers.interpreter import run_interpreted
 
 
 def test_candidates_hold_at_most_64_sums_per_thread() -> None:
-    assert (1, 1024, 4) in sweep.CANDIDATES  # the default
+    assert (1, 1024, 4) in sweep.CANDIDATES  # the shipped kernel's cut
     assert all(t * n <= 64 * 32 * w for t, n, w in sweep.CANDIDATES)
     assert (8, 4096, 2) not in sweep.CANDIDATES and (8, 1024, 4) in sweep.CANDIDATES
     assert len(set(sweep.CANDIDATES)) == len(sweep.CANDIDATES)
@@ -28,12 +29,12 @@ def test_render() -> None:
         local_slots=16000,
         bytes=4_000_000,
         floor_us=2.0,
-        default="1x1024x4",
-        configs=configs,
+        default="shipped",
+        configs={"shipped": 12.0, **configs},
         equal=False,
     )
     lines = sweep.render([result]).splitlines()
-    assert lines[2].startswith(f"| EP8 T=16384 | 16000 | 4 | 2.0 | {configs['1x1024x4']:.1f} (1x1024x4) ")
+    assert lines[2].startswith("| EP8 T=16384 | 16000 | 4 | 2.0 | 12.0 | ")
     assert f"({best})" in lines[2] and lines[2].endswith("| **NO** |")
     assert lines[-1].startswith(f"- EP8 T=16384: {best} ")
 
@@ -50,11 +51,9 @@ import lab.sweep_combine as sweep
 sweep.DEVICE = "cpu"
 sweep.HIDDEN, sweep.GLOBAL_EXPERTS, sweep.TOPK = 384, 16, 4
 sweep.SLICES = {"EP8": (4, 8), "TP8": (16, 0)}
-sweep.CANDIDATES = [(1, 128, 1), (2, 256, 2), (4, 128, 4)]
+sweep.CANDIDATES = [(1, 128, 1), (2, 256, 2), (4, 128, 4), (8, 512, 2)]
 sweep._time = lambda fn, rep_ms: (fn(), 1.0)[1]
 sweep._floor_us = lambda nbytes, rep_ms: 0.5
-from moe_backend.kernels import unpermute_combine as mod
-mod.combine_launch_config = lambda t, n: mod.CombineLaunchConfig(1, 128, 1)
 out = [sweep.run_shape(s, 7, 1) for s in ("EP8", "TP8")]
 print(sweep.render(out), file=sys.stderr)
 print(json.dumps(out))
@@ -63,13 +62,13 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_run_shape_under_the_interpreter() -> None:
-    """Both slices at toy sizes on CPU: every candidate launches and gives the default's bytes."""
+    """Both slices at toy sizes on CPU: every candidate launches and gives the shipped kernel's bytes."""
     proc = run_interpreted("-c", SMOKE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["equal"] for r in results] == [True, True]
-    assert [sorted(r["configs"]) for r in results] == [["1x128x1", "2x256x2", "4x128x4"]] * 2
-    assert all(r["default"] == "1x128x1" for r in results)
+    assert [sorted(r["configs"]) for r in results] == [["1x128x1", "2x256x2", "4x128x4", "8x512x2", "shipped"]] * 2
+    assert all(r["default"] == "shipped" for r in results)
     ep8, tp8 = results
     assert 0 < ep8["local_slots"] < tp8["local_slots"] == 7 * 4
     assert tp8["bytes"] == (7 * 4 + 7) * 384 * 2
