@@ -1,5 +1,5 @@
-"""Device sweep: at decode batches of 1-8 tokens, do narrower n-tiles fill the GPU and make the
-whole routed layer faster?
+"""Device sweep: at decode batches of 1-32 tokens, do narrower n-tiles (or one n-tile per program
+in TP8's short-K GEMM2) fill the GPU and make the whole routed layer faster?
 
 Why: the decode tiles come from tables tuned with every expert holding rows (m rows per expert,
 all E experts). At T = 1 only T * k = 8 slots are routed: TP8's GEMM1 (N = 512) then has
@@ -37,6 +37,9 @@ VARIANTS = {
     "g2n32": ({}, {"BLOCK_N": 32}),
     "g1n32g2n64": ({"BLOCK_N": 32}, {"BLOCK_N": 64}),
     "g1n16g2n32": ({"BLOCK_N": 16}, {"BLOCK_N": 32}),
+    # TP8's GEMM2 (K = 256) runs N_LOOP n-tiles per program: 4 at these sizes, 14 units per expert
+    "g2loop1": ({}, {"N_LOOP": 1}),
+    "g1n32g2loop1": ({"BLOCK_N": 32}, {"N_LOOP": 1}),
 }
 
 
@@ -60,7 +63,7 @@ def variants(plan) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", default="1,2,4,8")
+    p.add_argument("--tokens", default="1,2,4,8,32")
     p.add_argument("--routing", default="0.6,0", help="Zipf exponents (0: uniform)")
     p.add_argument("--list", action="store_true", help="print the variants only (no GPU)")
     args = p.parse_args(argv)
@@ -109,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]:.1f} | {r[7]:.3f} | {r[8]:.1e} |")
+    print("\nfastest per cell (slice T zipf: variant µs, vs policy):")
+    for cell in dict.fromkeys(r[:3] for r in table):
+        best = min((r for r in table if r[:3] == cell), key=lambda r: r[6])
+        policy_us = next(r[6] for r in table if r[:3] == cell and r[4] == "policy")
+        print(f"{cell[0]} {cell[1]} {cell[2]}: {best[4]} {best[6]:.1f} us (policy {policy_us:.1f}) x{best[7]:.3f}")
     return 0
 
 
