@@ -1,0 +1,36 @@
+"""lab/sweep_small_batch.py's CPU side: `--list`, and the plan variants it times (only the Triton
+GEMMs' configs change; a plan on other providers keeps the policy's alone)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lab import sweep_small_batch as sweep
+from lab._plan_variants import slice_plan
+from moe_backend.dispatch.gemm_choice import GemmPlan
+
+
+def test_list_runs_without_gpu(capsys) -> None:
+    assert sweep.main(["--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(sweep.VARIANTS) and out[0].startswith("policy")
+
+
+def test_variants_change_only_the_triton_configs() -> None:
+    plan = slice_plan("tp8", 1, "decode", torch.device("cpu"))
+    assert list(sweep.variants(plan)) == ["policy"]  # the reference path: nothing to vary
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 128, "N_LOOP": 4, "num_warps": 4, "num_stages": 3}
+    triton_plan = dataclasses.replace(
+        plan,
+        gemm1=GemmPlan("triton", 512, 7168, tuple(sorted(cfg.items()))),
+        gemm2=GemmPlan("triton", 7168, 256, tuple(sorted(cfg.items()))),
+    )
+    plans = sweep.variants(triton_plan)
+    assert list(plans) == list(sweep.VARIANTS)
+    assert plans["policy"] is not triton_plan and plans["policy"].gemm1 == triton_plan.gemm1
+    g1, g2 = dict(plans["g1n16g2n32"].gemm1.config), dict(plans["g1n16g2n32"].gemm2.config)
+    assert g1 == cfg | {"BLOCK_N": 16} and g2 == cfg | {"BLOCK_N": 32}
+    assert dict(plans["g2loop1"].gemm2.config)["N_LOOP"] == 1 and plans["g2loop1"].gemm1 == triton_plan.gemm1
+    assert all(p.graph_plan is None and p.num_rows == triton_plan.num_rows for p in plans.values())
