@@ -26,6 +26,25 @@ def slice_plan(slice_name: str, tokens: int, phase: str, device, policy=None):
     )
 
 
+def slice_weights(slice_name: str) -> tuple:
+    """(w13, w13_scale, w2, w2_scale): random FP8 expert weights of the slice, on the GPU."""
+    from moe_backend.testing import random_fp8_weights
+
+    num_local, inter = SLICES[slice_name]
+    return (*random_fp8_weights(num_local, 2 * inter, HIDDEN), *random_fp8_weights(num_local, HIDDEN, inter))
+
+
+def cell_inputs(tokens: int, zipf: float, device) -> tuple:
+    """(x bf16 `[T, H]`, topk_weights, topk_ids) of one cell: top-8 of 256 under Zipf-like
+    popularity `zipf` (0: uniform), seeded by the token count."""
+    import torch
+
+    from moe_backend.testing import random_topk
+
+    x = torch.randn(tokens, HIDDEN, device=device, dtype=torch.bfloat16)
+    return (x, *random_topk(tokens, GLOBAL_EXPERTS, TOPK, zipf, seed=tokens, device=device))
+
+
 def time_plans(plans: dict, operands: tuple, *, rep_ms: int = 40, warmup_ms: int = 10) -> tuple[dict, dict]:
     """Each plan's routed pipeline on the same operands `(x, w13, w13_s, w2, w2_s, topk_weights,
     topk_ids)` (bf16 x, expert offset 0, fp32 scales): run once for its output (fp32), captured in

@@ -3,6 +3,7 @@ contender, the copy floor, and the run loop (header, one result per shape, table
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import sys
@@ -56,3 +57,31 @@ def run_sweep(shapes: list, run_one: Callable, name_of: Callable, render: Callab
         with open(json_path, "w") as f:
             json.dump(dict(header=header, elapsed_s=elapsed, results=results), f, indent=1)
     return 0 if all(r["equal"] for r in results) else 1
+
+
+def sweep_parser(doc: str, rep_ms: int) -> argparse.ArgumentParser:
+    """--json, --list and --rep-ms (>= 1, checked by `parse`), described by the module's first paragraph."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--list", action="store_true", help="print the shapes and candidates only (no GPU)")
+    help_rep = f"do_bench's timing window per contender (default {rep_ms})"
+    p.add_argument("--rep-ms", type=int, default=rep_ms, help=help_rep)
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.rep_ms < 1:
+        p.error("--rep-ms must be >= 1")
+    return args
+
+
+def candidate_table(results: list[dict], labels: list[str], title: str) -> list[str]:
+    """Markdown lines: every contender's µs (and its ratio to the floor) per result row."""
+    lines = ["", f"{title} (µs; ratio to the floor)", ""]
+    lines.append("| shape | " + " | ".join(labels) + " |")
+    lines.append("|---|" + "---:|" * len(labels))
+    for r in results:
+        cells = [f"{r['configs'][c]:.1f} ({r['configs'][c] / r['floor_us']:.2f})" for c in labels]
+        lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
+    return lines

@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from lab._plan_variants import GLOBAL_EXPERTS, HIDDEN, SLICES, TOPK, slice_plan, time_plans
+from lab._plan_variants import SLICES, cell_inputs, slice_plan, slice_weights, time_plans
 
 
 def _variants(plan, device):
@@ -56,7 +56,6 @@ def _variants(plan, device):
 
 def main() -> None:
     from moe_backend.dispatch import Policy
-    from moe_backend.testing import random_fp8_weights, random_topk
 
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="2048,16384")
@@ -65,16 +64,14 @@ def main() -> None:
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows = []
-    for slice_name, (e, inter) in SLICES.items():
-        w13, w13_s = random_fp8_weights(e, 2 * inter, HIDDEN)
-        w2, w2_s = random_fp8_weights(e, HIDDEN, inter)
+    for slice_name in SLICES:
+        weights = slice_weights(slice_name)
         for tokens in map(int, args.tokens.split(",")):
             for alpha in map(float, args.routing.split(",")):
-                x = torch.randn(tokens, HIDDEN, device=dev, dtype=torch.bfloat16)
-                tw, ti = random_topk(tokens, GLOBAL_EXPERTS, TOPK, alpha, seed=tokens, device=dev)
+                x, tw, ti = cell_inputs(tokens, alpha, dev)
                 plan = slice_plan(slice_name, tokens, "prefill", dev, Policy(graph_max_tokens=0))
                 variants = _variants(plan, dev)
-                times, outs = time_plans(variants, (x, w13, w13_s, w2, w2_s, tw, ti))
+                times, outs = time_plans(variants, (x, *weights, tw, ti))
                 ref = outs["policy"]
                 for name, vp in variants.items():
                     err = float((outs[name] - ref).norm() / ref.norm())

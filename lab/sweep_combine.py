@@ -20,10 +20,9 @@ row read once, every output row written once.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
-from lab._sweep_run import copy_floor_us, graph_us, run_sweep
+from lab._sweep_run import copy_floor_us, graph_us, parse, run_sweep, sweep_parser
 
 HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
 DEVICE = "cuda"  # a CPU smoke test of run_shape sets "cpu" (with TRITON_INTERPRET=1)
@@ -109,11 +108,7 @@ def render(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default=None, help="write the results here as JSON")
-    p.add_argument("--list", action="store_true", help="print the shapes and candidates only (no GPU)")
-    p.add_argument("--rep-ms", type=int, default=10, help="do_bench's timing window per candidate (default 10)")
-    args = p.parse_args(argv)
+    args = parse(sweep_parser(__doc__, 10), argv)
     shapes = [(s, t) for s in SLICES for t in TOKENS]
     if args.list:
         print("shapes:", ", ".join(f"{s} T={t}" for s, t in shapes))

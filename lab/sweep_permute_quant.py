@@ -16,10 +16,9 @@ move: each such row's bf16 source read once, its fp8 row and scales written once
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
-from lab._sweep_run import copy_floor_us, graph_us, run_sweep
+from lab._sweep_run import candidate_table, copy_floor_us, graph_us, parse, run_sweep, sweep_parser
 
 HIDDEN, GLOBAL_EXPERTS, TOPK, NUM_LOCAL, EXPERT_START, ALIGNMENT = 7168, 256, 8, 32, 64, 128
 DEVICE = "cuda"  # a CPU smoke test of run_shape sets "cpu" (with TRITON_INTERPRET=1)
@@ -97,21 +96,12 @@ def render(results: list[dict]) -> str:
             f"| {'yes' if r['equal'] else '**NO**'} |"
         )
     labels = ["shipped"] + [label(c) for c in CANDIDATES]
-    lines += ["", "µs per contender (items per block x warps; ratio to the floor)", ""]
-    lines.append("| shape | " + " | ".join(labels) + " |")
-    lines.append("|---|" + "---:|" * len(labels))
-    for r in results:
-        cells = [f"{r['configs'][c]:.1f} ({r['configs'][c] / r['floor_us']:.2f})" for c in labels]
-        lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
+    lines += candidate_table(results, labels, "per contender (items per block x warps)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default=None, help="write the results here as JSON")
-    p.add_argument("--list", action="store_true", help="print the shapes and candidates only (no GPU)")
-    p.add_argument("--rep-ms", type=int, default=10, help="do_bench's timing window per contender (default 10)")
-    args = p.parse_args(argv)
+    args = parse(sweep_parser(__doc__, 10), argv)
     if args.list:
         print("shapes:", ", ".join(f"EP8 T={t}" for t in TOKENS))
         print("candidates:", " ".join(label(c) for c in CANDIDATES))

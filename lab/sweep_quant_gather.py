@@ -28,7 +28,7 @@ import itertools
 import sys
 from dataclasses import dataclass
 
-from lab._sweep_run import copy_floor_us, graph_us, run_sweep
+from lab._sweep_run import candidate_table, copy_floor_us, graph_us, parse, run_sweep, sweep_parser
 
 HIDDEN, GLOBAL_EXPERTS, TOPK, GROUP = 7168, 256, 8, 128
 DEVICE = "cuda"  # a CPU smoke test of the run functions sets "cpu" (with TRITON_INTERPRET=1)
@@ -98,12 +98,7 @@ def render(results: list[dict]) -> str:
         if not rows:
             continue
         labels = [config_label(c) for c in cands]
-        lines += ["", f"{kind} µs per candidate (items or rows per program x warps; ratio to the floor)", ""]
-        lines.append("| shape | " + " | ".join(labels) + " |")
-        lines.append("|---|" + "---:|" * len(labels))
-        for r in rows:
-            cells = [f"{r['configs'][c]:.1f} ({r['configs'][c] / r['floor_us']:.2f})" for c in labels]
-            lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
+        lines += candidate_table(rows, labels, f"{kind} per candidate (items or rows per program x warps)")
     return "\n".join(lines)
 
 
@@ -244,15 +239,9 @@ def _run_gather(shape: Shape, rep_ms: int) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default=None, help="write the results here as JSON")
-    p.add_argument("--list", action="store_true", help="print the shapes and candidates only (no GPU)")
+    p = sweep_parser(__doc__, 20)
     p.add_argument("--only", default=None, help="comma-separated substrings: run the shapes whose name holds one")
-    p.add_argument("--rep-ms", type=int, default=20, help="do_bench's timing window per contender (default 20)")
-    args = p.parse_args(argv)
-    if args.rep_ms < 1:
-        p.error("--rep-ms must be >= 1")
-    return args
+    return parse(p, argv)
 
 
 def selected(only: str | None) -> list[Shape]:

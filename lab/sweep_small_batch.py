@@ -24,7 +24,7 @@ import argparse
 import dataclasses
 import sys
 
-from lab._plan_variants import GLOBAL_EXPERTS, HIDDEN, SLICES, TOPK, slice_plan, time_plans
+from lab._plan_variants import SLICES, cell_inputs, slice_plan, slice_weights, time_plans
 
 # name -> (GEMM1 changes, GEMM2 changes) to the policy plan's Triton configs
 VARIANTS = {
@@ -74,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from moe_backend.testing import random_fp8_weights, random_topk
-
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (--list runs on CPU)", file=sys.stderr)
         return 2
@@ -83,16 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     table = []
     for slice_name, (e, inter) in SLICES.items():
-        w13, w13_s = random_fp8_weights(e, 2 * inter, HIDDEN)
-        w2, w2_s = random_fp8_weights(e, HIDDEN, inter)
+        weights = slice_weights(slice_name)
         for tokens in map(int, args.tokens.split(",")):
             for alpha in map(float, args.routing.split(",")):
-                x = torch.randn(tokens, HIDDEN, device=dev, dtype=torch.bfloat16)
-                tw, ti = random_topk(tokens, GLOBAL_EXPERTS, TOPK, alpha, seed=tokens, device=dev)
+                x, tw, ti = cell_inputs(tokens, alpha, dev)
                 plans = variants(slice_plan(slice_name, tokens, "decode", dev))
                 local = ti[(ti >= 0) & (ti < e)]
                 active = int(local.unique().numel())
-                times, outs = time_plans(plans, (x, w13, w13_s, w2, w2_s, tw, ti), rep_ms=20, warmup_ms=5)
+                times, outs = time_plans(plans, (x, *weights, tw, ti), rep_ms=20, warmup_ms=5)
                 ref = outs["policy"]
                 base = times["policy"]["us"]
                 for name, vp in plans.items():

@@ -15,7 +15,7 @@ import torch
 from benchmarks import _peers
 from benchmarks import bench_grouped_gemm as bg
 from moe_backend import testing
-from tests.helpers.interpreter import run_interpreted
+from tests.helpers.interpreter import interpreted_json, run_interpreted
 
 SCRIPT = r"""
 import json, sys
@@ -46,9 +46,7 @@ print(json.dumps(res))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_routed_cell_on_the_interpreter() -> None:
-    proc = run_interpreted("-c", SCRIPT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = interpreted_json(SCRIPT)
     assert not res.get("errors"), res.get("errors")
     top = res["max_rows"]
     assert res["max_ms"] == [m for m in (16, 128, 1024) if m >= top] and res["idle"] >= 1

@@ -20,3 +20,13 @@ def run_interpreted(*args: str, timeout: int = 600) -> subprocess.CompletedProce
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
     )
     return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def interpreted_json(code: str):
+    """Runs `python -c code` under the interpreter, asserts it succeeded and returns the JSON its
+    last line of output holds."""
+    import json
+
+    proc = run_interpreted("-c", code)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

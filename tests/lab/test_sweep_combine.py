@@ -6,12 +6,11 @@ of the cut."""
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 
 from lab import sweep_combine as sweep
-from tests.helpers.interpreter import run_interpreted
+from tests.helpers.interpreter import interpreted_json
 
 
 def test_candidates_hold_at_most_64_sums_per_thread() -> None:
@@ -63,9 +62,7 @@ print(json.dumps(out))
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_run_shape_under_the_interpreter() -> None:
     """Both slices at toy sizes on CPU: every candidate launches and gives the shipped kernel's bytes."""
-    proc = run_interpreted("-c", SMOKE)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = interpreted_json(SMOKE)
     assert [r["equal"] for r in results] == [True, True]
     assert [sorted(r["configs"]) for r in results] == [["1x128x1", "2x256x2", "4x128x4", "8x512x2", "shipped"]] * 2
     assert all(r["default"] == "shipped" for r in results)

@@ -6,12 +6,11 @@ leaves padding rows unwritten."""
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 
 from lab import sweep_permute_quant as sweep
-from tests.helpers.interpreter import run_interpreted
+from tests.helpers.interpreter import interpreted_json
 
 
 def test_candidates() -> None:
@@ -50,9 +49,7 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_run_shape_under_the_interpreter() -> None:
-    proc = run_interpreted("-c", SMOKE)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = interpreted_json(SMOKE)
     assert [r["equal"] for r in results] == [True, True]
     assert [sorted(r["configs"]) for r in results] == [["16x4", "8x2", "shipped"]] * 2
     assert all(0 < r["valid_rows"] <= t * 4 for r, t in zip(results, (5, 9)))

@@ -5,12 +5,11 @@ one device command does not fail on a typo."""
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 
 from lab import sweep_quant_gather as sweep
-from tests.helpers.interpreter import run_interpreted
+from tests.helpers.interpreter import interpreted_json
 
 
 def _result(shape: str, kind: str, configs: dict, default: str, equal: bool = True) -> dict:
@@ -89,9 +88,7 @@ print(json.dumps(out))
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_run_functions_under_the_interpreter() -> None:
     """Both run functions at toy sizes on CPU: every candidate launches and matches its baseline."""
-    proc = run_interpreted("-c", SMOKE)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = interpreted_json(SMOKE)
     assert [r["equal"] for r in results] == [True, True, True]
     assert [len(r["configs"]) for r in results] == [12, 12, 15]
     assert [r["default"] for r in results] == ["8x4", "8x4", "1x4"]  # toy sizes: the smallest blocks
