@@ -14,10 +14,9 @@ import torch
 
 from moe_backend import experts as moe_experts
 from moe_backend import ops, reference
-from moe_backend.layers.router import noaux_tc_route
 from moe_backend.quant import quantize_fp8_per_token_group
 from tests.helpers.naive import rel_err
-from tests.helpers.property_layers import property_layer
+from tests.helpers.property_layers import layer_reference, property_layer
 from tests.helpers.tolerances import LAYER_SAME_QUANT_ONE_GROUP, layer_same_quant
 from tests.layers.test_layer_history_gpu import (
     HISTORY,
@@ -87,26 +86,10 @@ def _routed_step(step, kernel, case, weights, ue8m0, prequantized):
 def _layer_step(layer, spec, tokens):
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens)).bfloat16().cuda()
     out = layer(x)
-    cpu = {n: b.cpu() for n, b in layer.named_buffers()}
-    w, ids = noaux_tc_route(x.cpu(), cpu["gate_weight"], cpu["e_score_correction_bias"], layer.config)
-    local = (ids >= layer.expert_start) & (ids < layer.expert_stop)
     ue8m0 = layer.config.ue8m0_scales
-    names = ("w13_fp8", "w13_scale_inv", "w2_fp8", "w2_scale_inv")
-    local_ids = torch.where(local, ids.long() - layer.expert_start, -1)
-
-    def ref_of(xin, xs):
-        r = reference.routed_experts(xin, *(cpu[n] for n in names), w, local_ids, x_scale=xs, ue8m0=ue8m0).float()
-        if layer.with_shared_experts:
-            r += reference.routed_experts(
-                xin, *(cpu["shared_" + n] for n in names), torch.ones(tokens, 1),
-                torch.zeros(tokens, 1, dtype=torch.int64), x_scale=xs, ue8m0=ue8m0,
-            ).float()
-        return r
-
-    ref = ref_of(x.cpu(), None)
+    ref, pairs = layer_reference(layer, x)
     if ref.norm() == 0:
         return None
-    pairs = int(local.sum()) + tokens * layer.with_shared_experts
     bound = max(layer_same_quant(pairs), LAYER_SAME_QUANT_ONE_GROUP)
     err = rel_err(out.cpu(), ref)
     if err < bound:
@@ -115,10 +98,11 @@ def _layer_step(layer, spec, tokens):
     lines = [f"layer {spec} T={tokens}: err {err:.4f} (bound {bound:.3f})"]
     again, fresh = rel_err(layer(x).cpu(), ref), rel_err(layer(x.clone()).cpu(), ref)
     lines.append(f"  repeated {again:.4f}, fresh x copy {fresh:.4f}")
-    lines.append(f"  vs reference fed the device's FP8 x: {rel_err(out.cpu(), ref_of(q_dev.cpu(), s_dev.cpu())):.4f}")
+    ref_devq = layer_reference(layer, x, (q_dev, s_dev))[0]
+    lines.append(f"  vs reference fed the device's FP8 x: {rel_err(out.cpu(), ref_devq):.4f}")
     lines.append("  " + _quant_compare(x, ue8m0))
     if len(DUMPS) < 6:
-        DUMPS.append(dict(layer=spec, tokens=tokens, x=x.cpu(), out=out.cpu(), ref=ref, buffers=cpu))
+        DUMPS.append(dict(layer=spec, tokens=tokens, x=x.cpu(), out=out.cpu(), ref=ref))
     return "\n".join(lines)
 
 

@@ -23,11 +23,10 @@ from moe_backend import experts as moe_experts
 from moe_backend import reference
 from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
-from moe_backend.layers.router import noaux_tc_route
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
 from tests.helpers.layer_diagnosis import diagnose_layer_call
 from tests.helpers.naive import rel_err
-from tests.helpers.property_layers import property_layer
+from tests.helpers.property_layers import layer_reference, property_layer
 from tests.helpers.tolerances import LAYER_SAME_QUANT_ONE_GROUP, layer_same_quant
 
 pytestmark = pytest.mark.gpu
@@ -100,28 +99,9 @@ def _routed_call(step: int, kernel: str, case: tuple, weights, ue8m0: bool, preq
 def _check_layer_call(layer: DeepseekV3MoE, tokens: int, where: str) -> None:
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens)).bfloat16().cuda()
     out = layer(x)
-    cpu = {n: b.cpu() for n, b in layer.named_buffers()}
-    w, ids = noaux_tc_route(x.cpu(), cpu["gate_weight"], cpu["e_score_correction_bias"], layer.config)
-    local = (ids >= layer.expert_start) & (ids < layer.expert_stop)
-    ue8m0 = layer.config.ue8m0_scales
-    ref = reference.routed_experts(
-        x.cpu(),
-        *(cpu[n] for n in ("w13_fp8", "w13_scale_inv", "w2_fp8", "w2_scale_inv")),
-        w,
-        torch.where(local, ids.long() - layer.expert_start, -1),
-        ue8m0=ue8m0,
-    ).float()
-    if layer.with_shared_experts:
-        ref += reference.routed_experts(
-            x.cpu(),
-            *(cpu[n] for n in ("shared_w13_fp8", "shared_w13_scale_inv", "shared_w2_fp8", "shared_w2_scale_inv")),
-            torch.ones(tokens, 1),
-            torch.zeros(tokens, 1, dtype=torch.int64),
-            ue8m0=ue8m0,
-        ).float()
+    ref, pairs = layer_reference(layer, x)
     if ref.norm() == 0:
         return
-    pairs = int(local.sum()) + tokens * layer.with_shared_experts
     bound = max(layer_same_quant(pairs), LAYER_SAME_QUANT_ONE_GROUP)
     err = rel_err(out.cpu(), ref)
     assert err < bound, f"{where} T={tokens}: rel err {err:.6f} >= {bound:.4f}; {diagnose_layer_call(layer, x, out)}"
