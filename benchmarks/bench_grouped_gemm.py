@@ -318,29 +318,6 @@ def render_md(env: dict, ceil: dict, cells: list) -> str:
 # case) at fixed total rows.
 
 
-def cap_counts(counts: torch.Tensor, cap: int) -> torch.Tensor:
-    """Counts with none above `cap` (an expert gets at most one row per token under top-k routing),
-    the excess handed to the experts below the cap in proportion to their counts, the total kept."""
-    counts = counts.clone()
-    total = int(counts.sum())
-    if cap * counts.numel() < total:
-        raise ValueError(f"cap: {counts.numel()} experts of at most {cap} rows cannot hold {total}")
-    while int(counts.max()) > cap:
-        excess = int((counts - cap).clamp_min(0).sum())
-        counts.clamp_(max=cap)
-        room = (cap - counts).double() * (counts > 0).double().clamp_min(1e-3)
-        share = (room / room.sum() * excess).floor().long().clamp(max=cap - counts)
-        counts += share
-        rest = total - int(counts.sum())
-        for x in torch.argsort(room - share.double(), descending=True).tolist():  # largest room first
-            if rest == 0:
-                break
-            if counts[x] < cap:
-                counts[x] += 1
-                rest -= 1
-    return counts
-
-
 def pad_rows_ok(out, counts, chunk: int = 16) -> bool:
     """Masked output `[E, max_m, N]` poisoned with NaN before the runs: rows at or past counts[e]
     are still NaN (untouched) and the rows below were written (finite)."""
@@ -629,11 +606,7 @@ def main_routed(args, env, ceil, peers, log) -> int:
                     if over():  # the table below still gets printed within the caller's time limit
                         skipped.append(f"{sl} {gemm} {mean_rows} {routing}")
                         continue
-                    counts = testing.zipf_counts(
-                        e, mean_rows * e, testing.parse_routing_exponent(routing), seed=args.seed
-                    )
-                    # One row per token at most: tokens = rows of all 256 routed experts / top-k.
-                    counts = cap_counts(counts, mean_rows * ROUTED_EXPERTS // TOPK)
+                    counts = testing.routed_counts(e, mean_rows, routing, seed=args.seed)
                     t0 = time.time()
                     try:
                         res = run_routed_cell(

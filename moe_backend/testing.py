@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from moe_backend.config import QUANT_BLOCK, MoEConfig
+from moe_backend.constants import DEEPSEEK_V3_EXPERTS, DEEPSEEK_V3_TOPK
 from moe_backend.quant import FP8_DTYPE, FP8_MAX
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "random_topk",
     "expert_counts",
     "zipf_counts",
+    "cap_counts",
+    "routed_counts",
     "describe_counts",
     # timing
     "time_graph",
@@ -125,30 +128,44 @@ def random_fp8_weights(
 # ---------------------------------------------------------------------------------------------
 
 
-def make_masked_inputs(e: int, m: int, n: int, k: int, weights=None, device: torch.device | str = "cuda"):
-    """(a_fp8 `[E, m, K]`, a_scale, b_fp8, b_scale, masked_m int32 `[E]`): the masked layout with
-    every expert holding m rows (max_m = m); `weights` reuses a `random_fp8_weights` pair."""
+def _per_expert(e: int, m) -> torch.Tensor:
+    """int64 `[E]` rows per expert: `m` for each (an int), or `m` itself (per-expert counts)."""
+    if isinstance(m, torch.Tensor):
+        if m.shape != (e,):
+            raise ValueError(f"m: expected an int or counts of shape [{e}], got shape {list(m.shape)}")
+        return m.to(torch.int64).cpu()
+    return torch.full((e,), int(m), dtype=torch.int64)
+
+
+def make_masked_inputs(e: int, m, n: int, k: int, weights=None, device: torch.device | str = "cuda"):
+    """(a_fp8 `[E, max_m, K]`, a_scale, b_fp8, b_scale, masked_m int32 `[E]`): the masked layout of
+    m rows per expert (an int, or per-expert counts `[E]`; max_m the largest, at least 1);
+    `weights` reuses a `random_fp8_weights` pair."""
     from moe_backend.quant import quantize_fp8_per_token_group
 
+    counts = _per_expert(e, m)
+    max_m = max(1, int(counts.max()))
     b, bs = weights if weights is not None else random_fp8_weights(e, n, k, device)
-    a, a_s = quantize_fp8_per_token_group(torch.randn(e, m, k, device=device, dtype=torch.bfloat16))
-    masked_m = torch.full((e,), m, dtype=torch.int32, device=device)
-    return a, a_s, b, bs, masked_m
+    a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device=device, dtype=torch.bfloat16))
+    return a, a_s, b, bs, counts.to(torch.int32).to(device)
 
 
-def make_contiguous_inputs(
-    e: int, m: int, n: int, k: int, alignment: int, weights=None, device: torch.device | str = "cuda"
-):
-    """(a_fp8 `[E * seg, K]`, a_scale, b_fp8, b_scale, expert id per row int32 `[E * seg]`): the
-    contiguous layout with m rows per expert in segments padded to `alignment` (padding rows -1)."""
+def make_contiguous_inputs(e: int, m, n: int, k: int, alignment: int, weights=None, device="cuda"):
+    """(a_fp8 `[rows, K]`, a_scale, b_fp8, b_scale, expert id per row int32 `[rows]`): the
+    contiguous layout of m rows per expert (an int, or per-expert counts `[E]`), each expert's
+    segment padded to `alignment` (padding rows -1)."""
     from moe_backend.quant import quantize_fp8_per_token_group
 
+    counts = _per_expert(e, m)
     b, bs = weights if weights is not None else random_fp8_weights(e, n, k, device)
-    seg = -(-m // alignment) * alignment
-    ids = torch.full((e, seg), -1, dtype=torch.int32, device=device)
-    ids[:, :m] = torch.arange(e, dtype=torch.int32, device=device)[:, None]
-    a, a_s = quantize_fp8_per_token_group(torch.randn(e * seg, k, device=device, dtype=torch.bfloat16))
-    return a, a_s, b, bs, ids.reshape(-1)
+    segments = (counts + alignment - 1) // alignment * alignment
+    ids = torch.full((int(segments.sum()),), -1, dtype=torch.int32)
+    start = 0
+    for expert, (rows, seg) in enumerate(zip(counts.tolist(), segments.tolist())):
+        ids[start : start + rows] = expert
+        start += seg
+    a, a_s = quantize_fp8_per_token_group(torch.randn(ids.numel(), k, device=device, dtype=torch.bfloat16))
+    return a, a_s, b, bs, ids.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +236,37 @@ def zipf_counts(num_experts: int, total_rows: int, exponent: float, seed: int = 
     if rest:
         counts[torch.argsort(p - counts, descending=True)[:rest]] += 1
     return counts
+
+
+def cap_counts(counts: torch.Tensor, cap: int) -> torch.Tensor:
+    """Counts with none above `cap` (an expert gets at most one row per token under top-k routing),
+    the excess handed to the experts below the cap in proportion to their counts, the total kept."""
+    counts = counts.clone()
+    total = int(counts.sum())
+    if cap * counts.numel() < total:
+        raise ValueError(f"cap: {counts.numel()} experts of at most {cap} rows cannot hold {total}")
+    while int(counts.max()) > cap:
+        excess = int((counts - cap).clamp_min(0).sum())
+        counts.clamp_(max=cap)
+        room = (cap - counts).double() * (counts > 0).double().clamp_min(1e-3)
+        share = (room / room.sum() * excess).floor().long().clamp(max=cap - counts)
+        counts += share
+        rest = total - int(counts.sum())
+        for x in torch.argsort(room - share.double(), descending=True).tolist():  # largest room first
+            if rest and counts[x] < cap:
+                counts[x] += 1
+                rest -= 1
+    return counts
+
+
+def routed_counts(num_experts: int, mean_rows: int, routing: str = "uniform", *, seed: int = 0) -> torch.Tensor:
+    """int64 `[E]` rows per expert averaging `mean_rows` under `routing` (`uniform` or `zipf:A`),
+    none above the tokens of such a DeepSeek-V3 batch (mean_rows * 256 / 8: one row per token)."""
+    exponent = parse_routing_exponent(routing)
+    if exponent == 0.0:
+        return torch.full((num_experts,), mean_rows, dtype=torch.int64)
+    counts = zipf_counts(num_experts, mean_rows * num_experts, exponent, seed=seed)
+    return cap_counts(counts, mean_rows * DEEPSEEK_V3_EXPERTS // DEEPSEEK_V3_TOPK)
 
 
 def describe_counts(counts: torch.Tensor) -> str:

@@ -84,11 +84,34 @@ def _smem_bytes(bm: int, bn: int, unroll: int, stages: int) -> int:
     return stages * unroll * 128 * (bm + bn)
 
 
-def _time_candidates(kernels, jobs, bar, log) -> dict:
-    """{kernel: {"N=..,K=..": {m: best config with its µs}}} for each (kernel, shape, m) job."""
+def _job_inputs(kernel: str, e: int, m: int, n: int, k: int, routing: str, weights) -> tuple:
+    """(gemm function, its operands up to the output, output) for one job under one routing: m
+    rows per expert on average, per-expert counts from `testing.routed_counts`."""
     from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
     from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
-    from moe_backend.testing import make_contiguous_inputs, make_masked_inputs, random_fp8_weights, time_graph
+    from moe_backend.testing import make_contiguous_inputs, make_masked_inputs, routed_counts
+
+    counts = routed_counts(e, m, routing)
+    if kernel == "grouped_gemm_masked":
+        a, a_s, b, bs, idx = make_masked_inputs(e, counts, n, k, weights)
+        return (
+            grouped_gemm_masked,
+            (a, a_s, b, bs, idx),
+            torch.empty(*a.shape[:2], n, dtype=torch.bfloat16, device="cuda"),
+        )
+    a, a_s, b, bs, idx = make_contiguous_inputs(e, counts, n, k, CONTIGUOUS_ALIGNMENT, weights)
+    return (
+        grouped_gemm_contiguous,
+        (a, a_s, b, bs, idx),
+        torch.empty(a.shape[0], n, dtype=torch.bfloat16, device="cuda"),
+    )
+
+
+def _time_candidates(kernels, jobs, bar, log, routings=("uniform",)) -> dict:
+    """{kernel: {"N=..,K=..": {m: best config with its µs}}} for each (kernel, shape, m) job: the
+    config with the least time summed over `routings` (uniform and imbalanced counts at the same
+    mean rows per expert, so a tile that only suits equal counts does not win)."""
+    from moe_backend.testing import random_fp8_weights, time_graph
 
     tables: dict = {kernel: {} for kernel in kernels}
     weights_cache: dict = {}
@@ -99,34 +122,32 @@ def _time_candidates(kernels, jobs, bar, log) -> dict:
             weights_cache.clear()
             torch.cuda.empty_cache()
             weights_cache[key] = random_fp8_weights(e, n, k)
-        if masked:
-            a, a_s, b, bs, idx = make_masked_inputs(e, m, n, k, weights_cache[key])
-            out = torch.empty(e, m, n, dtype=torch.bfloat16, device="cuda")
-            gemm_fn = grouped_gemm_masked
-        else:
-            a, a_s, b, bs, idx = make_contiguous_inputs(e, m, n, k, CONTIGUOUS_ALIGNMENT, weights_cache[key])
-            out = torch.empty(a.shape[0], n, dtype=torch.bfloat16, device="cuda")
-            gemm_fn = grouped_gemm_contiguous
+        inputs = [(routing, *_job_inputs(kernel, e, m, n, k, routing, weights_cache[key])) for routing in routings]
         best = None
         for cfg in candidates(m, masked=masked, k=k):
-            try:
-                us = time_graph(lambda: gemm_fn(a, a_s, b, bs, idx, out, config=cfg))
-            except Exception as exc:  # out of shared memory / registers: not a candidate here
-                us = float("inf")
-                if log:
-                    print(
-                        f"{kernel} {sl} {gemm} m={m} {cfg}: {type(exc).__name__}: {str(exc)[:120]}",
-                        file=log,
-                        flush=True,
-                    )
+            per_routing = []
+            for routing, gemm_fn, operands, out in inputs:
+                try:
+                    per_routing.append(time_graph(lambda: gemm_fn(*operands, out, config=cfg)))
+                except Exception as exc:  # out of shared memory / registers: not a candidate here
+                    per_routing.append(float("inf"))
+                    if log:
+                        print(
+                            f"{kernel} {sl} {gemm} m={m} {routing} {cfg}: {type(exc).__name__}: {str(exc)[:120]}",
+                            file=log,
+                            flush=True,
+                        )
+                    break
+            us = sum(per_routing)
             if log and us != float("inf"):
-                print(f"{kernel} {sl} {gemm} m={m} {cfg} {us:.1f}us", file=log, flush=True)
+                detail = ", ".join(f"{r} {t:.1f}" for (r, *_), t in zip(inputs, per_routing))
+                print(f"{kernel} {sl} {gemm} m={m} {cfg} {us:.1f}us ({detail})", file=log, flush=True)
             if best is None or us < best[0]:
                 best = (us, cfg)
             bar.update(1)
         bar.set_postfix_str(f"{sl} {gemm} m={m}: {best[0]:.1f}us")
         tables[kernel].setdefault(f"N={n},K={k}", {})[str(m)] = dict(best[1], us=round(best[0], 1))
-        a = a_s = out = None  # freed before the next job's inputs are drawn
+        inputs = None  # freed before the next job's inputs are drawn
     return tables
 
 
@@ -137,7 +158,11 @@ def tune(
     prefill_rows=PREFILL_ROWS,
     out_dir=None,
     log=None,
+    routings=("uniform",),
 ) -> dict:
+    """Times the candidates of every (kernel, shape, rows) job and merges the fastest into the
+    GPU's tables. `routings`: the counts each candidate is timed under (summed), e.g.
+    ("uniform", "zipf:0.6") to tune for imbalanced routing as well."""
     import triton
 
     from moe_backend._progress import progress
@@ -152,13 +177,14 @@ def tune(
                 jobs.append((kernel, shape, m))
     total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked", k=shape[4])) for kernel, shape, m in jobs)
     with progress(total, f"tune on {device}", unit="config") as bar:
-        tables = _time_candidates(kernels, jobs, bar, log)
+        tables = _time_candidates(kernels, jobs, bar, log, routings)
     meta = dict(
         device=device,
         torch=torch.__version__,
         triton=triton.__version__,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        method="CUDA-graph replay, median",
+        method="CUDA-graph replay, median" + ("" if tuple(routings) == ("uniform",) else ", summed over routings"),
+        routings=list(routings),
     )
     out_dir = out_dir or _gemm_config.CONFIG_DIR
     paths = []
@@ -182,6 +208,20 @@ def tune(
 
 
 TUNABLE_KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
+
+
+def _routings(text: str) -> list[str]:
+    from moe_backend.testing import parse_routing_exponent
+
+    specs = [t.strip() for t in text.split(",") if t.strip()]
+    if not specs:
+        raise argparse.ArgumentTypeError("expected one or more of uniform, zipf:A")
+    for spec in specs:
+        try:
+            parse_routing_exponent(spec)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("routing: ")) from None
+    return specs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -211,6 +251,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(map(str, PREFILL_ROWS)),
         help="rows-per-expert buckets of the contiguous kernel",
     )
+    parser.add_argument(
+        "--routing",
+        type=_routings,
+        default="uniform",
+        help="comma-separated: uniform, zipf:A (0 <= A <= 4); each candidate is timed under each and the "
+        "least summed time wins (e.g. uniform,zipf:0.6 tunes for imbalanced routing as well)",
+    )
     parser.add_argument("--out-dir", default=None, help="where the JSON tables go (default: the package's)")
     parser.add_argument("--log", default=None, help="file for every candidate's timing")
 
@@ -235,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         prefill_rows=tuple(args.prefill_rows),
         out_dir=args.out_dir,
         log=log,
+        routings=tuple(args.routing),
     )
     for path in result["paths"]:
         print(f"wrote {path}")

@@ -160,6 +160,8 @@ BAD_ARGUMENTS = [
     (["tune", "--gemms", "w3"], ["argument --gemms", "w13, w2"]),
     (["tune", "--decode-rows", "0,4"], ["argument --decode-rows", "1..65536"]),
     (["tune", "--prefill-rows", "x"], ["argument --prefill-rows", "1..65536"]),
+    (["tune", "--routing", "zipf:9"], ["argument --routing", "'uniform' or 'zipf:A'"]),
+    (["tune", "--routing", ","], ["argument --routing", "one or more of uniform, zipf:A"]),
     (["frobnicate"], ["invalid choice: 'frobnicate'", "'info'", "'demo'", "'tune'"]),
     ([], ["the following arguments are required"]),
 ]

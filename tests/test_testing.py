@@ -61,3 +61,40 @@ def test_zipf_skews_and_counts_sum():
 def test_expert_counts_of_a_slice():
     ids = torch.tensor([[0, 5], [5, 7], [-1, 6]])
     assert testing.expert_counts(ids, 3, expert_start=5).tolist() == [2, 1, 1]
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.9, 1.2])
+def test_cap_counts(exponent: float) -> None:
+    """One row per token at most: the hot experts are cut to the token count, the total is kept,
+    nobody ends above the cap, the order of popularity survives."""
+    counts = testing.zipf_counts(256, 16 * 256, exponent)
+    capped = testing.cap_counts(counts, 512)
+    assert int(capped.sum()) == 16 * 256 and int(capped.max()) <= 512
+    assert torch.equal(capped, counts) == (int(counts.max()) <= 512)
+    hot = int(torch.argmax(counts))
+    assert int(capped[hot]) == min(int(counts[hot]), 512)
+    with pytest.raises(ValueError, match="cap"):
+        testing.cap_counts(counts, 15)
+
+
+@pytest.mark.parametrize("routing", ["uniform", "zipf:0.6", "zipf:1.2"])
+def test_routed_counts_average_the_mean_and_fit_the_tokens(routing):
+    counts = testing.routed_counts(32, 16, routing)
+    assert counts.shape == (32,) and counts.dtype == torch.int64 and int(counts.sum()) == 32 * 16
+    assert int(counts.max()) <= 16 * 256 // 8  # one row per token: tokens = 16 * 256 / 8
+    if routing == "uniform":
+        assert (counts == 16).all()
+    else:
+        assert int(counts.max()) > 16 and torch.equal(counts, testing.routed_counts(32, 16, routing))
+    capped = testing.routed_counts(256, 2, "zipf:4")  # tokens = 64: the hottest experts hit the cap
+    assert int(capped.max()) == 64 and int(capped.sum()) == 512
+
+
+def test_inputs_from_per_expert_counts():
+    counts = torch.tensor([3, 0, 5])
+    a, a_s, b, bs, masked_m = testing.make_masked_inputs(3, counts, 128, 256, device="cpu")
+    assert a.shape == (3, 5, 256) and masked_m.tolist() == [3, 0, 5] and masked_m.dtype == torch.int32
+    a, a_s, b, bs, ids = testing.make_contiguous_inputs(3, counts, 128, 128, 4, device="cpu")
+    assert a.shape == (12, 128) and ids.tolist() == [0, 0, 0, -1, 2, 2, 2, 2, 2, -1, -1, -1]
+    with pytest.raises(ValueError, match="m: expected"):
+        testing.make_masked_inputs(2, counts, 128, 256, device="cpu")

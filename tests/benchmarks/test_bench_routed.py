@@ -13,8 +13,6 @@ import pytest
 import torch
 
 from benchmarks import _peers
-from benchmarks import bench_grouped_gemm as bg
-from moe_backend import testing
 from tests.helpers.interpreter import interpreted_json, run_interpreted
 
 SCRIPT = r"""
@@ -112,17 +110,3 @@ def test_vllm_launcher_per_expert_counts(block_m: int, gemm: str) -> None:
         assert torch.equal(got[got < moe.slots].long(), moe.slots_of(e)) and (got[c:] == moe.slots).all()
     assert (expert_ids[padded // block_m :] == -1).all()
     assert torch.equal(moe.a_row_of_slot(torch.tensor([17])), torch.tensor([2 if gemm == "w13" else 17]))
-
-
-@pytest.mark.parametrize("exponent", [0.0, 0.9, 1.2])
-def test_cap_counts(exponent: float) -> None:
-    """One row per token at most: the hot experts are cut to the token count, the total is kept,
-    nobody ends above the cap, the order of popularity survives."""
-    counts = testing.zipf_counts(256, 16 * 256, exponent)
-    capped = bg.cap_counts(counts, 512)
-    assert int(capped.sum()) == 16 * 256 and int(capped.max()) <= 512
-    assert torch.equal(capped, counts) == (int(counts.max()) <= 512)
-    hot = int(torch.argmax(counts))
-    assert int(capped[hot]) == min(int(counts[hot]), 512)
-    with pytest.raises(ValueError, match="cap"):
-        bg.cap_counts(counts, 15)
