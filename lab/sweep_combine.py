@@ -1,5 +1,5 @@
 """Device sweep of the un-permute + weighted combine: the shipped kernel
-(`moe_backend/kernels/unpermute_combine.py`: one token x 1024 columns per program, 4 warps) beside
+(`moe_backend/kernels/unpermute_combine.py`: one token x 1024 columns per program) beside
 `lab/combine_tiles.py` at every (tokens per program, columns per program, warps) candidate, at the
 DeepSeek-V3 slices, and a torch copy of the same bytes (the floor).
 

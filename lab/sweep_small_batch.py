@@ -1,16 +1,17 @@
-"""Device sweep: at decode batches of 1-32 tokens, do narrower n-tiles (or one n-tile per program
-in TP8's short-K GEMM2) fill the GPU and make the whole routed layer faster?
+"""Device sweep: at decode batches of 1-32 tokens, does splitting K (or narrower n-tiles) fill the
+GPU and make the whole routed layer faster?
 
 Why: the decode tiles come from tables tuned with every expert holding rows (m rows per expert,
 all E experts). At T = 1 only T * k = 8 slots are routed: TP8's GEMM1 (N = 512) then has
 8 experts x 4 n-tiles of 128 = 32 work units for 132 SMs, EP8's (N = 4096) about one local
 expert's 32, so each busy SM streams ~0.9 MB of weights alone and the layer sits at 20-48% of
-its memory floor (docs/benchmarks.md, the layer table). Narrower n-tiles (BLOCK_N 64, 32, 16)
-multiply the units that stream weights at once.
+its memory floor (docs/benchmarks.md, the layer table). Splitting K into 2-8 slices (fp32 partial
+sums that SiLU*up quant and the combine add) or narrower n-tiles multiply the units that stream
+weights at once; narrower n-tiles lost (BLOCK_N 32 and 16 by 5-25%), so the split is swept here.
 
 For each (slice, tokens, routing) the whole routed pipeline (`plan_execution.run_plan`, bf16 x)
 is timed as a CUDA-graph replay under the policy's decode plan and variants that change only
-BLOCK_N (and num_stages) of GEMM1 and/or GEMM2, rounds interleaved; every variant's output is
+SPLIT_K (and BLOCK_N) of GEMM1 and/or GEMM2, rounds interleaved; every variant's output is
 compared with the policy plan's (rel err). "units" counts GEMM1's work units at the routing
 drawn (active local experts x n-tiles).
 
@@ -26,20 +27,19 @@ import sys
 
 from lab._plan_variants import SLICES, cell_inputs, slice_plan, slice_weights, time_plans
 
-# name -> (GEMM1 changes, GEMM2 changes) to the policy plan's Triton configs
+# name -> (GEMM1 changes, GEMM2 changes) to the policy plan's Triton configs. The policy plan
+# splits K where its rule says (dispatch_thresholds.json "split_k"); the variants pin the slices.
 VARIANTS = {
     "policy": ({}, {}),
-    "g1n64": ({"BLOCK_N": 64}, {}),
-    "g1n32": ({"BLOCK_N": 32}, {}),
-    "g1n16": ({"BLOCK_N": 16}, {}),
-    "g1n32s5": ({"BLOCK_N": 32, "num_stages": 5}, {}),
-    "g2n64": ({}, {"BLOCK_N": 64}),
-    "g2n32": ({}, {"BLOCK_N": 32}),
-    "g1n32g2n64": ({"BLOCK_N": 32}, {"BLOCK_N": 64}),
-    "g1n16g2n32": ({"BLOCK_N": 16}, {"BLOCK_N": 32}),
-    # TP8's GEMM2 (K = 256) runs N_LOOP n-tiles per program: 4 at these sizes, 14 units per expert
-    "g2loop1": ({}, {"N_LOOP": 1}),
-    "g1n32g2loop1": ({"BLOCK_N": 32}, {"N_LOOP": 1}),
+    "nosplit": ({"SPLIT_K": 1}, {"SPLIT_K": 1}),
+    "g1s2": ({"SPLIT_K": 2}, {"SPLIT_K": 1}),
+    "g1s4": ({"SPLIT_K": 4}, {"SPLIT_K": 1}),
+    "g1s8": ({"SPLIT_K": 8}, {"SPLIT_K": 1}),
+    "g1s4g2s2": ({"SPLIT_K": 4}, {"SPLIT_K": 2}),
+    "g1s4g2s4": ({"SPLIT_K": 4}, {"SPLIT_K": 4}),
+    "g1s8g2s4": ({"SPLIT_K": 8}, {"SPLIT_K": 4}),
+    "g1n64s4": ({"BLOCK_N": 64, "SPLIT_K": 4}, {"SPLIT_K": 1}),
+    "g1n64": ({"BLOCK_N": 64, "SPLIT_K": 1}, {"SPLIT_K": 1}),
 }
 
 
@@ -48,6 +48,8 @@ def _with(g, changes: dict):
         return g
     if g.provider != "triton":
         return None  # only the Triton configs are varied
+    if (g.k // 128) % changes.get("SPLIT_K", 1):
+        return None  # K/128 not divisible into that many slices (TP8's GEMM2: K = 256)
     cfg = dict(g.config) | changes
     return dataclasses.replace(g, config=tuple(sorted(cfg.items())))
 
@@ -63,7 +65,7 @@ def variants(plan) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", default="1,2,4,8,32")
+    p.add_argument("--tokens", default="1,2,4,8,16,32")
     p.add_argument("--routing", default="0.6,0", help="Zipf exponents (0: uniform)")
     p.add_argument("--list", action="store_true", help="print the variants only (no GPU)")
     args = p.parse_args(argv)

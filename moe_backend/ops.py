@@ -148,14 +148,18 @@ def silu_mul_quant(
     masked_m: torch.Tensor | None = None,
     used_rows: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    partials: bool = False,
 ):
     """See `moe_backend.reference.silu_mul_quant`: with `expert_ids` or `masked_m` only the rows
     holding a token are computed (the kernel leaves the others unwritten); with `used_rows` (int32
-    `[1]` on the device, e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited."""
+    `[1]` on the device, e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited.
+    `partials`: h is f32 `[S, M, 2I]`, a K-split GEMM1's partial sums (`reference.sum_partials`)."""
     validity = dict(expert_ids=expert_ids, masked_m=masked_m, used_rows=used_rows, out=out)
     check_quant_args("h", h, group, ue8m0)
     if _provider("auto", h.device) == "triton":
-        return _kernel("silu_mul_quant")(h, group, ue8m0, **validity)
+        return _kernel("silu_mul_quant")(h, group, ue8m0, partials=partials, **validity)
+    if partials:
+        h = torch_reference.sum_partials(h)
     return torch_reference.silu_mul_quant(h, group, ue8m0, **validity)
 
 
@@ -210,15 +214,23 @@ def permute_rows(
 
 
 def unpermute_combine(
-    y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor | None = None
+    y: torch.Tensor,
+    row_of_slot: torch.Tensor,
+    topk_weights: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    partials: bool = False,
 ) -> torch.Tensor:
     """Un-permute + top-k weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`
-    (see `moe_backend.reference.unpermute_combine`; a gather: deterministic, fp32 sum)."""
+    (see `moe_backend.reference.unpermute_combine`; a gather: deterministic, fp32 sum).
+    `partials`: y is f32 `[S, M, N]`, a K-split GEMM2's partial sums (`reference.sum_partials`)."""
     check_tensor("y", y, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=2)
     check_tensor("row_of_slot", row_of_slot, dtypes=(torch.int32, torch.int64), ndim=2, device=y.device)
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(row_of_slot.shape), device=y.device)
     if _provider("auto", y.device) == "triton":
-        return _kernel("unpermute_combine")(y, row_of_slot, topk_weights, out)
+        return _kernel("unpermute_combine")(y, row_of_slot, topk_weights, out, partials=partials)
+    if partials:
+        y = torch_reference.sum_partials(y)
     return torch_reference.unpermute_combine(y, row_of_slot, topk_weights, out)
 
 

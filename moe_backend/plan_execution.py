@@ -240,9 +240,20 @@ def _execute_plan(
         rows_in_use = layout.expert_offsets[num_experts:]  # int32 [1] on the device
         a_fp8, a_scale, a_rows = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
         ids = layout.expert_ids
-        h = torch.empty(plan.num_rows, two_i, dtype=torch.bfloat16, device=dev)
+        h = _gemm_output(plan.gemm1, plan.num_rows, dev)
         _gemm_contiguous(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use, a_rows)
-        act_fp8, act_scale = ops.silu_mul_quant(h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use)
-        y = torch.empty(plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
+        act_fp8, act_scale = ops.silu_mul_quant(
+            h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use, partials=plan.gemm1.split_k > 1
+        )
+        y = _gemm_output(plan.gemm2, plan.num_rows, dev)
         _gemm_contiguous(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts, rows_in_use)
+        return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out, partials=plan.gemm2.split_k > 1)
     return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out)
+
+
+def _gemm_output(g: GemmPlan, rows: int, dev) -> torch.Tensor:
+    """A contiguous-layout GEMM's output: bf16 `[rows, n]`, or f32 `[split_k, rows, n]` partial sums
+    for a GEMM split over K (its consumer adds them)."""
+    if g.split_k > 1:
+        return torch.empty(g.split_k, rows, g.n, dtype=torch.float32, device=dev)
+    return torch.empty(rows, g.n, dtype=torch.bfloat16, device=dev)

@@ -25,6 +25,7 @@ __all__ = [
     "cuda_contiguous_pays",
     "cuda_masked_pays",
     "fused_permute_quant_pays",
+    "with_split_k",
 ]
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
@@ -40,6 +41,11 @@ class GemmPlan:
     @property
     def triton_config(self) -> dict:
         return dict(self.config)
+
+    @property
+    def split_k(self) -> int:
+        """K slices (> 1: the GEMM writes f32 partial sums `[split_k, rows, n]` for its consumer)."""
+        return self.triton_config.get("SPLIT_K", 1) if self.provider == "triton" else 1
 
 
 @lru_cache(maxsize=1)
@@ -153,3 +159,28 @@ def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
     fused faster while rows < c x tokens) fixes the fused cost per row at 2 + 3/c bytes."""
     per_row = 2 + 3 / thresholds()["fused_permute_quant_max_rows_per_token"]
     return per_row * layout_rows < 3 * num_tokens + 2 * layout_rows
+
+
+def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:
+    """`g` with K split into slices when its tiles would leave SMs idle: a Triton GEMM on the
+    contiguous layout whose work units (active_experts x m-tiles x n-tiles) number fewer than the
+    measured `split_k.min_units` (dispatch_thresholds.json) gets the fewest power-of-two slices that
+    reach it, at most `max_split`, each of at least `min_k_blocks` 128-wide K blocks."""
+    if g.provider != "triton":
+        return g
+    t = thresholds()["split_k"]
+    cfg = g.triton_config
+    num_kb = g.k // 128
+    m_tiles = -(-expected_m // cfg["BLOCK_M"])
+    units = max(active_experts, 1) * m_tiles * -(-g.n // cfg["BLOCK_N"])
+    split = 1
+    while (
+        units * split < t["min_units"]
+        and split * 2 <= t["max_split"]
+        and num_kb % (split * 2) == 0
+        and num_kb // (split * 2) >= t["min_k_blocks"]
+    ):
+        split *= 2
+    if split == cfg.get("SPLIT_K", 1):
+        return g
+    return GemmPlan(g.provider, g.n, g.k, tuple(sorted((cfg | {"SPLIT_K": split}).items())))

@@ -28,6 +28,7 @@ from moe_backend.dispatch.gemm_choice import (
     gemm_provider,
     segment_alignment,
     thresholds,
+    with_split_k,
 )
 from moe_backend.dispatch.layouts import max_contiguous_rows
 from moe_backend.dispatch.policy import KERNELS, Policy
@@ -72,7 +73,7 @@ class Plan:
             cfg = ""
             if g.provider == "triton" and g.config:
                 c = dict(g.config)
-                cfg = f" {c['BLOCK_M']}x{c['BLOCK_N']}"
+                cfg = f" {c['BLOCK_M']}x{c['BLOCK_N']}" + (f" split_k={g.split_k}" if g.split_k > 1 else "")
             elif g.provider == "cuda" and g.config is not None:
                 cfg = f" n{g.config.block_n}"
             return f"{g.provider}{cfg}"
@@ -149,6 +150,7 @@ def make_plan(
         0,
         graph_tokens,
         graph_expected_m,
+        num_global_experts,
     )
 
 
@@ -197,6 +199,7 @@ def _make_plan(
     masked_max_m: int = 0,
     graph_tokens: int = 0,
     graph_expected_m: int = 0,
+    num_global_experts: int = 0,
 ) -> Plan:
     device = torch.device(*device_key) if device_key[1] is not None else torch.device(device_key[0])
     choice = KERNELS[name]
@@ -225,6 +228,12 @@ def _make_plan(
     if layout == "masked":
         alignment, num_rows = 1, max_m
     else:
+        # Few experts with rows (T*k slots spread over the global experts, this rank's share of
+        # them): K is split so that the GEMMs' units fill the GPU (decode).
+        slots = -(-num_tokens * topk * num_experts // num_global_experts) if num_global_experts else num_experts
+        active_experts = max(1, min(num_experts, slots))
+        gemm1 = with_split_k(gemm1, active_experts, expected_m)
+        gemm2 = with_split_k(gemm2, active_experts, expected_m)
         alignment = segment_alignment((gemm1, gemm2))
         num_rows = max_contiguous_rows(num_tokens * topk, num_experts, alignment)
     real_rows = min(num_tokens * topk, expected_m * num_experts) if topk else num_rows
@@ -262,6 +271,10 @@ def _make_plan(
             device_key,
             quantized_input,
             graph_expected_m,
+            0,
+            0,
+            0,
+            num_global_experts,
         )
         plan = replace(plan, graph_plan=graph_plan)
     if print_plan:

@@ -20,7 +20,19 @@ from moe_backend.env import ENV
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
-_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SWAP_AB", "K_UNROLL", "N_LOOP", "TMA", "PROGRAMS", "num_warps", "num_stages")
+_KEYS = (
+    "BLOCK_M",
+    "BLOCK_N",
+    "GROUP_M",
+    "SWAP_AB",
+    "K_UNROLL",
+    "N_LOOP",
+    "TMA",
+    "PROGRAMS",
+    "SPLIT_K",
+    "num_warps",
+    "num_stages",
+)
 _printed: set = set()
 HOPPER_FALLBACK_DEVICE = "NVIDIA H100 80GB HBM3"
 
@@ -65,7 +77,16 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
         raise ValueError(f"config: unknown keys {sorted(unknown)}; allowed {list(_KEYS)}")
     # PROGRAMS: the persistent walk's grid size (masked; contiguous with num_rows); 0 = the programs
     # the GPU holds at once (the launcher's count), an override for tests and sweeps.
-    full = {"GROUP_M": 1, "SWAP_AB": False, "K_UNROLL": 1, "N_LOOP": 1, "TMA": False, "PROGRAMS": 0, **cfg}
+    full = {
+        "GROUP_M": 1,
+        "SWAP_AB": False,
+        "K_UNROLL": 1,
+        "N_LOOP": 1,
+        "TMA": False,
+        "PROGRAMS": 0,
+        "SPLIT_K": 1,
+        **cfg,
+    }
     for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
         if key not in full:
             raise ValueError(f"config: missing {key}")
@@ -76,6 +97,10 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
         raise ValueError(f"config: K_UNROLL must be 1, 2 or 4, got {full['K_UNROLL']}")
     if full["N_LOOP"] not in (1, 2, 4, 8, 16):
         raise ValueError(f"config: N_LOOP must be 1, 2, 4, 8 or 16, got {full['N_LOOP']}")
+    # SPLIT_K: K cut into slices computed by separate units (fp32 partial sums, contiguous layout);
+    # the plan sets it for decode batches whose few tiles would leave SMs idle.
+    if full["SPLIT_K"] not in (1, 2, 4, 8):
+        raise ValueError(f"config: SPLIT_K must be 1, 2, 4 or 8, got {full['SPLIT_K']}")
     if not isinstance(full["PROGRAMS"], int) or full["PROGRAMS"] < 0:
         raise ValueError(
             f"config: PROGRAMS must be an int >= 0 (0 = as many as the GPU holds), got {full['PROGRAMS']!r}"

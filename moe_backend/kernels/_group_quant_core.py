@@ -19,6 +19,10 @@ masked_m[r // rows_per_expert]). An invalid row's items are neither read nor wri
 `used_rows` (int32 [1] on the device; rows at and past it are padding) a fixed number of programs
 loop over the item blocks below `used_rows * num_groups` instead of one program per block, so an
 all-padding tail costs nothing.
+
+SiLU*up can read GEMM1's output as `SPLITS` (> 0) fp32 partial sums (a GEMM split over K), slabs
+`split_stride` elements apart: they are added in slab order and rounded to bf16, the value the
+unsplit GEMM would have stored, before the SiLU.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import triton.language as tl
 
 from moe_backend import constants
 from moe_backend.kernels._launch_utils import check_per_program, resident_grid
-from moe_backend.kernels._numerics import round_to_e4m3_grid
+from moe_backend.kernels._numerics import round_to_bf16_grid, round_to_e4m3_grid
 
 # The quantizer's numbers (moe_backend.constants), as compile-time constants of the kernels.
 FP8_MAX = tl.constexpr(constants.FP8_MAX)
@@ -110,6 +114,7 @@ def _quantize_items(
     block,
     end,
     x_row_stride,
+    split_stride,
     rows_per_expert,
     C: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
@@ -118,6 +123,7 @@ def _quantize_items(
     GROUP: tl.constexpr,
     ITEMS: tl.constexpr,
     ROWS_VALID_IF: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     """Items `[block * ITEMS, (block + 1) * ITEMS)` below `end` (all int32), of valid rows only."""
     f = block * ITEMS + tl.arange(0, ITEMS)
@@ -134,6 +140,14 @@ def _quantize_items(
     x = tl.load(x_ptr + x_offs, mask=ok[:, None], other=0.0).to(tl.float32)
     if SILU_MUL:
         up = tl.load(x_ptr + C + x_offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        if SPLITS > 0:
+            slab_offs = x_offs  # int64, stepped one slab at a time (no int32 product to overflow)
+            for _ in tl.static_range(1, SPLITS):
+                slab_offs += split_stride
+                x += tl.load(x_ptr + slab_offs, mask=ok[:, None], other=0.0)
+                up += tl.load(x_ptr + C + slab_offs, mask=ok[:, None], other=0.0)
+            x = round_to_bf16_grid(x)
+            up = round_to_bf16_grid(up)
         x = x / (1.0 + tl.exp(-x)) * up
     q, scale = quantize_groups(x, UE8M0)
     q_offs = f.to(tl.int64)[:, None] * GROUP + cols
@@ -149,6 +163,7 @@ def _group_quant_kernel(
     valid_ptr,  # int32: expert_ids [R] or masked_m [R / rows_per_expert] (ROWS_VALID_IF)
     used_rows_ptr,  # USED_ROWS: int32 [1], rows at and past it are padding
     x_row_stride,
+    split_stride,  # SPLITS > 0: elements between two partial-sum slabs of x
     rows_per_expert,
     num_rows,
     C: tl.constexpr,
@@ -159,6 +174,7 @@ def _group_quant_kernel(
     ITEMS: tl.constexpr,
     ROWS_VALID_IF: tl.constexpr,
     USED_ROWS: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     if USED_ROWS:
         used = tl.load(used_rows_ptr)
@@ -173,6 +189,7 @@ def _group_quant_kernel(
                 block,
                 end,
                 x_row_stride,
+                split_stride,
                 rows_per_expert,
                 C,
                 NUM_GROUPS,
@@ -181,6 +198,7 @@ def _group_quant_kernel(
                 GROUP,
                 ITEMS,
                 ROWS_VALID_IF,
+                SPLITS,
             )
     else:
         _quantize_items(
@@ -191,6 +209,7 @@ def _group_quant_kernel(
             tl.program_id(0),
             num_rows * NUM_GROUPS,
             x_row_stride,
+            split_stride,
             rows_per_expert,
             C,
             NUM_GROUPS,
@@ -199,6 +218,7 @@ def _group_quant_kernel(
             GROUP,
             ITEMS,
             ROWS_VALID_IF,
+            SPLITS,
         )
 
 
@@ -216,12 +236,16 @@ def launch(
     rows_per_expert: int = 1,
     used_rows=None,
     config: QuantLaunchConfig | None = None,
+    splits: int = 0,
 ) -> None:
     """Quantizes every row of x2d `[R, >= cols]` (`[R, >= 2 * cols]` with silu_mul; any row stride,
     unit column stride) into the contiguous q2d `[R, cols]` and s2d `[R, cols / group]`, or only the
     valid rows given `expert_ids` `[R]` or `masked_m` (with `rows_per_expert`), and only those below
     `used_rows[0]`: see the module docstring. `config`: items and warps per program (default
-    `quant_launch_config`)."""
+    `quant_launch_config`). `splits` > 0 (silu_mul only): x2d is the first of `splits` partial-sum
+    slabs, each `rows * x2d.stride(0)` elements after the last (module docstring)."""
+    if splits and not silu_mul:
+        raise ValueError("splits: partial sums are read by the SiLU*up quant only")
     rows = x2d.shape[0]
     num_groups = cols // group
     if rows == 0 or num_groups == 0:
@@ -246,6 +270,7 @@ def launch(
         valid,
         used_rows if used_rows is not None else valid,
         x2d.stride(0),
+        rows * x2d.stride(0),
         rows_per_expert,
         rows,
     )
@@ -258,6 +283,7 @@ def launch(
         ITEMS=config.items_per_program,
         ROWS_VALID_IF=rows_valid_if,
         USED_ROWS=used_rows is not None,
+        SPLITS=splits,
         num_warps=config.num_warps,
     )
     blocks = triton.cdiv(rows * num_groups, config.items_per_program)

@@ -100,15 +100,21 @@ def launch(
     the tensors do not allow it) fall back safely. `num_rows` (contiguous only): int32 [1] on the
     device, the rows of A in use; the walk stops there. `a_rows` (contiguous only): int64 `[rows]`,
     the row of `a_fp8` each layout row reads (-1 = padding), so A need not be permuted first; A
-    is then loaded row by row (no TMA)."""
+    is then loaded row by row (no TMA). cfg["SPLIT_K"] > 1 (contiguous only; K/128 divisible by
+    it): `out` is f32 `[SPLIT_K, rows, N]`, each K slice's partial sums, unrounded (the consumer
+    adds them in slice order and rounds to bf16: `silu_mul_quant` / `unpermute_combine` with
+    `partials=True`); rows not stored are left as they were."""
     n, k = b_fp8.shape[1], b_fp8.shape[2]
     num_kb = k // SCALE_GROUP
+    split = cfg.get("SPLIT_K", 1)
+    if split > 1 and (masked or num_kb % split):
+        raise ValueError(f"config: SPLIT_K={split} needs the contiguous layout and K/128 ({num_kb}) divisible by it")
     unroll = cfg.get("K_UNROLL", 1)
-    while num_kb % unroll:
+    while (num_kb // split) % unroll:
         unroll //= 2
     n_loop = cfg.get("N_LOOP", 1)
     swap = bool(cfg.get("SWAP_AB", False))
-    if num_kb > 2 or swap:
+    if num_kb > 2 or swap or split > 1:
         n_loop = 1
     gather = a_rows is not None and not masked
     descs = None
@@ -118,7 +124,7 @@ def launch(
     num_m_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
     num_n_tiles = triton.cdiv(triton.cdiv(n, cfg["BLOCK_N"]), n_loop)
     # The most units the layout can hold (its shapes' bound): no more programs than that.
-    bound = (num_experts if masked else 1) * num_m_tiles * num_n_tiles
+    bound = (num_experts if masked else 1) * num_m_tiles * num_n_tiles * split
     if bound == 0:
         return
     index = masked_m if masked else expert_ids  # the unused pointer arguments get the used one
@@ -159,6 +165,7 @@ def launch(
         FULL_KB=num_kb if n_loop > 1 else 1,
         USE_TMA=descs is not None,
         GATHER_A=gather,
+        SPLIT_K=split,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -37,9 +37,13 @@ def _contiguous_unit(
     FULL_KB: tl.constexpr,
     USE_TMA: tl.constexpr,
     GATHER_A: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    """Contiguous layout, unit u of m_tiles x num_n_tiles. Grouped ordering: GROUP_M m-tiles sweep
-    the n-tiles together (A and B reuse in L2). A tile of padding only (ids -1) stores nothing."""
+    """Contiguous layout, unit u of m_tiles x num_n_tiles (x SPLIT_K: the K slices of one tile are
+    consecutive units). Grouped ordering: GROUP_M m-tiles sweep the n-tiles together (A and B reuse
+    in L2). A tile of padding only (ids -1) stores nothing."""
+    k_split = u % SPLIT_K
+    u = u // SPLIT_K
     in_group = GROUP_M * num_n_tiles
     first_m = (u // in_group) * GROUP_M
     group_rows = tl.minimum(m_tiles - first_m, GROUP_M)
@@ -55,7 +59,7 @@ def _contiguous_unit(
             a_scale_ptr,
             b_ptr,
             b_scale_ptr,
-            c_ptr,
+            c_ptr + k_split.to(tl.int64) * M * N,
             a_desc,
             b_desc,
             expert,
@@ -63,6 +67,7 @@ def _contiguous_unit(
             ids == expert,
             pid_m * BLOCK_M,
             pid_n,
+            k_split,
             M,
             N,
             K,
@@ -75,6 +80,7 @@ def _contiguous_unit(
             FULL_KB,
             USE_TMA,
             GATHER_A,
+            SPLIT_K,
         )
 
 
@@ -86,7 +92,7 @@ def _fp8_grouped_gemm_kernel(
     a_scale_ptr,  # f32 [M, K/128] | [E, max_m, K/128]; GATHER_A: [T, K/128]
     b_ptr,  # fp8 [E, N, K]
     b_scale_ptr,  # f32 [E, ceil(N/128), K/128]
-    c_ptr,  # bf16 [M, N] | [E, max_m, N]
+    c_ptr,  # bf16 [M, N] | [E, max_m, N]; SPLIT_K > 1: f32 [SPLIT_K, M, N] partial sums
     expert_ids_ptr,  # int32 [M] (contiguous only)
     masked_m_ptr,  # int32 [E] (masked only)
     num_rows_ptr,  # int32 [1]: rows of the contiguous layout in use (ROW_BOUND only)
@@ -112,6 +118,7 @@ def _fp8_grouped_gemm_kernel(
     FULL_KB: tl.constexpr,  # K / 128 when N_LOOP > 1 (1 or 2)
     USE_TMA: tl.constexpr,  # A and B tiles through TMA (Hopper): async bulk copies, no address math
     GATHER_A: tl.constexpr,  # contiguous: A's rows read through a_rows_ptr (the permute folded in)
+    SPLIT_K: tl.constexpr,  # contiguous: K cut into SPLIT_K slices, each its own unit (few-row decode)
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -156,6 +163,7 @@ def _fp8_grouped_gemm_kernel(
                 offs_m < valid_m,
                 tile_row0,
                 pid_n,
+                0,
                 M,
                 N,
                 K,
@@ -168,10 +176,11 @@ def _fp8_grouped_gemm_kernel(
                 FULL_KB,
                 USE_TMA,
                 False,
+                1,
             )
     elif ROW_BOUND:
         used_m_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(num_rows_ptr), 0), M), BLOCK_M)
-        for u in range(pid, used_m_tiles * num_n_tiles, num_programs):
+        for u in range(pid, used_m_tiles * num_n_tiles * SPLIT_K, num_programs):
             _contiguous_unit(
                 a_ptr,
                 a_rows_ptr,
@@ -198,6 +207,7 @@ def _fp8_grouped_gemm_kernel(
                 FULL_KB,
                 USE_TMA,
                 GATHER_A,
+                SPLIT_K,
             )
     else:
         # One program per tile (the grid covers every tile): no loop.
@@ -227,4 +237,5 @@ def _fp8_grouped_gemm_kernel(
             FULL_KB,
             USE_TMA,
             GATHER_A,
+            SPLIT_K,
         )

@@ -1,6 +1,7 @@
 """One work unit of the FP8 grouped GEMM (`_grouped_gemm_core`): the fp32 product of a BLOCK_M-row
 tile of A and one expert's weight tile, each 128-wide K block scaled in before it is added
-(numerics: docs/design.md), rounded to bf16 and stored. Called by `_grouped_gemm_kernel`."""
+(numerics: docs/design.md), rounded to bf16 and stored; or, split over K (SPLIT_K > 1), one K
+slice's fp32 partial sum, stored unrounded for the consumer to add. Called by `_grouped_gemm_kernel`."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def _gemm_tile(
     row_ok,
     tile_row0,
     pid_n,
+    k_split,
     M,
     N,
     K,
@@ -64,12 +66,17 @@ def _gemm_tile(
     FULL_KB: tl.constexpr,
     USE_TMA: tl.constexpr,
     GATHER_A: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """One work unit: rows `offs_m` (BLOCK_M of them, `row_ok` marks the ones stored) of the
     pointers' layout times expert `expert`'s n-tile `pid_n` (N_LOOP > 1: n-tiles
     pid_n * N_LOOP ... + N_LOOP - 1). GATHER_A: row m's operand is A's row `a_rows_ptr[m]`
-    (the token it copies; -1, padding, reads row 0 and is never stored), not row m."""
+    (the token it copies; -1, padding, reads row 0 and is never stored), not row m.
+    SPLIT_K > 1 (N_LOOP == 1 only): K blocks [k_split * K/128/SPLIT_K, ...) only, and the fp32
+    partial sum is stored unrounded (c_ptr points at that split's [M, N] slab)."""
     num_kb = K // BLOCK_K
+    kb_begin = k_split * (num_kb // SPLIT_K)
+    kb_end = kb_begin + num_kb // SPLIT_K
     expert64 = expert.to(tl.int64)
     # Rows past the valid ones are clamped, not masked: row m of C depends on row m of A alone,
     # so whatever they hold never reaches a stored row, and unmasked loads vectorize fully.
@@ -100,7 +107,7 @@ def _gemm_tile(
             # Rows past the tile's valid ones (next expert's, or zero-filled past the end) and
             # columns past N only reach rows/columns that are never stored.
             b_row0 = expert * N + pid_n * BLOCK_N
-            for kb in range(0, num_kb, K_UNROLL):
+            for kb in range(kb_begin, kb_end, K_UNROLL):
                 for u in tl.static_range(K_UNROLL):
                     k0 = (kb + u) * BLOCK_K
                     acc += _scaled_product(
@@ -119,7 +126,9 @@ def _gemm_tile(
             else:
                 a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]  # [BM, BK]
                 b_ptrs = b_ptr + offs_nb[None, :] * K + offs_k[:, None]  # [BK, BN]
-            for kb in range(0, num_kb, K_UNROLL):
+            a_ptrs += kb_begin * BLOCK_K
+            b_ptrs += kb_begin * BLOCK_K
+            for kb in range(kb_begin, kb_end, K_UNROLL):
                 # K_UNROLL blocks' products are issued before any is scaled in: that many MMA
                 # groups in flight per wait instead of one (num_kb % K_UNROLL == 0, checked by the
                 # launcher).
@@ -135,7 +144,10 @@ def _gemm_tile(
                     )
                 a_ptrs += BLOCK_K * K_UNROLL
                 b_ptrs += BLOCK_K * K_UNROLL
-        out = round_to_bf16_grid(acc).to(c_ptr.dtype.element_ty)
+        if SPLIT_K > 1:
+            out = acc  # a partial sum: rounded once, after the consumer adds the slices
+        else:
+            out = round_to_bf16_grid(acc).to(c_ptr.dtype.element_ty)
         if SWAP_AB:
             c_ptrs = c_ptr + offs_m[None, :] * N + offs_n[:, None]
             tl.store(c_ptrs, out, mask=n_ok[:, None] & row_ok[None, :])
@@ -147,6 +159,7 @@ def _gemm_tile(
         # leaves the pipeliner nothing to overlap, so the A tile is loaded once and the loop runs
         # over N_LOOP n-tiles instead: the next weight tiles stream in while this one is
         # multiplied and stored.
+        tl.static_assert(SPLIT_K == 1, "a short K is not split")
         a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]  # [BM, BK]
         a0 = tl.load(a_ptrs)
         as0 = tl.load(as_ptrs)

@@ -86,6 +86,11 @@ def grouped_gemm_contiguous(
         override=config,
         max_block_m=CONTIGUOUS_ALIGNMENT,
     )
+    if cfg["SPLIT_K"] > 1:
+        raise ValueError(
+            "config: SPLIT_K > 1 writes fp32 partial sums, which only the layer's pipeline consumes "
+            "(plan_execution); this op returns the bf16 product: use SPLIT_K=1"
+        )
     _grouped_gemm_core.launch(
         a_fp8,
         a_scale,

@@ -28,6 +28,7 @@ def silu_mul_quant(
     masked_m: torch.Tensor | None = None,
     used_rows: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    partials: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h `[..., 2I]` (gate columns, then up; I % group == 0) -> (a_fp8 `[..., I]`, a_scale f32
     `[..., I/group]`), `a = silu(gate) * up` computed in fp32 (as `moe_backend.reference`),
@@ -37,8 +38,19 @@ def silu_mul_quant(
     >= 0), or `masked_m` int32 `[E]` with h `[E, max_m, 2I]` (row r of expert e valid iff r <
     masked_m[e]). used_rows: optional int32 `[1]` on the device; flat rows at and past it must be
     padding and are not visited. Invalid rows are not written: their contents are unspecified.
-    No host sync.
+    partials: h is f32 `[S, M, 2I]`, S partial sums of a GEMM split over K (`SPLIT_K`); they are
+    added in order and rounded to bf16 (the unsplit GEMM's output) before the SiLU; results are
+    `[M, I]`. Not with masked_m. No host sync.
     """
+    splits = 0
+    if partials:
+        check_kernel_tensor("h", h, dtypes=(torch.float32,), ndim=3)
+        if masked_m is not None:
+            raise ValueError("masked_m: partial sums come from the contiguous layout only; give expert_ids")
+        splits = h.shape[0]
+        if splits < 1:
+            raise ValueError("h: expected at least one partial-sum slab")
+        h = h[0]
     check_kernel_tensor("h", h, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=1)
     if group not in (32, 64, 128, 256):
         raise ValueError(f"group: expected one of 32, 64, 128, 256, got {group}")
@@ -81,5 +93,6 @@ def silu_mul_quant(
         masked_m=masked_m,
         rows_per_expert=rows_per_expert,
         used_rows=used_rows,
+        splits=splits,
     )
     return a_fp8, a_scale

@@ -2,8 +2,10 @@
 
 Deterministic (a fixed j order, no atomics), fp32 sum, one bf16 rounding; rows of -1 (expert not
 local) contribute nothing, and their y rows are never read (they may hold NaN). Works for both
-layouts: y `[M, N]` (contiguous) or `[E, max_m, N]` (masked, flat row e*max_m + r). Its torch
-twin: `moe_backend.reference.unpermute_combine`.
+layouts: y `[M, N]` (contiguous) or `[E, max_m, N]` (masked, flat row e*max_m + r). y may also be
+a K-split GEMM2's fp32 partial sums `[S, M, N]`: a row's slabs are added in order and rounded to
+bf16 (the unsplit GEMM's output) before it is weighted. Its torch twin:
+`moe_backend.reference.unpermute_combine` (after `reference.sum_partials`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ from moe_backend.kernels._numerics import round_to_bf16_grid
 
 __all__ = ["unpermute_combine"]
 
+# One token and 1024 columns per program, 2 warps: the fastest cut at EP8 prefill and within
+# 0.4 µs of the best elsewhere (docs/benchmarks.md, "Un-permute + combine: program cuts").
 BLOCK_N = 1024
+NUM_WARPS = 2
 
 
 @triton.jit
-def _combine_kernel(y_ptr, rows_ptr, w_ptr, out_ptr, N, TOPK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _combine_kernel(
+    y_ptr, rows_ptr, w_ptr, out_ptr, N, slab, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr
+):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = offs < N
@@ -30,17 +37,36 @@ def _combine_kernel(y_ptr, rows_ptr, w_ptr, out_ptr, N, TOPK: tl.constexpr, BLOC
         r = tl.load(rows_ptr + t * TOPK + j).to(tl.int64)
         w = tl.load(w_ptr + t * TOPK + j)
         row_ok = (offs * 0 + r) >= 0  # a vector mask (scalar masks trip the interpreter)
-        v = tl.load(y_ptr + r * N + offs, mask=ok & row_ok, other=0.0)
-        acc += w * v.to(tl.float32)
+        y_offs = r * N + offs  # int64
+        v = tl.load(y_ptr + y_offs, mask=ok & row_ok, other=0.0).to(tl.float32)
+        if SPLITS > 0:  # partial sums: the slabs added, then the bf16 the unsplit GEMM stores
+            for _ in tl.static_range(1, SPLITS):
+                y_offs += slab
+                v += tl.load(y_ptr + y_offs, mask=ok & row_ok, other=0.0)
+            v = round_to_bf16_grid(v)
+        acc += w * v
     tl.store(out_ptr + t * N + offs, round_to_bf16_grid(acc).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def unpermute_combine(
-    y: torch.Tensor, row_of_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor | None = None
+    y: torch.Tensor,
+    row_of_slot: torch.Tensor,
+    topk_weights: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    partials: bool = False,
 ) -> torch.Tensor:
     """y bf16 `[M, N]` or `[E, max_m, N]`; row_of_slot int32/int64 `[T, k]` (flat row of y holding
-    token t's j-th expert, -1 = none); topk_weights f32 `[T, k]`; out bf16 `[T, N]`."""
-    check_kernel_tensor("y", y, dtypes=(torch.bfloat16,), min_dim=2)
+    token t's j-th expert, -1 = none); topk_weights f32 `[T, k]`; out bf16 `[T, N]`.
+    partials: y is f32 `[S, M, N]`, S partial sums of a GEMM split over K (module docstring)."""
+    splits = 0
+    if partials:
+        check_kernel_tensor("y", y, dtypes=(torch.float32,), ndim=3)
+        splits = y.shape[0]
+        if splits < 1:
+            raise ValueError("y: expected at least one partial-sum slab")
+    else:
+        check_kernel_tensor("y", y, dtypes=(torch.bfloat16,), min_dim=2)
     dev = y.device
     check_kernel_tensor("row_of_slot", row_of_slot, dev, dtypes=(torch.int32, torch.int64), ndim=2)
     num_tokens, topk = row_of_slot.shape
@@ -55,5 +81,8 @@ def unpermute_combine(
     if topk == 0:
         return out.zero_()
     grid = (num_tokens, triton.cdiv(n, BLOCK_N))
-    _combine_kernel[grid](y, row_of_slot, topk_weights, out, n, TOPK=topk, BLOCK_N=BLOCK_N, num_warps=4)
+    slab = y[0].numel() if partials else 0
+    _combine_kernel[grid](
+        y, row_of_slot, topk_weights, out, n, slab, TOPK=topk, BLOCK_N=BLOCK_N, SPLITS=splits, num_warps=NUM_WARPS
+    )
     return out

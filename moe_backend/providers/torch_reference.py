@@ -20,6 +20,7 @@ __all__ = [
     "unpermute_combine",
     "build_contiguous_layout",
     "build_masked_layout",
+    "sum_partials",
 ]
 
 
@@ -35,6 +36,10 @@ def grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None
 
 def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None):
     return _oracle().grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
+
+
+def sum_partials(partials):
+    return _oracle().sum_partials(partials)
 
 
 def silu_mul_quant(h, group, ue8m0, **validity):

@@ -8,7 +8,8 @@ and no production module imports it (tests/test_house.py) except
 `moe_backend.providers.torch_reference`, the one door through which `moe_backend.ops` runs it for
 CPU tensors and impl="reference".
 
-- `gemm`: `grouped_gemm_contiguous`, `grouped_gemm_masked` (and `expert_gemm`, one expert);
+- `gemm`: `grouped_gemm_contiguous`, `grouped_gemm_masked` (and `expert_gemm`, one expert;
+  `sum_partials`, the product a GEMM split over K stands for);
 - `activation`: `silu_mul_quant`;
 - `layouts`: the twins of the layout kernels: `build_contiguous_layout`, `build_masked_layout`,
   `permute`, `permute_quant`, `unpermute_combine` (and `combine`, the same over a layout);
@@ -17,7 +18,7 @@ CPU tensors and impl="reference".
 
 from moe_backend.reference.activation import silu_mul_quant
 from moe_backend.reference.experts import routed_experts
-from moe_backend.reference.gemm import expert_gemm, grouped_gemm_contiguous, grouped_gemm_masked
+from moe_backend.reference.gemm import expert_gemm, grouped_gemm_contiguous, grouped_gemm_masked, sum_partials
 from moe_backend.reference.layouts import (
     build_contiguous_layout,
     build_masked_layout,
@@ -36,6 +37,7 @@ __all__ = [
     "silu_mul_quant",
     "routed_experts",
     "expert_gemm",
+    "sum_partials",
     "build_contiguous_layout",
     "build_masked_layout",
     "permute",

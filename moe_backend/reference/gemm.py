@@ -8,7 +8,7 @@ from moe_backend._checks import check_activations, check_grouped_gemm_weights, c
 from moe_backend.constants import QUANT_BLOCK
 from moe_backend.quant import dequantize_fp8_blockwise, dequantize_fp8_per_token_group
 
-__all__ = ["expert_gemm", "grouped_gemm_contiguous", "grouped_gemm_masked"]
+__all__ = ["expert_gemm", "grouped_gemm_contiguous", "grouped_gemm_masked", "sum_partials"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -18,6 +18,16 @@ def expert_gemm(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
     a = dequantize_fp8_per_token_group(a_fp8, a_scale, QUANT_BLOCK)
     b = dequantize_fp8_blockwise(b_fp8, b_scale, QUANT_BLOCK)
     return (a @ b.t()).to(torch.bfloat16)
+
+
+def sum_partials(partials: torch.Tensor) -> torch.Tensor:
+    """f32 `[S, ...]` partial sums of a GEMM split over K (`SPLIT_K`) -> the bf16 `[...]` product
+    they stand for: added in slab order in fp32, rounded once (as the consumer kernels do)."""
+    check_tensor("partials", partials, dtypes=(torch.float32,), min_dim=2)
+    total = partials[0].clone()
+    for slab in partials[1:]:
+        total += slab
+    return total.to(torch.bfloat16)
 
 
 def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

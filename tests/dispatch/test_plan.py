@@ -234,3 +234,45 @@ def test_plan_log_path_comes_from_the_environment(tmp_path):
     code = "import moe_backend.plan_execution as e; print(e._PLAN_LOG)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(tmp_path / "p.log")
+
+
+def test_few_active_experts_split_k_to_fill_the_gpu(monkeypatch):
+    """The Triton GEMMs of a decode batch whose active local experts give fewer work units than
+    `split_k.min_units` split K (fewest power-of-two slices reaching it, each of >= min_k_blocks
+    128-wide blocks); larger batches, K too short, other providers and the masked layout do not."""
+
+    def fake_gemm(provider, layout, expected_m, rows_hint, n, k, device):
+        cfg = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3)
+        return plan_mod.GemmPlan(provider, n, k, tuple(sorted(cfg.items())) if provider == "triton" else None)
+
+    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "triton" if impl != "reference" else impl)
+    monkeypatch.setattr(plan_mod, "gemm_plan", fake_gemm)
+    t = thresholds()["split_k"]
+    assert t["max_split"] in (2, 4, 8) and t["min_units"] > 0 and t["min_k_blocks"] >= 1
+    ep8 = dict(num_experts=32, hidden=7168, intermediate=2048)
+    tp8 = dict(num_experts=256, hidden=7168, intermediate=256)
+    plan_mod.clear_plan_cache()
+    try:
+        for shape, tokens in ((ep8, 1), (ep8, 2), (ep8, 4), (tp8, 1), (tp8, 2), (tp8, 8), (ep8, 2048)):
+            plan = _plan(kernel="triton", num_tokens=tokens, **shape)
+            active = min(shape["num_experts"], -(-tokens * 8 * shape["num_experts"] // 256))
+            for g in (plan.gemm1, plan.gemm2):
+                units = active * -(-plan.expected_m // 16) * -(-g.n // 128)
+                want = 1
+                while (
+                    units * want < t["min_units"]
+                    and want * 2 <= t["max_split"]
+                    and (g.k // 128) % (want * 2) == 0
+                    and g.k // 128 // (want * 2) >= t["min_k_blocks"]
+                ):
+                    want *= 2
+                assert g.split_k == want, (shape, tokens, g)
+        one = _plan(kernel="triton", num_tokens=1, **tp8)
+        assert one.gemm1.split_k > 1 and f"split_k={one.gemm1.split_k}" in one.describe()
+        assert one.gemm2.split_k == 1, "K = 256: two blocks, not split"
+        assert _plan(kernel="triton", num_tokens=1, **ep8).gemm2.split_k > 1
+        assert _plan(kernel="triton", num_tokens=2048, **ep8).gemm1.split_k == 1
+        assert _plan(kernel="triton_masked", num_tokens=1, **tp8).gemm1.split_k == 1
+        assert _plan(kernel="reference", num_tokens=1, **tp8).gemm1.split_k == 1
+    finally:
+        plan_mod.clear_plan_cache()

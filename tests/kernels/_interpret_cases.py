@@ -13,7 +13,7 @@ import traceback
 import torch
 
 from moe_backend import reference
-from moe_backend.kernels import _group_quant_core, build_layout
+from moe_backend.kernels import _group_quant_core, _grouped_gemm_core, build_layout
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
 from moe_backend.kernels.per_token_group_quant import per_token_group_quant
@@ -739,6 +739,124 @@ def case_combine_kernel_layouts():
         ref = layouts.combine(y, layout, weights)
         assert torch.isfinite(out.float()).all(), "a padding row was read"
         assert _rel(out, ref) <= 1e-2
+
+
+def _split_layout(counts, block_m, tail, gen, tokens):
+    """A contiguous layout of `counts` rows per expert (segments padded to block_m, then `tail`
+    rows of padding): (expert_ids, a_rows gathering random tokens, rows in use)."""
+    ids, src = [], []
+    for i, c in enumerate(counts):
+        ids += [i] * c + [-1] * (-c % block_m)
+        src += torch.randint(0, tokens, (c,), generator=gen).tolist() + [-1] * (-c % block_m)
+    used = len(ids)
+    ids += [-1] * tail
+    src += [-1] * tail
+    return torch.tensor(ids, dtype=torch.int32), torch.tensor(src, dtype=torch.int64), used
+
+
+def case_contiguous_split_k():
+    """GEMM split over K (SPLIT_K 2, 4): each slab holds one K slice's fp32 partial sums; their
+    ordered sum (reference.sum_partials) matches the fp32 reference within the GEMM bound and the
+    unsplit kernel within one bf16 rounding; padding rows and the tail stay unwritten in every slab
+    (poisoned), with and without a row count, with gathered A, plain, K-unrolled and SWAP_AB tiles."""
+    gen = torch.Generator().manual_seed(31)
+    counts, block_m, n, k, tokens = (3, 0, 20, 1), 16, 80, 512, 9
+    ids, a_rows, used = _split_layout(counts, block_m, 7, gen, tokens)
+    b, bs = _weights(len(counts), n, k, gen)
+    x, x_s = _acts((tokens, k), gen)
+    ref = reference.grouped_gemm_contiguous(x[a_rows.clamp(min=0)], x_s[a_rows.clamp(min=0)], b, bs, ids)
+    valid = ids >= 0
+    num_rows = torch.tensor([used], dtype=torch.int32)
+    for split, extra in ((2, {}), (4, {}), (2, dict(K_UNROLL=2)), (2, dict(SWAP_AB=True)), (4, dict(PROGRAMS=3))):
+        cfg = _gemm_config_full(dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, **extra))
+        for rows in (None, num_rows):
+            plain = torch.full((len(ids), n), float("nan"), dtype=torch.bfloat16)
+            _grouped_gemm_core.launch(
+                x, x_s, b, bs, plain, ids, None, masked=False, rows=len(ids), num_experts=len(counts),
+                cfg=cfg, num_rows=rows, a_rows=a_rows,
+            )  # fmt: skip
+            parts = torch.full((split, len(ids), n), float("nan"))
+            _grouped_gemm_core.launch(
+                x, x_s, b, bs, parts, ids, None, masked=False, rows=len(ids), num_experts=len(counts),
+                cfg=cfg | {"SPLIT_K": split}, num_rows=rows, a_rows=a_rows,
+            )  # fmt: skip
+            what = f"SPLIT_K={split} {extra} num_rows={rows is not None}"
+            assert parts[:, ~valid].isnan().all(), f"{what}: padding rows written"
+            assert torch.isfinite(parts[:, valid]).all(), f"{what}: valid rows not written in every slab"
+            total = reference.sum_partials(parts)
+            err = _rel(total[valid], ref[valid])
+            assert err <= GEMM_RTOL, f"{what}: rel err {err:.2e}"
+            # The slices' sum differs from the one-pass sum by fp32 rounding only: one bf16 step at most.
+            step = plain[valid].float().abs() * 2**-7
+            assert ((total[valid].float() - plain[valid].float()).abs() <= step).all(), f"{what}: off the unsplit"
+
+
+def _gemm_config_full(cfg):
+    from moe_backend.kernels._gemm_config import check_config
+
+    return check_config(cfg)
+
+
+def case_split_k_refused():
+    """SPLIT_K where it cannot run: the masked layout, K/128 not divisible, the public bf16 op and
+    values outside 1, 2, 4, 8 are refused with a ValueError naming the config."""
+    gen = torch.Generator().manual_seed(32)
+    b, bs = _weights(2, 32, 384, gen)
+    a, a_s = _acts((2, 16, 384), gen)
+    cfg = _gemm_config_full(dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2))
+    calls = {
+        "masked": lambda: _grouped_gemm_core.launch(
+            a, a_s, b, bs, torch.empty(2, 2, 16, 32), None, torch.tensor([3, 0], dtype=torch.int32),
+            masked=True, rows=16, num_experts=2, cfg=cfg | {"SPLIT_K": 2},
+        ),
+        "K/128 = 3 by 2": lambda: _grouped_gemm_core.launch(
+            a[0], a_s[0], b, bs, torch.empty(2, 16, 32), torch.zeros(16, dtype=torch.int32), None,
+            masked=False, rows=16, num_experts=2, cfg=cfg | {"SPLIT_K": 2},
+        ),
+        "public op": lambda: grouped_gemm_contiguous(
+            a[0], a_s[0], b, bs, torch.zeros(16, dtype=torch.int32), config=dict(cfg, SPLIT_K=2)
+        ),
+        "SPLIT_K=3": lambda: _gemm_config_full(dict(cfg, SPLIT_K=3)),
+    }  # fmt: skip
+    for what, call in calls.items():
+        try:
+            call()
+        except ValueError as e:
+            assert "SPLIT_K" in str(e), f"{what}: {e}"
+        else:
+            raise AssertionError(f"{what}: no ValueError")
+
+
+def case_split_k_consumers():
+    """silu_mul_quant and unpermute_combine reading K-split partial sums (partials=True) equal the
+    same kernels on the bf16 sum (reference.sum_partials) bit for bit; padding rows (NaN in every
+    slab) are neither read nor written, with and without a device row count."""
+    gen = torch.Generator().manual_seed(33)
+    topk_ids = torch.randint(-1, 12, (13, 3), generator=gen, dtype=torch.int32)
+    layout = build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, alignment=4)
+    real = layout.src_token >= 0
+    weights = torch.rand(13, 3, generator=gen)
+    for splits in (1, 2, 3):
+        h = torch.randn(splits, layout.num_rows, 512, generator=gen) * 2
+        h[:, ~real] = float("nan")
+        for used_rows in (None, layout.expert_offsets[-1:]):
+            shapes = ((layout.num_rows, 256), (layout.num_rows, 2))
+            q, sc = silu_mul_quant(
+                h, expert_ids=layout.expert_ids, used_rows=used_rows, out=_poisoned_quant_out(*shapes), partials=True
+            )
+            want_q, want_s = silu_mul_quant(
+                reference.sum_partials(h), expert_ids=layout.expert_ids, used_rows=used_rows,
+                out=_poisoned_quant_out(*shapes),
+            )  # fmt: skip
+            assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(sc[~real].isnan().all())
+            assert torch.equal(sc[real], want_s[real]), f"{splits} slabs: scales differ"
+            assert torch.equal(q[real].float(), want_q[real].float()), f"{splits} slabs: SiLU*up quant differs"
+        y = torch.randn(splits, layout.num_rows, 300, generator=gen)
+        y[:, ~real] = float("nan")
+        out = unpermute_combine(y, layout.row_of_slot, weights, partials=True)
+        want = unpermute_combine(reference.sum_partials(y), layout.row_of_slot, weights)
+        assert torch.isfinite(out.float()).all(), "a padding row was read"
+        assert torch.equal(out, want), f"{splits} slabs: combine differs"
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

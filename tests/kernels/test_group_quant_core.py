@@ -71,6 +71,7 @@ SIGNATURE = {
     "valid_ptr": "*i32",
     "used_rows_ptr": "*i32",
     "x_row_stride": "i32",
+    "split_stride": "i32",
     "rows_per_expert": "i32",
     "num_rows": "i32",
 }
@@ -99,6 +100,7 @@ def test_compiles_for_sm90a_with_wide_accesses(cols, silu_mul, rows_valid_if, us
         ITEMS=items,
         ROWS_VALID_IF=rows_valid_if,
         USED_ROWS=used_rows,
+        SPLITS=0,
     )
     aligned = ["x_ptr", "q_ptr", "s_ptr", "valid_ptr", "used_rows_ptr", "x_row_stride"]
     try:

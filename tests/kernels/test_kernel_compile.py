@@ -33,7 +33,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
         "a_scale_ptr": "*fp32",
         "b_ptr": "*fp8e4nv",
         "b_scale_ptr": "*fp32",
-        "c_ptr": "*bf16",
+        "c_ptr": "*fp32" if cfg.get("SPLIT_K", 1) > 1 else "*bf16",
         "expert_ids_ptr": "*i32",
         "masked_m_ptr": "*i32",
         "num_rows_ptr": "*i32",
@@ -61,6 +61,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
         FULL_KB=2 if n_loop > 1 else 1,
         USE_TMA=tma,
         GATHER_A=mode.endswith("gather_a"),  # A's rows read through the layout's src_token
+        SPLIT_K=cfg.get("SPLIT_K", 1),
     )
     if not tma:
         consts.update(a_desc=None, b_desc=None)
@@ -98,6 +99,12 @@ CASES = [("masked", cfg) for cfg in _h200_configs()] + [
     ("tile", dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, K_UNROLL=2, num_warps=8, num_stages=3)),
     ("row_bound_gather_a", dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, K_UNROLL=2, num_warps=4, num_stages=3)),
     ("row_bound_gather_a", dict(BLOCK_M=64, BLOCK_N=128, K_UNROLL=2, num_warps=4, num_stages=3)),
+    # decode at a few tokens: K split into slices, fp32 partial sums
+    ("row_bound_gather_a", dict(BLOCK_M=16, BLOCK_N=128, SPLIT_K=4, num_warps=4, num_stages=4)),
+    (
+        "row_bound_gather_a",
+        dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, K_UNROLL=2, SPLIT_K=2, num_warps=4, num_stages=3),
+    ),
 ]
 
 

@@ -28,9 +28,11 @@ def test_variants_change_only_the_triton_configs() -> None:
         gemm2=GemmPlan("triton", 7168, 256, tuple(sorted(cfg.items()))),
     )
     plans = sweep.variants(triton_plan)
-    assert list(plans) == list(sweep.VARIANTS)
+    # GEMM2's K = 256 holds two 128-wide blocks: no variant splits it into four.
+    assert list(plans) == [name for name, (_, c2) in sweep.VARIANTS.items() if c2.get("SPLIT_K", 1) <= 2]
+    assert "g1s4g2s4" not in plans and "g1s4g2s2" in plans
     assert plans["policy"] is not triton_plan and plans["policy"].gemm1 == triton_plan.gemm1
-    g1, g2 = dict(plans["g1n16g2n32"].gemm1.config), dict(plans["g1n16g2n32"].gemm2.config)
-    assert g1 == cfg | {"BLOCK_N": 16} and g2 == cfg | {"BLOCK_N": 32}
-    assert dict(plans["g2loop1"].gemm2.config)["N_LOOP"] == 1 and plans["g2loop1"].gemm1 == triton_plan.gemm1
+    g1, g2 = dict(plans["g1s4g2s2"].gemm1.config), dict(plans["g1s4g2s2"].gemm2.config)
+    assert g1 == cfg | {"SPLIT_K": 4} and g2 == cfg | {"SPLIT_K": 2}
+    assert dict(plans["g1n64"].gemm1.config) == cfg | {"BLOCK_N": 64, "SPLIT_K": 1}
     assert all(p.graph_plan is None and p.num_rows == triton_plan.num_rows for p in plans.values())
