@@ -27,20 +27,22 @@ import sys
 
 from lab._plan_variants import SLICES, cell_inputs, slice_plan, slice_weights, time_plans
 
-# name -> (GEMM1 changes, GEMM2 changes) to the policy plan's Triton configs. The policy plan
-# splits K where its rule says (dispatch_thresholds.json "split_k"); the variants pin the slices.
+# name -> (GEMM1 changes, GEMM2 changes) to the policy plan's Triton configs. The policy plan lets
+# a GEMM split K where its rule says (dispatch_thresholds.json "split_k"), the kernel cutting as
+# many slices as the tiles holding rows need; the variants pin the slices (SPLIT_MIN_UNITS 0).
+PIN = {"SPLIT_MIN_UNITS": 0}
 VARIANTS = {
     "policy": ({}, {}),
     "nosplit": ({"SPLIT_K": 1}, {"SPLIT_K": 1}),
-    "g1s2": ({"SPLIT_K": 2}, {"SPLIT_K": 1}),
-    "g1s4": ({"SPLIT_K": 4}, {"SPLIT_K": 1}),
-    "g1s8": ({"SPLIT_K": 8}, {"SPLIT_K": 1}),
-    "g1s4g2s2": ({"SPLIT_K": 4}, {"SPLIT_K": 2}),
-    "g1s4g2s4": ({"SPLIT_K": 4}, {"SPLIT_K": 4}),
-    "g1s8g2s4": ({"SPLIT_K": 8}, {"SPLIT_K": 4}),
-    "g1n64s4": ({"BLOCK_N": 64, "SPLIT_K": 4}, {"SPLIT_K": 1}),
-    "g1n64": ({"BLOCK_N": 64, "SPLIT_K": 1}, {"SPLIT_K": 1}),
+    "g1s2": ({"SPLIT_K": 2, **PIN}, {"SPLIT_K": 1}),
+    "g1s4": ({"SPLIT_K": 4, **PIN}, {"SPLIT_K": 1}),
+    "g1s8": ({"SPLIT_K": 8, **PIN}, {"SPLIT_K": 1}),
+    "g1s8g2s2": ({"SPLIT_K": 8, **PIN}, {"SPLIT_K": 2, **PIN}),
+    "g1n64s4": ({"BLOCK_N": 64, "SPLIT_K": 4, **PIN}, {"SPLIT_K": 1}),
 }
+# Plan variants beside the config ones: the policy plan with the token quant run after the
+# layout build instead of beside it.
+PLAN_VARIANTS = {"serial": {"overlap_quant": False}}
 
 
 def _with(g, changes: dict):
@@ -60,6 +62,9 @@ def variants(plan) -> dict:
         g1, g2 = _with(plan.gemm1, c1), _with(plan.gemm2, c2)
         if g1 is not None and g2 is not None:
             out[name] = dataclasses.replace(plan, gemm1=g1, gemm2=g2, graph_plan=None)
+    if plan.overlap_quant:
+        for name, changes in PLAN_VARIANTS.items():
+            out[name] = dataclasses.replace(plan, graph_plan=None, **changes)
     return out
 
 
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for name, (c1, c2) in VARIANTS.items():
             print(f"{name:12s} GEMM1 {c1 or 'as planned'}  GEMM2 {c2 or 'as planned'}")
+        for name, changes in PLAN_VARIANTS.items():
+            print(f"{name:12s} the policy plan with {changes}")
         return 0
 
     import torch

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from moe_backend._checks import check_gemm_args, check_quant_args, check_tensor
+from moe_backend._checks import check_gemm_args, check_quant_args, check_quant_out, check_tensor
 from moe_backend.constants import LAYOUT_ALIGNMENT, QUANT_BLOCK
 from moe_backend.providers import torch_reference
 
@@ -149,28 +149,40 @@ def silu_mul_quant(
     used_rows: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     partials: bool = False,
+    num_partials: torch.Tensor | None = None,
 ):
     """See `moe_backend.reference.silu_mul_quant`: with `expert_ids` or `masked_m` only the rows
     holding a token are computed (the kernel leaves the others unwritten); with `used_rows` (int32
     `[1]` on the device, e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited.
-    `partials`: h is f32 `[S, M, 2I]`, a K-split GEMM1's partial sums (`reference.sum_partials`)."""
+    `partials`: h is f32 `[S, M, 2I]`, a K-split GEMM1's partial sums, the first `num_partials`
+    (int32 `[1]`, optional) of them in use (`reference.sum_partials`)."""
     validity = dict(expert_ids=expert_ids, masked_m=masked_m, used_rows=used_rows, out=out)
     check_quant_args("h", h, group, ue8m0)
     if _provider("auto", h.device) == "triton":
-        return _kernel("silu_mul_quant")(h, group, ue8m0, partials=partials, **validity)
+        return _kernel("silu_mul_quant")(h, group, ue8m0, partials=partials, num_partials=num_partials, **validity)
     if partials:
-        h = torch_reference.sum_partials(h)
+        h = torch_reference.sum_partials(h, num_partials)
     return torch_reference.silu_mul_quant(h, group, ue8m0, **validity)
 
 
-def per_token_group_quant(x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False):
-    """See `moe_backend.quant.quantize_fp8_per_token_group`."""
+def per_token_group_quant(
+    x: torch.Tensor,
+    group: int = QUANT_BLOCK,
+    ue8m0: bool = False,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
+    """See `moe_backend.quant.quantize_fp8_per_token_group`; written into the pair `out` when given."""
     check_quant_args("x", x, group, ue8m0)
     if _provider("auto", x.device) == "triton":
-        return _kernel("per_token_group_quant")(x, group, ue8m0)
+        return _kernel("per_token_group_quant")(x, group, ue8m0, out=out)
     from moe_backend.quant import quantize_fp8_per_token_group
 
-    return quantize_fp8_per_token_group(x, group, ue8m0)
+    q, s = quantize_fp8_per_token_group(x, group, ue8m0)
+    if out is None:
+        return q, s
+    check_quant_out(out, q.shape, s.shape, x.device)
+    return out[0].copy_(q), out[1].copy_(s)
 
 
 def permute_quant(
@@ -220,17 +232,21 @@ def unpermute_combine(
     out: torch.Tensor | None = None,
     *,
     partials: bool = False,
+    num_partials: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Un-permute + top-k weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`
     (see `moe_backend.reference.unpermute_combine`; a gather: deterministic, fp32 sum).
-    `partials`: y is f32 `[S, M, N]`, a K-split GEMM2's partial sums (`reference.sum_partials`)."""
+    `partials`: y is f32 `[S, M, N]`, a K-split GEMM2's partial sums, the first `num_partials`
+    (int32 `[1]`, optional) of them in use (`reference.sum_partials`)."""
     check_tensor("y", y, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=2)
     check_tensor("row_of_slot", row_of_slot, dtypes=(torch.int32, torch.int64), ndim=2, device=y.device)
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(row_of_slot.shape), device=y.device)
     if _provider("auto", y.device) == "triton":
-        return _kernel("unpermute_combine")(y, row_of_slot, topk_weights, out, partials=partials)
+        return _kernel("unpermute_combine")(
+            y, row_of_slot, topk_weights, out, partials=partials, num_partials=num_partials
+        )
     if partials:
-        y = torch_reference.sum_partials(y)
+        y = torch_reference.sum_partials(y, num_partials)
     return torch_reference.unpermute_combine(y, row_of_slot, topk_weights, out)
 
 

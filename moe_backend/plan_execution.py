@@ -66,10 +66,12 @@ def _gemm_contiguous(
     num_experts: int,
     rows_in_use: torch.Tensor | None = None,
     a_rows: torch.Tensor | None = None,
+    splits_out: torch.Tensor | None = None,
 ):
     """rows_in_use: int32 `[1]` on the device, the layout's padded total; the rows past it (the
     static bound's tail) are padding the kernels do not walk. a_rows (Triton only, `plan.gather_a`):
-    the layout's src_token, A being the unpermuted token rows."""
+    the layout's src_token, A being the unpermuted token rows. splits_out (`g.split_k` > 1): int32
+    `[1]`, the K slices the kernel cut (`out` then holds f32 partial sums)."""
     if g.provider == "triton":
         from moe_backend.kernels import _grouped_gemm_core
 
@@ -87,6 +89,7 @@ def _gemm_contiguous(
             cfg=g.triton_config,
             num_rows=rows_in_use,
             a_rows=a_rows,
+            splits_out=splits_out,
         )
     elif g.provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import launch
@@ -169,6 +172,31 @@ def _execute_masked(
     return _gemm_masked(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, masked_m, out, plan.expected_m)
 
 
+_side_streams: dict = {}
+
+
+def _quantized_beside(build, x: torch.Tensor, ue8m0: bool):
+    """(build(), quantized x): x quantized on a side stream while `build` runs on the current one.
+    The outputs are allocated on the current stream and the side stream joins it before the
+    return, so nothing outlives its stream's ordering; under CUDA-graph capture the fork and join
+    become two graph branches."""
+    main = torch.cuda.current_stream(x.device)
+    side = _side_streams.get(x.device)
+    if side is None:
+        side = _side_streams[x.device] = torch.cuda.Stream(x.device)
+    k = x.shape[-1]
+    out = (
+        torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+        torch.empty((*x.shape[:-1], k // GROUP), dtype=torch.float32, device=x.device),
+    )
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        ops.per_token_group_quant(x, GROUP, ue8m0, out=out)
+    built = build()
+    main.wait_stream(side)
+    return built, out
+
+
 def _layout_activations(
     plan: Plan,
     x: torch.Tensor,
@@ -236,24 +264,45 @@ def _execute_plan(
             plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m, y, None, ue8m0
         )
     else:
-        layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start, alignment=plan.alignment)
+
+        def build():
+            return ops.build_contiguous_layout(
+                topk_ids, num_experts, expert_start=expert_start, alignment=plan.alignment
+            )
+
+        if plan.overlap_quant and x_scale is None:
+            layout, (x, x_scale) = _quantized_beside(build, x, ue8m0)
+        else:
+            layout = build()
         rows_in_use = layout.expert_offsets[num_experts:]  # int32 [1] on the device
         a_fp8, a_scale, a_rows = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
         ids = layout.expert_ids
+        # GEMMs split over K write f32 partial sums and, in `splits[i]`, how many slices they cut.
+        split1, split2 = plan.gemm1.split_k > 1, plan.gemm2.split_k > 1
+        splits = torch.empty(2, dtype=torch.int32, device=dev) if split1 or split2 else None
         h = _gemm_output(plan.gemm1, plan.num_rows, dev)
-        _gemm_contiguous(plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use, a_rows)
+        _gemm_contiguous(
+            plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use, a_rows,
+            splits[0:1] if split1 else None,
+        )  # fmt: skip
         act_fp8, act_scale = ops.silu_mul_quant(
-            h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use, partials=plan.gemm1.split_k > 1
-        )
+            h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use, partials=split1,
+            num_partials=splits[0:1] if split1 else None,
+        )  # fmt: skip
         y = _gemm_output(plan.gemm2, plan.num_rows, dev)
-        _gemm_contiguous(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts, rows_in_use)
-        return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out, partials=plan.gemm2.split_k > 1)
+        _gemm_contiguous(
+            plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts, rows_in_use, None,
+            splits[1:2] if split2 else None,
+        )  # fmt: skip
+        return ops.unpermute_combine(
+            y, layout.row_of_slot, topk_weights, out, partials=split2, num_partials=splits[1:2] if split2 else None
+        )
     return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out)
 
 
 def _gemm_output(g: GemmPlan, rows: int, dev) -> torch.Tensor:
     """A contiguous-layout GEMM's output: bf16 `[rows, n]`, or f32 `[split_k, rows, n]` partial sums
-    for a GEMM split over K (its consumer adds them)."""
+    for a GEMM split over K (its consumer adds the slabs the kernel wrote)."""
     if g.split_k > 1:
         return torch.empty(g.split_k, rows, g.n, dtype=torch.float32, device=dev)
     return torch.empty(rows, g.n, dtype=torch.bfloat16, device=dev)

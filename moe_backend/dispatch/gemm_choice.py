@@ -162,25 +162,24 @@ def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
 
 
 def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:
-    """`g` with K split into slices when its tiles would leave SMs idle: a Triton GEMM on the
-    contiguous layout whose work units (active_experts x m-tiles x n-tiles) number fewer than the
-    measured `split_k.min_units` (dispatch_thresholds.json) gets the fewest power-of-two slices that
-    reach it, at most `max_split`, each of at least `min_k_blocks` 128-wide K blocks."""
+    """`g` allowed to split K when its expected work units (active_experts x m-tiles x n-tiles)
+    number fewer than `split_k.min_units` (dispatch_thresholds.json): a Triton GEMM on the
+    contiguous layout gets SPLIT_K = the most slices K allows (a power of two up to `max_split`,
+    each of at least `min_k_blocks` 128-wide blocks) and SPLIT_MIN_UNITS = min_units, so that the
+    kernel, reading the tiles that hold rows on the device, cuts only as many slices as reach it."""
     if g.provider != "triton":
         return g
     t = thresholds()["split_k"]
     cfg = g.triton_config
     num_kb = g.k // 128
-    m_tiles = -(-expected_m // cfg["BLOCK_M"])
-    units = max(active_experts, 1) * m_tiles * -(-g.n // cfg["BLOCK_N"])
-    split = 1
-    while (
-        units * split < t["min_units"]
-        and split * 2 <= t["max_split"]
-        and num_kb % (split * 2) == 0
-        and num_kb // (split * 2) >= t["min_k_blocks"]
-    ):
-        split *= 2
-    if split == cfg.get("SPLIT_K", 1):
+    units = max(active_experts, 1) * -(-expected_m // cfg["BLOCK_M"]) * -(-g.n // cfg["BLOCK_N"])
+    if units >= t["min_units"]:
         return g
-    return GemmPlan(g.provider, g.n, g.k, tuple(sorted((cfg | {"SPLIT_K": split}).items())))
+    split = 1
+    while split * 2 <= t["max_split"] and num_kb % (split * 2) == 0 and num_kb // (split * 2) >= t["min_k_blocks"]:
+        split *= 2
+    if split == 1:
+        return g
+    return GemmPlan(
+        g.provider, g.n, g.k, tuple(sorted((cfg | {"SPLIT_K": split, "SPLIT_MIN_UNITS": t["min_units"]}).items()))
+    )

@@ -64,6 +64,9 @@ class Plan:
     fused_permute_quant: bool  # bf16 tokens quantized straight into the layout's rows
     device: str
     gather_a: bool = False  # GEMM1 reads token rows through src_token: no permuted copy of them
+    # Decode: the token rows are quantized on a side stream while the layout is built (two short
+    # kernels side by side instead of one after the other; a fork and join in a CUDA graph).
+    overlap_quant: bool = False
     # An eager call replays this plan (tokens rounded up to a bucket) as a CUDA graph
     # (`moe_backend.eager_graphs`); None: launched kernel by kernel.
     graph_plan: "Plan | None" = None
@@ -82,7 +85,9 @@ class Plan:
             f"{self.phase} T={self.num_tokens} k={self.topk} E={self.num_experts} -> {self.kernel}: "
             f"{self.layout} rows={self.num_rows} align={self.alignment} expected_m={self.expected_m} "
             f"gemm1={gemm(self.gemm1)} gemm2={gemm(self.gemm2)} "
-            f"fused_permute_quant={self.fused_permute_quant} gather_a={self.gather_a} on {self.device}"
+            f"fused_permute_quant={self.fused_permute_quant} gather_a={self.gather_a}"
+            + (" overlap_quant=True" if self.overlap_quant else "")
+            + f" on {self.device}"
             + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else "")
         )
 
@@ -257,6 +262,7 @@ def _make_plan(
         fused_permute_quant=fused,
         device=str(device),
         gather_a=gather_a,
+        overlap_quant=gather_a and phase == "decode" and not quantized_input and device.type == "cuda",
     )
     if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
         graph_plan = _make_plan(

@@ -30,6 +30,7 @@ _KEYS = (
     "TMA",
     "PROGRAMS",
     "SPLIT_K",
+    "SPLIT_MIN_UNITS",
     "num_warps",
     "num_stages",
 )
@@ -85,6 +86,7 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
         "TMA": False,
         "PROGRAMS": 0,
         "SPLIT_K": 1,
+        "SPLIT_MIN_UNITS": 0,
         **cfg,
     }
     for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
@@ -97,10 +99,13 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
         raise ValueError(f"config: K_UNROLL must be 1, 2 or 4, got {full['K_UNROLL']}")
     if full["N_LOOP"] not in (1, 2, 4, 8, 16):
         raise ValueError(f"config: N_LOOP must be 1, 2, 4, 8 or 16, got {full['N_LOOP']}")
-    # SPLIT_K: K cut into slices computed by separate units (fp32 partial sums, contiguous layout);
-    # the plan sets it for decode batches whose few tiles would leave SMs idle.
+    # SPLIT_K: K cut into up to that many slices computed by separate units (fp32 partial sums,
+    # contiguous layout), fewer where the tiles holding rows already give SPLIT_MIN_UNITS units
+    # (0: always SPLIT_K); the plan sets both for decode batches whose few tiles leave SMs idle.
     if full["SPLIT_K"] not in (1, 2, 4, 8):
         raise ValueError(f"config: SPLIT_K must be 1, 2, 4 or 8, got {full['SPLIT_K']}")
+    if not isinstance(full["SPLIT_MIN_UNITS"], int) or full["SPLIT_MIN_UNITS"] < 0:
+        raise ValueError(f"config: SPLIT_MIN_UNITS must be an int >= 0, got {full['SPLIT_MIN_UNITS']!r}")
     if not isinstance(full["PROGRAMS"], int) or full["PROGRAMS"] < 0:
         raise ValueError(
             f"config: PROGRAMS must be an int >= 0 (0 = as many as the GPU holds), got {full['PROGRAMS']!r}"

@@ -21,7 +21,8 @@ loop over the item blocks below `used_rows * num_groups` instead of one program 
 all-padding tail costs nothing.
 
 SiLU*up can read GEMM1's output as `SPLITS` (> 0) fp32 partial sums (a GEMM split over K), slabs
-`split_stride` elements apart: they are added in slab order and rounded to bf16, the value the
+`split_stride` elements apart, of which the first `count_ptr[0]` hold the slices when the GEMM
+chose the count on the device: they are added in slab order and rounded to bf16, the value the
 unsplit GEMM would have stored, before the SiLU.
 """
 
@@ -115,6 +116,7 @@ def _quantize_items(
     end,
     x_row_stride,
     split_stride,
+    count_ptr,
     rows_per_expert,
     C: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
@@ -124,6 +126,7 @@ def _quantize_items(
     ITEMS: tl.constexpr,
     ROWS_VALID_IF: tl.constexpr,
     SPLITS: tl.constexpr,
+    COUNT_ON_DEVICE: tl.constexpr,
 ):
     """Items `[block * ITEMS, (block + 1) * ITEMS)` below `end` (all int32), of valid rows only."""
     f = block * ITEMS + tl.arange(0, ITEMS)
@@ -141,8 +144,12 @@ def _quantize_items(
     if SILU_MUL:
         up = tl.load(x_ptr + C + x_offs, mask=ok[:, None], other=0.0).to(tl.float32)
         if SPLITS > 0:
+            if COUNT_ON_DEVICE:  # the slices the GEMM cut (<= SPLITS), read on the device
+                count = tl.minimum(tl.maximum(tl.load(count_ptr), 1), SPLITS)
+            else:
+                count = SPLITS
             slab_offs = x_offs  # int64, stepped one slab at a time (no int32 product to overflow)
-            for _ in tl.static_range(1, SPLITS):
+            for _ in range(1, count):
                 slab_offs += split_stride
                 x += tl.load(x_ptr + slab_offs, mask=ok[:, None], other=0.0)
                 up += tl.load(x_ptr + C + slab_offs, mask=ok[:, None], other=0.0)
@@ -164,6 +171,7 @@ def _group_quant_kernel(
     used_rows_ptr,  # USED_ROWS: int32 [1], rows at and past it are padding
     x_row_stride,
     split_stride,  # SPLITS > 0: elements between two partial-sum slabs of x
+    count_ptr,  # COUNT_ON_DEVICE: int32 [1], the slabs to add (<= SPLITS)
     rows_per_expert,
     num_rows,
     C: tl.constexpr,
@@ -175,6 +183,7 @@ def _group_quant_kernel(
     ROWS_VALID_IF: tl.constexpr,
     USED_ROWS: tl.constexpr,
     SPLITS: tl.constexpr,
+    COUNT_ON_DEVICE: tl.constexpr,
 ):
     if USED_ROWS:
         used = tl.load(used_rows_ptr)
@@ -190,6 +199,7 @@ def _group_quant_kernel(
                 end,
                 x_row_stride,
                 split_stride,
+                count_ptr,
                 rows_per_expert,
                 C,
                 NUM_GROUPS,
@@ -199,6 +209,7 @@ def _group_quant_kernel(
                 ITEMS,
                 ROWS_VALID_IF,
                 SPLITS,
+                COUNT_ON_DEVICE,
             )
     else:
         _quantize_items(
@@ -210,6 +221,7 @@ def _group_quant_kernel(
             num_rows * NUM_GROUPS,
             x_row_stride,
             split_stride,
+            count_ptr,
             rows_per_expert,
             C,
             NUM_GROUPS,
@@ -219,6 +231,7 @@ def _group_quant_kernel(
             ITEMS,
             ROWS_VALID_IF,
             SPLITS,
+            COUNT_ON_DEVICE,
         )
 
 
@@ -237,13 +250,15 @@ def launch(
     used_rows=None,
     config: QuantLaunchConfig | None = None,
     splits: int = 0,
+    split_count=None,
 ) -> None:
     """Quantizes every row of x2d `[R, >= cols]` (`[R, >= 2 * cols]` with silu_mul; any row stride,
     unit column stride) into the contiguous q2d `[R, cols]` and s2d `[R, cols / group]`, or only the
     valid rows given `expert_ids` `[R]` or `masked_m` (with `rows_per_expert`), and only those below
     `used_rows[0]`: see the module docstring. `config`: items and warps per program (default
     `quant_launch_config`). `splits` > 0 (silu_mul only): x2d is the first of `splits` partial-sum
-    slabs, each `rows * x2d.stride(0)` elements after the last (module docstring)."""
+    slabs, each `rows * x2d.stride(0)` elements after the last (module docstring); `split_count`
+    (int32 `[1]` on the device, optional): add only that many of them."""
     if splits and not silu_mul:
         raise ValueError("splits: partial sums are read by the SiLU*up quant only")
     rows = x2d.shape[0]
@@ -271,6 +286,7 @@ def launch(
         used_rows if used_rows is not None else valid,
         x2d.stride(0),
         rows * x2d.stride(0),
+        split_count if split_count is not None else valid,
         rows_per_expert,
         rows,
     )
@@ -284,6 +300,7 @@ def launch(
         ROWS_VALID_IF=rows_valid_if,
         USED_ROWS=used_rows is not None,
         SPLITS=splits,
+        COUNT_ON_DEVICE=split_count is not None,
         num_warps=config.num_warps,
     )
     blocks = triton.cdiv(rows * num_groups, config.items_per_program)

@@ -94,21 +94,29 @@ def launch(
     cfg: dict,
     num_rows=None,
     a_rows=None,
+    splits_out=None,
 ) -> None:
     """Launches the kernel with a validated config (`_gemm_config.check_config`). Options that do
     not apply to this K (K_UNROLL not dividing K/128, N_LOOP with K > 256) or device (TMA where
     the tensors do not allow it) fall back safely. `num_rows` (contiguous only): int32 [1] on the
     device, the rows of A in use; the walk stops there. `a_rows` (contiguous only): int64 `[rows]`,
     the row of `a_fp8` each layout row reads (-1 = padding), so A need not be permuted first; A
-    is then loaded row by row (no TMA). cfg["SPLIT_K"] > 1 (contiguous only; K/128 divisible by
-    it): `out` is f32 `[SPLIT_K, rows, N]`, each K slice's partial sums, unrounded (the consumer
-    adds them in slice order and rounds to bf16: `silu_mul_quant` / `unpermute_combine` with
-    `partials=True`); rows not stored are left as they were."""
+    is then loaded row by row (no TMA).
+
+    cfg["SPLIT_K"] > 1 (contiguous only; K/128 divisible by it): K is cut into slices computed
+    by separate units, `out` is f32 `[SPLIT_K, rows, N]`, slab s holding slice s's partial sums,
+    unrounded; rows not stored are left as they were. With `num_rows` the slices used follow the
+    tiles holding rows (read on the device): the fewest powers of two up to SPLIT_K giving at least
+    cfg["SPLIT_MIN_UNITS"] units; without it, SPLIT_K. The count is written to `splits_out` (int32
+    `[1]` on the device, required): the consumer adds that many slabs in order and rounds to bf16
+    (`silu_mul_quant` / `unpermute_combine` with `partials=True, num_partials=splits_out`)."""
     n, k = b_fp8.shape[1], b_fp8.shape[2]
     num_kb = k // SCALE_GROUP
     split = cfg.get("SPLIT_K", 1)
     if split > 1 and (masked or num_kb % split):
         raise ValueError(f"config: SPLIT_K={split} needs the contiguous layout and K/128 ({num_kb}) divisible by it")
+    if split > 1 and splits_out is None:
+        raise ValueError("splits_out: a GEMM split over K (SPLIT_K > 1) writes its slice count there; got None")
     unroll = cfg.get("K_UNROLL", 1)
     while (num_kb // split) % unroll:
         unroll //= 2
@@ -139,6 +147,7 @@ def launch(
         index,
         index,
         num_rows if row_bound else index,
+        splits_out if split > 1 else index,
         a_desc,
         b_desc,
         rows,
@@ -147,6 +156,7 @@ def launch(
         num_m_tiles,
         num_n_tiles,
         num_experts,
+        cfg.get("SPLIT_MIN_UNITS", 0),
     )
     # The expert count only shapes the masked walk (one compiled contiguous kernel for every E).
     e_pad = max(16, triton.next_power_of_2(num_experts)) if masked else 16

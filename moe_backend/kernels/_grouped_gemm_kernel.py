@@ -22,6 +22,7 @@ def _contiguous_unit(
     a_desc,
     b_desc,
     u,
+    k_splits,
     m_tiles,
     num_n_tiles,
     M,
@@ -39,11 +40,11 @@ def _contiguous_unit(
     GATHER_A: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """Contiguous layout, unit u of m_tiles x num_n_tiles (x SPLIT_K: the K slices of one tile are
+    """Contiguous layout, unit u of m_tiles x num_n_tiles (x k_splits: the K slices of one tile are
     consecutive units). Grouped ordering: GROUP_M m-tiles sweep the n-tiles together (A and B reuse
     in L2). A tile of padding only (ids -1) stores nothing."""
-    k_split = u % SPLIT_K
-    u = u // SPLIT_K
+    k_split = u % k_splits
+    u = u // k_splits
     in_group = GROUP_M * num_n_tiles
     first_m = (u // in_group) * GROUP_M
     group_rows = tl.minimum(m_tiles - first_m, GROUP_M)
@@ -68,6 +69,7 @@ def _contiguous_unit(
             pid_m * BLOCK_M,
             pid_n,
             k_split,
+            k_splits,
             M,
             N,
             K,
@@ -85,7 +87,7 @@ def _contiguous_unit(
 
 
 # Row counts stay runtime values (one compiled kernel per config serves every batch size).
-@triton.jit(do_not_specialize=["M", "num_m_tiles", "num_n_tiles", "num_experts"])
+@triton.jit(do_not_specialize=["M", "num_m_tiles", "num_n_tiles", "num_experts", "split_min_units"])
 def _fp8_grouped_gemm_kernel(
     a_ptr,  # fp8 [M, K] (contiguous) | [E, max_m, K] (masked); GATHER_A: [T, K]
     a_rows_ptr,  # int64 [M]: the row of A each layout row reads, -1 = padding (GATHER_A only)
@@ -96,6 +98,7 @@ def _fp8_grouped_gemm_kernel(
     expert_ids_ptr,  # int32 [M] (contiguous only)
     masked_m_ptr,  # int32 [E] (masked only)
     num_rows_ptr,  # int32 [1]: rows of the contiguous layout in use (ROW_BOUND only)
+    splits_ptr,  # int32 [1] (SPLIT_K > 1): the K slices this launch cut, written for the consumer
     a_desc,  # TMA descriptor over A as [rows, K], box [BLOCK_M, 128] (USE_TMA only, else None)
     b_desc,  # TMA descriptor over B as [E * N, K], box [BLOCK_N, 128] (USE_TMA only, else None)
     M,  # rows of one expert's A (masked: max_m) or of all of A (contiguous)
@@ -104,6 +107,7 @@ def _fp8_grouped_gemm_kernel(
     num_m_tiles,  # contiguous: m-tiles of A (masked: unused)
     num_n_tiles,  # n-units per expert (n-tiles / N_LOOP)
     num_experts,
+    split_min_units,  # SPLIT_K > 1 with ROW_BOUND: K slices double while units x slices < this
     MASKED: tl.constexpr,
     ROW_BOUND: tl.constexpr,  # contiguous: walk only the tiles below *num_rows_ptr
     E_PAD: tl.constexpr,  # masked: a power of two >= num_experts (the prefix-sum vector's length)
@@ -118,7 +122,7 @@ def _fp8_grouped_gemm_kernel(
     FULL_KB: tl.constexpr,  # K / 128 when N_LOOP > 1 (1 or 2)
     USE_TMA: tl.constexpr,  # A and B tiles through TMA (Hopper): async bulk copies, no address math
     GATHER_A: tl.constexpr,  # contiguous: A's rows read through a_rows_ptr (the permute folded in)
-    SPLIT_K: tl.constexpr,  # contiguous: K cut into SPLIT_K slices, each its own unit (few-row decode)
+    SPLIT_K: tl.constexpr,  # contiguous: K cut into up to SPLIT_K slices, each its own unit (few-row decode)
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -164,6 +168,7 @@ def _fp8_grouped_gemm_kernel(
                 tile_row0,
                 pid_n,
                 0,
+                1,
                 M,
                 N,
                 K,
@@ -180,7 +185,17 @@ def _fp8_grouped_gemm_kernel(
             )
     elif ROW_BOUND:
         used_m_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(num_rows_ptr), 0), M), BLOCK_M)
-        for u in range(pid, used_m_tiles * num_n_tiles * SPLIT_K, num_programs):
+        tiles = used_m_tiles * num_n_tiles
+        # The slices follow the tiles that hold rows (read on the device): the fewest powers of two,
+        # up to SPLIT_K, that give at least split_min_units units (<= 0: SPLIT_K).
+        k_splits = tiles * 0 + 1
+        if SPLIT_K > 1:
+            for _ in tl.static_range(3):  # SPLIT_K <= 8
+                short = (tiles * k_splits < split_min_units) | (split_min_units <= 0)
+                k_splits = tl.where(short & (k_splits < SPLIT_K), k_splits * 2, k_splits)
+            if pid == 0:
+                tl.store(splits_ptr, k_splits)
+        for u in range(pid, tiles * k_splits, num_programs):
             _contiguous_unit(
                 a_ptr,
                 a_rows_ptr,
@@ -192,6 +207,7 @@ def _fp8_grouped_gemm_kernel(
                 a_desc,
                 b_desc,
                 u,
+                k_splits,
                 used_m_tiles,
                 num_n_tiles,
                 M,
@@ -210,7 +226,10 @@ def _fp8_grouped_gemm_kernel(
                 SPLIT_K,
             )
     else:
-        # One program per tile (the grid covers every tile): no loop.
+        # One program per tile and K slice (the grid covers every one): no loop.
+        if SPLIT_K > 1:
+            if pid == 0:
+                tl.store(splits_ptr, SPLIT_K)
         _contiguous_unit(
             a_ptr,
             a_rows_ptr,
@@ -222,6 +241,7 @@ def _fp8_grouped_gemm_kernel(
             a_desc,
             b_desc,
             pid,
+            SPLIT_K,
             num_m_tiles,
             num_n_tiles,
             M,

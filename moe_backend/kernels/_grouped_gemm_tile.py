@@ -54,6 +54,7 @@ def _gemm_tile(
     tile_row0,
     pid_n,
     k_split,
+    k_splits,
     M,
     N,
     K,
@@ -72,11 +73,12 @@ def _gemm_tile(
     pointers' layout times expert `expert`'s n-tile `pid_n` (N_LOOP > 1: n-tiles
     pid_n * N_LOOP ... + N_LOOP - 1). GATHER_A: row m's operand is A's row `a_rows_ptr[m]`
     (the token it copies; -1, padding, reads row 0 and is never stored), not row m.
-    SPLIT_K > 1 (N_LOOP == 1 only): K blocks [k_split * K/128/SPLIT_K, ...) only, and the fp32
-    partial sum is stored unrounded (c_ptr points at that split's [M, N] slab)."""
+    SPLIT_K > 1 (N_LOOP == 1 only): K cut into `k_splits` (<= SPLIT_K) slices, this unit's is
+    K blocks [k_split * K/128/k_splits, ...), and the fp32 partial sum is stored unrounded (c_ptr
+    points at that slice's [M, N] slab)."""
     num_kb = K // BLOCK_K
-    kb_begin = k_split * (num_kb // SPLIT_K)
-    kb_end = kb_begin + num_kb // SPLIT_K
+    kb_begin = k_split * (num_kb // k_splits)
+    kb_end = kb_begin + num_kb // k_splits
     expert64 = expert.to(tl.int64)
     # Rows past the valid ones are clamped, not masked: row m of C depends on row m of A alone,
     # so whatever they hold never reaches a stored row, and unmasked loads vectorize fully.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_backend._checks import check_quant_out
 from moe_backend.constants import QUANT_BLOCK
 from moe_backend.kernels import _group_quant_core
 from moe_backend.kernels._launch_utils import check_kernel_tensor
@@ -13,9 +14,14 @@ __all__ = ["per_token_group_quant"]
 
 
 def per_token_group_quant(
-    x: torch.Tensor, group: int = QUANT_BLOCK, ue8m0: bool = False
+    x: torch.Tensor,
+    group: int = QUANT_BLOCK,
+    ue8m0: bool = False,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x `[..., K]` bf16/fp16/fp32 (K % group == 0) -> (x_fp8 `[..., K]`, x_scale f32 `[..., K/group]`).
+    """x `[..., K]` bf16/fp16/fp32 (K % group == 0) -> (x_fp8 `[..., K]`, x_scale f32 `[..., K/group]`),
+    allocated or the pair `out` (e.g. allocated on one stream, written on another).
 
     Same numerics as `moe_backend.quant.quantize_fp8_per_token_group`.
     """
@@ -25,8 +31,15 @@ def per_token_group_quant(
     k = x.shape[-1]
     if k % group:
         raise ValueError(f"x: last dim ({k}) must be a multiple of the group size {group}")
-    x_fp8 = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
-    x_scale = torch.empty((*x.shape[:-1], k // group), dtype=torch.float32, device=x.device)
+    s_shape = (*x.shape[:-1], k // group)
+    if out is None:
+        x_fp8 = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+        x_scale = torch.empty(s_shape, dtype=torch.float32, device=x.device)
+    else:
+        check_quant_out(out, tuple(x.shape), s_shape, x.device)
+        x_fp8, x_scale = out
+        check_kernel_tensor("out[0]", x_fp8, x.device)
+        check_kernel_tensor("out[1]", x_scale, x.device)
     _group_quant_core.launch(
         x.reshape(-1, k),
         x_fp8.view(-1, k),

@@ -29,6 +29,7 @@ def silu_mul_quant(
     used_rows: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     partials: bool = False,
+    num_partials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h `[..., 2I]` (gate columns, then up; I % group == 0) -> (a_fp8 `[..., I]`, a_scale f32
     `[..., I/group]`), `a = silu(gate) * up` computed in fp32 (as `moe_backend.reference`),
@@ -40,7 +41,8 @@ def silu_mul_quant(
     padding and are not visited. Invalid rows are not written: their contents are unspecified.
     partials: h is f32 `[S, M, 2I]`, S partial sums of a GEMM split over K (`SPLIT_K`); they are
     added in order and rounded to bf16 (the unsplit GEMM's output) before the SiLU; results are
-    `[M, I]`. Not with masked_m. No host sync.
+    `[M, I]`; `num_partials` (int32 `[1]` on the device, optional): only the first that many slabs
+    hold slices (the GEMM chose the count on the device). Not with masked_m. No host sync.
     """
     splits = 0
     if partials:
@@ -51,6 +53,10 @@ def silu_mul_quant(
         if splits < 1:
             raise ValueError("h: expected at least one partial-sum slab")
         h = h[0]
+        if num_partials is not None:
+            check_kernel_tensor("num_partials", num_partials, h.device, dtypes=(torch.int32,), shape=(1,))
+    elif num_partials is not None:
+        raise ValueError("num_partials: given without partials=True")
     check_kernel_tensor("h", h, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=1)
     if group not in (32, 64, 128, 256):
         raise ValueError(f"group: expected one of 32, 64, 128, 256, got {group}")
@@ -94,5 +100,6 @@ def silu_mul_quant(
         rows_per_expert=rows_per_expert,
         used_rows=used_rows,
         splits=splits,
+        split_count=num_partials,
     )
     return a_fp8, a_scale

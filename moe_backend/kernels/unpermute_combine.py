@@ -3,9 +3,10 @@
 Deterministic (a fixed j order, no atomics), fp32 sum, one bf16 rounding; rows of -1 (expert not
 local) contribute nothing, and their y rows are never read (they may hold NaN). Works for both
 layouts: y `[M, N]` (contiguous) or `[E, max_m, N]` (masked, flat row e*max_m + r). y may also be
-a K-split GEMM2's fp32 partial sums `[S, M, N]`: a row's slabs are added in order and rounded to
-bf16 (the unsplit GEMM's output) before it is weighted. Its torch twin:
-`moe_backend.reference.unpermute_combine` (after `reference.sum_partials`).
+a K-split GEMM2's fp32 partial sums `[S, M, N]` (the first `num_partials` of them, when the GEMM
+chose the count on the device): a row's slabs are added in order and rounded to bf16 (the
+unsplit GEMM's output) before it is weighted. Its torch twin: `moe_backend.reference.unpermute_combine`
+(after `reference.sum_partials`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,22 @@ NUM_WARPS = 2
 
 @triton.jit
 def _combine_kernel(
-    y_ptr, rows_ptr, w_ptr, out_ptr, N, slab, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr
+    y_ptr,
+    rows_ptr,
+    w_ptr,
+    out_ptr,
+    count_ptr,  # COUNT_ON_DEVICE: int32 [1], the partial-sum slabs to add (<= SPLITS)
+    N,
+    slab,
+    TOPK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+    COUNT_ON_DEVICE: tl.constexpr,
 ):
+    if COUNT_ON_DEVICE:
+        count = tl.minimum(tl.maximum(tl.load(count_ptr), 1), SPLITS)
+    else:
+        count = SPLITS
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = offs < N
@@ -40,7 +55,7 @@ def _combine_kernel(
         y_offs = r * N + offs  # int64
         v = tl.load(y_ptr + y_offs, mask=ok & row_ok, other=0.0).to(tl.float32)
         if SPLITS > 0:  # partial sums: the slabs added, then the bf16 the unsplit GEMM stores
-            for _ in tl.static_range(1, SPLITS):
+            for _ in range(1, count):
                 y_offs += slab
                 v += tl.load(y_ptr + y_offs, mask=ok & row_ok, other=0.0)
             v = round_to_bf16_grid(v)
@@ -55,16 +70,22 @@ def unpermute_combine(
     out: torch.Tensor | None = None,
     *,
     partials: bool = False,
+    num_partials: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y bf16 `[M, N]` or `[E, max_m, N]`; row_of_slot int32/int64 `[T, k]` (flat row of y holding
     token t's j-th expert, -1 = none); topk_weights f32 `[T, k]`; out bf16 `[T, N]`.
-    partials: y is f32 `[S, M, N]`, S partial sums of a GEMM split over K (module docstring)."""
+    partials: y is f32 `[S, M, N]`, S partial sums of a GEMM split over K (module docstring), of
+    which only the first `num_partials[0]` hold slices when that int32 `[1]` is given."""
     splits = 0
     if partials:
         check_kernel_tensor("y", y, dtypes=(torch.float32,), ndim=3)
         splits = y.shape[0]
         if splits < 1:
             raise ValueError("y: expected at least one partial-sum slab")
+        if num_partials is not None:
+            check_kernel_tensor("num_partials", num_partials, y.device, dtypes=(torch.int32,), shape=(1,))
+    elif num_partials is not None:
+        raise ValueError("num_partials: given without partials=True")
     else:
         check_kernel_tensor("y", y, dtypes=(torch.bfloat16,), min_dim=2)
     dev = y.device
@@ -82,7 +103,19 @@ def unpermute_combine(
         return out.zero_()
     grid = (num_tokens, triton.cdiv(n, BLOCK_N))
     slab = y[0].numel() if partials else 0
+    counted = num_partials is not None
     _combine_kernel[grid](
-        y, row_of_slot, topk_weights, out, n, slab, TOPK=topk, BLOCK_N=BLOCK_N, SPLITS=splits, num_warps=NUM_WARPS
+        y,
+        row_of_slot,
+        topk_weights,
+        out,
+        num_partials if counted else row_of_slot,
+        n,
+        slab,
+        TOPK=topk,
+        BLOCK_N=BLOCK_N,
+        SPLITS=splits,
+        COUNT_ON_DEVICE=counted,
+        num_warps=NUM_WARPS,
     )
     return out

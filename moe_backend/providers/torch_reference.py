@@ -38,8 +38,8 @@ def grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None):
     return _oracle().grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
 
 
-def sum_partials(partials):
-    return _oracle().sum_partials(partials)
+def sum_partials(partials, count=None):
+    return _oracle().sum_partials(partials, count)
 
 
 def silu_mul_quant(h, group, ue8m0, **validity):

@@ -20,12 +20,14 @@ def expert_gemm(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
     return (a @ b.t()).to(torch.bfloat16)
 
 
-def sum_partials(partials: torch.Tensor) -> torch.Tensor:
+def sum_partials(partials: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:
     """f32 `[S, ...]` partial sums of a GEMM split over K (`SPLIT_K`) -> the bf16 `[...]` product
-    they stand for: added in slab order in fp32, rounded once (as the consumer kernels do)."""
+    they stand for: the first `count` slabs (default all; a device int32 `[1]` is read, clamped to
+    1..S as the kernels do) added in slab order in fp32, rounded once (as the consumer kernels do)."""
     check_tensor("partials", partials, dtypes=(torch.float32,), min_dim=2)
+    slabs = partials.shape[0] if count is None else min(max(int(count), 1), partials.shape[0])
     total = partials[0].clone()
-    for slab in partials[1:]:
+    for slab in partials[1:slabs]:
         total += slab
     return total.to(torch.bfloat16)
 

@@ -237,9 +237,10 @@ def test_plan_log_path_comes_from_the_environment(tmp_path):
 
 
 def test_few_active_experts_split_k_to_fill_the_gpu(monkeypatch):
-    """The Triton GEMMs of a decode batch whose active local experts give fewer work units than
-    `split_k.min_units` split K (fewest power-of-two slices reaching it, each of >= min_k_blocks
-    128-wide blocks); larger batches, K too short, other providers and the masked layout do not."""
+    """The Triton GEMMs of a decode batch whose expected work units (active local experts x tiles)
+    number fewer than `split_k.min_units` may split K: SPLIT_K = the most slices K allows (powers of
+    two up to max_split, each of >= min_k_blocks 128-wide blocks), SPLIT_MIN_UNITS = min_units for
+    the kernel's device-side cut; larger batches, other providers and the masked layout do not."""
 
     def fake_gemm(provider, layout, expected_m, rows_hint, n, k, device):
         cfg = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3)
@@ -253,20 +254,22 @@ def test_few_active_experts_split_k_to_fill_the_gpu(monkeypatch):
     tp8 = dict(num_experts=256, hidden=7168, intermediate=256)
     plan_mod.clear_plan_cache()
     try:
-        for shape, tokens in ((ep8, 1), (ep8, 2), (ep8, 4), (tp8, 1), (tp8, 2), (tp8, 8), (ep8, 2048)):
+        for shape, tokens in ((ep8, 1), (ep8, 2), (ep8, 4), (ep8, 8), (tp8, 1), (tp8, 2), (tp8, 8), (ep8, 2048)):
             plan = _plan(kernel="triton", num_tokens=tokens, **shape)
             active = min(shape["num_experts"], -(-tokens * 8 * shape["num_experts"] // 256))
             for g in (plan.gemm1, plan.gemm2):
                 units = active * -(-plan.expected_m // 16) * -(-g.n // 128)
-                want = 1
+                most = 1
                 while (
-                    units * want < t["min_units"]
-                    and want * 2 <= t["max_split"]
-                    and (g.k // 128) % (want * 2) == 0
-                    and g.k // 128 // (want * 2) >= t["min_k_blocks"]
+                    most * 2 <= t["max_split"]
+                    and (g.k // 128) % (most * 2) == 0
+                    and g.k // 128 // (most * 2) >= t["min_k_blocks"]
                 ):
-                    want *= 2
+                    most *= 2
+                want = most if units < t["min_units"] else 1
                 assert g.split_k == want, (shape, tokens, g)
+                if want > 1:
+                    assert g.triton_config["SPLIT_MIN_UNITS"] == t["min_units"]
         one = _plan(kernel="triton", num_tokens=1, **tp8)
         assert one.gemm1.split_k > 1 and f"split_k={one.gemm1.split_k}" in one.describe()
         assert one.gemm2.split_k == 1, "K = 256: two blocks, not split"

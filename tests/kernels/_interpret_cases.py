@@ -758,7 +758,10 @@ def case_contiguous_split_k():
     """GEMM split over K (SPLIT_K 2, 4): each slab holds one K slice's fp32 partial sums; their
     ordered sum (reference.sum_partials) matches the fp32 reference within the GEMM bound and the
     unsplit kernel within one bf16 rounding; padding rows and the tail stay unwritten in every slab
-    (poisoned), with and without a row count, with gathered A, plain, K-unrolled and SWAP_AB tiles."""
+    (poisoned), with and without a row count, with gathered A, plain, K-unrolled and SWAP_AB tiles.
+    With a row count and SPLIT_MIN_UNITS the kernel cuts only the slices needed to reach that many
+    units (the tiles holding rows read on the device), reports the count, and leaves the other slabs
+    untouched."""
     gen = torch.Generator().manual_seed(31)
     counts, block_m, n, k, tokens = (3, 0, 20, 1), 16, 80, 512, 9
     ids, a_rows, used = _split_layout(counts, block_m, 7, gen, tokens)
@@ -767,23 +770,31 @@ def case_contiguous_split_k():
     ref = reference.grouped_gemm_contiguous(x[a_rows.clamp(min=0)], x_s[a_rows.clamp(min=0)], b, bs, ids)
     valid = ids >= 0
     num_rows = torch.tensor([used], dtype=torch.int32)
-    for split, extra in ((2, {}), (4, {}), (2, dict(K_UNROLL=2)), (2, dict(SWAP_AB=True)), (4, dict(PROGRAMS=3))):
+    tiles = -(-used // block_m) * -(-n // 32)  # 4 m-tiles (one all padding) x 3 n-tiles
+    cases = [(2, {}, 0, 2), (4, {}, 0, 4), (2, dict(K_UNROLL=2), 0, 2), (2, dict(SWAP_AB=True), 0, 2)]
+    # min units -> slices cut: 12 tiles reach 13 at 2 slices, 30 at 4, 12 at 1
+    cases += [(4, dict(PROGRAMS=3), 13, 2), (4, {}, 30, 4), (4, {}, tiles, 1)]
+    for split, extra, min_units, cut in cases:
         cfg = _gemm_config_full(dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, **extra))
-        for rows in (None, num_rows):
+        for rows in (None, num_rows) if not min_units else (num_rows,):
             plain = torch.full((len(ids), n), float("nan"), dtype=torch.bfloat16)
             _grouped_gemm_core.launch(
                 x, x_s, b, bs, plain, ids, None, masked=False, rows=len(ids), num_experts=len(counts),
                 cfg=cfg, num_rows=rows, a_rows=a_rows,
             )  # fmt: skip
             parts = torch.full((split, len(ids), n), float("nan"))
+            count = torch.full((1,), -5, dtype=torch.int32)
             _grouped_gemm_core.launch(
                 x, x_s, b, bs, parts, ids, None, masked=False, rows=len(ids), num_experts=len(counts),
-                cfg=cfg | {"SPLIT_K": split}, num_rows=rows, a_rows=a_rows,
+                cfg=cfg | {"SPLIT_K": split, "SPLIT_MIN_UNITS": min_units}, num_rows=rows, a_rows=a_rows,
+                splits_out=count,
             )  # fmt: skip
-            what = f"SPLIT_K={split} {extra} num_rows={rows is not None}"
-            assert parts[:, ~valid].isnan().all(), f"{what}: padding rows written"
-            assert torch.isfinite(parts[:, valid]).all(), f"{what}: valid rows not written in every slab"
-            total = reference.sum_partials(parts)
+            what = f"SPLIT_K={split} {extra} min_units={min_units} num_rows={rows is not None}"
+            assert int(count) == cut, f"{what}: cut {int(count)} slices, want {cut}"
+            assert parts[cut:].isnan().all(), f"{what}: slabs past the cut written"
+            assert parts[:cut, ~valid].isnan().all(), f"{what}: padding rows written"
+            assert torch.isfinite(parts[:cut, valid]).all(), f"{what}: valid rows not written in every slab"
+            total = reference.sum_partials(parts, count)
             err = _rel(total[valid], ref[valid])
             assert err <= GEMM_RTOL, f"{what}: rel err {err:.2e}"
             # The slices' sum differs from the one-pass sum by fp32 rounding only: one bf16 step at most.
@@ -817,6 +828,10 @@ def case_split_k_refused():
             a[0], a_s[0], b, bs, torch.zeros(16, dtype=torch.int32), config=dict(cfg, SPLIT_K=2)
         ),
         "SPLIT_K=3": lambda: _gemm_config_full(dict(cfg, SPLIT_K=3)),
+        "no splits_out": lambda: _grouped_gemm_core.launch(
+            a[0], a_s[0], b[:, :, :256], bs[:, :, :2].contiguous(), torch.empty(2, 16, 32),
+            torch.zeros(16, dtype=torch.int32), None, masked=False, rows=16, num_experts=2, cfg=cfg | {"SPLIT_K": 2},
+        ),
     }  # fmt: skip
     for what, call in calls.items():
         try:
@@ -830,33 +845,39 @@ def case_split_k_refused():
 def case_split_k_consumers():
     """silu_mul_quant and unpermute_combine reading K-split partial sums (partials=True) equal the
     same kernels on the bf16 sum (reference.sum_partials) bit for bit; padding rows (NaN in every
-    slab) are neither read nor written, with and without a device row count."""
+    slab) are neither read nor written, with and without a device row count; given a device slab
+    count (num_partials), the slabs past it (NaN) are not read."""
     gen = torch.Generator().manual_seed(33)
     topk_ids = torch.randint(-1, 12, (13, 3), generator=gen, dtype=torch.int32)
     layout = build_layout.build_contiguous_layout(topk_ids, 6, expert_start=3, alignment=4)
     real = layout.src_token >= 0
     weights = torch.rand(13, 3, generator=gen)
-    for splits in (1, 2, 3):
+    for splits, count in ((1, None), (2, None), (3, None), (4, 2), (4, 1), (2, 2)):
+        num = None if count is None else torch.tensor([count], dtype=torch.int32)
         h = torch.randn(splits, layout.num_rows, 512, generator=gen) * 2
         h[:, ~real] = float("nan")
+        h[count or splits :] = float("nan")  # slabs the GEMM did not cut
         for used_rows in (None, layout.expert_offsets[-1:]):
             shapes = ((layout.num_rows, 256), (layout.num_rows, 2))
             q, sc = silu_mul_quant(
-                h, expert_ids=layout.expert_ids, used_rows=used_rows, out=_poisoned_quant_out(*shapes), partials=True
-            )
+                h, expert_ids=layout.expert_ids, used_rows=used_rows, out=_poisoned_quant_out(*shapes),
+                partials=True, num_partials=num,
+            )  # fmt: skip
             want_q, want_s = silu_mul_quant(
-                reference.sum_partials(h), expert_ids=layout.expert_ids, used_rows=used_rows,
+                reference.sum_partials(h, num), expert_ids=layout.expert_ids, used_rows=used_rows,
                 out=_poisoned_quant_out(*shapes),
             )  # fmt: skip
-            assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(sc[~real].isnan().all())
-            assert torch.equal(sc[real], want_s[real]), f"{splits} slabs: scales differ"
-            assert torch.equal(q[real].float(), want_q[real].float()), f"{splits} slabs: SiLU*up quant differs"
+            what = f"{splits} slabs, {count} counted"
+            assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(sc[~real].isnan().all()), what
+            assert torch.equal(sc[real], want_s[real]), f"{what}: scales differ"
+            assert torch.equal(q[real].float(), want_q[real].float()), f"{what}: SiLU*up quant differs"
         y = torch.randn(splits, layout.num_rows, 300, generator=gen)
         y[:, ~real] = float("nan")
-        out = unpermute_combine(y, layout.row_of_slot, weights, partials=True)
-        want = unpermute_combine(reference.sum_partials(y), layout.row_of_slot, weights)
-        assert torch.isfinite(out.float()).all(), "a padding row was read"
-        assert torch.equal(out, want), f"{splits} slabs: combine differs"
+        y[count or splits :] = float("nan")
+        out = unpermute_combine(y, layout.row_of_slot, weights, partials=True, num_partials=num)
+        want = unpermute_combine(reference.sum_partials(y, num), layout.row_of_slot, weights)
+        assert torch.isfinite(out.float()).all(), f"{what}: a padding row or an uncut slab was read"
+        assert torch.equal(out, want), f"{what}: combine differs"
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

@@ -72,6 +72,7 @@ SIGNATURE = {
     "used_rows_ptr": "*i32",
     "x_row_stride": "i32",
     "split_stride": "i32",
+    "count_ptr": "*i32",
     "rows_per_expert": "i32",
     "num_rows": "i32",
 }
@@ -101,6 +102,7 @@ def test_compiles_for_sm90a_with_wide_accesses(cols, silu_mul, rows_valid_if, us
         ROWS_VALID_IF=rows_valid_if,
         USED_ROWS=used_rows,
         SPLITS=0,
+        COUNT_ON_DEVICE=False,
     )
     aligned = ["x_ptr", "q_ptr", "s_ptr", "valid_ptr", "used_rows_ptr", "x_row_stride"]
     try:

@@ -17,11 +17,12 @@ API = {
     ),
     "grouped_gemm_masked": "(a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, expected_m=None, config=None)",
     "silu_mul_quant": (
-        "(h, group=128, ue8m0=False, *, expert_ids=None, masked_m=None, used_rows=None, out=None, partials=False)"
+        "(h, group=128, ue8m0=False, *, expert_ids=None, masked_m=None, used_rows=None, out=None, partials=False, "
+        "num_partials=None)"
     ),
-    "per_token_group_quant": "(x, group=128, ue8m0=False)",
+    "per_token_group_quant": "(x, group=128, ue8m0=False, *, out=None)",
     "permute_rows": "(x_fp8, x_scale, src_token, *, out=None, used_rows=None, config=None)",
-    "unpermute_combine": "(y, row_of_slot, topk_weights, out=None, *, partials=False)",
+    "unpermute_combine": "(y, row_of_slot, topk_weights, out=None, *, partials=False, num_partials=None)",
 }
 
 

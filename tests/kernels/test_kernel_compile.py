@@ -37,6 +37,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
         "expert_ids_ptr": "*i32",
         "masked_m_ptr": "*i32",
         "num_rows_ptr": "*i32",
+        "splits_ptr": "*i32",
         "a_desc": f"tensordesc<fp8e4nv[{bm}, 128]>" if tma else "constexpr",
         "b_desc": f"tensordesc<fp8e4nv[{bn}, 128]>" if tma else "constexpr",
         "M": "i32",
@@ -45,6 +46,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
         "num_m_tiles": "i32",
         "num_n_tiles": "i32",
         "num_experts": "i32",
+        "split_min_units": "i32",
     }
     consts = dict(
         MASKED=mode == "masked",

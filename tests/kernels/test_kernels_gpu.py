@@ -401,16 +401,18 @@ def test_bad_inputs() -> None:
 
 
 def test_split_k_pipeline_at_few_tokens() -> None:
-    """Decode at 1-3 tokens with few active experts: the plan splits K in both GEMMs (f32 partial
-    sums added by SiLU*up quant and by the combine); the routed output matches the reference and the
-    unsplit plan, eagerly and as a CUDA graph replayed with new routing."""
+    """Decode at 1-3 tokens with few active experts: the plan lets both GEMMs split K (f32 partial
+    sums added by SiLU*up quant and by the combine, the slices cut on the device from the tiles
+    holding rows); the routed output matches the reference and the unsplit plan, eagerly and as a
+    CUDA graph replayed with new routing (other local-slot counts, so other cuts)."""
     import dataclasses
 
     from moe_backend.dispatch import Policy
     from moe_backend.dispatch.plan import make_plan
     from moe_backend.plan_execution import run_plan
 
-    e, e_global, hidden, inter, topk = 16, 128, 2048, 1024, 8
+    # K = 3584 (28 blocks) cut in up to 4 slices, K = 2048 (16 blocks) in up to 2.
+    e, e_global, hidden, inter, topk = 16, 128, 3584, 2048, 8
     w13, w13_s = _weights(e, 2 * inter, hidden)
     w2, w2_s = _weights(e, hidden, inter)
 
@@ -441,7 +443,7 @@ def test_split_k_pipeline_at_few_tokens() -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             replayed = run_plan(plan, *args)
-        for seed in (10, 11):
+        for seed in (10, 11, 12):
             new_w, new_ids = routing(tokens, seed)
             w.copy_(new_w)
             ids.copy_(new_ids)

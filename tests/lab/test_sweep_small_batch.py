@@ -15,7 +15,7 @@ from moe_backend.dispatch.gemm_choice import GemmPlan
 def test_list_runs_without_gpu(capsys) -> None:
     assert sweep.main(["--list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == len(sweep.VARIANTS) and out[0].startswith("policy")
+    assert len(out) == len(sweep.VARIANTS) + len(sweep.PLAN_VARIANTS) and out[0].startswith("policy")
 
 
 def test_variants_change_only_the_triton_configs() -> None:
@@ -28,11 +28,14 @@ def test_variants_change_only_the_triton_configs() -> None:
         gemm2=GemmPlan("triton", 7168, 256, tuple(sorted(cfg.items()))),
     )
     plans = sweep.variants(triton_plan)
-    # GEMM2's K = 256 holds two 128-wide blocks: no variant splits it into four.
-    assert list(plans) == [name for name, (_, c2) in sweep.VARIANTS.items() if c2.get("SPLIT_K", 1) <= 2]
-    assert "g1s4g2s4" not in plans and "g1s4g2s2" in plans
+    # GEMM2's K = 256 holds two 128-wide blocks: a variant splitting it in two runs, none in more.
+    assert list(plans) == list(sweep.VARIANTS)  # a CPU plan does not overlap the quant: no "serial"
     assert plans["policy"] is not triton_plan and plans["policy"].gemm1 == triton_plan.gemm1
-    g1, g2 = dict(plans["g1s4g2s2"].gemm1.config), dict(plans["g1s4g2s2"].gemm2.config)
-    assert g1 == cfg | {"SPLIT_K": 4} and g2 == cfg | {"SPLIT_K": 2}
-    assert dict(plans["g1n64"].gemm1.config) == cfg | {"BLOCK_N": 64, "SPLIT_K": 1}
+    g1, g2 = dict(plans["g1s8g2s2"].gemm1.config), dict(plans["g1s8g2s2"].gemm2.config)
+    assert g1 == cfg | {"SPLIT_K": 8, "SPLIT_MIN_UNITS": 0} and g2 == cfg | {"SPLIT_K": 2, "SPLIT_MIN_UNITS": 0}
+    assert dict(plans["g1n64s4"].gemm1.config) == cfg | {"BLOCK_N": 64, "SPLIT_K": 4, "SPLIT_MIN_UNITS": 0}
     assert all(p.graph_plan is None and p.num_rows == triton_plan.num_rows for p in plans.values())
+    overlapping = sweep.variants(dataclasses.replace(triton_plan, overlap_quant=True))
+    assert overlapping["serial"].overlap_quant is False and overlapping["policy"].overlap_quant is True
+    wide = dataclasses.replace(triton_plan, gemm2=GemmPlan("triton", 7168, 2048, tuple(sorted(cfg.items()))))
+    assert "g1s8g2s2" in sweep.variants(wide)
