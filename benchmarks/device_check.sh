@@ -52,7 +52,7 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     tunerouted) # the masked kernel's EP8 decode table re-tuned under uniform and Zipf counts (TUNE_ARGS to widen)
            TAIL=8 step tunerouted 560 python3 -m moe_backend tune --routing uniform,zipf:0.6 --out-dir "$F/tuned" \
            --log "$F/tune.log" ${TUNE_ARGS:---kernels grouped_gemm_masked --slices ep8} ;;
-    smallbatch) TAIL=30 step smallbatch 200 python3 -m lab.sweep_small_batch ;;
+    smallbatch) TAIL=30 step smallbatch 200 python3 -m lab.sweep_small_batch ${SMALLBATCH_ARGS:-} ;;
     tokensweep) TAIL=30 step tokensweep 170 python3 -m lab.sweep_token_gemv --json "$F/token_gemv.json" ;;
     prefillgather) TAIL=40 step prefillgather 150 python3 -m lab.prefill_gather_a ;;
     *) echo "== $name: unknown step" ;;

@@ -67,11 +67,16 @@ def _gemm_contiguous(
     rows_in_use: torch.Tensor | None = None,
     a_rows: torch.Tensor | None = None,
     splits_out: torch.Tensor | None = None,
+    silu_a: tuple | None = None,
 ):
     """rows_in_use: int32 `[1]` on the device, the layout's padded total; the rows past it (the
     static bound's tail) are padding the kernels do not walk. a_rows (Triton only, `plan.gather_a`):
     the layout's src_token, A being the unpermuted token rows. splits_out (`g.split_k` > 1): int32
-    `[1]`, the K slices the kernel cut (`out` then holds f32 partial sums)."""
+    `[1]`, the K slices the kernel cut (`out` then holds f32 partial sums). silu_a (Triton only,
+    `plan.silu_in_gemm2`): (slabs, their device count, ue8m0), a_fp8 being GEMM1's output h, from
+    which the kernel computes its A (`_grouped_gemm_core.launch`)."""
+    if silu_a is not None and g.provider != "triton":
+        raise ValueError(f"silu_a: only the Triton GEMM computes its A from h, the plan's provider is {g.provider}")
     if g.provider == "triton":
         from moe_backend.kernels import _grouped_gemm_core
 
@@ -90,6 +95,7 @@ def _gemm_contiguous(
             num_rows=rows_in_use,
             a_rows=a_rows,
             splits_out=splits_out,
+            **(dict(zip(("a_splits", "a_count", "ue8m0"), silu_a), silu_a=True) if silu_a else {}),
         )
     elif g.provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import launch
@@ -172,31 +178,6 @@ def _execute_masked(
     return _gemm_masked(plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, masked_m, out, plan.expected_m)
 
 
-_side_streams: dict = {}
-
-
-def _quantized_beside(build, x: torch.Tensor, ue8m0: bool):
-    """(build(), quantized x): x quantized on a side stream while `build` runs on the current one.
-    The outputs are allocated on the current stream and the side stream joins it before the
-    return, so nothing outlives its stream's ordering; under CUDA-graph capture the fork and join
-    become two graph branches."""
-    main = torch.cuda.current_stream(x.device)
-    side = _side_streams.get(x.device)
-    if side is None:
-        side = _side_streams[x.device] = torch.cuda.Stream(x.device)
-    k = x.shape[-1]
-    out = (
-        torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
-        torch.empty((*x.shape[:-1], k // GROUP), dtype=torch.float32, device=x.device),
-    )
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        ops.per_token_group_quant(x, GROUP, ue8m0, out=out)
-    built = build()
-    main.wait_stream(side)
-    return built, out
-
-
 def _layout_activations(
     plan: Plan,
     x: torch.Tensor,
@@ -264,16 +245,7 @@ def _execute_plan(
             plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m, y, None, ue8m0
         )
     else:
-
-        def build():
-            return ops.build_contiguous_layout(
-                topk_ids, num_experts, expert_start=expert_start, alignment=plan.alignment
-            )
-
-        if plan.overlap_quant and x_scale is None:
-            layout, (x, x_scale) = _quantized_beside(build, x, ue8m0)
-        else:
-            layout = build()
+        layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start, alignment=plan.alignment)
         rows_in_use = layout.expert_offsets[num_experts:]  # int32 [1] on the device
         a_fp8, a_scale, a_rows = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
         ids = layout.expert_ids
@@ -285,14 +257,19 @@ def _execute_plan(
             plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use, a_rows,
             splits[0:1] if split1 else None,
         )  # fmt: skip
-        act_fp8, act_scale = ops.silu_mul_quant(
-            h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use, partials=split1,
-            num_partials=splits[0:1] if split1 else None,
-        )  # fmt: skip
+        silu_a = None
+        if plan.silu_in_gemm2:  # GEMM2 computes SiLU*up quant from h itself
+            act_fp8, act_scale = h, h
+            silu_a = (plan.gemm1.split_k if split1 else 0, splits[0:1] if split1 else None, ue8m0)
+        else:
+            act_fp8, act_scale = ops.silu_mul_quant(
+                h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use, partials=split1,
+                num_partials=splits[0:1] if split1 else None,
+            )  # fmt: skip
         y = _gemm_output(plan.gemm2, plan.num_rows, dev)
         _gemm_contiguous(
             plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts, rows_in_use, None,
-            splits[1:2] if split2 else None,
+            splits[1:2] if split2 else None, silu_a,
         )  # fmt: skip
         return ops.unpermute_combine(
             y, layout.row_of_slot, topk_weights, out, partials=split2, num_partials=splits[1:2] if split2 else None

@@ -26,6 +26,7 @@ __all__ = [
     "cuda_masked_pays",
     "fused_permute_quant_pays",
     "with_split_k",
+    "silu_in_gemm2_pays",
 ]
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
@@ -166,7 +167,8 @@ def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:
     number fewer than `split_k.min_units` (dispatch_thresholds.json): a Triton GEMM on the
     contiguous layout gets SPLIT_K = the most slices K allows (a power of two up to `max_split`,
     each of at least `min_k_blocks` 128-wide blocks) and SPLIT_MIN_UNITS = min_units, so that the
-    kernel, reading the tiles that hold rows on the device, cuts only as many slices as reach it."""
+    kernel, reading the tiles that hold rows on the device, cuts only as many slices as reach it.
+    At most `narrow_max_units` units: BLOCK_N `narrow_block_n` and up to `narrow_max_split` slices."""
     if g.provider != "triton":
         return g
     t = thresholds()["split_k"]
@@ -175,11 +177,23 @@ def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:
     units = max(active_experts, 1) * -(-expected_m // cfg["BLOCK_M"]) * -(-g.n // cfg["BLOCK_N"])
     if units >= t["min_units"]:
         return g
+    changes, max_split = {}, t["max_split"]
+    if units <= t["narrow_max_units"] and cfg["BLOCK_N"] > t["narrow_block_n"]:
+        # So few units (one row per expert: T = 1) that narrower n-tiles, fewer slices, spread further.
+        changes, max_split = {"BLOCK_N": t["narrow_block_n"]}, t["narrow_max_split"]
     split = 1
-    while split * 2 <= t["max_split"] and num_kb % (split * 2) == 0 and num_kb // (split * 2) >= t["min_k_blocks"]:
+    while split * 2 <= max_split and num_kb % (split * 2) == 0 and num_kb // (split * 2) >= t["min_k_blocks"]:
         split *= 2
     if split == 1:
         return g
-    return GemmPlan(
-        g.provider, g.n, g.k, tuple(sorted((cfg | {"SPLIT_K": split, "SPLIT_MIN_UNITS": t["min_units"]}).items()))
-    )
+    changes |= {"SPLIT_K": split, "SPLIT_MIN_UNITS": t["min_units"]}
+    return GemmPlan(g.provider, g.n, g.k, tuple(sorted((cfg | changes).items())))
+
+
+def silu_in_gemm2_pays(num_tokens: int, gemm2: GemmPlan) -> bool:
+    """GEMM2 computes its A (SiLU*up, quant) from GEMM1's output itself, saving the SiLU*up quant
+    kernel and its launch, at the cost of each of its units recomputing its rows' activations:
+    a Triton GEMM2 without TMA at batches up to `silu_in_gemm2.max_tokens` (dispatch_thresholds.json)."""
+    if gemm2.provider != "triton" or gemm2.triton_config.get("TMA"):
+        return False
+    return num_tokens <= thresholds()["silu_in_gemm2"]["max_tokens"]

@@ -27,6 +27,7 @@ from moe_backend.dispatch.gemm_choice import (
     gemm_plan,
     gemm_provider,
     segment_alignment,
+    silu_in_gemm2_pays,
     thresholds,
     with_split_k,
 )
@@ -64,9 +65,9 @@ class Plan:
     fused_permute_quant: bool  # bf16 tokens quantized straight into the layout's rows
     device: str
     gather_a: bool = False  # GEMM1 reads token rows through src_token: no permuted copy of them
-    # Decode: the token rows are quantized on a side stream while the layout is built (two short
-    # kernels side by side instead of one after the other; a fork and join in a CUDA graph).
-    overlap_quant: bool = False
+    # GEMM2 computes its A from GEMM1's output (SiLU*up and the quant per K block): no SiLU*up
+    # quant kernel between the GEMMs (contiguous layout, decode-sized batches).
+    silu_in_gemm2: bool = False
     # An eager call replays this plan (tokens rounded up to a bucket) as a CUDA graph
     # (`moe_backend.eager_graphs`); None: launched kernel by kernel.
     graph_plan: "Plan | None" = None
@@ -86,7 +87,7 @@ class Plan:
             f"{self.layout} rows={self.num_rows} align={self.alignment} expected_m={self.expected_m} "
             f"gemm1={gemm(self.gemm1)} gemm2={gemm(self.gemm2)} "
             f"fused_permute_quant={self.fused_permute_quant} gather_a={self.gather_a}"
-            + (" overlap_quant=True" if self.overlap_quant else "")
+            + (" silu_in_gemm2=True" if self.silu_in_gemm2 else "")
             + f" on {self.device}"
             + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else "")
         )
@@ -262,7 +263,7 @@ def _make_plan(
         fused_permute_quant=fused,
         device=str(device),
         gather_a=gather_a,
-        overlap_quant=gather_a and phase == "decode" and not quantized_input and device.type == "cuda",
+        silu_in_gemm2=layout == "contiguous" and phase == "decode" and silu_in_gemm2_pays(num_tokens, gemm2),
     )
     if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
         graph_plan = _make_plan(

@@ -77,6 +77,32 @@ def quantize_groups(x, UE8M0: tl.constexpr):
     return q, scale
 
 
+@triton.jit
+def partial_count(count_ptr, SPLITS: tl.constexpr):
+    """The partial-sum slabs a split GEMM filled (its int32 count, read on the device), in [1, SPLITS]."""
+    return tl.minimum(tl.maximum(tl.load(count_ptr), 1), SPLITS)
+
+
+@triton.jit
+def silu_mul_of(h_ptr, offs, up_offset, slab_stride, count, mask, SPLITS: tl.constexpr):
+    """fp32 `silu(gate) * up` at element offsets `offs` (int64) of GEMM1's output h, up columns
+    `up_offset` further; masked-off elements give 0. h is bf16 (SPLITS == 0) or `count` of SPLITS
+    fp32 partial-sum slabs `slab_stride` apart, added in slab order and rounded to bf16 (what the
+    unsplit GEMM stores) first. Every reader of h (SiLU*up quant, GEMM2 computing its own A) calls
+    this, so they agree bit for bit."""
+    gate = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_ptr + up_offset + offs, mask=mask, other=0.0).to(tl.float32)
+    if SPLITS > 0:
+        slab_offs = offs  # stepped one slab at a time (no int32 product to overflow)
+        for _ in range(1, count):
+            slab_offs += slab_stride
+            gate += tl.load(h_ptr + slab_offs, mask=mask, other=0.0)
+            up += tl.load(h_ptr + up_offset + slab_offs, mask=mask, other=0.0)
+        gate = round_to_bf16_grid(gate)
+        up = round_to_bf16_grid(up)
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
 @dataclass(frozen=True)
 class QuantLaunchConfig:
     items_per_program: int  # (row, group) items one program quantizes per block: a power of two
@@ -140,22 +166,13 @@ def _quantize_items(
     cols = tl.arange(0, GROUP)[None, :]
     # x rows may be strided (x_row_stride); q and s are contiguous, so item f sits at f * GROUP and f.
     x_offs = row.to(tl.int64)[:, None] * x_row_stride + (g * GROUP)[:, None] + cols  # [ITEMS, GROUP]
-    x = tl.load(x_ptr + x_offs, mask=ok[:, None], other=0.0).to(tl.float32)
     if SILU_MUL:
-        up = tl.load(x_ptr + C + x_offs, mask=ok[:, None], other=0.0).to(tl.float32)
-        if SPLITS > 0:
-            if COUNT_ON_DEVICE:  # the slices the GEMM cut (<= SPLITS), read on the device
-                count = tl.minimum(tl.maximum(tl.load(count_ptr), 1), SPLITS)
-            else:
-                count = SPLITS
-            slab_offs = x_offs  # int64, stepped one slab at a time (no int32 product to overflow)
-            for _ in range(1, count):
-                slab_offs += split_stride
-                x += tl.load(x_ptr + slab_offs, mask=ok[:, None], other=0.0)
-                up += tl.load(x_ptr + C + slab_offs, mask=ok[:, None], other=0.0)
-            x = round_to_bf16_grid(x)
-            up = round_to_bf16_grid(up)
-        x = x / (1.0 + tl.exp(-x)) * up
+        count = SPLITS
+        if SPLITS > 0 and COUNT_ON_DEVICE:
+            count = partial_count(count_ptr, SPLITS)
+        x = silu_mul_of(x_ptr, x_offs, C, split_stride, count, ok[:, None], SPLITS)
+    else:
+        x = tl.load(x_ptr + x_offs, mask=ok[:, None], other=0.0).to(tl.float32)
     q, scale = quantize_groups(x, UE8M0)
     q_offs = f.to(tl.int64)[:, None] * GROUP + cols
     tl.store(q_ptr + q_offs, q.to(q_ptr.dtype.element_ty), mask=ok[:, None])

@@ -95,6 +95,10 @@ def launch(
     num_rows=None,
     a_rows=None,
     splits_out=None,
+    silu_a: bool = False,
+    a_splits: int = 0,
+    a_count=None,
+    ue8m0: bool = False,
 ) -> None:
     """Launches the kernel with a validated config (`_gemm_config.check_config`). Options that do
     not apply to this K (K_UNROLL not dividing K/128, N_LOOP with K > 256) or device (TMA where
@@ -109,7 +113,13 @@ def launch(
     tiles holding rows (read on the device): the fewest powers of two up to SPLIT_K giving at least
     cfg["SPLIT_MIN_UNITS"] units; without it, SPLIT_K. The count is written to `splits_out` (int32
     `[1]` on the device, required): the consumer adds that many slabs in order and rounds to bf16
-    (`silu_mul_quant` / `unpermute_combine` with `partials=True, num_partials=splits_out`)."""
+    (`silu_mul_quant` / `unpermute_combine` with `partials=True, num_partials=splits_out`).
+
+    silu_a (contiguous only): `a_fp8` is GEMM1's output h, bf16 `[rows, 2K]` (a_splits 0) or f32
+    `[a_splits, rows, 2K]` partial sums of which `a_count` (int32 `[1]`, required) are in use, and
+    the kernel computes A = quant(SiLU(gate) * up) per K block itself (`ue8m0`: power-of-two
+    scales), bit-identical to `silu_mul_quant` followed by this GEMM; `a_scale` is unused. Pointer
+    loads only (TMA off); the rows each unit recomputes make it a decode-sized option."""
     n, k = b_fp8.shape[1], b_fp8.shape[2]
     num_kb = k // SCALE_GROUP
     split = cfg.get("SPLIT_K", 1)
@@ -120,13 +130,17 @@ def launch(
     unroll = cfg.get("K_UNROLL", 1)
     while (num_kb // split) % unroll:
         unroll //= 2
+    if silu_a and (masked or a_rows is not None):
+        raise ValueError("silu_a: GEMM2 computes its A from h on the contiguous layout only, not gathered")
+    if silu_a and a_splits and a_count is None:
+        raise ValueError("a_count: h given as partial sums (a_splits > 0) needs their device-side count")
     n_loop = cfg.get("N_LOOP", 1)
     swap = bool(cfg.get("SWAP_AB", False))
     if num_kb > 2 or swap or split > 1:
         n_loop = 1
     gather = a_rows is not None and not masked
     descs = None
-    if cfg.get("TMA", False) and n_loop == 1 and not gather:
+    if cfg.get("TMA", False) and n_loop == 1 and not gather and not silu_a:
         descs = _tma_descriptors(a_fp8, b_fp8, cfg["BLOCK_M"], cfg["BLOCK_N"])
     a_desc, b_desc = descs or (None, None)
     num_m_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
@@ -148,6 +162,7 @@ def launch(
         index,
         num_rows if row_bound else index,
         splits_out if split > 1 else index,
+        a_count if silu_a and a_splits else index,
         a_desc,
         b_desc,
         rows,
@@ -157,6 +172,7 @@ def launch(
         num_n_tiles,
         num_experts,
         cfg.get("SPLIT_MIN_UNITS", 0),
+        rows * 2 * k if silu_a else 0,
     )
     # The expert count only shapes the masked walk (one compiled contiguous kernel for every E).
     e_pad = max(16, triton.next_power_of_2(num_experts)) if masked else 16
@@ -176,6 +192,9 @@ def launch(
         USE_TMA=descs is not None,
         GATHER_A=gather,
         SPLIT_K=split,
+        SILU_A=silu_a,
+        A_SPLITS=a_splits if silu_a else 0,
+        UE8M0=ue8m0 and silu_a,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

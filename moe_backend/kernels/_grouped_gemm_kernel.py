@@ -7,6 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_backend.kernels._group_quant_core import partial_count
 from moe_backend.kernels._grouped_gemm_tile import _gemm_tile
 
 
@@ -23,6 +24,8 @@ def _contiguous_unit(
     b_desc,
     u,
     k_splits,
+    act_count,
+    act_slab,
     m_tiles,
     num_n_tiles,
     M,
@@ -39,6 +42,9 @@ def _contiguous_unit(
     USE_TMA: tl.constexpr,
     GATHER_A: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    SILU_A: tl.constexpr,
+    A_SPLITS: tl.constexpr,
+    UE8M0: tl.constexpr,
 ):
     """Contiguous layout, unit u of m_tiles x num_n_tiles (x k_splits: the K slices of one tile are
     consecutive units). Grouped ordering: GROUP_M m-tiles sweep the n-tiles together (A and B reuse
@@ -70,6 +76,8 @@ def _contiguous_unit(
             pid_n,
             k_split,
             k_splits,
+            act_count,
+            act_slab,
             M,
             N,
             K,
@@ -83,11 +91,14 @@ def _contiguous_unit(
             USE_TMA,
             GATHER_A,
             SPLIT_K,
+            SILU_A,
+            A_SPLITS,
+            UE8M0,
         )
 
 
 # Row counts stay runtime values (one compiled kernel per config serves every batch size).
-@triton.jit(do_not_specialize=["M", "num_m_tiles", "num_n_tiles", "num_experts", "split_min_units"])
+@triton.jit(do_not_specialize=["M", "num_m_tiles", "num_n_tiles", "num_experts", "split_min_units", "act_slab"])
 def _fp8_grouped_gemm_kernel(
     a_ptr,  # fp8 [M, K] (contiguous) | [E, max_m, K] (masked); GATHER_A: [T, K]
     a_rows_ptr,  # int64 [M]: the row of A each layout row reads, -1 = padding (GATHER_A only)
@@ -99,6 +110,7 @@ def _fp8_grouped_gemm_kernel(
     masked_m_ptr,  # int32 [E] (masked only)
     num_rows_ptr,  # int32 [1]: rows of the contiguous layout in use (ROW_BOUND only)
     splits_ptr,  # int32 [1] (SPLIT_K > 1): the K slices this launch cut, written for the consumer
+    act_count_ptr,  # int32 [1] (SILU_A with A_SPLITS > 0): the partial-sum slabs of h in use
     a_desc,  # TMA descriptor over A as [rows, K], box [BLOCK_M, 128] (USE_TMA only, else None)
     b_desc,  # TMA descriptor over B as [E * N, K], box [BLOCK_N, 128] (USE_TMA only, else None)
     M,  # rows of one expert's A (masked: max_m) or of all of A (contiguous)
@@ -108,6 +120,7 @@ def _fp8_grouped_gemm_kernel(
     num_n_tiles,  # n-units per expert (n-tiles / N_LOOP)
     num_experts,
     split_min_units,  # SPLIT_K > 1 with ROW_BOUND: K slices double while units x slices < this
+    act_slab,  # SILU_A with A_SPLITS > 0: elements between two partial-sum slabs of h
     MASKED: tl.constexpr,
     ROW_BOUND: tl.constexpr,  # contiguous: walk only the tiles below *num_rows_ptr
     E_PAD: tl.constexpr,  # masked: a power of two >= num_experts (the prefix-sum vector's length)
@@ -123,8 +136,14 @@ def _fp8_grouped_gemm_kernel(
     USE_TMA: tl.constexpr,  # A and B tiles through TMA (Hopper): async bulk copies, no address math
     GATHER_A: tl.constexpr,  # contiguous: A's rows read through a_rows_ptr (the permute folded in)
     SPLIT_K: tl.constexpr,  # contiguous: K cut into up to SPLIT_K slices, each its own unit (few-row decode)
+    SILU_A: tl.constexpr,  # contiguous: A computed from GEMM1's output h (SiLU*up, quant), not loaded
+    A_SPLITS: tl.constexpr,  # SILU_A: h as that many f32 partial-sum slabs (0: h bf16)
+    UE8M0: tl.constexpr,  # SILU_A: power-of-two activation scales
 ):
     pid = tl.program_id(0)
+    act_count = 0
+    if SILU_A and A_SPLITS > 0:
+        act_count = partial_count(act_count_ptr, A_SPLITS)
     num_programs = tl.num_programs(0)
     if MASKED:
         experts = tl.arange(0, E_PAD)
@@ -169,6 +188,8 @@ def _fp8_grouped_gemm_kernel(
                 pid_n,
                 0,
                 1,
+                0,
+                0,
                 M,
                 N,
                 K,
@@ -182,6 +203,9 @@ def _fp8_grouped_gemm_kernel(
                 USE_TMA,
                 False,
                 1,
+                False,
+                0,
+                False,
             )
     elif ROW_BOUND:
         used_m_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(num_rows_ptr), 0), M), BLOCK_M)
@@ -208,6 +232,8 @@ def _fp8_grouped_gemm_kernel(
                 b_desc,
                 u,
                 k_splits,
+                act_count,
+                act_slab,
                 used_m_tiles,
                 num_n_tiles,
                 M,
@@ -224,6 +250,9 @@ def _fp8_grouped_gemm_kernel(
                 USE_TMA,
                 GATHER_A,
                 SPLIT_K,
+                SILU_A,
+                A_SPLITS,
+                UE8M0,
             )
     else:
         # One program per tile and K slice (the grid covers every one): no loop.
@@ -242,6 +271,8 @@ def _fp8_grouped_gemm_kernel(
             b_desc,
             pid,
             SPLIT_K,
+            act_count,
+            act_slab,
             num_m_tiles,
             num_n_tiles,
             M,
@@ -258,4 +289,7 @@ def _fp8_grouped_gemm_kernel(
             USE_TMA,
             GATHER_A,
             SPLIT_K,
+            SILU_A,
+            A_SPLITS,
+            UE8M0,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_backend.kernels._group_quant_core import quantize_groups, silu_mul_of
 from moe_backend.kernels._numerics import round_to_bf16_grid
 
 
@@ -39,6 +40,20 @@ def _scaled_product(a, b, a_s, b_s, SWAP_AB: tl.constexpr, SCALAR_BS: tl.constex
 
 
 @triton.jit
+def _silu_quant_a(
+    h_ptr, rows, row_ok, kb, K, act_count, act_slab, BLOCK_K: tl.constexpr, A_SPLITS: tl.constexpr, UE8M0: tl.constexpr
+):
+    """GEMM2's A block kb ([BLOCK_M, BLOCK_K] e4m3 and its f32 scales [BLOCK_M]) computed from
+    GEMM1's output h `[M, 2K]` (or its `act_count` partial-sum slabs, `act_slab` elements apart):
+    SiLU(gate) * up, then the per-128 quant, exactly as `silu_mul_quant` computes and stores them.
+    Rows not in `row_ok` read zeros (their results are never stored)."""
+    offs = rows[:, None] * (2 * K) + kb * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    act = silu_mul_of(h_ptr, offs, K, act_slab, act_count, row_ok[:, None], A_SPLITS)
+    q, scale = quantize_groups(act, UE8M0)
+    return q.to(tl.float8e4nv), scale
+
+
+@triton.jit
 def _gemm_tile(
     a_ptr,
     a_rows_ptr,
@@ -55,6 +70,8 @@ def _gemm_tile(
     pid_n,
     k_split,
     k_splits,
+    act_count,
+    act_slab,
     M,
     N,
     K,
@@ -68,6 +85,9 @@ def _gemm_tile(
     USE_TMA: tl.constexpr,
     GATHER_A: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    SILU_A: tl.constexpr,
+    A_SPLITS: tl.constexpr,
+    UE8M0: tl.constexpr,
 ):
     """One work unit: rows `offs_m` (BLOCK_M of them, `row_ok` marks the ones stored) of the
     pointers' layout times expert `expert`'s n-tile `pid_n` (N_LOOP > 1: n-tiles
@@ -75,7 +95,12 @@ def _gemm_tile(
     (the token it copies; -1, padding, reads row 0 and is never stored), not row m.
     SPLIT_K > 1 (N_LOOP == 1 only): K cut into `k_splits` (<= SPLIT_K) slices, this unit's is
     K blocks [k_split * K/128/k_splits, ...), and the fp32 partial sum is stored unrounded (c_ptr
-    points at that slice's [M, N] slab)."""
+    points at that slice's [M, N] slab).
+    SILU_A (pointer loads only): A is computed, not loaded: `a_ptr` holds GEMM1's output h
+    `[M, 2K]` bf16, or A_SPLITS f32 partial-sum slabs of it (`act_count` in use, `act_slab`
+    elements apart), and each K block of A is SiLU(gate) * up quantized to e4m3 here
+    (`_silu_quant_a`), so the SiLU*up quant kernel and its FP8 round trip drop out; a_scale_ptr
+    is unused."""
     num_kb = K // BLOCK_K
     kb_begin = k_split * (num_kb // k_splits)
     kb_end = kb_begin + num_kb // k_splits
@@ -88,6 +113,7 @@ def _gemm_tile(
         a_rows = tl.maximum(tl.load(a_rows_ptr + offs_m), 0)
     else:
         a_rows = offs_m
+    tl.static_assert(not (SILU_A and (USE_TMA or GATHER_A)), "a computed A is neither TMA-loaded nor gathered")
     offs_k = tl.arange(0, BLOCK_K)
     b_ptr += expert64 * N * K
     b_scale_ptr += expert64 * tl.cdiv(N, 128) * num_kb
@@ -135,10 +161,19 @@ def _gemm_tile(
                 # groups in flight per wait instead of one (num_kb % K_UNROLL == 0, checked by the
                 # launcher).
                 for u in tl.static_range(K_UNROLL):
+                    if SILU_A:
+                        a_blk, a_s = _silu_quant_a(
+                            a_ptr, a_rows, row_ok, kb + u, K, act_count, act_slab, BLOCK_K, A_SPLITS, UE8M0
+                        )
+                        if SWAP_AB:
+                            a_blk = tl.trans(a_blk)
+                    else:
+                        a_blk = tl.load(a_ptrs + u * BLOCK_K)
+                        a_s = tl.load(as_ptrs + kb + u)
                     acc += _scaled_product(
-                        tl.load(a_ptrs + u * BLOCK_K),
+                        a_blk,
                         tl.load(b_ptrs + u * BLOCK_K),
-                        tl.load(as_ptrs + kb + u),
+                        a_s,
                         tl.load(bs_ptrs + kb + u),
                         SWAP_AB,
                         BLOCK_N <= 128,
@@ -162,12 +197,17 @@ def _gemm_tile(
         # over N_LOOP n-tiles instead: the next weight tiles stream in while this one is
         # multiplied and stored.
         tl.static_assert(SPLIT_K == 1, "a short K is not split")
-        a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]  # [BM, BK]
-        a0 = tl.load(a_ptrs)
-        as0 = tl.load(as_ptrs)
-        if FULL_KB == 2:
-            a1 = tl.load(a_ptrs + BLOCK_K)
-            as1 = tl.load(as_ptrs + 1)
+        if SILU_A:
+            a0, as0 = _silu_quant_a(a_ptr, a_rows, row_ok, 0, K, act_count, act_slab, BLOCK_K, A_SPLITS, UE8M0)
+            if FULL_KB == 2:
+                a1, as1 = _silu_quant_a(a_ptr, a_rows, row_ok, 1, K, act_count, act_slab, BLOCK_K, A_SPLITS, UE8M0)
+        else:
+            a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]  # [BM, BK]
+            a0 = tl.load(a_ptrs)
+            as0 = tl.load(as_ptrs)
+            if FULL_KB == 2:
+                a1 = tl.load(a_ptrs + BLOCK_K)
+                as1 = tl.load(as_ptrs + 1)
         for j in range(0, N_LOOP):
             offs_n = (pid_n * N_LOOP + j) * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = offs_n < N

@@ -259,9 +259,10 @@ def test_few_active_experts_split_k_to_fill_the_gpu(monkeypatch):
             active = min(shape["num_experts"], -(-tokens * 8 * shape["num_experts"] // 256))
             for g in (plan.gemm1, plan.gemm2):
                 units = active * -(-plan.expected_m // 16) * -(-g.n // 128)
+                narrow = units <= t["narrow_max_units"]
                 most = 1
                 while (
-                    most * 2 <= t["max_split"]
+                    most * 2 <= t["narrow_max_split" if narrow else "max_split"]
                     and (g.k // 128) % (most * 2) == 0
                     and g.k // 128 // (most * 2) >= t["min_k_blocks"]
                 ):
@@ -270,12 +271,42 @@ def test_few_active_experts_split_k_to_fill_the_gpu(monkeypatch):
                 assert g.split_k == want, (shape, tokens, g)
                 if want > 1:
                     assert g.triton_config["SPLIT_MIN_UNITS"] == t["min_units"]
+                    assert g.triton_config["BLOCK_N"] == (t["narrow_block_n"] if narrow else 128), (shape, tokens, g)
         one = _plan(kernel="triton", num_tokens=1, **tp8)
         assert one.gemm1.split_k > 1 and f"split_k={one.gemm1.split_k}" in one.describe()
+        assert one.gemm1.triton_config["BLOCK_N"] == t["narrow_block_n"], "T = 1: 32 units, narrow n-tiles"
         assert one.gemm2.split_k == 1, "K = 256: two blocks, not split"
         assert _plan(kernel="triton", num_tokens=1, **ep8).gemm2.split_k > 1
         assert _plan(kernel="triton", num_tokens=2048, **ep8).gemm1.split_k == 1
         assert _plan(kernel="triton_masked", num_tokens=1, **tp8).gemm1.split_k == 1
         assert _plan(kernel="reference", num_tokens=1, **tp8).gemm1.split_k == 1
+    finally:
+        plan_mod.clear_plan_cache()
+
+
+def test_gemm2_computes_its_activations_at_small_decode_batches(monkeypatch):
+    """`Plan.silu_in_gemm2` (GEMM2 computes SiLU*up quant from GEMM1's output, no kernel between
+    them): a decode batch up to `silu_in_gemm2.max_tokens` on the contiguous layout with a Triton
+    GEMM2 without TMA; not above it, not at prefill, not on the masked layout, TMA or other providers."""
+
+    def fake_gemm(provider, layout, expected_m, rows_hint, n, k, device):
+        cfg = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, TMA=expected_m > 64)
+        return plan_mod.GemmPlan(provider, n, k, tuple(sorted(cfg.items())) if provider == "triton" else None)
+
+    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "triton" if impl != "reference" else impl)
+    monkeypatch.setattr(plan_mod, "gemm_plan", fake_gemm)
+    most = thresholds()["silu_in_gemm2"]["max_tokens"]
+    assert 1 <= most <= 256
+    ep8 = dict(num_experts=32, hidden=7168, intermediate=2048)
+    plan_mod.clear_plan_cache()
+    try:
+        one = _plan(kernel="triton", num_tokens=1, **ep8)
+        assert one.silu_in_gemm2 and "silu_in_gemm2=True" in one.describe()
+        assert _plan(kernel="triton", num_tokens=most, **ep8).silu_in_gemm2
+        assert not _plan(kernel="triton", num_tokens=most + 1, **ep8).silu_in_gemm2
+        assert not _plan(kernel="triton", num_tokens=1, phase="prefill", **ep8).silu_in_gemm2
+        assert not _plan(kernel="triton_masked", num_tokens=1, **ep8).silu_in_gemm2
+        assert not _plan(kernel="reference", num_tokens=1, **ep8).silu_in_gemm2
+        assert "silu_in_gemm2" not in _plan(kernel="reference", num_tokens=1, **ep8).describe()
     finally:
         plan_mod.clear_plan_cache()

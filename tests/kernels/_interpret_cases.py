@@ -880,6 +880,57 @@ def case_split_k_consumers():
         assert torch.equal(out, want), f"{what}: combine differs"
 
 
+def case_gemm_computes_silu_a():
+    """GEMM2 computing its A from GEMM1's output h (silu_a: SiLU*up and the per-128 quant per K block)
+    equals silu_mul_quant followed by the GEMM bit for bit, for h in bf16 and as K-split partial sums
+    (all slabs or a device count; uncut slabs NaN), plain, K-unrolled, SWAP_AB and short-K (N_LOOP)
+    tiles, UE8M0 scales, with and without a row count; padding rows of h are NaN (not read into a
+    stored row), padding rows and the tail of the output stay poisoned."""
+    gen = torch.Generator().manual_seed(34)
+    counts, block_m, n = (3, 0, 20, 1), 16, 80
+    ids, _, used = _split_layout(counts, block_m, 7, gen, 1)
+    valid = ids >= 0
+    rows = len(ids)
+    num_rows = torch.tensor([used], dtype=torch.int32)
+    tiles = [({}, 512), (dict(K_UNROLL=2), 512), (dict(SWAP_AB=True), 512), (dict(N_LOOP=2), 256), ({}, 128)]
+    forms = [(0, None), (2, None), (3, 2)]  # (slabs, device count)
+    for (extra, k), (slabs, count), ue8m0 in zip(tiles * 2, forms * 4, (False, True) * 5):
+        b, bs = _weights(len(counts), n, k, gen)
+        h = torch.randn(max(slabs, 1), rows, 2 * k, generator=gen) * 3
+        h[:, ~valid] = float("nan")
+        h[count or max(slabs, 1) :] = float("nan")
+        num = None if count is None else torch.tensor([count], dtype=torch.int32)
+        h_in = h.to(torch.bfloat16)[0] if slabs == 0 else h
+        h_sum = h_in if slabs == 0 else reference.sum_partials(h, num if num is not None else None)
+        act, act_s = silu_mul_quant(h_sum, ue8m0=ue8m0, expert_ids=ids)
+        cfg = _gemm_config_full(dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, **extra))
+        for row_count in (None, num_rows):
+            want = torch.full((rows, n), float("nan"), dtype=torch.bfloat16)
+            _grouped_gemm_core.launch(
+                act, act_s, b, bs, want, ids, None, masked=False, rows=rows, num_experts=len(counts), cfg=cfg,
+                num_rows=row_count,
+            )  # fmt: skip
+            got = torch.full((rows, n), float("nan"), dtype=torch.bfloat16)
+            a_count = num if num is not None else torch.tensor([slabs], dtype=torch.int32)
+            _grouped_gemm_core.launch(
+                h_in, h_in, b, bs, got, ids, None, masked=False, rows=rows, num_experts=len(counts), cfg=cfg,
+                num_rows=row_count, silu_a=True, a_splits=slabs, a_count=a_count if slabs else None, ue8m0=ue8m0,
+            )  # fmt: skip
+            what = f"{extra} K={k} slabs={slabs} count={count} ue8m0={ue8m0} num_rows={row_count is not None}"
+            assert got[~valid].isnan().all(), f"{what}: padding rows written"
+            assert torch.isfinite(got[valid].float()).all(), f"{what}: valid rows not written"
+            assert torch.equal(got[valid], want[valid]), f"{what}: differs from silu_mul_quant + GEMM"
+    try:
+        _grouped_gemm_core.launch(
+            h, h, b, bs, torch.empty(rows, n), ids, None, masked=False, rows=rows, num_experts=len(counts),
+            cfg=cfg, silu_a=True, a_splits=3,
+        )  # fmt: skip
+    except ValueError as e:
+        assert "a_count" in str(e), e
+    else:
+        raise AssertionError("partial sums without their count: no ValueError")
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":

@@ -402,9 +402,10 @@ def test_bad_inputs() -> None:
 
 def test_split_k_pipeline_at_few_tokens() -> None:
     """Decode at 1-3 tokens with few active experts: the plan lets both GEMMs split K (f32 partial
-    sums added by SiLU*up quant and by the combine, the slices cut on the device from the tiles
-    holding rows); the routed output matches the reference and the unsplit plan, eagerly and as a
-    CUDA graph replayed with new routing (other local-slot counts, so other cuts)."""
+    sums added by GEMM2 computing SiLU*up quant and by the combine, the slices cut on the device from
+    the tiles holding rows); the routed output matches the reference and the unsplit plan, equals the
+    plan with the SiLU*up quant kernel between the GEMMs bit for bit, eagerly and as a CUDA graph
+    replayed with new routing (other local-slot counts, so other cuts)."""
     import dataclasses
 
     from moe_backend.dispatch import Policy
@@ -440,6 +441,9 @@ def test_split_k_pipeline_at_few_tokens() -> None:
         ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, w, torch.where(ids < e, ids, -1))
         assert _rel(out, ref) <= 1e-2, tokens
         assert _rel(out, run_plan(flat, *args)) <= 1e-2, tokens
+        # GEMM2 computing SiLU*up quant from the partial sums itself: the same bits as the kernel between.
+        assert plan.silu_in_gemm2, plan.describe()
+        assert torch.equal(out, run_plan(dataclasses.replace(plan, silu_in_gemm2=False, graph_plan=None), *args))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             replayed = run_plan(plan, *args)
@@ -451,3 +455,47 @@ def test_split_k_pipeline_at_few_tokens() -> None:
             graph.replay()
             ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, w, torch.where(ids < e, ids, -1))
             assert _rel(replayed, ref) <= 1e-2, (tokens, seed)
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_gemm2_computing_its_activations_equals_the_kernel_pair(ue8m0) -> None:
+    """The Triton GEMM computing its A from GEMM1's output h (SiLU*up and the per-128 quant per K
+    block, `silu_a`) equals silu_mul_quant followed by the GEMM bit for bit, at both slices' GEMM2
+    shapes (K = 2048; K = 256 with plain and short-K tiles), h bf16 and as K-split partial sums with
+    a device count, decode tiles plain and SWAP_AB; padding rows (NaN in h) stay unwritten."""
+    from moe_backend.kernels import _grouped_gemm_core
+    from moe_backend.kernels._gemm_config import check_config
+    from moe_backend.kernels.silu_mul_quant import silu_mul_quant
+
+    counts, block_m, e, n = (1, 0, 3, 1, 17), 64, 5, 7168  # segments padded to the largest BLOCK_M
+    ids = torch.tensor(sum(([i] * c + [-1] * (-c % block_m) for i, c in enumerate(counts)), []), dtype=torch.int32)
+    ids = torch.cat([ids, torch.full((40,), -1, dtype=torch.int32)]).cuda()  # a static bound's tail
+    rows, valid = ids.numel(), ids >= 0
+    used = torch.tensor([int(valid.nonzero().max()) + 1], dtype=torch.int32, device="cuda")
+    configs = {
+        2048: [dict(BLOCK_M=16, BLOCK_N=128), dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, K_UNROLL=2)],
+        256: [dict(BLOCK_M=16, BLOCK_N=128), dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8)],
+    }
+    for k, cfgs in configs.items():
+        b, bs = _weights(e, n, k)
+        for slabs in (0, 4):
+            h = torch.randn(max(slabs, 1), rows, 2 * k, device="cuda") * 2
+            h[:, ~valid] = float("nan")
+            count = torch.tensor([3], dtype=torch.int32, device="cuda")
+            h_in = h[0].to(torch.bfloat16) if slabs == 0 else h
+            h_sum = h_in if slabs == 0 else reference.sum_partials(h, count)
+            act, act_s = silu_mul_quant(h_sum, ue8m0=ue8m0, expert_ids=ids)
+            for extra in cfgs:
+                cfg = check_config(dict(num_warps=4, num_stages=3, **extra))
+                common = dict(masked=False, rows=rows, num_experts=e, cfg=cfg, num_rows=used)
+                want = torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+                _grouped_gemm_core.launch(act, act_s, b, bs, want, ids, None, **common)
+                got = torch.full_like(want, float("nan"))
+                _grouped_gemm_core.launch(
+                    h_in, h_in, b, bs, got, ids, None, silu_a=True, a_splits=slabs,
+                    a_count=count if slabs else None, ue8m0=ue8m0, **common,
+                )  # fmt: skip
+                what = (k, slabs, extra)
+                assert got[~valid].isnan().all(), what
+                assert torch.isfinite(got[valid].float()).all(), what
+                assert torch.equal(got[valid], want[valid]), what
