@@ -168,7 +168,8 @@ def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:
     contiguous layout gets SPLIT_K = the most slices K allows (a power of two up to `max_split`,
     each of at least `min_k_blocks` 128-wide blocks) and SPLIT_MIN_UNITS = min_units, so that the
     kernel, reading the tiles that hold rows on the device, cuts only as many slices as reach it.
-    At most `narrow_max_units` units: BLOCK_N `narrow_block_n` and up to `narrow_max_split` slices."""
+    At most `narrow_max_units` units: BLOCK_N `narrow_block_n` and up to `narrow_max_split` slices,
+    SPLIT_MIN_UNITS scaled to the narrower units."""
     if g.provider != "triton":
         return g
     t = thresholds()["split_k"]
@@ -177,23 +178,28 @@ def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:
     units = max(active_experts, 1) * -(-expected_m // cfg["BLOCK_M"]) * -(-g.n // cfg["BLOCK_N"])
     if units >= t["min_units"]:
         return g
-    changes, max_split = {}, t["max_split"]
+    changes, max_split, min_units = {}, t["max_split"], t["min_units"]
     if units <= t["narrow_max_units"] and cfg["BLOCK_N"] > t["narrow_block_n"]:
         # So few units (one row per expert: T = 1) that narrower n-tiles, fewer slices, spread further.
+        # The kernel's cut counts its own (narrower) units: the threshold scales with them.
         changes, max_split = {"BLOCK_N": t["narrow_block_n"]}, t["narrow_max_split"]
+        min_units = min_units * cfg["BLOCK_N"] // t["narrow_block_n"]
     split = 1
     while split * 2 <= max_split and num_kb % (split * 2) == 0 and num_kb // (split * 2) >= t["min_k_blocks"]:
         split *= 2
     if split == 1:
         return g
-    changes |= {"SPLIT_K": split, "SPLIT_MIN_UNITS": t["min_units"]}
+    changes |= {"SPLIT_K": split, "SPLIT_MIN_UNITS": min_units}
     return GemmPlan(g.provider, g.n, g.k, tuple(sorted((cfg | changes).items())))
 
 
 def silu_in_gemm2_pays(num_tokens: int, gemm2: GemmPlan) -> bool:
     """GEMM2 computes its A (SiLU*up, quant) from GEMM1's output itself, saving the SiLU*up quant
-    kernel and its launch, at the cost of each of its units recomputing its rows' activations:
-    a Triton GEMM2 without TMA at batches up to `silu_in_gemm2.max_tokens` (dispatch_thresholds.json)."""
+    kernel and its launch, at the cost of each of its units recomputing its rows' activations
+    inside its K loop (a loop over the partial-sum slabs nested there): a Triton GEMM2 without TMA whose K holds at
+    most `silu_in_gemm2.max_k_blocks` 128-wide blocks, at batches up to `max_tokens`
+    (dispatch_thresholds.json)."""
     if gemm2.provider != "triton" or gemm2.triton_config.get("TMA"):
         return False
-    return num_tokens <= thresholds()["silu_in_gemm2"]["max_tokens"]
+    t = thresholds()["silu_in_gemm2"]
+    return num_tokens <= t["max_tokens"] and gemm2.k // 128 <= t["max_k_blocks"]

@@ -119,7 +119,8 @@ def launch(
     `[a_splits, rows, 2K]` partial sums of which `a_count` (int32 `[1]`, required) are in use, and
     the kernel computes A = quant(SiLU(gate) * up) per K block itself (`ue8m0`: power-of-two
     scales), bit-identical to `silu_mul_quant` followed by this GEMM; `a_scale` is unused. Pointer
-    loads only (TMA off); the rows each unit recomputes make it a decode-sized option."""
+    loads only (TMA off); each unit recomputes its rows inside its K loop: an option for few rows
+    and a short K (the plan's `silu_in_gemm2`)."""
     n, k = b_fp8.shape[1], b_fp8.shape[2]
     num_kb = k // SCALE_GROUP
     split = cfg.get("SPLIT_K", 1)

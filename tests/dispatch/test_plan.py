@@ -270,8 +270,9 @@ def test_few_active_experts_split_k_to_fill_the_gpu(monkeypatch):
                 want = most if units < t["min_units"] else 1
                 assert g.split_k == want, (shape, tokens, g)
                 if want > 1:
-                    assert g.triton_config["SPLIT_MIN_UNITS"] == t["min_units"]
-                    assert g.triton_config["BLOCK_N"] == (t["narrow_block_n"] if narrow else 128), (shape, tokens, g)
+                    bn = t["narrow_block_n"] if narrow else 128
+                    assert g.triton_config["BLOCK_N"] == bn, (shape, tokens, g)
+                    assert g.triton_config["SPLIT_MIN_UNITS"] == t["min_units"] * 128 // bn, (shape, tokens, g)
         one = _plan(kernel="triton", num_tokens=1, **tp8)
         assert one.gemm1.split_k > 1 and f"split_k={one.gemm1.split_k}" in one.describe()
         assert one.gemm1.triton_config["BLOCK_N"] == t["narrow_block_n"], "T = 1: 32 units, narrow n-tiles"
@@ -287,7 +288,8 @@ def test_few_active_experts_split_k_to_fill_the_gpu(monkeypatch):
 def test_gemm2_computes_its_activations_at_small_decode_batches(monkeypatch):
     """`Plan.silu_in_gemm2` (GEMM2 computes SiLU*up quant from GEMM1's output, no kernel between
     them): a decode batch up to `silu_in_gemm2.max_tokens` on the contiguous layout with a Triton
-    GEMM2 without TMA; not above it, not at prefill, not on the masked layout, TMA or other providers."""
+    GEMM2 without TMA and a K of at most `max_k_blocks` blocks; not above either, not at prefill, not
+    on the masked layout, TMA or other providers."""
 
     def fake_gemm(provider, layout, expected_m, rows_hint, n, k, device):
         cfg = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, TMA=expected_m > 64)
@@ -295,18 +297,21 @@ def test_gemm2_computes_its_activations_at_small_decode_batches(monkeypatch):
 
     monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "triton" if impl != "reference" else impl)
     monkeypatch.setattr(plan_mod, "gemm_plan", fake_gemm)
-    most = thresholds()["silu_in_gemm2"]["max_tokens"]
-    assert 1 <= most <= 256
-    ep8 = dict(num_experts=32, hidden=7168, intermediate=2048)
+    t = thresholds()["silu_in_gemm2"]
+    most = t["max_tokens"]
+    assert 1 <= most <= 256 and t["max_k_blocks"] >= 1
+    tp8 = dict(num_experts=256, hidden=7168, intermediate=128 * t["max_k_blocks"])
+    long_k = dict(num_experts=32, hidden=7168, intermediate=128 * (t["max_k_blocks"] + 1))
     plan_mod.clear_plan_cache()
     try:
-        one = _plan(kernel="triton", num_tokens=1, **ep8)
+        one = _plan(kernel="triton", num_tokens=1, **tp8)
         assert one.silu_in_gemm2 and "silu_in_gemm2=True" in one.describe()
-        assert _plan(kernel="triton", num_tokens=most, **ep8).silu_in_gemm2
-        assert not _plan(kernel="triton", num_tokens=most + 1, **ep8).silu_in_gemm2
-        assert not _plan(kernel="triton", num_tokens=1, phase="prefill", **ep8).silu_in_gemm2
-        assert not _plan(kernel="triton_masked", num_tokens=1, **ep8).silu_in_gemm2
-        assert not _plan(kernel="reference", num_tokens=1, **ep8).silu_in_gemm2
-        assert "silu_in_gemm2" not in _plan(kernel="reference", num_tokens=1, **ep8).describe()
+        assert _plan(kernel="triton", num_tokens=most, **tp8).silu_in_gemm2
+        assert not _plan(kernel="triton", num_tokens=most + 1, **tp8).silu_in_gemm2
+        assert not _plan(kernel="triton", num_tokens=1, **long_k).silu_in_gemm2, "GEMM2's K too long"
+        assert not _plan(kernel="triton", num_tokens=1, phase="prefill", **tp8).silu_in_gemm2
+        assert not _plan(kernel="triton_masked", num_tokens=1, **tp8).silu_in_gemm2
+        assert not _plan(kernel="reference", num_tokens=1, **tp8).silu_in_gemm2
+        assert "silu_in_gemm2" not in _plan(kernel="reference", num_tokens=1, **tp8).describe()
     finally:
         plan_mod.clear_plan_cache()
