@@ -27,8 +27,10 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
 
     bm, bn, tma = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.get("TMA", False)
     n_loop = cfg.get("N_LOOP", 1)
+    silu_a = mode.endswith("silu_a")  # A computed from GEMM1's output: bf16, or A_SPLITS f32 slabs
+    a_splits = cfg.get("A_SPLITS", 0) if silu_a else 0
     signature = {
-        "a_ptr": "*fp8e4nv",
+        "a_ptr": ("*fp32" if a_splits else "*bf16") if silu_a else "*fp8e4nv",
         "a_rows_ptr": "*i64",
         "a_scale_ptr": "*fp32",
         "b_ptr": "*fp8e4nv",
@@ -38,6 +40,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
         "masked_m_ptr": "*i32",
         "num_rows_ptr": "*i32",
         "splits_ptr": "*i32",
+        "act_count_ptr": "*i32",
         "a_desc": f"tensordesc<fp8e4nv[{bm}, 128]>" if tma else "constexpr",
         "b_desc": f"tensordesc<fp8e4nv[{bn}, 128]>" if tma else "constexpr",
         "M": "i32",
@@ -47,6 +50,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
         "num_n_tiles": "i32",
         "num_experts": "i32",
         "split_min_units": "i32",
+        "act_slab": "i32",
     }
     consts = dict(
         MASKED=mode == "masked",
@@ -64,6 +68,9 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
         USE_TMA=tma,
         GATHER_A=mode.endswith("gather_a"),  # A's rows read through the layout's src_token
         SPLIT_K=cfg.get("SPLIT_K", 1),
+        SILU_A=silu_a,
+        A_SPLITS=a_splits,
+        UE8M0=cfg.get("UE8M0", False),
     )
     if not tma:
         consts.update(a_desc=None, b_desc=None)
@@ -107,6 +114,10 @@ CASES = [("masked", cfg) for cfg in _h200_configs()] + [
         "row_bound_gather_a",
         dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, K_UNROLL=2, SPLIT_K=2, num_warps=4, num_stages=3),
     ),
+    # GEMM2 computing SiLU*up quant from GEMM1's partial sums (TP8 at 1-2 tokens) or bf16 output
+    ("row_bound_silu_a", dict(BLOCK_M=16, BLOCK_N=128, A_SPLITS=4, num_warps=4, num_stages=4)),
+    ("row_bound_silu_a", dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, A_SPLITS=8, UE8M0=True, num_warps=4, num_stages=3)),
+    ("row_bound_silu_a", dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=2)),
 ]
 
 
