@@ -41,6 +41,7 @@ CASES = [
     "contiguous_split_k",
     "split_k_refused",
     "split_k_consumers",
+    "gemm_computes_silu_a",
     "per_token_group_quant",
     "silu_mul_quant",
     "quant_extremes",
