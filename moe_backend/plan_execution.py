@@ -67,14 +67,14 @@ def _gemm_contiguous(
     rows_in_use: torch.Tensor | None = None,
     a_rows: torch.Tensor | None = None,
     splits_out: torch.Tensor | None = None,
-    silu_a: tuple | None = None,
+    silu_a: dict | None = None,
 ):
     """rows_in_use: int32 `[1]` on the device, the layout's padded total; the rows past it (the
     static bound's tail) are padding the kernels do not walk. a_rows (Triton only, `plan.gather_a`):
     the layout's src_token, A being the unpermuted token rows. splits_out (`g.split_k` > 1): int32
     `[1]`, the K slices the kernel cut (`out` then holds f32 partial sums). silu_a (Triton only,
-    `plan.silu_in_gemm2`): (slabs, their device count, ue8m0), a_fp8 being GEMM1's output h, from
-    which the kernel computes its A (`_grouped_gemm_core.launch`)."""
+    `plan.silu_in_gemm2`): a_fp8 is GEMM1's output h, from which the kernel computes its A; the
+    dict holds `_grouped_gemm_core.launch`'s a_splits, a_count and ue8m0."""
     if silu_a is not None and g.provider != "triton":
         raise ValueError(f"silu_a: only the Triton GEMM computes its A from h, the plan's provider is {g.provider}")
     if g.provider == "triton":
@@ -95,7 +95,8 @@ def _gemm_contiguous(
             num_rows=rows_in_use,
             a_rows=a_rows,
             splits_out=splits_out,
-            **(dict(zip(("a_splits", "a_count", "ue8m0"), silu_a), silu_a=True) if silu_a else {}),
+            silu_a=silu_a is not None,
+            **(silu_a or {}),
         )
     elif g.provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import launch
@@ -260,7 +261,9 @@ def _execute_plan(
         silu_a = None
         if plan.silu_in_gemm2:  # GEMM2 computes SiLU*up quant from h itself
             act_fp8, act_scale = h, h
-            silu_a = (plan.gemm1.split_k if split1 else 0, splits[0:1] if split1 else None, ue8m0)
+            silu_a = dict(
+                a_splits=plan.gemm1.split_k if split1 else 0, a_count=splits[0:1] if split1 else None, ue8m0=ue8m0
+            )
         else:
             act_fp8, act_scale = ops.silu_mul_quant(
                 h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use, partials=split1,

@@ -315,3 +315,23 @@ def test_gemm2_computes_its_activations_at_small_decode_batches(monkeypatch):
         assert "silu_in_gemm2" not in _plan(kernel="reference", num_tokens=1, **tp8).describe()
     finally:
         plan_mod.clear_plan_cache()
+
+
+def test_a_plan_fusing_silu_into_a_non_triton_gemm2_is_refused():
+    """The executor refuses `silu_in_gemm2` on a GEMM2 that cannot compute its A (the reference
+    provider here) with a ValueError naming it, instead of feeding GEMM1's output as FP8 rows."""
+    import dataclasses
+
+    from moe_backend.plan_execution import run_plan
+    from moe_backend.testing import random_fp8_weights, random_topk
+
+    plan = _plan(num_tokens=2)
+    assert plan.gemm2.provider == "reference" and not plan.silu_in_gemm2
+    w13, w13_s = random_fp8_weights(32, 256, 256, device="cpu")
+    w2, w2_s = random_fp8_weights(32, 256, 128, device="cpu")
+    topk_w, topk_ids = random_topk(2, 256, 8)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    args = (x, None, w13, w13_s, w2, w2_s, topk_w, topk_ids, 0, False)
+    assert run_plan(plan, *args).shape == (2, 256)
+    with pytest.raises(ValueError, match="silu_a"):
+        run_plan(dataclasses.replace(plan, silu_in_gemm2=True), *args)
