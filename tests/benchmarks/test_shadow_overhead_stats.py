@@ -50,6 +50,8 @@ def test_the_whole_procedure_runs_on_a_small_cpu_layer(capsys):
                 "3",
                 "--blocks",
                 "1",
+                "--sample-blocks",
+                "2",
                 "--seconds",
                 "0.001",
                 "--profile-sampled",
@@ -62,7 +64,10 @@ def test_the_whole_procedure_runs_on_a_small_cpu_layer(capsys):
     assert "3 sampled calls profiled" in out and "cumulative" in out  # the sampled calls' profile
     lines = out.splitlines()
     row = next(line for line in lines if line.startswith("| 3 |")).split("|")
-    assert row[-2].strip() in ("PASS", "FAIL", "UNRESOLVED")
+    assert row[10].strip() in ("PASS", "FAIL", "UNRESOLVED") and row[13].strip() in ("PASS", "FAIL", "UNRESOLVED")
+    # Every call sampled runs the reference beside the layer on the CPU: a sampled call costs more.
+    extra, scaled = float(row[11].split()[0]), float(row[12].split()[0].rstrip("%"))
+    assert extra > 0 and scaled == pytest.approx(100 * 0.2 * extra, abs=0.11)  # extra printed to 0.01
     runs, _, total = row[7].split()[:3]
     assert int(runs) > 0 and int(total) == 200  # one 'on' block of the minimum 200 calls, some sampled
     off, plain, sampled = (v.strip() for v in row[9].split("/"))
