@@ -196,9 +196,9 @@ def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:
 def silu_in_gemm2_pays(num_tokens: int, gemm2: GemmPlan) -> bool:
     """GEMM2 computes its A (SiLU*up, quant) from GEMM1's output itself, saving the SiLU*up quant
     kernel and its launch, at the cost of each of its units recomputing its rows' activations
-    inside its K loop (a loop over the partial-sum slabs nested there): a Triton GEMM2 without TMA whose K holds at
-    most `silu_in_gemm2.max_k_blocks` 128-wide blocks, at batches up to `max_tokens`
-    (dispatch_thresholds.json)."""
+    inside its K loop (a loop over the partial-sum slabs nested there): a Triton GEMM2 without
+    TMA whose K holds at most `silu_in_gemm2.max_k_blocks` 128-wide blocks, at batches up to
+    `max_tokens` (dispatch_thresholds.json)."""
     if gemm2.provider != "triton" or gemm2.triton_config.get("TMA"):
         return False
     t = thresholds()["silu_in_gemm2"]

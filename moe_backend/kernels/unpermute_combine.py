@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_backend.kernels._group_quant_core import partial_count
 from moe_backend.kernels._launch_utils import check_kernel_tensor
 from moe_backend.kernels._numerics import round_to_bf16_grid
 
@@ -41,7 +42,7 @@ def _combine_kernel(
     COUNT_ON_DEVICE: tl.constexpr,
 ):
     if COUNT_ON_DEVICE:
-        count = tl.minimum(tl.maximum(tl.load(count_ptr), 1), SPLITS)
+        count = partial_count(count_ptr, SPLITS)
     else:
         count = SPLITS
     t = tl.program_id(0).to(tl.int64)
