@@ -40,9 +40,10 @@ VARIANTS = {
     "g1n128s8": ({"BLOCK_N": 128, "SPLIT_K": 8, **PIN}, {"SPLIT_K": 1}),
     "g1n64s4": ({"BLOCK_N": 64, "SPLIT_K": 4, **PIN}, {"SPLIT_K": 1}),
 }
-# Plan variants beside the config ones: the policy plan with the SiLU*up quant kernel between the
-# GEMMs instead of GEMM2 computing its activations itself.
-PLAN_VARIANTS = {"act_apart": {"silu_in_gemm2": False}}
+# Plan variants beside the config ones, where the policy plan has the step they undo: the SiLU*up
+# quant kernel between the GEMMs instead of GEMM2 computing its activations itself; the kernels
+# launched normally instead of as dependents of each other.
+PLAN_VARIANTS = {"act_apart": {"silu_in_gemm2": False}, "launch_apart": {"dependent_launch": False}}
 
 
 def _with(g, changes: dict):
@@ -62,8 +63,8 @@ def variants(plan) -> dict:
         g1, g2 = _with(plan.gemm1, c1), _with(plan.gemm2, c2)
         if g1 is not None and g2 is not None:
             out[name] = dataclasses.replace(plan, gemm1=g1, gemm2=g2, graph_plan=None)
-    if plan.silu_in_gemm2:
-        for name, changes in PLAN_VARIANTS.items():
+    for name, changes in PLAN_VARIANTS.items():
+        if any(getattr(plan, field) != value for field, value in changes.items()):
             out[name] = dataclasses.replace(plan, graph_plan=None, **changes)
     return out
 

@@ -160,9 +160,20 @@ def run_masked_plan(
     """Executes a masked-layout plan on checked operands (see `masked_experts`)."""
     if _plan_records or _PLAN_LOG is not None:
         _record(plan)
-    return _execute_masked(
-        plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out, workspace, ue8m0
-    )
+    with _launches(plan):
+        return _execute_masked(
+            plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, masked_m, out, workspace, ue8m0
+        )
+
+
+def _launches(plan: Plan) -> contextlib.AbstractContextManager:
+    """The block the plan's kernels launch in: as dependents of each other where the plan says
+    (`Plan.dependent_launch`: a CUDA device, so Triton is present)."""
+    if not plan.dependent_launch:
+        return contextlib.nullcontext()
+    from moe_backend.kernels._dependent_launch import dependent_launches
+
+    return dependent_launches(True)
 
 
 def _execute_masked(
@@ -221,7 +232,13 @@ def run_plan(
     )
 
 
-def _execute_plan(
+def _execute_plan(plan: Plan, *operands) -> torch.Tensor:
+    """`run_plan` without the record (also what `eager_graphs` captures)."""
+    with _launches(plan):
+        return _launch_plan(plan, *operands)
+
+
+def _launch_plan(
     plan: Plan,
     x,
     x_scale,

@@ -28,7 +28,11 @@ RoutedFn = Callable[..., torch.Tensor]
 #           expected_m) -> bf16 [E, max_m, H]: masked_experts' signature.
 MaskedFn = Callable[..., torch.Tensor]
 
-DEEPGEMM_POLICY = Policy(prefill_kernel="deepgemm_contiguous", decode_kernel="deepgemm_masked")
+# An eager DeepGEMM call costs about a millisecond of host time, and past 2048 tokens a sampled
+# shadow call cost more than the served one (docs/benchmarks.md, 'A/B compare and shadow
+# overhead'): its calls replay graphs up to 8192 tokens (a prefill chunk). Memory: the shadow
+# stream's pool holds one 8192-token call's intermediates (about 2.2 GB for the EP8 slice).
+DEEPGEMM_POLICY = Policy(prefill_kernel="deepgemm_contiguous", decode_kernel="deepgemm_masked", graph_max_tokens=8192)
 _INSTALL = {
     "deepgemm": "DeepGEMM is not installed: pip install moe-backend[deepgemm] (a Hopper GPU machine)",
     "cuda": "our CUDA C++ kernel needs a Hopper GPU, nvcc and cuda-python: pip install moe-backend[cuda]",

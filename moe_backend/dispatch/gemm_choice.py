@@ -203,3 +203,14 @@ def silu_in_gemm2_pays(num_tokens: int, gemm2: GemmPlan) -> bool:
         return False
     t = thresholds()["silu_in_gemm2"]
     return num_tokens <= t["max_tokens"] and gemm2.k // 128 <= t["max_k_blocks"]
+
+
+def dependent_launch_pays(phase: str, device: torch.device) -> bool:
+    """The plan's kernels launched as dependents of each other (`kernels/_dependent_launch`): each
+    kernel's launch and prologue overlap the tail of the one before, which pays where kernels are
+    short (dispatch_thresholds.json `dependent_launch`: the phases, and the compute capability
+    that has it, Hopper's 9.0)."""
+    t = thresholds()["dependent_launch"]
+    if phase not in t["phases"] or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= t["min_capability"]

@@ -23,6 +23,7 @@ import torch
 
 from moe_backend.dispatch.gemm_choice import (
     GemmPlan,
+    dependent_launch_pays,
     fused_permute_quant_pays,
     gemm_plan,
     gemm_provider,
@@ -68,6 +69,9 @@ class Plan:
     # GEMM2 computes its A from GEMM1's output (SiLU*up and the quant per K block): no SiLU*up
     # quant kernel between the GEMMs (contiguous layout, decode-sized batches).
     silu_in_gemm2: bool = False
+    # Each kernel launched as a dependent of the one before it (programmatic dependent launch):
+    # its launch and prologue overlap the previous kernel's tail (`kernels/_dependent_launch`).
+    dependent_launch: bool = False
     # An eager call replays this plan (tokens rounded up to a bucket) as a CUDA graph
     # (`moe_backend.eager_graphs`); None: launched kernel by kernel.
     graph_plan: "Plan | None" = None
@@ -88,6 +92,7 @@ class Plan:
             f"gemm1={gemm(self.gemm1)} gemm2={gemm(self.gemm2)} "
             f"fused_permute_quant={self.fused_permute_quant} gather_a={self.gather_a}"
             + (" silu_in_gemm2=True" if self.silu_in_gemm2 else "")
+            + (" dependent_launch=True" if self.dependent_launch else "")
             + f" on {self.device}"
             + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else "")
         )
@@ -264,6 +269,7 @@ def _make_plan(
         device=str(device),
         gather_a=gather_a,
         silu_in_gemm2=layout == "contiguous" and phase == "decode" and silu_in_gemm2_pays(num_tokens, gemm2),
+        dependent_launch=dependent_launch_pays(phase, device),
     )
     if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
         graph_plan = _make_plan(

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from moe_backend import constants
+from moe_backend.kernels._dependent_launch import launch_options, wait_for_producer
 from moe_backend.kernels._launch_utils import check_per_program, resident_grid
 from moe_backend.kernels._numerics import round_to_bf16_grid, round_to_e4m3_grid
 
@@ -201,7 +202,9 @@ def _group_quant_kernel(
     USED_ROWS: tl.constexpr,
     SPLITS: tl.constexpr,
     COUNT_ON_DEVICE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     if USED_ROWS:
         used = tl.load(used_rows_ptr)
         used = tl.where(used < num_rows, used, num_rows)
@@ -319,6 +322,7 @@ def launch(
         SPLITS=splits,
         COUNT_ON_DEVICE=split_count is not None,
         num_warps=config.num_warps,
+        **launch_options(),
     )
     blocks = triton.cdiv(rows * num_groups, config.items_per_program)
     programs = blocks if used_rows is None else resident_grid(_group_quant_kernel, args, meta, blocks, x2d.device)

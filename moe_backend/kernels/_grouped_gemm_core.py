@@ -49,6 +49,7 @@ import triton
 from moe_backend.constants import QUANT_BLOCK
 
 # The device functions stay importable from here (tests and tools name them by this module).
+from moe_backend.kernels._dependent_launch import launch_options
 from moe_backend.kernels._grouped_gemm_kernel import _contiguous_unit, _fp8_grouped_gemm_kernel  # noqa: F401
 from moe_backend.kernels._grouped_gemm_tile import _gemm_tile, _scaled_product  # noqa: F401
 from moe_backend.kernels._launch_utils import interpreting, resident_programs
@@ -198,6 +199,7 @@ def launch(
         UE8M0=ue8m0 and silu_a,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **launch_options(),
     )
     programs = cfg.get("PROGRAMS", 0)
     if not (masked or row_bound):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_backend.kernels._dependent_launch import wait_for_producer
 from moe_backend.kernels._group_quant_core import partial_count
 from moe_backend.kernels._grouped_gemm_tile import _gemm_tile
 
@@ -139,7 +140,9 @@ def _fp8_grouped_gemm_kernel(
     SILU_A: tl.constexpr,  # contiguous: A computed from GEMM1's output h (SiLU*up, quant), not loaded
     A_SPLITS: tl.constexpr,  # SILU_A: h as that many f32 partial-sum slabs (0: h bf16)
     UE8M0: tl.constexpr,  # SILU_A: power-of-two activation scales
+    PDL: tl.constexpr,  # launched as a dependent of the kernel before it (`_dependent_launch`)
 ):
+    wait_for_producer(PDL)
     pid = tl.program_id(0)
     act_count = 0
     if SILU_A and A_SPLITS > 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_backend.kernels._dependent_launch import wait_for_producer
 from moe_backend.kernels._layout_slot_ops import _fill_tail, _histogram, _slot_keys
 
 
@@ -44,7 +45,9 @@ def _layout_one_launch_kernel(
     EXPERTS_PER_PROG: tl.constexpr,
     PAD_BLOCK: tl.constexpr,
     TAIL_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     pid = tl.program_id(0)
     slot = tl.arange(0, CHUNK)
     keys = _slot_keys(ids_ptr, slot, num_slots, expert_start, num_experts)

@@ -34,6 +34,7 @@ import triton
 
 from moe_backend.constants import LAYOUT_ALIGNMENT
 from moe_backend.dispatch.layouts import ContiguousLayout, MaskedLayout, max_contiguous_rows
+from moe_backend.kernels._dependent_launch import launch_options
 from moe_backend.kernels._launch_utils import check_kernel_tensor
 from moe_backend.kernels._layout_chunked import _count_chunks_kernel, _place_chunks_kernel, _scan_chunks_kernel
 from moe_backend.kernels._layout_one_launch import _layout_one_launch_kernel
@@ -148,6 +149,7 @@ def _launch(
             TAIL_BLOCK=_TAIL_BLOCK,
             num_warps=warps,
             **consts,
+            **launch_options(),
         )
         return
     num_chunks = triton.cdiv(num_slots, chunk)

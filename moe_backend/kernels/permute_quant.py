@@ -19,6 +19,7 @@ import triton.language as tl
 
 from moe_backend._checks import check_quant_out
 from moe_backend.constants import QUANT_BLOCK
+from moe_backend.kernels._dependent_launch import launch_options, wait_for_producer
 from moe_backend.kernels._group_quant_core import GROUPS_PER_PROGRAM, quantize_groups
 from moe_backend.kernels._launch_utils import check_kernel_tensor, check_used_rows, persistent_row_programs
 from moe_backend.quant import FP8_DTYPE
@@ -64,7 +65,9 @@ def _permute_quant_kernel(
     GROUP: tl.constexpr,
     GROUPS_PER_PROG: tl.constexpr,
     USED_ROWS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     if USED_ROWS:
         end = tl.load(used_rows_ptr).to(tl.int64)
         end = tl.where(end < num_rows, end, num_rows)
@@ -130,5 +133,6 @@ def permute_quant(
         GROUPS_PER_PROG=GROUPS_PER_PROGRAM,
         USED_ROWS=used_rows is not None,
         num_warps=4,
+        **launch_options(),
     )
     return a_fp8, a_scale

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from moe_backend._checks import check_quant_out
+from moe_backend.kernels._dependent_launch import launch_options, wait_for_producer
 from moe_backend.kernels._launch_utils import check_kernel_tensor, check_per_program, check_used_rows, resident_grid
 from moe_backend.quant import FP8_DTYPE
 
@@ -81,7 +82,9 @@ def _permute_rows_kernel(
     ROWS: tl.constexpr,
     EVEN_CHUNKS: tl.constexpr,
     USED_ROWS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     if USED_ROWS:
         used = tl.load(used_rows_ptr)
         end = tl.maximum(tl.where(used < num_rows, used, num_rows), 0)
@@ -220,6 +223,7 @@ def permute_rows(
         EVEN_CHUNKS=even,
         USED_ROWS=used_rows is not None,
         num_warps=config.num_warps,
+        **launch_options(),
     )
     blocks = triton.cdiv(num_rows, config.rows_per_program)
     programs = blocks if used_rows is None else resident_grid(_permute_rows_kernel, args, meta, blocks, x_fp8.device)

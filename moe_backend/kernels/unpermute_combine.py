@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_backend.kernels._dependent_launch import launch_options, wait_for_producer
 from moe_backend.kernels._group_quant_core import partial_count
 from moe_backend.kernels._launch_utils import check_kernel_tensor
 from moe_backend.kernels._numerics import round_to_bf16_grid
@@ -40,7 +41,9 @@ def _combine_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
     COUNT_ON_DEVICE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     if COUNT_ON_DEVICE:
         count = partial_count(count_ptr, SPLITS)
     else:
@@ -118,5 +121,6 @@ def unpermute_combine(
         SPLITS=splits,
         COUNT_ON_DEVICE=counted,
         num_warps=NUM_WARPS,
+        **launch_options(),
     )
     return out

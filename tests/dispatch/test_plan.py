@@ -335,3 +335,35 @@ def test_a_plan_fusing_silu_into_a_non_triton_gemm2_is_refused():
     assert run_plan(plan, *args).shape == (2, 256)
     with pytest.raises(ValueError, match="silu_a"):
         run_plan(dataclasses.replace(plan, silu_in_gemm2=True), *args)
+
+
+def test_decode_kernels_launch_as_dependents_on_hopper(monkeypatch):
+    """`Plan.dependent_launch`: on a CUDA device of compute capability >= `dependent_launch.
+    min_capability` for the phases listed (dispatch_thresholds.json); never on CPU, at prefill or on
+    an older GPU. The rule reads the device's capability, faked here."""
+    t = thresholds()["dependent_launch"]
+    assert t["phases"] == ["decode"] and t["min_capability"] == 9
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert gemm_choice.dependent_launch_pays("decode", cuda)
+    assert not gemm_choice.dependent_launch_pays("prefill", cuda)
+    assert not gemm_choice.dependent_launch_pays("decode", CPU)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not gemm_choice.dependent_launch_pays("decode", cuda)
+    plan = _plan(num_tokens=1)
+    assert not plan.dependent_launch and "dependent_launch" not in plan.describe()
+
+
+def test_dependent_launches_are_scoped_to_the_plan_block():
+    """The launch options a kernel launcher adds: the kernel's `PDL` constexpr always, Triton's
+    `launch_pdl` only inside `dependent_launches(True)` (this thread), restored on exit."""
+    pytest.importorskip("triton")
+    from moe_backend.kernels._dependent_launch import dependent_launches, launch_options
+
+    assert launch_options() == {"PDL": False}
+    with dependent_launches(True):
+        assert launch_options() == {"PDL": True, "launch_pdl": True}
+        with dependent_launches(False):
+            assert launch_options() == {"PDL": False}
+        assert launch_options()["PDL"]
+    assert launch_options() == {"PDL": False}

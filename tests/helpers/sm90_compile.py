@@ -37,3 +37,14 @@ def vector_bytes(op: str) -> int:
     width = int(re.search(r"\.b(\d+)$", op).group(1)) // 8
     lanes = re.search(r"\.v(\d)\.", op)
     return width * (int(lanes.group(1)) if lanes else 1)
+
+
+def assert_waits_first(ptx: str, dependent: bool) -> None:
+    """A kernel launched as a dependent (`PDL`) waits for its predecessor before its first global
+    load and then lets its own dependents launch; one launched normally has neither instruction."""
+    wait, first_load = ptx.find("griddepcontrol.wait"), ptx.find("ld.global")
+    if not dependent:
+        assert wait < 0 and "griddepcontrol" not in ptx
+        return
+    assert 0 <= wait and (first_load < 0 or wait < first_load), "a load before the dependency wait"
+    assert ptx.find("griddepcontrol.launch_dependents") > wait

@@ -89,7 +89,7 @@ SIGNATURE = {
 )
 def test_compiles_for_sm90a_with_wide_accesses(cols, silu_mul, rows_valid_if, used_rows, items) -> None:
     """Every bf16 load of the rows is a 16-byte vector and fp8 stores move at least 8 bytes a thread."""
-    from tests.helpers.sm90_compile import compile_for_sm90, global_memory_ops, vector_bytes
+    from tests.helpers.sm90_compile import assert_waits_first, compile_for_sm90, global_memory_ops, vector_bytes
 
     core = _core()
     consts = dict(
@@ -103,12 +103,14 @@ def test_compiles_for_sm90a_with_wide_accesses(cols, silu_mul, rows_valid_if, us
         USED_ROWS=used_rows,
         SPLITS=0,
         COUNT_ON_DEVICE=False,
+        PDL=used_rows,  # the decode plans' launches are dependent ones
     )
     aligned = ["x_ptr", "q_ptr", "s_ptr", "valid_ptr", "used_rows_ptr", "x_row_stride"]
     try:
         compiled = compile_for_sm90(core._group_quant_kernel, SIGNATURE, consts, aligned)
     except ImportError as exc:  # a Triton build without the NVIDIA backend
         pytest.skip(f"no NVIDIA backend: {exc}")
+    assert_waits_first(compiled.asm["ptx"], dependent=used_rows)
     loads, stores = global_memory_ops(compiled.asm["ptx"])
     wide_loads = sum(n for op, n in loads.items() if vector_bytes(op) == 16)
     assert wide_loads * 16 * 128 == items * 128 * 2 * (2 if silu_mul else 1), loads  # 128 threads

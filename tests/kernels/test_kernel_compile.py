@@ -71,6 +71,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
         SILU_A=silu_a,
         A_SPLITS=a_splits,
         UE8M0=cfg.get("UE8M0", False),
+        PDL=cfg.get("PDL", False),
     )
     if not tma:
         consts.update(a_desc=None, b_desc=None)
@@ -118,6 +119,8 @@ CASES = [("masked", cfg) for cfg in _h200_configs()] + [
     ("row_bound_silu_a", dict(BLOCK_M=16, BLOCK_N=128, A_SPLITS=4, num_warps=4, num_stages=4)),
     ("row_bound_silu_a", dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, A_SPLITS=8, UE8M0=True, num_warps=4, num_stages=3)),
     ("row_bound_silu_a", dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=2)),
+    # launched as a dependent of the kernel before it (decode plans on Hopper)
+    ("row_bound_gather_a", dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=4, PDL=True, num_warps=4, num_stages=4)),
 ]
 
 
@@ -130,6 +133,9 @@ def test_compiles_for_sm90a(mode: str, cfg: dict, tmp_path: Path) -> None:
     assert compiled.metadata.shared <= SMEM_LIMIT, compiled.metadata.shared
     ptx = compiled.asm["ptx"]
     assert "wgmma.mma_async" in ptx or "mma.sync" in ptx, "no tensor-core MMA in the kernel"
+    from tests.helpers.sm90_compile import assert_waits_first
+
+    assert_waits_first(ptx, cfg.get("PDL", False))
     from triton.backends.nvidia import compiler as nv
 
     cuobjdump = Path(nv.__file__).parent / "bin" / "cuobjdump"

@@ -457,6 +457,56 @@ def test_split_k_pipeline_at_few_tokens() -> None:
             assert _rel(replayed, ref) <= 1e-2, (tokens, seed)
 
 
+@pytest.mark.parametrize("kernel,tokens", [("triton", 1), ("triton", 3), ("triton", 40), ("triton_masked", 8)])
+def test_dependent_launches_give_the_same_bits(kernel, tokens) -> None:
+    """Decode plans launch their kernels as dependents of each other (`Plan.dependent_launch`): the
+    output equals the same plan launched normally bit for bit, eagerly and from a CUDA graph
+    replayed 20 times with new routing and tokens (a kernel reading before its predecessor finished
+    would differ on some replay)."""
+    import dataclasses
+
+    from moe_backend.dispatch import Policy
+    from moe_backend.dispatch.plan import make_plan
+    from moe_backend.plan_execution import run_plan
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    e, e_global, hidden, inter, topk = 32, 256, 1024, 256, 8
+    w13, w13_s = _weights(e, 2 * inter, hidden)
+    w2, w2_s = _weights(e, hidden, inter)
+    plan = make_plan(
+        Policy(), num_tokens=tokens, topk=topk, num_experts=e, num_global_experts=e_global, hidden=hidden,
+        intermediate=inter, device=torch.device("cuda"), phase="decode", kernel=kernel,
+    )  # fmt: skip
+    assert plan.dependent_launch, plan.describe()
+    plain = dataclasses.replace(plan, dependent_launch=False, graph_plan=None)
+
+    def routing(seed):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        scores = torch.rand(tokens, e_global, device="cuda", generator=gen)
+        scores[:, :e] += 0.3 * torch.rand(tokens, e, device="cuda", generator=gen)  # local slots
+        w, ids = scores.topk(topk, dim=-1)
+        return (w / w.sum(-1, keepdim=True)).float(), ids
+
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w, ids = routing(0)
+    args = (x, None, w13, w13_s, w2, w2_s, w, ids, 0, False)
+    out = run_plan(plan, *args)
+    assert torch.equal(out, run_plan(plain, *args))
+    ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, w, torch.where(ids < e, ids, -1))
+    assert _rel(out, ref) <= 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = run_plan(plan, *args)
+    for seed in range(1, 21):
+        new_w, new_ids = routing(seed)
+        w.copy_(new_w)
+        ids.copy_(new_ids)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(replayed, run_plan(plain, *args)), seed
+
+
 @pytest.mark.parametrize("ue8m0", [False, True])
 def test_gemm2_computing_its_activations_equals_the_kernel_pair(ue8m0) -> None:
     """The Triton GEMM computing its A from GEMM1's output h (SiLU*up and the per-128 quant per K

@@ -159,7 +159,7 @@ def test_word_width_follows_length_and_alignment() -> None:
 def test_compiles_for_sm90a_with_16_byte_copies(rows_per_program: int, used_rows: bool) -> None:
     """DeepSeek-V3 rows (896 int64 words): every fp8 word is copied in 16-byte vectors."""
     from moe_backend.kernels.permute_rows import _permute_rows_kernel
-    from tests.helpers.sm90_compile import compile_for_sm90, global_memory_ops
+    from tests.helpers.sm90_compile import assert_waits_first, compile_for_sm90, global_memory_ops
 
     signature = {
         "x_ptr": "*i64",
@@ -178,11 +178,13 @@ def test_compiles_for_sm90a_with_16_byte_copies(rows_per_program: int, used_rows
         ROWS=rows_per_program,
         EVEN_CHUNKS=True,
         USED_ROWS=used_rows,
+        PDL=used_rows,  # the decode plans' launches are dependent ones
     )
     try:
         compiled = compile_for_sm90(_permute_rows_kernel, signature, consts, [n for n in signature if "ptr" in n])
     except ImportError as exc:  # a Triton build without the NVIDIA backend
         pytest.skip(f"no NVIDIA backend: {exc}")
+    assert_waits_first(compiled.asm["ptx"], dependent=used_rows)
     _, stores = global_memory_ops(compiled.asm["ptx"])
     row_stores = stores["st.global.v2.b64"]
     assert row_stores * 16 * 128 == rows_per_program * H, stores  # 128 threads, 16 bytes each

@@ -36,3 +36,6 @@ def test_variants_change_only_the_triton_configs() -> None:
     assert all(p.graph_plan is None and p.num_rows == triton_plan.num_rows for p in plans.values())
     fused = sweep.variants(dataclasses.replace(triton_plan, silu_in_gemm2=True))
     assert fused["act_apart"].silu_in_gemm2 is False and fused["policy"].silu_in_gemm2 is True
+    assert "launch_apart" not in fused
+    dependent = sweep.variants(dataclasses.replace(triton_plan, dependent_launch=True))
+    assert dependent["launch_apart"].dependent_launch is False and dependent["policy"].dependent_launch is True
