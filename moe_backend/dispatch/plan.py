@@ -251,6 +251,12 @@ def _make_plan(
     # Our Triton GEMM loads A row by row (so through src_token) unless its config uses TMA.
     gather_a = layout == "contiguous" and gemm1.provider == "triton" and not gemm1.triton_config.get("TMA")
     fused = not (quantized_input or gather_a) and fused_permute_quant_pays(num_tokens, real_rows)
+    dependent = dependent_launch_pays(phase, device)
+    # GEMM2 computing its activations saves one kernel's launch gap, which dependent launch
+    # already hides (and there the separate kernel was faster).
+    silu_in_gemm2 = (
+        layout == "contiguous" and phase == "decode" and not dependent and silu_in_gemm2_pays(num_tokens, gemm2)
+    )
     plan = Plan(
         kernel=name,
         phase=phase,
@@ -268,8 +274,8 @@ def _make_plan(
         fused_permute_quant=fused,
         device=str(device),
         gather_a=gather_a,
-        silu_in_gemm2=layout == "contiguous" and phase == "decode" and silu_in_gemm2_pays(num_tokens, gemm2),
-        dependent_launch=dependent_launch_pays(phase, device),
+        silu_in_gemm2=silu_in_gemm2,
+        dependent_launch=dependent,
     )
     if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
         graph_plan = _make_plan(

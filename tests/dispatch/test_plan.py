@@ -367,3 +367,27 @@ def test_dependent_launches_are_scoped_to_the_plan_block():
             assert launch_options() == {"PDL": False}
         assert launch_options()["PDL"]
     assert launch_options() == {"PDL": False}
+
+
+def test_plans_launching_dependently_keep_the_silu_kernel_apart(monkeypatch):
+    """With dependent launch the SiLU*up quant kernel between the GEMMs stays (its launch gap is
+    hidden, and it was faster than GEMM2 computing its activations): `silu_in_gemm2` only without."""
+
+    def fake_gemm(provider, layout, expected_m, rows_hint, n, k, device):
+        cfg = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3)
+        return plan_mod.GemmPlan(provider, n, k, tuple(sorted(cfg.items())) if provider == "triton" else None)
+
+    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "triton" if impl != "reference" else impl)
+    monkeypatch.setattr(plan_mod, "gemm_plan", fake_gemm)
+    tp8 = dict(num_experts=256, hidden=7168, intermediate=256)
+    plan_mod.clear_plan_cache()
+    try:
+        assert _plan(kernel="triton", num_tokens=1, **tp8).silu_in_gemm2
+        monkeypatch.setattr(plan_mod, "dependent_launch_pays", lambda phase, device: phase == "decode")
+        plan_mod.clear_plan_cache()
+        plan = _plan(kernel="triton", num_tokens=1, **tp8)
+        assert plan.dependent_launch and not plan.silu_in_gemm2, plan.describe()
+        assert "dependent_launch=True" in plan.describe()
+        assert not _plan(kernel="triton", num_tokens=1, phase="prefill", **tp8).dependent_launch
+    finally:
+        plan_mod.clear_plan_cache()
