@@ -21,6 +21,7 @@ four small copies and one replay instead of the pipeline's launches.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -117,9 +118,12 @@ def run_graphed(
     expert_start: int,
     ue8m0: bool,
     out: torch.Tensor | None,
+    *,
+    used_rows: int | None = None,
 ) -> torch.Tensor | None:
     """Runs `plan.graph_plan` as a graph on checked operands; returns the [T, H] result, or None
-    when this key cannot be graphed (the caller then runs the plan eagerly).
+    when this key cannot be graphed (the caller then runs the plan eagerly). used_rows: for a plan
+    with `rows_on_host`, the rows its GEMMs walk (a `rows_bucket`): one graph per bucket.
 
     execute(plan, x, x_scale, w13, w13_s, w2, w2_s, topk_weights, topk_ids, expert_start, ue8m0, out)
     runs a plan's kernels (`moe_backend.experts` passes `moe_backend.plan_execution`'s executor)."""
@@ -144,6 +148,7 @@ def run_graphed(
         x.dtype,
         topk_ids.shape[1],
         topk_ids.dtype,
+        used_rows,
     )
     entry = _graphs.get(key)
     graph = False if entry is None else entry[1]
@@ -159,6 +164,8 @@ def run_graphed(
     io.weights[:tokens].copy_(topk_weights)
     io.dirty_rows = tokens
     if graph is False:
+        if used_rows is not None:
+            execute = functools.partial(execute, used_rows=used_rows)
         graph = _capture(
             bucket_plan, execute, io, bucket, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, expert_start, ue8m0, stream
         )

@@ -23,12 +23,20 @@ from moe_backend._checks import (
     check_topk,
     finite_checks_enabled,
 )
-from moe_backend.dispatch.plan import Plan, make_masked_plan, make_plan
+from moe_backend.dispatch.plan import Plan, make_masked_plan, make_plan, rows_bucket
 from moe_backend.dispatch.policy import KERNELS, PHASES, KernelChoice, Policy
 from moe_backend.eager_graphs import run_graphed
 from moe_backend.plan_execution import _execute_plan, record_executed, recorded_plans, run_masked_plan, run_plan
 
-__all__ = ["routed_experts", "masked_experts", "run_plan", "run_masked_plan", "recorded_plans"]
+__all__ = [
+    "routed_experts",
+    "masked_experts",
+    "routed_plan",
+    "layout_rows_in_use",
+    "run_plan",
+    "run_masked_plan",
+    "recorded_plans",
+]
 
 
 # ---------------------------------------------------------------- public entry points (checked)
@@ -143,6 +151,7 @@ def routed_experts(
     expected_m: int | None = None,
     num_global_experts: int | None = None,
     out: torch.Tensor | None = None,
+    used_rows: int | None = None,
 ) -> torch.Tensor:
     """x bf16 `[T, H]` (or fp8 with `x_scale` `[T, H/128]`); w13 fp8 `[E, 2I, H]`, w2 fp8 `[E, H, I]`
     with block scales; topk_weights f32 / topk_ids `[T, k]` where experts
@@ -153,11 +162,15 @@ def routed_experts(
     (a KERNELS name or choice) when given. `expected_m`: typical rows per local expert, a
     tile-choice hint; default T*k / num_global_experts, the experts of the whole model (callers
     holding an expert-parallel slice pass it; it defaults to E, the local count, which is right
-    when every expert is local)."""
+    when every expert is local). `used_rows`: only for a plan with `rows_on_host` (a DeepGEMM
+    contiguous kernel, which walks every row it is given): the layout's rows in use as
+    `layout_rows_in_use` returns them, read earlier on the host; without it that plan reads them
+    with one host sync per call. Other plans ignore it."""
     check_int("expert_start", expert_start, minimum=0)
     check_bool("ue8m0", ue8m0)
     check_int("expected_m", expected_m, minimum=1, optional=True)
     check_int("num_global_experts", num_global_experts, minimum=1, optional=True)
+    check_int("used_rows", used_rows, minimum=0, optional=True)
     if policy is not None and not isinstance(policy, Policy):
         raise TypeError(f"policy: expected a Policy or None, got {type(policy).__name__}")
     if kernel is not None and not isinstance(kernel, (KernelChoice, str)):
@@ -181,21 +194,14 @@ def routed_experts(
         raise ValueError(f"kernel: expected one of {sorted(KERNELS)}, got {kernel!r}")
 
     policy = policy or Policy.from_env()
-    plan = make_plan(
-        policy,
-        num_tokens=num_tokens,
-        topk=topk_ids.shape[1],
-        num_experts=num_experts,
-        num_global_experts=num_global_experts or num_experts,
-        hidden=hidden,
-        intermediate=two_i // 2,
-        device=x.device,
-        phase=phase,
-        quantized_input=x_scale is not None,
-        expected_m=expected_m,
-        kernel=kernel,
-    )
-    if plan.graph_plan is not None and not torch.cuda.is_current_stream_capturing():
+    plan = routed_plan(
+        x, w13_fp8, topk_ids, policy=policy, phase=phase, kernel=kernel, expected_m=expected_m,
+        num_global_experts=num_global_experts, quantized_input=x_scale is not None,
+    )  # fmt: skip
+    graphed = plan.graph_plan is not None and not torch.cuda.is_current_stream_capturing()
+    if graphed and plan.rows_on_host and used_rows is None:
+        used_rows = int(layout_rows_in_use(plan, topk_ids, expert_start).item())  # a host sync
+    if graphed:
         y = run_graphed(
             plan,
             _execute_plan,
@@ -211,10 +217,54 @@ def routed_experts(
             expert_start,
             ue8m0,
             out,
+            used_rows=rows_bucket(used_rows, plan.graph_plan) if plan.rows_on_host else None,
         )
         if y is not None:
             record_executed(plan.graph_plan)
             return y
     return run_plan(
-        plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0, out
+        plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0,
+        out, used_rows=used_rows,
+    )  # fmt: skip
+
+
+def routed_plan(
+    x: torch.Tensor,
+    w13_fp8: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    policy: Policy,
+    phase: str | None = None,
+    kernel: str | None = None,
+    expected_m: int | None = None,
+    num_global_experts: int | None = None,
+    quantized_input: bool = False,
+) -> Plan:
+    """The plan `routed_experts` runs for these (checked) operands: cached per shape."""
+    num_experts, two_i, hidden = w13_fp8.shape
+    return make_plan(
+        policy,
+        num_tokens=x.shape[0],
+        topk=topk_ids.shape[1],
+        num_experts=num_experts,
+        num_global_experts=num_global_experts or num_experts,
+        hidden=hidden,
+        intermediate=two_i // 2,
+        device=x.device,
+        phase=phase,
+        quantized_input=quantized_input,
+        expected_m=expected_m,
+        kernel=kernel,
     )
+
+
+def layout_rows_in_use(plan: Plan, topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+    """int32 `[1]` on the device: the rows in use of `plan`'s contiguous layout for this routing
+    (its segments padded to `plan.alignment`), queued on the current stream without a host sync;
+    read on the host, it is the `used_rows` of a plan with `rows_on_host`."""
+    from moe_backend import ops
+
+    layout = ops.build_contiguous_layout(
+        topk_ids, plan.num_experts, expert_start=expert_start, alignment=plan.alignment
+    )
+    return layout.expert_offsets[plan.num_experts :]

@@ -3,9 +3,9 @@
 Runs a `Plan` (`moe_backend.dispatch.plan`) on operands `moe_backend.experts` has already checked;
 nothing here checks an argument or chooses a kernel. Execution is sync-free with shapes from the
 plan alone, so a whole call (decode or prefill) can be captured in a CUDA graph and replayed with
-new routing. Padding rows of a layout are never zero-filled, gathered, quantized or combined: the
-layout marks them on the device and every kernel skips them. On CPU the same pipeline runs on the
-reference GEMMs.
+new routing (except a plan with `rows_on_host`, whose peer GEMM needs the rows in use). Padding
+rows of a layout are never zero-filled, gathered, quantized or combined: the layout marks them on
+the device and every kernel skips them. On CPU the same pipeline runs on the reference GEMMs.
 """
 
 from __future__ import annotations
@@ -223,19 +223,32 @@ def run_plan(
     expert_start: int,
     ue8m0: bool,
     out: torch.Tensor | None = None,
+    used_rows: int | None = None,
 ) -> torch.Tensor:
     """Executes a standard-format plan on checked operands (see `routed_experts`)."""
     if _plan_records or _PLAN_LOG is not None:
         _record(plan)
     return _execute_plan(
-        plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0, out
-    )
+        plan, x, x_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids, expert_start, ue8m0,
+        out, used_rows=used_rows,
+    )  # fmt: skip
 
 
-def _execute_plan(plan: Plan, *operands) -> torch.Tensor:
+def _execute_plan(plan: Plan, *operands, used_rows: int | None = None) -> torch.Tensor:
     """`run_plan` without the record (also what `eager_graphs` captures)."""
     with _launches(plan):
-        return _launch_plan(plan, *operands)
+        return _launch_plan(plan, *operands, used_rows=used_rows)
+
+
+def _rows_walked(plan: Plan, rows_in_use: torch.Tensor, used_rows: int | None) -> int:
+    """The layout rows a plan with `rows_on_host` gives its GEMMs: the rows in use, `used_rows`
+    when the caller read them earlier, else one host read (the static bound while a graph is being
+    captured, where no read may happen)."""
+    if used_rows is not None:
+        return min(used_rows, plan.num_rows)
+    if rows_in_use.is_cuda and torch.cuda.is_current_stream_capturing():
+        return plan.num_rows
+    return int(rows_in_use.item())
 
 
 def _launch_plan(
@@ -251,6 +264,8 @@ def _launch_plan(
     expert_start: int,
     ue8m0: bool,
     out: torch.Tensor | None,
+    *,
+    used_rows: int | None = None,
 ) -> torch.Tensor:
     num_experts, two_i, _ = w13_fp8.shape
     hidden = w2_fp8.shape[1]
@@ -265,14 +280,18 @@ def _launch_plan(
     else:
         layout = ops.build_contiguous_layout(topk_ids, num_experts, expert_start=expert_start, alignment=plan.alignment)
         rows_in_use = layout.expert_offsets[num_experts:]  # int32 [1] on the device
+        # Read before any launch (a host read then waits least). Buffers keep the static bound, so a
+        # wrong used_rows gives wrong rows, never an access past them.
+        walked = _rows_walked(plan, rows_in_use, used_rows) if plan.rows_on_host else None
         a_fp8, a_scale, a_rows = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
         ids = layout.expert_ids
         # GEMMs split over K write f32 partial sums and, in `splits[i]`, how many slices they cut.
         split1, split2 = plan.gemm1.split_k > 1, plan.gemm2.split_k > 1
         splits = torch.empty(2, dtype=torch.int32, device=dev) if split1 or split2 else None
         h = _gemm_output(plan.gemm1, plan.num_rows, dev)
+        a1, s1, ids1, h1 = _first_rows(walked, a_fp8, a_scale, ids, h)
         _gemm_contiguous(
-            plan.gemm1, a_fp8, a_scale, w13_fp8, w13_scale_inv, ids, h, num_experts, rows_in_use, a_rows,
+            plan.gemm1, a1, s1, w13_fp8, w13_scale_inv, ids1, h1, num_experts, rows_in_use, a_rows,
             splits[0:1] if split1 else None,
         )  # fmt: skip
         silu_a = None
@@ -287,14 +306,20 @@ def _launch_plan(
                 num_partials=splits[0:1] if split1 else None,
             )  # fmt: skip
         y = _gemm_output(plan.gemm2, plan.num_rows, dev)
+        a2, s2, ids2, y2 = _first_rows(walked, act_fp8, act_scale, ids, y)
         _gemm_contiguous(
-            plan.gemm2, act_fp8, act_scale, w2_fp8, w2_scale_inv, ids, y, num_experts, rows_in_use, None,
+            plan.gemm2, a2, s2, w2_fp8, w2_scale_inv, ids2, y2, num_experts, rows_in_use, None,
             splits[1:2] if split2 else None, silu_a,
         )  # fmt: skip
         return ops.unpermute_combine(
             y, layout.row_of_slot, topk_weights, out, partials=split2, num_partials=splits[1:2] if split2 else None
         )
     return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out)
+
+
+def _first_rows(rows: int | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Row-major layout tensors cut to their first `rows` (None: as they are)."""
+    return tensors if rows is None else tuple(t[:rows] for t in tensors)
 
 
 def _gemm_output(g: GemmPlan, rows: int, dev) -> torch.Tensor:

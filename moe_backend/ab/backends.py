@@ -17,6 +17,7 @@ import torch
 
 from moe_backend import experts
 from moe_backend.constants import BACKEND_NAME
+from moe_backend.dispatch.plan import Plan
 from moe_backend.dispatch.policy import KERNELS, KernelChoice, Policy
 
 __all__ = ["Backend", "get_backend", "backend_names", "register_backend", "unregister_backend"]
@@ -28,10 +29,12 @@ RoutedFn = Callable[..., torch.Tensor]
 #           expected_m) -> bf16 [E, max_m, H]: masked_experts' signature.
 MaskedFn = Callable[..., torch.Tensor]
 
-# An eager DeepGEMM call costs about a millisecond of host time, and past 2048 tokens a sampled
-# shadow call cost more than the served one (docs/benchmarks.md, 'A/B compare and shadow
-# overhead'): its calls replay graphs up to 8192 tokens (a prefill chunk). Memory: the shadow
-# stream's pool holds one 8192-token call's intermediates (about 2.2 GB for the EP8 slice).
+# An eager DeepGEMM call costs about a millisecond of host time, more than a sampled shadow call
+# may cost (docs/benchmarks.md, 'A/B compare and shadow overhead'): its calls replay graphs up to
+# 8192 tokens (a prefill chunk). Its contiguous kernel runs on the rows in use, counted on the
+# device and read on the host (`Plan.rows_on_host`; shadow mode reads the count without a sync,
+# compare before timing), with one graph per bucket of them. Memory: the shadow stream's pool
+# holds one 8192-token call's intermediates (about 2.2 GB for the EP8 slice).
 DEEPGEMM_POLICY = Policy(prefill_kernel="deepgemm_contiguous", decode_kernel="deepgemm_masked", graph_max_tokens=8192)
 _INSTALL = {
     "deepgemm": "DeepGEMM is not installed: pip install moe-backend[deepgemm] (a Hopper GPU machine)",
@@ -87,6 +90,33 @@ class Backend:
                 return _INSTALL["triton"]
         return None
 
+    def plan(
+        self,
+        x: torch.Tensor,
+        w13_fp8: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        phase: str | None = None,
+        num_global_experts: int | None = None,
+        expected_m: int | None = None,
+        quantized_input: bool = False,
+    ) -> Plan | None:
+        """The plan `routed` runs for these operands (None for a registered function)."""
+        if self.fn is not None:
+            return None
+        return experts.routed_plan(
+            x, w13_fp8, topk_ids, policy=self._policy(), phase=phase, kernel=self.kernel and self.kernel.name,
+            expected_m=expected_m, num_global_experts=num_global_experts, quantized_input=quantized_input,
+        )  # fmt: skip
+
+    def rows_in_use(self, plan: Plan | None, topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor | None:
+        """For a plan whose GEMMs need the rows in use on the host (`Plan.rows_on_host`): that
+        count, int32 `[1]` queued on the current stream (read it on the host once it is there and
+        pass it to `routed` as `used_rows`); None for every other plan."""
+        if plan is None or not plan.rows_on_host:
+            return None
+        return experts.layout_rows_in_use(plan, topk_ids, expert_start)
+
     def routed(
         self,
         x,
@@ -99,22 +129,20 @@ class Backend:
         *,
         phase: str | None = None,
         num_global_experts: int | None = None,
+        used_rows: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """`routed_experts` on this backend (kwargs: x_scale, expert_start, ue8m0, expected_m).
         num_global_experts (the model's experts, for an expert-parallel slice) steers the tile
-        hint as in the served call; registered functions keep routed_experts' documented keywords
-        and do not get it."""
+        hint as in the served call, used_rows is `rows_in_use` read on the host; registered
+        functions keep routed_experts' documented keywords and get neither."""
         args = (x, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, topk_weights, topk_ids)
         if self.fn is not None:
             return self.fn(*args, phase=phase, **kwargs)
+        common = dict(phase=phase, num_global_experts=num_global_experts, used_rows=used_rows)
         if self.kernel is not None:
-            return experts.routed_experts(
-                *args, kernel=self.kernel, phase=phase, num_global_experts=num_global_experts, **kwargs
-            )
-        return experts.routed_experts(
-            *args, policy=self._policy(), phase=phase, num_global_experts=num_global_experts, **kwargs
-        )
+            return experts.routed_experts(*args, kernel=self.kernel, **common, **kwargs)
+        return experts.routed_experts(*args, policy=self._policy(), **common, **kwargs)
 
     def masked(
         self,

@@ -186,19 +186,23 @@ class Shadow(SamplingCountdown, ShadowRuns):
             return
         label, chosen, (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv) = started
         phase = self._policy.phase_of(x.shape[0], phase)
-        if chosen and copy_inputs and primary.is_cuda:
+        plans = {b.name: self._plan(b, x, w13_fp8, topk_ids, x_scale, phase, expected_m, num_global_experts)
+                 for b in chosen} if primary.is_cuda else {}  # fmt: skip
+        staged = any(p is not None and p.rows_on_host for p in plans.values())
+        if chosen and (copy_inputs or staged) and primary.is_cuda:  # a staged run reads them later
             copies = self._copies(chosen, (primary, x, x_scale, topk_weights, topk_ids))
             if copies is None:
                 return
             primary, x, x_scale, topk_weights, topk_ids = copies
         for b in chosen:
+            plan = plans.get(b.name)
             self._run(
                 b,
                 label,
                 phase,
                 primary,
                 None,
-                lambda b=b: b.routed(
+                lambda used_rows=None, b=b: b.routed(
                     x,
                     w13_fp8,
                     w13_scale_inv,
@@ -212,9 +216,25 @@ class Shadow(SamplingCountdown, ShadowRuns):
                     phase=phase,
                     expected_m=expected_m,
                     num_global_experts=num_global_experts,
+                    used_rows=used_rows,
                 ),
                 (x, x_scale, topk_weights, topk_ids),
+                rows_fn=(lambda b=b, plan=plan: b.rows_in_use(plan, topk_ids, expert_start))
+                if plan is not None and plan.rows_on_host
+                else None,
             )
+
+    @staticmethod
+    def _plan(b: Backend, x, w13_fp8, topk_ids, x_scale, phase, expected_m, num_global_experts):
+        """The plan `b` runs for this call, None for a registered function or one that cannot be
+        made (the run then fails and is counted)."""
+        try:
+            return b.plan(
+                x, w13_fp8, topk_ids, phase=phase, num_global_experts=num_global_experts, expected_m=expected_m,
+                quantized_input=x_scale is not None,
+            )  # fmt: skip
+        except Exception:  # noqa: BLE001 - reported by the run itself
+            return None
 
     def observe_masked(
         self,

@@ -8,6 +8,7 @@ command line that writes them out.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -136,10 +137,11 @@ def run_compare(settings: CompareSettings) -> dict:
                 calls, results = {}, {}
                 for b in backends:
 
-                    def call(b=b):
+                    def call(b=b, used_rows=None):
                         return b.routed(
-                            x_fp8, *weights, topk_weights, topk_ids, x_scale=x_scale, phase=phase, expected_m=expected_m
-                        )
+                            x_fp8, *weights, topk_weights, topk_ids, x_scale=x_scale, phase=phase,
+                            expected_m=expected_m, used_rows=used_rows,
+                        )  # fmt: skip
 
                     choice = b.choice(tokens, phase)
                     row = dict(cell, backend=b.name, kernel=choice.name if choice else None)
@@ -149,6 +151,14 @@ def run_compare(settings: CompareSettings) -> dict:
                         results[b.name] = row
                         continue
                     try:
+                        # A peer GEMM that walks every row it is given runs on the rows in use,
+                        # read here, outside the timed calls (as shadow mode reads them, sync-free).
+                        plan = b.plan(
+                            x_fp8, weights[0], topk_ids, phase=phase, expected_m=expected_m, quantized_input=True
+                        )
+                        in_use = b.rows_in_use(plan, topk_ids)
+                        if in_use is not None:
+                            call = functools.partial(call, used_rows=int(in_use.item()))
                         row.update(as_floats(divergence(call(), oracle)))
                         calls[b.name] = call
                     except Exception as exc:  # noqa: BLE001 - one backend failing a shape is a finding, not fatal

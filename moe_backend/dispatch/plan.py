@@ -8,7 +8,9 @@ environment variable read and no config table looked up per call.
 
 Everything a plan holds follows from shapes alone, so executing it needs no host sync: the
 contiguous layout is sized from the bound T*k + E*(alignment - 1) rows, padding rows are
-marked on the device and skipped by every kernel.
+marked on the device and skipped by every kernel. The one exception is a peer's GEMM that walks
+every row it is given (`Plan.rows_on_host`: DeepGEMM's contiguous kernel on Hopper), whose
+layout is cut to the rows in use, a count the host must know.
 
 The measured crossovers (our CUDA GEMM vs the Triton one, the fused permute+quant) are data:
 `kernels/configs/dispatch_thresholds.json`, which names the benchmark table each came from.
@@ -45,6 +47,7 @@ __all__ = [
     "fused_permute_quant_pays",
     "clear_plan_cache",
     "token_bucket",
+    "rows_bucket",
 ]
 
 
@@ -72,6 +75,13 @@ class Plan:
     # Each kernel launched as a dependent of the one before it (programmatic dependent launch):
     # its launch and prologue overlap the previous kernel's tail (`kernels/_dependent_launch`).
     dependent_launch: bool = False
+    # A GEMM walks every block of the rows it is given: DeepGEMM's SM90 contiguous kernel loads A
+    # and B for padding blocks too and skips only their math, so over the static bound (several
+    # times the rows in use in an expert-parallel slice) it costs several times more
+    # (docs/benchmarks.md, 'DeepGEMM's contiguous GEMM over the static bound'). Its GEMMs run on
+    # the rows in use: a count the caller read earlier (`used_rows`) or one host read per call.
+    # Its graphs (`graph_plan`) are captured per `rows_bucket` of that count.
+    rows_on_host: bool = False
     # An eager call replays this plan (tokens rounded up to a bucket) as a CUDA graph
     # (`moe_backend.eager_graphs`); None: launched kernel by kernel.
     graph_plan: "Plan | None" = None
@@ -93,6 +103,7 @@ class Plan:
             f"fused_permute_quant={self.fused_permute_quant} gather_a={self.gather_a}"
             + (" silu_in_gemm2=True" if self.silu_in_gemm2 else "")
             + (" dependent_launch=True" if self.dependent_launch else "")
+            + (" rows_on_host=True" if self.rows_on_host else "")
             + f" on {self.device}"
             + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else "")
         )
@@ -107,8 +118,11 @@ def _device_key(device: torch.device) -> tuple[str, int | None]:
 # Graph buckets: powers of two up to the decode range, then multiples of this many tokens.
 GRAPH_BUCKET_STEP = 256
 # Capture-safe providers (no host sync; JIT runs in the warm-up call before the capture): ours
-# and DeepGEMM's, so the A/B backends and a DeepGEMM shadow replay graphs as the served path does.
+# and DeepGEMM's (its contiguous kernel's graphs are captured per bucket of rows in use), so the
+# A/B backends and a DeepGEMM shadow replay graphs as the served path does.
 _GRAPHABLE_PROVIDERS = frozenset({"triton", "cuda", "deepgemm"})
+# Providers whose contiguous GEMM walks every row of the layout, padding included.
+_WALKS_EVERY_ROW = frozenset({"deepgemm"})
 
 
 def token_bucket(num_tokens: int, max_tokens: int) -> int:
@@ -121,6 +135,15 @@ def token_bucket(num_tokens: int, max_tokens: int) -> int:
     else:
         bucket = -(-num_tokens // GRAPH_BUCKET_STEP) * GRAPH_BUCKET_STEP
     return min(bucket, max_tokens)
+
+
+def rows_bucket(rows: int, plan: Plan) -> int:
+    """The rows a graph of a `rows_on_host` plan walks for `rows` in use: rounded up to a step of
+    1/16 to 1/32 of their power of two (at least the plan's alignment, so a multiple of it) and
+    capped at the static bound; a batch size's spread of routings then shares a few graphs, each
+    walking at most one step past the rows in use."""
+    step = plan.alignment * max(1, (1 << max(0, rows.bit_length() - 5)) // plan.alignment)
+    return min(-(-max(rows, 1) // step) * step, plan.num_rows)
 
 
 def make_plan(
@@ -257,6 +280,7 @@ def _make_plan(
     silu_in_gemm2 = (
         layout == "contiguous" and phase == "decode" and not dependent and silu_in_gemm2_pays(num_tokens, gemm2)
     )
+    rows_on_host = layout == "contiguous" and bool({gemm1.provider, gemm2.provider} & _WALKS_EVERY_ROW)
     plan = Plan(
         kernel=name,
         phase=phase,
@@ -276,6 +300,7 @@ def _make_plan(
         gather_a=gather_a,
         silu_in_gemm2=silu_in_gemm2,
         dependent_launch=dependent,
+        rows_on_host=rows_on_host,
     )
     if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
         graph_plan = _make_plan(

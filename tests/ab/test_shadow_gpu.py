@@ -187,3 +187,58 @@ def test_nothing_runs_during_graph_capture(monkeypatch):
         == 1
     )
     assert s.sampled == 2  # the warm-up and the eager call; not the capture
+
+
+def test_a_deepgemm_prefill_shadow_runs_on_the_rows_in_use_without_a_sync(layers, monkeypatch):
+    """DeepGEMM's contiguous kernel walks every row it is given: a prefill shadow on it counts the
+    rows in use on the side stream, and a later hook launches it with that count from pinned
+    memory. No host sync on the serving path, and its GEMMs get every real row and no tail."""
+    pytest.importorskip("deep_gemm")
+    from moe_backend.ab import shadow_hooks
+    from moe_backend.ab.shadow import Shadow
+    from moe_backend.providers import deepgemm
+
+    on, off, _, _ = layers
+    registry = prom.CollectorRegistry()
+    shadow = Shadow("deepgemm:1.0", registry=registry)
+    monkeypatch.setattr(on, "shadow", shadow)
+    tokens = 512  # prefill: DeepGEMM's contiguous kernel
+    x = torch.randn(tokens, CONFIG.hidden_size, device="cuda").to(torch.bfloat16)
+    labels = {"layer": "0", "backend": "deepgemm", "phase": "prefill"}
+    given = []  # (rows, expert ids) of every DeepGEMM GEMM launched or captured
+    original_gemm = deepgemm.grouped_gemm_contiguous
+
+    def recording(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None):
+        given.append((a_fp8.shape[0], expert_ids))
+        return original_gemm(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
+
+    monkeypatch.setattr(deepgemm, "grouped_gemm_contiguous", recording)
+    for _ in range(3):  # warm: JIT, graphs, the read-back buffers
+        on(x)
+    shadow.flush()
+    samples = registry.get_sample_value("moe_backend_shadow_samples_total", labels)
+    close = registry.get_sample_value("moe_backend_shadow_relative_error_bucket", dict(labels, le="0.01"))
+    original = shadow_hooks.observe_layer
+
+    def guarded(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", lambda *a: (_ for _ in ()).throw(AssertionError("item() on serving")))
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                original(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(shadow_hooks, "observe_layer", guarded)
+    for _ in range(4):
+        assert torch.equal(on(x), off(x))
+    assert shadow._staged or shadow._pending  # queued, not waited for
+    monkeypatch.setattr(shadow_hooks, "observe_layer", original)
+    shadow.flush()
+    assert registry.get_sample_value("moe_backend_shadow_samples_total", labels) == samples + 4
+    assert registry.get_sample_value("moe_backend_shadow_relative_error_bucket", dict(labels, le="0.01")) == close + 4
+    bound = tokens * CONFIG.num_experts_per_tok + CONFIG.n_routed_experts * (deepgemm.contiguous_alignment() - 1)
+    assert given
+    for rows, ids in given:
+        assert rows < bound and rows % deepgemm.contiguous_alignment() == 0
+        assert int((ids >= 0).sum()) == tokens * CONFIG.num_experts_per_tok  # every real row, in the cut

@@ -391,3 +391,91 @@ def test_plans_launching_dependently_keep_the_silu_kernel_apart(monkeypatch):
         assert not _plan(kernel="triton", num_tokens=1, phase="prefill", **tp8).dependent_launch
     finally:
         plan_mod.clear_plan_cache()
+
+
+def test_deepgemm_contiguous_plans_read_their_rows_on_the_host(monkeypatch):
+    """DeepGEMM's contiguous GEMM walks every block it is given, so its plans (and their graphs'
+    plans) run on the rows in use, read on the host; its masked plans and ours do not."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(
+        plan_mod, "gemm_provider", lambda impl, *a, **k: impl if impl in ("deepgemm", "triton") else "reference"
+    )
+    triton_cfg = tuple(sorted(dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, TMA=True).items()))
+    monkeypatch.setattr(
+        plan_mod,
+        "gemm_plan",
+        lambda provider, layout, m, rows, n, k, device: plan_mod.GemmPlan(
+            provider, n, k, triton_cfg if provider == "triton" else None
+        ),
+    )
+    monkeypatch.setattr(plan_mod, "segment_alignment", lambda gemms: 128)
+    monkeypatch.setattr(plan_mod, "dependent_launch_pays", lambda phase, device: False)
+    monkeypatch.setattr(plan_mod, "fused_permute_quant_pays", lambda *a: False)
+    plan_mod.clear_plan_cache()
+    try:
+        dg = _plan(kernel="deepgemm_contiguous", num_tokens=1024, device=cuda)
+        assert dg.rows_on_host and dg.graph_plan.rows_on_host and "rows_on_host=True" in dg.describe()
+        masked = _plan(kernel="deepgemm_masked", num_tokens=64, device=cuda)
+        assert not masked.rows_on_host and masked.graph_plan is not None
+        ours = _plan(kernel="triton", num_tokens=1024, device=cuda)
+        assert not ours.rows_on_host and ours.graph_plan is not None
+    finally:
+        plan_mod.clear_plan_cache()
+
+
+def _rows_given_to_gemms(monkeypatch) -> list[int]:
+    rows = []
+    original = plan_execution._gemm_contiguous
+
+    def recording(g, a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, *args, **kwargs):
+        assert a_fp8.shape[0] == a_scale.shape[0] == expert_ids.shape[0] == out.shape[-2]
+        rows.append(a_fp8.shape[0])
+        return original(g, a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, *args, **kwargs)
+
+    monkeypatch.setattr(plan_execution, "_gemm_contiguous", recording)
+    return rows
+
+
+def test_a_plan_reading_rows_on_the_host_gives_its_gemms_the_rows_in_use(monkeypatch):
+    """The rows in use, read with a host sync or passed by the caller (`layout_rows_in_use`), cut
+    every GEMM operand; the output equals the plan run over the static bound, bit for bit."""
+    torch.manual_seed(3)
+    w13, w13_s = quantize_fp8_blockwise(torch.randn(8, 256, 256) / 16)
+    w2, w2_s = quantize_fp8_blockwise(torch.randn(8, 256, 128) / 16)
+    x = torch.randn(37, 256, dtype=torch.bfloat16)
+    weights, ids = torch.rand(37, 2).softmax(-1), torch.randint(0, 32, (37, 2))  # an EP slice: ids 8-15 local
+    plan = _plan(num_tokens=37, topk=2, num_experts=8, num_global_experts=32, kernel="contiguous")
+    host = plan_mod.replace(plan, rows_on_host=True)
+    operands = (x, None, w13, w13_s, w2, w2_s, weights, ids, 8, False)
+    rows = _rows_given_to_gemms(monkeypatch)
+    served = plan_execution.run_plan(plan, *operands)
+    assert rows == [plan.num_rows] * 2
+    used = int(experts.layout_rows_in_use(host, ids, expert_start=8))
+    assert 0 < used < plan.num_rows and used % plan.alignment == 0
+    rows.clear()
+    assert torch.equal(plan_execution.run_plan(host, *operands), served)  # read with a host sync
+    assert torch.equal(plan_execution.run_plan(host, *operands, used_rows=used), served)  # read earlier
+    assert rows == [used] * 4
+    rows.clear()
+    plan_execution.run_plan(host, *operands, used_rows=10**9)  # past the bound: cut to it, nothing read past
+    assert rows == [plan.num_rows] * 2
+
+
+def test_used_rows_is_checked():
+    w13, w13_s = quantize_fp8_blockwise(torch.randn(2, 256, 256) / 16)
+    w2, w2_s = quantize_fp8_blockwise(torch.randn(2, 256, 128) / 16)
+    x, ids = torch.randn(3, 256, dtype=torch.bfloat16), torch.tensor([[0, 1], [1, 0], [0, 1]])
+    for bad, error in [(-1, ValueError), (2.5, TypeError)]:
+        with pytest.raises(error, match="used_rows"):
+            experts.routed_experts(x, w13, w13_s, w2, w2_s, torch.rand(3, 2), ids, used_rows=bad)
+
+
+def test_rows_buckets_cover_the_rows_in_use_in_few_aligned_steps():
+    plan = _plan(num_tokens=4096, kernel="contiguous")
+    plan = plan_mod.replace(plan, alignment=128, num_rows=40000)
+    buckets = {plan_mod.rows_bucket(r, plan) for r in range(1, 40001)}
+    for rows in (1, 127, 128, 5632, 5633, 20000, 39999, 40000):
+        b = plan_mod.rows_bucket(rows, plan)
+        assert rows <= b <= plan.num_rows and (b % 128 == 0 or b == plan.num_rows)
+        assert b - rows < max(128, rows / 16)  # at most one step past the rows in use
+    assert len(buckets) < 120  # a few graphs per batch size, not one per routing
