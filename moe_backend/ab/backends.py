@@ -10,7 +10,8 @@ evaluation, or a test's deliberately wrong one.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -29,13 +30,17 @@ RoutedFn = Callable[..., torch.Tensor]
 #           expected_m) -> bf16 [E, max_m, H]: masked_experts' signature.
 MaskedFn = Callable[..., torch.Tensor]
 
-# An eager DeepGEMM call costs about a millisecond of host time, more than a sampled shadow call
-# may cost (docs/benchmarks.md, 'A/B compare and shadow overhead'): its calls replay graphs up to
-# 8192 tokens (a prefill chunk). Its contiguous kernel runs on the rows in use, counted on the
-# device and read on the host (`Plan.rows_on_host`; shadow mode reads the count without a sync,
-# compare before timing), with one graph per bucket of them. Memory: the shadow stream's pool
-# holds one 8192-token call's intermediates (about 2.2 GB for the EP8 slice).
-DEEPGEMM_POLICY = Policy(prefill_kernel="deepgemm_contiguous", decode_kernel="deepgemm_masked", graph_max_tokens=8192)
+# An eager prefill call's host time (about a millisecond for DeepGEMM's) is most of what a sampled
+# shadow call costs (docs/benchmarks.md, 'A/B compare and shadow overhead'): DeepGEMM's and the
+# fixed-kernel backends' calls replay graphs up to 8192 tokens (a prefill chunk). Memory: the
+# shadow stream's pool holds one 8192-token call's intermediates (about 2.2 GB for the EP8
+# slice). DeepGEMM's contiguous kernel runs on the rows in use, counted on the device and read on
+# the host (`Plan.rows_on_host`; shadow mode reads the count without a sync, compare before
+# timing), with one graph per bucket of them.
+AB_GRAPH_MAX_TOKENS = 8192
+DEEPGEMM_POLICY = Policy(
+    prefill_kernel="deepgemm_contiguous", decode_kernel="deepgemm_masked", graph_max_tokens=AB_GRAPH_MAX_TOKENS
+)
 _INSTALL = {
     "deepgemm": "DeepGEMM is not installed: pip install moe-backend[deepgemm] (a Hopper GPU machine)",
     "cuda": "our CUDA C++ kernel needs a Hopper GPU, nvcc and cuda-python: pip install moe-backend[cuda]",
@@ -58,6 +63,13 @@ class Backend:
 
     def _policy(self) -> Policy:
         return self.policy if self.policy is not None else Policy.from_env()
+
+    def _run_policy(self) -> Policy:
+        """The policy a call runs under: a fixed kernel's calls replay graphs up to
+        `AB_GRAPH_MAX_TOKENS` (as DeepGEMM's do; an eager prefill call's host time is most of what
+        a sampled shadow call costs), `phasemoe` runs the served policy as it is."""
+        policy = self._policy()
+        return _with_ab_graphs(policy) if self.kernel is not None else policy
 
     def choice(self, num_tokens: int, phase: str | None) -> KernelChoice | None:
         """The policy kernel this backend runs for a batch; None for registered functions."""
@@ -105,7 +117,7 @@ class Backend:
         if self.fn is not None:
             return None
         return experts.routed_plan(
-            x, w13_fp8, topk_ids, policy=self._policy(), phase=phase, kernel=self.kernel and self.kernel.name,
+            x, w13_fp8, topk_ids, policy=self._run_policy(), phase=phase, kernel=self.kernel and self.kernel.name,
             expected_m=expected_m, num_global_experts=num_global_experts, quantized_input=quantized_input,
         )  # fmt: skip
 
@@ -140,9 +152,7 @@ class Backend:
         if self.fn is not None:
             return self.fn(*args, phase=phase, **kwargs)
         common = dict(phase=phase, num_global_experts=num_global_experts, used_rows=used_rows)
-        if self.kernel is not None:
-            return experts.routed_experts(*args, kernel=self.kernel, **common, **kwargs)
-        return experts.routed_experts(*args, policy=self._policy(), **common, **kwargs)
+        return experts.routed_experts(*args, kernel=self.kernel, policy=self._run_policy(), **common, **kwargs)
 
     def masked(
         self,
@@ -171,6 +181,11 @@ class Backend:
             return experts.masked_experts(*args, policy=self._policy(), ue8m0=ue8m0, expected_m=expected_m)
         impl = self.kernel.name if self.kernel.layout == "masked" else self.kernel.impl
         return experts.masked_experts(*args, impl=impl, ue8m0=ue8m0, expected_m=expected_m)
+
+
+@lru_cache(maxsize=16)
+def _with_ab_graphs(policy: Policy) -> Policy:
+    return replace(policy, graph_max_tokens=max(policy.graph_max_tokens, AB_GRAPH_MAX_TOKENS))
 
 
 def _builtins() -> dict[str, Backend]:

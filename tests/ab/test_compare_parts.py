@@ -202,3 +202,16 @@ def test_small_cells_get_room_for_fp8_noise():
     assert cell_tolerance(1e-2, 1) == pytest.approx(3e-2)  # one pair: the H200's 1.15e-2 passes
     assert cell_tolerance(1e-2, 10_000) == pytest.approx(1.02e-2)  # large cells: the tolerance itself
     assert cell_tolerance(1e-2, 1) < 0.05  # a 5% perturbation is still flagged in any cell
+
+
+def test_fixed_kernel_backends_replay_graphs_up_to_a_prefill_chunk():
+    """A/B backends (DeepGEMM's and the fixed kernels) replay graphs past the served policy's limit;
+    `phasemoe` runs the served policy as it is."""
+    from moe_backend.ab.backends import AB_GRAPH_MAX_TOKENS, get_backend
+    from moe_backend.dispatch.policy import Policy
+
+    served = Policy.from_env()
+    assert get_backend("triton")._run_policy().graph_max_tokens == max(served.graph_max_tokens, AB_GRAPH_MAX_TOKENS)
+    assert get_backend("triton")._run_policy().decode_kernel == served.decode_kernel  # only the graph limit moves
+    assert get_backend("deepgemm")._run_policy().graph_max_tokens == AB_GRAPH_MAX_TOKENS
+    assert get_backend("phasemoe")._run_policy() == served
