@@ -65,8 +65,8 @@ for step in "$@"; do
             timeout ${LAYOUT_BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_build_layout --md "$OUT/build_layout.md" 2>&1 | tail -20 ;;
     abtests) timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/ab/test_shadow_gpu.py 2>&1 \
                 | tee "$OUT/abtests.log" | tail -8 ;;
-    abcompare) mkdir -p "$OUT/compare"; timeout ${COMPARE_TIMEOUT:-300} python3 -m moe_backend compare --slice ep8,tp8 \
-                --out "$OUT/compare" --emit-policy "$OUT/compare/policy.json" --time-budget ${COMPARE_BUDGET:-200} \
+    abcompare) mkdir -p "$OUT/compare"; timeout ${COMPARE_TIMEOUT:-420} python3 -m moe_backend compare --slice ep8,tp8 \
+                --out "$OUT/compare" --emit-policy "$OUT/compare/policy.json" --time-budget ${COMPARE_BUDGET:-330} \
                 ${COMPARE_ARGS:-} 2>"$OUT/compare.progress"; tail -c 400 "$OUT/compare.progress" | tr '\r' '\n' | tail -2
                grep -E "^(- \*\*|\| (ep8|tp8) \|)" "$OUT/compare/report.md" | head -40; rm -f "$OUT/compare.progress"
                # one archive: a call returns at most 8 files, and the report comes with its plots
