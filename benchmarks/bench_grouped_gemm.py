@@ -61,6 +61,16 @@ ROUTED_EXPERTS = 256  # DeepSeek-V3's, of which a slice holds E
 DEVICE = "cuda"  # the routed cells' device (a CPU smoke test runs them under the Triton interpreter)
 
 
+def graphed(fn):
+    """`fn` captured in a CUDA graph (called once first, outside the capture): its replay."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def bench(fn, warmup_ms=10, rep_ms=50) -> float:
     """CUDA-graph replay, do_bench median, µs (the CPU smoke test swaps this name for one call)."""
     return time_graph(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
@@ -379,12 +389,19 @@ def run_routed_cell(
     # The valid rows' activations, shared by every masked layout of the cell.
     a_rows, s_rows = quantize_fp8_per_token_group(torch.randn(e, max(top, 1), k, device=DEVICE, dtype=torch.bfloat16))
 
-    def record(name, fn, err_pairs, pad_check=None):
+    # With --rounds > 1 the masked contenders (every max_m) keep their buffers and graphs, and are
+    # timed again after the loop in interleaved rounds: the max_m cost compares like with like.
+    interleave: dict = {}
+    held: list = []
+
+    def record(name, fn, err_pairs, pad_check=None, keep=False):
         try:
             res["us"][name] = bench(fn)
             res["err"][name] = checker.rel(err_pairs())
             if pad_check is not None:
                 res["pad_ok"][name] = pad_check()
+            if keep and args.rounds > 1:
+                interleave[name] = graphed(fn)
         except Exception as exc:
             res.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {gemm} {mean_rows} {routing}] {name}: {res['errors'][name]}", file=log, flush=True)
@@ -393,6 +410,7 @@ def run_routed_cell(
     dg = peers.get("dg")
     dg_ms = {usable[0], usable[-1]}
     for max_m in usable:
+        out_dg = sfa = None
         a = torch.zeros(e, max_m, k, dtype=a_rows.dtype, device=DEVICE)
         a_s = torch.ones(e, max_m, k // 128, device=DEVICE)
         a[:, :top], a_s[:, :top] = a_rows[:, :top], s_rows[:, :top]
@@ -402,6 +420,7 @@ def run_routed_cell(
             lambda: grouped_gemm_masked(a, a_s, b, bs, counts_dev, out, expected_m=mean_rows),  # noqa: B023
             lambda: [(x, a[x, : counts[x]], a_s[x, : counts[x]], out[x, : counts[x]]) for x in check_e],  # noqa: B023
             lambda: pad_rows_ok(out, counts),
+            keep=True,
         )  # noqa: B023
         if args.cuda_masked and max_m % 128 == 0:
             # Our CUDA kernel on the masked layout (the policy's choice from 128 rows per expert;
@@ -414,6 +433,7 @@ def run_routed_cell(
                 lambda: cuda_masked(a, a_s, b, bs, counts_dev, out),  # noqa: B023
                 lambda: [(x, a[x, : counts[x]], a_s[x, : counts[x]], out[x, : counts[x]]) for x in check_e],  # noqa: B023
                 lambda: pad_rows_ok(out, counts),
+                keep=True,
             )  # noqa: B023
         if dg is not None and max_m in dg_ms:
             out_dg = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
@@ -429,11 +449,23 @@ def run_routed_cell(
                         mean_rows,
                     ),
                     lambda: [(x, a[x, : counts[x]], a_s[x, : counts[x]], out_dg[x, : counts[x]]) for x in check_e],
+                    keep=True,
                 )  # noqa: B023
             except Exception as exc:
                 res.setdefault("errors", {})[f"dg_masked@{max_m}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            out_dg = None
+        if interleave:  # the captured graphs write these buffers until the rounds below
+            held.append((a, a_s, out, out_dg, sfa))
+        out_dg = None
         a = a_s = out = None
+        if not interleave:
+            torch.cuda.empty_cache()
+    if interleave:
+        timed = testing.interleaved_us(interleave, rounds=args.rounds)
+        for name, t in timed.items():
+            res["us"][name] = t["us"]
+        res["interleaved"] = sorted(interleave)
+        interleave.clear()
+        held.clear()
         torch.cuda.empty_cache()
 
     # ours and DeepGEMM, contiguous: segments padded to 128 rows (DeepGEMM's alignment)
@@ -565,7 +597,8 @@ def render_routed(cells: list) -> str:
             f"{_fmt(us.get('vllm'), '.0f')} | {dgm or '–'} | {_fmt(us.get('dg_contig'), '.0f')} | "
             f"{d['best_peer'] or '–'} | {_fmt(d['best_ours_vs_peer'], '.3f')} ({d['best_ours'] or '–'}) | "
             f"{_fmt(d['masked_hi_vs_peer'], '.3f')} | {_fmt(d['max_m_cost'], '.3f')}"
-            f"{' (%d/%d)' % d['max_m_span'][::-1] if d['max_m_span'] else ''} | {_fmt(d['ours_err'], '.1e')} | "
+            f"{' (%d/%d)' % d['max_m_span'][::-1] if d['max_m_span'] else ''}"
+            f"{'; CUDA %.3f' % d['cuda_max_m_cost'] if d['cuda_max_m_cost'] else ''} | {_fmt(d['ours_err'], '.1e')} | "
             f"{'ok' if d['pad_ok'] else ('–' if d['pad_ok'] is None else '**BAD**')} |"
         )
     return "\n".join(lines) + "\n"
@@ -709,6 +742,13 @@ def main(argv=None) -> int:
         default=0,
         help="routed mode: start no new cell after this many seconds (0 = no limit), so the table "
         "is printed within a device call's time limit",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="routed mode: time the masked contenders (ours, our CUDA kernel, DeepGEMM, at every max_m) "
+        "again in this many interleaved rounds, as CUDA-graph replays (median over rounds)",
     )
     p.add_argument(
         "--cuda-masked",

@@ -2,7 +2,7 @@
 # One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
-# tunerouted smallbatch tokensweep prefillgather); a step starts only with at least 30 s left and
+# tunerouted smallbatch tokensweep prefillgather maskedwalk routed); a step starts only with at least 30 s left and
 # gets at most min(its own limit, what is left). With GATE=1 a failing `graphtests` step stops the
 # run (nothing after it is worth timing). Logs, the layer benchmark's JSON and docs section, the
 # sweeps' JSON and re-tuned tables are tarred into $OUT/check.tgz (a call returns at most 8 files).
@@ -55,6 +55,12 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     smallbatch) TAIL=30 step smallbatch 200 python3 -m lab.sweep_small_batch ${SMALLBATCH_ARGS:-} ;;
     tokensweep) TAIL=30 step tokensweep 170 python3 -m lab.sweep_token_gemv --json "$F/token_gemv.json" ;;
     prefillgather) TAIL=40 step prefillgather 150 python3 -m lab.prefill_gather_a ;;
+    maskedwalk) # the CUDA masked GEMM's live-tile walk vs the headers in OLD_CUDA (an earlier copy)
+           TAIL=40 step maskedwalk 240 python3 -m lab.masked_walk_before_after --old "${OLD_CUDA:-.old_cuda}" ;;
+    routed) # bench_grouped_gemm under routed counts with our CUDA masked kernel, masked contenders interleaved
+           TAIL=30 step routed "${ROUTED_MAX_S:-300}" python3 -m benchmarks.bench_grouped_gemm --json "$F/routed.json" \
+             --md "$F/routed.md" --log "$F/routed.log" --routings ${ROUTINGS:-uniform,zipf:0.6,zipf:0.9,zipf:1.2} \
+             --cuda-masked --rounds 3 --budget-s "${ROUTED_BUDGET:-240}" ${ROUTED_ARGS:---slices ep8 --ep8-rows 128 --vllm-configs 3} ;;
     *) echo "== $name: unknown step" ;;
   esac
 done

@@ -34,9 +34,10 @@ for step in "$@"; do
            tail -c 300 "/tmp/$step.progress" | tr '\r' '\n' | tail -2
            cp "$OUT"/grouped_gemm_*.json moe_backend/kernels/configs/ 2>/dev/null ;;  # later steps use them
     bench) timeout ${BENCH_TIMEOUT:-560} python3 -m benchmarks.bench_grouped_gemm --json "$OUT/bench.json" --md "$OUT/benchmarks.md" --log "$OUT/bench.log" ${BENCH_ARGS:-} 2>&1 | grep -v "^|" ;;
-    routed) # imbalanced routing, masked max_m 128-1024 at fixed total rows; peers at the same counts
+    routed) # imbalanced routing, masked max_m 128-1024 at fixed total rows (our CUDA masked kernel too; the masked
+            # contenders timed again in interleaved rounds); peers at the same counts
            timeout ${ROUTED_TIMEOUT:-420} python3 -m benchmarks.bench_grouped_gemm --json "$OUT/routed.json" --md "$OUT/routed.md" \
-             --log "$OUT/routed.log" --routings ${ROUTINGS:-uniform,zipf:0.6,zipf:0.9,zipf:1.2} \
+             --log "$OUT/routed.log" --routings ${ROUTINGS:-uniform,zipf:0.6,zipf:0.9,zipf:1.2} --cuda-masked --rounds 3 \
              --budget-s ${ROUTED_BUDGET:-330} ${ROUTED_ARGS:---slices ep8,tp8 --ep8-rows 128 --tp8-rows 16 --vllm-configs 3} \
              2>&1 | grep -v "^|---" ;;
     ncu)   timeout ${NCU_TIMEOUT:-400} python3 -m lab.ncu_compare --log "$OUT/ncu_compare.md" ${NCU_ARGS:-} 2>&1 | tail -12 ;;

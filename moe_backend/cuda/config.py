@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ContiguousConfig", "max_stages", "BLOCK_M", "BLOCK_K", "BLOCK_N_CHOICES", "CONTIGUOUS_ALIGNMENT"]
+__all__ = [
+    "ContiguousConfig",
+    "max_stages",
+    "BLOCK_M",
+    "BLOCK_K",
+    "BLOCK_N_CHOICES",
+    "CONTIGUOUS_ALIGNMENT",
+    "MAX_MASKED_EXPERTS",
+]
 
 BLOCK_M = 128  # rows per tile: 2 consumer warpgroups x 64; also the segment alignment
 BLOCK_K = 128  # = the scale block
@@ -22,6 +30,9 @@ STAGE_EXTRA_BYTES = 4 * 4 + 16
 A_SCALE_AREA = 12288
 MAX_STAGES = 6  # deeper rings stopped paying in other Hopper GEMMs; unmeasured here
 GROUP_M = 8  # M tiles swept together across N (L2 reuse)
+# Experts the masked layout may hold: the kernel counts their live tiles in a shared-memory table of
+# this size (scheduler.cuh, kMaxMaskedExperts).
+MAX_MASKED_EXPERTS = 1024
 
 
 def stage_bytes(block_n: int) -> int:

@@ -48,21 +48,18 @@ struct GroupedGemmContiguous {
   __device__ __forceinline__ static void produce(const Smem& s, const sm90::TmaDescriptor& tmap_a,
                                                  const sm90::TmaDescriptor& tmap_b, const float* __restrict__ a_scale,
                                                  const float* __restrict__ b_scale, const Ids& expert_ids, int m,
-                                                 uint32_t rank, int lane) {
+                                                 const int* live, uint32_t rank, int lane) {
     sm90::setmaxnreg_dec<kProducerRegs>();
     const int producer_warp = threadIdx.x / 32 - kNumConsumerWarpgroups * 4;
     auto for_each_stage = [&](auto&& fill) {
-      Scheduler sched(m);
+      Scheduler sched(m, live);
       RingPos pos;
       int m_unit, n_unit;
       while (sched.next_tile(m_unit, n_unit)) {
         bool live_pair;
         const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(
             load_tile_ids<kCluster, kMcastA>(expert_ids, m, m_unit), m_unit, n_unit, rank, live_pair);
-        if (!live_pair) {
-          sched.skip_dead_rest(m_unit);
-          continue;
-        }
+        if (!live_pair) continue;
 #pragma unroll 1
         for (int kb = 0; kb < T::kKBlocks; ++kb) {
           sm90::mbar_wait(&s.empty[pos.stage], pos.phase ^ 1);
@@ -158,9 +155,11 @@ struct GroupedGemmContiguous {
     const int warpgroup = uniform_warpgroup();
     const int lane = threadIdx.x % 32;
     const uint32_t rank = kCluster == 1 ? 0u : sm90::cluster_ctarank();
+    const int* live = nullptr;  // the masked layout's live tiles (scheduler.cuh, LiveTiles)
+    if constexpr (Scheduler::kDense) live = LiveTiles<kMaskedMaxM>::build(row_ids, m / kMaskedMaxM);
     init_barriers(s);
     if (warpgroup == kNumConsumerWarpgroups) {
-      produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, rank, lane);
+      produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, live, rank, lane);
     } else {
       // The consumers, kept in run(): moved into a function of its own, this loop compiles to PTX
       // with other register numbering than the binary the benchmark tables measured.
@@ -171,7 +170,7 @@ struct GroupedGemmContiguous {
       float acc_odd[T::kOddRegs];  // the odd ones (two units in flight)
       float result[T::kAccRegs];   // promoted fp32 sum over K blocks
       Loop::clear(acc);
-      Scheduler sched(m);
+      Scheduler sched(m, live);
       RingPos pos;  // the K block to retire next
       typename Epi::PendingStore prev{0, 0, false, false, false};
       int next_m_unit, next_n_unit;
@@ -184,10 +183,7 @@ struct GroupedGemmContiguous {
         more = next_tile_ahead<kCluster, kMcastA>(sched, next_m_unit, next_n_unit, next_ids, expert_ids, m, zero);
         bool live_pair;
         const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(ids, m_unit, n_unit, rank, live_pair);
-        if (!live_pair) {
-          sched.skip_dead_rest(m_unit);
-          continue;
-        }
+        if (!live_pair) continue;
         // The epilogue's row guards, loaded now: their latency hides behind the K loop.
         const typename Epi::TileRows rows = Epi::load_rows(role, m_unit, rank, row_in_tile, expert_ids, m);
         RingPos issue = pos;

@@ -5,8 +5,9 @@ The masked layout `[E, max_m, K]` *is* a contiguous layout when `max_m` is a mul
 kernel's 128-row tile: expert e's rows start at row e * max_m, a tile boundary. So this op views A
 as `[E * max_m, K]` and runs the contiguous kernel compiled for this max_m, which reads masked_m
 itself: row r of expert e counts while r < masked_m[e] (no host sync, no per-row id array built
-per call, CUDA-graph capturable). Tiles whose first row is padding are skipped, so an expert with
-0 rows costs nothing; rows at or past `masked_m[e]` are not written.
+per call, CUDA-graph capturable). Each CTA first counts every expert's live 128-row tiles from
+masked_m and walks only those, spread evenly over the CTAs: the cost follows the rows present, not
+max_m, and an expert with 0 rows costs nothing. Rows at or past `masked_m[e]` are not written.
 """
 
 from __future__ import annotations
@@ -14,18 +15,23 @@ from __future__ import annotations
 import torch
 
 from moe_backend._checks import check_same_device, check_tensor
-from moe_backend.cuda.config import BLOCK_M, ContiguousConfig
+from moe_backend.cuda.config import BLOCK_M, MAX_MASKED_EXPERTS, ContiguousConfig
 from moe_backend.cuda.grouped_gemm_contiguous import grouped_gemm_contiguous
 from moe_backend.cuda.heuristic import select_masked_config
 from moe_backend.cuda.launch import check_device, check_weights, launch
 from moe_backend.quant import FP8_DTYPE
 
-__all__ = ["grouped_gemm_masked", "supports_max_m", "select_masked_config"]
+__all__ = ["grouped_gemm_masked", "supports_max_m", "supports_experts", "select_masked_config"]
 
 
 def supports_max_m(max_m: int) -> bool:
     """Whether a masked layout with this many rows per expert maps onto the kernel's tiles."""
     return max_m > 0 and max_m % BLOCK_M == 0
+
+
+def supports_experts(num_experts: int) -> bool:
+    """Whether the kernel's table of live tiles per expert holds this many experts."""
+    return num_experts <= MAX_MASKED_EXPERTS
 
 
 def masked_expert_ids(masked_m: torch.Tensor, max_m: int) -> torch.Tensor:
@@ -61,6 +67,11 @@ def grouped_gemm_masked(
         raise ValueError(
             f"a_fp8: the CUDA masked GEMM needs max_m (dim 1, got {max_m}) to be a positive "
             f"multiple of {BLOCK_M}; use the Triton kernel (impl='triton') for other sizes"
+        )
+    if not supports_experts(num_experts):
+        raise ValueError(
+            f"a_fp8: the CUDA masked GEMM serves at most {MAX_MASKED_EXPERTS} experts (dim 0, got "
+            f"{num_experts}); use the Triton kernel (impl='triton')"
         )
     check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(num_experts, max_m, k // 128), contiguous=True)
     b_experts, n = check_weights(b_fp8, b_scale, k)

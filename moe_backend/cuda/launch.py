@@ -15,7 +15,7 @@ import torch
 
 from moe_backend._checks import check_tensor
 from moe_backend.cuda import driver, jit
-from moe_backend.cuda.config import BLOCK_K, BLOCK_M, NUM_THREADS, ContiguousConfig
+from moe_backend.cuda.config import BLOCK_K, BLOCK_M, MAX_MASKED_EXPERTS, NUM_THREADS, ContiguousConfig
 from moe_backend.cuda.heuristic import print_config, select_config
 from moe_backend.quant import FP8_DTYPE
 
@@ -232,6 +232,10 @@ def launch(
     [1] on the device, the rows of A in use, so the tail past it is not walked)."""
     m, k = a_fp8.shape
     n = b_fp8.shape[1]
+    if masked_max_m and m // masked_max_m > MAX_MASKED_EXPERTS:  # the kernel's live-tile table
+        raise ValueError(
+            f"row_ids: the CUDA masked GEMM serves at most {MAX_MASKED_EXPERTS} experts, got {m // masked_max_m}"
+        )
     dev = a_fp8.device
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     if a_scale.data_ptr() % 16:  # the scale warp copies 16-byte runs of a row (a view at an odd offset)

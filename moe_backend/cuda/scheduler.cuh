@@ -9,6 +9,50 @@
 
 namespace phasemoe {
 
+// Experts the masked layout's dense walk can index (LiveTiles' table: 4 KB of shared memory).
+constexpr int kMaxMaskedExperts = 1024;
+
+// Whether a masked kernel walks a dense list of its live units (LiveTiles) instead of the whole
+// [E * max_m / 128] tile space: configs whose units hold one M tile, numbered M-unit-major.
+template <int kGroupUnits, int kCluster, int kMcastA, int kMaskedMaxM>
+constexpr bool kDenseMaskedWalk = kMaskedMaxM > 0 && kGroupUnits == 1 && (kCluster == 1 || kMcastA == 1);
+
+// The masked layout's live M tiles, counted once per CTA at its start: prefix[e] = M tiles
+// holding rows of the experts before e (expert e's rows, masked_m[e] clamped to [0, max_m], fill
+// ceil(rows / 128) tiles). With it the scheduler walks only units that hold rows, spread evenly
+// over the CTAs whatever max_m is; probing the [E * max_m / 128] tile space instead costs a
+// dependent load per dead expert run and hands each CTA a share that depends on max_m.
+template <int kMaskedMaxM>
+struct LiveTiles {
+  // Every thread of the CTA calls this before the barriers' initial sync, which publishes the
+  // table to the producer and the consumers alike.
+  __device__ __forceinline__ static const int* build(const int32_t* __restrict__ masked_m, int num_experts) {
+    __shared__ int prefix[kMaxMaskedExperts + 1];
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+      const int rows = min(max(__ldg(masked_m + e), 0), kMaskedMaxM);
+      prefix[e + 1] = (rows + kBlockM - 1) / kBlockM;
+    }
+    if (threadIdx.x == 0) prefix[0] = 0;
+    __syncthreads();
+    if (threadIdx.x < 32) {  // one warp: inclusive scan of prefix[1..E], 32 experts at a time
+      const int lane = threadIdx.x;
+      int carry = 0;
+      for (int base = 1; base <= num_experts; base += 32) {
+        const int i = base + lane;
+        int v = i <= num_experts ? prefix[i] : 0;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+          const int u = __shfl_up_sync(0xffffffffu, v, d);
+          if (lane >= d) v += u;
+        }
+        if (i <= num_experts) prefix[i] = v + carry;
+        carry += __shfl_sync(0xffffffffu, v, 31);
+      }
+    }
+    return prefix;
+  }
+};
+
 // Walks the units of one CTA (kCluster = 1) or one cluster of 2 (a unit is a pair of tiles, one
 // per CTA): kMcastA = 0 pairs vertically adjacent M tiles 2i, 2i + 1 at one N tile (B shared);
 // kMcastA = 1 pairs N tiles 2j, 2j + 1 at one M tile (A shared, always one expert).
@@ -17,17 +61,33 @@ struct TileScheduler {
   static constexpr int kNumNTiles = (kN + kBlockN - 1) / kBlockN;
   static constexpr int kNumNUnits = kMcastA ? (kNumNTiles + kCluster - 1) / kCluster : kNumNTiles;
   static constexpr int kGroupUnits = kMcastA ? kGroupM : (kGroupM / kCluster > 0 ? kGroupM / kCluster : 1);
+  static constexpr bool kDense = kDenseMaskedWalk<kGroupUnits, kCluster, kMcastA, kMaskedMaxM>;
 
   int num_m_units;
   int num_tiles;
   int next;
   int stride;
+  const int* live_prefix;  // kDense: LiveTiles' table
+  int expert;              // kDense: the expert of the last unit walked (units come in order)
 
-  __device__ __forceinline__ explicit TileScheduler(int m)
+  __device__ __forceinline__ explicit TileScheduler(int m, const int* live = nullptr)
       : num_m_units(kMcastA ? (m + kBlockM - 1) / kBlockM : ((m + kBlockM - 1) / kBlockM + kCluster - 1) / kCluster),
         num_tiles(num_m_units * kNumNUnits),
         next(blockIdx.x / kCluster),
-        stride(gridDim.x / kCluster) {}
+        stride(gridDim.x / kCluster),
+        live_prefix(live),
+        expert(0) {
+    if constexpr (kDense) num_tiles = live[m / kMaskedMaxM] * kNumNUnits;
+  }
+
+  // kDense: unit t of the live units -> its M tile in the [E * max_m / 128] space. A CTA's units
+  // increase, so the expert only moves forward (past experts without rows).
+  __device__ __forceinline__ void live_unit_coords(int t, int& m_unit, int& n_unit) {
+    const int live_m = t / kNumNUnits;
+    n_unit = t - live_m * kNumNUnits;
+    while (live_prefix[expert + 1] <= live_m) ++expert;
+    m_unit = expert * (kMaskedMaxM / kBlockM) + (live_m - live_prefix[expert]);
+  }
 
   // Units are numbered so that kGroupM consecutive M units sweep the N units together: the CTAs
   // running at one time share a few experts' weights and a few A row blocks in L2.
@@ -41,25 +101,13 @@ struct TileScheduler {
     n_unit = r / rows_in_group;
   }
 
-  // Called on a unit found dead (its first row is padding). In the masked layout every M tile of
-  // an expert after one past its rows is dead too, up to the next expert's first: jump to this
-  // CTA's first unit there. A layout sized for the worst case (large max_m, a few rows per
-  // expert) is mostly dead M tiles; walked one by one, each would cost a dependent load of
-  // masked_m per CTA, now at most one per expert and CTA. Needs units numbered M-unit-major
-  // (kGroupUnits 1) with one M tile each (kCluster 1, or A-sharing pairs); elsewhere a no-op.
-  // Producer and consumers may skip differently (the unit the consumers fetched ahead lies before
-  // the jump: it is dead as well, or in the next expert): they still agree on every live unit.
-  __device__ __forceinline__ void skip_dead_rest(int m_unit) {
-    if constexpr (kMaskedMaxM > 0 && kGroupUnits == 1 && (kCluster == 1 || kMcastA)) {
-      constexpr int kTilesPerExpert = kMaskedMaxM / kBlockM;
-      const int next_expert_unit = (m_unit / kTilesPerExpert + 1) * kTilesPerExpert * kNumNUnits;
-      if (next < next_expert_unit) next += (next_expert_unit - next + stride - 1) / stride * stride;
-    }
-  }
-
   __device__ __forceinline__ bool next_tile(int& m_unit, int& n_unit) {
     if (next < num_tiles) {
-      unit_coords(next, m_unit, n_unit);
+      if constexpr (kDense) {
+        live_unit_coords(next, m_unit, n_unit);
+      } else {
+        unit_coords(next, m_unit, n_unit);
+      }
       next += stride;
       return true;
     }

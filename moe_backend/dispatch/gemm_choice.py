@@ -71,14 +71,23 @@ def cuda_contiguous_pays(n: int, k: int, expected_m: int) -> bool:
     return wide and expected_m >= t["wide_min_rows_per_expert"] or expected_m >= t["min_rows_per_expert"]
 
 
-def cuda_masked_pays(n: int, k: int, max_m: int, expected_m: int) -> bool:
-    from moe_backend.cuda.grouped_gemm_masked import supports_max_m
+def cuda_masked_pays(n: int, k: int, max_m: int, expected_m: int, num_experts: int = 0) -> bool:
+    from moe_backend.cuda.grouped_gemm_masked import supports_experts, supports_max_m
 
     threshold = thresholds()["cuda_masked_min_rows"].get(f"N={n},K={k}")
-    return supports_max_m(max_m) and threshold is not None and expected_m >= threshold
+    return supports_max_m(max_m) and supports_experts(num_experts) and threshold is not None and expected_m >= threshold
 
 
-def gemm_provider(impl: str, layout: str, n: int, k: int, expected_m: int, device: torch.device, max_m: int = 0) -> str:
+def gemm_provider(
+    impl: str,
+    layout: str,
+    n: int,
+    k: int,
+    expected_m: int,
+    device: torch.device,
+    max_m: int = 0,
+    num_experts: int = 0,
+) -> str:
     """The provider that serves one GEMM: `impl` as the policy's KernelChoice names it ("best" is
     resolved here, the one place that compares our kernels)."""
     if device.type != "cuda" or impl == "reference":
@@ -90,7 +99,7 @@ def gemm_provider(impl: str, layout: str, n: int, k: int, expected_m: int, devic
     if not _cuda_available(device):
         return "triton"
     if layout == "masked":
-        return "cuda" if cuda_masked_pays(n, k, max_m, expected_m) else "triton"
+        return "cuda" if cuda_masked_pays(n, k, max_m, expected_m, num_experts) else "triton"
     return "cuda" if cuda_contiguous_pays(n, k, expected_m) else "triton"
 
 

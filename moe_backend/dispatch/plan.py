@@ -251,7 +251,7 @@ def _make_plan(
         max_m = 0
         rows_hint = expected_m * num_experts
     shapes = ((two_i, hidden), (hidden, intermediate))
-    providers = [gemm_provider(choice.impl, layout, n, k, expected_m, device, max_m) for n, k in shapes]
+    providers = [gemm_provider(choice.impl, layout, n, k, expected_m, device, max_m, num_experts) for n, k in shapes]
     gemm1 = gemm_plan(providers[0], layout, expected_m, rows_hint, two_i, hidden, device)
     gemm2 = gemm_plan(providers[1], layout, expected_m, rows_hint, hidden, intermediate, device)
     if layout == "masked" and not masked_max_m and "cuda" in (gemm1.provider, gemm2.provider):

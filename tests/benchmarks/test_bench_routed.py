@@ -33,6 +33,7 @@ counts[int(torch.argmax(counts))] += 8 * e - int(counts.sum())
 class Args:
     vllm_configs = 2
     cuda_masked = False
+    rounds = 1
 
 res = bg.run_routed_cell("tp8", "w2", e, n, k, 256, 8, "zipf:1.2", counts, [16, 128, 1024], (b, bs),
                          bg.RefChecker(b, bs, experts=()), {}, Args, sys.stderr)
@@ -69,8 +70,8 @@ bg.SHAPES = {"tp8": [("w13", 8, 64, 128, 256), ("w2", 8, 72, 256, 256)]}
 bg.random_fp8_weights = lambda e, n, k: quantize_fp8_blockwise(torch.randn(e, n, k) * 0.05)
 out = sys.argv[1]
 args = argparse.Namespace(slices="tp8", tp8_rows="4", ep8_rows="", routings="uniform,zipf:1.2", max_m="16,64",
-                          gemms="w2", seed=0, vllm_configs=1, budget_s=0, cuda_masked=False, json=out + ".json",
-                          md=out + ".md")
+                          gemms="w2", seed=0, vllm_configs=1, budget_s=0, cuda_masked=False, rounds=1,
+                          json=out + ".json", md=out + ".md")
 bg.main_routed(args, {"device": "cpu", "torch": "", "triton": "", "cuda": "", "deep_gemm": "-", "vllm_source": "-",
                       "date": ""}, {}, {}, sys.stderr)
 """

@@ -46,6 +46,25 @@ def test_weights_are_checked_before_the_direct_launch() -> None:
         )
 
 
+def test_expert_count_is_bounded_by_the_live_tile_table() -> None:
+    from moe_backend.cuda.config import MAX_MASKED_EXPERTS
+    from moe_backend.dispatch import gemm_choice
+
+    assert masked.supports_experts(MAX_MASKED_EXPERTS) and not masked.supports_experts(MAX_MASKED_EXPERTS + 1)
+    e = MAX_MASKED_EXPERTS + 1
+    with pytest.raises(ValueError, match=f"at most {MAX_MASKED_EXPERTS} experts"):
+        masked.grouped_gemm_masked(
+            torch.zeros(e, 128, 128).to(FP8_DTYPE),
+            torch.ones(e, 128, 1),
+            torch.zeros(e, 128, 128).to(FP8_DTYPE),
+            torch.ones(e, 1, 1),
+            torch.zeros(e, dtype=torch.int32),
+        )
+    # The plan's choice: past the table's size the masked layout runs on Triton.
+    assert gemm_choice.cuda_masked_pays(7168, 256, 128, 128, num_experts=256)
+    assert not gemm_choice.cuda_masked_pays(7168, 256, 128, 128, num_experts=e)
+
+
 def test_masked_m_dtype_is_checked() -> None:
     a = torch.zeros(2, 128, 128).to(FP8_DTYPE)
     with pytest.raises(TypeError, match="masked_m"):
@@ -67,6 +86,6 @@ def test_best_picks_cuda_only_where_measured_and_tiles_fit() -> None:
     assert gemm_choice.cuda_masked_pays(4096, 7168, 256, 128)
     assert gemm_choice.cuda_masked_pays(512, 7168, 128, 128)
     assert not gemm_choice.cuda_masked_pays(1024, 7168, 128, 128)  # a shape not in the measured list
-    # Contiguous: every cell from 256 rows per expert, the wide GEMMs from 64.
-    assert gemm_choice.cuda_contiguous_pays(7168, 256, 256) and not gemm_choice.cuda_contiguous_pays(7168, 256, 128)
+    # Contiguous: every GEMM from 64 rows per expert (the narrow TP8 ones measured at the layer).
+    assert gemm_choice.cuda_contiguous_pays(7168, 256, 64) and not gemm_choice.cuda_contiguous_pays(7168, 256, 32)
     assert gemm_choice.cuda_contiguous_pays(4096, 7168, 64) and not gemm_choice.cuda_contiguous_pays(4096, 7168, 32)

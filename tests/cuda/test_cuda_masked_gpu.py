@@ -58,9 +58,35 @@ def test_matches_reference(max_m, n, k, counts) -> None:
     _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)
 
 
-def test_graph_replay_with_new_counts() -> None:
+@pytest.mark.parametrize(
+    "max_m,n,k,num_experts",
+    [
+        (128, 512, 256, 300),  # single CTAs; more experts than one CTA's threads and the scan's 32
+        (256, 512, 1024, 70),  # A-sharing pairs
+    ],
+)
+def test_many_experts_and_counts_out_of_range(max_m, n, k, num_experts) -> None:
+    """Each CTA counts every expert's live tiles itself (scheduler.cuh, LiveTiles): experts past
+    the first scan chunks, and masked_m outside [0, max_m] read as clamped (it is not checked on
+    the host: that would sync)."""
     op = _op()
-    e, max_m, n, k = 8, 128, 512, 7168
+    gen = torch.Generator().manual_seed(num_experts)
+    counts = torch.randint(-3, max_m + 40, (num_experts,), generator=gen, dtype=torch.int32)
+    counts[::7] = 0
+    a, a_s = quantize_fp8_per_token_group(torch.randn(num_experts, max_m, k, device="cuda"))
+    b, bs = quantize_fp8_blockwise(torch.randn(num_experts, n, k, device="cuda") * 0.05)
+    out = torch.full((num_experts, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    op(a, a_s, b, bs, counts.cuda(), out)
+    clamped = counts.clamp(0, max_m).cuda()
+    _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, clamped), clamped)
+
+
+@pytest.mark.parametrize("max_m", [128, 384])
+def test_graph_replay_with_new_counts(max_m) -> None:
+    """The live tiles are counted on the device at every replay: counts that grow, shrink and
+    vanish between replays of one graph."""
+    op = _op()
+    e, n, k = 8, 512, 7168
     a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
     b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda") * 0.05)
     masked_m = torch.full((e,), max_m, dtype=torch.int32, device="cuda")
@@ -69,7 +95,7 @@ def test_graph_replay_with_new_counts() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         op(a, a_s, b, bs, masked_m, out)
-    for counts in ([1, 0, 128, 7, 64, 0, 0, 127], [128] * 8):
+    for counts in ([1, 0, max_m, 7, 64, 0, 0, max_m - 1], [max_m] * 8, [0] * 8, [0, 0, 0, 0, 0, 0, 0, min(130, max_m)]):
         new_a, new_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
         a.copy_(new_a)
         a_s.copy_(new_s)

@@ -76,7 +76,7 @@ def test_config_choice_printed_once(capsys):
 
 @pytest.mark.parametrize("n,k", [(7168, 256), (4096, 7168), (512, 7168), (7168, 2048)])
 def test_masked_decode_configs_walk_m_tile_major(n, k):
-    """The masked configs meet the dead-tile skip's preconditions (TileScheduler::skip_dead_rest:
+    """The masked configs walk the dense list of live units (scheduler.cuh, kDenseMaskedWalk:
     group_m 1, one M tile per unit)."""
     cfg = select_masked_config(n, k)
     assert cfg.group_m == 1 and (cfg.cluster == 1 or cfg.multicast == "a")
