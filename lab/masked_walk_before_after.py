@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_grouped_gemm import graphed
 from moe_backend import reference, testing
 from moe_backend.cuda import driver, launch
 from moe_backend.cuda.config import NUM_THREADS
@@ -107,7 +108,7 @@ def main() -> None:
                 c = int(counts[hot])
                 err = float((out_new[hot, :c].float() - ref[0, :c].float()).norm() / ref[0, :c].float().norm())
                 pad_ok = all(bool(torch.isnan(out_new[x, int(counts[x]) :].float()).all()) for x in range(e))
-                graphs = {name: _graphed(fn) for name, fn in fns.items()}
+                graphs = {name: graphed(fn) for name, fn in fns.items()}
                 t = testing.interleaved_us(graphs, rounds=args.rounds)
                 us = {name: v["us"] for name, v in t.items()}
                 dg_us = us.get("dg")
@@ -122,15 +123,6 @@ def main() -> None:
                 )
                 del graphs, fns, a, a_s, out_new, out_old, out_dg
                 torch.cuda.empty_cache()
-
-
-def _graphed(fn):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 if __name__ == "__main__":
