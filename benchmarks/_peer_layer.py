@@ -139,6 +139,23 @@ def layer_floor(
     )
 
 
+def prefill_bound(counts: torch.Tensor, tokens: int, topk: int, hidden: int, copy_tbs: float) -> dict:
+    """What any layer built around two per-expert GEMMs adds to them at least, at the copy bandwidth
+    (bytes read plus written) measured in the same run: the token quant (x bf16 `[T, H]` read, FP8
+    and its 1x128 scales written; the peers' GEMM1 is handed FP8 rows) and the weighted combine (the
+    GEMM2 rows bf16 `[R, H]` and their token slots and weights read, the output bf16 `[T, H]` written).
+
+    Left out as if fused away: the row gather (GEMM1 loading token rows itself) and the SiLU*up quant
+    (in GEMM1's epilogue). The combine stays: a token's k rows come from k experts' tiles, finished
+    at unrelated times, so summing them in GEMM2's epilogue (atomics into the output) moves at least
+    the bytes the separate pass does once the output does not fit in L2."""
+    rows = int(counts.long().sum())
+    quant = tokens * hidden * 2 + tokens * hidden + 4 * tokens * -(-hidden // GROUP)
+    combine = rows * hidden * 2 + rows * 8 + tokens * hidden * 2
+    nbytes = quant + combine
+    return dict(bytes=nbytes, quant_bytes=quant, combine_bytes=combine, us=nbytes / (copy_tbs * 1e12) * 1e6)
+
+
 class VllmRoutedMoE(_peers.VllmMoE):
     """vLLM's `fused_moe_kernel` on real routing: `_peers.VllmMoE`'s launcher with the alignment
     built from the routed slots (only local experts' slots: the EP rank's share of the work).

@@ -478,24 +478,45 @@ def run_routed_cell(
     seg = lambda x: slice(starts[x], starts[x] + int(counts[x]))  # noqa: E731
     out = torch.full((ids.numel(), n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     pad = ids < 0
+    out_cuda = out_dg = None
     record(
         "ours_contig",
         lambda: grouped_gemm_contiguous(a, a_s, b, bs, ids, out, expected_m=mean_rows),
         lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
         lambda: bool(torch.isnan(out[pad]).all()) and bool(torch.isfinite(out[~pad]).all()),
     )
+    if args.cuda_masked and ops.cuda_kernel_available():
+        # Our CUDA contiguous kernel (the policy's choice on this layout from 64 rows per expert),
+        # on its own output so its pad check is not undone by the other contenders' replays.
+        from moe_backend.cuda.grouped_gemm_contiguous import grouped_gemm_contiguous as cuda_contig
+
+        out_cuda = torch.full_like(out, float("nan"))
+        record(
+            "ours_cuda_contig",
+            lambda: cuda_contig(a, a_s, b, bs, ids, out_cuda),
+            lambda: [(x, a[seg(x)], a_s[seg(x)], out_cuda[seg(x)]) for x in check_e],
+            lambda: bool(torch.isnan(out_cuda[pad]).all()) and bool(torch.isfinite(out_cuda[~pad]).all()),
+            keep=True,
+        )
     if dg is not None:
         try:
             sfa = dg.transform_sf_into_required_layout(a_s, ids.numel(), k, (1, 128, 128), None, True)
-            out.fill_(float("nan"))
+            out_dg = torch.full_like(out, float("nan"))
             record(
                 "dg_contig",
-                lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, peers["dg_sfb"]), out, ids),
-                lambda: [(x, a[seg(x)], a_s[seg(x)], out[seg(x)]) for x in check_e],
+                lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, peers["dg_sfb"]), out_dg, ids),
+                lambda: [(x, a[seg(x)], a_s[seg(x)], out_dg[seg(x)]) for x in check_e],
+                keep=True,
             )
         except Exception as exc:
             res.setdefault("errors", {})["dg_contig"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    a = a_s = out = ids = None
+    if len(interleave) > 1:  # our CUDA contiguous kernel and DeepGEMM's, timed in the same rounds
+        timed = testing.interleaved_us(interleave, rounds=args.rounds)
+        for name, t in timed.items():
+            res["us"][name] = t["us"]
+        res["interleaved"] = sorted(set(res.get("interleaved", [])) | set(interleave))
+    interleave.clear()
+    a = a_s = out = out_cuda = out_dg = ids = None
 
     # ours, contiguous with the masked config's small tiles: segments padded to BLOCK_M on a static
     # bound of total + E * (BLOCK_M - 1) rows, the rows in use read on the device (num_rows)
@@ -581,7 +602,8 @@ def derive_routed(res: dict) -> dict:
 def render_routed(cells: list) -> str:
     head = (
         "| slice gemm | mean rows | routing (max/mean, idle) | ours masked µs @max_m | ours CUDA masked "
-        "| ours contig | ours contig/BM | vLLM | DG masked @max_m | DG contig | best peer | ours best/peer | "
+        "| ours contig | ours CUDA contig | ours contig/BM | vLLM | DG masked @max_m | DG contig | best peer | "
+        "ours best/peer | "
         "masked@max/peer | max_m cost (hi/lo) | err | pad |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
@@ -593,8 +615,9 @@ def render_routed(cells: list) -> str:
         lines.append(
             f"| {c['slice']} {c['gemm']} | {c['rows']} | {c['routing']} ({c['describe']}) | {masked or '–'} | "
             f"{cuda or '–'} | "
-            f"{_fmt(us.get('ours_contig'), '.0f')} | {_fmt(us.get('ours_contig_small'), '.0f')} | "
-            f"{_fmt(us.get('vllm'), '.0f')} | {dgm or '–'} | {_fmt(us.get('dg_contig'), '.0f')} | "
+            f"{_fmt(us.get('ours_contig'), '.0f')} | {_fmt(us.get('ours_cuda_contig'), '.0f')} | "
+            f"{_fmt(us.get('ours_contig_small'), '.0f')} | {_fmt(us.get('vllm'), '.0f')} | {dgm or '–'} | "
+            f"{_fmt(us.get('dg_contig'), '.0f')} | "
             f"{d['best_peer'] or '–'} | {_fmt(d['best_ours_vs_peer'], '.3f')} ({d['best_ours'] or '–'}) | "
             f"{_fmt(d['masked_hi_vs_peer'], '.3f')} | {_fmt(d['max_m_cost'], '.3f')}"
             f"{' (%d/%d)' % d['max_m_span'][::-1] if d['max_m_span'] else ''}"
@@ -753,8 +776,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--cuda-masked",
         action="store_true",
-        help="routed mode: also our CUDA masked kernel at each max_m (a multiple of 128; one JIT build "
-        "per max_m and shape)",
+        help="routed mode: also our CUDA kernels: the masked one at each max_m (a multiple of 128; one JIT "
+        "build per max_m and shape) and the contiguous one (timed in interleaved rounds with DeepGEMM's)",
     )
     args = p.parse_args(argv)
     routed = args.routings is not None

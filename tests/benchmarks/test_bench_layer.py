@@ -120,6 +120,31 @@ def test_layer_floor_counts_touched_experts_activations_and_intermediate():
     assert idle["weight_bytes"] == 0 and idle["bytes"] == 2 * tokens * hidden * 2 + tokens * topk * 8
 
 
+def test_prefill_bound_counts_token_quant_and_combine_bytes():
+    counts = torch.tensor([0, 2, 5, 0])
+    hidden, tokens = 256, 3
+    b = _peer_layer.prefill_bound(counts, tokens, 4, hidden, copy_tbs=2.0)
+    quant = tokens * hidden * 3 + 4 * tokens * 2  # bf16 read, FP8 written, two 1x128 scales per token
+    combine = 7 * hidden * 2 + 7 * 8 + tokens * hidden * 2  # the GEMM2 rows, their slots, the output
+    assert b["quant_bytes"] == quant and b["combine_bytes"] == combine and b["bytes"] == quant + combine
+    assert math.isclose(b["us"], (quant + combine) / 2e12 * 1e6)
+
+
+def test_prefill_miss_says_when_the_bound_is_out_of_reach():
+    cell = _cell("prefill", 16384, 3000.0, 1800.0, 1800.0, 1100.0, 3050.0, 3000.0)
+    cell["prefill_bound"] = {"us": 600.0}
+    d = bench_layer.derive(cell)
+    assert math.isclose(d["bound_us"], 2400.0) and math.isclose(d["bound_ratio"], 4 / 3)
+    assert math.isclose(d["pct_bound"], 80.0)
+    assert d["misses"] == ["1.67x DG contig > 1.2 (bound 1.33x)"]
+    cell["prefill_bound"] = {"us": 100.0, "bytes": 4.0e8}  # within reach: the plain miss
+    assert bench_layer.derive(cell)["misses"] == ["1.67x DG contig > 1.2"]
+    cell["derived"] = bench_layer.derive(cell)
+    cell.update(slice="tp8", routing="uniform")
+    table = bench_layer.prefill_bound_table([cell])
+    assert len(table) == 3 and "| 400 | 100.0 | 1900.0 | 1.06 | 1.67 | 63% |" in table[2]
+
+
 def test_ep8_relabel_keeps_every_count_and_picks_the_busiest_rank():
     ids = _routed(64, 256, 8, 1.2, 3)
     per_rank = testing.expert_counts(ids, 256).view(8, 32).sum(1)
