@@ -55,10 +55,9 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     smallbatch) TAIL=30 step smallbatch 200 python3 -m lab.sweep_small_batch ${SMALLBATCH_ARGS:-} ;;
     tokensweep) TAIL=30 step tokensweep 170 python3 -m lab.sweep_token_gemv --json "$F/token_gemv.json" ;;
     prefillgather) TAIL=40 step prefillgather 150 python3 -m lab.prefill_gather_a ;;
-    maskedwalk) # the CUDA masked GEMM's live-tile walk vs the headers in OLD_CUDA (an earlier copy; unset:
-           # the current ones without grouping), MASKEDWALK_ARGS for more (e.g. --group-m 4 --routings zipf:1.2)
+    maskedwalk) # the CUDA masked GEMM's live-tile walk vs the headers in OLD_CUDA (an earlier copy)
            TAIL=40 step maskedwalk "${MASKEDWALK_MAX_S:-240}" python3 -m lab.masked_walk_before_after \
-             ${OLD_CUDA:+--old "$OLD_CUDA"} ${MASKEDWALK_ARGS:-} ;;
+             --old "${OLD_CUDA:-.old_cuda}" ${MASKEDWALK_ARGS:-} ;;
     routed) # bench_grouped_gemm under routed counts with our CUDA masked kernel, masked contenders interleaved
            TAIL=30 step routed "${ROUTED_MAX_S:-300}" python3 -m benchmarks.bench_grouped_gemm --json "$F/routed.json" \
              --md "$F/routed.md" --log "$F/routed.log" --routings ${ROUTINGS:-uniform,zipf:0.6,zipf:0.9,zipf:1.2} \

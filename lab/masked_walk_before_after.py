@@ -6,12 +6,9 @@ max_m from the hottest expert's rows (rounded up to 128) to 1024. CUDA-graph rep
 interleaved rounds; the two builds' outputs must match bit for bit (the same tiles, computed by
 other CTAs).
 
-    python -m lab.masked_walk_before_after --old DIR [--rows 128] [--rounds 5] [--group-m 1,4]
+    python -m lab.masked_walk_before_after --old DIR [--rows 128] [--rounds 5]
 
-DIR holds the earlier *.cuh files (e.g. `git show REV:moe_backend/cuda/scheduler.cuh`, ...); without
-`--old`, "before" is the current headers built with one live M tile per group (no grouping).
-`--group-m` adds builds of the current headers with another number of an expert's live M tiles
-swept together (`-DPHASEMOE_LIVE_GROUP_M=G`, columns gG; 1 is the walk without grouping).
+DIR holds the earlier *.cuh files (e.g. `git show REV:moe_backend/cuda/scheduler.cuh`, ...).
 """
 
 from __future__ import annotations
@@ -33,16 +30,11 @@ from moe_backend.quant import quantize_fp8_per_token_group
 SHAPES = {"w13": (4096, 7168), "w2": (7168, 2048)}
 
 
-def old_kernel(n, k, cfg, max_m, old_dir: Path | None, m: int, suffix="_before", flags=()):
-    """The kernel built from the headers in `old_dir` (None: the current ones) with extra nvcc flags."""
+def old_kernel(n, k, cfg, max_m, old_dir: Path, m: int):
     spec = launch.kernel_spec(n, k, cfg, masked_max_m=max_m)
-    name = spec.kernel_name + suffix
+    name = spec.kernel_name + "_before"
     spec = dataclasses.replace(
-        spec,
-        kernel_name=name,
-        source=spec.source.replace(spec.kernel_name, name),
-        include_dirs=(old_dir,) if old_dir is not None else spec.include_dirs,
-        flags=tuple(flags),
+        spec, kernel_name=name, source=spec.source.replace(spec.kernel_name, name), include_dirs=(old_dir,)
     )
     kernel = driver.load_kernel(spec, torch.cuda.current_device())
     grid = launch.grid_size(m, n, cfg, torch.cuda.get_device_properties(0).multi_processor_count)
@@ -54,24 +46,19 @@ def old_kernel(n, k, cfg, max_m, old_dir: Path | None, m: int, suffix="_before",
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--old", type=Path, help="earlier headers; default: the current ones built without grouping")
+    p.add_argument("--old", required=True, type=Path)
     p.add_argument("--rows", type=int, default=128)
     p.add_argument("--routings", default="uniform,zipf:0.6,zipf:0.9,zipf:1.2")
     p.add_argument("--gemms", default="w13,w2")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--group-m", default="", help="extra builds of the current headers: live M tiles per group")
     args = p.parse_args()
-    groups = [int(g) for g in args.group_m.split(",") if g]
     try:
         import deep_gemm as dg
     except ImportError:
         dg = None
     e = 32
-    extra = "".join(f" g{g} µs |" for g in groups)
-    print(
-        f"| gemm | routing (max/mean) | max_m | before µs | after µs |{extra} after/before | DG masked µs | DG/after |"
-    )
-    print("|---|---|---|---|---|---|---|---|" + "---|" * len(groups))
+    print("| gemm | routing (max/mean) | max_m | before µs | after µs | after/before | DG masked µs | DG/after |")
+    print("|---|---|---|---|---|---|---|---|")
     for gemm in args.gemms.split(","):
         n, k = SHAPES[gemm]
         b, bs = testing.random_fp8_weights(e, n, k)
@@ -88,11 +75,11 @@ def main() -> None:
                 out_old = out_new.clone()
                 out_dg = out_new.clone()
                 m = e * max_m
+                kernel, grid = old_kernel(n, k, cfg, max_m, args.old, m)
+                params = launch.kernel_args(a.view(m, k), a_s.view(m, -1), b, bs, counts_dev, out_old.view(m, n), cfg)
 
-                def built(old_dir, out, suffix="_before", flags=(), a=a, a_s=a_s):
-                    kernel, grid = old_kernel(n, k, cfg, max_m, old_dir, m, suffix, flags)
-                    params = launch.kernel_args(a.view(m, k), a_s.view(m, -1), b, bs, counts_dev, out.view(m, n), cfg)
-                    return lambda: kernel.launch(
+                def before(kernel=kernel, grid=grid, params=params):
+                    kernel.launch(
                         grid=(grid, 1, 1),
                         block=(NUM_THREADS, 1, 1),
                         smem=cfg.smem_bytes,
@@ -102,15 +89,9 @@ def main() -> None:
                     )
 
                 fns = {
-                    "before": built(args.old, out_old)
-                    if args.old is not None
-                    else built(None, out_old, "_g1", ("-DPHASEMOE_LIVE_GROUP_M=1",)),
+                    "before": before,
                     "after": lambda a=a, a_s=a_s, o=out_new: cuda_masked(a, a_s, b, bs, counts_dev, o, config=cfg),
                 }
-                outs = {}
-                for g in groups:
-                    outs[g] = out_new.clone()
-                    fns[f"g{g}"] = built(None, outs[g], f"_g{g}", (f"-DPHASEMOE_LIVE_GROUP_M={g}",))
                 if dg is not None:
                     sfa = dg.transform_sf_into_required_layout(a_s, max_m, k, (1, 128, 128), e, True)
                     fns["dg"] = lambda a=a, sfa=sfa, o=out_dg: dg.m_grouped_fp8_fp4_gemm_nt_masked(
@@ -119,9 +100,7 @@ def main() -> None:
                 for fn in fns.values():
                     fn()
                 torch.cuda.synchronize()
-                same = all(
-                    torch.equal(out_new.view(torch.int16), o.view(torch.int16)) for o in (out_old, *outs.values())
-                )
+                same = torch.equal(out_new.view(torch.int16), out_old.view(torch.int16))
                 hot = int(torch.argmax(counts))
                 ref = reference.grouped_gemm_masked(
                     a[hot : hot + 1], a_s[hot : hot + 1], b[hot : hot + 1], bs[hot : hot + 1], counts_dev[hot : hot + 1]
@@ -138,12 +117,11 @@ def main() -> None:
                 print(
                     f"| {gemm} | {routing} ({top / args.rows:.1f}x) | {max_m} | "
                     f"{us['before']:.1f} | {us['after']:.1f} | "
-                    + "".join(f"{us[f'g{g}']:.1f} | " for g in groups)
-                    + f"{us['after'] / us['before']:.3f} | {dg_text} | {dg_ratio} |"
+                    f"{us['after'] / us['before']:.3f} | {dg_text} | {dg_ratio} |"
                     + ("" if same and pad_ok and err <= 2e-3 else f" **same={same} pad={pad_ok} err={err:.1e}**"),
                     flush=True,
                 )
-                del graphs, fns, a, a_s, out_new, out_old, out_dg, outs
+                del graphs, fns, a, a_s, out_new, out_old, out_dg
                 torch.cuda.empty_cache()
 
 

@@ -12,15 +12,6 @@ namespace phasemoe {
 // Experts the masked layout's dense walk can index (LiveTiles' table: 4 KB of shared memory).
 constexpr int kMaxMaskedExperts = 1024;
 
-// The dense walk numbers an expert's live units in groups of this many M tiles sweeping the N
-// units together (as kGroupM does for the contiguous layout): a hot expert's M tiles in flight at
-// one time share each B tile in L2 instead of re-reading the expert's weights once per M tile.
-// An expert with one live tile (uniform decode counts) is walked as before. The lab overrides it.
-#ifndef PHASEMOE_LIVE_GROUP_M
-#define PHASEMOE_LIVE_GROUP_M 8
-#endif
-constexpr int kLiveGroupM = PHASEMOE_LIVE_GROUP_M;
-
 // Whether a masked kernel walks a dense list of its live units (LiveTiles) instead of the whole
 // [E * max_m / 128] tile space: configs whose units hold one M tile, numbered M-unit-major.
 template <int kGroupUnits, int kCluster, int kMcastA, int kMaskedMaxM>
@@ -90,18 +81,12 @@ struct TileScheduler {
   }
 
   // kDense: unit t of the live units -> its M tile in the [E * max_m / 128] space. A CTA's units
-  // increase, so the expert only moves forward (past experts without rows). Within an expert,
-  // kLiveGroupM consecutive M tiles sweep the N units together (the last group may be smaller).
+  // increase, so the expert only moves forward (past experts without rows).
   __device__ __forceinline__ void live_unit_coords(int t, int& m_unit, int& n_unit) {
-    while (live_prefix[expert + 1] * kNumNUnits <= t) ++expert;
-    const int first_tile = live_prefix[expert];
-    const int u = t - first_tile * kNumNUnits;
-    const int group = u / (kLiveGroupM * kNumNUnits);
-    const int first_m = group * kLiveGroupM;
-    const int rows_in_group = min(live_prefix[expert + 1] - first_tile - first_m, kLiveGroupM);
-    const int r = u - group * (kLiveGroupM * kNumNUnits);
-    m_unit = expert * (kMaskedMaxM / kBlockM) + first_m + r % rows_in_group;
-    n_unit = r / rows_in_group;
+    const int live_m = t / kNumNUnits;
+    n_unit = t - live_m * kNumNUnits;
+    while (live_prefix[expert + 1] <= live_m) ++expert;
+    m_unit = expert * (kMaskedMaxM / kBlockM) + (live_m - live_prefix[expert]);
   }
 
   // Units are numbered so that kGroupM consecutive M units sweep the N units together: the CTAs

@@ -44,8 +44,8 @@ def _check(out, ref, masked_m) -> None:
         (1024, 7168, 256, [0, 1000, 3, 0, 0, 128, 129, 1, 0, 17, 256, 0, 0, 0, 5, 1024]),
         (1024, 4096, 7168, [0, 2, 700, 0, 1, 0, 0, 384]),
         (512, 512, 7168, [0] * 30 + [300, 1]),
-        # hot experts past one group of live M tiles swept together (scheduler.cuh, kLiveGroupM = 8):
-        # 11 and 12 tiles, a full group and a partial one, beside experts of one tile and none
+        # hot experts over 11 and 12 live M tiles (Zipf-like decode counts at a large max_m) beside
+        # experts of one tile and none
         (1536, 4096, 7168, [1300, 0, 129, 1536]),
         (1536, 7168, 256, [1300, 2, 0, 1100, 1]),
     ],
