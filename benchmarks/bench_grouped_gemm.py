@@ -61,16 +61,6 @@ ROUTED_EXPERTS = 256  # DeepSeek-V3's, of which a slice holds E
 DEVICE = "cuda"  # the routed cells' device (a CPU smoke test runs them under the Triton interpreter)
 
 
-def graphed(fn):
-    """`fn` captured in a CUDA graph (called once first, outside the capture): its replay."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def bench(fn, warmup_ms=10, rep_ms=50) -> float:
     """CUDA-graph replay, do_bench median, µs (the CPU smoke test swaps this name for one call)."""
     return time_graph(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
@@ -401,10 +391,16 @@ def run_routed_cell(
             if pad_check is not None:
                 res["pad_ok"][name] = pad_check()
             if keep and args.rounds > 1:
-                interleave[name] = graphed(fn)
+                interleave[name] = testing.capture_graph(fn)[0]
         except Exception as exc:
             res.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {gemm} {mean_rows} {routing}] {name}: {res['errors'][name]}", file=log, flush=True)
+
+    def retime_interleaved():  # the kept contenders' graphs, timed again in the same rounds
+        for name, t in testing.interleaved_us(interleave, rounds=args.rounds).items():
+            res["us"][name] = t["us"]
+        res["interleaved"] = sorted(set(res.get("interleaved", [])) | set(interleave))
+        interleave.clear()
 
     # ours, masked, at each max_m (the same valid rows)
     dg = peers.get("dg")
@@ -460,11 +456,7 @@ def run_routed_cell(
         if not interleave:
             torch.cuda.empty_cache()
     if interleave:
-        timed = testing.interleaved_us(interleave, rounds=args.rounds)
-        for name, t in timed.items():
-            res["us"][name] = t["us"]
-        res["interleaved"] = sorted(interleave)
-        interleave.clear()
+        retime_interleaved()
         held.clear()
         torch.cuda.empty_cache()
 
@@ -511,10 +503,7 @@ def run_routed_cell(
         except Exception as exc:
             res.setdefault("errors", {})["dg_contig"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     if len(interleave) > 1:  # our CUDA contiguous kernel and DeepGEMM's, timed in the same rounds
-        timed = testing.interleaved_us(interleave, rounds=args.rounds)
-        for name, t in timed.items():
-            res["us"][name] = t["us"]
-        res["interleaved"] = sorted(set(res.get("interleaved", [])) | set(interleave))
+        retime_interleaved()
     interleave.clear()
     a = a_s = out = out_cuda = out_dg = ids = None
 

@@ -49,10 +49,9 @@ def time_plans(plans: dict, operands: tuple, *, rep_ms: int = 40, warmup_ms: int
     """Each plan's routed pipeline on the same operands `(x, w13, w13_s, w2, w2_s, topk_weights,
     topk_ids)` (bf16 x, expert offset 0, fp32 scales): run once for its output (fp32), captured in
     a CUDA graph, then all replays timed in interleaved rounds. Returns ({name: times}, {name: out})."""
-    import torch
 
     from moe_backend.plan_execution import run_plan
-    from moe_backend.testing import interleaved_us
+    from moe_backend.testing import capture_graph, interleaved_us
 
     x, w13, w13_s, w2, w2_s, tw, ti = operands
     outs, fns = {}, {}
@@ -62,9 +61,5 @@ def time_plans(plans: dict, operands: tuple, *, rep_ms: int = 40, warmup_ms: int
             return run_plan(plan, x, None, w13, w13_s, w2, w2_s, tw, ti, 0, False)
 
         outs[name] = fn().float()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        fns[name] = graph.replay
+        fns[name] = capture_graph(fn)[0]
     return interleaved_us(fns, rounds=3, warmup_ms=warmup_ms, rep_ms=rep_ms), outs

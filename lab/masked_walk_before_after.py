@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_grouped_gemm import graphed
 from moe_backend import reference, testing
 from moe_backend.cuda import driver, launch
 from moe_backend.cuda.config import NUM_THREADS
@@ -108,7 +107,7 @@ def main() -> None:
                 c = int(counts[hot])
                 err = float((out_new[hot, :c].float() - ref[0, :c].float()).norm() / ref[0, :c].float().norm())
                 pad_ok = all(bool(torch.isnan(out_new[x, int(counts[x]) :].float()).all()) for x in range(e))
-                graphs = {name: graphed(fn) for name, fn in fns.items()}
+                graphs = {name: testing.capture_graph(fn)[0] for name, fn in fns.items()}
                 t = testing.interleaved_us(graphs, rounds=args.rounds)
                 us = {name: v["us"] for name, v in t.items()}
                 dg_us = us.get("dg")

@@ -283,6 +283,17 @@ def describe_counts(counts: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def capture_graph(fn: Callable[[], object]) -> tuple[Callable[[], None], object]:
+    """`fn` captured in a CUDA graph after one call outside the capture (compile, warm-up):
+    (the graph's replay, what the captured call returned; written by each replay)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn()
+    return graph.replay, static_out
+
+
 def time_graph(
     fn: Callable[[], object],
     *,
@@ -294,16 +305,12 @@ def time_graph(
     `on_output` sees what the captured call returned, after the first replay wrote it."""
     import triton
 
-    fn()  # compile / warm outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn()
-    graph.replay()
+    replay, static_out = capture_graph(fn)
+    replay()
     torch.cuda.synchronize()
     if on_output is not None:
         on_output(static_out)
-    return 1e3 * triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return 1e3 * triton.testing.do_bench(replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def interleaved_us(
