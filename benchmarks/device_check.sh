@@ -2,7 +2,7 @@
 # One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
-# tunerouted smallbatch tokensweep prefillgather maskedwalk routed); a step starts only with at least 30 s left and
+# tunerouted smallbatch tokensweep prefillgather gathera maskedwalk routed); a step starts only with at least 30 s left and
 # gets at most min(its own limit, what is left). With GATE=1 a failing `graphtests` step stops the
 # run (nothing after it is worth timing). Logs, the layer benchmark's JSON and docs section, the
 # sweeps' JSON and re-tuned tables are tarred into $OUT/check.tgz (a call returns at most 8 files).
@@ -55,6 +55,11 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     smallbatch) TAIL=30 step smallbatch 200 python3 -m lab.sweep_small_batch ${SMALLBATCH_ARGS:-} ;;
     tokensweep) TAIL=30 step tokensweep 170 python3 -m lab.sweep_token_gemv --json "$F/token_gemv.json" ;;
     prefillgather) TAIL=40 step prefillgather 150 python3 -m lab.prefill_gather_a ;;
+    gathera) # the CUDA GEMM1 reading token rows through src_token: its GPU tests (debug build: a hang
+           # traps), then the prefill pipeline with and without it, same run (lab.prefill_gather_a)
+           step gathertests 90 env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -p no:cacheprovider \
+             tests/cuda/test_cuda_gemm_gpu.py -k gather \
+           && TAIL=40 step gatherlab 200 python3 -m lab.prefill_gather_a ${GATHERA_ARGS:---tokens 2048,16384} ;;
     maskedwalk) # the CUDA masked GEMM's live-tile walk vs the headers in OLD_CUDA (an earlier copy)
            TAIL=40 step maskedwalk "${MASKEDWALK_MAX_S:-240}" python3 -m lab.masked_walk_before_after \
              --old "${OLD_CUDA:-.old_cuda}" ${MASKEDWALK_ARGS:-} ;;

@@ -7,7 +7,9 @@ as a CUDA-graph replay under plan variants that differ only in GEMM1's provider 
   g1triton   GEMM1 on our Triton kernel over the gathered rows (its tuned contiguous config)
   g1gather   GEMM1 on our Triton kernel reading token rows through src_token (no gather)
   allgather  both GEMMs on Triton, GEMM1 gathering
-Timed interleaved (rounds of A B C D), checked against the policy plan's output (rel err).
+  cudagather / cudacopy  the policy plan with our CUDA GEMM1 reading the token rows through
+             src_token itself / over the gathered copy (whichever the policy did not pick)
+Timed interleaved (rounds of A B C D E), checked against the policy plan's output (rel err).
 
     python -m lab.prefill_gather_a                         # GPU, about a minute
 """
@@ -51,6 +53,12 @@ def _variants(plan, device):
     out["g1triton"] = with_gemms(g1, plan.gemm2, False)
     out["g1gather"] = with_gemms(no_tma, plan.gemm2, True)
     out["allgather"] = with_gemms(no_tma, g2, True)
+    if plan.gemm1.provider == "cuda":  # the CUDA GEMM1 with the other choice of operand
+        gather = not plan.gather_a
+        real_rows = min(plan.num_tokens * plan.topk, plan.expected_m * plan.num_experts)
+        fused = not gather and gemm_choice.fused_permute_quant_pays(plan.num_tokens, real_rows)
+        name = "cudagather" if gather else "cudacopy"
+        out[name] = dataclasses.replace(plan, gather_a=gather, fused_permute_quant=fused, graph_plan=None)
     return out
 
 

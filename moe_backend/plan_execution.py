@@ -70,7 +70,7 @@ def _gemm_contiguous(
     silu_a: dict | None = None,
 ):
     """rows_in_use: int32 `[1]` on the device, the layout's padded total; the rows past it (the
-    static bound's tail) are padding the kernels do not walk. a_rows (Triton only, `plan.gather_a`):
+    static bound's tail) are padding the kernels do not walk. a_rows (Triton and CUDA, `plan.gather_a`):
     the layout's src_token, A being the unpermuted token rows. splits_out (`g.split_k` > 1): int32
     `[1]`, the K slices the kernel cut (`out` then holds f32 partial sums). silu_a (Triton only,
     `plan.silu_in_gemm2`): a_fp8 is GEMM1's output h, from which the kernel computes its A; the
@@ -101,7 +101,7 @@ def _gemm_contiguous(
     elif g.provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import launch
 
-        launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=g.config, rows_in_use=rows_in_use)
+        launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=g.config, rows_in_use=rows_in_use, a_rows=a_rows)
     else:
         ops.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, impl=g.provider)
     return out
@@ -289,7 +289,9 @@ def _launch_plan(
         split1, split2 = plan.gemm1.split_k > 1, plan.gemm2.split_k > 1
         splits = torch.empty(2, dtype=torch.int32, device=dev) if split1 or split2 else None
         h = _gemm_output(plan.gemm1, plan.num_rows, dev)
-        a1, s1, ids1, h1 = _first_rows(walked, a_fp8, a_scale, ids, h)
+        ids1, h1 = _first_rows(walked, ids, h)
+        # Token rows read through a_rows are not layout rows: only the layout's tensors are cut.
+        a1, s1 = (a_fp8, a_scale) if a_rows is not None else _first_rows(walked, a_fp8, a_scale)
         _gemm_contiguous(
             plan.gemm1, a1, s1, w13_fp8, w13_scale_inv, ids1, h1, num_experts, rows_in_use, a_rows,
             splits[0:1] if split1 else None,

@@ -24,9 +24,10 @@
 
 namespace phasemoe {
 
-template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM>
+template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM,
+          int kGatherA = 0>
 struct GroupedGemmContiguous {
-  using T = KernelTraits<kN, kK, kBlockN, kStages, kGroupM, kCluster, kMcastA, kMaskedMaxM>;
+  using T = KernelTraits<kN, kK, kBlockN, kStages, kGroupM, kCluster, kMcastA, kMaskedMaxM, kGatherA>;
   using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM>;
   using Loop = Mainloop<T>;
   using Epi = Epilogue<T>;
@@ -43,12 +44,20 @@ struct GroupedGemmContiguous {
     uint64_t* empty;  // kStages mbarriers: the stage is released by every consumer warp
   };
 
-  // The producer warpgroup: the TMA lane and the scale warp walk the same live tiles through the
-  // ring, each filling its part of every stage once the consumers have released it.
+  // Gathered A: where the token rows come from (a_rows[layout row], -1 for padding; the rows of A).
+  struct GatherSource {
+    const int64_t* __restrict__ a_rows;
+    const uint8_t* __restrict__ a;
+  };
+
+  // The producer warpgroup: the TMA lane and the scale warp (and, for gathered A, warps 2 and 3)
+  // walk the same live tiles through the ring, each filling its part of every stage once the
+  // consumers have released it.
   __device__ __forceinline__ static void produce(const Smem& s, const sm90::TmaDescriptor& tmap_a,
                                                  const sm90::TmaDescriptor& tmap_b, const float* __restrict__ a_scale,
                                                  const float* __restrict__ b_scale, const Ids& expert_ids, int m,
-                                                 const int* live, uint32_t rank, int lane) {
+                                                 const int* live, uint32_t rank, int lane,
+                                                 const GatherSource& gather = {nullptr, nullptr}) {
     sm90::setmaxnreg_dec<kProducerRegs>();
     const int producer_warp = threadIdx.x / 32 - kNumConsumerWarpgroups * 4;
     auto for_each_stage = [&](auto&& fill) {
@@ -76,7 +85,22 @@ struct GroupedGemmContiguous {
       });
     } else if (producer_warp == 1) {
       for_each_stage([&](const TileRole& role, int kb, const RingPos& pos) {
-        Loop::load_scales(s.a_scales, s.b_scales, s.full, a_scale, b_scale, role, kb, pos, m, lane);
+        Loop::load_scales(s.a_scales, s.b_scales, s.full, a_scale, b_scale, role, kb, pos, m, lane, gather.a_rows);
+      });
+    } else if (kGatherA && producer_warp >= 2) {
+      // Warps 2 and 3: the tile's A rows, their token rows looked up once per tile. (Lanes 1-31
+      // of warp 0 take no branch.)
+      const int t = (producer_warp - 2) * 32 + lane;
+      int src[2] = {-1, -1};  // token rows fit 32 bits; the producer's 40 registers are few
+      for_each_stage([&](const TileRole& role, int kb, const RingPos& pos) {
+        if (kb == 0) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int row = role.m_tile * kBlockM + t + T::kGatherThreads * i;
+            src[i] = row < m ? static_cast<int>(__ldg(gather.a_rows + row)) : -1;
+          }
+        }
+        Loop::load_a_rows(s.a, s.full, gather.a, src, kb, pos.stage, t);
       });
     }
   }
@@ -149,7 +173,8 @@ struct GroupedGemmContiguous {
 
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
                                              const float* __restrict__ a_scale, const float* __restrict__ b_scale,
-                                             const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m) {
+                                             const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m,
+                                             const GatherSource& gather = {nullptr, nullptr}) {
     const Ids expert_ids{row_ids};
     const Smem s = carve_smem();
     const int warpgroup = uniform_warpgroup();
@@ -159,7 +184,7 @@ struct GroupedGemmContiguous {
     if constexpr (Scheduler::kDense) live = LiveTiles<kMaskedMaxM>::build(row_ids, m / kMaskedMaxM);
     init_barriers(s);
     if (warpgroup == kNumConsumerWarpgroups) {
-      produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, live, rank, lane);
+      produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, live, rank, lane, gather);
     } else {
       // The consumers, kept in run(): moved into a function of its own, this loop compiles to PTX
       // with other register numbering than the binary the benchmark tables measured.

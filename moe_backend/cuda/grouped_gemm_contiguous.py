@@ -33,6 +33,7 @@ def grouped_gemm_contiguous(
     out: torch.Tensor | None = None,
     *,
     config: ContiguousConfig | None = None,
+    a_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[m, :] = A[m] @ B[expert_ids[m]]^T with block scales; rows with id -1 are not written.
 
@@ -42,14 +43,27 @@ def grouped_gemm_contiguous(
     range-checked: that would sync with the host), out bf16 `[M, N]` (allocated zeroed when
     None, like the reference). All contiguous, on one Hopper GPU. `config` overrides the
     heuristic (MOE_BACKEND_PRINT_CONFIG=1 prints each new choice).
+
+    a_rows (the layout's src_token): int64 `[M]`; A and a_scale then hold token rows `[T, K]`,
+    `[T, K/128]`, and row m reads A[a_rows[m]] (-1: padding), so the rows are never copied into
+    the layout. Indices are not range-checked on the device either; values in [-1, T) are the
+    caller's contract.
     """
     check_tensor("a_fp8", a_fp8, dtypes=(FP8_DTYPE,), ndim=2, contiguous=True)
-    m, k = a_fp8.shape
+    rows, k = a_fp8.shape
     if k == 0 or k % BLOCK_K:
         raise ValueError(f"a_fp8: K ({k}) must be a positive multiple of {BLOCK_K}")
-    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(m, k // BLOCK_K), contiguous=True)
+    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(rows, k // BLOCK_K), contiguous=True)
     num_experts, n = check_weights(b_fp8, b_scale, k)
+    if a_rows is None:
+        m = rows
+    else:  # the layout's rows, behind which A's token rows lie
+        check_tensor("expert_ids", expert_ids, dtypes=(torch.int32, torch.int64), ndim=1, contiguous=True)
+        m = expert_ids.shape[0]
     check_tensor("expert_ids", expert_ids, dtypes=(torch.int32, torch.int64), shape=(m,), contiguous=True)
+    if a_rows is not None:
+        check_tensor("a_rows", a_rows, dtypes=(torch.int64,), shape=(m,), contiguous=True)
+        check_same_device(a_fp8=a_fp8, a_rows=a_rows)
     check_same_device(a_fp8=a_fp8, a_scale=a_scale, b_fp8=b_fp8, b_scale=b_scale, expert_ids=expert_ids)
     dev = a_fp8.device
     if out is None:
@@ -68,8 +82,8 @@ def grouped_gemm_contiguous(
     if expert_ids.dtype != torch.int32:
         expert_ids = expert_ids.to(torch.int32)
     if out.data_ptr() % 16:  # the epilogue stores 16-byte vectors
-        staged = grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, None, config=config)
+        staged = grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, None, config=config, a_rows=a_rows)
         pad = expert_ids < 0
         out[~pad] = staged[~pad]
         return out
-    return launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=config)
+    return launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=config, a_rows=a_rows)

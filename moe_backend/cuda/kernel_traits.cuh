@@ -18,7 +18,10 @@ constexpr int kProducerRegs = 40;
 
 // kMcastA = 0 with kCluster = 2: pairs of M tiles share B; kMcastA = 1: pairs of N tiles share A.
 // kMaskedMaxM > 0: the masked layout [E, kMaskedMaxM, K] read as a contiguous one.
-template <int kN_, int kK_, int kBlockN_, int kStages_, int kGroupM_, int kCluster_, int kMcastA_, int kMaskedMaxM_>
+// kGatherA = 1: A's rows are token rows read through a per-row index (`a_rows`), copied by the
+// producer's warps 2 and 3 (cp.async) instead of one TMA box.
+template <int kN_, int kK_, int kBlockN_, int kStages_, int kGroupM_, int kCluster_, int kMcastA_, int kMaskedMaxM_,
+          int kGatherA_ = 0>
 struct KernelTraits {
   static constexpr int kN = kN_;
   static constexpr int kK = kK_;
@@ -28,6 +31,7 @@ struct KernelTraits {
   static constexpr int kCluster = kCluster_;
   static constexpr int kMcastA = kMcastA_;
   static constexpr int kMaskedMaxM = kMaskedMaxM_;
+  static constexpr int kGatherA = kGatherA_;
 
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 256, "BLOCK_N: 64, 128 or 256");
@@ -35,6 +39,8 @@ struct KernelTraits {
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
   static_assert(kMaskedMaxM % kBlockM == 0, "masked layout: max_m must be a multiple of the 128-row tile");
+  static_assert(kGatherA == 0 || (kMcastA == 0 && kMaskedMaxM == 0),
+                "gathered A rows: contiguous layout, A not shared by a CTA pair");
 
   static constexpr int kKBlocks = kK / kBlockK;
   static constexpr int kNScaleBlocks = (kN + kScaleBlock - 1) / kScaleBlock;
@@ -94,8 +100,11 @@ struct KernelTraits {
   static constexpr uint32_t kSmemBytes =
       kStages * (kStageBytes + kScaleStageBytes) + kAScaleArea + 2 * kStages * sizeof(uint64_t) + 1024;
   // `full` completes on the TMA lane's expect_tx arrival plus one cp.async arrival per lane of
-  // the scale warp.
-  static constexpr uint32_t kFullArrivals = 1 + 32;
+  // the scale warp (and of the two A-row warps when A is gathered).
+  static constexpr int kGatherThreads = 64;
+  static constexpr uint32_t kFullArrivals = 1 + 32 + (kGatherA ? kGatherThreads : 0);
+  // Bytes the TMA loads of a stage deliver (gathered A rows come by cp.async).
+  static constexpr uint32_t kTmaStageBytes = kGatherA ? kBBytes : kStageBytes;
   static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0 && kBLoadBytes % 1024 == 0 && kALoadBytes % 1024 == 0,
                 "stage tiles must keep 1024-byte alignment");
   static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block can opt into");

@@ -6,6 +6,7 @@ call `launch`; the layer pipeline calls it directly with the config its plan hol
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -32,10 +33,19 @@ def _template() -> str:
 # Bounded: masked_max_m follows the masked layout's max_m, which an engine may vary per batch.
 @lru_cache(maxsize=1024)
 def kernel_spec(
-    n: int, k: int, config: ContiguousConfig, arch: str = jit.DEFAULT_ARCH, masked_max_m: int = 0
+    n: int,
+    k: int,
+    config: ContiguousConfig,
+    arch: str = jit.DEFAULT_ARCH,
+    masked_max_m: int = 0,
+    gather_a: bool = False,
 ) -> jit.KernelSpec:
     """The rendered source for one (N, K, config); M stays a runtime argument. masked_max_m > 0:
-    the masked layout `[E, max_m, K]`, the kernel reading masked_m in place of per-row ids."""
+    the masked layout `[E, max_m, K]`, the kernel reading masked_m in place of per-row ids.
+    gather_a: A's rows are token rows read through a per-row index (contiguous layout, configs
+    whose CTA pairs do not share A)."""
+    if gather_a and (masked_max_m or config.shares_a):
+        raise ValueError("gather_a: only on the contiguous layout, with a config whose CTA pairs do not share A")
     if k <= 0 or k % BLOCK_K:
         raise ValueError(f"k: must be a positive multiple of {BLOCK_K}, got {k}")
     if n <= 0:
@@ -51,10 +61,11 @@ def kernel_spec(
         "CLUSTER": config.cluster,
         "MCAST_A": int(config.shares_a),
         "MASKED_MAX_M": masked_max_m,
+        "GATHER_A": int(gather_a),
     }
     name = (
         "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_c{CLUSTER}_ma{MCAST_A}_mm{MASKED_MAX_M}"
-    ).format(**constants)
+    ).format(**constants) + ("_ga" if gather_a else "")
     source = _template()
     checked = {
         "KERNEL_NAME": name,
@@ -129,25 +140,35 @@ def kernel_args(
     out: torch.Tensor,
     cfg: ContiguousConfig,
     rows_in_use: torch.Tensor | None = None,
+    a_rows: torch.Tensor | None = None,
 ) -> list:
     """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
-    (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m, rows_in_use*); rows_in_use: int32
-    [1] on the device (rows of A in use) or a null pointer. Tensor maps: A `[M, K]` in 128 x 128
-    boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first); the operand a CTA pair
-    shares is loaded in halves, one per CTA."""
+    (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m, rows_in_use*, a_rows*, a*);
+    rows_in_use: int32 [1] on the device (rows of A in use) or a null pointer. Tensor maps: A
+    `[M, K]` in 128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first);
+    the operand a CTA pair shares is loaded in halves, one per CTA. a_rows (gathered A): int64
+    `[M]`, the row of A (token rows, `[T, K]`) behind each layout row, -1 for padding; M is then
+    the layout's rows (expert_ids), and the kernel reads A through a_rows instead of tmap_a."""
     m, k = a_fp8.shape
     num_experts, n, _ = b_fp8.shape
-    a_rows = BLOCK_M // cfg.cluster if cfg.shares_a else BLOCK_M
+    a_box = BLOCK_M // cfg.cluster if cfg.shares_a else BLOCK_M
     b_rows = cfg.block_n if cfg.shares_a else cfg.block_n // cfg.cluster
+    tmap_a = None if a_rows is not None else _tma_param_for(a_fp8.data_ptr(), (k, m), (k,), (BLOCK_K, a_box))
+    tmap_b = _tma_param_for(b_fp8.data_ptr(), (k, n, num_experts), (k, n * k), (BLOCK_K, b_rows, 1))
+    if a_rows is not None:
+        m = expert_ids.shape[0]
+        tmap_a = tmap_b  # not read: a valid map for the prefetch
     return [
-        _tma_param_for(a_fp8.data_ptr(), (k, m), (k,), (BLOCK_K, a_rows)),
-        _tma_param_for(b_fp8.data_ptr(), (k, n, num_experts), (k, n * k), (BLOCK_K, b_rows, 1)),
+        tmap_a,
+        tmap_b,
         ctypes.c_uint64(a_scale.data_ptr()),
         ctypes.c_uint64(b_scale.data_ptr()),
         ctypes.c_uint64(expert_ids.data_ptr()),
         ctypes.c_uint64(out.data_ptr()),
         ctypes.c_int32(m),
         ctypes.c_uint64(rows_in_use.data_ptr() if rows_in_use is not None else 0),
+        ctypes.c_uint64(a_rows.data_ptr() if a_rows is not None else 0),
+        ctypes.c_uint64(a_fp8.data_ptr() if a_rows is not None else 0),
     ]
 
 
@@ -202,11 +223,18 @@ def check_weights(b_fp8: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[i
 
 @lru_cache(maxsize=1024)
 def _kernel_and_grid(
-    m: int, n: int, k: int, cfg: ContiguousConfig, masked_max_m: int, index: int, env_flags: tuple[str, ...]
+    m: int,
+    n: int,
+    k: int,
+    cfg: ContiguousConfig,
+    masked_max_m: int,
+    index: int,
+    env_flags: tuple[str, ...],
+    gather_a: bool = False,
 ):
     """The loaded kernel and its persistent grid for one (shape, config, device): built once, so
     a launch does no rendering, hashing or occupancy query (env_flags: part of the binary's key)."""
-    kernel = driver.load_kernel(kernel_spec(n, k, cfg, masked_max_m=masked_max_m), index)
+    kernel = driver.load_kernel(kernel_spec(n, k, cfg, masked_max_m=masked_max_m, gather_a=gather_a), index)
     grid = grid_size(m, n, cfg, _num_sms(index))
     if cfg.cluster > 1:  # GPCs may not hold num_sms / 2 resident pairs
         resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
@@ -226,11 +254,17 @@ def launch(
     config: ContiguousConfig | None,
     masked_max_m: int = 0,
     rows_in_use: torch.Tensor | None = None,
+    a_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Runs the kernel on checked operands (A `[M, K]`, out `[M, N]` 16-byte aligned, int32
     row_ids: per-row expert ids, or masked_m when masked_max_m > 0; rows_in_use: optional int32
-    [1] on the device, the rows of A in use, so the tail past it is not walked)."""
+    [1] on the device, the rows of A in use, so the tail past it is not walked). a_rows: int64
+    `[M]` (contiguous layout): A holds token rows `[T, K]` and layout row r reads A[a_rows[r]]
+    (-1: padding); M is then row_ids' length, and a config whose CTA pairs share A is replaced
+    by the same config sharing B."""
     m, k = a_fp8.shape
+    if a_rows is not None:
+        m = row_ids.shape[0]
     n = b_fp8.shape[1]
     if masked_max_m and m // masked_max_m > MAX_MASKED_EXPERTS:  # the kernel's live-tile table
         raise ValueError(
@@ -241,15 +275,17 @@ def launch(
     if a_scale.data_ptr() % 16:  # the scale warp copies 16-byte runs of a row (a view at an odd offset)
         a_scale = a_scale.clone()
     cfg = select_config(m, n, _num_sms(index), override=config, verbose=print_config(), k=k)
+    if a_rows is not None and cfg.shares_a:  # gathered rows are not multicast
+        cfg = dataclasses.replace(cfg, multicast="b")
     with torch.cuda.device(index):
-        kernel, grid = _kernel_and_grid(m, n, k, cfg, masked_max_m, index, jit.env_flags())
+        kernel, grid = _kernel_and_grid(m, n, k, cfg, masked_max_m, index, jit.env_flags(), a_rows is not None)
         stream = torch.cuda.current_stream(dev).cuda_stream
         kernel.launch(
             grid=(grid, 1, 1),
             block=(NUM_THREADS, 1, 1),
             smem=cfg.smem_bytes,
             stream=stream,
-            params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use),
+            params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use, a_rows),
             cluster=(cfg.cluster, 1, 1),
         )
     return out

@@ -52,8 +52,10 @@ struct Mainloop {
                                                     int stage, uint32_t rank) {
     const int m_tile = role.m_tile;
     const int n_tile = role.n_tile;
-    sm90::mbar_arrive_expect_tx(&full_bar[stage], T::kStageBytes);
-    if constexpr (T::kMcastA) {
+    sm90::mbar_arrive_expect_tx(&full_bar[stage], T::kTmaStageBytes);
+    if constexpr (T::kGatherA) {
+      // A comes from the A-row warps (load_a_rows).
+    } else if constexpr (T::kMcastA) {
       // This CTA's half of the A tile, into both CTAs; its own whole B tile.
       sm90::tma_load_2d_multicast(smem_a + stage * T::kABytes + rank * T::kALoadBytes, &tmap_a, &full_bar[stage],
                                   kb * kBlockK, m_tile * kBlockM + static_cast<int>(rank) * T::kARowsPerLoad,
@@ -78,6 +80,25 @@ struct Mainloop {
     }
   }
 
+  // Gathered A (kGatherA): thread t of the producer's warps 2 and 3 copies rows t and t + 64 of
+  // the tile's K block `kb`, from the token rows src[0], src[1] (-1: padding or past M, zero
+  // filled), in 16-byte cp.asyncs placed as the 128-byte swizzle of a TMA box would place them
+  // (chunk c of row r at r * 128 + (c ^ r % 8) * 16, the layout the consumers' descriptors read).
+  __device__ __forceinline__ static void load_a_rows(uint8_t* smem_a, uint64_t* full_bar, const uint8_t* __restrict__ a,
+                                                     const int (&src)[2], int kb, int stage, int t) {
+    uint8_t* tile = smem_a + stage * T::kABytes;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = t + T::kGatherThreads * i;
+      const uint8_t* row = a + static_cast<int64_t>(src[i] >= 0 ? src[i] : 0) * T::kK + kb * kBlockK;
+      const uint32_t bytes = src[i] >= 0 ? 16u : 0u;
+#pragma unroll
+      for (int c = 0; c < kBlockK / 16; ++c)
+        sm90::cp_async_16(tile + r * kBlockK + ((c ^ (r & 7)) << 4), row + 16 * c, bytes);
+    }
+    sm90::cp_async_mbar_arrive_noinc(&full_bar[stage]);
+  }
+
   // The scale warp: at the first K block of a chunk, the chunk's a_scale of the tile's rows
   // (lane + 32 i; rows past M are zero-filled and read from a valid address, their products are
   // never stored); every K block, lanes < kTileScaleBlocks copy one b_scale each. A warp of its
@@ -86,21 +107,29 @@ struct Mainloop {
   __device__ __forceinline__ static void load_scales(float* smem_a_scales, float* smem_scales, uint64_t* full_bar,
                                                      const float* __restrict__ a_scale,
                                                      const float* __restrict__ b_scale, const TileRole& role, int kb,
-                                                     const RingPos& pos, int m, int lane) {
+                                                     const RingPos& pos, int m, int lane,
+                                                     const int64_t* __restrict__ a_rows = nullptr) {
     const int stage = pos.stage;
     if (kb % T::kScaleChunk == 0) {
       float* slot = smem_a_scales + ((pos.count / T::kScaleChunk) % T::kAScaleSlots) * T::kAScaleSlotFloats;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = role.m_tile * kBlockM + lane + 32 * i;
-        const float* src = a_scale + static_cast<int64_t>(row < m ? row : 0) * T::kKBlocks + kb;
+        bool valid = row < m;
+        int64_t src_row = valid ? row : 0;
+        if constexpr (T::kGatherA) {  // the token row behind the layout row (-1: padding)
+          const int64_t token = valid ? __ldg(a_rows + row) : -1;
+          valid = token >= 0;
+          src_row = valid ? token : 0;
+        }
+        const float* src = a_scale + src_row * T::kKBlocks + kb;
         float* dst = slot + (lane + 32 * i) * T::kAScalePitch;
         if constexpr (T::kScaleChunk >= 4) {
 #pragma unroll
-          for (int c = 0; c < T::kScaleChunk / 4; ++c) sm90::cp_async_16(dst + 4 * c, src + 4 * c, row < m ? 16u : 0u);
+          for (int c = 0; c < T::kScaleChunk / 4; ++c) sm90::cp_async_16(dst + 4 * c, src + 4 * c, valid ? 16u : 0u);
         } else {
 #pragma unroll
-          for (int c = 0; c < T::kScaleChunk; ++c) sm90::cp_async_4(dst + c, src + c, row < m ? 4u : 0u);
+          for (int c = 0; c < T::kScaleChunk; ++c) sm90::cp_async_4(dst + c, src + c, valid ? 4u : 0u);
         }
       }
     }
@@ -155,7 +184,11 @@ struct Mainloop {
   template <int kP>
   __device__ __forceinline__ static void issue_part(float (&acc)[T::kPartRegs], float (&scale)[T::kTileScaleBlocks][2],
                                                     const SmemView& sv, RingPos& pos, int row_in_tile) {
-    if constexpr (kP == 0) sm90::mbar_wait(&sv.full_bar[pos.stage], pos.phase);
+    if constexpr (kP == 0) {
+      sm90::mbar_wait(&sv.full_bar[pos.stage], pos.phase);
+      // Gathered A landed by cp.async (generic proxy); the wgmmas read it through the async one.
+      if constexpr (T::kGatherA) sm90::fence_proxy_async_shared();
+    }
     // Stage descriptors = the stage-0 descriptors plus the stage's offset in 16-byte units.
     const uint64_t desc_a = sv.desc_a0 + static_cast<uint64_t>((pos.stage * T::kABytes) >> 4);
     const uint64_t desc_b =

@@ -171,6 +171,16 @@ def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
     return per_row * layout_rows < 3 * num_tokens + 2 * layout_rows
 
 
+def cuda_gathers_rows(num_tokens: int, layout_rows: int) -> bool:
+    """Our CUDA contiguous GEMM1 reads the token rows through the layout's src_token (its producer
+    copies them row by row) instead of a copy of them gathered into the layout: where the layout
+    holds several rows per token (TP8: each token's k slots are local), the gathered copy writes
+    and GEMM1 reads k rows per token (dispatch_thresholds.json `cuda_gather_a`: from this many
+    rows per token). At about one row per token (EP8) the fused permute+quant costs what quantizing
+    the tokens costs, and TMA's whole-tile loads stay."""
+    return layout_rows >= thresholds()["cuda_gather_a"]["min_rows_per_token"] * max(num_tokens, 1)
+
+
 def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:
     """`g` allowed to split K when its expected work units (active_experts x m-tiles x n-tiles)
     number fewer than `split_k.min_units` (dispatch_thresholds.json): a Triton GEMM on the

@@ -25,6 +25,7 @@ import torch
 
 from moe_backend.dispatch.gemm_choice import (
     GemmPlan,
+    cuda_gathers_rows,
     dependent_launch_pays,
     fused_permute_quant_pays,
     gemm_plan,
@@ -271,8 +272,12 @@ def _make_plan(
         alignment = segment_alignment((gemm1, gemm2))
         num_rows = max_contiguous_rows(num_tokens * topk, num_experts, alignment)
     real_rows = min(num_tokens * topk, expected_m * num_experts) if topk else num_rows
-    # Our Triton GEMM loads A row by row (so through src_token) unless its config uses TMA.
-    gather_a = layout == "contiguous" and gemm1.provider == "triton" and not gemm1.triton_config.get("TMA")
+    # Our Triton GEMM loads A row by row (so through src_token) unless its config uses TMA; our
+    # CUDA one copies token rows itself where the layout holds several rows per token.
+    gather_a = layout == "contiguous" and (
+        (gemm1.provider == "triton" and not gemm1.triton_config.get("TMA"))
+        or (gemm1.provider == "cuda" and cuda_gathers_rows(num_tokens, real_rows))
+    )
     fused = not (quantized_input or gather_a) and fused_permute_quant_pays(num_tokens, real_rows)
     dependent = dependent_launch_pays(phase, device)
     # GEMM2 computing its activations saves one kernel's launch gap, which dependent launch

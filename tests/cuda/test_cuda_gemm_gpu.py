@@ -226,3 +226,75 @@ def test_ep8_timing(rows_per_expert, which, n, k) -> None:
     ref_rows = slice(0, 2 * ALIGN)  # spot-check two tiles against the reference (full check is slow)
     ref = reference.grouped_gemm_contiguous(a[ref_rows], a_scale[ref_rows], b, b_scale, expert_ids[ref_rows])
     assert _rel(out[ref_rows], ref) <= TOL["gemm"]
+
+
+GATHER_CASES = [
+    # (name, n, k, counts, tokens, config kwargs or None for the heuristic)
+    ("tp8_w13_many_slots_per_token", 512, 7168, _skewed(64, 64 * 40, 8), 333, None),
+    ("ep8_w13_pairs_sharing_b", 4096, 7168, (257, 0, 128, 31), 200, dict(block_n=128, cluster=2)),
+    ("bn256_single", 4096, 2048, (130, 0, 77, 1), 100, dict(block_n=256)),
+    ("bn64_k256", 7168, 256, (5, 129, 0, 1), 60, dict(block_n=64)),
+    ("share_a_runs_sharing_b", 1024, 2048, (257, 0, 128), 300, dict(block_n=128, cluster=2, multicast="a")),
+    ("one_token", 512, 7168, (1, 0, 1, 1), 1, None),
+]
+
+
+@pytest.mark.parametrize("name,n,k,counts,tokens,cfg", GATHER_CASES, ids=[c[0] for c in GATHER_CASES])
+def test_gathered_rows_match_the_gathered_copy(name, n, k, counts, tokens, cfg) -> None:
+    """A_rows: layout row r reads token row src[r] (-1: padding, never written), as the prefill
+    GEMM1 reads x through the layout's src_token; the reference runs on the copy of those rows.
+    Tokens repeat across experts (several slots per token), the layout ends in padding."""
+    ggc = _ggc()
+    g = torch.Generator(device="cuda").manual_seed(len(counts) + tokens)
+    expert_ids = _layout(counts)
+    real = expert_ids >= 0
+    src = torch.full(expert_ids.shape, -1, dtype=torch.int64, device="cuda")
+    src[real] = torch.randint(0, tokens, (int(real.sum()),), generator=g, device="cuda")
+    x, x_scale = quantize_fp8_per_token_group(torch.randn(tokens, k, device="cuda"))
+    b, b_scale = quantize_fp8_blockwise(torch.randn(len(counts), n, k, device="cuda") * 0.05)
+    out = torch.full((expert_ids.numel(), n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    config = None if cfg is None else ggc.ContiguousConfig(cfg.pop("block_n"), **cfg)
+    ggc.grouped_gemm_contiguous(x, x_scale, b, b_scale, expert_ids, out, config=config, a_rows=src)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[~real]).all(), "padding rows were written"
+    assert torch.isfinite(out[real]).all(), "real rows left unwritten (or non-finite)"
+    rows = src.clamp_min(0)
+    ref = reference.grouped_gemm_contiguous(x[rows], x_scale[rows], b, b_scale, expert_ids)
+    assert _rel(out[real], ref[real]) <= TOL["gemm"]
+
+
+def test_gathered_rows_in_a_graph_with_rows_in_use() -> None:
+    """Captured once with a device-side count of rows in use; replayed on new tokens and routing."""
+    _ggc()
+    from moe_backend.cuda.grouped_gemm_contiguous import launch
+
+    n, k, tokens = 512, 7168, 96
+    expert_ids = _layout((200, 0, 300, 5))
+    used = torch.tensor([expert_ids.numel() - ALIGN], dtype=torch.int32, device="cuda")  # the trailing pad
+    src = torch.zeros(expert_ids.shape, dtype=torch.int64, device="cuda")
+    x, x_scale = quantize_fp8_per_token_group(torch.randn(tokens, k, device="cuda"))
+    b, b_scale = quantize_fp8_blockwise(torch.randn(4, n, k, device="cuda") * 0.05)
+    out = torch.empty((expert_ids.numel(), n), dtype=torch.bfloat16, device="cuda")
+
+    def call():
+        launch(x, x_scale, b, b_scale, expert_ids, out, config=None, rows_in_use=used, a_rows=src)
+
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for seed in (1, 2):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        real = expert_ids >= 0
+        src.fill_(-1)
+        src[real] = torch.randint(0, tokens, (int(real.sum()),), generator=g, device="cuda")
+        new_x, new_s = quantize_fp8_per_token_group(torch.randn(tokens, k, device="cuda"))
+        x.copy_(new_x)
+        x_scale.copy_(new_s)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.isnan(out[~real]).all()
+        rows = src.clamp_min(0)
+        ref = reference.grouped_gemm_contiguous(x[rows], x_scale[rows], b, b_scale, expert_ids)
+        assert _rel(out[real], ref[real]) <= TOL["gemm"]

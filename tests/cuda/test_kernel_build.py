@@ -34,6 +34,7 @@ class CompileCase:
     config: ContiguousConfig | None = None  # None: what the contiguous heuristic picks for `rows`
     rows: int = 32 * 512
     masked_max_m: int = 0  # > 0: the masked layout, the kernel reading masked_m (RowIds)
+    gather_a: bool = False  # A's rows read through a per-row index by the producer's cp.asyncs
 
 
 COMPILE_CASES = [
@@ -57,12 +58,16 @@ COMPILE_CASES = [
         for n, k in ((7168, 256), (4096, 7168), (512, 7168))
         for mm in (128, 1024)
     ],
+    # gathered A rows (prefill GEMM1 reading token rows through the layout's src_token)
+    CompileCase("tp8-w13-gather", 512, 7168, rows=256 * 512, gather_a=True),
+    CompileCase("ep8-w13-gather-pairs", 4096, 7168, ContiguousConfig(128, cluster=2), gather_a=True),
+    CompileCase("gather-bn256", 4096, 7168, ContiguousConfig(256), gather_a=True),
 ]
 
 
 def _spec(case: CompileCase) -> jit.KernelSpec:
     cfg = case.config or select_config(case.rows, case.n, num_sms=132, k=case.k)
-    return kernel_spec(case.n, case.k, cfg, masked_max_m=case.masked_max_m)
+    return kernel_spec(case.n, case.k, cfg, masked_max_m=case.masked_max_m, gather_a=case.gather_a)
 
 
 @needs_nvcc
@@ -91,7 +96,10 @@ def test_kernel_compiles_for_sm90a(case, cache):
     units = (chain + (chain if k_blocks >= 2 * chain else 0) + k_blocks % chain) * (bn // unit_n)
     # 4 fp8 wgmma (k32 each) per unit.
     assert len(re.findall(rf"QGMMA\.64x{unit_n}x32\.F32\.E4M3\.E4M3", sass)) == 4 * units, sass[:2000]
-    assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass  # TMA loads of A and B
+    if spec.constants["GATHER_A"]:  # B by TMA, A's rows by cp.async
+        assert "UTMALDG.2D" not in sass and "UTMALDG.3D" in sass and "LDGSTS" in sass
+    else:
+        assert "UTMALDG.2D" in sass and "UTMALDG.3D" in sass  # TMA loads of A and B
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == units  # one wait per unit
     assert not re.search(r"\b(LDL|STL)\b", sass)  # no local memory

@@ -164,6 +164,27 @@ def test_gemm1_gathers_its_rows_where_its_triton_config_allows(monkeypatch):
         plan_mod.clear_plan_cache()
 
 
+def test_cuda_gemm1_gathers_token_rows_where_the_layout_holds_several_per_token(monkeypatch):
+    """Our CUDA GEMM1 reads the token rows through src_token where the layout holds at least
+    `cuda_gather_a.min_rows_per_token` rows per token (TP8: all k slots local), and keeps the
+    gathered copy (fused permute+quant) at about one row per token (EP8)."""
+    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "cuda" if impl != "reference" else impl)
+    monkeypatch.setattr(
+        plan_mod, "gemm_plan", lambda provider, layout, m, rows, n, k, dev: plan_mod.GemmPlan(provider, n, k)
+    )
+    plan_mod.clear_plan_cache()
+    try:
+        need = thresholds()["cuda_gather_a"]["min_rows_per_token"]
+        assert 1 < need <= 8
+        tp8 = _plan(num_tokens=4096, num_experts=256, phase="prefill")  # 8 local rows per token
+        assert tp8.gemm1.provider == "cuda" and tp8.gather_a and not tp8.fused_permute_quant
+        ep8 = _plan(num_tokens=4096, num_experts=32, phase="prefill")  # about one local row per token
+        assert ep8.gemm1.provider == "cuda" and not ep8.gather_a
+        assert gemm_choice.cuda_gathers_rows(100, need * 100) and not gemm_choice.cuda_gathers_rows(100, need * 100 - 1)
+    finally:
+        plan_mod.clear_plan_cache()
+
+
 def test_token_bucket_rounds_up_to_few_sizes():
     from moe_backend.dispatch.plan import token_bucket
 
