@@ -55,10 +55,10 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     smallbatch) TAIL=30 step smallbatch 200 python3 -m lab.sweep_small_batch ${SMALLBATCH_ARGS:-} ;;
     tokensweep) TAIL=30 step tokensweep 170 python3 -m lab.sweep_token_gemv --json "$F/token_gemv.json" ;;
     prefillgather) TAIL=40 step prefillgather 150 python3 -m lab.prefill_gather_a ;;
-    gathera) # the CUDA GEMM1 reading token rows through src_token: its GPU tests (debug build: a hang
+    gathera) # the CUDA GEMM1 reading token rows through src_token and storing SiLU*up quant: its GPU tests (debug build: a hang
            # traps), then the prefill pipeline with and without it, same run (lab.prefill_gather_a)
            step gathertests 90 env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -p no:cacheprovider \
-             tests/cuda/test_cuda_gemm_gpu.py -k gather \
+             tests/cuda/test_cuda_gemm_gpu.py -k "gather or silu" \
            && TAIL=40 step gatherlab 200 python3 -m lab.prefill_gather_a ${GATHERA_ARGS:---tokens 2048,16384} ;;
     maskedwalk) # the CUDA masked GEMM's live-tile walk vs the headers in OLD_CUDA (an earlier copy)
            TAIL=40 step maskedwalk "${MASKEDWALK_MAX_S:-240}" python3 -m lab.masked_walk_before_after \

@@ -9,6 +9,8 @@ as a CUDA-graph replay under plan variants that differ only in GEMM1's provider 
   allgather  both GEMMs on Triton, GEMM1 gathering
   cudagather / cudacopy  the policy plan with our CUDA GEMM1 reading the token rows through
              src_token itself / over the gathered copy (whichever the policy did not pick)
+  siluapart  the policy plan with the SiLU*up quant kernel between the GEMMs (where the policy's
+             CUDA GEMM1 stores it from its epilogue)
 Timed interleaved (rounds of A B C D E), checked against the policy plan's output (rel err).
 
     python -m lab.prefill_gather_a                         # GPU, about a minute
@@ -46,6 +48,7 @@ def _variants(plan, device):
             num_rows=rows,
             gather_a=gather,
             fused_permute_quant=False,
+            silu_in_gemm1=False,
             graph_plan=None,
         )
 
@@ -59,6 +62,8 @@ def _variants(plan, device):
         fused = not gather and gemm_choice.fused_permute_quant_pays(plan.num_tokens, real_rows)
         name = "cudagather" if gather else "cudacopy"
         out[name] = dataclasses.replace(plan, gather_a=gather, fused_permute_quant=fused, graph_plan=None)
+    if plan.silu_in_gemm1:  # the policy plan with the SiLU*up quant kernel between the GEMMs
+        out["siluapart"] = dataclasses.replace(plan, silu_in_gemm1=False, graph_plan=None)
     return out
 
 

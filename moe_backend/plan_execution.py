@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from moe_backend import ops
+from moe_backend.constants import FP8_DTYPE
 from moe_backend.constants import QUANT_BLOCK as GROUP
 from moe_backend.dispatch.plan import GemmPlan, Plan
 from moe_backend.env import ENV
@@ -68,13 +69,19 @@ def _gemm_contiguous(
     a_rows: torch.Tensor | None = None,
     splits_out: torch.Tensor | None = None,
     silu_a: dict | None = None,
+    act_scale: torch.Tensor | None = None,
+    ue8m0: bool = False,
 ):
     """rows_in_use: int32 `[1]` on the device, the layout's padded total; the rows past it (the
     static bound's tail) are padding the kernels do not walk. a_rows (Triton and CUDA, `plan.gather_a`):
     the layout's src_token, A being the unpermuted token rows. splits_out (`g.split_k` > 1): int32
     `[1]`, the K slices the kernel cut (`out` then holds f32 partial sums). silu_a (Triton only,
     `plan.silu_in_gemm2`): a_fp8 is GEMM1's output h, from which the kernel computes its A; the
-    dict holds `_grouped_gemm_core.launch`'s a_splits, a_count and ue8m0."""
+    dict holds `_grouped_gemm_core.launch`'s a_splits, a_count and ue8m0. act_scale (CUDA only,
+    `plan.silu_in_gemm1`): fp32 `[rows, I / 128]`; the kernel then stores SiLU*up quantized into
+    `out` (fp8 `[rows, I]`) and its scales (UE8M0 with ue8m0) here."""
+    if act_scale is not None and g.provider != "cuda":
+        raise ValueError(f"act_scale: only our CUDA GEMM stores SiLU*up quant, the plan's provider is {g.provider}")
     if silu_a is not None and g.provider != "triton":
         raise ValueError(f"silu_a: only the Triton GEMM computes its A from h, the plan's provider is {g.provider}")
     if g.provider == "triton":
@@ -101,7 +108,10 @@ def _gemm_contiguous(
     elif g.provider == "cuda":
         from moe_backend.cuda.grouped_gemm_contiguous import launch
 
-        launch(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=g.config, rows_in_use=rows_in_use, a_rows=a_rows)
+        launch(
+            a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=g.config, rows_in_use=rows_in_use, a_rows=a_rows,
+            act_scale=act_scale, ue8m0=ue8m0,
+        )  # fmt: skip
     else:
         ops.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, impl=g.provider)
     return out
@@ -288,25 +298,34 @@ def _launch_plan(
         # GEMMs split over K write f32 partial sums and, in `splits[i]`, how many slices they cut.
         split1, split2 = plan.gemm1.split_k > 1, plan.gemm2.split_k > 1
         splits = torch.empty(2, dtype=torch.int32, device=dev) if split1 or split2 else None
-        h = _gemm_output(plan.gemm1, plan.num_rows, dev)
-        ids1, h1 = _first_rows(walked, ids, h)
         # Token rows read through a_rows are not layout rows: only the layout's tensors are cut.
         a1, s1 = (a_fp8, a_scale) if a_rows is not None else _first_rows(walked, a_fp8, a_scale)
-        _gemm_contiguous(
-            plan.gemm1, a1, s1, w13_fp8, w13_scale_inv, ids1, h1, num_experts, rows_in_use, a_rows,
-            splits[0:1] if split1 else None,
-        )  # fmt: skip
         silu_a = None
-        if plan.silu_in_gemm2:  # GEMM2 computes SiLU*up quant from h itself
-            act_fp8, act_scale = h, h
-            silu_a = dict(
-                a_splits=plan.gemm1.split_k if split1 else 0, a_count=splits[0:1] if split1 else None, ue8m0=ue8m0
-            )
-        else:
-            act_fp8, act_scale = ops.silu_mul_quant(
-                h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use, partials=split1,
-                num_partials=splits[0:1] if split1 else None,
+        if plan.silu_in_gemm1:  # GEMM1 stores SiLU*up quant itself: no bf16 h, no kernel between
+            act_fp8 = torch.empty(plan.num_rows, two_i // 2, dtype=FP8_DTYPE, device=dev)
+            act_scale = torch.empty(plan.num_rows, two_i // 2 // GROUP, dtype=torch.float32, device=dev)
+            ids1, act1, act_scale1 = _first_rows(walked, ids, act_fp8, act_scale)
+            _gemm_contiguous(
+                plan.gemm1, a1, s1, w13_fp8, w13_scale_inv, ids1, act1, num_experts, rows_in_use, a_rows,
+                act_scale=act_scale1, ue8m0=ue8m0,
             )  # fmt: skip
+        else:
+            h = _gemm_output(plan.gemm1, plan.num_rows, dev)
+            ids1, h1 = _first_rows(walked, ids, h)
+            _gemm_contiguous(
+                plan.gemm1, a1, s1, w13_fp8, w13_scale_inv, ids1, h1, num_experts, rows_in_use, a_rows,
+                splits[0:1] if split1 else None,
+            )  # fmt: skip
+            if plan.silu_in_gemm2:  # GEMM2 computes SiLU*up quant from h itself
+                act_fp8, act_scale = h, h
+                silu_a = dict(
+                    a_splits=plan.gemm1.split_k if split1 else 0, a_count=splits[0:1] if split1 else None, ue8m0=ue8m0
+                )
+            else:
+                act_fp8, act_scale = ops.silu_mul_quant(
+                    h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use, partials=split1,
+                    num_partials=splits[0:1] if split1 else None,
+                )  # fmt: skip
         y = _gemm_output(plan.gemm2, plan.num_rows, dev)
         a2, s2, ids2, y2 = _first_rows(walked, act_fp8, act_scale, ids, y)
         _gemm_contiguous(

@@ -131,9 +131,87 @@ struct Epilogue {
     }
   }
 
-  __device__ __forceinline__ static void store_pending(const float (&result)[T::kAccRegs], uint16_t* __restrict__ out,
-                                                       const PendingStore& tile) {
-    store_tile(result, out, tile.row0, tile.n_base, tile.store0, tile.store1, threadIdx.x % 4);
+  // kSiluQuant: the tile's columns 0-127 are gate block j and 128-255 up block j (j = the N tile).
+  // Each row's 128 values silu(gate) * up (gate and up rounded to bf16 first, as the separate
+  // SiLU*up quant kernel reads GEMM1's bf16 output) are quantized to FP8 e4m3 with one fp32 scale
+  // (the numerics of kernels/_group_quant_core.py's quantize_groups: scale = amax / 448, correctly
+  // rounded, floored and capped; UE8M0 rounds it up to a power of two; x / scale correctly
+  // rounded by one FMA correction of x * (1 / scale)), into act[row, 128 j ...] and
+  // act_scale[row, j]. A row's 128 columns lie in the 4 lanes of a quad.
+  __device__ __forceinline__ static float quant_scale(float amax) {
+    float scale = fminf(__fdiv_rn(fmaxf(amax, 1e-10f), 448.0f), 0x1p119f);
+    if constexpr (T::kSiluQuant == 2) scale = __int_as_float((__float_as_int(scale) + 0x7FFFFF) & 0x7F800000);
+    return scale;
+  }
+
+  __device__ __forceinline__ static float quant_value(float x, float scale, float recip) {
+    const float q = x * recip;
+    const float corrected = fmaf(fmaf(-q, scale, x), recip, q);
+    return fabsf(q) <= 896.0f ? corrected : q;
+  }
+
+  __device__ __forceinline__ static void store_silu_quant(float (&result)[T::kAccRegs], uint8_t* __restrict__ act,
+                                                          float* __restrict__ act_scale, int row0, int group,
+                                                          bool store0, bool store1, int quad_lane) {
+    constexpr int kHalf = T::kAccRegs / 2;  // registers of the gate columns; the up ones follow
+    float amax0 = 0.0f, amax1 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+      const float gate = sm90::round_bf16(result[i]);
+      const float up = sm90::round_bf16(result[kHalf + i]);
+      const float v = __fdividef(gate, 1.0f + __expf(-gate)) * up;
+      result[i] = v;
+      if (i & 2)  // registers 4c + 2, 4c + 3: the second row
+        amax1 = fmaxf(amax1, fabsf(v));
+      else
+        amax0 = fmaxf(amax0, fabsf(v));
+    }
+#pragma unroll
+    for (int x = 1; x <= 2; x <<= 1) {
+      amax0 = fmaxf(amax0, __shfl_xor_sync(0xffffffffu, amax0, x));
+      amax1 = fmaxf(amax1, __shfl_xor_sync(0xffffffffu, amax1, x));
+    }
+    const float scale0 = quant_scale(amax0), scale1 = quant_scale(amax1);
+    const float recip0 = __frcp_rn(scale0), recip1 = __frcp_rn(scale1);
+    uint8_t* act0 = act + static_cast<int64_t>(row0) * T::kActCols + group * kScaleBlock;
+    uint8_t* act1 = act0 + 8 * T::kActCols;
+#pragma unroll
+    for (int g = 0; g < kHalf / 4; g += 4) {
+      // Chunks g .. g+3: per chunk, this lane's two columns of each row as 2 fp8 bytes (row 0 in
+      // the low half-word, row 8 in the high one), transposed so lane q holds chunk g + q.
+      uint32_t v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c = 4 * (g + j);
+        const uint32_t lo =
+            sm90::pack_e4m3x2(quant_value(result[c], scale0, recip0), quant_value(result[c + 1], scale0, recip0));
+        const uint32_t hi =
+            sm90::pack_e4m3x2(quant_value(result[c + 2], scale1, recip1), quant_value(result[c + 3], scale1, recip1));
+        v[j] = lo | (hi << 16);
+      }
+      quad_transpose(v, quad_lane);
+      const int col = 8 * (g + quad_lane);
+      if (store0)
+        *reinterpret_cast<uint2*>(act0 + col) =
+            make_uint2(__byte_perm(v[0], v[1], 0x5410), __byte_perm(v[2], v[3], 0x5410));
+      if (store1)
+        *reinterpret_cast<uint2*>(act1 + col) =
+            make_uint2(__byte_perm(v[0], v[1], 0x7632), __byte_perm(v[2], v[3], 0x7632));
+    }
+    if (quad_lane == 0) {
+      if (store0) act_scale[static_cast<int64_t>(row0) * T::kActGroups + group] = scale0;
+      if (store1) act_scale[static_cast<int64_t>(row0 + 8) * T::kActGroups + group] = scale1;
+    }
+  }
+
+  __device__ __forceinline__ static void store_pending(float (&result)[T::kAccRegs], uint16_t* __restrict__ out,
+                                                       const PendingStore& tile, float* __restrict__ act_scale) {
+    if constexpr (T::kSiluQuant) {
+      store_silu_quant(result, reinterpret_cast<uint8_t*>(out), act_scale, tile.row0, tile.n_base / T::kBlockN,
+                       tile.store0, tile.store1, threadIdx.x % 4);
+    } else {
+      store_tile(result, out, tile.row0, tile.n_base, tile.store0, tile.store1, threadIdx.x % 4);
+    }
   }
 };
 

@@ -25,9 +25,9 @@
 namespace phasemoe {
 
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM,
-          int kGatherA = 0>
+          int kGatherA = 0, int kSiluQuant = 0>
 struct GroupedGemmContiguous {
-  using T = KernelTraits<kN, kK, kBlockN, kStages, kGroupM, kCluster, kMcastA, kMaskedMaxM, kGatherA>;
+  using T = KernelTraits<kN, kK, kBlockN, kStages, kGroupM, kCluster, kMcastA, kMaskedMaxM, kGatherA, kSiluQuant>;
   using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM>;
   using Loop = Mainloop<T>;
   using Epi = Epilogue<T>;
@@ -110,10 +110,10 @@ struct GroupedGemmContiguous {
                                                     float (&scales)[2][T::kTileScaleBlocks][2],
                                                     float (&result)[T::kAccRegs], const typename Loop::SmemView& sv,
                                                     RingPos& issue, int row_in_tile,
-                                                    const typename Epi::PendingStore& prev,
-                                                    uint16_t* __restrict__ out) {
+                                                    const typename Epi::PendingStore& prev, uint16_t* __restrict__ out,
+                                                    float* __restrict__ act_scale) {
     Loop::template issue_part<0>(acc, scales[0], sv, issue, row_in_tile);
-    if (prev.valid) Epi::store_pending(result, out, prev);
+    if (prev.valid) Epi::store_pending(result, out, prev, act_scale);
     Loop::clear(result);
   }
 
@@ -174,7 +174,8 @@ struct GroupedGemmContiguous {
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
                                              const float* __restrict__ a_scale, const float* __restrict__ b_scale,
                                              const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m,
-                                             const GatherSource& gather = {nullptr, nullptr}) {
+                                             const GatherSource& gather = {nullptr, nullptr},
+                                             float* __restrict__ act_scale = nullptr) {
     const Ids expert_ids{row_ids};
     const Smem s = carve_smem();
     const int warpgroup = uniform_warpgroup();
@@ -213,14 +214,14 @@ struct GroupedGemmContiguous {
         const typename Epi::TileRows rows = Epi::load_rows(role, m_unit, rank, row_in_tile, expert_ids, m);
         RingPos issue = pos;
         float scales[2][T::kTileScaleBlocks][2];  // combined row scales of the K blocks in flight
-        start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out);
+        start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale);
         // Called through a closure, as in the binary the benchmark tables measured: a direct call
         // numbers the registers differently (lab/check_ptx.py compares the PTX).
         [&] { Loop::k_loop(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales); }();
         prev = typename Epi::PendingStore{rows.row0, rows.n_base, role.live && rows.id0 == role.expert,
                                           role.live && rows.id1 == role.expert, true};
       }
-      if (prev.valid) Epi::store_pending(result, out, prev);
+      if (prev.valid) Epi::store_pending(result, out, prev, act_scale);
     }
     leave_cluster();
   }

@@ -20,8 +20,12 @@ constexpr int kProducerRegs = 40;
 // kMaskedMaxM > 0: the masked layout [E, kMaskedMaxM, K] read as a contiguous one.
 // kGatherA = 1: A's rows are token rows read through a per-row index (`a_rows`), copied by the
 // producer's warps 2 and 3 (cp.async) instead of one TMA box.
+// kSiluQuant > 0 (GEMM1 of the SwiGLU MLP, N = 2I: gate rows, then up rows): N tile j holds gate
+// block j and up block j (128 rows each), and the epilogue stores FP8 silu(gate) * up with one
+// scale per row (1 x 128 group j) instead of the bf16 tile; 2: the scales rounded up to powers
+// of two (UE8M0).
 template <int kN_, int kK_, int kBlockN_, int kStages_, int kGroupM_, int kCluster_, int kMcastA_, int kMaskedMaxM_,
-          int kGatherA_ = 0>
+          int kGatherA_ = 0, int kSiluQuant_ = 0>
 struct KernelTraits {
   static constexpr int kN = kN_;
   static constexpr int kK = kK_;
@@ -32,6 +36,7 @@ struct KernelTraits {
   static constexpr int kMcastA = kMcastA_;
   static constexpr int kMaskedMaxM = kMaskedMaxM_;
   static constexpr int kGatherA = kGatherA_;
+  static constexpr int kSiluQuant = kSiluQuant_;
 
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 256, "BLOCK_N: 64, 128 or 256");
@@ -41,6 +46,8 @@ struct KernelTraits {
   static_assert(kMaskedMaxM % kBlockM == 0, "masked layout: max_m must be a multiple of the 128-row tile");
   static_assert(kGatherA == 0 || (kMcastA == 0 && kMaskedMaxM == 0),
                 "gathered A rows: contiguous layout, A not shared by a CTA pair");
+  static_assert(kSiluQuant == 0 || (kBlockN == 256 && kMcastA == 0 && kMaskedMaxM == 0 && kN % 256 == 0),
+                "SiLU*up quant epilogue: contiguous layout, 256-wide tiles of gate and up, B not shared as A");
 
   static constexpr int kKBlocks = kK / kBlockK;
   static constexpr int kNScaleBlocks = (kN + kScaleBlock - 1) / kScaleBlock;
@@ -49,7 +56,12 @@ struct KernelTraits {
   // Box heights of the tensor maps: the shared operand is loaded in kCluster parts, one per CTA.
   static constexpr int kARowsPerLoad = kMcastA ? kBlockM / kCluster : kBlockM;
   static constexpr uint32_t kALoadBytes = kARowsPerLoad * kBlockK;
-  static constexpr int kBRowsPerLoad = kMcastA ? kBlockN : kBlockN / kCluster;
+  static constexpr int kBRowsPerLoad = kSiluQuant ? kBlockN / 2 : kMcastA ? kBlockN : kBlockN / kCluster;
+  // B loads per stage when no multicast applies (kSiluQuant: the gate half and the up half).
+  static constexpr int kBLoads = kBlockN / kBRowsPerLoad;
+  // kSiluQuant: columns of the activation (I = N / 2) and its 1 x 128 groups per row.
+  static constexpr int kActCols = kN / 2;
+  static constexpr int kActGroups = kActCols / kScaleBlock;
   static constexpr uint32_t kBLoadBytes = kBRowsPerLoad * kBlockK;
   static constexpr uint32_t kStageBytes = kABytes + kBBytes;
   static constexpr int kAccRegs = kBlockN / 2;  // fp32 per thread for a 64 x BLOCK_N tile

@@ -39,13 +39,23 @@ def kernel_spec(
     arch: str = jit.DEFAULT_ARCH,
     masked_max_m: int = 0,
     gather_a: bool = False,
+    silu_quant: int = 0,
 ) -> jit.KernelSpec:
     """The rendered source for one (N, K, config); M stays a runtime argument. masked_max_m > 0:
     the masked layout `[E, max_m, K]`, the kernel reading masked_m in place of per-row ids.
     gather_a: A's rows are token rows read through a per-row index (contiguous layout, configs
-    whose CTA pairs do not share A)."""
+    whose CTA pairs do not share A). silu_quant (GEMM1, N = 2I: gate rows then up rows): 1 or 2
+    (UE8M0 scales), the kernel stores FP8 silu(gate) * up `[M, I]` and its 1 x 128 scales instead
+    of the bf16 product (contiguous layout, 256-wide tiles not sharing A, N a multiple of 256)."""
     if gather_a and (masked_max_m or config.shares_a):
         raise ValueError("gather_a: only on the contiguous layout, with a config whose CTA pairs do not share A")
+    if silu_quant not in (0, 1, 2):
+        raise ValueError(f"silu_quant: must be 0, 1 or 2 (UE8M0), got {silu_quant!r}")
+    if silu_quant and (masked_max_m or config.shares_a or config.block_n != 256 or n % 256):
+        raise ValueError(
+            "silu_quant: only on the contiguous layout, with 256-wide tiles whose CTA pairs do not share A "
+            f"and N a multiple of 256 (got N={n}, {config})"
+        )
     if k <= 0 or k % BLOCK_K:
         raise ValueError(f"k: must be a positive multiple of {BLOCK_K}, got {k}")
     if n <= 0:
@@ -62,10 +72,12 @@ def kernel_spec(
         "MCAST_A": int(config.shares_a),
         "MASKED_MAX_M": masked_max_m,
         "GATHER_A": int(gather_a),
+        "SILU_QUANT": silu_quant,
     }
     name = (
         "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_c{CLUSTER}_ma{MCAST_A}_mm{MASKED_MAX_M}"
-    ).format(**constants) + ("_ga" if gather_a else "")
+    ).format(**constants)
+    name += ("_ga" if gather_a else "") + (f"_sq{silu_quant}" if silu_quant else "")
     source = _template()
     checked = {
         "KERNEL_NAME": name,
@@ -141,9 +153,12 @@ def kernel_args(
     cfg: ContiguousConfig,
     rows_in_use: torch.Tensor | None = None,
     a_rows: torch.Tensor | None = None,
+    act_scale: torch.Tensor | None = None,
 ) -> list:
     """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
-    (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m, rows_in_use*, a_rows*, a*);
+    (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m, rows_in_use*, a_rows*, a*,
+    act_scale*); act_scale (a kernel with silu_quant): fp32 `[M, N / 256]`, out then being the
+    FP8 activation `[M, N / 2]`, and B is loaded in 128-row boxes (gate half, up half);
     rows_in_use: int32 [1] on the device (rows of A in use) or a null pointer. Tensor maps: A
     `[M, K]` in 128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first);
     the operand a CTA pair shares is loaded in halves, one per CTA. a_rows (gathered A): int64
@@ -152,7 +167,7 @@ def kernel_args(
     m, k = a_fp8.shape
     num_experts, n, _ = b_fp8.shape
     a_box = BLOCK_M // cfg.cluster if cfg.shares_a else BLOCK_M
-    b_rows = cfg.block_n if cfg.shares_a else cfg.block_n // cfg.cluster
+    b_rows = cfg.block_n // 2 if act_scale is not None else cfg.block_n if cfg.shares_a else cfg.block_n // cfg.cluster
     tmap_a = None if a_rows is not None else _tma_param_for(a_fp8.data_ptr(), (k, m), (k,), (BLOCK_K, a_box))
     tmap_b = _tma_param_for(b_fp8.data_ptr(), (k, n, num_experts), (k, n * k), (BLOCK_K, b_rows, 1))
     if a_rows is not None:
@@ -169,6 +184,7 @@ def kernel_args(
         ctypes.c_uint64(rows_in_use.data_ptr() if rows_in_use is not None else 0),
         ctypes.c_uint64(a_rows.data_ptr() if a_rows is not None else 0),
         ctypes.c_uint64(a_fp8.data_ptr() if a_rows is not None else 0),
+        ctypes.c_uint64(act_scale.data_ptr() if act_scale is not None else 0),
     ]
 
 
@@ -231,16 +247,26 @@ def _kernel_and_grid(
     index: int,
     env_flags: tuple[str, ...],
     gather_a: bool = False,
+    silu_quant: int = 0,
 ):
     """The loaded kernel and its persistent grid for one (shape, config, device): built once, so
     a launch does no rendering, hashing or occupancy query (env_flags: part of the binary's key)."""
-    kernel = driver.load_kernel(kernel_spec(n, k, cfg, masked_max_m=masked_max_m, gather_a=gather_a), index)
+    spec = kernel_spec(n, k, cfg, masked_max_m=masked_max_m, gather_a=gather_a, silu_quant=silu_quant)
+    kernel = driver.load_kernel(spec, index)
     grid = grid_size(m, n, cfg, _num_sms(index))
     if cfg.cluster > 1:  # GPCs may not hold num_sms / 2 resident pairs
         resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
         if resident > 0:
             grid = min(grid, resident * cfg.cluster)
     return kernel, grid
+
+
+def silu_config(cfg: ContiguousConfig) -> ContiguousConfig:
+    """`cfg` for a kernel storing SiLU*up quant: a tile holds one 128-column group of gate and
+    up each (block_n 256), CTA pairs (if any) sharing B."""
+    if cfg.block_n == 256 and not cfg.shares_a:
+        return cfg
+    return ContiguousConfig(256, group_m=cfg.group_m, cluster=cfg.cluster, multicast="b")
 
 
 def launch(
@@ -255,13 +281,17 @@ def launch(
     masked_max_m: int = 0,
     rows_in_use: torch.Tensor | None = None,
     a_rows: torch.Tensor | None = None,
+    act_scale: torch.Tensor | None = None,
+    ue8m0: bool = False,
 ) -> torch.Tensor:
     """Runs the kernel on checked operands (A `[M, K]`, out `[M, N]` 16-byte aligned, int32
     row_ids: per-row expert ids, or masked_m when masked_max_m > 0; rows_in_use: optional int32
     [1] on the device, the rows of A in use, so the tail past it is not walked). a_rows: int64
     `[M]` (contiguous layout): A holds token rows `[T, K]` and layout row r reads A[a_rows[r]]
     (-1: padding); M is then row_ids' length, and a config whose CTA pairs share A is replaced
-    by the same config sharing B."""
+    by the same config sharing B. act_scale: fp32 `[M, N / 256]` (GEMM1, N = 2I): the kernel
+    stores FP8 silu(gate) * up into out (fp8 `[M, N / 2]`) and its scales (UE8M0 with ue8m0)
+    into act_scale; the config then has 256-wide tiles (silu_config)."""
     m, k = a_fp8.shape
     if a_rows is not None:
         m = row_ids.shape[0]
@@ -277,15 +307,20 @@ def launch(
     cfg = select_config(m, n, _num_sms(index), override=config, verbose=print_config(), k=k)
     if a_rows is not None and cfg.shares_a:  # gathered rows are not multicast
         cfg = dataclasses.replace(cfg, multicast="b")
+    silu_quant = 0
+    if act_scale is not None:
+        cfg, silu_quant = silu_config(cfg), 2 if ue8m0 else 1
     with torch.cuda.device(index):
-        kernel, grid = _kernel_and_grid(m, n, k, cfg, masked_max_m, index, jit.env_flags(), a_rows is not None)
+        kernel, grid = _kernel_and_grid(
+            m, n, k, cfg, masked_max_m, index, jit.env_flags(), a_rows is not None, silu_quant
+        )
         stream = torch.cuda.current_stream(dev).cuda_stream
         kernel.launch(
             grid=(grid, 1, 1),
             block=(NUM_THREADS, 1, 1),
             smem=cfg.smem_bytes,
             stream=stream,
-            params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use, a_rows),
+            params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use, a_rows, act_scale),
             cluster=(cfg.cluster, 1, 1),
         )
     return out

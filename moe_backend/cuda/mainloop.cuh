@@ -44,6 +44,13 @@ struct Mainloop {
 
   // ---- producer ----------------------------------------------------------------------------
 
+  // The first row of B (an N index) of part `h` of N tile `n_tile`: parts follow each other, or
+  // (kSiluQuant) part 0 is gate block n_tile and part 1 the up block I/128 blocks further.
+  __device__ __forceinline__ static int b_row(int n_tile, int h) {
+    if constexpr (T::kSiluQuant) return h * T::kActCols + n_tile * T::kBRowsPerLoad;
+    return n_tile * T::kBlockN + h * T::kBRowsPerLoad;
+  }
+
   // The TMA lane: A and B tiles of K block `kb` into `stage`. Out-of-bounds box elements (rows
   // past M, columns past N) are zero-filled and still counted in the transaction bytes.
   __device__ __forceinline__ static void load_tiles(uint8_t* smem_a, uint8_t* smem_b, uint64_t* full_bar,
@@ -63,19 +70,19 @@ struct Mainloop {
     } else {
       sm90::tma_load_2d(smem_a + stage * T::kABytes, &tmap_a, &full_bar[stage], kb * kBlockK, m_tile * kBlockM);
     }
-    if constexpr (T::kCluster == 1 || T::kMcastA) {
+    if constexpr ((T::kCluster == 1 && !T::kSiluQuant) || T::kMcastA) {
       sm90::tma_load_3d(smem_b + stage * T::kBBytes, &tmap_b, &full_bar[stage], kb * kBlockK, n_tile * T::kBlockN,
                         role.expert);
     } else {
-      if (role.multicast) {
+      if (T::kCluster > 1 && role.multicast) {
         sm90::tma_load_3d_multicast(smem_b + stage * T::kBBytes + rank * T::kBLoadBytes, &tmap_b, &full_bar[stage],
-                                    kb * kBlockK, n_tile * T::kBlockN + rank * T::kBRowsPerLoad, role.expert,
+                                    kb * kBlockK, b_row(n_tile, static_cast<int>(rank)), role.expert,
                                     static_cast<uint16_t>((1u << T::kCluster) - 1));
       } else {
 #pragma unroll
-        for (int h = 0; h < T::kCluster; ++h)
+        for (int h = 0; h < T::kBLoads; ++h)
           sm90::tma_load_3d(smem_b + stage * T::kBBytes + h * T::kBLoadBytes, &tmap_b, &full_bar[stage], kb * kBlockK,
-                            n_tile * T::kBlockN + h * T::kBRowsPerLoad, role.expert);
+                            b_row(n_tile, h), role.expert);
       }
     }
   }
@@ -134,7 +141,8 @@ struct Mainloop {
       }
     }
     if (lane < T::kTileScaleBlocks) {
-      const int block = min(role.n_tile * T::kBlockN / kScaleBlock + lane, T::kNScaleBlocks - 1);
+      const int block = T::kSiluQuant ? lane * T::kActGroups + role.n_tile
+                                      : min(role.n_tile * T::kBlockN / kScaleBlock + lane, T::kNScaleBlocks - 1);
       sm90::cp_async_4(smem_scales + stage * T::kScaleStageFloats + lane,
                        b_scale + (static_cast<int64_t>(role.expert) * T::kNScaleBlocks + block) * T::kKBlocks + kb, 4u);
     }

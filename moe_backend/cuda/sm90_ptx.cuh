@@ -228,4 +228,17 @@ __device__ __forceinline__ uint16_t to_bf16(float x) {
   return h;
 }
 
+// x rounded to the nearest bf16 value (ties to even), back in fp32.
+__device__ __forceinline__ float round_bf16(float x) {
+  return __uint_as_float(static_cast<uint32_t>(to_bf16(x)) << 16);
+}
+
+// Two fp32 values (already scaled into the e4m3 range) to e4m3, round to nearest even, saturating
+// at +-448; lo in the low byte (the lower address). The upper 16 bits are zero.
+__device__ __forceinline__ uint32_t pack_e4m3x2(float lo, float hi) {
+  uint16_t packed;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(hi), "f"(lo));
+  return packed;
+}
+
 }  // namespace phasemoe::sm90

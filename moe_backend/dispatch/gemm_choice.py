@@ -27,6 +27,7 @@ __all__ = [
     "fused_permute_quant_pays",
     "with_split_k",
     "silu_in_gemm2_pays",
+    "cuda_silu_in_gemm1",
 ]
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
@@ -179,6 +180,16 @@ def cuda_gathers_rows(num_tokens: int, layout_rows: int) -> bool:
     rows per token). At about one row per token (EP8) the fused permute+quant costs what quantizing
     the tokens costs, and TMA's whole-tile loads stay."""
     return layout_rows >= thresholds()["cuda_gather_a"]["min_rows_per_token"] * max(num_tokens, 1)
+
+
+def cuda_silu_in_gemm1(gemm1: GemmPlan) -> bool:
+    """Our CUDA contiguous GEMM1 stores SiLU*up quantized to FP8 itself (a 256-wide tile holding
+    one 128-column group of gate and of up; `cuda.launch.silu_config`), so neither its bf16
+    output nor the SiLU*up quant kernel exist: where I (gemm1.n / 2) is a multiple of 128
+    (dispatch_thresholds.json `cuda_silu_in_gemm1`)."""
+    if gemm1.provider != "cuda" or gemm1.n % 256:
+        return False
+    return bool(thresholds()["cuda_silu_in_gemm1"]["enabled"])
 
 
 def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:

@@ -26,6 +26,7 @@ import torch
 from moe_backend.dispatch.gemm_choice import (
     GemmPlan,
     cuda_gathers_rows,
+    cuda_silu_in_gemm1,
     dependent_launch_pays,
     fused_permute_quant_pays,
     gemm_plan,
@@ -73,6 +74,9 @@ class Plan:
     # GEMM2 computes its A from GEMM1's output (SiLU*up and the quant per K block): no SiLU*up
     # quant kernel between the GEMMs (contiguous layout, decode-sized batches).
     silu_in_gemm2: bool = False
+    # GEMM1 (our CUDA contiguous kernel) stores SiLU*up quantized to FP8 from its epilogue, not
+    # its bf16 product: no SiLU*up quant kernel and no bf16 h between the GEMMs.
+    silu_in_gemm1: bool = False
     # Each kernel launched as a dependent of the one before it (programmatic dependent launch):
     # its launch and prologue overlap the previous kernel's tail (`kernels/_dependent_launch`).
     dependent_launch: bool = False
@@ -103,6 +107,7 @@ class Plan:
             f"gemm1={gemm(self.gemm1)} gemm2={gemm(self.gemm2)} "
             f"fused_permute_quant={self.fused_permute_quant} gather_a={self.gather_a}"
             + (" silu_in_gemm2=True" if self.silu_in_gemm2 else "")
+            + (" silu_in_gemm1=True" if self.silu_in_gemm1 else "")
             + (" dependent_launch=True" if self.dependent_launch else "")
             + (" rows_on_host=True" if self.rows_on_host else "")
             + f" on {self.device}"
@@ -285,6 +290,7 @@ def _make_plan(
     silu_in_gemm2 = (
         layout == "contiguous" and phase == "decode" and not dependent and silu_in_gemm2_pays(num_tokens, gemm2)
     )
+    silu_in_gemm1 = layout == "contiguous" and cuda_silu_in_gemm1(gemm1)
     rows_on_host = layout == "contiguous" and bool({gemm1.provider, gemm2.provider} & _WALKS_EVERY_ROW)
     plan = Plan(
         kernel=name,
@@ -304,6 +310,7 @@ def _make_plan(
         device=str(device),
         gather_a=gather_a,
         silu_in_gemm2=silu_in_gemm2,
+        silu_in_gemm1=silu_in_gemm1,
         dependent_launch=dependent,
         rows_on_host=rows_on_host,
     )

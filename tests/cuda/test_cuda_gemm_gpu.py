@@ -298,3 +298,64 @@ def test_gathered_rows_in_a_graph_with_rows_in_use() -> None:
         rows = src.clamp_min(0)
         ref = reference.grouped_gemm_contiguous(x[rows], x_scale[rows], b, b_scale, expert_ids)
         assert _rel(out[real], ref[real]) <= TOL["gemm"]
+
+
+SILU_CASES = [
+    # (name, I, k, counts, config kwargs, gather tokens (0: rows in the layout), ue8m0)
+    ("ep8_w13_pairs", 2048, 7168, (257, 0, 128, 31), dict(block_n=256, cluster=2), 0, False),
+    ("ep8_w13_single_ue8m0", 2048, 2048, (130, 0, 77, 1), dict(block_n=256), 0, True),
+    ("tp8_w13_gather", 256, 7168, _skewed(64, 64 * 40, 8), dict(block_n=256, cluster=2), 333, False),
+    ("heuristic_bn128_replaced", 256, 2048, (5, 129, 0, 1), dict(block_n=128), 0, False),
+    ("one_row", 256, 7168, (1, 0, 0), None, 1, False),
+]
+
+
+@pytest.mark.parametrize("name,inter,k,counts,cfg,tokens,ue8m0", SILU_CASES, ids=[c[0] for c in SILU_CASES])
+def test_silu_quant_epilogue_matches_the_separate_kernel(name, inter, k, counts, cfg, tokens, ue8m0) -> None:
+    """GEMM1 storing FP8 silu(gate) * up (`act_scale`): against the same GEMM's bf16 output put
+    through the reference SiLU*up quant. Gate and up are the same bf16 values on both sides; the
+    epilogue's exp and division are the fast approximate ones (|error| ~1e-7 relative), so a scale
+    may differ in its last bit and an e4m3 value sitting on a rounding tie may round the other way:
+    scales within 1e-5, dequantized values within 1e-3 norm-wise (one e4m3 step is 6%: a handful of
+    flips per tile stays far under it). Padding rows (NaN-poisoned) stay unwritten."""
+    ggc = _ggc()
+    from moe_backend.cuda.grouped_gemm_contiguous import launch
+
+    n = 2 * inter
+    g = torch.Generator(device="cuda").manual_seed(len(counts) * 7 + n)
+    expert_ids = _layout(counts)
+    real = expert_ids >= 0
+    rows = expert_ids.numel()
+    src = None
+    if tokens:
+        src = torch.full(expert_ids.shape, -1, dtype=torch.int64, device="cuda")
+        src[real] = torch.randint(0, tokens, (int(real.sum()),), generator=g, device="cuda")
+        a, a_scale = quantize_fp8_per_token_group(torch.randn(tokens, k, device="cuda"))
+    else:
+        a, a_scale = quantize_fp8_per_token_group(torch.randn(rows, k, device="cuda"))
+    b, b_scale = quantize_fp8_blockwise(torch.randn(len(counts), n, k, device="cuda") * 0.05)
+    config = None if cfg is None else ggc.ContiguousConfig(cfg.pop("block_n"), **cfg)
+    h = torch.empty(rows, n, dtype=torch.bfloat16, device="cuda")
+    launch(a, a_scale, b, b_scale, expert_ids, h, config=config, a_rows=src)
+    act = torch.full((rows, inter), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)  # NaN
+    act_scale = torch.full((rows, inter // 128), float("nan"), device="cuda")
+    launch(a, a_scale, b, b_scale, expert_ids, act, config=config, a_rows=src, act_scale=act_scale, ue8m0=ue8m0)
+    torch.cuda.synchronize()
+    assert torch.isnan(act_scale[~real]).all() and (act.view(torch.uint8)[~real] == 0x7F).all(), "padding written"
+    assert torch.isfinite(act_scale[real]).all() and torch.isfinite(act[real].float()).all(), "rows left unwritten"
+    ref_act, ref_scale = reference.silu_mul_quant(h[real], 128, ue8m0)
+    assert float(((act_scale[real] - ref_scale).abs() / ref_scale).max()) <= 1e-5
+    deq = act[real].float().view(-1, inter // 128, 128) * act_scale[real][..., None]
+    ref_deq = ref_act.float().view(-1, inter // 128, 128) * ref_scale[..., None]
+    assert _rel(deq, ref_deq) <= 1e-3
+    if ue8m0:
+        assert torch.equal(act_scale[real], torch.exp2(torch.log2(act_scale[real]).round()))
+
+
+def test_silu_quant_epilogue_rejects_what_it_cannot_tile() -> None:
+    """N not a multiple of 256 (I not of 128): a clear error before anything launches."""
+    ggc = _ggc()
+    with pytest.raises(ValueError, match="silu_quant"):
+        ggc.kernel_spec(384, 7168, ggc.ContiguousConfig(256), silu_quant=1)
+    with pytest.raises(ValueError, match="silu_quant"):
+        ggc.kernel_spec(512, 7168, ggc.ContiguousConfig(256, cluster=2, multicast="a"), silu_quant=1)

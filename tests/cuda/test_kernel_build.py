@@ -35,6 +35,7 @@ class CompileCase:
     rows: int = 32 * 512
     masked_max_m: int = 0  # > 0: the masked layout, the kernel reading masked_m (RowIds)
     gather_a: bool = False  # A's rows read through a per-row index by the producer's cp.asyncs
+    silu_quant: int = 0  # GEMM1 storing FP8 silu(gate) * up (2: UE8M0 scales)
 
 
 COMPILE_CASES = [
@@ -62,12 +63,19 @@ COMPILE_CASES = [
     CompileCase("tp8-w13-gather", 512, 7168, rows=256 * 512, gather_a=True),
     CompileCase("ep8-w13-gather-pairs", 4096, 7168, ContiguousConfig(128, cluster=2), gather_a=True),
     CompileCase("gather-bn256", 4096, 7168, ContiguousConfig(256), gather_a=True),
+    # GEMM1 with the SiLU*up quant epilogue: alone and in pairs, gathering A (TP8), UE8M0 scales
+    CompileCase("ep8-w13-silu-pairs", 4096, 7168, ContiguousConfig(256, cluster=2), silu_quant=1),
+    CompileCase("ep8-w13-silu", 4096, 7168, ContiguousConfig(256), silu_quant=1),
+    CompileCase("tp8-w13-silu-gather", 512, 7168, ContiguousConfig(256, cluster=2), gather_a=True, silu_quant=1),
+    CompileCase("silu-ue8m0", 512, 7168, ContiguousConfig(256), silu_quant=2),
 ]
 
 
 def _spec(case: CompileCase) -> jit.KernelSpec:
     cfg = case.config or select_config(case.rows, case.n, num_sms=132, k=case.k)
-    return kernel_spec(case.n, case.k, cfg, masked_max_m=case.masked_max_m, gather_a=case.gather_a)
+    return kernel_spec(
+        case.n, case.k, cfg, masked_max_m=case.masked_max_m, gather_a=case.gather_a, silu_quant=case.silu_quant
+    )
 
 
 @needs_nvcc

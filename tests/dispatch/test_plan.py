@@ -185,6 +185,28 @@ def test_cuda_gemm1_gathers_token_rows_where_the_layout_holds_several_per_token(
         plan_mod.clear_plan_cache()
 
 
+def test_cuda_gemm1_stores_silu_quant_where_its_tiles_hold_whole_groups(monkeypatch):
+    """Our CUDA GEMM1 stores SiLU*up quant itself (no bf16 h, no kernel between the GEMMs) on the
+    contiguous layout when I is a multiple of 128; the Triton GEMM1 and the
+    masked layout keep the separate kernel; the JSON switch turns it off."""
+    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "cuda" if impl != "reference" else impl)
+    monkeypatch.setattr(
+        plan_mod, "gemm_plan", lambda provider, layout, m, rows, n, k, dev: plan_mod.GemmPlan(provider, n, k)
+    )
+    plan_mod.clear_plan_cache()
+    try:
+        for experts in (256, 32):
+            plan = _plan(num_tokens=4096, num_experts=experts, phase="prefill")
+            assert plan.gemm1.provider == "cuda" and plan.silu_in_gemm1 and "silu_in_gemm1=True" in plan.describe()
+        assert not gemm_choice.cuda_silu_in_gemm1(plan_mod.GemmPlan("cuda", 2 * 192, 7168))  # I = 192
+        assert not gemm_choice.cuda_silu_in_gemm1(plan_mod.GemmPlan("triton", 512, 7168))
+        off = {**thresholds(), "cuda_silu_in_gemm1": {"enabled": False}}
+        monkeypatch.setattr(gemm_choice, "thresholds", lambda: off)
+        assert not gemm_choice.cuda_silu_in_gemm1(plan_mod.GemmPlan("cuda", 512, 7168))
+    finally:
+        plan_mod.clear_plan_cache()
+
+
 def test_token_bucket_rounds_up_to_few_sizes():
     from moe_backend.dispatch.plan import token_bucket
 
