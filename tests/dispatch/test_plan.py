@@ -522,3 +522,13 @@ def test_rows_buckets_cover_the_rows_in_use_in_few_aligned_steps():
         assert rows <= b <= plan.num_rows and (b % 128 == 0 or b == plan.num_rows)
         assert b - rows < max(128, rows / 16)  # at most one step past the rows in use
     assert len(buckets) < 120  # a few graphs per batch size, not one per routing
+
+
+def test_only_the_cuda_gemm_stores_silu_quant():
+    """A plan whose GEMM1 is not our CUDA kernel cannot ask it for SiLU*up quant: a clear error
+    before any launch (the executor passes act_scale only for `Plan.silu_in_gemm1`)."""
+    a = torch.zeros(4, 128)
+    with pytest.raises(ValueError, match="act_scale: only our CUDA GEMM"):
+        plan_execution._gemm_contiguous(
+            plan_mod.GemmPlan("triton", 256, 128), a, a, a, a, a, a, 1, act_scale=torch.zeros(4, 1)
+        )
