@@ -16,7 +16,7 @@ Per size (bytes read plus written), each a median in TB/s:
 - `triton`: an SM copy kernel (16 bytes per thread per load), CUDA-graph replay, do_bench;
 - `no flush`: the graphed uint8 copy replayed back to back, CUDA events around 20 replays, no L2
   flush in between;
-- `graph u8 x3`: the sweeps' floor again, last, to show drift over the run.
+- `graph u8 again`: the sweeps' floor again, last, to show drift over the run.
 
     python -m lab.copy_bandwidth --json $OUT/copy_bandwidth.json   # GPU, about half a minute
     python -m lab.copy_bandwidth --list                            # CPU: sizes and methods
@@ -28,7 +28,7 @@ from lab._sweep_run import graph_us, parse, run_sweep, sweep_parser
 
 # Bytes read plus written, MB: the sweeps' floors (170-470 MB at EP8, 2114 MB at TP8) and around.
 SIZES_MB = (64, 168, 240, 468, 1024, 2114, 4096)
-METHODS = ("graph u8", "graph bf16", "eager", "triton", "no flush", "graph u8 x3")
+METHODS = ("graph u8", "graph bf16", "eager", "triton", "no flush", "graph u8 again")
 BLOCK_WORDS = 2048  # int32 x4 vectors per program of the Triton copy: 32 KB per program
 DEVICE = "cuda"
 
@@ -99,7 +99,7 @@ def run_size(size_mb: int, rep_ms: int) -> dict:
     dst.zero_()
     triton_copy(src.view(torch.int32), dst.view(torch.int32))
     equal = torch.equal(dst, src)
-    us["graph u8 x3"] = graph_us(lambda: dst.copy_(src), rep_ms)
+    us["graph u8 again"] = graph_us(lambda: dst.copy_(src), rep_ms)
     return dict(shape=f"{size_mb} MB", bytes=moved, us=us, tbs={m: tbs(t) for m, t in us.items()}, equal=bool(equal))
 
 

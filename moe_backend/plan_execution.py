@@ -304,28 +304,24 @@ def _launch_plan(
         if plan.silu_in_gemm1:  # GEMM1 stores SiLU*up quant itself: no bf16 h, no kernel between
             act_fp8 = torch.empty(plan.num_rows, two_i // 2, dtype=FP8_DTYPE, device=dev)
             act_scale = torch.empty(plan.num_rows, two_i // 2 // GROUP, dtype=torch.float32, device=dev)
-            ids1, act1, act_scale1 = _first_rows(walked, ids, act_fp8, act_scale)
-            _gemm_contiguous(
-                plan.gemm1, a1, s1, w13_fp8, w13_scale_inv, ids1, act1, num_experts, rows_in_use, a_rows,
-                act_scale=act_scale1, ue8m0=ue8m0,
-            )  # fmt: skip
+            ids1, out1, act_scale1 = _first_rows(walked, ids, act_fp8, act_scale)
         else:
             h = _gemm_output(plan.gemm1, plan.num_rows, dev)
-            ids1, h1 = _first_rows(walked, ids, h)
-            _gemm_contiguous(
-                plan.gemm1, a1, s1, w13_fp8, w13_scale_inv, ids1, h1, num_experts, rows_in_use, a_rows,
-                splits[0:1] if split1 else None,
+            (ids1, out1), act_scale1 = _first_rows(walked, ids, h), None
+        _gemm_contiguous(
+            plan.gemm1, a1, s1, w13_fp8, w13_scale_inv, ids1, out1, num_experts, rows_in_use, a_rows,
+            splits[0:1] if split1 else None, act_scale=act_scale1, ue8m0=ue8m0,
+        )  # fmt: skip
+        if plan.silu_in_gemm2:  # GEMM2 computes SiLU*up quant from h itself (the plan: not with silu_in_gemm1)
+            act_fp8, act_scale = h, h
+            silu_a = dict(
+                a_splits=plan.gemm1.split_k if split1 else 0, a_count=splits[0:1] if split1 else None, ue8m0=ue8m0
+            )
+        elif not plan.silu_in_gemm1:
+            act_fp8, act_scale = ops.silu_mul_quant(
+                h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use, partials=split1,
+                num_partials=splits[0:1] if split1 else None,
             )  # fmt: skip
-            if plan.silu_in_gemm2:  # GEMM2 computes SiLU*up quant from h itself
-                act_fp8, act_scale = h, h
-                silu_a = dict(
-                    a_splits=plan.gemm1.split_k if split1 else 0, a_count=splits[0:1] if split1 else None, ue8m0=ue8m0
-                )
-            else:
-                act_fp8, act_scale = ops.silu_mul_quant(
-                    h, GROUP, ue8m0, expert_ids=ids, used_rows=rows_in_use, partials=split1,
-                    num_partials=splits[0:1] if split1 else None,
-                )  # fmt: skip
         y = _gemm_output(plan.gemm2, plan.num_rows, dev)
         a2, s2, ids2, y2 = _first_rows(walked, act_fp8, act_scale, ids, y)
         _gemm_contiguous(

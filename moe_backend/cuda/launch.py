@@ -167,7 +167,10 @@ def kernel_args(
     m, k = a_fp8.shape
     num_experts, n, _ = b_fp8.shape
     a_box = BLOCK_M // cfg.cluster if cfg.shares_a else BLOCK_M
-    b_rows = cfg.block_n // 2 if act_scale is not None else cfg.block_n if cfg.shares_a else cfg.block_n // cfg.cluster
+    if act_scale is not None:  # gate half and up half of the tile, each from its own rows
+        b_rows = cfg.block_n // 2
+    else:
+        b_rows = cfg.block_n if cfg.shares_a else cfg.block_n // cfg.cluster
     tmap_a = None if a_rows is not None else _tma_param_for(a_fp8.data_ptr(), (k, m), (k,), (BLOCK_K, a_box))
     tmap_b = _tma_param_for(b_fp8.data_ptr(), (k, n, num_experts), (k, n * k), (BLOCK_K, b_rows, 1))
     if a_rows is not None:

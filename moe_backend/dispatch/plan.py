@@ -287,10 +287,13 @@ def _make_plan(
     dependent = dependent_launch_pays(phase, device)
     # GEMM2 computing its activations saves one kernel's launch gap, which dependent launch
     # already hides (and there the separate kernel was faster).
-    silu_in_gemm2 = (
-        layout == "contiguous" and phase == "decode" and not dependent and silu_in_gemm2_pays(num_tokens, gemm2)
-    )
     silu_in_gemm1 = layout == "contiguous" and cuda_silu_in_gemm1(gemm1)
+    silu_in_gemm2 = (
+        layout == "contiguous"
+        and phase == "decode"
+        and not (dependent or silu_in_gemm1)
+        and silu_in_gemm2_pays(num_tokens, gemm2)
+    )
     rows_on_host = layout == "contiguous" and bool({gemm1.provider, gemm2.provider} & _WALKS_EVERY_ROW)
     plan = Plan(
         kernel=name,
