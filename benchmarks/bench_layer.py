@@ -99,7 +99,8 @@ def derive(cell: dict) -> dict:
         elif d["ratio"] > DECODE_RATIO_MAX:
             misses.append(f"{d['ratio']:.2f}x peer > {DECODE_RATIO_MAX}")
         if cell["tokens"] >= FLOOR_FROM_TOKENS and (d["pct_floor"] or 0.0) < DECODE_FLOOR_PCT_MIN:
-            misses.append(f"floor {_fmt(d['pct_floor'], '.0f')}% < {DECODE_FLOOR_PCT_MIN:.0f}%")
+            # one decimal: a cell at 79.5% would otherwise read "floor 80% < 80%"
+            misses.append(f"floor {_fmt(d['pct_floor'], '.1f')}% < {DECODE_FLOOR_PCT_MIN:.0f}%")
     elif d["ratio_dg_contig"] is None:
         misses.append("no DG contig figure")
     else:
@@ -504,6 +505,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.from_json:
         run = json.loads(Path(args.from_json).read_text())
+        for cell in run["cells"]:  # the targets as this code states them
+            cell["derived"] = derive(cell)
         if args.md:
             write_section(
                 args.md,

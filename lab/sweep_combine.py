@@ -8,6 +8,9 @@ moves 2 KB per chain of dependent loads (its ids, then a row), and the prefill c
 about half the copy bandwidth (docs/benchmarks.md, "Where the prefill layer's time goes"). More
 tokens or columns per program put more loads in flight.
 
+`before` is the shipped kernel before it branched on each slot (`lab/_old_combine.py`: masked loads
+of every slot's row, also where the slot's expert is not local).
+
 Shapes: EP8 (32 local experts of 256) and TP8 (all 256) contiguous layouts of uniform top-8
 routing at T = 128, 2048 and 16384 tokens, y bf16 `[rows, 7168]` with NaN in its padding rows.
 Each candidate is a CUDA-graph replay, median of `triton.testing.do_bench` (L2 flushed), and its
@@ -15,6 +18,7 @@ output is compared with the shipped kernel's byte for byte. Bytes that must move
 row read once, every output row written once.
 
     python -m lab.sweep_combine --json $OUT/sweep_combine.json     # GPU, about a minute
+    python -m lab.sweep_combine --candidates order --slices EP8    # the program order only
     python -m lab.sweep_combine --list                             # CPU: shapes, candidates
 """
 
@@ -30,13 +34,28 @@ SLICES = {"EP8": (32, 64), "TP8": (256, 0)}  # local experts, first local expert
 TOKENS = (128, 2048, 16384)
 # (tokens, columns, warps) per program of lab/combine_tiles.py, at most 64 fp32 sums per thread
 # (more would spill).
-CANDIDATES = [
-    c for c in itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096), (2, 4, 8)) if c[0] * c[1] <= 64 * 32 * c[2]
+CUTS = [
+    (*c, False)
+    for c in itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096), (2, 4, 8))
+    if c[0] * c[1] <= 64 * 32 * c[2]
 ]
+# The other program order (a token block's column blocks on consecutive programs: a few whole rows
+# written in order at a time), and whole rows per program, beside the shipped cut in its order.
+ORDER = [
+    (1, 1024, 2, True),
+    (1, 1024, 4, True),
+    (1, 2048, 4, True),
+    (2, 1024, 4, True),
+    (1, 4096, 8, True),
+    (1, 8192, 8, False),
+    (1, 8192, 16, False),
+]
+CANDIDATE_SETS = {"all": CUTS + ORDER, "order": ORDER}
+CANDIDATES = CUTS + ORDER
 
 
-def label(cfg: tuple[int, int, int]) -> str:
-    return "{}x{}x{}".format(*cfg)
+def label(cfg: tuple[int, int, int, bool]) -> str:
+    return ("rows:" if cfg[3] else "") + "{}x{}x{}".format(*cfg[:3])
 
 
 def _time(fn, rep_ms: int) -> float:
@@ -47,9 +66,23 @@ def _floor_us(nbytes: int, rep_ms: int) -> float:
     return copy_floor_us(nbytes, rep_ms, DEVICE)
 
 
-def run_shape(slice_name: str, tokens: int, rep_ms: int) -> dict:
+def _sm_copy_us(nbytes: int, rep_ms: int) -> float:
+    """The same bytes through an SM copy kernel (`lab.copy_bandwidth.triton_copy`), graph-replayed:
+    the graphed torch copy is a memcpy node, which ran at 2.2-2.7 TB/s at 64-468 MB where the SM
+    copy ran at 3.0-3.9 (docs/benchmarks.md, "Device copy bandwidth")."""
     import torch
 
+    from lab.copy_bandwidth import triton_copy
+
+    src = torch.empty(nbytes // 2 // 16 * 4, dtype=torch.int32, device=DEVICE).random_(0, 1 << 30)
+    dst = torch.empty_like(src)
+    return graph_us(lambda: triton_copy(src, dst), rep_ms)
+
+
+def run_shape(slice_name: str, tokens: int, rep_ms: int, candidates: list | None = None) -> dict:
+    import torch
+
+    from lab import _old_combine
     from lab.combine_tiles import combine_tiles
     from moe_backend import ops
     from moe_backend.kernels import unpermute_combine as mod
@@ -68,7 +101,10 @@ def run_shape(slice_name: str, tokens: int, rep_ms: int) -> dict:
     out = torch.empty_like(shipped)
     configs = {"shipped": _time(lambda: mod.unpermute_combine(y, rows, weights, out), rep_ms)}
     equal = True
-    for cfg in CANDIDATES:
+    out.fill_(float("nan"))
+    configs["before"] = _time(lambda: _old_combine.launch(y, rows, weights, out), rep_ms)
+    equal &= torch.equal(out.view(torch.int16), shipped.view(torch.int16))
+    for cfg in CANDIDATES if candidates is None else candidates:
         out.fill_(float("nan"))
         configs[label(cfg)] = _time(lambda cfg=cfg: combine_tiles(y, rows, weights, out, *cfg), rep_ms)
         equal &= torch.equal(out.view(torch.int16), shipped.view(torch.int16))
@@ -77,6 +113,7 @@ def run_shape(slice_name: str, tokens: int, rep_ms: int) -> dict:
         local_slots=local_slots,
         bytes=nbytes,
         floor_us=_floor_us(nbytes, rep_ms),
+        sm_copy_us=_sm_copy_us(nbytes, rep_ms),
         default="shipped",
         configs=configs,
         equal=bool(equal),
@@ -86,37 +123,47 @@ def run_shape(slice_name: str, tokens: int, rep_ms: int) -> dict:
 
 def render(results: list[dict]) -> str:
     lines = [
-        "| shape | local slots | MB | floor µs | shipped µs | best (cfg) µs | best / floor "
-        "| shipped / best | equal |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | local slots | MB | floor µs | SM copy µs | shipped µs | best (cfg) µs | best / floor "
+        "| best / SM copy | shipped / best | equal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         best = min(r["configs"], key=r["configs"].get)
         best_us, default_us = r["configs"][best], r["configs"][r["default"]]
         lines.append(
             f"| {r['shape']} | {r['local_slots']} | {r['bytes'] / 1e6:.0f} | {r['floor_us']:.1f} "
-            f"| {default_us:.1f} | {best_us:.1f} ({best}) | {best_us / r['floor_us']:.2f} "
-            f"| {default_us / best_us:.2f}x | {'yes' if r['equal'] else '**NO**'} |"
+            f"| {r['sm_copy_us']:.1f} | {default_us:.1f} | {best_us:.1f} ({best}) | {best_us / r['floor_us']:.2f} "
+            f"| {best_us / r['sm_copy_us']:.2f} | {default_us / best_us:.2f}x | {'yes' if r['equal'] else '**NO**'} |"
         )
-    labels = ["shipped"] + [label(c) for c in CANDIDATES]
     lines += ["", "fastest eight (tokens x columns x warps per program; ratio to the floor)", ""]
     for r in results:
-        ranked = sorted(labels, key=lambda c: r["configs"][c])
+        ranked = sorted(r["configs"], key=r["configs"].get)
         cells = ", ".join(f"{c} {r['configs'][c]:.1f} ({r['configs'][c] / r['floor_us']:.2f})" for c in ranked[:8])
         lines.append(f"- {r['shape']}: {cells}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(sweep_parser(__doc__, 10), argv)
-    shapes = [(s, t) for s in SLICES for t in TOKENS]
+    p = sweep_parser(__doc__, 10)
+    p.add_argument("--candidates", choices=sorted(CANDIDATE_SETS), default="all", help="every cut, or the order set")
+    p.add_argument("--slices", default=",".join(SLICES), help="comma-separated, of " + ", ".join(SLICES))
+    args = parse(p, argv)
+    candidates = CANDIDATE_SETS[args.candidates]
+    slices = [s.strip() for s in args.slices.split(",") if s.strip()]
+    if unknown := [s for s in slices if s not in SLICES]:
+        p.error(f"--slices: unknown {unknown}, expected some of {list(SLICES)}")
+    shapes = [(s, t) for s in slices for t in TOKENS]
     if args.list:
         print("shapes:", ", ".join(f"{s} T={t}" for s, t in shapes))
-        print("candidates:", " ".join(label(c) for c in CANDIDATES))
+        print("candidates:", " ".join(label(c) for c in candidates))
         return 0
 
     return run_sweep(
-        shapes, lambda shape: run_shape(*shape, args.rep_ms), lambda shape: "{} T={}".format(*shape), render, args.json
+        shapes,
+        lambda shape: run_shape(*shape, args.rep_ms, candidates),
+        lambda shape: "{} T={}".format(*shape),
+        render,
+        args.json,
     )
 
 if __name__ == "__main__":

@@ -177,6 +177,8 @@ def test_targets_follow_the_issue():
     assert ok["misses"] == [] and math.isclose(ok["ratio"], 300 / 280) and math.isclose(ok["host_us"], 50.0)
     slow = bench_layer.derive(_cell("decode", 128, 320.0, 280.0, None, 250.0, 500.0, 300.0))
     assert len(slow["misses"]) == 3  # ratio 1.14, floor 78%, host 200 µs
+    near = bench_layer.derive(_cell("decode", 32, 222.0, 215.2, None, 176.5, 235.0, 427.0))
+    assert near["misses"] == ["floor 79.5% < 80%"]  # not "80% < 80%"
     small = bench_layer.derive(_cell("decode", 8, 100.0, 95.0, None, 10.0, 120.0, 100.0))
     assert small["misses"] == []  # the floor target starts at 32 tokens
     prefill = bench_layer.derive(_cell("prefill", 2048, 1300.0, 1000.0, 1100.0, 500.0, 1350.0, 1300.0))
