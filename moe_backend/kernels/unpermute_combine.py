@@ -54,16 +54,18 @@ def _combine_kernel(
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in tl.static_range(TOPK):
         r = tl.load(rows_ptr + t * TOPK + j).to(tl.int64)
-        w = tl.load(w_ptr + t * TOPK + j)
-        row_ok = (offs * 0 + r) >= 0  # a vector mask (scalar masks trip the interpreter)
-        y_offs = r * N + offs  # int64
-        v = tl.load(y_ptr + y_offs, mask=ok & row_ok, other=0.0).to(tl.float32)
-        if SPLITS > 0:  # partial sums: the slabs added, then the bf16 the unsplit GEMM stores
-            for _ in range(1, count):
-                y_offs += slab
-                v += tl.load(y_ptr + y_offs, mask=ok & row_ok, other=0.0)
-            v = round_to_bf16_grid(v)
-        acc += w * v
+        # A branch on the slot, not a masked load: under EP most slots are not local (7 of 8 at
+        # EP8), and masked loads of them would still cost their address and predicate work.
+        if r >= 0:
+            w = tl.load(w_ptr + t * TOPK + j)
+            y_offs = r * N + offs  # int64
+            v = tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32)
+            if SPLITS > 0:  # partial sums: the slabs added, then the bf16 the unsplit GEMM stores
+                for _ in range(1, count):
+                    y_offs += slab
+                    v += tl.load(y_ptr + y_offs, mask=ok, other=0.0)
+                v = round_to_bf16_grid(v)
+            acc += w * v
     tl.store(out_ptr + t * N + offs, round_to_bf16_grid(acc).to(out_ptr.dtype.element_ty), mask=ok)
 
 
