@@ -8,8 +8,9 @@ moves 2 KB per chain of dependent loads (its ids, then a row), and the prefill c
 about half the copy bandwidth (docs/benchmarks.md, "Where the prefill layer's time goes"). More
 tokens or columns per program put more loads in flight.
 
-`before` is the shipped kernel before it branched on each slot (`lab/_old_combine.py`: masked loads
-of every slot's row, also where the slot's expert is not local).
+`shipped` is the kernel with masked loads of absent slots' rows (the plans' choice where most slots
+are local), `branch` the same kernel skipping them by a branch (`branch_on_slots`, the plans' choice
+under expert parallelism).
 
 Shapes: EP8 (32 local experts of 256) and TP8 (all 256) contiguous layouts of uniform top-8
 routing at T = 128, 2048 and 16384 tokens, y bf16 `[rows, 7168]` with NaN in its padding rows.
@@ -82,7 +83,6 @@ def _sm_copy_us(nbytes: int, rep_ms: int) -> float:
 def run_shape(slice_name: str, tokens: int, rep_ms: int, candidates: list | None = None) -> dict:
     import torch
 
-    from lab import _old_combine
     from lab.combine_tiles import combine_tiles
     from moe_backend import ops
     from moe_backend.kernels import unpermute_combine as mod
@@ -102,7 +102,7 @@ def run_shape(slice_name: str, tokens: int, rep_ms: int, candidates: list | None
     configs = {"shipped": _time(lambda: mod.unpermute_combine(y, rows, weights, out), rep_ms)}
     equal = True
     out.fill_(float("nan"))
-    configs["before"] = _time(lambda: _old_combine.launch(y, rows, weights, out), rep_ms)
+    configs["branch"] = _time(lambda: mod.unpermute_combine(y, rows, weights, out, branch_on_slots=True), rep_ms)
     equal &= torch.equal(out.view(torch.int16), shipped.view(torch.int16))
     for cfg in CANDIDATES if candidates is None else candidates:
         out.fill_(float("nan"))

@@ -329,9 +329,10 @@ def _launch_plan(
             splits[1:2] if split2 else None, silu_a,
         )  # fmt: skip
         return ops.unpermute_combine(
-            y, layout.row_of_slot, topk_weights, out, partials=split2, num_partials=splits[1:2] if split2 else None
-        )
-    return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out)
+            y, layout.row_of_slot, topk_weights, out, partials=split2, num_partials=splits[1:2] if split2 else None,
+            branch_on_slots=plan.combine_branch,
+        )  # fmt: skip
+    return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out, branch_on_slots=plan.combine_branch)
 
 
 def _first_rows(rows: int | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -28,6 +28,7 @@ __all__ = [
     "with_split_k",
     "silu_in_gemm2_pays",
     "cuda_silu_in_gemm1",
+    "branch_on_absent_slots",
 ]
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
@@ -180,6 +181,15 @@ def cuda_gathers_rows(num_tokens: int, layout_rows: int) -> bool:
     rows per token). At about one row per token (EP8) the fused permute+quant costs what quantizing
     the tokens costs, and TMA's whole-tile loads stay."""
     return layout_rows >= thresholds()["cuda_gather_a"]["min_rows_per_token"] * max(num_tokens, 1)
+
+
+def branch_on_absent_slots(num_experts: int, num_global_experts: int) -> bool:
+    """The combine skips a token's absent slots (experts not local) by a branch rather than by a
+    masked load: where this rank holds at most a share of the experts (dispatch_thresholds.json
+    `combine_branch`), most slots are absent. Unknown global count (0): masked loads."""
+    if num_global_experts <= 0:
+        return False
+    return num_experts <= thresholds()["combine_branch"]["max_local_share"] * num_global_experts
 
 
 def cuda_silu_in_gemm1(gemm1: GemmPlan) -> bool:

@@ -25,6 +25,7 @@ import torch
 
 from moe_backend.dispatch.gemm_choice import (
     GemmPlan,
+    branch_on_absent_slots,
     cuda_gathers_rows,
     cuda_silu_in_gemm1,
     dependent_launch_pays,
@@ -87,6 +88,9 @@ class Plan:
     # the rows in use: a count the caller read earlier (`used_rows`) or one host read per call.
     # Its graphs (`graph_plan`) are captured per `rows_bucket` of that count.
     rows_on_host: bool = False
+    # The combine skips each absent slot by a branch rather than a masked load: where most of a
+    # token's slots are not local (expert parallel).
+    combine_branch: bool = False
     # An eager call replays this plan (tokens rounded up to a bucket) as a CUDA graph
     # (`moe_backend.eager_graphs`); None: launched kernel by kernel.
     graph_plan: "Plan | None" = None
@@ -110,6 +114,7 @@ class Plan:
             + (" silu_in_gemm1=True" if self.silu_in_gemm1 else "")
             + (" dependent_launch=True" if self.dependent_launch else "")
             + (" rows_on_host=True" if self.rows_on_host else "")
+            + (" combine_branch=True" if self.combine_branch else "")
             + f" on {self.device}"
             + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else "")
         )
@@ -316,6 +321,7 @@ def _make_plan(
         silu_in_gemm1=silu_in_gemm1,
         dependent_launch=dependent,
         rows_on_host=rows_on_host,
+        combine_branch=branch_on_absent_slots(num_experts, num_global_experts),
     )
     if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
         graph_plan = _make_plan(

@@ -29,6 +29,20 @@ NUM_WARPS = 2
 
 
 @triton.jit
+def _slot_row(y_ptr, w_ptr, slot, y_offs, mask, slab, count, SPLITS: tl.constexpr):
+    """One slot's weighted row: its weight times y's row (a K-split GEMM2's slabs added first,
+    then rounded to the bf16 the unsplit GEMM stores), fp32."""
+    w = tl.load(w_ptr + slot)
+    v = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
+    if SPLITS > 0:
+        for _ in range(1, count):
+            y_offs += slab
+            v += tl.load(y_ptr + y_offs, mask=mask, other=0.0)
+        v = round_to_bf16_grid(v)
+    return w * v
+
+
+@triton.jit
 def _combine_kernel(
     y_ptr,
     rows_ptr,
@@ -41,6 +55,7 @@ def _combine_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
     COUNT_ON_DEVICE: tl.constexpr,
+    BRANCH: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_producer(PDL)
@@ -54,18 +69,16 @@ def _combine_kernel(
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in tl.static_range(TOPK):
         r = tl.load(rows_ptr + t * TOPK + j).to(tl.int64)
-        # A branch on the slot, not a masked load: under EP most slots are not local (7 of 8 at
-        # EP8), and masked loads of them would still cost their address and predicate work.
-        if r >= 0:
-            w = tl.load(w_ptr + t * TOPK + j)
-            y_offs = r * N + offs  # int64
-            v = tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32)
-            if SPLITS > 0:  # partial sums: the slabs added, then the bf16 the unsplit GEMM stores
-                for _ in range(1, count):
-                    y_offs += slab
-                    v += tl.load(y_ptr + y_offs, mask=ok, other=0.0)
-                v = round_to_bf16_grid(v)
-            acc += w * v
+        if BRANCH:
+            # Most slots not local (EP): a branch skips each absent one outright, where a masked
+            # load would still cost its address and predicate work.
+            if r >= 0:
+                acc += _slot_row(y_ptr, w_ptr, t * TOPK + j, r * N + offs, ok, slab, count, SPLITS)
+        else:
+            # Most slots local (TP): masked loads, free of branches, so every slot's row load is
+            # issued before the first sum waits on one.
+            row_ok = (offs * 0 + r) >= 0  # a vector mask (scalar masks trip the interpreter)
+            acc += _slot_row(y_ptr, w_ptr, t * TOPK + j, r * N + offs, ok & row_ok, slab, count, SPLITS)
     tl.store(out_ptr + t * N + offs, round_to_bf16_grid(acc).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -77,11 +90,15 @@ def unpermute_combine(
     *,
     partials: bool = False,
     num_partials: torch.Tensor | None = None,
+    branch_on_slots: bool = False,
 ) -> torch.Tensor:
     """y bf16 `[M, N]` or `[E, max_m, N]`; row_of_slot int32/int64 `[T, k]` (flat row of y holding
     token t's j-th expert, -1 = none); topk_weights f32 `[T, k]`; out bf16 `[T, N]`.
     partials: y is f32 `[S, M, N]`, S partial sums of a GEMM split over K (module docstring), of
-    which only the first `num_partials[0]` hold slices when that int32 `[1]` is given."""
+    which only the first `num_partials[0]` hold slices when that int32 `[1]` is given.
+    branch_on_slots: skip each absent slot (-1) by a branch instead of masking its row load: faster
+    where most slots are absent (expert parallel), slower where most are present (the plan's
+    `combine_branch`). Same result either way."""
     splits = 0
     if partials:
         check_kernel_tensor("y", y, dtypes=(torch.float32,), ndim=3)
@@ -122,6 +139,7 @@ def unpermute_combine(
         BLOCK_N=BLOCK_N,
         SPLITS=splits,
         COUNT_ON_DEVICE=counted,
+        BRANCH=branch_on_slots,
         num_warps=NUM_WARPS,
         **launch_options(),
     )

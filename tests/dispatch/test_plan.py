@@ -532,3 +532,40 @@ def test_only_the_cuda_gemm_stores_silu_quant():
         plan_execution._gemm_contiguous(
             plan_mod.GemmPlan("triton", 256, 128), a, a, a, a, a, a, 1, act_scale=torch.zeros(4, 1)
         )
+
+
+def test_the_branch_on_absent_slots_where_most_are_not_local(monkeypatch):
+    """The plan picks the combine's form from the share of experts this rank holds (the kernel gives
+    the same bytes either way: the interpreter and GPU combine tests), and the executor hands it on."""
+    share = thresholds()["combine_branch"]["max_local_share"]
+    assert 0 < share < 1
+    ep = _plan(num_experts=32, num_global_experts=256)
+    assert ep.combine_branch and "combine_branch=True" in ep.describe()
+    tp = _plan(num_experts=256, num_global_experts=256)
+    assert not tp.combine_branch and "combine_branch" not in tp.describe()
+    assert _plan(num_experts=int(share * 256), num_global_experts=256).combine_branch
+    assert not _plan(num_experts=int(share * 256) + 1, num_global_experts=256).combine_branch
+    assert not _plan(num_experts=32, num_global_experts=0).combine_branch  # global count unknown
+    masked = make_masked_plan(Policy(), num_experts=4, max_m=64, hidden=256, intermediate=128, device=CPU)
+    assert not masked.combine_branch
+
+    seen = []
+    real = plan_execution.ops.unpermute_combine
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("branch_on_slots"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan_execution.ops, "unpermute_combine", recording)
+    w13, w13_s = quantize_fp8_blockwise(torch.randn(2, 256, 256) / 16)
+    w2, w2_s = quantize_fp8_blockwise(torch.randn(2, 256, 128) / 16)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 6], [7, 1], [4, 3]])
+    for kernel in ("contiguous", "masked"):
+        for global_e, want in ((8, True), (2, False)):
+            seen.clear()
+            experts.routed_experts(
+                x, w13, w13_s, w2, w2_s, torch.rand(3, 2), ids.clamp(max=global_e - 1), kernel=kernel,
+                num_global_experts=global_e,
+            )  # fmt: skip
+            assert seen == [want], (kernel, global_e)

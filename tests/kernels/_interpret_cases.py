@@ -319,6 +319,8 @@ def case_combine():
     assert torch.isfinite(out).all()
     err = _rel(out, ref)
     assert err <= 1e-2 and (out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max(), err
+    # skipping absent slots by a branch gives the same bytes (and reads no unwritten row either)
+    assert torch.equal(unpermute_combine(y, layout.row_of_slot, weights, branch_on_slots=True), out)
 
 
 def case_bad_inputs():
@@ -739,6 +741,7 @@ def case_combine_kernel_layouts():
         ref = layouts.combine(y, layout, weights)
         assert torch.isfinite(out.float()).all(), "a padding row was read"
         assert _rel(out, ref) <= 1e-2
+        assert torch.equal(unpermute_combine(y, layout.row_of_slot, weights, branch_on_slots=True), out)
 
 
 def _split_layout(counts, block_m, tail, gen, tokens):
@@ -874,10 +877,13 @@ def case_split_k_consumers():
         y = torch.randn(splits, layout.num_rows, 300, generator=gen)
         y[:, ~real] = float("nan")
         y[count or splits :] = float("nan")
-        out = unpermute_combine(y, layout.row_of_slot, weights, partials=True, num_partials=num)
         want = unpermute_combine(reference.sum_partials(y, num), layout.row_of_slot, weights)
-        assert torch.isfinite(out.float()).all(), f"{what}: a padding row or an uncut slab was read"
-        assert torch.equal(out, want), f"{what}: combine differs"
+        for branch in (False, True):
+            out = unpermute_combine(
+                y, layout.row_of_slot, weights, partials=True, num_partials=num, branch_on_slots=branch
+            )
+            assert torch.isfinite(out.float()).all(), f"{what}: a padding row or an uncut slab was read"
+            assert torch.equal(out, want), f"{what}, branch {branch}: combine differs"
 
 
 def case_gemm_computes_silu_a():

@@ -355,6 +355,8 @@ def test_unpermute_combine(num_tokens, topk, experts, n) -> None:
     ref = layouts.combine(y, layout, weights)
     assert torch.isfinite(out).all()
     assert _rel(out, ref) <= TOL["combine"] or (out != ref).float().mean() < 1e-3
+    # the plans' other form (absent slots skipped by a branch, under expert parallelism): same bytes
+    assert torch.equal(combine_mod.unpermute_combine(y, layout.row_of_slot, weights, branch_on_slots=True), out)
 
 
 def test_bad_inputs() -> None:

@@ -76,7 +76,7 @@ def test_run_shape_under_the_interpreter() -> None:
     results = interpreted_json(SMOKE)
     assert [r["equal"] for r in results] == [True, True]
     labels = ["1x128x1", "2x256x2", "4x128x4", "8x512x2", "rows:1x128x1", "rows:2x256x2", "shipped"]
-    assert [sorted(r["configs"]) for r in results] == [sorted(labels + ["before"])] * 2
+    assert [sorted(r["configs"]) for r in results] == [sorted(labels + ["branch"])] * 2
     assert all(r["default"] == "shipped" for r in results)
     ep8, tp8 = results
     assert 0 < ep8["local_slots"] < tp8["local_slots"] == 7 * 4
