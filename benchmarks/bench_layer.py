@@ -97,10 +97,11 @@ def derive(cell: dict) -> dict:
         if d["ratio"] is None:
             misses.append("no peer figure")
         elif d["ratio"] > DECODE_RATIO_MAX:
-            misses.append(f"{d['ratio']:.2f}x peer > {DECODE_RATIO_MAX}")
+            misses.append(f"{_past(d['ratio'], DECODE_RATIO_MAX, 2)}x peer > {DECODE_RATIO_MAX}")
         if cell["tokens"] >= FLOOR_FROM_TOKENS and (d["pct_floor"] or 0.0) < DECODE_FLOOR_PCT_MIN:
-            # one decimal: a cell at 79.5% would otherwise read "floor 80% < 80%"
-            misses.append(f"floor {_fmt(d['pct_floor'], '.1f')}% < {DECODE_FLOOR_PCT_MIN:.0f}%")
+            misses.append(
+                f"floor {_past(d['pct_floor'] or 0.0, DECODE_FLOOR_PCT_MIN, 0)}% < {DECODE_FLOOR_PCT_MIN:.0f}%"
+            )
     elif d["ratio_dg_contig"] is None:
         misses.append("no DG contig figure")
     else:
@@ -112,7 +113,7 @@ def derive(cell: dict) -> dict:
         if d["ratio_dg_contig"] > PREFILL_RATIO_MAX:
             out_of_reach = d.get("bound_ratio", 0.0) > PREFILL_RATIO_MAX
             misses.append(
-                f"{d['ratio_dg_contig']:.2f}x DG contig > {PREFILL_RATIO_MAX}"
+                f"{_past(d['ratio_dg_contig'], PREFILL_RATIO_MAX, 2)}x DG contig > {PREFILL_RATIO_MAX}"
                 + (f" (bound {d['bound_ratio']:.2f}x)" if out_of_reach else "")
             )
     if d["host_us"] is None:
@@ -134,6 +135,14 @@ def layer_relerr(cell: dict) -> float | None:
 
 def _fmt(x, spec=".1f"):
     return "–" if x is None else format(x, spec)
+
+
+def _past(value: float, limit: float, decimals: int) -> str:
+    """value, which misses `limit`, with enough decimals that it does not print as the limit
+    (1.104 against 1.1 reads "1.104", not "1.10"; 79.5 against 80 reads "79.5")."""
+    while decimals < 4 and round(value, decimals) == limit:
+        decimals += 1
+    return f"{value:.{decimals}f}"
 
 
 def summary_table(cells: list) -> list[str]:

@@ -179,6 +179,10 @@ def test_targets_follow_the_issue():
     assert len(slow["misses"]) == 3  # ratio 1.14, floor 78%, host 200 µs
     near = bench_layer.derive(_cell("decode", 32, 222.0, 215.2, None, 176.5, 235.0, 427.0))
     assert near["misses"] == ["floor 79.5% < 80%"]  # not "80% < 80%"
+    edge = bench_layer.derive(_cell("decode", 1, 64.0, 58.0, None, 31.6, 100.0, 100.0))
+    assert edge["misses"] == ["1.103x peer > 1.1"]  # not "1.10x peer > 1.1"
+    far = bench_layer.derive(_cell("decode", 32, 300.0, 250.0, None, 200.0, 100.0, 100.0))
+    assert far["misses"] == ["1.20x peer > 1.1", "floor 67% < 80%"]
     small = bench_layer.derive(_cell("decode", 8, 100.0, 95.0, None, 10.0, 120.0, 100.0))
     assert small["misses"] == []  # the floor target starts at 32 tokens
     prefill = bench_layer.derive(_cell("prefill", 2048, 1300.0, 1000.0, 1100.0, 500.0, 1350.0, 1300.0))
