@@ -19,12 +19,17 @@ def graph_us(fn, rep_ms: int) -> float:
 
 
 def copy_floor_us(nbytes: int, rep_ms: int, device: str = "cuda") -> float:
-    """A torch D2D copy reading and writing `nbytes` in all (nbytes / 2 each way)."""
+    """An SM copy kernel (`lab.copy_bandwidth.triton_copy`) reading and writing `nbytes` in all
+    (nbytes / 2 each way), graph-replayed. Not a torch `copy_`: replayed from a graph that is a
+    memcpy node, which moved 2.2-2.7 TB/s at 64-468 MB where the SM copy moved 3.0-3.9
+    (docs/benchmarks.md, "Device copy bandwidth against size and timing method")."""
     import torch
 
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_(0, 256)
+    from lab.copy_bandwidth import triton_copy
+
+    src = torch.empty(nbytes // 2 // 16 * 4, dtype=torch.int32, device=device).random_(0, 1 << 30)
     dst = torch.empty_like(src)
-    return graph_us(lambda: dst.copy_(src), rep_ms)
+    return graph_us(lambda: triton_copy(src, dst), rep_ms)
 
 
 def run_sweep(shapes: list, run_one: Callable, name_of: Callable, render: Callable, json_path: str | None) -> int:
@@ -41,7 +46,7 @@ def run_sweep(shapes: list, run_one: Callable, name_of: Callable, render: Callab
     header = (
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
         f"CUDA {torch.version.cuda}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"CUDA-graph replay, do_bench median, L2 flushed; floor = torch copy of the same bytes"
+        f"CUDA-graph replay, do_bench median, L2 flushed; floor = an SM copy kernel moving the same bytes"
     )
     print(header, flush=True)
     results = []

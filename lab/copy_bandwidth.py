@@ -9,8 +9,9 @@ to 2.1 GB in other cells of the same runs, while `bench_layer`'s prefill bound u
 that floor is the device's or the timing's decides whether they have room left.
 
 Per size (bytes read plus written), each a median in TB/s:
-- `graph u8`: the sweeps' floor (`lab._sweep_run.copy_floor_us`): uint8 `copy_`, CUDA-graph replay,
-  do_bench with its L2 flush;
+- `graph u8`: uint8 `copy_`, CUDA-graph replay, do_bench with its L2 flush (the sweeps' floor
+  before this table showed it to be a memcpy node's speed; `lab._sweep_run.copy_floor_us` now
+  times the SM copy below);
 - `graph bf16`: the same copy of bf16 elements;
 - `eager`: `copy_` launched directly under do_bench (no graph), as `bench_layer`'s ceiling;
 - `triton`: an SM copy kernel (16 bytes per thread per load), CUDA-graph replay, do_bench;

@@ -1,7 +1,7 @@
 """Device sweep of the un-permute + weighted combine: the shipped kernel
 (`moe_backend/kernels/unpermute_combine.py`: one token x 1024 columns per program) beside
 `lab/combine_tiles.py` at every (tokens per program, columns per program, warps) candidate, at the
-DeepSeek-V3 slices, and a torch copy of the same bytes (the floor).
+DeepSeek-V3 slices, and an SM copy kernel moving the same bytes (the floor).
 
 Why: at EP8 a token has one local slot on average, so a program of one token and 1024 columns
 moves 2 KB per chain of dependent loads (its ids, then a row), and the prefill combine runs at
@@ -67,19 +67,6 @@ def _floor_us(nbytes: int, rep_ms: int) -> float:
     return copy_floor_us(nbytes, rep_ms, DEVICE)
 
 
-def _sm_copy_us(nbytes: int, rep_ms: int) -> float:
-    """The same bytes through an SM copy kernel (`lab.copy_bandwidth.triton_copy`), graph-replayed:
-    the graphed torch copy is a memcpy node, which ran at 2.2-2.7 TB/s at 64-468 MB where the SM
-    copy ran at 3.0-3.9 (docs/benchmarks.md, "Device copy bandwidth")."""
-    import torch
-
-    from lab.copy_bandwidth import triton_copy
-
-    src = torch.empty(nbytes // 2 // 16 * 4, dtype=torch.int32, device=DEVICE).random_(0, 1 << 30)
-    dst = torch.empty_like(src)
-    return graph_us(lambda: triton_copy(src, dst), rep_ms)
-
-
 def run_shape(slice_name: str, tokens: int, rep_ms: int, candidates: list | None = None) -> dict:
     import torch
 
@@ -113,7 +100,6 @@ def run_shape(slice_name: str, tokens: int, rep_ms: int, candidates: list | None
         local_slots=local_slots,
         bytes=nbytes,
         floor_us=_floor_us(nbytes, rep_ms),
-        sm_copy_us=_sm_copy_us(nbytes, rep_ms),
         default="shipped",
         configs=configs,
         equal=bool(equal),
@@ -123,17 +109,17 @@ def run_shape(slice_name: str, tokens: int, rep_ms: int, candidates: list | None
 
 def render(results: list[dict]) -> str:
     lines = [
-        "| shape | local slots | MB | floor µs | SM copy µs | shipped µs | best (cfg) µs | best / floor "
-        "| best / SM copy | shipped / best | equal |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | local slots | MB | floor µs | shipped µs | best (cfg) µs | best / floor "
+        "| shipped / best | equal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         best = min(r["configs"], key=r["configs"].get)
         best_us, default_us = r["configs"][best], r["configs"][r["default"]]
         lines.append(
             f"| {r['shape']} | {r['local_slots']} | {r['bytes'] / 1e6:.0f} | {r['floor_us']:.1f} "
-            f"| {r['sm_copy_us']:.1f} | {default_us:.1f} | {best_us:.1f} ({best}) | {best_us / r['floor_us']:.2f} "
-            f"| {best_us / r['sm_copy_us']:.2f} | {default_us / best_us:.2f}x | {'yes' if r['equal'] else '**NO**'} |"
+            f"| {default_us:.1f} | {best_us:.1f} ({best}) | {best_us / r['floor_us']:.2f} "
+            f"| {default_us / best_us:.2f}x | {'yes' if r['equal'] else '**NO**'} |"
         )
     lines += ["", "fastest eight (tokens x columns x warps per program; ratio to the floor)", ""]
     for r in results:

@@ -1,7 +1,7 @@
 """Device sweep of the fused permute + quant at EP8 prefill: the shipped kernel
 (`moe_backend/kernels/permute_quant.py`, one layout row x 8 groups per step) beside
-`lab/permute_quant_items.py` at every (items per block, warps) candidate, and a torch copy of the
-same bytes (the floor).
+`lab/permute_quant_items.py` at every (items per block, warps) candidate, and an SM copy kernel
+moving the same bytes (the floor, `lab._sweep_run.copy_floor_us`).
 
 Shapes: the EP8 slice (32 local experts of 256) at T = 2048, 8192 and 16384 tokens of uniform
 top-8 routing, on the contiguous layout the prefill plan builds (segments of 128 rows, the static

@@ -1,7 +1,7 @@
 """Device sweep of the prefill layer's two copy-bound steps: the per-token-group FP8 quant
 (`_group_quant_core`, flat (row, group) items) and the fp8 row gather into the layout
-(`kernels/permute_rows.py`), at the DeepSeek-V3 shapes, each beside the code it replaces and a
-torch copy of the same bytes (the floor).
+(`kernels/permute_rows.py`), at the DeepSeek-V3 shapes, each beside the code it replaces and an
+SM copy kernel moving the same bytes (the floor, `lab._sweep_run.copy_floor_us`).
 
 - quant: x `[T, 7168]` bf16 for T in 128, 2048, 16384; SiLU*up + quant of GEMM1's output on the
   contiguous layout (expert_ids + used_rows, as plan_execution runs it) for EP8 (32 local experts,

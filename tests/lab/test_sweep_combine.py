@@ -31,13 +31,12 @@ def test_render() -> None:
         local_slots=16000,
         bytes=4_000_000,
         floor_us=2.0,
-        sm_copy_us=4.0,
         default="shipped",
         configs={"shipped": 12.0, **configs},
         equal=False,
     )
     lines = sweep.render([result]).splitlines()
-    assert lines[2].startswith("| EP8 T=16384 | 16000 | 4 | 2.0 | 4.0 | 12.0 | ")
+    assert lines[2].startswith("| EP8 T=16384 | 16000 | 4 | 2.0 | 12.0 | ")
     assert f"({best})" in lines[2] and lines[2].endswith("| **NO** |")
     assert lines[-1].startswith(f"- EP8 T=16384: {best} ")
 
@@ -63,7 +62,6 @@ sweep.CANDIDATES = [(1, 128, 1, False), (2, 256, 2, False), (4, 128, 4, False), 
                     (2, 256, 2, True)]
 sweep._time = lambda fn, rep_ms: (fn(), 1.0)[1]
 sweep._floor_us = lambda nbytes, rep_ms: 0.5
-sweep._sm_copy_us = lambda nbytes, rep_ms: 0.6
 out = [sweep.run_shape(s, 7, 1) for s in ("EP8", "TP8")]
 print(sweep.render(out), file=sys.stderr)
 print(json.dumps(out))
