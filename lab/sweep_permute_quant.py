@@ -1,6 +1,7 @@
 """Device sweep of the fused permute + quant at EP8 prefill: the shipped kernel
 (`moe_backend/kernels/permute_quant.py`, one layout row x 8 groups per step) beside
-`lab/permute_quant_items.py` at every (items per block, warps) candidate, and an SM copy kernel
+`lab/permute_quant_items.py` at every (items per block, warps) candidate,
+`lab/permute_quant_pipelined.py` at 1-3 stages, and an SM copy kernel
 moving the same bytes (the floor, `lab._sweep_run.copy_floor_us`).
 
 Shapes: the EP8 slice (32 local experts of 256) at T = 2048, 8192 and 16384 tokens of uniform
@@ -24,6 +25,7 @@ HIDDEN, GLOBAL_EXPERTS, TOPK, NUM_LOCAL, EXPERT_START, ALIGNMENT = 7168, 256, 8,
 DEVICE = "cuda"  # a CPU smoke test of run_shape sets "cpu" (with TRITON_INTERPRET=1)
 TOKENS = (2048, 8192, 16384)
 CANDIDATES = list(itertools.product((8, 16, 32, 64), (2, 4, 8)))  # (items per block, warps)
+PIPELINED = (1, 2, 3)  # stages of lab/permute_quant_pipelined.py's row loop, labelled "pipe:sN"
 
 
 def label(cfg: tuple[int, int]) -> str:
@@ -42,6 +44,7 @@ def run_shape(tokens: int, rep_ms: int) -> dict:
     import torch
 
     from lab.permute_quant_items import permute_quant_items
+    from lab.permute_quant_pipelined import permute_quant_pipelined
     from moe_backend import ops
     from moe_backend.kernels.permute_quant import permute_quant
 
@@ -63,10 +66,13 @@ def run_shape(tokens: int, rep_ms: int) -> dict:
     shipped = outputs()
     configs = {"shipped": _time(lambda: permute_quant(x, src, out=shipped, used_rows=used_rows), rep_ms)}
     out, equal = outputs(), True
-    for cfg in CANDIDATES:
+    contenders = {label(cfg): lambda cfg=cfg: permute_quant_items(x, src, used_rows, out, *cfg) for cfg in CANDIDATES}
+    for stages in PIPELINED:
+        contenders[f"pipe:s{stages}"] = lambda stages=stages: permute_quant_pipelined(x, src, used_rows, out, stages)
+    for name, fn in contenders.items():
         out[0].view(torch.uint8).fill_(0x7F)
         out[1].fill_(float("nan"))
-        configs[label(cfg)] = _time(lambda cfg=cfg: permute_quant_items(x, src, used_rows, out, *cfg), rep_ms)
+        configs[name] = _time(fn, rep_ms)
         equal &= torch.equal(out[0][valid].view(torch.uint8), shipped[0][valid].view(torch.uint8))
         equal &= torch.equal(out[1][valid].view(torch.int32), shipped[1][valid].view(torch.int32))
         equal &= bool((out[0][~valid].view(torch.uint8) == 0x7F).all())  # padding rows never written
@@ -95,8 +101,8 @@ def render(results: list[dict]) -> str:
             f"| {best_us:.1f} ({best}) | {best_us / r['floor_us']:.2f} | {shipped_us / best_us:.2f}x "
             f"| {'yes' if r['equal'] else '**NO**'} |"
         )
-    labels = ["shipped"] + [label(c) for c in CANDIDATES]
-    lines += candidate_table(results, labels, "per contender (items per block x warps)")
+    labels = ["shipped"] + [label(c) for c in CANDIDATES] + [f"pipe:s{n}" for n in PIPELINED]
+    lines += candidate_table(results, labels, "per contender (items per block x warps; pipe: pipelined row loop)")
     return "\n".join(lines)
 
 
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sweep_parser(__doc__, 10), argv)
     if args.list:
         print("shapes:", ", ".join(f"EP8 T={t}" for t in TOKENS))
-        print("candidates:", " ".join(label(c) for c in CANDIDATES))
+        print("candidates:", " ".join([label(c) for c in CANDIDATES] + [f"pipe:s{n}" for n in PIPELINED]))
         return 0
     return run_sweep(list(TOKENS), lambda t: run_shape(t, args.rep_ms), lambda t: f"EP8 T={t}", render, args.json)
 
