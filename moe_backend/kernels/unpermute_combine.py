@@ -29,20 +29,6 @@ NUM_WARPS = 2
 
 
 @triton.jit
-def _slot_row(y_ptr, w_ptr, slot, y_offs, mask, slab, count, SPLITS: tl.constexpr):
-    """One slot's weighted row: its weight times y's row (a K-split GEMM2's slabs added first,
-    then rounded to the bf16 the unsplit GEMM stores), fp32."""
-    w = tl.load(w_ptr + slot)
-    v = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
-    if SPLITS > 0:
-        for _ in range(1, count):
-            y_offs += slab
-            v += tl.load(y_ptr + y_offs, mask=mask, other=0.0)
-        v = round_to_bf16_grid(v)
-    return w * v
-
-
-@triton.jit
 def _combine_kernel(
     y_ptr,
     rows_ptr,
@@ -73,12 +59,29 @@ def _combine_kernel(
             # Most slots not local (EP): a branch skips each absent one outright, where a masked
             # load would still cost its address and predicate work.
             if r >= 0:
-                acc += _slot_row(y_ptr, w_ptr, t * TOPK + j, r * N + offs, ok, slab, count, SPLITS)
+                w = tl.load(w_ptr + t * TOPK + j)
+                y_offs = r * N + offs  # int64
+                v = tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32)
+                if SPLITS > 0:  # partial sums: the slabs added, then the bf16 the unsplit GEMM stores
+                    for _ in range(1, count):
+                        y_offs += slab
+                        v += tl.load(y_ptr + y_offs, mask=ok, other=0.0)
+                    v = round_to_bf16_grid(v)
+                acc += w * v
         else:
             # Most slots local (TP): masked loads, free of branches, so every slot's row load is
-            # issued before the first sum waits on one.
+            # issued before the first sum waits on one. (The two forms are spelled out apart: each
+            # compiles to the kernel timed in docs/benchmarks.md.)
+            w = tl.load(w_ptr + t * TOPK + j)
             row_ok = (offs * 0 + r) >= 0  # a vector mask (scalar masks trip the interpreter)
-            acc += _slot_row(y_ptr, w_ptr, t * TOPK + j, r * N + offs, ok & row_ok, slab, count, SPLITS)
+            y_offs = r * N + offs  # int64
+            v = tl.load(y_ptr + y_offs, mask=ok & row_ok, other=0.0).to(tl.float32)
+            if SPLITS > 0:  # partial sums: the slabs added, then the bf16 the unsplit GEMM stores
+                for _ in range(1, count):
+                    y_offs += slab
+                    v += tl.load(y_ptr + y_offs, mask=ok & row_ok, other=0.0)
+                v = round_to_bf16_grid(v)
+            acc += w * v
     tl.store(out_ptr + t * N + offs, round_to_bf16_grid(acc).to(out_ptr.dtype.element_ty), mask=ok)
 
 
