@@ -35,8 +35,9 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     quanttests) step quanttests 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests -k "quant or combine" ;;
     graphtests) step graphtests 90 python3 -m pytest -q -p no:cacheprovider tests/layers/test_layer_graphs.py \
            || { [[ ${GATE:-0} == 1 ]] && { echo "graph tests failed: stopping"; break; }; } ;;
-    kerneltests) # the kernels', the layer's, the policy's and shadow mode's GPU tests (not tests/cuda, not e2e)
-           TAIL=4 step kerneltests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/dispatch \
+    kerneltests) # the kernels', the layer's, the policy's and shadow mode's GPU tests (not tests/cuda, not e2e), in
+           # 4 processes sharing the GPU (one took over 200 s; xdist is in the device image)
+           TAIL=4 step kerneltests 200 python3 -m pytest -q -n 4 -p no:cacheprovider -m gpu tests/kernels tests/dispatch \
            tests/layers/test_layer_gpu.py tests/layers/test_nonfinite_gpu.py tests/ab/test_shadow_gpu.py ;;
     othertests) # the GPU tests outside kerneltests, graphtests and cudatest: engines' GPU paths, no-growth, generate
            TAIL=4 step othertests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/integrations \

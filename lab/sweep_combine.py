@@ -52,7 +52,7 @@ ORDER = [
     (1, 8192, 16, False),
 ]
 CANDIDATE_SETS = {"all": CUTS + ORDER, "order": ORDER}
-CANDIDATES = CUTS + ORDER
+CANDIDATES = CANDIDATE_SETS["all"]
 
 
 def label(cfg: tuple[int, int, int, bool]) -> str:

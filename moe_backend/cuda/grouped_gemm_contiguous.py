@@ -55,11 +55,10 @@ def grouped_gemm_contiguous(
         raise ValueError(f"a_fp8: K ({k}) must be a positive multiple of {BLOCK_K}")
     check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(rows, k // BLOCK_K), contiguous=True)
     num_experts, n = check_weights(b_fp8, b_scale, k)
-    m = rows
     if a_rows is not None:  # the layout's rows, behind which A's token rows lie
         check_tensor("a_rows", a_rows, dtypes=(torch.int64,), ndim=1, contiguous=True)
         check_same_device(a_fp8=a_fp8, a_rows=a_rows)
-        m = a_rows.shape[0]
+    m = rows if a_rows is None else a_rows.shape[0]
     check_tensor("expert_ids", expert_ids, dtypes=(torch.int32, torch.int64), shape=(m,), contiguous=True)
     check_same_device(a_fp8=a_fp8, a_scale=a_scale, b_fp8=b_fp8, b_scale=b_scale, expert_ids=expert_ids)
     dev = a_fp8.device

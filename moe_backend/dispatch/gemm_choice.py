@@ -27,6 +27,7 @@ __all__ = [
     "fused_permute_quant_pays",
     "with_split_k",
     "silu_in_gemm2_pays",
+    "cuda_gathers_rows",
     "cuda_silu_in_gemm1",
     "branch_on_absent_slots",
 ]
