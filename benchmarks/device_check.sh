@@ -2,8 +2,9 @@
 # One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
-# tunerouted smallbatch tokensweep prefillgather gathera maskedwalk routed copybw); a step starts
-# only with at least 30 s left and gets at most min(its own limit, what is left). With GATE=1 a
+# tunerouted smallbatch tokensweep prefillgather gathera maskedwalk routed copybw launchgaps
+# maskedhot); a step starts only with at least 30 s left and gets at most min(its own limit, what
+# is left). With GATE=1 a
 # failing `graphtests` step stops the run (nothing after it is worth timing). Logs, the layer
 # benchmark's JSON and docs section, the sweeps' JSON and re-tuned tables are tarred into
 # $OUT/check.tgz (a call returns at most 8 files).
@@ -51,6 +52,9 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     sweep) TAIL=40 step sweep 130 python3 -m lab.sweep_quant_gather --json "$F/sweep_quant_gather.json" ;;
     combinesweep) TAIL=24 step combinesweep 150 python3 -m lab.sweep_combine --json "$F/sweep_combine.json" ;;
     permutequant) TAIL=12 step permutequant 120 python3 -m lab.sweep_permute_quant --json "$F/sweep_permute_quant.json" ;;
+    launchgaps) TAIL=30 step launchgaps 240 python3 -m lab.prefill_launch_gaps --json "$F/launch_gaps.json" \
+             ${GAPS_ARGS:---cells ep8:8192,ep8:16384 --stages 1,2,3} ;;
+    maskedhot) TAIL=16 step maskedhot 240 python3 -m lab.sweep_masked_hot --json "$F/masked_hot.json" ${HOT_ARGS:-} ;;
     copybw) TAIL=12 step copybw 90 python3 -m lab.copy_bandwidth --json "$F/copy_bandwidth.json" ;;
     tunerouted) # the masked kernel's EP8 decode table re-tuned under uniform and Zipf counts (TUNE_ARGS to widen)
            TAIL=8 step tunerouted 560 python3 -m moe_backend tune --routing uniform,zipf:0.6 --out-dir "$F/tuned" \

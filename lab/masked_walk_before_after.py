@@ -14,11 +14,11 @@ DIR holds the earlier *.cuh files (e.g. `git show REV:moe_backend/cuda/scheduler
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
 
+from lab._prebuild import compile_all, old_spec
 from moe_backend import reference, testing
 from moe_backend.cuda import driver, launch
 from moe_backend.cuda.config import NUM_THREADS
@@ -30,17 +30,30 @@ SHAPES = {"w13": (4096, 7168), "w2": (7168, 2048)}
 
 
 def old_kernel(n, k, cfg, max_m, old_dir: Path, m: int):
-    spec = launch.kernel_spec(n, k, cfg, masked_max_m=max_m)
-    name = spec.kernel_name + "_before"
-    spec = dataclasses.replace(
-        spec, kernel_name=name, source=spec.source.replace(spec.kernel_name, name), include_dirs=(old_dir,)
-    )
+    spec = old_spec(launch.kernel_spec(n, k, cfg, masked_max_m=max_m), old_dir)
     kernel = driver.load_kernel(spec, torch.cuda.current_device())
     grid = launch.grid_size(m, n, cfg, torch.cuda.get_device_properties(0).multi_processor_count)
     if cfg.cluster > 1:
         resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
         grid = min(grid, resident * cfg.cluster) if resident > 0 else grid
     return kernel, grid
+
+
+def max_ms_of(top: int) -> list[int]:
+    return [m for m in (128, 256, 512, 1024, 2048) if m >= top and (m <= 1024 or m < 2 * top)]
+
+
+def prebuild(args, e: int) -> None:
+    specs = []
+    for gemm in args.gemms.split(","):
+        n, k = SHAPES[gemm]
+        cfg = select_masked_config(n, k)
+        for routing in args.routings.split(","):
+            top = int(testing.zipf_counts(e, e * args.rows, testing.parse_routing_exponent(routing)).max())
+            for max_m in max_ms_of(top):
+                spec = launch.kernel_spec(n, k, cfg, masked_max_m=max_m)
+                specs += [spec, old_spec(spec, args.old)]
+    compile_all(specs)
 
 
 def main() -> None:
@@ -56,6 +69,7 @@ def main() -> None:
     except ImportError:
         dg = None
     e = 32
+    prebuild(args, e)
     print("| gemm | routing (max/mean) | max_m | before µs | after µs | after/before | DG masked µs | DG/after |")
     print("|---|---|---|---|---|---|---|---|")
     for gemm in args.gemms.split(","):
@@ -68,7 +82,7 @@ def main() -> None:
             counts = testing.zipf_counts(e, e * args.rows, exponent)
             top = int(counts.max())
             counts_dev = counts.to(torch.int32).cuda()
-            for max_m in [m for m in (128, 256, 512, 1024, 2048) if m >= top and (m <= 1024 or m < 2 * top)]:
+            for max_m in max_ms_of(top):
                 a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda", dtype=torch.bfloat16))
                 out_new = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
                 out_old = out_new.clone()

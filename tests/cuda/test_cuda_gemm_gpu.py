@@ -125,6 +125,16 @@ CASES = [
         Case(f"share_a_block_n_{bn}_n{n}", n, k, (257, 0, 128, 31), block_n=bn, cluster=2, multicast="a", group_m=1)
         for bn, n, k in ((128, 7168, 2048), (128, 1001, 384), (128, 384, 256), (64, 512, 7168))
     ],
+    # segments ending at either side of a tile's row 64 (where the two consumer warpgroups'
+    # halves meet): single CTAs, pairs sharing B, pairs sharing A
+    *[
+        Case(f"half_tiles_{name}", 1024, 2048, (64, 65, 63, 192, 193, 1, 0, 128), **kw)
+        for name, kw in (
+            ("single", dict(block_n=128)),
+            ("pairs_b", dict(block_n=128, cluster=2)),
+            ("pairs_a", dict(block_n=128, cluster=2, multicast="a", group_m=1)),
+        )
+    ],
     Case(
         "share_a_m_ends_mid_tile",
         1024,

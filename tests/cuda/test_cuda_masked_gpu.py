@@ -48,6 +48,10 @@ def _check(out, ref, masked_m) -> None:
         # experts of one tile and none
         (1536, 4096, 7168, [1300, 0, 129, 1536]),
         (1536, 7168, 256, [1300, 2, 0, 1100, 1]),
+        # an expert's rows ending at either side of a tile's row 64 (where the two consumer
+        # warpgroups' halves meet): K = 256 single CTAs and K = 7168 A-sharing pairs
+        (384, 7168, 256, [64, 65, 63, 192, 193, 320, 1, 0]),
+        (384, 4096, 7168, [64, 65, 63, 192, 193, 320, 1, 0]),
     ],
 )
 def test_matches_reference(max_m, n, k, counts) -> None:
