@@ -19,14 +19,21 @@ SLICES = {"ep8": (32, 2048), "tp8": (256, 256)}  # local experts, intermediate
 HIDDEN, GLOBAL_EXPERTS, TOPK = 7168, 256, 8
 
 
-def profile_cell(slice_name: str, tokens: int, weights: dict, reps: int = 5, host_profile: bool = False) -> None:
+def profile_cell(
+    slice_name: str, tokens: int, weights: dict, reps: int = 5, host_profile: bool = False, routing: str = "uniform"
+) -> None:
     from torch.profiler import ProfilerActivity, profile
+
+    from moe_backend.testing import parse_routing_exponent, random_topk
 
     e, inter = SLICES[slice_name]
     w13, w13_s, w2, w2_s = weights[slice_name]
     x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    topk_w, topk_ids = torch.rand(tokens, GLOBAL_EXPERTS, device="cuda").topk(TOPK, dim=-1)
-    topk_w = (topk_w / topk_w.sum(-1, keepdim=True)).float()
+    if routing == "uniform":
+        topk_w, topk_ids = torch.rand(tokens, GLOBAL_EXPERTS, device="cuda").topk(TOPK, dim=-1)
+        topk_w = (topk_w / topk_w.sum(-1, keepdim=True)).float()
+    else:  # Zipf-like popularity (bench_layer's routing; EP8's local experts are ids 0-31 here)
+        topk_w, topk_ids = random_topk(tokens, GLOBAL_EXPERTS, TOPK, parse_routing_exponent(routing), tokens, "cuda")
 
     def call():
         return routed_experts(x, w13, w13_s, w2, w2_s, topk_w, topk_ids, num_global_experts=GLOBAL_EXPERTS)
@@ -53,7 +60,7 @@ def profile_cell(slice_name: str, tokens: int, weights: dict, reps: int = 5, hos
             count[evt.name[:70]] += 1
     gpu_us = sum(by_name.values())
     print(
-        f"== {slice_name} T={tokens}: GPU kernels {gpu_us:.1f} us, host issue {host_us:.1f} us, "
+        f"== {slice_name} {routing} T={tokens}: GPU kernels {gpu_us:.1f} us, host issue {host_us:.1f} us, "
         f"eager wall {wall_us:.1f} us, launches {sum(count.values()) // reps}"
     )
     for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:14]:
@@ -79,6 +86,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default="ep8:128,tp8:128,tp8:256,ep8:2048")
     p.add_argument("--host", action="store_true", help="also a cProfile of the host side (tottime)")
+    p.add_argument("--routing", default="uniform", help="uniform or zipf:A (Zipf-like expert popularity)")
     args = p.parse_args(argv)
     cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells.split(",")]
     weights = {}
@@ -86,7 +94,7 @@ def main(argv=None) -> int:
         e, inter = SLICES[name]
         weights[name] = (*random_fp8_weights(e, 2 * inter, HIDDEN), *random_fp8_weights(e, HIDDEN, inter))
     for slice_name, tokens in cells:
-        profile_cell(slice_name, tokens, weights, host_profile=args.host)
+        profile_cell(slice_name, tokens, weights, host_profile=args.host, routing=args.routing)
     return 0
 
 
