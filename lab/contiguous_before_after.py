@@ -15,38 +15,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lab._prebuild import compile_all, old_spec
+from lab._prebuild import compile_all, old_launcher, old_spec
 
 SHAPES = {  # slice -> local experts, [(gemm, N, K)]
     "ep8": (32, [("w13", 4096, 7168), ("w2", 7168, 2048)]),
     "tp8": (256, [("w13", 512, 7168), ("w2", 7168, 256)]),
 }
 GLOBAL_EXPERTS, TOPK, ALIGN = 256, 8, 128
-
-
-def old_launch(n, k, cfg, m, old_dir: Path, params):
-    import torch
-
-    from moe_backend.cuda import driver, launch
-    from moe_backend.cuda.config import NUM_THREADS
-
-    kernel = driver.load_kernel(old_spec(launch.kernel_spec(n, k, cfg), old_dir), torch.cuda.current_device())
-    grid = launch.grid_size(m, n, cfg, torch.cuda.get_device_properties(0).multi_processor_count)
-    if cfg.cluster > 1:
-        resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
-        grid = min(grid, resident * cfg.cluster) if resident > 0 else grid
-
-    def run():
-        kernel.launch(
-            grid=(grid, 1, 1),
-            block=(NUM_THREADS, 1, 1),
-            smem=cfg.smem_bytes,
-            stream=torch.cuda.current_stream().cuda_stream,
-            params=params,
-            cluster=(cfg.cluster, 1, 1),
-        )
-
-    return run
 
 
 def segment_ids(counts) -> list[int]:
@@ -97,8 +72,13 @@ def main(argv=None) -> int:
             cfg = select_config(m, n, sms, k=k)
             outs = [torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2)]
             fns = {
-                "before": old_launch(
-                    n, k, cfg, m, args.old, launch.kernel_args(a, a_s, b, bs, expert_ids, outs[0], cfg)
+                "before": old_launcher(
+                    launch.kernel_spec(n, k, cfg),
+                    args.old,
+                    m,
+                    n,
+                    cfg,
+                    launch.kernel_args(a, a_s, b, bs, expert_ids, outs[0], cfg),
                 ),
                 "after": lambda a=a, a_s=a_s, b=b, bs=bs, o=outs[1], cfg=cfg: grouped_gemm_contiguous(
                     a, a_s, b, bs, expert_ids, o, config=cfg

@@ -18,25 +18,14 @@ from pathlib import Path
 
 import torch
 
-from lab._prebuild import compile_all, old_spec
+from lab._prebuild import compile_all, old_launcher, old_spec
 from moe_backend import reference, testing
-from moe_backend.cuda import driver, launch
-from moe_backend.cuda.config import NUM_THREADS
+from moe_backend.cuda import launch
 from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked as cuda_masked
 from moe_backend.cuda.heuristic import select_masked_config
 from moe_backend.quant import quantize_fp8_per_token_group
 
 SHAPES = {"w13": (4096, 7168), "w2": (7168, 2048)}
-
-
-def old_kernel(n, k, cfg, max_m, old_dir: Path, m: int):
-    spec = old_spec(launch.kernel_spec(n, k, cfg, masked_max_m=max_m), old_dir)
-    kernel = driver.load_kernel(spec, torch.cuda.current_device())
-    grid = launch.grid_size(m, n, cfg, torch.cuda.get_device_properties(0).multi_processor_count)
-    if cfg.cluster > 1:
-        resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
-        grid = min(grid, resident * cfg.cluster) if resident > 0 else grid
-    return kernel, grid
 
 
 def max_ms_of(top: int) -> list[int]:
@@ -88,18 +77,9 @@ def main() -> None:
                 out_old = out_new.clone()
                 out_dg = out_new.clone()
                 m = e * max_m
-                kernel, grid = old_kernel(n, k, cfg, max_m, args.old, m)
                 params = launch.kernel_args(a.view(m, k), a_s.view(m, -1), b, bs, counts_dev, out_old.view(m, n), cfg)
-
-                def before(kernel=kernel, grid=grid, params=params):
-                    kernel.launch(
-                        grid=(grid, 1, 1),
-                        block=(NUM_THREADS, 1, 1),
-                        smem=cfg.smem_bytes,
-                        stream=torch.cuda.current_stream().cuda_stream,
-                        params=params,
-                        cluster=(cfg.cluster, 1, 1),
-                    )
+                spec = launch.kernel_spec(n, k, cfg, masked_max_m=max_m)
+                before = old_launcher(spec, args.old, m, n, cfg, params)
 
                 fns = {
                     "before": before,
