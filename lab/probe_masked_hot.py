@@ -32,19 +32,12 @@ def run_once(who: str, gemm: str, routing: str) -> None:
     import torch
 
     from benchmarks._peers import load_deep_gemm
-    from lab.sweep_masked_hot import MEAN_ROWS, SHAPES, max_m_of
-    from moe_backend import testing
+    from lab.sweep_masked_hot import MEAN_ROWS, hot_operands
     from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked
-    from moe_backend.quant import quantize_fp8_per_token_group
 
-    e, n, k = SHAPES[gemm]
-    counts = testing.routed_counts(e, MEAN_ROWS, routing, seed=0)
-    max_m, top = max_m_of(counts), int(counts.max())
-    counts_dev = counts.to(torch.int32).cuda()
-    b, bs = testing.random_fp8_weights(e, n, k)
-    a = torch.zeros(e, max_m, k, dtype=torch.float8_e4m3fn, device="cuda")
-    a_s = torch.ones(e, max_m, k // 128, device="cuda")
-    a[:, :top], a_s[:, :top] = quantize_fp8_per_token_group(torch.randn(e, top, k, device="cuda", dtype=torch.bfloat16))
+    operands = hot_operands(gemm, routing)
+    e, n, k, max_m = (operands[key] for key in ("e", "n", "k", "max_m"))
+    counts_dev, a, a_s, b, bs = (operands[key] for key in ("masked_m", "a", "a_s", "b", "bs"))
     out = torch.empty(e, max_m, n, dtype=torch.bfloat16, device="cuda")
     if who == "ours":
         fn = lambda: grouped_gemm_masked(a, a_s, b, bs, counts_dev, out)  # noqa: E731

@@ -36,24 +36,41 @@ def max_m_of(counts) -> int:
     return 1 << max(7, (int(counts.max()) - 1).bit_length())
 
 
-def prebuild(cells: list[tuple[str, str]], workers: int = 16) -> None:
+def prebuild(cells: list[tuple[str, str]]) -> None:
     """Every (config, max_m) kernel of the sweep compiled in parallel (each is a JIT build)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    from lab._prebuild import compile_all
     from moe_backend import testing
-    from moe_backend.cuda import jit
     from moe_backend.cuda.heuristic import select_masked_config
     from moe_backend.cuda.launch import kernel_spec
 
-    specs = {}
+    specs = []
     for gemm, routing in cells:
         e, n, k = SHAPES[gemm]
         max_m = max_m_of(testing.routed_counts(e, MEAN_ROWS, routing, seed=0))
-        for cfg in [select_masked_config(n, k), *candidates().values()]:
-            spec = kernel_spec(n, k, cfg, masked_max_m=max_m)
-            specs[spec.kernel_name] = spec
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(jit.compile_cubin, specs.values()))
+        specs += [
+            kernel_spec(n, k, cfg, masked_max_m=max_m) for cfg in [select_masked_config(n, k), *candidates().values()]
+        ]
+    compile_all(specs)
+
+
+def hot_operands(gemm: str, routing: str) -> dict:
+    """One cell's operands: the counts (`testing.routed_counts`, int32 on the GPU as `masked_m`),
+    max_m, random FP8 weights and activations in the masked layout (rows past the hottest
+    expert's zero, scales one)."""
+    import torch
+
+    from moe_backend import testing
+    from moe_backend.quant import quantize_fp8_per_token_group
+
+    e, n, k = SHAPES[gemm]
+    counts = testing.routed_counts(e, MEAN_ROWS, routing, seed=0)
+    top, max_m = int(counts.max()), max_m_of(counts)
+    b, bs = testing.random_fp8_weights(e, n, k)
+    a = torch.zeros(e, max_m, k, dtype=torch.float8_e4m3fn, device=DEVICE)
+    a_s = torch.ones(e, max_m, k // 128, device=DEVICE)
+    a[:, :top], a_s[:, :top] = quantize_fp8_per_token_group(torch.randn(e, top, k, device=DEVICE, dtype=torch.bfloat16))
+    return dict(e=e, n=n, k=k, counts=counts, max_m=max_m, masked_m=counts.to(torch.int32).to(DEVICE), a=a, a_s=a_s,
+                b=b, bs=bs)  # fmt: skip
 
 
 def run_cell(gemm: str, routing: str, rounds: int) -> dict:
@@ -63,17 +80,10 @@ def run_cell(gemm: str, routing: str, rounds: int) -> dict:
     from moe_backend import testing
     from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked
     from moe_backend.cuda.heuristic import select_masked_config
-    from moe_backend.quant import quantize_fp8_per_token_group
 
-    e, n, k = SHAPES[gemm]
-    counts = testing.routed_counts(e, MEAN_ROWS, routing, seed=0)
-    top = int(counts.max())
-    max_m = max_m_of(counts)
-    counts_dev = counts.to(torch.int32).to(DEVICE)
-    b, bs = testing.random_fp8_weights(e, n, k)
-    a = torch.zeros(e, max_m, k, dtype=torch.float8_e4m3fn, device=DEVICE)
-    a_s = torch.ones(e, max_m, k // 128, device=DEVICE)
-    a[:, :top], a_s[:, :top] = quantize_fp8_per_token_group(torch.randn(e, top, k, device=DEVICE, dtype=torch.bfloat16))
+    operands = hot_operands(gemm, routing)
+    e, n, k, counts, max_m = (operands[key] for key in ("e", "n", "k", "counts", "max_m"))
+    counts_dev, a, a_s, b, bs = (operands[key] for key in ("masked_m", "a", "a_s", "b", "bs"))
     valid = torch.arange(max_m, device=DEVICE)[None, :] < counts_dev[:, None]
 
     shipped = select_masked_config(n, k)
