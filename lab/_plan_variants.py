@@ -45,7 +45,9 @@ def cell_inputs(tokens: int, zipf: float, device) -> tuple:
     return (x, *random_topk(tokens, GLOBAL_EXPERTS, TOPK, zipf, seed=tokens, device=device))
 
 
-def time_plans(plans: dict, operands: tuple, *, rep_ms: int = 40, warmup_ms: int = 10) -> tuple[dict, dict]:
+def time_plans(
+    plans: dict, operands: tuple, *, rep_ms: int = 40, warmup_ms: int = 10, rounds: int = 3
+) -> tuple[dict, dict]:
     """Each plan's routed pipeline on the same operands `(x, w13, w13_s, w2, w2_s, topk_weights,
     topk_ids)` (bf16 x, expert offset 0, fp32 scales): run once for its output (fp32), captured in
     a CUDA graph, then all replays timed in interleaved rounds. Returns ({name: times}, {name: out})."""
@@ -62,4 +64,4 @@ def time_plans(plans: dict, operands: tuple, *, rep_ms: int = 40, warmup_ms: int
 
         outs[name] = fn().float()
         fns[name] = capture_graph(fn)[0]
-    return interleaved_us(fns, rounds=3, warmup_ms=warmup_ms, rep_ms=rep_ms), outs
+    return interleaved_us(fns, rounds=rounds, warmup_ms=warmup_ms, rep_ms=rep_ms), outs

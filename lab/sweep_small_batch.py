@@ -40,6 +40,19 @@ VARIANTS = {
     "g1n128s8": ({"BLOCK_N": 128, "SPLIT_K": 8, **PIN}, {"SPLIT_K": 1}),
     "g1n64s4": ({"BLOCK_N": 64, "SPLIT_K": 4, **PIN}, {"SPLIT_K": 1}),
 }
+# With --tiles: GEMM1's and GEMM2's pipeline depth, warps and tile orientation, where few experts
+# hold the batch's rows (the tables were tuned with every expert busy).
+TILE_VARIANTS = {
+    "g1st4": ({"num_stages": 4}, {}),
+    "g1st5": ({"num_stages": 5}, {}),
+    "g1ku1": ({"K_UNROLL": 1}, {}),
+    "g1noswap": ({"SWAP_AB": False, "K_UNROLL": 1}, {}),
+    "g1w8": ({"num_warps": 8}, {}),
+    "g2st4": ({}, {"num_stages": 4}),
+    "g2st5": ({}, {"num_stages": 5}),
+    "g2ku1": ({}, {"K_UNROLL": 1}),
+    "g12st4": ({"num_stages": 4}, {"num_stages": 4}),
+}
 # Plan variants beside the config ones, where the policy plan has the step they undo: the SiLU*up
 # quant kernel between the GEMMs instead of GEMM2 computing its activations itself; the kernels
 # launched normally instead of as dependents of each other.
@@ -57,9 +70,9 @@ def _with(g, changes: dict):
     return dataclasses.replace(g, config=tuple(sorted(cfg.items())))
 
 
-def variants(plan) -> dict:
+def variants(plan, tiles: bool = False) -> dict:
     out = {}
-    for name, (c1, c2) in VARIANTS.items():
+    for name, (c1, c2) in (VARIANTS | TILE_VARIANTS if tiles else VARIANTS).items():
         g1, g2 = _with(plan.gemm1, c1), _with(plan.gemm2, c2)
         if g1 is not None and g2 is not None:
             out[name] = dataclasses.replace(plan, gemm1=g1, gemm2=g2, graph_plan=None)
@@ -69,14 +82,46 @@ def variants(plan) -> dict:
     return out
 
 
+def candidate_plan(slice_name: str, tokens: int, dev, split_changes: dict):
+    """The decode plan made with dispatch_thresholds.json's `split_k` entry changed by
+    `split_changes` (a candidate rule), the plan cache cleared before and after."""
+    from unittest import mock
+
+    from moe_backend.dispatch import gemm_choice
+    from moe_backend.dispatch.plan import clear_plan_cache
+
+    base = gemm_choice.thresholds()
+    patched = base | {"split_k": base["split_k"] | split_changes}
+    clear_plan_cache()
+    try:
+        with mock.patch.object(gemm_choice, "thresholds", lambda: patched):
+            return slice_plan(slice_name, tokens, "decode", dev)
+    finally:
+        clear_plan_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", default="1,2,4,8,16,32")
     p.add_argument("--routing", default="0.6,0", help="Zipf exponents (0: uniform)")
     p.add_argument("--list", action="store_true", help="print the variants only (no GPU)")
+    p.add_argument("--tiles", action="store_true", help="add the pipeline-depth / warps / orientation variants")
+    p.add_argument("--slices", default="ep8,tp8")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", default="", help="comma-separated variant names to time (default: all)")
+    p.add_argument(
+        "--candidate-split",
+        default="",
+        help='JSON changes to dispatch_thresholds.json "split_k" (a list: one variant each): adds "candidate[N]"',
+    )
+    p.add_argument(
+        "--busiest-rank",
+        action="store_true",
+        help="EP8: bench_layer's routing (its seed; the local experts are the busiest rank's)",
+    )
     args = p.parse_args(argv)
     if args.list:
-        for name, (c1, c2) in VARIANTS.items():
+        for name, (c1, c2) in (VARIANTS | TILE_VARIANTS if args.tiles else VARIANTS).items():
             print(f"{name:12s} GEMM1 {c1 or 'as planned'}  GEMM2 {c2 or 'as planned'}")
         for name, changes in PLAN_VARIANTS.items():
             print(f"{name:12s} the policy plan with {changes}")
@@ -91,14 +136,29 @@ def main(argv: list[str] | None = None) -> int:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     table = []
     for slice_name, (e, inter) in SLICES.items():
+        if slice_name not in args.slices.split(","):
+            continue
         weights = slice_weights(slice_name)
         for tokens in map(int, args.tokens.split(",")):
             for alpha in map(float, args.routing.split(",")):
                 x, tw, ti = cell_inputs(tokens, alpha, dev)
-                plans = variants(slice_plan(slice_name, tokens, "decode", dev))
+                if args.busiest_rank:
+                    from benchmarks.bench_layer import cell_routing
+
+                    tw, ti, _ = cell_routing(slice_name, f"zipf:{alpha}" if alpha else "uniform", tokens, 0, "busiest")
+                plans = variants(slice_plan(slice_name, tokens, "decode", dev), args.tiles)
+                if args.candidate_split:
+                    import json
+
+                    changes = json.loads(args.candidate_split)
+                    for i, change in enumerate(changes if isinstance(changes, list) else [changes]):
+                        plans[f"candidate{i or ''}"] = candidate_plan(slice_name, tokens, dev, change)
+                if args.only:
+                    keep = {"policy", *args.only.split(",")}
+                    plans = {n: plan for n, plan in plans.items() if n in keep or n.startswith("candidate")}
                 local = ti[(ti >= 0) & (ti < e)]
                 active = int(local.unique().numel())
-                times, outs = time_plans(plans, (x, *weights, tw, ti), rep_ms=20, warmup_ms=5)
+                times, outs = time_plans(plans, (x, *weights, tw, ti), rep_ms=20, warmup_ms=5, rounds=args.rounds)
                 ref = outs["policy"]
                 base = times["policy"]["us"]
                 for name, vp in plans.items():
@@ -109,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     table.append((slice_name, tokens, alpha, int(local.numel()), name, units, us, us / base, err))
                     print(
                         f"{slice_name} T={tokens} zipf={alpha} slots={int(local.numel())} {name:11s} units {units:4d} "
-                        f"{us:8.1f} us x{us / base:.3f} err {err:.1e} | {vp.describe()}",
+                        f"{us:8.1f} us ({times[name]['lo']:.1f}-{times[name]['hi']:.1f}) x{us / base:.3f} "
+                        f"err {err:.1e} | {vp.describe()}",
                         flush=True,
                     )
                 del outs
