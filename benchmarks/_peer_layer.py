@@ -259,6 +259,9 @@ class LayerPeers:
         touched = [int(e) for e in busy if self.counts[e] > 0]
         self.check_experts = sorted({touched[0], touched[len(touched) // 2]}) if touched else []
         self._ref: dict = {}
+        # (peer, gemm) -> the call each peer's figure timed (its fastest config): timed again in
+        # interleaved rounds beside the layer (bench_layer --rounds).
+        self.final_fns: dict = {}
 
     # -- correctness ------------------------------------------------------------------------------
     def _reference(self, gemm: str, e: int) -> torch.Tensor:
@@ -338,7 +341,8 @@ class LayerPeers:
         if not screened:
             return PeerTime(detail="no config ran")
         tag, (_, cfg) = min(screened.items(), key=lambda kv: kv[1][0])
-        us = bench(lambda: moe(a, a_s, w, w_s, c, cfg), 10, 50)
+        self.final_fns[("vllm", gemm)] = lambda: moe(a, a_s, w, w_s, c, cfg)
+        us = bench(self.final_fns[("vllm", gemm)], 10, 50)
         c.fill_(float("nan"))
         moe(a, a_s, w, w_s, c, cfg)
         relerr = self._relerr(gemm, lambda e: c[self._slot_d[self._expert_rows(e)]])
@@ -359,6 +363,7 @@ class LayerPeers:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=self.device)
         b = (w, self.peers["dg_sfb"][gemm])
         fn = lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), b, out, layout_d)  # noqa: E731
+        self.final_fns[("dg_contig", gemm)] = fn
         us = bench(fn, 10, 50)
         out.fill_(float("nan"))
         fn()
@@ -381,6 +386,7 @@ class LayerPeers:
         out = torch.empty(e, max_m, n, dtype=torch.bfloat16, device=self.device)
         b = (w, self.peers["dg_sfb"][gemm])
         fn = lambda: dg.m_grouped_fp8_fp4_gemm_nt_masked((a, sfa), b, out, masked_d, expected_m)  # noqa: E731
+        self.final_fns[("dg_masked", gemm)] = fn
         us = bench(fn, 10, 50)
         out.fill_(float("nan"))
         fn()

@@ -348,6 +348,39 @@ def test_one_cell_end_to_end_with_emulated_peers(toy_bench, sl, spec, tokens):
     assert all(line.count("|") == lines[3].count("|") for line in lines[3:])
 
 
+def test_retime_interleaved_alternates_and_takes_medians(monkeypatch):
+    """The layer and the peer GEMMs its targets compare with are timed again in alternating rounds;
+    each figure becomes the median over all its rounds (the first pass counted), the others stay."""
+    PT = _peer_layer.PeerTime
+    times = {
+        "vllm": {"w13": PT(100.0, 1e-3), "w2": PT(80.0, 1e-3)},
+        "dg_contig": {"w13": PT(120.0, 1e-3), "w2": PT(60.0, 1e-3)},
+        "dg_masked": {"w13": PT(500.0, 1e-3), "w2": PT(90.0, 1e-3)},
+    }
+    later = {  # rounds 2 and 3 of each contender
+        "layer": iter([300.0, 150.0]),
+        "vllm w13": iter([130.0, 110.0]),
+        "dg_contig w13": iter([125.0, 100.0]),
+        "dg_contig w2": iter([70.0, 50.0]),
+    }
+    order = []
+
+    def timed(tag):
+        order.append(tag)
+        return next(later[tag])
+
+    monkeypatch.setattr(bench_layer, "graph_us", lambda fn, *a, **k: timed(fn()))
+    monkeypatch.setattr(bench_layer, "eager_us", lambda fn: timed(fn()))
+    final = {(p, g): (lambda tag=f"{p} {g}": tag) for p in times for g in _peer_layer.GEMMS}
+    cell = dict(layer_us=200.0, layer_graphed=False)
+    bench_layer.retime_interleaved(cell, lambda: "layer", times, final, rounds=3)
+    assert order == ["layer", "vllm w13", "dg_contig w2", "dg_contig w13"] * 2
+    assert cell["layer_us"] == 200.0 and cell["first_pass"]["layer_us"] == 200.0 and cell["rounds"] == 3
+    assert times["vllm"]["w13"].us == 110.0 and times["dg_contig"]["w13"].us == 120.0
+    assert times["dg_contig"]["w2"].us == 60.0 and cell["first_pass"]["dg_contig w2"] == 60.0
+    assert times["vllm"]["w2"].us == 80.0 and times["dg_masked"]["w13"].us == 500.0  # not compared: as timed
+
+
 def test_docs_section_from_a_runs_json(toy_bench, tmp_path, capsys):
     import json
 
