@@ -598,6 +598,7 @@ def main(argv=None) -> int:
         f"--slices {args.slices} --tokens {args.tokens} --routing {args.routing}"
         + (" --no-peers" if args.no_peers else "")
         + (" --graph-prefill" if args.graph_prefill else "")
+        + (f" --rounds {args.rounds}" if args.rounds != 3 else "")
     )
 
     def save() -> None:  # after every cell: a run cut short keeps what it measured

@@ -1,0 +1,95 @@
+"""The prefill layer against DeepGEMM's pair once the board is warm: each round, side by side, the
+layer called eagerly (as `bench_layer` times prefill), the same call replayed from a CUDA graph,
+and DeepGEMM's contiguous w13 and w2 on the same rows (graph replays), every figure a do_bench
+median (L2 flushed); then the host's enqueue time of one eager call (the device idle before it) and
+a profiler sum of the layer's kernels. Per-round figures are printed, so a first round on a cool
+board shows apart from the rest.
+
+    python -m lab.prefill_steady [--cells ep8:8192:uniform,ep8:16384:uniform] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+DEFAULT_CELLS = "ep8:8192:uniform,ep8:16384:uniform,ep8:8192:zipf:0.6"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    import triton
+
+    from benchmarks import _peer_layer, _peers, bench_layer
+    from moe_backend.experts import routed_experts
+    from moe_backend.quant import quantize_fp8_per_token_group
+    from moe_backend.testing import capture_graph, random_fp8_weights
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", default=DEFAULT_CELLS, help="slice:tokens:routing,...")
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args(argv)
+    log = io.StringIO()
+    loaded, _ = _peers.load_peers(log)
+    weights = {}
+    for cell in args.cells.split(","):
+        sl, tokens, routing = cell.split(":", 2)
+        tokens = int(tokens)
+        num_experts, inter = bench_layer.SLICES[sl]
+        if sl not in weights:
+            weights[sl] = {
+                "w13": random_fp8_weights(num_experts, 2 * inter, bench_layer.HIDDEN),
+                "w2": random_fp8_weights(num_experts, bench_layer.HIDDEN, inter),
+            }
+        w = weights[sl]
+        topk_w, topk_ids, _ = bench_layer.cell_routing(sl, routing, tokens, 0, "busiest")
+        x = torch.randn(tokens, bench_layer.HIDDEN, device="cuda", dtype=torch.bfloat16)
+
+        def layer(x=x, topk_w=topk_w, topk_ids=topk_ids, w=w):
+            return routed_experts(
+                x, *w["w13"], *w["w2"], topk_w, topk_ids, num_global_experts=bench_layer.GLOBAL_EXPERTS
+            )
+
+        layer()
+        peers = bench_layer.slice_peers({"dg": loaded.get("dg")}, sl, w, log)
+        x_fp8, x_scale = quantize_fp8_per_token_group(x, 128)
+        lp = _peer_layer.LayerPeers(x_fp8, x_scale, topk_ids, w, peers, log)
+        lp.time_all(lambda f, warm, rep: (f(), 0.0)[1])
+        fns = {"eager": layer, "graph": capture_graph(layer)[0]}
+        for g in ("w13", "w2"):
+            if ("dg_contig", g) in lp.final_fns:
+                fns[f"dg {g}"] = capture_graph(lp.final_fns[("dg_contig", g)])[0]
+        samples = {name: [] for name in fns}
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                samples[name].append(1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        host = []
+        for _ in range(10):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            layer()
+            host.append(1e6 * (time.perf_counter() - t0))
+        torch.cuda.synchronize()
+        gpu_us, _ = bench_layer.gpu_kernel_us(layer, 5)
+        med = {name: statistics.median(v) for name, v in samples.items()}
+        pair = med.get("dg w13", 0.0) + med.get("dg w2", 0.0)
+        print(
+            f"{cell}: host enqueue per eager call {statistics.median(host):.0f} µs; profiler kernel sum {gpu_us:.1f} µs"
+        )
+        for name, v in samples.items():
+            print(f"  {name:8s} median {med[name]:8.1f}  rounds " + " ".join(f"{t:.1f}" for t in v))
+        if pair:
+            print(
+                f"  eager / DG pair {med['eager'] / pair:.3f}; graph / DG pair {med['graph'] / pair:.3f} "
+                f"(DG pair {pair:.1f} µs)",
+                flush=True,
+            )
+        del fns, lp
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
