@@ -52,6 +52,10 @@ TILE_VARIANTS = {
     "g2st5": ({}, {"num_stages": 5}),
     "g2ku1": ({}, {"K_UNROLL": 1}),
     "g12st4": ({"num_stages": 4}, {"num_stages": 4}),
+    "g1n64": ({"BLOCK_N": 64}, {}),
+    "g1n64st4": ({"BLOCK_N": 64, "num_stages": 4}, {}),
+    "g1n32": ({"BLOCK_N": 32, "SWAP_AB": False, "K_UNROLL": 1}, {}),
+    "g1n32st4": ({"BLOCK_N": 32, "SWAP_AB": False, "K_UNROLL": 1, "num_stages": 4}, {}),
 }
 # Plan variants beside the config ones, where the policy plan has the step they undo: the SiLU*up
 # quant kernel between the GEMMs instead of GEMM2 computing its activations itself; the kernels
