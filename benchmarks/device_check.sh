@@ -3,9 +3,9 @@
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
 # tunerouted smallbatch tokensweep prefillgather gathera maskedwalk routed copybw launchgaps
-# maskedhot); a step starts only with at least 30 s left and gets at most min(its own limit, what
-# is left). With GATE=1 a
-# failing `graphtests` step stops the run (nothing after it is worth timing). Logs, the layer
+# maskedhot pairing steady decodetrace); a step starts only with at least 30 s left and gets at
+# most min(its own limit, what is left). With GATE=1 a failing `graphtests` step stops the run
+# (nothing after it is worth timing). Logs, the layer
 # benchmark's JSON and docs section, the sweeps' JSON and re-tuned tables are tarred into
 # $OUT/check.tgz (a call returns at most 8 files).
 #   CHECK_STEPS="graphtests kerneltests layer abshadow" BUDGET_S=560 bash benchmarks/device_check.sh
@@ -56,6 +56,9 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
              ${GAPS_ARGS:---cells ep8:8192,ep8:16384 --stages 1,2,3} ;;
     maskedhot) TAIL=16 step maskedhot 240 python3 -m lab.sweep_masked_hot --json "$F/masked_hot.json" ${HOT_ARGS:-} ;;
     copybw) TAIL=12 step copybw 90 python3 -m lab.copy_bandwidth --json "$F/copy_bandwidth.json" ;;
+    pairing) TAIL=30 step pairing 240 python3 -m lab.prefill_pairing ${PAIRING_ARGS:---rounds 5} ;;
+    steady) TAIL=20 step steady 240 python3 -m lab.prefill_steady ${STEADY_ARGS:---rounds 7} ;;
+    decodetrace) TAIL=60 step decodetrace 120 python3 -m lab.decode_trace --json "$F/decode_trace.json" ;;
     tunerouted) # the masked kernel's EP8 decode table re-tuned under uniform and Zipf counts (TUNE_ARGS to widen)
            TAIL=8 step tunerouted 560 python3 -m moe_backend tune --routing uniform,zipf:0.6 --out-dir "$F/tuned" \
            --log "$F/tune.log" ${TUNE_ARGS:---kernels grouped_gemm_masked --slices ep8} ;;
