@@ -27,7 +27,8 @@ from lab._plan_variants import SLICES, cell_inputs, slice_plan, slice_weights, t
 
 
 def _variants(plan, device):
-    from moe_backend.dispatch import gemm_choice, plan as plan_mod
+    from moe_backend.dispatch import gemm_choice
+    from moe_backend.dispatch import plan as plan_mod
 
     def triton_gemm(g):
         rows_hint = plan.expected_m
@@ -73,18 +74,24 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="2048,16384")
     p.add_argument("--routing", default="0.6,0")
+    p.add_argument("--slices", default=",".join(SLICES))
+    p.add_argument("--only", default="", help="comma-separated variant names to time beside the policy (default: all)")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows = []
-    for slice_name in SLICES:
+    for slice_name in args.slices.split(","):
         weights = slice_weights(slice_name)
         for tokens in map(int, args.tokens.split(",")):
             for alpha in map(float, args.routing.split(",")):
                 x, tw, ti = cell_inputs(tokens, alpha, dev)
                 plan = slice_plan(slice_name, tokens, "prefill", dev, Policy(graph_max_tokens=0))
                 variants = _variants(plan, dev)
-                times, outs = time_plans(variants, (x, *weights, tw, ti))
+                if args.only:
+                    keep = {"policy", *args.only.split(",")}
+                    variants = {name: v for name, v in variants.items() if name in keep}
+                times, outs = time_plans(variants, (x, *weights, tw, ti), rounds=args.rounds)
                 ref = outs["policy"]
                 for name, vp in variants.items():
                     err = float((outs[name] - ref).norm() / ref.norm())

@@ -1,8 +1,9 @@
 """The prefill layer against DeepGEMM's pair once the board is warm: each round, side by side, the
 layer called eagerly (as `bench_layer` times prefill), the same call replayed from a CUDA graph,
 and DeepGEMM's contiguous w13 and w2 on the same rows (graph replays), every figure a do_bench
-median (L2 flushed); then the host's enqueue time of one eager call (the device idle before it) and
-a profiler sum of the layer's kernels. Per-round figures are printed, so a first round on a cool
+median (L2 flushed); then the host's enqueue time of one eager call (the device idle before it), a
+profiler sum of the layer's kernels, and a kernel-by-kernel trace taken after half a second of calls
+(the warm board's durations). Per-round figures are printed, so a first round on a cool
 board shows apart from the rest.
 
     python -m lab.prefill_steady [--cells ep8:8192:uniform,ep8:16384:uniform] [--rounds 7]
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from benchmarks import _peer_layer, _peers, bench_layer
+    from lab.prefill_launch_gaps import gap_trace
     from moe_backend.experts import routed_experts
     from moe_backend.quant import quantize_fp8_per_token_group
     from moe_backend.testing import capture_graph, random_fp8_weights
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             host.append(1e6 * (time.perf_counter() - t0))
         torch.cuda.synchronize()
         gpu_us, _ = bench_layer.gpu_kernel_us(layer, 5)
+        # Kernel by kernel on the warm board: half a second of calls, then a traced few (L2 flushed).
+        triton.testing.do_bench(layer, warmup=10, rep=500)
+        warm = gap_trace(layer, calls=5)
         med = {name: statistics.median(v) for name, v in samples.items()}
         pair = med.get("dg w13", 0.0) + med.get("dg w2", 0.0)
         print(
@@ -80,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, v in samples.items():
             print(f"  {name:8s} median {med[name]:8.1f}  rounds " + " ".join(f"{t:.1f}" for t in v))
+        print(
+            f"  warm trace: span {warm.get('span_us', 0):.1f}, kernels {warm.get('busy_us', 0):.1f}: "
+            + ", ".join(f"{n} {d:.1f}" for n, d in warm.get("durations", []))
+        )
         if pair:
             print(
                 f"  eager / DG pair {med['eager'] / pair:.3f}; graph / DG pair {med['graph'] / pair:.3f} "

@@ -1,0 +1,124 @@
+"""Our CUDA GEMM1 at the layer's prefill rows, as the layer runs it and taken apart: the plain bf16
+epilogue or the SiLU*up quant one (`act_scale`), over a layout cut to the rows in use or over the
+layer's static bound (T*k + E*127 rows, `rows_in_use` on the device), side by side with DeepGEMM's
+contiguous w13 on the same rows. Every run of ours takes the config the layer's plan gives GEMM1.
+CUDA-graph replays in interleaved rounds (do_bench medians, L2 flushed); the two plain runs' rows
+must match bit for bit, and so must the two SiLU runs'.
+
+    python -m lab.gemm1_epilogue [--cells ep8:8192:uniform,ep8:16384:uniform] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lab.prefill_pairing import GLOBAL_EXPERTS, SHAPES, TILE, TOPK, layouts
+
+DEFAULT_CELLS = "ep8:8192:uniform,ep8:16384:uniform"
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from lab._plan_variants import slice_plan
+    from moe_backend import testing
+    from moe_backend.constants import FP8_DTYPE
+    from moe_backend.cuda.launch import launch
+    from moe_backend.dispatch.layouts import max_contiguous_rows
+    from moe_backend.quant import quantize_fp8_per_token_group
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", default=DEFAULT_CELLS, help="slice:tokens:routing,...")
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    try:
+        import deep_gemm as dg
+    except ImportError:
+        dg = None
+    print("| cell | contender | config | µs (lo-hi) | / DeepGEMM | same bits |")
+    print("|---|---|---|---|---:|---|")
+    for cell in args.cells.split(","):
+        slice_name, tokens, routing = cell.split(":", 2)
+        num_local, gemms = SHAPES[slice_name]
+        _, n, k = gemms[0]
+        _, topk_ids = testing.random_topk(
+            int(tokens), GLOBAL_EXPERTS, TOPK, testing.parse_routing_exponent(routing), int(tokens)
+        )
+        ids = layouts(testing.expert_counts(topk_ids, num_local).tolist())["plan"][0][0]
+        used = len(ids)
+        bound = max(max_contiguous_rows(int(tokens) * TOPK, num_local, TILE), used)
+        b, bs = testing.random_fp8_weights(num_local, n, k)
+        a_b, as_b = quantize_fp8_per_token_group(torch.randn(bound, k, device="cuda", dtype=torch.bfloat16))
+        a, a_s = a_b[:used], as_b[:used]
+        ids_b = torch.full((bound,), -1, dtype=torch.int32, device="cuda")
+        ids_b[:used] = torch.tensor(ids, dtype=torch.int32, device="cuda")
+        rows_in_use = torch.tensor([used], dtype=torch.int32, device="cuda")
+        plan_cfg = slice_plan(slice_name, int(tokens), "prefill", torch.device("cuda")).gemm1.config
+        outs = {}
+
+        def plain(m, rows=None, name=""):
+            o = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            outs[name] = (o, None)
+            cfg = plan_cfg
+            return cfg, lambda: launch(a_b[:m], as_b[:m], b, bs, ids_b[:m], o, config=cfg, rows_in_use=rows)
+
+        def silu(m, rows=None, name=""):
+            o = torch.zeros(m, n // 2, dtype=FP8_DTYPE, device="cuda")
+            sc = torch.full((m, n // 256), float("nan"), dtype=torch.float32, device="cuda")
+            outs[name] = (o, sc)
+            cfg = plan_cfg
+            return cfg, lambda: launch(
+                a_b[:m], as_b[:m], b, bs, ids_b[:m], o, config=cfg, rows_in_use=rows, act_scale=sc
+            )
+
+        contenders = {
+            "plain, rows in use": plain(used, name="plain, rows in use"),
+            "plain, static bound": plain(bound, rows_in_use, name="plain, static bound"),
+            "silu, rows in use": silu(used, name="silu, rows in use"),
+            "silu, static bound": silu(bound, rows_in_use, name="silu, static bound"),
+        }
+        fns = {name: fn for name, (_, fn) in contenders.items()}
+        if dg is not None:
+            sfa = dg.transform_sf_into_required_layout(a_s, used, k, (1, TILE, TILE), None, True)
+            sfb = dg.transform_sf_into_required_layout(bs, n, k, (1, TILE, TILE), num_local, False)
+            dg_out = torch.empty(used, n, dtype=torch.bfloat16, device="cuda")
+            layout_d = ids_b[:used].clone()
+
+            def run_dg():
+                dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), dg_out, layout_d)
+
+            fns["DeepGEMM contiguous"] = run_dg
+        for fn in fns.values():
+            fn()
+        torch.cuda.synchronize()
+        live = ids_b[:used] >= 0
+
+        def same(x, y):
+            (o1, s1), (o2, s2) = outs[x], outs[y]
+            eq = torch.equal(o1[:used][live].view(torch.uint8), o2[:used][live].view(torch.uint8))
+            return eq and (s1 is None or torch.equal(s1[:used][live], s2[:used][live]))
+
+        bits = {
+            "plain, rows in use": same("plain, rows in use", "plain, static bound"),
+            "silu, rows in use": same("silu, rows in use", "silu, static bound"),
+        }
+        bits["plain, static bound"], bits["silu, static bound"] = bits["plain, rows in use"], bits["silu, rows in use"]
+        graphs = {name: testing.capture_graph(fn)[0] for name, fn in fns.items()}
+        t = testing.interleaved_us(graphs, rounds=args.rounds)
+        ref = t.get("DeepGEMM contiguous", {}).get("us")
+        for name in fns:
+            cfg = contenders[name][0] if name in contenders else None
+            tag = f"n{cfg.block_n} c{cfg.cluster}{cfg.multicast} g{cfg.group_m}" if cfg else "DeepGEMM"
+            ratio = f"{t[name]['us'] / ref:.3f}" if ref else "–"
+            print(
+                f"| {cell} | {name} | {tag} | {t[name]['us']:.1f} ({t[name]['lo']:.1f}-{t[name]['hi']:.1f}) | "
+                f"{ratio} | {bits.get(name, '–')} |",
+                flush=True,
+            )
+        del graphs, fns, contenders
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
