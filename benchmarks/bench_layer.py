@@ -464,7 +464,8 @@ def retime_interleaved(cell: dict, layer_fn, times: dict, final_fns: dict, round
     DeepGEMM contiguous) timed `rounds - 1` more times, alternating between them, so clock and
     temperature drift over a cell's minutes land on both sides of a ratio alike; each figure becomes
     the median over its rounds (the first pass is one), the first-pass figures kept under
-    `first_pass`. Which peer is best stays the first pass's choice."""
+    `first_pass` and every round's under `round_us`. Which peer is best stays the first pass's
+    choice."""
     best = _peer_layer.best_two_gemms(times)
     keys = [(best[g][1], g) for g in _peer_layer.GEMMS if best.get(g)]
     keys += [("dg_contig", g) for g in _peer_layer.GEMMS if _peer_layer.dg_contig_two_gemms(times) is not None]
@@ -475,6 +476,7 @@ def retime_interleaved(cell: dict, layer_fn, times: dict, final_fns: dict, round
         for k in keys:
             samples[k].append(graph_us(final_fns[k]))
     cell["first_pass"] = {"layer_us": cell["layer_us"], **{f"{p} {g}": times[p][g].us for p, g in keys}}
+    cell["round_us"] = {"layer": samples["layer"], **{f"{p} {g}": samples[(p, g)] for p, g in keys}}
     cell["rounds"] = rounds
     cell["layer_us"] = statistics.median(samples["layer"])
     for p, g in keys:

@@ -376,6 +376,7 @@ def test_retime_interleaved_alternates_and_takes_medians(monkeypatch):
     bench_layer.retime_interleaved(cell, lambda: "layer", times, final, rounds=3)
     assert order == ["layer", "vllm w13", "dg_contig w2", "dg_contig w13"] * 2
     assert cell["layer_us"] == 200.0 and cell["first_pass"]["layer_us"] == 200.0 and cell["rounds"] == 3
+    assert cell["round_us"]["layer"] == [200.0, 300.0, 150.0] and cell["round_us"]["vllm w13"] == [100.0, 130.0, 110.0]
     assert times["vllm"]["w13"].us == 110.0 and times["dg_contig"]["w13"].us == 120.0
     assert times["dg_contig"]["w2"].us == 60.0 and cell["first_pass"]["dg_contig w2"] == 60.0
     assert times["vllm"]["w2"].us == 80.0 and times["dg_masked"]["w13"].us == 500.0  # not compared: as timed
