@@ -468,7 +468,8 @@ def retime_interleaved(cell: dict, layer_fn, times: dict, final_fns: dict, round
     choice."""
     best = _peer_layer.best_two_gemms(times)
     keys = [(best[g][1], g) for g in _peer_layer.GEMMS if best.get(g)]
-    keys += [("dg_contig", g) for g in _peer_layer.GEMMS if _peer_layer.dg_contig_two_gemms(times) is not None]
+    if _peer_layer.dg_contig_two_gemms(times) is not None:
+        keys += [("dg_contig", g) for g in _peer_layer.GEMMS]
     keys = [k for k in dict.fromkeys(keys) if k in final_fns]
     samples = {"layer": [cell["layer_us"]], **{k: [times[k[0]][k[1]].us] for k in keys}}
     for _ in range(rounds - 1):

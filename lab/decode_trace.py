@@ -2,9 +2,9 @@
 
 Per cell (slice, tokens, routing) the layer call `bench_layer` times (same routing and seed, EP8's
 local experts the busiest rank's) is captured in a CUDA graph; its replay is timed as there
-(do_bench median, L2 flushed), then a torch.profiler trace of replays, each after the same flush,
-gives per replay (the median one) each kernel's duration, the idle time before it, and the span
-from the first kernel's start to the last kernel's end.
+(do_bench median, L2 flushed), then a torch.profiler trace of replays, each after the same flush
+(`lab.prefill_launch_gaps.gap_trace`), gives per replay (the median one) each kernel's duration,
+the idle time before it, and the span from the first kernel's start to the last kernel's end.
 
     python -m lab.decode_trace [--cells ep8:1:zipf:0.6,ep8:8:uniform,tp8:32:zipf:0.6] [--json PATH]
 """
@@ -14,51 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 
-FLUSH_BYTES = 256 * 2**20  # as triton.testing.do_bench's cache flush
 DEFAULT_CELLS = "ep8:1:zipf:0.6,ep8:1:uniform,ep8:8:uniform,ep8:8:zipf:0.6,tp8:32:zipf:0.6,tp8:32:uniform"
-
-
-def trace_replays(replay, calls: int = 9) -> dict:
-    import torch
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    for _ in range(3):
-        flush.zero_()
-        replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            flush.zero_()
-            replay()
-        torch.cuda.synchronize()
-    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
-    per_call, current = [], None
-    for e in events:
-        if ("fill" in e.name.lower() or "memset" in e.name.lower()) and e.time_range.elapsed_us() > 20:
-            current = []
-            per_call.append(current)
-        elif current is not None:
-            current.append(e)
-    marks = []
-    for kernels in per_call:
-        if not kernels:
-            continue
-        rows = []
-        for i, k in enumerate(kernels):
-            gap = k.time_range.start - kernels[i - 1].time_range.end if i else 0.0
-            rows.append((k.name[:60], k.time_range.elapsed_us(), gap))
-        span = kernels[-1].time_range.end - kernels[0].time_range.start
-        marks.append(dict(span_us=span, busy_us=sum(r[1] for r in rows), kernels=rows))
-    marks.sort(key=lambda m: m["span_us"])
-    return marks[len(marks) // 2] if marks else {}
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.bench_layer import GLOBAL_EXPERTS, HIDDEN, SLICES, cell_routing
+    from lab.prefill_launch_gaps import gap_trace
     from moe_backend.experts import routed_experts
     from moe_backend.testing import capture_graph, expert_counts, random_fp8_weights, time_graph
 
@@ -77,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
                 *random_fp8_weights(num_experts, 2 * inter, HIDDEN),
                 *random_fp8_weights(num_experts, HIDDEN, inter),
             )
-        w13, w13_s, w2, w2_s = weights[sl]
         topk_w, topk_ids, _ = cell_routing(sl, routing, tokens, 0, "busiest")
         live = int((expert_counts(topk_ids, num_experts) > 0).sum())
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
@@ -87,14 +49,15 @@ def main(argv: list[str] | None = None) -> int:
 
         us = time_graph(fn, warmup_ms=10, rep_ms=50)
         replay, _ = capture_graph(fn)
-        tr = trace_replays(replay)
+        tr = gap_trace(replay, calls=9)
         results.append(dict(cell=cell, live_experts=live, graph_us=us, **tr))
         print(
             f"{cell}: live experts {live}, graph replay {us:.1f} µs, span {tr['span_us']:.1f}, "
             f"kernels' sum {tr['busy_us']:.1f}",
             flush=True,
         )
-        for name, dur, gap in tr["kernels"]:
+        idle_before = [0.0] + [gap for _, gap in tr["gaps"]]
+        for (name, dur), gap in zip(tr["durations"], idle_before, strict=True):
             print(f"    {gap:6.1f} idle, {dur:7.1f}  {name}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

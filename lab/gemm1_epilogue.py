@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from lab.prefill_pairing import GLOBAL_EXPERTS, SHAPES, TILE, TOPK, layouts
+from lab.prefill_pairing import GLOBAL_EXPERTS, SHAPES, TILE, TOPK, dg_contiguous, layouts
 
 DEFAULT_CELLS = "ep8:8192:uniform,ep8:16384:uniform"
 
@@ -79,15 +79,8 @@ def main(argv=None) -> int:
         }
         fns = {name: fn for name, (_, fn) in contenders.items()}
         if dg is not None:
-            sfa = dg.transform_sf_into_required_layout(a_s, used, k, (1, TILE, TILE), None, True)
-            sfb = dg.transform_sf_into_required_layout(bs, n, k, (1, TILE, TILE), num_local, False)
             dg_out = torch.empty(used, n, dtype=torch.bfloat16, device="cuda")
-            layout_d = ids_b[:used].clone()
-
-            def run_dg():
-                dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), dg_out, layout_d)
-
-            fns["DeepGEMM contiguous"] = run_dg
+            fns["DeepGEMM contiguous"] = dg_contiguous(dg, a, a_s, b, bs, ids_b[:used].clone(), dg_out)
         for fn in fns.values():
             fn()
         torch.cuda.synchronize()

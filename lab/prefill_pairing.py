@@ -60,6 +60,20 @@ def layouts(counts: list[int]) -> dict[str, list[tuple[list[int], list[tuple[int
     return {"plan": [plan], "even": [launch(even)], "split": [launch(pairs), launch(tails)]}
 
 
+def dg_contiguous(dg, a, a_s, b, bs, expert_ids, out):
+    """A callable running DeepGEMM's contiguous GEMM on our operands (A `[M, K]` with per-token-group
+    scales, B `[E, N, K]` with 128x128 block scales, int32 expert id per row, -1 padding) into `out`."""
+    m, k = a.shape
+    num_experts, n, _ = b.shape
+    sfa = dg.transform_sf_into_required_layout(a_s, m, k, (1, TILE, TILE), None, True)
+    sfb = dg.transform_sf_into_required_layout(bs, n, k, (1, TILE, TILE), num_experts, False)
+
+    def run():
+        dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, expert_ids)
+
+    return run
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -138,14 +152,8 @@ def main(argv=None) -> int:
             if dg is not None:
                 ids, _ = lays["plan"][0]
                 layout_d = torch.tensor(ids, dtype=torch.int32, device="cuda")
-                sfa = dg.transform_sf_into_required_layout(a_s, m_plan, k, (1, TILE, TILE), None, True)
-                sfb = dg.transform_sf_into_required_layout(bs, n, k, (1, TILE, TILE), num_local, False)
                 dg_out = torch.full((m_plan, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-
-                def run_dg(a=a, b=b, sfa=sfa, sfb=sfb, o=dg_out, lay=layout_d):
-                    dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), o, lay)
-
-                fns["dg"] = run_dg
+                fns["dg"] = dg_contiguous(dg, a, a_s, b, bs, layout_d, dg_out)
                 checks["dg"] = [(dg_out, None, None)]
             for fn in fns.values():
                 fn()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
 from lab._plan_variants import SLICES, cell_inputs, slice_plan, slice_weights, time_plans
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    candidates = json.loads(args.candidate_split) if args.candidate_split else []
+    candidates = candidates if isinstance(candidates, list) else [candidates]
+    keep = {"policy", *args.only.split(",")} if args.only else set()
     table = []
     for slice_name, (e, inter) in SLICES.items():
         if slice_name not in args.slices.split(","):
@@ -151,14 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
                     tw, ti, _ = cell_routing(slice_name, f"zipf:{alpha}" if alpha else "uniform", tokens, 0, "busiest")
                 plans = variants(slice_plan(slice_name, tokens, "decode", dev), args.tiles)
-                if args.candidate_split:
-                    import json
-
-                    changes = json.loads(args.candidate_split)
-                    for i, change in enumerate(changes if isinstance(changes, list) else [changes]):
-                        plans[f"candidate{i or ''}"] = candidate_plan(slice_name, tokens, dev, change)
-                if args.only:
-                    keep = {"policy", *args.only.split(",")}
+                for i, change in enumerate(candidates):
+                    plans[f"candidate{i or ''}"] = candidate_plan(slice_name, tokens, dev, change)
+                if keep:
                     plans = {n: plan for n, plan in plans.items() if n in keep or n.startswith("candidate")}
                 local = ti[(ti >= 0) & (ti < e)]
                 active = int(local.unique().numel())
