@@ -3,14 +3,17 @@ epilogue or the SiLU*up quant one (`act_scale`), over a layout cut to the rows i
 layer's static bound (T*k + E*127 rows, `rows_in_use` on the device), side by side with DeepGEMM's
 contiguous w13 on the same rows. Every run of ours takes the config the layer's plan gives GEMM1.
 CUDA-graph replays in interleaved rounds (do_bench medians, L2 flushed); the two plain runs' rows
-must match bit for bit, and so must the two SiLU runs'.
+must match bit for bit, and so must the two SiLU runs'. With --old DIR (earlier *.cuh files, e.g.
+from `git show REV:moe_backend/cuda/epilogue.cuh`), the SiLU kernel built from those headers runs
+too, at the static bound, and its rows must match the current one's bit for bit.
 
-    python -m lab.gemm1_epilogue [--cells ep8:8192:uniform,ep8:16384:uniform] [--rounds 5]
+    python -m lab.gemm1_epilogue [--cells ep8:8192:uniform,ep8:16384:uniform] [--rounds 5] [--old DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lab.prefill_pairing import GLOBAL_EXPERTS, SHAPES, TILE, TOPK, dg_contiguous, layouts
 
@@ -30,6 +33,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default=DEFAULT_CELLS, help="slice:tokens:routing,...")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--old", type=Path, default=None, help="earlier CUDA headers: their SiLU kernel runs too")
     args = p.parse_args(argv)
     try:
         import deep_gemm as dg
@@ -71,12 +75,25 @@ def main(argv=None) -> int:
                 a_b[:m], as_b[:m], b, bs, ids_b[:m], o, config=cfg, rows_in_use=rows, act_scale=sc
             )
 
+        def silu_before(m, rows, old_dir):
+            from lab._prebuild import old_launcher
+            from moe_backend.cuda.launch import kernel_args, kernel_spec, silu_config
+
+            o = torch.zeros(m, n // 2, dtype=FP8_DTYPE, device="cuda")
+            sc = torch.full((m, n // 256), float("nan"), dtype=torch.float32, device="cuda")
+            outs["silu before, static bound"] = (o, sc)
+            cfg = silu_config(plan_cfg)
+            params = kernel_args(a_b[:m], as_b[:m], b, bs, ids_b[:m], o, cfg, rows, None, sc)
+            return cfg, old_launcher(kernel_spec(n, k, cfg, silu_quant=1), old_dir, m, n, cfg, params)
+
         contenders = {
             "plain, rows in use": plain(used, name="plain, rows in use"),
             "plain, static bound": plain(bound, rows_in_use, name="plain, static bound"),
             "silu, rows in use": silu(used, name="silu, rows in use"),
             "silu, static bound": silu(bound, rows_in_use, name="silu, static bound"),
         }
+        if args.old is not None:
+            contenders["silu before, static bound"] = silu_before(bound, rows_in_use, args.old)
         fns = {name: fn for name, (_, fn) in contenders.items()}
         if dg is not None:
             dg_out = torch.empty(used, n, dtype=torch.bfloat16, device="cuda")
@@ -96,6 +113,8 @@ def main(argv=None) -> int:
             "silu, rows in use": same("silu, rows in use", "silu, static bound"),
         }
         bits["plain, static bound"], bits["silu, static bound"] = bits["plain, rows in use"], bits["silu, rows in use"]
+        if args.old is not None:
+            bits["silu before, static bound"] = same("silu before, static bound", "silu, static bound")
         graphs = {name: testing.capture_graph(fn)[0] for name, fn in fns.items()}
         t = testing.interleaved_us(graphs, rounds=args.rounds)
         ref = t.get("DeepGEMM contiguous", {}).get("us")

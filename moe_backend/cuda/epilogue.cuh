@@ -146,6 +146,7 @@ struct Epilogue {
 
   __device__ __forceinline__ static float quant_value(float x, float scale, float recip) {
     const float q = x * recip;
+    if constexpr (T::kSiluQuant == 2) return q;  // a power-of-two scale: x * (1 / scale) is exact
     const float corrected = fmaf(fmaf(-q, scale, x), recip, q);
     return fabsf(q) <= 896.0f ? corrected : q;
   }
@@ -157,9 +158,12 @@ struct Epilogue {
     float amax0 = 0.0f, amax1 = 0.0f;
 #pragma unroll
     for (int i = 0; i < kHalf; ++i) {
-      const float gate = sm90::round_bf16(result[i]);
-      const float up = sm90::round_bf16(result[kHalf + i]);
-      const float v = __fdividef(gate, 1.0f + __expf(-gate)) * up;
+      // gate and up rounded to bf16 by one packed conversion (the two single ones cost twice the
+      // conversion-unit slots), and exp(-gate) as __expf computes it, without its subnormal path.
+      const uint32_t gate_up = sm90::pack_bf16x2(result[i], result[kHalf + i]);
+      const float gate = __uint_as_float(gate_up << 16);
+      const float up = __uint_as_float(gate_up & 0xFFFF0000u);
+      const float v = __fdividef(gate, 1.0f + sm90::ex2_approx_ftz(gate * -0x1.715476p+0f)) * up;
       result[i] = v;
       if (i & 2)  // registers 4c + 2, 4c + 3: the second row
         amax1 = fmaxf(amax1, fabsf(v));

@@ -228,9 +228,13 @@ __device__ __forceinline__ uint16_t to_bf16(float x) {
   return h;
 }
 
-// x rounded to the nearest bf16 value (ties to even), back in fp32.
-__device__ __forceinline__ float round_bf16(float x) {
-  return __uint_as_float(static_cast<uint32_t>(to_bf16(x)) << 16);
+// 2^x by the MUFU approximation (as __expf uses it), with subnormal results flushed to zero: the
+// non-flushing form costs a compare and two multiplies more per call, and a caller adding the
+// result to 1 cannot tell the two apart.
+__device__ __forceinline__ float ex2_approx_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // Two fp32 values (already scaled into the e4m3 range) to e4m3, round to nearest even, saturating
