@@ -1,0 +1,99 @@
+"""Where an eager call should stop replaying a CUDA graph: the layer called eagerly (as
+`bench_layer` times prefill) under the policy with its graph threshold raised to cover the cell
+(`graph`: the inputs copied into static buffers, the bucket's graph replayed, the rows copied out)
+and with graphs off (`launches`: the plan's kernels launched one by one), in interleaved rounds
+(do_bench medians, L2 flushed), outputs compared bit for bit. Then the host's enqueue time of one
+call of each (the device idle before it).
+
+    python -m lab.eager_graph_threshold [--cells ep8:1024:uniform,ep8:2048:zipf:0.6] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+DEFAULT_CELLS = ",".join(
+    f"{sl}:{t}:{r}" for sl in ("ep8", "tp8") for t in (512, 1024, 2048, 4096) for r in ("uniform", "zipf:0.6")
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    import triton
+
+    from benchmarks import bench_layer
+    from moe_backend.dispatch.policy import Policy
+    from moe_backend.experts import routed_experts
+    from moe_backend.testing import random_fp8_weights
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", default=DEFAULT_CELLS, help="slice:tokens:routing,...")
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    weights = {}
+    print(
+        "| cell | graph µs (lo-hi) | launches µs (lo-hi) | launches / graph | host enqueue graph / launches µs | same |"
+    )
+    print("|---|---:|---:|---:|---:|---|")
+    for cell in args.cells.split(","):
+        sl, tokens, routing = cell.split(":", 2)
+        tokens = int(tokens)
+        num_experts, inter = bench_layer.SLICES[sl]
+        if sl not in weights:
+            weights[sl] = {
+                "w13": random_fp8_weights(num_experts, 2 * inter, bench_layer.HIDDEN),
+                "w2": random_fp8_weights(num_experts, bench_layer.HIDDEN, inter),
+            }
+        w = weights[sl]
+        topk_w, topk_ids, _ = bench_layer.cell_routing(sl, routing, tokens, 0, "busiest")
+        x = torch.randn(tokens, bench_layer.HIDDEN, device="cuda", dtype=torch.bfloat16)
+        policies = {
+            "graph": dataclasses.replace(Policy(), graph_max_tokens=max(tokens, Policy().graph_max_tokens)),
+            "launches": dataclasses.replace(Policy(), graph_max_tokens=0),
+        }
+        outs = {name: torch.empty(tokens, bench_layer.HIDDEN, device="cuda", dtype=torch.bfloat16) for name in policies}
+
+        def call(name, policies=policies, outs=outs, x=x, topk_w=topk_w, topk_ids=topk_ids, w=w):
+            return routed_experts(
+                x, *w["w13"], *w["w2"], topk_w, topk_ids, num_global_experts=bench_layer.GLOBAL_EXPERTS,
+                policy=policies[name], out=outs[name],
+            )  # fmt: skip
+
+        fns = {name: (lambda name=name: call(name)) for name in policies}
+        for fn in fns.values():
+            fn()
+            fn()
+        torch.cuda.synchronize()
+        same = torch.equal(outs["graph"].view(torch.int16), outs["launches"].view(torch.int16))
+        samples = {name: [] for name in fns}
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                samples[name].append(1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        host = {}
+        for name, fn in fns.items():
+            t = []
+            for _ in range(10):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                t.append(1e6 * (time.perf_counter() - t0))
+            torch.cuda.synchronize()
+            host[name] = statistics.median(t)
+        med = {name: statistics.median(v) for name, v in samples.items()}
+        g, lch = samples["graph"], samples["launches"]
+        print(
+            f"| {cell} | {med['graph']:.1f} ({min(g):.1f}-{max(g):.1f}) | {med['launches']:.1f} "
+            f"({min(lch):.1f}-{max(lch):.1f}) | {med['launches'] / med['graph']:.3f} | "
+            f"{host['graph']:.0f} / {host['launches']:.0f} | {same} |",
+            flush=True,
+        )
+        del fns, outs
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
