@@ -2,8 +2,10 @@
 `bench_layer` times prefill) under the policy with its graph threshold raised to cover the cell
 (`graph`: the inputs copied into static buffers, the bucket's graph replayed, the rows copied out)
 and with graphs off (`launches`: the plan's kernels launched one by one), in interleaved rounds
-(do_bench medians, L2 flushed), outputs compared bit for bit. Then the host's enqueue time of one
-call of each (the device idle before it).
+(do_bench medians, L2 flushed), outputs compared bit for bit. Then, as `bench_layer` times an
+eager call's wall: back-to-back calls with one synchronize at the end (`bench_layer.wall_us`),
+where a call whose host enqueue outlasts its device time shows; and the host's enqueue time of
+one call (the device idle before it).
 
     python -m lab.eager_graph_threshold [--cells ep8:1024:uniform,ep8:2048:zipf:0.6] [--rounds 5]
 """
@@ -35,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     weights = {}
     print(
-        "| cell | graph µs (lo-hi) | launches µs (lo-hi) | launches / graph | host enqueue graph / launches µs | same |"
+        "| cell | graph µs (lo-hi) | launches µs (lo-hi) | launches / graph | back-to-back wall graph / launches µs "
+        "| host enqueue graph / launches µs | same |"
     )
-    print("|---|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for cell in args.cells.split(","):
         sl, tokens, routing = cell.split(":", 2)
         tokens = int(tokens)
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for name, fn in fns.items():
                 samples[name].append(1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        wall = {name: bench_layer.wall_us(fn, 20) for name, fn in fns.items()}
         host = {}
         for name, fn in fns.items():
             t = []
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {cell} | {med['graph']:.1f} ({min(g):.1f}-{max(g):.1f}) | {med['launches']:.1f} "
             f"({min(lch):.1f}-{max(lch):.1f}) | {med['launches'] / med['graph']:.3f} | "
-            f"{host['graph']:.0f} / {host['launches']:.0f} | {same} |",
+            f"{wall['graph']:.0f} / {wall['launches']:.0f} | {host['graph']:.0f} / {host['launches']:.0f} | {same} |",
             flush=True,
         )
         del fns, outs

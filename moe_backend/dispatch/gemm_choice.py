@@ -30,7 +30,6 @@ __all__ = [
     "cuda_gathers_rows",
     "cuda_silu_in_gemm1",
     "branch_on_absent_slots",
-    "eager_graph_pays",
 ]
 
 THRESHOLDS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "configs" / "dispatch_thresholds.json"
@@ -245,16 +244,6 @@ def silu_in_gemm2_pays(num_tokens: int, gemm2: GemmPlan) -> bool:
         return False
     t = thresholds()["silu_in_gemm2"]
     return num_tokens <= t["max_tokens"] and gemm2.k // 128 <= t["max_k_blocks"]
-
-
-def eager_graph_pays(phase: str, num_tokens: int, gemm1: GemmPlan, gemm2: GemmPlan) -> bool:
-    """An eager call replays its token bucket's CUDA graph rather than launching the plan's kernels,
-    except where both GEMMs' providers launch so few kernels, and the batch is so large, that the
-    host enqueues the launches faster than the device runs them: there the graph's copies in and
-    out only add time (dispatch_thresholds.json `eager_graph`)."""
-    t = thresholds()["eager_graph"]
-    launches = {gemm1.provider, gemm2.provider} <= set(t["launch_providers"])
-    return not (phase in t["launch_phases"] and launches and num_tokens >= t["launch_min_tokens"])
 
 
 def dependent_launch_pays(phase: str, device: torch.device) -> bool:

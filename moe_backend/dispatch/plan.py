@@ -29,7 +29,6 @@ from moe_backend.dispatch.gemm_choice import (
     cuda_gathers_rows,
     cuda_silu_in_gemm1,
     dependent_launch_pays,
-    eager_graph_pays,
     fused_permute_quant_pays,
     gemm_plan,
     gemm_provider,
@@ -324,8 +323,7 @@ def _make_plan(
         rows_on_host=rows_on_host,
         combine_branch=branch_on_absent_slots(num_experts, num_global_experts),
     )
-    graphable = {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS
-    if graph_tokens and graphable and eager_graph_pays(phase, num_tokens, gemm1, gemm2):
+    if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
         graph_plan = _make_plan(
             print_plan,
             name,

@@ -66,8 +66,7 @@ class Policy:
     masked_kernel: str = "masked"
     # Eager CUDA calls of at most this many tokens replay a CUDA graph captured once per token
     # bucket (kernel launches cost more host time than the kernels take at decode and small
-    # prefill; where they do not, the plan launches: dispatch_thresholds.json `eager_graph`); 0
-    # turns it off. Memory: one pool holding one call's intermediates at this size.
+    # prefill); 0 turns it off. Memory: one pool holding one call's intermediates at this size.
     graph_max_tokens: int = 2048
     # Print each new plan (MOE_BACKEND_PRINT_POLICY=1).
     print_plan: bool = False

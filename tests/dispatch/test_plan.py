@@ -569,37 +569,3 @@ def test_the_branch_on_absent_slots_where_most_are_not_local(monkeypatch):
                 num_global_experts=global_e,
             )  # fmt: skip
             assert seen == [want], (kernel, global_e)
-
-
-@pytest.mark.parametrize(
-    "num_tokens, phase, provider, graphed",
-    [
-        (2048, "prefill", "cuda", False),  # few launches, enqueued faster than the device runs them
-        (1024, "prefill", "triton", True),  # Triton launches cost more host time than the kernels take
-        (1024, "prefill", "cuda", True),  # below the measured size the device time is short
-        (128, "decode", "cuda", True),
-        (128, "decode", "triton", True),
-    ],
-)
-def test_eager_graph_only_where_the_launches_cost_more(monkeypatch, num_tokens, phase, provider, graphed):
-    """An eager call replays its token bucket's graph, except a prefill call of at least
-    `launch_min_tokens` on our CUDA GEMMs (dispatch_thresholds.json `eager_graph`), which launches
-    its kernels."""
-    monkeypatch.setattr(plan_mod, "gemm_provider", lambda *a, **k: provider)
-    monkeypatch.setattr(
-        plan_mod,
-        "gemm_plan",
-        lambda provider, layout, m, rows, n, k, device: plan_mod.GemmPlan(
-            provider, n, k, (("BLOCK_M", 64), ("BLOCK_N", 128), ("TMA", True)) if provider == "triton" else None
-        ),
-    )
-    monkeypatch.setattr(plan_mod, "segment_alignment", lambda gemms: 128)
-    monkeypatch.setattr(plan_mod, "dependent_launch_pays", lambda phase, device: False)
-    monkeypatch.setattr(plan_mod, "fused_permute_quant_pays", lambda *a: False)
-    plan_mod.clear_plan_cache()
-    try:
-        plan = _plan(num_tokens=num_tokens, phase=phase, device=torch.device("cuda", 0))
-        assert (plan.graph_plan is not None) == graphed
-        assert gemm_choice.eager_graph_pays(phase, num_tokens, plan.gemm1, plan.gemm2) == graphed
-    finally:
-        plan_mod.clear_plan_cache()
