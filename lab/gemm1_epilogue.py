@@ -5,14 +5,18 @@ contiguous w13 on the same rows. Every run of ours takes the config the layer's 
 CUDA-graph replays in interleaved rounds (do_bench medians, L2 flushed); the two plain runs' rows
 must match bit for bit, and so must the two SiLU runs'. With --old DIR (earlier *.cuh files, e.g.
 from `git show REV:moe_backend/cuda/epilogue.cuh`), the SiLU kernel built from those headers runs
-too, at the static bound, and its rows must match the current one's bit for bit.
+too, at the static bound, and its rows must match the current one's bit for bit. With --group-m
+G,..., the SiLU kernel also runs with the plan's config but G M tiles walked together (`silu gG`,
+static bound; rows equal to the plan's); --silu-only drops the plain and rows-in-use runs.
 
     python -m lab.gemm1_epilogue [--cells ep8:8192:uniform,ep8:16384:uniform] [--rounds 5] [--old DIR]
+        [--group-m 4,16] [--silu-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from lab.prefill_pairing import GLOBAL_EXPERTS, SHAPES, TILE, TOPK, dg_contiguous, layouts
@@ -34,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--cells", default=DEFAULT_CELLS, help="slice:tokens:routing,...")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--old", type=Path, default=None, help="earlier CUDA headers: their SiLU kernel runs too")
+    p.add_argument("--group-m", default="", help="M tiles walked together, SiLU kernel variants: G,...")
+    p.add_argument("--silu-only", action="store_true", help="only the SiLU kernel at the static bound")
     args = p.parse_args(argv)
     try:
         import deep_gemm as dg
@@ -66,11 +72,10 @@ def main(argv=None) -> int:
             cfg = plan_cfg
             return cfg, lambda: launch(a_b[:m], as_b[:m], b, bs, ids_b[:m], o, config=cfg, rows_in_use=rows)
 
-        def silu(m, rows=None, name=""):
+        def silu(m, rows=None, name="", cfg=plan_cfg):
             o = torch.zeros(m, n // 2, dtype=FP8_DTYPE, device="cuda")
             sc = torch.full((m, n // 256), float("nan"), dtype=torch.float32, device="cuda")
             outs[name] = (o, sc)
-            cfg = plan_cfg
             return cfg, lambda: launch(
                 a_b[:m], as_b[:m], b, bs, ids_b[:m], o, config=cfg, rows_in_use=rows, act_scale=sc
             )
@@ -92,8 +97,13 @@ def main(argv=None) -> int:
             "silu, rows in use": silu(used, name="silu, rows in use"),
             "silu, static bound": silu(bound, rows_in_use, name="silu, static bound"),
         }
+        if args.silu_only:
+            contenders = {"silu, static bound": contenders["silu, static bound"]}
         if args.old is not None:
             contenders["silu before, static bound"] = silu_before(bound, rows_in_use, args.old)
+        for g in filter(None, args.group_m.split(",")):
+            name = f"silu g{g}, static bound"
+            contenders[name] = silu(bound, rows_in_use, name, dataclasses.replace(plan_cfg, group_m=int(g)))
         fns = {name: fn for name, (_, fn) in contenders.items()}
         if dg is not None:
             dg_out = torch.empty(used, n, dtype=torch.bfloat16, device="cuda")
@@ -108,11 +118,17 @@ def main(argv=None) -> int:
             eq = torch.equal(o1[:used][live].view(torch.uint8), o2[:used][live].view(torch.uint8))
             return eq and (s1 is None or torch.equal(s1[:used][live], s2[:used][live]))
 
-        bits = {
-            "plain, rows in use": same("plain, rows in use", "plain, static bound"),
-            "silu, rows in use": same("silu, rows in use", "silu, static bound"),
-        }
-        bits["plain, static bound"], bits["silu, static bound"] = bits["plain, rows in use"], bits["silu, rows in use"]
+        bits = {}
+        if not args.silu_only:
+            bits["plain, rows in use"] = same("plain, rows in use", "plain, static bound")
+            bits["silu, rows in use"] = same("silu, rows in use", "silu, static bound")
+            bits["plain, static bound"], bits["silu, static bound"] = (
+                bits["plain, rows in use"],
+                bits["silu, rows in use"],
+            )
+        for name in contenders:
+            if name.startswith("silu g"):
+                bits[name] = same(name, "silu, static bound")
         if args.old is not None:
             bits["silu before, static bound"] = same("silu before, static bound", "silu, static bound")
         graphs = {name: testing.capture_graph(fn)[0] for name, fn in fns.items()}
