@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from benchmarks import bench_layer
+    from lab._layer_cells import layer_cell
     from moe_backend.dispatch.policy import Policy
     from moe_backend.experts import routed_experts
-    from moe_backend.testing import random_fp8_weights
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default=DEFAULT_CELLS, help="slice:tokens:routing,...")
@@ -42,17 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---:|---:|---:|---:|---:|---|")
     for cell in args.cells.split(","):
-        sl, tokens, routing = cell.split(":", 2)
-        tokens = int(tokens)
-        num_experts, inter = bench_layer.SLICES[sl]
-        if sl not in weights:
-            weights[sl] = {
-                "w13": random_fp8_weights(num_experts, 2 * inter, bench_layer.HIDDEN),
-                "w2": random_fp8_weights(num_experts, bench_layer.HIDDEN, inter),
-            }
-        w = weights[sl]
-        topk_w, topk_ids, _ = bench_layer.cell_routing(sl, routing, tokens, 0, "busiest")
-        x = torch.randn(tokens, bench_layer.HIDDEN, device="cuda", dtype=torch.bfloat16)
+        _, tokens, w, topk_w, topk_ids, x = layer_cell(cell, weights)
         policies = {
             "graph": dataclasses.replace(Policy(), graph_max_tokens=max(tokens, Policy().graph_max_tokens)),
             "launches": dataclasses.replace(Policy(), graph_max_tokens=0),

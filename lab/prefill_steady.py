@@ -24,10 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from benchmarks import _peer_layer, _peers, bench_layer
+    from lab._layer_cells import layer_cell
     from lab.prefill_launch_gaps import gap_trace
     from moe_backend.experts import routed_experts
     from moe_backend.quant import quantize_fp8_per_token_group
-    from moe_backend.testing import capture_graph, random_fp8_weights
+    from moe_backend.testing import capture_graph
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default=DEFAULT_CELLS, help="slice:tokens:routing,...")
@@ -37,17 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded, _ = _peers.load_peers(log)
     weights = {}
     for cell in args.cells.split(","):
-        sl, tokens, routing = cell.split(":", 2)
-        tokens = int(tokens)
-        num_experts, inter = bench_layer.SLICES[sl]
-        if sl not in weights:
-            weights[sl] = {
-                "w13": random_fp8_weights(num_experts, 2 * inter, bench_layer.HIDDEN),
-                "w2": random_fp8_weights(num_experts, bench_layer.HIDDEN, inter),
-            }
-        w = weights[sl]
-        topk_w, topk_ids, _ = bench_layer.cell_routing(sl, routing, tokens, 0, "busiest")
-        x = torch.randn(tokens, bench_layer.HIDDEN, device="cuda", dtype=torch.bfloat16)
+        sl, tokens, w, topk_w, topk_ids, x = layer_cell(cell, weights)
 
         def layer(x=x, topk_w=topk_w, topk_ids=topk_ids, w=w):
             return routed_experts(
