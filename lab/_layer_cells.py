@@ -23,3 +23,21 @@ def layer_cell(cell: str, weights: dict) -> tuple:
     topk_w, topk_ids, _ = bench_layer.cell_routing(sl, routing, tokens, 0, "busiest")
     x = torch.randn(tokens, bench_layer.HIDDEN, device="cuda", dtype=torch.bfloat16)
     return sl, tokens, weights[sl], topk_w, topk_ids, x
+
+
+def host_enqueue_us(fn, calls: int = 10) -> float:
+    """Median host time of one call of `fn` with the device idle before it (µs): how long the call
+    takes to enqueue its work, not to run it."""
+    import statistics
+    import time
+
+    import torch
+
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e6 * (time.perf_counter() - t0))
+    torch.cuda.synchronize()
+    return statistics.median(times)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 DEFAULT_CELLS = ",".join(
     f"{sl}:{t}:{r}" for sl in ("ep8", "tp8") for t in (512, 1024, 2048, 4096) for r in ("uniform", "zipf:0.6")
@@ -24,12 +22,12 @@ DEFAULT_CELLS = ",".join(
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    import triton
 
     from benchmarks import bench_layer
-    from lab._layer_cells import layer_cell
+    from lab._layer_cells import host_enqueue_us, layer_cell
     from moe_backend.dispatch.policy import Policy
     from moe_backend.experts import routed_experts
+    from moe_backend.testing import interleaved_us
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default=DEFAULT_CELLS, help="slice:tokens:routing,...")
@@ -61,26 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             fn()
         torch.cuda.synchronize()
         same = torch.equal(outs["graph"].view(torch.int16), outs["launches"].view(torch.int16))
-        samples = {name: [] for name in fns}
-        for _ in range(args.rounds):
-            for name, fn in fns.items():
-                samples[name].append(1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        t = interleaved_us(fns, rounds=args.rounds)
         wall = {name: bench_layer.wall_us(fn, 20) for name, fn in fns.items()}
-        host = {}
-        for name, fn in fns.items():
-            t = []
-            for _ in range(10):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                t.append(1e6 * (time.perf_counter() - t0))
-            torch.cuda.synchronize()
-            host[name] = statistics.median(t)
-        med = {name: statistics.median(v) for name, v in samples.items()}
-        g, lch = samples["graph"], samples["launches"]
+        host = {name: host_enqueue_us(fn) for name, fn in fns.items()}
+        med = {name: v["us"] for name, v in t.items()}
+        g, lch = t["graph"], t["launches"]
         print(
-            f"| {cell} | {med['graph']:.1f} ({min(g):.1f}-{max(g):.1f}) | {med['launches']:.1f} "
-            f"({min(lch):.1f}-{max(lch):.1f}) | {med['launches'] / med['graph']:.3f} | "
+            f"| {cell} | {med['graph']:.1f} ({g['lo']:.1f}-{g['hi']:.1f}) | {med['launches']:.1f} "
+            f"({lch['lo']:.1f}-{lch['hi']:.1f}) | {med['launches'] / med['graph']:.3f} | "
             f"{wall['graph']:.0f} / {wall['launches']:.0f} | {host['graph']:.0f} / {host['launches']:.0f} | {same} |",
             flush=True,
         )

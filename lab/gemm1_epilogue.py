@@ -24,15 +24,45 @@ from lab.prefill_pairing import GLOBAL_EXPERTS, SHAPES, TILE, TOPK, dg_contiguou
 DEFAULT_CELLS = "ep8:8192:uniform,ep8:16384:uniform"
 
 
-def main(argv=None) -> int:
+def gemm1_operands(slice_name: str, tokens: int, routing: str):
+    """GEMM1's operands at a slice's prefill rows (rank 0's experts, routing seeded by the token
+    count): the plan layout's expert ids over the layer's static row bound (`used` rows in use,
+    `rows_in_use` on the device), random A over the bound, random FP8 weights, and the config the
+    layer's plan gives GEMM1."""
+    import types
+
     import torch
 
     from lab._plan_variants import slice_plan
     from moe_backend import testing
-    from moe_backend.constants import FP8_DTYPE
-    from moe_backend.cuda.launch import launch
     from moe_backend.dispatch.layouts import max_contiguous_rows
     from moe_backend.quant import quantize_fp8_per_token_group
+
+    num_local, gemms = SHAPES[slice_name]
+    _, n, k = gemms[0]
+    exponent = testing.parse_routing_exponent(routing)
+    _, topk_ids = testing.random_topk(tokens, GLOBAL_EXPERTS, TOPK, exponent, tokens)
+    ids = layouts(testing.expert_counts(topk_ids, num_local).tolist())["plan"][0][0]
+    used = len(ids)
+    bound = max(max_contiguous_rows(tokens * TOPK, num_local, TILE), used)
+    b, bs = testing.random_fp8_weights(num_local, n, k)
+    a, a_scale = quantize_fp8_per_token_group(torch.randn(bound, k, device="cuda", dtype=torch.bfloat16))
+    expert_ids = torch.full((bound,), -1, dtype=torch.int32, device="cuda")
+    expert_ids[:used] = torch.tensor(ids, dtype=torch.int32, device="cuda")
+    return types.SimpleNamespace(
+        n=n, k=k, used=used, bound=bound, b=b, bs=bs, a=a, a_scale=a_scale, expert_ids=expert_ids,
+        rows_in_use=torch.tensor([used], dtype=torch.int32, device="cuda"),
+        config=slice_plan(slice_name, tokens, "prefill", torch.device("cuda")).gemm1.config,
+    )  # fmt: skip
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from lab._prebuild import old_launcher
+    from moe_backend import testing
+    from moe_backend.constants import FP8_DTYPE
+    from moe_backend.cuda.launch import kernel_args, kernel_spec, launch, silu_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default=DEFAULT_CELLS, help="slice:tokens:routing,...")
@@ -49,21 +79,9 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---:|---|")
     for cell in args.cells.split(","):
         slice_name, tokens, routing = cell.split(":", 2)
-        num_local, gemms = SHAPES[slice_name]
-        _, n, k = gemms[0]
-        _, topk_ids = testing.random_topk(
-            int(tokens), GLOBAL_EXPERTS, TOPK, testing.parse_routing_exponent(routing), int(tokens)
-        )
-        ids = layouts(testing.expert_counts(topk_ids, num_local).tolist())["plan"][0][0]
-        used = len(ids)
-        bound = max(max_contiguous_rows(int(tokens) * TOPK, num_local, TILE), used)
-        b, bs = testing.random_fp8_weights(num_local, n, k)
-        a_b, as_b = quantize_fp8_per_token_group(torch.randn(bound, k, device="cuda", dtype=torch.bfloat16))
-        a, a_s = a_b[:used], as_b[:used]
-        ids_b = torch.full((bound,), -1, dtype=torch.int32, device="cuda")
-        ids_b[:used] = torch.tensor(ids, dtype=torch.int32, device="cuda")
-        rows_in_use = torch.tensor([used], dtype=torch.int32, device="cuda")
-        plan_cfg = slice_plan(slice_name, int(tokens), "prefill", torch.device("cuda")).gemm1.config
+        op = gemm1_operands(slice_name, int(tokens), routing)
+        n, k, used, bound, b, bs, ids_b = op.n, op.k, op.used, op.bound, op.b, op.bs, op.expert_ids
+        a_b, as_b, rows_in_use, plan_cfg = op.a, op.a_scale, op.rows_in_use, op.config
         outs = {}
 
         def plain(m, rows=None, name=""):
@@ -72,33 +90,30 @@ def main(argv=None) -> int:
             cfg = plan_cfg
             return cfg, lambda: launch(a_b[:m], as_b[:m], b, bs, ids_b[:m], o, config=cfg, rows_in_use=rows)
 
-        def silu(m, rows=None, name="", cfg=plan_cfg):
+        def silu_outputs(m, name):
             o = torch.zeros(m, n // 2, dtype=FP8_DTYPE, device="cuda")
             sc = torch.full((m, n // 256), float("nan"), dtype=torch.float32, device="cuda")
             outs[name] = (o, sc)
+            return o, sc
+
+        def silu(m, rows=None, name="", cfg=plan_cfg):
+            o, sc = silu_outputs(m, name)
             return cfg, lambda: launch(
                 a_b[:m], as_b[:m], b, bs, ids_b[:m], o, config=cfg, rows_in_use=rows, act_scale=sc
             )
 
         def silu_before(m, rows, old_dir):
-            from lab._prebuild import old_launcher
-            from moe_backend.cuda.launch import kernel_args, kernel_spec, silu_config
-
-            o = torch.zeros(m, n // 2, dtype=FP8_DTYPE, device="cuda")
-            sc = torch.full((m, n // 256), float("nan"), dtype=torch.float32, device="cuda")
-            outs["silu before, static bound"] = (o, sc)
+            o, sc = silu_outputs(m, "silu before, static bound")
             cfg = silu_config(plan_cfg)
             params = kernel_args(a_b[:m], as_b[:m], b, bs, ids_b[:m], o, cfg, rows, None, sc)
             return cfg, old_launcher(kernel_spec(n, k, cfg, silu_quant=1), old_dir, m, n, cfg, params)
 
-        contenders = {
-            "plain, rows in use": plain(used, name="plain, rows in use"),
-            "plain, static bound": plain(bound, rows_in_use, name="plain, static bound"),
-            "silu, rows in use": silu(used, name="silu, rows in use"),
-            "silu, static bound": silu(bound, rows_in_use, name="silu, static bound"),
-        }
-        if args.silu_only:
-            contenders = {"silu, static bound": contenders["silu, static bound"]}
+        contenders = {}
+        if not args.silu_only:
+            contenders["plain, rows in use"] = plain(used, name="plain, rows in use")
+            contenders["plain, static bound"] = plain(bound, rows_in_use, name="plain, static bound")
+            contenders["silu, rows in use"] = silu(used, name="silu, rows in use")
+        contenders["silu, static bound"] = silu(bound, rows_in_use, name="silu, static bound")
         if args.old is not None:
             contenders["silu before, static bound"] = silu_before(bound, rows_in_use, args.old)
         for g in filter(None, args.group_m.split(",")):
@@ -107,7 +122,7 @@ def main(argv=None) -> int:
         fns = {name: fn for name, (_, fn) in contenders.items()}
         if dg is not None:
             dg_out = torch.empty(used, n, dtype=torch.bfloat16, device="cuda")
-            fns["DeepGEMM contiguous"] = dg_contiguous(dg, a, a_s, b, bs, ids_b[:used].clone(), dg_out)
+            fns["DeepGEMM contiguous"] = dg_contiguous(dg, a_b[:used], as_b[:used], b, bs, ids_b[:used].clone(), dg_out)
         for fn in fns.values():
             fn()
         torch.cuda.synchronize()

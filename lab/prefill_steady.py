@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
-import time
 
 DEFAULT_CELLS = "ep8:8192:uniform,ep8:16384:uniform,ep8:8192:zipf:0.6"
 
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from benchmarks import _peer_layer, _peers, bench_layer
-    from lab._layer_cells import layer_cell
+    from lab._layer_cells import host_enqueue_us, layer_cell
     from lab.prefill_launch_gaps import gap_trace
     from moe_backend.experts import routed_experts
     from moe_backend.quant import quantize_fp8_per_token_group
@@ -58,22 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for name, fn in fns.items():
                 samples[name].append(1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
-        host = []
-        for _ in range(10):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            layer()
-            host.append(1e6 * (time.perf_counter() - t0))
-        torch.cuda.synchronize()
+        host = host_enqueue_us(layer)
         gpu_us, _ = bench_layer.gpu_kernel_us(layer, 5)
         # Kernel by kernel on the warm board: half a second of calls, then a traced few (L2 flushed).
         triton.testing.do_bench(layer, warmup=10, rep=500)
         warm = gap_trace(layer, calls=5)
         med = {name: statistics.median(v) for name, v in samples.items()}
         pair = med.get("dg w13", 0.0) + med.get("dg w2", 0.0)
-        print(
-            f"{cell}: host enqueue per eager call {statistics.median(host):.0f} µs; profiler kernel sum {gpu_us:.1f} µs"
-        )
+        print(f"{cell}: host enqueue per eager call {host:.0f} µs; profiler kernel sum {gpu_us:.1f} µs")
         for name, v in samples.items():
             print(f"  {name:8s} median {med[name]:8.1f}  rounds " + " ".join(f"{t:.1f}" for t in v))
         print(
