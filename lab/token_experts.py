@@ -106,7 +106,7 @@ def _up_kernel(
                 a_scale = tl.sum(tl.load(xs_ptr + token * KB + kb + cols * 0, mask=kb_ok & (cols == 0), other=0.0))
             else:
                 q, s = quantize_groups(a[None, :], UE8M0)
-                a = tl.reshape(q, (128,))
+                a = tl.reshape(q, (128,)).to(tl.float32)
                 a_scale = tl.sum(s, axis=0)
             w = tl.load(w_rows + kb * 128, mask=n_ok[:, None] & kb_ok[None, :], other=0.0).to(tl.float32)
             b_scale = tl.sum(tl.load(ws_row + kb + cols * 0, mask=kb_ok & (cols == 0), other=0.0))
@@ -164,7 +164,7 @@ def _down_kernel(
             w_offs = e * N * INTER + n.to(tl.int64)[:, None] * INTER + kb * 128 + cols[None, :]
             w = tl.load(w_ptr + w_offs, mask=n_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             ws = tl.load(ws_ptr + (e * tl.cdiv(N, 128) + tl.program_id(1) * BLOCK_N // 128) * KB + kb)
-            acc += tl.sum(w * q, axis=1) * (tl.sum(s, axis=0) * ws)
+            acc += tl.sum(w * q.to(tl.float32), axis=1) * (tl.sum(s, axis=0) * ws)
             # The slot's last block: its bf16 output row, weighted, joins the sum (0 for no local expert).
             last = (n * 0 + kb) == KB - 1
             weight = tl.load(tw_ptr + slot) * local.to(tl.float32)
@@ -184,7 +184,7 @@ def _down_kernel(
                     up = _gemm1_output(h_row + INTER + kb * 128, cols >= 0, 2 * INTER, SPLIT_K)
                     q, s = quantize_groups((gate / (1.0 + tl.exp(-gate)) * up)[None, :], UE8M0)
                     w = tl.load(w_rows + kb * 128, mask=n_ok[:, None], other=0.0).to(tl.float32)
-                    acc += tl.sum(w * q, axis=1) * (tl.sum(s, axis=0) * tl.load(ws_row + kb))
+                    acc += tl.sum(w * q.to(tl.float32), axis=1) * (tl.sum(s, axis=0) * tl.load(ws_row + kb))
                 total += tl.load(tw_ptr + slot) * round_to_bf16_grid(acc)
     tl.store(out_ptr + token * N + n, round_to_bf16_grid(total).to(out_ptr.dtype.element_ty), mask=n_ok)
 

@@ -36,7 +36,7 @@ import triton.language as tl
 from moe_backend import constants
 from moe_backend.kernels._dependent_launch import launch_options, wait_for_producer
 from moe_backend.kernels._launch_utils import check_per_program, resident_grid
-from moe_backend.kernels._numerics import round_to_bf16_grid, round_to_e4m3_grid
+from moe_backend.kernels._numerics import round_to_bf16_grid, to_e4m3
 
 # The quantizer's numbers (moe_backend.constants), as compile-time constants of the kernels.
 FP8_MAX = tl.constexpr(constants.FP8_MAX)
@@ -50,7 +50,7 @@ MAX_LAUNCH_ITEMS = 2**31 - 2**20
 
 @triton.jit
 def quantize_groups(x, UE8M0: tl.constexpr):
-    """x fp32 `[G, GROUP]` (one row per group) -> (q fp32 `[G, GROUP]` on the e4m3 grid, scale f32 `[G]`).
+    """x fp32 `[G, GROUP]` (one row per group) -> (q e4m3 `[G, GROUP]`, scale f32 `[G]`).
 
     Every kernel that quantizes activations calls this, so they all round alike.
     """
@@ -69,12 +69,14 @@ def quantize_groups(x, UE8M0: tl.constexpr):
     # reciprocal, then one FMA correction (Markstein), which gives the correctly rounded quotient.
     # Past the fp8 range the value saturates anyway, and an infinite x * recip (an fp32-overflowing
     # SiLU*up product) would turn the correction into NaN: those keep the plain product.
+    # A power-of-two scale (UE8M0) has an exact reciprocal, so the plain product is the quotient.
     scale_2d = scale[:, None]
     recip = tl.div_rn(tl.full(scale_2d.shape, 1.0, tl.float32), scale_2d)
     quotient = x * recip
-    corrected = tl.fma(tl.fma(-quotient, scale_2d, x), recip, quotient)
-    quotient = tl.where(tl.abs(quotient) <= 2 * FP8_MAX, corrected, quotient)
-    q = round_to_e4m3_grid(tl.clamp(quotient, -FP8_MAX, FP8_MAX))
+    if not UE8M0:
+        corrected = tl.fma(tl.fma(-quotient, scale_2d, x), recip, quotient)
+        quotient = tl.where(tl.abs(quotient) <= 2 * FP8_MAX, corrected, quotient)
+    q = to_e4m3(tl.clamp(quotient, -FP8_MAX, FP8_MAX))
     return q, scale
 
 

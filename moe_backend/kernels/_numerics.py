@@ -3,21 +3,40 @@
 The GPU's casts round to nearest even; Triton's CPU interpreter (3.9) does not (fp32 -> bf16
 truncates; fp32 -> e4m3 rounds ties away and loses mantissa carries). Rounding onto the target
 grid in fp32 first makes the final cast exact on both, so the CPU interpreter tests check the real
-numerics. On the GPU this is a handful of integer ops per stored element: epilogue only.
+numerics. For bf16 that is a handful of integer ops per stored element (epilogues only). The e4m3
+cast of the activation quant is left to the hardware on the GPU (`to_e4m3`): there the software
+rounding was a third of the quant kernels' instructions, and those kernels run at the issue rate.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# Triton decides interpreter or compiler when a kernel is decorated, from this variable: read it
+# the same way, once, so a kernel module and its rounding agree.
+ROUND_IN_SOFTWARE = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
 def round_to_bf16_grid(x):
     """fp32 -> the nearest bf16 value (ties to even), still fp32; finite inputs."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    if ROUND_IN_SOFTWARE:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def to_e4m3(x):
+    """fp32 `x` (|x| <= 448) -> e4m3, round to nearest even: the GPU's cast (cvt.rn.satfinite), or
+    under the interpreter the software rounding of `round_to_e4m3_grid` first."""
+    if ROUND_IN_SOFTWARE:
+        x = round_to_e4m3_grid(x)
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -30,9 +49,12 @@ def round_to_e4m3_grid(x):
     """
     bits = x.to(tl.int32, bitcast=True)
     # Normal range (|x| >= 2^-6): keep 3 mantissa bits, round half to even on the dropped 20.
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 == 0xFFF00000
-    normal = bits.to(tl.float32, bitcast=True)
-    # Subnormals step by 2^-9: adding 1.5 * 2^14 (ulp 2^-9) rounds to that grid, ties to even.
+    rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 == 0xFFF00000
+    normal = rounded.to(tl.float32, bitcast=True)
+    # Subnormals step by 2^-9: adding 1.5 * 2^14 (ulp 2^-9) to the magnitude rounds it to that grid,
+    # ties to even; the sign goes back on after, so values that round to zero keep theirs (-0), as
+    # the hardware cast and torch's keep it.
     magic = 24576.0
-    sub = (x + magic) - magic
+    sub = (tl.abs(x) + magic) - magic
+    sub = tl.where(bits < 0, -sub, sub)
     return tl.where(tl.abs(x) < 0.015625, sub, normal)
