@@ -11,6 +11,8 @@ as a CUDA-graph replay under plan variants that differ only in GEMM1's provider 
              src_token itself / over the gathered copy (whichever the policy did not pick)
   siluapart  the policy plan with the SiLU*up quant kernel between the GEMMs (where the policy's
              CUDA GEMM1 stores it from its epilogue)
+  nodirect   the policy plan with GEMM2 storing every row into y for the combine (where the
+             policy's CUDA GEMM2 stores single-slot tokens' rows into the output itself)
 Timed interleaved (rounds of A B C D E), checked against the policy plan's output (rel err).
 
     python -m lab.prefill_gather_a                         # GPU, about a minute
@@ -65,6 +67,8 @@ def _variants(plan, device):
         out[name] = dataclasses.replace(plan, gather_a=gather, fused_permute_quant=fused, graph_plan=None)
     if plan.silu_in_gemm1:  # the policy plan with the SiLU*up quant kernel between the GEMMs
         out["siluapart"] = dataclasses.replace(plan, silu_in_gemm1=False, graph_plan=None)
+    if plan.direct_rows:  # the policy plan with every row going through y and the combine
+        out["nodirect"] = dataclasses.replace(plan, direct_rows=False, graph_plan=None)
     return out
 
 
@@ -94,7 +98,7 @@ def main() -> None:
                 times, outs = time_plans(variants, (x, *weights, tw, ti), rounds=args.rounds)
                 ref = outs["policy"]
                 for name, vp in variants.items():
-                    err = float((outs[name] - ref).norm() / ref.norm())
+                    err = 0.0 if torch.equal(outs[name], ref) else float((outs[name] - ref).norm() / ref.norm())
                     rows.append(
                         (
                             slice_name,

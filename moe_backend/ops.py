@@ -234,23 +234,32 @@ def unpermute_combine(
     partials: bool = False,
     num_partials: torch.Tensor | None = None,
     branch_on_slots: bool = False,
+    skip_single: bool = False,
 ) -> torch.Tensor:
     """Un-permute + top-k weighted combine: `out[t] = sum_j topk_weights[t, j] * y[row_of_slot[t, j]]`
     (see `moe_backend.reference.unpermute_combine`; a gather: deterministic, fp32 sum).
     `partials`: y is f32 `[S, M, N]`, a K-split GEMM2's partial sums, the first `num_partials`
     (int32 `[1]`, optional) of them in use (`reference.sum_partials`). `branch_on_slots`: how the
-    kernel skips absent slots (a plan's `combine_branch`); the result is the same."""
+    kernel skips absent slots (a plan's `combine_branch`); the result is the same. `skip_single`:
+    tokens with exactly one local slot keep what `out` (required) holds: GEMM2 stored them there
+    (a plan's `direct_rows`)."""
+    if skip_single and out is None:
+        raise ValueError("out: skip_single leaves single-slot tokens' rows to the caller's output; pass it")
     check_tensor("y", y, dtypes=(torch.bfloat16, torch.float16, torch.float32), min_dim=2)
     check_tensor("row_of_slot", row_of_slot, dtypes=(torch.int32, torch.int64), ndim=2, device=y.device)
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(row_of_slot.shape), device=y.device)
     if _provider("auto", y.device) == "triton":
         return _kernel("unpermute_combine")(
             y, row_of_slot, topk_weights, out, partials=partials, num_partials=num_partials,
-            branch_on_slots=branch_on_slots,
+            branch_on_slots=branch_on_slots, skip_single=skip_single,
         )  # fmt: skip
     if partials:
         y = torch_reference.sum_partials(y, num_partials)
-    return torch_reference.unpermute_combine(y, row_of_slot, topk_weights, out)
+    if not skip_single:
+        return torch_reference.unpermute_combine(y, row_of_slot, topk_weights, out)
+    combined = torch_reference.unpermute_combine(y, row_of_slot, topk_weights)
+    keep = (row_of_slot >= 0).sum(dim=1) == 1
+    return out.copy_(torch.where(keep.unsqueeze(1), out, combined))
 
 
 def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu") -> int:

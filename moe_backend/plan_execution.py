@@ -71,6 +71,7 @@ def _gemm_contiguous(
     silu_a: dict | None = None,
     act_scale: torch.Tensor | None = None,
     ue8m0: bool = False,
+    direct: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """rows_in_use: int32 `[1]` on the device, the layout's padded total; the rows past it (the
     static bound's tail) are padding the kernels do not walk. a_rows (Triton and CUDA, `plan.gather_a`):
@@ -79,9 +80,13 @@ def _gemm_contiguous(
     `plan.silu_in_gemm2`): a_fp8 is GEMM1's output h, from which the kernel computes its A; the
     dict holds `_grouped_gemm_core.launch`'s a_splits, a_count and ue8m0. act_scale (CUDA only,
     `plan.silu_in_gemm1`): fp32 `[rows, I / 128]`; the kernel then stores SiLU*up quantized into
-    `out` (fp8 `[rows, I]`) and its scales (UE8M0 with ue8m0) here."""
+    `out` (fp8 `[rows, I]`) and its scales (UE8M0 with ue8m0) here. direct (CUDA only,
+    `plan.direct_rows`): (pairs int32 `[rows, 2]`, the layer's output): rows of single-slot tokens
+    go there, weighted (`kernels/direct_rows.py`)."""
     if act_scale is not None and g.provider != "cuda":
         raise ValueError(f"act_scale: only our CUDA GEMM stores SiLU*up quant, the plan's provider is {g.provider}")
+    if direct is not None and g.provider != "cuda":
+        raise ValueError(f"direct: only our CUDA GEMM stores rows into the output, the plan's provider is {g.provider}")
     if silu_a is not None and g.provider != "triton":
         raise ValueError(f"silu_a: only the Triton GEMM computes its A from h, the plan's provider is {g.provider}")
     if g.provider == "triton":
@@ -110,7 +115,7 @@ def _gemm_contiguous(
 
         launch(
             a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, config=g.config, rows_in_use=rows_in_use, a_rows=a_rows,
-            act_scale=act_scale, ue8m0=ue8m0,
+            act_scale=act_scale, ue8m0=ue8m0, direct=direct,
         )  # fmt: skip
     else:
         ops.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, impl=g.provider)
@@ -323,14 +328,22 @@ def _launch_plan(
                 num_partials=splits[0:1] if split1 else None,
             )  # fmt: skip
         y = _gemm_output(plan.gemm2, plan.num_rows, dev)
+        direct = None
+        if plan.direct_rows:  # single-slot tokens' rows go from GEMM2 straight into out
+            from moe_backend.kernels.direct_rows import direct_rows
+
+            if out is None:
+                out = torch.empty(x.shape[0], hidden, dtype=torch.bfloat16, device=dev)
+            pairs = direct_rows(layout.row_of_slot, topk_weights, plan.num_rows)
+            direct = (_first_rows(walked, pairs)[0], out)
         a2, s2, ids2, y2 = _first_rows(walked, act_fp8, act_scale, ids, y)
         _gemm_contiguous(
             plan.gemm2, a2, s2, w2_fp8, w2_scale_inv, ids2, y2, num_experts, rows_in_use, None,
-            splits[1:2] if split2 else None, silu_a,
+            splits[1:2] if split2 else None, silu_a, direct=direct,
         )  # fmt: skip
         return ops.unpermute_combine(
             y, layout.row_of_slot, topk_weights, out, partials=split2, num_partials=splits[1:2] if split2 else None,
-            branch_on_slots=plan.combine_branch,
+            branch_on_slots=plan.combine_branch, skip_single=plan.direct_rows,
         )  # fmt: skip
     return ops.unpermute_combine(y, layout.row_of_slot, topk_weights, out, branch_on_slots=plan.combine_branch)
 

@@ -30,6 +30,9 @@ STAGE_EXTRA_BYTES = 4 * 4 + 16
 A_SCALE_AREA = 12288
 MAX_STAGES = 6  # deeper rings stopped paying in other Hopper GEMMs; unmeasured here
 GROUP_M = 8  # M tiles swept together across N (L2 reuse)
+# A kernel storing direct rows (GEMM2 of an expert-parallel slice) stages each tile's 128
+# destination tokens and weights in two slots of shared memory (KernelTraits::kDirectArea).
+DIRECT_ROWS_AREA = 2 * BLOCK_M * 8
 # Experts the masked layout may hold: the kernel counts their live tiles in a shared-memory table of
 # this size (scheduler.cuh, kMaxMaskedExperts).
 MAX_MASKED_EXPERTS = 1024

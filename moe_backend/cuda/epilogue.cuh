@@ -21,6 +21,13 @@ struct Epilogue {
     bool valid;   // a tile is pending
   };
 
+  // kDirectRows: a stored tile's staged (destination token, weight bits) pairs (a shared-memory
+  // slot of 128) and the layer's output [T, N] the tokens index.
+  struct DirectRows {
+    const int32_t* slot;
+    uint16_t* out;
+  };
+
   // This thread's two rows of a tile and their expert ids (-1 past M).
   struct TileRows {
     int row0;    // the first row (the second is row0 + 8)
@@ -90,19 +97,48 @@ struct Epilogue {
     quad_transpose(v1, quad_lane);
   }
 
+  // Two bf16 values times w, rounded to bf16: fma(w, v, +0) is the combine's sum over one slot.
+  __device__ __forceinline__ static uint32_t weigh_bf16x2(uint32_t v, float w) {
+    return sm90::pack_bf16x2(__fmaf_rn(w, __uint_as_float(v << 16), 0.0f),
+                             __fmaf_rn(w, __uint_as_float(v & 0xFFFF0000u), 0.0f));
+  }
+
   // bf16 straight from registers to this thread's rows row0 and row0 + 8. Rows not flagged
   // (another expert's id: padding; past M; dead tiles of a cluster pair) are left untouched;
-  // columns past N are dropped.
+  // columns past N are dropped. kDirectRows: a row with a destination token goes, weighted, to
+  // that token's row of direct.out instead.
   __device__ __forceinline__ static void store_tile(const float (&result)[T::kAccRegs], uint16_t* __restrict__ out,
-                                                    int row0, int n_base, bool store0, bool store1, int quad_lane) {
+                                                    int row0, int n_base, bool store0, bool store1, int quad_lane,
+                                                    const DirectRows& direct = {nullptr, nullptr}) {
     constexpr int kN = T::kN;
     const int col_in_chunk = 2 * quad_lane;
     uint16_t* out0 = out + static_cast<int64_t>(row0) * kN;
     uint16_t* out1 = out0 + 8 * kN;
+    bool direct0 = false, direct1 = false;
+    float w0 = 0.0f, w1 = 0.0f;
+    if constexpr (T::kDirectRows) {
+      const int r = row0 % kBlockM;
+      const int2 pair0 = reinterpret_cast<const int2*>(direct.slot)[r];
+      const int2 pair1 = reinterpret_cast<const int2*>(direct.slot)[r + 8];
+      const int token0 = pair0.x, token1 = pair1.x;
+      direct0 = token0 >= 0;
+      direct1 = token1 >= 0;
+      w0 = __int_as_float(pair0.y);
+      w1 = __int_as_float(pair1.y);
+      if (direct0) out0 = direct.out + static_cast<int64_t>(token0) * kN;
+      if (direct1) out1 = direct.out + static_cast<int64_t>(token1) * kN;
+    }
 #pragma unroll
     for (int g = 0; g < T::kVecChunks; g += 4) {
       uint32_t v0[4], v1[4];
       pack_chunk_group(result, g, quad_lane, v0, v1);
+      if constexpr (T::kDirectRows) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (direct0) v0[j] = weigh_bf16x2(v0[j], w0);
+          if (direct1) v1[j] = weigh_bf16x2(v1[j], w1);
+        }
+      }
       const int col = n_base + 8 * (g + quad_lane);
       if (col < kN) {  // N % 8 == 0: the 8 columns are all in or all out
         if (store0) *reinterpret_cast<uint4*>(out0 + col) = make_uint4(v0[0], v0[1], v0[2], v0[3]);
@@ -209,12 +245,13 @@ struct Epilogue {
   }
 
   __device__ __forceinline__ static void store_pending(float (&result)[T::kAccRegs], uint16_t* __restrict__ out,
-                                                       const PendingStore& tile, float* __restrict__ act_scale) {
+                                                       const PendingStore& tile, float* __restrict__ act_scale,
+                                                       const DirectRows& direct = {nullptr, nullptr}) {
     if constexpr (T::kSiluQuant) {
       store_silu_quant(result, reinterpret_cast<uint8_t*>(out), act_scale, tile.row0, tile.n_base / T::kBlockN,
                        tile.store0, tile.store1, threadIdx.x % 4);
     } else {
-      store_tile(result, out, tile.row0, tile.n_base, tile.store0, tile.store1, threadIdx.x % 4);
+      store_tile(result, out, tile.row0, tile.n_base, tile.store0, tile.store1, threadIdx.x % 4, direct);
     }
   }
 };

@@ -25,9 +25,10 @@
 namespace phasemoe {
 
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM,
-          int kGatherA = 0, int kSiluQuant = 0>
+          int kGatherA = 0, int kSiluQuant = 0, int kDirectRows = 0>
 struct GroupedGemmContiguous {
-  using T = KernelTraits<kN, kK, kBlockN, kStages, kGroupM, kCluster, kMcastA, kMaskedMaxM, kGatherA, kSiluQuant>;
+  using T = KernelTraits<kN, kK, kBlockN, kStages, kGroupM, kCluster, kMcastA, kMaskedMaxM, kGatherA, kSiluQuant,
+                         kDirectRows>;
   using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM>;
   using Loop = Mainloop<T>;
   using Epi = Epilogue<T>;
@@ -42,12 +43,20 @@ struct GroupedGemmContiguous {
     float* b_scales;  // kStages x kScaleStageFloats
     uint64_t* full;   // kStages mbarriers: the stage is loaded
     uint64_t* empty;  // kStages mbarriers: the stage is released by every consumer warp
+    int32_t* direct;  // kDirectRows: 2 slots of kDirectSlotWords (a tile's destinations, then weights)
   };
 
   // Gathered A: where the token rows come from (a_rows[layout row], -1 for padding; the rows of A).
   struct GatherSource {
     const int64_t* __restrict__ a_rows;
     const uint8_t* __restrict__ a;
+  };
+
+  // kDirectRows: per layout row, the token it is stored into (-1: none) and its weight's bits, an
+  // int32 pair; the layer's output [T, N].
+  struct DirectArgs {
+    const int32_t* __restrict__ pairs;
+    uint16_t* __restrict__ out;
   };
 
   // The producer warpgroup: the TMA lane and the scale warp (and, for gathered A, warps 2 and 3)
@@ -57,7 +66,8 @@ struct GroupedGemmContiguous {
                                                  const sm90::TmaDescriptor& tmap_b, const float* __restrict__ a_scale,
                                                  const float* __restrict__ b_scale, const Ids& expert_ids, int m,
                                                  const int* live, uint32_t rank, int lane,
-                                                 const GatherSource& gather = {nullptr, nullptr}) {
+                                                 const GatherSource& gather = {nullptr, nullptr},
+                                                 const DirectArgs& direct = {nullptr, nullptr}) {
     sm90::setmaxnreg_dec<kProducerRegs>();
     const int producer_warp = threadIdx.x / 32 - kNumConsumerWarpgroups * 4;
     auto for_each_stage = [&](auto&& fill) {
@@ -85,7 +95,8 @@ struct GroupedGemmContiguous {
       });
     } else if (producer_warp == 1) {
       for_each_stage([&](const TileRole& role, int kb, const RingPos& pos) {
-        Loop::load_scales(s.a_scales, s.b_scales, s.full, a_scale, b_scale, role, kb, pos, m, lane, gather.a_rows);
+        Loop::load_scales(s.a_scales, s.b_scales, s.full, a_scale, b_scale, role, kb, pos, m, lane, gather.a_rows,
+                          {direct.pairs, s.direct});
       });
     } else if (kGatherA && producer_warp >= 2) {
       // Warps 2 and 3: the tile's A rows, their token rows looked up once per tile. (Lanes 1-31
@@ -111,10 +122,19 @@ struct GroupedGemmContiguous {
                                                     float (&result)[T::kAccRegs], const typename Loop::SmemView& sv,
                                                     RingPos& issue, int row_in_tile,
                                                     const typename Epi::PendingStore& prev, uint16_t* __restrict__ out,
-                                                    float* __restrict__ act_scale) {
+                                                    float* __restrict__ act_scale,
+                                                    const typename Epi::DirectRows& direct = {nullptr, nullptr}) {
     Loop::template issue_part<0>(acc, scales[0], sv, issue, row_in_tile);
-    if (prev.valid) Epi::store_pending(result, out, prev, act_scale);
+    if (prev.valid) Epi::store_pending(result, out, prev, act_scale, direct);
     Loop::clear(result);
+  }
+
+  // kDirectRows: the staged slot of the last tile whose K blocks `retired` completed (the tile
+  // the deferred store writes), and where its direct rows go.
+  __device__ __forceinline__ static typename Epi::DirectRows direct_rows(const Smem& s, const RingPos& retired,
+                                                                         const DirectArgs& direct) {
+    const int tile = static_cast<int>(retired.count / T::kKBlocks) - 1;
+    return {s.direct + (tile & 1) * T::kDirectSlotWords, direct.out};
   }
 
   // The warpgroup index, broadcast from lane 0: the compiler then knows it is warp-uniform and
@@ -141,8 +161,13 @@ struct GroupedGemmContiguous {
     float* a_scales = reinterpret_cast<float*>(smem + kStages * T::kStageBytes);
     uint64_t* full =
         reinterpret_cast<uint64_t*>(smem + kStages * T::kStageBytes + T::kAScaleArea + kStages * T::kScaleStageBytes);
-    return Smem{smem,          smem + kStages * T::kABytes, a_scales, a_scales + T::kAScaleArea / sizeof(float), full,
-                full + kStages};
+    return Smem{smem,
+                smem + kStages * T::kABytes,
+                a_scales,
+                a_scales + T::kAScaleArea / sizeof(float),
+                full,
+                full + kStages,
+                reinterpret_cast<int32_t*>(full + 2 * kStages)};
   }
 
   // Thread 0 initializes the ring's barriers (the consumers' arrivals come from every CTA of the
@@ -175,7 +200,8 @@ struct GroupedGemmContiguous {
                                              const float* __restrict__ a_scale, const float* __restrict__ b_scale,
                                              const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m,
                                              const GatherSource& gather = {nullptr, nullptr},
-                                             float* __restrict__ act_scale = nullptr) {
+                                             float* __restrict__ act_scale = nullptr,
+                                             const DirectArgs& direct = {nullptr, nullptr}) {
     const Ids expert_ids{row_ids};
     const Smem s = carve_smem();
     const int warpgroup = uniform_warpgroup();
@@ -185,7 +211,7 @@ struct GroupedGemmContiguous {
     if constexpr (Scheduler::kDense) live = LiveTiles<kMaskedMaxM>::build(row_ids, m / kMaskedMaxM);
     init_barriers(s);
     if (warpgroup == kNumConsumerWarpgroups) {
-      produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, live, rank, lane, gather);
+      produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, live, rank, lane, gather, direct);
     } else {
       // The consumers, kept in run(): moved into a function of its own, this loop compiles to PTX
       // with other register numbering than the binary the benchmark tables measured.
@@ -214,14 +240,22 @@ struct GroupedGemmContiguous {
         const typename Epi::TileRows rows = Epi::load_rows(role, m_unit, rank, row_in_tile, expert_ids, m);
         RingPos issue = pos;
         float scales[2][T::kTileScaleBlocks][2];  // combined row scales of the K blocks in flight
-        start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale);
+        if constexpr (kDirectRows) {
+          start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale, direct_rows(s, pos, direct));
+        } else {
+          start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale);
+        }
         // Called through a closure, as in the binary the benchmark tables measured: a direct call
         // numbers the registers differently (lab/check_ptx.py compares the PTX).
         [&] { Loop::k_loop(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales); }();
         prev = typename Epi::PendingStore{rows.row0, rows.n_base, role.live && rows.id0 == role.expert,
                                           role.live && rows.id1 == role.expert, true};
       }
-      if (prev.valid) Epi::store_pending(result, out, prev, act_scale);
+      if constexpr (kDirectRows) {
+        if (prev.valid) Epi::store_pending(result, out, prev, act_scale, direct_rows(s, pos, direct));
+      } else {
+        if (prev.valid) Epi::store_pending(result, out, prev, act_scale);
+      }
     }
     leave_cluster();
   }

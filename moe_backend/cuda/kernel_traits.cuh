@@ -24,8 +24,14 @@ constexpr int kProducerRegs = 40;
 // block j and up block j (128 rows each), and the epilogue stores FP8 silu(gate) * up with one
 // scale per row (1 x 128 group j) instead of the bf16 tile; 2: the scales rounded up to powers
 // of two (UE8M0).
+// kDirectRows = 1 (GEMM2 of an expert-parallel slice): a row whose token has no other local slot
+// is stored weighted, bf16(w * bf16(sum)) as the combine computes it, into the token's row of the
+// layer's output instead of its own row of `out`; the combine then skips that token. Per layout
+// row, the destination token (-1: through the combine) and the weight come precomputed as an int32
+// pair (kernels/direct_rows.py); the scale warp stages a tile's 128 pairs in shared memory with
+// its first K block, in one of two slots by tile parity.
 template <int kN_, int kK_, int kBlockN_, int kStages_, int kGroupM_, int kCluster_, int kMcastA_, int kMaskedMaxM_,
-          int kGatherA_ = 0, int kSiluQuant_ = 0>
+          int kGatherA_ = 0, int kSiluQuant_ = 0, int kDirectRows_ = 0>
 struct KernelTraits {
   static constexpr int kN = kN_;
   static constexpr int kK = kK_;
@@ -37,6 +43,7 @@ struct KernelTraits {
   static constexpr int kMaskedMaxM = kMaskedMaxM_;
   static constexpr int kGatherA = kGatherA_;
   static constexpr int kSiluQuant = kSiluQuant_;
+  static constexpr int kDirectRows = kDirectRows_;
 
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 256, "BLOCK_N: 64, 128 or 256");
@@ -50,6 +57,11 @@ struct KernelTraits {
                 "SiLU*up quant epilogue: contiguous layout, 256-wide tiles of gate and up, B not shared as A");
 
   static constexpr int kKBlocks = kK / kBlockK;
+  // A slot is rewritten at the first K block of the tile two later, once the consumers released
+  // the stage kStages K blocks before it: in the tile between, after they stored from the slot.
+  static_assert(kDirectRows == 0 ||
+                    (kSiluQuant == 0 && kMaskedMaxM == 0 && kN % 8 == 0 && kBlockN % 32 == 0 && kKBlocks >= kStages),
+                "direct rows: contiguous bf16 output in whole vector chunks, at least kStages K blocks per tile");
   static constexpr int kNScaleBlocks = (kN + kScaleBlock - 1) / kScaleBlock;
   static constexpr uint32_t kABytes = kBlockM * kBlockK;  // fp8
   static constexpr uint32_t kBBytes = kBlockN * kBlockK;
@@ -109,8 +121,11 @@ struct KernelTraits {
   static_assert(kAScaleSlots * kAScaleSlotFloats * sizeof(float) <= kAScaleArea, "a_scale chunk slots");
   // Ring of stages, then the a_scale slots, the b_scale slots and the barriers; +1024 to align
   // the ring (128-byte swizzle atoms are 1024 bytes: the descriptors assume 1024-aligned tiles).
+  // kDirectRows: two slots, each a tile's 128 (destination token, weight bits) int32 pairs.
+  static constexpr int kDirectSlotWords = 2 * kBlockM;
+  static constexpr uint32_t kDirectArea = kDirectRows ? 2 * kDirectSlotWords * sizeof(int32_t) : 0;
   static constexpr uint32_t kSmemBytes =
-      kStages * (kStageBytes + kScaleStageBytes) + kAScaleArea + 2 * kStages * sizeof(uint64_t) + 1024;
+      kStages * (kStageBytes + kScaleStageBytes) + kAScaleArea + 2 * kStages * sizeof(uint64_t) + kDirectArea + 1024;
   // `full` completes on the TMA lane's expect_tx arrival plus one cp.async arrival per lane of
   // the scale warp (and of the two A-row warps when A is gathered).
   static constexpr int kGatherThreads = 64;

@@ -16,7 +16,15 @@ import torch
 
 from moe_backend._checks import check_tensor
 from moe_backend.cuda import driver, jit
-from moe_backend.cuda.config import BLOCK_K, BLOCK_M, MAX_MASKED_EXPERTS, NUM_THREADS, ContiguousConfig
+from moe_backend.cuda.config import (
+    BLOCK_K,
+    BLOCK_M,
+    DIRECT_ROWS_AREA,
+    MAX_MASKED_EXPERTS,
+    NUM_THREADS,
+    SMEM_LIMIT,
+    ContiguousConfig,
+)
 from moe_backend.cuda.heuristic import print_config, select_config
 from moe_backend.quant import FP8_DTYPE
 
@@ -40,13 +48,17 @@ def kernel_spec(
     masked_max_m: int = 0,
     gather_a: bool = False,
     silu_quant: int = 0,
+    direct_rows: bool = False,
 ) -> jit.KernelSpec:
     """The rendered source for one (N, K, config); M stays a runtime argument. masked_max_m > 0:
     the masked layout `[E, max_m, K]`, the kernel reading masked_m in place of per-row ids.
     gather_a: A's rows are token rows read through a per-row index (contiguous layout, configs
     whose CTA pairs do not share A). silu_quant (GEMM1, N = 2I: gate rows then up rows): 1 or 2
     (UE8M0 scales), the kernel stores FP8 silu(gate) * up `[M, I]` and its 1 x 128 scales instead
-    of the bf16 product (contiguous layout, 256-wide tiles not sharing A, N a multiple of 256)."""
+    of the bf16 product (contiguous layout, 256-wide tiles not sharing A, N a multiple of 256).
+    direct_rows (GEMM2 of an expert-parallel slice): rows whose token has no other local slot are
+    stored weighted into the layer's output (`launch`'s `direct`; contiguous bf16 output, N a
+    multiple of 8, at least as many K blocks as stages)."""
     if gather_a and (masked_max_m or config.shares_a):
         raise ValueError("gather_a: only on the contiguous layout, with a config whose CTA pairs do not share A")
     if silu_quant not in (0, 1, 2):
@@ -56,6 +68,13 @@ def kernel_spec(
             "silu_quant: only on the contiguous layout, with 256-wide tiles whose CTA pairs do not share A "
             f"and N a multiple of 256 (got N={n}, {config})"
         )
+    if direct_rows and (masked_max_m or silu_quant or n % 8 or k // BLOCK_K < config.num_stages):
+        raise ValueError(
+            "direct_rows: only for a bf16 output on the contiguous layout, N a multiple of 8 and at least "
+            f"{config.num_stages} K blocks (got N={n}, K={k}, {config})"
+        )
+    if direct_rows and smem_bytes(config, True) > SMEM_LIMIT:
+        raise ValueError(f"direct_rows: {config} leaves no room for the staged rows; use fewer stages")
     if k <= 0 or k % BLOCK_K:
         raise ValueError(f"k: must be a positive multiple of {BLOCK_K}, got {k}")
     if n <= 0:
@@ -73,15 +92,16 @@ def kernel_spec(
         "MASKED_MAX_M": masked_max_m,
         "GATHER_A": int(gather_a),
         "SILU_QUANT": silu_quant,
+        "DIRECT_ROWS": int(direct_rows),
     }
     name = (
         "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_c{CLUSTER}_ma{MCAST_A}_mm{MASKED_MAX_M}"
     ).format(**constants)
-    name += ("_ga" if gather_a else "") + (f"_sq{silu_quant}" if silu_quant else "")
+    name += ("_ga" if gather_a else "") + (f"_sq{silu_quant}" if silu_quant else "") + ("_dr" if direct_rows else "")
     source = _template()
     checked = {
         "KERNEL_NAME": name,
-        "SMEM_BYTES": config.smem_bytes,
+        "SMEM_BYTES": smem_bytes(config, direct_rows),
         "NUM_THREADS": NUM_THREADS,
         "BLOCK_M": BLOCK_M,
         "BLOCK_K": BLOCK_K,
@@ -91,6 +111,11 @@ def kernel_spec(
     return jit.KernelSpec(
         family="grouped_gemm_contiguous", kernel_name=name, source=source, constants=constants, arch=arch
     )
+
+
+def smem_bytes(config: ContiguousConfig, direct_rows: bool = False) -> int:
+    """The dynamic shared memory of a kernel (KernelTraits::kSmemBytes)."""
+    return config.smem_bytes + (DIRECT_ROWS_AREA if direct_rows else 0)
 
 
 def warmup_specs(
@@ -154,10 +179,13 @@ def kernel_args(
     rows_in_use: torch.Tensor | None = None,
     a_rows: torch.Tensor | None = None,
     act_scale: torch.Tensor | None = None,
+    direct: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list:
     """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
     (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m, rows_in_use*, a_rows*, a*,
-    act_scale*); act_scale (a kernel with silu_quant): fp32 `[M, N / 256]`, out then being the
+    act_scale*, direct_pairs*, direct_out*); direct (a kernel with direct_rows): every row's
+    (destination token, fp32 weight bits) int32 pair `[M, 2]` and the layer's output `[T, N]`;
+    act_scale (a kernel with silu_quant): fp32 `[M, N / 256]`, out then being the
     FP8 activation `[M, N / 2]`, and B is loaded in 128-row boxes (gate half, up half);
     rows_in_use: int32 [1] on the device (rows of A in use) or a null pointer. Tensor maps: A
     `[M, K]` in 128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first);
@@ -176,6 +204,7 @@ def kernel_args(
     if a_rows is not None:
         m = expert_ids.shape[0]
         tmap_a = tmap_b  # not read: a valid map for the prefetch
+    direct_ptrs = [t.data_ptr() for t in direct] if direct is not None else [0, 0]
     return [
         tmap_a,
         tmap_b,
@@ -188,6 +217,7 @@ def kernel_args(
         ctypes.c_uint64(a_rows.data_ptr() if a_rows is not None else 0),
         ctypes.c_uint64(a_fp8.data_ptr() if a_rows is not None else 0),
         ctypes.c_uint64(act_scale.data_ptr() if act_scale is not None else 0),
+        *(ctypes.c_uint64(ptr) for ptr in direct_ptrs),
     ]
 
 
@@ -251,14 +281,17 @@ def _kernel_and_grid(
     env_flags: tuple[str, ...],
     gather_a: bool = False,
     silu_quant: int = 0,
+    direct_rows: bool = False,
 ):
     """The loaded kernel and its persistent grid for one (shape, config, device): built once, so
     a launch does no rendering, hashing or occupancy query (env_flags: part of the binary's key)."""
-    spec = kernel_spec(n, k, cfg, masked_max_m=masked_max_m, gather_a=gather_a, silu_quant=silu_quant)
+    spec = kernel_spec(
+        n, k, cfg, masked_max_m=masked_max_m, gather_a=gather_a, silu_quant=silu_quant, direct_rows=direct_rows
+    )
     kernel = driver.load_kernel(spec, index)
     grid = grid_size(m, n, cfg, _num_sms(index))
     if cfg.cluster > 1:  # GPCs may not hold num_sms / 2 resident pairs
-        resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), cfg.smem_bytes, (cfg.cluster, 1, 1))
+        resident = kernel.max_active_clusters((NUM_THREADS, 1, 1), smem_bytes(cfg, direct_rows), (cfg.cluster, 1, 1))
         if resident > 0:
             grid = min(grid, resident * cfg.cluster)
     return kernel, grid
@@ -286,6 +319,7 @@ def launch(
     a_rows: torch.Tensor | None = None,
     act_scale: torch.Tensor | None = None,
     ue8m0: bool = False,
+    direct: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Runs the kernel on checked operands (A `[M, K]`, out `[M, N]` 16-byte aligned, int32
     row_ids: per-row expert ids, or masked_m when masked_max_m > 0; rows_in_use: optional int32
@@ -294,7 +328,10 @@ def launch(
     (-1: padding); M is then row_ids' length, and a config whose CTA pairs share A is replaced
     by the same config sharing B. act_scale: fp32 `[M, N / 256]` (GEMM1, N = 2I): the kernel
     stores FP8 silu(gate) * up into out (fp8 `[M, N / 2]`) and its scales (UE8M0 with ue8m0)
-    into act_scale; the config then has 256-wide tiles (silu_config)."""
+    into act_scale; the config then has 256-wide tiles (silu_config). direct: (pairs int32 `[M, 2]`,
+    y bf16 `[T, N]`): a row whose pair (token, weight bits) has token >= 0 is stored as
+    bf16(weight * bf16(its sum)) into y[token] instead of out (`kernel_spec`'s direct_rows; not
+    checked here: `kernels/direct_rows.py` fills the pairs)."""
     m, k = a_fp8.shape
     if a_rows is not None:
         m = row_ids.shape[0]
@@ -315,15 +352,17 @@ def launch(
         cfg, silu_quant = silu_config(cfg), 2 if ue8m0 else 1
     with torch.cuda.device(index):
         kernel, grid = _kernel_and_grid(
-            m, n, k, cfg, masked_max_m, index, jit.env_flags(), a_rows is not None, silu_quant
+            m, n, k, cfg, masked_max_m, index, jit.env_flags(), a_rows is not None, silu_quant, direct is not None
         )
         stream = torch.cuda.current_stream(dev).cuda_stream
         kernel.launch(
             grid=(grid, 1, 1),
             block=(NUM_THREADS, 1, 1),
-            smem=cfg.smem_bytes,
+            smem=smem_bytes(cfg, direct is not None),
             stream=stream,
-            params=kernel_args(a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use, a_rows, act_scale),
+            params=kernel_args(
+                a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use, a_rows, act_scale, direct
+            ),
             cluster=(cfg.cluster, 1, 1),
         )
     return out

@@ -23,6 +23,13 @@ struct RingPos {
   uint32_t count = 0;
 };
 
+// kDirectRows: the precomputed (destination token or -1, weight bits) pair of every layout row, and
+// the shared-memory slots the scale warp stages a tile's pairs in.
+struct DirectSource {
+  const int32_t* __restrict__ pairs;
+  int32_t* slots;
+};
+
 template <typename T>
 struct Mainloop {
   using PartMma = WgmmaFp8<T::kPartN>;
@@ -115,8 +122,21 @@ struct Mainloop {
                                                      const float* __restrict__ a_scale,
                                                      const float* __restrict__ b_scale, const TileRole& role, int kb,
                                                      const RingPos& pos, int m, int lane,
-                                                     const int64_t* __restrict__ a_rows = nullptr) {
+                                                     const int64_t* __restrict__ a_rows = nullptr,
+                                                     const DirectSource& direct = {nullptr, nullptr}) {
     const int stage = pos.stage;
+    if constexpr (T::kDirectRows) {
+      if (kb == 0) {  // the tile's rows' pairs, into the slot of its parity
+        int32_t* slot = direct.slots + ((pos.count / T::kKBlocks) & 1) * T::kDirectSlotWords;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = lane + 32 * i;
+          const int row = role.m_tile * kBlockM + r;
+          const int64_t src = row < m ? row : 0;  // rows past M: zero-filled, never stored
+          sm90::cp_async_8(slot + 2 * r, direct.pairs + 2 * src, row < m ? 8u : 0u);
+        }
+      }
+    }
     if (kb % T::kScaleChunk == 0) {
       float* slot = smem_a_scales + ((pos.count / T::kScaleChunk) % T::kAScaleSlots) * T::kAScaleSlotFloats;
 #pragma unroll

@@ -136,6 +136,13 @@ __device__ __forceinline__ void cp_async_4(void* dst, const void* src, uint32_t 
                : "memory");
 }
 
+// 8 bytes global -> shared (both 8-byte aligned); src_bytes = 0 writes zeros without reading.
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(smem_addr(dst)),
+               "l"(reinterpret_cast<uint64_t>(src)), "r"(src_bytes)
+               : "memory");
+}
+
 // 16 bytes global -> shared (both 16-byte aligned); src_bytes = 0 writes zeros without reading.
 // `.cg`: the copy bypasses L1 (the scale chunks are read once per tile).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, uint32_t src_bytes) {

@@ -193,6 +193,26 @@ def branch_on_absent_slots(num_experts: int, num_global_experts: int) -> bool:
     return num_experts <= thresholds()["combine_branch"]["max_local_share"] * num_global_experts
 
 
+def cuda_direct_rows(gemm2: GemmPlan, num_tokens: int, num_experts: int, num_global_experts: int) -> bool:
+    """Our CUDA contiguous GEMM2 stores the rows of tokens with one local slot, weighted, into the
+    layer's output itself and the combine skips those tokens (`kernels/direct_rows.py`): from a
+    batch size on and where this rank holds at most a share of the experts
+    (dispatch_thresholds.json `cuda_direct_rows`), so that many tokens have a single local slot,
+    and GEMM2's K spans at least as many 128-wide blocks as any config has stages (the kernel's
+    slot reuse needs it)."""
+    if gemm2.provider != "cuda" or num_global_experts <= 0:
+        return False
+    from moe_backend.cuda.config import BLOCK_K, MAX_STAGES
+
+    t = thresholds()["cuda_direct_rows"]
+    return (
+        bool(t["enabled"])
+        and num_tokens >= t["min_tokens"]
+        and gemm2.k >= MAX_STAGES * BLOCK_K
+        and num_experts <= t["max_local_share"] * num_global_experts
+    )
+
+
 def cuda_silu_in_gemm1(gemm1: GemmPlan) -> bool:
     """Our CUDA contiguous GEMM1 stores SiLU*up quantized to FP8 itself (a 256-wide tile holding
     one 128-column group of gate and of up; `cuda.launch.silu_config`), so neither its bf16

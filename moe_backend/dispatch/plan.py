@@ -26,6 +26,7 @@ import torch
 from moe_backend.dispatch.gemm_choice import (
     GemmPlan,
     branch_on_absent_slots,
+    cuda_direct_rows,
     cuda_gathers_rows,
     cuda_silu_in_gemm1,
     dependent_launch_pays,
@@ -91,6 +92,9 @@ class Plan:
     # The combine skips each absent slot by a branch rather than a masked load: where most of a
     # token's slots are not local (expert parallel).
     combine_branch: bool = False
+    # GEMM2 (our CUDA contiguous kernel) stores the rows of tokens with one local slot, weighted,
+    # into the output itself, and the combine skips those tokens (expert parallel).
+    direct_rows: bool = False
     # An eager call replays this plan (tokens rounded up to a bucket) as a CUDA graph
     # (`moe_backend.eager_graphs`); None: launched kernel by kernel.
     graph_plan: "Plan | None" = None
@@ -115,6 +119,7 @@ class Plan:
             + (" dependent_launch=True" if self.dependent_launch else "")
             + (" rows_on_host=True" if self.rows_on_host else "")
             + (" combine_branch=True" if self.combine_branch else "")
+            + (" direct_rows=True" if self.direct_rows else "")
             + f" on {self.device}"
             + (f"; eager calls replay the graph of T={self.graph_plan.num_tokens}" if self.graph_plan else "")
         )
@@ -322,6 +327,7 @@ def _make_plan(
         dependent_launch=dependent,
         rows_on_host=rows_on_host,
         combine_branch=branch_on_absent_slots(num_experts, num_global_experts),
+        direct_rows=layout == "contiguous" and cuda_direct_rows(gemm2, num_tokens, num_experts, num_global_experts),
     )
     if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
         graph_plan = _make_plan(

@@ -5,8 +5,9 @@ local) contribute nothing, and their y rows are never read (they may hold NaN). 
 layouts: y `[M, N]` (contiguous) or `[E, max_m, N]` (masked, flat row e*max_m + r). y may also be
 a K-split GEMM2's fp32 partial sums `[S, M, N]` (the first `num_partials` of them, when the GEMM
 chose the count on the device): a row's slabs are added in order and rounded to bf16 (the
-unsplit GEMM's output) before it is weighted. Its torch twin: `moe_backend.reference.unpermute_combine`
-(after `reference.sum_partials`).
+unsplit GEMM's output) before it is weighted. With `skip_single` a token with exactly one local
+slot is neither read nor written: GEMM2 stored its row into `out` itself (`kernels/direct_rows.py`).
+Its torch twin: `moe_backend.reference.unpermute_combine` (after `reference.sum_partials`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def _combine_kernel(
     SPLITS: tl.constexpr,
     COUNT_ON_DEVICE: tl.constexpr,
     BRANCH: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
+    TOPK_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_producer(PDL)
@@ -52,6 +55,10 @@ def _combine_kernel(
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = offs < N
+    if SKIP_SINGLE:  # a token with one local slot: its row is GEMM2's to store (all loads masked off)
+        j = tl.arange(0, TOPK_PAD)
+        local = tl.load(rows_ptr + t * TOPK + j, mask=j < TOPK, other=-1) >= 0
+        ok = ok & ((offs * 0 + tl.sum(local.to(tl.int32), axis=0)) != 1)  # a vector mask, as below
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in tl.static_range(TOPK):
         r = tl.load(rows_ptr + t * TOPK + j).to(tl.int64)
@@ -94,6 +101,7 @@ def unpermute_combine(
     partials: bool = False,
     num_partials: torch.Tensor | None = None,
     branch_on_slots: bool = False,
+    skip_single: bool = False,
 ) -> torch.Tensor:
     """y bf16 `[M, N]` or `[E, max_m, N]`; row_of_slot int32/int64 `[T, k]` (flat row of y holding
     token t's j-th expert, -1 = none); topk_weights f32 `[T, k]`; out bf16 `[T, N]`.
@@ -101,7 +109,8 @@ def unpermute_combine(
     which only the first `num_partials[0]` hold slices when that int32 `[1]` is given.
     branch_on_slots: skip each absent slot (-1) by a branch instead of masking its row load: faster
     where most slots are absent (expert parallel), slower where most are present (the plan's
-    `combine_branch`). Same result either way."""
+    `combine_branch`). Same result either way. skip_single: tokens with exactly one local slot keep
+    what `out` holds (GEMM2 stored their rows there: `kernels/direct_rows.py`); needs `out`."""
     splits = 0
     if partials:
         check_kernel_tensor("y", y, dtypes=(torch.float32,), ndim=3)
@@ -119,6 +128,8 @@ def unpermute_combine(
     num_tokens, topk = row_of_slot.shape
     check_kernel_tensor("topk_weights", topk_weights, dev, dtypes=(torch.float32,), shape=(num_tokens, topk))
     n = y.shape[-1]
+    if skip_single and out is None:
+        raise ValueError("out: skip_single leaves single-slot tokens' rows to the caller's output; pass it")
     if out is None:
         out = torch.empty((num_tokens, n), dtype=torch.bfloat16, device=dev)
     else:
@@ -143,6 +154,8 @@ def unpermute_combine(
         SPLITS=splits,
         COUNT_ON_DEVICE=counted,
         BRANCH=branch_on_slots,
+        SKIP_SINGLE=skip_single,
+        TOPK_PAD=triton.next_power_of_2(topk),
         num_warps=NUM_WARPS,
         **launch_options(),
     )

@@ -36,6 +36,7 @@ class CompileCase:
     masked_max_m: int = 0  # > 0: the masked layout, the kernel reading masked_m (RowIds)
     gather_a: bool = False  # A's rows read through a per-row index by the producer's cp.asyncs
     silu_quant: int = 0  # GEMM1 storing FP8 silu(gate) * up (2: UE8M0 scales)
+    direct_rows: bool = False  # GEMM2 storing single-slot tokens' rows into the layer's output
 
 
 COMPILE_CASES = [
@@ -68,13 +69,22 @@ COMPILE_CASES = [
     CompileCase("ep8-w13-silu", 4096, 7168, ContiguousConfig(256), silu_quant=1),
     CompileCase("tp8-w13-silu-gather", 512, 7168, ContiguousConfig(256, cluster=2), gather_a=True, silu_quant=1),
     CompileCase("silu-ue8m0", 512, 7168, ContiguousConfig(256), silu_quant=2),
+    # GEMM2 of the EP8 slice storing single-slot tokens' rows into the layer's output: alone and in pairs
+    CompileCase("ep8-w2-direct", 7168, 2048, ContiguousConfig(256), direct_rows=True),
+    CompileCase("ep8-w2-direct-pairs", 7168, 2048, ContiguousConfig(256, cluster=2), direct_rows=True),
 ]
 
 
 def _spec(case: CompileCase) -> jit.KernelSpec:
     cfg = case.config or select_config(case.rows, case.n, num_sms=132, k=case.k)
     return kernel_spec(
-        case.n, case.k, cfg, masked_max_m=case.masked_max_m, gather_a=case.gather_a, silu_quant=case.silu_quant
+        case.n,
+        case.k,
+        cfg,
+        masked_max_m=case.masked_max_m,
+        gather_a=case.gather_a,
+        silu_quant=case.silu_quant,
+        direct_rows=case.direct_rows,
     )
 
 

@@ -144,20 +144,26 @@ def test_kernel_args_match_the_kernel_signature(cache, monkeypatch):
         0,
         0,
         0,
-    ]  # no row count, no gathered rows, no SiLU*up scales: null pointers
+        0,
+        0,
+    ]  # no row count, no gathered rows, no SiLU*up scales, no direct rows: null pointers
     rows_in_use = torch.tensor([128], dtype=torch.int32)
     with_count = launch.kernel_args(a, a_scale, b, b_scale, ids, out, cfg, rows_in_use=rows_in_use)
-    assert with_count[-4].value == rows_in_use.data_ptr()
+    assert with_count[7].value == rows_in_use.data_ptr()
     # Gathered A: token rows [T, K] behind the layout's rows; m is the layout's, A read by pointer.
     tokens = a[:7]
     src = torch.full((m,), -1, dtype=torch.int64)
     gathered = launch.kernel_args(tokens, a_scale[:7], b, b_scale, ids, out, cfg, a_rows=src)
     assert bytes(gathered[0]) == bytes(gathered[1])  # tmap_a unread: B's map keeps the prefetch valid
-    assert gathered[6].value == m and gathered[-3].value == src.data_ptr() and gathered[-2].value == tokens.data_ptr()
-    # SiLU*up quant epilogue (N = 2I): B in 128-row boxes (gate half, up half), the scales' pointer last.
+    assert gathered[6].value == m and gathered[8].value == src.data_ptr() and gathered[9].value == tokens.data_ptr()
+    # SiLU*up quant epilogue (N = 2I): B in 128-row boxes (gate half, up half), then the scales' pointer.
     act_scale = torch.empty(m, 2, dtype=torch.float32)
     silu = launch.kernel_args(a, a_scale, b[:, :512], b_scale, ids, out, ContiguousConfig(256), act_scale=act_scale)
-    assert fake.maps[-1]["box"] == [128, 128, 1] and silu[-1].value == act_scale.data_ptr()
+    assert fake.maps[-1]["box"] == [128, 128, 1] and silu[10].value == act_scale.data_ptr()
+    # Direct rows: the rows' (token, weight) pairs and the layer's output, last.
+    direct_pairs, layer_out = torch.empty(m, 2, dtype=torch.int32), torch.empty(7, n, dtype=torch.bfloat16)
+    direct = launch.kernel_args(a, a_scale, b, b_scale, ids, out, cfg, direct=(direct_pairs, layer_out))
+    assert [p.value for p in direct[-2:]] == [direct_pairs.data_ptr(), layer_out.data_ptr()]
     assert launch.num_tiles(m, n, cfg) == 3 * 8
     pairs = launch.kernel_args(a, a_scale, b, b_scale, ids, out, ContiguousConfig(128, cluster=2, multicast="a"))
     assert fake.maps[-1]["box"] == [128, 64]  # A loaded in halves, one per CTA (B's map is the cached one)

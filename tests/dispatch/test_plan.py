@@ -569,3 +569,59 @@ def test_the_branch_on_absent_slots_where_most_are_not_local(monkeypatch):
                 num_global_experts=global_e,
             )  # fmt: skip
             assert seen == [want], (kernel, global_e)
+
+
+def test_cuda_gemm2_stores_single_slot_rows_where_the_rank_holds_few_experts(monkeypatch):
+    """Our CUDA GEMM2 stores single-slot tokens' rows into the output (`Plan.direct_rows`) on the
+    contiguous layout of an expert-parallel slice whose K spans enough blocks; not at TP (every
+    slot local: no token has a single one), not on the Triton GEMM2, not with a short K, not when
+    the global count is unknown, and not once the JSON switch is off."""
+    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "cuda" if impl != "reference" else impl)
+    monkeypatch.setattr(
+        plan_mod, "gemm_plan", lambda provider, layout, m, rows, n, k, dev: plan_mod.GemmPlan(provider, n, k)
+    )
+    plan_mod.clear_plan_cache()
+    try:
+        share = thresholds()["cuda_direct_rows"]["max_local_share"]
+        assert 0 < share < 1
+        ep8 = _plan(num_tokens=16384, num_experts=32, intermediate=2048, phase="prefill")
+        assert ep8.gemm2.provider == "cuda" and ep8.direct_rows and "direct_rows=True" in ep8.describe()
+        assert not _plan(num_tokens=2048, num_experts=32, intermediate=2048, phase="prefill").direct_rows  # few tokens
+        assert not _plan(num_tokens=16384, num_experts=256, intermediate=2048, phase="prefill").direct_rows
+        assert not _plan(num_tokens=16384, num_experts=32, intermediate=256, phase="prefill").direct_rows  # K = 256
+        assert not _plan(num_tokens=16384, num_experts=32, num_global_experts=0, intermediate=2048).direct_rows
+        assert not gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("triton", 7168, 2048), 16384, 32, 256)
+        assert gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("cuda", 7168, 2048), 16384, 32, 256)
+        start = thresholds()["cuda_direct_rows"]["min_tokens"]
+        assert not gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("cuda", 7168, 2048), start - 1, 32, 256)
+        off = {**thresholds(), "cuda_direct_rows": {**thresholds()["cuda_direct_rows"], "enabled": False}}
+        monkeypatch.setattr(gemm_choice, "thresholds", lambda: off)
+        assert not gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("cuda", 7168, 2048), 16384, 32, 256)
+    finally:
+        plan_mod.clear_plan_cache()
+
+
+def test_only_the_cuda_gemm_stores_direct_rows():
+    """A plan whose GEMM2 is not our CUDA kernel cannot ask it to store rows into the output."""
+    a = torch.zeros(4, 128)
+    with pytest.raises(ValueError, match="direct: only our CUDA GEMM"):
+        plan_execution._gemm_contiguous(
+            plan_mod.GemmPlan("triton", 256, 128), a, a, a, a, a, a, 1, direct=(torch.zeros(4, 2), a)
+        )
+
+
+def test_combine_skipping_single_slot_tokens_on_the_reference_path():
+    """ops.unpermute_combine(skip_single=True) on CPU (the reference): tokens with one local slot
+    keep what `out` holds, the others get the combine; `out` is required."""
+    from moe_backend import ops
+
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.tensor([[0, -1, -1], [1, 2, -1], [-1, -1, -1], [-1, 3, -1]])
+    weights = torch.rand(4, 3, generator=gen)
+    y = torch.randn(4, 16, generator=gen).bfloat16()
+    full = ops.unpermute_combine(y, rows, weights)
+    out = torch.full((4, 16), 5.0, dtype=torch.bfloat16)
+    ops.unpermute_combine(y, rows, weights, out, skip_single=True)
+    assert (out[[0, 3]] == 5.0).all() and torch.equal(out[[1, 2]], full[[1, 2]])
+    with pytest.raises(ValueError, match="out: skip_single"):
+        ops.unpermute_combine(y, rows, weights, skip_single=True)

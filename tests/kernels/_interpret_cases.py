@@ -14,6 +14,7 @@ import torch
 
 from moe_backend import reference
 from moe_backend.kernels import _group_quant_core, _grouped_gemm_core, build_layout
+from moe_backend.kernels.direct_rows import direct_rows
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
 from moe_backend.kernels.per_token_group_quant import per_token_group_quant
@@ -742,6 +743,68 @@ def case_combine_kernel_layouts():
         assert torch.isfinite(out.float()).all(), "a padding row was read"
         assert _rel(out, ref) <= 1e-2
         assert torch.equal(unpermute_combine(y, layout.row_of_slot, weights, branch_on_slots=True), out)
+
+
+def _direct_rows_twin(row_of_slot, weights):
+    """{row: (token or -1, weight bits)} for every row a slot names (kernels/direct_rows.py)."""
+    bits = weights.view(torch.int32)
+    single = (row_of_slot >= 0).sum(dim=1) == 1
+    return {
+        int(r): (t if bool(single[t]) else -1, int(bits[t, j]))
+        for t in range(row_of_slot.shape[0])
+        for j, r in enumerate(row_of_slot[t].tolist())
+        if r >= 0
+    }
+
+
+def case_direct_rows():
+    """Each layout row's (destination token, weight bits) pair: the token when it is that token's only
+    local slot, else -1; tokens with none, one and several local slots; top-k not a power of two."""
+    gen = torch.Generator().manual_seed(12)
+    t, topk = 40, 3
+    topk_ids = torch.randint(0, 16, (t, topk), generator=gen)
+    topk_ids[0] = torch.tensor([8, 9, 10])  # no local slot (experts 0-5 are local)
+    topk_ids[1] = torch.tensor([1, 9, 10])  # one
+    topk_ids[2] = torch.tensor([1, 2, 10])  # two
+    weights = torch.rand(t, topk, generator=gen)
+    layout = build_layout.build_contiguous_layout(topk_ids, 6, alignment=8)
+    rows = layout.src_token.shape[0]
+    pairs = direct_rows(layout.row_of_slot, weights, rows)
+    want = _direct_rows_twin(layout.row_of_slot, weights)
+    assert want and {d for d, _ in want.values()} > {-1}  # both kinds present
+    for r, (dest, bits) in want.items():
+        assert pairs[r].tolist() == [dest, bits], (r, pairs[r].tolist(), dest, bits)
+    assert direct_rows(layout.row_of_slot[:0], weights[:0], 5).shape == (5, 2)  # no tokens: nothing to write
+
+
+def case_combine_skip_single():
+    """skip_single leaves single-slot tokens' output rows alone and combines the others as before;
+    a single-slot row stored as GEMM2 stores it (bf16(fma(w, y, +0))) gives the combine's bytes."""
+    gen = torch.Generator().manual_seed(13)
+    t, topk, n = 24, 4, 160
+    topk_ids = torch.randint(0, 16, (t, topk), generator=gen)
+    weights = torch.rand(t, topk, generator=gen)
+    layout = build_layout.build_contiguous_layout(topk_ids, 6, alignment=8)
+    y = torch.randn(layout.src_token.shape[0], n, generator=gen).bfloat16()
+    y[layout.src_token < 0] = float("nan")
+    single = (layout.row_of_slot >= 0).sum(dim=1) == 1
+    assert single.any() and (~single).any()
+    for branch in (False, True):
+        full = unpermute_combine(y, layout.row_of_slot, weights, branch_on_slots=branch)
+        out = torch.full((t, n), 7.0, dtype=torch.bfloat16)
+        unpermute_combine(y, layout.row_of_slot, weights, out, branch_on_slots=branch, skip_single=True)
+        assert (out[single] == 7.0).all(), "a single-slot token's row was written"
+        assert torch.equal(out[~single], full[~single])
+        for tok in single.nonzero().flatten().tolist():
+            j = int((layout.row_of_slot[tok] >= 0).nonzero())
+            stored = torch.addcmul(torch.zeros(n), y[layout.row_of_slot[tok, j]].float(), weights[tok, j]).bfloat16()
+            assert torch.equal(stored, full[tok]), tok
+    try:
+        unpermute_combine(y, layout.row_of_slot, weights, skip_single=True)
+    except ValueError as e:
+        assert "out" in str(e), e
+    else:
+        raise AssertionError("skip_single without out: no ValueError")
 
 
 def _split_layout(counts, block_m, tail, gen, tokens):

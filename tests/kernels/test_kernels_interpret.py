@@ -46,6 +46,8 @@ CASES = [
     "silu_mul_quant",
     "quant_extremes",
     "combine",
+    "direct_rows",
+    "combine_skip_single",
     "bad_inputs",
     "permute_quant",
     "permute_quant_empty",
