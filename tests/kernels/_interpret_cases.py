@@ -363,10 +363,10 @@ def _poisoned_quant_out(q_shape, s_shape):
     )
 
 
-def _check_permute_quant(x, src_token, group=128, ue8m0=False):
+def _check_permute_quant(x, src_token, group=128, ue8m0=False, row_of_slot=None):
     shapes = (*src_token.shape, x.shape[1]), (*src_token.shape, x.shape[1] // group)
     out = _poisoned_quant_out(*shapes)
-    q, s = permute_quant(x, src_token, group, ue8m0, out=out)
+    q, s = permute_quant(x, src_token, group, ue8m0, out=out, row_of_slot=row_of_slot)
     assert q is out[0] and s is out[1] and q.shape == shapes[0] and s.shape == shapes[1]
     real = src_token >= 0
     assert bool((q[~real].view(torch.uint8) == POISON_BYTE).all()) and bool(s[~real].isnan().all()), (
@@ -374,8 +374,8 @@ def _check_permute_quant(x, src_token, group=128, ue8m0=False):
     )
     rq, rs = layouts.permute_quant(x, src_token, group, ue8m0)
     assert torch.equal(s[real], rs[real]), "scales differ from the torch twin"
-    # Values, not bytes: the kernel's e4m3 rounding gives +0 where torch keeps -0 (equal values).
-    assert torch.equal(q[real].float(), rq[real].float()), "fp8 values differ from the torch twin"
+    # Bytes: the kernel's e4m3 rounding keeps the sign of values that round to zero, as torch's cast.
+    assert torch.equal(q[real].view(torch.uint8), rq[real].view(torch.uint8)), "fp8 bytes differ from the torch twin"
     # Byte-exact against the unfused kernel path: same rounding code, rows copied.
     uq, us = per_token_group_quant(x, group, ue8m0)
     assert torch.equal(q[real].view(torch.uint8), uq.view(torch.uint8)[src_token[real]]), "differs from quant + permute"
@@ -398,6 +398,8 @@ def case_permute_quant():
         for ue8m0 in (False, True):
             for layout in (contiguous, masked):
                 _check_permute_quant(x.to(dtype), layout.src_token, 128, ue8m0)
+                # walking tokens (each quantized once for all its rows): the same bytes, padding untouched
+                _check_permute_quant(x.to(dtype), layout.src_token, 128, ue8m0, layout.row_of_slot)
     _check_permute_quant(x.half(), torch.tensor([[8, 0, -1], [3, 3, 1]]), group=64)
 
 
@@ -560,8 +562,8 @@ def _silu_mul_twin(h, group, ue8m0):
 
 def _check_quant_exact(q, s, rq, rs, what):
     assert torch.equal(s, rs), f"{what}: scales differ"
-    # Values, not bytes: the kernel's e4m3 rounding gives +0 where torch may keep -0 (equal values).
-    assert torch.equal(q.float(), rq.float()), f"{what}: fp8 values differ"
+    # Bytes: the kernel's e4m3 rounding keeps the sign of values that round to zero, as torch's cast.
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), f"{what}: fp8 bytes differ"
 
 
 def _quant_launch(x2d, cols, silu_mul, ue8m0, cfg, out=None, **validity):

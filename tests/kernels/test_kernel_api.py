@@ -23,7 +23,8 @@ API = {
     "per_token_group_quant": "(x, group=128, ue8m0=False, *, out=None)",
     "permute_rows": "(x_fp8, x_scale, src_token, *, out=None, used_rows=None, config=None)",
     "unpermute_combine": (
-        "(y, row_of_slot, topk_weights, out=None, *, partials=False, num_partials=None, branch_on_slots=False)"
+        "(y, row_of_slot, topk_weights, out=None, *, partials=False, num_partials=None, branch_on_slots=False, "
+        "skip_single=False)"
     ),
 }
 

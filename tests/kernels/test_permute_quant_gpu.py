@@ -43,9 +43,10 @@ def _layout(name: str, topk_ids: torch.Tensor):
     )
 
 
+@pytest.mark.parametrize("by_token", [False, True])
 @pytest.mark.parametrize("ue8m0", [False, True])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_permute_quant(name: str, ue8m0: bool) -> None:
+def test_permute_quant(name: str, ue8m0: bool, by_token: bool) -> None:
     from moe_backend.kernels.per_token_group_quant import per_token_group_quant
     from moe_backend.kernels.permute_quant import permute_quant
 
@@ -57,7 +58,7 @@ def test_permute_quant(name: str, ue8m0: bool) -> None:
         torch.full((*src.shape, HIDDEN), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn),
         torch.full((*src.shape, HIDDEN // 128), float("nan"), device="cuda"),
     )
-    q, s = permute_quant(x, src, 128, ue8m0, out=out)
+    q, s = permute_quant(x, src, 128, ue8m0, out=out, row_of_slot=layout.row_of_slot if by_token else None)
     assert q.shape == (*src.shape, HIDDEN) and s.shape == (*src.shape, HIDDEN // 128)
     real = src >= 0  # padding rows (src_token -1) are never written: still poisoned
     assert bool((q[~real].view(torch.uint8) == 0x7F).all()) and bool(s[~real].isnan().all())
@@ -69,14 +70,14 @@ def test_permute_quant(name: str, ue8m0: bool) -> None:
     )
     assert torch.equal(s, layouts.permute(us, layout)[real])
 
-    # The twin on the CPU (IEEE divisions, as the kernel's); values, not bytes: the kernel rounds
-    # tiny negatives to +0 where torch keeps -0.
+    # The twin on the CPU (IEEE divisions, as the kernel's), byte for byte: the GPU's e4m3 cast
+    # keeps the sign of values that round to zero, as torch's does.
     rq, rs = (t[real.cpu()] for t in layouts.permute_quant(x.cpu(), src.cpu(), 128, ue8m0))
     assert torch.equal(s.cpu(), rs), (
         f"scales differ from the twin: max rel {float(((s.cpu() - rs).abs() / rs).max()):.2e}"
     )
-    mismatch = int((q.float().cpu() != rq.float()).sum())
-    assert mismatch == 0, f"{mismatch} fp8 values differ from the twin"
+    mismatch = int((q.view(torch.uint8).cpu() != rq.view(torch.uint8)).sum())
+    assert mismatch == 0, f"{mismatch} fp8 bytes differ from the twin"
 
 
 def test_permute_quant_cuda_graph() -> None:
