@@ -11,8 +11,6 @@ as a CUDA-graph replay under plan variants that differ only in GEMM1's provider 
              src_token itself / over the gathered copy (whichever the policy did not pick)
   siluapart  the policy plan with the SiLU*up quant kernel between the GEMMs (where the policy's
              CUDA GEMM1 stores it from its epilogue)
-  byrow      the policy plan with the fused permute + quant walking layout rows (where the
-             policy's walks tokens, quantizing each once for all its rows)
   nodirect   the policy plan with GEMM2 storing every row into y for the combine (where the
              policy's CUDA GEMM2 stores single-slot tokens' rows into the output itself)
 Timed interleaved (rounds of A B C D E), checked against the policy plan's output (rel err).
@@ -69,8 +67,6 @@ def _variants(plan, device):
         out[name] = dataclasses.replace(plan, gather_a=gather, fused_permute_quant=fused, graph_plan=None)
     if plan.silu_in_gemm1:  # the policy plan with the SiLU*up quant kernel between the GEMMs
         out["siluapart"] = dataclasses.replace(plan, silu_in_gemm1=False, graph_plan=None)
-    if plan.permute_by_token:  # the policy plan with the permute + quant walking layout rows
-        out["byrow"] = dataclasses.replace(plan, permute_by_token=False, graph_plan=None)
     if plan.direct_rows:  # the policy plan with every row going through y and the combine
         out["nodirect"] = dataclasses.replace(plan, direct_rows=False, graph_plan=None)
     return out

@@ -193,23 +193,16 @@ def permute_quant(
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     used_rows: torch.Tensor | None = None,
-    row_of_slot: torch.Tensor | None = None,
 ):
     """Per-token-group quant fused with the permute into a layout's rows (`layout.src_token`):
     see `moe_backend.reference.permute_quant`, bit-identical to quant + `permute` on the
     rows holding a token; padding rows (src_token -1) are left unwritten by the kernel, and with
-    `used_rows` (e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited. Given the
-    same layout's `row_of_slot`, the kernel walks tokens instead, quantizing each once for all
-    its rows (a plan's `permute_by_token`); same result."""
+    `used_rows` (e.g. `layout.expert_offsets[-1:]`) the rows past it are not visited."""
     check_quant_args("x", x, group, ue8m0)
     check_tensor("src_token", src_token, dtypes=(torch.int64,), device=x.device)
     if _provider("auto", x.device) == "triton":
-        return _kernel("permute_quant")(
-            x, src_token, group, ue8m0, out=out, used_rows=used_rows, row_of_slot=row_of_slot
-        )
-    return torch_reference.permute_quant(
-        x, src_token, group, ue8m0, out=out, used_rows=used_rows, row_of_slot=row_of_slot
-    )
+        return _kernel("permute_quant")(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
+    return torch_reference.permute_quant(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
 
 
 def permute_rows(

@@ -212,18 +212,16 @@ def _layout_activations(
     src_token: torch.Tensor,
     ue8m0: bool,
     rows_in_use: torch.Tensor | None = None,
-    row_of_slot: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GEMM1's operand (a_fp8, a_scale, a_rows): the token rows and the layout's src_token when
     GEMM1 gathers them itself (`plan.gather_a`), else the rows copied into the layout (padding rows
-    not written; by token through the layout's row_of_slot with `plan.permute_by_token`) and None."""
+    not written) and None."""
     if x_scale is None and (plan.gather_a or not plan.fused_permute_quant):
         x, x_scale = ops.per_token_group_quant(x, GROUP, ue8m0)
     if plan.gather_a:
         return x, x_scale, src_token
     if x_scale is None:
-        by_token = row_of_slot if plan.permute_by_token else None
-        return (*ops.permute_quant(x, src_token, GROUP, ue8m0, used_rows=rows_in_use, row_of_slot=by_token), None)
+        return (*ops.permute_quant(x, src_token, GROUP, ue8m0, used_rows=rows_in_use), None)
     return (*ops.permute_rows(x, x_scale, src_token, used_rows=rows_in_use), None)
 
 
@@ -289,9 +287,7 @@ def _launch_plan(
     dev = x.device
     if plan.layout == "masked":
         layout = ops.build_masked_layout(topk_ids, num_experts, expert_start=expert_start, max_m=plan.num_rows)
-        a_fp8, a_scale, _ = _layout_activations(
-            plan, x, x_scale, layout.src_token, ue8m0, row_of_slot=layout.row_of_slot
-        )
+        a_fp8, a_scale, _ = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0)
         y = torch.empty(num_experts, plan.num_rows, hidden, dtype=torch.bfloat16, device=dev)
         _execute_masked(
             plan, a_fp8, a_scale, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, layout.masked_m, y, None, ue8m0
@@ -302,9 +298,7 @@ def _launch_plan(
         # Read before any launch (a host read then waits least). Buffers keep the static bound, so a
         # wrong used_rows gives wrong rows, never an access past them.
         walked = _rows_walked(plan, rows_in_use, used_rows) if plan.rows_on_host else None
-        a_fp8, a_scale, a_rows = _layout_activations(
-            plan, x, x_scale, layout.src_token, ue8m0, rows_in_use, layout.row_of_slot
-        )
+        a_fp8, a_scale, a_rows = _layout_activations(plan, x, x_scale, layout.src_token, ue8m0, rows_in_use)
         ids = layout.expert_ids
         # GEMMs split over K write f32 partial sums and, in `splits[i]`, how many slices they cut.
         split1, split2 = plan.gemm1.split_k > 1, plan.gemm2.split_k > 1

@@ -165,12 +165,6 @@ def segment_alignment(gemms: tuple[GemmPlan, ...]) -> int:
     return align
 
 
-def permute_by_token() -> bool:
-    """The fused permute + quant walks tokens (each read and quantized once for all its rows)
-    rather than layout rows (dispatch_thresholds.json `permute_by_token`)."""
-    return bool(thresholds()["permute_by_token"]["enabled"])
-
-
 def fused_permute_quant_pays(num_tokens: int, layout_rows: int) -> bool:
     """Fused permute+quant reads bf16 and writes fp8 for each layout row in use (3 bytes per
     element and row); unfused quantizes each token once (3 per token), then gathers the fp8 rows

@@ -33,7 +33,6 @@ from moe_backend.dispatch.gemm_choice import (
     fused_permute_quant_pays,
     gemm_plan,
     gemm_provider,
-    permute_by_token,
     segment_alignment,
     silu_in_gemm2_pays,
     thresholds,
@@ -73,9 +72,6 @@ class Plan:
     gemm2: GemmPlan  # [rows, I] x w2 [E, H, I]^T
     fused_permute_quant: bool  # bf16 tokens quantized straight into the layout's rows
     device: str
-    # The fused permute + quant walks tokens, each read and quantized once for all its rows
-    # (through the layout's row_of_slot), not the layout's rows.
-    permute_by_token: bool = False
     gather_a: bool = False  # GEMM1 reads token rows through src_token: no permuted copy of them
     # GEMM2 computes its A from GEMM1's output (SiLU*up and the quant per K block): no SiLU*up
     # quant kernel between the GEMMs (contiguous layout, decode-sized batches).
@@ -118,7 +114,6 @@ class Plan:
             f"{self.layout} rows={self.num_rows} align={self.alignment} expected_m={self.expected_m} "
             f"gemm1={gemm(self.gemm1)} gemm2={gemm(self.gemm2)} "
             f"fused_permute_quant={self.fused_permute_quant} gather_a={self.gather_a}"
-            + (" permute_by_token=True" if self.permute_by_token else "")
             + (" silu_in_gemm2=True" if self.silu_in_gemm2 else "")
             + (" silu_in_gemm1=True" if self.silu_in_gemm1 else "")
             + (" dependent_launch=True" if self.dependent_launch else "")
@@ -326,7 +321,6 @@ def _make_plan(
         gemm2=gemm2,
         fused_permute_quant=fused,
         device=str(device),
-        permute_by_token=fused and permute_by_token(),
         gather_a=gather_a,
         silu_in_gemm2=silu_in_gemm2,
         silu_in_gemm1=silu_in_gemm1,

@@ -9,12 +9,6 @@ followed by `moe_backend.reference.permute` on every row that copies a token. Pa
 device-side count, e.g. a contiguous layout's `expert_offsets[-1:]`: on the static row bound the
 rows past it are all padding), a fixed number of programs loop over the rows below it instead, so
 the all-padding tail costs nothing, not even a program per row.
-
-Given the layout's `row_of_slot` instead, the programs walk tokens: each reads its token's row once,
-quantizes it once and writes it to every local row of that token (tokens with none are only
-looked up). Under expert parallelism a token's slots land in 0 to 8 rows (about 1.4 on the
-busiest rank of a Zipf 0.6 routing), so this reads each needed token row once where the walk over
-rows reads it once per row; same bytes written, same rounding.
 """
 
 from __future__ import annotations
@@ -85,39 +79,6 @@ def _permute_quant_kernel(
         )
 
 
-@triton.jit
-def _permute_quant_tokens_kernel(
-    x_ptr,  # [T, H] bf16/fp16/fp32
-    rows_ptr,  # int32/int64 [T, TOPK]: row_of_slot, -1 = not local
-    q_ptr,  # fp8 [R, H]
-    s_ptr,  # f32 [R, H / GROUP]
-    H,
-    num_groups,
-    UE8M0: tl.constexpr,
-    GROUP: tl.constexpr,
-    GROUPS_PER_PROG: tl.constexpr,
-    TOPK: tl.constexpr,
-    TOPK_PAD: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    wait_for_producer(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, TOPK_PAD)
-    local = tl.load(rows_ptr + t * TOPK + j, mask=j < TOPK, other=-1) >= 0
-    if tl.sum(local.to(tl.int32), axis=0) > 0:
-        g = tl.program_id(1) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
-        g_ok = g < num_groups
-        offs = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [GPP, GROUP]
-        x = tl.load(x_ptr + t * H + offs, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        q, scale = quantize_groups(x, UE8M0)
-        q = q.to(q_ptr.dtype.element_ty)
-        for k in tl.static_range(TOPK):
-            row = tl.load(rows_ptr + t * TOPK + k).to(tl.int64)
-            if row >= 0:
-                tl.store(q_ptr + row * H + offs, q, mask=g_ok[:, None])
-                tl.store(s_ptr + row * num_groups + g, scale, mask=g_ok)
-
-
 def permute_quant(
     x: torch.Tensor,
     src_token: torch.Tensor,
@@ -126,7 +87,6 @@ def permute_quant(
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     used_rows: torch.Tensor | None = None,
-    row_of_slot: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[T, H]` bf16/fp16/fp32 (H % group == 0), src_token int64 of any shape S (values in
     `[0, T)` or -1 for padding, not checked: no host sync) -> (a_fp8 `[*S, H]`, a_scale f32
@@ -136,10 +96,6 @@ def permute_quant(
     padding rows are not written (their contents are unspecified, `torch.empty`'s or out's).
     used_rows: optional int32 `[1]` on the device; flat rows at and past `used_rows[0]` must be
     padding and are not even visited (module docstring).
-    row_of_slot: optional int32/int64 `[T, k]`, the same layout's (each row src_token names is
-    row_of_slot[t, j] for one slot of token t, and no other row is named): the programs walk
-    tokens, each quantizing its row once for all its rows (module docstring); used_rows is then
-    not needed. Same result.
     """
     check_kernel_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
     check_kernel_tensor("src_token", src_token, x.device, dtypes=(torch.int64,))
@@ -159,35 +115,9 @@ def permute_quant(
         check_kernel_tensor("out[1]", a_scale, x.device)
     if used_rows is not None:
         check_used_rows(used_rows, x.device)
-    if row_of_slot is not None:
-        check_kernel_tensor("row_of_slot", row_of_slot, x.device, dtypes=(torch.int32, torch.int64), ndim=2)
-        if row_of_slot.shape[0] != num_tokens:
-            raise ValueError(
-                f"row_of_slot: expected {num_tokens} rows (one per token of x), got {row_of_slot.shape[0]}"
-            )
     if num_tokens == 0 or num_rows == 0 or num_groups == 0:  # no tokens: every row is padding
         return a_fp8, a_scale
     group_blocks = triton.cdiv(num_groups, GROUPS_PER_PROGRAM)
-    if row_of_slot is not None:
-        topk = row_of_slot.shape[1]
-        if topk == 0:
-            return a_fp8, a_scale
-        _permute_quant_tokens_kernel[(num_tokens, group_blocks)](
-            x,
-            row_of_slot,
-            a_fp8,
-            a_scale,
-            hidden,
-            num_groups,
-            UE8M0=ue8m0,
-            GROUP=group,
-            GROUPS_PER_PROG=GROUPS_PER_PROGRAM,
-            TOPK=topk,
-            TOPK_PAD=triton.next_power_of_2(topk),
-            num_warps=4,
-            **launch_options(),
-        )
-        return a_fp8, a_scale
     row_programs = num_rows if used_rows is None else persistent_row_programs(x.device, num_rows, group_blocks)
     _permute_quant_kernel[(row_programs, group_blocks)](
         x,

@@ -46,8 +46,8 @@ def silu_mul_quant(h, group, ue8m0, **validity):
     return _oracle().silu_mul_quant(h, group, ue8m0, **validity)
 
 
-def permute_quant(x, src_token, group=QUANT_BLOCK, ue8m0=False, *, out=None, used_rows=None, row_of_slot=None):
-    return _oracle().permute_quant(x, src_token, group, ue8m0, out=out, used_rows=used_rows, row_of_slot=row_of_slot)
+def permute_quant(x, src_token, group=QUANT_BLOCK, ue8m0=False, *, out=None, used_rows=None):
+    return _oracle().permute_quant(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
 
 
 def unpermute_combine(y, row_of_slot, topk_weights, out=None):

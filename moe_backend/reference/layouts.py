@@ -151,14 +151,12 @@ def permute_quant(
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     used_rows: torch.Tensor | None = None,
-    row_of_slot: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token-group FP8 quant of x `[T, H]`, rows copied as `src_token` (int64, any shape S, -1 =
     padding) says: (a_fp8 `[*S, H]`, a_scale f32 `[*S, H/group]`), written into `out` when given.
     The torch twin of `moe_backend.kernels.permute_quant`: quantize, then `permute` each part
     (padding rows are zeros here; the kernel leaves them unwritten). `used_rows` (int32 `[1]`):
-    flat rows at and past it count as padding too. `row_of_slot` (the same layout's) only changes
-    how the kernel walks the rows, not the result: unused here."""
+    flat rows at and past it count as padding too."""
     check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
     check_tensor("src_token", src_token, dtypes=(torch.int64,), device=x.device)
     if used_rows is not None:

@@ -18,7 +18,7 @@ from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_gro
 from moe_backend.reference import layouts
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-SIGNATURE = "(x, src_token, group=128, ue8m0=False, *, out=None, used_rows=None, row_of_slot=None)"
+SIGNATURE = "(x, src_token, group=128, ue8m0=False, *, out=None, used_rows=None)"
 
 
 def _plain(fn) -> str:
@@ -172,16 +172,6 @@ def _bad_cases():
             dict(used_rows=torch.tensor([2, 3], dtype=torch.int32)),
             ValueError,
             "used_rows: expected shape",
-        ),
-        ("row_of_slot_float", x, src, dict(row_of_slot=torch.zeros(4, 2)), TypeError, "row_of_slot"),
-        ("row_of_slot_1d", x, src, dict(row_of_slot=torch.zeros(8, dtype=torch.int64)), ValueError, "row_of_slot"),
-        (
-            "row_of_slot_tokens",
-            x,
-            src,
-            dict(row_of_slot=torch.zeros(3, 2, dtype=torch.int64)),
-            ValueError,
-            "row_of_slot: expected 4 rows",
         ),
     ]
 
