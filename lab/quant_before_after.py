@@ -77,11 +77,19 @@ def _compare(new, old, valid, ref_q, ref_s) -> dict:
     )
 
 
+def _result(cell: str, rows: int, times: dict, check: dict) -> dict:
+    """A table row: the cell, its rows, the bytes that must move (each row's bf16 source read once,
+    its fp8 row and scales written once) and an SM copy of them, the timings and the checks."""
+    from lab._sweep_run import copy_floor_us
+
+    nbytes = rows * (3 * HIDDEN + 4 * HIDDEN // GROUP)
+    return dict(cell=cell, rows=rows, mb=nbytes / 1e6, floor=copy_floor_us(nbytes, 30), times=times, check=check)
+
+
 def permute_cell(tokens: int, routing: str, ue8m0: bool, old_permute, rounds: int) -> dict:
     import torch
 
     from benchmarks import bench_layer
-    from lab._sweep_run import copy_floor_us
     from moe_backend import ops
     from moe_backend.kernels.permute_quant import permute_quant
     from moe_backend.quant import quantize_fp8_per_token_group
@@ -102,21 +110,13 @@ def permute_cell(tokens: int, routing: str, ue8m0: bool, old_permute, rounds: in
     times = interleaved_us(fns, rounds=rounds)
     n_valid = int(valid.sum())
     ref_q, ref_s = quantize_fp8_per_token_group(x, ue8m0=ue8m0)
-    nbytes = n_valid * (3 * HIDDEN + 4 * HIDDEN // GROUP)
-    return dict(
-        cell=f"permute+quant ep8 {routing} T={tokens}{' ue8m0' if ue8m0 else ''}",
-        rows=n_valid,
-        mb=nbytes / 1e6,
-        floor=copy_floor_us(nbytes, 30),
-        times=times,
-        check=_compare(new_out, old_out, valid, ref_q[src[valid]], ref_s[src[valid]]),
-    )
+    check = _compare(new_out, old_out, valid, ref_q[src[valid]], ref_s[src[valid]])
+    return _result(f"permute+quant ep8 {routing} T={tokens}{' ue8m0' if ue8m0 else ''}", n_valid, times, check)
 
 
 def token_quant_cell(tokens: int, ue8m0: bool, old_launch, rounds: int) -> dict:
     import torch
 
-    from lab._sweep_run import copy_floor_us
     from moe_backend.kernels.per_token_group_quant import per_token_group_quant
     from moe_backend.quant import quantize_fp8_per_token_group
     from moe_backend.testing import capture_graph, interleaved_us
@@ -132,16 +132,13 @@ def token_quant_cell(tokens: int, ue8m0: bool, old_launch, rounds: int) -> dict:
         "old": capture_graph(old)[0],
     }
     times = interleaved_us(fns, rounds=rounds)
-    nbytes = tokens * (3 * HIDDEN + 4 * HIDDEN // GROUP)
     valid = torch.ones(tokens, dtype=torch.bool, device="cuda")
     ref_q, ref_s = quantize_fp8_per_token_group(x, ue8m0=ue8m0)
-    return dict(
-        cell=f"token quant T={tokens}{' ue8m0' if ue8m0 else ''}",
-        rows=tokens,
-        mb=nbytes / 1e6,
-        floor=copy_floor_us(nbytes, 30),
-        times=times,
-        check=_compare(new_out, old_out, valid, ref_q, ref_s),
+    return _result(
+        f"token quant T={tokens}{' ue8m0' if ue8m0 else ''}",
+        tokens,
+        times,
+        _compare(new_out, old_out, valid, ref_q, ref_s),
     )
 
 

@@ -26,6 +26,19 @@ def _plan(policy=None, **kw):
     return make_plan(policy or Policy(), **args)
 
 
+@pytest.fixture
+def cuda_gemm_plans(monkeypatch):
+    """Plans made as on a Hopper GPU whose GEMMs all go to our CUDA kernel (default configs), the
+    plan cache cleared before and after."""
+    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "cuda" if impl != "reference" else impl)
+    monkeypatch.setattr(
+        plan_mod, "gemm_plan", lambda provider, layout, m, rows, n, k, dev: plan_mod.GemmPlan(provider, n, k)
+    )
+    plan_mod.clear_plan_cache()
+    yield
+    plan_mod.clear_plan_cache()
+
+
 def test_plan_is_cached_and_static():
     a, b = _plan(), _plan()
     assert a is b  # one resolution per distinct shape
@@ -164,47 +177,31 @@ def test_gemm1_gathers_its_rows_where_its_triton_config_allows(monkeypatch):
         plan_mod.clear_plan_cache()
 
 
-def test_cuda_gemm1_gathers_token_rows_where_the_layout_holds_several_per_token(monkeypatch):
+def test_cuda_gemm1_gathers_token_rows_where_the_layout_holds_several_per_token(cuda_gemm_plans):
     """Our CUDA GEMM1 reads the token rows through src_token where the layout holds at least
     `cuda_gather_a.min_rows_per_token` rows per token (TP8: all k slots local), and keeps the
     gathered copy (fused permute+quant) at about one row per token (EP8)."""
-    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "cuda" if impl != "reference" else impl)
-    monkeypatch.setattr(
-        plan_mod, "gemm_plan", lambda provider, layout, m, rows, n, k, dev: plan_mod.GemmPlan(provider, n, k)
-    )
-    plan_mod.clear_plan_cache()
-    try:
-        need = thresholds()["cuda_gather_a"]["min_rows_per_token"]
-        assert 1 < need <= 8
-        tp8 = _plan(num_tokens=4096, num_experts=256, phase="prefill")  # 8 local rows per token
-        assert tp8.gemm1.provider == "cuda" and tp8.gather_a and not tp8.fused_permute_quant
-        ep8 = _plan(num_tokens=4096, num_experts=32, phase="prefill")  # about one local row per token
-        assert ep8.gemm1.provider == "cuda" and not ep8.gather_a
-        assert gemm_choice.cuda_gathers_rows(100, need * 100) and not gemm_choice.cuda_gathers_rows(100, need * 100 - 1)
-    finally:
-        plan_mod.clear_plan_cache()
+    need = thresholds()["cuda_gather_a"]["min_rows_per_token"]
+    assert 1 < need <= 8
+    tp8 = _plan(num_tokens=4096, num_experts=256, phase="prefill")  # 8 local rows per token
+    assert tp8.gemm1.provider == "cuda" and tp8.gather_a and not tp8.fused_permute_quant
+    ep8 = _plan(num_tokens=4096, num_experts=32, phase="prefill")  # about one local row per token
+    assert ep8.gemm1.provider == "cuda" and not ep8.gather_a
+    assert gemm_choice.cuda_gathers_rows(100, need * 100) and not gemm_choice.cuda_gathers_rows(100, need * 100 - 1)
 
 
-def test_cuda_gemm1_stores_silu_quant_where_its_tiles_hold_whole_groups(monkeypatch):
+def test_cuda_gemm1_stores_silu_quant_where_its_tiles_hold_whole_groups(cuda_gemm_plans, monkeypatch):
     """Our CUDA GEMM1 stores SiLU*up quant itself (no bf16 h, no kernel between the GEMMs) on the
     contiguous layout when I is a multiple of 128; the Triton GEMM1 and the
     masked layout keep the separate kernel; the JSON switch turns it off."""
-    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "cuda" if impl != "reference" else impl)
-    monkeypatch.setattr(
-        plan_mod, "gemm_plan", lambda provider, layout, m, rows, n, k, dev: plan_mod.GemmPlan(provider, n, k)
-    )
-    plan_mod.clear_plan_cache()
-    try:
-        for experts in (256, 32):
-            plan = _plan(num_tokens=4096, num_experts=experts, phase="prefill")
-            assert plan.gemm1.provider == "cuda" and plan.silu_in_gemm1 and "silu_in_gemm1=True" in plan.describe()
-        assert not gemm_choice.cuda_silu_in_gemm1(plan_mod.GemmPlan("cuda", 2 * 192, 7168))  # I = 192
-        assert not gemm_choice.cuda_silu_in_gemm1(plan_mod.GemmPlan("triton", 512, 7168))
-        off = {**thresholds(), "cuda_silu_in_gemm1": {"enabled": False}}
-        monkeypatch.setattr(gemm_choice, "thresholds", lambda: off)
-        assert not gemm_choice.cuda_silu_in_gemm1(plan_mod.GemmPlan("cuda", 512, 7168))
-    finally:
-        plan_mod.clear_plan_cache()
+    for local in (256, 32):
+        plan = _plan(num_tokens=4096, num_experts=local, phase="prefill")
+        assert plan.gemm1.provider == "cuda" and plan.silu_in_gemm1 and "silu_in_gemm1=True" in plan.describe()
+    assert not gemm_choice.cuda_silu_in_gemm1(plan_mod.GemmPlan("cuda", 2 * 192, 7168))  # I = 192
+    assert not gemm_choice.cuda_silu_in_gemm1(plan_mod.GemmPlan("triton", 512, 7168))
+    off = {**thresholds(), "cuda_silu_in_gemm1": {"enabled": False}}
+    monkeypatch.setattr(gemm_choice, "thresholds", lambda: off)
+    assert not gemm_choice.cuda_silu_in_gemm1(plan_mod.GemmPlan("cuda", 512, 7168))
 
 
 def test_token_bucket_rounds_up_to_few_sizes():
@@ -571,34 +568,26 @@ def test_the_branch_on_absent_slots_where_most_are_not_local(monkeypatch):
             assert seen == [want], (kernel, global_e)
 
 
-def test_cuda_gemm2_stores_single_slot_rows_where_the_rank_holds_few_experts(monkeypatch):
+def test_cuda_gemm2_stores_single_slot_rows_where_the_rank_holds_few_experts(cuda_gemm_plans, monkeypatch):
     """Our CUDA GEMM2 stores single-slot tokens' rows into the output (`Plan.direct_rows`) on the
     contiguous layout of an expert-parallel slice whose K spans enough blocks; not at TP (every
     slot local: no token has a single one), not on the Triton GEMM2, not with a short K, not when
     the global count is unknown, and not once the JSON switch is off."""
-    monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "cuda" if impl != "reference" else impl)
-    monkeypatch.setattr(
-        plan_mod, "gemm_plan", lambda provider, layout, m, rows, n, k, dev: plan_mod.GemmPlan(provider, n, k)
-    )
-    plan_mod.clear_plan_cache()
-    try:
-        share = thresholds()["cuda_direct_rows"]["max_local_share"]
-        assert 0 < share < 1
-        ep8 = _plan(num_tokens=16384, num_experts=32, intermediate=2048, phase="prefill")
-        assert ep8.gemm2.provider == "cuda" and ep8.direct_rows and "direct_rows=True" in ep8.describe()
-        assert not _plan(num_tokens=2048, num_experts=32, intermediate=2048, phase="prefill").direct_rows  # few tokens
-        assert not _plan(num_tokens=16384, num_experts=256, intermediate=2048, phase="prefill").direct_rows
-        assert not _plan(num_tokens=16384, num_experts=32, intermediate=256, phase="prefill").direct_rows  # K = 256
-        assert not _plan(num_tokens=16384, num_experts=32, num_global_experts=0, intermediate=2048).direct_rows
-        assert not gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("triton", 7168, 2048), 16384, 32, 256)
-        assert gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("cuda", 7168, 2048), 16384, 32, 256)
-        start = thresholds()["cuda_direct_rows"]["min_tokens"]
-        assert not gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("cuda", 7168, 2048), start - 1, 32, 256)
-        off = {**thresholds(), "cuda_direct_rows": {**thresholds()["cuda_direct_rows"], "enabled": False}}
-        monkeypatch.setattr(gemm_choice, "thresholds", lambda: off)
-        assert not gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("cuda", 7168, 2048), 16384, 32, 256)
-    finally:
-        plan_mod.clear_plan_cache()
+    share = thresholds()["cuda_direct_rows"]["max_local_share"]
+    assert 0 < share < 1
+    ep8 = _plan(num_tokens=16384, num_experts=32, intermediate=2048, phase="prefill")
+    assert ep8.gemm2.provider == "cuda" and ep8.direct_rows and "direct_rows=True" in ep8.describe()
+    assert not _plan(num_tokens=2048, num_experts=32, intermediate=2048, phase="prefill").direct_rows  # few tokens
+    assert not _plan(num_tokens=16384, num_experts=256, intermediate=2048, phase="prefill").direct_rows
+    assert not _plan(num_tokens=16384, num_experts=32, intermediate=256, phase="prefill").direct_rows  # K = 256
+    assert not _plan(num_tokens=16384, num_experts=32, num_global_experts=0, intermediate=2048).direct_rows
+    assert not gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("triton", 7168, 2048), 16384, 32, 256)
+    assert gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("cuda", 7168, 2048), 16384, 32, 256)
+    start = thresholds()["cuda_direct_rows"]["min_tokens"]
+    assert not gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("cuda", 7168, 2048), start - 1, 32, 256)
+    off = {**thresholds(), "cuda_direct_rows": {**thresholds()["cuda_direct_rows"], "enabled": False}}
+    monkeypatch.setattr(gemm_choice, "thresholds", lambda: off)
+    assert not gemm_choice.cuda_direct_rows(plan_mod.GemmPlan("cuda", 7168, 2048), 16384, 32, 256)
 
 
 def test_only_the_cuda_gemm_stores_direct_rows():

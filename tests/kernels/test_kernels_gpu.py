@@ -469,7 +469,7 @@ def test_dependent_launches_give_the_same_bits(kernel, tokens) -> None:
 
     from moe_backend.dispatch import Policy
     from moe_backend.dispatch.plan import make_plan
-    from moe_backend.plan_execution import run_plan
+    from tests.helpers.plan_replays import assert_same_bits_over_replays
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
@@ -491,22 +491,11 @@ def test_dependent_launches_give_the_same_bits(kernel, tokens) -> None:
         return (w / w.sum(-1, keepdim=True)).float(), ids
 
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
-    w, ids = routing(0)
-    args = (x, None, w13, w13_s, w2, w2_s, w, ids, 0, False)
-    out = run_plan(plan, *args)
-    assert torch.equal(out, run_plan(plain, *args))
-    ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, w, torch.where(ids < e, ids, -1))
-    assert _rel(out, ref) <= 1e-2
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = run_plan(plan, *args)
-    for seed in range(1, 21):
-        new_w, new_ids = routing(seed)
-        w.copy_(new_w)
-        ids.copy_(new_ids)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        assert torch.equal(replayed, run_plan(plain, *args)), seed
+
+    def close_to_reference(out, w, ids):
+        assert _rel(out, reference.routed_experts(x, w13, w13_s, w2, w2_s, w, torch.where(ids < e, ids, -1))) <= 1e-2
+
+    assert_same_bits_over_replays(plan, plain, (w13, w13_s, w2, w2_s), x, routing, 20, close_to_reference)
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])
