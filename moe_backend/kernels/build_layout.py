@@ -51,7 +51,10 @@ from moe_backend.kernels._layout_slot_ops import (  # noqa: F401
 __all__ = ["build_contiguous_layout", "build_masked_layout", "ONE_LAUNCH_MAX_SLOTS", "CHUNK_SLOTS"]
 
 ONE_LAUNCH_MAX_SLOTS = 2048  # up to here one launch does everything: decode
-CHUNK_SLOTS = 1024  # slots per program of the chunked plan
+# Slots per program of the chunked plan: 512 built the EP8 prefill layouts 8-25% faster than 1024
+# at 2048-16384 tokens, and within 4% of 256 at 2048 where 256 was 10-22% slower above
+# (docs/benchmarks.md, "The layout's chunks and scan").
+CHUNK_SLOTS = 512
 EXPERTS_PER_PROGRAM = 8  # one-launch plan: at most this many experts per program (256 experts: 32 programs)
 # One-launch plan: a program holds [chunk, experts per program] running counts; this many elements
 # per program keep them in registers (larger tiles spill), so big chunks take fewer experts each.
@@ -59,7 +62,16 @@ _ONE_LAUNCH_TILE = 4096
 _PAD_BLOCK = 16  # padding columns per step of the chunked plan's fill ([E_PAD, _PAD_BLOCK] tiles)
 _OWN_PAD_BLOCK = 64  # padding columns per step of the one-launch fill ([EXPERTS_PER_PROGRAM, 64] tiles)
 _TAIL_BLOCK = 1024  # rows per step of the tail fill
-_SCAN_BLOCK = 16  # chunks per step of the scan
+# Chunks per step of the scan (a power of two): its steps run one after another in one program,
+# so it takes as many chunks per step as this allows.
+_SCAN_BLOCK = 128
+
+
+def _scan_block(num_chunks: int) -> int:
+    """Chunks per step of the scan: all of them up to _SCAN_BLOCK (at least 16: the tile's rows)."""
+    return max(16, min(_SCAN_BLOCK, triton.next_power_of_2(num_chunks)))
+
+
 _INT32_MAX = 2**31 - 1
 # A chunk fills at least one warp: no thread holds a copy of another's slot, which tl.histogram
 # would otherwise have to divide out.
@@ -176,7 +188,7 @@ def _launch(
         max_m,
         MASKED=masked,
         E_PAD=e_pad,
-        SCAN_BLOCK=_SCAN_BLOCK,
+        SCAN_BLOCK=_scan_block(num_chunks),
         num_warps=4,
     )
     _place_chunks_kernel[(num_chunks,)](

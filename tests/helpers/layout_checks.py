@@ -44,6 +44,8 @@ LAYOUT_CASES = [
     LayoutCase(
         "repeated_ids_int64", 17, 3, 3, 1, "random", low=0, high=5, dtype=torch.int64, alignment=8, slots_per_program=32
     ),
+    # more chunks than one step of the scan takes (138 of 32 slots: a whole step of 128, then 10)
+    LayoutCase("scan_steps", 1100, 4, 6, 2, "random", low=-1, high=10, slots_per_program=32),
 ]
 
 
