@@ -330,10 +330,13 @@ def _launch_plan(
         y = _gemm_output(plan.gemm2, plan.num_rows, dev)
         direct = None
         if plan.direct_rows:  # single-slot tokens' rows go from GEMM2 straight into out
+            from moe_backend.kernels._launch_utils import check_kernel_tensor
             from moe_backend.kernels.direct_rows import direct_rows
 
             if out is None:
                 out = torch.empty(x.shape[0], hidden, dtype=torch.bfloat16, device=dev)
+            else:  # GEMM2 writes it by row pitch: the combine's check, before the GEMM's stores
+                check_kernel_tensor("out", out, dev, dtypes=(torch.bfloat16,), shape=(x.shape[0], hidden))
             pairs = direct_rows(layout.row_of_slot, topk_weights, plan.num_rows)
             direct = (_first_rows(walked, pairs)[0], out)
         a2, s2, ids2, y2 = _first_rows(walked, act_fp8, act_scale, ids, y)
