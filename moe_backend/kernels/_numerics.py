@@ -1,11 +1,11 @@
 """Rounding helpers shared by the kernels.
 
 The GPU's casts round to nearest even; Triton's CPU interpreter (3.9) does not (fp32 -> bf16
-truncates; fp32 -> e4m3 rounds ties away and loses mantissa carries). Rounding onto the target
-grid in fp32 first makes the final cast exact on both, so the CPU interpreter tests check the real
-numerics. For bf16 that is a handful of integer ops per stored element (epilogues only). The e4m3
-cast of the activation quant is left to the hardware on the GPU (`to_e4m3`): there the software
-rounding was a third of the quant kernels' instructions, and those kernels run at the issue rate.
+truncates; fp32 -> e4m3 rounds ties away and loses mantissa carries). Under the interpreter the
+helpers round onto the target grid in fp32 first, so the cast that follows is exact and the CPU
+tests check the real numerics; on the GPU they leave it to the hardware's cast, where the software
+rounding of e4m3 had been a third of the quant kernels' instructions (those kernels run at the
+issue rate).
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ def to_e4m3(x):
 def round_to_e4m3_grid(x):
     """Rounds fp32 `x` (|x| <= 448) to the nearest e4m3 value, ties to even, staying in fp32.
 
-    The cast that follows is then exact. The hardware cast rounds the same way, but Triton's CPU
-    interpreter (3.9) mis-rounds (ties away, lost mantissa carries), so the kernel rounds first
-    and the interpreter tests check the real numerics.
+    The cast that follows is then exact: `to_e4m3` calls it under the interpreter, which mis-rounds
+    the cast (ties away, lost mantissa carries); the hardware cast rounds as this does.
     """
     bits = x.to(tl.int32, bitcast=True)
     # Normal range (|x| >= 2^-6): keep 3 mantissa bits, round half to even on the dropped 20.

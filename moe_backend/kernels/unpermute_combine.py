@@ -56,8 +56,8 @@ def _combine_kernel(
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = offs < N
     if SKIP_SINGLE:  # a token with one local slot: its row is GEMM2's to store (all loads masked off)
-        j = tl.arange(0, TOPK_PAD)
-        local = tl.load(rows_ptr + t * TOPK + j, mask=j < TOPK, other=-1) >= 0
+        slots = tl.arange(0, TOPK_PAD)
+        local = tl.load(rows_ptr + t * TOPK + slots, mask=slots < TOPK, other=-1) >= 0
         ok = ok & ((offs * 0 + tl.sum(local.to(tl.int32), axis=0)) != 1)  # a vector mask, as below
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in tl.static_range(TOPK):
