@@ -43,7 +43,7 @@ struct GroupedGemmContiguous {
     float* b_scales;  // kStages x kScaleStageFloats
     uint64_t* full;   // kStages mbarriers: the stage is loaded
     uint64_t* empty;  // kStages mbarriers: the stage is released by every consumer warp
-    int32_t* direct;  // kDirectRows: 2 slots of kDirectSlotWords (a tile's destinations, then weights)
+    int32_t* direct;  // kDirectRows: 2 slots of kDirectSlotWords (a tile's (token, weight bits) pairs)
   };
 
   // Gathered A: where the token rows come from (a_rows[layout row], -1 for padding; the rows of A).
@@ -130,9 +130,10 @@ struct GroupedGemmContiguous {
   }
 
   // kDirectRows: the staged slot of the last tile whose K blocks `retired` completed (the tile
-  // the deferred store writes), and where its direct rows go.
+  // the deferred store writes), and where its direct rows go; other kernels: none.
   __device__ __forceinline__ static typename Epi::DirectRows direct_rows(const Smem& s, const RingPos& retired,
                                                                          const DirectArgs& direct) {
+    if constexpr (!kDirectRows) return {nullptr, nullptr};
     const int tile = static_cast<int>(retired.count / T::kKBlocks) - 1;
     return {s.direct + (tile & 1) * T::kDirectSlotWords, direct.out};
   }
@@ -240,22 +241,14 @@ struct GroupedGemmContiguous {
         const typename Epi::TileRows rows = Epi::load_rows(role, m_unit, rank, row_in_tile, expert_ids, m);
         RingPos issue = pos;
         float scales[2][T::kTileScaleBlocks][2];  // combined row scales of the K blocks in flight
-        if constexpr (kDirectRows) {
-          start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale, direct_rows(s, pos, direct));
-        } else {
-          start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale);
-        }
+        start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale, direct_rows(s, pos, direct));
         // Called through a closure, as in the binary the benchmark tables measured: a direct call
         // numbers the registers differently (lab/check_ptx.py compares the PTX).
         [&] { Loop::k_loop(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales); }();
         prev = typename Epi::PendingStore{rows.row0, rows.n_base, role.live && rows.id0 == role.expert,
                                           role.live && rows.id1 == role.expert, true};
       }
-      if constexpr (kDirectRows) {
-        if (prev.valid) Epi::store_pending(result, out, prev, act_scale, direct_rows(s, pos, direct));
-      } else {
-        if (prev.valid) Epi::store_pending(result, out, prev, act_scale);
-      }
+      if (prev.valid) Epi::store_pending(result, out, prev, act_scale, direct_rows(s, pos, direct));
     }
     leave_cluster();
   }

@@ -10,14 +10,14 @@ issue rate).
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-# Triton decides interpreter or compiler when a kernel is decorated, from this variable: read it
-# the same way, once, so a kernel module and its rounding agree.
-ROUND_IN_SOFTWARE = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+from moe_backend.kernels._launch_utils import interpreting
+
+# Triton decides interpreter or compiler when a kernel is decorated, from TRITON_INTERPRET: read
+# once at import, so a kernel module and its rounding agree.
+ROUND_IN_SOFTWARE = tl.constexpr(interpreting())
 
 
 @triton.jit
