@@ -51,10 +51,14 @@ from moe_backend.kernels._layout_slot_ops import (  # noqa: F401
 __all__ = ["build_contiguous_layout", "build_masked_layout", "ONE_LAUNCH_MAX_SLOTS", "CHUNK_SLOTS"]
 
 ONE_LAUNCH_MAX_SLOTS = 2048  # up to here one launch does everything: decode
-# Slots per program of the chunked plan: 512 built the EP8 prefill layouts 8-25% faster than 1024
-# at 2048-16384 tokens, and within 4% of 256 at 2048 where 256 was 10-22% slower above
-# (docs/benchmarks.md, "The layout's chunks and scan").
+# Slots per program of the chunked plan: 512, or 1024 where 512 would give the one-program scan
+# more than _SCAN_ELEMENTS [chunk, expert] counts to walk (256 experts from 8192 tokens). 512 built
+# the EP8 prefill layouts 10-30% faster than 1024 at 2048-16384 tokens; at 256 experts, 1024 was
+# 10-24% faster from 8192 tokens and 512 16% faster at 2048 (docs/benchmarks.md, "The layout's
+# chunks and scan").
 CHUNK_SLOTS = 512
+WIDE_CHUNK_SLOTS = 1024
+_SCAN_ELEMENTS = 16384
 EXPERTS_PER_PROGRAM = 8  # one-launch plan: at most this many experts per program (256 experts: 32 programs)
 # One-launch plan: a program holds [chunk, experts per program] running counts; this many elements
 # per program keep them in registers (larger tiles spill), so big chunks take fewer experts each.
@@ -63,13 +67,16 @@ _PAD_BLOCK = 16  # padding columns per step of the chunked plan's fill ([E_PAD, 
 _OWN_PAD_BLOCK = 64  # padding columns per step of the one-launch fill ([EXPERTS_PER_PROGRAM, 64] tiles)
 _TAIL_BLOCK = 1024  # rows per step of the tail fill
 # Chunks per step of the scan (a power of two): its steps run one after another in one program,
-# so it takes as many chunks per step as this allows.
+# so it takes as many chunks per step as this allows, while its [chunks, E_PAD] tile stays within
+# _SCAN_TILE elements (4 warps hold that many in registers; 128 x 256 experts spills).
 _SCAN_BLOCK = 128
+_SCAN_TILE = 4096
 
 
-def _scan_block(num_chunks: int) -> int:
-    """Chunks per step of the scan: all of them up to _SCAN_BLOCK (at least 16: the tile's rows)."""
-    return max(16, min(_SCAN_BLOCK, triton.next_power_of_2(num_chunks)))
+def _scan_block(num_chunks: int, e_pad: int) -> int:
+    """Chunks per step of the scan: all of them up to _SCAN_BLOCK and the tile's budget (at least
+    16: the tile's rows)."""
+    return max(16, min(_SCAN_BLOCK, _SCAN_TILE // e_pad, triton.next_power_of_2(num_chunks)))
 
 
 _INT32_MAX = 2**31 - 1
@@ -90,6 +97,11 @@ def _one_launch_shape(chunk: int) -> tuple[int, int]:
     return experts, max(4, min(chunk // 32, 8))
 
 
+def _e_pad(num_experts: int) -> int:
+    """Expert lanes of the kernels' tiles: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(num_experts))
+
+
 def _check_args(topk_ids, num_local_experts, expert_start) -> None:
     check_kernel_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
     if not isinstance(num_local_experts, int) or num_local_experts <= 0:
@@ -100,13 +112,16 @@ def _check_args(topk_ids, num_local_experts, expert_start) -> None:
 
 def _plan(num_slots: int, num_experts: int, slots_per_program: int | None) -> tuple[bool, int]:
     """(one launch?, slots per program): one launch up to ONE_LAUNCH_MAX_SLOTS, else chunks of
-    CHUNK_SLOTS; `slots_per_program` (a power of two >= 32) overrides both."""
+    CHUNK_SLOTS (WIDE_CHUNK_SLOTS where the scan would have too many counts); `slots_per_program`
+    (a power of two >= 32) overrides all of them."""
     if slots_per_program is not None:
         if slots_per_program < _MIN_CHUNK or slots_per_program & (slots_per_program - 1):
             raise ValueError(f"slots_per_program: expected a power of two >= {_MIN_CHUNK}, got {slots_per_program}")
         limit, chunk = slots_per_program, slots_per_program
     else:
         limit, chunk = ONE_LAUNCH_MAX_SLOTS, CHUNK_SLOTS
+        if triton.cdiv(num_slots, chunk) * _e_pad(num_experts) > _SCAN_ELEMENTS:
+            chunk = WIDE_CHUNK_SLOTS
     one_launch = num_slots <= limit
     if one_launch:
         chunk = max(_ONE_LAUNCH_MIN_CHUNK, triton.next_power_of_2(num_slots))
@@ -134,7 +149,7 @@ def _launch(
     num_slots = topk_ids.numel()
     topk = topk_ids.shape[1]
     one_launch, chunk = _plan(num_slots, num_experts, slots_per_program)
-    e_pad = max(16, triton.next_power_of_2(num_experts))  # tiles of at least 16 lanes
+    e_pad = _e_pad(num_experts)
     device = topk_ids.device
     # Unused pointers of the masked plan still need a tensor.
     expert_ids = expert_ids if expert_ids is not None else counts
@@ -188,7 +203,7 @@ def _launch(
         max_m,
         MASKED=masked,
         E_PAD=e_pad,
-        SCAN_BLOCK=_scan_block(num_chunks),
+        SCAN_BLOCK=_scan_block(num_chunks, e_pad),
         num_warps=4,
     )
     _place_chunks_kernel[(num_chunks,)](

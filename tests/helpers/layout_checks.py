@@ -46,6 +46,10 @@ LAYOUT_CASES = [
     ),
     # more chunks than one step of the scan takes (138 of 32 slots: a whole step of 128, then 10)
     LayoutCase("scan_steps", 1100, 4, 6, 2, "random", low=-1, high=10, slots_per_program=32),
+    # 256 experts: the scan's tile budget takes 16 chunks per step (20 of 32 slots: 16, then 4)
+    LayoutCase(
+        "scan_steps_256_experts", 80, 8, 256, 0, "distinct", global_experts=256, alignment=4, slots_per_program=32
+    ),
 ]
 
 

@@ -161,13 +161,28 @@ def test_kernel_refuses_cpu_tensors(monkeypatch) -> None:
 
 @needs_triton
 def test_plan_formula() -> None:
-    """Decode-sized batches take one launch (slots padded to fill its 4 warps); prefill chunks; the
-    override picks either."""
-    from moe_backend.kernels.build_layout import CHUNK_SLOTS, ONE_LAUNCH_MAX_SLOTS, _one_launch_shape, _plan
+    """Decode-sized batches take one launch (slots padded to fill its 4 warps); prefill chunks,
+    wider ones where 256 experts would give the scan too many counts; the override picks either."""
+    from moe_backend.kernels.build_layout import (
+        CHUNK_SLOTS,
+        ONE_LAUNCH_MAX_SLOTS,
+        WIDE_CHUNK_SLOTS,
+        _one_launch_shape,
+        _plan,
+        _scan_block,
+    )
 
     assert _plan(1, 32, None) == (True, 128)
     assert _plan(256 * 8, 256, None) == (True, 2048)
     assert _plan(ONE_LAUNCH_MAX_SLOTS + 1, 256, None) == (False, CHUNK_SLOTS)
+    for tokens in (2048, 8192, 16384):  # EP8 prefill: 32 experts
+        assert _plan(tokens * 8, 32, None) == (False, CHUNK_SLOTS)
+    assert _plan(2048 * 8, 256, None) == (False, CHUNK_SLOTS)  # TP8 prefill: 256 experts
+    assert _plan(8192 * 8, 256, None) == _plan(16384 * 8, 256, None) == (False, WIDE_CHUNK_SLOTS)
+    assert _plan(8192 * 8, 256, 256) == (False, 256)  # the override wins
+    # The scan's step: every chunk up to 128, its [chunks, experts] tile within 4096 counts.
+    assert _scan_block(3, 32) == 16 and _scan_block(100, 32) == 128 and _scan_block(300, 32) == 128
+    assert _scan_block(128, 256) == 16 and _scan_block(128, 64) == 64
     assert _plan(40, 8, 32) == (False, 32) and _plan(32, 8, 32) == (True, 128)
     assert _plan(40, 8, 64) == (True, 128)
     # One launch: fewer experts per program as the chunk grows (the running counts stay in registers).
