@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -45,6 +45,17 @@ class _StaticIO:
     weights: torch.Tensor  # [capacity, k] f32
     out: torch.Tensor  # [capacity, H] bf16
     dirty_rows: int = 0  # rows of `ids` that may hold ids other than -1
+    # tokens -> leading views (x, x_scale, ids, weights, out): slicing five tensors per call costs
+    # more host time than a dict look-up.
+    views: dict[int, tuple] = field(default_factory=dict)
+
+    def leading(self, tokens: int) -> tuple:
+        views = self.views.get(tokens)
+        if views is None:
+            x_scale = None if self.x_scale is None else self.x_scale[:tokens]
+            views = (self.x[:tokens], x_scale, self.ids[:tokens], self.weights[:tokens], self.out[:tokens])
+            self.views[tokens] = views
+        return views
 
 
 _static: dict[tuple, _StaticIO] = {}
@@ -53,6 +64,15 @@ _static: dict[tuple, _StaticIO] = {}
 _graphs: OrderedDict[tuple, tuple[Plan, torch.cuda.CUDAGraph | None]] = OrderedDict()
 _pools: dict[tuple[int, int], tuple] = {}  # (device, serving stream) -> pool
 _eager_once: dict[int, Plan] = {}  # plans (by id, kept alive here) that have run eagerly once
+# The caller's current stream as its cudaStream_t, from torch's raw getter where the build has it:
+# torch.cuda.current_stream builds a Stream object on each call.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _stream_id(device: torch.device) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def clear() -> None:
@@ -73,9 +93,9 @@ def cache_sizes() -> dict[str, int]:
 
 
 def _static_io(
-    capacity: int, x: torch.Tensor, x_scale: torch.Tensor | None, ids: torch.Tensor, stream: torch.cuda.Stream
+    capacity: int, x: torch.Tensor, x_scale: torch.Tensor | None, ids: torch.Tensor, stream_id: int
 ) -> _StaticIO:
-    key = (x.device.index, stream.cuda_stream, capacity, x.shape[1], x.dtype, x_scale is None, ids.shape[1], ids.dtype)
+    key = (x.device.index, stream_id, capacity, x.shape[1], x.dtype, x_scale is None, ids.shape[1], ids.dtype)
     io = _static.get(key)
     if io is None:
         dev, hidden, topk = x.device, x.shape[1], ids.shape[1]
@@ -134,11 +154,11 @@ def run_graphed(
         return None
     bucket_plan = plan.graph_plan
     tokens, bucket = x.shape[0], bucket_plan.num_tokens
-    stream = torch.cuda.current_stream(x.device)
-    io = _static_io(capacity, x, x_scale, topk_ids, stream)
+    stream_id = _stream_id(x.device)
+    io = _static_io(capacity, x, x_scale, topk_ids, stream_id)
     key = (
         id(bucket_plan),
-        stream.cuda_stream,
+        stream_id,
         w13_fp8.data_ptr(),
         w13_scale_inv.data_ptr(),
         w2_fp8.data_ptr(),
@@ -155,17 +175,19 @@ def run_graphed(
     if graph is None:
         return None
     # Inputs into the static buffers; ids past this call's tokens back to -1.
-    io.x[:tokens].copy_(x)
+    x_in, x_scale_in, ids_in, weights_in, out_rows = io.leading(tokens)
+    x_in.copy_(x)
     if x_scale is not None:
-        io.x_scale[:tokens].copy_(x_scale)
+        x_scale_in.copy_(x_scale)
     if io.dirty_rows > tokens:
         io.ids[tokens : io.dirty_rows].fill_(-1)
-    io.ids[:tokens].copy_(topk_ids)
-    io.weights[:tokens].copy_(topk_weights)
+    ids_in.copy_(topk_ids)
+    weights_in.copy_(topk_weights)
     io.dirty_rows = tokens
     if graph is False:
         if used_rows is not None:
             execute = functools.partial(execute, used_rows=used_rows)
+        stream = torch.cuda.current_stream(x.device)
         graph = _capture(
             bucket_plan, execute, io, bucket, w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv, expert_start, ue8m0, stream
         )
@@ -178,8 +200,8 @@ def run_graphed(
         _graphs.move_to_end(key)
     graph.replay()
     if out is not None:
-        return out.copy_(io.out[:tokens])
-    return io.out[:tokens].clone()
+        return out.copy_(out_rows)
+    return out_rows.clone()
 
 
 def bucket_args(plan: Plan, io: _StaticIO, bucket: int, *weights, expert_start: int, ue8m0: bool) -> tuple:

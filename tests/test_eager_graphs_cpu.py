@@ -43,6 +43,7 @@ def emulated(monkeypatch):
 
     monkeypatch.setattr(eager_graphs, "_capture", capture)
     monkeypatch.setattr(eager_graphs.torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(eager_graphs, "_stream_id", lambda device: _Stream.cuda_stream)
     eager_graphs.clear()
     yield captured
     eager_graphs.clear()
