@@ -12,22 +12,6 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
-
-
-def _per_call_us(fn, calls: int, repeats: int = 5) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        runs.append(1e6 * (time.perf_counter() - start) / calls)
-    return sorted(runs)[len(runs) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 "output clone": lambda: io_.out[:tokens].clone(),
             }
             for name, fn in pieces.items():
-                print(f"| {slice_name} | {tokens} | {name} | {_per_call_us(fn, args.calls):.1f} |", flush=True)
+                print(f"| {slice_name} | {tokens} | {name} | {bench_layer.wall_us(fn, args.calls):.1f} |", flush=True)
             del policy, plan
             prof = cProfile.Profile()
             prof.enable()
