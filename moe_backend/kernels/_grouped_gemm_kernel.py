@@ -98,6 +98,32 @@ def _contiguous_unit(
         )
 
 
+# The walk evens out its last round (`_walk`) for units of at least this many K blocks, where the
+# resident grid's last round would hold fewer programs than this.
+BALANCED_WALK_MIN_K_BLOCKS = tl.constexpr(8)
+BALANCED_WALK_MAX_TAIL = tl.constexpr(64)
+
+
+@triton.jit
+def _walk(units, pid, num_programs, unit_k_blocks):
+    """(end, stride) of program `pid`'s persistent walk over `units` units (read on the device):
+    u = pid, pid + stride, ... below end; programs at or past the stride idle.
+
+    The stride is the grid, unless its last round would leave a few long units (fewer than
+    BALANCED_WALK_MAX_TAIL programs, units of at least BALANCED_WALK_MIN_K_BLOCKS K blocks): each
+    of those streams its weight tile alone at one SM's latency-bound rate, well below the memory
+    bandwidth, while the rest of the GPU idles. Then the stride is the fewest programs that take
+    no more units each than the grid would, so every share ends together. Where the last round
+    has more programs, together they stream near the bandwidth, and a balanced walk, with fewer
+    programs and fewer loads in flight in every round, is slower; short units (GEMM2 at TP8,
+    K = 256) end a sparse last round quickly."""
+    rounds = tl.maximum(tl.cdiv(units, num_programs), 1)
+    last_round = units - (rounds - 1) * num_programs
+    balanced = (unit_k_blocks >= BALANCED_WALK_MIN_K_BLOCKS) & (last_round < BALANCED_WALK_MAX_TAIL)
+    stride = tl.where(balanced, tl.maximum(tl.cdiv(units, rounds), 1), num_programs)
+    return tl.where(pid < stride, units, 0), stride
+
+
 # Row counts stay runtime values (one compiled kernel per config serves every batch size).
 @triton.jit(do_not_specialize=["M", "num_m_tiles", "num_n_tiles", "num_experts", "split_min_units", "act_slab"])
 def _fp8_grouped_gemm_kernel(
@@ -162,7 +188,8 @@ def _fp8_grouped_gemm_kernel(
             key = unit_end.to(tl.int64) * E_PAD + experts + 1
         else:
             key = unit_end * E_PAD + experts + 1
-        for u in range(pid, total, num_programs):
+        end, stride = _walk(total, pid, num_programs, K // BLOCK_K)
+        for u in range(pid, end, stride):
             found = tl.max(tl.where(unit_end <= u, key, 0), 0)
             expert = (found % E_PAD).to(tl.int32)
             local = u - (found // E_PAD).to(tl.int32)
@@ -222,7 +249,8 @@ def _fp8_grouped_gemm_kernel(
                 k_splits = tl.where(short & (k_splits < SPLIT_K), k_splits * 2, k_splits)
             if pid == 0:
                 tl.store(splits_ptr, k_splits)
-        for u in range(pid, tiles * k_splits, num_programs):
+        end, stride = _walk(tiles * k_splits, pid, num_programs, K // BLOCK_K // k_splits)
+        for u in range(pid, end, stride):
             _contiguous_unit(
                 a_ptr,
                 a_rows_ptr,

@@ -11,9 +11,12 @@ import sys
 import traceback
 
 import torch
+import triton
+import triton.language as tl
 
 from moe_backend import reference
 from moe_backend.kernels import _group_quant_core, _grouped_gemm_core, build_layout
+from moe_backend.kernels._grouped_gemm_kernel import BALANCED_WALK_MAX_TAIL, BALANCED_WALK_MIN_K_BLOCKS, _walk
 from moe_backend.kernels.direct_rows import direct_rows
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
@@ -998,6 +1001,40 @@ def case_gemm_computes_silu_a():
         assert "a_count" in str(e), e
     else:
         raise AssertionError("partial sums without their count: no ValueError")
+
+
+@triton.jit
+def _walk_visits(units_ptr, seen_ptr, taken_ptr, unit_k_blocks):
+    """Counts, per unit and per program, the visits of `_walk` over *units_ptr units."""
+    pid = tl.program_id(0)
+    end, stride = _walk(tl.load(units_ptr), pid, tl.num_programs(0), unit_k_blocks)
+    for u in range(pid, end, stride):
+        tl.atomic_add(seen_ptr + u, 1)
+        tl.atomic_add(taken_ptr + pid, 1)
+
+
+def case_persistent_walk():
+    """The GEMM's persistent walk (`_walk`): every unit taken exactly once and no program taking
+    more units than the whole grid would (cdiv(units, programs)); where the grid's last round
+    would hold a few units of many K blocks, they are spread over the fewest programs that keep
+    that (no sparse last round), else over the whole grid; nothing taken when no unit holds rows."""
+    min_k_blocks, max_tail = BALANCED_WALK_MIN_K_BLOCKS.value, BALANCED_WALK_MAX_TAIL.value
+    for k_blocks in (min_k_blocks, min_k_blocks - 1):
+        for programs in (1, 3, 5, 8, max_tail + 36):
+            units_cases = {0, 1, programs - 1, programs, programs + 1, 2 * programs + 1, 3 * programs - 1, 23}
+            units_cases |= {programs + max_tail - 1, programs + max_tail, 2 * programs + max_tail + 7}
+            for units in units_cases:
+                seen = torch.zeros(max(units, 1), dtype=torch.int32)
+                taken = torch.zeros(programs, dtype=torch.int32)
+                _walk_visits[(programs,)](torch.tensor([units], dtype=torch.int32), seen, taken, k_blocks)
+                what = f"{units} units of {k_blocks} K blocks over {programs} programs"
+                assert bool((seen[:units] == 1).all()) and int(seen[units:].sum()) == 0, f"{what}: seen {seen.tolist()}"
+                rounds = -(-units // programs)
+                assert int(taken.max()) == rounds, f"{what}: shares {taken.tolist()}, expected at most {rounds}"
+                last_round = units - max(rounds - 1, 0) * programs
+                balanced = units and k_blocks >= min_k_blocks and last_round < max_tail
+                busy = -(-units // rounds) if balanced else min(units, programs)
+                assert int((taken > 0).sum()) == busy, f"{what}: {int((taken > 0).sum())} busy, expected {busy}"
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

@@ -63,6 +63,7 @@ CASES = [
     "permute_rows",
     "permute_rows_used_rows",
     "permute_rows_edges",
+    "persistent_walk",
 ]
 
 
