@@ -4,13 +4,14 @@ interleaved rounds) with the package's kernel module and with variants of it loa
 under other module names, each swapped into `_grouped_gemm_core` while its plan is captured.
 
 Variants (the walk's stride; everything else is the package's kernel):
-- `package`: the kernel as shipped (the balanced stride where the resident grid's last round
-  would hold fewer than 64 units of at least 8 K blocks);
+- `package`: the kernel as shipped (the balanced stride where the resident grid would take at
+  most 3 rounds, the last holding fewer than 64 units of at least 8 K blocks);
 - `old`: `--old FILE`, an earlier `_grouped_gemm_kernel.py` (e.g. `git show REV:...`);
 - `always`: the balanced stride for every walk;
 - `resident`: the stride fixed at the resident grid (the old schedule in the new code: tells a
   schedule effect from a code-generation one);
 - `longonly`: the balanced stride for units of at least 8 K blocks, whatever the last round;
+- `tail64`: as `package` whatever the rounds;
 - `rounds2`: the balanced stride only where the walk takes exactly two rounds;
 - `fill25`, `fill50`: the balanced stride only where the resident grid's last round would hold
   under a quarter (a half) of its programs.
@@ -40,6 +41,8 @@ SOURCE_VARIANTS = {
     "always": f"    stride = {BALANCED}\n",
     "resident": "    stride = num_programs + 0 * rounds\n",
     "longonly": f"    stride = tl.where(unit_k_blocks >= BALANCED_WALK_MIN_K_BLOCKS, {BALANCED}, num_programs)\n",
+    "tail64": "    stride = tl.where((unit_k_blocks >= BALANCED_WALK_MIN_K_BLOCKS)"
+    f" & (last_round < BALANCED_WALK_MAX_TAIL), {BALANCED}, num_programs)\n",
     "rounds2": f"    stride = tl.where(rounds == 2, {BALANCED}, num_programs)\n",
     # balanced only where the resident grid's last round would be under a quarter / half full
     "fill25": f"    stride = tl.where(last_round * 4 < num_programs, {BALANCED}, num_programs)\n",

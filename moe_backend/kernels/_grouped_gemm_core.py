@@ -12,8 +12,8 @@ and exit: the cost followed max_m, not the rows present. Here the grid is a fixe
 programs (the SM count times the programs one SM holds for this config, from the compiled
 kernel's registers and shared memory; fewer when the layout's bound has fewer work units), and
 each program walks work units u = pid, pid + S, pid + 2S, ... below the number of units U that
-hold rows; S = P, unless P would leave its last round to a few units of many K blocks: then
-S = cdiv(U, cdiv(U, P)), as many rounds as P programs would take, every share equal (`_walk`).
+hold rows; S = P, unless P would leave the last of at most three rounds to a few units of many
+K blocks: then S = cdiv(U, cdiv(U, P)), the same rounds, every share equal (`_walk`).
 Masked: every program loads `masked_m` (one [E] vector, no host round trip) and takes an
 inclusive prefix sum of the per-expert unit counts cdiv(masked_m[e], BLOCK_M) * n_tiles in
 registers; unit u belongs to the first expert whose prefix end exceeds u, found by one max-

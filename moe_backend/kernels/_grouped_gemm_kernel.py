@@ -99,8 +99,9 @@ def _contiguous_unit(
 
 
 # The walk evens out its last round (`_walk`) for units of at least this many K blocks, where the
-# resident grid's last round would hold fewer programs than this.
+# resident grid would take at most this many rounds and leave fewer programs than this to the last.
 BALANCED_WALK_MIN_K_BLOCKS = tl.constexpr(8)
+BALANCED_WALK_MAX_ROUNDS = tl.constexpr(3)
 BALANCED_WALK_MAX_TAIL = tl.constexpr(64)
 
 
@@ -109,17 +110,22 @@ def _walk(units, pid, num_programs, unit_k_blocks):
     """(end, stride) of program `pid`'s persistent walk over `units` units (read on the device):
     u = pid, pid + stride, ... below end; programs at or past the stride idle.
 
-    The stride is the grid, unless its last round would leave a few long units (fewer than
-    BALANCED_WALK_MAX_TAIL programs, units of at least BALANCED_WALK_MIN_K_BLOCKS K blocks): each
-    of those streams its weight tile alone at one SM's latency-bound rate, well below the memory
+    The stride is the grid, unless it would leave a few long units to a last round that is a
+    large part of the walk (fewer than BALANCED_WALK_MAX_TAIL programs, units of at least
+    BALANCED_WALK_MIN_K_BLOCKS K blocks, at most BALANCED_WALK_MAX_ROUNDS rounds): each of those
+    streams its weight tile alone at one SM's latency-bound rate, well below the memory
     bandwidth, while the rest of the GPU idles. Then the stride is the fewest programs that take
-    no more units each than the grid would, so every share ends together. Where the last round
-    has more programs, together they stream near the bandwidth, and a balanced walk, with fewer
-    programs and fewer loads in flight in every round, is slower; short units (GEMM2 at TP8,
-    K = 256) end a sparse last round quickly."""
+    no more units each than the grid would, so every share ends together. Elsewhere a balanced
+    walk, with fewer programs and fewer loads in flight in every round, is slower: where the last
+    round has more programs (together they stream near the bandwidth), where it is one of many
+    rounds, and where units are short (GEMM2 at TP8, K = 256)."""
     rounds = tl.maximum(tl.cdiv(units, num_programs), 1)
     last_round = units - (rounds - 1) * num_programs
-    balanced = (unit_k_blocks >= BALANCED_WALK_MIN_K_BLOCKS) & (last_round < BALANCED_WALK_MAX_TAIL)
+    balanced = (
+        (unit_k_blocks >= BALANCED_WALK_MIN_K_BLOCKS)
+        & (rounds <= BALANCED_WALK_MAX_ROUNDS)
+        & (last_round < BALANCED_WALK_MAX_TAIL)
+    )
     stride = tl.where(balanced, tl.maximum(tl.cdiv(units, rounds), 1), num_programs)
     return tl.where(pid < stride, units, 0), stride
 

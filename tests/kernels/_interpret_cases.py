@@ -16,7 +16,12 @@ import triton.language as tl
 
 from moe_backend import reference
 from moe_backend.kernels import _group_quant_core, _grouped_gemm_core, build_layout
-from moe_backend.kernels._grouped_gemm_kernel import BALANCED_WALK_MAX_TAIL, BALANCED_WALK_MIN_K_BLOCKS, _walk
+from moe_backend.kernels._grouped_gemm_kernel import (
+    BALANCED_WALK_MAX_ROUNDS,
+    BALANCED_WALK_MAX_TAIL,
+    BALANCED_WALK_MIN_K_BLOCKS,
+    _walk,
+)
 from moe_backend.kernels.direct_rows import direct_rows
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
@@ -1015,14 +1020,17 @@ def _walk_visits(units_ptr, seen_ptr, taken_ptr, unit_k_blocks):
 
 def case_persistent_walk():
     """The GEMM's persistent walk (`_walk`): every unit taken exactly once and no program taking
-    more units than the whole grid would (cdiv(units, programs)); where the grid's last round
-    would hold a few units of many K blocks, they are spread over the fewest programs that keep
-    that (no sparse last round), else over the whole grid; nothing taken when no unit holds rows."""
+    more units than the whole grid would (cdiv(units, programs)); where the grid's last of a few
+    rounds would hold a few units of many K blocks, they are spread over the fewest programs that
+    keep that (no sparse last round), else over the whole grid; nothing taken when no unit holds
+    rows."""
     min_k_blocks, max_tail = BALANCED_WALK_MIN_K_BLOCKS.value, BALANCED_WALK_MAX_TAIL.value
+    max_rounds = BALANCED_WALK_MAX_ROUNDS.value
     for k_blocks in (min_k_blocks, min_k_blocks - 1):
         for programs in (1, 3, 5, 8, max_tail + 36):
             units_cases = {0, 1, programs - 1, programs, programs + 1, 2 * programs + 1, 3 * programs - 1, 23}
             units_cases |= {programs + max_tail - 1, programs + max_tail, 2 * programs + max_tail + 7}
+            units_cases |= {(max_rounds - 1) * programs + 1, max_rounds * programs + 1}
             for units in units_cases:
                 seen = torch.zeros(max(units, 1), dtype=torch.int32)
                 taken = torch.zeros(programs, dtype=torch.int32)
@@ -1032,7 +1040,7 @@ def case_persistent_walk():
                 rounds = -(-units // programs)
                 assert int(taken.max()) == rounds, f"{what}: shares {taken.tolist()}, expected at most {rounds}"
                 last_round = units - max(rounds - 1, 0) * programs
-                balanced = units and k_blocks >= min_k_blocks and last_round < max_tail
+                balanced = units and k_blocks >= min_k_blocks and rounds <= max_rounds and last_round < max_tail
                 busy = -(-units // rounds) if balanced else min(units, programs)
                 assert int((taken > 0).sum()) == busy, f"{what}: {int((taken > 0).sum())} busy, expected {busy}"
 
