@@ -76,8 +76,12 @@ def kernels(old: Path | None) -> dict:
 
 
 def _grid_key(key) -> str:
+    """A resident-grid cache key, shortened: the constexprs that tell the plan's GEMMs apart."""
     meta = dict(key[1])
-    return f"bm{meta['BLOCK_M']} nl{meta['N_LOOP']} st{meta['num_stages']} split{meta['SPLIT_K']}"
+    return (
+        f"bm{meta['BLOCK_M']} bn{meta['BLOCK_N']} nl{meta['N_LOOP']} st{meta['num_stages']} "
+        f"ku{meta['K_UNROLL']} swap{int(meta['SWAP_AB'])} tma{int(meta['USE_TMA'])} split{meta['SPLIT_K']}"
+    )
 
 
 def gemm_durations(replay, calls: int = 20) -> tuple[float, float]:
@@ -163,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         replay()
                         torch.cuda.synchronize()
                         outs[name], fns[name] = out.clone(), replay
-                        grids[name] = sorted(
-                            {_grid_key(key): r for key, r in _grouped_gemm_core._resident.items()}.items()
-                        )
+                        grids[name] = sorted((_grid_key(key), r) for key, r in _grouped_gemm_core._resident.items())
                     finally:
                         _grouped_gemm_core._fp8_grouped_gemm_kernel = shipped
                 times = interleaved_us(fns, rounds=args.rounds, warmup_ms=5, rep_ms=25)
