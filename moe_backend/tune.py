@@ -47,7 +47,10 @@ def candidates(m: int, *, masked: bool, k: int = DEEPSEEK_V3_HIDDEN) -> list[dic
             )
     if masked and m <= 128:
         top = min(max(_pow2ceil(m), 16), 128)
-        for bm in sorted({top, max(16, top // 2)}):
+        # Twice the mean rows too where that is at most 32: under imbalanced routing a hot expert
+        # holds several times the mean, and each of its M tiles streams the expert's weights again.
+        wide = {2 * top} if top <= 16 else set()
+        for bm in sorted({top, max(16, top // 2)} | wide):
             for bn, (unroll, stages) in itertools.product((64, 128, 256), depth):
                 if _smem_bytes(bm, bn, unroll, stages) > 200 * 1024 or (unroll == 4 and m < 64):
                     continue

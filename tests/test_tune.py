@@ -54,3 +54,16 @@ def test_routings_reach_the_tuner(monkeypatch):
     assert tune.main(["--routing", "uniform,zipf:0.6", "--slices", "ep8"]) == 0
     assert seen["routings"] == ("uniform", "zipf:0.6")
     assert tune.main([]) == 0 and seen["routings"] == ("uniform",)
+
+
+def test_masked_candidates_at_few_rows_include_tiles_for_a_hot_expert():
+    """At a mean of at most 16 rows per expert the grid also holds 32-row tiles (a hot expert's
+    several M tiles each stream its weights); from 32 rows on it stays at the mean and half of it."""
+
+    def block_ms(m):
+        return {c["BLOCK_M"] for c in tune.candidates(m, masked=True, k=7168)}
+
+    assert block_ms(16) == {16, 32}
+    assert block_ms(4) == {16, 32}
+    assert block_ms(64) == {32, 64}
+    assert block_ms(128) == {64, 128}

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# The MMA unit widths the kernel issues (KernelTraits::kPartN): 64- and 128-wide tiles whole,
-# 256-wide tiles as two 128-wide units.
-UNIT_N_CHOICES = (64, 128)
+# The MMA unit widths the kernel issues (KernelTraits::kPartN): 64-, 128- and 192-wide tiles
+# whole, 256-wide tiles as two 128-wide units.
+UNIT_N_CHOICES = (64, 128, 192)
 
 HEADER = Path(__file__).with_name("wgmma_fp8.cuh")
 

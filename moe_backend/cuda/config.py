@@ -21,8 +21,8 @@ BLOCK_M = 128  # rows per tile: 2 consumer warpgroups x 64; also the segment ali
 BLOCK_K = 128  # = the scale block
 NUM_THREADS = 384  # 2 consumer warpgroups + 1 producer warpgroup
 CONTIGUOUS_ALIGNMENT = BLOCK_M
-# N tiles: 64 and 128 run as one MMA unit, 256 as two 128-wide units (KernelTraits::kPartN).
-BLOCK_N_CHOICES = (64, 128, 256)
+# N tiles: 64, 128 and 192 run as one MMA unit, 256 as two 128-wide units (KernelTraits::kPartN).
+BLOCK_N_CHOICES = (64, 128, 192, 256)
 SMEM_LIMIT = 232448  # bytes of shared memory one block may opt into on sm_90
 # Per stage besides the tiles: the staged b_scale values (4 fp32 slots) and the stage's two
 # mbarriers; once per kernel the ring of a_scale chunk slots (kAScaleArea).
@@ -43,7 +43,7 @@ def stage_bytes(block_n: int) -> int:
 
 
 def max_stages(block_n: int) -> int:
-    """As many stages as fit the shared memory, capped at MAX_STAGES (6; 4 for 256-wide tiles)."""
+    """As many stages as fit the shared memory, capped at MAX_STAGES (6; 5 for 192-wide tiles, 4 for 256-wide)."""
     free = SMEM_LIMIT - 1024 - A_SCALE_AREA
     return min(MAX_STAGES, free // (stage_bytes(block_n) + STAGE_EXTRA_BYTES))
 

@@ -117,8 +117,7 @@ struct GroupedGemmContiguous {
   }
 
   // A tile's first MMA unit, then the previous tile's deferred store, and a cleared sum.
-  __device__ __forceinline__ static void start_tile(float (&acc)[T::kPartRegs],
-                                                    float (&scales)[2][T::kTileScaleBlocks][2],
+  __device__ __forceinline__ static void start_tile(float (&acc)[T::kPartRegs], float (&scales)[2][T::kScaleBands][2],
                                                     float (&result)[T::kAccRegs], const typename Loop::SmemView& sv,
                                                     RingPos& issue, int row_in_tile,
                                                     const typename Epi::PendingStore& prev, uint16_t* __restrict__ out,
@@ -240,7 +239,7 @@ struct GroupedGemmContiguous {
         // The epilogue's row guards, loaded now: their latency hides behind the K loop.
         const typename Epi::TileRows rows = Epi::load_rows(role, m_unit, rank, row_in_tile, expert_ids, m);
         RingPos issue = pos;
-        float scales[2][T::kTileScaleBlocks][2];  // combined row scales of the K blocks in flight
+        float scales[2][T::kScaleBands][2];  // combined row scales of the K blocks in flight
         start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale, direct_rows(s, pos, direct));
         // Called through a closure, as in the binary the benchmark tables measured: a direct call
         // numbers the registers differently (lab/check_ptx.py compares the PTX).

@@ -13,8 +13,11 @@ from moe_backend.env import ENV
 __all__ = ["select_config", "select_masked_config"]
 
 # Tiles the formula picks from: 64 fills the SMs when few rows give few tiles; 256 halves the A
-# traffic per FLOP where K is long enough to spread its per-K-block work (WIDE_TILE_MIN_K).
-HEURISTIC_BLOCK_N = (64, 128, 256)
+# traffic per FLOP where K is long enough to spread its per-K-block work (WIDE_TILE_MIN_K); 192
+# where K has at most FEW_K_BLOCKS blocks (TP8 w2): the output is most of the traffic there, and
+# fewer, wider tiles pay less per-tile cost (docs/benchmarks.md, "192-wide tiles"). At long K the
+# 192-wide tile measured 0-5% slower than the 256-wide one, so it is not a choice there.
+HEURISTIC_BLOCK_N = (64, 128, 192, 256)
 WIDE_TILE_MIN_K = 1024
 # Per-tile fixed cost in column-equivalents (A tile traffic, promotion, epilogue, pipeline fill)
 # used to rank N tiles; with it the formula picks the tiles of docs/benchmarks.md, "Our CUDA C++
@@ -55,10 +58,11 @@ def select_config(
             waves = math.ceil(m_tiles * math.ceil(n / bn) / num_sms)
             return waves * (bn + TILE_OVERHEAD_COLS), -bn
 
-        tiles = [bn for bn in HEURISTIC_BLOCK_N if bn <= 128 or (k is not None and k >= WIDE_TILE_MIN_K)]
+        few_k_blocks = k is not None and k // BLOCK_K <= FEW_K_BLOCKS
+        wide = {192: few_k_blocks, 256: k is not None and k >= WIDE_TILE_MIN_K}
+        tiles = [bn for bn in HEURISTIC_BLOCK_N if bn <= 128 or wide[bn]]
         bn = min(tiles, key=cost)
         cluster = 2 if m_tiles >= 2 * CLUSTER_MIN_PAIRS else 1
-        few_k_blocks = k is not None and k // BLOCK_K <= FEW_K_BLOCKS
         group_m = cluster if math.ceil(n / bn) <= FEW_N_TILES or few_k_blocks else GROUP_M
         cfg = ContiguousConfig(block_n=bn, group_m=group_m, cluster=cluster)
     if verbose and (m, n, num_sms, cfg) not in _printed:

@@ -46,7 +46,7 @@ struct KernelTraits {
   static constexpr int kDirectRows = kDirectRows_;
 
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
-  static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 256, "BLOCK_N: 64, 128 or 256");
+  static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 192 || kBlockN == 256, "BLOCK_N: 64, 128, 192 or 256");
   static_assert(kStages >= 2, "need at least two pipeline stages");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
@@ -77,19 +77,23 @@ struct KernelTraits {
   static constexpr uint32_t kBLoadBytes = kBRowsPerLoad * kBlockK;
   static constexpr uint32_t kStageBytes = kABytes + kBBytes;
   static constexpr int kAccRegs = kBlockN / 2;  // fp32 per thread for a 64 x BLOCK_N tile
-  // Tiles start on a scale block (BLOCK_N divides 128 or is a multiple of it), so each 8-column
-  // chunk's scale block is a compile-time index.
-  static constexpr int kTileScaleBlocks = (kBlockN + kScaleBlock - 1) / kScaleBlock;
+  // The tile's columns in bands that each lie in one scale block, so each 8-column chunk's band is
+  // a compile-time index: whole scale blocks where tiles start on one (BLOCK_N divides 128 or is
+  // a multiple of it); 64-column bands for 192-wide tiles, which start on a scale block or 64
+  // columns into one (the producer stages each band's b_scale, so the consumers never ask which).
+  static constexpr int kScaleBandCols = kBlockN % kScaleBlock == 0 || kScaleBlock % kBlockN == 0 ? kScaleBlock : 64;
+  static constexpr int kScaleBands = (kBlockN + kScaleBandCols - 1) / kScaleBandCols;
 
   // The MMA unit: one part of a K block, 4 wgmmas into its own accumulator, then promoted into
   // the tile's fp32 sum. Promoted sum + unit accumulators must fit 192 of the 232 registers: 64
   // and 128 run whole with two units in flight (the next issued before the last is promoted);
-  // 256 runs as two 128-wide parts with one in flight (the other warpgroup fills the gap).
-  static constexpr int kPartN = kBlockN > 128 ? 128 : kBlockN;
+  // 192 runs whole and 256 as two 128-wide parts, each with one in flight (the other warpgroup
+  // fills the gap).
+  static constexpr int kPartN = kBlockN == 256 ? 128 : kBlockN;
   static constexpr int kParts = kBlockN / kPartN;
   static constexpr int kPartRegs = kPartN / 2;
   static constexpr int kPartChunks = kPartN / 8;
-  static constexpr int kUnitsInFlight = kParts == 1 ? 2 : 1;
+  static constexpr int kUnitsInFlight = kParts == 1 && kBlockN <= 128 ? 2 : 1;
   static constexpr int kOddRegs = kUnitsInFlight == 2 ? kPartRegs : 1;  // the second unit accumulator
   static_assert(kBlockN / 2 + kUnitsInFlight * kPartN / 2 <= 192,
                 "promoted sum + unit accumulators exceed 192 registers");
@@ -100,10 +104,11 @@ struct KernelTraits {
   // stores 16 contiguous bytes (full 32-byte sectors); needs N % 8 == 0 (16-byte row pitch).
   static constexpr int kVecChunks = (kN % 8 == 0) ? (kBlockN / 8) / 4 * 4 : 0;
 
-  // Each stage's b_scale values (kTileScaleBlocks of the N tile), staged by a producer warp next
+  // Each stage's b_scale values (one per scale band of the N tile), staged by a producer warp next
   // to the tiles, padded to 16 bytes.
   static constexpr uint32_t kScaleStageFloats = 4;
   static constexpr uint32_t kScaleStageBytes = kScaleStageFloats * sizeof(float);
+  static_assert(kScaleBands <= kScaleStageFloats, "a stage stages at most 4 b_scale values");
   // a_scale is staged in chunks of kScaleChunk K blocks: each of the tile's 128 rows copies
   // kScaleChunk consecutive floats (one 32-byte sector for 8) once per chunk; one K block at a
   // time would read 8x the L2 sectors. Chunks divide the tile's K blocks, so never cross a tile.

@@ -115,7 +115,7 @@ struct Mainloop {
 
   // The scale warp: at the first K block of a chunk, the chunk's a_scale of the tile's rows
   // (lane + 32 i; rows past M are zero-filled and read from a valid address, their products are
-  // never stored); every K block, lanes < kTileScaleBlocks copy one b_scale each. A warp of its
+  // never stored); every K block, lanes < kScaleBands copy one b_scale each. A warp of its
   // own keeps the TMA issue from queueing behind the cp.asyncs while the epilogue's stores fill
   // the memory pipe.
   __device__ __forceinline__ static void load_scales(float* smem_a_scales, float* smem_scales, uint64_t* full_bar,
@@ -160,9 +160,10 @@ struct Mainloop {
         }
       }
     }
-    if (lane < T::kTileScaleBlocks) {
+    if (lane < T::kScaleBands) {
       const int block = T::kSiluQuant ? lane * T::kActGroups + role.n_tile
-                                      : min(role.n_tile * T::kBlockN / kScaleBlock + lane, T::kNScaleBlocks - 1);
+                                      : min((role.n_tile * T::kBlockN + lane * T::kScaleBandCols) / kScaleBlock,
+                                            T::kNScaleBlocks - 1);
       sm90::cp_async_4(smem_scales + stage * T::kScaleStageFloats + lane,
                        b_scale + (static_cast<int64_t>(role.expert) * T::kNScaleBlocks + block) * T::kKBlocks + kb, 4u);
     }
@@ -210,7 +211,7 @@ struct Mainloop {
   // first part, reads the block's combined scales for this thread's two rows (their latency hides
   // behind the MMAs). The issue position moves on after the last part.
   template <int kP>
-  __device__ __forceinline__ static void issue_part(float (&acc)[T::kPartRegs], float (&scale)[T::kTileScaleBlocks][2],
+  __device__ __forceinline__ static void issue_part(float (&acc)[T::kPartRegs], float (&scale)[T::kScaleBands][2],
                                                     const SmemView& sv, RingPos& pos, int row_in_tile) {
     if constexpr (kP == 0) {
       sm90::mbar_wait(&sv.full_bar[pos.stage], pos.phase);
@@ -235,7 +236,7 @@ struct Mainloop {
       read_a_scales(sv.a_scales, pos, row_in_tile, sa0, sa1);
       const float* sb = sv.b_scales + pos.stage * T::kScaleStageFloats;
 #pragma unroll
-      for (int j = 0; j < T::kTileScaleBlocks; ++j) {
+      for (int j = 0; j < T::kScaleBands; ++j) {
         scale[j][0] = sa0 * sb[j];
         scale[j][1] = sa1 * sb[j];
       }
@@ -247,7 +248,7 @@ struct Mainloop {
   // the stage is released and the retire position moves on.
   template <int kP>
   __device__ __forceinline__ static void retire_part(float (&acc)[T::kPartRegs],
-                                                     const float (&scale)[T::kTileScaleBlocks][2],
+                                                     const float (&scale)[T::kScaleBands][2],
                                                      float (&result)[T::kAccRegs], const SmemView& sv, RingPos& pos,
                                                      int lane) {
 #pragma unroll
@@ -256,7 +257,7 @@ struct Mainloop {
     constexpr int kFirst = kP * T::kPartChunks;
 #pragma unroll
     for (int c = 0; c < T::kPartChunks; ++c) {
-      const int block = (8 * (kFirst + c)) / kScaleBlock;  // a constant once unrolled
+      const int block = (8 * (kFirst + c)) / T::kScaleBandCols;  // the chunk's band: a constant once unrolled
       const float s0 = scale[block][0];
       const float s1 = scale[block][1];
       result[4 * (kFirst + c) + 0] = fmaf(s0, acc[4 * c + 0], result[4 * (kFirst + c) + 0]);
@@ -279,7 +280,7 @@ struct Mainloop {
   __device__ __forceinline__ static void mma_chain(float (&acc)[T::kPartRegs], float (&acc_odd)[T::kOddRegs],
                                                    float (&result)[T::kAccRegs], const SmemView& sv, RingPos& issue,
                                                    RingPos& retire, int row_in_tile, int lane,
-                                                   float (&scales)[2][T::kTileScaleBlocks][2]) {
+                                                   float (&scales)[2][T::kScaleBands][2]) {
     constexpr int kParts = T::kParts;
     constexpr int kBlock = kI / kParts;  // K block within the chain: its scales are scales[kBlock % 2]
     if constexpr (T::kUnitsInFlight == 1) {
@@ -310,7 +311,7 @@ struct Mainloop {
   __device__ __forceinline__ static void k_loop(float (&acc)[T::kPartRegs], float (&acc_odd)[T::kOddRegs],
                                                 float (&result)[T::kAccRegs], const SmemView& sv, RingPos& issue,
                                                 RingPos& retire, int row_in_tile, int lane,
-                                                float (&scales)[2][T::kTileScaleBlocks][2]) {
+                                                float (&scales)[2][T::kScaleBands][2]) {
     constexpr int kChain = T::kChainKBlocks < T::kKBlocks ? T::kChainKBlocks : T::kKBlocks;
     mma_chain<kChain * T::kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
 #pragma unroll 1

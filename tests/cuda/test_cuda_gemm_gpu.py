@@ -50,9 +50,13 @@ def _layout(counts, trailing_pad: int = ALIGN, pad_last: bool = True) -> torch.T
     return torch.tensor(ids, dtype=torch.int32, device="cuda")
 
 
-def _operands(counts, n, k, **layout):
+def _operands(counts, n, k, spread_blocks: bool = False, **layout):
     expert_ids = _layout(counts, **layout)
-    b, b_scale = quantize_fp8_blockwise(torch.randn(len(counts), n, k, device="cuda") * 0.05)
+    weights = torch.randn(len(counts), n, k, device="cuda") * 0.05
+    if spread_blocks:
+        block = torch.arange(n, device="cuda") // 128
+        weights *= (2.0 ** ((block * 5 + torch.arange(len(counts), device="cuda")[:, None]) % 7 - 3))[..., None]
+    b, b_scale = quantize_fp8_blockwise(weights)
     a, a_scale = quantize_fp8_per_token_group(torch.randn(expert_ids.numel(), k, device="cuda"))
     return a, a_scale, b, b_scale, expert_ids
 
@@ -69,6 +73,9 @@ class Case:
     cluster: int = 1  # with block_n: CTA pairs (2) or single CTAs (1)
     multicast: str = "b"  # with cluster 2: the operand the pair shares
     group_m: int = 8  # with block_n: M units walked together (1: M-unit-major)
+    # B's 128-row N blocks at magnitudes 1/8 to 8 (their scales as far apart): a column promoted
+    # with a neighbouring block's scale is then off by 2x or more, far beyond the tolerance
+    spread_blocks: bool = False
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -98,10 +105,22 @@ CASES = [
     # even K-block counts, ragged N
     *[
         Case(f"block_n_{bn}_cluster{cl}_n{n}_k{k}", n, k, (257, 0, 128, 31), block_n=bn, cluster=cl)
-        for bn in (64, 128, 256)
+        for bn in (64, 128, 192, 256)
         for cl in (1, 2)
         for n, k in ((7168, 2048), (1000, 384))
     ],
+    # 192-wide tiles: odd N tiles start 64 columns into a scale block, so a tile's columns take
+    # the scales of two blocks, split at column 128 or 64; N not a multiple of 192 (a partial last
+    # tile); B's block scales far apart
+    *[
+        Case(f"block_n_192_{name}_n{n}", n, k, counts, block_n=192, cluster=cl, spread_blocks=True)
+        for name, n, k, counts, cl in (
+            ("ep8_w13_pairs", 4096, 7168, _skewed(32, 32 * 96, 9), 2),
+            ("ep8_w2_single", 7168, 2048, (257, 0, 128, 31), 1),
+            ("odd_n", 1001, 384, (5, 129, 0, 1), 1),
+        )
+    ],
+    Case("block_n_192_share_a", 7168, 2048, (257, 0, 128, 31), block_n=192, cluster=2, multicast="a", group_m=1),
     Case("block_n_256_k7168_ep8_ragged_single", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=256),
     *[
         Case(
@@ -114,7 +133,7 @@ CASES = [
             pad_last=False,
             trailing_pad=0,
         )
-        for bn in (128, 256)
+        for bn in (128, 192, 256)
     ],
     # the pair's own M tiles only (group_m = the cluster, the TP8 choice) and M-unit-major single CTAs
     Case("group_m_2_pairs_k256", 7168, 256, _skewed(64, 64 * 40, 6), block_n=128, cluster=2, group_m=2),
@@ -153,7 +172,12 @@ CASES = [
 def test_matches_reference(case: Case) -> None:
     ggc = _ggc()
     a, a_scale, b, b_scale, expert_ids = _operands(
-        case.counts, case.n, case.k, trailing_pad=case.trailing_pad, pad_last=case.pad_last
+        case.counts,
+        case.n,
+        case.k,
+        spread_blocks=case.spread_blocks,
+        trailing_pad=case.trailing_pad,
+        pad_last=case.pad_last,
     )
     out = torch.full((expert_ids.numel(), case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
     cfg = None
@@ -377,6 +401,7 @@ DIRECT_CASES = [
     ("single", dict(block_n=256), 300, 32, True),
     ("pairs", dict(block_n=256, cluster=2), 517, 32, False),
     ("bn128", dict(block_n=128), 64, 32, True),
+    ("bn192_pairs", dict(block_n=192, cluster=2), 517, 32, False),
     ("one_token", dict(block_n=256), 1, 32, True),
 ]
 

@@ -18,11 +18,11 @@ def test_every_tile_fits_shared_memory_and_defaults_to_a_full_ring():
         assert cfg.num_stages == stages >= 4 and cfg.smem_bytes <= cfgmod.SMEM_LIMIT
         with pytest.raises(ValueError, match="config.num_stages"):
             ContiguousConfig(bn, stages + 1)
-    assert (max_stages(64), max_stages(128), max_stages(256)) == (6, 6, 4)
+    assert (max_stages(64), max_stages(128), max_stages(192), max_stages(256)) == (6, 6, 5, 4)
 
 
 @pytest.mark.parametrize(
-    "field,value", [("block_n", 192), ("num_stages", 1), ("group_m", 0), ("cluster", 4), ("multicast", "c")]
+    "field,value", [("block_n", 96), ("num_stages", 1), ("group_m", 0), ("cluster", 4), ("multicast", "c")]
 )
 def test_config_fields_are_checked(field, value):
     args = {"block_n": 128, field: value}
@@ -40,9 +40,12 @@ def test_heuristic_on_the_deepseek_cells():
     for m, n, k in [(32 * 512, 4096, 7168), (32 * 4096, 7168, 2048), (256 * 512, 512, 7168)]:
         cfg = select_config(m, n, 132, k=k)
         assert (cfg.block_n, cfg.cluster, cfg.multicast, cfg.num_stages) == (256, 2, "b", 4), cfg
-    for k in (256, None):  # short (or unknown) K: 128
-        cfg = select_config(256 * 512, 7168, 132, k=k)
-        assert (cfg.block_n, cfg.cluster) == (128, 2), cfg
+    cfg = select_config(256 * 512, 7168, 132, k=None)  # unknown K: 128
+    assert (cfg.block_n, cfg.cluster) == (128, 2), cfg
+    for m in (256 * 64, 256 * 512):  # two K blocks (TP8 w2): 192-wide tiles in pairs from 64 rows per expert
+        cfg = select_config(m, 7168, 132, k=256)
+        assert (cfg.block_n, cfg.cluster, cfg.num_stages) == (192, 2, 5), cfg
+    assert select_config(256 * 512, 7168, 132, k=2048).block_n == 256  # long K: never 192
     # M tiles swept together: the default on the EP8 cells; only the pair's own where N has two
     # tiles (TP8 w13, N = 512) or K two blocks (TP8 w2, K = 256)
     assert select_config(32 * 512, 4096, 132, k=7168).group_m == GROUP_M == 8

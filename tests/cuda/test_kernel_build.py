@@ -48,9 +48,13 @@ COMPILE_CASES = [
     # every N tile alone and in B-sharing pairs; odd N (scalar epilogue, partial scale block)
     *[
         CompileCase(f"bn{bn}-cluster{cl}", 7168, 2048, ContiguousConfig(bn, cluster=cl))
-        for bn in (64, 128, 256)
+        for bn in (64, 128, 192, 256)
         for cl in (1, 2)
     ],
+    # 192-wide tiles where N is not a multiple of 192 (odd tiles start 64 columns into a scale block)
+    CompileCase("ep8-w13-bn192-pairs", 4096, 7168, ContiguousConfig(192, cluster=2)),
+    CompileCase("odd-n-bn192", 1001, 384, ContiguousConfig(192)),
+    CompileCase("share-a-bn192", 7168, 2048, ContiguousConfig(192, cluster=2, multicast="a")),
     CompileCase("odd-n-bn128", 1001, 384, ContiguousConfig(128)),
     CompileCase("odd-n-bn256-pairs", 1001, 1152, ContiguousConfig(256, cluster=2)),
     CompileCase("share-a-bn128", 7168, 2048, ContiguousConfig(128, cluster=2, multicast="a")),
@@ -72,6 +76,7 @@ COMPILE_CASES = [
     # GEMM2 of the EP8 slice storing single-slot tokens' rows into the layer's output: alone and in pairs
     CompileCase("ep8-w2-direct", 7168, 2048, ContiguousConfig(256), direct_rows=True),
     CompileCase("ep8-w2-direct-pairs", 7168, 2048, ContiguousConfig(256, cluster=2), direct_rows=True),
+    CompileCase("ep8-w2-direct-bn192-pairs", 7168, 2048, ContiguousConfig(192, cluster=2), direct_rows=True),
 ]
 
 
@@ -107,8 +112,8 @@ def test_kernel_compiles_for_sm90a(case, cache):
     sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     bn = spec.constants["BLOCK_N"]
     k_blocks = spec.constants["K"] // 128
-    unit_n = min(bn, 128)  # KernelTraits::kPartN: 256-wide tiles run as two 128-wide units
-    chain = min(4 if bn <= 128 else 2, k_blocks)  # KernelTraits::kChainKBlocks
+    unit_n = 128 if bn == 256 else bn  # KernelTraits::kPartN: 256-wide tiles run as two 128-wide units
+    chain = min(2 if bn == 256 else 4, k_blocks)  # KernelTraits::kChainKBlocks
     # Straight-line chains: the tile's first (its first unit issued before the previous tile's
     # store), the loop's, the remainder; each K block in BLOCK_N / unit_n units, a wait each.
     units = (chain + (chain if k_blocks >= 2 * chain else 0) + k_blocks % chain) * (bn // unit_n)
