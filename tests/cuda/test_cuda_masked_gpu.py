@@ -111,3 +111,29 @@ def test_graph_replay_with_new_counts(max_m) -> None:
         out.fill_(float("nan"))
         graph.replay()
         _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(cluster=1, group_m=1), dict(cluster=2, multicast="a", group_m=1)],
+    ids=["single", "pairs_sharing_a"],
+)
+def test_192_wide_tiles_on_the_masked_layout(cfg) -> None:
+    """A 192-wide tile named by `config=` on the masked layout: odd N tiles start 64 columns into a
+    scale block (each 64-column band takes its own block's scale), N = 4096 ends in a partial
+    tile, and B's 128-row blocks lie at magnitudes 1/8 to 8 so a band on its neighbour's scale
+    fails the tolerance."""
+    op = _op()
+    from moe_backend.cuda.config import ContiguousConfig
+
+    torch.manual_seed(192)
+    max_m, n, k, counts = 256, 4096, 2048, [256, 0, 1, 129, 64]
+    e = len(counts)
+    a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
+    block = torch.arange(n, device="cuda") // 128
+    spread = 2.0 ** ((block * 5 + torch.arange(e, device="cuda")[:, None]) % 7 - 3)
+    b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda") * 0.05 * spread[..., None])
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    op(a, a_s, b, bs, masked_m, out, config=ContiguousConfig(192, **cfg))
+    _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)
