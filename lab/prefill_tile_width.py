@@ -68,10 +68,9 @@ def main(argv=None) -> int:
             "n192g16": dataclasses.replace(base, block_n=192, num_stages=0, group_m=16),
         }
 
-    cells = args.cells.split(",")
+    cells = {cell: counts_of(cell) for cell in args.cells.split(",")}  # cell -> (slice, counts)
     specs = []
-    for cell in cells:
-        slice_name, counts = counts_of(cell)
+    for slice_name, counts in cells.values():
         m = sum(c + (-c % TILE) for c in counts)
         for gemm, n, k in SHAPES[slice_name][1]:
             if gemm in args.gemms.split(","):
@@ -82,8 +81,7 @@ def main(argv=None) -> int:
         "| rel diff vs plan | rel err vs ref |"
     )
     print("|---|---|---|---|---|---|---:|---:|---:|---:|")
-    for cell in cells:
-        slice_name, counts = counts_of(cell)
+    for cell, (slice_name, counts) in cells.items():
         num_local, gemms = SHAPES[slice_name]
         ids = []
         for e, c in enumerate(counts):

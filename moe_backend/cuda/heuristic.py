@@ -15,8 +15,8 @@ __all__ = ["select_config", "select_masked_config"]
 # Tiles the formula picks from: 64 fills the SMs when few rows give few tiles; 256 halves the A
 # traffic per FLOP where K is long enough to spread its per-K-block work (WIDE_TILE_MIN_K); 192
 # where K has at most FEW_K_BLOCKS blocks (TP8 w2): the output is most of the traffic there, and
-# fewer, wider tiles pay less per-tile cost (docs/benchmarks.md, "192-wide tiles"). At long K the
-# 192-wide tile measured 0-5% slower than the 256-wide one, so it is not a choice there.
+# fewer, wider tiles pay less per-tile cost. At long K it measured slower than the 256-wide tile,
+# so it is not a choice there (docs/benchmarks.md, "192-wide tiles").
 HEURISTIC_BLOCK_N = (64, 128, 192, 256)
 WIDE_TILE_MIN_K = 1024
 # Per-tile fixed cost in column-equivalents (A tile traffic, promotion, epilogue, pipeline fill)

@@ -53,9 +53,8 @@ __all__ = ["build_contiguous_layout", "build_masked_layout", "ONE_LAUNCH_MAX_SLO
 ONE_LAUNCH_MAX_SLOTS = 2048  # up to here one launch does everything: decode
 # Slots per program of the chunked plan: 512, or 1024 where 512 would give the one-program scan
 # more than _SCAN_ELEMENTS [chunk, expert] counts to walk (256 experts from 8192 tokens). 512 built
-# the EP8 prefill layouts 10-30% faster than 1024 at 2048-16384 tokens; at 256 experts, 1024 was
-# 10-24% faster from 8192 tokens and 512 16% faster at 2048 (docs/benchmarks.md, "The layout's
-# chunks and scan").
+# the EP8 prefill layouts faster than 1024; at 256 experts 1024 was faster from 8192 tokens and 512
+# at 2048 (docs/benchmarks.md, "The layout's chunks and scan").
 CHUNK_SLOTS = 512
 WIDE_CHUNK_SLOTS = 1024
 _SCAN_ELEMENTS = 16384

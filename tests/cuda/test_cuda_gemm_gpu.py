@@ -15,6 +15,7 @@ import torch
 
 from moe_backend import reference
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from tests.helpers.spread_weights import block_spread_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -52,10 +53,10 @@ def _layout(counts, trailing_pad: int = ALIGN, pad_last: bool = True) -> torch.T
 
 def _operands(counts, n, k, spread_blocks: bool = False, **layout):
     expert_ids = _layout(counts, **layout)
-    weights = torch.randn(len(counts), n, k, device="cuda") * 0.05
     if spread_blocks:
-        block = torch.arange(n, device="cuda") // 128
-        weights *= (2.0 ** ((block * 5 + torch.arange(len(counts), device="cuda")[:, None]) % 7 - 3))[..., None]
+        weights = block_spread_weights(len(counts), n, k)
+    else:
+        weights = torch.randn(len(counts), n, k, device="cuda") * 0.05
     b, b_scale = quantize_fp8_blockwise(weights)
     a, a_scale = quantize_fp8_per_token_group(torch.randn(expert_ids.numel(), k, device="cuda"))
     return a, a_scale, b, b_scale, expert_ids
@@ -73,9 +74,7 @@ class Case:
     cluster: int = 1  # with block_n: CTA pairs (2) or single CTAs (1)
     multicast: str = "b"  # with cluster 2: the operand the pair shares
     group_m: int = 8  # with block_n: M units walked together (1: M-unit-major)
-    # B's 128-row N blocks at magnitudes 1/8 to 8 (their scales as far apart): a column promoted
-    # with a neighbouring block's scale is then off by 2x or more, far beyond the tolerance
-    spread_blocks: bool = False
+    spread_blocks: bool = False  # B from block_spread_weights (block scales far apart)
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:

@@ -10,6 +10,7 @@ import torch
 
 from moe_backend import reference
 from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+from tests.helpers.spread_weights import block_spread_weights
 
 pytestmark = pytest.mark.gpu
 TOL = 2e-3  # as the contiguous kernel's tests: bf16 output rounding + fp8 sums inside a K block
@@ -130,9 +131,7 @@ def test_192_wide_tiles_on_the_masked_layout(cfg) -> None:
     max_m, n, k, counts = 256, 4096, 2048, [256, 0, 1, 129, 64]
     e = len(counts)
     a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
-    block = torch.arange(n, device="cuda") // 128
-    spread = 2.0 ** ((block * 5 + torch.arange(e, device="cuda")[:, None]) % 7 - 3)
-    b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda") * 0.05 * spread[..., None])
+    b, bs = quantize_fp8_blockwise(block_spread_weights(e, n, k))
     masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
     out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
     op(a, a_s, b, bs, masked_m, out, config=ContiguousConfig(192, **cfg))
