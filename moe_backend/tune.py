@@ -71,6 +71,8 @@ def candidates(m: int, *, masked: bool, k: int = DEEPSEEK_V3_HIDDEN) -> list[dic
                             num_stages=stages,
                         )
                     )
+        if top <= 16:
+            out += _hot_expert_candidates(top, depth)
         return out
     for bm, bn, w, (unroll, stages), gm in itertools.product(
         (64, 128), (128, 256), (4, 8), depth[:2] + depth[3:], (1, 8)
@@ -80,6 +82,34 @@ def candidates(m: int, *, masked: bool, k: int = DEEPSEEK_V3_HIDDEN) -> list[dic
         out.append(
             dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SWAP_AB=False, K_UNROLL=unroll, num_warps=w, num_stages=stages)
         )
+    return out
+
+
+def _hot_expert_candidates(top: int, depth) -> list[dict]:
+    """For a mean of at most 16 rows per expert under imbalanced routing: tiles 2x the mean rows
+    whose m-tiles holding at most the mean's tile run narrow (NARROW_M), and tiles 4x the mean
+    rows, plain and so. One kernel then covers a hot expert in few passes over its weight tile
+    and the experts near the mean in narrow tiles."""
+    out = []
+    for bm, narrow in ((2 * top, top), (4 * top, 0), (4 * top, top)):
+        # Swapped 64-row tiles spill registers; unswapped 32-row ones do not fill an MMA's M.
+        swap = bm <= 32
+        for unroll, stages in depth:
+            if _smem_bytes(bm, 128, unroll, stages) > 200 * 1024 or unroll == 4:
+                continue
+            out.append(
+                dict(
+                    BLOCK_M=bm,
+                    BLOCK_N=128,
+                    GROUP_M=1,
+                    SWAP_AB=swap,
+                    K_UNROLL=unroll,
+                    TMA=False,
+                    NARROW_M=narrow,
+                    num_warps=4,
+                    num_stages=stages,
+                )
+            )
     return out
 
 

@@ -57,13 +57,19 @@ def test_routings_reach_the_tuner(monkeypatch):
 
 
 def test_masked_candidates_at_few_rows_include_tiles_for_a_hot_expert():
-    """At a mean of at most 16 rows per expert the grid also holds 32-row tiles (a hot expert's
-    several M tiles each stream its weights); from 32 rows on it stays at the mean and half of it."""
+    """At a mean of at most 16 rows per expert the grid also holds 32- and 64-row tiles (a hot
+    expert's several M tiles each stream its weights), also with NARROW_M; from 32 rows on it stays
+    at the mean and half of it."""
 
     def block_ms(m):
         return {c["BLOCK_M"] for c in tune.candidates(m, masked=True, k=7168)}
 
-    assert block_ms(16) == {16, 32}
-    assert block_ms(4) == {16, 32}
+    def narrow(m):
+        return {(c["BLOCK_M"], c["NARROW_M"]) for c in tune.candidates(m, masked=True, k=7168) if c.get("NARROW_M")}
+
+    assert block_ms(16) == {16, 32, 64}
+    assert block_ms(4) == {16, 32, 64}
+    assert narrow(16) == {(32, 16), (64, 16)}  # wide tiles whose tiles near the mean run 16 wide
     assert block_ms(64) == {32, 64}
+    assert not narrow(32) and not narrow(64)
     assert block_ms(128) == {64, 128}

@@ -120,6 +120,8 @@ def _triton_config(layout: str, expected_m: int, n: int, k: int, device: torch.d
         # table's tiles, which the same kernel runs on either layout.
         kernel = "grouped_gemm_contiguous" if tuned_rows and expected_m >= tuned_rows[0] else "grouped_gemm_masked"
         cfg = _gemm_config.get_config(kernel, expected_m, n, k, name, masked=kernel.endswith("masked"), max_block_m=128)
+        # Only the masked walk picks a narrow tile per unit: here the tile runs BLOCK_M wide.
+        cfg["NARROW_M"] = 0
     else:
         cfg = _gemm_config.get_config("grouped_gemm_masked", expected_m, n, k, name, masked=True)
     return tuple(sorted(cfg.items()))

@@ -31,6 +31,7 @@ _KEYS = (
     "PROGRAMS",
     "SPLIT_K",
     "SPLIT_MIN_UNITS",
+    "NARROW_M",
     "num_warps",
     "num_stages",
 )
@@ -87,6 +88,7 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
         "PROGRAMS": 0,
         "SPLIT_K": 1,
         "SPLIT_MIN_UNITS": 0,
+        "NARROW_M": 0,
         **cfg,
     }
     for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
@@ -110,6 +112,14 @@ def check_config(cfg: dict, *, max_block_m: int | None = None) -> dict:
         raise ValueError(
             f"config: PROGRAMS must be an int >= 0 (0 = as many as the GPU holds), got {full['PROGRAMS']!r}"
         )
+    # NARROW_M (masked layout): an m-tile holding at most that many rows runs that wide, the others
+    # BLOCK_M wide, so one kernel covers a hot expert's rows in few passes over its weight tile and
+    # the many experts near the mean rows in narrow ones. Pointer loads only: a TMA box is BLOCK_M rows.
+    narrow = full["NARROW_M"]
+    if not isinstance(narrow, int) or (narrow and (narrow < 16 or narrow & (narrow - 1) or narrow >= bm)):
+        raise ValueError(f"config: NARROW_M must be 0 or a power of two >= 16 below BLOCK_M ({bm}), got {narrow!r}")
+    if narrow and full["TMA"]:
+        raise ValueError("config: NARROW_M needs pointer loads (TMA=False): a TMA box holds BLOCK_M rows")
     if max_block_m is not None and max_block_m % bm:
         raise ValueError(f"config: BLOCK_M ({bm}) must divide the contiguous alignment ({max_block_m})")
     return full

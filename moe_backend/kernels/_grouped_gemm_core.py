@@ -31,9 +31,10 @@ are consecutive units, i.e. run at the same time on neighbouring programs, so a 
 weight tile comes from HBM once and its other m-tiles read it from L2; at few rows per expert
 (one m-tile) consecutive units are consecutive n-tiles, spread over all SMs: the weights stream
 at full bandwidth (decode). Tile sizes stay those picked from `expected_m` (one compiled kernel
-per call; BLOCK_M is compile-time in Triton, so a tile per expert would mean a kernel per tile
-size): a hot expert is then covered by more m-tiles of the same weight tile, read from L2, not
-re-streamed per tile.
+per call; BLOCK_M is compile-time in Triton): a hot expert is then covered by more m-tiles of the
+same weight tile, read from L2, not re-streamed per tile. A config with NARROW_M compiles two tile
+heights into the one kernel and picks per unit, on the device: an m-tile holding at most
+NARROW_M rows runs NARROW_M wide, the others BLOCK_M wide.
 
 Numerics (docs/design.md): fp32 accumulation, and each 128-wide K block's partial product is
 multiplied by `a_scale[m, kb] * b_scale[n // 128, kb]` before it is added (the per-128-K scale
@@ -138,6 +139,9 @@ def launch(
         raise ValueError("silu_a: GEMM2 computes its A from h on the contiguous layout only, not gathered")
     if silu_a and a_splits and a_count is None:
         raise ValueError("a_count: h given as partial sums (a_splits > 0) needs their device-side count")
+    narrow = cfg.get("NARROW_M", 0)
+    if narrow and not masked:
+        raise ValueError(f"config: NARROW_M={narrow} applies to the masked layout only")
     n_loop = cfg.get("N_LOOP", 1)
     swap = bool(cfg.get("SWAP_AB", False))
     if num_kb > 2 or swap or split > 1:
@@ -184,6 +188,7 @@ def launch(
         MASKED=masked,
         ROW_BOUND=row_bound,
         E_PAD=e_pad,
+        NARROW_M=narrow,
         WIDE_KEY=masked and (bound + 1) * e_pad >= 2**31,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],

@@ -98,6 +98,75 @@ def _contiguous_unit(
         )
 
 
+@triton.jit
+def _masked_tile(
+    a_ptr,
+    a_scale_ptr,
+    b_ptr,
+    b_scale_ptr,
+    c_ptr,
+    a_desc,
+    b_desc,
+    expert,
+    pid_m,
+    pid_n,
+    valid_m,
+    M,
+    N,
+    K,
+    TILE_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    K_UNROLL: tl.constexpr,
+    N_LOOP: tl.constexpr,
+    FULL_KB: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """Masked layout: the first TILE_M (<= BLOCK_M) rows of expert `expert`'s m-tile `pid_m`
+    (BLOCK_M rows apart) times its n-tile `pid_n`; rows at or past `valid_m` are not stored."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, TILE_M)
+    # First row of the tile in A viewed as [E * max_m, K] (the TMA path's coordinate).
+    tile_row0 = expert * M + pid_m * BLOCK_M
+    base = expert.to(tl.int64) * M
+    _gemm_tile(
+        a_ptr + base * K,
+        a_ptr,  # a_rows_ptr: unused (no gather)
+        a_scale_ptr + base * (K // BLOCK_K),
+        b_ptr,
+        b_scale_ptr,
+        c_ptr + base * N,
+        a_desc,
+        b_desc,
+        expert,
+        offs_m,
+        offs_m < valid_m,
+        tile_row0,
+        pid_n,
+        0,
+        1,
+        0,
+        0,
+        M,
+        N,
+        K,
+        TILE_M,
+        BLOCK_N,
+        BLOCK_K,
+        SWAP_AB,
+        K_UNROLL,
+        N_LOOP,
+        FULL_KB,
+        USE_TMA,
+        False,
+        1,
+        False,
+        0,
+        False,
+    )
+
+
 # The walk evens out its last round (`_walk`) for units of at least this many K blocks, where the
 # resident grid would take at most this many rounds and leave fewer programs than this to the last.
 BALANCED_WALK_MIN_K_BLOCKS = tl.constexpr(8)
@@ -157,6 +226,7 @@ def _fp8_grouped_gemm_kernel(
     MASKED: tl.constexpr,
     ROW_BOUND: tl.constexpr,  # contiguous: walk only the tiles below *num_rows_ptr
     E_PAD: tl.constexpr,  # masked: a power of two >= num_experts (the prefix-sum vector's length)
+    NARROW_M: tl.constexpr,  # masked: m-tiles with at most this many rows run this wide (0: BLOCK_M always)
     WIDE_KEY: tl.constexpr,  # masked: units x E_PAD may pass 2^31 (int64 search keys; else int32, half the shuffles)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -204,45 +274,88 @@ def _fp8_grouped_gemm_kernel(
             # n-tile-major, m-tile-minor: a weight tile's m-tiles run side by side (L2 reuse).
             pid_n = local // expert_m_tiles
             pid_m = local % expert_m_tiles
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            # First row of the tile in A viewed as [E * max_m, K] (the TMA path's coordinate).
-            tile_row0 = expert * M + pid_m * BLOCK_M
-            base = expert.to(tl.int64) * M
-            _gemm_tile(
-                a_ptr + base * K,
-                a_rows_ptr,
-                a_scale_ptr + base * (K // BLOCK_K),
-                b_ptr,
-                b_scale_ptr,
-                c_ptr + base * N,
-                a_desc,
-                b_desc,
-                expert,
-                offs_m,
-                offs_m < valid_m,
-                tile_row0,
-                pid_n,
-                0,
-                1,
-                0,
-                0,
-                M,
-                N,
-                K,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-                SWAP_AB,
-                K_UNROLL,
-                N_LOOP,
-                FULL_KB,
-                USE_TMA,
-                False,
-                1,
-                False,
-                0,
-                False,
-            )
+            if NARROW_M > 0:
+                # An m-tile holding at most NARROW_M rows (every tile at the mean rows, a hot
+                # expert's last) runs NARROW_M wide; the others cover BLOCK_M rows per pass over
+                # the weight tile. (A static branch: Triton compiles both sides of a runtime `if`.)
+                if valid_m - pid_m * BLOCK_M <= NARROW_M:
+                    _masked_tile(
+                        a_ptr,
+                        a_scale_ptr,
+                        b_ptr,
+                        b_scale_ptr,
+                        c_ptr,
+                        a_desc,
+                        b_desc,
+                        expert,
+                        pid_m,
+                        pid_n,
+                        valid_m,
+                        M,
+                        N,
+                        K,
+                        NARROW_M,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                        SWAP_AB,
+                        K_UNROLL,
+                        N_LOOP,
+                        FULL_KB,
+                        USE_TMA,
+                    )
+                else:
+                    _masked_tile(
+                        a_ptr,
+                        a_scale_ptr,
+                        b_ptr,
+                        b_scale_ptr,
+                        c_ptr,
+                        a_desc,
+                        b_desc,
+                        expert,
+                        pid_m,
+                        pid_n,
+                        valid_m,
+                        M,
+                        N,
+                        K,
+                        BLOCK_M,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                        SWAP_AB,
+                        K_UNROLL,
+                        N_LOOP,
+                        FULL_KB,
+                        USE_TMA,
+                    )
+            else:
+                _masked_tile(
+                    a_ptr,
+                    a_scale_ptr,
+                    b_ptr,
+                    b_scale_ptr,
+                    c_ptr,
+                    a_desc,
+                    b_desc,
+                    expert,
+                    pid_m,
+                    pid_n,
+                    valid_m,
+                    M,
+                    N,
+                    K,
+                    BLOCK_M,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                    SWAP_AB,
+                    K_UNROLL,
+                    N_LOOP,
+                    FULL_KB,
+                    USE_TMA,
+                )
     elif ROW_BOUND:
         used_m_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(num_rows_ptr), 0), M), BLOCK_M)
         tiles = used_m_tiles * num_n_tiles

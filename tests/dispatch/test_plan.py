@@ -177,6 +177,20 @@ def test_gemm1_gathers_its_rows_where_its_triton_config_allows(monkeypatch):
         plan_mod.clear_plan_cache()
 
 
+def test_a_narrow_tile_stays_on_the_masked_layout(monkeypatch):
+    """A masked-table entry with NARROW_M keeps it on the masked layout; where that table serves
+    the contiguous layout at decode (whose walk reads no NARROW_M) the tile runs BLOCK_M wide."""
+    from moe_backend.kernels import _gemm_config
+
+    entry = dict(BLOCK_M=32, BLOCK_N=128, SWAP_AB=True, NARROW_M=16, num_warps=4, num_stages=4)
+    monkeypatch.setattr(_gemm_config, "load_table", lambda kernel, device: {})
+    monkeypatch.setattr(_gemm_config, "formula", lambda m, n, k, masked: dict(entry))
+    cpu = torch.device("cpu")
+    assert dict(gemm_choice._triton_config("masked", 16, 4096, 7168, cpu))["NARROW_M"] == 16
+    contiguous = dict(gemm_choice._triton_config("contiguous", 16, 4096, 7168, cpu))
+    assert contiguous["NARROW_M"] == 0 and contiguous["BLOCK_M"] == 32
+
+
 def test_cuda_gemm1_gathers_token_rows_where_the_layout_holds_several_per_token(cuda_gemm_plans):
     """Our CUDA GEMM1 reads the token rows through src_token where the layout holds at least
     `cuda_gather_a.min_rows_per_token` rows per token (TP8: all k slots local), and keeps the

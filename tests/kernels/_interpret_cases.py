@@ -137,6 +137,28 @@ def case_masked_n_loop_walk():
     )
 
 
+_WIDE_NARROW = dict(BLOCK_M=32, BLOCK_N=64, SWAP_AB=True, K_UNROLL=2, NARROW_M=16, num_warps=4, num_stages=2)
+
+
+def case_masked_narrow_m():
+    """NARROW_M: m-tiles holding at most 16 rows run 16 wide, the others BLOCK_M wide, in one
+    walk: experts of 1, 16 and 17 rows, a hot one whose last tile holds 6 rows, one whose second
+    tile holds 17; swapped 32-row and unswapped 64-row tiles, 2 programs."""
+    counts = (0, 1, 16, 17, 33, 49, 70)
+    for cfg in (_WIDE_NARROW, dict(BLOCK_M=64, BLOCK_N=64, NARROW_M=16, num_warps=4, num_stages=2)):
+        _check_masked(counts, 80, 136, 256, dict(cfg, PROGRAMS=2), seed=18)
+    # Only the masked walk reads NARROW_M: the contiguous op says so instead of ignoring it.
+    gen = torch.Generator().manual_seed(19)
+    b, bs = _weights(2, 64, 128, gen)
+    a, a_s = _acts((32, 128), gen)
+    try:
+        grouped_gemm_contiguous(a, a_s, b, bs, torch.zeros(32, dtype=torch.int32), config=_WIDE_NARROW)
+    except ValueError as exc:
+        assert "NARROW_M" in str(exc), exc
+    else:
+        raise AssertionError("NARROW_M accepted on the contiguous layout")
+
+
 def case_masked_swap_ab():
     case_masked(dict(BLOCK_M=16, BLOCK_N=64, SWAP_AB=True, num_warps=4, num_stages=2))
 

@@ -203,3 +203,21 @@ def test_programs_override_is_checked() -> None:
     assert _gemm_config.check_config(dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3))["PROGRAMS"] == 0
     with pytest.raises(ValueError, match="PROGRAMS"):
         _gemm_config.check_config(dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS=-1))
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (dict(BLOCK_M=32, NARROW_M=32), "NARROW_M"),  # not below BLOCK_M
+        (dict(BLOCK_M=64, NARROW_M=24), "NARROW_M"),  # not a power of two
+        (dict(BLOCK_M=64, NARROW_M=8), "NARROW_M"),  # below an MMA's 16 rows
+        (dict(BLOCK_M=32, NARROW_M=16.0), "NARROW_M"),
+        (dict(BLOCK_M=32, NARROW_M=16, TMA=True), "TMA"),  # a TMA box holds BLOCK_M rows
+    ],
+)
+def test_narrow_m_is_checked(extra: dict, match: str) -> None:
+    from moe_backend.kernels import _gemm_config
+
+    assert _gemm_config.check_config(dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3))["NARROW_M"] == 0
+    with pytest.raises(ValueError, match=match):
+        _gemm_config.check_config(dict(dict(BLOCK_N=128, num_warps=4, num_stages=3), **extra))

@@ -56,6 +56,7 @@ def _compile(mode: str, cfg: dict, num_experts: int = 256):
         MASKED=mode == "masked",
         ROW_BOUND=mode.startswith("row_bound"),
         E_PAD=max(16, triton.next_power_of_2(num_experts)),
+        NARROW_M=cfg.get("NARROW_M", 0),
         WIDE_KEY=False,
         BLOCK_M=bm,
         BLOCK_N=bn,
@@ -104,6 +105,9 @@ def _h200_configs() -> list:
 
 
 CASES = [("masked", cfg) for cfg in _h200_configs()] + [
+    # masked m-tiles at most 16 rows full run 16 wide, the others 32 or 64 wide (a hot expert)
+    ("masked", dict(BLOCK_M=32, BLOCK_N=128, SWAP_AB=True, K_UNROLL=2, NARROW_M=16, num_warps=4, num_stages=3)),
+    ("masked", dict(BLOCK_M=64, BLOCK_N=128, NARROW_M=16, num_warps=4, num_stages=3)),
     ("row_bound", dict(BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, K_UNROLL=2, num_warps=4, num_stages=3)),
     ("row_bound", dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=2)),
     ("tile", dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, K_UNROLL=2, num_warps=8, num_stages=3)),

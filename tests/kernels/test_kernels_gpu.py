@@ -160,6 +160,24 @@ GEMM_CASES = [
         max_m=1024,
         config=dict(BLOCK_M=64, BLOCK_N=128, N_LOOP=8, num_warps=4, num_stages=2),
     ),
+    # m-tiles of at most 16 rows run 16 wide, the others 32 or 64 wide (the contiguous test runs
+    # these cases without NARROW_M, which only the masked walk reads)
+    GemmCase(
+        "narrow_m_swap",
+        4096,
+        7168,
+        _zipf_counts(32, 32 * 16, 0.9),
+        max_m=256,
+        config=dict(BLOCK_M=32, BLOCK_N=128, SWAP_AB=True, K_UNROLL=1, NARROW_M=16, num_warps=4, num_stages=4),
+    ),
+    GemmCase(
+        "narrow_m_wide",
+        7168,
+        2048,
+        (0, 1, 16, 17, 33, 49, 70, 200),
+        max_m=256,
+        config=dict(BLOCK_M=64, BLOCK_N=128, NARROW_M=16, num_warps=4, num_stages=3),
+    ),
     GemmCase(
         "one_program",
         640,
@@ -205,6 +223,8 @@ def test_grouped_gemm_contiguous(case: GemmCase) -> None:
     a, a_s = _acts((len(ids), case.k))
     out = torch.full((len(ids), case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
     cfg = case.config if case.config is None or case.config["BLOCK_M"] <= align else None
+    if cfg is not None:
+        cfg = {key: value for key, value in cfg.items() if key != "NARROW_M"}
     contig_mod.grouped_gemm_contiguous(a, a_s, b, bs, expert_ids, out, config=cfg)
     ref = reference.grouped_gemm_contiguous(a, a_s, b, bs, expert_ids)
     pad = expert_ids < 0

@@ -33,6 +33,7 @@ CASES = [
     "masked_many_experts",
     "masked_out_of_range_counts",
     "masked_n_loop_walk",
+    "masked_narrow_m",
     "contiguous",
     "contiguous_one_expert",
     "contiguous_num_rows",
