@@ -92,7 +92,8 @@ def _hot_expert_candidates(top: int, depth) -> list[dict]:
     and the experts near the mean in narrow tiles."""
     out = []
     for bm, narrow in ((2 * top, top), (4 * top, 0), (4 * top, top)):
-        # Swapped 64-row tiles spill registers; unswapped 32-row ones do not fill an MMA's M.
+        # 64-row tiles unswapped (swapped, beside a narrow tile, ptxas spills at K_UNROLL 2); 32-row
+        # ones swapped (unswapped, they do not fill an MMA's M).
         swap = bm <= 32
         for unroll, stages in depth:
             if _smem_bytes(bm, 128, unroll, stages) > 200 * 1024 or unroll == 4:
