@@ -2,7 +2,7 @@
 # One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
-# tunerouted smallbatch tokensweep prefillgather gathera maskedwalk routed copybw launchgaps
+# tunerouted usetuned smallbatch tokensweep prefillgather gathera maskedwalk routed copybw launchgaps
 # maskedhot pairing steady decodetrace layoutscan); a step starts only with at least 30 s left and gets at
 # most min(its own limit, what is left). With GATE=1 a failing `graphtests` step stops the run
 # (nothing after it is worth timing). Logs, the layer
@@ -63,6 +63,9 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     tunerouted) # the masked kernel's EP8 decode table re-tuned under uniform and Zipf counts (TUNE_ARGS to widen)
            TAIL=8 step tunerouted 560 python3 -m moe_backend tune --routing uniform,zipf:0.6 --out-dir "$F/tuned" \
            --log "$F/tune.log" ${TUNE_ARGS:---kernels grouped_gemm_masked --slices ep8} ;;
+    usetuned) # the tables tunerouted wrote replace the package's for the steps after it (routed, layer, ...)
+           ls "$F/tuned"/*.json > /dev/null 2>&1 && cp -v "$F/tuned"/*.json moe_backend/kernels/configs/ \
+             || echo "== usetuned: no tuned tables in $F/tuned" ;;
     smallbatch) TAIL=30 step smallbatch 200 python3 -m lab.sweep_small_batch ${SMALLBATCH_ARGS:-} ;;
     tokensweep) TAIL=30 step tokensweep 170 python3 -m lab.sweep_token_gemv --json "$F/token_gemv.json" ;;
     prefillgather) TAIL=40 step prefillgather 150 python3 -m lab.prefill_gather_a ;;
