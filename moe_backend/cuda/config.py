@@ -56,6 +56,9 @@ class ContiguousConfig:
     cluster: int = 1  # 2: CTA pairs sharing one operand through TMA multicast (below)
     multicast: str = "b"  # with cluster=2: "b" = pairs of M tiles 2i, 2i+1 share B (when both hold
     #                         one expert); "a" = pairs of N tiles 2j, 2j+1 share A (always one expert)
+    stream_k: bool = False  # the units of a last part-full wave dealt over every CTA by K chunks,
+    #                         cut units finished from partial sums in a workspace (contiguous layout,
+    #                         rows by TMA, no direct rows; docs/cuda_kernel.md)
 
     def __post_init__(self) -> None:
         if self.block_n not in BLOCK_N_CHOICES:
@@ -74,6 +77,8 @@ class ContiguousConfig:
             raise ValueError(f"config.cluster: must be 1 or 2, got {self.cluster}")
         if self.multicast not in ("a", "b"):
             raise ValueError(f"config.multicast: must be 'a' or 'b', got {self.multicast!r}")
+        if not isinstance(self.stream_k, bool):
+            raise TypeError(f"config.stream_k: must be a bool, got {self.stream_k!r}")
 
     @property
     def shares_a(self) -> bool:

@@ -21,15 +21,18 @@
 #include "mainloop.cuh"
 #include "scheduler.cuh"
 #include "sm90_ptx.cuh"
+#include "stream_k.cuh"
 
 namespace phasemoe {
 
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM,
-          int kGatherA = 0, int kSiluQuant = 0, int kDirectRows = 0>
+          int kGatherA = 0, int kSiluQuant = 0, int kDirectRows = 0, int kStreamK = 0>
 struct GroupedGemmContiguous {
   using T = KernelTraits<kN, kK, kBlockN, kStages, kGroupM, kCluster, kMcastA, kMaskedMaxM, kGatherA, kSiluQuant,
-                         kDirectRows>;
+                         kDirectRows, kStreamK>;
   using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM>;
+  using SkScheduler = StreamKScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, T::kKBlocks, T::kScaleChunk>;
+  using Workspace = StreamKWorkspace<T::kAccRegs>;
   using Loop = Mainloop<T>;
   using Epi = Epilogue<T>;
   using Ids = RowIds<kMaskedMaxM>;
@@ -71,6 +74,25 @@ struct GroupedGemmContiguous {
     sm90::setmaxnreg_dec<kProducerRegs>();
     const int producer_warp = threadIdx.x / 32 - kNumConsumerWarpgroups * 4;
     auto for_each_stage = [&](auto&& fill) {
+      if constexpr (kStreamK) {  // whole units, then this cluster's pieces of the pool
+        SkScheduler sched(m);
+        RingPos pos;
+        int m_unit, n_unit;
+        Segment seg;
+        while (sched.next_segment(m_unit, n_unit, seg)) {
+          bool live_pair;
+          const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(
+              load_tile_ids<kCluster, kMcastA>(expert_ids, m, m_unit), m_unit, n_unit, rank, live_pair);
+          if (!live_pair) continue;
+#pragma unroll 1
+          for (int kb = seg.kb_begin; kb < seg.kb_begin + seg.kb_count; ++kb) {
+            sm90::mbar_wait(&s.empty[pos.stage], pos.phase ^ 1);
+            fill(role, kb, pos);
+            Loop::advance(pos);
+          }
+        }
+        return;
+      }
       Scheduler sched(m, live);
       RingPos pos;
       int m_unit, n_unit;
@@ -196,12 +218,67 @@ struct GroupedGemmContiguous {
     }
   }
 
+  // kStreamK: the consumers' walk over whole units and this cluster's pieces of the pool
+  // (scheduler.cuh, StreamKPool). As the loop in run(), but a piece of a unit holding its later
+  // chunks leaves its sum in the workspace instead of storing it, and the unit's owner adds those
+  // sums to its own before the store. A loop of its own, so the kernels dealing whole units keep
+  // the binary the benchmark tables measured.
+  __device__ __forceinline__ static void consume_stream_k(const Smem& s, int warpgroup, int lane, uint32_t rank,
+                                                          const Ids& expert_ids, int m, uint16_t* __restrict__ out,
+                                                          float* __restrict__ act_scale, const Workspace& ws) {
+    sm90::setmaxnreg_inc<kConsumerRegs>();
+    const int row_in_tile = Loop::row_in_tile(warpgroup, lane);
+    const typename Loop::SmemView sv = consumer_view(s, warpgroup);
+    float acc[T::kPartRegs];
+    float acc_odd[T::kOddRegs];
+    float result[T::kAccRegs];
+    Loop::clear(acc);
+    SkScheduler sched(m);
+    RingPos pos;
+    typename Epi::PendingStore prev{0, 0, false, false, false};
+    int next_m_unit, next_n_unit;
+    Segment next_seg;  // the consumers keep its K block count and its tag
+    const int zero = opaque_zero(m);
+    TileIds next_ids{-1, -1};
+    bool more = sched.next_segment(next_m_unit, next_n_unit, next_seg);
+    if (more) next_ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, next_m_unit, zero);
+    while (more) {
+      const int m_unit = next_m_unit, n_unit = next_n_unit;
+      // Broadcast from lane 0: a trip count the compiler knows to be warp-uniform keeps the K loop's
+      // descriptors in uniform registers.
+      const int num_kb = __shfl_sync(0xffffffffu, next_seg.kb_count, 0);
+      const Segment seg{0, 0, next_seg.tag};
+      const TileIds ids = warp_uniform(next_ids);
+      more = sched.next_segment(next_m_unit, next_n_unit, next_seg);
+      if (more) next_ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, next_m_unit, zero);
+      bool live_pair;
+      const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(ids, m_unit, n_unit, rank, live_pair);
+      // Every cluster on a unit reads the same ids, so owner and helpers skip a dead unit alike.
+      if (!live_pair) continue;
+      const typename Epi::TileRows rows = Epi::load_rows(role, m_unit, rank, row_in_tile, expert_ids, m);
+      RingPos issue = pos;
+      float scales[2][T::kScaleBands][2];
+      start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale);
+      Loop::k_loop_blocks(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales, num_kb);
+      if (seg.kind() == Segment::kPartial) {  // a later piece of a cut unit: its owner stores the sum
+        ws.store(result);
+        prev = typename Epi::PendingStore{0, 0, false, false, false};
+        continue;
+      }
+      if (seg.kind() == Segment::kFinish) sched.for_each_helper(seg, rank, [&](int cta) { ws.add(result, cta); });
+      prev = typename Epi::PendingStore{rows.row0, rows.n_base, role.live && rows.id0 == role.expert,
+                                        role.live && rows.id1 == role.expert, true};
+    }
+    if (prev.valid) Epi::store_pending(result, out, prev, act_scale);
+  }
+
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
                                              const float* __restrict__ a_scale, const float* __restrict__ b_scale,
                                              const int32_t* __restrict__ row_ids, uint16_t* __restrict__ out, int m,
                                              const GatherSource& gather = {nullptr, nullptr},
                                              float* __restrict__ act_scale = nullptr,
-                                             const DirectArgs& direct = {nullptr, nullptr}) {
+                                             const DirectArgs& direct = {nullptr, nullptr},
+                                             const Workspace& stream_k = {nullptr}) {
     const Ids expert_ids{row_ids};
     const Smem s = carve_smem();
     const int warpgroup = uniform_warpgroup();
@@ -212,6 +289,8 @@ struct GroupedGemmContiguous {
     init_barriers(s);
     if (warpgroup == kNumConsumerWarpgroups) {
       produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, live, rank, lane, gather, direct);
+    } else if constexpr (kStreamK) {
+      consume_stream_k(s, warpgroup, lane, rank, expert_ids, m, out, act_scale, stream_k);
     } else {
       // The consumers, kept in run(): moved into a function of its own, this loop compiles to PTX
       // with other register numbering than the binary the benchmark tables measured.

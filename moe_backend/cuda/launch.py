@@ -19,6 +19,7 @@ from moe_backend.cuda import driver, jit
 from moe_backend.cuda.config import (
     BLOCK_K,
     BLOCK_M,
+    BLOCK_N_CHOICES,
     DIRECT_ROWS_AREA,
     MAX_MASKED_EXPERTS,
     NUM_THREADS,
@@ -28,7 +29,16 @@ from moe_backend.cuda.config import (
 from moe_backend.cuda.heuristic import print_config, select_config
 from moe_backend.quant import FP8_DTYPE
 
-__all__ = ["kernel_spec", "warmup_specs", "kernel_args", "grid_size", "launch", "check_device", "check_weights"]
+__all__ = [
+    "kernel_spec",
+    "warmup_specs",
+    "kernel_args",
+    "grid_size",
+    "launch",
+    "check_device",
+    "check_weights",
+    "stream_k_workspace",
+]
 
 _TEMPLATE = Path(__file__).with_name("grouped_gemm_contiguous.cu")
 
@@ -58,7 +68,12 @@ def kernel_spec(
     of the bf16 product (contiguous layout, 256-wide tiles not sharing A, N a multiple of 256).
     direct_rows (GEMM2 of an expert-parallel slice): rows whose token has no other local slot are
     stored weighted into the layer's output (`launch`'s `direct`; contiguous bf16 output, N a
-    multiple of 8, at least as many K blocks as stages)."""
+    multiple of 8, at least as many K blocks as stages). config.stream_k: contiguous layout, rows by
+    TMA, no direct rows, K blocks in a_scale chunks of whole K-loop chains (`stream_k_chunk`)."""
+    if config.stream_k and (masked_max_m or gather_a or direct_rows):
+        raise ValueError(
+            "config.stream_k: only on the contiguous layout, with A's rows by TMA (no gather_a) and no direct_rows"
+        )
     if gather_a and (masked_max_m or config.shares_a):
         raise ValueError("gather_a: only on the contiguous layout, with a config whose CTA pairs do not share A")
     if silu_quant not in (0, 1, 2):
@@ -81,6 +96,11 @@ def kernel_spec(
         raise ValueError(f"n: must be positive, got {n}")
     if masked_max_m < 0 or masked_max_m % BLOCK_M:
         raise ValueError(f"masked_max_m: must be 0 or a multiple of {BLOCK_M}, got {masked_max_m}")
+    if config.stream_k and stream_k_chunk(k, config.block_n) == 0:
+        raise ValueError(
+            f"config.stream_k: K={k} gives a_scale chunks shorter than the K loop's chains at "
+            f"block_n={config.block_n} (K / 128 must be even)"
+        )
     constants = {
         "N": n,
         "K": k,
@@ -93,11 +113,13 @@ def kernel_spec(
         "GATHER_A": int(gather_a),
         "SILU_QUANT": silu_quant,
         "DIRECT_ROWS": int(direct_rows),
+        "STREAM_K": int(config.stream_k),
     }
     name = (
         "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_c{CLUSTER}_ma{MCAST_A}_mm{MASKED_MAX_M}"
     ).format(**constants)
     name += ("_ga" if gather_a else "") + (f"_sq{silu_quant}" if silu_quant else "") + ("_dr" if direct_rows else "")
+    name += "_sk" if config.stream_k else ""
     source = _template()
     checked = {
         "KERNEL_NAME": name,
@@ -111,6 +133,49 @@ def kernel_spec(
     return jit.KernelSpec(
         family="grouped_gemm_contiguous", kernel_name=name, source=source, constants=constants, arch=arch
     )
+
+
+def stream_k_chunk(k: int, block_n: int) -> int:
+    """K blocks per stream-K chunk (KernelTraits::kScaleChunk: a cut starts an a_scale chunk), or
+    0 where a chunk is not a whole number of the K loop's chains (kLoopChain)."""
+    k_blocks = k // BLOCK_K
+    chunk = next(c for c in (8, 4, 2, 1) if k_blocks % c == 0)
+    chain = min(2 if block_n == 256 else 4, k_blocks)
+    return chunk if chunk % chain == 0 else 0
+
+
+# Stream-K workspace (stream_k.cuh): a flag area for at most STREAM_K_MAX_CTAS CTAs, 8 int32 flags
+# each, then per CTA a slot of 256 consumer threads x block_n / 2 fp32 partial sums.
+STREAM_K_MAX_CTAS = 256
+STREAM_K_FLAG_WORDS = STREAM_K_MAX_CTAS * 8
+
+
+def stream_k_workspace(device: torch.device, num_ctas: int | None = None) -> torch.Tensor:
+    """A workspace for stream-K launches on `device` of up to `num_ctas` CTAs (default: its SMs)
+    at any tile width, flags zeroed. The kernel lowers every flag it raised, so one workspace
+    serves every later stream-K launch on one stream; launches on streams that may overlap need
+    one each."""
+    if num_ctas is None:
+        num_ctas = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if not 0 < num_ctas <= STREAM_K_MAX_CTAS:
+        raise ValueError(f"num_ctas: stream-K serves 1 to {STREAM_K_MAX_CTAS} CTAs, got {num_ctas}")
+    workspace = torch.empty(STREAM_K_FLAG_WORDS + num_ctas * 128 * max(BLOCK_N_CHOICES), dtype=torch.float32,
+                            device=device)  # fmt: skip
+    workspace[:STREAM_K_FLAG_WORDS].zero_()
+    return workspace
+
+
+def stream_k_workspace_for(grid: int, block_n: int, device: torch.device, given: torch.Tensor | None) -> torch.Tensor:
+    """`given` checked to hold `grid` CTAs' slots at `block_n`, or a fresh workspace for this launch."""
+    if given is None or grid > STREAM_K_MAX_CTAS:
+        return stream_k_workspace(device, grid)  # (raises on a grid past the flag area)
+    need = STREAM_K_FLAG_WORDS + grid * 128 * block_n
+    if given.dtype != torch.float32 or given.device != device or given.numel() < need:
+        raise ValueError(
+            f"stream_k_workspace: expected a launch.stream_k_workspace buffer of at least {need} fp32 elements "
+            f"on {device}, got {tuple(given.shape)} {given.dtype} on {given.device}"
+        )
+    return given
 
 
 def smem_bytes(config: ContiguousConfig, direct_rows: bool = False) -> int:
@@ -180,10 +245,12 @@ def kernel_args(
     a_rows: torch.Tensor | None = None,
     act_scale: torch.Tensor | None = None,
     direct: tuple[torch.Tensor, torch.Tensor] | None = None,
+    stream_k: torch.Tensor | None = None,
 ) -> list:
     """The kernel's parameters in declaration order, as ctypes objects the driver copies from:
     (tmap_a, tmap_b, a_scale*, b_scale*, expert_ids*, out*, m, rows_in_use*, a_rows*, a*,
-    act_scale*, direct_pairs*, direct_out*); direct (a kernel with direct_rows): every row's
+    act_scale*, direct_pairs*, direct_out*, stream_k_workspace*); stream_k (a config with
+    stream_k): `stream_k_workspace`'s buffer; direct (a kernel with direct_rows): every row's
     (destination token, fp32 weight bits) int32 pair `[M, 2]` and the layer's output `[T, N]`;
     act_scale (a kernel with silu_quant): fp32 `[M, N / 256]`, out then being the
     FP8 activation `[M, N / 2]`, and B is loaded in 128-row boxes (gate half, up half);
@@ -218,6 +285,7 @@ def kernel_args(
         ctypes.c_uint64(a_fp8.data_ptr() if a_rows is not None else 0),
         ctypes.c_uint64(act_scale.data_ptr() if act_scale is not None else 0),
         *(ctypes.c_uint64(ptr) for ptr in direct_ptrs),
+        ctypes.c_uint64(stream_k.data_ptr() if stream_k is not None else 0),
     ]
 
 
@@ -226,7 +294,10 @@ def num_tiles(m: int, n: int, cfg: ContiguousConfig) -> int:
 
 
 def grid_size(m: int, n: int, cfg: ContiguousConfig, num_sms: int) -> int:
-    """Persistent grid: one CTA per SM at most, whole clusters (a cluster walks pair tiles)."""
+    """Persistent grid: one CTA per SM at most, whole clusters (a cluster walks pair tiles). With
+    stream_k every SM: a pool of fewer units than clusters is still spread over all of them."""
+    if cfg.stream_k:
+        return num_sms // cfg.cluster * cfg.cluster
     m_tiles, n_tiles = math.ceil(m / BLOCK_M), math.ceil(n / cfg.block_n)
     if cfg.shares_a:
         units = m_tiles * math.ceil(n_tiles / cfg.cluster)
@@ -302,7 +373,7 @@ def silu_config(cfg: ContiguousConfig) -> ContiguousConfig:
     up each (block_n 256), CTA pairs (if any) sharing B."""
     if cfg.block_n == 256 and not cfg.shares_a:
         return cfg
-    return ContiguousConfig(256, group_m=cfg.group_m, cluster=cfg.cluster, multicast="b")
+    return ContiguousConfig(256, group_m=cfg.group_m, cluster=cfg.cluster, multicast="b", stream_k=cfg.stream_k)
 
 
 def launch(
@@ -320,6 +391,7 @@ def launch(
     act_scale: torch.Tensor | None = None,
     ue8m0: bool = False,
     direct: tuple[torch.Tensor, torch.Tensor] | None = None,
+    stream_k_workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Runs the kernel on checked operands (A `[M, K]`, out `[M, N]` 16-byte aligned, int32
     row_ids: per-row expert ids, or masked_m when masked_max_m > 0; rows_in_use: optional int32
@@ -331,7 +403,9 @@ def launch(
     into act_scale; the config then has 256-wide tiles (silu_config). direct: (pairs int32 `[M, 2]`,
     y bf16 `[T, N]`): a row whose pair (token, weight bits) has token >= 0 is stored as
     bf16(weight * bf16(its sum)) into y[token] instead of out (`kernel_spec`'s direct_rows; not
-    checked here: `kernels/direct_rows.py` fills the pairs)."""
+    checked here: `kernels/direct_rows.py` fills the pairs). stream_k_workspace (a config with
+    stream_k): a `stream_k_workspace` buffer for at least this launch's grid, kept by the caller
+    for launches on one stream (the kernel leaves its flags zero); None: a fresh one per call."""
     m, k = a_fp8.shape
     if a_rows is not None:
         m = row_ids.shape[0]
@@ -355,13 +429,16 @@ def launch(
             m, n, k, cfg, masked_max_m, index, jit.env_flags(), a_rows is not None, silu_quant, direct is not None
         )
         stream = torch.cuda.current_stream(dev).cuda_stream
+        workspace = None
+        if cfg.stream_k:
+            workspace = stream_k_workspace_for(grid, cfg.block_n, dev, stream_k_workspace)
         kernel.launch(
             grid=(grid, 1, 1),
             block=(NUM_THREADS, 1, 1),
             smem=smem_bytes(cfg, direct is not None),
             stream=stream,
             params=kernel_args(
-                a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use, a_rows, act_scale, direct
+                a_fp8, a_scale, b_fp8, b_scale, row_ids, out, cfg, rows_in_use, a_rows, act_scale, direct, workspace
             ),
             cluster=(cfg.cluster, 1, 1),
         )

@@ -320,6 +320,19 @@ struct Mainloop {
     if constexpr (T::kKBlocks % kChain != 0)
       mma_chain<(T::kKBlocks % kChain) * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
   }
+
+  // Stream-K: the K loop over `num_kb` K blocks of a tile (a whole number of chains, at least
+  // one: segments are whole a_scale chunks, KernelTraits' stream-K assert).
+  __device__ __forceinline__ static void k_loop_blocks(float (&acc)[T::kPartRegs], float (&acc_odd)[T::kOddRegs],
+                                                       float (&result)[T::kAccRegs], const SmemView& sv, RingPos& issue,
+                                                       RingPos& retire, int row_in_tile, int lane,
+                                                       float (&scales)[2][T::kScaleBands][2], int num_kb) {
+    constexpr int kChain = T::kLoopChain;
+    mma_chain<kChain * T::kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+#pragma unroll 1
+    for (int kb = kChain; kb < num_kb; kb += kChain)
+      mma_chain<kChain * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+  }
 };
 
 }  // namespace phasemoe

@@ -53,6 +53,73 @@ struct LiveTiles {
   }
 };
 
+// One unit's share of a CTA's work under stream-K (StreamKPool): its K blocks [kb_begin,
+// kb_begin + kb_count) and what becomes of the sum (kind), with, for kFinish, the pool chunk
+// after the unit's last (unit_end), packed in one word: the consumers keep it through the K loop,
+// where registers are few.
+struct Segment {
+  enum Kind : int {
+    kWhole = 0,    // the whole unit: stored as usual
+    kPartial = 1,  // not the unit's first chunk: the sum goes to the workspace, not to `out`
+    kFinish = 2,   // the unit's first chunk but not its last: add the later clusters' partial sums
+  };
+  int kb_begin;
+  int kb_count;
+  int tag;  // unit_end * 4 + kind
+
+  __host__ __device__ int kind() const { return tag & 3; }
+  __host__ __device__ int unit_end() const { return tag >> 2; }
+};
+
+// Stream-K: the units that would leave the last wave part full are not dealt whole. The first
+// dp_units (a multiple of the clusters) go round robin as usual; the K blocks of the rest, in
+// chunks, form a pool cut into one contiguous range per cluster, so all clusters finish within a
+// chunk of each other. A unit cut between clusters is finished by the cluster holding its first
+// chunk (its owner: the unit comes last in the owner's range) from the partial sums the later
+// clusters leave in a workspace (the unit comes first in theirs, so they never wait for it, and
+// the cluster ending the pool never waits: every wait points to a later cluster).
+// Pure arithmetic, host and device: tests/cuda/test_stream_k_pool.py runs it on the host.
+struct StreamKPool {
+  int dp_units;  // units dealt whole, round robin
+  int chunks;    // K chunks in the pool: the remaining units x chunks per unit
+
+  __host__ __device__ static StreamKPool make(int units, int clusters, int chunks_per_unit) {
+    const int rest = units % clusters;
+    // A last wave that takes every chunk of a unit anyway gains nothing from the cut.
+    const bool cut = rest > 0 && (rest * chunks_per_unit + clusters - 1) / clusters < chunks_per_unit;
+    const int pool_units = cut ? rest : 0;
+    return StreamKPool{units - pool_units, pool_units * chunks_per_unit};
+  }
+
+  // The first pool chunk of cluster c's range (of `clusters`); c = clusters: the pool's end.
+  __host__ __device__ int begin(int c, int clusters) const {
+    return static_cast<int>(static_cast<int64_t>(chunks) * c / clusters);
+  }
+
+  // The piece of a range that starts at pool chunk `chunk` and ends at `range_end`: its unit
+  // (pool-local), its segment and the chunk after it.
+  __host__ __device__ static Segment piece(int chunk, int range_end, int chunks_per_unit, int chunk_k_blocks, int& unit,
+                                           int& end) {
+    unit = chunk / chunks_per_unit;
+    const int first = unit * chunks_per_unit;
+    const int unit_end = first + chunks_per_unit;
+    end = range_end < unit_end ? range_end : unit_end;
+    const int kind = chunk != first ? Segment::kPartial : end != unit_end ? Segment::kFinish : Segment::kWhole;
+    return Segment{(chunk - first) * chunk_k_blocks, (end - chunk) * chunk_k_blocks, unit_end * 4 + kind};
+  }
+
+  // A kFinish segment of cluster `cluster`: calls helper(c) for every later cluster c whose
+  // range starts inside the unit (a cluster with an empty range holds nothing), in order.
+  template <typename Helper>
+  __host__ __device__ void for_each_helper(int cluster, int clusters, const Segment& seg, Helper&& helper) const {
+    for (int c = cluster + 1; c < clusters; ++c) {
+      const int b = begin(c, clusters);
+      if (b >= seg.unit_end()) break;
+      if (begin(c + 1, clusters) > b) helper(c);
+    }
+  }
+};
+
 // Walks the units of one CTA (kCluster = 1) or one cluster of 2 (a unit is a pair of tiles, one
 // per CTA): kMcastA = 0 pairs vertically adjacent M tiles 2i, 2i + 1 at one N tile (B shared);
 // kMcastA = 1 pairs N tiles 2j, 2j + 1 at one M tile (A shared, always one expert).
@@ -112,6 +179,51 @@ struct TileScheduler {
       return true;
     }
     return false;
+  }
+};
+
+// kStreamKChunk > 0: the walk of TileScheduler with the last units dealt as a pool of K chunks
+// (StreamKPool). Whole units first, round robin; then this cluster's range of the pool, unit by
+// unit. A separate walker, so the kernels dealing whole units keep their code.
+template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kKBlocks, int kStreamKChunk>
+struct StreamKScheduler : TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, 0> {
+  using Base = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, 0>;
+  static constexpr int kChunksPerUnit = kKBlocks / kStreamKChunk;
+  static_assert(kStreamKChunk > 0 && kKBlocks % kStreamKChunk == 0, "stream-K chunks divide a unit's K blocks");
+
+  StreamKPool pool;
+  int chunk;      // the next pool chunk to walk
+  int chunk_end;  // the end of this cluster's range
+
+  __device__ __forceinline__ explicit StreamKScheduler(int m)
+      : Base(m), pool(StreamKPool::make(Base::num_tiles, Base::stride, kChunksPerUnit)) {
+    chunk = pool.begin(cluster(), Base::stride);
+    chunk_end = pool.begin(cluster() + 1, Base::stride);
+  }
+
+  __device__ __forceinline__ static int cluster() { return static_cast<int>(blockIdx.x) / kCluster; }
+
+  __device__ __forceinline__ bool next_segment(int& m_unit, int& n_unit, Segment& seg) {
+    if (Base::next < pool.dp_units) {
+      Base::unit_coords(Base::next, m_unit, n_unit);
+      Base::next += Base::stride;
+      seg = Segment{0, kKBlocks, Segment::kWhole};
+      return true;
+    }
+    if (chunk < chunk_end) {
+      int unit, end;
+      seg = StreamKPool::piece(chunk, chunk_end, kChunksPerUnit, kStreamKChunk, unit, end);
+      Base::unit_coords(pool.dp_units + unit, m_unit, n_unit);
+      chunk = end;
+      return true;
+    }
+    return false;
+  }
+
+  // kFinish: add(cta) for every helper cluster's CTA of this rank (the same M tile of a pair).
+  template <typename Add>
+  __device__ __forceinline__ void for_each_helper(const Segment& seg, uint32_t rank, Add&& add) const {
+    pool.for_each_helper(cluster(), Base::stride, seg, [&](int c) { add(c * kCluster + static_cast<int>(rank)); });
   }
 };
 

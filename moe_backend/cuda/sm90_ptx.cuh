@@ -158,6 +158,36 @@ __device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint64_t* bar) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Flags in global memory between CTAs (stream-K's partial sums)
+__device__ __forceinline__ void st_release_gpu(int32_t* p, int32_t v) {
+  asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ int32_t ld_acquire_gpu(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Every lane of the warp spins until *flag is nonzero (each lane's load an acquire: what the
+// setter wrote before its release is visible to it after). The exit is voted, so the warp leaves
+// converged and the compiler can keep proving the code after it warp-uniform. Debug builds trap
+// after 5 s, as mbar_wait does.
+__device__ __forceinline__ void flag_wait_warp(const int32_t* flag) {
+#ifdef PHASEMOE_DEBUG
+  const uint64_t start = global_timer_ns();
+#endif
+  while (!__all_sync(0xffffffffu, ld_acquire_gpu(flag) != 0)) {
+#ifdef PHASEMOE_DEBUG
+    if (global_timer_ns() - start > 5000000000ull) {
+      printf("phasemoe: stream-K flag wait timed out: block %d thread %d\n", blockIdx.x, threadIdx.x);
+      __trap();
+    }
+#endif
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Clusters
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t r;

@@ -225,6 +225,27 @@ def cuda_silu_in_gemm1(gemm1: GemmPlan) -> bool:
     return bool(thresholds()["cuda_silu_in_gemm1"]["enabled"])
 
 
+def with_stream_k(g: GemmPlan, which: str, *, gathers_rows: bool = False, direct_rows: bool = False) -> GemmPlan:
+    """`g` (`which`: "gemm1" or "gemm2") with our CUDA contiguous kernel dealing its last part-full
+    wave by K chunks over every SM (`ContiguousConfig.stream_k`), where dispatch_thresholds.json
+    `cuda_stream_k` enables it for that GEMM and the kernel takes it: rows by TMA (not gathered),
+    no direct rows, K blocks in chunks of whole K-loop chains."""
+    if g.provider != "cuda" or gathers_rows or direct_rows or not thresholds()["cuda_stream_k"][which]:
+        return g
+    import dataclasses
+
+    from moe_backend.cuda.launch import stream_k_chunk
+
+    cfg = g.config
+    if cfg is None:  # the masked layout's, or one the launch picks: not ours to change
+        return g
+    # GEMM1 storing SiLU*up quant runs 256-wide tiles whatever the plan's config says.
+    block_n = 256 if which == "gemm1" and cuda_silu_in_gemm1(g) else cfg.block_n
+    if cfg.shares_a or stream_k_chunk(g.k, block_n) == 0:
+        return g
+    return GemmPlan(g.provider, g.n, g.k, dataclasses.replace(cfg, stream_k=True))
+
+
 def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:
     """`g` allowed to split K when its expected work units (active_experts x m-tiles x n-tiles)
     number fewer than `split_k.min_units` (dispatch_thresholds.json): a Triton GEMM on the

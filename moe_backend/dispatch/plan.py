@@ -37,6 +37,7 @@ from moe_backend.dispatch.gemm_choice import (
     silu_in_gemm2_pays,
     thresholds,
     with_split_k,
+    with_stream_k,
 )
 from moe_backend.dispatch.layouts import max_contiguous_rows
 from moe_backend.dispatch.policy import KERNELS, Policy
@@ -304,6 +305,10 @@ def _make_plan(
         and not (dependent or silu_in_gemm1)
         and silu_in_gemm2_pays(num_tokens, gemm2)
     )
+    direct_rows = layout == "contiguous" and cuda_direct_rows(gemm2, num_tokens, num_experts, num_global_experts)
+    if layout == "contiguous":
+        gemm1 = with_stream_k(gemm1, "gemm1", gathers_rows=gather_a)
+        gemm2 = with_stream_k(gemm2, "gemm2", direct_rows=direct_rows)
     rows_on_host = layout == "contiguous" and bool({gemm1.provider, gemm2.provider} & _WALKS_EVERY_ROW)
     plan = Plan(
         kernel=name,
@@ -327,7 +332,7 @@ def _make_plan(
         dependent_launch=dependent,
         rows_on_host=rows_on_host,
         combine_branch=branch_on_absent_slots(num_experts, num_global_experts),
-        direct_rows=layout == "contiguous" and cuda_direct_rows(gemm2, num_tokens, num_experts, num_global_experts),
+        direct_rows=direct_rows,
     )
     if graph_tokens and {gemm1.provider, gemm2.provider} <= _GRAPHABLE_PROVIDERS:
         graph_plan = _make_plan(

@@ -8,6 +8,7 @@ First run on a new build: MOE_BACKEND_JIT_DEBUG=1 turns a pipeline hang into a t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -343,6 +344,17 @@ SILU_CASES = [
     ("tp8_w13_gather", 256, 7168, _skewed(64, 64 * 40, 8), dict(block_n=256, cluster=2), 333, False),
     ("heuristic_bn128_replaced", 256, 2048, (5, 129, 0, 1), dict(block_n=128), 0, False),
     ("one_row", 256, 7168, (1, 0, 0), None, 1, False),
+    # stream-K: cut units finished from partial sums before the epilogue; few units (cut in three)
+    (
+        "ep8_w13_pairs_stream_k",
+        2048,
+        7168,
+        _skewed(32, 32 * 96, 16),
+        dict(block_n=256, cluster=2, stream_k=True),
+        0,
+        False,
+    ),
+    ("few_units_stream_k_ue8m0", 2048, 7168, (300, 0, 5), dict(block_n=256, stream_k=True), 0, True),
 ]
 
 
@@ -478,3 +490,127 @@ def test_direct_rows_pipeline_in_a_graph_with_new_routing() -> None:
         assert _rel(out, reference.routed_experts(x, w13, w13_s, w2, w2_s, w, torch.where(ids < e, ids, -1))) <= 1e-2
 
     assert_same_bits_over_replays(plan, plain, (w13, w13_s, w2, w2_s), x, routing, 10, close_to_reference)
+
+
+STREAM_K_CASES = [
+    # (name, n, k, counts, config kwargs, layout kwargs). Unit counts: a part-full last wave over
+    # the GPU's CTAs (the pool), fewer units than CTAs (every unit cut, some in three), K in 7
+    # chunks (EP8 w13) and in 2 (EP8 w2)
+    ("ep8_w13_pairs_ragged", 4096, 7168, _skewed(32, 32 * 96, 11), dict(block_n=256, cluster=2), {}),
+    ("few_units_single", 4096, 7168, (300, 0, 5), dict(block_n=256), {}),
+    ("w2_bn128_pairs", 7168, 2048, (257, 0, 128, 31), dict(block_n=128, cluster=2), {}),
+    ("w2_bn64_single_ragged", 7168, 2048, _skewed(32, 32 * 40, 12), dict(block_n=64), {}),
+    ("w2_bn192_pairs", 7168, 2048, _skewed(16, 16 * 200, 13), dict(block_n=192, cluster=2), {}),
+    ("m_ends_mid_tile_pairs", 1024, 2048, (130, 0, 77), dict(block_n=256, cluster=2), dict(pad_last=False)),
+    ("k256_one_chunk", 7168, 256, _skewed(64, 64 * 24, 14), dict(block_n=192, cluster=2), {}),
+]
+
+
+@pytest.mark.parametrize("name,n,k,counts,cfg,layout", STREAM_K_CASES, ids=[c[0] for c in STREAM_K_CASES])
+def test_stream_k_matches_reference_and_whole_units(name, n, k, counts, cfg, layout) -> None:
+    """`stream_k`: the last part-full wave dealt by K chunks over every CTA, cut units finished
+    from partial sums. Against the reference (TOL) and against the same config dealing whole units
+    (only the order of the fp32 sums differs: a missed or doubled chunk is off by 1/7 or more);
+    padding rows (NaN-poisoned) stay unwritten. B's block scales far apart, so a chunk promoted
+    with the wrong K block's scales shows."""
+    ggc = _ggc()
+    expert_ids = _layout(counts, **layout)
+    a, a_scale, b, b_scale, _ = _operands(counts, n, k, spread_blocks=True, **layout)
+    whole = ggc.ContiguousConfig(cfg["block_n"], cluster=cfg.get("cluster", 1))
+    outs = {}
+    for sk in (False, True):
+        out = torch.full((expert_ids.numel(), n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        config = dataclasses.replace(whole, stream_k=sk)
+        ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=config)
+        outs[sk] = out
+    torch.cuda.synchronize()
+    real = expert_ids >= 0
+    assert torch.isnan(outs[True][~real]).all(), "padding rows were written"
+    assert torch.isfinite(outs[True][real]).all(), "real rows left unwritten (or non-finite)"
+    ref = reference.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids)
+    assert _rel(outs[True][real], ref[real]) <= TOL["gemm"]
+    assert _rel(outs[True][real], outs[False][real]) <= 1e-3
+
+
+def test_stream_k_workspace_kept_across_launches_and_a_graph() -> None:
+    """One workspace for every launch on a stream: eager launches, then a CUDA graph captured
+    once and replayed on new activations, routing and rows in use; each result against the
+    reference, and the flags back at zero after each (the owner lowers what helpers raised)."""
+    ggc = _ggc()
+    from moe_backend.cuda import launch as launch_mod
+
+    n, k = 4096, 7168
+    cfg = ggc.ContiguousConfig(256, cluster=2, stream_k=True)
+    counts = _skewed(32, 32 * 60, 15)
+    expert_ids = _layout(counts)
+    a, a_scale, b, b_scale, _ = _operands(counts, n, k)
+    workspace = launch_mod.stream_k_workspace(torch.device("cuda"))
+    flags = workspace[: launch_mod.STREAM_K_FLAG_WORDS]
+    used = torch.tensor([expert_ids.numel()], dtype=torch.int32, device="cuda")
+    out = torch.empty((expert_ids.numel(), n), dtype=torch.bfloat16, device="cuda")
+
+    def call():
+        launch_mod.launch(
+            a, a_scale, b, b_scale, expert_ids, out, config=cfg, rows_in_use=used, stream_k_workspace=workspace
+        )
+
+    def check():
+        torch.cuda.synchronize()
+        assert not flags.view(torch.int32).any(), "flags left raised"
+        live = (expert_ids >= 0) & (torch.arange(expert_ids.numel(), device="cuda") < used)
+        ref = reference.grouped_gemm_contiguous(a[live], a_scale[live], b, b_scale, expert_ids[live])
+        assert _rel(out[live], ref) <= TOL["gemm"]
+
+    for _ in range(3):
+        out.fill_(float("nan"))
+        call()
+        check()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for seed in (21, 22, 23):
+        new_counts = _skewed(32, 32 * 60, seed)
+        new_ids = _layout(new_counts)[: expert_ids.numel()]
+        expert_ids.fill_(-1)
+        expert_ids[: new_ids.numel()] = new_ids
+        used.fill_(min(new_ids.numel(), expert_ids.numel()) - 128 * (seed % 2))  # rows in use move too
+        new_a, new_s = quantize_fp8_per_token_group(torch.randn(expert_ids.numel(), k, device="cuda"))
+        a.copy_(new_a)
+        a_scale.copy_(new_s)
+        out.fill_(float("nan"))
+        graph.replay()
+        check()
+
+
+def test_stream_k_plan_against_the_plain_plan() -> None:
+    """The EP8 prefill plan with both GEMMs on stream-K (GEMM1 storing SiLU*up quant) against the
+    same plan dealing whole units, and the reference: the layer's numerics bound."""
+    _ggc()
+    import dataclasses as dc
+
+    from moe_backend.dispatch import Policy
+    from moe_backend.dispatch.plan import make_plan
+    from moe_backend.plan_execution import run_plan
+
+    e, e_global, hidden, inter, topk, tokens = 32, 256, 7168, 2048, 8, 4096
+    w13, w13_s = quantize_fp8_blockwise(torch.randn(e, 2 * inter, hidden, device="cuda") * 0.05)
+    w2, w2_s = quantize_fp8_blockwise(torch.randn(e, hidden, inter, device="cuda") * 0.05)
+    plan = make_plan(
+        Policy(graph_max_tokens=0), num_tokens=tokens, topk=topk, num_experts=e, num_global_experts=e_global,
+        hidden=hidden, intermediate=inter, device=torch.device("cuda"), phase="prefill",
+    )  # fmt: skip
+    assert plan.gemm1.provider == plan.gemm2.provider == "cuda" and not plan.direct_rows, plan.describe()
+    sk = dc.replace(
+        plan,
+        gemm1=dc.replace(plan.gemm1, config=dc.replace(plan.gemm1.config, stream_k=True)),
+        gemm2=dc.replace(plan.gemm2, config=dc.replace(plan.gemm2.config, stream_k=True)),
+    )
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    w, ids = torch.rand(tokens, e_global, device="cuda", generator=gen).topk(topk, dim=-1)
+    w = (w / w.sum(-1, keepdim=True)).float()
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    args = (x, None, w13, w13_s, w2, w2_s, w, ids, 0, False)
+    out, plain = run_plan(sk, *args), run_plan(plan, *args)
+    ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, w, torch.where(ids < e, ids, -1))
+    assert _rel(out, ref) <= 1e-2
+    assert _rel(out, plain) <= 5e-3

@@ -146,7 +146,8 @@ def test_kernel_args_match_the_kernel_signature(cache, monkeypatch):
         0,
         0,
         0,
-    ]  # no row count, no gathered rows, no SiLU*up scales, no direct rows: null pointers
+        0,
+    ]  # no row count, no gathered rows, no SiLU*up scales, no direct rows, no stream-K workspace
     rows_in_use = torch.tensor([128], dtype=torch.int32)
     with_count = launch.kernel_args(a, a_scale, b, b_scale, ids, out, cfg, rows_in_use=rows_in_use)
     assert with_count[7].value == rows_in_use.data_ptr()
@@ -163,7 +164,13 @@ def test_kernel_args_match_the_kernel_signature(cache, monkeypatch):
     # Direct rows: the rows' (token, weight) pairs and the layer's output, last.
     direct_pairs, layer_out = torch.empty(m, 2, dtype=torch.int32), torch.empty(7, n, dtype=torch.bfloat16)
     direct = launch.kernel_args(a, a_scale, b, b_scale, ids, out, cfg, direct=(direct_pairs, layer_out))
-    assert [p.value for p in direct[-2:]] == [direct_pairs.data_ptr(), layer_out.data_ptr()]
+    assert [p.value for p in direct[-3:-1]] == [direct_pairs.data_ptr(), layer_out.data_ptr()]
+    # Stream-K: the workspace, last.
+    workspace = launch.stream_k_workspace(torch.device("cpu"), 4)
+    sk_cfg = ContiguousConfig(128, 4, stream_k=True)
+    assert launch.kernel_args(a, a_scale, b, b_scale, ids, out, sk_cfg, stream_k=workspace)[-1].value == (
+        workspace.data_ptr()
+    )
     assert launch.num_tiles(m, n, cfg) == 3 * 8
     pairs = launch.kernel_args(a, a_scale, b, b_scale, ids, out, ContiguousConfig(128, cluster=2, multicast="a"))
     assert fake.maps[-1]["box"] == [128, 64]  # A loaded in halves, one per CTA (B's map is the cached one)
@@ -172,6 +179,45 @@ def test_kernel_args_match_the_kernel_signature(cache, monkeypatch):
         pytest.skip("no nvcc/cuobjdump to read the kernel's parameter sizes")
     spec = kernel_spec(n, k, cfg)
     assert _kparam_sizes(jit.compile_cubin(spec), spec.kernel_name) == [ctypes.sizeof(p) for p in args]
+
+
+def test_stream_k_launch_side():
+    """Stream-K on the host: which kernels may take it (errors name config.stream_k), the chunk
+    the kernel cuts at, a grid over every SM, and a workspace whose flags start at zero."""
+    cfg = ContiguousConfig(256, cluster=2, stream_k=True)
+    assert kernel_spec(4096, 7168, cfg).kernel_name.endswith("_sk")
+    assert kernel_spec(4096, 7168, cfg).constants["STREAM_K"] == 1
+    assert kernel_spec(4096, 7168, ContiguousConfig(256)).constants["STREAM_K"] == 0
+    for kwargs in (dict(masked_max_m=128), dict(gather_a=True), dict(direct_rows=True)):
+        with pytest.raises(ValueError, match="config.stream_k"):
+            kernel_spec(7168, 2048, ContiguousConfig(128, stream_k=True), **kwargs)
+    with pytest.raises(ValueError, match="config.stream_k"):  # 3 K blocks: chunks of 1 < chains of 2
+        kernel_spec(4096, 384, cfg)
+    with pytest.raises(TypeError, match="config.stream_k"):
+        ContiguousConfig(128, stream_k=1)
+    # K blocks per chunk: the a_scale chunk (8 / 4 / 2 / 1), 0 where it is shorter than a chain.
+    assert launch.stream_k_chunk(7168, 256) == 8 and launch.stream_k_chunk(2048, 128) == 8
+    assert launch.stream_k_chunk(256, 192) == 2 and launch.stream_k_chunk(384, 128) == 0
+    assert launch.stream_k_chunk(768, 256) == 2 and launch.stream_k_chunk(768, 128) == 0
+    # The grid: every SM in whole clusters, however few tiles (a small pool spreads over all).
+    assert launch.grid_size(128, 4096, cfg, 132) == 132
+    assert launch.grid_size(128, 4096, ContiguousConfig(256, cluster=2), 132) == 32  # 16 pair units
+    assert launch.grid_size(128, 4096, ContiguousConfig(128, stream_k=True), 133) == 133
+    cpu = torch.device("cpu")
+    workspace = launch.stream_k_workspace(cpu, 6)  # the flag area first, then 6 slots of the widest tile
+    flags = launch.STREAM_K_FLAG_WORDS
+    assert workspace.dtype == torch.float32 and workspace.numel() == flags + 6 * 128 * 256
+    assert torch.equal(workspace[:flags].view(torch.int32), torch.zeros(flags, dtype=torch.int32))
+    assert launch.stream_k_workspace_for(6, 128, cpu, workspace) is workspace  # narrower tiles fit too
+    assert launch.stream_k_workspace_for(3, 64, cpu, None).numel() == flags + 3 * 128 * 256
+    with pytest.raises(ValueError, match="stream_k_workspace"):
+        launch.stream_k_workspace_for(7, 256, cpu, workspace)  # 7 CTAs' slots do not fit
+    with pytest.raises(ValueError, match="stream_k_workspace"):
+        launch.stream_k_workspace_for(6, 256, cpu, workspace.double())
+    with pytest.raises(ValueError, match="num_ctas"):
+        launch.stream_k_workspace(cpu, launch.STREAM_K_MAX_CTAS + 1)
+    # The rendered source names the kernel's template argument, and only the stream-K one sets it.
+    assert "GroupedGemmContiguous<4096, 7168, 256, 4, 8, 2, 0, 0, 0, 0, 0, 1>" in kernel_spec(4096, 7168, cfg).source
 
 
 def test_launch_passes_grid_cluster_and_param_pointers(monkeypatch):

@@ -218,6 +218,42 @@ def test_cuda_gemm1_stores_silu_quant_where_its_tiles_hold_whole_groups(cuda_gem
     assert not gemm_choice.cuda_silu_in_gemm1(plan_mod.GemmPlan("cuda", 512, 7168))
 
 
+def test_stream_k_reaches_the_cuda_gemms_the_json_names(cuda_gemm_plans, monkeypatch):
+    """dispatch_thresholds.json `cuda_stream_k` (off as shipped: untimed) turns stream-K on per
+    GEMM for our CUDA kernel on the contiguous layout, except where GEMM1 gathers token rows
+    (TP8) or GEMM2 stores direct rows (EP8 from `cuda_direct_rows.min_tokens`)."""
+    from moe_backend.cuda.config import ContiguousConfig
+
+    monkeypatch.setattr(
+        plan_mod,
+        "gemm_plan",
+        lambda provider, layout, m, rows, n, k, dev: plan_mod.GemmPlan(
+            provider, n, k, ContiguousConfig(256, cluster=2)
+        ),
+    )
+    shipped = _plan(num_tokens=4096, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
+    assert not shipped.gemm1.config.stream_k and not shipped.gemm2.config.stream_k
+    on = {**thresholds(), "cuda_stream_k": {"gemm1": True, "gemm2": True}}
+    monkeypatch.setattr(gemm_choice, "thresholds", lambda: on)
+    monkeypatch.setattr(plan_mod, "thresholds", lambda: on)
+    plan_mod.clear_plan_cache()
+    ep8 = _plan(num_tokens=4096, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
+    assert ep8.gemm1.config.stream_k and ep8.gemm2.config.stream_k and not ep8.direct_rows
+    direct = _plan(num_tokens=16384, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
+    assert direct.direct_rows and direct.gemm1.config.stream_k and not direct.gemm2.config.stream_k
+    tp8 = _plan(num_tokens=4096, num_experts=256, hidden=7168, intermediate=256, phase="prefill")
+    assert tp8.gather_a and not tp8.gemm1.config.stream_k and tp8.gemm2.config.stream_k
+    only1 = {**thresholds(), "cuda_stream_k": {"gemm1": True, "gemm2": False}}
+    monkeypatch.setattr(gemm_choice, "thresholds", lambda: only1)
+    plan_mod.clear_plan_cache()
+    ep8 = _plan(num_tokens=4096, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
+    assert ep8.gemm1.config.stream_k and not ep8.gemm2.config.stream_k
+    # K = 384: three K blocks, chunks of one, shorter than the K loop's chains: never.
+    g = plan_mod.GemmPlan("cuda", 512, 384, ContiguousConfig(128))
+    assert gemm_choice.with_stream_k(g, "gemm2") is g
+    assert gemm_choice.with_stream_k(plan_mod.GemmPlan("triton", 512, 7168, ()), "gemm2").config == ()
+
+
 def test_token_bucket_rounds_up_to_few_sizes():
     from moe_backend.dispatch.plan import token_bucket
 
