@@ -7,10 +7,13 @@ must match bit for bit, and so must the two SiLU runs'. With --old DIR (earlier 
 from `git show REV:moe_backend/cuda/epilogue.cuh`), the SiLU kernel built from those headers runs
 too, at the static bound, and its rows must match the current one's bit for bit. With --group-m
 G,..., the SiLU kernel also runs with the plan's config but G M tiles walked together (`silu gG`,
-static bound; rows equal to the plan's); --silu-only drops the plain and rows-in-use runs.
+static bound; rows equal to the plan's); --silu-only drops the plain and rows-in-use runs. With
+--stream-k, the SiLU kernel also runs with the plan's config dealing its last part-full wave by K
+chunks over every SM (`silu sk`, static bound); its fp32 sums are added in another order, so the
+column gives the share of its FP8 bytes equal to the plan's instead of a bit-for-bit answer.
 
     python -m lab.gemm1_epilogue [--cells ep8:8192:uniform,ep8:16384:uniform] [--rounds 5] [--old DIR]
-        [--group-m 4,16] [--silu-only]
+        [--group-m 4,16] [--silu-only] [--stream-k]
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--old", type=Path, default=None, help="earlier CUDA headers: their SiLU kernel runs too")
     p.add_argument("--group-m", default="", help="M tiles walked together, SiLU kernel variants: G,...")
     p.add_argument("--silu-only", action="store_true", help="only the SiLU kernel at the static bound")
+    p.add_argument("--stream-k", action="store_true", help="the SiLU kernel with stream-K too")
     args = p.parse_args(argv)
     try:
         import deep_gemm as dg
@@ -116,6 +120,9 @@ def main(argv=None) -> int:
         contenders["silu, static bound"] = silu(bound, rows_in_use, name="silu, static bound")
         if args.old is not None:
             contenders["silu before, static bound"] = silu_before(bound, rows_in_use, args.old)
+        if args.stream_k:
+            name = "silu sk, static bound"
+            contenders[name] = silu(bound, rows_in_use, name, dataclasses.replace(plan_cfg, stream_k=True))
         for g in filter(None, args.group_m.split(",")):
             name = f"silu g{g}, static bound"
             contenders[name] = silu(bound, rows_in_use, name, dataclasses.replace(plan_cfg, group_m=int(g)))
@@ -146,12 +153,18 @@ def main(argv=None) -> int:
                 bits[name] = same(name, "silu, static bound")
         if args.old is not None:
             bits["silu before, static bound"] = same("silu before, static bound", "silu, static bound")
+        if args.stream_k:  # the share of equal FP8 bytes (sums in another order), and equal scales
+            (o1, s1), (o2, s2) = outs["silu sk, static bound"], outs["silu, static bound"]
+            equal = (o1[:used][live].view(torch.uint8) == o2[:used][live].view(torch.uint8)).float().mean()
+            scale_err = ((s1[:used][live] - s2[:used][live]).abs() / s2[:used][live]).max()
+            bits["silu sk, static bound"] = f"{float(equal):.4f} of bytes, scales within {float(scale_err):.1e}"
         graphs = {name: testing.capture_graph(fn)[0] for name, fn in fns.items()}
         t = testing.interleaved_us(graphs, rounds=args.rounds)
         ref = t.get("DeepGEMM contiguous", {}).get("us")
         for name in fns:
             cfg = contenders[name][0] if name in contenders else None
             tag = f"n{cfg.block_n} c{cfg.cluster}{cfg.multicast} g{cfg.group_m}" if cfg else "DeepGEMM"
+            tag += " sk" if cfg is not None and cfg.stream_k else ""
             ratio = f"{t[name]['us'] / ref:.3f}" if ref else "–"
             print(
                 f"| {cell} | {name} | {tag} | {t[name]['us']:.1f} ({t[name]['lo']:.1f}-{t[name]['hi']:.1f}) | "

@@ -23,7 +23,8 @@ static int check(int units, int clusters, int cpu, int ckb) {
   const int kbs = cpu * ckb;
   const StreamKPool pool = StreamKPool::make(units, clusters, cpu);
   // Either no cut (every unit whole) or whole waves before the pool.
-  if (pool.dp_units != units && pool.dp_units % clusters != 0) return fail("dp_units", units, clusters, cpu, pool.dp_units, 0);
+  if (pool.dp_units != units && pool.dp_units % clusters != 0)
+    return fail("dp_units", units, clusters, cpu, pool.dp_units, 0);
   if (pool.chunks != (units - pool.dp_units) * cpu) return fail("pool chunks", units, clusters, cpu, pool.chunks, 0);
   std::vector<int> covered(static_cast<size_t>(units) * kbs, 0);
   std::vector<int> owner(units, -1), work(clusters, 0);
@@ -41,7 +42,8 @@ static int check(int units, int clusters, int cpu, int ckb) {
       int unit, end;
       const Segment seg = StreamKPool::piece(chunk, chunk_end, cpu, ckb, unit, end);
       const int u = pool.dp_units + unit;
-      if (end <= chunk || seg.kb_count <= 0 || seg.kb_count % ckb) return fail("piece size", units, clusters, cpu, c, chunk);
+      if (end <= chunk || seg.kb_count <= 0 || seg.kb_count % ckb)
+        return fail("piece size", units, clusters, cpu, c, chunk);
       for (int kb = seg.kb_begin; kb < seg.kb_begin + seg.kb_count; ++kb) {
         if (kb < 0 || kb >= kbs) return fail("K block range", units, clusters, cpu, c, kb);
         ++covered[static_cast<size_t>(u) * kbs + kb];

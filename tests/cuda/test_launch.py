@@ -191,6 +191,8 @@ def test_stream_k_launch_side():
     for kwargs in (dict(masked_max_m=128), dict(gather_a=True), dict(direct_rows=True)):
         with pytest.raises(ValueError, match="config.stream_k"):
             kernel_spec(7168, 2048, ContiguousConfig(128, stream_k=True), **kwargs)
+    with pytest.raises(ValueError, match="config.stream_k"):
+        kernel_spec(7168, 2048, ContiguousConfig(128, cluster=2, multicast="a", stream_k=True))
     with pytest.raises(ValueError, match="config.stream_k"):  # 3 K blocks: chunks of 1 < chains of 2
         kernel_spec(4096, 384, cfg)
     with pytest.raises(TypeError, match="config.stream_k"):
