@@ -73,7 +73,7 @@ def _variants(plan, device):
         out["nodirect"] = dataclasses.replace(plan, direct_rows=False, graph_plan=None)
 
     def stream_k(g, allowed):
-        if g.provider != "cuda" or not allowed or g.config is None or g.config.shares_a:
+        if g.provider != "cuda" or not allowed or g.config is None:
             return None
         return dataclasses.replace(g, config=dataclasses.replace(g.config, stream_k=True))
 

@@ -31,7 +31,8 @@ struct GroupedGemmContiguous {
   using T = KernelTraits<kN, kK, kBlockN, kStages, kGroupM, kCluster, kMcastA, kMaskedMaxM, kGatherA, kSiluQuant,
                          kDirectRows, kStreamK>;
   using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM>;
-  using SkScheduler = StreamKScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, T::kKBlocks, T::kScaleChunk>;
+  using SkScheduler =
+      StreamKScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM, T::kKBlocks, T::kScaleChunk>;
   using Workspace = StreamKWorkspace<T::kAccRegs>;
   using Loop = Mainloop<T>;
   using Epi = Epilogue<T>;
@@ -75,7 +76,7 @@ struct GroupedGemmContiguous {
     const int producer_warp = threadIdx.x / 32 - kNumConsumerWarpgroups * 4;
     auto for_each_stage = [&](auto&& fill) {
       if constexpr (kStreamK) {  // whole units, then this cluster's pieces of the pool
-        SkScheduler sched(m);
+        SkScheduler sched(m, live);
         RingPos pos;
         int m_unit, n_unit;
         Segment seg;
@@ -224,8 +225,9 @@ struct GroupedGemmContiguous {
   // sums to its own before the store. A loop of its own, so the kernels dealing whole units keep
   // the binary the benchmark tables measured.
   __device__ __forceinline__ static void consume_stream_k(const Smem& s, int warpgroup, int lane, uint32_t rank,
-                                                          const Ids& expert_ids, int m, uint16_t* __restrict__ out,
-                                                          float* __restrict__ act_scale, const Workspace& ws) {
+                                                          const Ids& expert_ids, int m, const int* live,
+                                                          uint16_t* __restrict__ out, float* __restrict__ act_scale,
+                                                          const Workspace& ws) {
     sm90::setmaxnreg_inc<kConsumerRegs>();
     const int row_in_tile = Loop::row_in_tile(warpgroup, lane);
     const typename Loop::SmemView sv = consumer_view(s, warpgroup);
@@ -233,7 +235,7 @@ struct GroupedGemmContiguous {
     float acc_odd[T::kOddRegs];
     float result[T::kAccRegs];
     Loop::clear(acc);
-    SkScheduler sched(m);
+    SkScheduler sched(m, live);
     RingPos pos;
     typename Epi::PendingStore prev{0, 0, false, false, false};
     int next_m_unit, next_n_unit;
@@ -290,7 +292,7 @@ struct GroupedGemmContiguous {
     if (warpgroup == kNumConsumerWarpgroups) {
       produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, live, rank, lane, gather, direct);
     } else if constexpr (kStreamK) {
-      consume_stream_k(s, warpgroup, lane, rank, expert_ids, m, out, act_scale, stream_k);
+      consume_stream_k(s, warpgroup, lane, rank, expert_ids, m, live, out, act_scale, stream_k);
     } else {
       // The consumers, kept in run(): moved into a function of its own, this loop compiles to PTX
       // with other register numbering than the binary the benchmark tables measured.

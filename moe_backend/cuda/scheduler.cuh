@@ -184,10 +184,11 @@ struct TileScheduler {
 
 // kStreamKChunk > 0: the walk of TileScheduler with the last units dealt as a pool of K chunks
 // (StreamKPool). Whole units first, round robin; then this cluster's range of the pool, unit by
-// unit. A separate walker, so the kernels dealing whole units keep their code.
-template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kKBlocks, int kStreamKChunk>
-struct StreamKScheduler : TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, 0> {
-  using Base = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, 0>;
+// unit (units only increase, as the masked layout's dense walk needs). A separate walker, so the
+// kernels dealing whole units keep their code.
+template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM, int kKBlocks, int kStreamKChunk>
+struct StreamKScheduler : TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM> {
+  using Base = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM>;
   static constexpr int kChunksPerUnit = kKBlocks / kStreamKChunk;
   static_assert(kStreamKChunk > 0 && kKBlocks % kStreamKChunk == 0, "stream-K chunks divide a unit's K blocks");
 
@@ -195,17 +196,26 @@ struct StreamKScheduler : TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA,
   int chunk;      // the next pool chunk to walk
   int chunk_end;  // the end of this cluster's range
 
-  __device__ __forceinline__ explicit StreamKScheduler(int m)
-      : Base(m), pool(StreamKPool::make(Base::num_tiles, Base::stride, kChunksPerUnit)) {
+  __device__ __forceinline__ explicit StreamKScheduler(int m, const int* live = nullptr)
+      : Base(m, live), pool(StreamKPool::make(Base::num_tiles, Base::stride, kChunksPerUnit)) {
     chunk = pool.begin(cluster(), Base::stride);
     chunk_end = pool.begin(cluster() + 1, Base::stride);
+  }
+
+  // Unit t's coordinates: the masked layout's dense walk over live tiles, or the grouped one.
+  __device__ __forceinline__ void coords(int t, int& m_unit, int& n_unit) {
+    if constexpr (Base::kDense) {
+      Base::live_unit_coords(t, m_unit, n_unit);
+    } else {
+      Base::unit_coords(t, m_unit, n_unit);
+    }
   }
 
   __device__ __forceinline__ static int cluster() { return static_cast<int>(blockIdx.x) / kCluster; }
 
   __device__ __forceinline__ bool next_segment(int& m_unit, int& n_unit, Segment& seg) {
     if (Base::next < pool.dp_units) {
-      Base::unit_coords(Base::next, m_unit, n_unit);
+      coords(Base::next, m_unit, n_unit);
       Base::next += Base::stride;
       seg = Segment{0, kKBlocks, Segment::kWhole};
       return true;
@@ -213,7 +223,7 @@ struct StreamKScheduler : TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA,
     if (chunk < chunk_end) {
       int unit, end;
       seg = StreamKPool::piece(chunk, chunk_end, kChunksPerUnit, kStreamKChunk, unit, end);
-      Base::unit_coords(pool.dp_units + unit, m_unit, n_unit);
+      coords(pool.dp_units + unit, m_unit, n_unit);
       chunk = end;
       return true;
     }

@@ -241,7 +241,7 @@ def with_stream_k(g: GemmPlan, which: str, *, gathers_rows: bool = False, direct
         return g
     # GEMM1 storing SiLU*up quant runs 256-wide tiles whatever the plan's config says.
     block_n = 256 if which == "gemm1" and cuda_silu_in_gemm1(g) else cfg.block_n
-    if cfg.shares_a or stream_k_chunk(g.k, block_n) == 0:
+    if stream_k_chunk(g.k, block_n) == 0:
         return g
     return GemmPlan(g.provider, g.n, g.k, dataclasses.replace(cfg, stream_k=True))
 

@@ -5,6 +5,7 @@ current, and the warm-up command builds what the heuristics pick. Skips without 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -85,6 +86,17 @@ COMPILE_CASES = [
         for bn, cl in ((64, 1), (128, 2), (192, 2), (256, 1))
     ],
     CompileCase("sk-k256", 7168, 256, ContiguousConfig(192, cluster=2, stream_k=True)),
+    # stream-K on the masked layout's dense walk: the decode configs (A-sharing pairs, single CTAs)
+    *[
+        CompileCase(
+            f"sk-masked-{n}x{k}-max1024",
+            n,
+            k,
+            dataclasses.replace(select_masked_config(n, k), stream_k=True),
+            masked_max_m=1024,
+        )
+        for n, k in ((4096, 7168), (7168, 2048))
+    ],
 ]
 
 
