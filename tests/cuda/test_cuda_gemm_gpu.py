@@ -458,24 +458,32 @@ def test_direct_rows_give_the_combine_bytes(name, cfg, tokens, local, used) -> N
         assert len(single_rows) > 0 and others.any(), "both kinds of row present"
 
 
+def _ep8_prefill_plan(tokens: int, hidden: int) -> tuple:
+    """The policy's prefill plan for an EP8 slice (32 of 256 experts, I = 2048; eager, no graph
+    bucket) and random FP8 weights for it: (plan, (w13, w13_s, w2, w2_s))."""
+    from moe_backend.dispatch import Policy
+    from moe_backend.dispatch.plan import make_plan
+
+    e, inter = 32, 2048
+    w13, w13_s = quantize_fp8_blockwise(torch.randn(e, 2 * inter, hidden, device="cuda") * 0.05)
+    w2, w2_s = quantize_fp8_blockwise(torch.randn(e, hidden, inter, device="cuda") * 0.05)
+    plan = make_plan(
+        Policy(graph_max_tokens=0), num_tokens=tokens, topk=8, num_experts=e, num_global_experts=256,
+        hidden=hidden, intermediate=inter, device=torch.device("cuda"), phase="prefill",
+    )  # fmt: skip
+    return plan, (w13, w13_s, w2, w2_s)
+
+
 def test_direct_rows_pipeline_in_a_graph_with_new_routing() -> None:
     """The prefill plan of an expert-parallel slice (`Plan.direct_rows`) against the same plan
     without it: equal bit for bit eagerly and over 10 graph replays with new routing and tokens."""
     _ggc()
-    import dataclasses
-
-    from moe_backend.dispatch import Policy
-    from moe_backend.dispatch.plan import make_plan, thresholds
+    from moe_backend.dispatch.plan import thresholds
     from tests.helpers.plan_replays import assert_same_bits_over_replays
 
-    e, e_global, hidden, inter, topk = 32, 256, 1024, 2048, 8
+    e, e_global, hidden, topk = 32, 256, 1024, 8
     tokens = thresholds()["cuda_direct_rows"]["min_tokens"]
-    w13, w13_s = quantize_fp8_blockwise(torch.randn(e, 2 * inter, hidden, device="cuda") * 0.05)
-    w2, w2_s = quantize_fp8_blockwise(torch.randn(e, hidden, inter, device="cuda") * 0.05)
-    plan = make_plan(
-        Policy(graph_max_tokens=0), num_tokens=tokens, topk=topk, num_experts=e, num_global_experts=e_global,
-        hidden=hidden, intermediate=inter, device=torch.device("cuda"), phase="prefill",
-    )  # fmt: skip
+    plan, (w13, w13_s, w2, w2_s) = _ep8_prefill_plan(tokens, hidden)
     assert plan.direct_rows and plan.gemm2.provider == "cuda", plan.describe()
     plain = dataclasses.replace(plan, direct_rows=False)
 
@@ -586,25 +594,16 @@ def test_stream_k_plan_against_the_plain_plan() -> None:
     """The EP8 prefill plan with both GEMMs on stream-K (GEMM1 storing SiLU*up quant) against the
     same plan dealing whole units, and the reference: the layer's numerics bound."""
     _ggc()
-    import dataclasses as dc
-
-    from moe_backend.dispatch import Policy
-    from moe_backend.dispatch.plan import make_plan
     from moe_backend.plan_execution import run_plan
 
-    e, e_global, hidden, inter, topk, tokens = 32, 256, 7168, 2048, 8, 4096
-    w13, w13_s = quantize_fp8_blockwise(torch.randn(e, 2 * inter, hidden, device="cuda") * 0.05)
-    w2, w2_s = quantize_fp8_blockwise(torch.randn(e, hidden, inter, device="cuda") * 0.05)
-    plan = make_plan(
-        Policy(graph_max_tokens=0), num_tokens=tokens, topk=topk, num_experts=e, num_global_experts=e_global,
-        hidden=hidden, intermediate=inter, device=torch.device("cuda"), phase="prefill",
-    )  # fmt: skip
+    e, e_global, hidden, topk, tokens = 32, 256, 7168, 8, 4096
+    plan, (w13, w13_s, w2, w2_s) = _ep8_prefill_plan(tokens, hidden)
     assert plan.gemm1.provider == plan.gemm2.provider == "cuda" and not plan.direct_rows, plan.describe()
-    sk = dc.replace(
-        plan,
-        gemm1=dc.replace(plan.gemm1, config=dc.replace(plan.gemm1.config, stream_k=True)),
-        gemm2=dc.replace(plan.gemm2, config=dc.replace(plan.gemm2.config, stream_k=True)),
-    )
+
+    def with_stream_k(g):
+        return dataclasses.replace(g, config=dataclasses.replace(g.config, stream_k=True))
+
+    sk = dataclasses.replace(plan, gemm1=with_stream_k(plan.gemm1), gemm2=with_stream_k(plan.gemm2))
     gen = torch.Generator(device="cuda").manual_seed(5)
     w, ids = torch.rand(tokens, e_global, device="cuda", generator=gen).topk(topk, dim=-1)
     w = (w / w.sum(-1, keepdim=True)).float()
