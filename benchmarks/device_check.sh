@@ -77,7 +77,7 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     streamk) # the CUDA GEMM's stream-K: its GPU tests (debug build: a hang traps), GEMM1 with it beside the
            # plan's and DeepGEMM's, then the prefill pipeline with it on GEMM1 / GEMM2 / both (same run each)
            step sktests 150 env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -p no:cacheprovider \
-             tests/cuda/test_cuda_gemm_gpu.py -k "stream_k" \
+             tests/cuda/test_cuda_gemm_gpu.py tests/cuda/test_cuda_masked_gpu.py -k "stream_k" \
            && TAIL=20 step skgemm1 150 python3 -m lab.gemm1_epilogue --silu-only --stream-k \
              ${SKGEMM1_ARGS:---cells ep8:8192:uniform,ep8:16384:uniform,ep8:8192:zipf:0.6 --rounds 5} \
            && TAIL=30 step sklayer 200 python3 -m lab.prefill_gather_a --only sk1,sk2,sk12 \

@@ -14,7 +14,7 @@ as a CUDA-graph replay under plan variants that differ only in GEMM1's provider 
   nodirect   the policy plan with GEMM2 storing every row into y for the combine (where the
              policy's CUDA GEMM2 stores single-slot tokens' rows into the output itself)
   sk1 / sk2 / sk12  the policy plan with stream-K on our CUDA GEMM1 / GEMM2 / both, where the
-             kernel takes it (not GEMM1 gathering rows, not GEMM2 storing direct rows)
+             kernel takes it (not GEMM1 gathering rows)
 Timed interleaved (rounds of A B C D E), checked against the policy plan's output (rel err).
 
     python -m lab.prefill_gather_a                         # GPU, about a minute
@@ -78,7 +78,7 @@ def _variants(plan, device):
         return dataclasses.replace(g, config=dataclasses.replace(g.config, stream_k=True))
 
     sk1 = stream_k(plan.gemm1, not plan.gather_a)
-    sk2 = stream_k(plan.gemm2, not plan.direct_rows)
+    sk2 = stream_k(plan.gemm2, True)
     if sk1 is not None:
         out["sk1"] = dataclasses.replace(plan, gemm1=sk1, graph_plan=None)
     if sk2 is not None:

@@ -74,6 +74,7 @@ struct GroupedGemmContiguous {
                                                  const DirectArgs& direct = {nullptr, nullptr}) {
     sm90::setmaxnreg_dec<kProducerRegs>();
     const int producer_warp = threadIdx.x / 32 - kNumConsumerWarpgroups * 4;
+    int owned = 0;  // kStreamK: the pieces walked so far that the CTA stores (not kPartial)
     auto for_each_stage = [&](auto&& fill) {
       if constexpr (kStreamK) {  // whole units, then this cluster's pieces of the pool
         SkScheduler sched(m, live);
@@ -91,6 +92,7 @@ struct GroupedGemmContiguous {
             fill(role, kb, pos);
             Loop::advance(pos);
           }
+          if (seg.kind() != Segment::kPartial) ++owned;
         }
         return;
       }
@@ -118,8 +120,11 @@ struct GroupedGemmContiguous {
       });
     } else if (producer_warp == 1) {
       for_each_stage([&](const TileRole& role, int kb, const RingPos& pos) {
+        // Direct rows: the slots alternate by stored tile (kStreamK: by the pieces this CTA stores,
+        // the slot given here; else load_scales counts whole tiles).
+        int32_t* slots = kStreamK ? s.direct + (owned & 1) * T::kDirectSlotWords : s.direct;
         Loop::load_scales(s.a_scales, s.b_scales, s.full, a_scale, b_scale, role, kb, pos, m, lane, gather.a_rows,
-                          {direct.pairs, s.direct});
+                          {direct.pairs, slots});
       });
     } else if (kGatherA && producer_warp >= 2) {
       // Warps 2 and 3: the tile's A rows, their token rows looked up once per tile. (Lanes 1-31
@@ -227,7 +232,7 @@ struct GroupedGemmContiguous {
   __device__ __forceinline__ static void consume_stream_k(const Smem& s, int warpgroup, int lane, uint32_t rank,
                                                           const Ids& expert_ids, int m, const int* live,
                                                           uint16_t* __restrict__ out, float* __restrict__ act_scale,
-                                                          const Workspace& ws) {
+                                                          const DirectArgs& direct, const Workspace& ws) {
     sm90::setmaxnreg_inc<kConsumerRegs>();
     const int row_in_tile = Loop::row_in_tile(warpgroup, lane);
     const typename Loop::SmemView sv = consumer_view(s, warpgroup);
@@ -238,6 +243,7 @@ struct GroupedGemmContiguous {
     SkScheduler sched(m, live);
     RingPos pos;
     typename Epi::PendingStore prev{0, 0, false, false, false};
+    int owned = 0;  // the pieces stored so far (the pending one included): direct rows' slot parity
     int next_m_unit, next_n_unit;
     Segment next_seg;  // the consumers keep its K block count and its tag
     const int zero = opaque_zero(m);
@@ -260,7 +266,7 @@ struct GroupedGemmContiguous {
       const typename Epi::TileRows rows = Epi::load_rows(role, m_unit, rank, row_in_tile, expert_ids, m);
       RingPos issue = pos;
       float scales[2][T::kScaleBands][2];
-      start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale);
+      start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale, owned_rows(s, owned, direct));
       Loop::k_loop_blocks(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales, num_kb);
       if (seg.kind() == Segment::kPartial) {  // a later piece of a cut unit: its owner stores the sum
         ws.store(result);
@@ -270,8 +276,17 @@ struct GroupedGemmContiguous {
       if (seg.kind() == Segment::kFinish) sched.for_each_helper(seg, rank, [&](int cta) { ws.add(result, cta); });
       prev = typename Epi::PendingStore{rows.row0, rows.n_base, role.live && rows.id0 == role.expert,
                                         role.live && rows.id1 == role.expert, true};
+      ++owned;
     }
-    if (prev.valid) Epi::store_pending(result, out, prev, act_scale);
+    if (prev.valid) Epi::store_pending(result, out, prev, act_scale, owned_rows(s, owned, direct));
+  }
+
+  // kStreamK with kDirectRows: the slot of the pending store, the `owned`-th piece this CTA stores
+  // (the scale warp staged its pairs by the same count); other kernels: none.
+  __device__ __forceinline__ static typename Epi::DirectRows owned_rows(const Smem& s, int owned,
+                                                                        const DirectArgs& direct) {
+    if constexpr (!kDirectRows) return {nullptr, nullptr};
+    return {s.direct + ((owned - 1) & 1) * T::kDirectSlotWords, direct.out};
   }
 
   __device__ __forceinline__ static void run(const sm90::TmaDescriptor& tmap_a, const sm90::TmaDescriptor& tmap_b,
@@ -292,7 +307,7 @@ struct GroupedGemmContiguous {
     if (warpgroup == kNumConsumerWarpgroups) {
       produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, live, rank, lane, gather, direct);
     } else if constexpr (kStreamK) {
-      consume_stream_k(s, warpgroup, lane, rank, expert_ids, m, live, out, act_scale, stream_k);
+      consume_stream_k(s, warpgroup, lane, rank, expert_ids, m, live, out, act_scale, direct, stream_k);
     } else {
       // The consumers, kept in run(): moved into a function of its own, this loop compiles to PTX
       // with other register numbering than the binary the benchmark tables measured.

@@ -68,10 +68,11 @@ def kernel_spec(
     of the bf16 product (contiguous layout, 256-wide tiles not sharing A, N a multiple of 256).
     direct_rows (GEMM2 of an expert-parallel slice): rows whose token has no other local slot are
     stored weighted into the layer's output (`launch`'s `direct`; contiguous bf16 output, N a
-    multiple of 8, at least as many K blocks as stages). config.stream_k: rows by TMA, no direct rows,
-    K blocks in a_scale chunks of whole K-loop chains (`stream_k_chunk`)."""
-    if config.stream_k and (gather_a or direct_rows):
-        raise ValueError("config.stream_k: only with A's rows by TMA (no gather_a) and no direct_rows")
+    multiple of 8, at least as many K blocks as stages). config.stream_k: rows by TMA, K blocks in
+    a_scale chunks of whole K-loop chains (`stream_k_chunk`), with direct_rows chunks of at least
+    as many K blocks as stages."""
+    if config.stream_k and gather_a:
+        raise ValueError("config.stream_k: only with A's rows by TMA (no gather_a)")
     if gather_a and (masked_max_m or config.shares_a):
         raise ValueError("gather_a: only on the contiguous layout, with a config whose CTA pairs do not share A")
     if silu_quant not in (0, 1, 2):
@@ -98,6 +99,11 @@ def kernel_spec(
         raise ValueError(
             f"config.stream_k: K={k} gives a_scale chunks shorter than the K loop's chains at "
             f"block_n={config.block_n} (K / 128 must be even)"
+        )
+    if config.stream_k and direct_rows and stream_k_chunk(k, config.block_n) < config.num_stages:
+        raise ValueError(
+            f"config.stream_k with direct_rows: the pieces (a_scale chunks of {stream_k_chunk(k, config.block_n)} "
+            f"K blocks) must span at least {config.num_stages} K blocks (the stages)"
         )
     constants = {
         "N": n,

@@ -126,8 +126,9 @@ struct Mainloop {
                                                      const DirectSource& direct = {nullptr, nullptr}) {
     const int stage = pos.stage;
     if constexpr (T::kDirectRows) {
-      if (kb == 0) {  // the tile's rows' pairs, into the slot of its parity
-        int32_t* slot = direct.slots + ((pos.count / T::kKBlocks) & 1) * T::kDirectSlotWords;
+      if (kb == 0) {  // the tile's rows' pairs, into the slot of its parity (kStreamK: given)
+        int32_t* slot =
+            T::kStreamK ? direct.slots : direct.slots + ((pos.count / T::kKBlocks) & 1) * T::kDirectSlotWords;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int r = lane + 32 * i;

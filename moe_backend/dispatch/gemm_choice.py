@@ -229,8 +229,9 @@ def with_stream_k(g: GemmPlan, which: str, *, gathers_rows: bool = False, direct
     """`g` (`which`: "gemm1" or "gemm2") with our CUDA contiguous kernel dealing its last part-full
     wave by K chunks over every SM (`ContiguousConfig.stream_k`), where dispatch_thresholds.json
     `cuda_stream_k` enables it for that GEMM and the kernel takes it: rows by TMA (not gathered),
-    no direct rows, K blocks in chunks of whole K-loop chains."""
-    if g.provider != "cuda" or gathers_rows or direct_rows or not thresholds()["cuda_stream_k"][which]:
+    K blocks in chunks of whole K-loop chains, and with direct rows chunks of at least as many K
+    blocks as stages."""
+    if g.provider != "cuda" or gathers_rows or not thresholds()["cuda_stream_k"][which]:
         return g
     import dataclasses
 
@@ -241,7 +242,8 @@ def with_stream_k(g: GemmPlan, which: str, *, gathers_rows: bool = False, direct
         return g
     # GEMM1 storing SiLU*up quant runs 256-wide tiles whatever the plan's config says.
     block_n = 256 if which == "gemm1" and cuda_silu_in_gemm1(g) else cfg.block_n
-    if stream_k_chunk(g.k, block_n) == 0:
+    chunk = stream_k_chunk(g.k, block_n)
+    if chunk == 0 or (direct_rows and chunk < cfg.num_stages):
         return g
     return GemmPlan(g.provider, g.n, g.k, dataclasses.replace(cfg, stream_k=True))
 

@@ -414,6 +414,10 @@ DIRECT_CASES = [
     ("bn128", dict(block_n=128), 64, 32, True),
     ("bn192_pairs", dict(block_n=192, cluster=2), 517, 32, False),
     ("one_token", dict(block_n=256), 1, 32, True),
+    # stream-K (both GEMMs of the comparison on it, so the sums agree bit for bit): the pairs'
+    # slots alternate by the pieces a CTA stores, cut units finished from partial sums
+    ("stream_k_pairs", dict(block_n=256, cluster=2, stream_k=True), 4096, 32, True),
+    ("stream_k_few_units", dict(block_n=256, stream_k=True), 517, 32, False),
 ]
 
 

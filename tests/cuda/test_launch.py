@@ -188,9 +188,11 @@ def test_stream_k_launch_side():
     assert kernel_spec(4096, 7168, cfg).kernel_name.endswith("_sk")
     assert kernel_spec(4096, 7168, cfg).constants["STREAM_K"] == 1
     assert kernel_spec(4096, 7168, ContiguousConfig(256)).constants["STREAM_K"] == 0
-    for kwargs in (dict(gather_a=True), dict(direct_rows=True)):
-        with pytest.raises(ValueError, match="config.stream_k"):
-            kernel_spec(7168, 2048, ContiguousConfig(128, stream_k=True), **kwargs)
+    with pytest.raises(ValueError, match="config.stream_k"):
+        kernel_spec(7168, 2048, ContiguousConfig(128, stream_k=True), gather_a=True)
+    assert kernel_spec(7168, 2048, ContiguousConfig(128, 6, stream_k=True), direct_rows=True).constants["STREAM_K"]
+    with pytest.raises(ValueError, match="config.stream_k with direct_rows"):  # 12 K blocks: chunks of 4 < 6 stages
+        kernel_spec(7168, 1536, ContiguousConfig(128, 6, stream_k=True), direct_rows=True)
     # the masked layout's dense walk and A-sharing pairs take it
     masked = ContiguousConfig(128, group_m=1, cluster=2, multicast="a", stream_k=True)
     assert kernel_spec(4096, 7168, masked, masked_max_m=1024).kernel_name.endswith("_sk")

@@ -221,7 +221,7 @@ def test_cuda_gemm1_stores_silu_quant_where_its_tiles_hold_whole_groups(cuda_gem
 def test_stream_k_reaches_the_cuda_gemms_the_json_names(cuda_gemm_plans, monkeypatch):
     """dispatch_thresholds.json `cuda_stream_k` (off as shipped: untimed) turns stream-K on per
     GEMM for our CUDA kernel on the contiguous layout, except where GEMM1 gathers token rows
-    (TP8) or GEMM2 stores direct rows (EP8 from `cuda_direct_rows.min_tokens`)."""
+    (TP8); GEMM2 storing direct rows (EP8 from `cuda_direct_rows.min_tokens`) takes it too."""
     from moe_backend.cuda.config import ContiguousConfig
 
     monkeypatch.setattr(
@@ -240,7 +240,13 @@ def test_stream_k_reaches_the_cuda_gemms_the_json_names(cuda_gemm_plans, monkeyp
     ep8 = _plan(num_tokens=4096, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
     assert ep8.gemm1.config.stream_k and ep8.gemm2.config.stream_k and not ep8.direct_rows
     direct = _plan(num_tokens=16384, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
-    assert direct.direct_rows and direct.gemm1.config.stream_k and not direct.gemm2.config.stream_k
+    assert direct.direct_rows and direct.gemm1.config.stream_k and direct.gemm2.config.stream_k
+    # direct rows need pieces of at least as many K blocks as stages: K = 1024 gives chunks of 8
+    deep = plan_mod.GemmPlan("cuda", 7168, 1024, ContiguousConfig(64, 6))
+    assert gemm_choice.with_stream_k(deep, "gemm2", direct_rows=True).config.stream_k
+    shallow = plan_mod.GemmPlan("cuda", 7168, 512, ContiguousConfig(64, 6))  # chunks of 4 < 6 stages
+    assert gemm_choice.with_stream_k(shallow, "gemm2", direct_rows=True) is shallow
+    assert gemm_choice.with_stream_k(shallow, "gemm2").config.stream_k
     tp8 = _plan(num_tokens=4096, num_experts=256, hidden=7168, intermediate=256, phase="prefill")
     assert tp8.gather_a and not tp8.gemm1.config.stream_k and tp8.gemm2.config.stream_k
     only1 = {**thresholds(), "cuda_stream_k": {"gemm1": True, "gemm2": False}}
