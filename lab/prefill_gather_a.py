@@ -13,8 +13,7 @@ as a CUDA-graph replay under plan variants that differ only in GEMM1's provider 
              CUDA GEMM1 stores it from its epilogue)
   nodirect   the policy plan with GEMM2 storing every row into y for the combine (where the
              policy's CUDA GEMM2 stores single-slot tokens' rows into the output itself)
-  sk1 / sk2 / sk12  the policy plan with stream-K on our CUDA GEMM1 / GEMM2 / both, where the
-             kernel takes it (not GEMM1 gathering rows)
+  sk1 / sk2 / sk12  the policy plan with stream-K on our CUDA GEMM1 / GEMM2 / both
 Timed interleaved (rounds of A B C D E), checked against the policy plan's output (rel err).
 
     python -m lab.prefill_gather_a                         # GPU, about a minute
@@ -72,13 +71,13 @@ def _variants(plan, device):
     if plan.direct_rows:  # the policy plan with every row going through y and the combine
         out["nodirect"] = dataclasses.replace(plan, direct_rows=False, graph_plan=None)
 
-    def stream_k(g, allowed):
-        if g.provider != "cuda" or not allowed or g.config is None:
+    def stream_k(g):
+        if g.provider != "cuda" or g.config is None:
             return None
         return dataclasses.replace(g, config=dataclasses.replace(g.config, stream_k=True))
 
-    sk1 = stream_k(plan.gemm1, not plan.gather_a)
-    sk2 = stream_k(plan.gemm2, True)
+    sk1 = stream_k(plan.gemm1)
+    sk2 = stream_k(plan.gemm2)
     if sk1 is not None:
         out["sk1"] = dataclasses.replace(plan, gemm1=sk1, graph_plan=None)
     if sk2 is not None:

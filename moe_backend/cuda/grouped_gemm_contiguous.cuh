@@ -74,7 +74,8 @@ struct GroupedGemmContiguous {
                                                  const DirectArgs& direct = {nullptr, nullptr}) {
     sm90::setmaxnreg_dec<kProducerRegs>();
     const int producer_warp = threadIdx.x / 32 - kNumConsumerWarpgroups * 4;
-    int owned = 0;  // kStreamK: the pieces walked so far that the CTA stores (not kPartial)
+    int owned = 0;     // kStreamK: the pieces walked so far that the CTA stores (not kPartial)
+    int first_kb = 0;  // kStreamK: the first K block of the piece being walked
     auto for_each_stage = [&](auto&& fill) {
       if constexpr (kStreamK) {  // whole units, then this cluster's pieces of the pool
         SkScheduler sched(m, live);
@@ -86,6 +87,7 @@ struct GroupedGemmContiguous {
           const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(
               load_tile_ids<kCluster, kMcastA>(expert_ids, m, m_unit), m_unit, n_unit, rank, live_pair);
           if (!live_pair) continue;
+          first_kb = seg.kb_begin;
 #pragma unroll 1
           for (int kb = seg.kb_begin; kb < seg.kb_begin + seg.kb_count; ++kb) {
             sm90::mbar_wait(&s.empty[pos.stage], pos.phase ^ 1);
@@ -127,12 +129,12 @@ struct GroupedGemmContiguous {
                           {direct.pairs, slots});
       });
     } else if (kGatherA && producer_warp >= 2) {
-      // Warps 2 and 3: the tile's A rows, their token rows looked up once per tile. (Lanes 1-31
-      // of warp 0 take no branch.)
+      // Warps 2 and 3: the tile's A rows, their token rows looked up once per tile (kStreamK: per
+      // piece). (Lanes 1-31 of warp 0 take no branch.)
       const int t = (producer_warp - 2) * 32 + lane;
       int src[2] = {-1, -1};  // token rows fit 32 bits; the producer's 40 registers are few
       for_each_stage([&](const TileRole& role, int kb, const RingPos& pos) {
-        if (kb == 0) {
+        if (kb == (kStreamK ? first_kb : 0)) {
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int row = role.m_tile * kBlockM + t + T::kGatherThreads * i;

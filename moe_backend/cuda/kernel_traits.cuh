@@ -30,7 +30,7 @@ constexpr int kProducerRegs = 40;
 // row, the destination token (-1: through the combine) and the weight come precomputed as an int32
 // pair (kernels/direct_rows.py); the scale warp stages a tile's 128 pairs in shared memory with
 // its first K block, in one of two slots by tile parity.
-// kStreamK = 1 (rows by TMA): the units of a last part-full
+// kStreamK = 1: the units of a last part-full
 // wave are dealt as a pool of K chunks (scheduler.cuh, StreamKPool), cut units finished from
 // partial sums in a workspace (stream_k.cuh).
 template <int kN_, int kK_, int kBlockN_, int kStages_, int kGroupM_, int kCluster_, int kMcastA_, int kMaskedMaxM_,
@@ -118,14 +118,12 @@ struct KernelTraits {
   // time would read 8x the L2 sectors. Chunks divide the tile's K blocks, so never cross a tile.
   static constexpr int kScaleChunk = kKBlocks % 8 == 0 ? 8 : kKBlocks % 4 == 0 ? 4 : kKBlocks % 2 == 0 ? 2 : 1;
   // Stream-K cuts units at a_scale chunks (a cut starts a chunk, so the scale warp stages it) and
-  // needs each piece to be whole K-loop chains. Gathered rows are looked up per whole tile: not
-  // cut. Direct rows: a slot is rewritten two stored pieces later, which needs every piece (a
-  // chunk at least) to span as many K blocks as stages, as whole tiles do.
+  // needs each piece to be whole K-loop chains (gathered rows are looked up at a piece's start).
+  // Direct rows: a slot is rewritten two stored pieces later, which needs every piece (a chunk at
+  // least) to span as many K blocks as stages, as whole tiles do.
   static constexpr int kLoopChain = kChainKBlocks < kKBlocks ? kChainKBlocks : kKBlocks;
-  static_assert(kStreamK == 0 ||
-                    (kGatherA == 0 && kScaleChunk % kLoopChain == 0 && (kDirectRows == 0 || kScaleChunk >= kStages)),
-                "stream-K: rows by TMA, a_scale chunks of whole K-loop chains (and of kStages K blocks with direct "
-                "rows)");
+  static_assert(kStreamK == 0 || (kScaleChunk % kLoopChain == 0 && (kDirectRows == 0 || kScaleChunk >= kStages)),
+                "stream-K: a_scale chunks of whole K-loop chains (and of kStages K blocks with direct rows)");
 
   // Row pitch in floats: 12 for chunks of 8 (16-byte aligned rows; the 8 rows a warp reads at
   // once fall in different banks), else 4.

@@ -68,11 +68,9 @@ def kernel_spec(
     of the bf16 product (contiguous layout, 256-wide tiles not sharing A, N a multiple of 256).
     direct_rows (GEMM2 of an expert-parallel slice): rows whose token has no other local slot are
     stored weighted into the layer's output (`launch`'s `direct`; contiguous bf16 output, N a
-    multiple of 8, at least as many K blocks as stages). config.stream_k: rows by TMA, K blocks in
-    a_scale chunks of whole K-loop chains (`stream_k_chunk`), with direct_rows chunks of at least
-    as many K blocks as stages."""
-    if config.stream_k and gather_a:
-        raise ValueError("config.stream_k: only with A's rows by TMA (no gather_a)")
+    multiple of 8, at least as many K blocks as stages). config.stream_k: K blocks in a_scale chunks
+    of whole K-loop chains (`stream_k_chunk`), with direct_rows chunks of at least as many K blocks
+    as stages."""
     if gather_a and (masked_max_m or config.shares_a):
         raise ValueError("gather_a: only on the contiguous layout, with a config whose CTA pairs do not share A")
     if silu_quant not in (0, 1, 2):

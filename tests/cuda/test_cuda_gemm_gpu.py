@@ -273,6 +273,8 @@ GATHER_CASES = [
     ("bn64_k256", 7168, 256, (5, 129, 0, 1), 60, dict(block_n=64)),
     ("share_a_runs_sharing_b", 1024, 2048, (257, 0, 128), 300, dict(block_n=128, cluster=2, multicast="a")),
     ("one_token", 512, 7168, (1, 0, 1, 1), 1, None),
+    # stream-K: a piece starting mid-unit looks its token rows up at its own start
+    ("tp8_w13_stream_k", 512, 7168, _skewed(64, 64 * 40, 17), 333, dict(block_n=256, cluster=2, stream_k=True)),
 ]
 
 
@@ -355,6 +357,15 @@ SILU_CASES = [
         False,
     ),
     ("few_units_stream_k_ue8m0", 2048, 7168, (300, 0, 5), dict(block_n=256, stream_k=True), 0, True),
+    (
+        "tp8_w13_gather_stream_k",
+        256,
+        7168,
+        _skewed(64, 64 * 40, 18),
+        dict(block_n=256, cluster=2, stream_k=True),
+        333,
+        False,
+    ),
 ]
 
 

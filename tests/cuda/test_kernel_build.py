@@ -86,7 +86,16 @@ COMPILE_CASES = [
         for bn, cl in ((64, 1), (128, 2), (192, 2), (256, 1))
     ],
     CompileCase("sk-k256", 7168, 256, ContiguousConfig(192, cluster=2, stream_k=True)),
-    # stream-K with GEMM2 storing direct rows (the EP8 prefill GEMM2 from 8192 tokens)
+    # stream-K with GEMM1 gathering token rows and storing SiLU*up quant (the TP8 prefill GEMM1),
+    # and with GEMM2 storing direct rows (the EP8 prefill GEMM2 from 8192 tokens)
+    CompileCase(
+        "sk-tp8-w13-silu-gather",
+        512,
+        7168,
+        ContiguousConfig(256, cluster=2, stream_k=True),
+        gather_a=True,
+        silu_quant=1,
+    ),
     CompileCase(
         "sk-ep8-w2-direct-pairs", 7168, 2048, ContiguousConfig(256, cluster=2, stream_k=True), direct_rows=True
     ),

@@ -188,8 +188,7 @@ def test_stream_k_launch_side():
     assert kernel_spec(4096, 7168, cfg).kernel_name.endswith("_sk")
     assert kernel_spec(4096, 7168, cfg).constants["STREAM_K"] == 1
     assert kernel_spec(4096, 7168, ContiguousConfig(256)).constants["STREAM_K"] == 0
-    with pytest.raises(ValueError, match="config.stream_k"):
-        kernel_spec(7168, 2048, ContiguousConfig(128, stream_k=True), gather_a=True)
+    assert kernel_spec(512, 7168, ContiguousConfig(256, cluster=2, stream_k=True), gather_a=True).constants["STREAM_K"]
     assert kernel_spec(7168, 2048, ContiguousConfig(128, 6, stream_k=True), direct_rows=True).constants["STREAM_K"]
     with pytest.raises(ValueError, match="config.stream_k with direct_rows"):  # 12 K blocks: chunks of 4 < 6 stages
         kernel_spec(7168, 1536, ContiguousConfig(128, 6, stream_k=True), direct_rows=True)

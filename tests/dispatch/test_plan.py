@@ -220,8 +220,8 @@ def test_cuda_gemm1_stores_silu_quant_where_its_tiles_hold_whole_groups(cuda_gem
 
 def test_stream_k_reaches_the_cuda_gemms_the_json_names(cuda_gemm_plans, monkeypatch):
     """dispatch_thresholds.json `cuda_stream_k` (off as shipped: untimed) turns stream-K on per
-    GEMM for our CUDA kernel on the contiguous layout, except where GEMM1 gathers token rows
-    (TP8); GEMM2 storing direct rows (EP8 from `cuda_direct_rows.min_tokens`) takes it too."""
+    GEMM for our CUDA kernel on the contiguous layout, GEMM1 gathering token rows (TP8) and GEMM2
+    storing direct rows (EP8 from `cuda_direct_rows.min_tokens`) included."""
     from moe_backend.cuda.config import ContiguousConfig
 
     monkeypatch.setattr(
@@ -248,7 +248,7 @@ def test_stream_k_reaches_the_cuda_gemms_the_json_names(cuda_gemm_plans, monkeyp
     assert gemm_choice.with_stream_k(shallow, "gemm2", direct_rows=True) is shallow
     assert gemm_choice.with_stream_k(shallow, "gemm2").config.stream_k
     tp8 = _plan(num_tokens=4096, num_experts=256, hidden=7168, intermediate=256, phase="prefill")
-    assert tp8.gather_a and not tp8.gemm1.config.stream_k and tp8.gemm2.config.stream_k
+    assert tp8.gather_a and tp8.gemm1.config.stream_k and tp8.gemm2.config.stream_k
     only1 = {**thresholds(), "cuda_stream_k": {"gemm1": True, "gemm2": False}}
     monkeypatch.setattr(gemm_choice, "thresholds", lambda: only1)
     plan_mod.clear_plan_cache()
