@@ -10,7 +10,7 @@
 
 namespace phasemoe {
 
-// Stream-K kernels a grid may hold (the flag area's size: KernelTraits-independent, so one buffer
+// CTAs a stream-K grid may hold (the flag area's size, the same for every config, so one buffer
 // serves every stream-K kernel of a device; launch.py, STREAM_K_MAX_CTAS).
 constexpr int kStreamKMaxCtas = 256;
 constexpr int kStreamKFlagsPerCta = 8;  // one per consumer warp
