@@ -38,6 +38,7 @@ __all__ = [
     "check_device",
     "check_weights",
     "stream_k_workspace",
+    "kept_stream_k_workspace",
 ]
 
 _TEMPLATE = Path(__file__).with_name("grouped_gemm_contiguous.cu")
@@ -155,8 +156,8 @@ STREAM_K_FLAG_WORDS = STREAM_K_MAX_CTAS * 8
 def stream_k_workspace(device: torch.device, num_ctas: int | None = None) -> torch.Tensor:
     """A workspace for stream-K launches on `device` of up to `num_ctas` CTAs (default: its SMs)
     at any tile width, flags zeroed. The kernel lowers every flag it raised, so one workspace
-    serves every later stream-K launch on one stream; launches on streams that may overlap need
-    one each."""
+    serves every later stream-K launch on one stream (`launch` keeps one per stream); launches on
+    streams that may overlap need one each."""
     if num_ctas is None:
         num_ctas = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     if not 0 < num_ctas <= STREAM_K_MAX_CTAS:
@@ -164,6 +165,24 @@ def stream_k_workspace(device: torch.device, num_ctas: int | None = None) -> tor
     workspace = torch.empty(STREAM_K_FLAG_WORDS + num_ctas * 128 * max(BLOCK_N_CHOICES), dtype=torch.float32,
                             device=device)  # fmt: skip
     workspace[:STREAM_K_FLAG_WORDS].zero_()
+    return workspace
+
+
+# Stream-K workspaces kept per (device, stream): launches on one stream run one after another, and
+# each leaves the flags zero for the next.
+_KEPT_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def kept_stream_k_workspace(device: torch.device, stream: int) -> torch.Tensor:
+    """The workspace kept for stream-K launches on `stream` (a handle) of `device`, made at first
+    use outside CUDA-graph capture. Under capture: a fresh one, its zeroing captured with it (a
+    kept one would be shared by the graph's replays and the stream's eager launches)."""
+    if torch.cuda.is_current_stream_capturing():
+        return stream_k_workspace(device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
+    workspace = _KEPT_WORKSPACES.get(key)
+    if workspace is None:
+        workspace = _KEPT_WORKSPACES[key] = stream_k_workspace(device)
     return workspace
 
 
@@ -407,7 +426,8 @@ def launch(
     bf16(weight * bf16(its sum)) into y[token] instead of out (`kernel_spec`'s direct_rows; not
     checked here: `kernels/direct_rows.py` fills the pairs). stream_k_workspace (a config with
     stream_k): a `stream_k_workspace` buffer for at least this launch's grid, kept by the caller
-    for launches on one stream (the kernel leaves its flags zero); None: a fresh one per call."""
+    for launches on one stream (the kernel leaves its flags zero); None: the one kept for the
+    current stream (`kept_stream_k_workspace`)."""
     m, k = a_fp8.shape
     if a_rows is not None:
         m = row_ids.shape[0]
@@ -433,7 +453,8 @@ def launch(
         stream = torch.cuda.current_stream(dev).cuda_stream
         workspace = None
         if cfg.stream_k:
-            workspace = stream_k_workspace_for(grid, cfg.block_n, dev, stream_k_workspace)
+            given = stream_k_workspace if stream_k_workspace is not None else kept_stream_k_workspace(dev, stream)
+            workspace = stream_k_workspace_for(grid, cfg.block_n, dev, given)
         kernel.launch(
             grid=(grid, 1, 1),
             block=(NUM_THREADS, 1, 1),

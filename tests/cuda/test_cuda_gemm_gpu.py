@@ -591,6 +591,13 @@ def test_stream_k_workspace_kept_across_launches_and_a_graph() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
+    # Without a workspace given, launch keeps one per stream: made once, flags left at zero.
+    launch_mod.launch(a, a_scale, b, b_scale, expert_ids, out, config=cfg, rows_in_use=used)
+    kept = launch_mod.kept_stream_k_workspace(torch.device("cuda"), torch.cuda.current_stream().cuda_stream)
+    launch_mod.launch(a, a_scale, b, b_scale, expert_ids, out, config=cfg, rows_in_use=used)
+    check()
+    assert launch_mod.kept_stream_k_workspace(torch.device("cuda"), torch.cuda.current_stream().cuda_stream) is kept
+    assert not kept[: launch_mod.STREAM_K_FLAG_WORDS].view(torch.int32).any()
     for seed in (21, 22, 23):
         new_counts = _skewed(32, 32 * 60, seed)
         new_ids = _layout(new_counts)[: expert_ids.numel()]
