@@ -2,8 +2,8 @@
 # One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
-# tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk maskedwalk routed copybw launchgaps
-# maskedhot pairing steady decodetrace layoutscan); a step starts only with at least 30 s left and gets at
+# tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk streamklayer maskedwalk routed copybw
+# launchgaps maskedhot pairing steady decodetrace layoutscan); a step starts only with at least 30 s left and gets at
 # most min(its own limit, what is left). With GATE=1 a failing `graphtests` step stops the run
 # (nothing after it is worth timing). Logs, the layer
 # benchmark's JSON and docs section, the sweeps' JSON and re-tuned tables are tarred into
@@ -74,13 +74,14 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
            step gathertests 90 env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -p no:cacheprovider \
              tests/cuda/test_cuda_gemm_gpu.py -k "gather or silu" \
            && TAIL=40 step gatherlab 200 python3 -m lab.prefill_gather_a ${GATHERA_ARGS:---tokens 2048,16384} ;;
-    streamk) # the CUDA GEMM's stream-K: its GPU tests (debug build: a hang traps), GEMM1 with it beside the
-           # plan's and DeepGEMM's, then the prefill pipeline with it on GEMM1 / GEMM2 / both (same run each)
-           step sktests 150 env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -p no:cacheprovider \
+    streamk) # the CUDA GEMM's stream-K: its GPU tests in a debug build (a hang traps), 8 processes sharing the GPU
+           # (about 40 kernels to build on a cold cache), then GEMM1 with it beside the plan's and DeepGEMM's
+           step sktests "${SKTESTS_MAX_S:-300}" env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -n 8 -p no:cacheprovider \
              tests/cuda/test_cuda_gemm_gpu.py tests/cuda/test_cuda_masked_gpu.py -k "stream_k" \
            && TAIL=20 step skgemm1 150 python3 -m lab.gemm1_epilogue --silu-only --stream-k \
-             ${SKGEMM1_ARGS:---cells ep8:8192:uniform,ep8:16384:uniform,ep8:8192:zipf:0.6 --rounds 5} \
-           && TAIL=30 step sklayer 200 python3 -m lab.prefill_gather_a --only sk1,sk2,sk12 \
+             ${SKGEMM1_ARGS:---cells ep8:8192:uniform,ep8:16384:uniform,ep8:8192:zipf:0.6 --rounds 5} ;;
+    streamklayer) # the prefill pipeline with stream-K on GEMM1 / GEMM2 / both beside the policy's plan, same run
+           TAIL=30 step sklayer 240 python3 -m lab.prefill_gather_a --only sk1,sk2,sk12 \
              ${SKLAYER_ARGS:---slices ep8 --tokens 8192,16384 --routing 0,0.6 --rounds 5} ;;
     maskedwalk) # the CUDA masked GEMM's live-tile walk vs the headers in OLD_CUDA (an earlier copy)
            TAIL=40 step maskedwalk "${MASKEDWALK_MAX_S:-240}" python3 -m lab.masked_walk_before_after \
