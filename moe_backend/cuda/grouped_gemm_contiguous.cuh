@@ -77,7 +77,9 @@ struct GroupedGemmContiguous {
     int owned = 0;     // kStreamK: the pieces walked so far that the CTA stores (not kPartial)
     int first_kb = 0;  // kStreamK: the first K block of the piece being walked
     auto for_each_stage = [&](auto&& fill) {
-      if constexpr (kStreamK) {  // whole units, then this cluster's pieces of the pool
+      // kStreamK: whole units, then this cluster's pieces of the pool. A loop of its own: one walk
+      // shared with the whole-unit kernels changed their PTX.
+      if constexpr (kStreamK) {
         SkScheduler sched(m, live);
         RingPos pos;
         int m_unit, n_unit;

@@ -103,6 +103,7 @@ struct KernelTraits {
                 "promoted sum + unit accumulators exceed 192 registers");
   // K blocks per straight-line chain of the K loop (nothing in flight across its back edge).
   static constexpr int kChainKBlocks = kParts == 1 ? 4 : 2;
+  static constexpr int kLoopChain = kChainKBlocks < kKBlocks ? kChainKBlocks : kKBlocks;  // a tile's chains
 
   // Epilogue: groups of 4 8-column chunks are transposed inside each lane quad so every lane
   // stores 16 contiguous bytes (full 32-byte sectors); needs N % 8 == 0 (16-byte row pitch).
@@ -121,7 +122,6 @@ struct KernelTraits {
   // needs each piece to be whole K-loop chains (gathered rows are looked up at a piece's start).
   // Direct rows: a slot is rewritten two stored pieces later, which needs every piece (a chunk at
   // least) to span as many K blocks as stages, as whole tiles do.
-  static constexpr int kLoopChain = kChainKBlocks < kKBlocks ? kChainKBlocks : kKBlocks;
   static_assert(kStreamK == 0 || (kScaleChunk % kLoopChain == 0 && (kDirectRows == 0 || kScaleChunk >= kStages)),
                 "stream-K: a_scale chunks of whole K-loop chains (and of kStages K blocks with direct rows)");
 

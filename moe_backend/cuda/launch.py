@@ -188,8 +188,10 @@ def kept_stream_k_workspace(device: torch.device, stream: int) -> torch.Tensor:
 
 def stream_k_workspace_for(grid: int, block_n: int, device: torch.device, given: torch.Tensor | None) -> torch.Tensor:
     """`given` checked to hold `grid` CTAs' slots at `block_n`, or a fresh workspace for this launch."""
-    if given is None or grid > STREAM_K_MAX_CTAS:
-        return stream_k_workspace(device, grid)  # (raises on a grid past the flag area)
+    if grid > STREAM_K_MAX_CTAS:
+        raise ValueError(f"num_ctas: stream-K serves 1 to {STREAM_K_MAX_CTAS} CTAs, got a grid of {grid}")
+    if given is None:
+        return stream_k_workspace(device, grid)
     need = STREAM_K_FLAG_WORDS + grid * 128 * block_n
     if given.dtype != torch.float32 or given.device != device or given.numel() < need:
         raise ValueError(

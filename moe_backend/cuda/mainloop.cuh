@@ -313,7 +313,7 @@ struct Mainloop {
                                                 float (&result)[T::kAccRegs], const SmemView& sv, RingPos& issue,
                                                 RingPos& retire, int row_in_tile, int lane,
                                                 float (&scales)[2][T::kScaleBands][2]) {
-    constexpr int kChain = T::kChainKBlocks < T::kKBlocks ? T::kChainKBlocks : T::kKBlocks;
+    constexpr int kChain = T::kLoopChain;
     mma_chain<kChain * T::kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
 #pragma unroll 1
     for (int kb = kChain; kb + kChain <= T::kKBlocks; kb += kChain)

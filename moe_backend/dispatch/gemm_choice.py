@@ -5,6 +5,7 @@ the choice (`kernels/configs/dispatch_thresholds.json`, each entry naming its be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -232,8 +233,6 @@ def with_stream_k(g: GemmPlan, which: str, *, direct_rows: bool = False) -> Gemm
     K-loop chains, and with direct rows chunks of at least as many K blocks as stages."""
     if g.provider != "cuda" or not thresholds()["cuda_stream_k"][which]:
         return g
-    import dataclasses
-
     from moe_backend.cuda.launch import stream_k_chunk
 
     cfg = g.config
