@@ -2,7 +2,7 @@
 # One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
-# tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk streamklayer maskedwalk routed copybw
+# tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk streamklayer pairsb maskedwalk routed copybw
 # launchgaps maskedhot pairing steady decodetrace layoutscan); a step starts only with at least 30 s left and gets at
 # most min(its own limit, what is left). With GATE=1 a failing `graphtests` step stops the run
 # (nothing after it is worth timing). Logs, the layer
@@ -83,6 +83,12 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
     streamklayer) # the prefill pipeline with stream-K on GEMM1 / GEMM2 / both beside the policy's plan, same run
            TAIL=30 step sklayer 240 python3 -m lab.prefill_gather_a --only sk1,sk2,sk12 \
              ${SKLAYER_ARGS:---slices ep8 --tokens 8192,16384 --routing 0,0.6 --rounds 5} ;;
+    pairsb) # the CUDA masked GEMM in CTA pairs sharing B over consecutive live tiles: its GPU tests (debug build: a
+           # hang traps), then the hot-expert sweep with those pairs among the contenders, beside DeepGEMM's masked GEMM
+           step pairsbtests "${PAIRSB_MAX_S:-150}" env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -n 4 -p no:cacheprovider \
+             tests/cuda/test_cuda_masked_gpu.py -k "pairs_sharing_b" \
+           && TAIL=16 step maskedhot 240 python3 -m lab.sweep_masked_hot --json "$F/masked_hot.json" \
+             ${HOT_ARGS:---gemms w13,w2 --routings uniform,zipf:0.9,zipf:1.2 --rounds 5} ;;
     maskedwalk) # the CUDA masked GEMM's live-tile walk vs the headers in OLD_CUDA (an earlier copy)
            TAIL=40 step maskedwalk "${MASKEDWALK_MAX_S:-240}" python3 -m lab.masked_walk_before_after \
              --old "${OLD_CUDA:-.old_cuda}" ${MASKEDWALK_ARGS:-} ;;

@@ -31,8 +31,12 @@ def candidates() -> dict:
         for stages in (0, 3) if bn == 256 else (0, 4):
             tag = "" if stages == 0 else f":s{stages}"
             out[f"c2a:{bn}{tag}"] = ContiguousConfig(bn, num_stages=stages, group_m=1, cluster=2, multicast="a")
+    # CTA pairs on consecutive live M tiles sharing B when both hold one expert (DeepGEMM's choice
+    # for these cells: 128 x 192 tiles, pairs sharing B)
+    for bn in (128, 192, 256):
+        out[f"c2b:{bn}"] = ContiguousConfig(bn, group_m=1, cluster=2, multicast="b")
     # stream-K: the last part-full wave of live units dealt by K chunks over every SM
-    for name in ("c2a:128", "c2a:256", "c1:256"):
+    for name in ("c2a:128", "c2a:256", "c1:256", "c2b:192"):
         out[f"{name}:sk"] = dataclasses.replace(out[name], stream_k=True)
     return out
 

@@ -38,11 +38,12 @@ struct Epilogue {
 
   // The rows a CTA stores are its own tile's, also when the tile is dead: a dead B-shared tile
   // computes on its partner's rows (role.m_tile), but its guards read its own rows' ids, so
-  // nothing is stored.
-  template <typename Ids>
+  // nothing is stored. kPaired (the masked layout's pairs of live tiles): a dead tile has no rows
+  // of its own; its guards read its partner's, and role.live keeps the store off.
+  template <bool kPaired = false, typename Ids>
   __device__ __forceinline__ static TileRows load_rows(const TileRole& role, int m_unit, uint32_t rank, int row_in_tile,
                                                        const Ids& expert_ids, int m) {
-    const int m_tile = T::kMcastA ? role.m_tile : m_unit * T::kCluster + static_cast<int>(rank);
+    const int m_tile = T::kMcastA || kPaired ? role.m_tile : m_unit * T::kCluster + static_cast<int>(rank);
     const int row0 = m_tile * kBlockM + row_in_tile;
     const int row1 = row0 + 8;
     const int n_base = role.n_tile * T::kBlockN;

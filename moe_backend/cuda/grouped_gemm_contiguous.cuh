@@ -86,8 +86,9 @@ struct GroupedGemmContiguous {
         Segment seg;
         while (sched.next_segment(m_unit, n_unit, seg)) {
           bool live_pair;
-          const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(
-              load_tile_ids<kCluster, kMcastA>(expert_ids, m, m_unit), m_unit, n_unit, rank, live_pair);
+          const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles, Scheduler::kPairedLive>(
+              load_tile_ids<kCluster, kMcastA, Scheduler::kPairedLive>(expert_ids, m, m_unit), m_unit, n_unit, rank,
+              live_pair);
           if (!live_pair) continue;
           first_kb = seg.kb_begin;
 #pragma unroll 1
@@ -105,8 +106,9 @@ struct GroupedGemmContiguous {
       int m_unit, n_unit;
       while (sched.next_tile(m_unit, n_unit)) {
         bool live_pair;
-        const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(
-            load_tile_ids<kCluster, kMcastA>(expert_ids, m, m_unit), m_unit, n_unit, rank, live_pair);
+        const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles, Scheduler::kPairedLive>(
+            load_tile_ids<kCluster, kMcastA, Scheduler::kPairedLive>(expert_ids, m, m_unit), m_unit, n_unit, rank,
+            live_pair);
         if (!live_pair) continue;
 #pragma unroll 1
         for (int kb = 0; kb < T::kKBlocks; ++kb) {
@@ -253,7 +255,7 @@ struct GroupedGemmContiguous {
     const int zero = opaque_zero(m);
     TileIds next_ids{-1, -1};
     bool more = sched.next_segment(next_m_unit, next_n_unit, next_seg);
-    if (more) next_ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, next_m_unit, zero);
+    if (more) next_ids = load_tile_ids<kCluster, kMcastA, Scheduler::kPairedLive>(expert_ids, m, next_m_unit, zero);
     while (more) {
       const int m_unit = next_m_unit, n_unit = next_n_unit;
       // Broadcast from lane 0: a trip count the compiler knows to be warp-uniform keeps the K loop's
@@ -262,12 +264,14 @@ struct GroupedGemmContiguous {
       const Segment seg{0, 0, next_seg.tag};
       const TileIds ids = warp_uniform(next_ids);
       more = sched.next_segment(next_m_unit, next_n_unit, next_seg);
-      if (more) next_ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, next_m_unit, zero);
+      if (more) next_ids = load_tile_ids<kCluster, kMcastA, Scheduler::kPairedLive>(expert_ids, m, next_m_unit, zero);
       bool live_pair;
-      const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(ids, m_unit, n_unit, rank, live_pair);
+      const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles, Scheduler::kPairedLive>(
+          ids, m_unit, n_unit, rank, live_pair);
       // Every cluster on a unit reads the same ids, so owner and helpers skip a dead unit alike.
       if (!live_pair) continue;
-      const typename Epi::TileRows rows = Epi::load_rows(role, m_unit, rank, row_in_tile, expert_ids, m);
+      const typename Epi::TileRows rows =
+          Epi::template load_rows<Scheduler::kPairedLive>(role, m_unit, rank, row_in_tile, expert_ids, m);
       RingPos issue = pos;
       float scales[2][T::kScaleBands][2];
       start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale, owned_rows(s, owned, direct));
@@ -334,10 +338,12 @@ struct GroupedGemmContiguous {
         const TileIds ids = warp_uniform(next_ids);
         more = next_tile_ahead<kCluster, kMcastA>(sched, next_m_unit, next_n_unit, next_ids, expert_ids, m, zero);
         bool live_pair;
-        const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles>(ids, m_unit, n_unit, rank, live_pair);
+        const TileRole role = tile_role<kCluster, kMcastA, Scheduler::kNumNTiles, Scheduler::kPairedLive>(
+            ids, m_unit, n_unit, rank, live_pair);
         if (!live_pair) continue;
         // The epilogue's row guards, loaded now: their latency hides behind the K loop.
-        const typename Epi::TileRows rows = Epi::load_rows(role, m_unit, rank, row_in_tile, expert_ids, m);
+        const typename Epi::TileRows rows =
+            Epi::template load_rows<Scheduler::kPairedLive>(role, m_unit, rank, row_in_tile, expert_ids, m);
         RingPos issue = pos;
         float scales[2][T::kScaleBands][2];  // combined row scales of the K blocks in flight
         start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale, direct_rows(s, pos, direct));

@@ -147,6 +147,21 @@ def stream_k_chunk(k: int, block_n: int) -> int:
     return chunk if chunk % chain == 0 else 0
 
 
+# M tiles of the masked layout that CTA pairs sharing B can walk (scheduler.cuh, PairedTiles: a tile
+# index + 1 in 16 bits).
+MAX_PAIRED_TILES = 0xFFFF
+
+
+def check_paired_tiles(m: int, cfg: ContiguousConfig, masked_max_m: int) -> None:
+    """CTA pairs sharing B on the masked layout walk pairs of live tiles, two tile indices packed
+    in one int (scheduler.cuh, PairedTiles): at most MAX_PAIRED_TILES M tiles."""
+    if masked_max_m and cfg.cluster == 2 and not cfg.shares_a and m // BLOCK_M > MAX_PAIRED_TILES:
+        raise ValueError(
+            f"row_ids: CTA pairs sharing B on the masked layout serve at most {MAX_PAIRED_TILES} M tiles "
+            f"(experts x max_m / {BLOCK_M}), got {m // BLOCK_M}; pair N tiles (multicast='a') instead"
+        )
+
+
 # Stream-K workspace (stream_k.cuh): a flag area for at most STREAM_K_MAX_CTAS CTAs, 8 int32 flags
 # each, then per CTA a slot of 256 consumer threads x block_n / 2 fp32 partial sums.
 STREAM_K_MAX_CTAS = 256
@@ -443,6 +458,7 @@ def launch(
     if a_scale.data_ptr() % 16:  # the scale warp copies 16-byte runs of a row (a view at an odd offset)
         a_scale = a_scale.clone()
     cfg = select_config(m, n, _num_sms(index), override=config, verbose=print_config(), k=k)
+    check_paired_tiles(m, cfg, masked_max_m)
     if a_rows is not None and cfg.shares_a:  # gathered rows are not multicast
         cfg = dataclasses.replace(cfg, multicast="b")
     silu_quant = 0

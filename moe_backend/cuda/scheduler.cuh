@@ -13,9 +13,47 @@ namespace phasemoe {
 constexpr int kMaxMaskedExperts = 1024;
 
 // Whether a masked kernel walks a dense list of its live units (LiveTiles) instead of the whole
-// [E * max_m / 128] tile space: configs whose units hold one M tile, numbered M-unit-major.
+// [E * max_m / 128] tile space: configs whose units are not grouped, numbered M-unit-major.
 template <int kGroupUnits, int kCluster, int kMcastA, int kMaskedMaxM>
-constexpr bool kDenseMaskedWalk = kMaskedMaxM > 0 && kGroupUnits == 1 && (kCluster == 1 || kMcastA == 1);
+constexpr bool kDenseMaskedWalk = kMaskedMaxM > 0 && kGroupUnits == 1;
+
+// The dense walk of pairs of M tiles (B shared): a unit pairs live tiles 2i and 2i + 1 of the list
+// of live tiles, which may lie in two experts (then each CTA loads its own B, as on the contiguous
+// layout), so that no CTA idles beside an expert's odd last tile. Its M unit packs the two tiles'
+// indices in the [E * max_m / 128] tile space (PairedTiles).
+template <int kGroupUnits, int kCluster, int kMcastA, int kMaskedMaxM>
+constexpr bool kPairedLiveWalk =
+    kDenseMaskedWalk<kGroupUnits, kCluster, kMcastA, kMaskedMaxM> && kCluster == 2 && kMcastA == 0;
+
+// Two M tiles in one int: the first in the low 16 bits, the second + 1 above them (0: no second
+// tile, the list's odd last one). The host keeps E * max_m / 128 below 2^16 (launch.py). Host and
+// device: tests/cuda/paired_live_walk_check.cu walks it on the CPU.
+struct PairedTiles {
+  __host__ __device__ __forceinline__ static int pack(int first, int second) {
+    return static_cast<int>(static_cast<uint32_t>(first) | (static_cast<uint32_t>(second + 1) << 16));
+  }
+  __host__ __device__ __forceinline__ static int first(int unit) {
+    return static_cast<int>(static_cast<uint32_t>(unit) & 0xffffu);
+  }
+  __host__ __device__ __forceinline__ static int second(int unit) {
+    return static_cast<int>(static_cast<uint32_t>(unit) >> 16) - 1;
+  }
+
+  // Live tile l of the list (prefix: LiveTiles' table) -> its M tile in the [E * max_m / 128]
+  // space. `expert` only moves forward: a walker's l never decreases.
+  __host__ __device__ __forceinline__ static int live_tile(const int* prefix, int& expert, int l,
+                                                           int tiles_per_expert) {
+    while (prefix[expert + 1] <= l) ++expert;
+    return expert * tiles_per_expert + (l - prefix[expert]);
+  }
+
+  // Pair p of the list (its live tiles 2p and 2p + 1 of live_tiles), packed.
+  __host__ __device__ __forceinline__ static int pair(const int* prefix, int& expert, int p, int live_tiles,
+                                                      int tiles_per_expert) {
+    const int first = live_tile(prefix, expert, 2 * p, tiles_per_expert);
+    return pack(first, 2 * p + 1 < live_tiles ? live_tile(prefix, expert, 2 * p + 1, tiles_per_expert) : -1);
+  }
+};
 
 // The masked layout's live M tiles, counted once per CTA at its start: prefix[e] = M tiles
 // holding rows of the experts before e (expert e's rows, masked_m[e] clamped to [0, max_m], fill
@@ -121,7 +159,8 @@ struct StreamKPool {
 };
 
 // Walks the units of one CTA (kCluster = 1) or one cluster of 2 (a unit is a pair of tiles, one
-// per CTA): kMcastA = 0 pairs vertically adjacent M tiles 2i, 2i + 1 at one N tile (B shared);
+// per CTA): kMcastA = 0 pairs vertically adjacent M tiles 2i, 2i + 1 at one N tile (B shared;
+// on the masked layout's dense walk, live tiles 2i, 2i + 1 of the live list: kPairedLiveWalk);
 // kMcastA = 1 pairs N tiles 2j, 2j + 1 at one M tile (A shared, always one expert).
 template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM>
 struct TileScheduler {
@@ -129,6 +168,7 @@ struct TileScheduler {
   static constexpr int kNumNUnits = kMcastA ? (kNumNTiles + kCluster - 1) / kCluster : kNumNTiles;
   static constexpr int kGroupUnits = kMcastA ? kGroupM : (kGroupM / kCluster > 0 ? kGroupM / kCluster : 1);
   static constexpr bool kDense = kDenseMaskedWalk<kGroupUnits, kCluster, kMcastA, kMaskedMaxM>;
+  static constexpr bool kPairedLive = kPairedLiveWalk<kGroupUnits, kCluster, kMcastA, kMaskedMaxM>;
 
   int num_m_units;
   int num_tiles;
@@ -136,6 +176,7 @@ struct TileScheduler {
   int stride;
   const int* live_prefix;  // kDense: LiveTiles' table
   int expert;              // kDense: the expert of the last unit walked (units come in order)
+  int live_tiles;          // kPairedLive: the live M tiles of all experts
 
   __device__ __forceinline__ explicit TileScheduler(int m, const int* live = nullptr)
       : num_m_units(kMcastA ? (m + kBlockM - 1) / kBlockM : ((m + kBlockM - 1) / kBlockM + kCluster - 1) / kCluster),
@@ -144,16 +185,26 @@ struct TileScheduler {
         stride(gridDim.x / kCluster),
         live_prefix(live),
         expert(0) {
-    if constexpr (kDense) num_tiles = live[m / kMaskedMaxM] * kNumNUnits;
+    if constexpr (kPairedLive) {
+      live_tiles = live[m / kMaskedMaxM];
+      num_tiles = (live_tiles + 1) / 2 * kNumNUnits;
+    } else if constexpr (kDense) {
+      num_tiles = live[m / kMaskedMaxM] * kNumNUnits;
+    }
   }
 
-  // kDense: unit t of the live units -> its M tile in the [E * max_m / 128] space. A CTA's units
-  // increase, so the expert only moves forward (past experts without rows).
+  // kDense: unit t of the live units -> its M tile in the [E * max_m / 128] space (kPairedLive:
+  // its two tiles, packed). A CTA's units increase, so the expert only moves forward (past experts
+  // without rows).
   __device__ __forceinline__ void live_unit_coords(int t, int& m_unit, int& n_unit) {
     const int live_m = t / kNumNUnits;
     n_unit = t - live_m * kNumNUnits;
-    while (live_prefix[expert + 1] <= live_m) ++expert;
-    m_unit = expert * (kMaskedMaxM / kBlockM) + (live_m - live_prefix[expert]);
+    if constexpr (kPairedLive) {
+      m_unit = PairedTiles::pair(live_prefix, expert, live_m, live_tiles, kMaskedMaxM / kBlockM);
+    } else {
+      while (live_prefix[expert + 1] <= live_m) ++expert;
+      m_unit = expert * (kMaskedMaxM / kBlockM) + (live_m - live_prefix[expert]);
+    }
   }
 
   // Units are numbered so that kGroupM consecutive M units sweep the N units together: the CTAs
@@ -288,9 +339,13 @@ struct TileIds {
 // load_tile_ids takes).
 __device__ __forceinline__ int opaque_zero(int m) { return static_cast<int>(threadIdx.x) & (m >> 31); }
 
-template <int kCluster, int kMcastA, typename Ids>
+template <int kCluster, int kMcastA, bool kPaired = false, typename Ids>
 __device__ __forceinline__ TileIds load_tile_ids(const Ids& expert_ids, int m, int m_unit, int zero = 0) {
-  if constexpr (kCluster == 1 || kMcastA) {
+  if constexpr (kPaired) {  // the two tiles of PairedTiles (the second: -1 when absent)
+    const int second = PairedTiles::second(m_unit);
+    return TileIds{expert_ids(PairedTiles::first(m_unit) * kBlockM + zero),
+                   second >= 0 ? expert_ids(second * kBlockM + zero) : -1};
+  } else if constexpr (kCluster == 1 || kMcastA) {
     return TileIds{expert_ids(m_unit * kBlockM + zero), -1};
   } else {
     const int first = 2 * m_unit * kBlockM + zero;
@@ -306,7 +361,7 @@ template <int kCluster, int kMcastA, typename Scheduler, typename Ids>
 __device__ __forceinline__ bool next_tile_ahead(Scheduler& sched, int& m_unit, int& n_unit, TileIds& ids,
                                                 const Ids& expert_ids, int m, int zero) {
   const bool more = sched.next_tile(m_unit, n_unit);
-  if (more) ids = load_tile_ids<kCluster, kMcastA>(expert_ids, m, m_unit, zero);
+  if (more) ids = load_tile_ids<kCluster, kMcastA, Scheduler::kPairedLive>(expert_ids, m, m_unit, zero);
   return more;
 }
 
@@ -315,7 +370,7 @@ __device__ __forceinline__ TileIds warp_uniform(const TileIds& ids) {
   return TileIds{__shfl_sync(0xffffffffu, ids.e0, 0), __shfl_sync(0xffffffffu, ids.e1, 0)};
 }
 
-template <int kCluster, int kMcastA, int kNumNTiles>
+template <int kCluster, int kMcastA, int kNumNTiles, bool kPaired = false>
 __device__ __forceinline__ TileRole tile_role(const TileIds& ids, int m_unit, int n_unit, uint32_t rank,
                                               bool& live_pair) {
   TileRole role;
@@ -346,7 +401,11 @@ __device__ __forceinline__ TileRole tile_role(const TileIds& ids, int m_unit, in
     role.multicast = e0 == e1;
     // A dead tile of a pair (padding or past M) loads its partner's rows: valid coordinates,
     // results never stored.
-    role.m_tile = m_unit * kCluster + static_cast<int>(role.live ? rank : rank ^ 1u);
+    if constexpr (kPaired) {
+      role.m_tile = role.live == (rank == 0) ? PairedTiles::first(m_unit) : PairedTiles::second(m_unit);
+    } else {
+      role.m_tile = m_unit * kCluster + static_cast<int>(role.live ? rank : rank ^ 1u);
+    }
     role.n_tile = n_unit;
   }
   return role;

@@ -170,3 +170,64 @@ def test_stream_k_on_the_masked_layout(max_m, n, k, counts, pairs) -> None:
         if m:
             got, whole = outs[1][ex, :m].float(), outs[0][ex, :m].float()
             assert float((got - whole).norm() / whole.norm()) <= 1e-3, f"expert {ex}"
+
+
+@pytest.mark.parametrize(
+    "max_m,n,k,counts",
+    [
+        # max_m a multiple of 256: the dense walk over live pairs of M tiles. A hot expert with an
+        # odd number of live tiles (its last pair's second tile dead), one with an even number, one
+        # filling max_m, rows ending on either side of row 64 and of a tile edge, idle experts
+        (2048, 4096, 7168, [1300, 0, 129, 2048, 1, 256, 257, 64, 65, 0, 1536, 383]),
+        (512, 7168, 2048, [512, 0, 1, 255, 256, 257, 384, 511] * 3),
+        # max_m 128 and 384 (pairs would straddle experts): the walk over the whole tile space
+        (128, 4096, 7168, [128, 1, 0, 77, 65]),
+        (384, 7168, 256, [64, 65, 63, 192, 193, 320, 1, 0]),
+    ],
+)
+@pytest.mark.parametrize("block_n", [128, 192])
+@pytest.mark.parametrize("stream_k", [False, True], ids=["whole_units", "stream_k"])
+def test_pairs_sharing_b_on_the_masked_layout(max_m, n, k, counts, block_n, stream_k) -> None:
+    """CTA pairs on M tiles 2i, 2i + 1 of one expert sharing its B tile (DeepGEMM's choice for hot
+    experts), 128 and 192 wide, with and without stream-K: against the reference; rows past each
+    count stay NaN (a dead second tile computes on its partner's rows and stores nothing)."""
+    op = _op()
+    from moe_backend.cuda.config import ContiguousConfig
+    from moe_backend.cuda.launch import stream_k_chunk
+
+    assert not stream_k or stream_k_chunk(k, block_n), "every case's K must be cut in whole chunks"
+    torch.manual_seed(max_m + n + block_n)
+    e = len(counts)
+    a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
+    b, bs = quantize_fp8_blockwise(block_spread_weights(e, n, k))
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    cfg = ContiguousConfig(block_n, group_m=1, cluster=2, multicast="b", stream_k=stream_k)
+    op(a, a_s, b, bs, masked_m, out, config=cfg)
+    _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)
+
+
+def test_pairs_sharing_b_graph_replay_with_new_counts() -> None:
+    """The dense walk over live pairs, counted on the device at every replay: counts that grow,
+    shrink and vanish, odd and even live tile counts."""
+    op = _op()
+    from moe_backend.cuda.config import ContiguousConfig
+
+    e, max_m, n, k = 6, 768, 4096, 2048
+    cfg = ContiguousConfig(128, group_m=1, cluster=2, multicast="b")
+    a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
+    b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda") * 0.05)
+    masked_m = torch.full((e,), max_m, dtype=torch.int32, device="cuda")
+    out = torch.empty(e, max_m, n, dtype=torch.bfloat16, device="cuda")
+    op(a, a_s, b, bs, masked_m, out, config=cfg)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(a, a_s, b, bs, masked_m, out, config=cfg)
+    for counts in ([1, 0, 768, 300, 129, 0], [768] * 6, [0] * 6, [0, 0, 0, 0, 0, 640], [257, 256, 255, 128, 127, 1]):
+        new_a, new_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
+        a.copy_(new_a)
+        a_s.copy_(new_s)
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)

@@ -110,6 +110,17 @@ COMPILE_CASES = [
         )
         for n, k in ((4096, 7168), (7168, 2048))
     ],
+    # pairs of M tiles sharing B on the masked layout's dense walk over live pairs (hot experts)
+    CompileCase(
+        "masked-pairs-b-bn192-max2048", 4096, 7168, ContiguousConfig(192, group_m=1, cluster=2), masked_max_m=2048
+    ),
+    CompileCase(
+        "sk-masked-pairs-b-bn128-max1024",
+        4096,
+        7168,
+        ContiguousConfig(128, group_m=1, cluster=2, stream_k=True),
+        masked_max_m=1024,
+    ),
 ]
 
 

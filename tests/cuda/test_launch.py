@@ -224,6 +224,20 @@ def test_stream_k_launch_side():
     assert "GroupedGemmContiguous<4096, 7168, 256, 4, 8, 2, 0, 0, 0, 0, 0, 1>" in kernel_spec(4096, 7168, cfg).source
 
 
+def test_masked_pairs_sharing_b_tile_limit():
+    """The masked layout's walk of live tile pairs packs two tile indices in one int: more M tiles
+    than it can pack are refused, naming the argument; A-sharing pairs, single CTAs and the
+    contiguous layout have no such limit."""
+    pairs_b = ContiguousConfig(128, group_m=1, cluster=2)
+    limit = launch.MAX_PAIRED_TILES * 128
+    launch.check_paired_tiles(limit, pairs_b, 1024)
+    with pytest.raises(ValueError, match=r"row_ids: .* at most 65535 M tiles"):
+        launch.check_paired_tiles(limit + 1024, pairs_b, 1024)
+    launch.check_paired_tiles(limit + 1024, ContiguousConfig(128, group_m=1, cluster=2, multicast="a"), 1024)
+    launch.check_paired_tiles(limit + 1024, ContiguousConfig(128, group_m=1), 1024)
+    launch.check_paired_tiles(limit + 1024, pairs_b, 0)
+
+
 def test_launch_passes_grid_cluster_and_param_pointers(monkeypatch):
     """CompiledKernel.launch with cuda-python's real structs and the two driver calls stubbed:
     the config carries grid, block, smem, stream and a 1x1x1 cluster; kernelParams is a void*[]
