@@ -226,12 +226,14 @@ def cuda_silu_in_gemm1(gemm1: GemmPlan) -> bool:
     return bool(thresholds()["cuda_silu_in_gemm1"]["enabled"])
 
 
-def with_stream_k(g: GemmPlan, which: str, *, direct_rows: bool = False) -> GemmPlan:
+def with_stream_k(g: GemmPlan, which: str, num_tokens: int, *, direct_rows: bool = False) -> GemmPlan:
     """`g` (`which`: "gemm1" or "gemm2") with our CUDA contiguous kernel dealing its last part-full
     wave by K chunks over every SM (`ContiguousConfig.stream_k`), where dispatch_thresholds.json
-    `cuda_stream_k` enables it for that GEMM and the kernel takes it: K blocks in chunks of whole
-    K-loop chains, and with direct rows chunks of at least as many K blocks as stages."""
-    if g.provider != "cuda" or not thresholds()["cuda_stream_k"][which]:
+    `cuda_stream_k` enables it for that GEMM from `min_tokens` tokens and the kernel takes it: K
+    blocks in chunks of whole K-loop chains, and with direct rows chunks of at least as many K
+    blocks as stages."""
+    switch = thresholds()["cuda_stream_k"]
+    if g.provider != "cuda" or not switch[which] or num_tokens < switch["min_tokens"]:
         return g
     from moe_backend.cuda.launch import stream_k_chunk
 

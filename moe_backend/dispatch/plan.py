@@ -307,8 +307,8 @@ def _make_plan(
     )
     direct_rows = layout == "contiguous" and cuda_direct_rows(gemm2, num_tokens, num_experts, num_global_experts)
     if layout == "contiguous":
-        gemm1 = with_stream_k(gemm1, "gemm1")
-        gemm2 = with_stream_k(gemm2, "gemm2", direct_rows=direct_rows)
+        gemm1 = with_stream_k(gemm1, "gemm1", num_tokens)
+        gemm2 = with_stream_k(gemm2, "gemm2", num_tokens, direct_rows=direct_rows)
     rows_on_host = layout == "contiguous" and bool({gemm1.provider, gemm2.provider} & _WALKS_EVERY_ROW)
     plan = Plan(
         kernel=name,

@@ -219,8 +219,8 @@ def test_cuda_gemm1_stores_silu_quant_where_its_tiles_hold_whole_groups(cuda_gem
 
 
 def test_stream_k_reaches_the_cuda_gemms_the_json_names(cuda_gemm_plans, monkeypatch):
-    """dispatch_thresholds.json `cuda_stream_k` (off as shipped: untimed) turns stream-K on per
-    GEMM for our CUDA kernel on the contiguous layout, GEMM1 gathering token rows (TP8) and GEMM2
+    """dispatch_thresholds.json `cuda_stream_k` turns stream-K on per GEMM for our CUDA kernel on
+    the contiguous layout from its `min_tokens`, GEMM1 gathering token rows (TP8) and GEMM2
     storing direct rows (EP8 from `cuda_direct_rows.min_tokens`) included."""
     from moe_backend.cuda.config import ContiguousConfig
 
@@ -231,33 +231,37 @@ def test_stream_k_reaches_the_cuda_gemms_the_json_names(cuda_gemm_plans, monkeyp
             provider, n, k, ContiguousConfig(256, cluster=2)
         ),
     )
+    off = {**thresholds(), "cuda_stream_k": {"gemm1": False, "gemm2": False, "min_tokens": 0}}
+    monkeypatch.setattr(gemm_choice, "thresholds", lambda: off)
     shipped = _plan(num_tokens=4096, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
     assert not shipped.gemm1.config.stream_k and not shipped.gemm2.config.stream_k
-    on = {**thresholds(), "cuda_stream_k": {"gemm1": True, "gemm2": True}}
+    on = {**thresholds(), "cuda_stream_k": {"gemm1": True, "gemm2": True, "min_tokens": 4096}}
     monkeypatch.setattr(gemm_choice, "thresholds", lambda: on)
     monkeypatch.setattr(plan_mod, "thresholds", lambda: on)
     plan_mod.clear_plan_cache()
     ep8 = _plan(num_tokens=4096, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
     assert ep8.gemm1.config.stream_k and ep8.gemm2.config.stream_k and not ep8.direct_rows
+    fewer = _plan(num_tokens=2048, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
+    assert not fewer.gemm1.config.stream_k and not fewer.gemm2.config.stream_k  # below min_tokens
     direct = _plan(num_tokens=16384, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
     assert direct.direct_rows and direct.gemm1.config.stream_k and direct.gemm2.config.stream_k
     # direct rows need pieces of at least as many K blocks as stages: K = 1024 gives chunks of 8
     deep = plan_mod.GemmPlan("cuda", 7168, 1024, ContiguousConfig(64, 6))
-    assert gemm_choice.with_stream_k(deep, "gemm2", direct_rows=True).config.stream_k
+    assert gemm_choice.with_stream_k(deep, "gemm2", 8192, direct_rows=True).config.stream_k
     shallow = plan_mod.GemmPlan("cuda", 7168, 512, ContiguousConfig(64, 6))  # chunks of 4 < 6 stages
-    assert gemm_choice.with_stream_k(shallow, "gemm2", direct_rows=True) is shallow
-    assert gemm_choice.with_stream_k(shallow, "gemm2").config.stream_k
+    assert gemm_choice.with_stream_k(shallow, "gemm2", 8192, direct_rows=True) is shallow
+    assert gemm_choice.with_stream_k(shallow, "gemm2", 8192).config.stream_k
     tp8 = _plan(num_tokens=4096, num_experts=256, hidden=7168, intermediate=256, phase="prefill")
     assert tp8.gather_a and tp8.gemm1.config.stream_k and tp8.gemm2.config.stream_k
-    only1 = {**thresholds(), "cuda_stream_k": {"gemm1": True, "gemm2": False}}
+    only1 = {**thresholds(), "cuda_stream_k": {"gemm1": True, "gemm2": False, "min_tokens": 4096}}
     monkeypatch.setattr(gemm_choice, "thresholds", lambda: only1)
     plan_mod.clear_plan_cache()
     ep8 = _plan(num_tokens=4096, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
     assert ep8.gemm1.config.stream_k and not ep8.gemm2.config.stream_k
     # K = 384: three K blocks, chunks of one, shorter than the K loop's chains: never.
     g = plan_mod.GemmPlan("cuda", 512, 384, ContiguousConfig(128))
-    assert gemm_choice.with_stream_k(g, "gemm2") is g
-    assert gemm_choice.with_stream_k(plan_mod.GemmPlan("triton", 512, 7168, ()), "gemm2").config == ()
+    assert gemm_choice.with_stream_k(g, "gemm2", 8192) is g
+    assert gemm_choice.with_stream_k(plan_mod.GemmPlan("triton", 512, 7168, ()), "gemm2", 8192).config == ()
 
 
 def test_token_bucket_rounds_up_to_few_sizes():
