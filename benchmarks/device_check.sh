@@ -74,9 +74,10 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
            step gathertests 90 env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -p no:cacheprovider \
              tests/cuda/test_cuda_gemm_gpu.py -k "gather or silu" \
            && TAIL=40 step gatherlab 200 python3 -m lab.prefill_gather_a ${GATHERA_ARGS:---tokens 2048,16384} ;;
-    streamk) # the CUDA GEMM's stream-K: its GPU tests in a debug build (a hang traps), 8 processes sharing the GPU
-           # (about 40 kernels to build on a cold cache), then GEMM1 with it beside the plan's and DeepGEMM's
-           step sktests "${SKTESTS_MAX_S:-300}" env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -n 8 -p no:cacheprovider \
+    streamk) # the CUDA GEMM's stream-K: its GPU tests in a debug build (a hang traps), 4 processes sharing the GPU
+           # (about 40 kernels to build on a cold cache; 8 ran an 80 GB H100 out of memory), then GEMM1 with it
+           # beside the plan's and DeepGEMM's
+           step sktests "${SKTESTS_MAX_S:-300}" env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -n 4 -p no:cacheprovider \
              tests/cuda/test_cuda_gemm_gpu.py tests/cuda/test_cuda_masked_gpu.py -k "stream_k" \
            && TAIL=20 step skgemm1 150 python3 -m lab.gemm1_epilogue --silu-only --stream-k \
              ${SKGEMM1_ARGS:---cells ep8:8192:uniform,ep8:16384:uniform,ep8:8192:zipf:0.6 --rounds 5} ;;

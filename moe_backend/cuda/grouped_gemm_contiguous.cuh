@@ -34,6 +34,9 @@ struct GroupedGemmContiguous {
   using SkScheduler =
       StreamKScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM, T::kKBlocks, T::kScaleChunk>;
   using Workspace = StreamKWorkspace<T::kAccRegs>;
+  // The walk of live tile pairs deals whole units only (a cut unit left rows unwritten on the GPU;
+  // launch.py refuses the pair first).
+  static_assert(!(kStreamK && Scheduler::kPairedLive), "stream-K with CTA pairs sharing B on the masked layout");
   using Loop = Mainloop<T>;
   using Epi = Epilogue<T>;
   using Ids = RowIds<kMaskedMaxM>;

@@ -152,10 +152,25 @@ def stream_k_chunk(k: int, block_n: int) -> int:
 MAX_PAIRED_TILES = 0xFFFF
 
 
+def paired_live_walk(cfg: ContiguousConfig, masked_max_m: int) -> bool:
+    """Whether the kernel walks pairs of live M tiles (scheduler.cuh, kPairedLiveWalk): the masked
+    layout's dense walk (one M unit per group: group_m // cluster <= 1) with CTA pairs sharing B."""
+    return bool(masked_max_m) and cfg.cluster == 2 and not cfg.shares_a and cfg.group_m // 2 <= 1
+
+
 def check_paired_tiles(m: int, cfg: ContiguousConfig, masked_max_m: int) -> None:
     """CTA pairs sharing B on the masked layout walk pairs of live tiles, two tile indices packed
-    in one int (scheduler.cuh, PairedTiles): at most MAX_PAIRED_TILES M tiles."""
-    if masked_max_m and cfg.cluster == 2 and not cfg.shares_a and m // BLOCK_M > MAX_PAIRED_TILES:
+    in one int (scheduler.cuh, PairedTiles): at most MAX_PAIRED_TILES M tiles. That walk deals
+    whole units only: a unit of it cut by stream-K leaves rows unwritten on the GPU, so the pair
+    is refused."""
+    if not paired_live_walk(cfg, masked_max_m):
+        return
+    if cfg.stream_k:
+        raise ValueError(
+            "config.stream_k: CTA pairs sharing B on the masked layout deal whole units only; "
+            "use stream_k=False, or pair N tiles (multicast='a') or single CTAs with stream-K"
+        )
+    if m // BLOCK_M > MAX_PAIRED_TILES:
         raise ValueError(
             f"row_ids: CTA pairs sharing B on the masked layout serve at most {MAX_PAIRED_TILES} M tiles "
             f"(experts x max_m / {BLOCK_M}), got {m // BLOCK_M}; pair N tiles (multicast='a') instead"

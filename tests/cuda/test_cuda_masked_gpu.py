@@ -175,34 +175,32 @@ def test_stream_k_on_the_masked_layout(max_m, n, k, counts, pairs) -> None:
 @pytest.mark.parametrize(
     "max_m,n,k,counts",
     [
-        # max_m a multiple of 256: the dense walk over live pairs of M tiles. A hot expert with an
-        # odd number of live tiles (its last pair's second tile dead), one with an even number, one
+        # The walk over pairs of consecutive live M tiles: a hot expert with an odd number of live
+        # tiles (its last tile paired with the next expert's first), one with an even number, one
         # filling max_m, rows ending on either side of row 64 and of a tile edge, idle experts
         (2048, 4096, 7168, [1300, 0, 129, 2048, 1, 256, 257, 64, 65, 0, 1536, 383]),
         (512, 7168, 2048, [512, 0, 1, 255, 256, 257, 384, 511] * 3),
-        # max_m 128 and 384 (pairs would straddle experts): the walk over the whole tile space
+        # max_m 128 and 384: most pairs straddle two experts (each CTA loads its own B)
         (128, 4096, 7168, [128, 1, 0, 77, 65]),
         (384, 7168, 256, [64, 65, 63, 192, 193, 320, 1, 0]),
     ],
 )
 @pytest.mark.parametrize("block_n", [128, 192])
-@pytest.mark.parametrize("stream_k", [False, True], ids=["whole_units", "stream_k"])
-def test_pairs_sharing_b_on_the_masked_layout(max_m, n, k, counts, block_n, stream_k) -> None:
-    """CTA pairs on M tiles 2i, 2i + 1 of one expert sharing its B tile (DeepGEMM's choice for hot
-    experts), 128 and 192 wide, with and without stream-K: against the reference; rows past each
-    count stay NaN (a dead second tile computes on its partner's rows and stores nothing)."""
+def test_pairs_sharing_b_on_the_masked_layout(max_m, n, k, counts, block_n) -> None:
+    """CTA pairs on consecutive live M tiles sharing B where both hold one expert (DeepGEMM's
+    choice for hot experts), 128 and 192 wide: against the reference; rows past each count stay
+    NaN (a dead second tile computes on its partner's rows and stores nothing). Stream-K is refused
+    with these pairs (tests/cuda/test_launch.py)."""
     op = _op()
     from moe_backend.cuda.config import ContiguousConfig
-    from moe_backend.cuda.launch import stream_k_chunk
 
-    assert not stream_k or stream_k_chunk(k, block_n), "every case's K must be cut in whole chunks"
     torch.manual_seed(max_m + n + block_n)
     e = len(counts)
     a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
     b, bs = quantize_fp8_blockwise(block_spread_weights(e, n, k))
     masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
     out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    cfg = ContiguousConfig(block_n, group_m=1, cluster=2, multicast="b", stream_k=stream_k)
+    cfg = ContiguousConfig(block_n, group_m=1, cluster=2, multicast="b")
     op(a, a_s, b, bs, masked_m, out, config=cfg)
     _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)
 

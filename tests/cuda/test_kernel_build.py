@@ -114,13 +114,6 @@ COMPILE_CASES = [
     CompileCase(
         "masked-pairs-b-bn192-max2048", 4096, 7168, ContiguousConfig(192, group_m=1, cluster=2), masked_max_m=2048
     ),
-    CompileCase(
-        "sk-masked-pairs-b-bn128-max1024",
-        4096,
-        7168,
-        ContiguousConfig(128, group_m=1, cluster=2, stream_k=True),
-        masked_max_m=1024,
-    ),
 ]
 
 

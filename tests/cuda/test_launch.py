@@ -238,6 +238,22 @@ def test_masked_pairs_sharing_b_tile_limit():
     launch.check_paired_tiles(limit + 1024, pairs_b, 0)
 
 
+def test_masked_pairs_sharing_b_refuse_stream_k():
+    """The walk of live tile pairs deals whole units only (a cut unit left rows unwritten on the
+    GPU): stream-K with it is refused, naming the argument; stream-K stays open to A-sharing pairs,
+    single CTAs, group_m >= 4 (the grouped walk) and the contiguous layout."""
+    sk_pairs_b = ContiguousConfig(128, group_m=1, cluster=2, stream_k=True)
+    assert launch.paired_live_walk(sk_pairs_b, 1024)
+    with pytest.raises(ValueError, match=r"config.stream_k: CTA pairs sharing B"):
+        launch.check_paired_tiles(4096, sk_pairs_b, 1024)
+    launch.check_paired_tiles(4096, ContiguousConfig(128, group_m=1, cluster=2, multicast="a", stream_k=True), 1024)
+    launch.check_paired_tiles(4096, ContiguousConfig(128, group_m=1, stream_k=True), 1024)
+    grouped = ContiguousConfig(128, group_m=4, cluster=2, stream_k=True)
+    assert not launch.paired_live_walk(grouped, 1024)
+    launch.check_paired_tiles(4096, grouped, 1024)
+    launch.check_paired_tiles(4096, sk_pairs_b, 0)
+
+
 def test_launch_passes_grid_cluster_and_param_pointers(monkeypatch):
     """CompiledKernel.launch with cuda-python's real structs and the two driver calls stubbed:
     the config carries grid, block, smem, stream and a 1x1x1 cluster; kernelParams is a void*[]
