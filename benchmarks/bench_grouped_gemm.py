@@ -511,6 +511,8 @@ def run_routed_cell(
     # bound of total + E * (BLOCK_M - 1) rows, the rows in use read on the device (num_rows)
     if mean_rows <= DECODE_MAX_ROWS:
         cfg = _gemm_config.get_config("grouped_gemm_masked", mean_rows, n, k, device_name(b.device), masked=True)
+        # As the plan runs it (dispatch/gemm_choice.py): only the masked walk picks a narrow tile
+        cfg["NARROW_M"] = 0
         bm = cfg["BLOCK_M"]
         ids, starts, used = contiguous_layout(counts, bm, rows_bound=total + e * (bm - 1))
         a = torch.zeros(ids.numel(), k, dtype=a_rows.dtype, device=DEVICE)
