@@ -121,11 +121,34 @@ def _triton_config(layout: str, expected_m: int, n: int, k: int, device: torch.d
         # table's tiles, which the same kernel runs on either layout.
         kernel = "grouped_gemm_contiguous" if tuned_rows and expected_m >= tuned_rows[0] else "grouped_gemm_masked"
         cfg = _gemm_config.get_config(kernel, expected_m, n, k, name, masked=kernel.endswith("masked"), max_block_m=128)
-        # Only the masked walk picks a narrow tile per unit: here the tile runs BLOCK_M wide.
+        if cfg.get("NARROW_M"):
+            # Only the masked walk picks a narrow tile per unit, and the entry was timed there:
+            # the contiguous walk takes the nearest entry tuned without one (else runs BLOCK_M wide).
+            plain = _plain_masked_entry(expected_m, n, k, name)
+            if plain is not None:
+                cfg = _gemm_config.get_config(
+                    kernel, expected_m, n, k, name, masked=True, override=plain, max_block_m=128
+                )
         cfg["NARROW_M"] = 0
     else:
         cfg = _gemm_config.get_config("grouped_gemm_masked", expected_m, n, k, name, masked=True)
     return tuple(sorted(cfg.items()))
+
+
+def _plain_masked_entry(expected_m: int, n: int, k: int, device_name: str) -> dict | None:
+    """The masked table's entry without NARROW_M nearest `expected_m`: the largest bucket below
+    it, else the smallest above; None when every entry has one."""
+    from moe_backend.kernels import _gemm_config
+
+    table = _gemm_config.load_table("grouped_gemm_masked", device_name) or _gemm_config.load_table(
+        "grouped_gemm_masked", _gemm_config.HOPPER_FALLBACK_DEVICE
+    )
+    by_m = table.get(f"N={n},K={k}", {})
+    plain = sorted(m for m, cfg in by_m.items() if not cfg.get("NARROW_M"))
+    below = [m for m in plain if m <= expected_m]
+    above = [m for m in plain if m > expected_m]
+    pick = below[-1] if below else (above[0] if above else None)
+    return dict(by_m[pick]) if pick is not None else None
 
 
 def _cuda_config(layout: str, rows_hint: int, n: int, k: int, device: torch.device):

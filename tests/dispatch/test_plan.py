@@ -179,14 +179,27 @@ def test_gemm1_gathers_its_rows_where_its_triton_config_allows(monkeypatch):
 
 def test_a_narrow_tile_stays_on_the_masked_layout(monkeypatch):
     """A masked-table entry with NARROW_M keeps it on the masked layout; where that table serves
-    the contiguous layout at decode (whose walk reads no NARROW_M) the tile runs BLOCK_M wide."""
+    the contiguous layout at decode (whose walk reads no NARROW_M, and where the narrow entry was
+    not timed) the nearest entry tuned without one runs instead, the largest bucket below first;
+    with none, the narrow entry's tile runs BLOCK_M wide."""
     from moe_backend.kernels import _gemm_config
 
-    entry = dict(BLOCK_M=32, BLOCK_N=128, SWAP_AB=True, NARROW_M=16, num_warps=4, num_stages=4)
-    monkeypatch.setattr(_gemm_config, "load_table", lambda kernel, device: {})
-    monkeypatch.setattr(_gemm_config, "formula", lambda m, n, k, masked: dict(entry))
+    narrow = dict(BLOCK_M=32, BLOCK_N=128, SWAP_AB=True, NARROW_M=16, num_warps=4, num_stages=4)
+    small = dict(BLOCK_M=16, BLOCK_N=128, K_UNROLL=2, SWAP_AB=True, num_warps=4, num_stages=3)
+    large = dict(BLOCK_M=64, BLOCK_N=128, SWAP_AB=False, num_warps=4, num_stages=4)
+    tables = {"grouped_gemm_masked": {"N=4096,K=7168": {4: small, 16: narrow, 64: large}}}
+    monkeypatch.setattr(_gemm_config, "load_table", lambda kernel, device: tables.get(kernel, {}))
     cpu = torch.device("cpu")
     assert dict(gemm_choice._triton_config("masked", 16, 4096, 7168, cpu))["NARROW_M"] == 16
+    for rows in (8, 16):
+        contiguous = dict(gemm_choice._triton_config("contiguous", rows, 4096, 7168, cpu))
+        assert contiguous["NARROW_M"] == 0
+        assert (contiguous["BLOCK_M"], contiguous["K_UNROLL"], contiguous["num_stages"]) == (16, 2, 3)
+    # no plain bucket below: the smallest above
+    tables["grouped_gemm_masked"]["N=4096,K=7168"] = {16: narrow, 64: large}
+    assert dict(gemm_choice._triton_config("contiguous", 16, 4096, 7168, cpu))["BLOCK_M"] == 64
+    # every entry narrow: its tile, BLOCK_M wide
+    tables["grouped_gemm_masked"]["N=4096,K=7168"] = {16: narrow}
     contiguous = dict(gemm_choice._triton_config("contiguous", 16, 4096, 7168, cpu))
     assert contiguous["NARROW_M"] == 0 and contiguous["BLOCK_M"] == 32
 
