@@ -136,14 +136,11 @@ def _triton_config(layout: str, expected_m: int, n: int, k: int, device: torch.d
 
 
 def _plain_masked_entry(expected_m: int, n: int, k: int, device_name: str) -> dict | None:
-    """The masked table's entry without NARROW_M nearest `expected_m`: the largest bucket below
-    it, else the smallest above; None when every entry has one."""
+    """The masked table's entry without NARROW_M nearest `expected_m` (in the table get_config
+    read): the largest bucket below it, else the smallest above; None when every entry has one."""
     from moe_backend.kernels import _gemm_config
 
-    table = _gemm_config.load_table("grouped_gemm_masked", device_name) or _gemm_config.load_table(
-        "grouped_gemm_masked", _gemm_config.HOPPER_FALLBACK_DEVICE
-    )
-    by_m = table.get(f"N={n},K={k}", {})
+    by_m = _gemm_config.table_for("grouped_gemm_masked", device_name)[0].get(f"N={n},K={k}", {})
     plain = sorted(m for m, cfg in by_m.items() if not cfg.get("NARROW_M"))
     below = [m for m in plain if m <= expected_m]
     above = [m for m in plain if m > expected_m]

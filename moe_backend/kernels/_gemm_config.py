@@ -57,6 +57,15 @@ def load_table(kernel: str, device_name: str) -> dict:
     return {key: {int(m): cfg for m, cfg in by_m.items()} for key, by_m in table.items() if key != "meta"}
 
 
+def table_for(kernel: str, device_name: str) -> tuple[dict, str]:
+    """The tuned table a device's configs come from, and whose it is: its own, else (another
+    Hopper without one) the H100's."""
+    table = load_table(kernel, device_name)
+    if not table and device_name.startswith("NVIDIA H") and device_name != HOPPER_FALLBACK_DEVICE:
+        return load_table(kernel, HOPPER_FALLBACK_DEVICE), HOPPER_FALLBACK_DEVICE
+    return table, device_name
+
+
 def formula(m: int, n: int, k: int, *, masked: bool) -> dict:
     """Rows per expert `m` -> config. Few rows: the GEMM streams weights (memory-bound), so one
     m-tile covers all of an expert's rows and many n-tiles keep every SM loading; many rows: the
@@ -139,9 +148,7 @@ def get_config(
     if override is not None:
         cfg, source = override, "override"
     else:
-        table, table_device = load_table(kernel, device_name), device_name
-        if not table and device_name.startswith("NVIDIA H") and device_name != HOPPER_FALLBACK_DEVICE:
-            table, table_device = load_table(kernel, HOPPER_FALLBACK_DEVICE), HOPPER_FALLBACK_DEVICE
+        table, table_device = table_for(kernel, device_name)
         by_m = table.get(f"N={n},K={k}")
         if by_m:
             keys = sorted(by_m)
