@@ -284,14 +284,15 @@ def render_section(env: dict, ceil: dict, cells: list, selection: str, skipped: 
 
 def replace_section(doc: str, section: str) -> str:
     """`doc` with the section of the same heading line replaced by `section` (up to the next `## `
-    heading), or `section` inserted before `## Notes` (appended when there is none)."""
+    or `### ` heading: subsections written beside a table outlive its next run), or `section`
+    inserted before `## Notes` (appended when there is none)."""
     heading = section.splitlines()[0]
     lines = doc.splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == heading]
     body = section if section.endswith("\n") else section + "\n"
     if starts:
         i = starts[0]
-        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith(("## ", "### "))), len(lines))
         return "".join(lines[:i]) + body + ("\n" if j < len(lines) else "") + "".join(lines[j:])
     notes = next((k for k, line in enumerate(lines) if line.startswith("## Notes")), None)
     if notes is None:

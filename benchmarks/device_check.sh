@@ -95,7 +95,7 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
              --old "${OLD_CUDA:-.old_cuda}" ${MASKEDWALK_ARGS:-} ;;
     routed) # bench_grouped_gemm under routed counts with our CUDA masked kernel, masked contenders interleaved
            TAIL=30 step routed "${ROUTED_MAX_S:-300}" python3 -m benchmarks.bench_grouped_gemm --json "$F/routed.json" \
-             --md "$F/routed.md" --log "$F/routed.log" --routings ${ROUTINGS:-uniform,zipf:0.6,zipf:0.9,zipf:1.2} \
+             --md "$F/routed.md" --log "$F/routed.detail.log" --routings ${ROUTINGS:-uniform,zipf:0.6,zipf:0.9,zipf:1.2} \
              --cuda-masked --rounds 3 --budget-s "${ROUTED_BUDGET:-240}" ${ROUTED_ARGS:---slices ep8 --ep8-rows 128 --vllm-configs 3} ;;
     *) echo "== $name: unknown step" ;;
   esac

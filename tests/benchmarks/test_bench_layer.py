@@ -202,6 +202,11 @@ def test_docs_section_is_replaced_not_duplicated():
     assert "run 2" in other and "run 3" in other
     assert bench_layer.replace_section("", sec) == sec
     assert bench_layer.replace_section("# T\n", sec) == "# T\n\n" + sec
+    # a subsection written under the table outlives the table's next run
+    kept = bench_layer.replace_section(
+        "## Layer (H200)\n\nrun 1\n\n### Why\n\nnotes\n\n## Notes\n", "## Layer (H200)\n\nrun 2\n"
+    )
+    assert kept == "## Layer (H200)\n\nrun 2\n\n### Why\n\nnotes\n\n## Notes\n"
 
 
 # -- one cell end to end at toy size, the peers emulated in torch --------------------------------
