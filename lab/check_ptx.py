@@ -35,6 +35,8 @@ SHAPES = ((4096, 7168), (7168, 2048), (512, 7168), (7168, 256))
 SM_COUNTS = (132, 114, 78)
 MAX_M_TILES = 8192  # contiguous row counts up to 1M rows (every wave count the formula can see)
 MASKED_MAX_M = (128, 256, 512, 1024)
+# the GPU names that pick a masked config of their own (None: every other GPU's)
+MASKED_GPUS = (None, "NVIDIA H100 80GB HBM3")
 KEY_FIELDS = ("N", "K", "MASKED_MAX_M", "BLOCK_N", "STAGES", "GROUP_M", "CLUSTER", "MCAST_A")
 
 
@@ -46,7 +48,8 @@ def shipped_specs() -> dict[str, jit.KernelSpec]:
             for tiles in range(1, MAX_M_TILES + 1):
                 _add(specs, kernel_spec(n, k, select_config(tiles * 128, n, sms, k=k)))
         for max_m in MASKED_MAX_M:
-            _add(specs, kernel_spec(n, k, select_masked_config(n, k), masked_max_m=max_m))
+            for gpu in MASKED_GPUS:
+                _add(specs, kernel_spec(n, k, select_masked_config(n, k, gpu), masked_max_m=max_m))
     return dict(sorted(specs.items()))
 
 

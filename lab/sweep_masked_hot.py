@@ -5,7 +5,8 @@ Every contender is a CUDA-graph replay timed in interleaved rounds; outputs are 
 shipped config's (bytes of the valid rows; stream-K contenders, `:sk`, whose sums are added in another
 order: within 1e-3) and the rows past each count must stay untouched.
 
-    python -m lab.sweep_masked_hot [--gemms w13,w2] [--routings zipf:0.9,zipf:1.2] [--json PATH]
+    python -m lab.sweep_masked_hot [--gemms w13,w2] [--routings zipf:0.9,zipf:1.2] [--configs c2a:128,...]
+        [--json PATH]
 
 GPU only; `--list` prints the candidate configs on CPU.
 """
@@ -46,20 +47,37 @@ def max_m_of(counts) -> int:
     return 1 << max(7, (int(counts.max()) - 1).bit_length())
 
 
-def prebuild(cells: list[tuple[str, str]]) -> None:
+def shipped_config(n: int, k: int):
+    """The config the op picks on this GPU."""
+    import torch
+
+    from moe_backend.cuda.heuristic import select_masked_config
+
+    return select_masked_config(n, k, torch.cuda.get_device_name())
+
+
+def chosen(only: str | None) -> dict:
+    """The candidates named in `only` (comma-separated; None: every one)."""
+    every = candidates()
+    if not only:
+        return every
+    unknown = [name for name in only.split(",") if name not in every]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; --list prints the candidates")
+    return {name: every[name] for name in only.split(",")}
+
+
+def prebuild(cells: list[tuple[str, str]], only: str | None = None) -> None:
     """Every (config, max_m) kernel of the sweep compiled in parallel (each is a JIT build)."""
     from lab._prebuild import compile_all
     from moe_backend import testing
-    from moe_backend.cuda.heuristic import select_masked_config
     from moe_backend.cuda.launch import kernel_spec
 
     specs = []
     for gemm, routing in cells:
         e, n, k = SHAPES[gemm]
         max_m = max_m_of(testing.routed_counts(e, MEAN_ROWS, routing, seed=0))
-        specs += [
-            kernel_spec(n, k, cfg, masked_max_m=max_m) for cfg in [select_masked_config(n, k), *candidates().values()]
-        ]
+        specs += [kernel_spec(n, k, cfg, masked_max_m=max_m) for cfg in [shipped_config(n, k), *chosen(only).values()]]
     compile_all(specs)
 
 
@@ -83,21 +101,20 @@ def hot_operands(gemm: str, routing: str) -> dict:
                 b=b, bs=bs)  # fmt: skip
 
 
-def run_cell(gemm: str, routing: str, rounds: int) -> dict:
+def run_cell(gemm: str, routing: str, rounds: int, only: str | None = None) -> dict:
     import torch
 
     from benchmarks._peers import load_deep_gemm
     from moe_backend import testing
     from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked
-    from moe_backend.cuda.heuristic import select_masked_config
 
     operands = hot_operands(gemm, routing)
     e, n, k, counts, max_m = (operands[key] for key in ("e", "n", "k", "counts", "max_m"))
     counts_dev, a, a_s, b, bs = (operands[key] for key in ("masked_m", "a", "a_s", "b", "bs"))
     valid = torch.arange(max_m, device=DEVICE)[None, :] < counts_dev[:, None]
 
-    shipped = select_masked_config(n, k)
-    configs = {"shipped": shipped, **{name: c for name, c in candidates().items() if c != shipped}}
+    shipped = shipped_config(n, k)
+    configs = {"shipped": shipped, **{name: c for name, c in chosen(only).items() if c != shipped}}
     fns, outs, errors = {}, {}, {}
     for name, cfg in configs.items():
         out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
@@ -176,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routings", default="zipf:0.9,zipf:1.2")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--configs", default=None, help="candidates to time beside the shipped config (default: all)")
     p.add_argument("--list", action="store_true")
     args = p.parse_args(argv)
     if args.list:
@@ -183,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             print(name, cfg)
         return 0
     cells = [(g, r) for g in args.gemms.split(",") for r in args.routings.split(",")]
-    prebuild(cells)
+    prebuild(cells, args.configs)
     results = []
     for gemm in args.gemms.split(","):
         for routing in args.routings.split(","):
-            r = run_cell(gemm, routing, args.rounds)
+            r = run_cell(gemm, routing, args.rounds, args.configs)
             results.append(r)
             dg_err = f"{r['dg_vs_shipped']:.2e}"
             stable = r["replay_stable"]

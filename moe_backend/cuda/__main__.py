@@ -1,5 +1,5 @@
 """`python -m moe_backend.cuda warmup [--slice ep8 tp8] [--rows 256 512 2048 4096] [--masked-max-m 128 256]
-[--sms 132]`: compiles (or finds in the cache) every grouped-GEMM config the heuristic picks for
+[--sms 132] [--gpu NAME]`: compiles (or finds in the cache) every grouped-GEMM config the heuristic picks for
 DeepSeek-V3's prefill GEMMs and the masked decode kernels for the given max_m values, with a
 progress bar. Needs nvcc, not a GPU."""
 
@@ -33,17 +33,28 @@ def main(argv: list[str] | None = None) -> int:
         help="max_m of the masked decode layouts to plan for (multiples of 128)",
     )
     w.add_argument("--sms", type=int, default=132, help="multiprocessors of the target GPU (H100/H200: 132)")
+    w.add_argument(
+        "--gpu",
+        default=None,
+        help="the target GPU's name as torch.cuda.get_device_name gives it, which picks the masked configs "
+        "(default: this machine's GPU, if it has one)",
+    )
     args = parser.parse_args(argv)
     bad = [x for x in args.masked_max_m if not supports_max_m(x)]
     if bad:
         parser.error(f"--masked-max-m: the CUDA masked kernel needs multiples of 128, got {bad}")
 
+    gpu = args.gpu
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     specs = []
     for name in args.slice:
         experts, shapes = SLICES[name]
         specs += warmup_specs(shapes, [r * experts for r in args.rows], num_sms=args.sms)
         specs += [
-            kernel_spec(n, k, select_masked_config(n, k), masked_max_m=mm)
+            kernel_spec(n, k, select_masked_config(n, k, gpu), masked_max_m=mm)
             for n, k in shapes
             for mm in args.masked_max_m
         ]

@@ -19,6 +19,7 @@ from moe_backend.cuda.config import BLOCK_M, MAX_MASKED_EXPERTS, ContiguousConfi
 from moe_backend.cuda.grouped_gemm_contiguous import grouped_gemm_contiguous
 from moe_backend.cuda.heuristic import select_masked_config
 from moe_backend.cuda.launch import check_device, check_weights, launch
+from moe_backend.kernels._launch_utils import device_name
 from moe_backend.quant import FP8_DTYPE
 
 __all__ = ["grouped_gemm_masked", "supports_max_m", "supports_experts", "select_masked_config"]
@@ -94,7 +95,7 @@ def grouped_gemm_masked(
         a_scale.view(num_experts * max_m, -1),
         out.view(num_experts * max_m, n),
     )
-    cfg = config or select_masked_config(n, k)
+    cfg = config or select_masked_config(n, k, device_name(a_fp8.device))
     if a_fp8.data_ptr() % 16 or b_fp8.data_ptr() % 16 or out.data_ptr() % 16:
         # A view at an odd offset: the contiguous op's checks and staging, on per-row ids.
         grouped_gemm_contiguous(a2, s2, b_fp8, b_scale, masked_expert_ids(masked_m, max_m), o2, config=cfg)

@@ -151,9 +151,10 @@ def _plain_masked_entry(expected_m: int, n: int, k: int, device_name: str) -> di
 def _cuda_config(layout: str, rows_hint: int, n: int, k: int, device: torch.device):
     from moe_backend.cuda import grouped_gemm_contiguous as cuda_contiguous
     from moe_backend.cuda.grouped_gemm_masked import select_masked_config
+    from moe_backend.kernels._launch_utils import device_name
 
     if layout == "masked":
-        return select_masked_config(n, k)
+        return select_masked_config(n, k, device_name(device))
     index = device.index if device.index is not None else torch.cuda.current_device()
     return cuda_contiguous.select_config(rows_hint, n, cuda_contiguous._num_sms(index), k=k)
 

@@ -4,6 +4,7 @@ the contiguous formula on the DeepSeek-V3 cells, and the masked decode configs."
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moe_backend.cuda import config as cfgmod
 from moe_backend.cuda.config import BLOCK_N_CHOICES, ContiguousConfig, max_stages
@@ -94,6 +95,33 @@ def test_masked_configs_per_shape():
     assert (wide.block_n, wide.cluster, wide.multicast, wide.group_m) == (128, 2, "a", 1)
     assert (narrow.block_n, narrow.cluster, narrow.multicast) == (64, 2, "a")
     assert (short_k.block_n, short_k.cluster) == (64, 1)
+
+
+@pytest.mark.parametrize("gpu", ["NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL"])
+def test_masked_wide_pairs_on_the_h100(gpu):
+    """On an H100 the wide masked GEMMs take 256-wide A-sharing pairs with 3 stages; the H200, an
+    unnamed GPU and the narrow or short-K shapes keep their configs."""
+    wide = select_masked_config(7168, 2048, gpu)
+    assert (wide.block_n, wide.num_stages, wide.cluster, wide.multicast, wide.group_m) == (256, 3, 2, "a", 1)
+    assert select_masked_config(4096, 7168, gpu) == ContiguousConfig(
+        256, num_stages=3, group_m=1, cluster=2, multicast="a"
+    )
+    for other in ("NVIDIA H200", None):
+        assert select_masked_config(7168, 2048, other) == select_masked_config(7168, 2048)
+        assert select_masked_config(7168, 2048, other).block_n == 128
+    assert select_masked_config(512, 7168, gpu) == select_masked_config(512, 7168)
+    assert select_masked_config(7168, 256, gpu) == select_masked_config(7168, 256)
+
+
+def test_the_plan_passes_the_gpu_to_the_masked_config(monkeypatch):
+    from moe_backend.dispatch import gemm_choice
+    from moe_backend.kernels import _launch_utils
+
+    monkeypatch.setattr(_launch_utils, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    cfg = gemm_choice._cuda_config("masked", 128, 4096, 7168, torch.device("cuda", 0))
+    assert cfg.block_n == 256 and cfg.num_stages == 3
+    monkeypatch.setattr(_launch_utils, "device_name", lambda device: "NVIDIA H200")
+    assert gemm_choice._cuda_config("masked", 128, 4096, 7168, torch.device("cuda", 0)).block_n == 128
 
 
 def test_masked_max_m_is_checked_and_keys_the_kernel():

@@ -65,6 +65,13 @@ COMPILE_CASES = [
         for n, k in ((7168, 256), (4096, 7168), (512, 7168))
         for mm in (128, 1024)
     ],
+    # the H100's wide masked config (256-wide A-sharing pairs, 3 stages)
+    *[
+        CompileCase(
+            f"masked-h100-{n}x{k}", n, k, select_masked_config(n, k, "NVIDIA H100 80GB HBM3"), masked_max_m=1024
+        )
+        for n, k in ((4096, 7168), (7168, 2048))
+    ],
     # gathered A rows (prefill GEMM1 reading token rows through the layout's src_token)
     CompileCase("tp8-w13-gather", 512, 7168, rows=256 * 512, gather_a=True),
     CompileCase("ep8-w13-gather-pairs", 4096, 7168, ContiguousConfig(128, cluster=2), gather_a=True),
