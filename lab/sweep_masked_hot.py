@@ -1,12 +1,12 @@
 """Our CUDA masked GEMM's configs on the cells with a hot expert, beside DeepGEMM's masked GEMM: the
-EP8 slice at a mean of 128 rows per expert under Zipf routing (`testing.routed_counts`, the counts
+EP8 slice (or TP8, `--slice tp8`) at a mean of 128 rows per expert under Zipf routing (`testing.routed_counts`, the counts
 of `bench_grouped_gemm --routings`), max_m the hottest expert's rows rounded up to a power of two.
 Every contender is a CUDA-graph replay timed in interleaved rounds; outputs are compared with the
 shipped config's (bytes of the valid rows; stream-K contenders, `:sk`, whose sums are added in another
 order: within 1e-3) and the rows past each count must stay untouched.
 
-    python -m lab.sweep_masked_hot [--gemms w13,w2] [--routings zipf:0.9,zipf:1.2] [--configs c2a:128,...]
-        [--json PATH]
+    python -m lab.sweep_masked_hot [--slice ep8|tp8] [--gemms w13,w2] [--routings zipf:0.9,zipf:1.2]
+        [--configs c2a:128,...] [--json PATH]
 
 GPU only; `--list` prints the candidate configs on CPU.
 """
@@ -19,7 +19,11 @@ import json
 
 DEVICE = "cuda"
 MEAN_ROWS = 128
-SHAPES = {"w13": (32, 4096, 7168), "w2": (32, 7168, 2048)}  # EP8: experts, N, K
+# experts, N, K of each GEMM of the two DeepSeek-V3 slices
+SHAPES = {
+    "ep8": {"w13": (32, 4096, 7168), "w2": (32, 7168, 2048)},
+    "tp8": {"w13": (256, 512, 7168), "w2": (256, 7168, 256)},
+}
 
 
 def candidates() -> dict:
@@ -67,7 +71,7 @@ def chosen(only: str | None) -> dict:
     return {name: every[name] for name in only.split(",")}
 
 
-def prebuild(cells: list[tuple[str, str]], only: str | None = None) -> None:
+def prebuild(cells: list[tuple[str, str]], only: str | None = None, slice_name: str = "ep8") -> None:
     """Every (config, max_m) kernel of the sweep compiled in parallel (each is a JIT build)."""
     from lab._prebuild import compile_all
     from moe_backend import testing
@@ -75,13 +79,13 @@ def prebuild(cells: list[tuple[str, str]], only: str | None = None) -> None:
 
     specs = []
     for gemm, routing in cells:
-        e, n, k = SHAPES[gemm]
+        e, n, k = SHAPES[slice_name][gemm]
         max_m = max_m_of(testing.routed_counts(e, MEAN_ROWS, routing, seed=0))
         specs += [kernel_spec(n, k, cfg, masked_max_m=max_m) for cfg in [shipped_config(n, k), *chosen(only).values()]]
     compile_all(specs)
 
 
-def hot_operands(gemm: str, routing: str) -> dict:
+def hot_operands(gemm: str, routing: str, slice_name: str = "ep8") -> dict:
     """One cell's operands: the counts (`testing.routed_counts`, int32 on the GPU as `masked_m`),
     max_m, random FP8 weights and activations in the masked layout (rows past the hottest
     expert's zero, scales one)."""
@@ -90,25 +94,28 @@ def hot_operands(gemm: str, routing: str) -> dict:
     from moe_backend import testing
     from moe_backend.quant import quantize_fp8_per_token_group
 
-    e, n, k = SHAPES[gemm]
+    e, n, k = SHAPES[slice_name][gemm]
     counts = testing.routed_counts(e, MEAN_ROWS, routing, seed=0)
     top, max_m = int(counts.max()), max_m_of(counts)
     b, bs = testing.random_fp8_weights(e, n, k)
     a = torch.zeros(e, max_m, k, dtype=torch.float8_e4m3fn, device=DEVICE)
     a_s = torch.ones(e, max_m, k // 128, device=DEVICE)
-    a[:, :top], a_s[:, :top] = quantize_fp8_per_token_group(torch.randn(e, top, k, device=DEVICE, dtype=torch.bfloat16))
+    for lo in range(0, e, 16):  # a few experts at a time: TP8's hottest expert holds 32x the mean rows
+        a[lo : lo + 16, :top], a_s[lo : lo + 16, :top] = quantize_fp8_per_token_group(
+            torch.randn(min(16, e - lo), top, k, device=DEVICE, dtype=torch.bfloat16)
+        )
     return dict(e=e, n=n, k=k, counts=counts, max_m=max_m, masked_m=counts.to(torch.int32).to(DEVICE), a=a, a_s=a_s,
                 b=b, bs=bs)  # fmt: skip
 
 
-def run_cell(gemm: str, routing: str, rounds: int, only: str | None = None) -> dict:
+def run_cell(gemm: str, routing: str, rounds: int, only: str | None = None, slice_name: str = "ep8") -> dict:
     import torch
 
     from benchmarks._peers import load_deep_gemm
     from moe_backend import testing
     from moe_backend.cuda.grouped_gemm_masked import grouped_gemm_masked
 
-    operands = hot_operands(gemm, routing)
+    operands = hot_operands(gemm, routing, slice_name)
     e, n, k, counts, max_m = (operands[key] for key in ("e", "n", "k", "counts", "max_m"))
     counts_dev, a, a_s, b, bs = (operands[key] for key in ("masked_m", "a", "a_s", "b", "bs"))
     valid = torch.arange(max_m, device=DEVICE)[None, :] < counts_dev[:, None]
@@ -155,7 +162,7 @@ def run_cell(gemm: str, routing: str, rounds: int, only: str | None = None) -> d
     same = {name: agrees(name, o) for name, o in outs.items()}
     dg_close = float((out_dg[valid].float() - ref[valid].float()).norm() / ref[valid].float().norm())
     return dict(
-        cell=f"ep8 {gemm} {routing}",
+        cell=f"{slice_name} {gemm} {routing}",
         describe=testing.describe_counts(counts),
         max_m=max_m,
         configs={name: str(c) for name, c in configs.items()},
@@ -189,6 +196,7 @@ def render(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--slice", default="ep8", choices=sorted(SHAPES))
     p.add_argument("--gemms", default="w13")
     p.add_argument("--routings", default="zipf:0.9,zipf:1.2")
     p.add_argument("--rounds", type=int, default=5)
@@ -201,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             print(name, cfg)
         return 0
     cells = [(g, r) for g in args.gemms.split(",") for r in args.routings.split(",")]
-    prebuild(cells, args.configs)
+    prebuild(cells, args.configs, args.slice)
     results = []
     for gemm in args.gemms.split(","):
         for routing in args.routings.split(","):
-            r = run_cell(gemm, routing, args.rounds, args.configs)
+            r = run_cell(gemm, routing, args.rounds, args.configs, args.slice)
             results.append(r)
             dg_err = f"{r['dg_vs_shipped']:.2e}"
             stable = r["replay_stable"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from lab import _prebuild, contiguous_before_after, prefill_launch_gaps, sweep_masked_hot
@@ -71,3 +72,11 @@ def test_the_before_kernel_builds_from_the_old_headers_under_its_own_name() -> N
     assert old.kernel_name == spec.kernel_name + "_before"
     assert old.include_dirs == (Path("/tmp/old_headers"),)
     assert spec.kernel_name not in old.source.replace(old.kernel_name, "")
+
+
+def test_masked_hot_config_filter_and_slices() -> None:
+    assert list(sweep_masked_hot.chosen("c2a:128,c1:64")) == ["c2a:128", "c1:64"]
+    assert sweep_masked_hot.chosen(None) == sweep_masked_hot.candidates()
+    with pytest.raises(SystemExit, match="unknown"):
+        sweep_masked_hot.chosen("c2a:128,c9:1")
+    assert sweep_masked_hot.SHAPES["tp8"] == {"w13": (256, 512, 7168), "w2": (256, 7168, 256)}
