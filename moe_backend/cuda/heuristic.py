@@ -13,9 +13,9 @@ from moe_backend.env import ENV
 __all__ = ["select_config", "select_masked_config"]
 
 # GPUs whose wide masked GEMMs take 256-wide A-sharing pairs with 3 stages: on the H100 they beat
-# the 128-wide pairs in 7 of 8 EP8 cells at 128 rows per expert, uniform and hot-expert counts
-# alike; on the H200 they win some cells and lose others by a few percent (docs/benchmarks.md,
-# "Wide masked pairs on the H100" and "The hot-expert cells").
+# the 128-wide pairs at EP8's decode rows under uniform and hot-expert counts alike; on the H200
+# they win some cells and lose others (docs/benchmarks.md, "Wide masked pairs on the H100" and
+# "The hot-expert cells").
 WIDE_MASKED_PAIRS_ON = ("H100",)
 
 # Tiles the formula picks from: 64 fills the SMs when few rows give few tiles; 256 halves the A
