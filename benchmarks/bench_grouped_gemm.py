@@ -37,8 +37,8 @@ import torch
 from benchmarks import _peers
 from moe_backend import ops, testing
 from moe_backend.constants import DEEPSEEK_V3_GEMM_SHAPES
+from moe_backend.dispatch.gemm_choice import masked_tiles_on_contiguous
 from moe_backend.dispatch.plan import gemm_provider
-from moe_backend.kernels import _gemm_config
 from moe_backend.kernels._launch_utils import device_name
 from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
 from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
@@ -376,15 +376,9 @@ def run_routed_cell(
     live = [x for x in order if counts[x] > 0]
     check_e = sorted({live[0], live[len(live) // 2], live[-1]}) if live else []
     counts_dev = counts.to(torch.int32).to(DEVICE)
-    # The valid rows' activations, shared by every masked layout of the cell; drawn and quantized a
-    # few experts at a time: under Zipf routing `top` reaches 32x the mean rows, and the bf16 draw
-    # of all experts at once (TP8 w13: 256 x 4096 x 7168) would not fit an 80 GB card beside them.
-    a_rows = torch.empty(e, max(top, 1), k, device=DEVICE, dtype=torch.float8_e4m3fn)
-    s_rows = torch.empty(e, max(top, 1), k // 128, device=DEVICE, dtype=torch.float32)
-    for lo in range(0, e, 16):
-        a_rows[lo : lo + 16], s_rows[lo : lo + 16] = quantize_fp8_per_token_group(
-            torch.randn(min(16, e - lo), max(top, 1), k, device=DEVICE, dtype=torch.bfloat16)
-        )
+    # The valid rows' activations, shared by every masked layout of the cell (under Zipf routing
+    # `top` reaches 32x the mean rows: drawn a few experts at a time).
+    a_rows, s_rows = testing.random_fp8_activations(e, max(top, 1), k, DEVICE)
 
     # With --rounds > 1 the masked contenders (every max_m) keep their buffers and graphs, and are
     # timed again after the loop in interleaved rounds: the max_m cost compares like with like.
@@ -517,9 +511,7 @@ def run_routed_cell(
     # ours, contiguous with the masked config's small tiles: segments padded to BLOCK_M on a static
     # bound of total + E * (BLOCK_M - 1) rows, the rows in use read on the device (num_rows)
     if mean_rows <= DECODE_MAX_ROWS:
-        cfg = _gemm_config.get_config("grouped_gemm_masked", mean_rows, n, k, device_name(b.device), masked=True)
-        # As the plan runs it (dispatch/gemm_choice.py): only the masked walk picks a narrow tile
-        cfg["NARROW_M"] = 0
+        cfg = masked_tiles_on_contiguous(mean_rows, n, k, device_name(b.device))  # as the plan runs them
         bm = cfg["BLOCK_M"]
         ids, starts, used = contiguous_layout(counts, bm, rows_bound=total + e * (bm - 1))
         a = torch.zeros(ids.numel(), k, dtype=a_rows.dtype, device=DEVICE)

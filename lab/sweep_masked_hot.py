@@ -56,8 +56,9 @@ def shipped_config(n: int, k: int):
     import torch
 
     from moe_backend.cuda.heuristic import select_masked_config
+    from moe_backend.kernels._launch_utils import device_name
 
-    return select_masked_config(n, k, torch.cuda.get_device_name())
+    return select_masked_config(n, k, device_name(torch.device(DEVICE)))
 
 
 def chosen(only: str | None) -> dict:
@@ -92,7 +93,6 @@ def hot_operands(gemm: str, routing: str, slice_name: str = "ep8") -> dict:
     import torch
 
     from moe_backend import testing
-    from moe_backend.quant import quantize_fp8_per_token_group
 
     e, n, k = SHAPES[slice_name][gemm]
     counts = testing.routed_counts(e, MEAN_ROWS, routing, seed=0)
@@ -100,10 +100,7 @@ def hot_operands(gemm: str, routing: str, slice_name: str = "ep8") -> dict:
     b, bs = testing.random_fp8_weights(e, n, k)
     a = torch.zeros(e, max_m, k, dtype=torch.float8_e4m3fn, device=DEVICE)
     a_s = torch.ones(e, max_m, k // 128, device=DEVICE)
-    for lo in range(0, e, 16):  # a few experts at a time: TP8's hottest expert holds 32x the mean rows
-        a[lo : lo + 16, :top], a_s[lo : lo + 16, :top] = quantize_fp8_per_token_group(
-            torch.randn(min(16, e - lo), top, k, device=DEVICE, dtype=torch.bfloat16)
-        )
+    a[:, :top], a_s[:, :top] = testing.random_fp8_activations(e, top, k, DEVICE)
     return dict(e=e, n=n, k=k, counts=counts, max_m=max_m, masked_m=counts.to(torch.int32).to(DEVICE), a=a, a_s=a_s,
                 b=b, bs=bs)  # fmt: skip
 

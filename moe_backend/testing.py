@@ -26,6 +26,7 @@ __all__ = [
     # grouped-GEMM inputs
     "make_masked_inputs",
     "make_contiguous_inputs",
+    "random_fp8_activations",
     # routing
     "parse_routing_exponent",
     "expert_popularity",
@@ -148,6 +149,23 @@ def make_masked_inputs(e: int, m, n: int, k: int, weights=None, device: torch.de
     b, bs = weights if weights is not None else random_fp8_weights(e, n, k, device)
     a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device=device, dtype=torch.bfloat16))
     return a, a_s, b, bs, counts.to(torch.int32).to(device)
+
+
+def random_fp8_activations(e: int, rows: int, k: int, device: torch.device | str = "cuda", experts_per_draw: int = 16):
+    """(a_fp8 `[E, rows, K]`, a_scale fp32 `[E, rows, K/128]`): random bf16 activations quantized
+    per 128-group, drawn `experts_per_draw` experts at a time, so the bf16 draw and the quant's fp32
+    temporaries stay small beside the result (a hot expert's rows times every expert: TP8 w13 at
+    4096 rows is 7.5 GB of FP8 and would need 45 GB more drawn at once)."""
+    from moe_backend.quant import quantize_fp8_per_token_group
+
+    a = torch.empty(e, rows, k, device=device, dtype=torch.float8_e4m3fn)
+    a_s = torch.empty(e, rows, k // 128, device=device, dtype=torch.float32)
+    for lo in range(0, e, experts_per_draw):
+        hi = min(e, lo + experts_per_draw)
+        a[lo:hi], a_s[lo:hi] = quantize_fp8_per_token_group(
+            torch.randn(hi - lo, rows, k, device=device, dtype=torch.bfloat16)
+        )
+    return a, a_s
 
 
 def make_contiguous_inputs(e: int, m, n: int, k: int, alignment: int, weights=None, device="cuda"):

@@ -30,6 +30,17 @@ def test_contiguous_inputs_pad_each_segment_with_minus_one():
     assert (ids.view(3, 16)[:, 5:] == -1).all()
 
 
+def test_random_fp8_activations_every_expert_drawn():
+    """Drawn a few experts at a time (5 experts, 2 per draw: a last partial draw), every group
+    quantized with its own scale, no expert left at the empty buffer's values."""
+    a, a_s = testing.random_fp8_activations(5, 3, 256, "cpu", experts_per_draw=2)
+    assert a.shape == (5, 3, 256) and a.dtype == FP8_DTYPE
+    assert a_s.shape == (5, 3, 2) and a_s.dtype == torch.float32
+    assert bool((a_s > 0).all()) and bool(torch.isfinite(a.float()).all())
+    assert bool((a.float().abs().reshape(5, 3, 2, 128).amax(dim=-1) == 448).all())  # each group at its scale
+    assert not torch.equal(a[3].float(), a[4].float())
+
+
 @pytest.mark.parametrize("spec, exponent", [("uniform", 0.0), ("zipf:0", 0.0), ("zipf:1.2", 1.2), ("zipf:4", 4.0)])
 def test_parse_routing_exponent(spec, exponent):
     assert testing.parse_routing_exponent(spec) == exponent

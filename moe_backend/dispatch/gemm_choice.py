@@ -119,20 +119,33 @@ def _triton_config(layout: str, expected_m: int, n: int, k: int, device: torch.d
         tuned_rows = sorted(table.get(f"N={n},K={k}", {}))
         # The contiguous tables start where prefill does; decode-sized rows take the masked
         # table's tiles, which the same kernel runs on either layout.
-        kernel = "grouped_gemm_contiguous" if tuned_rows and expected_m >= tuned_rows[0] else "grouped_gemm_masked"
-        cfg = _gemm_config.get_config(kernel, expected_m, n, k, name, masked=kernel.endswith("masked"), max_block_m=128)
-        if cfg.get("NARROW_M"):
-            # Only the masked walk picks a narrow tile per unit, and the entry was timed there:
-            # the contiguous walk takes the nearest entry tuned without one (else runs BLOCK_M wide).
-            plain = _plain_masked_entry(expected_m, n, k, name)
-            if plain is not None:
-                cfg = _gemm_config.get_config(
-                    kernel, expected_m, n, k, name, masked=True, override=plain, max_block_m=128
-                )
-        cfg["NARROW_M"] = 0
+        if tuned_rows and expected_m >= tuned_rows[0]:
+            cfg = _gemm_config.get_config(
+                "grouped_gemm_contiguous", expected_m, n, k, name, masked=False, max_block_m=128
+            )
+            cfg["NARROW_M"] = 0
+        else:
+            cfg = masked_tiles_on_contiguous(expected_m, n, k, name)
     else:
         cfg = _gemm_config.get_config("grouped_gemm_masked", expected_m, n, k, name, masked=True)
     return tuple(sorted(cfg.items()))
+
+
+def masked_tiles_on_contiguous(expected_m: int, n: int, k: int, device_name: str) -> dict:
+    """The masked table's Triton config as the contiguous walk runs it (decode-sized rows). Only
+    the masked walk picks a narrow tile per unit, and such an entry was timed there: the contiguous
+    walk takes the nearest entry tuned without one (else runs the entry BLOCK_M wide)."""
+    from moe_backend.kernels import _gemm_config
+
+    cfg = _gemm_config.get_config("grouped_gemm_masked", expected_m, n, k, device_name, masked=True, max_block_m=128)
+    if cfg.get("NARROW_M"):
+        plain = _plain_masked_entry(expected_m, n, k, device_name)
+        if plain is not None:
+            cfg = _gemm_config.get_config(
+                "grouped_gemm_masked", expected_m, n, k, device_name, masked=True, override=plain, max_block_m=128
+            )
+    cfg["NARROW_M"] = 0
+    return cfg
 
 
 def _plain_masked_entry(expected_m: int, n: int, k: int, device_name: str) -> dict | None:
