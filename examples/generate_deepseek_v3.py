@@ -132,7 +132,15 @@ def run(args) -> dict:
     device = torch.device(args.device)
     config, source = build(args)
     started = time.perf_counter()
-    model = checkpoint.load_model(source, config, device=device)
+    try:
+        model = checkpoint.load_model(source, config, device=device)
+    except torch.OutOfMemoryError as error:
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        raise SystemExit(
+            f"out of GPU memory building the {args.size}-size model ({config['num_hidden_layers']} layers, "
+            f"{config['n_routed_experts']} experts) on a {total:.0f} GiB GPU: the real size needs more than an "
+            f"80 GB card holds; pass fewer --experts or run it on a larger GPU"
+        ) from error
     print(
         f"model: {config['model_type']} hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
         f"{config['n_routed_experts']} experts top-{config['num_experts_per_tok']}, moe_intermediate "
@@ -171,7 +179,11 @@ def run(args) -> dict:
     for line, count in sorted(kernels.items()):
         print(f"  {line}: {count}")
     print(f"agreement: {result}")
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if peak_gib is not None:
+        print(f"GPU memory: peak {peak_gib:.1f} GiB allocated")
     verdict = {
+        "gpu_peak_gib": peak_gib,
         "agreement": result.as_dict(),
         "calls": dict(calls),
         "kernels": dict(kernels),

@@ -105,17 +105,21 @@ def test_graph_replays_of_decode_batches(layer, kernel):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             out = routed_experts(x, *args, w, ids, kernel=choice)
-        graphs.append((graph, x, out))
-    for graph, _, _ in graphs:
+        # The graph reads x, w and ids where they lay at capture: all three stay alive with it (a
+        # freed routing's memory, reused by the next size's tensors, would feed it garbage).
+        graphs.append((graph, x, w, ids, out))
+    for graph, *_ in graphs:
         graph.replay()
     before = _snapshot()
     for i in range(REPLAYS):
-        graph, x, _ = graphs[i % len(graphs)]
+        graph, x, *_ = graphs[i % len(graphs)]
         if i % 997 == 0:
             x.normal_()  # new tokens in the captured buffer now and then
         graph.replay()
     after = _snapshot()
     _report(f"{REPLAYS} CUDA-graph replays ({kernel}), batch sizes {GRAPH_SIZES}", before, after)
     _assert_no_growth(before, after)
-    for _, _, out in graphs:
+    for _, x, w, ids, out in graphs:  # the last replay of each size against the reference
+        ref = routed_experts(x, *args, w, ids, kernel="reference").float()
         assert torch.isfinite(out.float()).all()
+        assert (out.float() - ref).norm() <= 1e-2 * ref.norm(), f"{x.shape[0]} tokens"

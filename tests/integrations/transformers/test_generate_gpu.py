@@ -4,7 +4,7 @@ memory) through transformers, with our layers vs transformers' own experts on th
 weights: top-1 agreement >= 99% over >= 512 positions, mean KL <= 1e-2, prefill and decode on our
 layers, the kernels logged, and a negative control that must fail. Same as
 `python -m examples.generate_deepseek_v3 --size real --device cuda --check` (run_device.sh step
-`e2e`); it holds ~90 GB of GPU memory, so it lives outside tests/gpu."""
+`e2e`); it needs more memory than an 80 GB card holds (skipped there), so it lives outside tests/gpu."""
 
 import pytest
 import torch
@@ -12,9 +12,14 @@ import torch
 from examples import generate_deepseek_v3 as example
 
 pytestmark = pytest.mark.gpu
+# Building the model ran an H100 80GB (79 GiB usable) out of memory; an H200 (139 GiB) holds it.
+MIN_GPU_BYTES = 96 * 2**30
 
 
 def test_real_size_deepseek_v3_through_transformers(capsys):
+    total = torch.cuda.get_device_properties(0).total_memory
+    if total < MIN_GPU_BYTES:
+        pytest.skip(f"the real-size model needs more than an 80 GB card holds; this GPU has {total / 2**30:.0f} GiB")
     rc = example.main(["--size", "real", "--device", "cuda", "--check"])
     with capsys.disabled():
         print(capsys.readouterr().out)
