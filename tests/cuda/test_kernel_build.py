@@ -70,7 +70,7 @@ COMPILE_CASES = [
         CompileCase(
             f"masked-h100-{n}x{k}", n, k, select_masked_config(n, k, "NVIDIA H100 80GB HBM3"), masked_max_m=1024
         )
-        for n, k in ((4096, 7168), (7168, 2048))
+        for n, k in ((4096, 7168), (7168, 2048), (512, 7168))
     ],
     # gathered A rows (prefill GEMM1 reading token rows through the layout's src_token)
     CompileCase("tp8-w13-gather", 512, 7168, rows=256 * 512, gather_a=True),
@@ -115,7 +115,7 @@ COMPILE_CASES = [
             dataclasses.replace(select_masked_config(n, k), stream_k=True),
             masked_max_m=1024,
         )
-        for n, k in ((4096, 7168), (7168, 2048))
+        for n, k in ((4096, 7168), (7168, 2048), (512, 7168))
     ],
     # pairs of M tiles sharing B on the masked layout's dense walk over live pairs (hot experts)
     CompileCase(
