@@ -12,10 +12,10 @@ from moe_backend.env import ENV
 
 __all__ = ["select_config", "select_masked_config"]
 
-# GPUs whose masked GEMMs with long K (EP8's, TP8's w13) take 256-wide A-sharing pairs with 3
-# stages: on the H100 they beat the 128-wide pairs at EP8's decode rows and the 64-wide pairs at
-# TP8 w13's, under uniform and hot-expert counts alike; on the H200 they win some EP8 cells and
-# lose others (docs/benchmarks.md, "Wide masked pairs on the H100" and "The hot-expert cells").
+# GPUs whose wide masked GEMMs (EP8's) take 256-wide A-sharing pairs with 3 stages, as N = 512
+# does there: on the H100 they beat the 128-wide pairs at EP8's decode rows under uniform and
+# hot-expert counts alike; on the H200 they win some EP8 cells and lose others (docs/benchmarks.md,
+# "Wide masked pairs on the H100" and "The hot-expert cells").
 WIDE_MASKED_PAIRS_ON = ("H100",)
 
 # Tiles the formula picks from: 64 fills the SMs when few rows give few tiles; 256 halves the A
@@ -85,8 +85,10 @@ def select_masked_config(n: int, k: int, device_name: str | None = None) -> Cont
     """The masked layout's config (decode: 64-256 rows per expert; docs/benchmarks.md, "Decode
     cells at 128 rows per expert: config sweep"). N tiles walked N-fastest within one expert
     (group_m 1: an expert's A tile stays hot in L2 while its weights stream, and the scheduler
-    can skip an expert's dead M tiles). Wide GEMMs: CTA pairs sharing the A tile, 128 wide; N = 512:
-    64-wide pairs (128-wide gives too few tiles per expert to spread); on an H100 (`device_name`,
+    can skip an expert's dead M tiles). Wide GEMMs: CTA pairs sharing the A tile, 128 wide; N = 512
+    (TP8 w13): 256-wide pairs, two N tiles per expert (faster than 64-128-wide pairs and than
+    DeepGEMM's masked GEMM from 128 rows per expert, where our masked kernel runs, on both GPUs:
+    docs/benchmarks.md, "TP8 w13's masked pairs"); on an H100 (`device_name`,
     torch.cuda.get_device_name) both take 256-wide pairs with 3 stages; K = 256 (two K blocks per
     tile): 64-wide single CTAs."""
     if k <= 256:
@@ -94,7 +96,7 @@ def select_masked_config(n: int, k: int, device_name: str | None = None) -> Cont
     if device_name is not None and any(name in device_name for name in WIDE_MASKED_PAIRS_ON):
         return ContiguousConfig(256, num_stages=3, group_m=1, cluster=2, multicast="a")
     if n <= 512:
-        return ContiguousConfig(64, group_m=1, cluster=2, multicast="a")
+        return ContiguousConfig(256, group_m=1, cluster=2, multicast="a")
     return ContiguousConfig(128, group_m=1, cluster=2, multicast="a")
 
 

@@ -106,16 +106,16 @@ COMPILE_CASES = [
     CompileCase(
         "sk-ep8-w2-direct-pairs", 7168, 2048, ContiguousConfig(256, cluster=2, stream_k=True), direct_rows=True
     ),
-    # stream-K on the masked layout's dense walk: the decode configs (A-sharing pairs, single CTAs)
+    # stream-K on the masked layout's dense walk: the wide decode config (A-sharing pairs) and
+    # 64-wide pairs on N = 512 (with the 256-wide pairs and 4 stages N = 512 now takes, stream-K's
+    # extra state spills to local memory inside the MMA loop: not a config stream-K is offered on)
     *[
-        CompileCase(
-            f"sk-masked-{n}x{k}-max1024",
-            n,
-            k,
-            dataclasses.replace(select_masked_config(n, k), stream_k=True),
-            masked_max_m=1024,
+        CompileCase(f"sk-masked-{n}x{k}-max1024", n, k, dataclasses.replace(cfg, stream_k=True), masked_max_m=1024)
+        for n, k, cfg in (
+            (4096, 7168, select_masked_config(4096, 7168)),
+            (7168, 2048, select_masked_config(7168, 2048)),
+            (512, 7168, ContiguousConfig(64, group_m=1, cluster=2, multicast="a")),
         )
-        for n, k in ((4096, 7168), (7168, 2048), (512, 7168))
     ],
     # pairs of M tiles sharing B on the masked layout's dense walk over live pairs (hot experts)
     CompileCase(
