@@ -156,9 +156,12 @@ def run_graphed(
     tokens, bucket = x.shape[0], bucket_plan.num_tokens
     stream_id = _stream_id(x.device)
     io = _static_io(capacity, x, x_scale, topk_ids, stream_id)
+    # The graph reads and writes `io`: its key names everything `io`'s does (capacity: two
+    # policies with different graph_max_tokens share plans, not static buffers).
     key = (
         id(bucket_plan),
         stream_id,
+        capacity,
         w13_fp8.data_ptr(),
         w13_scale_inv.data_ptr(),
         w2_fp8.data_ptr(),

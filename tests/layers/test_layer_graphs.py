@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moe_backend import eager_graphs, reference
+from moe_backend.dispatch import Policy
 from moe_backend.dispatch.plan import token_bucket
 from moe_backend.experts import recorded_plans, routed_experts
 from tests.helpers.tolerances import LAYER_SAME_QUANT
@@ -138,6 +139,23 @@ def test_eager_calls_replay_a_graph_per_bucket(expert_slice):
     for got, copy in kept:
         assert torch.equal(got, copy), "a later call overwrote a result already returned"
     assert eager_graphs.cache_sizes()["graphs"] == len({token_bucket(t, 2048) for t in [300, 37, 64, 5, 2048, 1]})
+
+
+def test_eager_graphs_of_two_graph_limits_keep_their_buffers(expert_slice):
+    """Two policies differing only in graph_max_tokens run the same plan on static buffers of their
+    own capacity: each replays a graph captured on its own buffers (a graph keyed by the plan alone
+    would read the other policy's stale inputs and return uninitialised rows)."""
+    name, weights = expert_slice
+    eager_graphs.clear()
+    policies = [Policy(), Policy(graph_max_tokens=4096)]
+    for step in range(3):
+        for i, policy in enumerate(policies):
+            x = torch.randn(DECODE_TOKENS, HIDDEN, device="cuda").to(torch.bfloat16)
+            topk_w, topk_ids = _route(DECODE_TOKENS, seed=40 + 2 * step + i, exponent=1.2)
+            got = routed_experts(x, *weights, topk_w, topk_ids, policy=policy)
+            err = _rel(got, reference.routed_experts(x, *weights, topk_w, topk_ids))
+            assert err <= LAYER_SAME_QUANT, f"{name} call {step} graph_max_tokens {policy.graph_max_tokens}: {err:.2e}"
+    assert eager_graphs.cache_sizes()["graphs"] == 2
 
 
 @pytest.mark.parametrize("kernel,tokens", [("deepgemm_masked", DECODE_TOKENS), ("deepgemm_contiguous", PREFILL_TOKENS)])
