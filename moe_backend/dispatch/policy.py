@@ -180,8 +180,13 @@ class Policy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-@lru_cache(maxsize=1)
 def _current_device_name() -> str | None:
+    """The current CUDA device's name (the policy's `devices` section it selects), None without
+    one; per device index, so a process driving two GPU models reads each one's section."""
     import torch
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    from moe_backend.kernels._launch_utils import device_name
+
+    return device_name(torch.device("cuda"))

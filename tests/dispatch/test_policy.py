@@ -28,6 +28,26 @@ def test_from_env_json_and_file(monkeypatch, tmp_path):
     assert Policy.from_env(device_name="NVIDIA H200").prefill_kernel == "reference"
 
 
+def test_from_env_reads_the_current_gpus_section(monkeypatch):
+    """Without a device name, the policy's devices section is the current GPU's, per device index
+    (a process driving an H100 and an H200 gets each one's)."""
+    import torch
+
+    from moe_backend.kernels import _launch_utils
+
+    names = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA H200"}
+    current = {"index": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
+    monkeypatch.setattr(_launch_utils, "_cuda_name", lambda index: names[index])
+    monkeypatch.setenv("MOE_BACKEND_POLICY", json.dumps({"devices": {"NVIDIA H200": {"decode_kernel": "triton"}}}))
+    assert Policy.from_env().decode_kernel == "contiguous"
+    current["index"] = 1
+    assert Policy.from_env().decode_kernel == "triton"
+    current["index"] = 0
+    assert Policy.from_env().decode_kernel == "contiguous"
+
+
 @pytest.mark.parametrize(
     "config, key",
     [
