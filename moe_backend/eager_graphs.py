@@ -11,7 +11,8 @@ four small copies and one replay instead of the pipeline's launches.
 - Static buffers are sized for the policy's `graph_max_tokens` and shared by every layer on a
   (device, stream): each bucket's graph works on leading views of them. Tokens past the call's
   count carry id -1, so they route nowhere; their output rows are never copied out.
-- Every graph allocates from one memory pool per (device, stream). Replays on a stream run one
+- Every graph allocates from one memory pool per (device, stream), captured on one stream per
+  pool (the allocator reuses a freed block only on its own stream). Replays on a stream run one
   at a time, and nothing a graph leaves behind lives in the pool (its output is the static
   buffer), so graphs of one stream may reuse each other's intermediates in any order; graphs of
   different streams (shadow mode's side stream) may run at once and never share a pool.
@@ -62,7 +63,7 @@ _static: dict[tuple, _StaticIO] = {}
 # key -> (bucket plan, graph or None when its capture failed). The key holds the plan's id (hashing
 # a plan per call costs more than the copies); the value keeps the plan alive so the id stays its own.
 _graphs: OrderedDict[tuple, tuple[Plan, torch.cuda.CUDAGraph | None]] = OrderedDict()
-_pools: dict[tuple[int, int], tuple] = {}  # (device, serving stream) -> pool
+_pools: dict[tuple[int, int], tuple] = {}  # (device, serving stream) -> (pool, capture stream)
 _eager_once: dict[int, Plan] = {}  # plans (by id, kept alive here) that have run eagerly once
 # The caller's current stream as its cudaStream_t, from torch's raw getter where the build has it:
 # torch.cuda.current_stream builds a Stream object on each call.
@@ -113,13 +114,16 @@ def _static_io(
     return io
 
 
-def _pool(device_index: int, stream_id: int):
-    """One pool per (device, stream): graphs replayed on one stream run one at a time, so they may
-    share intermediates; a graph on another stream (shadow mode's side stream, an engine's second
-    stream) can run at the same time and must not."""
+def _pool(device_index: int, stream_id: int) -> tuple:
+    """(memory pool, capture stream) per (device, serving stream): graphs replayed on one stream run
+    one at a time, so they may share intermediates; a graph on another stream (shadow mode's side
+    stream, an engine's second stream) can run at the same time and must not. Every graph of a pool
+    is captured on the same stream: the caching allocator hands a freed block only to allocations
+    on the stream that freed it, so captures on streams drawn afresh (torch.cuda.Stream() deals
+    them round-robin) would each keep intermediates of their own."""
     key = (device_index, stream_id)
     if key not in _pools:
-        _pools[key] = torch.cuda.graph_pool_handle()
+        _pools[key] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=device_index))
     return _pools[key]
 
 
@@ -230,8 +234,8 @@ def _capture(
 ) -> torch.cuda.CUDAGraph | None:
     weights = (w13_fp8, w13_scale_inv, w2_fp8, w2_scale_inv)
     args = bucket_args(plan, io, bucket, *weights, expert_start=expert_start, ue8m0=ue8m0)
-    # Warm-up on a side stream (compiles, occupancy look-ups, lazy inits stay out of the capture).
-    side = torch.cuda.Stream(device=io.x.device)
+    # Warm-up on the capture stream (compiles, occupancy look-ups, lazy inits stay out of the capture).
+    pool, side = _pool(io.x.device.index, stream.cuda_stream)
     side.wait_stream(stream)
     with torch.cuda.stream(side):
         execute(*args)
@@ -241,7 +245,7 @@ def _capture(
     # the allocator's cache on entry: the side stream already waits for the caller's work.
     try:
         with torch.cuda.stream(side):
-            graph.capture_begin(pool=_pool(io.x.device.index, stream.cuda_stream))
+            graph.capture_begin(pool=pool)
             try:
                 execute(*args)
             finally:

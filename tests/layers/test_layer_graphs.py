@@ -158,6 +158,32 @@ def test_eager_graphs_of_two_graph_limits_keep_their_buffers(expert_slice):
     assert eager_graphs.cache_sizes()["graphs"] == 2
 
 
+def test_eager_graphs_of_one_stream_share_their_intermediates(expert_slice):
+    """Graphs of one serving stream are captured on one stream into one pool, so a second graph
+    of the same plan (another expert offset: another key) reuses the first one's intermediates:
+    device memory reserved stays where the first capture left it. Each result against the
+    reference."""
+    name, weights = expert_slice
+    num_experts = SLICES[name][0]
+    eager_graphs.clear()
+    torch.cuda.synchronize()
+    reserved = []
+    for step, start in enumerate((0, 32, 64, 96)):
+        x = torch.randn(PREFILL_TOKENS, HIDDEN, device="cuda").to(torch.bfloat16)
+        topk_w, topk_ids = _route(PREFILL_TOKENS, seed=60 + step)
+        routed_experts(x, *weights, topk_w, topk_ids, expert_start=start)  # eager (first) or capture
+        got = routed_experts(x, *weights, topk_w, topk_ids, expert_start=start)
+        local = (topk_ids >= start) & (topk_ids < start + num_experts)
+        want = reference.routed_experts(x, *weights, topk_w, torch.where(local, topk_ids - start, -1))
+        err = _rel(got, want)
+        assert err <= LAYER_SAME_QUANT, f"{name} expert_start {start}: rel err {err:.2e}"
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved())
+    assert eager_graphs.cache_sizes()["graphs"] == 4
+    grown = (reserved[-1] - reserved[0]) / 2**20
+    assert grown <= 32, f"{name}: {grown:.0f} MiB more reserved after three more captures of one plan"
+
+
 @pytest.mark.parametrize("kernel,tokens", [("deepgemm_masked", DECODE_TOKENS), ("deepgemm_contiguous", PREFILL_TOKENS)])
 def test_deepgemm_eager_calls_replay_a_graph(expert_slice, kernel, tokens):
     """DeepGEMM's kernels (JIT-compiled by the warm-up run before the capture) are captured like
