@@ -12,8 +12,8 @@ from moe_backend.env import ENV
 
 __all__ = ["select_config", "select_masked_config"]
 
-# GPUs whose wide masked GEMMs (EP8's) take 256-wide A-sharing pairs with 3 stages, as N = 512
-# does there: on the H100 they beat the 128-wide pairs at EP8's decode rows under uniform and
+# GPUs whose masked GEMMs with long K all take 256-wide A-sharing pairs with 3 stages (EP8's wide
+# ones included): on the H100 they beat the 128-wide pairs at EP8's decode rows under uniform and
 # hot-expert counts alike; on the H200 they win some EP8 cells and lose others (docs/benchmarks.md,
 # "Wide masked pairs on the H100" and "The hot-expert cells").
 WIDE_MASKED_PAIRS_ON = ("H100",)
@@ -93,10 +93,9 @@ def select_masked_config(n: int, k: int, device_name: str | None = None) -> Cont
     tile): 64-wide single CTAs."""
     if k <= 256:
         return ContiguousConfig(64, group_m=1, cluster=1)
-    if device_name is not None and any(name in device_name for name in WIDE_MASKED_PAIRS_ON):
-        return ContiguousConfig(256, num_stages=3, group_m=1, cluster=2, multicast="a")
-    if n <= 512:
-        return ContiguousConfig(256, group_m=1, cluster=2, multicast="a")
+    wide_pairs = device_name is not None and any(name in device_name for name in WIDE_MASKED_PAIRS_ON)
+    if wide_pairs or n <= 512:
+        return ContiguousConfig(256, num_stages=3 if wide_pairs else 0, group_m=1, cluster=2, multicast="a")
     return ContiguousConfig(128, group_m=1, cluster=2, multicast="a")
 
 

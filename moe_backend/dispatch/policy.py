@@ -185,8 +185,16 @@ def _current_device_name() -> str | None:
     one; per device index, so a process driving two GPU models reads each one's section."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not _cuda_present():
         return None
     from moe_backend.kernels._launch_utils import device_name
 
     return device_name(torch.device("cuda"))
+
+
+@lru_cache(maxsize=1)
+def _cuda_present() -> bool:
+    """torch.cuda.is_available, asked once (a routed_experts call without a policy reads the policy)."""
+    import torch
+
+    return torch.cuda.is_available()

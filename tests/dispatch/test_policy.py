@@ -33,11 +33,12 @@ def test_from_env_reads_the_current_gpus_section(monkeypatch):
     (a process driving an H100 and an H200 gets each one's)."""
     import torch
 
+    from moe_backend.dispatch import policy as policy_module
     from moe_backend.kernels import _launch_utils
 
     names = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA H200"}
     current = {"index": 0}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(policy_module, "_cuda_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
     monkeypatch.setattr(_launch_utils, "_cuda_name", lambda index: names[index])
     monkeypatch.setenv("MOE_BACKEND_POLICY", json.dumps({"devices": {"NVIDIA H200": {"decode_kernel": "triton"}}}))
