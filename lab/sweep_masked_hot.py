@@ -40,6 +40,11 @@ def candidates() -> dict:
     # for these cells: 128 x 192 tiles, pairs sharing B)
     for bn in (128, 192, 256):
         out[f"c2b:{bn}"] = ContiguousConfig(bn, group_m=1, cluster=2, multicast="b")
+    # mixed pairs: per expert, pairs of its M tiles sharing B, its odd last tile in N-tile pairs
+    # sharing A (no pair spans two experts)
+    for bn, stages in ((128, 0), (192, 0), (256, 0), (256, 3)):
+        tag = "" if stages == 0 else f":s{stages}"
+        out[f"c2m:{bn}{tag}"] = ContiguousConfig(bn, num_stages=stages, group_m=1, cluster=2, multicast="mixed")
     # stream-K: the last part-full wave of live units dealt by K chunks over every SM
     # (pairs sharing B deal whole units only: launch.check_paired_tiles refuses them stream-K)
     for name in ("c2a:128", "c2a:256", "c1:256"):

@@ -55,7 +55,9 @@ class ContiguousConfig:
     group_m: int = GROUP_M  # M units walked together by the persistent scheduler (1: M-unit-major)
     cluster: int = 1  # 2: CTA pairs sharing one operand through TMA multicast (below)
     multicast: str = "b"  # with cluster=2: "b" = pairs of M tiles 2i, 2i+1 share B (when both hold
-    #                         one expert); "a" = pairs of N tiles 2j, 2j+1 share A (always one expert)
+    #                         one expert); "a" = pairs of N tiles 2j, 2j+1 share A (always one expert);
+    #                         "mixed" (masked layout, group_m 1): per expert, pairs of its M tiles
+    #                         share B and its odd last tile pairs N tiles sharing A
     stream_k: bool = False  # the units of a last part-full wave dealt over every CTA by K chunks,
     #                         cut units finished from partial sums in a workspace (contiguous layout,
     #                         rows by TMA, no direct rows; docs/cuda_kernel.md)
@@ -75,8 +77,13 @@ class ContiguousConfig:
             raise ValueError(f"config.group_m: must be >= 1, got {self.group_m}")
         if self.cluster not in (1, 2):
             raise ValueError(f"config.cluster: must be 1 or 2, got {self.cluster}")
-        if self.multicast not in ("a", "b"):
-            raise ValueError(f"config.multicast: must be 'a' or 'b', got {self.multicast!r}")
+        if self.multicast not in ("a", "b", "mixed"):
+            raise ValueError(f"config.multicast: must be 'a', 'b' or 'mixed', got {self.multicast!r}")
+        if self.multicast == "mixed" and (self.cluster != 2 or self.group_m != 1 or self.stream_k):
+            raise ValueError(
+                "config.multicast: 'mixed' pairs need cluster=2, group_m=1 and no stream_k "
+                f"(got cluster={self.cluster}, group_m={self.group_m}, stream_k={self.stream_k})"
+            )
         if not isinstance(self.stream_k, bool):
             raise TypeError(f"config.stream_k: must be a bool, got {self.stream_k!r}")
 
@@ -84,6 +91,11 @@ class ContiguousConfig:
     def shares_a(self) -> bool:
         """CTA pairs on N tiles sharing the A tile (else, with pairs, M tiles sharing B)."""
         return self.cluster > 1 and self.multicast == "a"
+
+    @property
+    def mixed_pairs(self) -> bool:
+        """CTA pairs sharing B or A unit by unit (the masked layout's mixed walk)."""
+        return self.cluster > 1 and self.multicast == "mixed"
 
     @property
     def smem_bytes(self) -> int:

@@ -36,7 +36,8 @@ struct GroupedGemmContiguous {
   using Workspace = StreamKWorkspace<T::kAccRegs>;
   // The walk of live tile pairs deals whole units only (a cut unit left rows unwritten on the GPU;
   // launch.py refuses the pair first).
-  static_assert(!(kStreamK && Scheduler::kPairedLive), "stream-K with CTA pairs sharing B on the masked layout");
+  static_assert(!(kStreamK && (Scheduler::kPairedLive || Scheduler::kMixedLive)),
+                "stream-K with CTA pairs sharing B on the masked layout");
   using Loop = Mainloop<T>;
   using Epi = Epilogue<T>;
   using Ids = RowIds<kMaskedMaxM>;
@@ -313,7 +314,11 @@ struct GroupedGemmContiguous {
     const int lane = threadIdx.x % 32;
     const uint32_t rank = kCluster == 1 ? 0u : sm90::cluster_ctarank();
     const int* live = nullptr;  // the masked layout's live tiles (scheduler.cuh, LiveTiles)
-    if constexpr (Scheduler::kDense) live = LiveTiles<kMaskedMaxM>::build(row_ids, m / kMaskedMaxM);
+    if constexpr (Scheduler::kMixedLive) {
+      live = LiveMixedUnits<kMaskedMaxM, Scheduler::kNumNTiles>::build(row_ids, m / kMaskedMaxM);
+    } else if constexpr (Scheduler::kDense) {
+      live = LiveTiles<kMaskedMaxM>::build(row_ids, m / kMaskedMaxM);
+    }
     init_barriers(s);
     if (warpgroup == kNumConsumerWarpgroups) {
       produce(s, tmap_a, tmap_b, a_scale, b_scale, expert_ids, m, live, rank, lane, gather, direct);

@@ -12,10 +12,11 @@ from moe_backend.env import ENV
 
 __all__ = ["select_config", "select_masked_config"]
 
-# GPUs whose masked GEMMs with long K all take 256-wide A-sharing pairs with 3 stages (EP8's wide
-# ones included): on the H100 they beat the 128-wide pairs at EP8's decode rows under uniform and
-# hot-expert counts alike; on the H200 they win some EP8 cells and lose others (docs/benchmarks.md,
-# "Wide masked pairs on the H100" and "The hot-expert cells").
+# GPUs whose masked GEMMs with long K all take 256-wide pairs with 3 stages: on the H100 they beat
+# the 128-wide pairs at EP8's decode rows under uniform and hot-expert counts alike; on the H200
+# they win some EP8 cells and lose others (docs/benchmarks.md, "Wide masked pairs on the H100" and
+# "The hot-expert cells"). EP8's wide GEMMs there take the mixed pairs (a hot expert's M tiles
+# sharing B, single tiles sharing A): as fast at uniform counts, faster under Zipf ("Mixed pairs").
 WIDE_MASKED_PAIRS_ON = ("H100",)
 
 # Tiles the formula picks from: 64 fills the SMs when few rows give few tiles; 256 halves the A
@@ -89,13 +90,14 @@ def select_masked_config(n: int, k: int, device_name: str | None = None) -> Cont
     (TP8 w13): 256-wide pairs, two N tiles per expert (faster than 64-128-wide pairs and than
     DeepGEMM's masked GEMM from 128 rows per expert, where our masked kernel runs, on both GPUs:
     docs/benchmarks.md, "TP8 w13's masked pairs"); on an H100 (`device_name`,
-    torch.cuda.get_device_name) both take 256-wide pairs with 3 stages; K = 256 (two K blocks per
-    tile): 64-wide single CTAs."""
+    torch.cuda.get_device_name) both take 256-wide pairs with 3 stages, mixed pairs (B or A shared
+    unit by unit) for the wide GEMMs; K = 256 (two K blocks per tile): 64-wide single CTAs."""
     if k <= 256:
         return ContiguousConfig(64, group_m=1, cluster=1)
     wide_pairs = device_name is not None and any(name in device_name for name in WIDE_MASKED_PAIRS_ON)
     if wide_pairs or n <= 512:
-        return ContiguousConfig(256, num_stages=3 if wide_pairs else 0, group_m=1, cluster=2, multicast="a")
+        multicast = "mixed" if wide_pairs and n > 512 else "a"
+        return ContiguousConfig(256, num_stages=3 if wide_pairs else 0, group_m=1, cluster=2, multicast=multicast)
     return ContiguousConfig(128, group_m=1, cluster=2, multicast="a")
 
 

@@ -16,7 +16,9 @@ constexpr int kScaleBlock = 128;
 constexpr int kConsumerRegs = 232;
 constexpr int kProducerRegs = 40;
 
-// kMcastA = 0 with kCluster = 2: pairs of M tiles share B; kMcastA = 1: pairs of N tiles share A.
+// kMcastA = 0 with kCluster = 2: pairs of M tiles share B; kMcastA = 1: pairs of N tiles share A;
+// kMcastA = 2 (masked layout): per unit, either (scheduler.cuh, MixedUnits), both operands then
+// loaded in half-height boxes.
 // kMaskedMaxM > 0: the masked layout [E, kMaskedMaxM, K] read as a contiguous one.
 // kGatherA = 1: A's rows are token rows read through a per-row index (`a_rows`), copied by the
 // producer's warps 2 and 3 (cp.async) instead of one TMA box.
@@ -54,6 +56,8 @@ struct KernelTraits {
   static_assert(kStages >= 2, "need at least two pipeline stages");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
+  static_assert(kMcastA <= 1 || (kMcastA == 2 && kMaskedMaxM > 0 && kGroupM == 1 && kStreamK == 0),
+                "mixed pairs: masked layout, one M unit per group, no stream-K");
   static_assert(kMaskedMaxM % kBlockM == 0, "masked layout: max_m must be a multiple of the 128-row tile");
   static_assert(kGatherA == 0 || (kMcastA == 0 && kMaskedMaxM == 0),
                 "gathered A rows: contiguous layout, A not shared by a CTA pair");
@@ -72,7 +76,7 @@ struct KernelTraits {
   // Box heights of the tensor maps: the shared operand is loaded in kCluster parts, one per CTA.
   static constexpr int kARowsPerLoad = kMcastA ? kBlockM / kCluster : kBlockM;
   static constexpr uint32_t kALoadBytes = kARowsPerLoad * kBlockK;
-  static constexpr int kBRowsPerLoad = kSiluQuant ? kBlockN / 2 : kMcastA ? kBlockN : kBlockN / kCluster;
+  static constexpr int kBRowsPerLoad = kSiluQuant ? kBlockN / 2 : kMcastA == 1 ? kBlockN : kBlockN / kCluster;
   // B loads per stage when no multicast applies (kSiluQuant: the gate half and the up half).
   static constexpr int kBLoads = kBlockN / kBRowsPerLoad;
   // kSiluQuant: columns of the activation (I = N / 2) and its 1 x 128 groups per row.

@@ -72,6 +72,10 @@ def kernel_spec(
     multiple of 8, at least as many K blocks as stages). config.stream_k: K blocks in a_scale chunks
     of whole K-loop chains (`stream_k_chunk`), with direct_rows chunks of at least as many K blocks
     as stages."""
+    if config.mixed_pairs and not masked_max_m:
+        raise ValueError("config.multicast: 'mixed' pairs walk the masked layout only (masked_max_m > 0)")
+    if config.mixed_pairs and -(-n // config.block_n) < 2:
+        raise ValueError(f"config.multicast: 'mixed' pairs need at least 2 N tiles, got N={n} at {config}")
     if gather_a and (masked_max_m or config.shares_a):
         raise ValueError("gather_a: only on the contiguous layout, with a config whose CTA pairs do not share A")
     if silu_quant not in (0, 1, 2):
@@ -111,7 +115,7 @@ def kernel_spec(
         "STAGES": config.num_stages,
         "GROUP_M": config.group_m,
         "CLUSTER": config.cluster,
-        "MCAST_A": int(config.shares_a),
+        "MCAST_A": 2 if config.mixed_pairs else int(config.shares_a),
         "MASKED_MAX_M": masked_max_m,
         "GATHER_A": int(gather_a),
         "SILU_QUANT": silu_quant,
@@ -153,8 +157,9 @@ MAX_PAIRED_TILES = 0xFFFF
 
 
 def paired_live_walk(cfg: ContiguousConfig, masked_max_m: int) -> bool:
-    """Whether the kernel walks pairs of live M tiles (scheduler.cuh, kPairedLiveWalk): the masked
-    layout's dense walk (one M unit per group: group_m // cluster <= 1) with CTA pairs sharing B."""
+    """Whether the kernel walks pairs of live M tiles (scheduler.cuh, kPairedLiveWalk, or the mixed
+    pairs' MixedUnits): the masked layout's dense walk (one M unit per group: group_m // cluster <= 1)
+    with CTA pairs sharing B (or, mixed, B or A unit by unit)."""
     return bool(masked_max_m) and cfg.cluster == 2 and not cfg.shares_a and cfg.group_m // 2 <= 1
 
 
@@ -309,12 +314,12 @@ def kernel_args(
     FP8 activation `[M, N / 2]`, and B is loaded in 128-row boxes (gate half, up half);
     rows_in_use: int32 [1] on the device (rows of A in use) or a null pointer. Tensor maps: A
     `[M, K]` in 128 x 128 boxes, B `[E, N, K]` in 1 x BLOCK_N x 128 boxes (innermost dim first);
-    the operand a CTA pair shares is loaded in halves, one per CTA. a_rows (gathered A): int64
+    the operand a CTA pair shares is loaded in halves, one per CTA (mixed pairs: both). a_rows (gathered A): int64
     `[M]`, the row of A (token rows, `[T, K]`) behind each layout row, -1 for padding; M is then
     the layout's rows (expert_ids), and the kernel reads A through a_rows instead of tmap_a."""
     m, k = a_fp8.shape
     num_experts, n, _ = b_fp8.shape
-    a_box = BLOCK_M // cfg.cluster if cfg.shares_a else BLOCK_M
+    a_box = BLOCK_M // cfg.cluster if cfg.shares_a or cfg.mixed_pairs else BLOCK_M
     if act_scale is not None:  # gate half and up half of the tile, each from its own rows
         b_rows = cfg.block_n // 2
     else:

@@ -67,6 +67,30 @@ struct Mainloop {
     const int m_tile = role.m_tile;
     const int n_tile = role.n_tile;
     sm90::mbar_arrive_expect_tx(&full_bar[stage], T::kTmaStageBytes);
+    if constexpr (T::kMcastA == 2) {
+      // Mixed pairs: this CTA's half of the shared operand into both CTAs, the other operand
+      // whole into its own (both in half-height boxes).
+      const uint16_t both = static_cast<uint16_t>((1u << T::kCluster) - 1);
+      uint8_t* a_stage = smem_a + stage * T::kABytes;
+      uint8_t* b_stage = smem_b + stage * T::kBBytes;
+      const int a_row = m_tile * kBlockM;
+      if (role.share_a) {
+        sm90::tma_load_2d_multicast(a_stage + rank * T::kALoadBytes, &tmap_a, &full_bar[stage], kb * kBlockK,
+                                    a_row + static_cast<int>(rank) * T::kARowsPerLoad, both);
+#pragma unroll
+        for (int h = 0; h < T::kBLoads; ++h)
+          sm90::tma_load_3d(b_stage + h * T::kBLoadBytes, &tmap_b, &full_bar[stage], kb * kBlockK, b_row(n_tile, h),
+                            role.expert);
+      } else {
+#pragma unroll
+        for (int h = 0; h < kBlockM / T::kARowsPerLoad; ++h)
+          sm90::tma_load_2d(a_stage + h * T::kALoadBytes, &tmap_a, &full_bar[stage], kb * kBlockK,
+                            a_row + h * T::kARowsPerLoad);
+        sm90::tma_load_3d_multicast(b_stage + rank * T::kBLoadBytes, &tmap_b, &full_bar[stage], kb * kBlockK,
+                                    b_row(n_tile, static_cast<int>(rank)), role.expert, both);
+      }
+      return;
+    }
     if constexpr (T::kGatherA) {
       // A comes from the A-row warps (load_a_rows).
     } else if constexpr (T::kMcastA) {

@@ -25,6 +25,12 @@ template <int kGroupUnits, int kCluster, int kMcastA, int kMaskedMaxM>
 constexpr bool kPairedLiveWalk =
     kDenseMaskedWalk<kGroupUnits, kCluster, kMcastA, kMaskedMaxM> && kCluster == 2 && kMcastA == 0;
 
+// The dense walk of mixed pairs (kMcastA = 2, MixedUnits): per expert, pairs of its live M tiles
+// sharing B, and its odd last tile as pairs of N tiles sharing A; a pair never spans two experts.
+template <int kGroupUnits, int kCluster, int kMcastA, int kMaskedMaxM>
+constexpr bool kMixedLiveWalk =
+    kDenseMaskedWalk<kGroupUnits, kCluster, kMcastA, kMaskedMaxM> && kCluster == 2 && kMcastA == 2;
+
 // Two M tiles in one int: the first in the low 16 bits, the second + 1 above them (0: no second
 // tile, the list's odd last one). The host keeps E * max_m / 128 below 2^16 (launch.py). Host and
 // device: tests/cuda/paired_live_walk_check.cu walks it on the CPU.
@@ -55,38 +61,111 @@ struct PairedTiles {
   }
 };
 
+// The units of the mixed walk (kMixedLiveWalk), expert by expert: an expert with t live M tiles
+// has t / 2 pairs of M tiles, each at every N tile (B shared: the pair reads each B tile once),
+// then, for odd t, its last tile at every pair of N tiles (A shared). A hot expert's weights are
+// read once per two of its M tiles; an expert of one tile still shares its A. M units are packed as
+// PairedTiles (second -1: a unit of N-tile pairs). Host and device: tests/cuda/paired_live_walk_check.cu.
+template <int kNumNTiles>
+struct MixedUnits {
+  static_assert(kNumNTiles >= 2, "mixed pairs: an A-shared unit's N tile pair must fit");
+  static constexpr int kNPairs = (kNumNTiles + 1) / 2;
+
+  __host__ __device__ __forceinline__ static int units(int tiles) {
+    return tiles / 2 * kNumNTiles + (tiles & 1) * kNPairs;
+  }
+
+  // Unit t of the walk (prefix: units before each expert, LiveMixedUnits' table) ->
+  // its packed M unit and its N unit (an N tile, or a pair of N tiles when A is shared). `expert`
+  // only moves forward: a walker's t never decreases.
+  __host__ __device__ __forceinline__ static void coords(const int* prefix, int& expert, int t, int tiles_per_expert,
+                                                         int& m_unit, int& n_unit) {
+    while (prefix[expert + 1] <= t) ++expert;
+    const int u = t - prefix[expert];
+    // Units of N-tile pairs are fewer than kNumNTiles, so the quotient counts the M-tile pairs.
+    const int pairs = (prefix[expert + 1] - prefix[expert]) / kNumNTiles;
+    const int first = expert * tiles_per_expert;
+    if (u < pairs * kNumNTiles) {
+      const int p = u / kNumNTiles;
+      n_unit = u - p * kNumNTiles;
+      m_unit = PairedTiles::pack(first + 2 * p, first + 2 * p + 1);
+    } else {
+      n_unit = u - pairs * kNumNTiles;
+      m_unit = PairedTiles::pack(first + 2 * pairs, -1);
+    }
+  }
+
+  // The tile CTA `rank` of the pair computes for unit (m_unit, n_unit); false: an N tile past N
+  // (odd kNumNTiles, the last pair's second), which computes on its partner's B and stores nothing.
+  __host__ __device__ __forceinline__ static bool tile(int m_unit, int n_unit, int rank, int& m_tile, int& n_tile) {
+    const int second = PairedTiles::second(m_unit);
+    if (second < 0) {
+      m_tile = PairedTiles::first(m_unit);
+      n_tile = 2 * n_unit + rank;
+      const bool inside = n_tile < kNumNTiles;
+      if (!inside) n_tile = kNumNTiles - 1;
+      return inside;
+    }
+    m_tile = rank == 0 ? PairedTiles::first(m_unit) : second;
+    n_tile = n_unit;
+    return true;
+  }
+};
+
+// prefix[1..E] (each expert's count) -> inclusive sums, prefix[0] = 0, by the whole CTA: one warp
+// scans 32 experts at a time (the caller wrote the counts; the sync publishes them).
+__device__ __forceinline__ void scan_expert_counts(int* prefix, int num_experts) {
+  if (threadIdx.x == 0) prefix[0] = 0;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int carry = 0;
+    for (int base = 1; base <= num_experts; base += 32) {
+      const int i = base + lane;
+      int v = i <= num_experts ? prefix[i] : 0;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int u = __shfl_up_sync(0xffffffffu, v, d);
+        if (lane >= d) v += u;
+      }
+      if (i <= num_experts) prefix[i] = v + carry;
+      carry += __shfl_sync(0xffffffffu, v, 31);
+    }
+  }
+}
+
+// An expert's live M tiles: its rows, masked_m[e] clamped to [0, max_m], fill ceil(rows / 128).
+template <int kMaskedMaxM>
+__device__ __forceinline__ int live_tiles_of(const int32_t* __restrict__ masked_m, int e) {
+  const int rows = min(max(__ldg(masked_m + e), 0), kMaskedMaxM);
+  return (rows + kBlockM - 1) / kBlockM;
+}
+
 // The masked layout's live M tiles, counted once per CTA at its start: prefix[e] = M tiles
-// holding rows of the experts before e (expert e's rows, masked_m[e] clamped to [0, max_m], fill
-// ceil(rows / 128) tiles). With it the scheduler walks only units that hold rows, spread evenly
-// over the CTAs whatever max_m is; probing the [E * max_m / 128] tile space instead costs a
-// dependent load per dead expert run and hands each CTA a share that depends on max_m.
+// holding rows of the experts before e. With it the scheduler walks only units that hold rows,
+// spread evenly over the CTAs whatever max_m is; probing the [E * max_m / 128] tile space instead
+// costs a dependent load per dead expert run and hands each CTA a share that depends on max_m.
 template <int kMaskedMaxM>
 struct LiveTiles {
   // Every thread of the CTA calls this before the barriers' initial sync, which publishes the
   // table to the producer and the consumers alike.
   __device__ __forceinline__ static const int* build(const int32_t* __restrict__ masked_m, int num_experts) {
     __shared__ int prefix[kMaxMaskedExperts + 1];
-    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
-      const int rows = min(max(__ldg(masked_m + e), 0), kMaskedMaxM);
-      prefix[e + 1] = (rows + kBlockM - 1) / kBlockM;
-    }
-    if (threadIdx.x == 0) prefix[0] = 0;
-    __syncthreads();
-    if (threadIdx.x < 32) {  // one warp: inclusive scan of prefix[1..E], 32 experts at a time
-      const int lane = threadIdx.x;
-      int carry = 0;
-      for (int base = 1; base <= num_experts; base += 32) {
-        const int i = base + lane;
-        int v = i <= num_experts ? prefix[i] : 0;
-#pragma unroll
-        for (int d = 1; d < 32; d <<= 1) {
-          const int u = __shfl_up_sync(0xffffffffu, v, d);
-          if (lane >= d) v += u;
-        }
-        if (i <= num_experts) prefix[i] = v + carry;
-        carry += __shfl_sync(0xffffffffu, v, 31);
-      }
-    }
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) prefix[e + 1] = live_tiles_of<kMaskedMaxM>(masked_m, e);
+    scan_expert_counts(prefix, num_experts);
+    return prefix;
+  }
+};
+
+// The mixed walk's table (kMixedLiveWalk): prefix[e] = units of the experts before e (MixedUnits),
+// built as LiveTiles' is.
+template <int kMaskedMaxM, int kNumNTiles>
+struct LiveMixedUnits {
+  __device__ __forceinline__ static const int* build(const int32_t* __restrict__ masked_m, int num_experts) {
+    __shared__ int prefix[kMaxMaskedExperts + 1];
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x)
+      prefix[e + 1] = MixedUnits<kNumNTiles>::units(live_tiles_of<kMaskedMaxM>(masked_m, e));
+    scan_expert_counts(prefix, num_experts);
     return prefix;
   }
 };
@@ -161,14 +240,17 @@ struct StreamKPool {
 // Walks the units of one CTA (kCluster = 1) or one cluster of 2 (a unit is a pair of tiles, one
 // per CTA): kMcastA = 0 pairs vertically adjacent M tiles 2i, 2i + 1 at one N tile (B shared;
 // on the masked layout's dense walk, live tiles 2i, 2i + 1 of the live list: kPairedLiveWalk);
-// kMcastA = 1 pairs N tiles 2j, 2j + 1 at one M tile (A shared, always one expert).
+// kMcastA = 1 pairs N tiles 2j, 2j + 1 at one M tile (A shared, always one expert); kMcastA = 2
+// (masked layout only) chooses per unit, expert by expert (MixedUnits).
 template <int kN, int kBlockN, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM>
 struct TileScheduler {
   static constexpr int kNumNTiles = (kN + kBlockN - 1) / kBlockN;
-  static constexpr int kNumNUnits = kMcastA ? (kNumNTiles + kCluster - 1) / kCluster : kNumNTiles;
+  static constexpr int kNumNUnits = kMcastA == 1 ? (kNumNTiles + kCluster - 1) / kCluster : kNumNTiles;
   static constexpr int kGroupUnits = kMcastA ? kGroupM : (kGroupM / kCluster > 0 ? kGroupM / kCluster : 1);
   static constexpr bool kDense = kDenseMaskedWalk<kGroupUnits, kCluster, kMcastA, kMaskedMaxM>;
   static constexpr bool kPairedLive = kPairedLiveWalk<kGroupUnits, kCluster, kMcastA, kMaskedMaxM>;
+  static constexpr bool kMixedLive = kMixedLiveWalk<kGroupUnits, kCluster, kMcastA, kMaskedMaxM>;
+  static_assert(kMcastA != 2 || kMixedLive, "mixed pairs: the masked layout's dense walk only");
 
   int num_m_units;
   int num_tiles;
@@ -185,7 +267,9 @@ struct TileScheduler {
         stride(gridDim.x / kCluster),
         live_prefix(live),
         expert(0) {
-    if constexpr (kPairedLive) {
+    if constexpr (kMixedLive) {
+      num_tiles = live[m / kMaskedMaxM];
+    } else if constexpr (kPairedLive) {
       live_tiles = live[m / kMaskedMaxM];
       num_tiles = (live_tiles + 1) / 2 * kNumNUnits;
     } else if constexpr (kDense) {
@@ -197,6 +281,10 @@ struct TileScheduler {
   // its two tiles, packed). A CTA's units increase, so the expert only moves forward (past experts
   // without rows).
   __device__ __forceinline__ void live_unit_coords(int t, int& m_unit, int& n_unit) {
+    if constexpr (kMixedLive) {
+      MixedUnits<kNumNTiles>::coords(live_prefix, expert, t, kMaskedMaxM / kBlockM, m_unit, n_unit);
+      return;
+    }
     const int live_m = t / kNumNUnits;
     n_unit = t - live_m * kNumNUnits;
     if constexpr (kPairedLive) {
@@ -315,12 +403,15 @@ struct RowIds {
 // pair (padding, or past M) computes on its partner's expert and stores nothing. kCluster = 2, A
 // shared (kMcastA = 1): one M tile, so one expert; each CTA loads half of A for both; a CTA whose
 // N tile lies past N (odd tile count) computes on its partner's B tile and stores nothing.
+// kMcastA = 2 (mixed pairs, MixedUnits): per unit, B shared by two M tiles of one expert or A by
+// two N tiles of one M tile (share_a); a pair always holds one expert.
 struct TileRole {
   int expert;      // expert whose weights are loaded (valid when live_pair)
   bool live;       // this CTA's tile has real rows: store them
   bool multicast;  // B tile shared by the pair
   int m_tile;      // this CTA's tile (a dead one: the coordinates it loads)
   int n_tile;
+  bool share_a;  // kMcastA = 2: this unit shares A (else B)
 };
 
 // The expert ids a unit's role depends on: its M tile's first row's (e1: the pair's second M
@@ -341,7 +432,9 @@ __device__ __forceinline__ int opaque_zero(int m) { return static_cast<int>(thre
 
 template <int kCluster, int kMcastA, bool kPaired = false, typename Ids>
 __device__ __forceinline__ TileIds load_tile_ids(const Ids& expert_ids, int m, int m_unit, int zero = 0) {
-  if constexpr (kPaired) {  // the two tiles of PairedTiles (the second: -1 when absent)
+  if constexpr (kMcastA == 2) {  // mixed pairs: one expert per unit, its first tile's
+    return TileIds{expert_ids(PairedTiles::first(m_unit) * kBlockM + zero), -1};
+  } else if constexpr (kPaired) {  // the two tiles of PairedTiles (the second: -1 when absent)
     const int second = PairedTiles::second(m_unit);
     return TileIds{expert_ids(PairedTiles::first(m_unit) * kBlockM + zero),
                    second >= 0 ? expert_ids(second * kBlockM + zero) : -1};
@@ -381,6 +474,14 @@ __device__ __forceinline__ TileRole tile_role(const TileIds& ids, int m_unit, in
     role.m_tile = m_unit;
     role.n_tile = n_unit;
     live_pair = role.live;
+  } else if constexpr (kMcastA == 2) {
+    // Both tiles of a unit belong to one expert, so the first tile's id is the pair's.
+    role.expert = ids.e0;
+    live_pair = role.expert >= 0;
+    role.multicast = true;
+    role.share_a = PairedTiles::second(m_unit) < 0;
+    role.live =
+        MixedUnits<kNumNTiles>::tile(m_unit, n_unit, static_cast<int>(rank), role.m_tile, role.n_tile) && live_pair;
   } else if constexpr (kMcastA) {
     role.expert = ids.e0;
     const int n_tile = n_unit * kCluster + static_cast<int>(rank);

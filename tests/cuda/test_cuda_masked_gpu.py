@@ -183,14 +183,18 @@ def test_stream_k_on_the_masked_layout(max_m, n, k, counts, pairs) -> None:
         # max_m 128 and 384: most pairs straddle two experts (each CTA loads its own B)
         (128, 4096, 7168, [128, 1, 0, 77, 65]),
         (384, 7168, 256, [64, 65, 63, 192, 193, 320, 1, 0]),
+        # an odd number of N tiles (5 at 128 wide, 3 at 192 and 256): an A-sharing unit's second
+        # CTA past N computes on its partner's B and stores nothing
+        (640, 640, 256, [640, 1, 0, 129, 385, 64]),
     ],
 )
-@pytest.mark.parametrize("block_n", [128, 192])
-def test_pairs_sharing_b_on_the_masked_layout(max_m, n, k, counts, block_n) -> None:
+@pytest.mark.parametrize("block_n,multicast", [(128, "b"), (192, "b"), (128, "mixed"), (192, "mixed"), (256, "mixed")])
+def test_pairs_sharing_b_on_the_masked_layout(max_m, n, k, counts, block_n, multicast) -> None:
     """CTA pairs on consecutive live M tiles sharing B where both hold one expert (DeepGEMM's
-    choice for hot experts), 128 and 192 wide: against the reference; rows past each count stay
-    NaN (a dead second tile computes on its partner's rows and stores nothing). Stream-K is refused
-    with these pairs (tests/cuda/test_launch.py)."""
+    choice for hot experts), 128 and 192 wide, and the mixed pairs (an expert's M tiles in pairs
+    sharing B, its odd last tile in pairs of N tiles sharing A), 128, 192 and 256 wide: against
+    the reference; rows past each count stay NaN (a dead second tile computes on its partner's rows
+    and stores nothing). Stream-K is refused with these pairs (tests/cuda/test_launch.py)."""
     op = _op()
     from moe_backend.cuda.config import ContiguousConfig
 
@@ -200,19 +204,20 @@ def test_pairs_sharing_b_on_the_masked_layout(max_m, n, k, counts, block_n) -> N
     b, bs = quantize_fp8_blockwise(block_spread_weights(e, n, k))
     masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
     out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    cfg = ContiguousConfig(block_n, group_m=1, cluster=2, multicast="b")
+    cfg = ContiguousConfig(block_n, group_m=1, cluster=2, multicast=multicast)
     op(a, a_s, b, bs, masked_m, out, config=cfg)
     _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)
 
 
-def test_pairs_sharing_b_graph_replay_with_new_counts() -> None:
-    """The dense walk over live pairs, counted on the device at every replay: counts that grow,
-    shrink and vanish, odd and even live tile counts."""
+@pytest.mark.parametrize("multicast", ["b", "mixed"])
+def test_pairs_sharing_b_graph_replay_with_new_counts(multicast) -> None:
+    """The dense walk over live pairs (and the mixed pairs' walk), counted on the device at every
+    replay: counts that grow, shrink and vanish, odd and even live tile counts."""
     op = _op()
     from moe_backend.cuda.config import ContiguousConfig
 
     e, max_m, n, k = 6, 768, 4096, 2048
-    cfg = ContiguousConfig(128, group_m=1, cluster=2, multicast="b")
+    cfg = ContiguousConfig(128, group_m=1, cluster=2, multicast=multicast)
     a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
     b, bs = quantize_fp8_blockwise(torch.randn(e, n, k, device="cuda") * 0.05)
     masked_m = torch.full((e,), max_m, dtype=torch.int32, device="cuda")

@@ -99,17 +99,19 @@ def test_masked_configs_per_shape():
 
 @pytest.mark.parametrize("gpu", ["NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL"])
 def test_masked_wide_pairs_on_the_h100(gpu):
-    """On an H100 the masked GEMMs with long K (EP8's, TP8's w13) take 256-wide A-sharing pairs with
-    3 stages; the H200, an unnamed GPU and the short-K shape keep their configs."""
+    """On an H100 the masked GEMMs with long K (EP8's, TP8's w13) take 256-wide pairs with 3 stages:
+    mixed pairs for EP8's wide GEMMs, A-sharing ones for TP8's w13 (N = 512); the H200, an unnamed
+    GPU and the short-K shape keep their configs."""
     wide = select_masked_config(7168, 2048, gpu)
-    assert (wide.block_n, wide.num_stages, wide.cluster, wide.multicast, wide.group_m) == (256, 3, 2, "a", 1)
-    assert select_masked_config(4096, 7168, gpu) == ContiguousConfig(
-        256, num_stages=3, group_m=1, cluster=2, multicast="a"
-    )
+    assert (wide.block_n, wide.num_stages, wide.cluster, wide.multicast, wide.group_m) == (256, 3, 2, "mixed", 1)
+    assert select_masked_config(4096, 7168, gpu) == wide
     for other in ("NVIDIA H200", None):
         assert select_masked_config(7168, 2048, other) == select_masked_config(7168, 2048)
         assert select_masked_config(7168, 2048, other).block_n == 128
-    assert select_masked_config(512, 7168, gpu) == select_masked_config(4096, 7168, gpu)
+        assert select_masked_config(7168, 2048, other).multicast == "a"
+    assert select_masked_config(512, 7168, gpu) == ContiguousConfig(
+        256, num_stages=3, group_m=1, cluster=2, multicast="a"
+    )
     assert select_masked_config(512, 7168, "NVIDIA H200") == select_masked_config(512, 7168)
     assert select_masked_config(512, 7168, "NVIDIA H200").num_stages != 3
     assert select_masked_config(7168, 256, gpu) == select_masked_config(7168, 256)

@@ -307,3 +307,34 @@ def test_load_kernel_is_memoized_per_device(monkeypatch, tmp_path):
     assert driver.load_kernel(spec, 0) is first
     driver.load_kernel(spec, 1)
     assert calls == ["compile", "ctx0", "compile", "ctx1"]
+
+
+def test_mixed_pairs_config_and_spec(monkeypatch):
+    """The mixed pairs (per unit B shared by an expert's M tile pairs, or A by N tile pairs):
+    a config of CTA pairs walking one M unit per group without stream-K, on the masked layout only
+    and at 2 N tiles or more, each refusal naming its argument; the kernel's MCAST_A is 2, both
+    operands load in half-height boxes, and the tile-index limit of the packed pairs applies."""
+    for bad in ({"cluster": 1}, {"cluster": 2, "group_m": 8}, {"cluster": 2, "group_m": 1, "stream_k": True}):
+        with pytest.raises(ValueError, match="config.multicast: 'mixed'"):
+            ContiguousConfig(128, multicast="mixed", **{"group_m": 1, **bad})
+    with pytest.raises(ValueError, match="config.multicast: must be 'a', 'b' or 'mixed'"):
+        ContiguousConfig(128, cluster=2, multicast="c")
+    mixed = ContiguousConfig(128, group_m=1, cluster=2, multicast="mixed")
+    assert mixed.mixed_pairs and not mixed.shares_a
+    assert not ContiguousConfig(128, group_m=1, cluster=2, multicast="b").mixed_pairs
+    spec = kernel_spec(4096, 7168, mixed, masked_max_m=1024)
+    assert spec.constants["MCAST_A"] == 2 and "_ma2_" in spec.kernel_name
+    with pytest.raises(ValueError, match="config.multicast: 'mixed' pairs walk the masked layout only"):
+        kernel_spec(4096, 7168, mixed)
+    with pytest.raises(ValueError, match="at least 2 N tiles"):
+        kernel_spec(128, 7168, mixed, masked_max_m=256)
+    assert launch.paired_live_walk(mixed, 1024)
+    with pytest.raises(ValueError, match=r"row_ids: .* at most 65535 M tiles"):
+        launch.check_paired_tiles(launch.MAX_PAIRED_TILES * 128 + 1024, mixed, 1024)
+    fake = _FakeDriver()
+    monkeypatch.setattr(driver, "bindings", lambda: fake)
+    launch._tma_param_for.cache_clear()
+    a, a_scale, b, b_scale, _ = _operands(256, 512, 256, 2)
+    masked_m, out = torch.empty(2, dtype=torch.int32), torch.empty(256, 512, dtype=torch.bfloat16)
+    launch.kernel_args(a, a_scale, b, b_scale, masked_m, out, mixed)
+    assert [mp["box"] for mp in fake.maps] == [[128, 64], [128, 64, 1]]

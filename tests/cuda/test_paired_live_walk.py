@@ -4,7 +4,9 @@ PairedTiles), the very header the kernel includes, built for the host by nvcc an
 from none to max_m's all, idle experts, odd and even totals, and the clusters of a Hopper GPU,
 every cluster's pairs are consecutive tiles of the live list (the odd last one alone), every live
 tile is walked once, and the packed tile indices decode to what was packed up to the launcher's
-limit (65535 M tiles). Skips without a toolkit."""
+limit (65535 M tiles). The mixed pairs' walk (MixedUnits) of the same tiles at 2, 3, 7, 32 and 56 N
+tiles: every unit's tiles lie among its expert's live tiles and every (live tile, N tile) is stored
+by exactly one CTA. Skips without a toolkit."""
 
 from __future__ import annotations
 
