@@ -242,10 +242,14 @@ def _capture(
     stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     # capture_begin/end rather than torch.cuda.graph(), which synchronizes the device and empties
-    # the allocator's cache on entry: the side stream already waits for the caller's work.
+    # the allocator's cache on entry: the side stream already waits for the caller's work. Thread-
+    # local capture mode: a lazy capture runs inside a serving process, whose other threads (an
+    # engine's output thread copying to the host) must stay free to allocate and synchronize their
+    # own streams meanwhile; in the global mode such a call fails in that thread and breaks this
+    # capture.
     try:
         with torch.cuda.stream(side):
-            graph.capture_begin(pool=pool)
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 execute(*args)
             finally:

@@ -8,6 +8,7 @@ under `torch.cuda.set_sync_debug_mode("error")`, which names the op that synchro
 Both DeepSeek-V3 slices at full size: EP8 (32 local experts of 256, I = 2048) and TP8 (256 experts,
 I = 256). Run on the device: `python -m pytest -q tests/layers/test_layer_graphs.py`."""
 
+import threading
 import warnings
 
 import pytest
@@ -182,6 +183,45 @@ def test_eager_graphs_of_one_stream_share_their_intermediates(expert_slice):
     assert eager_graphs.cache_sizes()["graphs"] == 4
     grown = (reserved[-1] - reserved[0]) / 2**20
     assert grown <= 32, f"{name}: {grown:.0f} MiB more reserved after three more captures of one plan"
+
+
+def test_eager_graph_capture_leaves_other_threads_free(expert_slice, monkeypatch):
+    """A lazy capture runs inside a serving process whose other threads keep working: another
+    thread allocating fresh device memory and copying to the host on its own stream in the middle
+    of the capture neither fails there nor breaks the capture (thread-local capture mode), and the
+    graph's result matches the reference."""
+    name, weights = expert_slice
+    eager_graphs.clear()
+    x = torch.randn(PREFILL_TOKENS, HIDDEN, device="cuda").to(torch.bfloat16)
+    topk_w, topk_ids = _route(PREFILL_TOKENS, seed=70, exponent=0.6)
+    routed_experts(x, *weights, topk_w, topk_ids)  # the plan's eager first call
+    errors, ran = [], []
+
+    def other_thread():
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                block = torch.empty(96 << 20, dtype=torch.uint8, device="cuda")  # beyond the cache: cudaMalloc
+                block.fill_(1)
+                ran.append(int(block[:4096].sum()))  # to the host: synchronizes this stream
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    capture_begin = torch.cuda.CUDAGraph.capture_begin
+
+    def capture_begin_then_other_thread(self, *args, **kwargs):
+        capture_begin(self, *args, **kwargs)
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join(30)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", capture_begin_then_other_thread)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns
+        got = routed_experts(x, *weights, topk_w, topk_ids)
+    assert not errors and ran == [4096], f"{name}: the other thread failed during the capture: {errors}"
+    assert eager_graphs.cache_sizes()["graphs"] == 1
+    err = _rel(got, reference.routed_experts(x, *weights, topk_w, topk_ids))
+    assert err <= LAYER_SAME_QUANT, f"{name}: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("kernel,tokens", [("deepgemm_masked", DECODE_TOKENS), ("deepgemm_contiguous", PREFILL_TOKENS)])
