@@ -15,9 +15,13 @@ __all__ = ["select_config", "select_masked_config"]
 # GPUs whose masked GEMMs with long K all take 256-wide pairs with 3 stages: on the H100 they beat
 # the 128-wide pairs at EP8's decode rows under uniform and hot-expert counts alike; on the H200
 # they win some EP8 cells and lose others (docs/benchmarks.md, "Wide masked pairs on the H100" and
-# "The hot-expert cells"). EP8's wide GEMMs there take the mixed pairs (a hot expert's M tiles
-# sharing B, single tiles sharing A): as fast at uniform counts, faster under Zipf ("Mixed pairs").
+# "The hot-expert cells").
 WIDE_MASKED_PAIRS_ON = ("H100",)
+# EP8's wide masked GEMMs take mixed pairs (an expert's M tiles in pairs sharing B, its odd last
+# tile in N-tile pairs sharing A: docs/benchmarks.md, "Mixed pairs on the H100" and "... on the
+# H200"), 256 wide with 3 stages; elsewhere than on the H100, 192 wide up to this K (EP8 w2: faster
+# under hot experts, 3% slower at uniform counts where it still leads the peers).
+MIXED_PAIRS_192_MAX_K = 2048
 
 # Tiles the formula picks from: 64 fills the SMs when few rows give few tiles; 256 halves the A
 # traffic per FLOP where K is long enough to spread its per-K-block work (WIDE_TILE_MIN_K); 192
@@ -86,19 +90,20 @@ def select_masked_config(n: int, k: int, device_name: str | None = None) -> Cont
     """The masked layout's config (decode: 64-256 rows per expert; docs/benchmarks.md, "Decode
     cells at 128 rows per expert: config sweep"). N tiles walked N-fastest within one expert
     (group_m 1: an expert's A tile stays hot in L2 while its weights stream, and the scheduler
-    can skip an expert's dead M tiles). Wide GEMMs: CTA pairs sharing the A tile, 128 wide; N = 512
-    (TP8 w13): 256-wide pairs, two N tiles per expert (faster than 64-128-wide pairs and than
-    DeepGEMM's masked GEMM from 128 rows per expert, where our masked kernel runs, on both GPUs:
-    docs/benchmarks.md, "TP8 w13's masked pairs"); on an H100 (`device_name`,
-    torch.cuda.get_device_name) both take 256-wide pairs with 3 stages, mixed pairs (B or A shared
-    unit by unit) for the wide GEMMs; K = 256 (two K blocks per tile): 64-wide single CTAs."""
+    can skip an expert's dead M tiles). Wide GEMMs (EP8's): mixed CTA pairs (B or A shared unit by
+    unit), 256 wide with 3 stages, 192 wide for K <= MIXED_PAIRS_192_MAX_K except on an H100
+    (`device_name`, torch.cuda.get_device_name); N = 512 (TP8 w13): 256-wide pairs sharing A, two
+    N tiles per expert (faster than 64-128-wide pairs and than DeepGEMM's masked GEMM from 128 rows
+    per expert, where our masked kernel runs, on both GPUs: docs/benchmarks.md, "TP8 w13's masked
+    pairs"), 3 stages on an H100; K = 256 (two K blocks per tile): 64-wide single CTAs."""
     if k <= 256:
         return ContiguousConfig(64, group_m=1, cluster=1)
     wide_pairs = device_name is not None and any(name in device_name for name in WIDE_MASKED_PAIRS_ON)
-    if wide_pairs or n <= 512:
-        multicast = "mixed" if wide_pairs and n > 512 else "a"
-        return ContiguousConfig(256, num_stages=3 if wide_pairs else 0, group_m=1, cluster=2, multicast=multicast)
-    return ContiguousConfig(128, group_m=1, cluster=2, multicast="a")
+    if n <= 512:
+        return ContiguousConfig(256, num_stages=3 if wide_pairs else 0, group_m=1, cluster=2, multicast="a")
+    if not wide_pairs and k <= MIXED_PAIRS_192_MAX_K:
+        return ContiguousConfig(192, group_m=1, cluster=2, multicast="mixed")
+    return ContiguousConfig(256, num_stages=3, group_m=1, cluster=2, multicast="mixed")
 
 
 def print_config() -> bool:

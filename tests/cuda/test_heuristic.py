@@ -83,7 +83,7 @@ def test_masked_decode_configs_walk_m_tile_major(n, k):
     """The masked configs walk the dense list of live units (scheduler.cuh, kDenseMaskedWalk:
     group_m 1, one M tile per unit)."""
     cfg = select_masked_config(n, k)
-    assert cfg.group_m == 1 and (cfg.cluster == 1 or cfg.multicast == "a")
+    assert cfg.group_m == 1 and (cfg.cluster == 1 or cfg.multicast in ("a", "mixed"))
 
 
 def test_masked_configs_per_shape():
@@ -92,7 +92,10 @@ def test_masked_configs_per_shape():
         select_masked_config(512, 7168),
         select_masked_config(7168, 256),
     )
-    assert (wide.block_n, wide.cluster, wide.multicast, wide.group_m) == (128, 2, "a", 1)
+    assert (wide.block_n, wide.cluster, wide.multicast, wide.group_m) == (192, 2, "mixed", 1)
+    assert select_masked_config(4096, 7168) == ContiguousConfig(
+        256, num_stages=3, group_m=1, cluster=2, multicast="mixed"
+    )
     assert (narrow.block_n, narrow.cluster, narrow.multicast) == (256, 2, "a")
     assert (short_k.block_n, short_k.cluster) == (64, 1)
 
@@ -100,15 +103,15 @@ def test_masked_configs_per_shape():
 @pytest.mark.parametrize("gpu", ["NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL"])
 def test_masked_wide_pairs_on_the_h100(gpu):
     """On an H100 the masked GEMMs with long K (EP8's, TP8's w13) take 256-wide pairs with 3 stages:
-    mixed pairs for EP8's wide GEMMs, A-sharing ones for TP8's w13 (N = 512); the H200, an unnamed
-    GPU and the short-K shape keep their configs."""
+    mixed pairs for EP8's wide GEMMs (EP8 w2 too, 192-wide elsewhere), A-sharing ones for TP8's w13
+    (N = 512); the H200, an unnamed GPU and the short-K shape keep their configs."""
     wide = select_masked_config(7168, 2048, gpu)
     assert (wide.block_n, wide.num_stages, wide.cluster, wide.multicast, wide.group_m) == (256, 3, 2, "mixed", 1)
     assert select_masked_config(4096, 7168, gpu) == wide
     for other in ("NVIDIA H200", None):
         assert select_masked_config(7168, 2048, other) == select_masked_config(7168, 2048)
-        assert select_masked_config(7168, 2048, other).block_n == 128
-        assert select_masked_config(7168, 2048, other).multicast == "a"
+        assert select_masked_config(7168, 2048, other).block_n == 192
+        assert select_masked_config(4096, 7168, other) == wide
     assert select_masked_config(512, 7168, gpu) == ContiguousConfig(
         256, num_stages=3, group_m=1, cluster=2, multicast="a"
     )
@@ -122,10 +125,10 @@ def test_the_plan_passes_the_gpu_to_the_masked_config(monkeypatch):
     from moe_backend.kernels import _launch_utils
 
     monkeypatch.setattr(_launch_utils, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    cfg = gemm_choice._cuda_config("masked", 128, 4096, 7168, torch.device("cuda", 0))
+    cfg = gemm_choice._cuda_config("masked", 128, 7168, 2048, torch.device("cuda", 0))
     assert cfg.block_n == 256 and cfg.num_stages == 3
     monkeypatch.setattr(_launch_utils, "device_name", lambda device: "NVIDIA H200")
-    assert gemm_choice._cuda_config("masked", 128, 4096, 7168, torch.device("cuda", 0)).block_n == 128
+    assert gemm_choice._cuda_config("masked", 128, 7168, 2048, torch.device("cuda", 0)).block_n == 192
 
 
 def test_masked_max_m_is_checked_and_keys_the_kernel():

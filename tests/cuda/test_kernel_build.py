@@ -5,7 +5,6 @@ current, and the warm-up command builds what the heuristics pick. Skips without 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import subprocess
@@ -62,10 +61,10 @@ COMPILE_CASES = [
     # the masked decode configs (group_m 1: the dead-tile skip) at worst-case max_m
     *[
         CompileCase(f"masked-{n}x{k}-max{mm}", n, k, select_masked_config(n, k), masked_max_m=mm)
-        for n, k in ((7168, 256), (4096, 7168), (512, 7168))
+        for n, k in ((7168, 256), (4096, 7168), (7168, 2048), (512, 7168))
         for mm in (128, 1024)
     ],
-    # the H100's wide masked config (256-wide A-sharing pairs, 3 stages)
+    # the H100's masked configs (256-wide pairs, 3 stages: mixed for EP8's GEMMs, sharing A for N = 512)
     *[
         CompileCase(
             f"masked-h100-{n}x{k}", n, k, select_masked_config(n, k, "NVIDIA H100 80GB HBM3"), masked_max_m=1024
@@ -106,16 +105,19 @@ COMPILE_CASES = [
     CompileCase(
         "sk-ep8-w2-direct-pairs", 7168, 2048, ContiguousConfig(256, cluster=2, stream_k=True), direct_rows=True
     ),
-    # stream-K on the masked layout's dense walk: the wide decode config (A-sharing pairs) and
-    # 64-wide pairs on N = 512 (with the 256-wide pairs and 4 stages N = 512 now takes, stream-K's
-    # extra state spills to local memory inside the MMA loop: not a config stream-K is offered on)
+    # stream-K on the masked layout's dense walk: 128-wide A-sharing pairs on EP8's shapes (mixed
+    # pairs deal whole units only) and 64-wide pairs on N = 512 (with the 256-wide pairs and 4
+    # stages N = 512 now takes, stream-K's extra state spills to local memory inside the MMA loop:
+    # not a config stream-K is offered on)
     *[
-        CompileCase(f"sk-masked-{n}x{k}-max1024", n, k, dataclasses.replace(cfg, stream_k=True), masked_max_m=1024)
-        for n, k, cfg in (
-            (4096, 7168, select_masked_config(4096, 7168)),
-            (7168, 2048, select_masked_config(7168, 2048)),
-            (512, 7168, ContiguousConfig(64, group_m=1, cluster=2, multicast="a")),
+        CompileCase(
+            f"sk-masked-{n}x{k}-max1024",
+            n,
+            k,
+            ContiguousConfig(bn, group_m=1, cluster=2, multicast="a", stream_k=True),
+            masked_max_m=1024,
         )
+        for n, k, bn in ((4096, 7168, 128), (7168, 2048, 128), (512, 7168, 64))
     ],
     # pairs of M tiles sharing B on the masked layout's dense walk over live pairs (hot experts)
     CompileCase(
