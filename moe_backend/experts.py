@@ -23,6 +23,7 @@ from moe_backend._checks import (
     check_topk,
     finite_checks_enabled,
 )
+from moe_backend._device import runs_on_first_tensor_device
 from moe_backend.dispatch.plan import Plan, make_masked_plan, make_plan, rows_bucket
 from moe_backend.dispatch.policy import KERNELS, PHASES, KernelChoice, Policy
 from moe_backend.eager_graphs import run_graphed
@@ -133,6 +134,7 @@ def _with_kernel(policy: Policy, **keys: str) -> Policy:
     return replace(policy, **keys)
 
 
+@runs_on_first_tensor_device
 def routed_experts(
     x: torch.Tensor,
     w13_fp8: torch.Tensor,

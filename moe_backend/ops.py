@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from moe_backend._checks import check_gemm_args, check_quant_args, check_quant_out, check_tensor
+from moe_backend._device import runs_on_first_tensor_device
 from moe_backend.constants import LAYOUT_ALIGNMENT, QUANT_BLOCK
 from moe_backend.providers import torch_reference
 
@@ -87,6 +88,7 @@ def cuda_kernel_available(device_index: int = 0) -> bool:
     return True
 
 
+@runs_on_first_tensor_device
 def grouped_gemm_contiguous(
     a_fp8, a_scale, b_fp8, b_scale, expert_ids, out=None, *, impl: str = "auto", expected_m: int | None = None
 ):
@@ -113,6 +115,7 @@ def grouped_gemm_contiguous(
     return torch_reference.grouped_gemm_contiguous(a_fp8, a_scale, b_fp8, b_scale, expert_ids, out)
 
 
+@runs_on_first_tensor_device
 def grouped_gemm_masked(
     a_fp8, a_scale, b_fp8, b_scale, masked_m, out=None, *, impl: str = "auto", expected_m: int | None = None
 ):
@@ -139,6 +142,7 @@ def grouped_gemm_masked(
     return torch_reference.grouped_gemm_masked(a_fp8, a_scale, b_fp8, b_scale, masked_m, out)
 
 
+@runs_on_first_tensor_device
 def silu_mul_quant(
     h: torch.Tensor,
     group: int = QUANT_BLOCK,
@@ -165,6 +169,7 @@ def silu_mul_quant(
     return torch_reference.silu_mul_quant(h, group, ue8m0, **validity)
 
 
+@runs_on_first_tensor_device
 def per_token_group_quant(
     x: torch.Tensor,
     group: int = QUANT_BLOCK,
@@ -185,6 +190,7 @@ def per_token_group_quant(
     return out[0].copy_(q), out[1].copy_(s)
 
 
+@runs_on_first_tensor_device
 def permute_quant(
     x: torch.Tensor,
     src_token: torch.Tensor,
@@ -205,6 +211,7 @@ def permute_quant(
     return torch_reference.permute_quant(x, src_token, group, ue8m0, out=out, used_rows=used_rows)
 
 
+@runs_on_first_tensor_device
 def permute_rows(
     x_fp8: torch.Tensor, x_scale: torch.Tensor, src_token: torch.Tensor, *, used_rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +232,7 @@ def permute_rows(
     )
 
 
+@runs_on_first_tensor_device
 def unpermute_combine(
     y: torch.Tensor,
     row_of_slot: torch.Tensor,
@@ -284,6 +292,7 @@ def contiguous_alignment(impl: str = "auto", device: torch.device | str = "cpu")
 # otherwise (same layout).
 
 
+@runs_on_first_tensor_device
 def build_contiguous_layout(
     topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0, alignment: int = LAYOUT_ALIGNMENT
 ):
@@ -299,6 +308,7 @@ def build_contiguous_layout(
     )
 
 
+@runs_on_first_tensor_device
 def build_masked_layout(
     topk_ids: torch.Tensor, num_local_experts: int, *, expert_start: int = 0, max_m: int | None = None
 ):
