@@ -357,7 +357,7 @@ def grid_size(m: int, n: int, cfg: ContiguousConfig, num_sms: int) -> int:
     if cfg.stream_k:
         return num_sms // cfg.cluster * cfg.cluster
     m_tiles, n_tiles = math.ceil(m / BLOCK_M), math.ceil(n / cfg.block_n)
-    if cfg.shares_a:
+    if cfg.shares_a or cfg.mixed_pairs:  # mixed: at most one unit per M tile and pair of N tiles
         units = m_tiles * math.ceil(n_tiles / cfg.cluster)
     else:
         units = math.ceil(m_tiles / cfg.cluster) * n_tiles
@@ -426,6 +426,15 @@ def _kernel_and_grid(
     return kernel, grid
 
 
+def layout_config(cfg: ContiguousConfig, masked_max_m: int) -> ContiguousConfig:
+    """`cfg` for a launch on this layout: mixed pairs walk only the masked layout's live units, so
+    elsewhere (a masked op's fallback on per-row ids, an override on the contiguous layout) they
+    run as the A-sharing pairs their one-tile experts use."""
+    if cfg.mixed_pairs and not masked_max_m:
+        return dataclasses.replace(cfg, multicast="a")
+    return cfg
+
+
 def silu_config(cfg: ContiguousConfig) -> ContiguousConfig:
     """`cfg` for a kernel storing SiLU*up quant: a tile holds one 128-column group of gate and
     up each (block_n 256), CTA pairs (if any) sharing B."""
@@ -477,7 +486,9 @@ def launch(
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     if a_scale.data_ptr() % 16:  # the scale warp copies 16-byte runs of a row (a view at an odd offset)
         a_scale = a_scale.clone()
-    cfg = select_config(m, n, _num_sms(index), override=config, verbose=print_config(), k=k)
+    cfg = layout_config(
+        select_config(m, n, _num_sms(index), override=config, verbose=print_config(), k=k), masked_max_m
+    )
     check_paired_tiles(m, cfg, masked_max_m)
     if a_rows is not None and cfg.shares_a:  # gathered rows are not multicast
         cfg = dataclasses.replace(cfg, multicast="b")

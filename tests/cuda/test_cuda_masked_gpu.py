@@ -186,6 +186,8 @@ def test_stream_k_on_the_masked_layout(max_m, n, k, counts, pairs) -> None:
         # an odd number of N tiles (5 at 128 wide, 3 at 192 and 256): an A-sharing unit's second
         # CTA past N computes on its partner's B and stores nothing
         (640, 640, 256, [640, 1, 0, 129, 385, 64]),
+        # 40 experts (the live table's scan carries over 32-expert chunks), 2 N tiles at 256 wide
+        (256, 512, 2048, [256, 0, 1, 129, 255, 128, 0, 0, 77, 256] * 4),
     ],
 )
 @pytest.mark.parametrize("block_n,multicast", [(128, "b"), (192, "b"), (128, "mixed"), (192, "mixed"), (256, "mixed")])
@@ -234,3 +236,23 @@ def test_pairs_sharing_b_graph_replay_with_new_counts(multicast) -> None:
         out.fill_(float("nan"))
         graph.replay()
         _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)
+
+
+@pytest.mark.parametrize("n,k", [(4096, 7168), (7168, 2048)])
+def test_unaligned_views_run_the_default_config_on_row_ids(n, k) -> None:
+    """Operands at an offset that is not a multiple of 16 bytes take the contiguous op on per-row
+    ids with the masked config; the default config of EP8's shapes (mixed pairs, which walk only
+    the masked layout) then runs as A-sharing pairs: against the reference, rows past each count
+    untouched."""
+    op = _op()
+    torch.manual_seed(n + k)
+    counts = [256, 0, 1, 129]
+    e, max_m = len(counts), 256
+    a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
+    b, bs = quantize_fp8_blockwise(block_spread_weights(e, n, k))
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    storage = torch.full((e * max_m * n + 1,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = storage[1:].view(e, max_m, n)  # 2 bytes past an aligned start
+    assert out.data_ptr() % 16
+    op(a, a_s, b, bs, masked_m, out)
+    _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)

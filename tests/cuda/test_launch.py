@@ -338,3 +338,11 @@ def test_mixed_pairs_config_and_spec(monkeypatch):
     masked_m, out = torch.empty(2, dtype=torch.int32), torch.empty(256, 512, dtype=torch.bfloat16)
     launch.kernel_args(a, a_scale, b, b_scale, masked_m, out, mixed)
     assert [mp["box"] for mp in fake.maps] == [[128, 64], [128, 64, 1]]
+    # elsewhere than on the masked layout (the masked op's fallback on per-row ids) they run as
+    # A-sharing pairs; other configs and the masked layout keep theirs
+    assert launch.layout_config(mixed, 0) == ContiguousConfig(128, group_m=1, cluster=2, multicast="a")
+    assert launch.layout_config(mixed, 1024) is mixed
+    pairs_b = ContiguousConfig(128, group_m=1, cluster=2)
+    assert launch.layout_config(pairs_b, 0) is pairs_b
+    # the grid covers a unit per M tile and pair of N tiles (5 one-tile experts at 3 N tiles: 10 units)
+    assert launch.grid_size(5 * 128, 3 * 128, mixed, 132) == 20
