@@ -42,7 +42,7 @@ def candidates() -> dict:
         out[f"c2b:{bn}"] = ContiguousConfig(bn, group_m=1, cluster=2, multicast="b")
     # mixed pairs: per expert, pairs of its M tiles sharing B, its odd last tile in N-tile pairs
     # sharing A (no pair spans two experts)
-    for bn, stages in ((128, 0), (192, 0), (256, 0), (256, 3)):
+    for bn, stages in ((128, 0), (128, 4), (192, 0), (192, 4), (256, 0), (256, 3)):
         tag = "" if stages == 0 else f":s{stages}"
         out[f"c2m:{bn}{tag}"] = ContiguousConfig(bn, num_stages=stages, group_m=1, cluster=2, multicast="mixed")
     # stream-K: the last part-full wave of live units dealt by K chunks over every SM
