@@ -1,4 +1,5 @@
-"""The GPU a call runs on. Triton and our CUDA launcher launch on the current CUDA device; a call
+"""The GPU a call runs on. Triton launches on the current CUDA device (our CUDA launcher already
+makes the tensors' device current itself, `cuda.launch`); a call
 whose tensors live on another GPU (a model spread over GPUs, as transformers' `device_map` does)
 runs with that GPU made current for the call, so its kernels never launch on one device with
 another's pointers."""

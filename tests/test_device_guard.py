@@ -1,6 +1,6 @@
 """Calls whose tensors live on a GPU other than the current one (a model spread over GPUs by
-transformers' `device_map`) run with that GPU current (`moe_backend._device`): Triton and our CUDA
-launcher launch on the current device. CPU: the guard's choice with the current device patched,
+transformers' `device_map`) run with that GPU current (`moe_backend._device`): Triton launches on
+the current device. CPU: the guard's choice with the current device patched,
 and every public entry that launches kernels wrapped by it. GPU (two or more): the layer's routed
 experts and the ops on cuda:1 while cuda:0 is current, against the reference."""
 
