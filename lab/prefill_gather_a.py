@@ -14,6 +14,8 @@ as a CUDA-graph replay under plan variants that differ only in GEMM1's provider 
   nodirect   the policy plan with GEMM2 storing every row into y for the combine (where the
              policy's CUDA GEMM2 stores single-slot tokens' rows into the output itself)
   sk1 / sk2 / sk12  the policy plan with stream-K on our CUDA GEMM1 / GEMM2 / both
+  sh12       the policy plan with both CUDA GEMMs skipping the MMAs of tiles' all-padding halves
+  sh12c1 / c1  the same (and without the skip) on single CTAs instead of the plan's pairs
 Timed interleaved (rounds of A B C D E), checked against the policy plan's output (rel err).
 
     python -m lab.prefill_gather_a                         # GPU, about a minute
@@ -84,6 +86,27 @@ def _variants(plan, device):
         out["sk2"] = dataclasses.replace(plan, gemm2=sk2, graph_plan=None)
     if sk1 is not None and sk2 is not None:
         out["sk12"] = dataclasses.replace(plan, gemm1=sk1, gemm2=sk2, graph_plan=None)
+
+    def skip_halves(g, **changes):
+        if g.provider != "cuda" or g.config is None or g.config.stream_k:
+            return None
+        return dataclasses.replace(g, config=dataclasses.replace(g.config, skip_padding_halves=True, **changes))
+
+    sh1, sh2 = skip_halves(plan.gemm1), skip_halves(plan.gemm2)
+    if sh1 is not None and sh2 is not None:
+        out["sh12"] = dataclasses.replace(plan, gemm1=sh1, gemm2=sh2, graph_plan=None)
+        # single CTAs: a CTA pair runs in step, so a skipped half only frees its SM when the
+        # partner's half is skipped too
+        single = {"cluster": 1, "multicast": "b"}
+        out["sh12c1"] = dataclasses.replace(
+            plan, gemm1=skip_halves(plan.gemm1, **single), gemm2=skip_halves(plan.gemm2, **single), graph_plan=None
+        )
+        out["c1"] = dataclasses.replace(
+            plan,
+            gemm1=dataclasses.replace(plan.gemm1, config=dataclasses.replace(plan.gemm1.config, **single)),
+            gemm2=dataclasses.replace(plan.gemm2, config=dataclasses.replace(plan.gemm2.config, **single)),
+            graph_plan=None,
+        )
     return out
 
 

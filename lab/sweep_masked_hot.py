@@ -3,7 +3,8 @@ EP8 slice (or TP8, `--slice tp8`) at a mean of 128 rows per expert under Zipf ro
 of `bench_grouped_gemm --routings`), max_m the hottest expert's rows rounded up to a power of two.
 Every contender is a CUDA-graph replay timed in interleaved rounds; outputs are compared with the
 shipped config's (bytes of the valid rows; stream-K contenders, `:sk`, whose sums are added in another
-order: within 1e-3) and the rows past each count must stay untouched.
+order: within 1e-3) and the rows past each count must stay untouched. `:h` contenders skip the
+MMAs of tiles' all-padding 64-row halves.
 
     python -m lab.sweep_masked_hot [--slice ep8|tp8] [--gemms w13,w2] [--routings zipf:0.9,zipf:1.2]
         [--configs c2a:128,...] [--json PATH]
@@ -49,6 +50,10 @@ def candidates() -> dict:
     # (pairs sharing B deal whole units only: launch.check_paired_tiles refuses them stream-K)
     for name in ("c2a:128", "c2a:256", "c1:256"):
         out[f"{name}:sk"] = dataclasses.replace(out[name], stream_k=True)
+    # consumer warpgroups skipping the MMAs of their all-padding halves (`:h`): an expert's last
+    # tile of at most 64 rows costs one warpgroup's MMAs
+    for name in ("c2m:256:s3", "c2m:256", "c2m:192", "c2m:192:s4", "c2a:128", "c2a:256", "c2a:256:s3", "c1:64"):
+        out[f"{name}:h"] = dataclasses.replace(out[name], skip_padding_halves=True)
     return out
 
 

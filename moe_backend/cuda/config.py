@@ -61,6 +61,11 @@ class ContiguousConfig:
     stream_k: bool = False  # the units of a last part-full wave dealt over every CTA by K chunks,
     #                         cut units finished from partial sums in a workspace (contiguous layout,
     #                         rows by TMA, no direct rows; docs/cuda_kernel.md)
+    skip_padding_halves: bool = False  # a consumer warpgroup whose 64 rows of a tile are all padding
+    #                         skips that tile's MMAs (no stream_k). Assumes a segment's valid rows
+    #                         come before its padding, as in the masked layout and the layer's
+    #                         contiguous layouts; a padding row before a valid one in the same
+    #                         half would leave that half unwritten
 
     def __post_init__(self) -> None:
         if self.block_n not in BLOCK_N_CHOICES:
@@ -86,6 +91,10 @@ class ContiguousConfig:
             )
         if not isinstance(self.stream_k, bool):
             raise TypeError(f"config.stream_k: must be a bool, got {self.stream_k!r}")
+        if not isinstance(self.skip_padding_halves, bool):
+            raise TypeError(f"config.skip_padding_halves: must be a bool, got {self.skip_padding_halves!r}")
+        if self.skip_padding_halves and self.stream_k:
+            raise ValueError("config.skip_padding_halves: not with stream_k (its pieces keep every MMA)")
 
     @property
     def shares_a(self) -> bool:

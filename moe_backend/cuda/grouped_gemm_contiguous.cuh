@@ -26,7 +26,7 @@
 namespace phasemoe {
 
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM,
-          int kGatherA = 0, int kSiluQuant = 0, int kDirectRows = 0, int kStreamK = 0>
+          int kGatherA = 0, int kSiluQuant = 0, int kDirectRows = 0, int kStreamK = 0, int kSkipHalves = 0>
 struct GroupedGemmContiguous {
   using T = KernelTraits<kN, kK, kBlockN, kStages, kGroupM, kCluster, kMcastA, kMaskedMaxM, kGatherA, kSiluQuant,
                          kDirectRows, kStreamK>;
@@ -38,6 +38,9 @@ struct GroupedGemmContiguous {
   // launch.py refuses the pair first).
   static_assert(!(kStreamK && (Scheduler::kPairedLive || Scheduler::kMixedLive)),
                 "stream-K with CTA pairs sharing B on the masked layout");
+  // kSkipHalves: a consumer warpgroup skips the MMAs of a tile whose 64 rows it holds are all
+  // padding (half_is_padding); the stream-K walk deals pieces and keeps every MMA.
+  static_assert(!(kStreamK && kSkipHalves), "skipped padding halves with stream-K");
   using Loop = Mainloop<T>;
   using Epi = Epilogue<T>;
   using Ids = RowIds<kMaskedMaxM>;
@@ -293,6 +296,17 @@ struct GroupedGemmContiguous {
     if (prev.valid) Epi::store_pending(result, out, prev, act_scale, owned_rows(s, owned, direct));
   }
 
+  // kSkipHalves: whether the 64 rows `warpgroup` holds of the tile `role` walks are all padding.
+  // Valid rows lead every segment (the masked layout's rows below masked_m[e]; a contiguous
+  // segment's rows, then its padding), so the half's first row tells. Every thread of the
+  // warpgroup reads the same row; lane 0's answer makes it warp-uniform for the branch.
+  __device__ __forceinline__ static bool half_is_padding(const TileRole& role, int warpgroup, const Ids& expert_ids,
+                                                         int m) {
+    const int row = role.m_tile * kBlockM + warpgroup * (kBlockM / kNumConsumerWarpgroups);
+    const bool padding = row >= m || expert_ids(row) != role.expert;
+    return __shfl_sync(0xffffffffu, static_cast<int>(padding), 0) != 0;
+  }
+
   // kStreamK with kDirectRows: the slot of the pending store, the `owned`-th piece this CTA stores
   // (the scale warp staged its pairs by the same count); other kernels: none.
   __device__ __forceinline__ static typename Epi::DirectRows owned_rows(const Smem& s, int owned,
@@ -352,6 +366,16 @@ struct GroupedGemmContiguous {
         // The epilogue's row guards, loaded now: their latency hides behind the K loop.
         const typename Epi::TileRows rows =
             Epi::template load_rows<Scheduler::kPairedLive>(role, m_unit, rank, row_in_tile, expert_ids, m);
+        if constexpr (kSkipHalves) {
+          if (half_is_padding(role, warpgroup, expert_ids, m)) {
+            // Nothing of this tile to store: the previous tile's store, then the stages released
+            // as they land. The slot of direct rows follows the retired K blocks, as in the K loop.
+            if (prev.valid) Epi::store_pending(result, out, prev, act_scale, direct_rows(s, pos, direct));
+            Loop::skip_k_loop(sv, pos, lane);
+            prev = typename Epi::PendingStore{0, 0, false, false, false};
+            continue;
+          }
+        }
         RingPos issue = pos;
         float scales[2][T::kScaleBands][2];  // combined row scales of the K blocks in flight
         start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale, direct_rows(s, pos, direct));

@@ -121,12 +121,13 @@ def kernel_spec(
         "SILU_QUANT": silu_quant,
         "DIRECT_ROWS": int(direct_rows),
         "STREAM_K": int(config.stream_k),
+        "SKIP_HALVES": int(config.skip_padding_halves),
     }
     name = (
         "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_c{CLUSTER}_ma{MCAST_A}_mm{MASKED_MAX_M}"
     ).format(**constants)
     name += ("_ga" if gather_a else "") + (f"_sq{silu_quant}" if silu_quant else "") + ("_dr" if direct_rows else "")
-    name += "_sk" if config.stream_k else ""
+    name += ("_sk" if config.stream_k else "") + ("_sh" if config.skip_padding_halves else "")
     source = _template()
     checked = {
         "KERNEL_NAME": name,
@@ -440,7 +441,14 @@ def silu_config(cfg: ContiguousConfig) -> ContiguousConfig:
     up each (block_n 256), CTA pairs (if any) sharing B."""
     if cfg.block_n == 256 and not cfg.shares_a:
         return cfg
-    return ContiguousConfig(256, group_m=cfg.group_m, cluster=cfg.cluster, multicast="b", stream_k=cfg.stream_k)
+    return ContiguousConfig(
+        256,
+        group_m=cfg.group_m,
+        cluster=cfg.cluster,
+        multicast="b",
+        stream_k=cfg.stream_k,
+        skip_padding_halves=cfg.skip_padding_halves,
+    )
 
 
 def launch(

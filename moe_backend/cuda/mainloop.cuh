@@ -346,6 +346,19 @@ struct Mainloop {
       mma_chain<(T::kKBlocks % kChain) * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
   }
 
+  // A warpgroup whose 64 rows of the tile are all padding (kSkipHalves): its share of the ring's
+  // handshake without MMAs. It waits for each stage to land before releasing it, so it never
+  // arrives twice in one phase of a stage's `empty` barrier; the producer and the other
+  // warpgroup run as before.
+  __device__ __forceinline__ static void skip_k_loop(const SmemView& sv, RingPos& pos, int lane) {
+#pragma unroll 1
+    for (int kb = 0; kb < T::kKBlocks; ++kb) {
+      sm90::mbar_wait(&sv.full_bar[pos.stage], pos.phase);
+      release_stage(sv.empty_bar, pos.stage, lane);
+      advance(pos);
+    }
+  }
+
   // Stream-K: the K loop over `num_kb` K blocks of a tile (a whole number of chains, at least
   // one: segments are whole a_scale chunks, KernelTraits' stream-K assert).
   __device__ __forceinline__ static void k_loop_blocks(float (&acc)[T::kPartRegs], float (&acc_odd)[T::kOddRegs],

@@ -76,6 +76,7 @@ class Case:
     multicast: str = "b"  # with cluster 2: the operand the pair shares
     group_m: int = 8  # with block_n: M units walked together (1: M-unit-major)
     spread_blocks: bool = False  # B from block_spread_weights (block scales far apart)
+    skip_halves: bool = False  # with block_n: warpgroups skip the MMAs of their all-padding halves
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -154,6 +155,28 @@ CASES = [
             ("pairs_a", dict(block_n=128, cluster=2, multicast="a", group_m=1)),
         )
     ],
+    # warpgroups skipping their all-padding halves: segments ending either side of row 64, M
+    # ending inside a tile's first half, ragged EP8 counts; single CTAs and both pairings
+    *[
+        Case(f"skip_halves_{name}", 1024, 2048, (64, 65, 63, 192, 193, 1, 0, 128), skip_halves=True, **kw)
+        for name, kw in (
+            ("single", dict(block_n=128)),
+            ("pairs_b", dict(block_n=256, cluster=2)),
+            ("pairs_a", dict(block_n=128, cluster=2, multicast="a", group_m=1)),
+        )
+    ],
+    Case(
+        "skip_halves_m_ends_in_first_half",
+        1024,
+        2048,
+        (130, 0, 33),
+        block_n=128,
+        cluster=2,
+        pad_last=False,
+        trailing_pad=0,
+        skip_halves=True,
+    ),
+    Case("skip_halves_ep8_w13_ragged", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=256, cluster=2, skip_halves=True),
     Case(
         "share_a_m_ends_mid_tile",
         1024,
@@ -182,7 +205,13 @@ def test_matches_reference(case: Case) -> None:
     out = torch.full((expert_ids.numel(), case.n), float("nan"), dtype=torch.bfloat16, device="cuda")
     cfg = None
     if case.block_n is not None:
-        cfg = ggc.ContiguousConfig(case.block_n, group_m=case.group_m, cluster=case.cluster, multicast=case.multicast)
+        cfg = ggc.ContiguousConfig(
+            case.block_n,
+            group_m=case.group_m,
+            cluster=case.cluster,
+            multicast=case.multicast,
+            skip_padding_halves=case.skip_halves,
+        )
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()
     pad = expert_ids < 0
@@ -275,6 +304,15 @@ GATHER_CASES = [
     ("one_token", 512, 7168, (1, 0, 1, 1), 1, None),
     # stream-K: a piece starting mid-unit looks its token rows up at its own start
     ("tp8_w13_stream_k", 512, 7168, _skewed(64, 64 * 40, 17), 333, dict(block_n=256, cluster=2, stream_k=True)),
+    # warpgroups skipping their all-padding halves while the producer gathers the rows
+    (
+        "tp8_w13_skip_halves",
+        512,
+        7168,
+        _skewed(64, 64 * 40, 19),
+        333,
+        dict(block_n=256, cluster=2, skip_padding_halves=True),
+    ),
 ]
 
 
@@ -357,6 +395,25 @@ SILU_CASES = [
         False,
     ),
     ("few_units_stream_k_ue8m0", 2048, 7168, (300, 0, 5), dict(block_n=256, stream_k=True), 0, True),
+    # warpgroups skipping their all-padding halves (the epilogue of a skipped half stores nothing)
+    (
+        "ep8_w13_pairs_skip_halves",
+        2048,
+        7168,
+        (64, 65, 257, 0, 1, 128),
+        dict(block_n=256, cluster=2, skip_padding_halves=True),
+        0,
+        False,
+    ),
+    (
+        "tp8_w13_gather_skip_halves",
+        256,
+        7168,
+        _skewed(64, 64 * 40, 20),
+        dict(block_n=256, cluster=2, skip_padding_halves=True),
+        333,
+        False,
+    ),
     (
         "tp8_w13_gather_stream_k",
         256,
@@ -429,6 +486,9 @@ DIRECT_CASES = [
     # slots alternate by the pieces a CTA stores, cut units finished from partial sums
     ("stream_k_pairs", dict(block_n=256, cluster=2, stream_k=True), 4096, 32, True),
     ("stream_k_few_units", dict(block_n=256, stream_k=True), 517, 32, False),
+    # warpgroups skipping their all-padding halves: the direct rows' slots still alternate by tile
+    ("pairs_skip_halves", dict(block_n=256, cluster=2, skip_padding_halves=True), 517, 32, True),
+    ("single_skip_halves", dict(block_n=128, skip_padding_halves=True), 300, 32, False),
 ]
 
 

@@ -256,3 +256,51 @@ def test_unaligned_views_run_the_default_config_on_row_ids(n, k) -> None:
     assert out.data_ptr() % 16
     op(a, a_s, b, bs, masked_m, out)
     _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)
+
+
+# counts whose last live tile ends in its first half (1-64 rows), in its second half, on a tile edge,
+# at row 64 exactly; one-tile experts, hot experts over several tiles (odd and even live tile
+# counts: the mixed walk's A-shared last tile and B-shared pairs), idle experts
+_HALF_COUNTS = [64, 65, 1, 0, 129, 192, 193, 320, 384, 577, 63, 0, 448, 704, 768, 33]
+_SKIP_HALVES_CONFIGS = {
+    "mixed_256_s3": (4096, 7168, dict(block_n=256, num_stages=3, group_m=1, cluster=2, multicast="mixed")),
+    "mixed_192": (7168, 2048, dict(block_n=192, group_m=1, cluster=2, multicast="mixed")),
+    "share_a_256": (512, 7168, dict(block_n=256, group_m=1, cluster=2, multicast="a")),
+    "pairs_b_128": (4096, 2048, dict(block_n=128, group_m=1, cluster=2)),
+    "single_64": (7168, 256, dict(block_n=64, group_m=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(_SKIP_HALVES_CONFIGS))
+def test_skipped_padding_halves_on_the_masked_layout(name) -> None:
+    """Warpgroups skipping the MMAs of their all-padding halves, on every masked config family:
+    against the reference, rows past each count untouched, and the same bytes as the config that
+    computes every half (the skipped MMAs only ever fed rows that are not stored); then a graph
+    replay with new counts, whose halves switch between skipped and computed."""
+    op = _op()
+    from moe_backend.cuda.config import ContiguousConfig
+
+    n, k, kw = _SKIP_HALVES_CONFIGS[name]
+    cfg = ContiguousConfig(skip_padding_halves=True, **kw)
+    plain = ContiguousConfig(**kw)
+    torch.manual_seed(n + k)
+    e, max_m = len(_HALF_COUNTS), 768
+    a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
+    b, bs = quantize_fp8_blockwise(block_spread_weights(e, n, k))
+    masked_m = torch.tensor(_HALF_COUNTS, dtype=torch.int32, device="cuda")
+    outs = []
+    for c in (cfg, plain):
+        out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        op(a, a_s, b, bs, masked_m, out, config=c)
+        outs.append(out)
+    _check(outs[0], reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), "skipped halves changed a stored row"
+    out = outs[0]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(a, a_s, b, bs, masked_m, out, config=cfg)
+    for counts in (_HALF_COUNTS[::-1], [1] * e, [768] * e, [0] * (e - 1) + [65]):
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        _check(out, reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)

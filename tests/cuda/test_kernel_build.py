@@ -5,6 +5,7 @@ current, and the warm-up command builds what the heuristics pick. Skips without 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -122,6 +123,39 @@ COMPILE_CASES = [
     # pairs of M tiles sharing B on the masked layout's dense walk over live pairs (hot experts)
     CompileCase(
         "masked-pairs-b-bn192-max2048", 4096, 7168, ContiguousConfig(192, group_m=1, cluster=2), masked_max_m=2048
+    ),
+    # consumer warpgroups skipping the MMAs of their padding halves: the masked configs (mixed pairs
+    # 256 and 192 wide, A-sharing pairs on N = 512, single 64-wide CTAs at K = 256) and the
+    # layer's prefill kernels (SiLU*up quant in pairs gathering A, direct rows in pairs)
+    *[
+        CompileCase(
+            f"skip-halves-masked-{n}x{k}-bn{cfg.block_n}",
+            n,
+            k,
+            dataclasses.replace(cfg, skip_padding_halves=True),
+            masked_max_m=1024,
+        )
+        for n, k, cfg in (
+            (4096, 7168, select_masked_config(4096, 7168, "NVIDIA H100 80GB HBM3")),
+            (7168, 2048, select_masked_config(7168, 2048)),
+            (512, 7168, select_masked_config(512, 7168)),
+            (7168, 256, select_masked_config(7168, 256)),
+        )
+    ],
+    CompileCase(
+        "skip-halves-tp8-w13-silu-gather",
+        512,
+        7168,
+        ContiguousConfig(256, cluster=2, skip_padding_halves=True),
+        gather_a=True,
+        silu_quant=1,
+    ),
+    CompileCase(
+        "skip-halves-ep8-w2-direct-pairs",
+        7168,
+        2048,
+        ContiguousConfig(256, cluster=2, skip_padding_halves=True),
+        direct_rows=True,
     ),
 ]
 

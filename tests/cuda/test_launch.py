@@ -5,6 +5,7 @@ here), and the driver plumbing (launch config, load memo) with the driver calls 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import inspect
 import re
 import subprocess
@@ -221,7 +222,7 @@ def test_stream_k_launch_side():
     with pytest.raises(ValueError, match="num_ctas"):
         launch.stream_k_workspace(cpu, launch.STREAM_K_MAX_CTAS + 1)
     # The rendered source names the kernel's template argument, and only the stream-K one sets it.
-    assert "GroupedGemmContiguous<4096, 7168, 256, 4, 8, 2, 0, 0, 0, 0, 0, 1>" in kernel_spec(4096, 7168, cfg).source
+    assert "GroupedGemmContiguous<4096, 7168, 256, 4, 8, 2, 0, 0, 0, 0, 0, 1, 0>" in kernel_spec(4096, 7168, cfg).source
 
 
 def test_masked_pairs_sharing_b_tile_limit():
@@ -346,3 +347,25 @@ def test_mixed_pairs_config_and_spec(monkeypatch):
     assert launch.layout_config(pairs_b, 0) is pairs_b
     # the grid covers a unit per M tile and pair of N tiles (5 one-tile experts at 3 N tiles: 10 units)
     assert launch.grid_size(5 * 128, 3 * 128, mixed, 132) == 20
+
+
+def test_skipped_padding_halves_config_and_spec():
+    """A config whose consumer warpgroups skip the MMAs of their all-padding halves: a bool, refused
+    with stream-K (its pieces keep every MMA), each refusal naming the field; the kernel gets
+    SKIP_HALVES 1 and a name of its own, and the SiLU*up quant epilogue's config keeps the flag."""
+    with pytest.raises(TypeError, match="config.skip_padding_halves"):
+        ContiguousConfig(128, skip_padding_halves=1)
+    with pytest.raises(ValueError, match="config.skip_padding_halves: not with stream_k"):
+        ContiguousConfig(256, cluster=2, stream_k=True, skip_padding_halves=True)
+    assert not ContiguousConfig(128).skip_padding_halves
+    mixed = ContiguousConfig(256, 3, group_m=1, cluster=2, multicast="mixed", skip_padding_halves=True)
+    spec = kernel_spec(4096, 7168, mixed, masked_max_m=1024)
+    plain = kernel_spec(4096, 7168, dataclasses.replace(mixed, skip_padding_halves=False), masked_max_m=1024)
+    assert spec.constants["SKIP_HALVES"] == 1 and plain.constants["SKIP_HALVES"] == 0
+    assert spec.kernel_name == plain.kernel_name + "_sh"
+    assert ", 1>;" in spec.source and ", 0>;" in plain.source  # the template's last argument
+    assert launch.layout_config(mixed, 0).skip_padding_halves  # the fallback on row ids keeps it
+    silu = launch.silu_config(ContiguousConfig(128, cluster=2, skip_padding_halves=True))
+    assert silu == ContiguousConfig(256, cluster=2, skip_padding_halves=True)
+    spec = kernel_spec(512, 7168, silu, gather_a=True, silu_quant=1)
+    assert spec.constants["SKIP_HALVES"] == 1 and spec.kernel_name.endswith("_ga_sq1_sh")
