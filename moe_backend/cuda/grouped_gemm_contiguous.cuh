@@ -38,8 +38,8 @@ struct GroupedGemmContiguous {
   // launch.py refuses the pair first).
   static_assert(!(kStreamK && (Scheduler::kPairedLive || Scheduler::kMixedLive)),
                 "stream-K with CTA pairs sharing B on the masked layout");
-  // kSkipHalves: a consumer warpgroup skips the MMAs of a tile whose 64 rows it holds are all
-  // padding (half_is_padding); the stream-K walk deals pieces and keeps every MMA.
+  // kSkipHalves: a consumer warpgroup skips the MMAs of a tile it stores nothing of
+  // (half_is_padding); the stream-K walk deals pieces and keeps every MMA.
   static_assert(!(kStreamK && kSkipHalves), "skipped padding halves with stream-K");
   using Loop = Mainloop<T>;
   using Epi = Epilogue<T>;
@@ -296,14 +296,15 @@ struct GroupedGemmContiguous {
     if (prev.valid) Epi::store_pending(result, out, prev, act_scale, owned_rows(s, owned, direct));
   }
 
-  // kSkipHalves: whether the 64 rows `warpgroup` holds of the tile `role` walks are all padding.
+  // kSkipHalves: whether `warpgroup` stores nothing of the tile `role` walks: the tile is dead (a
+  // pair's CTA past N, or beside its partner's rows) or the warpgroup's 64 rows are all padding.
   // Valid rows lead every segment (the masked layout's rows below masked_m[e]; a contiguous
   // segment's rows, then its padding), so the half's first row tells. Every thread of the
   // warpgroup reads the same row; lane 0's answer makes it warp-uniform for the branch.
   __device__ __forceinline__ static bool half_is_padding(const TileRole& role, int warpgroup, const Ids& expert_ids,
                                                          int m) {
     const int row = role.m_tile * kBlockM + warpgroup * (kBlockM / kNumConsumerWarpgroups);
-    const bool padding = row >= m || expert_ids(row) != role.expert;
+    const bool padding = !role.live || row >= m || expert_ids(row) != role.expert;
     return __shfl_sync(0xffffffffu, static_cast<int>(padding), 0) != 0;
   }
 
