@@ -2,8 +2,8 @@
 # One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
-# tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk streamklayer pairsb maskedwalk routed copybw
-# launchgaps maskedhot pairing steady decodetrace layoutscan); a step starts only with at least 30 s left and gets at
+# tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk streamklayer pairsb skiphalves maskedwalk
+# routed copybw launchgaps maskedhot pairing steady decodetrace layoutscan); a step starts only with at least 30 s left and gets at
 # most min(its own limit, what is left). With GATE=1 a failing `graphtests` step stops the run
 # (nothing after it is worth timing). Logs, the layer
 # benchmark's JSON and docs section, the sweeps' JSON and re-tuned tables are tarred into
@@ -90,6 +90,15 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
              tests/cuda/test_cuda_masked_gpu.py -k "pairs_sharing_b" \
            && TAIL=16 step maskedhot 240 python3 -m lab.sweep_masked_hot --json "$F/masked_hot.json" \
              ${HOT_ARGS:---gemms w13,w2 --routings uniform,zipf:0.9,zipf:1.2 --rounds 5} ;;
+    skiphalves) # warpgroups skipping the MMAs of their all-padding halves: the GPU tests (debug build: a hang traps;
+           # 3 processes: more ran an 80 GB H100 out of memory on the masked tests), the hot-expert sweep with the `:h`
+           # contenders beside the shipped configs and DeepGEMM's masked GEMM, then the prefill pipeline with the skip
+           step shtests "${SHTESTS_MAX_S:-200}" env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -n 3 -p no:cacheprovider \
+             tests/cuda/test_cuda_gemm_gpu.py tests/cuda/test_cuda_masked_gpu.py -k "skip_halves or skipped_padding" \
+           && TAIL=24 step shmasked 240 python3 -m lab.sweep_masked_hot --json "$F/masked_hot_skip.json" \
+             ${SHMASKED_ARGS:---gemms w13,w2 --routings uniform,zipf:0.9,zipf:1.2 --rounds 5 --configs c2m:256:s3,c2m:256:s3:h,c2m:192,c2m:192:h} \
+           && TAIL=30 step shlayer 240 python3 -m lab.prefill_gather_a --only sh12,sh12c1,c1 \
+             ${SHLAYER_ARGS:---slices ep8,tp8 --tokens 8192,16384 --routing 0,0.6 --rounds 3} ;;
     maskedwalk) # the CUDA masked GEMM's live-tile walk vs the headers in OLD_CUDA (an earlier copy)
            TAIL=40 step maskedwalk "${MASKEDWALK_MAX_S:-240}" python3 -m lab.masked_walk_before_after \
              --old "${OLD_CUDA:-.old_cuda}" ${MASKEDWALK_ARGS:-} ;;

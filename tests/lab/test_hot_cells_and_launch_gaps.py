@@ -4,6 +4,8 @@ lab/_prebuild.py's renamed "before" kernel (both run on a GPU only)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,10 @@ def test_masked_hot_candidates_and_table(capsys) -> None:
     cands = sweep_masked_hot.candidates()
     assert cands["c2a:256:s3"] == ContiguousConfig(256, num_stages=3, group_m=1, cluster=2, multicast="a")
     assert all(c.group_m == 1 for c in cands.values())  # the masked layout's dense walk
+    # `:h`: the same config with the padding halves' MMAs skipped
+    skipping = {name for name, c in cands.items() if c.skip_padding_halves}
+    assert skipping and all(name.endswith(":h") for name in skipping)
+    assert cands["c2m:256:s3:h"] == dataclasses.replace(cands["c2m:256:s3"], skip_padding_halves=True)
     result = dict(
         cell="ep8 w13 zipf:1.2",
         describe="max/mean 10.3x, idle 0",
