@@ -5,7 +5,6 @@ lab/_prebuild.py's renamed "before" kernel (both run on a GPU only)."""
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 import pytest
