@@ -282,6 +282,22 @@ def with_stream_k(g: GemmPlan, which: str, num_tokens: int, *, direct_rows: bool
     return GemmPlan(g.provider, g.n, g.k, dataclasses.replace(cfg, stream_k=True))
 
 
+def with_padding_halves(g: GemmPlan) -> GemmPlan:
+    """`g` with our CUDA contiguous kernel skipping the MMAs of tiles' all-padding 64-row halves
+    (`ContiguousConfig.skip_padding_halves`: valid rows lead each segment of the layouts the plan
+    builds) where dispatch_thresholds.json `cuda_skip_padding_halves` enables it, on single CTAs
+    where it says `single_ctas` (a CTA pair runs in step, so one CTA's skipped half frees its SM
+    only where its partner skips too). Not with stream-K, whose pieces keep every MMA."""
+    t = thresholds()["cuda_skip_padding_halves"]
+    cfg = g.config
+    if g.provider != "cuda" or cfg is None or cfg.stream_k or not t["enabled"]:
+        return g
+    changes = {"skip_padding_halves": True}
+    if t["single_ctas"]:
+        changes |= {"cluster": 1, "multicast": "b"}
+    return GemmPlan(g.provider, g.n, g.k, dataclasses.replace(cfg, **changes))
+
+
 def with_split_k(g: GemmPlan, active_experts: int, expected_m: int) -> GemmPlan:
     """`g` allowed to split K when its expected work units (active_experts x m-tiles x n-tiles)
     number fewer than `split_k.min_units` (dispatch_thresholds.json): a Triton GEMM on the

@@ -36,6 +36,7 @@ from moe_backend.dispatch.gemm_choice import (
     segment_alignment,
     silu_in_gemm2_pays,
     thresholds,
+    with_padding_halves,
     with_split_k,
     with_stream_k,
 )
@@ -107,7 +108,9 @@ class Plan:
                 c = dict(g.config)
                 cfg = f" {c['BLOCK_M']}x{c['BLOCK_N']}" + (f" split_k={g.split_k}" if g.split_k > 1 else "")
             elif g.provider == "cuda" and g.config is not None:
-                cfg = f" n{g.config.block_n}"
+                c = g.config
+                cfg = f" n{c.block_n}" + (" pairs" if c.cluster > 1 else "") + (" stream_k" if c.stream_k else "")
+                cfg += " skip_padding_halves" if c.skip_padding_halves else ""
             return f"{g.provider}{cfg}"
 
         return (
@@ -309,6 +312,7 @@ def _make_plan(
     if layout == "contiguous":
         gemm1 = with_stream_k(gemm1, "gemm1", num_tokens)
         gemm2 = with_stream_k(gemm2, "gemm2", num_tokens, direct_rows=direct_rows)
+        gemm1, gemm2 = with_padding_halves(gemm1), with_padding_halves(gemm2)
     rows_on_host = layout == "contiguous" and bool({gemm1.provider, gemm2.provider} & _WALKS_EVERY_ROW)
     plan = Plan(
         kernel=name,

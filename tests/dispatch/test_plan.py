@@ -277,6 +277,38 @@ def test_stream_k_reaches_the_cuda_gemms_the_json_names(cuda_gemm_plans, monkeyp
     assert gemm_choice.with_stream_k(plan_mod.GemmPlan("triton", 512, 7168, ()), "gemm2", 8192).config == ()
 
 
+def test_padding_halves_reach_the_cuda_gemms_the_json_names(cuda_gemm_plans, monkeypatch):
+    """dispatch_thresholds.json `cuda_skip_padding_halves` has our CUDA contiguous GEMMs skip the
+    MMAs of tiles' all-padding halves (off as shipped), on single CTAs where `single_ctas` says so;
+    never with stream-K, on the masked layout's configs or on other providers."""
+    from moe_backend.cuda.config import ContiguousConfig
+
+    monkeypatch.setattr(
+        plan_mod,
+        "gemm_plan",
+        lambda provider, layout, m, rows, n, k, dev: plan_mod.GemmPlan(
+            provider, n, k, ContiguousConfig(256, cluster=2)
+        ),
+    )
+    assert not thresholds()["cuda_skip_padding_halves"]["enabled"]
+    shipped = _plan(num_tokens=8192, num_experts=32, hidden=7168, intermediate=2048, phase="prefill")
+    assert not shipped.gemm1.config.skip_padding_halves and not shipped.gemm2.config.skip_padding_halves
+    for single in (False, True):
+        on = {**thresholds(), "cuda_skip_padding_halves": {"enabled": True, "single_ctas": single}}
+        monkeypatch.setattr(gemm_choice, "thresholds", lambda on=on: on)
+        monkeypatch.setattr(plan_mod, "thresholds", lambda on=on: on)
+        plan_mod.clear_plan_cache()
+        for local, inter in ((32, 2048), (256, 256)):  # EP8 (direct rows) and TP8 (gathered rows)
+            plan = _plan(num_tokens=8192, num_experts=local, hidden=7168, intermediate=inter, phase="prefill")
+            for g in (plan.gemm1, plan.gemm2):
+                assert g.config.skip_padding_halves and g.config.cluster == (1 if single else 2)
+        assert f"gemm2=cuda n256{'' if single else ' pairs'} skip_padding_halves" in plan.describe()
+        with_sk = plan_mod.GemmPlan("cuda", 512, 7168, ContiguousConfig(256, cluster=2, stream_k=True))
+        assert gemm_choice.with_padding_halves(with_sk) is with_sk
+        triton = plan_mod.GemmPlan("triton", 512, 7168, ())
+        assert gemm_choice.with_padding_halves(triton) is triton
+
+
 def test_token_bucket_rounds_up_to_few_sizes():
     from moe_backend.dispatch.plan import token_bucket
 
