@@ -94,9 +94,9 @@ for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
            # 3 processes: more ran an 80 GB H100 out of memory on the masked tests), the hot-expert sweep with the `:h`
            # contenders beside the shipped configs and DeepGEMM's masked GEMM, then the prefill pipeline with the skip
            step shtests "${SHTESTS_MAX_S:-200}" env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -n 3 -p no:cacheprovider \
-             tests/cuda/test_cuda_gemm_gpu.py tests/cuda/test_cuda_masked_gpu.py -k "skip_halves or skipped_padding" \
+             tests/cuda/test_cuda_gemm_gpu.py tests/cuda/test_cuda_masked_gpu.py -k "halves" \
            && TAIL=24 step shmasked 240 python3 -m lab.sweep_masked_hot --json "$F/masked_hot_skip.json" \
-             ${SHMASKED_ARGS:---gemms w13,w2 --routings uniform,zipf:0.9,zipf:1.2 --rounds 5 --configs c2m:256:s3,c2m:256:s3:h,c2m:192,c2m:192:h} \
+             ${SHMASKED_ARGS:---gemms w13,w2 --routings uniform,zipf:0.9,zipf:1.2 --rounds 5 --configs c2m:256:s3,c2m:256:s3:h,c2m:256:s3:h2,c2m:192,c2m:192:h} \
            && TAIL=30 step shlayer 240 python3 -m lab.prefill_gather_a --only sh12,sh12c1,c1 \
              ${SHLAYER_ARGS:---slices ep8,tp8 --tokens 8192,16384 --routing 0,0.6 --rounds 3} ;;
     maskedwalk) # the CUDA masked GEMM's live-tile walk vs the headers in OLD_CUDA (an earlier copy)

@@ -4,7 +4,8 @@ of `bench_grouped_gemm --routings`), max_m the hottest expert's rows rounded up 
 Every contender is a CUDA-graph replay timed in interleaved rounds; outputs are compared with the
 shipped config's (bytes of the valid rows; stream-K contenders, `:sk`, whose sums are added in another
 order: within 1e-3) and the rows past each count must stay untouched. `:h` contenders skip the
-MMAs of tiles' all-padding 64-row halves.
+MMAs of tiles' all-padding 64-row halves; `:h2` ones split a tile whose rows lie in its first half by N
+between the two warpgroups.
 
     python -m lab.sweep_masked_hot [--slice ep8|tp8] [--gemms w13,w2] [--routings zipf:0.9,zipf:1.2]
         [--configs c2a:128,...] [--json PATH]
@@ -54,6 +55,9 @@ def candidates() -> dict:
     # tile of at most 64 rows costs one warpgroup's MMAs
     for name in ("c2m:256:s3", "c2m:256", "c2m:192", "c2m:192:s4", "c2a:128", "c2a:256", "c2a:256:s3", "c1:64"):
         out[f"{name}:h"] = dataclasses.replace(out[name], skip_padding_halves=True)
+    # `:h2` (256-wide tiles): such a tile split by N between the two warpgroups instead
+    for name in ("c2m:256:s3", "c2m:256", "c2a:256", "c2a:256:s3"):
+        out[f"{name}:h2"] = dataclasses.replace(out[f"{name}:h"], split_padding_halves=True)
     return out
 
 

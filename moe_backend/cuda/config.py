@@ -66,6 +66,9 @@ class ContiguousConfig:
     #                         come before its padding, as in the masked layout and the layer's
     #                         contiguous layouts; a padding row before a valid one in the same
     #                         half would leave that half unwritten
+    split_padding_halves: bool = False  # with skip_padding_halves and 256-wide tiles: a tile whose
+    #                         rows all lie in its first 64 runs its two 128-wide parts of N on the
+    #                         two warpgroups instead of one idling (bf16 output, no direct rows)
 
     def __post_init__(self) -> None:
         if self.block_n not in BLOCK_N_CHOICES:
@@ -95,6 +98,13 @@ class ContiguousConfig:
             raise TypeError(f"config.skip_padding_halves: must be a bool, got {self.skip_padding_halves!r}")
         if self.skip_padding_halves and self.stream_k:
             raise ValueError("config.skip_padding_halves: not with stream_k (its pieces keep every MMA)")
+        if not isinstance(self.split_padding_halves, bool):
+            raise TypeError(f"config.split_padding_halves: must be a bool, got {self.split_padding_halves!r}")
+        if self.split_padding_halves and (not self.skip_padding_halves or self.block_n != 256):
+            raise ValueError(
+                "config.split_padding_halves: needs skip_padding_halves=True and block_n=256 (got "
+                f"skip_padding_halves={self.skip_padding_halves}, block_n={self.block_n})"
+            )
 
     @property
     def shares_a(self) -> bool:

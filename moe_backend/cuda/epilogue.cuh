@@ -168,6 +168,25 @@ struct Epilogue {
     }
   }
 
+  // Chunks [0, kChunks) of `result` as bf16 pairs, 4 bytes per store, into columns n_base.. of
+  // this thread's rows (a split tile's part, kSkipHalves = 2), each under a predicate rather than
+  // a branch: a branch on a per-thread guard there leaves ptxas unable to prove the warp converged
+  // at the shuffles and MMAs after it. Columns past N are dropped.
+  template <int kChunks>
+  __device__ __forceinline__ static void store_part(const float (&result)[T::kAccRegs], uint16_t* __restrict__ out,
+                                                    int row0, int n_base, bool store0, bool store1, int quad_lane) {
+    static_assert(T::kN % 2 == 0, "pairs of bf16 columns");
+    uint16_t* out0 = out + static_cast<int64_t>(row0) * T::kN;
+    uint16_t* out1 = out0 + 8 * T::kN;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const int col = n_base + 8 * c + 2 * quad_lane;
+      const bool inside = col < T::kN;
+      sm90::st_global_b32_if(out0 + col, sm90::pack_bf16x2(result[4 * c], result[4 * c + 1]), inside && store0);
+      sm90::st_global_b32_if(out1 + col, sm90::pack_bf16x2(result[4 * c + 2], result[4 * c + 3]), inside && store1);
+    }
+  }
+
   // kSiluQuant: the tile's columns 0-127 are gate block j and 128-255 up block j (j = the N tile).
   // Each row's 128 values silu(gate) * up (gate and up rounded to bf16 first, as the separate
   // SiLU*up quant kernel reads GEMM1's bf16 output) are quantized to FP8 e4m3 with one fp32 scale

@@ -41,6 +41,8 @@ struct GroupedGemmContiguous {
   // kSkipHalves: a consumer warpgroup skips the MMAs of a tile it stores nothing of
   // (half_is_padding); the stream-K walk deals pieces and keeps every MMA.
   static_assert(!(kStreamK && kSkipHalves), "skipped padding halves with stream-K");
+  static_assert(kSkipHalves < 2 || (T::kParts == 2 && !kSiluQuant && !kDirectRows && kN % 2 == 0),
+                "split halves: 256-wide bf16 tiles without direct rows, N even");
   using Loop = Mainloop<T>;
   using Epi = Epilogue<T>;
   using Ids = RowIds<kMaskedMaxM>;
@@ -308,6 +310,23 @@ struct GroupedGemmContiguous {
     return __shfl_sync(0xffffffffu, static_cast<int>(padding), 0) != 0;
   }
 
+  // kSkipHalves = 2: a tile whose rows all lie in its first 64, split by N: warpgroup w computes
+  // and stores part w (128 columns) of rows 0-63, right after its K loop (nothing is deferred),
+  // in the registers of the tile loop's unit accumulator and sum. `sv` is this warpgroup's view.
+  __device__ __forceinline__ static void split_tile(float (&acc)[T::kPartRegs], float (&result)[T::kAccRegs],
+                                                    const typename Loop::SmemView& sv, const TileRole& role, int m_unit,
+                                                    uint32_t rank, int warpgroup, int lane, const Ids& expert_ids,
+                                                    int m, uint16_t* __restrict__ out, RingPos& pos) {
+    const int row_in_tile = Loop::row_in_tile(0, lane);  // a row of the first half, whichever warpgroup
+    const typename Epi::TileRows rows =
+        Epi::template load_rows<Scheduler::kPairedLive>(role, m_unit, rank, row_in_tile, expert_ids, m);
+    Loop::clear(result);
+    Loop::split_k_loop(acc, result, sv, pos, row_in_tile, lane, warpgroup);
+    Epi::template store_part<T::kPartChunks>(result, out, rows.row0, rows.n_base + warpgroup * T::kPartN,
+                                             role.live && rows.id0 == role.expert, role.live && rows.id1 == role.expert,
+                                             lane % 4);
+  }
+
   // kStreamK with kDirectRows: the slot of the pending store, the `owned`-th piece this CTA stores
   // (the scale warp staged its pairs by the same count); other kernels: none.
   __device__ __forceinline__ static typename Epi::DirectRows owned_rows(const Smem& s, int owned,
@@ -367,13 +386,26 @@ struct GroupedGemmContiguous {
         // The epilogue's row guards, loaded now: their latency hides behind the K loop.
         const typename Epi::TileRows rows =
             Epi::template load_rows<Scheduler::kPairedLive>(role, m_unit, rank, row_in_tile, expert_ids, m);
-        if constexpr (kSkipHalves) {
+        if constexpr (kSkipHalves == 1) {
           if (half_is_padding(role, warpgroup, expert_ids, m)) {
             // Nothing of this tile to store: the previous tile's store, then the stages released
             // as they land. The slot of direct rows follows the retired K blocks, as in the K loop.
             if (prev.valid) Epi::store_pending(result, out, prev, act_scale, direct_rows(s, pos, direct));
             Loop::skip_k_loop(sv, pos, lane);
             prev = typename Epi::PendingStore{0, 0, false, false, false};
+            continue;
+          }
+        } else if constexpr (kSkipHalves == 2) {
+          // A tile whose second half is padding: split by N between the warpgroups (both skip
+          // when the first half is padding too).
+          if (half_is_padding(role, 1, expert_ids, m)) {
+            if (prev.valid) Epi::store_pending(result, out, prev, act_scale, direct_rows(s, pos, direct));
+            prev = typename Epi::PendingStore{0, 0, false, false, false};
+            if (half_is_padding(role, 0, expert_ids, m)) {
+              Loop::skip_k_loop(sv, pos, lane);
+            } else {
+              split_tile(acc, result, sv, role, m_unit, rank, warpgroup, lane, expert_ids, m, out, pos);
+            }
             continue;
           }
         }

@@ -92,6 +92,11 @@ def kernel_spec(
         )
     if direct_rows and smem_bytes(config, True) > SMEM_LIMIT:
         raise ValueError(f"direct_rows: {config} leaves no room for the staged rows; use fewer stages")
+    if config.split_padding_halves and (silu_quant or direct_rows or n % 2):
+        raise ValueError(
+            "config.split_padding_halves: a bf16 output without direct rows, N even "
+            f"(got N={n}, silu_quant={silu_quant}, direct_rows={direct_rows}); use skip_padding_halves alone"
+        )
     if k <= 0 or k % BLOCK_K:
         raise ValueError(f"k: must be a positive multiple of {BLOCK_K}, got {k}")
     if n <= 0:
@@ -121,13 +126,14 @@ def kernel_spec(
         "SILU_QUANT": silu_quant,
         "DIRECT_ROWS": int(direct_rows),
         "STREAM_K": int(config.stream_k),
-        "SKIP_HALVES": int(config.skip_padding_halves),
+        "SKIP_HALVES": 2 if config.split_padding_halves else int(config.skip_padding_halves),
     }
     name = (
         "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_c{CLUSTER}_ma{MCAST_A}_mm{MASKED_MAX_M}"
     ).format(**constants)
     name += ("_ga" if gather_a else "") + (f"_sq{silu_quant}" if silu_quant else "") + ("_dr" if direct_rows else "")
     name += ("_sk" if config.stream_k else "") + ("_sh" if config.skip_padding_halves else "")
+    name += "2" if config.split_padding_halves else ""
     source = _template()
     checked = {
         "KERNEL_NAME": name,

@@ -279,10 +279,20 @@ struct Mainloop {
 #pragma unroll
     for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
     if constexpr (kP == T::kParts - 1) release_stage(sv.empty_bar, pos.stage, lane);
+    promote<kP>(acc, scale, result);
+    if constexpr (kP == T::kParts - 1) advance(pos);
+  }
+
+  // result += scale * acc over the chunks of part kP (each chunk's scale band a constant once
+  // unrolled).
+  template <int kP>
+  __device__ __forceinline__ static void promote(const float (&acc)[T::kPartRegs],
+                                                 const float (&scale)[T::kScaleBands][2],
+                                                 float (&result)[T::kAccRegs]) {
     constexpr int kFirst = kP * T::kPartChunks;
 #pragma unroll
     for (int c = 0; c < T::kPartChunks; ++c) {
-      const int block = (8 * (kFirst + c)) / T::kScaleBandCols;  // the chunk's band: a constant once unrolled
+      const int block = (8 * (kFirst + c)) / T::kScaleBandCols;
       const float s0 = scale[block][0];
       const float s1 = scale[block][1];
       result[4 * (kFirst + c) + 0] = fmaf(s0, acc[4 * c + 0], result[4 * (kFirst + c) + 0]);
@@ -290,7 +300,6 @@ struct Mainloop {
       result[4 * (kFirst + c) + 2] = fmaf(s1, acc[4 * c + 2], result[4 * (kFirst + c) + 2]);
       result[4 * (kFirst + c) + 3] = fmaf(s1, acc[4 * c + 3], result[4 * (kFirst + c) + 3]);
     }
-    if constexpr (kP == T::kParts - 1) advance(pos);
   }
 
   // Units [0, kCount) of a chain of whole K blocks (unit i = part i % kParts of the chain's K
@@ -355,6 +364,49 @@ struct Mainloop {
     for (int kb = 0; kb < T::kKBlocks; ++kb) {
       sm90::mbar_wait(&sv.full_bar[pos.stage], pos.phase);
       release_stage(sv.empty_bar, pos.stage, lane);
+      advance(pos);
+    }
+  }
+
+  // kSkipHalves = 2 (two parts per tile): the K loop of a tile whose rows all lie in its first 64,
+  // split by N: warpgroup `part` computes that 128-wide part of rows 0-63 (`sv` is its own view:
+  // its A descriptor moved back to warpgroup 0's rows, B's to the part; `row_in_tile` a row of
+  // warpgroup 0) into the first part's registers of `result`, the other warpgroup the other part,
+  // so both keep the tensor core busy where one would idle. Each part is one scale band. One unit
+  // in flight, waited for inside the K block: nothing crosses the loop's back edge.
+  __device__ __forceinline__ static void split_k_loop(float (&acc)[T::kPartRegs], float (&result)[T::kAccRegs],
+                                                      const SmemView& sv, RingPos& pos, int row_in_tile, int lane,
+                                                      int part) {
+    static_assert(T::kParts == 2 && T::kScaleBandCols == T::kPartN,
+                  "the split runs a 256-wide tile as its two 128-wide parts, a scale band each");
+#pragma unroll 1
+    for (int kb = 0; kb < T::kKBlocks; ++kb) {
+      sm90::mbar_wait(&sv.full_bar[pos.stage], pos.phase);
+      // 16-byte units: warpgroup 1's A rows start 64 rows (64 x 128 bytes) into the tile.
+      const uint64_t desc_a = sv.desc_a0 + static_cast<uint64_t>((pos.stage * T::kABytes) >> 4) -
+                              static_cast<uint64_t>(part * ((64 * kBlockK) >> 4));
+      const uint64_t desc_b = sv.desc_b0 + static_cast<uint64_t>((pos.stage * T::kBBytes) >> 4) +
+                              static_cast<uint64_t>(part * ((T::kPartN * kBlockK) >> 4));
+#pragma unroll
+      for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)
+        PartMma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
+      sm90::wgmma_commit();
+#pragma unroll
+      for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+      float sa0, sa1;
+      read_a_scales(sv.a_scales, pos, row_in_tile, sa0, sa1);
+      const float sb = sv.b_scales[pos.stage * T::kScaleStageFloats + part];
+      float scale[T::kScaleBands][2];
+      scale[0][0] = sa0 * sb;
+      scale[0][1] = sa1 * sb;
+      sm90::wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+      release_stage(sv.empty_bar, pos.stage, lane);
+      promote<0>(acc, scale, result);
       advance(pos);
     }
   }

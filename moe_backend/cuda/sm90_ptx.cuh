@@ -57,6 +57,13 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
+// A 4-byte global store under a predicate, without a branch around it.
+__device__ __forceinline__ void st_global_b32_if(void* p, uint32_t v, bool pred) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n@p st.global.b32 [%0], %1;\n}\n" ::"l"(p), "r"(v),
+               "r"(static_cast<uint32_t>(pred))
+               : "memory");
+}
+
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done;
 #ifdef PHASEMOE_DEBUG

@@ -77,6 +77,7 @@ class Case:
     group_m: int = 8  # with block_n: M units walked together (1: M-unit-major)
     spread_blocks: bool = False  # B from block_spread_weights (block scales far apart)
     skip_halves: bool = False  # with block_n: warpgroups skip the MMAs of their all-padding halves
+    split_halves: bool = False  # ... and split a tile whose rows lie in its first half by N (256 wide)
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -177,6 +178,36 @@ CASES = [
         skip_halves=True,
     ),
     Case("skip_halves_ep8_w13_ragged", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=256, cluster=2, skip_halves=True),
+    # ... and split by N between the warpgroups (256-wide tiles): single CTAs, both pairings, N not
+    # a multiple of the tile (the second part of the last tile past N), M ending in a first half
+    *[
+        Case(
+            f"split_halves_{name}",
+            n,
+            2048,
+            (64, 65, 63, 192, 193, 1, 0, 128),
+            skip_halves=True,
+            split_halves=True,
+            **kw,
+        )  # fmt: skip
+        for name, n, kw in (
+            ("single", 1024, dict(block_n=256)),
+            ("pairs_b", 1024, dict(block_n=256, cluster=2)),
+            ("pairs_a", 1024, dict(block_n=256, cluster=2, multicast="a", group_m=1)),
+            ("odd_n", 1000, dict(block_n=256)),
+        )
+    ],
+    Case(
+        "split_halves_m_ends_in_first_half",
+        1024,
+        2048,
+        (130, 0, 33),
+        block_n=256,
+        pad_last=False,
+        trailing_pad=0,
+        skip_halves=True,
+        split_halves=True,
+    ),
     Case(
         "share_a_m_ends_mid_tile",
         1024,
@@ -211,6 +242,7 @@ def test_matches_reference(case: Case) -> None:
             cluster=case.cluster,
             multicast=case.multicast,
             skip_padding_halves=case.skip_halves,
+            split_padding_halves=case.split_halves,
         )
     ggc.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids, out, config=cfg)
     torch.cuda.synchronize()

@@ -268,6 +268,9 @@ _SKIP_HALVES_CONFIGS = {
     "share_a_256": (512, 7168, dict(block_n=256, group_m=1, cluster=2, multicast="a")),
     "pairs_b_128": (4096, 2048, dict(block_n=128, group_m=1, cluster=2)),
     "single_64": (7168, 256, dict(block_n=64, group_m=1)),
+    # ... and a tile whose rows lie in its first half split by N between the warpgroups (256 wide)
+    "mixed_256_s3_split": (4096, 7168, dict(block_n=256, num_stages=3, group_m=1, cluster=2, multicast="mixed")),
+    "share_a_256_split": (512, 7168, dict(block_n=256, group_m=1, cluster=2, multicast="a")),
 }
 
 
@@ -281,7 +284,7 @@ def test_skipped_padding_halves_on_the_masked_layout(name) -> None:
     from moe_backend.cuda.config import ContiguousConfig
 
     n, k, kw = _SKIP_HALVES_CONFIGS[name]
-    cfg = ContiguousConfig(skip_padding_halves=True, **kw)
+    cfg = ContiguousConfig(skip_padding_halves=True, split_padding_halves=name.endswith("_split"), **kw)
     plain = ContiguousConfig(**kw)
     torch.manual_seed(n + k)
     e, max_m = len(_HALF_COUNTS), 768

@@ -150,6 +150,23 @@ COMPILE_CASES = [
         gather_a=True,
         silu_quant=1,
     ),
+    # ... and splitting a tile whose rows lie in its first half by N between the warpgroups
+    # (256-wide bf16 tiles): the masked mixed and A-sharing pairs, contiguous pairs and single CTAs
+    *[
+        CompileCase(
+            f"split-halves-{name}",
+            n,
+            k,
+            dataclasses.replace(cfg, skip_padding_halves=True, split_padding_halves=True),
+            masked_max_m=mm,
+        )  # fmt: skip
+        for name, n, k, cfg, mm in (
+            ("masked-ep8-w13", 4096, 7168, select_masked_config(4096, 7168), 1024),
+            ("masked-tp8-w13", 512, 7168, select_masked_config(512, 7168), 1024),
+            ("pairs", 4096, 7168, ContiguousConfig(256, cluster=2), 0),
+            ("single-odd-n", 1000, 2048, ContiguousConfig(256), 0),
+        )
+    ],
     CompileCase(
         "skip-halves-ep8-w2-direct-pairs",
         7168,
@@ -183,9 +200,11 @@ def test_kernel_compiles_for_sm90a(case, cache):
     log = meta["log"]
     assert meta["compile_seconds"] < 60
     stream_k = spec.constants["STREAM_K"]
+    split = spec.constants["SKIP_HALVES"] == 2
     # No local memory: the accumulators stay in registers. (Stream-K kernels keep more of the walk
-    # live at tile boundaries; their SASS is checked below for spills among the MMAs instead.)
-    if not stream_k:
+    # live at tile boundaries, and kernels splitting tiles by N a word or two in their consumers'
+    # prologue; their SASS is checked below for spills among the MMAs instead.)
+    if not (stream_k or split):
         assert re.search(r"\b0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", log), log
     # setmaxnreg honoured (C7508 says it was ignored); wgmma not serialized by ptxas.
     assert "C7508" not in log and "setmaxnreg" not in log.lower(), log
@@ -202,6 +221,7 @@ def test_kernel_compiles_for_sm90a(case, cache):
     units = (chain + (chain if k_blocks >= 2 * chain else 0) + k_blocks % chain) * (bn // unit_n)
     if stream_k:  # a K loop over a runtime count of whole chains: the first chain, then the loop's
         units = 2 * chain * (bn // unit_n)
+    units += 1 if split else 0  # the split tiles' K loop: one 128-wide part per K block
     # 4 fp8 wgmma (k32 each) per unit.
     assert len(re.findall(rf"QGMMA\.64x{unit_n}x32\.F32\.E4M3\.E4M3", sass)) == 4 * units, sass[:2000]
     if spec.constants["GATHER_A"]:  # B by TMA, A's rows by cp.async
@@ -213,14 +233,24 @@ def test_kernel_compiles_for_sm90a(case, cache):
     lines = sass.splitlines()
     mma_lines = [i for i, line in enumerate(lines) if "QGMMA" in line]
     local = [i for i, line in enumerate(lines) if re.search(r"\b(LDL|STL)\b", line)]
-    if stream_k:  # none from a tile's first MMA (its epilogue and K loop) to the last
+    if stream_k or split:  # none from a tile's first MMA (its epilogue and K loop) to the last
         assert not [i for i in local if mma_lines[0] < i < mma_lines[-1]], [lines[i] for i in local][:4]
     else:
         assert not local  # no local memory
     # The wgmma descriptors stay in uniform registers: a move from vector registers (R2UR) between
-    # the MMAs would mean ptxas could not prove the warp converged.
+    # the MMAs would mean ptxas could not prove the warp converged. Kernels splitting tiles by N
+    # offset each warpgroup's descriptors by its part at run time, which ptxas computes in vector
+    # registers; there convergence is checked against the same kernel skipping halves instead: no
+    # more divergence fallbacks for shuffles (BRA.DIV), no WARPSYNC before the MMAs.
     between = lines[mma_lines[0] : mma_lines[-1]]
-    assert not any("R2UR" in line for line in between), [line for line in between if "R2UR" in line][:4]
+    if split:
+        twin = jit.compile_cubin(_spec(dataclasses.replace(case, config=dataclasses.replace(
+            case.config, split_padding_halves=False))))  # fmt: skip
+        twin_sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(twin)], capture_output=True, text=True).stdout
+        assert sass.count("BRA.DIV") <= twin_sass.count("BRA.DIV")
+        assert not any("WARPSYNC" in lines[i - 1] for i in mma_lines)
+    else:
+        assert not any("R2UR" in line for line in between), [line for line in between if "R2UR" in line][:4]
     if spec.constants["CLUSTER"] > 1:
         # The remote stage release is a plain arrive: the only fences belong to the two cluster
         # barriers (start and exit), none per K block.

@@ -369,3 +369,20 @@ def test_skipped_padding_halves_config_and_spec():
     assert silu == ContiguousConfig(256, cluster=2, skip_padding_halves=True)
     spec = kernel_spec(512, 7168, silu, gather_a=True, silu_quant=1)
     assert spec.constants["SKIP_HALVES"] == 1 and spec.kernel_name.endswith("_ga_sq1_sh")
+
+
+def test_split_padding_halves_config_and_spec():
+    """Splitting a tile whose rows lie in its first half by N between the warpgroups: a bool that
+    needs skip_padding_halves and 256-wide tiles, refused (naming the field) for the SiLU*up quant
+    epilogue (gate and up would part), direct rows and odd N; SKIP_HALVES 2 and a name of its own."""
+    with pytest.raises(TypeError, match="config.split_padding_halves"):
+        ContiguousConfig(256, skip_padding_halves=True, split_padding_halves=1)
+    for bad in (dict(block_n=256), dict(block_n=128, skip_padding_halves=True)):
+        with pytest.raises(ValueError, match="config.split_padding_halves: needs skip_padding_halves"):
+            ContiguousConfig(split_padding_halves=True, **bad)
+    split = ContiguousConfig(256, cluster=2, skip_padding_halves=True, split_padding_halves=True)
+    spec = kernel_spec(4096, 7168, split)
+    assert spec.constants["SKIP_HALVES"] == 2 and spec.kernel_name.endswith("_sh2")
+    for kw, n in ((dict(silu_quant=1), 4096), (dict(direct_rows=True), 7168), ({}, 1001)):
+        with pytest.raises(ValueError, match="config.split_padding_halves"):
+            kernel_spec(n, 2048, split, **kw)

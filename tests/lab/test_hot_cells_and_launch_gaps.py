@@ -25,7 +25,8 @@ def test_masked_hot_candidates_and_table(capsys) -> None:
     assert all(c.group_m == 1 for c in cands.values())  # the masked layout's dense walk
     # `:h`: the same config with the padding halves' MMAs skipped
     skipping = {name for name, c in cands.items() if c.skip_padding_halves}
-    assert skipping and all(name.endswith(":h") for name in skipping)
+    assert skipping and all(name.endswith((":h", ":h2")) for name in skipping)
+    assert {name for name, c in cands.items() if c.split_padding_halves} == {n for n in skipping if n.endswith(":h2")}
     assert cands["c2m:256:s3:h"] == dataclasses.replace(cands["c2m:256:s3"], skip_padding_halves=True)
     result = dict(
         cell="ep8 w13 zipf:1.2",
