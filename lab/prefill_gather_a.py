@@ -73,13 +73,14 @@ def _variants(plan, device):
     if plan.direct_rows:  # the policy plan with every row going through y and the combine
         out["nodirect"] = dataclasses.replace(plan, direct_rows=False, graph_plan=None)
 
-    def stream_k(g):
+    def cuda_with(g, **changes):
+        """`g` with its CUDA config changed; None for another provider or a config the launch picks."""
         if g.provider != "cuda" or g.config is None:
             return None
-        return dataclasses.replace(g, config=dataclasses.replace(g.config, stream_k=True))
+        return dataclasses.replace(g, config=dataclasses.replace(g.config, **changes))
 
-    sk1 = stream_k(plan.gemm1)
-    sk2 = stream_k(plan.gemm2)
+    sk1 = cuda_with(plan.gemm1, stream_k=True)
+    sk2 = cuda_with(plan.gemm2, stream_k=True)
     if sk1 is not None:
         out["sk1"] = dataclasses.replace(plan, gemm1=sk1, graph_plan=None)
     if sk2 is not None:
@@ -87,26 +88,16 @@ def _variants(plan, device):
     if sk1 is not None and sk2 is not None:
         out["sk12"] = dataclasses.replace(plan, gemm1=sk1, gemm2=sk2, graph_plan=None)
 
-    def skip_halves(g, **changes):
-        if g.provider != "cuda" or g.config is None or g.config.stream_k:
-            return None
-        return dataclasses.replace(g, config=dataclasses.replace(g.config, skip_padding_halves=True, **changes))
-
-    sh1, sh2 = skip_halves(plan.gemm1), skip_halves(plan.gemm2)
-    if sh1 is not None and sh2 is not None:
-        out["sh12"] = dataclasses.replace(plan, gemm1=sh1, gemm2=sh2, graph_plan=None)
-        # single CTAs: a CTA pair runs in step, so a skipped half only frees its SM when the
-        # partner's half is skipped too
+    # Both CUDA GEMMs skipping tiles' all-padding halves (never with stream-K, which keeps every
+    # MMA), and on single CTAs: a CTA pair runs in step, so a skipped half only frees its SM when
+    # the partner's half is skipped too.
+    gemms = (plan.gemm1, plan.gemm2)
+    if all(g.provider == "cuda" and g.config is not None and not g.config.stream_k for g in gemms):
         single = {"cluster": 1, "multicast": "b"}
-        out["sh12c1"] = dataclasses.replace(
-            plan, gemm1=skip_halves(plan.gemm1, **single), gemm2=skip_halves(plan.gemm2, **single), graph_plan=None
-        )
-        out["c1"] = dataclasses.replace(
-            plan,
-            gemm1=dataclasses.replace(plan.gemm1, config=dataclasses.replace(plan.gemm1.config, **single)),
-            gemm2=dataclasses.replace(plan.gemm2, config=dataclasses.replace(plan.gemm2.config, **single)),
-            graph_plan=None,
-        )
+        skip = {"skip_padding_halves": True}
+        for name, changes in (("sh12", skip), ("sh12c1", {**skip, **single}), ("c1", single)):
+            g1, g2 = (cuda_with(g, **changes) for g in gemms)
+            out[name] = dataclasses.replace(plan, gemm1=g1, gemm2=g2, graph_plan=None)
     return out
 
 

@@ -232,6 +232,20 @@ struct Mainloop {
     sa1 = slot[(row_in_tile + 8) * T::kAScalePitch];
   }
 
+  // One MMA unit: a K block's 4 wgmmas (k32 each) into `acc`, overwriting it, committed as one
+  // group; the operand fences keep the compiler from moving accesses to `acc` across them.
+  __device__ __forceinline__ static void issue_unit(float (&acc)[T::kPartRegs], uint64_t desc_a, uint64_t desc_b) {
+#pragma unroll
+    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)  // +2 per step: 32 bytes of K in 16-byte units
+      PartMma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
+    sm90::wgmma_commit();
+#pragma unroll
+    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+  }
+
   // Waits for the stage (first part only), issues part kP of its K block into `acc` and, on the
   // first part, reads the block's combined scales for this thread's two rows (their latency hides
   // behind the MMAs). The issue position moves on after the last part.
@@ -247,15 +261,7 @@ struct Mainloop {
     const uint64_t desc_a = sv.desc_a0 + static_cast<uint64_t>((pos.stage * T::kABytes) >> 4);
     const uint64_t desc_b =
         sv.desc_b0 + static_cast<uint64_t>((pos.stage * T::kBBytes + kP * T::kPartN * kBlockK) >> 4);
-#pragma unroll
-    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)  // +2 per step: 32 bytes of K in 16-byte units
-      PartMma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
-    sm90::wgmma_commit();
-#pragma unroll
-    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+    issue_unit(acc, desc_a, desc_b);
     if constexpr (kP == 0) {
       float sa0, sa1;
       read_a_scales(sv.a_scales, pos, row_in_tile, sa0, sa1);
@@ -387,15 +393,7 @@ struct Mainloop {
                               static_cast<uint64_t>(part * ((64 * kBlockK) >> 4));
       const uint64_t desc_b = sv.desc_b0 + static_cast<uint64_t>((pos.stage * T::kBBytes) >> 4) +
                               static_cast<uint64_t>(part * ((T::kPartN * kBlockK) >> 4));
-#pragma unroll
-      for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
-      sm90::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)
-        PartMma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
-      sm90::wgmma_commit();
-#pragma unroll
-      for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+      issue_unit(acc, desc_a, desc_b);
       float sa0, sa1;
       read_a_scales(sv.a_scales, pos, row_in_tile, sa0, sa1);
       const float sb = sv.b_scales[pos.stage * T::kScaleStageFloats + part];
