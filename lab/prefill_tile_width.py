@@ -6,7 +6,7 @@ Cells: `slice:tokens:routing` (the EP8/TP8 segments a batch of tokens gives one 
 256, as `bench_layer` routes them) or `slice:rows:fixed` (every local expert `rows` rows, issue
 22's prefill cells). Contenders per (cell, gemm), each a plain bf16-output GEMM on rows already in
 the layout (segments padded to 128), timed as CUDA-graph replays in interleaved rounds:
-- `plan`: the config `select_config` picks;
+- `plan`: the config `select_config` picks; `n128`: the same with 128-wide tiles;
 - `n192` (pairs sharing B, as the plan pairs), `n192c1` (single CTAs), `n192g16`: 192-wide tiles;
 - `dg`: DeepGEMM's `m_grouped_fp8_gemm_nt_contiguous` on the same layout.
 Every contender's real rows are checked against `plan`'s (max relative difference) and against
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
         base = select_config(m, n, sms, k=k)
         return {
             "plan": base,
+            "n128": dataclasses.replace(base, block_n=128, num_stages=0),
             "n192": dataclasses.replace(base, block_n=192, num_stages=0),
             "n192c1": dataclasses.replace(base, block_n=192, num_stages=0, cluster=1),
             "n192g16": dataclasses.replace(base, block_n=192, num_stages=0, group_m=16),
