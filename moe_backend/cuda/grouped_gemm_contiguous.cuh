@@ -386,26 +386,21 @@ struct GroupedGemmContiguous {
         // The epilogue's row guards, loaded now: their latency hides behind the K loop.
         const typename Epi::TileRows rows =
             Epi::template load_rows<Scheduler::kPairedLive>(role, m_unit, rank, row_in_tile, expert_ids, m);
-        if constexpr (kSkipHalves == 1) {
-          if (half_is_padding(role, warpgroup, expert_ids, m)) {
-            // Nothing of this tile to store: the previous tile's store, then the stages released
-            // as they land. The slot of direct rows follows the retired K blocks, as in the K loop.
-            if (prev.valid) Epi::store_pending(result, out, prev, act_scale, direct_rows(s, pos, direct));
-            Loop::skip_k_loop(sv, pos, lane);
-            prev = typename Epi::PendingStore{0, 0, false, false, false};
-            continue;
-          }
-        } else if constexpr (kSkipHalves == 2) {
-          // A tile whose second half is padding: split by N between the warpgroups (both skip
-          // when the first half is padding too).
-          if (half_is_padding(role, 1, expert_ids, m)) {
+        // kSkipHalves = 1: this warpgroup's half is padding; 2: the tile's second half is, and the
+        // tile is split by N between the warpgroups (both skip when its first half is padding too).
+        if constexpr (kSkipHalves > 0) {
+          if (half_is_padding(role, kSkipHalves == 1 ? warpgroup : 1, expert_ids, m)) {
+            // The previous tile's store first; the slot of direct rows follows the retired K blocks,
+            // as in the K loop. Then the stages released as they land, or the split tile.
             if (prev.valid) Epi::store_pending(result, out, prev, act_scale, direct_rows(s, pos, direct));
             prev = typename Epi::PendingStore{0, 0, false, false, false};
-            if (half_is_padding(role, 0, expert_ids, m)) {
-              Loop::skip_k_loop(sv, pos, lane);
-            } else {
-              split_tile(acc, result, sv, role, m_unit, rank, warpgroup, lane, expert_ids, m, out, pos);
+            if constexpr (kSkipHalves == 2) {
+              if (!half_is_padding(role, 0, expert_ids, m)) {
+                split_tile(acc, result, sv, role, m_unit, rank, warpgroup, lane, expert_ids, m, out, pos);
+                continue;
+              }
             }
+            Loop::skip_k_loop(sv, pos, lane);
             continue;
           }
         }
