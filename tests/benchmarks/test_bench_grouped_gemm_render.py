@@ -77,3 +77,36 @@ def test_from_json_refuses_a_routed_runs_json(tmp_path) -> None:
     run.write_text(json.dumps({"env": ENV, "routed": []}))
     with pytest.raises(ValueError, match="--from-json"):
         bg.main(["--from-json", str(run)])
+
+
+def test_prefill_retime_replaces_the_first_figures_with_the_median_round(monkeypatch, capsys) -> None:
+    cell = _cell(2048, 105.0, 100.0)
+    cell["dg_masked_us"] = 99.0
+    calls = []
+
+    def fake_interleaved(replays, rounds):
+        calls.append((sorted(replays), rounds))
+        return {
+            name: {"us": us, "lo": us - 1, "hi": us + 1}
+            for name, us in (("ours_policy", 101.0), ("dg_contig", 102.0), ("dg_masked", 103.0))
+        }
+
+    monkeypatch.setattr(bg.testing, "interleaved_us", fake_interleaved)
+    replays = {"ours_policy": None, "dg_contig": None, "dg_masked": None}
+    bg.retime_interleaved(cell, replays, 5, log=None)
+    assert calls == [(["dg_contig", "dg_masked", "ours_policy"], 5)]
+    assert cell["once_us"] == {"ours_policy": 105.0, "dg_contig": 100.0, "dg_masked": 99.0}
+    assert (cell["ours_policy_us"], cell["dg_contig_us"], cell["dg_masked_us"]) == (101.0, 102.0, 103.0)
+    assert cell["interleaved"] == ["dg_contig", "dg_masked", "ours_policy"]
+    assert "[ep8 w2 2048] ours_policy interleaved: 101.0 us (100.0-102.0)" in capsys.readouterr().out
+    d = bg.derive(cell, CEILINGS)  # the retimed figures are what the cell is judged on
+    assert d["ratio"] == pytest.approx(101.0 / 102.0) and d["met"]
+
+
+@pytest.mark.parametrize("rounds", [1, 5])
+def test_the_method_says_when_prefill_cells_were_retimed(rounds) -> None:
+    cell = _cell(2048, 101.0, 100.0)
+    cell["derived"] = bg.derive(cell, CEILINGS)
+    md = bg.render_md({**ENV, "rounds": rounds}, CEILINGS, [cell])
+    assert ("timed again in 5 interleaved rounds" in md) is (rounds == 5)
+    assert "interleaved rounds" not in bg.render_md(ENV, CEILINGS, [cell])  # JSON of a run before the option
