@@ -33,7 +33,7 @@ for step in "$@"; do
            timeout ${TUNE_TIMEOUT:-400} python3 -c "import sys; from moe_backend.tune import main; raise SystemExit(main(['--out-dir', '$OUT', '--log', '$OUT/$step.log'] + sys.argv[1:]))" ${!var:-} 2>"/tmp/$step.progress" | tail -5
            tail -c 300 "/tmp/$step.progress" | tr '\r' '\n' | tail -2
            cp "$OUT"/grouped_gemm_*.json moe_backend/kernels/configs/ 2>/dev/null ;;  # later steps use them
-    bench) timeout ${BENCH_TIMEOUT:-560} python3 -m benchmarks.bench_grouped_gemm --json "$OUT/bench.json" --md "$OUT/benchmarks.md" --log "$OUT/bench.log" ${BENCH_ARGS:-} 2>&1 | grep -v "^|" ;;
+    bench) timeout ${BENCH_TIMEOUT:-560} python3 -m benchmarks.bench_grouped_gemm --json "$OUT/bench.json" --md "$OUT/benchmarks.md" --log "$OUT/bench.log" ${BENCH_ARGS:---rounds 5} 2>&1 | grep -v "^|" ;;
     routed) # imbalanced routing, masked max_m 128-1024 at fixed total rows (our CUDA masked kernel too; the masked
             # contenders timed again in interleaved rounds); peers at the same counts
            timeout ${ROUTED_TIMEOUT:-420} python3 -m benchmarks.bench_grouped_gemm --json "$OUT/routed.json" --md "$OUT/routed.md" \
