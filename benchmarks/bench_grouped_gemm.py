@@ -222,9 +222,9 @@ def retime_interleaved(res: dict, replays: dict, rounds: int, log) -> None:
     """The cell's `{name}_us` of each replay, timed again in interleaved rounds (the median round);
     the first figures kept in res["once_us"]."""
     res["once_us"] = {name: res[f"{name}_us"] for name in replays}
+    tag = f"[{res['slice']} {res['gemm']} {res['rows']}]"
     for name, t in testing.interleaved_us(replays, rounds=rounds).items():
         res[f"{name}_us"] = t["us"]
-        tag = f"[{res['slice']} {res['gemm']} {res['rows']}]"
         print(f"{tag} {name} interleaved: {t['us']:.1f} us ({t['lo']:.1f}-{t['hi']:.1f})", file=log, flush=True)
     res["interleaved"] = sorted(replays)
 
@@ -455,7 +455,7 @@ def run_routed_cell(
             res.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[{sl} {gemm} {mean_rows} {routing}] {name}: {res['errors'][name]}", file=log, flush=True)
 
-    def retime_interleaved():  # the kept contenders' graphs, timed again in the same rounds
+    def retime_kept():  # the kept contenders' graphs, timed again in the same rounds
         for name, t in testing.interleaved_us(interleave, rounds=args.rounds).items():
             res["us"][name] = t["us"]
         res["interleaved"] = sorted(set(res.get("interleaved", [])) | set(interleave))
@@ -515,7 +515,7 @@ def run_routed_cell(
         if not interleave:
             torch.cuda.empty_cache()
     if interleave:
-        retime_interleaved()
+        retime_kept()
         held.clear()
         torch.cuda.empty_cache()
 
@@ -562,7 +562,7 @@ def run_routed_cell(
         except Exception as exc:
             res.setdefault("errors", {})["dg_contig"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     if len(interleave) > 1:  # our CUDA contiguous kernel and DeepGEMM's, timed in the same rounds
-        retime_interleaved()
+        retime_kept()
     interleave.clear()
     a = a_s = out = out_cuda = out_dg = ids = None
 
