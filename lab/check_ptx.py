@@ -46,7 +46,8 @@ def shipped_specs() -> dict[str, jit.KernelSpec]:
     for n, k in SHAPES:
         for sms in SM_COUNTS:
             for tiles in range(1, MAX_M_TILES + 1):
-                _add(specs, kernel_spec(n, k, select_config(tiles * 128, n, sms, k=k)))
+                for gpu in MASKED_GPUS:
+                    _add(specs, kernel_spec(n, k, select_config(tiles * 128, n, sms, k=k, device_name=gpu)))
         for max_m in MASKED_MAX_M:
             for gpu in MASKED_GPUS:
                 _add(specs, kernel_spec(n, k, select_masked_config(n, k, gpu), masked_max_m=max_m))
@@ -77,8 +78,9 @@ def normalized_ptx(spec: jit.KernelSpec, keep: Path | None) -> str:
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         (keep / f"{spec.kernel_name}.ptx").write_text(text)
-    lines = [line for line in text.splitlines()
-             if line.strip() and not line.lstrip().startswith(("//", ".loc", ".file"))]
+    lines = [
+        line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("//", ".loc", ".file"))
+    ]
     return _rename_params(re.sub(re.escape(spec.kernel_name), "KERNEL", "\n".join(lines)) + "\n")
 
 
@@ -87,8 +89,11 @@ def _rename_params(ptx: str) -> str:
     declaration order: a kernel that lost unused parameters normalizes like the one before."""
     declared = re.findall(r"^\s*\.param .*?(KERNEL_param_\d+)\b", ptx, flags=re.M)
     used = [p for p in declared if len(re.findall(rf"\b{p}\b", ptx)) > 1]
-    kept = [line.rstrip(",") for line in ptx.splitlines()
-            if not any(re.search(rf"\b{p}\b", line) for p in set(declared) - set(used)) or ".param" not in line]
+    kept = [
+        line.rstrip(",")
+        for line in ptx.splitlines()
+        if not any(re.search(rf"\b{p}\b", line) for p in set(declared) - set(used)) or ".param" not in line
+    ]
     out = "\n".join(kept) + "\n"
     for i, p in enumerate(used):
         out = re.sub(rf"\b{p}\b", f"P{i}", out)
@@ -107,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     specs = shipped_specs()
     with ThreadPoolExecutor(args.jobs) as pool:
         ptx = dict(zip(specs, pool.map(lambda s: normalized_ptx(s, args.keep), specs.values())))
-    hashes = {key: {"sha256": hashlib.sha256(text.encode()).hexdigest(), "kernel_name": specs[key].kernel_name}
-              for key, text in ptx.items()}
+    hashes = {
+        key: {"sha256": hashlib.sha256(text.encode()).hexdigest(), "kernel_name": specs[key].kernel_name}
+        for key, text in ptx.items()
+    }
     compiler = jit.nvcc_version(jit.find_nvcc()).splitlines()[-1]
     if args.save:
         args.save.write_text(json.dumps({"nvcc": compiler, "configs": hashes}, indent=1) + "\n")
@@ -124,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         for key in keys:
             print(f"{what}: {key}")
     same = len(set(old) & set(new)) - len(changed)
-    print(f"{same} of {len(old)} recorded configs compiled to identical PTX"
-          f" ({len(changed)} changed, {len(missing)} missing, {len(added)} new)")
+    print(
+        f"{same} of {len(old)} recorded configs compiled to identical PTX"
+        f" ({len(changed)} changed, {len(missing)} missing, {len(added)} new)"
+    )
     return 0 if not (missing or added or changed) else 1
 
 

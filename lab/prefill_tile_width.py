@@ -6,9 +6,11 @@ Cells: `slice:tokens:routing` (the EP8/TP8 segments a batch of tokens gives one 
 256, as `bench_layer` routes them) or `slice:rows:fixed` (every local expert `rows` rows, issue
 22's prefill cells). Contenders per (cell, gemm), each a plain bf16-output GEMM on rows already in
 the layout (segments padded to 128), timed as CUDA-graph replays in interleaved rounds:
-- `plan`: the config `select_config` picks; `n128`: the same with 128-wide tiles;
+- `plan`: the config `select_config` picks on this GPU; `n128`: the same with 128-wide tiles;
 - `n192` (pairs sharing B, as the plan pairs), `n192c1` (single CTAs), `n192g16`: 192-wide tiles;
-- `dg`: DeepGEMM's `m_grouped_fp8_gemm_nt_contiguous` on the same layout.
+- `dg`: DeepGEMM's `m_grouped_fp8_gemm_nt_contiguous` on the same layout;
+- `--variants`: more configs by tag, `n<block_n>[s<stages>]c<1|2>[a|b][g<group_m>]` (unset fields
+  as the plan's), e.g. `n128c2a,n128c1g2`.
 Every contender's real rows are checked against `plan`'s (max relative difference) and against
 an fp32 dequantized reference on a sample of rows.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 from lab.prefill_pairing import GLOBAL_EXPERTS, SHAPES, TILE, TOPK, dg_contiguous
 
@@ -26,6 +29,23 @@ DEFAULT_CELLS = (
     "ep8:8192:uniform,ep8:8192:zipf:0.6,ep8:16384:uniform,ep8:16384:zipf:0.6,ep8:2048:uniform,"
     "ep8:512:fixed,ep8:2048:fixed,ep8:4096:fixed,tp8:16384:uniform"
 )
+
+
+_VARIANT = re.compile(r"n(\d+)(?:s(\d+))?c([12])([ab]?)(?:g(\d+))?$")
+
+
+def variant(base, tag: str):
+    """`base` with the fields a tag names: n<block_n>[s<stages>]c<cluster>[a|b][g<group_m>]."""
+    hit = _VARIANT.match(tag)
+    if hit is None:
+        raise SystemExit(f"--variants: {tag!r} is not n<block_n>[s<stages>]c<1|2>[a|b][g<group_m>]")
+    bn, stages, cluster, mcast, group = hit.groups()
+    cfg = dataclasses.replace(base, block_n=int(bn), num_stages=int(stages or 0), cluster=int(cluster))
+    if mcast:
+        cfg = dataclasses.replace(cfg, multicast=mcast)
+    if group:
+        cfg = dataclasses.replace(cfg, group_m=int(group))
+    return cfg
 
 
 def main(argv=None) -> int:
@@ -41,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--cells", default=DEFAULT_CELLS, help="slice:tokens:routing or slice:rows:fixed, ...")
     p.add_argument("--gemms", default="w13,w2")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--variants", default="", help="extra configs: n128c2a,n192s4c1g2,...")
+    p.add_argument("--no-defaults", action="store_true", help="only plan, the --variants and DeepGEMM")
     args = p.parse_args(argv)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     try:
@@ -60,14 +82,18 @@ def main(argv=None) -> int:
         return slice_name, testing.expert_counts(topk_ids, num_local).tolist()
 
     def contenders(m: int, n: int, k: int) -> dict:
-        base = select_config(m, n, sms, k=k)
-        return {
-            "plan": base,
-            "n128": dataclasses.replace(base, block_n=128, num_stages=0),
-            "n192": dataclasses.replace(base, block_n=192, num_stages=0),
-            "n192c1": dataclasses.replace(base, block_n=192, num_stages=0, cluster=1),
-            "n192g16": dataclasses.replace(base, block_n=192, num_stages=0, group_m=16),
-        }
+        base = select_config(m, n, sms, k=k, device_name=torch.cuda.get_device_name())
+        out = {"plan": base}
+        if not args.no_defaults:
+            out |= {
+                "n128": dataclasses.replace(base, block_n=128, num_stages=0),
+                "n192": dataclasses.replace(base, block_n=192, num_stages=0),
+                "n192c1": dataclasses.replace(base, block_n=192, num_stages=0, cluster=1),
+                "n192g16": dataclasses.replace(base, block_n=192, num_stages=0, group_m=16),
+            }
+        for tag in filter(None, args.variants.split(",")):
+            out[tag] = variant(base, tag)
+        return out
 
     cells = {cell: counts_of(cell) for cell in args.cells.split(",")}  # cell -> (slice, counts)
     specs = []

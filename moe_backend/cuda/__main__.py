@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = []
     for name in args.slice:
         experts, shapes = SLICES[name]
-        specs += warmup_specs(shapes, [r * experts for r in args.rows], num_sms=args.sms)
+        specs += warmup_specs(shapes, [r * experts for r in args.rows], num_sms=args.sms, gpu=gpu)
         specs += [
             kernel_spec(n, k, select_masked_config(n, k, gpu), masked_max_m=mm)
             for n, k in shapes

@@ -43,6 +43,13 @@ CLUSTER_MIN_PAIRS = 4
 # consecutive columns of the same rows). The TP8 cells; EP8 keeps GROUP_M.
 FEW_N_TILES = 2
 FEW_K_BLOCKS = 2
+# GPUs whose short-K 192-wide tiles (TP8 w2) run a 3-stage ring, each CTA pair walking the N tiles
+# of its own M tiles (group_m 1): on the H100 the full 5-stage ring ran 5-15% behind DeepGEMM when
+# every expert's rows fill whole tiles and rounds of it drop to a slow state; 3 stages met
+# DeepGEMM there and at 2048-8192 routed tokens, and cost up to 5% at 16384 (docs/benchmarks.md,
+# "192-wide tiles").
+SHORT_K_SHALLOW_RING_ON = ("H100",)
+SHORT_K_SHALLOW_STAGES = 3
 
 _printed: set = set()
 
@@ -55,11 +62,13 @@ def select_config(
     verbose: bool = False,
     *,
     k: int | None = None,
+    device_name: str | None = None,
 ) -> ContiguousConfig:
     """The contiguous layout's config. N tile by formula: minimize (waves of tiles over the SMs)
     x (columns per tile + fixed cost), ties to the larger tile (fewer re-reads of A); `m` is the
     row count including padding (no host sync to count real rows). CTA pairs sharing B once
-    there are enough M tiles to pair. `override` wins when given."""
+    there are enough M tiles to pair. `device_name` (torch.cuda.get_device_name) picks the short-K
+    ring depth (SHORT_K_SHALLOW_RING_ON). `override` wins when given."""
     if override is not None:
         cfg = override
     else:
@@ -75,7 +84,10 @@ def select_config(
         bn = min(tiles, key=cost)
         cluster = 2 if m_tiles >= 2 * CLUSTER_MIN_PAIRS else 1
         group_m = cluster if math.ceil(n / bn) <= FEW_N_TILES or few_k_blocks else GROUP_M
-        cfg = ContiguousConfig(block_n=bn, group_m=group_m, cluster=cluster)
+        stages = 0
+        if bn == 192 and few_k_blocks and _named(device_name, SHORT_K_SHALLOW_RING_ON):
+            stages, group_m = SHORT_K_SHALLOW_STAGES, 1
+        cfg = ContiguousConfig(block_n=bn, num_stages=stages, group_m=group_m, cluster=cluster)
     if verbose and (m, n, num_sms, cfg) not in _printed:
         _printed.add((m, n, num_sms, cfg))
         print(
@@ -98,12 +110,16 @@ def select_masked_config(n: int, k: int, device_name: str | None = None) -> Cont
     pairs"), 3 stages on an H100; K = 256 (two K blocks per tile): 64-wide single CTAs."""
     if k <= 256:
         return ContiguousConfig(64, group_m=1, cluster=1)
-    wide_pairs = device_name is not None and any(name in device_name for name in WIDE_MASKED_PAIRS_ON)
+    wide_pairs = _named(device_name, WIDE_MASKED_PAIRS_ON)
     if n <= 512:
         return ContiguousConfig(256, num_stages=3 if wide_pairs else 0, group_m=1, cluster=2, multicast="a")
     if not wide_pairs and k <= MIXED_PAIRS_192_MAX_K:
         return ContiguousConfig(192, group_m=1, cluster=2, multicast="mixed")
     return ContiguousConfig(256, num_stages=3, group_m=1, cluster=2, multicast="mixed")
+
+
+def _named(device_name: str | None, names: tuple[str, ...]) -> bool:
+    return device_name is not None and any(name in device_name for name in names)
 
 
 def print_config() -> bool:

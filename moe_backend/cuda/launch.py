@@ -27,6 +27,7 @@ from moe_backend.cuda.config import (
     ContiguousConfig,
 )
 from moe_backend.cuda.heuristic import print_config, select_config
+from moe_backend.kernels._launch_utils import device_name
 from moe_backend.quant import FP8_DTYPE
 
 __all__ = [
@@ -249,13 +250,14 @@ def smem_bytes(config: ContiguousConfig, direct_rows: bool = False) -> int:
 
 
 def warmup_specs(
-    shapes: Iterable[tuple[int, int]], row_counts: Iterable[int], num_sms: int = 132
+    shapes: Iterable[tuple[int, int]], row_counts: Iterable[int], num_sms: int = 132, gpu: str | None = None
 ) -> list[jit.KernelSpec]:
-    """Distinct specs the heuristic picks for each (N, K) over the given total row counts."""
+    """Distinct specs the heuristic picks for each (N, K) over the given total row counts on the
+    GPU named `gpu` (torch.cuda.get_device_name)."""
     specs = {}
     for n, k in shapes:
         for m in row_counts:
-            spec = kernel_spec(n, k, select_config(m, n, num_sms, k=k))
+            spec = kernel_spec(n, k, select_config(m, n, num_sms, k=k, device_name=gpu))
             specs[spec.kernel_name] = spec
     return list(specs.values())
 
@@ -501,7 +503,10 @@ def launch(
     if a_scale.data_ptr() % 16:  # the scale warp copies 16-byte runs of a row (a view at an odd offset)
         a_scale = a_scale.clone()
     cfg = layout_config(
-        select_config(m, n, _num_sms(index), override=config, verbose=print_config(), k=k), masked_max_m
+        select_config(
+            m, n, _num_sms(index), override=config, verbose=print_config(), k=k, device_name=device_name(dev)
+        ),
+        masked_max_m,
     )
     check_paired_tiles(m, cfg, masked_max_m)
     if a_rows is not None and cfg.shares_a:  # gathered rows are not multicast

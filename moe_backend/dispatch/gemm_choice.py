@@ -169,7 +169,9 @@ def _cuda_config(layout: str, rows_hint: int, n: int, k: int, device: torch.devi
     if layout == "masked":
         return select_masked_config(n, k, device_name(device))
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return cuda_contiguous.select_config(rows_hint, n, cuda_contiguous._num_sms(index), k=k)
+    return cuda_contiguous.select_config(
+        rows_hint, n, cuda_contiguous._num_sms(index), k=k, device_name=device_name(device)
+    )
 
 
 def gemm_plan(

@@ -78,6 +78,7 @@ class Case:
     spread_blocks: bool = False  # B from block_spread_weights (block scales far apart)
     skip_halves: bool = False  # with block_n: warpgroups skip the MMAs of their all-padding halves
     split_halves: bool = False  # ... and split a tile whose rows lie in its first half by N (256 wide)
+    num_stages: int = 0  # with block_n: the ring's depth (0: as many as fit)
 
 
 def _skewed(num_experts: int, total: int, seed: int) -> tuple:
@@ -123,6 +124,19 @@ CASES = [
         )
     ],
     Case("block_n_192_share_a", 7168, 2048, (257, 0, 128, 31), block_n=192, cluster=2, multicast="a", group_m=1),
+    # the H100's TP8 w2 config: 192-wide pairs sharing B, a 3-stage ring, each pair walking its own
+    # M tiles (2 K blocks per tile, so a tile's stages wrap the ring at a different slot each time)
+    Case(
+        "block_n_192_k256_pairs_3_stages_m_major",
+        7168,
+        256,
+        _skewed(256, 256 * 24, 15),
+        block_n=192,
+        cluster=2,
+        group_m=1,
+        num_stages=3,
+        spread_blocks=True,
+    ),
     Case("block_n_256_k7168_ep8_ragged_single", 4096, 7168, _skewed(32, 32 * 96, 0), block_n=256),
     *[
         Case(
@@ -238,6 +252,7 @@ def test_matches_reference(case: Case) -> None:
     if case.block_n is not None:
         cfg = ggc.ContiguousConfig(
             case.block_n,
+            num_stages=case.num_stages,
             group_m=case.group_m,
             cluster=case.cluster,
             multicast=case.multicast,

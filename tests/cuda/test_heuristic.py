@@ -120,6 +120,35 @@ def test_masked_wide_pairs_on_the_h100(gpu):
     assert select_masked_config(7168, 256, gpu) == select_masked_config(7168, 256)
 
 
+@pytest.mark.parametrize("gpu", ["NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL"])
+def test_short_k_ring_on_the_h100(gpu):
+    """On an H100 the short-K GEMM (TP8 w2, two K blocks) runs its 192-wide pairs on a 3-stage ring,
+    each pair walking its own M tiles; the H200 and an unnamed GPU keep the full ring, and the
+    long-K GEMMs keep their configs on every GPU."""
+    for m in (256 * 64, 256 * 512):
+        cfg = select_config(m, 7168, 132, k=256, device_name=gpu)
+        assert (cfg.block_n, cfg.cluster, cfg.multicast, cfg.num_stages, cfg.group_m) == (192, 2, "b", 3, 1), cfg
+        for other in ("NVIDIA H200", None):
+            assert select_config(m, 7168, 132, k=256, device_name=other) == select_config(m, 7168, 132, k=256)
+            assert select_config(m, 7168, 132, k=256, device_name=other).num_stages == 5
+    for m, n, k in [(32 * 512, 4096, 7168), (32 * 4096, 7168, 2048), (256 * 512, 512, 7168)]:
+        assert select_config(m, n, 132, k=k, device_name=gpu) == select_config(m, n, 132, k=k)
+
+
+def test_the_plan_passes_the_gpu_to_the_contiguous_config(monkeypatch):
+    from moe_backend.cuda import grouped_gemm_contiguous
+    from moe_backend.dispatch import gemm_choice
+    from moe_backend.kernels import _launch_utils
+
+    monkeypatch.setattr(grouped_gemm_contiguous, "_num_sms", lambda index: 132)
+
+    monkeypatch.setattr(_launch_utils, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    cfg = gemm_choice._cuda_config("contiguous", 256 * 512, 7168, 256, torch.device("cuda", 0))
+    assert (cfg.num_stages, cfg.group_m) == (3, 1)
+    monkeypatch.setattr(_launch_utils, "device_name", lambda device: "NVIDIA H200")
+    assert gemm_choice._cuda_config("contiguous", 256 * 512, 7168, 256, torch.device("cuda", 0)).num_stages == 5
+
+
 def test_the_plan_passes_the_gpu_to_the_masked_config(monkeypatch):
     from moe_backend.dispatch import gemm_choice
     from moe_backend.kernels import _launch_utils

@@ -45,6 +45,10 @@ COMPILE_CASES = [
     CompileCase("ep8-w2", 7168, 2048, rows=32 * 4096),
     CompileCase("tp8-w13", 512, 7168, rows=256 * 512),
     CompileCase("tp8-w2-k256", 7168, 256, rows=256 * 512),
+    # the H100's TP8 w2 config: 192-wide pairs on a 3-stage ring, each pair walking its own M tiles
+    CompileCase(
+        "tp8-w2-k256-h100", 7168, 256, select_config(256 * 512, 7168, 132, k=256, device_name="NVIDIA H100 80GB HBM3")
+    ),
     CompileCase("few-rows-bn64", 4096, 7168, rows=128),
     # every N tile alone and in B-sharing pairs; odd N (scalar epilogue, partial scale block)
     *[
