@@ -35,8 +35,8 @@ SHAPES = ((4096, 7168), (7168, 2048), (512, 7168), (7168, 256))
 SM_COUNTS = (132, 114, 78)
 MAX_M_TILES = 8192  # contiguous row counts up to 1M rows (every wave count the formula can see)
 MASKED_MAX_M = (128, 256, 512, 1024)
-# the GPU names that pick a masked config of their own (None: every other GPU's)
-MASKED_GPUS = (None, "NVIDIA H100 80GB HBM3")
+# the GPU names that pick configs of their own (None: every other GPU's)
+HEURISTIC_GPUS = (None, "NVIDIA H100 80GB HBM3")
 KEY_FIELDS = ("N", "K", "MASKED_MAX_M", "BLOCK_N", "STAGES", "GROUP_M", "CLUSTER", "MCAST_A")
 
 
@@ -46,10 +46,10 @@ def shipped_specs() -> dict[str, jit.KernelSpec]:
     for n, k in SHAPES:
         for sms in SM_COUNTS:
             for tiles in range(1, MAX_M_TILES + 1):
-                for gpu in MASKED_GPUS:
+                for gpu in HEURISTIC_GPUS:
                     _add(specs, kernel_spec(n, k, select_config(tiles * 128, n, sms, k=k, device_name=gpu)))
         for max_m in MASKED_MAX_M:
-            for gpu in MASKED_GPUS:
+            for gpu in HEURISTIC_GPUS:
                 _add(specs, kernel_spec(n, k, select_masked_config(n, k, gpu), masked_max_m=max_m))
     return dict(sorted(specs.items()))
 
