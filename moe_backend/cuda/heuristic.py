@@ -47,7 +47,7 @@ FEW_K_BLOCKS = 2
 # of its own M tiles (group_m 1): on the H100 the full 5-stage ring ran 5-15% behind DeepGEMM when
 # every expert's rows fill whole tiles and rounds of it drop to a slow state; 3 stages met
 # DeepGEMM there and at 2048-8192 routed tokens, and cost up to 5% at 16384 (docs/benchmarks.md,
-# "192-wide tiles").
+# "The H100's short-K ring").
 SHORT_K_SHALLOW_RING_ON = ("H100",)
 SHORT_K_SHALLOW_STAGES = 3
 
