@@ -377,7 +377,7 @@ def test_gathered_rows_match_the_gathered_copy(name, n, k, counts, tokens, cfg) 
     x, x_scale = quantize_fp8_per_token_group(torch.randn(tokens, k, device="cuda"))
     b, b_scale = quantize_fp8_blockwise(torch.randn(len(counts), n, k, device="cuda") * 0.05)
     out = torch.full((expert_ids.numel(), n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    config = None if cfg is None else ggc.ContiguousConfig(cfg.pop("block_n"), **cfg)
+    config = None if cfg is None else ggc.ContiguousConfig(**cfg)  # the case's dict stays whole for reruns
     ggc.grouped_gemm_contiguous(x, x_scale, b, b_scale, expert_ids, out, config=config, a_rows=src)
     torch.cuda.synchronize()
     assert torch.isnan(out[~real]).all(), "padding rows were written"
@@ -495,7 +495,7 @@ def test_silu_quant_epilogue_matches_the_separate_kernel(name, inter, k, counts,
     else:
         a, a_scale = quantize_fp8_per_token_group(torch.randn(rows, k, device="cuda"))
     b, b_scale = quantize_fp8_blockwise(torch.randn(len(counts), n, k, device="cuda") * 0.05)
-    config = None if cfg is None else ggc.ContiguousConfig(cfg.pop("block_n"), **cfg)
+    config = None if cfg is None else ggc.ContiguousConfig(**cfg)  # the case's dict stays whole for reruns
     h = torch.empty(rows, n, dtype=torch.bfloat16, device="cuda")
     launch(a, a_scale, b, b_scale, expert_ids, h, config=config, a_rows=src)
     act = torch.full((rows, inter), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)  # NaN
