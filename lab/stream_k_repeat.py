@@ -12,25 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-CASES = [
-    # (name, I, K, expert counts, config kwargs, gather tokens)
-    ("ep8_w13_pairs", 2048, 7168, "skewed:32:96:16", dict(block_n=256, cluster=2), 0),
-    ("few_units", 2048, 7168, "300,0,5", dict(block_n=256), 0),
-    ("tp8_w13_gather", 256, 7168, "skewed:64:40:18", dict(block_n=256, cluster=2), 333),
-]
-
-
-def _counts(spec: str) -> list[int]:
-    import torch
-
-    if not spec.startswith("skewed:"):
-        return [int(c) for c in spec.split(",")]
-    _, experts, mean, seed = spec.split(":")
-    g = torch.Generator().manual_seed(int(seed))
-    w = torch.rand(int(experts), generator=g) ** 3
-    counts = (w / w.sum() * int(experts) * int(mean)).floor().long()
-    counts[torch.randperm(int(experts), generator=g)[: int(experts) // 8]] = 0
-    return counts.tolist()
+# The stream-K cases of GEMM1's SiLU*up quant GPU test (SILU_CASES), by name; each also runs without stream-K.
+CASES = ("ep8_w13_pairs_stream_k", "few_units_stream_k_ue8m0", "tp8_w13_gather_stream_k")
 
 
 def main(argv=None) -> int:
@@ -39,33 +22,20 @@ def main(argv=None) -> int:
     from moe_backend.cuda import jit
     from moe_backend.cuda import launch as launch_mod
     from moe_backend.cuda.grouped_gemm_contiguous import ContiguousConfig, launch
-    from moe_backend.quant import quantize_fp8_blockwise, quantize_fp8_per_token_group
+    from tests.cuda import test_cuda_gemm_gpu as gemm_tests
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
     args = p.parse_args(argv)
     print("| case | stream-K | output | grid | launches differing from the first | most elements differing |")
     print("|---|---|---|---:|---:|---:|")
-    for name, inter, k, counts_spec, cfg, tokens in CASES:
-        counts = _counts(counts_spec)
-        ids = []
-        for e, c in enumerate(counts):
-            ids += [e] * c + [-1] * (-c % 128)
-        expert_ids = torch.tensor(ids + [-1] * 128, dtype=torch.int32, device="cuda")
+    cases = {c[0]: c for c in gemm_tests.SILU_CASES}
+    for name in CASES:
+        _, inter, k, counts, cfg, tokens, ue8m0 = cases[name]
+        expert_ids, src, a, a_scale, b, b_scale = gemm_tests.silu_case_operands(inter, k, counts, tokens)
         rows, n = expert_ids.numel(), 2 * inter
-        g = torch.Generator(device="cuda").manual_seed(len(counts) * 7 + n)
-        src = None
-        if tokens:
-            real = expert_ids >= 0
-            src = torch.full(expert_ids.shape, -1, dtype=torch.int64, device="cuda")
-            src[real] = torch.randint(0, tokens, (int(real.sum()),), generator=g, device="cuda")
-            a, a_scale = quantize_fp8_per_token_group(torch.randn(tokens, k, device="cuda"))
-        else:
-            a, a_scale = quantize_fp8_per_token_group(torch.randn(rows, k, device="cuda"))
-        b, b_scale = quantize_fp8_blockwise(torch.randn(len(counts), n, k, device="cuda") * 0.05)
         for stream_k in (True, False):
-            rest = {x: v for x, v in cfg.items() if x != "block_n"}
-            config = ContiguousConfig(cfg["block_n"], **rest, stream_k=stream_k)
+            config = ContiguousConfig(**{**cfg, "stream_k": stream_k})
             for output in ("bf16", "silu"):
                 silu = int(output == "silu")
                 grid = launch_mod._kernel_and_grid(
@@ -81,7 +51,7 @@ def main(argv=None) -> int:
                         act = torch.full((rows, inter), 0x7F, dtype=torch.uint8, device="cuda")
                         scale = torch.full((rows, inter // 128), float("nan"), device="cuda")
                         launch(a, a_scale, b, b_scale, expert_ids, act.view(torch.float8_e4m3fn), config=config,
-                               a_rows=src, act_scale=scale)  # fmt: skip
+                               a_rows=src, act_scale=scale, ue8m0=ue8m0)  # fmt: skip
                         got = (act, scale.view(torch.int32))
                     torch.cuda.synchronize()
                     if firsts is None:

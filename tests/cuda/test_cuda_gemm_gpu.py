@@ -473,6 +473,25 @@ SILU_CASES = [
 ]
 
 
+def silu_case_operands(inter: int, k: int, counts, tokens: int) -> tuple:
+    """A SILU_CASES case's operands (GEMM1 with N = 2 * inter): expert ids of the layout, the rows'
+    tokens (tokens > 0: A holds that many token rows, gathered through them; else None and A holds
+    the layout's rows), A and its scales, the experts' weights and their scales."""
+    n = 2 * inter
+    g = torch.Generator(device="cuda").manual_seed(len(counts) * 7 + n)
+    expert_ids = _layout(counts)
+    real = expert_ids >= 0
+    src = None
+    if tokens:
+        src = torch.full(expert_ids.shape, -1, dtype=torch.int64, device="cuda")
+        src[real] = torch.randint(0, tokens, (int(real.sum()),), generator=g, device="cuda")
+        a, a_scale = quantize_fp8_per_token_group(torch.randn(tokens, k, device="cuda"))
+    else:
+        a, a_scale = quantize_fp8_per_token_group(torch.randn(expert_ids.numel(), k, device="cuda"))
+    b, b_scale = quantize_fp8_blockwise(torch.randn(len(counts), n, k, device="cuda") * 0.05)
+    return expert_ids, src, a, a_scale, b, b_scale
+
+
 @pytest.mark.parametrize("name,inter,k,counts,cfg,tokens,ue8m0", SILU_CASES, ids=[c[0] for c in SILU_CASES])
 def test_silu_quant_epilogue_matches_the_separate_kernel(name, inter, k, counts, cfg, tokens, ue8m0) -> None:
     """GEMM1 storing FP8 silu(gate) * up (`act_scale`): against the same GEMM's bf16 output put
@@ -483,18 +502,9 @@ def test_silu_quant_epilogue_matches_the_separate_kernel(name, inter, k, counts,
     from moe_backend.cuda.grouped_gemm_contiguous import launch
 
     n = 2 * inter
-    g = torch.Generator(device="cuda").manual_seed(len(counts) * 7 + n)
-    expert_ids = _layout(counts)
+    expert_ids, src, a, a_scale, b, b_scale = silu_case_operands(inter, k, counts, tokens)
     real = expert_ids >= 0
     rows = expert_ids.numel()
-    src = None
-    if tokens:
-        src = torch.full(expert_ids.shape, -1, dtype=torch.int64, device="cuda")
-        src[real] = torch.randint(0, tokens, (int(real.sum()),), generator=g, device="cuda")
-        a, a_scale = quantize_fp8_per_token_group(torch.randn(tokens, k, device="cuda"))
-    else:
-        a, a_scale = quantize_fp8_per_token_group(torch.randn(rows, k, device="cuda"))
-    b, b_scale = quantize_fp8_blockwise(torch.randn(len(counts), n, k, device="cuda") * 0.05)
     config = None if cfg is None else ggc.ContiguousConfig(**cfg)  # the case's dict stays whole for reruns
     h = torch.empty(rows, n, dtype=torch.bfloat16, device="cuda")
     launch(a, a_scale, b, b_scale, expert_ids, h, config=config, a_rows=src)
