@@ -40,12 +40,10 @@ def variant(base, tag: str):
     if hit is None:
         raise SystemExit(f"--variants: {tag!r} is not n<block_n>[s<stages>]c<1|2>[a|b][g<group_m>]")
     bn, stages, cluster, mcast, group = hit.groups()
-    cfg = dataclasses.replace(base, block_n=int(bn), num_stages=int(stages or 0), cluster=int(cluster))
-    if mcast:
-        cfg = dataclasses.replace(cfg, multicast=mcast)
-    if group:
-        cfg = dataclasses.replace(cfg, group_m=int(group))
-    return cfg
+    fields = {"block_n": int(bn), "num_stages": int(stages or 0), "cluster": int(cluster)}
+    fields |= {"multicast": mcast} if mcast else {}
+    fields |= {"group_m": int(group)} if group else {}
+    return dataclasses.replace(base, **fields)
 
 
 def main(argv=None) -> int:

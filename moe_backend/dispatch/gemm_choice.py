@@ -166,12 +166,11 @@ def _cuda_config(layout: str, rows_hint: int, n: int, k: int, device: torch.devi
     from moe_backend.cuda.grouped_gemm_masked import select_masked_config
     from moe_backend.kernels._launch_utils import device_name
 
+    gpu = device_name(device)
     if layout == "masked":
-        return select_masked_config(n, k, device_name(device))
+        return select_masked_config(n, k, gpu)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return cuda_contiguous.select_config(
-        rows_hint, n, cuda_contiguous._num_sms(index), k=k, device_name=device_name(device)
-    )
+    return cuda_contiguous.select_config(rows_hint, n, cuda_contiguous._num_sms(index), k=k, device_name=gpu)
 
 
 def gemm_plan(
