@@ -492,12 +492,27 @@ def silu_case_operands(inter: int, k: int, counts, tokens: int) -> tuple:
     return expert_ids, src, a, a_scale, b, b_scale
 
 
+def gate_up_tiled(b: torch.Tensor, b_scale: torch.Tensor, inter: int) -> tuple:
+    """GEMM1's weights `[E, 2I, K]` (and their `[E, 2I/128, K/128]` scales) with the N rows in the
+    order the SiLU*up quant kernel tiles them: gate block j, then up block j (128 rows each), j = 0
+    .. I/128 - 1; and `order`, the original row of each reordered one (h[:, order] = h_tiled). A bf16
+    GEMM on these walks the same units over the same columns as the SiLU*up kernel, so stream-K cuts
+    the same sums in both; in the plain order a unit covers other columns, and a sum cut in one
+    kernel is whole in the other (last bits differ, enough to move a bf16 value a step)."""
+    n = 2 * inter
+    order = torch.arange(n, device=b.device).view(2, inter // 128, 128).transpose(0, 1).reshape(n)
+    blocks = torch.arange(n // 128, device=b.device).view(2, inter // 128).t().reshape(-1)
+    tiled = b.view(torch.uint8)[:, order].contiguous().view(b.dtype)  # fp8 indexing through its bytes
+    return tiled, b_scale[:, blocks].contiguous(), order
+
+
 @pytest.mark.parametrize("name,inter,k,counts,cfg,tokens,ue8m0", SILU_CASES, ids=[c[0] for c in SILU_CASES])
 def test_silu_quant_epilogue_matches_the_separate_kernel(name, inter, k, counts, cfg, tokens, ue8m0) -> None:
     """GEMM1 storing FP8 silu(gate) * up (`act_scale`): against the same GEMM's bf16 output put
-    through the reference SiLU*up quant. Gate and up are the same bf16 values on both sides; the
-    epilogue's exp and division are the fast approximate ones (TOL's silu_* entries say what that
-    allows). Padding rows (NaN-poisoned) stay unwritten."""
+    through the reference SiLU*up quant. The bf16 GEMM runs on the weights in the SiLU*up kernel's
+    tile order (`gate_up_tiled`), so gate and up are the same bf16 values on both sides, stream-K
+    included; the epilogue's exp and division are the fast approximate ones (TOL's silu_* entries
+    say what that allows). Padding rows (NaN-poisoned) stay unwritten."""
     ggc = _ggc()
     from moe_backend.cuda.grouped_gemm_contiguous import launch
 
@@ -506,8 +521,11 @@ def test_silu_quant_epilogue_matches_the_separate_kernel(name, inter, k, counts,
     real = expert_ids >= 0
     rows = expert_ids.numel()
     config = None if cfg is None else ggc.ContiguousConfig(**cfg)  # the case's dict stays whole for reruns
-    h = torch.empty(rows, n, dtype=torch.bfloat16, device="cuda")
-    launch(a, a_scale, b, b_scale, expert_ids, h, config=config, a_rows=src)
+    b_tiled, b_scale_tiled, order = gate_up_tiled(b, b_scale, inter)
+    h_tiled = torch.empty(rows, n, dtype=torch.bfloat16, device="cuda")
+    launch(a, a_scale, b_tiled, b_scale_tiled, expert_ids, h_tiled, config=config, a_rows=src)
+    h = torch.empty_like(h_tiled)
+    h[:, order] = h_tiled
     act = torch.full((rows, inter), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)  # NaN
     act_scale = torch.full((rows, inter // 128), float("nan"), device="cuda")
     launch(a, a_scale, b, b_scale, expert_ids, act, config=config, a_rows=src, act_scale=act_scale, ue8m0=ue8m0)
