@@ -142,7 +142,14 @@ def test_prefill_miss_says_when_the_bound_is_out_of_reach():
     cell["derived"] = bench_layer.derive(cell)
     cell.update(slice="tp8", routing="uniform")
     table = bench_layer.prefill_bound_table([cell])
-    assert len(table) == 3 and "| 400 | 100.0 | 1900.0 | 1.06 | 1.67 | 63% |" in table[2]
+    assert len(table) == 3 and "| 400 | 100.0 | 1900.0 | 1.06 | 1.67 | – | 63% |" in table[2]
+    # Rounds of the layer and DeepGEMM's pair: the ratio per round, lowest to highest.
+    cell["round_us"] = {"layer": [3000.0, 2700.0, 3300.0], "dg_contig w13": [1000.0, 1000.0, 900.0],
+                        "dg_contig w2": [800.0, 800.0, 600.0]}  # fmt: skip
+    assert bench_layer.round_ratios(cell) == [3000 / 1800, 2700 / 1800, 3300 / 1500]
+    assert "| 1.67 | 1.50-2.20 | 63% |" in bench_layer.prefill_bound_table([cell])[2]
+    cell["round_us"]["dg_contig w2"] = [800.0]  # not timed in every round: no spread
+    assert bench_layer.round_ratios(cell) is None
 
 
 def test_ep8_relabel_keeps_every_count_and_picks_the_busiest_rank():
