@@ -502,10 +502,9 @@ def launch(
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     if a_scale.data_ptr() % 16:  # the scale warp copies 16-byte runs of a row (a view at an odd offset)
         a_scale = a_scale.clone()
+    gpu = None if config is not None else device_name(dev)  # the name only picks a config when none is given
     cfg = layout_config(
-        select_config(
-            m, n, _num_sms(index), override=config, verbose=print_config(), k=k, device_name=device_name(dev)
-        ),
+        select_config(m, n, _num_sms(index), override=config, verbose=print_config(), k=k, device_name=gpu),
         masked_max_m,
     )
     check_paired_tiles(m, cfg, masked_max_m)
