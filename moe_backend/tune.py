@@ -4,6 +4,9 @@ For each DeepSeek-V3 weight shape (EP8 and TP8 slices, w13 and w2) and each rows
 bucket, times a small candidate set per kernel (CUDA-graph replay, median) and writes the fastest
 into `moe_backend/kernels/configs/<kernel>_<device>.json` (or --out-dir). Decode buckets tune the
 masked kernel, prefill buckets the contiguous one (the layouts the policy uses in each phase).
+The table is written after every finished (shape, rows) job, so a run stopped part way keeps what
+it finished; a run over part of an existing table records the entries it changed under the
+table's `meta.retuned`.
 """
 
 from __future__ import annotations
@@ -141,10 +144,11 @@ def _job_inputs(kernel: str, e: int, m: int, n: int, k: int, routing: str, weigh
     )
 
 
-def _time_candidates(kernels, jobs, bar, log, routings=("uniform",)) -> dict:
+def _time_candidates(kernels, jobs, bar, log, routings=("uniform",), on_job=None) -> dict:
     """{kernel: {"N=..,K=..": {m: best config with its µs}}} for each (kernel, shape, m) job: the
     config with the least time summed over `routings` (uniform and imbalanced counts at the same
-    mean rows per expert, so a tile that only suits equal counts does not win)."""
+    mean rows per expert, so a tile that only suits equal counts does not win). `on_job(kernel,
+    tables)` runs after each job, so a caller can save what is done before the next one starts."""
     from moe_backend.testing import random_fp8_weights, time_graph
 
     tables: dict = {kernel: {} for kernel in kernels}
@@ -182,6 +186,8 @@ def _time_candidates(kernels, jobs, bar, log, routings=("uniform",)) -> dict:
         bar.set_postfix_str(f"{sl} {gemm} m={m}: {best[0]:.1f}us")
         tables[kernel].setdefault(f"N={n},K={k}", {})[str(m)] = dict(best[1], us=round(best[0], 1))
         inputs = None  # freed before the next job's inputs are drawn
+        if on_job is not None:
+            on_job(kernel, tables)
     return tables
 
 
@@ -195,8 +201,9 @@ def tune(
     routings=("uniform",),
 ) -> dict:
     """Times the candidates of every (kernel, shape, rows) job and merges the fastest into the
-    GPU's tables. `routings`: the counts each candidate is timed under (summed), e.g.
-    ("uniform", "zipf:0.6") to tune for imbalanced routing as well."""
+    GPU's tables (`merge_tuned`), saving them after each job. `routings`: the counts each
+    candidate is timed under (summed), e.g. ("uniform", "zipf:0.6") to tune for imbalanced
+    routing as well."""
     import triton
 
     from moe_backend._progress import progress
@@ -209,10 +216,7 @@ def tune(
         for shape, m in itertools.product(shapes, rows):
             if shape[2] * m <= MAX_TOTAL_ROWS or shape[2] <= 32:
                 jobs.append((kernel, shape, m))
-    total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked", k=shape[4])) for kernel, shape, m in jobs)
-    with progress(total, f"tune on {device}", unit="config") as bar:
-        tables = _time_candidates(kernels, jobs, bar, log, routings)
-    meta = dict(
+    run_meta = dict(
         device=device,
         torch=torch.__version__,
         triton=triton.__version__,
@@ -220,25 +224,64 @@ def tune(
         method="CUDA-graph replay, median" + ("" if tuple(routings) == ("uniform",) else ", summed over routings"),
         routings=list(routings),
     )
-    out_dir = out_dir or _gemm_config.CONFIG_DIR
-    paths = []
-    for kernel, table in tables.items():
-        path = Path(out_dir) / _gemm_config.table_path(kernel, device).name
-        # Merge into the shipped table: a partial run (some shapes or buckets) updates its entries.
-        shipped = path if path.exists() else _gemm_config.table_path(kernel, device)
-        merged = json.loads(shipped.read_text()) if shipped.exists() else {}
-        timings = merged.pop("meta", {}).get("tuned_us", {})
-        for shape, by_m in table.items():
-            for m, cfg in by_m.items():
-                # Configs hold launch keys only; the tuned timings go into meta (the loader skips it).
-                merged.setdefault(shape, {})[m] = {k2: v for k2, v in cfg.items() if k2 != "us"}
+    out_dir = Path(out_dir or _gemm_config.CONFIG_DIR)
+    base: dict = {}  # per kernel: the table as it was before this run (None: there was none)
+
+    def path_of(kernel: str) -> Path:
+        return out_dir / _gemm_config.table_path(kernel, device).name
+
+    def save(kernel: str, tables: dict) -> None:
+        # After every job, so a run stopped part way (time limit, Ctrl-C) keeps the jobs it finished.
+        if kernel not in base:
+            shipped = path_of(kernel) if path_of(kernel).exists() else _gemm_config.table_path(kernel, device)
+            base[kernel] = json.loads(shipped.read_text()) if shipped.exists() else None
+        write_table(path_of(kernel), merge_tuned(base[kernel], tables[kernel], run_meta))
+
+    total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked", k=shape[4])) for kernel, shape, m in jobs)
+    with progress(total, f"tune on {device}", unit="config") as bar:
+        try:
+            _time_candidates(kernels, jobs, bar, log, routings, on_job=save)
+        except KeyboardInterrupt:
+            saved = ", ".join(str(path_of(k)) for k in base) or "none yet"
+            print(f"\ntune: interrupted; tables with the finished jobs: {saved}", file=sys.stderr)
+            raise
+        finally:
+            _gemm_config.load_table.cache_clear()
+    return {"paths": [str(path_of(k)) for k in base]}
+
+
+def merge_tuned(table: dict | None, tuned: dict, run_meta: dict) -> dict:
+    """`table` (a loaded JSON table, or None) with this run's winners `tuned` ({shape: {m: config
+    with "us"}}) merged in. A new table, or a run that covers every entry of the old one, takes
+    the run's meta with each winner's time under `tuned_us`. A run over part of an existing table
+    leaves the table's meta as it was and records each entry it changed under `retuned` (date,
+    method, routings, time), since the table's own date and method no longer hold for those."""
+    table = json.loads(json.dumps(table)) if table else {}
+    old_meta = table.pop("meta", None)
+    covered = {(shape, m) for shape, by_m in tuned.items() for m in by_m}
+    existing = {(shape, m) for shape, by_m in table.items() for m in by_m}
+    partial = old_meta is not None and not existing <= covered
+    meta = old_meta if partial else dict(run_meta, tuned_us={})
+    timings = meta.setdefault("tuned_us", {})
+    for shape, by_m in tuned.items():
+        for m, cfg in by_m.items():
+            # Configs hold launch keys only; the timings go into meta (the loader skips it).
+            table.setdefault(shape, {})[m] = {key: v for key, v in cfg.items() if key != "us"}
+            if partial:
+                timings.get(shape, {}).pop(m, None)
+                run = {key: run_meta[key] for key in ("date", "method", "routings")}
+                meta.setdefault("retuned", {}).setdefault(shape, {})[m] = dict(run, us=cfg["us"])
+            else:
                 timings.setdefault(shape, {})[m] = cfg["us"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"meta": dict(meta, tuned_us=timings), **merged}, f, indent=1, sort_keys=True)
-        paths.append(str(path))
-    _gemm_config.load_table.cache_clear()
-    return {"paths": paths, "tables": tables}
+    return {"meta": meta, **table}
+
+
+def write_table(path: Path, table: dict) -> None:
+    """Writes through a temporary file and a rename, so an interrupted write leaves the old table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 TUNABLE_KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")

@@ -3,6 +3,9 @@ time summed over them (the GPU timing stubbed)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from moe_backend import testing, tune
@@ -73,3 +76,73 @@ def test_masked_candidates_at_few_rows_include_tiles_for_a_hot_expert():
     assert block_ms(64) == {32, 64}
     assert not narrow(32) and not narrow(64)
     assert block_ms(128) == {64, 128}
+
+
+_RUN = {
+    "date": "2026-12-06",
+    "method": "CUDA-graph replay, median, summed over routings",
+    "routings": ["uniform", "zipf:0.6"],
+}
+
+
+def _table() -> dict:
+    return {
+        "meta": {
+            "date": "2026-11-26",
+            "method": "CUDA-graph replay, median",
+            "tuned_us": {"N=8,K=128": {"1": 5.0, "4": 6.0}},
+        },
+        "N=8,K=128": {"1": {"BLOCK_M": 16}, "4": {"BLOCK_M": 32}},
+    }
+
+
+def test_a_run_over_part_of_a_table_keeps_its_meta_and_records_what_it_changed():
+    merged = tune.merge_tuned(_table(), {"N=8,K=128": {"4": {"BLOCK_M": 64, "us": 7.5}}}, _RUN)
+    assert merged["N=8,K=128"] == {"1": {"BLOCK_M": 16}, "4": {"BLOCK_M": 64}}  # no "us" among the launch keys
+    meta = merged["meta"]
+    assert meta["date"] == "2026-11-26" and meta["method"] == "CUDA-graph replay, median"
+    assert meta["tuned_us"] == {"N=8,K=128": {"1": 5.0}}  # the old time no longer belongs to the entry
+    assert meta["retuned"] == {"N=8,K=128": {"4": dict(_RUN, us=7.5)}}
+
+
+def test_a_run_over_the_whole_table_or_a_new_one_takes_the_runs_meta():
+    tuned = {"N=8,K=128": {"1": {"BLOCK_M": 16, "us": 4.0}, "4": {"BLOCK_M": 64, "us": 7.5}}}
+    old = _table()
+    old["meta"]["retuned"] = {"N=8,K=128": {"4": dict(_RUN, us=9.0)}}
+    for table in (old, None):
+        merged = tune.merge_tuned(table, tuned, _RUN)
+        assert merged["meta"] == dict(_RUN, tuned_us={"N=8,K=128": {"1": 4.0, "4": 7.5}})
+    assert old["meta"]["date"] == "2026-11-26"  # the caller's table is left as it was
+
+
+def test_the_table_is_saved_after_each_job_so_an_interrupted_run_keeps_them(monkeypatch, tmp_path, capsys):
+    """Two jobs; the second is interrupted (Ctrl-C) after its first candidate: the table on disk
+    holds the first job's winner, merged into the shipped table, and says where it is."""
+    times = {("A", "uniform"): 10.0, ("B", "uniform"): 12.0}
+    _fake_timing(monkeypatch, times)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    calls = []
+
+    def time_graph(fn, _inner=testing.time_graph):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return _inner(fn)
+
+    monkeypatch.setattr(testing, "time_graph", time_graph)
+    shapes = [("ep8", "w13", 32, 4096, 7168)]
+    try:
+        tune.tune(kernels=("grouped_gemm_masked",), shapes=shapes, decode_rows=(4, 16), out_dir=tmp_path)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interrupt did not reach the caller")
+    path = tmp_path / "grouped_gemm_masked_NVIDIA_H100_80GB_HBM3.json"
+    table = json.loads(path.read_text())
+    shipped = json.loads((Path(tune.__file__).parent / "kernels/configs" / path.name).read_text())
+    assert table["N=4096,K=7168"]["4"] == {"name": "A"}
+    assert table["N=4096,K=7168"]["16"] == shipped["N=4096,K=7168"]["16"]  # the unfinished job: untouched
+    assert table["N=512,K=7168"] == shipped["N=512,K=7168"]
+    assert table["meta"]["retuned"]["N=4096,K=7168"]["4"]["us"] == 10.0
+    assert str(path) in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))
