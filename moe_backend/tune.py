@@ -352,15 +352,21 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    result = tune(
-        kernels=tuple(args.kernels),
-        shapes=[s for s in SHAPES if s[0] in slices and s[1] in gemms],
-        decode_rows=tuple(args.decode_rows),
-        prefill_rows=tuple(args.prefill_rows),
-        out_dir=args.out_dir,
-        log=log,
-        routings=tuple(args.routing),
-    )
+    try:
+        result = tune(
+            kernels=tuple(args.kernels),
+            shapes=[s for s in SHAPES if s[0] in slices and s[1] in gemms],
+            decode_rows=tuple(args.decode_rows),
+            prefill_rows=tuple(args.prefill_rows),
+            out_dir=args.out_dir,
+            log=log,
+            routings=tuple(args.routing),
+        )
+    except KeyboardInterrupt:  # tune() has said what it saved; no traceback for a Ctrl-C
+        return 130
+    finally:
+        if log:
+            log.close()
     for path in result["paths"]:
         print(f"wrote {path}")
     return 0

@@ -146,3 +146,13 @@ def test_the_table_is_saved_after_each_job_so_an_interrupted_run_keeps_them(monk
     assert table["meta"]["retuned"]["N=4096,K=7168"]["4"]["us"] == 10.0
     assert str(path) in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_interrupted_run_exits_130_without_a_traceback(monkeypatch, capsys):
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune, "tune", interrupted)
+    assert tune.main(["--slices", "ep8"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
