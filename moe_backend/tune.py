@@ -12,9 +12,12 @@ table's `meta.retuned`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import signal
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -243,11 +246,26 @@ def tune(
             _time_candidates(kernels, jobs, bar, log, routings, on_job=save)
         except KeyboardInterrupt:
             saved = ", ".join(str(path_of(k)) for k in base) or "none yet"
-            print(f"\ntune: interrupted; tables with the finished jobs: {saved}", file=sys.stderr)
+            with _second_interrupt_ignored():
+                print(f"\ntune: interrupted; tables with the finished jobs: {saved}", file=sys.stderr)
             raise
         finally:
             _gemm_config.load_table.cache_clear()
     return {"paths": [str(path_of(k)) for k in base]}
+
+
+@contextlib.contextmanager
+def _second_interrupt_ignored():
+    """SIGINT ignored for the block (main thread only): `timeout -s INT` signals the command and
+    then its whole process group, so Python can get a second interrupt while it says what it saved."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def merge_tuned(table: dict | None, tuned: dict, run_meta: dict) -> dict:

@@ -148,6 +148,40 @@ def test_the_table_is_saved_after_each_job_so_an_interrupted_run_keeps_them(monk
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_second_interrupt_does_not_cut_the_saved_tables_line(monkeypatch, tmp_path, capsys):
+    """`timeout -s INT` signals the command, then its process group: the second SIGINT arrives
+    while tune says what it saved. It is ignored there, and the handler is restored after."""
+    import os
+    import signal
+
+    _fake_timing(monkeypatch, {("A", "uniform"): 10.0, ("B", "uniform"): 12.0})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+
+    def interrupted(fn):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(testing, "time_graph", interrupted)
+    real_print = print
+
+    def print_after_a_second_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        real_print(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "print", print_after_a_second_signal, raising=False)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        tune.tune(
+            kernels=("grouped_gemm_masked",),
+            shapes=[("ep8", "w13", 32, 4096, 7168)],
+            decode_rows=(4,),
+            out_dir=tmp_path,
+        )
+    except KeyboardInterrupt:
+        pass
+    assert "tune: interrupted; tables with the finished jobs: none yet" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_an_interrupted_run_exits_130_without_a_traceback(monkeypatch, capsys):
     def interrupted(**kwargs):
         raise KeyboardInterrupt
