@@ -166,6 +166,7 @@ def _time_candidates(kernels, jobs, bar, log, routings=("uniform",), on_job=None
         inputs = [(routing, *_job_inputs(kernel, e, m, n, k, routing, weights_cache[key])) for routing in routings]
         best = None
         for cfg in candidates(m, masked=masked, k=k):
+            _interrupts_to_python()
             per_routing = []
             for routing, gemm_fn, operands, out in inputs:
                 try:
@@ -252,6 +253,17 @@ def tune(
         finally:
             _gemm_config.load_table.cache_clear()
     return {"paths": [str(path_of(k)) for k in base]}
+
+
+def _interrupts_to_python() -> None:
+    """Python's SIGINT handler installed again at the C level (main thread only), in case native
+    code loaded by the kernel compiler replaced it: on an H100 a tune interrupted in its second job
+    ended on the signal itself, without a KeyboardInterrupt or the line below (the finished jobs
+    were saved), while one interrupted in its first job raised KeyboardInterrupt."""
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGINT)
+        if handler is not None:  # None: installed outside Python, left alone
+            signal.signal(signal.SIGINT, handler)
 
 
 @contextlib.contextmanager

@@ -190,3 +190,36 @@ def test_an_interrupted_run_exits_130_without_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(tune, "tune", interrupted)
     assert tune.main(["--slices", "ep8"]) == 130
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_reaches_python_after_a_library_replaced_its_handler(monkeypatch):
+    """A library that installs its own C-level SIGINT handler (simulated: SIG_IGN through libc,
+    behind Python's back) must not swallow the next Ctrl-C: the tuner installs Python's handler
+    again before each candidate, so the interrupt arrives as KeyboardInterrupt."""
+    import ctypes
+    import os
+    import signal
+
+    _fake_timing(monkeypatch, {("A", "uniform"): 10.0, ("B", "uniform"): 12.0})
+    inner = testing.time_graph
+    calls = []
+
+    def time_graph(fn):
+        calls.append(1)
+        if len(calls) == 1:
+            ctypes.CDLL(None).signal(signal.SIGINT, ctypes.c_void_p(1))  # SIG_IGN, unseen by Python
+        else:
+            os.kill(os.getpid(), signal.SIGINT)
+        return inner(fn)
+
+    monkeypatch.setattr(testing, "time_graph", time_graph)
+    handler = signal.getsignal(signal.SIGINT)
+    job = [("grouped_gemm_masked", ("ep8", "w13", 32, 4096, 7168), 16)]
+    try:
+        tune._time_candidates(["grouped_gemm_masked"], job, _Bar(), None)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interrupt was swallowed")
+    finally:
+        signal.signal(signal.SIGINT, handler)
