@@ -220,6 +220,11 @@ def tune(
         for shape, m in itertools.product(shapes, rows):
             if shape[2] * m <= MAX_TOTAL_ROWS or shape[2] <= 32:
                 jobs.append((kernel, shape, m))
+    if not jobs:
+        raise ValueError(
+            f"nothing to tune: no shape with these rows per expert (buckets of more than {MAX_TOTAL_ROWS} "
+            "rows in all are skipped where a slice has more than 32 experts)"
+        )
     run_meta = dict(
         device=device,
         torch=torch.__version__,
@@ -394,6 +399,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:  # tune() has said what it saved; no traceback for a Ctrl-C
         return 130
+    except ValueError as exc:
+        print(f"python -m moe_backend tune: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if log:
             log.close()

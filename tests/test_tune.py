@@ -223,3 +223,13 @@ def test_ctrl_c_reaches_python_after_a_library_replaced_its_handler(monkeypatch)
         raise AssertionError("the interrupt was swallowed")
     finally:
         signal.signal(signal.SIGINT, handler)
+
+
+def test_a_run_with_no_job_says_so(monkeypatch, capsys):
+    """TP8 prefill buckets over 512 rows per expert are skipped (256 experts: memory, time): asked
+    for only those, tune says there is nothing to tune instead of exiting 0 having done nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    args = ["--kernels", "grouped_gemm_contiguous", "--slices", "tp8", "--prefill-rows", "4096"]
+    assert tune.main(args) == 2
+    assert "nothing to tune" in capsys.readouterr().err
