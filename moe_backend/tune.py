@@ -263,8 +263,8 @@ def tune(
 def _interrupts_to_python() -> None:
     """Python's SIGINT handler installed again at the C level (main thread only), in case native
     code loaded by the kernel compiler replaced it: on an H100 a tune interrupted in its second job
-    ended on the signal itself, without a KeyboardInterrupt or the line below (the finished jobs
-    were saved), while one interrupted in its first job raised KeyboardInterrupt."""
+    ended on the signal itself, without a KeyboardInterrupt or the line naming the saved tables
+    (the finished jobs were saved), while one interrupted in its first job raised it."""
     if threading.current_thread() is threading.main_thread():
         handler = signal.getsignal(signal.SIGINT)
         if handler is not None:  # None: installed outside Python, left alone
