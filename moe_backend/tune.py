@@ -210,6 +210,7 @@ def tune(
     routing as well."""
     import triton
 
+    from moe_backend._json_file import write_json
     from moe_backend._progress import progress
     from moe_backend.kernels import _gemm_config
 
@@ -244,7 +245,7 @@ def tune(
         if kernel not in base:
             shipped = path_of(kernel) if path_of(kernel).exists() else _gemm_config.table_path(kernel, device)
             base[kernel] = json.loads(shipped.read_text()) if shipped.exists() else None
-        write_table(path_of(kernel), merge_tuned(base[kernel], tables[kernel], run_meta))
+        write_json(path_of(kernel), merge_tuned(base[kernel], tables[kernel], run_meta))
 
     total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked", k=shape[4])) for kernel, shape, m in jobs)
     with progress(total, f"tune on {device}", unit="config") as bar:
@@ -298,25 +299,17 @@ def merge_tuned(table: dict | None, tuned: dict, run_meta: dict) -> dict:
     partial = old_meta is not None and not existing <= covered
     meta = old_meta if partial else dict(run_meta, tuned_us={})
     timings = meta.setdefault("tuned_us", {})
+    run = {key: run_meta[key] for key in ("date", "method", "routings")}
     for shape, by_m in tuned.items():
         for m, cfg in by_m.items():
             # Configs hold launch keys only; the timings go into meta (the loader skips it).
             table.setdefault(shape, {})[m] = {key: v for key, v in cfg.items() if key != "us"}
             if partial:
                 timings.get(shape, {}).pop(m, None)
-                run = {key: run_meta[key] for key in ("date", "method", "routings")}
                 meta.setdefault("retuned", {}).setdefault(shape, {})[m] = dict(run, us=cfg["us"])
             else:
                 timings.setdefault(shape, {})[m] = cfg["us"]
     return {"meta": meta, **table}
-
-
-def write_table(path: Path, table: dict) -> None:
-    """Writes through a temporary file and a rename, so an interrupted write leaves the old table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-    tmp.replace(path)
 
 
 TUNABLE_KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")

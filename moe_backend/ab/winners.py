@@ -13,6 +13,7 @@ import json
 import os
 from collections import defaultdict
 
+from moe_backend._json_file import write_json
 from moe_backend.ab.divergence import cell_tolerance
 from moe_backend.dispatch.policy import KERNELS, Policy
 
@@ -105,9 +106,5 @@ def write_policy(path: str, device_name: str, section: dict) -> dict:
         Policy.from_dict(data)  # an existing file must already be a policy
     data.setdefault("devices", {})[device_name] = dict(section)
     Policy.from_dict(data, device_name)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, data)
     return data
