@@ -56,7 +56,7 @@ def _record(plan: Plan) -> None:
             f.write(f"{os.getpid()} {plan.phase} T={plan.num_tokens} {plan.kernel}\n")
 
 
-def _gemm_contiguous(
+def run_contiguous_gemm(
     g: GemmPlan,
     a_fp8,
     a_scale,
@@ -313,7 +313,7 @@ def _launch_plan(
         else:
             h = _gemm_output(plan.gemm1, plan.num_rows, dev)
             (ids1, out1), act_scale1 = _first_rows(walked, ids, h), None
-        _gemm_contiguous(
+        run_contiguous_gemm(
             plan.gemm1, a1, s1, w13_fp8, w13_scale_inv, ids1, out1, num_experts, rows_in_use, a_rows,
             splits[0:1] if split1 else None, act_scale=act_scale1, ue8m0=ue8m0,
         )  # fmt: skip
@@ -340,7 +340,7 @@ def _launch_plan(
             pairs = direct_rows(layout.row_of_slot, topk_weights, plan.num_rows)
             direct = (_first_rows(walked, pairs)[0], out)
         a2, s2, ids2, y2 = _first_rows(walked, act_fp8, act_scale, ids, y)
-        _gemm_contiguous(
+        run_contiguous_gemm(
             plan.gemm2, a2, s2, w2_fp8, w2_scale_inv, ids2, y2, num_experts, rows_in_use, None,
             splits[1:2] if split2 else None, silu_a, direct=direct,
         )  # fmt: skip

@@ -4,6 +4,8 @@ For each DeepSeek-V3 weight shape (EP8 and TP8 slices, w13 and w2) and each rows
 bucket, times a small candidate set per kernel (CUDA-graph replay, median) and writes the fastest
 into `moe_backend/kernels/configs/<kernel>_<device>.json` (or --out-dir). Decode buckets tune the
 masked kernel, prefill buckets the contiguous one (the layouts the policy uses in each phase).
+The masked table's tiles also run on the layer's decode layout (contiguous, segments padded to
+the tile's rows): `--decode-layouts masked,contiguous` times each candidate there as well.
 The table is written after every finished (shape, rows) job, so a run stopped part way keeps what
 it finished; a run over part of an existing table records the entries it changed under the
 table's `meta.retuned`.
@@ -18,6 +20,8 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -124,72 +128,167 @@ def _smem_bytes(bm: int, bn: int, unroll: int, stages: int) -> int:
     return stages * unroll * 128 * (bm + bn)
 
 
-def _job_inputs(kernel: str, e: int, m: int, n: int, k: int, routing: str, weights) -> tuple:
-    """(gemm function, its operands up to the output, output) for one job under one routing: m
-    rows per expert on average, per-expert counts from `testing.routed_counts`."""
+def _job_inputs(kernel: str, e: int, m: int, n: int, k: int, routing: str, weights, layout: str, job) -> Callable:
+    """`run(config)`: one job's GEMM under one routing (m rows per expert on average, per-expert
+    counts from `testing.routed_counts`) on one layout, its operands drawn once here."""
     from moe_backend.kernels.grouped_gemm_contiguous import CONTIGUOUS_ALIGNMENT, grouped_gemm_contiguous
     from moe_backend.kernels.grouped_gemm_masked import grouped_gemm_masked
     from moe_backend.testing import make_contiguous_inputs, make_masked_inputs, routed_counts
 
     counts = routed_counts(e, m, routing)
+    if kernel == "grouped_gemm_masked" and layout == "contiguous":
+        block_ms = {cfg["BLOCK_M"] for cfg in job.candidates}
+        return _layer_decode_inputs(counts, m, n, k, weights, block_ms, gather_a=job.gemm == "w13")
     if kernel == "grouped_gemm_masked":
         a, a_s, b, bs, idx = make_masked_inputs(e, counts, n, k, weights)
-        return (
-            grouped_gemm_masked,
-            (a, a_s, b, bs, idx),
-            torch.empty(*a.shape[:2], n, dtype=torch.bfloat16, device="cuda"),
-        )
+        out = torch.empty(*a.shape[:2], n, dtype=torch.bfloat16, device="cuda")
+        return lambda cfg: grouped_gemm_masked(a, a_s, b, bs, idx, out, config=cfg)
     a, a_s, b, bs, idx = make_contiguous_inputs(e, counts, n, k, CONTIGUOUS_ALIGNMENT, weights)
-    return (
-        grouped_gemm_contiguous,
-        (a, a_s, b, bs, idx),
-        torch.empty(a.shape[0], n, dtype=torch.bfloat16, device="cuda"),
-    )
+    out = torch.empty(a.shape[0], n, dtype=torch.bfloat16, device="cuda")
+    return lambda cfg: grouped_gemm_contiguous(a, a_s, b, bs, idx, out, config=cfg)
 
 
-def _time_candidates(kernels, jobs, bar, log, routings=("uniform",), on_job=None) -> dict:
+def layer_decode_layout(counts: torch.Tensor, block_m: int, perm: torch.Tensor) -> tuple:
+    """(expert id per row int32, token row per row int64, rows in use): the layer's decode layout
+    for per-expert `counts` (int64 `[E]`, on the host), each expert's segment padded to `block_m`
+    rows over the static bound the layer sizes it by (rows + E * (block_m - 1)); padding rows have
+    id -1 and token row -1. `perm` (int64 `[rows]`) gives the token row of each routed row in
+    expert order (the layer's rows come from scattered tokens)."""
+    total, e = int(counts.sum()), counts.numel()
+    bound = total + e * (block_m - 1)
+    ids = torch.full((bound,), -1, dtype=torch.int32)
+    src = torch.full((bound,), -1, dtype=torch.int64)
+    row = done = 0
+    for expert, c in enumerate(counts.tolist()):
+        ids[row : row + c] = expert
+        src[row : row + c] = perm[done : done + c]
+        row += -(-c // block_m) * block_m
+        done += c
+    return ids, src, row
+
+
+def _layer_decode_inputs(
+    counts, m: int, n: int, k: int, weights, block_ms, *, gather_a: bool, device: str = "cuda"
+) -> Callable:
+    """`run(config)`: a masked-table config as the layer's decode plan runs it on its contiguous
+    layout (`dispatch.gemm_choice.masked_tiles_on_contiguous`, `with_split_k`): segments padded to
+    the config's BLOCK_M over the static bound, the rows in use read on the device, A read through
+    the token rows (GEMM1 without TMA: the plan's gather), K split where the plan would split it."""
+    from moe_backend.dispatch.gemm_choice import GemmPlan, with_split_k
+    from moe_backend.kernels import _gemm_config
+    from moe_backend.plan_execution import run_contiguous_gemm
+    from moe_backend.quant import quantize_fp8_per_token_group
+
+    e = counts.numel()
+    b, bs = weights
+    total = int(counts.sum())
+    tokens_a, tokens_s = quantize_fp8_per_token_group(torch.randn(total, k, device=device, dtype=torch.bfloat16))
+    perm = torch.randperm(total)
+    layouts = {}
+    for bm in sorted(block_ms):
+        ids, src, used = layer_decode_layout(counts, bm, perm)
+        src = src.to(device)
+        rows = src.clamp(min=0)  # padding rows read token 0; the kernel does not walk or write them
+        layouts[bm] = (
+            ids.to(device),
+            src,
+            tokens_a[rows],
+            tokens_s[rows],
+            torch.tensor([used], dtype=torch.int32, device=device),
+        )
+    outs: dict = {}
+
+    def run(cfg):
+        full = _gemm_config.check_config(dict(cfg, NARROW_M=0), max_block_m=128)
+        g = with_split_k(GemmPlan("triton", n, k, tuple(sorted(full.items()))), e, m)
+        ids, src, a, a_s, used = layouts[full["BLOCK_M"]]
+        key = (full["BLOCK_M"], g.split_k)
+        if key not in outs:  # on the first call, which runs before the graph is captured
+            shape, dtype = (
+                ((g.split_k, ids.numel(), n), torch.float32) if g.split_k > 1 else ((ids.numel(), n), torch.bfloat16)
+            )
+            outs[key] = (
+                torch.empty(shape, dtype=dtype, device=device),
+                torch.zeros(1, dtype=torch.int32, device=device),
+            )
+        out, splits = outs[key]
+        gather = gather_a and not full["TMA"]
+        return run_contiguous_gemm(
+            g, tokens_a if gather else a, tokens_s if gather else a_s, b, bs, ids, out, e,
+            rows_in_use=used, a_rows=src if gather else None, splits_out=splits if g.split_k > 1 else None,
+        )  # fmt: skip
+
+    return run
+
+
+@dataclass(frozen=True)
+class _Job:
+    kernel: str
+    slice: str
+    gemm: str
+    candidates: tuple
+
+
+def job_candidates(kernel: str, m: int, k: int, decode_layouts=("masked",)) -> list[dict]:
+    """The configs a job times. With the layer's decode layout among `decode_layouts`, the masked
+    kernel's narrow-tile configs (NARROW_M) are left out: the contiguous walk does not run them, and
+    an entry the layer reads must run as timed."""
+    masked = kernel == "grouped_gemm_masked"
+    out = candidates(m, masked=masked, k=k)
+    if masked and "contiguous" in decode_layouts:
+        out = [cfg for cfg in out if not cfg.get("NARROW_M")]
+    return out
+
+
+def _time_candidates(kernels, jobs, bar, log, routings=("uniform",), on_job=None, decode_layouts=("masked",)) -> dict:
     """{kernel: {"N=..,K=..": {m: best config with its µs}}} for each (kernel, shape, m) job: the
     config with the least time summed over `routings` (uniform and imbalanced counts at the same
-    mean rows per expert, so a tile that only suits equal counts does not win). `on_job(kernel,
-    tables)` runs after each job, so a caller can save what is done before the next one starts."""
+    mean rows per expert, so a tile that only suits equal counts does not win) and, for the masked
+    kernel, over `decode_layouts` (masked; contiguous: as the layer's decode runs the table's
+    tiles). `on_job(kernel, tables)` runs after each job, so a caller can save what is done before
+    the next one starts."""
     from moe_backend.testing import random_fp8_weights, time_graph
 
     tables: dict = {kernel: {} for kernel in kernels}
     weights_cache: dict = {}
     for kernel, (sl, gemm, e, n, k), m in jobs:
-        masked = kernel == "grouped_gemm_masked"
+        job = _Job(kernel, sl, gemm, tuple(job_candidates(kernel, m, k, decode_layouts)))
+        layouts = decode_layouts if kernel == "grouped_gemm_masked" else ("contiguous",)
         key = (e, n, k)
         if key not in weights_cache:
             weights_cache.clear()
             torch.cuda.empty_cache()
             weights_cache[key] = random_fp8_weights(e, n, k)
-        inputs = [(routing, *_job_inputs(kernel, e, m, n, k, routing, weights_cache[key])) for routing in routings]
+        runs = []
+        for routing, layout in itertools.product(routings, layouts):
+            name = routing + (f" {layout}" if len(layouts) > 1 else "")
+            runs.append((name, _job_inputs(kernel, e, m, n, k, routing, weights_cache[key], layout, job)))
         best = None
-        for cfg in candidates(m, masked=masked, k=k):
+        for cfg in job.candidates:
             _interrupts_to_python()
-            per_routing = []
-            for routing, gemm_fn, operands, out in inputs:
+            per_run = []
+            for name, run_gemm in runs:
                 try:
-                    per_routing.append(time_graph(lambda: gemm_fn(*operands, out, config=cfg)))
+                    per_run.append(time_graph(lambda: run_gemm(cfg)))  # noqa: B023
                 except Exception as exc:  # out of shared memory / registers: not a candidate here
-                    per_routing.append(float("inf"))
+                    per_run.append(float("inf"))
                     if log:
                         print(
-                            f"{kernel} {sl} {gemm} m={m} {routing} {cfg}: {type(exc).__name__}: {str(exc)[:120]}",
+                            f"{kernel} {sl} {gemm} m={m} {name} {cfg}: {type(exc).__name__}: {str(exc)[:120]}",
                             file=log,
                             flush=True,
                         )
                     break
-            us = sum(per_routing)
+            us = sum(per_run)
             if log and us != float("inf"):
-                detail = ", ".join(f"{r} {t:.1f}" for (r, *_), t in zip(inputs, per_routing))
+                detail = ", ".join(f"{name} {t:.1f}" for (name, _), t in zip(runs, per_run))
                 print(f"{kernel} {sl} {gemm} m={m} {cfg} {us:.1f}us ({detail})", file=log, flush=True)
             if best is None or us < best[0]:
                 best = (us, cfg)
             bar.update(1)
         bar.set_postfix_str(f"{sl} {gemm} m={m}: {best[0]:.1f}us")
         tables[kernel].setdefault(f"N={n},K={k}", {})[str(m)] = dict(best[1], us=round(best[0], 1))
-        inputs = None  # freed before the next job's inputs are drawn
+        runs = None  # freed before the next job's inputs are drawn
         if on_job is not None:
             on_job(kernel, tables)
     return tables
@@ -203,11 +302,13 @@ def tune(
     out_dir=None,
     log=None,
     routings=("uniform",),
+    decode_layouts=("masked",),
 ) -> dict:
     """Times the candidates of every (kernel, shape, rows) job and merges the fastest into the
     GPU's tables (`merge_tuned`), saving them after each job. `routings`: the counts each
     candidate is timed under (summed), e.g. ("uniform", "zipf:0.6") to tune for imbalanced
-    routing as well."""
+    routing as well. `decode_layouts`: the layouts each masked-kernel candidate is timed on
+    (summed): "masked", and "contiguous" as the layer's decode runs the masked table's tiles."""
     import triton
 
     from moe_backend._json_file import write_json
@@ -226,14 +327,22 @@ def tune(
             f"nothing to tune: no shape with these rows per expert (buckets of more than {MAX_TOTAL_ROWS} "
             "rows in all are skipped where a slice has more than 32 experts)"
         )
-    run_meta = dict(
-        device=device,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        method="CUDA-graph replay, median" + ("" if tuple(routings) == ("uniform",) else ", summed over routings"),
-        routings=list(routings),
+    layouts_note = (
+        "" if tuple(decode_layouts) == ("masked",) else f", summed over layouts ({', '.join(decode_layouts)})"
     )
+    run_meta = {
+        kernel: dict(
+            device=device,
+            torch=torch.__version__,
+            triton=triton.__version__,
+            date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            method="CUDA-graph replay, median"
+            + ("" if tuple(routings) == ("uniform",) else ", summed over routings")
+            + (layouts_note if kernel == "grouped_gemm_masked" else ""),
+            routings=list(routings),
+        )
+        for kernel in kernels
+    }
     out_dir = Path(out_dir or _gemm_config.CONFIG_DIR)
     base: dict = {}  # per kernel: the table as it was before this run (None: there was none)
 
@@ -245,12 +354,12 @@ def tune(
         if kernel not in base:
             shipped = path_of(kernel) if path_of(kernel).exists() else _gemm_config.table_path(kernel, device)
             base[kernel] = json.loads(shipped.read_text()) if shipped.exists() else None
-        write_json(path_of(kernel), merge_tuned(base[kernel], tables[kernel], run_meta))
+        write_json(path_of(kernel), merge_tuned(base[kernel], tables[kernel], run_meta[kernel]))
 
-    total = sum(len(candidates(m, masked=kernel == "grouped_gemm_masked", k=shape[4])) for kernel, shape, m in jobs)
+    total = sum(len(job_candidates(kernel, m, shape[4], decode_layouts)) for kernel, shape, m in jobs)
     with progress(total, f"tune on {device}", unit="config") as bar:
         try:
-            _time_candidates(kernels, jobs, bar, log, routings, on_job=save)
+            _time_candidates(kernels, jobs, bar, log, routings, on_job=save, decode_layouts=decode_layouts)
         except KeyboardInterrupt:
             saved = ", ".join(str(path_of(k)) for k in base) or "none yet"
             with _second_interrupt_ignored():
@@ -313,6 +422,7 @@ def merge_tuned(table: dict | None, tuned: dict, run_meta: dict) -> dict:
 
 
 TUNABLE_KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
+DECODE_LAYOUTS = ("masked", "contiguous")
 
 
 def _routings(text: str) -> list[str]:
@@ -363,6 +473,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated: uniform, zipf:A (0 <= A <= 4); each candidate is timed under each and the "
         "least summed time wins (e.g. uniform,zipf:0.6 tunes for imbalanced routing as well)",
     )
+    parser.add_argument(
+        "--decode-layouts",
+        type=csv_of(DECODE_LAYOUTS),
+        default="masked",
+        help="layouts each masked-kernel candidate is timed on, summed: masked, contiguous (the layer's decode "
+        "layout: segments padded to the tile's rows, as the layer runs the masked table's tiles; narrow-tile "
+        "candidates are then left out)",
+    )
     parser.add_argument("--out-dir", default=None, help="where the JSON tables go (default: the package's)")
     parser.add_argument("--log", default=None, help="file for every candidate's timing")
 
@@ -389,6 +507,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir=args.out_dir,
             log=log,
             routings=tuple(args.routing),
+            decode_layouts=tuple(args.decode_layouts),
         )
     except KeyboardInterrupt:  # tune() has said what it saved; no traceback for a Ctrl-C
         return 130

@@ -19,18 +19,19 @@ class _Bar:
         pass
 
 
-def _fake_timing(monkeypatch, times: dict) -> None:
-    """Candidates A and B; time_graph answers from `times[(config name, routing)]`."""
+def _fake_timing(monkeypatch, times: dict, configs=({"name": "A"}, {"name": "B"})) -> None:
+    """Candidates `configs` (A and B); time_graph answers from `times[(config name, routing)]`, or
+    `times[(config name, routing, layout)]` on a layout other than the masked one."""
     ran = {}
-    monkeypatch.setattr(tune, "candidates", lambda m, masked, k: [{"name": "A"}, {"name": "B"}])
+    monkeypatch.setattr(tune, "candidates", lambda m, masked, k: [dict(c) for c in configs])
     monkeypatch.setattr(testing, "random_fp8_weights", lambda e, n, k: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
 
-    def job_inputs(kernel, e, m, n, k, routing, weights):
-        def gemm(routing_, out, config):
-            ran["last"] = (config["name"], routing_)
+    def job_inputs(kernel, e, m, n, k, routing, weights, layout, job):
+        def gemm(config):
+            ran["last"] = (config["name"], routing) + (() if layout == "masked" else (layout,))
 
-        return gemm, (routing,), None
+        return gemm
 
     def time_graph(fn):
         fn()
@@ -50,13 +51,80 @@ def test_the_least_summed_time_over_the_routings_wins(monkeypatch):
     assert both["grouped_gemm_masked"]["N=4096,K=7168"]["16"] == {"name": "B", "us": 32.0}
 
 
+def test_on_both_decode_layouts_the_least_time_summed_over_routings_and_layouts_wins(monkeypatch):
+    """A wins on the masked layout, B as the layer's decode runs the tiles (contiguous); over both,
+    the sum decides. The narrow-tile candidate N, fastest on the masked layout, is not timed once
+    the contiguous layout is asked for: the contiguous walk does not run it."""
+    times = {
+        ("A", "uniform"): 10.0,
+        ("B", "uniform"): 11.0,
+        ("N", "uniform"): 5.0,
+        ("A", "uniform", "contiguous"): 14.0,
+        ("B", "uniform", "contiguous"): 11.0,
+    }
+    _fake_timing(monkeypatch, times, configs=({"name": "A"}, {"name": "B"}, {"name": "N", "NARROW_M": 16}))
+    job = [("grouped_gemm_masked", ("ep8", "w13", 32, 4096, 7168), 4)]
+    masked = tune._time_candidates(["grouped_gemm_masked"], job, _Bar(), None)
+    both = tune._time_candidates(["grouped_gemm_masked"], job, _Bar(), None, decode_layouts=("masked", "contiguous"))
+    assert masked["grouped_gemm_masked"]["N=4096,K=7168"]["4"] == {"name": "N", "NARROW_M": 16, "us": 5.0}
+    assert both["grouped_gemm_masked"]["N=4096,K=7168"]["4"] == {"name": "B", "us": 22.0}
+    assert [c["name"] for c in tune.job_candidates("grouped_gemm_masked", 4, 7168, ("masked", "contiguous"))] == [
+        "A",
+        "B",
+    ]
+    assert len(tune.job_candidates("grouped_gemm_contiguous", 4, 7168, ("masked", "contiguous"))) == 3
+
+
+def test_the_layer_decode_layout_pads_each_segment_to_the_tile(monkeypatch):
+    counts = torch.tensor([3, 0, 17, 16])
+    perm = torch.randperm(36)
+    ids, src, used = tune.layer_decode_layout(counts, 16, perm)
+    assert ids.numel() == src.numel() == 36 + 4 * 15  # the static bound
+    assert used == 16 + 0 + 32 + 16
+    assert ids[:3].tolist() == [0] * 3 and (ids[3:16] == -1).all()
+    assert ids[16:33].tolist() == [2] * 17 and (ids[33:48] == -1).all()
+    assert ids[48:64].tolist() == [3] * 16 and (ids[64:] == -1).all()
+    assert src[ids >= 0].tolist() == perm.tolist()  # each routed row reads its own token
+    assert (src[ids < 0] == -1).all()
+
+
+def test_a_candidate_on_the_layer_layout_runs_as_the_plan_would(monkeypatch):
+    """GEMM1 without TMA reads token rows through the layout (the plan's gather), with TMA the
+    rows laid out; too few units to fill the GPU split K into f32 partial sums, as `with_split_k`
+    does for the layer (4 experts of 1 row at N = 256: units far under the threshold)."""
+    from moe_backend import plan_execution
+    from moe_backend.dispatch import gemm_choice
+    from moe_backend.kernels._gemm_config import check_config
+
+    calls = []
+    monkeypatch.setattr(
+        plan_execution, "run_contiguous_gemm", lambda g, a, a_s, b, bs, ids, out, e, **kw: calls.append((g, a, out, kw))
+    )
+    counts = torch.tensor([1, 1, 1, 1])
+    weights = testing.random_fp8_weights(4, 256, 7168, device="cpu")
+    run = tune._layer_decode_inputs(counts, 1, 256, 7168, weights, {16}, gather_a=True, device="cpu")
+    cfg = dict(BLOCK_M=16, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, K_UNROLL=2, num_warps=4, num_stages=3)
+    run(dict(cfg, TMA=False))
+    run(dict(cfg, TMA=True))
+    expected = gemm_choice.with_split_k(
+        gemm_choice.GemmPlan("triton", 256, 7168, tuple(sorted(check_config(cfg).items()))), 4, 1
+    )
+    assert expected.split_k > 1
+    (g, a, out, kw), (g_tma, a_tma, _, kw_tma) = calls
+    assert g.split_k == expected.split_k and out.shape == (expected.split_k, 4 + 4 * 15, 256)
+    assert out.dtype == torch.float32 and kw["splits_out"] is not None
+    assert a.shape[0] == 4 and kw["a_rows"] is not None  # the token rows, gathered
+    assert a_tma.shape[0] == 4 + 4 * 15 and kw_tma["a_rows"] is None  # the rows laid out
+    assert int(kw["rows_in_use"]) == 4 * 16
+
+
 def test_routings_reach_the_tuner(monkeypatch):
     seen = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(tune, "tune", lambda **kwargs: seen.update(kwargs) or {"paths": []})
-    assert tune.main(["--routing", "uniform,zipf:0.6", "--slices", "ep8"]) == 0
-    assert seen["routings"] == ("uniform", "zipf:0.6")
-    assert tune.main([]) == 0 and seen["routings"] == ("uniform",)
+    assert tune.main(["--routing", "uniform,zipf:0.6", "--slices", "ep8", "--decode-layouts", "masked,contiguous"]) == 0
+    assert seen["routings"] == ("uniform", "zipf:0.6") and seen["decode_layouts"] == ("masked", "contiguous")
+    assert tune.main([]) == 0 and seen["routings"] == ("uniform",) and seen["decode_layouts"] == ("masked",)
 
 
 def test_masked_candidates_at_few_rows_include_tiles_for_a_hot_expert():

@@ -570,14 +570,14 @@ def test_deepgemm_contiguous_plans_read_their_rows_on_the_host(monkeypatch):
 
 def _rows_given_to_gemms(monkeypatch) -> list[int]:
     rows = []
-    original = plan_execution._gemm_contiguous
+    original = plan_execution.run_contiguous_gemm
 
     def recording(g, a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, *args, **kwargs):
         assert a_fp8.shape[0] == a_scale.shape[0] == expert_ids.shape[0] == out.shape[-2]
         rows.append(a_fp8.shape[0])
         return original(g, a_fp8, a_scale, b_fp8, b_scale, expert_ids, out, *args, **kwargs)
 
-    monkeypatch.setattr(plan_execution, "_gemm_contiguous", recording)
+    monkeypatch.setattr(plan_execution, "run_contiguous_gemm", recording)
     return rows
 
 
@@ -631,7 +631,7 @@ def test_only_the_cuda_gemm_stores_silu_quant():
     before any launch (the executor passes act_scale only for `Plan.silu_in_gemm1`)."""
     a = torch.zeros(4, 128)
     with pytest.raises(ValueError, match="act_scale: only our CUDA GEMM"):
-        plan_execution._gemm_contiguous(
+        plan_execution.run_contiguous_gemm(
             plan_mod.GemmPlan("triton", 256, 128), a, a, a, a, a, a, 1, act_scale=torch.zeros(4, 1)
         )
 
@@ -699,7 +699,7 @@ def test_only_the_cuda_gemm_stores_direct_rows():
     """A plan whose GEMM2 is not our CUDA kernel cannot ask it to store rows into the output."""
     a = torch.zeros(4, 128)
     with pytest.raises(ValueError, match="direct: only our CUDA GEMM"):
-        plan_execution._gemm_contiguous(
+        plan_execution.run_contiguous_gemm(
             plan_mod.GemmPlan("triton", 256, 128), a, a, a, a, a, a, 1, direct=(torch.zeros(4, 2), a)
         )
 
