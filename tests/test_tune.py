@@ -53,26 +53,49 @@ def test_the_least_summed_time_over_the_routings_wins(monkeypatch):
 
 def test_on_both_decode_layouts_the_least_time_summed_over_routings_and_layouts_wins(monkeypatch):
     """A wins on the masked layout, B as the layer's decode runs the tiles (contiguous); over both,
-    the sum decides. The narrow-tile candidate N, fastest on the masked layout, is not timed once
-    the contiguous layout is asked for: the contiguous walk does not run it."""
+    the sum decides. Candidates the layer cannot run as timed are left out once the contiguous
+    layout is asked for: N (narrow tiles, fastest on the masked layout) and W (32-row tiles where
+    the layer runs 16: the layer pads both GEMMs' segments to the larger tile)."""
     times = {
         ("A", "uniform"): 10.0,
         ("B", "uniform"): 11.0,
         ("N", "uniform"): 5.0,
+        ("W", "uniform"): 6.0,
         ("A", "uniform", "contiguous"): 14.0,
         ("B", "uniform", "contiguous"): 11.0,
     }
-    _fake_timing(monkeypatch, times, configs=({"name": "A"}, {"name": "B"}, {"name": "N", "NARROW_M": 16}))
+    configs = (
+        {"name": "A", "BLOCK_M": 16},
+        {"name": "B", "BLOCK_M": 16},
+        {"name": "N", "BLOCK_M": 32, "NARROW_M": 16},
+        {"name": "W", "BLOCK_M": 32},
+    )
+    _fake_timing(monkeypatch, times, configs=configs)
+    monkeypatch.setattr(tune, "_layer_block_m", lambda m, n, k: 16)
     job = [("grouped_gemm_masked", ("ep8", "w13", 32, 4096, 7168), 4)]
     masked = tune._time_candidates(["grouped_gemm_masked"], job, _Bar(), None)
     both = tune._time_candidates(["grouped_gemm_masked"], job, _Bar(), None, decode_layouts=("masked", "contiguous"))
-    assert masked["grouped_gemm_masked"]["N=4096,K=7168"]["4"] == {"name": "N", "NARROW_M": 16, "us": 5.0}
-    assert both["grouped_gemm_masked"]["N=4096,K=7168"]["4"] == {"name": "B", "us": 22.0}
-    assert [c["name"] for c in tune.job_candidates("grouped_gemm_masked", 4, 7168, ("masked", "contiguous"))] == [
-        "A",
-        "B",
-    ]
-    assert len(tune.job_candidates("grouped_gemm_contiguous", 4, 7168, ("masked", "contiguous"))) == 3
+    assert masked["grouped_gemm_masked"]["N=4096,K=7168"]["4"] == dict(configs[2], us=5.0)
+    assert both["grouped_gemm_masked"]["N=4096,K=7168"]["4"] == dict(configs[1], us=22.0)
+    names = [c["name"] for c in tune.job_candidates("grouped_gemm_masked", 4, 4096, 7168, ("masked", "contiguous"))]
+    assert names == ["A", "B"]
+    assert len(tune.job_candidates("grouped_gemm_contiguous", 4, 4096, 7168, ("masked", "contiguous"))) == 4
+    # Where the grid holds no tile of the layer's rows, the plain ones stay candidates.
+    monkeypatch.setattr(tune, "_layer_block_m", lambda m, n, k: 64)
+    names = [c["name"] for c in tune.job_candidates("grouped_gemm_masked", 4, 4096, 7168, ("masked", "contiguous"))]
+    assert names == ["A", "B", "W"]
+
+
+def test_the_layer_block_m_is_what_the_layer_runs_now(monkeypatch):
+    """TP8 w2 at 8 rows per expert: the H100 table's entry there has 32-row tiles with narrow ones,
+    which the contiguous walk does not run; the layer runs the nearest plain entry's 16 rows."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    table = json.loads(
+        (Path(tune.__file__).parent / "kernels/configs/grouped_gemm_masked_NVIDIA_H100_80GB_HBM3.json").read_text()
+    )
+    assert table["N=7168,K=256"]["8"]["BLOCK_M"] == 32 and table["N=7168,K=256"]["8"]["NARROW_M"]
+    assert tune._layer_block_m(8, 7168, 256) == 16
+    assert tune._layer_block_m(1, 4096, 7168) == table["N=4096,K=7168"]["1"]["BLOCK_M"]
 
 
 def test_the_layer_decode_layout_pads_each_segment_to_the_tile(monkeypatch):
