@@ -30,10 +30,11 @@ def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
 
 
 def csv_of(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    """An argparse `type`: a non-empty comma-separated list drawn from `choices`."""
+    """An argparse `type`: a non-empty comma-separated list drawn from `choices`, each item once
+    (a repeat would time or run it twice)."""
 
     def parse(text: str) -> tuple[str, ...]:
-        items = tuple(item.strip() for item in text.split(",") if item.strip())
+        items = tuple(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
         unknown = [item for item in items if item not in choices]
         if not items or unknown:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}, got {text!r}")

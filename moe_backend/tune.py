@@ -5,7 +5,8 @@ bucket, times a small candidate set per kernel (CUDA-graph replay, median) and w
 into `moe_backend/kernels/configs/<kernel>_<device>.json` (or --out-dir). Decode buckets tune the
 masked kernel, prefill buckets the contiguous one (the layouts the policy uses in each phase).
 The masked table's tiles also run on the layer's decode layout (contiguous, segments padded to
-the tile's rows): `--decode-layouts masked,contiguous` times each candidate there as well.
+the larger tile of the layer's two GEMMs): `--decode-layouts masked,contiguous` times each
+candidate there as well.
 The table is written after every finished (shape, rows) job, so a run stopped part way keeps what
 it finished; a run over part of an existing table records the entries it changed under the
 table's `meta.retuned`.
@@ -35,6 +36,12 @@ DECODE_ROWS = (1, 4, 16, 64, 128)
 PREFILL_ROWS = (256, 512, 2048, 4096)
 # Prefill buckets above this many rows in all are skipped on TP8 (256 experts: memory, time).
 MAX_TOTAL_ROWS = 256 * 512
+# The masked kernel's tiles run on the masked layout and, in the layer's decode, on the contiguous one.
+DECODE_LAYOUTS = ("masked", "contiguous")
+
+
+# (K_UNROLL, num_stages) pairs the grids try
+DEPTHS = ((1, 3), (1, 4), (1, 5), (2, 2), (2, 3), (4, 2))
 
 
 def _pow2ceil(x: int) -> int:
@@ -44,7 +51,6 @@ def _pow2ceil(x: int) -> int:
 def candidates(m: int, *, masked: bool, k: int = DEEPSEEK_V3_HIDDEN) -> list[dict]:
     """A small grid around what the rows-per-expert count needs (see _gemm_config.formula)."""
     out = []
-    depth = ((1, 3), (1, 4), (1, 5), (2, 2), (2, 3), (4, 2))  # (K_UNROLL, num_stages)
     if k <= 256:
         # Short K: one program loops over N_LOOP n-tiles with the whole K of A held (see the kernel).
         for bm, bn, n_loop, stages, w in itertools.product(
@@ -61,37 +67,44 @@ def candidates(m: int, *, masked: bool, k: int = DEEPSEEK_V3_HIDDEN) -> list[dic
         # holds several times the mean, and each of its M tiles streams the expert's weights again.
         wide = {2 * top} if top <= 16 else set()
         for bm in sorted({top, max(16, top // 2)} | wide):
-            for bn, (unroll, stages) in itertools.product((64, 128, 256), depth):
-                if _smem_bytes(bm, bn, unroll, stages) > 200 * 1024 or (unroll == 4 and m < 64):
-                    continue
-                warps = (4, 8) if bm * bn >= 64 * 128 else (4,)
-                swaps = (True,) if bm <= 32 else (False, True)
-                # TMA loads pay where the tiles are large enough to be issue-bound (64+ rows).
-                tmas = (False, True) if bm >= 64 else (False,)
-                for w, sw, tma in itertools.product(warps, swaps, tmas):
-                    out.append(
-                        dict(
-                            BLOCK_M=bm,
-                            BLOCK_N=bn,
-                            GROUP_M=1,
-                            SWAP_AB=sw,
-                            K_UNROLL=unroll,
-                            TMA=tma,
-                            num_warps=w,
-                            num_stages=stages,
-                        )
-                    )
+            out += _masked_tiles(bm, m)
         if top <= 16:
-            out += _hot_expert_candidates(top, depth)
+            out += _hot_expert_candidates(top, DEPTHS)
         return out
     for bm, bn, w, (unroll, stages), gm in itertools.product(
-        (64, 128), (128, 256), (4, 8), depth[:2] + depth[3:], (1, 8)
+        (64, 128), (128, 256), (4, 8), DEPTHS[:2] + DEPTHS[3:], (1, 8)
     ):
         if (bm == 64 and w == 8 and bn == 128) or _smem_bytes(bm, bn, unroll, stages) > 200 * 1024:
             continue
         out.append(
             dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SWAP_AB=False, K_UNROLL=unroll, num_warps=w, num_stages=stages)
         )
+    return out
+
+
+def _masked_tiles(bm: int, m: int, depth=DEPTHS) -> list[dict]:
+    """The masked grid's plain (not narrow) tiles of `bm` rows for m rows per expert."""
+    out = []
+    for bn, (unroll, stages) in itertools.product((64, 128, 256), depth):
+        if _smem_bytes(bm, bn, unroll, stages) > 200 * 1024 or (unroll == 4 and m < 64):
+            continue
+        warps = (4, 8) if bm * bn >= 64 * 128 else (4,)
+        swaps = (True,) if bm <= 32 else (False, True)
+        # TMA loads pay where the tiles are large enough to be issue-bound (64+ rows).
+        tmas = (False, True) if bm >= 64 else (False,)
+        for w, sw, tma in itertools.product(warps, swaps, tmas):
+            out.append(
+                dict(
+                    BLOCK_M=bm,
+                    BLOCK_N=bn,
+                    GROUP_M=1,
+                    SWAP_AB=sw,
+                    K_UNROLL=unroll,
+                    TMA=tma,
+                    num_warps=w,
+                    num_stages=stages,
+                )
+            )
     return out
 
 
@@ -138,7 +151,9 @@ def _job_inputs(kernel: str, e: int, m: int, n: int, k: int, routing: str, weigh
     counts = routed_counts(e, m, routing)
     if kernel == "grouped_gemm_masked" and layout == "contiguous":
         block_ms = {cfg["BLOCK_M"] for cfg in job.candidates}
-        return _layer_decode_inputs(counts, m, n, k, weights, block_ms, gather_a=job.gemm == "w13")
+        return _layer_decode_inputs(
+            counts, m, n, k, weights, block_ms, gather_a=job.gemm == "w13", pad_at_least=job.partner_block_m
+        )
     if kernel == "grouped_gemm_masked":
         a, a_s, b, bs, idx = make_masked_inputs(e, counts, n, k, weights)
         out = torch.empty(*a.shape[:2], n, dtype=torch.bfloat16, device="cuda")
@@ -168,12 +183,14 @@ def layer_decode_layout(counts: torch.Tensor, block_m: int, perm: torch.Tensor) 
 
 
 def _layer_decode_inputs(
-    counts, m: int, n: int, k: int, weights, block_ms, *, gather_a: bool, device: str = "cuda"
+    counts, m: int, n: int, k: int, weights, block_ms, *, gather_a: bool, pad_at_least: int = 1, device: str = "cuda"
 ) -> Callable:
     """`run(config)`: a masked-table config as the layer's decode plan runs it on its contiguous
     layout (`dispatch.gemm_choice.masked_tiles_on_contiguous`, `with_split_k`): segments padded to
-    the config's BLOCK_M over the static bound, the rows in use read on the device, A read through
-    the token rows (GEMM1 without TMA: the plan's gather), K split where the plan would split it."""
+    the config's BLOCK_M, or to `pad_at_least` rows (the layer's other GEMM's tile) where that is
+    larger (`segment_alignment`), over the static bound, the rows in use read on the device, A
+    read through the token rows (GEMM1 without TMA: the plan's gather), K split where the plan
+    would split it."""
     from moe_backend.dispatch.gemm_choice import GemmPlan, with_split_k
     from moe_backend.kernels import _gemm_config
     from moe_backend.plan_execution import run_contiguous_gemm
@@ -186,7 +203,7 @@ def _layer_decode_inputs(
     perm = torch.randperm(total)
     layouts = {}
     for bm in sorted(block_ms):
-        ids, src, used = layer_decode_layout(counts, bm, perm)
+        ids, src, used = layer_decode_layout(counts, max(bm, pad_at_least), perm)
         src = src.to(device)
         rows = src.clamp(min=0)  # padding rows read token 0; the kernel does not walk or write them
         layouts[bm] = (
@@ -223,26 +240,24 @@ def _layer_decode_inputs(
 
 @dataclass(frozen=True)
 class _Job:
-    kernel: str
-    slice: str
-    gemm: str
+    gemm: str  # "w13" or "w2"
     candidates: tuple
+    partner_block_m: int  # the layer's other GEMM's BLOCK_M at these rows (1: not timed on its layout)
 
 
 def job_candidates(kernel: str, m: int, n: int, k: int, decode_layouts=("masked",)) -> list[dict]:
     """The configs a job times. With the layer's decode layout among `decode_layouts`, the masked
     kernel's candidates are those the layer can run as timed: no narrow tiles (NARROW_M; the
     contiguous walk does not run them), and only the BLOCK_M the layer runs this GEMM with now
-    (`_layer_block_m`). The layer pads each expert's segment to the larger BLOCK_M of its two GEMMs,
-    so another BLOCK_M changes the other GEMM's layout too, which a GEMM timed alone does not see
-    (on an H100, EP8 w2 at 16 rows per expert on 32-row tiles won this tune by 1% and made the layer
-    15-17% slower at 256 tokens)."""
+    (`_layer_block_m`; the grid's plain tiles of that height where the grid has none). The layer
+    pads each expert's segment to the larger BLOCK_M of its two GEMMs, so another BLOCK_M changes
+    the other GEMM's layout too, which a GEMM timed alone does not see."""
     masked = kernel == "grouped_gemm_masked"
     out = candidates(m, masked=masked, k=k)
     if masked and "contiguous" in decode_layouts:
         block_m = _layer_block_m(m, n, k)
-        plain = [cfg for cfg in out if not cfg.get("NARROW_M")]
-        out = [cfg for cfg in plain if cfg["BLOCK_M"] == block_m] or plain
+        out = [cfg for cfg in out if cfg["BLOCK_M"] == block_m and not cfg.get("NARROW_M")]
+        out = out or _masked_tiles(block_m, m)
     return out
 
 
@@ -251,6 +266,15 @@ def _layer_block_m(m: int, n: int, k: int) -> int:
     from moe_backend.dispatch.gemm_choice import masked_tiles_on_contiguous
 
     return masked_tiles_on_contiguous(m, n, k, torch.cuda.get_device_name())["BLOCK_M"]
+
+
+def _partner_block_m(sl: str, gemm: str, m: int) -> int:
+    """The decode BLOCK_M at m rows per expert of the layer's other GEMM in slice `sl` (w2 for
+    w13 and back; 1 where SHAPES holds no such GEMM)."""
+    for other in SHAPES:
+        if other[0] == sl and other[1] != gemm:
+            return _layer_block_m(m, other[3], other[4])
+    return 1
 
 
 def _time_candidates(kernels, jobs, bar, log, routings=("uniform",), on_job=None, decode_layouts=("masked",)) -> dict:
@@ -265,8 +289,13 @@ def _time_candidates(kernels, jobs, bar, log, routings=("uniform",), on_job=None
     tables: dict = {kernel: {} for kernel in kernels}
     weights_cache: dict = {}
     for kernel, (sl, gemm, e, n, k), m in jobs:
-        job = _Job(kernel, sl, gemm, tuple(job_candidates(kernel, m, n, k, decode_layouts)))
         layouts = decode_layouts if kernel == "grouped_gemm_masked" else ("contiguous",)
+        on_layer_layout = kernel == "grouped_gemm_masked" and "contiguous" in layouts
+        job = _Job(
+            gemm,
+            tuple(job_candidates(kernel, m, n, k, decode_layouts)),
+            _partner_block_m(sl, gemm, m) if on_layer_layout else 1,
+        )
         key = (e, n, k)
         if key not in weights_cache:
             weights_cache.clear()
@@ -322,6 +351,12 @@ def tune(
     candidate is timed under (summed), e.g. ("uniform", "zipf:0.6") to tune for imbalanced
     routing as well. `decode_layouts`: the layouts each masked-kernel candidate is timed on
     (summed): "masked", and "contiguous" as the layer's decode runs the masked table's tiles."""
+    layouts = () if isinstance(decode_layouts, str) else tuple(decode_layouts)
+    if not layouts or len(set(layouts)) != len(layouts) or any(name not in DECODE_LAYOUTS for name in layouts):
+        raise ValueError(
+            f"decode_layouts: expected a non-empty sequence of distinct names from {DECODE_LAYOUTS}, "
+            f"got {decode_layouts!r}"
+        )
     import triton
 
     from moe_backend._json_file import write_json
@@ -435,7 +470,6 @@ def merge_tuned(table: dict | None, tuned: dict, run_meta: dict) -> dict:
 
 
 TUNABLE_KERNELS = ("grouped_gemm_masked", "grouped_gemm_contiguous")
-DECODE_LAYOUTS = ("masked", "contiguous")
 
 
 def _routings(text: str) -> list[str]:

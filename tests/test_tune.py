@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from moe_backend import testing, tune
@@ -19,10 +20,13 @@ class _Bar:
         pass
 
 
-def _fake_timing(monkeypatch, times: dict, configs=({"name": "A"}, {"name": "B"})) -> None:
+def _fake_timing(monkeypatch, times: dict, configs=({"name": "A"}, {"name": "B"})) -> list:
     """Candidates `configs` (A and B); time_graph answers from `times[(config name, routing)]`, or
-    `times[(config name, routing, layout)]` on a layout other than the masked one."""
+    `times[(config name, routing, layout)]` on a layout other than the masked one. Returns the
+    list of timings asked for that `times` lacks (the tuner scores a failing candidate as
+    infinitely slow, so a gap in the stub would otherwise pass unseen)."""
     ran = {}
+    missing = []
     monkeypatch.setattr(tune, "candidates", lambda m, masked, k: [dict(c) for c in configs])
     monkeypatch.setattr(testing, "random_fp8_weights", lambda e, n, k: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -35,34 +39,43 @@ def _fake_timing(monkeypatch, times: dict, configs=({"name": "A"}, {"name": "B"}
 
     def time_graph(fn):
         fn()
+        if ran["last"] not in times:
+            missing.append(ran["last"])
         return times[ran["last"]]
 
     monkeypatch.setattr(tune, "_job_inputs", job_inputs)
     monkeypatch.setattr(testing, "time_graph", time_graph)
+    return missing
 
 
 def test_the_least_summed_time_over_the_routings_wins(monkeypatch):
     times = {("A", "uniform"): 10.0, ("A", "zipf:0.6"): 30.0, ("B", "uniform"): 12.0, ("B", "zipf:0.6"): 20.0}
-    _fake_timing(monkeypatch, times)
+    missing = _fake_timing(monkeypatch, times)
     job = [("grouped_gemm_masked", ("ep8", "w13", 32, 4096, 7168), 16)]
     uniform = tune._time_candidates(["grouped_gemm_masked"], job, _Bar(), None)
     both = tune._time_candidates(["grouped_gemm_masked"], job, _Bar(), None, ("uniform", "zipf:0.6"))
+    assert missing == []
     assert uniform["grouped_gemm_masked"]["N=4096,K=7168"]["16"] == {"name": "A", "us": 10.0}
     assert both["grouped_gemm_masked"]["N=4096,K=7168"]["16"] == {"name": "B", "us": 32.0}
 
 
 def test_on_both_decode_layouts_the_least_time_summed_over_routings_and_layouts_wins(monkeypatch):
-    """A wins on the masked layout, B as the layer's decode runs the tiles (contiguous); over both,
-    the sum decides. Candidates the layer cannot run as timed are left out once the contiguous
-    layout is asked for: N (narrow tiles, fastest on the masked layout) and W (32-row tiles where
-    the layer runs 16: the layer pads both GEMMs' segments to the larger tile)."""
+    """A wins on the masked layout, B as the layer's decode runs the tiles (contiguous); over both
+    layouts and both routings, the sum decides. Candidates the layer cannot run as timed are left
+    out once the contiguous layout is asked for: N (narrow tiles, fastest on the masked layout) and
+    W (32-row tiles where the layer runs 16: the layer pads both GEMMs' segments to the larger
+    tile)."""
     times = {
         ("A", "uniform"): 10.0,
         ("B", "uniform"): 11.0,
         ("N", "uniform"): 5.0,
         ("W", "uniform"): 6.0,
+        ("A", "zipf:0.6"): 12.0,
+        ("B", "zipf:0.6"): 13.0,
         ("A", "uniform", "contiguous"): 14.0,
         ("B", "uniform", "contiguous"): 11.0,
+        ("A", "zipf:0.6", "contiguous"): 16.0,
+        ("B", "zipf:0.6", "contiguous"): 14.0,
     }
     configs = (
         {"name": "A", "BLOCK_M": 16},
@@ -70,35 +83,88 @@ def test_on_both_decode_layouts_the_least_time_summed_over_routings_and_layouts_
         {"name": "N", "BLOCK_M": 32, "NARROW_M": 16},
         {"name": "W", "BLOCK_M": 32},
     )
-    _fake_timing(monkeypatch, times, configs=configs)
+    missing = _fake_timing(monkeypatch, times, configs=configs)
     monkeypatch.setattr(tune, "_layer_block_m", lambda m, n, k: 16)
     job = [("grouped_gemm_masked", ("ep8", "w13", 32, 4096, 7168), 4)]
+    both_layouts = ("masked", "contiguous")
     masked = tune._time_candidates(["grouped_gemm_masked"], job, _Bar(), None)
-    both = tune._time_candidates(["grouped_gemm_masked"], job, _Bar(), None, decode_layouts=("masked", "contiguous"))
+    both = tune._time_candidates(["grouped_gemm_masked"], job, _Bar(), None, decode_layouts=both_layouts)
+    routed = tune._time_candidates(
+        ["grouped_gemm_masked"], job, _Bar(), None, ("uniform", "zipf:0.6"), decode_layouts=both_layouts
+    )
+    assert missing == []
     assert masked["grouped_gemm_masked"]["N=4096,K=7168"]["4"] == dict(configs[2], us=5.0)
     assert both["grouped_gemm_masked"]["N=4096,K=7168"]["4"] == dict(configs[1], us=22.0)
-    names = [c["name"] for c in tune.job_candidates("grouped_gemm_masked", 4, 4096, 7168, ("masked", "contiguous"))]
+    # A: 10 + 12 + 14 + 16 = 52; B: 11 + 13 + 11 + 14 = 49
+    assert routed["grouped_gemm_masked"]["N=4096,K=7168"]["4"] == dict(configs[1], us=49.0)
+    names = [c["name"] for c in tune.job_candidates("grouped_gemm_masked", 4, 4096, 7168, both_layouts)]
     assert names == ["A", "B"]
-    assert len(tune.job_candidates("grouped_gemm_contiguous", 4, 4096, 7168, ("masked", "contiguous"))) == 4
-    # Where the grid holds no tile of the layer's rows, the plain ones stay candidates.
+    assert len(tune.job_candidates("grouped_gemm_contiguous", 4, 4096, 7168, both_layouts)) == 4
+
+
+def test_where_the_grid_has_no_tile_of_the_layers_rows_the_layers_rows_are_tiled(monkeypatch):
+    """At 32 rows per expert the grid's tiles are 16 and 32 rows high, but a layer that runs 64
+    rows there (the nearest bucket's entry) would take a new 32-row bucket's smaller tile for
+    every batch near it: the candidates are the grid's plain tiles 64 rows high instead."""
     monkeypatch.setattr(tune, "_layer_block_m", lambda m, n, k: 64)
-    names = [c["name"] for c in tune.job_candidates("grouped_gemm_masked", 4, 4096, 7168, ("masked", "contiguous"))]
-    assert names == ["A", "B", "W"]
+    grid = tune.candidates(32, masked=True, k=7168)
+    assert {cfg["BLOCK_M"] for cfg in grid} == {16, 32}
+    picked = tune.job_candidates("grouped_gemm_masked", 32, 4096, 7168, ("masked", "contiguous"))
+    assert picked and all(cfg["BLOCK_M"] == 64 and not cfg.get("NARROW_M") for cfg in picked)
+    assert picked == tune._masked_tiles(64, 32)
+    assert tune.job_candidates("grouped_gemm_masked", 32, 4096, 7168) == grid  # masked layout alone
 
 
-def test_the_layer_block_m_is_what_the_layer_runs_now(monkeypatch):
-    """TP8 w2 at 8 rows per expert: the H100 table's entry there has 32-row tiles with narrow ones,
-    which the contiguous walk does not run; the layer runs the nearest plain entry's 16 rows."""
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
-    table = json.loads(
-        (Path(tune.__file__).parent / "kernels/configs/grouped_gemm_masked_NVIDIA_H100_80GB_HBM3.json").read_text()
+def test_each_gemm_is_timed_on_segments_padded_to_the_larger_tile_of_the_pair(monkeypatch):
+    """The layer pads both GEMMs' segments to the larger of their tiles (`segment_alignment`): a
+    w2 of 16-row tiles beside a w13 of 32-row ones is timed on 32-row segments."""
+    block_m = {4096: 32, 7168: 16}  # w13 (N = 4096) and w2 (N = 7168) of the EP8 slice
+    monkeypatch.setattr(tune, "_layer_block_m", lambda m, n, k: block_m[n])
+    assert tune._partner_block_m("ep8", "w2", 4) == 32
+    assert tune._partner_block_m("ep8", "w13", 4) == 16
+    assert tune._partner_block_m("other", "w13", 4) == 1
+    seen = []
+    real = tune.layer_decode_layout
+    monkeypatch.setattr(
+        tune, "layer_decode_layout", lambda counts, pad, perm: seen.append(pad) or real(counts, pad, perm)
     )
-    assert table["N=7168,K=256"]["8"]["BLOCK_M"] == 32 and table["N=7168,K=256"]["8"]["NARROW_M"]
-    assert tune._layer_block_m(8, 7168, 256) == 16
-    assert tune._layer_block_m(1, 4096, 7168) == table["N=4096,K=7168"]["1"]["BLOCK_M"]
+    weights = testing.random_fp8_weights(2, 256, 256, device="cpu")
+    tune._layer_decode_inputs(
+        torch.tensor([3, 1]), 2, 256, 256, weights, {16}, gather_a=False, pad_at_least=32, device="cpu"
+    )
+    tune._layer_decode_inputs(torch.tensor([3, 1]), 2, 256, 256, weights, {16}, gather_a=False, device="cpu")
+    assert seen == [32, 16]
 
 
-def test_the_layer_decode_layout_pads_each_segment_to_the_tile(monkeypatch):
+def test_tune_refuses_decode_layouts_it_does_not_know_or_repeats():
+    for bad in ("masked,contiguous", (), ("masked", "contigous"), ("masked", "masked")):
+        with pytest.raises(ValueError, match="decode_layouts"):
+            tune.tune(decode_layouts=bad)
+
+
+def test_the_layer_block_m_is_what_the_layer_runs_now(monkeypatch, tmp_path):
+    """An entry with narrow tiles (32 rows, 16 narrow), which the contiguous walk does not run:
+    the layer runs the nearest plain entry's tile (16 rows); a plain entry's own tile elsewhere."""
+    from moe_backend.kernels import _gemm_config
+
+    gpu = "NVIDIA H100 80GB HBM3"
+    plain = dict(BLOCK_N=128, GROUP_M=1, SWAP_AB=True, K_UNROLL=1, num_warps=4, num_stages=3)
+    table = {
+        "N=7168,K=256": {"4": dict(plain, BLOCK_M=16), "8": dict(plain, BLOCK_M=32, NARROW_M=16, TMA=False)},
+        "N=4096,K=7168": {"1": dict(plain, BLOCK_M=32)},
+    }
+    monkeypatch.setattr(_gemm_config, "CONFIG_DIR", tmp_path)
+    (tmp_path / _gemm_config.table_path("grouped_gemm_masked", gpu).name).write_text(json.dumps(table))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: gpu)
+    _gemm_config.load_table.cache_clear()
+    try:
+        assert tune._layer_block_m(8, 7168, 256) == 16
+        assert tune._layer_block_m(1, 4096, 7168) == 32
+    finally:
+        _gemm_config.load_table.cache_clear()
+
+
+def test_the_layer_decode_layout_pads_each_segment_to_the_tile():
     counts = torch.tensor([3, 0, 17, 16])
     perm = torch.randperm(36)
     ids, src, used = tune.layer_decode_layout(counts, 16, perm)
