@@ -160,8 +160,9 @@ def token_bucket(num_tokens: int, max_tokens: int) -> int:
 def rows_bucket(rows: int, plan: Plan) -> int:
     """The rows a graph of a `rows_on_host` plan walks for `rows` in use: rounded up to a step of
     1/16 to 1/32 of their power of two (at least the plan's alignment, so a multiple of it) and
-    capped at the static bound; a batch size's spread of routings then shares a few graphs, each
-    walking at most one step past the rows in use."""
+    capped at the static bound (which need not be one: the last segment's padding past it is never
+    allocated); a batch size's spread of routings then shares a few graphs, each walking at most
+    one step past the rows in use."""
     step = plan.alignment * max(1, (1 << max(0, rows.bit_length() - 5)) // plan.alignment)
     return min(-(-max(rows, 1) // step) * step, plan.num_rows)
 
@@ -186,9 +187,11 @@ def make_plan(
     phase = policy.phase_of(num_tokens, phase)
     name = kernel or (policy.decode_kernel if phase == "decode" else policy.prefill_kernel)
     graph_tokens = token_bucket(num_tokens, policy.graph_max_tokens) if device.type == "cuda" else 0
-    graph_expected_m = expected_m or max(1, -(-graph_tokens * topk // max(num_global_experts, 1)))
+    # 0 global experts: the count is unknown, the local experts stand for it (as for `slots`)
+    spread_over = num_global_experts or max(num_experts, 1)
+    graph_expected_m = expected_m or max(1, -(-graph_tokens * topk // spread_over))
     if expected_m is None:
-        expected_m = max(1, -(-num_tokens * topk // max(num_global_experts, 1)))
+        expected_m = max(1, -(-num_tokens * topk // spread_over))
     return _make_plan(
         policy.print_plan,
         name,
@@ -271,14 +274,20 @@ def _make_plan(
         max_m = 0
         rows_hint = expected_m * num_experts
     shapes = ((two_i, hidden), (hidden, intermediate))
-    providers = [gemm_provider(choice.impl, layout, n, k, expected_m, device, max_m, num_experts) for n, k in shapes]
+    # Our CUDA kernel tiles the masked layout in 128-row blocks: a layout we build can be sized so,
+    # so the providers are chosen for the rounded rows (an engine's layout keeps its max_m).
+    cuda_max_m = max_m
+    if layout == "masked" and not masked_max_m:
+        from moe_backend.cuda.config import BLOCK_M as CUDA_BLOCK_M
+
+        cuda_max_m = -(-max_m // CUDA_BLOCK_M) * CUDA_BLOCK_M
+    providers = [
+        gemm_provider(choice.impl, layout, n, k, expected_m, device, cuda_max_m, num_experts) for n, k in shapes
+    ]
     gemm1 = gemm_plan(providers[0], layout, expected_m, rows_hint, two_i, hidden, device)
     gemm2 = gemm_plan(providers[1], layout, expected_m, rows_hint, hidden, intermediate, device)
-    if layout == "masked" and not masked_max_m and "cuda" in (gemm1.provider, gemm2.provider):
-        # Our CUDA kernel tiles the masked layout in 128-row blocks: a layout we build is sized so.
-        from moe_backend.cuda.grouped_gemm_contiguous import BLOCK_M as CUDA_BLOCK_M
-
-        max_m = -(-max_m // CUDA_BLOCK_M) * CUDA_BLOCK_M
+    if "cuda" in (gemm1.provider, gemm2.provider):
+        max_m = cuda_max_m
     if layout == "masked":
         alignment, num_rows = 1, max_m
     else:

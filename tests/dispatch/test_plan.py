@@ -719,3 +719,39 @@ def test_combine_skipping_single_slot_tokens_on_the_reference_path():
     assert (out[[0, 3]] == 5.0).all() and torch.equal(out[[1, 2]], full[[1, 2]])
     with pytest.raises(ValueError, match="out: skip_single"):
         ops.unpermute_combine(y, rows, weights, skip_single=True)
+
+
+def test_an_unknown_global_expert_count_spreads_the_rows_over_the_local_experts():
+    """`num_global_experts=0` (the count unknown, as for `slots` and the combine branch): the local
+    experts stand for it, so 128 tokens x top-8 over 32 experts expect 32 rows each, not 1024."""
+    plan_mod.clear_plan_cache()
+    unknown = _plan(num_experts=32, num_global_experts=0)
+    assert unknown.expected_m == _plan(num_experts=32, num_global_experts=32).expected_m == 32
+
+
+def test_a_masked_layout_the_plan_builds_is_sized_for_the_cuda_kernel_before_it_is_chosen(monkeypatch):
+    """Our CUDA masked kernel needs max_m in whole 128-row tiles. A layout the plan builds itself
+    (max_m = tokens) is rounded up for it, so 130 tokens can run it (on 256 rows); an engine's
+    layout keeps its max_m, and with it a provider that takes any."""
+    seen = []
+
+    def provider(impl, layout, n, k, expected_m, device, max_m=0, num_experts=0):
+        seen.append(max_m)
+        return "cuda" if max_m % 128 == 0 else "triton"
+
+    monkeypatch.setattr(plan_mod, "gemm_provider", provider)
+    monkeypatch.setattr(
+        plan_mod, "gemm_plan", lambda provider, layout, m, rows, n, k, dev: plan_mod.GemmPlan(provider, n, k)
+    )
+    plan_mod.clear_plan_cache()
+    try:
+        built = _plan(kernel="masked", num_tokens=130)
+        assert built.num_rows == 256 and built.gemm1.provider == built.gemm2.provider == "cuda"
+        assert seen == [256, 256]
+        seen.clear()
+        engines = make_masked_plan(
+            Policy(), num_experts=32, max_m=130, expected_m=33, hidden=256, intermediate=128, device=CPU
+        )
+        assert engines.num_rows == 130 and engines.gemm1.provider == "triton" and seen == [130, 130]
+    finally:
+        plan_mod.clear_plan_cache()
