@@ -160,8 +160,8 @@ def token_bucket(num_tokens: int, max_tokens: int) -> int:
 def rows_bucket(rows: int, plan: Plan) -> int:
     """The rows a graph of a `rows_on_host` plan walks for `rows` in use: rounded up to a step of
     1/16 to 1/32 of their power of two (at least the plan's alignment, so a multiple of it) and
-    capped at the static bound (which need not be one: the last segment's padding past it is never
-    allocated); a batch size's spread of routings then shares a few graphs, each walking at most
+    capped at the static bound (which need not be one; the rows in use, a multiple, never exceed
+    it); a batch size's spread of routings then shares a few graphs, each walking at most
     one step past the rows in use."""
     step = plan.alignment * max(1, (1 << max(0, rows.bit_length() - 5)) // plan.alignment)
     return min(-(-max(rows, 1) // step) * step, plan.num_rows)
