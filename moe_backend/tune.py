@@ -82,10 +82,10 @@ def candidates(m: int, *, masked: bool, k: int = DEEPSEEK_V3_HIDDEN) -> list[dic
     return out
 
 
-def _masked_tiles(bm: int, m: int, depth=DEPTHS) -> list[dict]:
+def _masked_tiles(bm: int, m: int) -> list[dict]:
     """The masked grid's plain (not narrow) tiles of `bm` rows for m rows per expert."""
     out = []
-    for bn, (unroll, stages) in itertools.product((64, 128, 256), depth):
+    for bn, (unroll, stages) in itertools.product((64, 128, 256), DEPTHS):
         if _smem_bytes(bm, bn, unroll, stages) > 200 * 1024 or (unroll == 4 and m < 64):
             continue
         warps = (4, 8) if bm * bn >= 64 * 128 else (4,)
@@ -166,11 +166,12 @@ def _job_inputs(kernel: str, e: int, m: int, n: int, k: int, routing: str, weigh
 def layer_decode_layout(counts: torch.Tensor, block_m: int, perm: torch.Tensor) -> tuple:
     """(expert id per row int32, token row per row int64, rows in use): the layer's decode layout
     for per-expert `counts` (int64 `[E]`, on the host), each expert's segment padded to `block_m`
-    rows over the static bound the layer sizes it by (rows + E * (block_m - 1)); padding rows have
+    rows over the static bound the layer sizes it by (`max_contiguous_rows`); padding rows have
     id -1 and token row -1. `perm` (int64 `[rows]`) gives the token row of each routed row in
     expert order (the layer's rows come from scattered tokens)."""
-    total, e = int(counts.sum()), counts.numel()
-    bound = total + e * (block_m - 1)
+    from moe_backend.dispatch.layouts import max_contiguous_rows
+
+    bound = max_contiguous_rows(int(counts.sum()), counts.numel(), block_m)
     ids = torch.full((bound,), -1, dtype=torch.int32)
     src = torch.full((bound,), -1, dtype=torch.int64)
     row = done = 0
