@@ -10,7 +10,6 @@ the winners as a policy file for `MOE_BACKEND_POLICY`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -99,9 +98,13 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
     from moe_backend.config import MoEConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if args.size == "small" and args.checkpoint:
+        raise ValueError("--size small shrinks the layer's shapes, a --checkpoint fixes them: give one or the other")
     small = args.size == "small" or (args.size == "auto" and device.type == "cpu" and not args.checkpoint)
     base = MoEConfig.from_hf_config(args.checkpoint) if args.checkpoint else MoEConfig()
     names = backend_names() if args.backends == "all" else [n.strip() for n in args.backends.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--backends: expected backend names, e.g. phasemoe,triton, got {args.backends!r}")
     for name in names:
         get_backend(name)  # unknown names fail here, before any work
     routing = parse_routing(args.routing or ("router" if args.checkpoint else "uniform"))
@@ -109,6 +112,8 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         raise ValueError("--routing router needs --checkpoint")
     if args.rounds < 0 or not 0 < args.tolerance:
         raise ValueError("--rounds must be >= 0 and --tolerance > 0")
+    if args.time_budget is not None and not args.time_budget >= 0:
+        raise ValueError(f"--time-budget: expected seconds >= 0, got {args.time_budget}")
     tokens = args.tokens or list(CPU_TOKENS if small else GPU_TOKENS)
     return CompareSettings(
         backends=names,
@@ -152,6 +157,7 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from moe_backend._json_file import json_safe, write_json
     from moe_backend.ab.report import write_compare_report
     from moe_backend.ab.winners import policy_section, write_policy
 
@@ -162,8 +168,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 2
     result = run_compare(settings)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(args.out, "results.json"), json_safe(result), sort_keys=False)
     paths = write_compare_report(result, args.out)
     for name, reason in result["skipped"].items():
         print(f"skipped {name}: {reason}")

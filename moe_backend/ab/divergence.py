@@ -69,12 +69,12 @@ def divergence(out: torch.Tensor, ref: torch.Tensor, valid_rows: torch.Tensor | 
     """out, ref `[..., H]` of one shape; valid_rows bool over the leading dims (None: all rows).
     Returns 0-dim fp32 tensors on the device (no host sync: the caller reads them when ready)."""
     diff_norm, ref_norm, max_abs, same, rows = divergence_sums(out, ref, valid_rows).unbind()
-    # Both zero (no local tokens) is agreement, not 0/0.
-    rel = torch.where(
-        ref_norm > 0,
-        diff_norm / ref_norm.clamp_min(1e-30),
-        torch.where(diff_norm > 0, torch.full_like(diff_norm, float("inf")), 0.0),
+    # As from_sums: both zero (no local tokens) is agreement, not 0/0; a zero reference with any
+    # difference is infinitely far; NaN (in out or ref) stays NaN, so the cell is flagged.
+    off_zero_ref = torch.where(diff_norm == 0, 0.0, torch.where(diff_norm > 0, float("inf"), float("nan"))).to(
+        diff_norm.dtype
     )
+    rel = torch.where(ref_norm > 0, diff_norm / ref_norm.clamp_min(1e-30), off_zero_ref)
     agree = torch.where(rows > 0, same / rows.clamp_min(1), 1.0)
     return {"rel_err": rel, "max_abs": max_abs, "argmax_agreement": agree}
 

@@ -7,6 +7,7 @@ import os
 from collections import defaultdict
 from datetime import datetime, timezone
 
+from moe_backend._json_file import write_text
 from moe_backend.ab.plots import bar_plot, line_plot, matplotlib_missing
 from moe_backend.ab.winners import cell_winners
 from moe_backend.constants import BACKEND_NAME
@@ -201,6 +202,5 @@ def write_compare_report(result: dict, out_dir: str) -> list[str]:
     note = matplotlib_missing()
     plot_files = [] if note else _plots(result, out_dir)
     path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write(render_markdown(result, plot_files, note))
+    write_text(path, render_markdown(result, plot_files, note))
     return [path] + [os.path.join(out_dir, p) for p in plot_files]

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
+from moe_backend._json_file import json_safe, write_text
+
 __all__ = ["ServerSpec", "RequestResult", "stream_completion", "run_ab", "load_prompts", "add_ab_serve_parser"]
 
 
@@ -133,8 +135,9 @@ def stream_completion(
                 raise socket.timeout()
             sock.settimeout(remaining)
             line = resp.readline()
-            if not line:
-                break  # the server closed the stream
+            if not line:  # closed before [DONE]: the server died or dropped us mid-answer
+                result.error = "bad stream: closed before [DONE]"
+                return result
             line = line.strip()
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments, event names
@@ -192,6 +195,8 @@ def run_ab(
         raise ValueError("prompts: expected at least one prompt")
     if concurrency < 1 or timeout <= 0 or duration <= 0 or max_tokens < 1:
         raise ValueError("concurrency, timeout, duration and max_tokens must be positive")
+    if requests is not None and requests < 0:
+        raise ValueError(f"requests: expected a count >= 0 (0: one per prompt), got {requests}")
     total = requests or len(prompts)
     t0 = time.monotonic()
     stop_at = t0 + duration
@@ -324,9 +329,10 @@ def cmd_ab_serve(args: argparse.Namespace) -> int:
         print(f"ab-serve: {exc}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
-        for r in run["results"]:
-            f.write(json.dumps(dict(asdict(r), text=r.text)) + "\n")
+    write_text(
+        os.path.join(args.out, "results.jsonl"),
+        "".join(json.dumps(json_safe(dict(asdict(r), text=r.text))) + "\n" for r in run["results"]),
+    )
     paths, summary = write_serve_report(run, args.out)
     print(summary)
     print("wrote " + ", ".join([os.path.join(args.out, "results.jsonl")] + paths))

@@ -9,19 +9,26 @@ part ways: a low exact-match rate with late first divergences is rounding; early
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 
+from moe_backend._json_file import write_text
 from moe_backend.ab.plots import cdf_plot, matplotlib_missing
 
 __all__ = ["server_stats", "agreement", "first_divergence", "write_serve_report"]
 
 
 def _pct(values: list[float], q: float) -> float | None:
+    """The q-quantile, interpolated between the two nearest ranks (numpy's default): p50 of an even
+    count is the mean of the middle two, and p99 of 100 samples is not their maximum."""
     if not values:
         return None
     values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+    pos = q * (len(values) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (pos - low)
 
 
 def server_stats(run: dict, label: str) -> dict:
@@ -172,8 +179,7 @@ def write_serve_report(run: dict, out_dir: str) -> tuple[list[str], str]:
         "",
     ]
     path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_text(path, "\n".join(lines))
     summary = "; ".join(
         f"{label}: {st['ok']}/{st['sent']} ok, TTFT p50 {_fmt(st['ttft_p50_ms'])} ms, {_fmt(st['tokens_per_s'])} tok/s"
         for label, st in stats.items()

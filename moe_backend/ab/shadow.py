@@ -23,7 +23,7 @@ from moe_backend.ab.backends import Backend, get_backend
 from moe_backend.ab.shadow_metrics import ShadowSink
 from moe_backend.ab.shadow_runs import ShadowRuns, capturing
 from moe_backend.ab.shadow_sampling import SamplingCountdown
-from moe_backend.ab.shadow_spec import ShadowTarget, parse_shadow_spec
+from moe_backend.ab.shadow_spec import ShadowTarget, check_shadow_targets, parse_shadow_spec
 from moe_backend.dispatch.policy import Policy
 
 __all__ = ["Shadow", "ShadowTarget", "parse_shadow_spec"]
@@ -60,9 +60,9 @@ class Shadow(SamplingCountdown, ShadowRuns):
     def __init__(
         self, targets: str | list[ShadowTarget], *, seed: int = 0, registry=None, log_path: str | None = None
     ) -> None:
-        self.targets = parse_shadow_spec(targets, "shadow") if isinstance(targets, str) else list(targets)
-        if not self.targets or not all(isinstance(t, ShadowTarget) for t in self.targets):
-            raise TypeError("targets: expected a 'backend:rate' spec or a list of ShadowTarget")
+        self.targets = (
+            parse_shadow_spec(targets, "shadow") if isinstance(targets, str) else check_shadow_targets(targets)
+        )
         self._backends: list[tuple[Backend, float]] = [(get_backend(t.backend), t.rate) for t in self.targets]
         # Labels batches without a phase by the process's policy, read once (this runs per MoE call).
         self._policy = Policy.from_env()
@@ -295,3 +295,9 @@ class Shadow(SamplingCountdown, ShadowRuns):
         since the last slow path (tests; before a scrape that must be exact; shutdown)."""
         self._publish()
         self._drain(wait=True)
+
+    def close(self) -> None:
+        """`flush`, then closes the shadow log (MOE_BACKEND_SHADOW_LOG); a Shadow dropped without
+        it closes its log when collected."""
+        self.flush()
+        self.sink.close()

@@ -14,6 +14,9 @@ import os
 import sys
 import threading
 import time
+import weakref
+
+from moe_backend._json_file import json_safe
 
 __all__ = ["ShadowSink", "METRIC_PREFIX"]
 
@@ -92,11 +95,14 @@ class ShadowSink:
                 flush=True,
             )
         self._fd = None
+        self._closer = None
         if log_path:
             try:
                 self._fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             except OSError as exc:
                 raise ValueError(f"MOE_BACKEND_SHADOW_LOG: cannot open {log_path!r} for appending: {exc}") from None
+            # A sink dropped without close() (a Shadow replaced or garbage-collected) still closes its log.
+            self._closer = weakref.finalize(self, os.close, self._fd)
         self._counters: dict[tuple, object] = {}
 
     def _child(self, name: str, labels: tuple):
@@ -140,22 +146,24 @@ class ShadowSink:
             self._child("agreement", labels).observe(argmax_agreement)
         if self._fd is not None:
             line = json.dumps(
-                {
-                    "time": round(time.time(), 6),
-                    "pid": os.getpid(),
-                    "layer": layer,
-                    "backend": backend,
-                    "phase": phase,
-                    "rows": rows,
-                    "latency_s": latency_s,
-                    "rel_err": rel_err,
-                    "max_abs": max_abs,
-                    "argmax_agreement": argmax_agreement,
-                }
+                json_safe(
+                    {
+                        "time": round(time.time(), 6),
+                        "pid": os.getpid(),
+                        "layer": layer,
+                        "backend": backend,
+                        "phase": phase,
+                        "rows": rows,
+                        "latency_s": latency_s,
+                        "rel_err": rel_err,
+                        "max_abs": max_abs,
+                        "argmax_agreement": argmax_agreement,
+                    }
+                )
             )
             os.write(self._fd, (line + "\n").encode())  # one O_APPEND write: lines of processes never interleave
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._closer is not None:
+            self._closer()  # closes the log once, however often close() is called
+        self._fd = self._closer = None

@@ -9,6 +9,7 @@ command line that writes them out.
 from __future__ import annotations
 
 import functools
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -176,7 +177,7 @@ def run_compare(settings: CompareSettings) -> dict:
                 for b in backends:
                     row = results[b.name]
                     if b.name in times:
-                        us = sorted(times[b.name])[len(times[b.name]) // 2]
+                        us = statistics.median(times[b.name])
                         row.update(
                             time_us=us,
                             tflops=flops / us / 1e6,

@@ -2,7 +2,8 @@
 
 The completion of a prompt is its words reversed, streamed one word per server-sent event. Knobs:
 `token_delay` (seconds per token), `flaky` (prompts containing "[flaky]" answer HTTP 500), prompts
-containing "hang" stall past any test timeout, and `diverge_at` replaces the token at that index
+containing "hang" stall past any test timeout, prompts containing "[cut]" close the stream after
+the first token without `[DONE]` (a server dying mid-answer), and `diverge_at` replaces the token at that index
 for prompts containing "diverge" (what a backend that flips a near-tied token would do).
 """
 
@@ -70,6 +71,8 @@ class StubServer:
                         }
                         self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                         self.wfile.flush()
+                        if "[cut]" in req["prompt"]:
+                            return
                     usage = {"id": f"cmpl-{n}", "choices": [], "usage": {"completion_tokens": len(words)}}
                     self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
                 except (BrokenPipeError, ConnectionResetError):

@@ -8,7 +8,7 @@ import pytest
 
 from moe_backend.__main__ import main
 from moe_backend.ab.serve_client import ServerSpec, load_prompts, run_ab, stream_completion
-from moe_backend.ab.serve_report import agreement, first_divergence, server_stats
+from moe_backend.ab.serve_report import _pct, agreement, first_divergence, server_stats
 from tests.ab.openai_stub import StubServer
 
 PROMPTS = [
@@ -123,6 +123,18 @@ def test_stream_errors_and_bad_inputs(tmp_path):
             t0=time.monotonic(),
         )
         assert not r.ok and r.error.startswith("http 404")
+        # A stream the server closes before [DONE] (it died mid-answer) is an error, not a short answer.
+        r = stream_completion(
+            ServerSpec("A", a.url, "stub-model"),
+            "x y z [cut]",
+            0,
+            max_tokens=4,
+            temperature=0,
+            timeout=2,
+            stop_at=time.monotonic() + 5,
+            t0=time.monotonic(),
+        )
+        assert not r.ok and r.error == "bad stream: closed before [DONE]" and r.chunks == ["[cut]"]
         assert (
             main(["ab-serve", "--a", a.url, "--b", "ftp://nowhere", "--prompts", __file__, "--out", str(tmp_path)]) == 2
         )
@@ -136,3 +148,12 @@ def test_stream_errors_and_bad_inputs(tmp_path):
         load_prompts(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="at least one prompt"):
         run_ab([ServerSpec("A", "http://127.0.0.1:9")], [])
+    with pytest.raises(ValueError, match="requests: expected a count >= 0"):
+        run_ab([ServerSpec("A", "http://127.0.0.1:9")], ["p"], requests=-3)
+
+
+def test_latency_percentiles_interpolate():
+    """p50 of an even count is the mean of the middle two; p99 of 1..100 is not the maximum."""
+    assert _pct([20.0, 10.0], 0.5) == 15.0
+    assert _pct([float(v) for v in range(1, 101)], 0.99) == pytest.approx(99.01)
+    assert _pct([7.0], 0.99) == 7.0 and _pct([], 0.5) is None

@@ -142,6 +142,9 @@ def test_compare_on_a_checkpoint_layer(tmp_path):
         (["--slice", "tp32"], "multiple of 128"),
         (["--routing", "zipf:9"], "0 <= A <= 4"),
         (["--routing", "router"], "needs --checkpoint"),
+        (["--backends", ","], "expected backend names"),
+        (["--time-budget", "-5"], "--time-budget"),
+        (["--size", "small", "--checkpoint", "any-folder"], "give one or the other"),
     ],
 )
 def test_compare_bad_arguments(tmp_path, capsys, args, message):

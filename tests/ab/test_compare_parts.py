@@ -1,11 +1,12 @@
 """The pieces of `compare`: routing, slices, divergence, winners and the emitted policy."""
 
 import json
+import math
 
 import pytest
 import torch
 
-from moe_backend.ab.divergence import divergence
+from moe_backend.ab.divergence import divergence, divergence_sums, from_sums
 from moe_backend.ab.routing import make_routing, parse_routing
 from moe_backend.ab.slices import checkpoint_slice_weights, parse_slices, random_slice_weights
 from moe_backend.ab.winners import cell_winners, policy_section
@@ -125,6 +126,12 @@ def test_divergence_metrics():
     zero = torch.zeros(3, 8)
     assert float(divergence(zero, zero)["rel_err"]) == 0  # no local tokens: agreement, not 0/0
     assert float(divergence(zero + 1, zero)["rel_err"]) == float("inf")
+    # NaN out of a backend on a cell whose reference is zero (no local pairs) is flagged, not agreement;
+    # the host-side metrics shadow mode computes from the sums say the same.
+    nan = torch.full((3, 8), float("nan"))
+    assert math.isnan(float(divergence(nan, zero)["rel_err"]))
+    assert math.isnan(from_sums(divergence_sums(nan, zero))["rel_err"])
+    assert math.isnan(float(divergence(nan, ref[:3, :8])["rel_err"]))
     with pytest.raises(ValueError, match="shape"):
         divergence(zero, torch.zeros(3, 9))
 

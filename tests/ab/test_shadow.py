@@ -92,6 +92,47 @@ def test_bad_specs(spec, message, monkeypatch):
             shadow_hooks.from_env()
 
 
+def test_target_lists_are_checked_as_specs_are():
+    from moe_backend.ab.shadow_spec import ShadowTarget
+
+    for targets, error, message in [
+        (
+            [ShadowTarget("triton", 0.0)],
+            ValueError,
+            r"targets: the rate of backend 'triton' must be a number in \(0, 1\]",
+        ),
+        ([ShadowTarget("triton", float("nan"))], ValueError, "must be a number"),
+        ([ShadowTarget("triton", 2.0)], ValueError, "must be a number"),
+        ([ShadowTarget("triton", "0.1")], ValueError, "must be a number"),
+        ([ShadowTarget("nope", 0.1)], ValueError, "unknown name 'nope'"),
+        ([ShadowTarget("triton", 0.1), ShadowTarget("triton", 0.2)], ValueError, "given twice"),
+        ([], ValueError, "empty list"),
+        ([("triton", 0.1)], TypeError, "expected ShadowTarget items"),
+        (3, TypeError, "expected a list of ShadowTarget"),
+    ]:
+        with pytest.raises(error, match=message):
+            Shadow(targets)
+
+
+def test_shadow_log_is_closed(tmp_path):
+    """close() closes the log once; a Shadow dropped without close() closes it when collected."""
+    import gc
+    import os
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    shadows = [Shadow("triton:0.5", log_path=str(tmp_path / f"log{i}.jsonl")) for i in range(5)]
+    assert open_fds() == before + 5
+    shadows[0].close()
+    shadows[0].close()
+    assert open_fds() == before + 4
+    del shadows
+    gc.collect()
+    assert open_fds() == before
+
+
 def test_env_settings(monkeypatch, tmp_path):
     monkeypatch.delenv("MOE_BACKEND_SHADOW", raising=False)
     assert shadow_hooks.from_env() is None
