@@ -146,6 +146,9 @@ def load_model(
     """A transformers causal LM of the checkpoint's architecture (DeepSeek-V3 or Qwen3-MoE) holding
     every checkpoint tensor; FP8 weights (the routed experts) are dequantized to `dtype`, so
     transformers' own experts compute them. config: the `config.json` dict (default: the folder's).
+    The multi-token-prediction layers the released checkpoints ship after the decoder layers
+    (`model.layers.{num_hidden_layers + i}.*`, i < num_nextn_predict_layers) and the names the
+    model class tells transformers to ignore are skipped, as transformers' own loading skips them.
     Raises ValueError naming any missing, extra or mis-shaped tensor."""
     try:
         from transformers import AutoModelForCausalLM
@@ -170,6 +173,7 @@ def load_model(
     placed: set[tuple[int, int, str]] = set()  # (layer, expert, projection)
     problems: list[str] = []
     pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # module -> FP8 weight / its scales
+    skip = _skipped_names(model, config)
 
     def place(name: str, tensor: torch.Tensor) -> None:
         match = _EXPERT.match(name)
@@ -188,6 +192,8 @@ def load_model(
 
     with torch.no_grad():
         for name, tensor in tensors_under(source):
+            if skip(name):
+                continue
             # Any FP8 weight (routed experts here; every linear in the released checkpoints) is
             # dequantized with its 128x128 block scales once both have arrived.
             if name.endswith(".weight_scale_inv") or (name.endswith(".weight") and tensor.dtype == FP8_DTYPE):
@@ -221,6 +227,21 @@ def load_model(
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     return model
+
+
+def _skipped_names(model, config: Mapping[str, Any]) -> Callable[[str], bool]:
+    """Whether a checkpoint name is one the model does not hold by design: an MTP layer, or a
+    pattern of the model class's `_keys_to_ignore_on_load_unexpected`."""
+    first_mtp = int(config.get("num_hidden_layers", 0))
+    mtp_layers = range(first_mtp, first_mtp + int(config.get("num_nextn_predict_layers", 0) or 0))
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    layer_of = re.compile(r"^model\.layers\.(\d+)\.")
+
+    def skip(name: str) -> bool:
+        match = layer_of.match(name)
+        return bool(match and int(match[1]) in mtp_layers) or any(p.search(name) for p in patterns)
+
+    return skip
 
 
 def _expert_modules(model) -> list[tuple[str, torch.nn.Module]]:

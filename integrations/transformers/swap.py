@@ -26,6 +26,7 @@ from moe_backend import MoEConfig, reference
 from moe_backend import experts as experts_path
 from moe_backend.dispatch.policy import Policy
 from moe_backend.layers import DeepseekV3MoE
+from moe_backend.layers.fixed_dtypes import FixedDtypes
 from moe_backend_integrations.transformers.checkpoint import (
     WeightSource,
     _check_source,
@@ -73,7 +74,7 @@ class PhaseMoEBlock(nn.Module):
         return out
 
 
-class FP8Experts(nn.Module):
+class FP8Experts(FixedDtypes):
     """Stands in for transformers' routed experts (`forward(hidden_states [T, H], top_k_index [T, k],
     top_k_weights [T, k]) -> [T, H]`) over the checkpoint's FP8 weights. impl: "backend" (our
     pipeline, plan by the policy) or "reference" (`moe_backend.reference`)."""

@@ -35,6 +35,7 @@ __all__ = [
     "install",
     "extend_moe_backend_literal",
     "patch_fp8_oracle",
+    "patch_fp8_oracle_or_log",
 ]
 
 ORACLE_MODULE = "vllm.model_executor.layers.fused_moe.oracle.fp8"
@@ -96,7 +97,7 @@ def install(version: str | None = None) -> None:
     else:
         # The tested release: a failure here is a bug of ours and must not pass silently.
         extend_moe_backend_literal()
-    _hook_oracle(functools.partial(patch_fp8_oracle, supported=supported, version=version))
+    _hook_oracle(functools.partial(patch_fp8_oracle_or_log, supported=supported, version=version))
 
 
 # ---- step 1: the name ----
@@ -173,12 +174,30 @@ def _rebind(originals: dict[str, Any], replacements: dict[str, Any], skip: Any) 
                 setattr(module, name, replacement)
 
 
+def patch_fp8_oracle_or_log(oracle, *, supported: bool = True, version: str = "") -> None:
+    """The import hook's callback. It runs inside vLLM's import of the oracle, so an exception here
+    would fail that import, and with it every FP8 MoE model whatever its --moe-backend: a failure is
+    logged instead, and only `phasemoe` is left unusable (vLLM then rejects the name itself)."""
+    try:
+        patch_fp8_oracle(oracle, supported=supported, version=version)
+    except Exception:
+        logger.error(
+            "moe-backend: could not hook vLLM %s's FP8 MoE oracle; --moe-backend %s is unavailable, "
+            "every other backend is unaffected",
+            version,
+            BACKEND_NAME,
+            exc_info=True,
+        )
+
+
 def patch_fp8_oracle(oracle, *, supported: bool = True, version: str = "") -> None:
-    """Teach `vllm.model_executor.layers.fused_moe.oracle.fp8` the `phasemoe` backend. Idempotent."""
+    """Teach `vllm.model_executor.layers.fused_moe.oracle.fp8` the `phasemoe` backend. Idempotent.
+    On an unsupported vLLM only `map_fp8_backend` is looked up and wrapped (to refuse the name):
+    the other private functions may have been renamed there."""
     # Checked on the function itself, so that a reloaded oracle (fresh functions) is patched again.
     if hasattr(oracle.map_fp8_backend, "__phasemoe_original__"):
         return
-    originals = {name: getattr(oracle, name) for name in WRAPPED}
+    originals = {name: getattr(oracle, name) for name in (WRAPPED if supported else WRAPPED[:1])}
     if supported:
         member = add_enum_member(oracle.Fp8MoeBackend, ENUM_MEMBER)
         replacements = {

@@ -5,7 +5,6 @@ block-quantized weights, loadable from Hugging Face names or a sharded safetenso
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from moe_backend import experts as experts_path
 from moe_backend import ops
@@ -14,13 +13,14 @@ from moe_backend.ab import shadow_hooks
 from moe_backend.config import MoEConfig
 from moe_backend.constants import FP8_DTYPE, QUANT_BLOCK
 from moe_backend.dispatch.policy import PHASES, Policy
+from moe_backend.layers.fixed_dtypes import FixedDtypes
 from moe_backend.layers.loading import WeightLoading, scale_blocks
 from moe_backend.layers.router import noaux_tc_route
 
 __all__ = ["DeepseekV3MoE"]
 
 
-class DeepseekV3MoE(WeightLoading, nn.Module):
+class DeepseekV3MoE(WeightLoading, FixedDtypes):
     """DeepSeek-V3 MoE block: `forward(hidden_states [..., H] bf16) -> [..., H] bf16`.
 
     expert_range: `(start, stop)` of the routed experts held here (an expert-parallel slice);
@@ -89,6 +89,15 @@ class DeepseekV3MoE(WeightLoading, nn.Module):
             )
         self._loaded = False
         self.shadow = shadow_hooks.shadow_arg(shadow)  # None: MOE_BACKEND_SHADOW decides per call
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # A state dict holding every buffer (a saved layer restored, or one built on the meta device
+        # and loaded with assign=True) is a whole set of weights, as load_weights() commits one.
+        errors_before = len(errors)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        whole = all(prefix + name in state_dict for name, _ in self.named_buffers(recurse=False))
+        if whole and len(errors) == errors_before:
+            self._loaded = True
 
     @property
     def num_local_experts(self) -> int:

@@ -122,6 +122,38 @@ def test_ue8m0_checkpoint(tiny_config):
     assert torch.isfinite(layer(x).float()).all()
 
 
+def test_casting_a_model_keeps_the_fp8_weights_and_the_fp32_router(tiny_config):
+    """model.to(torch.bfloat16) / .half() on a model holding the layer leave its data formats alone."""
+    layer, _ = _layer(tiny_config)
+    x = torch.randn(6, tiny_config.hidden_size, dtype=torch.bfloat16)
+    want = layer(x)
+    dtypes = {n: b.dtype for n, b in layer.named_buffers()}
+    model = torch.nn.Sequential(layer, torch.nn.Linear(4, 4))
+    model.to(torch.bfloat16)
+    model.half()
+    model.to("cpu", torch.float64)
+    assert {n: b.dtype for n, b in layer.named_buffers()} == dtypes
+    assert model[1].weight.dtype == torch.float64  # other modules are cast as asked
+    assert torch.equal(layer(x), want)
+
+
+def test_a_restored_state_dict_is_a_loaded_layer(tiny_config):
+    layer, _ = _layer(tiny_config)
+    x = torch.randn(5, tiny_config.hidden_size, dtype=torch.bfloat16)
+    restored = DeepseekV3MoE(tiny_config)
+    restored.load_state_dict(layer.state_dict())
+    assert torch.equal(restored(x), layer(x))
+    on_meta = DeepseekV3MoE(tiny_config, device="meta")
+    on_meta.load_state_dict(layer.state_dict(), assign=True)
+    assert torch.equal(on_meta(x), layer(x))
+    partial = DeepseekV3MoE(tiny_config)
+    state = layer.state_dict()
+    del state["w2_fp8"]
+    partial.load_state_dict(state, strict=False)
+    with pytest.raises(RuntimeError, match="load_weights"):
+        partial(x)  # a partial state dict is not a whole set of weights
+
+
 class TestBadInput:
     def test_forward(self, tiny_config):
         layer, _ = _layer(tiny_config)

@@ -120,6 +120,28 @@ def test_load_model_names_missing_extra_and_misshaped_tensors(dsv3):
         checkpoint.load_model(42)
 
 
+def test_load_model_skips_the_multi_token_prediction_layer(dsv3):
+    """Released DeepSeek-V3 checkpoints ship their MTP layer as `model.layers.{num_hidden_layers}.*`
+    (an FP8 expert and a bf16 norm here); the model does not hold it."""
+    path, model = dsv3
+    config = checkpoint.read_config(path)
+    mtp = f"model.layers.{config['num_hidden_layers']}"
+    first = f"model.layers.{config['num_hidden_layers'] - 1}"
+    extra = {
+        f"{mtp}.enorm.weight": torch.ones(config["hidden_size"]),
+        **{n.replace(first, mtp): t for n, t in checkpoint.tensors_under(path, first + ".mlp.experts.0.")},
+    }
+
+    def source(prefix):
+        yield from checkpoint.tensors_under(path, prefix)
+        yield from ((n, t) for n, t in extra.items() if n.startswith(prefix))
+
+    with pytest.raises(ValueError, match=rf"extra: {mtp}\.enorm\.weight"):
+        checkpoint.load_model(source, config)  # without num_nextn_predict_layers it is an extra tensor
+    loaded = checkpoint.load_model(source, dict(config, num_nextn_predict_layers=1))
+    assert torch.equal(loaded.model.norm.weight, model.model.norm.weight)
+
+
 def test_swap_and_restore_round_trip(dsv3):
     path, model = dsv3
     ids = _prompt(model.config.vocab_size)
