@@ -107,6 +107,24 @@ def check_finite_rows(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: holds NaN/Inf values in {_row_summary(bad)}")
 
 
+def check_finite_fp8_rows(name: str, x: torch.Tensor) -> None:
+    """check_finite_rows for 2-D e4m3fn `x`, read as bytes (no fp32 copy): NaN is its only
+    non-finite value, the bit patterns S.1111.111 (a host sync)."""
+    bad = ((x.view(torch.uint8) & 0x7F) == 0x7F).any(dim=-1)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: holds NaN values in {_row_summary(bad)}")
+
+
+def check_distinct_ids(name: str, ids: torch.Tensor) -> None:
+    """ValueError naming `name` when a row of `[T, k]` ids repeats an id >= 0 (a host sync): a
+    router picks k distinct experts, and a layout gives a token one row per expert, so a repeat
+    would be summed by some layouts and dropped by others."""
+    ordered = ids.sort(dim=-1).values
+    bad = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=-1)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: a token's experts must be distinct; {_row_summary(bad)} repeat one")
+
+
 def check_output_rows(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
     """ValueError naming input `name` when a row of `out` is NaN/Inf although that row of `x` was
     finite: its magnitude overflowed the FP8 experts' range (a host sync)."""
@@ -161,24 +179,29 @@ def check_quant_args(name: str, x: object, group: object, ue8m0: object) -> None
 # The FP8 grouped-GEMM operands, as every provider (reference, Triton, DeepGEMM) and the experts take them.
 
 
-def check_activations(a_fp8: object, a_scale: object, ndim: int) -> int:
-    """A fp8 `[..., K]` (K a multiple of 128) + fp32 `[..., K/128]`; returns K."""
-    check_tensor("a_fp8", a_fp8, dtypes=(FP8_DTYPE,), ndim=ndim)
+def check_activations(a_fp8: object, a_scale: object, ndim: int, names: tuple[str, str] = ("a_fp8", "a_scale")) -> int:
+    """A fp8 `[..., K]` (K a multiple of 128) + fp32 `[..., K/128]`; returns K. `names`: the two
+    arguments as the caller's caller called them, for the errors."""
+    name, scale_name = names
+    check_tensor(name, a_fp8, dtypes=(FP8_DTYPE,), ndim=ndim)
     k = a_fp8.shape[-1]
     if k == 0 or k % QUANT_BLOCK:
-        raise ValueError(f"a_fp8: K ({k}) must be a positive multiple of {QUANT_BLOCK}")
-    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(*a_fp8.shape[:-1], k // QUANT_BLOCK))
+        raise ValueError(f"{name}: K ({k}) must be a positive multiple of {QUANT_BLOCK}")
+    check_tensor(scale_name, a_scale, dtypes=(torch.float32,), shape=(*a_fp8.shape[:-1], k // QUANT_BLOCK))
     return k
 
 
-def check_grouped_gemm_weights(b_fp8: object, b_scale: object, k: int) -> tuple[int, int]:
+def check_grouped_gemm_weights(
+    b_fp8: object, b_scale: object, k: int, names: tuple[str, str] = ("b_fp8", "b_scale")
+) -> tuple[int, int]:
     """B fp8 `[E, N, K]` + fp32 `[E, ceil(N/128), K/128]`; returns (E, N)."""
-    check_tensor("b_fp8", b_fp8, dtypes=(FP8_DTYPE,), ndim=3)
+    name, scale_name = names
+    check_tensor(name, b_fp8, dtypes=(FP8_DTYPE,), ndim=3)
     num_experts, n, kb = b_fp8.shape
     if kb != k:
-        raise ValueError(f"b_fp8: K ({kb}) must equal the activations' K ({k})")
+        raise ValueError(f"{name}: K ({kb}) must equal the activations' K ({k})")
     check_tensor(
-        "b_scale", b_scale, dtypes=(torch.float32,), shape=(num_experts, -(-n // QUANT_BLOCK), k // QUANT_BLOCK)
+        scale_name, b_scale, dtypes=(torch.float32,), shape=(num_experts, -(-n // QUANT_BLOCK), k // QUANT_BLOCK)
     )
     return num_experts, n
 
@@ -188,8 +211,13 @@ def check_expert_weights(
 ) -> tuple[int, int]:
     """The experts' MLP: w13 fp8 `[E, 2I, H]` (gate rows, then up rows), w2 fp8 `[E, H, I]`, block
     scales beside them; returns (E, 2I), w13's (E, N)."""
-    num_experts, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden)
-    check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2)
+    num_experts, two_i = check_grouped_gemm_weights(w13_fp8, w13_scale_inv, hidden, ("w13_fp8", "w13_scale_inv"))
+    if two_i == 0 or two_i % (2 * QUANT_BLOCK):
+        raise ValueError(
+            f"w13_fp8: dim 1 is 2*I = {two_i}; I (the experts' intermediate size, w2's K) must be a "
+            f"positive multiple of {QUANT_BLOCK}"
+        )
+    check_grouped_gemm_weights(w2_fp8, w2_scale_inv, two_i // 2, ("w2_fp8", "w2_scale_inv"))
     if w2_fp8.shape[:2] != (num_experts, hidden):
         raise ValueError(f"w2_fp8: expected shape [{num_experts}, {hidden}, {two_i // 2}], got {list(w2_fp8.shape)}")
     return num_experts, two_i
@@ -203,7 +231,7 @@ def check_token_activations(x: object, x_scale: object) -> int:
         if x.shape[-1] % QUANT_BLOCK:
             raise ValueError(f"x: hidden size ({x.shape[-1]}) must be a multiple of {QUANT_BLOCK}")
         return x.shape[-1]
-    return check_activations(x, x_scale, ndim=2)
+    return check_activations(x, x_scale, ndim=2, names=("x", "x_scale"))
 
 
 def check_topk(topk_ids: object, topk_weights: object, num_tokens: int) -> None:

@@ -14,7 +14,9 @@ import torch
 from moe_backend._checks import (
     check_activations,
     check_bool,
+    check_distinct_ids,
     check_expert_weights,
+    check_finite_fp8_rows,
     check_finite_rows,
     check_int,
     check_same_device,
@@ -78,6 +80,13 @@ def masked_experts(
     check_int("expected_m", expected_m, minimum=1, optional=True)
     if policy is not None and not isinstance(policy, Policy):
         raise TypeError(f"policy: expected a Policy or None, got {type(policy).__name__}")
+    if impl is not None and impl not in _MASKED_BY_IMPL and impl not in _MASKED_KERNELS:
+        raise ValueError(f"impl: expected one of {sorted(_MASKED_BY_IMPL) + sorted(_MASKED_KERNELS)}, got {impl!r}")
+    if finite_checks_enabled(a_fp8):  # CPU, or MOE_BACKEND_CHECK_FINITE=1 (host syncs)
+        # The valid rows only: an engine's buffer past masked_m may hold anything.
+        valid = torch.arange(max_m, device=a_fp8.device) < masked_m.unsqueeze(1)
+        check_finite_fp8_rows("a_fp8", a_fp8[valid])
+        check_finite_rows("a_scale", a_scale[valid])
     check_same_device(a_fp8=a_fp8, w13_fp8=w13_fp8, w2_fp8=w2_fp8, masked_m=masked_m)
     if out is None:
         out = torch.zeros(num_experts, max_m, hidden, dtype=torch.bfloat16, device=a_fp8.device)
@@ -117,6 +126,7 @@ def masked_experts(
     )
 
 
+_MASKED_KERNELS = frozenset(name for name, choice in KERNELS.items() if choice.layout == "masked")
 # `impl` as the ops name providers, for callers of masked_experts that pick a provider.
 _MASKED_BY_IMPL = {
     "auto": "masked",
@@ -186,14 +196,22 @@ def routed_experts(
     check_same_device(x=x, w13_fp8=w13_fp8, w2_fp8=w2_fp8, topk_ids=topk_ids, topk_weights=topk_weights)
     if out is not None:
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=x.device)
-    if x_scale is None and finite_checks_enabled(x):  # CPU, or MOE_BACKEND_CHECK_FINITE=1 (a host sync)
-        check_finite_rows("x", x)
-    if num_tokens == 0:
-        return out if out is not None else torch.zeros(0, hidden, dtype=torch.bfloat16, device=x.device)
     if isinstance(kernel, KernelChoice):
         kernel = kernel.name
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {sorted(KERNELS)}, got {kernel!r}")
+    if finite_checks_enabled(x):  # CPU, or MOE_BACKEND_CHECK_FINITE=1 (host syncs)
+        if x_scale is None:
+            check_finite_rows("x", x)
+        else:
+            check_finite_fp8_rows("x", x)
+            check_finite_rows("x_scale", x_scale)
+        # Only the local slots' weights enter the sum (absent slots' weights are never read).
+        local = (topk_ids >= expert_start) & (topk_ids < expert_start + num_experts)
+        check_finite_rows("topk_weights", torch.where(local, topk_weights, 0.0))
+        check_distinct_ids("topk_ids", torch.where(local, topk_ids, -1))
+    if num_tokens == 0:
+        return out if out is not None else torch.zeros(0, hidden, dtype=torch.bfloat16, device=x.device)
 
     policy = policy or Policy.from_env()
     plan = routed_plan(

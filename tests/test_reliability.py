@@ -137,6 +137,16 @@ class Env:
         return noaux_tc_route(**args)
 
 
+def _fp8_x(env: Env, nan_row: int | None = None, inf_scale_row: int | None = None) -> dict:
+    """An already quantized `x` (+ `x_scale`) of 4 tokens, with one row poisoned."""
+    x_fp8, x_scale = quantize_fp8_per_token_group(env.x())
+    if nan_row is not None:
+        x_fp8.view(torch.uint8)[nan_row, 7] = 0x7F  # e4m3fn's NaN
+    if inf_scale_row is not None:
+        x_scale[inf_scale_row, 0] = math.inf
+    return dict(x=x_fp8, x_scale=x_scale)
+
+
 @dataclass(frozen=True)
 class Case:
     entry: str  # the public entry point
@@ -662,6 +672,77 @@ CASES: list[Case] = [
     ),
     Case("experts.routed_experts", "`phase` unknown", ValueError, "phase", lambda env: env.routed(phase="both")),
     Case(
+        "experts.routed_experts",
+        "NaN in an FP8 `x` (CPU: checked)",
+        ValueError,
+        "x",
+        lambda env: env.routed(**_fp8_x(env, nan_row=1)),
+    ),
+    Case(
+        "experts.routed_experts",
+        "Inf in `x_scale` (CPU: checked)",
+        ValueError,
+        "x_scale",
+        lambda env: env.routed(**_fp8_x(env, inf_scale_row=2)),
+    ),
+    Case(
+        "experts.routed_experts",
+        "NaN in a local slot's `topk_weights` (CPU: checked)",
+        ValueError,
+        "topk_weights",
+        lambda env: env.routed(topk_weights=torch.rand(4, 4).index_fill_(0, torch.tensor([3]), math.nan)),
+    ),
+    Case(
+        "experts.routed_experts",
+        "a token's `topk_ids` repeating an expert (CPU: checked)",
+        ValueError,
+        "topk_ids",
+        lambda env: env.routed(topk_ids=torch.tensor([[0, 1, 2, 3], [4, 5, 4, 6], [0, 1, 2, 3], [7, 8, 9, 10]]).int()),
+    ),
+    Case(
+        "experts.routed_experts",
+        "`w2_fp8` in bf16",
+        TypeError,
+        "w2_fp8",
+        lambda env: env.routed(w2_fp8=env.layer.w2_fp8.to(torch.bfloat16)),
+    ),
+    Case(
+        "experts.routed_experts",
+        "`w13_fp8` with I not a multiple of 128",
+        ValueError,
+        "w13_fp8",
+        lambda env: env.routed(
+            w13_fp8=env.layer.w13_fp8[:, :128],
+            w13_scale_inv=env.layer.w13_scale_inv[:, :1],
+            w2_fp8=env.layer.w2_fp8[:, :, :64],
+            w2_scale_inv=env.layer.w2_scale_inv[:, :, :1],
+        ),
+    ),
+    Case(
+        "experts.routed_experts",
+        "unknown `kernel`, empty batch",
+        ValueError,
+        "kernel",
+        lambda env: env.routed(
+            x=env.x(0), topk_weights=torch.rand(0, 4), topk_ids=torch.zeros(0, 4).int(), kernel="nope"
+        ),
+    ),
+    Case(
+        "experts.masked_experts",
+        "unknown `impl`",
+        ValueError,
+        "impl",
+        lambda env: moe_experts.masked_experts(
+            *quantize_fp8_per_token_group(torch.randn(16, 2, 256)),
+            env.layer.w13_fp8,
+            env.layer.w13_scale_inv,
+            env.layer.w2_fp8,
+            env.layer.w2_scale_inv,
+            torch.zeros(16, dtype=torch.int32),
+            impl="nope",
+        ),
+    ),
+    Case(
         "experts.masked_experts",
         "`masked_m` with the wrong length",
         ValueError,
@@ -953,3 +1034,25 @@ def test_scale_cap_is_one_value_everywhere():
         from moe_backend.kernels import _group_quant_core
 
         assert float(_group_quant_core.SCALE_CEIL.value) == SCALE_CEIL
+
+
+@pytest.mark.parametrize("kernel", ["contiguous", "masked"])
+def test_an_absent_slots_weight_is_never_read(tiny_layer, kernel):
+    """A slot routed elsewhere (-1, or another rank's expert) contributes nothing, its weight
+    included: NaN there leaves the token's output as a zero weight does, as in the reference."""
+    layer = tiny_layer
+    args = (layer.w13_fp8, layer.w13_scale_inv, layer.w2_fp8, layer.w2_scale_inv)
+    x = torch.randn(3, layer.config.hidden_size, dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 5, -1, 9], [3, 4, 12, 1], [15, -1, 2, 8]], dtype=torch.int32)
+    weights = torch.rand(3, 4)
+    absent = (ids < 0) | (ids >= 8)  # the slice holds experts 0-7
+    nan_weights = torch.where(absent, math.nan, weights)
+    zero_weights = torch.where(absent, 0.0, weights)
+    kwargs = dict(kernel=kernel, num_global_experts=16)
+    sliced = [a[:8] for a in args]
+    got = moe_experts.routed_experts(x, *sliced, nan_weights, ids, **kwargs)
+    assert torch.equal(got, moe_experts.routed_experts(x, *sliced, zero_weights, ids, **kwargs))
+    assert torch.isfinite(got.float()).all()
+    assert torch.allclose(
+        got.float(), reference.routed_experts(x, *sliced, nan_weights, ids).float(), atol=1e-2, rtol=1e-2
+    )

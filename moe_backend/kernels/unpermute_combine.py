@@ -79,7 +79,8 @@ def _combine_kernel(
             # Most slots local (TP): masked loads, free of branches, so every slot's row load is
             # issued before the first sum waits on one. (The two forms are spelled out apart: each
             # compiles to the kernel timed in docs/benchmarks.md.)
-            w = tl.load(w_ptr + t * TOPK + j)
+            # An absent slot's weight is not read into the sum: 0 * a NaN weight would still be NaN.
+            w = tl.where(r >= 0, tl.load(w_ptr + t * TOPK + j), 0.0)
             row_ok = (offs * 0 + r) >= 0  # a vector mask (scalar masks trip the interpreter)
             y_offs = r * N + offs  # int64
             v = tl.load(y_ptr + y_offs, mask=ok & row_ok, other=0.0).to(tl.float32)

@@ -201,7 +201,9 @@ def unpermute_combine(
     gathered = flat.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, flat.shape[-1]).float()
     # Mask the rows, not only the weights: an unwritten row may hold NaN, and 0 * NaN is NaN.
     gathered = torch.where((rows >= 0).unsqueeze(-1), gathered, 0.0)
-    result = torch.einsum("tk,tkn->tn", topk_weights, gathered)
+    # And the weights of absent slots (-1, another rank's expert) too: they are not part of the sum.
+    weights = torch.where(rows >= 0, topk_weights, 0.0)
+    result = torch.einsum("tk,tkn->tn", weights, gathered)
     if out is None:
         return result.to(torch.bfloat16)
     check_tensor("out", out, dtypes=(torch.bfloat16,), shape=tuple(result.shape), device=y.device)

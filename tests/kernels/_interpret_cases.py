@@ -352,6 +352,13 @@ def case_combine():
     assert err <= 1e-2 and (out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max(), err
     # skipping absent slots by a branch gives the same bytes (and reads no unwritten row either)
     assert torch.equal(unpermute_combine(y, layout.row_of_slot, weights, branch_on_slots=True), out)
+    # an absent slot's weight is not part of the sum, in either form and in the torch combine: NaN there
+    # changes nothing
+    nan_weights = torch.where(layout.row_of_slot < 0, float("nan"), weights)
+    assert bool((layout.row_of_slot < 0).any())
+    for branch in (False, True):
+        assert torch.equal(unpermute_combine(y, layout.row_of_slot, nan_weights, branch_on_slots=branch), out)
+    assert torch.equal(layouts.combine(y, layout, nan_weights), ref)
 
 
 def case_bad_inputs():

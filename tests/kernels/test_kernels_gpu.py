@@ -377,6 +377,12 @@ def test_unpermute_combine(num_tokens, topk, experts, n) -> None:
     assert _rel(out, ref) <= TOL["combine"] or (out != ref).float().mean() < 1e-3
     # the plans' other form (absent slots skipped by a branch, under expert parallelism): same bytes
     assert torch.equal(combine_mod.unpermute_combine(y, layout.row_of_slot, weights, branch_on_slots=True), out)
+    # an absent slot's weight (NaN here) is not part of the sum in either form
+    nan_weights = torch.where(layout.row_of_slot < 0, float("nan"), weights)
+    for branch in (False, True):
+        assert torch.equal(
+            combine_mod.unpermute_combine(y, layout.row_of_slot, nan_weights, branch_on_slots=branch), out
+        )
 
 
 def test_bad_inputs() -> None:

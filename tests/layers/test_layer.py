@@ -229,10 +229,16 @@ def test_routed_experts_bad_inputs(tiny_config):
         routed_experts(x, *args, w[:3], ids[:3])
     with pytest.raises(ValueError, match="topk_weights: expected shape"):
         routed_experts(x, *args, w[:, :1], ids)
-    with pytest.raises(TypeError, match="a_fp8: expected dtype"):
+    with pytest.raises(TypeError, match="x: expected dtype"):
         routed_experts(x, *args, w, ids, x_scale=torch.ones(4, 2))
     with pytest.raises(ValueError, match="x: expected 2 dims"):
         routed_experts(x[0], *args, w, ids)
-    with pytest.raises(ValueError, match="b_fp8: K"):
+    with pytest.raises(ValueError, match="w13_fp8: K"):
         routed_experts(torch.randn(4, 128, dtype=torch.bfloat16), *args, w, ids)
+    with pytest.raises(TypeError, match="w2_fp8: expected dtype"):
+        routed_experts(x, *args[:2], args[2].to(torch.bfloat16), args[3], w, ids)
+    with pytest.raises(ValueError, match="w13_scale_inv: expected shape"):
+        routed_experts(x, args[0], args[1][:, :1], *args[2:], w, ids)
+    with pytest.raises(ValueError, match="w13_fp8: dim 1 is 2\\*I = 128; I .* must be a positive multiple of 128"):
+        routed_experts(x, args[0][:, :128], args[1][:, :1], args[2][:, :, :64], args[3][:, :, :1], w, ids)
     assert routed_experts(x[:0], *args, w[:0], ids[:0]).shape == (0, tiny_config.hidden_size)
