@@ -183,12 +183,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The subcommands that build layers in this process: a bad MOE_BACKEND_POLICY / MOE_BACKEND_SHADOW
+# would otherwise surface as a traceback at their first forward, after the setup's wait.
+_RUNS_LAYERS = ("info", "demo", "tune", "compare")
+
+
+def environment_problem() -> str | None:
+    """What is wrong with the MOE_BACKEND_* settings a layer reads per call, or None."""
+    from moe_backend.ab.shadow_spec import parse_shadow_spec
+    from moe_backend.dispatch.policy import Policy
+    from moe_backend.env import ENV
+
+    try:
+        Policy.from_env()
+    except (ValueError, TypeError) as exc:
+        text = str(exc)
+        return text if text.startswith("MOE_BACKEND_POLICY") else f"MOE_BACKEND_POLICY: {text}"
+    try:
+        if ENV.shadow:
+            parse_shadow_spec(ENV.shadow)
+            ENV.shadow_seed  # noqa: B018 (parsing it is the check)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         # The subcommand's parser reports it, so the usage shown is that subcommand's.
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command in _RUNS_LAYERS:
+        problem = environment_problem()
+        if problem:
+            args.parser.error(problem)
     return args.run(args, args.parser)
 
 

@@ -128,6 +128,15 @@ class MoEConfig:
         if not isinstance(cfg, Mapping):
             raise TypeError(f"cfg must be a dict or a path to config.json, got {type(cfg).__name__}")
 
+        # A config without DeepSeek-V3's routed-expert fields is another architecture (Qwen3-MoE names
+        # them num_experts, moe_topk...): its defaults would silently describe a layer it is not.
+        absent = [name for name in _REQUIRED_HF_FIELDS if cfg.get(name) is None]
+        if absent:
+            kind = f"model_type {cfg['model_type']!r}" if "model_type" in cfg else "no model_type"
+            raise ValueError(
+                f"{absent[0]}: absent from the config ({kind}); moe-backend serves DeepSeek-V3-style MoE "
+                f"layers, whose config.json names {', '.join(_REQUIRED_HF_FIELDS)}"
+            )
         known = {f.name for f in fields(cls)} - {"weight_block_size", "ue8m0_scales"}
         kwargs: dict[str, Any] = {name: cfg[name] for name in known if cfg.get(name) is not None}
         factor = kwargs.get("routed_scaling_factor")
@@ -135,6 +144,10 @@ class MoEConfig:
             kwargs["routed_scaling_factor"] = float(factor)  # JSON writes 2.0 as 2
         kwargs.update(_read_quantization_config(cfg.get("quantization_config")))
         return cls(**kwargs)
+
+
+# The routed experts' shapes: without them a config does not describe a DeepSeek-V3 MoE layer.
+_REQUIRED_HF_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok")
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

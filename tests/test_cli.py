@@ -215,3 +215,28 @@ def test_dev_script_usage(argv, code):
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert "usage: ./dev" in (proc.stdout if code == 0 else proc.stderr)
     assert not os.path.exists("/nonexistent/venv-never-created")
+
+
+@pytest.mark.parametrize(
+    "command, variable, value, expected",
+    [
+        (
+            "info",
+            "MOE_BACKEND_POLICY",
+            '{"decode_kernel": "trition"}',
+            "MOE_BACKEND_POLICY: policy key 'decode_kernel'",
+        ),
+        ("demo", "MOE_BACKEND_POLICY", "/no/such/policy.json", "MOE_BACKEND_POLICY: '/no/such/policy.json'"),
+        ("demo", "MOE_BACKEND_SHADOW", "trition:0.01", "MOE_BACKEND_SHADOW: backend: unknown name 'trition'"),
+        ("compare", "MOE_BACKEND_SHADOW", "triton:2", "MOE_BACKEND_SHADOW: the rate of 'triton:2'"),
+    ],
+)
+def test_bad_environment_is_an_argument_error_before_any_work(command, variable, value, expected, monkeypatch, capsys):
+    """A bad setting the layer reads per call stops the command at its start, as a bad flag does,
+    not as a traceback at its first forward."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exc:
+        main([command])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and expected in err.strip().splitlines()[-1], err

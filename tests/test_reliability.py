@@ -335,6 +335,21 @@ CASES: list[Case] = [
     ),
     Case(
         "MoEConfig.from_hf_config",
+        "a Qwen3-MoE config (`num_experts`, no `n_routed_experts`)",
+        ValueError,
+        "n_routed_experts",
+        lambda env: MoEConfig.from_hf_config(
+            {
+                "model_type": "qwen3_moe",
+                "hidden_size": 256,
+                "moe_intermediate_size": 128,
+                "num_experts": 16,
+                "num_experts_per_tok": 4,
+            }
+        ),
+    ),
+    Case(
+        "MoEConfig.from_hf_config",
         "a bool where an int is expected (`hidden_size: true`)",
         TypeError,
         "hidden_size",

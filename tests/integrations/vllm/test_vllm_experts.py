@@ -169,7 +169,8 @@ def _problem(case: Case, seed: int = 0):
     topk_ids = torch.stack(
         [candidates[torch.randperm(len(candidates), generator=g)[:TOPK]] for _ in range(case.num_tokens)]
     )
-    topk_ids[0, 0] = case.first_local  # at least one local hit, so the reference is not all zero
+    if not bool((topk_ids[0] == case.first_local).any()):
+        topk_ids[0, 0] = case.first_local  # at least one local hit, so the reference is not all zero
     topk_weights = torch.rand(case.num_tokens, TOPK, generator=g)
     local = topk_ids - case.first_local
     local_ids = torch.where((local >= 0) & (local < LOCAL_EXPERTS), local, -1)
