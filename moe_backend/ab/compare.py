@@ -57,7 +57,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
         help="small: CPU-sized slices (H 256, experts/16, I/8); auto (default): small on CPU, full on GPU",
     )
     p.add_argument("--checkpoint", help="a DeepSeek-V3-format FP8 checkpoint folder: its layer's real weights")
-    p.add_argument("--layer", type=int, default=3, help="the checkpoint's MoE layer (default 3)")
+    p.add_argument("--layer", type=int, default=None, help="the checkpoint's MoE layer (default: its first)")
     p.add_argument(
         "--tokens",
         type=lambda t: _int_list(t, "--tokens"),
@@ -115,6 +115,7 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
     if args.time_budget is not None and not args.time_budget >= 0:
         raise ValueError(f"--time-budget: expected seconds >= 0, got {args.time_budget}")
     tokens = args.tokens or list(CPU_TOKENS if small else GPU_TOKENS)
+    layer = _checkpoint_layer(args.checkpoint, args.layer) if args.checkpoint else None
     return CompareSettings(
         backends=names,
         slices=parse_slices(args.slice, base, small=small),
@@ -125,10 +126,25 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         rounds=args.rounds or (3 if device.type == "cuda" else 1),
         tolerance=args.tolerance,
         checkpoint=args.checkpoint,
-        layer=args.layer if args.checkpoint else None,
+        layer=layer,
         time_budget_s=args.time_budget,
         meta={"command": _command(args)},
     )
+
+
+def _checkpoint_layer(path: str, layer: int | None) -> int:
+    """--layer resolved against the checkpoint's MoE layers (default: the first)."""
+    from moe_backend._cli import ranges
+    from moe_backend.demo import checkpoint_moe_layers
+
+    layers = checkpoint_moe_layers(path)
+    if not layers:
+        raise ValueError(f"--checkpoint: {path!r} has no MoE layer (no model.layers.L.mlp.gate.weight)")
+    if layer is None:
+        return layers[0]
+    if layer not in layers:
+        raise ValueError(f"--layer: {layer} is not a MoE layer of this checkpoint; choose one of {ranges(layers)}")
+    return layer
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -159,14 +175,19 @@ def _command(args: argparse.Namespace) -> str:
 def cmd_compare(args: argparse.Namespace) -> int:
     from moe_backend._json_file import json_safe, write_json
     from moe_backend.ab.report import write_compare_report
-    from moe_backend.ab.winners import policy_section, write_policy
+    from moe_backend.ab.winners import existing_policy, policy_section, write_policy
 
     try:
         settings = settings_from_args(args)
+        # Where the results go, checked before the sweep rather than found wrong after it.
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out: {args.out!r} exists and is not a folder")
+        if args.emit_policy:
+            existing_policy(args.emit_policy)
+        result = run_compare(settings)
     except ValueError as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
-    result = run_compare(settings)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "results.json"), json_safe(result), sort_keys=False)
     paths = write_compare_report(result, args.out)

@@ -17,7 +17,7 @@ from moe_backend._json_file import write_json
 from moe_backend.ab.divergence import cell_tolerance
 from moe_backend.dispatch.policy import KERNELS, Policy
 
-__all__ = ["cell_winners", "policy_section", "write_policy", "DECODE_SLACK"]
+__all__ = ["cell_winners", "policy_section", "write_policy", "existing_policy", "DECODE_SLACK"]
 
 # Switching kernels at a batch size costs a second plan and graph set; a few percent is not worth it.
 DECODE_SLACK = 1.05
@@ -93,17 +93,26 @@ def policy_section(rows: list[dict], tolerance: float | None = None) -> dict:
     }
 
 
+def existing_policy(path: str) -> dict:
+    """The policy file at `path` to update ({} when there is none); ValueError when it is
+    something else, which `write_policy` will not overwrite."""
+    if os.path.isdir(path):
+        raise ValueError(f"emit-policy: {path!r} is a folder, expected a policy JSON file")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"emit-policy: {path!r} exists and is not JSON ({exc}); not overwriting") from None
+    Policy.from_dict(data)  # an existing file must already be a policy
+    return data
+
+
 def write_policy(path: str, device_name: str, section: dict) -> dict:
     """Writes (or updates) a policy file with `section` under devices[device_name]; validates the
     result with `Policy.from_dict` before writing, so the file is accepted as is."""
-    data: dict = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"emit-policy: {path!r} exists and is not JSON ({exc}); not overwriting") from None
-        Policy.from_dict(data)  # an existing file must already be a policy
+    data = existing_policy(path)
     data.setdefault("devices", {})[device_name] = dict(section)
     Policy.from_dict(data, device_name)
     write_json(path, data)

@@ -103,19 +103,27 @@ def test_emit_policy_merges_devices(tmp_path):
         write_policy(str(path), "GPU A", {})
 
 
-def test_compare_on_a_checkpoint_layer(tmp_path):
+def test_compare_on_a_checkpoint_layer(tmp_path, capsys):
     proc = subprocess.run(
         [sys.executable, "examples/make_tiny_checkpoint.py", str(tmp_path / "ckpt")], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
+    # Mistakes found before the sweep, as an argument error (the tiny checkpoint's MoE layers are 1-2).
+    ckpt = ["compare", "--cpu", "--checkpoint", str(tmp_path / "ckpt"), "--tokens", "4", "--slice", "ep2"]
+    assert main([*ckpt, "--layer", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--layer: 0 is not a MoE layer of this checkpoint; choose one of 1..2" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main([*ckpt, "--out", str(tmp_path / "a_file")]) == 2
+    assert "--out: " in capsys.readouterr().err and not (tmp_path / "x").exists()
+    (tmp_path / "policy.txt").write_text("not json")
+    assert main([*ckpt, "--out", str(tmp_path / "x"), "--emit-policy", str(tmp_path / "policy.txt")]) == 2
+    assert "not JSON" in capsys.readouterr().err and not (tmp_path / "x").exists()
     rc = main(
         [
             "compare",
             "--cpu",
             "--checkpoint",
             str(tmp_path / "ckpt"),
-            "--layer",
-            "1",
             "--slice",
             "ep2,tp2",
             "--backends",
