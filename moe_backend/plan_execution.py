@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Iterator
 
 import torch
@@ -27,7 +28,28 @@ __all__ = ["run_plan", "run_masked_plan", "recorded_plans", "record_executed"]
 _plan_records: list[list[Plan]] = []  # open `recorded_plans` blocks
 # MOE_BACKEND_PLAN_LOG=PATH: one line per executed plan appended to PATH, from every process
 # (tests/e2e count the plans an engine's server ran while answering a request).
-_PLAN_LOG = ENV.plan_log
+
+
+def _plan_log_path() -> str | None:
+    """MOE_BACKEND_PLAN_LOG if it can be appended to; otherwise one warning and no log (a debugging
+    aid must never fail a forward)."""
+    path = ENV.plan_log
+    if path is None:
+        return None
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        print(
+            f"[moe_backend] MOE_BACKEND_PLAN_LOG: cannot append to {path!r} ({exc}); no plan log is written",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    return path
+
+
+_PLAN_LOG = _plan_log_path()
 
 
 @contextlib.contextmanager

@@ -5,7 +5,10 @@ and every switch follows the one truthiness rule."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,3 +198,13 @@ def test_info_lists_the_variables_set(monkeypatch):
     ).stdout
     line = next(x for x in out.splitlines() if x.startswith("environment"))
     assert "MOE_BACKEND_PRINT_CONFIG='on'" in line and "MOE_BACKEND_POLICY" not in line
+
+
+def test_an_unwritable_plan_log_is_a_warning_not_a_failed_forward(tmp_path):
+    """MOE_BACKEND_PLAN_LOG in a folder that does not exist: one warning at import and no log, where
+    each executed plan's append would raise inside the forward."""
+    code = "from moe_backend import plan_execution\nassert plan_execution._PLAN_LOG is None\n"
+    env = dict(os.environ, MOE_BACKEND_PLAN_LOG=str(tmp_path / "no" / "such" / "plan.log"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "MOE_BACKEND_PLAN_LOG: cannot append to" in proc.stderr and "no plan log is written" in proc.stderr

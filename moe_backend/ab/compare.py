@@ -101,6 +101,10 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
     if args.size == "small" and args.checkpoint:
         raise ValueError("--size small shrinks the layer's shapes, a --checkpoint fixes them: give one or the other")
     small = args.size == "small" or (args.size == "auto" and device.type == "cpu" and not args.checkpoint)
+    if args.checkpoint and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        raise ValueError(
+            f"--checkpoint: {args.checkpoint!r} is not a checkpoint folder (expected config.json + safetensors)"
+        )
     base = MoEConfig.from_hf_config(args.checkpoint) if args.checkpoint else MoEConfig()
     names = backend_names() if args.backends == "all" else [n.strip() for n in args.backends.split(",") if n.strip()]
     if not names:

@@ -311,9 +311,12 @@ def cmd_ab_serve(args: argparse.Namespace) -> int:
         if args.label_a == args.label_b:
             raise ValueError("--label-a and --label-b must differ")
         servers = []
-        for label, url in ((args.label_a, args.a), (args.label_b, args.b)):
+        for flag, label, url in (("--a", args.label_a, args.a), ("--b", args.label_b, args.b)):
             spec = ServerSpec(label, url, args.model, args.api_key)
-            _connection(spec.v1, 1.0)  # validates the URL
+            try:
+                _connection(spec.v1, 1.0)  # validates the URL
+            except ValueError:
+                raise ValueError(f"{flag}: expected http(s)://host[:port][/path], got {url!r}") from None
             servers.append(spec if args.model else ServerSpec(label, url, discover_model(spec), args.api_key))
         run = run_ab(
             servers,
@@ -336,4 +339,10 @@ def cmd_ab_serve(args: argparse.Namespace) -> int:
     paths, summary = write_serve_report(run, args.out)
     print(summary)
     print("wrote " + ", ".join([os.path.join(args.out, "results.jsonl")] + paths))
+    # Some failed requests are part of a report; a server that answered none is a failed run (a
+    # script must not read it as a comparison).
+    silent = [s.label for s in servers if not any(r.ok for r in run["results"] if r.server == s.label)]
+    if silent:
+        print(f"ab-serve: no request to {', '.join(silent)} completed (see the report's errors)", file=sys.stderr)
+        return 1
     return 0

@@ -24,11 +24,14 @@ DECODE_SLACK = 1.05
 
 
 def _valid(row: dict) -> bool:
-    return "time_us" in row and not row.get("diverges", True)
+    # A cell with no routed pair on the slice's experts times launch overhead, not a kernel: no
+    # winner there, and no evidence for the policy.
+    return "time_us" in row and not row.get("diverges", True) and row.get("pairs", 1) > 0
 
 
 def cell_winners(rows: list[dict]) -> dict[tuple[str, int], dict]:
-    """{(slice, tokens): the fastest valid row}; cells where nothing was valid are absent."""
+    """{(slice, tokens): the fastest valid row}; cells where nothing was valid (or no pair was
+    routed to the slice) are absent."""
     best: dict[tuple[str, int], dict] = {}
     for row in rows:
         key = (row["slice"], row["tokens"])

@@ -157,3 +157,17 @@ def test_latency_percentiles_interpolate():
     assert _pct([20.0, 10.0], 0.5) == 15.0
     assert _pct([float(v) for v in range(1, 101)], 0.99) == pytest.approx(99.01)
     assert _pct([7.0], 0.99) == 7.0 and _pct([], 0.5) is None
+
+
+def test_a_server_that_answers_nothing_fails_the_run(tmp_path, capsys):
+    """Some failed requests are part of the report; a server that completed none fails the run."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a b c\n")
+    args = ["ab-serve", "--model", "stub-model", "--prompts", str(prompts), "--timeout", "5"]
+    with StubServer() as a:
+        assert main([*args, "--a", a.url, "--b", a.url, "--out", str(tmp_path / "ok")]) == 0
+        rc = main([*args, "--a", a.url, "--b", "http://127.0.0.1:9", "--out", str(tmp_path / "bad")])
+    assert rc == 1 and "no request to B completed" in capsys.readouterr().err
+    assert (tmp_path / "bad" / "report.md").exists()  # the report is still written
+    assert main([*args, "--a", "localhost:8000", "--b", "http://127.0.0.1:9", "--out", str(tmp_path / "x")]) == 2
+    assert "--a: expected http(s)://host[:port][/path], got 'localhost:8000'" in capsys.readouterr().err

@@ -150,6 +150,7 @@ def test_compare_on_a_checkpoint_layer(tmp_path, capsys):
         (["--slice", "tp32"], "multiple of 128"),
         (["--routing", "zipf:9"], "0 <= A <= 4"),
         (["--routing", "router"], "needs --checkpoint"),
+        (["--checkpoint", "/no/such/folder"], "--checkpoint: '/no/such/folder' is not a checkpoint folder"),
         (["--backends", ","], "expected backend names"),
         (["--time-budget", "-5"], "--time-budget"),
         (["--size", "small", "--checkpoint", "any-folder"], "give one or the other"),

@@ -149,6 +149,16 @@ def _row(backend, kernel, tokens, us, rel=1e-3, slice_name="ep8"):
     )
 
 
+def test_cells_without_routed_pairs_have_no_winner():
+    rows = [dict(_row("phasemoe", "contiguous", 1, 90.0), pairs=0), dict(_row("triton", "triton", 1, 2.0), pairs=0)]
+    rows += [
+        dict(_row("phasemoe", "contiguous", 64, 90.0), pairs=12),
+        dict(_row("triton", "triton", 64, 95.0), pairs=12),
+    ]
+    assert list(cell_winners(rows)) == [("ep8", 64)]
+    assert cell_winners(rows)[("ep8", 64)]["backend"] == "phasemoe"
+
+
 def test_policy_from_winners():
     rows = []
     for t in (1, 8, 128, 256):  # decode: the masked kernel best, static
