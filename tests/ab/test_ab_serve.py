@@ -110,30 +110,19 @@ def test_duration_and_unreachable_server(tmp_path):
     assert all(r.error.startswith("connection:") for r in run["results"] if r.server == "dead")
 
 
+def _one_stream(url: str, model: str, prompt: str):
+    now = time.monotonic()
+    return stream_completion(
+        ServerSpec("A", url, model), prompt, 0, max_tokens=4, temperature=0, timeout=2, stop_at=now + 5, t0=now
+    )
+
+
 def test_stream_errors_and_bad_inputs(tmp_path):
     with StubServer() as a:
-        r = stream_completion(
-            ServerSpec("A", a.url, "wrong-model"),
-            "x y",
-            0,
-            max_tokens=4,
-            temperature=0,
-            timeout=2,
-            stop_at=time.monotonic() + 5,
-            t0=time.monotonic(),
-        )
+        r = _one_stream(a.url, "wrong-model", "x y")
         assert not r.ok and r.error.startswith("http 404")
         # A stream the server closes before [DONE] (it died mid-answer) is an error, not a short answer.
-        r = stream_completion(
-            ServerSpec("A", a.url, "stub-model"),
-            "x y z [cut]",
-            0,
-            max_tokens=4,
-            temperature=0,
-            timeout=2,
-            stop_at=time.monotonic() + 5,
-            t0=time.monotonic(),
-        )
+        r = _one_stream(a.url, "stub-model", "x y z [cut]")
         assert not r.ok and r.error == "bad stream: closed before [DONE]" and r.chunks == ["[cut]"]
         assert (
             main(["ab-serve", "--a", a.url, "--b", "ftp://nowhere", "--prompts", __file__, "--out", str(tmp_path)]) == 2

@@ -37,8 +37,10 @@ def test_routing_uniform_zipf_and_file(tmp_path):
     assert from_file.tolist() == [[0, 1], [2, 3], [4, 5], [0, 1], [2, 3], [4, 5], [0, 1]]  # cycled
     torch.save(torch.tensor([[1, 2]]), tmp_path / "ids.pt")
     assert make_routing(parse_routing(str(tmp_path / "ids.pt")), 2, 8, 2)[1].tolist() == [[1, 2], [1, 2]]
-    with pytest.raises(ValueError, match="top-2 ids, the layer is top-8"):
+    with pytest.raises(ValueError, match="top-2 ids, the layer is top-8$"):
         make_routing(parse_routing(str(path)), 4, 256, 8)
+    with pytest.raises(ValueError, match=r"top-2 ids, the layer is top-1 \(--size small halves top-k"):
+        make_routing(parse_routing(str(path)), 4, 256, 1)
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 4\)"):
         make_routing(parse_routing(str(path)), 4, 4, 2)
     for bad in ("", "zipf:x", "zipf:-1", "gauss", str(tmp_path / "missing.pt")):
