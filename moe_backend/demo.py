@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from moe_backend.config import MoEConfig
+from moe_backend.env import ENV
 
 __all__ = ["REDUCED_CONFIG", "checkpoint_moe_layers", "run", "ProviderTrace"]
 
@@ -292,6 +293,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     local = ((topk_ids >= 0) & (topk_ids < per_rank)).sum().item()
     print(f"tokens: {args.tokens}; routed (token, expert) pairs on this slice: {local}/{topk_ids.numel()}")
+    if ENV.shadow:
+        # The shadow's runs go through the same executor: they are in the lines below and the time.
+        print(
+            f"shadow: MOE_BACKEND_SHADOW={ENV.shadow!r} is on; the plans, GEMM calls and time below "
+            f"include the shadow backend's sampled runs"
+        )
     for line in trace.describe():
         print(line)
     print(

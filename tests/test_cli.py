@@ -240,3 +240,12 @@ def test_bad_environment_is_an_argument_error_before_any_work(command, variable,
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and expected in err.strip().splitlines()[-1], err
+
+
+def test_demo_says_when_shadow_runs_are_in_its_report(monkeypatch, capsys):
+    monkeypatch.setenv("MOE_BACKEND_SHADOW", "reference:1")
+    assert main(["demo", "--tokens", "4"]) == 0
+    assert "shadow: MOE_BACKEND_SHADOW='reference:1' is on" in capsys.readouterr().out
+    monkeypatch.delenv("MOE_BACKEND_SHADOW")
+    assert main(["demo", "--tokens", "4"]) == 0
+    assert "shadow:" not in capsys.readouterr().out
