@@ -107,10 +107,15 @@ def check_finite_rows(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: holds NaN/Inf values in {_row_summary(bad)}")
 
 
+def fp8_nan(x: torch.Tensor) -> torch.Tensor:
+    """Where e4m3fn `x` holds NaN, its only non-finite value (bits S.1111.111), read as bytes: no
+    fp32 copy of a weight or an activation."""
+    return (x.view(torch.uint8) & 0x7F) == 0x7F
+
+
 def check_finite_fp8_rows(name: str, x: torch.Tensor) -> None:
-    """check_finite_rows for 2-D e4m3fn `x`, read as bytes (no fp32 copy): NaN is its only
-    non-finite value, the bit patterns S.1111.111 (a host sync)."""
-    bad = ((x.view(torch.uint8) & 0x7F) == 0x7F).any(dim=-1)
+    """check_finite_rows for 2-D e4m3fn `x` (a host sync)."""
+    bad = fp8_nan(x).any(dim=-1)
     if bool(bad.any()):
         raise ValueError(f"{name}: holds NaN values in {_row_summary(bad)}")
 

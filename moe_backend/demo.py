@@ -164,8 +164,6 @@ def checkpoint_moe_layers(path: str) -> list[int]:
 
 def _check_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser) -> MoEConfig:
     """The checkpoint's config, and --layer resolved to one of its MoE layers (parser.error otherwise)."""
-    from moe_backend._cli import ranges
-
     path = args.checkpoint
     if not os.path.isdir(path):
         parser.error(
@@ -183,13 +181,22 @@ def _check_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(f"argument --checkpoint: {path!r}: {exc}")
     if not layers:
         parser.error(f"argument --checkpoint: {path!r} has no MoE layer (no model.layers.L.mlp.gate.weight)")
-    if args.layer is None:
-        args.layer = layers[0]
-    elif args.layer not in layers:
-        parser.error(
-            f"argument --layer: {args.layer} is not a MoE layer of this checkpoint; choose one of {ranges(layers)}"
-        )
+    try:
+        args.layer = moe_layer(layers, args.layer)
+    except ValueError as exc:
+        parser.error(f"argument --layer: {exc}")
     return config
+
+
+def moe_layer(layers: list[int], layer: int | None) -> int:
+    """`layer` checked against a checkpoint's MoE layers (`checkpoint_moe_layers`); None: the first."""
+    from moe_backend._cli import ranges
+
+    if layer is None:
+        return layers[0]
+    if layer not in layers:
+        raise ValueError(f"{layer} is not a MoE layer of this checkpoint; choose one of {ranges(layers)}")
+    return layer
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

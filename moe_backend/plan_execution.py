@@ -26,8 +26,6 @@ from moe_backend.env import ENV
 __all__ = ["run_plan", "run_masked_plan", "recorded_plans", "record_executed"]
 
 _plan_records: list[list[Plan]] = []  # open `recorded_plans` blocks
-# MOE_BACKEND_PLAN_LOG=PATH: one line per executed plan appended to PATH, from every process
-# (tests/e2e count the plans an engine's server ran while answering a request).
 
 
 def _plan_log_path() -> str | None:
@@ -49,6 +47,8 @@ def _plan_log_path() -> str | None:
     return path
 
 
+# MOE_BACKEND_PLAN_LOG=PATH: one line per executed plan appended to PATH, from every process
+# (tests/e2e count the plans an engine's server ran while answering a request).
 _PLAN_LOG = _plan_log_path()
 
 

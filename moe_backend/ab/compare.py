@@ -138,17 +138,15 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
 
 def _checkpoint_layer(path: str, layer: int | None) -> int:
     """--layer resolved against the checkpoint's MoE layers (default: the first)."""
-    from moe_backend._cli import ranges
-    from moe_backend.demo import checkpoint_moe_layers
+    from moe_backend.demo import checkpoint_moe_layers, moe_layer
 
     layers = checkpoint_moe_layers(path)
     if not layers:
         raise ValueError(f"--checkpoint: {path!r} has no MoE layer (no model.layers.L.mlp.gate.weight)")
-    if layer is None:
-        return layers[0]
-    if layer not in layers:
-        raise ValueError(f"--layer: {layer} is not a MoE layer of this checkpoint; choose one of {ranges(layers)}")
-    return layer
+    try:
+        return moe_layer(layers, layer)
+    except ValueError as exc:
+        raise ValueError(f"--layer: {exc}") from None
 
 
 def _command(args: argparse.Namespace) -> str:

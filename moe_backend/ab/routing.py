@@ -92,13 +92,10 @@ def make_routing(
     if spec.kind == "file":
         ids = _load_ids(spec.path)
         if ids.shape[1] != topk:
+            hint = " (--size small halves top-k: pass --size full for a model's recorded ids)"
             raise ValueError(
                 f"routing file {spec.path!r}: holds top-{ids.shape[1]} ids, the layer is top-{topk}"
-                + (
-                    " (--size small halves top-k: pass --size full for a model's recorded ids)"
-                    if ids.shape[1] > topk
-                    else ""
-                )
+                + (hint if ids.shape[1] > topk else "")
             )
         if int(ids.min()) < 0 or int(ids.max()) >= num_experts:
             raise ValueError(

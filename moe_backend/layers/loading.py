@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from moe_backend._checks import check_int
+from moe_backend._checks import check_int, fp8_nan
 from moe_backend.constants import FP8_DTYPE, QUANT_BLOCK
 from moe_backend.layers.checkpoint import read_checkpoint_layer
 from moe_backend.quant import quantize_fp8_blockwise
@@ -34,11 +34,6 @@ _FP8_DTYPES = tuple(
     if d is not None
 )
 _MAX_LISTED = 40  # a wrong prefix on a real layer would otherwise list ~1,500 names
-
-
-def _fp8_nan_count(w: torch.Tensor) -> int:
-    # e4m3fn encodes NaN as S.1111.111; checking the bits avoids an fp32 copy of every weight.
-    return int(((w.view(torch.uint8) & 0x7F) == 0x7F).sum())
 
 
 def scale_blocks(n: int) -> int:
@@ -197,7 +192,7 @@ class WeightLoading:
             if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
                 problems.append(f"nan: {key}.weight_scale_inv must hold finite positive scales")
                 return
-            if bad := _fp8_nan_count(weight):
+            if bad := int(fp8_nan(weight).sum()):
                 problems.append(f"nan: {key}.weight holds {bad} NaN values")
                 return
             scale = scale.float()
