@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from moe_backend.config import MoEConfig
+from moe_backend.dispatch.policy import Policy
 from moe_backend.env import ENV
 
 __all__ = ["REDUCED_CONFIG", "checkpoint_moe_layers", "run", "ProviderTrace"]
@@ -239,6 +240,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"device: cuda ({torch.cuda.get_device_name()})")
     else:
         why = "--cpu" if torch.cuda.is_available() else "no GPU"
+        cuda_only = Policy.from_env().cuda_only_keys()
+        if cuda_only:
+            named = ", ".join(f"{key}={name!r}" for key, name in cuda_only)
+            parser.error(
+                f"MOE_BACKEND_POLICY names kernels that run on CUDA tensors only ({named}), and this demo "
+                f"runs on CPU ({why}); name 'contiguous' or 'masked' there, or unset MOE_BACKEND_POLICY"
+            )
         print(f"device: cpu ({why}: every GEMM runs on the torch reference)")
     print(
         f"layer:  {what}: hidden={config.hidden_size} intermediate={config.moe_intermediate_size} "

@@ -81,6 +81,15 @@ def test_demo_reports_the_policy_from_the_environment(tiny_checkpoint, capsys, m
     assert "ran:    routed experts: grouped_gemm_masked x2 on reference (torch)" in out
 
 
+def test_demo_on_cpu_refuses_a_policy_naming_cuda_only_kernels(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("MOE_BACKEND_POLICY", '{"decode_kernel": "cuda_masked"}')
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--checkpoint", tiny_checkpoint, "--tokens", "3", "--reps", "1", "--cpu"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "decode_kernel='cuda_masked'" in err and "runs on CPU (" in err
+
+
 def test_demo_empty_batch(tiny_checkpoint, capsys):
     assert main(["demo", "--checkpoint", tiny_checkpoint, "--tokens", "0", "--cpu"]) == 0
     out = capsys.readouterr().out

@@ -41,7 +41,7 @@ from moe_backend.dispatch.gemm_choice import (
     with_stream_k,
 )
 from moe_backend.dispatch.layouts import max_contiguous_rows
-from moe_backend.dispatch.policy import KERNELS, Policy
+from moe_backend.dispatch.policy import CUDA_ONLY_IMPLS, KERNELS, Policy
 
 __all__ = [
     "GemmPlan",
@@ -185,7 +185,9 @@ def make_plan(
     """The plan for tokens in the standard format ([T, H] + top-k ids). `kernel` (a KERNELS name)
     overrides the policy's choice. Cached per distinct arguments."""
     phase = policy.phase_of(num_tokens, phase)
-    name = kernel or (policy.decode_kernel if phase == "decode" else policy.prefill_kernel)
+    key = "decode_kernel" if phase == "decode" else "prefill_kernel"
+    name = kernel or getattr(policy, key)
+    _check_runs_on(device, name, f"kernel={name!r}" if kernel else f"policy key {key!r} ({name!r})")
     graph_tokens = token_bucket(num_tokens, policy.graph_max_tokens) if device.type == "cuda" else 0
     # 0 global experts: the count is unknown, the local experts stand for it (as for `slots`)
     spread_over = num_global_experts or max(num_experts, 1)
@@ -224,6 +226,7 @@ def make_masked_plan(
     """The plan for an engine's masked input (`[E, max_m, H]` + per-expert counts on the device:
     DeepEP low-latency, vLLM's batched format): the policy's `masked_kernel`."""
     expected_m = max(1, min(max_m, expected_m or max_m))
+    _check_runs_on(device, policy.masked_kernel, f"policy key 'masked_kernel' ({policy.masked_kernel!r})")
     return _make_plan(
         policy.print_plan,
         policy.masked_kernel,
@@ -238,6 +241,15 @@ def make_masked_plan(
         expected_m,
         max_m,
     )
+
+
+def _check_runs_on(device: torch.device, name: str, source: str) -> None:
+    """Refuse CPU tensors for a kernel with no CPU fallback, naming where the choice came from."""
+    if device.type != "cuda" and name in KERNELS and KERNELS[name].impl in CUDA_ONLY_IMPLS:
+        raise ValueError(
+            f"{source} runs on CUDA tensors only, got tensors on {device}; on CPU choose a kernel "
+            f"with a reference fallback (e.g. 'contiguous' or 'masked'), or leave MOE_BACKEND_POLICY unset"
+        )
 
 
 @lru_cache(maxsize=4096)

@@ -52,6 +52,8 @@ KERNELS: dict[str, KernelChoice] = {
     "reference": KernelChoice("reference", "contiguous", "reference"),
     "reference_masked": KernelChoice("reference_masked", "masked", "reference"),
 }
+# Implementations with no CPU fallback: a policy naming them refuses CPU tensors.
+CUDA_ONLY_IMPLS = ("cuda", "deepgemm")
 MASKED_KERNELS = tuple(sorted(name for name, c in KERNELS.items() if c.layout == "masked"))
 
 
@@ -103,6 +105,12 @@ class Policy:
         """The policy's kernel for a batch (the plan, `moe_backend.dispatch.plan`, adds the rest)."""
         phase = self.phase_of(num_tokens, phase)
         return KERNELS[self.decode_kernel if phase == "decode" else self.prefill_kernel]
+
+    def cuda_only_keys(self) -> list[tuple[str, str]]:
+        """(key, kernel) for each key naming a kernel that runs on CUDA tensors only (our CUDA C++
+        GEMMs, DeepGEMM); the others fall back to the torch reference on CPU tensors."""
+        keys = ("prefill_kernel", "decode_kernel", "masked_kernel")
+        return [(key, getattr(self, key)) for key in keys if KERNELS[getattr(self, key)].impl in CUDA_ONLY_IMPLS]
 
     # ---- configuration ----
     @classmethod

@@ -76,6 +76,29 @@ def test_masked_plan_follows_masked_kernel():
     )  # no hint: the bound
 
 
+@pytest.mark.parametrize(
+    "policy, kw, named",
+    [
+        (Policy(decode_kernel="cuda_masked"), {}, "policy key 'decode_kernel' ('cuda_masked')"),
+        (Policy(prefill_kernel="deepgemm_contiguous"), {"num_tokens": 4096}, "policy key 'prefill_kernel'"),
+        (Policy(), {"kernel": "cuda_contiguous"}, "kernel='cuda_contiguous'"),
+    ],
+)
+def test_a_cuda_only_kernel_on_cpu_names_where_it_was_chosen(policy, kw, named):
+    with pytest.raises(ValueError, match="runs on CUDA tensors only") as info:
+        _plan(policy, **kw)
+    assert named in str(info.value) and "MOE_BACKEND_POLICY" in str(info.value)
+    with pytest.raises(ValueError, match="policy key 'masked_kernel' \\('deepgemm_masked'\\) runs on CUDA"):
+        make_masked_plan(
+            Policy(masked_kernel="deepgemm_masked"), num_experts=4, max_m=8, hidden=256, intermediate=128, device=CPU
+        )
+    assert Policy(decode_kernel="cuda_masked", masked_kernel="deepgemm_masked").cuda_only_keys() == [
+        ("decode_kernel", "cuda_masked"),
+        ("masked_kernel", "deepgemm_masked"),
+    ]
+    assert Policy().cuda_only_keys() == []
+
+
 def test_fused_permute_quant_follows_rows_per_token():
     ratio = thresholds()["fused_permute_quant_max_rows_per_token"]
     ep = _plan(num_experts=32, num_global_experts=256)  # ~T rows: fused pays
@@ -145,10 +168,12 @@ def test_cuda_masked_layouts_we_build_are_sized_in_128_row_tiles(monkeypatch):
     """A masked layout built from top-k ids for our CUDA kernel is padded to its 128-row tiles."""
     monkeypatch.setattr(plan_mod, "gemm_provider", lambda impl, *a, **k: "cuda" if impl == "cuda" else "reference")
     monkeypatch.setattr(plan_mod, "gemm_plan", lambda provider, *a, **k: plan_mod.GemmPlan(provider, 1, 1))
+    monkeypatch.setattr(plan_mod, "dependent_launch_pays", lambda phase, device: False)
+    cuda = torch.device("cuda", 0)
     plan_mod.clear_plan_cache()
     try:
-        assert _plan(kernel="cuda_masked", num_tokens=5).num_rows == 128
-        assert _plan(kernel="triton_masked", num_tokens=5).num_rows == 5
+        assert _plan(kernel="cuda_masked", num_tokens=5, device=cuda).num_rows == 128
+        assert _plan(kernel="triton_masked", num_tokens=5, device=cuda).num_rows == 5
     finally:
         plan_mod.clear_plan_cache()
 
