@@ -92,7 +92,11 @@ def run_info(_: argparse.Namespace, __: argparse.ArgumentParser) -> int:
             for name, mod in (("DeepGEMM", "deep_gemm"), ("vLLM", "vllm"), ("SGLang", "sglang"))
         )
     )
-    print(f"policy      {Policy.from_env().to_dict()}")
+    policy = Policy.from_env()
+    print(f"policy      {policy.to_dict()}")
+    if not torch.cuda.is_available():
+        for key, name in policy.cuda_only_keys():
+            print(f"{'':<11} {key}={name!r} runs on CUDA tensors only: a forward here refuses it")
     set_here = [f"{v.name}={os.environ[v.name]!r}" for v in VARIABLES if v.name in os.environ]
     print(f"environment {', '.join(set_here) or 'no MOE_BACKEND_* variable set'} (README's table)")
     return 0

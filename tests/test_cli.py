@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_backend.__main__ import main
 
@@ -41,6 +42,15 @@ def test_info():
     assert "Triton (ours): not here (needs a CUDA GPU" in proc.stdout
     assert "CUDA C++ grouped GEMM (ours, JIT): not here (needs a Hopper GPU, sm_90a)" in proc.stdout
     assert "DeepGEMM (optional peer provider): " in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the note is for machines without a GPU")
+def test_info_on_cpu_flags_a_policy_naming_cuda_only_kernels():
+    env = {**os.environ, "MOE_BACKEND_POLICY": '{"prefill_kernel": "deepgemm_contiguous"}'}
+    proc = _run("info", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "prefill_kernel='deepgemm_contiguous' runs on CUDA tensors only" in proc.stdout
+    assert "runs on CUDA tensors only" not in _run("info").stdout
 
 
 def test_default_demo_on_cpu_is_reduced_and_says_the_reference_ran():
