@@ -52,7 +52,7 @@ def _kernel_families(torch) -> list[tuple[str, str]]:
             cuda_why = f"not here ({exc})"
     deepgemm = _version("deep_gemm")
     deepgemm_why = (
-        "not installed (pip install 'moe-backend[deepgemm]')"
+        "not installed (pip install -e '<moe-backend clone>[deepgemm]')"
         if deepgemm is None
         else f"installed ({deepgemm})" + ("" if hopper else ", but needs a Hopper GPU")
     )

@@ -9,7 +9,7 @@
   computes the same function;
 - "cuda": our CUDA C++ GEMM (JIT-compiled with nvcc; the masked layout needs max_m % 128 == 0),
   CUDA only;
-- "deepgemm": DeepGEMM, the optional peer (`pip install moe-backend[deepgemm]`), CUDA only;
+- "deepgemm": DeepGEMM, the optional peer (`pip install -e '<moe-backend clone>[deepgemm]'`), CUDA only;
 - "reference": plain torch.
 """
 

@@ -42,8 +42,8 @@ DEEPGEMM_POLICY = Policy(
     prefill_kernel="deepgemm_contiguous", decode_kernel="deepgemm_masked", graph_max_tokens=AB_GRAPH_MAX_TOKENS
 )
 _INSTALL = {
-    "deepgemm": "DeepGEMM is not installed: pip install moe-backend[deepgemm] (a Hopper GPU machine)",
-    "cuda": "our CUDA C++ kernel needs a Hopper GPU, nvcc and cuda-python: pip install moe-backend[cuda]",
+    "deepgemm": "DeepGEMM is not installed: pip install -e '<moe-backend clone>[deepgemm]' (a Hopper GPU machine)",
+    "cuda": "our CUDA C++ kernel needs a Hopper GPU, nvcc and cuda-python: pip install -e '<moe-backend clone>[cuda]'",
     "triton": "Triton is not installed: pip install triton",
 }
 

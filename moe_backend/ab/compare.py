@@ -186,6 +186,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"--out: {args.out!r} exists and is not a folder")
         if args.emit_policy:
             existing_policy(args.emit_policy)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--out: cannot create folder {args.out!r} ({exc.strerror})") from None
         result = run_compare(settings)
     except ValueError as exc:
         print(f"compare: {exc}", file=sys.stderr)
@@ -196,11 +200,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for name, reason in result["skipped"].items():
         print(f"skipped {name}: {reason}")
     print("wrote " + ", ".join(paths))
+    status = 0
     if args.emit_policy:
         section = policy_section(result["rows"], settings.tolerance)
-        write_policy(args.emit_policy, result["meta"]["device"], section)
-        print(f"wrote {args.emit_policy}: devices[{result['meta']['device']!r}] = {section}")
+        if section is None:
+            print(
+                f"compare: --emit-policy: no policy kernel has a valid time in any cell (skipped, not run or "
+                f"diverging), so {args.emit_policy} is left as it was",
+                file=sys.stderr,
+            )
+            status = 1
+        else:
+            write_policy(args.emit_policy, result["meta"]["device"], section)
+            print(f"wrote {args.emit_policy}: devices[{result['meta']['device']!r}] = {section}")
     diverging = sorted({r["backend"] for r in result["rows"] if r.get("diverges")})
     if diverging:
         print(f"DIVERGENT (relative error > {settings.tolerance:g} vs the reference): {', '.join(diverging)}")
-    return 0
+    return status

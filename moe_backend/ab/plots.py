@@ -1,4 +1,4 @@
-"""PNG plots for the A/B reports. matplotlib is optional (`pip install moe-backend[bench]`): without
+"""PNG plots for the A/B reports. matplotlib is optional (`pip install -e '<moe-backend clone>[bench]'`): without
 it the reports are written without plots and say how to get them."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Sequence
 
 __all__ = ["matplotlib_missing", "line_plot", "bar_plot", "cdf_plot", "INSTALL_HINT"]
 
-INSTALL_HINT = "plots need matplotlib: pip install moe-backend[bench]"
+INSTALL_HINT = "plots need matplotlib: pip install -e '<moe-backend clone>[bench]'"
 
 
 def matplotlib_missing() -> str | None:

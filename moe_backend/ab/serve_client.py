@@ -296,7 +296,11 @@ def add_ab_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy, so outputs are comparable")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     p.add_argument(
-        "--duration", type=float, default=600.0, help="no request starts after this many seconds (default 600)"
+        "--duration",
+        type=float,
+        default=600.0,
+        help="the run ends after this many seconds (default 600): no request starts later, and one still "
+        "streaming then is cut and counted as 'stopped'",
     )
     p.add_argument("--out", default="ab-serve-report", help="output folder (report.md, results.jsonl, *.png)")
     p.set_defaults(ab_command=cmd_ab_serve)

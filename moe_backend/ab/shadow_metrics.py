@@ -3,7 +3,7 @@
 Metrics are histograms and counters only, labelled by (layer, backend, phase): those aggregate
 across processes in prometheus_client's multiprocess mode, which is how vLLM and SGLang serve
 metrics recorded in their worker processes (PROMETHEUS_MULTIPROC_DIR; docs/ab-testing.md).
-prometheus_client is optional (`pip install moe-backend[ab]`): without it, shadow mode still
+prometheus_client is optional (`pip install -e '<moe-backend clone>[ab]'`): without it, shadow mode still
 writes JSON lines when MOE_BACKEND_SHADOW_LOG is set, and says once that metrics are off.
 """
 
@@ -90,7 +90,7 @@ class ShadowSink:
         if self._metrics is None:
             print(
                 "[moe_backend] shadow mode: prometheus_client is not installed, metrics are off "
-                "(pip install moe-backend[ab])",
+                "(pip install -e '<moe-backend clone>[ab]')",
                 file=sys.stderr,
                 flush=True,
             )

@@ -47,16 +47,19 @@ def _pick(wins: dict[str, int], total_us: dict[str, float]) -> str | None:
     return min(wins, key=lambda k: (-wins[k], total_us[k]))
 
 
-def policy_section(rows: list[dict], tolerance: float | None = None) -> dict:
+def policy_section(rows: list[dict], tolerance: float | None = None) -> dict | None:
     """{"prefill_kernel", "decode_kernel", "decode_max_tokens"} from the rows' policy kernels
     (rows of registered backends carry no policy kernel and cannot be emitted). Keys with no
-    valid evidence keep the defaults."""
+    valid evidence keep the defaults; None when no row is valid evidence at all (nothing to
+    calibrate from, so nothing may overwrite a calibration)."""
     if tolerance is not None:
         rows = [
             dict(r, diverges=not r.get("rel_err", float("inf")) <= cell_tolerance(tolerance, r.get("pairs", 1 << 20)))
             for r in rows
         ]
     candidates = [r for r in rows if _valid(r) and r.get("kernel") in KERNELS]
+    if not candidates:
+        return None
     by_cell: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in candidates:
         by_cell[(r["slice"], r["tokens"])].append(r)
@@ -86,8 +89,6 @@ def policy_section(rows: list[dict], tolerance: float | None = None) -> dict:
         ):
             break
         boundary = tokens
-    if not by_cell:
-        boundary = default.decode_max_tokens
     prefill_kernel = tally([c for (_, t), c in by_cell.items() if t > boundary])
     return {
         "prefill_kernel": prefill_kernel or default.prefill_kernel,

@@ -188,13 +188,14 @@ class Policy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _current_device_name() -> str | None:
-    """The current CUDA device's name (the policy's `devices` section it selects), None without
-    one; per device index, so a process driving two GPU models reads each one's section."""
+def _current_device_name() -> str:
+    """The current CUDA device's name (the policy's `devices` section it selects), "cpu" without
+    one (the section `compare --emit-policy` writes there); per device index, so a process
+    driving two GPU models reads each one's section."""
     import torch
 
     if not _cuda_present():
-        return None
+        return "cpu"
     from moe_backend.kernels._launch_utils import device_name
 
     return device_name(torch.device("cuda"))

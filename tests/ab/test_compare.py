@@ -103,6 +103,24 @@ def test_emit_policy_merges_devices(tmp_path):
         write_policy(str(path), "GPU A", {})
 
 
+def test_emit_policy_without_evidence_leaves_the_file_as_it_was(tmp_path, capsys):
+    """No cell run (--time-budget 0): no section is emitted, the calibration stays, exit status 1."""
+    policy_file = tmp_path / "policy.json"
+    calibrated = {"devices": {"cpu": {"prefill_kernel": "masked", "decode_kernel": "masked", "decode_max_tokens": 0}}}
+    policy_file.write_text(json.dumps(calibrated))
+    args = ["compare", "--cpu", "--tokens", "1,8", "--backends", "masked,reference", "--time-budget", "0"]
+    rc = main([*args, "--out", str(tmp_path / "r"), "--emit-policy", str(policy_file)])
+    assert rc == 1
+    assert "no policy kernel has a valid time in any cell" in capsys.readouterr().err
+    assert json.loads(policy_file.read_text()) == calibrated
+
+
+def test_compare_refuses_an_out_folder_it_cannot_create(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    rc = main(["compare", "--cpu", "--tokens", "1", "--out", str(tmp_path / "a_file" / "sub")])
+    assert rc == 2 and "--out: cannot create folder" in capsys.readouterr().err
+
+
 def test_compare_on_a_checkpoint_layer(tmp_path, capsys):
     proc = subprocess.run(
         [sys.executable, "examples/make_tiny_checkpoint.py", str(tmp_path / "ckpt")], capture_output=True, text=True
@@ -180,7 +198,9 @@ def test_backend_registry():
         unregister_backend("tmp")
     # The peer without its package says how to install it.
     if not __import__("importlib").util.find_spec("deep_gemm"):
-        assert "pip install moe-backend[deepgemm]" in get_backend("deepgemm").unavailable(torch.device("cuda"))
+        assert "pip install -e '<moe-backend clone>[deepgemm]'" in get_backend("deepgemm").unavailable(
+            torch.device("cuda")
+        )
     assert get_backend("deepgemm").unavailable("cpu").startswith("needs a CUDA GPU")
     assert get_backend("reference").unavailable("cpu") is None
     assert get_backend("deepgemm").choice(4096, None).name == "deepgemm_contiguous"

@@ -191,12 +191,9 @@ def test_policy_from_winners():
     section = policy_section(slow)
     assert section["decode_max_tokens"] == 8 and section["decode_kernel"] == "masked"
     assert section["prefill_kernel"] == "contiguous"
-    # Nothing valid: the defaults.
-    assert policy_section([_row("wrong", "masked", 8, 1, rel=1.0)]) == {
-        "prefill_kernel": "contiguous",
-        "decode_kernel": "contiguous",
-        "decode_max_tokens": 256,
-    }
+    # Nothing valid: no section (a calibration is never overwritten without evidence).
+    assert policy_section([_row("wrong", "masked", 8, 1, rel=1.0)]) is None
+    assert policy_section([]) is None
 
 
 def test_masked_layout_cells_that_outgrow_the_gpu_are_skipped(monkeypatch):

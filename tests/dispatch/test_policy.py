@@ -28,6 +28,17 @@ def test_from_env_json_and_file(monkeypatch, tmp_path):
     assert Policy.from_env(device_name="NVIDIA H200").prefill_kernel == "reference"
 
 
+def test_a_machine_without_a_gpu_reads_the_cpu_section(monkeypatch):
+    """`compare --emit-policy` writes devices["cpu"] there; the layer must then run it."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("for machines without a GPU")
+    policy = {"devices": {"cpu": {"decode_kernel": "masked"}, "NVIDIA H200": {"decode_kernel": "triton"}}}
+    monkeypatch.setenv("MOE_BACKEND_POLICY", json.dumps(policy))
+    assert Policy.from_env().decode_kernel == "masked"
+
+
 def test_from_env_reads_the_current_gpus_section(monkeypatch):
     """Without a device name, the policy's devices section is the current GPU's, per device index
     (a process driving an H100 and an H200 gets each one's)."""
