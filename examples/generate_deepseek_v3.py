@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -27,6 +28,7 @@ from collections import Counter
 
 import torch
 
+from moe_backend.config import MoEConfig
 from moe_backend.experts import recorded_plans
 from moe_backend_integrations.transformers import checkpoint, compare, swap
 
@@ -86,13 +88,17 @@ def memory_source(config: dict, seed: int, device, stream_scale: float = 1.0):
     return source
 
 
+def build_config(args) -> dict:
+    """The random model's config.json dict."""
+    if args.size == "real":
+        return real_config(args.layers, args.experts or 256)
+    return make_tiny_checkpoint.tiny_config("deepseek_v3", num_layers=args.layers, num_experts=args.experts or 16)
+
+
 def build(args) -> tuple[dict, object]:
     if args.checkpoint:
         return checkpoint.read_config(args.checkpoint), args.checkpoint
-    if args.size == "real":
-        config = real_config(args.layers, args.experts or 256)
-    else:
-        config = make_tiny_checkpoint.tiny_config("deepseek_v3", num_layers=args.layers, num_experts=args.experts or 16)
+    config = build_config(args)
     scale = args.stream_scale if args.stream_scale is not None else STREAM_SCALE[args.size]
     return config, memory_source(config, args.seed, args.device, scale)
 
@@ -240,7 +246,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, default in zip(("batch", "prompt_len", "new_tokens"), SHAPES[args.size]):
         if getattr(args, name) is None:
             setattr(args, name, default)
+    _check_args(parser, args)
     return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every argument checked before the model is built (minutes at the real size)."""
+    for name in ("layers", "experts", "batch", "prompt_len", "new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"argument --{name.replace('_', '-')}: expected an int >= 1, got {value}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"argument --device: expected cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda asked for, but torch sees no CUDA GPU here")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            parser.error(f"argument --json: folder {folder!r} does not exist")
+    if args.checkpoint:
+        try:
+            MoEConfig.from_hf_config(checkpoint.read_config(args.checkpoint))
+        except ValueError as exc:
+            parser.error(f"argument --checkpoint: {exc}")
+        return
+    top_k = 8 if args.size == "real" else 4
+    if args.experts is not None and args.experts < top_k:
+        parser.error(
+            f"argument --experts: the {args.size} model routes each token to {top_k} experts; expected >= {top_k}"
+        )
+    try:
+        MoEConfig.from_hf_config(build_config(args))
+    except ValueError as exc:
+        parser.error(f"argument --experts: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import Any, Iterator
 
 import torch
@@ -339,6 +340,10 @@ def make_tiny_checkpoint(
         from safetensors.torch import save_file
     except ImportError as exc:
         raise ImportError("make_tiny_checkpoint needs safetensors: pip install safetensors") from exc
+    try:  # checked before any file is written: a folder without its tokenizer looks complete
+        import tokenizers  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("make_tiny_checkpoint needs the tokenizers package: pip install tokenizers") from exc
     if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
         raise ValueError(f"shards: expected an int >= 1, got {shards!r}")
     config = tiny_config(
@@ -380,6 +385,17 @@ def make_tiny_checkpoint(
     return config
 
 
+_FLAGS = {
+    "num_layers": "--layers",
+    "hidden_size": "--hidden-size",
+    "num_experts": "--experts",
+    "top_k": "--top-k",
+    "moe_intermediate_size": "--moe-intermediate-size",
+    "vocab_size": "--vocab-size",
+    "shards": "--shards",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
@@ -393,18 +409,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    config = make_tiny_checkpoint(
-        args.out_dir,
-        arch=args.arch,
-        num_layers=args.layers,
-        shards=args.shards,
-        seed=args.seed,
-        hidden_size=args.hidden_size,
-        num_experts=args.experts,
-        top_k=args.top_k,
-        moe_intermediate_size=args.moe_intermediate_size,
-        vocab_size=args.vocab_size,
-    )
+    try:
+        config = make_tiny_checkpoint(
+            args.out_dir,
+            arch=args.arch,
+            num_layers=args.layers,
+            shards=args.shards,
+            seed=args.seed,
+            hidden_size=args.hidden_size,
+            num_experts=args.experts,
+            top_k=args.top_k,
+            moe_intermediate_size=args.moe_intermediate_size,
+            vocab_size=args.vocab_size,
+        )
+    except ImportError as exc:
+        parser.error(str(exc))
+    except ValueError as exc:
+        # The function's parameter names, spelled as this script's flags.
+        text = str(exc)
+        for name, flag in _FLAGS.items():
+            text = re.sub(rf"\b{name}\b", flag, text)
+        parser.error(f"argument {text}" if text.startswith("--") else text)
     moe_layers = [i for i in range(args.layers) if _is_moe_layer(config, i)]
     print(
         f"wrote a {args.layers}-layer {args.arch} checkpoint (FP8 routed experts, bf16 rest) to "

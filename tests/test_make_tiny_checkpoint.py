@@ -124,3 +124,28 @@ def test_command_line(tmp_path):
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert (config["num_experts"], config["num_experts_per_tok"], config["hidden_size"]) == (4, 2, 128)
     assert os.path.isfile(tmp_path / "q" / "tokenizer.json")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layers", "0"], "argument --layers: expected an int >= 1, got 0"),
+        (["--top-k", "20"], "argument --top-k (20) must be <= --experts (16)"),
+        (["--shards", "0"], "argument --shards: expected an int >= 1, got 0"),
+        (["--vocab-size", "100"], "argument --vocab-size: expected an int >="),
+    ],
+)
+def test_command_line_mistakes_name_the_flag_and_write_nothing(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        _module().main([str(tmp_path / "out"), *args])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_tokenizers_package_is_found_before_any_file_is_written(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="tokenizers"):
+        _module().make_tiny_checkpoint(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

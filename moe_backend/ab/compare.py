@@ -114,6 +114,8 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
     routing = parse_routing(args.routing or ("router" if args.checkpoint else "uniform"))
     if routing.kind == "router" and not args.checkpoint:
         raise ValueError("--routing router needs --checkpoint")
+    if args.layer is not None and not args.checkpoint:
+        raise ValueError("--layer picks a layer of a --checkpoint; without one the layer is random")
     if args.rounds < 0 or not 0 < args.tolerance:
         raise ValueError("--rounds must be >= 0 and --tolerance > 0")
     if args.time_budget is not None and not args.time_budget >= 0:

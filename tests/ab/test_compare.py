@@ -115,6 +115,11 @@ def test_emit_policy_without_evidence_leaves_the_file_as_it_was(tmp_path, capsys
     assert json.loads(policy_file.read_text()) == calibrated
 
 
+def test_compare_refuses_layer_without_checkpoint(tmp_path, capsys):
+    assert main(["compare", "--cpu", "--tokens", "1", "--layer", "3", "--out", str(tmp_path / "r")]) == 2
+    assert "--layer picks a layer of a --checkpoint" in capsys.readouterr().err
+
+
 def test_compare_refuses_an_out_folder_it_cannot_create(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     rc = main(["compare", "--cpu", "--tokens", "1", "--out", str(tmp_path / "a_file" / "sub")])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from examples import generate_deepseek_v3 as example
 
 
@@ -53,3 +55,39 @@ def test_real_config_is_deepseek_v3s():
     ) == (128, 512, 64, 129280, 18432)
     assert config["first_k_dense_replace"] == 1 and config["num_hidden_layers"] == 3
     assert example.STREAM_SCALE["real"] > example.STREAM_SCALE["tiny"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", "real", "--experts", "4"], "argument --experts: the real model routes each token to 8 experts"),
+        (
+            ["--size", "real", "--experts", "12"],
+            "argument --experts: n_routed_experts (12) must be divisible by n_group",
+        ),
+        (["--batch", "0"], "argument --batch: expected an int >= 1, got 0"),
+        (["--new-tokens", "0"], "argument --new-tokens: expected an int >= 1"),
+        (["--layers", "0"], "argument --layers: expected an int >= 1"),
+        (["--device", "gpu"], "argument --device: expected cpu or cuda"),
+        (["--checkpoint", "/no/such/folder"], "argument --checkpoint: path: no config.json"),
+        (["--json", "/no/such/folder/x.json"], "argument --json: folder '/no/such/folder' does not exist"),
+    ],
+)
+def test_bad_arguments_are_refused_before_the_model_is_built(args, message, capsys):
+    """Each mistake is one argument error (exit status 2), not a traceback minutes into the run."""
+    with pytest.raises(SystemExit) as info:
+        example.parse_args(args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_moe_family_is_refused_up_front(tmp_path, capsys):
+    from examples import make_tiny_checkpoint
+
+    pytest.importorskip("tokenizers")
+    make_tiny_checkpoint.main([str(tmp_path / "qwen3"), "--arch", "qwen3_moe"])
+    with pytest.raises(SystemExit):
+        example.parse_args(["--checkpoint", str(tmp_path / "qwen3")])
+    assert "argument --checkpoint: n_routed_experts: absent from the config (model_type 'qwen3_moe')" in (
+        capsys.readouterr().err
+    )
