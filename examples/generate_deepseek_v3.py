@@ -10,10 +10,10 @@ The run is greedy with transformers' experts; our layers are then fed the same t
 way (the prompt as one prefill, each later token as a KV-cached decode step), so every position's
 log-probs compare. `--size real` builds, in memory, a DeepSeek-V3-architecture model at the real
 sizes (hidden 7168, 256 experts, top-8, moe_intermediate 2048, 128 heads, vocab 129280) with
-`--layers` layers (the first dense) and random FP8 experts in the checkpoint format. `--check`
-exits 1 unless top-1 agreement >= 99% over >= 512 positions, mean KL <= 1e-2, both phases ran
-on our layers, and the negative control (our layers with the routed experts' output doubled, the
-double-scaling bug) fails the same criteria.
+`--layers` layers (the first dense when there are two or more) and random FP8 experts in the
+checkpoint format. `--check` exits 1 unless top-1 agreement >= 99% over >= 512 positions, mean
+KL <= 1e-2, both phases ran on our layers, and the negative control (our layers with the routed
+experts' output doubled, the double-scaling bug) fails the same criteria.
 """
 
 from __future__ import annotations
@@ -225,7 +225,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="tiny",
         help="the random model's sizes: tiny (hidden 256) or DeepSeek-V3's (hidden 7168)",
     )
-    parser.add_argument("--layers", type=int, default=3, help="random model: decoder layers (the first dense)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=3,
+        help="random model: decoder layers (the first dense when there are two or more)",
+    )
     parser.add_argument(
         "--experts", type=int, default=None, help="random model: routed experts (default 16 tiny, 256 real)"
     )
