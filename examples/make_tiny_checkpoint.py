@@ -359,8 +359,10 @@ def make_tiny_checkpoint(
         config.update(config_overrides)
         ignored = bf16_linear_names(config)
         config["quantization_config"].update(ignored_layers=ignored, modules_to_not_convert=ignored)
-    os.makedirs(out_dir, exist_ok=True)
     flat = list(checkpoint_tensors(config, seed))
+    if shards > len(flat):  # a shard with no tensor is a file no loader expects
+        raise ValueError(f"shards: expected at most {len(flat)} (one tensor per shard), got {shards}")
+    os.makedirs(out_dir, exist_ok=True)
     # Interleave tensors across shards so a layer's tensors span several files, as in the real one.
     shard_maps: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
     for i, (name, tensor) in enumerate(flat):

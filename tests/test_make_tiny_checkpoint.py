@@ -133,6 +133,7 @@ def test_command_line(tmp_path):
         (["--top-k", "20"], "argument --top-k (20) must be <= --experts (16)"),
         (["--shards", "0"], "argument --shards: expected an int >= 1, got 0"),
         (["--vocab-size", "100"], "argument --vocab-size: expected an int >="),
+        (["--shards", "100000"], "argument --shards: expected at most"),
     ],
 )
 def test_command_line_mistakes_name_the_flag_and_write_nothing(tmp_path, capsys, args, message):
