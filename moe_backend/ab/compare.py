@@ -196,7 +196,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
-    os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "results.json"), json_safe(result), sort_keys=False)
     paths = write_compare_report(result, args.out)
     for name, reason in result["skipped"].items():

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moe_backend.constants import LAYOUT_ALIGNMENT
+from moe_backend.dispatch.policy import CUDA_ONLY_IMPLS
 
 __all__ = [
     "GemmPlan",
@@ -95,7 +96,7 @@ def gemm_provider(
     """The provider that serves one GEMM: `impl` as the policy's KernelChoice names it ("best" is
     resolved here, the one place that compares our kernels)."""
     if device.type != "cuda" or impl == "reference":
-        if impl in ("cuda", "deepgemm"):
+        if impl in CUDA_ONLY_IMPLS:
             raise ValueError(f"impl={impl!r} runs on CUDA tensors only, got tensors on {device}")
         return "reference"
     if impl != "best":
