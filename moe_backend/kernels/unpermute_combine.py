@@ -23,8 +23,8 @@ from moe_backend.kernels._numerics import round_to_bf16_grid
 
 __all__ = ["unpermute_combine"]
 
-# One token and 1024 columns per program, 2 warps: the fastest cut at EP8 prefill and within
-# 0.4 µs of the best elsewhere (docs/benchmarks.md, "Un-permute + combine: program cuts").
+# One token and 1024 columns per program, 2 warps: the fastest cut at EP8 prefill and close to
+# the best elsewhere (docs/benchmarks.md, "Un-permute + combine: program cuts").
 BLOCK_N = 1024
 NUM_WARPS = 2
 
