@@ -13,6 +13,7 @@ import os
 import sys
 
 from moe_backend._cli import add_subcommand, int_range, new_parser
+from moe_backend._install import extra_install_command
 from moe_backend.ab.cli import add_ab_parsers
 
 
@@ -52,7 +53,7 @@ def _kernel_families(torch) -> list[tuple[str, str]]:
             cuda_why = f"not here ({exc})"
     deepgemm = _version("deep_gemm")
     deepgemm_why = (
-        "not installed (pip install -e '<moe-backend clone>[deepgemm]')"
+        f"not installed ({extra_install_command('deepgemm')})"
         if deepgemm is None
         else f"installed ({deepgemm})" + ("" if hopper else ", but needs a Hopper GPU")
     )

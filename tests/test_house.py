@@ -327,3 +327,28 @@ def test_every_package_is_in_the_wheel():
             rel = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join((name, *rel)))
     assert found == listed, f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+
+
+def test_install_hints_name_real_extras():
+    """Every "not installed" hint is built by extra_install_command; each extra it names must be one
+    of pyproject.toml's optional-dependency groups, or the hint tells the user to install nothing."""
+    import tomllib
+
+    from moe_backend._install import extra_install_command
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = {}
+    for root in (PACKAGE, INTEGRATIONS):
+        for path in root.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and getattr(node.func, "id", None) == "extra_install_command"
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                ):
+                    named.setdefault(node.args[0].value, []).append(str(path.relative_to(ROOT)))
+    assert {"ab", "bench", "cuda", "deepgemm"} <= set(named), f"the hints' call sites moved: {sorted(named)}"
+    unknown = {extra: files for extra, files in named.items() if extra not in extras}
+    assert not unknown, f"hints name extras pyproject.toml does not define: {unknown}"
+    assert extra_install_command("bench") == "pip install -e '<moe-backend clone>[bench]'"

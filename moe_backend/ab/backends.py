@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from moe_backend import experts
+from moe_backend._install import extra_install_command
 from moe_backend.constants import BACKEND_NAME
 from moe_backend.dispatch.plan import Plan
 from moe_backend.dispatch.policy import KERNELS, KernelChoice, Policy
@@ -42,8 +43,8 @@ DEEPGEMM_POLICY = Policy(
     prefill_kernel="deepgemm_contiguous", decode_kernel="deepgemm_masked", graph_max_tokens=AB_GRAPH_MAX_TOKENS
 )
 _INSTALL = {
-    "deepgemm": "DeepGEMM is not installed: pip install -e '<moe-backend clone>[deepgemm]' (a Hopper GPU machine)",
-    "cuda": "our CUDA C++ kernel needs a Hopper GPU, nvcc and cuda-python: pip install -e '<moe-backend clone>[cuda]'",
+    "deepgemm": f"DeepGEMM is not installed: {extra_install_command('deepgemm')} (a Hopper GPU machine)",
+    "cuda": f"our CUDA C++ kernel needs a Hopper GPU, nvcc and cuda-python: {extra_install_command('cuda')}",
     "triton": "Triton is not installed: pip install triton",
 }
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from moe_backend._install import extra_install_command
+
 __all__ = ["matplotlib_missing", "line_plot", "bar_plot", "cdf_plot", "INSTALL_HINT"]
 
-INSTALL_HINT = "plots need matplotlib: pip install -e '<moe-backend clone>[bench]'"
+INSTALL_HINT = f"plots need matplotlib: {extra_install_command('bench')}"
 
 
 def matplotlib_missing() -> str | None:

@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 
+from moe_backend._install import extra_install_command
 from moe_backend._json_file import json_safe
 
 __all__ = ["ShadowSink", "METRIC_PREFIX"]
@@ -90,7 +91,7 @@ class ShadowSink:
         if self._metrics is None:
             print(
                 "[moe_backend] shadow mode: prometheus_client is not installed, metrics are off "
-                "(pip install -e '<moe-backend clone>[ab]')",
+                f"({extra_install_command('ab')})",
                 file=sys.stderr,
                 flush=True,
             )
