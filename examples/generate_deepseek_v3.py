@@ -133,6 +133,17 @@ def _double_routed_output(swapped: swap.MoESwap) -> None:
         block.layer.w2_scale_inv.mul_(2.0)
 
 
+def _out_of_memory(args, config: dict, device: torch.device, stage: str) -> SystemExit:
+    """The error for a model that does not fit: what ran out, and which arguments shrink it."""
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return SystemExit(
+        f"out of GPU memory {stage} ({args.size} size, {config['num_hidden_layers']} layers, "
+        f"{config['n_routed_experts']} experts) on a {total:.0f} GiB GPU: the transformers model's bf16 experts "
+        f"and our FP8 copies of them are resident together (the real size with 3 layers needs more than an "
+        f"80 GB card holds); pass fewer --layers or --experts, or run it on a larger GPU"
+    )
+
+
 def run(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -141,12 +152,7 @@ def run(args) -> dict:
     try:
         model = checkpoint.load_model(source, config, device=device)
     except torch.OutOfMemoryError as error:
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        raise SystemExit(
-            f"out of GPU memory building the {args.size}-size model ({config['num_hidden_layers']} layers, "
-            f"{config['n_routed_experts']} experts) on a {total:.0f} GiB GPU: the real size needs more than an "
-            f"80 GB card holds; pass fewer --experts or run it on a larger GPU"
-        ) from error
+        raise _out_of_memory(args, config, device, "building the transformers model") from error
     print(
         f"model: {config['model_type']} hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
         f"{config['n_routed_experts']} experts top-{config['num_experts_per_tok']}, moe_intermediate "
@@ -158,19 +164,22 @@ def run(args) -> dict:
 
     compare.greedy(model, prompt, 2)  # warm-up
     baseline = compare.greedy(model, prompt, args.new_tokens)
-    with swap.swap_moe_blocks(model, source) as ours, recorded_plans() as plans:
-        compare.teacher_forced(model, baseline)  # warm-up: kernel compilation, plan caches
-        ours.calls.clear()
-        plans.clear()
-        forced = compare.teacher_forced(model, baseline)
-        calls = Counter(ours.calls)
-        result = compare.agreement(baseline, forced)
-        ran = list(plans)
-        generated = compare.greedy(model, prompt, args.new_tokens)  # free-running, our layers
-        control = None
-        if args.check:
-            _double_routed_output(ours)
-            control = compare.agreement(baseline, compare.teacher_forced(model, baseline))
+    try:
+        with swap.swap_moe_blocks(model, source) as ours, recorded_plans() as plans:
+            compare.teacher_forced(model, baseline)  # warm-up: kernel compilation, plan caches
+            ours.calls.clear()
+            plans.clear()
+            forced = compare.teacher_forced(model, baseline)
+            calls = Counter(ours.calls)
+            result = compare.agreement(baseline, forced)
+            ran = list(plans)
+            generated = compare.greedy(model, prompt, args.new_tokens)  # free-running, our layers
+            control = None
+            if args.check:
+                _double_routed_output(ours)
+                control = compare.agreement(baseline, compare.teacher_forced(model, baseline))
+    except torch.OutOfMemoryError as error:
+        raise _out_of_memory(args, config, device, "building our FP8 layers beside it") from error
     kernels = Counter(p.describe() for p in ran)
 
     print(_timings("transformers (bf16)", baseline))

@@ -1,5 +1,5 @@
 """examples/generate_deepseek_v3.py: its CPU logic at tiny size (the GPU acceptance run uses the same
-code at DeepSeek-V3's sizes: tests/gpu/test_transformers_e2e_gpu.py)."""
+code at DeepSeek-V3's sizes: test_generate_gpu.py beside this file)."""
 
 from __future__ import annotations
 
@@ -91,3 +91,28 @@ def test_a_checkpoint_of_another_moe_family_is_refused_up_front(tmp_path, capsys
     assert "argument --checkpoint: n_routed_experts: absent from the config (model_type 'qwen3_moe')" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("stage", ["model", "swap"])
+def test_running_out_of_gpu_memory_says_which_arguments_shrink_the_model(stage, monkeypatch):
+    """Out of GPU memory, building either model, is one message naming --layers and --experts, not a
+    traceback from inside the layer's constructor."""
+    import types
+
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB.")
+
+    if stage == "model":
+        monkeypatch.setattr(example.checkpoint, "load_model", out_of_memory)
+    else:
+        monkeypatch.setattr(example.swap, "swap_moe_blocks", out_of_memory)
+    card = types.SimpleNamespace(total_memory=80 << 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    with pytest.raises(SystemExit) as info:
+        example.run(example.parse_args(["--batch", "1", "--prompt-len", "4", "--new-tokens", "1"]))
+    message = str(info.value.code)
+    assert message.startswith("out of GPU memory building ")
+    assert "(tiny size, 3 layers, 16 experts) on a 80 GiB GPU" in message
+    assert "pass fewer --layers or --experts" in message
