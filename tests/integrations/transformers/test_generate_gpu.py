@@ -14,7 +14,8 @@ from examples import generate_deepseek_v3 as example
 
 pytestmark = pytest.mark.gpu
 # 3 layers hold transformers' bf16 experts and our FP8 copies of two MoE layers: more than an H100
-# 80GB's 79 GiB (the peak is in docs/benchmarks.md's end-to-end table); 2 layers hold one.
+# 80GB's 79 GiB; 2 layers hold one (their peak: docs/benchmarks.md, "A DeepSeek-V3-sized model
+# through transformers").
 MIN_GPU_BYTES_3_LAYERS = 96 * 2**30
 
 
