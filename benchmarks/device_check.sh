@@ -26,8 +26,9 @@ step() {  # step NAME MAX_SECONDS COMMAND...
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, torch.version.cuda)"
 for name in ${CHECK_STEPS:-e2e properties cudatest quanttests}; do
   case $name in
-    e2e) # 3 real-size layers need more than an 80 GB card holds (docs/transformers.md): 2 there
-           E2E_LAYERS=$(python3 -c "import torch; print(3 if torch.cuda.get_device_properties(0).total_memory >= 96 << 30 else 2)")
+    e2e) # 3 real-size layers where they fit, else 2 (docs/transformers.md)
+           E2E_LAYERS=$(python3 -c "import torch; from examples.generate_deepseek_v3 import real_layers_that_fit as fit; \
+print(fit(torch.cuda.get_device_properties(0).total_memory))")
            TAIL=14 step e2e 200 env MOE_BACKEND_PRINT_POLICY=1 python3 -m examples.generate_deepseek_v3 --size real \
            --layers "$E2E_LAYERS" --device cuda --check --batch 4 --prompt-len 128 --new-tokens 16 \
            --json "$F/e2e_transformers.json" ;;

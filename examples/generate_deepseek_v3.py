@@ -49,6 +49,14 @@ MAX_MEAN_KL = 1e-2
 STREAM_SCALE = {"tiny": 1.0, "real": 128.0}
 # Batch, prompt length, new tokens: the real-size run compares 8 x 159 positions, 8 x 31 of them decode.
 SHAPES = {"tiny": (2, 32, 16), "real": (8, 128, 32)}
+# The real size's 3 layers hold transformers' bf16 experts and our FP8 copies of two MoE layers side
+# by side: more than an 80 GB card's 79 GiB. 2 layers (one MoE layer) fit there.
+REAL_3_LAYERS_MIN_GPU_BYTES = 96 * 2**30
+
+
+def real_layers_that_fit(total_memory: int) -> int:
+    """The decoder layers the real-size run gets on a card of `total_memory` bytes (3 where they fit)."""
+    return 3 if total_memory >= REAL_3_LAYERS_MIN_GPU_BYTES else 2
 
 
 def real_config(num_layers: int, num_experts: int = 256) -> dict:
@@ -139,8 +147,8 @@ def _out_of_memory(args, config: dict, device: torch.device, stage: str) -> Syst
     return SystemExit(
         f"out of GPU memory {stage} ({args.size} size, {config['num_hidden_layers']} layers, "
         f"{config['n_routed_experts']} experts) on a {total:.0f} GiB GPU: the transformers model's bf16 experts "
-        f"and our FP8 copies of them are resident together (the real size with 3 layers needs more than an "
-        f"80 GB card holds); pass fewer --layers or --experts, or run it on a larger GPU"
+        f"and our FP8 copies of them are resident together (the real size with 3 layers needs "
+        f"{REAL_3_LAYERS_MIN_GPU_BYTES / 2**30:.0f} GiB); pass fewer --layers or --experts, or run it on a larger GPU"
     )
 
 

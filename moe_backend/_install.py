@@ -3,10 +3,8 @@ here, so the command is written the same way everywhere."""
 
 from __future__ import annotations
 
-# The distribution is installed from a clone (it is not on PyPI), so the hint names the clone.
-_EXTRA_COMMAND = "pip install -e '<moe-backend clone>[{extra}]'"
-
 
 def extra_install_command(extra: str) -> str:
-    """The command that installs `extra` (one of pyproject.toml's optional-dependency groups)."""
-    return _EXTRA_COMMAND.format(extra=extra)
+    """The command that installs `extra` (one of pyproject.toml's optional-dependency groups). The
+    distribution is installed from a clone (it is not on PyPI), so the command names the clone."""
+    return f"pip install -e '<moe-backend clone>[{extra}]'"

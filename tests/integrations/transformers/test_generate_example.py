@@ -116,3 +116,10 @@ def test_running_out_of_gpu_memory_says_which_arguments_shrink_the_model(stage, 
     assert message.startswith("out of GPU memory building ")
     assert "(tiny size, 3 layers, 16 experts) on a 80 GiB GPU" in message
     assert "pass fewer --layers or --experts" in message
+
+
+def test_the_real_size_run_takes_3_layers_only_where_they_fit():
+    """The GPU test and the device step size the real-size run with this: an H100 80GB (79 GiB as
+    torch reports it) gets 2 layers, an H200 (139 GiB) 3."""
+    assert example.real_layers_that_fit(79 << 30) == 2
+    assert example.real_layers_that_fit(139 << 30) == 3

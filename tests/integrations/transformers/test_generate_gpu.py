@@ -13,14 +13,10 @@ import torch
 from examples import generate_deepseek_v3 as example
 
 pytestmark = pytest.mark.gpu
-# 3 layers hold transformers' bf16 experts and our FP8 copies of two MoE layers: more than an H100
-# 80GB's 79 GiB; 2 layers hold one (their peak: docs/benchmarks.md, "A DeepSeek-V3-sized model
-# through transformers").
-MIN_GPU_BYTES_3_LAYERS = 96 * 2**30
 
 
 def test_real_size_deepseek_v3_through_transformers(capsys):
-    layers = 3 if torch.cuda.get_device_properties(0).total_memory >= MIN_GPU_BYTES_3_LAYERS else 2
+    layers = example.real_layers_that_fit(torch.cuda.get_device_properties(0).total_memory)
     rc = example.main(["--size", "real", "--layers", str(layers), "--device", "cuda", "--check"])
     with capsys.disabled():
         print(capsys.readouterr().out)
