@@ -11,27 +11,18 @@ import gc
 import pytest
 import torch
 
-from moe_backend import MoEConfig
 from moe_backend.dispatch import Policy
 from moe_backend.experts import routed_experts
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.testing import random_moe_weights
 from tests.helpers.cache_sizes import cache_sizes, triton_kernel_variants
+from tests.helpers.configs import SMALL_V3
 from tests.helpers.tolerances import LAYER_SAME_QUANT
 
 pytestmark = pytest.mark.gpu
 
-CONFIG = MoEConfig(
-    hidden_size=1024,
-    moe_intermediate_size=384,
-    n_routed_experts=64,
-    num_experts_per_tok=8,
-    n_group=8,
-    topk_group=4,
-    routed_scaling_factor=2.5,
-    n_shared_experts=1,
-)
+CONFIG = SMALL_V3
 CALLS = 10_000
 REPLAYS = 10_000
 TOKEN_COUNTS = [*range(1, 65), 100, 128, 200, 255, 256, 257, 300, 512, 1000, 2048]

@@ -4,23 +4,14 @@ host sync on the serving stream, nothing run during CUDA-graph capture. Run on t
 import pytest
 import torch
 
-from moe_backend import MoEConfig
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.testing import random_moe_weights
+from tests.helpers.configs import SMALL_V3
 
 prom = pytest.importorskip("prometheus_client")
 pytestmark = pytest.mark.gpu
 
-CONFIG = MoEConfig(
-    hidden_size=1024,
-    moe_intermediate_size=384,
-    n_routed_experts=64,
-    num_experts_per_tok=8,
-    n_group=8,
-    topk_group=4,
-    routed_scaling_factor=2.5,
-    n_shared_experts=1,
-)
+CONFIG = SMALL_V3
 
 
 @pytest.fixture(scope="module")

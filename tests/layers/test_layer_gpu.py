@@ -4,26 +4,17 @@ decode path under CUDA-graph capture. Run on the device: `pytest -m gpu tests/la
 import pytest
 import torch
 
-from moe_backend import MoEConfig, reference
+from moe_backend import reference
 from moe_backend.dispatch import Policy
 from moe_backend.experts import routed_experts
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.layers.router import noaux_tc_route
 from moe_backend.testing import random_moe_weights
+from tests.helpers.configs import SMALL_V3
 
 pytestmark = pytest.mark.gpu
 
-# DeepSeek-V3's routing (256 experts would be slow to generate here): 64 experts, 8 groups, top-8.
-CONFIG = MoEConfig(
-    hidden_size=1024,
-    moe_intermediate_size=384,
-    n_routed_experts=64,
-    num_experts_per_tok=8,
-    n_group=8,
-    topk_group=4,
-    routed_scaling_factor=2.5,
-    n_shared_experts=1,
-)
+CONFIG = SMALL_V3
 # Kernel vs reference: each FP8 GEMM within 2e-3, plus bf16 roundings of the intermediate.
 LAYER_KERNEL_VS_REFERENCE = 1e-2
 

@@ -9,24 +9,15 @@ import math
 import pytest
 import torch
 
-from moe_backend import MoEConfig
 from moe_backend.dispatch import Policy
 from moe_backend.layers import DeepseekV3MoE
 from moe_backend.testing import random_moe_weights
+from tests.helpers.configs import SMALL_V3
 from tests.helpers.naive import rel_err
 
 pytestmark = pytest.mark.gpu
 
-CONFIG = MoEConfig(
-    hidden_size=1024,
-    moe_intermediate_size=384,
-    n_routed_experts=64,
-    num_experts_per_tok=8,
-    n_group=8,
-    topk_group=4,
-    routed_scaling_factor=2.5,
-    n_shared_experts=1,
-)
+CONFIG = SMALL_V3
 # Other rows with and without a bad row: the same kernels and tiles (same token count), so only a
 # different row order inside an expert's segment could change a sum's order.
 OTHER_ROWS = 1e-3
