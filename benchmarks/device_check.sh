@@ -3,7 +3,7 @@
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
 # tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk streamklayer pairsb skiphalves maskedwalk
-# routed copybw launchgaps maskedhot pairing steady decodetrace layoutscan); a step starts only with at least 30 s left and gets at
+# routed copybw launchgaps maskedhot pairing steady drift decodetrace layoutscan); a step starts only with at least 30 s left and gets at
 # most min(its own limit, what is left). With GATE=1 a failing `graphtests` step stops the run
 # (nothing after it is worth timing). Logs, the layer
 # benchmark's JSON and docs section, the sweeps' JSON and re-tuned tables are tarred into
@@ -62,6 +62,7 @@ print(fit(torch.cuda.get_device_properties(0).total_memory))")
     copybw) TAIL=12 step copybw 90 python3 -m lab.copy_bandwidth --json "$F/copy_bandwidth.json" ;;
     pairing) TAIL=30 step pairing 240 python3 -m lab.prefill_pairing ${PAIRING_ARGS:---rounds 5} ;;
     steady) TAIL=20 step steady 240 python3 -m lab.prefill_steady ${STEADY_ARGS:---rounds 7} ;;
+    drift) TAIL=80 step drift 240 python3 -m lab.prefill_drift ${DRIFT_ARGS:---rounds 6} ;;
     layoutscan) TAIL=40 step layoutscan 150 python3 -m lab.layout_scan ${LAYOUTSCAN_ARGS:-} ;;
     decodetrace) TAIL=60 step decodetrace 120 python3 -m lab.decode_trace --json "$F/decode_trace.json" ;;
     tunerouted) # the masked kernel's EP8 decode table re-tuned under uniform and Zipf counts (TUNE_ARGS to widen)
