@@ -69,11 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import triton
 
-    from benchmarks import _peer_layer, _peers, bench_layer
-    from lab._layer_cells import layer_cell
+    from benchmarks import _peers
+    from lab._layer_cells import layer_and_dg_pair
     from lab.prefill_launch_gaps import gap_trace
-    from moe_backend.experts import routed_experts
-    from moe_backend.quant import quantize_fp8_per_token_group
     from moe_backend.testing import capture_graph
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -94,20 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     traces = []
     for cell in args.cells.split(","):
-        sl, tokens, w, topk_w, topk_ids, x = layer_cell(cell, weights)
-
-        def layer(x=x, topk_w=topk_w, topk_ids=topk_ids, w=w):
-            return routed_experts(
-                x, *w["w13"], *w["w2"], topk_w, topk_ids, num_global_experts=bench_layer.GLOBAL_EXPERTS
-            )
-
-        layer()
-        peers = bench_layer.slice_peers({"dg": loaded.get("dg")}, sl, w, log)
-        x_fp8, x_scale = quantize_fp8_per_token_group(x, 128)
-        lp = _peer_layer.LayerPeers(x_fp8, x_scale, topk_ids, w, peers, log)
-        lp.time_all(lambda f, warm, rep: (f(), 0.0)[1])
+        layer, dg, keep = layer_and_dg_pair(cell, weights, loaded.get("dg"), log)
         graph = capture_graph(layer)[0]
-        dg = {g: capture_graph(lp.final_fns[("dg_contig", g)])[0] for g in ("w13", "w2")}
         torch.cuda.synchronize()
 
         time.sleep(3.0)
@@ -117,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             timed(f"{cell} A layer first", "eager", layer)
             timed(f"{cell} A layer first", "graph", graph)
         for _ in range(args.rounds):
-            timed(f"{cell} B peers", "dg w13", dg["w13"])
-            timed(f"{cell} B peers", "dg w2", dg["w2"])
+            timed(f"{cell} B peers", "dg w13", dg["dg w13"])
+            timed(f"{cell} B peers", "dg w2", dg["dg w2"])
         for _ in range(args.rounds):
             timed(f"{cell} C layer after peers", "eager", layer)
             timed(f"{cell} C layer after peers", "graph", graph)
@@ -128,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(3):
             timed(f"{cell} D after 3 s idle", "eager", layer)
         for _ in range(3):
-            timed(f"{cell} D after 3 s idle", "dg w13", dg["w13"])
+            timed(f"{cell} D after 3 s idle", "dg w13", dg["dg w13"])
         # A large block made and freed, as the masked peer's buffers are: the caching allocator
         # keeps it, so the layer's next buffers may come from it.
         big = torch.empty(20 * 1024**3, dtype=torch.uint8, device="cuda")
@@ -138,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
         for _ in range(3):
             timed(f"{cell} F after empty_cache", "eager", layer)
-        del lp, dg, graph
+        del keep, dg, graph
         torch.cuda.empty_cache()
 
     time.sleep(0.2)

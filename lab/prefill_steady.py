@@ -22,11 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import triton
 
-    from benchmarks import _peer_layer, _peers, bench_layer
-    from lab._layer_cells import host_enqueue_us, layer_cell
+    from benchmarks import _peers, bench_layer
+    from lab._layer_cells import host_enqueue_us, layer_and_dg_pair
     from lab.prefill_launch_gaps import gap_trace
-    from moe_backend.experts import routed_experts
-    from moe_backend.quant import quantize_fp8_per_token_group
     from moe_backend.testing import capture_graph
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,22 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     loaded, _ = _peers.load_peers(log)
     weights = {}
     for cell in args.cells.split(","):
-        sl, tokens, w, topk_w, topk_ids, x = layer_cell(cell, weights)
-
-        def layer(x=x, topk_w=topk_w, topk_ids=topk_ids, w=w):
-            return routed_experts(
-                x, *w["w13"], *w["w2"], topk_w, topk_ids, num_global_experts=bench_layer.GLOBAL_EXPERTS
-            )
-
-        layer()
-        peers = bench_layer.slice_peers({"dg": loaded.get("dg")}, sl, w, log)
-        x_fp8, x_scale = quantize_fp8_per_token_group(x, 128)
-        lp = _peer_layer.LayerPeers(x_fp8, x_scale, topk_ids, w, peers, log)
-        lp.time_all(lambda f, warm, rep: (f(), 0.0)[1])
-        fns = {"eager": layer, "graph": capture_graph(layer)[0]}
-        for g in ("w13", "w2"):
-            if ("dg_contig", g) in lp.final_fns:
-                fns[f"dg {g}"] = capture_graph(lp.final_fns[("dg_contig", g)])[0]
+        layer, dg_graphs, keep = layer_and_dg_pair(cell, weights, loaded.get("dg"), log)
+        fns = {"eager": layer, "graph": capture_graph(layer)[0], **dg_graphs}
         samples = {name: [] for name in fns}
         for _ in range(args.rounds):
             for name, fn in fns.items():
@@ -77,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(DG pair {pair:.1f} µs)",
                 flush=True,
             )
-        del fns, lp
+        del fns, dg_graphs, keep
         torch.cuda.empty_cache()
     return 0
 
