@@ -47,9 +47,10 @@ def candidates() -> dict:
     for bn, stages in ((128, 0), (128, 4), (192, 0), (192, 4), (256, 0), (256, 3)):
         tag = "" if stages == 0 else f":s{stages}"
         out[f"c2m:{bn}{tag}"] = ContiguousConfig(bn, num_stages=stages, group_m=1, cluster=2, multicast="mixed")
-    # stream-K: the last part-full wave of live units dealt by K chunks over every SM
-    # (pairs sharing B deal whole units only: launch.check_paired_tiles refuses them stream-K)
-    for name in ("c2a:128", "c2a:256", "c1:256"):
+    # stream-K: the last part-full wave of live units dealt by K chunks over every SM (pairs
+    # sharing B across experts deal whole units only: launch.check_paired_tiles refuses them
+    # stream-K; the mixed pairs' units hold one expert each)
+    for name in ("c2a:128", "c2a:256", "c1:256", "c2m:256:s3", "c2m:256", "c2m:192"):
         out[f"{name}:sk"] = dataclasses.replace(out[name], stream_k=True)
     # consumer warpgroups skipping the MMAs of their all-padding halves (`:h`): an expert's last
     # tile of at most 64 rows costs one warpgroup's MMAs

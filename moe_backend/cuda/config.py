@@ -87,10 +87,10 @@ class ContiguousConfig:
             raise ValueError(f"config.cluster: must be 1 or 2, got {self.cluster}")
         if self.multicast not in ("a", "b", "mixed"):
             raise ValueError(f"config.multicast: must be 'a', 'b' or 'mixed', got {self.multicast!r}")
-        if self.multicast == "mixed" and (self.cluster != 2 or self.group_m != 1 or self.stream_k):
+        if self.multicast == "mixed" and (self.cluster != 2 or self.group_m != 1):
             raise ValueError(
-                "config.multicast: 'mixed' pairs need cluster=2, group_m=1 and no stream_k "
-                f"(got cluster={self.cluster}, group_m={self.group_m}, stream_k={self.stream_k})"
+                "config.multicast: 'mixed' pairs need cluster=2 and group_m=1 "
+                f"(got cluster={self.cluster}, group_m={self.group_m})"
             )
         if not isinstance(self.stream_k, bool):
             raise TypeError(f"config.stream_k: must be a bool, got {self.stream_k!r}")

@@ -34,10 +34,10 @@ struct GroupedGemmContiguous {
   using SkScheduler =
       StreamKScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM, T::kKBlocks, T::kScaleChunk>;
   using Workspace = StreamKWorkspace<T::kAccRegs>;
-  // The walk of live tile pairs deals whole units only (a cut unit left rows unwritten on the GPU;
-  // launch.py refuses the pair first).
-  static_assert(!(kStreamK && (Scheduler::kPairedLive || Scheduler::kMixedLive)),
-                "stream-K with CTA pairs sharing B on the masked layout");
+  // The walk of live tile pairs that may span two experts deals whole units only (a cut unit left
+  // rows unwritten on the GPU; launch.py refuses the pair first). The mixed pairs, one expert per
+  // unit, take stream-K.
+  static_assert(!(kStreamK && Scheduler::kPairedLive), "stream-K with CTA pairs sharing B on the masked layout");
   // kSkipHalves: a consumer warpgroup skips the MMAs of a tile it stores nothing of
   // (half_is_padding); the stream-K walk deals pieces and keeps every MMA.
   static_assert(!(kStreamK && kSkipHalves), "skipped padding halves with stream-K");

@@ -56,8 +56,8 @@ struct KernelTraits {
   static_assert(kStages >= 2, "need at least two pipeline stages");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   static_assert(kMcastA == 0 || kCluster == 2, "A multicast needs a cluster of 2");
-  static_assert(kMcastA <= 1 || (kMcastA == 2 && kMaskedMaxM > 0 && kGroupM == 1 && kStreamK == 0),
-                "mixed pairs: masked layout, one M unit per group, no stream-K");
+  static_assert(kMcastA <= 1 || (kMcastA == 2 && kMaskedMaxM > 0 && kGroupM == 1),
+                "mixed pairs: masked layout, one M unit per group");
   static_assert(kMaskedMaxM % kBlockM == 0, "masked layout: max_m must be a multiple of the 128-row tile");
   static_assert(kGatherA == 0 || (kMcastA == 0 && kMaskedMaxM == 0),
                 "gathered A rows: contiguous layout, A not shared by a CTA pair");

@@ -175,10 +175,10 @@ def check_paired_tiles(m: int, cfg: ContiguousConfig, masked_max_m: int) -> None
     """CTA pairs sharing B on the masked layout walk pairs of live tiles, two tile indices packed
     in one int (scheduler.cuh, PairedTiles): at most MAX_PAIRED_TILES M tiles. That walk deals
     whole units only: a unit of it cut by stream-K leaves rows unwritten on the GPU, so the pair
-    is refused."""
+    is refused. The mixed pairs' units hold one expert each and take stream-K."""
     if not paired_live_walk(cfg, masked_max_m):
         return
-    if cfg.stream_k:
+    if cfg.stream_k and not cfg.mixed_pairs:
         raise ValueError(
             "config.stream_k: CTA pairs sharing B on the masked layout deal whole units only; "
             "use stream_k=False, or pair N tiles (multicast='a') or single CTAs with stream-K"

@@ -146,8 +146,19 @@ def test_192_wide_tiles_on_the_masked_layout(cfg) -> None:
         (128, 4096, 7168, [128, 1, 0, 77]),  # fewer units than CTAs: every unit cut
     ],
 )
-@pytest.mark.parametrize("pairs", [True, False], ids=["pairs_sharing_a", "single"])
-def test_stream_k_on_the_masked_layout(max_m, n, k, counts, pairs) -> None:
+@pytest.mark.parametrize(
+    "family",
+    [
+        dict(block_n=128, cluster=2, multicast="a"),
+        dict(block_n=128, cluster=1),
+        # the mixed pairs EP8's masked GEMMs run: B-shared pairs of a hot expert's M tiles and
+        # A-shared N tile pairs of an odd last tile, both cut by the pool
+        dict(block_n=256, num_stages=3, cluster=2, multicast="mixed"),
+        dict(block_n=192, cluster=2, multicast="mixed"),
+    ],
+    ids=["pairs_sharing_a", "single", "mixed_256_s3", "mixed_192"],
+)
+def test_stream_k_on_the_masked_layout(max_m, n, k, counts, family) -> None:
     """Stream-K over the dense walk of live tiles (`ContiguousConfig.stream_k`): against the
     reference and against the same config dealing whole units (only the order of the fp32 sums
     differs); rows past each count stay NaN."""
@@ -159,11 +170,10 @@ def test_stream_k_on_the_masked_layout(max_m, n, k, counts, pairs) -> None:
     a, a_s = quantize_fp8_per_token_group(torch.randn(e, max_m, k, device="cuda"))
     b, bs = quantize_fp8_blockwise(block_spread_weights(e, n, k))
     masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
-    cluster = dict(cluster=2, multicast="a") if pairs else dict(cluster=1)
     outs = []
     for sk in (False, True):
         out = torch.full((e, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-        op(a, a_s, b, bs, masked_m, out, config=ContiguousConfig(128, group_m=1, stream_k=sk, **cluster))
+        op(a, a_s, b, bs, masked_m, out, config=ContiguousConfig(group_m=1, stream_k=sk, **family))
         outs.append(out)
     _check(outs[1], reference.grouped_gemm_masked(a, a_s, b, bs, masked_m), masked_m)
     for ex, m in enumerate(counts):

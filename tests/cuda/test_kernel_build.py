@@ -110,10 +110,9 @@ COMPILE_CASES = [
     CompileCase(
         "sk-ep8-w2-direct-pairs", 7168, 2048, ContiguousConfig(256, cluster=2, stream_k=True), direct_rows=True
     ),
-    # stream-K on the masked layout's dense walk: 128-wide A-sharing pairs on EP8's shapes (mixed
-    # pairs deal whole units only) and 64-wide pairs on N = 512 (with the 256-wide pairs and 4
-    # stages N = 512 now takes, stream-K's extra state spills to local memory inside the MMA loop:
-    # not a config stream-K is offered on)
+    # stream-K on the masked layout's dense walk: 128-wide A-sharing pairs on EP8's shapes and
+    # 64-wide pairs on N = 512 (with the 256-wide pairs and 4 stages N = 512 now takes, stream-K's
+    # extra state spills to local memory inside the MMA loop: not a config stream-K is offered on)
     *[
         CompileCase(
             f"sk-masked-{n}x{k}-max1024",
@@ -123,6 +122,17 @@ COMPILE_CASES = [
             masked_max_m=1024,
         )
         for n, k, bn in ((4096, 7168, 128), (7168, 2048, 128), (512, 7168, 64))
+    ],
+    # ... and the mixed pairs EP8's masked GEMMs run (256 wide with 3 stages, 192 wide)
+    *[
+        CompileCase(
+            f"sk-masked-mixed-{n}x{k}-bn{bn}-max2048",
+            n,
+            k,
+            ContiguousConfig(bn, num_stages=stages, group_m=1, cluster=2, multicast="mixed", stream_k=True),
+            masked_max_m=2048,
+        )
+        for n, k, bn, stages in ((4096, 7168, 256, 3), (7168, 2048, 192, 0))
     ],
     # pairs of M tiles sharing B on the masked layout's dense walk over live pairs (hot experts)
     CompileCase(
@@ -181,6 +191,21 @@ COMPILE_CASES = [
 ]
 
 
+def _sass_address(line: str) -> int:
+    return int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16)
+
+
+def _k_loop_span(lines: list[str], first_mma: int, last_mma: int) -> tuple[int, int]:
+    """The SASS lines of the loop holding MMAs first_mma..last_mma: from first_mma to the first
+    branch after last_mma that jumps back to it or before it."""
+    start = _sass_address(lines[first_mma])
+    for i in range(last_mma, len(lines)):
+        target = re.search(r"\bBRA 0x([0-9a-f]+)", lines[i])
+        if target and int(target.group(1), 16) <= start:
+            return first_mma, i
+    raise AssertionError("no branch back to the K loop's MMAs")
+
+
 def _spec(case: CompileCase) -> jit.KernelSpec:
     cfg = case.config or select_config(case.rows, case.n, num_sms=132, k=case.k)
     return kernel_spec(
@@ -237,8 +262,12 @@ def test_kernel_compiles_for_sm90a(case, cache):
     lines = sass.splitlines()
     mma_lines = [i for i, line in enumerate(lines) if "QGMMA" in line]
     local = [i for i, line in enumerate(lines) if re.search(r"\b(LDL|STL)\b", line)]
-    if stream_k or split:  # none from a tile's first MMA (its epilogue and K loop) to the last
+    if split:  # none from a tile's first MMA (its epilogue and K loop) to the last
         assert not [i for i in local if mma_lines[0] < i < mma_lines[-1]], [lines[i] for i in local][:4]
+    elif stream_k:  # none in the K loop: from its chain's first MMA to the branch back to it (a
+        # spilled word of the walk, stored and reloaded once per piece, costs nothing beside it)
+        loop = _k_loop_span(lines, mma_lines[len(mma_lines) // 2], mma_lines[-1])
+        assert not [i for i in local if loop[0] <= i <= loop[1]], [lines[i] for i in local][:4]
     else:
         assert not local  # no local memory
     # The wgmma descriptors stay in uniform registers: a move from vector registers (R2UR) between

@@ -241,14 +241,18 @@ def test_masked_pairs_sharing_b_tile_limit():
 
 def test_masked_pairs_sharing_b_refuse_stream_k():
     """The walk of live tile pairs deals whole units only (a cut unit left rows unwritten on the
-    GPU): stream-K with it is refused, naming the argument; stream-K stays open to A-sharing pairs,
-    single CTAs, group_m >= 4 (the grouped walk) and the contiguous layout."""
+    GPU): stream-K with it is refused, naming the argument; stream-K stays open to the mixed pairs
+    (one expert per unit), A-sharing pairs, single CTAs, group_m >= 4 (the grouped walk) and the
+    contiguous layout."""
     sk_pairs_b = ContiguousConfig(128, group_m=1, cluster=2, stream_k=True)
     assert launch.paired_live_walk(sk_pairs_b, 1024)
     with pytest.raises(ValueError, match=r"config.stream_k: CTA pairs sharing B"):
         launch.check_paired_tiles(4096, sk_pairs_b, 1024)
     launch.check_paired_tiles(4096, ContiguousConfig(128, group_m=1, cluster=2, multicast="a", stream_k=True), 1024)
     launch.check_paired_tiles(4096, ContiguousConfig(128, group_m=1, stream_k=True), 1024)
+    sk_mixed = ContiguousConfig(256, num_stages=3, group_m=1, cluster=2, multicast="mixed", stream_k=True)
+    assert launch.paired_live_walk(sk_mixed, 1024)
+    launch.check_paired_tiles(4096, sk_mixed, 1024)
     grouped = ContiguousConfig(128, group_m=4, cluster=2, stream_k=True)
     assert not launch.paired_live_walk(grouped, 1024)
     launch.check_paired_tiles(4096, grouped, 1024)
@@ -312,10 +316,10 @@ def test_load_kernel_is_memoized_per_device(monkeypatch, tmp_path):
 
 def test_mixed_pairs_config_and_spec(monkeypatch):
     """The mixed pairs (per unit B shared by an expert's M tile pairs, or A by N tile pairs):
-    a config of CTA pairs walking one M unit per group without stream-K, on the masked layout only
-    and at 2 N tiles or more, each refusal naming its argument; the kernel's MCAST_A is 2, both
-    operands load in half-height boxes, and the tile-index limit of the packed pairs applies."""
-    for bad in ({"cluster": 1}, {"cluster": 2, "group_m": 8}, {"cluster": 2, "group_m": 1, "stream_k": True}):
+    a config of CTA pairs walking one M unit per group, on the masked layout only and at 2 N tiles
+    or more, each refusal naming its argument; the kernel's MCAST_A is 2, both operands load in
+    half-height boxes, and the tile-index limit of the packed pairs applies."""
+    for bad in ({"cluster": 1}, {"cluster": 2, "group_m": 8}):
         with pytest.raises(ValueError, match="config.multicast: 'mixed'"):
             ContiguousConfig(128, multicast="mixed", **{"group_m": 1, **bad})
     with pytest.raises(ValueError, match="config.multicast: must be 'a', 'b' or 'mixed'"):
