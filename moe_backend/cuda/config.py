@@ -59,8 +59,9 @@ class ContiguousConfig:
     #                         "mixed" (masked layout, group_m 1): per expert, pairs of its M tiles
     #                         share B and its odd last tile pairs N tiles sharing A
     stream_k: bool = False  # the units of a last part-full wave dealt over every CTA by K chunks,
-    #                         cut units finished from partial sums in a workspace (contiguous layout,
-    #                         rows by TMA, no direct rows; docs/cuda_kernel.md)
+    #                         cut units finished from partial sums in a workspace (either layout; on
+    #                         the masked one not the B-sharing pairs of live tiles, whose units may
+    #                         span two experts: launch.check_paired_tiles; docs/cuda_kernel.md)
     skip_padding_halves: bool = False  # a consumer warpgroup whose 64 rows of a tile are all padding
     #                         skips that tile's MMAs (no stream_k). Assumes a segment's valid rows
     #                         come before its padding, as in the masked layout and the layer's

@@ -191,18 +191,14 @@ COMPILE_CASES = [
 ]
 
 
-def _sass_address(line: str) -> int:
-    return int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16)
-
-
-def _k_loop_span(lines: list[str], first_mma: int, last_mma: int) -> tuple[int, int]:
-    """The SASS lines of the loop holding MMAs first_mma..last_mma: from first_mma to the first
-    branch after last_mma that jumps back to it or before it."""
-    start = _sass_address(lines[first_mma])
+def _k_loop_end(lines: list[str], first_mma: int, last_mma: int) -> int:
+    """The SASS line closing the loop that holds MMAs first_mma..last_mma: the first branch after
+    last_mma that jumps back to first_mma's address or before it."""
+    start = int(re.search(r"/\*([0-9a-f]{4,})\*/", lines[first_mma]).group(1), 16)
     for i in range(last_mma, len(lines)):
         target = re.search(r"\bBRA 0x([0-9a-f]+)", lines[i])
         if target and int(target.group(1), 16) <= start:
-            return first_mma, i
+            return i
     raise AssertionError("no branch back to the K loop's MMAs")
 
 
@@ -266,8 +262,9 @@ def test_kernel_compiles_for_sm90a(case, cache):
         assert not [i for i in local if mma_lines[0] < i < mma_lines[-1]], [lines[i] for i in local][:4]
     elif stream_k:  # none in the K loop: from its chain's first MMA to the branch back to it (a
         # spilled word of the walk, stored and reloaded once per piece, costs nothing beside it)
-        loop = _k_loop_span(lines, mma_lines[len(mma_lines) // 2], mma_lines[-1])
-        assert not [i for i in local if loop[0] <= i <= loop[1]], [lines[i] for i in local][:4]
+        loop_start = mma_lines[len(mma_lines) // 2]
+        loop_end = _k_loop_end(lines, loop_start, mma_lines[-1])
+        assert not [i for i in local if loop_start <= i <= loop_end], [lines[i] for i in local][:4]
     else:
         assert not local  # no local memory
     # The wgmma descriptors stay in uniform registers: a move from vector registers (R2UR) between
