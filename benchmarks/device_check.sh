@@ -2,7 +2,7 @@
 # One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
-# tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk streamklayer pairsb skiphalves maskedwalk
+# tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk aregs streamklayer pairsb skiphalves maskedwalk
 # routed copybw launchgaps maskedhot pairing steady drift decodetrace layoutscan); a step starts only with at least 30 s left and gets at
 # most min(its own limit, what is left). With GATE=1 a failing `graphtests` step stops the run
 # (nothing after it is worth timing). Logs, the layer
@@ -86,6 +86,15 @@ print(fit(torch.cuda.get_device_properties(0).total_memory))")
              tests/cuda/test_cuda_gemm_gpu.py tests/cuda/test_cuda_masked_gpu.py -k "stream_k" \
            && TAIL=20 step skgemm1 150 python3 -m lab.gemm1_epilogue --silu-only --stream-k \
              ${SKGEMM1_ARGS:---cells ep8:8192:uniform,ep8:16384:uniform,ep8:8192:zipf:0.6 --rounds 5} ;;
+    aregs) # 256-wide tiles with each K block's A fragments in registers: the GPU tests against A from shared memory
+           # (debug build: a hang traps), GEMM1 with the SiLU*up quant epilogue beside the plan's and DeepGEMM's, then
+           # plain GEMMs at prefill sizes (w13, w2) beside the plan's and DeepGEMM's
+           step aregtests "${AREGS_TESTS_MAX_S:-200}" env MOE_BACKEND_JIT_DEBUG=1 python3 -m pytest -q -x -n 4 \
+             -p no:cacheprovider tests/cuda/test_cuda_gemm_gpu.py -k "a_fragments" \
+           && TAIL=20 step aregsgemm1 150 python3 -m lab.gemm1_epilogue --silu-only --a-regs \
+             ${AREGS_GEMM1_ARGS:---cells ep8:8192:uniform,ep8:16384:uniform,ep8:8192:zipf:0.6 --rounds 5} \
+           && TAIL=20 step aregsplain 200 python3 -m lab.prefill_tile_width --no-defaults --variants n256c2br \
+             ${AREGS_PLAIN_ARGS:---cells ep8:8192:uniform,ep8:16384:uniform,ep8:2048:fixed,ep8:4096:fixed --rounds 5} ;;
     streamklayer) # the prefill pipeline with stream-K on GEMM1 / GEMM2 / both beside the policy's plan, same run
            TAIL=30 step sklayer 240 python3 -m lab.prefill_gather_a --only sk1,sk2,sk12 \
              ${SKLAYER_ARGS:---slices ep8 --tokens 8192,16384 --routing 0,0.6 --rounds 5} ;;

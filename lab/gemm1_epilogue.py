@@ -11,9 +11,11 @@ static bound; rows equal to the plan's); --silu-only drops the plain and rows-in
 --stream-k, the SiLU kernel also runs with the plan's config dealing its last part-full wave by K
 chunks over every SM (`silu sk`, static bound); its fp32 sums are added in another order, so the
 column gives the share of its FP8 bytes equal to the plan's instead of a bit-for-bit answer.
+With --a-regs, the plan's config with each K block's A fragments in registers (`a_regs`) runs
+too, SiLU (and, without --silu-only, plain) at the static bound; its rows must match the plan's.
 
     python -m lab.gemm1_epilogue [--cells ep8:8192:uniform,ep8:16384:uniform] [--rounds 5] [--old DIR]
-        [--group-m 4,16] [--silu-only] [--stream-k]
+        [--group-m 4,16] [--silu-only] [--stream-k] [--a-regs]
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-m", default="", help="M tiles walked together, SiLU kernel variants: G,...")
     p.add_argument("--silu-only", action="store_true", help="only the SiLU kernel at the static bound")
     p.add_argument("--stream-k", action="store_true", help="the SiLU kernel with stream-K too")
+    p.add_argument("--a-regs", action="store_true", help="the plan's config with A fragments in registers too")
     args = p.parse_args(argv)
     try:
         import deep_gemm as dg
@@ -88,10 +91,9 @@ def main(argv=None) -> int:
         a_b, as_b, rows_in_use, plan_cfg = op.a, op.a_scale, op.rows_in_use, op.config
         outs = {}
 
-        def plain(m, rows=None, name=""):
+        def plain(m, rows=None, name="", cfg=plan_cfg):
             o = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
             outs[name] = (o, None)
-            cfg = plan_cfg
             return cfg, lambda: launch(a_b[:m], as_b[:m], b, bs, ids_b[:m], o, config=cfg, rows_in_use=rows)
 
         def silu_outputs(m, name):
@@ -123,6 +125,11 @@ def main(argv=None) -> int:
         if args.stream_k:
             name = "silu sk, static bound"
             contenders[name] = silu(bound, rows_in_use, name, dataclasses.replace(plan_cfg, stream_k=True))
+        if args.a_regs:
+            ar_cfg = dataclasses.replace(plan_cfg, a_regs=True)
+            if not args.silu_only:
+                contenders["plain ar, static bound"] = plain(bound, rows_in_use, "plain ar, static bound", ar_cfg)
+            contenders["silu ar, static bound"] = silu(bound, rows_in_use, "silu ar, static bound", ar_cfg)
         for g in filter(None, args.group_m.split(",")):
             name = f"silu g{g}, static bound"
             contenders[name] = silu(bound, rows_in_use, name, dataclasses.replace(plan_cfg, group_m=int(g)))
@@ -149,8 +156,10 @@ def main(argv=None) -> int:
                 bits["silu, rows in use"],
             )
         for name in contenders:
-            if name.startswith("silu g"):
+            if name.startswith("silu g") or name == "silu ar, static bound":
                 bits[name] = same(name, "silu, static bound")
+            if name == "plain ar, static bound":
+                bits[name] = same(name, "plain, static bound")
         if args.old is not None:
             bits["silu before, static bound"] = same("silu before, static bound", "silu, static bound")
         if args.stream_k:  # the share of equal FP8 bytes (sums in another order), and equal scales
@@ -165,6 +174,7 @@ def main(argv=None) -> int:
             cfg = contenders[name][0] if name in contenders else None
             tag = f"n{cfg.block_n} c{cfg.cluster}{cfg.multicast} g{cfg.group_m}" if cfg else "DeepGEMM"
             tag += " sk" if cfg is not None and cfg.stream_k else ""
+            tag += " ar" if cfg is not None and cfg.a_regs else ""
             ratio = f"{t[name]['us'] / ref:.3f}" if ref else "–"
             print(
                 f"| {cell} | {name} | {tag} | {t[name]['us']:.1f} ({t[name]['lo']:.1f}-{t[name]['hi']:.1f}) | "

@@ -9,8 +9,8 @@ the layout (segments padded to 128), timed as CUDA-graph replays in interleaved 
 - `plan`: the config `select_config` picks on this GPU; `n128`: the same with 128-wide tiles;
 - `n192` (pairs sharing B, as the plan pairs), `n192c1` (single CTAs), `n192g16`: 192-wide tiles;
 - `dg`: DeepGEMM's `m_grouped_fp8_gemm_nt_contiguous` on the same layout;
-- `--variants`: more configs by tag, `n<block_n>[s<stages>]c<1|2>[a|b][g<group_m>]` (unset fields
-  as the plan's), e.g. `n128c2a,n128c1g2`.
+- `--variants`: more configs by tag, `n<block_n>[s<stages>]c<1|2>[a|b][g<group_m>][r]` (unset
+  fields as the plan's; `r`: A fragments in registers, 256-wide tiles), e.g. `n128c2a,n256c2br`.
 Every contender's real rows are checked against `plan`'s (max relative difference) and against
 an fp32 dequantized reference on a sample of rows.
 
@@ -31,16 +31,16 @@ DEFAULT_CELLS = (
 )
 
 
-_VARIANT = re.compile(r"n(\d+)(?:s(\d+))?c([12])([ab]?)(?:g(\d+))?$")
+_VARIANT = re.compile(r"n(\d+)(?:s(\d+))?c([12])([ab]?)(?:g(\d+))?(r?)$")
 
 
 def variant(base, tag: str):
-    """`base` with the fields a tag names: n<block_n>[s<stages>]c<cluster>[a|b][g<group_m>]."""
+    """`base` with the fields a tag names: n<block_n>[s<stages>]c<cluster>[a|b][g<group_m>][r]."""
     hit = _VARIANT.match(tag)
     if hit is None:
-        raise SystemExit(f"--variants: {tag!r} is not n<block_n>[s<stages>]c<1|2>[a|b][g<group_m>]")
-    bn, stages, cluster, mcast, group = hit.groups()
-    fields = {"block_n": int(bn), "num_stages": int(stages or 0), "cluster": int(cluster)}
+        raise SystemExit(f"--variants: {tag!r} is not n<block_n>[s<stages>]c<1|2>[a|b][g<group_m>][r]")
+    bn, stages, cluster, mcast, group, regs = hit.groups()
+    fields = {"block_n": int(bn), "num_stages": int(stages or 0), "cluster": int(cluster), "a_regs": regs == "r"}
     fields |= {"multicast": mcast} if mcast else {}
     fields |= {"group_m": int(group)} if group else {}
     return dataclasses.replace(base, **fields)
@@ -152,6 +152,7 @@ def main(argv=None) -> int:
                 c = cfgs.get(name)
                 tag = (
                     f"n{c.block_n} s{c.num_stages} c{c.cluster}{c.multicast if c.cluster > 1 else ''} g{c.group_m}"
+                    + (" ar" if c.a_regs else "")
                     if c
                     else "DeepGEMM"
                 )

@@ -1,4 +1,5 @@
-"""Writes `wgmma_fp8.cuh`: one inline-PTX wrapper per wgmma N for `m64nNk32.f32.e4m3.e4m3`.
+"""Writes `wgmma_fp8.cuh`: inline-PTX wrappers per wgmma N for `m64nNk32.f32.e4m3.e4m3`, with A
+from shared memory (a descriptor, `WgmmaFp8`) or from registers (`WgmmaFp8Rs`).
 
 The accumulator is N/2 fp32 registers per thread and PTX needs every one named in the operand
 list, so each N is its own asm statement; generating them keeps the wrappers identical in form.
@@ -27,6 +28,7 @@ def _wrapper(n: int) -> str:
     outs = ",\n          ".join(
         ", ".join(f'"+f"(d[{i}])' for i in range(j, min(j + 8, regs))) for j in range(0, regs, 8)
     )
+    rs_a = ", ".join(f"%{regs + i}" for i in range(4))
     return f"""
 template <>
 struct WgmmaFp8<{n}> {{
@@ -41,6 +43,19 @@ struct WgmmaFp8<{n}> {{
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
   }}
 }};
+
+template <>
+struct WgmmaFp8Rs<{n}> {{
+  __device__ __forceinline__ static void mma(float (&d)[{regs}], const uint32_t (&a)[4], uint64_t desc_b,
+                                             uint32_t accumulate) {{
+    asm volatile(
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 5}, 0;\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3 {{"
+        "{d_list}}}, {{{rs_a}}}, %{regs + 4}, p, 1, 1;\\n}}\\n"
+        : {outs}
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  }}
+}};
 """
 
 
@@ -52,6 +67,8 @@ def render() -> str:
 //   d[4c + 0..1] -> row 16*(t/32) + (t%32)/4,     cols 8c + 2*(t%4) + 0..1
 //   d[4c + 2..3] -> the same cols, row + 8.
 // `accumulate` = 0 overwrites D (the first k32 step of a 128-wide K block).
+// WgmmaFp8Rs: A from registers instead, 4 x 4 e4m3 per thread: a[0] row 16*(t/32) + (t%32)/4,
+// K bytes 4*(t%4) + 0..3; a[1] the same 8 rows below; a[2], a[3] as a[0], a[1] 16 K bytes on.
 #pragma once
 #include <cstdint>
 
@@ -59,6 +76,8 @@ namespace phasemoe {{
 
 template <int N>
 struct WgmmaFp8;
+template <int N>
+struct WgmmaFp8Rs;
 {body}
 }}  // namespace phasemoe
 """

@@ -70,6 +70,8 @@ class ContiguousConfig:
     split_padding_halves: bool = False  # with skip_padding_halves and 256-wide tiles: a tile whose
     #                         rows all lie in its first 64 runs its two 128-wide parts of N on the
     #                         two warpgroups instead of one idling (bf16 output, no direct rows)
+    a_regs: bool = False  # 256-wide tiles: each K block's A fragments read from shared memory once into
+    #                         registers, where both 128-wide parts' wgmmas would read them again
 
     def __post_init__(self) -> None:
         if self.block_n not in BLOCK_N_CHOICES:
@@ -101,6 +103,10 @@ class ContiguousConfig:
             raise ValueError("config.skip_padding_halves: not with stream_k (its pieces keep every MMA)")
         if not isinstance(self.split_padding_halves, bool):
             raise TypeError(f"config.split_padding_halves: must be a bool, got {self.split_padding_halves!r}")
+        if not isinstance(self.a_regs, bool):
+            raise TypeError(f"config.a_regs: must be a bool, got {self.a_regs!r}")
+        if self.a_regs and self.block_n != 256:
+            raise ValueError(f"config.a_regs: needs block_n=256 (two parts sharing A), got {self.block_n}")
         if self.split_padding_halves and (not self.skip_padding_halves or self.block_n != 256):
             raise ValueError(
                 "config.split_padding_halves: needs skip_padding_halves=True and block_n=256 (got "

@@ -2,7 +2,7 @@
 // replacement) and the JIT compiles one cubin per (N, K, config, masked max_m).
 #include "grouped_gemm_contiguous.cuh"
 
-using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{CLUSTER}}, {{MCAST_A}}, {{MASKED_MAX_M}}, {{GATHER_A}}, {{SILU_QUANT}}, {{DIRECT_ROWS}}, {{STREAM_K}}, {{SKIP_HALVES}}>;
+using Gemm = phasemoe::GroupedGemmContiguous<{{N}}, {{K}}, {{BLOCK_N}}, {{STAGES}}, {{GROUP_M}}, {{CLUSTER}}, {{MCAST_A}}, {{MASKED_MAX_M}}, {{GATHER_A}}, {{SILU_QUANT}}, {{DIRECT_ROWS}}, {{STREAM_K}}, {{SKIP_HALVES}}, {{A_REGS}}>;
 
 extern "C" __global__ void __launch_bounds__(phasemoe::kNumThreads, 1)
 {{KERNEL_NAME}}(const __grid_constant__ phasemoe::sm90::TmaDescriptor tmap_a,

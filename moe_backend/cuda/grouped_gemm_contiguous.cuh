@@ -26,10 +26,11 @@
 namespace phasemoe {
 
 template <int kN, int kK, int kBlockN, int kStages, int kGroupM, int kCluster, int kMcastA, int kMaskedMaxM,
-          int kGatherA = 0, int kSiluQuant = 0, int kDirectRows = 0, int kStreamK = 0, int kSkipHalves = 0>
+          int kGatherA = 0, int kSiluQuant = 0, int kDirectRows = 0, int kStreamK = 0, int kSkipHalves = 0,
+          int kARegs = 0>
 struct GroupedGemmContiguous {
   using T = KernelTraits<kN, kK, kBlockN, kStages, kGroupM, kCluster, kMcastA, kMaskedMaxM, kGatherA, kSiluQuant,
-                         kDirectRows, kStreamK>;
+                         kDirectRows, kStreamK, kARegs>;
   using Scheduler = TileScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM>;
   using SkScheduler =
       StreamKScheduler<kN, kBlockN, kGroupM, kCluster, kMcastA, kMaskedMaxM, T::kKBlocks, T::kScaleChunk>;
@@ -161,12 +162,12 @@ struct GroupedGemmContiguous {
 
   // A tile's first MMA unit, then the previous tile's deferred store, and a cleared sum.
   __device__ __forceinline__ static void start_tile(float (&acc)[T::kPartRegs], float (&scales)[2][T::kScaleBands][2],
-                                                    float (&result)[T::kAccRegs], const typename Loop::SmemView& sv,
-                                                    RingPos& issue, int row_in_tile,
+                                                    typename Loop::AFrag& a_frag, float (&result)[T::kAccRegs],
+                                                    const typename Loop::SmemView& sv, RingPos& issue, int row_in_tile,
                                                     const typename Epi::PendingStore& prev, uint16_t* __restrict__ out,
                                                     float* __restrict__ act_scale,
                                                     const typename Epi::DirectRows& direct = {nullptr, nullptr}) {
-    Loop::template issue_part<0>(acc, scales[0], sv, issue, row_in_tile);
+    Loop::template issue_part<0>(acc, scales[0], a_frag, sv, issue, row_in_tile);
     if (prev.valid) Epi::store_pending(result, out, prev, act_scale, direct);
     Loop::clear(result);
   }
@@ -191,6 +192,14 @@ struct GroupedGemmContiguous {
   __device__ __forceinline__ static typename Loop::SmemView consumer_view(const Smem& s, int warpgroup) {
     const uint64_t desc_a0 = sm90::smem_desc_kmajor_sw128(s.a + warpgroup * 64 * kBlockK);
     const uint64_t desc_b0 = sm90::smem_desc_kmajor_sw128(s.b);
+    if constexpr (T::kARegs)
+      return {s.full,
+              s.empty,
+              s.b_scales,
+              s.a_scales,
+              desc_a0,
+              desc_b0,
+              Loop::a_frag_addr(s.a, warpgroup, static_cast<int>(threadIdx.x % 32))};
     return {s.full, s.empty, s.b_scales, s.a_scales, desc_a0, desc_b0};
   }
 
@@ -283,8 +292,10 @@ struct GroupedGemmContiguous {
           Epi::template load_rows<Scheduler::kPairedLive>(role, m_unit, rank, row_in_tile, expert_ids, m);
       RingPos issue = pos;
       float scales[2][T::kScaleBands][2];
-      start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale, owned_rows(s, owned, direct));
-      Loop::k_loop_blocks(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales, num_kb);
+      typename Loop::AFrag a_frag;
+      start_tile(acc, scales, a_frag, result, sv, issue, row_in_tile, prev, out, act_scale,
+                 owned_rows(s, owned, direct));
+      Loop::k_loop_blocks(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales, a_frag, num_kb);
       if (seg.kind() == Segment::kPartial) {  // a later piece of a cut unit: its owner stores the sum
         ws.store(result);
         prev = typename Epi::PendingStore{0, 0, false, false, false};
@@ -406,10 +417,12 @@ struct GroupedGemmContiguous {
         }
         RingPos issue = pos;
         float scales[2][T::kScaleBands][2];  // combined row scales of the K blocks in flight
-        start_tile(acc, scales, result, sv, issue, row_in_tile, prev, out, act_scale, direct_rows(s, pos, direct));
+        typename Loop::AFrag a_frag;         // kARegs: the A fragments of the K block in flight
+        start_tile(acc, scales, a_frag, result, sv, issue, row_in_tile, prev, out, act_scale,
+                   direct_rows(s, pos, direct));
         // Called through a closure, as in the binary the benchmark tables measured: a direct call
         // numbers the registers differently (lab/check_ptx.py compares the PTX).
-        [&] { Loop::k_loop(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales); }();
+        [&] { Loop::k_loop(acc, acc_odd, result, sv, issue, pos, row_in_tile, lane, scales, a_frag); }();
         prev = typename Epi::PendingStore{rows.row0, rows.n_base, role.live && rows.id0 == role.expert,
                                           role.live && rows.id1 == role.expert, true};
       }

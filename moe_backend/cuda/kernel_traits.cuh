@@ -35,8 +35,11 @@ constexpr int kProducerRegs = 40;
 // kStreamK = 1: the units of a last part-full
 // wave are dealt as a pool of K chunks (scheduler.cuh, StreamKPool), cut units finished from
 // partial sums in a workspace (stream_k.cuh).
+// kARegs = 1 (256-wide tiles): a K block's A fragments are read from shared memory once
+// (ldmatrix) into registers and both 128-wide parts' wgmmas take A from there, where A from
+// shared memory is read by each part's wgmmas again.
 template <int kN_, int kK_, int kBlockN_, int kStages_, int kGroupM_, int kCluster_, int kMcastA_, int kMaskedMaxM_,
-          int kGatherA_ = 0, int kSiluQuant_ = 0, int kDirectRows_ = 0, int kStreamK_ = 0>
+          int kGatherA_ = 0, int kSiluQuant_ = 0, int kDirectRows_ = 0, int kStreamK_ = 0, int kARegs_ = 0>
 struct KernelTraits {
   static constexpr int kN = kN_;
   static constexpr int kK = kK_;
@@ -50,6 +53,7 @@ struct KernelTraits {
   static constexpr int kSiluQuant = kSiluQuant_;
   static constexpr int kDirectRows = kDirectRows_;
   static constexpr int kStreamK = kStreamK_;
+  static constexpr int kARegs = kARegs_;
 
   static_assert(kK % kBlockK == 0, "K must be a multiple of 128");
   static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 192 || kBlockN == 256, "BLOCK_N: 64, 128, 192 or 256");
@@ -108,6 +112,11 @@ struct KernelTraits {
   // K blocks per straight-line chain of the K loop (nothing in flight across its back edge).
   static constexpr int kChainKBlocks = kParts == 1 ? 4 : 2;
   static constexpr int kLoopChain = kChainKBlocks < kKBlocks ? kChainKBlocks : kKBlocks;  // a tile's chains
+  // kARegs: a K block's A fragments per thread, 4 k32 steps x 4 registers, held from the first
+  // part's issue to the last part's wait.
+  static_assert(kARegs == 0 || (kParts == 2 && kUnitsInFlight == 1),
+                "A fragments in registers: 256-wide tiles (two parts sharing them)");
+  static constexpr int kAFragRegs = kARegs ? (kBlockK / kWgmmaK) * 4 : 1;
 
   // Epilogue: groups of 4 8-column chunks are transposed inside each lane quad so every lane
   // stores 16 contiguous bytes (full 32-byte sectors); needs N % 8 == 0 (16-byte row pitch).

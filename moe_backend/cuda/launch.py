@@ -128,6 +128,7 @@ def kernel_spec(
         "DIRECT_ROWS": int(direct_rows),
         "STREAM_K": int(config.stream_k),
         "SKIP_HALVES": 2 if config.split_padding_halves else int(config.skip_padding_halves),
+        "A_REGS": int(config.a_regs),
     }
     name = (
         "phasemoe_gg_contig_n{N}_k{K}_bn{BLOCK_N}_s{STAGES}_g{GROUP_M}_c{CLUSTER}_ma{MCAST_A}_mm{MASKED_MAX_M}"
@@ -135,6 +136,7 @@ def kernel_spec(
     name += ("_ga" if gather_a else "") + (f"_sq{silu_quant}" if silu_quant else "") + ("_dr" if direct_rows else "")
     name += ("_sk" if config.stream_k else "") + ("_sh" if config.skip_padding_halves else "")
     name += "2" if config.split_padding_halves else ""
+    name += "_ar" if config.a_regs else ""
     source = _template()
     checked = {
         "KERNEL_NAME": name,

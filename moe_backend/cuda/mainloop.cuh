@@ -33,6 +33,8 @@ struct DirectSource {
 template <typename T>
 struct Mainloop {
   using PartMma = WgmmaFp8<T::kPartN>;
+  using PartMmaRs = WgmmaFp8Rs<T::kPartN>;
+  using AFrag = uint32_t[T::kAFragRegs];  // kARegs: a K block's A fragments (else unused)
 
   // Zeroes an accumulator (unrolled: it stays in registers).
   template <int kRegs>
@@ -212,7 +214,31 @@ struct Mainloop {
     const float* a_scales;  // a_scale chunk slots
     uint64_t desc_a0;       // stage-0 descriptors of this warpgroup's A rows and of B
     uint64_t desc_b0;
+    // kARegs: the stage-0 shared address this lane gives ldmatrix for the first k32 step (its row
+    // of the A tile, the swizzled 16-byte chunk in bits 4-6; load_a_frags).
+    uint32_t a_frag_addr0 = 0;
   };
+
+  // kARegs: a_frag_addr0 of this lane. ldmatrix matrix j = lane / 8 covers rows 8 * (j % 2) + 0..7
+  // of the warp's 16 and 16-byte K chunk j / 2 of the k32 step (the fragment order of
+  // WgmmaFp8Rs); the 128-byte swizzle puts chunk c of row r at (c ^ r % 8) * 16, and r % 8 =
+  // lane % 8 here.
+  __device__ __forceinline__ static uint32_t a_frag_addr(const uint8_t* smem_a, int warpgroup, int lane) {
+    const int warp_in_wg = (threadIdx.x / 32) % 4;
+    const int matrix = lane / 8;
+    const int row = warpgroup * 64 + warp_in_wg * 16 + 8 * (matrix % 2) + lane % 8;
+    return sm90::smem_addr(smem_a + row * kBlockK) | static_cast<uint32_t>(((matrix / 2) ^ (lane % 8)) << 4);
+  }
+
+  // kARegs: the A fragments of this warpgroup's rows for the K block in `stage`, 4 k32 steps. A
+  // step moves 32 bytes, 2 chunks: XOR-ing 2 * step into the swizzled chunk (bits 4-6) gives
+  // chunk 2 * step + j / 2 of the row; the stage offset is a multiple of 1024 and leaves those bits.
+  __device__ __forceinline__ static void load_a_frags(AFrag& a_frag, const SmemView& sv, int stage) {
+    const uint32_t addr = sv.a_frag_addr0 + static_cast<uint32_t>(stage) * T::kABytes;
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)
+      sm90::ldmatrix_x4(*reinterpret_cast<uint32_t (*)[4]>(&a_frag[4 * kk]), addr ^ static_cast<uint32_t>(kk << 5));
+  }
 
   // Releases `stage` in every CTA of the cluster (a peer's producer may multicast into it).
   __device__ __forceinline__ static void release_stage(uint64_t* empty_bar, int stage, int lane) {
@@ -246,22 +272,45 @@ struct Mainloop {
     for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
   }
 
+  // issue_unit with A from registers (kARegs): the fragments are only read, and hold still until
+  // the unit's wait (the loop waits for every unit before the next K block's ldmatrix).
+  __device__ __forceinline__ static void issue_unit_rs(float (&acc)[T::kPartRegs], AFrag& a_frag, uint64_t desc_b) {
+#pragma unroll
+    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+#pragma unroll
+    for (int i = 0; i < T::kAFragRegs; ++i) sm90::fence_operand(a_frag[i]);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)
+      PartMmaRs::mma(acc, *reinterpret_cast<const uint32_t (*)[4]>(&a_frag[4 * kk]), desc_b + 2 * kk,
+                     kk == 0 ? 0u : 1u);
+    sm90::wgmma_commit();
+#pragma unroll
+    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+  }
+
   // Waits for the stage (first part only), issues part kP of its K block into `acc` and, on the
   // first part, reads the block's combined scales for this thread's two rows (their latency hides
-  // behind the MMAs). The issue position moves on after the last part.
+  // behind the MMAs) and, with kARegs, the block's A fragments. The issue position moves on after
+  // the last part.
   template <int kP>
   __device__ __forceinline__ static void issue_part(float (&acc)[T::kPartRegs], float (&scale)[T::kScaleBands][2],
-                                                    const SmemView& sv, RingPos& pos, int row_in_tile) {
+                                                    AFrag& a_frag, const SmemView& sv, RingPos& pos, int row_in_tile) {
     if constexpr (kP == 0) {
       sm90::mbar_wait(&sv.full_bar[pos.stage], pos.phase);
       // Gathered A landed by cp.async (generic proxy); the wgmmas read it through the async one.
-      if constexpr (T::kGatherA) sm90::fence_proxy_async_shared();
+      if constexpr (T::kGatherA && !T::kARegs) sm90::fence_proxy_async_shared();
+      if constexpr (T::kARegs) load_a_frags(a_frag, sv, pos.stage);
     }
     // Stage descriptors = the stage-0 descriptors plus the stage's offset in 16-byte units.
     const uint64_t desc_a = sv.desc_a0 + static_cast<uint64_t>((pos.stage * T::kABytes) >> 4);
     const uint64_t desc_b =
         sv.desc_b0 + static_cast<uint64_t>((pos.stage * T::kBBytes + kP * T::kPartN * kBlockK) >> 4);
-    issue_unit(acc, desc_a, desc_b);
+    if constexpr (T::kARegs) {
+      issue_unit_rs(acc, a_frag, desc_b);
+    } else {
+      issue_unit(acc, desc_a, desc_b);
+    }
     if constexpr (kP == 0) {
       float sa0, sa1;
       read_a_scales(sv.a_scales, pos, row_in_tile, sa0, sa1);
@@ -320,25 +369,27 @@ struct Mainloop {
   __device__ __forceinline__ static void mma_chain(float (&acc)[T::kPartRegs], float (&acc_odd)[T::kOddRegs],
                                                    float (&result)[T::kAccRegs], const SmemView& sv, RingPos& issue,
                                                    RingPos& retire, int row_in_tile, int lane,
-                                                   float (&scales)[2][T::kScaleBands][2]) {
+                                                   float (&scales)[2][T::kScaleBands][2], AFrag& a_frag) {
     constexpr int kParts = T::kParts;
     constexpr int kBlock = kI / kParts;  // K block within the chain: its scales are scales[kBlock % 2]
     if constexpr (T::kUnitsInFlight == 1) {
-      if constexpr (kI > 0 || !kFirstIssued) issue_part<kI % kParts>(acc, scales[kBlock % 2], sv, issue, row_in_tile);
+      if constexpr (kI > 0 || !kFirstIssued)
+        issue_part<kI % kParts>(acc, scales[kBlock % 2], a_frag, sv, issue, row_in_tile);
       sm90::wgmma_wait<0>();
       retire_part<kI % kParts>(acc, scales[kBlock % 2], result, sv, retire, lane);
       if constexpr (kI + 1 < kCount)
-        mma_chain<kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+        mma_chain<kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales, a_frag);
     } else {
       float (&mine)[T::kPartRegs] = kI % 2 == 0 ? acc : acc_odd;
       float (&prev)[T::kPartRegs] = kI % 2 == 0 ? acc_odd : acc;
-      if constexpr (kI > 0 || !kFirstIssued) issue_part<kI % kParts>(mine, scales[kBlock % 2], sv, issue, row_in_tile);
+      if constexpr (kI > 0 || !kFirstIssued)
+        issue_part<kI % kParts>(mine, scales[kBlock % 2], a_frag, sv, issue, row_in_tile);
       if constexpr (kI > 0) {
         sm90::wgmma_wait<1>();  // unit kI - 1 is done; unit kI runs meanwhile
         retire_part<(kI - 1) % kParts>(prev, scales[((kI - 1) / kParts) % 2], result, sv, retire, lane);
       }
       if constexpr (kI + 1 < kCount) {
-        mma_chain<kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+        mma_chain<kCount, kI + 1>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales, a_frag);
       } else {
         sm90::wgmma_wait<0>();
         retire_part<kI % kParts>(mine, scales[kBlock % 2], result, sv, retire, lane);
@@ -351,14 +402,15 @@ struct Mainloop {
   __device__ __forceinline__ static void k_loop(float (&acc)[T::kPartRegs], float (&acc_odd)[T::kOddRegs],
                                                 float (&result)[T::kAccRegs], const SmemView& sv, RingPos& issue,
                                                 RingPos& retire, int row_in_tile, int lane,
-                                                float (&scales)[2][T::kScaleBands][2]) {
+                                                float (&scales)[2][T::kScaleBands][2], AFrag& a_frag) {
     constexpr int kChain = T::kLoopChain;
-    mma_chain<kChain * T::kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+    mma_chain<kChain * T::kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales, a_frag);
 #pragma unroll 1
     for (int kb = kChain; kb + kChain <= T::kKBlocks; kb += kChain)
-      mma_chain<kChain * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+      mma_chain<kChain * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales, a_frag);
     if constexpr (T::kKBlocks % kChain != 0)
-      mma_chain<(T::kKBlocks % kChain) * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+      mma_chain<(T::kKBlocks % kChain) * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales,
+                                                    a_frag);
   }
 
   // A warpgroup whose 64 rows of the tile are all padding (kSkipHalves): its share of the ring's
@@ -414,12 +466,13 @@ struct Mainloop {
   __device__ __forceinline__ static void k_loop_blocks(float (&acc)[T::kPartRegs], float (&acc_odd)[T::kOddRegs],
                                                        float (&result)[T::kAccRegs], const SmemView& sv, RingPos& issue,
                                                        RingPos& retire, int row_in_tile, int lane,
-                                                       float (&scales)[2][T::kScaleBands][2], int num_kb) {
+                                                       float (&scales)[2][T::kScaleBands][2], AFrag& a_frag,
+                                                       int num_kb) {
     constexpr int kChain = T::kLoopChain;
-    mma_chain<kChain * T::kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+    mma_chain<kChain * T::kParts, 0, true>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales, a_frag);
 #pragma unroll 1
     for (int kb = kChain; kb < num_kb; kb += kChain)
-      mma_chain<kChain * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales);
+      mma_chain<kChain * T::kParts>(acc, acc_odd, result, sv, issue, retire, row_in_tile, lane, scales, a_frag);
   }
 };
 

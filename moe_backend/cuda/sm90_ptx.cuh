@@ -230,6 +230,19 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
 }
 
+// Four 8 x 16-byte matrices from shared memory: lane l gives the address of row l % 8 of matrix
+// l / 8, and r[j] receives matrix j's row l / 4, bytes 4 * (l % 4) + 0..3.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// Pins an A-fragment register like an accumulator (below): it must hold still while an async
+// wgmma reads it.
+__device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
 // Pins an accumulator register in place around the async wgmma window, so the compiler neither
 // reads it early nor moves writes across the fence/wait.
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }

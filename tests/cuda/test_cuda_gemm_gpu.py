@@ -769,3 +769,92 @@ def test_stream_k_plan_against_the_plain_plan() -> None:
     ref = reference.routed_experts(x, w13, w13_s, w2, w2_s, w, torch.where(ids < e, ids, -1))
     assert _rel(out, ref) <= 1e-2
     assert _rel(out, plain) <= 5e-3
+
+
+A_REGS_CASES = [
+    # (name, n, k, counts, config kwargs, kind, tokens). kind: "bf16" (plain output, against the
+    # reference too), "silu" (GEMM1 storing SiLU*up quant; tokens > 0: gathering A), "direct"
+    # (GEMM2 storing single-slot tokens' rows)
+    ("single_odd_n_ragged", 1001, 1152, (5, 129, 0, 1, 300), dict(block_n=256), "bf16", 0),
+    ("ep8_w13_pairs_ragged", 4096, 7168, _skewed(32, 32 * 96, 21), dict(block_n=256, cluster=2), "bf16", 0),
+    ("m_ends_mid_tile_pairs", 1024, 2048, (130, 0, 77), dict(block_n=256, cluster=2), "bf16", 0),
+    ("ep8_w13_silu_pairs", 2048, 7168, (64, 65, 257, 0, 1, 128), dict(block_n=256, cluster=2), "silu", 0),
+    ("tp8_w13_silu_gather", 256, 7168, _skewed(64, 64 * 40, 22), dict(block_n=256, cluster=2), "silu", 333),
+    ("silu_stream_k", 2048, 7168, (300, 0, 5), dict(block_n=256, stream_k=True), "silu", 0),
+    ("ep8_w2_direct_pairs", 1024, 2048, (), dict(block_n=256, cluster=2), "direct", 517),
+]
+
+
+@pytest.mark.parametrize("name,n,k,counts,cfg,kind,tokens", A_REGS_CASES, ids=[c[0] for c in A_REGS_CASES])
+def test_a_fragments_in_registers_match_a_from_shared_memory(name, n, k, counts, cfg, kind, tokens) -> None:
+    """`a_regs`: each K block's A fragments read once by ldmatrix and both 128-wide parts' wgmmas
+    taking A from registers. The same math as A from shared memory: the outputs agree within 1e-3
+    (a fragment from the wrong rows or K bytes is off by the order of the values), bf16 outputs
+    also against the reference (TOL), and padding rows stay NaN. Prints whether the bits match."""
+    ggc = _ggc()
+    from moe_backend.cuda.grouped_gemm_contiguous import launch
+
+    base = ggc.ContiguousConfig(**cfg)
+    outs = {}
+    if kind == "bf16":
+        a, a_scale, b, b_scale, expert_ids = _operands(counts, n, k, spread_blocks=True, pad_last=name[:6] != "m_ends")
+        for regs in (False, True):
+            out = torch.full((expert_ids.numel(), n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            ggc.grouped_gemm_contiguous(
+                a, a_scale, b, b_scale, expert_ids, out, config=dataclasses.replace(base, a_regs=regs)
+            )
+            outs[regs] = (out,)
+        real = expert_ids >= 0
+        ref = reference.grouped_gemm_contiguous(a, a_scale, b, b_scale, expert_ids)
+        assert _rel(outs[True][0][real], ref[real]) <= TOL["gemm"]
+    elif kind == "silu":
+        inter = n // 2
+        expert_ids, src, a, a_scale, b, b_scale = silu_case_operands(inter, k, counts, tokens)
+        real = expert_ids >= 0
+        for regs in (False, True):
+            act = torch.full((expert_ids.numel(), inter), 0x7F, dtype=torch.uint8, device="cuda")
+            act_scale = torch.full((expert_ids.numel(), inter // 128), float("nan"), device="cuda")
+            launch(
+                a, a_scale, b, b_scale, expert_ids, act.view(torch.float8_e4m3fn),
+                config=dataclasses.replace(base, a_regs=regs), a_rows=src, act_scale=act_scale,
+            )  # fmt: skip
+            outs[regs] = (act, act_scale)
+        torch.cuda.synchronize()
+        for act, act_scale in outs.values():
+            assert (act[~real] == 0x7F).all() and torch.isnan(act_scale[~real]).all(), "padding written"
+        deq = {
+            r: act[real].view(torch.float8_e4m3fn).float().view(-1, inter // 128, 128) * s[real][..., None]
+            for r, (act, s) in outs.items()
+        }
+        assert _rel(deq[True], deq[False]) <= TOL["silu_act"]
+    else:  # direct rows: GEMM2 storing single-slot tokens' rows into the layer's output
+        from moe_backend import ops
+        from moe_backend.kernels.direct_rows import direct_rows
+
+        local, topk = 32, 8
+        g = torch.Generator(device="cuda").manual_seed(tokens)
+        w, ids = torch.rand(tokens, 256, device="cuda", generator=g).topk(topk, dim=-1)
+        w = (w / w.sum(-1, keepdim=True)).float()
+        layout = ops.build_contiguous_layout(ids, local, alignment=ALIGN)
+        rows = layout.src_token.numel()
+        a, a_scale = quantize_fp8_per_token_group(torch.randn(rows, k, device="cuda", generator=g))
+        b, b_scale = quantize_fp8_blockwise(torch.randn(local, n, k, device="cuda", generator=g) * 0.05)
+        pairs = direct_rows(layout.row_of_slot, w, rows)
+        for regs in (False, True):
+            y = torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            out = torch.full((tokens, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            launch(
+                a, a_scale, b, b_scale, layout.expert_ids, y,
+                config=dataclasses.replace(base, a_regs=regs), direct=(pairs, out),
+            )  # fmt: skip
+            ops.unpermute_combine(y, layout.row_of_slot, w, out, branch_on_slots=True, skip_single=True)
+            outs[regs] = (y, out)
+        assert torch.isfinite(outs[True][1]).all(), "token rows left unwritten"
+    torch.cuda.synchronize()
+    same = all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(outs[False], outs[True]))
+    if kind != "silu":
+        for x, y in zip(outs[False], outs[True]):
+            assert torch.equal(torch.isnan(x), torch.isnan(y)), "a different set of rows written"
+            keep = ~torch.isnan(x)
+            assert _rel(y[keep], x[keep]) <= 1e-3
+    print(f"a_regs {name}: {'same bits' if same else 'bits differ'} as A from shared memory")

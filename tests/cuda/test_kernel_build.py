@@ -181,6 +181,19 @@ COMPILE_CASES = [
             ("single-odd-n", 1000, 2048, ContiguousConfig(256), 0),
         )
     ],
+    # A fragments in registers (256-wide tiles): the layer's prefill GEMM1 in pairs (SiLU*up quant,
+    # and gathering A at TP8), plain pairs and single CTAs, GEMM2 storing direct rows, stream-K
+    *[
+        CompileCase(f"a-regs-{name}", n, k, dataclasses.replace(cfg, a_regs=True), **extra)
+        for name, n, k, cfg, extra in (
+            ("ep8-w13-silu-pairs", 4096, 7168, ContiguousConfig(256, cluster=2), {"silu_quant": 1}),
+            ("tp8-w13-silu-gather", 512, 7168, ContiguousConfig(256, cluster=2), {"silu_quant": 1, "gather_a": True}),
+            ("pairs", 7168, 2048, ContiguousConfig(256, cluster=2), {}),
+            ("single-odd-n", 1001, 1152, ContiguousConfig(256), {}),
+            ("ep8-w2-direct-pairs", 7168, 2048, ContiguousConfig(256, cluster=2), {"direct_rows": True}),
+            ("sk-silu-pairs", 4096, 7168, ContiguousConfig(256, cluster=2, stream_k=True), {"silu_quant": 1}),
+        )
+    ],
     CompileCase(
         "skip-halves-ep8-w2-direct-pairs",
         7168,
@@ -226,10 +239,12 @@ def test_kernel_compiles_for_sm90a(case, cache):
     assert meta["compile_seconds"] < 60
     stream_k = spec.constants["STREAM_K"]
     split = spec.constants["SKIP_HALVES"] == 2
+    # A fragments in registers and direct rows: a word of the tile's store is spilled once per tile
+    a_regs_direct = spec.constants["A_REGS"] and spec.constants["DIRECT_ROWS"]
     # No local memory: the accumulators stay in registers. (Stream-K kernels keep more of the walk
     # live at tile boundaries, and kernels splitting tiles by N a word or two in their consumers'
     # prologue; their SASS is checked below for spills among the MMAs instead.)
-    if not (stream_k or split):
+    if not (stream_k or split or a_regs_direct):
         assert re.search(r"\b0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", log), log
     # setmaxnreg honoured (C7508 says it was ignored); wgmma not serialized by ptxas.
     assert "C7508" not in log and "setmaxnreg" not in log.lower(), log
@@ -249,6 +264,8 @@ def test_kernel_compiles_for_sm90a(case, cache):
     units += 1 if split else 0  # the split tiles' K loop: one 128-wide part per K block
     # 4 fp8 wgmma (k32 each) per unit.
     assert len(re.findall(rf"QGMMA\.64x{unit_n}x32\.F32\.E4M3\.E4M3", sass)) == 4 * units, sass[:2000]
+    if spec.constants["A_REGS"]:  # each K block's A fragments read once: 4 ldmatrix.x4 per K block
+        assert len(re.findall(r"\bLDSM\.16\.M88\.4\b", sass)) == 4 * units // 2
     if spec.constants["GATHER_A"]:  # B by TMA, A's rows by cp.async
         assert "UTMALDG.2D" not in sass and "UTMALDG.3D" in sass and "LDGSTS" in sass
     else:
@@ -260,6 +277,9 @@ def test_kernel_compiles_for_sm90a(case, cache):
     local = [i for i, line in enumerate(lines) if re.search(r"\b(LDL|STL)\b", line)]
     if split:  # none from a tile's first MMA (its epilogue and K loop) to the last
         assert not [i for i in local if mma_lines[0] < i < mma_lines[-1]], [lines[i] for i in local][:4]
+    elif a_regs_direct:  # none among the K loop chain's MMAs
+        loop_mmas = mma_lines[chain * 8 : 2 * chain * 8]
+        assert not [i for i in local if loop_mmas[0] <= i <= loop_mmas[-1]], [lines[i] for i in local][:4]
     elif stream_k:  # none in the K loop: from its chain's first MMA to the branch back to it (a
         # spilled word of the walk, stored and reloaded once per piece, costs nothing beside it)
         loop_start = mma_lines[len(mma_lines) // 2]

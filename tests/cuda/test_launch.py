@@ -222,7 +222,9 @@ def test_stream_k_launch_side():
     with pytest.raises(ValueError, match="num_ctas"):
         launch.stream_k_workspace(cpu, launch.STREAM_K_MAX_CTAS + 1)
     # The rendered source names the kernel's template argument, and only the stream-K one sets it.
-    assert "GroupedGemmContiguous<4096, 7168, 256, 4, 8, 2, 0, 0, 0, 0, 0, 1, 0>" in kernel_spec(4096, 7168, cfg).source
+    assert (
+        "GroupedGemmContiguous<4096, 7168, 256, 4, 8, 2, 0, 0, 0, 0, 0, 1, 0, 0>" in kernel_spec(4096, 7168, cfg).source
+    )
 
 
 def test_masked_pairs_sharing_b_tile_limit():
@@ -367,7 +369,7 @@ def test_skipped_padding_halves_config_and_spec():
     plain = kernel_spec(4096, 7168, dataclasses.replace(mixed, skip_padding_halves=False), masked_max_m=1024)
     assert spec.constants["SKIP_HALVES"] == 1 and plain.constants["SKIP_HALVES"] == 0
     assert spec.kernel_name == plain.kernel_name + "_sh"
-    assert ", 1>;" in spec.source and ", 0>;" in plain.source  # the template's last argument
+    assert ", 1, 0>;" in spec.source and ", 0, 0>;" in plain.source  # the template's last two arguments
     assert launch.layout_config(mixed, 0).skip_padding_halves  # the fallback on row ids keeps it
     silu = launch.silu_config(ContiguousConfig(128, cluster=2, skip_padding_halves=True))
     assert silu == ContiguousConfig(256, cluster=2, skip_padding_halves=True)
@@ -390,3 +392,17 @@ def test_split_padding_halves_config_and_spec():
     for kw, n in ((dict(silu_quant=1), 4096), (dict(direct_rows=True), 7168), ({}, 1001)):
         with pytest.raises(ValueError, match="config.split_padding_halves"):
             kernel_spec(n, 2048, split, **kw)
+
+
+def test_a_regs_config_and_spec():
+    """`a_regs` (A fragments in registers) names its kernel, reaches the template, and is refused
+    where a tile has no two parts to share the fragments."""
+    cfg = ContiguousConfig(256, cluster=2, a_regs=True)
+    spec = kernel_spec(4096, 7168, cfg, silu_quant=1)
+    assert spec.kernel_name.endswith("_ar") and spec.constants["A_REGS"] == 1
+    assert "GroupedGemmContiguous<4096, 7168, 256, 4, 8, 2, 0, 0, 0, 1, 0, 0, 0, 1>" in spec.source
+    assert kernel_spec(4096, 7168, ContiguousConfig(256)).constants["A_REGS"] == 0
+    with pytest.raises(ValueError, match="config.a_regs: needs block_n=256"):
+        ContiguousConfig(192, a_regs=True)
+    with pytest.raises(TypeError, match="config.a_regs"):
+        ContiguousConfig(256, a_regs=1)
