@@ -2,7 +2,7 @@
 # One device call for closing checks under a wall-clock budget (BUDGET_S, default 420): the steps
 # named in CHECK_STEPS run in that order (default: e2e properties cudatest quanttests; others:
 # graphtests kerneltests othertests layer profile abshadow sweep combinesweep permutequant
-# tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk aregs streamklayer pairsb skiphalves maskedwalk
+# tunerouted usetuned smallbatch tokensweep prefillgather gathera streamk aregs aregslayer streamklayer pairsb skiphalves maskedwalk
 # routed copybw launchgaps maskedhot pairing steady drift decodetrace layoutscan); a step starts only with at least 30 s left and gets at
 # most min(its own limit, what is left). With GATE=1 a failing `graphtests` step stops the run
 # (nothing after it is worth timing). Logs, the layer
@@ -95,6 +95,9 @@ print(fit(torch.cuda.get_device_properties(0).total_memory))")
              ${AREGS_GEMM1_ARGS:---cells ep8:8192:uniform,ep8:16384:uniform,ep8:8192:zipf:0.6 --rounds 5} \
            && TAIL=20 step aregsplain 200 python3 -m lab.prefill_tile_width --no-defaults --variants n256c2br \
              ${AREGS_PLAIN_ARGS:---cells ep8:8192:uniform,ep8:16384:uniform,ep8:2048:fixed,ep8:4096:fixed --rounds 5} ;;
+    aregslayer) # the prefill pipeline with A fragments in registers on GEMM1 / GEMM2 / both beside the policy's plan
+           TAIL=30 step arlayer 240 python3 -m lab.prefill_gather_a --only ar1,ar2,ar12 \
+             ${ARLAYER_ARGS:---slices ep8 --tokens 8192,16384 --routing 0,0.6 --rounds 5} ;;
     streamklayer) # the prefill pipeline with stream-K on GEMM1 / GEMM2 / both beside the policy's plan, same run
            TAIL=30 step sklayer 240 python3 -m lab.prefill_gather_a --only sk1,sk2,sk12 \
              ${SKLAYER_ARGS:---slices ep8 --tokens 8192,16384 --routing 0,0.6 --rounds 5} ;;

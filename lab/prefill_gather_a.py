@@ -14,6 +14,8 @@ as a CUDA-graph replay under plan variants that differ only in GEMM1's provider 
   nodirect   the policy plan with GEMM2 storing every row into y for the combine (where the
              policy's CUDA GEMM2 stores single-slot tokens' rows into the output itself)
   sk1 / sk2 / sk12  the policy plan with stream-K on our CUDA GEMM1 / GEMM2 / both
+  ar1 / ar2 / ar12  the policy plan with our 256-wide CUDA GEMM1 / GEMM2 / both reading each K
+             block's A fragments once into registers (`a_regs`)
   sh12       the policy plan with both CUDA GEMMs skipping the MMAs of tiles' all-padding halves
   sh12c1 / c1  the same (and without the skip) on single CTAs instead of the plan's pairs
 Timed interleaved (rounds of A B C D E), checked against the policy plan's output (rel err).
@@ -87,6 +89,18 @@ def _variants(plan, device):
         out["sk2"] = dataclasses.replace(plan, gemm2=sk2, graph_plan=None)
     if sk1 is not None and sk2 is not None:
         out["sk12"] = dataclasses.replace(plan, gemm1=sk1, gemm2=sk2, graph_plan=None)
+
+    def a_regs(g):
+        wide = g.provider == "cuda" and g.config is not None and g.config.block_n == 256
+        return cuda_with(g, a_regs=True) if wide else None
+
+    ar1, ar2 = a_regs(plan.gemm1), a_regs(plan.gemm2)
+    if ar1 is not None:
+        out["ar1"] = dataclasses.replace(plan, gemm1=ar1, graph_plan=None)
+    if ar2 is not None:
+        out["ar2"] = dataclasses.replace(plan, gemm2=ar2, graph_plan=None)
+    if ar1 is not None and ar2 is not None:
+        out["ar12"] = dataclasses.replace(plan, gemm1=ar1, gemm2=ar2, graph_plan=None)
 
     # Both CUDA GEMMs skipping tiles' all-padding halves (never with stream-K, which keeps every
     # MMA), and on single CTAs: a CTA pair runs in step, so a skipped half only frees its SM when
