@@ -81,26 +81,19 @@ def _variants(plan, device):
             return None
         return dataclasses.replace(g, config=dataclasses.replace(g.config, **changes))
 
-    sk1 = cuda_with(plan.gemm1, stream_k=True)
-    sk2 = cuda_with(plan.gemm2, stream_k=True)
-    if sk1 is not None:
-        out["sk1"] = dataclasses.replace(plan, gemm1=sk1, graph_plan=None)
-    if sk2 is not None:
-        out["sk2"] = dataclasses.replace(plan, gemm2=sk2, graph_plan=None)
-    if sk1 is not None and sk2 is not None:
-        out["sk12"] = dataclasses.replace(plan, gemm1=sk1, gemm2=sk2, graph_plan=None)
+    def each_and_both(prefix, g1, g2):
+        """`prefix`1 / 2 / 12: the plan with the changed GEMM1, GEMM2, both (where each applies)."""
+        for name, gemms in (("1", {"gemm1": g1}), ("2", {"gemm2": g2}), ("12", {"gemm1": g1, "gemm2": g2})):
+            if all(g is not None for g in gemms.values()):
+                out[prefix + name] = dataclasses.replace(plan, **gemms, graph_plan=None)
+
+    each_and_both("sk", cuda_with(plan.gemm1, stream_k=True), cuda_with(plan.gemm2, stream_k=True))
 
     def a_regs(g):
         wide = g.provider == "cuda" and g.config is not None and g.config.block_n == 256
         return cuda_with(g, a_regs=True) if wide else None
 
-    ar1, ar2 = a_regs(plan.gemm1), a_regs(plan.gemm2)
-    if ar1 is not None:
-        out["ar1"] = dataclasses.replace(plan, gemm1=ar1, graph_plan=None)
-    if ar2 is not None:
-        out["ar2"] = dataclasses.replace(plan, gemm2=ar2, graph_plan=None)
-    if ar1 is not None and ar2 is not None:
-        out["ar12"] = dataclasses.replace(plan, gemm1=ar1, gemm2=ar2, graph_plan=None)
+    each_and_both("ar", a_regs(plan.gemm1), a_regs(plan.gemm2))
 
     # Both CUDA GEMMs skipping tiles' all-padding halves (never with stream-K, which keeps every
     # MMA), and on single CTAs: a CTA pair runs in step, so a skipped half only frees its SM when

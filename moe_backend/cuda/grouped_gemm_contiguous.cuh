@@ -192,15 +192,9 @@ struct GroupedGemmContiguous {
   __device__ __forceinline__ static typename Loop::SmemView consumer_view(const Smem& s, int warpgroup) {
     const uint64_t desc_a0 = sm90::smem_desc_kmajor_sw128(s.a + warpgroup * 64 * kBlockK);
     const uint64_t desc_b0 = sm90::smem_desc_kmajor_sw128(s.b);
-    if constexpr (T::kARegs)
-      return {s.full,
-              s.empty,
-              s.b_scales,
-              s.a_scales,
-              desc_a0,
-              desc_b0,
-              Loop::a_frag_addr(s.a, warpgroup, static_cast<int>(threadIdx.x % 32))};
-    return {s.full, s.empty, s.b_scales, s.a_scales, desc_a0, desc_b0};
+    typename Loop::SmemView sv{s.full, s.empty, s.b_scales, s.a_scales, desc_a0, desc_b0};
+    if constexpr (T::kARegs) sv.a_frag_addr0 = Loop::a_frag_addr(s.a, warpgroup, static_cast<int>(threadIdx.x % 32));
+    return sv;
   }
 
   // The dynamic shared memory, 1024-aligned, cut into its parts (layout: KernelTraits::kSmemBytes).

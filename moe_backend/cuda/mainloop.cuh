@@ -259,31 +259,32 @@ struct Mainloop {
   }
 
   // One MMA unit: a K block's 4 wgmmas (k32 each) into `acc`, overwriting it, committed as one
-  // group; the operand fences keep the compiler from moving accesses to `acc` across them.
-  __device__ __forceinline__ static void issue_unit(float (&acc)[T::kPartRegs], uint64_t desc_a, uint64_t desc_b) {
+  // group; the operand fences keep the compiler from moving accesses to `acc` across them. A from
+  // shared memory (`desc_a`), or with kARegs from `a_frag` when given: those registers are only
+  // read, and hold still until the unit's wait (the loop waits for every unit before the next K
+  // block's ldmatrix).
+  __device__ __forceinline__ static void issue_unit(float (&acc)[T::kPartRegs], uint64_t desc_a, uint64_t desc_b,
+                                                    AFrag* a_frag = nullptr) {
 #pragma unroll
     for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
+    if constexpr (T::kARegs) {
+      if (a_frag != nullptr) {
+#pragma unroll
+        for (int i = 0; i < T::kAFragRegs; ++i) sm90::fence_operand((*a_frag)[i]);
+      }
+    }
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)  // +2 per step: 32 bytes of K in 16-byte units
+    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {  // +2 per step: 32 bytes of K in 16-byte units
+      if constexpr (T::kARegs) {
+        if (a_frag != nullptr) {
+          PartMmaRs::mma(acc, *reinterpret_cast<const uint32_t (*)[4]>(&(*a_frag)[4 * kk]), desc_b + 2 * kk,
+                         kk == 0 ? 0u : 1u);
+          continue;
+        }
+      }
       PartMma::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk == 0 ? 0u : 1u);
-    sm90::wgmma_commit();
-#pragma unroll
-    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
-  }
-
-  // issue_unit with A from registers (kARegs): the fragments are only read, and hold still until
-  // the unit's wait (the loop waits for every unit before the next K block's ldmatrix).
-  __device__ __forceinline__ static void issue_unit_rs(float (&acc)[T::kPartRegs], AFrag& a_frag, uint64_t desc_b) {
-#pragma unroll
-    for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
-#pragma unroll
-    for (int i = 0; i < T::kAFragRegs; ++i) sm90::fence_operand(a_frag[i]);
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk)
-      PartMmaRs::mma(acc, *reinterpret_cast<const uint32_t (*)[4]>(&a_frag[4 * kk]), desc_b + 2 * kk,
-                     kk == 0 ? 0u : 1u);
+    }
     sm90::wgmma_commit();
 #pragma unroll
     for (int i = 0; i < T::kPartRegs; ++i) sm90::fence_operand(acc[i]);
@@ -306,11 +307,7 @@ struct Mainloop {
     const uint64_t desc_a = sv.desc_a0 + static_cast<uint64_t>((pos.stage * T::kABytes) >> 4);
     const uint64_t desc_b =
         sv.desc_b0 + static_cast<uint64_t>((pos.stage * T::kBBytes + kP * T::kPartN * kBlockK) >> 4);
-    if constexpr (T::kARegs) {
-      issue_unit_rs(acc, a_frag, desc_b);
-    } else {
-      issue_unit(acc, desc_a, desc_b);
-    }
+    issue_unit(acc, desc_a, desc_b, &a_frag);
     if constexpr (kP == 0) {
       float sa0, sa1;
       read_a_scales(sv.a_scales, pos, row_in_tile, sa0, sa1);
